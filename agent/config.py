@@ -1,0 +1,173 @@
+"""The agent's one typed configuration, loaded from TOML.
+
+Every field has a default, so an empty file is a valid config. Unknown keys are errors: a typo in
+a fleet-wide config should fail loudly at start, not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+from agent.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ContainerdConfig:
+    socket: str = "/run/containerd/containerd.sock"
+    """The containerd gRPC socket."""
+    namespace: str = "ferryman"
+    """The containerd namespace the agent owns."""
+    snapshotter: str = "overlayfs"
+    runtime: str = "io.containerd.runc.v2"
+    connect_timeout: float = 10.0
+    """Seconds to wait for the socket at start."""
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    host: str
+    """host[:port] as it appears in image references."""
+    plain_http: bool = False
+    """Use http:// (only for loopback or test registries)."""
+    ca_file: str | None = None
+    """PEM bundle to trust for this registry's TLS certificate."""
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    """Read the password from this file instead (keeps secrets out of the config)."""
+
+    def secret(self) -> str | None:
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read password_file for {self.host}: {exc}") from exc
+        return self.password
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    max_concurrent_layers: int = 4
+    """Layers downloaded at once per pull."""
+    platform: str = ""
+    """os/arch[/variant]; empty means this host's platform."""
+    chunk_size: int = 1 << 20
+    """Bytes per Content.Write message."""
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    """Seconds without data before a blob download is considered stalled."""
+    retries: int = 3
+    """Resumed attempts per blob after a broken download."""
+    lease_expiry: float = 3600.0
+    """A pull's lease expires after this many seconds if the agent dies mid-pull."""
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = "unix:///run/ferryman/agent.sock"
+    """unix:///path or tcp://host:port."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    stop_timeout: float = 10.0
+    """Seconds between SIGTERM and SIGKILL on stop."""
+    log_dir: str = "/var/log/ferryman/containers"
+    """Per-container stdout/stderr files live here."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    version: int = CONFIG_VERSION
+    host_name: str = ""
+    """This host's identity; empty means the kernel hostname."""
+    state_dir: str = "/var/lib/ferryman"
+    log_level: str = "INFO"
+    containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
+    registries: tuple[RegistryConfig, ...] = ()
+    pull: PullConfig = field(default_factory=PullConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def registry(self, host: str) -> RegistryConfig:
+        """The settings for a registry host; unknown hosts get HTTPS with system trust."""
+        for reg in self.registries:
+            if reg.host == host:
+                return reg
+        return RegistryConfig(host=host)
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], data: Any, where: str) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        path = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path)  # type: ignore[arg-type]
+        elif key == "registries":
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}: expected an array of tables")
+            kwargs[key] = tuple(_build(RegistryConfig, v, f"{path}[{i}]") for i, v in enumerate(value))
+        else:
+            kwargs[key] = _check_scalar(hint, value, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def _check_scalar(hint: Any, value: Any, path: str) -> Any:
+    allowed: tuple[type, ...]
+    text = str(hint)
+    if hint is bool:
+        allowed = (bool,)
+    elif hint is int:
+        allowed = (int,)
+    elif hint is float:
+        allowed = (int, float)
+    elif "str" in text:
+        allowed = (str,)
+    else:
+        allowed = (object,)
+    if isinstance(value, bool) and hint is not bool:
+        raise ConfigError(f"{path}: expected {text}, got a boolean")
+    if not isinstance(value, allowed):
+        raise ConfigError(f"{path}: expected {text}, got {type(value).__name__}")
+    return float(value) if hint is float else value
+
+
+def parse_config(data: dict[str, Any]) -> AgentConfig:
+    version = data.get("version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ConfigError(f"config version {version} is not supported (expected {CONFIG_VERSION})")
+    return _build(AgentConfig, data, "")
+
+
+def load_config(path: str | Path | None) -> AgentConfig:
+    """Load the agent config; a missing path means all defaults."""
+    if path is None:
+        return AgentConfig()
+    try:
+        with Path(path).open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return parse_config(data)
