@@ -12,7 +12,10 @@ FerrymanError
 │   └── ManifestNotFound        the registry has no such tag or digest
 ├── AlreadyExists
 ├── Conflict                    the object is in the wrong state for the request
-├── ContainerdError             any other containerd failure; `grpc_code` names the status
+├── ContainerdError             a containerd call failed; `grpc_code` names the status
+│   ├── ContainerdNotFound      (also a NotFound)
+│   ├── ContainerdAlreadyExists (also an AlreadyExists)
+│   ├── ContainerdConflict      FAILED_PRECONDITION (also a Conflict)
 │   └── ContainerdUnavailable   the socket does not answer
 ├── RegistryError               the registry answered with something unusable
 │   ├── RegistryUnavailable     connection refused, reset or timed out
@@ -85,6 +88,21 @@ class ContainerdError(FerrymanError):
 class ContainerdUnavailable(ContainerdError):
     code = "containerd_unavailable"
     http_status = 503
+
+
+class ContainerdNotFound(ContainerdError, NotFound):
+    code = "not_found"
+    http_status = 404
+
+
+class ContainerdAlreadyExists(ContainerdError, AlreadyExists):
+    code = "already_exists"
+    http_status = 409
+
+
+class ContainerdConflict(ContainerdError, Conflict):
+    code = "conflict"
+    http_status = 409
 
 
 class RegistryError(FerrymanError):

@@ -63,7 +63,7 @@ class ImageSummary:
         return asdict(self)
 
 
-class ContainerState(str, enum.Enum):
+class ContainerState(enum.StrEnum):
     CREATED = "created"  # container record exists, no task
     RUNNING = "running"
     PAUSED = "paused"

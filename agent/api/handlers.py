@@ -1,0 +1,514 @@
+"""Thin HTTP handlers: validate input, call one service method, serialise the result.
+
+The services are looked up under `web.AppKey`s (see `agent.api.server.build_app`); they are typed as
+protocols so the API depends on the methods it calls, not on the concrete service classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent.api.errors import error_body
+from agent.errors import ContainerNotFound, FerrymanError, InvalidRequest
+from agent.metrics import AgentMetrics
+from agent.model import (
+    ContainerState,
+    ContainerSummary,
+    CreateRequest,
+    ImageSummary,
+    PullProgress,
+    Resources,
+)
+
+log = logging.getLogger(__name__)
+
+NDJSON = "application/x-ndjson"
+PULL_INTERVAL = 0.2
+"""Seconds between progress lines of a streamed pull."""
+FOLLOW_INTERVAL = 0.25
+"""Seconds between polls of a followed log file."""
+STATE_INTERVAL = 1.0
+"""Seconds between container-state checks while following logs."""
+HEALTH_TIMEOUT = 5.0
+LOG_CHUNK = 64 * 1024
+
+# containerd's identifier rule; ids also become file names (log paths), so nothing else gets through.
+_ID_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+_ID_MAX = 76
+
+
+class ImageServiceLike(Protocol):
+    async def pull(self, ref: str, progress: PullProgress | None = None) -> ImageSummary: ...
+    async def list(self) -> list[ImageSummary]: ...
+    async def remove(self, name: str) -> None: ...
+
+
+class ContainerServiceLike(Protocol):
+    async def create(self, req: CreateRequest) -> ContainerSummary: ...
+    async def start(self, container_id: str) -> ContainerSummary: ...
+    # The `timeout` parameter mirrors ContainerService.stop (the grace period, not a call deadline).
+    async def stop(self, container_id: str, timeout: float | None = None) -> ContainerSummary: ...  # noqa: ASYNC109
+    async def delete(self, container_id: str, force: bool = False) -> None: ...
+    async def list(self) -> list[ContainerSummary]: ...
+    async def inspect(self, container_id: str) -> dict[str, Any]: ...
+    def log_path(self, container_id: str) -> Path: ...
+
+
+IMAGES = web.AppKey("images", ImageServiceLike)
+CONTAINERS = web.AppKey("containers", ContainerServiceLike)
+METRICS = web.AppKey("metrics", AgentMetrics)
+OPENAPI = web.AppKey("openapi", bytes)
+SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
+"""Set when the server shuts down, so long-lived streams end instead of holding shutdown up."""
+
+
+# ---------------------------------------------------------------- input validation
+
+
+async def read_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or InvalidRequest."""
+    raw = await request.read()
+    if not raw.strip():
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"request body must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _check_keys(obj: dict[str, Any], allowed: set[str], required: set[str], where: str) -> None:
+    unknown = set(obj) - allowed
+    if unknown:
+        raise InvalidRequest(f"{where}: unknown fields {sorted(unknown)}")
+    missing = required - set(obj)
+    if missing:
+        raise InvalidRequest(f"{where}: missing required fields {sorted(missing)}")
+
+
+def _str(obj: dict[str, Any], key: str, where: str, *, optional: bool = False) -> str | None:
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{where}.{key}: expected a non-empty string, got {_json_type(value)}")
+    return value
+
+
+def _str_map(obj: dict[str, Any], key: str, where: str) -> dict[str, str]:
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where}.{key}: expected an object of strings, got {_json_type(value)}")
+    for k, v in value.items():
+        if not k or not isinstance(v, str):
+            raise InvalidRequest(f"{where}.{key}[{k!r}]: expected a non-empty key with a string value")
+    return dict(value)
+
+
+def _positive(obj: dict[str, Any], key: str, where: str, *, integer: bool) -> Any:
+    value = obj.get(key)
+    if value is None:
+        return None
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise InvalidRequest(f"{where}.{key}: expected {kind}, got {value!r}")
+    return value
+
+
+def parse_pull(body: dict[str, Any]) -> str:
+    _check_keys(body, {"ref"}, {"ref"}, "body")
+    ref = _str(body, "ref", "body")
+    assert ref is not None
+    return ref
+
+
+def check_container_id(container_id: str) -> str:
+    if len(container_id) > _ID_MAX or not _ID_RE.match(container_id):
+        raise InvalidRequest(
+            f"invalid container id {container_id!r}: use letters, digits and single '.', '_' or '-' "
+            f"between them, at most {_ID_MAX} characters"
+        )
+    return container_id
+
+
+def parse_create(body: dict[str, Any]) -> CreateRequest:
+    """A CreateRequest from a request body; types and unknown fields are checked strictly."""
+    fields = {"id", "image", "args", "env", "workdir", "user", "labels", "resources"}
+    _check_keys(body, fields, {"id", "image"}, "body")
+    cid = _str(body, "id", "body")
+    image = _str(body, "image", "body")
+    assert cid is not None and image is not None
+    check_container_id(cid)
+
+    args: tuple[str, ...] | None = None
+    raw_args = body.get("args")
+    if raw_args is not None:
+        if not isinstance(raw_args, list) or not all(isinstance(a, str) for a in raw_args):
+            raise InvalidRequest("body.args: expected an array of strings")
+        if not raw_args:
+            raise InvalidRequest("body.args: must not be empty (omit it to use the image's command)")
+        args = tuple(raw_args)
+
+    env = _str_map(body, "env", "body")
+    bad_env = [k for k in env if "=" in k]
+    if bad_env:
+        raise InvalidRequest(f"body.env: variable names must not contain '=': {sorted(bad_env)}")
+
+    resources = Resources()
+    raw_res = body.get("resources")
+    if raw_res is not None:
+        if not isinstance(raw_res, dict):
+            raise InvalidRequest(f"body.resources: expected an object, got {_json_type(raw_res)}")
+        _check_keys(raw_res, {"cpus", "memory"}, set(), "body.resources")
+        cpus = _positive(raw_res, "cpus", "body.resources", integer=False)
+        memory = _positive(raw_res, "memory", "body.resources", integer=True)
+        resources = Resources(cpus=float(cpus) if cpus is not None else None, memory=memory)
+
+    return CreateRequest(
+        id=cid,
+        image=image,
+        args=args,
+        env=env,
+        workdir=_str(body, "workdir", "body", optional=True),
+        user=_str(body, "user", "body", optional=True),
+        labels=_str_map(body, "labels", "body"),
+        resources=resources,
+    )
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def query_flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise InvalidRequest(f"query parameter {name}: expected 1/0/true/false, got {raw!r}")
+
+
+def query_number(request: web.Request, name: str, *, integer: bool) -> Any:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value: float = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise InvalidRequest(f"query parameter {name}: expected {kind}, got {raw!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise InvalidRequest(f"query parameter {name}: must be a finite number >= 0, got {raw!r}")
+    return value
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+def _container_id(request: web.Request) -> str:
+    return check_container_id(request.match_info["id"])
+
+
+# ---------------------------------------------------------------- images
+
+
+def wants_stream(request: web.Request) -> bool:
+    if "stream" in request.query:
+        return query_flag(request, "stream")
+    return NDJSON in request.headers.get("Accept", "")
+
+
+async def pull_image(request: web.Request) -> web.StreamResponse:
+    ref = parse_pull(await read_object(request))
+    images = request.app[IMAGES]
+    if not wants_stream(request):
+        summary = await images.pull(ref)
+        return _json(summary.to_json())
+    return await _stream_pull(request, images, ref)
+
+
+def _failure(exc: BaseException, ref: str) -> dict[str, str]:
+    if isinstance(exc, FerrymanError):
+        return {"code": exc.code, "message": exc.message}
+    log.error("pull failed unexpectedly", exc_info=exc, extra={"ref": ref})
+    return {"code": "internal", "message": "internal server error"}
+
+
+def _line(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode() + b"\n"
+
+
+async def _stream_pull(request: web.Request, images: ImageServiceLike, ref: str) -> web.StreamResponse:
+    progress = PullProgress(ref=ref)
+    task = asyncio.create_task(images.pull(ref, progress), name=f"pull {ref}")
+    resp = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+    try:
+        await resp.prepare(request)
+        while not task.done():
+            await resp.write(_line(progress.snapshot()))
+            await asyncio.wait({task}, timeout=PULL_INTERVAL)
+        # One last snapshot so the client sees the finished counters before the verdict.
+        await resp.write(_line(progress.snapshot()))
+        final: dict[str, Any]
+        if task.cancelled():
+            final = {"status": "failed", "error": {"code": "cancelled", "message": "the pull was cancelled"}}
+        elif (exc := task.exception()) is not None:
+            final = {"status": "failed", "error": _failure(exc, ref)}
+        else:
+            final = {"status": "done", "image": task.result().to_json()}
+        await resp.write(_line(final))
+        await resp.write_eof()
+    except ConnectionError:
+        # The caller went away: a pull nobody waits for is abandoned (its lease expires the leftovers).
+        await _abandon(task, ref)
+    except asyncio.CancelledError:
+        await _abandon(task, ref)
+        raise
+    return resp
+
+
+async def _abandon(task: asyncio.Task[ImageSummary], ref: str) -> None:
+    if task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    log.info("pull abandoned: client disconnected", extra={"ref": ref})
+
+
+async def list_images(request: web.Request) -> web.Response:
+    images = await request.app[IMAGES].list()
+    return _json({"images": [img.to_json() for img in images]})
+
+
+async def remove_image(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not name:
+        raise InvalidRequest("image name is empty")
+    await request.app[IMAGES].remove(name)
+    return web.Response(status=204)
+
+
+# ---------------------------------------------------------------- containers
+
+
+async def create_container(request: web.Request) -> web.Response:
+    start = query_flag(request, "start")
+    req = parse_create(await read_object(request))
+    containers = request.app[CONTAINERS]
+    summary = await containers.create(req)
+    if start:
+        # A failed start leaves the container created (like `docker run`), so it can be inspected.
+        summary = await containers.start(req.id)
+    return _json(summary.to_json(), status=201)
+
+
+async def start_container(request: web.Request) -> web.Response:
+    summary = await request.app[CONTAINERS].start(_container_id(request))
+    return _json(summary.to_json())
+
+
+async def stop_container(request: web.Request) -> web.Response:
+    cid = _container_id(request)
+    timeout = query_number(request, "timeout", integer=False)
+    summary = await request.app[CONTAINERS].stop(cid, timeout)
+    return _json(summary.to_json())
+
+
+async def delete_container(request: web.Request) -> web.Response:
+    cid = _container_id(request)
+    await request.app[CONTAINERS].delete(cid, force=query_flag(request, "force"))
+    return web.Response(status=204)
+
+
+async def list_containers(request: web.Request) -> web.Response:
+    found = await request.app[CONTAINERS].list()
+    return _json({"containers": [c.to_json() for c in found]})
+
+
+async def inspect_container(request: web.Request) -> web.Response:
+    return _json(await request.app[CONTAINERS].inspect(_container_id(request)))
+
+
+async def _find(containers: ContainerServiceLike, cid: str) -> ContainerSummary | None:
+    for summary in await containers.list():
+        if summary.id == cid:
+            return summary
+    return None
+
+
+def _tail_offset(path: Path, lines: int | None) -> tuple[int, int]:
+    """Where the last `lines` lines of a file start (0 for all) and the file's current size."""
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, 2)
+            if lines is None:
+                return 0, size
+            if lines == 0:
+                return size, size
+            end = size
+            if size:
+                fh.seek(size - 1)
+                if fh.read(1) == b"\n":
+                    end = size - 1  # a final newline ends the last line, it does not start another
+            # Scan backwards in chunks: logs can be far larger than what we want to hold in memory.
+            pos, found = end, 0
+            while pos > 0:
+                step = min(LOG_CHUNK, pos)
+                pos -= step
+                fh.seek(pos)
+                chunk = fh.read(step)
+                idx = len(chunk)
+                while (idx := chunk.rfind(b"\n", 0, idx)) >= 0:
+                    found += 1
+                    if found == lines:
+                        return pos + idx + 1, size
+            return 0, size
+    except FileNotFoundError:
+        return 0, 0  # never started: no output yet
+
+
+def _read_from(path: Path, offset: int, limit: int | None) -> tuple[bytes, int]:
+    """Up to LOG_CHUNK bytes from `offset` (not past `limit`), restarting at 0 if the file was truncated."""
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, 2)
+            if size < offset:
+                offset = 0
+            fh.seek(offset)
+            want = LOG_CHUNK if limit is None else max(0, min(LOG_CHUNK, limit - offset))
+            data = fh.read(want)
+            return data, offset + len(data)
+    except FileNotFoundError:
+        return b"", 0
+
+
+def _is_live(summary: ContainerSummary | None) -> bool:
+    return summary is not None and summary.state in (ContainerState.RUNNING, ContainerState.PAUSED)
+
+
+async def container_logs(request: web.Request) -> web.StreamResponse:
+    cid = _container_id(request)
+    tail = query_number(request, "tail", integer=True)
+    follow = query_flag(request, "follow")
+    containers = request.app[CONTAINERS]
+    summary = await _find(containers, cid)
+    if summary is None:
+        raise ContainerNotFound(f"no container {cid!r}")
+    path = containers.log_path(cid)
+
+    offset, size = await asyncio.to_thread(_tail_offset, path, tail)
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"})
+    await resp.prepare(request)
+    with contextlib.suppress(ConnectionError):  # the client left: nothing to tell it
+        if follow:
+            await _follow(request, resp, containers, cid, path, offset, _is_live(summary))
+        else:
+            # Stop at the size seen at the start, or a chatty container would keep us reading forever.
+            while True:
+                data, offset = await asyncio.to_thread(_read_from, path, offset, size)
+                if not data:
+                    break
+                await resp.write(data)
+        await resp.write_eof()
+    return resp
+
+
+async def _follow(
+    request: web.Request,
+    resp: web.StreamResponse,
+    containers: ContainerServiceLike,
+    cid: str,
+    path: Path,
+    offset: int,
+    live: bool,
+) -> None:
+    """Stream appended bytes until the container stops, the client leaves or the server shuts down."""
+    shutdown = request.app[SHUTDOWN]
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + STATE_INTERVAL
+    while True:
+        data, offset = await asyncio.to_thread(_read_from, path, offset, None)
+        if data:
+            await resp.write(data)
+            continue  # drain before sleeping
+        if not live:
+            return  # everything written after the task exited has been sent
+        if request.transport is None or request.transport.is_closing() or shutdown.is_set():
+            return
+        if loop.time() >= next_check:
+            # A stop is acted on only after one more drain: output written just before exit must not be lost.
+            live = _is_live(await _find(containers, cid))
+            next_check = loop.time() + STATE_INTERVAL
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(shutdown.wait(), FOLLOW_INTERVAL)
+
+
+# ---------------------------------------------------------------- health, metrics, docs
+
+
+async def healthz(request: web.Request) -> web.Response:
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT):
+            await request.app[CONTAINERS].list()
+    except FerrymanError as exc:
+        return _json({"status": "unavailable", **error_body(exc.code, exc.message)}, status=503)
+    except TimeoutError:
+        return _json({"status": "unavailable", **error_body("timeout", "containerd did not answer")}, 503)
+    return _json({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[METRICS]
+    gauge = registry.containers
+    try:
+        found = await request.app[CONTAINERS].list()
+    except FerrymanError as exc:
+        # No counts beat stale counts: drop the series until containerd answers again.
+        gauge.clear()
+        log.warning("metrics: cannot list containers", extra={"code": exc.code, "error": exc.message})
+    else:
+        counts = Counter(c.state for c in found)
+        for state in ContainerState:  # every state, so a state that emptied reads 0
+            gauge.labels(state=state.value).set(counts.get(state, 0))
+    body = generate_latest(registry.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], headers={"Content-Type": "application/yaml"})

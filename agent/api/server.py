@@ -1,0 +1,188 @@
+"""Building the aiohttp application and serving it on a unix socket or a TCP port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from agent.api import handlers as h
+from agent.api.errors import error_middleware
+from agent.errors import ConfigError
+from agent.metrics import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+SHUTDOWN_TIMEOUT = 10.0
+"""Seconds in-flight requests get to finish when the server stops."""
+_QUIET_PATHS = frozenset({"/healthz", "/metrics"})
+"""Polled by machines every few seconds: logged at DEBUG so they do not drown the access log."""
+
+
+class AgentLike(Protocol):
+    """What the API needs from the agent: its services and its metrics."""
+
+    @property
+    def images(self) -> h.ImageServiceLike: ...
+    @property
+    def containers(self) -> h.ContainerServiceLike: ...
+    @property
+    def metrics(self) -> AgentMetrics: ...
+
+
+def build_app(agent: AgentLike) -> web.Application:
+    app = web.Application(middlewares=[error_middleware])
+    app[h.IMAGES] = agent.images
+    app[h.CONTAINERS] = agent.containers
+    app[h.METRICS] = agent.metrics
+    app[h.OPENAPI] = OPENAPI_PATH.read_bytes()
+    app[h.SHUTDOWN] = asyncio.Event()
+
+    async def _on_shutdown(app: web.Application) -> None:
+        app[h.SHUTDOWN].set()
+
+    app.on_shutdown.append(_on_shutdown)
+    app.router.add_post("/v1/images/pull", h.pull_image)
+    app.router.add_get("/v1/images", h.list_images)
+    # Image names contain '/' and ':' (registry/repo:tag), so the name takes the rest of the path.
+    app.router.add_delete("/v1/images/{name:.+}", h.remove_image)
+    app.router.add_post("/v1/containers", h.create_container)
+    app.router.add_get("/v1/containers", h.list_containers)
+    app.router.add_get("/v1/containers/{id}", h.inspect_container)
+    app.router.add_delete("/v1/containers/{id}", h.delete_container)
+    app.router.add_post("/v1/containers/{id}/start", h.start_container)
+    app.router.add_post("/v1/containers/{id}/stop", h.stop_container)
+    app.router.add_get("/v1/containers/{id}/logs", h.container_logs)
+    app.router.add_get("/healthz", h.healthz)
+    app.router.add_get("/metrics", h.metrics)
+    app.router.add_get("/openapi.yaml", h.openapi)
+    return app
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One structured record per request (the JSON formatter turns the extras into fields)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        level = logging.DEBUG if request.path in _QUIET_PATHS else logging.INFO
+        self.logger.log(
+            level,
+            "request",
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "duration_ms": round(time * 1000, 2),
+            },
+        )
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    path: str
+
+
+@dataclass(frozen=True)
+class TcpAddress:
+    host: str
+    port: int
+
+
+def parse_listen(listen: str) -> UnixAddress | TcpAddress:
+    """Parse `unix:///path` or `tcp://host:port` (IPv6 hosts in brackets); ConfigError otherwise."""
+    parts = urlsplit(listen)
+    if parts.scheme == "unix":
+        path = parts.netloc + parts.path  # tolerate unix://relative, though absolute is meant
+        if not path.startswith("/"):
+            raise ConfigError(f"listen address {listen!r}: a unix socket path must be absolute")
+        return UnixAddress(path)
+    if parts.scheme == "tcp":
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"listen address {listen!r}: {exc}") from exc
+        if not parts.hostname or port is None or parts.path not in ("", "/"):
+            raise ConfigError(f"listen address {listen!r}: expected tcp://host:port")
+        return TcpAddress(parts.hostname, port)
+    raise ConfigError(f"listen address {listen!r}: expected unix:///path or tcp://host:port")
+
+
+def _prepare_unix_path(path: Path) -> None:
+    """Make the parent directory and clear a stale socket, without stealing a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # nobody answers: left behind by a dead agent
+            return
+    raise ConfigError(f"{path} is in use by another process (is an agent already running?)")
+
+
+class ApiServer:
+    """A started API server; `close()` stops accepting, ends streams and finishes in-flight requests."""
+
+    def __init__(self, runner: web.AppRunner, address: UnixAddress | TcpAddress) -> None:
+        self.runner = runner
+        self.address = address
+
+    @property
+    def url(self) -> str:
+        """The address a client should use, with the real port when tcp port 0 was asked for."""
+        if isinstance(self.address, UnixAddress):
+            return f"unix://{self.address.path}"
+        for addr in self.runner.addresses:
+            host, port = addr[0], addr[1]
+            return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+        return f"tcp://{self.address.host}:{self.address.port}"
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+        if isinstance(self.address, UnixAddress):
+            # aiohttp leaves the socket file behind; remove it so the next start finds a clean path.
+            await asyncio.to_thread(Path(self.address.path).unlink, missing_ok=True)
+
+
+async def serve(app: web.Application, listen: str) -> ApiServer:
+    """Start serving `app` on `listen` (unix:///path or tcp://host:port)."""
+    address = parse_listen(listen)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,  # the daemon owns signal handling
+        access_log_class=JsonAccessLogger,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+    )
+    await runner.setup()
+    try:
+        site: web.BaseSite
+        if isinstance(address, UnixAddress):
+            path = Path(address.path)
+            await asyncio.to_thread(_prepare_unix_path, path)
+            site = web.UnixSite(runner, str(path))
+            await site.start()
+            # Owner and group only: the socket controls containers on this host.
+            await asyncio.to_thread(path.chmod, 0o660)
+        else:
+            site = web.TCPSite(runner, address.host, address.port)
+            await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    server = ApiServer(runner, address)
+    log.info("api listening", extra={"listen": server.url})
+    return server

@@ -1,0 +1,44 @@
+"""The agent's object graph: adapters and services built once from the config."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from agent.config import AgentConfig
+from agent.containerd import Containerd
+from agent.images.service import ImageService
+from agent.metrics import AgentMetrics
+from agent.registry.client import RegistryClient
+from agent.runtime.service import ContainerService
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, cd: Containerd, registry: RegistryClient) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        self.containerd = cd
+        self.registry = registry
+        self.images = ImageService(cd, registry, config.pull, self.metrics)
+        self.containers = ContainerService(cd, config.containerd, config.runtime, self.images.platform)
+
+    @classmethod
+    async def open(cls, config: AgentConfig) -> Agent:
+        cd = await Containerd.connect(
+            config.containerd.socket,
+            config.containerd.namespace,
+            config.containerd.snapshotter,
+            connect_timeout=config.containerd.connect_timeout,
+        )
+        return cls(config, cd, RegistryClient(config))
+
+    async def close(self) -> None:
+        await self.registry.close()
+        await self.containerd.close()
+
+    async def __aenter__(self) -> Agent:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

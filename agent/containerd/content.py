@@ -1,0 +1,159 @@
+"""containerd's content store: info, read, resumable write, ingest status and abort."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+
+import grpc.aio
+from google.protobuf import field_mask_pb2
+
+from agent.containerd.connection import CallContext, translate
+from agent.containerd.types import ContentInfo, IngestStatus
+from agent.errors import ContainerdConflict, ContainerdNotFound, DigestMismatch
+from proto.containerd.api.services.content.v1 import content_pb2 as pb
+from proto.containerd.api.services.content.v1.content_pb2_grpc import ContentStub
+
+
+def _info(msg: pb.Info) -> ContentInfo:
+    return ContentInfo(digest=msg.digest, size=msg.size, labels=dict(msg.labels))
+
+
+class ContentStore:
+    def __init__(self, stub: ContentStub, ctx: CallContext) -> None:
+        self._stub = stub
+        self._ctx = ctx
+
+    async def info(self, digest: str) -> ContentInfo:
+        resp = await self._ctx.unary(self._stub.Info, pb.InfoRequest(digest=digest), f"content {digest}")
+        return _info(resp.info)
+
+    async def exists(self, digest: str) -> ContentInfo | None:
+        try:
+            return await self.info(digest)
+        except ContainerdNotFound:
+            return None
+
+    async def update_labels(self, digest: str, labels: Mapping[str, str]) -> ContentInfo:
+        """Set (not replace) the given labels; an empty value removes a label."""
+        req = pb.UpdateRequest(
+            info=pb.Info(digest=digest, labels=dict(labels)),
+            update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels]),
+        )
+        resp = await self._ctx.unary(self._stub.Update, req, f"update labels of {digest}")
+        return _info(resp.info)
+
+    async def delete(self, digest: str) -> None:
+        await self._ctx.unary(self._stub.Delete, pb.DeleteContentRequest(digest=digest), f"delete {digest}")
+
+    async def read(self, digest: str, offset: int = 0, size: int = 0) -> AsyncIterator[bytes]:
+        req = pb.ReadContentRequest(digest=digest, offset=offset, size=size)
+        async for resp in self._ctx.stream(self._stub.Read, req, f"read {digest}"):
+            yield resp.data
+
+    async def read_all(self, digest: str) -> bytes:
+        return b"".join([chunk async for chunk in self.read(digest)])
+
+    async def status(self, ref: str) -> IngestStatus | None:
+        try:
+            resp = await self._ctx.unary(self._stub.Status, pb.StatusRequest(ref=ref), f"ingest {ref}")
+        except ContainerdNotFound:
+            return None
+        s = resp.status
+        return IngestStatus(ref=s.ref, offset=s.offset, total=s.total, expected=s.expected)
+
+    async def list_statuses(self, filters: list[str] | None = None) -> list[IngestStatus]:
+        req = pb.ListStatusesRequest(filters=filters or [])
+        resp = await self._ctx.unary(self._stub.ListStatuses, req, "list ingests")
+        return [IngestStatus(s.ref, s.offset, s.total, s.expected) for s in resp.statuses]
+
+    async def abort(self, ref: str) -> None:
+        with contextlib.suppress(ContainerdNotFound):
+            await self._ctx.unary(self._stub.Abort, pb.AbortRequest(ref=ref), f"abort ingest {ref}")
+
+    def writer(self, ref: str, total: int, expected: str) -> ContentWriter:
+        return ContentWriter(self._stub, self._ctx, ref, total, expected)
+
+
+class ContentWriter:
+    """One ingest through Content.Write: STAT, WRITE..., COMMIT.
+
+    Use as `async with store.writer(ref, total, digest) as w:`; `w.offset` says where a previous,
+    interrupted ingest of the same ref stopped, so the caller resumes from there. Leaving the block
+    without `commit()` keeps the partial data for a later resume (the lease bounds its life).
+    containerd hashes what it receives and refuses a commit whose digest differs.
+    """
+
+    def __init__(self, stub: ContentStub, ctx: CallContext, ref: str, total: int, expected: str) -> None:
+        self._stub = stub
+        self._ctx = ctx
+        self.ref = ref
+        self.total = total
+        self.expected = expected
+        self.offset = 0
+        self._call: grpc.aio.StreamStreamCall | None = None
+
+    async def __aenter__(self) -> ContentWriter:
+        self._call = self._stub.Write(metadata=self._ctx.metadata)
+        resp = await self._exchange(pb.WriteContentRequest(action=pb.STAT, ref=self.ref))
+        self.offset = resp.offset
+        if resp.total and resp.total != self.total:
+            # A stale ingest for a different size: start over.
+            await self.aclose()
+            await ContentStore(self._stub, self._ctx).abort(self.ref)
+            self._call = self._stub.Write(metadata=self._ctx.metadata)
+            resp = await self._exchange(pb.WriteContentRequest(action=pb.STAT, ref=self.ref))
+            self.offset = resp.offset
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._call is not None:
+            call, self._call = self._call, None
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call.done_writing()
+            call.cancel()
+
+    async def _exchange(self, req: pb.WriteContentRequest) -> pb.WriteContentResponse:
+        assert self._call is not None, "writer used outside its context"
+        try:
+            await self._call.write(req)
+            resp = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            err = translate(exc, f"write {self.ref}")
+            if isinstance(err, ContainerdConflict) and "digest" in err.message:
+                raise DigestMismatch(f"{self.expected}: {err.message}") from exc
+            raise err from exc
+        if resp is grpc.aio.EOF:
+            raise ContainerdConflict(f"write {self.ref}: stream closed by containerd")
+        return resp
+
+    async def write(self, data: bytes) -> None:
+        req = pb.WriteContentRequest(
+            action=pb.WRITE,
+            ref=self.ref,
+            offset=self.offset,
+            data=data,
+            total=self.total,
+            expected=self.expected,
+        )
+        resp = await self._exchange(req)
+        self.offset = resp.offset
+
+    async def commit(self, labels: Mapping[str, str] | None = None) -> None:
+        req = pb.WriteContentRequest(
+            action=pb.COMMIT,
+            ref=self.ref,
+            offset=self.offset,
+            total=self.total,
+            expected=self.expected,
+            labels=dict(labels or {}),
+        )
+        resp = await self._exchange(req)
+        if resp.digest and resp.digest != self.expected:
+            raise DigestMismatch(f"committed {resp.digest}, expected {self.expected}")

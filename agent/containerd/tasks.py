@@ -1,0 +1,68 @@
+"""containerd's task service: the running process of a container."""
+
+from __future__ import annotations
+
+from agent.containerd.connection import CallContext
+from agent.containerd.snapshots import _mount_msgs
+from agent.containerd.types import Mount, ProcessInfo, TaskStatus
+from proto.containerd.api.services.tasks.v1 import tasks_pb2 as pb
+from proto.containerd.api.services.tasks.v1.tasks_pb2_grpc import TasksStub
+from proto.containerd.api.types.task import task_pb2
+
+
+def _process(msg: task_pb2.Process) -> ProcessInfo:
+    return ProcessInfo(
+        container_id=msg.container_id,
+        pid=msg.pid,
+        status=TaskStatus(msg.status),
+        exit_status=msg.exit_status,
+        stdout=msg.stdout,
+    )
+
+
+class TaskService:
+    def __init__(self, stub: TasksStub, ctx: CallContext) -> None:
+        self._stub = stub
+        self._ctx = ctx
+
+    async def create(self, container_id: str, rootfs: list[Mount], stdout: str = "", stderr: str = "") -> int:
+        req = pb.CreateTaskRequest(container_id=container_id, rootfs=_mount_msgs(rootfs), stdout=stdout, stderr=stderr)
+        return (await self._ctx.unary(self._stub.Create, req, f"create task {container_id}")).pid
+
+    async def start(self, container_id: str) -> int:
+        return (
+            await self._ctx.unary(
+                self._stub.Start, pb.StartRequest(container_id=container_id), f"start task {container_id}"
+            )
+        ).pid
+
+    async def get(self, container_id: str) -> ProcessInfo:
+        resp = await self._ctx.unary(self._stub.Get, pb.GetRequest(container_id=container_id), f"task {container_id}")
+        return _process(resp.process)
+
+    async def list(self) -> list[ProcessInfo]:
+        resp = await self._ctx.unary(self._stub.List, pb.ListTasksRequest(), "list tasks")
+        return [_process(t) for t in resp.tasks]
+
+    async def kill(self, container_id: str, signal: int, all_processes: bool = True) -> None:
+        req = pb.KillRequest(container_id=container_id, signal=signal, all=all_processes)
+        await self._ctx.unary(self._stub.Kill, req, f"kill task {container_id}")
+
+    async def wait(self, container_id: str) -> int:
+        """Block until the task exits; returns its exit status."""
+        resp = await self._ctx.unary(
+            self._stub.Wait, pb.WaitRequest(container_id=container_id), f"wait task {container_id}"
+        )
+        return resp.exit_status
+
+    async def delete(self, container_id: str) -> int:
+        resp = await self._ctx.unary(
+            self._stub.Delete, pb.DeleteTaskRequest(container_id=container_id), f"delete task {container_id}"
+        )
+        return resp.exit_status
+
+    async def pids(self, container_id: str) -> list[int]:
+        resp = await self._ctx.unary(
+            self._stub.ListPids, pb.ListPidsRequest(container_id=container_id), f"pids of {container_id}"
+        )
+        return [p.pid for p in resp.processes]

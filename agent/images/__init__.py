@@ -1,0 +1,1 @@
+"""Image pulls: registry -> containerd content store -> unpacked snapshots -> image record."""

@@ -1,0 +1,96 @@
+"""Copy one blob from a registry into containerd's content store, resuming where an ingest stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+
+from agent.containerd import Containerd
+from agent.errors import ContainerdAlreadyExists, DigestMismatch, RegistryUnavailable
+from agent.oci import Descriptor, Reference
+from agent.registry.client import RegistryClient
+
+log = logging.getLogger(__name__)
+
+
+def ingest_ref(desc: Descriptor) -> str:
+    # Deterministic, so an interrupted pull of the same blob resumes the same ingest.
+    return f"ferryman-{desc.digest}"
+
+
+async def ingest_blob(
+    cd: Containerd,
+    registry: RegistryClient,
+    ref: Reference,
+    desc: Descriptor,
+    labels: Mapping[str, str],
+    chunk_size: int,
+    retries: int,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> int:
+    """Make `desc` present in the content store; returns the bytes downloaded (0 if present).
+
+    containerd hashes what it receives and refuses a commit that does not match the digest; the
+    partial ingest is then aborted so that a retry starts clean.
+    """
+    if await cd.content.exists(desc.digest) is not None:
+        return 0
+    fetched = 0
+    for attempt in range(retries + 1):
+        try:
+            async with cd.content.writer(ingest_ref(desc), desc.size, desc.digest) as writer:
+                if writer.offset:
+                    log.info("resuming ingest", extra={"digest": desc.digest, "offset": writer.offset})
+                buf = bytearray()
+                async for chunk in registry.fetch_blob(ref, desc, offset=writer.offset):
+                    fetched += len(chunk)
+                    on_bytes(len(chunk))
+                    buf += chunk
+                    if len(buf) >= chunk_size:
+                        await writer.write(bytes(buf))
+                        buf.clear()
+                if buf:
+                    await writer.write(bytes(buf))
+                if writer.offset != desc.size:
+                    raise DigestMismatch(
+                        f"{desc.digest}: registry sent {writer.offset} bytes, the manifest says {desc.size}"
+                    )
+                await writer.commit(labels)
+            return fetched
+        except ContainerdAlreadyExists:
+            return fetched  # a concurrent pull committed it first
+        except DigestMismatch:
+            await cd.content.abort(ingest_ref(desc))
+            raise
+        except RegistryUnavailable as exc:
+            if attempt == retries:
+                raise
+            log.warning("blob download broke, resuming", extra={"digest": desc.digest, "error": str(exc)})
+            await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
+    raise AssertionError("unreachable")
+
+
+async def ensure_labels(cd: Containerd, digest: str, labels: Mapping[str, str]) -> None:
+    """Add labels to content that a previous pull stored without them."""
+    info = await cd.content.info(digest)
+    missing = {k: v for k, v in labels.items() if info.labels.get(k) != v}
+    if missing:
+        await cd.content.update_labels(digest, missing)
+
+
+async def put_blob(cd: Containerd, desc: Descriptor, data: bytes, labels: Mapping[str, str]) -> None:
+    """Store a small blob we already hold (manifest, config), or label it if it is there."""
+    if await cd.content.exists(desc.digest) is not None:
+        await ensure_labels(cd, desc.digest, labels)
+        return
+    ref = ingest_ref(desc)
+    async with cd.content.writer(ref, desc.size, desc.digest) as writer:
+        if writer.offset:
+            await cd.content.abort(ref)  # a stale partial write: the bytes are in hand, start over
+    try:
+        async with cd.content.writer(ref, desc.size, desc.digest) as writer:
+            await writer.write(data)
+            await writer.commit(labels)
+    except ContainerdAlreadyExists:
+        await ensure_labels(cd, desc.digest, labels)

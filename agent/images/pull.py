@@ -1,0 +1,172 @@
+"""One image pull as a pipeline: resolve, store metadata, fetch layers in parallel, unpack in order.
+
+Layers download concurrently (bounded), and layer N is unpacked as soon as layers 0..N are in,
+so unpacking overlaps the downloads. Everything runs under one containerd lease, so a failed pull
+leaves no half-registered image: the image record is written last, and the lease (deleted at the
+end, or expiring if the agent dies) lets containerd's GC reclaim whatever was not referenced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from agent.config import PullConfig
+from agent.containerd import Containerd, ImageRecord
+from agent.errors import InvalidRequest
+from agent.images import labels as L
+from agent.images.ingest import ensure_labels, ingest_blob, put_blob
+from agent.images.unpack import unpack_layer
+from agent.metrics import AgentMetrics
+from agent.model import ImageSummary, LayerProgress, PullProgress
+from agent.oci import Descriptor, Platform, Reference, chain_ids, parse_digest
+from agent.registry.client import RegistryClient, ResolvedImage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PullContext:
+    ref: Reference
+    image: ResolvedImage
+    diff_ids: list[str]
+    progress: PullProgress
+    downloads: asyncio.Semaphore
+
+
+class Puller:
+    def __init__(self, cd: Containerd, registry: RegistryClient, config: PullConfig, metrics: AgentMetrics) -> None:
+        self._cd = cd
+        self._registry = registry
+        self._config = config
+        self._metrics = metrics
+        self._platform = Platform.parse(config.platform) if config.platform else Platform.host()
+
+    async def pull(self, ref_text: str, progress: PullProgress) -> ImageSummary:
+        ref = Reference.parse(ref_text)
+        started = time.monotonic()
+        result = "error"
+        try:
+            summary = await self._pull(ref, progress)
+            result = "ok"
+            progress.status = "done"
+            return summary
+        except BaseException as exc:
+            progress.status = "failed"
+            progress.error = str(exc)
+            raise
+        finally:
+            self._metrics.pulls.labels(result=result).inc()
+            self._metrics.pull_duration.labels(result=result).observe(time.monotonic() - started)
+
+    async def _pull(self, ref: Reference, progress: PullProgress) -> ImageSummary:
+        image = await self._registry.resolve(ref, self._platform)
+        config_bytes = await self._registry.fetch_bytes(ref, image.config)
+        diff_ids = _diff_ids(config_bytes, len(image.layers))
+        progress.layers = [LayerProgress(digest=d.digest, size=d.size) for d in image.layers]
+        progress.status = "fetching"
+        pull = PullContext(ref, image, diff_ids, progress, asyncio.Semaphore(self._config.max_concurrent_layers))
+
+        async with self._cd.leases.held("pull", self._config.lease_expiry) as lease_id:
+            cd = self._cd.leased(lease_id)
+            await self._store_metadata(cd, pull, config_bytes)
+            fetches = [
+                asyncio.create_task(self._fetch_layer(cd, pull, i), name=f"fetch-layer-{i}")
+                for i in range(len(image.layers))
+            ]
+            try:
+                top_chain = await self._unpack_in_order(cd, pull, fetches)
+            finally:
+                for task in fetches:
+                    task.cancel()
+                await asyncio.gather(*fetches, return_exceptions=True)
+            snapshotter = cd.snapshotter_name
+            await ensure_labels(cd, image.config.digest, {L.gc_snapshot(snapshotter): top_chain})
+            record = await cd.images.put(
+                ImageRecord(
+                    name=str(ref),
+                    media_type=image.target.media_type,
+                    digest=image.target.digest,
+                    size=image.target.size,
+                )
+            )
+        fetched = sum(1 for layer in progress.layers if layer.status != "exists")
+        log.info("pulled image", extra={"image": record.name, "digest": record.digest, "bytes": progress.done})
+        return ImageSummary(
+            name=record.name,
+            digest=record.digest,
+            media_type=record.media_type,
+            size=image.manifest.size + image.config.size + sum(d.size for d in image.layers),
+            bytes_fetched=progress.done,
+            layers_fetched=fetched,
+        )
+
+    async def _store_metadata(self, cd: Containerd, pull: PullContext, config_bytes: bytes) -> None:
+        """Index (if any), manifest and config, with the GC labels that tie them together."""
+        image, ref = pull.image, pull.ref
+        source = {L.distribution_source(ref.host): ref.repository}
+        manifest_labels = {
+            **source,
+            L.GC_CONFIG: image.config.digest,
+            **{L.gc_layer(i): d.digest for i, d in enumerate(image.layers)},
+        }
+        blobs: list[tuple[Descriptor, bytes, dict[str, str]]] = [
+            (image.config, config_bytes, source),
+            (image.manifest, image.manifest_bytes, manifest_labels),
+        ]
+        if image.target.digest != image.manifest.digest:
+            blobs.append((image.target, image.target_bytes, {**source, L.gc_manifest(0): image.manifest.digest}))
+        for desc, data, labels in blobs:
+            await put_blob(cd, desc, data, labels)
+
+    async def _fetch_layer(self, cd: Containerd, pull: PullContext, index: int) -> None:
+        desc = pull.image.layers[index]
+        layer = pull.progress.layers[index]
+        async with pull.downloads:
+            started = time.monotonic()
+            layer.status = "downloading"
+
+            def count(n: int) -> None:
+                layer.done += n
+                self._metrics.pull_bytes.inc(n)
+
+            labels = {L.distribution_source(pull.ref.host): pull.ref.repository}
+            try:
+                fetched = await ingest_blob(
+                    cd, self._registry, pull.ref, desc, labels, self._config.chunk_size, self._config.retries, count
+                )
+            except BaseException:
+                layer.status = "failed"
+                raise
+            layer.status = "done" if fetched else "exists"
+            if fetched:
+                self._metrics.layer_duration.labels(phase="fetch").observe(time.monotonic() - started)
+
+    async def _unpack_in_order(self, cd: Containerd, pull: PullContext, fetches: list[asyncio.Task[None]]) -> str:
+        chains = chain_ids([parse_digest(d) for d in pull.diff_ids])
+        parent = ""
+        for index, (task, chain) in enumerate(zip(fetches, chains, strict=True)):
+            await task
+            started = time.monotonic()
+            desc = pull.image.layers[index]
+            applied = await unpack_layer(cd, desc, pull.diff_ids[index], chain, parent)
+            await ensure_labels(cd, desc.digest, {L.UNCOMPRESSED: pull.diff_ids[index]})
+            if applied:
+                self._metrics.layer_duration.labels(phase="unpack").observe(time.monotonic() - started)
+            pull.progress.layers[index].status = "unpacked"
+            parent = chain
+        return parent
+
+
+def _diff_ids(config_bytes: bytes, layer_count: int) -> list[str]:
+    try:
+        config = json.loads(config_bytes)
+        diff_ids = [str(parse_digest(d)) for d in config["rootfs"]["diff_ids"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidRequest(f"image config is malformed: {exc}") from exc
+    if len(diff_ids) != layer_count:
+        raise InvalidRequest(f"image config lists {len(diff_ids)} diff IDs for {layer_count} layers")
+    return diff_ids

@@ -1,0 +1,39 @@
+"""The image service the API calls: pull, list, remove."""
+
+from __future__ import annotations
+
+from agent.config import PullConfig
+from agent.containerd import Containerd
+from agent.errors import ContainerdNotFound, ImageNotFound
+from agent.images.local import read_image
+from agent.images.pull import Puller
+from agent.metrics import AgentMetrics
+from agent.model import ImageSummary, PullProgress
+from agent.oci import Platform, Reference
+from agent.registry.client import RegistryClient
+
+
+class ImageService:
+    def __init__(self, cd: Containerd, registry: RegistryClient, config: PullConfig, metrics: AgentMetrics) -> None:
+        self._cd = cd
+        self._puller = Puller(cd, registry, config, metrics)
+        self.platform = Platform.parse(config.platform) if config.platform else Platform.host()
+
+    async def pull(self, ref: str, progress: PullProgress | None = None) -> ImageSummary:
+        return await self._puller.pull(ref, progress or PullProgress(ref=ref))
+
+    async def list(self) -> list[ImageSummary]:
+        out = []
+        for record in await self._cd.images.list():
+            try:
+                size = (await read_image(self._cd, record.name, self.platform)).size
+            except (ImageNotFound, ContainerdNotFound):
+                size = record.size  # content for another platform, or being collected
+            out.append(ImageSummary(name=record.name, digest=record.digest, media_type=record.media_type, size=size))
+        return out
+
+    async def remove(self, name: str) -> None:
+        try:
+            await self._cd.images.delete(str(Reference.parse(name)))
+        except ContainerdNotFound as exc:
+            raise ImageNotFound(f"image {name} is not pulled on this host") from exc

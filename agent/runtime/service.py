@@ -1,0 +1,229 @@
+"""The container service: create, start, stop, delete and list containers through containerd.
+
+containerd is the source of truth: everything we know about a container is in its containerd
+record (labels included) or its task. Ferryman-managed containers carry the io.ferryman.* labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+from agent.config import ContainerdConfig, RuntimeConfig
+from agent.containerd import Containerd, ContainerRecord, ProcessInfo, TaskStatus
+from agent.errors import (
+    Conflict,
+    ContainerdNotFound,
+    ContainerNotFound,
+    InvalidRequest,
+)
+from agent.images.local import read_image
+from agent.model import (
+    LABEL_IMAGE,
+    LABEL_LOG_PATH,
+    LABEL_MANAGED,
+    LABEL_PREFIX,
+    ContainerState,
+    ContainerSummary,
+    CreateRequest,
+)
+from agent.oci import Platform
+from agent.runtime.rootfs import read_snapshot_files
+from agent.runtime.spec import build_spec
+
+log = logging.getLogger(__name__)
+
+LABEL_EXIT_STATUS = LABEL_PREFIX + "exit-status"
+LABEL_FINISHED_AT = LABEL_PREFIX + "finished-at"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_STATES = {
+    TaskStatus.CREATED: ContainerState.CREATED,
+    TaskStatus.RUNNING: ContainerState.RUNNING,
+    TaskStatus.STOPPED: ContainerState.STOPPED,
+    TaskStatus.PAUSED: ContainerState.PAUSED,
+    TaskStatus.PAUSING: ContainerState.PAUSED,
+}
+
+
+class ContainerService:
+    def __init__(
+        self, cd: Containerd, containerd: ContainerdConfig, runtime: RuntimeConfig, platform: Platform
+    ) -> None:
+        self._cd = cd
+        self._containerd = containerd
+        self._runtime = runtime
+        self._platform = platform
+
+    def log_path(self, container_id: str) -> Path:
+        return Path(self._runtime.log_dir, self._cd.namespace, f"{container_id}.log")
+
+    async def create(self, req: CreateRequest) -> ContainerSummary:
+        if not _ID_RE.match(req.id):
+            raise InvalidRequest(f"container id {req.id!r} must match {_ID_RE.pattern}")
+        if any(k.startswith(LABEL_PREFIX) for k in req.labels):
+            raise InvalidRequest(f"labels starting with {LABEL_PREFIX} are reserved")
+        image = await read_image(self._cd, req.image, self._platform)
+        passwd = group = None
+        if req.user and not all(part.isdigit() for part in req.user.split(":")):
+            files = await read_snapshot_files(self._cd, image.chain_id, ["/etc/passwd", "/etc/group"])
+            passwd, group = files["/etc/passwd"], files["/etc/group"]
+        spec = build_spec(image.config, req, cgroups_path=f"/{self._cd.namespace}/{req.id}", passwd=passwd, group=group)
+        labels = {
+            **req.labels,
+            LABEL_MANAGED: "true",
+            LABEL_IMAGE: image.record.name,
+            LABEL_LOG_PATH: str(self.log_path(req.id)),
+        }
+        async with self._cd.leases.held("create", 300) as lease_id:
+            cd = self._cd.leased(lease_id)
+            if await cd.snapshots.exists(req.id):
+                raise Conflict(f"a snapshot named {req.id} already exists")
+            await cd.snapshots.prepare(req.id, image.chain_id)
+            try:
+                record = await cd.containers.create(
+                    ContainerRecord(
+                        id=req.id,
+                        image=image.record.name,
+                        labels=labels,
+                        runtime=self._containerd.runtime,
+                        spec=json.dumps(spec).encode(),
+                        snapshotter=cd.snapshotter_name,
+                        snapshot_key=req.id,
+                    )
+                )
+            except BaseException:
+                with contextlib.suppress(ContainerdNotFound):
+                    await cd.snapshots.remove(req.id)
+                raise
+        log.info("created container", extra={"container": req.id, "image": image.record.name})
+        return _summary(record, None)
+
+    async def start(self, container_id: str) -> ContainerSummary:
+        record = await self._get(container_id)
+        task = await self._task(container_id)
+        if task is not None:
+            if task.status != TaskStatus.STOPPED:
+                raise Conflict(f"container {container_id} is already {_STATES.get(task.status, 'active')}")
+            await self._cd.tasks.delete(container_id)
+        log_file = self.log_path(container_id)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        mounts = await self._cd.snapshots.mounts(record.snapshot_key)
+        uri = f"file://{log_file}"
+        await self._cd.tasks.create(container_id, mounts, stdout=uri, stderr=uri)
+        try:
+            await self._cd.tasks.start(container_id)
+        except BaseException:
+            with contextlib.suppress(ContainerdNotFound):
+                await self._cd.tasks.delete(container_id)
+            raise
+        if LABEL_EXIT_STATUS in record.labels:
+            record = await self._cd.containers.update_labels(
+                container_id, {LABEL_EXIT_STATUS: "", LABEL_FINISHED_AT: ""}
+            )
+        log.info("started container", extra={"container": container_id})
+        return _summary(record, await self._task(container_id))
+
+    async def stop(self, container_id: str, timeout: float | None = None) -> ContainerSummary:  # noqa: ASYNC109
+        """SIGTERM, then SIGKILL after `timeout`; the exit status is kept as a container label."""
+        await self._get(container_id)
+        task = await self._task(container_id)
+        if task is None:
+            return _summary(await self._get(container_id), None)
+        grace = self._runtime.stop_timeout if timeout is None else timeout
+        if task.status != TaskStatus.STOPPED:
+            waiter = asyncio.create_task(self._cd.tasks.wait(container_id), name=f"wait-{container_id}")
+            try:
+                if grace > 0:
+                    await self._cd.tasks.kill(container_id, signal.SIGTERM)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(waiter), grace)
+                if not waiter.done():
+                    log.info("container ignored SIGTERM, killing", extra={"container": container_id})
+                    await self._cd.tasks.kill(container_id, signal.SIGKILL)
+                await waiter
+            finally:
+                waiter.cancel()
+        exit_status = await self._cd.tasks.delete(container_id)
+        now = dt.datetime.now(dt.UTC).isoformat()
+        record = await self._cd.containers.update_labels(
+            container_id, {LABEL_EXIT_STATUS: str(exit_status), LABEL_FINISHED_AT: now}
+        )
+        log.info("stopped container", extra={"container": container_id, "exit_status": exit_status})
+        return _summary(record, None)
+
+    async def delete(self, container_id: str, force: bool = False) -> None:
+        record = await self._get(container_id)
+        task = await self._task(container_id)
+        if task is not None and task.status != TaskStatus.STOPPED:
+            if not force:
+                raise Conflict(f"container {container_id} is running; stop it first or use force")
+            await self.stop(container_id, timeout=0)
+        elif task is not None:
+            await self._cd.tasks.delete(container_id)
+        await self._cd.containers.delete(container_id)
+        with contextlib.suppress(ContainerdNotFound):
+            await self._cd.snapshots.remove(record.snapshot_key)
+        with contextlib.suppress(FileNotFoundError):
+            self.log_path(container_id).unlink()
+        log.info("deleted container", extra={"container": container_id})
+
+    async def list(self) -> list[ContainerSummary]:
+        records = await self._cd.containers.list([f'labels."{LABEL_MANAGED}"==true'])
+        tasks = {t.container_id: t for t in await self._cd.tasks.list()}
+        return [_summary(r, tasks.get(r.id)) for r in sorted(records, key=lambda r: r.id)]
+
+    async def inspect(self, container_id: str) -> dict[str, Any]:
+        record = await self._get(container_id)
+        task = await self._task(container_id)
+        out = _summary(record, task).to_json()
+        out["spec"] = json.loads(record.spec)
+        out["snapshotter"] = record.snapshotter
+        out["snapshot_key"] = record.snapshot_key
+        out["runtime"] = record.runtime
+        out["log_path"] = str(self.log_path(container_id))
+        return out
+
+    async def _get(self, container_id: str) -> ContainerRecord:
+        try:
+            record = await self._cd.containers.get(container_id)
+        except ContainerdNotFound as exc:
+            raise ContainerNotFound(f"no container {container_id}") from exc
+        if record.labels.get(LABEL_MANAGED) != "true":
+            raise ContainerNotFound(f"container {container_id} is not managed by ferryman")
+        return record
+
+    async def _task(self, container_id: str) -> ProcessInfo | None:
+        try:
+            return await self._cd.tasks.get(container_id)
+        except ContainerdNotFound:
+            return None
+
+
+def _summary(record: ContainerRecord, task: ProcessInfo | None) -> ContainerSummary:
+    exit_status: int | None = None
+    if task is not None:
+        state = _STATES.get(task.status, ContainerState.UNKNOWN)
+        pid = task.pid or None
+        if task.status == TaskStatus.STOPPED:
+            exit_status = task.exit_status
+    elif LABEL_EXIT_STATUS in record.labels:
+        state, pid, exit_status = ContainerState.STOPPED, None, int(record.labels[LABEL_EXIT_STATUS])
+    else:
+        state, pid = ContainerState.CREATED, None
+    created = record.created_at.replace(tzinfo=dt.UTC).isoformat() if record.created_at else ""
+    return ContainerSummary(
+        id=record.id,
+        image=record.image,
+        state=state,
+        pid=pid,
+        exit_status=exit_status,
+        labels=record.labels,
+        created_at=created,
+    )
