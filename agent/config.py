@@ -25,6 +25,8 @@ class ContainerdConfig:
     """The containerd namespace the agent owns."""
     snapshotter: str = "overlayfs"
     runtime: str = "io.containerd.runc.v2"
+    runc_root: str = ""
+    """runc's state dir for our tasks; empty means the shim default (/run/containerd/runc)."""
     connect_timeout: float = 10.0
     """Seconds to wait for the socket at start."""
 
@@ -80,6 +82,8 @@ class RuntimeConfig:
     """Seconds between SIGTERM and SIGKILL on stop."""
     log_dir: str = "/var/log/ferryman/containers"
     """Per-container stdout/stderr files live here."""
+    cgroup_parent: str = "/ferryman"
+    """Containers get the cgroup <cgroup_parent>/<namespace>/<id>."""
 
 
 @dataclass(frozen=True)

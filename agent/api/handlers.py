@@ -42,9 +42,9 @@ STATE_INTERVAL = 1.0
 HEALTH_TIMEOUT = 5.0
 LOG_CHUNK = 64 * 1024
 
-# containerd's identifier rule; ids also become file names (log paths), so nothing else gets through.
-_ID_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
-_ID_MAX = 76
+# The container service's id rule (agent/runtime/service.py), checked here too because ids from the
+# URL become file names (log paths): with a leading alphanumeric, "." and ".." cannot get through.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class ImageServiceLike(Protocol):
@@ -152,10 +152,10 @@ def parse_pull(body: dict[str, Any]) -> str:
 
 
 def check_container_id(container_id: str) -> str:
-    if len(container_id) > _ID_MAX or not _ID_RE.match(container_id):
+    if not _ID_RE.fullmatch(container_id):  # fullmatch: `$` alone would let a trailing "\n" through
         raise InvalidRequest(
-            f"invalid container id {container_id!r}: use letters, digits and single '.', '_' or '-' "
-            f"between them, at most {_ID_MAX} characters"
+            f"invalid container id {container_id!r}: 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
     return container_id
 

@@ -38,11 +38,22 @@ class LeaseManager:
         resp = await self._ctx.unary(self._stub.List, pb.ListRequest(), "list leases")
         return [lease.id for lease in resp.leases]
 
+    async def add_snapshot(self, lease_id: str, snapshotter: str, key: str) -> None:
+        """Protect an existing snapshot from GC for the life of the lease."""
+        req = pb.AddResourceRequest(id=lease_id, resource=pb.Resource(id=key, type=f"snapshots/{snapshotter}"))
+        await self._ctx.unary(self._stub.AddResource, req, f"lease snapshot {key}")
+
     @asynccontextmanager
     async def held(self, purpose: str, expire_after: float) -> AsyncIterator[str]:
-        """A lease for the duration of the block, deleted afterwards whatever happens."""
+        """A lease for the duration of the block, deleted afterwards whatever happens.
+
+        After a failure the delete waits for containerd's GC, so what the failed work created is
+        gone before the error reaches the caller (and cannot vanish under the caller's retry).
+        """
         lease_id = await self.create(purpose, expire_after)
         try:
             yield lease_id
-        finally:
-            await self.delete(lease_id)
+        except BaseException:
+            await self.delete(lease_id, sync=True)
+            raise
+        await self.delete(lease_id)

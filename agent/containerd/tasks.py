@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from google.protobuf import any_pb2
+
 from agent.containerd.connection import CallContext
 from agent.containerd.snapshots import _mount_msgs
 from agent.containerd.types import Mount, ProcessInfo, TaskStatus
 from proto.containerd.api.services.tasks.v1 import tasks_pb2 as pb
 from proto.containerd.api.services.tasks.v1.tasks_pb2_grpc import TasksStub
 from proto.containerd.api.types.task import task_pb2
+from proto.containerd.runtime.v2.runc.options import oci_pb2
+
+RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 
 
 def _process(msg: task_pb2.Process) -> ProcessInfo:
@@ -25,8 +30,15 @@ class TaskService:
         self._stub = stub
         self._ctx = ctx
 
-    async def create(self, container_id: str, rootfs: list[Mount], stdout: str = "", stderr: str = "") -> int:
-        req = pb.CreateTaskRequest(container_id=container_id, rootfs=_mount_msgs(rootfs), stdout=stdout, stderr=stderr)
+    async def create(
+        self, container_id: str, rootfs: list[Mount], stdout: str = "", stderr: str = "", runc_root: str = ""
+    ) -> int:
+        options = None
+        if runc_root:
+            options = any_pb2.Any(type_url=RUNC_OPTIONS_TYPE, value=oci_pb2.Options(root=runc_root).SerializeToString())
+        req = pb.CreateTaskRequest(
+            options=options, container_id=container_id, rootfs=_mount_msgs(rootfs), stdout=stdout, stderr=stderr
+        )
         return (await self._ctx.unary(self._stub.Create, req, f"create task {container_id}")).pid
 
     async def start(self, container_id: str) -> int:

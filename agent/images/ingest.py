@@ -43,15 +43,17 @@ async def ingest_blob(
                 if writer.offset:
                     log.info("resuming ingest", extra={"digest": desc.digest, "offset": writer.offset})
                 buf = bytearray()
-                async for chunk in registry.fetch_blob(ref, desc, offset=writer.offset):
-                    fetched += len(chunk)
-                    on_bytes(len(chunk))
-                    buf += chunk
-                    if len(buf) >= chunk_size:
+                try:
+                    async for chunk in registry.fetch_blob(ref, desc, offset=writer.offset):
+                        fetched += len(chunk)
+                        on_bytes(len(chunk))
+                        buf += chunk
+                        if len(buf) >= chunk_size:
+                            await writer.write(bytes(buf))
+                            buf.clear()
+                finally:
+                    if buf:  # keep what arrived before a break, so the resume starts after it
                         await writer.write(bytes(buf))
-                        buf.clear()
-                if buf:
-                    await writer.write(bytes(buf))
                 if writer.offset != desc.size:
                     raise DigestMismatch(
                         f"{desc.digest}: registry sent {writer.offset} bytes, the manifest says {desc.size}"

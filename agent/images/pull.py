@@ -35,6 +35,7 @@ class PullContext:
     diff_ids: list[str]
     progress: PullProgress
     downloads: asyncio.Semaphore
+    layers_fetched: int = 0
 
 
 class Puller:
@@ -93,7 +94,6 @@ class Puller:
                     size=image.target.size,
                 )
             )
-        fetched = sum(1 for layer in progress.layers if layer.status != "exists")
         log.info("pulled image", extra={"image": record.name, "digest": record.digest, "bytes": progress.done})
         return ImageSummary(
             name=record.name,
@@ -101,7 +101,7 @@ class Puller:
             media_type=record.media_type,
             size=image.manifest.size + image.config.size + sum(d.size for d in image.layers),
             bytes_fetched=progress.done,
-            layers_fetched=fetched,
+            layers_fetched=pull.layers_fetched,
         )
 
     async def _store_metadata(self, cd: Containerd, pull: PullContext, config_bytes: bytes) -> None:
@@ -142,6 +142,7 @@ class Puller:
                 layer.status = "failed"
                 raise
             layer.status = "done" if fetched else "exists"
+            pull.layers_fetched += 1 if fetched else 0
             if fetched:
                 self._metrics.layer_duration.labels(phase="fetch").observe(time.monotonic() - started)
 

@@ -19,6 +19,8 @@ _ESCAPE_HINTS = ("outside", "breakout", "escape", "invalid path", "path traversa
 async def unpack_layer(cd: Containerd, layer: Descriptor, diff_id: str, chain_id: str, parent: str) -> bool:
     """Make snapshot `chain_id` exist; returns False when it already did (nothing applied)."""
     if await cd.snapshots.exists(chain_id):
+        if cd.lease:  # keep it from a GC that may already be collecting it
+            await cd.leases.add_snapshot(cd.lease, cd.snapshotter_name, chain_id)
         return False
     key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain_id}"
     mounts = await cd.snapshots.prepare(key, parent)

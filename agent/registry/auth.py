@@ -68,6 +68,14 @@ def parse_www_authenticate(header: str) -> list[Challenge]:
             i += 1
         return header[start:i]
 
+    def bare() -> str:
+        # Lenient: servers send unquoted URLs (realm=https://a/t) that are not RFC tokens.
+        nonlocal i
+        start = i
+        while i < n and header[i] not in ", \t":
+            i += 1
+        return header[start:i]
+
     def quoted() -> str:
         nonlocal i
         i += 1  # opening quote
@@ -117,7 +125,7 @@ def parse_www_authenticate(header: str) -> list[Challenge]:
                         i += 1
                     params["token68"] = header[mark:i]
                 else:
-                    params[name.lower()] = quoted() if i < n and header[i] == '"' else token()
+                    params[name.lower()] = quoted() if i < n and header[i] == '"' else bare()
                 first = False
                 continue
             if first and (i >= n or header[i] == ","):
@@ -182,15 +190,16 @@ class Authenticator:
         self._basic.pop(host, None)
         self._tokens.pop((host, normalize_scope(scope)), None)
 
+    def has_credentials(self, host: str) -> bool:
+        return self._config.registry(host).username is not None
+
     def _credentials(self, host: str) -> tuple[str, str] | None:
         reg = self._config.registry(host)
         if reg.username is None:
             return None
         return reg.username, reg.secret() or ""
 
-    async def authorize(
-        self, session: aiohttp.ClientSession, host: str, www_authenticate: str, scope: str
-    ) -> str:
+    async def authorize(self, session: aiohttp.ClientSession, host: str, www_authenticate: str, scope: str) -> str:
         """Answer a 401's challenges with an Authorization header value, or raise RegistryAuthError."""
         challenges = parse_www_authenticate(www_authenticate)
         by_scheme = {c.scheme_lower: c for c in challenges}
@@ -210,9 +219,7 @@ class Authenticator:
             f"registry {host} sent an authentication challenge we cannot answer: {www_authenticate!r}"
         )
 
-    async def _bearer(
-        self, session: aiohttp.ClientSession, host: str, challenge: Challenge, scope_hint: str
-    ) -> str:
+    async def _bearer(self, session: aiohttp.ClientSession, host: str, challenge: Challenge, scope_hint: str) -> str:
         # The challenge's own scope is authoritative; our hint covers challenges without one.
         scope = challenge.params.get("scope", scope_hint)
         key = (host, normalize_scope(scope))
@@ -249,9 +256,7 @@ class Authenticator:
         extra = {"registry": host, "realm": realm, "scope": scope, "account": who}
         log.info("fetching registry token", extra=extra)
         try:
-            async with session.get(
-                realm, params=params, headers=headers, ssl=self._ssl_for_url(realm)
-            ) as resp:
+            async with session.get(realm, params=params, headers=headers, ssl=self._ssl_for_url(realm)) as resp:
                 body = await resp.read()
                 status = resp.status
         except aiohttp.ClientSSLError as exc:
@@ -261,15 +266,11 @@ class Authenticator:
                 f"token server {realm} for registry {host} is unreachable: {exc or type(exc).__name__}"
             ) from exc
         if status in (401, 403):
-            raise RegistryAuthError(
-                f"token server {realm} refused {who} for registry {host} (HTTP {status})"
-            )
+            raise RegistryAuthError(f"token server {realm} refused {who} for registry {host} (HTTP {status})")
         if status >= 500:
             raise RegistryUnavailable(f"token server {realm} for registry {host} failed with HTTP {status}")
         if status != 200:
-            raise RegistryAuthError(
-                f"token server {realm} answered HTTP {status} for registry {host}: {body[:200]!r}"
-            )
+            raise RegistryAuthError(f"token server {realm} answered HTTP {status} for registry {host}: {body[:200]!r}")
         try:
             data = json.loads(body)
         except ValueError as exc:
@@ -283,4 +284,3 @@ class Authenticator:
         ttl = float(ttl_raw) if isinstance(ttl_raw, int | float) and ttl_raw > 0 else DEFAULT_TOKEN_TTL
         log.debug("registry token issued", extra={**extra, "expires_in": ttl})
         return token, ttl
-

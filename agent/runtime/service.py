@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 LABEL_EXIT_STATUS = LABEL_PREFIX + "exit-status"
 LABEL_FINISHED_AT = LABEL_PREFIX + "finished-at"
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _STATES = {
     TaskStatus.CREATED: ContainerState.CREATED,
     TaskStatus.RUNNING: ContainerState.RUNNING,
@@ -65,7 +65,7 @@ class ContainerService:
         return Path(self._runtime.log_dir, self._cd.namespace, f"{container_id}.log")
 
     async def create(self, req: CreateRequest) -> ContainerSummary:
-        if not _ID_RE.match(req.id):
+        if not _ID_RE.fullmatch(req.id):
             raise InvalidRequest(f"container id {req.id!r} must match {_ID_RE.pattern}")
         if any(k.startswith(LABEL_PREFIX) for k in req.labels):
             raise InvalidRequest(f"labels starting with {LABEL_PREFIX} are reserved")
@@ -74,7 +74,13 @@ class ContainerService:
         if req.user and not all(part.isdigit() for part in req.user.split(":")):
             files = await read_snapshot_files(self._cd, image.chain_id, ["/etc/passwd", "/etc/group"])
             passwd, group = files["/etc/passwd"], files["/etc/group"]
-        spec = build_spec(image.config, req, cgroups_path=f"/{self._cd.namespace}/{req.id}", passwd=passwd, group=group)
+        spec = build_spec(
+            image.config,
+            req,
+            cgroups_path=f"{self._runtime.cgroup_parent}/{self._cd.namespace}/{req.id}",
+            passwd=passwd,
+            group=group,
+        )
         labels = {
             **req.labels,
             LABEL_MANAGED: "true",
@@ -116,7 +122,7 @@ class ContainerService:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         mounts = await self._cd.snapshots.mounts(record.snapshot_key)
         uri = f"file://{log_file}"
-        await self._cd.tasks.create(container_id, mounts, stdout=uri, stderr=uri)
+        await self._cd.tasks.create(container_id, mounts, stdout=uri, stderr=uri, runc_root=self._containerd.runc_root)
         try:
             await self._cd.tasks.start(container_id)
         except BaseException:

@@ -1,0 +1,1 @@
+"""ferryctl, the command line client of the agent's HTTP API."""

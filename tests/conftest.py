@@ -1,0 +1,114 @@
+"""Shared fixtures: a real registry and a real private containerd per session, scratch dirs per test.
+
+A missing prerequisite is an error, never a skip: a green run must mean the real components ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+# `tests.harness.*` imports need the repo root on sys.path; `.venv/bin/pytest` only adds tests/.
+_REPO = str(Path(__file__).resolve().parent.parent)
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from tests.harness.containerd import (  # noqa: E402 (needs the sys.path line above)
+    CONTAINERD,
+    CTR,
+    PrivateContainerd,
+    pick_base_dir,
+    unmount_under,
+)
+from tests.harness.registry import DockerRegistry  # noqa: E402
+
+ON_CI = os.environ.get("CI") == "true"
+PREREQUISITES = {
+    "containerd": CONTAINERD,
+    "ctr": CTR,
+    "runc": "runc",
+    "containerd-shim-runc-v2": "containerd-shim-runc-v2",
+    "docker-registry": "docker-registry",
+    "busybox": "/bin/busybox",
+}
+
+
+def require(name: str) -> str:
+    """Path of a prerequisite binary, or a test *error* (pytest.fail) naming what to install."""
+    target = PREREQUISITES.get(name, name)
+    path = target if Path(target).is_absolute() and os.access(target, os.X_OK) else shutil.which(target)
+    if path is None:
+        where = "CI" if ON_CI else "this host"
+        pytest.fail(f"prerequisite {name} missing on {where}: run scripts/setup-host", pytrace=False)
+    return path
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("these tests drive containerd and runc and must run as root", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Iterator[Path]:
+    """One scratch dir for the session, on a filesystem where overlay upper dirs work."""
+    base = Path(tempfile.mkdtemp(prefix="ferryman-test-", dir=pick_base_dir()))
+    yield base
+    unmount_under(base)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir(base_dir: Path) -> Iterator[Path]:
+    """A fresh dir per test under the session base (short path: unix sockets fit)."""
+    path = Path(tempfile.mkdtemp(prefix="w-", dir=base_dir))
+    yield path
+    # Never rmtree through a mount a failed test left behind.
+    unmount_under(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def registry(base_dir: Path) -> AsyncIterator[DockerRegistry]:
+    require("docker-registry")
+    reg = DockerRegistry(base_dir / "registry")
+    await reg.start()
+    try:
+        yield reg
+    finally:
+        await reg.stop()
+
+
+@pytest.fixture(scope="session")
+async def containerd(base_dir: Path) -> AsyncIterator[PrivateContainerd]:
+    require_root()
+    for name in ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "busybox"):
+        require(name)
+    ctrd = PrivateContainerd(base_dir / "containerd")
+    try:
+        await ctrd.start()
+        yield ctrd
+    finally:
+        await ctrd.stop()
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running on the shared session loop."""
+    before = asyncio.all_tasks()
+    yield
+    for _ in range(3):  # let tasks that are already finishing run their last step
+        await asyncio.sleep(0)
+    # Setup and teardown may run in different tasks: exclude whichever runs this code now.
+    leaked = [t for t in asyncio.all_tasks() - before - {asyncio.current_task()} if not t.done()]
+    for task in leaked:
+        task.cancel()
+    if leaked:
+        await asyncio.gather(*leaked, return_exceptions=True)
+        pytest.fail(f"test left {len(leaked)} asyncio task(s) pending: {leaked!r}", pytrace=False)
