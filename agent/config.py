@@ -153,14 +153,47 @@ def _check_scalar(hint: Any, value: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected {text}, got a boolean")
     if not isinstance(value, allowed):
         raise ConfigError(f"{path}: expected {text}, got {type(value).__name__}")
-    return float(value) if hint is float else value
+    if hint is float:
+        return float(value)  # type: ignore[arg-type]  # ints are fine where floats are expected
+    return value
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _validate(config: AgentConfig) -> None:
+    """Reject values that parse but make no sense, before anything starts."""
+    positive = {
+        "pull.max_concurrent_layers": config.pull.max_concurrent_layers,
+        "pull.chunk_size": config.pull.chunk_size,
+        "pull.connect_timeout": config.pull.connect_timeout,
+        "pull.read_timeout": config.pull.read_timeout,
+        "pull.lease_expiry": config.pull.lease_expiry,
+        "containerd.connect_timeout": config.containerd.connect_timeout,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be greater than 0, got {value}")
+    if config.pull.chunk_size > 8 << 20:
+        raise ConfigError("pull.chunk_size must be at most 8 MiB (containerd's message limit is 16 MiB)")
+    for name, value in {"pull.retries": config.pull.retries, "runtime.stop_timeout": config.runtime.stop_timeout}.items():
+        if value < 0:
+            raise ConfigError(f"{name} must not be negative, got {value}")
+    if config.log_level.upper() not in _LOG_LEVELS:
+        raise ConfigError(f"unknown log level {config.log_level!r} (use one of {', '.join(_LOG_LEVELS)})")
+    hosts = [r.host for r in config.registries]
+    duplicated = sorted({h for h in hosts if hosts.count(h) > 1})
+    if duplicated:
+        raise ConfigError(f"registries: host listed more than once: {', '.join(duplicated)}")
 
 
 def parse_config(data: dict[str, Any]) -> AgentConfig:
     version = data.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError(f"config version {version} is not supported (expected {CONFIG_VERSION})")
-    return _build(AgentConfig, data, "")
+    config = _build(AgentConfig, data, "")
+    _validate(config)
+    return config
 
 
 def load_config(path: str | Path | None) -> AgentConfig:

@@ -6,6 +6,7 @@ They hold what containerd reports at the moment of the call; the agent keeps no 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,6 +14,9 @@ LABEL_PREFIX = "io.ferryman."
 LABEL_MANAGED = LABEL_PREFIX + "managed"
 LABEL_IMAGE = LABEL_PREFIX + "image"
 LABEL_LOG_PATH = LABEL_PREFIX + "log-path"
+
+# Container ids become file names and cgroup paths: keep them to a safe alphabet (use fullmatch).
+CONTAINER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass

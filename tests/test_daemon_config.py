@@ -186,7 +186,6 @@ def test_wrong_types_rejected(tmp_path: Path, text: str, needle: str) -> None:
     assert needle in info.value.message
 
 
-@pytest.mark.xfail(strict=True, reason="config.py bug: numeric ranges are not checked (reported to the lead)")
 @pytest.mark.parametrize(
     "data",
     [
@@ -201,7 +200,6 @@ def test_nonsense_numbers_rejected(data: dict[str, Any]) -> None:
         parse_config(data)
 
 
-@pytest.mark.xfail(strict=True, reason="config.py bug: log_level is not validated (reported to the lead)")
 def test_log_level_validated_by_config() -> None:
     with pytest.raises(ConfigError):
         parse_config({"log_level": "LOUD"})

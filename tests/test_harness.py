@@ -13,7 +13,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.oci import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, chain_ids, sha256_digest
+from agent.oci import (
+    MEDIA_DOCKER_MANIFEST,
+    MEDIA_DOCKER_MANIFEST_LIST,
+    MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST,
+    chain_ids,
+    sha256_digest,
+)
 from tests.harness.containerd import PrivateContainerd, cgroup_controller_dirs, mounts_under
 from tests.harness.images import (
     TEST_ABSENT,
@@ -34,6 +41,8 @@ from tests.harness.images import (
     traversal_layer,
 )
 from tests.harness.registry import DockerRegistry
+from tests.harness.tls import CertAuthority
+from tests.harness.tokenserver import TokenServer
 
 
 def unique(prefix: str) -> str:
@@ -110,6 +119,38 @@ async def test_push_is_visible_in_registry(registry: DockerRegistry) -> None:
         assert resp.headers["Docker-Content-Digest"] == digest
 
 
+async def test_push_with_token_auth_over_tls(workdir: Path) -> None:
+    ca = CertAuthority(workdir / "ca")
+    tokens = TokenServer(signer=ca.issue_signing(), users={"ops": "s3cret"})
+    await tokens.start()
+    reg = DockerRegistry(workdir / "reg", tls=ca.issue_server(), token=tokens)
+    try:
+        await reg.start()
+        image = build_test_image().build()
+        with pytest.raises(RuntimeError, match="credentials"):
+            await image.push(reg.url, "harness/locked", "v1", ssl_context=ca.client_context())
+        digest = await image.push(
+            reg.url, "harness/locked", "v1", auth=("ops", "s3cret"), ssl_context=ca.client_context()
+        )
+        assert digest == image.digest
+        assert any(r.account == "ops" and r.status == 200 for r in tokens.requests)
+    finally:
+        await reg.stop()
+        await tokens.stop()
+
+
+async def test_push_with_basic_auth(workdir: Path) -> None:
+    reg = DockerRegistry(workdir / "reg", htpasswd={"ops": "s3cret"})
+    try:
+        await reg.start()
+        image = ImageBuilder([Layer([File("x", b"x")])], cmd=["/x"]).build()
+        with pytest.raises(RuntimeError, match="still unauthorized"):
+            await image.push(reg.host, "harness/basic", "v1", auth=("ops", "wrong"))
+        assert await image.push(reg.host, "harness/basic", "v1", auth=("ops", "s3cret")) == image.digest
+    finally:
+        await reg.stop()
+
+
 @pytest.mark.parametrize("docker", [False, True], ids=["oci", "docker-schema2"])
 async def test_pull_and_run_multilayer_image(
     registry: DockerRegistry, containerd: PrivateContainerd, docker: bool
@@ -149,13 +190,21 @@ async def test_pull_and_run_multilayer_image(
     containerd.ctr("images", "rm", ref)
 
 
-async def test_index_pulls_host_platform(registry: DockerRegistry, containerd: PrivateContainerd) -> None:
+@pytest.mark.parametrize("docker", [False, True], ids=["oci-index", "docker-manifest-list"])
+async def test_index_pulls_host_platform(registry: DockerRegistry, containerd: PrivateContainerd, docker: bool) -> None:
     repo = unique("harness/index")
-    amd64 = build_test_image(extra_layers=[Layer([File("arch", b"amd64\n")])])
-    arm64 = ImageBuilder([busybox_layer(), Layer([File("arch", b"arm64\n")])], architecture="arm64", variant="v8")
-    index = build_index([amd64, arm64])
+    amd64 = build_test_image(extra_layers=[Layer([File("arch", b"amd64\n")])], docker=docker)
+    arm64 = ImageBuilder(
+        [busybox_layer(), Layer([File("arch", b"arm64\n")])], architecture="arm64", variant="v8", docker=docker
+    )
+    index = build_index([amd64, arm64], docker=docker)
     digest = await index.push(registry.url, repo, "multi")
-    assert json.loads(index.manifest)["mediaType"] == MEDIA_OCI_INDEX
+    index_json = json.loads(index.manifest)
+    assert index_json["mediaType"] == (MEDIA_DOCKER_MANIFEST_LIST if docker else MEDIA_OCI_INDEX)
+    assert [m["platform"] for m in index_json["manifests"]] == [
+        {"architecture": "amd64", "os": "linux"},
+        {"architecture": "arm64", "os": "linux", "variant": "v8"},
+    ]
     ref = f"{registry.host}/{repo}:multi"
     await containerd.actr("images", "pull", "--plain-http", ref)
 
@@ -168,6 +217,14 @@ async def test_index_pulls_host_platform(registry: DockerRegistry, containerd: P
     assert arm.config_digest not in content
     assert run(containerd, ref, "cat", "/arch") == "amd64\n"
     containerd.ctr("images", "rm", ref)
+
+
+def escaped_payloads(ctrd: PrivateContainerd, outside: Path, evil: str) -> list[Path]:
+    """Payload files that landed outside a rootfs: in `outside`, in /, or beside a snapshot's fs dir."""
+    hits = [*outside.iterdir(), *Path("/").glob(f"{evil}*")]
+    # Inside containerd's root a payload may only sit at the top of a snapshot's fs dir (its rootfs).
+    hits += [hit for hit in ctrd.workdir.rglob(f"{evil}*") if hit.parent.name != "fs"]
+    return hits
 
 
 async def test_malicious_layers_stay_inside(
@@ -183,9 +240,7 @@ async def test_malicious_layers_stay_inside(
     # containerd's own unpacker scopes every path to the rootfs: whether it errors or not, the host
     # must be untouched. That proves the helpers build what they claim, not that containerd is safe.
     res = await containerd.actr("images", "pull", "--plain-http", ref, check=False)
-    assert list(outside.iterdir()) == []
-    for parent in (containerd.root, containerd.root.parent, containerd.workdir, Path("/")):
-        assert not list(parent.glob(f"{evil}*"))
+    assert escaped_payloads(containerd, outside, evil) == []
     if res.returncode == 0:
         # The payloads exist, inside the rootfs (where exactly depends on containerd's overlay applier,
         # which writes into the upper dir and so replaces the lower `escape` symlink with a directory).

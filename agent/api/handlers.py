@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +21,7 @@ from agent.api.errors import error_body
 from agent.errors import ContainerNotFound, FerrymanError, InvalidRequest
 from agent.metrics import AgentMetrics
 from agent.model import (
+    CONTAINER_ID_RE,
     ContainerState,
     ContainerSummary,
     CreateRequest,
@@ -44,7 +44,6 @@ LOG_CHUNK = 64 * 1024
 
 # The container service's id rule (agent/runtime/service.py), checked here too because ids from the
 # URL become file names (log paths): with a leading alphanumeric, "." and ".." cannot get through.
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class ImageServiceLike(Protocol):
@@ -152,7 +151,7 @@ def parse_pull(body: dict[str, Any]) -> str:
 
 
 def check_container_id(container_id: str) -> str:
-    if not _ID_RE.fullmatch(container_id):  # fullmatch: `$` alone would let a trailing "\n" through
+    if not CONTAINER_ID_RE.fullmatch(container_id):  # fullmatch: `$` alone would let a trailing "\n" through
         raise InvalidRequest(
             f"invalid container id {container_id!r}: 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

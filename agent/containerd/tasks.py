@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 from google.protobuf import any_pb2
 
 from agent.containerd.connection import CallContext
@@ -17,7 +19,7 @@ RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 
 def _process(msg: task_pb2.Process) -> ProcessInfo:
     return ProcessInfo(
-        container_id=msg.container_id,
+        container_id=msg.container_id or msg.id,  # Tasks.List fills `id` instead
         pid=msg.pid,
         status=TaskStatus(msg.status),
         exit_status=msg.exit_status,
@@ -73,7 +75,7 @@ class TaskService:
         )
         return resp.exit_status
 
-    async def pids(self, container_id: str) -> list[int]:
+    async def pids(self, container_id: str) -> builtins.list[int]:
         resp = await self._ctx.unary(
             self._stub.ListPids, pb.ListPidsRequest(container_id=container_id), f"pids of {container_id}"
         )

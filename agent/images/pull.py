@@ -108,7 +108,7 @@ class Puller:
         """Index (if any), manifest and config, with the GC labels that tie them together."""
         image, ref = pull.image, pull.ref
         source = {L.distribution_source(ref.host): ref.repository}
-        manifest_labels = {
+        manifest_labels: dict[str, str] = {
             **source,
             L.GC_CONFIG: image.config.digest,
             **{L.gc_layer(i): d.digest for i, d in enumerate(image.layers)},

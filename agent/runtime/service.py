@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from agent.errors import (
 )
 from agent.images.local import read_image
 from agent.model import (
+    CONTAINER_ID_RE,
     LABEL_IMAGE,
     LABEL_LOG_PATH,
     LABEL_MANAGED,
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 LABEL_EXIT_STATUS = LABEL_PREFIX + "exit-status"
 LABEL_FINISHED_AT = LABEL_PREFIX + "finished-at"
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _STATES = {
     TaskStatus.CREATED: ContainerState.CREATED,
     TaskStatus.RUNNING: ContainerState.RUNNING,
@@ -65,8 +64,8 @@ class ContainerService:
         return Path(self._runtime.log_dir, self._cd.namespace, f"{container_id}.log")
 
     async def create(self, req: CreateRequest) -> ContainerSummary:
-        if not _ID_RE.fullmatch(req.id):
-            raise InvalidRequest(f"container id {req.id!r} must match {_ID_RE.pattern}")
+        if not CONTAINER_ID_RE.fullmatch(req.id):
+            raise InvalidRequest(f"container id {req.id!r} must match {CONTAINER_ID_RE.pattern}")
         if any(k.startswith(LABEL_PREFIX) for k in req.labels):
             raise InvalidRequest(f"labels starting with {LABEL_PREFIX} are reserved")
         image = await read_image(self._cd, req.image, self._platform)

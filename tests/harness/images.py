@@ -6,6 +6,7 @@ Malicious layers are built from `RawEntry`, which writes its tar header verbatim
 
 from __future__ import annotations
 
+import base64
 import copy
 import gzip
 import io
@@ -408,11 +409,16 @@ class RegistryPusher:
         self,
         registry: str,
         *,
-        auth: aiohttp.BasicAuth | None = None,
+        auth: tuple[str, str] | aiohttp.BasicAuth | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base = registry_base_url(registry)
-        self.auth = auth
+        # (user, password); aiohttp.BasicAuth still accepted but deprecated in aiohttp 3.14.
+        self.basic: str | None = None
+        if isinstance(auth, aiohttp.BasicAuth):
+            self.basic = auth.encode()
+        elif auth is not None:
+            self.basic = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         self.ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
         self._authorization: str | None = None
@@ -445,24 +451,26 @@ class RegistryPusher:
                 hdrs["Authorization"] = self._authorization
             async with self.session.request(method, url, data=data, headers=hdrs, ssl=self._ssl) as resp:
                 body = await resp.read()
-                if resp.status == 401 and attempt == 0:
+                if resp.status != 401:
+                    return resp.status, dict(resp.headers), body
+                # First 401: (re)authenticate, e.g. a bearer token for another repository's scope.
+                if attempt == 0:
                     await self._answer_challenge(resp.headers.get("WWW-Authenticate", ""))
-                    continue
-                return resp.status, dict(resp.headers), body
-        raise RuntimeError(f"{method} {url}: still unauthorized after authenticating")
+        raise RuntimeError(f"{method} {url}: still unauthorized after authenticating: {body[:300]!r}")
 
     async def _answer_challenge(self, challenge: str) -> None:
         scheme, _, rest = challenge.partition(" ")
-        if self.auth is None:
+        if self.basic is None:
             raise RuntimeError(f"registry wants credentials ({challenge!r}) and none were given")
         if scheme.lower() == "basic":
-            self._authorization = self.auth.encode()
+            self._authorization = self.basic
             return
         if scheme.lower() != "bearer":
             raise RuntimeError(f"unsupported auth challenge {challenge!r}")
         params = dict(_CHALLENGE_RE.findall(rest))
         query = {k: params[k] for k in ("service", "scope") if k in params}
-        async with self.session.get(params["realm"], params=query, auth=self.auth, ssl=self._ssl) as resp:
+        headers = {"Authorization": self.basic}
+        async with self.session.get(params["realm"], params=query, headers=headers, ssl=self._ssl) as resp:
             if resp.status != 200:
                 raise RuntimeError(f"token server {params['realm']}: {resp.status} {await resp.text()}")
             payload = await resp.json(content_type=None)
