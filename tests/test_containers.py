@@ -65,8 +65,9 @@ async def test_run_captures_output_and_shows_in_ctr(
 ) -> None:
     c = cid()
     script = 'echo "out $FERRYMAN_TEST $GREETING $(pwd)"; echo err >&2; exec sleep 300'
-    req = CreateRequest(id=c, image=image_ref, args=("/bin/sh", "-c", script), env={"GREETING": "hi"},
-                        labels={"team": "sre"})
+    req = CreateRequest(
+        id=c, image=image_ref, args=("/bin/sh", "-c", script), env={"GREETING": "hi"}, labels={"team": "sre"}
+    )
     created = await agent.containers.create(req)
     assert created.state == ContainerState.CREATED
     started = await agent.containers.start(c)
@@ -147,7 +148,10 @@ async def test_delete_leaves_nothing(agent: Agent, containerd: PrivateContainerd
 async def test_limits_and_user(agent: Agent, containerd: PrivateContainerd, image_ref: str) -> None:
     c = cid()
     req = CreateRequest(
-        id=c, image=image_ref, user="app", args=("/bin/sh", "-c", "echo uid=$(id -u) gid=$(id -g); sleep 300"),
+        id=c,
+        image=image_ref,
+        user="app",
+        args=("/bin/sh", "-c", "echo uid=$(id -u) gid=$(id -g); sleep 300"),
         resources=Resources(cpus=0.5, memory=64 << 20),
     )
     await agent.containers.create(req)

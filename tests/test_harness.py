@@ -21,6 +21,7 @@ from agent.oci import (
     chain_ids,
     sha256_digest,
 )
+from tests.conftest import require
 from tests.harness.containerd import PrivateContainerd, cgroup_controller_dirs, mounts_under
 from tests.harness.images import (
     TEST_ABSENT,
@@ -319,6 +320,12 @@ async def test_stop_before_start_and_after_failed_start(workdir: Path) -> None:
         await broken.start(within=10)
     assert broken.proc is None
     assert not broken.root.exists()
+
+
+def test_missing_prerequisite_is_an_error() -> None:
+    # pytest.fail, never pytest.skip: a green run must mean the real components ran.
+    with pytest.raises(pytest.fail.Exception, match="prerequisite ferryman-no-such-tool missing"):
+        require("ferryman-no-such-tool")
 
 
 def test_ctr_failure_carries_stderr(containerd: PrivateContainerd) -> None:

@@ -77,8 +77,14 @@ async def test_pull_then_ctr_runs_it(agent: Agent, containerd: PrivateContainerd
     # ctr runs what we assembled, on the same containerd: whiteouts applied, files intact.
     cid = f"c{secrets.token_hex(3)}"
     out = containerd.ctr(
-        "run", "--rm", *containerd.run_flags(cid), ref, cid,
-        "/bin/sh", "-c", "cat /data/keep /data/added; ls /data; test ! -e /data/gone && echo gone-ok",
+        "run",
+        "--rm",
+        *containerd.run_flags(cid),
+        ref,
+        cid,
+        "/bin/sh",
+        "-c",
+        "cat /data/keep /data/added; ls /data; test ! -e /data/gone && echo gone-ok",
         namespace=ns,
     ).stdout
     assert "keep me" in out and "added by layer 3" in out and "gone-ok" in out
@@ -131,12 +137,25 @@ async def test_index_picks_this_platform(agent: Agent, containerd: PrivateContai
     assert await agent.containerd.content.exists(index.image_for("linux", "arm64").digest) is None
 
 
-async def test_wrong_platform_fails_cleanly(agent: Agent, containerd: PrivateContainerd, registry: DockerRegistry) -> None:
+async def test_wrong_platform_fails_cleanly(
+    agent: Agent, containerd: PrivateContainerd, registry: DockerRegistry
+) -> None:
     index = build_index([build_test_image(architecture="arm64"), build_test_image(architecture="s390x")])
     name = repo()
     await index.push(registry.host, name, "foreign")
     ref = f"{registry.host}/{name}:foreign"
     with pytest.raises(PlatformNotFound, match="arm64"):
+        await agent.images.pull(ref)
+    await assert_nothing_left(agent, containerd, ref)
+
+
+async def test_single_manifest_for_another_platform(
+    agent: Agent, containerd: PrivateContainerd, registry: DockerRegistry
+) -> None:
+    name = repo()
+    await build_test_image(architecture="arm64").build().push(registry.host, name, "arm")
+    ref = f"{registry.host}/{name}:arm"
+    with pytest.raises(PlatformNotFound, match="linux/arm64"):
         await agent.images.pull(ref)
     await assert_nothing_left(agent, containerd, ref)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from agent.config import PullConfig
 from agent.containerd import Containerd, ImageRecord
-from agent.errors import InvalidRequest
+from agent.errors import InvalidRequest, PlatformNotFound
 from agent.images import labels as L
 from agent.images.ingest import ensure_labels, ingest_blob, put_blob
 from agent.images.unpack import unpack_layer
@@ -66,7 +66,7 @@ class Puller:
     async def _pull(self, ref: Reference, progress: PullProgress) -> ImageSummary:
         image = await self._registry.resolve(ref, self._platform)
         config_bytes = await self._registry.fetch_bytes(ref, image.config)
-        diff_ids = _diff_ids(config_bytes, len(image.layers))
+        diff_ids = _diff_ids(config_bytes, len(image.layers), self._platform, ref)
         progress.layers = [LayerProgress(digest=d.digest, size=d.size) for d in image.layers]
         progress.status = "fetching"
         pull = PullContext(ref, image, diff_ids, progress, asyncio.Semaphore(self._config.max_concurrent_layers))
@@ -162,12 +162,17 @@ class Puller:
         return parent
 
 
-def _diff_ids(config_bytes: bytes, layer_count: int) -> list[str]:
+def _diff_ids(config_bytes: bytes, layer_count: int, platform: Platform, ref: Reference) -> list[str]:
+    """The layers' diff IDs from the image config, after checking the image can run here."""
     try:
         config = json.loads(config_bytes)
         diff_ids = [str(parse_digest(d)) for d in config["rootfs"]["diff_ids"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidRequest(f"image config is malformed: {exc}") from exc
+    # A tag may point straight at a manifest: only its config says which platform it is for.
+    if not platform.matches({k: config.get(k, "") for k in ("os", "architecture", "variant")}):
+        found = "/".join(str(config.get(k)) for k in ("os", "architecture"))
+        raise PlatformNotFound(f"{ref} is an image for {found}, this host needs {platform}")
     if len(diff_ids) != layer_count:
         raise InvalidRequest(f"image config lists {len(diff_ids)} diff IDs for {layer_count} layers")
     return diff_ids

@@ -14,7 +14,10 @@ from tests.harness.containerd import PrivateContainerd
 
 
 def agent_config(
-    ctrd: PrivateContainerd, registries: Sequence[RegistryConfig], workdir: Path, namespace: str | None = None,
+    ctrd: PrivateContainerd,
+    registries: Sequence[RegistryConfig],
+    workdir: Path,
+    namespace: str | None = None,
     pull: PullConfig | None = None,
 ) -> AgentConfig:
     return AgentConfig(

@@ -28,7 +28,6 @@ CTR = "/usr/bin/ctr"
 SHIM_NAME = "containerd-shim"
 # containerd 1.6 puts shim sockets here whatever its state dir: fixed in the shim code.
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 # sockaddr_un.sun_path is 108 bytes including the NUL; containerd also appends ".ttrpc".
 MAX_SOCKET_PATH = 100
 

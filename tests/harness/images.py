@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import gzip
 import io
 import json
@@ -531,6 +532,7 @@ BUSYBOX_APPLETS = (
 )  # fmt: skip
 
 
+@functools.cache  # 2 MB to gzip on every call otherwise; a Layer is never mutated after it is built
 def busybox_layer(busybox: str = BUSYBOX, compression: Compression = "gzip") -> Layer:
     """The static busybox as /bin/busybox with applet symlinks, plus the usual empty top-level dirs."""
     data = Path(busybox).read_bytes()
@@ -554,6 +556,7 @@ def etc_layer() -> Layer:
             Dir("etc"),
             File("etc/passwd", PASSWD.encode()),
             File("etc/group", GROUP.encode()),
+            Dir("home"),
             Dir("home/app", 0o755, 1000, 1000),
         ],
         comment="etc",

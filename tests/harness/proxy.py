@@ -58,7 +58,10 @@ class FaultyProxy:
         body = await request.read()
         digest = request.path.rsplit("/", 1)[-1] if "/blobs/" in request.path else ""
         async with self._session.request(
-            request.method, self.upstream + request.path_qs, headers=headers, data=body or None,
+            request.method,
+            self.upstream + request.path_qs,
+            headers=headers,
+            data=body or None,
             allow_redirects=True,
         ) as upstream:
             resp = web.StreamResponse(status=upstream.status)
