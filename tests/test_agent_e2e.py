@@ -35,8 +35,13 @@ class Daemon:
 
     async def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = await asyncio.create_subprocess_exec(
-            str(BIN / "ferryctl"), "--agent", self.address, *args,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            str(BIN / "ferryctl"),
+            "--agent",
+            self.address,
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
         )
         out, err = await asyncio.wait_for(proc.communicate(), 120)
         res = subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
@@ -55,9 +60,11 @@ async def daemon(containerd: PrivateContainerd, registry: DockerRegistry, workdi
     config = workdir / "agent.toml"
     config.write_text(
         f'host_name = "e2e"\nstate_dir = "{workdir / "state"}"\n'
-        f'[containerd]\nsocket = "{containerd.socket}"\nnamespace = "{namespace}"\nrunc_root = "{containerd.runc_root}"\n'
+        f'[containerd]\nsocket = "{containerd.socket}"\nnamespace = "{namespace}"\n'
+        f'runc_root = "{containerd.runc_root}"\n'
         f'[api]\nlisten = "unix://{socket}"\n'
-        f'[runtime]\nlog_dir = "{workdir / "logs"}"\ncgroup_parent = "{containerd.cgroup_parent}"\nstop_timeout = 2.0\n'
+        f'[runtime]\nlog_dir = "{workdir / "logs"}"\ncgroup_parent = "{containerd.cgroup_parent}"\n'
+        "stop_timeout = 2.0\n"
         f'[[registries]]\nhost = "{registry.host}"\nplain_http = true\n'
     )
     log = workdir / "agent.log"
@@ -149,7 +156,9 @@ async def test_api_errors_progress_and_metrics(daemon: Daemon, registry: DockerR
     assert bad.returncode == 1 and "container_not_found" in bad.stderr
 
 
-async def test_sigterm_leaves_containers_running(daemon: Daemon, containerd: PrivateContainerd, registry: DockerRegistry) -> None:
+async def test_sigterm_leaves_containers_running(
+    daemon: Daemon, containerd: PrivateContainerd, registry: DockerRegistry
+) -> None:
     name = f"test/e2e-{secrets.token_hex(3)}"
     await build_test_image().build().push(registry.host, name, "v1")
     ref = f"{registry.host}/{name}:v1"

@@ -14,7 +14,7 @@ from agent.errors import Conflict, ContainerNotFound, ImageNotFound, InvalidRequ
 from agent.model import LABEL_MANAGED, ContainerState, CreateRequest, Resources
 from tests.harness.agent import agent_config, running_agent
 from tests.harness.containerd import PrivateContainerd
-from tests.harness.images import build_test_image
+from tests.harness.images import ImageBuilder, build_test_image, busybox_layer, etc_layer
 from tests.harness.registry import DockerRegistry
 
 
@@ -188,3 +188,19 @@ async def test_duplicate_id_conflicts(agent: Agent, image_ref: str) -> None:
     with pytest.raises(Conflict):
         await agent.containers.create(CreateRequest(id=c, image=image_ref))
     assert [s.id for s in await agent.containers.list()] == [c]
+
+
+async def test_image_user_and_numeric_uid_resolve_through_passwd(agent: Agent, registry: DockerRegistry) -> None:
+    name = f"test/user-{secrets.token_hex(4)}"
+    await (
+        ImageBuilder([busybox_layer(), etc_layer()], user="app", cmd=("/bin/sh", "-c", "echo $(id -u):$(id -g)"))
+        .build()
+        .push(registry.host, name, "v1")
+    )
+    ref = f"{registry.host}/{name}:v1"
+    await agent.images.pull(ref)
+    for c, user in ((cid(), None), (cid(), "1000")):
+        await agent.containers.create(CreateRequest(id=c, image=ref, user=user))
+        await agent.containers.start(c)
+        await wait_for_state(agent, c, ContainerState.STOPPED)
+        assert agent.containers.log_path(c).read_text() == "1000:1000\n"

@@ -6,7 +6,6 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from agent.app import Agent
@@ -249,7 +248,7 @@ async def test_basic_auth(containerd: PrivateContainerd, workdir: Path) -> None:
     await reg.start()
     try:
         name = repo()
-        await build_test_image().build().push(reg.host, name, "v1", auth=aiohttp.BasicAuth("ops", "s3cret"))
+        await build_test_image().build().push(reg.host, name, "v1", auth=("ops", "s3cret"))
         ref = f"{reg.host}/{name}:v1"
         good = agent_config(containerd, [reg.registry_config(username="ops", password="s3cret")], workdir)
         async with running_agent(good) as agent:

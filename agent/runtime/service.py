@@ -70,7 +70,9 @@ class ContainerService:
             raise InvalidRequest(f"labels starting with {LABEL_PREFIX} are reserved")
         image = await read_image(self._cd, req.image, self._platform)
         passwd = group = None
-        if req.user and not all(part.isdigit() for part in req.user.split(":")):
+        # Names, and numeric uids without a gid, resolve through the image's own passwd and group.
+        user = req.user or (image.config.get("config") or {}).get("User") or ""
+        if user and not (":" in user and all(part.isdigit() for part in user.split(":"))):
             files = await read_snapshot_files(self._cd, image.chain_id, ["/etc/passwd", "/etc/group"])
             passwd, group = files["/etc/passwd"], files["/etc/group"]
         spec = build_spec(
