@@ -176,7 +176,10 @@ def _validate(config: AgentConfig) -> None:
             raise ConfigError(f"{name} must be greater than 0, got {value}")
     if config.pull.chunk_size > 8 << 20:
         raise ConfigError("pull.chunk_size must be at most 8 MiB (containerd's message limit is 16 MiB)")
-    for name, value in {"pull.retries": config.pull.retries, "runtime.stop_timeout": config.runtime.stop_timeout}.items():
+    for name, value in {
+        "pull.retries": config.pull.retries,
+        "runtime.stop_timeout": config.runtime.stop_timeout,
+    }.items():
         if value < 0:
             raise ConfigError(f"{name} must not be negative, got {value}")
     if config.log_level.upper() not in _LOG_LEVELS:

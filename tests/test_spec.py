@@ -80,7 +80,7 @@ def test_matches_ctr_oci_spec_output() -> None:
     ctr = require("ctr")
     theirs = json.loads(subprocess.run([ctr, "oci", "spec"], capture_output=True, check=True, text=True).stdout)
     ours = build_spec(image(Cmd=["/bin/sh"]), req(), cgroups_path="/default")
-    for key in ("ociVersion", "root", "mounts"):
+    for key in ("root", "mounts"):  # ociVersion follows the containerd release, not the defaults
         assert ours[key] == theirs[key], key
     assert ours["linux"] == theirs["linux"]
     for key in ("user", "cwd", "capabilities", "rlimits", "noNewPrivileges"):

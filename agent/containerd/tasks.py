@@ -15,6 +15,7 @@ from proto.containerd.api.types.task import task_pb2
 from proto.containerd.runtime.v2.runc.options import oci_pb2
 
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
 
 
 def _process(msg: task_pb2.Process) -> ProcessInfo:
@@ -33,11 +34,20 @@ class TaskService:
         self._ctx = ctx
 
     async def create(
-        self, container_id: str, rootfs: list[Mount], stdout: str = "", stderr: str = "", runc_root: str = ""
+        self,
+        container_id: str,
+        rootfs: list[Mount],
+        stdout: str = "",
+        stderr: str = "",
+        runc_root: str = "",
+        restore_from: str = "",
+        criu_work_dir: str = "",
     ) -> int:
+        """Create the task; with `restore_from` (a CRIU image directory) runc restores it from there."""
         options = None
-        if runc_root:
-            options = any_pb2.Any(type_url=RUNC_OPTIONS_TYPE, value=oci_pb2.Options(root=runc_root).SerializeToString())
+        if runc_root or restore_from:
+            opts = oci_pb2.Options(root=runc_root, criu_image_path=restore_from, criu_work_path=criu_work_dir)
+            options = any_pb2.Any(type_url=RUNC_OPTIONS_TYPE, value=opts.SerializeToString())
         req = pb.CreateTaskRequest(
             options=options, container_id=container_id, rootfs=_mount_msgs(rootfs), stdout=stdout, stderr=stderr
         )
@@ -74,6 +84,45 @@ class TaskService:
             self._stub.Delete, pb.DeleteTaskRequest(container_id=container_id), f"delete task {container_id}"
         )
         return resp.exit_status
+
+    async def pause(self, container_id: str) -> None:
+        await self._ctx.unary(
+            self._stub.Pause, pb.PauseTaskRequest(container_id=container_id), f"pause task {container_id}"
+        )
+
+    async def resume(self, container_id: str) -> None:
+        await self._ctx.unary(
+            self._stub.Resume, pb.ResumeTaskRequest(container_id=container_id), f"resume task {container_id}"
+        )
+
+    async def checkpoint(
+        self,
+        container_id: str,
+        image_dir: str,
+        work_dir: str = "",
+        *,
+        leave_running: bool = True,
+        tcp_established: bool = True,
+        external_unix_sockets: bool = False,
+        file_locks: bool = False,
+    ) -> None:
+        """CRIU-dump the task into `image_dir` directly (never through the content store).
+
+        A paused task stays frozen after a leave-running dump: CRIU restores the freezer state it found.
+        """
+        opts = oci_pb2.CheckpointOptions(
+            exit=not leave_running,
+            open_tcp=tcp_established,
+            external_unix_sockets=external_unix_sockets,
+            file_locks=file_locks,
+            image_path=image_dir,
+            work_path=work_dir,
+        )
+        req = pb.CheckpointTaskRequest(
+            container_id=container_id,
+            options=any_pb2.Any(type_url=CHECKPOINT_OPTIONS_TYPE, value=opts.SerializeToString()),
+        )
+        await self._ctx.unary(self._stub.Checkpoint, req, f"checkpoint task {container_id}")
 
     async def pids(self, container_id: str) -> builtins.list[int]:
         resp = await self._ctx.unary(

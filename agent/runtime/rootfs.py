@@ -49,8 +49,9 @@ async def _mount_all(mounts: list[Mount], target: str) -> None:
     if len(mounts) != 1:
         raise FerrymanError(f"expected one mount for a snapshot view, got {len(mounts)}")
     m = mounts[0]
-    options = ",".join(m.options)
-    argv = ["mount", "-t", m.type, m.source, target]
-    if options:
-        argv[1:1] = ["-o", options]
+    options = list(m.options)
+    if m.type == "bind":  # a one-layer view is a bind mount: "bind" is an option, not a filesystem type
+        argv = ["mount", "-o", ",".join(["bind", *options]), m.source, target]
+    else:
+        argv = ["mount", "-t", m.type, *(["-o", ",".join(options)] if options else []), m.source, target]
     await _run(*argv)
