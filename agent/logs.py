@@ -10,9 +10,11 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is emitted as a field.
-_STANDARD_ATTRS = frozenset(
-    vars(logging.LogRecord("x", logging.INFO, __file__, 0, "", None, None)).keys()
-) | {"message", "asctime", "taskName"}
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("x", logging.INFO, __file__, 0, "", None, None)).keys()) | {
+    "message",
+    "asctime",
+    "taskName",
+}
 
 # Reserved output keys; an `extra=` field with one of these names is prefixed so it cannot overwrite them.
 _RESERVED = frozenset({"ts", "level", "logger", "msg", "exc", "stack"})

@@ -13,18 +13,24 @@ class AgentMetrics:
         self.pull_bytes = Counter(
             "ferryman_pull_bytes", "Layer bytes downloaded from registries", registry=self.registry
         )
-        self.pulls = Counter(
-            "ferryman_pulls", "Image pulls by result", ["result"], registry=self.registry
-        )
+        self.pulls = Counter("ferryman_pulls", "Image pulls by result", ["result"], registry=self.registry)
         self.pull_duration = Histogram(
-            "ferryman_pull_duration_seconds", "Whole-image pull time", ["result"],
-            buckets=_DURATION_BUCKETS, registry=self.registry,
+            "ferryman_pull_duration_seconds",
+            "Whole-image pull time",
+            ["result"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
         )
         self.layer_duration = Histogram(
-            "ferryman_layer_duration_seconds", "Per-layer time by phase (fetch, unpack)", ["phase"],
-            buckets=_DURATION_BUCKETS, registry=self.registry,
+            "ferryman_layer_duration_seconds",
+            "Per-layer time by phase (fetch, unpack)",
+            ["phase"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
         )
         self.containers = Gauge(
-            "ferryman_containers", "Containers in this agent's namespace by state", ["state"],
+            "ferryman_containers",
+            "Containers in this agent's namespace by state",
+            ["state"],
             registry=self.registry,
         )

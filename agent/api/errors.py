@@ -58,8 +58,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects and the like are not errors
-        resp = error_response(_HTTP_CODES.get(exc.status, f"http_{exc.status}"), _http_message(exc, request),
-                              exc.status)
+        resp = error_response(
+            _HTTP_CODES.get(exc.status, f"http_{exc.status}"), _http_message(exc, request), exc.status
+        )
         # Keep headers such as Allow (405) that tell the client how to retry.
         for name in ("Allow", "Retry-After"):
             if name in exc.headers:

@@ -76,14 +76,10 @@ class AgentClient:
     def _unreachable(self, exc: aiohttp.ClientError) -> ApiError:
         return ApiError("agent_unreachable", f"cannot talk to the agent at {self.address}: {exc}")
 
-    async def request(
-        self, method: str, path: str, *, params: dict[str, str] | None = None, body: Any = None
-    ) -> Any:
+    async def request(self, method: str, path: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
         """One call; the decoded JSON answer (None for 204), or ApiError."""
         try:
-            async with self._session.request(
-                method, self._base + path, params=params, json=body
-            ) as resp:
+            async with self._session.request(method, self._base + path, params=params, json=body) as resp:
                 if resp.status >= 400:
                     raise await _error_from(resp)
                 if resp.status == 204:
@@ -141,9 +137,7 @@ class AgentClient:
     async def inspect(self, container_id: str) -> dict[str, Any]:
         return dict(await self.request("GET", f"/v1/containers/{quote(container_id, safe='')}"))
 
-    async def logs(
-        self, container_id: str, *, tail: int | None = None, follow: bool = False
-    ) -> AsyncIterator[bytes]:
+    async def logs(self, container_id: str, *, tail: int | None = None, follow: bool = False) -> AsyncIterator[bytes]:
         params: dict[str, str] = {}
         if tail is not None:
             params["tail"] = str(tail)

@@ -79,8 +79,11 @@ def images_table(images: list[dict[str, Any]]) -> Table:
         table.add_column(col, overflow="fold")
     table.columns[2].justify = "right"
     for img in sorted(images, key=lambda i: str(i.get("name", ""))):
-        table.add_row(escape(str(img.get("name", ""))), escape(short_digest(str(img.get("digest", "")))),
-                      human_size(img.get("size")))
+        table.add_row(
+            escape(str(img.get("name", ""))),
+            escape(short_digest(str(img.get("digest", "")))),
+            human_size(img.get("size")),
+        )
     return table
 
 
@@ -104,9 +107,7 @@ class PullView:
         self._progress.start()
         return self
 
-    def __exit__(
-        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._progress.stop()
 
     def update(self, snap: dict[str, Any]) -> None:
