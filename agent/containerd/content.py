@@ -96,14 +96,14 @@ class ContentWriter:
 
     async def __aenter__(self) -> ContentWriter:
         self._call = self._stub.Write(metadata=self._ctx.metadata)
-        resp = await self._exchange(pb.WriteContentRequest(action=pb.STAT, ref=self.ref))
+        resp = await self._exchange(self._stat())
         self.offset = resp.offset
         if resp.total and resp.total != self.total:
             # A stale ingest for a different size: start over.
             await self.aclose()
             await ContentStore(self._stub, self._ctx).abort(self.ref)
             self._call = self._stub.Write(metadata=self._ctx.metadata)
-            resp = await self._exchange(pb.WriteContentRequest(action=pb.STAT, ref=self.ref))
+            resp = await self._exchange(self._stat())
             self.offset = resp.offset
         return self
 
@@ -118,6 +118,10 @@ class ContentWriter:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await call.done_writing()
             call.cancel()
+
+    def _stat(self) -> pb.WriteContentRequest:
+        # With total and expected, containerd refuses at once (AlreadyExists) content it already has.
+        return pb.WriteContentRequest(action=pb.STAT, ref=self.ref, total=self.total, expected=self.expected)
 
     async def _exchange(self, req: pb.WriteContentRequest) -> pb.WriteContentResponse:
         assert self._call is not None, "writer used outside its context"
