@@ -74,6 +74,20 @@ class PullConfig:
 class ApiConfig:
     listen: str = "unix:///run/ferryman/agent.sock"
     """unix:///path or tcp://host:port."""
+    peer_listen: str = ""
+    """host:port for agent-to-agent mTLS ([::1]:port for IPv6); empty disables."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The mutual-TLS files for agent-to-agent traffic (see docs/security.md)."""
+
+    ca_file: str = "/etc/ferryman/pki/ca.pem"
+    """The fleet CA certificate; peers are verified against it and nothing else."""
+    cert_file: str = "/etc/ferryman/pki/host.pem"
+    """This host's certificate (CN and DNS SAN = host identity), issued by the fleet CA."""
+    key_file: str = "/etc/ferryman/pki/host-key.pem"
+    """This host's private key (mode 0600)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,7 @@ class AgentConfig:
     pull: PullConfig = field(default_factory=PullConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def registry(self, host: str) -> RegistryConfig:
         """The settings for a registry host; unknown hosts get HTTPS with system trust."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
-from agent.ctl import render
+from agent.ctl import certs, render
 from agent.ctl.client import DEFAULT_AGENT, ENV_AGENT, AgentClient, ApiError
 
 EXIT_OK = 0
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show a container's details as JSON")
     p.add_argument("id")
+
+    certs.add_parser(sub)
     return parser
 
 
@@ -240,6 +242,8 @@ async def dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "certs":
+        return certs.run(args)  # offline: files only, no agent connection
     # Consoles are made per call, bound to the streams of the moment (tests swap sys.stdout).
     out = Console(file=sys.stdout)
     err = Console(file=sys.stderr)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from agent.containerd import Containerd
+from agent.containerd.content import ContentWriter
 from agent.errors import ContainerdAlreadyExists, DigestMismatch, RegistryUnavailable
 from agent.oci import Descriptor, Reference
 from agent.registry.client import RegistryClient
@@ -42,18 +43,9 @@ async def ingest_blob(
             async with cd.content.writer(ingest_ref(desc), desc.size, desc.digest) as writer:
                 if writer.offset:
                     log.info("resuming ingest", extra={"digest": desc.digest, "offset": writer.offset})
-                buf = bytearray()
-                try:
-                    async for chunk in registry.fetch_blob(ref, desc, offset=writer.offset):
-                        fetched += len(chunk)
-                        on_bytes(len(chunk))
-                        buf += chunk
-                        if len(buf) >= chunk_size:
-                            await writer.write(bytes(buf))
-                            buf.clear()
-                finally:
-                    if buf:  # keep what arrived before a break, so the resume starts after it
-                        await writer.write(bytes(buf))
+                if writer.offset < desc.size:
+                    blob = registry.fetch_blob(ref, desc, offset=writer.offset)
+                    fetched += await _copy(blob, writer, chunk_size, on_bytes)
                 if writer.offset != desc.size:
                     raise DigestMismatch(
                         f"{desc.digest}: registry sent {writer.offset} bytes, the manifest says {desc.size}"
@@ -73,6 +65,26 @@ async def ingest_blob(
     raise AssertionError("unreachable")
 
 
+async def _copy(
+    blob: AsyncIterator[bytes], writer: ContentWriter, chunk_size: int, on_bytes: Callable[[int], None]
+) -> int:
+    """Stream registry bytes into containerd in chunk_size writes; returns the bytes received."""
+    received = 0
+    buf = bytearray()
+    try:
+        async for chunk in blob:
+            received += len(chunk)
+            on_bytes(len(chunk))
+            buf += chunk
+            if len(buf) >= chunk_size:
+                await writer.write(bytes(buf))
+                buf.clear()
+    finally:
+        if buf:  # keep what arrived before a break, so the resume starts after it
+            await writer.write(bytes(buf))
+    return received
+
+
 async def ensure_labels(cd: Containerd, digest: str, labels: Mapping[str, str]) -> None:
     """Add labels to content that a previous pull stored without them."""
     info = await cd.content.info(digest)
@@ -86,13 +98,11 @@ async def put_blob(cd: Containerd, desc: Descriptor, data: bytes, labels: Mappin
     if await cd.content.exists(desc.digest) is not None:
         await ensure_labels(cd, desc.digest, labels)
         return
-    ref = ingest_ref(desc)
-    async with cd.content.writer(ref, desc.size, desc.digest) as writer:
-        if writer.offset:
-            await cd.content.abort(ref)  # a stale partial write: the bytes are in hand, start over
     try:
-        async with cd.content.writer(ref, desc.size, desc.digest) as writer:
-            await writer.write(data)
+        async with cd.content.writer(ingest_ref(desc), desc.size, desc.digest) as writer:
+            # A partial (or complete, uncommitted) earlier ingest: containerd verifies the whole at commit.
+            if writer.offset < desc.size:
+                await writer.write(data[writer.offset :])
             await writer.commit(labels)
     except ContainerdAlreadyExists:
         await ensure_labels(cd, desc.digest, labels)

@@ -1,0 +1,1 @@
+"""Live migration: a table-driven state machine, its journal, and the source and target drivers."""

@@ -1,0 +1,122 @@
+"""A migration's durable record: what each side journals and what the API and ferryctl show."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, NewType
+
+from agent.migration.states import TERMINAL, Event, State, next_state
+
+MigrationId = NewType("MigrationId", str)
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    downtime_target_ms: int = 300
+    max_iterations: int = 8
+    mode: str = "precopy"
+
+    def validated(self) -> MigrationOptions:
+        from agent.errors import InvalidRequest
+
+        if not 1 <= self.downtime_target_ms <= 600_000:
+            raise InvalidRequest("downtime_target_ms must be between 1 and 600000")
+        if not 1 <= self.max_iterations <= 64:
+            raise InvalidRequest("max_iterations must be between 1 and 64")
+        if self.mode not in ("precopy",):
+            raise InvalidRequest(f"migration mode {self.mode!r} is not supported (use precopy)")
+        return self
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    iterations: int = 0
+    dirty_pages: tuple[int, ...] = ()
+    """Pages sent in each pre-copy round (the first is the whole working set)."""
+    bytes_raw: int = 0
+    bytes_wire: int = 0
+    rate_mbps: float = 0.0
+    downtime_ms: float = 0.0
+    total_ms: float = 0.0
+    freeze_dump_ms: float = 0.0
+    """CRIU's freeze + final dump on the source."""
+    restore_ms: float = 0.0
+    """CRIU's restore on the target."""
+    stop_reason: str = ""
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bytes_raw / self.bytes_wire if self.bytes_wire else 0.0
+
+
+@dataclass(frozen=True)
+class MigrationRecord:
+    id: MigrationId
+    role: str  # "source" | "target"
+    container: str
+    peer: str
+    """The other agent's host identity."""
+    state: State = State.PREPARE
+    options: MigrationOptions = field(default_factory=MigrationOptions)
+    stats: MigrationStats = field(default_factory=MigrationStats)
+    error: str | None = None
+    started_at: str = field(default_factory=now_iso)
+    updated_at: str = field(default_factory=now_iso)
+    history: tuple[tuple[str, str], ...] = ()
+    """(state, time) for every state entered."""
+    peer_address: str = ""
+    image: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    def advance(self, event: Event, error: str | None = None) -> MigrationRecord:
+        state = next_state(self.state, event)
+        stamp = now_iso()
+        return dataclasses.replace(
+            self,
+            state=state,
+            updated_at=stamp,
+            history=(*self.history, (state.value, stamp)),
+            error=error if error is not None else self.error,
+        )
+
+    def with_stats(self, **changes: Any) -> MigrationRecord:
+        return dataclasses.replace(self, stats=dataclasses.replace(self.stats, **changes), updated_at=now_iso())
+
+    def for_storage(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["state"] = self.state.value
+        out["history"] = [list(h) for h in self.history]
+        out["stats"]["dirty_pages"] = list(self.stats.dirty_pages)
+        out["stats"]["compression_ratio"] = round(self.stats.compression_ratio, 3)
+        out["done"] = self.done
+        return out
+
+    @classmethod
+    def from_storage(cls, data: dict[str, Any]) -> MigrationRecord:
+        stats = dict(data.get("stats") or {})
+        stats.pop("compression_ratio", None)
+        stats["dirty_pages"] = tuple(stats.get("dirty_pages") or ())
+        return cls(
+            id=MigrationId(data["id"]),
+            role=data["role"],
+            container=data["container"],
+            peer=data["peer"],
+            state=State(data["state"]),
+            options=MigrationOptions(**(data.get("options") or {})),
+            stats=MigrationStats(**stats),
+            error=data.get("error"),
+            started_at=data["started_at"],
+            updated_at=data["updated_at"],
+            history=tuple(tuple(h) for h in data.get("history") or ()),  # type: ignore[misc]
+            peer_address=data.get("peer_address", ""),
+            image=data.get("image", ""),
+        )

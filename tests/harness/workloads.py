@@ -1,0 +1,60 @@
+"""Test workloads built from source at test time (static binaries in their own image layer)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.harness.images import Dir, File, ImageBuilder, Layer, busybox_layer
+
+SOURCES = Path(__file__).resolve().parent.parent / "workloads"
+BUILD_DIR = Path("/var/tmp/ferryman-build")
+
+
+def static_binary(name: str) -> bytes:
+    """Compile tests/workloads/<name>.c statically (cached by source hash)."""
+    source = SOURCES / f"{name}.c"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    out = BUILD_DIR / f"{name}-{digest}"
+    if not out.exists():
+        gcc = shutil.which("gcc")
+        if gcc is None:
+            raise RuntimeError("gcc is needed to build test workloads: run scripts/setup-host")
+        BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        subprocess.run([gcc, "-static", "-O2", "-o", str(tmp), str(source)], check=True)
+        tmp.replace(out)
+    return out.read_bytes()
+
+
+def memhog_image(resident_mib: int = 16, rewrite_mbps: float = 0, status: str = "/tmp/status") -> ImageBuilder:
+    """busybox + /bin/memhog, running `memhog RESIDENT REWRITE STATUS` by default."""
+    layer = Layer([Dir("bin"), File("bin/memhog", static_binary("memhog"), 0o755)], comment="memhog")
+    return ImageBuilder(
+        [busybox_layer(), layer], cmd=("/bin/memhog", str(resident_mib), str(rewrite_mbps), status)
+    )
+
+
+@dataclass(frozen=True)
+class MemhogStatus:
+    beats: int
+    max_gap_us: int
+    last_us: int
+    verified: str
+    pages: int
+
+    @classmethod
+    def parse(cls, text: str) -> MemhogStatus:
+        fields = dict(part.split("=", 1) for part in text.split())
+        return cls(
+            beats=int(fields["beats"]), max_gap_us=int(fields["max_gap_us"]), last_us=int(fields["last_us"]),
+            verified=fields["verified"], pages=int(fields["pages"]),
+        )
+
+
+def bundle_rootfs(containerd_state: Path, namespace: str, container_id: str) -> Path:
+    """The task's mounted rootfs on the host (containerd's runc v2 shim bundle layout)."""
+    return containerd_state / "io.containerd.runtime.v2.task" / namespace / container_id / "rootfs"

@@ -1,0 +1,93 @@
+/*
+ * memhog: a stateful test workload for live migration.
+ *
+ *   memhog RESIDENT_MIB REWRITE_MB_PER_S STATUS_FILE
+ *
+ * Keeps RESIDENT_MIB of memory whose every page is derived from (page index, generation), rewrites
+ * pages at REWRITE_MB_PER_S, and beats every millisecond. Every 100 ms it rewrites STATUS_FILE with:
+ *   beats=<n> max_gap_us=<longest pause between beats> last_us=<realtime> verified=<result> pages=<n>
+ * When the file STATUS_FILE.verify exists it checks every page against its generation, removes the
+ * file and reports verified=ok or verified=corrupt:<page>. The longest gap is the downtime a
+ * migration caused; beats keeps counting across a migration when memory survived.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+
+#define PAGE 4096
+
+static uint64_t now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static void fill(uint64_t *page, uint64_t index, uint64_t gen) {
+    uint64_t x = (index + 1) * 0x9E3779B97F4A7C15ull ^ (gen * 0xBF58476D1CE4E5B9ull);
+    for (int i = 0; i < PAGE / 8; i++) { /* xorshift64*: incompressible, cheap */
+        x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
+        page[i] = x * 0x2545F4914F6CDD1Dull;
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4) { fprintf(stderr, "usage: memhog RESIDENT_MIB REWRITE_MB_PER_S STATUS_FILE\n"); return 2; }
+    uint64_t pages = (uint64_t)atoll(argv[1]) * 1024 * 1024 / PAGE;
+    double rate = atof(argv[2]) * 1e6 / PAGE; /* pages per second */
+    const char *status = argv[3];
+    char verify_path[4096];
+    snprintf(verify_path, sizeof verify_path, "%s.verify", status);
+
+    uint64_t *mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint32_t *gen = calloc(pages ? pages : 1, sizeof *gen);
+    if (mem == MAP_FAILED || !gen) { perror("alloc"); return 1; }
+    for (uint64_t p = 0; p < pages; p++) fill(mem + p * (PAGE / 8), p, 0);
+
+    uint64_t beats = 0, max_gap = 0, last = now_us(), next_status = last, cursor = 0;
+    double owed = 0;
+    char verified[64] = "none";
+    printf("memhog ready pages=%llu\n", (unsigned long long)pages);
+    fflush(stdout);
+    for (;;) {
+        uint64_t t = now_us();
+        uint64_t gap = t - last;
+        if (beats > 0 && gap > max_gap) max_gap = gap;
+        owed += rate * (double)gap / 1e6;
+        last = t;
+        beats++;
+        while (owed >= 1.0 && pages) { /* rewrite pages round-robin at the requested rate */
+            gen[cursor]++;
+            fill(mem + cursor * (PAGE / 8), cursor, gen[cursor]);
+            cursor = (cursor + 1) % pages;
+            owed -= 1.0;
+        }
+        if (t >= next_status) {
+            if (access(verify_path, F_OK) == 0) {
+                uint64_t bad = UINT64_MAX;
+                uint64_t tmp[PAGE / 8];
+                for (uint64_t p = 0; p < pages && bad == UINT64_MAX; p++) {
+                    fill(tmp, p, gen[p]);
+                    if (memcmp(tmp, mem + p * (PAGE / 8), PAGE) != 0) bad = p;
+                }
+                if (bad == UINT64_MAX) snprintf(verified, sizeof verified, "ok");
+                else snprintf(verified, sizeof verified, "corrupt:%llu", (unsigned long long)bad);
+                unlink(verify_path);
+            }
+            char line[256];
+            int n = snprintf(line, sizeof line, "beats=%llu max_gap_us=%llu last_us=%llu verified=%s pages=%llu\n",
+                             (unsigned long long)beats, (unsigned long long)max_gap, (unsigned long long)t, verified,
+                             (unsigned long long)pages);
+            char tmpname[4096];
+            snprintf(tmpname, sizeof tmpname, "%s.tmp", status);
+            int fd = open(tmpname, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            if (fd >= 0) { if (write(fd, line, n) != n) {} close(fd); rename(tmpname, status); }
+            next_status = t + 100000;
+        }
+        usleep(1000);
+    }
+}
