@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 from types import TracebackType
 
 from agent.config import AgentConfig
 from agent.containerd import Containerd
 from agent.images.service import ImageService
 from agent.metrics import AgentMetrics
+from agent.migration.peer import PeerEndpoint
+from agent.migration.service import MigrationService
 from agent.registry.client import RegistryClient
 from agent.runtime.service import ContainerService
 
@@ -20,6 +23,11 @@ class Agent:
         self.registry = registry
         self.images = ImageService(cd, registry, config.pull, self.metrics)
         self.containers = ContainerService(cd, config.containerd, config.runtime, self.images.platform)
+        self.host_name = config.host_name or socket.gethostname()
+        self.peers = PeerEndpoint(config, self.host_name)
+        self.migrations = MigrationService(
+            config, cd, self.images, self.containers, self.metrics, self.peers, self.host_name
+        )
 
     @classmethod
     async def open(cls, config: AgentConfig) -> Agent:
@@ -29,9 +37,18 @@ class Agent:
             config.containerd.snapshotter,
             connect_timeout=config.containerd.connect_timeout,
         )
-        return cls(config, cd, RegistryClient(config))
+        agent = cls(config, cd, RegistryClient(config))
+        try:
+            await agent.migrations.recover()  # finish or roll back what a previous run left in flight
+            await agent.peers.serve(agent.migrations.handle_session)
+        except BaseException:
+            await agent.close()
+            raise
+        return agent
 
     async def close(self) -> None:
+        await self.peers.close()
+        await self.migrations.close()
         await self.registry.close()
         await self.containerd.close()
 

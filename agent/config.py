@@ -101,6 +101,31 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    """The peer agent's host identity (its certificate name)."""
+    address: str
+    """host:port of its peer_listen."""
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    work_dir: str = "/dev/shm/ferryman"
+    """Where dumps and received images live: tmpfs, so CRIU reads and writes memory, not disk."""
+    downtime_target_ms: int = 300
+    """Default stop-copy downtime target; ferryctl migrate --downtime-target overrides it."""
+    max_iterations: int = 8
+    """Default pre-copy round limit."""
+    idle_timeout: float = 30.0
+    """Seconds without a message from the peer before a migration is abandoned (link cut)."""
+    decision_timeout: float = 300.0
+    """How long a restored, paused target waits to learn the source's decision before keeping it paused and
+    asking again in the background."""
+    phase_timeout: float = 1800.0
+    """Upper bound on one migration from start to decision."""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     version: int = CONFIG_VERSION
     host_name: str = ""
@@ -113,6 +138,9 @@ class AgentConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
+    peers: tuple[PeerConfig, ...] = ()
+    """Known peer agents (a coordinator can supply addresses instead)."""
 
     def registry(self, host: str) -> RegistryConfig:
         """The settings for a registry host; unknown hosts get HTTPS with system trust."""
@@ -123,6 +151,7 @@ class AgentConfig:
 
 
 T = TypeVar("T")
+_TABLE_ARRAYS: dict[str, type] = {"registries": RegistryConfig, "peers": PeerConfig}
 
 
 def _build(cls: type[T], data: Any, where: str) -> T:
@@ -139,10 +168,10 @@ def _build(cls: type[T], data: Any, where: str) -> T:
         path = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, path)  # type: ignore[arg-type]
-        elif key == "registries":
+        elif key in _TABLE_ARRAYS:
             if not isinstance(value, list):
                 raise ConfigError(f"{path}: expected an array of tables")
-            kwargs[key] = tuple(_build(RegistryConfig, v, f"{path}[{i}]") for i, v in enumerate(value))
+            kwargs[key] = tuple(_build(_TABLE_ARRAYS[key], v, f"{path}[{i}]") for i, v in enumerate(value))
         else:
             kwargs[key] = _check_scalar(hint, value, path)
     try:

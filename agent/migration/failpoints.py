@@ -1,0 +1,54 @@
+"""Named failpoints in the migration path, for crash and fault tests.
+
+Switched on by the environment of the agent process, never by its config file:
+  FERRYMAN_FAILPOINTS="target.restore=exit,source.precopy.round2=sleep:5"
+Actions: exit (the process dies on the spot, like kill -9), error (the step fails), sleep:SECONDS,
+and step-specific words a caller asks for with `action()` (e.g. corrupt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+
+from agent.errors import FerrymanError
+
+log = logging.getLogger(__name__)
+ENV = "FERRYMAN_FAILPOINTS"
+
+
+class FailpointError(FerrymanError):
+    code = "failpoint"
+
+
+class Failpoints:
+    def __init__(self, spec: Mapping[str, str] | None = None) -> None:
+        self._spec = dict(spec or {})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Failpoints:
+        spec: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in environ.get(ENV, "").split(","))):
+            name, _, action = item.partition("=")
+            spec[name] = action or "error"
+        if spec:
+            log.warning("failpoints armed", extra={"failpoints": spec})
+        return cls(spec)
+
+    def action(self, name: str) -> str | None:
+        return self._spec.get(name)
+
+    async def hit(self, name: str) -> None:
+        action = self._spec.get(name)
+        if action is None:
+            return
+        log.warning("failpoint hit", extra={"failpoint": name, "action": action})
+        if action == "exit":
+            os._exit(137)
+        if action.startswith("sleep:"):
+            await asyncio.sleep(float(action.split(":", 1)[1]))
+            return
+        if action == "error":
+            raise FailpointError(f"failpoint {name}")

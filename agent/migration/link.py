@@ -1,0 +1,171 @@
+"""The migration's view of the peer connection: control messages, image files and page batches.
+
+`Link` narrows agent.stream's channel to what the drivers need, and adds two things the stream does
+not know about: addressing pages by (pagemap, address), and waiting for a given control message with
+the migration's idle timeout, so a cut link fails the step instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.checkpoint.delta import PageBatch
+from agent.checkpoint.images import PAGE_SIZE
+from agent.errors import FerrymanError
+
+# Page keys on the wire: pagemap number in the top bits, page frame number below.
+_PFN_BITS = 40
+
+
+class PeerFailed(FerrymanError):
+    """The peer reported a failure, or broke the protocol."""
+
+    code = "peer_failed"
+    http_status = 502
+
+
+def page_key(pagemap_no: int, vaddr: int) -> int:
+    return (pagemap_no << _PFN_BITS) | (vaddr // PAGE_SIZE)
+
+
+def split_key(key: int) -> tuple[int, int]:
+    return key >> _PFN_BITS, (key & ((1 << _PFN_BITS) - 1)) * PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class ControlIn:
+    body: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return str(self.body.get("type", ""))
+
+
+@dataclass(frozen=True)
+class FileIn:
+    name: str
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True)
+class PagesIn:
+    keys: array[int]
+    data: memoryview
+    zeros: array[int]
+
+
+Incoming = ControlIn | FileIn | PagesIn
+
+
+class Channel(Protocol):
+    """What agent.stream provides (see agent/stream/channel.py)."""
+
+    @property
+    def bytes_raw(self) -> int: ...
+    @property
+    def bytes_wire(self) -> int: ...
+
+    async def send_control(self, obj: dict[str, Any]) -> None: ...
+    async def send_file(self, path: Path, name: str) -> None: ...
+    async def send_pages(self, keys: array[int], data: bytes, zeros: array[int]) -> None: ...
+    async def recv(self) -> Incoming: ...
+    async def abort(self, reason: str) -> None: ...
+    async def close(self) -> None: ...
+
+
+class Link:
+    def __init__(self, channel: Channel, idle_timeout: float) -> None:
+        self.channel = channel
+        self.idle_timeout = idle_timeout
+        self._pagemap_no: dict[str, int] = {}
+        self.pagemap_names: dict[int, str] = {}
+
+    @property
+    def bytes_raw(self) -> int:
+        return self.channel.bytes_raw
+
+    @property
+    def bytes_wire(self) -> int:
+        return self.channel.bytes_wire
+
+    async def send(self, type_: str, **body: Any) -> None:
+        await self.channel.send_control({"type": type_, **body})
+
+    async def send_file(self, path: Path, name: str) -> None:
+        await self.channel.send_file(path, name)
+
+    async def send_pages(self, batch: PageBatch) -> None:
+        number = self._pagemap_no.get(batch.pagemap)
+        if number is None:
+            number = self._pagemap_no[batch.pagemap] = len(self._pagemap_no)
+            await self.send("pagemap", name=batch.pagemap, number=number)
+        keys = array("Q", (page_key(number, v) for v in batch.vaddrs))
+        zeros = array("Q", (page_key(number, v) for v in batch.zeros))
+        await self.channel.send_pages(keys, b"".join(batch.data), zeros)
+
+    async def recv(self) -> Incoming:
+        """The next message; a `pagemap` announcement is absorbed here. Times out after idle_timeout."""
+        while True:
+            async with asyncio.timeout(self.idle_timeout):
+                msg = await self.channel.recv()
+            if isinstance(msg, ControlIn) and msg.type == "pagemap":
+                self.pagemap_names[int(msg.body["number"])] = str(msg.body["name"])
+                continue
+            if isinstance(msg, ControlIn) and msg.type == "failed":
+                raise PeerFailed(f"peer failed: {msg.body.get('error', 'unknown error')}")
+            return msg
+
+    async def expect(self, type_: str) -> dict[str, Any]:
+        msg = await self.recv()
+        if not isinstance(msg, ControlIn) or msg.type != type_:
+            raise PeerFailed(f"expected {type_!r} from the peer, got {_describe(msg)}")
+        return msg.body
+
+    def split_pages(self, msg: PagesIn) -> list[tuple[str, list[int], memoryview, list[int]]]:
+        """A batch as (pagemap, vaddrs, their page data, zero vaddrs) per pagemap it touches."""
+        groups: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        for index, key in enumerate(msg.keys):
+            number, vaddr = split_key(key)
+            vaddrs, indexes, _ = groups.setdefault(number, ([], [], []))
+            vaddrs.append(vaddr)
+            indexes.append(index)
+        for key in msg.zeros:
+            number, vaddr = split_key(key)
+            groups.setdefault(number, ([], [], []))[2].append(vaddr)
+        out = []
+        for number, (vaddrs, indexes, zeros) in groups.items():
+            if not indexes or indexes[-1] - indexes[0] == len(indexes) - 1:  # one contiguous run: no copy
+                first = indexes[0] if indexes else 0
+                data = msg.data[first * PAGE_SIZE : (first + len(indexes)) * PAGE_SIZE]
+            else:
+                data = memoryview(b"".join(msg.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in indexes))
+            out.append((self.pagemap_names[number], vaddrs, data, zeros))
+        return out
+
+    async def fail(self, error: str) -> None:
+        """Tell the peer this side failed; best effort, the link may already be gone."""
+        try:
+            async with asyncio.timeout(2):
+                await self.send("failed", error=error)
+        except (TimeoutError, OSError, FerrymanError):
+            pass
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(2):
+                await self.channel.close()
+        except (TimeoutError, OSError, FerrymanError):
+            pass
+
+
+def _describe(msg: Incoming) -> str:
+    if isinstance(msg, ControlIn):
+        return f"control {msg.type!r}"
+    if isinstance(msg, FileIn):
+        return f"file {msg.name!r}"
+    return f"{len(msg.keys)} pages"

@@ -1,0 +1,350 @@
+"""The migration service: starts migrations, answers peers, keeps records, recovers after a restart.
+
+Sessions between agents start with one control message that says what they are for:
+  prepare   a source starts a migration to us (we become its target)
+  query     a target restarted while its restored copy waited: what did the source decide?
+  resolve   a source restarted after deciding: it tells the waiting target to commit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Protocol
+
+from agent.config import AgentConfig
+from agent.containerd import Containerd
+from agent.errors import FerrymanError, InvalidRequest, NotFound
+from agent.images.service import ImageService
+from agent.metrics import AgentMetrics
+from agent.migration.failpoints import Failpoints
+from agent.migration.journal import Journal
+from agent.migration.link import ControlIn, Link, PeerFailed
+from agent.migration.record import MigrationId, MigrationOptions, MigrationRecord
+from agent.migration.source import SourceContext, SourceMigration, resume_if_paused
+from agent.migration.states import Event, State, can_roll_back
+from agent.migration.target import DecisionPending, TargetContext, TargetMigration, remove_container
+from agent.runtime.service import ContainerService
+
+log = logging.getLogger(__name__)
+
+# How often a waiting side asks its peer again for a decision it could not learn.
+RESOLVE_INTERVAL = 2.0
+CRIU_CONFIG = "tcp-established\next-unix-sk\nfile-locks\n"
+
+
+class MigrationNotFound(NotFound):
+    code = "migration_not_found"
+
+
+class UnknownPeer(NotFound):
+    code = "unknown_peer"
+
+
+class PeerTransport(Protocol):
+    """mTLS sessions with other agents (agent/migration/peer.py)."""
+
+    async def connect(self, host: str, migration_id: str) -> Link: ...
+
+
+class MigrationService:
+    def __init__(
+        self,
+        config: AgentConfig,
+        cd: Containerd,
+        images: ImageService,
+        containers: ContainerService,
+        metrics: AgentMetrics,
+        transport: PeerTransport,
+        host_name: str,
+    ) -> None:
+        self.config = config
+        self.host_name = host_name
+        self._cd = cd
+        self._images = images
+        self._containers = containers
+        self._metrics = metrics
+        self._transport = transport
+        self.journal = Journal(Path(config.state_dir) / "migrations")
+        self.failpoints = Failpoints.from_env()
+        self._records: dict[str, MigrationRecord] = {r.id: r for r in self.journal.all()}
+        self._watchers: dict[str, list[asyncio.Queue[MigrationRecord]]] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._criu_config = Path(config.state_dir) / "criu" / "runc.conf"
+        self._platform = images.platform
+
+    # ----- records -------------------------------------------------------------------------------
+
+    def _publish(self, record: MigrationRecord) -> None:
+        previous = self._records.get(record.id)
+        self._records[record.id] = record
+        for queue in self._watchers.get(record.id, []):
+            queue.put_nowait(record)
+        if record.done and (previous is None or not previous.done):
+            observe = getattr(self._metrics, "observe_migration", None)
+            if observe is not None:
+                observe(record)
+
+    def get(self, migration_id: str) -> MigrationRecord:
+        record = self._records.get(migration_id)
+        if record is None:
+            raise MigrationNotFound(f"no migration {migration_id} on this host")
+        return record
+
+    def list(self) -> list[MigrationRecord]:
+        return sorted(self._records.values(), key=lambda r: r.started_at)
+
+    async def watch(self, migration_id: str) -> AsyncIterator[MigrationRecord]:
+        record = self.get(migration_id)
+        queue: asyncio.Queue[MigrationRecord] = asyncio.Queue()
+        self._watchers.setdefault(migration_id, []).append(queue)
+        try:
+            yield record
+            while not record.done:
+                record = await queue.get()
+                yield record
+        finally:
+            self._watchers[migration_id].remove(queue)
+
+    def _spawn(self, coro: Awaitable[object], name: str) -> None:
+        async def guarded() -> object:
+            try:
+                return await coro
+            except asyncio.CancelledError:
+                log.info("task cancelled", extra={"task": name})
+                raise
+            except Exception:
+                log.exception("task failed", extra={"task": name})
+                return None
+
+        task: asyncio.Task[object] = asyncio.create_task(guarded(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----- starting a migration (source) ----------------------------------------------------------
+
+    async def migrate(self, container_id: str, target: str, options: MigrationOptions) -> MigrationRecord:
+        options = options.validated()
+        if target == self.host_name:
+            raise InvalidRequest(f"{container_id} already runs on {target}")
+        self._peer_address(target)
+        await self._containers.inspect(container_id)  # ContainerNotFound for unknown or unmanaged ids
+        busy = [r for r in self._records.values() if r.container == container_id and not r.done]
+        if busy:
+            raise InvalidRequest(f"container {container_id} is already migrating ({busy[0].id})")
+        record = MigrationRecord(
+            id=MigrationId(f"mig-{secrets.token_hex(6)}"),
+            role="source",
+            container=container_id,
+            peer=target,
+            options=options,
+            peer_address=self._peer_address(target),
+        )
+        self.journal.write(record)
+        self._publish(record)
+        migration = SourceMigration(self._source_context(), record, lambda: self._transport.connect(target, record.id))
+        self._spawn(self._run_source(migration), f"migration-{record.id}")
+        return record
+
+    async def _run_source(self, migration: SourceMigration) -> None:
+        try:
+            await migration.run()
+        except (FerrymanError, TimeoutError, OSError) as exc:
+            if migration.record.state == State.SWITCH:
+                log.warning(
+                    "commit not confirmed yet, retrying", extra={"migration": migration.record.id, "error": str(exc)}
+                )
+                await self._finish_switch(migration.record)
+            else:
+                raise
+
+    def _peer_address(self, host: str) -> str:
+        for peer in self.config.peers:
+            if peer.name == host:
+                return peer.address
+        raise UnknownPeer(f"no peer named {host} in this agent's [[peers]]")
+
+    def _source_context(self) -> SourceContext:
+        return SourceContext(
+            config=self.config,
+            cd=self._cd,
+            journal=self.journal,
+            failpoints=self.failpoints,
+            platform=self._platform,
+            publish=self._publish,
+        )
+
+    def _target_context(self) -> TargetContext:
+        self._criu_config.parent.mkdir(parents=True, exist_ok=True)
+        if not self._criu_config.exists():
+            self._criu_config.write_text(CRIU_CONFIG)
+        return TargetContext(
+            config=self.config,
+            cd=self._cd,
+            journal=self.journal,
+            failpoints=self.failpoints,
+            platform=self._platform,
+            images=self._images,
+            log_path=self._containers.log_path,
+            criu_config=self._criu_config,
+            publish=self._publish,
+        )
+
+    # ----- sessions from peers --------------------------------------------------------------------
+
+    async def handle_session(self, link: Link, peer_host: str) -> None:
+        """One inbound mTLS session; `peer_host` is the identity from the peer's certificate."""
+        try:
+            first = await link.recv()
+            if not isinstance(first, ControlIn):
+                raise PeerFailed("a session must start with a control message")
+            if first.type == "prepare":
+                await self._accept_migration(link, peer_host, first.body)
+            elif first.type == "query":
+                await self._answer_query(link, peer_host, str(first.body.get("migration", "")))
+            elif first.type == "resolve":
+                await self._apply_resolution(link, str(first.body.get("migration", "")))
+            else:
+                raise PeerFailed(f"unknown session type {first.type!r}")
+        except (FerrymanError, TimeoutError, OSError) as exc:
+            log.warning("peer session failed", extra={"peer": peer_host, "error": str(exc)})
+            await link.fail(str(exc))
+        finally:
+            await link.close()
+
+    async def _accept_migration(self, link: Link, peer_host: str, body: dict[str, object]) -> None:
+        container = body.get("container")
+        if not isinstance(container, dict) or not isinstance(container.get("id"), str):
+            raise PeerFailed("prepare without a container")
+        record = MigrationRecord(
+            id=MigrationId(str(body["migration"])),
+            role="target",
+            container=container["id"],
+            peer=peer_host,
+            image=str(container.get("image", "")),
+            peer_address=self._peer_address(peer_host) if any(p.name == peer_host for p in self.config.peers) else "",
+        )
+        migration = TargetMigration(self._target_context(), record, body)  # type: ignore[arg-type]
+        try:
+            await migration.run(link)
+        except DecisionPending:
+            self._spawn(self._ask_source(migration), f"ask-source-{record.id}")
+
+    async def _answer_query(self, link: Link, peer_host: str, migration_id: str) -> None:
+        record = self._records.get(migration_id)
+        if record is None or record.role != "source" or record.peer != peer_host:
+            decision = "rollback"  # we never made it: our copy (if any) is the workload
+        elif record.state in (State.SWITCH, State.COMMIT):
+            decision = "commit"
+        elif record.state == State.ROLLBACK:
+            decision = "rollback"
+        else:
+            decision = "pending"
+        await link.send("decision", decision=decision)
+        if decision == "commit" and record is not None and record.state == State.SWITCH:
+            await link.expect("committed")
+            await self._complete_source(record)
+
+    async def _apply_resolution(self, link: Link, migration_id: str) -> None:
+        record = self._records.get(migration_id)
+        if record is None or record.role != "target":
+            raise MigrationNotFound(f"no migration {migration_id} waits here")
+        if record.state == State.RESTORE:
+            await self._commit_target(record)
+        if self._records[migration_id].state != State.COMMIT:
+            raise PeerFailed(f"migration {migration_id} is {record.state.value}, it cannot commit")
+        await link.send("committed")
+
+    # ----- decisions that could not be delivered ---------------------------------------------------
+
+    async def _ask_source(self, migration: TargetMigration) -> None:
+        """A restored, paused copy learns the source's decision, however long the link is down."""
+        record = migration.record
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.migration.decision_timeout
+        while loop.time() < deadline:
+            with contextlib.suppress(FerrymanError, TimeoutError, OSError):
+                link = await self._transport.connect(record.peer, record.id)
+                try:
+                    await link.send("query", migration=record.id)
+                    reply = await link.expect("decision")
+                    decision = reply.get("decision")
+                    if decision == "commit":
+                        await migration.commit()
+                        await link.send("committed")
+                        return
+                    if decision == "rollback":
+                        await migration.rollback("the source rolled back")
+                        return
+                finally:
+                    await link.close()
+            await asyncio.sleep(RESOLVE_INTERVAL)
+        log.error("no decision from the source; the restored copy stays paused", extra={"migration": record.id})
+
+    async def _finish_switch(self, record: MigrationRecord) -> None:
+        """The source decided to commit; deliver that to the target until it confirms."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.migration.decision_timeout
+        while loop.time() < deadline:
+            with contextlib.suppress(FerrymanError, TimeoutError, OSError):
+                link = await self._transport.connect(record.peer, record.id)
+                try:
+                    await link.send("resolve", migration=record.id, decision="commit")
+                    await link.expect("committed")
+                finally:
+                    await link.close()
+                await self._complete_source(self._records[record.id])
+                return
+            await asyncio.sleep(RESOLVE_INTERVAL)
+        log.error("target never confirmed; the frozen source copy is kept", extra={"migration": record.id})
+
+    async def _complete_source(self, record: MigrationRecord) -> None:
+        if record.state != State.SWITCH:
+            return
+        await remove_container(self._cd, record.container)
+        record = record.advance(Event.SWITCHED)
+        self.journal.write(record)
+        self._publish(record)
+
+    async def _commit_target(self, record: MigrationRecord) -> None:
+        await self._cd.tasks.resume(record.container)
+        record = record.advance(Event.RESTORED).advance(Event.SWITCHED)
+        self.journal.write(record)
+        self._publish(record)
+
+    # ----- after a restart -------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Finish or roll back what the journal says was in flight when the agent stopped."""
+        for record in [r for r in self._records.values() if not r.done]:
+            reason = f"agent restarted during {record.state.value}"
+            if record.role == "source" and can_roll_back(record.state):
+                await resume_if_paused(self._cd, record.container)
+                self._save(record.advance(Event.FAILED, error=reason))
+            elif record.role == "source" and record.state == State.SWITCH:
+                self._spawn(self._finish_switch(record), f"finish-{record.id}")
+            elif record.role == "target" and record.state == State.RESTORE:
+                migration = TargetMigration(
+                    self._target_context(),
+                    record,
+                    {"container": {"id": record.container, "image": record.image}},
+                )
+                self._spawn(self._ask_source(migration), f"ask-source-{record.id}")
+            elif record.role == "target":
+                await remove_container(self._cd, record.container, only_migration=record.id)
+                self._save(record.advance(Event.FAILED, error=reason))
+            log.info("recovered migration", extra={"migration": record.id, "state": self._records[record.id].state})
+
+    def _save(self, record: MigrationRecord) -> None:
+        self.journal.write(record)
+        self._publish(record)
+
+    async def close(self) -> None:
+        """Stop background work. A running dump is never interrupted half-way: its step completes."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

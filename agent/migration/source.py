@@ -1,0 +1,306 @@
+"""The source side of a live migration, step by step.
+
+PREPARE   the target checks room, pulls the image; we announce the container
+PRECOPY   dump while running, send only pages that changed, until the rounds converge
+STOPCOPY  freeze, final dump (tasks stay frozen), last delta, other images, the rw layer
+RESTORE   the target restores the task, left paused
+SWITCH    our decision: from here the target's copy is the one; it resumes
+COMMIT    the target confirmed; our frozen copy is removed
+Any failure before SWITCH rolls back: our frozen tasks resume, so the workload runs exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.checkpoint.delta import DeltaStats, PageTracker
+from agent.checkpoint.images import is_pages
+from agent.config import AgentConfig
+from agent.containerd import Containerd, TaskStatus
+from agent.errors import ContainerdError, ContainerNotFound, FerrymanError
+from agent.images.local import read_image
+from agent.migration.convergence import Overheads, Round, Verdict, decide
+from agent.migration.failpoints import Failpoints
+from agent.migration.journal import Journal
+from agent.migration.link import Link
+from agent.migration.record import MigrationRecord
+from agent.migration.rootfs import export_rw_layer
+from agent.migration.states import Event, can_roll_back
+from agent.model import LABEL_MANAGED
+from agent.oci import Platform
+
+log = logging.getLogger(__name__)
+
+RW_LAYER_FILE = "rootfs-diff.tar"
+# Until a round has measured it, assume CRIU restores about as fast as it dumps.
+RESTORE_PER_DUMP = 1.0
+
+
+@dataclass
+class SourceContext:
+    config: AgentConfig
+    cd: Containerd
+    journal: Journal
+    failpoints: Failpoints
+    platform: Platform
+    publish: Callable[[MigrationRecord], None]
+    """Called with every new version of the record (progress, API, metrics)."""
+
+
+class SourceMigration:
+    def __init__(self, ctx: SourceContext, record: MigrationRecord, connect: Callable[[], Awaitable[Link]]) -> None:
+        self.ctx = ctx
+        self.record = record
+        self._connect = connect
+        self.work = Path(ctx.config.migration.work_dir) / record.id
+        self._started = time.monotonic()
+
+    # ----- bookkeeping ---------------------------------------------------------------------------
+
+    def _save(self, record: MigrationRecord) -> None:
+        self.record = record
+        self.ctx.journal.write(record)
+        self.ctx.publish(record)
+
+    def _advance(self, event: Event, error: str | None = None) -> None:
+        self._save(self.record.advance(event, error))
+        log.info("migration state", extra={"migration": self.record.id, "state": self.record.state.value})
+
+    def _progress(self, link: Link | None, **stats: object) -> None:
+        if link is not None:
+            elapsed = max(time.monotonic() - self._started, 1e-6)
+            stats.update(
+                bytes_raw=link.bytes_raw,
+                bytes_wire=link.bytes_wire,
+                rate_mbps=round(link.bytes_wire / elapsed / 1e6, 2),
+            )
+        self.record = self.record.with_stats(**stats)
+        self.ctx.publish(self.record)
+
+    # ----- the run -------------------------------------------------------------------------------
+
+    async def run(self) -> MigrationRecord:
+        cid = self.record.container
+        link: Link | None = None
+        self._save(self.record)
+        try:
+            async with asyncio.timeout(self.ctx.config.migration.phase_timeout):
+                link = await self._connect()
+                await self._prepare(link)
+                await self._precopy(link)
+                await self._stopcopy(link)
+        except BaseException as exc:
+            if can_roll_back(self.record.state):
+                await self._rollback(link, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return self.record
+            raise
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+            if link is not None:
+                await link.close()
+        log.info("migration committed", extra={"migration": self.record.id, "container": cid})
+        return self.record
+
+    async def _prepare(self, link: Link) -> None:
+        cid = self.record.container
+        container = await self.ctx.cd.containers.get(cid)
+        if container.labels.get(LABEL_MANAGED) != "true":
+            raise ContainerNotFound(f"container {cid} is not managed by ferryman")
+        task = await self.ctx.cd.tasks.get(cid)
+        if task.status != TaskStatus.RUNNING:
+            raise FerrymanError(f"container {cid} is {task.status.name.lower()}, only running ones migrate")
+        image = await read_image(self.ctx.cd, container.image, self.ctx.platform)
+        self._image_chain = image.chain_id
+        self._snapshot_key = container.snapshot_key
+        await link.send(
+            "prepare",
+            migration=self.record.id,
+            container={
+                "id": cid,
+                "image": container.image,
+                "labels": container.labels,
+                "spec": json.loads(container.spec),
+                "runtime": container.runtime,
+            },
+            estimated_bytes=await self._memory_estimate(cid),
+            options={"downtime_target_ms": self.record.options.downtime_target_ms},
+        )
+        await link.expect("prepared")
+        await self.ctx.failpoints.hit("source.prepared")
+        self._advance(Event.PREPARED)
+
+    async def _memory_estimate(self, cid: str) -> int:
+        """Resident bytes of the container's processes: the size of the page images to expect."""
+        return resident_bytes(await self.ctx.cd.tasks.pids(cid))
+
+    async def _precopy(self, link: Link) -> None:
+        cid, tasks = self.record.container, self.ctx.cd.tasks
+        target_s = self.record.options.downtime_target_ms / 1000
+        tracker = self._tracker = PageTracker()
+        rounds: list[Round] = []
+        dirty: list[int] = []
+        while True:
+            number = len(rounds) + 1
+            await self.ctx.failpoints.hit(f"source.precopy.round{number}")
+            round_dir = self.work / f"round-{number}"
+            round_dir.mkdir(parents=True)
+            started = time.monotonic()
+            await tasks.checkpoint(cid, str(round_dir), leave_running=True)
+            dump_s = time.monotonic() - started
+            sent_before = link.bytes_wire
+            started = time.monotonic()
+            stats = await self._send_delta(link, tracker, round_dir)
+            transfer_s = time.monotonic() - started
+            shutil.rmtree(round_dir, ignore_errors=True)
+            await link.send("round", number=number, pages=stats.changed, zero=stats.zero)
+            rounds.append(Round(stats.changed, link.bytes_wire - sent_before, transfer_s))
+            dirty.append(stats.changed)
+            self._freeze_estimate = dump_s
+            verdict = decide(
+                rounds,
+                Overheads(freeze_s=dump_s, restore_s=dump_s * RESTORE_PER_DUMP),
+                target_s,
+                self.record.options.max_iterations,
+            )
+            self._progress(link, iterations=number, dirty_pages=tuple(dirty), stop_reason=verdict.value)
+            if verdict != Verdict.CONTINUE:
+                break
+        self._advance(Event.CONVERGED)
+
+    async def _send_delta(self, link: Link, tracker: PageTracker, image_dir: Path) -> DeltaStats:
+        """Hash pages in a worker thread and send batches as they come, so both overlap."""
+        stats = DeltaStats()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=8)
+        done = object()
+
+        def produce() -> None:
+            try:
+                for batch in tracker.delta(image_dir, stats):
+                    asyncio.run_coroutine_threadsafe(queue.put(batch), loop).result()
+            finally:
+                asyncio.run_coroutine_threadsafe(queue.put(done), loop).result()
+
+        producer = asyncio.create_task(asyncio.to_thread(produce), name="page-delta")
+        try:
+            while (item := await queue.get()) is not done:
+                await link.send_pages(item)  # type: ignore[arg-type]
+        finally:
+            if not producer.done():
+                # Drain so the thread can finish its put() calls, then wait for it.
+                while not producer.done():
+                    with contextlib.suppress(asyncio.QueueEmpty):
+                        queue.get_nowait()
+                    await asyncio.sleep(0)
+            await producer
+        return stats
+
+    async def _stopcopy(self, link: Link) -> None:
+        cid, tasks = self.record.container, self.ctx.cd.tasks
+        await self.ctx.failpoints.hit("source.stopcopy")
+        final = self.work / "final"
+        final.mkdir(parents=True)
+        await link.send("stopcopy")
+        frozen_at = time.monotonic()
+        await tasks.pause(cid)
+        await tasks.checkpoint(cid, str(final), leave_running=True)  # a paused task stays frozen
+        freeze_dump_ms = (time.monotonic() - frozen_at) * 1000
+        stats = await self._send_delta(link, self._tracker, final)
+        for path in sorted(final.iterdir()):
+            if path.is_file() and not is_pages(path.name):
+                await link.send_file(path, path.name)
+        digest, data = await export_rw_layer(
+            self.ctx.cd, self._snapshot_key, self._image_chain, self.ctx.config.pull.lease_expiry
+        )
+        rw_file = self.work / RW_LAYER_FILE
+        rw_file.write_bytes(data)
+        await link.send_file(rw_file, RW_LAYER_FILE)
+        await link.send("restore", rw_digest=digest)
+        self._advance(Event.IMAGES_SENT)
+        self._progress(
+            link,
+            dirty_pages=(*self.record.stats.dirty_pages, stats.changed),
+            freeze_dump_ms=round(freeze_dump_ms, 1),
+        )
+        reply = await link.expect("restored")
+        await self.ctx.failpoints.hit("source.restored")
+        # The decision: from here on the target's copy is the workload.
+        self._advance(Event.RESTORED)
+        await link.send("commit")
+        await link.expect("committed")
+        downtime_ms = (time.monotonic() - frozen_at) * 1000
+        self._progress(
+            link,
+            downtime_ms=round(downtime_ms, 1),
+            restore_ms=float(reply.get("restore_ms", 0.0)),
+            total_ms=round((time.monotonic() - self._started) * 1000, 1),
+        )
+        self._advance(Event.SWITCHED)
+        await self._remove_local_copy()
+
+    # ----- endings -------------------------------------------------------------------------------
+
+    async def _remove_local_copy(self) -> None:
+        """Kill the frozen tasks (SIGKILL, then thaw so it lands), delete task, container, snapshot."""
+        cid, cd = self.record.container, self.ctx.cd
+        with contextlib.suppress(ContainerdError):
+            await cd.tasks.kill(cid, signal.SIGKILL)
+        with contextlib.suppress(ContainerdError):
+            await cd.tasks.resume(cid)
+        with contextlib.suppress(ContainerdError):
+            async with asyncio.timeout(30):
+                await cd.tasks.wait(cid)
+        with contextlib.suppress(ContainerdError):
+            await cd.tasks.delete(cid)
+        with contextlib.suppress(ContainerdError):
+            await cd.containers.delete(cid)
+        with contextlib.suppress(ContainerdError):
+            await cd.snapshots.remove(self._snapshot_key)
+
+    async def _rollback(self, link: Link | None, exc: BaseException) -> None:
+        reason = _reason(exc)
+        log.warning("migration rolling back", extra={"migration": self.record.id, "error": reason})
+        if link is not None:
+            await link.fail(reason)
+        await resume_if_paused(self.ctx.cd, self.record.container)
+        self._advance(Event.FAILED, error=reason)
+        self._progress(link, total_ms=round((time.monotonic() - self._started) * 1000, 1))
+
+
+async def resume_if_paused(cd: Containerd, container_id: str) -> None:
+    """The rollback guarantee: a frozen source task runs again."""
+    try:
+        task = await cd.tasks.get(container_id)
+    except ContainerdError:
+        return
+    if task.status in (TaskStatus.PAUSED, TaskStatus.PAUSING):
+        await cd.tasks.resume(container_id)
+
+
+def resident_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
+    return total
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FerrymanError):
+        return exc.message
+    if isinstance(exc, TimeoutError):
+        return "timed out waiting for the peer (link cut or peer stalled)"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled (agent shutting down)"
+    return f"{type(exc).__name__}: {exc}"
