@@ -246,8 +246,8 @@ class SourceMigration:
             restore_ms=float(reply.get("restore_ms", 0.0)),
             total_ms=round((time.monotonic() - self._started) * 1000, 1),
         )
+        await self._remove_local_copy()  # before COMMIT is published: a watcher sees the final picture
         self._advance(Event.SWITCHED)
-        await self._remove_local_copy()
 
     # ----- endings -------------------------------------------------------------------------------
 

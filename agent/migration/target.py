@@ -147,8 +147,10 @@ class TargetMigration:
             elif msg.type == "round":
                 self.record = self.record.with_stats(iterations=int(msg.body.get("number", 0)))
                 self.ctx.publish(self.record)
+                await self.ctx.failpoints.hit("target.precopy")
             elif msg.type == "stopcopy":
                 self._advance(Event.CONVERGED)
+                await self.ctx.failpoints.hit("target.stopcopy")
             elif msg.type == "restore":
                 return str(msg.body["rw_digest"])
             else:

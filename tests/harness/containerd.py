@@ -206,9 +206,11 @@ def _flag(args: list[str], name: str) -> str | None:
 class PrivateContainerd:
     """One containerd daemon whose root, state, sockets and temp files all live in `workdir`."""
 
-    def __init__(self, workdir: Path, namespace: str = "ferryman") -> None:
+    def __init__(self, workdir: Path, namespace: str = "ferryman", *, netns: str | None = None) -> None:
         self.workdir = Path(os.path.realpath(workdir))
         self.namespace = namespace
+        self.netns = netns
+        """A named network namespace (/run/netns/<name>) for the daemon, its shims and `ctr`; None: ours."""
         self.root = self.workdir / "root"
         self.state = self.workdir / "state"
         self.tmpdir = self.workdir / "tmp"
@@ -285,7 +287,7 @@ class PrivateContainerd:
         env = {**os.environ, "TMPDIR": str(self.tmpdir), "XDG_RUNTIME_DIR": str(self.tmpdir)}
         with self.log_path.open("ab") as log:
             return subprocess.Popen(
-                [CONTAINERD, "--config", str(self.config_path)],
+                [*self._nsenter(), CONTAINERD, "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -424,8 +426,16 @@ class PrivateContainerd:
         # Client-side temp files (e.g. of `ctr tasks checkpoint`) also stay in this instance.
         return {**os.environ, "TMPDIR": str(self.tmpdir)} if self.tmpdir.is_dir() else dict(os.environ)
 
+    def _nsenter(self) -> list[str]:
+        # Network namespace only (not `ip netns exec`): the mount namespace must stay shared so the
+        # snapshot mounts stay visible to us and to stop().
+        if self.netns is None:
+            return []
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "--"]
+
     def _ctr_argv(self, args: tuple[str, ...], namespace: str | None) -> list[str]:
-        return [CTR, "--address", self.socket, "-n", namespace or self.namespace, *args]
+        # ctr in the daemon's namespace too: `ctr images pull` fetches client-side.
+        return [*self._nsenter(), CTR, "--address", self.socket, "-n", namespace or self.namespace, *args]
 
     def ctr(
         self,

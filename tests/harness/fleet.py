@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,15 +18,23 @@ from tests.harness.workloads import MemhogStatus, bundle_rootfs, memhog_image
 PEER_PORT = 7443
 
 
-def fleet_config(mesh: Mesh, host: MeshHost, *, idle_timeout: float = 10.0, extra: str = "") -> str:
+def fleet_config(mesh: Mesh, host: MeshHost, idle_timeout: float) -> str:
+    """TLS files, peers and the [migration] table; `host.settings["migration"]` overrides its keys."""
     pki = mesh.dir / "pki" / host.name
+    migration: dict[str, object] = {
+        "work_dir": f"/dev/shm/ferryman-{mesh.prefix}-{host.name}",
+        "idle_timeout": idle_timeout,
+        "decision_timeout": 60.0,
+        **host.settings.get("migration", {}),
+    }
+    migration_toml = "".join(f"{k} = {json.dumps(v)}\n" for k, v in migration.items())
     peers = "".join(
         f'\n[[peers]]\nname = "{h.name}"\naddress = "{h.address}:{PEER_PORT}"\n' for h in mesh.hosts if h is not host
     )
     return (
-        f'\n[tls]\nca_file = "{pki / "ca.pem"}"\ncert_file = "{pki / "host.pem"}"\nkey_file = "{pki / "host-key.pem"}"\n'
-        f'\n[migration]\nwork_dir = "/dev/shm/ferryman-{mesh.prefix}-{host.name}"\nidle_timeout = {idle_timeout}\n'
-        f"decision_timeout = 60.0\n{extra}" + peers
+        f'\n[tls]\nca_file = "{pki / "ca.pem"}"\ncert_file = "{pki / "host.pem"}"\n'
+        f'key_file = "{pki / "host-key.pem"}"\n'
+        f"\n[migration]\n{migration_toml}" + peers
     )
 
 
@@ -37,10 +46,16 @@ def issue_fleet_certs(mesh_dir: Path, hosts: list[tuple[str, str]]) -> None:
 
 
 @asynccontextmanager
-async def fleet(base: Path, hosts: int = 2, **mesh_kw: Any) -> AsyncIterator[Mesh]:
+async def fleet(base: Path, hosts: int = 2, idle_timeout: float = 10.0, **mesh_kw: Any) -> AsyncIterator[Mesh]:
     """A started mesh whose agents listen for peers over mTLS on <address>:7443."""
-    mesh = Mesh(base / f"fleet-{secrets.token_hex(2)}", hosts, peer_port=PEER_PORT,
-                agent_extra_config=lambda h: fleet_config(mesh, h), start_agents=False, **mesh_kw)
+    mesh = Mesh(
+        base / f"fleet-{secrets.token_hex(2)}",
+        hosts,
+        peer_port=PEER_PORT,
+        start_agents=False,
+        agent_extra_config=lambda h: fleet_config(mesh, h, idle_timeout),
+        **mesh_kw,
+    )
     try:
         await mesh.start()
         issue_fleet_certs(mesh.dir, [(h.name, h.address) for h in mesh.hosts])
@@ -48,6 +63,8 @@ async def fleet(base: Path, hosts: int = 2, **mesh_kw: Any) -> AsyncIterator[Mes
         yield mesh
     finally:
         await mesh.stop()
+        for host in mesh.hosts:  # the tmpfs work dirs live outside the mesh dir
+            shutil.rmtree(f"/dev/shm/ferryman-{mesh.prefix}-{host.name}", ignore_errors=True)
 
 
 async def api(host: MeshHost, method: str, path: str, body: Any = None, expect: int | None = 200) -> Any:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from agent.config import RegistryConfig
+from tests.harness.netns import http_status, nsenter_argv
 
 if TYPE_CHECKING:
     from tests.harness.tls import CertPair
@@ -65,15 +66,20 @@ class DockerRegistry:
         tls: CertPair | None = None,
         htpasswd: Mapping[str, str] | None = None,
         token: TokenServer | None = None,
+        netns: str | None = None,
     ) -> None:
+        """`netns`: run inside that named network namespace (plain HTTP; pass `port`, as `bind` is not ours)."""
         if htpasswd is not None and token is not None:
             raise ValueError("docker-registry supports one auth method at a time")
+        if netns is not None and (port is None or tls is not None):
+            raise ValueError("a registry in a netns needs an explicit port and no TLS")
         self.workdir = workdir
         self.bind = bind
         self.port = port or free_port(bind)
         self.tls = tls
         self.htpasswd = dict(htpasswd) if htpasswd is not None else None
         self.token = token
+        self.netns = netns
         # Stable across restarts so upload state signed before a stop() stays valid.
         self._secret = secrets.token_hex(16)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -138,7 +144,7 @@ class DockerRegistry:
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.to_thread(
                 subprocess.Popen,
-                [binary, "serve", str(config)],
+                [*nsenter_argv(self.netns), binary, "serve", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -158,6 +164,9 @@ class DockerRegistry:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         ssl_ctx = self._client_ssl()
+        if self.netns is not None:
+            await self._wait_ready_in_netns(deadline)
+            return
         async with aiohttp.ClientSession() as session:
             while loop.time() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
@@ -168,6 +177,18 @@ class DockerRegistry:
                             return
                 await asyncio.sleep(0.05)
         raise RuntimeError(f"docker-registry did not answer on {self.host} within {within}s")
+
+    async def _wait_ready_in_netns(self, deadline: float) -> None:
+        # Our own sockets live in another namespace: probe from a thread that joined the registry's.
+        assert self.netns is not None
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited: see {self.log_path}")
+            if await http_status(self.netns, self.bind, self.port, "/v2/", within=1.0) in (200, 401):
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"docker-registry did not answer on {self.host} in netns {self.netns}")
 
     async def stop(self) -> None:
         if self.proc is None:
