@@ -8,6 +8,7 @@ the migration's idle timeout, so a cut link fails the step instead of hanging it
 from __future__ import annotations
 
 import asyncio
+import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from agent.checkpoint.delta import PageBatch
 from agent.checkpoint.images import PAGE_SIZE
 from agent.errors import FerrymanError
 
+# The slowest transfer rate (bytes/s) a file send may have before it counts as a stalled link.
+MIN_RATE = 1 << 20
 # Page keys on the wire: pagemap number in the top bits, page frame number below.
 _PFN_BITS = 40
 
@@ -94,10 +97,14 @@ class Link:
         return self.channel.bytes_wire
 
     async def send(self, type_: str, **body: Any) -> None:
-        await self.channel.send_control({"type": type_, **body})
+        # Sends time out too: on a cut link they block on flow control, not on an error.
+        async with asyncio.timeout(self.idle_timeout):
+            await self.channel.send_control({"type": type_, **body})
 
     async def send_file(self, path: Path, name: str) -> None:
-        await self.channel.send_file(path, name)
+        size = os.path.getsize(path)
+        async with asyncio.timeout(self.idle_timeout + size / MIN_RATE):
+            await self.channel.send_file(path, name)
 
     async def send_pages(self, batch: PageBatch) -> None:
         number = self._pagemap_no.get(batch.pagemap)
@@ -106,7 +113,8 @@ class Link:
             await self.send("pagemap", name=batch.pagemap, number=number)
         keys = array("Q", (page_key(number, v) for v in batch.vaddrs))
         zeros = array("Q", (page_key(number, v) for v in batch.zeros))
-        await self.channel.send_pages(keys, b"".join(batch.data), zeros)
+        async with asyncio.timeout(self.idle_timeout):
+            await self.channel.send_pages(keys, b"".join(batch.data), zeros)
 
     async def recv(self) -> Incoming:
         """The next message; a `pagemap` announcement is absorbed here. Times out after idle_timeout."""
