@@ -7,6 +7,7 @@ a fleet-wide config should fail loudly at start, not be silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,17 @@ class MigrationConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    """Service addresses (agent/network): routed /32s that follow a container between hosts."""
+
+    uplink: str = ""
+    """The interface facing the hosts' shared segment (proxy ARP, gratuitous ARP); empty means the
+    interface of the IPv4 default route."""
+    link_local_gateway: str = "169.254.1.1"
+    """The containers' default gateway: answered by the host end of each veth, never assigned."""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     version: int = CONFIG_VERSION
     host_name: str = ""
@@ -141,6 +153,7 @@ class AgentConfig:
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     peers: tuple[PeerConfig, ...] = ()
     """Known peer agents (a coordinator can supply addresses instead)."""
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def registry(self, host: str) -> RegistryConfig:
         """The settings for a registry host; unknown hosts get HTTPS with system trust."""
@@ -226,6 +239,13 @@ def _validate(config: AgentConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{name} must not be negative, got {value}")
+    gateway = config.network.link_local_gateway
+    try:
+        link_local = ipaddress.IPv4Address(gateway).is_link_local
+    except ValueError:
+        link_local = False
+    if not link_local:
+        raise ConfigError(f"network.link_local_gateway must be an IPv4 link-local address, got {gateway!r}")
     if config.log_level.upper() not in _LOG_LEVELS:
         raise ConfigError(f"unknown log level {config.log_level!r} (use one of {', '.join(_LOG_LEVELS)})")
     hosts = [r.host for r in config.registries]

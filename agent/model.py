@@ -14,6 +14,10 @@ LABEL_PREFIX = "io.ferryman."
 LABEL_MANAGED = LABEL_PREFIX + "managed"
 LABEL_IMAGE = LABEL_PREFIX + "image"
 LABEL_LOG_PATH = LABEL_PREFIX + "log-path"
+LABEL_SERVICE_IP = LABEL_PREFIX + "service-ip"
+"""The container's service address (agent/network): its own network namespace, routed to this host."""
+LABEL_SERVICE_PUBLISH = LABEL_PREFIX + "service-publish"
+""""on-start" (publish when started) or "manual" (a standby copy, published by POST /v1/network/publish)."""
 
 # Container ids become file names and cgroup paths: keep them to a safe alphabet (use fullmatch).
 CONTAINER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -95,6 +99,10 @@ class CreateRequest:
     user: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
+    service_ip: str | None = None
+    """An IPv4 service address: the container gets its own network namespace with this /32, routed here."""
+    publish_service: bool = True
+    """Publish service_ip when the container starts; False for a standby copy (a move's target)."""
 
 
 @dataclass(frozen=True)

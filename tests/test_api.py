@@ -630,7 +630,9 @@ async def test_openapi_served_and_matches_routes(client: TestClient[Any, Any], a
 def test_openapi_request_schemas_match_validation() -> None:
     doc = yaml.safe_load(OPENAPI_PATH.read_text())
     create = doc["components"]["schemas"]["CreateContainerRequest"]
-    assert set(create["properties"]) == {"id", "image", "args", "env", "workdir", "user", "labels", "resources"}
+    assert set(create["properties"]) == {
+        "id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service"
+    }
     assert create["additionalProperties"] is False
     assert set(doc["components"]["schemas"]["Resources"]["properties"]) == {"cpus", "memory"}
     assert set(doc["components"]["schemas"]["PullRequest"]["properties"]) == {"ref"}

@@ -29,6 +29,7 @@ from agent.model import (
     PullProgress,
     Resources,
 )
+from agent.network.addresses import parse_service_ip
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def check_container_id(container_id: str) -> str:
 
 def parse_create(body: dict[str, Any]) -> CreateRequest:
     """A CreateRequest from a request body; types and unknown fields are checked strictly."""
-    fields = {"id", "image", "args", "env", "workdir", "user", "labels", "resources"}
+    fields = {"id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service"}
     _check_keys(body, fields, {"id", "image"}, "body")
     cid = _str(body, "id", "body")
     image = _str(body, "image", "body")
@@ -192,6 +193,15 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
         memory = _positive(raw_res, "memory", "body.resources", integer=True)
         resources = Resources(cpus=float(cpus) if cpus is not None else None, memory=memory)
 
+    service_ip = _str(body, "service_ip", "body", optional=True)
+    if service_ip is not None:
+        service_ip = parse_service_ip(service_ip)
+    publish_service = body.get("publish_service", True)
+    if not isinstance(publish_service, bool):
+        raise InvalidRequest(f"body.publish_service: expected a boolean, got {_json_type(publish_service)}")
+    if not publish_service and service_ip is None:
+        raise InvalidRequest("body.publish_service: only meaningful with service_ip")
+
     return CreateRequest(
         id=cid,
         image=image,
@@ -201,6 +211,8 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
         user=_str(body, "user", "body", optional=True),
         labels=_str_map(body, "labels", "body"),
         resources=resources,
+        service_ip=service_ip,
+        publish_service=publish_service,
     )
 
 

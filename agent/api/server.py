@@ -15,6 +15,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from agent.api import handlers as h
+from agent.api import migrations as m
+from agent.api import network as n
 from agent.api.errors import error_middleware
 from agent.errors import ConfigError
 from agent.metrics import AgentMetrics
@@ -29,7 +31,12 @@ _QUIET_PATHS = frozenset({"/healthz", "/metrics"})
 
 
 class AgentLike(Protocol):
-    """What the API needs from the agent: its services and its metrics."""
+    """What the API needs from the agent: its services and its metrics.
+
+    Optionally also `migrations` (an `agent.api.migrations.MigrationServiceLike`): without it the
+    migration routes answer 503 `migrations_unavailable`. It is read with getattr, because a
+    protocol member cannot be optional.
+    """
 
     @property
     def images(self) -> h.ImageServiceLike: ...
@@ -44,6 +51,13 @@ def build_app(agent: AgentLike) -> web.Application:
     app[h.IMAGES] = agent.images
     app[h.CONTAINERS] = agent.containers
     app[h.METRICS] = agent.metrics
+    migrations: m.MigrationServiceLike | None = getattr(agent, "migrations", None)
+    if migrations is not None:
+        app[m.MIGRATIONS] = migrations
+    # The service network lives on the container service (or the agent); without it: 503.
+    network: n.ServiceNetworkLike | None = getattr(agent, "network", None) or getattr(agent.containers, "network", None)
+    if network is not None:
+        app[n.NETWORK] = network
     app[h.OPENAPI] = OPENAPI_PATH.read_bytes()
     app[h.SHUTDOWN] = asyncio.Event()
 
@@ -62,8 +76,14 @@ def build_app(agent: AgentLike) -> web.Application:
     app.router.add_post("/v1/containers/{id}/start", h.start_container)
     app.router.add_post("/v1/containers/{id}/stop", h.stop_container)
     app.router.add_get("/v1/containers/{id}/logs", h.container_logs)
+    app.router.add_post("/v1/migrations", m.start_migration)
+    app.router.add_get("/v1/migrations", m.list_migrations)
+    app.router.add_get("/v1/migrations/{id}", m.get_migration)
+    app.router.add_get("/v1/migrations/{id}/events", m.migration_events)
+    n.add_routes(app)
     app.router.add_get("/healthz", h.healthz)
-    app.router.add_get("/metrics", h.metrics)
+    # The migrations module's /metrics refreshes its gauge, then serves the usual scrape.
+    app.router.add_get("/metrics", m.metrics)
     app.router.add_get("/openapi.yaml", h.openapi)
     return app
 

@@ -23,6 +23,8 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 class IncompleteImage(FerrymanError):
     code = "incomplete_image"
     http_status = 500
+
+
 # Pages per delta batch: 1 MiB of page data, the stream's chunk size.
 BATCH_PAGES = 256
 

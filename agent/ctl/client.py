@@ -88,14 +88,12 @@ class AgentClient:
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
 
-    # ---- images
-
-    async def pull(self, ref: str) -> AsyncIterator[dict[str, Any]]:
-        """The NDJSON lines of a streamed pull: progress snapshots, then a done/failed line."""
+    async def _ndjson(
+        self, method: str, path: str, *, params: dict[str, str] | None = None, body: Any = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The decoded lines of an NDJSON stream, or ApiError if the call itself fails."""
         try:
-            async with self._session.post(
-                self._base + "/v1/images/pull", params={"stream": "1"}, json={"ref": ref}
-            ) as resp:
+            async with self._session.request(method, self._base + path, params=params, json=body) as resp:
                 if resp.status >= 400:
                     raise await _error_from(resp)
                 async for raw in resp.content:
@@ -104,6 +102,13 @@ class AgentClient:
                         yield json.loads(line)
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
+
+    # ---- images
+
+    async def pull(self, ref: str) -> AsyncIterator[dict[str, Any]]:
+        """The NDJSON lines of a streamed pull: progress snapshots, then a done/failed line."""
+        async for line in self._ndjson("POST", "/v1/images/pull", params={"stream": "1"}, body={"ref": ref}):
+            yield line
 
     async def list_images(self) -> list[dict[str, Any]]:
         return list((await self.request("GET", "/v1/images"))["images"])
@@ -152,6 +157,23 @@ class AgentClient:
                     yield chunk
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
+
+    # ---- migrations
+
+    async def migrate(self, spec: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Start a migration and stream its records (one per update) until a terminal one."""
+        async for line in self._ndjson("POST", "/v1/migrations", params={"stream": "1"}, body=spec):
+            yield line
+
+    async def list_migrations(self) -> list[dict[str, Any]]:
+        return list((await self.request("GET", "/v1/migrations"))["migrations"])
+
+    async def get_migration(self, migration_id: str) -> dict[str, Any]:
+        return dict(await self.request("GET", f"/v1/migrations/{quote(migration_id, safe='')}"))
+
+    async def watch_migration(self, migration_id: str) -> AsyncIterator[dict[str, Any]]:
+        async for line in self._ndjson("GET", f"/v1/migrations/{quote(migration_id, safe='')}/events"):
+            yield line
 
     async def health(self) -> dict[str, Any]:
         return dict(await self.request("GET", "/healthz"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -18,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from agent.ctl import certs, render
+from agent.ctl import certs, migrate, render
 from agent.ctl.client import DEFAULT_AGENT, ENV_AGENT, AgentClient, ApiError
 
 EXIT_OK = 0
@@ -113,17 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show a container's details as JSON")
     p.add_argument("id")
 
+    migrate.add_parsers(sub)
     certs.add_parser(sub)
     return parser
 
 
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _say(line: str) -> None:
-    # Plain lines, not rich: no wrapping at the console width and no markup in image names.
-    sys.stdout.write(line + "\n")
+# Shared with the other command modules (agent/ctl/migrate.py), so they live in render.
+_print_json = render.print_json
+_say = render.say
 
 
 def _generated_id(image: str) -> str:
@@ -235,6 +231,11 @@ async def dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
                 return await _logs(client, args)
             case "inspect":
                 _print_json(await client.inspect(args.id))
+            case "migrate":
+                # Exit 1 for a rollback too: scripts must not mistake it for a moved workload.
+                return EXIT_OK if await migrate.migrate(client, args, err) else EXIT_ERROR
+            case "migrations":
+                await migrate.migrations(client, args, out)
             case _:  # pragma: no cover - argparse rejects unknown commands
                 raise UsageError(f"unknown command {args.command!r}")
     return EXIT_OK

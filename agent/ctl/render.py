@@ -1,12 +1,16 @@
-"""Human output for ferryctl: rich tables, sizes, and pull progress bars."""
+"""Human output for ferryctl: rich tables, sizes, pull progress bars and migration progress."""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -17,9 +21,20 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.spinner import Spinner
 from rich.table import Table
+from rich.text import Text
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def say(line: str) -> None:
+    # Plain lines, not rich: no wrapping at the console width and no markup in image names.
+    sys.stdout.write(line + "\n")
 
 
 def human_size(n: int | float | None) -> str:
@@ -141,3 +156,135 @@ class PullView:
             total=total,
             completed=total if ok else task.completed,
         )
+
+
+# ---------------------------------------------------------------- migrations
+
+
+def human_ms(ms: float | int | None) -> str:
+    """'182.4 ms', '4.21 s', '2m05s'; '-' for nothing measured."""
+    if not ms:
+        return "-"
+    value = float(ms)
+    if value < 1000:
+        return f"{value:.1f} ms"
+    if value < 60_000:
+        return f"{value / 1000:.2f} s"
+    secs = int(value // 1000)
+    return f"{secs // 60}m{secs % 60:02d}s"
+
+
+def migration_result(record: dict[str, Any]) -> str:
+    state = str(record.get("state", ""))
+    return {"COMMIT": "committed", "ROLLBACK": "rolled back"}.get(state, "in progress")
+
+
+def _direction(record: dict[str, Any]) -> str:
+    arrow = "<-" if record.get("role") == "target" else "->"
+    return f"{record.get('container', '')} {arrow} {record.get('peer', '')}"
+
+
+def migrations_table(records: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("ID", "ROLE", "CONTAINER", "PEER", "STATE", "DOWNTIME", "TOTAL", "STARTED"):
+        table.add_column(col, overflow="fold")
+    for index in (5, 6):  # durations
+        table.columns[index].justify = "right"
+    for r in records:  # the agent lists oldest first; keep that order
+        state = str(r.get("state", ""))
+        style = {"COMMIT": "green", "ROLLBACK": "red"}.get(state, "yellow")
+        stats = r.get("stats") or {}
+        table.add_row(  # escape: cells are rich markup, values come from the agent
+            escape(str(r.get("id", ""))),
+            escape(str(r.get("role", ""))),
+            escape(str(r.get("container", ""))),
+            escape(str(r.get("peer", ""))),
+            f"[{style}]{escape(state)}[/]",
+            human_ms(stats.get("downtime_ms")),
+            human_ms(stats.get("total_ms")),
+            age(str(r.get("started_at", ""))),
+        )
+    return table
+
+
+def migration_details(record: dict[str, Any], *, history: bool = False) -> list[str]:
+    """Plain lines describing a migration's outcome and statistics (`migrate` and `migrations show`)."""
+    stats = record.get("stats") or {}
+    options = record.get("options") or {}
+    rows: list[tuple[str, str]] = [("state", str(record.get("state", "")))]
+    if history:
+        rows += [("role", str(record.get("role", ""))), ("started", str(record.get("started_at", "")))]
+        rows.append(("updated", str(record.get("updated_at", ""))))
+    target = options.get("downtime_target_ms")
+    downtime = human_ms(stats.get("downtime_ms"))
+    rows.append(("downtime", f"{downtime} (target {target} ms)" if target else downtime))
+    rows.append(("total time", human_ms(stats.get("total_ms"))))
+    dirty = stats.get("dirty_pages") or []
+    iterations = str(stats.get("iterations", 0))
+    if dirty:
+        iterations += f" (pages per round: {', '.join(str(d) for d in dirty)})"
+    rows.append(("iterations", iterations))
+    ratio = float(stats.get("compression_ratio") or 0)
+    sent = f"{human_size(stats.get('bytes_raw', 0))} raw, {human_size(stats.get('bytes_wire', 0))} on the wire"
+    if ratio:
+        sent += f" (compression {ratio:.2f}x)"
+    rows.append(("sent", sent))
+    rows.append(
+        ("criu", f"freeze+dump {human_ms(stats.get('freeze_dump_ms'))}, restore {human_ms(stats.get('restore_ms'))}")
+    )
+    rows.append(("stop reason", str(stats.get("stop_reason") or "-")))
+    if record.get("error"):
+        rows.append(("error", str(record["error"])))
+    lines = [f"migration {record.get('id', '')} {migration_result(record)}: {_direction(record)}"]
+    lines += [f"  {name:<12} {value}" for name, value in rows]
+    if history:
+        lines.append("  history")
+        lines += [f"    {stamp}  {state}" for state, stamp in record.get("history") or []]
+    return lines
+
+
+class MigrationView:
+    """A live two-line status for a streamed migration, fed with records (on stderr, like PullView).
+
+    Two lines rather than a progress bar: a migration has no known total, and the statistics line
+    is too wide for one terminal row next to the state.
+    """
+
+    def __init__(self, console: Console, container: str, target: str) -> None:
+        self._title = f"{container} -> {target}"
+        self._state = "starting"
+        self._stats = ""
+        self._started = time.monotonic()
+        self._spinner = Spinner("dots")
+        self._live = Live(console=console, refresh_per_second=8, get_renderable=self._render)
+
+    def __enter__(self) -> MigrationView:
+        self._live.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._live.stop()
+
+    def _render(self) -> RenderableType:
+        elapsed = int(time.monotonic() - self._started)
+        head = Text.assemble(self._title, "  ", (self._state, "bold"), f"  {elapsed // 60}:{elapsed % 60:02d}")
+        self._spinner.update(text=head)  # Text, not markup: the values come from the agent
+        return Group(self._spinner, Text(f"  {self._stats}", style="dim")) if self._stats else self._spinner
+
+    @staticmethod
+    def describe(record: dict[str, Any]) -> str:
+        """The statistics line: round, dirty pages of the last round, bytes raw and on the wire, rate."""
+        stats = record.get("stats") or {}
+        dirty = stats.get("dirty_pages") or []
+        parts = [
+            f"round {stats.get('iterations', 0)}",
+            f"dirty {dirty[-1] if dirty else 0} pages",
+            f"sent {human_size(stats.get('bytes_raw', 0))} raw / {human_size(stats.get('bytes_wire', 0))} wire",
+            f"{float(stats.get('rate_mbps') or 0):.1f} MB/s",
+        ]
+        return "  ".join(parts)
+
+    def update(self, record: dict[str, Any]) -> None:
+        self._state = str(record.get("state", ""))
+        self._stats = self.describe(record)
+        self._live.refresh()

@@ -8,7 +8,6 @@ the migration's idle timeout, so a cut link fails the step instead of hanging it
 from __future__ import annotations
 
 import asyncio
-import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +101,7 @@ class Link:
             await self.channel.send_control({"type": type_, **body})
 
     async def send_file(self, path: Path, name: str) -> None:
-        size = os.path.getsize(path)
+        size = (await asyncio.to_thread(path.stat)).st_size
         async with asyncio.timeout(self.idle_timeout + size / MIN_RATE):
             await self.channel.send_file(path, name)
 

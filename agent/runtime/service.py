@@ -30,10 +30,13 @@ from agent.model import (
     LABEL_LOG_PATH,
     LABEL_MANAGED,
     LABEL_PREFIX,
+    LABEL_SERVICE_IP,
+    LABEL_SERVICE_PUBLISH,
     ContainerState,
     ContainerSummary,
     CreateRequest,
 )
+from agent.network import NetworkError, ServiceNetwork, parse_service_ip
 from agent.oci import Platform
 from agent.runtime.rootfs import read_snapshot_files
 from agent.runtime.spec import build_spec
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 
 LABEL_EXIT_STATUS = LABEL_PREFIX + "exit-status"
 LABEL_FINISHED_AT = LABEL_PREFIX + "finished-at"
+PUBLISH_ON_START = "on-start"
+PUBLISH_MANUAL = "manual"
 _STATES = {
     TaskStatus.CREATED: ContainerState.CREATED,
     TaskStatus.RUNNING: ContainerState.RUNNING,
@@ -53,12 +58,19 @@ _STATES = {
 
 class ContainerService:
     def __init__(
-        self, cd: Containerd, containerd: ContainerdConfig, runtime: RuntimeConfig, platform: Platform
+        self,
+        cd: Containerd,
+        containerd: ContainerdConfig,
+        runtime: RuntimeConfig,
+        platform: Platform,
+        network: ServiceNetwork | None = None,
     ) -> None:
         self._cd = cd
         self._containerd = containerd
         self._runtime = runtime
         self._platform = platform
+        # Containers with a service address get their own network namespace through this adapter.
+        self.network = network if network is not None else ServiceNetwork(namespace=cd.namespace)
 
     def log_path(self, container_id: str) -> Path:
         return Path(self._runtime.log_dir, self._cd.namespace, f"{container_id}.log")
@@ -75,12 +87,17 @@ class ContainerService:
         if user and not (":" in user and all(part.isdigit() for part in user.split(":"))):
             files = await read_snapshot_files(self._cd, image.chain_id, ["/etc/passwd", "/etc/group"])
             passwd, group = files["/etc/passwd"], files["/etc/group"]
+        service_ip = parse_service_ip(req.service_ip) if req.service_ip is not None else None
+        if service_ip is not None:
+            await self._check_service_ip_free(service_ip)
         spec = build_spec(
             image.config,
             req,
             cgroups_path=f"{self._runtime.cgroup_parent}/{self._cd.namespace}/{req.id}",
             passwd=passwd,
             group=group,
+            # The path is derived from the id alone, so the namespace is made only once the record exists.
+            netns_path=self.network.info(req.id).path if service_ip is not None else None,
         )
         labels = {
             **req.labels,
@@ -88,6 +105,9 @@ class ContainerService:
             LABEL_IMAGE: image.record.name,
             LABEL_LOG_PATH: str(self.log_path(req.id)),
         }
+        if service_ip is not None:
+            labels[LABEL_SERVICE_IP] = service_ip
+            labels[LABEL_SERVICE_PUBLISH] = PUBLISH_ON_START if req.publish_service else PUBLISH_MANUAL
         async with self._cd.leases.held("create", 300) as lease_id:
             cd = self._cd.leased(lease_id)
             if await cd.snapshots.exists(req.id):
@@ -109,6 +129,12 @@ class ContainerService:
                 with contextlib.suppress(ContainerdNotFound):
                     await cd.snapshots.remove(req.id)
                 raise
+        if service_ip is not None:
+            try:
+                await self.network.prepare(req.id, service_ip)
+            except BaseException:
+                await self._undo_create(req.id)
+                raise
         log.info("created container", extra={"container": req.id, "image": image.record.name})
         return _summary(record, None)
 
@@ -119,6 +145,11 @@ class ContainerService:
             if task.status != TaskStatus.STOPPED:
                 raise Conflict(f"container {container_id} is already {_STATES.get(task.status, 'active')}")
             await self._cd.tasks.delete(container_id)
+        service_ip = record.labels.get(LABEL_SERVICE_IP)
+        host_veth = ""
+        if service_ip:
+            # Idempotent: also recreates the namespace after a reboot emptied /run/netns.
+            host_veth = await self._prepare_network(record, service_ip)
         log_file = self.log_path(container_id)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         mounts = await self._cd.snapshots.mounts(record.snapshot_key)
@@ -134,6 +165,9 @@ class ContainerService:
             record = await self._cd.containers.update_labels(
                 container_id, {LABEL_EXIT_STATUS: "", LABEL_FINISHED_AT: ""}
             )
+        if service_ip and record.labels.get(LABEL_SERVICE_PUBLISH, PUBLISH_ON_START) == PUBLISH_ON_START:
+            # After the task started: traffic is pulled here only once something can answer it.
+            await self.network.publish(service_ip, host_veth)
         log.info("started container", extra={"container": container_id})
         return _summary(record, await self._task(container_id))
 
@@ -174,6 +208,9 @@ class ContainerService:
             await self.stop(container_id, timeout=0)
         elif task is not None:
             await self._cd.tasks.delete(container_id)
+        if LABEL_SERVICE_IP in record.labels:
+            # Before the record goes: a failure here leaves a container that a retried delete cleans up.
+            await self.network.destroy(container_id)
         await self._cd.containers.delete(container_id)
         with contextlib.suppress(ContainerdNotFound):
             await self._cd.snapshots.remove(record.snapshot_key)
@@ -195,7 +232,50 @@ class ContainerService:
         out["snapshot_key"] = record.snapshot_key
         out["runtime"] = record.runtime
         out["log_path"] = str(self.log_path(container_id))
+        service_ip = record.labels.get(LABEL_SERVICE_IP)
+        if service_ip:
+            info = self.network.info(container_id)
+            out["network"] = {
+                "service_ip": service_ip,
+                "netns": info.path,
+                "host_veth": info.host_veth,
+                "published": await self.network.published(service_ip) == info.host_veth,
+            }
         return out
+
+    async def _check_service_ip_free(self, service_ip: str) -> None:
+        """One container per service address on a host (the /32 route can point at one veth only)."""
+        for record in await self._cd.containers.list([f'labels."{LABEL_MANAGED}"==true']):
+            if record.labels.get(LABEL_SERVICE_IP) == service_ip:
+                raise Conflict(f"service address {service_ip} is already used by container {record.id}")
+
+    async def _prepare_network(self, record: ContainerRecord, service_ip: str) -> str:
+        """Prepare the container's namespace; the spec must join the one this host prepares."""
+        info = self.network.info(record.id)
+        joined = next(
+            (
+                ns.get("path")
+                for ns in json.loads(record.spec).get("linux", {}).get("namespaces", [])
+                if ns.get("type") == "network"
+            ),
+            None,
+        )
+        if joined != info.path:
+            raise Conflict(
+                f"container {record.id} joins network namespace {joined!r}, but this host prepares {info.path}"
+            )
+        await self.network.prepare(record.id, service_ip)
+        return info.host_veth
+
+    async def _undo_create(self, container_id: str) -> None:
+        with contextlib.suppress(ContainerdNotFound):
+            await self._cd.containers.delete(container_id)
+        with contextlib.suppress(ContainerdNotFound):
+            await self._cd.snapshots.remove(container_id)
+        try:
+            await self.network.destroy(container_id)
+        except NetworkError:
+            log.warning("could not remove the network of a failed create", extra={"container": container_id})
 
     async def _get(self, container_id: str) -> ContainerRecord:
         try:

@@ -106,11 +106,13 @@ def build_spec(
     cgroups_path: str | None = None,
     passwd: str | None = None,
     group: str | None = None,
+    netns_path: str | None = None,
 ) -> dict[str, Any]:
     """The runtime spec for `request` on an image whose config JSON is `image_config`.
 
     `cgroups_path` defaults to `/ferryman/<id>` (cgroupfs driver; `slice:prefix:name` for systemd).
     `passwd`/`group` are the image's /etc/passwd and /etc/group, needed only for user names.
+    `netns_path` joins an existing network namespace (a service address's) instead of a new empty one.
     Raises InvalidRequest for anything runc would reject later with a less useful message.
     """
     config = _image_section(image_config)
@@ -146,7 +148,27 @@ def build_spec(
     }
     if request.labels:
         spec["annotations"] = {str(k): str(v) for k, v in request.labels.items()}
+    if netns_path is not None:
+        set_network_namespace(spec, netns_path)
     return spec
+
+
+def set_network_namespace(spec: dict[str, Any], path: str | None) -> None:
+    """Point the spec's network namespace at `path` (None: a new empty one, runc's default).
+
+    In place; for a spec that moves hosts (a migration target joins its own prepared namespace).
+    """
+    if path is not None and not path.startswith("/"):
+        raise InvalidRequest(f"network namespace path must be absolute, got {path!r}")
+    namespaces = spec.setdefault("linux", {}).setdefault("namespaces", [])
+    entry: dict[str, Any] = {"type": "network"}
+    if path is not None:
+        entry["path"] = path
+    for i, ns in enumerate(namespaces):
+        if ns.get("type") == "network":
+            namespaces[i] = entry
+            return
+    namespaces.append(entry)
 
 
 def _image_section(image_config: Mapping[str, Any]) -> Mapping[str, Any]:
