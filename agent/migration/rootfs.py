@@ -8,6 +8,7 @@ from agent.containerd import Containerd
 from agent.errors import ContainerdNotFound, DigestMismatch
 
 DIFF_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
+RW_LAYER_FILE = "rootfs-diff.tar"
 
 
 async def export_rw_layer(

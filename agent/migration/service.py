@@ -24,10 +24,11 @@ from agent.metrics import AgentMetrics
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
 from agent.migration.link import ControlIn, Link, PeerFailed
+from agent.migration.local import remove_container, resume_if_paused
 from agent.migration.record import MigrationId, MigrationOptions, MigrationRecord
-from agent.migration.source import SourceContext, SourceMigration, resume_if_paused
+from agent.migration.source import SourceContext, SourceMigration
 from agent.migration.states import Event, State, can_roll_back
-from agent.migration.target import DecisionPending, TargetContext, TargetMigration, remove_container
+from agent.migration.target import DecisionPending, TargetContext, TargetMigration
 from agent.runtime.service import ContainerService
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import shutil
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,21 +25,21 @@ from agent.checkpoint.delta import DeltaStats, PageTracker
 from agent.checkpoint.images import is_pages
 from agent.config import AgentConfig
 from agent.containerd import Containerd, TaskStatus
-from agent.errors import ContainerdError, ContainerNotFound, FerrymanError
+from agent.errors import ContainerNotFound, FerrymanError
 from agent.images.local import read_image
 from agent.migration.convergence import Overheads, Round, Verdict, decide
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
 from agent.migration.link import Link
+from agent.migration.local import describe_failure, remove_container, resume_if_paused
 from agent.migration.record import MigrationRecord
-from agent.migration.rootfs import export_rw_layer
+from agent.migration.rootfs import RW_LAYER_FILE, export_rw_layer
 from agent.migration.states import Event, can_roll_back
 from agent.model import LABEL_MANAGED
 from agent.oci import Platform
 
 log = logging.getLogger(__name__)
 
-RW_LAYER_FILE = "rootfs-diff.tar"
 # Until a round has measured it, assume CRIU restores about as fast as it dumps.
 RESTORE_PER_DUMP = 1.0
 
@@ -252,24 +251,11 @@ class SourceMigration:
     # ----- endings -------------------------------------------------------------------------------
 
     async def _remove_local_copy(self) -> None:
-        """Kill the frozen tasks (SIGKILL, then thaw so it lands), delete task, container, snapshot."""
-        cid, cd = self.record.container, self.ctx.cd
-        with contextlib.suppress(ContainerdError):
-            await cd.tasks.kill(cid, signal.SIGKILL)
-        with contextlib.suppress(ContainerdError):
-            await cd.tasks.resume(cid)
-        with contextlib.suppress(ContainerdError):
-            async with asyncio.timeout(30):
-                await cd.tasks.wait(cid)
-        with contextlib.suppress(ContainerdError):
-            await cd.tasks.delete(cid)
-        with contextlib.suppress(ContainerdError):
-            await cd.containers.delete(cid)
-        with contextlib.suppress(ContainerdError):
-            await cd.snapshots.remove(self._snapshot_key)
+        """Kill the frozen tasks, delete task, container and snapshot."""
+        await remove_container(self.ctx.cd, self.record.container)
 
     async def _rollback(self, link: Link | None, exc: BaseException) -> None:
-        reason = _reason(exc)
+        reason = describe_failure(exc)
         log.warning("migration rolling back", extra={"migration": self.record.id, "error": reason})
         if link is not None:
             await link.fail(reason)
@@ -278,29 +264,9 @@ class SourceMigration:
         self._progress(link, total_ms=round((time.monotonic() - self._started) * 1000, 1))
 
 
-async def resume_if_paused(cd: Containerd, container_id: str) -> None:
-    """The rollback guarantee: a frozen source task runs again."""
-    try:
-        task = await cd.tasks.get(container_id)
-    except ContainerdError:
-        return
-    if task.status in (TaskStatus.PAUSED, TaskStatus.PAUSING):
-        await cd.tasks.resume(container_id)
-
-
 def resident_bytes(pids: list[int]) -> int:
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError, ValueError, IndexError):
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
     return total
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, FerrymanError):
-        return exc.message
-    if isinstance(exc, TimeoutError):
-        return "timed out waiting for the peer (link cut or peer stalled)"
-    if isinstance(exc, asyncio.CancelledError):
-        return "cancelled (agent shutting down)"
-    return f"{type(exc).__name__}: {exc}"

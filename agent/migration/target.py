@@ -9,12 +9,10 @@ decides (`commit`); without that decision it is removed, so the workload never r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,15 +22,15 @@ from typing import Any
 from agent.checkpoint.delta import PageStore
 from agent.config import AgentConfig
 from agent.containerd import Containerd, ContainerRecord
-from agent.errors import AlreadyExists, ContainerdError, ContainerdNotFound, FerrymanError
+from agent.errors import AlreadyExists, ContainerdNotFound, FerrymanError
 from agent.images.local import read_image
 from agent.images.service import ImageService
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
 from agent.migration.link import FileIn, Link, PagesIn, PeerFailed
+from agent.migration.local import LABEL_MIGRATION, describe_failure, remove_container
 from agent.migration.record import MigrationRecord
-from agent.migration.rootfs import import_rw_layer
-from agent.migration.source import RW_LAYER_FILE, _reason
+from agent.migration.rootfs import RW_LAYER_FILE, import_rw_layer
 from agent.migration.states import Event, State
 from agent.model import LABEL_LOG_PATH, LABEL_PREFIX
 from agent.oci import Platform
@@ -40,7 +38,6 @@ from agent.oci import Platform
 log = logging.getLogger(__name__)
 
 LABEL_MIGRATED_FROM = LABEL_PREFIX + "migrated-from"
-LABEL_MIGRATION = LABEL_PREFIX + "migration"
 CRIU_CONFIG_ANNOTATION = "org.criu.config"
 
 
@@ -104,8 +101,8 @@ class TargetMigration:
                 pull.cancel()
                 await asyncio.gather(pull, return_exceptions=True)
             if self.record.state not in (State.SWITCH, State.COMMIT):
-                await link.fail(_reason(exc))
-                await self.rollback(_reason(exc))
+                await link.fail(describe_failure(exc))
+                await self.rollback(describe_failure(exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
@@ -255,30 +252,3 @@ class DecisionPending(FerrymanError):
     def __init__(self, record: MigrationRecord) -> None:
         super().__init__(f"migration {record.id}: waiting for the source's decision")
         self.record = record
-
-
-async def remove_container(cd: Containerd, container_id: str, only_migration: str | None = None) -> None:
-    """Kill (frozen or not), delete task, container and snapshot; tolerate any of them missing.
-
-    With `only_migration`, a container that a different migration (or a user) made is left alone.
-    """
-    if only_migration is not None:
-        try:
-            record = await cd.containers.get(container_id)
-        except ContainerdNotFound:
-            record = None
-        if record is not None and record.labels.get(LABEL_MIGRATION) != only_migration:
-            return
-    with contextlib.suppress(ContainerdError):
-        await cd.tasks.kill(container_id, signal.SIGKILL)
-    with contextlib.suppress(ContainerdError):
-        await cd.tasks.resume(container_id)
-    with contextlib.suppress(ContainerdError, TimeoutError):
-        async with asyncio.timeout(30):
-            await cd.tasks.wait(container_id)
-    with contextlib.suppress(ContainerdError):
-        await cd.tasks.delete(container_id)
-    with contextlib.suppress(ContainerdError):
-        await cd.containers.delete(container_id)
-    with contextlib.suppress(ContainerdError):
-        await cd.snapshots.remove(container_id)

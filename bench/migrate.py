@@ -1,0 +1,164 @@
+"""Live migration vs stop-and-copy through containerd's own checkpoint, side by side on a 2-host mesh.
+
+For each workload (memhog: N MiB resident, idle or rewriting R MB/s, a heartbeat every ms):
+  stop-and-copy: `ctr c checkpoint --task --rw` on h1 (pause, CRIU dump into the content store),
+                 kill the source, copy the checkpoint blobs to h2's containerd, `ctr c restore --live --rw`
+  ferryman:      POST /v1/migrations on h1's agent (pre-copy rounds, then stop-copy), h1 -> h2
+Downtime is the longest gap the workload's own heartbeat saw (pre-copy freezes included).
+Run as root from the repo: .venv/bin/python bench/migrate.py [--sizes 64,256,1024] [--rates 0,50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.containerd import Containerd, ImageRecord
+from tests.harness.containerd import pick_base_dir
+from tests.harness.fleet import api, fleet, memhog_status, migrate, verify_memory
+from tests.harness.mesh import Mesh, MeshHost
+from tests.harness.workloads import memhog_image
+
+NS = "ferryman"
+
+
+async def start_workload(mesh: Mesh, host: MeshHost, name: str, ref: str) -> int:
+    await api(host, "POST", "/v1/containers?start=1", {"id": name, "image": ref}, expect=201)
+    await asyncio.sleep(2.0)  # past the initial fill, into the steady state
+    return (await memhog_status(host, name, within=120)).max_gap_us
+
+
+async def remove(host: MeshHost, name: str) -> None:
+    await api(host, "DELETE", f"/v1/containers/{name}?force=1", expect=None)
+    host.ctr("tasks", "kill", "-s", "KILL", name, check=False)
+    host.ctr("tasks", "rm", "-f", name, check=False)
+    host.ctr("containers", "rm", name, check=False)
+    host.ctr("snapshots", "rm", name, check=False)
+
+
+async def copy_checkpoint(src: MeshHost, dst: MeshHost, ref: str) -> int:
+    """Copy the checkpoint image's blobs between the two containerds; returns the bytes copied."""
+    a = await Containerd.connect(src.containerd.socket, NS)
+    b = await Containerd.connect(dst.containerd.socket, NS)
+    copied = 0
+    try:
+        record = await a.images.get(ref)
+        index = json.loads(await a.content.read_all(record.digest))
+        blobs = [(record.digest, record.size)] + [(m["digest"], m["size"]) for m in index.get("manifests", [])]
+        async with b.leases.held("bench-copy", 600) as lease:
+            lb = b.leased(lease)
+            for digest, size in blobs:
+                if await lb.content.exists(digest) is not None:
+                    continue
+                async with lb.content.writer(f"copy-{digest}", size, digest) as writer:
+                    async for chunk in a.content.read(digest):
+                        await writer.write(chunk)
+                        copied += len(chunk)
+                    await writer.commit()
+            await lb.images.put(
+                ImageRecord(name=ref, media_type=record.media_type, digest=record.digest, size=record.size)
+            )
+    finally:
+        await a.close()
+        await b.close()
+    return copied
+
+
+async def stop_and_copy(mesh: Mesh, name: str) -> dict[str, Any]:
+    h1, h2 = mesh["h1"], mesh["h2"]
+    ref = f"checkpoint/{name}:{secrets.token_hex(3)}"
+    started = time.monotonic()
+    await h1.actr("containers", "checkpoint", "--task", "--rw", name, ref, within=600)
+    await h1.actr("tasks", "kill", "-s", "KILL", name, check=False)  # stop: the copy is the workload now
+    await asyncio.sleep(0.2)
+    await h1.actr("tasks", "rm", "-f", name, check=False)
+    wire = await copy_checkpoint(h1, h2, ref)
+    await h2.actr("containers", "restore", "--live", "--rw", ref, within=600)
+    total = time.monotonic() - started
+    await asyncio.sleep(1.0)
+    status = await memhog_status(h2, name)
+    verified = await verify_memory(h2, name, within=120)
+    await remove(h1, name)
+    await remove(h2, name)
+    h1.ctr("images", "rm", ref, check=False)
+    h2.ctr("images", "rm", ref, check=False)
+    return {"downtime_ms": status.max_gap_us / 1000, "total_s": total, "wire_mb": wire / 1e6, "verified": verified}
+
+
+async def live(mesh: Mesh, name: str) -> dict[str, Any]:
+    h1, h2 = mesh["h1"], mesh["h2"]
+    started = time.monotonic()
+    record = await migrate(h1, name, "h2")
+    total = time.monotonic() - started
+    if record.get("state") != "COMMIT":
+        raise RuntimeError(f"migration failed: {record.get('error')}")
+    await asyncio.sleep(1.0)
+    status = await memhog_status(h2, name)
+    verified = await verify_memory(h2, name, within=120)
+    await remove(h2, name)
+    stats = record["stats"]
+    return {
+        "downtime_ms": status.max_gap_us / 1000,
+        "total_s": total,
+        "wire_mb": stats["bytes_wire"] / 1e6,
+        "verified": verified,
+        "agent_downtime_ms": stats["downtime_ms"],
+        "iterations": stats["iterations"],
+        "freeze_dump_ms": stats["freeze_dump_ms"],
+        "restore_ms": stats["restore_ms"],
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="64,256,1024")
+    parser.add_argument("--rates", default="0,50")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rates = [float(r) for r in args.rates.split(",")]
+    base = Path(tempfile.mkdtemp(prefix="ferryman-bench-", dir=pick_base_dir()))
+    results: dict[tuple[int, float], dict[str, dict[str, Any]]] = {}
+    async with fleet(base, hosts=2, idle_timeout=60.0) as mesh:
+        h1, h2 = mesh["h1"], mesh["h2"]
+        for size in sizes:
+            for rate in rates:
+                repo = f"bench/memhog-{size}-{int(rate)}"
+                await memhog_image(size, rate).build().push(mesh.push_host, repo, "v1")
+                ref = f"{mesh.registry_host}/{repo}:v1"
+                for host in (h1, h2):
+                    await api(host, "POST", "/v1/images/pull", {"ref": ref})
+                row: dict[str, dict[str, Any]] = {}
+                for method, run in (("stop-and-copy", stop_and_copy), ("ferryman", live)):
+                    name = f"w{size}-{int(rate)}-{method[0]}"
+                    await start_workload(mesh, h1, name, ref)
+                    row[method] = await run(mesh, name)
+                    r = row[method]
+                    print(
+                        f"{size:5d} MiB {rate:4.0f} MB/s {method:13s}: downtime {r['downtime_ms']:8.0f} ms, "
+                        f"total {r['total_s']:6.2f} s, wire {r['wire_mb']:8.1f} MB, memory {r['verified']}"
+                        + (
+                            f", rounds {r['iterations']}, freeze+dump {r['freeze_dump_ms']:.0f} ms, "
+                            f"restore {r['restore_ms']:.0f} ms"
+                            if method == "ferryman"
+                            else ""
+                        ),
+                        flush=True,
+                    )
+                results[(size, rate)] = row
+    key = (1024, 50.0) if (1024, 50.0) in results else max(results)
+    ratio = results[key]["ferryman"]["downtime_ms"] / results[key]["stop-and-copy"]["downtime_ms"]
+    print(f"(result line uses {key[0]} MiB at {key[1]:.0f} MB/s)")
+    print(f"bench migrate: {ratio:.3f} ratio (target <= 0.1)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
