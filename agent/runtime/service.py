@@ -208,8 +208,12 @@ class ContainerService:
             await self.stop(container_id, timeout=0)
         elif task is not None:
             await self._cd.tasks.delete(container_id)
-        if LABEL_SERVICE_IP in record.labels:
+        service_ip = record.labels.get(LABEL_SERVICE_IP)
+        if service_ip:
             # Before the record goes: a failure here leaves a container that a retried delete cleans up.
+            # The route would die with the veth; unpublishing also drops the uplink's proxy ARP entry.
+            if await self.network.published(service_ip) == self.network.info(container_id).host_veth:
+                await self.network.unpublish(service_ip)
             await self.network.destroy(container_id)
         await self._cd.containers.delete(container_id)
         with contextlib.suppress(ContainerdNotFound):

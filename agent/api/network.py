@@ -1,0 +1,114 @@
+"""Thin HTTP handlers for service addresses: publish / unpublish on this host, and list them.
+
+A move (or the end of a migration) is `unpublish` on the old host, then `publish` on the new one,
+whose container was created with the same `service_ip` (and `publish_service: false`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from agent.api.handlers import CONTAINERS, _check_keys, _json, _str, check_container_id, read_object
+from agent.errors import ContainerNotFound, FerrymanError, InvalidRequest
+from agent.model import LABEL_SERVICE_IP, ContainerSummary
+from agent.network import NetnsInfo, parse_service_ip
+
+
+class ServiceNetworkLike(Protocol):
+    def info(self, container_key: str) -> NetnsInfo: ...
+    async def publish(self, service_ip: str, host_veth: str) -> None: ...
+    async def unpublish(self, service_ip: str) -> bool: ...
+    async def uplink(self) -> str: ...
+    async def routes(self) -> dict[str, str]: ...
+
+
+NETWORK = web.AppKey("network", ServiceNetworkLike)
+
+
+class NetworkUnavailable(FerrymanError):
+    code = "network_unavailable"
+    http_status = 503
+
+
+def _network(request: web.Request) -> ServiceNetworkLike:
+    network = request.app.get(NETWORK)
+    if network is None:
+        raise NetworkUnavailable("this agent has no service network")
+    return network
+
+
+def parse_target(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(service_ip, container) from a publish/unpublish body: exactly one of the two."""
+    _check_keys(body, {"service_ip", "container"}, set(), "body")
+    service_ip = _str(body, "service_ip", "body", optional=True)
+    container = _str(body, "container", "body", optional=True)
+    if (service_ip is None) == (container is None):
+        raise InvalidRequest("body: give exactly one of service_ip or container")
+    if container is not None:
+        check_container_id(container)
+    return (parse_service_ip(service_ip) if service_ip is not None else None), container
+
+
+async def _service_containers(request: web.Request) -> list[ContainerSummary]:
+    return [c for c in await request.app[CONTAINERS].list() if c.labels.get(LABEL_SERVICE_IP)]
+
+
+async def _find(request: web.Request, service_ip: str | None, container: str | None) -> ContainerSummary:
+    for summary in await _service_containers(request):
+        if summary.id == container or summary.labels[LABEL_SERVICE_IP] == service_ip:
+            return summary
+    what = f"container {container}" if container is not None else f"service address {service_ip}"
+    raise ContainerNotFound(f"no container with a service address matches {what} on this host")
+
+
+async def publish(request: web.Request) -> web.Response:
+    service_ip, container = parse_target(await read_object(request))
+    network = _network(request)
+    summary = await _find(request, service_ip, container)
+    ip = summary.labels[LABEL_SERVICE_IP]
+    info = network.info(summary.id)
+    await network.publish(ip, info.host_veth)
+    return _json({"service_ip": ip, "container": summary.id, "host_veth": info.host_veth, "published": True})
+
+
+async def unpublish(request: web.Request) -> web.Response:
+    service_ip, container = parse_target(await read_object(request))
+    network = _network(request)
+    if service_ip is None:
+        # By container: it must exist here. By address: works even once the container is gone.
+        service_ip = (await _find(request, None, container)).labels[LABEL_SERVICE_IP]
+    removed = await network.unpublish(service_ip)
+    return _json({"service_ip": service_ip, "published": False, "was_published": removed})
+
+
+async def list_services(request: web.Request) -> web.Response:
+    network = _network(request)
+    routes = await network.routes()
+    uplink: str | None
+    try:
+        uplink = await network.uplink()
+    except FerrymanError:
+        uplink = None
+    services = []
+    for summary in await _service_containers(request):
+        info = network.info(summary.id)
+        ip = summary.labels[LABEL_SERVICE_IP]
+        services.append(
+            {
+                "container": summary.id,
+                "state": summary.state.value,
+                "service_ip": ip,
+                "netns": info.path,
+                "host_veth": info.host_veth,
+                "published": routes.get(ip) == info.host_veth,
+            }
+        )
+    return _json({"uplink": uplink, "services": services, "routes": routes})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/network", list_services)
+    app.router.add_post("/v1/network/publish", publish)
+    app.router.add_post("/v1/network/unpublish", unpublish)

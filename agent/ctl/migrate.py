@@ -1,0 +1,110 @@
+"""ferryctl's migration commands: `migrate`, `migrations` and `migrations show`.
+
+`migrate` starts the migration with the streaming POST and follows it to the end. Interrupting
+ferryctl (or losing the connection) does not stop the migration: it runs in the agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from typing import Any
+
+from rich.console import Console
+
+from agent.ctl import render
+from agent.ctl.client import AgentClient, ApiError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def add_parsers(sub: Any) -> None:
+    """Add `migrate` and `migrations` to ferryctl's subcommands (`sub` is argparse's subparsers action)."""
+    p = sub.add_parser("migrate", help="live-migrate a running container to another host")
+    p.add_argument("container")
+    p.add_argument("--to", dest="target", required=True, metavar="HOST", help="the peer agent's host name")
+    p.add_argument(
+        "--downtime-target", type=_positive_int, metavar="MS", help="freeze budget in ms (agent default 300)"
+    )
+    p.add_argument("--max-iterations", type=_positive_int, metavar="N", help="pre-copy rounds at most (default 8)")
+
+    p = sub.add_parser("migrations", help="list migrations, or show one")
+    actions = p.add_subparsers(dest="migrations_command", metavar="SUBCOMMAND")
+    show = actions.add_parser("show", help="a migration's details")
+    show.add_argument("id")
+
+
+def _is_error_line(line: dict[str, Any]) -> bool:
+    """The stream's in-band failure, told apart from records by shape: records carry an `id`, and
+    their `error` is a string, not an object."""
+    return "id" not in line and isinstance(line.get("error"), dict)
+
+
+async def migrate(client: AgentClient, args: argparse.Namespace, err: Console) -> bool:
+    """Run one migration to its end; True if it committed."""
+    spec: dict[str, Any] = {"container": args.container, "target": args.target}
+    if args.downtime_target is not None:
+        spec["downtime_target_ms"] = args.downtime_target
+    if args.max_iterations is not None:
+        spec["max_iterations"] = args.max_iterations
+    final: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
+    view = None if args.json else render.MigrationView(err, args.container, args.target)
+    try:
+        with view if view is not None else contextlib.nullcontext():
+            async for line in client.migrate(spec):
+                if _is_error_line(line):
+                    raise ApiError(str(line["error"].get("code")), str(line["error"].get("message")))
+                last = line
+                if view is not None:
+                    view.update(line)
+                if line.get("done"):
+                    final = line
+                    break
+    except asyncio.CancelledError:  # Ctrl-C: only ferryctl stops; say where to follow the migration
+        if last is not None:
+            err.print(
+                f"interrupted; migration {last['id']} goes on in the agent: ferryctl migrations show {last['id']}",
+                markup=False,
+                highlight=False,
+            )
+        raise
+    if final is None:
+        where = f"; it goes on in the agent: ferryctl migrations show {last['id']}" if last else ""
+        raise ApiError("stream_ended", f"the agent closed the stream before the migration ended{where}")
+    if args.json:
+        render.print_json(final)
+    else:
+        for text in render.migration_details(final):
+            render.say(text)
+    if final.get("state") != "COMMIT":
+        # The ferryctl failure convention (stderr, `error: <code>: <message>`), after the statistics.
+        sys.stderr.write(f"error: rolled_back: {final.get('error') or 'the migration rolled back'}\n")
+        return False
+    return True
+
+
+async def migrations(client: AgentClient, args: argparse.Namespace, out: Console) -> None:
+    if args.migrations_command == "show":
+        record = await client.get_migration(args.id)
+        if args.json:
+            render.print_json(record)
+        else:
+            for text in render.migration_details(record, history=True):
+                render.say(text)
+        return
+    records = await client.list_migrations()
+    if args.json:
+        render.print_json({"migrations": records})
+    else:
+        out.print(render.migrations_table(records))
