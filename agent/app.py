@@ -11,6 +11,7 @@ from agent.images.service import ImageService
 from agent.metrics import AgentMetrics
 from agent.migration.peer import PeerEndpoint
 from agent.migration.service import MigrationService
+from agent.network import ServiceNetwork
 from agent.registry.client import RegistryClient
 from agent.runtime.service import ContainerService
 
@@ -22,7 +23,13 @@ class Agent:
         self.containerd = cd
         self.registry = registry
         self.images = ImageService(cd, registry, config.pull, self.metrics)
-        self.containers = ContainerService(cd, config.containerd, config.runtime, self.images.platform)
+        self.containers = ContainerService(
+            cd,
+            config.containerd,
+            config.runtime,
+            self.images.platform,
+            network=ServiceNetwork(config.network, cd.namespace),
+        )
         self.host_name = config.host_name or socket.gethostname()
         self.peers = PeerEndpoint(config, self.host_name)
         self.migrations = MigrationService(
@@ -49,6 +56,7 @@ class Agent:
     async def close(self) -> None:
         await self.peers.close()
         await self.migrations.close()
+        await self.containers.network.close()
         await self.registry.close()
         await self.containerd.close()
 

@@ -23,7 +23,7 @@ async def resume_if_paused(cd: Containerd, container_id: str) -> None:
         await cd.tasks.resume(container_id)
 
 
-async def remove_container(cd: Containerd, container_id: str, only_migration: str | None = None) -> None:
+async def remove_container(cd: Containerd, container_id: str, only_migration: str | None = None) -> bool:
     """Kill (frozen or not), delete task, container and snapshot; tolerate any of them missing.
 
     With `only_migration`, a container that a different migration (or a user) made is left alone.
@@ -34,7 +34,7 @@ async def remove_container(cd: Containerd, container_id: str, only_migration: st
         except ContainerdNotFound:
             record = None
         if record is not None and record.labels.get(LABEL_MIGRATION) != only_migration:
-            return
+            return False
     try:
         task = await cd.tasks.get(container_id)
     except ContainerdError:
@@ -54,6 +54,7 @@ async def remove_container(cd: Containerd, container_id: str, only_migration: st
         await cd.containers.delete(container_id)
     with contextlib.suppress(ContainerdError):
         await cd.snapshots.remove(container_id)
+    return True
 
 
 def describe_failure(exc: BaseException) -> str:

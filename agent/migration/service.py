@@ -18,7 +18,7 @@ from typing import Protocol
 
 from agent.config import AgentConfig
 from agent.containerd import Containerd
-from agent.errors import FerrymanError, InvalidRequest, NotFound
+from agent.errors import ContainerdNotFound, FerrymanError, InvalidRequest, NotFound
 from agent.images.service import ImageService
 from agent.metrics import AgentMetrics
 from agent.migration.failpoints import Failpoints
@@ -29,6 +29,7 @@ from agent.migration.record import MigrationId, MigrationOptions, MigrationRecor
 from agent.migration.source import SourceContext, SourceMigration
 from agent.migration.states import Event, State, can_roll_back
 from agent.migration.target import DecisionPending, TargetContext, TargetMigration
+from agent.model import LABEL_SERVICE_IP
 from agent.runtime.service import ContainerService
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class MigrationService:
             failpoints=self.failpoints,
             platform=self._platform,
             publish=self._publish,
+            network=self._containers.network,
         )
 
     def _target_context(self) -> TargetContext:
@@ -193,6 +195,7 @@ class MigrationService:
             log_path=self._containers.log_path,
             criu_config=self._criu_config,
             publish=self._publish,
+            network=self._containers.network,
         )
 
     # ----- sessions from peers --------------------------------------------------------------------
@@ -313,6 +316,11 @@ class MigrationService:
 
     async def _commit_target(self, record: MigrationRecord) -> None:
         await self._cd.tasks.resume(record.container)
+        container = await self._cd.containers.get(record.container)
+        service_ip = container.labels.get(LABEL_SERVICE_IP)
+        if service_ip:
+            info = await self._containers.network.prepare(record.container, service_ip)
+            await self._containers.network.publish(service_ip, info.host_veth)
         record = record.advance(Event.RESTORED).advance(Event.SWITCHED)
         self.journal.write(record)
         self._publish(record)
@@ -329,11 +337,12 @@ class MigrationService:
             elif record.role == "source" and record.state == State.SWITCH:
                 self._spawn(self._finish_switch(record), f"finish-{record.id}")
             elif record.role == "target" and record.state == State.RESTORE:
-                migration = TargetMigration(
-                    self._target_context(),
-                    record,
-                    {"container": {"id": record.container, "image": record.image}},
-                )
+                try:
+                    labels = (await self._cd.containers.get(record.container)).labels
+                except ContainerdNotFound:
+                    labels = {}
+                container = {"id": record.container, "image": record.image, "labels": labels}
+                migration = TargetMigration(self._target_context(), record, {"container": container})
                 self._spawn(self._ask_source(migration), f"ask-source-{record.id}")
             elif record.role == "target":
                 await remove_container(self._cd, record.container, only_migration=record.id)

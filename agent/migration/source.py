@@ -35,7 +35,8 @@ from agent.migration.local import describe_failure, remove_container, resume_if_
 from agent.migration.record import MigrationRecord
 from agent.migration.rootfs import RW_LAYER_FILE, export_rw_layer
 from agent.migration.states import Event, can_roll_back
-from agent.model import LABEL_MANAGED
+from agent.model import LABEL_MANAGED, LABEL_SERVICE_IP
+from agent.network import ServiceNetwork
 from agent.oci import Platform
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class SourceContext:
     platform: Platform
     publish: Callable[[MigrationRecord], None]
     """Called with every new version of the record (progress, API, metrics)."""
+    network: ServiceNetwork
 
 
 class SourceMigration:
@@ -122,6 +124,7 @@ class SourceMigration:
         image = await read_image(self.ctx.cd, container.image, self.ctx.platform)
         self._image_chain = image.chain_id
         self._snapshot_key = container.snapshot_key
+        self._service_ip = container.labels.get(LABEL_SERVICE_IP)
         await link.send(
             "prepare",
             migration=self.record.id,
@@ -236,6 +239,11 @@ class SourceMigration:
         await self.ctx.failpoints.hit("source.restored")
         # The decision: from here on the target's copy is the workload.
         self._advance(Event.RESTORED)
+        if self._service_ip:
+            # Traffic leaves us now (the target publishes the address as it resumes), and our frozen copy
+            # loses its link: its sockets must never answer the client again, not even with a FIN.
+            await self.ctx.network.unpublish(self._service_ip)
+            await self.ctx.network.destroy(self.record.container)
         await link.send("commit")
         await link.expect("committed")
         downtime_ms = (time.monotonic() - frozen_at) * 1000

@@ -32,8 +32,10 @@ from agent.migration.local import LABEL_MIGRATION, describe_failure, remove_cont
 from agent.migration.record import MigrationRecord
 from agent.migration.rootfs import RW_LAYER_FILE, import_rw_layer
 from agent.migration.states import Event, State
-from agent.model import LABEL_LOG_PATH, LABEL_PREFIX
+from agent.model import LABEL_LOG_PATH, LABEL_PREFIX, LABEL_SERVICE_IP
+from agent.network import NetnsInfo, ServiceNetwork
 from agent.oci import Platform
+from agent.runtime.spec import set_network_namespace
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class TargetContext:
     criu_config: Path
     """A CRIU config file (tcp-established and friends) runc passes to restore via the spec annotation."""
     publish: Callable[[MigrationRecord], None]
+    network: ServiceNetwork
 
 
 class TargetMigration:
@@ -70,6 +73,8 @@ class TargetMigration:
         self.images_dir = self.work / "images"
         self.store = PageStore()
         self._lease: str | None = None
+        self.service_ip: str | None = (self.container.get("labels") or {}).get(LABEL_SERVICE_IP)
+        self._netns: NetnsInfo | None = None
 
     def _save(self, record: MigrationRecord) -> None:
         self.record = record
@@ -87,6 +92,8 @@ class TargetMigration:
             async with asyncio.timeout(self.ctx.config.migration.phase_timeout):
                 await self._check_room(int(self.prepare_msg.get("estimated_bytes", 0)))
                 self._lease = await self.ctx.cd.leases.create("migration", self.ctx.config.migration.phase_timeout)
+                if self.service_ip:  # the same address, in a namespace of this host, unpublished until commit
+                    self._netns = await self.ctx.network.prepare(self.container["id"], self.service_ip)
                 pull = asyncio.create_task(self.ctx.images.pull(self.container["image"]), name="migration-pull")
                 await link.send("prepared")
                 self._advance(Event.PREPARED)
@@ -162,6 +169,8 @@ class TargetMigration:
         annotations = dict(spec.get("annotations") or {})
         annotations[CRIU_CONFIG_ANNOTATION] = str(self.ctx.criu_config)
         spec["annotations"] = annotations
+        if self._netns is not None:
+            set_network_namespace(spec, self._netns.path)  # CRIU restores into this host's namespace
         return json.dumps(spec).encode()
 
     async def _restore(self, rw_digest: str) -> float:
@@ -227,12 +236,17 @@ class TargetMigration:
         cid = self.container["id"]
         self._advance(Event.RESTORED)
         await self.ctx.cd.tasks.resume(cid)
+        if self.service_ip:
+            info = self._netns or await self.ctx.network.prepare(cid, self.service_ip)
+            await self.ctx.network.publish(self.service_ip, info.host_veth)
         self._advance(Event.SWITCHED)
         await self._drop_lease()
 
     async def rollback(self, reason: str) -> None:
         """Remove whatever of the container exists here; the source keeps the workload."""
-        await remove_container(self.ctx.cd, self.container["id"], only_migration=self.record.id)
+        removed = await remove_container(self.ctx.cd, self.container["id"], only_migration=self.record.id)
+        if self.service_ip and removed:
+            await self.ctx.network.destroy(self.container["id"])
         await self._drop_lease()
         shutil.rmtree(self.work, ignore_errors=True)
         if self.record.state not in (State.COMMIT, State.ROLLBACK):
