@@ -62,7 +62,7 @@ async def test_dump_delta_and_rebuild(
     await status(containerd, agent, cid)
     tasks = agent.containerd.tasks
 
-    tracker, store = PageTracker(), PageStore()
+    tracker, store = PageTracker(), PageStore(tmp_path / "store")
     rounds: list[DeltaStats] = []
     for n in range(3):
         dump = tmp_path / f"round-{n}"
@@ -93,9 +93,21 @@ async def test_dump_delta_and_rebuild(
         assert (rebuilt / name).read_bytes() == data, name
     assert {pm.pages_file for pm in read_pagemaps(rebuilt)} <= set(originals)
 
+    # Pages that arrived in another order (mappings changed between rounds) take the copying path.
+    shuffled = PageStore(tmp_path / "shuffled")
+    replay = PageTracker()
+    batches = await asyncio.to_thread(lambda: list(replay.delta(final, DeltaStats())))
+    for batch in reversed(batches):
+        shuffled.add(batch.pagemap, batch.vaddrs, memoryview(b"".join(batch.data)), batch.zeros)
+    again = tmp_path / "rebuilt-again"
+    shutil.copytree(final, again, ignore=shutil.ignore_patterns("pages-*.img"))
+    shuffled.write_pages_files(again)
+    for name, data in originals.items():
+        assert (again / name).read_bytes() == data, name
+
     # A store that misses a page refuses to write a hole.
     with pytest.raises(IncompleteImage):
-        PageStore().write_pages_files(rebuilt)
+        PageStore(tmp_path / "empty").write_pages_files(rebuilt)
 
 
 async def test_paused_dump_stays_frozen_and_resumes(

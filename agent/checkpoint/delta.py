@@ -8,16 +8,20 @@ received and, after the final dump, writes complete pages files for CRIU's resto
 from __future__ import annotations
 
 import hashlib
+import logging
 import mmap
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.checkpoint.images import PAGE_SIZE, PageMap, read_pagemaps
 from agent.errors import FerrymanError
 
+log = logging.getLogger(__name__)
 ZERO_PAGE = bytes(PAGE_SIZE)
+ZERO_DIGEST = b""  # what the tracker remembers for a zero page (never a real blake2b digest)
 
 
 class IncompleteImage(FerrymanError):
@@ -27,6 +31,8 @@ class IncompleteImage(FerrymanError):
 
 # Pages per delta batch: 1 MiB of page data, the stream's chunk size.
 BATCH_PAGES = 256
+# Pages hashed per task on the hashing threads.
+HASH_CHUNK = 2048
 
 
 @dataclass
@@ -51,11 +57,24 @@ class DeltaStats:
     unchanged: int = 0
 
 
+def _digests(view: memoryview, first: int, count: int) -> list[bytes]:
+    """A 16-byte digest per page; a zero page gets ZERO_DIGEST without hashing."""
+    out = []
+    for index in range(first, first + count):
+        page = view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
+        out.append(ZERO_DIGEST if page == ZERO_PAGE else hashlib.blake2b(page, digest_size=16).digest())
+    return out
+
+
 class PageTracker:
     """Source side: what the target already holds, as one digest per page."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 2) -> None:
         self._sent: dict[tuple[str, int], bytes] = {}
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="page-hash")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def delta(self, image_dir: Path, stats: DeltaStats) -> Iterator[PageBatch]:
         """Batches of pages that differ from what was sent; call from a worker thread (it hashes)."""
@@ -73,29 +92,31 @@ class PageTracker:
     def _scan(self, pm: PageMap, view: memoryview, stats: DeltaStats) -> Iterator[PageBatch]:
         batch = PageBatch(pm.name)
         sent = self._sent
-        for index, vaddr in enumerate(pm.present_vaddrs()):
-            page = view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
-            stats.pages += 1
-            key = (pm.name, vaddr)
-            if page == ZERO_PAGE:
-                if sent.get(key) != b"":
-                    sent[key] = b""
+        vaddrs = list(pm.present_vaddrs())
+        # Digests of HASH_CHUNK pages at a time on the pool's threads (blake2b releases the GIL),
+        # a few chunks ahead of the comparison loop.
+        chunks = range(0, len(vaddrs), HASH_CHUNK)
+        digests = self._pool.map(lambda first: _digests(view, first, min(HASH_CHUNK, len(vaddrs) - first)), chunks)
+        for first, chunk in zip(chunks, digests, strict=True):
+            for offset, digest in enumerate(chunk):
+                index = first + offset
+                vaddr = vaddrs[index]
+                stats.pages += 1
+                key = (pm.name, vaddr)
+                if sent.get(key) == digest:
+                    stats.unchanged += 1
+                    continue
+                sent[key] = digest
+                if digest == ZERO_DIGEST:
                     batch.zeros.append(vaddr)
                     stats.zero += 1
-                else:
-                    stats.unchanged += 1
-                continue
-            digest = hashlib.blake2b(page, digest_size=16).digest()
-            if sent.get(key) == digest:
-                stats.unchanged += 1
-                continue
-            sent[key] = digest
-            batch.vaddrs.append(vaddr)
-            batch.data.append(bytes(page))  # a copy: the dump dir is removed after this round
-            stats.changed += 1
-            if len(batch.vaddrs) >= BATCH_PAGES:
-                yield batch
-                batch = PageBatch(pm.name)
+                    continue
+                batch.vaddrs.append(vaddr)
+                batch.data.append(bytes(view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]))  # the dump dir goes
+                stats.changed += 1
+                if len(batch.vaddrs) >= BATCH_PAGES:
+                    yield batch
+                    batch = PageBatch(pm.name)
         if batch.vaddrs or batch.zeros:
             yield batch
 
@@ -104,52 +125,147 @@ class PageTracker:
 
 
 class PageStore:
-    """Target side: every page received, by (pagemap name, address); zero pages are implicit."""
+    """Target side: every page received, kept in one file per pagemap (on the migration's tmpfs).
 
-    def __init__(self) -> None:
-        self._pages: dict[tuple[str, int], bytes | memoryview] = {}
+    Pages get a slot in arrival order, which for the first round is the dump's own order. When the
+    final dump lists the same pages in the same order (the common case: a process whose mappings did
+    not change), its pages file *is* the store file and is handed to CRIU by a rename: no copy of the
+    whole memory while the workload is frozen. Otherwise the pages file is assembled from the slots.
+    Zero pages are holes in the file, which read back as zeros and take no memory.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._files: dict[str, _PageFile] = {}
 
     def __len__(self) -> int:
-        return len(self._pages)
+        return sum(len(f.slots) for f in self._files.values())
+
+    def _file(self, pagemap: str) -> _PageFile:
+        page_file = self._files.get(pagemap)
+        if page_file is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            page_file = self._files[pagemap] = _PageFile(self.directory / f"{pagemap}.pages")
+        return page_file
 
     def add(self, pagemap: str, vaddrs: list[int], data: memoryview, zeros: list[int]) -> None:
-        for i, vaddr in enumerate(vaddrs):
-            self._pages[(pagemap, vaddr)] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-        for vaddr in zeros:
-            self._pages[(pagemap, vaddr)] = ZERO_PAGE
+        """Store pages (call from a worker thread: it writes). `data` holds len(vaddrs) pages."""
+        page_file = self._file(pagemap)
+        if zeros:  # new pages take slots in address order, zero or not, so round one mirrors the dump
+            for vaddr in sorted((*vaddrs, *zeros)):
+                page_file.slot(vaddr)
+        page_file.write(vaddrs, data)
+        page_file.zero(zeros)
 
     def write_pages_files(self, image_dir: Path) -> int:
-        """Write the pages file of every pagemap in `image_dir` from the store; returns bytes written.
+        """Put the pages file of every pagemap in `image_dir` in place; returns the bytes it holds.
 
         A page the store has never seen is an error: restoring from a hole would corrupt memory.
         """
-        written = 0
+        total = 0
         for pm in read_pagemaps(image_dir):
+            wanted = list(pm.present_vaddrs())
+            page_file = self._files.get(pm.name)
             target = image_dir / pm.pages_file
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                buffers: list[bytes | memoryview] = []
-                for vaddr in pm.present_vaddrs():
-                    page = self._pages.get((pm.name, vaddr))
-                    if page is None:
-                        raise IncompleteImage(f"{pm.name}: page {vaddr:#x} was never received")
-                    buffers.append(page)
-                    if len(buffers) == 1024:
-                        written += _writev_all(fd, buffers)
-                        buffers = []
-                if buffers:
-                    written += _writev_all(fd, buffers)
-            finally:
-                os.close(fd)
-        return written
+            if page_file is None:
+                if wanted:
+                    raise IncompleteImage(f"{pm.name}: no page was ever received")
+                target.write_bytes(b"")
+                continue
+            missing = next((v for v in wanted if v not in page_file.slots), None)
+            if missing is not None:
+                raise IncompleteImage(f"{pm.name}: page {missing:#x} was never received")
+            misplaced = [i for i, v in enumerate(wanted) if i >= len(page_file.order) or page_file.order[i] != v]
+            if len(misplaced) <= max(64, len(wanted) // 8):
+                # The store file is the pages file but for a few pages: read those, rename, patch them in.
+                patches = {i: page_file.read(wanted[i]) for i in misplaced}
+                page_file.close()
+                page_file.path.replace(target)  # same filesystem: a rename, not a copy
+                del self._files[pm.name]
+                _patch(target, patches, len(wanted))
+            else:
+                log.info("pages file by copy: mappings changed a lot since the first round", extra={"pagemap": pm.name})
+                page_file.copy_to(target, wanted)
+            total += len(wanted) * PAGE_SIZE
+        return total
+
+    def close(self) -> None:
+        for page_file in self._files.values():
+            page_file.close()
 
 
-def _writev_all(fd: int, buffers: list[bytes | memoryview]) -> int:
-    total = sum(len(b) for b in buffers)
-    done = os.writev(fd, buffers)
-    if done != total:  # short write: finish the rest the simple way
-        rest = b"".join(bytes(b) for b in buffers)[done:]
-        while rest:
-            n = os.write(fd, rest)
-            rest = rest[n:]
-    return total
+class _PageFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.slots: dict[int, int] = {}
+        self.order: list[int] = []
+        self.filled: set[int] = set()
+        """Slots written with data (all others are holes, i.e. zero pages)."""
+
+    def slot(self, vaddr: int) -> int:
+        slot = self.slots.get(vaddr)
+        if slot is None:
+            slot = self.slots[vaddr] = len(self.order)
+            self.order.append(vaddr)
+        return slot
+
+    def write(self, vaddrs: list[int], data: memoryview) -> None:
+        # Runs of consecutive slots go out in one pwrite each; round one is a single run per batch.
+        run_start, run_first = 0, -1
+        for i, vaddr in enumerate(vaddrs):
+            slot = self.slot(vaddr)
+            if run_first < 0:
+                run_start, run_first = i, slot
+            elif slot != run_first + (i - run_start):
+                self._pwrite(run_first, data[run_start * PAGE_SIZE : i * PAGE_SIZE])
+                run_start, run_first = i, slot
+        if run_first >= 0:
+            self._pwrite(run_first, data[run_start * PAGE_SIZE : len(vaddrs) * PAGE_SIZE])
+
+    def zero(self, vaddrs: list[int]) -> None:
+        for vaddr in vaddrs:
+            slot = self.slot(vaddr)
+            if slot in self.filled:  # it holds old content: overwrite (a never-written slot is a hole)
+                self._pwrite(slot, ZERO_PAGE)
+                self.filled.discard(slot)
+
+    def _pwrite(self, slot: int, data: bytes | memoryview) -> None:
+        self.filled.update(range(slot, slot + len(data) // PAGE_SIZE))
+        offset, view = slot * PAGE_SIZE, memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            offset += written
+            view = view[written:]
+
+    def read(self, vaddr: int) -> bytes:
+        data = os.pread(self.fd, PAGE_SIZE, self.slots[vaddr] * PAGE_SIZE)
+        return data + bytes(PAGE_SIZE - len(data))  # past the end of the file: a hole, zeros
+
+    def copy_to(self, target: Path, vaddrs: list[int]) -> None:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, len(self.order) * PAGE_SIZE))
+            out = 0
+            for vaddr in vaddrs:
+                os.copy_file_range(self.fd, fd, PAGE_SIZE, self.slots[vaddr] * PAGE_SIZE, out)
+                out += PAGE_SIZE
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, len(self.order) * PAGE_SIZE))
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _patch(path: Path, pages: dict[int, bytes], count: int) -> None:
+    """Write `pages` (by page index) into the pages file and cut it to `count` pages."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for index, data in pages.items():
+            os.pwrite(fd, data, index * PAGE_SIZE)
+        os.ftruncate(fd, count * PAGE_SIZE)
+    finally:
+        os.close(fd)

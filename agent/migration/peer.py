@@ -67,9 +67,10 @@ class StreamChannel:
         await self._ch.send_file(path, name)
 
     async def send_pages(self, keys: array[int], data: bytes, zeros: array[int]) -> None:
-        if zeros:  # the channel finds zero pages itself and sends only their numbers
-            keys = keys + zeros
-            data = data + _ZERO * len(zeros)
+        if zeros:
+            # The channel finds zero pages itself and sends only their numbers; keep address order so
+            # the receiver's store mirrors the dump's layout.
+            keys, data = _merge_zero_pages(keys, data, zeros)
         if keys:
             await self._ch.send_pages(keys, data)
 
@@ -118,6 +119,13 @@ class StreamChannel:
             os.close(self._file[1])
             self._file = None
         await self._ch.close()
+
+
+def _merge_zero_pages(keys: array[int], data: bytes, zeros: array[int]) -> tuple[array[int], bytes]:
+    merged = sorted([(k, i) for i, k in enumerate(keys)] + [(k, -1) for k in zeros])
+    view = memoryview(data)
+    pages = [_ZERO if i < 0 else view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for _, i in merged]
+    return array("Q", (k for k, _ in merged)), b"".join(pages)
 
 
 class PeerEndpoint:

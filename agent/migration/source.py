@@ -64,6 +64,7 @@ class SourceMigration:
         self._connect = connect
         self.work = Path(ctx.config.migration.work_dir) / record.id
         self._started = time.monotonic()
+        self._tracker: PageTracker | None = None
 
     # ----- bookkeeping ---------------------------------------------------------------------------
 
@@ -107,6 +108,8 @@ class SourceMigration:
                 return self.record
             raise
         finally:
+            if self._tracker is not None:
+                self._tracker.close()
             shutil.rmtree(self.work, ignore_errors=True)
             if link is not None:
                 await link.close()
@@ -218,6 +221,7 @@ class SourceMigration:
         await tasks.pause(cid)
         await tasks.checkpoint(cid, str(final), leave_running=True)  # a paused task stays frozen
         freeze_dump_ms = (time.monotonic() - frozen_at) * 1000
+        assert self._tracker is not None, "pre-copy ran first"
         stats = await self._send_delta(link, self._tracker, final)
         for path in sorted(final.iterdir()):
             if path.is_file() and not is_pages(path.name):

@@ -71,7 +71,7 @@ class TargetMigration:
         self.container: dict[str, Any] = prepare["container"]
         self.work = Path(ctx.config.migration.work_dir) / record.id
         self.images_dir = self.work / "images"
-        self.store = PageStore()
+        self.store = PageStore(self.work / "pagestore")
         self._lease: str | None = None
         self.service_ip: str | None = (self.container.get("labels") or {}).get(LABEL_SERVICE_IP)
         self._netns: NetnsInfo | None = None
@@ -114,6 +114,7 @@ class TargetMigration:
                 raise
         finally:
             await link.close()
+            self.store.close()
             shutil.rmtree(self.work, ignore_errors=True)
         return self.record
 
@@ -143,7 +144,7 @@ class TargetMigration:
             msg = await link.recv()
             if isinstance(msg, PagesIn):
                 for pagemap, vaddrs, data, zeros in link.split_pages(msg):
-                    self.store.add(pagemap, vaddrs, data, zeros)
+                    await asyncio.to_thread(self.store.add, pagemap, vaddrs, data, zeros)
             elif isinstance(msg, FileIn):
                 dest = self.images_dir / msg.name
                 if msg.path != dest:
@@ -175,7 +176,12 @@ class TargetMigration:
 
     async def _restore(self, rw_digest: str) -> float:
         cid = self.container["id"]
+        started = time.monotonic()
         await asyncio.to_thread(self.store.write_pages_files, self.images_dir)
+        log.info(
+            "pages files ready",
+            extra={"migration": self.record.id, "ms": round((time.monotonic() - started) * 1000, 1)},
+        )
         if self.ctx.failpoints.action("target.corrupt_images") == "corrupt":
             for core in self.images_dir.glob("core-*.img"):
                 core.write_bytes(b"\0" * 16)  # CRIU itself must then refuse the images
