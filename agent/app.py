@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from types import TracebackType
 
+from agent.checkpoint.criuconf import ensure_criu_config
 from agent.config import AgentConfig
 from agent.containerd import Containerd
 from agent.images.service import ImageService
@@ -29,6 +30,7 @@ class Agent:
             config.runtime,
             self.images.platform,
             network=ServiceNetwork(config.network, cd.namespace),
+            criu_config=ensure_criu_config(config.state_dir),
         )
         self.host_name = config.host_name or socket.gethostname()
         self.peers = PeerEndpoint(config, self.host_name)

@@ -96,7 +96,10 @@ async def test_client_sees_only_the_pause_and_tcp_survives(mesh: Mesh) -> None:
         assert sock.recv(64) == b"before\n"
         await asyncio.sleep(0.5)
         record = await migrate(h1, "svc", "h2")
-        assert record["state"] == "COMMIT", record
+        if record["state"] != "COMMIT":
+            log = h1.containerd.state / "io.containerd.runtime.v2.task" / "ferryman" / "svc" / "criu-dump.log"
+            print(log.read_text()[-3000:] if log.exists() else "no dump log")
+        assert record["state"] == "COMMIT", record.get("error")
         await asyncio.sleep(1.0)
         sock.sendall(b"after\n")  # the same TCP connection, now served from h2
         assert sock.recv(64) == b"after\n"

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Protocol
 
+from agent.checkpoint.criuconf import ensure_criu_config
 from agent.config import AgentConfig
 from agent.containerd import Containerd
 from agent.errors import ContainerdNotFound, FerrymanError, InvalidRequest, NotFound
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 # How often a waiting side asks its peer again for a decision it could not learn.
 RESOLVE_INTERVAL = 2.0
-CRIU_CONFIG = "tcp-established\next-unix-sk\nfile-locks\n"
 
 
 class MigrationNotFound(NotFound):
@@ -76,7 +76,7 @@ class MigrationService:
         self._records: dict[str, MigrationRecord] = {r.id: r for r in self.journal.all()}
         self._watchers: dict[str, list[asyncio.Queue[MigrationRecord]]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
-        self._criu_config = Path(config.state_dir) / "criu" / "runc.conf"
+        self._criu_config = ensure_criu_config(config.state_dir)
         self._platform = images.platform
 
     # ----- records -------------------------------------------------------------------------------
@@ -182,9 +182,6 @@ class MigrationService:
         )
 
     def _target_context(self) -> TargetContext:
-        self._criu_config.parent.mkdir(parents=True, exist_ok=True)
-        if not self._criu_config.exists():
-            self._criu_config.write_text(CRIU_CONFIG)
         return TargetContext(
             config=self.config,
             cd=self._cd,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.checkpoint.criuconf import ANNOTATION as CRIU_ANNOTATION
 from agent.checkpoint.delta import PageStore
 from agent.config import AgentConfig
 from agent.containerd import Containerd, ContainerRecord
@@ -40,7 +41,6 @@ from agent.runtime.spec import set_network_namespace
 log = logging.getLogger(__name__)
 
 LABEL_MIGRATED_FROM = LABEL_PREFIX + "migrated-from"
-CRIU_CONFIG_ANNOTATION = "org.criu.config"
 
 
 class InsufficientSpace(FerrymanError):
@@ -168,7 +168,7 @@ class TargetMigration:
         linux["cgroupsPath"] = f"{self.ctx.config.runtime.cgroup_parent}/{ns}/{cid}"
         spec["linux"] = linux
         annotations = dict(spec.get("annotations") or {})
-        annotations[CRIU_CONFIG_ANNOTATION] = str(self.ctx.criu_config)
+        annotations[CRIU_ANNOTATION] = str(self.ctx.criu_config)
         spec["annotations"] = annotations
         if self._netns is not None:
             set_network_namespace(spec, self._netns.path)  # CRIU restores into this host's namespace

@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from agent.checkpoint.criuconf import ANNOTATION as CRIU_ANNOTATION
 from agent.config import ContainerdConfig, RuntimeConfig
 from agent.containerd import Containerd, ContainerRecord, ProcessInfo, TaskStatus
 from agent.errors import (
@@ -64,11 +65,13 @@ class ContainerService:
         runtime: RuntimeConfig,
         platform: Platform,
         network: ServiceNetwork | None = None,
+        criu_config: Path | None = None,
     ) -> None:
         self._cd = cd
         self._containerd = containerd
         self._runtime = runtime
         self._platform = platform
+        self._criu_config = criu_config
         # Containers with a service address get their own network namespace through this adapter.
         self.network = network if network is not None else ServiceNetwork(namespace=cd.namespace)
 
@@ -99,6 +102,8 @@ class ContainerService:
             # The path is derived from the id alone, so the namespace is made only once the record exists.
             netns_path=self.network.info(req.id).path if service_ip is not None else None,
         )
+        if self._criu_config is not None:  # so that checkpoints of it get ferryman's CRIU options
+            spec.setdefault("annotations", {})[CRIU_ANNOTATION] = str(self._criu_config)
         labels = {
             **req.labels,
             LABEL_MANAGED: "true",
