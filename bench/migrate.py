@@ -59,11 +59,12 @@ async def copy_checkpoint(src: MeshHost, dst: MeshHost, ref: str) -> int:
             for digest, size in blobs:
                 if await lb.content.exists(digest) is not None:
                     continue
+                labels = (await a.content.info(digest)).labels  # the GC references between the blobs
                 async with lb.content.writer(f"copy-{digest}", size, digest) as writer:
                     async for chunk in a.content.read(digest):
                         await writer.write(chunk)
                         copied += len(chunk)
-                    await writer.commit()
+                    await writer.commit(labels)
             await lb.images.put(
                 ImageRecord(name=ref, media_type=record.media_type, digest=record.digest, size=record.size)
             )
@@ -82,7 +83,9 @@ async def stop_and_copy(mesh: Mesh, name: str) -> dict[str, Any]:
     await asyncio.sleep(0.2)
     await h1.actr("tasks", "rm", "-f", name, check=False)
     wire = await copy_checkpoint(h1, h2, ref)
-    await h2.actr("containers", "restore", "--live", "--rw", ref, within=600)
+    restored = await h2.actr("containers", "restore", "--live", "--rw", name, ref, within=600, check=False)
+    if restored.returncode != 0:
+        raise RuntimeError(f"ctr c restore failed: {restored.stderr.strip()}")
     total = time.monotonic() - started
     await asyncio.sleep(1.0)
     status = await memhog_status(h2, name)
