@@ -128,3 +128,35 @@ async def test_paused_dump_stays_frozen_and_resumes(
     await asyncio.sleep(0.5)
     after = await status(containerd, agent, cid)
     assert after.beats > frozen.beats >= before.beats
+
+
+def test_pre_dump_chain_pagemaps_are_flattened(tmp_path: Path) -> None:
+    """Pages a pre-dump chain left in parent images come from the target's store like the others."""
+    from pycriu import images as criu_images
+
+    from agent.checkpoint.images import PE_PARENT, PE_PRESENT, flatten_pagemap, read_pagemap
+    from agent.checkpoint.runc import checkpoint_argv
+
+    img = {
+        "magic": "PAGEMAP",
+        "entries": [
+            {"pages_id": 7},
+            {"vaddr": 0x10000, "nr_pages": 2, "flags": PE_PRESENT, "compat_nr_pages": 0},
+            {"vaddr": 0x20000, "nr_pages": 3, "flags": PE_PARENT, "compat_nr_pages": 0},
+        ],
+    }
+    path = tmp_path / "pagemap-1.img"
+    with path.open("wb") as fh:
+        criu_images.dump(img, fh)
+    assert read_pagemap(path).present_pages == 2
+    assert flatten_pagemap(path) is True
+    flat = read_pagemap(path)
+    assert flat.present_pages == 5 and flat.pages_file == "pages-7.img"
+    assert list(flat.present_vaddrs())[2:] == [0x20000, 0x21000, 0x22000]
+    assert flatten_pagemap(path) is False  # idempotent
+    # The final dump of a chain names its parent relative to its own image dir, as CRIU requires.
+    argv = checkpoint_argv(
+        "/run/r/ns", "c1", tmp_path / "final", tmp_path / "w", pre_dump=False, parent=tmp_path / "round-2"
+    )
+    assert argv[argv.index("--parent-path") + 1] == "../round-2"
+    assert "--leave-running" in argv and "--pre-dump" not in argv

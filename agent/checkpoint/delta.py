@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.checkpoint.images import PAGE_SIZE, PageMap, read_pagemaps
+from agent.checkpoint.images import PAGE_SIZE, PageMap, flatten_pagemap, is_pagemap, read_pagemaps
 from agent.errors import FerrymanError
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,9 @@ class PageStore:
         A page the store has never seen is an error: restoring from a hole would corrupt memory.
         """
         total = 0
+        for path in sorted(image_dir.iterdir()):
+            if is_pagemap(path.name):
+                flatten_pagemap(path)  # pages a pre-dump chain left in parents come from the store too
         for pm in read_pagemaps(image_dir):
             wanted = list(pm.present_vaddrs())
             page_file = self._files.get(pm.name)

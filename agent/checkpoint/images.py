@@ -64,3 +64,25 @@ def read_pagemap(path: Path) -> PageMap:
 
 def read_pagemaps(image_dir: Path) -> list[PageMap]:
     return [read_pagemap(p) for p in sorted(image_dir.iterdir()) if is_pagemap(p.name)]
+
+
+def flatten_pagemap(path: Path) -> bool:
+    """Mark pages that a pre-dump chain kept in parent images as present in this dump's own pages file.
+
+    The target assembles complete pages files from everything it received, so the restore needs no
+    parent images. Returns True when the pagemap changed.
+    """
+    with path.open("rb") as fh:
+        img = criu_images.load(fh)
+    changed = False
+    for entry in img["entries"][1:]:
+        flags = int(entry.get("flags", PE_PRESENT))
+        if flags & PE_PARENT:
+            entry["flags"] = (flags & ~PE_PARENT) | PE_PRESENT
+            changed = True
+    if changed:
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as fh:
+            criu_images.dump(img, fh)
+        tmp.replace(path)
+    return changed

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.checkpoint.criuconf import ensure_criu_config
+from agent.checkpoint.features import CriuFeatures
+from agent.checkpoint.features import detect as detect_criu
 from agent.config import AgentConfig
 from agent.containerd import Containerd
 from agent.errors import ContainerdNotFound, FerrymanError, InvalidRequest, NotFound
@@ -78,6 +80,7 @@ class MigrationService:
         self._tasks: set[asyncio.Task[object]] = set()
         self._criu_config = ensure_criu_config(config.state_dir)
         self._platform = images.platform
+        self._features: CriuFeatures | None = None
 
     # ----- records -------------------------------------------------------------------------------
 
@@ -148,7 +151,8 @@ class MigrationService:
         )
         self.journal.write(record)
         self._publish(record)
-        migration = SourceMigration(self._source_context(), record, lambda: self._transport.connect(target, record.id))
+        context = self._source_context(await self._soft_dirty())
+        migration = SourceMigration(context, record, lambda: self._transport.connect(target, record.id))
         self._spawn(self._run_source(migration), f"migration-{record.id}")
         return record
 
@@ -170,8 +174,19 @@ class MigrationService:
                 return peer.address
         raise UnknownPeer(f"no peer named {host} in this agent's [[peers]]")
 
-    def _source_context(self) -> SourceContext:
+    async def _soft_dirty(self) -> bool:
+        """Whether CRIU can pre-dump on this kernel; detected once (None until then)."""
+        if self._features is None:
+            try:
+                self._features = await detect_criu()
+            except FerrymanError as exc:
+                raise InvalidRequest(f"migration needs CRIU: {exc.message}") from exc
+            log.info("CRIU features", extra=self._features.to_json())
+        return self._features.mem_dirty_track
+
+    def _source_context(self, soft_dirty: bool = False) -> SourceContext:
         return SourceContext(
+            soft_dirty=soft_dirty,
             config=self.config,
             cd=self._cd,
             journal=self.journal,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from agent.checkpoint.delta import DeltaStats, PageTracker
 from agent.checkpoint.images import is_pages
+from agent.checkpoint.runc import runc_checkpoint, runc_state_root
 from agent.config import AgentConfig
 from agent.containerd import Containerd, TaskStatus
 from agent.errors import ContainerNotFound, FerrymanError
@@ -55,6 +56,8 @@ class SourceContext:
     publish: Callable[[MigrationRecord], None]
     """Called with every new version of the record (progress, API, metrics)."""
     network: ServiceNetwork
+    soft_dirty: bool = False
+    """CRIU can pre-dump here (mem_dirty_track): rounds dump only written pages, via runc."""
 
 
 class SourceMigration:
@@ -65,6 +68,7 @@ class SourceMigration:
         self.work = Path(ctx.config.migration.work_dir) / record.id
         self._started = time.monotonic()
         self._tracker: PageTracker | None = None
+        self._parent: Path | None = None
 
     # ----- bookkeeping ---------------------------------------------------------------------------
 
@@ -150,28 +154,33 @@ class SourceMigration:
         return resident_bytes(await self.ctx.cd.tasks.pids(cid))
 
     async def _precopy(self, link: Link) -> None:
-        cid, tasks = self.record.container, self.ctx.cd.tasks
         target_s = self.record.options.downtime_target_ms / 1000
         tracker = self._tracker = PageTracker()
         rounds: list[Round] = []
         dirty: list[int] = []
+        previous: Path | None = None
         while True:
             number = len(rounds) + 1
             await self.ctx.failpoints.hit(f"source.precopy.round{number}")
             round_dir = self.work / f"round-{number}"
             round_dir.mkdir(parents=True)
             started = time.monotonic()
-            await tasks.checkpoint(cid, str(round_dir), leave_running=True)
+            await self._dump(round_dir, pre_dump=True, parent=previous)
             dump_s = time.monotonic() - started
             sent_before = link.bytes_wire
             started = time.monotonic()
             stats = await self._send_delta(link, tracker, round_dir)
             transfer_s = time.monotonic() - started
-            shutil.rmtree(round_dir, ignore_errors=True)
+            if self.ctx.soft_dirty:  # the next pre-dump needs this one as its parent
+                if previous is not None:
+                    shutil.rmtree(previous, ignore_errors=True)
+                previous = round_dir
+            else:
+                shutil.rmtree(round_dir, ignore_errors=True)
+            self._parent = previous
             await link.send("round", number=number, pages=stats.changed, zero=stats.zero)
             rounds.append(Round(stats.changed, link.bytes_wire - sent_before, transfer_s))
             dirty.append(stats.changed)
-            self._freeze_estimate = dump_s
             verdict = decide(
                 rounds,
                 Overheads(freeze_s=dump_s, restore_s=dump_s * RESTORE_PER_DUMP),
@@ -182,6 +191,15 @@ class SourceMigration:
             if verdict != Verdict.CONTINUE:
                 break
         self._advance(Event.CONVERGED)
+
+    async def _dump(self, image_dir: Path, *, pre_dump: bool, parent: Path | None) -> None:
+        """One round's dump: a runc pre-dump chain with soft-dirty, else a full dump through containerd."""
+        cid = self.record.container
+        if self.ctx.soft_dirty:
+            root = runc_state_root(self.ctx.config.containerd.runc_root, self.ctx.cd.namespace)
+            await runc_checkpoint(root, cid, image_dir, self.work / "criu-work", pre_dump=pre_dump, parent=parent)
+        else:
+            await self.ctx.cd.tasks.checkpoint(cid, str(image_dir), leave_running=True)
 
     async def _send_delta(self, link: Link, tracker: PageTracker, image_dir: Path) -> DeltaStats:
         """Hash pages in a worker thread and send batches as they come, so both overlap."""
@@ -219,7 +237,7 @@ class SourceMigration:
         await link.send("stopcopy")
         frozen_at = time.monotonic()
         await tasks.pause(cid)
-        await tasks.checkpoint(cid, str(final), leave_running=True)  # a paused task stays frozen
+        await self._dump(final, pre_dump=False, parent=self._parent)  # a paused task stays frozen
         freeze_dump_ms = (time.monotonic() - frozen_at) * 1000
         assert self._tracker is not None, "pre-copy ran first"
         stats = await self._send_delta(link, self._tracker, final)

@@ -22,12 +22,13 @@ raised to the consumer and again on every later call: nothing after it is delive
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import hashlib
 import os
 from array import array
-from collections.abc import AsyncIterable, Callable, Generator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BufferedReader
@@ -517,6 +518,18 @@ class Channel:
             raise InvalidRequest("send_file from an iterable needs its size")
         return await self._send_chunks(_any_chunks(source, self.options.chunk_size), name, size, mode, sha256)
 
+    @contextlib.asynccontextmanager
+    async def _file_guard(self, name: str) -> AsyncIterator[None]:
+        """A file half sent (cancelled, source error) leaves the peer inside it: no later send
+        could be understood, so the direction is failed here, loudly, instead of at the peer."""
+        try:
+            yield
+        except BaseException:
+            if self._tx_error is None and self._tx_state is _TxState.OPEN:
+                self._tx_error = StreamClosed(f"sending {name} was interrupted; this stream cannot continue")
+                self._tx_state = _TxState.FAILED
+            raise
+
     async def _begin_file(self, name: str, size: int, mode: int, sha256: str | None) -> None:
         await self._submit(
             Kind.FILE_BEGIN, self._seal_bytes(Kind.FILE_BEGIN, encode_file_begin(name, size, mode, sha256))
@@ -544,7 +557,7 @@ class Channel:
             if size is not None and size != st.st_size:
                 raise InvalidRequest(f"{path} has {st.st_size} bytes, not {size}")
             size = st.st_size
-            async with self._file_lock:
+            async with self._file_lock, self._file_guard(name):
                 await self._begin_file(name, size, st.st_mode & 0o7777 if mode is None else mode, sha256)
                 hasher = hashlib.sha256()
                 total = 0
@@ -567,7 +580,7 @@ class Channel:
     async def _send_chunks(
         self, chunks: AsyncIterable[bytes | memoryview], name: str, size: int, mode: int | None, sha256: str | None
     ) -> FileDone:
-        async with self._file_lock:
+        async with self._file_lock, self._file_guard(name):
             await self._begin_file(name, size, 0o644 if mode is None else mode, sha256)
             hasher = hashlib.sha256()
             total = 0
