@@ -1,0 +1,976 @@
+"""The migration stream: round trips over real mTLS sockets, and every kind of tampering detected.
+
+Tampering is injected by a frame-aware TCP proxy between the two ends. TLS would reject any
+altered byte before our framing saw it, so the tamper tests run the framing over plain TCP on
+loopback; the round-trip tests prove the same code over mutual TLS (TlsSocket and asyncio TLS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import threading
+from array import array
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lz4.frame
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.errors import DigestMismatch, InvalidRequest
+from agent.stream import (
+    AuthenticationFailed,
+    Channel,
+    Compression,
+    Control,
+    FileChunk,
+    FileDigestMismatch,
+    FileDone,
+    FileSink,
+    FileStart,
+    MalformedFrame,
+    Message,
+    MigrationMismatch,
+    OutOfOrderChunk,
+    PageBatch,
+    ReplayedChunk,
+    StreamAborted,
+    StreamClosed,
+    StreamError,
+    StreamHandshakeError,
+    StreamIntegrityError,
+    StreamOptions,
+    TlsSocket,
+    TruncatedStream,
+    UnexpectedKind,
+    accept_receiver,
+    accept_tls,
+    connect_tls,
+    establish,
+    open_sender,
+)
+from agent.stream.frames import (
+    HEADER,
+    HEADER_SIZE,
+    PAGE_HEADER,
+    Kind,
+    check_path,
+    decode_pages,
+    encode_file_begin,
+    encode_pages_parts,
+    find_zero_pages,
+    migration_tag,
+)
+from agent.stream.seal import Hello, SealedFrame, Sealer, decompress_chunk
+from tests.harness.tls import CertAuthority
+
+PAGE = 4096
+MIB = 1 << 20
+
+
+# ---- helpers: certificates, sockets, a tampering proxy ----
+
+
+@dataclass
+class Peer:
+    cert: Path
+    key: Path
+
+
+def issue_peer(ca: CertAuthority, name: str) -> Peer:
+    """An agent-style certificate: usable as TLS server and client (mutual TLS)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    cert_path, key_path = ca.directory / f"{name}.pem", ca.directory / f"{name}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return Peer(cert_path, key_path)
+
+
+def mtls_contexts(ca: CertAuthority, server: Peer, client: Peer) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(server.cert, server.key)
+    sctx.load_verify_locations(ca.cert_path)
+    sctx.verify_mode = ssl.CERT_REQUIRED
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.load_cert_chain(client.cert, client.key)
+    cctx.load_verify_locations(ca.cert_path)
+    return sctx, cctx
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_threads() -> AsyncIterator[None]:
+    """Every channel a test opens must take its threads down when closed."""
+    yield
+    for _ in range(100):
+        left = [t.name for t in threading.enumerate() if t.name.startswith("stream-")]
+        if not left:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"stream threads still running after the test: {left}")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = CertAuthority(tmp_path_factory.mktemp("stream-ca"))
+    return mtls_contexts(ca, issue_peer(ca, "target-host"), issue_peer(ca, "source-host"))
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one real TCP connection on loopback."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+async def channels(
+    a: object, b: object, migration: str = "mig-1", options: StreamOptions | None = None
+) -> tuple[Channel, Channel]:
+    return await asyncio.gather(
+        open_sender(a, migration, "source-host", options=options),
+        accept_receiver(b, migration, "target-host", options=options),
+    )
+
+
+class Cut(Exception):
+    """Raised by a mutation: send `partial`, then close the connection towards the receiver."""
+
+    def __init__(self, partial: bytes = b"") -> None:
+        super().__init__("cut")
+        self.partial = partial
+
+
+Mutation = Callable[[int, bytes], list[bytes]]
+
+
+class TamperProxy:
+    """Forwards a TCP connection; frames from the sender pass through `mutate(ordinal, frame)`
+    (ordinal 0 is the HELLO, then ordinal == sequence number) and may be dropped, repeated,
+    held back, rewritten or cut. The other direction passes untouched."""
+
+    def __init__(self, mutate: Mutation) -> None:
+        self.sender_end, self._from_sender = tcp_pair()
+        self._to_receiver, self.receiver_end = tcp_pair()
+        self._mutate = mutate
+        self._threads = [
+            threading.Thread(target=self._forward, daemon=True),
+            threading.Thread(target=self._backward, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _read(sock: socket.socket, n: int) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def _forward(self) -> None:
+        ordinal = 0
+        try:
+            while True:
+                header = self._read(self._from_sender, HEADER_SIZE)
+                if header is None:
+                    break
+                length = HEADER.unpack(header)[5]
+                payload = self._read(self._from_sender, length)
+                if payload is None:
+                    break
+                try:
+                    out = self._mutate(ordinal, header + payload)
+                except Cut as cut:
+                    self._to_receiver.sendall(cut.partial)
+                    break
+                for frame in out:
+                    self._to_receiver.sendall(frame)
+                ordinal += 1
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                self._to_receiver.shutdown(socket.SHUT_WR)
+
+    def _backward(self) -> None:
+        with contextlib.suppress(OSError):
+            while data := self._to_receiver.recv(65536):
+                self._from_sender.sendall(data)
+        with contextlib.suppress(OSError):
+            self._from_sender.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for sock in (self._from_sender, self._to_receiver):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for t in self._threads:
+            t.join(5)
+        for sock in (self._from_sender, self._to_receiver):
+            sock.close()
+
+
+@dataclass
+class Outcome:
+    received: list[Message] = field(default_factory=list)
+    error: StreamError | None = None
+    receiver: Channel | None = None
+
+
+async def attack(mutate: Mutation, send: Callable[[Channel], Awaitable[None]]) -> Outcome:
+    """Run `send` through a tampering proxy and collect what the receiver got until it failed."""
+    proxy = TamperProxy(mutate)
+    tx, rx = await channels(proxy.sender_end, proxy.receiver_end)
+    outcome = Outcome(receiver=rx)
+
+    async def sending() -> None:
+        with contextlib.suppress(StreamError):
+            await send(tx)
+
+    async def receiving() -> None:
+        try:
+            async for msg in rx:
+                outcome.received.append(msg)
+        except StreamError as exc:
+            outcome.error = exc
+
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(sending(), receiving())
+            if outcome.error is not None:
+                # Sticky: the receiver never delivers anything after the first failure.
+                with pytest.raises(type(outcome.error)):
+                    await rx.receive()
+    finally:
+        await tx.close()
+        await rx.close()
+        await asyncio.to_thread(proxy.close)
+    return outcome
+
+
+async def six_controls(tx: Channel) -> None:
+    for i in range(1, 7):
+        await tx.send_control({"i": i})
+    await tx.end()
+
+
+def controls(*numbers: int) -> list[Message]:
+    return [Control({"i": i}) for i in numbers]
+
+
+def flip(frame: bytes, offset: int, mask: int = 0x01) -> bytes:
+    out = bytearray(frame)
+    out[offset] ^= mask
+    return bytes(out)
+
+
+def at(target: int, change: Callable[[bytes], list[bytes]]) -> Mutation:
+    def mutate(ordinal: int, frame: bytes) -> list[bytes]:
+        return change(frame) if ordinal == target else [frame]
+
+    return mutate
+
+
+def random_pages(n: int) -> bytes:
+    return os.urandom(n * PAGE)
+
+
+# ---- round trips ----
+
+
+def file_set() -> dict[str, bytes]:
+    text = b"".join(b"line %d: the quick brown fox jumps over the lazy dog\n" % i for i in range(140_000))
+    return {
+        "pages-1.img": os.urandom(5 * MIB + 123),  # incompressible, not a whole chunk
+        "logs/text.img": text,  # compressible, ~7 MiB
+        "core-1.img": os.urandom(1000),
+        "empty.img": b"",
+    }
+
+
+async def round_trip(tx: Channel, rx: Channel, tmp: Path) -> None:
+    files = file_set()
+    numbers = array("Q", range(1000, 1000 + 600))
+    pages = bytearray(random_pages(600))
+    zero_idx = [0, 1, 2, 77, 300, 301, 599]
+    for i in zero_idx:
+        pages[i * PAGE : (i + 1) * PAGE] = bytes(PAGE)
+    # A page that is zero except in its middle must not be taken for a zero page.
+    pages[10 * PAGE : 11 * PAGE] = bytes(2000) + b"x" + bytes(PAGE - 2001)
+    known_zero = array("Q", [5_000_000, 5_000_001])
+
+    async def source() -> dict[str, FileDone]:
+        await tx.send_control({"type": "begin", "files": len(files)})
+        sent = {}
+        for name, data in files.items():
+            sent[name] = await tx.send_file(data, name)
+            await tx.send_control({"type": "progress", "file": name})
+        await tx.send_pages(numbers, pages, known_zero)
+        await tx.end()
+        reply = await tx.recv()
+        assert reply == Control({"type": "ack", "files": len(files)})
+        assert await tx.recv() is None
+        return sent
+
+    async def target() -> tuple[list[Message], dict[str, Path], list[PageBatch]]:
+        sink = FileSink(tmp)
+        seen: list[Message] = []
+        written: dict[str, Path] = {}
+        batches: list[PageBatch] = []
+        async for msg in rx.recv():
+            if not isinstance(msg, FileChunk):
+                seen.append(msg)
+            if isinstance(msg, PageBatch):
+                batches.append(msg)
+            done = await sink.feed(msg)
+            if done is not None:
+                written[done.name] = done.path
+        await rx.send_control({"type": "ack", "files": len(written)})
+        await rx.end()
+        return seen, written, batches
+
+    async with asyncio.timeout(60):
+        sent, (seen, written, batches) = await asyncio.gather(source(), target())
+
+    # Files: intact on disk, SHA-256 as sent, in order with the control messages around them.
+    for name, data in files.items():
+        digest = hashlib.sha256(data).hexdigest()
+        assert sent[name] == FileDone(name, len(data), digest)
+        assert written[name].read_bytes() == data
+        assert written[name] == tmp / name
+    starts = [m for m in seen if isinstance(m, FileStart)]
+    assert [s.path for s in starts] == list(files)
+    assert seen[0] == Control({"type": "begin", "files": 4})
+    assert [m for m in seen if isinstance(m, FileDone)] == list(sent.values())
+
+    # Pages: every page back at its number, zero pages only as numbers.
+    got: dict[int, bytes] = {}
+    zeros: list[int] = []
+    for batch in batches:
+        for i, number in enumerate(batch.pages):
+            got[number] = bytes(batch.page(i))
+        zeros.extend(batch.zero_pages)
+    expected_zero = [numbers[i] for i in zero_idx] + list(known_zero)
+    assert sorted(zeros) == sorted(expected_zero)
+    for i, number in enumerate(numbers):
+        if i not in zero_idx:
+            assert got[number] == pages[i * PAGE : (i + 1) * PAGE]
+    assert len(got) == len(numbers) - len(zero_idx)
+
+    # Counters agree on both sides, and compression paid off for the text file only.
+    assert tx.sent.frames == rx.received.frames
+    assert tx.sent.wire_bytes == rx.received.wire_bytes
+    assert tx.sent.payload_bytes == rx.received.payload_bytes
+    assert rx.received.files == len(files)
+    assert rx.received.zero_pages == len(expected_zero)
+    assert rx.received.pages == len(numbers) - len(zero_idx)
+    assert 0 < tx.sent.compressed_frames < tx.sent.frames
+    assert tx.sent.file_bytes == sum(len(d) for d in files.values())
+    assert tx.bytes_wire < tx.bytes_raw  # the text file shrank more than headers and tags added
+
+
+async def test_round_trip_over_mtls(pki: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path) -> None:
+    sctx, cctx = pki
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        server_tls, client_tls = await asyncio.gather(
+            accept_tls(listener, sctx), connect_tls("127.0.0.1", port, cctx, server_hostname="target-host")
+        )
+    finally:
+        listener.close()
+    assert client_tls.version() == "TLSv1.3"
+    tx, rx = await asyncio.gather(
+        establish(client_tls, "mig-tls", "source-host", initiator=True, expected_peer="target-host"),
+        establish(server_tls, "mig-tls", "target-host", initiator=False, expected_peer="source-host"),
+    )
+    try:
+        assert rx.peer_host == "source-host" and tx.peer_host == "target-host"
+        peer_cert = x509.load_der_x509_certificate(rx.peer_cert_der or b"")
+        assert peer_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "source-host"
+        await round_trip(tx, rx, tmp_path)
+    finally:
+        await asyncio.gather(tx.close(), rx.close())
+
+
+async def test_round_trip_over_asyncio_tls(pki: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path) -> None:
+    """The same stream over an asyncio (StreamReader, StreamWriter) pair with asyncio's TLS."""
+    sctx, cctx = pki
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put((reader, writer))
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0, ssl=sctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = await asyncio.open_connection("127.0.0.1", port, ssl=cctx, server_hostname="target-host")
+        tx, rx = await channels(client, await accepted.get(), "mig-asyncio")
+        try:
+            assert rx.peer_cert_der is not None
+            await round_trip(tx, rx, tmp_path)
+        finally:
+            await asyncio.gather(tx.close(), rx.close())
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_plain_ssl_socket_works(pki: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """An already-wrapped ssl.SSLSocket is accepted too (slower, but correct)."""
+    sctx, cctx = pki
+    a, b = tcp_pair()
+    client, server = await asyncio.gather(
+        asyncio.to_thread(cctx.wrap_socket, a, server_hostname="target-host"),
+        asyncio.to_thread(sctx.wrap_socket, b, server_side=True),
+    )
+    tx, rx = await channels(client, server, "mig-sslsocket")
+    try:
+        data = os.urandom(3 * MIB)
+        send = asyncio.ensure_future(tx.send_file(data, "f.img"))
+        got = bytearray()
+        async for msg in rx:
+            if isinstance(msg, FileChunk):
+                got += msg.data
+            if isinstance(msg, FileDone):
+                break
+        await send
+        assert got == data
+    finally:
+        await asyncio.gather(tx.close(), rx.close())
+
+
+async def test_untrusted_client_certificate_is_refused(
+    pki: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path
+) -> None:
+    sctx, _ = pki
+    stranger_ca = CertAuthority(tmp_path / "stranger")
+    _, stranger_ctx = mtls_contexts(stranger_ca, issue_peer(stranger_ca, "x"), issue_peer(stranger_ca, "y"))
+    stranger_ctx.check_hostname = False
+    stranger_ctx.verify_mode = ssl.CERT_NONE  # it does not even check us: the server must refuse it
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        results = await asyncio.gather(
+            accept_tls(listener, sctx),
+            connect_tls("127.0.0.1", listener.getsockname()[1], stranger_ctx),
+            return_exceptions=True,
+        )
+    finally:
+        listener.close()
+    assert isinstance(results[0], StreamHandshakeError)
+    for r in results:
+        if isinstance(r, TlsSocket):
+            r.close()
+
+
+async def test_duplex_and_interleaved_sends() -> None:
+    """Both sides send at once; control messages interleave with a file, order kept per side."""
+    a, b = tcp_pair()
+    tx, rx = await channels(a, b, options=StreamOptions(chunk_size=64 << 10, depth=3))
+    data = os.urandom(2 * MIB)
+
+    async def side(ch: Channel, label: str) -> list[Message]:
+        async def sends() -> None:
+            await asyncio.gather(ch.send_file(data, f"{label}.img"), *(ch.send_control({"n": i}) for i in range(20)))
+            await ch.end()
+
+        got: list[Message] = []
+
+        async def receives() -> None:
+            async for msg in ch:
+                got.append(msg)
+
+        await asyncio.gather(sends(), receives())
+        return got
+
+    try:
+        async with asyncio.timeout(30):
+            got_tx, got_rx = await asyncio.gather(side(tx, "a"), side(rx, "b"))
+    finally:
+        await asyncio.gather(tx.close(), rx.close())
+    for got, name in ((got_rx, "a.img"), (got_tx, "b.img")):
+        assert [m.body["n"] for m in got if isinstance(m, Control)] == list(range(20))
+        assert b"".join(bytes(m.data) for m in got if isinstance(m, FileChunk)) == data
+        assert [m.path for m in got if isinstance(m, FileDone)] == [name]
+
+
+async def test_send_file_from_path_and_async_iterable(tmp_path: Path) -> None:
+    src = tmp_path / "in.img"
+    src.write_bytes(os.urandom(3 * MIB + 7))
+    src.chmod(0o640)
+    a, b = tcp_pair()
+    tx, rx = await channels(a, b)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(100):
+            yield bytes([i]) * 50_000
+
+    async def send() -> None:
+        await tx.send_file(src, "one.img")
+        await tx.send_file(pieces(), "two.img", 5_000_000)
+        await tx.end()
+
+    try:
+        async with asyncio.timeout(30):
+            sink = FileSink(tmp_path / "out")
+            done = []
+
+            async def recv() -> None:
+                async for msg in rx:
+                    if isinstance(msg, FileStart) and msg.path == "one.img":
+                        assert msg.mode == 0o640 and msg.size == 3 * MIB + 7
+                    if (r := await sink.feed(msg)) is not None:
+                        done.append(r)
+
+            await asyncio.gather(send(), recv())
+    finally:
+        await asyncio.gather(tx.close(), rx.close())
+    assert (tmp_path / "out" / "one.img").read_bytes() == src.read_bytes()
+    assert (tmp_path / "out" / "one.img").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "out" / "two.img").read_bytes() == b"".join(bytes([i]) * 50_000 for i in range(100))
+    assert [r.name for r in done] == ["one.img", "two.img"]
+
+
+async def test_receive_is_cancellation_safe() -> None:
+    a, b = tcp_pair()
+    tx, rx = await channels(a, b)
+    try:
+
+        async def slow_sender() -> None:
+            for i in range(30):
+                await tx.send_control({"i": i})
+                await asyncio.sleep(0.003)
+            await tx.end()
+
+        sender = asyncio.ensure_future(slow_sender())
+        got = []
+        while True:
+            try:
+                msg = await asyncio.wait_for(rx.receive(), 0.002)
+            except TimeoutError:
+                continue
+            if msg is None:
+                break
+            got.append(msg)
+        await sender
+        assert got == [Control({"i": i}) for i in range(30)]
+    finally:
+        await asyncio.gather(tx.close(), rx.close())
+
+
+async def test_abort_reaches_the_peer() -> None:
+    a, b = tcp_pair()
+    tx, rx = await channels(a, b)
+    await tx.send_control({"i": 1})
+    await tx.abort("disk full on source", code="source_failed")
+    try:
+        assert await rx.receive() == Control({"i": 1})
+        with pytest.raises(StreamAborted) as info:
+            await rx.receive()
+        assert info.value.reason == "disk full on source" and info.value.peer_code == "source_failed"
+        with pytest.raises(StreamAborted):
+            await rx.receive()
+    finally:
+        await rx.close()
+
+
+# ---- handshake refusals ----
+
+
+async def test_handshake_refusals() -> None:
+    a, b = tcp_pair()
+    results = await asyncio.gather(
+        establish(a, "mig-a", "src", initiator=True),
+        establish(b, "mig-b", "dst", initiator=False),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, StreamHandshakeError) for r in results), results
+    assert "migration" in str(results[0])
+
+    a, b = tcp_pair()
+    results = await asyncio.gather(
+        establish(a, "m", "src", initiator=True), establish(b, "m", "dst", initiator=True), return_exceptions=True
+    )
+    assert all(isinstance(r, StreamHandshakeError) for r in results), results
+
+    a, b = tcp_pair()
+    results = await asyncio.gather(
+        establish(a, "m", "src", initiator=True, expected_peer="someone-else"),
+        establish(b, "m", "dst", initiator=False),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], StreamHandshakeError)
+    for r in results:
+        if isinstance(r, Channel):
+            await r.close()
+
+    a, b = tcp_pair()
+    b.close()  # nobody there: the HELLO exchange fails, it does not hang
+    with pytest.raises(StreamHandshakeError):
+        await establish(a, "m", "src", initiator=True, options=StreamOptions(handshake_timeout=5))
+
+
+# ---- tampering: every attack detected, nothing delivered after it ----
+
+
+async def test_reordered_chunk() -> None:
+    held: list[bytes] = []
+
+    def swap_3_and_4(ordinal: int, frame: bytes) -> list[bytes]:
+        if ordinal == 3:
+            held.append(frame)
+            return []
+        if ordinal == 4:
+            return [frame, *held]
+        return [frame]
+
+    out = await attack(swap_3_and_4, six_controls)
+    assert isinstance(out.error, OutOfOrderChunk)
+    assert (out.error.expected, out.error.got) == (3, 4)
+    assert "out of order" in str(out.error)
+    assert out.received == controls(1, 2)
+
+
+async def test_replayed_chunk() -> None:
+    out = await attack(at(2, lambda f: [f, f]), six_controls)
+    assert isinstance(out.error, ReplayedChunk)
+    assert "replayed" in str(out.error) and out.error.code == "stream_integrity"
+    assert out.received == controls(1, 2)
+
+
+async def test_dropped_chunk() -> None:
+    out = await attack(at(3, lambda f: []), six_controls)
+    assert isinstance(out.error, OutOfOrderChunk)
+    assert out.received == controls(1, 2)
+
+
+async def test_truncated_mid_frame() -> None:
+    def cut(frame: bytes) -> list[bytes]:
+        raise Cut(frame[: HEADER_SIZE + 5])
+
+    out = await attack(at(3, cut), six_controls)
+    assert isinstance(out.error, TruncatedStream)
+    assert "mid-frame" in str(out.error)
+    assert out.received == controls(1, 2)
+
+
+async def test_truncated_in_header() -> None:
+    def cut(frame: bytes) -> list[bytes]:
+        raise Cut(frame[:10])
+
+    out = await attack(at(3, cut), six_controls)
+    assert isinstance(out.error, TruncatedStream)
+    assert out.received == controls(1, 2)
+
+
+async def test_closed_before_end() -> None:
+    def cut(frame: bytes) -> list[bytes]:
+        raise Cut()
+
+    out = await attack(at(7, cut), six_controls)  # frame 7 is END
+    assert isinstance(out.error, TruncatedStream)
+    assert "before the peer's END" in str(out.error)
+    assert out.received == controls(1, 2, 3, 4, 5, 6)
+
+
+async def test_flipped_payload_bit() -> None:
+    out = await attack(at(3, lambda f: [flip(f, HEADER_SIZE + 2)]), six_controls)
+    assert isinstance(out.error, AuthenticationFailed)
+    assert "authentication failed" in str(out.error)
+    assert out.received == controls(1, 2)
+
+
+async def test_flipped_tag_bit() -> None:
+    out = await attack(at(3, lambda f: [flip(f, len(f) - 1, 0x80)]), six_controls)
+    assert isinstance(out.error, AuthenticationFailed)
+    assert out.received == controls(1, 2)
+
+
+async def test_flipped_kind_bit_to_another_known_kind() -> None:
+    # CONTROL (0x10) -> PAGES (0x30): a valid kind, but the header is authenticated data.
+    out = await attack(at(3, lambda f: [flip(f, 1, 0x20)]), six_controls)
+    assert isinstance(out.error, AuthenticationFailed)
+    assert out.received == controls(1, 2)
+
+
+async def test_flipped_kind_bit_to_unknown_kind() -> None:
+    out = await attack(at(3, lambda f: [flip(f, 1, 0x40)]), six_controls)
+    assert isinstance(out.error, UnexpectedKind)
+    assert "unexpected" in str(out.error)
+    assert out.received == controls(1, 2)
+
+
+async def test_flipped_sequence_bit() -> None:
+    out = await attack(at(3, lambda f: [flip(f, 27, 0x01)]), six_controls)  # seq 3 -> 2
+    assert isinstance(out.error, ReplayedChunk)
+    out = await attack(at(3, lambda f: [flip(f, 27, 0x08)]), six_controls)  # seq 3 -> 11
+    assert isinstance(out.error, OutOfOrderChunk)
+    assert out.received == controls(1, 2)
+
+
+async def test_flipped_flag_bits() -> None:
+    out = await attack(at(3, lambda f: [flip(f, 3, 0x01)]), six_controls)  # COMPRESSED
+    assert isinstance(out.error, AuthenticationFailed)
+    out = await attack(at(3, lambda f: [flip(f, 2, 0x80)]), six_controls)  # an undefined flag
+    assert isinstance(out.error, MalformedFrame)
+    assert out.received == controls(1, 2)
+
+
+async def test_flipped_version_and_length() -> None:
+    out = await attack(at(3, lambda f: [flip(f, 0, 0x02)]), six_controls)
+    assert isinstance(out.error, MalformedFrame)
+    out = await attack(at(3, lambda f: [flip(f, 28, 0x40)]), six_controls)  # length + 1 GiB
+    assert isinstance(out.error, MalformedFrame)
+    assert out.received == controls(1, 2)
+
+
+def forged(migration: str, seq: int, tag: bytes | None = None) -> bytes:
+    """A well-formed CONTROL frame sealed with another migration's key."""
+    sealer = Sealer(os.urandom(32), True, tag or migration_tag(migration), Compression.NEVER, None)
+    frame = sealer.seal(Kind.CONTROL, seq, json.dumps({"i": 99}).encode())
+    return bytes(frame.view)
+
+
+async def test_chunk_from_another_migration() -> None:
+    out = await attack(at(3, lambda f: [forged("mig-2", 3)]), six_controls)
+    assert isinstance(out.error, MigrationMismatch)
+    assert out.received == controls(1, 2)
+
+
+async def test_chunk_with_our_header_but_another_key() -> None:
+    out = await attack(at(3, lambda f: [forged("mig-2", 3, tag=migration_tag("mig-1"))]), six_controls)
+    assert isinstance(out.error, AuthenticationFailed)
+    assert out.received == controls(1, 2)
+
+
+async def test_altered_hello_breaks_the_keys() -> None:
+    """A HELLO changed on the way (here: the sender's public key) yields keys that do not match."""
+
+    def other_key(frame: bytes) -> list[bytes]:
+        hello = json.loads(frame[HEADER_SIZE:])
+        hello["x25519"] = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="  # 32 bytes of 'A'
+        payload = json.dumps(hello).encode()
+        header = HEADER.pack(*HEADER.unpack(frame[:HEADER_SIZE])[:5], len(payload))
+        return [header + payload]
+
+    out = await attack(at(0, other_key), six_controls)
+    assert isinstance(out.error, AuthenticationFailed)
+    assert out.received == []
+
+
+async def test_file_digest_mismatch(tmp_path: Path) -> None:
+    data = os.urandom(3 * MIB)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+
+    async def send(tx: Channel) -> None:
+        await tx.send_file(data, "pages-1.img", sha256=wrong)
+        await tx.end()
+
+    out = await attack(lambda i, f: [f], send)
+    assert isinstance(out.error, FileDigestMismatch)
+    assert isinstance(out.error, DigestMismatch) and out.error.code == "stream_integrity"
+    assert out.error.path == "pages-1.img" and out.error.expected == wrong
+    assert out.error.actual == hashlib.sha256(data).hexdigest()
+    assert not any(isinstance(m, FileDone) for m in out.received)
+
+    # A sink fed the same messages leaves nothing behind once discarded.
+    sink = FileSink(tmp_path)
+    for msg in out.received:
+        await sink.feed(msg)
+    await sink.discard()
+    assert list(tmp_path.iterdir()) == [] or all(p.is_dir() for p in tmp_path.iterdir())
+
+
+async def test_altered_file_chunk_is_caught_by_the_aead_first() -> None:
+    data = os.urandom(3 * MIB)
+
+    async def send(tx: Channel) -> None:
+        await tx.send_file(data, "f.img")
+        await tx.end()
+
+    out = await attack(at(3, lambda f: [flip(f, HEADER_SIZE + 1000)]), send)  # the second FILE_DATA
+    assert isinstance(out.error, AuthenticationFailed)
+    assert [type(m) for m in out.received] == [FileStart, FileChunk]
+
+
+async def test_protocol_state_violations() -> None:
+    """Authentic frames in the wrong order: data outside a file, END inside one."""
+
+    async def data_outside_file(tx: Channel) -> None:
+        await tx._submit(Kind.FILE_DATA, tx._seal_bytes(Kind.FILE_DATA, b"stray"))
+        await tx.end()
+
+    out = await attack(lambda i, f: [f], data_outside_file)
+    assert isinstance(out.error, UnexpectedKind)
+
+    async def end_inside_file(tx: Channel) -> None:
+        begin = encode_file_begin("half.img", 10, 0o644, None)
+        await tx._submit(Kind.FILE_BEGIN, tx._seal_bytes(Kind.FILE_BEGIN, begin))
+        await tx._submit(Kind.FILE_DATA, tx._seal_bytes(Kind.FILE_DATA, b"12345"))
+        await tx.end()
+
+    out = await attack(lambda i, f: [f], end_inside_file)
+    assert isinstance(out.error, TruncatedStream)
+    assert "inside half.img" in str(out.error)
+    assert [type(m) for m in out.received] == [FileStart, FileChunk]
+
+    async def reserved_kind(tx: Channel) -> None:
+        await tx._submit(Kind.PAGE_REQUEST, tx._seal_bytes(Kind.PAGE_REQUEST, b"\x00" * 8))
+        await tx.end()
+
+    out = await attack(lambda i, f: [f], reserved_kind)
+    assert isinstance(out.error, UnexpectedKind)
+    assert "reserved" in str(out.error)
+
+
+async def test_optional_unknown_kind_is_skipped() -> None:
+    """Forward compatibility: an authentic OPTIONAL frame of a kind we do not know is ignored."""
+
+    async def send(tx: Channel) -> None:
+        await tx.send_control({"i": 1})
+
+        def job(seq: int) -> SealedFrame:
+            return tx._sealer.seal(0x7A, seq, b"future", optional=True)
+
+        await tx._submit(Kind.CONTROL, job)
+        await tx.send_control({"i": 2})
+        await tx.end()
+
+    out = await attack(lambda i, f: [f], send)
+    assert out.error is None
+    assert out.received == controls(1, 2)
+
+
+# ---- units: layouts and limits ----
+
+
+def test_pages_layout_and_zero_page_search() -> None:
+    data = bytearray(os.urandom(4 * PAGE))
+    data[PAGE : 2 * PAGE] = bytes(PAGE)
+    data[3 * PAGE + 100] = 0  # not a zero page
+    assert find_zero_pages(memoryview(data), PAGE) == [1]
+    # all-zero first/last words but a non-zero middle
+    data[2 * PAGE : 2 * PAGE + 8] = bytes(8)
+    data[3 * PAGE - 8 : 3 * PAGE] = bytes(8)
+    assert find_zero_pages(memoryview(data), PAGE) == [1]
+
+    parts = encode_pages_parts(PAGE, array("Q", [7, 9, 1 << 40]), array("Q", [8]))
+    payload = b"".join([*parts, data[:PAGE], data[2 * PAGE :]])
+    batch = decode_pages(payload)
+    assert list(batch.pages) == [7, 9, 1 << 40] and list(batch.zero_pages) == [8]
+    assert bytes(batch.page(2)) == bytes(data[3 * PAGE :])
+    assert batch.raw_size == 4 * PAGE
+    with pytest.raises(MalformedFrame):
+        decode_pages(payload[:-1])
+    with pytest.raises(MalformedFrame):
+        decode_pages(PAGE_HEADER.pack(1000, 0, 0, 0))
+
+
+def test_paths_must_stay_inside() -> None:
+    for ok in ("a.img", "dir/pages-1.img", "x..y"):
+        assert check_path(ok) == ok
+    for bad in ("", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/", ".", "a\x00b", "x" * 2000):
+        with pytest.raises(MalformedFrame):
+            check_path(bad)
+
+
+def test_decompression_is_bounded() -> None:
+    bomb = lz4.frame.compress(bytes(8 * MIB), store_size=True)
+    with pytest.raises(MalformedFrame):
+        decompress_chunk(bomb, 4 * MIB)
+    assert decompress_chunk(bomb, 8 * MIB) == bytes(8 * MIB)
+    with pytest.raises(MalformedFrame):
+        decompress_chunk(b"not lz4 at all", MIB)
+
+
+def test_hello_rejects_garbage() -> None:
+    for payload in (b"nope", b"[]", b'{"v":1}', json.dumps({"v": 1, "migration": "m", "host": "h"}).encode()):
+        with pytest.raises(StreamHandshakeError):
+            Hello.decode(payload)
+    good = Hello("m", "h", True, os.urandom(32), 4 * MIB)
+    assert Hello.decode(good.encode()) == good
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(InvalidRequest):
+        StreamOptions(chunk_size=4 * MIB, max_frame=4 * MIB)
+    with pytest.raises(InvalidRequest):
+        StreamOptions(depth=0)
+
+
+async def test_send_argument_checks() -> None:
+    a, b = tcp_pair()
+    tx, rx = await channels(a, b)
+    try:
+        with pytest.raises(InvalidRequest):
+            await tx.send_file(b"x", "../escape")
+        with pytest.raises(InvalidRequest):
+            await tx.send_pages([1, 2], bytes(PAGE))
+        with pytest.raises(InvalidRequest):
+            await tx.send_pages([-1], bytes(PAGE))
+        with pytest.raises(InvalidRequest):
+            await tx.send_file(iter([b"x"]), "f.img")  # an iterable needs its size
+        await tx.end()
+        with pytest.raises(StreamClosed):
+            await tx.send_control({"late": True})
+    finally:
+        await asyncio.gather(tx.close(), rx.close())
+
+
+async def test_interrupted_file_fails_the_direction() -> None:
+    """A file cut short on the sending side must not let later frames look like its content."""
+    a, b = tcp_pair()
+    tx, rx = await channels(a, b, options=StreamOptions(chunk_size=64 << 10, depth=1))
+    try:
+        send = asyncio.ensure_future(tx.send_file(os.urandom(8 * MIB), "big.img"))
+        first = await rx.receive()
+        assert isinstance(first, FileStart)
+        send.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await send
+        with pytest.raises(StreamClosed, match="interrupted"):
+            await tx.send_control({"after": "cancel"})
+    finally:
+        await asyncio.gather(tx.close(), rx.close())
+
+
+def test_integrity_errors_share_one_code() -> None:
+    for cls in (OutOfOrderChunk, ReplayedChunk):
+        assert cls("x", 1, 2).code == "stream_integrity"
+    for cls2 in (AuthenticationFailed, TruncatedStream, UnexpectedKind, MalformedFrame, MigrationMismatch):
+        err = cls2("x")
+        assert isinstance(err, StreamIntegrityError) and err.code == "stream_integrity" and err.http_status == 502
