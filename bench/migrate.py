@@ -121,11 +121,30 @@ async def live(mesh: Mesh, name: str) -> dict[str, Any]:
     }
 
 
+def warm_up_memory(gib: int) -> None:
+    """Touch (then free) guest memory once: on this VM a first touch runs at ~280 MB/s, later ones fast.
+
+    Both sides of the comparison profit alike; without it whichever runs first pays for the VM.
+    """
+    path = Path("/dev/shm/ferryman-bench-warmup")
+    block = b"\x01" * (64 << 20)
+    try:
+        with path.open("wb") as fh:
+            for _ in range(gib * 16):
+                fh.write(block)
+    finally:
+        path.unlink(missing_ok=True)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="64,256,1024")
     parser.add_argument("--rates", default="0,50")
+    parser.add_argument("--warm-up-gib", type=int, default=8, help="guest memory to touch once first")
     args = parser.parse_args()
+    started = time.monotonic()
+    warm_up_memory(args.warm_up_gib)
+    print(f"warmed up {args.warm_up_gib} GiB of memory in {time.monotonic() - started:.1f} s", flush=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     rates = [float(r) for r in args.rates.split(",")]
     base = Path(tempfile.mkdtemp(prefix="ferryman-bench-", dir=pick_base_dir()))

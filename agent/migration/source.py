@@ -241,6 +241,7 @@ class SourceMigration:
         freeze_dump_ms = (time.monotonic() - frozen_at) * 1000
         assert self._tracker is not None, "pre-copy ran first"
         stats = await self._send_delta(link, self._tracker, final)
+        delta_done = time.monotonic()
         for path in sorted(final.iterdir()):
             if path.is_file() and not is_pages(path.name):
                 await link.send_file(path, path.name)
@@ -251,6 +252,16 @@ class SourceMigration:
         rw_file.write_bytes(data)
         await link.send_file(rw_file, RW_LAYER_FILE)
         await link.send("restore", rw_digest=digest)
+        log.info(
+            "stop-copy sent",
+            extra={
+                "migration": self.record.id,
+                "freeze_dump_ms": round(freeze_dump_ms),
+                "delta_ms": round((delta_done - frozen_at) * 1000 - freeze_dump_ms),
+                "delta_pages": stats.changed,
+                "files_ms": round((time.monotonic() - delta_done) * 1000),
+            },
+        )
         self._advance(Event.IMAGES_SENT)
         self._progress(
             link,
