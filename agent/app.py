@@ -10,6 +10,7 @@ from agent.config import AgentConfig
 from agent.containerd import Containerd
 from agent.images.service import ImageService
 from agent.metrics import AgentMetrics
+from agent.migration.failpoints import Failpoints
 from agent.migration.peer import PeerEndpoint
 from agent.migration.service import MigrationService
 from agent.network import ServiceNetwork
@@ -33,9 +34,10 @@ class Agent:
             criu_config=ensure_criu_config(config.state_dir),
         )
         self.host_name = config.host_name or socket.gethostname()
-        self.peers = PeerEndpoint(config, self.host_name)
+        failpoints = Failpoints.from_env()  # fault tests only: empty unless FERRYMAN_FAILPOINTS is set
+        self.peers = PeerEndpoint(config, self.host_name, failpoints)
         self.migrations = MigrationService(
-            config, cd, self.images, self.containers, self.metrics, self.peers, self.host_name
+            config, cd, self.images, self.containers, self.metrics, self.peers, self.host_name, failpoints
         )
 
     @classmethod

@@ -159,3 +159,18 @@ async def test_criu_restore_failure_on_target(mesh: Mesh) -> None:
     assert record["state"] == "ROLLBACK", record
     assert "restore" in record["error"].lower() or "criu" in record["error"].lower()
     await assert_runs_once_on(h1, h2, beats)
+
+
+async def test_corrupted_chunk_is_refused(mesh: Mesh) -> None:
+    """One frame's ciphertext is altered after sealing: the target's AEAD check refuses it, nothing of
+    it is used, and the migration rolls back."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    await restart_with(h1, "stream.corrupt_frame=10")
+    beats = await start_workload(mesh)
+    record = await migrate(h1, "hog", "h2")
+    assert record["state"] == "ROLLBACK", record
+    await assert_runs_once_on(h1, h2, beats)
+    [target_record] = (await api(h2, "GET", "/v1/migrations"))["migrations"]
+    assert target_record["state"] == "ROLLBACK"
+    # The target names the cause; the source only saw the target hang up (or its report of why).
+    assert "authentic" in target_record["error"].lower(), target_record["error"]

@@ -189,8 +189,13 @@ class PageStore:
             else:
                 log.info(
                     "pages file by copy: mappings changed a lot since the first round",
-                    extra={"pagemap": pm.name, "misplaced": len(misplaced), "pages": len(wanted),
-                           "stored": len(page_file.order), "first": misplaced[0]},
+                    extra={
+                        "pagemap": pm.name,
+                        "misplaced": len(misplaced),
+                        "pages": len(wanted),
+                        "stored": len(page_file.order),
+                        "first": misplaced[0],
+                    },
                 )
                 page_file.copy_to(target, wanted)
             total += len(wanted) * PAGE_SIZE

@@ -21,6 +21,7 @@ from typing import Any
 from agent.checkpoint.images import PAGE_SIZE
 from agent.config import AgentConfig
 from agent.errors import FerrymanError
+from agent.migration.failpoints import Failpoints
 from agent.migration.link import ControlIn, FileIn, Incoming, Link, PagesIn, PeerFailed
 from agent.security.tls import client_context, parse_peer_listen, peer_identity, server_context
 from agent.stream import (
@@ -30,6 +31,7 @@ from agent.stream import (
     FileDone,
     FileStart,
     PageBatch,
+    StreamOptions,
     TlsSocket,
     connect_tls,
     establish,
@@ -131,9 +133,10 @@ def _merge_zero_pages(keys: array[int], data: bytes, zeros: array[int]) -> tuple
 class PeerEndpoint:
     """Dials peers for outgoing sessions and serves the peer port for incoming ones."""
 
-    def __init__(self, config: AgentConfig, host_name: str) -> None:
+    def __init__(self, config: AgentConfig, host_name: str, failpoints: Failpoints | None = None) -> None:
         self.config = config
         self.host_name = host_name
+        self.failpoints = failpoints or Failpoints()
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._sessions: set[asyncio.Task[None]] = set()
@@ -159,7 +162,11 @@ class PeerEndpoint:
                 raise PeerFailed(f"{address} is not {host}")
             preamble = json.dumps({"migration": migration_id}).encode()
             await asyncio.to_thread(tls.sendall, _PREAMBLE.pack(_MAGIC, len(preamble)) + preamble)
-            channel = await establish(tls, migration_id, self.host_name, initiator=True, expected_peer=host)
+            corrupt = self.failpoints.action("stream.corrupt_frame")  # e.g. "stream.corrupt_frame=40"
+            options = StreamOptions(corrupt_frame=int(corrupt)) if corrupt else None
+            channel = await establish(
+                tls, migration_id, self.host_name, initiator=True, expected_peer=host, options=options
+            )
         except BaseException:
             tls.abort()
             tls.close()

@@ -65,6 +65,7 @@ class MigrationService:
         metrics: AgentMetrics,
         transport: PeerTransport,
         host_name: str,
+        failpoints: Failpoints | None = None,
     ) -> None:
         self.config = config
         self.host_name = host_name
@@ -74,7 +75,7 @@ class MigrationService:
         self._metrics = metrics
         self._transport = transport
         self.journal = Journal(Path(config.state_dir) / "migrations")
-        self.failpoints = Failpoints.from_env()
+        self.failpoints = failpoints or Failpoints()
         self._records: dict[str, MigrationRecord] = {r.id: r for r in self.journal.all()}
         self._watchers: dict[str, list[asyncio.Queue[MigrationRecord]]] = {}
         self._tasks: set[asyncio.Task[object]] = set()

@@ -104,6 +104,8 @@ class StreamOptions:
     handshake_timeout: float = 30.0
     close_timeout: float = 5.0
     """How long close() waits for queued frames and for the peer's EOF."""
+    corrupt_frame: int = 0
+    """Fault injection for tests only: flip a bit in the ciphertext of this outgoing frame (0: never)."""
 
     def __post_init__(self) -> None:
         if not 64 << 10 <= self.max_frame <= HARD_MAX_FRAME:
@@ -221,6 +223,15 @@ def _u64_array(values: Sequence[int] | array[int]) -> array[int]:
         return array("Q", values)
     except (OverflowError, TypeError) as exc:
         raise InvalidRequest(f"page numbers must be integers in 0..2**64-1: {exc}") from exc
+
+
+def _corrupting(job: Callable[[int], SealedFrame]) -> Callable[[int], SealedFrame]:
+    def corrupted(seq: int) -> SealedFrame:
+        frame = job(seq)
+        frame.view[HEADER_SIZE] ^= 0x01  # after sealing: only the receiver's AEAD check can notice
+        return frame
+
+    return corrupted
 
 
 async def establish(
@@ -395,6 +406,8 @@ class Channel:
         self._tx_seq += 1
         self._tx_inflight += 1
         self._tx_idle.clear()
+        if seq == self.options.corrupt_frame:
+            job = _corrupting(job)
         self._link.submit(self._workers.submit(job, seq))
 
     def _seal_bytes(
