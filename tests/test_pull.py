@@ -46,6 +46,22 @@ async def agent(containerd: PrivateContainerd, registry: DockerRegistry, workdir
         yield a
 
 
+@pytest.fixture
+async def fresh(registry: DockerRegistry, workdir: Path) -> AsyncIterator[tuple[Agent, PrivateContainerd]]:
+    """An agent on a containerd of its own: an empty content store, so byte counts are exact.
+
+    (containerd shares content between namespaces: on the session daemon, layers other tests pulled
+    are already there.)
+    """
+    ctrd = PrivateContainerd(workdir / "ctrd")
+    await ctrd.start()
+    try:
+        async with running_agent(agent_config(ctrd, [registry.registry_config()], workdir)) as a:
+            yield a, ctrd
+    finally:
+        await ctrd.stop()
+
+
 async def assert_nothing_left(agent: Agent, ctrd: PrivateContainerd, ref: str) -> None:
     """A failed pull leaves no image, no lease and no ingest behind."""
     cd = agent.containerd
@@ -55,7 +71,8 @@ async def assert_nothing_left(agent: Agent, ctrd: PrivateContainerd, ref: str) -
     assert ref not in ctrd.ctr("images", "ls", "-q", namespace=cd.namespace).stdout
 
 
-async def test_pull_then_ctr_runs_it(agent: Agent, containerd: PrivateContainerd, registry: DockerRegistry) -> None:
+async def test_pull_then_ctr_runs_it(fresh: tuple[Agent, PrivateContainerd], registry: DockerRegistry) -> None:
+    agent, containerd = fresh
     image = build_test_image().build()
     name = repo()
     await image.push(registry.host, name, "v1")
@@ -100,7 +117,10 @@ async def test_pull_then_ctr_runs_it(agent: Agent, containerd: PrivateContainerd
     assert await cd.leases.list() == []
 
 
-async def test_second_pull_transfers_no_layer_bytes(agent: Agent, registry: DockerRegistry) -> None:
+async def test_second_pull_transfers_no_layer_bytes(
+    fresh: tuple[Agent, PrivateContainerd], registry: DockerRegistry
+) -> None:
+    agent, _ = fresh
     name = repo()
     await build_test_image().build().push(registry.host, name, "v1")
     ref = f"{registry.host}/{name}:v1"
@@ -113,7 +133,7 @@ async def test_second_pull_transfers_no_layer_bytes(agent: Agent, registry: Dock
 
 async def test_layer_shared_with_another_image_is_not_downloaded_again(agent: Agent, registry: DockerRegistry) -> None:
     base = build_test_image().build()
-    bigger = build_test_image(extra_layers=[random_layer(256 << 10, seed=7)]).build()
+    bigger = build_test_image(extra_layers=[random_layer(256 << 10, seed=secrets.randbits(31))]).build()
     name = repo()
     await base.push(registry.host, name, "base")
     await bigger.push(registry.host, name, "bigger")
@@ -183,16 +203,17 @@ async def test_registry_down(containerd: PrivateContainerd, workdir: Path) -> No
 async def test_corrupted_layer_fails_with_digest_mismatch(
     containerd: PrivateContainerd, registry: DockerRegistry, workdir: Path
 ) -> None:
-    image = build_test_image().build()
+    # A layer no other test has: it must really be downloaded (containerd shares content by digest).
+    image = build_test_image(extra_layers=[random_layer(256 << 10, seed=secrets.randbits(31))]).build()
     name = repo()
     await image.push(registry.host, name, "v1")
-    proxy = FaultyProxy(registry.url, corrupt={image.layers[2].digest})
+    proxy = FaultyProxy(registry.url, corrupt={image.layers[-1].digest})
     await proxy.start()
     try:
         config = agent_config(containerd, [RegistryConfig(host=proxy.host, plain_http=True)], workdir)
         async with running_agent(config) as agent:
             ref = f"{proxy.host}/{name}:v1"
-            with pytest.raises(DigestMismatch, match=image.layers[2].digest):
+            with pytest.raises(DigestMismatch, match=image.layers[-1].digest):
                 await agent.images.pull(ref)
             await assert_nothing_left(agent, containerd, ref)
             # With the fault gone the same pull succeeds: nothing half-done blocks it.
@@ -205,7 +226,7 @@ async def test_corrupted_layer_fails_with_digest_mismatch(
 async def test_broken_download_resumes_with_range(
     containerd: PrivateContainerd, registry: DockerRegistry, workdir: Path
 ) -> None:
-    image = build_test_image(extra_layers=[random_layer(3 << 20, seed=11)]).build()
+    image = build_test_image(extra_layers=[random_layer(3 << 20, seed=secrets.randbits(31))]).build()
     big = image.layers[-1]
     name = repo()
     await image.push(registry.host, name, "v1")
@@ -228,9 +249,10 @@ async def test_broken_download_resumes_with_range(
 
 
 async def test_partial_ingest_from_an_earlier_run_is_resumed(
-    agent: Agent, containerd: PrivateContainerd, registry: DockerRegistry
+    fresh: tuple[Agent, PrivateContainerd], registry: DockerRegistry
 ) -> None:
-    image = build_test_image(extra_layers=[random_layer(2 << 20, seed=12)]).build()
+    agent, _ = fresh
+    image = build_test_image(extra_layers=[random_layer(2 << 20, seed=secrets.randbits(31))]).build()
     big = image.layers[-1]
     name = repo()
     await image.push(registry.host, name, "v1")
