@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
@@ -11,7 +13,7 @@ from google.protobuf import field_mask_pb2
 
 from agent.containerd.connection import CallContext, translate
 from agent.containerd.types import ContentInfo, IngestStatus
-from agent.errors import ContainerdConflict, ContainerdNotFound, DigestMismatch
+from agent.errors import ContainerdConflict, ContainerdError, ContainerdNotFound, DigestMismatch
 from proto.containerd.api.services.content.v1 import content_pb2 as pb
 from proto.containerd.api.services.content.v1.content_pb2_grpc import ContentStub
 
@@ -69,8 +71,18 @@ class ContentStore:
         return [IngestStatus(s.ref, s.offset, s.total, s.expected) for s in resp.statuses]
 
     async def abort(self, ref: str) -> None:
-        with contextlib.suppress(ContainerdNotFound):
-            await self._ctx.unary(self._stub.Abort, pb.AbortRequest(ref=ref), f"abort ingest {ref}")
+        # A writer that just closed may still be finishing its files in the ingest dir, and the
+        # removal then fails with "directory not empty" for a moment: retry a few times.
+        for attempt in range(10):
+            try:
+                await self._ctx.unary(self._stub.Abort, pb.AbortRequest(ref=ref), f"abort ingest {ref}")
+                return
+            except ContainerdNotFound:
+                return
+            except ContainerdError as exc:
+                if "not empty" not in exc.message or attempt == 9:
+                    raise
+                await asyncio.sleep(0.05)
 
     def writer(self, ref: str, total: int, expected: str) -> ContentWriter:
         return ContentWriter(self._stub, self._ctx, ref, total, expected)
