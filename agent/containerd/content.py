@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
