@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import json
 import secrets
 import socket
 import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import netns as nsh
-from tests.harness.fleet import api, fleet, migrate, task_states
+from tests.harness.fleet import HTTP_PORT, api, fleet, longest_outage, migrate, probe, task_states
 from tests.harness.images import ImageBuilder, busybox_layer
 from tests.harness.mesh import Mesh
 
-HTTP_PORT, ECHO_PORT = 8080, 9000
+ECHO_PORT = 9000
 SERVICE = (
     "/bin/sh",
     "-c",
@@ -38,37 +36,6 @@ SERVICE = (
 async def mesh(base_dir: Path) -> AsyncIterator[Mesh]:
     async with fleet(base_dir, hosts=2, with_client=True) as m:
         yield m
-
-
-def http_get(host: str, timeout: float) -> bool:
-    conn = http.client.HTTPConnection(host, HTTP_PORT, timeout=timeout)
-    try:
-        conn.request("GET", "/")
-        return conn.getresponse().read().strip() == b"served"
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        conn.close()
-
-
-def probe(host: str, stop: threading.Event, samples: list[tuple[float, bool]]) -> None:
-    """The client: a request every few ms (each with a short timeout) until told to stop, 60 s at most."""
-    started = time.monotonic()
-    while not stop.is_set() and time.monotonic() - started < 60:
-        ok = http_get(host, 0.2)
-        samples.append((time.monotonic(), ok))
-        time.sleep(0.005)
-
-
-def longest_outage(samples: list[tuple[float, bool]]) -> float:
-    """Seconds between the last success before a failure run and the first success after it."""
-    worst, last_ok = 0.0, None
-    for stamp, ok in samples:
-        if ok:
-            if last_ok is not None:
-                worst = max(worst, stamp - last_ok)
-            last_ok = stamp
-    return worst
 
 
 async def test_client_sees_only_the_pause_and_tcp_survives(mesh: Mesh) -> None:

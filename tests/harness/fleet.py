@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import secrets
 import shutil
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +19,7 @@ from tests.harness.mesh import Mesh, MeshHost
 from tests.harness.workloads import MemhogStatus, bundle_rootfs, memhog_image
 
 PEER_PORT = 7443
+HTTP_PORT = 8080
 
 
 def fleet_config(mesh: Mesh, host: MeshHost, idle_timeout: float) -> str:
@@ -88,12 +92,24 @@ async def migrate(source: MeshHost, container: str, target: str, **options: Any)
     return last
 
 
-async def run_memhog(host: MeshHost, mesh: Mesh, name: str, resident_mib: int = 16, rewrite_mbps: float = 1) -> str:
+async def run_memhog(
+    host: MeshHost,
+    mesh: Mesh,
+    name: str,
+    resident_mib: int = 16,
+    rewrite_mbps: float = 1,
+    service_ip: str | None = None,
+) -> str:
+    """memhog on `host`; with a service address it also serves HTTP there (see memhog_image)."""
     repo = f"test/memhog-{secrets.token_hex(3)}"
-    await memhog_image(resident_mib, rewrite_mbps).build().push(mesh.push_host, repo, "v1")
+    image = memhog_image(resident_mib, rewrite_mbps, http_port=HTTP_PORT if service_ip else None)
+    await image.build().push(mesh.push_host, repo, "v1")
     ref = f"{mesh.registry_host}/{repo}:v1"
     await api(host, "POST", "/v1/images/pull", {"ref": ref})
-    await api(host, "POST", "/v1/containers?start=1", {"id": name, "image": ref}, expect=201)
+    body: dict[str, Any] = {"id": name, "image": ref}
+    if service_ip:
+        body["service_ip"] = service_ip
+    await api(host, "POST", "/v1/containers?start=1", body, expect=201)
     return ref
 
 
@@ -126,3 +142,34 @@ async def verify_memory(host: MeshHost, name: str, within: float = 20.0) -> str:
 def task_states(host: MeshHost) -> dict[str, str]:
     out = host.ctr("tasks", "ls").stdout.splitlines()[1:]
     return {line.split()[0]: line.split()[-1] for line in out if line.strip()}
+
+
+def http_get(host: str, timeout: float) -> bool:
+    conn = http.client.HTTPConnection(host, HTTP_PORT, timeout=timeout)
+    try:
+        conn.request("GET", "/")
+        return conn.getresponse().read().strip() == b"served"
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def probe(host: str, stop: threading.Event, samples: list[tuple[float, bool]]) -> None:
+    """The client: a request every few ms (each with a short timeout) until told to stop, 60 s at most."""
+    started = time.monotonic()
+    while not stop.is_set() and time.monotonic() - started < 60:
+        ok = http_get(host, 0.2)
+        samples.append((time.monotonic(), ok))
+        time.sleep(0.005)
+
+
+def longest_outage(samples: list[tuple[float, bool]]) -> float:
+    """Seconds between the last success before a failure run and the first success after it."""
+    worst, last_ok = 0.0, None
+    for stamp, ok in samples:
+        if ok:
+            if last_ok is not None:
+                worst = max(worst, stamp - last_ok)
+            last_ok = stamp
+    return worst

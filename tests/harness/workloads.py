@@ -30,12 +30,21 @@ def static_binary(name: str) -> bytes:
     return out.read_bytes()
 
 
-def memhog_image(resident_mib: int = 16, rewrite_mbps: float = 0, status: str = "/tmp/status") -> ImageBuilder:
-    """busybox + /bin/memhog, running `memhog RESIDENT REWRITE STATUS` by default."""
+def memhog_image(
+    resident_mib: int = 16, rewrite_mbps: float = 0, status: str = "/tmp/status", http_port: int | None = None
+) -> ImageBuilder:
+    """busybox + /bin/memhog, running `memhog RESIDENT REWRITE STATUS` by default.
+
+    With `http_port`, busybox httpd also serves "served" there, for clients that watch the service.
+    """
     layer = Layer([Dir("bin"), File("bin/memhog", static_binary("memhog"), 0o755)], comment="memhog")
-    return ImageBuilder(
-        [busybox_layer(), layer], cmd=("/bin/memhog", str(resident_mib), str(rewrite_mbps), status)
+    memhog = ("/bin/memhog", str(resident_mib), str(rewrite_mbps), status)
+    if http_port is None:
+        return ImageBuilder([busybox_layer(), layer], cmd=memhog)
+    script = (
+        f"mkdir -p /www && echo served > /www/index.html && httpd -p {http_port} -h /www && exec {' '.join(memhog)}"
     )
+    return ImageBuilder([busybox_layer(), layer], cmd=("/bin/sh", "-c", script))
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,11 @@ class MemhogStatus:
     def parse(cls, text: str) -> MemhogStatus:
         fields = dict(part.split("=", 1) for part in text.split())
         return cls(
-            beats=int(fields["beats"]), max_gap_us=int(fields["max_gap_us"]), last_us=int(fields["last_us"]),
-            verified=fields["verified"], pages=int(fields["pages"]),
+            beats=int(fields["beats"]),
+            max_gap_us=int(fields["max_gap_us"]),
+            last_us=int(fields["last_us"]),
+            verified=fields["verified"],
+            pages=int(fields["pages"]),
         )
 
 
