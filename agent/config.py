@@ -56,8 +56,9 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class PullConfig:
-    max_concurrent_layers: int = 4
-    """Layers downloaded at once per pull."""
+    max_concurrent_layers: int = 2
+    """Layers downloaded at once per pull. Few: earlier layers finish first and unpack while later
+    ones download, instead of all finishing together."""
     platform: str = ""
     """os/arch[/variant]; empty means this host's platform."""
     chunk_size: int = 1 << 20

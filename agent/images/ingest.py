@@ -75,6 +75,9 @@ async def _copy(
         async for chunk in blob:
             received += len(chunk)
             on_bytes(len(chunk))
+            if not buf and len(chunk) >= chunk_size:  # the common case: a full chunk, sent without copying
+                await writer.write(chunk)
+                continue
             buf += chunk
             if len(buf) >= chunk_size:
                 await writer.write(bytes(buf))
