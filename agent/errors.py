@@ -23,6 +23,15 @@ FerrymanError
 │   └── PlatformNotFound        an index has no manifest for our platform
 ├── DigestMismatch              content does not hash to what was promised
 └── UnsafeLayer                 a layer tries to write outside the rootfs
+
+Subsystems extend the tree in their own modules, next to the code that raises them:
+  agent/stream/errors.py        StreamError: handshake, closed, aborted, and StreamIntegrityError
+                                (out-of-order / replayed / truncated / altered chunk, file digest)
+  agent/security/               PkiError, TlsConfigError (a ConfigError), PeerIdentityError
+  agent/checkpoint/             CriuUnavailable, IncompleteImage, RuncCheckpointError
+  agent/migration/              PeerFailed, InsufficientSpace, IllegalTransition (a Conflict),
+                                MigrationNotFound and UnknownPeer (NotFound), FailpointError
+  agent/network/                NetworkError, UplinkNotFound
 """
 
 from __future__ import annotations
