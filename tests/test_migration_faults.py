@@ -174,3 +174,25 @@ async def test_corrupted_chunk_is_refused(mesh: Mesh) -> None:
     assert target_record["state"] == "ROLLBACK"
     # The target names the cause; the source only saw the target hang up (or its report of why).
     assert "authentic" in target_record["error"].lower(), target_record["error"]
+
+
+async def test_source_killed_right_after_deciding(mesh: Mesh) -> None:
+    """The source dies after its decision (SWITCH) but before telling the target. The target keeps its
+    restored copy paused, learns the decision once the source is back, and owns the workload."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    await restart_with(h1, "source.decided=exit")
+    beats = await start_workload(mesh)
+    async with h1.session() as http, http.post("/v1/migrations", json={"container": "hog", "target": "h2"}) as r:
+        assert r.status == 202
+    await wait_for_agent_exit(h1)
+    assert task_states(h2).get("hog") == "PAUSED"  # not resumed without the decision...
+    assert task_states(h1).get("hog") == "PAUSED"  # ...and the source copy stays frozen: nothing runs twice
+    await restart_with(h1, None)
+    for _ in range(200):
+        if "hog" not in h1.ctr("containers", "ls", "-q").stdout and task_states(h2).get("hog") == "RUNNING":
+            break
+        await asyncio.sleep(0.1)
+    await assert_runs_once_on(h2, h1, beats)
+    [source_record] = (await api(h1, "GET", "/v1/migrations"))["migrations"]
+    [target_record] = (await api(h2, "GET", "/v1/migrations"))["migrations"]
+    assert (source_record["state"], target_record["state"]) == ("COMMIT", "COMMIT")

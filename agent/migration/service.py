@@ -32,7 +32,6 @@ from agent.migration.record import MigrationId, MigrationOptions, MigrationRecor
 from agent.migration.source import SourceContext, SourceMigration
 from agent.migration.states import Event, State, can_roll_back
 from agent.migration.target import DecisionPending, TargetContext, TargetMigration
-from agent.model import LABEL_SERVICE_IP
 from agent.runtime.service import ContainerService
 
 log = logging.getLogger(__name__)
@@ -82,6 +81,9 @@ class MigrationService:
         self._criu_config = ensure_criu_config(config.state_dir)
         self._platform = images.platform
         self._features: CriuFeatures | None = None
+        self._waiting: dict[str, TargetMigration] = {}
+        """Restored, paused copies waiting for the source's decision."""
+        self._decision_lock = asyncio.Lock()
 
     # ----- records -------------------------------------------------------------------------------
 
@@ -249,6 +251,7 @@ class MigrationService:
         try:
             await migration.run(link)
         except DecisionPending:
+            self._waiting[record.id] = migration
             self._spawn(self._ask_source(migration), f"ask-source-{record.id}")
 
     async def _answer_query(self, link: Link, peer_host: str, migration_id: str) -> None:
@@ -270,10 +273,12 @@ class MigrationService:
         record = self._records.get(migration_id)
         if record is None or record.role != "target":
             raise MigrationNotFound(f"no migration {migration_id} waits here")
-        if record.state == State.RESTORE:
-            await self._commit_target(record)
-        if self._records[migration_id].state != State.COMMIT:
-            raise PeerFailed(f"migration {migration_id} is {record.state.value}, it cannot commit")
+        migration = self._waiting.get(migration_id)
+        if migration is not None:
+            await self._resolve_target(migration, "commit")
+        state = self._records[migration_id].state
+        if state != State.COMMIT:
+            raise PeerFailed(f"migration {migration_id} is {state.value}, it cannot commit")
         await link.send("committed")
 
     # ----- decisions that could not be delivered ---------------------------------------------------
@@ -290,17 +295,30 @@ class MigrationService:
                     await link.send("query", migration=record.id)
                     reply = await link.expect("decision")
                     decision = reply.get("decision")
-                    if decision == "commit":
-                        await migration.commit()
-                        await link.send("committed")
-                        return
-                    if decision == "rollback":
-                        await migration.rollback("the source rolled back")
+                    if decision in ("commit", "rollback") and await self._resolve_target(migration, decision):
+                        if decision == "commit":
+                            await link.send("committed")
                         return
                 finally:
                     await link.close()
             await asyncio.sleep(RESOLVE_INTERVAL)
         log.error("no decision from the source; the restored copy stays paused", extra={"migration": record.id})
+
+    async def _resolve_target(self, migration: TargetMigration, decision: str) -> bool:
+        """Apply the source's decision to a restored, paused copy, once (the source may push it while
+        we ask for it). Returns True when the migration has that outcome now."""
+        async with self._decision_lock:
+            current = self._records[migration.record.id]
+            wanted = State.COMMIT if decision == "commit" else State.ROLLBACK
+            if current.state != State.RESTORE:
+                return current.state == wanted
+            migration.record = current
+            if decision == "commit":
+                await migration.commit()
+            else:
+                await migration.rollback("the source rolled back")
+            self._waiting.pop(current.id, None)
+            return True
 
     async def _finish_switch(self, record: MigrationRecord) -> None:
         """The source decided to commit; deliver that to the target until it confirms."""
@@ -327,17 +345,6 @@ class MigrationService:
         self.journal.write(record)
         self._publish(record)
 
-    async def _commit_target(self, record: MigrationRecord) -> None:
-        await self._cd.tasks.resume(record.container)
-        container = await self._cd.containers.get(record.container)
-        service_ip = container.labels.get(LABEL_SERVICE_IP)
-        if service_ip:
-            info = await self._containers.network.prepare(record.container, service_ip)
-            await self._containers.network.publish(service_ip, info.host_veth)
-        record = record.advance(Event.RESTORED).advance(Event.SWITCHED)
-        self.journal.write(record)
-        self._publish(record)
-
     # ----- after a restart -------------------------------------------------------------------------
 
     async def recover(self) -> None:
@@ -356,6 +363,7 @@ class MigrationService:
                     labels = {}
                 container = {"id": record.container, "image": record.image, "labels": labels}
                 migration = TargetMigration(self._target_context(), record, {"container": container})
+                self._waiting[record.id] = migration
                 self._spawn(self._ask_source(migration), f"ask-source-{record.id}")
             elif record.role == "target":
                 await remove_container(self._cd, record.container, only_migration=record.id)

@@ -272,6 +272,7 @@ class SourceMigration:
         await self.ctx.failpoints.hit("source.restored")
         # The decision: from here on the target's copy is the workload.
         self._advance(Event.RESTORED)
+        await self.ctx.failpoints.hit("source.decided")
         if self._service_ip:
             # Traffic leaves us now (the target publishes the address as it resumes), and our frozen copy
             # loses its link: its sockets must never answer the client again, not even with a FIN.

@@ -103,6 +103,8 @@ class TargetMigration:
                 restore_ms = await self._restore(rw_digest)
                 await link.send("restored", restore_ms=round(restore_ms, 1))
                 await self._await_decision(link)
+        except DecisionPending:
+            raise  # the restored copy stays, paused: the service asks the source what it decided
         except BaseException as exc:
             if pull is not None and not pull.done():
                 pull.cancel()
