@@ -121,3 +121,4 @@ async def test_events_report_image_changes(containerd: PrivateContainerd) -> Non
         await asyncio.gather(watcher, return_exceptions=True)
         await cd.images.delete("ev/img:1")
         await cd.close()
+        await asyncio.sleep(0.1)  # grpc.aio finishes its cancelled stream call in a task of its own
