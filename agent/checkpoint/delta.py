@@ -21,7 +21,8 @@ from agent.errors import FerrymanError
 
 log = logging.getLogger(__name__)
 ZERO_PAGE = bytes(PAGE_SIZE)
-ZERO_DIGEST = b""  # what the tracker remembers for a zero page (never a real blake2b digest)
+DIGEST = 16  # bytes of SHA-256 kept per page (SHA-256: the CPU's SHA extensions make it the fastest here)
+ZERO_DIGEST = bytes(DIGEST)  # what the tracker records for a zero page (a real digest of 0s: p = 2**-128)
 
 
 class IncompleteImage(FerrymanError):
@@ -57,20 +58,31 @@ class DeltaStats:
     unchanged: int = 0
 
 
-def _digests(view: memoryview, first: int, count: int) -> list[bytes]:
-    """A 16-byte digest per page; a zero page gets ZERO_DIGEST without hashing."""
-    out = []
-    for index in range(first, first + count):
-        page = view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
-        out.append(ZERO_DIGEST if page == ZERO_PAGE else hashlib.blake2b(page, digest_size=16).digest())
-    return out
+def _digests(view: memoryview, first: int, count: int) -> bytes:
+    """16 bytes of digest per page, back to back; a zero page is ZERO_DIGEST, without hashing."""
+    return b"".join(
+        ZERO_DIGEST if page == ZERO_PAGE else hashlib.sha256(page).digest()[:DIGEST]
+        for page in (view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(first, first + count))
+    )
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What one pagemap's pages were when last sent: addresses in dump order, digests alike."""
+
+    vaddrs: list[int]
+    digests: bytes
+
+    def digest_of(self, index: dict[int, int], vaddr: int) -> bytes | None:
+        at = index.get(vaddr)
+        return None if at is None else self.digests[at * DIGEST : (at + 1) * DIGEST]
 
 
 class PageTracker:
     """Source side: what the target already holds, as one digest per page."""
 
     def __init__(self, threads: int = 2) -> None:
-        self._sent: dict[tuple[str, int], bytes] = {}
+        self._sent: dict[str, _Sent] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="page-hash")
 
     def close(self) -> None:
@@ -91,32 +103,44 @@ class PageTracker:
 
     def _scan(self, pm: PageMap, view: memoryview, stats: DeltaStats) -> Iterator[PageBatch]:
         batch = PageBatch(pm.name)
-        sent = self._sent
         vaddrs = list(pm.present_vaddrs())
-        # Digests of HASH_CHUNK pages at a time on the pool's threads (blake2b releases the GIL),
-        # a few chunks ahead of the comparison loop.
+        before = self._sent.get(pm.name, _Sent([], b""))
+        # Usually the mappings did not change: then a whole chunk whose digests equal the old ones is
+        # skipped in one comparison, and only chunks with changes are looked at page by page.
+        same_layout = before.vaddrs == vaddrs
+        where = {} if same_layout else {v: i for i, v in enumerate(before.vaddrs)}
+        digests = bytearray(len(vaddrs) * DIGEST)
+        # Digests of HASH_CHUNK pages at a time on the pool's threads (hashlib releases the GIL).
         chunks = range(0, len(vaddrs), HASH_CHUNK)
-        digests = self._pool.map(lambda first: _digests(view, first, min(HASH_CHUNK, len(vaddrs) - first)), chunks)
-        for first, chunk in zip(chunks, digests, strict=True):
-            for offset, digest in enumerate(chunk):
+        results = self._pool.map(lambda first: _digests(view, first, min(HASH_CHUNK, len(vaddrs) - first)), chunks)
+        for first, blob in zip(chunks, results, strict=True):
+            count = len(blob) // DIGEST
+            digests[first * DIGEST : first * DIGEST + len(blob)] = blob
+            stats.pages += count
+            if same_layout and before.digests[first * DIGEST : first * DIGEST + len(blob)] == blob:
+                stats.unchanged += count
+                continue
+            for offset in range(count):
                 index = first + offset
-                vaddr = vaddrs[index]
-                stats.pages += 1
-                key = (pm.name, vaddr)
-                if sent.get(key) == digest:
+                digest = blob[offset * DIGEST : (offset + 1) * DIGEST]
+                old = (
+                    before.digests[index * DIGEST : (index + 1) * DIGEST]
+                    if same_layout
+                    else before.digest_of(where, vaddrs[index])
+                )
+                if old == digest:
                     stats.unchanged += 1
-                    continue
-                sent[key] = digest
-                if digest == ZERO_DIGEST:
-                    batch.zeros.append(vaddr)
+                elif digest == ZERO_DIGEST:
+                    batch.zeros.append(vaddrs[index])
                     stats.zero += 1
-                    continue
-                batch.vaddrs.append(vaddr)
-                batch.data.append(bytes(view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]))  # the dump dir goes
-                stats.changed += 1
-                if len(batch.vaddrs) >= BATCH_PAGES:
-                    yield batch
-                    batch = PageBatch(pm.name)
+                else:
+                    batch.vaddrs.append(vaddrs[index])
+                    batch.data.append(bytes(view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]))  # the dump dir goes
+                    stats.changed += 1
+                    if len(batch.vaddrs) >= BATCH_PAGES:
+                        yield batch
+                        batch = PageBatch(pm.name)
+        self._sent[pm.name] = _Sent(vaddrs, bytes(digests))
         if batch.vaddrs or batch.zeros:
             yield batch
 
