@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import secrets
@@ -66,6 +67,12 @@ async def fleet(base: Path, hosts: int = 2, idle_timeout: float = 10.0, **mesh_k
         await asyncio.gather(*(h.start_agent() for h in mesh.hosts))
         yield mesh
     finally:
+        # Deleting through the agents also removes the containers' network namespaces (/run/netns).
+        for host in mesh.hosts:
+            if host.agent_running:
+                with contextlib.suppress(Exception):
+                    for c in (await api(host, "GET", "/v1/containers"))["containers"]:
+                        await api(host, "DELETE", f"/v1/containers/{c['id']}?force=1", expect=None)
         await mesh.stop()
         for host in mesh.hosts:  # the tmpfs work dirs live outside the mesh dir
             shutil.rmtree(f"/dev/shm/ferryman-{mesh.prefix}-{host.name}", ignore_errors=True)
