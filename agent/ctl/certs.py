@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from agent.ctl.args import positive_int
 from agent.errors import FerrymanError
 from agent.security.pki import (
     DEFAULT_CA_DAYS,
@@ -50,16 +51,6 @@ _KEY_USAGES = (
 )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
-
-
 def add_parser(sub: Any) -> None:
     """Register `certs` and its subcommands on ferryctl's subparsers object."""
     certs = sub.add_parser("certs", help="manage the fleet CA and certificates (offline)")
@@ -68,7 +59,7 @@ def add_parser(sub: Any) -> None:
     p = csub.add_parser("init", help="create the fleet CA")
     p.add_argument("--dir", required=True, type=Path, metavar="DIR", help="directory for ca.pem and ca-key.pem")
     p.add_argument("--name", default="ferryman fleet CA", help="the CA's common name")
-    p.add_argument("--days", type=_positive_int, default=DEFAULT_CA_DAYS, metavar="N", help="CA lifetime in days")
+    p.add_argument("--days", type=positive_int, default=DEFAULT_CA_DAYS, metavar="N", help="CA lifetime in days")
     p.add_argument("--force", action="store_true", help="replace an existing CA (invalidates every certificate)")
 
     p = csub.add_parser("issue", help="issue a host (agent) or operator (ops) certificate")
@@ -81,7 +72,7 @@ def add_parser(sub: Any) -> None:
         "--address", action="append", default=[], metavar="IP", help="IP address SAN (repeatable; agents only)"
     )
     days_help = f"lifetime in days (default {DEFAULT_HOST_DAYS} agent, {DEFAULT_CLIENT_DAYS} ops)"
-    p.add_argument("--days", type=_positive_int, metavar="N", help=days_help)
+    p.add_argument("--days", type=positive_int, metavar="N", help=days_help)
     p.add_argument(
         "--role",
         choices=[r.value for r in Role],

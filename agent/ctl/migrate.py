@@ -15,17 +15,8 @@ from typing import Any
 from rich.console import Console
 
 from agent.ctl import render
+from agent.ctl.args import positive_int
 from agent.ctl.client import AgentClient, ApiError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
 
 
 def add_parsers(sub: Any) -> None:
@@ -33,10 +24,8 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("migrate", help="live-migrate a running container to another host")
     p.add_argument("container")
     p.add_argument("--to", dest="target", required=True, metavar="HOST", help="the peer agent's host name")
-    p.add_argument(
-        "--downtime-target", type=_positive_int, metavar="MS", help="freeze budget in ms (agent default 300)"
-    )
-    p.add_argument("--max-iterations", type=_positive_int, metavar="N", help="pre-copy rounds at most (default 8)")
+    p.add_argument("--downtime-target", type=positive_int, metavar="MS", help="freeze budget in ms (agent default 300)")
+    p.add_argument("--max-iterations", type=positive_int, metavar="N", help="pre-copy rounds at most (default 8)")
 
     p = sub.add_parser("migrations", help="list migrations, or show one")
     actions = p.add_subparsers(dest="migrations_command", metavar="SUBCOMMAND")

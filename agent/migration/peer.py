@@ -36,6 +36,7 @@ from agent.stream import (
     connect_tls,
     establish,
 )
+from agent.stream.links import read_exact
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +199,11 @@ class PeerEndpoint:
             assert self._server_ctx is not None
             tls = await asyncio.to_thread(TlsSocket.handshake, conn, self._server_ctx, server_side=True, timeout=10)
             peer = peer_identity(tls.getpeercert())  # type: ignore[arg-type]
-            head = await asyncio.to_thread(_read_exact, tls, _PREAMBLE.size)
+            head = await asyncio.to_thread(_read_preamble, tls, _PREAMBLE.size)
             magic, length = _PREAMBLE.unpack(head)
             if magic != _MAGIC or length > 4096:
                 raise PeerFailed("not a ferryman peer session")
-            migration_id = str(json.loads(await asyncio.to_thread(_read_exact, tls, length))["migration"])
+            migration_id = str(json.loads(await asyncio.to_thread(_read_preamble, tls, length))["migration"])
             channel = await establish(tls, migration_id, self.host_name, initiator=False, expected_peer=peer)
         except (FerrymanError, OSError, ValueError, KeyError) as exc:
             log.warning("peer session refused", extra={"address": str(addr[0]), "error": str(exc)})
@@ -226,13 +227,8 @@ class PeerEndpoint:
         await asyncio.gather(*self._sessions, return_exceptions=True)
 
 
-def _read_exact(tls: TlsSocket, n: int) -> bytes:
+def _read_preamble(tls: TlsSocket, n: int) -> bytes:
     buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        count = tls.recv_into(view[got:])
-        if count == 0:
-            raise PeerFailed("the peer closed the session")
-        got += count
+    if read_exact(tls, memoryview(buf)) != n:
+        raise PeerFailed("the peer closed the session")
     return bytes(buf)

@@ -6,6 +6,8 @@ import contextlib
 
 from agent.containerd import Containerd
 from agent.errors import ContainerdNotFound, DigestMismatch
+from agent.images.ingest import put_blob
+from agent.oci import Descriptor, parse_digest
 
 DIFF_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 RW_LAYER_FILE = "rootfs-diff.tar"
@@ -34,11 +36,7 @@ async def import_rw_layer(cd: Containerd, snapshot_key: str, image_chain: str, d
 
     `cd` must be a leased view: the caller's migration lease keeps the snapshot until a container owns it.
     """
-    if await cd.content.exists(digest) is None:
-        async with cd.content.writer(f"rwdiff-{digest}", len(data), digest) as writer:
-            if writer.offset < len(data):
-                await writer.write(data[writer.offset :])
-            await writer.commit()
+    await put_blob(cd, Descriptor(DIFF_MEDIA_TYPE, parse_digest(digest), len(data)), data, {})
     mounts = await cd.snapshots.prepare(snapshot_key, image_chain)
     try:
         applied = await cd.diff.apply(DIFF_MEDIA_TYPE, digest, len(data), mounts)

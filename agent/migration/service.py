@@ -139,7 +139,7 @@ class MigrationService:
         options = options.validated()
         if target == self.host_name:
             raise InvalidRequest(f"{container_id} already runs on {target}")
-        self._peer_address(target)
+        peer_address = self._peer_address(target)
         await self._containers.inspect(container_id)  # ContainerNotFound for unknown or unmanaged ids
         busy = [r for r in self._records.values() if r.container == container_id and not r.done]
         if busy:
@@ -150,7 +150,7 @@ class MigrationService:
             container=container_id,
             peer=target,
             options=options,
-            peer_address=self._peer_address(target),
+            peer_address=peer_address,
         )
         self.journal.write(record)
         self._publish(record)
@@ -245,7 +245,7 @@ class MigrationService:
             container=container["id"],
             peer=peer_host,
             image=str(container.get("image", "")),
-            peer_address=self._peer_address(peer_host) if any(p.name == peer_host for p in self.config.peers) else "",
+            peer_address=next((p.address for p in self.config.peers if p.name == peer_host), ""),
         )
         migration = TargetMigration(self._target_context(), record, body)  # type: ignore[arg-type]
         try:
