@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from types import TracebackType
 
-from agent.checkpoint.criuconf import ensure_criu_config
+from agent.checkpoint.criuconf import CriuConfigs
 from agent.config import AgentConfig
 from agent.containerd import Containerd
 from agent.images.service import ImageService
@@ -15,7 +16,15 @@ from agent.migration.peer import PeerEndpoint
 from agent.migration.service import MigrationService
 from agent.network import ServiceNetwork
 from agent.registry.client import RegistryClient
+from agent.reservations import Amount, Reservations
 from agent.runtime.service import ContainerService
+from agent.security.tls import client_context
+from agent.telemetry.capacity import HostCapacity
+from agent.telemetry.containers import ContainerUsageReader
+from agent.telemetry.push import TelemetryPusher
+from agent.telemetry.registration import Registrar
+from agent.telemetry.sampler import Sampler
+from agent.telemetry.service import TelemetryService
 
 
 class Agent:
@@ -25,20 +34,55 @@ class Agent:
         self.containerd = cd
         self.registry = registry
         self.images = ImageService(cd, registry, config.pull, self.metrics)
+        # Capacity, container usage and reservations come first: the container service admits against them.
+        host = config.host_name or socket.gethostname()
+        self.capacity = HostCapacity(config.capacity, config.state_dir)
+        self.container_usage = ContainerUsageReader(
+            lambda: self.containers.list(), config.runtime.cgroup_parent, cd.namespace
+        )
+        self.reservations = Reservations(host, config.state_dir, self._capacity_now, self.container_usage.read)
         self.containers = ContainerService(
             cd,
             config.containerd,
             config.runtime,
             self.images.platform,
             network=ServiceNetwork(config.network, cd.namespace),
-            criu_config=ensure_criu_config(config.state_dir),
+            criu_configs=CriuConfigs(config.state_dir),
+            admission=self.reservations,
         )
         self.host_name = config.host_name or socket.gethostname()
         failpoints = Failpoints.from_env()  # fault tests only: empty unless FERRYMAN_FAILPOINTS is set
         self.peers = PeerEndpoint(config, self.host_name, failpoints)
         self.migrations = MigrationService(
-            config, cd, self.images, self.containers, self.metrics, self.peers, self.host_name, failpoints
+            config,
+            cd,
+            self.images,
+            self.containers,
+            self.metrics,
+            self.peers,
+            self.host_name,
+            failpoints,
+            admission=self.reservations,
         )
+        self.telemetry = TelemetryService(
+            Sampler(config.telemetry, self.container_usage.read, lambda: self.reservations.reserved().to_pb()),
+            self.metrics,
+            config.telemetry.period,
+            self._pusher(host),
+        )
+
+    def _pusher(self, host: str) -> TelemetryPusher | None:
+        """None without a coordinator: telemetry then only feeds the metrics."""
+        config = self.config
+        if not config.coordinator.url:
+            return None
+        registrar = Registrar(config, host, self.capacity)
+        return TelemetryPusher(
+            host, config.coordinator, config.telemetry, client_context(config.tls), registrar.registration, self.metrics
+        )
+
+    async def _capacity_now(self) -> Amount:
+        return Amount.of(await asyncio.to_thread(self.capacity.current))
 
     @classmethod
     async def open(cls, config: AgentConfig) -> Agent:
@@ -52,12 +96,16 @@ class Agent:
         try:
             await agent.migrations.recover()  # finish or roll back what a previous run left in flight
             await agent.peers.serve(agent.migrations.handle_session)
+            await agent.reservations.open()
+            await agent.telemetry.start()
         except BaseException:
             await agent.close()
             raise
         return agent
 
     async def close(self) -> None:
+        await self.telemetry.close()
+        await self.reservations.close()
         await self.peers.close()
         await self.migrations.close()
         await self.containers.network.close()

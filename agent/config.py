@@ -12,10 +12,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
+from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 
 CONFIG_VERSION = 1
+MIGRATION_MODES = ("auto", "precopy", "lazy", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class ApiConfig:
     """unix:///path or tcp://host:port."""
     peer_listen: str = ""
     """host:port for agent-to-agent mTLS ([::1]:port for IPv6); empty disables."""
+    tls_listen: str = ""
+    """host:port serving this same API over mTLS to ops certificates only (the coordinator, operators);
+    empty disables."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,12 @@ class MigrationConfig:
     asking again in the background."""
     phase_timeout: float = 1800.0
     """Upper bound on one migration from start to decision."""
+    mode: str = "auto"
+    """Default mode: precopy, lazy (post-copy), hybrid (pre-copy rounds, then post-copy) or auto (the
+    fastest these CRIU features allow: lazy without soft-dirty, hybrid with it, precopy without uffd)."""
+    postcopy_reconnect_timeout: float = 30.0
+    """In POSTCOPY, how long a cut link or a restarting agent may take to come back. After that the
+    target kills its copy (it would read missing pages as zeros) and the source keeps its frozen one."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +147,55 @@ class NetworkConfig:
     interface of the IPv4 default route."""
     link_local_gateway: str = "169.254.1.1"
     """The containers' default gateway: answered by the host end of each veth, never assigned."""
+
+
+# ---- telemetry, coordinator and capacity (agent/telemetry, agent/reservations.py)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Where telemetry goes. Without a url the agent samples and exports metrics but pushes nothing."""
+
+    url: str = ""
+    """https://host:port of the coordinator; empty: no coordinator."""
+    server_name: str = ""
+    """The name the coordinator's certificate must carry; empty means the url's host."""
+    request_timeout: float = 10.0
+    """Seconds for one register or push request."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Sent with the registration (e.g. zone, rack); placement may use them."""
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    period: float = 5.0
+    """Seconds between samples."""
+    buffer_max_samples: int = 720
+    """Samples kept while the coordinator is away (1 h at 5 s); the oldest are dropped first."""
+    buffer_max_age: float = 3600.0
+    """Seconds a buffered sample is kept before it is dropped as stale."""
+    batch_max: int = 100
+    """Samples per push when sending a backlog."""
+    drain_notice_file: str = "/run/ferryman/drain-notice"
+    """Written by whoever learns of a drain (provider notice); appearing or changing -> a DRAIN_NOTICE event."""
+    maintenance_file: str = "/run/ferryman/maintenance"
+    """A planned-maintenance announcement; appearing or changing -> a MAINTENANCE event."""
+    preemption_file: str = "/run/ferryman/preemption"
+    """Written by a cloud metadata watcher on a spot-style pre-emption signal -> a PREEMPTION event."""
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    """What this host offers to containers and reservations; 0 means detect."""
+
+    cpu_millis: int = 0
+    """0: online CPUs x 1000."""
+    memory_bytes: int = 0
+    """0: MemTotal."""
+    disk_bytes: int = 0
+    """0: the free space of disk_path, measured each time it is needed."""
+    disk_path: str = "/var/lib/containerd"
+    """The filesystem container data lives on; the state_dir when this path does not exist."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +215,9 @@ class AgentConfig:
     peers: tuple[PeerConfig, ...] = ()
     """Known peer agents (a coordinator can supply addresses instead)."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
 
     def registry(self, host: str) -> RegistryConfig:
         """The settings for a registry host; unknown hosts get HTTPS with system trust."""
@@ -186,6 +249,10 @@ def _build(cls: type[T], data: Any, where: str) -> T:
             if not isinstance(value, list):
                 raise ConfigError(f"{path}: expected an array of tables")
             kwargs[key] = tuple(_build(_TABLE_ARRAYS[key], v, f"{path}[{i}]") for i, v in enumerate(value))
+        elif hint == dict[str, str]:  # a table of free-form string pairs (coordinator.labels)
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise ConfigError(f"{path}: expected a table of strings")
+            kwargs[key] = dict(value)
         else:
             kwargs[key] = _check_scalar(hint, value, path)
     try:
@@ -228,6 +295,7 @@ def _validate(config: AgentConfig) -> None:
         "pull.read_timeout": config.pull.read_timeout,
         "pull.lease_expiry": config.pull.lease_expiry,
         "containerd.connect_timeout": config.containerd.connect_timeout,
+        "migration.postcopy_reconnect_timeout": config.migration.postcopy_reconnect_timeout,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -247,12 +315,49 @@ def _validate(config: AgentConfig) -> None:
         link_local = False
     if not link_local:
         raise ConfigError(f"network.link_local_gateway must be an IPv4 link-local address, got {gateway!r}")
+    if config.migration.mode not in MIGRATION_MODES:
+        raise ConfigError(f"migration.mode must be one of {', '.join(MIGRATION_MODES)}, got {config.migration.mode!r}")
+    _validate_telemetry(config)
     if config.log_level.upper() not in _LOG_LEVELS:
         raise ConfigError(f"unknown log level {config.log_level!r} (use one of {', '.join(_LOG_LEVELS)})")
     hosts = [r.host for r in config.registries]
     duplicated = sorted({h for h in hosts if hosts.count(h) > 1})
     if duplicated:
         raise ConfigError(f"registries: host listed more than once: {', '.join(duplicated)}")
+
+
+def _validate_telemetry(config: AgentConfig) -> None:
+    """[telemetry], [coordinator], [capacity] and api.tls_listen."""
+    tel, coord, cap = config.telemetry, config.coordinator, config.capacity
+    for name, value in {
+        "telemetry.period": tel.period,
+        "telemetry.buffer_max_samples": tel.buffer_max_samples,
+        "telemetry.buffer_max_age": tel.buffer_max_age,
+        "telemetry.batch_max": tel.batch_max,
+        "coordinator.request_timeout": coord.request_timeout,
+    }.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be greater than 0, got {value}")
+    for name, value in {
+        "capacity.cpu_millis": cap.cpu_millis,
+        "capacity.memory_bytes": cap.memory_bytes,
+        "capacity.disk_bytes": cap.disk_bytes,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{name} must not be negative (0 means detect), got {value}")
+    if coord.url:
+        parts = urlsplit(coord.url)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"coordinator.url {coord.url!r}: {exc}") from exc
+        if parts.scheme != "https" or not parts.hostname or port is None or parts.path not in ("", "/"):
+            raise ConfigError(f"coordinator.url {coord.url!r}: expected https://host:port")
+    listen = config.api.tls_listen
+    if listen:
+        host, sep, port_text = listen.rpartition(":")
+        if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(f"api.tls_listen {listen!r}: expected host:port ([::1]:port for IPv6)")
 
 
 def parse_config(data: dict[str, Any]) -> AgentConfig:

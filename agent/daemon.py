@@ -81,7 +81,7 @@ async def run(
     try:
         agent = await (open_agent or _open_real_agent)(config)
         try:
-            server = await serve(build_app(agent), config.api.listen)
+            server = await serve(build_app(agent), config.api.listen, config.api.tls_listen, config.tls)
             try:
                 sdnotify.notify("READY=1")
                 log.info("agent ready", extra={"listen": server.url, "host_name": config.host_name or None})

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Iterable
 
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent.migration.record import MigrationRecord
 from agent.migration.states import State
+from proto.ferryman.v1 import fleet_pb2 as pb
 
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # Downtime targets are tens to hundreds of ms; a bad round can freeze for many seconds.
@@ -82,6 +85,89 @@ class AgentMetrics:
             ["role"],
             registry=self.registry,
         )
+        self._add_telemetry_metrics()
+
+    def _add_telemetry_metrics(self) -> None:
+        """Host telemetry (agent/telemetry): the latest sample as gauges, and the pusher's counters."""
+        r = self.registry
+        self.host_cpu_utilisation = Gauge(
+            "ferryman_host_cpu_utilisation", "Busy share of all CPUs over the last period (0..1)", registry=r
+        )
+        self.host_load = Gauge(
+            "ferryman_host_load", "Load average by window (1, 5, 15 minutes)", ["window"], registry=r
+        )
+        self.host_memory_total = Gauge("ferryman_host_memory_total_bytes", "MemTotal", registry=r)
+        self.host_memory_available = Gauge("ferryman_host_memory_available_bytes", "MemAvailable", registry=r)
+        self.host_pressure = Gauge(
+            "ferryman_host_pressure_avg10_percent",
+            "Pressure stall information avg10 by resource (cpu, memory, io) and kind (some, full)",
+            ["resource", "kind"],
+            registry=r,
+        )
+        self.host_disk = Gauge(
+            "ferryman_host_disk_bytes_per_second", "Whole-disk throughput by direction (read, write)", ["direction"],
+            registry=r,
+        )
+        self.host_network = Gauge(
+            "ferryman_host_network_bytes_per_second",
+            "Throughput of the agent namespace's interfaces but lo, by direction (rx, tx)",
+            ["direction"],
+            registry=r,
+        )
+        self.container_memory = Gauge(
+            "ferryman_container_memory_bytes", "Memory use of each active container", ["container"], registry=r
+        )
+        self.container_cpu = Gauge(
+            "ferryman_container_cpu_millicores", "CPU use of each active container", ["container"], registry=r
+        )
+        self.host_events = Counter(
+            "ferryman_host_events", "Host events seen (drain_notice, maintenance, oom_kill, ...)", ["kind"], registry=r
+        )
+        self.reserved = Gauge(
+            "ferryman_reserved", "Capacity held by reservations (cpu_millis, memory_bytes, disk_bytes)", ["resource"],
+            registry=r,
+        )
+        self.telemetry_buffered = Gauge(
+            "ferryman_telemetry_buffered_samples", "Samples waiting for the coordinator", registry=r
+        )
+        self.telemetry_dropped = Counter(
+            "ferryman_telemetry_dropped_samples", "Samples lost to the telemetry buffer's bounds", registry=r
+        )
+        self.telemetry_pushes = Counter(
+            "ferryman_telemetry_pushes", "Telemetry flushes to the coordinator by result (ok, failed)", ["result"],
+            registry=r,
+        )
+
+    def observe_sample(self, sample: pb.TelemetrySample) -> None:
+        """Export one telemetry sample; a field the sample lacks reads NaN (unknown, not zero)."""
+        nan = math.nan
+
+        def opt(name: str, msg: Message | None = None) -> float:
+            source = msg if msg is not None else sample
+            return float(getattr(source, name)) if source.HasField(name) else nan
+
+        self.host_cpu_utilisation.set(opt("cpu_util"))
+        for window in ("1", "5", "15"):
+            self.host_load.labels(window=window).set(opt(f"load{window}"))
+        self.host_memory_total.set(opt("memory_total_bytes"))
+        self.host_memory_available.set(opt("memory_available_bytes"))
+        for resource, kinds in (("cpu", ("some",)), ("memory", ("some", "full")), ("io", ("some", "full"))):
+            for kind in kinds:
+                self.host_pressure.labels(resource=resource, kind=kind).set(opt(f"{resource}_{kind}", sample.pressure))
+        self.host_disk.labels(direction="read").set(opt("disk_read_bps"))
+        self.host_disk.labels(direction="write").set(opt("disk_write_bps"))
+        self.host_network.labels(direction="rx").set(opt("net_rx_bps"))
+        self.host_network.labels(direction="tx").set(opt("net_tx_bps"))
+        # Gone containers must not linger as stale series.
+        self.container_memory.clear()
+        self.container_cpu.clear()
+        for c in sample.containers:
+            self.container_memory.labels(container=c.id).set(c.memory_bytes)
+            self.container_cpu.labels(container=c.id).set(c.cpu_millis)
+        for event in sample.events:
+            self.host_events.labels(kind=pb.HostEventKind.Name(event.kind).lower()).inc()
+        for resource in ("cpu_millis", "memory_bytes", "disk_bytes"):
+            self.reserved.labels(resource=resource).set(getattr(sample.reserved, resource))
 
     def observe_migration(self, record: MigrationRecord) -> None:
         """Count one finished migration; the migration service calls this once per terminal record."""

@@ -17,6 +17,9 @@ LABEL_LOG_PATH = LABEL_PREFIX + "log-path"
 LABEL_SERVICE_IP = LABEL_PREFIX + "service-ip"
 """The container's service address (agent/network): its own network namespace, routed to this host."""
 LABEL_SERVICE_PUBLISH = LABEL_PREFIX + "service-publish"
+# Set by the user (outside the reserved prefix): "never" keeps a workload out of post-copy, whose
+# failure window (pages only on the source) it cannot accept; it then migrates by pre-copy only.
+LABEL_POSTCOPY = "ferryman.postcopy"
 """"on-start" (publish when started) or "manual" (a standby copy, published by POST /v1/network/publish)."""
 
 # Container ids become file names and cgroup paths: keep them to a safe alphabet (use fullmatch).

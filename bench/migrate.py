@@ -3,9 +3,16 @@
 For each workload (memhog: N MiB resident, idle or rewriting R MB/s, a heartbeat every ms):
   stop-and-copy: `ctr c checkpoint --task --rw` on h1 (pause, CRIU dump into the content store),
                  kill the source, copy the checkpoint blobs to h2's containerd, `ctr c restore --live --rw`
-  ferryman:      POST /v1/migrations on h1's agent (pre-copy rounds, then stop-copy), h1 -> h2
-Downtime is the longest gap the workload's own heartbeat saw (pre-copy freezes included).
+  precopy:       POST /v1/migrations mode=precopy on h1's agent (pre-copy rounds, then stop-copy)
+  lazy:          mode=lazy (post-copy: memory-less dump, the target runs at once, pages follow)
+  hybrid:        mode=hybrid (pre-copy rounds, then post-copy)
+Downtime is the longest gap the workload's own heartbeat saw (pre-copy freezes included); "released"
+is when the source held nothing of the workload any more (for post-copy: after the last page).
 Run as root from the repo: .venv/bin/python bench/migrate.py [--sizes 64,256,1024] [--rates 0,50]
+  [--modes precopy,lazy,hybrid] [--result migrate|postcopy]
+The result line (the last one):
+  migrate:  ferryman's downtime in the mode `auto` picks here / stop-and-copy's, 1024 MiB at 50 MB/s
+  postcopy: the best mode's downtime at 1024 MiB idle
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.checkpoint.features import detect as detect_criu
 from agent.containerd import Containerd, ImageRecord
+from agent.migration.service import auto_mode
 from tests.harness.containerd import pick_base_dir
 from tests.harness.fleet import api, fleet, memhog_status, migrate, verify_memory
 from tests.harness.mesh import Mesh, MeshHost
@@ -94,13 +103,19 @@ async def stop_and_copy(mesh: Mesh, name: str) -> dict[str, Any]:
     await remove(h2, name)
     h1.ctr("images", "rm", ref, check=False)
     h2.ctr("images", "rm", ref, check=False)
-    return {"downtime_ms": status.max_gap_us / 1000, "total_s": total, "wire_mb": wire / 1e6, "verified": verified}
+    return {
+        "downtime_ms": status.max_gap_us / 1000,
+        "total_s": total,
+        "released_s": total,
+        "wire_mb": wire / 1e6,
+        "verified": verified,
+    }
 
 
-async def live(mesh: Mesh, name: str) -> dict[str, Any]:
+async def live(mesh: Mesh, name: str, mode: str) -> dict[str, Any]:
     h1, h2 = mesh["h1"], mesh["h2"]
     started = time.monotonic()
-    record = await migrate(h1, name, "h2")
+    record = await migrate(h1, name, "h2", mode=mode)
     total = time.monotonic() - started
     if record.get("state") != "COMMIT":
         raise RuntimeError(f"migration failed: {record.get('error')}")
@@ -112,9 +127,11 @@ async def live(mesh: Mesh, name: str) -> dict[str, Any]:
     return {
         "downtime_ms": status.max_gap_us / 1000,
         "total_s": total,
+        "released_s": (stats["released_ms"] / 1000) or total,
         "wire_mb": stats["bytes_wire"] / 1e6,
         "verified": verified,
         "agent_downtime_ms": stats["downtime_ms"],
+        "postcopy_ms": stats["postcopy_ms"],
         "iterations": stats["iterations"],
         "freeze_dump_ms": stats["freeze_dump_ms"],
         "restore_ms": stats["restore_ms"],
@@ -140,6 +157,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="64,256,1024")
     parser.add_argument("--rates", default="0,50")
+    parser.add_argument("--modes", default="precopy,lazy,hybrid")
+    parser.add_argument("--result", choices=("migrate", "postcopy"), default="migrate")
     parser.add_argument("--warm-up-gib", type=int, default=8, help="guest memory to touch once first")
     args = parser.parse_args()
     started = time.monotonic()
@@ -147,10 +166,12 @@ async def main() -> None:
     print(f"warmed up {args.warm_up_gib} GiB of memory in {time.monotonic() - started:.1f} s", flush=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     rates = [float(r) for r in args.rates.split(",")]
+    modes = args.modes.split(",")
     base = Path(tempfile.mkdtemp(prefix="ferryman-bench-", dir=pick_base_dir()))
     results: dict[tuple[int, float], dict[str, dict[str, Any]]] = {}
     async with fleet(base, hosts=2, idle_timeout=60.0) as mesh:
         h1, h2 = mesh["h1"], mesh["h2"]
+        mode_of_auto = auto_mode(await detect_criu())
         for size in sizes:
             for rate in rates:
                 repo = f"bench/memhog-{size}-{int(rate)}"
@@ -159,27 +180,38 @@ async def main() -> None:
                 for host in (h1, h2):
                     await api(host, "POST", "/v1/images/pull", {"ref": ref})
                 row: dict[str, dict[str, Any]] = {}
-                for method, run in (("stop-and-copy", stop_and_copy), ("ferryman", live)):
-                    name = f"w{size}-{int(rate)}-{method[0]}"
+                for method in ("stop-and-copy", *modes):
+                    name = f"w{size}-{int(rate)}-{method[:4]}"
                     await start_workload(mesh, h1, name, ref)
-                    row[method] = await run(mesh, name)
+                    if method == "stop-and-copy":
+                        row[method] = await stop_and_copy(mesh, name)
+                    else:
+                        row[method] = await live(mesh, name, method)
                     r = row[method]
                     print(
                         f"{size:5d} MiB {rate:4.0f} MB/s {method:13s}: downtime {r['downtime_ms']:8.0f} ms, "
-                        f"total {r['total_s']:6.2f} s, wire {r['wire_mb']:8.1f} MB, memory {r['verified']}"
+                        f"total {r['total_s']:6.2f} s, released {r['released_s']:6.2f} s, "
+                        f"wire {r['wire_mb']:8.1f} MB, memory {r['verified']}"
                         + (
                             f", rounds {r['iterations']}, freeze+dump {r['freeze_dump_ms']:.0f} ms, "
-                            f"restore {r['restore_ms']:.0f} ms"
-                            if method == "ferryman"
+                            f"restore {r['restore_ms']:.0f} ms, post-copy {r['postcopy_ms']:.0f} ms"
+                            if method != "stop-and-copy"
                             else ""
                         ),
                         flush=True,
                     )
                 results[(size, rate)] = row
-    key = (1024, 50.0) if (1024, 50.0) in results else max(results)
-    ratio = results[key]["ferryman"]["downtime_ms"] / results[key]["stop-and-copy"]["downtime_ms"]
-    print(f"(result line uses {key[0]} MiB at {key[1]:.0f} MB/s)")
-    print(f"bench migrate: {ratio:.3f} ratio (target <= 0.1)")
+    if args.result == "migrate":
+        key = (1024, 50.0) if (1024, 50.0) in results else max(results)
+        mode = mode_of_auto if mode_of_auto in results[key] else modes[0]
+        ratio = results[key][mode]["downtime_ms"] / results[key]["stop-and-copy"]["downtime_ms"]
+        print(f"(result line: {key[0]} MiB at {key[1]:.0f} MB/s, ferryman in mode {mode}, the mode auto picks here)")
+        print(f"bench migrate: {ratio:.3f} ratio (target <= 0.1)")
+    else:
+        key = (1024, 0.0) if (1024, 0.0) in results else min(results, key=lambda k: (-k[0], k[1]))
+        best = min(modes, key=lambda m: results[key][m]["downtime_ms"])
+        print(f"(result line: {key[0]} MiB at {key[1]:.0f} MB/s, best mode {best})")
+        print(f"bench postcopy: {results[key][best]['downtime_ms']:.0f} ms (target <= 300)")
 
 
 if __name__ == "__main__":

@@ -9,16 +9,20 @@ acknowledgement of the last one.
 
 Data sets:
   incompressible  os.urandom pages (--mib, default 512)
-  pages           real CRIU pages-*.img under --pages-dir, else a synthetic mix (--mib / 2):
-                  1/3 zero pages, 1/3 text-like pages (lz4 shrinks them ~3x), 1/3 random pages,
-                  in a fixed shuffled order
+  criu-pages      real CRIU page images: memhog (tests/workloads, --criu-mib resident, default 256)
+                  is started, `criu dump`ed into a tmpfs dir, and its pages-*.img contents are
+                  sent as page batches (or the pages-*.img under --pages-dir, if given)
+  synthetic-pages a mix (--mib / 2): 1/3 zero pages, 1/3 text-like pages (lz4 shrinks them ~3x),
+                  1/3 random pages, in a fixed shuffled order
   file            the incompressible bytes once more through send_file (SHA-256 on both sides)
 
 Two "info" lines split the cost: the same bytes through TlsSocket alone (no framing), and the
 framing + lz4 + AES-GCM over plain TCP (no TLS).
 
-Run as root from the repo: .venv/bin/python bench/stream.py [--mib 512] [--rounds 3] [--pages-dir DIR]
-The last line is `bench stream: <stream/raw MB/s, incompressible pages> ratio (target >= 0.7)`.
+Run as root from the repo: .venv/bin/python bench/stream.py [--mib 512] [--rounds 3] [--criu-mib 256]
+[--pages-dir DIR]. Besides one line per case, `info criu-pages: <ratio>` gives the ratio for the
+real CRIU page images. The last line is
+`bench stream: <stream/raw MB/s, incompressible pages> ratio (target >= 0.7)`.
 """
 
 from __future__ import annotations
@@ -236,10 +240,8 @@ def send(args: argparse.Namespace) -> None:
     sets: list[tuple[str, bytes, bool]] = []
     rand = incompressible(args.mib)
     sets.append(("incompressible", rand, False))
-    if args.pages_dir:
-        sets.append(("criu-pages", criu_pages(Path(args.pages_dir)), False))
-    else:
-        sets.append(("synthetic-pages", synthetic_pages(max(args.mib // 2, 3)), False))
+    sets.append(("criu-pages", criu_pages(Path(args.pages_dir)), False))
+    sets.append(("synthetic-pages", synthetic_pages(max(args.mib // 2, 3)), False))
     sets.append(("incompressible-file", rand, True))
     results: dict[str, Any] = {}
     for name, data, as_file in sets:
@@ -275,6 +277,57 @@ def send(args: argparse.Namespace) -> None:
 
 
 # ---- orchestration (root namespace) ----
+
+
+# ---- real CRIU page images (root namespace, before the bench starts) ----
+
+
+@contextlib.contextmanager
+def criu_dump(resident_mib: int) -> Any:
+    """Dump a running memhog (tests/workloads) with `criu dump` into a tmpfs dir; yields the dir.
+
+    memhog fills every page with xorshift output, so these images are as incompressible as the
+    urandom case, but they are CRIU's real pages-*.img (laid out by CRIU, with the binary's and
+    libc's pages among them).
+    """
+    from tests.harness.workloads import static_binary
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="fm-bench-criu-") as tmp:
+        where = Path(tmp)
+        binary = where / "memhog"
+        binary.write_bytes(static_binary("memhog"))
+        binary.chmod(0o755)
+        log = where / "memhog.out"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [str(binary), str(resident_mib), "0", str(where / "status")],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while b"memhog ready" not in log.read_bytes():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"memhog did not start: {log.read_text(errors='replace')[-500:]}")
+                time.sleep(0.05)
+            images = where / "images"
+            images.mkdir()
+            dump = subprocess.run(
+                ["criu", "dump", "-t", str(proc.pid), "-D", str(images), "-o", "dump.log"],
+                capture_output=True,
+                text=True,
+            )
+            if dump.returncode != 0:
+                log_file = images / "dump.log"
+                tail = log_file.read_text(errors="replace")[-1000:] if log_file.exists() else ""
+                raise SystemExit(f"criu dump failed ({dump.returncode}): {dump.stderr[-500:]}{tail}")
+            yield images
+        finally:
+            if proc.poll() is None:  # criu dump kills the task; only a failed dump leaves it
+                proc.kill()
+            proc.wait()
 
 
 def ip(*args: str) -> None:
@@ -325,6 +378,13 @@ def orchestrate(args: argparse.Namespace) -> None:
     # SIGTERM/SIGHUP unwind through the finally blocks below, so namespaces never leak.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(1))
+    with contextlib.ExitStack() as stack:
+        pages_dir = Path(args.pages_dir).resolve() if args.pages_dir else stack.enter_context(criu_dump(args.criu_mib))
+        out = run_cases(args, me, pages_dir)
+    report(json.loads(out.strip().splitlines()[-1]))
+
+
+def run_cases(args: argparse.Namespace, me: list[str], pages_dir: Path) -> str:
     with tempfile.TemporaryDirectory(prefix="fm-bench-") as tmp, veth_pair() as (ns_a, ns_b, addr_b):
         make_pki(Path(tmp))
         server = subprocess.Popen(
@@ -335,10 +395,8 @@ def orchestrate(args: argparse.Namespace) -> None:
             if server.stdout.readline().strip() != "ready":
                 raise SystemExit("receiver did not start")
             cmd = ["ip", "netns", "exec", ns_a, *me, "--send", "--pki", tmp, "--host", addr_b]
-            cmd += ["--mib", str(args.mib), "--rounds", str(args.rounds)]
-            if args.pages_dir:
-                cmd += ["--pages-dir", str(Path(args.pages_dir).resolve())]
-            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            cmd += ["--mib", str(args.mib), "--rounds", str(args.rounds), "--pages-dir", str(pages_dir)]
+            return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         finally:
             server.terminate()
             try:
@@ -346,8 +404,10 @@ def orchestrate(args: argparse.Namespace) -> None:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-    results = json.loads(out.strip().splitlines()[-1])
-    headline = None
+
+
+def report(results: dict[str, Any]) -> None:
+    ratios: dict[str, float] = {}
     info = results.pop("info")
     for name, res in results.items():
         raw, stream = statistics.median(res["raw"]), statistics.median(res["stream"])
@@ -357,11 +417,10 @@ def orchestrate(args: argparse.Namespace) -> None:
             f"ratio {stream / raw:.2f}  (wire {st['wire'] / res['bytes']:.2f}x of raw bytes, "
             f"{st['compressed']}/{st['frames']} frames compressed, {st['zero_pages']} zero pages elided, "
             f"{st['tls']} {st['cipher']}; runs raw {[round(x) for x in res['raw']]} "
-            f"stream {[round(x) for x in res['stream']]})"
+            f"stream {[round(x) for x in res['stream']]}, per-round ratios {spread_ratios(res)})"
         )
-        if name == "incompressible":
-            headline = stream / raw
-    assert headline is not None
+        ratios[name] = stream / raw
+    headline = ratios["incompressible"]
     raw_incompressible = statistics.median(results["incompressible"]["raw"])
     for label, key in (
         ("TLS only (TlsSocket, no framing)", "tls_only"),
@@ -372,14 +431,22 @@ def orchestrate(args: argparse.Namespace) -> None:
             f"info {label}: {speed:.0f} MB/s, {speed / raw_incompressible:.2f} of raw "
             f"(runs {[round(x) for x in info[key]]})"
         )
+    print(f"info criu-pages: {ratios['criu-pages']:.2f} ratio (stream / raw, real CRIU page images)")
     print(f"bench stream: {headline:.2f} ratio (target >= 0.7)")
+
+
+def spread_ratios(res: dict[str, Any]) -> str:
+    """Each timed stream round against the raw round next to it: the spread contention causes."""
+    per_round = [s / r for s, r in zip(res["stream"], res["raw"], strict=True)]
+    return f"{min(per_round):.2f}..{max(per_round):.2f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=512, help="incompressible data set size")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--pages-dir", help="a CRIU dump dir whose pages-*.img to send")
+    parser.add_argument("--criu-mib", type=int, default=256, help="memhog size for the CRIU page images")
+    parser.add_argument("--pages-dir", help="send the pages-*.img of this CRIU dump dir instead of a fresh dump")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--send", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pki", type=Path, help=argparse.SUPPRESS)

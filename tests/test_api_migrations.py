@@ -203,10 +203,10 @@ async def test_start_returns_first_record(client: TestClient[Any, Any], agent: F
     record = await resp.json()
     assert record["state"] == "PREPARE" and record["done"] is False
     assert record["container"] == "web" and record["peer"] == "host-b" and record["role"] == "source"
-    assert record["options"] == {"downtime_target_ms": 150, "max_iterations": 4, "mode": "precopy"}
+    assert record["options"] == {"downtime_target_ms": 150, "max_iterations": 4, "mode": "", "reservation": ""}
     assert resp.headers["Location"] == f"/v1/migrations/{record['id']}"
     assert set(record["stats"]) >= {"iterations", "dirty_pages", "bytes_raw", "bytes_wire", "compression_ratio"}
-    assert agent.migrations.calls == [("web", "host-b", MigrationOptions(150, 4, "precopy"))]
+    assert agent.migrations.calls == [("web", "host-b", MigrationOptions(150, 4))]
 
 
 async def test_start_defaults_and_nulls(client: TestClient[Any, Any], agent: FakeAgent) -> None:
@@ -475,7 +475,8 @@ def test_openapi_documents_migrations(app: web.Application) -> None:
     assert wanted <= registered
     schemas = doc["components"]["schemas"]
     request = schemas["MigrationRequest"]
-    assert set(request["properties"]) == {"container", "target", "downtime_target_ms", "max_iterations", "mode"}
+    fields = {"container", "target", "downtime_target_ms", "max_iterations", "mode", "reservation"}
+    assert set(request["properties"]) == fields
     assert request["additionalProperties"] is False and set(request["required"]) == {"container", "target"}
     record = MigrationRecord(id=MigrationId("m"), role="source", container="c", peer="p").for_storage()
     assert set(schemas["MigrationRecord"]["properties"]) == set(record)

@@ -61,6 +61,7 @@ from agent.stream import (
     establish,
     open_sender,
 )
+from agent.stream.buffers import BufferPool
 from agent.stream.frames import (
     HEADER,
     HEADER_SIZE,
@@ -876,6 +877,71 @@ async def test_optional_unknown_kind_is_skipped() -> None:
 
 
 # ---- units: layouts and limits ----
+
+
+async def test_received_data_kept_by_the_consumer_is_never_overwritten() -> None:
+    """Received pages and file data are views of pooled buffers: a consumer that keeps them (whole
+    batches, or only a slice of one page) must still read what was sent after many more frames
+    have passed through the pool; a consumer that drops them lets the buffers be reused."""
+    a, b = tcp_pair()
+    options = StreamOptions(chunk_size=64 << 10, depth=2, workers=2)
+    tx, rx = await channels(a, b, options=options)
+    batches = [os.urandom(64 << 10) for _ in range(40)]  # far more frames than the pool keeps
+    file_data = os.urandom(1 << 20)
+    kept: list[tuple[bytes, memoryview]] = []  # (expected, the view the consumer kept)
+    chunks: list[FileChunk] = []
+
+    async def send() -> None:
+        for i, data in enumerate(batches):
+            await tx.send_pages(range(i * 16, (i + 1) * 16), data)
+        await tx.send_file(file_data, "kept.img")
+        await tx.end()
+
+    async def receive() -> None:
+        n = 0
+        async for msg in rx:
+            if isinstance(msg, PageBatch):
+                if n % 3 == 0:
+                    kept.append((batches[n], msg.data))  # the whole batch
+                elif n % 3 == 1:
+                    kept.append((batches[n][PAGE : 2 * PAGE], msg.page(1)))  # one page of it
+                # n % 3 == 2: dropped, so its buffer may be reused
+                n += 1
+            elif isinstance(msg, FileChunk):
+                chunks.append(msg)
+
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(send(), receive())
+        await rx.end()
+    finally:
+        await asyncio.gather(tx.close(), rx.close())
+    assert len(kept) == 27
+    for expected, view in kept:
+        assert bytes(view) == expected
+    assert b"".join(bytes(c.data) for c in chunks) == file_data
+
+
+def test_buffer_pool_reuses_a_lent_buffer_only_when_unreferenced() -> None:
+    pool = BufferPool(4096, keep=4)
+    lent = pool.acquire(4096)
+    lent_id = id(lent)  # no name may keep it alive: the pool counts references
+    view = memoryview(lent)[100:200]
+    pool.lend(lent)
+    del lent
+    first = pool.acquire(4096)
+    assert id(first) != lent_id  # a view of the lent buffer is still alive: a new buffer
+    del view
+    second = pool.acquire(4096)
+    assert id(second) == lent_id  # no views left: reused
+    # A consumer that keeps everything does not grow the pool's bookkeeping.
+    kept = []
+    for _ in range(10):
+        buf = pool.acquire(4096)
+        kept.append(memoryview(buf))
+        pool.lend(buf)
+    assert len(pool._lent) <= 4
+    assert len({id(v.obj) for v in kept}) == 10
 
 
 def test_pages_layout_and_zero_page_search() -> None:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Ids come from the URL and name journal files on the service side: keep them to a safe alphabet.
 MIGRATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_REQUEST_FIELDS = {"container", "target", "downtime_target_ms", "max_iterations", "mode"}
+_REQUEST_FIELDS = {"container", "target", "downtime_target_ms", "max_iterations", "mode", "reservation"}
 
 
 class MigrationServiceLike(Protocol):
@@ -85,6 +85,9 @@ def parse_migrate(body: dict[str, Any]) -> tuple[str, str, MigrationOptions]:
     mode = _str(body, "mode", "body", optional=True)
     if mode is not None:
         given["mode"] = mode
+    reservation = _str(body, "reservation", "body", optional=True)
+    if reservation is not None:  # held on the target by the coordinator; the target charges it
+        given["reservation"] = reservation
     return container, target, MigrationOptions(**given).validated()
 
 

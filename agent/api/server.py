@@ -17,9 +17,12 @@ from aiohttp.abc import AbstractAccessLogger
 from agent.api import handlers as h
 from agent.api import migrations as m
 from agent.api import network as n
+from agent.api import reservations as r
 from agent.api.errors import error_middleware
+from agent.api.tls import ops_only_middleware, parse_tls_listen
 from agent.errors import ConfigError
 from agent.metrics import AgentMetrics
+from agent.security.tls import TlsFiles, server_context
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ class AgentLike(Protocol):
 
 
 def build_app(agent: AgentLike) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    # Outermost first: the ops check's refusal leaves as the usual error JSON.
+    app = web.Application(middlewares=[error_middleware, ops_only_middleware])
     app[h.IMAGES] = agent.images
     app[h.CONTAINERS] = agent.containers
     app[h.METRICS] = agent.metrics
@@ -58,6 +62,10 @@ def build_app(agent: AgentLike) -> web.Application:
     network: n.ServiceNetworkLike | None = getattr(agent, "network", None) or getattr(agent.containers, "network", None)
     if network is not None:
         app[n.NETWORK] = network
+    # Coordinator reservations (agent/reservations.py); without them: 503.
+    reservations: r.ReservationsLike | None = getattr(agent, "reservations", None)
+    if reservations is not None:
+        app[r.RESERVATIONS] = reservations
     app[h.OPENAPI] = OPENAPI_PATH.read_bytes()
     app[h.SHUTDOWN] = asyncio.Event()
 
@@ -81,6 +89,7 @@ def build_app(agent: AgentLike) -> web.Application:
     app.router.add_get("/v1/migrations/{id}", m.get_migration)
     app.router.add_get("/v1/migrations/{id}/events", m.migration_events)
     n.add_routes(app)
+    r.add_routes(app)
     app.router.add_get("/healthz", h.healthz)
     # The migrations module's /metrics refreshes its gauge, then serves the usual scrape.
     app.router.add_get("/metrics", m.metrics)
@@ -157,9 +166,22 @@ def _prepare_unix_path(path: Path) -> None:
 class ApiServer:
     """A started API server; `close()` stops accepting, ends streams and finishes in-flight requests."""
 
-    def __init__(self, runner: web.AppRunner, address: UnixAddress | TcpAddress) -> None:
+    def __init__(
+        self, runner: web.AppRunner, address: UnixAddress | TcpAddress, tls_site: web.TCPSite | None = None
+    ) -> None:
         self.runner = runner
         self.address = address
+        self.tls_site = tls_site
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """(host, port) of the ops mTLS listener, with the real port when 0 was asked for; None without one."""
+        server = getattr(self.tls_site, "_server", None)  # aiohttp exposes the bound port nowhere else
+        sockets = getattr(server, "sockets", None) or []
+        for sock in sockets:
+            host, port = sock.getsockname()[:2]
+            return host, port
+        return None
 
     @property
     def url(self) -> str:
@@ -178,9 +200,16 @@ class ApiServer:
             await asyncio.to_thread(Path(self.address.path).unlink, missing_ok=True)
 
 
-async def serve(app: web.Application, listen: str) -> ApiServer:
-    """Start serving `app` on `listen` (unix:///path or tcp://host:port)."""
+async def serve(app: web.Application, listen: str, tls_listen: str = "", tls: TlsFiles | None = None) -> ApiServer:
+    """Start serving `app` on `listen` (unix:///path or tcp://host:port), and on `tls_listen`
+    (host:port, optional) over mutual TLS with the fleet CA, where only ops certificates get in."""
     address = parse_listen(listen)
+    tls_address = parse_tls_listen(tls_listen)
+    ssl_context = None
+    if tls_address is not None:
+        if tls is None:
+            raise ConfigError("api.tls_listen is set but no TLS files were given")
+        ssl_context = server_context(tls)  # TlsConfigError (a ConfigError) before anything listens
     runner = web.AppRunner(
         app,
         handle_signals=False,  # the daemon owns signal handling
@@ -200,9 +229,13 @@ async def serve(app: web.Application, listen: str) -> ApiServer:
         else:
             site = web.TCPSite(runner, address.host, address.port)
             await site.start()
+        tls_site = None
+        if tls_address is not None:
+            tls_site = web.TCPSite(runner, tls_address[0], tls_address[1], ssl_context=ssl_context)
+            await tls_site.start()
     except BaseException:
         await runner.cleanup()
         raise
-    server = ApiServer(runner, address)
-    log.info("api listening", extra={"listen": server.url})
+    server = ApiServer(runner, address, tls_site)
+    log.info("api listening", extra={"listen": server.url, "tls_listen": tls_listen or None})
     return server

@@ -2,11 +2,14 @@
 
 runc hands CRIU the file named by the container's `org.criu.config` annotation, and its settings
 override runc's own RPC options. That is the only way to give the restore side options such as
-tcp-established: containerd 1.6 passes none to `runc restore`.
+tcp-established: containerd 1.6 passes none to `runc restore`. Each container gets its own file, so
+one migration can add post-copy options for the length of one dump or restore without touching
+any other container's checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 ANNOTATION = "org.criu.config"
@@ -16,15 +19,32 @@ OPTIONS = (
     "ext-unix-sk\n"
     "file-locks\n"
 )
+LAZY_RESTORE = "lazy-pages\n"  # memory arrives through a `criu lazy-pages` daemon (userfaultfd)
 
 
-def ensure_criu_config(state_dir: str) -> Path:
-    """Write <state_dir>/criu/runc.conf if it is missing or different; returns its path."""
-    path = Path(state_dir) / "criu" / "runc.conf"
-    if path.exists() and path.read_text() == OPTIONS:
+def lazy_dump(port: int) -> str:
+    """A dump that keeps memory in CRIU's page pipes and serves it on 127.0.0.1:port, once."""
+    return f"lazy-pages\naddress 127.0.0.1\nport {port}\n"
+
+
+class CriuConfigs:
+    """One CRIU config file per container under <state_dir>/criu/containers."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = Path(state_dir) / "criu" / "containers"
+
+    def path(self, container_id: str) -> Path:
+        return self.dir / f"{container_id}.conf"
+
+    def write(self, container_id: str, extra: str = "") -> Path:
+        """(Re)write the container's file atomically: the base options plus `extra`."""
+        path = self.path(container_id)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(OPTIONS + extra)
+        tmp.replace(path)
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(OPTIONS)
-    tmp.replace(path)
-    return path
+
+    def remove(self, container_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(container_id).unlink()

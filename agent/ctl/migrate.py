@@ -26,6 +26,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--to", dest="target", required=True, metavar="HOST", help="the peer agent's host name")
     p.add_argument("--downtime-target", type=positive_int, metavar="MS", help="freeze budget in ms (agent default 300)")
     p.add_argument("--max-iterations", type=positive_int, metavar="N", help="pre-copy rounds at most (default 8)")
+    p.add_argument(
+        "--mode",
+        choices=("auto", "precopy", "lazy", "hybrid"),
+        help="precopy, lazy (post-copy), hybrid, or auto: the fastest the hosts' CRIU allows (agent default)",
+    )
 
     p = sub.add_parser("migrations", help="list migrations, or show one")
     actions = p.add_subparsers(dest="migrations_command", metavar="SUBCOMMAND")
@@ -46,6 +51,8 @@ async def migrate(client: AgentClient, args: argparse.Namespace, err: Console) -
         spec["downtime_target_ms"] = args.downtime_target
     if args.max_iterations is not None:
         spec["max_iterations"] = args.max_iterations
+    if args.mode is not None:
+        spec["mode"] = args.mode
     final: dict[str, Any] | None = None
     last: dict[str, Any] | None = None
     view = None if args.json else render.MigrationView(err, args.container, args.target)

@@ -233,6 +233,16 @@ def migration_details(record: dict[str, Any], *, history: bool = False) -> list[
         ("criu", f"freeze+dump {human_ms(stats.get('freeze_dump_ms'))}, restore {human_ms(stats.get('restore_ms'))}")
     )
     rows.append(("stop reason", str(stats.get("stop_reason") or "-")))
+    if options.get("mode"):
+        rows.append(("mode", str(options["mode"])))
+    if stats.get("lazy_pages"):
+        rows.append(
+            (
+                "post-copy",
+                f"{stats['lazy_pages']} pages on demand, {stats.get('pages_remote', 0)} still remote, "
+                f"{human_ms(stats.get('postcopy_ms'))}; source released after {human_ms(stats.get('released_ms'))}",
+            )
+        )
     if record.get("error"):
         rows.append(("error", str(record["error"])))
     lines = [f"migration {record.get('id', '')} {migration_result(record)}: {_direction(record)}"]
@@ -279,6 +289,7 @@ class MigrationView:
         parts = [
             f"round {stats.get('iterations', 0)}",
             f"dirty {dirty[-1] if dirty else 0} pages",
+            *([f"remote {stats.get('pages_remote', 0)} pages"] if stats.get("lazy_pages") else []),
             f"sent {human_size(stats.get('bytes_raw', 0))} raw / {human_size(stats.get('bytes_wire', 0))} wire",
             f"{float(stats.get('rate_mbps') or 0):.1f} MB/s",
         ]

@@ -30,6 +30,10 @@ class PeerFailed(FerrymanError):
     http_status = 502
 
 
+class PeerReportedFailure(PeerFailed):
+    """The peer said it failed (as opposed to a link that broke)."""
+
+
 def page_key(pagemap_no: int, vaddr: int) -> int:
     return (pagemap_no << _PFN_BITS) | (vaddr // PAGE_SIZE)
 
@@ -115,6 +119,11 @@ class Link:
         async with asyncio.timeout(self.idle_timeout):
             await self.channel.send_pages(keys, b"".join(batch.data), zeros)
 
+    async def send_raw_pages(self, keys: array[int], data: bytes) -> None:
+        """Pages under keys the caller made (post-copy replies), no pagemap announcement."""
+        async with asyncio.timeout(self.idle_timeout):
+            await self.channel.send_pages(keys, data, array("Q"))
+
     async def recv(self) -> Incoming:
         """The next message; a `pagemap` announcement is absorbed here. Times out after idle_timeout."""
         while True:
@@ -124,7 +133,7 @@ class Link:
                 self.pagemap_names[int(msg.body["number"])] = str(msg.body["name"])
                 continue
             if isinstance(msg, ControlIn) and msg.type == "failed":
-                raise PeerFailed(f"peer failed: {msg.body.get('error', 'unknown error')}")
+                raise PeerReportedFailure(f"peer failed: {msg.body.get('error', 'unknown error')}")
             return msg
 
     async def expect(self, type_: str) -> dict[str, Any]:

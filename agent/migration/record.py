@@ -20,7 +20,11 @@ def now_iso() -> str:
 class MigrationOptions:
     downtime_target_ms: int = 300
     max_iterations: int = 8
-    mode: str = "precopy"
+    mode: str = ""
+    """precopy | lazy | hybrid; empty means the agent's default, and the agent resolves `auto` from the
+    CRIU features before the record is made."""
+    reservation: str = ""
+    """A reservation the coordinator holds on the target for this migration; empty for none."""
 
     def validated(self) -> MigrationOptions:
         from agent.errors import InvalidRequest
@@ -29,8 +33,8 @@ class MigrationOptions:
             raise InvalidRequest("downtime_target_ms must be between 1 and 600000")
         if not 1 <= self.max_iterations <= 64:
             raise InvalidRequest("max_iterations must be between 1 and 64")
-        if self.mode not in ("precopy",):
-            raise InvalidRequest(f"migration mode {self.mode!r} is not supported (use precopy)")
+        if self.mode not in ("", "precopy", "lazy", "hybrid", "auto"):
+            raise InvalidRequest(f"migration mode {self.mode!r} is not supported (use precopy, lazy, hybrid or auto)")
         return self
 
 
@@ -49,6 +53,14 @@ class MigrationStats:
     restore_ms: float = 0.0
     """CRIU's restore on the target."""
     stop_reason: str = ""
+    lazy_pages: int = 0
+    """Pages the final dump left on the source for post-copy."""
+    pages_remote: int = 0
+    """Of those, pages not on the target yet (POSTCOPY progress)."""
+    postcopy_ms: float = 0.0
+    """From the target's resume until every page was there."""
+    released_ms: float = 0.0
+    """From the start until the source no longer held anything of the workload."""
 
     @property
     def compression_ratio(self) -> float:

@@ -4,19 +4,21 @@ Sessions between agents start with one control message that says what they are f
   prepare   a source starts a migration to us (we become its target)
   query     a target restarted while its restored copy waited: what did the source decide?
   resolve   a source restarted after deciding: it tells the waiting target to commit
+  postcopy  a target in POSTCOPY lost its link (or restarted): page traffic continues on this session
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Protocol
 
-from agent.checkpoint.criuconf import ensure_criu_config
+from agent.checkpoint.criuconf import CriuConfigs
 from agent.checkpoint.features import CriuFeatures
 from agent.checkpoint.features import detect as detect_criu
 from agent.config import AgentConfig
@@ -32,12 +34,22 @@ from agent.migration.record import MigrationId, MigrationOptions, MigrationRecor
 from agent.migration.source import SourceContext, SourceMigration
 from agent.migration.states import Event, State, can_roll_back
 from agent.migration.target import DecisionPending, TargetContext, TargetMigration
+from agent.model import LABEL_POSTCOPY
+from agent.reservations import Admission
 from agent.runtime.service import ContainerService
 
 log = logging.getLogger(__name__)
 
 # How often a waiting side asks its peer again for a decision it could not learn.
 RESOLVE_INTERVAL = 2.0
+
+
+def auto_mode(features: CriuFeatures, postcopy_allowed: bool = True) -> str:
+    """The fastest mode these CRIU features make safe."""
+    if not features.uffd or not postcopy_allowed:
+        return "precopy"
+    # Without soft-dirty every pre-copy round freezes the workload for a whole dump: go lazy at once.
+    return "hybrid" if features.mem_dirty_track else "lazy"
 
 
 class MigrationNotFound(NotFound):
@@ -65,6 +77,7 @@ class MigrationService:
         transport: PeerTransport,
         host_name: str,
         failpoints: Failpoints | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config
         self.host_name = host_name
@@ -75,15 +88,19 @@ class MigrationService:
         self._transport = transport
         self.journal = Journal(Path(config.state_dir) / "migrations")
         self.failpoints = failpoints or Failpoints()
+        self._admission = admission
         self._records: dict[str, MigrationRecord] = {r.id: r for r in self.journal.all()}
         self._watchers: dict[str, list[asyncio.Queue[MigrationRecord]]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
-        self._criu_config = ensure_criu_config(config.state_dir)
+        self._criu_configs = CriuConfigs(config.state_dir)
+        self._postcopy_links: dict[str, asyncio.Queue[tuple[Link, asyncio.Event]]] = {}
+        """Sessions a POSTCOPY target opened to continue page traffic, for the source migration to take."""
         self._platform = images.platform
         self._features: CriuFeatures | None = None
         self._waiting: dict[str, TargetMigration] = {}
         """Restored, paused copies waiting for the source's decision."""
         self._decision_lock = asyncio.Lock()
+        self._postcopy_done: dict[str, asyncio.Event] = {}
 
     # ----- records -------------------------------------------------------------------------------
 
@@ -140,10 +157,13 @@ class MigrationService:
         if target == self.host_name:
             raise InvalidRequest(f"{container_id} already runs on {target}")
         peer_address = self._peer_address(target)
-        await self._containers.inspect(container_id)  # ContainerNotFound for unknown or unmanaged ids
+        summary = await self._containers.inspect(container_id)  # ContainerNotFound for unknown or unmanaged ids
         busy = [r for r in self._records.values() if r.container == container_id and not r.done]
         if busy:
             raise InvalidRequest(f"container {container_id} is already migrating ({busy[0].id})")
+        soft_dirty = await self._soft_dirty()
+        postcopy_allowed = (summary.get("labels") or {}).get(LABEL_POSTCOPY, "") != "never"
+        options = dataclasses.replace(options, mode=self._resolve_mode(options.mode, postcopy_allowed))
         record = MigrationRecord(
             id=MigrationId(f"mig-{secrets.token_hex(6)}"),
             role="source",
@@ -154,7 +174,7 @@ class MigrationService:
         )
         self.journal.write(record)
         self._publish(record)
-        context = self._source_context(await self._soft_dirty())
+        context = self._source_context(soft_dirty)
         migration = SourceMigration(context, record, lambda: self._transport.connect(target, record.id))
         self._spawn(self._run_source(migration), f"migration-{record.id}")
         return record
@@ -162,6 +182,7 @@ class MigrationService:
     async def _run_source(self, migration: SourceMigration) -> None:
         try:
             await migration.run()
+            self._release_postcopy_session(migration.record.id)
         except (FerrymanError, TimeoutError, OSError) as exc:
             if migration.record.state == State.SWITCH:
                 log.warning(
@@ -187,8 +208,34 @@ class MigrationService:
             log.info("CRIU features", extra=self._features.to_json())
         return self._features.mem_dirty_track
 
+    def _resolve_mode(self, requested: str, postcopy_allowed: bool = True) -> str:
+        """`auto` (or the agent default) becomes the fastest mode this host's CRIU can do safely."""
+        mode = requested or self.config.migration.mode
+        features = self._features
+        assert features is not None, "detected by _soft_dirty() first"
+        if mode in ("lazy", "hybrid") and not postcopy_allowed:
+            raise InvalidRequest(f"the container's label {LABEL_POSTCOPY}=never rules out mode {mode}")
+        if mode in ("lazy", "hybrid") and not features.uffd:
+            raise InvalidRequest(f"mode {mode} needs userfaultfd, which this kernel does not offer")
+        return mode if mode != "auto" else auto_mode(features, postcopy_allowed)
+
+    async def _postcopy_link(self, migration_id: str, within: float) -> Link:
+        queue = self._postcopy_links.setdefault(migration_id, asyncio.Queue())
+        async with asyncio.timeout(within):
+            link, done = await queue.get()
+        self._release_postcopy_session(migration_id)  # the previous session is over
+        self._postcopy_done[migration_id] = done
+        return link
+
+    def _release_postcopy_session(self, migration_id: str) -> None:
+        done = self._postcopy_done.pop(migration_id, None)
+        if done is not None:
+            done.set()
+
     def _source_context(self, soft_dirty: bool = False) -> SourceContext:
         return SourceContext(
+            criu_configs=self._criu_configs,
+            postcopy_link=self._postcopy_link,
             soft_dirty=soft_dirty,
             config=self.config,
             cd=self._cd,
@@ -208,9 +255,11 @@ class MigrationService:
             platform=self._platform,
             images=self._images,
             log_path=self._containers.log_path,
-            criu_config=self._criu_config,
+            criu_configs=self._criu_configs,
             publish=self._publish,
             network=self._containers.network,
+            connect=self._transport.connect,
+            admission=self._admission,
         )
 
     # ----- sessions from peers --------------------------------------------------------------------
@@ -227,6 +276,8 @@ class MigrationService:
                 await self._answer_query(link, peer_host, str(first.body.get("migration", "")))
             elif first.type == "resolve":
                 await self._apply_resolution(link, str(first.body.get("migration", "")))
+            elif first.type == "postcopy":
+                await self._continue_postcopy(link, peer_host, str(first.body.get("migration", "")))
             else:
                 raise PeerFailed(f"unknown session type {first.type!r}")
         except (FerrymanError, TimeoutError, OSError) as exc:
@@ -254,18 +305,28 @@ class MigrationService:
             self._waiting[record.id] = migration
             self._spawn(self._ask_source(migration), f"ask-source-{record.id}")
 
+    async def _continue_postcopy(self, link: Link, peer_host: str, migration_id: str) -> None:
+        """Hand the session to our POSTCOPY source migration; it is closed once that is done with it."""
+        record = self._records.get(migration_id)
+        if record is None or record.role != "source" or record.peer != peer_host or record.state != State.POSTCOPY:
+            raise PeerFailed(f"no migration {migration_id} in POSTCOPY to {peer_host} here")
+        done = asyncio.Event()
+        await self._postcopy_links.setdefault(migration_id, asyncio.Queue()).put((link, done))
+        await done.wait()
+
     async def _answer_query(self, link: Link, peer_host: str, migration_id: str) -> None:
         record = self._records.get(migration_id)
         if record is None or record.role != "source" or record.peer != peer_host:
             decision = "rollback"  # we never made it: our copy (if any) is the workload
-        elif record.state in (State.SWITCH, State.COMMIT):
+        elif record.state in (State.POSTCOPY, State.SWITCH, State.COMMIT):
             decision = "commit"
         elif record.state == State.ROLLBACK:
             decision = "rollback"
         else:
             decision = "pending"
         await link.send("decision", decision=decision)
-        if decision == "commit" and record is not None and record.state == State.SWITCH:
+        precopy_switch = record is not None and record.state == State.SWITCH and record.options.mode == "precopy"
+        if decision == "commit" and precopy_switch and record is not None:
             await link.expect("committed")
             await self._complete_source(record)
 
@@ -311,14 +372,27 @@ class MigrationService:
             current = self._records[migration.record.id]
             wanted = State.COMMIT if decision == "commit" else State.ROLLBACK
             if current.state != State.RESTORE:
-                return current.state == wanted
+                return current.state == wanted or (decision == "commit" and current.state == State.POSTCOPY)
             migration.record = current
-            if decision == "commit":
+            if decision == "commit" and migration.lazy:
+                await migration._resume_postcopy()
+                self._spawn(self._finish_postcopy(migration), f"postcopy-{current.id}")
+            elif decision == "commit":
                 await migration.commit()
             else:
                 await migration.rollback("the source rolled back")
             self._waiting.pop(current.id, None)
             return True
+
+    async def _finish_postcopy(self, migration: TargetMigration) -> None:
+        """A POSTCOPY target whose first link is gone (or whose agent restarted) finishes over new ones."""
+        try:
+            await migration.finish_postcopy(None)
+        except (FerrymanError, TimeoutError, OSError) as exc:
+            await migration.rollback(f"post-copy failed: {exc}")
+        finally:
+            if migration.record.done:
+                await migration.cleanup()
 
     async def _finish_switch(self, record: MigrationRecord) -> None:
         """The source decided to commit; deliver that to the target until it confirms."""
@@ -354,6 +428,21 @@ class MigrationService:
             if record.role == "source" and can_roll_back(record.state):
                 await resume_if_paused(self._cd, record.container)
                 self._save(record.advance(Event.FAILED, error=reason))
+            elif record.role == "source" and record.state == State.POSTCOPY:
+                # The page server's session died with the previous process: the target cannot get its
+                # missing pages any more and its pager kills that copy. Ours, frozen at the switch, stays.
+                self._save(
+                    record.advance(
+                        Event.FAILED,
+                        error=f"{reason}: the pages still here are lost to the target, whose copy is killed; "
+                        "the frozen copy here is kept as of the switch",
+                    )
+                )
+            elif record.role == "target" and record.state == State.POSTCOPY:
+                container = {"id": record.container, "image": record.image, "labels": {}}
+                migration = TargetMigration(self._target_context(), record, {"container": container})
+                migration.lazy = True
+                self._spawn(self._finish_postcopy(migration), f"postcopy-{record.id}")
             elif record.role == "source" and record.state == State.SWITCH:
                 self._spawn(self._finish_switch(record), f"finish-{record.id}")
             elif record.role == "target" and record.state == State.RESTORE:

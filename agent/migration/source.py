@@ -1,12 +1,16 @@
 """The source side of a live migration, step by step.
 
 PREPARE   the target checks room, pulls the image; we announce the container
-PRECOPY   dump while running, send only pages that changed, until the rounds converge
-STOPCOPY  freeze, final dump (tasks stay frozen), last delta, other images, the rw layer
+PRECOPY   dump while running, send only pages that changed, until the rounds converge (precopy and
+          hybrid modes; lazy skips it)
+STOPCOPY  freeze, final dump (tasks stay frozen), last delta, other images, the rw layer; in lazy and
+          hybrid modes the dump keeps memory in CRIU's page server instead
 RESTORE   the target restores the task, left paused
-SWITCH    our decision: from here the target's copy is the one; it resumes
+POSTCOPY  (lazy, hybrid) our decision: the target's copy runs; its missing pages come from our page
+          server, on demand and in the background, until every page is there
+SWITCH    our decision (precopy) or every page is on the target (post-copy): the target commits
 COMMIT    the target confirmed; our frozen copy is removed
-Any failure before SWITCH rolls back: our frozen tasks resume, so the workload runs exactly once.
+Any failure before the decision rolls back: our frozen tasks resume, so the workload runs exactly once.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.checkpoint.criuconf import CriuConfigs, lazy_dump
 from agent.checkpoint.delta import DeltaStats, PageTracker
 from agent.checkpoint.images import is_pages
+from agent.checkpoint.lazypages import ensure_pipe_max_size, lazy_pages
+from agent.checkpoint.pageserver import PageServerClient, free_local_port
 from agent.checkpoint.runc import runc_checkpoint, runc_state_root
 from agent.config import AgentConfig
 from agent.containerd import Containerd, TaskStatus
@@ -31,11 +38,12 @@ from agent.images.local import read_image
 from agent.migration.convergence import Overheads, Round, Verdict, decide
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
-from agent.migration.link import Link
+from agent.migration.link import Link, PeerReportedFailure
 from agent.migration.local import describe_failure, remove_container, resume_if_paused
+from agent.migration.postcopy import SourcePages
 from agent.migration.record import MigrationRecord
 from agent.migration.rootfs import RW_LAYER_FILE, export_rw_layer
-from agent.migration.states import Event, can_roll_back
+from agent.migration.states import Event, State, can_roll_back
 from agent.model import LABEL_MANAGED, LABEL_SERVICE_IP
 from agent.network import ServiceNetwork
 from agent.oci import Platform
@@ -56,8 +64,16 @@ class SourceContext:
     publish: Callable[[MigrationRecord], None]
     """Called with every new version of the record (progress, API, metrics)."""
     network: ServiceNetwork
+    criu_configs: CriuConfigs
+    postcopy_link: Callable[[str, float], Awaitable[Link]]
+    """In POSTCOPY, waits (up to the timeout) for the target to reconnect after a cut link."""
     soft_dirty: bool = False
     """CRIU can pre-dump here (mem_dirty_track): rounds dump only written pages, via runc."""
+
+
+class PostcopyLost(FerrymanError):
+    code = "postcopy_lost"
+    http_status = 502
 
 
 class SourceMigration:
@@ -69,6 +85,8 @@ class SourceMigration:
         self._started = time.monotonic()
         self._tracker: PageTracker | None = None
         self._parent: Path | None = None
+        self._link: Link | None = None
+        """In post-copy, the current link to the target (it changes when the target reconnects)."""
 
     # ----- bookkeeping ---------------------------------------------------------------------------
 
@@ -102,11 +120,22 @@ class SourceMigration:
             async with asyncio.timeout(self.ctx.config.migration.phase_timeout):
                 link = await self._connect()
                 await self._prepare(link)
-                await self._precopy(link)
-                await self._stopcopy(link)
+                if self.record.options.mode == "lazy":
+                    self._advance(Event.CONVERGED)  # nothing to pre-copy
+                else:
+                    await self._precopy(link)
+                if self.record.options.mode == "precopy":
+                    await self._stopcopy(link)
+            if self.record.options.mode != "precopy":
+                link = await self._lazy_stopcopy(link)
         except BaseException as exc:
             if can_roll_back(self.record.state):
                 await self._rollback(link, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return self.record
+            if self.record.state == State.POSTCOPY:
+                await self._postcopy_failed(link, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return self.record
@@ -143,7 +172,11 @@ class SourceMigration:
                 "runtime": container.runtime,
             },
             estimated_bytes=await self._memory_estimate(cid),
-            options={"downtime_target_ms": self.record.options.downtime_target_ms},
+            options={
+                "downtime_target_ms": self.record.options.downtime_target_ms,
+                "mode": self.record.options.mode,
+                "reservation": self.record.options.reservation,
+            },
         )
         await link.expect("prepared")
         await self.ctx.failpoints.hit("source.prepared")
@@ -289,6 +322,161 @@ class SourceMigration:
         )
         await self._remove_local_copy()  # before COMMIT is published: a watcher sees the final picture
         self._advance(Event.SWITCHED)
+
+    # ----- post-copy (lazy and hybrid modes) ------------------------------------------------------
+
+    async def _lazy_stopcopy(self, link: Link) -> Link:
+        """Freeze; a dump without memory; the target restores and runs; its pages follow on demand."""
+        cid, tasks = self.record.container, self.ctx.cd.tasks
+        await self.ctx.failpoints.hit("source.stopcopy")
+        final = self.work / "final"
+        final.mkdir(parents=True)
+        await asyncio.to_thread(ensure_pipe_max_size)
+        port = free_local_port()
+        await asyncio.to_thread(self.ctx.criu_configs.write, cid, lazy_dump(port))
+        await link.send("stopcopy", lazy=True)
+        frozen_at = time.monotonic()
+        await tasks.pause(cid)
+        # Returns only once the page server has served every page (or failed); a paused task stays frozen.
+        dump: asyncio.Task[None] = asyncio.create_task(self._dump(final, pre_dump=False, parent=None), name="lazy-dump")
+        try:
+            try:
+                client = await PageServerClient.connect(port, dump, within=self.ctx.config.migration.idle_timeout)
+            finally:
+                await asyncio.to_thread(self.ctx.criu_configs.write, cid)  # later dumps are ordinary again
+            freeze_dump_ms = (time.monotonic() - frozen_at) * 1000
+            total = await asyncio.to_thread(lazy_pages, final)
+            for path in sorted(final.iterdir()):
+                if path.is_file():  # pages-*.img holds only what CRIU does not do lazily (not anonymous memory)
+                    await link.send_file(path, path.name)
+            digest, data = await export_rw_layer(
+                self.ctx.cd, self._snapshot_key, self._image_chain, self.ctx.config.pull.lease_expiry
+            )
+            rw_file = self.work / RW_LAYER_FILE
+            rw_file.write_bytes(data)
+            await link.send_file(rw_file, RW_LAYER_FILE)
+            await link.send("restore", rw_digest=digest, lazy=True)
+            self._advance(Event.IMAGES_SENT)
+            self._progress(link, freeze_dump_ms=round(freeze_dump_ms, 1), lazy_pages=total, pages_remote=total)
+            # The restore itself faults pages in (the restorer writes to the task's stack): serve from now on.
+            pages = SourcePages(client, self._pages_progress(total), self._postcopy_failpoint())
+            self._link = link
+            traffic = asyncio.create_task(self._serve_postcopy(pages), name="postcopy-pages")
+            try:
+                reply = await pages.expect("restored", traffic, link)
+                await self.ctx.failpoints.hit("source.restored")
+                # The decision: the target's copy is the workload from here, with some of its memory still here.
+                self._advance(Event.LAZY_RESTORED)
+                await self.ctx.failpoints.hit("source.decided")
+                if self._service_ip:  # traffic goes to the target; our veth stays until the copy is removed
+                    await self.ctx.network.unpublish(self._service_ip)
+                await link.send("resume")
+                await pages.expect("resumed", traffic, self._link or link)
+                resumed_at = time.monotonic()
+                self._progress(
+                    link,
+                    downtime_ms=round((resumed_at - frozen_at) * 1000, 1),
+                    restore_ms=float(reply.get("restore_ms", 0.0)),
+                )
+                await traffic
+            finally:
+                if not traffic.done():
+                    traffic.cancel()
+                await asyncio.gather(traffic, return_exceptions=True)
+                await client.close()
+            link = self._link or link
+            async with asyncio.timeout(self.ctx.config.migration.idle_timeout):
+                await dump  # CRIU confirms the page server's session is over
+        finally:
+            if not dump.done():
+                dump.cancel()
+                await asyncio.gather(dump, return_exceptions=True)
+        self._progress(link, pages_remote=0, postcopy_ms=round((time.monotonic() - resumed_at) * 1000, 1))
+        self._advance(Event.PAGES_COMPLETE)
+        await link.send("commit")
+        await link.expect("committed")
+        if self._service_ip:  # gone before the kill: the dying sockets must not reach the client
+            await self.ctx.network.destroy(self.record.container)
+        await self._remove_local_copy()
+        self._progress(
+            link,
+            total_ms=round((time.monotonic() - self._started) * 1000, 1),
+            released_ms=round((time.monotonic() - self._started) * 1000, 1),
+        )
+        self._advance(Event.SWITCHED)
+        return link
+
+    def _postcopy_failpoint(self) -> Callable[[], Awaitable[None]]:
+        """Fault tests hold post-copy open with `source.postcopy` (hit once, after the decision)."""
+        hit = False
+
+        async def before_reply() -> None:
+            nonlocal hit
+            if not hit and self.record.state == State.POSTCOPY:
+                hit = True
+                await self.ctx.failpoints.hit("source.postcopy")
+
+        return before_reply
+
+    def _pages_progress(self, total: int) -> Callable[[int], None]:
+        served = 0
+        last = 0.0
+
+        def on_pages(count: int) -> None:
+            nonlocal served, last
+            served += count
+            now = time.monotonic()
+            if now - last > 0.1:  # progress, not a record per page fault
+                last = now
+                self._progress(None, pages_remote=max(total - served, 0))
+
+        return on_pages
+
+    async def _serve_postcopy(self, pages: SourcePages) -> None:
+        """Answer page requests until the target's daemon closes. After the decision a cut link waits
+        for the target to come back (its pager asks again for whatever was unanswered)."""
+        while True:
+            link = self._link
+            assert link is not None, "set before the traffic starts"
+            try:
+                await pages.serve(link)
+                return
+            except PeerReportedFailure:
+                raise
+            except (TimeoutError, OSError, FerrymanError) as exc:
+                if self.record.state != State.POSTCOPY:
+                    raise  # before the decision, a broken link rolls back
+                log.warning(
+                    "post-copy link lost, waiting for the target",
+                    extra={"migration": self.record.id, "error": describe_failure(exc)},
+                )
+                await link.close()
+                timeout = self.ctx.config.migration.postcopy_reconnect_timeout
+                try:
+                    self._link = await self.ctx.postcopy_link(self.record.id, timeout)
+                except TimeoutError:
+                    raise PostcopyLost(f"the target did not come back within {timeout:.0f} s during POSTCOPY") from exc
+                log.info("post-copy link back", extra={"migration": self.record.id})
+
+    async def _postcopy_failed(self, link: Link | None, exc: BaseException) -> None:
+        """After the decision nothing rolls back by itself. If the target says its copy is gone, ours
+        (frozen at the switch) resumes: the workload continues from that point. Otherwise ours stays
+        frozen, for an operator to decide: the target may still be running."""
+        reason = describe_failure(exc)
+        if isinstance(exc, PeerReportedFailure):
+            await resume_if_paused(self.ctx.cd, self.record.container)
+            if self._service_ip:
+                info = self.ctx.network.info(self.record.container)
+                await self.ctx.network.publish(self._service_ip, info.host_veth)
+            reason = f"post-copy failed on the target ({reason}); the workload resumed here as of the switch"
+        else:
+            reason = (
+                f"post-copy lost ({reason}); the target kills its copy after "
+                f"{self.ctx.config.migration.postcopy_reconnect_timeout:.0f} s; ours stays frozen as of the switch"
+            )
+        log.error("post-copy failed", extra={"migration": self.record.id, "error": reason})
+        self._advance(Event.FAILED, error=reason)
+        self._progress(link, total_ms=round((time.monotonic() - self._started) * 1000, 1))
 
     # ----- endings -------------------------------------------------------------------------------
 

@@ -3,7 +3,12 @@
 It keeps every page the source sends, pulls the image while pre-copy runs, and on `restore` builds
 the container: the image snapshot plus the source's rw layer, the source's spec adapted to this host,
 and a task restored by CRIU from the received images. The restored task is paused until the source
-decides (`commit`); without that decision it is removed, so the workload never runs twice.
+decides (`commit`, or `resume` in post-copy); without that decision it is removed, so the workload
+never runs twice.
+
+In post-copy (lazy and hybrid modes) the restored task's anonymous memory is missing: a `criu
+lazy-pages` daemon fills it through userfaultfd, asking the pager process, which asks us, which ask
+the source. The task runs meanwhile (POSTCOPY); the migration commits once every page is here.
 """
 
 from __future__ import annotations
@@ -13,14 +18,18 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.checkpoint.criuconf import ANNOTATION as CRIU_ANNOTATION
+from agent.checkpoint.criuconf import LAZY_RESTORE, CriuConfigs
 from agent.checkpoint.delta import PageStore
+from agent.checkpoint.lazypages import LazyPagesError, ensure_pipe_max_size, lazy_pages, wait_ready
 from agent.config import AgentConfig
 from agent.containerd import Containerd, ContainerRecord
 from agent.errors import AlreadyExists, ContainerdNotFound, FerrymanError
@@ -28,14 +37,16 @@ from agent.images.local import read_image
 from agent.images.service import ImageService
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
-from agent.migration.link import FileIn, Link, PagesIn, PeerFailed
+from agent.migration.link import FileIn, Link, PagesIn, PeerFailed, PeerReportedFailure
 from agent.migration.local import LABEL_MIGRATION, describe_failure, remove_container
+from agent.migration.postcopy import PostcopyPaths, TargetRelay, spawn_pager
 from agent.migration.record import MigrationRecord
 from agent.migration.rootfs import RW_LAYER_FILE, import_rw_layer
 from agent.migration.states import Event, State
 from agent.model import LABEL_LOG_PATH, LABEL_PREFIX, LABEL_SERVICE_IP
 from agent.network import NetnsInfo, ServiceNetwork
 from agent.oci import Platform
+from agent.reservations import Admission, container_need
 from agent.runtime.spec import set_network_namespace
 
 log = logging.getLogger(__name__)
@@ -57,10 +68,14 @@ class TargetContext:
     platform: Platform
     images: ImageService
     log_path: Callable[[str], Path]
-    criu_config: Path
-    """A CRIU config file (tcp-established and friends) runc passes to restore via the spec annotation."""
+    criu_configs: CriuConfigs
+    """Per-container CRIU config files (tcp-established and friends) runc passes to restore."""
     publish: Callable[[MigrationRecord], None]
     network: ServiceNetwork
+    connect: Callable[[str, str], Awaitable[Link]]
+    """A new session to the source (host, migration id): post-copy reconnects after a cut link."""
+    admission: Admission | None = None
+    """Reservations on this host: a migration may not eat capacity reserved for someone else."""
 
 
 class TargetMigration:
@@ -75,6 +90,14 @@ class TargetMigration:
         self._lease: str | None = None
         self.service_ip: str | None = (self.container.get("labels") or {}).get(LABEL_SERVICE_IP)
         self._netns: NetnsInfo | None = None
+        self.paths = PostcopyPaths(self.work)
+        self.lazy = False
+        self._keep_work = False
+        self._relay: TargetRelay | None = None
+        self._traffic: asyncio.Task[None] | None = None
+        self._pager: subprocess.Popen[bytes] | None = None
+        self._daemon: subprocess.Popen[bytes] | None = None
+        self._link: Link | None = None
 
     def _save(self, record: MigrationRecord) -> None:
         self.record = record
@@ -87,10 +110,14 @@ class TargetMigration:
 
     async def run(self, link: Link) -> MigrationRecord:
         self._save(self.record)
+        self._link = link
         pull: asyncio.Task[Any] | None = None
         try:
             async with asyncio.timeout(self.ctx.config.migration.phase_timeout):
                 await self._check_room(int(self.prepare_msg.get("estimated_bytes", 0)))
+                await self._admit()
+                if (self.prepare_msg.get("options") or {}).get("mode") in ("lazy", "hybrid"):
+                    await asyncio.to_thread(ensure_pipe_max_size)  # fail in PREPARE, not after the freeze
                 self._lease = await self.ctx.cd.leases.create("migration", self.ctx.config.migration.phase_timeout)
                 if self.service_ip:  # the same address, in a namespace of this host, unpublished until commit
                     self._netns = await self.ctx.network.prepare(self.container["id"], self.service_ip)
@@ -102,22 +129,36 @@ class TargetMigration:
                 await pull
                 restore_ms = await self._restore(rw_digest)
                 await link.send("restored", restore_ms=round(restore_ms, 1))
+            if self.lazy:
+                await self._await_resume(link)
+                await link.send("resumed")
+                await self.finish_postcopy(link)
+            else:
                 await self._await_decision(link)
         except DecisionPending:
+            self._keep_work = self.lazy  # the daemon and the pager still use it
             raise  # the restored copy stays, paused: the service asks the source what it decided
         except BaseException as exc:
             if pull is not None and not pull.done():
                 pull.cancel()
                 await asyncio.gather(pull, return_exceptions=True)
+            if isinstance(exc, asyncio.CancelledError) and self.record.state == State.POSTCOPY:
+                # The agent is stopping: the pager and the daemon carry on, the next agent takes over.
+                self._keep_work = True
+                raise
             if self.record.state not in (State.SWITCH, State.COMMIT):
-                await link.fail(describe_failure(exc))
+                await (self._link or link).fail(describe_failure(exc))
                 await self.rollback(describe_failure(exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
             await link.close()
+            if self._link is not None and self._link is not link:
+                await self._link.close()
             self.store.close()
-            shutil.rmtree(self.work, ignore_errors=True)
+            if not self._keep_work:
+                await self._stop_postcopy_helpers()
+                shutil.rmtree(self.work, ignore_errors=True)
         return self.record
 
     async def _check_room(self, needed: int) -> None:
@@ -132,6 +173,27 @@ class TargetMigration:
             )
         if await self._container_exists(self.container["id"]):
             raise AlreadyExists(f"container {self.container['id']} already exists on this host")
+
+    @property
+    def reservation(self) -> str:
+        return str((self.prepare_msg.get("options") or {}).get("reservation") or "")
+
+    async def _admit(self) -> None:
+        """Charge the container's limits (or its resident size) to the coordinator's reservation, if any."""
+        if self.ctx.admission is None:
+            return
+        resources = ((self.container.get("spec") or {}).get("linux") or {}).get("resources") or {}
+        memory = int((resources.get("memory") or {}).get("limit") or 0)
+        memory = memory or int(self.prepare_msg.get("estimated_bytes", 0))
+        cpu = resources.get("cpu") or {}
+        cpus = cpu["quota"] / cpu["period"] if cpu.get("quota") and cpu.get("period") else None
+        await self.ctx.admission.admit(container_need(cpus, memory), self.reservation or None)
+
+    async def _release_reservation(self) -> None:
+        if self.ctx.admission is not None and self.reservation:
+            release = getattr(self.ctx.admission, "release", None)
+            if release is not None:
+                await release(self.reservation)
 
     async def _container_exists(self, container_id: str) -> bool:
         try:
@@ -156,6 +218,7 @@ class TargetMigration:
                 self.ctx.publish(self.record)
                 await self.ctx.failpoints.hit("target.precopy")
             elif msg.type == "stopcopy":
+                self.lazy = bool(msg.body.get("lazy"))
                 self._advance(Event.CONVERGED)
                 await self.ctx.failpoints.hit("target.stopcopy")
             elif msg.type == "restore":
@@ -170,7 +233,7 @@ class TargetMigration:
         linux["cgroupsPath"] = f"{self.ctx.config.runtime.cgroup_parent}/{ns}/{cid}"
         spec["linux"] = linux
         annotations = dict(spec.get("annotations") or {})
-        annotations[CRIU_ANNOTATION] = str(self.ctx.criu_config)
+        annotations[CRIU_ANNOTATION] = str(self.ctx.criu_configs.path(self.container["id"]))
         spec["annotations"] = annotations
         if self._netns is not None:
             set_network_namespace(spec, self._netns.path)  # CRIU restores into this host's namespace
@@ -179,10 +242,18 @@ class TargetMigration:
     async def _restore(self, rw_digest: str) -> float:
         cid = self.container["id"]
         started = time.monotonic()
-        await asyncio.to_thread(self.store.write_pages_files, self.images_dir)
+        if self.lazy:
+            await self._start_postcopy_helpers()
+            assert self._link is not None and self._relay is not None
+            # The restore itself faults pages in (the restorer writes to the task's stack): relay from now on.
+            self._traffic = asyncio.create_task(
+                self._relay.relay(self._link, within=self.ctx.config.migration.idle_timeout), name="postcopy-relay"
+            )
+        else:
+            await asyncio.to_thread(self.store.write_pages_files, self.images_dir)
         log.info(
-            "pages files ready",
-            extra={"migration": self.record.id, "ms": round((time.monotonic() - started) * 1000, 1)},
+            "images ready",
+            extra={"migration": self.record.id, "ms": round((time.monotonic() - started) * 1000, 1), "lazy": self.lazy},
         )
         if self.ctx.failpoints.action("target.corrupt_images") == "corrupt":
             for core in self.images_dir.glob("core-*.img"):
@@ -212,18 +283,24 @@ class TargetMigration:
         await asyncio.to_thread(log_file.parent.mkdir, parents=True, exist_ok=True)
         mounts = await cd.snapshots.mounts(cid)
         uri = f"file://{log_file}"
+        await asyncio.to_thread(self.ctx.criu_configs.write, cid, LAZY_RESTORE if self.lazy else "")
         started = time.monotonic()
-        await cd.tasks.create(
-            cid,
-            mounts,
-            stdout=uri,
-            stderr=uri,
-            runc_root=self.ctx.config.containerd.runc_root,
-            restore_from=str(self.images_dir),
-            criu_work_dir=str(self.work / "criu-work"),
-        )
-        await cd.tasks.start(cid)
-        await cd.tasks.pause(cid)  # provisional until the source decides
+        try:
+            pid = await cd.tasks.create(
+                cid,
+                mounts,
+                stdout=uri,
+                stderr=uri,
+                runc_root=self.ctx.config.containerd.runc_root,
+                restore_from=str(self.images_dir),
+                criu_work_dir=str(self.paths.criu_work),
+            )
+            if self.lazy:  # the pager kills exactly this process tree if the pages cannot come
+                await asyncio.to_thread(self.paths.pid_file.write_text, str(pid))
+            await cd.tasks.start(cid)
+            await cd.tasks.pause(cid)  # provisional until the source decides
+        finally:
+            await asyncio.to_thread(self.ctx.criu_configs.write, cid)  # its later dumps are ordinary
         restore_ms = (time.monotonic() - started) * 1000
         self._save(self.record.with_stats(restore_ms=round(restore_ms, 1)))
         await self.ctx.failpoints.hit("target.restored")
@@ -239,6 +316,138 @@ class TargetMigration:
         await self.commit()
         await link.send("committed")
 
+    # ----- post-copy ---------------------------------------------------------------------------------
+
+    async def _start_postcopy_helpers(self) -> None:
+        await asyncio.to_thread(ensure_pipe_max_size)
+        total = await asyncio.to_thread(lazy_pages, self.images_dir)
+        self.record = self.record.with_stats(lazy_pages=total, pages_remote=total)
+        self._relay = TargetRelay(self.paths, self._on_pages)
+        await self._relay.listen()
+        self._daemon, self._pager = spawn_pager(self.paths, self.ctx.config.migration.postcopy_reconnect_timeout)
+        await wait_ready(self._daemon, self.paths.criu_work)
+
+    def _on_pages(self, count: int) -> None:
+        stats = self.record.stats
+        self.record = self.record.with_stats(pages_remote=max(stats.pages_remote - count, 0))
+        self.ctx.publish(self.record)
+
+    async def _await_resume(self, link: Link) -> None:
+        assert self._relay is not None and self._traffic is not None
+        try:
+            await self._relay.expect("resume", self._traffic, link)
+        except PeerReportedFailure:
+            raise
+        except (TimeoutError, OSError, FerrymanError) as exc:
+            log.warning("no decision from the source yet", extra={"migration": self.record.id, "error": str(exc)})
+            raise DecisionPending(self.record) from exc
+        await self._resume_postcopy()
+
+    async def _resume_postcopy(self) -> None:
+        """The decision: run the restored task with its pages still arriving."""
+        cid = self.container["id"]
+        await self.ctx.cd.tasks.resume(cid)
+        if self.service_ip:
+            info = self._netns or await self.ctx.network.prepare(cid, self.service_ip)
+            await self.ctx.network.publish(self.service_ip, info.host_veth)
+        self._resumed_at = time.monotonic()
+        self._advance(Event.LAZY_RESTORED)
+
+    async def finish_postcopy(self, link: Link | None) -> None:
+        """Relay pages until the daemon has them all, reconnecting as needed; then commit."""
+        if self._relay is None:  # after an agent restart: the pager is still there, and reconnects
+            self._relay = TargetRelay(self.paths, self._on_pages)
+            await self._relay.listen()
+        timeout = self.ctx.config.migration.postcopy_reconnect_timeout
+        started = time.monotonic()
+        try:
+            while True:
+                if self._traffic is None:
+                    if link is None:
+                        link = await self._reconnect(within=timeout)
+                    self._link = link
+                    self._traffic = asyncio.create_task(self._relay.relay(link, within=timeout), name="postcopy-relay")
+                try:
+                    await self._traffic
+                    break
+                except PeerReportedFailure:
+                    raise
+                except (TimeoutError, OSError, FerrymanError) as exc:
+                    if await self._pager_failed():
+                        raise
+                    log.warning(
+                        "post-copy link lost, reconnecting",
+                        extra={"migration": self.record.id, "error": describe_failure(exc)},
+                    )
+                    if link is not None:
+                        await link.close()
+                    link = None
+                    self._traffic = None
+            assert link is not None
+            await self._pager_result(within=timeout)
+            self.record = self.record.with_stats(
+                pages_remote=0, postcopy_ms=round((time.monotonic() - started) * 1000, 1)
+            )
+            await link.expect("commit")
+        finally:
+            await self._relay.close()
+        self._advance(Event.PAGES_COMPLETE)
+        self._advance(Event.SWITCHED)
+        await self._drop_lease()
+        await link.send("committed")
+
+    async def _reconnect(self, within: float) -> Link:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            try:
+                link = await self.ctx.connect(self.record.peer, self.record.id)
+                await link.send("postcopy", migration=self.record.id)
+                return link
+            except (TimeoutError, OSError, FerrymanError) as exc:
+                if loop.time() > deadline or await self._pager_failed():
+                    raise LazyPagesError(f"the source stayed unreachable during POSTCOPY: {exc}") from exc
+                await asyncio.sleep(0.2)
+
+    async def _pager_failed(self) -> bool:
+        result = await asyncio.to_thread(_read_result, self.paths.result)
+        return result is not None and not result.get("ok")
+
+    async def _pager_result(self, within: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while (result := await asyncio.to_thread(_read_result, self.paths.result)) is None:
+            if loop.time() > deadline:
+                raise LazyPagesError("the pager did not report after the last page")
+            await asyncio.sleep(0.01)
+        if not result.get("ok"):
+            raise LazyPagesError(f"post-copy failed on this host: {result.get('error')}")
+        if self._pager is not None:
+            await asyncio.to_thread(self._pager.wait, 10)
+
+    async def cleanup(self) -> None:
+        """What run() does at its end, for a migration finished elsewhere (after a restart)."""
+        self.store.close()
+        await self._stop_postcopy_helpers()
+        if self._link is not None:
+            await self._link.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    async def _stop_postcopy_helpers(self) -> None:
+        """The pager kills the restored task before it lets go of the daemon (SIGTERM), if it is not done."""
+        if self._traffic is not None and not self._traffic.done():
+            self._traffic.cancel()
+            await asyncio.gather(self._traffic, return_exceptions=True)
+        for process in (self._pager, self._daemon):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.to_thread(process.wait, 10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        if self._relay is not None:
+            await self._relay.close()
+
     async def commit(self) -> None:
         """The source decided for us: resume the restored task and own the workload."""
         cid = self.container["id"]
@@ -252,6 +461,7 @@ class TargetMigration:
 
     async def rollback(self, reason: str) -> None:
         """Remove whatever of the container exists here; the source keeps the workload."""
+        await self._stop_postcopy_helpers()
         removed = await remove_container(self.ctx.cd, self.container["id"], only_migration=self.record.id)
         if self.service_ip and removed:
             await self.ctx.network.destroy(self.container["id"])
@@ -261,6 +471,7 @@ class TargetMigration:
             self._advance(Event.FAILED, error=reason)
 
     async def _drop_lease(self) -> None:
+        await self._release_reservation()  # commit or rollback: the container now counts as itself, or not at all
         if self._lease is not None:
             await self.ctx.cd.leases.delete(self._lease)
             self._lease = None
@@ -274,3 +485,11 @@ class DecisionPending(FerrymanError):
     def __init__(self, record: MigrationRecord) -> None:
         super().__init__(f"migration {record.id}: waiting for the source's decision")
         self.record = record
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.checkpoint.criuconf import ANNOTATION as CRIU_ANNOTATION
+from agent.checkpoint.criuconf import CriuConfigs
 from agent.config import ContainerdConfig, RuntimeConfig
 from agent.containerd import Containerd, ContainerRecord, ProcessInfo, TaskStatus
 from agent.errors import (
@@ -39,6 +40,7 @@ from agent.model import (
 )
 from agent.network import NetworkError, ServiceNetwork, parse_service_ip
 from agent.oci import Platform
+from agent.reservations import Admission, container_need
 from agent.runtime.rootfs import read_snapshot_files
 from agent.runtime.spec import build_spec
 
@@ -65,13 +67,16 @@ class ContainerService:
         runtime: RuntimeConfig,
         platform: Platform,
         network: ServiceNetwork | None = None,
-        criu_config: Path | None = None,
+        criu_configs: CriuConfigs | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._cd = cd
         self._containerd = containerd
         self._runtime = runtime
         self._platform = platform
-        self._criu_config = criu_config
+        self._criu_configs = criu_configs
+        self._admission = admission
+        """Refuses containers that would use capacity reserved by the coordinator (agent/reservations.py)."""
         # Containers with a service address get their own network namespace through this adapter.
         self.network = network if network is not None else ServiceNetwork(namespace=cd.namespace)
 
@@ -83,6 +88,8 @@ class ContainerService:
             raise InvalidRequest(f"container id {req.id!r} must match {CONTAINER_ID_RE.pattern}")
         if any(k.startswith(LABEL_PREFIX) for k in req.labels):
             raise InvalidRequest(f"labels starting with {LABEL_PREFIX} are reserved")
+        if self._admission is not None:  # before anything is made: a refusal leaves nothing behind
+            await self._admission.admit(container_need(req.resources.cpus, req.resources.memory))
         image = await read_image(self._cd, req.image, self._platform)
         passwd = group = None
         # Names, and numeric uids without a gid, resolve through the image's own passwd and group.
@@ -102,8 +109,9 @@ class ContainerService:
             # The path is derived from the id alone, so the namespace is made only once the record exists.
             netns_path=self.network.info(req.id).path if service_ip is not None else None,
         )
-        if self._criu_config is not None:  # so that checkpoints of it get ferryman's CRIU options
-            spec.setdefault("annotations", {})[CRIU_ANNOTATION] = str(self._criu_config)
+        if self._criu_configs is not None:  # so that checkpoints of it get ferryman's CRIU options
+            criu_config = await asyncio.to_thread(self._criu_configs.write, req.id)
+            spec.setdefault("annotations", {})[CRIU_ANNOTATION] = str(criu_config)
         labels = {
             **req.labels,
             LABEL_MANAGED: "true",
@@ -225,6 +233,8 @@ class ContainerService:
             await self._cd.snapshots.remove(record.snapshot_key)
         with contextlib.suppress(FileNotFoundError):
             self.log_path(container_id).unlink()
+        if self._criu_configs is not None:
+            self._criu_configs.remove(container_id)
         log.info("deleted container", extra={"container": container_id})
 
     async def list(self) -> list[ContainerSummary]:

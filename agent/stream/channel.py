@@ -687,8 +687,15 @@ class Channel:
     def _open_job(
         self, header: Header, raw: bytes, payload: bytearray | bytes, release: Callable[[], None]
     ) -> tuple[Any, int]:
-        plain = self._opener.open(header, raw, payload, header.length, release)
-        return self._decode(header.kind, plain), len(plain)
+        plain, owner = self._opener.open(header, raw, payload, header.length, release)
+        try:
+            decoded = self._decode(header.kind, plain)
+        except BaseException:
+            self._opener.give_back(owner, lend=False)
+            raise
+        # Page and file data reach the consumer as views of `owner`; everything else was copied out.
+        self._opener.give_back(owner, lend=header.kind in (Kind.PAGES, Kind.FILE_DATA))
+        return decoded, len(plain)
 
     @staticmethod
     def _decode(kind: int, plain: bytes | memoryview) -> Any:

@@ -296,35 +296,50 @@ class Opener:
         payload: bytearray | bytes,
         payload_len: int,
         release: Callable[[], None],
-    ) -> bytes | memoryview:
+    ) -> tuple[bytes | memoryview, bytearray | None]:
         """Plaintext of a frame whose header already passed the sequence checks.
 
         `payload[:payload_len]` is the ciphertext; `release` hands that buffer back once it is
-        no longer read.
+        no longer read. Returns the plaintext and the pooled buffer it lives in (None when it is
+        a bytes object of its own): the caller lends or releases that buffer.
         """
         ciphertext = memoryview(payload)[:payload_len]
+        size = payload_len - TAG_SIZE
+        iv = nonce(self._direction, header.seq)
         try:
-            if not header.flags & Flag.COMPRESSED:
-                try:
-                    return self._aead.decrypt(nonce(self._direction, header.seq), ciphertext, header_raw)
-                except InvalidTag:
-                    raise _auth_failed(header) from None
-            size = payload_len - TAG_SIZE
+            # Decrypt into a pooled buffer: a fresh 1 MiB result per frame faults its pages in
+            # every time (the allocator hands trimmed memory back), which cost more than AES.
             scratch = self._pool.acquire(size) if self._pool is not None else bytearray(size)
+            out = memoryview(scratch)[:size]
             try:
-                try:
-                    self._aead.decrypt_into(
-                        nonce(self._direction, header.seq), ciphertext, header_raw, memoryview(scratch)[:size]
-                    )
-                except InvalidTag:
-                    raise _auth_failed(header) from None
-                return decompress_chunk(memoryview(scratch)[:size], self._max_plain)
+                self._aead.decrypt_into(iv, ciphertext, header_raw, out)
+            except InvalidTag:
+                self._give_back(scratch)
+                raise _auth_failed(header) from None
+            if not header.flags & Flag.COMPRESSED:
+                # read-only, as the bytes it replaces were: the file hash may still be reading it
+                return out.toreadonly(), scratch if self._pool is not None else None
+            try:
+                return decompress_chunk(out, self._max_plain), None
             finally:
-                if self._pool is not None:
-                    self._pool.release(scratch)
+                out.release()
+                self._give_back(scratch)
         finally:
             ciphertext.release()
             release()
+
+    def _give_back(self, buf: bytearray) -> None:
+        if self._pool is not None:
+            self._pool.release(buf)
+
+    def give_back(self, buf: bytearray | None, lend: bool) -> None:
+        """Return a plaintext buffer from open(): now, or (`lend`) once its views are all gone."""
+        if buf is None or self._pool is None:
+            return
+        if lend:
+            self._pool.lend(buf)
+        else:
+            self._pool.release(buf)
 
 
 def _auth_failed(header: Header) -> AuthenticationFailed:

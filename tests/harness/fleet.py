@@ -30,6 +30,7 @@ def fleet_config(mesh: Mesh, host: MeshHost, idle_timeout: float) -> str:
         "work_dir": f"/dev/shm/ferryman-{mesh.prefix}-{host.name}",
         "idle_timeout": idle_timeout,
         "decision_timeout": 60.0,
+        "mode": "precopy",  # the default for tests written before post-copy; they pass mode= to change it
         **host.settings.get("migration", {}),
     }
     migration_toml = "".join(f"{k} = {json.dumps(v)}\n" for k, v in migration.items())
@@ -106,6 +107,7 @@ async def run_memhog(
     resident_mib: int = 16,
     rewrite_mbps: float = 1,
     service_ip: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> str:
     """memhog on `host`; with a service address it also serves HTTP there (see memhog_image)."""
     repo = f"test/memhog-{secrets.token_hex(3)}"
@@ -116,6 +118,8 @@ async def run_memhog(
     body: dict[str, Any] = {"id": name, "image": ref}
     if service_ip:
         body["service_ip"] = service_ip
+    if labels:
+        body["labels"] = labels
     await api(host, "POST", "/v1/containers?start=1", body, expect=201)
     return ref
 

@@ -1,0 +1,260 @@
+"""Post-copy page traffic: CRIU's page-server protocol carried over the migration stream.
+
+Target: the pager (agent/migration/pager.py) connects to the agent's unix socket and writes the
+lazy-pages daemon's requests; `TargetRelay` sends them to the source as `ps_req` and writes the
+answers back. Source: `serve_pages` asks the dump's page server (on 127.0.0.1) and answers with
+`ps_rep` plus the pages. A broken link loses nothing: the pager sends its unanswered requests again
+on the next connection, and a page-server GET can be asked twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import subprocess
+import sys
+from array import array
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.checkpoint.images import PAGE_SIZE
+from agent.checkpoint.lazypages import spawn_daemon
+from agent.checkpoint.pageserver import HEADER, STATUS, PageServerClient, PageServerError, Request
+from agent.migration.link import ControlIn, Link, PagesIn, PeerFailed, page_key, split_key
+
+log = logging.getLogger(__name__)
+
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+@dataclass(frozen=True)
+class PostcopyPaths:
+    """Where a post-copy migration keeps its files on the target (all under the migration's work dir)."""
+
+    work: Path
+
+    @property
+    def images(self) -> Path:
+        return self.work / "images"
+
+    @property
+    def criu_work(self) -> Path:
+        return self.work / "criu-work"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.work / "pager.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.work / "restored.pid"
+
+    @property
+    def result(self) -> Path:
+        return self.work / "pager.json"
+
+
+Process = subprocess.Popen[bytes]
+
+
+def spawn_pager(paths: PostcopyPaths, reconnect_timeout: float) -> tuple[Process, Process]:
+    """Start the lazy-pages daemon and the pager, joined by a socket pair only they hold."""
+    daemon_end, pager_end = socket.socketpair()
+    try:
+        daemon = spawn_daemon(paths.images, paths.criu_work, daemon_end)
+        pager_end.set_inheritable(True)
+        pager = subprocess.Popen(
+            [
+                sys.executable, "-m", "agent.migration.pager",
+                "--ps-fd", str(pager_end.fileno()),
+                "--agent-socket", str(paths.agent_socket),
+                "--pid-file", str(paths.pid_file),
+                "--result", str(paths.result),
+                "--reconnect-timeout", str(reconnect_timeout),
+            ],
+            pass_fds=(pager_end.fileno(),),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives an agent restart, like the daemon
+        )
+    finally:
+        daemon_end.close()
+        pager_end.close()
+    return daemon, pager
+
+
+class ControlRouter:
+    """While page traffic owns a link's receive side, other control messages queue here."""
+
+    def __init__(self) -> None:
+        self.control: asyncio.Queue[ControlIn] = asyncio.Queue()
+
+    async def expect(self, type_: str, traffic: asyncio.Task[None], link: Link) -> dict[str, Any]:
+        """The next control message: queued by the traffic task, or read directly once it ended."""
+        while True:
+            if not self.control.empty():
+                msg = self.control.get_nowait()
+                if msg.type != type_:
+                    raise PeerFailed(f"expected {type_!r} from the peer, got control {msg.type!r}")
+                return msg.body
+            if traffic.done():
+                traffic.result()  # its error, if it failed
+                return await link.expect(type_)
+            getter = asyncio.ensure_future(self.control.get())
+            await asyncio.wait({getter, traffic}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                self.control.put_nowait(getter.result())  # handled at the top, in order
+            else:
+                getter.cancel()
+                await asyncio.gather(getter, return_exceptions=True)
+
+
+class TargetRelay(ControlRouter):
+    """The agent's side of the pager socket: requests to the source, replies back."""
+
+    def __init__(self, paths: PostcopyPaths, on_pages: Callable[[int], None]) -> None:
+        super().__init__()
+        self.paths = paths
+        self._on_pages = on_pages
+        self._server: asyncio.AbstractServer | None = None
+        self._pager: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def listen(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.agent_socket.unlink()
+        self._server = await asyncio.start_unix_server(
+            self._accept, path=str(self.paths.agent_socket), limit=1 << 16
+        )
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._pager.put((reader, writer))
+
+    async def relay(self, link: Link, within: float) -> None:
+        """Carry traffic until the daemon's close is answered. On any error the pager connection is
+        dropped too, so the pager sends its unanswered requests again over the next link."""
+        async with asyncio.timeout(within):
+            reader, writer = await self._pager.get()
+        while not self._pager.empty():  # a newer connection replaces an older one
+            writer.close()
+            reader, writer = self._pager.get_nowait()
+        up = asyncio.create_task(self._requests(reader, link), name="postcopy-requests")
+        try:
+            await self._replies(link, writer, up)
+        finally:
+            up.cancel()
+            await asyncio.gather(up, return_exceptions=True)
+            writer.close()
+
+    async def _requests(self, reader: asyncio.StreamReader, link: Link) -> None:
+        while True:
+            raw = await reader.readexactly(HEADER.size)
+            Request.parse(raw)  # never forward garbage to the source's CRIU
+            await link.send("ps_req", raw=raw.hex())
+
+    async def _replies(self, link: Link, writer: asyncio.StreamWriter, up: asyncio.Task[None]) -> None:
+        while True:
+            recv = asyncio.ensure_future(link.recv())
+            await asyncio.wait({recv, up}, return_when=asyncio.FIRST_COMPLETED)
+            if not recv.done():  # the pager went away (or sent garbage)
+                recv.cancel()
+                await asyncio.gather(recv, return_exceptions=True)
+                up.result()
+                raise PeerFailed("the pager closed its connection")
+            msg = recv.result()
+            if not isinstance(msg, ControlIn):
+                raise PeerFailed("pages without a ps_rep header")
+            if msg.type == "ps_closed":
+                status = int(msg.body.get("status", -1))
+                writer.write(STATUS.pack(status).ljust(HEADER.size, b"\0"))
+                await writer.drain()
+                return
+            if msg.type != "ps_rep":
+                await self.control.put(msg)
+                continue
+            header = bytes.fromhex(str(msg.body["header"]))
+            nr_pages = HEADER.unpack(header)[1]
+            data = b""
+            if nr_pages:
+                batches: list[PagesIn] = []
+                count = 0
+                while count < nr_pages:  # the stream splits large replies into several frames
+                    pages = await link.recv()
+                    if not isinstance(pages, PagesIn):
+                        raise PeerFailed("a ps_rep header without all its pages")
+                    batches.append(pages)
+                    count += len(pages.keys) + len(pages.zeros)
+                data = assemble(batches, HEADER.unpack(header)[2], nr_pages)
+            writer.write(header + data)
+            await writer.drain()
+            self._on_pages(nr_pages)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.agent_socket.unlink()
+
+
+def assemble(batches: list[PagesIn], vaddr: int, nr_pages: int) -> bytes:
+    """A reply's pages in address order, from its frames, with the zero pages the stream elided."""
+    if len(batches) == 1 and not batches[0].zeros and len(batches[0].keys) == nr_pages:
+        return bytes(batches[0].data)
+    pages: dict[int, bytes | memoryview] = {}
+    for batch in batches:
+        for index, key in enumerate(batch.keys):
+            pages[split_key(key)[1]] = batch.data[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
+        for key in batch.zeros:
+            pages[split_key(key)[1]] = _ZERO_PAGE
+    out: list[bytes | memoryview] = []
+    for n in range(nr_pages):
+        page = pages.get(vaddr + n * PAGE_SIZE)
+        if page is None:
+            raise PeerFailed(f"page {vaddr + n * PAGE_SIZE:#x} missing from a post-copy reply")
+        out.append(page)
+    return b"".join(out)
+
+
+class SourcePages(ControlRouter):
+    """Source: answers page requests while the driver waits for the target's control messages."""
+
+    def __init__(
+        self,
+        client: PageServerClient,
+        on_pages: Callable[[int], None],
+        before_reply: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.client = client
+        self._on_pages = on_pages
+        self._before_reply = before_reply
+
+    async def serve(self, link: Link) -> None:
+        """Answer this link's requests until the daemon's close has been answered."""
+        while True:
+            msg = await link.recv()
+            if not isinstance(msg, ControlIn):
+                raise PeerFailed("pages from the target during post-copy")
+            if msg.type != "ps_req":
+                await self.control.put(msg)
+                continue
+            request = Request.parse(bytes.fromhex(str(msg.body["raw"])))
+            if self._before_reply is not None:
+                await self._before_reply()
+            reply = await self.client.ask(request)
+            if request.closes:
+                await link.send("ps_closed", status=STATUS.unpack(reply.data)[0])
+                return
+            await link.send("ps_rep", header=reply.header.hex())
+            if reply.nr_pages:
+                _, _, vaddr, _ = HEADER.unpack(reply.header)
+                keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in range(reply.nr_pages)))
+                await link.send_raw_pages(keys, reply.data)
+            self._on_pages(reply.nr_pages)
+
+
+__all__ = ["PageServerError", "PostcopyPaths", "SourcePages", "TargetRelay", "assemble", "spawn_pager"]

@@ -1,0 +1,194 @@
+"""Pushing samples to the coordinator over mutual TLS, buffering them while it is away.
+
+Every sample goes into a bounded buffer first (oldest dropped beyond `buffer_max_samples` or
+`buffer_max_age`, and counted); each flush registers if needed, then sends the buffer oldest first in
+batches of `batch_max`, removing what the coordinator acknowledged. A failed request leaves the buffer
+as it was, so a coordinator restart costs nothing but the samples that aged out meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from agent.config import CoordinatorConfig, TelemetryConfig
+from agent.metrics import AgentMetrics
+from proto.ferryman.v1 import fleet_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+RegistrationSource = Callable[[], Awaitable[pb.Registration]]
+
+
+class PushFailed(Exception):
+    """One request to the coordinator did not succeed (the reason is the message)."""
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    # Field names as in the .proto: what an operator greps for in a capture.
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+class TelemetryPusher:
+    def __init__(
+        self,
+        host: str,
+        coordinator: CoordinatorConfig,
+        telemetry: TelemetryConfig,
+        ssl_context: ssl.SSLContext,
+        registration: RegistrationSource,
+        metrics: AgentMetrics | None = None,
+    ) -> None:
+        self.host = host
+        self._url = coordinator.url.rstrip("/")
+        self._server_name = coordinator.server_name or urlsplit(coordinator.url).hostname or ""
+        self._timeout = aiohttp.ClientTimeout(total=coordinator.request_timeout)
+        self._config = telemetry
+        self._ssl = ssl_context
+        self._registration = registration
+        self._metrics = metrics
+        self._buffer: collections.deque[pb.TelemetrySample] = collections.deque()
+        self.dropped = 0
+        """Samples lost to the buffer bounds since the last accepted push."""
+        self.registered = False
+        self._reachable = True  # for logging only the transitions
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- buffer
+
+    def offer(self, sample: pb.TelemetrySample) -> None:
+        """Queue a sample and wake the sender."""
+        self._buffer.append(sample)
+        self._trim(time.time())
+        self._wake.set()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def _trim(self, now: float) -> None:
+        lost = 0
+        while len(self._buffer) > self._config.buffer_max_samples:
+            self._buffer.popleft()
+            lost += 1
+        oldest_kept = now - self._config.buffer_max_age
+        while self._buffer and self._buffer[0].ts < oldest_kept:
+            self._buffer.popleft()
+            lost += 1
+        if lost:
+            self.dropped += lost
+            if self._metrics is not None:
+                self._metrics.telemetry_dropped.inc(lost)
+        if self._metrics is not None:
+            self._metrics.telemetry_buffered.set(len(self._buffer))
+
+    # ---- sending
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self._ssl, limit=1), timeout=self._timeout
+        )
+        self._task = asyncio.create_task(self._run(), name="telemetry-push")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """Register if needed, then send the whole buffer; False (buffer kept) if the coordinator failed."""
+        try:
+            if not self.registered:
+                await self._register()
+            # Bounded: every round removes at least one sample or ends the flush.
+            for _ in range(len(self._buffer) + 1):
+                self._trim(time.time())
+                if not self._buffer:
+                    break
+                if not await self._push_batch():
+                    break
+        except PushFailed as exc:
+            if self._reachable:
+                log.warning("coordinator unreachable; buffering telemetry", extra={"error": str(exc)})
+            self._reachable = False
+            self._count("failed")
+            return False
+        if not self._reachable:
+            log.info("coordinator reachable again", extra={"dropped": self.dropped})
+        self._reachable = True
+        return True
+
+    async def _register(self) -> None:
+        registration = await self._registration()
+        await self._post("/v1/register", registration)
+        self.registered = True
+        log.info("registered with the coordinator", extra={"coordinator": self._url})
+
+    async def _push_batch(self) -> bool:
+        """Send the oldest batch; True when it left the buffer."""
+        batch = [self._buffer[i] for i in range(min(self._config.batch_max, len(self._buffer)))]
+        message = pb.TelemetryBatch(host=self.host, samples=batch, dropped=self.dropped)
+        body = await self._post("/v1/telemetry", message)
+        ack = pb.TelemetryAck()
+        try:
+            json_format.Parse(body, ack, ignore_unknown_fields=True)
+        except json_format.ParseError as exc:
+            raise PushFailed(f"coordinator answered a push with an unreadable ack: {exc}") from exc
+        if ack.accepted or not ack.reregister:
+            self.dropped = 0  # the coordinator has been told (a host it did not know was told nothing)
+        # What it did not accept without asking for a registration it refused for good (too old, a
+        # duplicate): resending would not change its mind.
+        done = min(ack.accepted, len(batch)) if ack.reregister else len(batch)
+        for _ in range(done):
+            self._buffer.popleft()
+        self._count("ok")
+        if self._metrics is not None:
+            self._metrics.telemetry_buffered.set(len(self._buffer))
+        if ack.reregister:
+            log.info("coordinator asked this host to register again")
+            self.registered = False
+            await self._register()
+        return done > 0 or ack.reregister
+
+    async def _post(self, path: str, message: Message) -> str:
+        """POST a message as JSON; the response body, or PushFailed for anything but 200."""
+        if self._session is None:
+            raise PushFailed("the pusher is not started")
+        try:
+            async with self._session.post(
+                self._url + path, json=to_json(message), server_hostname=self._server_name
+            ) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise PushFailed(f"POST {path}: HTTP {resp.status}: {text[:200]}")
+                return text
+        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
+            raise PushFailed(f"POST {path}: {type(exc).__name__}: {exc}") from exc
+
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.telemetry_pushes.labels(result=result).inc()

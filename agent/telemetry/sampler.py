@@ -1,0 +1,123 @@
+"""One telemetry sample of this host: the kernel's counters turned into levels and rates, the
+containers, the events since the previous sample, and the capacity held by reservations."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from agent.config import TelemetryConfig
+from agent.errors import FerrymanError
+from agent.telemetry import procfs
+from agent.telemetry.containers import ContainerReading
+from agent.telemetry.events import CounterDelta, EdacErrors, NoticeFile
+from agent.telemetry.host import HostPaths, HostReading, online_cpus, read_host, whole_disks
+from proto.ferryman.v1 import fleet_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+ContainerSource = Callable[[], Awaitable[list[ContainerReading]]]
+ReservedSource = Callable[[], pb.Capacity]
+
+
+class Sampler:
+    """Takes samples; rates are over the time since the previous call, so the first sample has none."""
+
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        containers: ContainerSource | None = None,
+        reserved: ReservedSource | None = None,
+        paths: HostPaths | None = None,
+    ) -> None:
+        self._paths = paths or HostPaths()
+        self._containers = containers
+        self._reserved = reserved
+        self._notices = [
+            NoticeFile(config.drain_notice_file, pb.DRAIN_NOTICE),
+            NoticeFile(config.maintenance_file, pb.MAINTENANCE),
+            NoticeFile(config.preemption_file, pb.PREEMPTION),
+        ]
+        self._oom = CounterDelta(pb.OOM_KILL, "processes killed by the OOM killer")
+        self._edac = EdacErrors()
+        self._disks = whole_disks(self._paths.sys_block)
+        self._cpus = online_cpus()
+        self._previous: tuple[HostReading, float] | None = None
+
+    async def sample(self) -> pb.TelemetrySample:
+        ts = time.time()
+        reading, notices = await asyncio.to_thread(self._read_blocking, ts)
+        now = time.monotonic()
+        sample = pb.TelemetrySample(ts=ts, cpus=self._cpus)
+        _levels(sample, reading)
+        if self._previous is not None:
+            before, at = self._previous
+            _rates(sample, before, reading, now - at)
+        self._previous = (reading, now)
+        events = [*notices]
+        if (oom := self._oom.update(reading.oom_kills, ts)) is not None:
+            events.append(oom)
+        events.extend(self._edac.update(reading.edac, ts))
+        sample.events.extend(events)
+        for event in events:
+            log.info("host event", extra={"kind": pb.HostEventKind.Name(event.kind), "detail": event.detail})
+        if self._containers is not None:
+            try:
+                containers = await self._containers()
+            except (FerrymanError, OSError) as exc:
+                # containerd away: the host part of the sample is still worth sending.
+                log.warning("cannot read containers for telemetry", extra={"error": str(exc)})
+            else:
+                sample.containers.extend(
+                    pb.ContainerUsage(
+                        id=c.id, image=c.image, memory_bytes=c.memory_bytes, cpu_millis=c.cpu_millis, labels=c.labels
+                    )
+                    for c in containers
+                )
+        if self._reserved is not None:
+            sample.reserved.CopyFrom(self._reserved())
+        return sample
+
+    def _read_blocking(self, ts: float) -> tuple[HostReading, list[pb.HostEvent]]:
+        reading = read_host(self._paths, self._disks)
+        notices = [event for notice in self._notices if (event := notice.poll(ts)) is not None]
+        return reading, notices
+
+
+def _levels(sample: pb.TelemetrySample, reading: HostReading) -> None:
+    if reading.load is not None:
+        sample.load1, sample.load5, sample.load15 = reading.load
+    if reading.meminfo is not None:
+        sample.memory_total_bytes = reading.meminfo["MemTotal"]
+        if "MemAvailable" in reading.meminfo:
+            sample.memory_available_bytes = reading.meminfo["MemAvailable"]
+    pressure = reading.pressure
+    if "cpu" in pressure and pressure["cpu"].some is not None:
+        sample.pressure.cpu_some = pressure["cpu"].some
+    for name in ("memory", "io"):
+        if name in pressure:
+            line = pressure[name]
+            if line.some is not None:
+                setattr(sample.pressure, f"{name}_some", line.some)
+            if line.full is not None:
+                setattr(sample.pressure, f"{name}_full", line.full)
+
+
+def _rates(sample: pb.TelemetrySample, before: HostReading, after: HostReading, seconds: float) -> None:
+    if before.cpu is not None and after.cpu is not None:
+        util = procfs.cpu_utilisation(before.cpu, after.cpu)
+        if util is not None:
+            sample.cpu_util = util
+    pairs = (
+        (before.disk, after.disk, "disk_read_bps", "disk_write_bps"),
+        (before.net, after.net, "net_rx_bps", "net_tx_bps"),
+    )
+    for old, new, read_field, write_field in pairs:
+        if old is None or new is None:
+            continue
+        if (r := procfs.rate(old.read, new.read, seconds)) is not None:
+            setattr(sample, read_field, r)
+        if (w := procfs.rate(old.written, new.written, seconds)) is not None:
+            setattr(sample, write_field, w)

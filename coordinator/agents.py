@@ -1,0 +1,138 @@
+"""A thin client for agents' ops APIs (https, mutual TLS with the coordinator's ops certificate).
+
+Only the calls the coordinator makes: hold/release a reservation, start and poll a migration, list
+containers. Each agent's certificate must name the host we meant to reach (server_hostname is the
+host identity, not the URL's address), so a re-pointed api_url cannot impersonate another host.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, Protocol
+
+import aiohttp
+
+from agent.errors import Conflict, FerrymanError, NotFound
+from agent.security.pki import HostCertPaths
+from agent.security.tls import client_context
+from coordinator.config import CoordinatorConfig
+from coordinator.model import Host, InsufficientCapacity, Reservation
+from coordinator.wire import capacity_to, to_json
+from proto.ferryman.v1 import fleet_pb2
+
+
+class AgentCallError(FerrymanError):
+    """An agent could not be reached or answered with something unusable."""
+
+    code = "agent_unavailable"
+    http_status = 502
+
+
+class AgentClientLike(Protocol):
+    """What the coordinator's services need from agents (a fake implements it in unit tests)."""
+
+    async def hold_reservation(self, host: Host, reservation: Reservation) -> bool: ...
+    async def release_reservation(self, host: Host, reservation_id: str) -> None: ...
+    async def start_migration(
+        self, source: Host, container: str, target: str, reservation_id: str, options: dict[str, Any]
+    ) -> dict[str, Any]: ...
+    async def get_migration(self, source: Host, migration_id: str) -> dict[str, Any]: ...
+    async def list_containers(self, host: Host) -> list[dict[str, Any]]: ...
+    async def close(self) -> None: ...
+
+
+class AgentClient:
+    def __init__(self, ctx: ssl.SSLContext, timeout: float) -> None:
+        self._ctx = ctx
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            connector=aiohttp.TCPConnector(limit_per_host=8),
+        )
+
+    @classmethod
+    def from_config(cls, config: CoordinatorConfig) -> AgentClient:
+        paths = HostCertPaths(
+            ca_file=config.tls.ca_file,  # type: ignore[arg-type]  # str paths are fine for ssl
+            cert_file=config.ops_tls.cert_file,  # type: ignore[arg-type]
+            key_file=config.ops_tls.key_file,  # type: ignore[arg-type]
+        )
+        return cls(client_context(paths), config.agents.request_timeout)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _call(
+        self, host: Host, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        if not host.api_url:
+            raise AgentCallError(f"host {host.name!r} registered no api_url; the coordinator cannot reach it")
+        url = host.api_url + path
+        try:
+            async with self._session.request(method, url, json=body, ssl=self._ctx, server_hostname=host.name) as resp:
+                data: Any = await resp.json(content_type=None) if resp.status != 204 else {}
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise AgentCallError(f"{method} {url} (agent {host.name}): {exc or type(exc).__name__}") from exc
+        if not isinstance(data, dict):
+            raise AgentCallError(f"{method} {url}: expected a JSON object, got {type(data).__name__}")
+        return status, data
+
+    @staticmethod
+    def _error(host: Host, status: int, data: dict[str, Any], what: str) -> FerrymanError:
+        raw = data.get("error")
+        err: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        message = f"agent {host.name}: {what}: {err.get('message', f'HTTP {status}')}"
+        if status == 404:
+            return NotFound(message)
+        if status == 409:
+            return Conflict(message)
+        return AgentCallError(message)
+
+    async def hold_reservation(self, host: Host, reservation: Reservation) -> bool:
+        """Ask the target agent to hold the reservation; InsufficientCapacity on 409."""
+        body = to_json(
+            fleet_pb2.Reservation(
+                id=reservation.id,
+                host=reservation.host,
+                capacity=capacity_to(reservation.capacity),
+                expires_at=reservation.expires_at,
+                purpose=reservation.purpose,
+            )
+        )
+        status, data = await self._call(host, "POST", "/v1/reservations", body)
+        if status in (200, 201):
+            return True
+        if status == 409:
+            raise InsufficientCapacity(f"agent {host.name} refused reservation {reservation.id}: {data}")
+        raise self._error(host, status, data, "hold reservation")
+
+    async def release_reservation(self, host: Host, reservation_id: str) -> None:
+        status, data = await self._call(host, "DELETE", f"/v1/reservations/{reservation_id}")
+        if status not in (200, 204, 404):  # 404: already released or expired there
+            raise self._error(host, status, data, "release reservation")
+
+    async def start_migration(
+        self, source: Host, container: str, target: str, reservation_id: str, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        body = {"container": container, "target": target, **options}
+        if reservation_id:
+            body["reservation"] = reservation_id
+        status, data = await self._call(source, "POST", "/v1/migrations", body)
+        if status != 202:
+            raise self._error(source, status, data, f"start migration of {container}")
+        return data
+
+    async def get_migration(self, source: Host, migration_id: str) -> dict[str, Any]:
+        status, data = await self._call(source, "GET", f"/v1/migrations/{migration_id}")
+        if status != 200:
+            raise self._error(source, status, data, f"migration {migration_id}")
+        return data
+
+    async def list_containers(self, host: Host) -> list[dict[str, Any]]:
+        status, data = await self._call(host, "GET", "/v1/containers")
+        if status != 200:
+            raise self._error(host, status, data, "list containers")
+        containers = data.get("containers", [])
+        if not isinstance(containers, list):
+            raise AgentCallError(f"agent {host.name}: containers is not a list")
+        return containers

@@ -1,0 +1,323 @@
+"""Thin HTTP handlers: authenticate, validate, call one coordinator service, serialise the result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent.api.handlers import _check_keys, _json_type, _positive, _str, check_container_id, read_object
+from agent.config import MIGRATION_MODES
+from agent.errors import InvalidRequest
+from agent.security.pki import validate_name
+from coordinator.app import Coordinator
+from coordinator.auth import Principal, authenticate, require_agent, require_ops
+from coordinator.model import Capacity
+from coordinator.orchestrator import AUTO
+from coordinator.placement import Need
+from coordinator.wire import MAX_BODY_BYTES, parse_message
+from proto.ferryman.v1 import fleet_pb2
+
+COORDINATOR = web.AppKey("coordinator", Coordinator)
+OPENAPI = web.AppKey("openapi", bytes)
+PRINCIPAL = "principal"
+MAX_WAIT = 3600.0
+DEFAULT_WAIT = 600.0
+_CAPACITY_FIELDS = {"cpu_millis", "memory_bytes", "disk_bytes"}
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Find out who is calling once per request; each handler decides what that identity may do."""
+    coordinator = request.app[COORDINATOR]
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    request[PRINCIPAL] = authenticate(request.headers.get("Authorization"), ssl_object, coordinator.tokens)
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+def _principal(request: web.Request) -> Principal | None:
+    principal: Principal | None = request.get(PRINCIPAL)
+    return principal
+
+
+def _ops(request: web.Request) -> Principal:
+    return require_ops(_principal(request))
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+def _host_name(request: web.Request) -> str:
+    name = request.match_info["host"]
+    try:
+        return validate_name(name)
+    except Exception as exc:
+        raise InvalidRequest(f"invalid host name {name!r}") from exc
+
+
+async def _raw(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise InvalidRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
+    return await request.read()
+
+
+# ----- agents
+
+
+async def register(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    require_agent(principal, principal.name if principal else "")  # 401/403 before reading the body
+    reg = parse_message(await _raw(request), fleet_pb2.Registration)
+    require_agent(principal, reg.host)
+    host = await request.app[COORDINATOR].hosts.register(reg)
+    return _json(host.to_dict())
+
+
+async def telemetry(request: web.Request) -> web.Response:
+    coordinator = request.app[COORDINATOR]
+    principal = _principal(request)
+    require_agent(principal, principal.name if principal else "")
+    try:
+        batch = parse_message(await _raw(request), fleet_pb2.TelemetryBatch)
+        require_agent(principal, batch.host)
+        ack = await coordinator.hosts.push(batch)
+    except InvalidRequest:
+        coordinator.metrics.telemetry_rejected.inc()
+        raise
+    return _json({"accepted": ack.accepted, "reregister": ack.reregister})
+
+
+# ----- ops: hosts
+
+
+async def list_hosts(request: web.Request) -> web.Response:
+    _ops(request)
+    coordinator = request.app[COORDINATOR]
+    now = coordinator.clock()
+    predictions = await coordinator.store.latest_predictions()
+    out = []
+    for host in await coordinator.hosts.all():
+        out.append(await _host_view(coordinator, host.to_dict(), now, predictions))
+    return _json({"hosts": out})
+
+
+async def _host_view(coordinator: Coordinator, host: dict[str, Any], now: float, predictions: Any) -> dict[str, Any]:
+    name = host["name"]
+    reserved = [r for r in await coordinator.store.list_reservations(now) if r.host == name]
+    host["reserved"] = sum((r.capacity for r in reserved), Capacity()).to_dict()
+    host["free"] = (await coordinator.store.free_capacity(name, now)).to_dict()
+    prediction = predictions.get(name)
+    host["drain_probability"] = prediction.probability if prediction else None
+    host["model_version"] = prediction.model_version if prediction else None
+    return host
+
+
+async def get_host(request: web.Request) -> web.Response:
+    _ops(request)
+    coordinator = request.app[COORDINATOR]
+    host = await coordinator.hosts.get(_host_name(request))
+    view = await _host_view(
+        coordinator, host.to_dict(), coordinator.clock(), await coordinator.store.latest_predictions()
+    )
+    view["telemetry_samples"] = len(await coordinator.store.telemetry(host.name))
+    view["drains"] = [d.to_dict() for d in await coordinator.store.list_drains(host.name)]
+    view["decisions"] = [d.to_dict() for d in await coordinator.store.list_decisions(host.name, limit=50)]
+    return _json(view)
+
+
+def _wait_seconds(request: web.Request) -> float | None:
+    raw = request.query.get("wait")
+    if raw is None:
+        return None
+    if raw in ("", "1", "true"):
+        return DEFAULT_WAIT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"wait: expected seconds or 1/true, got {raw!r}") from None
+    if not 0 < value <= MAX_WAIT:
+        raise InvalidRequest(f"wait: must be within (0, {MAX_WAIT}] seconds")
+    return value
+
+
+async def drain_host(request: web.Request) -> web.Response:
+    principal = _ops(request)
+    coordinator = request.app[COORDINATOR]
+    name = _host_name(request)
+    wait = _wait_seconds(request)
+    drain = await coordinator.hosts.drain(name, f"ops:{principal.name}")
+    await coordinator.policy.plan(name)
+    if wait is None:
+        return _json({"drain": drain.to_dict(), "host": (await coordinator.hosts.get(name)).to_dict()}, status=202)
+    host = await coordinator.policy.wait_drained(name, wait)
+    return _json({"drain": drain.to_dict(), "host": host.to_dict()}, status=200 if host.state == "drained" else 202)
+
+
+async def uncordon_host(request: web.Request) -> web.Response:
+    principal = _ops(request)
+    host = await request.app[COORDINATOR].hosts.uncordon(_host_name(request), f"ops:{principal.name}")
+    return _json(host.to_dict())
+
+
+# ----- ops: migrations
+
+
+async def start_migration(request: web.Request) -> web.Response:
+    principal = _ops(request)
+    body = await read_object(request)
+    _check_keys(body, {"container", "to", "mode"}, {"container"}, "body")
+    container = _str(body, "container", "body")
+    assert container is not None
+    check_container_id(container)
+    to = _str(body, "to", "body", optional=True) or AUTO
+    if to != AUTO:
+        try:
+            validate_name(to)
+        except Exception as exc:
+            raise InvalidRequest(f'body.to: expected "auto" or a host name, got {to!r}') from exc
+    mode = _str(body, "mode", "body", optional=True)
+    if mode is not None and mode not in MIGRATION_MODES:
+        raise InvalidRequest(f"body.mode: expected one of {', '.join(MIGRATION_MODES)}, got {mode!r}")
+    migration = await request.app[COORDINATOR].migrations.request(
+        container, to, mode=mode, requested_by=principal.name, reason="manual"
+    )
+    resp = _json(migration.to_dict(), status=202)
+    resp.headers["Location"] = f"/v1/migrations/{migration.id}"
+    return resp
+
+
+async def list_migrations(request: web.Request) -> web.Response:
+    _ops(request)
+    return _json({"migrations": [m.to_dict() for m in await request.app[COORDINATOR].migrations.all()]})
+
+
+async def get_migration(request: web.Request) -> web.Response:
+    _ops(request)
+    migration = await request.app[COORDINATOR].migrations.get(request.match_info["id"])
+    return _json(migration.to_dict())
+
+
+# ----- ops: predictions, decisions, reservations
+
+
+async def list_predictions(request: web.Request) -> web.Response:
+    _ops(request)
+    coordinator = request.app[COORDINATOR]
+    model = coordinator.predictions.model
+    latest = await coordinator.store.latest_predictions()
+    return _json(
+        {
+            "model_version": model.version if model else None,
+            "threshold": coordinator.predictions.threshold() if model else None,
+            "predictions": [p.to_dict() for _, p in sorted(latest.items())],
+        }
+    )
+
+
+def _model_view(coordinator: Coordinator) -> dict[str, Any]:
+    predictions = coordinator.predictions
+    return {
+        "active": predictions.model.version if predictions.model else None,
+        "previous": predictions.previous.version if predictions.previous else None,
+        "threshold": predictions.threshold() if predictions.model else None,
+    }
+
+
+async def get_model(request: web.Request) -> web.Response:
+    _ops(request)
+    return _json(_model_view(request.app[COORDINATOR]))
+
+
+async def activate_model(request: web.Request) -> web.Response:
+    _ops(request)
+    body = await read_object(request)
+    _check_keys(body, {"path"}, {"path"}, "body")
+    path = _str(body, "path", "body")
+    assert path is not None
+    coordinator = request.app[COORDINATOR]
+    await coordinator.predictions.activate(path)
+    return _json(_model_view(coordinator))
+
+
+async def rollback_model(request: web.Request) -> web.Response:
+    _ops(request)
+    coordinator = request.app[COORDINATOR]
+    coordinator.predictions.rollback()
+    return _json(_model_view(coordinator))
+
+
+async def list_decisions(request: web.Request) -> web.Response:
+    _ops(request)
+    host = request.query.get("host")
+    decisions = await request.app[COORDINATOR].store.list_decisions(host, limit=500)
+    return _json({"decisions": [d.to_dict() for d in decisions]})
+
+
+async def list_reservations(request: web.Request) -> web.Response:
+    _ops(request)
+    return _json({"reservations": [r.to_dict() for r in await request.app[COORDINATOR].reservations.active()]})
+
+
+def _capacity(body: dict[str, Any]) -> Capacity:
+    raw = body.get("capacity")
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"body.capacity: expected an object, got {_json_type(raw)}")
+    _check_keys(raw, _CAPACITY_FIELDS, set(), "body.capacity")
+    values = {k: _positive(raw, k, "body.capacity", integer=True) or 0 for k in _CAPACITY_FIELDS}
+    return Capacity(**values)
+
+
+def _layers(body: dict[str, Any]) -> dict[str, int]:
+    raw = body.get("layers") or {}
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in raw.items()
+    ):
+        raise InvalidRequest("body.layers: expected an object of layer digest -> size in bytes")
+    return dict(raw)
+
+
+async def place_reservation(request: web.Request) -> web.Response:
+    """Place and reserve: the best eligible host (`host: "auto"`) or the one named."""
+    _ops(request)
+    body = await read_object(request)
+    _check_keys(body, {"capacity", "host", "ttl", "purpose", "image", "layers"}, {"capacity"}, "body")
+    host = _str(body, "host", "body", optional=True) or AUTO
+    ttl = _positive(body, "ttl", "body", integer=False)
+    purpose = _str(body, "purpose", "body", optional=True) or "ops"
+    image = _str(body, "image", "body", optional=True) or ""
+    need = Need(capacity=_capacity(body), layers=_layers(body), image=image)
+    placer = request.app[COORDINATOR].placer
+    reservation = await placer.place(need, purpose, only=None if host == AUTO else host, ttl=ttl)
+    return _json(reservation.to_dict(), status=201)
+
+
+async def release_reservation(request: web.Request) -> web.Response:
+    _ops(request)
+    released = await request.app[COORDINATOR].reservations.release(request.match_info["id"])
+    if released is None:
+        raise web.HTTPNotFound(text=f"no reservation {request.match_info['id']!r}")
+    return web.Response(status=204)
+
+
+# ----- plumbing
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    if _principal(request) is None:
+        require_ops(None)
+    coordinator = request.app[COORDINATOR]
+    coordinator.metrics.set_hosts(await coordinator.hosts.all())
+    return web.Response(
+        body=generate_latest(coordinator.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/yaml")

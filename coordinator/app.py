@@ -1,0 +1,102 @@
+"""The coordinator: its store, services and background loops, wired from one config."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from agent.security.tls import check_files
+from coordinator.agents import AgentClient, AgentClientLike
+from coordinator.auth import TokenHashes
+from coordinator.config import CoordinatorConfig
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.orchestrator import Orchestrator
+from coordinator.placement import Placer
+from coordinator.policy import DrainPolicy
+from coordinator.predictions import PredictionService, RiskModel, load_model
+from coordinator.registry import HostRegistry
+from coordinator.reservations import ReservationService
+from coordinator.sqlite_store import SqliteStore
+from coordinator.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: Store,
+        agents: AgentClientLike,
+        tokens: TokenHashes,
+        model: RiskModel | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.agents = agents
+        self.tokens = tokens
+        self.clock = clock
+        self.metrics = CoordinatorMetrics()
+        self.hosts = HostRegistry(store, config, clock, self.metrics)
+        self.reservations = ReservationService(store, agents, config, clock, self.metrics)
+        self.predictions = PredictionService(store, config, clock, self.metrics, model)
+        self.placer = Placer(store, self.reservations, config.placement, self.predictions.threshold, clock)
+        self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
+        self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)
+        self._stop = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def open(
+        cls,
+        config: CoordinatorConfig,
+        *,
+        agents: AgentClientLike | None = None,
+        model: RiskModel | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> Coordinator:
+        """Check the TLS files and tokens, load the model, open the store (ConfigError on any problem)."""
+        check_files(config.tls)  # the server certificate must be from the fleet CA and valid now
+        tokens = TokenHashes.load(config.auth.token_hashes_file)
+        if model is None and config.model.path:
+            model = await asyncio.to_thread(load_model, config.model.path)
+        store = await SqliteStore.open(config.database)
+        try:
+            client = agents if agents is not None else AgentClient.from_config(config)
+        except BaseException:
+            await store.close()
+            raise
+        return cls(config, store, client, tokens, model, clock)
+
+    async def start(self) -> None:
+        """Start the background loops and resume migrations left unfinished by a previous run."""
+        resumed = await self.migrations.resume()
+        if resumed:
+            log.info("resumed migrations", extra={"count": resumed})
+        self._loops = [
+            asyncio.create_task(self.hosts.run_liveness(self._stop), name="liveness"),
+            asyncio.create_task(self.reservations.run_sweeper(self._stop), name="reservation-sweeper"),
+            asyncio.create_task(self._every(self.config.model.tick_period, self.policy.tick), name="policy"),
+        ]
+
+    async def _every(self, period: float, step: Callable[[], Awaitable[object]]) -> None:
+        while not self._stop.is_set():
+            try:
+                await step()
+            except Exception:
+                log.exception("periodic step failed", extra={"step": getattr(step, "__qualname__", str(step))})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), period)
+
+    async def close(self) -> None:
+        self._stop.set()
+        try:
+            await asyncio.gather(*self._loops, return_exceptions=True)
+            await self.migrations.close()
+            await self.agents.close()
+        finally:
+            await self.store.close()

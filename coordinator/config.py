@@ -1,0 +1,208 @@
+"""The coordinator's one typed configuration, loaded from TOML.
+
+Same rules as the agent's (agent/config.py, whose generic table builder is reused): every key has a
+default, unknown keys are errors, values that parse but make no sense are rejected before start.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config import _build as build_table
+from agent.errors import ConfigError
+from agent.logs import parse_level
+from agent.security.tls import parse_peer_listen
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CoordinatorTlsConfig:
+    """The coordinator's server identity: a host certificate (role agent) issued by the fleet CA."""
+
+    ca_file: str = "/etc/ferryman/pki/ca.pem"
+    cert_file: str = "/etc/ferryman/pki/host.pem"
+    key_file: str = "/etc/ferryman/pki/host-key.pem"
+
+
+@dataclass(frozen=True)
+class OpsTlsConfig:
+    """The ops (role ops) certificate the coordinator presents to agents' ops APIs."""
+
+    cert_file: str = "/etc/ferryman/ops/client.pem"
+    key_file: str = "/etc/ferryman/ops/client-key.pem"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    token_hashes_file: str = ""
+    """A file of ops bearer-token SHA-256 hashes (hex, one per line, '#' comments); empty: no tokens."""
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    suspect_after: float = 20.0
+    """Seconds without a telemetry push before a ready host is `suspect`."""
+    down_after: float = 60.0
+    """Seconds without a telemetry push before a host is `down`."""
+    check_period: float = 2.0
+    """Seconds between liveness checks."""
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    max_samples_per_host: int = 1440
+    """Samples kept per host (2 h at 5 s)."""
+    max_age: float = 7200.0
+    """Seconds of history kept per host."""
+    max_future_skew: float = 30.0
+    """A sample stamped further than this in the future is refused (a broken clock)."""
+    max_batch: int = 1000
+    """Samples accepted in one push."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    """The drain model (.onnx); empty: no predictions, drains only by ops."""
+    threshold: float = 0.0
+    """P(drain) above which a host drains; 0 means the model's own threshold."""
+    hysteresis: float = 0.1
+    """A draining host returns to service only below threshold - hysteresis."""
+    tick_period: float = 15.0
+    """Seconds between scoring rounds."""
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Weights of the target score; each term is normalised to 0..1 first."""
+
+    free_capacity: float = 1.0
+    drain_risk: float = 2.0
+    pull_bytes: float = 0.5
+    pressure: float = 0.5
+
+
+@dataclass(frozen=True)
+class ReservationConfig:
+    ttl: float = 600.0
+    """Seconds a placement reservation lives unless committed or released."""
+    max_ttl: float = 3600.0
+    sweep_period: float = 5.0
+    """Seconds between expiry sweeps."""
+
+
+@dataclass(frozen=True)
+class MigrationLimits:
+    max_per_host: int = 2
+    """Concurrent migrations out of (or into) one host."""
+    max_per_fleet: int = 8
+    max_attempts: int = 3
+    """Targets tried for one container before the migration is given up."""
+    poll_period: float = 1.0
+    """Seconds between status polls of a running migration on its source agent."""
+    timeout: float = 1800.0
+    """Upper bound for one migration attempt."""
+
+
+@dataclass(frozen=True)
+class AgentClientConfig:
+    request_timeout: float = 30.0
+    """Seconds for one call to an agent's ops API."""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    version: int = CONFIG_VERSION
+    listen: str = "127.0.0.1:7543"
+    """host:port of the mTLS API ([::1]:port for IPv6)."""
+    database: str = "/var/lib/ferryman/coordinator.db"
+    log_level: str = "INFO"
+    tls: CoordinatorTlsConfig = field(default_factory=CoordinatorTlsConfig)
+    ops_tls: OpsTlsConfig = field(default_factory=OpsTlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    reservations: ReservationConfig = field(default_factory=ReservationConfig)
+    migrations: MigrationLimits = field(default_factory=MigrationLimits)
+    agents: AgentClientConfig = field(default_factory=AgentClientConfig)
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        address = parse_peer_listen(self.listen)
+        if address is None:
+            raise ConfigError("listen must not be empty")
+        return address
+
+
+def _validate(config: CoordinatorConfig) -> None:
+    positive: dict[str, float] = {
+        "heartbeat.suspect_after": config.heartbeat.suspect_after,
+        "heartbeat.down_after": config.heartbeat.down_after,
+        "heartbeat.check_period": config.heartbeat.check_period,
+        "telemetry.max_samples_per_host": config.telemetry.max_samples_per_host,
+        "telemetry.max_age": config.telemetry.max_age,
+        "telemetry.max_future_skew": config.telemetry.max_future_skew,
+        "telemetry.max_batch": config.telemetry.max_batch,
+        "model.tick_period": config.model.tick_period,
+        "reservations.ttl": config.reservations.ttl,
+        "reservations.max_ttl": config.reservations.max_ttl,
+        "reservations.sweep_period": config.reservations.sweep_period,
+        "migrations.max_per_host": config.migrations.max_per_host,
+        "migrations.max_per_fleet": config.migrations.max_per_fleet,
+        "migrations.max_attempts": config.migrations.max_attempts,
+        "migrations.poll_period": config.migrations.poll_period,
+        "migrations.timeout": config.migrations.timeout,
+        "agents.request_timeout": config.agents.request_timeout,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be greater than 0, got {value}")
+    if config.heartbeat.down_after <= config.heartbeat.suspect_after:
+        raise ConfigError("heartbeat.down_after must be greater than heartbeat.suspect_after")
+    if config.reservations.ttl > config.reservations.max_ttl:
+        raise ConfigError("reservations.ttl must not exceed reservations.max_ttl")
+    if config.migrations.max_per_host > config.migrations.max_per_fleet:
+        raise ConfigError("migrations.max_per_host must not exceed migrations.max_per_fleet")
+    if not 0.0 <= config.model.threshold < 1.0:
+        raise ConfigError(f"model.threshold must be in [0, 1), got {config.model.threshold}")
+    if not 0.0 <= config.model.hysteresis < 1.0:
+        raise ConfigError(f"model.hysteresis must be in [0, 1), got {config.model.hysteresis}")
+    for name in ("free_capacity", "drain_risk", "pull_bytes", "pressure"):
+        if getattr(config.placement, name) < 0:
+            raise ConfigError(f"placement.{name} must not be negative")
+    if not config.database:
+        raise ConfigError("database must name a file")
+    try:
+        parse_level(config.log_level)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
+        config.listen_address  # noqa: B018 (parsing is the check)
+    except ConfigError as exc:
+        raise ConfigError(exc.message.replace("api.peer_listen", "listen")) from exc
+
+
+def parse_config(data: dict[str, Any]) -> CoordinatorConfig:
+    version = data.get("version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ConfigError(f"config version {version} is not supported (expected {CONFIG_VERSION})")
+    config = build_table(CoordinatorConfig, data, "")
+    _validate(config)
+    return config
+
+
+def load_config(path: str | Path) -> CoordinatorConfig:
+    try:
+        with Path(path).open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return parse_config(data)

@@ -1,0 +1,97 @@
+"""`ferryman-coordinator`: load the config, open the coordinator, serve the API until SIGTERM/SIGINT.
+
+Exit codes: 0 after a clean shutdown, 2 for configuration errors (config, TLS files, tokens, model,
+database), 1 for anything else that stops the coordinator from starting or running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from agent import sdnotify
+from agent.errors import ConfigError, FerrymanError
+from agent.logs import setup_logging
+from coordinator.api import serve
+from coordinator.app import Coordinator
+from coordinator.config import CoordinatorConfig, load_config
+
+log = logging.getLogger("coordinator.daemon")
+
+DEFAULT_CONFIG = "/etc/ferryman/coordinator.toml"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ferryman-coordinator", description="The ferryman fleet coordinator.")
+    parser.add_argument(
+        "--config", metavar="PATH", default=DEFAULT_CONFIG, help=f"TOML config (default {DEFAULT_CONFIG})"
+    )
+    return parser.parse_args(argv)
+
+
+async def run(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> int:
+    stop = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        coordinator = await Coordinator.open(config)
+        try:
+            server = await serve(coordinator)
+            try:
+                await coordinator.start()
+                sdnotify.notify("READY=1")
+                log.info(
+                    "coordinator ready",
+                    extra={"url": server.url, "database": config.database, "model": config.model.path or None},
+                )
+                await stop.wait()
+                log.info("shutting down")
+                sdnotify.notify("STOPPING=1")
+            finally:
+                await server.close()
+        finally:
+            await coordinator.close()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    log.info("coordinator stopped")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging("INFO")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error(f"configuration error: {exc.message}", extra={"code": exc.code, "config": args.config})
+        return EXIT_CONFIG
+    setup_logging(config.log_level)
+    try:
+        return asyncio.run(run(config))
+    except ConfigError as exc:
+        log.error(f"configuration error: {exc.message}", extra={"code": exc.code})
+        return EXIT_CONFIG
+    except FerrymanError as exc:
+        log.error(f"coordinator failed: {exc.message}", extra={"code": exc.code})
+        return EXIT_FAILURE
+    except OSError as exc:
+        log.error(f"coordinator failed: {exc}", extra={"code": "os_error"})
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        log.exception("coordinator crashed")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

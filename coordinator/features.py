@@ -1,0 +1,509 @@
+"""Drain-model features: one definition shared by training (models/drain/) and serving (the coordinator).
+
+Samples are first accumulated into one-minute bins covering the last two hours (sums and counts per
+field, event sums, sample counts), so the features do not depend on the sampling period, gaps or
+jitter: a host sampled every 5 s and one sampled every 60 s produce the same kind of numbers. All
+features are then computed for a whole batch of hosts at once from the binned windows with a few
+matrix products, which is what keeps 10 000 hosts per tick cheap.
+
+Two ways to feed a host:
+- any `Sequence[TelemetryPoint]` (binned on the fly: O(points) Python work per host);
+- a `HostHistory`, which keeps the bins incrementally as points arrive (O(1) per point) and is the
+  fast path for a large fleet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+FEATURES_VERSION = "drain-features/1"
+"""Bump whenever a feature's definition, order or binning changes: models record it and the
+predictor refuses a model trained on another version."""
+
+BIN_S = 60.0
+"""Width of one bin, seconds."""
+N_BINS = 120
+"""Bins kept: the longest horizon (2 h)."""
+
+FIELDS: tuple[str, ...] = (
+    "cpu_util",
+    "load1",
+    "mem_available_frac",
+    "psi_cpu_some",
+    "psi_mem_some",
+    "psi_mem_full",
+    "psi_io_some",
+    "psi_io_full",
+    "disk_bps",
+    "net_bps",
+)
+EVENTS: tuple[str, ...] = ("hw_errors", "drain_notice", "maintenance", "oom_kills", "preemption_signal")
+
+_LOG_FIELDS = ("disk_bps", "net_bps")
+"""Heavy-tailed throughputs are binned as log1p(bytes/s): scale-free, and float32 keeps their slopes exact."""
+_LOG_COLS = [FIELDS.index(f) for f in _LOG_FIELDS]
+_C = len(FIELDS)
+_E = len(EVENTS)
+# Rows of a binned window: per-field sums, per-field counts, event sums, samples, newest sample offset.
+_SUM = slice(0, _C)
+_CNT = slice(_C, 2 * _C)
+_EVT = slice(2 * _C, 2 * _C + _E)
+_SAMPLES = 2 * _C + _E
+_LAST = _SAMPLES + 1
+N_ROWS = _LAST + 1
+
+Float32Array = npt.NDArray[np.float32]
+Float64Array = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryPoint:
+    """One host sample as the model sees it. None means the reading was missing."""
+
+    ts: float
+    """Unix seconds."""
+    cpu_util: float | None
+    """0..1."""
+    load1: float | None
+    """load1 / CPU count."""
+    mem_available_frac: float | None
+    """MemAvailable / MemTotal."""
+    psi_cpu_some: float | None
+    """/proc/pressure avg10, percent 0..100."""
+    psi_mem_some: float | None
+    psi_mem_full: float | None
+    psi_io_some: float | None
+    psi_io_full: float | None
+    disk_bps: float | None
+    """Read + write bytes/s."""
+    net_bps: float | None
+    """rx + tx bytes/s."""
+    hw_errors: int = 0
+    """Events seen in this sample (counts), e.g. EDAC/MCE/disk errors."""
+    drain_notice: int = 0
+    maintenance: int = 0
+    oom_kills: int = 0
+    preemption_signal: int = 0
+
+
+# --- feature layout -------------------------------------------------------------------------------
+
+_LEVELS = (("5m", 5), ("30m", 30), ("2h", 120))
+_SLOPES = (("30m", 30), ("2h", 120))
+# "delta": the last 5 minutes minus the 5 minutes ending this long ago (a lag feature).
+_DELTAS = (("30m", 30), ("2h", 120))
+_COUNTS = (("5m", 5), ("30m", 30), ("2h", 120))
+_SINCE_NONE = N_BINS * BIN_S
+"""Value of a "seconds since" feature when nothing was seen in the whole window (>= 2 h)."""
+
+
+def _feature_names() -> tuple[str, ...]:
+    names: list[str] = []
+    for f in (f"log_{f}" if f in _LOG_FIELDS else f for f in FIELDS):
+        names += [f"{f}_mean_{label}" for label, _ in _LEVELS]
+        names += [f"{f}_delta_{label}" for label, _ in _DELTAS]
+        names += [f"{f}_slope_{label}" for label, _ in _SLOPES]
+        names.append(f"{f}_missing_frac_30m")
+    for e in EVENTS:
+        names += [f"{e}_count_{label}" for label, _ in _COUNTS]
+        names.append(f"{e}_seconds_since")
+    names += [f"gap_frac_{label}" for label, _ in _COUNTS]
+    names.append("seconds_since_sample")
+    return tuple(names)
+
+
+FEATURE_NAMES: tuple[str, ...] = _feature_names()
+N_FEATURES = len(FEATURE_NAMES)
+
+
+def _window_matrix() -> tuple[Float32Array, dict[str, int]]:
+    """Columns that reduce a window (bin 0 = newest) to sums over sub-windows, and x-moments for slopes.
+
+    x is seconds relative to each slope window's centre (newer = larger), which keeps the normal
+    equations well conditioned in float32.
+    """
+    cols: list[Float32Array] = []
+    index: dict[str, int] = {}
+    age = np.arange(N_BINS, dtype=np.float64)
+
+    def add(name: str, col: Float64Array) -> None:
+        index[name] = len(cols)
+        cols.append(col.astype(np.float32))
+
+    for _, bins in _COUNTS:
+        add(f"w{bins}", (age < bins).astype(np.float64))
+    for _, lag in _DELTAS:
+        add(f"lag{lag}", ((age >= lag - 5) & (age < lag)).astype(np.float64))
+    for _, bins in _SLOPES:
+        inside = age < bins
+        x = np.where(inside, -(age + 0.5) * BIN_S + bins * BIN_S / 2, 0.0)
+        add(f"x{bins}", x)
+        add(f"xx{bins}", x * x)
+    return np.stack(cols, axis=1), index
+
+
+_WINDOWS, _COL = _window_matrix()
+
+
+# --- binning --------------------------------------------------------------------------------------
+
+
+def points_to_columns(points: Sequence[TelemetryPoint]) -> tuple[Float64Array, Float32Array, Float32Array]:
+    """(ts [n], values [n, fields] with NaN for missing, events [n, kinds]) for a list of points."""
+    if not points:
+        return np.empty(0), np.empty((0, _C), np.float32), np.empty((0, _E), np.float32)
+    # np.array(..., float) maps None to NaN, which is what "missing" means here.
+    raw = np.array(
+        [
+            (
+                p.ts,
+                p.cpu_util,
+                p.load1,
+                p.mem_available_frac,
+                p.psi_cpu_some,
+                p.psi_mem_some,
+                p.psi_mem_full,
+                p.psi_io_some,
+                p.psi_io_full,
+                p.disk_bps,
+                p.net_bps,
+                p.hw_errors,
+                p.drain_notice,
+                p.maintenance,
+                p.oom_kills,
+                p.preemption_signal,
+            )
+            for p in points
+        ],
+        dtype=np.float64,
+    )
+    return raw[:, 0], raw[:, 1 : 1 + _C].astype(np.float32), raw[:, 1 + _C :].astype(np.float32)
+
+
+def _accumulate(
+    target: Float32Array,
+    slots: npt.NDArray[np.int64],
+    offsets: Float64Array,
+    values: Float32Array,
+    events: Float32Array,
+) -> None:
+    """Add samples into bins `slots` of `target` [N_ROWS, slots]; offsets = ts - bin start, seconds.
+
+    Non-finite readings count as missing; negative or non-finite event counts as zero.
+    """
+    values = values.copy()
+    values[:, _LOG_COLS] = np.log1p(np.maximum(values[:, _LOG_COLS], 0.0))
+    finite = np.isfinite(values)
+    # transposed views: np.add.at indexes the first axis
+    np.add.at(target[_SUM].T, slots, np.where(finite, values, 0.0).astype(np.float32))
+    np.add.at(target[_CNT].T, slots, finite.astype(np.float32))
+    ev = np.where(np.isfinite(events) & (events > 0), events, 0.0).astype(np.float32)
+    np.add.at(target[_EVT].T, slots, ev)
+    np.add.at(target[_SAMPLES], slots, np.float32(1.0))
+    np.maximum.at(target[_LAST], slots, offsets.astype(np.float32))
+
+
+def _split_ts(ts: Float64Array) -> tuple[npt.NDArray[np.int64], Float64Array]:
+    bins = np.floor(ts / BIN_S).astype(np.int64)
+    return bins, ts - bins * BIN_S
+
+
+def window_from_columns(ts: Float64Array, values: Float32Array, events: Float32Array, now: float) -> Float32Array:
+    """The binned window [N_ROWS, N_BINS] (bin 0 = the one holding `now`) of raw columns."""
+    out = np.zeros((N_ROWS, N_BINS), np.float32)
+    ok = np.isfinite(ts)
+    bins, offsets = _split_ts(ts[ok])
+    age = math.floor(now / BIN_S) - bins
+    keep = (age >= 0) & (age < N_BINS) & (ts[ok] <= now)
+    _accumulate(out, age[keep], offsets[keep], values[ok][keep], events[ok][keep])
+    return out
+
+
+def timeline_from_columns(
+    ts: Float64Array, values: Float32Array, events: Float32Array, first_bin: int, n_bins: int
+) -> Float32Array:
+    """Bins [N_ROWS, n_bins] of a whole recorded trace, oldest first; training slices windows from it."""
+    out = np.zeros((N_ROWS, n_bins), np.float32)
+    ok = np.isfinite(ts)
+    bins, offsets = _split_ts(ts[ok])
+    slot = bins - first_bin
+    keep = (slot >= 0) & (slot < n_bins)
+    _accumulate(out, slot[keep], offsets[keep], values[ok][keep], events[ok][keep])
+    return out
+
+
+def windows_from_timeline(timeline: Float32Array, now_bins: npt.NDArray[np.int64]) -> Float32Array:
+    """Windows [len(now_bins), N_ROWS, N_BINS] from a timeline; now_bins index its columns.
+
+    Only samples in bins up to and including now's bin are used, so no feature sees the future
+    beyond the current minute.
+    """
+    padded = np.concatenate([np.zeros((N_ROWS, N_BINS - 1), np.float32), timeline], axis=1)
+    view = np.lib.stride_tricks.sliding_window_view(padded, N_BINS, axis=1)  # [R, T, N]
+    # padded column (t + N_BINS - 1) is timeline column t; window starting at t covers t-N+1..t
+    win = view[:, now_bins, :]  # [R, k, N] oldest..newest
+    return np.ascontiguousarray(win[:, :, ::-1].transpose(1, 0, 2))
+
+
+class HostHistory:
+    """A host's last two hours of telemetry, kept as bins: O(1) memory and O(1) work per point.
+
+    Points may arrive late or out of order; those older than the window are dropped.
+    """
+
+    __slots__ = ("_bin_ids", "_head", "_ring")
+
+    def __init__(self) -> None:
+        self._ring = np.zeros((N_ROWS, N_BINS), np.float32)
+        self._bin_ids = np.full(N_BINS, np.iinfo(np.int64).min, np.int64)
+        self._head = np.iinfo(np.int64).min
+
+    @classmethod
+    def from_points(cls, points: Iterable[TelemetryPoint]) -> HostHistory:
+        history = cls()
+        history.extend(points)
+        return history
+
+    def append(self, point: TelemetryPoint) -> None:
+        self.extend((point,))
+
+    def extend(self, points: Iterable[TelemetryPoint]) -> None:
+        self.add_columns(*points_to_columns(list(points)))
+
+    def add_columns(self, ts: Float64Array, values: Float32Array, events: Float32Array) -> None:
+        ok = np.isfinite(ts)
+        if not ok.any():
+            return
+        bins, offsets = _split_ts(ts[ok])
+        self._head = max(self._head, int(bins.max()))
+        keep = bins > self._head - N_BINS
+        bins, offsets = bins[keep], offsets[keep]
+        slots = bins % N_BINS
+        # a slot still holding an older bin (same slot one or more windows ago) starts afresh
+        stale = np.unique(slots[self._bin_ids[slots] != bins])
+        if stale.size:
+            self._ring[:, stale] = 0.0
+        self._bin_ids[slots] = bins
+        _accumulate(self._ring, slots, offsets, values[ok][keep], events[ok][keep])
+
+    def window(self, now: float) -> Float32Array:
+        """The binned window [N_ROWS, N_BINS] at `now` (bin 0 holds `now`)."""
+        rings, ages = _stack_histories([self], now)
+        return rings[0][:, np.argsort(ages)]
+
+
+def _stack_histories(histories: Sequence[HostHistory], now: float) -> tuple[Float32Array, npt.NDArray[np.int64]]:
+    """The rings [n, N_ROWS, N_BINS] as stored, bins outside the window zeroed, and each column's age.
+
+    Every ring puts bin b in slot b % N_BINS, so one column order (ages) serves all hosts and the
+    data is never permuted.
+    """
+    now_bin = math.floor(now / BIN_S)
+    ages = (now_bin - np.arange(N_BINS, dtype=np.int64)) % N_BINS
+    rings = np.stack([h._ring for h in histories])  # [n, R, N]
+    ids = np.stack([h._bin_ids for h in histories])  # [n, N]
+    stale = ids != now_bin - ages
+    hosts = np.flatnonzero(stale.any(axis=1))
+    if hosts.size:
+        rings[hosts] *= ~stale[hosts, None, :]
+    return rings, ages
+
+
+# --- features from windows ------------------------------------------------------------------------
+
+
+def features_from_windows(
+    windows: Float32Array, now: float | Float64Array, ages: npt.NDArray[np.int64] | None = None
+) -> Float32Array:
+    """Features [n, N_FEATURES] from binned windows [n, N_ROWS, N_BINS] taken at `now` (scalar or [n]).
+
+    Column j of a window is the bin `ages[j]` bins before now's (default: j, newest first). The one
+    feature definition: serving and training both end here.
+    """
+    n = windows.shape[0]
+    age = np.arange(N_BINS, dtype=np.int64) if ages is None else ages
+    weights = _WINDOWS[age]
+    if n == 0:
+        return np.empty((0, N_FEATURES), np.float32)
+    now_arr = np.broadcast_to(np.asarray(now, np.float64), (n,))
+    # seconds from the start of now's bin to now
+    into_bin = now_arr - np.floor(now_arr / BIN_S) * BIN_S
+
+    red = (windows.reshape(n * N_ROWS, N_BINS) @ weights).reshape(n, N_ROWS, -1).astype(np.float64)
+    sums, cnts = red[:, _SUM, :], red[:, _CNT, :]
+    samples = red[:, _SAMPLES, :]
+
+    def level(col: str) -> Float64Array:
+        k = _COL[col]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(cnts[:, :, k] > 0, sums[:, :, k] / cnts[:, :, k], np.nan)
+
+    def slope(bins: int) -> Float64Array:
+        w, x, xx = _COL[f"w{bins}"], _COL[f"x{bins}"], _COL[f"xx{bins}"]
+        sw, swx, swxx = cnts[:, :, w], cnts[:, :, x], cnts[:, :, xx]
+        sy, sxy = sums[:, :, w], sums[:, :, x]
+        den = sw * swxx - swx * swx
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # at least two distinct bins with data: den > 0 (relative tolerance for float32 sums)
+            return np.where(den > 1e-6 * np.maximum(sw * swxx, 1.0), (sw * sxy - swx * sy) / den, np.nan)
+
+    per_field: list[Float64Array] = []
+    lv = {label: level(f"w{bins}") for label, bins in _LEVELS}
+    for label, _ in _LEVELS:
+        per_field.append(lv[label])
+    for _, lag in _DELTAS:
+        per_field.append(lv["5m"] - level(f"lag{lag}"))
+    for _, bins in _SLOPES:
+        per_field.append(slope(bins))
+    w30 = _COL["w30"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        missing = np.where(samples[:, w30, None] > 0, 1.0 - cnts[:, :, w30] / samples[:, w30, None], 1.0)
+    per_field.append(missing)
+    field_block = np.stack(per_field, axis=2).reshape(n, -1)  # [n, C * k], grouped by field
+
+    ev = red[:, _EVT, :]
+    # bin resolution on purpose: the same number whether samples come every 5 s or every minute
+    first = np.where(windows[:, _EVT, :] > 0, age, N_BINS).min(axis=2)  # [n, E] newest age with events
+    since = np.where(first < N_BINS, first * BIN_S, _SINCE_NONE)
+    event_block = np.concatenate(
+        [np.stack([ev[:, :, _COL[f"w{bins}"]] for _, bins in _COUNTS], axis=2), since[:, :, None]], axis=2
+    ).reshape(n, -1)
+
+    occupied = windows[:, _SAMPLES, :] > 0  # [n, N]
+    gaps = [1.0 - (occupied.astype(np.float32) @ weights[:, _COL[f"w{bins}"]]) / bins for _, bins in _COUNTS]
+    newest_col = np.argmin(np.where(occupied, age, N_BINS), axis=1)
+    newest = age[newest_col]
+    last_offset = windows[np.arange(n), _LAST, newest_col].astype(np.float64)
+    stale = np.where(occupied.any(axis=1), newest * BIN_S + into_bin - last_offset, _SINCE_NONE)
+    host_block = np.stack([*gaps, np.maximum(stale, 0.0)], axis=1)
+
+    return np.concatenate([field_block, event_block, host_block], axis=1).astype(np.float32)
+
+
+# --- public entry points --------------------------------------------------------------------------
+
+HistoryLike = Sequence[TelemetryPoint] | HostHistory
+
+
+def windows_for(histories: Sequence[HistoryLike], now: float) -> Float32Array:
+    """Binned windows [n, N_ROWS, N_BINS] for a batch of hosts at `now`."""
+    if not histories:
+        return np.empty((0, N_ROWS, N_BINS), np.float32)
+    if all(isinstance(h, HostHistory) for h in histories):
+        rings, ages = _stack_histories(histories, now)  # type: ignore[arg-type]
+        return rings[:, :, np.argsort(ages)]
+    return np.stack([_window(h, now) for h in histories])
+
+
+def _window(history: HistoryLike, now: float) -> Float32Array:
+    if isinstance(history, HostHistory):
+        return history.window(now)
+    return window_from_columns(*points_to_columns(history), now)
+
+
+def extract_batch(histories: Mapping[str, HistoryLike] | Sequence[HistoryLike], now: float) -> Float32Array:
+    """Features [n_hosts, N_FEATURES] (float32) in the mapping's (or sequence's) order."""
+    seq = list(histories.values()) if isinstance(histories, Mapping) else list(histories)
+    if seq and all(isinstance(h, HostHistory) for h in seq):
+        rings, ages = _stack_histories(seq, now)  # type: ignore[arg-type]
+        return features_from_windows(rings, now, ages)
+    return features_from_windows(windows_for(seq, now), now)
+
+
+def extract(points: HistoryLike, now: float) -> Float32Array:
+    """Features [N_FEATURES] (float32) of one host at `now`."""
+    return extract_batch([points], now)[0]
+
+
+# --- recorded traces (training on recorded telemetry) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostTrace:
+    """A host's recorded telemetry as columns plus the drains observed on it."""
+
+    host: str
+    ts: Float64Array
+    values: Float32Array
+    events: Float32Array
+    drains: Float64Array
+
+    @classmethod
+    def from_points(cls, host: str, points: Sequence[TelemetryPoint], drains: Iterable[float] = ()) -> HostTrace:
+        ts, values, events = points_to_columns(points)
+        order = np.argsort(ts, kind="stable")
+        return cls(host, ts[order], values[order], events[order], np.sort(np.asarray(list(drains), np.float64)))
+
+
+def trace_features(trace: HostTrace, times: Float64Array, chunk: int = 4096) -> Float32Array:
+    """Features [len(times), N_FEATURES] of one trace at each of `times` (any order)."""
+    times = np.asarray(times, np.float64)
+    if times.size == 0:
+        return np.empty((0, N_FEATURES), np.float32)
+    lo = min(float(trace.ts.min()) if trace.ts.size else float(times.min()), float(times.min()))
+    first_bin = math.floor(lo / BIN_S)
+    now_bins = np.floor(times / BIN_S).astype(np.int64) - first_bin
+    n_bins = int(now_bins.max()) + 1
+    # Every sample of now's bin counts: evaluate at a bin's last sample (see evaluation_times).
+    timeline = timeline_from_columns(trace.ts, trace.values, trace.events, first_bin, n_bins)
+    out = np.empty((times.size, N_FEATURES), np.float32)
+    for start in range(0, times.size, chunk):
+        sl = slice(start, start + chunk)
+        out[sl] = features_from_windows(windows_from_timeline(timeline, now_bins[sl]), times[sl])
+    return out
+
+
+def seconds_to_next_drain(times: Float64Array, drains: Float64Array) -> Float64Array:
+    """For each time, seconds until the first drain strictly after it (inf if none)."""
+    padded = np.append(np.sort(np.asarray(drains, np.float64)), np.inf)
+    return padded[np.searchsorted(padded, times, side="right")] - times
+
+
+def drain_labels(times: Float64Array, drains: Float64Array, horizon: float) -> npt.NDArray[np.int8]:
+    """1 where a drain happens in (t, t + horizon], else 0."""
+    return (seconds_to_next_drain(times, drains) <= horizon).astype(np.int8)
+
+
+def evaluation_times(trace: HostTrace, stride: float) -> Float64Array:
+    """Times to evaluate a trace at: the last sample of a bin, about every `stride` seconds.
+
+    Evaluating at a bin's last sample means no sample after `now` sits in now's bin, so a row never
+    sees the future; and "now" is a moment a sample arrived, as when serving.
+    """
+    if trace.ts.size == 0:
+        return np.empty(0)
+    bins = np.floor(trace.ts / BIN_S).astype(np.int64)
+    last = np.append(bins[1:] != bins[:-1], True)  # ts is sorted
+    ts, b = trace.ts[last], bins[last]
+    step = max(1, round(stride / BIN_S))
+    return ts[b % step == 0]
+
+
+def save_traces(path: str | Path, traces: Sequence[HostTrace]) -> None:
+    """Write traces to one .npz (how the coordinator hands recorded telemetry to a training process)."""
+    arrays: dict[str, npt.NDArray[np.generic]] = {
+        "hosts": np.array([t.host for t in traces], dtype=np.str_),
+        "features_version": np.array(FEATURES_VERSION),
+    }
+    for i, t in enumerate(traces):
+        arrays[f"ts_{i}"] = t.ts
+        arrays[f"values_{i}"] = t.values
+        arrays[f"events_{i}"] = t.events
+        arrays[f"drains_{i}"] = t.drains
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+
+
+def load_traces(path: str | Path) -> list[HostTrace]:
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["features_version"]) != FEATURES_VERSION:
+            raise ValueError(f"{path}: traces for {z['features_version']}, this code is {FEATURES_VERSION}")
+        return [
+            HostTrace(str(h), z[f"ts_{i}"], z[f"values_{i}"], z[f"events_{i}"], z[f"drains_{i}"])
+            for i, h in enumerate(z["hosts"])
+        ]

@@ -1,0 +1,49 @@
+"""Prometheus metrics of the coordinator, in a registry of its own (no process-global collectors)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from coordinator.model import Host, HostAdmin, HostHealth, Migration, MigrationState
+
+
+class CoordinatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.hosts = Gauge("ferryman_coordinator_hosts", "Hosts by state", ["state"], registry=self.registry)
+        self.telemetry_samples = Counter(
+            "ferryman_coordinator_telemetry_samples", "Telemetry samples accepted", registry=self.registry
+        )
+        self.telemetry_dropped = Counter(
+            "ferryman_coordinator_telemetry_dropped",
+            "Samples agents reported lost in their buffers",
+            registry=self.registry,
+        )
+        self.telemetry_rejected = Counter(
+            "ferryman_coordinator_telemetry_rejected", "Telemetry pushes refused as invalid", registry=self.registry
+        )
+        self.reservations = Counter(
+            "ferryman_coordinator_reservations", "Reservation attempts by result", ["result"], registry=self.registry
+        )
+        self.migrations = Gauge(
+            "ferryman_coordinator_migrations", "Coordinator migrations by state", ["state"], registry=self.registry
+        )
+        self.drain_probability = Gauge(
+            "ferryman_coordinator_drain_probability", "Latest P(drain) per host", ["host"], registry=self.registry
+        )
+
+    def set_hosts(self, hosts: Iterable[Host]) -> None:
+        counts = dict.fromkeys([h.value for h in HostHealth] + [HostAdmin.DRAINING.value, HostAdmin.DRAINED.value], 0)
+        for host in hosts:
+            counts[host.state] += 1
+        for state, n in counts.items():
+            self.hosts.labels(state=state).set(n)
+
+    def set_migrations(self, migrations: Iterable[Migration]) -> None:
+        counts = dict.fromkeys([s.value for s in MigrationState], 0)
+        for m in migrations:
+            counts[m.state.value] += 1
+        for state, n in counts.items():
+            self.migrations.labels(state=state).set(n)

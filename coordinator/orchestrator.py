@@ -1,0 +1,331 @@
+"""Runs coordinator migrations: place a target with a reservation, start the migration on the source
+agent, follow it to COMMIT or ROLLBACK, retry a failure on another target within bounds.
+
+Limits: at most `max_per_fleet` migrations run at once, at most `max_per_host` out of one source,
+and "auto" placements skip targets already receiving `max_per_host`.
+
+The live migration itself is the agents' (agent/migration/): the source agent drives it and keeps
+the workload running exactly once. The coordinator only chooses, reserves, starts and watches, and
+records every step in the store, so a restarted coordinator picks running migrations up again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from agent.errors import Conflict, ContainerNotFound, FerrymanError, InvalidRequest
+from coordinator.agents import AgentClientLike
+from coordinator.config import CoordinatorConfig
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.model import (
+    Capacity,
+    Decision,
+    Host,
+    HostNotFound,
+    Migration,
+    MigrationNotFound,
+    MigrationState,
+    NoTarget,
+    Reservation,
+)
+from coordinator.placement import Need, Placer
+from coordinator.reservations import ReservationService
+from coordinator.store import Store
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+_AGENT_DONE = {"COMMIT": MigrationState.COMMITTED, "ROLLBACK": MigrationState.FAILED}
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        store: Store,
+        placer: Placer,
+        reservations: ReservationService,
+        agents: AgentClientLike,
+        config: CoordinatorConfig,
+        clock: Callable[[], float],
+        metrics: CoordinatorMetrics,
+    ) -> None:
+        self._store = store
+        self._placer = placer
+        self._reservations = reservations
+        self._agents = agents
+        self._limits = config.migrations
+        self._clock = clock
+        self._metrics = metrics
+        self._fleet = asyncio.Semaphore(self._limits.max_per_fleet)
+        self._per_host: defaultdict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(self._limits.max_per_host)
+        )
+        self._incoming: Counter[str] = Counter()
+        """Migrations running into each target host."""
+        self._slots = asyncio.Condition()
+        """Held while placing (so the counts stay exact); notified when a target slot frees up."""
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._changed = asyncio.Condition()
+
+    # ----- requests
+
+    async def request(
+        self,
+        container: str,
+        to: str = AUTO,
+        *,
+        mode: str | None = None,
+        requested_by: str = "",
+        reason: str = "manual",
+    ) -> Migration:
+        """Accept a migration of `container` to `to` ("auto" or a host); it runs in the background."""
+        source = await self._source_of(container)
+        if to != AUTO:
+            if await self._store.get_host(to) is None:
+                raise HostNotFound(f"no host {to!r} is registered")
+            if to == source.name:
+                raise InvalidRequest(f"container {container!r} already runs on {to!r}")
+        for active in await self._store.list_migrations(active_only=True):
+            if active.container == container:
+                raise Conflict(f"container {container!r} is already being migrated ({active.id})")
+        now = self._clock()
+        migration = Migration(
+            id=f"mig-{secrets.token_hex(6)}",
+            container=container,
+            source=source.name,
+            target="" if to == AUTO else to,
+            requested_to=to,
+            mode=mode or "",
+            requested_by=requested_by,
+            reason=reason,
+            created_at=now,
+            updated_at=now,
+            history=((MigrationState.PENDING.value, now, f"{reason}; to {to}" + (f"; mode {mode}" if mode else "")),),
+        )
+        await self._store.put_migration(migration)
+        await self._store.record_decision(
+            Decision(ts=now, host=source.name, kind="migrate", detail=f"{migration.id}: {container} to {to} ({reason})")
+        )
+        self._spawn(migration.id, to, mode)
+        return migration
+
+    async def _source_of(self, container: str) -> Host:
+        hosts = [h for h in await self._store.list_hosts() if any(c.id == container for c in h.containers)]
+        if not hosts:
+            raise ContainerNotFound(f"no host reports a container {container!r} in its telemetry")
+        if len(hosts) > 1:
+            raise Conflict(f"container {container!r} is reported by several hosts: {[h.name for h in hosts]}")
+        return hosts[0]
+
+    async def get(self, migration_id: str) -> Migration:
+        migration = await self._store.get_migration(migration_id)
+        if migration is None:
+            raise MigrationNotFound(f"no migration {migration_id!r}")
+        return migration
+
+    async def all(self) -> list[Migration]:
+        return await self._store.list_migrations()
+
+    async def wait(self, migration_id: str, within: float) -> Migration:
+        """The migration once it is done, or as it is after `within` seconds."""
+        try:
+            async with asyncio.timeout(within), self._changed:
+                while not (migration := await self.get(migration_id)).done:
+                    await self._changed.wait()
+        except TimeoutError:
+            return await self.get(migration_id)
+        return migration
+
+    def active_count(self) -> int:
+        return sum(1 for t in self._tasks.values() if not t.done())
+
+    # ----- lifecycle
+
+    async def resume(self) -> int:
+        """After a restart: pick every unfinished migration up again (running ones are re-polled)."""
+        resumed = 0
+        for migration in await self._store.list_migrations(active_only=True):
+            self._spawn(migration.id, migration.requested_to, migration.mode or None)
+            resumed += 1
+        return resumed
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def _spawn(self, migration_id: str, to: str, mode: str | None) -> None:
+        task = asyncio.create_task(self._run(migration_id, to, mode), name=f"migration-{migration_id}")
+        self._tasks[migration_id] = task
+        task.add_done_callback(
+            lambda t: self._tasks.pop(migration_id, None) if self._tasks.get(migration_id) is t else None
+        )
+
+    # ----- one migration
+
+    async def _save(self, migration: Migration, state: MigrationState, detail: str = "", **changes: Any) -> Migration:
+        now = self._clock()
+        migration = dataclasses.replace(
+            migration, state=state, updated_at=now, history=(*migration.history, (state.value, now, detail)), **changes
+        )
+        await self._store.put_migration(migration)
+        self._metrics.set_migrations(await self._store.list_migrations())
+        async with self._changed:
+            self._changed.notify_all()
+        return migration
+
+    async def _run(self, migration_id: str, to: str, mode: str | None) -> None:
+        try:
+            migration = await self.get(migration_id)
+            async with self._fleet, self._per_host[migration.source]:
+                await self._attempts(migration, to, mode)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("migration driver failed", extra={"migration": migration_id})
+
+    async def _attempts(self, migration: Migration, to: str, mode: str | None) -> None:
+        max_attempts = 1 if to != AUTO else self._limits.max_attempts
+        while not migration.done:
+            if migration.state is MigrationState.RUNNING and migration.agent_migration_id:
+                # Resumed after a coordinator restart: follow it, it still counts against its target.
+                async with self._slots:
+                    self._incoming[migration.target] += 1
+                try:
+                    migration = await self._follow(migration)
+                finally:
+                    async with self._slots:
+                        self._incoming[migration.target] -= 1
+                        self._slots.notify_all()
+            elif migration.attempt >= max_attempts:
+                migration = await self._save(migration, MigrationState.ABANDONED, f"gave up after {migration.attempt}")
+                await self._decide(migration, "give_up", migration.error)
+            else:
+                migration = await self._attempt(migration, to, mode)
+            if migration.state is MigrationState.FAILED and migration.attempt < max_attempts:
+                await self._decide(migration, "retry", f"attempt {migration.attempt} failed: {migration.error}")
+
+    async def _attempt(self, migration: Migration, to: str, mode: str | None) -> Migration:
+        source = await self._store.get_host(migration.source)
+        if source is None:
+            return await self._save(migration, MigrationState.ABANDONED, "source host unregistered")
+        usage = next((c for c in source.containers if c.id == migration.container), None)
+        need = Need(
+            capacity=Capacity(
+                cpu_millis=int(usage.cpu_millis) if usage else 0, memory_bytes=usage.memory_bytes if usage else 0
+            ),
+            image=usage.image if usage else "",
+        )
+        attempt = migration.attempt + 1
+        reservation = await self._place(migration, source.name, need, to)
+        if isinstance(reservation, NoTarget):
+            error = reservation.message
+            migration = await self._save(migration, MigrationState.FAILED, error, attempt=attempt, error=error)
+            # No host can take it now: retrying at once would only fail the same way.
+            return await self._save(migration, MigrationState.ABANDONED, "no target")
+        try:
+            return await self._start(migration, source, reservation, attempt, mode)
+        finally:
+            async with self._slots:
+                self._incoming[reservation.host] -= 1
+                self._slots.notify_all()
+
+    async def _place(self, migration: Migration, source: str, need: Need, to: str) -> Reservation | NoTarget:
+        """Reserve a target and count it as receiving; the NoTarget error when no host can take it.
+
+        "auto" placements skip targets already receiving max_per_host migrations and, when only busy
+        targets could take the container, wait for one of them to finish. A named target is not
+        limited: ops chose it.
+        """
+        while True:
+            async with self._slots:
+                busy = {h for h, n in self._incoming.items() if n >= self._limits.max_per_host} if to == AUTO else set()
+                try:
+                    reservation = await self._placer.place(
+                        need,
+                        f"migration:{migration.id}",
+                        exclude={source, *migration.tried_targets, *busy},
+                        only=None if to == AUTO else to,
+                    )
+                except NoTarget as exc:
+                    if not busy:
+                        return exc
+                    await self._slots.wait()  # a busy target may be the one that fits: wait for a slot
+                    continue
+                self._incoming[reservation.host] += 1
+                return reservation
+
+    async def _start(
+        self, migration: Migration, source: Host, reservation: Reservation, attempt: int, mode: str | None
+    ) -> Migration:
+        target = reservation.host
+        options: dict[str, Any] = {"mode": mode} if mode else {}
+        try:
+            record = await self._agents.start_migration(source, migration.container, target, reservation.id, options)
+        except FerrymanError as exc:
+            await self._reservations.release(reservation.id)
+            return await self._save(
+                migration,
+                MigrationState.FAILED,
+                f"start on {source.name} failed",
+                attempt=attempt,
+                target=target,
+                tried_targets=(*migration.tried_targets, target),
+                error=exc.message,
+            )
+        migration = await self._save(
+            migration,
+            MigrationState.RUNNING,
+            f"to {target}",
+            attempt=attempt,
+            target=target,
+            tried_targets=(*migration.tried_targets, target),
+            reservation_id=reservation.id,
+            agent_migration_id=str(record.get("id", "")),
+            error="",
+        )
+        return await self._follow(migration)
+
+    async def _follow(self, migration: Migration) -> Migration:
+        """Poll the source agent until its record is terminal (or the attempt times out)."""
+        outcome, error = MigrationState.FAILED, "timed out waiting for the agent"
+        try:
+            async with asyncio.timeout(self._limits.timeout):
+                outcome, error = await self._poll(migration)
+        except TimeoutError:
+            pass
+        if migration.reservation_id:
+            # The target agent releases its copy on commit/rollback itself; this frees ours.
+            await self._reservations.release(
+                migration.reservation_id, agent_too=outcome is not MigrationState.COMMITTED
+            )
+        return await self._save(migration, outcome, error or "done", error=error)
+
+    async def _poll(self, migration: Migration) -> tuple[MigrationState, str]:
+        while True:
+            source = await self._store.get_host(migration.source)
+            if source is not None:
+                try:
+                    record = await self._agents.get_migration(source, migration.agent_migration_id)
+                except FerrymanError as exc:
+                    log.warning("migration poll failed", extra={"migration": migration.id, "error": exc.message})
+                else:
+                    outcome = _AGENT_DONE.get(str(record.get("state", "")))
+                    if outcome is not None:
+                        return outcome, "" if outcome is MigrationState.COMMITTED else str(
+                            record.get("error") or "rolled back"
+                        )
+            await asyncio.sleep(self._limits.poll_period)
+
+    async def _decide(self, migration: Migration, kind: str, detail: str) -> None:
+        await self._store.record_decision(
+            Decision(ts=self._clock(), host=migration.source, kind=kind, detail=f"{migration.id}: {detail}")
+        )

@@ -1,0 +1,178 @@
+"""Target selection: a pure scoring of candidate hosts, and a `Placer` that picks and reserves.
+
+Each term is normalised to 0..1 before weighting (weights in [placement] of the config):
+  + free_capacity  headroom left on the tightest resource after the placement (fraction of capacity)
+  - drain_risk     the host's own latest P(drain); hosts at or above the threshold are never targets
+  - pull_bytes     fraction of the image's bytes the host would have to pull (layers it lacks)
+  - pressure       the worst PSI avg10 (cpu/memory/io "some") of its last sample, in 0..1
+Hosts that are not ready+active (suspect, down, draining, drained) or cannot fit the need are
+excluded outright, never just scored low.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from coordinator.config import PlacementConfig
+from coordinator.model import Capacity, Host, HostAdmin, HostHealth, InsufficientCapacity, NoTarget, Reservation
+from coordinator.reservations import ReservationService
+from coordinator.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Need:
+    capacity: Capacity
+    layers: Mapping[str, int] = field(default_factory=dict)
+    """Digest -> size of the image's layers, when the caller knows them."""
+    image: str = ""
+    """The image reference: without layer sizes, a host already running it counts as holding it."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    host: Host
+    free: Capacity
+    """Free capacity net of container usage and active reservations."""
+    risk: float | None = None
+
+
+@dataclass(frozen=True)
+class Scored:
+    host: str
+    score: float
+    headroom: float
+    risk: float
+    pull_fraction: float
+    pressure: float
+
+
+def exclusion(candidate: Candidate, need: Need, threshold: float, exclude: Collection[str]) -> str | None:
+    """Why a candidate can never be the target, or None if it can."""
+    host = candidate.host
+    if host.name in exclude:
+        return "excluded"
+    if host.health is not HostHealth.READY:
+        return host.health.value
+    if host.admin is not HostAdmin.ACTIVE:
+        return host.admin.value
+    if candidate.risk is not None and candidate.risk >= threshold:
+        return f"drain risk {candidate.risk:.2f} >= {threshold:.2f}"
+    if not candidate.free.fits(need.capacity):
+        return "insufficient capacity"
+    return None
+
+
+def pull_fraction(host: Host, need: Need) -> float:
+    total = sum(need.layers.values())
+    if total > 0:
+        held = set(host.layer_digests)
+        missing = sum(size for digest, size in need.layers.items() if digest not in held)
+        return missing / total
+    if need.image:
+        return 0.0 if any(c.image == need.image for c in host.containers) else 1.0
+    return 0.0
+
+
+def headroom(candidate: Candidate, need: Need) -> float:
+    cap, left = candidate.host.capacity, candidate.free - need.capacity
+    fractions = [
+        left.cpu_millis / cap.cpu_millis if cap.cpu_millis else 0.0,
+        left.memory_bytes / cap.memory_bytes if cap.memory_bytes else 0.0,
+    ]
+    if need.capacity.disk_bytes and cap.disk_bytes:
+        fractions.append(left.disk_bytes / cap.disk_bytes)
+    return max(0.0, min(1.0, min(fractions)))
+
+
+def pressure(host: Host) -> float:
+    some = [host.pressure.get(k, 0.0) for k in ("cpu_some", "memory_some", "io_some")]
+    return max(0.0, min(1.0, max(some) / 100.0))
+
+
+def score(candidate: Candidate, need: Need, weights: PlacementConfig) -> Scored:
+    h, r, p, q = (
+        headroom(candidate, need),
+        candidate.risk or 0.0,
+        pull_fraction(candidate.host, need),
+        pressure(candidate.host),
+    )
+    total = weights.free_capacity * h - weights.drain_risk * r - weights.pull_bytes * p - weights.pressure * q
+    return Scored(candidate.host.name, total, h, r, p, q)
+
+
+def rank(
+    candidates: Sequence[Candidate],
+    need: Need,
+    weights: PlacementConfig,
+    threshold: float,
+    exclude: Collection[str] = (),
+) -> list[Scored]:
+    """Eligible candidates, best first (ties broken by name so the order is deterministic)."""
+    scored = [score(c, need, weights) for c in candidates if exclusion(c, need, threshold, exclude) is None]
+    return sorted(scored, key=lambda s: (-s.score, s.host))
+
+
+class Placer:
+    """Picks a target and reserves capacity on it; a lost race moves on to the next best host."""
+
+    def __init__(
+        self,
+        store: Store,
+        reservations: ReservationService,
+        weights: PlacementConfig,
+        threshold: Callable[[], float],
+        clock: Callable[[], float],
+    ) -> None:
+        self._store = store
+        self._reservations = reservations
+        self._weights = weights
+        self._threshold = threshold
+        self._clock = clock
+
+    async def candidates(self) -> list[Candidate]:
+        now = self._clock()
+        predictions = await self._store.latest_predictions()
+        out = []
+        for host in await self._store.list_hosts():
+            prediction = predictions.get(host.name)
+            free = await self._store.free_capacity(host.name, now)
+            out.append(Candidate(host, free, prediction.probability if prediction else None))
+        return out
+
+    async def rank(self, need: Need, exclude: Collection[str] = ()) -> list[Scored]:
+        return rank(await self.candidates(), need, self._weights, self._threshold(), exclude)
+
+    async def place(
+        self,
+        need: Need,
+        purpose: str,
+        *,
+        exclude: Collection[str] = (),
+        only: str | None = None,
+        ttl: float | None = None,
+    ) -> Reservation:
+        """Reserve `need` on the best eligible host (or on `only`); NoTarget when none can hold it."""
+        ranked = await self.rank(need, exclude)
+        if only is not None:
+            ranked = [s for s in ranked if s.host == only]
+            if not ranked:
+                reason = await self._why_not(only, need, exclude)
+                raise NoTarget(f"host {only!r} cannot be the target: {reason}")
+        for choice in ranked:
+            try:
+                reservation = await self._reservations.reserve(choice.host, need.capacity, purpose, ttl)
+            except InsufficientCapacity:
+                continue  # another placement got there first: the store refused, try the next
+            log.info("placed", extra={"host": choice.host, "score": round(choice.score, 4), "purpose": purpose})
+            return reservation
+        raise NoTarget(f"no eligible host can hold {need.capacity.to_dict()} ({len(ranked)} candidates tried)")
+
+    async def _why_not(self, name: str, need: Need, exclude: Collection[str]) -> str:
+        for candidate in await self.candidates():
+            if candidate.host.name == name:
+                return exclusion(candidate, need, self._threshold(), exclude) or "lost to a concurrent placement"
+        return "not registered"

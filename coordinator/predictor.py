@@ -1,0 +1,393 @@
+"""The drain model at serving time: load an ONNX model, check it fits our features, score hosts.
+
+All of it is synchronous CPU work; the coordinator calls it through `asyncio.to_thread`.
+
+- `DrainPredictor`: one loaded model; `score(histories, now)` scores every host in one batch.
+- `ModelRegistry`: the active model plus the previous one (rollback), `activate(path)` that keeps
+  the current model when the new one fails to load, and `consider(candidate, holdout)` that
+  activates a retrained model only if it beats the current one on a held-out window.
+- `retrain(...)`: runs models/drain/train.py on recorded telemetry in a separate, niced process
+  (scikit-learn is a training-only dependency and the fit must not starve the event loop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from coordinator.features import (
+    FEATURE_NAMES,
+    FEATURES_VERSION,
+    N_FEATURES,
+    HistoryLike,
+    HostTrace,
+    drain_labels,
+    evaluation_times,
+    extract_batch,
+    save_traces,
+    trace_features,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_MODEL_BYTES = 64 << 20
+"""A drain model is a few MB; anything far bigger is not one of ours."""
+REQUIRED_METADATA = ("model_version", "features_version", "n_features", "horizon_s", "threshold")
+PROB_OUTPUT = "probabilities"
+
+
+class ModelLoadError(Exception):
+    """The model file cannot be used: unreadable, not ONNX, or made for other features."""
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done, e.g. a rollback with no previous model."""
+
+
+class RetrainError(Exception):
+    """The retraining process failed or timed out."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    sha256: str
+    version: str
+    features_version: str
+    horizon: float
+    threshold: float
+    data_version: str
+    metadata: Mapping[str, str]
+
+
+class DrainPredictor:
+    """A loaded drain model. Raises ModelLoadError on anything wrong with the file."""
+
+    def __init__(self, path: str | os.PathLike[str], *, intra_op_threads: int = 1) -> None:
+        self.info, self._session, self._input = _load(Path(path), intra_op_threads)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, intra_op_threads: int = 1) -> DrainPredictor:
+        return cls(path, intra_op_threads=intra_op_threads)
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    @property
+    def horizon(self) -> float:
+        """Seconds: the model gives P(drained within this long)."""
+        return self.info.horizon
+
+    @property
+    def threshold(self) -> float:
+        return self.info.threshold
+
+    def predict(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """P(drain) per row of a feature matrix [n, N_FEATURES]."""
+        if X.shape[0] == 0:
+            return np.empty(0, np.float32)
+        out = self._session.run([PROB_OUTPUT], {self._input: np.ascontiguousarray(X, np.float32)})[0]
+        return np.asarray(out[:, 1], np.float32)
+
+    def score(self, histories: Mapping[str, HistoryLike], now: float) -> dict[str, float]:
+        """P(drain within horizon) per host, all hosts in one batch."""
+        if not histories:
+            return {}
+        p = self.predict(extract_batch(histories, now))
+        return {host: float(v) for host, v in zip(histories, p, strict=True)}
+
+
+def _load(path: Path, threads: int) -> tuple[ModelInfo, ort.InferenceSession, str]:
+    try:
+        size = path.stat().st_size
+        if size > MAX_MODEL_BYTES:
+            raise ModelLoadError(f"{path}: {size} bytes, more than a drain model's {MAX_MODEL_BYTES}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read: {exc}") from exc
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: a bad file is reported by the exception below
+    try:
+        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+        raise ModelLoadError(f"{path}: not a loadable ONNX model: {_first_line(exc)}") from exc
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise ModelLoadError(f"{path}: metadata lacks {', '.join(missing)}")
+    if meta["features_version"] != FEATURES_VERSION:
+        raise ModelLoadError(
+            f"{path}: trained on features {meta['features_version']!r}, this coordinator computes {FEATURES_VERSION!r}"
+        )
+    if meta["n_features"] != str(N_FEATURES) or meta.get("feature_names", ",".join(FEATURE_NAMES)) != ",".join(
+        FEATURE_NAMES
+    ):
+        raise ModelLoadError(f"{path}: model expects {meta['n_features']} features, we compute {N_FEATURES}")
+    try:
+        horizon, threshold = float(meta["horizon_s"]), float(meta["threshold"])
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: bad horizon_s/threshold metadata: {exc}") from exc
+    if not (math.isfinite(horizon) and horizon > 0 and 0.0 <= threshold <= 1.0):
+        raise ModelLoadError(f"{path}: horizon_s {horizon} or threshold {threshold} out of range")
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)" or list(inputs[0].shape[1:]) != [N_FEATURES]:
+        got = [(i.name, i.type, i.shape) for i in inputs]
+        raise ModelLoadError(f"{path}: expected one float input [N, {N_FEATURES}], got {got}")
+    outputs = {o.name: o for o in session.get_outputs()}
+    if PROB_OUTPUT not in outputs or list(outputs[PROB_OUTPUT].shape[1:]) != [2]:
+        raise ModelLoadError(f"{path}: no {PROB_OUTPUT!r} output of shape [N, 2]")
+    # a model that loads but cannot run (or returns nonsense) is as unusable as one that does not load
+    probe = np.zeros((2, N_FEATURES), np.float32)
+    probe[1] = np.nan
+    try:
+        p = session.run([PROB_OUTPUT], {inputs[0].name: probe})[0]
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: fails on a probe batch: {_first_line(exc)}") from exc
+    if p.shape != (2, 2) or not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1:
+        raise ModelLoadError(f"{path}: probe batch gave {p!r}, not probabilities")
+    info = ModelInfo(
+        path=str(path),
+        sha256=hashlib.sha256(data).hexdigest(),
+        version=meta["model_version"],
+        features_version=meta["features_version"],
+        horizon=horizon,
+        threshold=threshold,
+        data_version=meta.get("data_version", ""),
+        metadata=meta,
+    )
+    return info, session, inputs[0].name
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+# --- evaluation on a held-out window ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Feature rows and labels from recorded telemetry, for comparing models."""
+
+    X: npt.NDArray[np.float32]
+    y: npt.NDArray[np.int8]
+    horizon: float
+
+    @classmethod
+    def from_traces(
+        cls, traces: Sequence[HostTrace], start: float, end: float, horizon: float, stride: float = 300.0
+    ) -> Holdout:
+        """Rows every `stride` s in [start, end - horizon) (later rows' labels are not known yet)."""
+        xs, ys = [], []
+        for trace in traces:
+            times = evaluation_times(trace, stride)
+            times = times[(times >= start) & (times < end - horizon)]
+            xs.append(trace_features(trace, times))
+            ys.append(drain_labels(times, trace.drains, horizon))
+        X = np.concatenate(xs) if xs else np.empty((0, N_FEATURES), np.float32)
+        y = np.concatenate(ys) if ys else np.empty(0, np.int8)
+        return cls(X, y, horizon)
+
+
+@dataclass(frozen=True)
+class Scores:
+    pr_auc: float
+    brier: float
+    rows: int
+    positives: int
+
+
+def average_precision(y: npt.NDArray[np.integer[Any]], p: npt.NDArray[np.floating[Any]]) -> float:
+    """Area under the precision-recall curve as a step sum (scikit-learn's average_precision_score)."""
+    positives = int(np.sum(y))
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-p, kind="mergesort")
+    ps, ys = p[order], y[order]
+    last = np.append(np.flatnonzero(np.diff(ps)), ps.size - 1)  # last row of each distinct score
+    tp = np.cumsum(ys)[last]
+    precision = tp / (last + 1)
+    recall = tp / positives
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def evaluate(predictor: DrainPredictor, holdout: Holdout) -> Scores:
+    p = predictor.predict(holdout.X).astype(np.float64)
+    y = holdout.y.astype(np.float64)
+    brier = float(np.mean((p - y) ** 2)) if y.size else float("nan")
+    return Scores(average_precision(holdout.y, p), brier, int(y.size), int(y.sum()))
+
+
+@dataclass(frozen=True)
+class Decision:
+    activated: bool
+    reason: str
+    candidate: Scores | None
+    current: Scores | None
+
+
+# --- the registry -----------------------------------------------------------------------------------
+
+
+class ModelRegistry:
+    """The active model and the one before it. Swaps are atomic; scoring uses one model per call.
+
+    A candidate wins when its PR-AUC beats the current one's by more than `min_pr_auc_gain` and its
+    Brier score is not worse by more than `max_brier_loss` (relative).
+    """
+
+    def __init__(
+        self, *, intra_op_threads: int = 1, min_pr_auc_gain: float = 0.0, max_brier_loss: float = 0.05
+    ) -> None:
+        self._threads = intra_op_threads
+        self._min_gain = min_pr_auc_gain
+        self._max_brier_loss = max_brier_loss
+        self._lock = threading.Lock()
+        self._active: DrainPredictor | None = None
+        self._previous: DrainPredictor | None = None
+
+    @property
+    def active(self) -> DrainPredictor | None:
+        return self._active
+
+    @property
+    def previous(self) -> DrainPredictor | None:
+        return self._previous
+
+    def activate(self, path: str | os.PathLike[str]) -> DrainPredictor:
+        """Load and activate `path`. On ModelLoadError nothing changes (the error propagates)."""
+        model = DrainPredictor(path, intra_op_threads=self._threads)
+        self._install(model)
+        return model
+
+    def _install(self, model: DrainPredictor) -> None:
+        with self._lock:
+            self._previous, self._active = self._active, model
+        log.info(
+            "drain model activated",
+            extra={"model_version": model.version, "model_path": model.info.path, "sha256": model.info.sha256},
+        )
+
+    def rollback(self) -> DrainPredictor:
+        """Make the previous model active again (the current one becomes the previous)."""
+        with self._lock:
+            if self._previous is None:
+                raise RegistryError("no previous drain model to roll back to")
+            self._active, self._previous = self._previous, self._active
+            active = self._active
+        log.warning("drain model rolled back", extra={"model_version": active.version})
+        return active
+
+    def consider(self, candidate_path: str | os.PathLike[str], holdout: Holdout) -> Decision:
+        """Activate the candidate only if it beats the active model on `holdout`."""
+        try:
+            candidate = DrainPredictor(candidate_path, intra_op_threads=self._threads)
+        except ModelLoadError as exc:
+            return Decision(False, f"candidate does not load: {exc}", None, None)
+        current = self._active
+        if current is not None and candidate.horizon != holdout.horizon:
+            return Decision(
+                False, f"candidate horizon {candidate.horizon:g}s != holdout {holdout.horizon:g}s", None, None
+            )
+        if holdout.y.size == 0 or holdout.y.sum() == 0:
+            return Decision(False, "holdout has no drains: nothing to compare on", None, None)
+        cand = evaluate(candidate, holdout)
+        cur = evaluate(current, holdout) if current is not None else None
+        if cur is not None:
+            if not cand.pr_auc > cur.pr_auc + self._min_gain:
+                return Decision(False, f"PR-AUC {cand.pr_auc:.4f} does not beat {cur.pr_auc:.4f}", cand, cur)
+            if cand.brier > cur.brier * (1 + self._max_brier_loss):
+                return Decision(False, f"Brier {cand.brier:.5f} worse than {cur.brier:.5f}", cand, cur)
+        self._install(candidate)
+        reason = "no active model" if cur is None else f"PR-AUC {cand.pr_auc:.4f} > {cur.pr_auc:.4f}"
+        return Decision(True, reason, cand, cur)
+
+    def score(self, histories: Mapping[str, HistoryLike], now: float) -> dict[str, float]:
+        model = self._active
+        if model is None:
+            raise RegistryError("no drain model is active")
+        return model.score(histories, now)
+
+
+# --- retraining -------------------------------------------------------------------------------------
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "models" / "drain" / "train.py"
+
+
+def retrain(
+    traces: Sequence[HostTrace],
+    out_path: str | os.PathLike[str],
+    *,
+    horizon: float = 1800.0,
+    seed: int = 1,
+    model_version: str = "drain-retrained",
+    timeout: float = 1800.0,
+    nice: int = 10,
+    python: str = sys.executable,
+    script: Path = TRAIN_SCRIPT,
+    extra_args: Sequence[str] = (),
+) -> Path:
+    """Train a candidate on recorded traces in a child process (one thread, niced, bounded time).
+
+    Blocks; call it with asyncio.to_thread. Returns `out_path`; RetrainError on any failure.
+    """
+    out = Path(out_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory(prefix="ferryman-retrain-") as tmp:
+        data = Path(tmp) / "traces.npz"
+        save_traces(data, traces)
+        cmd = [
+            python,
+            str(script),
+            "--recorded",
+            str(data),
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--horizon",
+            f"{horizon:g}",
+            "--seed",
+            str(seed),
+            "--model-version",
+            model_version,
+            *extra_args,
+        ]
+        try:
+            proc = subprocess.run(
+                cmd,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                preexec_fn=lambda: os.nice(nice),  # only os.nice between fork and exec: no locks taken
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RetrainError(f"retraining took longer than {timeout:g}s") from exc
+        except OSError as exc:
+            raise RetrainError(f"cannot start retraining: {exc}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RetrainError(f"retraining failed (exit {proc.returncode}): {tail}")
+    if not out.is_file():
+        raise RetrainError(f"retraining wrote no model at {out}")
+    return out

@@ -1,0 +1,184 @@
+"""The fleet's hosts: registration, heartbeats through telemetry, liveness and admin (drain) state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+from collections.abc import Callable
+
+from coordinator.config import CoordinatorConfig
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.model import Decision, Drain, Host, HostAdmin, HostHealth, HostNotFound
+from coordinator.store import Store, TelemetryUpdate
+from coordinator.wire import check_batch, registration_to_host
+from proto.ferryman.v1 import fleet_pb2
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class HostRegistry:
+    def __init__(self, store: Store, config: CoordinatorConfig, clock: Clock, metrics: CoordinatorMetrics) -> None:
+        self._store = store
+        self._config = config
+        self._clock = clock
+        self._metrics = metrics
+
+    async def register(self, reg: fleet_pb2.Registration) -> Host:
+        host = registration_to_host(reg, self._clock())
+        known = await self._store.get_host(host.name)
+        stored = await self._store.register_host(host)
+        log.info(
+            "host registered" if known is None else "host re-registered",
+            extra={"host": host.name, "capacity": host.capacity.to_dict(), "api_url": host.api_url or None},
+        )
+        return stored
+
+    async def push(self, batch: fleet_pb2.TelemetryBatch) -> fleet_pb2.TelemetryAck:
+        """Validate and store a batch; an unknown host is asked to register (nothing is stored)."""
+        now = self._clock()
+        checked = check_batch(
+            batch,
+            now,
+            max_future_skew=self._config.telemetry.max_future_skew,
+            max_batch=self._config.telemetry.max_batch,
+        )
+        host = await self._store.get_host(checked.host)
+        if host is None:
+            return fleet_pb2.TelemetryAck(accepted=0, reregister=True)
+        update = TelemetryUpdate(
+            host=checked.host,
+            samples=checked.samples,
+            received_at=now,
+            # An empty batch is a heartbeat only: keep the last known usage.
+            used=checked.used if checked.samples else host.used,
+            containers=checked.containers if checked.samples else host.containers,
+            pressure=checked.pressure if checked.samples else host.pressure,
+            dropped=checked.dropped,
+        )
+        try:
+            accepted = await self._store.record_telemetry(
+                update, self._config.telemetry.max_samples_per_host, self._config.telemetry.max_age
+            )
+        except HostNotFound:
+            return fleet_pb2.TelemetryAck(accepted=0, reregister=True)
+        if host.health is not HostHealth.READY:
+            log.info("host is back", extra={"host": host.name, "was": host.health.value})
+        self._metrics.telemetry_samples.inc(accepted)
+        if checked.dropped:
+            self._metrics.telemetry_dropped.inc(checked.dropped)
+        return fleet_pb2.TelemetryAck(accepted=accepted)
+
+    async def get(self, name: str) -> Host:
+        host = await self._store.get_host(name)
+        if host is None:
+            raise HostNotFound(f"no host {name!r} is registered")
+        return host
+
+    async def all(self) -> list[Host]:
+        return await self._store.list_hosts()
+
+    # ----- liveness
+
+    def _health_for(self, host: Host, now: float) -> HostHealth:
+        silent = now - host.last_heartbeat
+        if silent >= self._config.heartbeat.down_after:
+            return HostHealth.DOWN
+        if silent >= self._config.heartbeat.suspect_after:
+            return HostHealth.SUSPECT
+        return HostHealth.READY
+
+    async def check_liveness(self) -> list[tuple[str, HostHealth, HostHealth]]:
+        """Move silent hosts to suspect/down; returns (host, old, new) for each change."""
+        now = self._clock()
+        changes: list[tuple[str, HostHealth, HostHealth]] = []
+        for host in await self._store.list_hosts():
+            health = self._health_for(host, now)
+            # Only ever downwards here: coming back to ready is a telemetry push's job.
+            if health is not host.health and _rank(health) > _rank(host.health):
+                await self._store.set_health(host.name, health)
+                changes.append((host.name, host.health, health))
+                log.warning(
+                    "host missed heartbeats",
+                    extra={"host": host.name, "health": health.value, "silent_s": round(now - host.last_heartbeat, 1)},
+                )
+        self._metrics.set_hosts(await self._store.list_hosts())
+        return changes
+
+    async def run_liveness(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.check_liveness()
+            except Exception:
+                log.exception("liveness check failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._config.heartbeat.check_period)
+
+    # ----- admin state
+
+    async def drain(
+        self, name: str, reason: str, *, probability: float | None = None, model_version: str = ""
+    ) -> Drain:
+        """Mark a host draining (nothing new is placed there) and record the decision."""
+        host = await self.get(name)
+        now = self._clock()
+        running = [d for d in await self._store.list_drains(name) if d.state == "running"]
+        if host.admin is not HostAdmin.ACTIVE and running:
+            return running[-1]
+        await self._store.set_admin(name, HostAdmin.DRAINING)
+        drain = Drain(
+            id=f"drain-{secrets.token_hex(6)}",
+            host=name,
+            reason=reason,
+            started_at=now,
+            probability=probability,
+            model_version=model_version,
+        )
+        await self._store.put_drain(drain)
+        await self._store.record_decision(
+            Decision(
+                ts=now, host=name, kind="drain", probability=probability, model_version=model_version, detail=reason
+            )
+        )
+        log.info("host draining", extra={"host": name, "reason": reason, "probability": probability})
+        return drain
+
+    async def finish_drain(self, name: str) -> None:
+        await self._store.set_admin(name, HostAdmin.DRAINED)
+        now = self._clock()
+        for drain in await self._store.list_drains(name):
+            if drain.state == "running":
+                await self._store.put_drain(dataclasses.replace(drain, state="done", finished_at=now))
+        await self._store.record_decision(Decision(ts=now, host=name, kind="drained", detail="no containers left"))
+        log.info("host drained", extra={"host": name})
+
+    async def uncordon(
+        self, name: str, reason: str, *, probability: float | None = None, model_version: str = ""
+    ) -> Host:
+        host = await self.get(name)
+        now = self._clock()
+        await self._store.set_admin(name, HostAdmin.ACTIVE)
+        for drain in await self._store.list_drains(name):
+            if drain.state == "running":
+                await self._store.put_drain(dataclasses.replace(drain, state="cancelled", finished_at=now))
+        if host.admin is not HostAdmin.ACTIVE:
+            await self._store.record_decision(
+                Decision(
+                    ts=now,
+                    host=name,
+                    kind="uncordon",
+                    probability=probability,
+                    model_version=model_version,
+                    detail=reason,
+                )
+            )
+            log.info("host back in service", extra={"host": name, "reason": reason})
+        return await self.get(name)
+
+
+def _rank(health: HostHealth) -> int:
+    return {HostHealth.READY: 0, HostHealth.SUSPECT: 1, HostHealth.DOWN: 2}[health]

@@ -1,0 +1,92 @@
+"""The storage interface the coordinator's logic uses, and nothing else.
+
+The default backend is SQLite (coordinator/sqlite_store.py). An HA backend on a distributed store
+implements the same protocol; the one hard requirement is that `reserve` is atomic (check free
+capacity and insert in one transaction), because that is what keeps placements from double-booking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from coordinator.model import (
+    Capacity,
+    ContainerUsage,
+    Decision,
+    Drain,
+    Host,
+    HostAdmin,
+    HostHealth,
+    Migration,
+    Prediction,
+    Reservation,
+)
+
+
+@dataclass(frozen=True)
+class TelemetryUpdate:
+    """One accepted push: the samples to keep and the host summary taken from the newest one."""
+
+    host: str
+    samples: Sequence[tuple[float, dict[str, Any]]]
+    """(ts, sample as protobuf JSON) oldest first."""
+    received_at: float
+    used: Capacity
+    containers: tuple[ContainerUsage, ...]
+    pressure: Mapping[str, float]
+    dropped: int = 0
+
+
+class Store(Protocol):
+    async def close(self) -> None: ...
+
+    # ----- hosts
+    async def register_host(self, host: Host) -> Host:
+        """Insert or update identity, capacity and addresses; keeps the admin state; health ready."""
+        ...
+
+    async def get_host(self, name: str) -> Host | None: ...
+    async def list_hosts(self) -> list[Host]: ...
+    async def set_health(self, name: str, health: HostHealth) -> None: ...
+    async def set_admin(self, name: str, admin: HostAdmin) -> None: ...
+
+    # ----- telemetry
+    async def record_telemetry(self, update: TelemetryUpdate, keep: int, max_age: float) -> int:
+        """Store the samples (bounded to `keep` per host and `max_age` seconds) and mark a heartbeat.
+
+        Returns the number of samples stored. Raises HostNotFound for an unregistered host.
+        """
+        ...
+
+    async def telemetry(self, host: str, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]: ...
+    async def telemetry_all(self, since: float = 0.0) -> dict[str, list[tuple[float, dict[str, Any]]]]: ...
+
+    # ----- reservations
+    async def reserve(self, reservation: Reservation, now: float) -> Reservation:
+        """Atomically: if the host's free capacity holds it, insert it; else InsufficientCapacity."""
+        ...
+
+    async def mark_held(self, reservation_id: str) -> None: ...
+    async def get_reservation(self, reservation_id: str) -> Reservation | None: ...
+    async def release(self, reservation_id: str) -> Reservation | None: ...
+    async def expired_reservations(self, now: float) -> list[Reservation]: ...
+    async def list_reservations(self, now: float | None = None) -> list[Reservation]:
+        """Active reservations (all of them when `now` is None)."""
+        ...
+
+    async def free_capacity(self, host: str, now: float) -> Capacity: ...
+
+    # ----- migrations
+    async def put_migration(self, migration: Migration) -> None: ...
+    async def get_migration(self, migration_id: str) -> Migration | None: ...
+    async def list_migrations(self, *, active_only: bool = False) -> list[Migration]: ...
+
+    # ----- predictions, decisions, drains
+    async def record_predictions(self, predictions: Sequence[Prediction]) -> None: ...
+    async def latest_predictions(self) -> dict[str, Prediction]: ...
+    async def record_decision(self, decision: Decision) -> Decision: ...
+    async def list_decisions(self, host: str | None = None, limit: int = 100) -> list[Decision]: ...
+    async def put_drain(self, drain: Drain) -> None: ...
+    async def list_drains(self, host: str | None = None) -> list[Drain]: ...

@@ -1,0 +1,173 @@
+"""The agent <-> coordinator wire contract (proto/ferryman/v1/fleet.proto) as checked domain values.
+
+Bodies are protobuf's canonical JSON; `json_format.Parse` rejects unknown fields and wrong types.
+What protobuf accepts but makes no sense (NaN, negative rates, a clock far in the future) is
+refused here, before anything is stored: one bad sample refuses the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from agent.errors import FerrymanError, InvalidRequest
+from agent.security.pki import validate_name
+from coordinator.model import Capacity, ContainerUsage, Host
+from proto.ferryman.v1 import fleet_pb2
+
+M = TypeVar("M", bound=Message)
+
+MAX_BODY_BYTES = 8 << 20
+_PRESSURE_FIELDS = ("cpu_some", "memory_some", "memory_full", "io_some", "io_full")
+_NONNEGATIVE = (
+    "cpu_util",
+    "load1",
+    "load5",
+    "load15",
+    "disk_read_bps",
+    "disk_write_bps",
+    "net_rx_bps",
+    "net_tx_bps",
+)
+
+
+def parse_message(raw: bytes, message: type[M]) -> M:
+    """A protobuf message from canonical JSON bytes; InvalidRequest with the parser's reason otherwise."""
+    if not raw.strip():
+        raise InvalidRequest(f"request body must be a {message.DESCRIPTOR.name} JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not UTF-8: {exc}") from exc
+    out = message()
+    try:
+        json_format.Parse(text, out, ignore_unknown_fields=False)
+    except json_format.ParseError as exc:
+        raise InvalidRequest(f"invalid {message.DESCRIPTOR.name}: {exc}") from exc
+    return out
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return result
+
+
+def capacity_from(msg: fleet_pb2.Capacity) -> Capacity:
+    return Capacity(msg.cpu_millis, msg.memory_bytes, msg.disk_bytes)
+
+
+def capacity_to(capacity: Capacity) -> fleet_pb2.Capacity:
+    return fleet_pb2.Capacity(
+        cpu_millis=capacity.cpu_millis, memory_bytes=capacity.memory_bytes, disk_bytes=capacity.disk_bytes
+    )
+
+
+def _finite(value: float, where: str, *, nonnegative: bool = True) -> float:
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{where}: must be a finite number, got {value}")
+    if nonnegative and value < 0:
+        raise InvalidRequest(f"{where}: must not be negative, got {value}")
+    return value
+
+
+def registration_to_host(reg: fleet_pb2.Registration, now: float) -> Host:
+    try:
+        validate_name(reg.host)
+    except FerrymanError as exc:
+        raise InvalidRequest(f"Registration.host: {exc.message}") from exc
+    if reg.api_url:
+        parts = urlsplit(reg.api_url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise InvalidRequest(f"Registration.api_url {reg.api_url!r}: expected https://host:port")
+    if reg.capacity.cpu_millis == 0 or reg.capacity.memory_bytes == 0:
+        raise InvalidRequest("Registration.capacity: cpu_millis and memory_bytes must be greater than 0")
+    _finite(reg.telemetry_period_s, "Registration.telemetry_period_s")
+    return Host(
+        name=reg.host,
+        capacity=capacity_from(reg.capacity),
+        peer_address=reg.peer_address,
+        api_url=reg.api_url.rstrip("/"),
+        labels=dict(reg.labels),
+        agent_version=reg.agent_version,
+        layer_digests=tuple(dict.fromkeys(reg.layer_digests)),
+        criu_features=dict(reg.criu_features),
+        telemetry_period=reg.telemetry_period_s,
+        registered_at=now,
+        last_heartbeat=now,
+    )
+
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    host: str
+    samples: list[tuple[float, dict[str, Any]]]
+    """(ts, sample JSON), sorted by ts."""
+    dropped: int
+    used: Capacity
+    containers: tuple[ContainerUsage, ...]
+    pressure: dict[str, float]
+
+
+def check_batch(batch: fleet_pb2.TelemetryBatch, now: float, *, max_future_skew: float, max_batch: int) -> CheckedBatch:
+    if not batch.host:
+        raise InvalidRequest("TelemetryBatch.host: must not be empty")
+    if len(batch.samples) > max_batch:
+        raise InvalidRequest(f"TelemetryBatch.samples: at most {max_batch} samples per push, got {len(batch.samples)}")
+    checked: list[tuple[float, dict[str, Any]]] = []
+    for i, sample in enumerate(batch.samples):
+        where = f"TelemetryBatch.samples[{i}]"
+        _check_sample(sample, where, now, max_future_skew)
+        checked.append((sample.ts, to_json(sample)))
+    checked.sort(key=lambda item: item[0])
+    if not batch.samples:
+        return CheckedBatch(batch.host, [], batch.dropped, Capacity(), (), {})
+    newest = max(batch.samples, key=lambda s: s.ts)
+    containers = tuple(
+        ContainerUsage(
+            id=c.id, image=c.image, memory_bytes=c.memory_bytes, cpu_millis=c.cpu_millis, labels=dict(c.labels)
+        )
+        for c in newest.containers
+    )
+    used = Capacity(
+        cpu_millis=int(sum(c.cpu_millis for c in containers)),
+        memory_bytes=sum(c.memory_bytes for c in containers),
+    )
+    pressure = {name: getattr(newest.pressure, name) for name in _PRESSURE_FIELDS if newest.pressure.HasField(name)}
+    return CheckedBatch(batch.host, checked, batch.dropped, used, containers, pressure)
+
+
+def _check_sample(sample: fleet_pb2.TelemetrySample, where: str, now: float, max_future_skew: float) -> None:
+    _finite(sample.ts, f"{where}.ts")
+    if sample.ts <= 0:
+        raise InvalidRequest(f"{where}.ts: must be a unix time in seconds, got {sample.ts}")
+    if sample.ts > now + max_future_skew:
+        raise InvalidRequest(
+            f"{where}.ts: {sample.ts:.3f} is {sample.ts - now:.1f} s in the future (max skew {max_future_skew} s)"
+        )
+    for name in _NONNEGATIVE:
+        if sample.HasField(name):
+            _finite(getattr(sample, name), f"{where}.{name}")
+    if sample.HasField("cpu_util") and sample.cpu_util > 1.0:
+        raise InvalidRequest(f"{where}.cpu_util: must be within 0..1, got {sample.cpu_util}")
+    for name in _PRESSURE_FIELDS:
+        if sample.pressure.HasField(name):
+            value = _finite(getattr(sample.pressure, name), f"{where}.pressure.{name}")
+            if value > 100.0:
+                raise InvalidRequest(f"{where}.pressure.{name}: a percentage, got {value}")
+    if (
+        sample.HasField("memory_total_bytes")
+        and sample.HasField("memory_available_bytes")
+        and sample.memory_available_bytes > sample.memory_total_bytes
+    ):
+        raise InvalidRequest(f"{where}.memory_available_bytes: larger than memory_total_bytes")
+    for j, container in enumerate(sample.containers):
+        if not container.id:
+            raise InvalidRequest(f"{where}.containers[{j}].id: must not be empty")
+        _finite(container.cpu_millis, f"{where}.containers[{j}].cpu_millis")
+    for j, event in enumerate(sample.events):
+        _finite(event.ts, f"{where}.events[{j}].ts")

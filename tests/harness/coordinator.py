@@ -1,0 +1,274 @@
+"""Run `ferryman-coordinator` as a real process for tests, with a fleet CA made by agent/security/pki.py.
+
+`CoordinatorPki` issues the coordinator's server certificate (host name "coordinator", role agent),
+its ops certificate for calling agents, agent certificates and operator certificates.
+`CoordinatorProcess` writes a config, starts the daemon (optionally inside a network namespace,
+see tests/harness/netns.py), waits until it answers over TLS, and stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from agent.security.pki import HostCertPaths, init_ca, issue_client, issue_host
+from agent.security.tls import client_context
+from coordinator.auth import hash_token
+from tests.harness.netns import acall_in_netns, nsenter_argv
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = REPO / ".venv" / "bin" / "python"
+COORDINATOR_NAME = "coordinator"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+
+
+class CoordinatorPki:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ca_dir = init_ca(root / "ca").directory
+        self.server = issue_host(self.ca_dir, COORDINATOR_NAME, root / "coordinator", ["127.0.0.1", "::1"])
+        self.ops_client = issue_client(self.ca_dir, "coordinator-ops", root / "coordinator-ops")
+        self._issued: dict[str, HostCertPaths] = {}
+
+    def agent(self, name: str) -> HostCertPaths:
+        if name not in self._issued:
+            self._issued[name] = issue_host(self.ca_dir, name, self.root / f"agent-{name}", ["127.0.0.1"])
+        return self._issued[name]
+
+    def operator(self, name: str = "alice") -> HostCertPaths:
+        key = f"ops:{name}"
+        if key not in self._issued:
+            self._issued[key] = issue_client(self.ca_dir, name, self.root / f"ops-{name}")
+        return self._issued[key]
+
+    def client_ssl(self, identity: HostCertPaths | None) -> ssl.SSLContext:
+        """A client context verifying the coordinator; presenting `identity`'s certificate if given."""
+        if identity is not None:
+            return client_context(identity)
+        return ssl.create_default_context(cafile=str(self.server.ca_file))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(values: Mapping[str, Any]) -> str:
+    """TOML for a flat mapping of keys and one level of tables (enough for the coordinator's config)."""
+    top = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, Mapping)]
+    tables = [
+        f"\n[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
+        for k, v in values.items()
+        if isinstance(v, Mapping)
+    ]
+    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+
+
+class CoordinatorProcess:
+    """One coordinator daemon with its own config, database and log file under `workdir`."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        pki: CoordinatorPki,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        netns: str | None = None,
+        tokens: tuple[str, ...] = (),
+        overrides: Mapping[str, Mapping[str, Any] | Any] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.pki = pki
+        self.host = host
+        self.port = port or free_port(host)
+        self.netns = netns
+        self.database = workdir / "coordinator.db"
+        self.config_path = workdir / "coordinator.toml"
+        self.log_path = workdir / "coordinator.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        tokens_file = workdir / "tokens.sha256"
+        tokens_file.write_text("".join(f"{hash_token(t)} token{i}\n" for i, t in enumerate(tokens)))
+        values: dict[str, Any] = {
+            "listen": f"{host}:{self.port}",
+            "database": str(self.database),
+            "log_level": "DEBUG",
+            "tls": {
+                "ca_file": str(pki.server.ca_file),
+                "cert_file": str(pki.server.cert_file),
+                "key_file": str(pki.server.key_file),
+            },
+            "ops_tls": {"cert_file": str(pki.ops_client.cert_file), "key_file": str(pki.ops_client.key_file)},
+            "auth": {"token_hashes_file": str(tokens_file)},
+        }
+        for key, value in (overrides or {}).items():
+            if isinstance(value, Mapping) and isinstance(values.get(key), dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+        self.config_path.write_text(render_config(values))
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        argv = [*nsenter_argv(self.netns), str(PYTHON), "-m", "coordinator.daemon", "--config", str(self.config_path)]
+        log = self.log_path.open("ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL, cwd=REPO, env={**os.environ}
+            )
+        finally:
+            log.close()
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _wait_ready(self) -> None:
+        assert self.proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while loop.time() < deadline:
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"coordinator exited with {self.proc.returncode}:\n{self.logs()}")
+            if await self.healthz() == 200:
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"coordinator did not answer within {START_TIMEOUT}s:\n{self.logs()}")
+
+    async def healthz(self) -> int | None:
+        """GET /healthz over TLS from the coordinator's own network namespace; None if unreachable."""
+        if self.netns is None:
+            return await asyncio.to_thread(self._healthz_blocking)
+        return await acall_in_netns(self.netns, self._healthz_blocking)
+
+    def _healthz_blocking(self) -> int | None:
+        ctx = self.pki.client_ssl(None)
+        # The chain is still verified against the fleet CA; the name is checked by the aiohttp clients.
+        ctx.check_hostname = False
+        conn = http.client.HTTPSConnection(self.host, self.port, timeout=2.0, context=ctx)
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+
+    async def stop(self) -> int | None:
+        """SIGTERM and wait (SIGKILL after STOP_TIMEOUT); returns the exit code."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        return proc.returncode
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-8000:]
+        except OSError:
+            return ""
+
+    @contextlib.asynccontextmanager
+    async def client(
+        self, identity: HostCertPaths | None = None, token: str | None = None
+    ) -> AsyncIterator[CoordinatorClient]:
+        """An HTTP client for this coordinator, as `identity` (a certificate) and/or with a bearer token."""
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30),
+            headers=headers,
+            connector=aiohttp.TCPConnector(limit=64),
+        ) as session:
+            yield CoordinatorClient(session, self.url, self.pki.client_ssl(identity))
+
+
+class CoordinatorClient:
+    def __init__(self, session: aiohttp.ClientSession, url: str, ctx: ssl.SSLContext) -> None:
+        self.session = session
+        self.url = url
+        self.ctx = ctx
+
+    async def request(
+        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        kwargs: dict[str, Any] = {"ssl": self.ctx, "server_hostname": COORDINATOR_NAME}
+        if raw is not None:
+            kwargs["data"] = raw
+            kwargs["headers"] = {"Content-Type": "application/json"}
+        elif body is not None:
+            kwargs["json"] = body
+        async with self.session.request(method, self.url + path, **kwargs) as resp:
+            text = await resp.text()
+            if resp.content_type == "application/json" and text:
+                return resp.status, json.loads(text)
+            return resp.status, {"text": text}
+
+    async def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        return await self.request("GET", path)
+
+    async def post(self, path: str, body: Any = None, *, raw: bytes | None = None) -> tuple[int, dict[str, Any]]:
+        return await self.request("POST", path, body, raw=raw)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def registration(name: str, *, cpu_millis: int = 4000, memory_bytes: int = 4 << 30, **extra: Any) -> dict[str, Any]:
+    return {
+        "host": name,
+        "peer_address": "127.0.0.1:7443",
+        "capacity": {"cpu_millis": cpu_millis, "memory_bytes": memory_bytes, "disk_bytes": 100 << 30},
+        "labels": {"rack": "r1"},
+        "agent_version": "test",
+        "telemetry_period_s": 5.0,
+        **extra,
+    }
+
+
+def sample(ts: float, **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "ts": ts,
+        "cpu_util": 0.2,
+        "load1": 0.5,
+        "cpus": 4,
+        "memory_total_bytes": 4 << 30,
+        "memory_available_bytes": 3 << 30,
+        "pressure": {"cpu_some": 1.0, "memory_some": 0.0, "io_some": 0.5},
+    }
+    base.update(fields)
+    return base

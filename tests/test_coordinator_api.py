@@ -1,0 +1,357 @@
+"""The coordinator daemon as a real process: mTLS, real SQLite, real aiohttp, certificates from pki.py.
+
+Covers: registration identity, bad telemetry, authentication and roles, suspect/down transitions,
+the reservation race through the HTTP API, and restart persistence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.harness.coordinator import (
+    CoordinatorPki,
+    CoordinatorProcess,
+    new_token,
+    registration,
+    sample,
+)
+from tests.harness.netns import add_netns, aip, can_connect, del_netns, list_netns
+
+POLL = 0.05
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> CoordinatorPki:
+    return CoordinatorPki(tmp_path_factory.mktemp("coordinator-pki"))
+
+
+@pytest.fixture(scope="module")
+def token() -> str:
+    return new_token()
+
+
+@pytest.fixture
+async def coordinator(workdir: Path, pki: CoordinatorPki, token: str) -> AsyncIterator[CoordinatorProcess]:
+    proc = CoordinatorProcess(
+        workdir,
+        pki,
+        tokens=(token,),
+        overrides={"heartbeat": {"suspect_after": 600.0, "down_after": 1200.0, "check_period": 0.1}},
+    )
+    await proc.start()
+    try:
+        yield proc
+    finally:
+        code = await proc.stop()
+        assert code == 0, proc.logs()
+
+
+async def _register(proc: CoordinatorProcess, pki: CoordinatorPki, name: str, **extra: object) -> None:
+    async with proc.client(pki.agent(name)) as agent:
+        status, body = await agent.post("/v1/register", registration(name, **extra))  # type: ignore[arg-type]
+    assert status == 200, body
+
+
+async def test_registration_must_match_the_certificate(coordinator: CoordinatorProcess, pki: CoordinatorPki) -> None:
+    async with coordinator.client(pki.agent("h1")) as h1:
+        status, body = await h1.post("/v1/register", registration("h1"))
+        assert status == 200, body
+        assert body["name"] == "h1" and body["state"] == "ready"
+        # h1's certificate cannot speak for h2.
+        status, body = await h1.post("/v1/register", registration("h2"))
+        assert status == 403 and body["error"]["code"] == "forbidden"
+        assert "h2" in body["error"]["message"]
+    async with coordinator.client(pki.operator("alice")) as ops:
+        status, body = await ops.post("/v1/register", registration("alice"))
+        assert status == 403, body
+        status, body = await ops.get("/v1/hosts")
+        assert status == 200
+        assert [h["name"] for h in body["hosts"]] == ["h1"]
+    async with coordinator.client(None) as anonymous:
+        status, body = await anonymous.post("/v1/register", registration("h3"))
+        assert status == 401 and body["error"]["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        (b'{"host": "h1", "samples": [{"ts": 1, "bogus": 2}]}', "bogus"),
+        (b'{"host": "h1", "samples": [{"ts": "yesterday"}]}', "ts"),
+        (b'{"host": "h1", "samples": [{"ts": 1700000000, "cpu_util": "NaN"}]}', "finite"),
+        (b'{"host": "h1", "samples": [{"ts": 1700000000, "net_rx_bps": -5}]}', "negative"),
+        (b'{"host": "h1", "samples": [{"ts": 1700000000, "cpus": -1}]}', "cpus"),
+        (b'{"host": "h1", "samples": [{"ts": 99999999999}]}', "future"),
+        (b'{"host": "h1", "samples": [{"ts": 1700000000, "pressure": {"io_some": 250}}]}', "percentage"),
+        (b'{"host": "h1", "samples": [', "invalid TelemetryBatch"),
+        (b"", "TelemetryBatch"),
+    ],
+)
+async def test_bad_telemetry_is_refused_and_nothing_is_stored(
+    coordinator: CoordinatorProcess, pki: CoordinatorPki, payload: bytes, fragment: str
+) -> None:
+    await _register(coordinator, pki, "h1")
+    async with coordinator.client(pki.operator("alice")) as ops:
+        _, before = await ops.get("/v1/hosts/h1")
+    async with coordinator.client(pki.agent("h1")) as h1:
+        # A good sample in the same batch is not stored either: the batch is all or nothing.
+        good = sample(time.time())
+        body = payload.replace(b'"samples": [', b'"samples": [' + json.dumps(good).encode() + b", ", 1)
+        status, answer = await h1.post("/v1/telemetry", raw=body)
+    assert status == 400, answer
+    assert answer["error"]["code"] == "invalid_request"
+    assert fragment in answer["error"]["message"]
+    async with coordinator.client(pki.operator("alice")) as ops:
+        _, after = await ops.get("/v1/hosts/h1")
+    assert after["telemetry_samples"] == before["telemetry_samples"] == 0
+    assert after["last_heartbeat"] == before["last_heartbeat"]
+
+
+async def test_telemetry_is_stored_only_for_the_callers_own_host(
+    coordinator: CoordinatorProcess, pki: CoordinatorPki
+) -> None:
+    await _register(coordinator, pki, "h1")
+    await _register(coordinator, pki, "h2")
+    now = time.time()
+    batch = {"host": "h1", "samples": [sample(now - 10), sample(now - 5)]}
+    async with coordinator.client(pki.agent("h2")) as h2:
+        status, body = await h2.post("/v1/telemetry", batch)
+        assert status == 403, body
+    async with coordinator.client(pki.agent("h1")) as h1:
+        status, body = await h1.post("/v1/telemetry", batch)
+        assert status == 200 and body == {"accepted": 2, "reregister": False}
+        status, body = await h1.post("/v1/telemetry", {"host": "h1", "samples": [sample(now)]})
+        assert status == 200 and body["accepted"] == 1
+    async with coordinator.client(pki.agent("h9")) as h9:
+        status, body = await h9.post("/v1/telemetry", {"host": "h9", "samples": [sample(now)]})
+        assert status == 200 and body == {"accepted": 0, "reregister": True}
+    async with coordinator.client(pki.operator("alice")) as ops:
+        _, host = await ops.get("/v1/hosts/h1")
+        assert host["telemetry_samples"] == 3
+        _, unknown = await ops.get("/v1/hosts/h9")
+        assert unknown["error"]["code"] == "host_not_found"
+
+
+async def test_only_ops_may_start_a_migration(coordinator: CoordinatorProcess, pki: CoordinatorPki, token: str) -> None:
+    await _register(coordinator, pki, "h1")
+    request = {"container": "web", "to": "auto"}
+    async with coordinator.client(None) as anonymous:
+        status, body = await anonymous.post("/v1/migrations", request)
+        assert status == 401 and body["error"]["code"] == "unauthorized"
+    async with coordinator.client(pki.agent("h1")) as agent:
+        status, body = await agent.post("/v1/migrations", request)
+        assert status == 403 and body["error"]["code"] == "forbidden"
+        status, _ = await agent.get("/v1/hosts")
+        assert status == 403
+    async with coordinator.client(None, token="not-" + token) as forged:
+        status, body = await forged.post("/v1/migrations", request)
+        assert status == 401, body
+    async with coordinator.client(pki.agent("h1"), token="not-" + token) as agent_with_bad_token:
+        status, _ = await agent_with_bad_token.post("/v1/migrations", request)
+        assert status == 401
+    # Authorised callers get past auth: the container is unknown to the fleet, so 404.
+    async with coordinator.client(None, token=token) as ops_token:
+        status, body = await ops_token.post("/v1/migrations", request)
+        assert status == 404 and body["error"]["code"] == "container_not_found", body
+    async with coordinator.client(pki.operator("alice")) as ops_cert:
+        status, body = await ops_cert.post("/v1/migrations", request)
+        assert status == 404, body
+        status, body = await ops_cert.get("/v1/migrations")
+        assert status == 200 and body == {"migrations": []}
+
+
+async def test_openapi_document_covers_every_route(coordinator: CoordinatorProcess) -> None:
+    async with coordinator.client(None) as anonymous:
+        status, body = await anonymous.get("/v1/openapi.yaml")
+    assert status == 200
+    doc = yaml.safe_load(body["text"])
+    from coordinator.api.server import build_app  # the routes the server really has
+
+    class _NoCoordinator:
+        pass
+
+    app = build_app(_NoCoordinator())  # type: ignore[arg-type]
+    routes = {
+        (r.method.lower(), r.resource.canonical)
+        for r in app.router.routes()
+        if r.resource is not None and r.method != "HEAD"
+    }
+    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops if m != "parameters"}
+    assert routes == documented
+
+
+async def test_hosts_go_suspect_then_down_and_come_back(workdir: Path, pki: CoordinatorPki) -> None:
+    proc = CoordinatorProcess(
+        workdir, pki, overrides={"heartbeat": {"suspect_after": 0.6, "down_after": 1.2, "check_period": 0.1}}
+    )
+    await proc.start()
+    try:
+        await _register(proc, pki, "h1")
+        seen: list[str] = []
+        async with proc.client(pki.operator("alice")) as ops:
+            for _ in range(int(5 / POLL)):
+                _, host = await ops.get("/v1/hosts/h1")
+                if not seen or seen[-1] != host["state"]:
+                    seen.append(host["state"])
+                if host["state"] == "down":
+                    break
+                await asyncio.sleep(POLL)
+        assert seen == ["ready", "suspect", "down"]
+        async with proc.client(pki.agent("h1")) as h1:
+            status, _ = await h1.post("/v1/telemetry", {"host": "h1", "samples": [sample(time.time())]})
+            assert status == 200
+        async with proc.client(pki.operator("alice")) as ops:
+            _, host = await ops.get("/v1/hosts/h1")
+            assert host["state"] == "ready"
+            _, metrics = await ops.get("/metrics")
+            assert 'ferryman_coordinator_hosts{state="ready"}' in metrics["text"]
+    finally:
+        assert await proc.stop() == 0, proc.logs()
+
+
+async def test_racing_placements_never_overbook_a_host(coordinator: CoordinatorProcess, pki: CoordinatorPki) -> None:
+    # Three hosts with room for exactly 4 placements of 1 GiB each (memory is the binding limit).
+    for name in ("h1", "h2", "h3"):
+        await _register(coordinator, pki, name, cpu_millis=64000, memory_bytes=4 << 30)
+    request = {"capacity": {"cpu_millis": 100, "memory_bytes": 1 << 30}, "host": "auto", "purpose": "race"}
+    async with coordinator.client(pki.operator("alice")) as ops:
+        results = await asyncio.gather(*(ops.post("/v1/reservations", request) for _ in range(200)))
+        statuses = defaultdict(int)
+        for status, _ in results:
+            statuses[status] += 1
+        assert dict(statuses) == {201: 12, 409: 188}
+        assert all(body["error"]["code"] == "no_target" for status, body in results if status == 409)
+        _, listed = await ops.get("/v1/reservations")
+        per_host: dict[str, int] = defaultdict(int)
+        for reservation in listed["reservations"]:
+            per_host[reservation["host"]] += reservation["capacity"]["memory_bytes"]
+        assert per_host == {"h1": 4 << 30, "h2": 4 << 30, "h3": 4 << 30}
+        _, hosts = await ops.get("/v1/hosts")
+        assert all(h["free"]["memory_bytes"] == 0 for h in hosts["hosts"])
+        # Released capacity is placeable again, exactly once.
+        first = next(body for status, body in results if status == 201)
+        status, _ = await ops.request("DELETE", f"/v1/reservations/{first['id']}")
+        assert status == 204
+        again = await asyncio.gather(*(ops.post("/v1/reservations", request) for _ in range(20)))
+        assert sorted(s for s, _ in again) == [201] + [409] * 19
+        assert next(b for s, b in again if s == 201)["host"] == first["host"]
+
+
+async def test_state_survives_a_restart(workdir: Path, pki: CoordinatorPki) -> None:
+    proc = CoordinatorProcess(workdir, pki, overrides={"migrations": {"max_attempts": 2, "poll_period": 0.05}})
+    await proc.start()
+    try:
+        for name in ("h1", "h2", "h3", "h4"):
+            await _register(proc, pki, name)
+        containers = [{"id": "web", "image": "busybox", "memory_bytes": 64 << 20, "cpu_millis": 10}]
+        async with proc.client(pki.agent("h1")) as h1:
+            status, _ = await h1.post(
+                "/v1/telemetry", {"host": "h1", "samples": [sample(time.time(), containers=containers)]}
+            )
+            assert status == 200
+        async with proc.client(pki.operator("alice")) as ops:
+            status, reservation = await ops.post(
+                "/v1/reservations", {"capacity": {"memory_bytes": 1 << 30}, "host": "h3", "ttl": 3000}
+            )
+            assert status == 201, reservation
+            # h2 runs nothing, so the drain completes at once.
+            status, drained = await ops.post("/v1/hosts/h2/drain?wait=5")
+            assert status == 200 and drained["host"]["state"] == "drained", drained
+            # No agent here has an ops API, so every attempt fails to start: the record shows the retries.
+            status, migration = await ops.post("/v1/migrations", {"container": "web", "to": "auto"})
+            assert status == 202, migration
+            for _ in range(int(10 / POLL)):
+                _, migration = await ops.get(f"/v1/migrations/{migration['id']}")
+                if migration["done"]:
+                    break
+                await asyncio.sleep(POLL)
+            assert migration["state"] == "abandoned", migration
+            assert migration["attempt"] == 2 and len(migration["tried_targets"]) == 2
+            assert "h2" not in migration["tried_targets"]  # draining hosts are never targets
+            _, before_hosts = await ops.get("/v1/hosts")
+            _, before_reservations = await ops.get("/v1/reservations")
+            _, before_migrations = await ops.get("/v1/migrations")
+        assert await proc.stop() == 0, proc.logs()
+
+        await proc.start()
+        async with proc.client(pki.operator("alice")) as ops:
+            _, after_hosts = await ops.get("/v1/hosts")
+            _, after_reservations = await ops.get("/v1/reservations")
+            _, after_migrations = await ops.get("/v1/migrations")
+            _, decisions = await ops.get("/v1/decisions?host=h1")
+        strip = {"last_heartbeat", "free", "reserved"}
+        assert [{k: v for k, v in h.items() if k not in strip} for h in after_hosts["hosts"]] == [
+            {k: v for k, v in h.items() if k not in strip} for h in before_hosts["hosts"]
+        ]
+        assert {h["name"]: h["state"] for h in after_hosts["hosts"]}["h2"] == "drained"
+        assert after_reservations == before_reservations
+        assert [r["id"] for r in after_reservations["reservations"]] == [reservation["id"]]
+        assert after_migrations == before_migrations
+        kinds = [d["kind"] for d in decisions["decisions"]]
+        assert "migrate" in kinds and "retry" in kinds and "give_up" in kinds
+    finally:
+        assert await proc.stop() == 0, proc.logs()
+
+
+async def test_a_bad_config_exits_2_with_a_clear_message(workdir: Path, pki: CoordinatorPki) -> None:
+    proc = CoordinatorProcess(workdir, pki, overrides={"heartbeat": {"suspect_after": 5.0, "down_after": 1.0}})
+    with pytest.raises(RuntimeError, match=r"heartbeat\.down_after must be greater"):
+        await proc.start()
+    assert proc.proc is None
+    wrong_cert = CoordinatorProcess(workdir, pki, overrides={"tls": {"cert_file": str(pki.operator("bob").cert_file)}})
+    with pytest.raises(RuntimeError, match="not an agent certificate"):
+        await wrong_cert.start()
+
+
+async def test_a_model_that_fails_to_load_stops_the_start(workdir: Path, pki: CoordinatorPki) -> None:
+    broken = workdir / "broken.onnx"
+    broken.write_bytes(b"\x08\x07 this is not an onnx model")
+    proc = CoordinatorProcess(workdir, pki, overrides={"model": {"path": str(broken)}})
+    with pytest.raises(RuntimeError, match=r"exited with 2[\s\S]*cannot load the drain model .*broken\.onnx"):
+        await proc.start()
+
+
+async def test_runs_inside_a_network_namespace(workdir: Path, pki: CoordinatorPki) -> None:
+    name = f"fc-{secrets.token_hex(3)}"
+    add_netns(name)
+    try:
+        await aip("link", "set", "lo", "up", netns=name)
+        proc = CoordinatorProcess(workdir, pki, netns=name)
+        await proc.start()
+        try:
+            assert await proc.healthz() == 200
+            # Its loopback is its own: the root namespace's 127.0.0.1 has nothing on that port.
+            assert not await can_connect(None, "127.0.0.1", proc.port)
+        finally:
+            assert await proc.stop() == 0, proc.logs()
+    finally:
+        del_netns(name)
+    assert name not in list_netns()
+
+
+async def test_a_bad_model_at_runtime_keeps_the_current_one(
+    coordinator: CoordinatorProcess, pki: CoordinatorPki, workdir: Path
+) -> None:
+    broken = workdir / "truncated.onnx"
+    broken.write_bytes(b"\x08\x07\x12\x04")
+    async with coordinator.client(pki.agent("h1")) as agent:
+        status, _ = await agent.post("/v1/model", {"path": str(broken)})
+        assert status == 403
+    async with coordinator.client(pki.operator("alice")) as ops:
+        status, body = await ops.post("/v1/model", {"path": str(broken)})
+        assert status == 422 and body["error"]["code"] == "model_load_failed", body
+        assert "truncated.onnx" in body["error"]["message"]
+        status, body = await ops.post("/v1/model", {"path": str(broken), "force": True})
+        assert status == 400 and "force" in body["error"]["message"]
+        status, body = await ops.get("/v1/model")
+        assert status == 200 and body == {"active": None, "previous": None, "threshold": None}
+        status, body = await ops.post("/v1/model/rollback")
+        assert status == 409 and body["error"]["code"] == "no_previous_model"

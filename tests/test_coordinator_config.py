@@ -1,0 +1,94 @@
+"""The coordinator's TOML config: defaults, strictness, the shipped example and the systemd unit."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ConfigError
+from coordinator.auth import TokenHashes, hash_token
+from coordinator.config import CoordinatorConfig, load_config, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "systemd" / "coordinator.toml.example"
+UNIT = REPO / "systemd" / "ferryman-coordinator.service"
+
+
+def test_the_example_lists_every_default() -> None:
+    assert load_config(EXAMPLE) == CoordinatorConfig()
+    # Every table and key of the config appears in the example (so it documents them all).
+    data = tomllib.loads(EXAMPLE.read_text())
+    defaults = CoordinatorConfig()
+    for name in defaults.__dataclass_fields__:
+        assert name in data, name
+        value = getattr(defaults, name)
+        if hasattr(value, "__dataclass_fields__"):
+            assert set(data[name]) == set(value.__dataclass_fields__), name
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"listen": "nowhere"}, "listen 'nowhere': expected host:port"),
+        ({"heartbeat": {"suspect_after": 10.0, "down_after": 5.0}}, "down_after must be greater"),
+        ({"heartbeat": {"check_period": 0}}, "heartbeat.check_period must be greater than 0"),
+        ({"telemetry": {"max_samples": 5}}, "unknown keys ['max_samples']"),
+        ({"model": {"threshold": 1.5}}, "model.threshold must be in [0, 1)"),
+        ({"placement": {"pressure": -1.0}}, "placement.pressure must not be negative"),
+        ({"reservations": {"ttl": 7200.0}}, "ttl must not exceed"),
+        ({"migrations": {"max_per_host": 9}}, "max_per_host must not exceed"),
+        ({"migrations": {"max_attempts": "3"}}, "expected <class 'int'>, got str"),
+        ({"log_level": "LOUD"}, "unknown log level"),
+        ({"version": 2}, "config version 2 is not supported"),
+        ({"tls": "yes"}, "expected a table"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_named(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert message in err.value.message
+
+
+def test_listen_address_parses_ipv6() -> None:
+    assert parse_config({"listen": "[::1]:9000"}).listen_address == ("::1", 9000)
+
+
+def test_token_hashes_file_holds_hashes_only(tmp_path: Path) -> None:
+    good = tmp_path / "tokens"
+    good.write_text(f"# ops tokens\n{hash_token('s3cret')} alice\nsha256:{hash_token('other')}\n\n")
+    tokens = TokenHashes.load(str(good))
+    assert tokens.match("s3cret") == "alice"
+    assert tokens.match("other") == f"token-{hash_token('other')[:8]}"
+    assert tokens.match("s3cret ") is None and tokens.match("") is None
+    plain = tmp_path / "plain"
+    plain.write_text("s3cret\n")
+    with pytest.raises(ConfigError, match="expected a SHA-256 hex digest"):
+        TokenHashes.load(str(plain))
+    with pytest.raises(ConfigError, match="cannot read"):
+        TokenHashes.load(str(tmp_path / "missing"))
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None, "systemd-analyze missing: apt-get install systemd"
+    root = tmp_path / "root"
+    (root / "etc/systemd/system").mkdir(parents=True)
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    shutil.copy(UNIT, root / "etc/systemd/system/")
+    binary = root / "opt/ferryman/venv/bin/ferryman-coordinator"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+    res = subprocess.run(
+        [analyze, "verify", f"--root={root}", "/etc/systemd/system/ferryman-coordinator.service"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), res.stderr

@@ -1,0 +1,160 @@
+"""Placement: the pure scoring, and the Placer racing against the real SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.config import CoordinatorConfig, PlacementConfig
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.model import (
+    Capacity,
+    ContainerUsage,
+    Host,
+    HostAdmin,
+    HostHealth,
+    NoTarget,
+    Prediction,
+    Reservation,
+)
+from coordinator.placement import Candidate, Need, Placer, exclusion, pull_fraction, rank
+from coordinator.reservations import ReservationService
+from coordinator.sqlite_store import SqliteStore
+from coordinator.store import TelemetryUpdate
+
+GiB = 1 << 30
+WEIGHTS = PlacementConfig()
+NEED = Need(Capacity(500, GiB, 0))
+
+
+def _cand(name: str, *, free_mem: int = 3 * GiB, risk: float | None = None, **host: Any) -> Candidate:
+    h = Host(name=name, capacity=Capacity(4000, 4 * GiB, 100 * GiB), **host)
+    return Candidate(h, Capacity(4000, free_mem, 100 * GiB), risk)
+
+
+def test_unfit_and_unhealthy_hosts_are_never_targets() -> None:
+    threshold = 0.5
+    cases = {
+        "suspect": _cand("a", health=HostHealth.SUSPECT),
+        "down": _cand("b", health=HostHealth.DOWN),
+        "draining": _cand("c", admin=HostAdmin.DRAINING),
+        "drained": _cand("d", admin=HostAdmin.DRAINED),
+        "drain risk 0.50 >= 0.50": _cand("e", risk=0.5),
+        "insufficient capacity": _cand("f", free_mem=GiB - 1),
+        "excluded": _cand("g"),
+    }
+    for reason, cand in cases.items():
+        assert exclusion(cand, NEED, threshold, exclude={"g"}) == reason
+    assert rank(list(cases.values()), NEED, WEIGHTS, threshold, exclude={"g"}) == []
+    assert exclusion(_cand("ok", risk=0.49, free_mem=GiB), NEED, threshold, ()) is None
+
+
+def test_scoring_prefers_room_low_risk_held_layers_and_low_pressure() -> None:
+    roomy, tight = _cand("roomy", free_mem=4 * GiB), _cand("tight", free_mem=GiB + GiB // 2)
+    assert [s.host for s in rank([tight, roomy], NEED, WEIGHTS, 0.9)] == ["roomy", "tight"]
+
+    safe, risky = _cand("safe", risk=0.05), _cand("risky", risk=0.6)
+    assert [s.host for s in rank([risky, safe], NEED, WEIGHTS, 0.9)] == ["safe", "risky"]
+
+    layers = {"sha256:big": 900 << 20, "sha256:small": 100 << 20}
+    need = Need(NEED.capacity, layers=layers)
+    has_big = _cand("has-big", layer_digests=("sha256:big",))
+    has_small = _cand("has-small", layer_digests=("sha256:small",))
+    assert pull_fraction(has_big.host, need) == pytest.approx(0.1)
+    assert pull_fraction(has_small.host, need) == pytest.approx(0.9)
+    assert [s.host for s in rank([has_small, has_big], need, WEIGHTS, 0.9)] == ["has-big", "has-small"]
+
+    # Without layer sizes, a host already running the image counts as holding it.
+    runs = _cand("runs", containers=(ContainerUsage(id="x", image="busybox"),))
+    idle = _cand("idle")
+    assert [s.host for s in rank([idle, runs], Need(NEED.capacity, image="busybox"), WEIGHTS, 0.9)] == ["runs", "idle"]
+
+    calm, stalled = _cand("calm", pressure={"io_some": 1.0}), _cand("stalled", pressure={"memory_some": 60.0})
+    assert [s.host for s in rank([stalled, calm], NEED, WEIGHTS, 0.9)] == ["calm", "stalled"]
+    # Weights decide: with pressure ignored, the tie breaks by name.
+    no_pressure = PlacementConfig(pressure=0.0)
+    assert [s.host for s in rank([stalled, calm], NEED, no_pressure, 0.9)] == ["calm", "stalled"]
+    assert rank([stalled], NEED, no_pressure, 0.9)[0].score == rank([calm], NEED, no_pressure, 0.9)[0].score
+
+
+class _NoAgents:
+    """Hosts here register no api_url, so the reservation service never calls an agent."""
+
+    async def hold_reservation(self, host: Host, reservation: Reservation) -> bool:
+        raise AssertionError("no agent call expected")
+
+    async def release_reservation(self, host: Host, reservation_id: str) -> None:
+        raise AssertionError("no agent call expected")
+
+    async def start_migration(self, *args: Any) -> dict[str, Any]:
+        raise AssertionError("no agent call expected")
+
+    async def get_migration(self, *args: Any) -> dict[str, Any]:
+        raise AssertionError("no agent call expected")
+
+    async def list_containers(self, host: Host) -> list[dict[str, Any]]:
+        raise AssertionError("no agent call expected")
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def store(workdir: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(workdir / "c.db")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def _placer(store: SqliteStore, threshold: float = 0.5, now: float = 1000.0) -> Placer:
+    config = CoordinatorConfig()
+    reservations = ReservationService(store, _NoAgents(), config, lambda: now, CoordinatorMetrics())
+    return Placer(store, reservations, config.placement, lambda: threshold, lambda: now)
+
+
+async def test_two_hundred_concurrent_placements_never_overbook(store: SqliteStore) -> None:
+    # Different sizes, so hosts fill unevenly and the best-scored host changes as they fill.
+    for name, memory in (("h1", 8 * GiB), ("h2", 5 * GiB), ("h3", 3 * GiB), ("h4", 16 * GiB)):
+        await store.register_host(Host(name=name, capacity=Capacity(64000, memory, 0)))
+    await store.record_telemetry(TelemetryUpdate("h4", [], 1000.0, Capacity(0, 10 * GiB, 0), (), {}), 10, 100)
+    await store.record_predictions([Prediction("h1", 999.0, 0.9, "v")])  # h1 is about to be drained
+    placer = _placer(store)
+
+    async def place(i: int) -> str | None:
+        size = (GiB // 2) if i % 3 else GiB
+        try:
+            return (await placer.place(Need(Capacity(10, size, 0)), f"p{i}")).host
+        except NoTarget:
+            return None
+
+    placed = await asyncio.gather(*(place(i) for i in range(200)))
+    assert "h1" not in placed
+    held: dict[str, int] = defaultdict(int)
+    for r in await store.list_reservations(1000.0):
+        held[r.host] += r.capacity.memory_bytes
+    for host in await store.list_hosts():
+        assert held[host.name] + host.used.memory_bytes <= host.capacity.memory_bytes
+    # Everything that could fit did: what is left on each eligible host is below the smallest need.
+    for name in ("h2", "h3", "h4"):
+        assert (await store.free_capacity(name, 1000.0)).memory_bytes < GiB // 2
+    assert sum(p is not None for p in placed) == len(await store.list_reservations(1000.0))
+
+
+async def test_a_named_target_must_be_eligible(store: SqliteStore) -> None:
+    await store.register_host(Host(name="h1", capacity=Capacity(4000, 4 * GiB, 0)))
+    await store.register_host(Host(name="h2", capacity=Capacity(4000, 4 * GiB, 0)))
+    await store.set_admin("h2", HostAdmin.DRAINING)
+    placer = _placer(store)
+    with pytest.raises(NoTarget, match="'h2' cannot be the target: draining"):
+        await placer.place(NEED, "x", only="h2")
+    with pytest.raises(NoTarget, match="'h9' cannot be the target: not registered"):
+        await placer.place(NEED, "x", only="h9")
+    reservation = await placer.place(NEED, "x", only="h1")
+    assert reservation.host == "h1" and reservation.expires_at == 1000.0 + CoordinatorConfig().reservations.ttl

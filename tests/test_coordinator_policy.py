@@ -1,0 +1,316 @@
+"""Unit level: the orchestrator and the drain policy over the real SQLite store.
+
+Agents are replaced by `ScriptedAgents` (a fake AgentClient: these tests are about the coordinator's
+decisions, retries and limits, not about agents; the real agent API is exercised elsewhere), and the
+drain model by `FixedRisk` (probabilities set by the test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.app import Coordinator
+from coordinator.auth import TokenHashes
+from coordinator.config import CoordinatorConfig, MigrationLimits, ModelConfig
+from coordinator.features import TelemetryPoint
+from coordinator.model import Capacity, ContainerUsage, Host, HostAdmin, MigrationState, Reservation
+from coordinator.placement import Need
+from coordinator.policy import PRIORITY_LABEL, migration_order
+from coordinator.predictions import sample_to_point
+from coordinator.sqlite_store import SqliteStore
+from coordinator.store import TelemetryUpdate
+
+GiB = 1 << 30
+WAIT = 10.0
+
+
+class ScriptedAgents:
+    """Answers like agents would; `outcomes[target]` is the final state of migrations to that target."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, list[str]] = {}
+        self.held: dict[str, str] = {}  # reservation id -> host
+        self.released: list[str] = []
+        self.started: list[tuple[str, str, str]] = []  # (container, source, target)
+        self.running = 0
+        self.max_running = 0
+        self.into: dict[str, int] = {}
+        self.max_into: dict[str, int] = {}
+        self._records: dict[str, dict[str, Any]] = {}
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def hold_reservation(self, host: Host, reservation: Reservation) -> bool:
+        self.held[reservation.id] = host.name
+        return True
+
+    async def release_reservation(self, host: Host, reservation_id: str) -> None:
+        self.released.append(reservation_id)
+
+    async def start_migration(
+        self, source: Host, container: str, target: str, reservation_id: str, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        assert reservation_id in self.held and self.held[reservation_id] == target
+        self.started.append((container, source.name, target))
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        self.into[target] = self.into.get(target, 0) + 1
+        self.max_into[target] = max(self.max_into.get(target, 0), self.into[target])
+        record = {"id": f"agent-{len(self.started)}", "state": "PREPARE", "target": target, "polls": 0}
+        self._records[record["id"]] = record
+        return dict(record)
+
+    async def get_migration(self, source: Host, migration_id: str) -> dict[str, Any]:
+        record = self._records[migration_id]
+        record["polls"] += 1
+        if record["polls"] >= 3 and record["state"] == "PREPARE" and self.gate.is_set():
+            script = self.outcomes.get(record["target"], ["COMMIT"])
+            record["state"] = script.pop(0) if len(script) > 1 else script[0]
+            record["error"] = "restore failed" if record["state"] == "ROLLBACK" else None
+            self.running -= 1
+            self.into[record["target"]] -= 1
+        return dict(record)
+
+    async def list_containers(self, host: Host) -> list[dict[str, Any]]:
+        return []
+
+    async def close(self) -> None:
+        pass
+
+
+class FixedRisk:
+    version = "fixed-1"
+    threshold = 0.5
+
+    def __init__(self) -> None:
+        self.p: dict[str, float] = {}
+
+    def score(self, histories: Mapping[str, Sequence[Any]], now: float) -> dict[str, float]:
+        assert all(isinstance(p, TelemetryPoint) for points in histories.values() for p in points)
+        return {host: self.p.get(host, 0.01) for host in histories}
+
+
+def _config(**limits: Any) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        migrations=MigrationLimits(poll_period=0.01, **limits), model=ModelConfig(hysteresis=0.1, tick_period=0.05)
+    )
+
+
+@pytest.fixture
+async def store(workdir: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(workdir / "c.db")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def _coordinator(
+    store: SqliteStore, agents: ScriptedAgents, model: FixedRisk | None = None, **limits: Any
+) -> Coordinator:
+    return Coordinator(_config(**limits), store, agents, TokenHashes(), model, time.time)
+
+
+async def _fleet(store: SqliteStore, containers: Sequence[ContainerUsage] = ()) -> None:
+    for name in ("h1", "h2", "h3", "h4"):
+        await store.register_host(
+            Host(name=name, capacity=Capacity(8000, 8 * GiB, 0), api_url=f"https://{name}.test:7444")
+        )
+    await _report(store, "h1", containers)
+
+
+async def _report(store: SqliteStore, host: str, containers: Sequence[ContainerUsage]) -> None:
+    now = time.time()
+    used = Capacity(int(sum(c.cpu_millis for c in containers)), sum(c.memory_bytes for c in containers), 0)
+    sample = {"ts": now, "cpu_util": 0.5, "cpus": 4, "load1": "2.0", "memory_total_bytes": str(8 * GiB)}
+    await store.record_telemetry(TelemetryUpdate(host, [(now, sample)], now, used, tuple(containers), {}), 100, 3600)
+
+
+def _usage(cid: str, memory: int = GiB, priority: str | None = None) -> ContainerUsage:
+    labels = {PRIORITY_LABEL: priority} if priority is not None else {}
+    return ContainerUsage(id=cid, image="busybox", memory_bytes=memory, cpu_millis=100.0, labels=labels)
+
+
+async def test_a_rolled_back_migration_is_retried_on_another_target(store: SqliteStore) -> None:
+    agents = ScriptedAgents()
+    await _fleet(store, [_usage("web")])
+    coordinator = await _coordinator(store, agents)
+    try:
+        first = (await coordinator.placer.rank(Need(Capacity(100, GiB, 0)), exclude={"h1"}))[0].host
+        agents.outcomes[first] = ["ROLLBACK"]
+        migration = await coordinator.migrations.request("web", "auto", requested_by="alice")
+        done = await coordinator.migrations.wait(migration.id, WAIT)
+        assert done.state is MigrationState.COMMITTED, done
+        assert done.attempt == 2 and done.tried_targets[0] == first and done.target != first
+        assert [h[0] for h in done.history] == ["pending", "running", "failed", "running", "committed"]
+        assert "restore failed" in done.history[2][2]
+        # Our reservations are gone; the agent was asked to drop the rolled-back one only (it drops
+        # the committed one itself).
+        assert await store.list_reservations() == []
+        assert len(agents.released) == 1 and agents.held[agents.released[0]] == first
+        kinds = [d.kind for d in await store.list_decisions("h1")]
+        assert kinds[:2] == ["retry", "migrate"]
+    finally:
+        await coordinator.close()
+
+
+async def test_a_named_target_is_tried_once_and_bounds_hold(store: SqliteStore) -> None:
+    agents = ScriptedAgents()
+    agents.outcomes = {"h2": ["ROLLBACK"], "h3": ["ROLLBACK"], "h4": ["ROLLBACK"]}
+    await _fleet(store, [_usage("web"), _usage("db")])
+    coordinator = await _coordinator(store, agents, max_attempts=2)
+    try:
+        named = await coordinator.migrations.request("web", "h3")
+        auto = await coordinator.migrations.request("db", "auto")
+        named_done = await coordinator.migrations.wait(named.id, WAIT)
+        auto_done = await coordinator.migrations.wait(auto.id, WAIT)
+        assert named_done.state is MigrationState.ABANDONED and named_done.tried_targets == ("h3",)
+        assert auto_done.state is MigrationState.ABANDONED and len(auto_done.tried_targets) == 2
+        assert len(set(auto_done.tried_targets)) == 2
+        assert "give_up" in [d.kind for d in await store.list_decisions("h1")]
+        assert await store.list_reservations() == []
+    finally:
+        await coordinator.close()
+
+
+async def test_concurrency_limits_hold(store: SqliteStore) -> None:
+    agents = ScriptedAgents()
+    await _fleet(store, [_usage(f"c{i}", memory=GiB // 4) for i in range(6)])
+    coordinator = await _coordinator(store, agents, max_per_host=2, max_per_fleet=2)
+    try:
+        requests = [await coordinator.migrations.request(f"c{i}", "auto") for i in range(6)]
+        done = [await coordinator.migrations.wait(m.id, WAIT) for m in requests]
+        assert all(m.state is MigrationState.COMMITTED for m in done)
+        assert agents.max_running == 2
+    finally:
+        await coordinator.close()
+
+
+async def test_targets_receive_at_most_max_per_host(store: SqliteStore) -> None:
+    agents = ScriptedAgents()
+    # h1 and h2 are nearly full and h4 is drained, so h3 is the only possible target for all six.
+    big = 5 * GiB // 2
+    await _fleet(store, [_usage(f"a{i}", memory=big) for i in range(3)])
+    await _report(store, "h2", [_usage(f"b{i}", memory=big) for i in range(3)])
+    await store.set_admin("h4", HostAdmin.DRAINED)
+    coordinator = await _coordinator(store, agents, max_per_host=1, max_per_fleet=8)
+    try:
+        requests = [await coordinator.migrations.request(f"{p}{i}", "auto") for p in "ab" for i in range(3)]
+        done = [await coordinator.migrations.wait(m.id, WAIT) for m in requests]
+        assert all(m.state is MigrationState.COMMITTED for m in done), done
+        assert {s[2] for s in agents.started} == {"h3"}
+        assert agents.max_into == {"h3": 1}  # both sources wanted h3 at once: one waited
+    finally:
+        await coordinator.close()
+
+
+def test_drain_order_is_priority_then_memory() -> None:
+    containers = (
+        _usage("small", GiB),
+        _usage("big", 4 * GiB),
+        _usage("vip", GiB // 2, priority="10"),
+        _usage("bad-label", 8 * GiB, priority="high"),
+    )
+    assert [c.id for c in migration_order(containers)] == ["vip", "bad-label", "big", "small"]
+
+
+async def test_policy_drains_on_risk_with_hysteresis_and_records_why(store: SqliteStore) -> None:
+    agents = ScriptedAgents()
+    agents.gate.clear()  # migrations stay in flight until the test lets them finish
+    model = FixedRisk()
+    await _fleet(store, [_usage("web", GiB), _usage("vip", GiB // 2, priority="5")])
+    coordinator = await _coordinator(store, agents, model, max_per_host=1)
+    try:
+        for host in ("h2", "h3", "h4"):
+            await _report(store, host, [])
+        model.p = {"h1": 0.45}
+        await coordinator.policy.tick()
+        assert (await store.get_host("h1")).admin is HostAdmin.ACTIVE  # type: ignore[union-attr]
+
+        model.p = {"h1": 0.8, "h2": 0.6}
+        await coordinator.policy.tick()
+        hosts = {h.name: h for h in await store.list_hosts()}
+        # h2 runs nothing: drained in the same tick. h1's containers are planned, vip first.
+        assert hosts["h1"].admin is HostAdmin.DRAINING and hosts["h2"].admin is HostAdmin.DRAINED
+        decision = next(d for d in await store.list_decisions("h1") if d.kind == "drain")
+        assert decision.probability == 0.8 and decision.model_version == "fixed-1" and decision.detail == "predicted"
+        model.p = {"h1": 0.45, "h2": 0.45}  # inside the hysteresis band: no flapping
+        await coordinator.policy.tick()
+        assert (await store.get_host("h2")).admin is HostAdmin.DRAINED  # type: ignore[union-attr]
+        assert (await store.get_host("h1")).admin is HostAdmin.DRAINING  # type: ignore[union-attr]
+        planned = await store.list_migrations()
+        assert [m.container for m in planned] == ["vip", "web"]
+        assert all(m.reason.startswith("drain:") and m.requested_by == "policy" for m in planned)
+        for _ in range(200):  # max_per_host=1: the second waits for the first
+            if agents.started:
+                break
+            await asyncio.sleep(0.01)
+        assert [s[0] for s in agents.started] == ["vip"]
+        assert all(s[2] not in ("h1", "h2") for s in agents.started)  # never onto a draining host
+
+        agents.gate.set()
+        for m in planned:
+            assert (await coordinator.migrations.wait(m.id, WAIT)).state is MigrationState.COMMITTED
+        await coordinator.policy.tick()  # telemetry still lists them, but both were committed away
+        assert (await store.get_host("h1")).admin is HostAdmin.DRAINED  # type: ignore[union-attr]
+
+        # A policy drain is undone only below threshold - hysteresis; a drained host stays drained.
+        await coordinator.hosts.uncordon("h1", "test")
+        await coordinator.hosts.drain("h1", "predicted", probability=0.7, model_version="fixed-1")
+        await _report(store, "h1", [])
+        model.p = {"h1": 0.39}
+        await coordinator.policy.tick()
+        assert (await store.get_host("h1")).admin is HostAdmin.ACTIVE  # type: ignore[union-attr]
+        undo = [d for d in await store.list_decisions("h1") if d.kind == "uncordon"]
+        assert undo[0].probability == 0.39
+    finally:
+        await coordinator.close()
+
+
+async def test_migrations_resume_after_a_restart(store: SqliteStore) -> None:
+    agents = ScriptedAgents()
+    agents.gate.clear()
+    await _fleet(store, [_usage("web")])
+    first = await _coordinator(store, agents)
+    migration = await first.migrations.request("web", "auto")
+    for _ in range(200):
+        if (await store.get_migration(migration.id)).state is MigrationState.RUNNING:  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.01)
+    await first.migrations.close()  # the coordinator stops mid-migration
+    agents.gate.set()
+    second = await _coordinator(store, agents)
+    try:
+        assert await second.migrations.resume() == 1
+        done = await second.migrations.wait(migration.id, WAIT)
+        assert done.state is MigrationState.COMMITTED and done.attempt == 1
+        assert len(agents.started) == 1  # followed, not started again
+    finally:
+        await second.close()
+
+
+def test_stored_samples_become_model_points() -> None:
+    sample = {
+        "ts": 10.0,
+        "cpu_util": 0.5,
+        "load1": 2.0,
+        "cpus": 4,
+        "memory_total_bytes": "1000",
+        "memory_available_bytes": "250",
+        "pressure": {"memory_some": 3.5},
+        "disk_read_bps": 10.0,
+        "net_tx_bps": 7.0,
+        "events": [{"kind": "HW_ERROR", "ts": 9.0}, {"kind": "HW_ERROR"}, {"kind": "DRAIN_NOTICE"}],
+    }
+    point = sample_to_point(10.0, sample)
+    assert point.load1 == 0.5 and point.mem_available_frac == 0.25 and point.psi_mem_some == 3.5
+    assert point.psi_cpu_some is None and point.disk_bps == 10.0 and point.net_bps == 7.0
+    assert point.hw_errors == 2 and point.drain_notice == 1 and point.oom_kills == 0
+    empty = sample_to_point(11.0, {"ts": 11.0})
+    assert empty.cpu_util is None and empty.load1 is None and empty.mem_available_frac is None

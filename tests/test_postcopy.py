@@ -1,0 +1,169 @@
+"""Post-copy (lazy) and hybrid migration between two real hosts: CRIU lazy-pages over the stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.fleet import api, fleet, memhog_status, migrate, run_memhog, task_states, verify_memory
+from tests.harness.mesh import Mesh, MeshHost
+
+
+@pytest.fixture
+async def mesh(base_dir: Path) -> AsyncIterator[Mesh]:
+    async with fleet(base_dir, hosts=2) as m:
+        yield m
+
+
+def no_postcopy_helpers() -> list[str]:
+    """criu lazy-pages daemons or pagers still alive anywhere on the machine."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "lazy-pages --page-server" in cmdline or "agent.migration.pager" in cmdline:
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.parametrize("mode", ["lazy", "hybrid"])
+async def test_postcopy_there_and_back(mesh: Mesh, mode: str) -> None:
+    h1, h2 = mesh["h1"], mesh["h2"]
+    await run_memhog(h1, mesh, "hog", resident_mib=32, rewrite_mbps=2)
+    before = await memhog_status(h1, "hog")
+
+    record = await migrate(h1, "hog", "h2", mode=mode, max_iterations=2)
+    assert record["state"] == "COMMIT", (record["error"], record["history"], record["stats"])
+    assert record["options"]["mode"] == mode
+    stats = record["stats"]
+    assert stats["lazy_pages"] > 0 and stats["pages_remote"] == 0
+    assert stats["downtime_ms"] > 0 and stats["released_ms"] >= stats["total_ms"] > 0
+    states = [state for state, _ in record["history"]]
+    assert "POSTCOPY" in states and states[-1] == "COMMIT"
+    assert task_states(h2) == {"hog": "RUNNING"}
+    assert "hog" not in task_states(h1)
+    await asyncio.sleep(0.5)
+    after = await memhog_status(h2, "hog")
+    assert after.beats > before.beats
+    assert await verify_memory(h2, "hog") == "ok"  # every page arrived, none is a stray zero page
+    target_record = await api(h2, "GET", f"/v1/migrations/{record['id']}")
+    assert target_record["state"] == "COMMIT" and target_record["stats"]["pages_remote"] == 0
+    assert no_postcopy_helpers() == []
+
+    back = await migrate(h2, "hog", "h1", mode=mode, max_iterations=2)
+    assert back["state"] == "COMMIT", back
+    await asyncio.sleep(0.3)
+    assert (await memhog_status(h1, "hog")).beats > after.beats
+    assert await verify_memory(h1, "hog") == "ok"
+    await api(h1, "POST", "/v1/containers/hog/stop?timeout=1")
+    await api(h1, "DELETE", "/v1/containers/hog", expect=204)
+
+
+async def restart_with(host: MeshHost, failpoints: str | None = None, **migration: object) -> None:
+    await host.stop_agent()
+    host.agent_env = {"FERRYMAN_FAILPOINTS": failpoints} if failpoints else {}
+    host.settings["migration"] = {**host.settings.get("migration", {}), **migration}
+    await host.start_agent()
+
+
+async def wait_state(host: MeshHost, state: str, within: float = 60.0) -> dict[str, Any]:
+    for _ in range(int(within * 20)):
+        migrations = (await api(host, "GET", "/v1/migrations"))["migrations"]
+        if migrations and migrations[-1]["state"] == state:
+            return migrations[-1]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{host.name} never reached {state}")
+
+
+async def wait_done(host: MeshHost, within: float = 90.0) -> dict[str, Any]:
+    for _ in range(int(within * 10)):
+        migrations = (await api(host, "GET", "/v1/migrations"))["migrations"]
+        if migrations and migrations[-1]["done"]:
+            return migrations[-1]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the migration on {host.name} never ended")
+
+
+async def test_link_cut_during_postcopy_resumes(base_dir: Path) -> None:
+    """A cut longer than the idle timeout: both sides reconnect, the pager asks again, nothing lost."""
+    async with fleet(base_dir, hosts=2, idle_timeout=2.0) as mesh:
+        h1, h2 = mesh["h1"], mesh["h2"]
+        await restart_with(h1, "source.postcopy=sleep:1")
+        await run_memhog(h1, mesh, "hog", resident_mib=64, rewrite_mbps=5)
+        before = await memhog_status(h1, "hog")
+        task = asyncio.create_task(migrate(h1, "hog", "h2", mode="lazy"))
+        await wait_state(h2, "POSTCOPY")
+        await mesh.link_down(h2)
+        await asyncio.sleep(4)  # twice the idle timeout: the first link is given up on both sides
+        await mesh.link_up(h2)
+        record = await asyncio.wait_for(task, 90)
+        assert record["state"] == "COMMIT", record
+        target = await wait_done(h2)
+        assert target["state"] == "COMMIT" and target["stats"]["pages_remote"] == 0
+        assert task_states(h2) == {"hog": "RUNNING"} and "hog" not in task_states(h1)
+        await asyncio.sleep(0.5)
+        assert (await memhog_status(h2, "hog")).beats > before.beats
+        assert await verify_memory(h2, "hog") == "ok"
+        assert "post-copy link lost" in h2.agent_log.read_text()  # it really went through a reconnect
+        assert no_postcopy_helpers() == []
+
+
+async def test_target_agent_restart_during_postcopy(mesh: Mesh) -> None:
+    """The pager and the lazy-pages daemon outlive the agent; the new agent resumes from its journal."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    await restart_with(h1, "source.postcopy=sleep:3")
+    await run_memhog(h1, mesh, "hog", resident_mib=64, rewrite_mbps=5)
+    before = await memhog_status(h1, "hog")
+    task = asyncio.create_task(migrate(h1, "hog", "h2", mode="lazy"))
+    await wait_state(h2, "POSTCOPY")
+    await h2.kill_agent()  # SIGKILL: no chance to clean up anything
+    await h2.start_agent()
+    record = await asyncio.wait_for(task, 90)
+    assert record["state"] == "COMMIT", record
+    target = await wait_done(h2)
+    assert target["state"] == "COMMIT", target
+    assert task_states(h2) == {"hog": "RUNNING"} and "hog" not in task_states(h1)
+    await asyncio.sleep(0.5)
+    assert (await memhog_status(h2, "hog")).beats > before.beats
+    assert await verify_memory(h2, "hog") == "ok"
+    assert no_postcopy_helpers() == []
+
+
+async def test_source_lost_during_postcopy_is_reported(mesh: Mesh) -> None:
+    """The pages still on the source are gone: the target kills its copy (it would read zeros), both
+    records say what happened, and the source's frozen copy is kept for the operator."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    await restart_with(h1, "source.postcopy=sleep:5")
+    await restart_with(h2, postcopy_reconnect_timeout=3.0)
+    await run_memhog(h1, mesh, "hog", resident_mib=64, rewrite_mbps=5)
+    body = {"container": "hog", "target": "h2", "mode": "lazy"}
+    async with h1.session() as http, http.post("/v1/migrations", json=body) as r:
+        assert r.status == 202
+    await wait_state(h2, "POSTCOPY")
+    await h1.kill_agent()  # the source host's agent dies, and with it the page server's session
+    target = await wait_done(h2)
+    assert target["state"] == "ROLLBACK" and "POSTCOPY" in target["error"], target
+    assert "hog" not in h2.ctr("containers", "ls", "-q").stdout  # killed, never left running on zeros
+    await restart_with(h1)
+    [source] = (await api(h1, "GET", "/v1/migrations"))["migrations"]
+    assert source["state"] == "ROLLBACK" and "POSTCOPY" in source["error"], source
+    assert task_states(h1) == {"hog": "PAUSED"}  # frozen as of the switch, for the operator to decide
+    assert no_postcopy_helpers() == []
+
+
+async def test_postcopy_refused_by_label(mesh: Mesh) -> None:
+    h1 = mesh["h1"]
+    await run_memhog(h1, mesh, "hog", resident_mib=8, labels={"ferryman.postcopy": "never"})
+    body = {"container": "hog", "target": "h2", "mode": "lazy"}
+    error = await api(h1, "POST", "/v1/migrations", body, expect=400)
+    assert "ferryman.postcopy=never" in error["error"]["message"]
+    record = await migrate(h1, "hog", "h2", mode="auto")
+    assert record["state"] == "COMMIT" and record["options"]["mode"] == "precopy"

@@ -1,0 +1,219 @@
+"""The telemetry pusher against a real aiohttp coordinator stand-in over mutual TLS (fleet CA from
+agent/security/pki.py): registration, a coordinator restart with a bounded backlog, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from google.protobuf import json_format
+
+from agent.config import CoordinatorConfig, TelemetryConfig
+from agent.metrics import AgentMetrics
+from agent.security.pki import HostCertPaths, init_ca, issue_host
+from agent.security.tls import client_context, peer_identity, server_context
+from agent.telemetry.push import TelemetryPusher
+from agent.telemetry.sampler import Sampler
+from agent.telemetry.service import TelemetryService
+from proto.ferryman.v1 import fleet_pb2 as pb
+
+
+@dataclass
+class Fleet:
+    coordinator: HostCertPaths
+    agent: HostCertPaths
+    ca_dir: Path
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    ca = init_ca(tmp_path / "ca")
+    return Fleet(
+        coordinator=issue_host(ca.directory, "coord", tmp_path / "coord", addresses=["127.0.0.1"]),
+        agent=issue_host(ca.directory, "h1", tmp_path / "h1"),
+        ca_dir=ca.directory,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Coordinator:
+    """A minimal coordinator: strict protobuf JSON, the client's certificate identity, and a memory
+    of registered hosts that a restart wipes (so the agent must register again)."""
+
+    files: HostCertPaths
+    port: int
+    registrations: list[pb.Registration] = field(default_factory=list)
+    batches: list[pb.TelemetryBatch] = field(default_factory=list)
+    status: int = 200
+    known: set[str] = field(default_factory=set)
+    runner: web.AppRunner | None = None
+
+    def _peer(self, request: web.Request) -> str:
+        assert request.transport is not None
+        return peer_identity(request.transport.get_extra_info("ssl_object"))
+
+    async def register(self, request: web.Request) -> web.Response:
+        reg = json_format.Parse(await request.text(), pb.Registration())  # unknown fields: an error
+        assert reg.host == self._peer(request)
+        self.registrations.append(reg)
+        self.known.add(reg.host)
+        return web.json_response({})
+
+    async def telemetry(self, request: web.Request) -> web.Response:
+        if self.status != 200:
+            return web.Response(status=self.status, text="broken")
+        batch = json_format.Parse(await request.text(), pb.TelemetryBatch())
+        assert batch.host == self._peer(request)
+        if batch.host not in self.known:
+            return web.json_response(json_format.MessageToDict(pb.TelemetryAck(accepted=0, reregister=True)))
+        self.batches.append(batch)
+        return web.json_response(json_format.MessageToDict(pb.TelemetryAck(accepted=len(batch.samples))))
+
+    async def start(self) -> None:
+        self.known = set()  # a restarted coordinator forgot every host
+        app = web.Application()
+        app.router.add_post("/v1/register", self.register)
+        app.router.add_post("/v1/telemetry", self.telemetry)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=server_context(self.files))
+        await site.start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    def samples(self) -> list[pb.TelemetrySample]:
+        return [s for b in self.batches for s in b.samples]
+
+
+@pytest.fixture
+async def coordinator(fleet: Fleet) -> AsyncIterator[Coordinator]:
+    coord = Coordinator(fleet.coordinator, free_port())
+    await coord.start()
+    yield coord
+    await coord.stop()
+
+
+async def registration() -> pb.Registration:
+    return pb.Registration(host="h1", capacity=pb.Capacity(cpu_millis=2000), telemetry_period_s=5.0)
+
+
+def make_pusher(
+    fleet: Fleet, port: int, telemetry: TelemetryConfig, metrics: AgentMetrics, server_name: str = "coord"
+) -> TelemetryPusher:
+    coordinator = CoordinatorConfig(url=f"https://127.0.0.1:{port}", server_name=server_name, request_timeout=5.0)
+    return TelemetryPusher("h1", coordinator, telemetry, client_context(fleet.agent), registration, metrics)
+
+
+async def until(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def pushes(metrics: AgentMetrics, result: str) -> float:
+    return metrics.telemetry_pushes.labels(result=result)._value.get()
+
+
+async def test_backlog_survives_a_coordinator_restart(fleet: Fleet, coordinator: Coordinator, tmp_path: Path) -> None:
+    metrics = AgentMetrics()
+    config = TelemetryConfig(buffer_max_samples=5, batch_max=2, drain_notice_file=str(tmp_path / "drain"))
+    pusher = make_pusher(fleet, coordinator.port, config, metrics)
+    service = TelemetryService(Sampler(config), metrics, period=60.0, pusher=pusher)
+    await pusher.start()
+    try:
+        first = await service.tick()
+        await until(lambda: len(coordinator.samples()) == 1, "the first sample")
+        assert [r.host for r in coordinator.registrations] == ["h1"]
+        assert coordinator.samples()[0].ts == first.ts
+
+        await coordinator.stop()
+        (tmp_path / "drain").write_text("host drains at 03:00Z")  # an event taken while the coordinator is away
+        taken = []
+        for _ in range(8):  # the sampler keeps going; the buffer holds the last 5
+            taken.append(await service.tick())
+            await asyncio.sleep(0.01)
+        await until(lambda: pushes(metrics, "failed") >= 1, "a failed push")
+        await until(lambda: pusher.buffered == 5 and pusher.dropped == 3, "the bounded buffer")
+        assert coordinator.samples() == [first]
+
+        await coordinator.start()
+        taken.append(await service.tick())  # the next sample finds the coordinator back
+        await until(lambda: pusher.buffered == 0, "the backlog to drain")
+
+        arrived = coordinator.samples()[1:]
+        expected = taken[-5:]  # 9 taken while away or just after, 5 kept, the oldest 4 dropped
+        assert [s.ts for s in arrived] == [s.ts for s in expected]
+        assert arrived == expected  # whole samples, not just their stamps
+        assert all(a.ts < b.ts for a, b in itertools.pairwise(coordinator.samples()))
+        assert sum(b.dropped for b in coordinator.batches) == 4
+        assert coordinator.batches[1].dropped == 4  # told once, in the first batch after the gap
+        assert all(len(b.samples) <= 2 for b in coordinator.batches)
+        assert len(coordinator.registrations) == 2  # the restarted coordinator asked for it
+        assert pusher.dropped == 0
+        assert metrics.telemetry_dropped._value.get() == 4
+        # The drain notice was in a dropped sample or a delivered one; if delivered, exactly once.
+        notices = [e for s in coordinator.samples() for e in s.events if e.kind == pb.DRAIN_NOTICE]
+        dropped_notice = any(e.kind == pb.DRAIN_NOTICE for s in taken[:4] for e in s.events)
+        assert len(notices) == (0 if dropped_notice else 1)
+    finally:
+        await pusher.close()
+
+
+async def test_wrong_coordinator_identity_and_errors_keep_the_buffer(fleet: Fleet, coordinator: Coordinator) -> None:
+    metrics = AgentMetrics()
+    config = TelemetryConfig(buffer_max_samples=10)
+    sample = pb.TelemetrySample(ts=time.time(), cpus=2)
+
+    # A valid fleet certificate for another name is not the coordinator.
+    impostor = make_pusher(fleet, coordinator.port, config, metrics, server_name="not-coord")
+    await impostor.start()
+    try:
+        impostor.offer(sample)
+        assert await impostor.flush() is False
+        assert impostor.buffered == 1 and not impostor.registered
+        assert coordinator.registrations == []
+    finally:
+        await impostor.close()
+
+    # The right coordinator failing a push: the samples stay until it works again.
+    pusher = make_pusher(fleet, coordinator.port, config, metrics)
+    await pusher.start()
+    try:
+        coordinator.status = 500
+        pusher.offer(sample)
+        await until(lambda: pushes(metrics, "failed") >= 2, "the refused push")
+        assert pusher.buffered == 1 and pusher.registered
+        coordinator.status = 200
+        assert await pusher.flush() is True
+        assert pusher.buffered == 0 and coordinator.samples() == [sample]
+    finally:
+        await pusher.close()
+
+
+async def test_stale_samples_age_out(fleet: Fleet) -> None:
+    metrics = AgentMetrics()
+    pusher = make_pusher(fleet, free_port(), TelemetryConfig(buffer_max_age=30.0), metrics)
+    now = time.time()
+    pusher.offer(pb.TelemetrySample(ts=now - 60))
+    pusher.offer(pb.TelemetrySample(ts=now - 10))
+    assert pusher.buffered == 1 and pusher.dropped == 1
+    assert metrics.telemetry_buffered._value.get() == 1
