@@ -83,7 +83,23 @@ class PageTracker:
 
     def __init__(self, threads: int = 2) -> None:
         self._sent: dict[str, _Sent] = {}
+        self._indexes: dict[str, dict[int, int]] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="page-hash")
+
+    def held_by_target(self, pagemap: str, vaddr: int, data: memoryview) -> list[bool]:
+        """For the pages of `data` (consecutive from `vaddr`): does the target hold exactly this
+        content already? Post-copy then lets it use its own copy. Call from a worker thread."""
+        count = len(data) // PAGE_SIZE
+        sent = self._sent.get(pagemap)
+        if sent is None:
+            return [False] * count
+        index = self._indexes.get(pagemap)
+        if index is None:
+            index = self._indexes[pagemap] = {v: i for i, v in enumerate(sent.vaddrs)}
+        digests = _digests(data, 0, count)
+        return [
+            sent.digest_of(index, vaddr + i * PAGE_SIZE) == digests[i * DIGEST : (i + 1) * DIGEST] for i in range(count)
+        ]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -141,11 +157,13 @@ class PageTracker:
                         yield batch
                         batch = PageBatch(pm.name)
         self._sent[pm.name] = _Sent(vaddrs, bytes(digests))
+        self._indexes.pop(pm.name, None)
         if batch.vaddrs or batch.zeros:
             yield batch
 
     def forget(self) -> None:
         self._sent.clear()
+        self._indexes.clear()
 
 
 class PageStore:
@@ -180,6 +198,13 @@ class PageStore:
                 page_file.slot(vaddr)
         page_file.write(vaddrs, data)
         page_file.zero(zeros)
+
+    def read(self, pagemap: str, vaddr: int) -> bytes | None:
+        """One stored page, or None if it never arrived."""
+        page_file = self._files.get(pagemap)
+        if page_file is None or vaddr not in page_file.slots:
+            return None
+        return page_file.read(vaddr)
 
     def write_pages_files(self, image_dir: Path) -> int:
         """Put the pages file of every pagemap in `image_dir` in place; returns the bytes it holds.

@@ -21,6 +21,7 @@ from agent.errors import FerrymanError
 HEADER = struct.Struct("<I4xQQQ")  # u32 cmd, (padding), u64 nr_pages, u64 vaddr, u64 dst_id
 STATUS = struct.Struct("<i")
 PS_IOV_GET = 7
+PS_IOV_ADD_F_PRESENT = 6 | (1 << 2) << 16  # the page server's answer: PS_IOV_ADD_F with PE_PRESENT
 PS_IOV_CLOSE = 0x1023
 PS_IOV_FORCE_CLOSE = 0x1024
 _CMD_MASK = 0xFFFF

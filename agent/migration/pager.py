@@ -5,6 +5,11 @@ page requests pass through here to the agent, which carries them over the migrat
 pager is its own process, in its own session, so that an agent restart does not cut the daemon off:
 it keeps the unanswered requests and sends them again when the (new) agent is back.
 
+It reads ahead. The daemon asks for one page per fault; a workload that walks its memory faults on
+every page, each a round trip to the source. A fault request goes out for a window of pages that
+grows while faults stay sequential; the pages nobody asked for yet wait here and answer the
+daemon's next requests (its own background requests included) without the network.
+
 It also guards the workload. If the daemon stopped before every page arrived, or the agent stays
 away longer than --reconnect-timeout, or the agent aborts the migration (SIGTERM), the restored task
 would read zero-filled memory where its pages should be. The pager kills it first.
@@ -24,10 +29,23 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.checkpoint.images import PAGE_SIZE
-from agent.checkpoint.pageserver import HEADER, STATUS, PageServerError, Request
+from agent.checkpoint.pageserver import HEADER, PS_IOV_ADD_F_PRESENT, STATUS, PageServerError, Request
+
+MIN_WINDOW = 16  # pages fetched for a fault at a new place
+MAX_WINDOW = 512  # 2 MiB: the window doubles while faults keep following each other
+MAX_CACHED = 65536  # 256 MiB of pages fetched ahead, at most; beyond it no read-ahead
+
+
+@dataclass
+class Slot:
+    """One daemon request; answered strictly in the order asked (CRIU reads replies in order)."""
+
+    request: Request
+    reply: bytes | None = None
 
 
 class Pager:
@@ -37,20 +55,27 @@ class Pager:
         self.pid_file = pid_file
         self.result = result
         self.timeout = timeout
+        self.slots: collections.deque[Slot] = collections.deque()
         self.outstanding: collections.deque[Request] = collections.deque()
+        """Requests sent to the source (read-ahead supersets included), answered in order."""
+        self.cache: dict[tuple[int, int], bytes] = {}
+        self.in_flight: set[tuple[int, int]] = set()
         self.pages = 0
+        self.fetched_ahead = 0
         self.closed = False  # the daemon's close was answered: every page is on this host
         self._agent: asyncio.StreamWriter | None = None
-        self._agent_back = asyncio.Event()
+        self._daemon: asyncio.StreamWriter | None = None
+        self._window = MIN_WINDOW
+        self._next_fault = -1
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        ps_reader, ps_writer = await asyncio.open_unix_connection(sock=self.ps, limit=1 << 16)
+        ps_reader, self._daemon = await asyncio.open_unix_connection(sock=self.ps, limit=1 << 16)
         tasks = {
             asyncio.create_task(self._requests(ps_reader), name="requests"),
-            asyncio.create_task(self._agent_loop(ps_writer), name="agent"),
+            asyncio.create_task(self._agent_loop(), name="agent"),
             asyncio.create_task(stop.wait(), name="sigterm"),
         }
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -72,6 +97,8 @@ class Pager:
         self._write_result(ok=False, error=reason)
         return 1
 
+    # ----- daemon -> source ------------------------------------------------------------------------
+
     async def _requests(self, reader: asyncio.StreamReader) -> None:
         """Daemon -> agent. Ends at the daemon's EOF (after its close, or because it died)."""
         while True:
@@ -80,13 +107,43 @@ class Pager:
             except asyncio.IncompleteReadError:
                 return
             request = Request.parse(raw)
-            self.outstanding.append(request)
-            if self._agent is not None:
-                with contextlib.suppress(OSError):
-                    self._agent.write(raw)
+            slot = Slot(request)
+            self.slots.append(slot)
+            if request.closes:
+                self._fetch(request)
+                continue
+            pages = self._keys(request)
+            if all(key in self.cache for key in pages):
+                slot.reply = self._from_cache(request)
+                await self._flush()
+            elif not all(key in self.cache or key in self.in_flight for key in pages):
+                self._fetch(self._read_ahead(request))
 
-    async def _agent_loop(self, ps_writer: asyncio.StreamWriter) -> None:
-        """Agent -> daemon, reconnecting; replies are passed on whole, so a cut never splits one."""
+    def _keys(self, request: Request) -> list[tuple[int, int]]:
+        return [(request.dst_id, request.vaddr + n * PAGE_SIZE) for n in range(request.nr_pages)]
+
+    def _read_ahead(self, request: Request) -> Request:
+        """A fault (a small request) becomes a window of pages starting at it."""
+        if request.nr_pages >= MIN_WINDOW or len(self.cache) > MAX_CACHED:
+            return request
+        sequential = request.vaddr == self._next_fault
+        self._window = min(self._window * 2, MAX_WINDOW) if sequential else MIN_WINDOW
+        self._next_fault = request.vaddr + self._window * PAGE_SIZE
+        raw = HEADER.pack(request.cmd, self._window, request.vaddr, request.dst_id)
+        return Request.parse(raw)
+
+    def _fetch(self, request: Request) -> None:
+        self.outstanding.append(request)
+        if not request.closes:
+            self.in_flight.update(self._keys(request))
+        if self._agent is not None:
+            with contextlib.suppress(OSError):
+                self._agent.write(request.raw)
+
+    # ----- source -> daemon ------------------------------------------------------------------------
+
+    async def _agent_loop(self) -> None:
+        """Reconnecting to the agent; replies are taken whole, so a cut never splits one."""
         lost_at = time.monotonic()
         while True:
             try:
@@ -100,12 +157,12 @@ class Pager:
             for request in self.outstanding:  # unanswered ones again: a GET is idempotent
                 writer.write(request.raw)
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                await self._replies(reader, ps_writer)
+                await self._replies(reader)
             self._agent = None
             writer.close()
             lost_at = time.monotonic()
 
-    async def _replies(self, reader: asyncio.StreamReader, ps_writer: asyncio.StreamWriter) -> None:
+    async def _replies(self, reader: asyncio.StreamReader) -> None:
         """Each reply starts with a 32-byte header; a close's status is its first 4 bytes."""
         while True:
             header = await reader.readexactly(HEADER.size)
@@ -113,16 +170,46 @@ class Pager:
                 raise PageServerError("a reply nobody asked for")
             request = self.outstanding[0]
             if request.closes:
-                out = header[: STATUS.size]
+                self.outstanding.popleft()
+                slot = next(s for s in self.slots if s.request.closes and s.reply is None)
+                slot.reply = header[: STATUS.size]
             else:
                 nr_pages = HEADER.unpack(header)[1]
-                out = header + await reader.readexactly(nr_pages * PAGE_SIZE)
-                self.pages += nr_pages
-            ps_writer.write(out)
-            await ps_writer.drain()
-            self.outstanding.popleft()
-            if request.closes:
+                data = await reader.readexactly(nr_pages * PAGE_SIZE)
+                self.outstanding.popleft()
+                self.in_flight.difference_update(self._keys(request))
+                for n in range(nr_pages):
+                    page = data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
+                    self.cache[(request.dst_id, request.vaddr + n * PAGE_SIZE)] = page
+                self._fill_waiting()
+            await self._flush()
+
+    def _fill_waiting(self) -> None:
+        for slot in self.slots:
+            if slot.reply is not None or slot.request.closes:
+                continue
+            pages = self._keys(slot.request)
+            if all(key in self.cache for key in pages):
+                slot.reply = self._from_cache(slot.request)
+            elif not all(key in self.cache or key in self.in_flight for key in pages):
+                self._fetch(slot.request)  # what it waited for came short (a clamped reply): ask plainly
+
+    def _from_cache(self, request: Request) -> bytes:
+        header = HEADER.pack(PS_IOV_ADD_F_PRESENT, request.nr_pages, request.vaddr, request.dst_id)
+        return header + b"".join(self.cache.pop(key) for key in self._keys(request))
+
+    async def _flush(self) -> None:
+        """Answer the daemon, in its order, as far as replies are ready."""
+        assert self._daemon is not None
+        while self.slots and self.slots[0].reply is not None:
+            slot = self.slots.popleft()
+            assert slot.reply is not None
+            self._daemon.write(slot.reply)
+            if slot.request.closes:
                 self.closed = True
+            else:
+                self.pages += slot.request.nr_pages
+        await self._daemon.drain()
 
     def _kill_workload(self) -> None:
         with contextlib.suppress(OSError, ValueError):

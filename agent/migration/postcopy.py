@@ -30,6 +30,29 @@ log = logging.getLogger(__name__)
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
+HeldByTarget = Callable[[str, int, memoryview], list[bool]]
+"""Source: (pagemap, vaddr, pages) -> which of them the target already holds from pre-copy."""
+ReadLocal = Callable[[str, int], bytes | None]
+"""Target: (pagemap, vaddr) -> the page pre-copy left here, if any."""
+
+
+def pagemap_of(dst_id: int) -> str | None:
+    """The pagemap image a post-copy request is about: for PS_IOV_GET, dst_id is the task's virtual pid
+    itself (criu/page-xfer.c looks it up with pstree_item_by_virt), not an encoded image id."""
+    return f"pagemap-{dst_id}.img" if dst_id > 0 else None
+
+
+def ranges_of(flags: list[bool]) -> list[list[int]]:
+    """[[first, count], ...] of the True runs."""
+    out: list[list[int]] = []
+    for i, flag in enumerate(flags):
+        if flag:
+            if out and out[-1][0] + out[-1][1] == i:
+                out[-1][1] += 1
+            else:
+                out.append([i, 1])
+    return out
+
 
 @dataclass(frozen=True)
 class PostcopyPaths:
@@ -115,10 +138,14 @@ class ControlRouter:
 class TargetRelay(ControlRouter):
     """The agent's side of the pager socket: requests to the source, replies back."""
 
-    def __init__(self, paths: PostcopyPaths, on_pages: Callable[[int], None]) -> None:
+    def __init__(
+        self, paths: PostcopyPaths, on_pages: Callable[[int], None], read_local: ReadLocal | None = None
+    ) -> None:
         super().__init__()
         self.paths = paths
         self._on_pages = on_pages
+        self.read_local = read_local
+        """Pages pre-copy left here; None after an agent restart (the store's index died with it)."""
         self._server: asyncio.AbstractServer | None = None
         self._pager: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
 
@@ -175,21 +202,35 @@ class TargetRelay(ControlRouter):
                 await self.control.put(msg)
                 continue
             header = bytes.fromhex(str(msg.body["header"]))
-            nr_pages = HEADER.unpack(header)[1]
+            _, nr_pages, vaddr, dst_id = HEADER.unpack(header)
+            local = self._local_pages(msg.body.get("local") or [], dst_id, vaddr, nr_pages)
             data = b""
             if nr_pages:
                 batches: list[PagesIn] = []
-                count = 0
+                count = len(local)
                 while count < nr_pages:  # the stream splits large replies into several frames
                     pages = await link.recv()
                     if not isinstance(pages, PagesIn):
                         raise PeerFailed("a ps_rep header without all its pages")
                     batches.append(pages)
                     count += len(pages.keys) + len(pages.zeros)
-                data = assemble(batches, HEADER.unpack(header)[2], nr_pages)
+                data = assemble(batches, vaddr, nr_pages, local)
             writer.write(header + data)
             await writer.drain()
             self._on_pages(nr_pages)
+
+    def _local_pages(self, ranges: list[list[int]], dst_id: int, vaddr: int, nr_pages: int) -> dict[int, bytes]:
+        """The pages the source said we hold, read from the pre-copy store (by address)."""
+        pagemap = pagemap_of(dst_id)
+        out: dict[int, bytes] = {}
+        for first, count in ranges:
+            for n in range(first, first + count):
+                address = vaddr + n * PAGE_SIZE
+                page = self.read_local(pagemap, address) if self.read_local and pagemap and n < nr_pages else None
+                if page is None:
+                    raise PeerFailed(f"the source counts on a local copy of page {address:#x} that is not here")
+                out[address] = page
+        return out
 
     async def close(self) -> None:
         if self._server is not None:
@@ -200,11 +241,12 @@ class TargetRelay(ControlRouter):
             self.paths.agent_socket.unlink()
 
 
-def assemble(batches: list[PagesIn], vaddr: int, nr_pages: int) -> bytes:
-    """A reply's pages in address order, from its frames, with the zero pages the stream elided."""
-    if len(batches) == 1 and not batches[0].zeros and len(batches[0].keys) == nr_pages:
+def assemble(batches: list[PagesIn], vaddr: int, nr_pages: int, local: dict[int, bytes] | None = None) -> bytes:
+    """A reply's pages in address order: from its frames, the zero pages the stream elided and the
+    pages this host already held."""
+    if not local and len(batches) == 1 and not batches[0].zeros and len(batches[0].keys) == nr_pages:
         return bytes(batches[0].data)
-    pages: dict[int, bytes | memoryview] = {}
+    pages: dict[int, bytes | memoryview] = dict(local or {})
     for batch in batches:
         for index, key in enumerate(batch.keys):
             pages[split_key(key)[1]] = batch.data[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
@@ -227,11 +269,15 @@ class SourcePages(ControlRouter):
         client: PageServerClient,
         on_pages: Callable[[int], None],
         before_reply: Callable[[], Awaitable[None]] | None = None,
+        held_by_target: HeldByTarget | None = None,
     ) -> None:
         super().__init__()
         self.client = client
         self._on_pages = on_pages
         self._before_reply = before_reply
+        self.held_by_target = held_by_target
+        """Set for hybrid migrations; cleared when a reconnecting target says it lost its store."""
+        self.local_pages = 0
 
     async def serve(self, link: Link) -> None:
         """Answer this link's requests until the daemon's close has been answered."""
@@ -249,12 +295,22 @@ class SourcePages(ControlRouter):
             if request.closes:
                 await link.send("ps_closed", status=STATUS.unpack(reply.data)[0])
                 return
-            await link.send("ps_rep", header=reply.header.hex())
-            if reply.nr_pages:
-                _, _, vaddr, _ = HEADER.unpack(reply.header)
-                keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in range(reply.nr_pages)))
-                await link.send_raw_pages(keys, reply.data)
-            self._on_pages(reply.nr_pages)
+            _, nr_pages, vaddr, dst_id = HEADER.unpack(reply.header)
+            held = [False] * nr_pages
+            pagemap = pagemap_of(dst_id)
+            if self.held_by_target is not None and pagemap is not None and nr_pages:
+                held = await asyncio.to_thread(self.held_by_target, pagemap, vaddr, memoryview(reply.data))
+            local = ranges_of(held)
+            await link.send("ps_rep", header=reply.header.hex(), local=local)
+            send = [n for n in range(nr_pages) if not held[n]]
+            if send:
+                keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in send))
+                data = reply.data if len(send) == nr_pages else b"".join(
+                    reply.data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] for n in send
+                )
+                await link.send_raw_pages(keys, data)
+            self.local_pages += nr_pages - len(send)
+            self._on_pages(nr_pages)
 
 
 __all__ = ["PageServerError", "PostcopyPaths", "SourcePages", "TargetRelay", "assemble", "spawn_pager"]

@@ -57,6 +57,8 @@ class MigrationStats:
     """Pages the final dump left on the source for post-copy."""
     pages_remote: int = 0
     """Of those, pages not on the target yet (POSTCOPY progress)."""
+    pages_local: int = 0
+    """Of the post-copy pages, those the target took from its own pre-copied copy (hybrid)."""
     postcopy_ms: float = 0.0
     """From the target's resume until every page was there."""
     released_ms: float = 0.0

@@ -93,7 +93,7 @@ class MigrationService:
         self._watchers: dict[str, list[asyncio.Queue[MigrationRecord]]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._criu_configs = CriuConfigs(config.state_dir)
-        self._postcopy_links: dict[str, asyncio.Queue[tuple[Link, asyncio.Event]]] = {}
+        self._postcopy_links: dict[str, asyncio.Queue[tuple[Link, asyncio.Event, bool]]] = {}
         """Sessions a POSTCOPY target opened to continue page traffic, for the source migration to take."""
         self._platform = images.platform
         self._features: CriuFeatures | None = None
@@ -219,13 +219,13 @@ class MigrationService:
             raise InvalidRequest(f"mode {mode} needs userfaultfd, which this kernel does not offer")
         return mode if mode != "auto" else auto_mode(features, postcopy_allowed)
 
-    async def _postcopy_link(self, migration_id: str, within: float) -> Link:
+    async def _postcopy_link(self, migration_id: str, within: float) -> tuple[Link, bool]:
         queue = self._postcopy_links.setdefault(migration_id, asyncio.Queue())
         async with asyncio.timeout(within):
-            link, done = await queue.get()
+            link, done, keeps_store = await queue.get()
         self._release_postcopy_session(migration_id)  # the previous session is over
         self._postcopy_done[migration_id] = done
-        return link
+        return link, keeps_store
 
     def _release_postcopy_session(self, migration_id: str) -> None:
         done = self._postcopy_done.pop(migration_id, None)
@@ -277,7 +277,9 @@ class MigrationService:
             elif first.type == "resolve":
                 await self._apply_resolution(link, str(first.body.get("migration", "")))
             elif first.type == "postcopy":
-                await self._continue_postcopy(link, peer_host, str(first.body.get("migration", "")))
+                await self._continue_postcopy(
+                    link, peer_host, str(first.body.get("migration", "")), bool(first.body.get("store"))
+                )
             else:
                 raise PeerFailed(f"unknown session type {first.type!r}")
         except (FerrymanError, TimeoutError, OSError) as exc:
@@ -305,13 +307,13 @@ class MigrationService:
             self._waiting[record.id] = migration
             self._spawn(self._ask_source(migration), f"ask-source-{record.id}")
 
-    async def _continue_postcopy(self, link: Link, peer_host: str, migration_id: str) -> None:
+    async def _continue_postcopy(self, link: Link, peer_host: str, migration_id: str, keeps_store: bool) -> None:
         """Hand the session to our POSTCOPY source migration; it is closed once that is done with it."""
         record = self._records.get(migration_id)
         if record is None or record.role != "source" or record.peer != peer_host or record.state != State.POSTCOPY:
             raise PeerFailed(f"no migration {migration_id} in POSTCOPY to {peer_host} here")
         done = asyncio.Event()
-        await self._postcopy_links.setdefault(migration_id, asyncio.Queue()).put((link, done))
+        await self._postcopy_links.setdefault(migration_id, asyncio.Queue()).put((link, done, keeps_store))
         await done.wait()
 
     async def _answer_query(self, link: Link, peer_host: str, migration_id: str) -> None:

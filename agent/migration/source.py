@@ -65,8 +65,9 @@ class SourceContext:
     """Called with every new version of the record (progress, API, metrics)."""
     network: ServiceNetwork
     criu_configs: CriuConfigs
-    postcopy_link: Callable[[str, float], Awaitable[Link]]
-    """In POSTCOPY, waits (up to the timeout) for the target to reconnect after a cut link."""
+    postcopy_link: Callable[[str, float], Awaitable[tuple[Link, bool]]]
+    """In POSTCOPY, waits (up to the timeout) for the target to reconnect after a cut link; the flag says
+    whether it still holds its pre-copy store."""
     soft_dirty: bool = False
     """CRIU can pre-dump here (mem_dirty_track): rounds dump only written pages, via runc."""
 
@@ -281,9 +282,7 @@ class SourceMigration:
         digest, data = await export_rw_layer(
             self.ctx.cd, self._snapshot_key, self._image_chain, self.ctx.config.pull.lease_expiry
         )
-        rw_file = self.work / RW_LAYER_FILE
-        rw_file.write_bytes(data)
-        await link.send_file(rw_file, RW_LAYER_FILE)
+        await self._send_rw_layer(link, digest, data)
         await link.send("restore", rw_digest=digest)
         log.info(
             "stop-copy sent",
@@ -339,7 +338,15 @@ class SourceMigration:
         await tasks.pause(cid)
         # Returns only once the page server has served every page (or failed); a paused task stays frozen.
         dump: asyncio.Task[None] = asyncio.create_task(self._dump(final, pre_dump=False, parent=None), name="lazy-dump")
+        # The rw layer is final once frozen: export it while CRIU dumps, so the target builds the
+        # container while we wait for the dump.
+        rw_layer = asyncio.create_task(
+            export_rw_layer(self.ctx.cd, self._snapshot_key, self._image_chain, self.ctx.config.pull.lease_expiry),
+            name="rw-layer",
+        )
         try:
+            digest, data = await rw_layer
+            await self._send_rw_layer(link, digest, data)
             try:
                 client = await PageServerClient.connect(port, dump, within=self.ctx.config.migration.idle_timeout)
             finally:
@@ -349,17 +356,12 @@ class SourceMigration:
             for path in sorted(final.iterdir()):
                 if path.is_file():  # pages-*.img holds only what CRIU does not do lazily (not anonymous memory)
                     await link.send_file(path, path.name)
-            digest, data = await export_rw_layer(
-                self.ctx.cd, self._snapshot_key, self._image_chain, self.ctx.config.pull.lease_expiry
-            )
-            rw_file = self.work / RW_LAYER_FILE
-            rw_file.write_bytes(data)
-            await link.send_file(rw_file, RW_LAYER_FILE)
             await link.send("restore", rw_digest=digest, lazy=True)
             self._advance(Event.IMAGES_SENT)
             self._progress(link, freeze_dump_ms=round(freeze_dump_ms, 1), lazy_pages=total, pages_remote=total)
             # The restore itself faults pages in (the restorer writes to the task's stack): serve from now on.
-            pages = SourcePages(client, self._pages_progress(total), self._postcopy_failpoint())
+            held = self._tracker.held_by_target if self._tracker is not None else None  # hybrid: pre-copied pages
+            pages = SourcePages(client, self._pages_progress(total), self._postcopy_failpoint(), held)
             self._link = link
             traffic = asyncio.create_task(self._serve_postcopy(pages), name="postcopy-pages")
             try:
@@ -388,10 +390,20 @@ class SourceMigration:
             async with asyncio.timeout(self.ctx.config.migration.idle_timeout):
                 await dump  # CRIU confirms the page server's session is over
         finally:
-            if not dump.done():
-                dump.cancel()
-                await asyncio.gather(dump, return_exceptions=True)
-        self._progress(link, pages_remote=0, postcopy_ms=round((time.monotonic() - resumed_at) * 1000, 1))
+            for task in (dump, rw_layer):
+                if not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+        self._progress(
+            link,
+            pages_remote=0,
+            pages_local=pages.local_pages,
+            postcopy_ms=round((time.monotonic() - resumed_at) * 1000, 1),
+        )
+        log.info(
+            "post-copy done",
+            extra={"migration": self.record.id, "pages": total, "from_target_copy": pages.local_pages},
+        )
         self._advance(Event.PAGES_COMPLETE)
         await link.send("commit")
         await link.expect("committed")
@@ -405,6 +417,12 @@ class SourceMigration:
         )
         self._advance(Event.SWITCHED)
         return link
+
+    async def _send_rw_layer(self, link: Link, digest: str, data: bytes) -> None:
+        rw_file = self.work / RW_LAYER_FILE
+        await asyncio.to_thread(rw_file.write_bytes, data)
+        await link.send("rw_layer", digest=digest)  # before the file: the target starts building on arrival
+        await link.send_file(rw_file, RW_LAYER_FILE)
 
     def _postcopy_failpoint(self) -> Callable[[], Awaitable[None]]:
         """Fault tests hold post-copy open with `source.postcopy` (hit once, after the decision)."""
@@ -453,7 +471,9 @@ class SourceMigration:
                 await link.close()
                 timeout = self.ctx.config.migration.postcopy_reconnect_timeout
                 try:
-                    self._link = await self.ctx.postcopy_link(self.record.id, timeout)
+                    self._link, keeps_store = await self.ctx.postcopy_link(self.record.id, timeout)
+                    if not keeps_store:  # a restarted target lost its pre-copy store: send every page
+                        pages.held_by_target = None
                 except TimeoutError:
                     raise PostcopyLost(f"the target did not come back within {timeout:.0f} s during POSTCOPY") from exc
                 log.info("post-copy link back", extra={"migration": self.record.id})

@@ -98,6 +98,10 @@ class TargetMigration:
         self._pager: subprocess.Popen[bytes] | None = None
         self._daemon: subprocess.Popen[bytes] | None = None
         self._link: Link | None = None
+        self._pull: asyncio.Task[Any] | None = None
+        self._rw_digest: str | None = None
+        self._build: asyncio.Task[list[Any]] | None = None
+        """Container record and rootfs, built as soon as the rw layer arrives (overlaps the source's dump)."""
 
     def _save(self, record: MigrationRecord) -> None:
         self.record = record
@@ -121,7 +125,9 @@ class TargetMigration:
                 self._lease = await self.ctx.cd.leases.create("migration", self.ctx.config.migration.phase_timeout)
                 if self.service_ip:  # the same address, in a namespace of this host, unpublished until commit
                     self._netns = await self.ctx.network.prepare(self.container["id"], self.service_ip)
-                pull = asyncio.create_task(self.ctx.images.pull(self.container["image"]), name="migration-pull")
+                pull = self._pull = asyncio.create_task(
+                    self.ctx.images.pull(self.container["image"]), name="migration-pull"
+                )
                 await link.send("prepared")
                 self._advance(Event.PREPARED)
                 rw_digest = await self._receive(link)
@@ -139,9 +145,10 @@ class TargetMigration:
             self._keep_work = self.lazy  # the daemon and the pager still use it
             raise  # the restored copy stays, paused: the service asks the source what it decided
         except BaseException as exc:
-            if pull is not None and not pull.done():
-                pull.cancel()
-                await asyncio.gather(pull, return_exceptions=True)
+            for task in (pull, self._build):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             if isinstance(exc, asyncio.CancelledError) and self.record.state == State.POSTCOPY:
                 # The agent is stopping: the pager and the daemon carry on, the next agent takes over.
                 self._keep_work = True
@@ -213,6 +220,10 @@ class TargetMigration:
                 dest = self.images_dir / msg.name
                 if msg.path != dest:
                     shutil.move(msg.path, dest)
+                if msg.name == RW_LAYER_FILE and self._rw_digest and self._build is None:
+                    self._build = asyncio.create_task(self._build_container(self._rw_digest), name="migration-build")
+            elif msg.type == "rw_layer":
+                self._rw_digest = str(msg.body["digest"])
             elif msg.type == "round":
                 self.record = self.record.with_stats(iterations=int(msg.body.get("number", 0)))
                 self.ctx.publish(self.record)
@@ -259,29 +270,12 @@ class TargetMigration:
             for core in self.images_dir.glob("core-*.img"):
                 core.write_bytes(b"\0" * 16)  # CRIU itself must then refuse the images
         await self.ctx.failpoints.hit("target.restore")
+        if self._build is None:
+            self._build = asyncio.create_task(self._build_container(rw_digest), name="migration-build")
+        mounts = await self._build
         assert self._lease is not None
         cd = self.ctx.cd.leased(self._lease)
-        image = await read_image(self.ctx.cd, self.container["image"], self.ctx.platform)
-        rw_data = await asyncio.to_thread((self.images_dir / RW_LAYER_FILE).read_bytes)
-        await import_rw_layer(cd, cid, image.chain_id, rw_data, rw_digest)
         log_file = self.ctx.log_path(cid)
-        labels = dict(self.container["labels"])
-        labels[LABEL_LOG_PATH] = str(log_file)
-        labels[LABEL_MIGRATED_FROM] = self.record.peer
-        labels[LABEL_MIGRATION] = self.record.id
-        await cd.containers.create(
-            ContainerRecord(
-                id=cid,
-                image=self.container["image"],
-                labels=labels,
-                runtime=self.container["runtime"],
-                spec=self._spec_for_here(),
-                snapshotter=cd.snapshotter_name,
-                snapshot_key=cid,
-            )
-        )
-        await asyncio.to_thread(log_file.parent.mkdir, parents=True, exist_ok=True)
-        mounts = await cd.snapshots.mounts(cid)
         uri = f"file://{log_file}"
         await asyncio.to_thread(self.ctx.criu_configs.write, cid, LAZY_RESTORE if self.lazy else "")
         started = time.monotonic()
@@ -316,13 +310,42 @@ class TargetMigration:
         await self.commit()
         await link.send("committed")
 
+    async def _build_container(self, rw_digest: str) -> list[Any]:
+        """The image snapshot plus the source's rw layer, and the container record; returns the mounts."""
+        cid = self.container["id"]
+        if self._pull is not None:
+            await self._pull
+        assert self._lease is not None
+        cd = self.ctx.cd.leased(self._lease)
+        image = await read_image(self.ctx.cd, self.container["image"], self.ctx.platform)
+        rw_data = await asyncio.to_thread((self.images_dir / RW_LAYER_FILE).read_bytes)
+        await import_rw_layer(cd, cid, image.chain_id, rw_data, rw_digest)
+        log_file = self.ctx.log_path(cid)
+        labels = dict(self.container["labels"])
+        labels[LABEL_LOG_PATH] = str(log_file)
+        labels[LABEL_MIGRATED_FROM] = self.record.peer
+        labels[LABEL_MIGRATION] = self.record.id
+        await cd.containers.create(
+            ContainerRecord(
+                id=cid,
+                image=self.container["image"],
+                labels=labels,
+                runtime=self.container["runtime"],
+                spec=self._spec_for_here(),
+                snapshotter=cd.snapshotter_name,
+                snapshot_key=cid,
+            )
+        )
+        await asyncio.to_thread(log_file.parent.mkdir, parents=True, exist_ok=True)
+        return list(await cd.snapshots.mounts(cid))
+
     # ----- post-copy ---------------------------------------------------------------------------------
 
     async def _start_postcopy_helpers(self) -> None:
         await asyncio.to_thread(ensure_pipe_max_size)
         total = await asyncio.to_thread(lazy_pages, self.images_dir)
         self.record = self.record.with_stats(lazy_pages=total, pages_remote=total)
-        self._relay = TargetRelay(self.paths, self._on_pages)
+        self._relay = TargetRelay(self.paths, self._on_pages, self.store.read if len(self.store) else None)
         await self._relay.listen()
         self._daemon, self._pager = spawn_pager(self.paths, self.ctx.config.migration.postcopy_reconnect_timeout)
         await wait_ready(self._daemon, self.paths.criu_work)
@@ -402,7 +425,8 @@ class TargetMigration:
         while True:
             try:
                 link = await self.ctx.connect(self.record.peer, self.record.id)
-                await link.send("postcopy", migration=self.record.id)
+                store = self._relay is not None and self._relay.read_local is not None
+                await link.send("postcopy", migration=self.record.id, store=store)
                 return link
             except (TimeoutError, OSError, FerrymanError) as exc:
                 if loop.time() > deadline or await self._pager_failed():
