@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.checkpoint.images import PAGE_SIZE
-from agent.checkpoint.lazypages import spawn_daemon
 from agent.checkpoint.pageserver import HEADER, STATUS, PageServerClient, PageServerError, Request
 from agent.migration.link import ControlIn, Link, PagesIn, PeerFailed, page_key, split_key
 
@@ -84,11 +83,14 @@ class PostcopyPaths:
 Process = subprocess.Popen[bytes]
 
 
-def spawn_pager(paths: PostcopyPaths, reconnect_timeout: float) -> tuple[Process, Process]:
-    """Start the lazy-pages daemon and the pager, joined by a socket pair only they hold."""
+def spawn_pager(paths: PostcopyPaths, reconnect_timeout: float) -> tuple[Process, socket.socket]:
+    """Start the pager; returns it and the other end of its page socket, for the lazy-pages daemon.
+
+    The pager starts early (it is a Python process: its start-up must not add to the downtime); the
+    daemon can only start once the images are here.
+    """
     daemon_end, pager_end = socket.socketpair()
     try:
-        daemon = spawn_daemon(paths.images, paths.criu_work, daemon_end)
         pager_end.set_inheritable(True)
         pager = subprocess.Popen(
             [
@@ -103,10 +105,12 @@ def spawn_pager(paths: PostcopyPaths, reconnect_timeout: float) -> tuple[Process
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # outlives an agent restart, like the daemon
         )
-    finally:
+    except BaseException:
         daemon_end.close()
+        raise
+    finally:
         pager_end.close()
-    return daemon, pager
+    return pager, daemon_end
 
 
 class ControlRouter:

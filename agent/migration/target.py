@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,7 @@ from typing import Any
 from agent.checkpoint.criuconf import ANNOTATION as CRIU_ANNOTATION
 from agent.checkpoint.criuconf import LAZY_RESTORE, CriuConfigs
 from agent.checkpoint.delta import PageStore
-from agent.checkpoint.lazypages import LazyPagesError, ensure_pipe_max_size, lazy_pages, wait_ready
+from agent.checkpoint.lazypages import LazyPagesError, ensure_pipe_max_size, lazy_pages, spawn_daemon, wait_ready
 from agent.config import AgentConfig
 from agent.containerd import Containerd, ContainerRecord
 from agent.errors import AlreadyExists, ContainerdNotFound, FerrymanError
@@ -97,6 +98,7 @@ class TargetMigration:
         self._traffic: asyncio.Task[None] | None = None
         self._pager: subprocess.Popen[bytes] | None = None
         self._daemon: subprocess.Popen[bytes] | None = None
+        self._daemon_end: socket.socket | None = None
         self._link: Link | None = None
         self._pull: asyncio.Task[Any] | None = None
         self._rw_digest: str | None = None
@@ -122,6 +124,7 @@ class TargetMigration:
                 await self._admit()
                 if (self.prepare_msg.get("options") or {}).get("mode") in ("lazy", "hybrid"):
                     await asyncio.to_thread(ensure_pipe_max_size)  # fail in PREPARE, not after the freeze
+                    await self._start_pager()
                 self._lease = await self.ctx.cd.leases.create("migration", self.ctx.config.migration.phase_timeout)
                 if self.service_ip:  # the same address, in a namespace of this host, unpublished until commit
                     self._netns = await self.ctx.network.prepare(self.container["id"], self.service_ip)
@@ -341,13 +344,26 @@ class TargetMigration:
 
     # ----- post-copy ---------------------------------------------------------------------------------
 
+    async def _start_pager(self) -> None:
+        """The relay's socket and the pager, ahead of time (a Python start-up is not free)."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._relay = TargetRelay(self.paths, self._on_pages)
+        await self._relay.listen()
+        self._pager, self._daemon_end = spawn_pager(self.paths, self.ctx.config.migration.postcopy_reconnect_timeout)
+
     async def _start_postcopy_helpers(self) -> None:
         await asyncio.to_thread(ensure_pipe_max_size)
         total = await asyncio.to_thread(lazy_pages, self.images_dir)
         self.record = self.record.with_stats(lazy_pages=total, pages_remote=total)
-        self._relay = TargetRelay(self.paths, self._on_pages, self.store.read if len(self.store) else None)
-        await self._relay.listen()
-        self._daemon, self._pager = spawn_pager(self.paths, self.ctx.config.migration.postcopy_reconnect_timeout)
+        if self._pager is None:
+            await self._start_pager()
+        assert self._relay is not None and self._daemon_end is not None
+        self._relay.read_local = self.store.read if len(self.store) else None  # hybrid: pre-copied pages
+        try:
+            self._daemon = spawn_daemon(self.paths.images, self.paths.criu_work, self._daemon_end)
+        finally:
+            self._daemon_end.close()
+            self._daemon_end = None
         await wait_ready(self._daemon, self.paths.criu_work)
 
     def _on_pages(self, count: int) -> None:
@@ -471,6 +487,9 @@ class TargetMigration:
                     process.kill()
         if self._relay is not None:
             await self._relay.close()
+        if self._daemon_end is not None:
+            self._daemon_end.close()
+            self._daemon_end = None
 
     async def commit(self) -> None:
         """The source decided for us: resume the restored task and own the workload."""
