@@ -25,6 +25,7 @@ PS_IOV_ADD_F_PRESENT = 6 | (1 << 2) << 16  # the page server's answer: PS_IOV_AD
 PS_IOV_CLOSE = 0x1023
 PS_IOV_FORCE_CLOSE = 0x1024
 _CMD_MASK = 0xFFFF
+URGENT = 1 << 31  # ferryman's own mark on a GET for a fault (never reaches CRIU): answer it first
 MAX_REQUEST_PAGES = (64 << 20) // PAGE_SIZE  # CRIU asks for at most 4 MiB; refuse absurd requests
 
 
@@ -56,6 +57,14 @@ class Request:
     @property
     def closes(self) -> bool:
         return self.cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE)
+
+    @property
+    def urgent(self) -> bool:
+        return bool(HEADER.unpack(self.raw)[0] & URGENT)
+
+    def for_criu(self) -> bytes:
+        """The request as CRIU must see it: without ferryman's marks."""
+        return HEADER.pack(self.cmd, self.nr_pages, self.vaddr, self.dst_id)
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,7 @@ class PageServerClient:
                 await asyncio.sleep(0.005)
 
     async def ask(self, request: Request) -> Reply:
-        self._writer.write(request.raw)
+        self._writer.write(request.for_criu())
         await self._writer.drain()
         try:
             if request.closes:

@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from agent.ctl import certs, migrate, render
+from agent.ctl import certs, fleet, migrate, render
 from agent.ctl.client import DEFAULT_AGENT, ENV_AGENT, AgentClient, ApiError
 
 EXIT_OK = 0
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"agent address, unix:///path or tcp://host:port (default ${ENV_AGENT} or {DEFAULT_AGENT})",
     )
     parser.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
+    fleet.add_global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pull", help="pull an image")
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
 
     migrate.add_parsers(sub)
+    fleet.add_parsers(sub)
     certs.add_parser(sub)
     return parser
 
@@ -249,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(file=sys.stdout)
     err = Console(file=sys.stderr)
     try:
+        if fleet.handles(args):  # coordinator commands, and migrations when a coordinator is configured
+            return asyncio.run(fleet.run(args, out, err))
         return asyncio.run(dispatch(args, out, err))
+    except fleet.FleetUsageError as exc:
+        sys.stderr.write(f"ferryctl: error: {exc}\n")
+        return EXIT_USAGE
     except ApiError as exc:
         sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
         return EXIT_ERROR

@@ -33,10 +33,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.checkpoint.images import PAGE_SIZE
-from agent.checkpoint.pageserver import HEADER, PS_IOV_ADD_F_PRESENT, STATUS, PageServerError, Request
+from agent.checkpoint.pageserver import (
+    HEADER,
+    PS_IOV_ADD_F_PRESENT,
+    PS_IOV_CLOSE,
+    STATUS,
+    URGENT,
+    PageServerError,
+    Request,
+)
 
 MIN_WINDOW = 16  # pages fetched for a fault at a new place
-MAX_WINDOW = 512  # 2 MiB: the window doubles while faults keep following each other
+MAX_WINDOW = 1024  # 4 MiB: the window doubles while faults keep following each other
+BACKGROUND_SLICE = 256  # pages: a larger background request is answered in part (CRIU asks again for
+# the rest), because the daemon reads replies in order and a fault must not wait behind 4 MiB
 MAX_CACHED = 65536  # 256 MiB of pages fetched ahead, at most; beyond it no read-ahead
 
 
@@ -44,8 +54,14 @@ MAX_CACHED = 65536  # 256 MiB of pages fetched ahead, at most; beyond it no read
 class Slot:
     """One daemon request; answered strictly in the order asked (CRIU reads replies in order)."""
 
-    request: Request
+    asked: Request
     reply: bytes | None = None
+
+    def __post_init__(self) -> None:
+        self.request = self.asked  # what we answer: a large background request only in part
+        if not self.asked.closes and self.asked.nr_pages > BACKGROUND_SLICE:
+            cmd, vaddr, dst_id = self.asked.cmd, self.asked.vaddr, self.asked.dst_id
+            self.request = Request.parse(HEADER.pack(cmd, BACKGROUND_SLICE, vaddr, dst_id))
 
 
 class Pager:
@@ -56,8 +72,9 @@ class Pager:
         self.result = result
         self.timeout = timeout
         self.slots: collections.deque[Slot] = collections.deque()
-        self.outstanding: collections.deque[Request] = collections.deque()
-        """Requests sent to the source (read-ahead supersets included), answered in order."""
+        self.outstanding: dict[tuple[int, int], Request] = {}
+        """Requests sent to the source (read-ahead supersets included) by (task, address): the source
+        answers faults first, so answers come in its order, not ours."""
         self.cache: dict[tuple[int, int], bytes] = {}
         self.in_flight: set[tuple[int, int]] = set()
         self.pages = 0
@@ -106,8 +123,8 @@ class Pager:
                 raw = await reader.readexactly(HEADER.size)
             except asyncio.IncompleteReadError:
                 return
-            request = Request.parse(raw)
-            slot = Slot(request)
+            slot = Slot(Request.parse(raw))
+            request = slot.request
             self.slots.append(slot)
             if request.closes:
                 self._fetch(request)
@@ -118,6 +135,8 @@ class Pager:
                 await self._flush()
             elif not all(key in self.cache or key in self.in_flight for key in pages):
                 self._fetch(self._read_ahead(request))
+            if slot.asked.nr_pages > request.nr_pages:  # the rest of a background request comes next
+                self._prefetch(slot.asked, request.nr_pages)
 
     def _keys(self, request: Request) -> list[tuple[int, int]]:
         return [(request.dst_id, request.vaddr + n * PAGE_SIZE) for n in range(request.nr_pages)]
@@ -129,11 +148,25 @@ class Pager:
         sequential = request.vaddr == self._next_fault
         self._window = min(self._window * 2, MAX_WINDOW) if sequential else MIN_WINDOW
         self._next_fault = request.vaddr + self._window * PAGE_SIZE
-        raw = HEADER.pack(request.cmd, self._window, request.vaddr, request.dst_id)
+        raw = HEADER.pack(request.cmd | URGENT, self._window, request.vaddr, request.dst_id)
         return Request.parse(raw)
 
+    def _prefetch(self, asked: Request, answered: int) -> None:
+        """Fetch the part of a background request we answer later, in slices, so the source always
+        has work queued (it answers faults first)."""
+        for first in range(answered, asked.nr_pages, BACKGROUND_SLICE):
+            count = min(BACKGROUND_SLICE, asked.nr_pages - first)
+            piece = Request.parse(HEADER.pack(asked.cmd, count, asked.vaddr + first * PAGE_SIZE, asked.dst_id))
+            if not all(key in self.cache or key in self.in_flight for key in self._keys(piece)):
+                self._fetch(piece)
+
+    def _key(self, request: Request) -> tuple[int, int]:
+        return (-1, -1) if request.closes else (request.dst_id, request.vaddr)
+
     def _fetch(self, request: Request) -> None:
-        self.outstanding.append(request)
+        if self._key(request) in self.outstanding:
+            return  # the same range is asked already
+        self.outstanding[self._key(request)] = request
         if not request.closes:
             self.in_flight.update(self._keys(request))
         if self._agent is not None:
@@ -154,7 +187,7 @@ class Pager:
                 await asyncio.sleep(0.1)
                 continue
             self._agent = writer
-            for request in self.outstanding:  # unanswered ones again: a GET is idempotent
+            for request in list(self.outstanding.values()):  # unanswered ones again: a GET is idempotent
                 writer.write(request.raw)
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 await self._replies(reader)
@@ -163,24 +196,23 @@ class Pager:
             lost_at = time.monotonic()
 
     async def _replies(self, reader: asyncio.StreamReader) -> None:
-        """Each reply starts with a 32-byte header; a close's status is its first 4 bytes."""
+        """Each answer starts with a 32-byte header: a page-server one, or a close's status wrapped."""
         while True:
             header = await reader.readexactly(HEADER.size)
-            if not self.outstanding:
-                raise PageServerError("a reply nobody asked for")
-            request = self.outstanding[0]
-            if request.closes:
-                self.outstanding.popleft()
+            cmd, nr_pages, vaddr, dst_id = HEADER.unpack(header)
+            if cmd == PS_IOV_CLOSE:
+                self.outstanding.pop((-1, -1), None)
                 slot = next(s for s in self.slots if s.request.closes and s.reply is None)
-                slot.reply = header[: STATUS.size]
+                slot.reply = STATUS.pack(int(nr_pages) - (1 << 32) if nr_pages >= 1 << 31 else int(nr_pages))
             else:
-                nr_pages = HEADER.unpack(header)[1]
                 data = await reader.readexactly(nr_pages * PAGE_SIZE)
-                self.outstanding.popleft()
+                request = self.outstanding.pop((dst_id, vaddr), None)
+                if request is None:
+                    continue  # answered twice across a reconnect: the first answer counted
                 self.in_flight.difference_update(self._keys(request))
                 for n in range(nr_pages):
                     page = data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
-                    self.cache[(request.dst_id, request.vaddr + n * PAGE_SIZE)] = page
+                    self.cache[(dst_id, vaddr + n * PAGE_SIZE)] = page
                 self._fill_waiting()
             await self._flush()
 

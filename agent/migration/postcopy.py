@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.checkpoint.images import PAGE_SIZE
-from agent.checkpoint.pageserver import HEADER, STATUS, PageServerClient, PageServerError, Request
+from agent.checkpoint.pageserver import HEADER, PS_IOV_CLOSE, STATUS, PageServerClient, PageServerError, Request
 from agent.migration.link import ControlIn, Link, PagesIn, PeerFailed, page_key, split_key
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,8 @@ class TargetRelay(ControlRouter):
             if not isinstance(msg, ControlIn):
                 raise PeerFailed("pages without a ps_rep header")
             if msg.type == "ps_closed":
-                status = int(msg.body.get("status", -1))
-                writer.write(STATUS.pack(status).ljust(HEADER.size, b"\0"))
+                status = int(msg.body.get("status", -1)) & 0xFFFFFFFF
+                writer.write(HEADER.pack(PS_IOV_CLOSE, status, 0, 0))  # the pager unwraps it
                 await writer.drain()
                 return
             if msg.type != "ps_rep":
@@ -284,7 +284,31 @@ class SourcePages(ControlRouter):
         self.local_pages = 0
 
     async def serve(self, link: Link) -> None:
-        """Answer this link's requests until the daemon's close has been answered."""
+        """Answer this link's requests until the daemon's close has been answered.
+
+        Requests queue by size: a fault (a few pages) is answered before read-ahead and background
+        slices that arrived earlier. The pager matches answers by address, so the order is ours.
+        """
+        queue: asyncio.PriorityQueue[tuple[int, int, Request]] = asyncio.PriorityQueue()
+        reader = asyncio.create_task(self._read_requests(link, queue), name="postcopy-read")
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    await asyncio.gather(getter, return_exceptions=True)
+                    reader.result()  # the link's error
+                    raise PeerFailed("the post-copy link ended")
+                _, _, request = getter.result()
+                if await self._answer(link, request):
+                    return
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _read_requests(self, link: Link, queue: asyncio.PriorityQueue[tuple[int, int, Request]]) -> None:
+        seq = 0
         while True:
             msg = await link.recv()
             if not isinstance(msg, ControlIn):
@@ -293,28 +317,38 @@ class SourcePages(ControlRouter):
                 await self.control.put(msg)
                 continue
             request = Request.parse(bytes.fromhex(str(msg.body["raw"])))
-            if self._before_reply is not None:
-                await self._before_reply()
-            reply = await self.client.ask(request)
-            if request.closes:
-                await link.send("ps_closed", status=STATUS.unpack(reply.data)[0])
-                return
-            _, nr_pages, vaddr, dst_id = HEADER.unpack(reply.header)
-            held = [False] * nr_pages
-            pagemap = pagemap_of(dst_id)
-            if self.held_by_target is not None and pagemap is not None and nr_pages:
-                held = await asyncio.to_thread(self.held_by_target, pagemap, vaddr, memoryview(reply.data))
-            local = ranges_of(held)
-            await link.send("ps_rep", header=reply.header.hex(), local=local)
-            send = [n for n in range(nr_pages) if not held[n]]
-            if send:
-                keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in send))
-                data = reply.data if len(send) == nr_pages else b"".join(
-                    reply.data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] for n in send
-                )
-                await link.send_raw_pages(keys, data)
-            self.local_pages += nr_pages - len(send)
-            self._on_pages(nr_pages)
+            seq += 1
+            # A close goes last: it may only be answered once everything asked before it was.
+            priority = 1 << 62 if request.closes else 0 if request.urgent else request.nr_pages
+            await queue.put((priority, seq, request))
+
+    async def _answer(self, link: Link, request: Request) -> bool:
+        """One request; True once it was the daemon's close."""
+        if self._before_reply is not None:
+            await self._before_reply()
+        reply = await self.client.ask(request)
+        if request.closes:
+            await link.send("ps_closed", status=STATUS.unpack(reply.data)[0])
+            return True
+        _, nr_pages, vaddr, dst_id = HEADER.unpack(reply.header)
+        held = [False] * nr_pages
+        pagemap = pagemap_of(dst_id)
+        if self.held_by_target is not None and pagemap is not None and nr_pages:
+            held = await asyncio.to_thread(self.held_by_target, pagemap, vaddr, memoryview(reply.data))
+        local = ranges_of(held)
+        await link.send("ps_rep", header=reply.header.hex(), local=local)
+        send = [n for n in range(nr_pages) if not held[n]]
+        if send:
+            keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in send))
+            data = (
+                reply.data
+                if len(send) == nr_pages
+                else b"".join(reply.data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] for n in send)
+            )
+            await link.send_raw_pages(keys, data)
+        self.local_pages += nr_pages - len(send)
+        self._on_pages(nr_pages)
+        return False
 
 
 __all__ = ["PageServerError", "PostcopyPaths", "SourcePages", "TargetRelay", "assemble", "spawn_pager"]

@@ -1,0 +1,377 @@
+"""ferryctl's coordinator commands: `hosts`, `drain`, `uncordon`, `predictions`, and `migrate` /
+`migrations` when a coordinator is configured.
+
+The coordinator is `--coordinator URL` or $FERRYMAN_COORDINATOR (https only). Ops authenticate with
+an ops client certificate (`--cert/--key`, $FERRYMAN_CERT/$FERRYMAN_KEY; `ferryctl certs issue NAME
+--role ops`) or a bearer token (`--token`, $FERRYMAN_TOKEN); the coordinator's certificate is
+verified against the fleet CA (`--ca`, $FERRYMAN_CA) for the URL's host or `--server-name`.
+Without a coordinator, `migrate` and `migrations` talk to the agent (agent/ctl/migrate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from agent.ctl import render
+from agent.ctl.client import ApiError, _error_from
+
+ENV_COORDINATOR = "FERRYMAN_COORDINATOR"
+ENV_CERT = "FERRYMAN_CERT"
+ENV_KEY = "FERRYMAN_KEY"
+ENV_CA = "FERRYMAN_CA"
+ENV_TOKEN = "FERRYMAN_TOKEN"
+ENV_SERVER_NAME = "FERRYMAN_COORDINATOR_NAME"
+CONNECT_TIMEOUT = 10.0
+POLL_PERIOD = 0.5
+DEFAULT_DRAIN_WAIT = 600.0
+COORDINATOR_ONLY = frozenset({"hosts", "drain", "uncordon", "predictions"})
+"""Commands that exist only with a coordinator; `migrate` and `migrations` exist in both worlds."""
+_STATE_STYLE = {"ready": "green", "draining": "yellow", "drained": "dim", "suspect": "yellow", "down": "red"}
+
+
+class FleetUsageError(Exception):
+    """A coordinator command without a coordinator, or options the coordinator does not take."""
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("coordinator")
+    g.add_argument("--coordinator", metavar="URL", help=f"https://host:port of the coordinator (${ENV_COORDINATOR})")
+    g.add_argument("--cert", metavar="PEM", help=f"ops client certificate (${ENV_CERT})")
+    g.add_argument("--key", metavar="PEM", help=f"its private key (${ENV_KEY})")
+    g.add_argument("--ca", metavar="PEM", help=f"the fleet CA certificate (${ENV_CA})")
+    g.add_argument("--token", help=f"ops bearer token instead of a certificate (${ENV_TOKEN})")
+    g.add_argument(
+        "--server-name", metavar="NAME", help=f"name the coordinator's certificate must carry (${ENV_SERVER_NAME})"
+    )
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be within (0, 3600] seconds, got {text!r}")
+    return value
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the coordinator-only commands (`sub` is argparse's subparsers action)."""
+    sub.add_parser("hosts", help="the fleet's hosts: state, capacity, reservations, drain probability")
+    p = sub.add_parser("drain", help="stop placing on a host and migrate its containers away")
+    p.add_argument("host")
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        const=DEFAULT_DRAIN_WAIT,
+        type=_wait_seconds,
+        metavar="SECONDS",
+        help=f"wait until the host is drained (default {DEFAULT_DRAIN_WAIT:g} s)",
+    )
+    p = sub.add_parser("uncordon", help="return a drained or draining host to service")
+    p.add_argument("host")
+    sub.add_parser("predictions", help="the latest drain probability of every host, with the model version")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    cert: str | None
+    key: str | None
+    ca: str | None
+    token: str | None
+    server_name: str | None
+
+
+def endpoint(args: argparse.Namespace) -> Endpoint | None:
+    """The configured coordinator (options over environment), or None when there is none."""
+
+    def pick(value: str | None, env: str) -> str | None:
+        return value if value else (os.environ.get(env) or None)
+
+    url = pick(args.coordinator, ENV_COORDINATOR)
+    if url is None:
+        return None
+    return Endpoint(
+        url=url.rstrip("/"),
+        cert=pick(args.cert, ENV_CERT),
+        key=pick(args.key, ENV_KEY),
+        ca=pick(args.ca, ENV_CA),
+        token=pick(args.token, ENV_TOKEN),
+        server_name=pick(args.server_name, ENV_SERVER_NAME),
+    )
+
+
+def handles(args: argparse.Namespace) -> bool:
+    """True when this module runs the command: coordinator-only ones, or any with a coordinator."""
+    if args.command in COORDINATOR_ONLY:
+        return True
+    if args.command in ("migrate", "migrations"):
+        if endpoint(args) is not None:
+            return True
+        if args.command == "migrate" and args.target == "auto":
+            raise FleetUsageError(
+                f"--to auto needs a coordinator to place the container (--coordinator URL or ${ENV_COORDINATOR})"
+            )
+    return False
+
+
+def _ssl_context(ep: Endpoint) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(cafile=ep.ca) if ep.ca else ssl.create_default_context()
+        if ep.cert or ep.key:
+            if not (ep.cert and ep.key):
+                raise FleetUsageError("--cert and --key go together")
+            ctx.load_cert_chain(ep.cert, ep.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ApiError("tls_files", f"cannot use the TLS files: {exc}") from exc
+    return ctx
+
+
+class CoordinatorClient:
+    """The coordinator's ops API over HTTPS (a client certificate and/or a bearer token)."""
+
+    def __init__(self, ep: Endpoint) -> None:
+        parts = urlsplit(ep.url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise FleetUsageError(f"coordinator URL {ep.url!r}: expected https://host:port")
+        self.url = ep.url
+        self._ssl = _ssl_context(ep)
+        self._server_name = ep.server_name
+        headers = {"Authorization": f"Bearer {ep.token}"} if ep.token else {}
+        # No total timeout: `drain --wait` legitimately takes long; connecting must not.
+        self._session = aiohttp.ClientSession(
+            headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
+        )
+
+    async def __aenter__(self) -> CoordinatorClient:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._session.close()
+
+    async def request(self, method: str, path: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
+        kwargs: dict[str, Any] = {"ssl": self._ssl, "params": params, "json": body}
+        if self._server_name:
+            kwargs["server_hostname"] = self._server_name
+        try:
+            async with self._session.request(method, self.url + path, **kwargs) as resp:
+                if resp.status >= 400:
+                    raise await _error_from(resp)
+                if resp.status == 204:
+                    return None
+                return await resp.json(content_type=None)
+        except aiohttp.ClientError as exc:
+            raise ApiError("coordinator_unreachable", f"cannot talk to the coordinator at {self.url}: {exc}") from exc
+
+
+# ----- commands
+
+
+async def run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    """Run a command through the coordinator; the exit code."""
+    ep = endpoint(args)
+    if ep is None:
+        raise FleetUsageError(
+            f"{args.command} talks to the coordinator: give --coordinator URL or set ${ENV_COORDINATOR}"
+        )
+    async with CoordinatorClient(ep) as client:
+        match args.command:
+            case "hosts":
+                data = await client.request("GET", "/v1/hosts")
+                _show(args, data, lambda: out.print(hosts_table(data["hosts"])))
+            case "drain":
+                return await _drain(client, args)
+            case "uncordon":
+                host = await client.request("POST", f"/v1/hosts/{quote(args.host, safe='')}/uncordon")
+                _show(args, host, lambda: render.say(f"{host['name']} {host['state']}"))
+            case "predictions":
+                data = await client.request("GET", "/v1/predictions")
+                _show(args, data, lambda: _print_predictions(out, data))
+            case "migrate":
+                return await _migrate(client, args, err)
+            case "migrations":
+                await _migrations(client, args, out)
+            case _:  # pragma: no cover - handles() decides what reaches here
+                raise FleetUsageError(f"{args.command} does not go through the coordinator")
+    return 0
+
+
+def _show(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
+    if args.json:
+        render.print_json(data)
+    else:
+        human()
+
+
+def _say_all(lines: list[str]) -> None:
+    for line in lines:
+        render.say(line)
+
+
+async def _drain(client: CoordinatorClient, args: argparse.Namespace) -> int:
+    params = {"wait": f"{args.wait:g}"} if args.wait is not None else None
+    data = await client.request("POST", f"/v1/hosts/{quote(args.host, safe='')}/drain", params=params)
+    host = data["host"]
+    _show(args, data, lambda: render.say(f"{host['name']} {host['state']} ({data['drain']['id']})"))
+    if args.wait is not None and host["state"] != "drained":
+        sys.stderr.write(f"error: not_drained: {host['name']} is still {host['state']} after {args.wait:g} s\n")
+        return 1
+    return 0
+
+
+async def _migrate(client: CoordinatorClient, args: argparse.Namespace, err: Console) -> int:
+    unsupported = [
+        flag
+        for flag, value in (("--downtime-target", args.downtime_target), ("--max-iterations", args.max_iterations))
+        if value is not None
+    ]
+    if unsupported:
+        raise FleetUsageError(f"{', '.join(unsupported)}: set on the agents' [migration] when using the coordinator")
+    body: dict[str, Any] = {"container": args.container, "to": args.target}
+    if args.mode is not None:
+        body["mode"] = args.mode
+    migration = await client.request("POST", "/v1/migrations", body=body)
+    seen = 0
+    try:
+        while True:
+            for entry in migration.get("history", [])[seen:]:
+                if not args.json:
+                    err.print(
+                        f"{migration['id']} {entry['state']} {entry['detail']}".rstrip(), markup=False, highlight=False
+                    )
+            seen = len(migration.get("history", []))
+            if migration.get("done"):
+                break
+            await asyncio.sleep(POLL_PERIOD)
+            migration = await client.request("GET", f"/v1/migrations/{quote(migration['id'], safe='')}")
+    except asyncio.CancelledError:
+        err.print(
+            f"interrupted; migration {migration['id']} goes on in the coordinator: "
+            f"ferryctl migrations show {migration['id']}",
+            markup=False,
+            highlight=False,
+        )
+        raise
+    _show(args, migration, lambda: _say_all(migration_details(migration)))
+    if migration["state"] != "committed":
+        sys.stderr.write(f"error: {migration['state']}: {migration.get('error') or 'the migration did not commit'}\n")
+        return 1
+    return 0
+
+
+async def _migrations(client: CoordinatorClient, args: argparse.Namespace, out: Console) -> None:
+    if args.migrations_command == "show":
+        record = await client.request("GET", f"/v1/migrations/{quote(args.id, safe='')}")
+        _show(args, record, lambda: _say_all(migration_details(record, history=True)))
+        return
+    data = await client.request("GET", "/v1/migrations")
+    _show(args, data, lambda: out.print(migrations_table(data["migrations"])))
+
+
+# ----- tables
+
+
+def _percent(p: float | None) -> str:
+    return "-" if p is None else f"{100 * p:.1f}%"
+
+
+def _ts(ts: float | None, short: bool = False) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%H:%M:%S" if short else "%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _used_of(used: int, total: int, size: bool) -> str:
+    if size:
+        return f"{render.human_size(used)} / {render.human_size(total)}"
+    return f"{used / 1000:g} / {total / 1000:g}"
+
+
+def hosts_table(hosts: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("HOST", "STATE", "CPU USED", "MEMORY USED", "RESERVED CPU/MEM", "FREE MEM", "CONTAINERS", "P(DRAIN)"):
+        table.add_column(col, overflow="fold")
+    for h in sorted(hosts, key=lambda h: str(h.get("name", ""))):
+        cap, used, reserved, free = h["capacity"], h["used"], h["reserved"], h["free"]
+        state = str(h.get("state", ""))
+        table.add_row(
+            escape(str(h["name"])),
+            f"[{_STATE_STYLE.get(state, '')}]{escape(state)}[/]" if state in _STATE_STYLE else escape(state),
+            _used_of(used["cpu_millis"], cap["cpu_millis"], size=False),
+            _used_of(used["memory_bytes"], cap["memory_bytes"], size=True),
+            f"{reserved['cpu_millis'] / 1000:g} / {render.human_size(reserved['memory_bytes'])}",
+            render.human_size(free["memory_bytes"]),
+            str(len(h.get("containers", []))),
+            _percent(h.get("drain_probability")),
+        )
+    return table
+
+
+def _print_predictions(out: Console, data: dict[str, Any]) -> None:
+    model = data.get("model_version")
+    if model is None:
+        render.say("no drain model is active: only ops drain hosts")
+    else:
+        render.say(f"model {model}, threshold {_percent(data.get('threshold'))}")
+    table = Table(box=None, header_style="bold")
+    for col in ("HOST", "P(DRAIN)", "MODEL", "AT"):
+        table.add_column(col, overflow="fold", no_wrap=col == "AT")
+    threshold = data.get("threshold") or 2.0
+    for p in data.get("predictions", []):
+        prob = float(p["probability"])
+        cell = _percent(prob) if prob < threshold else f"[red]{_percent(prob)}[/]"
+        table.add_row(escape(str(p["host"])), cell, escape(str(p["model_version"])), _ts(p.get("ts")))
+    out.print(table)
+
+
+def migrations_table(migrations: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("ID", "CONTAINER", "FROM", "TO", "STATE", "TRY", "REASON", "UPDATED"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("ID", "STATE", "UPDATED"))
+    for m in sorted(migrations, key=lambda m: float(m.get("created_at", 0))):
+        state = str(m.get("state", ""))
+        style = {"committed": "green", "failed": "yellow", "abandoned": "red", "running": "cyan"}.get(state, "")
+        table.add_row(
+            escape(str(m["id"])),
+            escape(str(m["container"])),
+            escape(str(m["source"])),
+            escape(str(m.get("target") or m.get("requested_to", ""))),
+            f"[{style}]{state}[/]" if style else escape(state),
+            str(m.get("attempt", 0)),
+            escape(str(m.get("reason", ""))),
+            _ts(m.get("updated_at"), short=True),
+        )
+    return table
+
+
+def migration_details(m: dict[str, Any], history: bool = False) -> list[str]:
+    lines = [
+        f"{m['id']}: {m['container']} {m['source']} -> {m.get('target') or m.get('requested_to')}: {m['state']}",
+        f"  attempt {m.get('attempt', 0)}, tried {', '.join(m.get('tried_targets') or []) or '-'}; "
+        f"requested by {m.get('requested_by') or '-'} ({m.get('reason') or '-'})",
+    ]
+    if m.get("agent_migration_id"):
+        lines.append(f"  agent migration {m['agent_migration_id']} (ferryctl --agent ... migrations show it)")
+    if m.get("error"):
+        lines.append(f"  error: {m['error']}")
+    if history:
+        lines += [f"  {_ts(e['ts'])} {e['state']} {e['detail']}".rstrip() for e in m.get("history", [])]
+    return lines
