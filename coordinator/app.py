@@ -16,9 +16,11 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
 from coordinator.placement import Placer
 from coordinator.policy import DrainPolicy
-from coordinator.predictions import PredictionService, RiskModel, load_model
+from coordinator.predictions import PredictionService, RiskModel, activate_at_start
+from coordinator.predictor import ModelRegistry
 from coordinator.registry import HostRegistry
 from coordinator.reservations import ReservationService
+from coordinator.retraining import Retrainer
 from coordinator.sqlite_store import SqliteStore
 from coordinator.store import Store
 
@@ -32,21 +34,25 @@ class Coordinator:
         store: Store,
         agents: AgentClientLike,
         tokens: TokenHashes,
-        model: RiskModel | None,
+        model: RiskModel | ModelRegistry | None,
         clock: Callable[[], float],
     ) -> None:
+        """`model`: the registry of loaded models, or a fixed model (tests), or None (no predictions)."""
         self.config = config
         self.store = store
         self.agents = agents
         self.tokens = tokens
         self.clock = clock
         self.metrics = CoordinatorMetrics()
-        self.hosts = HostRegistry(store, config, clock, self.metrics)
+        registry = model if isinstance(model, ModelRegistry) else ModelRegistry()
+        pinned = None if isinstance(model, ModelRegistry) else model
+        self.predictions = PredictionService(store, config, clock, self.metrics, registry, pinned)
+        self.hosts = HostRegistry(store, config, clock, self.metrics, observer=self.predictions.observe)
         self.reservations = ReservationService(store, agents, config, clock, self.metrics)
-        self.predictions = PredictionService(store, config, clock, self.metrics, model)
         self.placer = Placer(store, self.reservations, config.placement, self.predictions.threshold, clock)
         self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
         self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)
+        self.retrainer = Retrainer(store, self.predictions, config, clock)
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
 
@@ -62,15 +68,21 @@ class Coordinator:
         """Check the TLS files and tokens, load the model, open the store (ConfigError on any problem)."""
         check_files(config.tls)  # the server certificate must be from the fleet CA and valid now
         tokens = TokenHashes.load(config.auth.token_hashes_file)
-        if model is None and config.model.path:
-            model = await asyncio.to_thread(load_model, config.model.path)
+        models: RiskModel | ModelRegistry | None = model
+        if model is None:
+            models = ModelRegistry()
+            if config.model.path:
+                await asyncio.to_thread(activate_at_start, models, config.model.path)
         store = await SqliteStore.open(config.database)
         try:
             client = agents if agents is not None else AgentClient.from_config(config)
+            coordinator = cls(config, store, client, tokens, models, clock)
+            replayed = await coordinator.predictions.rebuild()
         except BaseException:
             await store.close()
             raise
-        return cls(config, store, client, tokens, model, clock)
+        log.info("telemetry histories rebuilt", extra={"samples": replayed})
+        return coordinator
 
     async def start(self) -> None:
         """Start the background loops and resume migrations left unfinished by a previous run."""
@@ -82,8 +94,18 @@ class Coordinator:
             asyncio.create_task(self.reservations.run_sweeper(self._stop), name="reservation-sweeper"),
             asyncio.create_task(self._every(self.config.model.tick_period, self.policy.tick), name="policy"),
         ]
+        if self.config.model.retrain_interval:
+            self._loops.append(
+                asyncio.create_task(
+                    self._every(self.config.model.retrain_interval, self.retrainer.run_once, first_after=True),
+                    name="retrain",
+                )
+            )
 
-    async def _every(self, period: float, step: Callable[[], Awaitable[object]]) -> None:
+    async def _every(self, period: float, step: Callable[[], Awaitable[object]], *, first_after: bool = False) -> None:
+        if first_after:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), period)
         while not self._stop.is_set():
             try:
                 await step()

@@ -74,6 +74,14 @@ class ModelConfig:
     """A draining host returns to service only below threshold - hysteresis."""
     tick_period: float = 15.0
     """Seconds between scoring rounds."""
+    retrain_interval: float = 0.0
+    """Seconds between retraining rounds on recorded telemetry and drains; 0 never retrains."""
+    retrain_holdout: float = 3600.0
+    """The most recent seconds of telemetry kept out of training to compare candidate and active model."""
+    retrain_timeout: float = 1800.0
+    """Upper bound for one training run (a niced child process)."""
+    retrain_dir: str = ""
+    """Where candidate models are written; empty: a `models` directory next to the database."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,8 @@ def _validate(config: CoordinatorConfig) -> None:
         "telemetry.max_future_skew": config.telemetry.max_future_skew,
         "telemetry.max_batch": config.telemetry.max_batch,
         "model.tick_period": config.model.tick_period,
+        "model.retrain_holdout": config.model.retrain_holdout,
+        "model.retrain_timeout": config.model.retrain_timeout,
         "reservations.ttl": config.reservations.ttl,
         "reservations.max_ttl": config.reservations.max_ttl,
         "reservations.sweep_period": config.reservations.sweep_period,
@@ -171,6 +181,10 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError("migrations.max_per_host must not exceed migrations.max_per_fleet")
     if not 0.0 <= config.model.threshold < 1.0:
         raise ConfigError(f"model.threshold must be in [0, 1), got {config.model.threshold}")
+    if config.model.retrain_interval < 0:
+        raise ConfigError(f"model.retrain_interval must not be negative, got {config.model.retrain_interval}")
+    if config.model.retrain_interval and config.model.retrain_holdout >= config.telemetry.max_age:
+        raise ConfigError("model.retrain_holdout must be shorter than telemetry.max_age (nothing left to train on)")
     if not 0.0 <= config.model.hysteresis < 1.0:
         raise ConfigError(f"model.hysteresis must be in [0, 1), got {config.model.hysteresis}")
     for name in ("free_capacity", "drain_risk", "pull_bytes", "pressure"):

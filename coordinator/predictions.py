@@ -1,8 +1,10 @@
-"""Scoring every host's drain risk once per tick, with the active model (coordinator/predictor.py).
+"""Scoring every host's drain risk once per tick, with the active model of a `ModelRegistry`.
 
-This module only adapts: stored samples (protobuf JSON) become `coordinator.features.TelemetryPoint`s,
-the model scores all hosts in one batch off the event loop, and the results are stored with the
-model version. Without a model nothing is predicted and only ops drain hosts.
+Each host has one `coordinator.features.HostHistory` (its binned last two hours): rebuilt from the
+store at start, appended on each accepted telemetry push. A tick scores all hosts in one batch off
+the event loop and stores the results with the model version. Model files are loaded, swapped and
+rolled back by `coordinator.predictor.ModelRegistry` (a file that fails to load changes nothing).
+Without a model nothing is predicted and only ops drain hosts.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any, Protocol
 
 from agent.errors import ConfigError, Conflict, FerrymanError
 from coordinator.config import CoordinatorConfig
+from coordinator.features import HostHistory, TelemetryPoint
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import Prediction
+from coordinator.predictor import DrainPredictor, ModelLoadError, ModelRegistry, RegistryError
 from coordinator.store import Store
 
 log = logging.getLogger(__name__)
@@ -34,13 +38,13 @@ class NoPreviousModel(Conflict):
 
 
 class RiskModel(Protocol):
-    """The part of `coordinator.predictor.DrainPredictor` the coordinator relies on."""
+    """What the coordinator needs of a drain model (`DrainPredictor`; tests may pin a fixed one)."""
 
     @property
     def version(self) -> str: ...
     @property
     def threshold(self) -> float: ...
-    def score(self, histories: Mapping[str, Sequence[Any]], now: float) -> dict[str, float]: ...
+    def score(self, histories: Mapping[str, HostHistory], now: float) -> dict[str, float]: ...
 
 
 def _num(value: Any) -> float | None:
@@ -62,10 +66,8 @@ _EVENT_FIELDS = {
 }
 
 
-def sample_to_point(ts: float, sample: Mapping[str, Any]) -> Any:
+def sample_to_point(ts: float, sample: Mapping[str, Any]) -> TelemetryPoint:
     """A stored sample as the model's `TelemetryPoint` (missing readings stay None)."""
-    from coordinator.features import TelemetryPoint  # the predictor's module; one feature definition
-
     cpus = sample.get("cpus") or 0
     load1 = _num(sample.get("load1"))
     total, available = _num(sample.get("memory_total_bytes")), _num(sample.get("memory_available_bytes"))
@@ -91,18 +93,12 @@ def sample_to_point(ts: float, sample: Mapping[str, Any]) -> Any:
     )
 
 
-def load_model(path: str) -> RiskModel:
-    """The drain model at `path`; ConfigError (with the loader's reason) when it cannot be used."""
+def activate_at_start(registry: ModelRegistry, path: str) -> DrainPredictor:
+    """The configured model, activated; ConfigError (with the loader's reason) when it cannot be used."""
     try:
-        from coordinator.predictor import DrainPredictor
-    except ImportError as exc:
-        raise ConfigError(f"model.path is set but the predictor is unavailable: {exc}") from exc
-    loader = getattr(DrainPredictor, "load", DrainPredictor)
-    try:
-        model: RiskModel = loader(path)
-    except Exception as exc:
-        raise ConfigError(f"cannot load the drain model {path}: {exc}") from exc
-    return model
+        return registry.activate(path)
+    except ModelLoadError as exc:
+        raise ConfigError(f"cannot load the drain model {exc}") from exc
 
 
 class PredictionService:
@@ -112,47 +108,110 @@ class PredictionService:
         config: CoordinatorConfig,
         clock: Callable[[], float],
         metrics: CoordinatorMetrics,
-        model: RiskModel | None = None,
+        registry: ModelRegistry,
+        pinned: RiskModel | None = None,
     ) -> None:
         self._store = store
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self.model = model
-        self.previous: RiskModel | None = None
+        self.registry = registry
+        self._pinned = pinned
+        """A model fixed from outside (tests); it is never swapped."""
+        self._histories: dict[str, HostHistory] = {}
+        self._scoring = False
+        self._pending: list[tuple[str, list[TelemetryPoint]]] = []
+        """Points that arrived while a scoring thread reads the histories; applied after it."""
+
+    @property
+    def model(self) -> RiskModel | None:
+        return self._pinned if self._pinned is not None else self.registry.active
+
+    @property
+    def previous(self) -> RiskModel | None:
+        return None if self._pinned is not None else self.registry.previous
+
+    # ----- histories
+
+    async def rebuild(self) -> int:
+        """One history per host from the stored telemetry (at start); returns the samples replayed."""
+        since = self._clock() - self._config.telemetry.max_age
+        stored = await self._store.telemetry_all(since=since)
+        self._histories = {
+            host: HostHistory.from_points([sample_to_point(ts, s) for ts, s in samples])
+            for host, samples in stored.items()
+        }
+        return sum(len(s) for s in stored.values())
+
+    async def _catch_up(self, host: str, now: float) -> None:
+        """A host whose samples reached the store by another way (another coordinator on a shared store)."""
+        samples = await self._store.telemetry(host, since=now - self._config.telemetry.max_age)
+        if samples and host not in self._histories:
+            self._extend(host, [sample_to_point(ts, s) for ts, s in samples])
+
+    def observe(self, host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
+        """Append an accepted push to the host's history (called on the event loop)."""
+        if not samples:
+            return
+        points = [sample_to_point(ts, s) for ts, s in samples]
+        if self._scoring:
+            self._pending.append((host, points))
+        else:
+            self._extend(host, points)
+
+    def _extend(self, host: str, points: list[TelemetryPoint]) -> None:
+        history = self._histories.get(host)
+        if history is None:
+            history = self._histories[host] = HostHistory()
+        history.extend(points)
+
+    # ----- models
 
     async def activate(self, path: str) -> RiskModel:
         """Load `path` and make it the active model; on any load error the current model stays."""
+        if self._pinned is not None:
+            raise Conflict("the drain model is pinned by the process that started the coordinator")
         try:
-            model = await asyncio.to_thread(load_model, path)
-        except ConfigError as exc:
-            raise ModelLoadFailed(exc.message) from exc
-        self.previous, self.model = self.model, model
-        log.info("drain model activated", extra={"model_version": model.version, "model_path": path})
+            model = await asyncio.to_thread(self.registry.activate, path)
+        except ModelLoadError as exc:
+            log.error("drain model not activated", extra={"model_path": path, "error": str(exc)})
+            raise ModelLoadFailed(str(exc)) from exc
         return model
 
     def rollback(self) -> RiskModel:
-        if self.previous is None:
-            raise NoPreviousModel("no previous drain model to roll back to")
-        self.model, self.previous = self.previous, self.model
-        log.warning("drain model rolled back", extra={"model_version": self.model.version})
-        return self.model
+        if self._pinned is not None:
+            raise NoPreviousModel("the drain model is pinned: nothing to roll back to")
+        try:
+            return self.registry.rollback()
+        except RegistryError as exc:
+            raise NoPreviousModel(str(exc)) from exc
 
     def threshold(self) -> float:
-        if self.model is None:
+        model = self.model
+        if model is None:
             return NO_MODEL_THRESHOLD
-        return self._config.model.threshold or self.model.threshold
+        return self._config.model.threshold or model.threshold
 
     async def tick(self) -> list[Prediction]:
+        """Score every host with history in one batch; the predictions carry the model's version."""
         model = self.model
         if model is None:
             return []
         now = self._clock()
-        stored = await self._store.telemetry_all(since=now - self._config.telemetry.max_age)
-        histories = {host: [sample_to_point(ts, s) for ts, s in samples] for host, samples in stored.items()}
+        hosts = {h.name for h in await self._store.list_hosts()}
+        for name in sorted(hosts - self._histories.keys()):
+            await self._catch_up(name, now)
+        histories = {name: h for name, h in sorted(self._histories.items()) if name in hosts}
         if not histories:
             return []
-        scores = await asyncio.to_thread(model.score, histories, now)
+        self._scoring = True
+        try:
+            scores = await asyncio.to_thread(model.score, histories, now)
+        finally:
+            self._scoring = False
+            pending, self._pending = self._pending, []
+            for host, points in pending:
+                self._extend(host, points)
         predictions = [Prediction(host, now, float(p), model.version) for host, p in sorted(scores.items())]
         await self._store.record_predictions(predictions)
         for p in predictions:

@@ -7,7 +7,8 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
@@ -19,14 +20,24 @@ from proto.ferryman.v1 import fleet_pb2
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+SampleObserver = Callable[[str, Sequence[tuple[float, Mapping[str, Any]]]], None]
+"""Told of every accepted push (host, samples oldest first), after the store kept it."""
 
 
 class HostRegistry:
-    def __init__(self, store: Store, config: CoordinatorConfig, clock: Clock, metrics: CoordinatorMetrics) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: CoordinatorConfig,
+        clock: Clock,
+        metrics: CoordinatorMetrics,
+        observer: SampleObserver | None = None,
+    ) -> None:
         self._store = store
         self._config = config
         self._clock = clock
         self._metrics = metrics
+        self._observer = observer
 
     async def register(self, reg: fleet_pb2.Registration) -> Host:
         host = registration_to_host(reg, self._clock())
@@ -66,6 +77,8 @@ class HostRegistry:
             )
         except HostNotFound:
             return fleet_pb2.TelemetryAck(accepted=0, reregister=True)
+        if self._observer is not None:
+            self._observer(checked.host, checked.samples)
         if host.health is not HostHealth.READY:
             log.info("host is back", extra={"host": host.name, "was": host.health.value})
         self._metrics.telemetry_samples.inc(accepted)

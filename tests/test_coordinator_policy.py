@@ -18,7 +18,7 @@ import pytest
 from coordinator.app import Coordinator
 from coordinator.auth import TokenHashes
 from coordinator.config import CoordinatorConfig, MigrationLimits, ModelConfig
-from coordinator.features import TelemetryPoint
+from coordinator.features import HostHistory
 from coordinator.model import Capacity, ContainerUsage, Host, HostAdmin, MigrationState, Reservation
 from coordinator.placement import Need
 from coordinator.policy import PRIORITY_LABEL, migration_order
@@ -92,7 +92,7 @@ class FixedRisk:
         self.p: dict[str, float] = {}
 
     def score(self, histories: Mapping[str, Sequence[Any]], now: float) -> dict[str, float]:
-        assert all(isinstance(p, TelemetryPoint) for points in histories.values() for p in points)
+        assert all(isinstance(h, HostHistory) for h in histories.values())
         return {host: self.p.get(host, 0.01) for host in histories}
 
 

@@ -132,7 +132,7 @@ def _wait_seconds(request: web.Request) -> float | None:
     raw = request.query.get("wait")
     if raw is None:
         return None
-    if raw in ("", "1", "true"):
+    if raw in ("", "true"):  # not "1": that is one second
         return DEFAULT_WAIT
     try:
         value = float(raw)
@@ -247,6 +247,20 @@ async def rollback_model(request: web.Request) -> web.Response:
     coordinator = request.app[COORDINATOR]
     coordinator.predictions.rollback()
     return _json(_model_view(coordinator))
+
+
+async def retrain_model(request: web.Request) -> web.Response:
+    _ops(request)
+    coordinator = request.app[COORDINATOR]
+    outcome = await coordinator.retrainer.run_once()
+    return _json(
+        {
+            "activated": outcome.activated,
+            "reason": outcome.reason,
+            "candidate": outcome.candidate,
+            "model": _model_view(coordinator),
+        }
+    )
 
 
 async def list_decisions(request: web.Request) -> web.Response:

@@ -45,6 +45,7 @@ def build_app(coordinator: Coordinator) -> web.Application:
     r.add_get("/v1/model", h.get_model)
     r.add_post("/v1/model", h.activate_model)
     r.add_post("/v1/model/rollback", h.rollback_model)
+    r.add_post("/v1/model/retrain", h.retrain_model)
     r.add_get("/v1/reservations", h.list_reservations)
     r.add_post("/v1/reservations", h.place_reservation)
     r.add_delete("/v1/reservations/{id}", h.release_reservation)

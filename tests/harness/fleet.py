@@ -8,15 +8,19 @@ import http.client
 import json
 import secrets
 import shutil
+import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.security.pki import init_ca, issue_host
+from agent.security.pki import HostCertPaths, init_ca, issue_client, issue_host
+from tests.harness.coordinator import COORDINATOR_NAME, CoordinatorPki, CoordinatorProcess, new_token
 from tests.harness.mesh import Mesh, MeshHost
+from tests.harness.netns import acall_in_netns
 from tests.harness.workloads import MemhogStatus, bundle_rootfs, memhog_image
 
 PEER_PORT = 7443
@@ -51,20 +55,51 @@ def issue_fleet_certs(mesh_dir: Path, hosts: list[tuple[str, str]]) -> None:
         issue_host(ca, name, mesh_dir / "pki" / name, addresses=[address])
 
 
+class OpsListeningHost(MeshHost):
+    """A mesh host whose agent also serves its API to ops certificates on <address>:<ops_port> (tls_listen)."""
+
+    def __init__(self, mesh: Mesh, index: int, ops_port: int) -> None:
+        super().__init__(mesh, index)
+        self.ops_port = ops_port
+
+    def agent_config_text(self) -> str:
+        # The mesh writes the [api] table itself; tls_listen joins it there.
+        text = super().agent_config_text()
+        return text.replace("\n[api]\n", f'\n[api]\ntls_listen = "{self.address}:{self.ops_port}"\n', 1)
+
+
 @asynccontextmanager
-async def fleet(base: Path, hosts: int = 2, idle_timeout: float = 10.0, **mesh_kw: Any) -> AsyncIterator[Mesh]:
-    """A started mesh whose agents listen for peers over mTLS on <address>:7443."""
+async def fleet(
+    base: Path,
+    hosts: int = 2,
+    idle_timeout: float = 10.0,
+    *,
+    extra_config: Callable[[MeshHost], str] | None = None,
+    ops_port: int | None = None,
+    before_agents: Callable[[Mesh], Awaitable[None]] | None = None,
+    **mesh_kw: Any,
+) -> AsyncIterator[Mesh]:
+    """A started mesh whose agents listen for peers over mTLS on <address>:7443.
+
+    `extra_config(host)` adds TOML tables to each agent's config, `ops_port` gives every agent an ops
+    listener (`[api] tls_listen`) on that port, and `before_agents(mesh)` runs once the fleet
+    certificates exist, before any agent starts (e.g. to start a coordinator).
+    """
     mesh = Mesh(
         base / f"fleet-{secrets.token_hex(2)}",
         hosts,
         peer_port=PEER_PORT,
         start_agents=False,
-        agent_extra_config=lambda h: fleet_config(mesh, h, idle_timeout),
+        agent_extra_config=lambda h: fleet_config(mesh, h, idle_timeout) + (extra_config(h) if extra_config else ""),
         **mesh_kw,
     )
+    if ops_port is not None:
+        mesh.hosts = [OpsListeningHost(mesh, h.index, ops_port) for h in mesh.hosts]
     try:
         await mesh.start()
         issue_fleet_certs(mesh.dir, [(h.name, h.address) for h in mesh.hosts])
+        if before_agents is not None:
+            await before_agents(mesh)
         await asyncio.gather(*(h.start_agent() for h in mesh.hosts))
         yield mesh
     finally:
@@ -184,3 +219,179 @@ def longest_outage(samples: list[tuple[float, bool]]) -> float:
                 worst = max(worst, stamp - last_ok)
             last_ok = stamp
     return worst
+
+
+# ----- a fleet with a coordinator ---------------------------------------------------------------------
+
+COORDINATOR_PORT = 7543
+OPS_PORT = 7444
+FERRYCTL = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "ferryctl"
+
+
+class MeshCoordinatorPki(CoordinatorPki):
+    """The coordinator's certificates from the mesh's own fleet CA (the agents' CA), for its fabric address."""
+
+    def __init__(self, mesh: Mesh) -> None:  # no super().__init__: that would make a second CA
+        self.root = mesh.dir / "pki"
+        self.ca_dir = self.root / "ca"
+        self.server = issue_host(self.ca_dir, COORDINATOR_NAME, self.root / COORDINATOR_NAME, [mesh.gateway])
+        self.ops_client = issue_client(self.ca_dir, "coordinator-ops", self.root / "coordinator-ops")
+        self._issued = {}
+
+
+@dataclass
+class CoordinatedFleet:
+    """A mesh whose agents register with, and push telemetry to, a coordinator in the fabric netns."""
+
+    mesh: Mesh
+    coordinator: CoordinatorProcess
+    pki: CoordinatorPki
+    token: str
+
+    @property
+    def operator(self) -> HostCertPaths:
+        return self.pki.operator("alice")
+
+    def notice_file(self, host: MeshHost, kind: str = "drain") -> Path:
+        """The file whose appearance the agent's sampler reports (kind: drain, maintenance, preempt)."""
+        return host.dir / f"{kind}-notice"
+
+    async def call(self, method: str, path: str, body: Any = None, expect: int | None = 200) -> Any:
+        """One ops request to the coordinator, made from inside the fabric netns (never from the root one)."""
+        status, data = await acall_in_netns(self.mesh.fabric.netns, self._call_blocking, method, path, body)
+        if expect is not None and status != expect:
+            raise AssertionError(f"{method} {path}: {status} {data}")
+        return data
+
+    def _call_blocking(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        # The coordinator's certificate carries its fabric address: the name check applies as usual.
+        ctx = self.pki.client_ssl(self.operator)
+        conn = http.client.HTTPSConnection(self.coordinator.host, self.coordinator.port, timeout=30, context=ctx)
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            conn.request(method, path, body=payload, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+            if raw and (resp.getheader("Content-Type") or "").startswith("application/json"):
+                return resp.status, json.loads(raw)
+            return resp.status, raw.decode(errors="replace")
+        finally:
+            conn.close()
+
+    async def ferryctl(self, *args: str, within: float = 120.0, auth: str = "cert") -> subprocess.CompletedProcess[str]:
+        """`ferryctl --coordinator ...` run in the fabric netns, as an operator certificate or the token."""
+        if auth == "cert":
+            creds = ["--cert", str(self.operator.cert_file), "--key", str(self.operator.key_file)]
+        else:
+            creds = ["--token", self.token]
+        argv = [
+            str(FERRYCTL),
+            "--coordinator",
+            self.coordinator.url,
+            "--ca",
+            str(self.pki.server.ca_file),
+            *creds,
+            *args,
+        ]
+        return await self.mesh.aexec_in(self.mesh.fabric, argv, within=within)
+
+    async def host(self, name: str) -> dict[str, Any]:
+        return dict(await self.call("GET", f"/v1/hosts/{name}"))
+
+    async def wait_for(
+        self, what: str, check: Callable[[], Awaitable[Any]], within: float = 30.0, period: float = 0.3
+    ) -> Any:
+        """Poll `check` until it returns something truthy; AssertionError naming `what` after `within` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            value = await check()
+            if value:
+                return value
+            if loop.time() >= deadline:
+                raise AssertionError(f"{what}: not within {within:g}s\n{self.coordinator.logs()[-3000:]}")
+            await asyncio.sleep(period)
+
+
+def coordinator_agent_config(mesh: Mesh, host: MeshHost, telemetry_period: float) -> str:
+    """The agent's [coordinator], [telemetry] and [capacity] tables for a coordinated fleet."""
+    files = {k: str(host.dir / f"{k}-notice") for k in ("drain", "maintenance", "preempt")}
+    return (
+        f'\n[coordinator]\nurl = "https://{mesh.gateway}:{COORDINATOR_PORT}"\nserver_name = "{COORDINATOR_NAME}"\n'
+        f"request_timeout = 5.0\n"
+        f"\n[telemetry]\nperiod = {telemetry_period}\n"
+        f'drain_notice_file = "{files["drain"]}"\nmaintenance_file = "{files["maintenance"]}"\n'
+        f'preemption_file = "{files["preempt"]}"\n'
+        "\n[capacity]\ncpu_millis = 4000\nmemory_bytes = 2147483648\ndisk_bytes = 10737418240\n"
+    )
+
+
+@asynccontextmanager
+async def coordinated_fleet(
+    base: Path,
+    hosts: int = 3,
+    *,
+    coordinator: Mapping[str, Mapping[str, Any] | Any] | None = None,
+    telemetry_period: float = 0.5,
+    idle_timeout: float = 10.0,
+) -> AsyncIterator[CoordinatedFleet]:
+    """A fleet of `hosts` agents and a coordinator in the fabric netns, everything over mTLS.
+
+    The coordinator gets short heartbeat, tick and poll periods (override any key with `coordinator`);
+    agents get a [coordinator] table, fast telemetry and an ops listener. Waits until every host has
+    registered and pushed telemetry.
+    """
+    token = new_token()
+    holder: dict[str, CoordinatedFleet] = {}
+
+    async def start_coordinator(mesh: Mesh) -> None:
+        pki = MeshCoordinatorPki(mesh)
+        workdir = mesh.dir / "coordinator"
+        workdir.mkdir()
+        overrides: dict[str, Any] = {
+            "heartbeat": {"suspect_after": 3.0, "down_after": 6.0, "check_period": 0.5},
+            "model": {"tick_period": 1.0},
+            "migrations": {"poll_period": 0.3, "timeout": 120.0},
+            "reservations": {"sweep_period": 1.0},
+            "agents": {"request_timeout": 10.0},
+        }
+        for key, value in (coordinator or {}).items():
+            overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, Mapping) else value
+        proc = CoordinatorProcess(
+            workdir,
+            pki,
+            host=mesh.gateway,
+            port=COORDINATOR_PORT,
+            netns=mesh.fabric.netns,
+            tokens=(token,),
+            overrides=overrides,
+        )
+        await proc.start()
+        holder["fleet"] = CoordinatedFleet(mesh, proc, pki, token)
+
+    try:
+        async with fleet(
+            base,
+            hosts,
+            idle_timeout,
+            extra_config=lambda h: coordinator_agent_config(h.mesh, h, telemetry_period),
+            ops_port=OPS_PORT,
+            before_agents=start_coordinator,
+        ) as mesh:
+            f = holder["fleet"]
+
+            async def all_registered() -> bool:
+                hosts_now = (await f.call("GET", "/v1/hosts"))["hosts"]
+                return len(hosts_now) == len(mesh.hosts) and all(
+                    h["state"] == "ready" and h["api_url"] for h in hosts_now
+                )
+
+            await f.wait_for("every agent registered", all_registered, within=30)
+            try:
+                yield f
+            finally:
+                await f.coordinator.stop()
+    finally:
+        if "fleet" in holder:
+            await holder["fleet"].coordinator.stop()  # a no-op when already stopped
