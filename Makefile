@@ -20,7 +20,7 @@ help:
 	@echo "make lint         ruff check"
 	@echo "make typecheck    mypy"
 	@echo "make bench        setup, then every bench/*.py"
-	@echo "make verify-unit  systemd-analyze verify systemd/ferryman-agent.service"
+	@echo "make verify-unit  systemd-analyze verify the agent and coordinator units"
 
 setup:
 	scripts/setup-host --venv $(VENV) $(SETUP_ARGS)
@@ -56,12 +56,15 @@ bench: setup
 # from systemd-analyze (unknown key, bad value, missing dependency) fails the target.
 verify-unit:
 	@command -v systemd-analyze >/dev/null || { echo "systemd-analyze missing: apt-get install systemd" >&2; exit 1; }
-	@set -e; root=$$(mktemp -d); trap 'rm -rf "$$root"' EXIT; \
+	@set -e; for unit in ferryman-agent ferryman-coordinator; do \
+	root=$$(mktemp -d); \
 	mkdir -p "$$root/etc/systemd/system" "$$root/usr/lib/systemd" "$$root/opt/ferryman/venv/bin"; \
 	cp -a /usr/lib/systemd/system "$$root/usr/lib/systemd/"; \
-	cp systemd/ferryman-agent.service "$$root/etc/systemd/system/"; \
-	printf '#!/bin/sh\nexit 0\n' >"$$root/opt/ferryman/venv/bin/ferryman-agent"; \
-	chmod 0755 "$$root/opt/ferryman/venv/bin/ferryman-agent"; \
-	out=$$(systemd-analyze verify --root="$$root" /etc/systemd/system/ferryman-agent.service 2>&1) || rc=$$?; \
-	if [ -n "$$out" ] || [ "$${rc:-0}" != 0 ]; then echo "$$out" >&2; exit 1; fi; \
-	echo "systemd/ferryman-agent.service: verified (systemd $$(systemd-analyze --version | awk 'NR==1 {print $$2}'))"
+	cp systemd/$$unit.service "$$root/etc/systemd/system/"; \
+	printf '#!/bin/sh\nexit 0\n' >"$$root/opt/ferryman/venv/bin/$$unit"; \
+	chmod 0755 "$$root/opt/ferryman/venv/bin/$$unit"; \
+	rc=0; out=$$(systemd-analyze verify --root="$$root" /etc/systemd/system/$$unit.service 2>&1) || rc=$$?; \
+	rm -rf "$$root"; \
+	if [ -n "$$out" ] || [ "$$rc" != 0 ]; then echo "$$out" >&2; exit 1; fi; \
+	echo "systemd/$$unit.service: verified (systemd $$(systemd-analyze --version | awk 'NR==1 {print $$2}'))"; \
+	done

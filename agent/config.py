@@ -231,7 +231,7 @@ T = TypeVar("T")
 _TABLE_ARRAYS: dict[str, type] = {"registries": RegistryConfig, "peers": PeerConfig}
 
 
-def _build(cls: type[T], data: Any, where: str) -> T:
+def build_table(cls: type[T], data: Any, where: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
     hints = get_type_hints(cls)
@@ -244,11 +244,11 @@ def _build(cls: type[T], data: Any, where: str) -> T:
         hint = hints[key]
         path = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, path)  # type: ignore[arg-type]
+            kwargs[key] = build_table(hint, value, path)  # type: ignore[arg-type]
         elif key in _TABLE_ARRAYS:
             if not isinstance(value, list):
                 raise ConfigError(f"{path}: expected an array of tables")
-            kwargs[key] = tuple(_build(_TABLE_ARRAYS[key], v, f"{path}[{i}]") for i, v in enumerate(value))
+            kwargs[key] = tuple(build_table(_TABLE_ARRAYS[key], v, f"{path}[{i}]") for i, v in enumerate(value))
         elif hint == dict[str, str]:  # a table of free-form string pairs (coordinator.labels)
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                 raise ConfigError(f"{path}: expected a table of strings")
@@ -364,7 +364,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
     version = data.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError(f"config version {version} is not supported (expected {CONFIG_VERSION})")
-    config = _build(AgentConfig, data, "")
+    config = build_table(AgentConfig, data, "")
     _validate(config)
     return config
 

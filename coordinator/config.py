@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config import _build as build_table
+from agent.config import build_table
 from agent.errors import ConfigError
 from agent.logs import parse_level
 from agent.security.tls import parse_peer_listen
