@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,29 @@ async def test_postcopy_refused_by_label(mesh: Mesh) -> None:
     assert "ferryman.postcopy=never" in error["error"]["message"]
     record = await migrate(h1, "hog", "h2", mode="auto")
     assert record["state"] == "COMMIT" and record["options"]["mode"] == "precopy"
+
+
+async def test_target_enforces_reservations(mesh: Mesh) -> None:
+    """A migration may not eat capacity reserved for someone else; one charged to its own
+    reservation is admitted, and the reservation is released at commit."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    h2.settings["capacity"] = {"cpu_millis": 2000, "memory_bytes": 1 << 30, "disk_bytes": 10 << 30}
+    await h2.restart_agent()
+    expires = time.time() + 120
+    other = {"id": "other", "capacity": {"memory_bytes": 1000 << 20}, "expires_at": expires, "purpose": "x"}
+    await api(h2, "POST", "/v1/reservations", other, expect=201)
+    await run_memhog(h1, mesh, "hog", resident_mib=64)
+
+    refused = await migrate(h1, "hog", "h2", mode="lazy")
+    assert refused["state"] == "ROLLBACK" and "cannot admit" in refused["error"], refused
+    assert task_states(h1) == {"hog": "RUNNING"} and "hog" not in h2.ctr("containers", "ls", "-q").stdout
+
+    await api(h2, "DELETE", "/v1/reservations/other", expect=204)
+    ours = {"id": "res-1", "capacity": {"memory_bytes": 900 << 20}, "expires_at": expires, "purpose": "migration"}
+    await api(h2, "POST", "/v1/reservations", ours, expect=201)
+    record = await migrate(h1, "hog", "h2", mode="lazy", reservation="res-1")
+    assert record["state"] == "COMMIT", record
+    assert await verify_memory(h2, "hog") == "ok"
+    await wait_done(h2)
+    held = (await api(h2, "GET", "/v1/reservations"))["reservations"]
+    assert [r["id"] for r in held] == []  # released at commit

@@ -28,7 +28,8 @@ HTTP_PORT = 8080
 
 
 def fleet_config(mesh: Mesh, host: MeshHost, idle_timeout: float) -> str:
-    """TLS files, peers and the [migration] table; `host.settings["migration"]` overrides its keys."""
+    """TLS files, peers and the [migration] table; `host.settings["migration"]` overrides its keys and
+    `host.settings["capacity"]` adds a [capacity] table."""
     pki = mesh.dir / "pki" / host.name
     migration: dict[str, object] = {
         "work_dir": f"/dev/shm/ferryman-{mesh.prefix}-{host.name}",
@@ -38,13 +39,16 @@ def fleet_config(mesh: Mesh, host: MeshHost, idle_timeout: float) -> str:
         **host.settings.get("migration", {}),
     }
     migration_toml = "".join(f"{k} = {json.dumps(v)}\n" for k, v in migration.items())
+    capacity_keys = host.settings.get("capacity") or {}
+    capacity = "".join(f"{k} = {json.dumps(v)}\n" for k, v in capacity_keys.items())
+    capacity = f"\n[capacity]\n{capacity}" if capacity else ""
     peers = "".join(
         f'\n[[peers]]\nname = "{h.name}"\naddress = "{h.address}:{PEER_PORT}"\n' for h in mesh.hosts if h is not host
     )
     return (
         f'\n[tls]\nca_file = "{pki / "ca.pem"}"\ncert_file = "{pki / "host.pem"}"\n'
         f'key_file = "{pki / "host-key.pem"}"\n'
-        f"\n[migration]\n{migration_toml}" + peers
+        f"\n[migration]\n{migration_toml}" + peers + capacity
     )
 
 
