@@ -121,6 +121,27 @@ async def test_link_cut_during_postcopy_resumes(base_dir: Path) -> None:
         assert no_postcopy_helpers() == []
 
 
+async def test_link_cut_at_the_decision(base_dir: Path) -> None:
+    """The source decided, but `resume` never reached the target: the target asks the source, hears
+    "commit", resumes and reconnects for its pages; the source waits for it."""
+    async with fleet(base_dir, hosts=2, idle_timeout=2.0) as mesh:
+        h1, h2 = mesh["h1"], mesh["h2"]
+        await restart_with(h1, "source.decided=sleep:1")
+        await run_memhog(h1, mesh, "hog", resident_mib=32, rewrite_mbps=2)
+        task = asyncio.create_task(migrate(h1, "hog", "h2", mode="lazy"))
+        await wait_state(h1, "POSTCOPY")  # decided; `resume` goes out after the failpoint's second
+        await mesh.link_down(h2)
+        await asyncio.sleep(4)
+        await mesh.link_up(h2)
+        record = await asyncio.wait_for(task, 120)
+        assert record["state"] == "COMMIT", record
+        assert (await wait_done(h2))["state"] == "COMMIT"
+        assert task_states(h2) == {"hog": "RUNNING"} and "hog" not in task_states(h1)
+        assert await verify_memory(h2, "hog") == "ok"
+        assert "no decision from the source yet" in h2.agent_log.read_text()  # it did have to ask
+        assert no_postcopy_helpers() == []
+
+
 async def test_target_agent_restart_during_postcopy(mesh: Mesh) -> None:
     """The pager and the lazy-pages daemon outlive the agent; the new agent resumes from its journal."""
     h1, h2 = mesh["h1"], mesh["h2"]

@@ -443,6 +443,9 @@ class TargetMigration:
                 link = await self.ctx.connect(self.record.peer, self.record.id)
                 store = self._relay is not None and self._relay.read_local is not None
                 await link.send("postcopy", migration=self.record.id, store=store)
+                # The source may still wait for this (the first link died before it arrived); a repeat
+                # is harmless.
+                await link.send("resumed")
                 return link
             except (TimeoutError, OSError, FerrymanError) as exc:
                 if loop.time() > deadline or await self._pager_failed():
