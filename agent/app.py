@@ -76,7 +76,7 @@ class Agent:
         config = self.config
         if not config.coordinator.url:
             return None
-        registrar = Registrar(config, host, self.capacity)
+        registrar = Registrar(config, host, self.capacity, self.images.layer_digests)
         return TelemetryPusher(
             host, config.coordinator, config.telemetry, client_context(config.tls), registrar.registration, self.metrics
         )

@@ -141,6 +141,9 @@ async def test_layer_shared_with_another_image_is_not_downloaded_again(agent: Ag
     second = await agent.images.pull(f"{registry.host}/{name}:bigger")
     assert second.layers_fetched == 1
     assert second.bytes_fetched == bigger.layers[-1].size
+    # What the agent tells the coordinator it holds (placement counts the bytes a target would pull).
+    held = set(await agent.images.layer_digests())
+    assert {str(layer.digest) for layer in bigger.layers} <= held
 
 
 async def test_index_picks_this_platform(agent: Agent, containerd: PrivateContainerd, registry: DockerRegistry) -> None:

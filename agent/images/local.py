@@ -21,6 +21,8 @@ class LocalImage:
     """The committed snapshot holding the image's rootfs."""
     size: int
     """Manifest, config and layer bytes."""
+    layers: tuple[str, ...] = ()
+    """The manifest's layer digests (compressed blobs, as registries serve them)."""
 
 
 async def read_image(cd: Containerd, name: str, platform: Platform) -> LocalImage:
@@ -42,4 +44,7 @@ async def read_image(cd: Containerd, name: str, platform: Platform) -> LocalImag
     config = json.loads(await cd.content.read_all(manifest["config"]["digest"]))
     diff_ids = [parse_digest(d) for d in config["rootfs"]["diff_ids"]]
     size = len(manifest_bytes) + int(manifest["config"]["size"]) + sum(int(la["size"]) for la in manifest["layers"])
-    return LocalImage(record=record, manifest_digest=digest, config=config, chain_id=chain_ids(diff_ids)[-1], size=size)
+    layers = tuple(str(la["digest"]) for la in manifest["layers"])
+    return LocalImage(
+        record=record, manifest_digest=digest, config=config, chain_id=chain_ids(diff_ids)[-1], size=size, layers=layers
+    )

@@ -32,6 +32,16 @@ class ImageService:
             out.append(ImageSummary(name=record.name, digest=record.digest, media_type=record.media_type, size=size))
         return out
 
+    async def layer_digests(self) -> tuple[str, ...]:
+        """Every layer this host holds for its platform: placement counts the bytes a target would pull."""
+        held: dict[str, None] = {}
+        for record in await self._cd.images.list():
+            try:
+                held.update(dict.fromkeys((await read_image(self._cd, record.name, self.platform)).layers))
+            except (ImageNotFound, ContainerdNotFound):
+                continue
+        return tuple(held)
+
     async def remove(self, name: str) -> None:
         try:
             await self._cd.images.delete(str(Reference.parse(name)))

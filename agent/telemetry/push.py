@@ -26,6 +26,9 @@ from agent.config import CoordinatorConfig, TelemetryConfig
 from agent.metrics import AgentMetrics
 from proto.ferryman.v1 import fleet_pb2 as pb
 
+REGISTRATION_REFRESH = 60.0
+"""Seconds between registrations: the layers a host holds change as it pulls (placement counts them)."""
+
 log = logging.getLogger(__name__)
 
 RegistrationSource = Callable[[], Awaitable[pb.Registration]]
@@ -62,6 +65,7 @@ class TelemetryPusher:
         self.dropped = 0
         """Samples lost to the buffer bounds since the last accepted push."""
         self.registered = False
+        self._registered_at = 0.0
         self._reachable = True  # for logging only the transitions
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -122,6 +126,8 @@ class TelemetryPusher:
     async def flush(self) -> bool:
         """Register if needed, then send the whole buffer; False (buffer kept) if the coordinator failed."""
         try:
+            if self.registered and time.monotonic() - self._registered_at > REGISTRATION_REFRESH:
+                self.registered = False
             if not self.registered:
                 await self._register()
             # Bounded: every round removes at least one sample or ends the flush.
@@ -146,6 +152,7 @@ class TelemetryPusher:
         registration = await self._registration()
         await self._post("/v1/register", registration)
         self.registered = True
+        self._registered_at = time.monotonic()
         log.info("registered with the coordinator", extra={"coordinator": self._url})
 
     async def _push_batch(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 
 from agent.checkpoint.features import detect as detect_criu
 from agent.config import AgentConfig
@@ -25,10 +26,17 @@ def agent_version() -> str:
 class Registrar:
     """Builds the Registration message; CRIU's features are detected once, on first use."""
 
-    def __init__(self, config: AgentConfig, host: str, capacity: HostCapacity) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        host: str,
+        capacity: HostCapacity,
+        layers: Callable[[], Awaitable[Sequence[str]]] | None = None,
+    ) -> None:
         self._config = config
         self._host = host
         self._capacity = capacity
+        self._layers = layers
         self._criu: dict[str, str] | None = None
 
     async def registration(self) -> pb.Registration:
@@ -44,6 +52,7 @@ class Registrar:
             agent_version=agent_version(),
             telemetry_period_s=self._config.telemetry.period,
             criu_features=self._criu,
+            layer_digests=list(await self._layers()) if self._layers is not None else [],
         )
 
 
