@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -121,22 +121,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(level)
 
+    return run_to_exit_code("agent", run(config))
+
+
+def run_to_exit_code(what: str, main: Coroutine[Any, Any, int]) -> int:
+    """asyncio.run(main) with the exit codes and last words every ferryman daemon uses."""
     try:
-        return asyncio.run(run(config))
+        return asyncio.run(main)
     except ConfigError as exc:
         # Some settings (listen address, password files) are only checked when used.
         log.error(f"configuration error: {exc.message}", extra={"code": exc.code})
         return EXIT_CONFIG
     except FerrymanError as exc:
-        log.error(f"agent failed: {exc.message}", extra={"code": exc.code})
+        log.error(f"{what} failed: {exc.message}", extra={"code": exc.code})
         return EXIT_FAILURE
     except OSError as exc:
-        log.error(f"agent failed: {exc}", extra={"code": "os_error"})
+        log.error(f"{what} failed: {exc}", extra={"code": "os_error"})
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130  # Ctrl-C before the handlers were installed
     except Exception:
-        log.exception("agent crashed")
+        log.exception(f"{what} crashed")
         return EXIT_FAILURE
 
 

@@ -13,7 +13,8 @@ import signal
 import sys
 
 from agent import sdnotify
-from agent.errors import ConfigError, FerrymanError
+from agent.daemon import EXIT_CONFIG, EXIT_OK, run_to_exit_code
+from agent.errors import ConfigError
 from agent.logs import setup_logging
 from coordinator.api import serve
 from coordinator.app import Coordinator
@@ -22,9 +23,6 @@ from coordinator.config import CoordinatorConfig, load_config
 log = logging.getLogger("coordinator.daemon")
 
 DEFAULT_CONFIG = "/etc/ferryman/coordinator.toml"
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,22 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"configuration error: {exc.message}", extra={"code": exc.code, "config": args.config})
         return EXIT_CONFIG
     setup_logging(config.log_level)
-    try:
-        return asyncio.run(run(config))
-    except ConfigError as exc:
-        log.error(f"configuration error: {exc.message}", extra={"code": exc.code})
-        return EXIT_CONFIG
-    except FerrymanError as exc:
-        log.error(f"coordinator failed: {exc.message}", extra={"code": exc.code})
-        return EXIT_FAILURE
-    except OSError as exc:
-        log.error(f"coordinator failed: {exc}", extra={"code": "os_error"})
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130
-    except Exception:
-        log.exception("coordinator crashed")
-        return EXIT_FAILURE
+    return run_to_exit_code("coordinator", run(config))
 
 
 if __name__ == "__main__":
