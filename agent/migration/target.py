@@ -100,6 +100,8 @@ class TargetMigration:
         self._daemon: subprocess.Popen[bytes] | None = None
         self._daemon_end: socket.socket | None = None
         self._link: Link | None = None
+        self._remote = record.stats.pages_remote  # after a restart: where the journal left it
+        self._published_at = 0.0
         self._pull: asyncio.Task[Any] | None = None
         self._rw_digest: str | None = None
         self._build: asyncio.Task[list[Any]] | None = None
@@ -355,6 +357,7 @@ class TargetMigration:
         await asyncio.to_thread(ensure_pipe_max_size)
         total = await asyncio.to_thread(lazy_pages, self.images_dir)
         self.record = self.record.with_stats(lazy_pages=total, pages_remote=total)
+        self._remote = total
         if self._pager is None:
             await self._start_pager()
         assert self._relay is not None and self._daemon_end is not None
@@ -367,9 +370,12 @@ class TargetMigration:
         await wait_ready(self._daemon, self.paths.criu_work)
 
     def _on_pages(self, count: int) -> None:
-        stats = self.record.stats
-        self.record = self.record.with_stats(pages_remote=max(stats.pages_remote - count, 0))
-        self.ctx.publish(self.record)
+        self._remote = max(self._remote - count, 0)
+        now = time.monotonic()
+        if now - self._published_at > 0.1 or not self._remote:  # progress, not a record per page fault
+            self._published_at = now
+            self.record = self.record.with_stats(pages_remote=self._remote)
+            self.ctx.publish(self.record)
 
     async def _await_resume(self, link: Link) -> None:
         assert self._relay is not None and self._traffic is not None
