@@ -201,6 +201,12 @@ class Admission(Protocol):
     async def admit(self, need: pb.Capacity | Amount, reservation_id: str | None = None) -> None: ...
 
 
+class ReservationBook(Admission, Protocol):
+    """What a migration target needs: admit against a reservation, then give it back."""
+
+    async def release(self, reservation_id: str) -> bool: ...
+
+
 def container_need(cpus: float | None, memory: int | None) -> Amount:
     """A container's need from its limits (cores, bytes); no limit counts as 0 (see `admit`)."""
     return Amount(cpu_millis=(cpus or 0.0) * 1000, memory_bytes=memory or 0)

@@ -29,7 +29,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.checkpoint.images import PAGE_SIZE
@@ -56,9 +56,11 @@ class Slot:
 
     asked: Request
     reply: bytes | None = None
+    request: Request = field(init=False)
+    """What we answer: a large background request only in part."""
 
     def __post_init__(self) -> None:
-        self.request = self.asked  # what we answer: a large background request only in part
+        self.request = self.asked
         if not self.asked.closes and self.asked.nr_pages > BACKGROUND_SLICE:
             cmd, vaddr, dst_id = self.asked.cmd, self.asked.vaddr, self.asked.dst_id
             self.request = Request.parse(HEADER.pack(cmd, BACKGROUND_SLICE, vaddr, dst_id))
@@ -78,7 +80,6 @@ class Pager:
         self.cache: dict[tuple[int, int], bytes] = {}
         self.in_flight: set[tuple[int, int]] = set()
         self.pages = 0
-        self.fetched_ahead = 0
         self.closed = False  # the daemon's close was answered: every page is on this host
         self._agent: asyncio.StreamWriter | None = None
         self._daemon: asyncio.StreamWriter | None = None

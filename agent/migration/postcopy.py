@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.checkpoint.images import PAGE_SIZE
-from agent.checkpoint.pageserver import HEADER, PS_IOV_CLOSE, STATUS, PageServerClient, PageServerError, Request
+from agent.checkpoint.pageserver import HEADER, PS_IOV_CLOSE, STATUS, PageServerClient, Request
 from agent.migration.link import ControlIn, Link, PagesIn, PeerFailed, page_key, split_key
 
 log = logging.getLogger(__name__)
@@ -349,6 +349,3 @@ class SourcePages(ControlRouter):
         self.local_pages += nr_pages - len(send)
         self._on_pages(nr_pages)
         return False
-
-
-__all__ = ["PageServerError", "PostcopyPaths", "SourcePages", "TargetRelay", "assemble", "spawn_pager"]

@@ -35,7 +35,7 @@ from agent.migration.source import SourceContext, SourceMigration
 from agent.migration.states import Event, State, can_roll_back
 from agent.migration.target import DecisionPending, TargetContext, TargetMigration
 from agent.model import LABEL_POSTCOPY
-from agent.reservations import Admission
+from agent.reservations import ReservationBook
 from agent.runtime.service import ContainerService
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class MigrationService:
         transport: PeerTransport,
         host_name: str,
         failpoints: Failpoints | None = None,
-        admission: Admission | None = None,
+        admission: ReservationBook | None = None,
     ) -> None:
         self.config = config
         self.host_name = host_name

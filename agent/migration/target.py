@@ -47,7 +47,7 @@ from agent.migration.states import Event, State
 from agent.model import LABEL_LOG_PATH, LABEL_PREFIX, LABEL_SERVICE_IP
 from agent.network import NetnsInfo, ServiceNetwork
 from agent.oci import Platform
-from agent.reservations import Admission, container_need
+from agent.reservations import ReservationBook, container_need
 from agent.runtime.spec import set_network_namespace
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class TargetContext:
     network: ServiceNetwork
     connect: Callable[[str, str], Awaitable[Link]]
     """A new session to the source (host, migration id): post-copy reconnects after a cut link."""
-    admission: Admission | None = None
+    admission: ReservationBook | None = None
     """Reservations on this host: a migration may not eat capacity reserved for someone else."""
 
 
@@ -203,9 +203,7 @@ class TargetMigration:
 
     async def _release_reservation(self) -> None:
         if self.ctx.admission is not None and self.reservation:
-            release = getattr(self.ctx.admission, "release", None)
-            if release is not None:
-                await release(self.reservation)
+            await self.ctx.admission.release(self.reservation)
 
     async def _container_exists(self, container_id: str) -> bool:
         try:
