@@ -74,7 +74,7 @@ from agent.stream.frames import (
     find_zero_pages,
     migration_tag,
 )
-from agent.stream.seal import Hello, SealedFrame, Sealer, decompress_chunk
+from agent.stream.seal import HeaderMask, Hello, SealedFrame, Sealer, decompress_chunk
 from tests.harness.tls import CertAuthority
 
 PAGE = 4096
@@ -420,6 +420,7 @@ async def test_round_trip_over_mtls(pki: tuple[ssl.SSLContext, ssl.SSLContext], 
         establish(server_tls, "mig-tls", "target-host", initiator=False, expected_peer="source-host"),
     )
     try:
+        assert tx.direct and rx.direct and client_tls.direct and server_tls.direct
         assert rx.peer_host == "source-host" and tx.peer_host == "target-host"
         peer_cert = x509.load_der_x509_certificate(rx.peer_cert_der or b"")
         assert peer_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "source-host"
@@ -442,6 +443,7 @@ async def test_round_trip_over_asyncio_tls(pki: tuple[ssl.SSLContext, ssl.SSLCon
         client = await asyncio.open_connection("127.0.0.1", port, ssl=cctx, server_hostname="target-host")
         tx, rx = await channels(client, await accepted.get(), "mig-asyncio")
         try:
+            assert not tx.direct and not rx.direct  # asyncio's TLS keeps its records
             assert rx.peer_cert_der is not None
             await round_trip(tx, rx, tmp_path)
         finally:
@@ -473,6 +475,134 @@ async def test_plain_ssl_socket_works(pki: tuple[ssl.SSLContext, ssl.SSLContext]
         assert got == data
     finally:
         await asyncio.gather(tx.close(), rx.close())
+
+
+class WireTap:
+    """A TCP forwarder between a TLS client and server: records the client's bytes and can flip one."""
+
+    def __init__(self, flip_at: int | None = None) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.upstream = socket.create_server(("127.0.0.1", 0))
+        self.captured = bytearray()
+        self._flip_at = flip_at
+        self._threads: list[threading.Thread] = []
+        self._socks: list[socket.socket] = []
+
+    def start(self) -> None:
+        self._threads.append(threading.Thread(target=self._run, daemon=True))
+        self._threads[0].start()
+
+    def _run(self) -> None:
+        client, _ = self.listener.accept()
+        server = socket.create_connection(self.upstream.getsockname())
+        self._socks += [client, server]
+        back = threading.Thread(target=self._pump, args=(server, client, False), daemon=True)
+        back.start()
+        self._threads.append(back)
+        self._pump(client, server, True)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, tap: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := bytearray(src.recv(65536)):
+                if tap:
+                    at = self._flip_at
+                    if at is not None and len(self.captured) <= at < len(self.captured) + len(data):
+                        data[at - len(self.captured)] ^= 0x04
+                    self.captured += data
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for sock in self._socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for t in self._threads:
+            t.join(5)
+        for sock in (*self._socks, self.listener, self.upstream):
+            sock.close()
+
+
+async def tapped_channels(
+    pki: tuple[ssl.SSLContext, ssl.SSLContext], tap: WireTap, migration: str, receiver: StreamOptions
+) -> tuple[Channel, Channel]:
+    sctx, cctx = pki
+    tap.start()
+    server_tls, client_tls = await asyncio.gather(
+        accept_tls(tap.upstream, sctx), connect_tls("127.0.0.1", tap.port, cctx, server_hostname="target-host")
+    )
+    sender = StreamOptions(compression=Compression.NEVER)
+    return await asyncio.gather(
+        establish(client_tls, migration, "source-host", initiator=True, options=sender),
+        establish(server_tls, migration, "target-host", initiator=False, options=receiver),
+    )
+
+
+@pytest.mark.parametrize("leave_tls", [True, False], ids=["direct-frames", "tls-records-kept"])
+async def test_nothing_readable_on_the_wire(pki: tuple[ssl.SSLContext, ssl.SSLContext], leave_tls: bool) -> None:
+    """Direct frames (the default) and frames inside TLS records both leave no clear payload and no
+    clear header: the migration tag, a kind+flags pair or a sequence number would show up here."""
+    tap = WireTap()
+    marker = "plain-text-marker-" + os.urandom(8).hex()
+    try:
+        tx, rx = await tapped_channels(pki, tap, "mig-wire", StreamOptions(leave_tls=leave_tls))
+        try:
+            assert tx.direct is rx.direct is leave_tls  # one side declining keeps TLS records for both
+            for _ in range(3):
+                await tx.send_control({"type": "note", "text": marker})
+            await tx.send_file(marker.encode() * 1000, "m.txt")
+            await tx.end()
+            got = [m async for m in rx]
+            assert sum(isinstance(m, Control) and m.body.get("text") == marker for m in got) == 3
+        finally:
+            await asyncio.gather(tx.close(), rx.close())
+    finally:
+        tap.close()
+    wire = bytes(tap.captured)
+    assert len(wire) > 1000 * len(marker)
+    assert marker.encode() not in wire
+    assert migration_tag("mig-wire") not in wire
+    assert HEADER.pack(1, Kind.CONTROL, 0, migration_tag("mig-wire"), 1, 0)[:4] not in wire
+
+
+async def test_flipped_byte_in_direct_frames(pki: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A bit flipped on the wire after TLS has been left is caught by the frame AEAD, not by TLS."""
+    tap = WireTap(flip_at=600_000)  # inside the file's first 1 MiB frame: far past TLS and HELLO
+    try:
+        tx, rx = await tapped_channels(pki, tap, "mig-flip", StreamOptions())
+        try:
+            assert tx.direct and rx.direct
+            await tx.send_control({"type": "before"})
+            send = asyncio.ensure_future(tx.send_file(os.urandom(2 * MIB), "f.img"))
+            got: list[Message] = []
+            with pytest.raises(AuthenticationFailed, match="authentication failed for FILE_DATA"):
+                async for msg in rx:
+                    got.append(msg)
+            assert [m for m in got if isinstance(m, Control)] == [Control({"type": "before"})]
+            assert not any(isinstance(m, FileChunk | FileDone) for m in got)
+            send.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StreamError):
+                await send
+        finally:
+            await asyncio.gather(tx.close(), rx.close())
+    finally:
+        tap.close()
+
+
+def test_header_mask_round_trip_and_sample_binding() -> None:
+    mask = HeaderMask(os.urandom(32))
+    clear = HEADER.pack(1, Kind.PAGES, 0, migration_tag("m"), 7, 4096 + 16)
+    sample = os.urandom(16)
+    masked = bytearray(clear)
+    mask.apply(masked, sample)
+    assert masked != bytearray(clear) and clear[4:20] not in masked
+    back = bytearray(masked)
+    mask.apply(back, sample)
+    assert back == bytearray(clear)
+    other = bytearray(masked)
+    mask.apply(other, bytes([sample[0] ^ 1]) + sample[1:])  # a flipped sample bit: a wholly different header
+    assert sum(a != b for a, b in zip(other, clear, strict=True)) > 16
 
 
 async def test_untrusted_client_certificate_is_refused(

@@ -164,7 +164,9 @@ class PeerEndpoint:
             preamble = json.dumps({"migration": migration_id}).encode()
             await asyncio.to_thread(tls.sendall, _PREAMBLE.pack(_MAGIC, len(preamble)) + preamble)
             corrupt = self.failpoints.action("stream.corrupt_frame")  # e.g. "stream.corrupt_frame=40"
-            options = StreamOptions(corrupt_frame=int(corrupt)) if corrupt else None
+            options = StreamOptions(
+                leave_tls=not self.config.migration.stream_tls_records, corrupt_frame=int(corrupt or 0)
+            )
             channel = await establish(
                 tls, migration_id, self.host_name, initiator=True, expected_peer=host, options=options
             )
@@ -204,7 +206,10 @@ class PeerEndpoint:
             if magic != _MAGIC or length > 4096:
                 raise PeerFailed("not a ferryman peer session")
             migration_id = str(json.loads(await asyncio.to_thread(_read_preamble, tls, length))["migration"])
-            channel = await establish(tls, migration_id, self.host_name, initiator=False, expected_peer=peer)
+            options = StreamOptions(leave_tls=not self.config.migration.stream_tls_records)
+            channel = await establish(
+                tls, migration_id, self.host_name, initiator=False, expected_peer=peer, options=options
+            )
         except (FerrymanError, OSError, ValueError, KeyError) as exc:
             log.warning("peer session refused", extra={"address": str(addr[0]), "error": str(exc)})
             if tls is not None:

@@ -34,7 +34,7 @@ from agent.stream.errors import (
 )
 from agent.stream.frames import HEADER_SIZE, Header, Kind
 from agent.stream.net import TlsSocket, _drain_socket
-from agent.stream.seal import SealedFrame
+from agent.stream.seal import SAMPLE_SIZE, HeaderMask, SealedFrame
 
 # What the reader posts to the loop: a verified-later frame, a stream-level error, or a clean EOF.
 RxItem = tuple[Header, "Future[Any]"] | StreamError | None
@@ -111,9 +111,12 @@ def read_exact(conn: BlockingConn, view: memoryview) -> int:
 class Link(Protocol):
     pooled_writes: bool
     """True if a written frame's buffer may be reused right after the write returns."""
+    can_leave_tls: bool
+    """True if the connection is TLS that leave_tls() can switch to direct frames."""
 
     async def write_direct(self, data: bytes) -> None: ...
     async def read_direct(self, n: int) -> bytes: ...
+    def leave_tls(self) -> None: ...
     def start(
         self,
         check: CheckHeader,
@@ -123,6 +126,7 @@ class Link(Protocol):
         on_tx_error: Callable[[StreamError], None],
         depth: int,
         payload_pool: BufferPool | None,
+        mask: HeaderMask | None = None,
     ) -> None: ...
     def submit(self, frame: Future[SealedFrame]) -> None: ...
     def consumed(self) -> None: ...
@@ -148,6 +152,7 @@ class ThreadLink:
 
     def __init__(self, conn: BlockingConn) -> None:
         self.conn = conn
+        self.can_leave_tls = isinstance(conn, TlsSocket)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tx_queue: queue.SimpleQueue[Future[SealedFrame] | None] = queue.SimpleQueue()
         self._tx_thread: threading.Thread | None = None
@@ -168,6 +173,11 @@ class ThreadLink:
     def peer_cert_der(self) -> bytes | None:
         return self.conn.peer_cert_der()
 
+    def leave_tls(self) -> None:
+        if not isinstance(self.conn, TlsSocket):
+            raise TypeError("only a TlsSocket connection can leave TLS")
+        self.conn.leave_tls()
+
     def start(
         self,
         check: CheckHeader,
@@ -177,6 +187,7 @@ class ThreadLink:
         on_tx_error: Callable[[StreamError], None],
         depth: int,
         payload_pool: BufferPool | None,
+        mask: HeaderMask | None = None,
     ) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._rx_slots = threading.Semaphore(depth)
@@ -189,7 +200,7 @@ class ThreadLink:
             target=self._tx_main, args=(post, on_written, on_tx_error), name="stream-tx", daemon=True
         )
         self._rx_thread = threading.Thread(
-            target=self._rx_main, args=(post, check, ingest, deliver, payload_pool), name="stream-rx", daemon=True
+            target=self._rx_main, args=(post, check, ingest, deliver, payload_pool, mask), name="stream-rx", daemon=True
         )
         self._tx_thread.start()
         self._rx_thread.start()
@@ -229,9 +240,12 @@ class ThreadLink:
         ingest: Ingest,
         deliver: Callable[[RxItem], None],
         pool: BufferPool | None,
+        mask: HeaderMask | None,
     ) -> None:
         assert self._rx_slots is not None
-        header_buf = bytearray(HEADER_SIZE)
+        # A masked header is read with the ciphertext sample that unmasks it.
+        sample = SAMPLE_SIZE if mask is not None else 0
+        header_buf = bytearray(HEADER_SIZE + sample)
         header_view = memoryview(header_buf)
         while True:
             while not self._rx_slots.acquire(timeout=0.2):
@@ -244,12 +258,17 @@ class ThreadLink:
                 if got == 0:
                     post(deliver, None)  # EOF between frames: fine only if END came first
                     return
-                if got < HEADER_SIZE:
+                if got < len(header_buf):
                     raise TruncatedStream(f"connection closed mid-frame: {got} of {HEADER_SIZE} header bytes")
-                raw = bytes(header_buf)
+                if mask is not None:
+                    mask.apply(header_view[:HEADER_SIZE], header_view[HEADER_SIZE:])
+                raw = bytes(header_view[:HEADER_SIZE])
                 header = check(raw)
                 buf = pool.acquire(header.length) if pool is not None else bytearray(header.length)
-                got = read_exact(self.conn, memoryview(buf)[: header.length])
+                payload = memoryview(buf)[: header.length]
+                payload[:sample] = header_view[HEADER_SIZE:]  # check() ensured length >= 16
+                got = sample + read_exact(self.conn, payload[sample:])
+                payload.release()
                 if got < header.length:
                     raise TruncatedStream(
                         f"connection closed mid-frame: {got} of {header.length} bytes of "
@@ -293,6 +312,7 @@ class StreamLink:
     """Frames over an asyncio (StreamReader, StreamWriter) pair, e.g. asyncio's own TLS."""
 
     pooled_writes = False  # StreamWriter.write keeps a reference until the bytes are sent
+    can_leave_tls = False  # asyncio's TLS transport cannot hand over its socket mid-stream
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -317,6 +337,9 @@ class StreamLink:
         obj = self._writer.get_extra_info("ssl_object")
         return obj.getpeercert(True) if obj is not None else None
 
+    def leave_tls(self) -> None:
+        raise TypeError("an asyncio stream cannot leave TLS")
+
     def start(
         self,
         check: CheckHeader,
@@ -326,7 +349,10 @@ class StreamLink:
         on_tx_error: Callable[[StreamError], None],
         depth: int,
         payload_pool: BufferPool | None,
+        mask: HeaderMask | None = None,
     ) -> None:
+        if mask is not None:
+            raise TypeError("header masks belong to direct frames, which an asyncio stream never carries")
         self._rx_slots = asyncio.Semaphore(depth)
         self._tasks = [
             asyncio.create_task(self._tx_main(on_written, on_tx_error), name="stream-tx"),

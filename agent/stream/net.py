@@ -16,6 +16,10 @@ on a 2-core host. The channel's writer and reader threads do TLS and socket I/O 
 One thread may send while another receives: `_ssl` guards the SSLObject and its BIOs (OpenSSL
 objects are not safe for concurrent use); `_send` keeps TLS bytes leaving the BIO in the order
 they go to the socket.
+
+`leave_tls()` ends TLS record protection on an established connection: from then on bytes go to
+and come from the TCP socket as they are. The stream does that after its HELLOs, once its own
+AEAD frames protect everything (see channel.establish); the identity checks stay TLS's.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class TlsSocket:
         self._rbuf = bytearray(_RECV_CHUNK)
         self._rview = memoryview(self._rbuf)
         self._eof = False
+        self._direct = False
+        self._leftover = b""  # raw bytes that arrived behind the last TLS record
 
     @classmethod
     def handshake(
@@ -97,7 +103,28 @@ class TlsSocket:
 
     # ---- data ----
 
+    def leave_tls(self) -> None:
+        """Stop TLS record protection in both directions (call with no send or receive running).
+
+        The peer must switch at the same point of the byte stream: after its last TLS record it
+        sends raw bytes, and raw bytes that already arrived behind that record are kept.
+        """
+        with self._send, self._ssl:
+            if self._obj.pending():
+                raise StreamHandshakeError("peer sent TLS data past the switch to direct frames")
+            if self._out.pending:
+                self._sock.sendall(self._out.read())
+            self._leftover = self._in.read()
+            self._direct = True
+
+    @property
+    def direct(self) -> bool:
+        return self._direct
+
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        if self._direct:
+            self._sock.sendall(data)
+            return
         with self._send:
             with self._ssl:
                 self._obj.write(data)
@@ -106,6 +133,8 @@ class TlsSocket:
 
     def recv_into(self, buf: memoryview) -> int:
         """Up to len(buf) plaintext bytes; 0 at end of stream (close_notify or TCP EOF)."""
+        if self._direct:
+            return self._recv_direct(buf)
         want = len(buf)
         while True:
             got = 0
@@ -136,6 +165,14 @@ class TlsSocket:
                 return 0
             with self._ssl:
                 self._in.write(self._rview[:n])
+
+    def _recv_direct(self, buf: memoryview) -> int:
+        if self._leftover:
+            n = min(len(buf), len(self._leftover))
+            buf[:n] = self._leftover[:n]
+            self._leftover = self._leftover[n:]
+            return n
+        return self._sock.recv_into(buf)
 
     def _flush_from_reader(self) -> None:
         # Reading can queue TLS output (a KeyUpdate reply). If a writer holds the send lock it

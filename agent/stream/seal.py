@@ -11,6 +11,12 @@ Key schedule (all primitives from `cryptography`):
 Nonce rule: 4-byte direction prefix (1 = initiator->responder, 2 = responder->initiator) followed by
 the frame's 64-bit sequence number. Sequence numbers only go up within a direction and every
 direction has its own key, so a (key, nonce) pair is never used twice.
+
+Header protection (only when the channel has left TLS records, see channel.establish): a second
+key per direction, HKDF with the label + " header", masks each sealed frame's 32-byte header with
+AES-256-CTR keyed by it and started at the frame's first 16 ciphertext bytes (the scheme of QUIC,
+RFC 9001 5.4). The header stays the AEAD's associated data, so a flipped header bit is still
+caught; the mask only keeps kind, sequence, length and migration tag off the wire.
 """
 
 from __future__ import annotations
@@ -85,6 +91,8 @@ class Hello:
     public_key: bytes
     max_frame: int
     version: int = PROTOCOL_VERSION
+    direct: bool = False
+    """This side can and wants to leave TLS records after the HELLOs (see channel.establish)."""
 
     def encode(self) -> bytes:
         return encode_json(
@@ -95,6 +103,7 @@ class Hello:
                 "role": "initiator" if self.initiator else "responder",
                 "x25519": base64.b64encode(self.public_key).decode(),
                 "max_frame": self.max_frame,
+                "direct": self.direct,
             }
         )
 
@@ -120,7 +129,18 @@ class Hello:
             raise StreamHandshakeError("HELLO public key is not base64") from exc
         if len(public) != 32:
             raise StreamHandshakeError("HELLO public key is not 32 bytes")
-        return cls(migration, host, role == "initiator", public, max_frame, version)
+        direct = obj.get("direct", False)  # absent from older agents: they keep TLS records
+        if not isinstance(direct, bool):
+            raise StreamHandshakeError(f"HELLO has bad direct {direct!r}")
+        return cls(migration, host, role == "initiator", public, max_frame, version, direct)
+
+
+@dataclass(frozen=True)
+class DirectionKeys:
+    """One direction's keys: the AEAD key of its frames and the key that masks their headers."""
+
+    aead: bytes
+    header: bytes
 
 
 class KeyExchange:
@@ -130,17 +150,38 @@ class KeyExchange:
         self._private = X25519PrivateKey.generate()
         self.public = self._private.public_key().public_bytes_raw()
 
-    def derive(self, peer_public: bytes, migration_id: str, transcript: bytes, initiator: bool) -> tuple[bytes, bytes]:
-        """(send key, receive key) for this side."""
+    def derive(
+        self, peer_public: bytes, migration_id: str, transcript: bytes, initiator: bool
+    ) -> tuple[DirectionKeys, DirectionKeys]:
+        """(send keys, receive keys) for this side."""
         try:
             shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
         except ValueError as exc:  # low-order point: all-zero shared secret
             raise StreamHandshakeError(f"key agreement failed: {exc}") from exc
-        keys = {}
-        for direction, label in _LABELS.items():
-            hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id.encode(), info=label + transcript)
-            keys[direction] = hkdf.derive(shared)
+
+        def hkdf(info: bytes) -> bytes:
+            return HKDF(algorithm=hashes.SHA256(), length=32, salt=migration_id.encode(), info=info).derive(shared)
+
+        keys = {
+            direction: DirectionKeys(hkdf(label + transcript), hkdf(label + b" header" + transcript))
+            for direction, label in _LABELS.items()
+        }
         return keys[initiator], keys[not initiator]
+
+
+SAMPLE_SIZE = 16  # ciphertext bytes that seed a header mask; every sealed payload has >= 16 (the tag)
+
+
+class HeaderMask:
+    """Masks and unmasks frame headers (XOR with AES-256-CTR keystream seeded by a ciphertext sample)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._cipher = algorithms.AES(key)
+
+    def apply(self, header: memoryview | bytearray, sample: bytes | memoryview) -> None:
+        """XOR the mask into `header` in place: masks a clear header, unmasks a masked one."""
+        mask = Cipher(self._cipher, modes.CTR(bytes(sample))).encryptor().update(bytes(HEADER_SIZE))
+        header[:HEADER_SIZE] = (int.from_bytes(header[:HEADER_SIZE]) ^ int.from_bytes(mask)).to_bytes(HEADER_SIZE)
 
 
 def transcript_hash(initiator_hello: bytes, responder_hello: bytes) -> bytes:
@@ -233,6 +274,7 @@ class Sealer:
         migration: bytes,
         compression: Compression,
         pool: BufferPool | None,
+        mask: HeaderMask | None = None,
     ) -> None:
         self._key = key
         self._aead = AESGCM(key)
@@ -240,6 +282,7 @@ class Sealer:
         self._migration = migration
         self._compression = compression
         self._pool = pool
+        self._mask = mask
 
     def seal(self, kind: int, seq: int, plain: Buffer | list[Buffer], optional: bool = False) -> SealedFrame:
         """One frame whose plaintext is `plain`, or the concatenation of its parts."""
@@ -273,6 +316,8 @@ class Sealer:
                 offset += enc.update_into(part, out[offset:])
             enc.finalize()
             out[offset : offset + TAG_SIZE] = enc.tag
+        if self._mask is not None:
+            self._mask.apply(out[:HEADER_SIZE], out[HEADER_SIZE : HEADER_SIZE + SAMPLE_SIZE])
         return SealedFrame(kind, out[:total], size, packed is not None, buf, self._pool)
 
 
