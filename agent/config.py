@@ -133,6 +133,9 @@ class MigrationConfig:
     mode: str = "auto"
     """Default mode: precopy, lazy (post-copy), hybrid (pre-copy rounds, then post-copy) or auto (the
     fastest these CRIU features allow: lazy without soft-dirty, hybrid with it, precopy without uffd)."""
+    live_precopy: bool = True
+    """Without soft-dirty, pre-copy rounds read the workload's memory from /proc/PID/mem while it runs.
+    False dumps each round with CRIU instead, which freezes the workload while it copies all of memory."""
     stream_tls_records: bool = False
     """Keep TLS record encryption under the stream's AES-GCM frames for the whole migration. By default
     a migration leaves TLS records once mTLS has authenticated both agents and carried the key

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.checkpoint.images import PAGE_SIZE, PageMap, flatten_pagemap, is_pagemap, read_pagemaps
+from agent.checkpoint.livepages import READ_PAGES, LiveProcess, read_pages
 from agent.errors import FerrymanError
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ class PageBatch:
     @property
     def nbytes(self) -> int:
         return len(self.vaddrs) * PAGE_SIZE
+
+
+# A run of pages with their data and digests: (addresses, data, 16-byte digests back to back).
+Piece = tuple[list[int], memoryview, bytes]
 
 
 @dataclass
@@ -117,47 +122,77 @@ class PageTracker:
                 finally:
                     view.release()
 
+    def live_delta(self, processes: list[LiveProcess], stats: DeltaStats) -> Iterator[PageBatch]:
+        """Like delta(), but read from the running processes' memory (livepages): no dump, no freeze."""
+        buffer = bytearray(READ_PAGES * PAGE_SIZE)
+        half = READ_PAGES // 2
+        for process in processes:
+
+            def hashed(pieces: Iterator[tuple[list[int], memoryview]]) -> Iterator[Piece]:
+                for vaddrs, view in pieces:
+                    count = len(vaddrs)
+                    parts = self._pool.map(
+                        lambda first, view=view, count=count: _digests(view, first, min(half, count - first)),
+                        range(0, count, half),
+                    )
+                    yield vaddrs, view, b"".join(parts)
+
+            yield from self._compare(process.pagemap, hashed(read_pages(process, buffer)), stats)
+
     def _scan(self, pm: PageMap, view: memoryview, stats: DeltaStats) -> Iterator[PageBatch]:
-        batch = PageBatch(pm.name)
         vaddrs = list(pm.present_vaddrs())
-        before = self._sent.get(pm.name, _Sent([], b""))
-        # Usually the mappings did not change: then a whole chunk whose digests equal the old ones is
-        # skipped in one comparison, and only chunks with changes are looked at page by page.
-        same_layout = before.vaddrs == vaddrs
-        where = {} if same_layout else {v: i for i, v in enumerate(before.vaddrs)}
-        digests = bytearray(len(vaddrs) * DIGEST)
-        # Digests of HASH_CHUNK pages at a time on the pool's threads (hashlib releases the GIL).
+        # Digests of HASH_CHUNK pages at a time on the pool's threads (hashlib releases the GIL),
+        # submitted all at once so hashing runs ahead of the comparison.
         chunks = range(0, len(vaddrs), HASH_CHUNK)
         results = self._pool.map(lambda first: _digests(view, first, min(HASH_CHUNK, len(vaddrs) - first)), chunks)
-        for first, blob in zip(chunks, results, strict=True):
-            count = len(blob) // DIGEST
-            digests[first * DIGEST : first * DIGEST + len(blob)] = blob
+        pieces = (
+            (vaddrs[first : first + HASH_CHUNK], view[first * PAGE_SIZE : (first + HASH_CHUNK) * PAGE_SIZE], blob)
+            for first, blob in zip(chunks, results, strict=True)
+        )
+        yield from self._compare(pm.name, pieces, stats)
+
+    def _compare(self, pagemap: str, pieces: Iterator[Piece], stats: DeltaStats) -> Iterator[PageBatch]:
+        """Batches of the pages whose digest differs from the one last sent; records the new digests."""
+        batch = PageBatch(pagemap)
+        before = self._sent.get(pagemap, _Sent([], b""))
+        where: dict[int, int] | None = None
+        vaddrs: list[int] = []
+        digests = bytearray()
+        for piece_vaddrs, view, blob in pieces:
+            position, count = len(vaddrs), len(piece_vaddrs)
+            vaddrs += piece_vaddrs
+            digests += blob
             stats.pages += count
-            if same_layout and before.digests[first * DIGEST : first * DIGEST + len(blob)] == blob:
+            # Usually the mappings did not change: then a whole piece whose digests equal the old ones
+            # is skipped in one comparison, and only pieces with changes are looked at page by page.
+            aligned = before.vaddrs[position : position + count] == piece_vaddrs
+            if aligned and before.digests[position * DIGEST : (position + count) * DIGEST] == blob:
                 stats.unchanged += count
                 continue
+            if not aligned and where is None:
+                where = {v: i for i, v in enumerate(before.vaddrs)}
             for offset in range(count):
-                index = first + offset
                 digest = blob[offset * DIGEST : (offset + 1) * DIGEST]
-                old = (
-                    before.digests[index * DIGEST : (index + 1) * DIGEST]
-                    if same_layout
-                    else before.digest_of(where, vaddrs[index])
-                )
+                if aligned:
+                    at = position + offset
+                    old: bytes | None = before.digests[at * DIGEST : (at + 1) * DIGEST]
+                else:
+                    assert where is not None
+                    old = before.digest_of(where, piece_vaddrs[offset])
                 if old == digest:
                     stats.unchanged += 1
                 elif digest == ZERO_DIGEST:
-                    batch.zeros.append(vaddrs[index])
+                    batch.zeros.append(piece_vaddrs[offset])
                     stats.zero += 1
                 else:
-                    batch.vaddrs.append(vaddrs[index])
-                    batch.data.append(bytes(view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]))  # the dump dir goes
+                    batch.vaddrs.append(piece_vaddrs[offset])
+                    batch.data.append(bytes(view[offset * PAGE_SIZE : (offset + 1) * PAGE_SIZE]))  # the source goes
                     stats.changed += 1
                     if len(batch.vaddrs) >= BATCH_PAGES:
                         yield batch
-                        batch = PageBatch(pm.name)
-        self._sent[pm.name] = _Sent(vaddrs, bytes(digests))
-        self._indexes.pop(pm.name, None)
+                        batch = PageBatch(pagemap)
+        self._sent[pagemap] = _Sent(vaddrs, bytes(digests))
+        self._indexes.pop(pagemap, None)
         if batch.vaddrs or batch.zeros:
             yield batch
 

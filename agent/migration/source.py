@@ -1,8 +1,8 @@
 """The source side of a live migration, step by step.
 
 PREPARE   the target checks room, pulls the image; we announce the container
-PRECOPY   dump while running, send only pages that changed, until the rounds converge (precopy and
-          hybrid modes; lazy skips it)
+PRECOPY   read memory while running (CRIU pre-dump with soft-dirty, else /proc/PID/mem), send only
+          pages that changed, until the rounds converge (precopy and hybrid modes; lazy skips it)
 STOPCOPY  freeze, final dump (tasks stay frozen), last delta, other images, the rw layer; in lazy and
           hybrid modes the dump keeps memory in CRIU's page server instead
 RESTORE   the target restores the task, left paused
@@ -29,6 +29,7 @@ from agent.checkpoint.criuconf import CriuConfigs, lazy_dump
 from agent.checkpoint.delta import DeltaStats, PageTracker
 from agent.checkpoint.images import is_pages
 from agent.checkpoint.lazypages import ensure_pipe_max_size, lazy_pages
+from agent.checkpoint.livepages import LiveMemoryUnavailable, LiveProcess, check_readable, live_processes
 from agent.checkpoint.pageserver import PageServerClient, free_local_port
 from agent.checkpoint.runc import runc_checkpoint, runc_state_root
 from agent.config import AgentConfig
@@ -199,12 +200,17 @@ class SourceMigration:
             round_dir = self.work / f"round-{number}"
             round_dir.mkdir(parents=True)
             started = time.monotonic()
-            await self._dump(round_dir, pre_dump=True, parent=previous)
+            live = await self._live_processes()
+            if live is None:
+                await self._dump(round_dir, pre_dump=True, parent=previous)
             dump_s = time.monotonic() - started
             sent_before = link.bytes_wire
             started = time.monotonic()
-            stats = await self._send_delta(link, tracker, round_dir)
+            stats = await self._send_delta(link, tracker, round_dir if live is None else live)
             transfer_s = time.monotonic() - started
+            if live is not None:
+                # No dump to time: reading all of memory is the closest measure of what the final dump costs.
+                dump_s = transfer_s if number == 1 else rounds[0].seconds
             if self.ctx.soft_dirty:  # the next pre-dump needs this one as its parent
                 if previous is not None:
                     shutil.rmtree(previous, ignore_errors=True)
@@ -235,8 +241,29 @@ class SourceMigration:
         else:
             await self.ctx.cd.tasks.checkpoint(cid, str(image_dir), leave_running=True)
 
-    async def _send_delta(self, link: Link, tracker: PageTracker, image_dir: Path) -> DeltaStats:
-        """Hash pages in a worker thread and send batches as they come, so both overlap."""
+    async def _live_processes(self) -> list[LiveProcess] | None:
+        """The processes whose memory a pre-copy round reads directly, or None to dump with CRIU instead.
+
+        Without soft-dirty a CRIU dump freezes the workload while it copies all of memory; reading
+        /proc/PID/mem does not. Where that is not allowed (a ptrace policy), rounds dump as before.
+        """
+        if self.ctx.soft_dirty or not self.ctx.config.migration.live_precopy:
+            return None
+        processes = live_processes(await self.ctx.cd.tasks.pids(self.record.container))
+        try:
+            await asyncio.to_thread(check_readable, processes)
+        except LiveMemoryUnavailable as exc:
+            log.warning(
+                "pre-copy reads memory through CRIU dumps instead",
+                extra={"migration": self.record.id, "error": str(exc)},
+            )
+            return None
+        return processes
+
+    async def _send_delta(self, link: Link, tracker: PageTracker, source: Path | list[LiveProcess]) -> DeltaStats:
+        """Hash pages in a worker thread and send batches as they come, so both overlap.
+
+        `source`: a dump's image directory, or the running processes to read memory from."""
         stats = DeltaStats()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=8)
@@ -244,7 +271,11 @@ class SourceMigration:
 
         def produce() -> None:
             try:
-                for batch in tracker.delta(image_dir, stats):
+                if isinstance(source, Path):
+                    batches = tracker.delta(source, stats)
+                else:
+                    batches = tracker.live_delta(source, stats)
+                for batch in batches:
                     asyncio.run_coroutine_threadsafe(queue.put(batch), loop).result()
             finally:
                 asyncio.run_coroutine_threadsafe(queue.put(done), loop).result()
