@@ -112,11 +112,14 @@ async def stop_and_copy(mesh: Mesh, name: str) -> dict[str, Any]:
     }
 
 
-async def live(mesh: Mesh, name: str, mode: str) -> dict[str, Any]:
+async def live(mesh: Mesh, name: str, mode: str, records: Path | None) -> dict[str, Any]:
     h1, h2 = mesh["h1"], mesh["h2"]
     started = time.monotonic()
     record = await migrate(h1, name, "h2", mode=mode)
     total = time.monotonic() - started
+    if records is not None:
+        with records.open("a") as out:
+            out.write(json.dumps(record) + "\n")
     if record.get("state") != "COMMIT":
         raise RuntimeError(f"migration failed: {record.get('error')}")
     await asyncio.sleep(1.0)
@@ -160,6 +163,8 @@ async def main() -> None:
     parser.add_argument("--modes", default="precopy,lazy,hybrid")
     parser.add_argument("--result", choices=("migrate", "postcopy"), default="migrate")
     parser.add_argument("--warm-up-gib", type=int, default=8, help="guest memory to touch once first")
+    parser.add_argument("--no-baseline", action="store_true", help="skip stop-and-copy (no result line)")
+    parser.add_argument("--records", type=Path, help="append each migration's full record (JSON lines) here")
     args = parser.parse_args()
     started = time.monotonic()
     warm_up_memory(args.warm_up_gib)
@@ -180,13 +185,13 @@ async def main() -> None:
                 for host in (h1, h2):
                     await api(host, "POST", "/v1/images/pull", {"ref": ref})
                 row: dict[str, dict[str, Any]] = {}
-                for method in ("stop-and-copy", *modes):
+                for method in (*(() if args.no_baseline else ("stop-and-copy",)), *modes):
                     name = f"w{size}-{int(rate)}-{method[:4]}"
                     await start_workload(mesh, h1, name, ref)
                     if method == "stop-and-copy":
                         row[method] = await stop_and_copy(mesh, name)
                     else:
-                        row[method] = await live(mesh, name, method)
+                        row[method] = await live(mesh, name, method, args.records)
                     r = row[method]
                     print(
                         f"{size:5d} MiB {rate:4.0f} MB/s {method:13s}: downtime {r['downtime_ms']:8.0f} ms, "
@@ -201,6 +206,8 @@ async def main() -> None:
                         flush=True,
                     )
                 results[(size, rate)] = row
+    if args.no_baseline:
+        return
     if args.result == "migrate":
         key = (1024, 50.0) if (1024, 50.0) in results else max(results)
         mode = mode_of_auto if mode_of_auto in results[key] else modes[0]

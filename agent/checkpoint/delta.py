@@ -241,6 +241,23 @@ class PageStore:
             return None
         return page_file.read(vaddr)
 
+    def read_run(self, pagemap: str, vaddr: int, count: int) -> bytes | None:
+        """`count` consecutive pages from `vaddr`, or None if one never arrived. Pages whose slots
+        follow each other (the usual case) come in one pread."""
+        page_file = self._files.get(pagemap)
+        if page_file is None:
+            return None
+        slots = [page_file.slots.get(vaddr + n * PAGE_SIZE) for n in range(count)]
+        if any(slot is None for slot in slots):
+            return None
+        out: list[bytes] = []
+        start = 0
+        for n in range(1, count + 1):
+            if n == count or slots[n] != slots[n - 1] + 1:  # type: ignore[operator]
+                out.append(page_file.read_slots(slots[start], n - start))  # type: ignore[arg-type]
+                start = n
+        return b"".join(out)
+
     def write_pages_files(self, image_dir: Path) -> int:
         """Put the pages file of every pagemap in `image_dir` in place; returns the bytes it holds.
 
@@ -335,8 +352,11 @@ class _PageFile:
             view = view[written:]
 
     def read(self, vaddr: int) -> bytes:
-        data = os.pread(self.fd, PAGE_SIZE, self.slots[vaddr] * PAGE_SIZE)
-        return data + bytes(PAGE_SIZE - len(data))  # past the end of the file: a hole, zeros
+        return self.read_slots(self.slots[vaddr], 1)
+
+    def read_slots(self, first: int, count: int) -> bytes:
+        data = os.pread(self.fd, count * PAGE_SIZE, first * PAGE_SIZE)
+        return data + bytes(count * PAGE_SIZE - len(data))  # past the end of the file: a hole, zeros
 
     def copy_to(self, target: Path, vaddrs: list[int]) -> None:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -19,11 +19,14 @@ from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.checkpoint.images import PAGE_SIZE
 from agent.checkpoint.pageserver import HEADER, PS_IOV_CLOSE, STATUS, PageServerClient, Request
 from agent.migration.link import ControlIn, Link, PagesIn, PeerFailed, page_key, split_key
+
+if TYPE_CHECKING:
+    from agent.migration.pagepush import PushedPages
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +97,19 @@ def spawn_pager(paths: PostcopyPaths, reconnect_timeout: float) -> tuple[Process
         pager_end.set_inheritable(True)
         pager = subprocess.Popen(
             [
-                sys.executable, "-m", "agent.migration.pager",
-                "--ps-fd", str(pager_end.fileno()),
-                "--agent-socket", str(paths.agent_socket),
-                "--pid-file", str(paths.pid_file),
-                "--result", str(paths.result),
-                "--reconnect-timeout", str(reconnect_timeout),
+                sys.executable,
+                "-m",
+                "agent.migration.pager",
+                "--ps-fd",
+                str(pager_end.fileno()),
+                "--agent-socket",
+                str(paths.agent_socket),
+                "--pid-file",
+                str(paths.pid_file),
+                "--result",
+                str(paths.result),
+                "--reconnect-timeout",
+                str(reconnect_timeout),
             ],
             pass_fds=(pager_end.fileno(),),
             stdin=subprocess.DEVNULL,
@@ -150,15 +160,15 @@ class TargetRelay(ControlRouter):
         self._on_pages = on_pages
         self.read_local = read_local
         """Pages pre-copy left here; None after an agent restart (the store's index died with it)."""
+        self.pushed: PushedPages | None = None
+        """Pages the source pushed: requests for them are answered here. None after an agent restart."""
         self._server: asyncio.AbstractServer | None = None
         self._pager: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
 
     async def listen(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.paths.agent_socket.unlink()
-        self._server = await asyncio.start_unix_server(
-            self._accept, path=str(self.paths.agent_socket), limit=1 << 16
-        )
+        self._server = await asyncio.start_unix_server(self._accept, path=str(self.paths.agent_socket), limit=1 << 16)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._pager.put((reader, writer))
@@ -171,7 +181,7 @@ class TargetRelay(ControlRouter):
         while not self._pager.empty():  # a newer connection replaces an older one
             writer.close()
             reader, writer = self._pager.get_nowait()
-        up = asyncio.create_task(self._requests(reader, link), name="postcopy-requests")
+        up = asyncio.create_task(self._requests(reader, writer, link), name="postcopy-requests")
         try:
             await self._replies(link, writer, up)
         finally:
@@ -179,10 +189,17 @@ class TargetRelay(ControlRouter):
             await asyncio.gather(up, return_exceptions=True)
             writer.close()
 
-    async def _requests(self, reader: asyncio.StreamReader, link: Link) -> None:
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: Link) -> None:
         while True:
             raw = await reader.readexactly(HEADER.size)
-            Request.parse(raw)  # never forward garbage to the source's CRIU
+            request = Request.parse(raw)  # never forward garbage to the source's CRIU
+            if self.pushed is not None and not request.closes:
+                reply = await asyncio.to_thread(self.pushed.answer, request)
+                if reply is not None:
+                    writer.write(reply)
+                    await writer.drain()
+                    self._on_pages(request.nr_pages)
+                    continue
             await link.send("ps_req", raw=raw.hex())
 
     async def _replies(self, link: Link, writer: asyncio.StreamWriter, up: asyncio.Task[None]) -> None:
@@ -202,6 +219,9 @@ class TargetRelay(ControlRouter):
                 writer.write(HEADER.pack(PS_IOV_CLOSE, status, 0, 0))  # the pager unwraps it
                 await writer.drain()
                 return
+            if msg.type == "pushed":
+                await self._store_push(link, msg)
+                continue
             if msg.type != "ps_rep":
                 await self.control.put(msg)
                 continue
@@ -222,6 +242,20 @@ class TargetRelay(ControlRouter):
             writer.write(header + data)
             await writer.drain()
             self._on_pages(nr_pages)
+
+    async def _store_push(self, link: Link, msg: ControlIn) -> None:
+        nr_pages = int(msg.body["nr_pages"])
+        count = sum(int(c) for _, c in msg.body.get("held") or [])
+        batches: list[PagesIn] = []
+        while count < nr_pages:
+            pages = await link.recv()
+            if not isinstance(pages, PagesIn):
+                raise PeerFailed("a pushed header without all its pages")
+            batches.append(pages)
+            count += len(pages.keys) + len(pages.zeros)
+        if self.pushed is not None:  # after a restart the store is gone: the daemon asks the source instead
+            pagemap, vaddr = str(msg.body["pagemap"]), int(msg.body["vaddr"])
+            await asyncio.to_thread(self.pushed.add, pagemap, vaddr, nr_pages, batches)
 
     def _local_pages(self, ranges: list[list[int]], dst_id: int, vaddr: int, nr_pages: int) -> dict[int, bytes]:
         """The pages the source said we hold, read from the pre-copy store (by address)."""
@@ -282,6 +316,10 @@ class SourcePages(ControlRouter):
         self.held_by_target = held_by_target
         """Set for hybrid migrations; cleared when a reconnecting target says it lost its store."""
         self.local_pages = 0
+        self.sending = asyncio.Lock()
+        """Held while one reply (or push) is on its way: a header and its page frames stay together."""
+        self.push_stop = asyncio.Event()
+        """Set before the close is answered: no pushed page may follow `ps_closed`."""
 
     async def serve(self, link: Link) -> None:
         """Answer this link's requests until the daemon's close has been answered.
@@ -328,7 +366,9 @@ class SourcePages(ControlRouter):
             await self._before_reply()
         reply = await self.client.ask(request)
         if request.closes:
-            await link.send("ps_closed", status=STATUS.unpack(reply.data)[0])
+            self.push_stop.set()
+            async with self.sending:  # a push batch under way goes out whole first
+                await link.send("ps_closed", status=STATUS.unpack(reply.data)[0])
             return True
         _, nr_pages, vaddr, dst_id = HEADER.unpack(reply.header)
         held = [False] * nr_pages
@@ -336,16 +376,17 @@ class SourcePages(ControlRouter):
         if self.held_by_target is not None and pagemap is not None and nr_pages:
             held = await asyncio.to_thread(self.held_by_target, pagemap, vaddr, memoryview(reply.data))
         local = ranges_of(held)
-        await link.send("ps_rep", header=reply.header.hex(), local=local)
         send = [n for n in range(nr_pages) if not held[n]]
-        if send:
-            keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in send))
-            data = (
-                reply.data
-                if len(send) == nr_pages
-                else b"".join(reply.data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] for n in send)
-            )
-            await link.send_raw_pages(keys, data)
+        async with self.sending:
+            await link.send("ps_rep", header=reply.header.hex(), local=local)
+            if send:
+                keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in send))
+                data = (
+                    reply.data
+                    if len(send) == nr_pages
+                    else b"".join(reply.data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] for n in send)
+                )
+                await link.send_raw_pages(keys, data)
         self.local_pages += nr_pages - len(send)
         self._on_pages(nr_pages)
         return False

@@ -59,6 +59,8 @@ class MigrationStats:
     """Of those, pages not on the target yet (POSTCOPY progress)."""
     pages_local: int = 0
     """Of the post-copy pages, those the target took from its own pre-copied copy (hybrid)."""
+    pages_pushed: int = 0
+    """Of the post-copy pages, those the source pushed (or named as held) before they were asked for."""
     postcopy_ms: float = 0.0
     """From the target's resume until every page was there."""
     released_ms: float = 0.0

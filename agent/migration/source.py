@@ -41,6 +41,7 @@ from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
 from agent.migration.link import Link, PeerReportedFailure
 from agent.migration.local import describe_failure, remove_container, resume_if_paused
+from agent.migration.pagepush import PushCounts, lazy_regions, push
 from agent.migration.postcopy import SourcePages
 from agent.migration.record import MigrationRecord
 from agent.migration.rootfs import RW_LAYER_FILE, export_rw_layer
@@ -86,6 +87,7 @@ class SourceMigration:
         self.work = Path(ctx.config.migration.work_dir) / record.id
         self._started = time.monotonic()
         self._tracker: PageTracker | None = None
+        self._pushed = 0
         self._parent: Path | None = None
         self._link: Link | None = None
         """In post-copy, the current link to the target (it changes when the target reconnects)."""
@@ -392,9 +394,11 @@ class SourceMigration:
             self._progress(link, freeze_dump_ms=round(freeze_dump_ms, 1), lazy_pages=total, pages_remote=total)
             # The restore itself faults pages in (the restorer writes to the task's stack): serve from now on.
             held = self._tracker.held_by_target if self._tracker is not None else None  # hybrid: pre-copied pages
-            pages = SourcePages(client, self._pages_progress(total), self._postcopy_failpoint(), held)
+            progress = self._pages_progress(total)  # pages answered or pushed
+            pages = SourcePages(client, progress, self._postcopy_failpoint(), held)
             self._link = link
             traffic = asyncio.create_task(self._serve_postcopy(pages), name="postcopy-pages")
+            pusher: asyncio.Task[None] | None = None
             try:
                 reply = await pages.expect("restored", traffic, link)
                 await self.ctx.failpoints.hit("source.restored")
@@ -404,6 +408,7 @@ class SourceMigration:
                 if self._service_ip:  # traffic goes to the target; our veth stays until the copy is removed
                     await self.ctx.network.unpublish(self._service_ip)
                 await link.send("resume")
+                pusher = asyncio.create_task(self._push(link, pages, final, progress), name="postcopy-push")
                 await pages.expect("resumed", traffic, self._link or link)
                 resumed_at = time.monotonic()
                 self._progress(
@@ -413,9 +418,11 @@ class SourceMigration:
                 )
                 await traffic
             finally:
-                if not traffic.done():
-                    traffic.cancel()
-                await asyncio.gather(traffic, return_exceptions=True)
+                pages.push_stop.set()
+                for task in (traffic, pusher):
+                    if task is not None and not task.done():
+                        task.cancel()
+                await asyncio.gather(*(t for t in (traffic, pusher) if t is not None), return_exceptions=True)
                 await client.close()
             link = self._link or link
             async with asyncio.timeout(self.ctx.config.migration.idle_timeout):
@@ -429,6 +436,7 @@ class SourceMigration:
             link,
             pages_remote=0,
             pages_local=pages.local_pages,
+            pages_pushed=self._pushed,
             postcopy_ms=round((time.monotonic() - resumed_at) * 1000, 1),
         )
         log.info(
@@ -448,6 +456,32 @@ class SourceMigration:
         )
         self._advance(Event.SWITCHED)
         return link
+
+    async def _push(self, link: Link, pages: SourcePages, image_dir: Path, progress: Callable[[int], None]) -> None:
+        """Push every lazy page to the target (pagepush); a failure only ends the push."""
+        started = time.monotonic()
+        counts = PushCounts()
+        try:
+            processes = live_processes(await self.ctx.cd.tasks.pids(self.record.container))
+            regions = await asyncio.to_thread(lazy_regions, image_dir, processes)
+            await push(link, pages.sending, regions, pages.held_by_target, progress, pages.push_stop, counts)
+        except (OSError, TimeoutError, FerrymanError) as exc:
+            log.warning(
+                "page push stopped, the rest follows on request",
+                extra={"migration": self.record.id, "error": describe_failure(exc)},
+            )
+        finally:
+            pages.local_pages += counts.held
+            self._pushed = counts.pages
+        log.info(
+            "pages pushed",
+            extra={
+                "migration": self.record.id,
+                "pages": counts.pages,
+                "held": counts.held,
+                "ms": round((time.monotonic() - started) * 1000),
+            },
+        )
 
     async def _send_rw_layer(self, link: Link, digest: str, data: bytes) -> None:
         rw_file = self.work / RW_LAYER_FILE

@@ -1,0 +1,193 @@
+"""Post-copy's background push: every lazy page goes to the target at stream speed, unasked.
+
+CRIU's lazy-pages daemon fetches pages one request at a time, each a round trip through both agents
+and the source's page server; a workload that writes its memory waits on every one. So once the
+target runs, the source also reads the frozen processes' memory itself (/proc/PID/mem: frozen, so
+it is exactly what the page server would serve) and streams all of it, in address order, 1 MiB per
+batch. The target stores what arrives and answers the daemon's requests for those pages itself.
+
+Hybrid: a page whose content the target already holds from pre-copy (same digest) is only named,
+not sent again.
+
+Wire: a `pushed` control {pagemap, vaddr, nr_pages, held: [[first, count], ...]} followed by the
+pages that are not held, as page frames keyed like post-copy replies. Pushes and replies never
+interleave (one send lock). A link that breaks stops the push; the daemon's own requests still get
+every page, so nothing waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.checkpoint.delta import PageStore
+from agent.checkpoint.images import PAGE_SIZE, PE_LAZY, read_pagemaps
+from agent.checkpoint.livepages import LiveProcess
+from agent.checkpoint.pageserver import HEADER, PS_IOV_ADD_F_PRESENT, Request
+from agent.migration.link import Link, PagesIn, page_key, split_key
+from agent.migration.postcopy import HeldByTarget, pagemap_of, ranges_of
+
+log = logging.getLogger(__name__)
+
+PUSH_PAGES = 256  # 1 MiB per pushed batch: the stream's chunk
+_QUEUE = 4  # batches read ahead of the stream
+
+
+@dataclass(frozen=True)
+class PushBatch:
+    pagemap: str
+    vaddr: int
+    nr_pages: int
+    held: list[bool]
+    data: bytes
+
+
+@dataclass
+class PushCounts:
+    pages: int = 0
+    """Pages pushed or named as held."""
+    held: int = 0
+    """Of those, named only: the target held them from pre-copy."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """One process's lazy pages: (vaddr, nr_pages) runs from the final dump's pagemap."""
+
+    host_pid: int
+    pagemap: str
+    runs: list[tuple[int, int]]
+
+
+def lazy_regions(image_dir: Path, processes: list[LiveProcess]) -> list[Region]:
+    """The lazy runs of each dumped process, matched to its host pid by pagemap name."""
+    by_name = {p.pagemap: p.host_pid for p in processes}
+    out = []
+    for pm in read_pagemaps(image_dir):
+        pid = by_name.get(pm.name)
+        runs = [(r.vaddr, r.nr_pages) for r in pm.ranges if r.flags & PE_LAZY]
+        if pid is not None and runs:
+            out.append(Region(pid, pm.name, runs))
+    return out
+
+
+def read_batches(regions: list[Region], held_by_target: HeldByTarget | None) -> Iterator[PushBatch]:
+    """Batches of the frozen processes' lazy pages (call from a worker thread: it reads and hashes)."""
+    for region in regions:
+        try:
+            fd = os.open(f"/proc/{region.host_pid}/mem", os.O_RDONLY)
+        except OSError as exc:
+            log.warning("cannot push pages", extra={"pid": region.host_pid, "error": str(exc)})
+            continue
+        try:
+            for vaddr, count in region.runs:
+                for first in range(0, count, PUSH_PAGES):
+                    n = min(PUSH_PAGES, count - first)
+                    address = vaddr + first * PAGE_SIZE
+                    data = os.pread(fd, n * PAGE_SIZE, address)
+                    if len(data) != n * PAGE_SIZE:
+                        continue  # should not happen to a frozen process; its requests still get it
+                    held = (
+                        held_by_target(region.pagemap, address, memoryview(data))
+                        if held_by_target is not None
+                        else [False] * n
+                    )
+                    yield PushBatch(region.pagemap, address, n, held, data)
+        finally:
+            os.close(fd)
+
+
+async def push(
+    link: Link,
+    sending: asyncio.Lock,
+    regions: list[Region],
+    held_by_target: HeldByTarget | None,
+    on_pages: Callable[[int], None],
+    stop: asyncio.Event,
+    counts: PushCounts,
+) -> None:
+    """Stream every lazy page of `regions` to the target until done or `stop` is set (checked between
+    batches, so a header never goes without its pages). `counts` follows along."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[PushBatch | None] = asyncio.Queue(maxsize=_QUEUE)
+    done = False
+
+    def produce() -> None:
+        try:
+            for batch in read_batches(regions, held_by_target):
+                if done:
+                    return
+                asyncio.run_coroutine_threadsafe(queue.put(batch), loop).result()
+        finally:
+            asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+
+    producer = asyncio.ensure_future(asyncio.to_thread(produce))
+    try:
+        while (batch := await queue.get()) is not None:
+            send = [n for n in range(batch.nr_pages) if not batch.held[n]]
+            async with sending:
+                if stop.is_set():
+                    break
+                await link.send(
+                    "pushed",
+                    pagemap=batch.pagemap,
+                    vaddr=batch.vaddr,
+                    nr_pages=batch.nr_pages,
+                    held=ranges_of(batch.held),
+                )
+                if send:
+                    keys = array("Q", (page_key(0, batch.vaddr + n * PAGE_SIZE) for n in send))
+                    data = (
+                        batch.data
+                        if len(send) == batch.nr_pages
+                        else b"".join(batch.data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] for n in send)
+                    )
+                    await link.send_raw_pages(keys, data)
+            counts.pages += batch.nr_pages
+            counts.held += batch.nr_pages - len(send)
+            on_pages(batch.nr_pages)
+    finally:
+        done = True
+        while not producer.done():  # let the thread finish its put()
+            with contextlib.suppress(asyncio.QueueEmpty):
+                queue.get_nowait()
+            await asyncio.sleep(0)
+        await asyncio.gather(producer, return_exceptions=True)
+
+
+class PushedPages:
+    """Target side: the pages pushed (or named as held) so far, answered here without the source."""
+
+    def __init__(self, store: PageStore) -> None:
+        self.store = store
+        self._have: dict[str, set[int]] = {}
+
+    def add(self, pagemap: str, vaddr: int, nr_pages: int, batches: list[PagesIn]) -> None:
+        """Store one push (call from a worker thread: it writes)."""
+        vaddrs = [split_key(k)[1] for b in batches for k in b.keys]
+        zeros = [split_key(k)[1] for b in batches for k in b.zeros]
+        data = batches[0].data if len(batches) == 1 else b"".join(b.data for b in batches)
+        if vaddrs or zeros:
+            self.store.add(pagemap, vaddrs, memoryview(data), zeros)
+        self._have.setdefault(pagemap, set()).update(range(vaddr, vaddr + nr_pages * PAGE_SIZE, PAGE_SIZE))
+
+    def answer(self, request: Request) -> bytes | None:
+        """The reply to a daemon request if every page of it is here, else None (ask the source)."""
+        pagemap = pagemap_of(request.dst_id)
+        have = self._have.get(pagemap) if pagemap is not None else None
+        if have is None or request.closes:
+            return None
+        addresses = range(request.vaddr, request.vaddr + request.nr_pages * PAGE_SIZE, PAGE_SIZE)
+        if not all(a in have for a in addresses):
+            return None
+        assert pagemap is not None
+        pages = self.store.read_run(pagemap, request.vaddr, request.nr_pages)
+        if pages is None:
+            return None
+        return HEADER.pack(PS_IOV_ADD_F_PRESENT, request.nr_pages, request.vaddr, request.dst_id) + pages
