@@ -165,6 +165,7 @@ async def main() -> None:
     parser.add_argument("--warm-up-gib", type=int, default=8, help="guest memory to touch once first")
     parser.add_argument("--no-baseline", action="store_true", help="skip stop-and-copy (no result line)")
     parser.add_argument("--records", type=Path, help="append each migration's full record (JSON lines) here")
+    parser.add_argument("--logs", type=Path, help="copy both agents' logs into this directory at the end")
     args = parser.parse_args()
     started = time.monotonic()
     warm_up_memory(args.warm_up_gib)
@@ -206,6 +207,10 @@ async def main() -> None:
                         flush=True,
                     )
                 results[(size, rate)] = row
+        if args.logs is not None:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            for host in (h1, h2):
+                (args.logs / f"{host.name}.log").write_bytes(host.agent_log.read_bytes())
     if args.no_baseline:
         return
     if args.result == "migrate":

@@ -111,7 +111,7 @@ async def test_link_cut_during_postcopy_resumes(base_dir: Path) -> None:
         await asyncio.sleep(4)  # twice the idle timeout: the first link is given up on both sides
         await mesh.link_up(h2)
         record = await asyncio.wait_for(task, 90)
-        assert record["state"] == "COMMIT", record
+        assert record["state"] == "COMMIT", (record["error"], record["history"])
         target = await wait_done(h2)
         assert target["state"] == "COMMIT" and target["stats"]["pages_remote"] == 0
         assert task_states(h2) == {"hog": "RUNNING"} and "hog" not in task_states(h1)
@@ -135,7 +135,7 @@ async def test_link_cut_at_the_decision(base_dir: Path) -> None:
         await asyncio.sleep(4)
         await mesh.link_up(h2)
         record = await asyncio.wait_for(task, 120)
-        assert record["state"] == "COMMIT", record
+        assert record["state"] == "COMMIT", (record["error"], record["history"])
         assert (await wait_done(h2))["state"] == "COMMIT"
         assert task_states(h2) == {"hog": "RUNNING"} and "hog" not in task_states(h1)
         assert await verify_memory(h2, "hog") == "ok"

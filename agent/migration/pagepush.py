@@ -10,9 +10,11 @@ Hybrid: a page whose content the target already holds from pre-copy (same digest
 not sent again.
 
 Wire: a `pushed` control {pagemap, vaddr, nr_pages, held: [[first, count], ...]} followed by the
-pages that are not held, as page frames keyed like post-copy replies. Pushes and replies never
-interleave (one send lock). A link that breaks stops the push; the daemon's own requests still get
-every page, so nothing waits on it.
+pages that are not held, as page frames keyed like post-copy replies; `push_end` when done. Pushes
+and replies never interleave (one send lock). While a push runs, the target holds the daemon's
+background requests until the push brings their pages (faults still go to the source at once), so
+no page crosses twice; `push_end` sends whatever is still held to the source. A link that breaks
+stops the push; the relay then forwards every request again, so nothing waits on it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from agent.checkpoint.images import PAGE_SIZE, PE_LAZY, read_pagemaps
 from agent.checkpoint.livepages import LiveProcess
 from agent.checkpoint.pageserver import HEADER, PS_IOV_ADD_F_PRESENT, Request
 from agent.migration.link import Link, PagesIn, page_key, split_key
-from agent.migration.postcopy import HeldByTarget, pagemap_of, ranges_of
+from agent.migration.postcopy import HeldByTarget, PushWindow, pagemap_of, ranges_of
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +80,15 @@ def lazy_regions(image_dir: Path, processes: list[LiveProcess]) -> list[Region]:
 
 
 def read_batches(regions: list[Region], held_by_target: HeldByTarget | None) -> Iterator[PushBatch]:
-    """Batches of the frozen processes' lazy pages (call from a worker thread: it reads and hashes)."""
+    """Batches of the frozen processes' lazy pages in address order (call from a worker thread: it
+    reads and hashes). Address order is also the order of the daemon's own background requests, so
+    the one it has open is normally already pushed."""
     for region in regions:
         try:
             fd = os.open(f"/proc/{region.host_pid}/mem", os.O_RDONLY)
         except OSError as exc:
             log.warning("cannot push pages", extra={"pid": region.host_pid, "error": str(exc)})
-            continue
+            continue  # its requests still get every page
         try:
             for vaddr, count in region.runs:
                 for first in range(0, count, PUSH_PAGES):
@@ -93,11 +97,7 @@ def read_batches(regions: list[Region], held_by_target: HeldByTarget | None) -> 
                     data = os.pread(fd, n * PAGE_SIZE, address)
                     if len(data) != n * PAGE_SIZE:
                         continue  # should not happen to a frozen process; its requests still get it
-                    held = (
-                        held_by_target(region.pagemap, address, memoryview(data))
-                        if held_by_target is not None
-                        else [False] * n
-                    )
+                    held = held_by_target(region.pagemap, address, memoryview(data)) if held_by_target else [False] * n
                     yield PushBatch(region.pagemap, address, n, held, data)
         finally:
             os.close(fd)
@@ -110,10 +110,13 @@ async def push(
     held_by_target: HeldByTarget | None,
     on_pages: Callable[[int], None],
     stop: asyncio.Event,
+    window: PushWindow,
     counts: PushCounts,
 ) -> None:
     """Stream every lazy page of `regions` to the target until done or `stop` is set (checked between
-    batches, so a header never goes without its pages). `counts` follows along."""
+    batches, so a header never goes without its pages). A batch goes only with a credit of `window`,
+    which the target's `push_ack` returns: a fault's reply then never queues behind more than a
+    couple of pushed MiB. `counts` follows along."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[PushBatch | None] = asyncio.Queue(maxsize=_QUEUE)
     done = False
@@ -131,9 +134,12 @@ async def push(
     try:
         while (batch := await queue.get()) is not None:
             send = [n for n in range(batch.nr_pages) if not batch.held[n]]
+            await window.take()
             async with sending:
                 if stop.is_set():
+                    window.give_back()
                     break
+                window.sent()  # before the header: the ack may come back before the pages are queued
                 await link.send(
                     "pushed",
                     pagemap=batch.pagemap,
@@ -152,6 +158,9 @@ async def push(
             counts.pages += batch.nr_pages
             counts.held += batch.nr_pages - len(send)
             on_pages(batch.nr_pages)
+        async with sending:
+            if not stop.is_set():  # never after the close's answer
+                await link.send("push_end", pages=counts.pages)
     finally:
         done = True
         while not producer.done():  # let the thread finish its put()

@@ -56,6 +56,7 @@ class Slot:
 
     asked: Request
     reply: bytes | None = None
+    asked_at: float = field(default_factory=time.monotonic)
     request: Request = field(init=False)
     """What we answer: a large background request only in part."""
 
@@ -85,6 +86,10 @@ class Pager:
         self._daemon: asyncio.StreamWriter | None = None
         self._window = MIN_WINDOW
         self._next_fault = -1
+        self._started = time.monotonic()
+        self.fault_waits: list[tuple[float, float]] = []
+        """(seconds since start, seconds the daemon waited) of each fault's answer: the stalls the
+        workload saw."""
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -242,6 +247,9 @@ class Pager:
                 self.closed = True
             else:
                 self.pages += slot.request.nr_pages
+                if slot.asked.nr_pages == 1:  # the daemon asks for one page per fault
+                    now = time.monotonic()
+                    self.fault_waits.append((slot.asked_at - self._started, now - slot.asked_at))
         await self._daemon.drain()
 
     def _kill_workload(self) -> None:
@@ -250,7 +258,15 @@ class Pager:
 
     def _write_result(self, *, ok: bool, error: str) -> None:
         tmp = self.result.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"ok": ok, "pages": self.pages, "error": error}))
+        waits = sorted(w for _, w in self.fault_waits)
+        worst = sorted(self.fault_waits, key=lambda f: -f[1])[:5]
+        faults = {
+            "faults": len(waits),
+            "fault_p50_ms": round(waits[len(waits) // 2] * 1000, 2) if waits else 0.0,
+            "fault_max_ms": round(waits[-1] * 1000, 2) if waits else 0.0,
+            "worst_faults": [[round(at, 3), round(w * 1000, 1)] for at, w in worst],
+        }
+        tmp.write_text(json.dumps({"ok": ok, "pages": self.pages, "error": error, **faults}))
         tmp.replace(self.result)
 
 

@@ -28,6 +28,40 @@ from agent.migration.link import ControlIn, Link, PagesIn, PeerFailed, page_key,
 if TYPE_CHECKING:
     from agent.migration.pagepush import PushedPages
 
+PUSH_WINDOW = 2
+"""Pushed batches (1 MiB each) the target has not stored yet (pagepush)."""
+
+
+class PushWindow:
+    """Source: the pushed batches the target has not acknowledged (stored) yet, at most PUSH_WINDOW."""
+
+    def __init__(self, size: int = PUSH_WINDOW) -> None:
+        self._credits = asyncio.Semaphore(size)
+        self.unacked = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    async def take(self) -> None:
+        await self._credits.acquire()
+
+    def give_back(self) -> None:
+        """A credit taken, then nothing sent."""
+        self._credits.release()
+
+    def sent(self) -> None:
+        self.unacked += 1
+        self._drained.clear()
+
+    def acked(self) -> None:
+        self.unacked = max(self.unacked - 1, 0)
+        self._credits.release()
+        if not self.unacked:
+            self._drained.set()
+
+    async def drained(self) -> None:
+        await self._drained.wait()
+
+
 log = logging.getLogger(__name__)
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -162,6 +196,9 @@ class TargetRelay(ControlRouter):
         """Pages pre-copy left here; None after an agent restart (the store's index died with it)."""
         self.pushed: PushedPages | None = None
         """Pages the source pushed: requests for them are answered here. None after an agent restart."""
+        self._push_open = False
+        """The source is pushing: background requests wait for the push instead of asking the source."""
+        self._parked: list[Request] = []
         self._server: asyncio.AbstractServer | None = None
         self._pager: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
 
@@ -187,7 +224,9 @@ class TargetRelay(ControlRouter):
         finally:
             up.cancel()
             await asyncio.gather(up, return_exceptions=True)
-            writer.close()
+            writer.close()  # the pager asks again for whatever is unanswered, parked requests too
+            self._push_open = False
+            self._parked.clear()
 
     async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: Link) -> None:
         while True:
@@ -199,6 +238,9 @@ class TargetRelay(ControlRouter):
                     writer.write(reply)
                     await writer.drain()
                     self._on_pages(request.nr_pages)
+                    continue
+                if self._push_open and not request.urgent:  # the push brings it soon: no second copy
+                    self._parked.append(request)
                     continue
             await link.send("ps_req", raw=raw.hex())
 
@@ -220,7 +262,15 @@ class TargetRelay(ControlRouter):
                 await writer.drain()
                 return
             if msg.type == "pushed":
+                self._push_open = True
                 await self._store_push(link, msg)
+                await self._answer_parked(writer)
+                continue
+            if msg.type == "push_end":
+                self._push_open = False
+                parked, self._parked = self._parked, []
+                for request in parked:  # not in the push (or it stopped short): the source answers
+                    await link.send("ps_req", raw=request.raw.hex())
                 continue
             if msg.type != "ps_rep":
                 await self.control.put(msg)
@@ -256,6 +306,21 @@ class TargetRelay(ControlRouter):
         if self.pushed is not None:  # after a restart the store is gone: the daemon asks the source instead
             pagemap, vaddr = str(msg.body["pagemap"]), int(msg.body["vaddr"])
             await asyncio.to_thread(self.pushed.add, pagemap, vaddr, nr_pages, batches)
+        await link.send("push_ack")
+
+    async def _answer_parked(self, writer: asyncio.StreamWriter) -> None:
+        if not self._parked or self.pushed is None:
+            return
+        waiting: list[Request] = []
+        for request in self._parked:
+            reply = await asyncio.to_thread(self.pushed.answer, request)
+            if reply is None:
+                waiting.append(request)
+                continue
+            writer.write(reply)
+            self._on_pages(request.nr_pages)
+        self._parked = waiting
+        await writer.drain()
 
     def _local_pages(self, ranges: list[list[int]], dst_id: int, vaddr: int, nr_pages: int) -> dict[int, bytes]:
         """The pages the source said we hold, read from the pre-copy store (by address)."""
@@ -320,6 +385,8 @@ class SourcePages(ControlRouter):
         """Held while one reply (or push) is on its way: a header and its page frames stay together."""
         self.push_stop = asyncio.Event()
         """Set before the close is answered: no pushed page may follow `ps_closed`."""
+        self.push_window = PushWindow()
+        """Pushed batches the target has not stored yet; its `push_ack` gives a credit back."""
 
     async def serve(self, link: Link) -> None:
         """Answer this link's requests until the daemon's close has been answered.
@@ -340,6 +407,15 @@ class SourcePages(ControlRouter):
                     raise PeerFailed("the post-copy link ended")
                 _, _, request = getter.result()
                 if await self._answer(link, request):
+                    # The target acknowledged every push it stored before our close: take those acks
+                    # here, so none is left for whoever reads the link next.
+                    drained = asyncio.ensure_future(self.push_window.drained())
+                    await asyncio.wait(
+                        {drained, reader}, timeout=link.idle_timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if not drained.done():
+                        drained.cancel()
+                        raise PeerFailed("the target did not acknowledge every pushed batch")
                     return
         finally:
             reader.cancel()
@@ -351,6 +427,9 @@ class SourcePages(ControlRouter):
             msg = await link.recv()
             if not isinstance(msg, ControlIn):
                 raise PeerFailed("pages from the target during post-copy")
+            if msg.type == "push_ack":
+                self.push_window.acked()
+                continue
             if msg.type != "ps_req":
                 await self.control.put(msg)
                 continue

@@ -42,7 +42,7 @@ from agent.migration.journal import Journal
 from agent.migration.link import Link, PeerReportedFailure
 from agent.migration.local import describe_failure, remove_container, resume_if_paused
 from agent.migration.pagepush import PushCounts, lazy_regions, push
-from agent.migration.postcopy import SourcePages
+from agent.migration.postcopy import PushWindow, SourcePages
 from agent.migration.record import MigrationRecord
 from agent.migration.rootfs import RW_LAYER_FILE, export_rw_layer
 from agent.migration.states import Event, State, can_roll_back
@@ -464,7 +464,9 @@ class SourceMigration:
         try:
             processes = live_processes(await self.ctx.cd.tasks.pids(self.record.container))
             regions = await asyncio.to_thread(lazy_regions, image_dir, processes)
-            await push(link, pages.sending, regions, pages.held_by_target, progress, pages.push_stop, counts)
+            await push(
+                link, pages.sending, regions, pages.held_by_target, progress, pages.push_stop, pages.push_window, counts
+            )
         except (OSError, TimeoutError, FerrymanError) as exc:
             log.warning(
                 "page push stopped, the rest follows on request",
@@ -537,6 +539,7 @@ class SourceMigration:
                 timeout = self.ctx.config.migration.postcopy_reconnect_timeout
                 try:
                     self._link, keeps_store = await self.ctx.postcopy_link(self.record.id, timeout)
+                    pages.push_window = PushWindow()  # the push ended with the old link, its acks with it
                     if not keeps_store:  # a restarted target lost its pre-copy store: send every page
                         pages.held_by_target = None
                 except TimeoutError:

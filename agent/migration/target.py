@@ -471,6 +471,10 @@ class TargetMigration:
             await asyncio.sleep(0.01)
         if not result.get("ok"):
             raise LazyPagesError(f"post-copy failed on this host: {result.get('error')}")
+        log.info(
+            "post-copy pages in",
+            extra={"migration": self.record.id, **{k: v for k, v in result.items() if k not in ("ok", "error")}},
+        )
         if self._pager is not None:
             await asyncio.to_thread(self._pager.wait, 10)
 
