@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from types import TracebackType
 
 from agent.checkpoint.criuconf import CriuConfigs
+from agent.checkpoint.features import KDAT_CACHE, network_lock_method, prime_kdat_cache
 from agent.config import AgentConfig
 from agent.containerd import Containerd
 from agent.images.service import ImageService
@@ -26,9 +28,13 @@ from agent.telemetry.registration import Registrar
 from agent.telemetry.sampler import Sampler
 from agent.telemetry.service import TelemetryService
 
+log = logging.getLogger(__name__)
+
 
 class Agent:
-    def __init__(self, config: AgentConfig, cd: Containerd, registry: RegistryClient) -> None:
+    def __init__(
+        self, config: AgentConfig, cd: Containerd, registry: RegistryClient, criu_configs: CriuConfigs | None = None
+    ) -> None:
         self.config = config
         self.metrics = AgentMetrics()
         self.containerd = cd
@@ -47,7 +53,7 @@ class Agent:
             config.runtime,
             self.images.platform,
             network=ServiceNetwork(config.network, cd.namespace),
-            criu_configs=CriuConfigs(config.state_dir),
+            criu_configs=criu_configs or CriuConfigs(config.state_dir),
             admission=self.reservations,
         )
         self.host_name = config.host_name or socket.gethostname()
@@ -92,7 +98,12 @@ class Agent:
             config.containerd.snapshotter,
             connect_timeout=config.containerd.connect_timeout,
         )
-        agent = cls(config, cd, RegistryClient(config))
+        # CRIU's kernel probe cached for this boot, and its cheaper network lock where it has one: both
+        # come out of every freeze (see features.prime_kdat_cache, criuconf.CriuConfigs).
+        if await prime_kdat_cache():
+            log.info("CRIU kernel-feature cache written", extra={"path": str(KDAT_CACHE)})
+        criu_configs = CriuConfigs(config.state_dir, await network_lock_method())
+        agent = cls(config, cd, RegistryClient(config), criu_configs)
         try:
             await agent.migrations.recover()  # finish or roll back what a previous run left in flight
             await agent.peers.serve(agent.migrations.handle_session)

@@ -92,7 +92,7 @@ class MigrationService:
         self._records: dict[str, MigrationRecord] = {r.id: r for r in self.journal.all()}
         self._watchers: dict[str, list[asyncio.Queue[MigrationRecord]]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
-        self._criu_configs = CriuConfigs(config.state_dir)
+        self._criu_configs = containers.criu_configs or CriuConfigs(config.state_dir)
         self._postcopy_links: dict[str, asyncio.Queue[tuple[Link, asyncio.Event, bool]]] = {}
         """Sessions a POSTCOPY target opened to continue page traffic, for the source migration to take."""
         self._platform = images.platform

@@ -74,7 +74,8 @@ class ContainerService:
         self._containerd = containerd
         self._runtime = runtime
         self._platform = platform
-        self._criu_configs = criu_configs
+        self.criu_configs = criu_configs
+        """The CRIU option files this service writes (None: checkpoints use runc's defaults)."""
         self._admission = admission
         """Refuses containers that would use capacity reserved by the coordinator (agent/reservations.py)."""
         # Containers with a service address get their own network namespace through this adapter.
@@ -109,8 +110,8 @@ class ContainerService:
             # The path is derived from the id alone, so the namespace is made only once the record exists.
             netns_path=self.network.info(req.id).path if service_ip is not None else None,
         )
-        if self._criu_configs is not None:  # so that checkpoints of it get ferryman's CRIU options
-            criu_config = await asyncio.to_thread(self._criu_configs.write, req.id)
+        if self.criu_configs is not None:  # so that checkpoints of it get ferryman's CRIU options
+            criu_config = await asyncio.to_thread(self.criu_configs.write, req.id)
             spec.setdefault("annotations", {})[CRIU_ANNOTATION] = str(criu_config)
         labels = {
             **req.labels,
@@ -233,8 +234,8 @@ class ContainerService:
             await self._cd.snapshots.remove(record.snapshot_key)
         with contextlib.suppress(FileNotFoundError):
             self.log_path(container_id).unlink()
-        if self._criu_configs is not None:
-            self._criu_configs.remove(container_id)
+        if self.criu_configs is not None:
+            self.criu_configs.remove(container_id)
         log.info("deleted container", extra={"container": container_id})
 
     async def list(self) -> list[ContainerSummary]:
