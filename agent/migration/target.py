@@ -30,7 +30,13 @@ from typing import Any
 from agent.checkpoint.criuconf import ANNOTATION as CRIU_ANNOTATION
 from agent.checkpoint.criuconf import LAZY_RESTORE, CriuConfigs
 from agent.checkpoint.delta import PageStore
-from agent.checkpoint.lazypages import LazyPagesError, ensure_pipe_max_size, lazy_pages, spawn_daemon, wait_ready
+from agent.checkpoint.lazypages import (
+    LazyPagesError,
+    ensure_pipe_max_size,
+    lazy_pages,
+    spawn_daemon,
+    wait_ready,
+)
 from agent.config import AgentConfig
 from agent.containerd import Containerd, ContainerRecord
 from agent.errors import AlreadyExists, ContainerdNotFound, FerrymanError
@@ -295,6 +301,8 @@ class TargetMigration:
             )
             if self.lazy:  # the pager kills exactly this process tree if the pages cannot come
                 await asyncio.to_thread(self.paths.pid_file.write_text, str(pid))
+                assert self._daemon is not None
+                await wait_ready(self._daemon, self.paths.criu_work)  # CRIU's restore hands it the memory
             await cd.tasks.start(cid)
             await cd.tasks.pause(cid)  # provisional until the source decides
         finally:
@@ -367,7 +375,7 @@ class TargetMigration:
         finally:
             self._daemon_end.close()
             self._daemon_end = None
-        await wait_ready(self._daemon, self.paths.criu_work)
+        # Not ready yet: the restore waits for it (_restore), container creation does not.
 
     def _on_pages(self, count: int) -> None:
         self._remote = max(self._remote - count, 0)
