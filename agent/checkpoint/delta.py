@@ -362,10 +362,20 @@ class _PageFile:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, len(self.order) * PAGE_SIZE))
-            out = 0
-            for vaddr in vaddrs:
-                os.copy_file_range(self.fd, fd, PAGE_SIZE, self.slots[vaddr] * PAGE_SIZE, out)
-                out += PAGE_SIZE
+            # One copy_file_range per run of consecutive slots: a layout shifted by a page or two is
+            # still a few long runs, not one call per page.
+            out, start = 0, 0
+            slots = [self.slots[vaddr] for vaddr in vaddrs]
+            for n in range(1, len(slots) + 1):
+                if n == len(slots) or slots[n] != slots[n - 1] + 1:
+                    size = (n - start) * PAGE_SIZE
+                    offset = slots[start] * PAGE_SIZE
+                    while size:
+                        copied = os.copy_file_range(self.fd, fd, size, offset, out)
+                        if copied <= 0:
+                            raise OSError(f"copy_file_range stopped short in {self.path}")
+                        size, offset, out = size - copied, offset + copied, out + copied
+                    start = n
         finally:
             os.close(fd)
 

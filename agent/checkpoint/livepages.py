@@ -48,6 +48,7 @@ class Mapping:
     end: int
     private: bool
     readable: bool
+    executable: bool
     anonymous: bool
     name: str
 
@@ -105,6 +106,7 @@ def mappings(host_pid: int) -> list[Mapping]:
                 end=int(m.group(2), 16),
                 private=perms[3] == "p",
                 readable=perms[0] == "r",
+                executable=perms[2] == "x",
                 anonymous=inode == 0 and not name.startswith("/"),
                 name=name,
             )
@@ -150,13 +152,21 @@ def read_pages(process: LiveProcess, buffer: bytearray) -> Iterator[tuple[list[i
             return  # the process exited: the final dump will not list it either
         except OSError as exc:
             raise LiveMemoryUnavailable(exc.errno, f"cannot read the memory of pid {process.host_pid}: {exc}") from exc
+        # CRIU's parasite enters through the first page of the first executable mapping, which makes
+        # that page private in every dump. Reading it too keeps our pages in CRIU's order.
+        entry = next((vma.start for vma in vmas if vma.executable), None)
         for vma in vmas:
             if not vma.private or not vma.readable or vma.name in _SPECIAL:
                 continue
             for step in range(vma.start, vma.end, _PAGEMAP_STEP * PAGE_SIZE):
                 pages = min(_PAGEMAP_STEP, (vma.end - step) // PAGE_SIZE)
                 entries = np.frombuffer(os.pread(pagemap_fd, pages * 8, (step // PAGE_SIZE) * 8), dtype=np.uint64)
-                for first, count in _runs(_wanted(entries, vma.anonymous)):
+                wanted = _wanted(entries, vma.anonymous)
+                if vma.name == "[vdso]":  # CRIU reads all of it while it dumps, so dumps all of it
+                    wanted = np.arange(pages)
+                elif step == entry:
+                    wanted = np.union1d(wanted, [0])
+                for first, count in _runs(wanted):
                     for at in range(first, first + count, per_read):
                         n = min(per_read, first + count - at)
                         address = step + at * PAGE_SIZE
