@@ -186,17 +186,18 @@ class PushedPages:
             self.store.add(pagemap, vaddrs, memoryview(data), zeros)
         self._have.setdefault(pagemap, set()).update(range(vaddr, vaddr + nr_pages * PAGE_SIZE, PAGE_SIZE))
 
-    def answer(self, request: Request) -> bytes | None:
-        """The reply to a daemon request if every page of it is here, else None (ask the source)."""
+    def covers(self, request: Request) -> bool:
+        """Every page of this daemon request is here (cheap: call it on the loop, before a thread)."""
         pagemap = pagemap_of(request.dst_id)
         have = self._have.get(pagemap) if pagemap is not None else None
         if have is None or request.closes:
-            return None
-        addresses = range(request.vaddr, request.vaddr + request.nr_pages * PAGE_SIZE, PAGE_SIZE)
-        if not all(a in have for a in addresses):
-            return None
-        assert pagemap is not None
-        pages = self.store.read_run(pagemap, request.vaddr, request.nr_pages)
+            return False
+        return all(a in have for a in range(request.vaddr, request.vaddr + request.nr_pages * PAGE_SIZE, PAGE_SIZE))
+
+    def answer(self, request: Request) -> bytes | None:
+        """The reply to a request `covers` said yes to (call from a worker thread: it reads)."""
+        pagemap = pagemap_of(request.dst_id)
+        pages = self.store.read_run(pagemap, request.vaddr, request.nr_pages) if pagemap is not None else None
         if pages is None:
             return None
         return HEADER.pack(PS_IOV_ADD_F_PRESENT, request.nr_pages, request.vaddr, request.dst_id) + pages

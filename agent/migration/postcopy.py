@@ -233,13 +233,14 @@ class TargetRelay(ControlRouter):
             raw = await reader.readexactly(HEADER.size)
             request = Request.parse(raw)  # never forward garbage to the source's CRIU
             if self.pushed is not None and not request.closes:
-                reply = await asyncio.to_thread(self.pushed.answer, request)
-                if reply is not None:
-                    writer.write(reply)
-                    await writer.drain()
-                    self._on_pages(request.nr_pages)
-                    continue
-                if self._push_open and not request.urgent:  # the push brings it soon: no second copy
+                if self.pushed.covers(request):
+                    reply = await asyncio.to_thread(self.pushed.answer, request)
+                    if reply is not None:
+                        writer.write(reply)
+                        await writer.drain()
+                        self._on_pages(request.nr_pages)
+                        continue
+                elif self._push_open and not request.urgent:  # the push brings it soon: no second copy
                     self._parked.append(request)
                     continue
             await link.send("ps_req", raw=raw.hex())
@@ -313,7 +314,7 @@ class TargetRelay(ControlRouter):
             return
         waiting: list[Request] = []
         for request in self._parked:
-            reply = await asyncio.to_thread(self.pushed.answer, request)
+            reply = await asyncio.to_thread(self.pushed.answer, request) if self.pushed.covers(request) else None
             if reply is None:
                 waiting.append(request)
                 continue
