@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.checkpoint.features import detect as detect_criu
 from tests.harness.fleet import api, fleet, memhog_status, migrate, run_memhog, task_states, verify_memory
 from tests.harness.mesh import Mesh
 
@@ -27,6 +28,8 @@ async def test_there_and_back_with_state_intact(mesh: Mesh) -> None:
     assert record["state"] == "COMMIT", record
     stats = record["stats"]
     assert stats["iterations"] >= 1 and stats["bytes_wire"] > 0 and stats["downtime_ms"] > 0
+    soft_dirty = (await detect_criu()).mem_dirty_track
+    assert stats["round_source"] == ("criu-pre-dump" if soft_dirty else "proc-mem")
     assert stats["bytes_raw"] >= 16 << 20  # at least the resident set crossed once
     assert task_states(h2) == {"hog": "RUNNING"}
     assert "hog" not in task_states(h1)
@@ -50,3 +53,20 @@ async def test_there_and_back_with_state_intact(mesh: Mesh) -> None:
     await api(h1, "POST", "/v1/containers/hog/stop?timeout=1")
     await api(h1, "DELETE", "/v1/containers/hog", expect=204)
     assert "hog" not in h1.ctr("containers", "ls", "-q").stdout
+
+
+async def test_precopy_rounds_through_criu_dumps(mesh: Mesh) -> None:
+    """`live_precopy = false` (or ptrace rules that refuse /proc/PID/mem): rounds are CRIU dumps that
+    leave the tasks running, and the page-level delta still sends only what changed."""
+    h1 = mesh["h1"]
+    await h1.stop_agent()
+    h1.settings["migration"] = {**h1.settings.get("migration", {}), "live_precopy": False}
+    await h1.start_agent()
+    await run_memhog(h1, mesh, "hog", resident_mib=16, rewrite_mbps=1)
+    record = await migrate(h1, "hog", "h2", downtime_target_ms=1, max_iterations=3)
+    assert record["state"] == "COMMIT", record
+    stats = record["stats"]
+    soft_dirty = (await detect_criu()).mem_dirty_track
+    assert stats["round_source"] == ("criu-pre-dump" if soft_dirty else "criu-dump")
+    assert stats["iterations"] >= 2 and stats["dirty_pages"][1] < stats["dirty_pages"][0] // 4
+    assert await verify_memory(mesh["h2"], "hog") == "ok"

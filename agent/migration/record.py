@@ -53,6 +53,9 @@ class MigrationStats:
     restore_ms: float = 0.0
     """CRIU's restore on the target."""
     stop_reason: str = ""
+    round_source: str = ""
+    """How pre-copy rounds read memory: proc-mem (/proc/PID/mem, running), criu-pre-dump (soft-dirty)
+    or criu-dump (a dump that leaves the tasks running, frozen while it copies)."""
     lazy_pages: int = 0
     """Pages the final dump left on the source for post-copy."""
     pages_remote: int = 0

@@ -229,7 +229,10 @@ class SourceMigration:
                 target_s,
                 self.record.options.max_iterations,
             )
-            self._progress(link, iterations=number, dirty_pages=tuple(dirty), stop_reason=verdict.value)
+            source = "proc-mem" if live is not None else "criu-pre-dump" if self.ctx.soft_dirty else "criu-dump"
+            self._progress(
+                link, iterations=number, dirty_pages=tuple(dirty), stop_reason=verdict.value, round_source=source
+            )
             if verdict != Verdict.CONTINUE:
                 break
         self._advance(Event.CONVERGED)
