@@ -97,7 +97,7 @@ class FakeMigrations:
             sent += pages * PAGE
             dirty = (*record.stats.dirty_pages, pages)
             record = record.with_stats(iterations=number, dirty_pages=dirty, bytes_raw=sent, bytes_wire=sent // 4,
-                                       rate_mbps=12.5, stop_reason="continue")
+                                       rate_mbps=12.5, stop_reason="continue", round_source="proc-mem")
             self._publish(record)
             if record.container.startswith("doomed"):
                 self._publish(record.advance(Event.FAILED, error="target restore failed: CRIU said no"))

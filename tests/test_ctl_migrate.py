@@ -57,7 +57,7 @@ async def test_migrate_committed(server: ApiServer, agent: FakeAgent, capsys: py
     assert "state        COMMIT" in out
     assert "downtime     182.4 ms (target 150 ms)" in out
     assert "total time   4.21 s" in out
-    assert "iterations   3 (pages per round: 25600, 1200, 300)" in out
+    assert "iterations   3 (pages per round: 25600, 1200, 300), read by proc-mem" in out
     assert "sent         105.9 MiB raw, 26.5 MiB on the wire (compression 4.00x)" in out
     assert "criu         freeze+dump 120.3 ms, restore 90.1 ms" in out
     assert "stop reason  dirty_set_small" in out
@@ -150,3 +150,13 @@ def test_render_helpers() -> None:
     assert migration_details(record)[0] == "migration m in progress: web <- host-a"
     line = MigrationView.describe(record)
     assert line == "round 2  dirty 4 pages  sent 2.0 KiB raw / 1.0 KiB wire  3.2 MB/s"
+
+
+def test_postcopy_details() -> None:
+    record = {"id": "m", "role": "source", "container": "web", "peer": "host-b", "state": "COMMIT",
+              "options": {"mode": "lazy"},
+              "stats": {"lazy_pages": 262144, "pages_remote": 0, "pages_pushed": 262000, "pages_local": 0,
+                        "postcopy_ms": 4300.0, "released_ms": 5100.0}}
+    text = "\n".join(migration_details(record))
+    assert "mode         lazy" in text
+    assert "post-copy    262144 pages on demand, 0 still remote, 262000 pushed, 0 from the target's own copy" in text

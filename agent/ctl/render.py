@@ -223,6 +223,8 @@ def migration_details(record: dict[str, Any], *, history: bool = False) -> list[
     iterations = str(stats.get("iterations", 0))
     if dirty:
         iterations += f" (pages per round: {', '.join(str(d) for d in dirty)})"
+    if stats.get("round_source"):
+        iterations += f", read by {stats['round_source']}"
     rows.append(("iterations", iterations))
     ratio = float(stats.get("compression_ratio") or 0)
     sent = f"{human_size(stats.get('bytes_raw', 0))} raw, {human_size(stats.get('bytes_wire', 0))} on the wire"
@@ -240,6 +242,7 @@ def migration_details(record: dict[str, Any], *, history: bool = False) -> list[
             (
                 "post-copy",
                 f"{stats['lazy_pages']} pages on demand, {stats.get('pages_remote', 0)} still remote, "
+                f"{stats.get('pages_pushed', 0)} pushed, {stats.get('pages_local', 0)} from the target's own copy, "
                 f"{human_ms(stats.get('postcopy_ms'))}; source released after {human_ms(stats.get('released_ms'))}",
             )
         )
