@@ -100,9 +100,10 @@ class Agent:
         )
         # CRIU's kernel probe cached for this boot, and its cheaper network lock where it has one: both
         # come out of every freeze (see features.prime_kdat_cache, criuconf.CriuConfigs).
-        if await prime_kdat_cache():
+        primed, lock = await asyncio.gather(prime_kdat_cache(), network_lock_method())
+        if primed:
             log.info("CRIU kernel-feature cache written", extra={"path": str(KDAT_CACHE)})
-        criu_configs = CriuConfigs(config.state_dir, await network_lock_method())
+        criu_configs = CriuConfigs(config.state_dir, lock)
         agent = cls(config, cd, RegistryClient(config), criu_configs)
         try:
             await agent.migrations.recover()  # finish or roll back what a previous run left in flight

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT only set `stop`: all shutdown work happens in order after it."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def serve_until(stop: asyncio.Event, what: str, **ready: object) -> None:
+    """Tell systemd and the log that `what` is ready, wait for `stop`, then say it is stopping."""
+    sdnotify.notify("READY=1")
+    log.info(f"{what} ready", extra=ready)
+    await stop.wait()
+    log.info("shutting down")
+    sdnotify.notify("STOPPING=1")
+
+
 def resolve_config(path: str | None) -> AgentConfig:
     """The config from `path`; with no path, the default file if it exists, else all defaults.
 
@@ -73,28 +97,16 @@ async def run(
 ) -> int:
     """Run until SIGTERM/SIGINT (or `stop` is set); returns the exit code."""
     stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        # The handler only sets the event: all shutdown work happens below, in order.
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with stop_on_signals(stop):
         agent = await (open_agent or _open_real_agent)(config)
         try:
             server = await serve(build_app(agent), config.api.listen, config.api.tls_listen, config.tls)
             try:
-                sdnotify.notify("READY=1")
-                log.info("agent ready", extra={"listen": server.url, "host_name": config.host_name or None})
-                await stop.wait()
-                log.info("shutting down")
-                sdnotify.notify("STOPPING=1")
+                await serve_until(stop, "agent", listen=server.url, host_name=config.host_name or None)
             finally:
                 await server.close()  # stop accepting, end streams, finish in-flight requests
         finally:
             await agent.close()
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
     log.info("agent stopped")
     return EXIT_OK
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
-from agent import sdnotify
-from agent.daemon import EXIT_CONFIG, EXIT_OK, run_to_exit_code
+from agent.daemon import EXIT_CONFIG, EXIT_OK, run_to_exit_code, serve_until, stop_on_signals
 from agent.errors import ConfigError
 from agent.logs import setup_logging
 from coordinator.api import serve
@@ -35,31 +33,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def run(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> int:
     stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with stop_on_signals(stop):
         coordinator = await Coordinator.open(config)
         try:
             server = await serve(coordinator)
             try:
                 await coordinator.start()
-                sdnotify.notify("READY=1")
-                log.info(
-                    "coordinator ready",
-                    extra={"url": server.url, "database": config.database, "model": config.model.path or None},
+                await serve_until(
+                    stop, "coordinator", url=server.url, database=config.database, model=config.model.path or None
                 )
-                await stop.wait()
-                log.info("shutting down")
-                sdnotify.notify("STOPPING=1")
             finally:
                 await server.close()
         finally:
             await coordinator.close()
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
     log.info("coordinator stopped")
     return EXIT_OK
 
