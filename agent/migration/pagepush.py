@@ -4,17 +4,18 @@ CRIU's lazy-pages daemon fetches pages one request at a time, each a round trip 
 and the source's page server; a workload that writes its memory waits on every one. So once the
 target runs, the source also reads the frozen processes' memory itself (/proc/PID/mem: frozen, so
 it is exactly what the page server would serve) and streams all of it, in address order, 1 MiB per
-batch. The target stores what arrives and answers the daemon's requests for those pages itself.
+batch. The target's pager keeps what arrives and answers the daemon's requests for those pages itself.
 
 Hybrid: a page whose content the target already holds from pre-copy (same digest) is only named,
 not sent again.
 
 Wire: a `pushed` control {pagemap, vaddr, nr_pages, held: [[first, count], ...]} followed by the
 pages that are not held, as page frames keyed like post-copy replies; `push_end` when done. Pushes
-and replies never interleave (one send lock). While a push runs, the target holds the daemon's
-background requests until the push brings their pages (faults still go to the source at once), so
-no page crosses twice; `push_end` sends whatever is still held to the source. A link that breaks
-stops the push; the relay then forwards every request again, so nothing waits on it.
+and replies never interleave (one send lock). The target's agent hands each pushed batch straight to
+the pager, which answers the daemon from it without another hop. While a push runs, the agent holds
+the daemon's background requests until the push brings their pages (faults still go to the source at
+once), so no page crosses twice; `push_end` sends whatever is still held to the source. A link that
+breaks stops the push; the relay then forwards every request again, so nothing waits on it.
 """
 
 from __future__ import annotations
@@ -28,12 +29,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.checkpoint.delta import PageStore
 from agent.checkpoint.images import PAGE_SIZE, PE_LAZY, read_pagemaps
 from agent.checkpoint.livepages import LiveProcess
-from agent.checkpoint.pageserver import HEADER, PS_IOV_ADD_F_PRESENT, Request
-from agent.migration.link import Link, PagesIn, page_key, split_key
-from agent.migration.postcopy import HeldByTarget, PushWindow, pagemap_of, ranges_of
+from agent.migration.link import Link, page_key
+from agent.migration.postcopy import HeldByTarget, PushWindow, ranges_of
 
 log = logging.getLogger(__name__)
 
@@ -168,36 +167,3 @@ async def push(
                 queue.get_nowait()
             await asyncio.sleep(0)
         await asyncio.gather(producer, return_exceptions=True)
-
-
-class PushedPages:
-    """Target side: the pages pushed (or named as held) so far, answered here without the source."""
-
-    def __init__(self, store: PageStore) -> None:
-        self.store = store
-        self._have: dict[str, set[int]] = {}
-
-    def add(self, pagemap: str, vaddr: int, nr_pages: int, batches: list[PagesIn]) -> None:
-        """Store one push (call from a worker thread: it writes)."""
-        vaddrs = [split_key(k)[1] for b in batches for k in b.keys]
-        zeros = [split_key(k)[1] for b in batches for k in b.zeros]
-        data = batches[0].data if len(batches) == 1 else b"".join(b.data for b in batches)
-        if vaddrs or zeros:
-            self.store.add(pagemap, vaddrs, memoryview(data), zeros)
-        self._have.setdefault(pagemap, set()).update(range(vaddr, vaddr + nr_pages * PAGE_SIZE, PAGE_SIZE))
-
-    def covers(self, request: Request) -> bool:
-        """Every page of this daemon request is here (cheap: call it on the loop, before a thread)."""
-        pagemap = pagemap_of(request.dst_id)
-        have = self._have.get(pagemap) if pagemap is not None else None
-        if have is None or request.closes:
-            return False
-        return all(a in have for a in range(request.vaddr, request.vaddr + request.nr_pages * PAGE_SIZE, PAGE_SIZE))
-
-    def answer(self, request: Request) -> bytes | None:
-        """The reply to a request `covers` said yes to (call from a worker thread: it reads)."""
-        pagemap = pagemap_of(request.dst_id)
-        pages = self.store.read_run(pagemap, request.vaddr, request.nr_pages) if pagemap is not None else None
-        if pages is None:
-            return None
-        return HEADER.pack(PS_IOV_ADD_F_PRESENT, request.nr_pages, request.vaddr, request.dst_id) + pages

@@ -5,16 +5,22 @@ page requests pass through here to the agent, which carries them over the migrat
 pager is its own process, in its own session, so that an agent restart does not cut the daemon off:
 it keeps the unanswered requests and sends them again when the (new) agent is back.
 
-It reads ahead. The daemon asks for one page per fault; a workload that walks its memory faults on
-every page, each a round trip to the source. A fault request goes out for a window of pages that
-grows while faults stay sequential; the pages nobody asked for yet wait here and answer the
+It keeps what the source pushes (the agent hands each pushed batch over unasked) and answers the
+daemon from it. And it reads ahead. The daemon asks for one page per fault; a workload that walks
+its memory faults on every page, each a round trip to the source. A fault request goes out for a
+window of pages that grows while faults stay sequential, and the next window goes out once half of
+the current one is used (the kernel's asynchronous read-ahead), so a sequential walker does not wait
+on the network at each window's end. The pages nobody asked for yet wait here and answer the
 daemon's next requests (its own background requests included) without the network.
+Every page it keeps is one the daemon has not been given yet, and the daemon takes each page once,
+so it holds at most the workload's lazy memory (the push may run that far ahead of the daemon).
 
 It also guards the workload. If the daemon stopped before every page arrived, or the agent stays
 away longer than --reconnect-timeout, or the agent aborts the migration (SIGTERM), the restored task
 would read zero-filled memory where its pages should be. The pager kills it first.
 
 Usage: python -m agent.migration.pager --ps-fd N --agent-socket PATH --pid-file PATH --result PATH
+                                      --images DIR
 """
 
 from __future__ import annotations
@@ -32,22 +38,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.checkpoint.images import PAGE_SIZE
+from agent.checkpoint.images import PAGE_SIZE, PE_LAZY, read_pagemap
 from agent.checkpoint.pageserver import (
     HEADER,
     PS_IOV_ADD_F_PRESENT,
     PS_IOV_CLOSE,
+    PUSHED,
     STATUS,
     URGENT,
     PageServerError,
     Request,
 )
+from agent.migration.ranges import PageRanges
 
 MIN_WINDOW = 16  # pages fetched for a fault at a new place
 MAX_WINDOW = 1024  # 4 MiB: the window doubles while faults keep following each other
 BACKGROUND_SLICE = 256  # pages: a larger background request is answered in part (CRIU asks again for
 # the rest), because the daemon reads replies in order and a fault must not wait behind 4 MiB
-MAX_CACHED = 65536  # 256 MiB of pages fetched ahead, at most; beyond it no read-ahead
 
 
 @dataclass
@@ -68,8 +75,13 @@ class Slot:
 
 
 class Pager:
-    def __init__(self, ps: socket.socket, agent_socket: Path, pid_file: Path, result: Path, timeout: float) -> None:
+    def __init__(
+        self, ps: socket.socket, agent_socket: Path, pid_file: Path, result: Path, timeout: float, images: Path
+    ) -> None:
         self.ps = ps
+        self.images = images
+        self._lazy_runs: dict[int, list[tuple[int, int]]] = {}
+        """dst_id -> its lazy [start, end) runs, from its pagemap: read-ahead never asks past one."""
         self.agent_socket = agent_socket
         self.pid_file = pid_file
         self.result = result
@@ -78,8 +90,10 @@ class Pager:
         self.outstanding: dict[tuple[int, int], Request] = {}
         """Requests sent to the source (read-ahead supersets included) by (task, address): the source
         answers faults first, so answers come in its order, not ours."""
-        self.cache: dict[tuple[int, int], bytes] = {}
+        self.cache: dict[tuple[int, int], bytes | memoryview] = {}
         self.in_flight: set[tuple[int, int]] = set()
+        self.delivered = PageRanges()
+        """What the daemon has been given: a page pushed after that is never asked for, so not kept."""
         self.pages = 0
         self.closed = False  # the daemon's close was answered: every page is on this host
         self._agent: asyncio.StreamWriter | None = None
@@ -138,6 +152,7 @@ class Pager:
             pages = self._keys(request)
             if all(key in self.cache for key in pages):
                 slot.reply = self._from_cache(request)
+                self._keep_ahead(request)
                 await self._flush()
             elif not all(key in self.cache or key in self.in_flight for key in pages):
                 self._fetch(self._read_ahead(request))
@@ -149,13 +164,51 @@ class Pager:
 
     def _read_ahead(self, request: Request) -> Request:
         """A fault (a small request) becomes a window of pages starting at it."""
-        if request.nr_pages >= MIN_WINDOW or len(self.cache) > MAX_CACHED:
+        if request.nr_pages >= MIN_WINDOW:
             return request
         sequential = request.vaddr == self._next_fault
         self._window = min(self._window * 2, MAX_WINDOW) if sequential else MIN_WINDOW
-        self._next_fault = request.vaddr + self._window * PAGE_SIZE
-        raw = HEADER.pack(request.cmd | URGENT, self._window, request.vaddr, request.dst_id)
+        window = self._clamp(request.dst_id, request.vaddr, self._window) or request.nr_pages
+        self._next_fault = request.vaddr + window * PAGE_SIZE
+        raw = HEADER.pack(request.cmd | URGENT, window, request.vaddr, request.dst_id)
         return Request.parse(raw)
+
+    def _keep_ahead(self, request: Request) -> None:
+        """A fault answered from the current window: once half of it is used, fetch the next one."""
+        if request.nr_pages >= MIN_WINDOW or self._next_fault < 0:
+            return
+        left = (self._next_fault - request.vaddr) // PAGE_SIZE
+        if not 0 < left <= self._window // 2:
+            return
+        start = self._next_fault
+        self._window = min(self._window * 2, MAX_WINDOW)
+        window = self._clamp(request.dst_id, start, self._window)
+        if not window:  # the end of the run: the next fault starts a new window
+            self._next_fault = -1
+            return
+        self._next_fault = start + window * PAGE_SIZE
+        raw = HEADER.pack(request.cmd | URGENT, window, start, request.dst_id)
+        ahead = Request.parse(raw)
+        if not all(key in self.cache or key in self.in_flight for key in self._keys(ahead)):
+            self._fetch(ahead)
+
+    def _clamp(self, dst_id: int, vaddr: int, nr_pages: int) -> int:
+        """How many of `nr_pages` from `vaddr` lie in one lazy run (0: none). The source's page server
+        serves only its lazy runs; a request that starts outside one would end its session."""
+        runs = self._lazy_runs.get(dst_id)
+        if runs is None:
+            runs = self._lazy_runs[dst_id] = self._read_runs(dst_id)
+        for start, end in runs:
+            if start <= vaddr < end:
+                return min(nr_pages, (end - vaddr) // PAGE_SIZE)
+        return 0
+
+    def _read_runs(self, dst_id: int) -> list[tuple[int, int]]:
+        try:
+            pagemap = read_pagemap(self.images / f"pagemap-{dst_id}.img")
+        except (OSError, ValueError, KeyError):
+            return []  # no read-ahead for this task: its faults are asked as they come
+        return [(r.vaddr, r.vaddr + r.nr_pages * PAGE_SIZE) for r in pagemap.ranges if r.flags & PE_LAZY]
 
     def _prefetch(self, asked: Request, answered: int) -> None:
         """Fetch the part of a background request we answer later, in slices, so the source always
@@ -211,16 +264,35 @@ class Pager:
                 slot = next(s for s in self.slots if s.request.closes and s.reply is None)
                 slot.reply = STATUS.pack(int(nr_pages) - (1 << 32) if nr_pages >= 1 << 31 else int(nr_pages))
             else:
-                data = await reader.readexactly(nr_pages * PAGE_SIZE)
-                request = self.outstanding.pop((dst_id, vaddr), None)
-                if request is None:
-                    continue  # answered twice across a reconnect: the first answer counted
-                self.in_flight.difference_update(self._keys(request))
-                for n in range(nr_pages):
-                    page = data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
-                    self.cache[(dst_id, vaddr + n * PAGE_SIZE)] = page
+                data = memoryview(await reader.readexactly(nr_pages * PAGE_SIZE))
+                if cmd & PUSHED:
+                    self._take_push(dst_id, vaddr, nr_pages, data)
+                else:
+                    request = self.outstanding.pop((dst_id, vaddr), None)
+                    if request is None:
+                        continue  # answered twice across a reconnect: the first answer counted
+                    self.in_flight.difference_update(self._keys(request))
+                    for n in range(nr_pages):
+                        self.cache[(dst_id, vaddr + n * PAGE_SIZE)] = data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
                 self._fill_waiting()
             await self._flush()
+
+    def _take_push(self, dst_id: int, vaddr: int, nr_pages: int, data: memoryview) -> None:
+        """Pushed pages: kept until the daemon asks for them, unless it has them already; a request
+        to the source they cover is no longer waited for."""
+        for n in range(nr_pages):
+            address = vaddr + n * PAGE_SIZE
+            if not self.delivered.covers(dst_id, address, 1):
+                self.cache.setdefault((dst_id, address), data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE])
+        end = vaddr + nr_pages * PAGE_SIZE
+        for key, request in list(self.outstanding.items()):
+            if request.closes or request.dst_id != dst_id:
+                continue
+            if request.vaddr < end and vaddr < request.vaddr + request.nr_pages * PAGE_SIZE:  # overlaps
+                keys = self._keys(request)
+                if all(k in self.cache for k in keys):
+                    del self.outstanding[key]
+                    self.in_flight.difference_update(keys)
 
     def _fill_waiting(self) -> None:
         for slot in self.slots:
@@ -247,6 +319,7 @@ class Pager:
                 self.closed = True
             else:
                 self.pages += slot.request.nr_pages
+                self.delivered.add(slot.request.dst_id, slot.request.vaddr, slot.request.nr_pages)
                 if slot.asked.nr_pages == 1:  # the daemon asks for one page per fault
                     now = time.monotonic()
                     self.fault_waits.append((slot.asked_at - self._started, now - slot.asked_at))
@@ -277,9 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pid-file", type=Path, required=True)
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--reconnect-timeout", type=float, default=30.0)
+    parser.add_argument("--images", type=Path, required=True, help="the restore's images (lazy runs)")
     args = parser.parse_args(argv)
     ps = socket.socket(fileno=args.ps_fd)
-    pager = Pager(ps, args.agent_socket, args.pid_file, args.result, args.reconnect_timeout)
+    pager = Pager(ps, args.agent_socket, args.pid_file, args.result, args.reconnect_timeout, args.images)
     return asyncio.run(pager.run())
 
 

@@ -22,11 +22,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.checkpoint.images import PAGE_SIZE
-from agent.checkpoint.pageserver import HEADER, PS_IOV_CLOSE, STATUS, PageServerClient, Request
+from agent.checkpoint.pageserver import (
+    HEADER,
+    PS_IOV_ADD_F_PRESENT,
+    PS_IOV_CLOSE,
+    PUSHED,
+    STATUS,
+    PageServerClient,
+    Request,
+)
 from agent.migration.link import ControlIn, Link, PagesIn, PeerFailed, page_key, split_key
 
 if TYPE_CHECKING:
-    from agent.migration.pagepush import PushedPages
+    from agent.migration.ranges import PageRanges
 
 PUSH_WINDOW = 2
 """Pushed batches (1 MiB each) the target has not stored yet (pagepush)."""
@@ -70,6 +78,12 @@ HeldByTarget = Callable[[str, int, memoryview], list[bool]]
 """Source: (pagemap, vaddr, pages) -> which of them the target already holds from pre-copy."""
 ReadLocal = Callable[[str, int], bytes | None]
 """Target: (pagemap, vaddr) -> the page pre-copy left here, if any."""
+
+
+def pagemap_id(pagemap: str) -> int | None:
+    """The inverse of pagemap_of: pagemap-<pid>.img -> pid."""
+    stem = pagemap.removeprefix("pagemap-").removesuffix(".img")
+    return int(stem) if stem.isdigit() and int(stem) > 0 else None
 
 
 def pagemap_of(dst_id: int) -> str | None:
@@ -144,6 +158,8 @@ def spawn_pager(paths: PostcopyPaths, reconnect_timeout: float) -> tuple[Process
                 str(paths.result),
                 "--reconnect-timeout",
                 str(reconnect_timeout),
+                "--images",
+                str(paths.images),
             ],
             pass_fds=(pager_end.fileno(),),
             stdin=subprocess.DEVNULL,
@@ -194,8 +210,8 @@ class TargetRelay(ControlRouter):
         self._on_pages = on_pages
         self.read_local = read_local
         """Pages pre-copy left here; None after an agent restart (the store's index died with it)."""
-        self.pushed: PushedPages | None = None
-        """Pages the source pushed: requests for them are answered here. None after an agent restart."""
+        self.pushed: PageRanges | None = None
+        """The pages pushed to the pager so far. None after an agent restart (nothing is parked then)."""
         self._push_open = False
         """The source is pushing: background requests wait for the push instead of asking the source."""
         self._parked: list[Request] = []
@@ -232,17 +248,11 @@ class TargetRelay(ControlRouter):
         while True:
             raw = await reader.readexactly(HEADER.size)
             request = Request.parse(raw)  # never forward garbage to the source's CRIU
-            if self.pushed is not None and not request.closes:
-                if self.pushed.covers(request):
-                    reply = await asyncio.to_thread(self.pushed.answer, request)
-                    if reply is not None:
-                        writer.write(reply)
-                        await writer.drain()
-                        self._on_pages(request.nr_pages)
-                        continue
-                elif self._push_open and not request.urgent:  # the push brings it soon: no second copy
-                    self._parked.append(request)
-                    continue
+            # Not the pager's yet. A background request the push will bring waits for it (no second
+            # copy); anything else, a page the push already brought included, is the source's to answer.
+            if self._parks(request):
+                self._parked.append(request)
+                continue
             await link.send("ps_req", raw=raw.hex())
 
     async def _replies(self, link: Link, writer: asyncio.StreamWriter, up: asyncio.Task[None]) -> None:
@@ -264,8 +274,7 @@ class TargetRelay(ControlRouter):
                 return
             if msg.type == "pushed":
                 self._push_open = True
-                await self._store_push(link, msg)
-                await self._answer_parked(writer)
+                await self._hand_push(link, msg, writer)
                 continue
             if msg.type == "push_end":
                 self._push_open = False
@@ -294,34 +303,37 @@ class TargetRelay(ControlRouter):
             await writer.drain()
             self._on_pages(nr_pages)
 
-    async def _store_push(self, link: Link, msg: ControlIn) -> None:
-        nr_pages = int(msg.body["nr_pages"])
-        count = sum(int(c) for _, c in msg.body.get("held") or [])
+    def _parks(self, request: Request) -> bool:
+        return (
+            self._push_open
+            and self.pushed is not None
+            and not request.closes
+            and not request.urgent
+            and not self.pushed.covers(request.dst_id, request.vaddr, request.nr_pages)
+        )
+
+    async def _hand_push(self, link: Link, msg: ControlIn, writer: asyncio.StreamWriter) -> None:
+        """One pushed batch: its pages (held ones from the pre-copy store) go to the pager, unasked;
+        the parked requests it covers are the pager's to answer now."""
+        nr_pages, vaddr = int(msg.body["nr_pages"]), int(msg.body["vaddr"])
+        dst_id = pagemap_id(str(msg.body["pagemap"]))
+        held = msg.body.get("held") or []
         batches: list[PagesIn] = []
+        count = sum(int(c) for _, c in held)
         while count < nr_pages:
             pages = await link.recv()
             if not isinstance(pages, PagesIn):
                 raise PeerFailed("a pushed header without all its pages")
             batches.append(pages)
             count += len(pages.keys) + len(pages.zeros)
-        if self.pushed is not None:  # after a restart the store is gone: the daemon asks the source instead
-            pagemap, vaddr = str(msg.body["pagemap"]), int(msg.body["vaddr"])
-            await asyncio.to_thread(self.pushed.add, pagemap, vaddr, nr_pages, batches)
+        if self.pushed is not None and dst_id is not None:  # after a restart: the daemon asks the source
+            data = assemble(batches, vaddr, nr_pages, self._local_pages(held, dst_id, vaddr, nr_pages))
+            writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, nr_pages, vaddr, dst_id) + data)
+            await writer.drain()
+            self.pushed.add(dst_id, vaddr, nr_pages)
+            self._parked = [r for r in self._parked if not self.pushed.covers(r.dst_id, r.vaddr, r.nr_pages)]
+            self._on_pages(nr_pages)
         await link.send("push_ack")
-
-    async def _answer_parked(self, writer: asyncio.StreamWriter) -> None:
-        if not self._parked or self.pushed is None:
-            return
-        waiting: list[Request] = []
-        for request in self._parked:
-            reply = await asyncio.to_thread(self.pushed.answer, request) if self.pushed.covers(request) else None
-            if reply is None:
-                waiting.append(request)
-                continue
-            writer.write(reply)
-            self._on_pages(request.nr_pages)
-        self._parked = waiting
-        await writer.drain()
 
     def _local_pages(self, ranges: list[list[int]], dst_id: int, vaddr: int, nr_pages: int) -> dict[int, bytes]:
         """The pages the source said we hold, read from the pre-copy store (by address)."""

@@ -46,8 +46,8 @@ from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
 from agent.migration.link import FileIn, Link, PagesIn, PeerFailed, PeerReportedFailure
 from agent.migration.local import LABEL_MIGRATION, describe_failure, remove_container
-from agent.migration.pagepush import PushedPages
 from agent.migration.postcopy import PostcopyPaths, TargetRelay, spawn_pager
+from agent.migration.ranges import PageRanges
 from agent.migration.record import MigrationRecord
 from agent.migration.rootfs import RW_LAYER_FILE, import_rw_layer
 from agent.migration.states import Event, State
@@ -369,7 +369,7 @@ class TargetMigration:
             await self._start_pager()
         assert self._relay is not None and self._daemon_end is not None
         self._relay.read_local = self.store.read if len(self.store) else None  # hybrid: pre-copied pages
-        self._relay.pushed = PushedPages(self.store)
+        self._relay.pushed = PageRanges()
         try:
             self._daemon = spawn_daemon(self.paths.images, self.paths.criu_work, self._daemon_end)
         finally:

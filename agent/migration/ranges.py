@@ -1,0 +1,40 @@
+"""Sets of pages as merged [start, end) address ranges per task (CRIU's dst_id).
+
+Post-copy moves pages in runs (pushed batches, read-ahead windows, the daemon's background requests),
+so a whole process's worth of pages stays a handful of ranges instead of a set of 262144 addresses.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from agent.checkpoint.images import PAGE_SIZE
+
+
+class PageRanges:
+    def __init__(self) -> None:
+        self._ranges: dict[int, list[tuple[int, int]]] = {}  # dst_id -> sorted, disjoint, merged
+
+    def add(self, dst_id: int, vaddr: int, nr_pages: int) -> None:
+        ranges = self._ranges.setdefault(dst_id, [])
+        start, end = vaddr, vaddr + nr_pages * PAGE_SIZE
+        i = bisect.bisect_left(ranges, (start, start))
+        if i and ranges[i - 1][1] >= start:  # merge with the range before
+            i -= 1
+            start = ranges[i][0]
+        j = i
+        while j < len(ranges) and ranges[j][0] <= end:  # and with every range it reaches
+            end = max(end, ranges[j][1])
+            j += 1
+        ranges[i:j] = [(start, end)]
+
+    def covers(self, dst_id: int, vaddr: int, nr_pages: int) -> bool:
+        """Every one of the `nr_pages` pages from `vaddr` is in the set."""
+        ranges = self._ranges.get(dst_id)
+        if not ranges:
+            return False
+        i = bisect.bisect_right(ranges, (vaddr, 1 << 64)) - 1
+        return i >= 0 and ranges[i][0] <= vaddr and vaddr + nr_pages * PAGE_SIZE <= ranges[i][1]
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self._ranges.values())

@@ -1,0 +1,175 @@
+"""The pager between CRIU's lazy-pages daemon and the agent, driven over its real sockets.
+
+The test plays the daemon (page-server requests on the pager's socket, replies read in order) and the
+agent (the unix socket the pager connects to). CRIU itself runs in tests/test_postcopy.py; here the
+point is what the pager asks the agent for, and what it answers without asking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pycriu import images as criu_images
+
+from agent.checkpoint.images import PAGE_SIZE, PE_LAZY
+from agent.checkpoint.pageserver import HEADER, PS_IOV_ADD_F_PRESENT, PS_IOV_GET, PUSHED, URGENT
+from agent.migration.pager import Pager
+from agent.migration.ranges import PageRanges
+
+PID = 1
+RUN_START = 0x7F0000000000
+RUN_PAGES = 40  # the task's only lazy run: read-ahead must never ask past it
+
+
+def page(vaddr: int) -> bytes:
+    return vaddr.to_bytes(8, "little") * (PAGE_SIZE // 8)
+
+
+def pages(vaddr: int, count: int) -> bytes:
+    return b"".join(page(vaddr + n * PAGE_SIZE) for n in range(count))
+
+
+@dataclass
+class Agent:
+    """The agent's end: records every request and answers it from page()."""
+
+    requests: list[tuple[int, int, int]] = field(default_factory=list)  # (cmd, nr_pages, vaddr)
+    writer: asyncio.StreamWriter | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+    answer: bool = True
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.connected.set()
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    cmd, nr_pages, vaddr, dst_id = HEADER.unpack(await reader.readexactly(HEADER.size))
+                    self.requests.append((cmd, nr_pages, vaddr))
+                    if self.answer:
+                        reply = HEADER.pack(PS_IOV_ADD_F_PRESENT, nr_pages, vaddr, dst_id) + pages(vaddr, nr_pages)
+                        writer.write(reply)
+        finally:
+            writer.close()
+            self.gone.set()
+
+    async def push(self, vaddr: int, count: int) -> None:
+        assert self.writer is not None
+        self.writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, count, vaddr, PID) + pages(vaddr, count))
+        await self.writer.drain()
+
+
+@dataclass
+class Daemon:
+    """The lazy-pages daemon's end: GETs out, replies back in request order."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def get(self, vaddr: int, count: int) -> bytes:
+        self.writer.write(HEADER.pack(PS_IOV_GET, count, vaddr, PID))
+        async with asyncio.timeout(5):
+            _cmd, nr_pages, got_vaddr, _ = HEADER.unpack(await self.reader.readexactly(HEADER.size))
+            assert (nr_pages, got_vaddr) == (count, vaddr)
+            return await self.reader.readexactly(nr_pages * PAGE_SIZE)
+
+
+@pytest.fixture
+async def pager(tmp_path: Path) -> AsyncIterator[tuple[Daemon, Agent, Pager]]:
+    images = tmp_path / "images"
+    images.mkdir()
+    with (images / f"pagemap-{PID}.img").open("wb") as fh:
+        criu_images.dump(
+            {
+                "magic": "PAGEMAP",
+                "entries": [
+                    {"pages_id": 1},
+                    {"vaddr": RUN_START, "nr_pages": RUN_PAGES, "flags": PE_LAZY, "compat_nr_pages": 0},
+                ],
+            },
+            fh,
+        )
+    agent = Agent()
+    server = await asyncio.start_unix_server(agent.serve, path=str(tmp_path / "agent.sock"), limit=1 << 22)
+    daemon_end, pager_end = socket.socketpair()
+    pager = Pager(pager_end, tmp_path / "agent.sock", tmp_path / "pid", tmp_path / "result.json", 5.0, images)
+    running = asyncio.create_task(pager.run())
+    reader, writer = await asyncio.open_unix_connection(sock=daemon_end, limit=1 << 22)
+    try:
+        async with asyncio.timeout(5):
+            await agent.connected.wait()
+        yield Daemon(reader, writer), agent, pager
+    finally:
+        writer.close()  # the daemon's EOF ends the pager
+        async with asyncio.timeout(5):
+            await asyncio.gather(running, return_exceptions=True)
+            if agent.writer is not None:
+                agent.writer.close()  # the agent's end of a pager that is gone
+                await agent.gone.wait()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_pushed_pages_answer_the_daemon_without_the_agent(pager: tuple[Daemon, Agent, Pager]) -> None:
+    daemon, agent, _ = pager
+    await agent.push(RUN_START, 32)
+    await asyncio.sleep(0.1)  # the pager has taken the push
+    assert await daemon.get(RUN_START + 8 * PAGE_SIZE, 4) == pages(RUN_START + 8 * PAGE_SIZE, 4)
+    assert await daemon.get(RUN_START, 1) == page(RUN_START)
+    assert agent.requests == []
+
+
+async def test_a_request_the_push_covers_later_is_answered_from_it(pager: tuple[Daemon, Agent, Pager]) -> None:
+    daemon, agent, pager_ = pager
+    agent.answer = False  # like a background request the agent parks until the push brings it
+    get = asyncio.create_task(daemon.get(RUN_START + 16 * PAGE_SIZE, 16))
+    await asyncio.sleep(0.1)
+    assert [(n, v) for _, n, v in agent.requests] == [(16, RUN_START + 16 * PAGE_SIZE)]
+    await agent.push(RUN_START, 32)
+    assert await get == pages(RUN_START + 16 * PAGE_SIZE, 16)
+    assert pager_.outstanding == {}  # nothing left to ask again after a reconnect
+
+
+async def test_a_pushed_page_the_daemon_has_is_not_kept(pager: tuple[Daemon, Agent, Pager]) -> None:
+    daemon, agent, pager_ = pager
+    assert await daemon.get(RUN_START, 1) == page(RUN_START)  # a fault, answered by the source
+    await asyncio.sleep(0.1)
+    kept_before = len(pager_.cache)
+    await agent.push(RUN_START, 4)
+    await asyncio.sleep(0.1)
+    assert (PID, RUN_START) not in pager_.cache  # delivered: the daemon never asks for it again
+    assert len(pager_.cache) == kept_before  # pages 1-3 were held from the read-ahead already
+
+
+async def test_sequential_faults_fetch_the_next_window_early(pager: tuple[Daemon, Agent, Pager]) -> None:
+    daemon, agent, _ = pager
+    for n in range(RUN_PAGES):  # a workload walking its memory, one fault per page
+        vaddr = RUN_START + n * PAGE_SIZE
+        assert await daemon.get(vaddr, 1) == page(vaddr)
+        if n == 8:  # half of the first window used: the next one is on its way already
+            await asyncio.sleep(0.05)
+            assert len(agent.requests) == 2, agent.requests
+    asked = [(cmd & URGENT != 0, nr, (vaddr - RUN_START) // PAGE_SIZE) for cmd, nr, vaddr in agent.requests]
+    # A window of 16 for the first fault; at its half the next (32, clamped to the run's end: 24).
+    assert asked == [(True, 16, 0), (True, 24, 16)], asked
+    assert all(first + nr <= RUN_PAGES for _, nr, first in asked)  # never past the lazy run
+
+
+def test_page_ranges_merge_and_cover() -> None:
+    ranges = PageRanges()
+    ranges.add(PID, RUN_START, 4)
+    ranges.add(PID, RUN_START + 8 * PAGE_SIZE, 4)
+    assert ranges.covers(PID, RUN_START + PAGE_SIZE, 3)
+    assert not ranges.covers(PID, RUN_START + 2 * PAGE_SIZE, 4)  # runs into the hole at 4..7
+    assert not ranges.covers(PID + 1, RUN_START, 1)
+    ranges.add(PID, RUN_START + 4 * PAGE_SIZE, 4)  # fills the hole: one range
+    assert len(ranges) == 1 and ranges.covers(PID, RUN_START, 12)
+    ranges.add(PID, RUN_START - 2 * PAGE_SIZE, 1)  # before, not touching
+    assert len(ranges) == 2 and not ranges.covers(PID, RUN_START - 2 * PAGE_SIZE, 3)
