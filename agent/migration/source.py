@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.checkpoint.criuconf import CriuConfigs, lazy_dump
 from agent.checkpoint.delta import DeltaStats, PageTracker
@@ -431,7 +432,8 @@ class SourceMigration:
             async with asyncio.timeout(self.ctx.config.migration.idle_timeout):
                 await dump  # CRIU confirms the page server's session is over
         finally:
-            for task in (dump, rw_layer):
+            helpers: tuple[asyncio.Task[Any], ...] = (dump, rw_layer)
+            for task in helpers:
                 if not task.done():
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
