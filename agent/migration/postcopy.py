@@ -76,8 +76,8 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 
 HeldByTarget = Callable[[str, int, memoryview], list[bool]]
 """Source: (pagemap, vaddr, pages) -> which of them the target already holds from pre-copy."""
-ReadLocal = Callable[[str, int], bytes | None]
-"""Target: (pagemap, vaddr) -> the page pre-copy left here, if any."""
+ReadLocal = Callable[[str, int, int], bytes | None]
+"""Target: (pagemap, vaddr, count) -> those pages as pre-copy left them here, if it left them all."""
 
 
 def pagemap_id(pagemap: str) -> int | None:
@@ -335,17 +335,22 @@ class TargetRelay(ControlRouter):
             self._on_pages(nr_pages)
         await link.send("push_ack")
 
-    def _local_pages(self, ranges: list[list[int]], dst_id: int, vaddr: int, nr_pages: int) -> dict[int, bytes]:
-        """The pages the source said we hold, read from the pre-copy store (by address)."""
+    def _local_pages(
+        self, ranges: list[list[int]], dst_id: int, vaddr: int, nr_pages: int
+    ) -> dict[int, bytes | memoryview]:
+        """The pages the source said we hold, read from the pre-copy store a run at a time (by address)."""
         pagemap = pagemap_of(dst_id)
-        out: dict[int, bytes] = {}
+        out: dict[int, bytes | memoryview] = {}
         for first, count in ranges:
-            for n in range(first, first + count):
-                address = vaddr + n * PAGE_SIZE
-                page = self.read_local(pagemap, address) if self.read_local and pagemap and n < nr_pages else None
-                if page is None:
-                    raise PeerFailed(f"the source counts on a local copy of page {address:#x} that is not here")
-                out[address] = page
+            start = vaddr + first * PAGE_SIZE
+            run = None
+            if self.read_local is not None and pagemap is not None and first >= 0 and first + count <= nr_pages:
+                run = self.read_local(pagemap, start, count)
+            if run is None:
+                raise PeerFailed(f"the source counts on a local copy of pages at {start:#x} that is not here")
+            view = memoryview(run)
+            for n in range(count):
+                out[start + n * PAGE_SIZE] = view[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
         return out
 
     async def close(self) -> None:
@@ -357,7 +362,9 @@ class TargetRelay(ControlRouter):
             self.paths.agent_socket.unlink()
 
 
-def assemble(batches: list[PagesIn], vaddr: int, nr_pages: int, local: dict[int, bytes] | None = None) -> bytes:
+def assemble(
+    batches: list[PagesIn], vaddr: int, nr_pages: int, local: dict[int, bytes | memoryview] | None = None
+) -> bytes:
     """A reply's pages in address order: from its frames, the zero pages the stream elided and the
     pages this host already held."""
     if not local and len(batches) == 1 and not batches[0].zeros and len(batches[0].keys) == nr_pages:

@@ -368,7 +368,7 @@ class TargetMigration:
         if self._pager is None:
             await self._start_pager()
         assert self._relay is not None and self._daemon_end is not None
-        self._relay.read_local = self.store.read if len(self.store) else None  # hybrid: pre-copied pages
+        self._relay.read_local = self.store.read_run if len(self.store) else None  # hybrid: pre-copied pages
         self._relay.pushed = PageRanges()
         try:
             self._daemon = spawn_daemon(self.paths.images, self.paths.criu_work, self._daemon_end)
