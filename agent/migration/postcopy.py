@@ -19,7 +19,7 @@ from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.checkpoint.images import PAGE_SIZE
 from agent.checkpoint.pageserver import (
@@ -32,9 +32,7 @@ from agent.checkpoint.pageserver import (
     Request,
 )
 from agent.migration.link import ControlIn, Link, PagesIn, PeerFailed, page_key, split_key
-
-if TYPE_CHECKING:
-    from agent.migration.ranges import PageRanges
+from agent.migration.ranges import PageRanges
 
 PUSH_WINDOW = 2
 """Pushed batches (1 MiB each) the target has not stored yet (pagepush)."""
@@ -212,6 +210,9 @@ class TargetRelay(ControlRouter):
         """Pages pre-copy left here; None after an agent restart (the store's index died with it)."""
         self.pushed: PageRanges | None = None
         """The pages pushed to the pager so far. None after an agent restart (nothing is parked then)."""
+        self.held_here: PageRanges | None = None
+        """Hybrid: pages the push named as unchanged since pre-copy. They stay in the pre-copy store (not
+        copied into the pager ahead of time) and this relay answers requests for them from it."""
         self._push_open = False
         """The source is pushing: background requests wait for the push instead of asking the source."""
         self._parked: list[Request] = []
@@ -248,12 +249,32 @@ class TargetRelay(ControlRouter):
         while True:
             raw = await reader.readexactly(HEADER.size)
             request = Request.parse(raw)  # never forward garbage to the source's CRIU
-            # Not the pager's yet. A background request the push will bring waits for it (no second
-            # copy); anything else, a page the push already brought included, is the source's to answer.
+            # Not the pager's yet. Pages pre-copy left here and the push named unchanged come from the
+            # store; a background request the push will bring waits for it (no second copy); anything
+            # else, a page the push already brought included, is the source's to answer.
+            if await self._answer_held(request, writer):
+                continue
             if self._parks(request):
                 self._parked.append(request)
                 continue
             await link.send("ps_req", raw=raw.hex())
+
+    async def _answer_held(self, request: Request, writer: asyncio.StreamWriter) -> bool:
+        held, pagemap = self.held_here, pagemap_of(request.dst_id)
+        if held is None or self.read_local is None or pagemap is None or request.closes:
+            return False
+        if not held.covers(request.dst_id, request.vaddr, request.nr_pages):
+            return False
+        if request.nr_pages > 64:  # a large read off the loop
+            data = await asyncio.to_thread(self.read_local, pagemap, request.vaddr, request.nr_pages)
+        else:
+            data = self.read_local(pagemap, request.vaddr, request.nr_pages)
+        if data is None:
+            return False
+        writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT, request.nr_pages, request.vaddr, request.dst_id) + data)
+        await writer.drain()
+        self._on_pages(request.nr_pages)
+        return True
 
     async def _replies(self, link: Link, writer: asyncio.StreamWriter, up: asyncio.Task[None]) -> None:
         while True:
@@ -310,11 +331,11 @@ class TargetRelay(ControlRouter):
             and not request.closes
             and not request.urgent
             and not self.pushed.covers(request.dst_id, request.vaddr, request.nr_pages)
-        )
+        )  # held_here is checked first: a held page is never parked
 
     async def _hand_push(self, link: Link, msg: ControlIn, writer: asyncio.StreamWriter) -> None:
-        """One pushed batch: its pages (held ones from the pre-copy store) go to the pager, unasked;
-        the parked requests it covers are the pager's to answer now."""
+        """One pushed batch: the pages it carries go to the pager, unasked; the ones it names as held
+        are noted (they stay in the pre-copy store). Parked requests it covers are answered now."""
         nr_pages, vaddr = int(msg.body["nr_pages"]), int(msg.body["vaddr"])
         dst_id = pagemap_id(str(msg.body["pagemap"]))
         held = msg.body.get("held") or []
@@ -327,13 +348,34 @@ class TargetRelay(ControlRouter):
             batches.append(pages)
             count += len(pages.keys) + len(pages.zeros)
         if self.pushed is not None and dst_id is not None:  # after a restart: the daemon asks the source
-            data = assemble(batches, vaddr, nr_pages, self._local_pages(held, dst_id, vaddr, nr_pages))
-            writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, nr_pages, vaddr, dst_id) + data)
+            is_held = [False] * nr_pages
+            for first, count in held:
+                is_held[int(first) : int(first) + int(count)] = [True] * int(count)
+            if held and self.held_here is None:
+                self.held_here = PageRanges()
+            for first, count in ranges_of(is_held):
+                assert self.held_here is not None
+                self.held_here.add(dst_id, vaddr + first * PAGE_SIZE, count)
+            for first, count in ranges_of([not h for h in is_held]):
+                start = vaddr + first * PAGE_SIZE
+                data = assemble(batches, start, count)
+                writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, count, start, dst_id) + data)
+                self.pushed.add(dst_id, start, count)
+                self._on_pages(count)
             await writer.drain()
-            self.pushed.add(dst_id, vaddr, nr_pages)
-            self._parked = [r for r in self._parked if not self.pushed.covers(r.dst_id, r.vaddr, r.nr_pages)]
-            self._on_pages(nr_pages)
+            await self._settle_parked(writer)
         await link.send("push_ack")
+
+    async def _settle_parked(self, writer: asyncio.StreamWriter) -> None:
+        """Parked requests the push has brought: the pager's now, or this relay's from the store."""
+        assert self.pushed is not None
+        waiting: list[Request] = []
+        for request in self._parked:
+            if self.pushed.covers(request.dst_id, request.vaddr, request.nr_pages):
+                continue  # its pages went to the pager, which answers it
+            if not await self._answer_held(request, writer):
+                waiting.append(request)
+        self._parked = waiting
 
     def _local_pages(
         self, ranges: list[list[int]], dst_id: int, vaddr: int, nr_pages: int
