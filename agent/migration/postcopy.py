@@ -210,7 +210,7 @@ class TargetRelay(ControlRouter):
         """Pages pre-copy left here; None after an agent restart (the store's index died with it)."""
         self.pushed: PageRanges | None = None
         """The pages pushed to the pager so far. None after an agent restart (nothing is parked then)."""
-        self.held_here: PageRanges | None = None
+        self.held_here = PageRanges()
         """Hybrid: pages the push named as unchanged since pre-copy. They stay in the pre-copy store (not
         copied into the pager ahead of time) and this relay answers requests for them from it."""
         self._push_open = False
@@ -260,10 +260,10 @@ class TargetRelay(ControlRouter):
             await link.send("ps_req", raw=raw.hex())
 
     async def _answer_held(self, request: Request, writer: asyncio.StreamWriter) -> bool:
-        held, pagemap = self.held_here, pagemap_of(request.dst_id)
-        if held is None or self.read_local is None or pagemap is None or request.closes:
+        pagemap = pagemap_of(request.dst_id)
+        if self.read_local is None or pagemap is None or request.closes:
             return False
-        if not held.covers(request.dst_id, request.vaddr, request.nr_pages):
+        if not self.held_here.covers(request.dst_id, request.vaddr, request.nr_pages):
             return False
         if request.nr_pages > 64:  # a large read off the loop
             data = await asyncio.to_thread(self.read_local, pagemap, request.vaddr, request.nr_pages)
@@ -338,9 +338,9 @@ class TargetRelay(ControlRouter):
         are noted (they stay in the pre-copy store). Parked requests it covers are answered now."""
         nr_pages, vaddr = int(msg.body["nr_pages"]), int(msg.body["vaddr"])
         dst_id = pagemap_id(str(msg.body["pagemap"]))
-        held = msg.body.get("held") or []
+        held = [(int(first), int(n)) for first, n in msg.body.get("held") or []]
         batches: list[PagesIn] = []
-        count = sum(int(c) for _, c in held)
+        count = sum(n for _, n in held)
         while count < nr_pages:
             pages = await link.recv()
             if not isinstance(pages, PagesIn):
@@ -348,20 +348,16 @@ class TargetRelay(ControlRouter):
             batches.append(pages)
             count += len(pages.keys) + len(pages.zeros)
         if self.pushed is not None and dst_id is not None:  # after a restart: the daemon asks the source
-            is_held = [False] * nr_pages
-            for first, count in held:
-                is_held[int(first) : int(first) + int(count)] = [True] * int(count)
-            if held and self.held_here is None:
-                self.held_here = PageRanges()
-            for first, count in ranges_of(is_held):
-                assert self.held_here is not None
-                self.held_here.add(dst_id, vaddr + first * PAGE_SIZE, count)
-            for first, count in ranges_of([not h for h in is_held]):
+            carried = [True] * nr_pages
+            for first, n in held:
+                self.held_here.add(dst_id, vaddr + first * PAGE_SIZE, n)
+                carried[first : first + n] = [False] * n
+            for first, n in ranges_of(carried):
                 start = vaddr + first * PAGE_SIZE
-                data = assemble(batches, start, count)
-                writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, count, start, dst_id) + data)
-                self.pushed.add(dst_id, start, count)
-                self._on_pages(count)
+                data = assemble(batches, start, n)
+                writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, n, start, dst_id) + data)
+                self.pushed.add(dst_id, start, n)
+                self._on_pages(n)
             await writer.drain()
             await self._settle_parked(writer)
         await link.send("push_ack")
