@@ -42,6 +42,11 @@ class PageMap:
     def present_pages(self) -> int:
         return sum(r.nr_pages for r in self.ranges if r.flags & PE_PRESENT)
 
+    @property
+    def lazy_ranges(self) -> tuple[PageRange, ...]:
+        """The ranges a lazy dump left in the process for the page server (post-copy)."""
+        return tuple(r for r in self.ranges if r.flags & PE_LAZY)
+
 
 def is_pagemap(name: str) -> bool:
     return name.endswith(".img") and "pagemap" in name

@@ -12,7 +12,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from agent.checkpoint.images import PE_LAZY, read_pagemaps
+from agent.checkpoint.images import read_pagemaps
 from agent.errors import FerrymanError
 
 SOCKET_NAME = "lazy-pages.socket"  # CRIU's fixed name, in its work dir; the restore connects to it
@@ -38,7 +38,7 @@ def ensure_pipe_max_size() -> None:
 
 def lazy_pages(image_dir: Path) -> int:
     """How many pages the dump left for post-copy."""
-    return sum(r.nr_pages for pm in read_pagemaps(image_dir) for r in pm.ranges if r.flags & PE_LAZY)
+    return sum(r.nr_pages for pm in read_pagemaps(image_dir) for r in pm.lazy_ranges)
 
 
 def spawn_daemon(image_dir: Path, work_dir: Path, ps_socket: socket.socket) -> subprocess.Popen[bytes]:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.checkpoint.images import PAGE_SIZE, PE_LAZY, read_pagemaps
+from agent.checkpoint.images import PAGE_SIZE, read_pagemaps
 from agent.checkpoint.livepages import LiveProcess
 from agent.migration.link import Link, page_key
 from agent.migration.postcopy import HeldByTarget, PushWindow, ranges_of
@@ -72,7 +72,7 @@ def lazy_regions(image_dir: Path, processes: list[LiveProcess]) -> list[Region]:
     out = []
     for pm in read_pagemaps(image_dir):
         pid = by_name.get(pm.name)
-        runs = [(r.vaddr, r.nr_pages) for r in pm.ranges if r.flags & PE_LAZY]
+        runs = [(r.vaddr, r.nr_pages) for r in pm.lazy_ranges]
         if pid is not None and runs:
             out.append(Region(pid, pm.name, runs))
     return out

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.checkpoint.images import PAGE_SIZE, PE_LAZY, read_pagemap
+from agent.checkpoint.images import PAGE_SIZE, read_pagemap
 from agent.checkpoint.pageserver import (
     HEADER,
     PS_IOV_ADD_F_PRESENT,
@@ -208,7 +208,7 @@ class Pager:
             pagemap = read_pagemap(self.images / f"pagemap-{dst_id}.img")
         except (OSError, ValueError, KeyError):
             return []  # no read-ahead for this task: its faults are asked as they come
-        return [(r.vaddr, r.vaddr + r.nr_pages * PAGE_SIZE) for r in pagemap.ranges if r.flags & PE_LAZY]
+        return [(r.vaddr, r.vaddr + r.nr_pages * PAGE_SIZE) for r in pagemap.lazy_ranges]
 
     def _prefetch(self, asked: Request, answered: int) -> None:
         """Fetch the part of a background request we answer later, in slices, so the source always
