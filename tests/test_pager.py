@@ -18,7 +18,7 @@ import pytest
 from pycriu import images as criu_images
 
 from agent.checkpoint.images import PAGE_SIZE, PE_LAZY
-from agent.checkpoint.pageserver import HEADER, PS_IOV_ADD_F_PRESENT, PS_IOV_GET, PUSHED, URGENT
+from agent.checkpoint.pageserver import FAULTING, HEADER, PS_IOV_ADD_F_PRESENT, PS_IOV_GET, PUSHED, URGENT
 from agent.migration.pager import Pager
 from agent.migration.ranges import PageRanges
 
@@ -40,6 +40,7 @@ class Agent:
     """The agent's end: records every request and answers it from page()."""
 
     requests: list[tuple[int, int, int]] = field(default_factory=list)  # (cmd, nr_pages, vaddr)
+    fault_notices: int = 0
     writer: asyncio.StreamWriter | None = None
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
@@ -52,6 +53,9 @@ class Agent:
             with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
                 while True:
                     cmd, nr_pages, vaddr, dst_id = HEADER.unpack(await reader.readexactly(HEADER.size))
+                    if cmd == FAULTING:
+                        self.fault_notices += 1
+                        continue
                     self.requests.append((cmd, nr_pages, vaddr))
                     if self.answer:
                         reply = HEADER.pack(PS_IOV_ADD_F_PRESENT, nr_pages, vaddr, dst_id) + pages(vaddr, nr_pages)
@@ -61,8 +65,11 @@ class Agent:
             self.gone.set()
 
     async def push(self, vaddr: int, count: int) -> None:
+        await self.reply(vaddr, count, PUSHED)
+
+    async def reply(self, vaddr: int, count: int, mark: int = 0) -> None:
         assert self.writer is not None
-        self.writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, count, vaddr, PID) + pages(vaddr, count))
+        self.writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | mark, count, vaddr, PID) + pages(vaddr, count))
         await self.writer.drain()
 
 
@@ -74,11 +81,19 @@ class Daemon:
     writer: asyncio.StreamWriter
 
     async def get(self, vaddr: int, count: int) -> bytes:
+        self.ask(vaddr, count)
+        got_vaddr, data = await self.next_reply()
+        assert (len(data) // PAGE_SIZE, got_vaddr) == (count, vaddr)
+        return data
+
+    def ask(self, vaddr: int, count: int) -> None:
         self.writer.write(HEADER.pack(PS_IOV_GET, count, vaddr, PID))
+
+    async def next_reply(self) -> tuple[int, bytes]:
+        """(address, pages) of the next reply, whichever request it answers."""
         async with asyncio.timeout(5):
-            _cmd, nr_pages, got_vaddr, _ = HEADER.unpack(await self.reader.readexactly(HEADER.size))
-            assert (nr_pages, got_vaddr) == (count, vaddr)
-            return await self.reader.readexactly(nr_pages * PAGE_SIZE)
+            _cmd, nr_pages, vaddr, _ = HEADER.unpack(await self.reader.readexactly(HEADER.size))
+            return vaddr, await self.reader.readexactly(nr_pages * PAGE_SIZE)
 
 
 @pytest.fixture
@@ -131,8 +146,9 @@ async def test_a_request_the_push_covers_later_is_answered_from_it(pager: tuple[
     agent.answer = False  # like a background request the agent parks until the push brings it
     get = asyncio.create_task(daemon.get(RUN_START + 16 * PAGE_SIZE, 16))
     await asyncio.sleep(0.1)
-    assert [(n, v) for _, n, v in agent.requests] == [(16, RUN_START + 16 * PAGE_SIZE)]
-    await agent.push(RUN_START, 32)
+    # The request, and what lies above it in the run (the daemon's next background request).
+    assert [(n, v) for _, n, v in agent.requests] == [(16, RUN_START + 16 * PAGE_SIZE), (8, RUN_START + 32 * PAGE_SIZE)]
+    await agent.push(RUN_START, RUN_PAGES)
     assert await get == pages(RUN_START + 16 * PAGE_SIZE, 16)
     assert pager_.outstanding == {}  # nothing left to ask again after a reconnect
 
@@ -160,6 +176,38 @@ async def test_sequential_faults_fetch_the_next_window_early(pager: tuple[Daemon
     # A window of 16 for the first fault; at its half the next (32, clamped to the run's end: 24).
     assert asked == [(True, 16, 0), (True, 24, 16)], asked
     assert all(first + nr <= RUN_PAGES for _, nr, first in asked)  # never past the lazy run
+
+
+async def test_a_ready_fault_is_answered_before_a_waiting_background_request(
+    pager: tuple[Daemon, Agent, Pager],
+) -> None:
+    daemon, agent, pager_ = pager
+    agent.answer = False
+    fault = RUN_START + 30 * PAGE_SIZE
+    await agent.push(fault, 1)
+    await asyncio.sleep(0.1)
+    daemon.ask(RUN_START, 16)  # the daemon's background request: its pages are not here yet
+    daemon.ask(fault, 1)  # then a fault on a page that is
+    assert await daemon.next_reply() == (fault, page(fault))  # in the background request's place
+    await asyncio.sleep(0.05)
+    assert agent.fault_notices == 1  # the agent heard of the fault (it holds the push back)
+    await agent.reply(RUN_START, 16)
+    # The fault's place holds one page: the background request gets its first, CRIU asks for the rest.
+    assert await daemon.next_reply() == (RUN_START, page(RUN_START))
+    asked = len(agent.requests)
+    assert await daemon.get(RUN_START + PAGE_SIZE, 15) == pages(RUN_START + PAGE_SIZE, 15)
+    assert len(agent.requests) == asked  # the rest was kept here, not asked for again
+    assert (PID, RUN_START) not in pager_.cache
+
+
+async def test_background_requests_fetch_what_is_above_them(pager: tuple[Daemon, Agent, Pager]) -> None:
+    daemon, agent, _ = pager
+    assert await daemon.get(RUN_START, 16) == pages(RUN_START, 16)
+    await asyncio.sleep(0.05)
+    asked = [(nr, (vaddr - RUN_START) // PAGE_SIZE) for _, nr, vaddr in agent.requests]
+    assert asked == [(16, 0), (24, 16)], asked  # the rest of the run, clamped to it
+    assert await daemon.get(RUN_START + 16 * PAGE_SIZE, 16) == pages(RUN_START + 16 * PAGE_SIZE, 16)
+    assert len(agent.requests) == 2  # the daemon's next background request was here already
 
 
 def test_page_ranges_merge_and_cover() -> None:

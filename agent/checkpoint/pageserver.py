@@ -27,6 +27,7 @@ PS_IOV_FORCE_CLOSE = 0x1024
 _CMD_MASK = 0xFFFF
 URGENT = 1 << 31  # ferryman's own mark on a GET for a fault (never reaches CRIU): answer it first
 PUSHED = 1 << 30  # ferryman's own mark on an answer nobody asked for (agent -> pager): pushed pages
+FAULTING = 1 << 29  # ferryman's own notice (pager -> agent), no pages: the workload is faulting now
 MAX_REQUEST_PAGES = (64 << 20) // PAGE_SIZE  # CRIU asks for at most 4 MiB; refuse absurd requests
 
 

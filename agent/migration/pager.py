@@ -8,10 +8,14 @@ it keeps the unanswered requests and sends them again when the (new) agent is ba
 It keeps what the source pushes (the agent hands each pushed batch over unasked) and answers the
 daemon from it. And it reads ahead. The daemon asks for one page per fault; a workload that walks
 its memory faults on every page, each a round trip to the source. A fault request goes out for a
-window of pages that grows while faults stay sequential, and the next window goes out once half of
-the current one is used (the kernel's asynchronous read-ahead), so a sequential walker does not wait
-on the network at each window's end. The pages nobody asked for yet wait here and answer the
-daemon's next requests (its own background requests included) without the network.
+window of pages that grows while faults stay sequential, and the next window goes out as soon as
+the current one is entered (the kernel's asynchronous read-ahead), so a sequential walker does not
+wait on the network at each window's end. The daemon's background requests walk up from its lowest
+missing page, so what lies above the last one is fetched too. The pages nobody asked for yet wait
+here and answer the daemon's next requests without the network.
+
+A ready fault is answered first, ahead of requests the daemon sent before it (see _flush), and the
+agent hears that the workload faults, so that it holds the push back meanwhile.
 Every page it keeps is one the daemon has not been given yet, and the daemon takes each page once,
 so it holds at most the workload's lazy memory (the push may run that far ahead of the daemon).
 
@@ -40,6 +44,7 @@ from pathlib import Path
 
 from agent.checkpoint.images import PAGE_SIZE, read_pagemap
 from agent.checkpoint.pageserver import (
+    FAULTING,
     HEADER,
     PS_IOV_ADD_F_PRESENT,
     PS_IOV_CLOSE,
@@ -52,17 +57,23 @@ from agent.checkpoint.pageserver import (
 from agent.migration.ranges import PageRanges
 
 MIN_WINDOW = 16  # pages fetched for a fault at a new place
-MAX_WINDOW = 1024  # 4 MiB: the window doubles while faults keep following each other
+MAX_WINDOW = 1024  # 4 MiB
+WINDOW_GROWTH = 4  # the window grows this much while faults keep following each other
+FAULT_NOTICE_EVERY = 0.01  # seconds: how often, at most, the agent hears that the workload faults
+BACKGROUND_AHEAD = 1024  # pages fetched above the daemon's last background request
 BACKGROUND_SLICE = 256  # pages: a larger background request is answered in part (CRIU asks again for
 # the rest), because the daemon reads replies in order and a fault must not wait behind 4 MiB
 
 
 @dataclass
 class Slot:
-    """One daemon request; answered strictly in the order asked (CRIU reads replies in order)."""
+    """One daemon request, answered once every page it asks for is here (a fault may go first)."""
 
     asked: Request
+    ready: bool = False
+    """Every page it asks for is here."""
     reply: bytes | None = None
+    """A close's answer (the source's status)."""
     asked_at: float = field(default_factory=time.monotonic)
     request: Request = field(init=False)
     """What we answer: a large background request only in part."""
@@ -87,6 +98,10 @@ class Pager:
         self.result = result
         self.timeout = timeout
         self.slots: collections.deque[Slot] = collections.deque()
+        """The daemon's unanswered requests, in the order it asked."""
+        self._room: collections.deque[int] = collections.deque()
+        """How many pages each of the daemon's next replies may carry: the size of the request whose
+        buffer it lands in (one per unanswered request, in the order asked)."""
         self.outstanding: dict[tuple[int, int], Request] = {}
         """Requests sent to the source (read-ahead supersets included) by (task, address): the source
         answers faults first, so answers come in its order, not ours."""
@@ -100,6 +115,9 @@ class Pager:
         self._daemon: asyncio.StreamWriter | None = None
         self._window = MIN_WINDOW
         self._next_fault = -1
+        self._fault_noticed = 0.0
+        self._background_next: dict[int, int] = {}
+        """dst_id -> the end of what is fetched ahead of the daemon's background requests."""
         self._started = time.monotonic()
         self.fault_waits: list[tuple[float, float]] = []
         """(seconds since start, seconds the daemon waited) of each fault's answer: the stalls the
@@ -146,18 +164,32 @@ class Pager:
             slot = Slot(Request.parse(raw))
             request = slot.request
             self.slots.append(slot)
+            if not request.closes:
+                self._room.append(slot.asked.nr_pages)
+            if request.nr_pages == 1:
+                self._notice_fault(slot.asked_at)
             if request.closes:
                 self._fetch(request)
                 continue
             pages = self._keys(request)
             if all(key in self.cache for key in pages):
-                slot.reply = self._from_cache(request)
+                slot.ready = True
                 self._keep_ahead(request)
                 await self._flush()
             elif not all(key in self.cache or key in self.in_flight for key in pages):
                 self._fetch(self._read_ahead(request))
             if slot.asked.nr_pages > request.nr_pages:  # the rest of a background request comes next
                 self._prefetch(slot.asked, request.nr_pages)
+            self._background_ahead(slot.asked)
+
+    def _notice_fault(self, now: float) -> None:
+        """The agent holds the push back while the workload faults: the push's CPU time (reading,
+        sealing, unsealing, handing over) would stretch every fault's round trip."""
+        if self._agent is None or now - self._fault_noticed < FAULT_NOTICE_EVERY:
+            return
+        self._fault_noticed = now
+        with contextlib.suppress(OSError):
+            self._agent.write(HEADER.pack(FAULTING, 0, 0, 0))
 
     def _keys(self, request: Request) -> list[tuple[int, int]]:
         return [(request.dst_id, request.vaddr + n * PAGE_SIZE) for n in range(request.nr_pages)]
@@ -167,7 +199,7 @@ class Pager:
         if request.nr_pages >= MIN_WINDOW:
             return request
         sequential = request.vaddr == self._next_fault
-        self._window = min(self._window * 2, MAX_WINDOW) if sequential else MIN_WINDOW
+        self._window = min(self._window * WINDOW_GROWTH, MAX_WINDOW) if sequential else MIN_WINDOW
         window = self._clamp(request.dst_id, request.vaddr, self._window) or request.nr_pages
         self._next_fault = request.vaddr + window * PAGE_SIZE
         raw = HEADER.pack(request.cmd | URGENT, window, request.vaddr, request.dst_id)
@@ -178,10 +210,10 @@ class Pager:
         if request.nr_pages >= MIN_WINDOW or self._next_fault < 0:
             return
         left = (self._next_fault - request.vaddr) // PAGE_SIZE
-        if not 0 < left <= self._window // 2:
+        if not 0 < left <= self._window:
             return
         start = self._next_fault
-        self._window = min(self._window * 2, MAX_WINDOW)
+        self._window = min(self._window * WINDOW_GROWTH, MAX_WINDOW)
         window = self._clamp(request.dst_id, start, self._window)
         if not window:  # the end of the run: the next fault starts a new window
             self._next_fault = -1
@@ -189,6 +221,24 @@ class Pager:
         self._next_fault = start + window * PAGE_SIZE
         raw = HEADER.pack(request.cmd | URGENT, window, start, request.dst_id)
         ahead = Request.parse(raw)
+        if not all(key in self.cache or key in self.in_flight for key in self._keys(ahead)):
+            self._fetch(ahead)
+
+    def _background_ahead(self, asked: Request) -> None:
+        """The daemon's background requests walk up from its lowest missing page: keep the pages
+        above the last one here, so the fault it sends next never waits behind a trip to the source."""
+        if asked.nr_pages < MIN_WINDOW:
+            return
+        end = asked.vaddr + asked.nr_pages * PAGE_SIZE
+        frontier = self._background_next.get(asked.dst_id, -1)
+        if frontier - end >= BACKGROUND_AHEAD * PAGE_SIZE // 2:
+            return
+        start = max(end, frontier)
+        window = self._clamp(asked.dst_id, start, BACKGROUND_AHEAD)
+        if not window:
+            return
+        self._background_next[asked.dst_id] = start + window * PAGE_SIZE
+        ahead = Request.parse(HEADER.pack(asked.cmd, window, start, asked.dst_id))
         if not all(key in self.cache or key in self.in_flight for key in self._keys(ahead)):
             self._fetch(ahead)
 
@@ -273,7 +323,9 @@ class Pager:
                         continue  # answered twice across a reconnect: the first answer counted
                     self.in_flight.difference_update(self._keys(request))
                     for n in range(nr_pages):
-                        self.cache[(dst_id, vaddr + n * PAGE_SIZE)] = data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
+                        address = vaddr + n * PAGE_SIZE
+                        if not self.delivered.covers(dst_id, address, 1):  # a fault may have taken it since
+                            self.cache[(dst_id, address)] = data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
                 self._fill_waiting()
             await self._flush()
 
@@ -296,33 +348,62 @@ class Pager:
 
     def _fill_waiting(self) -> None:
         for slot in self.slots:
-            if slot.reply is not None or slot.request.closes:
+            if slot.ready or slot.request.closes:
                 continue
             pages = self._keys(slot.request)
             if all(key in self.cache for key in pages):
-                slot.reply = self._from_cache(slot.request)
+                slot.ready = True
             elif not all(key in self.cache or key in self.in_flight for key in pages):
                 self._fetch(slot.request)  # what it waited for came short (a clamped reply): ask plainly
 
-    def _from_cache(self, request: Request) -> bytes:
-        header = HEADER.pack(PS_IOV_ADD_F_PRESENT, request.nr_pages, request.vaddr, request.dst_id)
-        return header + b"".join(self.cache.pop(key) for key in self._keys(request))
+    def _from_cache(self, dst_id: int, vaddr: int, count: int) -> bytes:
+        header = HEADER.pack(PS_IOV_ADD_F_PRESENT, count, vaddr, dst_id)
+        return header + b"".join(self.cache.pop((dst_id, vaddr + n * PAGE_SIZE)) for n in range(count))
+
+    def _next_answer(self) -> Slot | None:
+        """The ready request to answer next: a fault before anything else."""
+        first = None
+        for slot in self.slots:
+            if slot.request.closes:
+                break
+            if slot.ready:
+                if slot.asked.nr_pages == 1:
+                    return slot
+                first = first or slot
+        return first
 
     async def _flush(self) -> None:
-        """Answer the daemon, in its order, as far as replies are ready."""
+        """Answer the daemon as far as replies are ready.
+
+        CRIU reads the replies into its requests' buffers in the order it asked, but it applies each
+        to the request at the reply's address, and takes fewer pages than asked (the rest it asks
+        again; criu/uffd.c, uffd_io_complete). So a fault that is ready is answered at once, in the
+        place of an earlier request still waiting, with as many pages as that place's buffer holds.
+        Without that, each fault of a workload that walks its memory waits behind the background
+        request the daemon sends after every fault.
+        """
         assert self._daemon is not None
-        while self.slots and self.slots[0].reply is not None:
-            slot = self.slots.popleft()
-            assert slot.reply is not None
-            self._daemon.write(slot.reply)
-            if slot.request.closes:
+        while self.slots:
+            head = self.slots[0]
+            if head.request.closes:  # the last request, answered after every other one
+                if head.reply is None:
+                    break
+                self.slots.popleft()
+                self._daemon.write(head.reply)
                 self.closed = True
-            else:
-                self.pages += slot.request.nr_pages
-                self.delivered.add(slot.request.dst_id, slot.request.vaddr, slot.request.nr_pages)
-                if slot.asked.nr_pages == 1:  # the daemon asks for one page per fault
-                    now = time.monotonic()
-                    self.fault_waits.append((slot.asked_at - self._started, now - slot.asked_at))
+                continue
+            slot = self._next_answer()
+            if slot is None:
+                break
+            self.slots.remove(slot)
+            request = slot.request
+            count = min(self._room.popleft(), request.nr_pages)
+            self._daemon.write(self._from_cache(request.dst_id, request.vaddr, count))
+            self.pages += count
+            self.delivered.add(request.dst_id, request.vaddr, count)
+            if slot.asked.nr_pages == 1:  # the daemon asks for one page per fault
+                now = time.monotonic()
+                self.fault_waits.append((slot.asked_at - self._started, now - slot.asked_at))
         await self._daemon.drain()
 
     def _kill_workload(self) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from agent.checkpoint.images import PAGE_SIZE
 from agent.checkpoint.pageserver import (
+    FAULTING,
     HEADER,
     PS_IOV_ADD_F_PRESENT,
     PS_IOV_CLOSE,
@@ -36,13 +37,17 @@ from agent.migration.ranges import PageRanges
 
 PUSH_WINDOW = 2
 """Pushed batches (1 MiB each) the target has not stored yet (pagepush)."""
+PUSH_HOLD = 0.05
+"""Seconds after the workload's last fault before the target lets the push go on (TargetRelay)."""
 
 
 class PushWindow:
-    """Source: the pushed batches the target has not acknowledged (stored) yet, at most PUSH_WINDOW."""
+    """Source: the pushed batches the target has not acknowledged (stored) yet, at most PUSH_WINDOW.
+    The target grants the first credits itself, once the restored workload has stopped faulting:
+    the push must not compete with the faults of its first moments."""
 
-    def __init__(self, size: int = PUSH_WINDOW) -> None:
-        self._credits = asyncio.Semaphore(size)
+    def __init__(self) -> None:
+        self._credits = asyncio.Semaphore(0)
         self.unacked = 0
         self._drained = asyncio.Event()
         self._drained.set()
@@ -216,6 +221,10 @@ class TargetRelay(ControlRouter):
         self._push_open = False
         """The source is pushing: background requests wait for the push instead of asking the source."""
         self._parked: list[Request] = []
+        self._faulting_until = 0.0
+        """The pager saw faults: until then the push is held (its acks wait) and nothing is parked."""
+        self._acks_due = 0
+        self._ack_due = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._pager: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
 
@@ -235,12 +244,21 @@ class TargetRelay(ControlRouter):
         while not self._pager.empty():  # a newer connection replaces an older one
             writer.close()
             reader, writer = self._pager.get_nowait()
+        self._acks_due = PUSH_WINDOW  # the first credits of this link's push (the source starts with none)
+        self._ack_due.set()
         up = asyncio.create_task(self._requests(reader, writer, link), name="postcopy-requests")
+        acks = asyncio.create_task(self._ack_pushes(link), name="postcopy-push-acks")
         try:
             await self._replies(link, writer, up)
         finally:
-            up.cancel()
-            await asyncio.gather(up, return_exceptions=True)
+            for task in (up, acks):
+                task.cancel()
+            await asyncio.gather(up, acks, return_exceptions=True)
+            if self._acks_due:  # the source's close waits for every ack: never keep one back
+                with contextlib.suppress(OSError, PeerFailed):
+                    for _ in range(self._acks_due):
+                        await link.send("push_ack")
+                self._acks_due = 0
             writer.close()  # the pager asks again for whatever is unanswered, parked requests too
             self._push_open = False
             self._parked.clear()
@@ -248,6 +266,9 @@ class TargetRelay(ControlRouter):
     async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: Link) -> None:
         while True:
             raw = await reader.readexactly(HEADER.size)
+            if HEADER.unpack(raw)[0] == FAULTING:
+                await self._hold_push(link)
+                continue
             request = Request.parse(raw)  # never forward garbage to the source's CRIU
             # Not the pager's yet. Pages pre-copy left here and the push named unchanged come from the
             # store; a background request the push will bring waits for it (no second copy); anything
@@ -258,6 +279,30 @@ class TargetRelay(ControlRouter):
                 self._parked.append(request)
                 continue
             await link.send("ps_req", raw=raw.hex())
+
+    async def _hold_push(self, link: Link) -> None:
+        """The workload faults: the push waits (it would compete with the faults for CPU), and what
+        waited for the push is the source's to answer now."""
+        self._faulting_until = asyncio.get_running_loop().time() + PUSH_HOLD
+        parked, self._parked = self._parked, []
+        for request in parked:
+            await link.send("ps_req", raw=request.raw.hex())
+
+    def _faulting(self) -> bool:
+        return asyncio.get_running_loop().time() < self._faulting_until
+
+    async def _ack_pushes(self, link: Link) -> None:
+        """Give the source its push credits back, but only while the workload is not faulting."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._ack_due.wait()
+            if (wait := self._faulting_until - loop.time()) > 0:
+                await asyncio.sleep(wait)  # and look again: the faults may have gone on
+                continue
+            self._ack_due.clear()
+            while self._acks_due:
+                self._acks_due -= 1
+                await link.send("push_ack")
 
     async def _answer_held(self, request: Request, writer: asyncio.StreamWriter) -> bool:
         pagemap = pagemap_of(request.dst_id)
@@ -327,6 +372,7 @@ class TargetRelay(ControlRouter):
     def _parks(self, request: Request) -> bool:
         return (
             self._push_open
+            and not self._faulting()
             and self.pushed is not None
             and not request.closes
             and not request.urgent
@@ -360,7 +406,8 @@ class TargetRelay(ControlRouter):
                 self._on_pages(n)
             await writer.drain()
             await self._settle_parked(writer)
-        await link.send("push_ack")
+        self._acks_due += 1
+        self._ack_due.set()
 
     async def _settle_parked(self, writer: asyncio.StreamWriter) -> None:
         """Parked requests the push has brought: the pager's now, or this relay's from the store."""
