@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,3 +224,14 @@ def test_page_ranges_merge_and_cover() -> None:
     assert len(ranges) == 1 and ranges.covers(PID, RUN_START, 12)
     ranges.add(PID, RUN_START - 2 * PAGE_SIZE, 1)  # before, not touching
     assert len(ranges) == 2 and not ranges.covers(PID, RUN_START - 2 * PAGE_SIZE, 3)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs CAP_SYS_NICE")
+def test_the_pager_process_runs_realtime() -> None:
+    # In a child process: the test runner itself must stay an ordinary task.
+    code = (
+        "import os; from agent.migration.pager import run_realtime; "
+        "print(run_realtime(), os.sched_getscheduler(0) == os.SCHED_FIFO, os.sched_getparam(0).sched_priority)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
+    assert out.stdout.split() == ["True", "True", "1"], out
