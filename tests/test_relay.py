@@ -1,0 +1,116 @@
+"""The target agent's relay between the pager and the migration stream, over a real stream channel.
+
+The test plays the pager (the unix socket the relay listens on) and the source agent (the other end
+of a real channel on loopback TCP). CRIU and the pager process run in tests/test_postcopy.py; here the
+point is how the relay paces the source's push: its credits (`push_ack`) wait while the workload
+faults, and the first ones come only from the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from array import array
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent.checkpoint.images import PAGE_SIZE
+from agent.checkpoint.pageserver import FAULTING, HEADER, PUSHED
+from agent.migration.link import ControlIn, Link, page_key
+from agent.migration.peer import StreamChannel
+from agent.migration.postcopy import PUSH_HOLD, PUSH_WINDOW, PostcopyPaths, TargetRelay
+from agent.migration.ranges import PageRanges
+from agent.stream import accept_receiver, open_sender
+
+PID = 7
+VADDR = 0x7F0000000000
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+class Ends:
+    def __init__(self, source: Link, pager: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        self.source = source
+        self.pager_reader, self.pager_writer = pager
+
+    async def acks(self, within: float) -> int:
+        """How many push credits the source receives within `within` seconds."""
+        count = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while (left := deadline - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(left):
+                    msg = await self.source.recv()
+            except TimeoutError:
+                break
+            assert isinstance(msg, ControlIn) and msg.type == "push_ack", msg
+            count += 1
+        return count
+
+    async def push(self, vaddr: int, count: int) -> None:
+        await self.source.send("pushed", pagemap=f"pagemap-{PID}.img", vaddr=vaddr, nr_pages=count, held=[])
+        keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in range(count)))
+        await self.source.send_raw_pages(keys, bytes(count * PAGE_SIZE))
+
+    def fault(self) -> None:
+        self.pager_writer.write(HEADER.pack(FAULTING, 0, 0, 0))
+
+
+@pytest.fixture
+async def relay(tmp_path: Path) -> AsyncIterator[Ends]:
+    a, b = tcp_pair()
+    sender, receiver = await asyncio.gather(
+        open_sender(a, "mig-relay", "source-host"), accept_receiver(b, "mig-relay", "target-host")
+    )
+    source = Link(StreamChannel(sender, tmp_path / "source-files"), idle_timeout=10)
+    target = Link(StreamChannel(receiver, tmp_path / "target-files"), idle_timeout=10)
+    relay = TargetRelay(PostcopyPaths(tmp_path), on_pages=lambda _: None)
+    relay.pushed = PageRanges()
+    await relay.listen()
+    pager = await asyncio.open_unix_connection(str(relay.paths.agent_socket))
+    running = asyncio.create_task(relay.relay(target, within=5))
+    try:
+        yield Ends(source, pager)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        pager[1].close()
+        await relay.close()
+        await asyncio.gather(sender.close(), receiver.close())
+
+
+async def test_the_push_gets_its_first_credits_from_the_target(relay: Ends) -> None:
+    assert await relay.acks(within=1.0) == PUSH_WINDOW
+
+
+async def test_push_credits_wait_while_the_workload_faults(relay: Ends) -> None:
+    assert await relay.acks(within=1.0) == PUSH_WINDOW
+    relay.fault()
+    await relay.push(VADDR, 4)
+    # The pages go to the pager at once ...
+    async with asyncio.timeout(5):
+        cmd, nr_pages, vaddr, dst_id = HEADER.unpack(await relay.pager_reader.readexactly(HEADER.size))
+        await relay.pager_reader.readexactly(nr_pages * PAGE_SIZE)
+    assert (cmd & PUSHED, nr_pages, vaddr, dst_id) == (PUSHED, 4, VADDR, PID)
+    # ... but the credit back waits as long as faults keep coming,
+    faulting = asyncio.create_task(keep_faulting(relay, seconds=10 * PUSH_HOLD))
+    assert await relay.acks(within=8 * PUSH_HOLD) == 0
+    await faulting
+    # and comes once they stop.
+    assert await relay.acks(within=2.0) == 1
+
+
+async def keep_faulting(relay: Ends, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        relay.fault()
+        await asyncio.sleep(PUSH_HOLD / 5)
