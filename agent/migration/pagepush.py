@@ -113,9 +113,9 @@ async def push(
     counts: PushCounts,
 ) -> None:
     """Stream every lazy page of `regions` to the target until done or `stop` is set (checked between
-    batches, so a header never goes without its pages). A batch goes only with a credit of `window`,
-    which the target's `push_ack` returns: a fault's reply then never queues behind more than a
-    couple of pushed MiB. `counts` follows along."""
+    batches, so a header never goes without its pages). A batch with pages goes only with a credit
+    of `window`, which the target's `push_ack` returns: a fault's reply then never queues behind more
+    than a couple of pushed MiB. `counts` follows along."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[PushBatch | None] = asyncio.Queue(maxsize=_QUEUE)
     done = False
@@ -133,12 +133,15 @@ async def push(
     try:
         while (batch := await queue.get()) is not None:
             send = [n for n in range(batch.nr_pages) if not batch.held[n]]
-            await window.take()
+            if send:  # a batch the target holds all of carries no pages: it needs no credit
+                await window.take()
             async with sending:
                 if stop.is_set():
-                    window.give_back()
+                    if send:
+                        window.give_back()
                     break
-                window.sent()  # before the header: the ack may come back before the pages are queued
+                if send:
+                    window.sent()  # before the header: the ack may come back before the pages are queued
                 await link.send(
                     "pushed",
                     pagemap=batch.pagemap,

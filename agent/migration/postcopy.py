@@ -406,8 +406,9 @@ class TargetRelay(ControlRouter):
                 self._on_pages(n)
             await writer.drain()
             await self._settle_parked(writer)
-        self._acks_due += 1
-        self._ack_due.set()
+        if batches:  # it carried pages: the source waits for this credit
+            self._acks_due += 1
+            self._ack_due.set()
 
     async def _settle_parked(self, writer: asyncio.StreamWriter) -> None:
         """Parked requests the push has brought: the pager's now, or this relay's from the store."""
