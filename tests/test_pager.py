@@ -235,3 +235,21 @@ def test_the_pager_process_runs_realtime() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
     assert out.stdout.split() == ["True", "True", "1"], out
+
+
+async def test_a_background_request_waits_out_a_burst_of_faults(pager: tuple[Daemon, Agent, Pager]) -> None:
+    daemon, agent, pager_ = pager
+    pager_.fault_burst = 0.5  # seconds: wide, so that a slow machine cannot end the burst by itself
+    await agent.push(RUN_START, RUN_PAGES)
+    await asyncio.sleep(0.1)
+    first, second, background = RUN_START + 30 * PAGE_SIZE, RUN_START + 31 * PAGE_SIZE, RUN_START
+    daemon.ask(first, 1)
+    daemon.ask(background, 16)  # what the daemon sends once a fault is answered
+    daemon.ask(second, 1)
+    assert await daemon.next_reply() == (first, page(first))
+    assert await daemon.next_reply() == (second, page(second))  # in the background request's place
+    started = asyncio.get_running_loop().time()
+    # Once the burst is over the background request gets the one page the second fault's place holds.
+    assert await daemon.next_reply() == (background, page(background))
+    assert asyncio.get_running_loop().time() - started > 0.2
+    assert (PID, background + PAGE_SIZE) in pager_.cache  # the rest stays for the daemon to ask again

@@ -59,6 +59,7 @@ from agent.migration.ranges import PageRanges
 MIN_WINDOW = 16  # pages fetched for a fault at a new place
 MAX_WINDOW = 1024  # 4 MiB
 WINDOW_GROWTH = 4  # the window grows this much while faults keep following each other
+FAULT_BURST = 0.001  # seconds: faults this close hold background answers back (_next_answer)
 FAULT_NOTICE_EVERY = 0.01  # seconds: how often, at most, the agent hears that the workload faults
 BACKGROUND_AHEAD = 1024  # pages fetched above the daemon's last background request
 BACKGROUND_SLICE = 256  # pages: a larger background request is answered in part (CRIU asks again for
@@ -117,6 +118,9 @@ class Pager:
         self._window = MIN_WINDOW
         self._next_fault = -1
         self._fault_noticed = 0.0
+        self._last_fault = 0.0
+        self.fault_burst = FAULT_BURST
+        self._held_flush: asyncio.TimerHandle | None = None
         self._background_next: dict[int, int] = {}
         """dst_id -> the end of what is fetched ahead of the daemon's background requests."""
         self._started = time.monotonic()
@@ -168,6 +172,7 @@ class Pager:
             if not request.closes:
                 self._room.append(slot.asked.nr_pages)
             if request.nr_pages == 1:
+                self._last_fault = slot.asked_at
                 self._notice_fault(slot.asked_at)
             if request.closes:
                 self._fetch(request)
@@ -362,7 +367,9 @@ class Pager:
         return header + b"".join(self.cache.pop((dst_id, vaddr + n * PAGE_SIZE)) for n in range(count))
 
     def _next_answer(self) -> Slot | None:
-        """The ready request to answer next: a fault before anything else."""
+        """The ready request to answer next: a fault before anything else. In a burst of faults a
+        background request waits: answered, it only brings the daemon's next one, and the daemon
+        copying 64 KiB and more of cold pages between two faults delays the second."""
         first = None
         for slot in self.slots:
             if slot.request.closes:
@@ -371,7 +378,16 @@ class Pager:
                 if slot.asked.nr_pages == 1:
                     return slot
                 first = first or slot
+        if first is not None and (wait := self._last_fault + self.fault_burst - time.monotonic()) > 0:
+            if self._held_flush is None:
+                self._held_flush = asyncio.get_running_loop().call_later(wait, self._flush_held)
+            return None
         return first
+
+    def _flush_held(self) -> None:
+        self._held_flush = None
+        task = asyncio.ensure_future(self._flush())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a dead daemon ends _requests
 
     async def _flush(self) -> None:
         """Answer the daemon as far as replies are ready.
