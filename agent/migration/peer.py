@@ -66,7 +66,7 @@ class StreamChannel:
     async def send_control(self, obj: dict[str, Any]) -> None:
         await self._ch.send_control(obj)
 
-    async def send_file(self, path: Path, name: str) -> None:
+    async def send_file(self, path: Path | bytes, name: str) -> None:
         await self._ch.send_file(path, name)
 
     async def send_pages(self, keys: array[int], data: bytes, zeros: array[int]) -> None:

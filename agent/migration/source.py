@@ -313,9 +313,7 @@ class SourceMigration:
         assert self._tracker is not None, "pre-copy ran first"
         stats = await self._send_delta(link, self._tracker, final)
         delta_done = time.monotonic()
-        for path in sorted(final.iterdir()):
-            if path.is_file() and not is_pages(path.name):
-                await link.send_file(path, path.name)
+        await link.send_files([path for path in sorted(final.iterdir()) if path.is_file() and not is_pages(path.name)])
         digest, data = await export_rw_layer(
             self.ctx.cd, self._snapshot_key, self._image_chain, self.ctx.config.pull.lease_expiry
         )
@@ -389,11 +387,10 @@ class SourceMigration:
             finally:
                 await asyncio.to_thread(self.ctx.criu_configs.write, cid)  # later dumps are ordinary again
             freeze_dump_ms = (time.monotonic() - frozen_at) * 1000
-            total = await asyncio.to_thread(lazy_pages, final)
-            for path in sorted(final.iterdir()):
-                if path.is_file():  # pages-*.img holds only what CRIU does not do lazily (not anonymous memory)
-                    await link.send_file(path, path.name)
+            # pages-*.img holds only what CRIU does not do lazily (not anonymous memory)
+            await link.send_files([path for path in sorted(final.iterdir()) if path.is_file()])
             await link.send("restore", rw_digest=digest, lazy=True)
+            total = await asyncio.to_thread(lazy_pages, final)  # for progress: after the restore is asked
             self._advance(Event.IMAGES_SENT)
             self._progress(link, freeze_dump_ms=round(freeze_dump_ms, 1), lazy_pages=total, pages_remote=total)
             # The restore itself faults pages in (the restorer writes to the task's stack): serve from now on.
