@@ -250,15 +250,15 @@ class TargetRelay(ControlRouter):
         acks = asyncio.create_task(self._ack_pushes(link), name="postcopy-push-acks")
         try:
             await self._replies(link, writer, up)
+            acks.cancel()
+            await asyncio.gather(acks, return_exceptions=True)
+            for _ in range(self._acks_due):  # the source's close waits for its acks: none kept back
+                await link.send("push_ack")
         finally:
+            self._acks_due = 0
             for task in (up, acks):
                 task.cancel()
             await asyncio.gather(up, acks, return_exceptions=True)
-            if self._acks_due:  # the source's close waits for every ack: never keep one back
-                with contextlib.suppress(OSError, PeerFailed):
-                    for _ in range(self._acks_due):
-                        await link.send("push_ack")
-                self._acks_due = 0
             writer.close()  # the pager asks again for whatever is unanswered, parked requests too
             self._push_open = False
             self._parked.clear()
