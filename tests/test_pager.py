@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,3 +255,35 @@ async def test_a_background_request_waits_out_a_burst_of_faults(pager: tuple[Dae
     assert await daemon.next_reply() == (background, page(background))
     assert asyncio.get_running_loop().time() - started > 0.2
     assert (PID, background + PAGE_SIZE) in pager_.cache  # the rest stays for the daemon to ask again
+
+
+# Not "-1": should the guard regress, kill(-1) as root would take down every process on the host.
+@pytest.mark.parametrize(("pid_text", "workload_dies"), [("real", True), ("0", False)])
+def test_the_guard_kills_the_workload_and_nothing_else(tmp_path: Path, pid_text: str, workload_dies: bool) -> None:
+    """The pager kills the restored task's init when its pages cannot come. A pid file that names no
+    process (containerd knows no pid before Start) must not turn kill() onto a process group."""
+    workload = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    pid_file = tmp_path / "pid"
+    pid_file.write_text(str(workload.pid) if pid_text == "real" else pid_text)
+    # The pager's side runs in a child in its own session and process group: kill(0) would end it.
+    code = (
+        "import sys; from pathlib import Path; from agent.migration.pager import Pager; "
+        "p = Pager.__new__(Pager); p.pid_file = Path(sys.argv[1]); p._kill_workload(); print('alive')"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(pid_file)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            start_new_session=True,
+        )
+        assert (out.returncode, out.stdout.strip()) == (0, "alive"), out
+        if workload_dies:
+            assert workload.wait(timeout=5) == -signal.SIGKILL
+        else:
+            time.sleep(0.2)
+            assert workload.poll() is None  # still running: nothing was signalled
+    finally:
+        workload.kill()
+        workload.wait()

@@ -175,6 +175,10 @@ async def test_source_lost_during_postcopy_is_reported(mesh: Mesh) -> None:
     async with h1.session() as http, http.post("/v1/migrations", json=body) as r:
         assert r.status == 202
     await wait_state(h2, "POSTCOPY")
+    # The pager's guard names the restored task's init, the process it must kill.
+    [pid_file] = Path(f"/dev/shm/ferryman-{mesh.prefix}-h2").glob("*/restored.pid")
+    tasks = dict(line.split()[:2] for line in h2.ctr("tasks", "ls").stdout.splitlines()[1:] if line.strip())
+    assert pid_file.read_text() == tasks["hog"], (pid_file.read_text(), tasks)
     await h1.kill_agent()  # the source host's agent dies, and with it the page server's session
     target = await wait_done(h2)
     assert target["state"] == "ROLLBACK" and "POSTCOPY" in target["error"], target

@@ -425,7 +425,9 @@ class Pager:
 
     def _kill_workload(self) -> None:
         with contextlib.suppress(OSError, ValueError):
-            os.kill(int(self.pid_file.read_text()), signal.SIGKILL)  # init of the task's pid namespace
+            pid = int(self.pid_file.read_text())
+            if pid > 0:  # 0 or less would signal a whole process group, the pager's own included
+                os.kill(pid, signal.SIGKILL)  # init of the task's pid namespace
 
     def _write_result(self, *, ok: bool, error: str) -> None:
         tmp = self.result.with_suffix(".tmp")

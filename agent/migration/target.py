@@ -294,7 +294,7 @@ class TargetMigration:
         await asyncio.to_thread(self.ctx.criu_configs.write, cid, LAZY_RESTORE if self.lazy else "")
         started = time.monotonic()
         try:
-            pid = await cd.tasks.create(
+            await cd.tasks.create(
                 cid,
                 mounts,
                 stdout=uri,
@@ -303,12 +303,12 @@ class TargetMigration:
                 restore_from=str(self.images_dir),
                 criu_work_dir=str(self.paths.criu_work),
             )
-            if self.lazy:  # the pager kills exactly this process tree if the pages cannot come
-                await asyncio.to_thread(self.paths.pid_file.write_text, str(pid))
+            if self.lazy:
                 assert self._daemon is not None
                 await wait_ready(self._daemon, self.paths.criu_work)  # CRIU's restore hands it the memory
-            await cd.tasks.start(cid)
-            if self.lazy:
+            pid = await cd.tasks.start(cid)  # containerd restores at Start: Create knows no pid yet
+            if self.lazy:  # the pager kills exactly this process tree if the pages cannot come
+                await asyncio.to_thread(self.paths.pid_file.write_text, str(pid))
                 # Provisional until the source decides. The pause goes on while `restored` travels:
                 # the freezer waits for the task's first page faults (35-45 ms measured), too long
                 # to sit in front of the decision.
