@@ -182,7 +182,7 @@ class Pager:
                 slot.ready = True
                 self._keep_ahead(request)
                 await self._flush()
-            elif not all(key in self.cache or key in self.in_flight for key in pages):
+            elif self._missing(request):
                 self._fetch(self._read_ahead(request))
             if slot.asked.nr_pages > request.nr_pages:  # the rest of a background request comes next
                 self._prefetch(slot.asked, request.nr_pages)
@@ -226,9 +226,7 @@ class Pager:
             return
         self._next_fault = start + window * PAGE_SIZE
         raw = HEADER.pack(request.cmd | URGENT, window, start, request.dst_id)
-        ahead = Request.parse(raw)
-        if not all(key in self.cache or key in self.in_flight for key in self._keys(ahead)):
-            self._fetch(ahead)
+        self._fetch_missing(Request.parse(raw))
 
     def _background_ahead(self, asked: Request) -> None:
         """The daemon's background requests walk up from its lowest missing page: keep the pages
@@ -244,9 +242,7 @@ class Pager:
         if not window:
             return
         self._background_next[asked.dst_id] = start + window * PAGE_SIZE
-        ahead = Request.parse(HEADER.pack(asked.cmd, window, start, asked.dst_id))
-        if not all(key in self.cache or key in self.in_flight for key in self._keys(ahead)):
-            self._fetch(ahead)
+        self._fetch_missing(Request.parse(HEADER.pack(asked.cmd, window, start, asked.dst_id)))
 
     def _clamp(self, dst_id: int, vaddr: int, nr_pages: int) -> int:
         """How many of `nr_pages` from `vaddr` lie in one lazy run (0: none). The source's page server
@@ -271,12 +267,20 @@ class Pager:
         has work queued (it answers faults first)."""
         for first in range(answered, asked.nr_pages, BACKGROUND_SLICE):
             count = min(BACKGROUND_SLICE, asked.nr_pages - first)
-            piece = Request.parse(HEADER.pack(asked.cmd, count, asked.vaddr + first * PAGE_SIZE, asked.dst_id))
-            if not all(key in self.cache or key in self.in_flight for key in self._keys(piece)):
-                self._fetch(piece)
+            self._fetch_missing(
+                Request.parse(HEADER.pack(asked.cmd, count, asked.vaddr + first * PAGE_SIZE, asked.dst_id))
+            )
 
     def _key(self, request: Request) -> tuple[int, int]:
         return (-1, -1) if request.closes else (request.dst_id, request.vaddr)
+
+    def _missing(self, request: Request) -> bool:
+        """Some page of it is neither here nor asked for."""
+        return any(key not in self.cache and key not in self.in_flight for key in self._keys(request))
+
+    def _fetch_missing(self, request: Request) -> None:
+        if self._missing(request):
+            self._fetch(request)
 
     def _fetch(self, request: Request) -> None:
         if self._key(request) in self.outstanding:
@@ -359,7 +363,7 @@ class Pager:
             pages = self._keys(slot.request)
             if all(key in self.cache for key in pages):
                 slot.ready = True
-            elif not all(key in self.cache or key in self.in_flight for key in pages):
+            elif self._missing(slot.request):
                 self._fetch(slot.request)  # what it waited for came short (a clamped reply): ask plainly
 
     def _from_cache(self, dst_id: int, vaddr: int, count: int) -> bytes:
