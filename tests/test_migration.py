@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 
 from agent.checkpoint.features import detect as detect_criu
-from tests.harness.fleet import api, fleet, memhog_status, migrate, run_memhog, task_states, verify_memory
+from tests.harness.fleet import (
+    api,
+    expected_cgroup,
+    fleet,
+    memhog_status,
+    migrate,
+    run_memhog,
+    task_cgroups,
+    task_states,
+    verify_memory,
+)
 from tests.harness.mesh import Mesh
 
 
@@ -34,6 +44,8 @@ async def test_there_and_back_with_state_intact(mesh: Mesh) -> None:
     assert task_states(h2) == {"hog": "RUNNING"}
     assert "hog" not in task_states(h1)
     assert "hog" not in h1.ctr("containers", "ls", "-q").stdout
+    cgroups = task_cgroups(h2, "hog")  # placed by runc: CRIU runs with manage-cgroups=ignore
+    assert cgroups["memory"] == cgroups["pids"] == expected_cgroup(h2, "hog"), cgroups
     await asyncio.sleep(0.5)
     after = await memhog_status(h2, "hog")
     assert after.beats > before.beats  # the counter in memory kept counting

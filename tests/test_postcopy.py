@@ -10,7 +10,17 @@ from typing import Any
 
 import pytest
 
-from tests.harness.fleet import api, fleet, memhog_status, migrate, run_memhog, task_states, verify_memory
+from tests.harness.fleet import (
+    api,
+    expected_cgroup,
+    fleet,
+    memhog_status,
+    migrate,
+    run_memhog,
+    task_cgroups,
+    task_states,
+    verify_memory,
+)
 from tests.harness.mesh import Mesh, MeshHost
 
 
@@ -56,6 +66,9 @@ async def test_postcopy_there_and_back(mesh: Mesh, mode: str) -> None:
     assert "POSTCOPY" in states and states[-1] == "COMMIT"
     assert task_states(h2) == {"hog": "RUNNING"}
     assert "hog" not in task_states(h1)
+    # runc, not CRIU, puts the restored tasks in their cgroups (CRIU runs with manage-cgroups=ignore)
+    cgroups = task_cgroups(h2, "hog")
+    assert cgroups["memory"] == cgroups["pids"] == expected_cgroup(h2, "hog"), cgroups
     await asyncio.sleep(0.5)
     after = await memhog_status(h2, "hog")
     assert after.beats > before.beats

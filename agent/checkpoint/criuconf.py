@@ -18,6 +18,7 @@ OPTIONS = (
     "skip-in-flight\n"  # a connection still in a listen queue is dropped, the client retries
     "ext-unix-sk\n"
     "file-locks\n"
+    "manage-cgroups=ignore\n"  # runc puts the tasks in their cgroups itself (optional argument: needs "=")
 )
 LAZY_RESTORE = "lazy-pages\n"  # memory arrives through a `criu lazy-pages` daemon (userfaultfd)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from agent.security.pki import HostCertPaths, init_ca, issue_client, issue_host
 from tests.harness.coordinator import COORDINATOR_NAME, CoordinatorPki, CoordinatorProcess, new_token
-from tests.harness.mesh import Mesh, MeshHost
+from tests.harness.mesh import AGENT_NAMESPACE, Mesh, MeshHost
 from tests.harness.netns import acall_in_netns
 from tests.harness.workloads import MemhogStatus, bundle_rootfs, memhog_image
 
@@ -192,6 +192,22 @@ async def verify_memory(host: MeshHost, name: str, within: float = 20.0) -> str:
 def task_states(host: MeshHost) -> dict[str, str]:
     out = host.ctr("tasks", "ls").stdout.splitlines()[1:]
     return {line.split()[0]: line.split()[-1] for line in out if line.strip()}
+
+
+def task_cgroups(host: MeshHost, container: str) -> dict[str, str]:
+    """Controller -> cgroup of the container's init, as the kernel reports it (cgroup v1 or v2)."""
+    tasks = dict(line.split()[:2] for line in host.ctr("tasks", "ls").stdout.splitlines()[1:] if line.strip())
+    groups: dict[str, str] = {}
+    for line in Path(f"/proc/{tasks[container]}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") or [""]:
+            groups[controller] = path
+    return groups
+
+
+def expected_cgroup(host: MeshHost, container: str) -> str:
+    """Where the agent puts a container: <cgroup_parent>/<namespace>/<id>."""
+    return f"{host.containerd.cgroup_parent}/{AGENT_NAMESPACE}/{container}"
 
 
 def http_get(host: str, timeout: float) -> bool:
