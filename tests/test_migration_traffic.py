@@ -13,6 +13,7 @@ import json
 import secrets
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -85,3 +86,85 @@ async def test_client_sees_only_the_pause_and_tcp_survives(mesh: Mesh) -> None:
     assert task_states(h2) == {"svc": "RUNNING"} and "svc" not in task_states(h1)
     routes = json.loads(json.dumps(await api(h2, "GET", "/v1/network")))
     assert ip in json.dumps(routes)
+
+
+def stream_lines(sock: socket.socket, stop: threading.Event, sent: list[bytes]) -> None:
+    """Send a numbered line every 5 ms until `stop`: some of them while the container is frozen."""
+    for n in range(100_000):
+        if stop.is_set():
+            return
+        line = b"%d\n" % n
+        sock.sendall(line)
+        sent.append(line)
+        stop.wait(0.005)
+
+
+def read_echoes(sock: socket.socket, stop: threading.Event, sent: list[bytes], within: float) -> bytes:
+    """What the echo server sent back: until the writer stopped and all it sent came back, or `within` s."""
+    got = b""
+    sock.settimeout(0.5)
+    deadline = time.monotonic() + within
+    while not (stop.is_set() and got == b"".join(sent)) and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+@pytest.mark.parametrize(
+    ("mode", "target_failpoints", "owner"),
+    [("precopy", None, "h2"), ("lazy", None, "h2"), ("lazy", "target.corrupt_images=corrupt", "h1")],
+    ids=["precopy", "lazy", "rollback"],
+)
+async def test_tcp_stream_loses_no_byte(mesh: Mesh, mode: str, target_failpoints: str | None, owner: str) -> None:
+    """A client that keeps writing through the migration gets every byte echoed, in order: nothing
+    the frozen source's kernel acknowledged is lost to the restored copy. After a rollback the
+    address is routed to the source's copy again."""
+    h1, h2, client = mesh["h1"], mesh["h2"], mesh.client
+    assert client is not None
+    if target_failpoints:
+        await h2.stop_agent()
+        h2.agent_env = {"FERRYMAN_FAILPOINTS": target_failpoints}
+        await h2.start_agent()
+    ip = str(mesh.subnet.network_address + 101)
+    repo = f"test/echo-{secrets.token_hex(3)}"
+    await ImageBuilder([busybox_layer()], cmd=SERVICE).build().push(mesh.push_host, repo, "v1")
+    ref = f"{mesh.registry_host}/{repo}:v1"
+    await api(h1, "POST", "/v1/images/pull", {"ref": ref})
+    await api(h1, "POST", "/v1/containers?start=1", {"id": "echo", "image": ref, "service_ip": ip}, expect=201)
+    sock: socket.socket | None = None
+    for _ in range(100):
+        with contextlib.suppress(OSError):
+            sock = await nsh.acall_in_netns(client.netns, socket.create_connection, (ip, ECHO_PORT), 1.0)
+            break
+        await asyncio.sleep(0.1)
+    assert sock is not None, "the echo server never accepted"
+    stop, sent = threading.Event(), []
+    writer = asyncio.create_task(asyncio.to_thread(stream_lines, sock, stop, sent))
+    reader = asyncio.create_task(asyncio.to_thread(read_echoes, sock, stop, sent, 60.0))
+    try:
+        await asyncio.sleep(0.3)
+        record = await migrate(h1, "echo", "h2", mode=mode)
+        assert record["state"] == ("COMMIT" if owner == "h2" else "ROLLBACK"), record.get("error")
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await writer
+    try:
+        echoed = await asyncio.wait_for(reader, 70)
+    finally:
+        sock.close()
+    want = b"".join(sent)
+    assert len(sent) > 100
+    where = _first_difference(echoed, want)
+    assert echoed == want, f"echoed {len(echoed)} of {len(want)} bytes, first difference at byte {where}"
+    assert task_states(mesh[owner]) == {"echo": "RUNNING"}
+    assert ip in json.dumps(await api(mesh[owner], "GET", "/v1/network"))
+    routes = h1.exec(["ip", "-o", "route", "show", "proto", "77"], check=True).stdout
+    assert "blackhole" not in routes, routes  # released by the rollback, removed by the decision
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))

@@ -509,7 +509,7 @@ import asyncio, json, subprocess, sys
 from pathlib import Path
 from agent.config import NetworkConfig
 from agent.errors import InvalidRequest
-from agent.network import ServiceNetwork, UplinkNotFound
+from agent.network import HELD, ServiceNetwork, UplinkNotFound
 
 def ip(*args, netns=None):
     argv = ["ip"] + (["-n", netns] if netns else []) + list(args)
@@ -560,6 +560,15 @@ async def main():
     await net2.publish("10.77.0.5", info.host_veth)
     assert await net2.published("10.77.0.5") == info.host_veth
     assert "10.77.0.5 dev up0 proxy" in ip("neigh", "show", "proxy")
+    assert await net2.hold("10.77.0.5", info.host_veth) is True       # before a freeze: dropped, silently
+    assert await net2.published("10.77.0.5") == HELD
+    assert "blackhole 10.77.0.5" in ip("route", "show", "proto", "77")
+    assert "10.77.0.5 dev up0 proxy" in ip("neigh", "show", "proxy")  # neighbours keep sending here
+    assert await net2.release("10.77.0.5", info.host_veth) is True    # a rollback routes it back
+    assert await net2.published("10.77.0.5") == info.host_veth
+    assert await net2.release("10.77.0.5", info.host_veth) is False
+    assert await net2.hold("10.77.0.5", "fmvnothere") is False        # not routed there: nothing to hold
+    assert await net2.hold("10.77.0.5", info.host_veth) is True       # the decision unpublishes it held
     assert await net2.unpublish("10.77.0.5") is True and await net2.published("10.77.0.5") is None
     assert ip("neigh", "show", "proxy").strip() == ""
     await net2.destroy("k")

@@ -27,6 +27,7 @@ from agent.migration.pager import Pager
 from agent.migration.ranges import PageRanges
 
 PID = 1
+OTHER_PID = 2  # a second process of the tree, with the same lazy run
 RUN_START = 0x7F0000000000
 RUN_PAGES = 40  # the task's only lazy run: read-ahead must never ask past it
 
@@ -71,9 +72,9 @@ class Agent:
     async def push(self, vaddr: int, count: int) -> None:
         await self.reply(vaddr, count, PUSHED)
 
-    async def reply(self, vaddr: int, count: int, mark: int = 0) -> None:
+    async def reply(self, vaddr: int, count: int, mark: int = 0, dst_id: int = PID) -> None:
         assert self.writer is not None
-        self.writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | mark, count, vaddr, PID) + pages(vaddr, count))
+        self.writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | mark, count, vaddr, dst_id) + pages(vaddr, count))
         await self.writer.drain()
 
 
@@ -90,31 +91,37 @@ class Daemon:
         assert (len(data) // PAGE_SIZE, got_vaddr) == (count, vaddr)
         return data
 
-    def ask(self, vaddr: int, count: int) -> None:
-        self.writer.write(HEADER.pack(PS_IOV_GET, count, vaddr, PID))
+    def ask(self, vaddr: int, count: int, dst_id: int = PID) -> None:
+        self.writer.write(HEADER.pack(PS_IOV_GET, count, vaddr, dst_id))
 
     async def next_reply(self) -> tuple[int, bytes]:
         """(address, pages) of the next reply, whichever request it answers."""
+        _, vaddr, data = await self.next_reply_of()
+        return vaddr, data
+
+    async def next_reply_of(self) -> tuple[int, int, bytes]:
+        """(process, address, pages) of the next reply."""
         async with asyncio.timeout(5):
-            _cmd, nr_pages, vaddr, _ = HEADER.unpack(await self.reader.readexactly(HEADER.size))
-            return vaddr, await self.reader.readexactly(nr_pages * PAGE_SIZE)
+            _cmd, nr_pages, vaddr, dst_id = HEADER.unpack(await self.reader.readexactly(HEADER.size))
+            return dst_id, vaddr, await self.reader.readexactly(nr_pages * PAGE_SIZE)
 
 
 @pytest.fixture
 async def pager(tmp_path: Path) -> AsyncIterator[tuple[Daemon, Agent, Pager]]:
     images = tmp_path / "images"
     images.mkdir()
-    with (images / f"pagemap-{PID}.img").open("wb") as fh:
-        criu_images.dump(
-            {
-                "magic": "PAGEMAP",
-                "entries": [
-                    {"pages_id": 1},
-                    {"vaddr": RUN_START, "nr_pages": RUN_PAGES, "flags": PE_LAZY, "compat_nr_pages": 0},
-                ],
-            },
-            fh,
-        )
+    for pid in (PID, OTHER_PID):
+        with (images / f"pagemap-{pid}.img").open("wb") as fh:
+            criu_images.dump(
+                {
+                    "magic": "PAGEMAP",
+                    "entries": [
+                        {"pages_id": pid},
+                        {"vaddr": RUN_START, "nr_pages": RUN_PAGES, "flags": PE_LAZY, "compat_nr_pages": 0},
+                    ],
+                },
+                fh,
+            )
     agent = Agent()
     server = await asyncio.start_unix_server(agent.serve, path=str(tmp_path / "agent.sock"), limit=1 << 22)
     daemon_end, pager_end = socket.socketpair()
@@ -202,6 +209,25 @@ async def test_a_ready_fault_is_answered_before_a_waiting_background_request(
     assert await daemon.get(RUN_START + PAGE_SIZE, 15) == pages(RUN_START + PAGE_SIZE, 15)
     assert len(agent.requests) == asked  # the rest was kept here, not asked for again
     assert (PID, RUN_START) not in pager_.cache
+
+
+async def test_a_fault_never_takes_the_place_of_another_process_request(
+    pager: tuple[Daemon, Agent, Pager],
+) -> None:
+    """CRIU's daemon takes each reply as the answer to its oldest open request and refuses one for
+    another process's pages ("Out of order read completed", criu/pagemap.c): it then stops, and
+    the workload with it."""
+    daemon, agent, _ = pager
+    agent.answer = False
+    fault = RUN_START + 30 * PAGE_SIZE
+    await agent.push(fault, 1)
+    await asyncio.sleep(0.1)
+    daemon.ask(RUN_START, 16, OTHER_PID)  # another process's background request, not here yet
+    daemon.ask(fault, 1)  # then a fault of the first process, on a page that is here
+    await asyncio.sleep(0.05)
+    await agent.reply(RUN_START, 16, dst_id=OTHER_PID)
+    assert await daemon.next_reply_of() == (OTHER_PID, RUN_START, pages(RUN_START, 16))
+    assert await daemon.next_reply_of() == (PID, fault, page(fault))
 
 
 async def test_background_requests_fetch_what_is_above_them(pager: tuple[Daemon, Agent, Pager]) -> None:

@@ -373,12 +373,16 @@ class Pager:
     def _next_answer(self) -> Slot | None:
         """The ready request to answer next: a fault before anything else. In a burst of faults a
         background request waits: answered, it only brings the daemon's next one, and the daemon
-        copying 64 KiB and more of cold pages between two faults delays the second."""
+        copying 64 KiB and more of cold pages between two faults delays the second.
+
+        Only a request of the oldest one's process can take its place: the daemon refuses a reply
+        for another process's pages and stops (criu/pagemap.c, read_page_complete)."""
         first = None
+        owner = self.slots[0].request.dst_id if self.slots else None
         for slot in self.slots:
             if slot.request.closes:
                 break
-            if slot.ready:
+            if slot.ready and slot.request.dst_id == owner:
                 if slot.asked.nr_pages == 1:
                     return slot
                 first = first or slot
@@ -399,8 +403,8 @@ class Pager:
         CRIU reads the replies into its requests' buffers in the order it asked, but it applies each
         to the request at the reply's address, and takes fewer pages than asked (the rest it asks
         again; criu/uffd.c, uffd_io_complete). So a fault that is ready is answered at once, in the
-        place of an earlier request still waiting, with as many pages as that place's buffer holds.
-        Without that, each fault of a workload that walks its memory waits behind the background
+        place of an earlier request of its process still waiting, with as many pages as that place's
+        buffer holds. Without that, each fault of a workload that walks its memory waits behind the background
         request the daemon sends after every fault.
         """
         assert self._daemon is not None

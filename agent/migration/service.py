@@ -34,7 +34,7 @@ from agent.migration.record import MigrationId, MigrationOptions, MigrationRecor
 from agent.migration.source import SourceContext, SourceMigration
 from agent.migration.states import Event, State, can_roll_back
 from agent.migration.target import DecisionPending, TargetContext, TargetMigration
-from agent.model import LABEL_POSTCOPY
+from agent.model import LABEL_POSTCOPY, LABEL_SERVICE_IP
 from agent.reservations import ReservationBook
 from agent.runtime.service import ContainerService
 
@@ -429,6 +429,7 @@ class MigrationService:
             reason = f"agent restarted during {record.state.value}"
             if record.role == "source" and can_roll_back(record.state):
                 await resume_if_paused(self._cd, record.container)
+                await self._release_address(record.container)
                 self._save(record.advance(Event.FAILED, error=reason))
             elif record.role == "source" and record.state == State.POSTCOPY:
                 # The page server's session died with the previous process: the target cannot get its
@@ -460,6 +461,16 @@ class MigrationService:
                 await remove_container(self._cd, record.container, only_migration=record.id)
                 self._save(record.advance(Event.FAILED, error=reason))
             log.info("recovered migration", extra={"migration": record.id, "state": self._records[record.id].state})
+
+    async def _release_address(self, container_id: str) -> None:
+        """A source that stopped while the address was held (before the decision) routes it back."""
+        try:
+            labels = (await self._cd.containers.get(container_id)).labels
+        except ContainerdNotFound:
+            return
+        if service_ip := labels.get(LABEL_SERVICE_IP):
+            network = self._containers.network
+            await network.release(service_ip, network.info(container_id).host_veth)
 
     def _save(self, record: MigrationRecord) -> None:
         self.journal.write(record)

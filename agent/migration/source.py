@@ -306,6 +306,7 @@ class SourceMigration:
         final = self.work / "final"
         final.mkdir(parents=True)
         await link.send("stopcopy")
+        await self._hold_address()
         frozen_at = time.monotonic()
         await tasks.pause(cid)
         await self._dump(final, pre_dump=False, parent=self._parent)  # a paused task stays frozen
@@ -369,6 +370,7 @@ class SourceMigration:
         port = free_local_port()
         await asyncio.to_thread(self.ctx.criu_configs.write, cid, lazy_dump(port))
         await link.send("stopcopy", lazy=True)
+        await self._hold_address()
         frozen_at = time.monotonic()
         await tasks.pause(cid)
         # Returns only once the page server has served every page (or failed); a paused task stays frozen.
@@ -574,12 +576,20 @@ class SourceMigration:
         """Kill the frozen tasks, delete task, container and snapshot."""
         await remove_container(self.ctx.cd, self.record.container)
 
+    async def _hold_address(self) -> None:
+        """From before the freeze until the decision, the service address's traffic is dropped here:
+        what the frozen copy's kernel would take in after CRIU read its sockets is lost to the target."""
+        if self._service_ip:
+            await self.ctx.network.hold(self._service_ip, self.ctx.network.info(self.record.container).host_veth)
+
     async def _rollback(self, link: Link | None, exc: BaseException) -> None:
         reason = describe_failure(exc)
         log.warning("migration rolling back", extra={"migration": self.record.id, "error": reason})
         if link is not None:
             await link.fail(reason)
         await resume_if_paused(self.ctx.cd, self.record.container)
+        if self._service_ip:
+            await self.ctx.network.release(self._service_ip, self.ctx.network.info(self.record.container).host_veth)
         self._advance(Event.FAILED, error=reason)
         self._progress(link, total_ms=round((time.monotonic() - self._started) * 1000, 1))
 

@@ -5,10 +5,11 @@ else in the agent. See agent/network/service.py for the design.
 """
 
 from agent.network.addresses import parse_service_ip
-from agent.network.netlink import RTPROT_FERRYMAN
+from agent.network.netlink import HELD, RTPROT_FERRYMAN
 from agent.network.service import NetnsInfo, NetworkError, ServiceNetwork, UplinkNotFound
 
 __all__ = [
+    "HELD",
     "RTPROT_FERRYMAN",
     "NetnsInfo",
     "NetworkError",

@@ -24,6 +24,9 @@ RTPROT_FERRYMAN = 77
 """Routing protocol id marking our /32 service routes (`ip route show proto 77`): unpublish never
 removes a route someone else installed."""
 RT_TABLE_MAIN = 254
+RTN_BLACKHOLE = 6
+HELD = ""
+"""What `published_routes` names as the interface of an address that is held: a blackhole route has none."""
 RT_SCOPE_LINK = 253
 RT_SCOPE_NOWHERE = 255
 NUD_PERMANENT = 0x80
@@ -228,6 +231,41 @@ def publish(service_ip: str, host_veth: str, uplink: str) -> None:
         ipr.neigh("replace", dst=service_ip, ifindex=up, flags=NTF_PROXY)
 
 
+def hold(service_ip: str, host_veth: str) -> bool:
+    """Drop service_ip's traffic here, silently: a blackhole /32 in place of the route to host_veth.
+
+    The container's kernel must not take in what its frozen copy will never see: once CRIU has read a
+    socket, data the kernel acknowledged after that is lost to the restored copy (CRIU unlocks the
+    network at the end of a dump that leaves the tasks alive). Dropped, the client sends it again,
+    to whichever copy then holds the address. The proxy ARP entry stays: neighbours keep sending
+    here, so nothing takes another path meanwhile. False when the address was not routed to host_veth.
+    """
+    if published_routes().get(service_ip) != host_veth:
+        return False
+    with IPRoute() as ipr:
+        ipr.route("replace", dst=f"{service_ip}/32", type=RTN_BLACKHOLE, proto=RTPROT_FERRYMAN, table=RT_TABLE_MAIN)
+    return True
+
+
+def release(service_ip: str, host_veth: str) -> bool:
+    """Undo `hold`: route service_ip to host_veth again. False when it was not held here."""
+    if published_routes().get(service_ip) != HELD:
+        return False
+    with IPRoute() as ipr:
+        index = _index(ipr, host_veth)
+        if index is None:
+            raise OSError(errno.ENODEV, f"no interface {host_veth}")
+        ipr.route(
+            "replace",
+            dst=f"{service_ip}/32",
+            oif=index,
+            scope=RT_SCOPE_LINK,
+            proto=RTPROT_FERRYMAN,
+            table=RT_TABLE_MAIN,
+        )
+    return True
+
+
 def unpublish(service_ip: str, uplink: str | None) -> bool:
     """Remove our /32 route for service_ip (and the uplink's proxy entry); False when there was no route."""
     with IPRoute() as ipr:
@@ -255,7 +293,7 @@ def published_interface(service_ip: str) -> str | None:
 
 
 def published_routes() -> dict[str, str]:
-    """{service IP: interface} for every route of ours in this namespace."""
+    """{service IP: interface} for every route of ours in this namespace (HELD for a held address)."""
     out: dict[str, str] = {}
     with IPRoute() as ipr:
         names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}

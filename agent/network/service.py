@@ -12,9 +12,10 @@ and, only while *published* on this host:
     proxy ARP entry on the uplink                this host answers the segment's ARP for the address
     a gratuitous ARP out of the uplink           neighbours repoint their caches at once
 
-A move is `prepare` on the new host, `unpublish` on the old one, `publish` on the new one; the old
-host keeps its namespace and veth (a migration source keeps its frozen copy until the commit) until
-`destroy`.
+A move is `prepare` on the new host, `hold` on the old one just before the freeze (a blackhole /32:
+the frozen copy's kernel takes nothing in), `unpublish` on the old one at the decision, `publish` on
+the new one; a rollback `release`s the hold. The old host keeps its namespace and veth (a migration
+source keeps its frozen copy until the commit) until `destroy`.
 
 <hash> is derived from (this host's network namespace inode, containerd namespace, container key):
 several hosts simulated in namespaces of one machine share /run/netns, and the same key exists on
@@ -158,6 +159,25 @@ class ServiceNetwork:
             self._announcers[ip] = asyncio.create_task(self._announce_again(ip, uplink), name=f"garp {ip}")
         log.info("service address published", extra={"service_ip": ip, "veth": host_veth, "uplink": uplink})
 
+    async def hold(self, service_ip: str, host_veth: str) -> bool:
+        """Drop service_ip's traffic on this host until `release` or `unpublish` (see netlink.hold).
+        False when it was not published to host_veth here (nothing to hold)."""
+        ip = parse_service_ip(service_ip)
+        async with self._lock(f"ip:{ip}"):
+            self._stop_announcing(ip)
+            held = await self._run(f"hold {ip}", lambda: netlink.hold(ip, host_veth))
+        log.info("service address held", extra={"service_ip": ip, "held": held})
+        return held
+
+    async def release(self, service_ip: str, host_veth: str) -> bool:
+        """Route a held service_ip to host_veth again; False when it was not held here."""
+        ip = parse_service_ip(service_ip)
+        async with self._lock(f"ip:{ip}"):
+            released = await self._run(f"release {ip}", lambda: netlink.release(ip, host_veth))
+        if released:
+            log.info("service address released", extra={"service_ip": ip, "veth": host_veth})
+        return released
+
     async def unpublish(self, service_ip: str) -> bool:
         """Remove the route (namespace and veth stay). False when it was not published here."""
         ip = parse_service_ip(service_ip)
@@ -172,7 +192,7 @@ class ServiceNetwork:
         return removed
 
     async def published(self, service_ip: str) -> str | None:
-        """The host veth service_ip is routed to on this host, or None."""
+        """The host veth service_ip is routed to on this host, HELD ("") while held, or None."""
         ip = parse_service_ip(service_ip)
         return await self._run(f"look up {ip}", lambda: netlink.published_interface(ip))
 

@@ -38,7 +38,7 @@ from agent.model import (
     ContainerSummary,
     CreateRequest,
 )
-from agent.network import NetworkError, ServiceNetwork, parse_service_ip
+from agent.network import HELD, NetworkError, ServiceNetwork, parse_service_ip
 from agent.oci import Platform
 from agent.reservations import Admission, container_need
 from agent.runtime.rootfs import read_snapshot_files
@@ -226,7 +226,7 @@ class ContainerService:
         if service_ip:
             # Before the record goes: a failure here leaves a container that a retried delete cleans up.
             # The route would die with the veth; unpublishing also drops the uplink's proxy ARP entry.
-            if await self.network.published(service_ip) == self.network.info(container_id).host_veth:
+            if await self.network.published(service_ip) in (self.network.info(container_id).host_veth, HELD):
                 await self.network.unpublish(service_ip)
             await self.network.destroy(container_id)
         await self._cd.containers.delete(container_id)
