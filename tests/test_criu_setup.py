@@ -30,6 +30,10 @@ async def test_network_lock_prefers_nftables(tmp_path: Path) -> None:
     configs = CriuConfigs(str(tmp_path), method)
     text = configs.write("c1", "lazy-pages\n").read_text()
     assert f"network-lock {method}\n" in text and "tcp-established\n" in text and text.endswith("lazy-pages\n")
+    empty = tmp_path / "criu" / "masked"
+    assert "ext-mount-map /proc/acpi:fm-masked-proc-acpi\n" in text  # the dump's name for the mount
+    assert f"ext-mount-map fm-masked-proc-acpi:{empty}\n" in text  # what the restore binds there
+    assert empty.is_dir() and not any(empty.iterdir()) and empty.stat().st_mode & 0o777 == 0o555
     assert await network_lock_method("/nonexistent/criu") == "iptables"
     with pytest.raises(ValueError, match="network lock"):
         CriuConfigs(str(tmp_path), "ebtables")

@@ -11,6 +11,7 @@ import pytest
 from agent.checkpoint.features import detect as detect_criu
 from tests.harness.fleet import (
     api,
+    assert_masked,
     expected_cgroup,
     fleet,
     memhog_status,
@@ -46,6 +47,7 @@ async def test_there_and_back_with_state_intact(mesh: Mesh) -> None:
     assert "hog" not in h1.ctr("containers", "ls", "-q").stdout
     cgroups = task_cgroups(h2, "hog")  # placed by runc: CRIU runs with manage-cgroups=ignore
     assert cgroups["memory"] == cgroups["pids"] == expected_cgroup(h2, "hog"), cgroups
+    assert_masked(h2, "hog")  # CRIU binds an empty read-only directory over each (not a tmpfs)
     await asyncio.sleep(0.5)
     after = await memhog_status(h2, "hog")
     assert after.beats > before.beats  # the counter in memory kept counting

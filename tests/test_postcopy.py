@@ -12,6 +12,7 @@ import pytest
 
 from tests.harness.fleet import (
     api,
+    assert_masked,
     expected_cgroup,
     fleet,
     memhog_status,
@@ -50,6 +51,7 @@ async def test_postcopy_there_and_back(mesh: Mesh, mode: str) -> None:
     h1, h2 = mesh["h1"], mesh["h2"]
     await run_memhog(h1, mesh, "hog", resident_mib=32, rewrite_mbps=2)
     before = await memhog_status(h1, "hog")
+    assert_masked(h1, "hog")  # as runc made it: a read-only tmpfs over each
 
     record = await migrate(h1, "hog", "h2", mode=mode, max_iterations=2)
     assert record["state"] == "COMMIT", (record["error"], record["history"], record["stats"])
@@ -69,6 +71,7 @@ async def test_postcopy_there_and_back(mesh: Mesh, mode: str) -> None:
     # runc, not CRIU, puts the restored tasks in their cgroups (CRIU runs with manage-cgroups=ignore)
     cgroups = task_cgroups(h2, "hog")
     assert cgroups["memory"] == cgroups["pids"] == expected_cgroup(h2, "hog"), cgroups
+    assert_masked(h2, "hog")  # CRIU binds an empty read-only directory over each (not a tmpfs)
     await asyncio.sleep(0.5)
     after = await memhog_status(h2, "hog")
     assert after.beats > before.beats

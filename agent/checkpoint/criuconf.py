@@ -21,6 +21,23 @@ OPTIONS = (
     "manage-cgroups=ignore\n"  # runc puts the tasks in their cgroups itself (optional argument: needs "=")
 )
 LAZY_RESTORE = "lazy-pages\n"  # memory arrives through a `criu lazy-pages` daemon (userfaultfd)
+MASKED_DIRS = ("/proc/acpi", "/proc/asound", "/proc/scsi", "/sys/firmware")
+"""The masked paths runc covers with an empty read-only tmpfs (where they are directories). CRIU
+would tar each one at the dump and untar it at the restore, ~4 ms apiece while the workload is
+frozen. Named external mounts instead, they are not dumped, and the restore binds an empty
+read-only directory of the target host there: the same mask."""
+
+
+def masked_key(path: str) -> str:
+    return "fm-masked" + path.replace("/", "-")
+
+
+def masked_mounts(empty_dir: Path) -> str:
+    """ext-mount-map lines for both directions: <mountpoint>:<key> names a mount at the dump,
+    <key>:<host path> says what to bind at the restore (each side ignores the other's lines)."""
+    dump = "".join(f"ext-mount-map {path}:{masked_key(path)}\n" for path in MASKED_DIRS)
+    restore = "".join(f"ext-mount-map {masked_key(path)}:{empty_dir}\n" for path in MASKED_DIRS)
+    return dump + restore
 
 
 def lazy_dump(port: int) -> str:
@@ -40,6 +57,8 @@ class CriuConfigs:
         if network_lock not in ("iptables", "nftables"):
             raise ValueError(f"unknown network lock method {network_lock!r}")
         self.dir = Path(state_dir) / "criu" / "containers"
+        self.empty_dir = Path(state_dir) / "criu" / "masked"
+        """What a restore binds over a masked directory: empty, and read-only in the container."""
         self.network_lock = network_lock
 
     def path(self, container_id: str) -> Path:
@@ -49,8 +68,9 @@ class CriuConfigs:
         """(Re)write the container's file atomically: the base options plus `extra`."""
         path = self.path(container_id)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.empty_dir.mkdir(mode=0o555, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(OPTIONS + f"network-lock {self.network_lock}\n" + extra)
+        tmp.write_text(OPTIONS + f"network-lock {self.network_lock}\n" + masked_mounts(self.empty_dir) + extra)
         tmp.replace(path)
         return path
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.checkpoint.criuconf import MASKED_DIRS
 from agent.security.pki import HostCertPaths, init_ca, issue_client, issue_host
 from tests.harness.coordinator import COORDINATOR_NAME, CoordinatorPki, CoordinatorProcess, new_token
 from tests.harness.mesh import AGENT_NAMESPACE, Mesh, MeshHost
@@ -203,6 +204,27 @@ def task_cgroups(host: MeshHost, container: str) -> dict[str, str]:
         for controller in controllers.split(",") or [""]:
             groups[controller] = path
     return groups
+
+
+def masked_dirs(host: MeshHost, container: str) -> dict[str, tuple[bool, list[str]]]:
+    """Mount point -> (read-only, entries) for the masked directories in the container's init."""
+    tasks = dict(line.split()[:2] for line in host.ctr("tasks", "ls").stdout.splitlines()[1:] if line.strip())
+    pid = tasks[container]
+    found = {}
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        mountpoint, options = fields[4], fields[5].split(",")
+        if mountpoint in MASKED_DIRS:
+            entries = sorted(e.name for e in Path(f"/proc/{pid}/root{mountpoint}").iterdir())
+            found[mountpoint] = ("ro" in options, entries)
+    return found
+
+
+def assert_masked(host: MeshHost, container: str) -> None:
+    """Every directory runc masks on this host is masked in the container: empty and read-only."""
+    expected = {path: (True, []) for path in MASKED_DIRS if Path(path).is_dir()}
+    assert expected, "this host has none of the masked directories: the check would check nothing"
+    assert masked_dirs(host, container) == expected
 
 
 def expected_cgroup(host: MeshHost, container: str) -> str:
