@@ -227,6 +227,8 @@ class TargetRelay(ControlRouter):
         self._ack_due = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._pager: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        """The pager has connected at least once: its start-up is behind it."""
 
     async def listen(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -235,6 +237,7 @@ class TargetRelay(ControlRouter):
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._pager.put((reader, writer))
+        self.connected.set()
 
     async def relay(self, link: Link, within: float) -> None:
         """Carry traffic until the daemon's close is answered. On any error the pager connection is

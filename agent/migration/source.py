@@ -306,6 +306,7 @@ class SourceMigration:
         final = self.work / "final"
         final.mkdir(parents=True)
         await link.send("stopcopy")
+        await link.expect("ready")  # the target has the image (and its pager): the freeze waits for nothing
         await self._hold_address()
         frozen_at = time.monotonic()
         await tasks.pause(cid)
@@ -370,6 +371,7 @@ class SourceMigration:
         port = free_local_port()
         await asyncio.to_thread(self.ctx.criu_configs.write, cid, lazy_dump(port))
         await link.send("stopcopy", lazy=True)
+        await link.expect("ready")  # the target has the image (and its pager): the freeze waits for nothing
         await self._hold_address()
         frozen_at = time.monotonic()
         await tasks.pause(cid)

@@ -246,10 +246,22 @@ class TargetMigration:
                 self.lazy = bool(msg.body.get("lazy"))
                 self._advance(Event.CONVERGED)
                 await self.ctx.failpoints.hit("target.stopcopy")
+                await self._ready(link)
             elif msg.type == "restore":
                 return str(msg.body["rw_digest"])
             else:
                 raise PeerFailed(f"unexpected message {msg.type!r} while receiving images")
+
+    async def _ready(self, link: Link) -> None:
+        """The source freezes only after this: the image pull and the pager's start-up (a Python
+        process) are done here first, so neither waits inside the downtime nor takes CPU from the
+        dump (on hosts that share it)."""
+        if self._pull is not None:
+            await self._pull
+        if self._relay is not None:
+            async with asyncio.timeout(self.ctx.config.migration.idle_timeout):
+                await self._relay.connected.wait()
+        await link.send("ready")
 
     def _spec_for_here(self) -> bytes:
         spec = dict(self.container["spec"])
