@@ -206,6 +206,20 @@ async def test_source_lost_during_postcopy_is_reported(mesh: Mesh) -> None:
     assert no_postcopy_helpers() == []
 
 
+async def test_the_freeze_waits_for_the_target_to_be_ready(mesh: Mesh) -> None:
+    """What the target does before it can restore (here a 2 s stall where it finishes its image pull)
+    happens before the source freezes: the workload's longest pause stays short."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    await restart_with(h2, "target.stopcopy=sleep:2")
+    await run_memhog(h1, mesh, "hog", resident_mib=16, rewrite_mbps=1)
+    record = await migrate(h1, "hog", "h2", mode="lazy")
+    assert record["state"] == "COMMIT", record
+    assert record["stats"]["total_ms"] > 2000
+    await asyncio.sleep(0.3)
+    gap_ms = (await memhog_status(h2, "hog")).max_gap_us / 1000
+    assert gap_ms < 1500, f"the workload stood still for {gap_ms:.0f} ms: the freeze included the target's stall"
+
+
 async def test_postcopy_refused_by_label(mesh: Mesh) -> None:
     h1 = mesh["h1"]
     await run_memhog(h1, mesh, "hog", resident_mib=8, labels={"ferryman.postcopy": "never"})
