@@ -8,6 +8,8 @@ the migration's idle timeout, so a cut link fails the step instead of hanging it
 from __future__ import annotations
 
 import asyncio
+import io
+import tarfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,10 @@ from agent.errors import FerrymanError
 
 # The slowest transfer rate (bytes/s) a file send may have before it counts as a stalled link.
 MIN_RATE = 1 << 20
-SMALL_FILE = 1 << 20  # bytes: send_files reads files up to this size into memory
+SMALL_FILE = 1 << 20  # bytes: send_files bundles files up to this size
+IMAGE_BUNDLE = "images.tar"
+"""send_files' small files, as one stream file: a stream file costs ~0.4 ms on each side here, and a
+lazy dump has 20-odd of them, all sent while the workload is frozen."""
 # Page keys on the wire: pagemap number in the top bits, page frame number below.
 _PFN_BITS = 40
 
@@ -111,21 +116,16 @@ class Link:
             await self.channel.send_file(path, name)
 
     async def send_files(self, paths: list[Path]) -> None:
-        """A dump's image files, in order: the small ones read in one worker-thread call and sent from
-        memory (per file, a path costs several thread hops: ~1 ms each for a lazy dump's 20-odd
-        files, all of it downtime)."""
-
-        def read_small() -> dict[Path, bytes]:
-            return {path: path.read_bytes() for path in paths if path.stat().st_size <= SMALL_FILE}
-
-        small = await asyncio.to_thread(read_small)
-        for path in paths:
-            data = small.get(path)
-            if data is None:
-                await self.send_file(path, path.name)
-                continue
+        """A dump's image files: the small ones as one IMAGE_BUNDLE (packed in one worker-thread
+        call), the others one by one. The receiver unpacks the bundle with `unpack_files`."""
+        small = [path for path in paths if path.stat().st_size <= SMALL_FILE]
+        if small:
+            bundle = await asyncio.to_thread(pack_files, small)
             async with asyncio.timeout(self.idle_timeout):
-                await self.channel.send_file(data, path.name)
+                await self.channel.send_file(bundle, IMAGE_BUNDLE)
+        for path in paths:
+            if path not in small:
+                await self.send_file(path, path.name)
 
     async def send_pages(self, batch: PageBatch) -> None:
         number = self._pagemap_no.get(batch.pagemap)
@@ -203,3 +203,25 @@ def _describe(msg: Incoming) -> str:
     if isinstance(msg, FileIn):
         return f"file {msg.name!r}"
     return f"{len(msg.keys)} pages"
+
+
+def pack_files(paths: list[Path]) -> bytes:
+    """The files as an uncompressed tar, by name only (the stream compresses)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in paths:
+            tar.add(path, arcname=path.name, recursive=False)
+    return out.getvalue()
+
+
+def unpack_files(bundle: Path, dest: Path) -> list[str]:
+    """Extract a `pack_files` bundle into dest and remove it; returns the names. Anything but plain
+    files named without a directory is refused (a peer is authenticated, not trusted to write)."""
+    with tarfile.open(bundle) as tar:
+        members = tar.getmembers()
+        for member in members:
+            if not member.isfile() or "/" in member.name or member.name in ("", ".", ".."):
+                raise PeerFailed(f"the image bundle holds {member.name!r}: only plain files by name")
+        tar.extractall(dest, members=members, filter="data")
+    bundle.unlink()
+    return [member.name for member in members]

@@ -44,7 +44,7 @@ from agent.images.local import read_image
 from agent.images.service import ImageService
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
-from agent.migration.link import FileIn, Link, PagesIn, PeerFailed, PeerReportedFailure
+from agent.migration.link import IMAGE_BUNDLE, FileIn, Link, PagesIn, PeerFailed, PeerReportedFailure, unpack_files
 from agent.migration.local import LABEL_MIGRATION, describe_failure, remove_container
 from agent.migration.postcopy import PostcopyPaths, TargetRelay, spawn_pager
 from agent.migration.ranges import PageRanges
@@ -230,6 +230,8 @@ class TargetMigration:
             if isinstance(msg, PagesIn):
                 for pagemap, vaddrs, data, zeros in link.split_pages(msg):
                     await asyncio.to_thread(self.store.add, pagemap, vaddrs, data, zeros)
+            elif isinstance(msg, FileIn) and msg.name == IMAGE_BUNDLE:
+                await asyncio.to_thread(unpack_files, msg.path, self.images_dir)
             elif isinstance(msg, FileIn):
                 dest = self.images_dir / msg.name
                 if msg.path != dest:
