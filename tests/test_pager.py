@@ -230,6 +230,25 @@ async def test_a_fault_never_takes_the_place_of_another_process_request(
     assert await daemon.next_reply_of() == (PID, fault, page(fault))
 
 
+async def test_the_next_place_decides_whose_reply_goes_next(pager: tuple[Daemon, Agent, Pager]) -> None:
+    """A fault answered early fills the oldest request's place: the next place is then the second
+    request's, even while the oldest request itself still waits for its pages."""
+    daemon, agent, _ = pager
+    agent.answer = False
+    fault = RUN_START + 30 * PAGE_SIZE
+    await agent.push(fault, 1)
+    await asyncio.sleep(0.1)
+    daemon.ask(RUN_START, 16)  # place 0: the first process, its pages not here yet
+    daemon.ask(RUN_START, 16, OTHER_PID)  # place 1: the other process
+    daemon.ask(fault, 1)  # place 2: a fault of the first process on a page that is here
+    assert await daemon.next_reply_of() == (PID, fault, page(fault))  # into place 0
+    await agent.reply(RUN_START, 16)  # the first process's pages: not for place 1
+    await asyncio.sleep(0.05)
+    await agent.reply(RUN_START, 16, dst_id=OTHER_PID)
+    assert await daemon.next_reply_of() == (OTHER_PID, RUN_START, pages(RUN_START, 16))
+    assert await daemon.next_reply_of() == (PID, RUN_START, page(RUN_START))  # place 2 holds one page
+
+
 async def test_background_requests_fetch_what_is_above_them(pager: tuple[Daemon, Agent, Pager]) -> None:
     daemon, agent, _ = pager
     assert await daemon.get(RUN_START, 16) == pages(RUN_START, 16)

@@ -89,6 +89,23 @@ async def test_postcopy_there_and_back(mesh: Mesh, mode: str) -> None:
     await api(h1, "DELETE", "/v1/containers/hog", expect=204)
 
 
+@pytest.mark.parametrize("mode", ["lazy", "hybrid"])
+async def test_postcopy_of_several_processes(mesh: Mesh, mode: str) -> None:
+    """Three processes fault at once on the target: each one's pages reach it, none another's (CRIU's
+    daemon stops at a reply for the wrong process, and the pager then kills the workload)."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    await run_memhog(h1, mesh, "hog", resident_mib=24, rewrite_mbps=8, processes=3)
+    files = ("status", "status-2", "status-3")
+    before = [await memhog_status(h1, "hog", status=f) for f in files]
+    record = await migrate(h1, "hog", "h2", mode=mode, max_iterations=2)
+    assert record["state"] == "COMMIT", (record["error"], record["history"])
+    assert record["stats"]["lazy_pages"] > 3 * 24 * 256
+    await asyncio.sleep(0.5)
+    for f, earlier in zip(files, before, strict=True):
+        assert (await memhog_status(h2, "hog", status=f)).beats > earlier.beats, f
+        assert await verify_memory(h2, "hog", status_file=f) == "ok", f
+
+
 async def restart_with(host: MeshHost, failpoints: str | None = None, **migration: object) -> None:
     await host.stop_agent()
     host.agent_env = {"FERRYMAN_FAILPOINTS": failpoints} if failpoints else {}

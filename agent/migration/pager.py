@@ -100,9 +100,10 @@ class Pager:
         self.timeout = timeout
         self.slots: collections.deque[Slot] = collections.deque()
         """The daemon's unanswered requests, in the order it asked."""
-        self._room: collections.deque[int] = collections.deque()
-        """How many pages each of the daemon's next replies may carry: the size of the request whose
-        buffer it lands in (one per unanswered request, in the order asked)."""
+        self._places: collections.deque[tuple[int, int]] = collections.deque()
+        """Where the daemon's next replies land, oldest first: (dst_id, pages its buffer holds) of each
+        request it has not had a reply for. A reply fills the oldest place, whichever request it
+        answers, and may carry no more pages than that place holds."""
         self.outstanding: dict[tuple[int, int], Request] = {}
         """Requests sent to the source (read-ahead supersets included) by (task, address): the source
         answers faults first, so answers come in its order, not ours."""
@@ -170,7 +171,7 @@ class Pager:
             request = slot.request
             self.slots.append(slot)
             if not request.closes:
-                self._room.append(slot.asked.nr_pages)
+                self._places.append((slot.asked.dst_id, slot.asked.nr_pages))
             if request.nr_pages == 1:
                 self._last_fault = slot.asked_at
                 self._notice_fault(slot.asked_at)
@@ -375,10 +376,11 @@ class Pager:
         background request waits: answered, it only brings the daemon's next one, and the daemon
         copying 64 KiB and more of cold pages between two faults delays the second.
 
-        Only a request of the oldest one's process can take its place: the daemon refuses a reply
-        for another process's pages and stops (criu/pagemap.c, read_page_complete)."""
+        Only a request of the process whose place comes next can fill it: the daemon refuses a
+        reply for another process's pages and stops (criu/pagemap.c, read_page_complete). That
+        place is not always the oldest waiting request's: a fault answered early took that one's."""
         first = None
-        owner = self.slots[0].request.dst_id if self.slots else None
+        owner = self._places[0][0] if self._places else None
         for slot in self.slots:
             if slot.request.closes:
                 break
@@ -422,7 +424,8 @@ class Pager:
                 break
             self.slots.remove(slot)
             request = slot.request
-            count = min(self._room.popleft(), request.nr_pages)
+            _, room = self._places.popleft()
+            count = min(room, request.nr_pages)
             self._daemon.write(self._from_cache(request.dst_id, request.vaddr, count))
             self.pages += count
             self.delivered.add(request.dst_id, request.vaddr, count)

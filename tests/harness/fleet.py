@@ -148,10 +148,11 @@ async def run_memhog(
     rewrite_mbps: float = 1,
     service_ip: str | None = None,
     labels: dict[str, str] | None = None,
+    processes: int = 1,
 ) -> str:
     """memhog on `host`; with a service address it also serves HTTP there (see memhog_image)."""
     repo = f"test/memhog-{secrets.token_hex(3)}"
-    image = memhog_image(resident_mib, rewrite_mbps, http_port=HTTP_PORT if service_ip else None)
+    image = memhog_image(resident_mib, rewrite_mbps, http_port=HTTP_PORT if service_ip else None, processes=processes)
     await image.build().push(mesh.push_host, repo, "v1")
     ref = f"{mesh.registry_host}/{repo}:v1"
     await api(host, "POST", "/v1/images/pull", {"ref": ref})
@@ -164,8 +165,8 @@ async def run_memhog(
     return ref
 
 
-async def memhog_status(host: MeshHost, name: str, within: float = 10.0) -> MemhogStatus:
-    path = bundle_rootfs(host.containerd.state, host.containerd.namespace, name) / "tmp" / "status"
+async def memhog_status(host: MeshHost, name: str, within: float = 10.0, status: str = "status") -> MemhogStatus:
+    path = bundle_rootfs(host.containerd.state, host.containerd.namespace, name) / "tmp" / status
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while loop.time() < deadline:
@@ -176,15 +177,15 @@ async def memhog_status(host: MeshHost, name: str, within: float = 10.0) -> Memh
     raise AssertionError(f"no memhog status on {host.name} at {path}")
 
 
-async def verify_memory(host: MeshHost, name: str, within: float = 20.0) -> str:
+async def verify_memory(host: MeshHost, name: str, within: float = 20.0, status_file: str = "status") -> str:
     """Ask memhog to check every page against its generation; returns "ok" or "corrupt:<page>"."""
     rootfs = bundle_rootfs(host.containerd.state, host.containerd.namespace, name)
-    (rootfs / "tmp" / "status.verify").write_text("1")
+    (rootfs / "tmp" / f"{status_file}.verify").write_text("1")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while loop.time() < deadline:
-        status = await memhog_status(host, name)
-        if status.verified != "none" and not (rootfs / "tmp" / "status.verify").exists():
+        status = await memhog_status(host, name, status=status_file)
+        if status.verified != "none" and not (rootfs / "tmp" / f"{status_file}.verify").exists():
             return status.verified
         await asyncio.sleep(0.1)
     raise AssertionError(f"memhog on {host.name} never verified its memory")

@@ -31,19 +31,25 @@ def static_binary(name: str) -> bytes:
 
 
 def memhog_image(
-    resident_mib: int = 16, rewrite_mbps: float = 0, status: str = "/tmp/status", http_port: int | None = None
+    resident_mib: int = 16,
+    rewrite_mbps: float = 0,
+    status: str = "/tmp/status",
+    http_port: int | None = None,
+    processes: int = 1,
 ) -> ImageBuilder:
     """busybox + /bin/memhog, running `memhog RESIDENT REWRITE STATUS` by default.
 
     With `http_port`, busybox httpd also serves "served" there, for clients that watch the service.
+    With `processes` > 1, more memhogs run beside it, each with its own memory and STATUS-<n> file.
     """
     layer = Layer([Dir("bin"), File("bin/memhog", static_binary("memhog"), 0o755)], comment="memhog")
     memhog = ("/bin/memhog", str(resident_mib), str(rewrite_mbps), status)
-    if http_port is None:
+    if http_port is None and processes == 1:
         return ImageBuilder([busybox_layer(), layer], cmd=memhog)
-    script = (
-        f"mkdir -p /www && echo served > /www/index.html && httpd -p {http_port} -h /www && exec {' '.join(memhog)}"
-    )
+    steps = [f"{' '.join(memhog[:3])} {status}-{n} &" for n in range(2, processes + 1)]
+    if http_port is not None:
+        steps.append(f"mkdir -p /www && echo served > /www/index.html && httpd -p {http_port} -h /www &&")
+    script = " ".join([*steps, f"exec {' '.join(memhog)}"])
     return ImageBuilder([busybox_layer(), layer], cmd=("/bin/sh", "-c", script))
 
 
