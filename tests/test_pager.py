@@ -249,6 +249,33 @@ async def test_the_next_place_decides_whose_reply_goes_next(pager: tuple[Daemon,
     assert await daemon.next_reply_of() == (PID, RUN_START, page(RUN_START))  # place 2 holds one page
 
 
+async def test_a_page_asked_for_again_is_answered_again(pager: tuple[Daemon, Agent, Pager]) -> None:
+    """A forked child has its own userfaultfd: the daemon asks again, under the parent's image, for
+    pages the parent was given (pushed ones included)."""
+    daemon, agent, _ = pager
+    fault, pushed = RUN_START + 5 * PAGE_SIZE, RUN_START + 30 * PAGE_SIZE
+    assert await daemon.get(fault, 1) == page(fault)
+    assert await daemon.get(fault, 1) == page(fault)
+    await agent.push(pushed, 1)
+    await asyncio.sleep(0.05)
+    assert await daemon.get(pushed, 1) == page(pushed)
+    assert await daemon.get(pushed, 1) == page(pushed)
+
+
+async def test_two_waiting_requests_for_one_page_are_both_answered(pager: tuple[Daemon, Agent, Pager]) -> None:
+    """A parent and its forked child fault on the same page before it arrives: one copy, two replies."""
+    daemon, agent, _ = pager
+    agent.answer = False
+    fault = RUN_START + 5 * PAGE_SIZE
+    daemon.ask(fault, 1)
+    daemon.ask(fault, 1)
+    await asyncio.sleep(0.05)
+    [(_, nr_pages, vaddr)] = agent.requests  # fetched once
+    await agent.reply(vaddr, nr_pages)
+    assert await daemon.next_reply() == (fault, page(fault))
+    assert await daemon.next_reply() == (fault, page(fault))
+
+
 async def test_background_requests_fetch_what_is_above_them(pager: tuple[Daemon, Agent, Pager]) -> None:
     daemon, agent, _ = pager
     assert await daemon.get(RUN_START, 16) == pages(RUN_START, 16)

@@ -110,7 +110,7 @@ class Pager:
         self.cache: dict[tuple[int, int], bytes | memoryview] = {}
         self.in_flight: set[tuple[int, int]] = set()
         self.delivered = PageRanges()
-        """What the daemon has been given: a page pushed after that is never asked for, so not kept."""
+        """What the daemon has been given: a page arriving after that is kept only if asked (_keeps)."""
         self.pages = 0
         self.closed = False  # the daemon's close was answered: every page is on this host
         self.realtime = False  # scheduled SCHED_FIFO (run_realtime)
@@ -335,7 +335,7 @@ class Pager:
                     self.in_flight.difference_update(self._keys(request))
                     for n in range(nr_pages):
                         address = vaddr + n * PAGE_SIZE
-                        if not self.delivered.covers(dst_id, address, 1):  # a fault may have taken it since
+                        if self._keeps(dst_id, address):
                             self.cache[(dst_id, address)] = data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
                 self._fill_waiting()
             await self._flush()
@@ -345,7 +345,7 @@ class Pager:
         to the source they cover is no longer waited for."""
         for n in range(nr_pages):
             address = vaddr + n * PAGE_SIZE
-            if not self.delivered.covers(dst_id, address, 1):
+            if self._keeps(dst_id, address):
                 self.cache.setdefault((dst_id, address), data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE])
         end = vaddr + nr_pages * PAGE_SIZE
         for key, request in list(self.outstanding.items()):
@@ -356,6 +356,21 @@ class Pager:
                 if all(k in self.cache for k in keys):
                     del self.outstanding[key]
                     self.in_flight.difference_update(keys)
+
+    def _keeps(self, dst_id: int, address: int) -> bool:
+        """Whether an arriving page is kept: one the daemon has had already only if a request waits
+        for it. A forked child has its own userfaultfd, and the daemon asks again, under the
+        parent's image, for pages the parent was given before the fork."""
+        return not self.delivered.covers(dst_id, address, 1) or self._asked_for(dst_id, address)
+
+    def _asked_for(self, dst_id: int, address: int) -> bool:
+        """A request still waiting covers the page (a parent's and its child's may both)."""
+        return any(
+            not slot.request.closes
+            and slot.request.dst_id == dst_id
+            and slot.request.vaddr <= address < slot.request.vaddr + slot.request.nr_pages * PAGE_SIZE
+            for slot in self.slots
+        )
 
     def _fill_waiting(self) -> None:
         for slot in self.slots:
@@ -368,8 +383,13 @@ class Pager:
                 self._fetch(slot.request)  # what it waited for came short (a clamped reply): ask plainly
 
     def _from_cache(self, dst_id: int, vaddr: int, count: int) -> bytes:
-        header = HEADER.pack(PS_IOV_ADD_F_PRESENT, count, vaddr, dst_id)
-        return header + b"".join(self.cache.pop((dst_id, vaddr + n * PAGE_SIZE)) for n in range(count))
+        """A reply; its pages leave the cache unless another waiting request wants them too."""
+        keys = [(dst_id, vaddr + n * PAGE_SIZE) for n in range(count)]
+        data = b"".join(self.cache[key] for key in keys)
+        for key in keys:
+            if not self._asked_for(*key):
+                del self.cache[key]
+        return HEADER.pack(PS_IOV_ADD_F_PRESENT, count, vaddr, dst_id) + data
 
     def _next_answer(self) -> Slot | None:
         """The ready request to answer next: a fault before anything else. In a burst of faults a
