@@ -39,23 +39,27 @@ async def mesh(base_dir: Path) -> AsyncIterator[Mesh]:
         yield m
 
 
+async def start_service(mesh: Mesh, name: str, ip: str) -> socket.socket:
+    """SERVICE on h1 with service address `ip`; returns the client's TCP connection to its echo port."""
+    assert mesh.client is not None
+    h1 = mesh["h1"]
+    repo = f"test/{name}-{secrets.token_hex(3)}"
+    await ImageBuilder([busybox_layer()], cmd=SERVICE).build().push(mesh.push_host, repo, "v1")
+    ref = f"{mesh.registry_host}/{repo}:v1"
+    await api(h1, "POST", "/v1/images/pull", {"ref": ref})
+    await api(h1, "POST", "/v1/containers?start=1", {"id": name, "image": ref, "service_ip": ip}, expect=201)
+    for _ in range(100):
+        with contextlib.suppress(OSError):
+            return await nsh.acall_in_netns(mesh.client.netns, socket.create_connection, (ip, ECHO_PORT), 1.0)
+        await asyncio.sleep(0.1)
+    raise AssertionError("the echo server never accepted")
+
+
 async def test_client_sees_only_the_pause_and_tcp_survives(mesh: Mesh) -> None:
     h1, h2, client = mesh["h1"], mesh["h2"], mesh.client
     assert client is not None
     ip = str(mesh.subnet.network_address + 100)
-    repo = f"test/svc-{secrets.token_hex(3)}"
-    await ImageBuilder([busybox_layer()], cmd=SERVICE).build().push(mesh.push_host, repo, "v1")
-    ref = f"{mesh.registry_host}/{repo}:v1"
-    await api(h1, "POST", "/v1/images/pull", {"ref": ref})
-    await api(h1, "POST", "/v1/containers?start=1", {"id": "svc", "image": ref, "service_ip": ip}, expect=201)
-
-    sock: socket.socket | None = None
-    for _ in range(100):
-        with contextlib.suppress(OSError):
-            sock = await nsh.acall_in_netns(client.netns, socket.create_connection, (ip, ECHO_PORT), 1.0)
-            break
-        await asyncio.sleep(0.1)
-    assert sock is not None, "the echo server never accepted"
+    sock = await start_service(mesh, "svc", ip)
     stop, samples = threading.Event(), []
     prober = asyncio.create_task(nsh.acall_in_netns(client.netns, probe, ip, stop, samples))
     try:
@@ -129,18 +133,7 @@ async def test_tcp_stream_loses_no_byte(mesh: Mesh, mode: str, target_failpoints
         h2.agent_env = {"FERRYMAN_FAILPOINTS": target_failpoints}
         await h2.start_agent()
     ip = str(mesh.subnet.network_address + 101)
-    repo = f"test/echo-{secrets.token_hex(3)}"
-    await ImageBuilder([busybox_layer()], cmd=SERVICE).build().push(mesh.push_host, repo, "v1")
-    ref = f"{mesh.registry_host}/{repo}:v1"
-    await api(h1, "POST", "/v1/images/pull", {"ref": ref})
-    await api(h1, "POST", "/v1/containers?start=1", {"id": "echo", "image": ref, "service_ip": ip}, expect=201)
-    sock: socket.socket | None = None
-    for _ in range(100):
-        with contextlib.suppress(OSError):
-            sock = await nsh.acall_in_netns(client.netns, socket.create_connection, (ip, ECHO_PORT), 1.0)
-            break
-        await asyncio.sleep(0.1)
-    assert sock is not None, "the echo server never accepted"
+    sock = await start_service(mesh, "echo", ip)
     stop, sent = threading.Event(), []
     writer = asyncio.create_task(asyncio.to_thread(stream_lines, sock, stop, sent))
     reader = asyncio.create_task(asyncio.to_thread(read_echoes, sock, stop, sent, 60.0))

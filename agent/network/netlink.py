@@ -214,21 +214,26 @@ def publish(service_ip: str, host_veth: str, uplink: str) -> None:
     _write_sysctl("ipv4/ip_forward", "1")
     _write_sysctl(f"ipv4/neigh/{uplink}/proxy_delay", "0")  # else broadcasts are answered up to 0.8 s late
     with IPRoute() as ipr:
-        index = _index(ipr, host_veth)
-        if index is None:
-            raise OSError(errno.ENODEV, f"no interface {host_veth}: prepare the container's network first")
         up = _index(ipr, uplink)
         if up is None:
             raise OSError(errno.ENODEV, f"no uplink interface {uplink}")
-        ipr.route(
-            "replace",
-            dst=f"{service_ip}/32",
-            oif=index,
-            scope=RT_SCOPE_LINK,
-            proto=RTPROT_FERRYMAN,
-            table=RT_TABLE_MAIN,
-        )
+        _route_to_veth(ipr, service_ip, host_veth)
         ipr.neigh("replace", dst=service_ip, ifindex=up, flags=NTF_PROXY)
+
+
+def _route_to_veth(ipr: IPRoute, service_ip: str, host_veth: str) -> None:
+    """Our /32 for service_ip, through host_veth (replacing whatever route of ours was there)."""
+    index = _index(ipr, host_veth)
+    if index is None:
+        raise OSError(errno.ENODEV, f"no interface {host_veth}: prepare the container's network first")
+    ipr.route(
+        "replace",
+        dst=f"{service_ip}/32",
+        oif=index,
+        scope=RT_SCOPE_LINK,
+        proto=RTPROT_FERRYMAN,
+        table=RT_TABLE_MAIN,
+    )
 
 
 def hold(service_ip: str, host_veth: str) -> bool:
@@ -252,17 +257,7 @@ def release(service_ip: str, host_veth: str) -> bool:
     if published_routes().get(service_ip) != HELD:
         return False
     with IPRoute() as ipr:
-        index = _index(ipr, host_veth)
-        if index is None:
-            raise OSError(errno.ENODEV, f"no interface {host_veth}")
-        ipr.route(
-            "replace",
-            dst=f"{service_ip}/32",
-            oif=index,
-            scope=RT_SCOPE_LINK,
-            proto=RTPROT_FERRYMAN,
-            table=RT_TABLE_MAIN,
-        )
+        _route_to_veth(ipr, service_ip, host_veth)
     return True
 
 
