@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -284,6 +285,22 @@ async def test_background_requests_fetch_what_is_above_them(pager: tuple[Daemon,
     assert asked == [(16, 0), (24, 16)], asked  # the rest of the run, clamped to it
     assert await daemon.get(RUN_START + 16 * PAGE_SIZE, 16) == pages(RUN_START + 16 * PAGE_SIZE, 16)
     assert len(agent.requests) == 2  # the daemon's next background request was here already
+
+
+async def test_a_daemon_that_stops_asking_fails_the_pager(pager: tuple[Daemon, Agent, Pager]) -> None:
+    """Silence with everything answered and no close is a stalled daemon: the pager ends, failed
+    (and kills the workload, which could never get its pages)."""
+    daemon, _, pager_ = pager
+    pager_.daemon_stall = 0.3
+    await asyncio.sleep(0.6)
+    assert not pager_.result.exists()  # not armed before the daemon's first request
+    assert await daemon.get(RUN_START, 1) == page(RUN_START)
+    for _ in range(100):  # the stall shows within 0.3 s plus one watchdog tick
+        if pager_.result.exists():
+            break
+        await asyncio.sleep(0.05)
+    result = json.loads(pager_.result.read_text())
+    assert result["ok"] is False and "stalled" in result["error"], result
 
 
 def test_page_ranges_merge_and_cover() -> None:

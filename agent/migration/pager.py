@@ -62,6 +62,11 @@ WINDOW_GROWTH = 4  # the window grows this much while faults keep following each
 FAULT_BURST = 0.001  # seconds: faults this close hold background answers back (_next_answer)
 FAULT_NOTICE_EVERY = 0.01  # seconds: how often, at most, the agent hears that the workload faults
 BACKGROUND_AHEAD = 1024  # pages fetched above the daemon's last background request
+DAEMON_STALL = 10.0
+"""Seconds the daemon may go without asking, with every request answered and no close: it keeps
+asking in the background until every page is in, so silence means it stalled (seen with CRIU 4.2.1
+and workloads that fork all the time). The workload cannot get its pages then: it fails the
+documented way (killed here; the source resumes its frozen copy)."""
 BACKGROUND_SLICE = 256  # pages: a larger background request is answered in part (CRIU asks again for
 # the rest), because the daemon reads replies in order and a fault must not wait behind 4 MiB
 
@@ -121,6 +126,8 @@ class Pager:
         self._fault_noticed = 0.0
         self._last_fault = 0.0
         self.fault_burst = FAULT_BURST
+        self.daemon_stall = DAEMON_STALL
+        self._last_request: float | None = None  # armed by the first request: the pager starts before the restore
         self._held_flush: asyncio.TimerHandle | None = None
         self._background_next: dict[int, int] = {}
         """dst_id -> the end of what is fetched ahead of the daemon's background requests."""
@@ -138,6 +145,7 @@ class Pager:
             asyncio.create_task(self._requests(ps_reader), name="requests"),
             asyncio.create_task(self._agent_loop(), name="agent"),
             asyncio.create_task(stop.wait(), name="sigterm"),
+            asyncio.create_task(self._watch_daemon(), name="watchdog"),
         }
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
@@ -158,6 +166,17 @@ class Pager:
         self._write_result(ok=False, error=reason)
         return 1
 
+    async def _watch_daemon(self) -> None:
+        """Fails once the daemon has been silent for daemon_stall seconds with nothing left to answer."""
+        while True:
+            await asyncio.sleep(min(1.0, self.daemon_stall / 4))
+            last = self._last_request
+            if last is not None and not self.slots and time.monotonic() - last > self.daemon_stall:
+                raise PageServerError(
+                    f"the lazy-pages daemon stopped asking for pages for {self.daemon_stall:.0f} s "
+                    "without closing: it stalled"
+                )
+
     # ----- daemon -> source ------------------------------------------------------------------------
 
     async def _requests(self, reader: asyncio.StreamReader) -> None:
@@ -169,6 +188,7 @@ class Pager:
                 return
             slot = Slot(Request.parse(raw))
             request = slot.request
+            self._last_request = slot.asked_at
             self.slots.append(slot)
             if not request.closes:
                 self._places.append((slot.asked.dst_id, slot.asked.nr_pages))
