@@ -19,6 +19,7 @@ from tests.harness.fleet import (
     migrate,
     run_memhog,
     task_cgroups,
+    task_pid,
     task_states,
     verify_memory,
 )
@@ -210,8 +211,7 @@ async def test_source_lost_during_postcopy_is_reported(mesh: Mesh) -> None:
     await wait_state(h2, "POSTCOPY")
     # The pager's guard names the restored task's init, the process it must kill.
     [pid_file] = Path(f"/dev/shm/ferryman-{mesh.prefix}-h2").glob("*/restored.pid")
-    tasks = dict(line.split()[:2] for line in h2.ctr("tasks", "ls").stdout.splitlines()[1:] if line.strip())
-    assert pid_file.read_text() == tasks["hog"], (pid_file.read_text(), tasks)
+    assert pid_file.read_text() == task_pid(h2, "hog"), pid_file.read_text()
     await h1.kill_agent()  # the source host's agent dies, and with it the page server's session
     target = await wait_done(h2)
     assert target["state"] == "ROLLBACK" and "POSTCOPY" in target["error"], target

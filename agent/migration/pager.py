@@ -406,8 +406,18 @@ class Pager:
         """A reply; its pages leave the cache unless another waiting request wants them too."""
         keys = [(dst_id, vaddr + n * PAGE_SIZE) for n in range(count)]
         data = b"".join(self.cache[key] for key in keys)
+        end = vaddr + count * PAGE_SIZE
+        # One pass over the waiting requests per reply, not per page: this is on every page's path.
+        wanted = [
+            (slot.request.vaddr, slot.request.vaddr + slot.request.nr_pages * PAGE_SIZE)
+            for slot in self.slots
+            if not slot.request.closes
+            and slot.request.dst_id == dst_id
+            and slot.request.vaddr < end
+            and vaddr < slot.request.vaddr + slot.request.nr_pages * PAGE_SIZE
+        ]
         for key in keys:
-            if not self._asked_for(*key):
+            if not any(low <= key[1] < high for low, high in wanted):
                 del self.cache[key]
         return HEADER.pack(PS_IOV_ADD_F_PRESENT, count, vaddr, dst_id) + data
 

@@ -196,11 +196,16 @@ def task_states(host: MeshHost) -> dict[str, str]:
     return {line.split()[0]: line.split()[-1] for line in out if line.strip()}
 
 
+def task_pid(host: MeshHost, container: str) -> str:
+    """The host pid of the container's init, as `ctr tasks ls` shows it."""
+    tasks = dict(line.split()[:2] for line in host.ctr("tasks", "ls").stdout.splitlines()[1:] if line.strip())
+    return tasks[container]
+
+
 def task_cgroups(host: MeshHost, container: str) -> dict[str, str]:
     """Controller -> cgroup of the container's init, as the kernel reports it (cgroup v1 or v2)."""
-    tasks = dict(line.split()[:2] for line in host.ctr("tasks", "ls").stdout.splitlines()[1:] if line.strip())
     groups: dict[str, str] = {}
-    for line in Path(f"/proc/{tasks[container]}/cgroup").read_text().splitlines():
+    for line in Path(f"/proc/{task_pid(host, container)}/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
         for controller in controllers.split(",") or [""]:
             groups[controller] = path
@@ -209,8 +214,7 @@ def task_cgroups(host: MeshHost, container: str) -> dict[str, str]:
 
 def masked_dirs(host: MeshHost, container: str) -> dict[str, tuple[bool, list[str]]]:
     """Mount point -> (read-only, entries) for the masked directories in the container's init."""
-    tasks = dict(line.split()[:2] for line in host.ctr("tasks", "ls").stdout.splitlines()[1:] if line.strip())
-    pid = tasks[container]
+    pid = task_pid(host, container)
     found = {}
     for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
         fields = line.split()
