@@ -190,7 +190,7 @@ async def test_sequential_faults_fetch_the_next_window_early(pager: tuple[Daemon
     assert all(first + nr <= RUN_PAGES for _, nr, first in asked)  # never past the lazy run
 
 
-async def test_a_ready_fault_is_answered_before_a_waiting_background_request(
+async def test_a_fault_behind_a_waiting_background_request_waits_for_one_page_of_it(
     pager: tuple[Daemon, Agent, Pager],
 ) -> None:
     daemon, agent, pager_ = pager
@@ -200,54 +200,44 @@ async def test_a_ready_fault_is_answered_before_a_waiting_background_request(
     await asyncio.sleep(0.1)
     daemon.ask(RUN_START, 16)  # the daemon's background request: its pages are not here yet
     daemon.ask(fault, 1)  # then a fault on a page that is
-    assert await daemon.next_reply() == (fault, page(fault))  # in the background request's place
     await asyncio.sleep(0.05)
     assert agent.fault_notices == 1  # the agent heard of the fault (it holds the push back)
     await agent.reply(RUN_START, 16)
-    # The fault's place holds one page: the background request gets its first, CRIU asks for the rest.
+    # The background request gets its first page only, so that the fault goes next; CRIU asks
+    # again for the rest, which is kept here.
     assert await daemon.next_reply() == (RUN_START, page(RUN_START))
+    assert await daemon.next_reply() == (fault, page(fault))
     asked = len(agent.requests)
     assert await daemon.get(RUN_START + PAGE_SIZE, 15) == pages(RUN_START + PAGE_SIZE, 15)
     assert len(agent.requests) == asked  # the rest was kept here, not asked for again
     assert (PID, RUN_START) not in pager_.cache
 
 
-async def test_a_fault_never_takes_the_place_of_another_process_request(
-    pager: tuple[Daemon, Agent, Pager],
-) -> None:
-    """CRIU's daemon takes each reply as the answer to its oldest open request and refuses one for
-    another process's pages ("Out of order read completed", criu/pagemap.c): it then stops, and
-    the workload with it."""
+@pytest.mark.parametrize("owner", [PID, OTHER_PID], ids=["forked-child", "other-process"])
+async def test_replies_go_in_the_order_the_daemon_asked(pager: tuple[Daemon, Agent, Pager], owner: int) -> None:
+    """CRIU's daemon reads each reply into its oldest open request's buffer and applies it to that
+    request's process only at one of its requests' addresses: another process's reply stops it
+    ("Out of order read completed", criu/pagemap.c), and a forked child's, which shares its parent's
+    image, is dropped without a word (criu/uffd.c), leaving both waiting for ever."""
     daemon, agent, _ = pager
     agent.answer = False
     fault = RUN_START + 30 * PAGE_SIZE
     await agent.push(fault, 1)
     await asyncio.sleep(0.1)
-    daemon.ask(RUN_START, 16, OTHER_PID)  # another process's background request, not here yet
-    daemon.ask(fault, 1)  # then a fault of the first process, on a page that is here
+    daemon.ask(RUN_START, 16, owner)  # a background request of the parent, or of another process
+    daemon.ask(RUN_START + 20 * PAGE_SIZE, 4)  # another one, its pages not here either
+    daemon.ask(fault, 1)  # then a fault (of the child) on a page that is here
     await asyncio.sleep(0.05)
-    await agent.reply(RUN_START, 16, dst_id=OTHER_PID)
-    assert await daemon.next_reply_of() == (OTHER_PID, RUN_START, pages(RUN_START, 16))
+    second = RUN_START + 20 * PAGE_SIZE
+    # The second request's pages come first (the latest fetch that holds them: for the parent, what
+    # the pager fetched above the first request).
+    later = next((v, n) for _, n, v in reversed(agent.requests) if v <= second < v + n * PAGE_SIZE)
+    await agent.reply(*later)
+    await asyncio.sleep(0.05)
+    await agent.reply(RUN_START, 16, dst_id=owner)
+    assert await daemon.next_reply_of() == (owner, RUN_START, page(RUN_START))
+    assert await daemon.next_reply_of() == (PID, second, page(second))
     assert await daemon.next_reply_of() == (PID, fault, page(fault))
-
-
-async def test_the_next_place_decides_whose_reply_goes_next(pager: tuple[Daemon, Agent, Pager]) -> None:
-    """A fault answered early fills the oldest request's place: the next place is then the second
-    request's, even while the oldest request itself still waits for its pages."""
-    daemon, agent, _ = pager
-    agent.answer = False
-    fault = RUN_START + 30 * PAGE_SIZE
-    await agent.push(fault, 1)
-    await asyncio.sleep(0.1)
-    daemon.ask(RUN_START, 16)  # place 0: the first process, its pages not here yet
-    daemon.ask(RUN_START, 16, OTHER_PID)  # place 1: the other process
-    daemon.ask(fault, 1)  # place 2: a fault of the first process on a page that is here
-    assert await daemon.next_reply_of() == (PID, fault, page(fault))  # into place 0
-    await agent.reply(RUN_START, 16)  # the first process's pages: not for place 1
-    await asyncio.sleep(0.05)
-    await agent.reply(RUN_START, 16, dst_id=OTHER_PID)
-    assert await daemon.next_reply_of() == (OTHER_PID, RUN_START, pages(RUN_START, 16))
-    assert await daemon.next_reply_of() == (PID, RUN_START, page(RUN_START))  # place 2 holds one page
 
 
 async def test_a_page_asked_for_again_is_answered_again(pager: tuple[Daemon, Agent, Pager]) -> None:
@@ -333,16 +323,17 @@ async def test_a_background_request_waits_out_a_burst_of_faults(pager: tuple[Dae
     await agent.push(RUN_START, RUN_PAGES)
     await asyncio.sleep(0.1)
     first, second, background = RUN_START + 30 * PAGE_SIZE, RUN_START + 31 * PAGE_SIZE, RUN_START
-    daemon.ask(first, 1)
-    daemon.ask(background, 16)  # what the daemon sends once a fault is answered
-    daemon.ask(second, 1)
-    assert await daemon.next_reply() == (first, page(first))
-    assert await daemon.next_reply() == (second, page(second))  # in the background request's place
+    assert await daemon.get(first, 1) == page(first)
     started = asyncio.get_running_loop().time()
-    # Once the burst is over the background request gets the one page the second fault's place holds.
+    daemon.ask(background, 16)  # what the daemon sends once a fault is answered
+    await asyncio.sleep(0.05)
+    daemon.ask(second, 1)  # a fault behind it: the background request gets one page, the fault next
     assert await daemon.next_reply() == (background, page(background))
-    assert asyncio.get_running_loop().time() - started > 0.2
-    assert (PID, background + PAGE_SIZE) in pager_.cache  # the rest stays for the daemon to ask again
+    assert await daemon.next_reply() == (second, page(second))
+    assert asyncio.get_running_loop().time() - started < 0.3
+    daemon.ask(background + PAGE_SIZE, 15)  # CRIU asks again for the rest: answered once the burst is over
+    assert await daemon.next_reply() == (background + PAGE_SIZE, pages(background + PAGE_SIZE, 15))
+    assert asyncio.get_running_loop().time() - started > 0.4
 
 
 # Not "-1": should the guard regress, kill(-1) as root would take down every process on the host.

@@ -14,8 +14,9 @@ wait on the network at each window's end. The daemon's background requests walk 
 missing page, so what lies above the last one is fetched too. The pages nobody asked for yet wait
 here and answer the daemon's next requests without the network.
 
-A ready fault is answered first, ahead of requests the daemon sent before it (see _flush), and the
-agent hears that the workload faults, so that it holds the push back meanwhile.
+Replies go in the order the daemon asked (see _answer_count), but a background request with a fault
+behind it gets one page, so that the fault goes next. The agent hears that the workload faults, so
+that it holds the push back meanwhile.
 Every page it keeps is one the daemon has not been given yet, and the daemon takes each page once,
 so it holds at most the workload's lazy memory (the push may run that far ahead of the daemon).
 
@@ -33,6 +34,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -59,7 +61,7 @@ from agent.migration.ranges import PageRanges
 MIN_WINDOW = 16  # pages fetched for a fault at a new place
 MAX_WINDOW = 1024  # 4 MiB
 WINDOW_GROWTH = 4  # the window grows this much while faults keep following each other
-FAULT_BURST = 0.001  # seconds: faults this close hold background answers back (_next_answer)
+FAULT_BURST = 0.001  # seconds: faults this close hold background answers back (_answer_count)
 FAULT_NOTICE_EVERY = 0.01  # seconds: how often, at most, the agent hears that the workload faults
 BACKGROUND_AHEAD = 1024  # pages fetched above the daemon's last background request
 DAEMON_STALL = 10.0
@@ -105,10 +107,6 @@ class Pager:
         self.timeout = timeout
         self.slots: collections.deque[Slot] = collections.deque()
         """The daemon's unanswered requests, in the order it asked."""
-        self._places: collections.deque[tuple[int, int]] = collections.deque()
-        """Where the daemon's next replies land, oldest first: (dst_id, pages its buffer holds) of each
-        request it has not had a reply for. A reply fills the oldest place, whichever request it
-        answers, and may carry no more pages than that place holds."""
         self.outstanding: dict[tuple[int, int], Request] = {}
         """Requests sent to the source (read-ahead supersets included) by (task, address): the source
         answers faults first, so answers come in its order, not ours."""
@@ -190,8 +188,6 @@ class Pager:
             request = slot.request
             self._last_request = slot.asked_at
             self.slots.append(slot)
-            if not request.closes:
-                self._places.append((slot.asked.dst_id, slot.asked.nr_pages))
             if request.nr_pages == 1:
                 self._last_fault = slot.asked_at
                 self._notice_fault(slot.asked_at)
@@ -421,28 +417,31 @@ class Pager:
                 del self.cache[key]
         return HEADER.pack(PS_IOV_ADD_F_PRESENT, count, vaddr, dst_id) + data
 
-    def _next_answer(self) -> Slot | None:
-        """The ready request to answer next: a fault before anything else. In a burst of faults a
-        background request waits: answered, it only brings the daemon's next one, and the daemon
-        copying 64 KiB and more of cold pages between two faults delays the second.
+    def _answer_count(self, head: Slot) -> int:
+        """How many pages of the oldest waiting request go to the daemon now (0: none yet).
 
-        Only a request of the process whose place comes next can fill it: the daemon refuses a
-        reply for another process's pages and stops (criu/pagemap.c, read_page_complete). That
-        place is not always the oldest waiting request's: a fault answered early took that one's."""
-        first = None
-        owner = self._places[0][0] if self._places else None
-        for slot in self.slots:
-            if slot.request.closes:
-                break
-            if slot.ready and slot.request.dst_id == owner:
-                if slot.asked.nr_pages == 1:
-                    return slot
-                first = first or slot
-        if first is not None and (wait := self._last_fault + self.fault_burst - time.monotonic()) > 0:
+        Replies go strictly in the order the daemon asked. It reads each into its oldest open
+        request's buffer and applies it to that request's process only if the address matches one
+        of that process's requests (criu/uffd.c, uffd_io_complete); a forked child shares its
+        parent's image, so we cannot tell whose a request is. A reply out of order is dropped there
+        without a word, and the process whose request it was waits for ever.
+
+        But CRIU takes fewer pages than asked (it asks again for the rest). So a background request
+        with a fault behind it gets its first page only, and the fault goes next. In a burst of
+        faults a background request waits (fault_burst): answered whole, it only brings the daemon's
+        next one, and the daemon copying 64 KiB and more of cold pages delays the next fault."""
+        if head.asked.nr_pages == 1:
+            return 1 if head.ready else 0
+        first = (head.request.dst_id, head.request.vaddr)
+        if any(slot.asked.nr_pages == 1 for slot in itertools.islice(self.slots, 1, None)):
+            return 1 if first in self.cache else 0
+        if not head.ready:
+            return 0
+        if (wait := self._last_fault + self.fault_burst - time.monotonic()) > 0:
             if self._held_flush is None:
                 self._held_flush = asyncio.get_running_loop().call_later(wait, self._flush_held)
-            return None
-        return first
+            return 0
+        return head.request.nr_pages
 
     def _flush_held(self) -> None:
         self._held_flush = None
@@ -450,15 +449,7 @@ class Pager:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a dead daemon ends _requests
 
     async def _flush(self) -> None:
-        """Answer the daemon as far as replies are ready.
-
-        CRIU reads the replies into its requests' buffers in the order it asked, but it applies each
-        to the request at the reply's address, and takes fewer pages than asked (the rest it asks
-        again; criu/uffd.c, uffd_io_complete). So a fault that is ready is answered at once, in the
-        place of an earlier request of its process still waiting, with as many pages as that place's
-        buffer holds. Without that, each fault of a workload that walks its memory waits behind the background
-        request the daemon sends after every fault.
-        """
+        """Answer the daemon as far as replies are ready, in the order it asked (_answer_count)."""
         assert self._daemon is not None
         while self.slots:
             head = self.slots[0]
@@ -469,19 +460,17 @@ class Pager:
                 self._daemon.write(head.reply)
                 self.closed = True
                 continue
-            slot = self._next_answer()
-            if slot is None:
+            count = self._answer_count(head)
+            if not count:
                 break
-            self.slots.remove(slot)
-            request = slot.request
-            _, room = self._places.popleft()
-            count = min(room, request.nr_pages)
+            self.slots.popleft()
+            request = head.request
             self._daemon.write(self._from_cache(request.dst_id, request.vaddr, count))
             self.pages += count
             self.delivered.add(request.dst_id, request.vaddr, count)
-            if slot.asked.nr_pages == 1:  # the daemon asks for one page per fault
+            if head.asked.nr_pages == 1:  # the daemon asks for one page per fault
                 now = time.monotonic()
-                self.fault_waits.append((slot.asked_at - self._started, now - slot.asked_at))
+                self.fault_waits.append((head.asked_at - self._started, now - head.asked_at))
         await self._daemon.drain()
 
     def _kill_workload(self) -> None:

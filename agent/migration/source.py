@@ -464,10 +464,12 @@ class SourceMigration:
         return link
 
     async def _push(self, link: Link, pages: SourcePages, image_dir: Path, progress: Callable[[int], None]) -> None:
-        """Push every lazy page to the target (pagepush); a failure only ends the push."""
+        """Push every lazy page to the target (pagepush); a failure only ends the push. Fault tests
+        hold it back with `source.push`: the workload's pages then come by its faults only."""
         started = time.monotonic()
         counts = PushCounts()
         try:
+            await self.ctx.failpoints.hit("source.push")
             processes = live_processes(await self.ctx.cd.tasks.pids(self.record.container))
             regions = await asyncio.to_thread(lazy_regions, image_dir, processes)
             await push(

@@ -149,10 +149,14 @@ async def run_memhog(
     service_ip: str | None = None,
     labels: dict[str, str] | None = None,
     processes: int = 1,
+    fork_every_ms: int = 0,
 ) -> str:
     """memhog on `host`; with a service address it also serves HTTP there (see memhog_image)."""
     repo = f"test/memhog-{secrets.token_hex(3)}"
-    image = memhog_image(resident_mib, rewrite_mbps, http_port=HTTP_PORT if service_ip else None, processes=processes)
+    http_port = HTTP_PORT if service_ip else None
+    image = memhog_image(
+        resident_mib, rewrite_mbps, http_port=http_port, processes=processes, fork_every_ms=fork_every_ms
+    )
     await image.build().push(mesh.push_host, repo, "v1")
     ref = f"{mesh.registry_host}/{repo}:v1"
     await api(host, "POST", "/v1/images/pull", {"ref": ref})

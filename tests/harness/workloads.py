@@ -36,14 +36,18 @@ def memhog_image(
     status: str = "/tmp/status",
     http_port: int | None = None,
     processes: int = 1,
+    fork_every_ms: int = 0,
 ) -> ImageBuilder:
     """busybox + /bin/memhog, running `memhog RESIDENT REWRITE STATUS` by default.
 
     With `http_port`, busybox httpd also serves "served" there, for clients that watch the service.
     With `processes` > 1, more memhogs run beside it, each with its own memory and STATUS-<n> file.
+    With `fork_every_ms`, memhog forks that often a child that checks a few of its pages.
     """
     layer = Layer([Dir("bin"), File("bin/memhog", static_binary("memhog"), 0o755)], comment="memhog")
-    memhog = ("/bin/memhog", str(resident_mib), str(rewrite_mbps), status)
+    memhog: tuple[str, ...] = ("/bin/memhog", str(resident_mib), str(rewrite_mbps), status)
+    if fork_every_ms:
+        memhog = (*memhog, str(fork_every_ms))
     if http_port is None and processes == 1:
         return ImageBuilder([busybox_layer(), layer], cmd=memhog)
     steps = [f"{' '.join(memhog[:3])} {status}-{n} &" for n in range(2, processes + 1)]
@@ -60,6 +64,10 @@ class MemhogStatus:
     last_us: int
     verified: str
     pages: int
+    forks: int = 0
+    fork_errors: int = 0
+    children: int = 0
+    """Forked children not reaped yet."""
 
     @classmethod
     def parse(cls, text: str) -> MemhogStatus:
@@ -70,6 +78,9 @@ class MemhogStatus:
             last_us=int(fields["last_us"]),
             verified=fields["verified"],
             pages=int(fields["pages"]),
+            forks=int(fields.get("forks", 0)),
+            fork_errors=int(fields.get("fork_errors", 0)),
+            children=int(fields.get("children", 0)),
         )
 
 

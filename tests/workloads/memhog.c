@@ -1,14 +1,18 @@
 /*
  * memhog: a stateful test workload for live migration.
  *
- *   memhog RESIDENT_MIB REWRITE_MB_PER_S STATUS_FILE
+ *   memhog RESIDENT_MIB REWRITE_MB_PER_S STATUS_FILE [FORK_EVERY_MS]
  *
  * Keeps RESIDENT_MIB of memory whose every page is derived from (page index, generation), rewrites
  * pages at REWRITE_MB_PER_S, and beats every millisecond. Every 100 ms it rewrites STATUS_FILE with:
  *   beats=<n> max_gap_us=<longest pause between beats> last_us=<realtime> verified=<result> pages=<n>
+ *   forks=<n> fork_errors=<n> children=<n>
  * When the file STATUS_FILE.verify exists it checks every page against its generation, removes the
  * file and reports verified=ok or verified=corrupt:<page>. The longest gap is the downtime a
  * migration caused; beats keeps counting across a migration when memory survived.
+ * With FORK_EVERY_MS, it forks that often a child that checks 8 pages spread over the memory and
+ * exits 1 if one is wrong: fork_errors counts those (and children killed by a signal), children
+ * the ones not reaped yet.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -18,6 +22,7 @@
 #include <unistd.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 
 #define PAGE 4096
 
@@ -36,7 +41,11 @@ static void fill(uint64_t *page, uint64_t index, uint64_t gen) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) { fprintf(stderr, "usage: memhog RESIDENT_MIB REWRITE_MB_PER_S STATUS_FILE\n"); return 2; }
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: memhog RESIDENT_MIB REWRITE_MB_PER_S STATUS_FILE [FORK_EVERY_MS]\n");
+        return 2;
+    }
+    uint64_t fork_every_us = argc == 5 ? (uint64_t)atoll(argv[4]) * 1000 : 0;
     uint64_t pages = (uint64_t)atoll(argv[1]) * 1024 * 1024 / PAGE;
     double rate = atof(argv[2]) * 1e6 / PAGE; /* pages per second */
     const char *status = argv[3];
@@ -49,6 +58,7 @@ int main(int argc, char **argv) {
     for (uint64_t p = 0; p < pages; p++) fill(mem + p * (PAGE / 8), p, 0);
 
     uint64_t beats = 0, max_gap = 0, last = now_us(), next_status = last, cursor = 0;
+    uint64_t forks = 0, fork_errors = 0, reaped = 0, next_fork = last + fork_every_us;
     double owed = 0;
     char verified[64] = "none";
     printf("memhog ready pages=%llu\n", (unsigned long long)pages);
@@ -66,6 +76,24 @@ int main(int argc, char **argv) {
             cursor = (cursor + 1) % pages;
             owed -= 1.0;
         }
+        if (fork_every_us && pages && t >= next_fork) {
+            pid_t child = fork();
+            if (child == 0) { /* pages spread over the memory, a different set each time */
+                uint64_t tmp[PAGE / 8];
+                for (uint64_t k = 0; k < 8; k++) {
+                    uint64_t p = (forks * 7919 + k * (pages / 8 + 1)) % pages;
+                    fill(tmp, p, gen[p]);
+                    if (memcmp(tmp, mem + p * (PAGE / 8), PAGE) != 0) _exit(1);
+                }
+                _exit(0);
+            }
+            if (child > 0) forks++;
+            next_fork = t + fork_every_us;
+        }
+        for (int st; fork_every_us && waitpid(-1, &st, WNOHANG) > 0;) {
+            reaped++;
+            if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) fork_errors++;
+        }
         if (t >= next_status) {
             if (access(verify_path, F_OK) == 0) {
                 uint64_t bad = UINT64_MAX;
@@ -79,9 +107,12 @@ int main(int argc, char **argv) {
                 unlink(verify_path);
             }
             char line[256];
-            int n = snprintf(line, sizeof line, "beats=%llu max_gap_us=%llu last_us=%llu verified=%s pages=%llu\n",
+            int n = snprintf(line, sizeof line,
+                             "beats=%llu max_gap_us=%llu last_us=%llu verified=%s pages=%llu forks=%llu fork_errors=%llu"
+                             " children=%llu\n",
                              (unsigned long long)beats, (unsigned long long)max_gap, (unsigned long long)t, verified,
-                             (unsigned long long)pages);
+                             (unsigned long long)pages, (unsigned long long)forks, (unsigned long long)fork_errors,
+                             (unsigned long long)(forks - reaped));
             char tmpname[4096];
             snprintf(tmpname, sizeof tmpname, "%s.tmp", status);
             int fd = open(tmpname, O_WRONLY | O_CREAT | O_TRUNC, 0644);
