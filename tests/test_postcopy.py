@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -33,8 +35,8 @@ async def mesh(base_dir: Path) -> AsyncIterator[Mesh]:
         yield m
 
 
-def no_postcopy_helpers() -> list[str]:
-    """criu lazy-pages daemons or pagers still alive anywhere on the machine."""
+def postcopy_helpers() -> list[tuple[int, str]]:
+    """(pid, command line) of the criu lazy-pages daemons and pagers alive anywhere on the machine."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -44,8 +46,12 @@ def no_postcopy_helpers() -> list[str]:
         except OSError:
             continue
         if "lazy-pages --page-server" in cmdline or "agent.migration.pager" in cmdline:
-            found.append(cmdline)
+            found.append((int(proc.name), cmdline))
     return found
+
+
+def no_postcopy_helpers() -> list[str]:
+    return [cmdline for _, cmdline in postcopy_helpers()]
 
 
 @pytest.mark.parametrize("mode", ["lazy", "hybrid"])
@@ -244,6 +250,29 @@ async def test_source_lost_during_postcopy_is_reported(mesh: Mesh) -> None:
     [source] = (await api(h1, "GET", "/v1/migrations"))["migrations"]
     assert source["state"] == "ROLLBACK" and "POSTCOPY" in source["error"], source
     assert task_states(h1) == {"hog": "PAUSED"}  # frozen as of the switch, for the operator to decide
+    assert no_postcopy_helpers() == []
+
+
+async def test_lazy_pages_daemon_lost_rolls_back(mesh: Mesh) -> None:
+    """The target's CRIU daemon dies in POSTCOPY: the pager kills the restored copy (it would read
+    zeros), the target's record gives the pager's reason, and the source resumes its frozen copy."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    await restart_with(h1, "source.push=sleep:5")
+    await run_memhog(h1, mesh, "hog", resident_mib=32, rewrite_mbps=2)
+    task = asyncio.create_task(migrate(h1, "hog", "h2", mode="lazy"))
+    await wait_state(h2, "POSTCOPY")
+    [daemon] = [pid for pid, cmdline in postcopy_helpers() if "lazy-pages --page-server" in cmdline]
+    os.kill(daemon, signal.SIGKILL)
+    record = await asyncio.wait_for(task, 60)
+    assert record["state"] == "ROLLBACK", record
+    target = await wait_done(h2)
+    assert target["state"] == "ROLLBACK" and "lazy-pages daemon stopped" in target["error"], target
+    assert "hog" not in h2.ctr("containers", "ls", "-q").stdout
+    assert task_states(h1) == {"hog": "RUNNING"}  # resumed as of the switch
+    before = await memhog_status(h1, "hog")
+    await asyncio.sleep(0.3)
+    assert (await memhog_status(h1, "hog")).beats > before.beats
+    assert await verify_memory(h1, "hog") == "ok"
     assert no_postcopy_helpers() == []
 
 

@@ -50,7 +50,7 @@ def spawn_daemon(image_dir: Path, work_dir: Path, ps_socket: socket.socket) -> s
         [
             "criu", "lazy-pages", "--page-server", "--ps-socket", str(fd),
             "--images-dir", str(image_dir), "--work-dir", str(work_dir),
-            "--log-file", f"/tmp/lplogs/{__import__('time').time():.0f}.log", "-v4",
+            "--log-file", "lazy-pages.log", "-v2",
         ],
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,

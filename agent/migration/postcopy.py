@@ -331,7 +331,8 @@ class TargetRelay(ControlRouter):
             if not recv.done():  # the pager went away (or sent garbage)
                 recv.cancel()
                 await asyncio.gather(recv, return_exceptions=True)
-                up.result()
+                with contextlib.suppress(asyncio.IncompleteReadError):  # it ended: the target asks why
+                    up.result()
                 raise PeerFailed("the pager closed its connection")
             msg = recv.result()
             if not isinstance(msg, ControlIn):

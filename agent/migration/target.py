@@ -465,8 +465,8 @@ class TargetMigration:
                 except PeerReportedFailure:
                     raise
                 except (TimeoutError, OSError, FerrymanError) as exc:
-                    if await self._pager_failed():
-                        raise
+                    if (failure := await self._pager_failure()) is not None:
+                        raise LazyPagesError(f"post-copy failed on this host: {failure}") from exc
                     log.warning(
                         "post-copy link lost, reconnecting",
                         extra={"migration": self.record.id, "error": describe_failure(exc)},
@@ -501,13 +501,23 @@ class TargetMigration:
                 await link.send("resumed")
                 return link
             except (TimeoutError, OSError, FerrymanError) as exc:
-                if loop.time() > deadline or await self._pager_failed():
+                if (failure := await self._pager_failure()) is not None:
+                    raise LazyPagesError(f"post-copy failed on this host: {failure}") from exc
+                if loop.time() > deadline:
                     raise LazyPagesError(f"the source stayed unreachable during POSTCOPY: {exc}") from exc
                 await asyncio.sleep(0.2)
 
-    async def _pager_failed(self) -> bool:
+    async def _pager_failure(self) -> str | None:
+        """The pager's reason, if it failed. It writes its result before it lets go of its sockets,
+        so a pager connection that closed on us finds it here."""
         result = await asyncio.to_thread(_read_result, self.paths.result)
-        return result is not None and not result.get("ok")
+        if result is None:
+            if self._pager is not None and (code := self._pager.poll()) is not None:
+                return f"the pager exited with {code} and no result"
+            return None
+        if result.get("ok"):
+            return None
+        return str(result.get("error") or "the pager failed")
 
     async def _pager_result(self, within: float) -> None:
         loop = asyncio.get_running_loop()
