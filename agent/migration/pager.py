@@ -59,7 +59,7 @@ from agent.checkpoint.pageserver import (
 from agent.migration.ranges import PageRanges
 
 MIN_WINDOW = 16  # pages fetched for a fault at a new place
-MAX_WINDOW = 1024  # 4 MiB
+MAX_WINDOW = 256  # 1 MiB: a hurried request waits behind at most one such reply
 WINDOW_GROWTH = 4  # the window grows this much while faults keep following each other
 FAULT_BURST = 0.001  # seconds: faults this close hold background answers back (_answer_count)
 FAULT_NOTICE_EVERY = 0.01  # seconds: how often, at most, the agent hears that the workload faults
@@ -83,6 +83,7 @@ class Slot:
     reply: bytes | None = None
     """A close's answer (the source's status)."""
     asked_at: float = field(default_factory=time.monotonic)
+    ready_at: float = 0.0
     request: Request = field(init=False)
     """What we answer: a large background request only in part."""
 
@@ -127,6 +128,8 @@ class Pager:
         self.daemon_stall = DAEMON_STALL
         self._last_request: float | None = None  # armed by the first request: the pager starts before the restore
         self._held_flush: asyncio.TimerHandle | None = None
+        self._hurried: set[tuple[int, int]] = set()
+        """Requests sent ahead of an outstanding one at the same address (_hurry), not yet answered."""
         self._background_next: dict[int, int] = {}
         """dst_id -> the end of what is fetched ahead of the daemon's background requests."""
         self._started = time.monotonic()
@@ -197,6 +200,7 @@ class Pager:
             pages = self._keys(request)
             if all(key in self.cache for key in pages):
                 slot.ready = True
+                slot.ready_at = time.monotonic()
                 self._keep_ahead(request)
                 await self._flush()
             elif self._missing(request):
@@ -204,6 +208,8 @@ class Pager:
             if slot.asked.nr_pages > request.nr_pages:  # the rest of a background request comes next
                 self._prefetch(slot.asked, request.nr_pages)
             self._background_ahead(slot.asked)
+            if request.nr_pages == 1 and not slot.ready:
+                await self._flush()  # what waits ahead of the fault may need hurrying (_answer_count)
 
     def _notice_fault(self, now: float) -> None:
         """The agent holds the push back while the workload faults: the push's CPU time (reading,
@@ -259,7 +265,7 @@ class Pager:
         if not window:
             return
         self._background_next[asked.dst_id] = start + window * PAGE_SIZE
-        self._fetch_missing(Request.parse(HEADER.pack(asked.cmd, window, start, asked.dst_id)))
+        self._fetch_slices(asked.cmd, asked.dst_id, start, window)
 
     def _clamp(self, dst_id: int, vaddr: int, nr_pages: int) -> int:
         """How many of `nr_pages` from `vaddr` lie in one lazy run (0: none). The source's page server
@@ -280,13 +286,16 @@ class Pager:
         return [(r.vaddr, r.vaddr + r.nr_pages * PAGE_SIZE) for r in pagemap.lazy_ranges]
 
     def _prefetch(self, asked: Request, answered: int) -> None:
-        """Fetch the part of a background request we answer later, in slices, so the source always
-        has work queued (it answers faults first)."""
-        for first in range(answered, asked.nr_pages, BACKGROUND_SLICE):
-            count = min(BACKGROUND_SLICE, asked.nr_pages - first)
-            self._fetch_missing(
-                Request.parse(HEADER.pack(asked.cmd, count, asked.vaddr + first * PAGE_SIZE, asked.dst_id))
-            )
+        """Fetch the part of a background request we answer later."""
+        start = asked.vaddr + answered * PAGE_SIZE
+        self._fetch_slices(asked.cmd, asked.dst_id, start, asked.nr_pages - answered)
+
+    def _fetch_slices(self, cmd: int, dst_id: int, start: int, nr_pages: int) -> None:
+        """Background pages in slices: the source answers faults first, but only between replies,
+        so a fault never waits behind more than one slice on the link."""
+        for first in range(0, nr_pages, BACKGROUND_SLICE):
+            count = min(BACKGROUND_SLICE, nr_pages - first)
+            self._fetch_missing(Request.parse(HEADER.pack(cmd, count, start + first * PAGE_SIZE, dst_id)))
 
     def _key(self, request: Request) -> tuple[int, int]:
         return (-1, -1) if request.closes else (request.dst_id, request.vaddr)
@@ -323,6 +332,7 @@ class Pager:
                 await asyncio.sleep(0.1)
                 continue
             self._agent = writer
+            self._hurried.clear()
             for request in list(self.outstanding.values()):  # unanswered ones again: a GET is idempotent
                 writer.write(request.raw)
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
@@ -345,10 +355,15 @@ class Pager:
                 if cmd & PUSHED:
                     self._take_push(dst_id, vaddr, nr_pages, data)
                 else:
-                    request = self.outstanding.pop((dst_id, vaddr), None)
-                    if request is None:
-                        continue  # answered twice across a reconnect: the first answer counted
-                    self.in_flight.difference_update(self._keys(request))
+                    key = (dst_id, vaddr)
+                    request = self.outstanding.get(key)
+                    if key in self._hurried and (request is None or request.nr_pages != nr_pages):
+                        self._hurried.discard(key)  # the hurried pages: the fetch that holds them comes too
+                    else:
+                        request = self.outstanding.pop(key, None)
+                        if request is None:
+                            continue  # answered twice across a reconnect: the first answer counted
+                        self.in_flight.difference_update(self._keys(request))
                     for n in range(nr_pages):
                         address = vaddr + n * PAGE_SIZE
                         if self._keeps(dst_id, address):
@@ -395,6 +410,7 @@ class Pager:
             pages = self._keys(slot.request)
             if all(key in self.cache for key in pages):
                 slot.ready = True
+                slot.ready_at = time.monotonic()
             elif self._missing(slot.request):
                 self._fetch(slot.request)  # what it waited for came short (a clamped reply): ask plainly
 
@@ -434,7 +450,10 @@ class Pager:
             return 1 if head.ready else 0
         first = (head.request.dst_id, head.request.vaddr)
         if any(slot.asked.nr_pages == 1 for slot in itertools.islice(self.slots, 1, None)):
-            return 1 if first in self.cache else 0
+            if first in self.cache:
+                return 1
+            self._hurry(head.request)
+            return 0
         if not head.ready:
             return 0
         if (wait := self._last_fault + self.fault_burst - time.monotonic()) > 0:
@@ -442,6 +461,17 @@ class Pager:
                 self._held_flush = asyncio.get_running_loop().call_later(wait, self._flush_held)
             return 0
         return head.request.nr_pages
+
+    def _hurry(self, request: Request) -> None:
+        """A fault waits behind this request, whose first page is not here: ask for its first pages
+        as a fault's, ahead of the larger fetch (of the source's lowest priority) that holds them."""
+        key = (request.dst_id, request.vaddr)
+        if key in self._hurried or self._agent is None:
+            return
+        window = self._clamp(request.dst_id, request.vaddr, MIN_WINDOW) or 1
+        self._hurried.add(key)
+        with contextlib.suppress(OSError):
+            self._agent.write(HEADER.pack(request.cmd | URGENT, window, request.vaddr, request.dst_id))
 
     def _flush_held(self) -> None:
         self._held_flush = None
@@ -489,7 +519,9 @@ class Pager:
             "fault_max_ms": round(waits[-1] * 1000, 2) if waits else 0.0,
             "worst_faults": [[round(at, 3), round(w * 1000, 1)] for at, w in worst],
         }
-        result = {"ok": ok, "pages": self.pages, "error": error, "realtime": self.realtime, **faults}
+        times = os.times()
+        cpu = {"cpu_s": round(times.user + times.system, 3)}  # its share of each fault's cost
+        result = {"ok": ok, "pages": self.pages, "error": error, "realtime": self.realtime, **faults, **cpu}
         tmp.write_text(json.dumps(result))
         tmp.replace(self.result)
 
