@@ -144,6 +144,10 @@ class MigrationConfig:
     postcopy_reconnect_timeout: float = 30.0
     """In POSTCOPY, how long a cut link or a restarting agent may take to come back. After that the
     target kills its copy (it would read missing pages as zeros) and the source keeps its frozen one."""
+    lazy_daemon_idle_class: bool = True
+    """Run the target's criu lazy-pages daemon SCHED_IDLE. It polls without sleeping for all of
+    POSTCOPY; idle class, that takes only spare CPU. Set false on targets without spare CPU, where
+    an idle-class daemon would serve every fault last."""
 
 
 @dataclass(frozen=True)

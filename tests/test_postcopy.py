@@ -262,6 +262,7 @@ async def test_lazy_pages_daemon_lost_rolls_back(mesh: Mesh) -> None:
     task = asyncio.create_task(migrate(h1, "hog", "h2", mode="lazy"))
     await wait_state(h2, "POSTCOPY")
     [daemon] = [pid for pid, cmdline in postcopy_helpers() if "lazy-pages --page-server" in cmdline]
+    assert os.sched_getscheduler(daemon) == os.SCHED_IDLE  # it polls without sleeping: spare CPU only
     os.kill(daemon, signal.SIGKILL)
     record = await asyncio.wait_for(task, 60)
     assert record["state"] == "ROLLBACK", record

@@ -7,6 +7,7 @@ other end belongs to ferryman's pager, so no CRIU port is ever open on the fleet
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -41,12 +42,21 @@ def lazy_pages(image_dir: Path) -> int:
     return sum(r.nr_pages for pm in read_pagemaps(image_dir) for r in pm.lazy_ranges)
 
 
-def spawn_daemon(image_dir: Path, work_dir: Path, ps_socket: socket.socket) -> subprocess.Popen[bytes]:
-    """Start the daemon in its own session, so it outlives an agent restart."""
+def spawn_daemon(
+    image_dir: Path, work_dir: Path, ps_socket: socket.socket, idle_class: bool = True
+) -> subprocess.Popen[bytes]:
+    """Start the daemon in its own session, so it outlives an agent restart.
+
+    Once the restore is done, CRIU 4.2.1's daemon polls its sockets without ever sleeping (its
+    background transfer: epoll with a zero timeout) until the last page is in, one CPU's worth.
+    With `idle_class` it runs SCHED_IDLE: the polling takes only CPU nobody else wants, the
+    workload and both agents go first (measured at 1 GiB and 50 MB/s: median downtime 463 ms
+    against 648 ms, 5 runs each, source and target on one 2-CPU machine). On a target with no
+    idle CPU it would then wait behind everything, and so would every fault."""
     work_dir.mkdir(parents=True, exist_ok=True)
     fd = ps_socket.fileno()
     os.set_inheritable(fd, True)
-    return subprocess.Popen(
+    daemon = subprocess.Popen(
         [
             "criu", "lazy-pages", "--page-server", "--ps-socket", str(fd),
             "--images-dir", str(image_dir), "--work-dir", str(work_dir),
@@ -58,6 +68,10 @@ def spawn_daemon(image_dir: Path, work_dir: Path, ps_socket: socket.socket) -> s
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    if idle_class:
+        with contextlib.suppress(OSError):  # it only costs CPU then
+            os.sched_setscheduler(daemon.pid, os.SCHED_IDLE, os.sched_param(0))
+    return daemon
 
 
 async def wait_ready(daemon: subprocess.Popen[bytes], work_dir: Path, within: float = 10.0) -> None:

@@ -185,7 +185,7 @@ class Pager:
         while True:
             try:
                 raw = await reader.readexactly(HEADER.size)
-            except asyncio.IncompleteReadError:
+            except (asyncio.IncompleteReadError, ConnectionError):  # a reset: it died with replies unread
                 return
             slot = Slot(Request.parse(raw))
             request = slot.request

@@ -397,7 +397,8 @@ class TargetMigration:
         self._relay.read_local = self.store.read_run if len(self.store) else None  # hybrid: pre-copied pages
         self._relay.pushed = PageRanges()
         try:
-            self._daemon = spawn_daemon(self.paths.images, self.paths.criu_work, self._daemon_end)
+            idle_class = self.ctx.config.migration.lazy_daemon_idle_class
+            self._daemon = spawn_daemon(self.paths.images, self.paths.criu_work, self._daemon_end, idle_class)
         finally:
             self._daemon_end.close()
             self._daemon_end = None
