@@ -213,6 +213,31 @@ async def test_a_fault_behind_a_waiting_background_request_waits_for_one_page_of
     assert (PID, RUN_START) not in pager_.cache
 
 
+async def test_a_fault_behind_hurries_the_first_pages_of_the_request_ahead(
+    pager: tuple[Daemon, Agent, Pager],
+) -> None:
+    """The background request's pages are on their way in a larger fetch (the source answers that
+    last): its first pages are asked for again as a fault's, and the fault waits for those only."""
+    daemon, agent, _ = pager
+    agent.answer = False
+    fault = RUN_START + 30 * PAGE_SIZE
+    await agent.push(fault, 1)
+    await asyncio.sleep(0.1)
+    daemon.ask(RUN_START, 16)
+    await asyncio.sleep(0.05)
+    cmd, nr_pages, vaddr = agent.requests[0]  # the background request's own fetch, not urgent
+    assert (cmd & URGENT, nr_pages, vaddr) == (0, 16, RUN_START)
+    daemon.ask(fault, 1)
+    await asyncio.sleep(0.05)
+    hurried = [(nr, vaddr) for cmd, nr, vaddr in agent.requests if cmd & URGENT]
+    assert hurried == [(16, RUN_START)], agent.requests
+    await agent.reply(RUN_START, 16)  # the hurried answer; the background fetch's own comes later
+    assert await daemon.next_reply() == (RUN_START, page(RUN_START))
+    assert await daemon.next_reply() == (fault, page(fault))
+    await agent.reply(RUN_START, 16)  # the fetch's answer too: taken without harm
+    assert await daemon.get(RUN_START + PAGE_SIZE, 15) == pages(RUN_START + PAGE_SIZE, 15)
+
+
 @pytest.mark.parametrize("owner", [PID, OTHER_PID], ids=["forked-child", "other-process"])
 async def test_replies_go_in_the_order_the_daemon_asked(pager: tuple[Daemon, Agent, Pager], owner: int) -> None:
     """CRIU's daemon reads each reply into its oldest open request's buffer and applies it to that
