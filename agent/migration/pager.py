@@ -15,7 +15,7 @@ missing page, so what lies above the last one is fetched too. The pages nobody a
 here and answer the daemon's next requests without the network.
 
 Replies go in the order the daemon asked (see _answer_count), but a background request with a fault
-behind it gets one page, so that the fault goes next. The agent hears that the workload faults, so
+behind it gets only what is here of it, so that the fault goes next. The agent hears that the workload faults, so
 that it holds the push back meanwhile.
 Every page it keeps is one the daemon has not been given yet, and the daemon takes each page once,
 so it holds at most the workload's lazy memory (the push may run that far ahead of the daemon).
@@ -443,7 +443,8 @@ class Pager:
         without a word, and the process whose request it was waits for ever.
 
         But CRIU takes fewer pages than asked (it asks again for the rest). So a background request
-        with a fault behind it gets its first page only, and the fault goes next. In a burst of
+        with a fault behind it gets what is here of it, from its first page on, and the fault goes
+        next; if its first page is not here, that is hurried (_hurry). In a burst of
         faults a background request waits (fault_burst): answered whole, it only brings the daemon's
         next one, and the daemon copying 64 KiB and more of cold pages delays the next fault."""
         if head.asked.nr_pages == 1:
@@ -451,7 +452,7 @@ class Pager:
         first = (head.request.dst_id, head.request.vaddr)
         if any(slot.asked.nr_pages == 1 for slot in itertools.islice(self.slots, 1, None)):
             if first in self.cache:
-                return 1
+                return self._cached_prefix(head.request)
             self._hurry(head.request)
             return 0
         if not head.ready:
@@ -461,6 +462,15 @@ class Pager:
                 self._held_flush = asyncio.get_running_loop().call_later(wait, self._flush_held)
             return 0
         return head.request.nr_pages
+
+    def _cached_prefix(self, request: Request) -> int:
+        """How many of its first pages are here, in a row."""
+        count = 0
+        for key in self._keys(request):
+            if key not in self.cache:
+                break
+            count += 1
+        return count
 
     def _hurry(self, request: Request) -> None:
         """A fault waits behind this request, whose first page is not here: ask for its first pages
