@@ -83,7 +83,6 @@ class Slot:
     reply: bytes | None = None
     """A close's answer (the source's status)."""
     asked_at: float = field(default_factory=time.monotonic)
-    ready_at: float = 0.0
     request: Request = field(init=False)
     """What we answer: a large background request only in part."""
 
@@ -200,7 +199,6 @@ class Pager:
             pages = self._keys(request)
             if all(key in self.cache for key in pages):
                 slot.ready = True
-                slot.ready_at = time.monotonic()
                 self._keep_ahead(request)
                 await self._flush()
             elif self._missing(request):
@@ -410,7 +408,6 @@ class Pager:
             pages = self._keys(slot.request)
             if all(key in self.cache for key in pages):
                 slot.ready = True
-                slot.ready_at = time.monotonic()
             elif self._missing(slot.request):
                 self._fetch(slot.request)  # what it waited for came short (a clamped reply): ask plainly
 
