@@ -21,6 +21,7 @@ from agent.api import build_app, parse_listen, serve
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, FerrymanError
 from agent.logs import parse_level, setup_logging
+from agent.malloc import keep_freed_memory
 
 log = logging.getLogger("agent.daemon")
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"configuration error: log_level: {exc}", extra={"code": ConfigError.code})
         return EXIT_CONFIG
     setup_logging(level)
-
+    keep_freed_memory()
     return run_to_exit_code("agent", run(config))
 
 

@@ -56,6 +56,7 @@ from agent.checkpoint.pageserver import (
     PageServerError,
     Request,
 )
+from agent.malloc import keep_freed_memory
 from agent.migration.ranges import PageRanges
 
 MIN_WINDOW = 16  # pages fetched for a fault at a new place
@@ -545,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     ps = socket.socket(fileno=args.ps_fd)
     pager = Pager(ps, args.agent_socket, args.pid_file, args.result, args.reconnect_timeout, args.images)
     pager.realtime = run_realtime()
+    keep_freed_memory()
     return asyncio.run(pager.run())
 
 
