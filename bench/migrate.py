@@ -24,6 +24,7 @@ import secrets
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,44 @@ async def live(mesh: Mesh, name: str, mode: str, records: Path | None) -> dict[s
         "iterations": stats["iterations"],
         "freeze_dump_ms": stats["freeze_dump_ms"],
         "restore_ms": stats["restore_ms"],
+        "gap_end_ms": gap_end_after_resume(record, status.max_gap_end_us),
     }
+
+
+def gap_end_after_resume(record: dict[str, Any], gap_end_us: int) -> float | None:
+    """When the heartbeat's longest gap ended, in ms after the workload resumed on the target (the
+    entry into POSTCOPY, else SWITCH): near 0 means the freeze was the gap, more means faults were."""
+    states = dict((state, at) for state, at in record.get("history", []))
+    resumed = states.get("POSTCOPY") or states.get("SWITCH")
+    if resumed is None or not gap_end_us:
+        return None
+    return gap_end_us / 1000 - datetime.fromisoformat(resumed).timestamp() * 1000
+
+
+def describe(r: dict[str, Any]) -> str:
+    line = (
+        f"downtime {r['downtime_ms']:8.0f} ms, total {r['total_s']:6.2f} s, released {r['released_s']:6.2f} s, "
+        f"wire {r['wire_mb']:8.1f} MB, memory {r['verified']}"
+    )
+    if "iterations" in r:  # ferryman's own modes
+        line += (
+            f", rounds {r['iterations']}, freeze+dump {r['freeze_dump_ms']:.0f} ms, "
+            f"restore {r['restore_ms']:.0f} ms, post-copy {r['postcopy_ms']:.0f} ms"
+        )
+    if r.get("gap_end_ms") is not None:
+        line += f", longest gap ended {r['gap_end_ms']:+.0f} ms from resume"
+    return line
+
+
+def agent_memory(host: MeshHost) -> str:
+    """The agent's resident memory now and at its peak: what keeping freed buffers costs (agent.malloc)."""
+    proc = host.agent_proc
+    if proc is None:
+        return "not running"
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if ":" in line
+    )
+    return f"rss {fields['VmRSS'].strip()}, peak {fields['VmHWM'].strip()}"
 
 
 def warm_up_memory(gib: int) -> None:
@@ -193,20 +231,10 @@ async def main() -> None:
                         row[method] = await stop_and_copy(mesh, name)
                     else:
                         row[method] = await live(mesh, name, method, args.records)
-                    r = row[method]
-                    print(
-                        f"{size:5d} MiB {rate:4.0f} MB/s {method:13s}: downtime {r['downtime_ms']:8.0f} ms, "
-                        f"total {r['total_s']:6.2f} s, released {r['released_s']:6.2f} s, "
-                        f"wire {r['wire_mb']:8.1f} MB, memory {r['verified']}"
-                        + (
-                            f", rounds {r['iterations']}, freeze+dump {r['freeze_dump_ms']:.0f} ms, "
-                            f"restore {r['restore_ms']:.0f} ms, post-copy {r['postcopy_ms']:.0f} ms"
-                            if method != "stop-and-copy"
-                            else ""
-                        ),
-                        flush=True,
-                    )
+                    print(f"{size:5d} MiB {rate:4.0f} MB/s {method:13s}: {describe(row[method])}", flush=True)
                 results[(size, rate)] = row
+        for host in (h1, h2):
+            print(f"agent {host.name}: {agent_memory(host)}", flush=True)
         if args.logs is not None:
             args.logs.mkdir(parents=True, exist_ok=True)
             for host in (h1, h2):

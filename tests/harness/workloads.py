@@ -68,6 +68,8 @@ class MemhogStatus:
     fork_errors: int = 0
     children: int = 0
     """Forked children not reaped yet."""
+    max_gap_end_us: int = 0
+    """When the longest gap ended (realtime, µs): where it lies on a migration's timeline."""
 
     @classmethod
     def parse(cls, text: str) -> MemhogStatus:
@@ -81,6 +83,7 @@ class MemhogStatus:
             forks=int(fields.get("forks", 0)),
             fork_errors=int(fields.get("fork_errors", 0)),
             children=int(fields.get("children", 0)),
+            max_gap_end_us=int(fields.get("max_gap_end_us", 0)),
         )
 
 

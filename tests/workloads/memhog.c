@@ -6,7 +6,7 @@
  * Keeps RESIDENT_MIB of memory whose every page is derived from (page index, generation), rewrites
  * pages at REWRITE_MB_PER_S, and beats every millisecond. Every 100 ms it rewrites STATUS_FILE with:
  *   beats=<n> max_gap_us=<longest pause between beats> last_us=<realtime> verified=<result> pages=<n>
- *   forks=<n> fork_errors=<n> children=<n>
+ *   forks=<n> fork_errors=<n> children=<n> max_gap_end_us=<realtime the longest pause ended>
  * When the file STATUS_FILE.verify exists it checks every page against its generation, removes the
  * file and reports verified=ok or verified=corrupt:<page>. The longest gap is the downtime a
  * migration caused; beats keeps counting across a migration when memory survived.
@@ -57,7 +57,7 @@ int main(int argc, char **argv) {
     if (mem == MAP_FAILED || !gen) { perror("alloc"); return 1; }
     for (uint64_t p = 0; p < pages; p++) fill(mem + p * (PAGE / 8), p, 0);
 
-    uint64_t beats = 0, max_gap = 0, last = now_us(), next_status = last, cursor = 0;
+    uint64_t beats = 0, max_gap = 0, max_gap_end = 0, last = now_us(), next_status = last, cursor = 0;
     uint64_t forks = 0, fork_errors = 0, reaped = 0, next_fork = last + fork_every_us;
     double owed = 0;
     char verified[64] = "none";
@@ -66,7 +66,7 @@ int main(int argc, char **argv) {
     for (;;) {
         uint64_t t = now_us();
         uint64_t gap = t - last;
-        if (beats > 0 && gap > max_gap) max_gap = gap;
+        if (beats > 0 && gap > max_gap) { max_gap = gap; max_gap_end = t; }
         owed += rate * (double)gap / 1e6;
         last = t;
         beats++;
@@ -106,13 +106,13 @@ int main(int argc, char **argv) {
                 else snprintf(verified, sizeof verified, "corrupt:%llu", (unsigned long long)bad);
                 unlink(verify_path);
             }
-            char line[256];
+            char line[384];
             int n = snprintf(line, sizeof line,
                              "beats=%llu max_gap_us=%llu last_us=%llu verified=%s pages=%llu forks=%llu fork_errors=%llu"
-                             " children=%llu\n",
+                             " children=%llu max_gap_end_us=%llu\n",
                              (unsigned long long)beats, (unsigned long long)max_gap, (unsigned long long)t, verified,
                              (unsigned long long)pages, (unsigned long long)forks, (unsigned long long)fork_errors,
-                             (unsigned long long)(forks - reaped));
+                             (unsigned long long)(forks - reaped), (unsigned long long)max_gap_end);
             char tmpname[4096];
             snprintf(tmpname, sizeof tmpname, "%s.tmp", status);
             int fd = open(tmpname, O_WRONLY | O_CREAT | O_TRUNC, 0644);
