@@ -4,13 +4,15 @@ A migration passes every page through a few large, short-lived buffers per MiB (
 output, decompression). With glibc's defaults each of them is an mmap of its own, or the free
 at the heap's top is trimmed back to the kernel, so the next buffer faults in and zeroes fresh pages:
 measured here, that made post-copy's push 40% slower and doubled the downtime a workload rewriting
-50 MB/s saw. Keeping the freed memory in the process costs at most KEEP_FREE per arena.
+50 MB/s saw. Keeping the freed memory in the process costs up to KEEP_FREE per arena while
+migrations run; release_freed_memory gives it back once they are over.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -23,13 +25,34 @@ TOP_PAD = 64 << 20
 """Extra grown with each heap extension, so a run of growing buffers extends it once."""
 
 
+def _glibc_function(name: str) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Applies the settings; False where the C library is not glibc (no mallopt)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, KEEP_FREE), (M_TOP_PAD, TOP_PAD))
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def release_freed_memory() -> bool:
+    """Gives the free memory of every arena back to the kernel (glibc's malloc_trim); False where
+    there is none to give or no glibc."""
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is None:
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    return bool(malloc_trim(0))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
