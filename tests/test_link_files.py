@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,30 +11,13 @@ from pathlib import Path
 import pytest
 
 from agent.migration.link import IMAGE_BUNDLE, SMALL_FILE, FileIn, Link, PeerFailed, unpack_files
-from agent.migration.peer import StreamChannel
-from agent.stream import accept_receiver, open_sender
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return client, server
+from tests.harness.links import link_pair
 
 
 @pytest.fixture
 async def links(tmp_path: Path) -> AsyncIterator[tuple[Link, Link]]:
-    a, b = tcp_pair()
-    sender, receiver = await asyncio.gather(
-        open_sender(a, "mig-files", "source-host"), accept_receiver(b, "mig-files", "target-host")
-    )
-    try:
-        yield (
-            Link(StreamChannel(sender, tmp_path / "source-files"), idle_timeout=10),
-            Link(StreamChannel(receiver, tmp_path / "target-files"), idle_timeout=10),
-        )
-    finally:
-        await asyncio.gather(sender.close(), receiver.close())
+    async with link_pair(tmp_path, "mig-files") as pair:
+        yield pair
 
 
 async def test_small_files_travel_as_one_bundle(links: tuple[Link, Link], tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import ctypes
 import mmap
 import os
-import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,34 +17,17 @@ import pytest
 from agent.checkpoint.images import PAGE_SIZE
 from agent.migration.link import ControlIn, Link, PagesIn, split_key
 from agent.migration.pagepush import PushCounts, Region, push
-from agent.migration.peer import StreamChannel
 from agent.migration.postcopy import HeldByTarget, PushWindow
-from agent.stream import accept_receiver, open_sender
+from tests.harness.links import link_pair
 
 PAGEMAP = "pagemap-1.img"
 PAGES = 600  # three batches: 256, 256 and 88 pages
 
 
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return client, server
-
-
 @pytest.fixture
 async def links(tmp_path: Path) -> AsyncIterator[tuple[Link, Link]]:
-    a, b = tcp_pair()
-    sender, receiver = await asyncio.gather(
-        open_sender(a, "mig-push", "source-host"), accept_receiver(b, "mig-push", "target-host")
-    )
-    try:
-        yield (
-            Link(StreamChannel(sender, tmp_path / "source-files"), idle_timeout=10),
-            Link(StreamChannel(receiver, tmp_path / "target-files"), idle_timeout=10),
-        )
-    finally:
-        await asyncio.gather(sender.close(), receiver.close())
+    async with link_pair(tmp_path, "mig-push") as pair:
+        yield pair
 
 
 @pytest.fixture

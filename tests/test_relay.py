@@ -9,7 +9,6 @@ faults, and the first ones come only from the relay.
 from __future__ import annotations
 
 import asyncio
-import socket
 from array import array
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,20 +18,12 @@ import pytest
 from agent.checkpoint.images import PAGE_SIZE
 from agent.checkpoint.pageserver import FAULTING, HEADER, PUSHED
 from agent.migration.link import ControlIn, Link, page_key
-from agent.migration.peer import StreamChannel
 from agent.migration.postcopy import PUSH_HOLD, PUSH_WINDOW, PostcopyPaths, TargetRelay
 from agent.migration.ranges import PageRanges
-from agent.stream import accept_receiver, open_sender
+from tests.harness.links import link_pair
 
 PID = 7
 VADDR = 0x7F0000000000
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return client, server
 
 
 class Ends:
@@ -66,25 +57,19 @@ class Ends:
 
 @pytest.fixture
 async def relay(tmp_path: Path) -> AsyncIterator[Ends]:
-    a, b = tcp_pair()
-    sender, receiver = await asyncio.gather(
-        open_sender(a, "mig-relay", "source-host"), accept_receiver(b, "mig-relay", "target-host")
-    )
-    source = Link(StreamChannel(sender, tmp_path / "source-files"), idle_timeout=10)
-    target = Link(StreamChannel(receiver, tmp_path / "target-files"), idle_timeout=10)
-    relay = TargetRelay(PostcopyPaths(tmp_path), on_pages=lambda _: None)
-    relay.pushed = PageRanges()
-    await relay.listen()
-    pager = await asyncio.open_unix_connection(str(relay.paths.agent_socket))
-    running = asyncio.create_task(relay.relay(target, within=5))
-    try:
-        yield Ends(source, pager)
-    finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        pager[1].close()
-        await relay.close()
-        await asyncio.gather(sender.close(), receiver.close())
+    async with link_pair(tmp_path, "mig-relay") as (source, target):
+        relay = TargetRelay(PostcopyPaths(tmp_path), on_pages=lambda _: None)
+        relay.pushed = PageRanges()
+        await relay.listen()
+        pager = await asyncio.open_unix_connection(str(relay.paths.agent_socket))
+        running = asyncio.create_task(relay.relay(target, within=5))
+        try:
+            yield Ends(source, pager)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            pager[1].close()
+            await relay.close()
 
 
 async def test_the_push_gets_its_first_credits_from_the_target(relay: Ends) -> None:

@@ -75,6 +75,7 @@ from agent.stream.frames import (
     migration_tag,
 )
 from agent.stream.seal import HeaderMask, Hello, SealedFrame, Sealer, decompress_chunk
+from tests.harness.links import tcp_pair
 from tests.harness.tls import CertAuthority
 
 PAGE = 4096
@@ -147,14 +148,6 @@ async def no_leaked_threads() -> AsyncIterator[None]:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     ca = CertAuthority(tmp_path_factory.mktemp("stream-ca"))
     return mtls_contexts(ca, issue_peer(ca, "target-host"), issue_peer(ca, "source-host"))
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two ends of one real TCP connection on loopback."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return client, server
 
 
 async def channels(
