@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -50,9 +49,3 @@ def release_freed_memory() -> bool:
         return False
     malloc_trim.argtypes = (ctypes.c_size_t,)
     return bool(malloc_trim(0))
-
-
-def resident_bytes() -> int:
-    """This process's resident memory."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

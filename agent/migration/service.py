@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -25,14 +26,14 @@ from agent.config import AgentConfig
 from agent.containerd import Containerd
 from agent.errors import ContainerdNotFound, FerrymanError, InvalidRequest, NotFound
 from agent.images.service import ImageService
-from agent.malloc import release_freed_memory, resident_bytes
+from agent.malloc import release_freed_memory
 from agent.metrics import AgentMetrics
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
 from agent.migration.link import ControlIn, Link, PeerFailed
 from agent.migration.local import remove_container, resume_if_paused
 from agent.migration.record import MigrationId, MigrationOptions, MigrationRecord
-from agent.migration.source import SourceContext, SourceMigration
+from agent.migration.source import SourceContext, SourceMigration, resident_bytes
 from agent.migration.states import Event, State, can_roll_back
 from agent.migration.target import DecisionPending, TargetContext, TargetMigration
 from agent.model import LABEL_POSTCOPY, LABEL_SERVICE_IP
@@ -123,9 +124,10 @@ class MigrationService:
         """Once no migration runs, the memory the migrations freed goes back to the kernel: the
         agent keeps it only while they run (agent.malloc)."""
         if all(record.done for record in self._records.values()):
-            before = resident_bytes()
+            before = resident_bytes([os.getpid()])
             release_freed_memory()
-            log.info("freed memory released", extra={"rss_mb": resident_bytes() >> 20, "was_mb": before >> 20})
+            after = resident_bytes([os.getpid()])
+            log.info("freed memory released", extra={"rss_mb": after >> 20, "was_mb": before >> 20})
 
     def get(self, migration_id: str) -> MigrationRecord:
         record = self._records.get(migration_id)
