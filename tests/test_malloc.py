@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
-
-import pytest
 
 CHURN = """
 import resource, sys
@@ -22,8 +19,6 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 churn()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and malloc_trim are glibc's")
 
 
 def minor_faults(mode: str) -> int:
