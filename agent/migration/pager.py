@@ -15,8 +15,8 @@ missing page, so what lies above the last one is fetched too. The pages nobody a
 here and answer the daemon's next requests without the network.
 
 Replies go in the order the daemon asked (see _answer_count), but a background request with a fault
-behind it gets only what is here of it, so that the fault goes next. The agent hears that the workload faults, so
-that it holds the push back meanwhile.
+behind it gets only what is here of it, so that the fault goes next. The agent hears that the
+workload faults, so that it holds the push back meanwhile.
 Every page it keeps is one the daemon has not been given yet, and the daemon takes each page once,
 so it holds at most the workload's lazy memory (the push may run that far ahead of the daemon).
 
@@ -464,9 +464,7 @@ class Pager:
     def _cached_prefix(self, request: Request) -> int:
         """How many of its first pages are here, in a row."""
         count = 0
-        for key in self._keys(request):
-            if key not in self.cache:
-                break
+        while count < request.nr_pages and (request.dst_id, request.vaddr + count * PAGE_SIZE) in self.cache:
             count += 1
         return count
 
