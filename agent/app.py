@@ -20,13 +20,13 @@ from agent.network import ServiceNetwork
 from agent.registry.client import RegistryClient
 from agent.reservations import Amount, Reservations
 from agent.runtime.service import ContainerService
-from agent.security.tls import client_context
 from agent.telemetry.capacity import HostCapacity
 from agent.telemetry.containers import ContainerUsageReader
 from agent.telemetry.push import TelemetryPusher
 from agent.telemetry.registration import Registrar
 from agent.telemetry.sampler import Sampler
 from agent.telemetry.service import TelemetryService
+from core.security.tls import client_context
 
 log = logging.getLogger(__name__)
 

@@ -6,18 +6,17 @@ a fleet-wide config should fail loudly at start, not be silently ignored.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any
 from urllib.parse import urlsplit
 
-from agent.errors import ConfigError
+from core.config import MIGRATION_MODES, build_table
+from core.errors import ConfigError
 
 CONFIG_VERSION = 1
-MIGRATION_MODES = ("auto", "precopy", "lazy", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -237,62 +236,6 @@ class AgentConfig:
             if reg.host == host:
                 return reg
         return RegistryConfig(host=host)
-
-
-T = TypeVar("T")
-_TABLE_ARRAYS: dict[str, type] = {"registries": RegistryConfig, "peers": PeerConfig}
-
-
-def build_table(cls: type[T], data: Any, where: str) -> T:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        hint = hints[key]
-        path = f"{where}.{key}" if where else key
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = build_table(hint, value, path)  # type: ignore[arg-type]
-        elif key in _TABLE_ARRAYS:
-            if not isinstance(value, list):
-                raise ConfigError(f"{path}: expected an array of tables")
-            kwargs[key] = tuple(build_table(_TABLE_ARRAYS[key], v, f"{path}[{i}]") for i, v in enumerate(value))
-        elif hint == dict[str, str]:  # a table of free-form string pairs (coordinator.labels)
-            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-                raise ConfigError(f"{path}: expected a table of strings")
-            kwargs[key] = dict(value)
-        else:
-            kwargs[key] = _check_scalar(hint, value, path)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where or 'config'}: {exc}") from exc
-
-
-def _check_scalar(hint: Any, value: Any, path: str) -> Any:
-    allowed: tuple[type, ...]
-    text = str(hint)
-    if hint is bool:
-        allowed = (bool,)
-    elif hint is int:
-        allowed = (int,)
-    elif hint is float:
-        allowed = (int, float)
-    elif "str" in text:
-        allowed = (str,)
-    else:
-        allowed = (object,)
-    if isinstance(value, bool) and hint is not bool:
-        raise ConfigError(f"{path}: expected {text}, got a boolean")
-    if not isinstance(value, allowed):
-        raise ConfigError(f"{path}: expected {text}, got {type(value).__name__}")
-    if hint is float:
-        return float(value)  # type: ignore[arg-type]  # ints are fine where floats are expected
-    return value
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from agent import sdnotify
 from agent.api import build_app, parse_listen, serve
 from agent.config import AgentConfig, load_config
-from agent.errors import ConfigError, FerrymanError
-from agent.logs import parse_level, setup_logging
 from agent.malloc import keep_freed_memory
+from core.errors import ConfigError
+from core.lifecycle import EXIT_CONFIG, EXIT_OK, run_to_exit_code, serve_until, stop_on_signals
+from core.logs import parse_level, setup_logging
 
 log = logging.getLogger("agent.daemon")
 
 DEFAULT_CONFIG = "/etc/ferryman/agent.toml"
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
 
 AgentFactory = Callable[[AgentConfig], Awaitable[Any]]
 """Opens an agent (an object with images, containers, metrics and `async close()`)."""
@@ -46,29 +41,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--log-level", metavar="LEVEL", default=None, help="DEBUG, INFO, WARNING or ERROR (overrides the config)"
     )
     return parser.parse_args(argv)
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT only set `stop`: all shutdown work happens in order after it."""
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        yield
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-
-
-async def serve_until(stop: asyncio.Event, what: str, **ready: object) -> None:
-    """Tell systemd and the log that `what` is ready, wait for `stop`, then say it is stopping."""
-    sdnotify.notify("READY=1")
-    log.info(f"{what} ready", extra=ready)
-    await stop.wait()
-    log.info("shutting down")
-    sdnotify.notify("STOPPING=1")
 
 
 def resolve_config(path: str | None) -> AgentConfig:
@@ -135,27 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(level)
     keep_freed_memory()
     return run_to_exit_code("agent", run(config))
-
-
-def run_to_exit_code(what: str, main: Coroutine[Any, Any, int]) -> int:
-    """asyncio.run(main) with the exit codes and last words every ferryman daemon uses."""
-    try:
-        return asyncio.run(main)
-    except ConfigError as exc:
-        # Some settings (listen address, password files) are only checked when used.
-        log.error(f"configuration error: {exc.message}", extra={"code": exc.code})
-        return EXIT_CONFIG
-    except FerrymanError as exc:
-        log.error(f"{what} failed: {exc.message}", extra={"code": exc.code})
-        return EXIT_FAILURE
-    except OSError as exc:
-        log.error(f"{what} failed: {exc}", extra={"code": "os_error"})
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130  # Ctrl-C before the handlers were installed
-    except Exception:
-        log.exception(f"{what} crashed")
-        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -1,17 +1,11 @@
-"""The agent's exception tree, translated at each adapter boundary.
+"""The agent's own errors, on top of the shared tree in core/errors.py.
 
-Every error carries a stable `code` (used in API responses) and an HTTP status. Adapters raise these
-`from` the library error they wrap, so the original stays in the traceback.
+Adapters raise these `from` the library error they wrap, so the original stays in the traceback.
 
-FerrymanError
-├── ConfigError                 bad or missing configuration
-├── InvalidRequest              a caller's input is wrong (bad reference, bad override)
-├── NotFound                    something asked for does not exist
+FerrymanError (core.errors)
+├── NotFound (core.errors)
 │   ├── ImageNotFound
-│   ├── ContainerNotFound
 │   └── ManifestNotFound        the registry has no such tag or digest
-├── AlreadyExists
-├── Conflict                    the object is in the wrong state for the request
 ├── ContainerdError             a containerd call failed; `grpc_code` names the status
 │   ├── ContainerdNotFound      (also a NotFound)
 │   ├── ContainerdAlreadyExists (also an AlreadyExists)
@@ -23,66 +17,19 @@ FerrymanError
 │   └── PlatformNotFound        an index has no manifest for our platform
 ├── DigestMismatch              content does not hash to what was promised
 └── UnsafeLayer                 a layer tries to write outside the rootfs
-
-Subsystems extend the tree in their own modules, next to the code that raises them:
-  agent/stream/errors.py        StreamError: handshake, closed, aborted, and StreamIntegrityError
-                                (out-of-order / replayed / truncated / altered chunk, file digest)
-  agent/security/               PkiError, TlsConfigError (a ConfigError), PeerIdentityError
-  agent/checkpoint/             CriuUnavailable, IncompleteImage, RuncCheckpointError
-  agent/migration/              PeerFailed, InsufficientSpace, IllegalTransition (a Conflict),
-                                MigrationNotFound and UnknownPeer (NotFound), FailpointError
-  agent/network/                NetworkError, UplinkNotFound
 """
 
 from __future__ import annotations
 
-
-class FerrymanError(Exception):
-    """Base of every error the agent raises on purpose."""
-
-    code = "internal"
-    http_status = 500
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class ConfigError(FerrymanError):
-    code = "config_invalid"
-    http_status = 500
-
-
-class InvalidRequest(FerrymanError):
-    code = "invalid_request"
-    http_status = 400
-
-
-class NotFound(FerrymanError):
-    code = "not_found"
-    http_status = 404
+from core.errors import AlreadyExists, Conflict, FerrymanError, NotFound
 
 
 class ImageNotFound(NotFound):
     code = "image_not_found"
 
 
-class ContainerNotFound(NotFound):
-    code = "container_not_found"
-
-
 class ManifestNotFound(NotFound):
     code = "manifest_not_found"
-
-
-class AlreadyExists(FerrymanError):
-    code = "already_exists"
-    http_status = 409
-
-
-class Conflict(FerrymanError):
-    code = "conflict"
-    http_status = 409
 
 
 class ContainerdError(FerrymanError):

@@ -6,7 +6,6 @@ They hold what containerd reports at the moment of the call; the agent keeps no 
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,9 +20,6 @@ LABEL_SERVICE_PUBLISH = LABEL_PREFIX + "service-publish"
 # failure window (pages only on the source) it cannot accept; it then migrates by pre-copy only.
 LABEL_POSTCOPY = "ferryman.postcopy"
 """"on-start" (publish when started) or "manual" (a standby copy, published by POST /v1/network/publish)."""
-
-# Container ids become file names and cgroup paths: keep them to a safe alphabet (use fullmatch).
-CONTAINER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass

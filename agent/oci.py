@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NewType
 
-from agent.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 Digest = NewType("Digest", str)
 

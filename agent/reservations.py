@@ -33,15 +33,15 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.errors import Conflict, InvalidRequest, NotFound
 from agent.telemetry.containers import ContainerReading
+from core.errors import Conflict, InvalidRequest, NotFound
+from core.files import atomic_write
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -412,7 +412,7 @@ class Reservations:
 
     async def _persist(self) -> None:
         data = {"version": FILE_VERSION, "reservations": [h.to_json() for h in self._items.values()]}
-        await asyncio.to_thread(_atomic_write_json, self.path, data)
+        await asyncio.to_thread(_write_json, self.path, data)
 
     def _load(self) -> dict[str, Held]:
         try:
@@ -449,21 +449,5 @@ def _describe(amount: Amount) -> str:
     return f"cpu {amount.cpu_millis:.0f}m, memory {_mib(amount.memory_bytes)}, disk {_mib(amount.disk_bytes)}"
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself must reach the disk, or a crash could bring the old file back.
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True), mode=0o600)

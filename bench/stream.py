@@ -1,6 +1,6 @@
 """Migration stream throughput vs a raw TCP socket, over a veth pair between two network namespaces.
 
-The stream side is the real stack: fleet mTLS contexts (agent.security), TlsSocket, the framing,
+The stream side is the real stack: fleet mTLS contexts (core.security), TlsSocket, the framing,
 lz4 and AES-256-GCM of agent.stream, page batches through Channel.send_pages. The raw side sends
 the same bytes with one plain socket.sendall(). Both receivers run in one process in namespace B,
 the sender in namespace A; the two cases alternate after a warm-up of each (freshly touched
@@ -49,8 +49,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.security import pki
-from agent.security import tls as fleet_tls
 from agent.stream import (
     Control,
     FileChunk,
@@ -62,6 +60,8 @@ from agent.stream import (
     connect_tls,
     open_sender,
 )
+from core.security import pki
+from core.security import tls as fleet_tls
 
 PAGE = 4096
 RAW_PORT = 7601

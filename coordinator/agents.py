@@ -12,12 +12,12 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from agent.errors import Conflict, FerrymanError, NotFound
-from agent.security.pki import HostCertPaths
-from agent.security.tls import client_context
 from coordinator.config import CoordinatorConfig
 from coordinator.model import Host, InsufficientCapacity, Reservation
 from coordinator.wire import capacity_to, to_json
+from core.errors import Conflict, FerrymanError, NotFound
+from core.security.pki import HostCertPaths
+from core.security.tls import client_context
 from proto.ferryman.v1 import fleet_pb2
 
 

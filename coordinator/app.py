@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from agent.security.tls import check_files
 from coordinator.agents import AgentClient, AgentClientLike
 from coordinator.auth import TokenHashes
 from coordinator.config import CoordinatorConfig
@@ -23,6 +22,7 @@ from coordinator.reservations import ReservationService
 from coordinator.retraining import Retrainer
 from coordinator.sqlite_store import SqliteStore
 from coordinator.store import Store
+from core.security.tls import check_files
 
 log = logging.getLogger(__name__)
 

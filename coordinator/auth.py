@@ -1,6 +1,6 @@
 """Who is calling: a client certificate from the fleet CA (role agent or ops) or an ops bearer token.
 
-The TLS handshake already verified any certificate (agent/security/tls.py); here we only read its
+The TLS handshake already verified any certificate (core/security/tls.py); here we only read its
 name and role. Bearer tokens are never stored: the config names a file of their SHA-256 hashes.
 """
 
@@ -13,10 +13,10 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigError, FerrymanError
-from agent.security.pki import Role
-from agent.security.tls import peer_identity, peer_role
 from coordinator.model import Forbidden, Unauthorized
+from core.errors import ConfigError, FerrymanError
+from core.security.pki import Role
+from core.security.tls import peer_identity, peer_role
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

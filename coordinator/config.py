@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config import build_table
-from agent.errors import ConfigError
-from agent.logs import parse_level
-from agent.security.tls import parse_peer_listen
+from core.config import build_table
+from core.errors import ConfigError
+from core.logs import parse_level
+from core.security.tls import parse_peer_listen
 
 CONFIG_VERSION = 1
 

@@ -11,12 +11,12 @@ import asyncio
 import logging
 import sys
 
-from agent.daemon import EXIT_CONFIG, EXIT_OK, run_to_exit_code, serve_until, stop_on_signals
-from agent.errors import ConfigError
-from agent.logs import setup_logging
 from coordinator.api import serve
 from coordinator.app import Coordinator
 from coordinator.config import CoordinatorConfig, load_config
+from core.errors import ConfigError
+from core.lifecycle import EXIT_CONFIG, EXIT_OK, run_to_exit_code, serve_until, stop_on_signals
+from core.logs import setup_logging
 
 log = logging.getLogger("coordinator.daemon")
 

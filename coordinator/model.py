@@ -6,7 +6,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent.errors import Conflict, FerrymanError, NotFound
+from core.errors import Conflict, FerrymanError, NotFound
 
 
 class HostHealth(enum.StrEnum):

@@ -19,7 +19,6 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from agent.errors import Conflict, ContainerNotFound, FerrymanError, InvalidRequest
 from coordinator.agents import AgentClientLike
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
@@ -37,6 +36,8 @@ from coordinator.model import (
 from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
 from coordinator.store import Store
+from core.errors import Conflict, ContainerNotFound, FerrymanError, InvalidRequest
+from core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Orchestrator:
         """Migrations running into each target host."""
         self._slots = asyncio.Condition()
         """Held while placing (so the counts stay exact); notified when a target slot frees up."""
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks = TaskSet()
         self._changed = asyncio.Condition()
 
     # ----- requests
@@ -143,7 +144,7 @@ class Orchestrator:
         return migration
 
     def active_count(self) -> int:
-        return sum(1 for t in self._tasks.values() if not t.done())
+        return len(self._tasks)
 
     # ----- lifecycle
 
@@ -156,18 +157,10 @@ class Orchestrator:
         return resumed
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._tasks.close()
 
     def _spawn(self, migration_id: str, to: str, mode: str | None) -> None:
-        task = asyncio.create_task(self._run(migration_id, to, mode), name=f"migration-{migration_id}")
-        self._tasks[migration_id] = task
-        task.add_done_callback(
-            lambda t: self._tasks.pop(migration_id, None) if self._tasks.get(migration_id) is t else None
-        )
+        self._tasks.spawn(self._run(migration_id, to, mode), f"migration-{migration_id}")
 
     # ----- one migration
 

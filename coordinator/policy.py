@@ -15,13 +15,13 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from agent.errors import FerrymanError
 from coordinator.config import CoordinatorConfig
 from coordinator.model import ContainerUsage, Drain, Host, HostAdmin, HostHealth, MigrationState
 from coordinator.orchestrator import AUTO, Orchestrator
 from coordinator.predictions import PredictionService
 from coordinator.registry import HostRegistry
 from coordinator.store import Store
+from core.errors import FerrymanError
 
 log = logging.getLogger(__name__)
 

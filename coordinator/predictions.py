@@ -14,13 +14,13 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from agent.errors import ConfigError, Conflict, FerrymanError
 from coordinator.config import CoordinatorConfig
 from coordinator.features import HostHistory, TelemetryPoint
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import Prediction
 from coordinator.predictor import DrainPredictor, ModelLoadError, ModelRegistry, RegistryError
 from coordinator.store import Store
+from core.errors import ConfigError, Conflict, FerrymanError
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ import logging
 import secrets
 from collections.abc import Callable
 
-from agent.errors import FerrymanError, InvalidRequest
 from coordinator.agents import AgentClientLike
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import Capacity, Host, HostNotFound, InsufficientCapacity, Reservation
 from coordinator.store import Store
+from core.errors import FerrymanError, InvalidRequest
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.errors import ConfigError, FerrymanError
 from coordinator.model import (
     Capacity,
     ContainerUsage,
@@ -35,6 +34,7 @@ from coordinator.model import (
     Reservation,
 )
 from coordinator.store import TelemetryUpdate
+from core.errors import ConfigError, FerrymanError
 
 T = TypeVar("T")
 

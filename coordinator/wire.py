@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from agent.errors import FerrymanError, InvalidRequest
-from agent.security.pki import validate_name
 from coordinator.model import Capacity, ContainerUsage, Host
+from core.errors import FerrymanError, InvalidRequest
+from core.security.pki import validate_name
 from proto.ferryman.v1 import fleet_pb2
 
 M = TypeVar("M", bound=Message)

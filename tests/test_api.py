@@ -29,16 +29,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from agent.api import build_app, parse_listen, serve
 from agent.api.server import OPENAPI_PATH, TcpAddress, UnixAddress
-from agent.errors import (
-    AlreadyExists,
-    ConfigError,
-    Conflict,
-    ContainerdUnavailable,
-    ContainerNotFound,
-    ImageNotFound,
-    ManifestNotFound,
-)
-from agent.logs import JsonFormatter
+from agent.errors import ContainerdUnavailable, ImageNotFound, ManifestNotFound
 from agent.metrics import AgentMetrics
 from agent.model import (
     ContainerState,
@@ -48,6 +39,8 @@ from agent.model import (
     LayerProgress,
     PullProgress,
 )
+from core.errors import AlreadyExists, ConfigError, Conflict, ContainerNotFound
+from core.logs import JsonFormatter
 
 # ------------------------------------------------------------------ fakes (API-shape tests only)
 
@@ -376,10 +369,10 @@ async def test_query_validation(client: TestClient[Any, Any], agent: FakeAgent) 
 async def test_unexpected_error_is_generic_500(
     client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="agent.api.errors"):
+    with caplog.at_level(logging.ERROR, logger="core.http.errors"):
         msg = await _error(await client.get("/v1/containers/explode"), 500, "internal")
     assert "secret" not in msg
-    records = [r for r in caplog.records if r.name == "agent.api.errors"]
+    records = [r for r in caplog.records if r.name == "core.http.errors"]
     assert records and records[0].exc_info is not None  # the traceback is logged, not returned
 
 

@@ -22,10 +22,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from agent.api import build_app, serve
 from agent.api.migrations import parse_migrate
 from agent.api.server import OPENAPI_PATH
-from agent.errors import Conflict, ContainerNotFound, InvalidRequest, NotFound
 from agent.metrics import AgentMetrics
 from agent.migration.record import MigrationId, MigrationOptions, MigrationRecord
 from agent.migration.states import Event, State
+from core.errors import Conflict, ContainerNotFound, InvalidRequest, NotFound
 
 # ------------------------------------------------------------------ fakes (API-shape tests only)
 

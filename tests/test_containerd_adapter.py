@@ -9,7 +9,8 @@ import secrets
 import pytest
 
 from agent.containerd import Containerd, ImageRecord
-from agent.errors import ContainerdAlreadyExists, ContainerdNotFound, ContainerdUnavailable, DigestMismatch, NotFound
+from agent.errors import ContainerdAlreadyExists, ContainerdNotFound, ContainerdUnavailable, DigestMismatch
+from core.errors import NotFound
 from tests.harness.containerd import PrivateContainerd
 
 

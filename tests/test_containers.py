@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from agent.app import Agent
-from agent.errors import Conflict, ContainerNotFound, ImageNotFound, InvalidRequest
+from agent.errors import ImageNotFound
 from agent.model import LABEL_MANAGED, ContainerState, CreateRequest, Resources
+from core.errors import Conflict, ContainerNotFound, InvalidRequest
 from tests.harness.agent import agent_config, running_agent
 from tests.harness.containerd import PrivateContainerd
 from tests.harness.images import ImageBuilder, build_test_image, busybox_layer, etc_layer

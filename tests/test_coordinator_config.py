@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
 from coordinator.auth import TokenHashes, hash_token
 from coordinator.config import CoordinatorConfig, load_config, parse_config
+from core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "systemd" / "coordinator.toml.example"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
 from coordinator.model import (
     Capacity,
     ContainerUsage,
@@ -27,6 +26,7 @@ from coordinator.model import (
 )
 from coordinator.sqlite_store import SCHEMA_VERSION, SqliteStore
 from coordinator.store import TelemetryUpdate
+from core.errors import ConfigError
 
 GiB = 1 << 30
 

@@ -19,7 +19,7 @@ import pytest
 
 from agent.api import ApiServer, build_app, serve
 from agent.ctl.main import main, parse_memory
-from agent.errors import ContainerNotFound, ImageNotFound, RegistryAuthError
+from agent.errors import ImageNotFound, RegistryAuthError
 from agent.metrics import AgentMetrics
 from agent.model import (
     ContainerState,
@@ -29,6 +29,7 @@ from agent.model import (
     LayerProgress,
     PullProgress,
 )
+from core.errors import ContainerNotFound
 
 
 class FakeImages:

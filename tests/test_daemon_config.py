@@ -24,10 +24,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent import daemon, sdnotify
+from agent import daemon
 from agent.config import AgentConfig, ApiConfig, load_config, parse_config
-from agent.errors import ConfigError
 from agent.metrics import AgentMetrics
+from core import sdnotify
+from core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -71,12 +71,12 @@ def test_dirty_set_rules() -> None:
     assert decide([Round(5000, **slow)] * 3, OVERHEADS, 0.3, 3) == Verdict.MAX_ITERATIONS
 
 
-def test_journal_round_trip_and_atomic_replace(tmp_path: Path) -> None:
+async def test_journal_round_trip_and_atomic_replace(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "migrations")
     record = MigrationRecord(id=MigrationId("m1"), role="source", container="web", peer="h2")
-    journal.write(record)
+    await journal.write(record)
     record = record.advance(Event.PREPARED).with_stats(iterations=1, dirty_pages=(10,), bytes_raw=100, bytes_wire=50)
-    journal.write(record)
+    await journal.write(record)
     loaded = journal.load(MigrationId("m1"))
     assert loaded == record
     assert loaded is not None and loaded.state == State.PRECOPY and loaded.stats.compression_ratio == 2.0

@@ -29,13 +29,13 @@ import pytest
 from agent.api.handlers import parse_create
 from agent.config import parse_config
 from agent.containerd import Containerd
-from agent.errors import ConfigError, InvalidRequest
 from agent.model import CreateRequest
 from agent.network import RTPROT_FERRYMAN, parse_service_ip
 from agent.network.addresses import host_veth_name, netns_name
 from agent.network.arp import ARPOP_REPLY, ARPOP_REQUEST, garp_frame, parse_arp
 from agent.network.nsutil import remove_netns
 from agent.runtime.spec import build_spec, set_network_namespace
+from core.errors import ConfigError, InvalidRequest
 from tests.conftest import require, require_root
 from tests.harness import netns as nsh
 from tests.harness.images import ImageBuilder, busybox_layer
@@ -508,7 +508,7 @@ _ADAPTER_SCRIPT = r"""
 import asyncio, json, subprocess, sys
 from pathlib import Path
 from agent.config import NetworkConfig
-from agent.errors import InvalidRequest
+from core.errors import InvalidRequest
 from agent.network import HELD, ServiceNetwork, UplinkNotFound
 
 def ip(*args, netns=None):

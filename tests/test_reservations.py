@@ -20,7 +20,6 @@ from google.protobuf import json_format
 
 from agent.api import build_app, serve
 from agent.config import CapacityConfig
-from agent.errors import InvalidRequest
 from agent.metrics import AgentMetrics
 from agent.reservations import (
     STATE_FILE,
@@ -30,10 +29,11 @@ from agent.reservations import (
     ReservationNotFound,
     Reservations,
 )
-from agent.security.pki import init_ca, issue_client, issue_host
-from agent.security.tls import client_context
 from agent.telemetry.capacity import HostCapacity
 from agent.telemetry.containers import ContainerReading
+from core.errors import InvalidRequest
+from core.security.pki import init_ca, issue_client, issue_host
+from core.security.tls import client_context
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 MiB = 1 << 20

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.config import AgentConfig, TlsConfig, parse_config
-from agent.errors import ConfigError, InvalidRequest
-from agent.security import (
+from core.errors import ConfigError, InvalidRequest
+from core.security import (
     HostCertPaths,
     HostId,
     PeerIdentityError,
@@ -41,8 +41,8 @@ from agent.security import (
     peer_role,
     server_context,
 )
-from agent.security.pki import CaAlreadyExists, CertAlreadyExists, InvalidIdentity, PkiError, validate_name
-from agent.security.tls import TlsConfigError, check_files, parse_peer_listen
+from core.security.pki import CaAlreadyExists, CertAlreadyExists, InvalidIdentity, PkiError, validate_name
+from core.security.tls import TlsConfigError, check_files, parse_peer_listen
 
 REPO = Path(__file__).resolve().parent.parent
 FERRYCTL = REPO / ".venv" / "bin" / "ferryctl"

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from agent.errors import InvalidRequest
 from agent.model import CreateRequest, Resources
 from agent.runtime.spec import (
     DEFAULT_CAPABILITIES,
@@ -23,6 +22,7 @@ from agent.runtime.spec import (
     merge_env,
     resolve_user,
 )
+from core.errors import InvalidRequest
 from tests.conftest import require, require_root
 from tests.harness.containerd import cgroup_controller_dirs, remove_cgroup
 from tests.harness.images import GROUP, PASSWD, busybox_layer, etc_layer

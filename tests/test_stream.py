@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.errors import DigestMismatch, InvalidRequest
+from agent.errors import DigestMismatch
 from agent.stream import (
     AuthenticationFailed,
     Channel,
@@ -75,6 +75,7 @@ from agent.stream.frames import (
     migration_tag,
 )
 from agent.stream.seal import HeaderMask, Hello, SealedFrame, Sealer, decompress_chunk
+from core.errors import InvalidRequest
 from tests.harness.links import tcp_pair
 from tests.harness.tls import CertAuthority
 

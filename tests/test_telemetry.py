@@ -15,7 +15,6 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import CapacityConfig, TelemetryConfig, parse_config
-from agent.errors import ConfigError
 from agent.metrics import AgentMetrics
 from agent.telemetry import procfs
 from agent.telemetry.capacity import HostCapacity
@@ -23,6 +22,7 @@ from agent.telemetry.events import MAX_DETAIL, CounterDelta, EdacErrors, NoticeF
 from agent.telemetry.host import HostPaths, read_edac, read_host, whole_disks
 from agent.telemetry.procfs import TelemetryParseError
 from agent.telemetry.sampler import Sampler
+from core.errors import ConfigError
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 PROC = Path("/proc")

@@ -1,5 +1,5 @@
 """The telemetry pusher against a real aiohttp coordinator stand-in over mutual TLS (fleet CA from
-agent/security/pki.py): registration, a coordinator restart with a bounded backlog, refusals."""
+core/security/pki.py): registration, a coordinator restart with a bounded backlog, refusals."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from google.protobuf import json_format
 
 from agent.config import CoordinatorConfig, TelemetryConfig
 from agent.metrics import AgentMetrics
-from agent.security.pki import HostCertPaths, init_ca, issue_host
-from agent.security.tls import client_context, peer_identity, server_context
 from agent.telemetry.push import TelemetryPusher
 from agent.telemetry.sampler import Sampler
 from agent.telemetry.service import TelemetryService
+from core.security.pki import HostCertPaths, init_ca, issue_host
+from core.security.tls import client_context, peer_identity, server_context
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 

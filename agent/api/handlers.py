@@ -17,11 +17,8 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agent.api.errors import error_body
-from agent.errors import ContainerNotFound, FerrymanError, InvalidRequest
 from agent.metrics import AgentMetrics
 from agent.model import (
-    CONTAINER_ID_RE,
     ContainerState,
     ContainerSummary,
     CreateRequest,
@@ -30,6 +27,19 @@ from agent.model import (
     Resources,
 )
 from agent.network.addresses import parse_service_ip
+from core.errors import ContainerNotFound, FerrymanError, InvalidRequest
+from core.http.errors import error_body
+from core.http.validate import (
+    check_keys,
+    json_type,
+    positive_field,
+    query_flag,
+    query_number,
+    read_object,
+    str_field,
+    str_map_field,
+)
+from core.ids import check_container_id
 
 log = logging.getLogger(__name__)
 
@@ -72,100 +82,19 @@ SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
 """Set when the server shuts down, so long-lived streams end instead of holding shutdown up."""
 
 
-# ---------------------------------------------------------------- input validation
-
-
-async def read_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or InvalidRequest."""
-    raw = await request.read()
-    if not raw.strip():
-        raise InvalidRequest("request body must be a JSON object")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest(f"request body must be a JSON object, got {_json_type(body)}")
-    return body
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def _check_keys(obj: dict[str, Any], allowed: set[str], required: set[str], where: str) -> None:
-    unknown = set(obj) - allowed
-    if unknown:
-        raise InvalidRequest(f"{where}: unknown fields {sorted(unknown)}")
-    missing = required - set(obj)
-    if missing:
-        raise InvalidRequest(f"{where}: missing required fields {sorted(missing)}")
-
-
-def _str(obj: dict[str, Any], key: str, where: str, *, optional: bool = False) -> str | None:
-    value = obj.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value:
-        raise InvalidRequest(f"{where}.{key}: expected a non-empty string, got {_json_type(value)}")
-    return value
-
-
-def _str_map(obj: dict[str, Any], key: str, where: str) -> dict[str, str]:
-    value = obj.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"{where}.{key}: expected an object of strings, got {_json_type(value)}")
-    for k, v in value.items():
-        if not k or not isinstance(v, str):
-            raise InvalidRequest(f"{where}.{key}[{k!r}]: expected a non-empty key with a string value")
-    return dict(value)
-
-
-def _positive(obj: dict[str, Any], key: str, where: str, *, integer: bool) -> Any:
-    value = obj.get(key)
-    if value is None:
-        return None
-    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok_type or value <= 0:
-        kind = "a positive integer" if integer else "a positive number"
-        raise InvalidRequest(f"{where}.{key}: expected {kind}, got {value!r}")
-    return value
-
-
 def parse_pull(body: dict[str, Any]) -> str:
-    _check_keys(body, {"ref"}, {"ref"}, "body")
-    ref = _str(body, "ref", "body")
+    check_keys(body, {"ref"}, {"ref"}, "body")
+    ref = str_field(body, "ref", "body")
     assert ref is not None
     return ref
-
-
-def check_container_id(container_id: str) -> str:
-    if not CONTAINER_ID_RE.fullmatch(container_id):  # fullmatch: `$` alone would let a trailing "\n" through
-        raise InvalidRequest(
-            f"invalid container id {container_id!r}: 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return container_id
 
 
 def parse_create(body: dict[str, Any]) -> CreateRequest:
     """A CreateRequest from a request body; types and unknown fields are checked strictly."""
     fields = {"id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service"}
-    _check_keys(body, fields, {"id", "image"}, "body")
-    cid = _str(body, "id", "body")
-    image = _str(body, "image", "body")
+    check_keys(body, fields, {"id", "image"}, "body")
+    cid = str_field(body, "id", "body")
+    image = str_field(body, "image", "body")
     assert cid is not None and image is not None
     check_container_id(cid)
 
@@ -178,7 +107,7 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
             raise InvalidRequest("body.args: must not be empty (omit it to use the image's command)")
         args = tuple(raw_args)
 
-    env = _str_map(body, "env", "body")
+    env = str_map_field(body, "env", "body")
     bad_env = [k for k in env if "=" in k]
     if bad_env:
         raise InvalidRequest(f"body.env: variable names must not contain '=': {sorted(bad_env)}")
@@ -187,18 +116,18 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
     raw_res = body.get("resources")
     if raw_res is not None:
         if not isinstance(raw_res, dict):
-            raise InvalidRequest(f"body.resources: expected an object, got {_json_type(raw_res)}")
-        _check_keys(raw_res, {"cpus", "memory"}, set(), "body.resources")
-        cpus = _positive(raw_res, "cpus", "body.resources", integer=False)
-        memory = _positive(raw_res, "memory", "body.resources", integer=True)
+            raise InvalidRequest(f"body.resources: expected an object, got {json_type(raw_res)}")
+        check_keys(raw_res, {"cpus", "memory"}, set(), "body.resources")
+        cpus = positive_field(raw_res, "cpus", "body.resources", integer=False)
+        memory = positive_field(raw_res, "memory", "body.resources", integer=True)
         resources = Resources(cpus=float(cpus) if cpus is not None else None, memory=memory)
 
-    service_ip = _str(body, "service_ip", "body", optional=True)
+    service_ip = str_field(body, "service_ip", "body", optional=True)
     if service_ip is not None:
         service_ip = parse_service_ip(service_ip)
     publish_service = body.get("publish_service", True)
     if not isinstance(publish_service, bool):
-        raise InvalidRequest(f"body.publish_service: expected a boolean, got {_json_type(publish_service)}")
+        raise InvalidRequest(f"body.publish_service: expected a boolean, got {json_type(publish_service)}")
     if not publish_service and service_ip is None:
         raise InvalidRequest("body.publish_service: only meaningful with service_ip")
 
@@ -207,43 +136,13 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
         image=image,
         args=args,
         env=env,
-        workdir=_str(body, "workdir", "body", optional=True),
-        user=_str(body, "user", "body", optional=True),
-        labels=_str_map(body, "labels", "body"),
+        workdir=str_field(body, "workdir", "body", optional=True),
+        user=str_field(body, "user", "body", optional=True),
+        labels=str_map_field(body, "labels", "body"),
         resources=resources,
         service_ip=service_ip,
         publish_service=publish_service,
     )
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-def query_flag(request: web.Request, name: str) -> bool:
-    raw = request.query.get(name)
-    if raw is None:
-        return False
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise InvalidRequest(f"query parameter {name}: expected 1/0/true/false, got {raw!r}")
-
-
-def query_number(request: web.Request, name: str, *, integer: bool) -> Any:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value: float = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "an integer" if integer else "a number"
-        raise InvalidRequest(f"query parameter {name}: expected {kind}, got {raw!r}") from None
-    if value < 0 or value != value or value == float("inf"):
-        raise InvalidRequest(f"query parameter {name}: must be a finite number >= 0, got {raw!r}")
-    return value
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -15,22 +15,12 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from agent.api.handlers import (
-    METRICS,
-    NDJSON,
-    SHUTDOWN,
-    _check_keys,
-    _json,
-    _line,
-    _positive,
-    _str,
-    check_container_id,
-    read_object,
-    wants_stream,
-)
+from agent.api.handlers import METRICS, NDJSON, SHUTDOWN, _json, _line, wants_stream
 from agent.api.handlers import metrics as _base_metrics
-from agent.errors import FerrymanError, InvalidRequest
 from agent.migration.record import MigrationOptions, MigrationRecord
+from core.errors import FerrymanError, InvalidRequest
+from core.http.validate import check_keys, positive_field, read_object, str_field
+from core.ids import check_container_id
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +62,20 @@ def _migration_id(request: web.Request) -> str:
 
 def parse_migrate(body: dict[str, Any]) -> tuple[str, str, MigrationOptions]:
     """(container, target, options) from a request body; types and unknown fields are checked strictly."""
-    _check_keys(body, _REQUEST_FIELDS, {"container", "target"}, "body")
-    container = _str(body, "container", "body")
-    target = _str(body, "target", "body")
+    check_keys(body, _REQUEST_FIELDS, {"container", "target"}, "body")
+    container = str_field(body, "container", "body")
+    target = str_field(body, "target", "body")
     assert container is not None and target is not None
     check_container_id(container)
     given: dict[str, Any] = {}
     for key in ("downtime_target_ms", "max_iterations"):
-        value = _positive(body, key, "body", integer=True)
+        value = positive_field(body, key, "body", integer=True)
         if value is not None:  # null means "the default", as for the container routes' optional fields
             given[key] = value
-    mode = _str(body, "mode", "body", optional=True)
+    mode = str_field(body, "mode", "body", optional=True)
     if mode is not None:
         given["mode"] = mode
-    reservation = _str(body, "reservation", "body", optional=True)
+    reservation = str_field(body, "reservation", "body", optional=True)
     if reservation is not None:  # held on the target by the coordinator; the target charges it
         given["reservation"] = reservation
     return container, target, MigrationOptions(**given).validated()

@@ -10,10 +10,12 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from agent.api.handlers import CONTAINERS, _check_keys, _json, _str, check_container_id, read_object
-from agent.errors import ContainerNotFound, FerrymanError, InvalidRequest
+from agent.api.handlers import CONTAINERS, _json
 from agent.model import LABEL_SERVICE_IP, ContainerSummary
 from agent.network import NetnsInfo, parse_service_ip
+from core.errors import ContainerNotFound, FerrymanError, InvalidRequest
+from core.http.validate import check_keys, read_object, str_field
+from core.ids import check_container_id
 
 
 class ServiceNetworkLike(Protocol):
@@ -41,9 +43,9 @@ def _network(request: web.Request) -> ServiceNetworkLike:
 
 def parse_target(body: dict[str, Any]) -> tuple[str | None, str | None]:
     """(service_ip, container) from a publish/unpublish body: exactly one of the two."""
-    _check_keys(body, {"service_ip", "container"}, set(), "body")
-    service_ip = _str(body, "service_ip", "body", optional=True)
-    container = _str(body, "container", "body", optional=True)
+    check_keys(body, {"service_ip", "container"}, set(), "body")
+    service_ip = str_field(body, "service_ip", "body", optional=True)
+    container = str_field(body, "container", "body", optional=True)
     if (service_ip is None) == (container is None):
         raise InvalidRequest("body: give exactly one of service_ip or container")
     if container is not None:

@@ -7,9 +7,10 @@ from typing import Any, Protocol
 from aiohttp import web
 from google.protobuf import json_format
 
-from agent.api.handlers import _json, read_object
-from agent.errors import FerrymanError, InvalidRequest
+from agent.api.handlers import _json
 from agent.reservations import Amount, Held, ReservationNotFound
+from core.errors import FerrymanError, InvalidRequest
+from core.http.validate import read_object
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 

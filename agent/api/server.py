@@ -12,25 +12,23 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from agent.api import handlers as h
 from agent.api import migrations as m
 from agent.api import network as n
 from agent.api import reservations as r
-from agent.api.errors import error_middleware
 from agent.api.tls import ops_only_middleware, parse_tls_listen
-from agent.errors import ConfigError
 from agent.metrics import AgentMetrics
-from agent.security.tls import TlsFiles, server_context
+from core.errors import ConfigError
+from core.http.access_log import JsonAccessLogger
+from core.http.errors import error_middleware
+from core.security.tls import TlsFiles, server_context
 
 log = logging.getLogger(__name__)
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 SHUTDOWN_TIMEOUT = 10.0
 """Seconds in-flight requests get to finish when the server stops."""
-_QUIET_PATHS = frozenset({"/healthz", "/metrics"})
-"""Polled by machines every few seconds: logged at DEBUG so they do not drown the access log."""
 
 
 class AgentLike(Protocol):
@@ -95,23 +93,6 @@ def build_app(agent: AgentLike) -> web.Application:
     app.router.add_get("/metrics", m.metrics)
     app.router.add_get("/openapi.yaml", h.openapi)
     return app
-
-
-class JsonAccessLogger(AbstractAccessLogger):
-    """One structured record per request (the JSON formatter turns the extras into fields)."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        level = logging.DEBUG if request.path in _QUIET_PATHS else logging.INFO
-        self.logger.log(
-            level,
-            "request",
-            extra={
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "duration_ms": round(time * 1000, 2),
-            },
-        )
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from agent.errors import ConfigError
-from agent.security.pki import Role
-from agent.security.tls import PeerIdentityError, peer_identity, peer_role
+from core.errors import ConfigError
+from core.security.pki import Role
+from core.security.tls import PeerIdentityError, peer_identity, peer_role
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from core.files import atomic_write
+
 ANNOTATION = "org.criu.config"
 OPTIONS = (
     "tcp-established\n"  # established TCP connections survive (under CRIU's network lock)
@@ -69,9 +71,7 @@ class CriuConfigs:
         path = self.path(container_id)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.empty_dir.mkdir(mode=0o555, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(OPTIONS + f"network-lock {self.network_lock}\n" + masked_mounts(self.empty_dir) + extra)
-        tmp.replace(path)
+        atomic_write(path, OPTIONS + f"network-lock {self.network_lock}\n" + masked_mounts(self.empty_dir) + extra)
         return path
 
     def remove(self, container_id: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from agent.checkpoint.images import PAGE_SIZE, PageMap, flatten_pagemap, is_pagemap, read_pagemaps
 from agent.checkpoint.livepages import READ_PAGES, LiveProcess, read_pages
-from agent.errors import FerrymanError
+from core.errors import FerrymanError
 
 log = logging.getLogger(__name__)
 ZERO_PAGE = bytes(PAGE_SIZE)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import FerrymanError
+from core.errors import FerrymanError
 
 MIN_VERSION = (4, 2, 1)
 

@@ -6,11 +6,14 @@ stored back to back in `pages-<pages_id>.img`. pycriu decodes the pagemaps; the 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pycriu import images as criu_images
+
+from core.files import atomic_write
 
 PAGE_SIZE = 4096
 PE_PARENT = 1 << 0  # the page lives in the parent images (pre-dump chains)
@@ -86,8 +89,7 @@ def flatten_pagemap(path: Path) -> bool:
             entry["flags"] = (flags & ~PE_PARENT) | PE_PRESENT
             changed = True
     if changed:
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as fh:
-            criu_images.dump(img, fh)
-        tmp.replace(path)
+        out = io.BytesIO()
+        criu_images.dump(img, out)
+        atomic_write(path, out.getvalue(), mode=0o600)
     return changed

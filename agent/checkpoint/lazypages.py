@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from agent.checkpoint.images import read_pagemaps
-from agent.errors import FerrymanError
+from core.errors import FerrymanError
 
 SOCKET_NAME = "lazy-pages.socket"  # CRIU's fixed name, in its work dir; the restore connects to it
 # CRIU's page pipes want up to 819 pages per pipe; without CAP_SYS_RESOURCE the sysctl must allow it.

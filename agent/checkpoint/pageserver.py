@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.checkpoint.images import PAGE_SIZE
-from agent.errors import FerrymanError
+from core.errors import FerrymanError
 
 HEADER = struct.Struct("<I4xQQQ")  # u32 cmd, (padding), u64 nr_pages, u64 vaddr, u64 dst_id
 STATUS = struct.Struct("<i")

@@ -12,7 +12,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from agent.errors import FerrymanError
+from core.errors import FerrymanError
 
 DEFAULT_RUNC_ROOT = "/run/containerd/runc"
 

@@ -19,8 +19,8 @@ from agent.errors import (
     ContainerdError,
     ContainerdNotFound,
     ContainerdUnavailable,
-    InvalidRequest,
 )
+from core.errors import InvalidRequest
 
 T = TypeVar("T")
 Metadata = tuple[tuple[str, str], ...]

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.ctl.args import positive_int
-from agent.errors import FerrymanError
-from agent.security.pki import (
+from core.errors import FerrymanError
+from core.security.pki import (
     DEFAULT_CA_DAYS,
     DEFAULT_CLIENT_DAYS,
     DEFAULT_HOST_DAYS,

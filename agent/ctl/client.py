@@ -11,7 +11,7 @@ from urllib.parse import quote
 import aiohttp
 
 from agent.api.server import TcpAddress, UnixAddress, parse_listen
-from agent.errors import ConfigError
+from core.errors import ConfigError
 
 DEFAULT_AGENT = "unix:///run/ferryman/agent.sock"
 ENV_AGENT = "FERRYMAN_AGENT"

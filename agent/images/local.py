@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.containerd import Containerd, ImageRecord
-from agent.errors import ContainerdNotFound, ImageNotFound, InvalidRequest
+from agent.errors import ContainerdNotFound, ImageNotFound
 from agent.oci import INDEX_TYPES, MANIFEST_TYPES, Platform, chain_ids, parse_digest
+from core.errors import InvalidRequest
 
 
 @dataclass(frozen=True)

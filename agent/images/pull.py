@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from agent.config import PullConfig
 from agent.containerd import Containerd, ImageRecord
-from agent.errors import InvalidRequest, PlatformNotFound
+from agent.errors import PlatformNotFound
 from agent.images import labels as L
 from agent.images.ingest import ensure_labels, ingest_blob, put_blob
 from agent.images.unpack import unpack_layer
@@ -24,6 +24,7 @@ from agent.metrics import AgentMetrics
 from agent.model import ImageSummary, LayerProgress, PullProgress
 from agent.oci import Descriptor, Platform, Reference, chain_ids, parse_digest
 from agent.registry.client import RegistryClient, ResolvedImage
+from core.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 

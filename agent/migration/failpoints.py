@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-from agent.errors import FerrymanError
+from core.errors import FerrymanError
 
 log = logging.getLogger(__name__)
 ENV = "FERRYMAN_FAILPOINTS"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import os
 from pathlib import Path
 
 from agent.migration.record import MigrationId, MigrationRecord
+from core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -19,24 +20,12 @@ class Journal:
     def _path(self, migration_id: MigrationId) -> Path:
         return self.directory / f"{migration_id}.json"
 
-    def write(self, record: MigrationRecord) -> None:
-        """temp file, fsync, rename, fsync the directory: a crash leaves the old or the new record."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self._path(record.id)
-        tmp = path.with_suffix(".tmp")
-        data = json.dumps(record.for_storage(), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    async def write(self, record: MigrationRecord) -> None:
+        """A crash leaves the old or the new record. The fsyncs run in a worker thread: on a busy
+        disk they take milliseconds, and a write during the freeze must not stall the event loop
+        that carries the migration's stream."""
+        data = json.dumps(record.for_storage(), indent=1)
+        await asyncio.to_thread(atomic_write, self._path(record.id), data, mode=0o600)
 
     def load(self, migration_id: MigrationId) -> MigrationRecord | None:
         try:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from agent.checkpoint.delta import PageBatch
 from agent.checkpoint.images import PAGE_SIZE
-from agent.errors import FerrymanError
+from core.errors import FerrymanError
 
 # The slowest transfer rate (bytes/s) a file send may have before it counts as a stalled link.
 MIN_RATE = 1 << 20

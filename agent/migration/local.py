@@ -7,8 +7,9 @@ import contextlib
 import signal
 
 from agent.containerd import Containerd, TaskStatus
-from agent.errors import ContainerdError, ContainerdNotFound, FerrymanError
+from agent.errors import ContainerdError, ContainerdNotFound
 from agent.model import LABEL_PREFIX
+from core.errors import FerrymanError
 
 LABEL_MIGRATION = LABEL_PREFIX + "migration"
 

@@ -58,6 +58,7 @@ from agent.checkpoint.pageserver import (
 )
 from agent.malloc import keep_freed_memory
 from agent.migration.ranges import PageRanges
+from core.files import atomic_write
 
 MIN_WINDOW = 16  # pages fetched for a fault at a new place
 MAX_WINDOW = 256  # 1 MiB: a hurried request waits behind at most one such reply
@@ -516,7 +517,6 @@ class Pager:
                 os.kill(pid, signal.SIGKILL)  # init of the task's pid namespace
 
     def _write_result(self, *, ok: bool, error: str) -> None:
-        tmp = self.result.with_suffix(".tmp")
         waits = sorted(w for _, w in self.fault_waits)
         worst = sorted(self.fault_waits, key=lambda f: -f[1])[:5]
         faults = {
@@ -528,8 +528,7 @@ class Pager:
         times = os.times()
         cpu = {"cpu_s": round(times.user + times.system, 3)}  # its share of each fault's cost
         result = {"ok": ok, "pages": self.pages, "error": error, "realtime": self.realtime, **faults, **cpu}
-        tmp.write_text(json.dumps(result))
-        tmp.replace(self.result)
+        atomic_write(self.result, json.dumps(result))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,10 +20,8 @@ from typing import Any
 
 from agent.checkpoint.images import PAGE_SIZE
 from agent.config import AgentConfig
-from agent.errors import FerrymanError
 from agent.migration.failpoints import Failpoints
 from agent.migration.link import ControlIn, FileIn, Incoming, Link, PagesIn, PeerFailed
-from agent.security.tls import client_context, parse_peer_listen, peer_identity, server_context
 from agent.stream import (
     Channel,
     Control,
@@ -37,6 +35,9 @@ from agent.stream import (
     establish,
 )
 from agent.stream.links import read_exact
+from core.errors import FerrymanError
+from core.security.tls import client_context, parse_peer_listen, peer_identity, server_context
+from core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class PeerEndpoint:
         self.failpoints = failpoints or Failpoints()
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
-        self._sessions: set[asyncio.Task[None]] = set()
+        self._sessions = TaskSet()
         self._server_ctx: ssl.SSLContext | None = None
         self._client_ctx: ssl.SSLContext | None = None
 
@@ -191,9 +192,7 @@ class PeerEndpoint:
         loop = asyncio.get_running_loop()
         while True:
             conn, addr = await loop.sock_accept(sock)
-            task = asyncio.create_task(self._session(conn, addr, handler), name=f"peer-{addr[0]}")
-            self._sessions.add(task)
-            task.add_done_callback(self._sessions.discard)
+            self._sessions.spawn(self._session(conn, addr, handler), f"peer-{addr[0]}")
 
     async def _session(self, conn: socket.socket, addr: Any, handler: SessionHandler) -> None:
         tls: TlsSocket | None = None
@@ -227,9 +226,7 @@ class PeerEndpoint:
             await asyncio.gather(self._accepting, return_exceptions=True)
         if self._listener is not None:
             self._listener.close()
-        for task in list(self._sessions):
-            task.cancel()
-        await asyncio.gather(*self._sessions, return_exceptions=True)
+        await self._sessions.close()
 
 
 def _read_preamble(tls: TlsSocket, n: int) -> bytes:

@@ -27,7 +27,7 @@ class MigrationOptions:
     """A reservation the coordinator holds on the target for this migration; empty for none."""
 
     def validated(self) -> MigrationOptions:
-        from agent.errors import InvalidRequest
+        from core.errors import InvalidRequest
 
         if not 1 <= self.downtime_target_ms <= 600_000:
             raise InvalidRequest("downtime_target_ms must be between 1 and 600000")

@@ -15,16 +15,16 @@ import dataclasses
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.checkpoint.criuconf import CriuConfigs
 from agent.checkpoint.features import CriuFeatures
 from agent.checkpoint.features import detect as detect_criu
 from agent.config import AgentConfig
 from agent.containerd import Containerd
-from agent.errors import ContainerdNotFound, FerrymanError, InvalidRequest, NotFound
+from agent.errors import ContainerdNotFound
 from agent.images.service import ImageService
 from agent.malloc import release_freed_memory
 from agent.metrics import AgentMetrics
@@ -39,6 +39,8 @@ from agent.migration.target import DecisionPending, TargetContext, TargetMigrati
 from agent.model import LABEL_POSTCOPY, LABEL_SERVICE_IP
 from agent.reservations import ReservationBook
 from agent.runtime.service import ContainerService
+from core.errors import FerrymanError, InvalidRequest, NotFound
+from core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ class MigrationService:
         self._admission = admission
         self._records: dict[str, MigrationRecord] = {r.id: r for r in self.journal.all()}
         self._watchers: dict[str, list[asyncio.Queue[MigrationRecord]]] = {}
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._tasks = TaskSet()
         self._criu_configs = containers.criu_configs or CriuConfigs(config.state_dir)
         self._postcopy_links: dict[str, asyncio.Queue[tuple[Link, asyncio.Event, bool]]] = {}
         """Sessions a POSTCOPY target opened to continue page traffic, for the source migration to take."""
@@ -150,20 +152,8 @@ class MigrationService:
         finally:
             self._watchers[migration_id].remove(queue)
 
-    def _spawn(self, coro: Awaitable[object], name: str) -> None:
-        async def guarded() -> object:
-            try:
-                return await coro
-            except asyncio.CancelledError:
-                log.info("task cancelled", extra={"task": name})
-                raise
-            except Exception:
-                log.exception("task failed", extra={"task": name})
-                return None
-
-        task: asyncio.Task[object] = asyncio.create_task(guarded(), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, object], name: str) -> None:
+        self._tasks.spawn(coro, name)
 
     # ----- starting a migration (source) ----------------------------------------------------------
 
@@ -187,7 +177,7 @@ class MigrationService:
             options=options,
             peer_address=peer_address,
         )
-        self.journal.write(record)
+        await self.journal.write(record)
         self._publish(record)
         context = self._source_context(soft_dirty)
         migration = SourceMigration(context, record, lambda: self._transport.connect(target, record.id))
@@ -433,7 +423,7 @@ class MigrationService:
             return
         await remove_container(self._cd, record.container)
         record = record.advance(Event.SWITCHED)
-        self.journal.write(record)
+        await self.journal.write(record)
         self._publish(record)
 
     # ----- after a restart -------------------------------------------------------------------------
@@ -445,11 +435,11 @@ class MigrationService:
             if record.role == "source" and can_roll_back(record.state):
                 await resume_if_paused(self._cd, record.container)
                 await self._release_address(record.container)
-                self._save(record.advance(Event.FAILED, error=reason))
+                await self._save(record.advance(Event.FAILED, error=reason))
             elif record.role == "source" and record.state == State.POSTCOPY:
                 # The page server's session died with the previous process: the target cannot get its
                 # missing pages any more and its pager kills that copy. Ours, frozen at the switch, stays.
-                self._save(
+                await self._save(
                     record.advance(
                         Event.FAILED,
                         error=f"{reason}: the pages still here are lost to the target, whose copy is killed; "
@@ -474,7 +464,7 @@ class MigrationService:
                 self._spawn(self._ask_source(migration), f"ask-source-{record.id}")
             elif record.role == "target":
                 await remove_container(self._cd, record.container, only_migration=record.id)
-                self._save(record.advance(Event.FAILED, error=reason))
+                await self._save(record.advance(Event.FAILED, error=reason))
             log.info("recovered migration", extra={"migration": record.id, "state": self._records[record.id].state})
 
     async def _release_address(self, container_id: str) -> None:
@@ -487,12 +477,10 @@ class MigrationService:
             network = self._containers.network
             await network.release(service_ip, network.info(container_id).host_veth)
 
-    def _save(self, record: MigrationRecord) -> None:
-        self.journal.write(record)
+    async def _save(self, record: MigrationRecord) -> None:
+        await self.journal.write(record)
         self._publish(record)
 
     async def close(self) -> None:
         """Stop background work. A running dump is never interrupted half-way: its step completes."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()

@@ -35,7 +35,6 @@ from agent.checkpoint.pageserver import PageServerClient, free_local_port
 from agent.checkpoint.runc import runc_checkpoint, runc_state_root
 from agent.config import AgentConfig
 from agent.containerd import Containerd, TaskStatus
-from agent.errors import ContainerNotFound, FerrymanError
 from agent.images.local import read_image
 from agent.migration.convergence import Overheads, Round, Verdict, decide
 from agent.migration.failpoints import Failpoints
@@ -50,6 +49,7 @@ from agent.migration.states import Event, State, can_roll_back
 from agent.model import LABEL_MANAGED, LABEL_SERVICE_IP
 from agent.network import ServiceNetwork
 from agent.oci import Platform
+from core.errors import ContainerNotFound, FerrymanError
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,13 @@ class SourceMigration:
 
     # ----- bookkeeping ---------------------------------------------------------------------------
 
-    def _save(self, record: MigrationRecord) -> None:
+    async def _save(self, record: MigrationRecord) -> None:
         self.record = record
-        self.ctx.journal.write(record)
+        await self.ctx.journal.write(record)
         self.ctx.publish(record)
 
-    def _advance(self, event: Event, error: str | None = None) -> None:
-        self._save(self.record.advance(event, error))
+    async def _advance(self, event: Event, error: str | None = None) -> None:
+        await self._save(self.record.advance(event, error))
         log.info("migration state", extra={"migration": self.record.id, "state": self.record.state.value})
 
     def _progress(self, link: Link | None, **stats: object) -> None:
@@ -120,13 +120,13 @@ class SourceMigration:
     async def run(self) -> MigrationRecord:
         cid = self.record.container
         link: Link | None = None
-        self._save(self.record)
+        await self._save(self.record)
         try:
             async with asyncio.timeout(self.ctx.config.migration.phase_timeout):
                 link = await self._connect()
                 await self._prepare(link)
                 if self.record.options.mode == "lazy":
-                    self._advance(Event.CONVERGED)  # nothing to pre-copy
+                    await self._advance(Event.CONVERGED)  # nothing to pre-copy
                 else:
                     await self._precopy(link)
                 if self.record.options.mode == "precopy":
@@ -185,7 +185,7 @@ class SourceMigration:
         )
         await link.expect("prepared")
         await self.ctx.failpoints.hit("source.prepared")
-        self._advance(Event.PREPARED)
+        await self._advance(Event.PREPARED)
 
     async def _memory_estimate(self, cid: str) -> int:
         """Resident bytes of the container's processes: the size of the page images to expect."""
@@ -236,7 +236,7 @@ class SourceMigration:
             )
             if verdict != Verdict.CONTINUE:
                 break
-        self._advance(Event.CONVERGED)
+        await self._advance(Event.CONVERGED)
 
     async def _dump(self, image_dir: Path, *, pre_dump: bool, parent: Path | None) -> None:
         """One round's dump: a runc pre-dump chain with soft-dirty, else a full dump through containerd."""
@@ -331,7 +331,7 @@ class SourceMigration:
                 "files_ms": round((time.monotonic() - delta_done) * 1000),
             },
         )
-        self._advance(Event.IMAGES_SENT)
+        await self._advance(Event.IMAGES_SENT)
         self._progress(
             link,
             dirty_pages=(*self.record.stats.dirty_pages, stats.changed),
@@ -340,7 +340,7 @@ class SourceMigration:
         reply = await link.expect("restored")
         await self.ctx.failpoints.hit("source.restored")
         # The decision: from here on the target's copy is the workload.
-        self._advance(Event.RESTORED)
+        await self._advance(Event.RESTORED)
         await self.ctx.failpoints.hit("source.decided")
         if self._service_ip:
             # Traffic leaves us now (the target publishes the address as it resumes), and our frozen copy
@@ -357,7 +357,7 @@ class SourceMigration:
             total_ms=round((time.monotonic() - self._started) * 1000, 1),
         )
         await self._remove_local_copy()  # before COMMIT is published: a watcher sees the final picture
-        self._advance(Event.SWITCHED)
+        await self._advance(Event.SWITCHED)
 
     # ----- post-copy (lazy and hybrid modes) ------------------------------------------------------
 
@@ -395,7 +395,7 @@ class SourceMigration:
             await link.send_files([path for path in sorted(final.iterdir()) if path.is_file()])
             await link.send("restore", rw_digest=digest, lazy=True)
             total = await asyncio.to_thread(lazy_pages, final)  # for progress: after the restore is asked
-            self._advance(Event.IMAGES_SENT)
+            await self._advance(Event.IMAGES_SENT)
             self._progress(link, freeze_dump_ms=round(freeze_dump_ms, 1), lazy_pages=total, pages_remote=total)
             # The restore itself faults pages in (the restorer writes to the task's stack): serve from now on.
             held = self._tracker.held_by_target if self._tracker is not None else None  # hybrid: pre-copied pages
@@ -408,7 +408,7 @@ class SourceMigration:
                 reply = await pages.expect("restored", traffic, link)
                 await self.ctx.failpoints.hit("source.restored")
                 # The decision: the target's copy is the workload from here, with some of its memory still here.
-                self._advance(Event.LAZY_RESTORED)
+                await self._advance(Event.LAZY_RESTORED)
                 await self.ctx.failpoints.hit("source.decided")
                 if self._service_ip:  # traffic goes to the target; our veth stays until the copy is removed
                     await self.ctx.network.unpublish(self._service_ip)
@@ -449,7 +449,7 @@ class SourceMigration:
             "post-copy done",
             extra={"migration": self.record.id, "pages": total, "from_target_copy": pages.local_pages},
         )
-        self._advance(Event.PAGES_COMPLETE)
+        await self._advance(Event.PAGES_COMPLETE)
         await link.send("commit")
         await link.expect("committed")
         if self._service_ip:  # gone before the kill: the dying sockets must not reach the client
@@ -460,7 +460,7 @@ class SourceMigration:
             total_ms=round((time.monotonic() - self._started) * 1000, 1),
             released_ms=round((time.monotonic() - self._started) * 1000, 1),
         )
-        self._advance(Event.SWITCHED)
+        await self._advance(Event.SWITCHED)
         return link
 
     async def _push(self, link: Link, pages: SourcePages, image_dir: Path, progress: Callable[[int], None]) -> None:
@@ -571,7 +571,7 @@ class SourceMigration:
                 f"{self.ctx.config.migration.postcopy_reconnect_timeout:.0f} s; ours stays frozen as of the switch"
             )
         log.error("post-copy failed", extra={"migration": self.record.id, "error": reason})
-        self._advance(Event.FAILED, error=reason)
+        await self._advance(Event.FAILED, error=reason)
         self._progress(link, total_ms=round((time.monotonic() - self._started) * 1000, 1))
 
     # ----- endings -------------------------------------------------------------------------------
@@ -594,7 +594,7 @@ class SourceMigration:
         await resume_if_paused(self.ctx.cd, self.record.container)
         if self._service_ip:
             await self.ctx.network.release(self._service_ip, self.ctx.network.info(self.record.container).host_veth)
-        self._advance(Event.FAILED, error=reason)
+        await self._advance(Event.FAILED, error=reason)
         self._progress(link, total_ms=round((time.monotonic() - self._started) * 1000, 1))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from agent.errors import Conflict
+from core.errors import Conflict
 
 
 class State(enum.StrEnum):

@@ -39,7 +39,7 @@ from agent.checkpoint.lazypages import (
 )
 from agent.config import AgentConfig
 from agent.containerd import Containerd, ContainerRecord
-from agent.errors import AlreadyExists, ContainerdNotFound, FerrymanError
+from agent.errors import ContainerdNotFound
 from agent.images.local import read_image
 from agent.images.service import ImageService
 from agent.migration.failpoints import Failpoints
@@ -56,6 +56,7 @@ from agent.network import NetnsInfo, ServiceNetwork
 from agent.oci import Platform
 from agent.reservations import ReservationBook, container_need
 from agent.runtime.spec import set_network_namespace
+from core.errors import AlreadyExists, FerrymanError
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +117,17 @@ class TargetMigration:
         self._build: asyncio.Task[None] | None = None
         """Container record and rootfs, built as soon as the rw layer arrives (overlaps the source's dump)."""
 
-    def _save(self, record: MigrationRecord) -> None:
+    async def _save(self, record: MigrationRecord) -> None:
         self.record = record
-        self.ctx.journal.write(record)
+        await self.ctx.journal.write(record)
         self.ctx.publish(record)
 
-    def _advance(self, event: Event, error: str | None = None) -> None:
-        self._save(self.record.advance(event, error))
+    async def _advance(self, event: Event, error: str | None = None) -> None:
+        await self._save(self.record.advance(event, error))
         log.info("migration state", extra={"migration": self.record.id, "state": self.record.state.value})
 
     async def run(self, link: Link) -> MigrationRecord:
-        self._save(self.record)
+        await self._save(self.record)
         self._link = link
         pull: asyncio.Task[Any] | None = None
         try:
@@ -143,9 +144,9 @@ class TargetMigration:
                     self.ctx.images.pull(self.container["image"]), name="migration-pull"
                 )
                 await link.send("prepared")
-                self._advance(Event.PREPARED)
+                await self._advance(Event.PREPARED)
                 rw_digest = await self._receive(link)
-                self._advance(Event.IMAGES_SENT)
+                await self._advance(Event.IMAGES_SENT)
                 await pull
                 restore_ms = await self._restore(rw_digest)
                 await link.send("restored", restore_ms=round(restore_ms, 1))
@@ -246,7 +247,7 @@ class TargetMigration:
                 await self.ctx.failpoints.hit("target.precopy")
             elif msg.type == "stopcopy":
                 self.lazy = bool(msg.body.get("lazy"))
-                self._advance(Event.CONVERGED)
+                await self._advance(Event.CONVERGED)
                 await self.ctx.failpoints.hit("target.stopcopy")
                 await self._ready(link)
             elif msg.type == "restore":
@@ -321,7 +322,7 @@ class TargetMigration:
         finally:
             await asyncio.to_thread(self.ctx.criu_configs.write, cid)  # its later dumps are ordinary
         restore_ms = (time.monotonic() - started) * 1000
-        self._save(self.record.with_stats(restore_ms=round(restore_ms, 1)))
+        await self._save(self.record.with_stats(restore_ms=round(restore_ms, 1)))
         await self.ctx.failpoints.hit("target.restored")
         return restore_ms
 
@@ -432,7 +433,7 @@ class TargetMigration:
             info = self._netns or await self.ctx.network.prepare(cid, self.service_ip)
             await self.ctx.network.publish(self.service_ip, info.host_veth)
         self._resumed_at = time.monotonic()
-        self._advance(Event.LAZY_RESTORED)
+        await self._advance(Event.LAZY_RESTORED)
 
     async def _settle_pause(self) -> bool:
         """Wait for the provisional pause: False if it failed (the task runs, nothing to resume)."""
@@ -484,8 +485,8 @@ class TargetMigration:
             await link.expect("commit")
         finally:
             await self._relay.close()
-        self._advance(Event.PAGES_COMPLETE)
-        self._advance(Event.SWITCHED)
+        await self._advance(Event.PAGES_COMPLETE)
+        await self._advance(Event.SWITCHED)
         await self._drop_lease()
         await link.send("committed")
 
@@ -565,12 +566,12 @@ class TargetMigration:
     async def commit(self) -> None:
         """The source decided for us: resume the restored task and own the workload."""
         cid = self.container["id"]
-        self._advance(Event.RESTORED)
+        await self._advance(Event.RESTORED)
         await self.ctx.cd.tasks.resume(cid)
         if self.service_ip:
             info = self._netns or await self.ctx.network.prepare(cid, self.service_ip)
             await self.ctx.network.publish(self.service_ip, info.host_veth)
-        self._advance(Event.SWITCHED)
+        await self._advance(Event.SWITCHED)
         await self._drop_lease()
 
     async def rollback(self, reason: str) -> None:
@@ -582,7 +583,7 @@ class TargetMigration:
         await self._drop_lease()
         shutil.rmtree(self.work, ignore_errors=True)
         if self.record.state not in (State.COMMIT, State.ROLLBACK):
-            self._advance(Event.FAILED, error=reason)
+            await self._advance(Event.FAILED, error=reason)
 
     async def _drop_lease(self) -> None:
         await self._release_reservation()  # commit or rollback: the container now counts as itself, or not at all

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 
-from agent.errors import InvalidRequest
+from core.errors import InvalidRequest
 
 NETNS_DIR = "/run/netns"
 NETNS_PREFIX = "fm-"

@@ -35,9 +35,9 @@ from typing import TypeVar
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.config import NetworkConfig
-from agent.errors import FerrymanError
 from agent.network import arp, netlink
 from agent.network.addresses import NETNS_DIR, host_veth_name, netns_name, parse_service_ip
+from core.errors import FerrymanError
 
 log = logging.getLogger(__name__)
 

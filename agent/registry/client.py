@@ -22,7 +22,6 @@ from yarl import URL
 from agent.config import AgentConfig, RegistryConfig
 from agent.errors import (
     DigestMismatch,
-    InvalidRequest,
     ManifestNotFound,
     PlatformNotFound,
     RegistryAuthError,
@@ -43,6 +42,7 @@ from agent.oci import (
     sha256_digest,
 )
 from agent.registry.auth import Authenticator, parse_www_authenticate
+from core.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path
 
 from agent.containerd import Containerd, Mount
-from agent.errors import ContainerdError, FerrymanError
+from agent.errors import ContainerdError
+from core.errors import FerrymanError
 
 
 async def _run(*argv: str) -> None:

@@ -19,15 +19,9 @@ from agent.checkpoint.criuconf import ANNOTATION as CRIU_ANNOTATION
 from agent.checkpoint.criuconf import CriuConfigs
 from agent.config import ContainerdConfig, RuntimeConfig
 from agent.containerd import Containerd, ContainerRecord, ProcessInfo, TaskStatus
-from agent.errors import (
-    Conflict,
-    ContainerdNotFound,
-    ContainerNotFound,
-    InvalidRequest,
-)
+from agent.errors import ContainerdNotFound
 from agent.images.local import read_image
 from agent.model import (
-    CONTAINER_ID_RE,
     LABEL_IMAGE,
     LABEL_LOG_PATH,
     LABEL_MANAGED,
@@ -43,6 +37,8 @@ from agent.oci import Platform
 from agent.reservations import Admission, container_need
 from agent.runtime.rootfs import read_snapshot_files
 from agent.runtime.spec import build_spec
+from core.errors import Conflict, ContainerNotFound, InvalidRequest
+from core.ids import CONTAINER_ID_RE
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agent.errors import InvalidRequest
 from agent.model import CreateRequest
+from core.errors import InvalidRequest
 
 OCI_VERSION = "1.0.2-dev"  # what runc 1.1 reports as its spec version
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -35,7 +35,6 @@ from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
-from agent.errors import InvalidRequest
 from agent.stream.buffers import BufferPool
 from agent.stream.errors import (
     FileDigestMismatch,
@@ -94,6 +93,7 @@ from agent.stream.seal import (
     Sealer,
     transcript_hash,
 )
+from core.errors import InvalidRequest
 
 # Room for a PAGES header and page-number lists on top of the data of one chunk.
 _CHUNK_SLACK = 64 << 10

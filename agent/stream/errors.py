@@ -25,7 +25,8 @@ subclass and its `reason` name the kind of failure.
 
 from __future__ import annotations
 
-from agent.errors import DigestMismatch, FerrymanError
+from agent.errors import DigestMismatch
+from core.errors import FerrymanError
 
 
 class StreamError(FerrymanError):

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 from agent.config import CapacityConfig
-from agent.errors import ConfigError
 from agent.telemetry import procfs
 from agent.telemetry.host import online_cpus
+from core.errors import ConfigError
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 

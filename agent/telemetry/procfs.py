@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.errors import FerrymanError
+from core.errors import FerrymanError
 
 SECTOR_BYTES = 512
 """/proc/diskstats counts 512-byte sectors whatever the device's real sector size."""

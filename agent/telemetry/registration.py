@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from agent.checkpoint.features import detect as detect_criu
 from agent.config import AgentConfig
-from agent.errors import FerrymanError
 from agent.telemetry.capacity import HostCapacity
+from core.errors import FerrymanError
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from agent.config import TelemetryConfig
-from agent.errors import FerrymanError
 from agent.telemetry import procfs
 from agent.telemetry.containers import ContainerReading
 from agent.telemetry.events import CounterDelta, EdacErrors, NoticeFile
 from agent.telemetry.host import HostPaths, HostReading, online_cpus, read_host, whole_disks
+from core.errors import FerrymanError
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)

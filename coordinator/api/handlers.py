@@ -7,16 +7,17 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agent.api.handlers import _check_keys, _json_type, _positive, _str, check_container_id, read_object
-from agent.config import MIGRATION_MODES
-from agent.errors import InvalidRequest
-from agent.security.pki import validate_name
 from coordinator.app import Coordinator
 from coordinator.auth import Principal, authenticate, require_agent, require_ops
 from coordinator.model import Capacity
 from coordinator.orchestrator import AUTO
 from coordinator.placement import Need
 from coordinator.wire import MAX_BODY_BYTES, parse_message
+from core.config import MIGRATION_MODES
+from core.errors import InvalidRequest
+from core.http.validate import check_keys, json_type, positive_field, read_object, str_field
+from core.ids import check_container_id
+from core.security.pki import validate_name
 from proto.ferryman.v1 import fleet_pb2
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
@@ -168,17 +169,17 @@ async def uncordon_host(request: web.Request) -> web.Response:
 async def start_migration(request: web.Request) -> web.Response:
     principal = _ops(request)
     body = await read_object(request)
-    _check_keys(body, {"container", "to", "mode"}, {"container"}, "body")
-    container = _str(body, "container", "body")
+    check_keys(body, {"container", "to", "mode"}, {"container"}, "body")
+    container = str_field(body, "container", "body")
     assert container is not None
     check_container_id(container)
-    to = _str(body, "to", "body", optional=True) or AUTO
+    to = str_field(body, "to", "body", optional=True) or AUTO
     if to != AUTO:
         try:
             validate_name(to)
         except Exception as exc:
             raise InvalidRequest(f'body.to: expected "auto" or a host name, got {to!r}') from exc
-    mode = _str(body, "mode", "body", optional=True)
+    mode = str_field(body, "mode", "body", optional=True)
     if mode is not None and mode not in MIGRATION_MODES:
         raise InvalidRequest(f"body.mode: expected one of {', '.join(MIGRATION_MODES)}, got {mode!r}")
     migration = await request.app[COORDINATOR].migrations.request(
@@ -234,8 +235,8 @@ async def get_model(request: web.Request) -> web.Response:
 async def activate_model(request: web.Request) -> web.Response:
     _ops(request)
     body = await read_object(request)
-    _check_keys(body, {"path"}, {"path"}, "body")
-    path = _str(body, "path", "body")
+    check_keys(body, {"path"}, {"path"}, "body")
+    path = str_field(body, "path", "body")
     assert path is not None
     coordinator = request.app[COORDINATOR]
     await coordinator.predictions.activate(path)
@@ -278,9 +279,9 @@ async def list_reservations(request: web.Request) -> web.Response:
 def _capacity(body: dict[str, Any]) -> Capacity:
     raw = body.get("capacity")
     if not isinstance(raw, dict):
-        raise InvalidRequest(f"body.capacity: expected an object, got {_json_type(raw)}")
-    _check_keys(raw, _CAPACITY_FIELDS, set(), "body.capacity")
-    values = {k: _positive(raw, k, "body.capacity", integer=True) or 0 for k in _CAPACITY_FIELDS}
+        raise InvalidRequest(f"body.capacity: expected an object, got {json_type(raw)}")
+    check_keys(raw, _CAPACITY_FIELDS, set(), "body.capacity")
+    values = {k: positive_field(raw, k, "body.capacity", integer=True) or 0 for k in _CAPACITY_FIELDS}
     return Capacity(**values)
 
 
@@ -297,11 +298,11 @@ async def place_reservation(request: web.Request) -> web.Response:
     """Place and reserve: the best eligible host (`host: "auto"`) or the one named."""
     _ops(request)
     body = await read_object(request)
-    _check_keys(body, {"capacity", "host", "ttl", "purpose", "image", "layers"}, {"capacity"}, "body")
-    host = _str(body, "host", "body", optional=True) or AUTO
-    ttl = _positive(body, "ttl", "body", integer=False)
-    purpose = _str(body, "purpose", "body", optional=True) or "ops"
-    image = _str(body, "image", "body", optional=True) or ""
+    check_keys(body, {"capacity", "host", "ttl", "purpose", "image", "layers"}, {"capacity"}, "body")
+    host = str_field(body, "host", "body", optional=True) or AUTO
+    ttl = positive_field(body, "ttl", "body", integer=False)
+    purpose = str_field(body, "purpose", "body", optional=True) or "ops"
+    image = str_field(body, "image", "body", optional=True) or ""
     need = Need(capacity=_capacity(body), layers=_layers(body), image=image)
     placer = request.app[COORDINATOR].placer
     reservation = await placer.place(need, purpose, only=None if host == AUTO else host, ttl=ttl)

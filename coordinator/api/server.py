@@ -13,12 +13,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from agent.api.errors import error_middleware
-from agent.api.server import JsonAccessLogger
-from agent.security.tls import server_context
 from coordinator.api import handlers as h
 from coordinator.app import Coordinator
 from coordinator.wire import MAX_BODY_BYTES
+from core.http.access_log import JsonAccessLogger
+from core.http.errors import error_middleware
+from core.security.tls import server_context
 
 log = logging.getLogger(__name__)
 

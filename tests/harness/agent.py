@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agent.app import Agent
 from agent.config import AgentConfig, ContainerdConfig, PullConfig, RegistryConfig, RuntimeConfig
-from agent.errors import FerrymanError
+from core.errors import FerrymanError
 from tests.harness.containerd import PrivateContainerd
 
 

@@ -1,4 +1,4 @@
-"""Run `ferryman-coordinator` as a real process for tests, with a fleet CA made by agent/security/pki.py.
+"""Run `ferryman-coordinator` as a real process for tests, with a fleet CA made by core/security/pki.py.
 
 `CoordinatorPki` issues the coordinator's server certificate (host name "coordinator", role agent),
 its ops certificate for calling agents, agent certificates and operator certificates.
@@ -23,9 +23,9 @@ from typing import Any
 
 import aiohttp
 
-from agent.security.pki import HostCertPaths, init_ca, issue_client, issue_host
-from agent.security.tls import client_context
 from coordinator.auth import hash_token
+from core.security.pki import HostCertPaths, init_ca, issue_client, issue_host
+from core.security.tls import client_context
 from tests.harness.netns import acall_in_netns, nsenter_argv
 
 REPO = Path(__file__).resolve().parents[2]

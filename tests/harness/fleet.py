@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.checkpoint.criuconf import MASKED_DIRS
-from agent.security.pki import HostCertPaths, init_ca, issue_client, issue_host
+from core.security.pki import HostCertPaths, init_ca, issue_client, issue_host
 from tests.harness.coordinator import COORDINATOR_NAME, CoordinatorPki, CoordinatorProcess, new_token
 from tests.harness.mesh import AGENT_NAMESPACE, Mesh, MeshHost
 from tests.harness.netns import acall_in_netns

@@ -3,7 +3,7 @@
 See docs/security.md for the trust model.
 """
 
-from agent.security.pki import (
+from core.security.pki import (
     CaPaths,
     HostCertPaths,
     PkiError,
@@ -12,7 +12,7 @@ from agent.security.pki import (
     issue_client,
     issue_host,
 )
-from agent.security.tls import (
+from core.security.tls import (
     HostId,
     PeerIdentityError,
     TlsConfigError,

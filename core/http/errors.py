@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from agent.errors import FerrymanError
+from core.errors import FerrymanError
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from agent.errors import ConfigError, FerrymanError
-from agent.security.pki import PkiError, Role, load_certificate, load_certificates, validate_name
+from core.errors import ConfigError, FerrymanError
+from core.security.pki import PkiError, Role, load_certificate, load_certificates, validate_name
 
 HostId = NewType("HostId", str)
 """A verified peer's identity: the CN (and, for agents, the DNS SAN) of its certificate."""

@@ -8,7 +8,7 @@ One self-signed EC P-256 root (the fleet CA) signs every certificate the fleet t
 * operator certificates (role `ops`): subject `O=ferryman, OU=ops, CN=<name>`, no SANs, clientAuth
   only, so an operator identity can never pose as an agent's server end.
 
-The subject OU is the role marker; `agent.security.tls.peer_role` reads it back after a handshake.
+The subject OU is the role marker; `core.security.tls.peer_role` reads it back after a handshake.
 Private keys are written 0600 (created that way, never chmod-ed down after the fact) and files are
 replaced atomically, so a reader never sees half a key.
 """
@@ -19,7 +19,6 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,7 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.errors import AlreadyExists, FerrymanError, InvalidRequest
+from core.errors import AlreadyExists, FerrymanError, InvalidRequest
+from core.files import atomic_write
 
 ORGANIZATION = "ferryman"
 
@@ -98,7 +98,7 @@ class CaPaths:
 class HostCertPaths:
     """The three files one TLS endpoint loads: the fleet CA, its own certificate and its key.
 
-    Field names match `agent.config.TlsConfig`, so either can be handed to `agent.security.tls`.
+    Field names match `agent.config.TlsConfig`, so either can be handed to `core.security.tls`.
     Operator (ops) certificates use the same shape.
     """
 
@@ -138,32 +138,17 @@ def parse_addresses(addresses: Sequence[str]) -> list[ipaddress.IPv4Address | ip
     return out
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write via a same-directory temp file created with `mode`, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)  # mkstemp creates 0600; certificates are then widened to 0644
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _atomic_write(path, pem, 0o600)
+    atomic_write(path, pem, mode=0o600)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    _atomic_write(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
 def _subject(common_name: str, role: Role | None = None) -> x509.Name:

@@ -1,0 +1,64 @@
+"""The error tree every ferryman program shares: agent, coordinator and ferryctl.
+
+Every error carries a stable `code` (used in API responses) and an HTTP status. Adapters raise these
+`from` the library error they wrap, so the original stays in the traceback.
+
+FerrymanError
+├── ConfigError                 bad or missing configuration
+├── InvalidRequest              a caller's input is wrong (bad reference, bad override)
+├── NotFound                    something asked for does not exist
+│   └── ContainerNotFound
+├── AlreadyExists
+└── Conflict                    the object is in the wrong state for the request
+
+Each program extends the tree next to the code that raises it:
+  agent/errors.py               containerd, registry, digest and layer errors
+  agent/stream/errors.py        StreamError and StreamIntegrityError
+  core/security/                PkiError, TlsConfigError (a ConfigError), PeerIdentityError
+  agent/checkpoint/             CriuUnavailable, IncompleteImage, RuncCheckpointError
+  agent/migration/              PeerFailed, InsufficientSpace, IllegalTransition (a Conflict), ...
+  agent/network/                NetworkError, UplinkNotFound
+  coordinator/                  its store, placement and agent-call errors
+"""
+
+from __future__ import annotations
+
+
+class FerrymanError(Exception):
+    """Base of every error ferryman raises on purpose."""
+
+    code = "internal"
+    http_status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(FerrymanError):
+    code = "config_invalid"
+    http_status = 500
+
+
+class InvalidRequest(FerrymanError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class NotFound(FerrymanError):
+    code = "not_found"
+    http_status = 404
+
+
+class ContainerNotFound(NotFound):
+    code = "container_not_found"
+
+
+class AlreadyExists(FerrymanError):
+    code = "already_exists"
+    http_status = 409
+
+
+class Conflict(FerrymanError):
+    code = "conflict"
+    http_status = 409

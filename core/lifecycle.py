@@ -1,0 +1,68 @@
+"""Daemon lifecycle shared by ferryman-agent and ferryman-coordinator.
+
+Signals only set a flag; shutdown then runs in order (stop serving, close services). systemd hears
+READY and STOPPING through sd_notify. `run_to_exit_code` maps failures to the exit codes both
+daemons document: 0 clean, 1 failure, 2 configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+from core import sdnotify
+from core.errors import ConfigError, FerrymanError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT only set `stop`: all shutdown work happens in order after it."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def serve_until(stop: asyncio.Event, what: str, **ready: object) -> None:
+    """Tell systemd and the log that `what` is ready, wait for `stop`, then say it is stopping."""
+    sdnotify.notify("READY=1")
+    log.info(f"{what} ready", extra=ready)
+    await stop.wait()
+    log.info("shutting down")
+    sdnotify.notify("STOPPING=1")
+
+
+def run_to_exit_code(what: str, main: Coroutine[Any, Any, int]) -> int:
+    """asyncio.run(main) with the exit codes and last words every ferryman daemon uses."""
+    try:
+        return asyncio.run(main)
+    except ConfigError as exc:
+        # Some settings (listen address, password files) are only checked when used.
+        log.error(f"configuration error: {exc.message}", extra={"code": exc.code})
+        return EXIT_CONFIG
+    except FerrymanError as exc:
+        log.error(f"{what} failed: {exc.message}", extra={"code": exc.code})
+        return EXIT_FAILURE
+    except OSError as exc:
+        log.error(f"{what} failed: {exc}", extra={"code": "os_error"})
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C before the handlers were installed
+    except Exception:
+        log.exception(f"{what} crashed")
+        return EXIT_FAILURE
