@@ -10,15 +10,17 @@ PYTHON := $(VENV)/bin/python
 export PATH := /usr/local/sbin:/usr/local/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup check-host test demo lint typecheck bench verify-unit
+.PHONY: help setup check-host test static static-only demo lint typecheck lint-imports bench verify-unit
 
 help:
 	@echo "make setup        install/verify host packages, CRIU, the venv ($(VENV)) and stubs"
 	@echo "make check-host   verify the host only, change nothing"
-	@echo "make test         setup, then the whole pytest suite (PYTEST_ARGS=... to pass options)"
+	@echo "make test         setup, the static checks, then the whole pytest suite (PYTEST_ARGS=...)"
+	@echo "make static       ruff, mypy and lint-imports (the import contracts), failing on any finding"
 	@echo "make demo         setup, then scripts/demo"
 	@echo "make lint         ruff check"
 	@echo "make typecheck    mypy"
+	@echo "make lint-imports the import contracts in pyproject.toml (import-linter)"
 	@echo "make bench        setup, then every bench/*.py"
 	@echo "make verify-unit  systemd-analyze verify the agent and coordinator units"
 
@@ -28,9 +30,18 @@ setup:
 check-host:
 	scripts/setup-host --venv $(VENV) --check
 
+# The static checks run first (seconds); any finding fails the target before the suite starts.
 # pytest's exit code fails the recipe as it is, including 5 (no tests collected).
 test: setup
+	$(MAKE) --no-print-directory static-only
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+static: setup static-only
+
+static-only:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 demo: setup
 	@test -f scripts/demo || { echo "scripts/demo does not exist yet" >&2; exit 1; }
@@ -41,6 +52,9 @@ lint: setup
 
 typecheck: setup
 	$(VENV)/bin/mypy
+
+lint-imports: setup
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	@set -e; found=0; \
