@@ -3,7 +3,7 @@
 See docs/stream.md for the frame layout, key schedule and error semantics.
 """
 
-from agent.stream.channel import Channel, Counters, StreamOptions, accept_receiver, establish, open_sender
+from agent.stream.channel import Channel
 from agent.stream.errors import (
     AuthenticationFailed,
     ConnectionLost,
@@ -23,7 +23,9 @@ from agent.stream.errors import (
 )
 from agent.stream.files import FileSink, ReceivedFile
 from agent.stream.frames import Control, FileChunk, FileDone, FileStart, Kind, Message, PageBatch
+from agent.stream.handshake import accept_receiver, establish, open_sender
 from agent.stream.net import TlsSocket, accept_tls, connect_tls
+from agent.stream.options import Counters, StreamOptions
 from agent.stream.seal import Compression
 
 __all__ = [

@@ -19,7 +19,7 @@ they go to the socket.
 
 `leave_tls()` ends TLS record protection on an established connection: from then on bytes go to
 and come from the TCP socket as they are. The stream does that after its HELLOs, once its own
-AEAD frames protect everything (see channel.establish); the identity checks stay TLS's.
+AEAD frames protect everything (see handshake.establish); the identity checks stay TLS's.
 """
 
 from __future__ import annotations

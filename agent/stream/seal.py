@@ -12,7 +12,7 @@ Nonce rule: 4-byte direction prefix (1 = initiator->responder, 2 = responder->in
 the frame's 64-bit sequence number. Sequence numbers only go up within a direction and every
 direction has its own key, so a (key, nonce) pair is never used twice.
 
-Header protection (only when the channel has left TLS records, see channel.establish): a second
+Header protection (only when the channel has left TLS records, see handshake.establish): a second
 key per direction, HKDF with the label + " header", masks each sealed frame's 32-byte header with
 AES-256-CTR keyed by it and started at the frame's first 16 ciphertext bytes (the scheme of QUIC,
 RFC 9001 5.4). The header stays the AEAD's associated data, so a flipped header bit is still
@@ -92,7 +92,7 @@ class Hello:
     max_frame: int
     version: int = PROTOCOL_VERSION
     direct: bool = False
-    """This side can and wants to leave TLS records after the HELLOs (see channel.establish)."""
+    """This side can and wants to leave TLS records after the HELLOs (see handshake.establish)."""
 
     def encode(self) -> bytes:
         return encode_json(
