@@ -6,7 +6,8 @@ All of it is synchronous CPU work; the coordinator calls it through `asyncio.to_
 - `ModelRegistry`: the active model plus the previous one (rollback), `activate(path)` that keeps
   the current model when the new one fails to load, and `consider(candidate, holdout)` that
   activates a retrained model only if it beats the current one on a held-out window.
-- `retrain(...)`: runs models/drain/train.py on recorded telemetry in a separate, niced process
+- `retrain(...)`: runs `python -m models.drain.train` (the `train` extra) on recorded telemetry in a
+  separate, niced process
   (scikit-learn is a training-only dependency and the fit must not starve the event loop).
 """
 
@@ -329,7 +330,8 @@ class ModelRegistry:
 
 # --- retraining -------------------------------------------------------------------------------------
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "models" / "drain" / "train.py"
+TRAIN_MODULE = "models.drain.train"
+"""Installed with the `train` extra; run as `python -m`, so scikit-learn never loads in the coordinator."""
 
 
 def retrain(
@@ -342,7 +344,7 @@ def retrain(
     timeout: float = 1800.0,
     nice: int = 10,
     python: str = sys.executable,
-    script: Path = TRAIN_SCRIPT,
+    module: str = TRAIN_MODULE,
     extra_args: Sequence[str] = (),
 ) -> Path:
     """Train a candidate on recorded traces in a child process (one thread, niced, bounded time).
@@ -350,13 +352,16 @@ def retrain(
     Blocks; call it with asyncio.to_thread. Returns `out_path`; RetrainError on any failure.
     """
     out = Path(out_path)
+    if not _trainable(python, module):
+        raise RetrainError(f"retraining needs the train extra (pip install 'ferryman[train]'): {python} lacks {module}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory(prefix="ferryman-retrain-") as tmp:
         data = Path(tmp) / "traces.npz"
         save_traces(data, traces)
         cmd = [
             python,
-            str(script),
+            "-m",
+            module,
             "--recorded",
             str(data),
             "--out",
@@ -391,3 +396,12 @@ def retrain(
     if not out.is_file():
         raise RetrainError(f"retraining wrote no model at {out}")
     return out
+
+
+def _trainable(python: str, module: str) -> bool:
+    """Whether `python` can import `module` and scikit-learn (looked up without importing them)."""
+    probe = f"import importlib.util as u, sys; sys.exit(0 if u.find_spec({module!r}) and u.find_spec('sklearn') else 1)"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False

@@ -3,6 +3,8 @@ rollback, candidate-vs-current gating both ways, and retraining in a child proce
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -196,4 +198,14 @@ def test_retrain_on_recorded_traces_in_a_child_process(
 def test_failed_retraining_is_a_retrain_error(tmp_path: Path) -> None:
     with pytest.raises(RetrainError, match="no recorded samples"):
         retrain([], tmp_path / "candidate.onnx", timeout=120)
+    assert not (tmp_path / "candidate.onnx").exists()
+
+
+def test_retraining_without_the_train_extra_says_so(tmp_path: Path) -> None:
+    """A Python without the training code (no `ferryman[train]`) fails the round with that reason."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    traces = [h.trace for h in generate_fleet(replace(FLEET, seed=23, n_hosts=2, days=1.0))]
+    with pytest.raises(RetrainError, match=r"ferryman\[train\]"):
+        retrain(traces, tmp_path / "candidate.onnx", python=str(bare / "bin" / "python"), timeout=60)
     assert not (tmp_path / "candidate.onnx").exists()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from scipy.signal import lfilter
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from coordinator.features import EVENTS, FIELDS, HostTrace, save_traces
 

@@ -1,7 +1,7 @@
 """Train the drain model: P(host drained within H), exported to ONNX with its model card.
 
-    .venv/bin/python models/drain/train.py                 # the shipped model (drain.onnx, card.*)
-    .venv/bin/python models/drain/train.py --recorded traces.npz --out candidate.onnx --threads 1
+    .venv/bin/python -m models.drain.train                 # the shipped model (drain.onnx, card.*)
+    .venv/bin/python -m models.drain.train --recorded traces.npz --out candidate.onnx --threads 1
 
 The first form generates the training fleet (generate.py), splits it by host AND time, trains,
 verifies onnxruntime against scikit-learn and writes drain.onnx, card.json and card.md next to this
@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from coordinator.features import (
     BIN_S,
