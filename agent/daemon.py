@@ -17,6 +17,7 @@ from typing import Any
 from agent.api import build_app, parse_listen, serve
 from agent.config import AgentConfig, load_config
 from agent.malloc import keep_freed_memory
+from agent.migration.failpoints import Failpoints
 from core.errors import ConfigError
 from core.lifecycle import EXIT_CONFIG, EXIT_OK, run_to_exit_code, serve_until, stop_on_signals
 from core.logs import parse_level, setup_logging
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         level = args.log_level or config.log_level
         parse_level(level)
         parse_listen(config.api.listen)  # fail here, not after containerd has been connected
+        Failpoints.from_env()  # armed fault injection outside the test harness is refused
     except ConfigError as exc:
         log.error(f"configuration error: {exc.message}", extra={"code": exc.code, "config": args.config})
         return EXIT_CONFIG

@@ -27,6 +27,7 @@ import pytest
 from agent import daemon
 from agent.config import AgentConfig, ApiConfig, load_config, parse_config
 from agent.metrics import AgentMetrics
+from agent.migration.failpoints import Failpoints, FailpointsRefused
 from core import sdnotify
 from core.errors import ConfigError
 
@@ -345,3 +346,32 @@ def test_daemon_sigterm_graceful_exit_0(short_dir: Path) -> None:
     messages = [r["msg"] for r in records]
     assert "agent ready" in messages and "shutting down" in messages and messages[-1] == "agent stopped"
     assert not (short_dir / "agent.sock").exists()
+
+
+def test_failpoints_outside_the_test_harness_refuse_to_start(short_dir: Path) -> None:
+    """FERRYMAN_FAILPOINTS alone (a stray variable in a production unit) is a configuration error."""
+    config = short_dir / "agent.toml"
+    config.write_text(f'[api]\nlisten = "unix://{short_dir}/agent.sock"\n')
+    script = short_dir / "fake_daemon.py"
+    script.write_text(_SIGTERM_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "FERRYMAN_TEST_HARNESS"}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--config", str(config)],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO), "FERRYMAN_FAILPOINTS": "stream.corrupt_frame=40"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == daemon.EXIT_CONFIG, proc.stderr
+    assert "fault injection is test-only" in proc.stderr
+    assert not (short_dir / "agent.sock").exists()
+
+
+def test_failpoints_arm_only_with_the_harness_switch() -> None:
+    spec = {"FERRYMAN_FAILPOINTS": "target.restore=exit,source.stopcopy"}
+    with pytest.raises(FailpointsRefused):
+        Failpoints.from_env(spec)
+    armed = Failpoints.from_env({**spec, "FERRYMAN_TEST_HARNESS": "1"})
+    assert armed.action("target.restore") == "exit" and armed.action("source.stopcopy") == "error"
+    assert Failpoints.from_env({}).action("target.restore") is None

@@ -2,6 +2,9 @@
 
 Switched on by the environment of the agent process, never by its config file:
   FERRYMAN_FAILPOINTS="target.restore=exit,source.precopy.round2=sleep:5"
+Fault injection is for tests only: it also needs FERRYMAN_TEST_HARNESS=1, which only the test
+harness sets. An agent that finds FERRYMAN_FAILPOINTS without it refuses to start (a configuration
+error), so a stray variable in a production unit can neither corrupt a stream nor kill a migration.
 Actions: exit (the process dies on the spot, like kill -9), error (the step fails), sleep:SECONDS,
 and step-specific words a caller asks for with `action()` (e.g. corrupt).
 """
@@ -13,14 +16,20 @@ import logging
 import os
 from collections.abc import Mapping
 
-from core.errors import FerrymanError
+from core.errors import ConfigError, FerrymanError
 
 log = logging.getLogger(__name__)
 ENV = "FERRYMAN_FAILPOINTS"
+HARNESS_ENV = "FERRYMAN_TEST_HARNESS"
+"""Set to "1" by the test harness only; without it armed failpoints are refused."""
 
 
 class FailpointError(FerrymanError):
     code = "failpoint"
+
+
+class FailpointsRefused(ConfigError):
+    code = "failpoints_refused"
 
 
 class Failpoints:
@@ -33,6 +42,11 @@ class Failpoints:
         for item in filter(None, (part.strip() for part in environ.get(ENV, "").split(","))):
             name, _, action = item.partition("=")
             spec[name] = action or "error"
+        if spec and environ.get(HARNESS_ENV) != "1":
+            raise FailpointsRefused(
+                f"{ENV} is set, but fault injection is test-only (the test harness also sets {HARNESS_ENV}=1): "
+                f"remove {ENV} from the agent's environment"
+            )
         if spec:
             log.warning("failpoints armed", extra={"failpoints": spec})
         return cls(spec)

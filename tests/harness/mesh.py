@@ -209,7 +209,7 @@ class MeshHost(Node):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C meant for the test/CLI must not kill it before teardown
-                env={**os.environ, **self.agent_env},
+                env={**os.environ, **self.agent_env, "FERRYMAN_TEST_HARNESS": "1"},
             )
         try:
             await self._wait_agent_ready(within)
