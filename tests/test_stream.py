@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import ssl
+import stat
 import threading
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -66,6 +67,7 @@ from agent.stream.frames import (
     HEADER,
     HEADER_SIZE,
     PAGE_HEADER,
+    PROTOCOL_VERSION,
     Kind,
     check_path,
     decode_pages,
@@ -1113,6 +1115,20 @@ def test_hello_rejects_garbage() -> None:
             Hello.decode(payload)
     good = Hello("m", "h", True, os.urandom(32), 4 * MIB)
     assert Hello.decode(good.encode()) == good
+    newer = Hello("m", "h", True, os.urandom(32), 4 * MIB, version=PROTOCOL_VERSION + 1)
+    with pytest.raises(StreamHandshakeError, match="stream version"):
+        Hello.decode(newer.encode())
+
+
+async def test_received_files_keep_no_setuid_or_group_write(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path)
+    data = b"#!/bin/sh\n"
+    digest = hashlib.sha256(data).hexdigest()
+    await sink.feed(FileStart("tool", len(data), 0o6777, digest))
+    await sink.feed(FileChunk("tool", 0, data))
+    done = await sink.feed(FileDone("tool", len(data), digest))
+    assert done is not None
+    assert stat.S_IMODE(done.path.stat().st_mode) == 0o755
 
 
 def test_options_are_validated() -> None:

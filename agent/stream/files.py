@@ -35,6 +35,10 @@ class _Open:
     handle: BufferedWriter
 
 
+RECEIVED_MODE_MASK = 0o755
+"""The mode bits a received file may keep from the sender's."""
+
+
 class FileSink:
     """Materialises the files of one channel under `root`. Feed it every message; it ignores the
     ones that are not about files. Call discard() when the stream fails."""
@@ -87,7 +91,9 @@ class FileSink:
         handle.flush()
         if self._fsync:
             os.fsync(handle.fileno())
-        os.fchmod(handle.fileno(), current.start.mode)
+        # Permission bits only, and never group/other write: a peer is authenticated, not trusted to
+        # make setuid, setgid or world-writable files here.
+        os.fchmod(handle.fileno(), current.start.mode & RECEIVED_MODE_MASK)
         handle.close()
         current.temp.replace(current.target)
 

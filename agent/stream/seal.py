@@ -119,6 +119,8 @@ class Hello:
         max_frame = obj.get("max_frame")
         if not isinstance(version, int) or not isinstance(migration, str) or not isinstance(host, str):
             raise StreamHandshakeError("HELLO lacks version, migration or host")
+        if version != PROTOCOL_VERSION:
+            raise StreamHandshakeError(f"peer's HELLO speaks stream version {version}, we speak {PROTOCOL_VERSION}")
         if role not in ("initiator", "responder"):
             raise StreamHandshakeError(f"HELLO has bad role {role!r}")
         if not isinstance(max_frame, int) or max_frame < 64 << 10:
