@@ -35,7 +35,7 @@ async def test_there_and_back_with_state_intact(mesh: Mesh) -> None:
     await run_memhog(h1, mesh, "hog", resident_mib=16, rewrite_mbps=1)
     before = await memhog_status(h1, "hog")
 
-    record = await migrate(h1, "hog", "h2", downtime_target_ms=300, max_iterations=4)
+    record = await migrate(h1, "hog", "h2", downtime_target_ms=300, max_iterations=4, mode="precopy")
     assert record["state"] == "COMMIT", record
     stats = record["stats"]
     assert stats["iterations"] >= 1 and stats["bytes_wire"] > 0 and stats["downtime_ms"] > 0
@@ -56,7 +56,7 @@ async def test_there_and_back_with_state_intact(mesh: Mesh) -> None:
     assert target_record["role"] == "target" and target_record["state"] == "COMMIT"
 
     # And back: a container that was itself restored migrates again.
-    back = await migrate(h2, "hog", "h1")
+    back = await migrate(h2, "hog", "h1")  # the production default, auto
     assert back["state"] == "COMMIT", back
     assert task_states(h1) == {"hog": "RUNNING"}
     await asyncio.sleep(0.3)
@@ -77,7 +77,7 @@ async def test_precopy_rounds_through_criu_dumps(mesh: Mesh) -> None:
     h1.settings["migration"] = {**h1.settings.get("migration", {}), "live_precopy": False}
     await h1.start_agent()
     await run_memhog(h1, mesh, "hog", resident_mib=16, rewrite_mbps=1)
-    record = await migrate(h1, "hog", "h2", downtime_target_ms=1, max_iterations=3)
+    record = await migrate(h1, "hog", "h2", downtime_target_ms=1, max_iterations=3, mode="precopy")
     assert record["state"] == "COMMIT", record
     stats = record["stats"]
     soft_dirty = (await detect_criu()).mem_dirty_track

@@ -2,7 +2,8 @@
 
 Failpoints (agent/migration/failpoints.py) kill or break an agent at a named step; the mesh cuts
 links. After each fault the source's copy must be running with its memory verified by the workload
-itself, its counter still counting, and the target must hold nothing of it.
+itself, its counter still counting, and the target must hold nothing of it. These are pre-copy's
+failure semantics, so each migration pins mode=precopy; post-copy's are in test_postcopy.py.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ async def test_target_killed(mesh: Mesh, point: str) -> None:
     h1, h2 = mesh["h1"], mesh["h2"]
     await restart_with(h2, f"{point}=exit")
     beats = await start_workload(mesh)
-    record = await migrate(h1, "hog", "h2", max_iterations=3)
+    record = await migrate(h1, "hog", "h2", max_iterations=3, mode="precopy")
     assert record["state"] == "ROLLBACK", record
     await wait_for_agent_exit(h2)
     await restart_with(h2, None)  # its recovery removes whatever it had built
@@ -74,7 +75,7 @@ async def test_target_killed_after_restoring_waits_for_the_source(mesh: Mesh) ->
     h1, h2 = mesh["h1"], mesh["h2"]
     await restart_with(h2, "target.restored=exit")
     beats = await start_workload(mesh)
-    record = await migrate(h1, "hog", "h2")
+    record = await migrate(h1, "hog", "h2", mode="precopy")
     assert record["state"] == "ROLLBACK", record
     await wait_for_agent_exit(h2)
     assert "hog" in h2.ctr("containers", "ls", "-q").stdout  # the paused copy is still there...
@@ -94,7 +95,7 @@ async def test_source_killed_during_precopy_then_restarted(mesh: Mesh) -> None:
     await restart_with(h1, "source.precopy.round2=exit")
     beats = await start_workload(mesh)
     # A 1 ms downtime target: round one alone can never predict it, so a second round starts.
-    body = {"container": "hog", "target": "h2", "downtime_target_ms": 1}
+    body = {"container": "hog", "target": "h2", "downtime_target_ms": 1, "mode": "precopy"}
     async with h1.session() as http, http.post("/v1/migrations", json=body) as r:
         assert r.status == 202
     await wait_for_agent_exit(h1)
@@ -113,7 +114,7 @@ async def test_source_killed_during_precopy_then_restarted(mesh: Mesh) -> None:
 async def test_link_cut_mid_stream(mesh: Mesh) -> None:
     h1, h2 = mesh["h1"], mesh["h2"]
     beats = await start_workload(mesh, mib=256)
-    task = asyncio.create_task(migrate(h1, "hog", "h2", max_iterations=4))
+    task = asyncio.create_task(migrate(h1, "hog", "h2", max_iterations=4, mode="precopy"))
     for _ in range(300):  # cut as soon as the first round streams
         migrations = (await api(h1, "GET", "/v1/migrations"))["migrations"]
         if migrations and migrations[-1]["state"] == "PRECOPY":
@@ -144,7 +145,7 @@ async def test_target_disk_too_small(mesh: Mesh, tmp_path: Path) -> None:
         h2.settings["migration"] = {"work_dir": str(small)}
         await h2.start_agent()
         beats = await start_workload(mesh, mib=32)
-        record = await migrate(h1, "hog", "h2")
+        record = await migrate(h1, "hog", "h2", mode="precopy")
         assert record["state"] == "ROLLBACK"
         assert "free" in record["error"] or "space" in record["error"]
         await assert_runs_once_on(h1, h2, beats)
@@ -157,7 +158,7 @@ async def test_criu_restore_failure_on_target(mesh: Mesh) -> None:
     h1, h2 = mesh["h1"], mesh["h2"]
     await restart_with(h2, "target.corrupt_images=corrupt")
     beats = await start_workload(mesh)
-    record = await migrate(h1, "hog", "h2")
+    record = await migrate(h1, "hog", "h2", mode="precopy")
     assert record["state"] == "ROLLBACK", record
     assert "restore" in record["error"].lower() or "criu" in record["error"].lower()
     await assert_runs_once_on(h1, h2, beats)
@@ -169,7 +170,7 @@ async def test_corrupted_chunk_is_refused(mesh: Mesh) -> None:
     h1, h2 = mesh["h1"], mesh["h2"]
     await restart_with(h1, "stream.corrupt_frame=10")
     beats = await start_workload(mesh)
-    record = await migrate(h1, "hog", "h2")
+    record = await migrate(h1, "hog", "h2", mode="precopy")
     assert record["state"] == "ROLLBACK", record
     await assert_runs_once_on(h1, h2, beats)
     [target_record] = (await api(h2, "GET", "/v1/migrations"))["migrations"]
@@ -184,7 +185,8 @@ async def test_source_killed_right_after_deciding(mesh: Mesh) -> None:
     h1, h2 = mesh["h1"], mesh["h2"]
     await restart_with(h1, "source.decided=exit")
     beats = await start_workload(mesh)
-    async with h1.session() as http, http.post("/v1/migrations", json={"container": "hog", "target": "h2"}) as r:
+    body = {"container": "hog", "target": "h2", "mode": "precopy"}
+    async with h1.session() as http, http.post("/v1/migrations", json=body) as r:
         assert r.status == 202
     await wait_for_agent_exit(h1)
     assert task_states(h2).get("hog") == "PAUSED"  # not resumed without the decision...

@@ -30,13 +30,13 @@ HTTP_PORT = 8080
 
 def fleet_config(mesh: Mesh, host: MeshHost, idle_timeout: float) -> str:
     """TLS files, peers and the [migration] table; `host.settings["migration"]` overrides its keys and
-    `host.settings["capacity"]` adds a [capacity] table."""
+    `host.settings["capacity"]` adds a [capacity] table. The migration mode is the production default
+    (`auto`): a test about one mode passes `mode=` with its migration."""
     pki = mesh.dir / "pki" / host.name
     migration: dict[str, object] = {
         "work_dir": f"/dev/shm/ferryman-{mesh.prefix}-{host.name}",
         "idle_timeout": idle_timeout,
         "decision_timeout": 60.0,
-        "mode": "precopy",  # the default for tests written before post-copy; they pass mode= to change it
         **host.settings.get("migration", {}),
     }
     migration_toml = "".join(f"{k} = {json.dumps(v)}\n" for k, v in migration.items())
