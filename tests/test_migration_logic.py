@@ -28,7 +28,7 @@ def test_happy_path_through_every_state() -> None:
         assert state == expected
 
 
-@pytest.mark.parametrize("state", [State.PREPARE, State.PRECOPY, State.STOPCOPY, State.RESTORE, State.SWITCH])
+@pytest.mark.parametrize("state", [State.PREPARE, State.PRECOPY, State.STOPCOPY, State.RESTORE])
 def test_failure_rolls_back_from_any_live_state(state: State) -> None:
     assert next_state(state, Event.FAILED) == State.ROLLBACK
 

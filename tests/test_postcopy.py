@@ -248,7 +248,7 @@ async def test_source_lost_during_postcopy_is_reported(mesh: Mesh) -> None:
     assert "hog" not in h2.ctr("containers", "ls", "-q").stdout  # killed, never left running on zeros
     await restart_with(h1)
     [source] = (await api(h1, "GET", "/v1/migrations"))["migrations"]
-    assert source["state"] == "ROLLBACK" and "POSTCOPY" in source["error"], source
+    assert source["state"] == "NEEDS_OPERATOR" and "POSTCOPY" in source["error"], source
     assert task_states(h1) == {"hog": "PAUSED"}  # frozen as of the switch, for the operator to decide
     assert no_postcopy_helpers() == []
 

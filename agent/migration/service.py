@@ -34,7 +34,7 @@ from agent.migration.link import ControlIn, Link, PeerFailed
 from agent.migration.local import remove_container, resume_if_paused
 from agent.migration.record import MigrationId, MigrationOptions, MigrationRecord
 from agent.migration.source import SourceContext, SourceMigration, resident_bytes
-from agent.migration.states import Event, State, can_roll_back
+from agent.migration.states import Decision, Event, RecoveryAction, State, answer_for, recovery_action
 from agent.migration.target import DecisionPending, TargetContext, TargetMigration
 from agent.model import LABEL_POSTCOPY, LABEL_SERVICE_IP
 from agent.reservations import ReservationBook
@@ -323,17 +323,10 @@ class MigrationService:
 
     async def _answer_query(self, link: Link, peer_host: str, migration_id: str) -> None:
         record = self._records.get(migration_id)
-        if record is None or record.role != "source" or record.peer != peer_host:
-            decision = "rollback"  # we never made it: our copy (if any) is the workload
-        elif record.state in (State.POSTCOPY, State.SWITCH, State.COMMIT):
-            decision = "commit"
-        elif record.state == State.ROLLBACK:
-            decision = "rollback"
-        else:
-            decision = "pending"
+        answer = answer_for(record, peer_host)  # the decision table (states.py)
+        decision = answer.decision
         await link.send("decision", decision=decision)
-        precopy_switch = record is not None and record.state == State.SWITCH and record.options.mode == "precopy"
-        if decision == "commit" and precopy_switch and record is not None:
+        if answer.await_committed and record is not None:
             await link.expect("committed")
             await self._complete_source(record)
 
@@ -343,7 +336,7 @@ class MigrationService:
             raise MigrationNotFound(f"no migration {migration_id} waits here")
         migration = self._waiting.get(migration_id)
         if migration is not None:
-            await self._resolve_target(migration, "commit")
+            await self._resolve_target(migration, Decision.COMMIT)
         state = self._records[migration_id].state
         if state != State.COMMIT:
             raise PeerFailed(f"migration {migration_id} is {state.value}, it cannot commit")
@@ -362,9 +355,9 @@ class MigrationService:
                 try:
                     await link.send("query", migration=record.id)
                     reply = await link.expect("decision")
-                    decision = reply.get("decision")
-                    if decision in ("commit", "rollback") and await self._resolve_target(migration, decision):
-                        if decision == "commit":
+                    decision = Decision.parse(reply.get("decision"))
+                    if decision is not None and decision.final and await self._resolve_target(migration, decision):
+                        if decision is Decision.COMMIT:
                             await link.send("committed")
                         return
                 finally:
@@ -372,19 +365,20 @@ class MigrationService:
             await asyncio.sleep(RESOLVE_INTERVAL)
         log.error("no decision from the source; the restored copy stays paused", extra={"migration": record.id})
 
-    async def _resolve_target(self, migration: TargetMigration, decision: str) -> bool:
+    async def _resolve_target(self, migration: TargetMigration, decision: Decision) -> bool:
         """Apply the source's decision to a restored, paused copy, once (the source may push it while
         we ask for it). Returns True when the migration has that outcome now."""
         async with self._decision_lock:
             current = self._records[migration.record.id]
-            wanted = State.COMMIT if decision == "commit" else State.ROLLBACK
+            commit = decision is Decision.COMMIT
+            wanted = State.COMMIT if commit else State.ROLLBACK
             if current.state != State.RESTORE:
-                return current.state == wanted or (decision == "commit" and current.state == State.POSTCOPY)
+                return current.state == wanted or (commit and current.state == State.POSTCOPY)
             migration.record = current
-            if decision == "commit" and migration.lazy:
+            if commit and migration.lazy:
                 await migration._resume_postcopy()
                 self._spawn(self._finish_postcopy(migration), f"postcopy-{current.id}")
-            elif decision == "commit":
+            elif commit:
                 await migration.commit()
             else:
                 await migration.rollback("the source rolled back")
@@ -429,43 +423,78 @@ class MigrationService:
     # ----- after a restart -------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Finish or roll back what the journal says was in flight when the agent stopped."""
+        """Finish or roll back what the journal says was in flight when the agent stopped: each
+        journaled state has one action (the recovery table in states.py)."""
+        actions = {
+            RecoveryAction.RESUME_SOURCE_AND_FAIL: self._recover_resume_source,
+            RecoveryAction.FINISH_SWITCH: self._recover_finish_switch,
+            RecoveryAction.NEEDS_OPERATOR: self._recover_needs_operator,
+            RecoveryAction.REMOVE_TARGET_COPY_AND_FAIL: self._recover_remove_target_copy,
+            RecoveryAction.ASK_SOURCE: self._recover_ask_source,
+            RecoveryAction.FINISH_POSTCOPY: self._recover_finish_postcopy,
+            RecoveryAction.FINISH_COMMIT: self._recover_finish_commit,
+        }
         for record in [r for r in self._records.values() if not r.done]:
-            reason = f"agent restarted during {record.state.value}"
-            if record.role == "source" and can_roll_back(record.state):
-                await resume_if_paused(self._cd, record.container)
-                await self._release_address(record.container)
-                await self._save(record.advance(Event.FAILED, error=reason))
-            elif record.role == "source" and record.state == State.POSTCOPY:
-                # The page server's session died with the previous process: the target cannot get its
-                # missing pages any more and its pager kills that copy. Ours, frozen at the switch, stays.
-                await self._save(
-                    record.advance(
-                        Event.FAILED,
-                        error=f"{reason}: the pages still here are lost to the target, whose copy is killed; "
-                        "the frozen copy here is kept as of the switch",
-                    )
-                )
-            elif record.role == "target" and record.state == State.POSTCOPY:
-                container = {"id": record.container, "image": record.image, "labels": {}}
-                migration = TargetMigration(self._target_context(), record, {"container": container})
-                migration.lazy = True
-                self._spawn(self._finish_postcopy(migration), f"postcopy-{record.id}")
-            elif record.role == "source" and record.state == State.SWITCH:
-                self._spawn(self._finish_switch(record), f"finish-{record.id}")
-            elif record.role == "target" and record.state == State.RESTORE:
-                try:
-                    labels = (await self._cd.containers.get(record.container)).labels
-                except ContainerdNotFound:
-                    labels = {}
-                container = {"id": record.container, "image": record.image, "labels": labels}
-                migration = TargetMigration(self._target_context(), record, {"container": container})
-                self._waiting[record.id] = migration
-                self._spawn(self._ask_source(migration), f"ask-source-{record.id}")
-            elif record.role == "target":
-                await remove_container(self._cd, record.container, only_migration=record.id)
-                await self._save(record.advance(Event.FAILED, error=reason))
+            await actions[recovery_action(record.role, record.state)](record)
             log.info("recovered migration", extra={"migration": record.id, "state": self._records[record.id].state})
+
+    @staticmethod
+    def _restart_reason(record: MigrationRecord) -> str:
+        return f"agent restarted during {record.state.value}"
+
+    async def _recover_resume_source(self, record: MigrationRecord) -> None:
+        await resume_if_paused(self._cd, record.container)
+        await self._release_address(record.container)
+        await self._save(record.advance(Event.FAILED, error=self._restart_reason(record)))
+
+    async def _recover_needs_operator(self, record: MigrationRecord) -> None:
+        # The page server's session died with the previous process: the target cannot get its
+        # missing pages any more and its pager kills that copy. Ours, frozen at the switch, stays.
+        error = (
+            f"{self._restart_reason(record)}: the pages still here are lost to the target, whose copy is killed; "
+            "the frozen copy here is kept as of the switch"
+        )
+        await self._save(record.advance(Event.LOST, error=error))
+
+    async def _recover_finish_switch(self, record: MigrationRecord) -> None:
+        self._spawn(self._finish_switch(record), f"finish-{record.id}")
+
+    async def _recover_remove_target_copy(self, record: MigrationRecord) -> None:
+        await remove_container(self._cd, record.container, only_migration=record.id)
+        await self._save(record.advance(Event.FAILED, error=self._restart_reason(record)))
+
+    async def _recover_ask_source(self, record: MigrationRecord) -> None:
+        migration = await self._restarted_target(record)
+        self._waiting[record.id] = migration
+        self._spawn(self._ask_source(migration), f"ask-source-{record.id}")
+
+    async def _recover_finish_postcopy(self, record: MigrationRecord) -> None:
+        container = {"id": record.container, "image": record.image, "labels": {}}
+        migration = TargetMigration(self._target_context(), record, {"container": container})
+        migration.lazy = True
+        self._spawn(self._finish_postcopy(migration), f"postcopy-{record.id}")
+
+    async def _recover_finish_commit(self, record: MigrationRecord) -> None:
+        """The source decided commit and resends it until we confirm: our copy is the workload. If
+        that copy is gone, neither side can finish on its own."""
+        try:
+            await self._cd.containers.get(record.container)
+        except ContainerdNotFound:
+            error = f"{self._restart_reason(record)}: the committed copy is gone; the source keeps its frozen copy"
+            await self._save(record.advance(Event.LOST, error=error))
+            return
+        migration = await self._restarted_target(record)
+        await migration.finish_commit()
+        await migration.cleanup()
+
+    async def _restarted_target(self, record: MigrationRecord) -> TargetMigration:
+        """A target migration rebuilt from its record and the container's labels (its service address)."""
+        try:
+            labels = (await self._cd.containers.get(record.container)).labels
+        except ContainerdNotFound:
+            labels = {}
+        container = {"id": record.container, "image": record.image, "labels": labels}
+        return TargetMigration(self._target_context(), record, {"container": container})
 
     async def _release_address(self, container_id: str) -> None:
         """A source that stopped while the address was held (before the decision) routes it back."""

@@ -556,8 +556,8 @@ class SourceMigration:
 
     async def _postcopy_failed(self, link: Link | None, exc: BaseException) -> None:
         """After the decision nothing rolls back by itself. If the target says its copy is gone, ours
-        (frozen at the switch) resumes: the workload continues from that point. Otherwise ours stays
-        frozen, for an operator to decide: the target may still be running."""
+        (frozen at the switch) resumes: the workload continues from that point (ROLLBACK). Otherwise
+        ours stays frozen, for an operator to decide: the target may still be running (NEEDS_OPERATOR)."""
         reason = describe_failure(exc)
         if isinstance(exc, PeerReportedFailure):
             await resume_if_paused(self.ctx.cd, self.record.container)
@@ -571,7 +571,8 @@ class SourceMigration:
                 f"{self.ctx.config.migration.postcopy_reconnect_timeout:.0f} s; ours stays frozen as of the switch"
             )
         log.error("post-copy failed", extra={"migration": self.record.id, "error": reason})
-        await self._advance(Event.FAILED, error=reason)
+        lost = not isinstance(exc, PeerReportedFailure)
+        await self._advance(Event.LOST if lost else Event.POSTCOPY_ABORTED, error=reason)
         self._progress(link, total_ms=round((time.monotonic() - self._started) * 1000, 1))
 
     # ----- endings -------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from agent.images.service import ImageService
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
 from agent.migration.link import IMAGE_BUNDLE, FileIn, Link, PagesIn, PeerFailed, PeerReportedFailure, unpack_files
-from agent.migration.local import LABEL_MIGRATION, describe_failure, remove_container
+from agent.migration.local import LABEL_MIGRATION, describe_failure, remove_container, resume_if_paused
 from agent.migration.postcopy import PostcopyPaths, TargetRelay, spawn_pager
 from agent.migration.ranges import PageRanges
 from agent.migration.record import MigrationRecord
@@ -565,9 +565,18 @@ class TargetMigration:
 
     async def commit(self) -> None:
         """The source decided for us: resume the restored task and own the workload."""
-        cid = self.container["id"]
         await self._advance(Event.RESTORED)
-        await self.ctx.cd.tasks.resume(cid)
+        await self.ctx.cd.tasks.resume(self.container["id"])
+        await self._own_workload()
+
+    async def finish_commit(self) -> None:
+        """After a restart in SWITCH: the source decided commit, and never rolls back from there, so
+        our copy is the workload. Resume it if the previous agent had not, and publish the address."""
+        await resume_if_paused(self.ctx.cd, self.container["id"])
+        await self._own_workload()
+
+    async def _own_workload(self) -> None:
+        cid = self.container["id"]
         if self.service_ip:
             info = self._netns or await self.ctx.network.prepare(cid, self.service_ip)
             await self.ctx.network.publish(self.service_ip, info.host_veth)
@@ -575,14 +584,26 @@ class TargetMigration:
         await self._drop_lease()
 
     async def rollback(self, reason: str) -> None:
-        """Remove whatever of the container exists here; the source keeps the workload."""
+        """Remove whatever of the container exists here; the source keeps the workload.
+
+        Before the decision that is a rollback (FAILED); in POSTCOPY our copy dies and the source
+        resumes its frozen one (POSTCOPY_ABORTED). From SWITCH on our copy is the workload: it stays.
+        """
+        if self.record.state in (State.SWITCH, State.COMMIT, State.NEEDS_OPERATOR):
+            log.error(
+                "not removing the copy: the source decided to commit",
+                extra={"migration": self.record.id, "state": self.record.state.value, "error": reason},
+            )
+            return
         await self._stop_postcopy_helpers()
         removed = await remove_container(self.ctx.cd, self.container["id"], only_migration=self.record.id)
         if self.service_ip and removed:
             await self.ctx.network.destroy(self.container["id"])
         await self._drop_lease()
         shutil.rmtree(self.work, ignore_errors=True)
-        if self.record.state not in (State.COMMIT, State.ROLLBACK):
+        if self.record.state == State.POSTCOPY:
+            await self._advance(Event.POSTCOPY_ABORTED, error=reason)
+        elif not self.record.done:
             await self._advance(Event.FAILED, error=reason)
 
     async def _drop_lease(self) -> None:
