@@ -20,6 +20,8 @@ _MIGRATION_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 # MigrationOptions allows 1..64 pre-copy rounds.
 _ITERATION_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
 MIGRATION_ROLES = ("source", "target")
+_RESULTS = {State.COMMIT: "committed", State.ROLLBACK: "rolled_back", State.NEEDS_OPERATOR: "needs_operator"}
+"""The `result` label of a finished migration, by its terminal state."""
 
 
 class AgentMetrics:
@@ -51,7 +53,7 @@ class AgentMetrics:
         )
         self.migrations = Counter(
             "ferryman_migrations",
-            "Finished migrations by this agent's role and result (committed, rolled_back)",
+            "Finished migrations by this agent's role and result (committed, rolled_back, needs_operator)",
             ["role", "result"],
             registry=self.registry,
         )
@@ -173,7 +175,7 @@ class AgentMetrics:
         """Count one finished migration; the migration service calls this once per terminal record."""
         if not record.done:
             return  # progress records carry partial numbers; only the final one is counted
-        result = "committed" if record.state == State.COMMIT else "rolled_back"
+        result = _RESULTS[record.state]
         self.migrations.labels(role=record.role, result=result).inc()
         if record.role != "source":
             # The source measures downtime, bytes and rounds; counting the target's copy as well

@@ -30,7 +30,7 @@ class MigrationState(enum.StrEnum):
     RUNNING = "running"  # started on the source agent
     COMMITTED = "committed"
     FAILED = "failed"  # this attempt rolled back or could not start; may be retried elsewhere
-    ABANDONED = "abandoned"  # no attempt left
+    ABANDONED = "abandoned"  # no attempt left, or the agents need the operator (never retried)
 
 
 TERMINAL_MIGRATION = frozenset({MigrationState.COMMITTED, MigrationState.ABANDONED})

@@ -1,5 +1,5 @@
 """Runs coordinator migrations: place a target with a reservation, start the migration on the source
-agent, follow it to COMMIT or ROLLBACK, retry a failure on another target within bounds.
+agent, follow it to COMMIT, ROLLBACK or NEEDS_OPERATOR, retry a rollback on another target within bounds.
 
 Limits: at most `max_per_fleet` migrations run at once, at most `max_per_host` out of one source,
 and "auto" placements skip targets already receiving `max_per_host`.
@@ -42,7 +42,14 @@ from core.tasks import TaskSet
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
-_AGENT_DONE = {"COMMIT": MigrationState.COMMITTED, "ROLLBACK": MigrationState.FAILED}
+_AGENT_DONE = {
+    "COMMIT": MigrationState.COMMITTED,
+    "ROLLBACK": MigrationState.FAILED,
+    # The agents could not decide safely (post-copy lost with the source frozen): the source keeps
+    # its frozen copy for a human. Finished and failed, and never retried: another attempt would only
+    # move a frozen copy, or fail on it.
+    "NEEDS_OPERATOR": MigrationState.ABANDONED,
+}
 
 
 class Orchestrator:
@@ -300,7 +307,10 @@ class Orchestrator:
             await self._reservations.release(
                 migration.reservation_id, agent_too=outcome is not MigrationState.COMMITTED
             )
-        return await self._save(migration, outcome, error or "done", error=error)
+        migration = await self._save(migration, outcome, error or "done", error=error)
+        if outcome is MigrationState.ABANDONED:  # only the agents' NEEDS_OPERATOR ends a poll so
+            await self._decide(migration, "needs_operator", error)
+        return migration
 
     async def _poll(self, migration: Migration) -> tuple[MigrationState, str]:
         while True:
@@ -311,11 +321,14 @@ class Orchestrator:
                 except FerrymanError as exc:
                     log.warning("migration poll failed", extra={"migration": migration.id, "error": exc.message})
                 else:
-                    outcome = _AGENT_DONE.get(str(record.get("state", "")))
+                    state = str(record.get("state", ""))
+                    outcome = _AGENT_DONE.get(state)
+                    if outcome is MigrationState.COMMITTED:
+                        return outcome, ""
+                    if outcome is MigrationState.ABANDONED:  # NEEDS_OPERATOR
+                        return outcome, f"needs the operator: {record.get('error') or 'the agents could not decide'}"
                     if outcome is not None:
-                        return outcome, "" if outcome is MigrationState.COMMITTED else str(
-                            record.get("error") or "rolled back"
-                        )
+                        return outcome, str(record.get("error") or "rolled back")
             await asyncio.sleep(self._limits.poll_period)
 
     async def _decide(self, migration: Migration, kind: str, detail: str) -> None:

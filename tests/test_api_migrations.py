@@ -498,3 +498,15 @@ def test_fake_matches_protocol() -> None:
 
     for name in ("migrate", "get", "list", "watch"):
         assert callable(getattr(FakeMigrations, name)) and hasattr(MigrationServiceLike, name)
+
+
+def test_observe_migration_needs_operator() -> None:
+    metrics = AgentMetrics()
+    record = MigrationRecord(id=MigrationId("m"), role="source", container="web", peer="h", options=MigrationOptions())
+    for event in (Event.PREPARED, Event.CONVERGED, Event.IMAGES_SENT, Event.LAZY_RESTORED, Event.LOST):
+        record = record.advance(event)
+    metrics.observe_migration(record)
+    metrics.set_active_migrations([record])
+    sample = metrics.registry.get_sample_value
+    assert sample("ferryman_migrations_total", {"role": "source", "result": "needs_operator"}) == 1
+    assert sample("ferryman_migrations_active", {"role": "source"}) == 0  # finished

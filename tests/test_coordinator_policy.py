@@ -179,6 +179,26 @@ async def test_a_named_target_is_tried_once_and_bounds_hold(store: SqliteStore) 
         await coordinator.close()
 
 
+async def test_needs_operator_ends_the_migration_without_a_retry(store: SqliteStore) -> None:
+    """The agents could not decide (post-copy lost, the source frozen): finished, failed, and never
+    retried elsewhere, since another attempt would only move (or fail on) a frozen copy."""
+    agents = ScriptedAgents()
+    agents.outcomes = {h: ["NEEDS_OPERATOR"] for h in ("h2", "h3", "h4")}
+    await _fleet(store, [_usage("web")])
+    coordinator = await _coordinator(store, agents, max_attempts=3)
+    try:
+        migration = await coordinator.migrations.request("web", "auto")
+        done = await coordinator.migrations.wait(migration.id, WAIT)
+        assert done.state is MigrationState.ABANDONED and done.done, done
+        assert done.attempt == 1 and len(agents.started) == 1
+        assert done.error.startswith("needs the operator"), done.error
+        kinds = [d.kind for d in await store.list_decisions("h1")]
+        assert "needs_operator" in kinds and "retry" not in kinds
+        assert await store.list_reservations() == []
+    finally:
+        await coordinator.close()
+
+
 async def test_concurrency_limits_hold(store: SqliteStore) -> None:
     agents = ScriptedAgents()
     await _fleet(store, [_usage(f"c{i}", memory=GiB // 4) for i in range(6)])

@@ -18,7 +18,7 @@ import pytest
 
 from agent.api import ApiServer, build_app, serve
 from agent.ctl.main import main
-from agent.ctl.render import MigrationView, human_ms, migration_details
+from agent.ctl.render import MigrationView, human_ms, migration_details, migration_result
 from agent.migration.record import MigrationOptions
 from tests.test_api_migrations import FakeAgent, FakeMigrations, _broken_watch
 
@@ -160,3 +160,16 @@ def test_postcopy_details() -> None:
     text = "\n".join(migration_details(record))
     assert "mode         lazy" in text
     assert "post-copy    262144 pages on demand, 0 still remote, 262000 pushed, 0 from the target's own copy" in text
+
+
+def test_needs_operator_renders_as_finished_and_failed() -> None:
+    record = {
+        "id": "mig-9",
+        "role": "source",
+        "container": "hog",
+        "peer": "h2",
+        "state": "NEEDS_OPERATOR",
+        "error": "post-copy lost; ours stays frozen as of the switch",
+    }
+    assert migration_result(record) == "needs the operator"
+    assert migration_details(record)[0] == "migration mig-9 needs the operator: hog -> h2"

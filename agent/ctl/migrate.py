@@ -85,7 +85,10 @@ async def migrate(client: AgentClient, args: argparse.Namespace, err: Console) -
             render.say(text)
     if final.get("state") != "COMMIT":
         # The ferryctl failure convention (stderr, `error: <code>: <message>`), after the statistics.
-        sys.stderr.write(f"error: rolled_back: {final.get('error') or 'the migration rolled back'}\n")
+        if final.get("state") == "NEEDS_OPERATOR":  # ended undecided: the source keeps its frozen copy
+            sys.stderr.write(f"error: needs_operator: {final.get('error') or 'the migration needs the operator'}\n")
+        else:
+            sys.stderr.write(f"error: rolled_back: {final.get('error') or 'the migration rolled back'}\n")
         return False
     return True
 

@@ -176,7 +176,9 @@ def human_ms(ms: float | int | None) -> str:
 
 def migration_result(record: dict[str, Any]) -> str:
     state = str(record.get("state", ""))
-    return {"COMMIT": "committed", "ROLLBACK": "rolled back"}.get(state, "in progress")
+    return {"COMMIT": "committed", "ROLLBACK": "rolled back", "NEEDS_OPERATOR": "needs the operator"}.get(
+        state, "in progress"
+    )
 
 
 def _direction(record: dict[str, Any]) -> str:
@@ -192,7 +194,7 @@ def migrations_table(records: list[dict[str, Any]]) -> Table:
         table.columns[index].justify = "right"
     for r in records:  # the agent lists oldest first; keep that order
         state = str(r.get("state", ""))
-        style = {"COMMIT": "green", "ROLLBACK": "red"}.get(state, "yellow")
+        style = {"COMMIT": "green", "ROLLBACK": "red", "NEEDS_OPERATOR": "bold red"}.get(state, "yellow")
         stats = r.get("stats") or {}
         table.add_row(  # escape: cells are rich markup, values come from the agent
             escape(str(r.get("id", ""))),
