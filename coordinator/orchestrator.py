@@ -295,20 +295,30 @@ class Orchestrator:
         return await self._follow(migration)
 
     async def _follow(self, migration: Migration) -> Migration:
-        """Poll the source agent until its record is terminal (or the attempt times out)."""
-        outcome, error = MigrationState.FAILED, "timed out waiting for the agent"
+        """Poll the source agent until its record is terminal (or the attempt times out).
+
+        A timed-out attempt is abandoned, never retried: the agent's migration may still be running
+        or committing, and a second attempt could move the workload while the first one lands.
+        """
+        timed_out = False
         try:
             async with asyncio.timeout(self._limits.timeout):
                 outcome, error = await self._poll(migration)
         except TimeoutError:
-            pass
-        if migration.reservation_id:
-            # The target agent releases its copy on commit/rollback itself; this frees ours.
-            await self._reservations.release(
-                migration.reservation_id, agent_too=outcome is not MigrationState.COMMITTED
+            timed_out = True
+            outcome = MigrationState.ABANDONED
+            error = (
+                f"no outcome from {migration.source} within {self._limits.timeout:g} s; not retried, "
+                "the agent may still finish it (see its record)"
             )
+        if migration.reservation_id:
+            # The target agent releases its copy on commit/rollback itself; this frees ours. The agent's
+            # copy is released here only after a rollback: a timed-out migration may still need it.
+            await self._reservations.release(migration.reservation_id, agent_too=outcome is MigrationState.FAILED)
         migration = await self._save(migration, outcome, error or "done", error=error)
-        if outcome is MigrationState.ABANDONED:  # only the agents' NEEDS_OPERATOR ends a poll so
+        if timed_out:
+            await self._decide(migration, "give_up", error)
+        elif outcome is MigrationState.ABANDONED:  # the agents' NEEDS_OPERATOR
             await self._decide(migration, "needs_operator", error)
         return migration
 

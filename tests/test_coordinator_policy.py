@@ -199,6 +199,28 @@ async def test_needs_operator_ends_the_migration_without_a_retry(store: SqliteSt
         await coordinator.close()
 
 
+async def test_a_timed_out_attempt_is_never_retried(store: SqliteStore) -> None:
+    """The agent has not finished when the attempt times out (it may be committing): the coordinator
+    gives up on that migration instead of starting a second one that could move the workload twice."""
+    agents = ScriptedAgents()
+    agents.gate.clear()  # the agent's migration does not finish while the coordinator waits
+    await _fleet(store, [_usage("web")])
+    coordinator = await _coordinator(store, agents, max_attempts=3, timeout=0.3)
+    try:
+        migration = await coordinator.migrations.request("web", "auto")
+        done = await coordinator.migrations.wait(migration.id, WAIT)
+        assert done.state is MigrationState.ABANDONED and "not retried" in done.error, done
+        assert done.attempt == 1 and len(agents.started) == 1
+        kinds = [d.kind for d in await store.list_decisions("h1")]
+        assert "give_up" in kinds and "retry" not in kinds
+        assert agents.released == []  # the agent's reservation stays with the migration still running
+        agents.gate.set()  # the agent finishes later: still only the one migration
+        await asyncio.sleep(0.2)
+        assert len(agents.started) == 1
+    finally:
+        await coordinator.close()
+
+
 async def test_concurrency_limits_hold(store: SqliteStore) -> None:
     agents = ScriptedAgents()
     await _fleet(store, [_usage(f"c{i}", memory=GiB // 4) for i in range(6)])
