@@ -337,6 +337,17 @@ async def test_runs_inside_a_network_namespace(workdir: Path, pki: CoordinatorPk
     assert name not in list_netns()
 
 
+async def test_retrain_on_request_is_for_ops_only(coordinator: CoordinatorProcess, pki: CoordinatorPki) -> None:
+    async with coordinator.client(pki.agent("h1")) as agent:
+        status, body = await agent.post("/v1/model/retrain")
+        assert status == 403 and body["error"]["code"] == "forbidden"
+    async with coordinator.client(pki.operator("alice")) as ops:
+        status, body = await ops.post("/v1/model/retrain")
+        assert status == 200, body
+        assert body["activated"] is False and body["candidate"] == ""
+        assert body["reason"] == "no recorded telemetry before the held-out window"
+
+
 async def test_a_bad_model_at_runtime_keeps_the_current_one(
     coordinator: CoordinatorProcess, pki: CoordinatorPki, workdir: Path
 ) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from coordinator.app import Coordinator
 from coordinator.auth import TokenHashes
-from coordinator.config import CoordinatorConfig, MigrationLimits, ModelConfig
+from coordinator.config import CoordinatorConfig, MigrationLimits, ModelConfig, ReservationConfig
 from coordinator.features import HostHistory
 from coordinator.model import Capacity, ContainerUsage, Host, HostAdmin, MigrationState, Reservation
 from coordinator.placement import Need
@@ -217,6 +217,29 @@ async def test_a_timed_out_attempt_is_never_retried(store: SqliteStore) -> None:
         agents.gate.set()  # the agent finishes later: still only the one migration
         await asyncio.sleep(0.2)
         assert len(agents.started) == 1
+    finally:
+        await coordinator.close()
+
+
+async def test_the_sweeper_releases_expired_reservations_here_and_on_the_agent(store: SqliteStore) -> None:
+    agents = ScriptedAgents()
+    await _fleet(store)
+    config = _config()
+    config = CoordinatorConfig(
+        migrations=config.migrations, model=config.model, reservations=ReservationConfig(sweep_period=0.05)
+    )
+    coordinator = Coordinator(config, store, agents, TokenHashes(), None, time.time)
+    await coordinator.start()
+    try:
+        short = await coordinator.reservations.reserve("h2", Capacity(100, GiB, 0), "test", ttl=0.3)
+        long = await coordinator.reservations.reserve("h3", Capacity(100, GiB, 0), "test", ttl=600)
+        assert {r.id for r in await store.list_reservations()} == {short.id, long.id}
+        for _ in range(100):  # the sweeper runs every 0.05 s
+            if short.id in agents.released:
+                break
+            await asyncio.sleep(0.05)
+        assert agents.released == [short.id]
+        assert [r.id for r in await store.list_reservations()] == [long.id]
     finally:
         await coordinator.close()
 

@@ -8,6 +8,7 @@ as agents' pushes would have left it; the coordinator's clock is set to the end 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import ssl
 from collections.abc import AsyncIterator
@@ -113,6 +114,27 @@ async def test_nothing_recorded_means_nothing_trained(coordinator: Coordinator) 
     (decision,) = await coordinator.store.list_decisions(FLEET)
     assert decision.kind == "retrain" and decision.model_version == "drain-1"
     assert decision.detail == "kept: no recorded telemetry before the held-out window"
+
+
+async def test_retrain_interval_runs_rounds_by_itself(workdir: Path) -> None:
+    """With model.retrain_interval set, the coordinator's own loop runs rounds (each a recorded decision)."""
+    config = CoordinatorConfig(
+        database=str(workdir / "c.db"), model=ModelConfig(retrain_interval=0.2, retrain_dir=str(workdir / "models"))
+    )
+    store = await SqliteStore.open(config.database)
+    agents = AgentClient(ssl.create_default_context(), 5.0)
+    c = Coordinator(config, store, agents, TokenHashes(), None, lambda: SPEC.end)
+    await c.start()
+    try:
+        for _ in range(100):
+            decisions = [d for d in await store.list_decisions(FLEET) if d.kind == "retrain"]
+            if len(decisions) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(decisions) >= 2, decisions  # the first after one interval, then every interval
+        assert decisions[0].detail == "kept: no recorded telemetry before the held-out window"
+    finally:
+        await c.close()
 
 
 async def test_a_round_trains_on_recorded_drains_and_gates_the_candidate(coordinator: Coordinator) -> None:
