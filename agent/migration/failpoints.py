@@ -6,7 +6,9 @@ Fault injection is for tests only: it also needs FERRYMAN_TEST_HARNESS=1, which 
 harness sets. An agent that finds FERRYMAN_FAILPOINTS without it refuses to start (a configuration
 error), so a stray variable in a production unit can neither corrupt a stream nor kill a migration.
 Actions: exit (the process dies on the spot, like kill -9), error (the step fails), sleep:SECONDS,
-and step-specific words a caller asks for with `action()` (e.g. corrupt).
+until:PATH (the step waits until the file PATH exists: a test holds a step open for exactly as long
+as it needs, and releases it by creating the file), and step-specific words a caller asks for with
+`action()` (e.g. corrupt).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from core.errors import ConfigError, FerrymanError
 
@@ -63,6 +66,12 @@ class Failpoints:
             os._exit(137)
         if action.startswith("sleep:"):
             await asyncio.sleep(float(action.split(":", 1)[1]))
+            return
+        if action.startswith("until:"):
+            release = Path(action.split(":", 1)[1])
+            # The release comes from another process (the test): a file, polled; no event to wait on.
+            while not await asyncio.to_thread(release.exists):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
             return
         if action == "error":
             raise FailpointError(f"failpoint {name}")
