@@ -7,6 +7,7 @@ a fleet-wide config should fail loudly at start, not be silently ignored.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,19 @@ class PullConfig:
     """Resumed attempts per blob after a broken download."""
     lease_expiry: float = 3600.0
     """A pull's lease expires after this many seconds if the agent dies mid-pull."""
+    max_manifest_bytes: int = 4 << 20
+    """Largest manifest, index or image config accepted (4 MiB: containerd's resolver allows about as
+    much). They are read into memory whole; layers are bounded by the size their manifest declares."""
+    allowed_registries: tuple[str, ...] = ()
+    """host[:port] of the registries images may be pulled from; empty allows any. An image reference
+    can name any host, so without a list anyone who may pull chooses where this host connects to."""
+
+    def allows_registry(self, host: str) -> bool:
+        """True when `host` (as in an image reference) may be pulled from. Host names are
+        case-insensitive; ports must match exactly."""
+        if not self.allowed_registries:
+            return True
+        return host.lower() in {allowed.lower() for allowed in self.allowed_registries}
 
 
 @dataclass(frozen=True)
@@ -238,6 +252,8 @@ class AgentConfig:
         return RegistryConfig(host=host)
 
 
+# host[:port] as in image references: a DNS name or IPv4 address, or a bracketed IPv6 address.
+_REGISTRY_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -257,6 +273,12 @@ def _validate(config: AgentConfig) -> None:
             raise ConfigError(f"{name} must be greater than 0, got {value}")
     if config.pull.chunk_size > 8 << 20:
         raise ConfigError("pull.chunk_size must be at most 8 MiB (containerd's message limit is 16 MiB)")
+    if not 0 < config.pull.max_manifest_bytes <= 8 << 20:
+        # Manifests and configs go to containerd in one Write message, limited to 16 MiB.
+        raise ConfigError(f"pull.max_manifest_bytes must be from 1 to 8 MiB, got {config.pull.max_manifest_bytes}")
+    for allowed in config.pull.allowed_registries:
+        if not _REGISTRY_HOST.fullmatch(allowed):
+            raise ConfigError(f"pull.allowed_registries: {allowed!r} is not host[:port] (no scheme, no path)")
     for name, value in {
         "pull.retries": config.pull.retries,
         "runtime.stop_timeout": config.runtime.stop_timeout,

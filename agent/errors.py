@@ -14,7 +14,8 @@ FerrymanError (core.errors)
 ├── RegistryError               the registry answered with something unusable
 │   ├── RegistryUnavailable     connection refused, reset or timed out
 │   ├── RegistryAuthError       credentials missing or refused
-│   └── PlatformNotFound        an index has no manifest for our platform
+│   ├── PlatformNotFound        an index has no manifest for our platform
+│   └── ContentTooLarge         a body is larger than its descriptor or the manifest cap allows
 ├── DigestMismatch              content does not hash to what was promised
 └── UnsafeLayer                 a layer tries to write outside the rootfs
 """
@@ -79,6 +80,14 @@ class RegistryAuthError(RegistryError):
 class PlatformNotFound(RegistryError):
     code = "platform_not_found"
     http_status = 404
+
+
+class ContentTooLarge(RegistryError):
+    """More bytes than a descriptor declares, or a manifest, index or config over `[pull]
+    max_manifest_bytes`. Nothing past the limit is stored, and the pull leaves nothing behind."""
+
+    code = "content_too_large"
+    http_status = 502
 
 
 class DigestMismatch(FerrymanError):

@@ -21,8 +21,9 @@ T = TypeVar("T")
 
 def build_table(cls: type[T], data: Any, where: str) -> T:
     """`data` (a parsed TOML table) as an instance of the dataclass `cls`. Nested dataclasses are
-    tables, `tuple[Dataclass, ...]` fields are arrays of tables, `dict[str, str]` fields are tables of
-    free-form strings; everything else is a scalar of the annotated type."""
+    tables, `tuple[Dataclass, ...]` fields are arrays of tables, `tuple[str, ...]` fields are arrays of
+    strings, `dict[str, str]` fields are tables of free-form strings; everything else is a scalar of the
+    annotated type."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
     hints = get_type_hints(cls)
@@ -40,6 +41,10 @@ def build_table(cls: type[T], data: Any, where: str) -> T:
             if not isinstance(value, list):
                 raise ConfigError(f"{path}: expected an array of tables")
             kwargs[key] = tuple(build_table(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+        elif hint == tuple[str, ...]:  # an array of strings (pull.allowed_registries)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}: expected an array of strings")
+            kwargs[key] = tuple(value)
         elif hint == dict[str, str]:  # a table of free-form string pairs (coordinator.labels)
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                 raise ConfigError(f"{path}: expected a table of strings")

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from agent.config import AgentConfig, PullConfig, RegistryConfig
 from agent.errors import (
+    ContentTooLarge,
     DigestMismatch,
     ManifestNotFound,
     PlatformNotFound,
@@ -494,7 +495,8 @@ async def test_fetch_bytes_checks_digest_and_size(plain: DockerRegistry, make_cl
     # The registry has the blob, but the descriptor promises a different size.
     with pytest.raises(DigestMismatch, match=f"is {len(data)} bytes, expected {len(data) + 10}"):
         await client.fetch_bytes(ref, Descriptor(desc.media_type, desc.digest, len(data) + 10))
-    with pytest.raises(DigestMismatch, match="larger than"):
+    # More bytes than declared are never taken in: a registry-side fault with its own code.
+    with pytest.raises(ContentTooLarge, match=f"announced {len(data)} bytes for blob {desc.digest}"):
         await client.fetch_bytes(ref, Descriptor(desc.media_type, desc.digest, len(data) - 1))
     # A digest the registry does not have is a registry-side failure naming the blob.
     missing = sha256_digest(b"never pushed")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 
 from agent.containerd import Containerd
 from agent.containerd.content import ContentWriter
-from agent.errors import ContainerdAlreadyExists, DigestMismatch, RegistryUnavailable
+from agent.errors import ContainerdAlreadyExists, ContentTooLarge, DigestMismatch, RegistryUnavailable
 from agent.oci import Descriptor, Reference
 from agent.registry.client import RegistryClient
 
@@ -33,7 +33,9 @@ async def ingest_blob(
     """Make `desc` present in the content store; returns the bytes downloaded (0 if present).
 
     containerd hashes what it receives and refuses a commit that does not match the digest; the
-    partial ingest is then aborted so that a retry starts clean.
+    partial ingest is then aborted so that a retry starts clean. The same goes for a registry that
+    sends more than the descriptor declares: fetch_blob stops at the declared size (containerd itself
+    would keep appending), and what came before is thrown away.
     """
     if await cd.content.exists(desc.digest) is not None:
         return 0
@@ -54,7 +56,7 @@ async def ingest_blob(
             return fetched
         except ContainerdAlreadyExists:
             return fetched  # a concurrent pull committed it first
-        except DigestMismatch:
+        except (DigestMismatch, ContentTooLarge):
             await cd.content.abort(ingest_ref(desc))
             raise
         except RegistryUnavailable as exc:

@@ -47,8 +47,7 @@ class Puller:
         self._metrics = metrics
         self._platform = Platform.parse(config.platform) if config.platform else Platform.host()
 
-    async def pull(self, ref_text: str, progress: PullProgress) -> ImageSummary:
-        ref = Reference.parse(ref_text)
+    async def pull(self, ref: Reference, progress: PullProgress) -> ImageSummary:
         started = time.monotonic()
         result = "error"
         try:

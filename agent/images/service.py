@@ -11,16 +11,25 @@ from agent.metrics import AgentMetrics
 from agent.model import ImageSummary, PullProgress
 from agent.oci import Platform, Reference
 from agent.registry.client import RegistryClient
+from core.errors import InvalidRequest
 
 
 class ImageService:
     def __init__(self, cd: Containerd, registry: RegistryClient, config: PullConfig, metrics: AgentMetrics) -> None:
         self._cd = cd
+        self._config = config
         self._puller = Puller(cd, registry, config, metrics)
         self.platform = Platform.parse(config.platform) if config.platform else Platform.host()
 
     async def pull(self, ref: str, progress: PullProgress | None = None) -> ImageSummary:
-        return await self._puller.pull(ref, progress or PullProgress(ref=ref))
+        image = Reference.parse(ref)
+        # Before any traffic: which hosts this agent connects to is the operator's choice, not the caller's.
+        if not self._config.allows_registry(image.host):
+            raise InvalidRequest(
+                f"registry {image.host} is not allowed on this host ([pull] allowed_registries:"
+                f" {', '.join(self._config.allowed_registries)})"
+            )
+        return await self._puller.pull(image, progress or PullProgress(ref=ref))
 
     async def list(self) -> list[ImageSummary]:
         out = []

@@ -21,6 +21,7 @@ from yarl import URL
 
 from agent.config import AgentConfig, RegistryConfig
 from agent.errors import (
+    ContentTooLarge,
     DigestMismatch,
     ManifestNotFound,
     PlatformNotFound,
@@ -48,9 +49,6 @@ log = logging.getLogger(__name__)
 
 # Index types first: we want the multi-platform view and pick the platform ourselves.
 MANIFEST_ACCEPT = ", ".join((MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST))
-# Manifests and configs are small; anything bigger is a broken or hostile registry.
-MAX_MANIFEST_BYTES = 4 << 20
-MAX_SMALL_BLOB_BYTES = 64 << 20
 USER_AGENT = "ferryman/0.1"
 _ERROR_BODY_BYTES = 4096
 
@@ -284,11 +282,25 @@ class RegistryClient:
             await self._raise_for_status(resp, host, "/v2/")
         log.debug("registry ping ok", extra={"registry": host})
 
-    async def fetch_manifest(self, ref: Reference, reference: str | None = None) -> tuple[Descriptor, bytes]:
-        """GET one manifest or index by tag or digest; returns its verified descriptor and raw bytes."""
+    async def fetch_manifest(
+        self, ref: Reference, reference: str | None = None, declared_size: int | None = None
+    ) -> tuple[Descriptor, bytes]:
+        """GET one manifest or index by tag or digest; returns its verified descriptor and raw bytes.
+
+        At most `[pull] max_manifest_bytes` are read, and no more than `declared_size` when an index
+        declared it: a registry cannot make us buffer an endless body.
+        """
         obj = reference or ref.object
         path = f"/v2/{ref.repository}/manifests/{obj}"
         what = f"{ref.host}/{ref.repository}:{obj}" if not obj.startswith("sha256:") else str(ref)
+        limit = self._config.pull.max_manifest_bytes
+        if declared_size is not None:
+            if declared_size > limit:
+                raise ContentTooLarge(
+                    f"manifest {what} is {declared_size} bytes by its index, over the {limit} bytes allowed"
+                    " ([pull] max_manifest_bytes)"
+                )
+            limit = declared_size
         async with self._open(
             "GET", ref.host, path, scope=_scope_pull(ref), headers={"Accept": MANIFEST_ACCEPT}
         ) as resp:
@@ -296,7 +308,7 @@ class RegistryClient:
                 detail = await _error_detail(resp)
                 raise ManifestNotFound(f"manifest {what} not found: {detail}")
             await self._raise_for_status(resp, ref.host, f"manifest {what}")
-            body = await _read_limited(resp, MAX_MANIFEST_BYTES, f"manifest {what}", ref.host)
+            body = await _read_limited(resp, limit, f"manifest {what}", ref.host)
             content_type = resp.headers.get("Content-Type")
             header_digest = resp.headers.get("Docker-Content-Digest")
         digest = sha256_digest(body)
@@ -325,7 +337,7 @@ class RegistryClient:
         manifest, manifest_bytes = target, target_bytes
         if target.media_type in INDEX_TYPES:
             chosen = self._pick_platform(ref, target_bytes, platform)
-            manifest, manifest_bytes = await self.fetch_manifest(ref, chosen.digest)
+            manifest, manifest_bytes = await self.fetch_manifest(ref, chosen.digest, declared_size=chosen.size)
             if manifest.size != chosen.size:
                 raise DigestMismatch(
                     f"manifest {chosen.digest} in {ref} is {manifest.size} bytes, the index says {chosen.size}"
@@ -390,19 +402,15 @@ class RegistryClient:
         return (exact or candidates)[0]
 
     async def fetch_bytes(self, ref: Reference, desc: Descriptor) -> bytes:
-        """A whole small blob (e.g. an image config), checked against the descriptor's size and digest."""
-        if desc.size > MAX_SMALL_BLOB_BYTES:
-            raise InvalidRequest(f"blob {desc.digest} is {desc.size} bytes: use fetch_blob to stream it")
-        chunks: list[bytes] = []
-        received = 0
-        async for chunk in self.fetch_blob(ref, desc):
-            received += len(chunk)
-            if received > desc.size:
-                raise DigestMismatch(
-                    f"blob {desc.digest} in {ref.host}/{ref.repository} is larger than {desc.size} bytes"
-                )
-            chunks.append(chunk)
-        data = b"".join(chunks)
+        """A whole small blob (an image config) into memory, checked against the descriptor's size and
+        digest; descriptors over `[pull] max_manifest_bytes` are refused before any request."""
+        limit = self._config.pull.max_manifest_bytes
+        if desc.size > limit:
+            raise ContentTooLarge(
+                f"blob {desc.digest} in {ref.host}/{ref.repository} is {desc.size} bytes by its descriptor,"
+                f" over the {limit} bytes allowed for a config ([pull] max_manifest_bytes)"
+            )
+        data = b"".join([chunk async for chunk in self.fetch_blob(ref, desc)])
         if len(data) != desc.size:
             raise DigestMismatch(
                 f"blob {desc.digest} in {ref.host}/{ref.repository} is {len(data)} bytes, expected {desc.size}"
@@ -415,7 +423,9 @@ class RegistryClient:
     async def fetch_blob(self, ref: Reference, desc: Descriptor, offset: int = 0) -> AsyncIterator[bytes]:
         """Stream a blob from `offset`; unhashed (the caller hashes while it writes).
 
-        A broken download raises RegistryUnavailable so the caller can resume at the bytes it has.
+        Never yields more than `desc.size` bytes in all: a longer body (announced or sent) raises
+        ContentTooLarge, since an image reference can name any host and every byte yielded lands on
+        disk. A broken download raises RegistryUnavailable so the caller can resume at the bytes it has.
         """
         if offset < 0 or offset > desc.size:
             raise InvalidRequest(f"offset {offset} outside blob {desc.digest} of {desc.size} bytes")
@@ -444,9 +454,20 @@ class RegistryClient:
                     # Server ignored Range and sent the whole blob: drop what the caller has.
                     log.warning("registry ignored Range; skipping bytes", extra=extra)
                     skip = offset
+            body_left = desc.size - offset + skip
+            if resp.content_length is not None and resp.content_length > body_left:
+                raise ContentTooLarge(
+                    f"registry {ref.host} announced {resp.content_length} bytes for blob {desc.digest} in {where},"
+                    f" more than the {body_left} left of its declared {desc.size}"
+                )
             received = offset
+            chunk_size = self._config.pull.chunk_size
             try:
-                async for chunk in resp.content.iter_chunked(self._config.pull.chunk_size):
+                while body_left:
+                    chunk = await resp.content.read(min(chunk_size, body_left))
+                    if not chunk:
+                        break  # short: the caller sees fewer bytes than declared and fails or resumes
+                    body_left -= len(chunk)
                     if skip:
                         if len(chunk) <= skip:
                             skip -= len(chunk)
@@ -455,12 +476,19 @@ class RegistryClient:
                         skip = 0
                     received += len(chunk)
                     yield chunk
+                # One byte past the declared size tells a longer body from a complete one.
+                overflow = b"" if body_left else await resp.content.read(1)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.warning("blob download broken", extra={**extra, "received": received})
                 raise RegistryUnavailable(
                     f"download of blob {desc.digest} from {where} broke at byte {received}: "
                     f"{str(exc) or type(exc).__name__}"
                 ) from exc
+            if overflow:
+                log.warning("blob longer than declared", extra=extra)
+                raise ContentTooLarge(
+                    f"blob {desc.digest} from {where} is larger than the {desc.size} bytes its descriptor declares"
+                )
             if skip:
                 raise RegistryError(f"blob {desc.digest} from {where} ended before offset {offset}")
 
@@ -580,15 +608,19 @@ async def _error_detail(resp: aiohttp.ClientResponse) -> str:
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int, what: str, host: str) -> bytes:
-    """Read a whole response body, refusing more than `limit` bytes; network errors -> RegistryUnavailable."""
+    """Read a whole response body, refusing more than `limit` bytes (ContentTooLarge, having read at most
+    one byte past it); network errors -> RegistryUnavailable."""
+    too_large = ContentTooLarge(f"{what} from {host} is larger than {limit} bytes")
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large
     chunks: list[bytes] = []
-    total = 0
+    left = limit + 1
     try:
-        async for chunk in resp.content.iter_chunked(64 << 10):
-            total += len(chunk)
-            if total > limit:
-                raise RegistryError(f"{what} from {host} is larger than {limit} bytes")
+        while left and (chunk := await resp.content.read(min(64 << 10, left))):
             chunks.append(chunk)
+            left -= len(chunk)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise _translate(host, exc) from exc
+    if not left:
+        raise too_large
     return b"".join(chunks)
