@@ -15,6 +15,7 @@ FerrymanError (core.errors)
 │   ├── RegistryUnavailable     connection refused, reset or timed out
 │   ├── RegistryAuthError       credentials missing or refused
 │   ├── PlatformNotFound        an index has no manifest for our platform
+│   ├── InvalidManifest         a manifest, index or image config is malformed
 │   └── ContentTooLarge         a body is larger than its descriptor or the manifest cap allows
 ├── DigestMismatch              content does not hash to what was promised
 └── UnsafeLayer                 a layer tries to write outside the rootfs
@@ -80,6 +81,14 @@ class RegistryAuthError(RegistryError):
 class PlatformNotFound(RegistryError):
     code = "platform_not_found"
     http_status = 404
+
+
+class InvalidManifest(RegistryError):
+    """A manifest, index or image config from a registry is not valid JSON of the expected shape
+    (agent/manifests.py says what is checked). The registry's fault, so 502, never a 500."""
+
+    code = "invalid_manifest"
+    http_status = 502
 
 
 class ContentTooLarge(RegistryError):

@@ -81,19 +81,7 @@ class Descriptor:
     size: int
     annotations: dict[str, str] = field(default_factory=dict)
     platform: dict[str, Any] | None = None
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Descriptor:
-        try:
-            return cls(
-                media_type=str(obj["mediaType"]),
-                digest=parse_digest(str(obj["digest"])),
-                size=int(obj["size"]),
-                annotations=dict(obj.get("annotations") or {}),
-                platform=obj.get("platform"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidRequest(f"malformed descriptor: {obj!r}") from exc
+    """Build descriptors from registry JSON with agent.manifests.parse_descriptor, which validates them."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}

@@ -17,14 +17,21 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from agent.api import build_app
-from agent.app import Agent
 from agent.config import PullConfig, RegistryConfig, parse_config
 from agent.errors import ContentTooLarge
 from agent.oci import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Descriptor
 from core.errors import ConfigError, InvalidRequest
 from tests.harness.agent import agent_config, running_agent
 from tests.harness.containerd import PrivateContainerd
-from tests.harness.hostile import HostileRegistry, Served, host_platform, scripted_image
+from tests.harness.hostile import (
+    HostileRegistry,
+    Served,
+    assert_nothing_left,
+    content_store_bytes,
+    host_platform,
+    hostile_agent_config,
+    scripted_image,
+)
 from tests.harness.images import build_test_image
 from tests.harness.registry import DockerRegistry
 
@@ -35,36 +42,10 @@ def json_bytes(doc: Any) -> bytes:
     return json.dumps(doc).encode()
 
 
-def content_store_bytes(ctrd: PrivateContainerd) -> int:
-    """Bytes in containerd's content store (blobs and ingests), as on disk."""
-    root = ctrd.root / "io.containerd.content.v1.content"
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-
-
-async def assert_nothing_left(agent: Agent, ctrd: PrivateContainerd, ref: str) -> None:
-    """A failed pull leaves no image, no lease and no ingest (also as ctr sees it)."""
-    cd = agent.containerd
-    assert ref not in [i.name for i in await cd.images.list()]
-    assert await cd.leases.list() == []
-    assert await cd.content.list_statuses() == []
-    active = ctrd.ctr("content", "active", namespace=cd.namespace).stdout.splitlines()
-    assert active[1:] == [], active  # the header line only
-    assert ref not in ctrd.ctr("images", "ls", "-q", namespace=cd.namespace).stdout
-
-
 @pytest.fixture
 async def hostile() -> AsyncIterator[HostileRegistry]:
     async with HostileRegistry() as reg:
         yield reg
-
-
-def hostile_agent_config(containerd: PrivateContainerd, hostile: HostileRegistry, workdir: Path, **pull: Any) -> Any:
-    return agent_config(
-        containerd,
-        [RegistryConfig(host=hostile.host, plain_http=True)],
-        workdir,
-        pull=PullConfig(read_timeout=5.0, retries=1, **pull),
-    )
 
 
 async def test_endless_layer_body_stops_at_the_declared_size(

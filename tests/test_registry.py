@@ -391,7 +391,7 @@ async def test_push_then_resolve_by_tag_and_digest(plain: DockerRegistry, make_c
     assert by_tag.config == Descriptor(MEDIA_OCI_CONFIG, pushed.config.digest, len(pushed.config_bytes))
     assert [d.digest for d in by_tag.layers] == [sha256_digest(b) for b in pushed.layer_bytes]
     assert [d.size for d in by_tag.layers] == [300 * 1024, 5000]
-    assert by_tag.manifest_json["layers"][1]["digest"] == pushed.layers[1].digest
+    assert by_tag.layers[1].digest == pushed.layers[1].digest
 
     by_digest = await client.resolve(Reference.parse(f"{plain.host}/ferryman/single@{pushed.manifest.digest}"), AMD64)
     assert by_digest.manifest.digest == pushed.manifest.digest

@@ -9,22 +9,21 @@ end, or expiring if the agent dies) lets containerd's GC reclaim whatever was no
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
 
 from agent.config import PullConfig
 from agent.containerd import Containerd, ImageRecord
-from agent.errors import PlatformNotFound
+from agent.errors import InvalidManifest, PlatformNotFound
 from agent.images import labels as L
 from agent.images.ingest import ensure_labels, ingest_blob, put_blob
 from agent.images.unpack import unpack_layer
+from agent.manifests import decode_json, parse_image_config
 from agent.metrics import AgentMetrics
 from agent.model import ImageSummary, LayerProgress, PullProgress
 from agent.oci import Descriptor, Platform, Reference, chain_ids, parse_digest
 from agent.registry.client import RegistryClient, ResolvedImage
-from core.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ class Puller:
     async def _pull(self, ref: Reference, progress: PullProgress) -> ImageSummary:
         image = await self._registry.resolve(ref, self._platform)
         config_bytes = await self._registry.fetch_bytes(ref, image.config)
-        diff_ids = _diff_ids(config_bytes, len(image.layers), self._platform, ref)
+        diff_ids = _diff_ids(config_bytes, image.config, len(image.layers), self._platform, ref)
         progress.layers = [LayerProgress(digest=d.digest, size=d.size) for d in image.layers]
         progress.status = "fetching"
         pull = PullContext(ref, image, diff_ids, progress, asyncio.Semaphore(self._config.max_concurrent_layers))
@@ -162,17 +161,19 @@ class Puller:
         return parent
 
 
-def _diff_ids(config_bytes: bytes, layer_count: int, platform: Platform, ref: Reference) -> list[str]:
+def _diff_ids(
+    config_bytes: bytes, desc: Descriptor, layer_count: int, platform: Platform, ref: Reference
+) -> list[str]:
     """The layers' diff IDs from the image config, after checking the image can run here."""
-    try:
-        config = json.loads(config_bytes)
-        diff_ids = [str(parse_digest(d)) for d in config["rootfs"]["diff_ids"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidRequest(f"image config is malformed: {exc}") from exc
+    where = f"image config {desc.digest} of {ref}"
+    config = parse_image_config(decode_json(config_bytes, where), where)
     # A tag may point straight at a manifest: only its config says which platform it is for.
-    if not platform.matches({k: config.get(k, "") for k in ("os", "architecture", "variant")}):
-        found = "/".join(str(config.get(k)) for k in ("os", "architecture"))
+    if not platform.matches(config.platform()):
+        found = "/".join(p or "None" for p in (config.os, config.architecture))
         raise PlatformNotFound(f"{ref} is an image for {found}, this host needs {platform}")
-    if len(diff_ids) != layer_count:
-        raise InvalidRequest(f"image config lists {len(diff_ids)} diff IDs for {layer_count} layers")
-    return diff_ids
+    # The agent pulls images to run them, and a root filesystem needs at least one layer.
+    if not layer_count:
+        raise InvalidManifest(f"the manifest of {ref} lists no layers: there is no root filesystem to run")
+    if len(config.diff_ids) != layer_count:
+        raise InvalidManifest(f"{where} lists {len(config.diff_ids)} diff IDs for {layer_count} layers")
+    return list(config.diff_ids)

@@ -14,7 +14,6 @@ import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -23,15 +22,14 @@ from agent.config import AgentConfig, RegistryConfig
 from agent.errors import (
     ContentTooLarge,
     DigestMismatch,
+    InvalidManifest,
     ManifestNotFound,
-    PlatformNotFound,
     RegistryAuthError,
     RegistryError,
     RegistryUnavailable,
 )
+from agent.manifests import ImageIndex, ImageManifest, choose_manifest, decode_json, parse_document
 from agent.oci import (
-    INDEX_TYPES,
-    MANIFEST_TYPES,
     MEDIA_DOCKER_MANIFEST,
     MEDIA_DOCKER_MANIFEST_LIST,
     MEDIA_OCI_INDEX,
@@ -62,25 +60,8 @@ class ResolvedImage:
     target_bytes: bytes
     manifest: Descriptor
     manifest_bytes: bytes
-    manifest_json: dict[str, Any]
     config: Descriptor
     layers: list[Descriptor]
-
-
-def _media_type_of(content_type: str | None, body: dict[str, Any]) -> str:
-    """The manifest's media type: its own `mediaType` field wins over the Content-Type header."""
-    declared = body.get("mediaType")
-    if isinstance(declared, str) and declared:
-        return declared
-    header = (content_type or "").split(";", 1)[0].strip().lower()
-    if header and header not in ("application/json", "application/octet-stream", "text/plain"):
-        return header
-    # OCI makes mediaType optional; fall back to the shape of the document.
-    if "manifests" in body:
-        return MEDIA_OCI_INDEX
-    if "config" in body and "layers" in body:
-        return MEDIA_OCI_MANIFEST
-    return header
 
 
 def _ssl_context(reg: RegistryConfig) -> ssl.SSLContext:
@@ -284,8 +265,9 @@ class RegistryClient:
 
     async def fetch_manifest(
         self, ref: Reference, reference: str | None = None, declared_size: int | None = None
-    ) -> tuple[Descriptor, bytes]:
-        """GET one manifest or index by tag or digest; returns its verified descriptor and raw bytes.
+    ) -> tuple[Descriptor, bytes, ImageManifest | ImageIndex]:
+        """GET one manifest or index by tag or digest: its verified descriptor, raw bytes and validated
+        document (a malformed one is InvalidManifest).
 
         At most `[pull] max_manifest_bytes` are read, and no more than `declared_size` when an index
         declared it: a registry cannot make us buffer an endless body.
@@ -316,34 +298,29 @@ class RegistryClient:
             raise DigestMismatch(f"manifest {ref.host}/{ref.repository}@{obj} has digest {digest}")
         if header_digest and header_digest.startswith("sha256:") and header_digest != digest:
             raise DigestMismatch(f"manifest {what}: registry says {header_digest} but the body hashes to {digest}")
-        try:
-            parsed = json.loads(body)
-        except ValueError as exc:
-            raise RegistryError(f"manifest {what} is not valid JSON: {exc}") from exc
-        if not isinstance(parsed, dict):
-            raise RegistryError(f"manifest {what} is not a JSON object")
-        media_type = _media_type_of(content_type, parsed)
-        if media_type not in INDEX_TYPES and media_type not in MANIFEST_TYPES:
-            raise RegistryError(f"manifest {what} has unsupported media type {media_type!r}")
+        document = parse_document(decode_json(body, f"manifest {what}"), content_type, f"manifest {what}")
+        media_type = document.media_type
         log.debug(
             "manifest fetched",
             extra={"registry": ref.host, "repository": ref.repository, "digest": digest, "media_type": media_type},
         )
-        return Descriptor(media_type=media_type, digest=digest, size=len(body)), body
+        return Descriptor(media_type=media_type, digest=digest, size=len(body)), body, document
 
     async def resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
         """Resolve a reference to one platform's manifest, config and layers, all digests verified."""
-        target, target_bytes = await self.fetch_manifest(ref)
+        target, target_bytes, document = await self.fetch_manifest(ref)
         manifest, manifest_bytes = target, target_bytes
-        if target.media_type in INDEX_TYPES:
-            chosen = self._pick_platform(ref, target_bytes, platform)
-            manifest, manifest_bytes = await self.fetch_manifest(ref, chosen.digest, declared_size=chosen.size)
+        if isinstance(document, ImageIndex):
+            chosen = choose_manifest(document, platform, str(ref))
+            manifest, manifest_bytes, document = await self.fetch_manifest(
+                ref, chosen.digest, declared_size=chosen.size
+            )
             if manifest.size != chosen.size:
                 raise DigestMismatch(
                     f"manifest {chosen.digest} in {ref} is {manifest.size} bytes, the index says {chosen.size}"
                 )
-            if manifest.media_type not in MANIFEST_TYPES:
-                raise RegistryError(f"{ref} for {platform} points at {manifest.media_type}, not an image manifest")
+            if not isinstance(document, ImageManifest):
+                raise InvalidManifest(f"{ref} for {platform} points at {manifest.media_type}, not an image manifest")
             # Keep the platform the index advertised: the pull engine records it on the image.
             manifest = Descriptor(
                 media_type=manifest.media_type,
@@ -352,12 +329,7 @@ class RegistryClient:
                 annotations=chosen.annotations,
                 platform=chosen.platform,
             )
-        manifest_json: dict[str, Any] = json.loads(manifest_bytes)
-        try:
-            config = Descriptor.from_json(manifest_json["config"])
-            layers = [Descriptor.from_json(layer) for layer in manifest_json.get("layers") or []]
-        except (KeyError, TypeError, InvalidRequest) as exc:
-            raise RegistryError(f"manifest {manifest.digest} of {ref} is malformed: {exc}") from exc
+        layers = list(document.layers)
         log.info(
             "image resolved",
             extra={
@@ -375,31 +347,9 @@ class RegistryClient:
             target_bytes=target_bytes,
             manifest=manifest,
             manifest_bytes=manifest_bytes,
-            manifest_json=manifest_json,
-            config=config,
+            config=document.config,
             layers=layers,
         )
-
-    @staticmethod
-    def _pick_platform(ref: Reference, index_bytes: bytes, platform: Platform) -> Descriptor:
-        index = json.loads(index_bytes)
-        try:
-            entries = [Descriptor.from_json(m) for m in index.get("manifests") or []]
-        except InvalidRequest as exc:
-            raise RegistryError(f"index of {ref} is malformed: {exc}") from exc
-        candidates = [e for e in entries if e.platform is not None and platform.matches(e.platform)]
-        if not candidates:
-            available = sorted(
-                {
-                    str(Platform(p.get("os", "?"), p.get("architecture", "?"), p.get("variant", "")))
-                    for e in entries
-                    if (p := e.platform) is not None
-                }
-            )
-            raise PlatformNotFound(f"{ref} has no manifest for {platform}; available: {', '.join(available) or 'none'}")
-        # Prefer an exact variant match over an entry that left the variant out.
-        exact = [e for e in candidates if (e.platform or {}).get("variant", "") == platform.variant]
-        return (exact or candidates)[0]
 
     async def fetch_bytes(self, ref: Reference, desc: Descriptor) -> bytes:
         """A whole small blob (an image config) into memory, checked against the descriptor's size and

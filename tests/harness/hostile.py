@@ -13,11 +13,16 @@ import json
 import platform
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from agent.app import Agent
+from agent.config import AgentConfig, PullConfig, RegistryConfig
 from agent.oci import MEDIA_OCI_CONFIG, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_MANIFEST, Descriptor, Digest, sha256_digest
+from tests.harness.agent import agent_config
+from tests.harness.containerd import PrivateContainerd
 from tests.harness.registry import free_port
 
 # Sent after a body marked endless until the client goes away (or this many bytes, so a test whose
@@ -157,3 +162,30 @@ def scripted_image(layer_size: int, seed: str) -> ScriptedImage:
         "layers": [layer.to_json()],
     }
     return ScriptedImage(config, config_bytes, layer, manifest_doc)
+
+
+def hostile_agent_config(ctrd: PrivateContainerd, registry: HostileRegistry, workdir: Path, **pull: Any) -> AgentConfig:
+    """An agent config that reaches `registry` over plain HTTP, with short timeouts and one retry."""
+    return agent_config(
+        ctrd,
+        [RegistryConfig(host=registry.host, plain_http=True)],
+        workdir,
+        pull=PullConfig(read_timeout=5.0, retries=1, **pull),
+    )
+
+
+def content_store_bytes(ctrd: PrivateContainerd) -> int:
+    """Bytes in containerd's content store (blobs and ingests), as on disk."""
+    root = ctrd.root / "io.containerd.content.v1.content"
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+async def assert_nothing_left(agent: Agent, ctrd: PrivateContainerd, ref: str) -> None:
+    """A failed pull leaves no image, no lease and no ingest (also as ctr sees them)."""
+    cd = agent.containerd
+    assert ref not in [i.name for i in await cd.images.list()]
+    assert await cd.leases.list() == []
+    assert await cd.content.list_statuses() == []
+    active = ctrd.ctr("content", "active", namespace=cd.namespace).stdout.splitlines()
+    assert active[1:] == [], active  # the header line only
+    assert ref not in ctrd.ctr("images", "ls", "-q", namespace=cd.namespace).stdout
