@@ -75,6 +75,9 @@ class PullConfig:
     max_manifest_bytes: int = 4 << 20
     """Largest manifest, index or image config accepted (4 MiB: containerd's resolver allows about as
     much). They are read into memory whole; layers are bounded by the size their manifest declares."""
+    ingest_lock_timeout: float = 60.0
+    """Seconds to wait for a containerd ingest another writer holds ("ref locked": another process
+    writing the same blob, or our own stream still closing after a broken download)."""
     allowed_registries: tuple[str, ...] = ()
     """host[:port] of the registries images may be pulled from; empty allows any. An image reference
     can name any host, so without a list anyone who may pull chooses where this host connects to."""
@@ -265,6 +268,7 @@ def _validate(config: AgentConfig) -> None:
         "pull.connect_timeout": config.pull.connect_timeout,
         "pull.read_timeout": config.pull.read_timeout,
         "pull.lease_expiry": config.pull.lease_expiry,
+        "pull.ingest_lock_timeout": config.pull.ingest_lock_timeout,
         "containerd.connect_timeout": config.containerd.connect_timeout,
         "migration.postcopy_reconnect_timeout": config.migration.postcopy_reconnect_timeout,
     }

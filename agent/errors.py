@@ -11,6 +11,7 @@ FerrymanError (core.errors)
 │   ├── ContainerdAlreadyExists (also an AlreadyExists)
 │   ├── ContainerdConflict      FAILED_PRECONDITION (also a Conflict)
 │   └── ContainerdUnavailable   the socket does not answer
+│       └── IngestLocked        another writer holds the ingest ("ref locked")
 ├── RegistryError               the registry answered with something unusable
 │   ├── RegistryUnavailable     connection refused, reset or timed out
 │   ├── RegistryAuthError       credentials missing or refused
@@ -46,6 +47,13 @@ class ContainerdError(FerrymanError):
 class ContainerdUnavailable(ContainerdError):
     code = "containerd_unavailable"
     http_status = 503
+
+
+class IngestLocked(ContainerdUnavailable):
+    """containerd refused to open an ingest because another writer holds its ref (a concurrent
+    pull, another process, or our own previous stream still closing). Worth waiting for."""
+
+    code = "ingest_locked"
 
 
 class ContainerdNotFound(ContainerdError, NotFound):

@@ -38,20 +38,38 @@ class PullProgress:
     layers: list[LayerProgress] = field(default_factory=list)
     status: str = "resolving"  # resolving | fetching | unpacking | done | failed
     error: str | None = None
+    _source: PullProgress | None = field(default=None, init=False, repr=False, compare=False)
+
+    def follow(self, source: PullProgress) -> None:
+        """Show `source`'s progress from now on: this pull shares another's work (a concurrent pull
+        of the same image). `snapshot()`, `total` and `done` read through; `refresh()` copies."""
+        self._source = source if source is not self else None
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self._source is not None:
+            self.layers, self.status, self.error = self._source.layers, self._source.status, self._source.error
 
     @property
     def total(self) -> int:
+        self.refresh()
         return sum(layer.size for layer in self.layers)
 
     @property
     def done(self) -> int:
+        self.refresh()
         return sum(layer.done for layer in self.layers)
 
     def snapshot(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["total"] = self.total
-        out["done"] = self.done
-        return out
+        self.refresh()
+        return {
+            "ref": self.ref,
+            "layers": [asdict(layer) for layer in self.layers],
+            "status": self.status,
+            "error": self.error,
+            "total": self.total,
+            "done": self.done,
+        }
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,14 @@ from google.protobuf import field_mask_pb2
 
 from agent.containerd.connection import CallContext, translate
 from agent.containerd.types import ContentInfo, IngestStatus
-from agent.errors import ContainerdConflict, ContainerdError, ContainerdNotFound, DigestMismatch
+from agent.errors import (
+    ContainerdConflict,
+    ContainerdError,
+    ContainerdNotFound,
+    ContainerdUnavailable,
+    DigestMismatch,
+    IngestLocked,
+)
 from proto.containerd.api.services.content.v1 import content_pb2 as pb
 from proto.containerd.api.services.content.v1.content_pb2_grpc import ContentStub
 
@@ -106,16 +113,22 @@ class ContentWriter:
         self._call: grpc.aio.StreamStreamCall | None = None
 
     async def __aenter__(self) -> ContentWriter:
-        self._call = self._stub.Write(metadata=self._ctx.metadata)
-        resp = await self._exchange(self._stat())
-        self.offset = resp.offset
-        if resp.total and resp.total != self.total:
-            # A stale ingest for a different size: start over.
-            await self.aclose()
-            await ContentStore(self._stub, self._ctx).abort(self.ref)
+        """Open the ingest. IngestLocked when another writer holds the ref; the stream is closed then,
+        so the caller may simply try again."""
+        try:
             self._call = self._stub.Write(metadata=self._ctx.metadata)
             resp = await self._exchange(self._stat())
             self.offset = resp.offset
+            if resp.total and resp.total != self.total:
+                # A stale ingest for a different size: start over.
+                await self.aclose()
+                await ContentStore(self._stub, self._ctx).abort(self.ref)
+                self._call = self._stub.Write(metadata=self._ctx.metadata)
+                resp = await self._exchange(self._stat())
+                self.offset = resp.offset
+        except BaseException:
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(
@@ -143,6 +156,9 @@ class ContentWriter:
             err = translate(exc, f"write {self.ref}")
             if isinstance(err, ContainerdConflict) and "digest" in err.message:
                 raise DigestMismatch(f"{self.expected}: {err.message}") from exc
+            # containerd's content store: "ref <ref> locked for <duration> (since <time>): unavailable".
+            if isinstance(err, ContainerdUnavailable) and " locked " in err.message:
+                raise IngestLocked(err.message, err.grpc_code) from exc
             raise err from exc
         if resp is grpc.aio.EOF:
             raise ContainerdConflict(f"write {self.ref}: stream closed by containerd")

@@ -43,6 +43,12 @@ class LeaseManager:
         req = pb.AddResourceRequest(id=lease_id, resource=pb.Resource(id=key, type=f"snapshots/{snapshotter}"))
         await self._ctx.unary(self._stub.AddResource, req, f"lease snapshot {key}")
 
+    async def add_content(self, lease_id: str, digest: str) -> None:
+        """Protect content from GC for the life of the lease, also content that is not there yet: it
+        is protected from the moment anyone commits it."""
+        req = pb.AddResourceRequest(id=lease_id, resource=pb.Resource(id=digest, type="content"))
+        await self._ctx.unary(self._stub.AddResource, req, f"lease content {digest}")
+
     @asynccontextmanager
     async def held(self, purpose: str, expire_after: float) -> AsyncIterator[str]:
         """A lease for the duration of the block, deleted afterwards whatever happens.

@@ -3,21 +3,68 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 
 from agent.containerd import Containerd
 from agent.containerd.content import ContentWriter
-from agent.errors import ContainerdAlreadyExists, ContentTooLarge, DigestMismatch, RegistryUnavailable
+from agent.errors import (
+    ContainerdAlreadyExists,
+    ContentTooLarge,
+    DigestMismatch,
+    IngestLocked,
+    RegistryUnavailable,
+)
 from agent.oci import Descriptor, Reference
 from agent.registry.client import RegistryClient
 
 log = logging.getLogger(__name__)
 
+DEFAULT_LOCK_TIMEOUT = 60.0
+"""Seconds to wait for an ingest another writer holds, when the caller has no [pull] config."""
+
 
 def ingest_ref(desc: Descriptor) -> str:
-    # Deterministic, so an interrupted pull of the same blob resumes the same ingest.
+    # Deterministic, so an interrupted pull of the same blob resumes the same ingest. The price: two
+    # writers of one blob meet on one ref, which containerd locks (see open_ingest).
     return f"ferryman-{desc.digest}"
+
+
+def locked_ingest_delay(attempt: int, waited: float, timeout: float) -> float | None:
+    """Seconds to wait before opening a locked ingest again (50 ms doubling to 1 s), or None once
+    `timeout` would be exceeded."""
+    delay = min(0.05 * 2**attempt, 1.0)
+    return delay if waited + delay <= timeout else None
+
+
+@contextlib.asynccontextmanager
+async def open_ingest(cd: Containerd, desc: Descriptor, lock_timeout: float) -> AsyncIterator[ContentWriter]:
+    """The ingest of `desc`, waiting up to `lock_timeout` s while another writer holds its ref.
+
+    The holder is another process writing the same blob, or one of our own streams that containerd
+    has not finished closing (right after a broken download). When it lets go, the blob is either
+    committed (the STAT then answers AlreadyExists) or left partial, and we resume it.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with contextlib.AsyncExitStack() as stack:
+        for attempt in itertools.count():
+            try:
+                writer = await stack.enter_async_context(cd.content.writer(ingest_ref(desc), desc.size, desc.digest))
+                break
+            except IngestLocked as exc:
+                delay = locked_ingest_delay(attempt, loop.time() - started, lock_timeout)
+                if delay is None:
+                    raise IngestLocked(
+                        f"ingest of {desc.digest} is still locked by another writer after {lock_timeout:g} s:"
+                        f" {exc.message}",
+                        exc.grpc_code,
+                    ) from exc
+                log.debug("ingest locked, waiting", extra={"digest": desc.digest, "attempt": attempt})
+                await asyncio.sleep(delay)
+        yield writer
 
 
 async def ingest_blob(
@@ -29,6 +76,7 @@ async def ingest_blob(
     chunk_size: int,
     retries: int,
     on_bytes: Callable[[int], None] = lambda n: None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> int:
     """Make `desc` present in the content store; returns the bytes downloaded (0 if present).
 
@@ -42,7 +90,7 @@ async def ingest_blob(
     fetched = 0
     for attempt in range(retries + 1):
         try:
-            async with cd.content.writer(ingest_ref(desc), desc.size, desc.digest) as writer:
+            async with open_ingest(cd, desc, lock_timeout) as writer:
                 if writer.offset:
                     log.info("resuming ingest", extra={"digest": desc.digest, "offset": writer.offset})
                 if writer.offset < desc.size:
@@ -98,13 +146,19 @@ async def ensure_labels(cd: Containerd, digest: str, labels: Mapping[str, str]) 
         await cd.content.update_labels(digest, missing)
 
 
-async def put_blob(cd: Containerd, desc: Descriptor, data: bytes, labels: Mapping[str, str]) -> None:
+async def put_blob(
+    cd: Containerd,
+    desc: Descriptor,
+    data: bytes,
+    labels: Mapping[str, str],
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> None:
     """Store a small blob we already hold (manifest, config), or label it if it is there."""
     if await cd.content.exists(desc.digest) is not None:
         await ensure_labels(cd, desc.digest, labels)
         return
     try:
-        async with cd.content.writer(ingest_ref(desc), desc.size, desc.digest) as writer:
+        async with open_ingest(cd, desc, lock_timeout) as writer:
             # A partial (or complete, uncommitted) earlier ingest: containerd verifies the whole at commit.
             if writer.offset < desc.size:
                 await writer.write(data[writer.offset :])

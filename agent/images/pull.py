@@ -4,6 +4,10 @@ Layers download concurrently (bounded), and layer N is unpacked as soon as layer
 so unpacking overlaps the downloads. Everything runs under one containerd lease, so a failed pull
 leaves no half-registered image: the image record is written last, and the lease (deleted at the
 end, or expiring if the agent dies) lets containerd's GC reclaim whatever was not referenced.
+
+Blob downloads are shared between pulls: two images with a common layer (or two tags of one image)
+pulled at once download it once. A shared download runs under a lease of its own, since the pulls
+waiting for it may end in any order; each pull adds the blob to its own lease before it waits.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agent.config import PullConfig
@@ -24,6 +29,7 @@ from agent.metrics import AgentMetrics
 from agent.model import ImageSummary, LayerProgress, PullProgress
 from agent.oci import Descriptor, Platform, Reference, chain_ids, parse_digest
 from agent.registry.client import RegistryClient, ResolvedImage
+from core.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,9 @@ class Puller:
         self._config = config
         self._metrics = metrics
         self._platform = Platform.parse(config.platform) if config.platform else Platform.host()
+        # By digest, across every pull on this host.
+        self._layer_downloads: SingleFlight[str, None, int] = SingleFlight("download", _no_state)
+        self._config_downloads: SingleFlight[str, None, bytes] = SingleFlight("download config", _no_state)
 
     async def pull(self, ref: Reference, progress: PullProgress) -> ImageSummary:
         started = time.monotonic()
@@ -64,7 +73,9 @@ class Puller:
 
     async def _pull(self, ref: Reference, progress: PullProgress) -> ImageSummary:
         image = await self._registry.resolve(ref, self._platform)
-        config_bytes = await self._registry.fetch_bytes(ref, image.config)
+        config_bytes = await self._config_downloads.run(
+            image.config.digest, lambda _: self._registry.fetch_bytes(ref, image.config)
+        )
         diff_ids = _diff_ids(config_bytes, image.config, len(image.layers), self._platform, ref)
         progress.layers = [LayerProgress(digest=d.digest, size=d.size) for d in image.layers]
         progress.status = "fetching"
@@ -119,7 +130,7 @@ class Puller:
         if image.target.digest != image.manifest.digest:
             blobs.append((image.target, image.target_bytes, {**source, L.gc_manifest(0): image.manifest.digest}))
         for desc, data, labels in blobs:
-            await put_blob(cd, desc, data, labels)
+            await put_blob(cd, desc, data, labels, self._config.ingest_lock_timeout)
 
     async def _fetch_layer(self, cd: Containerd, pull: PullContext, index: int) -> None:
         desc = pull.image.layers[index]
@@ -133,17 +144,44 @@ class Puller:
                 self._metrics.pull_bytes.inc(n)
 
             labels = {L.distribution_source(pull.ref.host): pull.ref.repository}
+            ours = False
+
+            def download(_: None) -> Awaitable[int]:
+                nonlocal ours
+                ours = True
+                return self._download(pull.ref, desc, labels, count)
+
             try:
-                fetched = await ingest_blob(
-                    cd, self._registry, pull.ref, desc, labels, self._config.chunk_size, self._config.retries, count
-                )
+                # Before waiting: whoever commits the blob, this pull's lease already holds it.
+                assert cd.lease is not None, "pulls run under a lease"
+                await cd.leases.add_content(cd.lease, desc.digest)
+                fetched = await self._layer_downloads.run(desc.digest, download)
             except BaseException:
                 layer.status = "failed"
                 raise
+            if not ours:
+                fetched = 0  # another pull's download: the bytes are counted there
             layer.status = "done" if fetched else "exists"
             pull.layers_fetched += 1 if fetched else 0
             if fetched:
                 self._metrics.layer_duration.labels(phase="fetch").observe(time.monotonic() - started)
+
+    async def _download(
+        self, ref: Reference, desc: Descriptor, labels: dict[str, str], on_bytes: Callable[[int], None]
+    ) -> int:
+        """One blob into the content store, under a lease of its own (see the module docstring)."""
+        async with self._cd.leases.held("download", self._config.lease_expiry) as lease_id:
+            return await ingest_blob(
+                self._cd.leased(lease_id),
+                self._registry,
+                ref,
+                desc,
+                labels,
+                self._config.chunk_size,
+                self._config.retries,
+                on_bytes,
+                self._config.ingest_lock_timeout,
+            )
 
     async def _unpack_in_order(self, cd: Containerd, pull: PullContext, fetches: list[asyncio.Task[None]]) -> str:
         chains = chain_ids([parse_digest(d) for d in pull.diff_ids])
@@ -159,6 +197,10 @@ class Puller:
             pull.progress.layers[index].status = "unpacked"
             parent = chain
         return parent
+
+
+def _no_state(_: str) -> None:
+    return None
 
 
 def _diff_ids(

@@ -1,4 +1,9 @@
-"""The image service the API calls: pull, list, remove."""
+"""The image service the API calls: pull, list, remove.
+
+Concurrent pulls of one reference are one pull: the first starts it, the others wait for it and
+show its progress, and all get its result or its error (six at once used to fight over containerd's
+ingest locks, five failing with "ref locked").
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from agent.model import ImageSummary, PullProgress
 from agent.oci import Platform, Reference
 from agent.registry.client import RegistryClient
 from core.errors import InvalidRequest
+from core.singleflight import SingleFlight
 
 
 class ImageService:
@@ -19,6 +25,9 @@ class ImageService:
         self._cd = cd
         self._config = config
         self._puller = Puller(cd, registry, config, metrics)
+        self._pulls: SingleFlight[Reference, PullProgress, ImageSummary] = SingleFlight(
+            "pull", lambda image: PullProgress(ref=str(image))
+        )
         self.platform = Platform.parse(config.platform) if config.platform else Platform.host()
 
     async def pull(self, ref: str, progress: PullProgress | None = None) -> ImageSummary:
@@ -29,7 +38,11 @@ class ImageService:
                 f"registry {image.host} is not allowed on this host ([pull] allowed_registries:"
                 f" {', '.join(self._config.allowed_registries)})"
             )
-        return await self._puller.pull(image, progress or PullProgress(ref=ref))
+        mine = progress or PullProgress(ref=ref)
+        try:
+            return await self._pulls.run(image, lambda shared: self._puller.pull(image, shared), joined=mine.follow)
+        finally:
+            mine.refresh()
 
     async def list(self) -> list[ImageSummary]:
         out = []

@@ -5,6 +5,7 @@ It stands for a flaky network or a corrupting middlebox; the registry behind it 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -29,6 +30,8 @@ class FaultyProxy:
     """Blob digests whose bytes get one bit flipped."""
     cut_after: dict[str, int] = field(default_factory=dict)
     """Blob digest -> byte count after which the connection drops (once per digest)."""
+    blob_delay: float = 0.0
+    """Seconds to hold every blob GET before forwarding it: keeps concurrent pulls overlapping."""
     requests: list[ProxyLog] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
@@ -57,6 +60,8 @@ class FaultyProxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         body = await request.read()
         digest = request.path.rsplit("/", 1)[-1] if "/blobs/" in request.path else ""
+        if digest and request.method == "GET" and self.blob_delay:
+            await asyncio.sleep(self.blob_delay)
         async with self._session.request(
             request.method,
             self.upstream + request.path_qs,
