@@ -342,11 +342,13 @@ async def test_move_service_ip_to_another_host(env: Env) -> None:
         status, body = await _api(h2, "POST", "/v1/network/publish", {"service_ip": env.service_ip})
         assert status == 200 and body["container"] == "svc", body
         t_published = time.monotonic()
-        # The announcement repoints the client's neighbour entry at h2 at once.
+        # The announcement repoints the client's neighbour entry at h2 (without it the entry would
+        # keep h1's MAC until the neighbour cache expires it, tens of seconds): the bounds are generous,
+        # the figures are printed, and speed itself is measured by the benchmarks.
         h2_mac = _mac(h2.netns)
-        await _until(lambda: _neigh_mac(client.netns, env.service_ip) == h2_mac, within=1.0)
+        assert await _until(lambda: _neigh_mac(client.netns, env.service_ip) == h2_mac, within=5.0)
         t_neigh = time.monotonic()
-        await _until(lambda: any(b == "h2" for _, b in samples), within=3.0)
+        assert await _until(lambda: any(b == "h2" for _, b in samples), within=10.0)
         await asyncio.sleep(0.5)  # and then some, to see it stays on h2
     finally:
         stop.set()
@@ -363,8 +365,6 @@ async def test_move_service_ip_to_another_host(env: Env) -> None:
         f"first h2 answer {(first_h2 - t_published) * 1000:.1f} ms after publish returned; "
         f"neighbour entry on h2 {(t_neigh - t_published) * 1000:.1f} ms after publish; {len(samples)} requests"
     )
-    assert first_h2 - t_published < 1.0
-    assert gap < 1.0
     assert all(b == "h2" for t, b in samples if t > first_h2 and b is not None), "traffic went back to h1"
     # h1 keeps its copy (namespace, veth, container), unpublished; h2 now routes it.
     status, h1_view = await _api(h1, "GET", "/v1/containers/svc")
