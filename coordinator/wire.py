@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from coordinator.model import Capacity, ContainerUsage, Host
 from core.errors import FerrymanError, InvalidRequest
+from core.http.validate import check_message, parse_json
 from core.security.pki import validate_name
 from proto.ferryman.v1 import fleet_pb2
 
@@ -37,18 +38,26 @@ _NONNEGATIVE = (
 
 
 def parse_message(raw: bytes, message: type[M]) -> M:
-    """A protobuf message from canonical JSON bytes; InvalidRequest with the parser's reason otherwise."""
+    """A protobuf message from canonical JSON bytes; InvalidRequest with the parser's reason otherwise.
+
+    The JSON goes through the API's one bounded parser (core.http.validate.parse_json: depth,
+    duplicate keys) before protobuf sees it, and every number of the result is bounded after.
+    """
+    name = message.DESCRIPTOR.name
     if not raw.strip():
-        raise InvalidRequest(f"request body must be a {message.DESCRIPTOR.name} JSON object")
+        raise InvalidRequest(f"request body must be a {name} JSON object")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"request body is not UTF-8: {exc}") from exc
+        document = parse_json(raw)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"invalid {name}: {exc.message}") from exc
+    if not isinstance(document, dict):
+        raise InvalidRequest(f"invalid {name}: expected a JSON object")
     out = message()
     try:
-        json_format.Parse(text, out, ignore_unknown_fields=False)
+        json_format.ParseDict(document, out, ignore_unknown_fields=False)
     except json_format.ParseError as exc:
-        raise InvalidRequest(f"invalid {message.DESCRIPTOR.name}: {exc}") from exc
+        raise InvalidRequest(f"invalid {name}: {exc}") from exc
+    check_message(out, name)
     return out
 
 

@@ -353,6 +353,65 @@ async def test_create_validation(
     assert agent.containers.requests == []  # nothing reached the service
 
 
+_DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "status", "needle"),
+    [
+        # json.loads recursed into these until RecursionError: a 500 before the depth limit.
+        ("/v1/containers", b'{"id": "a", "image": "i", "labels": ' + _DEEP + b"}", 400, "deeper than 32"),
+        ("/v1/containers", b'{"id": "a", "image": "i", "env": {"x": ' * 40 + b"1" + b"}" * 80, 400, "deeper"),
+        ("/v1/images/pull", _DEEP, 400, "deeper than 32"),
+        ("/v1/reservations", b'{"capacity": ' + _DEEP + b"}", 400, "deeper than 32"),
+        ("/v1/network/publish", b"[" * 2000 + b"]" * 2000, 400, "deeper than 32"),
+        # Past Python's 4300-digit int limit json.loads raises a plain ValueError: a 500 before.
+        ("/v1/containers", b'{"id": "a", "image": "i", "resources": {"memory": ' + b"9" * 5000 + b"}}", 400,
+         "not valid JSON"),
+        ("/v1/containers", b'{"id": "a", "a": 1, "id": "b", "image": "i"}', 400, "duplicate key 'id'"),
+        ("/v1/containers", b'{"id": "a", "image": "' + b"x" * (1 << 20) + b'"}', 413, "larger than"),
+    ],
+)
+async def test_bodies_are_bounded(
+    client: TestClient[Any, Any], agent: FakeAgent, path: str, raw: bytes, status: int, needle: str
+) -> None:
+    resp = await client.post(path, data=raw, headers={"Content-Type": "application/json"})
+    code = "request_too_large" if status == 413 else "invalid_request"
+    assert needle in await _error(resp, status, code)
+    assert agent.containers.requests == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        # 2**63 does not fit the int64 in containerd's spec (nor SQLite); 1 PiB is the sane maximum.
+        ("/v1/containers", {"id": "a", "image": "i", "resources": {"memory": 1 << 63}}, "body.resources.memory"),
+        ("/v1/containers", {"id": "a", "image": "i", "resources": {"memory": (1 << 50) + 1}}, "body.resources.memory"),
+        ("/v1/containers", {"id": "a", "image": "i", "resources": {"cpus": 1e300}}, "body.resources.cpus"),
+        ("/v1/reservations", {"id": "r1", "capacity": {"memory_bytes": str((1 << 64) - 1)}, "expiresAt": 2e9},
+         "body.capacity.memory_bytes"),
+        ("/v1/reservations", {"id": "r1", "capacity": {"cpu_millis": 10**8}, "expiresAt": 2e9},
+         "body.capacity.cpu_millis"),
+        ("/v1/migrations", {"container": "a", "target": "b", "max_iterations": 1 << 64}, "body.max_iterations"),
+    ],
+)
+async def test_integers_are_bounded(
+    client: TestClient[Any, Any], agent: FakeAgent, path: str, body: dict[str, Any], needle: str
+) -> None:
+    _pulled(agent, "i")
+    msg = await _error(await client.post(path, json=body), 400, "invalid_request")
+    assert needle in msg
+    assert agent.containers.requests == []
+
+
+async def test_query_numbers_are_bounded(client: TestClient[Any, Any], agent: FakeAgent) -> None:
+    image = _pulled(agent)
+    await client.post("/v1/containers", json={"id": "q", "image": image})
+    # A grace period of 1e300 s overflowed the event loop's timer; a tail of 10**30 lines is a typo.
+    assert "timeout" in await _error(await client.post("/v1/containers/q/stop?timeout=1e300"), 400, "invalid_request")
+    assert "tail" in await _error(await client.get("/v1/containers/q/logs?tail=" + "9" * 30), 400, "invalid_request")
+
+
 async def test_query_validation(client: TestClient[Any, Any], agent: FakeAgent) -> None:
     image = _pulled(agent)
     await client.post("/v1/containers", json={"id": "q", "image": image})

@@ -115,6 +115,46 @@ async def test_bad_telemetry_is_refused_and_nothing_is_stored(
     assert after["last_heartbeat"] == before["last_heartbeat"]
 
 
+_DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+async def test_deep_or_huge_bodies_are_400_and_store_nothing(
+    coordinator: CoordinatorProcess, pki: CoordinatorPki
+) -> None:
+    await _register(coordinator, pki, "h1", memory_bytes=64 << 30)
+    place = {"capacity": {"cpu_millis": 100, "memory_bytes": 1 << 30}, "host": "h1"}
+    cases: list[tuple[str, str, bytes, str]] = [
+        # json.loads recursed into these until RecursionError: a 500 before the depth limit.
+        ("ops", "/v1/reservations", b'{"capacity": ' + _DEEP + b"}", "deeper than 32"),
+        ("ops", "/v1/migrations", b'{"container": "web", "to": {"a": ' * 50 + b"1" + b"}" * 51, "deeper"),
+        ("h1", "/v1/telemetry", b'{"host": "h1", "samples": ' + _DEEP + b"}", "deeper than 32"),
+        # SQLite's INTEGER overflowed at 2**63 (OverflowError, a 500); 1 PiB is the sane maximum.
+        ("ops", "/v1/reservations", json.dumps({**place, "capacity": {"memory_bytes": 1 << 63}}).encode(),
+         "body.capacity.memory_bytes"),
+        ("ops", "/v1/reservations", json.dumps({**place, "capacity": {"disk_bytes": 10**40}}).encode(),
+         "body.capacity.disk_bytes"),
+        ("ops", "/v1/reservations", json.dumps({**place, "layers": {"sha256:x": 1 << 64}}).encode(), "body.layers"),
+        ("ops", "/v1/reservations", b'{"capacity": {"cpu_millis": ' + b"7" * 5000 + b"}}", "not valid JSON"),
+        ("h1", "/v1/register", json.dumps(registration("h1", memory_bytes=(1 << 64) - 1)).encode(),
+         "Registration.capacity.memory_bytes"),
+        ("h1", "/v1/telemetry",
+         json.dumps({"host": "h1", "samples": [sample(time.time(), memory_total_bytes=(1 << 63) + 1)]}).encode(),
+         "TelemetryBatch.samples[0].memory_total_bytes"),
+    ]
+    for who, path, raw, needle in cases:
+        identity = pki.operator("alice") if who == "ops" else pki.agent(who)
+        async with coordinator.client(identity) as client:
+            status, body = await client.post(path, raw=raw)
+        assert status == 400, (path, needle, body)
+        assert body["error"]["code"] == "invalid_request"
+        assert needle in body["error"]["message"], (needle, body)
+    async with coordinator.client(pki.operator("alice")) as ops:
+        assert (await ops.get("/v1/reservations"))[1] == {"reservations": []}
+        _, host = await ops.get("/v1/hosts/h1")
+    assert host["telemetry_samples"] == 0
+    assert host["capacity"]["memory_bytes"] == 64 << 30
+
+
 async def test_telemetry_is_stored_only_for_the_callers_own_host(
     coordinator: CoordinatorProcess, pki: CoordinatorPki
 ) -> None:

@@ -30,6 +30,7 @@ from agent.network.addresses import parse_service_ip
 from core.errors import ContainerNotFound, FerrymanError, InvalidRequest
 from core.http.errors import error_body
 from core.http.validate import (
+    CAPACITY_MAX,
     check_keys,
     json_type,
     positive_field,
@@ -52,6 +53,12 @@ STATE_INTERVAL = 1.0
 """Seconds between container-state checks while following logs."""
 HEALTH_TIMEOUT = 5.0
 LOG_CHUNK = 64 * 1024
+MAX_CPUS = CAPACITY_MAX["cpu_millis"] / 1000
+"""A container's CPU limit in cores, at most what any host may offer (a quota past int64 was a 500)."""
+MAX_STOP_TIMEOUT = 3600.0
+"""Seconds of grace a stop may ask for: longer is a typo, and past ~1e9 the event loop's timer overflows."""
+MAX_TAIL = 100_000_000
+"""Lines of a log tail; more than any log holds is as good as all of it."""
 
 # The container service's id rule (agent/runtime/service.py), checked here too because ids from the
 # URL become file names (log paths): with a leading alphanumeric, "." and ".." cannot get through.
@@ -118,8 +125,10 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
         if not isinstance(raw_res, dict):
             raise InvalidRequest(f"body.resources: expected an object, got {json_type(raw_res)}")
         check_keys(raw_res, {"cpus", "memory"}, set(), "body.resources")
-        cpus = positive_field(raw_res, "cpus", "body.resources", integer=False)
-        memory = positive_field(raw_res, "memory", "body.resources", integer=True)
+        cpus = positive_field(raw_res, "cpus", "body.resources", integer=False, maximum=MAX_CPUS)
+        memory = positive_field(
+            raw_res, "memory", "body.resources", integer=True, maximum=CAPACITY_MAX["memory_bytes"]
+        )
         resources = Resources(cpus=float(cpus) if cpus is not None else None, memory=memory)
 
     service_ip = str_field(body, "service_ip", "body", optional=True)
@@ -254,7 +263,7 @@ async def start_container(request: web.Request) -> web.Response:
 
 async def stop_container(request: web.Request) -> web.Response:
     cid = _container_id(request)
-    timeout = query_number(request, "timeout", integer=False)
+    timeout = query_number(request, "timeout", integer=False, maximum=MAX_STOP_TIMEOUT)
     summary = await request.app[CONTAINERS].stop(cid, timeout)
     return _json(summary.to_json())
 
@@ -333,7 +342,7 @@ def _is_live(summary: ContainerSummary | None) -> bool:
 
 async def container_logs(request: web.Request) -> web.StreamResponse:
     cid = _container_id(request)
-    tail = query_number(request, "tail", integer=True)
+    tail = query_number(request, "tail", integer=True, maximum=MAX_TAIL)
     follow = query_flag(request, "follow")
     containers = request.app[CONTAINERS]
     summary = await _find(containers, cid)

@@ -10,7 +10,7 @@ from google.protobuf import json_format
 from agent.api.handlers import _json
 from agent.reservations import Amount, Held, ReservationNotFound
 from core.errors import FerrymanError, InvalidRequest
-from core.http.validate import read_object
+from core.http.validate import check_message, read_object
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 
@@ -38,12 +38,13 @@ def _reservations(request: web.Request) -> ReservationsLike:
 
 
 def parse_reservation(body: dict[str, Any]) -> pb.Reservation:
-    """A Reservation from its protobuf JSON; unknown fields and wrong types are InvalidRequest."""
+    """A Reservation from its protobuf JSON; unknown fields, wrong types and unbounded numbers are InvalidRequest."""
     message = pb.Reservation()
     try:
         json_format.ParseDict(body, message)
     except json_format.ParseError as exc:
         raise InvalidRequest(f"body: not a Reservation: {exc}") from exc
+    check_message(message, "body")
     return message
 
 

@@ -22,6 +22,7 @@ from agent.metrics import AgentMetrics
 from core.errors import ConfigError
 from core.http.access_log import JsonAccessLogger
 from core.http.errors import error_middleware
+from core.http.validate import MAX_BODY_BYTES
 from core.security.tls import TlsFiles, server_context
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class AgentLike(Protocol):
 
 def build_app(agent: AgentLike) -> web.Application:
     # Outermost first: the ops check's refusal leaves as the usual error JSON.
-    app = web.Application(middlewares=[error_middleware, ops_only_middleware])
+    app = web.Application(middlewares=[error_middleware, ops_only_middleware], client_max_size=MAX_BODY_BYTES)
     app[h.IMAGES] = agent.images
     app[h.CONTAINERS] = agent.containers
     app[h.METRICS] = agent.metrics

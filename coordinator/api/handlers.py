@@ -15,7 +15,16 @@ from coordinator.placement import Need
 from coordinator.wire import MAX_BODY_BYTES, parse_message
 from core.config import MIGRATION_MODES
 from core.errors import InvalidRequest
-from core.http.validate import check_keys, json_type, positive_field, read_object, str_field
+from core.http.validate import (
+    CAPACITY_MAX,
+    capacity_fields,
+    check_keys,
+    json_type,
+    positive_field,
+    read_body,
+    read_object,
+    str_field,
+)
 from core.ids import check_container_id
 from core.security.pki import validate_name
 from proto.ferryman.v1 import fleet_pb2
@@ -25,7 +34,6 @@ OPENAPI = web.AppKey("openapi", bytes)
 PRINCIPAL = "principal"
 MAX_WAIT = 3600.0
 DEFAULT_WAIT = 600.0
-_CAPACITY_FIELDS = {"cpu_millis", "memory_bytes", "disk_bytes"}
 
 
 @web.middleware
@@ -60,9 +68,7 @@ def _host_name(request: web.Request) -> str:
 
 
 async def _raw(request: web.Request) -> bytes:
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise InvalidRequest(f"request body larger than {MAX_BODY_BYTES} bytes")
-    return await request.read()
+    return await read_body(request, max_bytes=MAX_BODY_BYTES)
 
 
 # ----- agents
@@ -280,17 +286,17 @@ def _capacity(body: dict[str, Any]) -> Capacity:
     raw = body.get("capacity")
     if not isinstance(raw, dict):
         raise InvalidRequest(f"body.capacity: expected an object, got {json_type(raw)}")
-    check_keys(raw, _CAPACITY_FIELDS, set(), "body.capacity")
-    values = {k: positive_field(raw, k, "body.capacity", integer=True) or 0 for k in _CAPACITY_FIELDS}
-    return Capacity(**values)
+    # Bounded: the values go to SQLite's INTEGER columns, which overflow at 2**63 (a 500 before).
+    return Capacity(**capacity_fields(raw, "body.capacity"))
 
 
 def _layers(body: dict[str, Any]) -> dict[str, int]:
     raw = body.get("layers") or {}
+    limit = CAPACITY_MAX["disk_bytes"]
     if not isinstance(raw, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in raw.items()
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= limit for v in raw.values()
     ):
-        raise InvalidRequest("body.layers: expected an object of layer digest -> size in bytes")
+        raise InvalidRequest(f"body.layers: expected an object of layer digest -> size in bytes (0..{limit})")
     return dict(raw)
 
 

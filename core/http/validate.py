@@ -2,30 +2,119 @@
 
 Every rejection is an InvalidRequest naming the offending field by its path (`body.limits.memory`),
 which the error middleware turns into a 400 with the JSON error shape.
+
+Bodies are bounded before they are parsed: at most `MAX_BODY_BYTES` (413 beyond) and at most
+`MAX_JSON_DEPTH` levels of nesting. `json.loads` recurses once per level and raises RecursionError
+(a 500) near 1000 levels, and what parses still has to be walked by protobuf and by our own code;
+no request of ours nests deeper than a handful of levels.
+
+Integers that reach SQLite or a protobuf int64 are bounded by `INT64_MAX` (SQLite raises
+OverflowError at 2**63), and by the tighter, domain limits each field has (`CAPACITY_MAX`).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from core.errors import InvalidRequest
 
+MAX_BODY_BYTES = 1 << 20
+"""Bytes of a JSON request body; the largest real one (a container spec) is a few KiB."""
+MAX_JSON_DEPTH = 32
+"""Nesting levels of a JSON body; ours go 4 deep (telemetry: batch, sample, container, labels)."""
+INT64_MAX = (1 << 63) - 1
+"""The largest integer SQLite and a protobuf int64 hold."""
+CAPACITY_MAX: Mapping[str, int] = {
+    # Far beyond any one host, yet 8192 of them still sum below 2**63 (SQLite SUM overflows there).
+    "cpu_millis": 10_000_000,  # 10,000 cores
+    "memory_bytes": 1 << 50,  # 1 PiB
+    "disk_bytes": 1 << 50,
+}
+"""The largest amount of each resource a host, a reservation or a container may name."""
 
-async def read_object(request: web.Request) -> dict[str, Any]:
+
+class RequestTooLarge(InvalidRequest):
+    code = "request_too_large"
+    http_status = 413
+
+
+async def read_object(request: web.Request, *, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
     """The request body as a JSON object, or InvalidRequest."""
-    raw = await request.read()
-    if not raw.strip():
-        raise InvalidRequest("request body must be a JSON object")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    body = parse_json(await read_body(request, max_bytes=max_bytes))
     if not isinstance(body, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {json_type(body)}")
     return body
+
+
+async def read_body(request: web.Request, *, max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    """The raw body, refused (413) past `max_bytes` whether the client declared its length or not."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise RequestTooLarge(f"request body larger than {max_bytes} bytes")
+    # aiohttp's own limit (client_max_size) stops an undeclared (chunked) body while it is read.
+    raw = await request.read()
+    if len(raw) > max_bytes:
+        raise RequestTooLarge(f"request body larger than {max_bytes} bytes")
+    return raw
+
+
+def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """A JSON document from request bytes, or InvalidRequest: empty, not UTF-8, too deep, invalid,
+    or with duplicate keys (two parsers could disagree on which one wins)."""
+    if not raw.strip():
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON (not UTF-8): {exc}") from exc
+    if json_too_deep(text, max_depth):
+        raise InvalidRequest(f"request body is not valid JSON or nests deeper than {max_depth} levels")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:  # unreachable after json_too_deep; kept so a miss is a 400, never a 500
+        raise InvalidRequest(f"request body nests deeper than {max_depth} levels") from None
+    except ValueError as exc:  # JSONDecodeError, and ints past Python's 4300-digit limit
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidRequest(f"request body: duplicate key {key[:80]!r}")
+            seen.add(key)
+    return out
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_too_deep(text: str, max_depth: int) -> bool:
+    """Whether JSON `text` nests deeper than `max_depth`, decided before parsing it.
+
+    Strings go first (their brackets are text) and everything but brackets next, both in C-speed
+    regex passes; the Python loop then sees brackets only and stops at the first level too deep.
+    Measured on a 7.6 MB telemetry body: about as long as json.loads itself. An unterminated string
+    leaves its brackets counted: at worst a body json.loads would refuse anyway is called too deep.
+    """
+    depth = 0
+    for char in _NOT_BRACKET.sub("", _STRING.sub("", text)):
+        if char in "[{":
+            depth += 1
+            if depth > max_depth:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 def json_type(value: Any) -> str:
@@ -72,15 +161,86 @@ def str_map_field(obj: dict[str, Any], key: str, where: str) -> dict[str, str]:
     return dict(value)
 
 
-def positive_field(obj: dict[str, Any], key: str, where: str, *, integer: bool) -> Any:
+def positive_field(
+    obj: dict[str, Any], key: str, where: str, *, integer: bool, maximum: float = INT64_MAX
+) -> Any:
+    """`obj[key]` if it is a number in (0, maximum], None if absent or null, else InvalidRequest."""
     value = obj.get(key)
     if value is None:
         return None
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok_type or value <= 0:
         kind = "a positive integer" if integer else "a positive number"
-        raise InvalidRequest(f"{where}.{key}: expected {kind}, got {value!r}")
+        raise InvalidRequest(f"{where}.{key}: expected {kind}, got {_short(value)}")
+    if value > maximum:
+        raise InvalidRequest(f"{where}.{key}: must be at most {maximum:g}, got {_short(value)}")
     return value
+
+
+def capacity_fields(obj: dict[str, Any], where: str) -> dict[str, int]:
+    """cpu_millis, memory_bytes and disk_bytes of a capacity object: integers within 0..CAPACITY_MAX."""
+    check_keys(obj, set(CAPACITY_MAX), set(), where)
+    out = {}
+    for key, maximum in CAPACITY_MAX.items():
+        value = obj.get(key, 0)
+        if value is None:
+            value = 0
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+            raise InvalidRequest(f"{where}.{key}: expected an integer within 0..{maximum}, got {_short(value)}")
+        out[key] = value
+    return out
+
+
+def check_message(message: Message, where: str) -> None:
+    """Bound the numbers of a parsed protobuf message, or InvalidRequest naming the field.
+
+    Protobuf's JSON parser accepts uint64s up to 2**64-1, which SQLite and int64 cannot hold; a
+    `Capacity` must also stay within CAPACITY_MAX, wherever it is nested.
+    """
+    for field, value in message.ListFields():
+        path = f"{where}.{field.name}"
+        entry = field.message_type if field.type == FieldDescriptor.TYPE_MESSAGE else None
+        if entry is not None and entry.GetOptions().map_entry:
+            # A map: check its values as if each were a field of that name (keys are strings here).
+            value_field = entry.fields_by_name["value"]
+            for key, item in value.items():
+                _check_value(value_field, item, f"{path}[{key!r}]")
+        elif field.is_repeated:
+            for i, item in enumerate(value):
+                _check_value(field, item, f"{path}[{i}]")
+        else:
+            _check_value(field, value, path)
+    if message.DESCRIPTOR.name == "Capacity":
+        for key, maximum in CAPACITY_MAX.items():
+            value = getattr(message, key)
+            if value > maximum:
+                raise InvalidRequest(f"{where}.{key}: must be at most {maximum}, got {value}")
+
+
+def _check_value(field: FieldDescriptor, value: Any, path: str) -> None:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        check_message(value, path)
+    elif field.type in _INT64_TYPES and not 0 <= value <= INT64_MAX:
+        raise InvalidRequest(f"{path}: must be within 0..{INT64_MAX}, got {value}")
+
+
+_INT64_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _short(value: Any) -> str:
+    """A caller's value for an error message: a 4000-digit integer is not worth echoing back."""
+    if isinstance(value, int) and abs(value) >= 1 << 100:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -99,7 +259,7 @@ def query_flag(request: web.Request, name: str) -> bool:
     raise InvalidRequest(f"query parameter {name}: expected 1/0/true/false, got {raw!r}")
 
 
-def query_number(request: web.Request, name: str, *, integer: bool) -> Any:
+def query_number(request: web.Request, name: str, *, integer: bool, maximum: float = INT64_MAX) -> Any:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
@@ -107,7 +267,9 @@ def query_number(request: web.Request, name: str, *, integer: bool) -> Any:
         value: float = int(raw) if integer else float(raw)
     except ValueError:
         kind = "an integer" if integer else "a number"
-        raise InvalidRequest(f"query parameter {name}: expected {kind}, got {raw!r}") from None
+        raise InvalidRequest(f"query parameter {name}: expected {kind}, got {raw[:80]!r}") from None
     if value < 0 or value != value or value == float("inf"):
-        raise InvalidRequest(f"query parameter {name}: must be a finite number >= 0, got {raw!r}")
+        raise InvalidRequest(f"query parameter {name}: must be a finite number >= 0, got {raw[:80]!r}")
+    if value > maximum:
+        raise InvalidRequest(f"query parameter {name}: must be at most {maximum:g}, got {raw[:80]!r}")
     return value
