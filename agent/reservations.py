@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -383,6 +384,10 @@ class Reservations:
         if not reservation.HasField("capacity"):
             raise InvalidRequest(f"reservation {reservation.id} has no capacity")
         now = self._clock()
+        if not math.isfinite(reservation.expires_at):
+            # NaN passes both range checks below (every comparison is false): such a reservation
+            # would never expire, be hidden from listings, and hold its capacity for good.
+            raise InvalidRequest(f"reservation {reservation.id} expires_at must be a finite unix time")
         if reservation.expires_at <= now:
             raise InvalidRequest(
                 f"reservation {reservation.id} expires in the past ({reservation.expires_at:.3f} <= now {now:.3f})"

@@ -150,14 +150,17 @@ def check_batch(batch: fleet_pb2.TelemetryBatch, now: float, *, max_future_skew:
     return CheckedBatch(batch.host, checked, batch.dropped, used, containers, pressure)
 
 
+def _check_ts(ts: float, where: str, now: float, max_future_skew: float) -> None:
+    """A unix time in seconds, finite, positive and not further ahead of ours than the allowed skew."""
+    _finite(ts, where)
+    if ts <= 0:
+        raise InvalidRequest(f"{where}: must be a unix time in seconds, got {ts}")
+    if ts > now + max_future_skew:
+        raise InvalidRequest(f"{where}: {ts:.3f} is {ts - now:.1f} s in the future (max skew {max_future_skew} s)")
+
+
 def _check_sample(sample: fleet_pb2.TelemetrySample, where: str, now: float, max_future_skew: float) -> None:
-    _finite(sample.ts, f"{where}.ts")
-    if sample.ts <= 0:
-        raise InvalidRequest(f"{where}.ts: must be a unix time in seconds, got {sample.ts}")
-    if sample.ts > now + max_future_skew:
-        raise InvalidRequest(
-            f"{where}.ts: {sample.ts:.3f} is {sample.ts - now:.1f} s in the future (max skew {max_future_skew} s)"
-        )
+    _check_ts(sample.ts, f"{where}.ts", now, max_future_skew)
     for name in _NONNEGATIVE:
         if sample.HasField(name):
             _finite(getattr(sample, name), f"{where}.{name}")
@@ -179,4 +182,4 @@ def _check_sample(sample: fleet_pb2.TelemetrySample, where: str, now: float, max
             raise InvalidRequest(f"{where}.containers[{j}].id: must not be empty")
         _finite(container.cpu_millis, f"{where}.containers[{j}].cpu_millis")
     for j, event in enumerate(sample.events):
-        _finite(event.ts, f"{where}.events[{j}].ts")
+        _check_ts(event.ts, f"{where}.events[{j}].ts", now, max_future_skew)

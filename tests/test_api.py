@@ -404,6 +404,16 @@ async def test_integers_are_bounded(
     assert agent.containers.requests == []
 
 
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999"])
+async def test_non_finite_numbers_are_refused(client: TestClient[Any, Any], agent: FakeAgent, number: bytes) -> None:
+    # Python's json takes NaN/Infinity literals and makes 1e999 inf; a NaN cpus passed `<= 0` (201).
+    _pulled(agent, "i")
+    raw = b'{"id": "a", "image": "i", "resources": {"cpus": ' + number + b"}}"
+    resp = await client.post("/v1/containers", data=raw, headers={"Content-Type": "application/json"})
+    assert "finite" in await _error(resp, 400, "invalid_request")
+    assert agent.containers.requests == []
+
+
 async def test_query_numbers_are_bounded(client: TestClient[Any, Any], agent: FakeAgent) -> None:
     image = _pulled(agent)
     await client.post("/v1/containers", json={"id": "q", "image": image})

@@ -155,6 +155,39 @@ async def test_deep_or_huge_bodies_are_400_and_store_nothing(
     assert host["capacity"]["memory_bytes"] == 64 << 30
 
 
+async def test_non_finite_and_out_of_range_numbers_are_400(
+    coordinator: CoordinatorProcess, pki: CoordinatorPki
+) -> None:
+    await _register(coordinator, pki, "h1", memory_bytes=64 << 30)
+    now = time.time()
+    cases: list[tuple[str, str, bytes, str]] = [
+        # An event 1e300 s ahead (or before 1970) was stored as it came: only NaN was refused.
+        ("h1", "/v1/telemetry",
+         json.dumps({"host": "h1", "samples": [sample(now, events=[{"ts": 1e300, "kind": "OOM_KILL"}])]}).encode(),
+         "events[0].ts"),
+        ("h1", "/v1/telemetry",
+         json.dumps({"host": "h1", "samples": [sample(now, events=[{"ts": -1, "kind": "OOM_KILL"}])]}).encode(),
+         "events[0].ts"),
+        ("h1", "/v1/telemetry", b'{"host": "h1", "samples": [{"ts": NaN}]}', "finite"),
+        ("h1", "/v1/telemetry", b'{"host": "h1", "samples": [{"ts": 1e999}]}', "finite"),
+        ("h1", "/v1/register", json.dumps(registration("h1", telemetry_period_s="Infinity")).encode(), "finite"),
+        ("ops", "/v1/reservations", b'{"capacity": {"cpu_millis": 100}, "host": "h1", "ttl": NaN}', "finite"),
+        ("ops", "/v1/reservations", b'{"capacity": {"cpu_millis": 100}, "host": "h1", "ttl": -Infinity}', "finite"),
+        ("ops", "/v1/reservations", b'{"capacity": {"cpu_millis": 1e999}, "host": "h1"}', "finite"),
+    ]
+    for who, path, raw, needle in cases:
+        identity = pki.operator("alice") if who == "ops" else pki.agent(who)
+        async with coordinator.client(identity) as client:
+            status, body = await client.post(path, raw=raw)
+        assert status == 400, (path, needle, body)
+        assert body["error"]["code"] == "invalid_request"
+        assert needle in body["error"]["message"], (needle, body)
+    async with coordinator.client(pki.operator("alice")) as ops:
+        assert (await ops.get("/v1/reservations"))[1] == {"reservations": []}
+        _, host = await ops.get("/v1/hosts/h1")
+    assert host["telemetry_samples"] == 0
+
+
 async def test_telemetry_is_stored_only_for_the_callers_own_host(
     coordinator: CoordinatorProcess, pki: CoordinatorPki
 ) -> None:

@@ -151,6 +151,8 @@ async def test_bad_reservations(host: tuple[Host, Reservations]) -> None:
         "no capacity": pb.Reservation(id="x", expires_at=time.time() + 5),
         "in the past": res("x", ttl=-1),
         "more than": res("x", ttl=10 * 86400),
+        # NaN compares false both ways: it passed the two range checks and never expired.
+        "finite": pb.Reservation(id="x", capacity=pb.Capacity(), expires_at=float("nan")),
     }
     for message, reservation in cases.items():
         with pytest.raises(InvalidRequest, match=message):
@@ -248,6 +250,29 @@ async def test_reservation_routes(api: tuple[str, tuple[str, int], Path]) -> Non
         async with s.delete("http://agent/v1/reservations/m1") as resp:
             assert resp.status == 404
             assert (await resp.json())["error"]["code"] == "reservation_not_found"
+
+
+@pytest.mark.parametrize(
+    "expires",
+    [b'"NaN"', b'"Infinity"', b'"-Infinity"', b"NaN", b"Infinity", b"1e999", b"-1e999", b"1e300", b"-5"],
+)
+async def test_non_finite_expiry_is_refused_and_holds_nothing(
+    api: tuple[str, tuple[str, int], Path], expires: bytes
+) -> None:
+    # The probe's case: expiresAt "NaN" was a 201, hidden from listings, never expired, held capacity.
+    sock, _, _ = api
+    raw = b'{"id": "nan1", "capacity": {"memory_bytes": "1073741824"}, "expiresAt": ' + expires + b"}"
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as s:
+        headers = {"Content-Type": "application/json"}
+        async with s.post("http://agent/v1/reservations", data=raw, headers=headers) as resp:
+            assert resp.status == 400, await resp.text()
+            error = (await resp.json())["error"]
+            assert error["code"] == "invalid_request"
+        async with s.get("http://agent/v1/reservations") as resp:
+            listing = await resp.json()
+    assert listing["reservations"] == []
+    assert listing["reserved"] == {"cpu_millis": 0.0, "memory_bytes": 0, "disk_bytes": 0}
+    assert listing["free"]["memory_bytes"] == 4 * GiB
 
 
 def json_format_of(message: pb.Reservation) -> str:

@@ -8,6 +8,11 @@ Bodies are bounded before they are parsed: at most `MAX_BODY_BYTES` (413 beyond)
 (a 500) near 1000 levels, and what parses still has to be walked by protobuf and by our own code;
 no request of ours nests deeper than a handful of levels.
 
+Numbers are finite: JSON has no NaN or Infinity, but Python's json module accepts both literals and
+turns 1e999 into inf; protobuf's JSON accepts "NaN" and "Infinity" for doubles. A NaN compares
+false with everything, so it slips past every range check after it (a reservation expiring at NaN
+never expires): refused at parsing and again for every parsed protobuf double.
+
 Integers that reach SQLite or a protobuf int64 are bounded by `INT64_MAX` (SQLite raises
 OverflowError at 2**63), and by the tighter, domain limits each field has (`CAPACITY_MAX`).
 """
@@ -15,6 +20,7 @@ OverflowError at 2**63), and by the tighter, domain limits each field has (`CAPA
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -76,11 +82,24 @@ def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     if json_too_deep(text, max_depth):
         raise InvalidRequest(f"request body is not valid JSON or nests deeper than {max_depth} levels")
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        return json.loads(
+            text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite_float
+        )
     except RecursionError:  # unreachable after json_too_deep; kept so a miss is a 400, never a 500
         raise InvalidRequest(f"request body nests deeper than {max_depth} levels") from None
     except ValueError as exc:  # JSONDecodeError, and ints past Python's 4300-digit limit
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidRequest(f"request body: {name} is not a JSON number (numbers must be finite)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise InvalidRequest(f"request body: {text[:40]} is out of range (numbers must be finite)")
+    return value
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -169,8 +188,8 @@ def positive_field(
     if value is None:
         return None
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok_type or value <= 0:
-        kind = "a positive integer" if integer else "a positive number"
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "a positive finite number"
         raise InvalidRequest(f"{where}.{key}: expected {kind}, got {_short(value)}")
     if value > maximum:
         raise InvalidRequest(f"{where}.{key}: must be at most {maximum:g}, got {_short(value)}")
@@ -194,8 +213,9 @@ def capacity_fields(obj: dict[str, Any], where: str) -> dict[str, int]:
 def check_message(message: Message, where: str) -> None:
     """Bound the numbers of a parsed protobuf message, or InvalidRequest naming the field.
 
-    Protobuf's JSON parser accepts uint64s up to 2**64-1, which SQLite and int64 cannot hold; a
-    `Capacity` must also stay within CAPACITY_MAX, wherever it is nested.
+    Doubles must be finite (protobuf's JSON takes "NaN" and "Infinity"). Its JSON parser accepts
+    uint64s up to 2**64-1, which SQLite and int64 cannot hold; a `Capacity` must also stay within
+    CAPACITY_MAX, wherever it is nested.
     """
     for field, value in message.ListFields():
         path = f"{where}.{field.name}"
@@ -220,10 +240,13 @@ def check_message(message: Message, where: str) -> None:
 def _check_value(field: FieldDescriptor, value: Any, path: str) -> None:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         check_message(value, path)
+    elif field.type in _FLOAT_TYPES and not math.isfinite(value):
+        raise InvalidRequest(f"{path}: must be a finite number, got {value}")
     elif field.type in _INT64_TYPES and not 0 <= value <= INT64_MAX:
         raise InvalidRequest(f"{path}: must be within 0..{INT64_MAX}, got {value}")
 
 
+_FLOAT_TYPES = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT})
 _INT64_TYPES = frozenset(
     {
         FieldDescriptor.TYPE_INT64,
