@@ -41,6 +41,7 @@ from agent.model import (
 )
 from core.errors import AlreadyExists, ConfigError, Conflict, ContainerNotFound
 from core.logs import JsonFormatter
+from tests.harness import rawhttp
 
 # ------------------------------------------------------------------ fakes (API-shape tests only)
 
@@ -757,6 +758,22 @@ async def test_serve_tcp_port_zero(agent: FakeAgent) -> None:
             assert resp.status == 200
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize("name", sorted(rawhttp.MALFORMED))
+async def test_aiohttp_own_refusals_are_json(agent: FakeAgent, name: str) -> None:
+    # aiohttp's HTTP parser answered these in text/plain before any middleware ran.
+    server = await serve(build_app(agent), "tcp://127.0.0.1:0")
+    try:
+        host, port = server.url.removeprefix("tcp://").rsplit(":", 1)
+        resp = await rawhttp.exchange(host, int(port), rawhttp.MALFORMED[name])
+        await asyncio.sleep(0.1)  # the server's side of the connection sees our close and ends
+    finally:
+        await server.close()
+    assert 400 <= resp.status < 500, (resp.status, resp.body)
+    assert resp.headers["content-type"].startswith("application/json"), resp.body
+    error = resp.json()["error"]
+    assert set(error) == {"code", "message"} and error["code"] and error["message"]
 
 
 async def test_shutdown_ends_follow_streams(short_dir: Path, agent: FakeAgent) -> None:

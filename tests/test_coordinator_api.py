@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.harness import rawhttp
 from tests.harness.coordinator import (
+    COORDINATOR_NAME,
     CoordinatorPki,
     CoordinatorProcess,
     new_token,
@@ -239,6 +241,18 @@ async def test_only_ops_may_start_a_migration(coordinator: CoordinatorProcess, p
         assert status == 404, body
         status, body = await ops_cert.get("/v1/migrations")
         assert status == 200 and body == {"migrations": []}
+
+
+async def test_aiohttp_own_refusals_are_json(coordinator: CoordinatorProcess, pki: CoordinatorPki) -> None:
+    # aiohttp's HTTP parser answered these in text/plain before any middleware ran.
+    host, port = coordinator.url.removeprefix("https://").rsplit(":", 1)
+    ctx = pki.client_ssl(pki.operator("alice"))
+    for name, request in rawhttp.MALFORMED.items():
+        resp = await rawhttp.exchange(host, int(port), request, ssl_context=ctx, server_hostname=COORDINATOR_NAME)
+        assert 400 <= resp.status < 500, (name, resp.status, resp.body)
+        assert resp.headers["content-type"].startswith("application/json"), (name, resp.body)
+        error = resp.json()["error"]
+        assert set(error) == {"code", "message"} and error["code"] and error["message"], name
 
 
 async def test_openapi_document_covers_every_route(coordinator: CoordinatorProcess) -> None:

@@ -22,6 +22,7 @@ from agent.metrics import AgentMetrics
 from core.errors import ConfigError
 from core.http.access_log import JsonAccessLogger
 from core.http.errors import error_middleware
+from core.http.runner import ApiRunner
 from core.http.validate import MAX_BODY_BYTES
 from core.security.tls import TlsFiles, server_context
 
@@ -192,7 +193,7 @@ async def serve(app: web.Application, listen: str, tls_listen: str = "", tls: Tl
         if tls is None:
             raise ConfigError("api.tls_listen is set but no TLS files were given")
         ssl_context = server_context(tls)  # TlsConfigError (a ConfigError) before anything listens
-    runner = web.AppRunner(
+    runner = ApiRunner(
         app,
         handle_signals=False,  # the daemon owns signal handling
         access_log_class=JsonAccessLogger,

@@ -18,6 +18,7 @@ from coordinator.app import Coordinator
 from coordinator.wire import MAX_BODY_BYTES
 from core.http.access_log import JsonAccessLogger
 from core.http.errors import error_middleware
+from core.http.runner import ApiRunner
 from core.security.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class CoordinatorServer:
 
 async def serve(coordinator: Coordinator) -> CoordinatorServer:
     host, port = coordinator.config.listen_address
-    runner = web.AppRunner(
+    runner = ApiRunner(
         build_app(coordinator),
         handle_signals=False,
         access_log_class=JsonAccessLogger,
