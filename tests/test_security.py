@@ -403,6 +403,41 @@ def test_ca_files_and_refusal_to_overwrite(tmp_path: Path) -> None:
     assert ca.cert_file.read_bytes() != before
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o722], ids=oct)
+def test_ca_and_out_dirs_must_not_be_writable_by_others(tmp_path: Path, mode: int) -> None:
+    # `certs init` into an existing 0777 directory left it 0777: anyone could swap the CA next to its key.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(PkiError, match="group- or world-writable"):
+        init_ca(shared)
+    assert list(shared.iterdir()) == [] and _mode(shared) == mode
+    ca = init_ca(tmp_path / "ca")
+    with pytest.raises(PkiError, match="group- or world-writable"):
+        issue_host(ca.directory, "node1", shared)
+    assert list(shared.iterdir()) == []
+
+
+def test_ca_dir_of_another_user_is_refused_and_own_dir_is_tightened(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(PkiError, match="owned by uid 65534"):
+        init_ca(theirs)
+    with pytest.raises(PkiError, match="not a directory"):
+        init_ca(_file(tmp_path / "file"))
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    mine.chmod(0o755)
+    ca = init_ca(mine)
+    assert _mode(mine) == 0o700 and _mode(ca.key_file) == 0o600
+
+
+def _file(path: Path) -> Path:
+    path.write_text("")
+    return path
+
+
 def test_host_certificate_contents(fleet: Fleet) -> None:
     cert = x509.load_pem_x509_certificate(fleet.node1.cert_file.read_bytes())
     subject = {a.oid: a.value for a in cert.subject}
@@ -646,6 +681,16 @@ async def test_ferryctl_certs_errors(ferryctl: Path, tmp_path: Path) -> None:
     assert rc == 2 and "invalid choice" in err
     rc, _, err = await run_ferryctl(ferryctl, "certs", "show", str(tmp_path / "nope.pem"))
     assert rc == 1 and err.startswith("error: pki_error:"), err
+
+    # An existing world-writable directory: refused with a clear error, left as it was, nothing written.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    rc, _, err = await run_ferryctl(ferryctl, "certs", "init", "--dir", str(shared))
+    assert rc == 1 and err.startswith("error: pki_error: refusing to write keys to") and "world-writable" in err, err
+    rc, _, err = await run_ferryctl(ferryctl, "certs", "issue", "n1", "--ca-dir", str(ca_dir), "--out", str(shared))
+    assert rc == 1 and "world-writable" in err, err
+    assert list(shared.iterdir()) == [] and stat.S_IMODE(shared.stat().st_mode) == 0o777
 
 
 def test_no_agent_code_depends_on_the_test_harness() -> None:

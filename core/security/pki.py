@@ -15,10 +15,12 @@ replaced atomically, so a reader never sees half a key.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -138,6 +140,42 @@ def parse_addresses(addresses: Sequence[str]) -> list[ipaddress.IPv4Address | ip
     return out
 
 
+def directory_problem(st_mode: int, st_uid: int, euid: int) -> str | None:
+    """Why a directory must not hold keys (None when it may): someone else could swap what we write.
+
+    A group- or world-writable directory lets others replace or pre-plant files in it (a CA
+    certificate of their own, a symlink, a key they keep a copy of), and so does one owned by
+    another user, who can chmod it at will. Tightening the mode afterwards would not undo what
+    was done before, so such a directory is refused, not repaired.
+    """
+    if not stat.S_ISDIR(st_mode):
+        return "it is not a directory"
+    if st_uid != euid:
+        return f"it is owned by uid {st_uid}, not by the user running this (uid {euid})"
+    if st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"it is group- or world-writable (mode {stat.S_IMODE(st_mode):04o})"
+    return None
+
+
+def prepare_directory(path: Path, mode: int, *, exact: bool) -> None:
+    """Create `path` with `mode`, or check an existing one (`directory_problem`); PkiError when unsafe.
+
+    With `exact`, the directory ends with exactly `mode`, existing or not (the CA's: 0700).
+    """
+    with contextlib.suppress(FileExistsError):  # an existing one is checked below, like a new one
+        path.mkdir(mode=mode, parents=True)
+    st = path.stat()
+    problem = directory_problem(st.st_mode, st.st_uid, os.geteuid())
+    if problem is not None:
+        raise PkiError(
+            f"refusing to write keys to {path}: {problem}; use a directory only you can write to "
+            f"(chmod go-w, chown) or a new path"
+        )
+    if exact:
+        # mkdir's mode is cut by the umask, and an existing directory keeps whatever it had.
+        path.chmod(mode)
+
+
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -198,7 +236,7 @@ def init_ca(
     if not force and (paths.cert_file.exists() or paths.key_file.exists()):
         raise CaAlreadyExists(f"a CA already exists in {root} (force / --force replaces it)")
     # 0700: the directory holds the key that can mint any identity in the fleet.
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    prepare_directory(root, 0o700, exact=True)
 
     key = ec.generate_private_key(ec.SECP256R1())
     public = key.public_key()
@@ -293,7 +331,7 @@ def _issue(
     paths = HostCertPaths(ca_file=out / CA_CERT_NAME, cert_file=out / cert_name, key_file=out / key_name)
     if not force and (paths.cert_file.exists() or paths.key_file.exists()):
         raise CertAlreadyExists(f"{paths.cert_file} or {paths.key_file} already exists (force / --force replaces them)")
-    out.mkdir(mode=0o755, parents=True, exist_ok=True)
+    prepare_directory(out, 0o755, exact=False)
 
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
