@@ -82,13 +82,41 @@ def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     if json_too_deep(text, max_depth):
         raise InvalidRequest(f"request body is not valid JSON or nests deeper than {max_depth} levels")
     try:
-        return json.loads(
+        document = json.loads(
             text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite_float
         )
     except RecursionError:  # unreachable after json_too_deep; kept so a miss is a 400, never a 500
         raise InvalidRequest(f"request body nests deeper than {max_depth} levels") from None
     except ValueError as exc:  # JSONDecodeError, and ints past Python's 4300-digit limit
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    if _SURROGATE_ESCAPE.search(text):  # rare: only then walk the document
+        _check_strings(document)
+    return document
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_strings(document: Any) -> None:
+    """Refuse a string holding an unpaired UTF-16 surrogate (`"\\ud800"`).
+
+    JSON lets one through as an escape, json.loads makes a str of it, and that str cannot be
+    encoded as UTF-8: the first file, database or protobuf it reaches raised (a 500, found by the
+    fuzz suite). Paired surrogates (`"\\ud83d\\ude00"`) are decoded into one code point and pass.
+    """
+    stack = [document]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest("request body: a string holds an unpaired UTF-16 surrogate") from None
 
 
 def _no_constant(name: str) -> Any:
