@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,27 @@ def page(vaddr: int) -> bytes:
 
 def pages(vaddr: int, count: int) -> bytes:
     return b"".join(page(vaddr + n * PAGE_SIZE) for n in range(count))
+
+
+async def eventually(condition: Callable[[], bool], what: str, within: float = 5.0) -> None:
+    """Wait until `condition()` holds: the tests synchronise on the pager's state, never on sleeps.
+    The pager runs in this event loop, so checking after every loop turn misses no state."""
+    try:
+        async with asyncio.timeout(within):
+            while not condition():  # noqa: ASYNC110 (a state check per loop turn, not a timed wait)
+                await asyncio.sleep(0)
+    except TimeoutError:
+        raise AssertionError(f"never happened within {within} s: {what}") from None
+
+
+async def taken(pager: Pager, replies: int = 0, requests: int = 0) -> None:
+    """Until the pager has applied `replies` more agent messages and read `requests` more daemon
+    requests than it had when the caller noted them (pass the totals: see `counts`)."""
+    await eventually(lambda: pager.replies_read >= replies and pager.requests_read >= requests, "pager")
+
+
+def counts(pager: Pager) -> tuple[int, int]:
+    return pager.replies_read, pager.requests_read
 
 
 @dataclass
@@ -145,9 +166,9 @@ async def pager(tmp_path: Path) -> AsyncIterator[tuple[Daemon, Agent, Pager]]:
 
 
 async def test_pushed_pages_answer_the_daemon_without_the_agent(pager: tuple[Daemon, Agent, Pager]) -> None:
-    daemon, agent, _ = pager
+    daemon, agent, pager_ = pager
     await agent.push(RUN_START, 32)
-    await asyncio.sleep(0.1)  # the pager has taken the push
+    await taken(pager_, replies=1)  # the pager has taken the push
     assert await daemon.get(RUN_START + 8 * PAGE_SIZE, 4) == pages(RUN_START + 8 * PAGE_SIZE, 4)
     assert await daemon.get(RUN_START, 1) == page(RUN_START)
     assert agent.requests == []
@@ -157,7 +178,7 @@ async def test_a_request_the_push_covers_later_is_answered_from_it(pager: tuple[
     daemon, agent, pager_ = pager
     agent.answer = False  # like a background request the agent parks until the push brings it
     get = asyncio.create_task(daemon.get(RUN_START + 16 * PAGE_SIZE, 16))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: len(agent.requests) >= 2, "the fetch and the read-ahead")
     # The request, and what lies above it in the run (the daemon's next background request).
     assert [(n, v) for _, n, v in agent.requests] == [(16, RUN_START + 16 * PAGE_SIZE), (8, RUN_START + 32 * PAGE_SIZE)]
     await agent.push(RUN_START, RUN_PAGES)
@@ -168,10 +189,11 @@ async def test_a_request_the_push_covers_later_is_answered_from_it(pager: tuple[
 async def test_a_pushed_page_the_daemon_has_is_not_kept(pager: tuple[Daemon, Agent, Pager]) -> None:
     daemon, agent, pager_ = pager
     assert await daemon.get(RUN_START, 1) == page(RUN_START)  # a fault, answered by the source
-    await asyncio.sleep(0.1)
+    await eventually(lambda: (PID, RUN_START + 15 * PAGE_SIZE) in pager_.cache, "the read-ahead window")
     kept_before = len(pager_.cache)
+    replies, _ = counts(pager_)
     await agent.push(RUN_START, 4)
-    await asyncio.sleep(0.1)
+    await taken(pager_, replies=replies + 1)
     assert (PID, RUN_START) not in pager_.cache  # delivered: the daemon never asks for it again
     assert len(pager_.cache) == kept_before  # pages 1-3 were held from the read-ahead already
 
@@ -182,7 +204,7 @@ async def test_sequential_faults_fetch_the_next_window_early(pager: tuple[Daemon
         vaddr = RUN_START + n * PAGE_SIZE
         assert await daemon.get(vaddr, 1) == page(vaddr)
         if n == 8:  # half of the first window used: the next one is on its way already
-            await asyncio.sleep(0.05)
+            await eventually(lambda: len(agent.requests) >= 2, "the next window")
             assert len(agent.requests) == 2, agent.requests
     asked = [(cmd & URGENT != 0, nr, (vaddr - RUN_START) // PAGE_SIZE) for cmd, nr, vaddr in agent.requests]
     # A window of 16 for the first fault; at its half the next (32, clamped to the run's end: 24).
@@ -198,15 +220,15 @@ async def test_a_fault_behind_a_waiting_background_request_waits_for_its_first_p
     fault = RUN_START + 30 * PAGE_SIZE
     await agent.push(fault, 1)
     await agent.push(RUN_START, 4)  # the first 4 pages of the background request are here
-    await asyncio.sleep(0.1)
+    await taken(pager_, replies=2)
     daemon.ask(RUN_START, 16)  # the daemon's background request: waits for all its pages
-    await asyncio.sleep(0.05)
+    await taken(pager_, requests=1)
     daemon.ask(fault, 1)  # then a fault on a page that is here
     # The background request gets the pages here in a row, so that the fault goes next; CRIU asks
     # again for the rest.
     assert await daemon.next_reply() == (RUN_START, pages(RUN_START, 4))
     assert await daemon.next_reply() == (fault, page(fault))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: agent.fault_notices >= 1, "the fault notice")
     assert agent.fault_notices == 1  # the agent heard of the fault (it holds the push back)
     rest = RUN_START + 4 * PAGE_SIZE
     daemon.ask(rest, 12)
@@ -220,17 +242,17 @@ async def test_a_fault_behind_hurries_the_first_pages_of_the_request_ahead(
 ) -> None:
     """The background request's pages are on their way in a larger fetch (the source answers that
     last): its first pages are asked for again as a fault's, and the fault waits for those only."""
-    daemon, agent, _ = pager
+    daemon, agent, pager_ = pager
     agent.answer = False
     fault = RUN_START + 30 * PAGE_SIZE
     await agent.push(fault, 1)
-    await asyncio.sleep(0.1)
+    await taken(pager_, replies=1)
     daemon.ask(RUN_START, 16)
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(agent.requests) >= 1, "the background fetch")
     cmd, nr_pages, vaddr = agent.requests[0]  # the background request's own fetch, not urgent
     assert (cmd & URGENT, nr_pages, vaddr) == (0, 16, RUN_START)
     daemon.ask(fault, 1)
-    await asyncio.sleep(0.05)
+    await eventually(lambda: any(cmd & URGENT for cmd, _, _ in agent.requests), "the hurried fetch")
     hurried = [(nr, vaddr) for cmd, nr, vaddr in agent.requests if cmd & URGENT]
     assert hurried == [(16, RUN_START)], agent.requests
     await agent.reply(RUN_START, 16)  # the hurried answer; the background fetch's own comes later
@@ -238,8 +260,9 @@ async def test_a_fault_behind_hurries_the_first_pages_of_the_request_ahead(
     assert await daemon.next_reply() == (fault, page(fault))
     await agent.reply(RUN_START, 16)  # the fetch's answer too: taken without harm
     later = RUN_START + 35 * PAGE_SIZE
+    replies, _ = counts(pager_)
     await agent.push(later, 1)
-    await asyncio.sleep(0.05)
+    await taken(pager_, replies=replies + 2)  # the fetch's answer, then the push
     assert await daemon.get(later, 1) == page(later)
 
 
@@ -249,21 +272,23 @@ async def test_replies_go_in_the_order_the_daemon_asked(pager: tuple[Daemon, Age
     request's process only at one of its requests' addresses: another process's reply stops it
     ("Out of order read completed", criu/pagemap.c), and a forked child's, which shares its parent's
     image, is dropped without a word (criu/uffd.c), leaving both waiting for ever."""
-    daemon, agent, _ = pager
+    daemon, agent, pager_ = pager
     agent.answer = False
     fault = RUN_START + 30 * PAGE_SIZE
     await agent.push(fault, 1)
-    await asyncio.sleep(0.1)
+    await taken(pager_, replies=1)
     daemon.ask(RUN_START, 16, owner)  # a background request of the parent, or of another process
     daemon.ask(RUN_START + 20 * PAGE_SIZE, 4)  # another one, its pages not here either
     daemon.ask(fault, 1)  # then a fault (of the child) on a page that is here
-    await asyncio.sleep(0.05)
+    await taken(pager_, requests=3)
     second = RUN_START + 20 * PAGE_SIZE
+    await eventually(lambda: any(v <= second < v + n * PAGE_SIZE for _, n, v in agent.requests), "the fetch")
     # The second request's pages come first (the latest fetch that holds them: for the parent, what
     # the pager fetched above the first request).
     later = next((v, n) for _, n, v in reversed(agent.requests) if v <= second < v + n * PAGE_SIZE)
+    replies, _ = counts(pager_)
     await agent.reply(*later)
-    await asyncio.sleep(0.05)
+    await taken(pager_, replies=replies + 1)
     await agent.reply(RUN_START, 16, dst_id=owner)
     assert await daemon.next_reply_of() == (owner, RUN_START, pages(RUN_START, 16))
     assert await daemon.next_reply_of() == (PID, second, pages(second, 4))
@@ -273,24 +298,27 @@ async def test_replies_go_in_the_order_the_daemon_asked(pager: tuple[Daemon, Age
 async def test_a_page_asked_for_again_is_answered_again(pager: tuple[Daemon, Agent, Pager]) -> None:
     """A forked child has its own userfaultfd: the daemon asks again, under the parent's image, for
     pages the parent was given (pushed ones included)."""
-    daemon, agent, _ = pager
+    daemon, agent, pager_ = pager
     fault, pushed = RUN_START + 5 * PAGE_SIZE, RUN_START + 30 * PAGE_SIZE
     assert await daemon.get(fault, 1) == page(fault)
     assert await daemon.get(fault, 1) == page(fault)
+    await eventually(lambda: not pager_.outstanding, "the read-ahead's answer")
+    replies, _ = counts(pager_)
     await agent.push(pushed, 1)
-    await asyncio.sleep(0.05)
+    await taken(pager_, replies=replies + 1)
     assert await daemon.get(pushed, 1) == page(pushed)
     assert await daemon.get(pushed, 1) == page(pushed)
 
 
 async def test_two_waiting_requests_for_one_page_are_both_answered(pager: tuple[Daemon, Agent, Pager]) -> None:
     """A parent and its forked child fault on the same page before it arrives: one copy, two replies."""
-    daemon, agent, _ = pager
+    daemon, agent, pager_ = pager
     agent.answer = False
     fault = RUN_START + 5 * PAGE_SIZE
     daemon.ask(fault, 1)
     daemon.ask(fault, 1)
-    await asyncio.sleep(0.05)
+    await taken(pager_, requests=2)
+    await eventually(lambda: len(agent.requests) >= 1, "the fetch")
     [(_, nr_pages, vaddr)] = agent.requests  # fetched once
     await agent.reply(vaddr, nr_pages)
     assert await daemon.next_reply() == (fault, page(fault))
@@ -300,7 +328,7 @@ async def test_two_waiting_requests_for_one_page_are_both_answered(pager: tuple[
 async def test_background_requests_fetch_what_is_above_them(pager: tuple[Daemon, Agent, Pager]) -> None:
     daemon, agent, _ = pager
     assert await daemon.get(RUN_START, 16) == pages(RUN_START, 16)
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(agent.requests) >= 2, "the fetch above")
     asked = [(nr, (vaddr - RUN_START) // PAGE_SIZE) for _, nr, vaddr in agent.requests]
     assert asked == [(16, 0), (24, 16)], asked  # the rest of the run, clamped to it
     assert await daemon.get(RUN_START + 16 * PAGE_SIZE, 16) == pages(RUN_START + 16 * PAGE_SIZE, 16)
@@ -349,23 +377,25 @@ def test_the_pager_process_runs_realtime() -> None:
 
 async def test_a_background_request_waits_out_a_burst_of_faults(pager: tuple[Daemon, Agent, Pager]) -> None:
     daemon, agent, pager_ = pager
-    pager_.fault_burst = 0.5  # seconds: wide, so that a slow machine cannot end the burst by itself
+    pager_.fault_burst = 2.0  # seconds: wide, so that a slow machine cannot end the burst by itself
     await agent.push(RUN_START, RUN_PAGES)
-    await asyncio.sleep(0.1)
+    await taken(pager_, replies=1)
     first, second, background = RUN_START + 30 * PAGE_SIZE, RUN_START + 31 * PAGE_SIZE, RUN_START
     assert await daemon.get(first, 1) == page(first)
     loop = asyncio.get_running_loop()
+    _, requests = counts(pager_)
     daemon.ask(background, 16)  # what the daemon sends once a fault is answered: held
-    await asyncio.sleep(0.05)
+    await taken(pager_, requests=requests + 1)
     daemon.ask(second, 1)  # a fault behind it: the background request goes at once, the fault next
     faulted = loop.time()
     assert await daemon.next_reply() == (background, pages(background, 16))
     assert await daemon.next_reply() == (second, page(second))
-    assert loop.time() - faulted < 0.3
+    assert loop.time() - faulted < 1.5  # at once, not after the burst (2 s)
     later = background + 16 * PAGE_SIZE
     daemon.ask(later, 16)  # no fault behind this one: answered once the burst is over
-    assert await daemon.next_reply() == (later, pages(later, 16))
-    assert loop.time() - faulted > 0.4
+    async with asyncio.timeout(10):
+        assert await daemon.next_reply() == (later, pages(later, 16))
+    assert loop.time() - faulted > 1.9
 
 
 # Not "-1": should the guard regress, kill(-1) as root would take down every process on the host.

@@ -117,6 +117,8 @@ class Pager:
         self.delivered = PageRanges()
         """What the daemon has been given: a page arriving after that is kept only if asked (_keeps)."""
         self.pages = 0
+        self.requests_read = 0  # daemon requests taken in, each handled as far as it can be
+        self.replies_read = 0  # agent messages (answers, pushes) taken in and applied
         self.closed = False  # the daemon's close was answered: every page is on this host
         self.realtime = False  # scheduled SCHED_FIFO (run_realtime)
         self._agent: asyncio.StreamWriter | None = None
@@ -197,6 +199,7 @@ class Pager:
                 self._notice_fault(slot.asked_at)
             if request.closes:
                 self._fetch(request)
+                self.requests_read += 1
                 continue
             pages = self._keys(request)
             if all(key in self.cache for key in pages):
@@ -210,6 +213,7 @@ class Pager:
             self._background_ahead(slot.asked)
             if request.nr_pages == 1 and not slot.ready:
                 await self._flush()  # what waits ahead of the fault may need hurrying (_answer_count)
+            self.requests_read += 1
 
     def _notice_fault(self, now: float) -> None:
         """The agent holds the push back while the workload faults: the push's CPU time (reading,
@@ -362,6 +366,7 @@ class Pager:
                     else:
                         request = self.outstanding.pop(key, None)
                         if request is None:
+                            self.replies_read += 1
                             continue  # answered twice across a reconnect: the first answer counted
                         self.in_flight.difference_update(self._keys(request))
                     for n in range(nr_pages):
@@ -370,6 +375,7 @@ class Pager:
                             self.cache[(dst_id, address)] = data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
                 self._fill_waiting()
             await self._flush()
+            self.replies_read += 1
 
     def _take_push(self, dst_id: int, vaddr: int, nr_pages: int, data: memoryview) -> None:
         """Pushed pages: kept until the daemon asks for them, unless it has them already; a request
