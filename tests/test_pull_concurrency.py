@@ -22,9 +22,16 @@ from agent.images.ingest import ingest_ref
 from agent.model import PullProgress
 from tests.harness.agent import agent_config, running_agent
 from tests.harness.containerd import PrivateContainerd
-from tests.harness.images import build_test_image, random_layer
+from tests.harness.images import Image, ImageBuilder, random_layer
 from tests.harness.proxy import FaultyProxy
 from tests.harness.registry import DockerRegistry
+
+
+def unique_image(size: int) -> Image:
+    """An image no other test has pulled: every blob is new to containerd's content store, which the
+    tests' namespaces share (a blob another test pulled exists here already and is not fetched)."""
+    layers = [random_layer(size, seed=secrets.randbits(31)), random_layer(64 << 10, seed=secrets.randbits(31))]
+    return ImageBuilder(layers, cmd=["/data/random/0"], labels={"unique": secrets.token_hex(4)}).build()
 
 
 def repo() -> str:
@@ -61,7 +68,7 @@ def served(proxy: FaultyProxy, kind: str) -> Counter[str]:
 async def test_six_concurrent_pulls_of_one_image_share_one_download(
     agent: Agent, registry: DockerRegistry, proxy: FaultyProxy
 ) -> None:
-    image = build_test_image(extra_layers=[random_layer(1 << 20, seed=secrets.randbits(31))]).build()
+    image = unique_image(1 << 20)
     name = repo()
     await image.push(registry.host, name, "v1")
     ref = f"{proxy.host}/{name}:v1"
@@ -87,7 +94,7 @@ async def test_six_concurrent_pulls_of_one_image_share_one_download(
 async def test_two_tags_pulled_at_once_download_each_blob_once(
     agent: Agent, registry: DockerRegistry, proxy: FaultyProxy
 ) -> None:
-    image = build_test_image(extra_layers=[random_layer(1 << 20, seed=secrets.randbits(31))]).build()
+    image = unique_image(1 << 20)
     name = repo()
     await image.push(registry.host, name, "a")
     await image.push(registry.host, name, "b")
@@ -111,7 +118,7 @@ async def test_two_tags_pulled_at_once_download_each_blob_once(
 async def test_a_cancelled_caller_does_not_cancel_the_shared_pull(
     agent: Agent, registry: DockerRegistry, proxy: FaultyProxy
 ) -> None:
-    image = build_test_image(extra_layers=[random_layer(1 << 20, seed=secrets.randbits(31))]).build()
+    image = unique_image(1 << 20)
     name = repo()
     await image.push(registry.host, name, "v1")
     ref = f"{proxy.host}/{name}:v1"
@@ -126,7 +133,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_pull(
 
     # When every caller leaves, the pull stops and cleans up after itself.
     other = f"{proxy.host}/{name}:v2"
-    await build_test_image(extra_layers=[random_layer(1 << 20, seed=secrets.randbits(31))]).build().push(
+    await unique_image(1 << 20).push(
         registry.host, name, "v2"
     )
     alone = asyncio.create_task(agent.images.pull(other))
@@ -141,7 +148,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_pull(
 async def test_an_ingest_locked_by_another_writer_is_waited_for(
     agent: Agent, registry: DockerRegistry, proxy: FaultyProxy
 ) -> None:
-    image = build_test_image(extra_layers=[random_layer(1 << 20, seed=secrets.randbits(31))]).build()
+    image = unique_image(1 << 20)
     big = image.layers[-1]
     name = repo()
     await image.push(registry.host, name, "v1")
@@ -165,7 +172,7 @@ async def test_an_ingest_locked_by_another_writer_is_waited_for(
 async def test_an_ingest_locked_for_too_long_fails_as_ingest_locked(
     containerd: PrivateContainerd, registry: DockerRegistry, proxy: FaultyProxy, workdir: Path
 ) -> None:
-    image = build_test_image(extra_layers=[random_layer(256 << 10, seed=secrets.randbits(31))]).build()
+    image = unique_image(256 << 10)
     big = image.layers[-1]
     name = repo()
     await image.push(registry.host, name, "v1")
