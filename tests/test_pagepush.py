@@ -17,7 +17,8 @@ import pytest
 from agent.checkpoint.images import PAGE_SIZE
 from agent.migration.link import ControlIn, Link, PagesIn, split_key
 from agent.migration.pagepush import PushCounts, Region, push
-from agent.migration.postcopy import HeldByTarget, PushWindow
+from agent.migration.postcopy import HeldByTarget
+from agent.migration.pushflow import PushWindow
 from tests.harness.links import link_pair
 
 PAGEMAP = "pagemap-1.img"

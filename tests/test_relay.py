@@ -18,8 +18,10 @@ import pytest
 from agent.checkpoint.images import PAGE_SIZE
 from agent.checkpoint.pageserver import FAULTING, HEADER, PUSHED
 from agent.migration.link import ControlIn, Link, page_key
-from agent.migration.postcopy import PUSH_HOLD, PUSH_WINDOW, PostcopyPaths, TargetRelay
+from agent.migration.pagerproc import PostcopyPaths
+from agent.migration.pushflow import PUSH_HOLD, PUSH_WINDOW
 from agent.migration.ranges import PageRanges
+from agent.migration.relay import TargetRelay
 from tests.harness.links import link_pair
 
 PID = 7

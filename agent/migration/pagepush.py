@@ -32,7 +32,8 @@ from pathlib import Path
 from agent.checkpoint.images import PAGE_SIZE, read_pagemaps
 from agent.checkpoint.livepages import LiveProcess
 from agent.migration.link import Link, page_key
-from agent.migration.postcopy import HeldByTarget, PushWindow, ranges_of
+from agent.migration.postcopy import HeldByTarget, ranges_of
+from agent.migration.pushflow import PushWindow
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,8 @@ from agent.migration.journal import Journal
 from agent.migration.link import Link, PeerReportedFailure
 from agent.migration.local import describe_failure, remove_container, resume_if_paused
 from agent.migration.pagepush import PushCounts, lazy_regions, push
-from agent.migration.postcopy import PushWindow, SourcePages
+from agent.migration.pageserve import SourcePages
+from agent.migration.pushflow import PushWindow
 from agent.migration.record import MigrationRecord
 from agent.migration.rootfs import RW_LAYER_FILE, export_rw_layer
 from agent.migration.states import Event, State, can_roll_back

@@ -46,9 +46,10 @@ from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
 from agent.migration.link import IMAGE_BUNDLE, FileIn, Link, PagesIn, PeerFailed, PeerReportedFailure, unpack_files
 from agent.migration.local import LABEL_MIGRATION, describe_failure, remove_container, resume_if_paused
-from agent.migration.postcopy import PostcopyPaths, TargetRelay, spawn_pager
+from agent.migration.pagerproc import PostcopyPaths, spawn_pager
 from agent.migration.ranges import PageRanges
 from agent.migration.record import MigrationRecord
+from agent.migration.relay import TargetRelay
 from agent.migration.rootfs import RW_LAYER_FILE, import_rw_layer
 from agent.migration.states import Event, State
 from agent.model import LABEL_LOG_PATH, LABEL_PREFIX, LABEL_SERVICE_IP
