@@ -22,3 +22,18 @@ def check_container_id(container_id: str) -> str:
             "starting with a letter or digit"
         )
     return container_id
+
+
+MIGRATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+"""A migration id names its journal file and work directory on both hosts: from the API's URLs and
+from peer messages alike."""
+
+
+def check_migration_id(migration_id: str) -> str:
+    """`migration_id` if it is a valid migration id, else InvalidRequest."""
+    if not MIGRATION_ID_RE.fullmatch(migration_id):
+        raise InvalidRequest(
+            f"invalid migration id {migration_id!r}: 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return migration_id

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -20,12 +19,10 @@ from agent.api.handlers import metrics as _base_metrics
 from agent.migration.record import MigrationOptions, MigrationRecord
 from core.errors import FerrymanError, InvalidRequest
 from core.http.validate import check_keys, positive_field, read_object, str_field
-from core.ids import check_container_id
+from core.ids import MIGRATION_ID_RE, check_container_id
 
 log = logging.getLogger(__name__)
 
-# Ids come from the URL and name journal files on the service side: keep them to a safe alphabet.
-MIGRATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _REQUEST_FIELDS = {"container", "target", "downtime_target_ms", "max_iterations", "mode", "reservation"}
 
 

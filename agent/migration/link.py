@@ -1,8 +1,10 @@
 """The migration's view of the peer connection: control messages, image files and page batches.
 
-`Link` narrows agent.stream's channel to what the drivers need, and adds two things the stream does
-not know about: addressing pages by (pagemap, address), and waiting for a given control message with
-the migration's idle timeout, so a cut link fails the step instead of hanging it.
+`Link` narrows agent.stream's channel to what the drivers need, and adds what the stream does not
+know about: control messages as the protocol's typed messages (protocol.py, decoded strictly and, on
+a link that follows a migration, checked against what its state allows), addressing pages by
+(pagemap, address), and waiting for a given message with the migration's idle timeout, so a cut link
+fails the step instead of hanging it.
 """
 
 from __future__ import annotations
@@ -11,13 +13,31 @@ import asyncio
 import io
 import tarfile
 from array import array
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from agent.checkpoint.delta import PageBatch
 from agent.checkpoint.images import PAGE_SIZE
+from agent.migration.protocol import (
+    Failed,
+    Message,
+    Pagemap,
+    PeerFailed,
+    PeerReportedFailure,
+    ProtocolError,
+    Role,
+    check_allowed,
+    decode,
+    encode,
+    tags,
+)
+from agent.migration.states import State
+from agent.stream import Control
 from core.errors import FerrymanError
+
+M = TypeVar("M", bound=Message)
 
 # The slowest transfer rate (bytes/s) a file send may have before it counts as a stalled link.
 MIN_RATE = 1 << 20
@@ -29,32 +49,12 @@ lazy dump has 20-odd of them, all sent while the workload is frozen."""
 _PFN_BITS = 40
 
 
-class PeerFailed(FerrymanError):
-    """The peer reported a failure, or broke the protocol."""
-
-    code = "peer_failed"
-    http_status = 502
-
-
-class PeerReportedFailure(PeerFailed):
-    """The peer said it failed (as opposed to a link that broke)."""
-
-
 def page_key(pagemap_no: int, vaddr: int) -> int:
     return (pagemap_no << _PFN_BITS) | (vaddr // PAGE_SIZE)
 
 
 def split_key(key: int) -> tuple[int, int]:
     return key >> _PFN_BITS, (key & ((1 << _PFN_BITS) - 1)) * PAGE_SIZE
-
-
-@dataclass(frozen=True)
-class ControlIn:
-    body: dict[str, Any]
-
-    @property
-    def type(self) -> str:
-        return str(self.body.get("type", ""))
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,12 @@ class PagesIn:
     zeros: array[int]
 
 
-Incoming = ControlIn | FileIn | PagesIn
+ControlIn = Message
+"""A control message from the peer, decoded (the name the drivers and tests know)."""
+Incoming = Control | FileIn | PagesIn
+"""What the channel delivers: control bodies still undecoded."""
+Received = Message | FileIn | PagesIn
+"""What the link delivers."""
 
 
 class Channel(Protocol):
@@ -96,6 +101,11 @@ class Link:
         self.idle_timeout = idle_timeout
         self._pagemap_no: dict[str, int] = {}
         self.pagemap_names: dict[int, str] = {}
+        self._follows: tuple[Role, Callable[[], State]] | None = None
+
+    def follow(self, role: Role, state: Callable[[], State]) -> None:
+        """From now on every control message must be one `role` may receive in `state()` (protocol.ALLOWED)."""
+        self._follows = (role, state)
 
     @property
     def bytes_raw(self) -> int:
@@ -105,10 +115,13 @@ class Link:
     def bytes_wire(self) -> int:
         return self.channel.bytes_wire
 
-    async def send(self, type_: str, **body: Any) -> None:
+    async def send(self, message: Message | str, /, **fields: Any) -> None:
+        """Send one message. Tests and tools may give a tag and fields instead: they pass the same codec."""
+        if isinstance(message, str):
+            message = decode({"type": message, **fields})
         # Sends time out too: on a cut link they block on flow control, not on an error.
         async with asyncio.timeout(self.idle_timeout):
-            await self.channel.send_control({"type": type_, **body})
+            await self.channel.send_control(encode(message))
 
     async def send_file(self, path: Path, name: str) -> None:
         size = (await asyncio.to_thread(path.stat)).st_size
@@ -131,7 +144,7 @@ class Link:
         number = self._pagemap_no.get(batch.pagemap)
         if number is None:
             number = self._pagemap_no[batch.pagemap] = len(self._pagemap_no)
-            await self.send("pagemap", name=batch.pagemap, number=number)
+            await self.send(Pagemap(name=batch.pagemap, number=number))
         keys = array("Q", (page_key(number, v) for v in batch.vaddrs))
         zeros = array("Q", (page_key(number, v) for v in batch.zeros))
         async with asyncio.timeout(self.idle_timeout):
@@ -142,23 +155,39 @@ class Link:
         async with asyncio.timeout(self.idle_timeout):
             await self.channel.send_pages(keys, data, array("Q"))
 
-    async def recv(self) -> Incoming:
-        """The next message; a `pagemap` announcement is absorbed here. Times out after idle_timeout."""
+    async def recv(self) -> Received:
+        """The next message; a `pagemap` announcement is absorbed here, `failed` raised. Times out after
+        idle_timeout. ProtocolError for a control message that is malformed or, on a link that follows
+        a migration, not allowed in its state."""
         while True:
             async with asyncio.timeout(self.idle_timeout):
                 msg = await self.channel.recv()
-            if isinstance(msg, ControlIn) and msg.type == "pagemap":
-                self.pagemap_names[int(msg.body["number"])] = str(msg.body["name"])
+            if not isinstance(msg, Control):
+                return msg
+            message = decode(msg.body)
+            if isinstance(message, Pagemap):
+                self.pagemap_names[message.number] = message.name
                 continue
-            if isinstance(msg, ControlIn) and msg.type == "failed":
-                raise PeerReportedFailure(f"peer failed: {msg.body.get('error', 'unknown error')}")
-            return msg
+            if isinstance(message, Failed):
+                raise PeerReportedFailure(f"peer failed: {message.error}")
+            if self._follows is not None:
+                role, state = self._follows
+                check_allowed(role, state(), message)
+            return message
 
-    async def expect(self, type_: str) -> dict[str, Any]:
+    async def expect(self, kind: type[M]) -> M:
+        """The next message, which must be a `kind`."""
         msg = await self.recv()
-        if not isinstance(msg, ControlIn) or msg.type != type_:
-            raise PeerFailed(f"expected {type_!r} from the peer, got {_describe(msg)}")
-        return msg.body
+        if not isinstance(msg, kind):
+            raise ProtocolError(repr(kind.tag), describe(msg))
+        return msg
+
+    async def expect_one_of(self, kinds: Collection[type[Message]]) -> Message:
+        """The next message, which must be one of `kinds`."""
+        msg = await self.recv()
+        if not isinstance(msg, Message) or type(msg) not in kinds:
+            raise ProtocolError(tags(kinds), describe(msg))
+        return msg
 
     def split_pages(self, msg: PagesIn) -> list[tuple[str, list[int], memoryview, list[int]]]:
         """A batch as (pagemap, vaddrs, their page data, zero vaddrs) per pagemap it touches."""
@@ -178,14 +207,17 @@ class Link:
                 data = msg.data[first * PAGE_SIZE : (first + len(indexes)) * PAGE_SIZE]
             else:
                 data = memoryview(b"".join(msg.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in indexes))
-            out.append((self.pagemap_names[number], vaddrs, data, zeros))
+            name = self.pagemap_names.get(number)
+            if name is None:
+                raise ProtocolError(f"a 'pagemap' announcement of pagemap {number}", "its pages first")
+            out.append((name, vaddrs, data, zeros))
         return out
 
     async def fail(self, error: str) -> None:
         """Tell the peer this side failed; best effort, the link may already be gone."""
         try:
             async with asyncio.timeout(2):
-                await self.send("failed", error=error)
+                await self.send(Failed(error=error))
         except (TimeoutError, OSError, FerrymanError):
             pass
 
@@ -197,9 +229,10 @@ class Link:
             pass
 
 
-def _describe(msg: Incoming) -> str:
-    if isinstance(msg, ControlIn):
-        return f"control {msg.type!r}"
+def describe(msg: Received) -> str:
+    """A received message in an error: its tag, or what else it is."""
+    if isinstance(msg, Message):
+        return repr(msg.tag)
     if isinstance(msg, FileIn):
         return f"file {msg.name!r}"
     return f"{len(msg.keys)} pages"

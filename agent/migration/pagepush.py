@@ -33,6 +33,7 @@ from agent.checkpoint.images import PAGE_SIZE, read_pagemaps
 from agent.checkpoint.livepages import LiveProcess
 from agent.migration.link import Link, page_key
 from agent.migration.postcopy import HeldByTarget, ranges_of
+from agent.migration.protocol import Pushed, PushEnd
 from agent.migration.pushflow import PushWindow
 
 log = logging.getLogger(__name__)
@@ -144,11 +145,9 @@ async def push(
                 if send:
                     window.sent()  # before the header: the ack may come back before the pages are queued
                 await link.send(
-                    "pushed",
-                    pagemap=batch.pagemap,
-                    vaddr=batch.vaddr,
-                    nr_pages=batch.nr_pages,
-                    held=ranges_of(batch.held),
+                    Pushed(
+                        pagemap=batch.pagemap, vaddr=batch.vaddr, nr_pages=batch.nr_pages, held=ranges_of(batch.held)
+                    )
                 )
                 if send:
                     keys = array("Q", (page_key(0, batch.vaddr + n * PAGE_SIZE) for n in send))
@@ -163,7 +162,7 @@ async def push(
             on_pages(batch.nr_pages)
         async with sending:
             if not stop.is_set():  # never after the close's answer
-                await link.send("push_end", pages=counts.pages)
+                await link.send(PushEnd(pages=counts.pages))
     finally:
         done = True
         while not producer.done():  # let the thread finish its put()

@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 
 from agent.checkpoint.images import PAGE_SIZE
 from agent.checkpoint.pageserver import HEADER, STATUS, PageServerClient, Request
-from agent.migration.link import ControlIn, Link, PeerFailed, page_key
+from agent.migration.link import Link, PeerFailed, page_key
 from agent.migration.postcopy import ControlRouter, HeldByTarget, pagemap_of, ranges_of
+from agent.migration.protocol import Message, PsClosed, PsRep, PsReq, PushAck
 from agent.migration.pushflow import PushWindow
 
 
@@ -80,15 +81,15 @@ class SourcePages(ControlRouter):
         seq = 0
         while True:
             msg = await link.recv()
-            if not isinstance(msg, ControlIn):
+            if not isinstance(msg, Message):
                 raise PeerFailed("pages from the target during post-copy")
-            if msg.type == "push_ack":
+            if isinstance(msg, PushAck):
                 self.push_window.acked()
                 continue
-            if msg.type != "ps_req":
+            if not isinstance(msg, PsReq):
                 await self.control.put(msg)
                 continue
-            request = Request.parse(bytes.fromhex(str(msg.body["raw"])))
+            request = Request.parse(msg.raw)
             seq += 1
             # A close goes last: it may only be answered once everything asked before it was.
             priority = 1 << 62 if request.closes else 0 if request.urgent else request.nr_pages
@@ -102,7 +103,7 @@ class SourcePages(ControlRouter):
         if request.closes:
             self.push_stop.set()
             async with self.sending:  # a push batch under way goes out whole first
-                await link.send("ps_closed", status=STATUS.unpack(reply.data)[0])
+                await link.send(PsClosed(status=STATUS.unpack(reply.data)[0]))
             return True
         _, nr_pages, vaddr, dst_id = HEADER.unpack(reply.header)
         held = [False] * nr_pages
@@ -112,7 +113,7 @@ class SourcePages(ControlRouter):
         local = ranges_of(held)
         send = [n for n in range(nr_pages) if not held[n]]
         async with self.sending:
-            await link.send("ps_rep", header=reply.header.hex(), local=local)
+            await link.send(PsRep(header=reply.header, local=local))
             if send:
                 keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in send))
                 data = (

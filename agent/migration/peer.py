@@ -21,7 +21,7 @@ from typing import Any
 from agent.checkpoint.images import PAGE_SIZE
 from agent.config import AgentConfig
 from agent.migration.failpoints import Failpoints
-from agent.migration.link import ControlIn, FileIn, Incoming, Link, PagesIn, PeerFailed
+from agent.migration.link import FileIn, Incoming, Link, PagesIn, PeerFailed
 from agent.stream import (
     Channel,
     Control,
@@ -36,6 +36,7 @@ from agent.stream import (
 )
 from agent.stream.links import read_exact
 from core.errors import FerrymanError
+from core.ids import check_migration_id
 from core.security.tls import client_context, parse_peer_listen, peer_identity, server_context
 from core.tasks import TaskSet
 
@@ -84,7 +85,7 @@ class StreamChannel:
             if msg is None:
                 raise PeerFailed("the peer ended the stream")
             if isinstance(msg, Control):
-                return ControlIn(msg.body)
+                return msg
             if isinstance(msg, PageBatch):
                 return PagesIn(keys=msg.pages, data=msg.data, zeros=msg.zero_pages)
             if isinstance(msg, FileStart):
@@ -204,7 +205,9 @@ class PeerEndpoint:
             magic, length = _PREAMBLE.unpack(head)
             if magic != _MAGIC or length > 4096:
                 raise PeerFailed("not a ferryman peer session")
-            migration_id = str(json.loads(await asyncio.to_thread(_read_preamble, tls, length))["migration"])
+            migration_id = check_migration_id(
+                str(json.loads(await asyncio.to_thread(_read_preamble, tls, length))["migration"])
+            )
             options = StreamOptions(leave_tls=not self.config.migration.stream_tls_records)
             channel = await establish(
                 tls, migration_id, self.host_name, initiator=False, expected_peer=peer, options=options

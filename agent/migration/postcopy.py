@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
-from agent.migration.link import ControlIn, Link, PeerFailed
+from agent.migration.link import Link
+from agent.migration.protocol import Message, ProtocolError, Ranges
+
+M = TypeVar("M", bound=Message)
 
 HeldByTarget = Callable[[str, int, memoryview], list[bool]]
 """Source: (pagemap, vaddr, pages) -> which of them the target already holds from pre-copy."""
@@ -38,8 +41,8 @@ def pagemap_of(dst_id: int) -> str | None:
     return f"pagemap-{dst_id}.img" if dst_id > 0 else None
 
 
-def ranges_of(flags: list[bool]) -> list[list[int]]:
-    """[[first, count], ...] of the True runs."""
+def ranges_of(flags: list[bool]) -> Ranges:
+    """((first, count), ...) of the True runs."""
     out: list[list[int]] = []
     for i, flag in enumerate(flags):
         if flag:
@@ -47,26 +50,26 @@ def ranges_of(flags: list[bool]) -> list[list[int]]:
                 out[-1][1] += 1
             else:
                 out.append([i, 1])
-    return out
+    return tuple((first, count) for first, count in out)
 
 
 class ControlRouter:
     """While page traffic owns a link's receive side, other control messages queue here."""
 
     def __init__(self) -> None:
-        self.control: asyncio.Queue[ControlIn] = asyncio.Queue()
+        self.control: asyncio.Queue[Message] = asyncio.Queue()
 
-    async def expect(self, type_: str, traffic: asyncio.Task[None], link: Link) -> dict[str, Any]:
+    async def expect(self, kind: type[M], traffic: asyncio.Task[None], link: Link) -> M:
         """The next control message: queued by the traffic task, or read directly once it ended."""
         while True:
             if not self.control.empty():
                 msg = self.control.get_nowait()
-                if msg.type != type_:
-                    raise PeerFailed(f"expected {type_!r} from the peer, got control {msg.type!r}")
-                return msg.body
+                if not isinstance(msg, kind):
+                    raise ProtocolError(repr(kind.tag), repr(msg.tag))
+                return msg
             if traffic.done():
                 traffic.result()  # its error, if it failed
-                return await link.expect(type_)
+                return await link.expect(kind)
             getter = asyncio.ensure_future(self.control.get())
             await asyncio.wait({getter, traffic}, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():

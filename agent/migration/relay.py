@@ -14,9 +14,10 @@ from collections.abc import Callable
 
 from agent.checkpoint.images import PAGE_SIZE
 from agent.checkpoint.pageserver import FAULTING, HEADER, PS_IOV_ADD_F_PRESENT, PS_IOV_CLOSE, PUSHED, Request
-from agent.migration.link import ControlIn, Link, PagesIn, PeerFailed, split_key
+from agent.migration.link import Link, PagesIn, PeerFailed, split_key
 from agent.migration.pagerproc import PostcopyPaths
 from agent.migration.postcopy import ControlRouter, ReadLocal, pagemap_id, pagemap_of, ranges_of
+from agent.migration.protocol import Message, PsClosed, PsRep, PsReq, PushAck, Pushed, PushEnd, Ranges
 from agent.migration.pushflow import PUSH_HOLD, PUSH_WINDOW
 from agent.migration.ranges import PageRanges
 
@@ -77,7 +78,7 @@ class TargetRelay(ControlRouter):
             acks.cancel()
             await asyncio.gather(acks, return_exceptions=True)
             for _ in range(self._acks_due):  # the source's close waits for its acks: none kept back
-                await link.send("push_ack")
+                await link.send(PushAck())
         finally:
             self._acks_due = 0
             for task in (up, acks):
@@ -102,7 +103,7 @@ class TargetRelay(ControlRouter):
             if self._parks(request):
                 self._parked.append(request)
                 continue
-            await link.send("ps_req", raw=raw.hex())
+            await link.send(PsReq(raw=raw))
 
     async def _hold_push(self, link: Link) -> None:
         """The workload faults: the push waits (it would compete with the faults for CPU), and what
@@ -110,7 +111,7 @@ class TargetRelay(ControlRouter):
         self._faulting_until = asyncio.get_running_loop().time() + PUSH_HOLD
         parked, self._parked = self._parked, []
         for request in parked:
-            await link.send("ps_req", raw=request.raw.hex())
+            await link.send(PsReq(raw=request.raw))
 
     def _faulting(self) -> bool:
         return asyncio.get_running_loop().time() < self._faulting_until
@@ -126,7 +127,7 @@ class TargetRelay(ControlRouter):
             self._ack_due.clear()
             while self._acks_due:
                 self._acks_due -= 1
-                await link.send("push_ack")
+                await link.send(PushAck())
 
     async def _answer_held(self, request: Request, writer: asyncio.StreamWriter) -> bool:
         pagemap = pagemap_of(request.dst_id)
@@ -156,29 +157,29 @@ class TargetRelay(ControlRouter):
                     up.result()
                 raise PeerFailed("the pager closed its connection")
             msg = recv.result()
-            if not isinstance(msg, ControlIn):
+            if not isinstance(msg, Message):
                 raise PeerFailed("pages without a ps_rep header")
-            if msg.type == "ps_closed":
-                status = int(msg.body.get("status", -1)) & 0xFFFFFFFF
+            if isinstance(msg, PsClosed):
+                status = msg.status & 0xFFFFFFFF
                 writer.write(HEADER.pack(PS_IOV_CLOSE, status, 0, 0))  # the pager unwraps it
                 await writer.drain()
                 return
-            if msg.type == "pushed":
+            if isinstance(msg, Pushed):
                 self._push_open = True
                 await self._hand_push(link, msg, writer)
                 continue
-            if msg.type == "push_end":
+            if isinstance(msg, PushEnd):
                 self._push_open = False
                 parked, self._parked = self._parked, []
                 for request in parked:  # not in the push (or it stopped short): the source answers
-                    await link.send("ps_req", raw=request.raw.hex())
+                    await link.send(PsReq(raw=request.raw))
                 continue
-            if msg.type != "ps_rep":
+            if not isinstance(msg, PsRep):
                 await self.control.put(msg)
                 continue
-            header = bytes.fromhex(str(msg.body["header"]))
+            header = msg.header
             _, nr_pages, vaddr, dst_id = HEADER.unpack(header)
-            local = self._local_pages(msg.body.get("local") or [], dst_id, vaddr, nr_pages)
+            local = self._local_pages(msg.local, dst_id, vaddr, nr_pages)
             data = b""
             if nr_pages:
                 batches: list[PagesIn] = []
@@ -204,12 +205,12 @@ class TargetRelay(ControlRouter):
             and not self.pushed.covers(request.dst_id, request.vaddr, request.nr_pages)
         )  # held_here is checked first: a held page is never parked
 
-    async def _hand_push(self, link: Link, msg: ControlIn, writer: asyncio.StreamWriter) -> None:
+    async def _hand_push(self, link: Link, msg: Pushed, writer: asyncio.StreamWriter) -> None:
         """One pushed batch: the pages it carries go to the pager, unasked; the ones it names as held
         are noted (they stay in the pre-copy store). Parked requests it covers are answered now."""
-        nr_pages, vaddr = int(msg.body["nr_pages"]), int(msg.body["vaddr"])
-        dst_id = pagemap_id(str(msg.body["pagemap"]))
-        held = [(int(first), int(n)) for first, n in msg.body.get("held") or []]
+        nr_pages, vaddr = msg.nr_pages, msg.vaddr
+        dst_id = pagemap_id(msg.pagemap)
+        held = msg.held
         batches: list[PagesIn] = []
         count = sum(n for _, n in held)
         while count < nr_pages:
@@ -246,9 +247,7 @@ class TargetRelay(ControlRouter):
                 waiting.append(request)
         self._parked = waiting
 
-    def _local_pages(
-        self, ranges: list[list[int]], dst_id: int, vaddr: int, nr_pages: int
-    ) -> dict[int, bytes | memoryview]:
+    def _local_pages(self, ranges: Ranges, dst_id: int, vaddr: int, nr_pages: int) -> dict[int, bytes | memoryview]:
         """The pages the source said we hold, read from the pre-copy store a run at a time (by address)."""
         pagemap = pagemap_of(dst_id)
         out: dict[int, bytes | memoryview] = {}

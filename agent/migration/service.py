@@ -1,6 +1,6 @@
 """The migration service: starts migrations, answers peers, keeps records, recovers after a restart.
 
-Sessions between agents start with one control message that says what they are for:
+Sessions between agents start with one control message that says what they are for (protocol.OPENERS):
   prepare   a source starts a migration to us (we become its target)
   query     a target restarted while its restored copy waited: what did the source decide?
   resolve   a source restarted after deciding: it tells the waiting target to commit
@@ -30,12 +30,22 @@ from agent.malloc import release_freed_memory
 from agent.metrics import AgentMetrics
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
-from agent.migration.link import ControlIn, Link, PeerFailed
+from agent.migration.link import Link
 from agent.migration.local import remove_container, resume_if_paused
+from agent.migration.protocol import (
+    OPENERS,
+    Committed,
+    PeerFailed,
+    Postcopy,
+    Prepare,
+    Query,
+    Resolve,
+)
+from agent.migration.protocol import Decision as DecisionReply
 from agent.migration.record import MigrationId, MigrationOptions, MigrationRecord
 from agent.migration.source import SourceContext, SourceMigration, resident_bytes
 from agent.migration.states import Decision, Event, RecoveryAction, State, answer_for, recovery_action
-from agent.migration.target import DecisionPending, TargetContext, TargetMigration
+from agent.migration.target import DecisionPending, TargetContext, TargetMigration, known_prepare
 from agent.model import LABEL_POSTCOPY, LABEL_SERVICE_IP
 from agent.reservations import ReservationBook
 from agent.runtime.service import ContainerService
@@ -272,40 +282,31 @@ class MigrationService:
     async def handle_session(self, link: Link, peer_host: str) -> None:
         """One inbound mTLS session; `peer_host` is the identity from the peer's certificate."""
         try:
-            first = await link.recv()
-            if not isinstance(first, ControlIn):
-                raise PeerFailed("a session must start with a control message")
-            if first.type == "prepare":
-                await self._accept_migration(link, peer_host, first.body)
-            elif first.type == "query":
-                await self._answer_query(link, peer_host, str(first.body.get("migration", "")))
-            elif first.type == "resolve":
-                await self._apply_resolution(link, str(first.body.get("migration", "")))
-            elif first.type == "postcopy":
-                await self._continue_postcopy(
-                    link, peer_host, str(first.body.get("migration", "")), bool(first.body.get("store"))
-                )
-            else:
-                raise PeerFailed(f"unknown session type {first.type!r}")
+            first = await link.expect_one_of(OPENERS)
+            if isinstance(first, Prepare):
+                await self._accept_migration(link, peer_host, first)
+            elif isinstance(first, Query):
+                await self._answer_query(link, peer_host, first.migration)
+            elif isinstance(first, Resolve):
+                await self._apply_resolution(link, first.migration)
+            elif isinstance(first, Postcopy):
+                await self._continue_postcopy(link, peer_host, first.migration, first.store)
         except (FerrymanError, TimeoutError, OSError) as exc:
             log.warning("peer session failed", extra={"peer": peer_host, "error": str(exc)})
             await link.fail(str(exc))
         finally:
             await link.close()
 
-    async def _accept_migration(self, link: Link, peer_host: str, body: dict[str, object]) -> None:
-        container = body.get("container")
-        if not isinstance(container, dict) or not isinstance(container.get("id"), str):
-            raise PeerFailed("prepare without a container")
+    async def _accept_migration(self, link: Link, peer_host: str, prepare: Prepare) -> None:
         record = MigrationRecord(
-            id=MigrationId(str(body["migration"])),
+            id=MigrationId(prepare.migration),
             role="target",
-            container=container["id"],
+            container=prepare.container.id,
             peer=peer_host,
-            image=str(container.get("image", "")),
+            image=prepare.container.image,
             peer_address=next((p.address for p in self.config.peers if p.name == peer_host), ""),
         )
-        migration = TargetMigration(self._target_context(), record, body)  # type: ignore[arg-type]
+        migration = TargetMigration(self._target_context(), record, prepare)
         try:
             await migration.run(link)
         except DecisionPending:
@@ -324,10 +325,9 @@ class MigrationService:
     async def _answer_query(self, link: Link, peer_host: str, migration_id: str) -> None:
         record = self._records.get(migration_id)
         answer = answer_for(record, peer_host)  # the decision table (states.py)
-        decision = answer.decision
-        await link.send("decision", decision=decision)
+        await link.send(DecisionReply(decision=answer.decision.value))
         if answer.await_committed and record is not None:
-            await link.expect("committed")
+            await link.expect(Committed)
             await self._complete_source(record)
 
     async def _apply_resolution(self, link: Link, migration_id: str) -> None:
@@ -340,7 +340,7 @@ class MigrationService:
         state = self._records[migration_id].state
         if state != State.COMMIT:
             raise PeerFailed(f"migration {migration_id} is {state.value}, it cannot commit")
-        await link.send("committed")
+        await link.send(Committed())
 
     # ----- decisions that could not be delivered ---------------------------------------------------
 
@@ -353,12 +353,12 @@ class MigrationService:
             with contextlib.suppress(FerrymanError, TimeoutError, OSError):
                 link = await self._transport.connect(record.peer, record.id)
                 try:
-                    await link.send("query", migration=record.id)
-                    reply = await link.expect("decision")
-                    decision = Decision.parse(reply.get("decision"))
+                    await link.send(Query(migration=record.id))
+                    reply = await link.expect(DecisionReply)
+                    decision = Decision.parse(reply.decision)
                     if decision is not None and decision.final and await self._resolve_target(migration, decision):
                         if decision is Decision.COMMIT:
-                            await link.send("committed")
+                            await link.send(Committed())
                         return
                 finally:
                     await link.close()
@@ -403,8 +403,8 @@ class MigrationService:
             with contextlib.suppress(FerrymanError, TimeoutError, OSError):
                 link = await self._transport.connect(record.peer, record.id)
                 try:
-                    await link.send("resolve", migration=record.id, decision="commit")
-                    await link.expect("committed")
+                    await link.send(Resolve(migration=record.id, decision="commit"))
+                    await link.expect(Committed)
                 finally:
                     await link.close()
                 await self._complete_source(self._records[record.id])
@@ -469,8 +469,7 @@ class MigrationService:
         self._spawn(self._ask_source(migration), f"ask-source-{record.id}")
 
     async def _recover_finish_postcopy(self, record: MigrationRecord) -> None:
-        container = {"id": record.container, "image": record.image, "labels": {}}
-        migration = TargetMigration(self._target_context(), record, {"container": container})
+        migration = TargetMigration(self._target_context(), record, known_prepare(record))
         migration.lazy = True
         self._spawn(self._finish_postcopy(migration), f"postcopy-{record.id}")
 
@@ -493,8 +492,7 @@ class MigrationService:
             labels = (await self._cd.containers.get(record.container)).labels
         except ContainerdNotFound:
             labels = {}
-        container = {"id": record.container, "image": record.image, "labels": labels}
-        return TargetMigration(self._target_context(), record, {"container": container})
+        return TargetMigration(self._target_context(), record, known_prepare(record, labels))
 
     async def _release_address(self, container_id: str) -> None:
         """A source that stopped while the address was held (before the decision) routes it back."""

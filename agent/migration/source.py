@@ -43,6 +43,22 @@ from agent.migration.link import Link, PeerReportedFailure
 from agent.migration.local import describe_failure, remove_container, resume_if_paused
 from agent.migration.pagepush import PushCounts, lazy_regions, push
 from agent.migration.pageserve import SourcePages
+from agent.migration.protocol import (
+    Commit,
+    Committed,
+    Container,
+    Prepare,
+    Prepared,
+    PrepareOptions,
+    Ready,
+    Restore,
+    Restored,
+    Resume,
+    Resumed,
+    RwLayer,
+    Stopcopy,
+)
+from agent.migration.protocol import Round as RoundDone
 from agent.migration.pushflow import PushWindow
 from agent.migration.record import MigrationRecord
 from agent.migration.rootfs import RW_LAYER_FILE, export_rw_layer
@@ -125,6 +141,7 @@ class SourceMigration:
         try:
             async with asyncio.timeout(self.ctx.config.migration.phase_timeout):
                 link = await self._connect()
+                link.follow("source", lambda: self.record.state)
                 await self._prepare(link)
                 if self.record.options.mode == "lazy":
                     await self._advance(Event.CONVERGED)  # nothing to pre-copy
@@ -168,23 +185,24 @@ class SourceMigration:
         self._snapshot_key = container.snapshot_key
         self._service_ip = container.labels.get(LABEL_SERVICE_IP)
         await link.send(
-            "prepare",
-            migration=self.record.id,
-            container={
-                "id": cid,
-                "image": container.image,
-                "labels": container.labels,
-                "spec": json.loads(container.spec),
-                "runtime": container.runtime,
-            },
-            estimated_bytes=await self._memory_estimate(cid),
-            options={
-                "downtime_target_ms": self.record.options.downtime_target_ms,
-                "mode": self.record.options.mode,
-                "reservation": self.record.options.reservation,
-            },
+            Prepare(
+                migration=self.record.id,
+                container=Container(
+                    id=cid,
+                    image=container.image,
+                    labels=container.labels,
+                    spec=json.loads(container.spec),
+                    runtime=container.runtime,
+                ),
+                estimated_bytes=await self._memory_estimate(cid),
+                options=PrepareOptions(
+                    downtime_target_ms=self.record.options.downtime_target_ms,
+                    mode=self.record.options.mode,
+                    reservation=self.record.options.reservation,
+                ),
+            )
         )
-        await link.expect("prepared")
+        await link.expect(Prepared)
         await self.ctx.failpoints.hit("source.prepared")
         await self._advance(Event.PREPARED)
 
@@ -222,7 +240,7 @@ class SourceMigration:
             else:
                 shutil.rmtree(round_dir, ignore_errors=True)
             self._parent = previous
-            await link.send("round", number=number, pages=stats.changed, zero=stats.zero)
+            await link.send(RoundDone(number=number, pages=stats.changed, zero=stats.zero))
             rounds.append(Round(stats.changed, link.bytes_wire - sent_before, transfer_s))
             dirty.append(stats.changed)
             verdict = decide(
@@ -306,8 +324,8 @@ class SourceMigration:
         await self.ctx.failpoints.hit("source.stopcopy")
         final = self.work / "final"
         final.mkdir(parents=True)
-        await link.send("stopcopy")
-        await link.expect("ready")  # the target has the image (and its pager): the freeze waits for nothing
+        await link.send(Stopcopy())
+        await link.expect(Ready)  # the target has the image (and its pager): the freeze waits for nothing
         await self._hold_address()
         frozen_at = time.monotonic()
         await tasks.pause(cid)
@@ -321,7 +339,7 @@ class SourceMigration:
             self.ctx.cd, self._snapshot_key, self._image_chain, self.ctx.config.pull.lease_expiry
         )
         await self._send_rw_layer(link, digest, data)
-        await link.send("restore", rw_digest=digest)
+        await link.send(Restore(rw_digest=digest))
         log.info(
             "stop-copy sent",
             extra={
@@ -338,7 +356,7 @@ class SourceMigration:
             dirty_pages=(*self.record.stats.dirty_pages, stats.changed),
             freeze_dump_ms=round(freeze_dump_ms, 1),
         )
-        reply = await link.expect("restored")
+        reply = await link.expect(Restored)
         await self.ctx.failpoints.hit("source.restored")
         # The decision: from here on the target's copy is the workload.
         await self._advance(Event.RESTORED)
@@ -348,13 +366,13 @@ class SourceMigration:
             # loses its link: its sockets must never answer the client again, not even with a FIN.
             await self.ctx.network.unpublish(self._service_ip)
             await self.ctx.network.destroy(self.record.container)
-        await link.send("commit")
-        await link.expect("committed")
+        await link.send(Commit())
+        await link.expect(Committed)
         downtime_ms = (time.monotonic() - frozen_at) * 1000
         self._progress(
             link,
             downtime_ms=round(downtime_ms, 1),
-            restore_ms=float(reply.get("restore_ms", 0.0)),
+            restore_ms=reply.restore_ms,
             total_ms=round((time.monotonic() - self._started) * 1000, 1),
         )
         await self._remove_local_copy()  # before COMMIT is published: a watcher sees the final picture
@@ -371,8 +389,8 @@ class SourceMigration:
         await asyncio.to_thread(ensure_pipe_max_size)
         port = free_local_port()
         await asyncio.to_thread(self.ctx.criu_configs.write, cid, lazy_dump(port))
-        await link.send("stopcopy", lazy=True)
-        await link.expect("ready")  # the target has the image (and its pager): the freeze waits for nothing
+        await link.send(Stopcopy(lazy=True))
+        await link.expect(Ready)  # the target has the image (and its pager): the freeze waits for nothing
         await self._hold_address()
         frozen_at = time.monotonic()
         await tasks.pause(cid)
@@ -394,7 +412,7 @@ class SourceMigration:
             freeze_dump_ms = (time.monotonic() - frozen_at) * 1000
             # pages-*.img holds only what CRIU does not do lazily (not anonymous memory)
             await link.send_files([path for path in sorted(final.iterdir()) if path.is_file()])
-            await link.send("restore", rw_digest=digest, lazy=True)
+            await link.send(Restore(rw_digest=digest, lazy=True))
             total = await asyncio.to_thread(lazy_pages, final)  # for progress: after the restore is asked
             await self._advance(Event.IMAGES_SENT)
             self._progress(link, freeze_dump_ms=round(freeze_dump_ms, 1), lazy_pages=total, pages_remote=total)
@@ -406,21 +424,21 @@ class SourceMigration:
             traffic = asyncio.create_task(self._serve_postcopy(pages), name="postcopy-pages")
             pusher: asyncio.Task[None] | None = None
             try:
-                reply = await pages.expect("restored", traffic, link)
+                reply = await pages.expect(Restored, traffic, link)
                 await self.ctx.failpoints.hit("source.restored")
                 # The decision: the target's copy is the workload from here, with some of its memory still here.
                 await self._advance(Event.LAZY_RESTORED)
                 await self.ctx.failpoints.hit("source.decided")
                 if self._service_ip:  # traffic goes to the target; our veth stays until the copy is removed
                     await self.ctx.network.unpublish(self._service_ip)
-                await link.send("resume")
+                await link.send(Resume())
                 pusher = asyncio.create_task(self._push(link, pages, final, progress), name="postcopy-push")
-                await pages.expect("resumed", traffic, self._link or link)
+                await pages.expect(Resumed, traffic, self._link or link)
                 resumed_at = time.monotonic()
                 self._progress(
                     link,
                     downtime_ms=round((resumed_at - frozen_at) * 1000, 1),
-                    restore_ms=float(reply.get("restore_ms", 0.0)),
+                    restore_ms=reply.restore_ms,
                 )
                 await traffic
             finally:
@@ -451,8 +469,8 @@ class SourceMigration:
             extra={"migration": self.record.id, "pages": total, "from_target_copy": pages.local_pages},
         )
         await self._advance(Event.PAGES_COMPLETE)
-        await link.send("commit")
-        await link.expect("committed")
+        await link.send(Commit())
+        await link.expect(Committed)
         if self._service_ip:  # gone before the kill: the dying sockets must not reach the client
             await self.ctx.network.destroy(self.record.container)
         await self._remove_local_copy()
@@ -497,7 +515,7 @@ class SourceMigration:
     async def _send_rw_layer(self, link: Link, digest: str, data: bytes) -> None:
         rw_file = self.work / RW_LAYER_FILE
         await asyncio.to_thread(rw_file.write_bytes, data)
-        await link.send("rw_layer", digest=digest)  # before the file: the target starts building on arrival
+        await link.send(RwLayer(digest=digest))  # before the file: the target starts building on arrival
         await link.send_file(rw_file, RW_LAYER_FILE)
 
     def _postcopy_failpoint(self) -> Callable[[], Awaitable[None]]:
@@ -548,6 +566,7 @@ class SourceMigration:
                 timeout = self.ctx.config.migration.postcopy_reconnect_timeout
                 try:
                     self._link, keeps_store = await self.ctx.postcopy_link(self.record.id, timeout)
+                    self._link.follow("source", lambda: self.record.state)
                     pages.push_window = PushWindow()  # the push ended with the old link, its acks with it
                     if not keeps_store:  # a restarted target lost its pre-copy store: send every page
                         pages.held_by_target = None

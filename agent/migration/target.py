@@ -44,9 +44,27 @@ from agent.images.local import read_image
 from agent.images.service import ImageService
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
-from agent.migration.link import IMAGE_BUNDLE, FileIn, Link, PagesIn, PeerFailed, PeerReportedFailure, unpack_files
+from agent.migration.link import IMAGE_BUNDLE, FileIn, Link, PagesIn, PeerReportedFailure, describe, unpack_files
 from agent.migration.local import LABEL_MIGRATION, describe_failure, remove_container, resume_if_paused
 from agent.migration.pagerproc import PostcopyPaths, spawn_pager
+from agent.migration.protocol import (
+    Commit,
+    Committed,
+    Container,
+    Postcopy,
+    Prepare,
+    Prepared,
+    PrepareOptions,
+    ProtocolError,
+    Ready,
+    Restore,
+    Restored,
+    Resume,
+    Resumed,
+    Round,
+    RwLayer,
+    Stopcopy,
+)
 from agent.migration.ranges import PageRanges
 from agent.migration.record import MigrationRecord
 from agent.migration.relay import TargetRelay
@@ -89,16 +107,16 @@ class TargetContext:
 
 
 class TargetMigration:
-    def __init__(self, ctx: TargetContext, record: MigrationRecord, prepare: dict[str, Any]) -> None:
+    def __init__(self, ctx: TargetContext, record: MigrationRecord, prepare: Prepare) -> None:
         self.ctx = ctx
         self.record = record
         self.prepare_msg = prepare
-        self.container: dict[str, Any] = prepare["container"]
+        self.container = prepare.container
         self.work = Path(ctx.config.migration.work_dir) / record.id
         self.images_dir = self.work / "images"
         self.store = PageStore(self.work / "pagestore")
         self._lease: str | None = None
-        self.service_ip: str | None = (self.container.get("labels") or {}).get(LABEL_SERVICE_IP)
+        self.service_ip: str | None = self.container.labels.get(LABEL_SERVICE_IP)
         self._netns: NetnsInfo | None = None
         self.paths = PostcopyPaths(self.work)
         self.lazy = False
@@ -130,30 +148,31 @@ class TargetMigration:
     async def run(self, link: Link) -> MigrationRecord:
         await self._save(self.record)
         self._link = link
+        link.follow("target", lambda: self.record.state)
         pull: asyncio.Task[Any] | None = None
         try:
             async with asyncio.timeout(self.ctx.config.migration.phase_timeout):
-                await self._check_room(int(self.prepare_msg.get("estimated_bytes", 0)))
+                await self._check_room(self.prepare_msg.estimated_bytes)
                 await self._admit()
-                if (self.prepare_msg.get("options") or {}).get("mode") in ("lazy", "hybrid"):
+                if self.prepare_msg.options.mode in ("lazy", "hybrid"):
                     await asyncio.to_thread(ensure_pipe_max_size)  # fail in PREPARE, not after the freeze
                     await self._start_pager()
                 self._lease = await self.ctx.cd.leases.create("migration", self.ctx.config.migration.phase_timeout)
                 if self.service_ip:  # the same address, in a namespace of this host, unpublished until commit
-                    self._netns = await self.ctx.network.prepare(self.container["id"], self.service_ip)
+                    self._netns = await self.ctx.network.prepare(self.container.id, self.service_ip)
                 pull = self._pull = asyncio.create_task(
-                    self.ctx.images.pull(self.container["image"]), name="migration-pull"
+                    self.ctx.images.pull(self.container.image), name="migration-pull"
                 )
-                await link.send("prepared")
+                await link.send(Prepared())
                 await self._advance(Event.PREPARED)
                 rw_digest = await self._receive(link)
                 await self._advance(Event.IMAGES_SENT)
                 await pull
                 restore_ms = await self._restore(rw_digest)
-                await link.send("restored", restore_ms=round(restore_ms, 1))
+                await link.send(Restored(restore_ms=round(restore_ms, 1)))
             if self.lazy:
                 await self._await_resume(link)
-                await link.send("resumed")
+                await link.send(Resumed())
                 await self.finish_postcopy(link)
             else:
                 await self._await_decision(link)
@@ -196,20 +215,20 @@ class TargetMigration:
                 f"{self.ctx.config.migration.work_dir} has {free >> 20} MiB free, the images need about "
                 f"{needed >> 20} MiB"
             )
-        if await self._container_exists(self.container["id"]):
-            raise AlreadyExists(f"container {self.container['id']} already exists on this host")
+        if await self._container_exists(self.container.id):
+            raise AlreadyExists(f"container {self.container.id} already exists on this host")
 
     @property
     def reservation(self) -> str:
-        return str((self.prepare_msg.get("options") or {}).get("reservation") or "")
+        return self.prepare_msg.options.reservation
 
     async def _admit(self) -> None:
         """Charge the container's limits (or its resident size) to the coordinator's reservation, if any."""
         if self.ctx.admission is None:
             return
-        resources = ((self.container.get("spec") or {}).get("linux") or {}).get("resources") or {}
+        resources = (self.container.spec.get("linux") or {}).get("resources") or {}
         memory = int((resources.get("memory") or {}).get("limit") or 0)
-        memory = memory or int(self.prepare_msg.get("estimated_bytes", 0))
+        memory = memory or self.prepare_msg.estimated_bytes
         cpu = resources.get("cpu") or {}
         cpus = cpu["quota"] / cpu["period"] if cpu.get("quota") and cpu.get("period") else None
         await self.ctx.admission.admit(container_need(cpus, memory), self.reservation or None)
@@ -240,21 +259,23 @@ class TargetMigration:
                     shutil.move(msg.path, dest)
                 if msg.name == RW_LAYER_FILE and self._rw_digest and self._build is None:
                     self._build = asyncio.create_task(self._build_container(self._rw_digest), name="migration-build")
-            elif msg.type == "rw_layer":
-                self._rw_digest = str(msg.body["digest"])
-            elif msg.type == "round":
-                self.record = self.record.with_stats(iterations=int(msg.body.get("number", 0)))
+            elif isinstance(msg, RwLayer):
+                self._rw_digest = msg.digest
+            elif isinstance(msg, Round):
+                self.record = self.record.with_stats(iterations=msg.number)
                 self.ctx.publish(self.record)
                 await self.ctx.failpoints.hit("target.precopy")
-            elif msg.type == "stopcopy":
-                self.lazy = bool(msg.body.get("lazy"))
+            elif isinstance(msg, Stopcopy):
+                self.lazy = msg.lazy
                 await self._advance(Event.CONVERGED)
                 await self.ctx.failpoints.hit("target.stopcopy")
                 await self._ready(link)
-            elif msg.type == "restore":
-                return str(msg.body["rw_digest"])
+            elif isinstance(msg, Restore):
+                return msg.rw_digest
             else:
-                raise PeerFailed(f"unexpected message {msg.type!r} while receiving images")
+                raise ProtocolError(
+                    "'round', 'stopcopy', 'rw_layer' or 'restore' while receiving images", describe(msg)
+                )
 
     async def _ready(self, link: Link) -> None:
         """The source freezes only after this: the image pull and the pager's start-up (a Python
@@ -265,23 +286,23 @@ class TargetMigration:
         if self._relay is not None:
             async with asyncio.timeout(self.ctx.config.migration.idle_timeout):
                 await self._relay.connected.wait()
-        await link.send("ready")
+        await link.send(Ready())
 
     def _spec_for_here(self) -> bytes:
-        spec = dict(self.container["spec"])
+        spec = dict(self.container.spec)
         linux = dict(spec.get("linux") or {})
-        ns, cid = self.ctx.cd.namespace, self.container["id"]
+        ns, cid = self.ctx.cd.namespace, self.container.id
         linux["cgroupsPath"] = f"{self.ctx.config.runtime.cgroup_parent}/{ns}/{cid}"
         spec["linux"] = linux
         annotations = dict(spec.get("annotations") or {})
-        annotations[CRIU_ANNOTATION] = str(self.ctx.criu_configs.path(self.container["id"]))
+        annotations[CRIU_ANNOTATION] = str(self.ctx.criu_configs.path(self.container.id))
         spec["annotations"] = annotations
         if self._netns is not None:
             set_network_namespace(spec, self._netns.path)  # CRIU restores into this host's namespace
         return json.dumps(spec).encode()
 
     async def _restore(self, rw_digest: str) -> float:
-        cid = self.container["id"]
+        cid = self.container.id
         started = time.monotonic()
         if self.lazy:
             await self._start_postcopy_helpers()
@@ -329,13 +350,13 @@ class TargetMigration:
 
     async def _await_decision(self, link: Link) -> None:
         try:
-            await link.expect("commit")
+            await link.expect(Commit)
         except (TimeoutError, OSError, FerrymanError) as exc:
             # We cannot tell whether the source decided: stay paused, the service asks the source.
             log.warning("no decision from the source yet", extra={"migration": self.record.id, "error": str(exc)})
             raise DecisionPending(self.record) from exc
         await self.commit()
-        await link.send("committed")
+        await link.send(Committed())
 
     async def _build_container(self, rw_digest: str) -> None:
         """The image snapshot plus the source's rw layer, the container record and its task.
@@ -343,25 +364,25 @@ class TargetMigration:
         The task is created as soon as the rw layer is here, while the source may still be dumping:
         containerd 1.6 restores only at Start (runc reads the images then), and creating the shim and
         bundle is ~12 ms that no longer sit in the downtime."""
-        cid = self.container["id"]
+        cid = self.container.id
         if self._pull is not None:
             await self._pull
         assert self._lease is not None
         cd = self.ctx.cd.leased(self._lease)
-        image = await read_image(self.ctx.cd, self.container["image"], self.ctx.platform)
+        image = await read_image(self.ctx.cd, self.container.image, self.ctx.platform)
         rw_data = await asyncio.to_thread((self.images_dir / RW_LAYER_FILE).read_bytes)
         await import_rw_layer(cd, cid, image.chain_id, rw_data, rw_digest)
         log_file = self.ctx.log_path(cid)
-        labels = dict(self.container["labels"])
+        labels = dict(self.container.labels)
         labels[LABEL_LOG_PATH] = str(log_file)
         labels[LABEL_MIGRATED_FROM] = self.record.peer
         labels[LABEL_MIGRATION] = self.record.id
         await cd.containers.create(
             ContainerRecord(
                 id=cid,
-                image=self.container["image"],
+                image=self.container.image,
                 labels=labels,
-                runtime=self.container["runtime"],
+                runtime=self.container.runtime,
                 spec=self._spec_for_here(),
                 snapshotter=cd.snapshotter_name,
                 snapshot_key=cid,
@@ -417,7 +438,7 @@ class TargetMigration:
     async def _await_resume(self, link: Link) -> None:
         assert self._relay is not None and self._traffic is not None
         try:
-            await self._relay.expect("resume", self._traffic, link)
+            await self._relay.expect(Resume, self._traffic, link)
         except PeerReportedFailure:
             raise
         except (TimeoutError, OSError, FerrymanError) as exc:
@@ -427,7 +448,7 @@ class TargetMigration:
 
     async def _resume_postcopy(self) -> None:
         """The decision: run the restored task with its pages still arriving."""
-        cid = self.container["id"]
+        cid = self.container.id
         if await self._settle_pause():
             await self.ctx.cd.tasks.resume(cid)
         if self.service_ip:
@@ -483,13 +504,13 @@ class TargetMigration:
             self.record = self.record.with_stats(
                 pages_remote=0, postcopy_ms=round((time.monotonic() - started) * 1000, 1)
             )
-            await link.expect("commit")
+            await link.expect(Commit)
         finally:
             await self._relay.close()
         await self._advance(Event.PAGES_COMPLETE)
         await self._advance(Event.SWITCHED)
         await self._drop_lease()
-        await link.send("committed")
+        await link.send(Committed())
 
     async def _reconnect(self, within: float) -> Link:
         loop = asyncio.get_running_loop()
@@ -497,11 +518,12 @@ class TargetMigration:
         while True:
             try:
                 link = await self.ctx.connect(self.record.peer, self.record.id)
+                link.follow("target", lambda: self.record.state)
                 store = self._relay is not None and self._relay.read_local is not None
-                await link.send("postcopy", migration=self.record.id, store=store)
+                await link.send(Postcopy(migration=self.record.id, store=store))
                 # The source may still wait for this (the first link died before it arrived); a repeat
                 # is harmless.
-                await link.send("resumed")
+                await link.send(Resumed())
                 return link
             except (TimeoutError, OSError, FerrymanError) as exc:
                 if (failure := await self._pager_failure()) is not None:
@@ -567,17 +589,17 @@ class TargetMigration:
     async def commit(self) -> None:
         """The source decided for us: resume the restored task and own the workload."""
         await self._advance(Event.RESTORED)
-        await self.ctx.cd.tasks.resume(self.container["id"])
+        await self.ctx.cd.tasks.resume(self.container.id)
         await self._own_workload()
 
     async def finish_commit(self) -> None:
         """After a restart in SWITCH: the source decided commit, and never rolls back from there, so
         our copy is the workload. Resume it if the previous agent had not, and publish the address."""
-        await resume_if_paused(self.ctx.cd, self.container["id"])
+        await resume_if_paused(self.ctx.cd, self.container.id)
         await self._own_workload()
 
     async def _own_workload(self) -> None:
-        cid = self.container["id"]
+        cid = self.container.id
         if self.service_ip:
             info = self._netns or await self.ctx.network.prepare(cid, self.service_ip)
             await self.ctx.network.publish(self.service_ip, info.host_veth)
@@ -597,9 +619,9 @@ class TargetMigration:
             )
             return
         await self._stop_postcopy_helpers()
-        removed = await remove_container(self.ctx.cd, self.container["id"], only_migration=self.record.id)
+        removed = await remove_container(self.ctx.cd, self.container.id, only_migration=self.record.id)
         if self.service_ip and removed:
-            await self.ctx.network.destroy(self.container["id"])
+            await self.ctx.network.destroy(self.container.id)
         await self._drop_lease()
         shutil.rmtree(self.work, ignore_errors=True)
         if self.record.state == State.POSTCOPY:
@@ -612,6 +634,15 @@ class TargetMigration:
         if self._lease is not None:
             await self.ctx.cd.leases.delete(self._lease)
             self._lease = None
+
+
+def known_prepare(record: MigrationRecord, labels: dict[str, str] | None = None) -> Prepare:
+    """What a restarted agent still knows of a migration's `prepare`: its record, and the labels of the
+    container it built. Enough to finish or remove it: the spec was used at the restore, and the mode
+    and reservation only in PREPARE."""
+    options = PrepareOptions(downtime_target_ms=record.options.downtime_target_ms, mode="precopy", reservation="")
+    container = Container(id=record.container, image=record.image, labels=labels or {}, spec={}, runtime="")
+    return Prepare(migration=record.id, container=container, estimated_bytes=0, options=options)
 
 
 class DecisionPending(FerrymanError):

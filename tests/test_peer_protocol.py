@@ -1,0 +1,429 @@
+"""The peer protocol's messages, codec and (role, state) table, without I/O.
+
+Every message round-trips through the codec to the same wire dict the string literals sent before;
+anything malformed, unknown, misplaced or carrying an unsafe identifier is a ProtocolError that
+names what was expected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+from array import array
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.checkpoint.pageserver import HEADER, PS_IOV_GET
+from agent.migration.link import FileIn, Incoming, Link, PagesIn
+from agent.migration.protocol import (
+    ALLOWED,
+    ANYTIME,
+    MESSAGES,
+    OPENERS,
+    Commit,
+    Committed,
+    Container,
+    Decision,
+    Failed,
+    Message,
+    Pagemap,
+    PeerFailed,
+    PeerReportedFailure,
+    Postcopy,
+    Prepare,
+    Prepared,
+    PrepareOptions,
+    ProtocolError,
+    PsClosed,
+    PsRep,
+    PsReq,
+    PushAck,
+    Pushed,
+    PushEnd,
+    Query,
+    Ready,
+    Resolve,
+    Restore,
+    Restored,
+    Resume,
+    Resumed,
+    Round,
+    RwLayer,
+    Stopcopy,
+    check_allowed,
+    decode,
+    decode_as,
+    encode,
+)
+from agent.migration.states import State
+from agent.stream import Control
+
+DIGEST = "sha256:" + "ab" * 32
+REQUEST = HEADER.pack(PS_IOV_GET, 16, 0x7F0000000000, 42)
+PREPARE_WIRE: dict[str, Any] = {
+    "type": "prepare",
+    "migration": "mig-0123456789ab",
+    "container": {
+        "id": "web-1",
+        "image": "registry.local/web:1",
+        "labels": {"ferryman.managed": "true"},
+        "spec": {"ociVersion": "1.0.2", "process": {"args": ["sh"]}},
+        "runtime": "io.containerd.runc.v2",
+    },
+    "estimated_bytes": 1 << 30,
+    "options": {"downtime_target_ms": 300, "mode": "hybrid", "reservation": ""},
+}
+
+# One example of every message, with the wire dict the string literals produced for it before.
+EXAMPLES: list[tuple[Message, dict[str, Any]]] = [
+    (
+        Prepare(
+            migration="mig-0123456789ab",
+            container=Container(
+                id="web-1",
+                image="registry.local/web:1",
+                labels={"ferryman.managed": "true"},
+                spec={"ociVersion": "1.0.2", "process": {"args": ["sh"]}},
+                runtime="io.containerd.runc.v2",
+            ),
+            estimated_bytes=1 << 30,
+            options=PrepareOptions(downtime_target_ms=300, mode="hybrid", reservation=""),
+        ),
+        PREPARE_WIRE,
+    ),
+    (Prepared(), {"type": "prepared"}),
+    (Pagemap(name="pagemap-1.img", number=0), {"type": "pagemap", "name": "pagemap-1.img", "number": 0}),
+    (Round(number=2, pages=100, zero=3), {"type": "round", "number": 2, "pages": 100, "zero": 3}),
+    (Stopcopy(), {"type": "stopcopy"}),
+    (Stopcopy(lazy=True), {"type": "stopcopy", "lazy": True}),
+    (Ready(), {"type": "ready"}),
+    (RwLayer(digest=DIGEST), {"type": "rw_layer", "digest": DIGEST}),
+    (Restore(rw_digest=DIGEST), {"type": "restore", "rw_digest": DIGEST}),
+    (Restore(rw_digest=DIGEST, lazy=True), {"type": "restore", "rw_digest": DIGEST, "lazy": True}),
+    (Restored(restore_ms=41.5), {"type": "restored", "restore_ms": 41.5}),
+    (Resume(), {"type": "resume"}),
+    (Resumed(), {"type": "resumed"}),
+    (Commit(), {"type": "commit"}),
+    (Committed(), {"type": "committed"}),
+    (Failed(error="CRIU restore failed"), {"type": "failed", "error": "CRIU restore failed"}),
+    (PsReq(raw=REQUEST), {"type": "ps_req", "raw": REQUEST.hex()}),
+    (
+        PsRep(header=REQUEST, local=((0, 4), (8, 2))),
+        {"type": "ps_rep", "header": REQUEST.hex(), "local": [[0, 4], [8, 2]]},
+    ),
+    (PsClosed(status=0), {"type": "ps_closed", "status": 0}),
+    (
+        Pushed(pagemap="pagemap-7.img", vaddr=0x7F0000000000, nr_pages=256, held=((0, 44), (54, 202))),
+        {
+            "type": "pushed",
+            "pagemap": "pagemap-7.img",
+            "vaddr": 0x7F0000000000,
+            "nr_pages": 256,
+            "held": [[0, 44], [54, 202]],
+        },
+    ),
+    (PushAck(), {"type": "push_ack"}),
+    (PushEnd(pages=600), {"type": "push_end", "pages": 600}),
+    (Query(migration="mig-1"), {"type": "query", "migration": "mig-1"}),
+    (Decision(decision="pending"), {"type": "decision", "decision": "pending"}),
+    (Resolve(migration="mig-1", decision="commit"), {"type": "resolve", "migration": "mig-1", "decision": "commit"}),
+    (Postcopy(migration="mig-1", store=True), {"type": "postcopy", "migration": "mig-1", "store": True}),
+]
+
+
+def test_every_message_has_an_example() -> None:
+    assert {type(message) for message, _ in EXAMPLES} == set(MESSAGES.values())
+
+
+@pytest.mark.parametrize(("message", "wire"), EXAMPLES, ids=lambda v: getattr(v, "tag", ""))
+def test_round_trip_keeps_the_wire_format(message: Message, wire: dict[str, Any]) -> None:
+    assert encode(message) == wire
+    assert message.body == wire and message.type == wire["type"]
+    assert decode(json.loads(json.dumps(wire))) == message  # as it arrives: parsed JSON
+    assert decode_as(type(message), wire) == message
+
+
+def test_every_message_is_documented_in_one_line() -> None:
+    for kind in MESSAGES.values():
+        doc = kind.__doc__ or ""
+        assert doc and "\n" not in doc.strip() and ("->" in doc or "Either way" in doc), kind
+
+
+def test_every_message_can_be_received_somewhere() -> None:
+    received = set(OPENERS) | set(ANYTIME)
+    for kinds in ALLOWED.values():
+        received |= kinds
+    assert received == set(MESSAGES.values())
+
+
+# ----- malformed input --------------------------------------------------------------------------
+
+
+def with_(wire: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return {**wire, **changes}
+
+
+def without(wire: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in wire.items() if k != key}
+
+
+def container(**changes: Any) -> dict[str, Any]:
+    return with_(PREPARE_WIRE, container=with_(PREPARE_WIRE["container"], **changes))
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected", "got"),
+    [
+        # not a message at all
+        (["prepare"], "a peer message (a JSON object)", "['prepare']"),
+        ({"migration": "mig-1"}, "a peer message type", "type None"),
+        ({"type": "teleport"}, "a peer message type", "type 'teleport'"),
+        ({"type": 7}, "a peer message type", "type 7"),
+        # missing and unknown fields
+        (without(PREPARE_WIRE, "migration"), "'prepare' with the field 'migration'", "without it"),
+        (with_(PREPARE_WIRE, extra=1), "'prepare' with the fields 'migration'", "the field 'extra'"),
+        ({"type": "prepared", "lazy": True}, "'prepared' with the fields none", "the field 'lazy'"),
+        (container(privileged=True), "'prepare' field 'container' with the fields 'id'", "the field 'privileged'"),
+        ({"type": "round", "number": 1, "pages": 2}, "'round' with the field 'zero'", "without it"),
+        # wrong types
+        ({"type": "round", "number": "1", "pages": 2, "zero": 0}, "'round' field 'number' as a count", "'1'"),
+        ({"type": "round", "number": True, "pages": 2, "zero": 0}, "'round' field 'number' as a count", "True"),
+        ({"type": "round", "number": -1, "pages": 2, "zero": 0}, "'round' field 'number' as a count >= 0", "-1"),
+        ({"type": "stopcopy", "lazy": 1}, "'stopcopy' field 'lazy' as bool", "1"),
+        ({"type": "restored", "restore_ms": "fast"}, "'restored' field 'restore_ms' as float", "'fast'"),
+        ({"type": "restored", "restore_ms": float("nan")}, "'restored' field 'restore_ms' as float", "nan"),
+        ({"type": "failed", "error": None}, "'failed' field 'error' as str", "None"),
+        (container(labels={"a": 1}), "'prepare' field 'container' field 'labels' as str", "1"),
+        (container(spec=[]), "'prepare' field 'container' field 'spec' as an object", "[]"),
+        (
+            with_(PREPARE_WIRE, options={"downtime_target_ms": 1, "mode": "warp", "reservation": ""}),
+            "one of 'precopy'",
+            "'warp'",
+        ),
+        ({"type": "decision", "decision": "maybe"}, "'decision' field 'decision' as one of 'commit'", "'maybe'"),
+        ({"type": "resolve", "migration": "m", "decision": "rollback"}, "'resolve' field 'decision'", "'rollback'"),
+        ({"type": "ps_req", "raw": "zz"}, "'ps_req' field 'raw' as", "'zz'"),
+        ({"type": "ps_req", "raw": REQUEST.hex().upper()}, "'ps_req' field 'raw' as", "'"),
+        ({"type": "ps_req", "raw": REQUEST[:8].hex()}, f"'ps_req' field 'raw' as a {HEADER.size}-byte", "'"),
+        ({"type": "ps_rep", "header": REQUEST.hex(), "local": [[0, 1, 2]]}, "'ps_rep' field 'local' as", "[0, 1, 2]"),
+        (
+            {"type": "ps_rep", "header": REQUEST.hex(), "local": {"0": 1}},
+            "'ps_rep' field 'local' as a list",
+            "{'0': 1}",
+        ),
+        # identifiers that would end up in paths
+        (with_(PREPARE_WIRE, migration="../../etc"), "'prepare' field 'migration' as a migration id", "'../../etc'"),
+        (with_(PREPARE_WIRE, migration="mig-1\n"), "'prepare' field 'migration' as a migration id", "'mig-1\\n'"),
+        (with_(PREPARE_WIRE, migration=""), "'prepare' field 'migration' as a migration id", "''"),
+        (container(id="../web"), "'prepare' field 'container' field 'id' as a container id", "'../web'"),
+        (container(id="a/b"), "'prepare' field 'container' field 'id' as a container id", "'a/b'"),
+        ({"type": "query", "migration": "x/../../y"}, "'query' field 'migration' as a migration id", "'x/../../y'"),
+        (
+            {"type": "postcopy", "migration": "..", "store": True},
+            "'postcopy' field 'migration' as a migration id",
+            "'..'",
+        ),
+        ({"type": "pagemap", "name": "../pagemap-1.img", "number": 0}, "'pagemap' field 'name' as a pagemap", "'../"),
+        (
+            {"type": "pushed", "pagemap": "pagemap-1.img/..", "vaddr": 0, "nr_pages": 1, "held": []},
+            "a pagemap",
+            "'pagemap-1.img/..'",
+        ),
+        (
+            {"type": "rw_layer", "digest": "sha256:../../x"},
+            "'rw_layer' field 'digest' as a sha256 digest",
+            "'sha256:../../x'",
+        ),
+    ],
+)
+def test_malformed_input_is_a_protocol_error_naming_what_was_expected(wire: Any, expected: str, got: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode(wire)
+    error = caught.value
+    assert isinstance(error, PeerFailed) and error.code == "peer_protocol"
+    assert expected in error.expected, error.message
+    assert got in error.got, error.message
+    assert error.message == f"peer protocol: expected {error.expected}, got {error.got}"
+
+
+def test_decode_as_names_the_expected_type() -> None:
+    with pytest.raises(ProtocolError, match="expected 'restored', got 'ready'"):
+        decode_as(Restored, {"type": "ready"})
+
+
+def test_decoding_mutated_messages_raises_nothing_but_protocol_errors() -> None:
+    """A small deterministic fuzz: every example with fields replaced, dropped or added at random."""
+    rng = random.Random(20261124)
+    junk: list[Any] = [None, True, 0, -1, 1.5, "", "../x", "sha256:", [], [[1]], {}, {"a": []}, "A" * 300]
+
+    def mutate(value: Any, depth: int = 0) -> Any:
+        if isinstance(value, dict) and value and depth < 3:
+            out = dict(value)
+            key = rng.choice(sorted(out))
+            choice = rng.random()
+            if choice < 0.3:
+                del out[key]
+            elif choice < 0.5:
+                out[rng.choice(["x", "type", key])] = rng.choice(junk)
+            else:
+                out[key] = mutate(out[key], depth + 1)
+            return out
+        if isinstance(value, list) and value and rng.random() < 0.5:
+            return [mutate(item, depth + 1) for item in value]
+        return rng.choice(junk) if rng.random() < 0.7 else value
+
+    decoded = 0
+    for _ in range(3000):
+        _, wire = rng.choice(EXAMPLES)
+        try:
+            message = decode(mutate(wire))
+        except ProtocolError:
+            continue
+        decoded += 1
+        assert decode(encode(message)) == message  # whatever passes is a well-formed message
+    assert decoded  # some mutations are harmless (e.g. an optional field dropped)
+
+
+def test_send_by_tag_passes_the_codec() -> None:
+    """Tests and tools may send a tag and fields: the same checks apply."""
+    sent: list[dict[str, Any]] = []
+    link = Link(FakeChannel([], sent), idle_timeout=1)
+    asyncio.run(link.send("pushed", pagemap="pagemap-1.img", vaddr=0, nr_pages=1, held=[]))
+    assert sent == [{"type": "pushed", "pagemap": "pagemap-1.img", "vaddr": 0, "nr_pages": 1, "held": []}]
+    with pytest.raises(ProtocolError, match="'pushed' with the field 'held'"):
+        asyncio.run(link.send("pushed", pagemap="pagemap-1.img", vaddr=0, nr_pages=1))
+
+
+# ----- the (role, state) table --------------------------------------------------------------------
+
+
+def test_the_table_allows_each_step_of_a_migration() -> None:
+    check_allowed("source", State.PREPARE, Prepared())
+    check_allowed("target", State.PRECOPY, Round(number=1, pages=1, zero=0))
+    check_allowed("target", State.PRECOPY, Stopcopy(lazy=True))
+    check_allowed("source", State.STOPCOPY, Ready())
+    check_allowed("target", State.STOPCOPY, Restore(rw_digest=DIGEST))
+    check_allowed("source", State.RESTORE, Restored(restore_ms=1.0))
+    check_allowed("target", State.RESTORE, Resume())
+    check_allowed("source", State.POSTCOPY, Resumed())
+    check_allowed("target", State.POSTCOPY, Commit())
+    check_allowed("source", State.SWITCH, Committed())
+    for state in State:  # link-level messages go anywhere
+        check_allowed("target", state, Failed(error="x"))
+        check_allowed("source", state, Pagemap(name="pagemap-1.img", number=1))
+
+
+@pytest.mark.parametrize(
+    ("role", "state", "message", "expected"),
+    [
+        ("target", State.PRECOPY, Restore(rw_digest=DIGEST), "one of 'round', 'stopcopy' (target in PRECOPY)"),
+        (
+            "target",
+            State.STOPCOPY,
+            Round(number=3, pages=0, zero=0),
+            "one of 'restore', 'rw_layer' (target in STOPCOPY)",
+        ),
+        ("source", State.PREPARE, Ready(), "'prepared' (source in PREPARE)"),
+        ("source", State.SWITCH, PushAck(), "'committed' (source in SWITCH)"),
+        ("source", State.RESTORE, Commit(), "'ps_req', 'push_ack', 'restored' (source in RESTORE)"),
+        ("target", State.POSTCOPY, Resume(), "(target in POSTCOPY)"),
+        ("source", State.PRECOPY, Prepared(), "nothing (source in PRECOPY)"),
+        ("target", State.COMMIT, Commit(), "nothing (target in COMMIT)"),
+        (
+            "target",
+            State.PRECOPY,
+            Prepare(**{f.name: getattr(EXAMPLES[0][0], f.name) for f in dataclasses.fields(Prepare)}),
+            "(target in PRECOPY)",
+        ),
+    ],
+)
+def test_the_table_refuses_a_message_in_the_wrong_state(
+    role: Any, state: State, message: Message, expected: str
+) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        check_allowed(role, state, message)
+    assert expected in caught.value.expected
+    assert caught.value.got == repr(message.tag)
+
+
+class FakeChannel:
+    """The Channel protocol over two lists: what arrives, and what was sent."""
+
+    def __init__(self, incoming: list[Incoming], sent: list[dict[str, Any]]) -> None:
+        self.incoming = incoming
+        self.sent = sent
+        self.bytes_raw = 0
+        self.bytes_wire = 0
+
+    async def send_control(self, obj: dict[str, Any]) -> None:
+        self.sent.append(obj)
+
+    async def send_file(self, path: Path | bytes, name: str) -> None:
+        raise NotImplementedError
+
+    async def send_pages(self, keys: array[int], data: bytes, zeros: array[int]) -> None:
+        raise NotImplementedError
+
+    async def recv(self) -> Incoming:
+        return self.incoming.pop(0)
+
+    async def abort(self, reason: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_link_that_follows_a_migration_checks_every_control_message() -> None:
+    state = State.PRECOPY
+    incoming: list[Incoming] = [
+        Control({"type": "pagemap", "name": "pagemap-1.img", "number": 0}),
+        Control({"type": "round", "number": 1, "pages": 10, "zero": 0}),
+        PagesIn(keys=array("Q"), data=memoryview(b""), zeros=array("Q")),
+        Control({"type": "restore", "rw_digest": DIGEST}),
+    ]
+    link = Link(FakeChannel(incoming, []), idle_timeout=1)
+    link.follow("target", lambda: state)
+
+    async def run() -> None:
+        assert await link.expect(Round) == Round(number=1, pages=10, zero=0)  # the pagemap was absorbed
+        assert link.pagemap_names == {0: "pagemap-1.img"}
+        assert isinstance(await link.recv(), PagesIn)
+        with pytest.raises(
+            ProtocolError, match=r"expected one of 'round', 'stopcopy' \(target in PRECOPY\), got 'restore'"
+        ):
+            await link.recv()
+
+    asyncio.run(run())
+
+
+def test_expect_returns_the_dataclass_or_names_what_it_wanted() -> None:
+    incoming: list[Incoming] = [
+        Control({"type": "restored", "restore_ms": 12}),
+        Control({"type": "ready"}),
+        FileIn(name="rw.tar", path=Path("/nonexistent"), size=0),
+        Control({"type": "failed", "error": "out of space"}),
+    ]
+    link = Link(FakeChannel(incoming, []), idle_timeout=1)
+
+    async def run() -> None:
+        restored = await link.expect(Restored)
+        assert restored == Restored(restore_ms=12.0) and isinstance(restored.restore_ms, float)
+        with pytest.raises(ProtocolError, match="expected 'committed', got 'ready'"):
+            await link.expect(Committed)
+        with pytest.raises(ProtocolError, match=r"expected 'ready', got file 'rw\.tar'"):
+            await link.expect(Ready)
+        with pytest.raises(PeerReportedFailure, match="out of space"):
+            await link.expect(Ready)
+
+    asyncio.run(run())
+
+
+def test_a_session_opener_must_be_one_of_the_openers() -> None:
+    link = Link(FakeChannel([Control({"type": "commit"})], []), idle_timeout=1)
+    with pytest.raises(ProtocolError, match="expected one of 'postcopy', 'prepare', 'query', 'resolve', got 'commit'"):
+        asyncio.run(link.expect_one_of(OPENERS))
