@@ -14,9 +14,11 @@ from agent.containerd import Containerd
 from agent.images.service import ImageService
 from agent.metrics import AgentMetrics
 from agent.migration.failpoints import Failpoints
-from agent.migration.peer import PeerEndpoint
 from agent.migration.service import MigrationService
+from agent.migration.sessions import KIND as MIGRATION_SESSIONS
+from agent.migration.sessions import MigrationSessions
 from agent.network import ServiceNetwork
+from agent.peers import PeerEndpoint
 from agent.registry.client import RegistryClient
 from agent.reservations import Amount, Reservations
 from agent.runtime.service import ContainerService
@@ -59,16 +61,21 @@ class Agent:
         self.host_name = config.host_name or socket.gethostname()
         failpoints = Failpoints.from_env()  # fault tests only: empty unless FERRYMAN_FAILPOINTS is set
         self.peers = PeerEndpoint(config, self.host_name, failpoints)
+        migration_sessions = MigrationSessions(self.peers, config)
         self.migrations = MigrationService(
             config,
             cd,
             self.images,
             self.containers,
             self.metrics,
-            self.peers,
+            migration_sessions,
             self.host_name,
             failpoints,
             admission=self.reservations,
+        )
+        # The peer port's session kinds: migrations today.
+        self.peers.router.add(
+            MIGRATION_SESSIONS, migration_sessions.handler(self.migrations.handle_session), MigrationSessions.check_id
         )
         self.telemetry = TelemetryService(
             Sampler(config.telemetry, self.container_usage.read, lambda: self.reservations.reserved().to_pb()),
@@ -107,7 +114,7 @@ class Agent:
         agent = cls(config, cd, RegistryClient(config), criu_configs)
         try:
             await agent.migrations.recover()  # finish or roll back what a previous run left in flight
-            await agent.peers.serve(agent.migrations.handle_session)
+            await agent.peers.serve()
             await agent.reservations.open()
             await agent.telemetry.start()
         except BaseException:

@@ -1,8 +1,10 @@
-"""The peer protocol's messages, codec and (role, state) table, without I/O.
+"""The peer protocol's messages, codec and (role, state) table, and the peer port's router of
+session kinds, without I/O.
 
 Every message round-trips through the codec to the same wire dict the string literals sent before;
 anything malformed, unknown, misplaced or carrying an unsafe identifier is a ProtocolError that
-names what was expected.
+names what was expected. A session of a kind nobody serves, or with an id its kind refuses, is
+refused before its stream starts.
 """
 
 from __future__ import annotations
@@ -60,7 +62,11 @@ from agent.migration.protocol import (
     encode,
 )
 from agent.migration.states import State
+from agent.peers import PeerSession, SessionRouter, UnknownSessionKind
+from agent.peers.routing import PREAMBLE, encode_preamble, parse_preamble, preamble_length
 from agent.stream import Control
+from core.errors import InvalidRequest
+from core.ids import check_migration_id
 
 DIGEST = "sha256:" + "ab" * 32
 REQUEST = HEADER.pack(PS_IOV_GET, 16, 0x7F0000000000, 42)
@@ -427,3 +433,66 @@ def test_a_session_opener_must_be_one_of_the_openers() -> None:
     link = Link(FakeChannel([Control({"type": "commit"})], []), idle_timeout=1)
     with pytest.raises(ProtocolError, match="expected one of 'postcopy', 'prepare', 'query', 'resolve', got 'commit'"):
         asyncio.run(link.expect_one_of(OPENERS))
+
+
+# ----- the peer port's router of session kinds ----------------------------------------------------
+
+
+async def _serve(session: PeerSession) -> None:
+    pass
+
+
+def test_the_router_refuses_an_unknown_session_kind() -> None:
+    router = SessionRouter()
+    router.add("migration", _serve, check_migration_id)
+    assert router.route("migration", "mig-1") is _serve
+    with pytest.raises(
+        UnknownSessionKind, match=r"peer session kind 'layer' is not served here \(kinds: 'migration'\)"
+    ):
+        router.route("layer", "sha256:" + "0" * 64)
+    assert issubclass(UnknownSessionKind, PeerFailed)
+    with pytest.raises(ValueError, match="already has a handler"):
+        router.add("migration", _serve, check_migration_id)
+
+
+def test_the_router_checks_the_session_id_of_its_kind() -> None:
+    router = SessionRouter()
+    router.add("migration", _serve, check_migration_id)
+    for bad in ("../../etc", "mig/1", "", "mig-1\n", "." * 3):
+        with pytest.raises(InvalidRequest, match="invalid migration id"):
+            router.route("migration", bad)
+
+
+def test_the_preamble_names_kind_and_id_and_stays_readable_by_older_agents() -> None:
+    raw = encode_preamble("migration", "mig-1")
+    head, body = raw[: PREAMBLE.size], raw[PREAMBLE.size :]
+    assert preamble_length(head) == len(body)
+    assert json.loads(body) == {"kind": "migration", "migration": "mig-1"}  # older agents read ["migration"]
+    assert parse_preamble(body) == ("migration", "mig-1")
+    assert parse_preamble(b'{"migration": "mig-2"}') == ("migration", "mig-2")  # from an older agent
+    assert parse_preamble(b'{"kind": "layer", "layer": "sha256:ab"}') == ("layer", "sha256:ab")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b"not json",
+        b'{"kind": "layer"}',
+        b'{"kind": "layer", "migration": "m"}',
+        b'{"migration": 7}',
+        b"{}",
+        b'{"kind": 1, "1": "x"}',
+        b'{"kind": "migration", "migration": "m", "extra": 1}',
+    ],
+)
+def test_a_malformed_preamble_is_refused(body: bytes) -> None:
+    with pytest.raises(PeerFailed):
+        parse_preamble(body)
+
+
+def test_a_preamble_that_is_not_ours_is_refused() -> None:
+    with pytest.raises(PeerFailed, match="not a ferryman peer session"):
+        preamble_length(PREAMBLE.pack(b"HTTP", 10))
+    with pytest.raises(PeerFailed, match="not a ferryman peer session"):
+        preamble_length(PREAMBLE.pack(b"FMP1", 65535))

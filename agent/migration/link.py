@@ -14,7 +14,6 @@ import io
 import tarfile
 from array import array
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -34,6 +33,7 @@ from agent.migration.protocol import (
     tags,
 )
 from agent.migration.states import State
+from agent.peers import FileIn, Incoming, PagesIn
 from agent.stream import Control
 from core.errors import FerrymanError
 
@@ -57,30 +57,14 @@ def split_key(key: int) -> tuple[int, int]:
     return key >> _PFN_BITS, (key & ((1 << _PFN_BITS) - 1)) * PAGE_SIZE
 
 
-@dataclass(frozen=True)
-class FileIn:
-    name: str
-    path: Path
-    size: int
-
-
-@dataclass(frozen=True)
-class PagesIn:
-    keys: array[int]
-    data: memoryview
-    zeros: array[int]
-
-
 ControlIn = Message
 """A control message from the peer, decoded (the name the drivers and tests know)."""
-Incoming = Control | FileIn | PagesIn
-"""What the channel delivers: control bodies still undecoded."""
 Received = Message | FileIn | PagesIn
 """What the link delivers."""
 
 
 class Channel(Protocol):
-    """What agent.stream provides (see agent/stream/channel.py)."""
+    """A session's stream (agent.peers.StreamChannel): control bodies still undecoded, files, pages."""
 
     @property
     def bytes_raw(self) -> int: ...

@@ -30,17 +30,11 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from agent.checkpoint.pageserver import HEADER
 from agent.migration.states import State
 from agent.oci import parse_digest
+from agent.peers import PeerFailed
 from core.errors import FerrymanError
 from core.ids import check_container_id, check_migration_id
 
 M = TypeVar("M", bound="Message")
-
-
-class PeerFailed(FerrymanError):
-    """The peer reported a failure, or broke the protocol."""
-
-    code = "peer_failed"
-    http_status = 502
 
 
 class PeerReportedFailure(PeerFailed):

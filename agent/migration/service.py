@@ -78,7 +78,7 @@ class UnknownPeer(NotFound):
 
 
 class PeerTransport(Protocol):
-    """mTLS sessions with other agents (agent/migration/peer.py)."""
+    """Migration links to other agents (sessions.MigrationSessions over agent.peers)."""
 
     async def connect(self, host: str, migration_id: str) -> Link: ...
 

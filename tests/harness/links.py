@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from agent.migration.link import Link
-from agent.migration.peer import StreamChannel
+from agent.peers import StreamChannel
 from agent.stream import accept_receiver, open_sender
 
 
