@@ -99,6 +99,16 @@ class ApiConfig:
     tls_listen: str = ""
     """host:port serving this same API over mTLS to ops certificates only (the coordinator, operators);
     empty disables."""
+    peer_handshake_timeout: float = 10.0
+    """Seconds a peer connection may take for its TLS handshake and session preamble together."""
+    peer_max_pending: int = 16
+    """Peer connections in their handshake at once; more are closed on arrival."""
+    peer_max_pending_per_address: int = 4
+    """Of those, from one remote address."""
+    peer_max_sessions: int = 64
+    """Established peer sessions at once; more are refused."""
+    peer_max_sessions_per_peer: int = 16
+    """Of those, with one peer host."""
 
 
 @dataclass(frozen=True)
@@ -271,6 +281,11 @@ def _validate(config: AgentConfig) -> None:
         "pull.ingest_lock_timeout": config.pull.ingest_lock_timeout,
         "containerd.connect_timeout": config.containerd.connect_timeout,
         "migration.postcopy_reconnect_timeout": config.migration.postcopy_reconnect_timeout,
+        "api.peer_handshake_timeout": config.api.peer_handshake_timeout,
+        "api.peer_max_pending": config.api.peer_max_pending,
+        "api.peer_max_pending_per_address": config.api.peer_max_pending_per_address,
+        "api.peer_max_sessions": config.api.peer_max_sessions,
+        "api.peer_max_sessions_per_peer": config.api.peer_max_sessions_per_peer,
     }
     for name, value in positive.items():
         if value <= 0:

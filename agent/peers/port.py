@@ -5,6 +5,14 @@
 `[api] peer_listen`; each session's preamble (routing.py) names its kind and id, and the router
 hands the established stream to that kind's handler. A session that fails before that (TLS, the
 preamble, an unknown kind, a refused id, the stream's handshake) is logged and closed.
+
+Who may open a session: a host listed in `[[peers]]`, with an `agent` certificate of the fleet CA
+(an `ops` certificate, or a host this agent does not know, is refused after the TLS handshake).
+What an unauthenticated or idle connection can hold: its handshake and preamble run in a thread
+pool of the port's own (never the event loop's default pool, which the API's file I/O uses), under
+one deadline (`[api] peer_handshake_timeout`), and only `peer_max_pending` of them at once,
+`peer_max_pending_per_address` from one address; established sessions are limited per peer and in
+total. A connection over a limit is closed at once.
 """
 
 from __future__ import annotations
@@ -13,7 +21,13 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Any, Protocol
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from agent.config import AgentConfig
 from agent.peers.errors import PeerFailed
@@ -28,10 +42,47 @@ from agent.peers.routing import (
 from agent.stream import Channel, StreamOptions, TlsSocket, connect_tls, establish
 from agent.stream.links import read_exact
 from core.errors import FerrymanError
-from core.security.tls import client_context, parse_peer_listen, peer_identity, server_context
+from core.security.pki import Role
+from core.security.tls import client_context, parse_peer_listen, peer_identity, peer_role, server_context
 from core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PortLimits:
+    """The peer port's connection limits (from `[api]`); the decisions are pure."""
+
+    max_pending: int
+    max_pending_per_address: int
+    max_sessions: int
+    max_sessions_per_peer: int
+
+    def refuse_pending(self, total: int, from_address: int) -> str | None:
+        """Why a new connection is closed on arrival (None: admitted), given those already pending."""
+        if total >= self.max_pending:
+            return f"{total} peer connections are in their handshake (api.peer_max_pending)"
+        if from_address >= self.max_pending_per_address:
+            return f"{from_address} peer connections from this address are in their handshake"
+        return None
+
+    def refuse_session(self, total: int, with_peer: int) -> str | None:
+        """Why an authenticated session is refused (None: admitted), given those already open."""
+        if total >= self.max_sessions:
+            return f"{total} peer sessions are open (api.peer_max_sessions)"
+        if with_peer >= self.max_sessions_per_peer:
+            return f"{with_peer} sessions with this peer are open (api.peer_max_sessions_per_peer)"
+        return None
+
+
+def refuse_identity(role: Role | None, host: str, known_peers: set[str]) -> str | None:
+    """Why a certificate may not open peer sessions here (None: it may)."""
+    if role is not Role.AGENT:
+        return f"{host!r} presents a {role.value if role else 'role-less'} certificate: only agents open peer sessions"
+    if host not in known_peers:
+        return f"{host!r} is not one of this agent's [[peers]]"
+    return None
 
 
 class FailpointActions(Protocol):
@@ -60,6 +111,17 @@ class PeerEndpoint:
         self._sessions = TaskSet()
         self._server_ctx: ssl.SSLContext | None = None
         self._client_ctx: ssl.SSLContext | None = None
+        api = config.api
+        self.limits = PortLimits(
+            max_pending=api.peer_max_pending,
+            max_pending_per_address=api.peer_max_pending_per_address,
+            max_sessions=api.peer_max_sessions,
+            max_sessions_per_peer=api.peer_max_sessions_per_peer,
+        )
+        self._pending: Counter[str] = Counter()  # remote address -> connections in their handshake
+        self._open: Counter[str] = Counter()  # peer host -> established sessions
+        # Handshakes and preamble reads block a thread each: never the loop's default pool.
+        self._handshakes = ThreadPoolExecutor(max_workers=api.peer_max_pending, thread_name_prefix="peer-handshake")
 
     async def connect(self, host: str, kind: str, session_id: str) -> Channel:
         """A new session of `kind` to the peer `host`: its established stream (the caller closes it)."""
@@ -99,23 +161,37 @@ class PeerEndpoint:
         loop = asyncio.get_running_loop()
         while True:
             conn, addr = await loop.sock_accept(sock)
-            self._sessions.spawn(self._session(conn, addr), f"peer-{addr[0]}")
+            address = str(addr[0])
+            refused = self.limits.refuse_pending(sum(self._pending.values()), self._pending[address])
+            if refused is not None:
+                log.warning("peer connection refused", extra={"address": address, "error": refused})
+                conn.close()
+                continue
+            self._pending[address] += 1
+            self._sessions.spawn(self._session(conn, address), f"peer-{address}")
 
-    async def _session(self, conn: socket.socket, addr: Any) -> None:
+    async def _blocking(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._handshakes, lambda: call(*args, **kwargs))
+
+    async def _session(self, conn: socket.socket, address: str) -> None:
         tls: TlsSocket | None = None
         try:
-            assert self._server_ctx is not None
-            tls = await asyncio.to_thread(TlsSocket.handshake, conn, self._server_ctx, server_side=True, timeout=10)
-            peer = peer_identity(tls.getpeercert())  # type: ignore[arg-type]
-            length = preamble_length(await asyncio.to_thread(_read_preamble, tls, PREAMBLE.size))
-            kind, session_id = parse_preamble(await asyncio.to_thread(_read_preamble, tls, length))
+            try:
+                tls, peer, kind, session_id = await self._admit(conn)
+            finally:
+                self._pending[address] -= 1
+                if self._pending[address] <= 0:
+                    del self._pending[address]
             handler = self.router.route(kind, session_id)  # an unknown kind or a bad id stops here
+            refused = self.limits.refuse_session(sum(self._open.values()), self._open[peer])
+            if refused is not None:
+                raise PeerFailed(refused)
             options = StreamOptions(leave_tls=not self.config.migration.stream_tls_records)
             stream = await establish(
                 tls, session_id, self.host_name, initiator=False, expected_peer=peer, options=options
             )
         except (FerrymanError, OSError, ValueError, KeyError) as exc:
-            log.warning("peer session refused", extra={"address": str(addr[0]), "error": str(exc)})
+            log.warning("peer session refused", extra={"address": address, "error": str(exc)})
             if tls is not None:
                 tls.abort()
                 tls.close()
@@ -123,7 +199,46 @@ class PeerEndpoint:
                 conn.close()
             return
         tls = None
-        await handler(PeerSession(kind=kind, id=session_id, peer=peer, stream=stream))
+        with self._counted(peer):
+            try:
+                await handler(PeerSession(kind=kind, id=session_id, peer=peer, stream=stream))
+            except Exception:
+                # A handler answers its peer's failures itself; anything else is a bug here: logged, closed.
+                log.exception("peer session handler failed", extra={"peer": peer, "kind": kind, "id": session_id})
+                await stream.abort("internal error")
+
+    async def _admit(self, conn: socket.socket) -> tuple[TlsSocket, str, str, str]:
+        """TLS, identity and preamble of an inbound connection, under one deadline."""
+        assert self._server_ctx is not None
+        timeout = self.config.api.peer_handshake_timeout
+        deadline = time.monotonic() + timeout
+        tls = await self._blocking(TlsSocket.handshake, conn, self._server_ctx, server_side=True, timeout=timeout)
+        try:
+            cert = tls.getpeercert()
+            peer = peer_identity(cert)  # type: ignore[arg-type]
+            refused = refuse_identity(peer_role(cert), peer, {p.name for p in self.config.peers})  # type: ignore[arg-type]
+            if refused is not None:
+                raise PeerFailed(refused)
+            tls.set_timeout(max(deadline - time.monotonic(), 0.001))
+            length = preamble_length(await self._blocking(_read_preamble, tls, PREAMBLE.size))
+            tls.set_timeout(max(deadline - time.monotonic(), 0.001))
+            kind, session_id = parse_preamble(await self._blocking(_read_preamble, tls, length))
+            tls.set_timeout(None)
+        except BaseException:
+            tls.abort()
+            tls.close()
+            raise
+        return tls, peer, kind, session_id
+
+    @contextmanager
+    def _counted(self, peer: str) -> Iterator[None]:
+        self._open[peer] += 1
+        try:
+            yield
+        finally:
+            self._open[peer] -= 1
+            if self._open[peer] <= 0:
+                del self._open[peer]
 
     async def close(self) -> None:
         if self._accepting is not None:
@@ -132,6 +247,7 @@ class PeerEndpoint:
         if self._listener is not None:
             self._listener.close()
         await self._sessions.close()
+        self._handshakes.shutdown(wait=False, cancel_futures=True)
 
 
 def _read_preamble(tls: TlsSocket, n: int) -> bytes:

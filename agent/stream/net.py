@@ -121,6 +121,10 @@ class TlsSocket:
     def direct(self) -> bool:
         return self._direct
 
+    def set_timeout(self, seconds: float | None) -> None:
+        """Bound each blocking read and write (TimeoutError past it); None: wait for ever."""
+        self._sock.settimeout(seconds)
+
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         if self._direct:
             self._sock.sendall(data)
