@@ -38,6 +38,7 @@ from agent.migration.protocol import (
     PeerFailed,
     Postcopy,
     Prepare,
+    ProtocolError,
     Query,
     Resolve,
 )
@@ -49,6 +50,7 @@ from agent.migration.target import DecisionPending, TargetContext, TargetMigrati
 from agent.model import LABEL_POSTCOPY, LABEL_SERVICE_IP
 from agent.reservations import ReservationBook
 from agent.runtime.service import ContainerService
+from agent.runtime.specpolicy import check_restorable_spec
 from core.errors import FerrymanError, InvalidRequest, NotFound
 from core.tasks import TaskSet
 
@@ -279,10 +281,14 @@ class MigrationService:
 
     # ----- sessions from peers --------------------------------------------------------------------
 
-    async def handle_session(self, link: Link, peer_host: str) -> None:
-        """One inbound mTLS session; `peer_host` is the identity from the peer's certificate."""
+    async def handle_session(self, link: Link, peer_host: str, session_id: str) -> None:
+        """One inbound mTLS session; `peer_host` is the identity from the peer's certificate and
+        `session_id` the migration its preamble named (its files land under that id)."""
         try:
             first = await link.expect_one_of(OPENERS)
+            about = first.migration if isinstance(first, Prepare | Query | Resolve | Postcopy) else None
+            if about != session_id:
+                raise ProtocolError(f"a message about migration {session_id!r}", f"{first.type} about {about!r}")
             if isinstance(first, Prepare):
                 await self._accept_migration(link, peer_host, first)
             elif isinstance(first, Query):
@@ -294,10 +300,17 @@ class MigrationService:
         except (FerrymanError, TimeoutError, OSError) as exc:
             log.warning("peer session failed", extra={"peer": peer_host, "error": str(exc)})
             await link.fail(str(exc))
+        except Exception as exc:
+            # A bug here, not the peer's doing: the peer still hears that this side failed.
+            log.exception("peer session crashed", extra={"peer": peer_host})
+            await link.fail(f"internal error on {self.host_name}: {type(exc).__name__}")
         finally:
             await link.close()
 
     async def _accept_migration(self, link: Link, peer_host: str, prepare: Prepare) -> None:
+        # The peer is authenticated, not trusted: it may not choose the mounts, capabilities or
+        # namespaces of what this host creates. Refused here, before anything is recorded or built.
+        check_restorable_spec(prepare.container.spec)
         record = MigrationRecord(
             id=MigrationId(prepare.migration),
             role="target",

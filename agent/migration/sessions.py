@@ -41,11 +41,12 @@ class MigrationSessions:
         check_migration_id(migration_id)
         return self._link(await self._port.connect(host, KIND, migration_id), migration_id)
 
-    def handler(self, handle: Callable[[Link, str], Awaitable[None]]) -> SessionHandler:
-        """The port's handler for this kind: each session as a link, with the peer's host, to `handle`."""
+    def handler(self, handle: Callable[[Link, str, str], Awaitable[None]]) -> SessionHandler:
+        """The port's handler for this kind: each session as a link, with the peer's host and the
+        session's migration id (from its preamble), to `handle`."""
 
         async def on_session(session: PeerSession) -> None:
-            await handle(self._link(session.stream, session.id), session.peer)
+            await handle(self._link(session.stream, session.id), session.peer, session.id)
 
         return on_session
 
