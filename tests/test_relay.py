@@ -19,13 +19,16 @@ from agent.checkpoint.images import PAGE_SIZE
 from agent.checkpoint.pageserver import FAULTING, HEADER, PUSHED
 from agent.migration.link import ControlIn, Link, page_key
 from agent.migration.pagerproc import PostcopyPaths
-from agent.migration.pushflow import PUSH_HOLD, PUSH_WINDOW
+from agent.migration.pushflow import PUSH_WINDOW
 from agent.migration.ranges import PageRanges
 from agent.migration.relay import TargetRelay
 from tests.harness.links import link_pair
 
 PID = 7
 VADDR = 0x7F0000000000
+HOLD = 0.5
+"""The relay's push hold in these tests: 10x the production one, so that a fault loop delayed by a
+busy CI (tens of ms) still keeps the credits back."""
 
 
 class Ends:
@@ -61,6 +64,7 @@ class Ends:
 async def relay(tmp_path: Path) -> AsyncIterator[Ends]:
     async with link_pair(tmp_path, "mig-relay") as (source, target):
         relay = TargetRelay(PostcopyPaths(tmp_path), on_pages=lambda _: None)
+        relay.push_hold = HOLD
         relay.pushed = PageRanges()
         await relay.listen()
         pager = await asyncio.open_unix_connection(str(relay.paths.agent_socket))
@@ -87,9 +91,10 @@ async def test_push_credits_wait_while_the_workload_faults(relay: Ends) -> None:
         cmd, nr_pages, vaddr, dst_id = HEADER.unpack(await relay.pager_reader.readexactly(HEADER.size))
         await relay.pager_reader.readexactly(nr_pages * PAGE_SIZE)
     assert (cmd & PUSHED, nr_pages, vaddr, dst_id) == (PUSHED, 4, VADDR, PID)
-    # ... but the credit back waits as long as faults keep coming,
-    faulting = asyncio.create_task(keep_faulting(relay, seconds=10 * PUSH_HOLD))
-    assert await relay.acks(within=8 * PUSH_HOLD) == 0
+    # ... but the credit back waits as long as faults keep coming (every HOLD / 5: a busy machine can
+    # delay one by a fraction of the hold, not by all of it),
+    faulting = asyncio.create_task(keep_faulting(relay, seconds=10 * HOLD))
+    assert await relay.acks(within=8 * HOLD) == 0
     await faulting
     # and comes once they stop.
     assert await relay.acks(within=2.0) == 1
@@ -100,4 +105,4 @@ async def keep_faulting(relay: Ends, seconds: float) -> None:
     end = loop.time() + seconds
     while loop.time() < end:
         relay.fault()
-        await asyncio.sleep(PUSH_HOLD / 5)
+        await asyncio.sleep(HOLD / 5)

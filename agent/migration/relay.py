@@ -35,6 +35,8 @@ class TargetRelay(ControlRouter):
         self._on_pages = on_pages
         self.read_local = read_local
         """Pages pre-copy left here; None after an agent restart (the store's index died with it)."""
+        self.push_hold = PUSH_HOLD
+        """Seconds after a fault during which push credits wait (pushflow.PUSH_HOLD; tests widen it)."""
         self.pushed: PageRanges | None = None
         """The pages pushed to the pager so far. None after an agent restart (nothing is parked then)."""
         self.held_here = PageRanges()
@@ -108,7 +110,7 @@ class TargetRelay(ControlRouter):
     async def _hold_push(self, link: Link) -> None:
         """The workload faults: the push waits (it would compete with the faults for CPU), and what
         waited for the push is the source's to answer now."""
-        self._faulting_until = asyncio.get_running_loop().time() + PUSH_HOLD
+        self._faulting_until = asyncio.get_running_loop().time() + self.push_hold
         parked, self._parked = self._parked, []
         for request in parked:
             await link.send(PsReq(raw=request.raw))
