@@ -111,21 +111,26 @@ async def test_source_killed_during_precopy_then_restarted(mesh: Mesh) -> None:
     await assert_runs_once_on(h1, h2, beats)
 
 
-async def test_source_killed_with_its_copy_frozen_then_restarted(mesh: Mesh) -> None:
-    """The source dies in RESTORE: its copy frozen, the target's restored and paused, nothing decided.
-    The restarted source rolls back and thaws its copy; the target hears "rollback" and removes its own."""
+@pytest.mark.parametrize(
+    ("point", "state"), [("source.frozen", "STOPCOPY"), ("source.restored", "RESTORE")], ids=["stopcopy", "restore"]
+)
+async def test_source_killed_with_its_copy_frozen_then_restarted(mesh: Mesh, point: str, state: str) -> None:
+    """The source dies with its copy frozen, nothing decided: in STOPCOPY (before its dump) or in
+    RESTORE (the target's copy restored and paused). The restarted source rolls back and thaws its
+    copy; the target gives up (STOPCOPY) or hears "rollback" (RESTORE) and removes what it built."""
     h1, h2 = mesh["h1"], mesh["h2"]
-    await restart_with(h1, "source.restored=exit")
+    await restart_with(h1, f"{point}=exit")
     beats = await start_workload(mesh)
     body = {"container": "hog", "target": "h2", "mode": "precopy"}
     async with h1.session() as http, http.post("/v1/migrations", json=body) as r:
         assert r.status == 202
     await wait_for_agent_exit(h1)
     assert task_states(h1).get("hog") == "PAUSED"  # frozen for the stop-copy...
-    assert task_states(h2).get("hog") == "PAUSED"  # ...and the restored copy waits: nothing runs at all
+    if state == "RESTORE":
+        assert task_states(h2).get("hog") == "PAUSED"  # ...and the restored copy waits: nothing runs at all
     await restart_with(h1, None)
     [record] = (await api(h1, "GET", "/v1/migrations"))["migrations"]
-    assert record["state"] == "ROLLBACK" and "restarted during RESTORE" in record["error"], record
+    assert record["state"] == "ROLLBACK" and f"restarted during {state}" in record["error"], record
     for _ in range(200):  # the target asks every 2 s and removes its copy on "rollback"
         migrations = (await api(h2, "GET", "/v1/migrations"))["migrations"]
         if migrations and migrations[0]["done"]:

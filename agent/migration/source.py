@@ -329,6 +329,7 @@ class SourceMigration:
         await self._hold_address()
         frozen_at = time.monotonic()
         await tasks.pause(cid)
+        await self.ctx.failpoints.hit("source.frozen")  # fault tests: the agent dies with its copy frozen
         await self._dump(final, pre_dump=False, parent=self._parent)  # a paused task stays frozen
         freeze_dump_ms = (time.monotonic() - frozen_at) * 1000
         assert self._tracker is not None, "pre-copy ran first"
