@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.checkpoint.pageserver import HEADER, PS_IOV_GET
 from agent.migration.link import FileIn, Incoming, Link, PagesIn
@@ -496,3 +498,49 @@ def test_a_preamble_that_is_not_ours_is_refused() -> None:
         preamble_length(PREAMBLE.pack(b"HTTP", 10))
     with pytest.raises(PeerFailed, match="not a ferryman peer session"):
         preamble_length(PREAMBLE.pack(b"FMP1", 65535))
+
+
+# ----- property-based: hypothesis drives the decoder with generated input ---------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=24),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(_JSON)
+def test_any_json_value_decodes_or_is_a_protocol_error(value: Any) -> None:
+    try:
+        message = decode(value)
+    except ProtocolError as exc:
+        assert exc.message.startswith("peer protocol: expected ")
+        return
+    assert decode(encode(message)) == message
+
+
+@settings(max_examples=600, deadline=None, derandomize=True)
+@given(st.sampled_from(EXAMPLES), st.data())
+def test_each_field_replaced_by_any_value_decodes_or_is_a_protocol_error(example: Any, data: st.DataObject) -> None:
+    """A real message with one field (or one nested field) replaced by any JSON value: never another
+    exception, and whatever decodes is well formed (ids included: no path can come through)."""
+    _, wire = example
+    wire = dict(wire)
+    key = data.draw(st.sampled_from(sorted(wire)))
+    if isinstance(wire[key], dict) and wire[key] and data.draw(st.booleans()):
+        inner = dict(wire[key])
+        inner[data.draw(st.sampled_from(sorted(inner)))] = data.draw(_JSON)
+        wire[key] = inner
+    else:
+        wire[key] = data.draw(_JSON)
+    try:
+        message = decode(wire)
+    except ProtocolError:
+        return
+    assert decode(encode(message)) == message
+    for name in ("migration", "container"):
+        value = getattr(message, name, None)
+        ident = getattr(value, "id", value)
+        if isinstance(ident, str):
+            assert "/" not in ident and ident != ".."
