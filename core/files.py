@@ -11,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from core.errors import InvalidRequest
+
 
 def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
     """Replace `path` with `data` (str as UTF-8), created with permission bits `mode`."""
@@ -28,6 +30,17 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def confined(root: Path | str, *parts: str) -> Path:
+    """`root` joined with `parts`, refused (InvalidRequest) unless the result, with every symlink
+    resolved, lies inside `root`: a path the agent derives from a peer's or a caller's id can never
+    leave the directory it belongs in, whatever the id or the files already there look like."""
+    base = Path(root).resolve()
+    path = base.joinpath(*parts)
+    if not path.resolve().is_relative_to(base) or path == base:
+        raise InvalidRequest(f"{'/'.join(parts)!r} leaves {base}")
+    return path
 
 
 def fsync_dir(directory: Path) -> None:

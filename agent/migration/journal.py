@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from agent.migration.record import MigrationId, MigrationRecord
-from core.files import atomic_write
+from core.files import atomic_write, confined
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ class Journal:
         self.directory = directory
 
     def _path(self, migration_id: MigrationId) -> Path:
-        return self.directory / f"{migration_id}.json"
+        return confined(self.directory, f"{migration_id}.json")
 
     async def write(self, record: MigrationRecord) -> None:
         """A crash leaves the old or the new record. The fsyncs run in a worker thread: on a busy

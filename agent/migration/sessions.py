@@ -8,13 +8,13 @@ Received image files land in the migration's work directory, `<work_dir>/<id>/im
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Protocol
 
 from agent.config import AgentConfig
 from agent.migration.link import Link
 from agent.peers import PeerSession, SessionHandler, StreamChannel
 from agent.stream import Channel
+from core.files import confined
 from core.ids import check_migration_id
 
 KIND = "migration"
@@ -34,7 +34,7 @@ class MigrationSessions:
         self.config = config
 
     def _link(self, stream: Channel, migration_id: str) -> Link:
-        files = Path(self.config.migration.work_dir) / migration_id / "images"
+        files = confined(self.config.migration.work_dir, migration_id, "images")
         return Link(StreamChannel(stream, files), self.config.migration.idle_timeout)
 
     async def connect(self, host: str, migration_id: str) -> Link:

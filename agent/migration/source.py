@@ -67,6 +67,7 @@ from agent.model import LABEL_MANAGED, LABEL_SERVICE_IP
 from agent.network import ServiceNetwork
 from agent.oci import Platform
 from core.errors import ContainerNotFound, FerrymanError
+from core.files import confined
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class SourceMigration:
         self.ctx = ctx
         self.record = record
         self._connect = connect
-        self.work = Path(ctx.config.migration.work_dir) / record.id
+        self.work = confined(ctx.config.migration.work_dir, record.id)
         self._started = time.monotonic()
         self._tracker: PageTracker | None = None
         self._pushed = 0

@@ -76,6 +76,7 @@ from agent.oci import Platform
 from agent.reservations import ReservationBook, container_need
 from agent.runtime.spec import set_network_namespace
 from core.errors import AlreadyExists, FerrymanError
+from core.files import confined
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class TargetMigration:
         self.record = record
         self.prepare_msg = prepare
         self.container = prepare.container
-        self.work = Path(ctx.config.migration.work_dir) / record.id
+        self.work = confined(ctx.config.migration.work_dir, record.id)
         self.images_dir = self.work / "images"
         self.store = PageStore(self.work / "pagestore")
         self._lease: str | None = None

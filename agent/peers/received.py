@@ -17,6 +17,7 @@ from typing import Any
 from agent.checkpoint.images import PAGE_SIZE
 from agent.peers.errors import PeerFailed
 from agent.stream import Channel, Control, FileChunk, FileDone, FileStart, PageBatch
+from core.files import confined
 
 _ZERO = bytes(PAGE_SIZE)
 
@@ -90,9 +91,11 @@ class StreamChannel:
                 return self._finish_file(msg)
 
     def _start_file(self, name: str) -> None:
+        if "/" in name or name in ("", ".", ".."):
+            raise PeerFailed(f"a file named {name!r}: only plain file names")
         self.files_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.files_dir / f".{name}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = confined(self.files_dir, f".{name}.part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         self._file = (name, fd, tmp)
 
     def _write_chunk(self, chunk: FileChunk) -> None:
@@ -106,7 +109,7 @@ class StreamChannel:
         name, fd, tmp = self._file
         self._file = None
         os.close(fd)
-        final = self.files_dir / name
+        final = confined(self.files_dir, name)
         tmp.replace(final)  # verified by the channel (size and SHA-256) before FileDone arrived
         return FileIn(name=name, path=final, size=done.size)
 
