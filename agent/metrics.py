@@ -57,6 +57,12 @@ class AgentMetrics:
             ["role", "result"],
             registry=self.registry,
         )
+        self.migration_downtime_missed = Counter(
+            "ferryman_migration_downtime_target_missed",
+            "Committed migrations whose downtime exceeded their downtime target, by mode (source)",
+            ["mode"],
+            registry=self.registry,
+        )
         self.migration_downtime = Histogram(
             "ferryman_migration_downtime_seconds",
             "Time the workload was frozen, measured on the source",
@@ -184,6 +190,8 @@ class AgentMetrics:
         stats = record.stats
         if stats.downtime_ms > 0:  # zero: rolled back before the freeze, nobody waited
             self.migration_downtime.observe(stats.downtime_ms / 1000)
+        if stats.downtime_target_missed and record.state == State.COMMIT:
+            self.migration_downtime_missed.labels(mode=record.options.mode or "").inc()
         total_s = stats.total_ms / 1000 if stats.total_ms > 0 else _elapsed(record.started_at, record.updated_at)
         if total_s is not None:
             self.migration_duration.observe(total_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,11 +45,12 @@ PAGE = 4096
 class FakeMigrations:
     """Mimics MigrationService: migrate() returns the PREPARE record and a task walks it to the end.
 
-    Containers named `doomed*` roll back during pre-copy; `slow*` wait for `release` before finishing.
+    Containers named `doomed*` roll back during pre-copy; `slow*` wait for `release` before finishing;
+    `late*` commit with a downtime over their target.
     """
 
     def __init__(self) -> None:
-        self.containers = {"web", "doomed", "slow", "db"}
+        self.containers = {"web", "doomed", "slow", "db", "late"}
         self.peers = {"host-b"}
         self.records: dict[str, MigrationRecord] = {}
         self.calls: list[tuple[str, str, MigrationOptions]] = []
@@ -109,7 +111,8 @@ class FakeMigrations:
             record = record.advance(event)
             self._publish(record)
         record = record.with_stats(stop_reason="dirty_set_small", downtime_ms=182.4, total_ms=4210.0,
-                                   freeze_dump_ms=120.3, restore_ms=90.1)
+                                   freeze_dump_ms=120.3, restore_ms=90.1,
+                                   downtime_target_missed=record.container.startswith("late"))
         self._publish(record.advance(Event.SWITCHED))
 
     def get(self, migration_id: str) -> MigrationRecord:
@@ -510,3 +513,15 @@ def test_observe_migration_needs_operator() -> None:
     sample = metrics.registry.get_sample_value
     assert sample("ferryman_migrations_total", {"role": "source", "result": "needs_operator"}) == 1
     assert sample("ferryman_migrations_active", {"role": "source"}) == 0  # finished
+
+
+def test_a_missed_downtime_target_is_counted_by_mode() -> None:
+    metrics = AgentMetrics()
+    sample = metrics.registry.get_sample_value
+    missed = _finished(State.COMMIT, downtime_ms=900.0, downtime_target_missed=True)
+    missed = dataclasses.replace(missed, options=MigrationOptions(mode="lazy"))
+    metrics.observe_migration(missed)
+    metrics.observe_migration(_finished(State.COMMIT, downtime_ms=100.0))
+    metrics.observe_migration(_finished(State.COMMIT, role="target", downtime_target_missed=True))
+    assert sample("ferryman_migration_downtime_target_missed_total", {"mode": "lazy"}) == 1
+    assert sample("ferryman_migration_downtime_target_missed_total", {"mode": ""}) is None

@@ -65,6 +65,17 @@ async def test_migrate_committed(server: ApiServer, agent: FakeAgent, capsys: py
     assert agent.migrations.calls == [("web", "host-b", MigrationOptions(150, 4))]
 
 
+async def test_a_missed_downtime_target_is_flagged_but_not_a_failure(
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await ctl(server, "migrate", "late", "--to", "host-b", "--downtime-target", "150") == 0
+    captured = capsys.readouterr()
+    assert "downtime     182.4 ms (target 150 ms, missed)" in captured.out
+    assert captured.err.endswith(
+        "warning: downtime_target_missed: the workload was frozen 182.4 ms, over its target of 150 ms\n"
+    )
+
+
 async def test_migrate_rolled_back(server: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert await ctl(server, "migrate", "doomed", "--to", "host-b") == 1
     captured = capsys.readouterr()

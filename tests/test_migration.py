@@ -83,4 +83,5 @@ async def test_precopy_rounds_through_criu_dumps(mesh: Mesh) -> None:
     soft_dirty = (await detect_criu()).mem_dirty_track
     assert stats["round_source"] == ("criu-pre-dump" if soft_dirty else "criu-dump")
     assert stats["iterations"] >= 2 and stats["dirty_pages"][1] < stats["dirty_pages"][0] // 4
+    assert stats["downtime_target_missed"] is True  # no freeze lasts under 1 ms: the miss is on record
     assert await verify_memory(mesh["h2"], "hog") == "ok"

@@ -83,6 +83,14 @@ async def migrate(client: AgentClient, args: argparse.Namespace, err: Console) -
     else:
         for text in render.migration_details(final):
             render.say(text)
+    stats = final.get("stats") or {}
+    if final.get("state") == "COMMIT" and stats.get("downtime_target_missed"):
+        # Committed, so not a failure (exit 0), but the caller's budget was not kept: say so on stderr.
+        target = (final.get("options") or {}).get("downtime_target_ms")
+        sys.stderr.write(
+            f"warning: downtime_target_missed: the workload was frozen {render.human_ms(stats.get('downtime_ms'))}, "
+            f"over its target of {target} ms\n"
+        )
     if final.get("state") != "COMMIT":
         # The ferryctl failure convention (stderr, `error: <code>: <message>`), after the statistics.
         if final.get("state") == "NEEDS_OPERATOR":  # ended undecided: the source keeps its frozen copy

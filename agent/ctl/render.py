@@ -219,7 +219,8 @@ def migration_details(record: dict[str, Any], *, history: bool = False) -> list[
         rows.append(("updated", str(record.get("updated_at", ""))))
     target = options.get("downtime_target_ms")
     downtime = human_ms(stats.get("downtime_ms"))
-    rows.append(("downtime", f"{downtime} (target {target} ms)" if target else downtime))
+    missed = ", missed" if stats.get("downtime_target_missed") else ""
+    rows.append(("downtime", f"{downtime} (target {target} ms{missed})" if target else downtime))
     rows.append(("total time", human_ms(stats.get("total_ms"))))
     dirty = stats.get("dirty_pages") or []
     iterations = str(stats.get("iterations", 0))

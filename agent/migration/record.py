@@ -47,6 +47,8 @@ class MigrationStats:
     bytes_wire: int = 0
     rate_mbps: float = 0.0
     downtime_ms: float = 0.0
+    downtime_target_missed: bool = False
+    """The measured downtime exceeded the migration's downtime_target_ms (it still committed)."""
     total_ms: float = 0.0
     freeze_dump_ms: float = 0.0
     """CRIU's freeze + final dump on the source."""

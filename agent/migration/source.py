@@ -122,6 +122,13 @@ class SourceMigration:
         await self._save(self.record.advance(event, error))
         log.info("migration state", extra={"migration": self.record.id, "state": self.record.state.value})
 
+    def _downtime(self, downtime_ms: float) -> dict[str, object]:
+        """The stats of a measured downtime: the figure, and whether it missed the caller's target."""
+        return {
+            "downtime_ms": round(downtime_ms, 1),
+            "downtime_target_missed": downtime_ms > self.record.options.downtime_target_ms,
+        }
+
     def _progress(self, link: Link | None, **stats: object) -> None:
         if link is not None:
             elapsed = max(time.monotonic() - self._started, 1e-6)
@@ -373,7 +380,7 @@ class SourceMigration:
         downtime_ms = (time.monotonic() - frozen_at) * 1000
         self._progress(
             link,
-            downtime_ms=round(downtime_ms, 1),
+            **self._downtime(downtime_ms),
             restore_ms=reply.restore_ms,
             total_ms=round((time.monotonic() - self._started) * 1000, 1),
         )
@@ -437,11 +444,7 @@ class SourceMigration:
                 pusher = asyncio.create_task(self._push(link, pages, final, progress), name="postcopy-push")
                 await pages.expect(Resumed, traffic, self._link or link)
                 resumed_at = time.monotonic()
-                self._progress(
-                    link,
-                    downtime_ms=round((resumed_at - frozen_at) * 1000, 1),
-                    restore_ms=reply.restore_ms,
-                )
+                self._progress(link, **self._downtime((resumed_at - frozen_at) * 1000), restore_ms=reply.restore_ms)
                 await traffic
             finally:
                 pages.push_stop.set()
