@@ -161,3 +161,76 @@ async def test_tcp_stream_loses_no_byte(mesh: Mesh, mode: str, target_failpoints
 
 def _first_difference(a: bytes, b: bytes) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _udp_listener() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", 0))
+    sock.settimeout(1.5)
+    return sock
+
+
+def _heard(listener: socket.socket) -> bool:
+    """Whether anything arrived within the listener's timeout; takes in all that did."""
+    heard = False
+    while True:
+        try:
+            listener.recv(64)
+        except TimeoutError:
+            return heard
+        heard = True
+
+
+def _send_udp(address: tuple[str, int]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+        for _ in range(5):
+            with contextlib.suppress(OSError):  # no carrier: the kernel may refuse outright
+                out.sendto(b"from the source copy's namespace", address)
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+async def test_the_frozen_copy_is_silent_until_the_decision(mesh: Mesh, outcome: str) -> None:
+    """A frozen task's kernel still runs its TCP timers: its retransmissions, timestamped ahead of
+    the restored copy's, made clients discard the restored copy's replies. From the freeze on nothing
+    sent in the source copy's network namespace leaves it; a rollback gives it its network back.
+    (Sent from a helper in that namespace, standing in for the frozen kernel.)"""
+    h1, h2, client = mesh["h1"], mesh["h2"], mesh.client
+    assert client is not None
+    release = mesh.dir / "release-source.frozen"
+    await h1.stop_agent()
+    h1.agent_env = {"FERRYMAN_FAILPOINTS": f"source.frozen=until:{release}"}
+    await h1.start_agent()
+    if outcome == "rollback":
+        await h2.stop_agent()
+        h2.agent_env = {"FERRYMAN_FAILPOINTS": "target.restore=error"}
+        await h2.start_agent()
+    ip = str(mesh.subnet.network_address + 102)
+    (await start_service(mesh, "quiet", ip)).close()
+    netns = Path((await api(h1, "GET", "/v1/containers/quiet"))["network"]["netns"]).name
+    listener = await nsh.acall_in_netns(client.netns, _udp_listener)
+    to_client = (client.address, listener.getsockname()[1])
+    try:
+        await nsh.acall_in_netns(netns, _send_udp, to_client)
+        assert await asyncio.to_thread(_heard, listener)  # before: it gets through
+        task = asyncio.create_task(migrate(h1, "quiet", "h2", mode="precopy"))
+        for _ in range(600):  # until the source copy is frozen (held at the failpoint)
+            if task_states(h1).get("quiet") == "PAUSED":
+                break
+            await asyncio.sleep(0.05)
+        assert task_states(h1).get("quiet") == "PAUSED"
+        await nsh.acall_in_netns(netns, _send_udp, to_client)
+        assert not await asyncio.to_thread(_heard, listener)  # frozen: nothing leaves
+        release.touch()
+        record = await asyncio.wait_for(task, 120)
+        if outcome == "commit":
+            assert record["state"] == "COMMIT", record.get("error")
+            assert not Path(f"/run/netns/{netns}").exists()  # the source copy's namespace is gone
+        else:
+            assert record["state"] == "ROLLBACK", record.get("error")
+            assert task_states(h1) == {"quiet": "RUNNING"}
+            await nsh.acall_in_netns(netns, _send_udp, to_client)
+            assert await asyncio.to_thread(_heard, listener)  # rolled back: its network is back
+            assert ip in json.dumps(await api(h1, "GET", "/v1/network"))
+    finally:
+        listener.close()

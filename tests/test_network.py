@@ -562,10 +562,12 @@ async def main():
     assert "10.77.0.5 dev up0 proxy" in ip("neigh", "show", "proxy")
     assert await net2.hold("10.77.0.5", info.host_veth) is True       # before a freeze: dropped, silently
     assert await net2.published("10.77.0.5") == HELD
+    assert "UP" not in json.loads(ip("-j", "link", "show", "dev", info.host_veth))[0]["flags"]  # silent outward too
     assert "blackhole 10.77.0.5" in ip("route", "show", "proto", "77")
     assert "10.77.0.5 dev up0 proxy" in ip("neigh", "show", "proxy")  # neighbours keep sending here
     assert await net2.release("10.77.0.5", info.host_veth) is True    # a rollback routes it back
     assert await net2.published("10.77.0.5") == info.host_veth
+    assert "UP" in json.loads(ip("-j", "link", "show", "dev", info.host_veth))[0]["flags"]
     assert await net2.release("10.77.0.5", info.host_veth) is False
     assert await net2.hold("10.77.0.5", "fmvnothere") is False        # not routed there: nothing to hold
     assert await net2.hold("10.77.0.5", info.host_veth) is True       # the decision unpublishes it held

@@ -222,10 +222,12 @@ def publish(service_ip: str, host_veth: str, uplink: str) -> None:
 
 
 def _route_to_veth(ipr: IPRoute, service_ip: str, host_veth: str) -> None:
-    """Our /32 for service_ip, through host_veth (replacing whatever route of ours was there)."""
+    """Our /32 for service_ip, through host_veth (replacing whatever route of ours was there). The veth
+    comes up first: a held address had it down (see `hold`)."""
     index = _index(ipr, host_veth)
     if index is None:
         raise OSError(errno.ENODEV, f"no interface {host_veth}: prepare the container's network first")
+    ipr.link("set", index=index, state="up")
     ipr.route(
         "replace",
         dst=f"{service_ip}/32",
@@ -237,18 +239,28 @@ def _route_to_veth(ipr: IPRoute, service_ip: str, host_veth: str) -> None:
 
 
 def hold(service_ip: str, host_veth: str) -> bool:
-    """Drop service_ip's traffic here, silently: a blackhole /32 in place of the route to host_veth.
+    """Silence the container both ways: a blackhole /32 in place of the route to host_veth, and
+    host_veth down.
 
-    The container's kernel must not take in what its frozen copy will never see: once CRIU has read a
-    socket, data the kernel acknowledged after that is lost to the restored copy (CRIU unlocks the
-    network at the end of a dump that leaves the tasks alive). Dropped, the client sends it again,
-    to whichever copy then holds the address. The proxy ARP entry stays: neighbours keep sending
-    here, so nothing takes another path meanwhile. False when the address was not routed to host_veth.
+    In: the container's kernel must not take in what its frozen copy will never see: once CRIU has
+    read a socket, data the kernel acknowledged after that is lost to the restored copy (CRIU unlocks
+    the network at the end of a dump that leaves the tasks alive). Dropped, the client sends it
+    again, to whichever copy then holds the address. The proxy ARP entry stays: neighbours keep
+    sending here, so nothing takes another path meanwhile.
+    Out: a frozen task's kernel still runs its TCP timers. Its retransmissions and window probes
+    carry timestamps ahead of the restored copy's, and a client that takes them discards the
+    restored copy's replies (PAWS) for as long as they come. With host_veth down the container's
+    eth0 has no carrier: whatever its kernel sends is dropped at its own interface. Publishing the
+    address again (`release`, `publish`) brings the veth up.
+    False when the address was not routed to host_veth (nothing is changed then).
     """
     if published_routes().get(service_ip) != host_veth:
         return False
     with IPRoute() as ipr:
         ipr.route("replace", dst=f"{service_ip}/32", type=RTN_BLACKHOLE, proto=RTPROT_FERRYMAN, table=RT_TABLE_MAIN)
+        index = _index(ipr, host_veth)
+        if index is not None:
+            ipr.link("set", index=index, state="down")
     return True
 
 

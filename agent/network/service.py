@@ -160,8 +160,9 @@ class ServiceNetwork:
         log.info("service address published", extra={"service_ip": ip, "veth": host_veth, "uplink": uplink})
 
     async def hold(self, service_ip: str, host_veth: str) -> bool:
-        """Drop service_ip's traffic on this host until `release` or `unpublish` (see netlink.hold).
-        False when it was not published to host_veth here (nothing to hold)."""
+        """Silence the container until `release`, `publish` or `unpublish` (see netlink.hold): what is
+        sent to service_ip is dropped on this host, and what the container sends dropped at its own
+        interface. False when it was not published to host_veth here (nothing to hold)."""
         ip = parse_service_ip(service_ip)
         async with self._lock(f"ip:{ip}"):
             self._stop_announcing(ip)
