@@ -157,6 +157,8 @@ class Pager:
         await asyncio.gather(*pending, return_exceptions=True)
         finished = next(iter(done))
         error = None if finished.cancelled() else finished.exception()
+        if finished.get_name() == "requests" and isinstance(error, ConnectionError):
+            error = None  # reset while answering it: the daemon died with replies unread, as at its EOF
         if finished.get_name() == "requests" and error is None and self.closed:
             self._write_result(ok=True, error="")
             return 0
