@@ -519,6 +519,32 @@ def addrs(netns):
     return sorted(a["local"] for link in json.loads(ip("-j", "-4", "addr", "show", "dev", "eth0", netns=netns))
                   for a in link["addr_info"])
 
+def udp_listener(netns):
+    import ctypes, os, socket, threading
+    out = []
+    def bind():  # in a thread of its own: setns changes only the calling thread
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000)
+        os.close(fd)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("10.77.0.5", 9999))
+        out.append(sock)
+    thread = threading.Thread(target=bind)
+    thread.start()
+    thread.join()
+    return out[0]
+
+def send_udp(payload):
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(payload, ("10.77.0.5", 9999))
+
+def heard(sock, within=0.0):
+    import select
+    if not select.select([sock], [], [], within)[0]:
+        return None
+    return sock.recv(100)
+
 async def main():
     net = ServiceNetwork(namespace="t")
     info = await net.prepare("k", "10.77.0.5")
@@ -560,20 +586,37 @@ async def main():
     await net2.publish("10.77.0.5", info.host_veth)
     assert await net2.published("10.77.0.5") == info.host_veth
     assert "10.77.0.5 dev up0 proxy" in ip("neigh", "show", "proxy")
-    assert await net2.hold("10.77.0.5", info.host_veth) is True       # before a freeze: dropped, silently
+    ip("addr", "add", "10.77.0.1/24", "dev", "up0")
+    device = "fmh" + info.host_veth[3:]
+    listener = udp_listener(Path(info.path).name)
+    assert await net2.hold("10.77.0.5", info.host_veth) is True       # before a freeze: kept, silently
     assert await net2.published("10.77.0.5") == HELD
     assert "UP" not in json.loads(ip("-j", "link", "show", "dev", info.host_veth))[0]["flags"]  # silent outward too
-    assert "blackhole 10.77.0.5" in ip("route", "show", "proto", "77")
+    assert f"10.77.0.5 dev {device}" in ip("route", "show", "proto", "77")
     assert "10.77.0.5 dev up0 proxy" in ip("neigh", "show", "proxy")  # neighbours keep sending here
+    send_udp(b"during the hold")
+    await asyncio.sleep(0.2)
+    assert not heard(listener)                                          # the container takes nothing in
     assert await net2.release("10.77.0.5", info.host_veth) is True    # a rollback routes it back
     assert await net2.published("10.77.0.5") == info.host_veth
     assert "UP" in json.loads(ip("-j", "link", "show", "dev", info.host_veth))[0]["flags"]
+    assert device not in ip("-o", "link", "show")
+    assert heard(listener, 2.0) == b"during the hold"                  # ... and gets what was kept
     assert await net2.release("10.77.0.5", info.host_veth) is False
     assert await net2.hold("10.77.0.5", "fmvnothere") is False        # not routed there: nothing to hold
+    assert "fmhnothere" not in ip("-o", "link", "show")
     assert await net2.hold("10.77.0.5", info.host_veth) is True       # the decision unpublishes it held
+    send_udp(b"for the new home")
     assert await net2.unpublish("10.77.0.5") is True and await net2.published("10.77.0.5") is None
+    assert device not in ip("-o", "link", "show")
     assert ip("neigh", "show", "proxy").strip() == ""
-    await net2.destroy("k")
+    await net2.publish("10.77.0.5", info.host_veth)                   # (the new home, here)
+    assert await net2.forward_held("10.77.0.5") == 1
+    assert heard(listener, 2.0) == b"for the new home"
+    assert await net2.forward_held("10.77.0.5") == 0                  # sent once
+    assert await net2.hold("10.77.0.5", info.host_veth) is True
+    await net2.destroy("k")                                            # the hold device goes with the rest
+    assert device not in ip("-o", "link", "show")
     await net2.close()
     print(json.dumps({"netns": info.path, "veth": info.host_veth}))
 

@@ -66,6 +66,9 @@ class MigrationStats:
     """Of the post-copy pages, those the target took from its own pre-copied copy (hybrid)."""
     pages_pushed: int = 0
     """Of the post-copy pages, those the source pushed (or named as held) before they were asked for."""
+    held_packets: int = 0
+    """Packets clients sent to the service address during the freeze, kept on the source and
+    delivered to the restored copy once it held the address."""
     postcopy_ms: float = 0.0
     """From the target's resume until every page was there."""
     released_ms: float = 0.0

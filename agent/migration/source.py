@@ -382,6 +382,7 @@ class SourceMigration:
             link,
             **self._downtime(downtime_ms),
             restore_ms=reply.restore_ms,
+            held_packets=await self._forward_held(),
             total_ms=round((time.monotonic() - self._started) * 1000, 1),
         )
         await self._remove_local_copy()  # before COMMIT is published: a watcher sees the final picture
@@ -444,7 +445,12 @@ class SourceMigration:
                 pusher = asyncio.create_task(self._push(link, pages, final, progress), name="postcopy-push")
                 await pages.expect(Resumed, traffic, self._link or link)
                 resumed_at = time.monotonic()
-                self._progress(link, **self._downtime((resumed_at - frozen_at) * 1000), restore_ms=reply.restore_ms)
+                self._progress(
+                    link,
+                    **self._downtime((resumed_at - frozen_at) * 1000),
+                    restore_ms=reply.restore_ms,
+                    held_packets=await self._forward_held(),
+                )
                 await traffic
             finally:
                 pages.push_stop.set()
@@ -611,6 +617,12 @@ class SourceMigration:
         what the frozen copy's kernel would take in after CRIU read its sockets is lost to the target."""
         if self._service_ip:
             await self.ctx.network.hold(self._service_ip, self.ctx.network.info(self.record.container).host_veth)
+
+    async def _forward_held(self) -> int:
+        """The target has published the address: what clients sent during the freeze goes there now,
+        so each connection hears from the restored copy at once instead of at its client's next
+        (backed-off) retransmission."""
+        return await self.ctx.network.forward_held(self._service_ip) if self._service_ip else 0
 
     async def _rollback(self, link: Link | None, exc: BaseException) -> None:
         reason = describe_failure(exc)

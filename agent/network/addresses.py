@@ -10,6 +10,8 @@ from core.errors import InvalidRequest
 NETNS_DIR = "/run/netns"
 NETNS_PREFIX = "fm-"
 HOST_VETH_PREFIX = "fmv"
+HOLD_PREFIX = "fmh"
+"""The TUN device a held address is routed into (see `capture`): "fmh" + the host veth's hash."""
 CONTAINER_IFNAME = "eth0"
 HASH_LEN = 10
 """Hex digits of the key hash in names: "fmv" + 10 fits IFNAMSIZ (15) with room to spare."""
@@ -48,3 +50,8 @@ def netns_name(scope: str, container_key: str) -> str:
 
 def host_veth_name(scope: str, container_key: str) -> str:
     return HOST_VETH_PREFIX + key_hash(scope, container_key)
+
+
+def hold_ifname(host_veth: str) -> str:
+    """The hold device's name for the container behind `host_veth`."""
+    return HOLD_PREFIX + host_veth.removeprefix(HOST_VETH_PREFIX)

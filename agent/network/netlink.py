@@ -7,6 +7,7 @@ namespace (pool threads never leave it), container-side steps through `nsutil.ca
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -18,7 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NTF_PROXY
 
 from agent.network import nsutil
-from agent.network.addresses import CONTAINER_IFNAME
+from agent.network.addresses import CONTAINER_IFNAME, HOLD_PREFIX, hold_ifname
 
 RTPROT_FERRYMAN = 77
 """Routing protocol id marking our /32 service routes (`ip route show proto 77`): unpublish never
@@ -26,7 +27,8 @@ removes a route someone else installed."""
 RT_TABLE_MAIN = 254
 RTN_BLACKHOLE = 6
 HELD = ""
-"""What `published_routes` names as the interface of an address that is held: a blackhole route has none."""
+"""What `published_routes` names as the interface of an address that is held (into a hold device,
+or a blackhole route, which has none)."""
 RT_SCOPE_LINK = 253
 RT_SCOPE_NOWHERE = 255
 NUD_PERMANENT = 0x80
@@ -161,15 +163,11 @@ def prepare(netns_path: str, host_veth: str, service_ip: str, gateway: str, mtu:
 
 
 def destroy(netns_path: str, host_veth: str) -> None:
-    """Remove the veth pair (with any route through it) and the namespace name. Idempotent."""
+    """Remove the veth pair and any hold device (with the routes through them) and the namespace
+    name. Idempotent."""
     with IPRoute() as ipr:
-        host = _index(ipr, host_veth)
-        if host is not None:
-            try:
-                ipr.link("del", index=host)
-            except NetlinkError as exc:
-                if exc.code != errno.ENODEV:
-                    raise
+        _delete_link(ipr, host_veth)
+        _delete_link(ipr, hold_ifname(host_veth))
     if nsutil.is_netns_mount(netns_path):
         # The host end may be gone already (namespace recreated by hand): drop the container end too.
         nsutil.call_in_netns(netns_path, _delete_container_eth0)
@@ -218,6 +216,7 @@ def publish(service_ip: str, host_veth: str, uplink: str) -> None:
         if up is None:
             raise OSError(errno.ENODEV, f"no uplink interface {uplink}")
         _route_to_veth(ipr, service_ip, host_veth)
+        _delete_link(ipr, hold_ifname(host_veth))  # held here until now
         ipr.neigh("replace", dst=service_ip, ifindex=up, flags=NTF_PROXY)
 
 
@@ -238,14 +237,15 @@ def _route_to_veth(ipr: IPRoute, service_ip: str, host_veth: str) -> None:
     )
 
 
-def hold(service_ip: str, host_veth: str) -> bool:
-    """Silence the container both ways: a blackhole /32 in place of the route to host_veth, and
-    host_veth down.
+def hold(service_ip: str, host_veth: str, capture: str | None = None) -> bool:
+    """Silence the container both ways: service_ip/32 routed into the hold device `capture` (a TUN
+    device whose packets the agent keeps, see `capture.HeldTraffic`), or a blackhole without one,
+    in place of the route to host_veth; and host_veth down.
 
     In: the container's kernel must not take in what its frozen copy will never see: once CRIU has
     read a socket, data the kernel acknowledged after that is lost to the restored copy (CRIU unlocks
-    the network at the end of a dump that leaves the tasks alive). Dropped, the client sends it
-    again, to whichever copy then holds the address. The proxy ARP entry stays: neighbours keep
+    the network at the end of a dump that leaves the tasks alive). Kept aside instead, it is sent
+    again to whichever copy then holds the address. The proxy ARP entry stays: neighbours keep
     sending here, so nothing takes another path meanwhile.
     Out: a frozen task's kernel still runs its TCP timers. Its retransmissions and window probes
     carry timestamps ahead of the restored copy's, and a client that takes them discards the
@@ -257,7 +257,15 @@ def hold(service_ip: str, host_veth: str) -> bool:
     if published_routes().get(service_ip) != host_veth:
         return False
     with IPRoute() as ipr:
-        ipr.route("replace", dst=f"{service_ip}/32", type=RTN_BLACKHOLE, proto=RTPROT_FERRYMAN, table=RT_TABLE_MAIN)
+        device = _index(ipr, capture) if capture else None
+        if device is not None:
+            with contextlib.suppress(OSError):  # no IPv6 chatter of its own (absent without IPv6)
+                _write_sysctl(f"ipv6/conf/{capture}/disable_ipv6", "1")
+            ipr.link("set", index=device, state="up")
+            route: dict[str, Any] = {"oif": device, "scope": RT_SCOPE_LINK}
+        else:
+            route = {"type": RTN_BLACKHOLE}
+        ipr.route("replace", dst=f"{service_ip}/32", proto=RTPROT_FERRYMAN, table=RT_TABLE_MAIN, **route)
         index = _index(ipr, host_veth)
         if index is not None:
             ipr.link("set", index=index, state="down")
@@ -265,16 +273,37 @@ def hold(service_ip: str, host_veth: str) -> bool:
 
 
 def release(service_ip: str, host_veth: str) -> bool:
-    """Undo `hold`: route service_ip to host_veth again. False when it was not held here."""
+    """Undo `hold`: route service_ip to host_veth again, delete the hold device. False when it was
+    not held here."""
     if published_routes().get(service_ip) != HELD:
         return False
     with IPRoute() as ipr:
         _route_to_veth(ipr, service_ip, host_veth)
+        _delete_link(ipr, hold_ifname(host_veth))
     return True
 
 
+def delete_link(ifname: str) -> None:
+    """Delete the interface `ifname` (with the routes through it), if it exists."""
+    with IPRoute() as ipr:
+        _delete_link(ipr, ifname)
+
+
+def _delete_link(ipr: IPRoute, ifname: str) -> None:
+    index = _index(ipr, ifname)
+    if index is None:
+        return
+    try:
+        ipr.link("del", index=index)
+    except NetlinkError as exc:
+        if exc.code != errno.ENODEV:
+            raise
+
+
 def unpublish(service_ip: str, uplink: str | None) -> bool:
-    """Remove our /32 route for service_ip (and the uplink's proxy entry); False when there was no route."""
+    """Remove our /32 route for service_ip (and the uplink's proxy entry, and a hold device); False
+    when there was no route."""
+    device = _route_interfaces().get(service_ip, "")
     with IPRoute() as ipr:
         removed = True
         try:
@@ -284,6 +313,8 @@ def unpublish(service_ip: str, uplink: str | None) -> bool:
             if exc.code != errno.ESRCH:
                 raise
             removed = False
+        if device.startswith(HOLD_PREFIX):
+            _delete_link(ipr, device)
         up = _index(ipr, uplink) if uplink else None
         if up is not None:
             try:
@@ -301,6 +332,11 @@ def published_interface(service_ip: str) -> str | None:
 
 def published_routes() -> dict[str, str]:
     """{service IP: interface} for every route of ours in this namespace (HELD for a held address)."""
+    return {ip: HELD if name.startswith(HOLD_PREFIX) else name for ip, name in _route_interfaces().items()}
+
+
+def _route_interfaces() -> dict[str, str]:
+    """{service IP: the interface of our route to it ("" for a blackhole)}."""
     out: dict[str, str] = {}
     with IPRoute() as ipr:
         names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}

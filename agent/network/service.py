@@ -12,9 +12,11 @@ and, only while *published* on this host:
     proxy ARP entry on the uplink                this host answers the segment's ARP for the address
     a gratuitous ARP out of the uplink           neighbours repoint their caches at once
 
-A move is `prepare` on the new host, `hold` on the old one just before the freeze (a blackhole /32:
-the frozen copy's kernel takes nothing in), `unpublish` on the old one at the decision, `publish` on
-the new one; a rollback `release`s the hold. The old host keeps its namespace and veth (a migration
+A move is `prepare` on the new host, `hold` on the old one just before the freeze (the /32 routed
+into a TUN device of the agent: the frozen copy's kernel takes nothing in, and what clients send
+meanwhile is kept), `unpublish` on the old one at the decision, `publish` on the new one, then
+`forward_held` on the old one sends the kept packets on to the new copy; a rollback `release`s the
+hold and hands the kept packets to the resumed copy. The old host keeps its namespace and veth (a migration
 source keeps its frozen copy until the commit) until `destroy`.
 
 <hash> is derived from (this host's network namespace inode, containerd namespace, container key):
@@ -36,7 +38,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.config import NetworkConfig
 from agent.network import arp, netlink
-from agent.network.addresses import NETNS_DIR, host_veth_name, netns_name, parse_service_ip
+from agent.network.addresses import NETNS_DIR, hold_ifname, host_veth_name, netns_name, parse_service_ip
+from agent.network.capture import HeldTraffic, send_packets
 from core.errors import FerrymanError
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,9 @@ class ServiceNetwork:
         self._scope: str | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._announcers: dict[str, asyncio.Task[None]] = {}
+        self._holds: dict[str, HeldTraffic] = {}
+        self._kept: dict[str, list[bytes]] = {}
+        """Packets of an address given up here, until `forward_held` sends them to its new home."""
 
     @property
     def config(self) -> NetworkConfig:
@@ -125,9 +131,15 @@ class ServiceNetwork:
         return info
 
     async def destroy(self, container_key: str) -> None:
-        """Remove the veth pair (and so any route through it) and the namespace. Idempotent."""
+        """Remove the veth pair and any hold device (and so any route through them) and the
+        namespace. Idempotent."""
         info = self.info(container_key)
+        device = hold_ifname(info.host_veth)
         async with self._lock(f"key:{container_key}"):
+            for ip, held in list(self._holds.items()):
+                if held.ifname == device:
+                    del self._holds[ip]
+                    held.close()
             await self._run(f"destroy network of {container_key}", lambda: netlink.destroy(info.path, info.host_veth))
         log.info("container network removed", extra={"container": container_key, "netns": info.path})
 
@@ -154,33 +166,53 @@ class ServiceNetwork:
         uplink = await self.uplink()
         async with self._lock(f"ip:{ip}"):
             self._stop_announcing(ip)
+            kept = self._take_held(ip)  # held here until now: the copy behind host_veth gets it
             await self._run(f"publish {ip}", lambda: netlink.publish(ip, host_veth, uplink))
             await self._run(f"announce {ip} on {uplink}", lambda: arp.send_garp(uplink, ip))
             self._announcers[ip] = asyncio.create_task(self._announce_again(ip, uplink), name=f"garp {ip}")
+        await self._send(ip, kept)
         log.info("service address published", extra={"service_ip": ip, "veth": host_veth, "uplink": uplink})
 
     async def hold(self, service_ip: str, host_veth: str) -> bool:
         """Silence the container until `release`, `publish` or `unpublish` (see netlink.hold): what is
-        sent to service_ip is dropped on this host, and what the container sends dropped at its own
-        interface. False when it was not published to host_veth here (nothing to hold)."""
+        sent to service_ip is kept on this host instead of reaching the container, and what the
+        container sends is dropped at its own interface. False when it was not published to host_veth
+        here (nothing to hold)."""
         ip = parse_service_ip(service_ip)
+        device = hold_ifname(host_veth)
         async with self._lock(f"ip:{ip}"):
             self._stop_announcing(ip)
-            held = await self._run(f"hold {ip}", lambda: netlink.hold(ip, host_veth))
-        log.info("service address held", extra={"service_ip": ip, "held": held})
-        return held
+            self._take_held(ip)
+            self._kept.pop(ip, None)
+            held = await self._run(f"create hold device {device}", lambda: HeldTraffic.create(ip, device))
+            holding = False
+            try:
+                holding = await self._run(f"hold {ip}", lambda: netlink.hold(ip, host_veth, device))
+            finally:
+                if holding:
+                    held.start(asyncio.get_running_loop())
+                    self._holds[ip] = held
+                else:
+                    held.close()
+                    await self._run(f"delete {device}", lambda: netlink.delete_link(device))
+        log.info("service address held", extra={"service_ip": ip, "held": holding})
+        return holding
 
     async def release(self, service_ip: str, host_veth: str) -> bool:
-        """Route a held service_ip to host_veth again; False when it was not held here."""
+        """Route a held service_ip to host_veth again and hand it what clients sent meanwhile; False
+        when it was not held here."""
         ip = parse_service_ip(service_ip)
         async with self._lock(f"ip:{ip}"):
+            kept = self._take_held(ip)
             released = await self._run(f"release {ip}", lambda: netlink.release(ip, host_veth))
         if released:
-            log.info("service address released", extra={"service_ip": ip, "veth": host_veth})
+            sent = await self._send(ip, kept)
+            log.info("service address released", extra={"service_ip": ip, "veth": host_veth, "packets_resent": sent})
         return released
 
     async def unpublish(self, service_ip: str) -> bool:
-        """Remove the route (namespace and veth stay). False when it was not published here."""
+        """Remove the route (namespace and veth stay). False when it was not published here. What
+        clients sent while it was held waits for `forward_held`."""
         ip = parse_service_ip(service_ip)
         try:
             uplink: str | None = await self.uplink()
@@ -188,9 +220,39 @@ class ServiceNetwork:
             uplink = None  # the route alone decides; a leftover proxy entry answers nothing without it
         async with self._lock(f"ip:{ip}"):
             self._stop_announcing(ip)  # never announce an address this host just gave up
+            kept = self._take_held(ip)
+            if kept:
+                self._kept[ip] = kept
             removed = await self._run(f"unpublish {ip}", lambda: netlink.unpublish(ip, uplink))
         log.info("service address unpublished", extra={"service_ip": ip, "was_published": removed})
         return removed
+
+    async def forward_held(self, service_ip: str) -> int:
+        """Send what clients sent to service_ip while it was held here to wherever it is routed now
+        (call once its new home has published it). The number of packets sent."""
+        ip = parse_service_ip(service_ip)
+        return await self._send(ip, self._kept.pop(ip, []))
+
+    async def _send(self, ip: str, packets: list[bytes]) -> int:
+        if not packets:
+            return 0
+        try:
+            return await asyncio.to_thread(send_packets, packets)
+        except OSError as exc:  # best effort: the clients retransmit, only later
+            log.warning("resending held packets failed", extra={"service_ip": ip, "error": str(exc)})
+            return 0
+
+    def _take_held(self, ip: str) -> list[bytes]:
+        """Stop keeping packets for ip; those kept so far. The device goes with the route change
+        that follows (netlink deletes it)."""
+        held = self._holds.pop(ip, None)
+        if held is None:
+            return []
+        kept = held.take()
+        held.close()
+        if held.dropped:
+            log.warning("held packets over budget", extra={"service_ip": ip, "dropped": held.dropped})
+        return kept
 
     async def published(self, service_ip: str) -> str | None:
         """The host veth service_ip is routed to on this host, HELD ("") while held, or None."""
@@ -204,6 +266,9 @@ class ServiceNetwork:
     async def close(self) -> None:
         for ip in list(self._announcers):
             self._stop_announcing(ip)
+        for ip in list(self._holds):  # the devices stay (persistent): the routes keep the holds
+            self._holds.pop(ip).close()
+        self._kept.clear()
 
     def _stop_announcing(self, ip: str) -> None:
         task = self._announcers.pop(ip, None)
