@@ -449,12 +449,10 @@ class TargetMigration:
 
     async def _resume_postcopy(self) -> None:
         """The decision: run the restored task with its pages still arriving."""
-        cid = self.container.id
-        if await self._settle_pause():
-            await self.ctx.cd.tasks.resume(cid)
-        if self.service_ip:
-            info = self._netns or await self.ctx.network.prepare(cid, self.service_ip)
-            await self.ctx.network.publish(self.service_ip, info.host_veth)
+        paused = await self._settle_pause()
+        await self._publish_address()  # first: see there
+        if paused:
+            await self.ctx.cd.tasks.resume(self.container.id)
         self._resumed_at = time.monotonic()
         await self._advance(Event.LAZY_RESTORED)
 
@@ -588,22 +586,28 @@ class TargetMigration:
             self._daemon_end = None
 
     async def commit(self) -> None:
-        """The source decided for us: resume the restored task and own the workload."""
+        """The source decided for us: publish the address, resume the restored task, own the workload."""
         await self._advance(Event.RESTORED)
+        await self._publish_address()
         await self.ctx.cd.tasks.resume(self.container.id)
         await self._own_workload()
 
     async def finish_commit(self) -> None:
         """After a restart in SWITCH: the source decided commit, and never rolls back from there, so
-        our copy is the workload. Resume it if the previous agent had not, and publish the address."""
+        our copy is the workload. Publish the address, and resume it if the previous agent had not."""
+        await self._publish_address()
         await resume_if_paused(self.ctx.cd, self.container.id)
         await self._own_workload()
 
-    async def _own_workload(self) -> None:
-        cid = self.container.id
+    async def _publish_address(self) -> None:
+        """Route the service address here before the task runs: until then this host's reverse-path
+        filter drops what the copy sends from the address (its route points elsewhere), so the
+        first replies it writes would wait for its retransmission timer (1 s after a restore)."""
         if self.service_ip:
-            info = self._netns or await self.ctx.network.prepare(cid, self.service_ip)
+            info = self._netns or await self.ctx.network.prepare(self.container.id, self.service_ip)
             await self.ctx.network.publish(self.service_ip, info.host_veth)
+
+    async def _own_workload(self) -> None:
         await self._advance(Event.SWITCHED)
         await self._drop_lease()
 

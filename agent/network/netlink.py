@@ -122,6 +122,10 @@ def prepare(netns_path: str, host_veth: str, service_ip: str, gateway: str, mtu:
 
     `mtu` (the uplink's) is set on both ends, so the container never sends what the uplink must fragment.
     """
+    # From the start, not only once published: a migration target's restored copy sends what its
+    # sockets had queued as soon as CRIU restores them, and unforwarded it would wait for its
+    # retransmission timer (1 s, doubling) instead of reaching its clients.
+    _write_sysctl("ipv4/ip_forward", "1")
     if not nsutil.is_netns_mount(netns_path):
         nsutil.remove_netns(netns_path)  # a stale file from a crash would make the create fail
         nsutil.create_netns(netns_path)

@@ -224,7 +224,10 @@ class ServiceNetwork:
             if kept:
                 self._kept[ip] = kept
             removed = await self._run(f"unpublish {ip}", lambda: netlink.unpublish(ip, uplink))
-        log.info("service address unpublished", extra={"service_ip": ip, "was_published": removed})
+        log.info(
+            "service address unpublished",
+            extra={"service_ip": ip, "was_published": removed, "packets_kept": len(kept)},
+        )
         return removed
 
     async def forward_held(self, service_ip: str) -> int:
