@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import ipaddress
 import json
+import os
 import secrets
 import socket
 import sys
@@ -33,6 +34,7 @@ from agent.model import CreateRequest
 from agent.network import RTPROT_FERRYMAN, parse_service_ip
 from agent.network.addresses import host_veth_name, netns_name
 from agent.network.arp import ARPOP_REPLY, ARPOP_REQUEST, garp_frame, parse_arp
+from agent.network.capture import HeldTraffic
 from agent.network.nsutil import remove_netns
 from agent.runtime.spec import build_spec, set_network_namespace
 from core.errors import ConfigError, InvalidRequest
@@ -637,3 +639,30 @@ async def test_adapter_prepare_repairs_and_destroy_is_idempotent() -> None:
     finally:
         remove_netns(f"/run/netns/{netns_name(f'{inode}/t', 'k')}")
         nsh.del_netns(scratch)
+
+
+def _ipv4(dst: str, size: int = 40) -> bytes:
+    header = bytes([0x45, 0, 0, size, 0, 0, 0, 0, 64, 6, 0, 0]) + socket.inet_aton("10.9.9.9") + socket.inet_aton(dst)
+    return header + bytes(size - 20)
+
+
+def test_held_traffic_keeps_packets_for_its_address_within_its_budget() -> None:
+    """The hold keeps IPv4 packets for its own address, oldest first, and counts what is over budget."""
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one read, one packet
+    reader.setblocking(False)
+    held = HeldTraffic("10.77.0.5", "fmhtest", os.dup(reader.fileno()), budget=100)
+    reader.close()
+    for packet in (
+        _ipv4("10.77.0.5"),
+        _ipv4("10.77.0.6"),  # another address
+        b"\x60" + bytes(39),  # IPv6 (the device's own chatter)
+        _ipv4("10.77.0.5", 50),
+        _ipv4("10.77.0.5"),  # 40 + 50 + 40 > 100
+    ):
+        writer.send(packet)
+    writer.close()
+    kept = held.take()
+    held.close()
+    assert kept == [_ipv4("10.77.0.5"), _ipv4("10.77.0.5", 50)]
+    assert held.dropped == 1
+    assert held.take() == []

@@ -81,6 +81,9 @@ class HeldTraffic:
                 log.warning("reading held traffic failed", extra={"service_ip": self.service_ip, "error": str(exc)})
                 self._stop_reading()
                 return
+            if not packet:  # the device is gone
+                self._stop_reading()
+                return
             self._keep(packet)
 
     def _keep(self, packet: bytes) -> None:
