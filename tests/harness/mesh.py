@@ -6,6 +6,8 @@ Layout (id = 4 random hex digits, prefix = "fm<id>"; every name below starts wit
     netns <prefix>-fab   bridge <prefix>-br = 10.A.B.1/24, docker-registry on 10.A.B.1:5000
     netns <prefix>-hN    eth0 = 10.A.B.(10+N), default route via .1; containerd + agent run here
     netns <prefix>-cl    eth0 = 10.A.B.250 (optional client)
+    netns <prefix>-rc    eth0 = 192.168.250.2/30, default via 192.168.250.1 on the fabric (optional
+                         routed client: another subnet, a router between it and the hosts)
     veth  eth0 (in hN) <-> <prefix>-hN (in fab, a bridge port)
 
 Nothing is added to the root namespace's network: the veths are created directly inside the
@@ -337,6 +339,10 @@ def _pick_subnet() -> ipaddress.IPv4Network:
     raise RuntimeError("no free 10.x subnet")
 
 
+ROUTED_CLIENT_ADDRESS = "192.168.250.2"
+ROUTED_CLIENT_GATEWAY = "192.168.250.1"
+
+
 class Mesh:
     """N hosts (+ optional client) on a private bridge; see the module docstring for the layout."""
 
@@ -346,6 +352,7 @@ class Mesh:
         hosts: int,
         *,
         with_client: bool = False,
+        with_routed_client: bool = False,
         start_agents: bool = True,
         agent_extra_config: AgentExtraConfig | None = None,
         peer_port: int | None = None,
@@ -375,6 +382,9 @@ class Mesh:
         self.client: Node | None = None
         if with_client:
             self.client = Node("client", f"{self.prefix}-cl", str(self.subnet.network_address + CLIENT_OCTET))
+        self.routed_client: Node | None = None
+        if with_routed_client:
+            self.routed_client = Node("routed-client", f"{self.prefix}-rc", ROUTED_CLIENT_ADDRESS)
         self.registry = DockerRegistry(
             self.dir / "registry" / "fabric", self.gateway, port=REGISTRY_PORT, netns=self.fabric.netns
         )
@@ -393,7 +403,8 @@ class Mesh:
     @property
     def nodes(self) -> list[Node]:
         """Every namespace with an address: the hosts, the client, the fabric."""
-        return [*self.hosts, *([self.client] if self.client else []), self.fabric]
+        clients = [c for c in (self.client, self.routed_client) if c is not None]
+        return [*self.hosts, *clients, self.fabric]
 
     def netns_names(self) -> list[str]:
         return [node.netns for node in self.nodes]
@@ -517,7 +528,25 @@ class Mesh:
                 f"link add {link} type veth peer name eth0 netns {node.netns}",
                 f"link set {link} master {self.bridge} up",
             ]
+        if self.routed_client is not None:
+            # A router between the hosts' subnet and the client's: the fabric forwards between them.
+            fabric += [
+                f"link add {self.routed_client.netns} type veth peer name eth0 netns {self.routed_client.netns}",
+                f"addr add {ROUTED_CLIENT_GATEWAY}/30 dev {self.routed_client.netns}",
+                f"link set {self.routed_client.netns} up",
+            ]
+            await asyncio.to_thread(nsh.set_sysctls, self.fabric.netns, {"net.ipv4.ip_forward": "1"})
         await nsh.aip_batch(fabric, netns=self.fabric.netns)
+        if self.routed_client is not None:
+            await nsh.aip_batch(
+                [
+                    "link set lo up",
+                    f"addr add {ROUTED_CLIENT_ADDRESS}/30 dev eth0",
+                    "link set eth0 up",
+                    f"route add default via {ROUTED_CLIENT_GATEWAY}",
+                ],
+                netns=self.routed_client.netns,
+            )
         await asyncio.gather(
             *(
                 nsh.aip_batch(
@@ -569,6 +598,7 @@ class Mesh:
         existing = set(nsh.list_netns())
         if self.fabric.netns in existing:
             links = [h.fabric_link for h in self.hosts] + ([f"{self.prefix}-cl"] if self.client else [])
+            links += [self.routed_client.netns] if self.routed_client else []
             await nsh.aip_batch((f"link del {name}" for name in [*links, self.bridge]), self.fabric.netns, check=False)
         for name in self.netns_names():
             if name in existing:
