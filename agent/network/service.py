@@ -184,15 +184,20 @@ class ServiceNetwork:
             self._stop_announcing(ip)
             self._take_held(ip)
             self._kept.pop(ip, None)
-            held = await self._run(f"create hold device {device}", lambda: HeldTraffic.create(ip, device))
+            held: HeldTraffic | None = None
+            try:
+                held = await self._run(f"create hold device {device}", lambda: HeldTraffic.create(ip, device))
+            except NetworkError as exc:  # e.g. no /dev/net/tun: a blackhole holds as well, keeping nothing
+                log.warning("held packets will not be kept", extra={"service_ip": ip, "error": str(exc)})
+            capture = held.ifname if held is not None else None
             holding = False
             try:
-                holding = await self._run(f"hold {ip}", lambda: netlink.hold(ip, host_veth, device))
+                holding = await self._run(f"hold {ip}", lambda: netlink.hold(ip, host_veth, capture))
             finally:
-                if holding:
+                if held is not None and holding:
                     held.start(asyncio.get_running_loop())
                     self._holds[ip] = held
-                else:
+                elif held is not None:
                     held.close()
                     await self._run(f"delete {device}", lambda: netlink.delete_link(device))
         log.info("service address held", extra={"service_ip": ip, "held": holding})
