@@ -1,16 +1,22 @@
-"""The compact page bookkeeping of pre-copy (agent.checkpoint.pageruns) against plain lists and
-dicts of every page (hypothesis)."""
+"""The compact page bookkeeping of pre-copy (agent.checkpoint.pageruns), and the tracker and store
+built on it, against plain lists and dicts of every page (hypothesis)."""
 
 from __future__ import annotations
 
-import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+import tempfile
+from pathlib import Path
 
-from agent.checkpoint.images import PAGE_SIZE
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pycriu import images as criu_images
+
+from agent.checkpoint.delta import DeltaStats, IncompleteImage, PageStore, PageTracker
+from agent.checkpoint.images import PAGE_SIZE, PE_PRESENT
 from agent.checkpoint.pageruns import PageRuns, SlotMap, runs_of
 
 BASE = 0x7F0000000000
+ZERO = bytes(PAGE_SIZE)
 
 
 def address(page: int) -> int:
@@ -120,3 +126,105 @@ def test_slot_map_keeps_round_one_as_one_run() -> None:
         slots.assign(address(batch * 256), 256)
     assert len(slots) == 1 << 20 and slots.run_count == 1
     assert slots.get(address(123456)) == 123456
+
+
+# ----- PageStore and PageTracker against the pages CRIU would write ----------------------------------
+
+
+def write_dump(directory: Path, layout: dict[str, list[int]], content: dict[tuple[str, int], bytes]) -> None:
+    """A dump's memory images: per pagemap the pages in `layout` order, as CRIU writes them."""
+    directory.mkdir(parents=True)
+    for pages_id, (name, vaddrs) in enumerate(sorted(layout.items())):
+        entries: list[dict[str, int]] = [{"pages_id": pages_id}]
+        entries += [{"vaddr": v, "nr_pages": n, "flags": PE_PRESENT, "compat_nr_pages": 0} for v, n in runs_of(vaddrs)]
+        with (directory / name).open("wb") as fh:
+            criu_images.dump({"magic": "PAGEMAP", "entries": entries}, fh)
+        (directory / f"pages-{pages_id}.img").write_bytes(b"".join(content.get((name, v), ZERO) for v in vaddrs))
+
+
+# One round: per pagemap, which pages the dump lists (in order) and the content of each.
+page_contents = st.sampled_from([ZERO, b"\x01" * PAGE_SIZE, b"\x02" * PAGE_SIZE, bytes(range(256)) * 16])
+
+
+@st.composite
+def rounds(draw: st.DrawFn) -> list[tuple[dict[str, list[int]], dict[tuple[str, int], bytes]]]:
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        layout: dict[str, list[int]] = {}
+        content: dict[tuple[str, int], bytes] = {}
+        for name in draw(st.lists(st.sampled_from(["pagemap-1.img", "pagemap-7.img"]), unique=True, min_size=1)):
+            numbers = draw(distinct_pages)
+            if draw(st.booleans()):
+                numbers.sort()  # the usual dump: address order
+            layout[name] = [address(n) for n in numbers]
+            for v in layout[name]:
+                content[name, v] = draw(page_contents)
+        out.append((layout, content))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(rounds(), st.integers(1, 3))
+def test_tracker_and_store_rebuild_the_last_dump(
+    history: list[tuple[dict[str, list[int]], dict[tuple[str, int], bytes]]], reversed_batches: int
+) -> None:
+    """Every round's delta is what a dict of every page's last content says changed; the store then
+    rebuilds the last dump's pages files byte for byte."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        tracker, store = PageTracker(), PageStore(tmp / "store")
+        sent: dict[str, dict[int, bytes]] = {}
+        try:
+            for number, (layout, content) in enumerate(history):
+                dump = tmp / f"round-{number}"
+                write_dump(dump, layout, content)
+                stats = DeltaStats()
+                batches = list(tracker.delta(dump, stats))
+                for name, vaddrs in layout.items():
+                    before = sent.get(name, {})
+                    changed = [v for v in vaddrs if before.get(v) != content[name, v]]
+                    got_data = [v for b in batches if b.pagemap == name for v in b.vaddrs]
+                    got_zeros = [v for b in batches if b.pagemap == name for v in b.zeros]
+                    assert got_data == [v for v in changed if content[name, v] != ZERO]
+                    assert got_zeros == [v for v in changed if content[name, v] == ZERO]
+                    if vaddrs:  # a pagemap without pages is not looked at
+                        sent[name] = {v: content[name, v] for v in vaddrs}
+                    memory = [content.get((name, address(n)), ZERO) for n in range(41)]
+                    held = tracker.held_by_target(name, address(0), memoryview(b"".join(memory)))
+                    assert held == [sent.get(name, {}).get(address(n)) == memory[n] for n in range(41)]
+                assert stats.pages == sum(len(v) for v in layout.values())
+                assert stats.pages == stats.changed + stats.zero + stats.unchanged
+                if number == reversed_batches:  # pages may also arrive in another order
+                    batches.reverse()
+                for batch in batches:
+                    store.add(batch.pagemap, batch.vaddrs, memoryview(b"".join(batch.data)), batch.zeros)
+                for name, vaddrs in layout.items():
+                    for v in vaddrs:
+                        assert store.read(name, v) == content[name, v]
+                    if vaddrs:
+                        run = next(runs_of(sorted(vaddrs)))
+                        expected = b"".join(content[name, run[0] + i * PAGE_SIZE] for i in range(run[1]))
+                        assert store.read_run(name, run[0], run[1]) == expected
+                assert store.read("pagemap-3.img", address(0)) is None
+            layout, content = history[-1]
+            final = tmp / f"round-{len(history) - 1}"
+            originals = {p.name: p.read_bytes() for p in final.iterdir() if p.name.startswith("pages-")}
+            for p in final.iterdir():
+                if p.name.startswith("pages-"):
+                    p.unlink()
+            assert store.write_pages_files(final) == sum(len(v) for v in layout.values()) * PAGE_SIZE
+            for name, data in originals.items():
+                assert (final / name).read_bytes() == data, name
+        finally:
+            tracker.close()
+            store.close()
+
+
+def test_store_refuses_a_page_it_never_received(tmp_path: Path) -> None:
+    store = PageStore(tmp_path / "store")
+    store.add("pagemap-1.img", [address(0), address(1)], memoryview(b"\x01" * 2 * PAGE_SIZE), [])
+    dump = tmp_path / "dump"
+    write_dump(dump, {"pagemap-1.img": [address(0), address(1), address(2)]}, {})  # content: no pages file needed
+    with pytest.raises(IncompleteImage, match=hex(address(2))):
+        store.write_pages_files(dump)
+    store.close()

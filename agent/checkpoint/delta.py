@@ -19,6 +19,7 @@ from pathlib import Path
 
 from agent.checkpoint.images import PAGE_SIZE, PageMap, flatten_pagemap, is_pagemap, read_pagemaps
 from agent.checkpoint.livepages import READ_PAGES, LiveProcess, read_pages
+from agent.checkpoint.pageruns import PageRuns, Run, SlotMap, runs_of
 from core.errors import FerrymanError
 
 log = logging.getLogger(__name__)
@@ -257,34 +258,24 @@ class PageStore:
         """Store pages (call from a worker thread: it writes). `data` holds len(vaddrs) pages."""
         page_file = self._file(pagemap)
         if zeros:  # new pages take slots in address order, zero or not, so round one mirrors the dump
-            for vaddr in sorted((*vaddrs, *zeros)):
-                page_file.slot(vaddr)
+            for vaddr, count in runs_of(sorted((*vaddrs, *zeros))):
+                page_file.slots.assign(vaddr, count)
         page_file.write(vaddrs, data)
         page_file.zero(zeros)
 
     def read(self, pagemap: str, vaddr: int) -> bytes | None:
         """One stored page, or None if it never arrived."""
-        page_file = self._files.get(pagemap)
-        if page_file is None or vaddr not in page_file.slots:
-            return None
-        return page_file.read(vaddr)
+        return self.read_run(pagemap, vaddr, 1)
 
     def read_run(self, pagemap: str, vaddr: int, count: int) -> bytes | None:
         """`count` consecutive pages from `vaddr`, or None if one never arrived. Pages whose slots
         follow each other (the usual case) come in one pread."""
         page_file = self._files.get(pagemap)
-        if page_file is None:
+        slots = None if page_file is None else page_file.slots.lookup(vaddr, count)
+        if slots is None:
             return None
-        slots = [page_file.slots.get(vaddr + n * PAGE_SIZE) for n in range(count)]
-        if any(slot is None for slot in slots):
-            return None
-        out: list[bytes] = []
-        start = 0
-        for n in range(1, count + 1):
-            if n == count or slots[n] != slots[n - 1] + 1:  # type: ignore[operator]
-                out.append(page_file.read_slots(slots[start], n - start))  # type: ignore[arg-type]
-                start = n
-        return b"".join(out)
+        assert page_file is not None
+        return b"".join(page_file.read_slots(slot, n) for slot, n in slots)
 
     def write_pages_files(self, image_dir: Path) -> int:
         """Put the pages file of every pagemap in `image_dir` in place; returns the bytes it holds.
@@ -296,7 +287,7 @@ class PageStore:
             if is_pagemap(path.name):
                 flatten_pagemap(path)  # pages a pre-dump chain left in parents come from the store too
         for pm in read_pagemaps(image_dir):
-            wanted = list(pm.present_vaddrs())
+            wanted = PageRuns(pm.present_runs())
             page_file = self._files.get(pm.name)
             target = image_dir / pm.pages_file
             if page_file is None:
@@ -304,26 +295,25 @@ class PageStore:
                     raise IncompleteImage(f"{pm.name}: no page was ever received")
                 target.write_bytes(b"")
                 continue
-            missing = next((v for v in wanted if v not in page_file.slots), None)
-            if missing is not None:
-                raise IncompleteImage(f"{pm.name}: page {missing:#x} was never received")
-            misplaced = [i for i, v in enumerate(wanted) if i >= len(page_file.order) or page_file.order[i] != v]
-            if len(misplaced) <= max(64, len(wanted) // 8):
-                # The store file is the pages file but for a few pages: read those, rename, patch them in.
-                patches = {i: page_file.read(wanted[i]) for i in misplaced}
-                page_file.close()
-                page_file.path.replace(target)  # same filesystem: a rename, not a copy
+            for vaddr, count in wanted.runs():
+                missing = page_file.slots.first_missing(vaddr, count)
+                if missing is not None:
+                    raise IncompleteImage(f"{pm.name}: page {missing:#x} was never received")
+            misplaced = wanted.differences(page_file.slots.order())
+            moved = sum(count for _, count in misplaced)
+            if moved <= max(64, len(wanted) // 8):
+                # The store file is the pages file but for a few pages: a rename, then those patched in.
+                page_file.move_to(target, wanted, misplaced)
                 del self._files[pm.name]
-                _patch(target, patches, len(wanted))
             else:
                 log.info(
                     "pages file by copy: mappings changed a lot since the first round",
                     extra={
                         "pagemap": pm.name,
-                        "misplaced": len(misplaced),
+                        "misplaced": moved,
                         "pages": len(wanted),
-                        "stored": len(page_file.order),
-                        "first": misplaced[0],
+                        "stored": len(page_file.slots),
+                        "first": misplaced[0][0],
                     },
                 )
                 page_file.copy_to(target, wanted)
@@ -339,87 +329,132 @@ class _PageFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.slots: dict[int, int] = {}
-        self.order: list[int] = []
-        self.filled: set[int] = set()
-        """Slots written with data (all others are holes, i.e. zero pages)."""
-
-    def slot(self, vaddr: int) -> int:
-        slot = self.slots.get(vaddr)
-        if slot is None:
-            slot = self.slots[vaddr] = len(self.order)
-            self.order.append(vaddr)
-        return slot
+        self.slots = SlotMap()
+        """Where each page is: slot n is bytes [n * 4096, (n + 1) * 4096) of the file."""
+        self.filled = bytearray()
+        """One byte per slot, 1 for a slot written with data (all others are holes, i.e. zero pages)."""
 
     def write(self, vaddrs: list[int], data: memoryview) -> None:
         # Runs of consecutive slots go out in one pwrite each; round one is a single run per batch.
-        run_start, run_first = 0, -1
-        for i, vaddr in enumerate(vaddrs):
-            slot = self.slot(vaddr)
-            if run_first < 0:
-                run_start, run_first = i, slot
-            elif slot != run_first + (i - run_start):
-                self._pwrite(run_first, data[run_start * PAGE_SIZE : i * PAGE_SIZE])
-                run_start, run_first = i, slot
-        if run_first >= 0:
-            self._pwrite(run_first, data[run_start * PAGE_SIZE : len(vaddrs) * PAGE_SIZE])
+        first_slot = first_page = pages = 0
+        page = 0
+        for vaddr, count in runs_of(vaddrs):
+            for slot, n in self.slots.assign(vaddr, count):
+                if pages and slot == first_slot + pages:
+                    pages += n
+                else:
+                    if pages:
+                        self._pwrite(first_slot, data[first_page * PAGE_SIZE : (first_page + pages) * PAGE_SIZE])
+                    first_slot, first_page, pages = slot, page, n
+                page += n
+        if pages:
+            self._pwrite(first_slot, data[first_page * PAGE_SIZE : (first_page + pages) * PAGE_SIZE])
 
     def zero(self, vaddrs: list[int]) -> None:
         for vaddr in vaddrs:
-            slot = self.slot(vaddr)
-            if slot in self.filled:  # it holds old content: overwrite (a never-written slot is a hole)
-                self._pwrite(slot, ZERO_PAGE)
-                self.filled.discard(slot)
+            ((slot, _),) = self.slots.assign(vaddr)
+            if slot < len(self.filled) and self.filled[slot]:  # it holds old content: overwrite
+                self._pwrite(slot, ZERO_PAGE)  # (a never-written slot is a hole)
+                self.filled[slot] = 0
 
     def _pwrite(self, slot: int, data: bytes | memoryview) -> None:
-        self.filled.update(range(slot, slot + len(data) // PAGE_SIZE))
+        end = slot + len(data) // PAGE_SIZE
+        if end > len(self.filled):
+            self.filled.extend(bytes(end - len(self.filled)))
+        self.filled[slot:end] = b"\x01" * (end - slot)
         offset, view = slot * PAGE_SIZE, memoryview(data)
         while view:
             written = os.pwrite(self.fd, view, offset)
             offset += written
             view = view[written:]
 
-    def read(self, vaddr: int) -> bytes:
-        return self.read_slots(self.slots[vaddr], 1)
-
     def read_slots(self, first: int, count: int) -> bytes:
         data = os.pread(self.fd, count * PAGE_SIZE, first * PAGE_SIZE)
         return data + bytes(count * PAGE_SIZE - len(data))  # past the end of the file: a hole, zeros
 
-    def copy_to(self, target: Path, vaddrs: list[int]) -> None:
+    def _slot_runs(self, vaddrs: PageRuns) -> Iterator[Run]:
+        """(slot, count) runs of the slots of `vaddrs` (all stored), in their order, merged."""
+        first = count = 0
+        for vaddr, pages in vaddrs.runs():
+            slots = self.slots.lookup(vaddr, pages)
+            assert slots is not None, "checked by the caller"
+            for slot, n in slots:
+                if count and slot == first + count:
+                    count += n
+                    continue
+                if count:
+                    yield first, count
+                first, count = slot, n
+        if count:
+            yield first, count
+
+    def _full_size(self) -> None:
+        """Holes at the end are part of the file too (copy_file_range stops at its end)."""
+        os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, len(self.slots) * PAGE_SIZE))
+
+    def copy_to(self, target: Path, vaddrs: PageRuns) -> None:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, len(self.order) * PAGE_SIZE))
+            self._full_size()
             # One copy_file_range per run of consecutive slots: a layout shifted by a page or two is
             # still a few long runs, not one call per page.
-            out, start = 0, 0
-            slots = [self.slots[vaddr] for vaddr in vaddrs]
-            for n in range(1, len(slots) + 1):
-                if n == len(slots) or slots[n] != slots[n - 1] + 1:
-                    size = (n - start) * PAGE_SIZE
-                    offset = slots[start] * PAGE_SIZE
-                    while size:
-                        copied = os.copy_file_range(self.fd, fd, size, offset, out)
-                        if copied <= 0:
-                            raise OSError(f"copy_file_range stopped short in {self.path}")
-                        size, offset, out = size - copied, offset + copied, out + copied
-                    start = n
+            out = 0
+            for slot, count in self._slot_runs(vaddrs):
+                _copy(self.fd, slot * PAGE_SIZE, fd, out, count * PAGE_SIZE, self.path)
+                out += count * PAGE_SIZE
         finally:
             os.close(fd)
 
+    def move_to(self, target: Path, vaddrs: PageRuns, misplaced: list[Run]) -> None:
+        """Make this file the pages file `target`, which holds `vaddrs` in order, by a rename. The
+        pages at the `misplaced` (position, count) ranges are copied aside first, by runs, and into
+        their places after: the agent holds none of them."""
+        self._full_size()
+        aside = -1
+        try:
+            if misplaced:
+                aside = _unnamed_file(self.path.parent)
+                out = 0
+                for position, count in misplaced:
+                    for slot, n in self._slot_runs(vaddrs.slice(position, count)):
+                        _copy(self.fd, slot * PAGE_SIZE, aside, out, n * PAGE_SIZE, self.path)
+                        out += n * PAGE_SIZE
+            self.close()
+            self.path.replace(target)  # same filesystem: a rename, not a copy
+            fd = os.open(target, os.O_RDWR)
+            try:
+                at = 0
+                for position, count in misplaced:
+                    _copy(aside, at, fd, position * PAGE_SIZE, count * PAGE_SIZE, target)
+                    at += count * PAGE_SIZE
+                os.ftruncate(fd, len(vaddrs) * PAGE_SIZE)
+            finally:
+                os.close(fd)
+        finally:
+            if aside >= 0:
+                os.close(aside)
+
     def close(self) -> None:
         if self.fd >= 0:
-            os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, len(self.order) * PAGE_SIZE))
+            self._full_size()
             os.close(self.fd)
             self.fd = -1
 
 
-def _patch(path: Path, pages: dict[int, bytes], count: int) -> None:
-    """Write `pages` (by page index) into the pages file and cut it to `count` pages."""
-    fd = os.open(path, os.O_RDWR)
+def _unnamed_file(directory: Path) -> int:
+    """A file open for writing that no name leads to: it goes when closed, even after a crash."""
     try:
-        for index, data in pages.items():
-            os.pwrite(fd, data, index * PAGE_SIZE)
-        os.ftruncate(fd, count * PAGE_SIZE)
-    finally:
-        os.close(fd)
+        return os.open(directory, os.O_RDWR | os.O_TMPFILE, 0o600)
+    except OSError:  # a filesystem without O_TMPFILE
+        path = directory / f".aside-{os.getpid()}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        path.unlink()
+        return fd
+
+
+def _copy(src: int, src_offset: int, dst: int, dst_offset: int, size: int, what: Path) -> None:
+    while size:
+        copied = os.copy_file_range(src, dst, size, src_offset, dst_offset)
+        if copied <= 0:
+            raise OSError(f"copy_file_range stopped short in {what}")
+        size, src_offset, dst_offset = size - copied, src_offset + copied, dst_offset + copied

@@ -41,6 +41,12 @@ class PageMap:
             if r.flags & PE_PRESENT:
                 yield from range(r.vaddr, r.vaddr + r.nr_pages * PAGE_SIZE, PAGE_SIZE)
 
+    def present_runs(self) -> Iterator[tuple[int, int]]:
+        """(address, number of pages) of the ranges stored in `pages_file`, in file order."""
+        for r in self.ranges:
+            if r.flags & PE_PRESENT:
+                yield r.vaddr, r.nr_pages
+
     @property
     def present_pages(self) -> int:
         return sum(r.nr_pages for r in self.ranges if r.flags & PE_PRESENT)
