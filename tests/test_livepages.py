@@ -55,9 +55,9 @@ def memhog(tmp: Path, rate_mb_s: int) -> Iterator[tuple[subprocess.Popen[bytes],
 def live_pages(process: LiveProcess) -> dict[int, bytes]:
     buffer = bytearray(64 * PAGE_SIZE)
     return {
-        vaddr: bytes(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
-        for vaddrs, data in read_pages(process, buffer)
-        for i, vaddr in enumerate(vaddrs)
+        start + i * PAGE_SIZE: bytes(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        for start, data in read_pages(process, buffer)
+        for i in range(len(data) // PAGE_SIZE)
     }
 
 

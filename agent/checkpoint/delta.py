@@ -58,8 +58,8 @@ class PageBatch:
         return len(self.vaddrs) * PAGE_SIZE
 
 
-# A run of pages with their data and digests: (addresses, data, 16-byte digests back to back).
-Piece = tuple[list[int], memoryview, bytes]
+# Pages with their data and digests: (addresses, data, 16-byte digests back to back).
+Piece = tuple[PageRuns, memoryview, bytes]
 
 
 @dataclass
@@ -87,13 +87,14 @@ def _digests(view: memoryview, first: int, count: int) -> bytes:
 
 @dataclass(frozen=True)
 class _Sent:
-    """What one pagemap's pages were when last sent: addresses in dump order, digests alike."""
+    """What one pagemap's pages were when last sent: addresses in dump order, digests alike (16 bytes
+    a page in one buffer: the only bookkeeping that grows with the process, 16 MB at 4 GiB)."""
 
-    vaddrs: list[int]
-    digests: bytes
+    vaddrs: PageRuns
+    digests: bytes | bytearray
 
-    def digest_of(self, index: dict[int, int], vaddr: int) -> bytes | None:
-        at = index.get(vaddr)
+    def digest_of(self, vaddr: int) -> bytes | bytearray | None:
+        at = self.vaddrs.position(vaddr)
         return None if at is None else self.digests[at * DIGEST : (at + 1) * DIGEST]
 
 
@@ -102,7 +103,6 @@ class PageTracker:
 
     def __init__(self, threads: int = 2) -> None:
         self._sent: dict[str, _Sent] = {}
-        self._indexes: dict[str, dict[int, int]] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="page-hash")
 
     def held_by_target(self, pagemap: str, vaddr: int, data: memoryview) -> list[bool]:
@@ -112,13 +112,8 @@ class PageTracker:
         sent = self._sent.get(pagemap)
         if sent is None:
             return [False] * count
-        index = self._indexes.get(pagemap)
-        if index is None:
-            index = self._indexes[pagemap] = {v: i for i, v in enumerate(sent.vaddrs)}
         digests = _digests(data, 0, count)
-        return [
-            sent.digest_of(index, vaddr + i * PAGE_SIZE) == digests[i * DIGEST : (i + 1) * DIGEST] for i in range(count)
-        ]
+        return [sent.digest_of(vaddr + i * PAGE_SIZE) == digests[i * DIGEST : (i + 1) * DIGEST] for i in range(count)]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -142,14 +137,14 @@ class PageTracker:
         half = READ_PAGES // 2
         for process in processes:
 
-            def hashed(pieces: Iterator[tuple[list[int], memoryview]]) -> Iterator[Piece]:
-                for vaddrs, view in pieces:
-                    count = len(vaddrs)
+            def hashed(pieces: Iterator[tuple[int, memoryview]]) -> Iterator[Piece]:
+                for vaddr, view in pieces:
+                    count = len(view) // PAGE_SIZE
                     parts = self._pool.map(
                         lambda first, view=view, count=count: _digests(view, first, min(half, count - first)),
                         range(0, count, half),
                     )
-                    yield vaddrs, view, b"".join(parts)
+                    yield PageRuns([(vaddr, count)]), view, b"".join(parts)
 
             yield from self._compare(process.pagemap, hashed(read_pages(process, buffer)), stats)
 
@@ -157,7 +152,7 @@ class PageTracker:
         self, pm: PageMap, view: memoryview, stats: DeltaStats, done: Callable[[int, int], None]
     ) -> Iterator[PageBatch]:
         """`done(start, end)` is called with each byte range of `view` once nothing refers to it."""
-        vaddrs = list(pm.present_vaddrs())
+        vaddrs = PageRuns(pm.present_runs())
         total = len(vaddrs)
         window = WINDOW_CHUNKS * HASH_CHUNK
 
@@ -175,7 +170,7 @@ class PageTracker:
                 for index, future in enumerate(current):
                     first = start + index * HASH_CHUNK
                     page_view = view[first * PAGE_SIZE : (first + HASH_CHUNK) * PAGE_SIZE]
-                    yield vaddrs[first : first + HASH_CHUNK], page_view, future.result()
+                    yield vaddrs.slice(first, HASH_CHUNK), page_view, future.result()
                 done(start * PAGE_SIZE, min(start + window, total) * PAGE_SIZE)  # compared, copied out
 
         yield from self._compare(pm.name, pieces(), stats)
@@ -183,51 +178,45 @@ class PageTracker:
     def _compare(self, pagemap: str, pieces: Iterator[Piece], stats: DeltaStats) -> Iterator[PageBatch]:
         """Batches of the pages whose digest differs from the one last sent; records the new digests."""
         batch = PageBatch(pagemap)
-        before = self._sent.get(pagemap, _Sent([], b""))
-        where: dict[int, int] | None = None
-        vaddrs: list[int] = []
+        before = self._sent.get(pagemap, _Sent(PageRuns(), b""))
+        vaddrs = PageRuns()
         digests = bytearray()
         for piece_vaddrs, view, blob in pieces:
             position, count = len(vaddrs), len(piece_vaddrs)
-            vaddrs += piece_vaddrs
+            vaddrs.extend(piece_vaddrs)
             digests += blob
             stats.pages += count
             # Usually the mappings did not change: then a whole piece whose digests equal the old ones
             # is skipped in one comparison, and only pieces with changes are looked at page by page.
-            aligned = before.vaddrs[position : position + count] == piece_vaddrs
+            aligned = before.vaddrs.slice(position, count) == piece_vaddrs
             if aligned and before.digests[position * DIGEST : (position + count) * DIGEST] == blob:
                 stats.unchanged += count
                 continue
-            if not aligned and where is None:
-                where = {v: i for i, v in enumerate(before.vaddrs)}
-            for offset in range(count):
+            for offset, vaddr in enumerate(piece_vaddrs):
                 digest = blob[offset * DIGEST : (offset + 1) * DIGEST]
                 if aligned:
                     at = position + offset
-                    old: bytes | None = before.digests[at * DIGEST : (at + 1) * DIGEST]
+                    old: bytes | bytearray | None = before.digests[at * DIGEST : (at + 1) * DIGEST]
                 else:
-                    assert where is not None
-                    old = before.digest_of(where, piece_vaddrs[offset])
+                    old = before.digest_of(vaddr)
                 if old == digest:
                     stats.unchanged += 1
                 elif digest == ZERO_DIGEST:
-                    batch.zeros.append(piece_vaddrs[offset])
+                    batch.zeros.append(vaddr)
                     stats.zero += 1
                 else:
-                    batch.vaddrs.append(piece_vaddrs[offset])
+                    batch.vaddrs.append(vaddr)
                     batch.data.append(bytes(view[offset * PAGE_SIZE : (offset + 1) * PAGE_SIZE]))  # the source goes
                     stats.changed += 1
                     if len(batch.vaddrs) >= BATCH_PAGES:
                         yield batch
                         batch = PageBatch(pagemap)
-        self._sent[pagemap] = _Sent(vaddrs, bytes(digests))
-        self._indexes.pop(pagemap, None)
+        self._sent[pagemap] = _Sent(vaddrs, digests)
         if batch.vaddrs or batch.zeros:
             yield batch
 
     def forget(self) -> None:
         self._sent.clear()
-        self._indexes.clear()
 
 
 class PageStore:

@@ -133,8 +133,9 @@ def _runs(indexes: np.ndarray) -> Iterator[tuple[int, int]]:
         yield int(indexes[s]), e - s
 
 
-def read_pages(process: LiveProcess, buffer: bytearray) -> Iterator[tuple[list[int], memoryview]]:
-    """(addresses, data) pieces of up to len(buffer) // 4096 pages, in address order.
+def read_pages(process: LiveProcess, buffer: bytearray) -> Iterator[tuple[int, memoryview]]:
+    """(address, data) pieces of up to len(buffer) // 4096 consecutive pages from `address`, in
+    address order.
 
     `data` is a view of `buffer`, valid until the next piece. Pages that vanish while being read
     (unmapped meanwhile) are skipped.
@@ -176,4 +177,4 @@ def read_pages(process: LiveProcess, buffer: bytearray) -> Iterator[tuple[list[i
                             continue  # unmapped since /proc/PID/maps was read
                         n = got // PAGE_SIZE
                         if n:
-                            yield list(range(address, address + n * PAGE_SIZE, PAGE_SIZE)), view[: n * PAGE_SIZE]
+                            yield address, view[: n * PAGE_SIZE]
