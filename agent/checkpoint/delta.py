@@ -12,6 +12,8 @@ import hashlib
 import logging
 import mmap
 import os
+import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,23 +87,56 @@ def _digests(view: memoryview, first: int, count: int) -> bytes:
     )
 
 
+class _Digests:
+    """16 bytes of digest a page, by position, in an unnamed file of the migration's work directory.
+
+    The digests are the one part of the tracker that grows with the process: 16 MB at 4 GiB, 256 MB
+    at 64 GiB, twice while a round replaces the last. In the work directory (tmpfs, beside the
+    dumps, which hold 256 times as much) they stay out of the agent's memory, which must not grow
+    with the container. They are read and written a piece (up to HASH_CHUNK pages) at a time.
+    """
+
+    def __init__(self, directory: Path | None) -> None:
+        self._directory = directory
+        self._fd = -1
+        self.count = 0
+
+    def append(self, blob: bytes) -> None:
+        if self._fd < 0:
+            self._fd = _unnamed_file(self._directory or Path(tempfile.gettempdir()))
+            # Closed with the last reference, not before: post-copy may still read it on a thread.
+            weakref.finalize(self, os.close, self._fd)
+        _pwrite_all(self._fd, blob, self.count * DIGEST)
+        self.count += len(blob) // DIGEST
+
+    def read(self, position: int, count: int) -> bytes:
+        """The digests of positions [position, position + count), cut at the end."""
+        count = min(count, self.count - position)
+        if count <= 0:
+            return b""
+        return os.pread(self._fd, count * DIGEST, position * DIGEST)
+
+
 @dataclass(frozen=True)
 class _Sent:
-    """What one pagemap's pages were when last sent: addresses in dump order, digests alike (16 bytes
-    a page in one buffer: the only bookkeeping that grows with the process, 16 MB at 4 GiB)."""
+    """What one pagemap's pages were when last sent: addresses in dump order, digests alike."""
 
     vaddrs: PageRuns
-    digests: bytes | bytearray
+    digests: _Digests
 
-    def digest_of(self, vaddr: int) -> bytes | bytearray | None:
+    def digest_of(self, vaddr: int) -> bytes | None:
         at = self.vaddrs.position(vaddr)
-        return None if at is None else self.digests[at * DIGEST : (at + 1) * DIGEST]
+        return None if at is None else self.digests.read(at, 1)
 
 
 class PageTracker:
-    """Source side: what the target already holds, as one digest per page."""
+    """Source side: what the target already holds, as one digest per page.
 
-    def __init__(self, threads: int = 2) -> None:
+    `directory` holds the digests (the migration's work directory; None: the temporary directory).
+    """
+
+    def __init__(self, directory: Path | None = None, threads: int = 2) -> None:
+        self._directory = directory
         self._sent: dict[str, _Sent] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="page-hash")
 
@@ -113,10 +148,15 @@ class PageTracker:
         if sent is None:
             return [False] * count
         digests = _digests(data, 0, count)
+        at = sent.vaddrs.position(vaddr)
+        if at is not None and sent.vaddrs.slice(at, count) == PageRuns([(vaddr, count)]):
+            held = sent.digests.read(at, count)  # sent in the same order, as usual: one read
+            return [held[i * DIGEST : (i + 1) * DIGEST] == digests[i * DIGEST : (i + 1) * DIGEST] for i in range(count)]
         return [sent.digest_of(vaddr + i * PAGE_SIZE) == digests[i * DIGEST : (i + 1) * DIGEST] for i in range(count)]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.forget()
 
     def delta(self, image_dir: Path, stats: DeltaStats) -> Iterator[PageBatch]:
         """Batches of pages that differ from what was sent; call from a worker thread (it hashes)."""
@@ -178,27 +218,24 @@ class PageTracker:
     def _compare(self, pagemap: str, pieces: Iterator[Piece], stats: DeltaStats) -> Iterator[PageBatch]:
         """Batches of the pages whose digest differs from the one last sent; records the new digests."""
         batch = PageBatch(pagemap)
-        before = self._sent.get(pagemap, _Sent(PageRuns(), b""))
+        before = self._sent.get(pagemap, _Sent(PageRuns(), _Digests(None)))
         vaddrs = PageRuns()
-        digests = bytearray()
+        digests = _Digests(self._directory)
         for piece_vaddrs, view, blob in pieces:
             position, count = len(vaddrs), len(piece_vaddrs)
             vaddrs.extend(piece_vaddrs)
-            digests += blob
+            digests.append(blob)
             stats.pages += count
             # Usually the mappings did not change: then a whole piece whose digests equal the old ones
             # is skipped in one comparison, and only pieces with changes are looked at page by page.
             aligned = before.vaddrs.slice(position, count) == piece_vaddrs
-            if aligned and before.digests[position * DIGEST : (position + count) * DIGEST] == blob:
+            olds = before.digests.read(position, count) if aligned else b""
+            if aligned and olds == blob:
                 stats.unchanged += count
                 continue
             for offset, vaddr in enumerate(piece_vaddrs):
                 digest = blob[offset * DIGEST : (offset + 1) * DIGEST]
-                if aligned:
-                    at = position + offset
-                    old: bytes | bytearray | None = before.digests[at * DIGEST : (at + 1) * DIGEST]
-                else:
-                    old = before.digest_of(vaddr)
+                old = olds[offset * DIGEST : (offset + 1) * DIGEST] if aligned else before.digest_of(vaddr)
                 if old == digest:
                     stats.unchanged += 1
                 elif digest == ZERO_DIGEST:
@@ -351,11 +388,7 @@ class _PageFile:
         if end > len(self.filled):
             self.filled.extend(bytes(end - len(self.filled)))
         self.filled[slot:end] = b"\x01" * (end - slot)
-        offset, view = slot * PAGE_SIZE, memoryview(data)
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            offset += written
-            view = view[written:]
+        _pwrite_all(self.fd, data, slot * PAGE_SIZE)
 
     def read_slots(self, first: int, count: int) -> bytes:
         data = os.pread(self.fd, count * PAGE_SIZE, first * PAGE_SIZE)
@@ -428,6 +461,14 @@ class _PageFile:
             self._full_size()
             os.close(self.fd)
             self.fd = -1
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        offset += written
+        view = view[written:]
 
 
 def _unnamed_file(directory: Path) -> int:

@@ -220,7 +220,7 @@ class SourceMigration:
 
     async def _precopy(self, link: Link) -> None:
         target_s = self.record.options.downtime_target_ms / 1000
-        tracker = self._tracker = PageTracker()
+        tracker = self._tracker = PageTracker(self.work)  # its digests go to the work directory
         rounds: list[Round] = []
         dirty: list[int] = []
         previous: Path | None = None
