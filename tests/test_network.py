@@ -593,7 +593,9 @@ async def main():
     listener = udp_listener(Path(info.path).name)
     assert await net2.hold("10.77.0.5", info.host_veth) is True       # before a freeze: kept, silently
     assert await net2.published("10.77.0.5") == HELD
-    assert "UP" not in json.loads(ip("-j", "link", "show", "dev", info.host_veth))[0]["flags"]  # silent outward too
+    assert "UP" in json.loads(ip("-j", "link", "show", "dev", info.host_veth))[0]["flags"]  # it still sends
+    await net2.silence(info.host_veth)                                 # frozen: silent outward too
+    assert "UP" not in json.loads(ip("-j", "link", "show", "dev", info.host_veth))[0]["flags"]
     assert f"10.77.0.5 dev {device}" in ip("route", "show", "proto", "77")
     assert "10.77.0.5 dev up0 proxy" in ip("neigh", "show", "proxy")  # neighbours keep sending here
     send_udp(b"during the hold")

@@ -334,9 +334,10 @@ class SourceMigration:
         final.mkdir(parents=True)
         await link.send(Stopcopy())
         await link.expect(Ready)  # the target has the image (and its pager): the freeze waits for nothing
+        await self._hold_address()
         frozen_at = time.monotonic()
         await tasks.pause(cid)
-        await self._hold_address()  # frozen first: what it wrote until now reaches its clients
+        await self._silence()  # frozen first: what it wrote until the pause reaches its clients
         await self.ctx.failpoints.hit("source.frozen")  # fault tests: the agent dies with its copy frozen
         await self._dump(final, pre_dump=False, parent=self._parent)  # a paused task stays frozen
         freeze_dump_ms = (time.monotonic() - frozen_at) * 1000
@@ -401,9 +402,10 @@ class SourceMigration:
         await asyncio.to_thread(self.ctx.criu_configs.write, cid, lazy_dump(port))
         await link.send(Stopcopy(lazy=True))
         await link.expect(Ready)  # the target has the image (and its pager): the freeze waits for nothing
+        await self._hold_address()
         frozen_at = time.monotonic()
         await tasks.pause(cid)
-        await self._hold_address()  # frozen first: what it wrote until now reaches its clients
+        await self._silence()  # frozen first: what it wrote until the pause reaches its clients
         # Returns only once the page server has served every page (or failed); a paused task stays frozen.
         dump: asyncio.Task[None] = asyncio.create_task(self._dump(final, pre_dump=False, parent=None), name="lazy-dump")
         # The rw layer is final once frozen: export it while CRIU dumps, so the target builds the
@@ -613,13 +615,18 @@ class SourceMigration:
         await remove_container(self.ctx.cd, self.record.container)
 
     async def _hold_address(self) -> None:
-        """From the freeze until the decision, the service address's traffic is kept here, away from
-        the frozen copy: what its kernel took in after CRIU read its sockets would be lost to the
-        target. Held after the pause, before the dump: what the workload wrote before it froze leaves
-        (a reply caught behind a hold would wait for the restored copy's retransmission timer), and
-        what its kernel takes in meanwhile is in the sockets CRIU dumps."""
+        """From just before the freeze until the decision, the service address's traffic is kept here,
+        away from the copy: what its kernel took in after CRIU read its sockets, or a connection it
+        completed that the workload had not accepted yet, would be lost to the target."""
         if self._service_ip:
             await self.ctx.network.hold(self._service_ip, self.ctx.network.info(self.record.container).host_veth)
+
+    async def _silence(self) -> None:
+        """Once frozen, nothing the copy's kernel sends leaves (see ServiceNetwork.silence). Only then:
+        a reply the workload wrote before the pause still reaches its client, or it would wait for the
+        restored copy's retransmission timer."""
+        if self._service_ip:
+            await self.ctx.network.silence(self.ctx.network.info(self.record.container).host_veth)
 
     async def _forward_held(self) -> int:
         """The target has published the address: what clients sent during the freeze goes there now,

@@ -242,20 +242,18 @@ def _route_to_veth(ipr: IPRoute, service_ip: str, host_veth: str) -> None:
 
 
 def hold(service_ip: str, host_veth: str, capture: str | None = None) -> bool:
-    """Silence the container both ways: service_ip/32 routed into the hold device `capture` (a TUN
-    device whose packets the agent keeps, see `capture.HeldTraffic`), or a blackhole without one,
-    in place of the route to host_veth; and host_veth down.
+    """Take the container's incoming traffic away: service_ip/32 routed into the hold device
+    `capture` (a TUN device whose packets the agent keeps, see `capture.HeldTraffic`), or a
+    blackhole without one, in place of the route to host_veth.
 
-    In: the container's kernel must not take in what its frozen copy will never see: once CRIU has
-    read a socket, data the kernel acknowledged after that is lost to the restored copy (CRIU unlocks
-    the network at the end of a dump that leaves the tasks alive). Kept aside instead, it is sent
+    The container's kernel must not take in what its frozen copy will never see: once CRIU has read
+    a socket, data the kernel acknowledged after that is lost to the restored copy (CRIU unlocks the
+    network at the end of a dump that leaves the tasks alive), and a connection its kernel completes
+    but the workload has not accepted yet is not dumped at all (CRIU skips connections in flight):
+    its client, acknowledged, would wait for good. Kept aside instead, what clients send is sent
     again to whichever copy then holds the address. The proxy ARP entry stays: neighbours keep
-    sending here, so nothing takes another path meanwhile.
-    Out: a frozen task's kernel still runs its TCP timers. Its retransmissions and window probes
-    carry timestamps ahead of the restored copy's, and a client that takes them discards the
-    restored copy's replies (PAWS) for as long as they come. With host_veth down the container's
-    eth0 has no carrier: whatever its kernel sends is dropped at its own interface. Publishing the
-    address again (`release`, `publish`) brings the veth up.
+    sending here, so nothing takes another path meanwhile. What the container sends still leaves
+    until `silence`.
     False when the address was not routed to host_veth (nothing is changed then).
     """
     if published_routes().get(service_ip) != host_veth:
@@ -270,10 +268,22 @@ def hold(service_ip: str, host_veth: str, capture: str | None = None) -> bool:
         else:
             route = {"type": RTN_BLACKHOLE}
         ipr.route("replace", dst=f"{service_ip}/32", proto=RTPROT_FERRYMAN, table=RT_TABLE_MAIN, **route)
+    return True
+
+
+def silence(host_veth: str) -> None:
+    """Take host_veth down: the container's eth0 loses carrier, and whatever its kernel sends is
+    dropped at its own interface.
+
+    A frozen task's kernel still runs its TCP timers. Its retransmissions and window probes carry
+    timestamps ahead of the restored copy's, and a client that takes them discards the restored
+    copy's replies (PAWS) for as long as they come. Publishing the address again (`release`,
+    `publish`) brings the veth up.
+    """
+    with IPRoute() as ipr:
         index = _index(ipr, host_veth)
         if index is not None:
             ipr.link("set", index=index, state="down")
-    return True
 
 
 def release(service_ip: str, host_veth: str) -> bool:

@@ -174,10 +174,9 @@ class ServiceNetwork:
         log.info("service address published", extra={"service_ip": ip, "veth": host_veth, "uplink": uplink})
 
     async def hold(self, service_ip: str, host_veth: str) -> bool:
-        """Silence the container until `release`, `publish` or `unpublish` (see netlink.hold): what is
-        sent to service_ip is kept on this host instead of reaching the container, and what the
-        container sends is dropped at its own interface. False when it was not published to host_veth
-        here (nothing to hold)."""
+        """Until `release`, `publish` or `unpublish` (see netlink.hold), what is sent to service_ip is
+        kept on this host instead of reaching the container. False when it was not published to
+        host_veth here (nothing to hold)."""
         ip = parse_service_ip(service_ip)
         device = hold_ifname(host_veth)
         async with self._lock(f"ip:{ip}"):
@@ -202,6 +201,11 @@ class ServiceNetwork:
                     await self._run(f"delete {device}", lambda: netlink.delete_link(device))
         log.info("service address held", extra={"service_ip": ip, "held": holding})
         return holding
+
+    async def silence(self, host_veth: str) -> None:
+        """Drop whatever the container behind host_veth sends, until its address is published or
+        released again (see netlink.silence)."""
+        await self._run(f"silence {host_veth}", lambda: netlink.silence(host_veth))
 
     async def release(self, service_ip: str, host_veth: str) -> bool:
         """Route a held service_ip to host_veth again and hand it what clients sent meanwhile; False
