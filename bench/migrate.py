@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.containerd import Containerd, ImageRecord
 from tests.harness.containerd import pick_base_dir
-from tests.harness.fleet import api, fleet, memhog_status, migrate, verify_memory
+from tests.harness.fleet import api, fleet, memhog_gaps, memhog_status, migrate, verify_memory
 from tests.harness.mesh import Mesh, MeshHost
 from tests.harness.workloads import memhog_image
 
@@ -127,9 +127,12 @@ async def live(mesh: Mesh, name: str, mode: str, records: Path | None) -> dict[s
         raise RuntimeError(f"migration failed: {record.get('error')}")
     await asyncio.sleep(1.0)
     status = await memhog_status(h2, name)
+    verify_at_us = time.time() * 1e6
     verified = await verify_memory(h2, name, within=120)
+    gaps = [(end, gap) for end, gap in memhog_gaps(h2, name) if end - gap < verify_at_us]  # the check pauses it
     await remove(h2, name)
     stats = record["stats"]
+    dumped = stats.get("lazy_pages", 0) * 4096
     return {
         "downtime_ms": status.max_gap_us / 1000,
         "total_s": total,
@@ -143,7 +146,34 @@ async def live(mesh: Mesh, name: str, mode: str, records: Path | None) -> dict[s
         "freeze_dump_ms": stats["freeze_dump_ms"],
         "restore_ms": stats["restore_ms"],
         "gap_end_ms": gap_end_after_resume(record, status.max_gap_end_us),
+        "lazy_mb": dumped / 1e6,
+        "wire_per_lazy": stats["bytes_wire"] / dumped if dumped else None,
+        "pages_pushed": stats.get("pages_pushed", 0),
+        "pages_resent": stats.get("pages_resent", 0),
+        "stall_after_300_ms": stall_after(record, gaps, 300.0),
+        "stalls": stalls(record, gaps, 50.0),
     }
+
+
+def stalls(record: dict[str, Any], gaps: list[tuple[int, int]], over_ms: float) -> list[tuple[int, int]]:
+    """(ms from the resume to the start of the pause, its length in ms) of the pauses over `over_ms`."""
+    states = dict((state, at) for state, at in record.get("history", []))
+    resumed = states.get("POSTCOPY") or states.get("SWITCH")
+    if resumed is None:
+        return []
+    at_us = datetime.fromisoformat(resumed).timestamp() * 1e6
+    return [(round((end - gap - at_us) / 1000), round(gap / 1000)) for end, gap in gaps if gap > over_ms * 1000]
+
+
+def stall_after(record: dict[str, Any], gaps: list[tuple[int, int]], after_ms: float) -> float | None:
+    """The longest pause of the workload that ended more than `after_ms` after it resumed on the target
+    (the entry into POSTCOPY): the stalls of post-copy's page faults, past the downtime."""
+    states = dict((state, at) for state, at in record.get("history", []))
+    resumed = states.get("POSTCOPY")
+    if resumed is None:
+        return None
+    since_us = (datetime.fromisoformat(resumed).timestamp() * 1000 + after_ms) * 1000
+    return max((gap / 1000 for end, gap in gaps if end > since_us), default=0.0)
 
 
 def gap_end_after_resume(record: dict[str, Any], gap_end_us: int) -> float | None:
@@ -168,6 +198,15 @@ def describe(r: dict[str, Any]) -> str:
         )
     if r.get("gap_end_ms") is not None:
         line += f", longest gap ended {r['gap_end_ms']:+.0f} ms from resume"
+    if r.get("wire_per_lazy") is not None:
+        line += (
+            f", lazy {r['lazy_mb']:.1f} MB, wire/lazy {r['wire_per_lazy']:.3f}, pushed {r['pages_pushed']} pages,"
+            f" resent {r['pages_resent']} pages"
+        )
+    if r.get("stall_after_300_ms") is not None:
+        line += f", longest stall after resume+300 ms {r['stall_after_300_ms']:.1f} ms"
+    if r.get("stalls"):
+        line += f", stalls over 50 ms (start from resume, length) {r['stalls']}"
     return line
 
 

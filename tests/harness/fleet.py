@@ -195,6 +195,16 @@ async def verify_memory(host: MeshHost, name: str, within: float = 20.0, status_
     raise AssertionError(f"memhog on {host.name} never verified its memory")
 
 
+def memhog_gaps(host: MeshHost, name: str, status: str = "status") -> list[tuple[int, int]]:
+    """memhog's pauses of 5 ms or more: (realtime µs the pause ended, its length in µs), oldest first."""
+    path = bundle_rootfs(host.containerd.state, host.containerd.namespace, name) / "tmp" / f"{status}.gaps"
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    return [(int(end), int(gap)) for end, gap in (line.split() for line in text.splitlines() if line.strip())]
+
+
 def task_states(host: MeshHost) -> dict[str, str]:
     out = host.ctr("tasks", "ls").stdout.splitlines()[1:]
     return {line.split()[0]: line.split()[-1] for line in out if line.strip()}

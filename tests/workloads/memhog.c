@@ -10,6 +10,8 @@
  * When the file STATUS_FILE.verify exists it checks every page against its generation, removes the
  * file and reports verified=ok or verified=corrupt:<page>. The longest gap is the downtime a
  * migration caused; beats keeps counting across a migration when memory survived.
+ * Every pause of 5 ms or more also goes to STATUS_FILE.gaps, one "<end realtime us> <gap us>" line
+ * each (the last 1024): the stalls after the downtime, e.g. a post-copy's page faults.
  * With FORK_EVERY_MS, it forks that often a child that checks 8 pages spread over the memory and
  * exits 1 if one is wrong: fork_errors counts those (and children killed by a signal), children
  * the ones not reaped yet.
@@ -59,6 +61,12 @@ int main(int argc, char **argv) {
 
     uint64_t beats = 0, max_gap = 0, max_gap_end = 0, last = now_us(), next_status = last, cursor = 0;
     uint64_t forks = 0, fork_errors = 0, reaped = 0, next_fork = last + fork_every_us;
+    enum { GAPS = 1024 };
+    static uint64_t gap_end[GAPS], gap_len[GAPS];
+    uint64_t gaps = 0, gaps_written = 0;
+    char gaps_path[4096], gaps_tmp[4096];
+    snprintf(gaps_path, sizeof gaps_path, "%s.gaps", status);
+    snprintf(gaps_tmp, sizeof gaps_tmp, "%s.gaps.tmp", status);
     double owed = 0;
     char verified[64] = "none";
     printf("memhog ready pages=%llu\n", (unsigned long long)pages);
@@ -67,6 +75,7 @@ int main(int argc, char **argv) {
         uint64_t t = now_us();
         uint64_t gap = t - last;
         if (beats > 0 && gap > max_gap) { max_gap = gap; max_gap_end = t; }
+        if (beats > 0 && gap >= 5000) { gap_end[gaps % GAPS] = t; gap_len[gaps % GAPS] = gap; gaps++; }
         owed += rate * (double)gap / 1e6;
         last = t;
         beats++;
@@ -117,6 +126,17 @@ int main(int argc, char **argv) {
             snprintf(tmpname, sizeof tmpname, "%s.tmp", status);
             int fd = open(tmpname, O_WRONLY | O_CREAT | O_TRUNC, 0644);
             if (fd >= 0) { if (write(fd, line, n) != n) {} close(fd); rename(tmpname, status); }
+            if (gaps != gaps_written) { /* the last GAPS of them, oldest first */
+                FILE *g = fopen(gaps_tmp, "w");
+                if (g) {
+                    for (uint64_t i = gaps > GAPS ? gaps - GAPS : 0; i < gaps; i++)
+                        fprintf(g, "%llu %llu\n", (unsigned long long)gap_end[i % GAPS],
+                                (unsigned long long)gap_len[i % GAPS]);
+                    fclose(g);
+                    rename(gaps_tmp, gaps_path);
+                }
+                gaps_written = gaps;
+            }
             next_status = t + 100000;
         }
         usleep(1000);
