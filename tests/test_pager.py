@@ -351,6 +351,19 @@ async def test_a_daemon_that_stops_asking_fails_the_pager(pager: tuple[Daemon, A
     assert result["ok"] is False and "stalled" in result["error"], result
 
 
+def test_page_ranges_missing_and_count() -> None:
+    ranges = PageRanges()
+    assert ranges.missing(PID, RUN_START, 10) == [(0, 10)] and ranges.count(PID, RUN_START, 10) == 0
+    ranges.add(PID, RUN_START + 2 * PAGE_SIZE, 3)  # pages 2-4
+    ranges.add(PID, RUN_START + 8 * PAGE_SIZE, 1)  # page 8
+    assert ranges.missing(PID, RUN_START, 10) == [(0, 2), (5, 3), (9, 1)]
+    assert ranges.count(PID, RUN_START, 10) == 4
+    assert ranges.missing(PID, RUN_START + 3 * PAGE_SIZE, 2) == []  # inside one range
+    assert ranges.missing(PID, RUN_START + 4 * PAGE_SIZE, 4) == [(1, 3)]  # starts in one
+    assert ranges.missing(PID, RUN_START + 9 * PAGE_SIZE, 5) == [(0, 5)]  # past the last
+    assert ranges.missing(OTHER_PID, RUN_START, 2) == [(0, 2)]  # by task
+
+
 def test_page_ranges_merge_and_cover() -> None:
     ranges = PageRanges()
     ranges.add(PID, RUN_START, 4)

@@ -69,10 +69,10 @@ async def test_postcopy_there_and_back(mesh: Mesh, mode: str) -> None:
     assert record["options"]["mode"] == mode
     stats = record["stats"]
     assert stats["lazy_pages"] > 0 and stats["pages_remote"] == 0
-    assert stats["pages_pushed"] > stats["lazy_pages"] // 2, stats  # the push, not faults, moved most pages
     if mode == "hybrid":  # the pages pre-copy sent and nobody changed since come from the target's own copy
         assert stats["pages_local"] > stats["lazy_pages"] // 2, stats
     else:
+        assert stats["pages_pushed"] > stats["lazy_pages"] // 2, stats  # the push, not faults, moved most pages
         assert stats["pages_local"] == 0
     assert stats["downtime_ms"] > 0 and stats["released_ms"] >= stats["total_ms"] > 0
     states = [state for state, _ in record["history"]]

@@ -246,6 +246,7 @@ def migration_details(record: dict[str, Any], *, history: bool = False) -> list[
                 "post-copy",
                 f"{stats['lazy_pages']} pages on demand, {stats.get('pages_remote', 0)} still remote, "
                 f"{stats.get('pages_pushed', 0)} pushed, {stats.get('pages_local', 0)} from the target's own copy, "
+                f"{stats.get('pages_served', 0)} sent on request ({stats.get('pages_resent', 0)} of them twice), "
                 f"{human_ms(stats.get('postcopy_ms'))}; source released after {human_ms(stats.get('released_ms'))}",
             )
         )

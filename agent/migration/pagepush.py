@@ -12,10 +12,15 @@ not sent again.
 Wire: a `pushed` control {pagemap, vaddr, nr_pages, held: [[first, count], ...]} followed by the
 pages that are not held, as page frames keyed like post-copy replies; `push_end` when done. Pushes
 and replies never interleave (one send lock). The target's agent hands each pushed batch straight to
-the pager, which answers the daemon from it without another hop. While a push runs, the agent holds
-the daemon's background requests until the push brings their pages (faults still go to the source at
-once), so no page crosses twice; `push_end` sends whatever is still held to the source. A link that
-breaks stops the push; the relay then forwards every request again, so nothing waits on it.
+the pager, which answers the daemon from it without another hop. A link that breaks stops the push;
+the relay then forwards every request again, so nothing waits on it.
+
+Each page crosses once. The source notes every page it sends, in a reply or a push
+(`SourcePages.sent`), and the push leaves out what a reply sent first: pages of the workload's faults
+and their read-ahead. On the target, the agent holds the daemon's background requests until the push
+brings their pages (faults still go to the source at once; `push_end` sends whatever is still held).
+Before this a lazy migration of 1 GiB at 50 MB/s sent 13% more than its memory (every page a fault
+fetched was pushed again).
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from pathlib import Path
 from agent.checkpoint.images import PAGE_SIZE, read_pagemaps
 from agent.checkpoint.livepages import LiveProcess
 from agent.migration.link import Link, page_key
-from agent.migration.postcopy import HeldByTarget, ranges_of
+from agent.migration.postcopy import HeldByTarget, pagemap_id, ranges_of
 from agent.migration.protocol import Pushed, PushEnd
 from agent.migration.pushflow import PushWindow
+from agent.migration.ranges import PageRanges
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,8 @@ class PushCounts:
     """Pages pushed or named as held."""
     held: int = 0
     """Of those, named only: the target held them from pre-copy."""
+    skipped: int = 0
+    """Pages left out because a reply had sent them already (the workload faulted on them first)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,15 @@ def lazy_regions(image_dir: Path, processes: list[LiveProcess]) -> list[Region]:
         if pid is not None and runs:
             out.append(Region(pid, pm.name, runs))
     return out
+
+
+def next_unsent(sent: PageRanges, dst_id: int, vaddr: int, nr_pages: int, at: int) -> tuple[int, int] | None:
+    """The first run of a batch's pages, from its page `at` on, that has not crossed yet: (first, count)
+    counted from the batch's first page; None when every one has."""
+    start = vaddr + at * PAGE_SIZE
+    for first, count in sent.missing(dst_id, start, nr_pages - at):
+        return at + first, count
+    return None
 
 
 def read_batches(regions: list[Region], held_by_target: HeldByTarget | None) -> Iterator[PushBatch]:
@@ -113,11 +130,15 @@ async def push(
     stop: asyncio.Event,
     window: PushWindow,
     counts: PushCounts,
+    sent: PageRanges | None = None,
 ) -> None:
     """Stream every lazy page of `regions` to the target until done or `stop` is set (checked between
     batches, so a header never goes without its pages). A batch with pages goes only with a credit
     of `window`, which the target's `push_ack` returns: a fault's reply then never queues behind more
-    than a couple of pushed MiB. `counts` follows along."""
+    than a couple of pushed MiB. `counts` follows along. Pages in `sent` (shared with the replies,
+    changed only under `sending`) are left out, and what is pushed is added to it: each page crosses
+    once."""
+    sent = PageRanges() if sent is None else sent
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[PushBatch | None] = asyncio.Queue(maxsize=_QUEUE)
     done = False
@@ -133,33 +154,44 @@ async def push(
 
     producer = asyncio.ensure_future(asyncio.to_thread(produce))
     try:
-        while (batch := await queue.get()) is not None:
-            send = [n for n in range(batch.nr_pages) if not batch.held[n]]
-            if send:  # a batch the target holds all of carries no pages: it needs no credit
-                await window.take()
-            async with sending:
-                if stop.is_set():
+        while not stop.is_set() and (batch := await queue.get()) is not None:
+            dst_id = pagemap_id(batch.pagemap) or 0
+            at = 0  # the batch's pages before this are dealt with
+            while at < batch.nr_pages:
+                credit = not all(batch.held[at:])  # pages may follow: the target acks those
+                if credit:
+                    await window.take()
+                async with sending:
+                    # Looked up under the lock: a reply sends nothing meanwhile.
+                    run = None if stop.is_set() else next_unsent(sent, dst_id, batch.vaddr, batch.nr_pages, at)
+                    if run is None:
+                        if credit:
+                            window.give_back()
+                        counts.skipped += 0 if stop.is_set() else batch.nr_pages - at
+                        break
+                    first, n = run
+                    held = batch.held[first : first + n]
+                    send = [first + k for k in range(n) if not held[k]]
                     if send:
+                        window.sent()  # before the header: the ack may come back before the pages are queued
+                    elif credit:
                         window.give_back()
-                    break
-                if send:
-                    window.sent()  # before the header: the ack may come back before the pages are queued
-                await link.send(
-                    Pushed(
-                        pagemap=batch.pagemap, vaddr=batch.vaddr, nr_pages=batch.nr_pages, held=ranges_of(batch.held)
-                    )
-                )
-                if send:
-                    keys = array("Q", (page_key(0, batch.vaddr + n * PAGE_SIZE) for n in send))
-                    data = (
-                        batch.data
-                        if len(send) == batch.nr_pages
-                        else b"".join(batch.data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] for n in send)
-                    )
-                    await link.send_raw_pages(keys, data)
-            counts.pages += batch.nr_pages
-            counts.held += batch.nr_pages - len(send)
-            on_pages(batch.nr_pages)
+                    vaddr = batch.vaddr + first * PAGE_SIZE
+                    sent.add(dst_id, vaddr, n)
+                    await link.send(Pushed(pagemap=batch.pagemap, vaddr=vaddr, nr_pages=n, held=ranges_of(held)))
+                    if send:
+                        keys = array("Q", (page_key(0, batch.vaddr + k * PAGE_SIZE) for k in send))
+                        data = (
+                            batch.data
+                            if len(send) == batch.nr_pages
+                            else b"".join(batch.data[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] for k in send)
+                        )
+                        await link.send_raw_pages(keys, data)
+                counts.skipped += first - at
+                counts.pages += n
+                counts.held += n - len(send)
+                on_pages(n)
+                at = first + n
         async with sending:
             if not stop.is_set():  # never after the close's answer
                 await link.send(PushEnd(pages=counts.pages))

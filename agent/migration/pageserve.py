@@ -18,6 +18,7 @@ from agent.migration.link import Link, PeerFailed, page_key
 from agent.migration.postcopy import ControlRouter, HeldByTarget, pagemap_of, ranges_of
 from agent.migration.protocol import Message, PsClosed, PsRep, PsReq, PushAck
 from agent.migration.pushflow import PushWindow
+from agent.migration.ranges import PageRanges
 
 
 class SourcePages(ControlRouter):
@@ -43,6 +44,14 @@ class SourcePages(ControlRouter):
         """Set before the close is answered: no pushed page may follow `ps_closed`."""
         self.push_window = PushWindow()
         """Pushed batches the target has not stored yet; its `push_ack` gives a credit back."""
+        self.sent = PageRanges()
+        """Pages given to the target so far, by task (dst_id): in a reply, in a push, or named as held.
+        Changed only under `sending`. The push leaves these out, so a page a fault brought early does not
+        cross again; a reply always carries what it is asked (the pager may have dropped a page)."""
+        self.served = 0
+        """Pages sent in replies (on demand), the ones named as held not included."""
+        self.resent = 0
+        """Of the pages sent in replies, those that had crossed before: the waste the counters show."""
 
     async def serve(self, link: Link) -> None:
         """Answer this link's requests until the daemon's close has been answered.
@@ -113,6 +122,9 @@ class SourcePages(ControlRouter):
         local = ranges_of(held)
         send = [n for n in range(nr_pages) if not held[n]]
         async with self.sending:
+            if nr_pages and send:
+                self.resent += sent_again(self.sent, dst_id, vaddr, held)
+            self.sent.add(dst_id, vaddr, nr_pages)
             await link.send(PsRep(header=reply.header, local=local))
             if send:
                 keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in send))
@@ -123,5 +135,14 @@ class SourcePages(ControlRouter):
                 )
                 await link.send_raw_pages(keys, data)
         self.local_pages += nr_pages - len(send)
+        self.served += len(send)
         self._on_pages(nr_pages)
         return False
+
+
+def sent_again(sent: PageRanges, dst_id: int, vaddr: int, held: list[bool]) -> int:
+    """How many of a reply's pages (those from `vaddr` not `held` by the target) crossed before."""
+    fresh = [False] * len(held)
+    for first, count in sent.missing(dst_id, vaddr, len(held)):
+        fresh[first : first + count] = [True] * count
+    return sum(1 for n in range(len(held)) if not held[n] and not fresh[n])

@@ -36,5 +36,29 @@ class PageRanges:
         i = bisect.bisect_right(ranges, (vaddr, 1 << 64)) - 1
         return i >= 0 and ranges[i][0] <= vaddr and vaddr + nr_pages * PAGE_SIZE <= ranges[i][1]
 
+    def missing(self, dst_id: int, vaddr: int, nr_pages: int) -> list[tuple[int, int]]:
+        """The (first, count) runs of the `nr_pages` pages from `vaddr` that are not in the set, in order
+        (`first` counts pages from `vaddr`)."""
+        start, end = vaddr, vaddr + nr_pages * PAGE_SIZE
+        out: list[tuple[int, int]] = []
+        ranges = self._ranges.get(dst_id, [])
+        i = max(bisect.bisect_right(ranges, (start, 1 << 64)) - 1, 0)
+        at = start
+        while at < end:
+            while i < len(ranges) and ranges[i][1] <= at:
+                i += 1
+            if i == len(ranges) or ranges[i][0] >= end:
+                out.append(((at - start) // PAGE_SIZE, (end - at) // PAGE_SIZE))
+                break
+            low, high = ranges[i]
+            if low > at:
+                out.append(((at - start) // PAGE_SIZE, (low - at) // PAGE_SIZE))
+            at = high
+        return out
+
+    def count(self, dst_id: int, vaddr: int, nr_pages: int) -> int:
+        """How many of the `nr_pages` pages from `vaddr` are in the set."""
+        return nr_pages - sum(n for _, n in self.missing(dst_id, vaddr, nr_pages))
+
     def __len__(self) -> int:
         return sum(len(r) for r in self._ranges.values())

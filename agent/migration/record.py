@@ -66,6 +66,10 @@ class MigrationStats:
     """Of the post-copy pages, those the target took from its own pre-copied copy (hybrid)."""
     pages_pushed: int = 0
     """Of the post-copy pages, those the source pushed (or named as held) before they were asked for."""
+    pages_served: int = 0
+    """Pages the source sent in answer to the target's requests (faults, read-ahead, the daemon's own)."""
+    pages_resent: int = 0
+    """Of those, pages that had crossed before (pushed or answered earlier): each is a page sent twice."""
     held_packets: int = 0
     """Packets clients sent to the service address during the freeze, kept on the source and
     delivered to the restored copy once it held the address."""

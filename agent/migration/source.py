@@ -475,11 +475,19 @@ class SourceMigration:
             pages_remote=0,
             pages_local=pages.local_pages,
             pages_pushed=self._pushed,
+            pages_served=pages.served,
+            pages_resent=pages.resent,
             postcopy_ms=round((time.monotonic() - resumed_at) * 1000, 1),
         )
         log.info(
             "post-copy done",
-            extra={"migration": self.record.id, "pages": total, "from_target_copy": pages.local_pages},
+            extra={
+                "migration": self.record.id,
+                "pages": total,
+                "from_target_copy": pages.local_pages,
+                "served": pages.served,
+                "resent": pages.resent,
+            },
         )
         await self._advance(Event.PAGES_COMPLETE)
         await link.send(Commit())
@@ -505,7 +513,15 @@ class SourceMigration:
             processes = live_processes(await self.ctx.cd.tasks.pids(self.record.container))
             regions = await asyncio.to_thread(lazy_regions, image_dir, processes)
             await push(
-                link, pages.sending, regions, pages.held_by_target, progress, pages.push_stop, pages.push_window, counts
+                link,
+                pages.sending,
+                regions,
+                pages.held_by_target,
+                progress,
+                pages.push_stop,
+                pages.push_window,
+                counts,
+                pages.sent,
             )
         except (OSError, TimeoutError, FerrymanError) as exc:
             log.warning(
@@ -521,6 +537,7 @@ class SourceMigration:
                 "migration": self.record.id,
                 "pages": counts.pages,
                 "held": counts.held,
+                "skipped": counts.skipped,
                 "ms": round((time.monotonic() - started) * 1000),
             },
         )
