@@ -23,8 +23,8 @@ import pytest
 from pycriu import images as criu_images
 
 from agent.checkpoint.images import PAGE_SIZE, PE_LAZY
-from agent.checkpoint.pageserver import FAULTING, HEADER, PS_IOV_ADD_F_PRESENT, PS_IOV_GET, PUSHED, URGENT
-from agent.migration.pager import Pager
+from agent.checkpoint.pageserver import FAULTING, FRESH, HEADER, PS_IOV_ADD_F_PRESENT, PS_IOV_GET, PUSHED, URGENT
+from agent.migration.pager import Pager, runs_of
 from agent.migration.ranges import PageRanges
 
 PID = 1
@@ -349,6 +349,38 @@ async def test_a_daemon_that_stops_asking_fails_the_pager(pager: tuple[Daemon, A
         await asyncio.sleep(0.05)
     result = json.loads(pager_.result.read_text())
     assert result["ok"] is False and "stalled" in result["error"], result
+
+
+async def test_read_ahead_leaves_out_what_the_daemon_has(pager: tuple[Daemon, Agent, Pager]) -> None:
+    """A page the daemon was given it never asks for again: a read-ahead window stops before it, and
+    the next one leaves it out, or it would cross a second time."""
+    daemon, agent, pager_ = pager
+    replies, _ = counts(pager_)
+    await agent.push(RUN_START + 4 * PAGE_SIZE, 4)  # pages 4-7 come by the push ...
+    await taken(pager_, replies=replies + 1)
+    assert await daemon.get(RUN_START + 4 * PAGE_SIZE, 4) == pages(RUN_START + 4 * PAGE_SIZE, 4)  # ... and go
+    assert await daemon.get(RUN_START, 1) == page(RUN_START)  # a fault below them
+    await eventually(lambda: not pager_.outstanding, "the read-ahead's answer")
+    window = [(nr, (vaddr - RUN_START) // PAGE_SIZE) for _, nr, vaddr in agent.requests]
+    assert window == [(4, 0)], window  # pages 0-3, not the 16 of a fresh window over 4-7
+    assert all(cmd & FRESH for cmd, _, _ in agent.requests)  # none of it had reached the daemon
+
+
+async def test_a_request_for_pages_the_daemon_had_is_not_fresh(pager: tuple[Daemon, Agent, Pager]) -> None:
+    """A forked child's request for pages its parent was given: the agent must ask the source for
+    all of it (the pager dropped them), so it goes without the FRESH mark."""
+    daemon, agent, pager_ = pager
+    replies, _ = counts(pager_)
+    await agent.push(RUN_START, RUN_PAGES)
+    await taken(pager_, replies=replies + 1)
+    assert await daemon.get(RUN_START, 16) == pages(RUN_START, 16)
+    assert await daemon.get(RUN_START, 16) == pages(RUN_START, 16)  # asked again: fetched again
+    assert [(cmd & FRESH, nr) for cmd, nr, _ in agent.requests] == [(0, 16)]
+
+
+def test_runs_of() -> None:
+    assert runs_of([]) == []
+    assert runs_of([True, True, False, True, False, False, True]) == [(0, 2), (3, 1), (6, 1)]
 
 
 def test_page_ranges_missing_and_count() -> None:

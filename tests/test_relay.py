@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.checkpoint.images import PAGE_SIZE
-from agent.checkpoint.pageserver import FAULTING, HEADER, PUSHED
+from agent.checkpoint.pageserver import FAULTING, FRESH, HEADER, PS_IOV_ADD_F_PRESENT, PS_IOV_GET, PUSHED
 from agent.migration.link import ControlIn, Link, page_key
 from agent.migration.pagerproc import PostcopyPaths
 from agent.migration.pushflow import PUSH_WINDOW
@@ -55,6 +55,29 @@ class Ends:
         await self.source.send("pushed", pagemap=f"pagemap-{PID}.img", vaddr=vaddr, nr_pages=count, held=[])
         keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in range(count)))
         await self.source.send_raw_pages(keys, bytes(count * PAGE_SIZE))
+
+    def ask(self, vaddr: int, count: int, mark: int = 0) -> None:
+        self.pager_writer.write(HEADER.pack(PS_IOV_GET | mark, count, vaddr, PID))
+
+    async def from_pager(self) -> tuple[int, int, int]:
+        """(cmd, nr_pages, vaddr) of the next message the relay gives the pager (its pages read)."""
+        async with asyncio.timeout(5):
+            cmd, nr_pages, vaddr, _ = HEADER.unpack(await self.pager_reader.readexactly(HEADER.size))
+            await self.pager_reader.readexactly(nr_pages * PAGE_SIZE)
+        return cmd, nr_pages, vaddr
+
+    async def requests(self) -> list[tuple[int, int]]:
+        """(nr_pages, vaddr) of the page requests the source receives until it has none for a moment."""
+        out = []
+        while True:
+            try:
+                async with asyncio.timeout(0.5):
+                    msg = await self.source.recv()
+            except TimeoutError:
+                return out
+            if isinstance(msg, ControlIn) and msg.type == "ps_req":
+                _, nr_pages, vaddr, _ = HEADER.unpack(bytes.fromhex(msg.body["raw"]))
+                out.append((nr_pages, vaddr))
 
     def fault(self) -> None:
         self.pager_writer.write(HEADER.pack(FAULTING, 0, 0, 0))
@@ -106,3 +129,31 @@ async def keep_faulting(relay: Ends, seconds: float) -> None:
     while loop.time() < end:
         relay.fault()
         await asyncio.sleep(HOLD / 5)
+
+
+async def test_a_fresh_request_loses_what_a_push_handed_the_pager(relay: Ends) -> None:
+    """The pager asked for pages a push had already handed it (unread in its socket): the source is asked
+    only for the rest, and that comes back to the pager as pushed pages, not as an answer."""
+    await relay.acks(within=0.5)
+    await relay.push(VADDR + 4 * PAGE_SIZE, 4)  # pages 4-7
+    assert await relay.from_pager() == (PS_IOV_ADD_F_PRESENT | PUSHED, 4, VADDR + 4 * PAGE_SIZE)
+    relay.fault()  # faulting: nothing is parked for the push, requests go to the source at once
+    relay.ask(VADDR, 16, FRESH)
+    relay.ask(VADDR + 4 * PAGE_SIZE, 4, FRESH)  # every page pushed: nothing to ask
+    assert await relay.requests() == [(4, VADDR), (8, VADDR + 8 * PAGE_SIZE)]
+    header = HEADER.pack(PS_IOV_ADD_F_PRESENT, 8, VADDR + 8 * PAGE_SIZE, PID)
+    await relay.source.send("ps_rep", header=header.hex(), local=[])
+    keys = array("Q", (page_key(0, VADDR + (8 + n) * PAGE_SIZE) for n in range(8)))
+    await relay.source.send_raw_pages(keys, bytes(8 * PAGE_SIZE))
+    assert await relay.from_pager() == (PS_IOV_ADD_F_PRESENT | PUSHED, 8, VADDR + 8 * PAGE_SIZE)
+
+
+async def test_a_request_that_is_not_fresh_goes_whole(relay: Ends) -> None:
+    """Pages the daemon had before (a forked child asks again): the pager dropped them, so the source
+    sends them again even where a push brought them."""
+    await relay.acks(within=0.5)
+    await relay.push(VADDR, 8)
+    await relay.from_pager()
+    relay.fault()
+    relay.ask(VADDR, 8)
+    assert await relay.requests() == [(8, VADDR)]

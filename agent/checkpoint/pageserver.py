@@ -28,6 +28,8 @@ _CMD_MASK = 0xFFFF
 URGENT = 1 << 31  # ferryman's own mark on a GET for a fault (never reaches CRIU): answer it first
 PUSHED = 1 << 30  # ferryman's own mark on an answer nobody asked for (agent -> pager): pushed pages
 FAULTING = 1 << 29  # ferryman's own notice (pager -> agent), no pages: the workload is faulting now
+FRESH = 1 << 28  # ferryman's own mark on a GET (pager -> agent): none of its pages reached the daemon yet,
+# so whatever of it a push has already brought need not come again (relay.py)
 MAX_REQUEST_PAGES = (64 << 20) // PAGE_SIZE  # CRIU asks for at most 4 MiB; refuse absurd requests
 
 
@@ -63,6 +65,19 @@ class Request:
     @property
     def urgent(self) -> bool:
         return bool(HEADER.unpack(self.raw)[0] & URGENT)
+
+    @property
+    def fresh(self) -> bool:
+        return bool(HEADER.unpack(self.raw)[0] & FRESH)
+
+    def marked(self, mark: int) -> Request:
+        """The same request with one more of ferryman's marks."""
+        return Request.parse(HEADER.pack(HEADER.unpack(self.raw)[0] | mark, self.nr_pages, self.vaddr, self.dst_id))
+
+    def part(self, first: int, count: int) -> Request:
+        """`count` of its pages from its page `first` on, with the same marks."""
+        flags = HEADER.unpack(self.raw)[0]
+        return Request.parse(HEADER.pack(flags, count, self.vaddr + first * PAGE_SIZE, self.dst_id))
 
     def for_criu(self) -> bytes:
         """The request as CRIU must see it: without ferryman's marks."""

@@ -18,9 +18,10 @@ the relay then forwards every request again, so nothing waits on it.
 Each page crosses once. The source notes every page it sends, in a reply or a push
 (`SourcePages.sent`), and the push leaves out what a reply sent first: pages of the workload's faults
 and their read-ahead. On the target, the agent holds the daemon's background requests until the push
-brings their pages (faults still go to the source at once; `push_end` sends whatever is still held).
-Before this a lazy migration of 1 GiB at 50 MB/s sent 13% more than its memory (every page a fault
-fetched was pushed again).
+brings their pages (faults still go to the source at once; `push_end` sends whatever is still held),
+and asks the source only for the pages of a request that no push has handed the pager yet (relay.py);
+the pager's read-ahead leaves out pages the daemon has. Before this a lazy migration of 1 GiB at
+50 MB/s sent 13% more than its memory (every page a fault fetched was pushed again); now 0.4-2%.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ window of pages that grows while faults stay sequential, and the next window goe
 the current one is entered (the kernel's asynchronous read-ahead), so a sequential walker does not
 wait on the network at each window's end. The daemon's background requests walk up from its lowest
 missing page, so what lies above the last one is fetched too. The pages nobody asked for yet wait
-here and answer the daemon's next requests without the network.
+here and answer the daemon's next requests without the network. Read-ahead never asks for a page that
+is here, on its way, or given to the daemon already (it would cross twice), and a request none of whose
+pages reached the daemon goes marked FRESH: the agent then leaves out what a push brought already.
 
 Replies go in the order the daemon asked (see _answer_count), but a background request with a fault
 behind it gets only what is here of it, so that the fault goes next. The agent hears that the
@@ -47,6 +49,7 @@ from pathlib import Path
 from agent.checkpoint.images import PAGE_SIZE, read_pagemap
 from agent.checkpoint.pageserver import (
     FAULTING,
+    FRESH,
     HEADER,
     PS_IOV_ADD_F_PRESENT,
     PS_IOV_CLOSE,
@@ -73,6 +76,19 @@ and workloads that fork all the time). The workload cannot get its pages then: i
 documented way (killed here; the source resumes its frozen copy)."""
 BACKGROUND_SLICE = 256  # pages: a larger background request is answered in part (CRIU asks again for
 # the rest), because the daemon reads replies in order and a fault must not wait behind 4 MiB
+
+
+def runs_of(flags: list[bool]) -> list[tuple[int, int]]:
+    """(first, count) of the True runs."""
+    out: list[tuple[int, int]] = []
+    for i, flag in enumerate(flags):
+        if not flag:
+            continue
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
 
 
 @dataclass
@@ -237,6 +253,9 @@ class Pager:
         self._window = min(self._window * WINDOW_GROWTH, MAX_WINDOW) if sequential else MIN_WINDOW
         window = self._clamp(request.dst_id, request.vaddr, self._window) or request.nr_pages
         self._next_fault = request.vaddr + window * PAGE_SIZE
+        fresh = self._fresh(request.dst_id, request.vaddr, window)
+        fresh[0] = True  # the fault's own page: asked for, whatever the daemon had
+        window = runs_of(fresh)[0][1]  # up to the first page that is here or on its way already
         raw = HEADER.pack(request.cmd | URGENT, window, request.vaddr, request.dst_id)
         return Request.parse(raw)
 
@@ -311,12 +330,27 @@ class Pager:
         return any(key not in self.cache and key not in self.in_flight for key in self._keys(request))
 
     def _fetch_missing(self, request: Request) -> None:
-        if self._missing(request):
-            self._fetch(request)
+        """Read-ahead: fetch the runs of it that are neither here, nor asked for, nor given to the daemon
+        already (a page the daemon has, it does not ask for again: fetching it would send it twice)."""
+        for first, count in runs_of(self._fresh(request.dst_id, request.vaddr, request.nr_pages)):
+            self._fetch(request.part(first, count))
+
+    def _fresh(self, dst_id: int, vaddr: int, nr_pages: int) -> list[bool]:
+        """Which of the pages are neither here, nor on their way, nor given to the daemon already (one
+        range lookup for the delivered ones: this runs for every read-ahead page)."""
+        fresh = [False] * nr_pages
+        cache, in_flight = self.cache, self.in_flight
+        for first, count in self.delivered.missing(dst_id, vaddr, nr_pages):
+            for n in range(first, first + count):
+                key = (dst_id, vaddr + n * PAGE_SIZE)
+                fresh[n] = key not in cache and key not in in_flight
+        return fresh
 
     def _fetch(self, request: Request) -> None:
         if self._key(request) in self.outstanding:
             return  # the same range is asked already
+        if not request.closes and not self.delivered.count(request.dst_id, request.vaddr, request.nr_pages):
+            request = request.marked(FRESH)  # the agent may leave out what a push brought already
         self.outstanding[self._key(request)] = request
         if not request.closes:
             self.in_flight.update(self._keys(request))
@@ -392,7 +426,7 @@ class Pager:
                 continue
             if request.vaddr < end and vaddr < request.vaddr + request.nr_pages * PAGE_SIZE:  # overlaps
                 keys = self._keys(request)
-                if all(k in self.cache for k in keys):
+                if all(k in self.cache or self.delivered.covers(k[0], k[1], 1) for k in keys):
                     del self.outstanding[key]
                     self.in_flight.difference_update(keys)
 

@@ -1,9 +1,10 @@
 """Target: the agent's side of the pager socket, relaying the lazy-pages daemon's requests to the source.
 
 The pager writes the daemon's requests to the agent's unix socket; `TargetRelay` answers the ones it
-can from here (pages pre-copy left and the push named unchanged), parks background requests the push
-is about to bring, and sends the rest to the source as `ps_req`. Replies and pushed batches go back
-to the pager. It also paces the source's push: its credits wait while the workload faults.
+can from here (pages pre-copy left and the push named unchanged), leaves out of a fresh request the
+pages a push has handed the pager already, parks background requests the push is about to bring, and
+sends the rest to the source as `ps_req`. Replies and pushed batches go back to the pager. It also
+paces the source's push: its credits wait while the workload faults.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class TargetRelay(ControlRouter):
         self._push_open = False
         """The source is pushing: background requests wait for the push instead of asking the source."""
         self._parked: list[Request] = []
+        self._as_pushed: set[tuple[int, int]] = set()
+        """(dst_id, vaddr) of the parts of requests _not_pushed cut: their answers go to the pager as pushed."""
         self._faulting_until = 0.0
         """The pager saw faults: until then the push is held (its acks wait) and nothing is parked."""
         self._acks_due = 0
@@ -71,6 +74,9 @@ class TargetRelay(ControlRouter):
         while not self._pager.empty():  # a newer connection replaces an older one
             writer.close()
             reader, writer = self._pager.get_nowait()
+        if self.pushed is not None:  # what a lost connection carried may never have reached the pager
+            self.pushed = PageRanges()
+        self._as_pushed.clear()
         self._acks_due = PUSH_WINDOW  # the first credits of this link's push (the source starts with none)
         self._ack_due.set()
         up = asyncio.create_task(self._requests(reader, writer, link), name="postcopy-requests")
@@ -98,14 +104,30 @@ class TargetRelay(ControlRouter):
                 continue
             request = Request.parse(raw)  # never forward garbage to the source's CRIU
             # Not the pager's yet. Pages pre-copy left here and the push named unchanged come from the
-            # store; a background request the push will bring waits for it (no second copy); anything
-            # else, a page the push already brought included, is the source's to answer.
+            # store; pages a push already handed to the pager (unread there yet) are not asked again;
+            # a background request the push will bring waits for it (no second copy); the rest is the
+            # source's to answer.
             if await self._answer_held(request, writer):
                 continue
-            if self._parks(request):
-                self._parked.append(request)
-                continue
-            await link.send(PsReq(raw=raw))
+            for part in self._not_pushed(request):
+                if self._parks(part):
+                    self._parked.append(part)
+                else:
+                    await link.send(PsReq(raw=part.raw))
+
+    def _not_pushed(self, request: Request) -> list[Request]:
+        """What of a request is left to ask for. A fresh one (none of its pages reached the daemon)
+        loses the pages a push handed to the pager already: they wait, unread, in the pager's socket,
+        and the pager answers from them. The parts of a request cut that way come back to the pager
+        as pushed pages (it takes pushed pages for any request they complete), not as an answer."""
+        if not request.fresh or request.closes or self.pushed is None:
+            return [request]
+        runs = self.pushed.missing(request.dst_id, request.vaddr, request.nr_pages)
+        if runs == [(0, request.nr_pages)]:
+            return [request]
+        parts = [request.part(first, count) for first, count in runs]
+        self._as_pushed.update((part.dst_id, part.vaddr) for part in parts)
+        return parts
 
     async def _hold_push(self, link: Link) -> None:
         """The workload faults: the push waits (it would compete with the faults for CPU), and what
@@ -193,6 +215,11 @@ class TargetRelay(ControlRouter):
                     batches.append(pages)
                     count += len(pages.keys) + len(pages.zeros)
                 data = assemble(batches, vaddr, nr_pages, local)
+            if (dst_id, vaddr) in self._as_pushed:  # a part of a request: not an answer the pager waits for
+                self._as_pushed.discard((dst_id, vaddr))
+                header = HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, nr_pages, vaddr, dst_id)
+                if self.pushed is not None:
+                    self.pushed.add(dst_id, vaddr, nr_pages)
             writer.write(header + data)
             await writer.drain()
             self._on_pages(nr_pages)
@@ -244,6 +271,7 @@ class TargetRelay(ControlRouter):
         waiting: list[Request] = []
         for request in self._parked:
             if self.pushed.covers(request.dst_id, request.vaddr, request.nr_pages):
+                self._as_pushed.discard((request.dst_id, request.vaddr))
                 continue  # its pages went to the pager, which answers it
             if not await self._answer_held(request, writer):
                 waiting.append(request)
