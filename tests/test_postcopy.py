@@ -100,6 +100,24 @@ async def test_postcopy_there_and_back(mesh: Mesh, mode: str) -> None:
     await api(h1, "DELETE", "/v1/containers/hog", expect=204)
 
 
+@pytest.mark.parametrize("rate", [0, 20])
+async def test_lazy_migration_moves_each_page_once(mesh: Mesh, rate: int) -> None:
+    """Bytes on the wire stay within 5% of the dumped memory (memhog's pages do not compress): pages the
+    workload's faults fetched are not pushed again, and no push is answered again on request."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    await run_memhog(h1, mesh, "hog", resident_mib=96, rewrite_mbps=rate)
+    record = await migrate(h1, "hog", "h2", mode="lazy")
+    assert record["state"] == "COMMIT", (record["error"], record["history"])
+    stats = record["stats"]
+    dumped = stats["lazy_pages"] * 4096
+    assert dumped >= 96 << 20, stats
+    counts = {k: stats[k] for k in ("bytes_wire", "lazy_pages", "pages_pushed", "pages_served", "pages_resent")}
+    assert stats["bytes_wire"] <= 1.05 * dumped, (stats["bytes_wire"] / dumped, counts)
+    assert stats["pages_resent"] <= stats["lazy_pages"] // 100, counts  # a race or two, not a pattern
+    assert stats["pages_pushed"] + stats["pages_served"] - stats["pages_resent"] >= stats["lazy_pages"], counts
+    assert await verify_memory(h2, "hog") == "ok"
+
+
 @pytest.mark.parametrize("mode", ["lazy", "hybrid"])
 async def test_postcopy_of_several_processes(mesh: Mesh, mode: str) -> None:
     """Three processes fault at once on the target: each one's pages reach it, none another's (CRIU's

@@ -157,3 +157,15 @@ async def test_a_request_that_is_not_fresh_goes_whole(relay: Ends) -> None:
     relay.fault()
     relay.ask(VADDR, 8)
     assert await relay.requests() == [(8, VADDR)]
+
+
+async def test_an_answer_without_the_pages_a_push_carried(relay: Ends) -> None:
+    """The source leaves out of its answer to a fresh request the pages its push carried ahead of it on
+    the link: the rest goes to the pager as pushed pages, which complete its request."""
+    await relay.acks(within=0.5)
+    header = HEADER.pack(PS_IOV_ADD_F_PRESENT, 8, VADDR, PID)
+    await relay.source.send("ps_rep", header=header.hex(), local=[], pushed=[[2, 3]])  # pages 2-4 were pushed
+    keys = array("Q", (page_key(0, VADDR + n * PAGE_SIZE) for n in (0, 1, 5, 6, 7)))
+    await relay.source.send_raw_pages(keys, bytes(5 * PAGE_SIZE))
+    assert await relay.from_pager() == (PS_IOV_ADD_F_PRESENT | PUSHED, 2, VADDR)
+    assert await relay.from_pager() == (PS_IOV_ADD_F_PRESENT | PUSHED, 3, VADDR + 5 * PAGE_SIZE)

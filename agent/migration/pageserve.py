@@ -47,7 +47,13 @@ class SourcePages(ControlRouter):
         self.sent = PageRanges()
         """Pages given to the target so far, by task (dst_id): in a reply, in a push, or named as held.
         Changed only under `sending`. The push leaves these out, so a page a fault brought early does not
-        cross again; a reply always carries what it is asked (the pager may have dropped a page)."""
+        cross again. A reply carries what it is asked (the pager may have dropped a page the daemon had),
+        but for a FRESH request the pages in `carried`."""
+        self.carried = PageRanges()
+        """Pages a push carried (as data) over `push_link`. A FRESH request (none of its pages reached the
+        target's daemon) is answered without them: they are ahead of the answer on the same link."""
+        self.push_link: Link | None = None
+        """The link the push runs over; after a reconnect nothing is left out (the old link may have lost it)."""
         self.served = 0
         """Pages sent in replies (on demand), the ones named as held not included."""
         self.resent = 0
@@ -120,12 +126,16 @@ class SourcePages(ControlRouter):
         if self.held_by_target is not None and pagemap is not None and nr_pages:
             held = await asyncio.to_thread(self.held_by_target, pagemap, vaddr, memoryview(reply.data))
         local = ranges_of(held)
-        send = [n for n in range(nr_pages) if not held[n]]
         async with self.sending:
-            if nr_pages and send:
-                self.resent += sent_again(self.sent, dst_id, vaddr, held)
+            carried = [False] * nr_pages
+            if request.fresh and link is self.push_link and nr_pages:
+                carried = covered(self.carried, dst_id, vaddr, nr_pages)
+            skip = [held[n] or carried[n] for n in range(nr_pages)]
+            send = [n for n in range(nr_pages) if not skip[n]]
+            if send:
+                self.resent += sent_again(self.sent, dst_id, vaddr, skip)
             self.sent.add(dst_id, vaddr, nr_pages)
-            await link.send(PsRep(header=reply.header, local=local))
+            await link.send(PsRep(header=reply.header, local=local, pushed=ranges_of(carried)))
             if send:
                 keys = array("Q", (page_key(0, vaddr + n * PAGE_SIZE) for n in send))
                 data = (
@@ -134,10 +144,18 @@ class SourcePages(ControlRouter):
                     else b"".join(reply.data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] for n in send)
                 )
                 await link.send_raw_pages(keys, data)
-        self.local_pages += nr_pages - len(send)
+        self.local_pages += sum(held)
         self.served += len(send)
         self._on_pages(nr_pages)
         return False
+
+
+def covered(ranges: PageRanges, dst_id: int, vaddr: int, nr_pages: int) -> list[bool]:
+    """Which of the `nr_pages` pages from `vaddr` are in `ranges`."""
+    flags = [True] * nr_pages
+    for first, count in ranges.missing(dst_id, vaddr, nr_pages):
+        flags[first : first + count] = [False] * count
+    return flags
 
 
 def sent_again(sent: PageRanges, dst_id: int, vaddr: int, held: list[bool]) -> int:

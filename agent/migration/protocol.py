@@ -270,10 +270,14 @@ class PsReq(Message, tag="ps_req"):
 
 @dataclass(frozen=True)
 class PsRep(Message, tag="ps_rep"):
-    """Source -> target: the page server's reply `header`; its pages follow, but the `local` runs the target holds."""
+    """Source -> target: the page server's reply `header`; its pages follow, but `local` and `pushed` runs."""
+
+    # `local`: runs the target holds from pre-copy; `pushed`: runs a push on this link carried already
+    # (left out only for a request marked FRESH: none of its pages reached the target's daemon).
 
     header: PageHeader
     local: Ranges
+    pushed: Ranges = optional(())  # noqa: RUF009 (an empty tuple: immutable)
 
 
 @dataclass(frozen=True)

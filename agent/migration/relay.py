@@ -204,23 +204,29 @@ class TargetRelay(ControlRouter):
             header = msg.header
             _, nr_pages, vaddr, dst_id = HEADER.unpack(header)
             local = self._local_pages(msg.local, dst_id, vaddr, nr_pages)
-            data = b""
-            if nr_pages:
-                batches: list[PagesIn] = []
-                count = len(local)
-                while count < nr_pages:  # the stream splits large replies into several frames
-                    pages = await link.recv()
-                    if not isinstance(pages, PagesIn):
-                        raise PeerFailed("a ps_rep header without all its pages")
-                    batches.append(pages)
-                    count += len(pages.keys) + len(pages.zeros)
-                data = assemble(batches, vaddr, nr_pages, local)
-            if (dst_id, vaddr) in self._as_pushed:  # a part of a request: not an answer the pager waits for
+            batches: list[PagesIn] = []
+            count = len(local) + sum(n for _, n in msg.pushed)
+            while count < nr_pages:  # the stream splits large replies into several frames
+                pages = await link.recv()
+                if not isinstance(pages, PagesIn):
+                    raise PeerFailed("a ps_rep header without all its pages")
+                batches.append(pages)
+                count += len(pages.keys) + len(pages.zeros)
+            if msg.pushed or (dst_id, vaddr) in self._as_pushed:
+                # Not an answer the pager waits for as such: the pages a push carried are in its socket
+                # already, and these complete its request (or they are a part of one, _not_pushed).
                 self._as_pushed.discard((dst_id, vaddr))
-                header = HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, nr_pages, vaddr, dst_id)
-                if self.pushed is not None:
-                    self.pushed.add(dst_id, vaddr, nr_pages)
-            writer.write(header + data)
+                came = [True] * nr_pages
+                for first, n in msg.pushed:
+                    came[first : first + n] = [False] * n
+                for first, n in ranges_of(came):
+                    start = vaddr + first * PAGE_SIZE
+                    data = assemble(batches, start, n, local)
+                    writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, n, start, dst_id) + data)
+                    if self.pushed is not None:
+                        self.pushed.add(dst_id, start, n)
+            else:
+                writer.write(header + (assemble(batches, vaddr, nr_pages, local) if nr_pages else b""))
             await writer.drain()
             self._on_pages(nr_pages)
 

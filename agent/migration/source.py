@@ -444,6 +444,7 @@ class SourceMigration:
                 if self._service_ip:  # traffic goes to the target; our veth stays until the copy is removed
                     await self.ctx.network.unpublish(self._service_ip)
                 await link.send(Resume())
+                pages.push_link = link
                 pusher = asyncio.create_task(self._push(link, pages, final, progress), name="postcopy-push")
                 await pages.expect(Resumed, traffic, self._link or link)
                 resumed_at = time.monotonic()
@@ -522,6 +523,7 @@ class SourceMigration:
                 pages.push_window,
                 counts,
                 pages.sent,
+                pages.carried,
             )
         except (OSError, TimeoutError, FerrymanError) as exc:
             log.warning(
