@@ -37,17 +37,22 @@ def memhog_image(
     http_port: int | None = None,
     processes: int = 1,
     fork_every_ms: int = 0,
+    port: int | None = None,
 ) -> ImageBuilder:
     """busybox + /bin/memhog, running `memhog RESIDENT REWRITE STATUS` by default.
 
     With `http_port`, busybox httpd also serves "served" there, for clients that watch the service.
     With `processes` > 1, more memhogs run beside it, each with its own memory and STATUS-<n> file.
     With `fork_every_ms`, memhog forks that often a child that checks a few of its pages.
+    With `port`, memhog itself serves TCP requests there, each answered after reading a page of its
+    memory (see tests/workloads/memhog.c for the protocol).
     """
     layer = Layer([Dir("bin"), File("bin/memhog", static_binary("memhog"), 0o755)], comment="memhog")
     memhog: tuple[str, ...] = ("/bin/memhog", str(resident_mib), str(rewrite_mbps), status)
-    if fork_every_ms:
+    if fork_every_ms or port is not None:
         memhog = (*memhog, str(fork_every_ms))
+    if port is not None:
+        memhog = (*memhog, str(port))
     if http_port is None and processes == 1:
         return ImageBuilder([busybox_layer(), layer], cmd=memhog)
     steps = [f"{' '.join(memhog[:3])} {status}-{n} &" for n in range(2, processes + 1)]
@@ -70,6 +75,12 @@ class MemhogStatus:
     """Forked children not reaped yet."""
     max_gap_end_us: int = 0
     """When the longest gap ended (realtime, µs): where it lies on a migration's timeline."""
+    served: int = 0
+    """TCP requests answered (memhog with a port)."""
+    bad_pages: int = 0
+    """Of those, the ones whose page did not hold its generation's content."""
+    conns: int = 0
+    """TCP connections accepted."""
 
     @classmethod
     def parse(cls, text: str) -> MemhogStatus:
@@ -84,6 +95,9 @@ class MemhogStatus:
             fork_errors=int(fields.get("fork_errors", 0)),
             children=int(fields.get("children", 0)),
             max_gap_end_us=int(fields.get("max_gap_end_us", 0)),
+            served=int(fields.get("served", 0)),
+            bad_pages=int(fields.get("bad_pages", 0)),
+            conns=int(fields.get("conns", 0)),
         )
 
 
