@@ -74,6 +74,7 @@ class Outcome:
     failure_kinds: dict[str, int]
     bad: int
     """Replies that were wrong or reported a bad page (a data check failure)."""
+    persistent_total: int
     short_total: int
     short_longest_ms: float
     wire_per_memory: float
@@ -94,7 +95,7 @@ class Outcome:
         end = "" if self.gap_end_ms is None else f" (ended {self.gap_end_ms:+.0f} ms from resume)"
         return (
             f"gap {self.gap_ms:6.0f} ms{end}, failed {self.failed_persistent}+{self.failed_short} ({kinds}), "
-            f"short conns {self.short_total} (longest {self.short_longest_ms:.0f} ms), "
+            f"requests {self.persistent_total} + {self.short_total} short (longest {self.short_longest_ms:.0f} ms), "
             f"agent downtime {self.downtime_ms:.0f} ms, wire/memory {self.wire_per_memory:.2f}, "
             f"post-copy {self.postcopy_ms:.0f} ms at {share} of {self.steady_per_s:.0f} replies/s, "
             f"memory {self.verified}"
@@ -133,6 +134,7 @@ def analyse(mode: str, direction: str, record: dict[str, Any], seen: dict[str, A
         failed_short=sum(1 for _, _, kind in seen["short"] if kind != "ok"),
         failure_kinds={kind: kinds.count(kind) for kind in set(kinds)},
         bad=sum(1 for kind in kinds if kind in ("bad page", "wrong reply")),
+        persistent_total=len(seen["replies"]) + len(seen["errors"]),
         short_total=len(seen["short"]),
         short_longest_ms=max((end - start for start, end, _ in seen["short"]), default=0.0) * 1000,
         wire_per_memory=stats["bytes_wire"] / (size_mib * MIB),
@@ -186,18 +188,20 @@ class Client:
             self.proc.kill()
 
 
-def reset_peak_rss(host: MeshHost) -> None:
-    """VmHWM back to the current RSS: each mode's peak is its own ("5" in clear_refs, Linux >= 4.0)."""
-    if host.agent_proc is not None:
-        Path(f"/proc/{host.agent_proc.pid}/clear_refs").write_text("5")
+def reset_peak_rss(host: MeshHost) -> float:
+    """VmHWM back to the current RSS ("5" in clear_refs, Linux >= 4.0), so that each mode's peak is
+    its own; returns that RSS in MiB (what the agent kept from before)."""
+    assert host.agent_proc is not None
+    Path(f"/proc/{host.agent_proc.pid}/clear_refs").write_text("5")
+    return agent_status_mib(host, "VmRSS")
 
 
-def peak_rss_mib(host: MeshHost) -> float:
+def agent_status_mib(host: MeshHost, key: str) -> float:
     assert host.agent_proc is not None
     for line in Path(f"/proc/{host.agent_proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/PID/status")
+    raise RuntimeError(f"no {key} in /proc/PID/status")
 
 
 async def wait_serving(mesh: Mesh, ip: str, within: float = 120.0) -> None:
@@ -213,8 +217,7 @@ async def wait_serving(mesh: Mesh, ip: str, within: float = 120.0) -> None:
 async def one_mode(mesh: Mesh, args: argparse.Namespace, ref: str, mode: str, run: int, ip: str) -> list[Outcome]:
     h1, h2 = mesh["h1"], mesh["h2"]
     name = f"c{run}-{mode}"
-    for host in (h1, h2):
-        reset_peak_rss(host)
+    before = {host.name: reset_peak_rss(host) for host in (h1, h2)}
     await api(h1, "POST", "/v1/containers?start=1", {"id": name, "image": ref, "service_ip": ip}, expect=201)
     await memhog_status(h1, name, within=120)  # past its initial fill
     await wait_serving(mesh, ip)
@@ -246,10 +249,13 @@ async def one_mode(mesh: Mesh, args: argparse.Namespace, ref: str, mode: str, ru
     finally:
         await remove(h1, name)
         await remove(h2, name)
-    peaks = {host.name: peak_rss_mib(host) for host in (h1, h2)}
+    peaks = {host.name: agent_status_mib(host, "VmHWM") for host in (h1, h2)}
     for outcome in outcomes:
         outcome.rss_mib = peaks
-    print(f"run {run} {mode:7s} agents' peak RSS: {', '.join(f'{k} {v:.0f} MiB' for k, v in peaks.items())}")
+    print(
+        f"run {run} {mode:7s} agents' peak RSS: "
+        + ", ".join(f"{k} {v:.0f} MiB (RSS {before[k]:.0f} MiB at the start)" for k, v in peaks.items())
+    )
     return outcomes
 
 
@@ -281,9 +287,9 @@ def fmt(values: list[float], pattern: str) -> str:
 
 def table(outcomes: list[Outcome], baselines: list[float], modes: list[str]) -> list[str]:
     lines = [
-        "| mode (ran) | longest gap, ms (median) | failed requests | wire / memory | POSTCOPY, ms | "
-        "POSTCOPY tput / steady (lowest) | agents' peak RSS, MiB (h1 / h2) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| mode (ran) | longest gap, ms (median) | agent downtime, ms (max) | failed / requests | wire / memory | "
+        "POSTCOPY, ms (max) | POSTCOPY tput / steady (lowest) | agents' peak RSS, MiB (h1 / h2) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode in modes:
         rows = [o for o in outcomes if o.mode == mode]
@@ -292,20 +298,22 @@ def table(outcomes: list[Outcome], baselines: list[float], modes: list[str]) -> 
         gaps = [o.gap_ms for o in rows]
         shares = [o.postcopy_share for o in rows if o.postcopy_share is not None]
         postcopy = [o.postcopy_ms for o in rows if o.postcopy_ms]
+        downtimes = [o.downtime_ms for o in rows]
         lines.append(
             f"| {mode} ({', '.join(sorted({o.ran for o in rows}))}) "
             f"| {max(gaps):.0f} ({statistics.median(gaps):.0f}) "
+            f"| {statistics.median(downtimes):.0f} ({max(downtimes):.0f}) "
             f"| {sum(o.failed_persistent + o.failed_short for o in rows)} "
-            f"of {sum(o.short_total for o in rows)} short + the persistent "
+            f"/ {sum(o.persistent_total + o.short_total for o in rows)} "
             f"| {statistics.median([o.wire_per_memory for o in rows]):.2f} "
-            f"| {'-' if not postcopy else f'{statistics.median(postcopy):.0f} (max {max(postcopy):.0f})'} "
+            f"| {'-' if not postcopy else f'{statistics.median(postcopy):.0f} ({max(postcopy):.0f})'} "
             f"| {'-' if not shares else f'{statistics.median(shares):.0%} ({min(shares):.0%})'} "
             f"| {max(o.rss_mib['h1'] for o in rows):.0f} / {max(o.rss_mib['h2'] for o in rows):.0f} |"
         )
     if baselines:
         lines.append(
             f"| stop-and-copy (ctr, no clients: the workload's freeze) | {max(baselines):.0f} "
-            f"({statistics.median(baselines):.0f}) | - | - | - | - | - |"
+            f"({statistics.median(baselines):.0f}) | the same | - | - | - | - | - |"
         )
     return lines
 
