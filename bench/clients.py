@@ -332,6 +332,7 @@ async def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip stop-and-copy")
     parser.add_argument("--records", type=Path, help="append each migration's full record (JSON lines) here")
     parser.add_argument("--raw", type=Path, help="append what the client saw in each migration (JSON lines) here")
+    parser.add_argument("--logs", type=Path, help="copy both agents' logs into this directory at the end")
     args = parser.parse_args()
     modes = args.modes.split(",")
     started = time.monotonic()
@@ -366,6 +367,10 @@ async def main() -> None:
                 outcomes.extend(got)
                 failed += [f"run {run} {o.mode} {o.direction}: memory {o.verified}" for o in got if o.verified != "ok"]
                 failed += [f"run {run} {o.mode} {o.direction}: {o.bad} wrong replies" for o in got if o.bad]
+        if args.logs is not None:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            for host in (h1, h2):
+                (args.logs / f"{host.name}.log").write_bytes(host.agent_log.read_bytes())
     print()
     print(f"{args.size_mib} MiB rewriting {args.rate:.0f} MB/s, {args.runs} run(s), both directions each:")
     for line in table(outcomes, baselines, modes):
