@@ -79,6 +79,8 @@ class Outcome:
     short_longest_ms: float
     wire_per_memory: float
     downtime_ms: float
+    held_packets: int
+    """Packets sent during the freeze that the source kept and handed to the restored copy."""
     postcopy_ms: float
     steady_per_s: float
     postcopy_per_s: float | None
@@ -96,7 +98,8 @@ class Outcome:
         return (
             f"gap {self.gap_ms:6.0f} ms{end}, failed {self.failed_persistent}+{self.failed_short} ({kinds}), "
             f"requests {self.persistent_total} + {self.short_total} short (longest {self.short_longest_ms:.0f} ms), "
-            f"agent downtime {self.downtime_ms:.0f} ms, wire/memory {self.wire_per_memory:.2f}, "
+            f"agent downtime {self.downtime_ms:.0f} ms ({self.held_packets} packets held), "
+            f"wire/memory {self.wire_per_memory:.2f}, "
             f"post-copy {self.postcopy_ms:.0f} ms at {share} of {self.steady_per_s:.0f} replies/s, "
             f"memory {self.verified}"
         )
@@ -139,6 +142,7 @@ def analyse(mode: str, direction: str, record: dict[str, Any], seen: dict[str, A
         short_longest_ms=max((end - start for start, end, _ in seen["short"]), default=0.0) * 1000,
         wire_per_memory=stats["bytes_wire"] / (size_mib * MIB),
         downtime_ms=stats["downtime_ms"],
+        held_packets=stats.get("held_packets", 0),
         postcopy_ms=stats["postcopy_ms"],
         steady_per_s=steady_per_s,
         postcopy_per_s=postcopy_per_s,
