@@ -162,13 +162,15 @@ async def test_error_exit_and_message(server: ApiServer, capsys: pytest.CaptureF
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == "error: container_not_found: no container ghost\n"
-    assert await ctl(server, "rm", "-f", "bad/../id") == 1
-    assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(SystemExit) as info:  # the API's id check, made before anything is sent
+        await ctl(server, "rm", "-f", "bad/../id")
+    assert info.value.code == 2
+    assert "invalid container id 'bad/../id'" in capsys.readouterr().err
 
 
 async def test_unreachable_agent(short_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = await asyncio.to_thread(main, ["--agent", f"unix://{short_dir}/none.sock", "ps"])
-    assert code == 1
+    assert code == 6  # no answer, told apart from a refusal (1)
     assert capsys.readouterr().err.startswith("error: agent_unreachable: cannot talk to the agent at unix://")
 
 

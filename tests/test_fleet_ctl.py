@@ -115,7 +115,7 @@ async def test_hosts_drain_uncordon_and_predictions(
     # h2 runs nothing: drained at once. h1's container cannot move (no agent answers): it stays draining.
     assert await ctl(coordinator, pki, "drain", "h2", "--wait", "5") == 0
     assert "h2 drained" in capsys.readouterr().out
-    assert await ctl(coordinator, pki, "drain", "h1", "--wait", "1") == 1
+    assert await ctl(coordinator, pki, "drain", "h1", "--wait", "1") == 7  # not drained in time
     captured = capsys.readouterr()
     assert "h1 draining" in captured.out and "error: not_drained: h1 is still draining" in captured.err
     assert await ctl(coordinator, pki, "--json", "migrations") == 0
@@ -139,7 +139,7 @@ async def test_migrate_through_the_coordinator_reports_the_outcome(
     await _agent_push(coordinator, pki, "h2", _quiet(now))
     capsys.readouterr()
     # A named target is tried once; the source agent cannot be reached here, so it is abandoned.
-    assert await ctl(coordinator, pki, "migrate", "job", "--to", "h2", "--mode", "precopy") == 1
+    assert await ctl(coordinator, pki, "migrate", "job", "--to", "h2", "--mode", "precopy") == 4  # not migrated
     captured = capsys.readouterr()
     assert "job h1 -> h2: abandoned" in captured.out
     assert "pending manual; to h2; mode precopy" in captured.err  # the history, as it happened
@@ -183,7 +183,7 @@ async def test_who_may_do_what_and_usage_errors(
     assert await asyncio.to_thread(main, ["--agent", "unix:///nonexistent.sock", "migrate", "c", "--to", "auto"]) == 2
     assert "--to auto needs a coordinator" in capsys.readouterr().err
     # ... while a named target still goes straight to the agent.
-    assert await asyncio.to_thread(main, ["--agent", "unix:///nonexistent.sock", "migrate", "c", "--to", "h2"]) == 1
+    assert await asyncio.to_thread(main, ["--agent", "unix:///nonexistent.sock", "migrate", "c", "--to", "h2"]) == 6
     assert "error: agent_unreachable:" in capsys.readouterr().err
     assert await asyncio.to_thread(main, ["--coordinator", "http://127.0.0.1:1", "hosts"]) == 2
     assert "expected https://host:port" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from rich.table import Table
 
 from agent.ctl import render
 from agent.ctl.client import ApiError, _error_from
+from agent.ctl.exits import Exit
 
 ENV_COORDINATOR = "FERRYMAN_COORDINATOR"
 ENV_CERT = "FERRYMAN_CERT"
@@ -196,7 +197,7 @@ async def run(args: argparse.Namespace, out: Console, err: Console) -> int:
         match args.command:
             case "hosts":
                 data = await client.request("GET", "/v1/hosts")
-                _show(args, data, lambda: out.print(hosts_table(data["hosts"])))
+                _show(args, data, lambda: render.print_table(out, hosts_table(data["hosts"])))
             case "drain":
                 return await _drain(client, args)
             case "uncordon":
@@ -233,8 +234,8 @@ async def _drain(client: CoordinatorClient, args: argparse.Namespace) -> int:
     _show(args, data, lambda: render.say(f"{host['name']} {host['state']} ({data['drain']['id']})"))
     if args.wait is not None and host["state"] != "drained":
         sys.stderr.write(f"error: not_drained: {host['name']} is still {host['state']} after {args.wait:g} s\n")
-        return 1
-    return 0
+        return Exit.NOT_DRAINED
+    return Exit.OK
 
 
 async def _migrate(client: CoordinatorClient, args: argparse.Namespace, err: Console) -> int:
@@ -273,8 +274,8 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace, err: Con
     _show(args, migration, lambda: _say_all(migration_details(migration)))
     if migration["state"] != "committed":
         sys.stderr.write(f"error: {migration['state']}: {migration.get('error') or 'the migration did not commit'}\n")
-        return 1
-    return 0
+        return Exit.NOT_MIGRATED
+    return Exit.OK
 
 
 async def _migrations(client: CoordinatorClient, args: argparse.Namespace, out: Console) -> None:
@@ -283,7 +284,7 @@ async def _migrations(client: CoordinatorClient, args: argparse.Namespace, out: 
         _show(args, record, lambda: _say_all(migration_details(record, history=True)))
         return
     data = await client.request("GET", "/v1/migrations")
-    _show(args, data, lambda: out.print(migrations_table(data["migrations"])))
+    _show(args, data, lambda: render.print_table(out, migrations_table(data["migrations"])))
 
 
 # ----- tables
@@ -306,9 +307,9 @@ def _used_of(used: int, total: int, size: bool) -> str:
 
 
 def hosts_table(hosts: list[dict[str, Any]]) -> Table:
-    table = Table(box=None, header_style="bold")
-    for col in ("HOST", "STATE", "CPU USED", "MEMORY USED", "RESERVED CPU/MEM", "FREE MEM", "CONTAINERS", "P(DRAIN)"):
-        table.add_column(col, overflow="fold")
+    table = render.new_table(
+        "HOST", "STATE", "CPU USED", "MEMORY USED", "RESERVED CPU/MEM", "FREE MEM", "CONTAINERS", "P(DRAIN)"
+    )
     for h in sorted(hosts, key=lambda h: str(h.get("name", ""))):
         cap, used, reserved, free = h["capacity"], h["used"], h["reserved"], h["free"]
         state = str(h.get("state", ""))
@@ -331,21 +332,17 @@ def _print_predictions(out: Console, data: dict[str, Any]) -> None:
         render.say("no drain model is active: only ops drain hosts")
     else:
         render.say(f"model {model}, threshold {_percent(data.get('threshold'))}")
-    table = Table(box=None, header_style="bold")
-    for col in ("HOST", "P(DRAIN)", "MODEL", "AT"):
-        table.add_column(col, overflow="fold", no_wrap=col == "AT")
+    table = render.new_table("HOST", "P(DRAIN)", "MODEL", "AT")
     threshold = data.get("threshold") or 2.0
     for p in data.get("predictions", []):
         prob = float(p["probability"])
         cell = _percent(prob) if prob < threshold else f"[red]{_percent(prob)}[/]"
         table.add_row(escape(str(p["host"])), cell, escape(str(p["model_version"])), _ts(p.get("ts")))
-    out.print(table)
+    render.print_table(out, table)
 
 
 def migrations_table(migrations: list[dict[str, Any]]) -> Table:
-    table = Table(box=None, header_style="bold")
-    for col in ("ID", "CONTAINER", "FROM", "TO", "STATE", "TRY", "REASON", "UPDATED"):
-        table.add_column(col, overflow="fold", no_wrap=col in ("ID", "STATE", "UPDATED"))
+    table = render.new_table("ID", "CONTAINER", "FROM", "TO", "STATE", "TRY", "REASON", "UPDATED")
     for m in sorted(migrations, key=lambda m: float(m.get("created_at", 0))):
         state = str(m.get("state", ""))
         style = {"committed": "green", "failed": "yellow", "abandoned": "red", "running": "cyan"}.get(state, "")

@@ -1,7 +1,8 @@
 """`ferryctl`: a thin command line over the agent's HTTP API.
 
-Human output goes to stdout as tables; progress bars go to stderr; `--json` prints the API's JSON.
-Failures print `error: <code>: <message>` to stderr and exit 1 (2 for usage errors).
+Human output goes to stdout as tables; progress goes to stderr, only when both are terminals;
+`--json` (on every command) prints the API's JSON. Failures print `error: <code>: <message>` to
+stderr and exit with a code from agent/ctl/exits.py. docs/ferryctl.md documents all of it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ from typing import Any
 
 from rich.console import Console
 
+from agent.api.handlers import parse_create
+from agent.api.network import parse_target
 from agent.ctl import certs, fleet, migrate, render
+from agent.ctl.args import container_id, service_ip
 from agent.ctl.client import DEFAULT_AGENT, ENV_AGENT, AgentClient, ApiError
+from agent.ctl.exits import Exit, for_error
+from core.errors import InvalidRequest
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+EXIT_OK = Exit.OK
+EXIT_ERROR = Exit.ERROR
+EXIT_USAGE = Exit.USAGE
 
 _MEMORY_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
 _MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -63,6 +69,55 @@ def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+def _output_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """--json, --no-progress, --no-color: before the command or after it (`ferryctl ps --json`).
+
+    On subcommands the default is SUPPRESS, so an option given before the command is not reset.
+    """
+    default: Any = argparse.SUPPRESS if suppress else False
+    g = parser.add_argument_group("output")
+    g.add_argument("--json", action="store_true", default=default, help="print JSON (docs/ferryctl.md has the schemas)")
+    g.add_argument(
+        "--no-progress", action="store_true", default=default, help="no progress bars or spinners (also when not a TTY)"
+    )
+    g.add_argument(
+        "--no-color", action="store_true", default=default, help="no colour (also when not a TTY, or with $NO_COLOR)"
+    )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand's parser, nested ones included."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                found += [child, *_subparsers(child)]
+    return found
+
+
+def _container_options(p: argparse.ArgumentParser) -> None:
+    """The fields of POST /v1/containers, under the API's names (`run` and `create`)."""
+    p.add_argument("--name", type=container_id, help="container id, the API's `id` (generated when omitted)")
+    p.add_argument("--env", "-e", action="append", metavar="K=V", help="environment variable (repeatable)")
+    p.add_argument("--label", "-l", action="append", metavar="K=V", help="label (repeatable)")
+    p.add_argument("--cpus", type=parse_cpus, help="CPU limit in cores, e.g. 0.5 (resources.cpus)")
+    p.add_argument("--memory", "-m", type=parse_memory, help="memory limit, e.g. 64M (resources.memory)")
+    p.add_argument("--workdir", "-w", help="working directory")
+    p.add_argument("--user", "-u", help="user[:group]")
+    p.add_argument(
+        "--service-ip", type=service_ip, metavar="IPV4", help="service address: own network namespace with this /32"
+    )
+    p.add_argument(
+        "--publish-service",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="publish --service-ip on this host at start (default); --no-publish-service makes a standby copy",
+    )
+    p.add_argument("image")
+    # REMAINDER: everything after the image belongs to the container, flags included.
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferryctl", description="Control a ferryman agent.")
     parser.add_argument(
@@ -70,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"agent address, unix:///path or tcp://host:port (default ${ENV_AGENT} or {DEFAULT_AGENT})",
     )
-    parser.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
+    _output_options(parser, suppress=False)
     fleet.add_global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -82,40 +137,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rmi", help="remove an image")
     p.add_argument("name")
 
-    p = sub.add_parser("run", help="create and start a container")
-    p.add_argument("--name", help="container id (generated when omitted)")
-    p.add_argument("--env", "-e", action="append", metavar="K=V", help="environment variable (repeatable)")
-    p.add_argument("--label", "-l", action="append", metavar="K=V", help="label (repeatable)")
-    p.add_argument("--cpus", type=parse_cpus, help="CPU limit in cores, e.g. 0.5")
-    p.add_argument("--memory", "-m", type=parse_memory, help="memory limit, e.g. 64M")
-    p.add_argument("--workdir", "-w", help="working directory")
-    p.add_argument("--user", "-u", help="user[:group]")
-    p.add_argument("image")
-    # REMAINDER: everything after the image belongs to the container, flags included.
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    _container_options(sub.add_parser("run", help="create and start a container"))
+    _container_options(sub.add_parser("create", help="create a container without starting it"))
+
+    p = sub.add_parser("start", help="start a created or stopped container")
+    p.add_argument("id", type=container_id)
 
     p = sub.add_parser("ps", help="list containers")
     p.add_argument("-a", "--all", action="store_true", help="include containers that are not running")
 
     p = sub.add_parser("stop", help="stop a container")
     p.add_argument("--timeout", "-t", type=float, help="seconds before SIGKILL")
-    p.add_argument("id")
+    p.add_argument("id", type=container_id)
 
     p = sub.add_parser("rm", help="delete a container")
     p.add_argument("-f", "--force", action="store_true", help="kill it first if it is running")
-    p.add_argument("id")
+    p.add_argument("id", type=container_id)
 
     p = sub.add_parser("logs", help="print a container's output")
     p.add_argument("--tail", "-n", type=int, help="only the last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
-    p.add_argument("id")
+    p.add_argument("id", type=container_id)
 
     p = sub.add_parser("inspect", help="show a container's details as JSON")
-    p.add_argument("id")
+    p.add_argument("id", type=container_id)
+
+    p = sub.add_parser("network", help="service addresses on this host; publish or unpublish one")
+    actions = p.add_subparsers(dest="network_command", metavar="SUBCOMMAND")
+    for name, text in (("publish", "route a service address to this host"), ("unpublish", "stop routing it here")):
+        q = actions.add_parser(name, help=text)
+        which = q.add_mutually_exclusive_group(required=True)
+        which.add_argument("--service-ip", type=service_ip, metavar="IPV4", help="the address")
+        which.add_argument("--container", type=container_id, metavar="ID", help="the container that has it")
+
+    sub.add_parser("health", help="the agent's health (exit 1 when containerd does not answer)")
 
     migrate.add_parsers(sub)
     fleet.add_parsers(sub)
     certs.add_parser(sub)
+    for child in _subparsers(parser):
+        _output_options(child, suppress=True)
     return parser
 
 
@@ -140,7 +201,7 @@ def _is_verdict(line: dict[str, Any]) -> bool:
 
 async def _pull(client: AgentClient, args: argparse.Namespace, err: Console) -> int:
     final: dict[str, Any] | None = None
-    view = None if args.json else render.PullView(err, args.ref)
+    view = render.PullView(err, args.ref) if args.progress else None
     with view if view is not None else contextlib.nullcontext():
         async for line in client.pull(args.ref):
             if _is_verdict(line):
@@ -164,7 +225,8 @@ async def _pull(client: AgentClient, args: argparse.Namespace, err: Console) -> 
     return EXIT_OK
 
 
-async def _run(client: AgentClient, args: argparse.Namespace) -> int:
+def container_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The POST /v1/containers body for `run`/`create`, checked by the agent's own validator."""
     spec: dict[str, Any] = {"id": args.name or _generated_id(args.image), "image": args.image}
     if args.args:
         spec["args"] = list(args.args)
@@ -181,7 +243,19 @@ async def _run(client: AgentClient, args: argparse.Namespace) -> int:
     resources = {k: v for k, v in (("cpus", args.cpus), ("memory", args.memory)) if v is not None}
     if resources:
         spec["resources"] = resources
-    summary = await client.create(spec, start=True)
+    if args.service_ip is not None:
+        spec["service_ip"] = args.service_ip
+    if args.publish_service is not None:
+        spec["publish_service"] = args.publish_service
+    try:
+        parse_create(spec)  # the API's validation, so a bad request fails here with the API's words
+    except InvalidRequest as exc:
+        raise UsageError(exc.message) from exc
+    return spec
+
+
+async def _create(client: AgentClient, args: argparse.Namespace) -> int:
+    summary = await client.create(container_spec(args), start=args.command == "run")
     if args.json:
         _print_json(summary)
     else:
@@ -189,8 +263,51 @@ async def _run(client: AgentClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _network(client: AgentClient, args: argparse.Namespace, out: Console) -> int:
+    if args.network_command is None:
+        data = await client.request("GET", "/v1/network")
+        if args.json:
+            _print_json(data)
+        else:
+            _say(f"uplink {data.get('uplink') or '-'}")
+            render.print_table(out, render.network_table(data))
+        return EXIT_OK
+    body = {"service_ip": args.service_ip} if args.service_ip is not None else {"container": args.container}
+    try:
+        parse_target(body)
+    except InvalidRequest as exc:
+        raise UsageError(exc.message) from exc
+    data = await client.request("POST", f"/v1/network/{args.network_command}", body=body)
+    if args.json:
+        _print_json(data)
+    elif args.network_command == "publish":
+        _say(f"{data['service_ip']} published ({data['container']}, {data['host_veth']})")
+    else:
+        _say(f"{data['service_ip']} unpublished" + ("" if data.get("was_published") else " (was not published)"))
+    return EXIT_OK
+
+
+async def _health(client: AgentClient, args: argparse.Namespace) -> int:
+    # 503 (containerd does not answer) carries an error object: ApiError, exit 1, like any failure.
+    data = await client.health()
+    if args.json:
+        _print_json(data)
+    else:
+        _say(str(data.get("status", "")))
+    return EXIT_OK
+
+
 async def _logs(client: AgentClient, args: argparse.Namespace) -> int:
     stdout = sys.stdout.buffer
+    if args.json:  # NDJSON: one {"container", "line"} object per line of output
+        pending = b""
+        async for chunk in client.logs(args.id, tail=args.tail, follow=args.follow):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                render.print_json_line({"container": args.id, "line": line.decode(errors="replace")})
+        if pending:
+            render.print_json_line({"container": args.id, "line": pending.decode(errors="replace")})
+        return EXIT_OK
     async for chunk in client.logs(args.id, tail=args.tail, follow=args.follow):
         stdout.write(chunk)
         stdout.flush()  # followed output should appear as it arrives
@@ -208,11 +325,19 @@ async def dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
                 if args.json:
                     _print_json({"images": images})
                 else:
-                    out.print(render.images_table(images))
+                    render.print_table(out, render.images_table(images))
             case "rmi":
                 await client.remove_image(args.name)
-            case "run":
-                return await _run(client, args)
+                if args.json:
+                    _print_json({"name": args.name, "removed": True})
+            case "run" | "create":
+                return await _create(client, args)
+            case "start":
+                summary = await client.start(args.id)
+                if args.json:
+                    _print_json(summary)
+                else:
+                    _say(f"{summary['id']} {summary['state']}")
             case "ps":
                 containers = await client.list_containers()
                 if not args.all:
@@ -220,7 +345,7 @@ async def dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
                 if args.json:
                     _print_json({"containers": containers})
                 else:
-                    out.print(render.containers_table(containers))
+                    render.print_table(out, render.containers_table(containers))
             case "stop":
                 summary = await client.stop(args.id, args.timeout)
                 if args.json:
@@ -229,42 +354,71 @@ async def dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
                     _say(f"{summary['id']} {summary['state']}")
             case "rm":
                 await client.remove(args.id, force=args.force)
+                if args.json:
+                    _print_json({"id": args.id, "removed": True})
             case "logs":
                 return await _logs(client, args)
             case "inspect":
                 _print_json(await client.inspect(args.id))
             case "migrate":
-                # Exit 1 for a rollback too: scripts must not mistake it for a moved workload.
-                return EXIT_OK if await migrate.migrate(client, args, err) else EXIT_ERROR
+                return await migrate.migrate(client, args, err)
             case "migrations":
                 await migrate.migrations(client, args, out)
+            case "network":
+                return await _network(client, args, out)
+            case "health":
+                return await _health(client, args)
             case _:  # pragma: no cover - argparse rejects unknown commands
                 raise UsageError(f"unknown command {args.command!r}")
     return EXIT_OK
 
 
+def _consoles(args: argparse.Namespace) -> tuple[Console, Console]:
+    """stdout and stderr consoles, and `args.progress`: whether live progress may be drawn.
+
+    Progress (spinners, bars) only when stdout and stderr are both terminals and neither --json nor
+    --no-progress was given: a redirected stdout means a script, whose stderr must stay plain lines.
+    Colour only on a terminal, without --no-color or $NO_COLOR (rich reads NO_COLOR itself).
+    """
+    out_tty, err_tty = sys.stdout.isatty(), sys.stderr.isatty()
+    args.progress = out_tty and err_tty and not args.json and not args.no_progress
+    no_color = True if args.no_color else None
+    # Consoles are made per call, bound to the streams of the moment (tests swap sys.stdout).
+    out = Console(file=sys.stdout, force_terminal=out_tty, no_color=no_color, highlight=False)
+    err = Console(file=sys.stderr, force_terminal=err_tty, no_color=no_color, highlight=False)
+    return out, err
+
+
+def _fail(args: argparse.Namespace, code: str, message: str, exit_code: Exit) -> int:
+    """Report a failure on stderr (`error: <code>: <message>`; usage errors like argparse's), and with
+    --json also as `{"error": {"code", "message"}, "exit_code"}` on stdout."""
+    if exit_code == Exit.USAGE:
+        sys.stderr.write(f"ferryctl: error: {message}\n")
+    else:
+        sys.stderr.write(f"error: {code}: {message}\n")
+    if getattr(args, "json", False):
+        render.print_json({"error": {"code": code, "message": message}, "exit_code": int(exit_code)})
+    return exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "certs":
         return certs.run(args)  # offline: files only, no agent connection
-    # Consoles are made per call, bound to the streams of the moment (tests swap sys.stdout).
-    out = Console(file=sys.stdout)
-    err = Console(file=sys.stderr)
+    out, err = _consoles(args)
     try:
         if fleet.handles(args):  # coordinator commands, and migrations when a coordinator is configured
             return asyncio.run(fleet.run(args, out, err))
         return asyncio.run(dispatch(args, out, err))
     except fleet.FleetUsageError as exc:
-        sys.stderr.write(f"ferryctl: error: {exc}\n")
-        return EXIT_USAGE
+        return _fail(args, "usage", str(exc), Exit.USAGE)
     except ApiError as exc:
-        sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
-        return EXIT_ERROR
+        return _fail(args, exc.code, exc.message, for_error(exc.code))
     except UsageError as exc:
-        sys.stderr.write(f"ferryctl: error: {exc}\n")
-        return EXIT_USAGE
+        return _fail(args, "usage", str(exc), Exit.USAGE)
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
     except BrokenPipeError:
         # `ferryctl logs | head`: the reader left; that is not an error worth a traceback.
         return EXIT_OK

@@ -17,6 +17,7 @@ from rich.console import Console
 from agent.ctl import render
 from agent.ctl.args import positive_int
 from agent.ctl.client import AgentClient, ApiError
+from agent.ctl.exits import Exit
 
 
 def add_parsers(sub: Any) -> None:
@@ -44,8 +45,8 @@ def _is_error_line(line: dict[str, Any]) -> bool:
     return "id" not in line and isinstance(line.get("error"), dict)
 
 
-async def migrate(client: AgentClient, args: argparse.Namespace, err: Console) -> bool:
-    """Run one migration to its end; True if it committed."""
+async def migrate(client: AgentClient, args: argparse.Namespace, err: Console) -> Exit:
+    """Run one migration to its end; the exit code (exits.py): OK, TARGET_MISSED, NOT_MIGRATED or NEEDS_OPERATOR."""
     spec: dict[str, Any] = {"container": args.container, "target": args.target}
     if args.downtime_target is not None:
         spec["downtime_target_ms"] = args.downtime_target
@@ -55,7 +56,7 @@ async def migrate(client: AgentClient, args: argparse.Namespace, err: Console) -
         spec["mode"] = args.mode
     final: dict[str, Any] | None = None
     last: dict[str, Any] | None = None
-    view = None if args.json else render.MigrationView(err, args.container, args.target)
+    view = render.MigrationView(err, args.container, args.target) if args.progress else None
     try:
         with view if view is not None else contextlib.nullcontext():
             async for line in client.migrate(spec):
@@ -83,22 +84,29 @@ async def migrate(client: AgentClient, args: argparse.Namespace, err: Console) -
     else:
         for text in render.migration_details(final):
             render.say(text)
+    return outcome(final)
+
+
+def outcome(final: dict[str, Any]) -> Exit:
+    """Say on stderr how a finished migration (an agent record) went; its exit code."""
     stats = final.get("stats") or {}
-    if final.get("state") == "COMMIT" and stats.get("downtime_target_missed"):
-        # Committed, so not a failure (exit 0), but the caller's budget was not kept: say so on stderr.
+    if final.get("state") == "COMMIT":
+        if not stats.get("downtime_target_missed"):
+            return Exit.OK
+        # Committed: the workload moved, but the caller's budget was not kept. A code of its own, so
+        # scripts can tell it from both success and a workload that did not move.
         target = (final.get("options") or {}).get("downtime_target_ms")
         sys.stderr.write(
             f"warning: downtime_target_missed: the workload was frozen {render.human_ms(stats.get('downtime_ms'))}, "
             f"over its target of {target} ms\n"
         )
-    if final.get("state") != "COMMIT":
-        # The ferryctl failure convention (stderr, `error: <code>: <message>`), after the statistics.
-        if final.get("state") == "NEEDS_OPERATOR":  # ended undecided: the source keeps its frozen copy
-            sys.stderr.write(f"error: needs_operator: {final.get('error') or 'the migration needs the operator'}\n")
-        else:
-            sys.stderr.write(f"error: rolled_back: {final.get('error') or 'the migration rolled back'}\n")
-        return False
-    return True
+        return Exit.TARGET_MISSED
+    # The ferryctl failure convention (stderr, `error: <code>: <message>`), after the statistics.
+    if final.get("state") == "NEEDS_OPERATOR":  # ended undecided: the source keeps its frozen copy
+        sys.stderr.write(f"error: needs_operator: {final.get('error') or 'the migration needs the operator'}\n")
+        return Exit.NEEDS_OPERATOR
+    sys.stderr.write(f"error: rolled_back: {final.get('error') or 'the migration rolled back'}\n")
+    return Exit.NOT_MIGRATED
 
 
 async def migrations(client: AgentClient, args: argparse.Namespace, out: Console) -> None:
@@ -114,4 +122,4 @@ async def migrations(client: AgentClient, args: argparse.Namespace, out: Console
     if args.json:
         render.print_json({"migrations": records})
     else:
-        out.print(render.migrations_table(records))
+        render.print_table(out, render.migrations_table(records))

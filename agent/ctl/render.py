@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -32,9 +33,42 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def print_json_line(data: Any) -> None:
+    """One NDJSON line (streams: `logs --json`), flushed so a reader sees it at once."""
+    sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
 def say(line: str) -> None:
     # Plain lines, not rich: no wrapping at the console width and no markup in image names.
     sys.stdout.write(line + "\n")
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print a table whole: no cell is wrapped, folded or truncated, whatever the console's width.
+
+    Rich fits a table to the console by wrapping cells, cutting them with an ellipsis and even
+    dropping columns. Identifiers must survive intact (they are copied into the next command), so
+    a table wider than the console is printed at its own width and the terminal wraps the line.
+    """
+    natural = Measurement.get(console, console.options.update(width=1 << 16), table).maximum
+    if natural <= console.width:
+        console.print(table)
+        return
+    saved = console.width
+    console.width = natural
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = saved
+
+
+def new_table(*columns: str) -> Table:
+    """A borderless table whose cells never wrap (see print_table)."""
+    out = Table(box=None, header_style="bold")
+    for col in columns:
+        out.add_column(col, no_wrap=True)
+    return out
 
 
 def human_size(n: int | float | None) -> str:
@@ -71,9 +105,7 @@ def age(iso: str, now: datetime | None = None) -> str:
 
 
 def containers_table(containers: list[dict[str, Any]]) -> Table:
-    table = Table(box=None, header_style="bold")
-    for col in ("ID", "IMAGE", "STATE", "PID", "EXIT", "CREATED"):
-        table.add_column(col, overflow="fold")
+    table = new_table("ID", "IMAGE", "STATE", "PID", "EXIT", "CREATED")
     for c in sorted(containers, key=lambda c: str(c.get("id", ""))):
         state = str(c.get("state", ""))
         style = {"running": "green", "stopped": "dim", "unknown": "red"}.get(state, "")
@@ -89,15 +121,26 @@ def containers_table(containers: list[dict[str, Any]]) -> Table:
 
 
 def images_table(images: list[dict[str, Any]]) -> Table:
-    table = Table(box=None, header_style="bold")
-    for col in ("NAME", "DIGEST", "SIZE"):
-        table.add_column(col, overflow="fold")
+    table = new_table("NAME", "DIGEST", "SIZE")
     table.columns[2].justify = "right"
     for img in sorted(images, key=lambda i: str(i.get("name", ""))):
         table.add_row(
             escape(str(img.get("name", ""))),
             escape(short_digest(str(img.get("digest", "")))),
             human_size(img.get("size")),
+        )
+    return table
+
+
+def network_table(data: dict[str, Any]) -> Table:
+    table = new_table("SERVICE IP", "CONTAINER", "STATE", "PUBLISHED", "HOST VETH")
+    for svc in sorted(data.get("services") or [], key=lambda s: str(s.get("service_ip", ""))):
+        table.add_row(
+            escape(str(svc.get("service_ip", ""))),
+            escape(str(svc.get("container", ""))),
+            escape(str(svc.get("state", ""))),
+            "yes" if svc.get("published") else "no",
+            escape(str(svc.get("host_veth", ""))),
         )
     return table
 
@@ -187,26 +230,53 @@ def _direction(record: dict[str, Any]) -> str:
 
 
 def migrations_table(records: list[dict[str, Any]]) -> Table:
-    table = Table(box=None, header_style="bold")
-    for col in ("ID", "ROLE", "CONTAINER", "PEER", "STATE", "DOWNTIME", "TOTAL", "STARTED"):
-        table.add_column(col, overflow="fold")
+    table = new_table("ID", "ROLE", "CONTAINER", "PEER", "STATE", "DOWNTIME", "TOTAL", "STARTED")
     for index in (5, 6):  # durations
         table.columns[index].justify = "right"
     for r in records:  # the agent lists oldest first; keep that order
         state = str(r.get("state", ""))
         style = {"COMMIT": "green", "ROLLBACK": "red", "NEEDS_OPERATOR": "bold red"}.get(state, "yellow")
-        stats = r.get("stats") or {}
+        downtime, total = migration_durations(r)
         table.add_row(  # escape: cells are rich markup, values come from the agent
             escape(str(r.get("id", ""))),
             escape(str(r.get("role", ""))),
             escape(str(r.get("container", ""))),
             escape(str(r.get("peer", ""))),
             f"[{style}]{escape(state)}[/]",
-            human_ms(stats.get("downtime_ms")),
-            human_ms(stats.get("total_ms")),
+            escape(downtime),
+            human_ms(total),
             age(str(r.get("started_at", ""))),
         )
     return table
+
+
+def _span_ms(start: object, end: object) -> float | None:
+    try:
+        a = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+        b = datetime.fromisoformat(str(end).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    ms = (b - a).total_seconds() * 1000
+    return ms if ms > 0 else None
+
+
+def migration_durations(record: dict[str, Any]) -> tuple[str, float | None]:
+    """(downtime text, total ms) of a record, from what its host knows.
+
+    The source measures the downtime (freeze to resume) and the total. A target record has neither
+    unless its agent recorded them: it shows its own part instead, the CRIU restore
+    (`restore 90.1 ms`, a lower bound of the downtime), and for a finished migration the time from
+    its first record to its last (`started_at` to `updated_at`).
+    """
+    stats = record.get("stats") or {}
+    downtime = human_ms(stats.get("downtime_ms"))
+    total: float | None = stats.get("total_ms") or None
+    if record.get("role") == "target":
+        if downtime == "-" and stats.get("restore_ms"):
+            downtime = f"restore {human_ms(stats['restore_ms'])}"
+        if total is None and record.get("done"):
+            total = _span_ms(record.get("started_at"), record.get("updated_at"))
+    return downtime, total
 
 
 def migration_details(record: dict[str, Any], *, history: bool = False) -> list[str]:
@@ -218,10 +288,12 @@ def migration_details(record: dict[str, Any], *, history: bool = False) -> list[
         rows += [("role", str(record.get("role", ""))), ("started", str(record.get("started_at", "")))]
         rows.append(("updated", str(record.get("updated_at", ""))))
     target = options.get("downtime_target_ms")
-    downtime = human_ms(stats.get("downtime_ms"))
+    downtime, total = migration_durations(record)
     missed = ", missed" if stats.get("downtime_target_missed") else ""
+    if downtime.startswith("restore "):  # a target record: the source measured the downtime
+        downtime += ", the source measures the downtime"
     rows.append(("downtime", f"{downtime} (target {target} ms{missed})" if target else downtime))
-    rows.append(("total time", human_ms(stats.get("total_ms"))))
+    rows.append(("total time", human_ms(total)))
     dirty = stats.get("dirty_pages") or []
     iterations = str(stats.get("iterations", 0))
     if dirty:
