@@ -20,7 +20,7 @@ from rich.console import Console
 
 from agent.api.handlers import parse_create
 from agent.api.network import parse_target
-from agent.ctl import certs, fleet, migrate, render
+from agent.ctl import certs, completion, fleet, migrate, render
 from agent.ctl.args import container_id, service_ip
 from agent.ctl.client import DEFAULT_AGENT, ENV_AGENT, AgentClient, ApiError
 from agent.ctl.exits import Exit, for_error
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_parsers(sub)
     fleet.add_parsers(sub)
     certs.add_parser(sub)
+    completion.add_parser(sub)
     for child in _subparsers(parser):
         _output_options(child, suppress=True)
     return parser
@@ -406,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "certs":
         return certs.run(args)  # offline: files only, no agent connection
+    if args.command == "completion":
+        return completion.run(parser, args)
     out, err = _consoles(args)
     try:
         if fleet.handles(args):  # coordinator commands, and migrations when a coordinator is configured
