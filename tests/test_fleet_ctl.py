@@ -19,6 +19,7 @@ import pytest
 
 from agent.ctl.main import main
 from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, new_token, registration, sample
+from tests.test_ctl_scripting import _documented_json_keys
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "drain" / "drain.onnx"
 MiB = 1 << 20
@@ -128,6 +129,15 @@ async def test_hosts_drain_uncordon_and_predictions(
     assert await ctl(coordinator, pki, "predictions") == 0
     out = capsys.readouterr().out
     assert "model drain-1, threshold 54.9%" in out and "h1" in out and "h2" in out
+
+    # --json of the coordinator commands carries the keys docs/ferryctl.md promises.
+    documented = _documented_json_keys()
+    for name, argv in (("`drain` (coordinator)", ["drain", "h2"]), ("`uncordon` (coordinator)", ["uncordon", "h2"]),
+                       ("`predictions` (coordinator)", ["predictions"]), ("`hosts` (coordinator)", ["hosts"]),
+                       ("`migrations` (coordinator)", ["migrations"])):
+        assert await ctl(coordinator, pki, *argv, "--json") == 0, name
+        data = json.loads(capsys.readouterr().out)
+        assert [k for k in documented[name] if k not in data] == [], (name, data)
 
 
 async def test_migrate_through_the_coordinator_reports_the_outcome(
