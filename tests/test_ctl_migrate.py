@@ -65,11 +65,11 @@ async def test_migrate_committed(server: ApiServer, agent: FakeAgent, capsys: py
     assert agent.migrations.calls == [("web", "host-b", MigrationOptions(150, 4))]
 
 
-async def test_a_missed_downtime_target_is_flagged_with_its_own_exit_code(
+async def test_a_missed_downtime_target_is_flagged_but_not_a_failure(
     server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Exit 3: the workload moved (not a failure to retry), but the budget was not kept.
-    assert await ctl(server, "migrate", "late", "--to", "host-b", "--downtime-target", "150") == 3
+    # Exit 0: the workload moved (not a failure to retry); the missed budget is said on stderr.
+    assert await ctl(server, "migrate", "late", "--to", "host-b", "--downtime-target", "150") == 0
     captured = capsys.readouterr()
     assert "downtime     182.4 ms (target 150 ms, missed)" in captured.out
     assert captured.err.endswith(

@@ -378,7 +378,7 @@ async def test_exit_codes(server: ApiServer, short_dir: Path) -> None:
     assert (await run(server, "stop", "ghost")).code == Exit.ERROR
     assert (await run(server, "migrate", "web")).code == Exit.USAGE  # no --to
     r = await run(server, "migrate", "late", "--to", "host-b", "--downtime-target", "150")
-    assert r.code == Exit.TARGET_MISSED and "warning: downtime_target_missed" in r.err, r
+    assert r.code == Exit.OK and "warning: downtime_target_missed" in r.err, r  # committed: the workload moved
     r = await run(server, "migrate", "doomed", "--to", "host-b")
     assert r.code == Exit.NOT_MIGRATED and r.err.endswith("error: rolled_back: target restore failed: CRIU said no\n")
     r = await run(None, "--agent", f"unix://{short_dir}/none.sock", "ps")

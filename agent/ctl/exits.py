@@ -11,15 +11,13 @@ from enum import IntEnum
 
 class Exit(IntEnum):
     OK = 0
-    """Done: the command did what it was asked."""
+    """Done: the command did what it was asked. A migration that committed over its downtime target
+    is done too (the workload moved): stderr carries `warning: downtime_target_missed: ...`."""
     ERROR = 1
     """The agent or coordinator refused or failed the request (an API error code), or a local file
     operation failed (`certs`)."""
     USAGE = 2
     """Bad arguments or options: nothing was sent."""
-    TARGET_MISSED = 3
-    """`migrate`: the migration committed (the workload runs on the target) but the freeze exceeded
-    the downtime target."""
     NOT_MIGRATED = 4
     """`migrate`: the migration ended without committing; the workload runs on the source (agent:
     ROLLBACK; coordinator: failed or abandoned)."""
