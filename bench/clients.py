@@ -16,6 +16,8 @@ migrates to h2 and back to h1; after each migration its memory is verified (clie
   POSTCOPY tput: the persistent connection's replies/s from the target's resume until every page
               was there (stats.postcopy_ms, ending at the record's SWITCH), as a share of the
               replies/s in the --steady s before the migration
+  slow after resume: from the resume until the persistent connection's replies stayed at half
+              its steady rate or more, in 100 ms windows (issue 17: hybrid and precopy within 1 s)
   agents' peak RSS: VmHWM of each agent, reset before each mode (/proc/PID/clear_refs)
 Baseline in the same run (once per run, first in odd runs, last in even ones): stop-and-copy with
 containerd's own checkpoint, as bench/migrate.py does it, of the same image without a service
@@ -84,6 +86,9 @@ class Outcome:
     postcopy_ms: float
     steady_per_s: float
     postcopy_per_s: float | None
+    settled_ms: float | None
+    """From the resume until the persistent connection's rate stayed at half its steady rate or more
+    (100 ms windows): how long the workload stayed slow after it ran again."""
     verified: str = "none"
     rss_mib: dict[str, float] = field(default_factory=dict)
 
@@ -101,6 +106,7 @@ class Outcome:
             f"agent downtime {self.downtime_ms:.0f} ms ({self.held_packets} packets held), "
             f"wire/memory {self.wire_per_memory:.2f}, "
             f"post-copy {self.postcopy_ms:.0f} ms at {share} of {self.steady_per_s:.0f} replies/s, "
+            f"slow for {'-' if self.settled_ms is None else f'{self.settled_ms:.0f}'} ms after the resume, "
             f"memory {self.verified}"
         )
 
@@ -128,6 +134,7 @@ def analyse(mode: str, direction: str, record: dict[str, Any], seen: dict[str, A
         resumed = states["SWITCH"]
     kinds = [kind for _, kind in seen["errors"]] + [kind for _, _, kind in seen["short"] if kind != "ok"]
     return Outcome(
+        settled_ms=None if resumed is None else settled_after(replies, resumed, steady_per_s) * 1000,
         mode=mode,
         ran=record.get("options", {}).get("mode", mode),
         direction=direction,
@@ -147,6 +154,24 @@ def analyse(mode: str, direction: str, record: dict[str, Any], seen: dict[str, A
         steady_per_s=steady_per_s,
         postcopy_per_s=postcopy_per_s,
     )
+
+
+SETTLE_WINDOW = 0.1
+"""Seconds per window when telling when the reply rate came back after a resume."""
+
+
+def settled_after(replies: np.ndarray, resumed: float, steady_per_s: float) -> float:
+    """Seconds from `resumed` to the end of the last window (of SETTLE_WINDOW s, up to the last
+    reply) whose reply count was under half the steady rate: 0 when none was."""
+    after = replies[replies >= resumed]
+    if after.size == 0:
+        return 0.0
+    edges = np.arange(resumed, float(after[-1]), SETTLE_WINDOW)
+    if edges.size < 2:
+        return 0.0
+    counts, _ = np.histogram(after, bins=edges)
+    slow = np.flatnonzero(counts < steady_per_s * SETTLE_WINDOW / 2)
+    return 0.0 if slow.size == 0 else float(edges[slow[-1] + 1] - resumed)
 
 
 class Client:
@@ -292,8 +317,9 @@ def fmt(values: list[float], pattern: str) -> str:
 def table(outcomes: list[Outcome], baselines: list[float], modes: list[str]) -> list[str]:
     lines = [
         "| mode (ran) | longest gap, ms (median) | agent downtime, ms (max) | failed / requests | wire / memory | "
-        "POSTCOPY, ms (max) | POSTCOPY tput / steady (lowest) | agents' peak RSS, MiB (h1 / h2) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "POSTCOPY, ms (max) | POSTCOPY tput / steady (lowest) | slow after resume, ms (max) | "
+        "agents' peak RSS, MiB (h1 / h2) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode in modes:
         rows = [o for o in outcomes if o.mode == mode]
@@ -303,6 +329,7 @@ def table(outcomes: list[Outcome], baselines: list[float], modes: list[str]) -> 
         shares = [o.postcopy_share for o in rows if o.postcopy_share is not None]
         postcopy = [o.postcopy_ms for o in rows if o.postcopy_ms]
         downtimes = [o.downtime_ms for o in rows]
+        settled = [o.settled_ms for o in rows if o.settled_ms is not None]
         lines.append(
             f"| {mode} ({', '.join(sorted({o.ran for o in rows}))}) "
             f"| {max(gaps):.0f} ({statistics.median(gaps):.0f}) "
@@ -312,6 +339,7 @@ def table(outcomes: list[Outcome], baselines: list[float], modes: list[str]) -> 
             f"| {statistics.median([o.wire_per_memory for o in rows]):.2f} "
             f"| {'-' if not postcopy else f'{statistics.median(postcopy):.0f} ({max(postcopy):.0f})'} "
             f"| {'-' if not shares else f'{statistics.median(shares):.0%} ({min(shares):.0%})'} "
+            f"| {'-' if not settled else f'{statistics.median(settled):.0f} ({max(settled):.0f})'} "
             f"| {max(o.rss_mib['h1'] for o in rows):.0f} / {max(o.rss_mib['h2'] for o in rows):.0f} |"
         )
     if baselines:
