@@ -82,13 +82,15 @@ async def fleet(
     extra_config: Callable[[MeshHost], str] | None = None,
     ops_port: int | None = None,
     before_agents: Callable[[Mesh], Awaitable[None]] | None = None,
+    agent_within: float = 30.0,
     **mesh_kw: Any,
 ) -> AsyncIterator[Mesh]:
     """A started mesh whose agents listen for peers over mTLS on <address>:7443.
 
     `extra_config(host)` adds TOML tables to each agent's config, `ops_port` gives every agent an ops
     listener (`[api] tls_listen`) on that port, and `before_agents(mesh)` runs once the fleet
-    certificates exist, before any agent starts (e.g. to start a coordinator).
+    certificates exist, before any agent starts (e.g. to start a coordinator). `agent_within`: how long
+    an agent may take to answer its health check (an emulated VM needs minutes).
     """
     mesh = Mesh(
         base / f"fleet-{secrets.token_hex(2)}",
@@ -105,7 +107,7 @@ async def fleet(
         issue_fleet_certs(mesh.dir, [(h.name, h.address) for h in mesh.hosts])
         if before_agents is not None:
             await before_agents(mesh)
-        await asyncio.gather(*(h.start_agent() for h in mesh.hosts))
+        await asyncio.gather(*(h.start_agent(agent_within) for h in mesh.hosts))
         yield mesh
     finally:
         # Deleting through the agents also removes the containers' network namespaces (/run/netns).
