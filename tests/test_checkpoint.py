@@ -197,3 +197,46 @@ def test_pages_file_from_a_reordered_store(tmp_path: Path) -> None:
     assert store.write_pages_files(images) == len(vaddrs) * PAGE_SIZE
     assert (images / "pages-3.img").read_bytes() == b"".join(content[v] for v in vaddrs)
     store.close()
+
+
+def test_tracker_keeps_what_a_pre_dump_left_in_its_parent(tmp_path: Path) -> None:
+    """A soft-dirty dump holds only the pages written since its parent: the pages it left there are
+    still on the target, so a later dump that holds them again (unchanged) sends nothing for them."""
+    import os
+
+    from pycriu import images as criu_images
+
+    from agent.checkpoint.images import PAGE_SIZE, PE_PARENT, PE_PRESENT
+
+    base = 0x400000
+    content = [os.urandom(PAGE_SIZE) for _ in range(8)]
+
+    def dump(name: str, ranges: list[tuple[int, int, int]], pages: list[bytes]) -> Path:
+        image = tmp_path / name
+        image.mkdir()
+        entries = [{"vaddr": base + first * PAGE_SIZE, "nr_pages": n, "flags": f, "compat_nr_pages": 0}
+                   for first, n, f in ranges]  # fmt: skip
+        with (image / "pagemap-1.img").open("wb") as fh:
+            criu_images.dump({"magic": "PAGEMAP", "entries": [{"pages_id": 1}, *entries]}, fh)
+        (image / "pages-1.img").write_bytes(b"".join(pages))
+        return image
+
+    tracker = PageTracker()
+    try:
+        first = DeltaStats()
+        list(tracker.delta(dump("round-1", [(0, 8, PE_PRESENT)], content), first))
+        assert first.changed == 8
+        content[3] = os.urandom(PAGE_SIZE)  # one page written: the pre-dump holds it alone
+        second = DeltaStats()
+        chained = [(0, 3, PE_PARENT), (3, 1, PE_PRESENT), (4, 4, PE_PARENT)]
+        list(tracker.delta(dump("round-2", chained, [content[3]]), second))
+        assert (second.pages, second.changed) == (1, 1)
+        # Hybrid's post-copy asks the same digests: the parent's pages are on the target already.
+        assert tracker.held_by_target("pagemap-1.img", base, memoryview(b"".join(content[:5]))) == [True] * 5
+        content[5] = os.urandom(PAGE_SIZE)
+        final = DeltaStats()  # a dump that holds every page again (a huge page, a full dump): one changed
+        batches = list(tracker.delta(dump("final", [(0, 8, PE_PRESENT)], content), final))
+        assert (final.pages, final.changed, final.unchanged) == (8, 1, 7)
+        assert [v for b in batches for v in b.vaddrs] == [base + 5 * PAGE_SIZE]
+    finally:
+        tracker.close()
