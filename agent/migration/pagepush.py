@@ -66,6 +66,12 @@ class PushCounts:
     """Of those, named only: the target held them from pre-copy."""
     skipped: int = 0
     """Pages left out because a reply had sent them already (the workload faulted on them first)."""
+    wait_read: float = 0.0
+    """Seconds the push waited for /proc/PID/mem reads (the producer thread)."""
+    wait_credit: float = 0.0
+    """Seconds it waited for credits (the target's push_ack)."""
+    wait_send: float = 0.0
+    """Seconds it spent handing frames to the stream (its own credits, the send lock)."""
 
 
 @dataclass(frozen=True)
@@ -157,13 +163,21 @@ async def push(
 
     producer = asyncio.ensure_future(asyncio.to_thread(produce))
     try:
-        while not stop.is_set() and (batch := await queue.get()) is not None:
+        while not stop.is_set():
+            t0 = loop.time()
+            batch = await queue.get()
+            counts.wait_read += loop.time() - t0
+            if batch is None:
+                break
             dst_id = pagemap_id(batch.pagemap) or 0
             at = 0  # the batch's pages before this are dealt with
             while at < batch.nr_pages:
                 credit = not all(batch.held[at:])  # pages may follow: the target acks those
                 if credit:
+                    t0 = loop.time()
                     await window.take()
+                    counts.wait_credit += loop.time() - t0
+                t0 = loop.time()
                 async with sending:
                     # Looked up under the lock: a reply sends nothing meanwhile.
                     run = None if stop.is_set() else next_unsent(sent, dst_id, batch.vaddr, batch.nr_pages, at)
@@ -192,6 +206,7 @@ async def push(
                             else b"".join(batch.data[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] for k in send)
                         )
                         await link.send_raw_pages(keys, data)
+                counts.wait_send += loop.time() - t0
                 counts.skipped += first - at
                 counts.pages += n
                 counts.held += n - len(send)

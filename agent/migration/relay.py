@@ -56,6 +56,10 @@ class TargetRelay(ControlRouter):
         self._pager: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
         self.connected = asyncio.Event()
         """The pager has connected at least once: its start-up is behind it."""
+        self.drain_wait = 0.0
+        """Seconds pushed batches waited for the pager to read them (its socket full)."""
+        self.ack_hold = 0.0
+        """Seconds push credits were held back while the workload faulted."""
 
     async def listen(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -146,6 +150,7 @@ class TargetRelay(ControlRouter):
         while True:
             await self._ack_due.wait()
             if (wait := self._faulting_until - loop.time()) > 0:
+                self.ack_hold += wait
                 await asyncio.sleep(wait)  # and look again: the faults may have gone on
                 continue
             self._ack_due.clear()
@@ -265,7 +270,9 @@ class TargetRelay(ControlRouter):
                 writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, n, start, dst_id) + data)
                 self.pushed.add(dst_id, start, n)
                 self._on_pages(n)
+            t0 = asyncio.get_running_loop().time()
             await writer.drain()
+            self.drain_wait += asyncio.get_running_loop().time() - t0
             await self._settle_parked(writer)
         if batches:  # it carried pages: the source waits for this credit
             self._acks_due += 1

@@ -541,6 +541,9 @@ class SourceMigration:
                 "held": counts.held,
                 "skipped": counts.skipped,
                 "ms": round((time.monotonic() - started) * 1000),
+                "wait_read_ms": round(counts.wait_read * 1000),
+                "wait_credit_ms": round(counts.wait_credit * 1000),
+                "wait_send_ms": round(counts.wait_send * 1000),
             },
         )
 

@@ -554,10 +554,23 @@ class TargetMigration:
             raise LazyPagesError(f"post-copy failed on this host: {result.get('error')}")
         log.info(
             "post-copy pages in",
-            extra={"migration": self.record.id, **{k: v for k, v in result.items() if k not in ("ok", "error")}},
+            extra={
+                "migration": self.record.id,
+                **{k: v for k, v in result.items() if k not in ("ok", "error")},
+                **self._relay_waits(),
+            },
         )
         if self._pager is not None:
             await asyncio.to_thread(self._pager.wait, 10)
+
+    def _relay_waits(self) -> dict[str, int]:
+        """Where the relay waited: for the pager to take pushed pages, and holding the push's credits."""
+        if self._relay is None:
+            return {}
+        return {
+            "pager_drain_ms": round(self._relay.drain_wait * 1000),
+            "push_held_ms": round(self._relay.ack_hold * 1000),
+        }
 
     async def cleanup(self) -> None:
         """What run() does at its end, for a migration finished elsewhere (after a restart)."""
