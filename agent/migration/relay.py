@@ -16,7 +16,7 @@ from collections.abc import Callable
 from agent.checkpoint.images import PAGE_SIZE
 from agent.checkpoint.pageserver import FAULTING, HEADER, PS_IOV_ADD_F_PRESENT, PS_IOV_CLOSE, PUSHED, Request
 from agent.migration.link import Link, PagesIn, PeerFailed, split_key
-from agent.migration.pagerproc import PostcopyPaths
+from agent.migration.pagerproc import PostcopyPaths, widen_send_buffer
 from agent.migration.postcopy import ControlRouter, ReadLocal, pagemap_id, pagemap_of, ranges_of
 from agent.migration.protocol import Message, PsClosed, PsRep, PsReq, PushAck, Pushed, PushEnd, Ranges
 from agent.migration.pushflow import PUSH_HOLD, PUSH_WINDOW
@@ -67,6 +67,8 @@ class TargetRelay(ControlRouter):
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.paths.agent_socket), limit=1 << 16)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if (sock := writer.get_extra_info("socket")) is not None:
+            widen_send_buffer(sock)
         await self._pager.put((reader, writer))
         self.connected.set()
 
