@@ -27,9 +27,9 @@ the pager's read-ahead leaves out pages the daemon has. Before this a lazy migra
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
+import threading
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,7 +46,7 @@ from agent.migration.ranges import PageRanges
 log = logging.getLogger(__name__)
 
 PUSH_PAGES = 256  # 1 MiB per pushed batch: the stream's chunk
-_QUEUE = 4  # batches read ahead of the stream
+_QUEUE = 8  # batches read ahead of the stream
 
 
 @dataclass(frozen=True)
@@ -149,23 +149,30 @@ async def push(
     sent = PageRanges() if sent is None else sent
     carried = PageRanges() if carried is None else carried
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[PushBatch | None] = asyncio.Queue(maxsize=_QUEUE)
+    # The reader thread hands batches over without waiting for the loop (a wake-up of the loop per
+    # batch, not a round trip): only `room` bounds it.
+    queue: asyncio.Queue[PushBatch | None] = asyncio.Queue()
+    room = threading.Semaphore(_QUEUE)
     done = False
 
     def produce() -> None:
         try:
             for batch in read_batches(regions, held_by_target):
+                while not room.acquire(timeout=0.1):
+                    if done:
+                        return
                 if done:
                     return
-                asyncio.run_coroutine_threadsafe(queue.put(batch), loop).result()
+                loop.call_soon_threadsafe(queue.put_nowait, batch)
         finally:
-            asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+            loop.call_soon_threadsafe(queue.put_nowait, None)
 
     producer = asyncio.ensure_future(asyncio.to_thread(produce))
     try:
         while not stop.is_set():
             t0 = loop.time()
             batch = await queue.get()
+            room.release()
             counts.wait_read += loop.time() - t0
             if batch is None:
                 break
@@ -217,8 +224,5 @@ async def push(
                 await link.send(PushEnd(pages=counts.pages))
     finally:
         done = True
-        while not producer.done():  # let the thread finish its put()
-            with contextlib.suppress(asyncio.QueueEmpty):
-                queue.get_nowait()
-            await asyncio.sleep(0)
+        room.release()  # a reader waiting for room sees `done`
         await asyncio.gather(producer, return_exceptions=True)
