@@ -268,8 +268,8 @@ class TargetRelay(ControlRouter):
                 carried[first : first + n] = [False] * n
             for first, n in ranges_of(carried):
                 start = vaddr + first * PAGE_SIZE
-                data = assemble(batches, start, n)
-                writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, n, start, dst_id) + data)
+                writer.write(HEADER.pack(PS_IOV_ADD_F_PRESENT | PUSHED, n, start, dst_id))
+                writer.write(assemble(batches, start, n))  # in one piece: no copy of the common case
                 self.pushed.add(dst_id, start, n)
                 self._on_pages(n)
             t0 = asyncio.get_running_loop().time()
@@ -319,11 +319,18 @@ class TargetRelay(ControlRouter):
 
 def assemble(
     batches: list[PagesIn], vaddr: int, nr_pages: int, local: dict[int, bytes | memoryview] | None = None
-) -> bytes:
+) -> bytes | memoryview:
     """A reply's pages in address order: from its frames, the zero pages the stream elided and the
-    pages this host already held."""
-    if not local and len(batches) == 1 and not batches[0].zeros and len(batches[0].keys) == nr_pages:
-        return bytes(batches[0].data)
+    pages this host already held. One frame of exactly those pages is returned as it is (a view)."""
+    one = batches[0] if len(batches) == 1 else None
+    if (
+        not local
+        and one is not None
+        and not one.zeros
+        and 0 < len(one.keys) == nr_pages
+        and split_key(one.keys[0])[1] == vaddr
+    ):
+        return one.data
     pages: dict[int, bytes | memoryview] = dict(local or {})
     for batch in batches:
         for index, key in enumerate(batch.keys):
