@@ -416,10 +416,14 @@ class Pager:
     def _take_push(self, dst_id: int, vaddr: int, nr_pages: int, data: memoryview) -> None:
         """Pushed pages: kept until the daemon asks for them, unless it has them already; a request
         to the source they cover is no longer waited for."""
+        cache = self.cache
+        fresh = [False] * nr_pages  # not given to the daemon yet: one range lookup for the whole batch
+        for first, count in self.delivered.missing(dst_id, vaddr, nr_pages):
+            fresh[first : first + count] = [True] * count
         for n in range(nr_pages):
             address = vaddr + n * PAGE_SIZE
-            if self._keeps(dst_id, address):
-                self.cache.setdefault((dst_id, address), data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE])
+            if fresh[n] or self._asked_for(dst_id, address):
+                cache.setdefault((dst_id, address), data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE])
         end = vaddr + nr_pages * PAGE_SIZE
         for key, request in list(self.outstanding.items()):
             if request.closes or request.dst_id != dst_id:
