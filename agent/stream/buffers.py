@@ -52,6 +52,14 @@ class BufferPool:
             except IndexError:
                 break
 
+    def clear(self) -> None:
+        """Forget every buffer and keep none from now on: the channel is closed, and its threads
+        may outlive it (or it may sit in a reference cycle until the next full collection), so its
+        pools would otherwise keep their MiBs resident after the migration."""
+        self._keep = 0
+        self._free.clear()
+        self._lent.clear()
+
     def _reclaim(self) -> bytearray | None:
         # Oldest loans first: they are the likeliest to be released. Each buffer is popped
         # before it is checked, so two threads never look at the same one.

@@ -72,6 +72,7 @@ class Channel(Sender, Receiver):
         self._workers = ThreadPoolExecutor(opts.workers, thread_name_prefix="stream-seal")
         self._init_sending(tx_keys, tx_pool, slots, peer.max_frame)
         self._init_receiving(rx_keys, rx_pool)
+        self._pools = [pool for pool in (tx_pool, rx_pool, self._read_pool) if pool is not None]
         self._closed = False
         link.start(
             self._check_header,
@@ -130,6 +131,8 @@ class Channel(Sender, Receiver):
             self._rx_queue.put_nowait(StreamClosed("channel closed"))
             for pool in (self._workers, self._tx_serial, self._rx_serial):
                 pool.shutdown(wait=False, cancel_futures=True)
+            for buffers in self._pools:
+                buffers.clear()
 
     async def __aenter__(self) -> Channel:
         return self
