@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,6 +122,7 @@ class MigrationService:
         """Restored, paused copies waiting for the source's decision."""
         self._decision_lock = asyncio.Lock()
         self._postcopy_done: dict[str, asyncio.Event] = {}
+        self._release_timer: asyncio.TimerHandle | None = None
 
     # ----- records -------------------------------------------------------------------------------
 
@@ -132,16 +135,34 @@ class MigrationService:
             observe = getattr(self._metrics, "observe_migration", None)
             if observe is not None:
                 observe(record)
-            asyncio.get_running_loop().call_later(RELEASE_MEMORY_AFTER, self._release_memory)
+            self._schedule_release()
+
+    def _schedule_release(self) -> None:
+        """_release_memory in RELEASE_MEMORY_AFTER s, once: at each migration's end, and at the end
+        of each peer session, since a target's session (and its channel's buffers) outlives its
+        record's end by a few seconds."""
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+        self._release_timer = asyncio.get_running_loop().call_later(RELEASE_MEMORY_AFTER, self._release_memory)
 
     def _release_memory(self) -> None:
         """Once no migration runs, the memory the migrations freed goes back to the kernel: the
-        agent keeps it only while they run (agent.malloc)."""
+        agent keeps it only while they run (agent.malloc).
+
+        A full collection first: a finished migration's channels end up in reference cycles
+        (threads, executors, exceptions with their frames), and without it their buffers are freed
+        whenever the next gen-2 collection happens to run, after this release, and stay resident."""
         if all(record.done for record in self._records.values()):
             before = resident_bytes([os.getpid()])
+            started = time.monotonic()
+            gc.collect()
+            collected_ms = round((time.monotonic() - started) * 1000)
             release_freed_memory()
             after = resident_bytes([os.getpid()])
-            log.info("freed memory released", extra={"rss_mb": after >> 20, "was_mb": before >> 20})
+            log.info(
+                "freed memory released",
+                extra={"rss_mb": after >> 20, "was_mb": before >> 20, "gc_ms": collected_ms},
+            )
 
     def get(self, migration_id: str) -> MigrationRecord:
         record = self._records.get(migration_id)
@@ -306,6 +327,7 @@ class MigrationService:
             await link.fail(f"internal error on {self.host_name}: {type(exc).__name__}")
         finally:
             await link.close()
+            self._schedule_release()
 
     async def _accept_migration(self, link: Link, peer_host: str, prepare: Prepare) -> None:
         # The peer is authenticated, not trusted: it may not choose the mounts, capabilities or
@@ -523,4 +545,6 @@ class MigrationService:
 
     async def close(self) -> None:
         """Stop background work. A running dump is never interrupted half-way: its step completes."""
+        if self._release_timer is not None:
+            self._release_timer.cancel()
         await self._tasks.close()
