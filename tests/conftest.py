@@ -112,3 +112,12 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     if leaked:
         await asyncio.gather(*leaked, return_exceptions=True)
         pytest.fail(f"test left {len(leaked)} asyncio task(s) pending: {leaked!r}", pytrace=False)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A scratch directory under /tmp: unix socket paths are limited to 107 bytes, and pytest's
+    tmp_path can be longer."""
+    path = Path(tempfile.mkdtemp(prefix="fm-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -13,10 +13,8 @@ import io
 import json
 import logging
 import os
-import shutil
 import socket
 import stat
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -180,14 +178,6 @@ def app(agent: FakeAgent) -> web.Application:
 async def client(app: web.Application) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     async with TestClient(TestServer(app)) as c:
         yield c
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="fm-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _pulled(agent: FakeAgent, name: str = "registry.local:5000/team/app:1.2") -> str:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +19,6 @@ from agent.ctl.main import main
 from agent.ctl.render import MigrationView, human_ms, migration_details, migration_result
 from agent.migration.record import MigrationOptions
 from tests.test_api_migrations import FakeAgent, FakeMigrations, _broken_watch
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fmmig-", dir="/tmp"))  # unix socket paths are short
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

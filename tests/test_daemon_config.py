@@ -9,15 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +48,6 @@ def _one_json_line(stderr: str) -> dict[str, Any]:
     record = json.loads(lines[0])
     assert record["level"] == "ERROR"
     return dict(record)
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fmd-", dir="/tmp"))  # unix socket paths are short
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ daemon exits on bad config

@@ -8,9 +8,8 @@ import asyncio
 import json
 import re
 import ssl
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -199,15 +198,6 @@ async def test_corrupt_state_is_kept_aside(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ HTTP API and the ops listener
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="fmres-", dir="/tmp"))  # unix socket paths are short
-    yield path
-    for child in sorted(path.rglob("*"), reverse=True):
-        child.unlink() if not child.is_dir() else child.rmdir()
-    path.rmdir()
 
 
 @pytest.fixture
