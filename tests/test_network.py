@@ -522,19 +522,13 @@ def addrs(netns):
                   for a in link["addr_info"])
 
 def udp_listener(netns):
-    import ctypes, os, socket, threading
-    out = []
-    def bind():  # in a thread of its own: setns changes only the calling thread
-        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-        ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000)
-        os.close(fd)
+    import socket
+    from agent.network import nsutil
+    def bind():
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("10.77.0.5", 9999))
-        out.append(sock)
-    thread = threading.Thread(target=bind)
-    thread.start()
-    thread.join()
-    return out[0]
+        return sock
+    return nsutil.call_in_netns(f"/run/netns/{netns}", bind)
 
 def send_udp(payload):
     import socket
