@@ -219,6 +219,11 @@ UsageSource = Callable[[], Awaitable[list[ContainerReading]]]
 """The active containers and their limits / use."""
 
 
+def check_reservation_id(reservation_id: str) -> None:
+    if not RESERVATION_ID_RE.fullmatch(reservation_id):
+        raise InvalidRequest(f"reservation id {reservation_id!r} must match {RESERVATION_ID_RE.pattern}")
+
+
 class Reservations:
     """The reservations on this host: reserve, release, admit, expire, persist."""
 
@@ -375,8 +380,7 @@ class Reservations:
     # ---- internals
 
     def _validate(self, reservation: pb.Reservation) -> None:
-        if not RESERVATION_ID_RE.fullmatch(reservation.id):
-            raise InvalidRequest(f"reservation id {reservation.id!r} must match {RESERVATION_ID_RE.pattern}")
+        check_reservation_id(reservation.id)
         if reservation.host and reservation.host != self.host:
             raise InvalidRequest(
                 f"reservation {reservation.id} is for host {reservation.host!r}, this is {self.host!r}"

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from agent.api import ApiServer, build_app, serve
-from agent.ctl.main import main, parse_memory
+from agent.ctl.args import memory_size
+from agent.ctl.main import main
 from agent.errors import ImageNotFound, RegistryAuthError
 from agent.metrics import AgentMetrics
 from agent.model import (
@@ -227,7 +228,7 @@ async def test_stop_rm_rmi_logs(server: ApiServer, agent: FakeAgent, capsys: pyt
 @pytest.mark.parametrize(("text", "expected"), [("512", 512), ("64M", 64 << 20), ("1.5g", 3 << 29),
                                                 ("64MiB", 64 << 20), ("2k", 2048)])
 def test_parse_memory(text: str, expected: int) -> None:
-    assert parse_memory(text) == expected
+    assert memory_size(text) == expected
 
 
 def test_usage_error_exit_code(capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from agent.migration.record import MigrationId, MigrationRecord, MigrationStats
 from agent.migration.states import State
 from agent.model import LABEL_SERVICE_IP, ContainerState, ContainerSummary, CreateRequest, ImageSummary
 from agent.network import NetnsInfo
+from agent.reservations import Amount, Reservations
+from agent.telemetry.containers import ContainerReading
 from tests.test_api_migrations import FakeMigrations
 from tests.test_ctl import FakeContainers, FakeImages
 
@@ -105,6 +108,13 @@ class Agent:
         self.network = FakeNetwork()
         self.migrations = FakeMigrations()
         self.migrations.metrics = self.metrics
+        self.reservations = Reservations("h1", log_dir, self._capacity, self._usage)
+
+    async def _capacity(self) -> Amount:
+        return Amount(4000, 4 << 30, 100 << 30)
+
+    async def _usage(self) -> list[ContainerReading]:
+        return []
 
 
 @dataclass
@@ -331,6 +341,10 @@ async def test_every_command_prints_its_documented_json(
         ("`migrate`", ["migrate", "web", "--to", "host-b"]),
         ("`migrations`", ["migrations"]),
         ("`migrations show`", ["migrations", "show", "mig-0001"]),
+        ("`migrations watch`", ["migrations", "watch", "mig-0001"]),
+        ("`reservations create`", ["reservations", "create", "--id", "r1", "--cpus", "0.5", "-m", "64M"]),
+        ("`reservations`", ["reservations"]),
+        ("`reservations release`", ["reservations", "release", "r1"]),
         ("`certs init`", ["certs", "init", "--dir", str(ca)]),
         ("`certs issue`", ["certs", "issue", "h1", "--ca-dir", str(ca), "--out", str(out)]),
         ("`certs show`", ["certs", "show", str(out / "ca.pem")]),
@@ -379,6 +393,36 @@ async def test_exit_codes(server: ApiServer, short_dir: Path) -> None:
     # function decides (here) and tests/test_fleet_ctl.py runs `drain --wait` to its exit 7.
     stuck = MigrationRecord(id=MigrationId("m"), role="source", container="c", peer="p", state=State.NEEDS_OPERATOR)
     assert outcome(stuck.for_storage()) == Exit.NEEDS_OPERATOR
+
+
+async def test_reservations_by_hand_on_one_agent(server: ApiServer, agent: Agent) -> None:
+    made = await run(server, "reservations", "create", "--cpus", "0.5", "-m", "256M", "--ttl", "120",
+                     "--purpose", "maintenance")
+    assert made.code == Exit.OK, made
+    rid = made.out.split()[0]
+    assert rid.startswith("ops-") and " on h1 until " in made.out
+    [held] = agent.reservations.held()
+    assert (held.id, held.capacity.cpu_millis, held.capacity.memory_bytes, held.purpose) == (
+        rid, 500, 256 << 20, "maintenance"
+    )
+    assert 110 < held.expires_at - time.time() <= 120
+    listed = await run(server, "reservations")
+    assert listed.code == Exit.OK and rid in listed.out and "256.0 MiB" in listed.out, listed.out
+    # Refused before anything is sent, in the words of the API's validation where it has them.
+    for argv, words in (
+        (["reservations", "create"], "give at least one of --cpus, --memory and --disk"),
+        (["reservations", "create", "-m", "1M", "--host", "h2"], "--host: only with a coordinator"),
+        (["reservations", "create", "-m", "1M", "--id", "bad id"], "must match"),
+        (["reservations", "create", "-m", "1M", "--ttl", "100000"], "must be within"),
+        (["reservations", "create", "--cpus", "0"], "cpu count must be positive"),
+    ):
+        r = await run(server, *argv)
+        assert r.code == Exit.USAGE and words in r.err, (argv, r)
+    assert [h.id for h in agent.reservations.held()] == [rid]
+    gone = await run(server, "reservations", "release", "nosuch")
+    assert gone.code == Exit.ERROR and "error: reservation_not_found: " in gone.err, gone
+    assert (await run(server, "reservations", "release", rid)).code == Exit.OK
+    assert agent.reservations.held() == []
 
 
 # ------------------------------------------------------------------ shell completion

@@ -134,7 +134,10 @@ async def test_hosts_drain_uncordon_and_predictions(
     documented = _documented_json_keys()
     for name, argv in (("`drain` (coordinator)", ["drain", "h2"]), ("`uncordon` (coordinator)", ["uncordon", "h2"]),
                        ("`predictions` (coordinator)", ["predictions"]), ("`hosts` (coordinator)", ["hosts"]),
-                       ("`migrations` (coordinator)", ["migrations"])):
+                       ("`migrations` (coordinator)", ["migrations"]),
+                       ("`decisions` (coordinator)", ["decisions"]), ("`model` (coordinator)", ["model"]),
+                       ("`reservations create` (coordinator)", ["reservations", "create", "-m", "1M", "--host", "h2"]),
+                       ("`reservations` (coordinator)", ["reservations"])):
         assert await ctl(coordinator, pki, *argv, "--json") == 0, name
         data = json.loads(capsys.readouterr().out)
         assert [k for k in documented[name] if k not in data] == [], (name, data)

@@ -139,12 +139,22 @@ async def test_ops_drain_and_migration_through_ferryctl(fleet3: CoordinatedFleet
     ]
     decisions = [d["kind"] for d in (await f.host("h1"))["decisions"]]
     assert "drain" in decisions and "drained" in decisions
+    told = await f.ferryctl("decisions", "--host", "h1")
+    assert told.returncode == 0 and "drained" in told.stdout and "h2" not in told.stdout, told.stdout
+    watched = await f.ferryctl("migrations", "watch", records[0]["id"])
+    assert watched.returncode == 0 and "committed" in watched.stdout, watched.stdout + watched.stderr
     # Nothing is placed on a drained host: an auto reservation lands elsewhere.
-    placed = await f.call(
-        "POST", "/v1/reservations", {"capacity": {"cpu_millis": 100, "memory_bytes": 1 << 20}}, expect=201
-    )
-    assert placed["host"] != "h1"
-    await f.call("DELETE", f"/v1/reservations/{placed['id']}", expect=204)
+    made = await f.ferryctl("--json", "reservations", "create", "--cpus", "0.1", "-m", "1M", "--purpose", "ops")
+    assert made.returncode == 0, made.stdout + made.stderr
+    placed = json.loads(made.stdout)
+    assert placed["host"] != "h1" and placed["capacity"]["memory_bytes"] == 1 << 20
+    listed = await f.ferryctl("reservations")
+    assert listed.returncode == 0 and placed["id"] in listed.stdout, listed.stdout
+    released = await f.ferryctl("reservations", "release", placed["id"])
+    assert released.returncode == 0, released.stdout + released.stderr
+    assert (await f.call("GET", "/v1/reservations"))["reservations"] == []
+    model = await f.ferryctl("model")
+    assert model.returncode == 0 and "active drain-1" in model.stdout, model.stdout
 
     back = await f.ferryctl("uncordon", "h1")
     assert back.returncode == 0 and "h1 ready" in back.stdout, back.stdout + back.stderr

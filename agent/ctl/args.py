@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 
 from agent.network.addresses import parse_service_ip
 from core.errors import InvalidRequest
 from core.ids import check_container_id
+
+_MEMORY_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+_MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def positive_int(text: str) -> int:
@@ -17,6 +21,27 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def memory_size(text: str) -> int:
+    """Bytes from '512', '64M', '1.5G', '64MiB' (binary units, like docker)."""
+    m = _MEMORY_RE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid memory size {text!r} (use e.g. 64M, 1G or bytes)")
+    value = int(float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"memory size must be positive, got {text!r}")
+    return value
+
+
+def cpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid cpu count {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"cpu count must be positive, got {text!r}")
     return value
 
 

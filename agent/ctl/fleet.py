@@ -1,11 +1,12 @@
-"""ferryctl's coordinator commands: `hosts`, `drain`, `uncordon`, `predictions`, and `migrate` /
-`migrations` when a coordinator is configured.
+"""ferryctl's coordinator commands: `hosts`, `drain`, `uncordon`, `predictions`, `decisions`,
+`model`, and `migrate` / `migrations` / `reservations` when a coordinator is configured.
 
 The coordinator is `--coordinator URL` or $FERRYMAN_COORDINATOR (https only). Ops authenticate with
 an ops client certificate (`--cert/--key`, $FERRYMAN_CERT/$FERRYMAN_KEY; `ferryctl certs issue NAME
 --role ops`) or a bearer token (`--token`, $FERRYMAN_TOKEN); the coordinator's certificate is
 verified against the fleet CA (`--ca`, $FERRYMAN_CA) for the URL's host or `--server-name`.
-Without a coordinator, `migrate` and `migrations` talk to the agent (agent/ctl/migrate.py).
+Without a coordinator, `migrate`, `migrations` and `reservations` talk to the agent
+(agent/ctl/migrate.py, agent/ctl/reservations.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from agent.ctl import render
+from agent.ctl import render, reservations
 from agent.ctl.client import ApiError, _error_from
 from agent.ctl.exits import Exit
 
@@ -40,8 +41,9 @@ ENV_SERVER_NAME = "FERRYMAN_COORDINATOR_NAME"
 CONNECT_TIMEOUT = 10.0
 POLL_PERIOD = 0.5
 DEFAULT_DRAIN_WAIT = 600.0
-COORDINATOR_ONLY = frozenset({"hosts", "drain", "uncordon", "predictions"})
-"""Commands that exist only with a coordinator; `migrate` and `migrations` exist in both worlds."""
+COORDINATOR_ONLY = frozenset({"hosts", "drain", "uncordon", "predictions", "decisions", "model"})
+"""Commands that exist only with a coordinator; BOTH_WORLDS go to the agent without one."""
+BOTH_WORLDS = frozenset({"migrate", "migrations", "reservations"})
 _STATE_STYLE = {"ready": "green", "draining": "yellow", "drained": "dim", "suspect": "yellow", "down": "red"}
 
 
@@ -87,6 +89,15 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("uncordon", help="return a drained or draining host to service")
     p.add_argument("host")
     sub.add_parser("predictions", help="the latest drain probability of every host, with the model version")
+    p = sub.add_parser("decisions", help="what the coordinator decided (drains, migrations, retries) and why")
+    p.add_argument("--host", help="only this host's")
+    p = sub.add_parser("model", help="the drain model: show it, activate a file, roll back, retrain")
+    actions = p.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
+    actions.add_parser("show", help="the active and previous model versions and the threshold (the default)")
+    activate = actions.add_parser("activate", help="load and activate a model file on the coordinator's host")
+    activate.add_argument("path", help="path of the .onnx file as the coordinator sees it")
+    actions.add_parser("rollback", help="go back to the previous model")
+    actions.add_parser("retrain", help="train a candidate on the recorded telemetry now; activate it if it is better")
 
 
 @dataclass(frozen=True)
@@ -122,7 +133,7 @@ def handles(args: argparse.Namespace) -> bool:
     """True when this module runs the command: coordinator-only ones, or any with a coordinator."""
     if args.command in COORDINATOR_ONLY:
         return True
-    if args.command in ("migrate", "migrations"):
+    if args.command in BOTH_WORLDS:
         if endpoint(args) is not None:
             return True
         if args.command == "migrate" and args.target == "auto":
@@ -209,7 +220,16 @@ async def run(args: argparse.Namespace, out: Console, err: Console) -> int:
             case "migrate":
                 return await _migrate(client, args, err)
             case "migrations":
-                await _migrations(client, args, out)
+                return await _migrations(client, args, out, err)
+            case "reservations":
+                return await reservations.run(client, args, out, coordinator=True)
+            case "decisions":
+                params = {"host": args.host} if args.host else None
+                data = await client.request("GET", "/v1/decisions", params=params)
+                _show(args, data, lambda: render.print_table(out, decisions_table(data["decisions"])))
+            case "model":
+                data = await _model(client, args)
+                _show(args, data, lambda: _say_all(model_details(data)))
             case _:  # pragma: no cover - handles() decides what reaches here
                 raise FleetUsageError(f"{args.command} does not go through the coordinator")
     return 0
@@ -250,6 +270,11 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace, err: Con
     if args.mode is not None:
         body["mode"] = args.mode
     migration = await client.request("POST", "/v1/migrations", body=body)
+    return await _follow(client, migration, args, err)
+
+
+async def _follow(client: CoordinatorClient, migration: dict[str, Any], args: argparse.Namespace, err: Console) -> int:
+    """Print a coordinator migration's history as it grows, until it is done; its exit code."""
     seen = 0
     try:
         while True:
@@ -278,13 +303,29 @@ async def _migrate(client: CoordinatorClient, args: argparse.Namespace, err: Con
     return Exit.OK
 
 
-async def _migrations(client: CoordinatorClient, args: argparse.Namespace, out: Console) -> None:
+async def _migrations(client: CoordinatorClient, args: argparse.Namespace, out: Console, err: Console) -> int:
+    if args.migrations_command == "watch":
+        record = await client.request("GET", f"/v1/migrations/{quote(args.id, safe='')}")
+        return await _follow(client, record, args, err)
     if args.migrations_command == "show":
         record = await client.request("GET", f"/v1/migrations/{quote(args.id, safe='')}")
         _show(args, record, lambda: _say_all(migration_details(record, history=True)))
-        return
+        return Exit.OK
     data = await client.request("GET", "/v1/migrations")
     _show(args, data, lambda: render.print_table(out, migrations_table(data["migrations"])))
+    return Exit.OK
+
+
+async def _model(client: CoordinatorClient, args: argparse.Namespace) -> dict[str, Any]:
+    match args.model_command:
+        case "activate":
+            return dict(await client.request("POST", "/v1/model", body={"path": args.path}))
+        case "rollback":
+            return dict(await client.request("POST", "/v1/model/rollback"))
+        case "retrain":
+            return dict(await client.request("POST", "/v1/model/retrain"))
+        case _:
+            return dict(await client.request("GET", "/v1/model"))
 
 
 # ----- tables
@@ -357,6 +398,35 @@ def migrations_table(migrations: list[dict[str, Any]]) -> Table:
             _ts(m.get("updated_at"), short=True),
         )
     return table
+
+
+def decisions_table(decisions: list[dict[str, Any]]) -> Table:
+    table = render.new_table("AT", "HOST", "KIND", "P(DRAIN)", "MODEL", "DETAIL")
+    for d in sorted(decisions, key=lambda d: float(d.get("ts", 0))):
+        table.add_row(
+            _ts(d.get("ts")),
+            escape(str(d.get("host", ""))),
+            escape(str(d.get("kind", ""))),
+            _percent(d.get("probability")),
+            escape(str(d.get("model_version") or "-")),
+            escape(str(d.get("detail", ""))),
+        )
+    return table
+
+
+def model_details(data: dict[str, Any]) -> list[str]:
+    """`model` output: a retrain's verdict first (when there is one), then the model in use."""
+    model = data.get("model", data)
+    lines = []
+    if "activated" in data:
+        verdict = "activated" if data["activated"] else "not activated"
+        lines.append(f"candidate {data.get('candidate') or '-'}: {verdict} ({data.get('reason') or '-'})")
+    if model.get("active") is None:
+        lines.append("no drain model is active: only ops drain hosts")
+    else:
+        lines.append(f"active {model['active']}, threshold {_percent(model.get('threshold'))}")
+    lines.append(f"previous {model.get('previous') or '-'}")
+    return lines
 
 
 def migration_details(m: dict[str, Any], history: bool = False) -> list[str]:

@@ -20,8 +20,8 @@ from rich.console import Console
 
 from agent.api.handlers import parse_create
 from agent.api.network import parse_target
-from agent.ctl import certs, completion, fleet, migrate, render
-from agent.ctl.args import container_id, service_ip
+from agent.ctl import certs, completion, fleet, migrate, render, reservations
+from agent.ctl.args import container_id, cpus, memory_size, service_ip
 from agent.ctl.client import DEFAULT_AGENT, ENV_AGENT, AgentClient, ApiError
 from agent.ctl.exits import Exit, for_error
 from core.errors import InvalidRequest
@@ -30,33 +30,8 @@ EXIT_OK = Exit.OK
 EXIT_ERROR = Exit.ERROR
 EXIT_USAGE = Exit.USAGE
 
-_MEMORY_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
-_MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 class UsageError(Exception):
     """A bad argument value that argparse's types did not catch."""
-
-
-def parse_memory(text: str) -> int:
-    """Bytes from '512', '64M', '1.5G', '64MiB' (binary units, like docker)."""
-    m = _MEMORY_RE.fullmatch(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid memory size {text!r} (use e.g. 64M, 1G or bytes)")
-    value = int(float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"memory size must be positive, got {text!r}")
-    return value
-
-
-def parse_cpus(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid cpu count {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"cpu count must be positive, got {text!r}")
-    return value
 
 
 def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -100,8 +75,8 @@ def _container_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", type=container_id, help="container id, the API's `id` (generated when omitted)")
     p.add_argument("--env", "-e", action="append", metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--label", "-l", action="append", metavar="K=V", help="label (repeatable)")
-    p.add_argument("--cpus", type=parse_cpus, help="CPU limit in cores, e.g. 0.5 (resources.cpus)")
-    p.add_argument("--memory", "-m", type=parse_memory, help="memory limit, e.g. 64M (resources.memory)")
+    p.add_argument("--cpus", type=cpus, help="CPU limit in cores, e.g. 0.5 (resources.cpus)")
+    p.add_argument("--memory", "-m", type=memory_size, help="memory limit, e.g. 64M (resources.memory)")
     p.add_argument("--workdir", "-w", help="working directory")
     p.add_argument("--user", "-u", help="user[:group]")
     p.add_argument(
@@ -173,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("health", help="the agent's health (exit 1 when containerd does not answer)")
 
     migrate.add_parsers(sub)
+    reservations.add_parser(sub)
     fleet.add_parsers(sub)
     certs.add_parser(sub)
     completion.add_parser(sub)
@@ -364,7 +340,9 @@ async def dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
             case "migrate":
                 return await migrate.migrate(client, args, err)
             case "migrations":
-                await migrate.migrations(client, args, out)
+                return await migrate.migrations(client, args, out, err)
+            case "reservations":
+                return await reservations.run(client, args, out, coordinator=False)
             case "network":
                 return await _network(client, args, out)
             case "health":
@@ -418,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, "usage", str(exc), Exit.USAGE)
     except ApiError as exc:
         return _fail(args, exc.code, exc.message, for_error(exc.code))
-    except UsageError as exc:
+    except (UsageError, reservations.ReservationUsageError) as exc:
         return _fail(args, "usage", str(exc), Exit.USAGE)
     except KeyboardInterrupt:
         return Exit.INTERRUPTED

@@ -1,4 +1,4 @@
-"""ferryctl's migration commands: `migrate`, `migrations` and `migrations show`.
+"""ferryctl's migration commands: `migrate`, `migrations`, `migrations show` and `migrations watch`.
 
 `migrate` starts the migration with the streaming POST and follows it to the end. Interrupting
 ferryctl (or losing the connection) does not stop the migration: it runs in the agent.
@@ -37,6 +37,8 @@ def add_parsers(sub: Any) -> None:
     actions = p.add_subparsers(dest="migrations_command", metavar="SUBCOMMAND")
     show = actions.add_parser("show", help="a migration's details")
     show.add_argument("id")
+    watch = actions.add_parser("watch", help="follow a migration to its end (the exit code of `migrate`)")
+    watch.add_argument("id")
 
 
 def _is_error_line(line: dict[str, Any]) -> bool:
@@ -109,7 +111,9 @@ def outcome(final: dict[str, Any]) -> Exit:
     return Exit.NOT_MIGRATED
 
 
-async def migrations(client: AgentClient, args: argparse.Namespace, out: Console) -> None:
+async def migrations(client: AgentClient, args: argparse.Namespace, out: Console, err: Console) -> Exit:
+    if args.migrations_command == "watch":
+        return await watch(client, args, err)
     if args.migrations_command == "show":
         record = await client.get_migration(args.id)
         if args.json:
@@ -117,9 +121,32 @@ async def migrations(client: AgentClient, args: argparse.Namespace, out: Console
         else:
             for text in render.migration_details(record, history=True):
                 render.say(text)
-        return
+        return Exit.OK
     records = await client.list_migrations()
     if args.json:
         render.print_json({"migrations": records})
     else:
         render.print_table(out, render.migrations_table(records))
+    return Exit.OK
+
+
+async def watch(client: AgentClient, args: argparse.Namespace, err: Console) -> Exit:
+    """Follow a running (or finished) migration: each new state on stderr, then its details (with
+    --json: the final record, as `migrate` prints it) and the exit code `migrate` would have given."""
+    final: dict[str, Any] | None = None
+    state = None
+    async for line in client.watch_migration(args.id):
+        if not args.json and line.get("state") != state:
+            err.print(f"{line['id']} {line.get('state')}", markup=False, highlight=False)
+        state = line.get("state")
+        if line.get("done"):
+            final = line
+            break
+    if final is None:
+        raise ApiError("stream_ended", f"the agent closed the stream before migration {args.id} ended")
+    if args.json:
+        render.print_json(final)
+    else:
+        for text in render.migration_details(final):
+            render.say(text)
+    return outcome(final)
