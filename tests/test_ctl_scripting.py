@@ -370,6 +370,15 @@ async def test_a_failure_in_json_mode_is_json_too(server: ApiServer) -> None:
     assert r.code == Exit.ERROR
     assert r.json() == {"error": {"code": "container_not_found", "message": "no container ghost"}, "exit_code": 1}
     assert r.err == "error: container_not_found: no container ghost\n"
+    # argparse's own complaints and the offline `certs` failures too.
+    r = await run(server, "--json", "migrate", "web")
+    assert r.code == Exit.USAGE and "the following arguments are required: --to" in r.err
+    assert r.json() == {"error": {"code": "usage", "message": "the following arguments are required: --to"},
+                        "exit_code": 2}
+    assert (await run(server, "migrate", "web")).out == ""  # without --json: stderr only
+    r = await run(None, "certs", "show", "/nonexistent.pem", "--json")
+    assert r.code == Exit.ERROR and r.json()["error"]["code"] and r.json()["exit_code"] == 1, r
+    assert r.err.startswith("error: "), r
 
 
 # ------------------------------------------------------------------ exit codes

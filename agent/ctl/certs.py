@@ -33,8 +33,6 @@ from core.security.pki import (
 )
 
 EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 _EKU_NAMES = {
     ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
@@ -169,7 +167,8 @@ def _report(paths: HostCertPaths, as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one `ferryctl certs` subcommand; failures print `error: <code>: <message>`, exit 1."""
+    """Run one `ferryctl certs` subcommand. Failures raise CertsError (or CertsUsageError) for
+    ferryctl's usual reporting: `error: <code>: <message>`, and the JSON error with --json."""
     as_json = bool(getattr(args, "json", False))
     try:
         match args.certs_command:
@@ -184,8 +183,7 @@ def run(args: argparse.Namespace) -> int:
             case "issue":
                 if args.role == Role.OPS.value:
                     if args.address:
-                        sys.stderr.write("ferryctl: error: --address applies to agent certificates only\n")
-                        return EXIT_USAGE
+                        raise CertsUsageError("--address applies to agent certificates only")
                     days = args.days or DEFAULT_CLIENT_DAYS
                     paths = issue_client(args.ca_dir, args.host, args.out, days, force=args.force)
                 else:
@@ -195,13 +193,21 @@ def run(args: argparse.Namespace) -> int:
             case "show":
                 _show(args.file, as_json)
             case _:  # pragma: no cover - argparse rejects unknown subcommands
-                sys.stderr.write(f"ferryctl: error: unknown certs command {args.certs_command!r}\n")
-                return EXIT_USAGE
+                raise CertsUsageError(f"unknown certs command {args.certs_command!r}")
     except FerrymanError as exc:
-        sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
-        return EXIT_ERROR
+        raise CertsError(exc.code, exc.message) from exc
     except OSError as exc:
         # Permissions, read-only filesystems, a file where a directory should be.
-        sys.stderr.write(f"error: io_error: {exc}\n")
-        return EXIT_ERROR
+        raise CertsError("io_error", str(exc)) from exc
     return EXIT_OK
+
+
+class CertsError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class CertsUsageError(Exception):
+    """Options that do not go together."""

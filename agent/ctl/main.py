@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 
@@ -94,7 +94,7 @@ def _container_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ferryctl", description="Control a ferryman agent.")
+    parser = CtlParser(prog="ferryctl", description="Control a ferryman agent.")
     parser.add_argument(
         "--agent",
         default=None,
@@ -380,13 +380,42 @@ def _fail(args: argparse.Namespace, code: str, message: str, exit_code: Exit) ->
     return exit_code
 
 
+class ArgumentError(Exception):
+    """argparse's complaint, raised instead of exiting so that --json can report it too."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class CtlParser(argparse.ArgumentParser):
+    """argparse's parser, but its errors are raised (subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentError(self, message)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "certs":
-        return certs.run(args)  # offline: files only, no agent connection
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parser.parse_args(argv)
+    except ArgumentError as exc:
+        exc.parser.print_usage(sys.stderr)
+        sys.stderr.write(f"{exc.parser.prog}: error: {exc.message}\n")
+        if "--json" in argv[: argv.index("--") if "--" in argv else len(argv)]:
+            render.print_json({"error": {"code": "usage", "message": exc.message}, "exit_code": int(Exit.USAGE)})
+        return Exit.USAGE
     if args.command == "completion":
         return completion.run(parser, args)
+    try:
+        if args.command == "certs":
+            return certs.run(args)  # offline: files only, no agent connection
+    except certs.CertsError as exc:
+        return _fail(args, exc.code, exc.message, Exit.ERROR)
+    except certs.CertsUsageError as exc:
+        return _fail(args, "usage", str(exc), Exit.USAGE)
     out, err = _consoles(args)
     try:
         if fleet.handles(args):  # coordinator commands, and migrations when a coordinator is configured
