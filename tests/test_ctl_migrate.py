@@ -104,9 +104,7 @@ async def test_migrate_stream_error(
 def test_migrate_usage(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["migrate", "web"], ["migrate", "web", "--to", "h", "--downtime-target", "0"],
                  ["migrate", "web", "--to", "h", "--max-iterations", "many"]):
-        with pytest.raises(SystemExit) as info:
-            main(argv)
-        assert info.value.code == 2
+        assert main(argv) == 2
     assert "--to" in capsys.readouterr().err
 
 
