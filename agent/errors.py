@@ -19,6 +19,7 @@ FerrymanError (core.errors)
 │   ├── InvalidManifest         a manifest, index or image config is malformed
 │   └── ContentTooLarge         a body is larger than its descriptor or the manifest cap allows
 ├── DigestMismatch              content does not hash to what was promised
+├── InvalidArchive              an image archive is malformed, or its content does not verify
 └── UnsafeLayer                 a layer tries to write outside the rootfs
 """
 
@@ -114,4 +115,12 @@ class DigestMismatch(FerrymanError):
 
 class UnsafeLayer(FerrymanError):
     code = "unsafe_layer"
+    http_status = 422
+
+
+class InvalidArchive(FerrymanError):
+    """An image archive that is not an OCI layout or a docker save, or whose documents or blobs do not
+    verify. The caller's fault (422): the import leaves nothing behind."""
+
+    code = "invalid_archive"
     http_status = 422

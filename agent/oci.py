@@ -25,10 +25,14 @@ MEDIA_DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.
 MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MEDIA_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+MEDIA_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 
 INDEX_TYPES = frozenset({MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST_LIST})
 MANIFEST_TYPES = frozenset({MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST})
-LAYER_TYPES = frozenset({MEDIA_OCI_LAYER, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_ZSTD, MEDIA_DOCKER_LAYER_GZIP})
+LAYER_TYPES = frozenset(
+    {MEDIA_OCI_LAYER, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_ZSTD, MEDIA_DOCKER_LAYER_GZIP, MEDIA_DOCKER_LAYER}
+)
+DOCKER_HUB = "docker.io"
 
 _DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 
@@ -101,6 +105,17 @@ def chain_ids(diff_ids: list[Digest]) -> list[Digest]:
         else:
             chain.append(sha256_digest(f"{chain[-1]} {diff_id}".encode()))
     return chain
+
+
+def normalize_name(text: str) -> str:
+    """A name as docker writes it (`busybox`, `user/app:1`) made whole the way docker and containerd
+    read it (`docker.io/library/busybox:latest`, `docker.io/user/app:1`); a whole name is kept as it is.
+    InvalidRequest when the result is no valid reference."""
+    first, slash, _ = text.partition("/")
+    has_host = slash and ("." in first or ":" in first or first == "localhost")
+    if not has_host:
+        text = f"{DOCKER_HUB}/{text}" if slash else f"{DOCKER_HUB}/library/{text}"
+    return str(Reference.parse(text))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from core.errors import InvalidRequest
 
@@ -17,12 +19,20 @@ from core.errors import InvalidRequest
 def atomic_write(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
     """Replace `path` with `data` (str as UTF-8), created with permission bits `mode`."""
     payload = data.encode() if isinstance(data, str) else data
+    with atomic_writer(path, mode=mode) as fh:
+        fh.write(payload)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A file to write `path`'s new content into, piece by piece (an image archive): it replaces
+    `path` when the block ends, and is removed, leaving `path` as it was, when the block raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)  # mkstemp creates 0600
         with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         Path(tmp).replace(path)

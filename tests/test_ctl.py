@@ -8,6 +8,7 @@ while the server runs on the test's loop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -49,6 +50,24 @@ class FakeImages:
         progress.layers[0].done, progress.status = 1000, "done"
         self.images[ref] = ImageSummary(ref, "sha256:" + "c" * 64, "application/json", 2048, 1000, 1)
         return self.images[ref]
+
+    async def import_archive(self, body: AsyncIterator[bytes], name: str | None = None) -> list[ImageSummary]:
+        """The archive's bytes become the image's "digest" (the real thing: tests/test_image_archives.py)."""
+        data = b"".join([chunk async for chunk in body])
+        name = name or "archive:1"
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.images[name] = ImageSummary(name, digest, "application/json", len(data))
+        return [self.images[name]]
+
+    async def export(self, name: str) -> tuple[int, AsyncIterator[bytes]]:
+        if name not in self.images:
+            raise ImageNotFound(f"image {name} is not pulled on this host")
+        data = f"archive of {name}\n".encode()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield data
+
+        return len(data), body()
 
     async def list(self) -> list[ImageSummary]:
         return list(self.images.values())

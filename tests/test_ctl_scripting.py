@@ -320,12 +320,16 @@ async def test_every_command_prints_its_documented_json(
     agent.images.images["app:1"] = ImageSummary("app:1", "sha256:" + "c" * 64, "m", 1)
     agent.containers.log_path("c1").write_bytes(b"one\ntwo\n")
     ca, out = short_dir / "ca", short_dir / "h1"
+    archive = short_dir / "in.tar"
+    archive.write_bytes(b"an archive")
     # In this order: each command's state comes from the ones before. `--json` goes after the command
     # for half of them, to show either place works.
     commands: list[tuple[str, list[str]]] = [
         ("`pull`", ["pull", "app:2"]),
         ("`images`", ["images"]),
         ("`rmi`", ["rmi", "app:2"]),
+        ("`image import`", ["image", "import", str(archive), "--name", "app:3"]),
+        ("`image export`", ["image", "export", "app:3", "-o", str(short_dir / "out.tar")]),
         ("`create`", ["create", "--name", "c1", "--service-ip", "10.77.0.12", "app:1"]),
         ("`start`", ["start", "c1"]),
         ("`run`", ["run", "--name", "c2", "app:1"]),

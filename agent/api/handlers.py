@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +47,8 @@ from core.ids import check_container_id
 log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
+ARCHIVE_CHUNK = 1 << 20
+"""Bytes of an uploaded image archive handed on at a time."""
 PULL_INTERVAL = 0.2
 """Seconds between progress lines of a streamed pull."""
 FOLLOW_INTERVAL = 0.25
@@ -66,6 +70,8 @@ MAX_TAIL = 100_000_000
 
 class ImageServiceLike(Protocol):
     async def pull(self, ref: str, progress: PullProgress | None = None) -> ImageSummary: ...
+    async def import_archive(self, body: AsyncIterator[bytes], name: str | None = None) -> list[ImageSummary]: ...
+    async def export(self, name: str) -> tuple[int, AsyncIterator[bytes]]: ...
     async def list(self) -> list[ImageSummary]: ...
     async def remove(self, name: str) -> None: ...
 
@@ -178,6 +184,37 @@ async def pull_image(request: web.Request) -> web.StreamResponse:
         summary = await images.pull(ref)
         return _json(summary.to_json())
     return await _stream_pull(request, images, ref)
+
+
+async def import_image(request: web.Request) -> web.Response:
+    """The body is the archive itself (a tar), streamed to the image service, never read whole."""
+    check_keys(dict(request.query), {"name"}, set(), "query")
+    name = request.query.get("name") or None
+    images = await request.app[IMAGES].import_archive(request.content.iter_chunked(ARCHIVE_CHUNK), name)
+    return _json({"images": [image.to_json() for image in images]}, status=201)
+
+
+async def export_image(request: web.Request) -> web.StreamResponse:
+    check_keys(dict(request.query), {"name"}, {"name"}, "query")
+    name = request.query["name"]
+    size, body = await request.app[IMAGES].export(name)
+    filename = re.sub(r"[^A-Za-z0-9_.-]", "_", name.rsplit("/", 1)[-1]) + ".tar"
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "application/x-tar",
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{filename}"',
+        }
+    )
+    await resp.prepare(request)
+    try:
+        async for chunk in body:
+            await resp.write(chunk)
+    except (FerrymanError, OSError) as exc:  # the headers are gone: the short body tells the client
+        log.error("image export broke off", extra={"image": name, "error": str(exc)})
+        raise ConnectionResetError(str(exc)) from exc
+    await resp.write_eof()
+    return resp
 
 
 def _failure(exc: BaseException, ref: str) -> dict[str, str]:

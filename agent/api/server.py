@@ -75,6 +75,8 @@ def build_app(agent: AgentLike) -> web.Application:
     app.on_shutdown.append(_on_shutdown)
     app.router.add_post("/v1/images/pull", h.pull_image)
     app.router.add_get("/v1/images", h.list_images)
+    app.router.add_post("/v1/images/import", h.import_image)
+    app.router.add_get("/v1/images/export", h.export_image)
     # Image names contain '/' and ':' (registry/repo:tag), so the name takes the rest of the path.
     app.router.add_delete("/v1/images/{name:.+}", h.remove_image)
     app.router.add_post("/v1/containers", h.create_container)

@@ -110,6 +110,33 @@ class AgentClient:
         async for line in self._ndjson("POST", "/v1/images/pull", params={"stream": "1"}, body={"ref": ref}):
             yield line
 
+    async def import_archive(self, body: AsyncIterator[bytes], name: str | None = None) -> list[dict[str, Any]]:
+        """Upload an image archive (streamed from `body`); the images it became."""
+        params = {"name": name} if name else None
+        headers = {"Content-Type": "application/x-tar"}
+        try:
+            async with self._session.post(
+                self._base + "/v1/images/import", params=params, data=body, headers=headers
+            ) as resp:
+                if resp.status >= 400:
+                    raise await _error_from(resp)
+                return list((await resp.json(content_type=None))["images"])
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+
+    async def export_image(self, name: str) -> AsyncIterator[bytes]:
+        """The OCI archive of image `name`, as it arrives; ApiError("stream_ended") when it breaks off."""
+        try:
+            async with self._session.get(self._base + "/v1/images/export", params={"name": name}) as resp:
+                if resp.status >= 400:
+                    raise await _error_from(resp)
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    yield chunk
+        except aiohttp.ClientPayloadError as exc:
+            raise ApiError("stream_ended", f"the agent broke off the export of {name}: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+
     async def list_images(self) -> list[dict[str, Any]]:
         return list((await self.request("GET", "/v1/images"))["images"])
 

@@ -15,7 +15,7 @@ class Exit(IntEnum):
     is done too (the workload moved): stderr carries `warning: downtime_target_missed: ...`."""
     ERROR = 1
     """The agent or coordinator refused or failed the request (an API error code), or a local file
-    operation failed (`certs`)."""
+    operation failed (`certs`; `image import` and `image export`: `io_error`)."""
     USAGE = 2
     """Bad arguments or options: nothing was sent."""
     NOT_MIGRATED = 4

@@ -1,4 +1,4 @@
-"""Copy one blob from a registry into containerd's content store, resuming where an ingest stopped."""
+"""Copy one blob from a blob source (registry, archive, peer) into containerd's content store, resumably."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from agent.errors import (
     IngestLocked,
     RegistryUnavailable,
 )
-from agent.oci import Descriptor, Reference
-from agent.registry.client import RegistryClient
+from agent.images.sources import BlobSource
+from agent.oci import Descriptor
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +69,14 @@ async def open_ingest(cd: Containerd, desc: Descriptor, lock_timeout: float) -> 
 
 async def ingest_blob(
     cd: Containerd,
-    registry: RegistryClient,
-    ref: Reference,
+    source: BlobSource,
     desc: Descriptor,
-    labels: Mapping[str, str],
     chunk_size: int,
     retries: int,
     on_bytes: Callable[[int], None] = lambda n: None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> int:
-    """Make `desc` present in the content store; returns the bytes downloaded (0 if present).
+    """Make `desc` present in the content store from `source`; returns the bytes downloaded (0 if present).
 
     containerd hashes what it receives and refuses a commit that does not match the digest; the
     partial ingest is then aborted so that a retry starts clean. The same goes for a registry that
@@ -94,13 +92,13 @@ async def ingest_blob(
                 if writer.offset:
                     log.info("resuming ingest", extra={"digest": desc.digest, "offset": writer.offset})
                 if writer.offset < desc.size:
-                    blob = registry.fetch_blob(ref, desc, offset=writer.offset)
+                    blob = source.fetch_blob(desc, offset=writer.offset)
                     fetched += await _copy(blob, writer, chunk_size, on_bytes)
                 if writer.offset != desc.size:
                     raise DigestMismatch(
-                        f"{desc.digest}: registry sent {writer.offset} bytes, the manifest says {desc.size}"
+                        f"{desc.digest}: the source sent {writer.offset} bytes, the manifest says {desc.size}"
                     )
-                await writer.commit(labels)
+                await writer.commit(source.labels)
             return fetched
         except ContainerdAlreadyExists:
             return fetched  # a concurrent pull committed it first

@@ -8,7 +8,7 @@ from typing import Any
 
 from agent.containerd import Containerd, ImageRecord
 from agent.errors import ContainerdNotFound, ImageNotFound
-from agent.oci import INDEX_TYPES, MANIFEST_TYPES, Platform, chain_ids, parse_digest
+from agent.oci import INDEX_TYPES, MANIFEST_TYPES, MEDIA_OCI_MANIFEST, Platform, chain_ids, parse_digest
 from core.errors import InvalidRequest
 
 
@@ -24,6 +24,8 @@ class LocalImage:
     """Manifest, config and layer bytes."""
     layers: tuple[str, ...] = ()
     """The manifest's layer digests (compressed blobs, as registries serve them)."""
+    manifest_media_type: str = MEDIA_OCI_MANIFEST
+    config_digest: str = ""
 
 
 async def read_image(cd: Containerd, name: str, platform: Platform) -> LocalImage:
@@ -47,5 +49,12 @@ async def read_image(cd: Containerd, name: str, platform: Platform) -> LocalImag
     size = len(manifest_bytes) + int(manifest["config"]["size"]) + sum(int(la["size"]) for la in manifest["layers"])
     layers = tuple(str(la["digest"]) for la in manifest["layers"])
     return LocalImage(
-        record=record, manifest_digest=digest, config=config, chain_id=chain_ids(diff_ids)[-1], size=size, layers=layers
+        record=record,
+        manifest_digest=digest,
+        config=config,
+        chain_id=chain_ids(diff_ids)[-1],
+        size=size,
+        layers=layers,
+        manifest_media_type=media_type,
+        config_digest=str(manifest["config"]["digest"]),
     )

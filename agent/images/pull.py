@@ -23,6 +23,7 @@ from agent.containerd import Containerd, ImageRecord
 from agent.errors import InvalidManifest, PlatformNotFound
 from agent.images import labels as L
 from agent.images.ingest import ensure_labels, ingest_blob, put_blob
+from agent.images.sources import BlobSource, RegistryBlobs
 from agent.images.unpack import unpack_layer
 from agent.manifests import decode_json, parse_image_config
 from agent.metrics import AgentMetrics
@@ -36,8 +37,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PullContext:
-    ref: Reference
+    name: str
     image: ResolvedImage
+    source: BlobSource
     diff_ids: list[str]
     progress: PullProgress
     downloads: asyncio.Semaphore
@@ -73,13 +75,22 @@ class Puller:
 
     async def _pull(self, ref: Reference, progress: PullProgress) -> ImageSummary:
         image = await self._registry.resolve(ref, self._platform)
-        config_bytes = await self._config_downloads.run(
-            image.config.digest, lambda _: self._registry.fetch_bytes(ref, image.config)
-        )
-        diff_ids = _diff_ids(config_bytes, image.config, len(image.layers), self._platform, ref)
+        return await self.install(str(ref), image, RegistryBlobs(self._registry, ref), progress)
+
+    async def install(
+        self, name: str, image: ResolvedImage, source: BlobSource, progress: PullProgress
+    ) -> ImageSummary:
+        """Store a resolved image's blobs from `source`, unpack its layers and record it as `name`.
+
+        The pull's second half, shared with archive imports and migrations (whose blobs come from
+        the source agent): whatever the source, nothing is recorded unless every blob verified."""
+        config_bytes = await self._config_downloads.run(image.config.digest, lambda _: source.fetch_bytes(image.config))
+        diff_ids = _diff_ids(config_bytes, image.config, len(image.layers), self._platform, name)
         progress.layers = [LayerProgress(digest=d.digest, size=d.size) for d in image.layers]
         progress.status = "fetching"
-        pull = PullContext(ref, image, diff_ids, progress, asyncio.Semaphore(self._config.max_concurrent_layers))
+        pull = PullContext(
+            name, image, source, diff_ids, progress, asyncio.Semaphore(self._config.max_concurrent_layers)
+        )
 
         async with self._cd.leases.held("pull", self._config.lease_expiry) as lease_id:
             cd = self._cd.leased(lease_id)
@@ -98,13 +109,13 @@ class Puller:
             await ensure_labels(cd, image.config.digest, {L.gc_snapshot(snapshotter): top_chain})
             record = await cd.images.put(
                 ImageRecord(
-                    name=str(ref),
+                    name=name,
                     media_type=image.target.media_type,
                     digest=image.target.digest,
                     size=image.target.size,
                 )
             )
-        log.info("pulled image", extra={"image": record.name, "digest": record.digest, "bytes": progress.done})
+        log.info("stored image", extra={"image": record.name, "digest": record.digest, "bytes": progress.done})
         return ImageSummary(
             name=record.name,
             digest=record.digest,
@@ -116,8 +127,8 @@ class Puller:
 
     async def _store_metadata(self, cd: Containerd, pull: PullContext, config_bytes: bytes) -> None:
         """Index (if any), manifest and config, with the GC labels that tie them together."""
-        image, ref = pull.image, pull.ref
-        source = {L.distribution_source(ref.host): ref.repository}
+        image = pull.image
+        source = dict(pull.source.labels)
         manifest_labels: dict[str, str] = {
             **source,
             L.GC_CONFIG: image.config.digest,
@@ -143,13 +154,12 @@ class Puller:
                 layer.done += n
                 self._metrics.pull_bytes.inc(n)
 
-            labels = {L.distribution_source(pull.ref.host): pull.ref.repository}
             ours = False
 
             def download(_: None) -> Awaitable[int]:
                 nonlocal ours
                 ours = True
-                return self._download(pull.ref, desc, labels, count)
+                return self._download(pull.source, desc, count)
 
             try:
                 # Before waiting: whoever commits the blob, this pull's lease already holds it.
@@ -166,17 +176,13 @@ class Puller:
             if fetched:
                 self._metrics.layer_duration.labels(phase="fetch").observe(time.monotonic() - started)
 
-    async def _download(
-        self, ref: Reference, desc: Descriptor, labels: dict[str, str], on_bytes: Callable[[int], None]
-    ) -> int:
+    async def _download(self, source: BlobSource, desc: Descriptor, on_bytes: Callable[[int], None]) -> int:
         """One blob into the content store, under a lease of its own (see the module docstring)."""
         async with self._cd.leases.held("download", self._config.lease_expiry) as lease_id:
             return await ingest_blob(
                 self._cd.leased(lease_id),
-                self._registry,
-                ref,
+                source,
                 desc,
-                labels,
                 self._config.chunk_size,
                 self._config.retries,
                 on_bytes,
@@ -203,9 +209,7 @@ def _no_state(_: str) -> None:
     return None
 
 
-def _diff_ids(
-    config_bytes: bytes, desc: Descriptor, layer_count: int, platform: Platform, ref: Reference
-) -> list[str]:
+def _diff_ids(config_bytes: bytes, desc: Descriptor, layer_count: int, platform: Platform, ref: str) -> list[str]:
     """The layers' diff IDs from the image config, after checking the image can run here."""
     where = f"image config {desc.digest} of {ref}"
     config = parse_image_config(decode_json(config_bytes, where), where)

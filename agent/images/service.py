@@ -1,4 +1,4 @@
-"""The image service the API calls: pull, list, remove.
+"""The image service the API calls: pull, import, export, list, remove.
 
 Concurrent pulls of one reference are one pull: the first starts it, the others wait for it and
 show its progress, and all get its result or its error (six at once used to fight over containerd's
@@ -7,23 +7,52 @@ ingest locks, five failing with "ref locked").
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import IO
+
 from agent.config import PullConfig
 from agent.containerd import Containerd
-from agent.errors import ContainerdNotFound, ImageNotFound
+from agent.errors import (
+    ContainerdConflict,
+    ContainerdNotFound,
+    DigestMismatch,
+    ImageNotFound,
+    InvalidArchive,
+    RegistryError,
+)
+from agent.images.archive import Archive, read_archive
+from agent.images.export import plan_export, write_export
 from agent.images.local import read_image
 from agent.images.pull import Puller
+from agent.images.sources import resolve_target
 from agent.metrics import AgentMetrics
 from agent.model import ImageSummary, PullProgress
-from agent.oci import Platform, Reference
+from agent.oci import Descriptor, Platform, Reference, normalize_name
 from agent.registry.client import RegistryClient
 from core.errors import InvalidRequest
 from core.singleflight import SingleFlight
 
+log = logging.getLogger(__name__)
+SPOOL_CHUNK = 1 << 20
+
 
 class ImageService:
-    def __init__(self, cd: Containerd, registry: RegistryClient, config: PullConfig, metrics: AgentMetrics) -> None:
+    def __init__(
+        self,
+        cd: Containerd,
+        registry: RegistryClient,
+        config: PullConfig,
+        metrics: AgentMetrics,
+        spool_dir: Path | None = None,
+    ) -> None:
         self._cd = cd
         self._config = config
+        self._spool_dir = spool_dir or Path(tempfile.gettempdir())
+        """Where an imported archive is spooled (an unnamed file: nothing is left there after a crash)."""
         self._puller = Puller(cd, registry, config, metrics)
         self._pulls: SingleFlight[Reference, PullProgress, ImageSummary] = SingleFlight(
             "pull", lambda image: PullProgress(ref=str(image))
@@ -43,6 +72,42 @@ class ImageService:
             return await self._pulls.run(image, lambda shared: self._puller.pull(image, shared), joined=mine.follow)
         finally:
             mine.refresh()
+
+    async def import_archive(self, body: AsyncIterator[bytes], name: str | None = None) -> list[ImageSummary]:
+        """Store the images of an archive (OCI layout or docker save) streamed in `body`, under their
+        names in the archive or, for an archive of one image, under `name`.
+
+        All or nothing: InvalidArchive (or UnsafeLayer) when anything in it fails to verify, and then
+        no image, content or lease of the import is left (each image's lease is deleted with a
+        synchronous GC, and the images recorded before the failure are deleted again)."""
+        if name is not None:
+            name = normalize_name(name)
+        await asyncio.to_thread(self._spool_dir.mkdir, parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self._spool_dir) as spool:
+            await _spool(body, spool)
+            archive = await asyncio.to_thread(read_archive, spool, self._config.max_manifest_bytes)
+            plans = _import_names(archive, name)
+            done: list[ImageSummary] = []
+            try:
+                for target, names in plans:
+                    what = f"image {names[0]} in the archive"
+                    limit = self._config.max_manifest_bytes
+                    image = await resolve_target(target, archive.blobs, self.platform, limit, what)
+                    for each in names:
+                        done.append(await self._puller.install(each, image, archive.blobs, PullProgress(ref=each)))
+            except BaseException as exc:
+                for summary in done:
+                    await self._cd.images.delete(summary.name, sync=True)
+                if isinstance(exc, DigestMismatch | RegistryError | ContainerdConflict):
+                    raise InvalidArchive(f"{exc}") from exc
+                raise
+        log.info("imported archive", extra={"format": archive.format, "images": [s.name for s in done]})
+        return done
+
+    async def export(self, name: str) -> tuple[int, AsyncIterator[bytes]]:
+        """An image as an OCI archive: its size in bytes, and its bytes (export.py)."""
+        plan = await plan_export(self._cd, str(Reference.parse(name)), self.platform)
+        return plan.size, write_export(self._cd, plan)
 
     async def list(self) -> list[ImageSummary]:
         out = []
@@ -69,3 +134,29 @@ class ImageService:
             await self._cd.images.delete(str(Reference.parse(name)))
         except ContainerdNotFound as exc:
             raise ImageNotFound(f"image {name} is not pulled on this host") from exc
+
+
+async def _spool(body: AsyncIterator[bytes], file: IO[bytes]) -> None:
+    """The request body into the spool file, in writes of about SPOOL_CHUNK bytes off the loop."""
+    pending = bytearray()
+    async for chunk in body:
+        pending += chunk
+        if len(pending) >= SPOOL_CHUNK:
+            await asyncio.to_thread(file.write, bytes(pending))
+            pending.clear()
+    await asyncio.to_thread(file.write, bytes(pending))
+    await asyncio.to_thread(file.flush)
+
+
+def _import_names(archive: Archive, name: str | None) -> list[tuple[Descriptor, tuple[str, ...]]]:
+    """(target, names) of each image to import: `name` replaces the archive's names, for one image only."""
+    if not archive.images:
+        raise InvalidArchive("the archive holds no image")
+    if name is not None:
+        if len(archive.images) != 1:
+            raise InvalidArchive(f"the archive holds {len(archive.images)} images: --name needs exactly one")
+        return [(archive.images[0].target, (name,))]
+    unnamed = [image.target.digest for image in archive.images if not image.names]
+    if unnamed:
+        raise InvalidArchive(f"the archive does not name image {unnamed[0]}: give it a name (--name)")
+    return [(image.target, image.names) for image in archive.images]

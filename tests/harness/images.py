@@ -696,3 +696,43 @@ def hardlink_escape_layer(target: str = "/etc/hostname") -> Layer:
         ],
         comment="hardlink escape",
     )
+
+
+# ----- image archives --------------------------------------------------------------------------------
+
+
+def _tar(members: Iterable[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(_tarinfo(name, tarfile.REGTYPE, 0o644, size=len(data)), io.BytesIO(data))
+    return buf.getvalue()
+
+
+def oci_archive(
+    image: Image, name: str | None = None, tag: str = "v1", blobs: dict[Digest, bytes] | None = None
+) -> bytes:
+    """An OCI image layout tar of `image`, as `ctr images export` or `docker save` (25+) write it; `name`
+    goes in the `io.containerd.image.name` annotation, `tag` in `org.opencontainers.image.ref.name`.
+    `blobs` replaces the content stored under a digest (a corrupt archive)."""
+    annotations = {"org.opencontainers.image.ref.name": tag}
+    if name:
+        annotations["io.containerd.image.name"] = name
+    entry = {**image.descriptor().to_json(), "annotations": annotations}
+    index = {"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": [entry]}
+    content = {image.digest: image.manifest, **image.blobs(), **(blobs or {})}
+    members = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", _canonical(index))]
+    members += [(f"blobs/sha256/{digest.removeprefix('sha256:')}", data) for digest, data in content.items()]
+    return _tar(members)
+
+
+def docker_archive(image: Image, tags: Sequence[str]) -> bytes:
+    """A `docker save` tar (the format before Docker 25): manifest.json, the config as <hex>.json and
+    each layer as <n>/layer.tar, uncompressed."""
+    config_name = image.config_digest.removeprefix("sha256:") + ".json"
+    layer_names = [f"{i:04d}/layer.tar" for i in range(len(image.layers))]
+    manifest = [{"Config": config_name, "RepoTags": list(tags), "Layers": layer_names}]
+    members = [(config_name, image.config)]
+    members += [(name, layer.tar) for name, layer in zip(layer_names, image.layers, strict=True)]
+    members.append(("manifest.json", json.dumps(manifest).encode()))  # docker writes it last
+    return _tar(members)
