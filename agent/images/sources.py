@@ -78,11 +78,4 @@ async def resolve_target(
         manifest = chosen
     if not isinstance(document, ImageManifest):
         raise InvalidManifest(f"{what} for {platform} points at {manifest.media_type}, not an image manifest")
-    return ResolvedImage(
-        target=target,
-        target_bytes=target_bytes,
-        manifest=manifest,
-        manifest_bytes=manifest_bytes,
-        config=document.config,
-        layers=list(document.layers),
-    )
+    return ResolvedImage.of(target, target_bytes, manifest, manifest_bytes, document)

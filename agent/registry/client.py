@@ -63,6 +63,14 @@ class ResolvedImage:
     config: Descriptor
     layers: list[Descriptor]
 
+    @classmethod
+    def of(
+        cls, target: Descriptor, target_bytes: bytes, manifest: Descriptor, manifest_bytes: bytes, doc: ImageManifest
+    ) -> ResolvedImage:
+        """The image a target resolved to: `manifest` (the target itself, or the index's chosen entry)
+        parsed as `doc`."""
+        return cls(target, target_bytes, manifest, manifest_bytes, doc.config, list(doc.layers))
+
 
 def _ssl_context(reg: RegistryConfig) -> ssl.SSLContext:
     # System trust plus ca_file (as containerd does): a registry may redirect blob downloads to
@@ -329,7 +337,6 @@ class RegistryClient:
                 annotations=chosen.annotations,
                 platform=chosen.platform,
             )
-        layers = list(document.layers)
         log.info(
             "image resolved",
             extra={
@@ -339,17 +346,10 @@ class RegistryClient:
                 "target": target.digest,
                 "manifest": manifest.digest,
                 "platform": str(platform),
-                "layers": len(layers),
+                "layers": len(document.layers),
             },
         )
-        return ResolvedImage(
-            target=target,
-            target_bytes=target_bytes,
-            manifest=manifest,
-            manifest_bytes=manifest_bytes,
-            config=document.config,
-            layers=layers,
-        )
+        return ResolvedImage.of(target, target_bytes, manifest, manifest_bytes, document)
 
     async def fetch_bytes(self, ref: Reference, desc: Descriptor) -> bytes:
         """A whole small blob (an image config) into memory, checked against the descriptor's size and
