@@ -26,8 +26,13 @@ from agent.migration.link import FileIn, Incoming, Link, PagesIn
 from agent.migration.protocol import (
     ALLOWED,
     ANYTIME,
+    BLOB_SESSION,
     MESSAGES,
     OPENERS,
+    Blobs,
+    BlobsDone,
+    BlobsImage,
+    BlobWant,
     Commit,
     Committed,
     Container,
@@ -64,6 +69,7 @@ from agent.migration.protocol import (
     encode,
 )
 from agent.migration.states import State
+from agent.oci import MEDIA_OCI_MANIFEST
 from agent.peers import PeerSession, SessionRouter, UnknownSessionKind
 from agent.peers.routing import PREAMBLE, encode_preamble, parse_preamble, preamble_length
 from agent.stream import Control
@@ -140,6 +146,13 @@ EXAMPLES: list[tuple[Message, dict[str, Any]]] = [
     (Decision(decision="pending"), {"type": "decision", "decision": "pending"}),
     (Resolve(migration="mig-1", decision="commit"), {"type": "resolve", "migration": "mig-1", "decision": "commit"}),
     (Postcopy(migration="mig-1", store=True), {"type": "postcopy", "migration": "mig-1", "store": True}),
+    (Blobs(migration="mig-1"), {"type": "blobs", "migration": "mig-1"}),
+    (
+        BlobsImage(digest=DIGEST, media_type=MEDIA_OCI_MANIFEST, size=512),
+        {"type": "blobs_image", "digest": DIGEST, "media_type": MEDIA_OCI_MANIFEST, "size": 512},
+    ),
+    (BlobWant(digest=DIGEST), {"type": "blob_want", "digest": DIGEST}),
+    (BlobsDone(), {"type": "blobs_done"}),
 ]
 
 
@@ -162,7 +175,7 @@ def test_every_message_is_documented_in_one_line() -> None:
 
 
 def test_every_message_can_be_received_somewhere() -> None:
-    received = set(OPENERS) | set(ANYTIME)
+    received = set(OPENERS) | set(ANYTIME) | set(BLOB_SESSION)
     for kinds in ALLOWED.values():
         received |= kinds
     assert received == set(MESSAGES.values())
@@ -433,7 +446,8 @@ def test_expect_returns_the_dataclass_or_names_what_it_wanted() -> None:
 
 def test_a_session_opener_must_be_one_of_the_openers() -> None:
     link = Link(FakeChannel([Control({"type": "commit"})], []), idle_timeout=1)
-    with pytest.raises(ProtocolError, match="expected one of 'postcopy', 'prepare', 'query', 'resolve', got 'commit'"):
+    expected = "expected one of 'blobs', 'postcopy', 'prepare', 'query', 'resolve', got 'commit'"
+    with pytest.raises(ProtocolError, match=expected):
         asyncio.run(link.expect_one_of(OPENERS))
 
 

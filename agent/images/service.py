@@ -8,6 +8,7 @@ ingest locks, five failing with "ref locked").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -23,17 +24,18 @@ from agent.errors import (
     ImageNotFound,
     InvalidArchive,
     RegistryError,
+    UnsafeLayer,
 )
 from agent.images.archive import Archive, read_archive
 from agent.images.export import plan_export, write_export
 from agent.images.local import read_image
 from agent.images.pull import Puller
-from agent.images.sources import resolve_target
+from agent.images.sources import BlobSource, LocalFirst, resolve_target
 from agent.metrics import AgentMetrics
 from agent.model import ImageSummary, PullProgress
 from agent.oci import Descriptor, Platform, Reference, normalize_name
 from agent.registry.client import RegistryClient
-from core.errors import InvalidRequest
+from core.errors import FerrymanError, InvalidRequest
 from core.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,35 @@ class ImageService:
         """An image as an OCI archive: its size in bytes, and its bytes (export.py)."""
         plan = await plan_export(self._cd, str(Reference.parse(name)), self.platform)
         return plan.size, write_export(self._cd, plan)
+
+    async def ensure(self, name: str, target: Descriptor, peer: BlobSource) -> str:
+        """Make image `name` point at `target` here, unpacked, for a container that arrives from a
+        peer; returns where it came from: "local", "peer" or "registry".
+
+        In that order, for time (docs/migration.md, "The image on the target"): what this host holds
+        is used without any traffic (the same name and digest, or the digest's blobs under another
+        name); the rest comes from `peer`, the migration's source, which has every blob and is
+        reachable by definition; the registry only when the peer cannot serve them (a source from
+        before blob sessions, say), since it may be slow, unreachable, or no origin at all (an
+        image imported from an archive)."""
+        name = str(Reference.parse(name))
+        with contextlib.suppress(ImageNotFound, ContainerdNotFound):
+            image = await read_image(self._cd, name, self.platform)
+            if image.record.digest == target.digest and await self._cd.snapshots.exists(image.chain_id):
+                return "local"
+        limit = self._config.max_manifest_bytes
+        source = LocalFirst(self._cd, peer, limit)
+        progress = PullProgress(ref=name)
+        try:
+            resolved = await resolve_target(target, source, self.platform, limit, f"image {name} of the source")
+            summary = await self._puller.install(name, resolved, source, progress)
+            return "peer" if summary.bytes_fetched else "local"
+        except (FerrymanError, OSError, TimeoutError) as exc:
+            if isinstance(exc, UnsafeLayer) or not self._config.allows_registry(Reference.parse(name).host):
+                raise
+            log.warning("the source could not serve the image, pulling it", extra={"image": name, "error": str(exc)})
+        await self.pull(name)
+        return "registry"
 
     async def list(self) -> list[ImageSummary]:
         out = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
+from agent.containerd import Containerd
 from agent.errors import ContentTooLarge, DigestMismatch, InvalidManifest
 from agent.images import labels as L
 from agent.manifests import ImageIndex, ImageManifest, choose_manifest, decode_json, parse_document
@@ -50,6 +51,30 @@ class RegistryBlobs:
 
     async def fetch_bytes(self, desc: Descriptor) -> bytes:
         return await self._registry.fetch_bytes(self.ref, desc)
+
+
+class LocalFirst:
+    """The content store first, `other` for the blobs it lacks: what this host holds is never fetched."""
+
+    def __init__(self, cd: Containerd, other: BlobSource, max_document: int) -> None:
+        self._cd = cd
+        self._other = other
+        self._max_document = max_document
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self._other.labels
+
+    async def fetch_blob(self, desc: Descriptor, offset: int = 0) -> AsyncIterator[bytes]:
+        if await self._cd.content.exists(desc.digest) is not None:
+            async for chunk in self._cd.content.read(desc.digest, offset):
+                yield chunk
+            return
+        async for chunk in self._other.fetch_blob(desc, offset):
+            yield chunk
+
+    async def fetch_bytes(self, desc: Descriptor) -> bytes:
+        return await read_verified(self, desc, self._max_document, "blob")
 
 
 async def read_verified(source: BlobSource, desc: Descriptor, limit: int, what: str) -> bytes:

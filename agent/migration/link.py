@@ -13,7 +13,7 @@ import asyncio
 import io
 import tarfile
 from array import array
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterable, Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -73,6 +73,7 @@ class Channel(Protocol):
 
     async def send_control(self, obj: dict[str, Any]) -> None: ...
     async def send_file(self, path: Path | bytes, name: str) -> None: ...
+    async def send_stream(self, chunks: AsyncIterable[bytes], name: str, size: int, sha256: str) -> None: ...
     async def send_pages(self, keys: array[int], data: bytes, zeros: array[int]) -> None: ...
     async def recv(self) -> Incoming: ...
     async def abort(self, reason: str) -> None: ...
@@ -111,6 +112,11 @@ class Link:
         size = (await asyncio.to_thread(path.stat)).st_size
         async with asyncio.timeout(self.idle_timeout + size / MIN_RATE):
             await self.channel.send_file(path, name)
+
+    async def send_stream(self, chunks: AsyncIterable[bytes], name: str, size: int, sha256: str) -> None:
+        """A file read as it goes (a blob from the content store), checked against `sha256` (hex) there."""
+        async with asyncio.timeout(self.idle_timeout + size / MIN_RATE):
+            await self.channel.send_stream(chunks, name, size, sha256)
 
     async def send_files(self, paths: list[Path]) -> None:
         """A dump's image files: the small ones as one IMAGE_BUNDLE (packed in one worker-thread

@@ -342,14 +342,47 @@ class Postcopy(Message, tag="postcopy"):
     store: bool
 
 
+# The image's blobs, on a session of their own (target -> source): see blobs.py.
+
+
+@dataclass(frozen=True)
+class Blobs(Message, tag="blobs"):
+    """Target -> source, first on a new session: send me blobs of `migration`'s image."""
+
+    migration: MigrationIdField
+
+
+@dataclass(frozen=True)
+class BlobsImage(Message, tag="blobs_image"):
+    """Source -> target, the answer to `blobs`: what the image's name points at here (index or manifest)."""
+
+    digest: DigestField
+    media_type: str
+    size: Count
+
+
+@dataclass(frozen=True)
+class BlobWant(Message, tag="blob_want"):
+    """Target -> source: send the blob `digest` (a file named by blob_file_name); `failed` if you cannot."""
+
+    digest: DigestField
+
+
+@dataclass(frozen=True)
+class BlobsDone(Message, tag="blobs_done"):
+    """Target -> source: no more blobs; the session ends."""
+
+
 # ----- who may receive what, when ------------------------------------------------------------------
 
 Role = Literal["source", "target"]
 
-OPENERS: frozenset[type[Message]] = frozenset({Prepare, Query, Resolve, Postcopy})
+OPENERS: frozenset[type[Message]] = frozenset({Prepare, Query, Resolve, Postcopy, Blobs})
 """The first message of an inbound migration session: what the session is for."""
 ANYTIME: frozenset[type[Message]] = frozenset({Pagemap, Failed})
 """Link-level messages, allowed in every state (the link absorbs them)."""
+BLOB_SESSION: frozenset[type[Message]] = frozenset({BlobsImage, BlobWant, BlobsDone})
+"""What a `blobs` session carries after its opener (blobs.py); it follows no migration state."""
 _POSTCOPY_TO_TARGET = frozenset({PsRep, PsClosed, Pushed, PushEnd})
 ALLOWED: dict[tuple[Role, State], frozenset[type[Message]]] = {
     ("source", State.PREPARE): frozenset({Prepared}),

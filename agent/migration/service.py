@@ -30,12 +30,14 @@ from agent.errors import ContainerdNotFound
 from agent.images.service import ImageService
 from agent.malloc import release_freed_memory
 from agent.metrics import AgentMetrics
+from agent.migration.blobs import image_blobs, serve_blobs
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
 from agent.migration.link import Link
 from agent.migration.local import remove_container, resume_if_paused
 from agent.migration.protocol import (
     OPENERS,
+    Blobs,
     Committed,
     PeerFailed,
     Postcopy,
@@ -307,7 +309,7 @@ class MigrationService:
         `session_id` the migration its preamble named (its files land under that id)."""
         try:
             first = await link.expect_one_of(OPENERS)
-            about = first.migration if isinstance(first, Prepare | Query | Resolve | Postcopy) else None
+            about = first.migration if isinstance(first, Prepare | Query | Resolve | Postcopy | Blobs) else None
             if about != session_id:
                 raise ProtocolError(f"a message about migration {session_id!r}", f"{first.type} about {about!r}")
             if isinstance(first, Prepare):
@@ -318,6 +320,8 @@ class MigrationService:
                 await self._apply_resolution(link, first.migration)
             elif isinstance(first, Postcopy):
                 await self._continue_postcopy(link, peer_host, first.migration, first.store)
+            elif isinstance(first, Blobs):
+                await self._serve_blobs(link, peer_host, first.migration)
         except (FerrymanError, TimeoutError, OSError) as exc:
             log.warning("peer session failed", extra={"peer": peer_host, "error": str(exc)})
             await link.fail(str(exc))
@@ -356,6 +360,20 @@ class MigrationService:
         done = asyncio.Event()
         await self._postcopy_links.setdefault(migration_id, asyncio.Queue()).put((link, done, keeps_store))
         await done.wait()
+
+    async def _serve_blobs(self, link: Link, peer_host: str, migration_id: str) -> None:
+        """The image's blobs to the target of one of our migrations that is under way (blobs.py)."""
+        record = self._records.get(migration_id)
+        if record is None or record.role != "source" or record.peer != peer_host or record.done:
+            raise MigrationNotFound(f"no migration {migration_id} to {peer_host} runs from here")
+        container = await self._cd.containers.get(record.container)
+        image, allowed = await image_blobs(self._cd, container.image, self._platform)
+        started = time.monotonic()
+        sent = await serve_blobs(link, self._cd, image, allowed)
+        log.info(
+            "image blobs sent",
+            extra={"migration": migration_id, "bytes": sent, "ms": round((time.monotonic() - started) * 1000, 1)},
+        )
 
     async def _answer_query(self, link: Link, peer_host: str, migration_id: str) -> None:
         record = self._records.get(migration_id)

@@ -42,6 +42,7 @@ from agent.containerd import Containerd, ContainerRecord
 from agent.errors import ContainerdNotFound
 from agent.images.local import read_image
 from agent.images.service import ImageService
+from agent.migration.blobs import PeerBlobs
 from agent.migration.failpoints import Failpoints
 from agent.migration.journal import Journal
 from agent.migration.link import IMAGE_BUNDLE, FileIn, Link, PagesIn, PeerReportedFailure, describe, unpack_files
@@ -161,9 +162,7 @@ class TargetMigration:
                 self._lease = await self.ctx.cd.leases.create("migration", self.ctx.config.migration.phase_timeout)
                 if self.service_ip:  # the same address, in a namespace of this host, unpublished until commit
                     self._netns = await self.ctx.network.prepare(self.container.id, self.service_ip)
-                pull = self._pull = asyncio.create_task(
-                    self.ctx.images.pull(self.container.image), name="migration-pull"
-                )
+                pull = self._pull = asyncio.create_task(self._fetch_image(), name="migration-image")
                 await link.send(Prepared())
                 await self._advance(Event.PREPARED)
                 rw_digest = await self._receive(link)
@@ -205,6 +204,38 @@ class TargetMigration:
                 await self._stop_postcopy_helpers()
                 shutil.rmtree(self.work, ignore_errors=True)
         return self.record
+
+    async def _fetch_image(self) -> None:
+        """The container's image, while pre-copy runs: this host's copy, else the source's blobs (a
+        `blobs` session, blobs.py), else the registry (ImageService.ensure says why in that order)."""
+        image = self.container.image
+        started = time.monotonic()
+        peer = PeerBlobs(
+            lambda: self.ctx.connect(self.record.peer, self.record.id),
+            self.record.id,
+            self.ctx.config.pull.max_manifest_bytes,
+        )
+        try:
+            try:
+                target = await peer.image()
+            except (FerrymanError, OSError, TimeoutError) as exc:  # a source from before `blobs` sessions
+                log.warning("the source names no image digest, pulling", extra={"image": image, "error": str(exc)})
+                await self.ctx.images.pull(image)
+                return
+            origin = await self.ctx.images.ensure(image, target, peer)
+        finally:
+            await peer.close()
+        log.info(
+            "image ready",
+            extra={
+                "migration": self.record.id,
+                "image": image,
+                "from": origin,
+                "blobs": peer.blobs,
+                "bytes": peer.bytes,
+                "ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
 
     async def _check_room(self, needed: int) -> None:
         self.images_dir.mkdir(parents=True, exist_ok=True)

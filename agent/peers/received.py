@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,11 @@ class StreamChannel:
 
     async def send_file(self, path: Path | bytes, name: str) -> None:
         await self._ch.send_file(path, name)
+
+    async def send_stream(self, chunks: AsyncIterable[bytes], name: str, size: int, sha256: str) -> None:
+        """A file of `size` bytes as it is read (from containerd's content store, say); the receiver
+        checks it against `sha256` (hex) as well as the digest the stream computes."""
+        await self._ch.send_file(chunks, name, size, sha256=sha256)
 
     async def send_pages(self, keys: array[int], data: bytes, zeros: array[int]) -> None:
         if zeros:
