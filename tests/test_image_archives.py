@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import secrets
 import tarfile
 from pathlib import Path
 
+import pytest
+
+from agent.errors import InvalidArchive
+from agent.images.archive import Archive, read_archive
+from agent.oci import normalize_name
 from tests import test_agent_e2e
 from tests.harness.containerd import PrivateContainerd
 from tests.harness.images import TEST_KEEP, build_test_image, docker_archive, oci_archive, random_layer
@@ -144,3 +150,70 @@ async def test_a_corrupt_archive_is_refused_and_leaves_nothing(
         "image", "export", "127.0.0.1:1/archives/absent:v1", "-o", str(workdir / "x.tar"), check=False
     )
     assert res.returncode == 1 and "image_not_found" in res.stderr and not (workdir / "x.tar").exists()
+
+
+# ----- reading archives, without containerd --------------------------------------------------------
+
+
+def _read(tmp: Path, data: bytes) -> Archive:
+    path = tmp / "a.tar"
+    path.write_bytes(data)
+    with path.open("rb") as file:
+        return read_archive(file, 1 << 20)
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("text", "whole"),
+    [
+        ("busybox", "docker.io/library/busybox:latest"),
+        ("team/app:1.2", "docker.io/team/app:1.2"),
+        ("localhost/app", "localhost/app:latest"),
+        ("10.0.0.5:5000/team/app:1", "10.0.0.5:5000/team/app:1"),
+        ("registry.example/app@sha256:" + "a" * 64, "registry.example/app@sha256:" + "a" * 64),
+    ],
+)
+def test_docker_names_are_made_whole_as_docker_reads_them(text: str, whole: str) -> None:
+    assert normalize_name(text) == whole
+
+
+def test_both_formats_are_read_and_named(tmp_path: Path) -> None:
+    image = build_test_image().build()
+    oci = _read(tmp_path, oci_archive(image, name="10.0.0.5:5000/team/app:1"))
+    assert oci.format == "oci" and [(i.target.digest, i.names) for i in oci.images] == [
+        (image.digest, ("10.0.0.5:5000/team/app:1",))
+    ]
+    saved = _read(tmp_path, docker_archive(image, ["app:1"]))
+    [entry] = saved.images
+    assert saved.format == "docker" and entry.names == ("docker.io/library/app:1",)
+    manifest = json.loads(saved.blobs.documents[entry.target.digest])
+    # The layers as docker saves them (uncompressed), so each digest is its diff_id.
+    assert [la["digest"] for la in manifest["layers"]] == [la.diff_id for la in image.layers]
+    assert manifest["config"]["digest"] == image.config_digest
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"hello.txt": b"hi"}, "neither an OCI image layout"),
+        ({"oci-layout": b"{}", "index.json": b"[1"}, "index.json in the archive is not valid JSON"),
+        ({"oci-layout": b"{}", "index.json": b"{}"}, "not an image index"),
+        ({"manifest.json": b'[{"Config": "c.json", "Layers": ["l.tar"]}]'}, "names 'c.json', which the archive"),
+        ({"manifest.json": b"{}"}, "not a non-empty array"),
+        ({"manifest.json": b'[{"Config": "c", "Layers": [], "RepoTags": ["Bad Name"]}]', "c": b"{}"}, "invalid"),
+    ],
+)
+def test_malformed_archives_are_refused(tmp_path: Path, members: dict[str, bytes], message: str) -> None:
+    with pytest.raises(InvalidArchive, match=message):
+        _read(tmp_path, _tar(members))
+    with pytest.raises(InvalidArchive, match="not a tar archive"):
+        _read(tmp_path, b"\x00garbage" * 100)

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO
 
-from agent.errors import ContentTooLarge, InvalidArchive
+from agent.errors import ContentTooLarge, InvalidArchive, InvalidManifest
 from agent.manifests import decode_json, parse_descriptor
 from agent.oci import (
     MEDIA_DOCKER_CONFIG,
@@ -39,6 +39,7 @@ from agent.oci import (
     normalize_name,
     sha256_digest,
 )
+from core.errors import InvalidRequest
 
 ANNOTATION_NAME = "io.containerd.image.name"
 """containerd's (and docker's) annotation with an image's whole name, on an index.json entry."""
@@ -107,7 +108,14 @@ class Archive:
 
 def read_archive(file: IO[bytes], max_document: int) -> Archive:
     """The images in a tar archive and its blobs (blocking: run it in a thread). InvalidArchive when
-    the file is no tar, or neither an OCI layout nor a `docker save`."""
+    the file is no tar, neither an OCI layout nor a `docker save`, or its documents are malformed."""
+    try:
+        return _read_archive(file, max_document)
+    except (InvalidManifest, InvalidRequest) as exc:  # a document, or a name, of the archive's
+        raise InvalidArchive(exc.message) from exc
+
+
+def _read_archive(file: IO[bytes], max_document: int) -> Archive:
     file.seek(0)
     try:
         with tarfile.open(fileobj=file, mode="r:") as tar:
