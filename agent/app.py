@@ -60,7 +60,7 @@ class Agent:
         )
         self.host_name = config.host_name or socket.gethostname()
         failpoints = Failpoints.from_env()  # fault tests only: empty unless FERRYMAN_FAILPOINTS is set
-        self.peers = PeerEndpoint(config, self.host_name, failpoints)
+        self.peers = PeerEndpoint(config, self.host_name, failpoints, totals=self.metrics.streams)
         migration_sessions = MigrationSessions(self.peers, config)
         self.migrations = MigrationService(
             config,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from agent.migration.record import MigrationRecord
 from agent.migration.states import State
+from agent.stream.options import StreamTotals
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -93,6 +96,9 @@ class AgentMetrics:
             ["role"],
             registry=self.registry,
         )
+        self.streams = StreamTotals()
+        """The peer port's stream totals (PeerEndpoint adds every session's frames here)."""
+        self.registry.register(_StreamCollector(self.streams))
         self._add_telemetry_metrics()
 
     def _add_telemetry_metrics(self) -> None:
@@ -208,6 +214,26 @@ class AgentMetrics:
                 counts[record.role] = counts.get(record.role, 0) + 1
         for role, count in counts.items():  # every role, so one that emptied reads 0
             self.migrations_active.labels(role=role).set(count)
+
+
+class _StreamCollector(Collector):
+    """`ferryman_stream_bytes_total{direction,kind}`, read from the totals at scrape time: a counter the
+    channels' event loop moves frame by frame, with no metric call on the frame path."""
+
+    def __init__(self, totals: StreamTotals) -> None:
+        self._totals = totals
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "ferryman_stream_bytes",
+            "Peer stream bytes of every session by direction (sent, received) and kind "
+            "(payload: plaintext before compression; wire: sealed frames)",
+            labels=["direction", "kind"],
+        )
+        for direction, counters in (("sent", self._totals.sent), ("received", self._totals.received)):
+            family.add_metric([direction, "payload"], counters.payload_bytes)
+            family.add_metric([direction, "wire"], counters.wire_bytes)
+        yield family
 
 
 def _elapsed(start: str, end: str) -> float | None:

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import DigestMismatch
+from agent.metrics import AgentMetrics
 from agent.stream import (
     AuthenticationFailed,
     Channel,
@@ -53,6 +54,7 @@ from agent.stream import (
     StreamHandshakeError,
     StreamIntegrityError,
     StreamOptions,
+    StreamTotals,
     TlsSocket,
     TruncatedStream,
     UnexpectedKind,
@@ -653,6 +655,46 @@ async def test_duplex_and_interleaved_sends() -> None:
         assert [m.body["n"] for m in got if isinstance(m, Control)] == list(range(20))
         assert b"".join(bytes(m.data) for m in got if isinstance(m, FileChunk)) == data
         assert [m.path for m in got if isinstance(m, FileDone)] == [name]
+
+
+async def test_endpoint_totals_move_with_every_frame_of_every_channel() -> None:
+    """Channels given one StreamTotals add their frames there as they go: the agent's
+    ferryman_stream_bytes_total reads it at scrape time, mid-transfer included."""
+    metrics = AgentMetrics()
+    sample = metrics.registry.get_sample_value
+    peer_totals = StreamTotals()
+    opened: list[Channel] = []
+    data = os.urandom(2 * MIB)
+    try:
+        for migration in ("mig-1", "mig-2"):
+            a, b = tcp_pair()
+            tx, rx = await asyncio.gather(
+                establish(a, migration, "source-host", initiator=True, totals=metrics.streams),
+                establish(b, migration, "target-host", initiator=False, totals=peer_totals),
+            )
+            opened += (tx, rx)
+            async with asyncio.timeout(30):
+                await tx.send_file(data, "a.img")
+                first = await rx.receive()
+                while not isinstance(first, FileChunk):
+                    first = await rx.receive()
+                assert (sample("ferryman_stream_bytes_total", {"direction": "sent", "kind": "wire"}) or 0) > 0
+                await tx.end()
+                async for _ in rx:
+                    pass
+    finally:
+        await asyncio.gather(*(ch.close() for ch in opened))
+    sources, targets = opened[0::2], opened[1::2]
+    for direction, kind, counted in (
+        ("sent", "payload", sum(ch.sent.payload_bytes for ch in sources)),
+        ("sent", "wire", sum(ch.sent.wire_bytes for ch in sources)),
+        ("received", "wire", sum(ch.received.wire_bytes for ch in sources)),
+    ):
+        assert sample("ferryman_stream_bytes_total", {"direction": direction, "kind": kind}) == counted
+    assert metrics.streams.sent.payload_bytes > 2 * len(data)  # both files, and their control frames
+    assert peer_totals.received.wire_bytes == sum(ch.received.wire_bytes for ch in targets)
+    assert peer_totals.received.frames == sum(ch.received.frames for ch in targets)
+    assert peer_totals.sent.wire_bytes == metrics.streams.received.wire_bytes  # what the targets sent back
 
 
 async def test_send_file_from_path_and_async_iterable(tmp_path: Path) -> None:

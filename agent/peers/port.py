@@ -39,7 +39,7 @@ from agent.peers.routing import (
     parse_preamble,
     preamble_length,
 )
-from agent.stream import Channel, StreamOptions, TlsSocket, connect_tls, establish
+from agent.stream import Channel, StreamOptions, StreamTotals, TlsSocket, connect_tls, establish
 from agent.stream.links import read_exact
 from core.errors import FerrymanError
 from core.security.pki import Role
@@ -100,10 +100,18 @@ class _NoFailpoints:
 class PeerEndpoint:
     """Dials peers for outgoing sessions and serves the peer port for incoming ones."""
 
-    def __init__(self, config: AgentConfig, host_name: str, failpoints: FailpointActions | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        host_name: str,
+        failpoints: FailpointActions | None = None,
+        totals: StreamTotals | None = None,
+    ) -> None:
         self.config = config
         self.host_name = host_name
         self.failpoints = failpoints or _NoFailpoints()
+        self.totals = totals if totals is not None else StreamTotals()
+        """What every session's stream sent and received, in both directions (the agent's stream metrics)."""
         self.router = SessionRouter()
         """Session kinds served here: add each before serve()."""
         self._listener: socket.socket | None = None
@@ -137,14 +145,21 @@ class PeerEndpoint:
                 raise PeerFailed(f"{address} is not {host}")
             await asyncio.to_thread(tls.sendall, encode_preamble(kind, session_id))
             corrupt = self.failpoints.action("stream.corrupt_frame")  # e.g. "stream.corrupt_frame=40"
-            options = StreamOptions(
-                leave_tls=not self.config.migration.stream_tls_records, corrupt_frame=int(corrupt or 0)
-            )
-            return await establish(tls, session_id, self.host_name, initiator=True, expected_peer=host, options=options)
+            return await self._establish(tls, session_id, host, initiator=True, corrupt_frame=int(corrupt or 0))
         except BaseException:
             tls.abort()
             tls.close()
             raise
+
+    async def _establish(
+        self, tls: TlsSocket, session_id: str, peer: str, *, initiator: bool, corrupt_frame: int = 0
+    ) -> Channel:
+        """A session's stream over an authenticated connection; its traffic counts in `totals`."""
+        options = StreamOptions(leave_tls=not self.config.migration.stream_tls_records, corrupt_frame=corrupt_frame)
+        name = self.host_name
+        return await establish(
+            tls, session_id, name, initiator=initiator, expected_peer=peer, options=options, totals=self.totals
+        )
 
     async def serve(self) -> None:
         listen = parse_peer_listen(self.config.api.peer_listen)
@@ -186,10 +201,7 @@ class PeerEndpoint:
             refused = self.limits.refuse_session(sum(self._open.values()), self._open[peer])
             if refused is not None:
                 raise PeerFailed(refused)
-            options = StreamOptions(leave_tls=not self.config.migration.stream_tls_records)
-            stream = await establish(
-                tls, session_id, self.host_name, initiator=False, expected_peer=peer, options=options
-            )
+            stream = await self._establish(tls, session_id, peer, initiator=False)
         except (FerrymanError, OSError, ValueError, KeyError) as exc:
             log.warning("peer session refused", extra={"address": address, "error": str(exc)})
             if tls is not None:

@@ -25,7 +25,7 @@ from agent.stream.files import FileSink, ReceivedFile
 from agent.stream.frames import Control, FileChunk, FileDone, FileStart, Kind, Message, PageBatch
 from agent.stream.handshake import accept_receiver, establish, open_sender
 from agent.stream.net import TlsSocket, accept_tls, connect_tls
-from agent.stream.options import Counters, StreamOptions
+from agent.stream.options import Counters, StreamOptions, StreamTotals
 from agent.stream.seal import Compression
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "StreamHandshakeError",
     "StreamIntegrityError",
     "StreamOptions",
+    "StreamTotals",
     "TlsSocket",
     "TruncatedStream",
     "UnexpectedKind",

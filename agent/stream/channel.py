@@ -32,7 +32,7 @@ from agent.stream.buffers import BufferPool
 from agent.stream.errors import StreamClosed, StreamError
 from agent.stream.frames import HEADER_SIZE, TAG_SIZE, Kind, encode_abort
 from agent.stream.links import Link
-from agent.stream.options import CHUNK_SLACK, StreamOptions
+from agent.stream.options import CHUNK_SLACK, StreamOptions, StreamTotals
 from agent.stream.receiver import Receiver
 from agent.stream.seal import DirectionKeys, HeaderMask, Hello
 from agent.stream.sender import Sender, TxState
@@ -54,6 +54,7 @@ class Channel(Sender, Receiver):
         opts: StreamOptions,
         *,
         direct: bool = False,
+        totals: StreamTotals | None = None,
     ) -> None:
         self.migration_id = migration_id
         self.direct = direct
@@ -70,8 +71,8 @@ class Channel(Sender, Receiver):
         tx_pool = BufferPool(frame_size, slots) if link.pooled_writes else None
         rx_pool = BufferPool(frame_size, slots)
         self._workers = ThreadPoolExecutor(opts.workers, thread_name_prefix="stream-seal")
-        self._init_sending(tx_keys, tx_pool, slots, peer.max_frame)
-        self._init_receiving(rx_keys, rx_pool)
+        self._init_sending(tx_keys, tx_pool, slots, peer.max_frame, totals.sent if totals else None)
+        self._init_receiving(rx_keys, rx_pool, totals.received if totals else None)
         self._pools = [pool for pool in (tx_pool, rx_pool, self._read_pool) if pool is not None]
         self._closed = False
         link.start(

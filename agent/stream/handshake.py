@@ -13,7 +13,7 @@ from agent.stream.channel import Channel
 from agent.stream.errors import StreamHandshakeError
 from agent.stream.frames import HEADER_SIZE, MAX_HELLO, PROTOCOL_VERSION, Header, Kind, migration_tag
 from agent.stream.links import make_link
-from agent.stream.options import CHUNK_SLACK, StreamOptions
+from agent.stream.options import CHUNK_SLACK, StreamOptions, StreamTotals
 from agent.stream.seal import Hello, KeyExchange, transcript_hash
 from core.errors import InvalidRequest
 
@@ -26,13 +26,14 @@ async def establish(
     initiator: bool,
     expected_peer: str | None = None,
     options: StreamOptions | None = None,
+    totals: StreamTotals | None = None,
 ) -> Channel:
     """Exchange HELLOs, agree on keys, and return the running channel.
 
     Both sides send their HELLO first and then read the peer's, so it does not matter who
     connected. `initiator` only decides which direction key is which: exactly one side must set it.
     `expected_peer`, if given, must equal the host the peer names in its HELLO (check it against
-    the mTLS peer identity too).
+    the mTLS peer identity too). With `totals`, the channel adds its frames and bytes there as well.
 
     Over a TlsSocket, when both sides offer it in HELLO (`StreamOptions.leave_tls`), the
     connection then leaves TLS records: TLS has authenticated both hosts and carried the HELLOs,
@@ -83,7 +84,9 @@ async def establish(
         link.abort()
         await link.close(drain=False, grace=0)
         raise
-    return Channel(link, migration_id, tag, local_host, peer, initiator, tx_keys, rx_keys, opts, direct=direct)
+    return Channel(
+        link, migration_id, tag, local_host, peer, initiator, tx_keys, rx_keys, opts, direct=direct, totals=totals
+    )
 
 
 async def open_sender(conn: object, migration_id: str, local_host: str, **kwargs: Any) -> Channel:

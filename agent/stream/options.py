@@ -6,7 +6,7 @@ imports the directions, so these cannot live in channel.py without an import cyc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.stream.frames import HARD_MAX_FRAME
 from agent.stream.seal import Compression
@@ -62,3 +62,13 @@ class Counters:
     files: int = 0
     pages: int = 0
     zero_pages: int = 0
+
+
+@dataclass
+class StreamTotals:
+    """Frames and bytes of every channel that was given this (establish's `totals`), added up as the
+    frames go: the agent's stream metrics read it at scrape time, so they move during a transfer, not
+    only when a channel ends. Only `frames`, `payload_bytes` and `wire_bytes` are kept here."""
+
+    sent: Counters = field(default_factory=Counters)
+    received: Counters = field(default_factory=Counters)

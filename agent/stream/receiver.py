@@ -84,8 +84,10 @@ class Receiver:
     _tag: bytes
     _workers: ThreadPoolExecutor
 
-    def _init_receiving(self, keys: DirectionKeys, pool: BufferPool) -> None:
+    def _init_receiving(self, keys: DirectionKeys, pool: BufferPool, total: Counters | None) -> None:
         self.received = Counters()
+        self._received_total = total
+        """The endpoint's totals (StreamTotals.received), if it keeps them."""
         self._opener = Opener(keys.aead, not self.initiator, self.options.max_frame, pool)
         # File hashing is sequential by nature: one thread per direction keeps it in order and
         # off the loop.
@@ -231,6 +233,10 @@ class Receiver:
         c.payload_bytes += plain_len
         c.wire_bytes += HEADER_SIZE + header.length
         c.compressed_frames += bool(header.flags & Flag.COMPRESSED)
+        if (total := self._received_total) is not None:
+            total.frames += 1
+            total.payload_bytes += plain_len
+            total.wire_bytes += HEADER_SIZE + header.length
         return result
 
     async def _apply(self, header: Header, decoded: Any) -> object:

@@ -69,9 +69,13 @@ class Sender:
 
         async def abort(self, reason: str, code: str = "aborted") -> None: ...
 
-    def _init_sending(self, keys: DirectionKeys, pool: BufferPool | None, slots: int, peer_max_frame: int) -> None:
+    def _init_sending(
+        self, keys: DirectionKeys, pool: BufferPool | None, slots: int, peer_max_frame: int, total: Counters | None
+    ) -> None:
         opts = self.options
         self.sent = Counters()
+        self._sent_total = total
+        """The endpoint's totals (StreamTotals.sent), if it keeps them."""
         self._peer_max_frame = peer_max_frame
         self._read_pool = BufferPool(opts.chunk_size, slots)
         mask = HeaderMask(keys.header) if self.direct else None
@@ -141,6 +145,10 @@ class Sender:
         c.zero_pages += frame.zero_pages
         if frame.kind == Kind.FILE_DATA:
             c.file_bytes += frame.payload_len
+        if (total := self._sent_total) is not None:
+            total.frames += 1
+            total.payload_bytes += frame.payload_len
+            total.wire_bytes += frame.wire_len
         self._tx_credits.release()
         self._tx_inflight -= 1
         if self._tx_inflight == 0:
