@@ -39,6 +39,7 @@ class Agent:
     ) -> None:
         self.config = config
         self.metrics = AgentMetrics()
+        self.metrics.migration_downtime_target.set(config.migration.downtime_target_ms / 1000)
         self.containerd = cd
         self.registry = registry
         self.images = ImageService(cd, registry, config.pull, self.metrics)

@@ -56,14 +56,20 @@ class AgentMetrics:
         )
         self.migrations = Counter(
             "ferryman_migrations",
-            "Finished migrations by this agent's role and result (committed, rolled_back, needs_operator)",
-            ["role", "result"],
+            "Finished migrations by this agent's role, result (committed, rolled_back, needs_operator) and mode "
+            "(precopy, lazy, hybrid; empty on a target, which is not told)",
+            ["role", "result", "mode"],
             registry=self.registry,
         )
         self.migration_downtime_missed = Counter(
             "ferryman_migration_downtime_target_missed",
             "Committed migrations whose downtime exceeded their downtime target, by mode (source)",
             ["mode"],
+            registry=self.registry,
+        )
+        self.migration_downtime_target = Gauge(
+            "ferryman_migration_downtime_target_seconds",
+            "This agent's default downtime target ([migration] downtime_target_ms; a migration may ask for another)",
             registry=self.registry,
         )
         self.migration_downtime = Histogram(
@@ -188,7 +194,7 @@ class AgentMetrics:
         if not record.done:
             return  # progress records carry partial numbers; only the final one is counted
         result = _RESULTS[record.state]
-        self.migrations.labels(role=record.role, result=result).inc()
+        self.migrations.labels(role=record.role, result=result, mode=record.options.mode).inc()
         if record.role != "source":
             # The source measures downtime, bytes and rounds; counting the target's copy as well
             # would double every fleet-wide sum.
@@ -197,7 +203,7 @@ class AgentMetrics:
         if stats.downtime_ms > 0:  # zero: rolled back before the freeze, nobody waited
             self.migration_downtime.observe(stats.downtime_ms / 1000)
         if stats.downtime_target_missed and record.state == State.COMMIT:
-            self.migration_downtime_missed.labels(mode=record.options.mode or "").inc()
+            self.migration_downtime_missed.labels(mode=record.options.mode).inc()
         total_s = stats.total_ms / 1000 if stats.total_ms > 0 else _elapsed(record.started_at, record.updated_at)
         if total_s is not None:
             self.migration_duration.observe(total_s)

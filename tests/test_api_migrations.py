@@ -403,8 +403,9 @@ async def test_shutdown_ends_migration_streams(agent: FakeAgent) -> None:
 # ------------------------------------------------------------------ metrics
 
 
-def _finished(state: State, role: str = "source", **stats: Any) -> MigrationRecord:
-    record = MigrationRecord(id=MigrationId("m"), role=role, container="web", peer="h")
+def _finished(state: State, role: str = "source", mode: str = "", **stats: Any) -> MigrationRecord:
+    options = MigrationOptions(mode=mode)
+    record = MigrationRecord(id=MigrationId("m"), role=role, container="web", peer="h", options=options)
     record = record.advance(Event.PREPARED).with_stats(**stats)
     if state == State.ROLLBACK:
         return record.advance(Event.FAILED, error="boom")
@@ -420,13 +421,14 @@ def test_observe_migration_values() -> None:
     metrics.observe_migration(running)
     assert sample("ferryman_migration_bytes_total", {"kind": "raw"}) is None  # not terminal: not counted
 
-    metrics.observe_migration(_finished(State.COMMIT, downtime_ms=250.0, total_ms=4000.0, bytes_raw=4000,
-                                        bytes_wire=1000, iterations=3))
-    metrics.observe_migration(_finished(State.ROLLBACK, bytes_raw=100, bytes_wire=50, iterations=1))
+    metrics.observe_migration(_finished(State.COMMIT, mode="hybrid", downtime_ms=250.0, total_ms=4000.0,
+                                        bytes_raw=4000, bytes_wire=1000, iterations=3))
+    metrics.observe_migration(_finished(State.ROLLBACK, mode="lazy", bytes_raw=100, bytes_wire=50, iterations=1))
     metrics.observe_migration(_finished(State.COMMIT, role="target", bytes_raw=999, iterations=3))
-    assert sample("ferryman_migrations_total", {"role": "source", "result": "committed"}) == 1
-    assert sample("ferryman_migrations_total", {"role": "source", "result": "rolled_back"}) == 1
-    assert sample("ferryman_migrations_total", {"role": "target", "result": "committed"}) == 1
+    assert sample("ferryman_migrations_total", {"role": "source", "result": "committed", "mode": "hybrid"}) == 1
+    assert sample("ferryman_migrations_total", {"role": "source", "result": "rolled_back", "mode": "lazy"}) == 1
+    assert sample("ferryman_migrations_total", {"role": "source", "result": "rolled_back", "mode": "hybrid"}) is None
+    assert sample("ferryman_migrations_total", {"role": "target", "result": "committed", "mode": ""}) == 1
     # Source-measured numbers only: the target's copy of the same migration is not counted twice.
     assert sample("ferryman_migration_bytes_total", {"kind": "raw"}) == 4100
     assert sample("ferryman_migration_bytes_total", {"kind": "wire"}) == 1050
@@ -448,8 +450,8 @@ async def test_metrics_endpoint(client: TestClient[Any, Any], agent: FakeAgent) 
                  "ferryman_migration_duration_seconds", "ferryman_migration_bytes_total",
                  "ferryman_migration_iterations", "ferryman_migrations_active"):
         assert f"# TYPE {name} " in text, name
-    assert 'ferryman_migrations_total{result="committed",role="source"} 1.0' in text
-    assert 'ferryman_migrations_total{result="rolled_back",role="source"} 1.0' in text
+    assert 'ferryman_migrations_total{mode="",result="committed",role="source"} 1.0' in text
+    assert 'ferryman_migrations_total{mode="",result="rolled_back",role="source"} 1.0' in text
     assert 'ferryman_migrations_active{role="source"} 1.0' in text
     assert 'ferryman_migrations_active{role="target"} 0.0' in text
     assert 'ferryman_migration_bytes_total{kind="wire"}' in text
@@ -511,7 +513,7 @@ def test_observe_migration_needs_operator() -> None:
     metrics.observe_migration(record)
     metrics.set_active_migrations([record])
     sample = metrics.registry.get_sample_value
-    assert sample("ferryman_migrations_total", {"role": "source", "result": "needs_operator"}) == 1
+    assert sample("ferryman_migrations_total", {"role": "source", "result": "needs_operator", "mode": ""}) == 1
     assert sample("ferryman_migrations_active", {"role": "source"}) == 0  # finished
 
 
