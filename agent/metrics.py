@@ -157,6 +157,12 @@ class AgentMetrics:
             "ferryman_telemetry_pushes", "Telemetry flushes to the coordinator by result (ok, failed)", ["result"],
             registry=r,
         )
+        self.telemetry_coordinator_up = Gauge(
+            "ferryman_telemetry_coordinator_up",
+            "1 if the last telemetry flush reached the coordinator, 0 if it failed (no series without a coordinator)",
+            ["coordinator"],
+            registry=r,
+        )
 
     def observe_sample(self, sample: pb.TelemetrySample) -> None:
         """Export one telemetry sample; a field the sample lacks reads NaN (unknown, not zero)."""

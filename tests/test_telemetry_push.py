@@ -133,17 +133,25 @@ def pushes(metrics: AgentMetrics, result: str) -> float:
     return metrics.telemetry_pushes.labels(result=result)._value.get()
 
 
+def coordinator_up(metrics: AgentMetrics, port: int) -> float | None:
+    """ferryman_telemetry_coordinator_up for the pusher's url, None before its first flush."""
+    url = f"https://127.0.0.1:{port}"
+    return metrics.registry.get_sample_value("ferryman_telemetry_coordinator_up", {"coordinator": url})
+
+
 async def test_backlog_survives_a_coordinator_restart(fleet: Fleet, coordinator: Coordinator, tmp_path: Path) -> None:
     metrics = AgentMetrics()
     config = TelemetryConfig(buffer_max_samples=5, batch_max=2, drain_notice_file=str(tmp_path / "drain"))
     pusher = make_pusher(fleet, coordinator.port, config, metrics)
     service = TelemetryService(Sampler(config), metrics, period=60.0, pusher=pusher)
+    assert coordinator_up(metrics, coordinator.port) is None  # no flush yet: no series to alert on
     await pusher.start()
     try:
         first = await service.tick()
         await until(lambda: len(coordinator.samples()) == 1, "the first sample")
         assert [r.host for r in coordinator.registrations] == ["h1"]
         assert coordinator.samples()[0].ts == first.ts
+        await until(lambda: coordinator_up(metrics, coordinator.port) == 1, "coordinator_up 1")
 
         await coordinator.stop()
         (tmp_path / "drain").write_text("host drains at 03:00Z")  # an event taken while the coordinator is away
@@ -154,10 +162,12 @@ async def test_backlog_survives_a_coordinator_restart(fleet: Fleet, coordinator:
         await until(lambda: pushes(metrics, "failed") >= 1, "a failed push")
         await until(lambda: pusher.buffered == 5 and pusher.dropped == 3, "the bounded buffer")
         assert coordinator.samples() == [first]
+        assert coordinator_up(metrics, coordinator.port) == 0
 
         await coordinator.start()
         taken.append(await service.tick())  # the next sample finds the coordinator back
         await until(lambda: pusher.buffered == 0, "the backlog to drain")
+        await until(lambda: coordinator_up(metrics, coordinator.port) == 1, "coordinator_up 1 again")
 
         arrived = coordinator.samples()[1:]
         expected = taken[-5:]  # 9 taken while away or just after, 5 kept, the oldest 4 dropped

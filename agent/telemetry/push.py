@@ -66,7 +66,7 @@ class TelemetryPusher:
         """Samples lost to the buffer bounds since the last accepted push."""
         self.registered = False
         self._registered_at = 0.0
-        self._reachable = True  # for logging only the transitions
+        self._reachable = True  # to log only the transitions; the metric follows every flush
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -140,13 +140,18 @@ class TelemetryPusher:
         except PushFailed as exc:
             if self._reachable:
                 log.warning("coordinator unreachable; buffering telemetry", extra={"error": str(exc)})
-            self._reachable = False
+            self._set_reachable(False)
             self._count("failed")
             return False
         if not self._reachable:
             log.info("coordinator reachable again", extra={"dropped": self.dropped})
-        self._reachable = True
+        self._set_reachable(True)
         return True
+
+    def _set_reachable(self, reachable: bool) -> None:
+        self._reachable = reachable
+        if self._metrics is not None:
+            self._metrics.telemetry_coordinator_up.labels(coordinator=self._url).set(int(reachable))
 
     async def _register(self) -> None:
         registration = await self._registration()
