@@ -30,8 +30,20 @@ class CoordinatorMetrics:
         self.migrations = Gauge(
             "ferryman_coordinator_migrations", "Coordinator migrations by state", ["state"], registry=self.registry
         )
+        self.migration_transitions = Counter(
+            "ferryman_coordinator_migration_transitions",
+            "Coordinator migrations entering each state (failed: an attempt rolled back or did not start; "
+            "abandoned: given up, never retried)",
+            ["state"],
+            registry=self.registry,
+        )
         self.drain_probability = Gauge(
             "ferryman_coordinator_drain_probability", "Latest P(drain) per host", ["host"], registry=self.registry
+        )
+        self.drain_threshold = Gauge(
+            "ferryman_coordinator_drain_threshold",
+            "P(drain) at or above which the policy drains a host (above 1 without a model)",
+            registry=self.registry,
         )
 
     def set_hosts(self, hosts: Iterable[Host]) -> None:

@@ -117,6 +117,7 @@ class Orchestrator:
             history=((MigrationState.PENDING.value, now, f"{reason}; to {to}" + (f"; mode {mode}" if mode else "")),),
         )
         await self._store.put_migration(migration)
+        self._metrics.migration_transitions.labels(state=MigrationState.PENDING.value).inc()
         await self._store.record_decision(
             Decision(ts=now, host=source.name, kind="migrate", detail=f"{migration.id}: {container} to {to} ({reason})")
         )
@@ -177,6 +178,7 @@ class Orchestrator:
             migration, state=state, updated_at=now, history=(*migration.history, (state.value, now, detail)), **changes
         )
         await self._store.put_migration(migration)
+        self._metrics.migration_transitions.labels(state=state.value).inc()
         self._metrics.set_migrations(await self._store.list_migrations())
         async with self._changed:
             self._changed.notify_all()

@@ -122,6 +122,7 @@ class PredictionService:
         self._scoring = False
         self._pending: list[tuple[str, list[TelemetryPoint]]] = []
         """Points that arrived while a scoring thread reads the histories; applied after it."""
+        metrics.drain_threshold.set(self.threshold())  # and at every tick: the model or its config may change
 
     @property
     def model(self) -> RiskModel | None:
@@ -195,6 +196,7 @@ class PredictionService:
     async def tick(self) -> list[Prediction]:
         """Score every host with history in one batch; the predictions carry the model's version."""
         model = self.model
+        self._metrics.drain_threshold.set(self.threshold())
         if model is None:
             return []
         now = self._clock()

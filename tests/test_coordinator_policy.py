@@ -132,6 +132,18 @@ async def _report(store: SqliteStore, host: str, containers: Sequence[ContainerU
     await store.record_telemetry(TelemetryUpdate(host, [(now, sample)], now, used, tuple(containers), {}), 100, 3600)
 
 
+def _transitions(coordinator: Coordinator) -> dict[str, float]:
+    """ferryman_coordinator_migration_transitions_total by state, the states never entered left out."""
+    counted = {
+        s.labels["state"]: s.value
+        for metric in coordinator.metrics.registry.collect()
+        if metric.name == "ferryman_coordinator_migration_transitions"
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+    return {state: n for state, n in counted.items() if n}
+
+
 def _usage(cid: str, memory: int = GiB, priority: str | None = None) -> ContainerUsage:
     labels = {PRIORITY_LABEL: priority} if priority is not None else {}
     return ContainerUsage(id=cid, image="busybox", memory_bytes=memory, cpu_millis=100.0, labels=labels)
@@ -150,6 +162,9 @@ async def test_a_rolled_back_migration_is_retried_on_another_target(store: Sqlit
         assert done.attempt == 2 and done.tried_targets[0] == first and done.target != first
         assert [h[0] for h in done.history] == ["pending", "running", "failed", "running", "committed"]
         assert "restore failed" in done.history[2][2]
+        assert _transitions(coordinator) == {"pending": 1, "running": 2, "failed": 1, "committed": 1}
+        no_model = coordinator.metrics.registry.get_sample_value("ferryman_coordinator_drain_threshold")
+        assert no_model is not None and no_model > 1  # without a model: above any probability, never an alert
         # Our reservations are gone; the agent was asked to drop the rolled-back one only (it drops
         # the committed one itself).
         assert await store.list_reservations() == []
@@ -172,6 +187,7 @@ async def test_a_named_target_is_tried_once_and_bounds_hold(store: SqliteStore) 
         auto_done = await coordinator.migrations.wait(auto.id, WAIT)
         assert named_done.state is MigrationState.ABANDONED and named_done.tried_targets == ("h3",)
         assert auto_done.state is MigrationState.ABANDONED and len(auto_done.tried_targets) == 2
+        assert _transitions(coordinator) == {"pending": 2, "running": 3, "failed": 3, "abandoned": 2}
         assert len(set(auto_done.tried_targets)) == 2
         assert "give_up" in [d.kind for d in await store.list_decisions("h1")]
         assert await store.list_reservations() == []
@@ -294,6 +310,8 @@ async def test_policy_drains_on_risk_with_hysteresis_and_records_why(store: Sqli
     try:
         for host in ("h2", "h3", "h4"):
             await _report(store, host, [])
+        threshold = coordinator.metrics.registry.get_sample_value
+        assert threshold("ferryman_coordinator_drain_threshold") == model.threshold  # what the alert compares to
         model.p = {"h1": 0.45}
         await coordinator.policy.tick()
         assert (await store.get_host("h1")).admin is HostAdmin.ACTIVE  # type: ignore[union-attr]
