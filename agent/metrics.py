@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from agent.migration.record import MigrationRecord
 from agent.migration.states import State
 from agent.stream.options import StreamTotals
+from core.config import MIGRATION_MODES
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -25,6 +26,8 @@ _ITERATION_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
 MIGRATION_ROLES = ("source", "target")
 _RESULTS = {State.COMMIT: "committed", State.ROLLBACK: "rolled_back", State.NEEDS_OPERATOR: "needs_operator"}
 """The `result` label of a finished migration, by its terminal state."""
+_SOURCE_MODES = tuple(m for m in MIGRATION_MODES if m != "auto")
+"""The modes a source records (it resolves `auto` before it starts); a target records none ("")."""
 
 
 class AgentMetrics:
@@ -102,6 +105,14 @@ class AgentMetrics:
             ["role"],
             registry=self.registry,
         )
+        # The series the alerts read exist from the start at 0: increase() over a series born at 1
+        # would miss the first rollback or missed target of each kind.
+        for result in _RESULTS.values():
+            for mode in _SOURCE_MODES:
+                self.migrations.labels(role="source", result=result, mode=mode)
+            self.migrations.labels(role="target", result=result, mode="")
+        for mode in _SOURCE_MODES:
+            self.migration_downtime_missed.labels(mode=mode)
         self.streams = StreamTotals()
         """The peer port's stream totals (PeerEndpoint adds every session's frames here)."""
         self.registry.register(_StreamCollector(self.streams))

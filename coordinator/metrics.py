@@ -37,6 +37,8 @@ class CoordinatorMetrics:
             ["state"],
             registry=self.registry,
         )
+        for state in MigrationState:  # from 0, so increase() sees the first abandoned migration
+            self.migration_transitions.labels(state=state.value)
         self.drain_probability = Gauge(
             "ferryman_coordinator_drain_probability", "Latest P(drain) per host", ["host"], registry=self.registry
         )
