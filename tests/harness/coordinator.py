@@ -14,7 +14,6 @@ import http.client
 import json
 import os
 import secrets
-import signal
 import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping
@@ -26,6 +25,7 @@ import aiohttp
 from coordinator.auth import hash_token
 from core.security.pki import HostCertPaths, init_ca, issue_client, issue_host
 from core.security.tls import client_context
+from tests.harness.daemons import log_tail, start_daemon, terminate
 from tests.harness.netns import acall_in_netns, nsenter_argv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,30 +136,20 @@ class CoordinatorProcess:
 
     async def start(self) -> None:
         argv = [*nsenter_argv(self.netns), str(PYTHON), "-m", "coordinator.daemon", "--config", str(self.config_path)]
-        log = self.log_path.open("ab")
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL, cwd=REPO, env={**os.environ}
-            )
-        finally:
-            log.close()
-        try:
-            await self._wait_ready()
-        except BaseException:
-            await self.stop()
-            raise
 
-    async def _wait_ready(self) -> None:
-        assert self.proc is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT
-        while loop.time() < deadline:
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"coordinator exited with {self.proc.returncode}:\n{self.logs()}")
-            if await self.healthz() == 200:
-                return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"coordinator did not answer within {START_TIMEOUT}s:\n{self.logs()}")
+        async def ready() -> bool:
+            return await self.healthz() == 200
+
+        self.proc = await start_daemon(
+            "coordinator",
+            argv,
+            self.log_path,
+            ready,
+            within=START_TIMEOUT,
+            stop_within=STOP_TIMEOUT,
+            cwd=REPO,
+            env={**os.environ},
+        )
 
     async def healthz(self) -> int | None:
         """GET /healthz over TLS from the coordinator's own network namespace; None if unreachable."""
@@ -183,24 +173,10 @@ class CoordinatorProcess:
     async def stop(self) -> int | None:
         """SIGTERM and wait (SIGKILL after STOP_TIMEOUT); returns the exit code."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        return proc.returncode
+        return None if proc is None else await terminate(proc, STOP_TIMEOUT)
 
     def logs(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-8000:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path)
 
     @contextlib.asynccontextmanager
     async def client(
