@@ -185,6 +185,10 @@ class NetworkConfig:
     interface of the IPv4 default route."""
     link_local_gateway: str = "169.254.1.1"
     """The containers' default gateway: answered by the host end of each veth, never assigned."""
+    netns_dir: str = "/run/netns"
+    """Where the containers' network namespaces are bound (`ip netns` lists /run/netns). Hosts
+    simulated on one machine each give theirs a directory of its own, so that whoever removes a
+    host also finds, and unmounts, its containers' namespaces."""
 
 
 # ---- telemetry, coordinator and capacity (agent/telemetry, agent/reservations.py)
@@ -311,6 +315,8 @@ def _validate(config: AgentConfig) -> None:
         link_local = False
     if not link_local:
         raise ConfigError(f"network.link_local_gateway must be an IPv4 link-local address, got {gateway!r}")
+    if not Path(config.network.netns_dir).is_absolute():
+        raise ConfigError(f"network.netns_dir must be an absolute path, got {config.network.netns_dir!r}")
     if config.migration.mode not in MIGRATION_MODES:
         raise ConfigError(f"migration.mode must be one of {', '.join(MIGRATION_MODES)}, got {config.migration.mode!r}")
     _validate_telemetry(config)

@@ -31,7 +31,7 @@ from agent.api.handlers import parse_create
 from agent.config import parse_config
 from agent.containerd import Containerd
 from agent.model import CreateRequest
-from agent.network import RTPROT_FERRYMAN, parse_service_ip
+from agent.network import RTPROT_FERRYMAN, ServiceNetwork, parse_service_ip
 from agent.network.addresses import host_veth_name, netns_name
 from agent.network.arp import ARPOP_REPLY, ARPOP_REQUEST, garp_frame, parse_arp
 from agent.network.capture import HeldTraffic
@@ -134,6 +134,12 @@ def test_network_config() -> None:
     for bad in ("10.0.0.1", "nope"):
         with pytest.raises(ConfigError):
             parse_config({"network": {"link_local_gateway": bad}})
+    # The containers' namespaces go where the config says (a simulated host keeps its own).
+    assert parse_config({}).network.netns_dir == "/run/netns"
+    custom = parse_config({"network": {"netns_dir": "/var/tmp/h1/netns"}}).network
+    assert ServiceNetwork(custom, "ns").info("web").path.startswith("/var/tmp/h1/netns/fm-")
+    with pytest.raises(ConfigError, match="netns_dir must be an absolute path"):
+        parse_config({"network": {"netns_dir": "netns"}})
 
 
 # ----------------------------------------------------------------------------------------------- mesh

@@ -7,7 +7,6 @@ import ipaddress
 
 from core.errors import InvalidRequest
 
-NETNS_DIR = "/run/netns"
 NETNS_PREFIX = "fm-"
 HOST_VETH_PREFIX = "fmv"
 HOLD_PREFIX = "fmh"

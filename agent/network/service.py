@@ -2,7 +2,8 @@
 
 Per container with a service IP (all in the agent's host network namespace unless noted):
 
-    /run/netns/fm-<hash>        the container's network namespace (the OCI spec joins it by path)
+    <netns_dir>/fm-<hash>       the container's network namespace (the OCI spec joins it by path;
+                                [network] netns_dir, /run/netns by default)
       lo up, eth0 = <service_ip>/32, default via <gateway> (link-local, on-link, permanent neighbour)
     fmv<hash>                   the host end of the veth pair; proxy_arp answers for the gateway
 
@@ -20,7 +21,7 @@ hold and hands the kept packets to the resumed copy. The old host keeps its name
 source keeps its frozen copy until the commit) until `destroy`.
 
 <hash> is derived from (this host's network namespace inode, containerd namespace, container key):
-several hosts simulated in namespaces of one machine share /run/netns, and the same key exists on
+several hosts simulated in namespaces of one machine may share a netns_dir, and the same key exists on
 both sides of a move.
 """
 
@@ -38,7 +39,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.config import NetworkConfig
 from agent.network import arp, netlink
-from agent.network.addresses import NETNS_DIR, hold_ifname, host_veth_name, netns_name, parse_service_ip
+from agent.network.addresses import hold_ifname, host_veth_name, netns_name, parse_service_ip
 from agent.network.capture import HeldTraffic, send_packets
 from core.errors import FerrymanError
 
@@ -74,10 +75,9 @@ class NetnsInfo:
 class ServiceNetwork:
     """Async adapter over the blocking netlink steps; safe to call concurrently."""
 
-    def __init__(self, config: NetworkConfig | None = None, namespace: str = "default", netns_dir: str = NETNS_DIR):
+    def __init__(self, config: NetworkConfig | None = None, namespace: str = "default"):
         self._config = config or NetworkConfig()
         self._namespace = namespace
-        self._netns_dir = netns_dir
         self._scope: str | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._announcers: dict[str, asyncio.Task[None]] = {}
@@ -93,14 +93,14 @@ class ServiceNetwork:
     def scope(self) -> str:
         if self._scope is None:
             # The inode of the namespace the agent runs in: stable for the host's lifetime, and
-            # distinct for each simulated host sharing one /run/netns.
+            # distinct for each simulated host sharing one netns_dir.
             self._scope = f"{Path('/proc/self/ns/net').stat().st_ino}/{self._namespace}"
         return self._scope
 
     def info(self, container_key: str) -> NetnsInfo:
         """The names `prepare` uses for `container_key` (pure: nothing is created)."""
         return NetnsInfo(
-            path=str(Path(self._netns_dir, netns_name(self.scope, container_key))),
+            path=str(Path(self._config.netns_dir, netns_name(self.scope, container_key))),
             host_veth=host_veth_name(self.scope, container_key),
         )
 
