@@ -358,3 +358,5 @@ def test_agent_config_merges_extra_top_level_keys_and_tables(base_dir: Path) -> 
     assert data["registries"] == [{"host": m.registry_host, "plain_http": True}]
     assert data["containerd"]["socket"] == m["h2"].containerd.socket
     assert data["api"] == {"listen": f"unix://{m['h2'].api_socket}", "peer_listen": f"{m['h2'].address}:7443"}
+    # The containers' namespaces go to the host's own dir, where teardown and cleanup find them.
+    assert data["network"] == {"netns_dir": f"{m.dir}/h2/netns"}

@@ -89,7 +89,7 @@ def everything_under(*roots: Path) -> set[str]:
 
 def target_dirs(mesh: Mesh) -> tuple[Path, Path]:
     h2 = mesh["h2"]
-    return h2.agent_state_dir, Path(f"/dev/shm/ferryman-{mesh.prefix}-h2")
+    return h2.agent_state_dir, mesh.tmpfs_dir / "h2"
 
 
 async def test_only_listed_agents_may_open_sessions(mesh: Mesh) -> None:

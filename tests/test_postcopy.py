@@ -37,8 +37,8 @@ async def mesh(base_dir: Path) -> AsyncIterator[Mesh]:
 
 def postcopy_helpers(mesh: Mesh) -> list[tuple[int, str]]:
     """(pid, command line) of the criu lazy-pages daemons and pagers alive for this mesh's hosts
-    (their command lines name the hosts' migration work dirs, /dev/shm/ferryman-<prefix>-<host>)."""
-    scope = f"/dev/shm/ferryman-{mesh.prefix}-"
+    (their command lines name the hosts' migration work dirs, under the mesh's tmpfs_dir)."""
+    scope = f"{mesh.tmpfs_dir}/"
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -278,7 +278,7 @@ async def test_source_lost_during_postcopy_is_reported(mesh: Mesh) -> None:
         assert r.status == 202
     await wait_state(h2, "POSTCOPY")
     # The pager's guard names the restored task's init, the process it must kill.
-    [pid_file] = Path(f"/dev/shm/ferryman-{mesh.prefix}-h2").glob("*/restored.pid")
+    [pid_file] = (mesh.tmpfs_dir / "h2").glob("*/restored.pid")
     assert pid_file.read_text() == task_pid(h2, "hog"), pid_file.read_text()
     await h1.kill_agent()  # the source host's agent dies, and with it the page server's session
     target = await wait_done(h2)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
 import secrets
-import shutil
 import subprocess
 import threading
 import time
@@ -34,7 +32,7 @@ def fleet_config(mesh: Mesh, host: MeshHost, idle_timeout: float) -> str:
     (`auto`): a test about one mode passes `mode=` with its migration."""
     pki = mesh.dir / "pki" / host.name
     migration: dict[str, object] = {
-        "work_dir": f"/dev/shm/ferryman-{mesh.prefix}-{host.name}",
+        "work_dir": str(mesh.tmpfs_dir / host.name),
         "idle_timeout": idle_timeout,
         "decision_timeout": 60.0,
         **host.settings.get("migration", {}),
@@ -110,15 +108,8 @@ async def fleet(
         await asyncio.gather(*(h.start_agent(agent_within) for h in mesh.hosts))
         yield mesh
     finally:
-        # Deleting through the agents also removes the containers' network namespaces (/run/netns).
-        for host in mesh.hosts:
-            if host.agent_running:
-                with contextlib.suppress(Exception):
-                    for c in (await api(host, "GET", "/v1/containers"))["containers"]:
-                        await api(host, "DELETE", f"/v1/containers/{c['id']}?force=1", expect=None)
+        # Also the containers' network namespaces and the tmpfs work dirs: the mesh owns both.
         await mesh.stop()
-        for host in mesh.hosts:  # the tmpfs work dirs live outside the mesh dir
-            shutil.rmtree(f"/dev/shm/ferryman-{mesh.prefix}-{host.name}", ignore_errors=True)
 
 
 async def api(host: MeshHost, method: str, path: str, body: Any = None, expect: int | None = 200) -> Any:

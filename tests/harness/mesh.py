@@ -19,6 +19,11 @@ Agents are configured by TOML (see MeshHost.agent_config_text): their containerd
 registry as plain HTTP, the API on a unix socket in the host dir, `peer_listen = <address>:<peer_port>`
 when the mesh has a peer_port, plus whatever the `agent_extra_config` hook returns.
 
+Everything a mesh makes is named after it or lives in its dir, so that teardown and `cleanup_stale()`
+find all of it: the containers' network namespaces are bound in <dir>/hN/netns (the agents' [network]
+netns_dir), not in the machine's /run/netns, and tmpfs scratch (migration work dirs) goes to
+/dev/shm/ferryman-<prefix> (`Mesh.tmpfs_dir`).
+
 Only network namespaces are entered (nsenter --net): mounts made by the hosts' containerds stay in
 the root mount namespace, where teardown (and the tests) can see them.
 
@@ -121,6 +126,8 @@ class MeshHost(Node):
         self.api_socket = self.dir / "agent.sock"
         self.agent_log = self.dir / "agent.log"
         self.agent_state_dir = self.dir / "agent-state"
+        self.netns_dir = self.dir / "netns"
+        """Where the agent binds its containers' network namespaces ([network] netns_dir)."""
         self.container_log_dir = self.dir / "logs"
         self.agent_proc: subprocess.Popen[bytes] | None = None
         self.agent_env: dict[str, str] = {}
@@ -140,7 +147,7 @@ class MeshHost(Node):
 
         The hook's text may hold top-level keys and tables; its top-level keys are placed before our
         first table so they stay top-level. It must not repeat a table defined here ([containerd],
-        [api], [pull], [runtime]); [api] gets peer_listen = <address>:<peer_port> when the mesh has a
+        [api], [pull], [runtime], [network]); [api] gets peer_listen = <address>:<peer_port> when the mesh has a
         peer_port.
         """
         ctrd = self.containerd
@@ -161,6 +168,8 @@ class MeshHost(Node):
             f"log_dir = {_toml_str(str(self.container_log_dir))}\n"
             f"cgroup_parent = {_toml_str(ctrd.cgroup_parent)}\n"
             "stop_timeout = 2.0\n"
+            "\n[network]\n"
+            f"netns_dir = {_toml_str(str(self.netns_dir))}\n"
             "\n[[registries]]\n"
             f"host = {_toml_str(self.mesh.registry_host)}\n"
             "plain_http = true\n"
@@ -371,6 +380,8 @@ class Mesh:
         """When set, each agent gets [api] peer_listen = <its address>:<peer_port>, and start_agent
         also waits until that port accepts connections."""
         self.keep_dir = keep_dir
+        self.tmpfs_dir = Path("/dev/shm") / f"ferryman-{self.prefix}"
+        """Scratch on tmpfs for the hosts (e.g. migration work dirs), removed with the mesh."""
         self.bridge = f"{self.prefix}-br"
         self.fabric = Node("fabric", f"{self.prefix}-fab", self.gateway)
         self.registry_host = f"{self.gateway}:{REGISTRY_PORT}"
@@ -468,6 +479,7 @@ class Mesh:
             "id": self.id,
             "pid": os.getpid(),
             "dir": str(self.dir),
+            "tmpfs_dir": str(self.tmpfs_dir),
             "subnet": str(self.subnet),
             "netns": self.netns_names(),
             "containerds": [
@@ -607,7 +619,9 @@ class Mesh:
     def _remove_dir(self) -> None:
         if not self._made_dir:
             return
-        unmount_under(self.dir)  # never rmtree through a mount
+        # Never rmtree through a mount; this also unbinds the containers' network namespaces.
+        unmount_under(self.dir)
+        shutil.rmtree(self.tmpfs_dir, ignore_errors=True)
         if not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -791,6 +805,8 @@ async def _reap(mesh_prefix: str) -> None:
     directory: str | None = None
     if isinstance(recorded, str) and Path(recorded).is_absolute() and Path(recorded).name == mesh_prefix:
         directory = recorded.rstrip("/")
+    tmpfs = state.get("tmpfs_dir")
+    tmpfs_dir = tmpfs if tmpfs == f"/dev/shm/ferryman-{mesh_prefix}" else None
     names = [n for n in nsh.list_netns() if n.startswith(f"{mesh_prefix}-")]
     inodes = [i for i in (nsh.netns_inode(n) for n in names) if i is not None]
 
@@ -815,16 +831,18 @@ async def _reap(mesh_prefix: str) -> None:
                 ctrd.cgroup_parent = cgroup  # so stop() also kills its containers and removes their cgroups
                 await ctrd.stop()
     await asyncio.to_thread(lambda: _kill_and_wait(ours()))
-    await asyncio.to_thread(_remove_network_and_dir, mesh_prefix, names, directory)
+    await asyncio.to_thread(_remove_network_and_dirs, mesh_prefix, names, directory, tmpfs_dir)
     state_path.unlink(missing_ok=True)
 
 
-def _remove_network_and_dir(mesh_prefix: str, names: list[str], directory: str | None) -> None:
+def _remove_network_and_dirs(mesh_prefix: str, names: list[str], directory: str | None, tmpfs_dir: str | None) -> None:
     for name in names:
         nsh.del_netns(name)
     for link in nsh.link_names():
         if link.startswith(f"{mesh_prefix}-"):
             nsh.ip("link", "del", link, check=False)
     if directory is not None and Path(directory).exists():
-        unmount_under(Path(directory))
+        unmount_under(Path(directory))  # also the containers' network namespaces (hN/netns)
         shutil.rmtree(directory, ignore_errors=True)
+    if tmpfs_dir is not None:
+        shutil.rmtree(tmpfs_dir, ignore_errors=True)

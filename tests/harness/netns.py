@@ -30,8 +30,10 @@ T = TypeVar("T")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def netns_path(name: str) -> Path:
-    return NETNS_DIR / name
+def netns_path(netns: str) -> Path:
+    """A namespace is a name in /run/netns, or the absolute path of a bound one (such as a
+    container's, in a mesh host's netns_dir)."""
+    return Path(netns) if netns.startswith("/") else NETNS_DIR / netns
 
 
 def nsenter_argv(netns: str | None) -> list[str]:
@@ -94,7 +96,9 @@ def ip_argv(args: Sequence[str], netns: str | None = None, batch: bool = False) 
     # `ip -n` switches only for the lifetime of this short `ip` process, so its private mount
     # namespace (it remounts /sys) does no harm here.
     argv = [IP]
-    if netns is not None:
+    if netns is not None and netns.startswith("/"):
+        argv = [*nsenter_argv(netns), IP]  # `ip -n` takes only names in /run/netns
+    elif netns is not None:
         argv += ["-n", netns]
     if batch:
         argv += ["-force", "-batch", "-"]
