@@ -254,3 +254,77 @@ async def http_status(netns: str | None, host: str, port: int, path: str = "/", 
     if netns is None:
         return await asyncio.to_thread(_http_status, host, port, path, within)
     return await acall_in_netns(netns, _http_status, host, port, path, within)
+
+
+# ----- a way in from this namespace --------------------------------------------------------------------
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setblocking(False)
+    return sock
+
+
+class LoopbackRelay:
+    """A TCP port on 127.0.0.1 in this namespace whose connections are relayed, byte for byte, to
+    host:port inside `netns` (TLS passes through untouched).
+
+    A mesh adds nothing to the root namespace's network, so this is how a program there (ferryctl
+    at an operator's shell) reaches a service on the fabric, such as the coordinator. The relay
+    lives in the process that starts it.
+    """
+
+    def __init__(self, netns: str, host: str, port: int, connect_timeout: float = 5.0) -> None:
+        self.netns = netns
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.listen_port = 0
+        """The port on 127.0.0.1, once started."""
+        self._server: asyncio.Server | None = None
+        self._relays: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.listen_port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._relays):
+            task.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._relays.add(task)
+        ends = [writer]
+        try:
+            sock = await acall_in_netns(self.netns, _connect, self.host, self.port, self.connect_timeout)
+            up_reader, up_writer = await asyncio.open_connection(sock=sock)
+            ends.append(up_writer)
+            await asyncio.gather(_pipe(reader, up_writer, ends), _pipe(up_reader, writer, ends))
+        except OSError:
+            pass  # the far end is down or went away: the client sees its connection close
+        finally:
+            for end in ends:
+                end.close()
+            self._relays.discard(task)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ends: list[asyncio.StreamWriter]) -> None:
+    """Copy until EOF, then pass the EOF on; on an error close both connections (which ends the
+    other direction too)."""
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except OSError:
+        for end in ends:
+            end.close()
