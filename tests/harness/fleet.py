@@ -91,7 +91,7 @@ async def fleet(
     an agent may take to answer its health check (an emulated VM needs minutes).
     """
     mesh = Mesh(
-        base / f"fleet-{secrets.token_hex(2)}",
+        base,
         hosts,
         peer_port=PEER_PORT,
         start_agents=False,
@@ -288,7 +288,9 @@ class MeshCoordinatorPki(CoordinatorPki):
     def __init__(self, mesh: Mesh) -> None:  # no super().__init__: that would make a second CA
         self.root = mesh.dir / "pki"
         self.ca_dir = self.root / "ca"
-        self.server = issue_host(self.ca_dir, COORDINATOR_NAME, self.root / COORDINATOR_NAME, [mesh.gateway])
+        # 127.0.0.1 too: the root namespace reaches it through a loopback relay (tests/harness/localfleet.py).
+        addresses = [mesh.gateway, "127.0.0.1"]
+        self.server = issue_host(self.ca_dir, COORDINATOR_NAME, self.root / COORDINATOR_NAME, addresses)
         self.ops_client = issue_client(self.ca_dir, "coordinator-ops", self.root / "coordinator-ops")
         self._issued = {}
 
@@ -389,12 +391,13 @@ async def coordinated_fleet(
     coordinator: Mapping[str, Mapping[str, Any] | Any] | None = None,
     telemetry_period: float = 0.5,
     idle_timeout: float = 10.0,
+    **mesh_kw: Any,
 ) -> AsyncIterator[CoordinatedFleet]:
     """A fleet of `hosts` agents and a coordinator in the fabric netns, everything over mTLS.
 
     The coordinator gets short heartbeat, tick and poll periods (override any key with `coordinator`);
     agents get a [coordinator] table, fast telemetry and an ops listener. Waits until every host has
-    registered and pushed telemetry.
+    registered and pushed telemetry. `mesh_kw` go to the Mesh (e.g. with_client).
     """
     token = new_token()
     holder: dict[str, CoordinatedFleet] = {}
@@ -432,6 +435,7 @@ async def coordinated_fleet(
             extra_config=lambda h: coordinator_agent_config(h.mesh, h, telemetry_period),
             ops_port=OPS_PORT,
             before_agents=start_coordinator,
+            **mesh_kw,
         ) as mesh:
             f = holder["fleet"]
 

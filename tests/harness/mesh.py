@@ -366,6 +366,7 @@ class Mesh:
         agent_extra_config: AgentExtraConfig | None = None,
         peer_port: int | None = None,
         keep_dir: bool = False,
+        label: str = "",
     ) -> None:
         if not 1 <= hosts <= MAX_HOSTS:
             raise ValueError(f"hosts must be 1..{MAX_HOSTS}, got {hosts}")
@@ -380,6 +381,8 @@ class Mesh:
         """When set, each agent gets [api] peer_listen = <its address>:<peer_port>, and start_agent
         also waits until that port accepts connections."""
         self.keep_dir = keep_dir
+        self.label = label
+        """Who runs the mesh, recorded in its state file (`scripts/mesh up` finds its own meshes by it)."""
         self.tmpfs_dir = Path("/dev/shm") / f"ferryman-{self.prefix}"
         """Scratch on tmpfs for the hosts (e.g. migration work dirs), removed with the mesh."""
         self.bridge = f"{self.prefix}-br"
@@ -478,6 +481,7 @@ class Mesh:
         state = {
             "id": self.id,
             "pid": os.getpid(),
+            "label": self.label,
             "dir": str(self.dir),
             "tmpfs_dir": str(self.tmpfs_dir),
             "subnet": str(self.subnet),
