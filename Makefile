@@ -4,6 +4,7 @@
 VENV ?= $(CURDIR)/.venv
 PYTEST_ARGS ?=
 SETUP_ARGS ?=
+DEMO_ARGS ?=
 PYTHON := $(VENV)/bin/python
 
 # CRIU >= 4.2.1 is installed to /usr/local/sbin and must win over Debian's older /usr/sbin/criu.
@@ -17,7 +18,7 @@ help:
 	@echo "make check-host   verify the host only, change nothing"
 	@echo "make test         setup, the static checks, then the whole pytest suite (PYTEST_ARGS=...)"
 	@echo "make static       ruff, mypy and lint-imports (the import contracts), failing on any finding"
-	@echo "make demo         setup, then scripts/demo"
+	@echo "make demo         setup, then scripts/demo (DEMO_ARGS=--keep leaves the fleet up)"
 	@echo "make lint         ruff check"
 	@echo "make typecheck    mypy"
 	@echo "make lint-imports the import contracts in pyproject.toml (import-linter)"
@@ -45,7 +46,7 @@ static-only:
 
 demo: setup
 	@test -f scripts/demo || { echo "scripts/demo does not exist yet" >&2; exit 1; }
-	$(PYTHON) scripts/demo
+	$(PYTHON) scripts/demo $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
