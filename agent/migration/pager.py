@@ -311,9 +311,19 @@ class Pager:
         return [(r.vaddr, r.vaddr + r.nr_pages * PAGE_SIZE) for r in pagemap.lazy_ranges]
 
     def _prefetch(self, asked: Request, answered: int) -> None:
-        """Fetch the part of a background request we answer later."""
+        """Fetch the part of a background request we answer later. The daemon asks again for the
+        rest after each slice: what lies below the background frontier was fetched (or found here)
+        on an earlier pass, and looking at it page by page again cost more than the rest of the
+        pager's work together."""
         start = asked.vaddr + answered * PAGE_SIZE
-        self._fetch_slices(asked.cmd, asked.dst_id, start, asked.nr_pages - answered)
+        end = asked.vaddr + asked.nr_pages * PAGE_SIZE
+        frontier = self._background_next.get(asked.dst_id, -1)
+        if start < frontier:
+            if frontier >= end:
+                return
+            start = frontier
+        self._background_next[asked.dst_id] = max(frontier, end)
+        self._fetch_slices(asked.cmd, asked.dst_id, start, (end - start) // PAGE_SIZE)
 
     def _fetch_slices(self, cmd: int, dst_id: int, start: int, nr_pages: int) -> None:
         """Background pages in slices: the source answers faults first, but only between replies,
@@ -473,9 +483,14 @@ class Pager:
             and slot.request.vaddr < end
             and vaddr < slot.request.vaddr + slot.request.nr_pages * PAGE_SIZE
         ]
-        for key in keys:
-            if not any(low <= key[1] < high for low, high in wanted):
-                del self.cache[key]
+        cache = self.cache
+        if not wanted:  # the common case: nobody else waits for these pages
+            for key in keys:
+                del cache[key]
+        else:
+            for key in keys:
+                if not any(low <= key[1] < high for low, high in wanted):
+                    del cache[key]
         return HEADER.pack(PS_IOV_ADD_F_PRESENT, count, vaddr, dst_id) + data
 
     def _answer_count(self, head: Slot) -> int:
