@@ -14,6 +14,7 @@ from agent.containerd.types import (
     ProcessInfo,
     SnapshotInfo,
     SnapshotKind,
+    TaskExit,
     TaskStatus,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "ProcessInfo",
     "SnapshotInfo",
     "SnapshotKind",
+    "TaskExit",
     "TaskStatus",
 ]

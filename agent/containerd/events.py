@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import datetime as dt
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from agent.containerd.connection import CallContext
-from agent.containerd.types import Event
+from agent.containerd.types import Event, TaskExit
+from proto.containerd.api.events import task_pb2
 from proto.containerd.api.services.events.v1 import events_pb2 as pb
 from proto.containerd.api.services.events.v1.events_pb2_grpc import EventsStub
+
+TASK_EXIT_TOPIC = "/tasks/exit"
 
 
 class EventStream:
@@ -20,3 +24,15 @@ class EventStream:
         req = pb.SubscribeRequest(filters=filters or [])
         async for env in self._ctx.stream(self._stub.Subscribe, req, "subscribe to events"):
             yield Event(namespace=env.namespace, topic=env.topic, type_url=env.event.type_url, payload=env.event.value)
+
+    async def task_exits(self) -> AsyncGenerator[TaskExit, None]:
+        """Exits of containers' main processes in this namespace (not of processes exec'd into them).
+        Ends with ContainerdUnavailable when containerd goes away; events missed until a new
+        subscription are lost, so a subscriber re-reads the tasks after subscribing again."""
+        wanted = f'topic=="{TASK_EXIT_TOPIC}",namespace=="{self._ctx.namespace}"'
+        async for event in self.subscribe([wanted]):
+            msg = task_pb2.TaskExit.FromString(event.payload)
+            if msg.id and msg.id != msg.container_id:
+                continue  # an exec'd process
+            exited = msg.exited_at.ToDatetime(tzinfo=dt.UTC) if msg.HasField("exited_at") else None
+            yield TaskExit(container_id=msg.container_id, exit_status=msg.exit_status, exited_at=exited)

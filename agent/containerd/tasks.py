@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import datetime as dt
 
 from google.protobuf import any_pb2
 
@@ -19,12 +20,15 @@ CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
 
 
 def _process(msg: task_pb2.Process) -> ProcessInfo:
+    status = TaskStatus(msg.status)
+    exited = status == TaskStatus.STOPPED and msg.HasField("exited_at")
     return ProcessInfo(
         container_id=msg.container_id or msg.id,  # Tasks.List fills `id` instead
         pid=msg.pid,
-        status=TaskStatus(msg.status),
+        status=status,
         exit_status=msg.exit_status,
         stdout=msg.stdout,
+        exited_at=msg.exited_at.ToDatetime(tzinfo=dt.UTC) if exited else None,
     )
 
 

@@ -84,6 +84,8 @@ class ProcessInfo:
     status: TaskStatus
     exit_status: int
     stdout: str = ""
+    exited_at: datetime | None = None
+    """When a STOPPED task exited (UTC); None for one that has not."""
 
 
 @dataclass(frozen=True)
@@ -92,3 +94,12 @@ class Event:
     topic: str
     type_url: str
     payload: bytes
+
+
+@dataclass(frozen=True)
+class TaskExit:
+    """A container's main process exited (containerd's /tasks/exit for the init process)."""
+
+    container_id: str
+    exit_status: int
+    exited_at: datetime | None
