@@ -9,6 +9,9 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.errors import InvalidRequest
+from core.http.validate import check_keys, json_type, positive_field
+
 LABEL_PREFIX = "io.ferryman."
 LABEL_MANAGED = LABEL_PREFIX + "managed"
 LABEL_IMAGE = LABEL_PREFIX + "image"
@@ -20,6 +23,9 @@ LABEL_SERVICE_PUBLISH = LABEL_PREFIX + "service-publish"
 # failure window (pages only on the source) it cannot accept; it then migrates by pre-copy only.
 LABEL_POSTCOPY = "ferryman.postcopy"
 """"on-start" (publish when started) or "manual" (a standby copy, published by POST /v1/network/publish)."""
+LABEL_RESTART_POLICY = LABEL_PREFIX + "restart-policy"
+"""The restart policy in docker's spelling (`on-failure:3`); absent means `no`. It travels with the
+container's other labels, so a migrated container keeps it."""
 
 
 @dataclass
@@ -104,6 +110,71 @@ class Resources:
     """Memory limit in bytes."""
 
 
+class RestartName(enum.StrEnum):
+    """Docker's restart policies, under docker's names."""
+
+    NO = "no"  # never restarted by the agent
+    ON_FAILURE = "on-failure"  # after a non-zero exit (or a lost task), at most max_retries times
+    ALWAYS = "always"  # after any exit
+    UNLESS_STOPPED = "unless-stopped"  # the same as always here: no policy undoes an operator's stop
+
+
+MAX_RESTART_RETRIES = 1_000_000
+"""A bound on on-failure's retry limit: at the 10 s backoff cap, four months of restarts."""
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When the agent restarts a container whose task exited (agent/runtime/restarts.py decides)."""
+
+    name: RestartName = RestartName.NO
+    max_retries: int | None = None
+    """on-failure only: after this many restarts a failing container stays exited; None: no limit."""
+
+    @property
+    def spelling(self) -> str:
+        """docker's `--restart` spelling, also the label value: `on-failure:3`, `always`."""
+        return self.name.value if self.max_retries is None else f"{self.name.value}:{self.max_retries}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name.value, "max_retries": self.max_retries}
+
+    @classmethod
+    def from_spelling(cls, text: str) -> RestartPolicy:
+        """A policy from docker's spelling, checked like the API's field (InvalidRequest)."""
+        return parse_restart_policy(spelling_json(text), "restart policy")
+
+
+def spelling_json(text: str) -> dict[str, Any]:
+    """docker's `--restart` spelling as the API's `restart_policy` object, unchecked: the API's
+    validator (parse_restart_policy) says what is wrong with it, in its own words."""
+    name, sep, retries = text.partition(":")
+    out: dict[str, Any] = {"name": name}
+    if sep:
+        out["max_retries"] = int(retries) if retries.isdecimal() and retries.isascii() else retries
+    return out
+
+
+def parse_restart_policy(value: Any, where: str) -> RestartPolicy:
+    """The API's `restart_policy` object (absent or null: `no`), or InvalidRequest naming the field."""
+    if value is None:
+        return RestartPolicy()
+    if not isinstance(value, dict):
+        raise InvalidRequest(f'{where}: expected an object such as {{"name": "on-failure"}}, got {json_type(value)}')
+    check_keys(value, {"name", "max_retries"}, {"name"}, where)
+    name = value["name"]
+    names = [n.value for n in RestartName]
+    if name not in names:
+        shown = repr(name) if isinstance(name, str) else json_type(name)
+        raise InvalidRequest(f"{where}.name: expected one of {', '.join(names)}, got {shown}")
+    if value.get("max_retries") == 0 and not isinstance(value["max_retries"], bool):  # docker's "no limit"
+        raise InvalidRequest(f"{where}.max_retries: expected a positive integer, got 0 (omit it for no limit)")
+    retries = positive_field(value, "max_retries", where, integer=True, maximum=MAX_RESTART_RETRIES)
+    if retries is not None and name != RestartName.ON_FAILURE:
+        raise InvalidRequest(f"{where}.max_retries: only on-failure has a retry limit, not {name}")
+    return RestartPolicy(RestartName(name), retries)
+
+
 @dataclass(frozen=True)
 class CreateRequest:
     id: str
@@ -120,6 +191,7 @@ class CreateRequest:
     """An IPv4 service address: the container gets its own network namespace with this /32, routed here."""
     publish_service: bool = True
     """Publish service_ip when the container starts; False for a standby copy (a move's target)."""
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
 
 
 @dataclass(frozen=True)
@@ -132,8 +204,10 @@ class ContainerSummary:
     labels: dict[str, str]
     created_at: str
     """ISO-8601 UTC, from containerd."""
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["state"] = self.state.value
+        out["restart_policy"] = self.restart_policy.to_json()
         return out

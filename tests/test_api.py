@@ -36,6 +36,8 @@ from agent.model import (
     ImageSummary,
     LayerProgress,
     PullProgress,
+    RestartName,
+    RestartPolicy,
 )
 from core.errors import AlreadyExists, ConfigError, Conflict, ContainerNotFound
 from core.logs import JsonFormatter
@@ -210,6 +212,7 @@ async def test_create_full_body_and_list(client: TestClient[Any, Any], agent: Fa
         "user": "1000:1000",
         "labels": {"team": "infra"},
         "resources": {"cpus": 0.5, "memory": 67108864},
+        "restart_policy": {"name": "on-failure", "max_retries": 3},
     }
     resp = await client.post("/v1/containers", json=body)
     assert resp.status == 201
@@ -220,12 +223,15 @@ async def test_create_full_body_and_list(client: TestClient[Any, Any], agent: Fa
     assert req.env == {"A": "1", "B": "x=y"}
     assert req.resources.cpus == 0.5 and req.resources.memory == 67108864
     assert (req.workdir, req.user, req.labels) == ("/srv", "1000:1000", {"team": "infra"})
+    assert req.restart_policy == RestartPolicy(RestartName.ON_FAILURE, 3)
 
     resp = await client.get("/v1/containers")
     assert resp.status == 200
     listed = await resp.json()
     assert [c["id"] for c in listed["containers"]] == ["web-1"]
-    assert set(listed["containers"][0]) == {"id", "image", "state", "pid", "exit_status", "labels", "created_at"}
+    assert set(listed["containers"][0]) == {
+        "id", "image", "state", "pid", "exit_status", "labels", "created_at", "restart_policy"
+    }
 
 
 async def test_create_minimal_with_start(client: TestClient[Any, Any], agent: FakeAgent) -> None:
@@ -333,6 +339,9 @@ async def test_create_bad_json(client: TestClient[Any, Any], raw: bytes, needle:
         ({"id": "../etc", "image": "i"}, "invalid container id"),
         ({"id": "a\n", "image": "i"}, "invalid container id"),
         ({"id": "x" * 65, "image": "i"}, "invalid container id"),
+        ({"id": "a", "image": "i", "restart_policy": "always"}, "body.restart_policy: expected an object"),
+        ({"id": "a", "image": "i", "restart_policy": {"name": "never"}}, "body.restart_policy.name"),
+        ({"id": "a", "image": "i", "restart_policy": {"name": "on-failure", "max_retries": 1.5}}, "max_retries"),
     ],
 )
 async def test_create_validation(
@@ -686,10 +695,14 @@ def test_openapi_request_schemas_match_validation() -> None:
     doc = yaml.safe_load(OPENAPI_PATH.read_text())
     create = doc["components"]["schemas"]["CreateContainerRequest"]
     assert set(create["properties"]) == {
-        "id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service"
+        "id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service",
+        "restart_policy",
     }
     assert create["additionalProperties"] is False
     assert set(doc["components"]["schemas"]["Resources"]["properties"]) == {"cpus", "memory"}
+    policy = doc["components"]["schemas"]["RestartPolicy"]
+    assert set(policy["properties"]) == {"name", "max_retries"} and policy["additionalProperties"] is False
+    assert policy["properties"]["name"]["enum"] == [n.value for n in RestartName]
     assert set(doc["components"]["schemas"]["PullRequest"]["properties"]) == {"ref"}
 
 

@@ -9,6 +9,7 @@ every command, the exit code table, and shell completion.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import pty
@@ -31,7 +32,15 @@ from agent.ctl.main import build_parser
 from agent.ctl.migrate import outcome
 from agent.migration.record import MigrationId, MigrationRecord, MigrationStats
 from agent.migration.states import State
-from agent.model import LABEL_SERVICE_IP, ContainerState, ContainerSummary, CreateRequest, ImageSummary
+from agent.model import (
+    LABEL_SERVICE_IP,
+    ContainerState,
+    ContainerSummary,
+    CreateRequest,
+    ImageSummary,
+    RestartName,
+    RestartPolicy,
+)
 from agent.network import NetnsInfo
 from agent.reservations import Amount, Reservations
 from agent.telemetry.containers import ContainerReading
@@ -66,13 +75,12 @@ class ServiceContainers(FakeContainers):
         if req.service_ip:
             labels[LABEL_SERVICE_IP] = req.service_ip
         self.items[req.id] = ContainerSummary(req.id, req.image, ContainerState.CREATED, None, None, labels,
-                                              "2024-01-01T00:00:00Z")
+                                              "2024-01-01T00:00:00Z", req.restart_policy)
         return self.items[req.id]
 
     async def start(self, container_id: str) -> ContainerSummary:
         old = self._get(container_id)
-        self.items[container_id] = ContainerSummary(old.id, old.image, ContainerState.RUNNING, 7, None, old.labels,
-                                                    old.created_at)
+        self.items[container_id] = dataclasses.replace(old, state=ContainerState.RUNNING, pid=7)
         return self.items[container_id]
 
 
@@ -221,7 +229,7 @@ def test_run_has_an_option_for_every_field_of_the_create_request() -> None:
     fields.discard("resources")
     # Positionals and the options docs/ferryctl.md maps by another name; the rest are --kebab-case.
     renamed = {"id": "--name", "image": "image", "args": "args", "labels": "--label", "env": "--env",
-               "resources.cpus": "--cpus", "resources.memory": "--memory"}
+               "resources.cpus": "--cpus", "resources.memory": "--memory", "restart_policy": "--restart"}
     for command in ("run", "create"):
         sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]  # type: ignore[union-attr]
         names = {s for a in sub._actions for s in (a.option_strings or [a.dest])}
@@ -241,6 +249,20 @@ async def test_run_and_create_send_every_field(server: ApiServer, agent: Agent) 
                                                                           {"A": "1"})
     assert (req.resources.cpus, req.resources.memory, req.workdir, req.user) == (0.5, 64 << 20, "/srv", "1000:1000")
     assert req.args == ("sh", "-c", "x")
+    assert req.restart_policy == RestartPolicy()  # no --restart: the API's default, `no`
+
+    # docker's --restart spelling becomes the API's restart_policy.
+    for spelling, policy in (("on-failure:3", RestartPolicy(RestartName.ON_FAILURE, 3)),
+                             ("on-failure", RestartPolicy(RestartName.ON_FAILURE)),
+                             ("unless-stopped", RestartPolicy(RestartName.UNLESS_STOPPED)),
+                             ("no", RestartPolicy())):
+        name = f"worker-{policy.name.value}-{policy.max_retries}"
+        r = await run(server, "run", "--name", name, "--restart", spelling, "app:1")
+        assert (r.code, r.err) == (0, ""), r
+        assert agent.containers.requests[-1].restart_policy == policy
+        r = await run(server, "--json", "ps", "-a")
+        [shown] = [c["restart_policy"] for c in r.json()["containers"] if c["id"] == name]
+        assert shown == policy.to_json() == {"name": policy.name.value, "max_retries": policy.max_retries}
 
     # A standby copy: created, not started, not published; published later by address.
     r = await run(server, "create", "--json", "--name", "standby", "--service-ip", "10.77.0.11",
@@ -266,6 +288,10 @@ async def test_run_and_create_send_every_field(server: ApiServer, agent: Agent) 
         (["--name", "bad/id"], "invalid container id 'bad/id'"),
         (["--cpus", "100000"], "body.resources.cpus"),
         (["-e", "=x"], "--env '=x': expected KEY=VALUE"),
+        (["--restart", "sometimes"], "restart_policy.name: expected one of no, on-failure, always, unless-stopped"),
+        (["--restart", "always:3"], "body.restart_policy.max_retries: only on-failure has a retry limit"),
+        (["--restart", "on-failure:0"], "body.restart_policy.max_retries: expected a positive integer, got 0"),
+        (["--restart", "on-failure:x"], "body.restart_policy.max_retries: expected a positive integer, got 'x'"),
     ],
 )
 async def test_run_refuses_what_the_api_refuses_before_sending(

@@ -27,6 +27,7 @@ from agent.model import (
     ImageSummary,
     PullProgress,
     Resources,
+    parse_restart_policy,
 )
 from agent.network.addresses import parse_service_ip
 from core.errors import ContainerNotFound, FerrymanError, InvalidRequest
@@ -104,7 +105,10 @@ def parse_pull(body: dict[str, Any]) -> str:
 
 def parse_create(body: dict[str, Any]) -> CreateRequest:
     """A CreateRequest from a request body; types and unknown fields are checked strictly."""
-    fields = {"id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service"}
+    fields = {
+        "id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service",
+        "restart_policy",
+    }
     check_keys(body, fields, {"id", "image"}, "body")
     cid = str_field(body, "id", "body")
     image = str_field(body, "image", "body")
@@ -157,6 +161,7 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
         resources=resources,
         service_ip=service_ip,
         publish_service=publish_service,
+        restart_policy=parse_restart_policy(body.get("restart_policy"), "body.restart_policy"),
     )
 
 

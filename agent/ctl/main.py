@@ -25,6 +25,7 @@ from agent.ctl import images as image_archives
 from agent.ctl.args import container_id, cpus, memory_size, service_ip
 from agent.ctl.client import DEFAULT_AGENT, ENV_AGENT, AgentClient, ApiError
 from agent.ctl.exits import Exit, for_error
+from agent.model import spelling_json
 from core.errors import InvalidRequest
 
 EXIT_OK = Exit.OK
@@ -88,6 +89,12 @@ def _container_options(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="publish --service-ip on this host at start (default); --no-publish-service makes a standby copy",
+    )
+    p.add_argument(
+        "--restart",
+        type=spelling_json,  # the API's validator checks it, in the API's words (container_spec)
+        metavar="POLICY",
+        help="restart policy (restart_policy): no (default), on-failure[:N], always or unless-stopped",
     )
     p.add_argument("image")
     # REMAINDER: everything after the image belongs to the container, flags included.
@@ -227,6 +234,8 @@ def container_spec(args: argparse.Namespace) -> dict[str, Any]:
         spec["service_ip"] = args.service_ip
     if args.publish_service is not None:
         spec["publish_service"] = args.publish_service
+    if args.restart is not None:
+        spec["restart_policy"] = args.restart
     try:
         parse_create(spec)  # the API's validation, so a bad request fails here with the API's words
     except InvalidRequest as exc:

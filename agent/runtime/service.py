@@ -26,15 +26,18 @@ from agent.model import (
     LABEL_LOG_PATH,
     LABEL_MANAGED,
     LABEL_PREFIX,
+    LABEL_RESTART_POLICY,
     LABEL_SERVICE_IP,
     LABEL_SERVICE_PUBLISH,
     ContainerState,
     ContainerSummary,
     CreateRequest,
+    RestartName,
 )
 from agent.network import HELD, NetworkError, ServiceNetwork, parse_service_ip
 from agent.oci import Platform
 from agent.reservations import Admission, container_need
+from agent.runtime.restarts import policy_of
 from agent.runtime.rootfs import read_snapshot_files
 from agent.runtime.spec import build_spec
 from core.errors import Conflict, ContainerNotFound, InvalidRequest
@@ -118,6 +121,8 @@ class ContainerService:
         if service_ip is not None:
             labels[LABEL_SERVICE_IP] = service_ip
             labels[LABEL_SERVICE_PUBLISH] = PUBLISH_ON_START if req.publish_service else PUBLISH_MANUAL
+        if req.restart_policy.name != RestartName.NO:
+            labels[LABEL_RESTART_POLICY] = req.restart_policy.spelling
         async with self._cd.leases.held("create", 300) as lease_id:
             cd = self._cd.leased(lease_id)
             if await cd.snapshots.exists(req.id):
@@ -329,4 +334,5 @@ def _summary(record: ContainerRecord, task: ProcessInfo | None) -> ContainerSumm
         exit_status=exit_status,
         labels=record.labels,
         created_at=created,
+        restart_policy=policy_of(record.labels),
     )
