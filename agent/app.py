@@ -22,6 +22,7 @@ from agent.peers import PeerEndpoint
 from agent.registry.client import RegistryClient
 from agent.reservations import Amount, Reservations
 from agent.runtime.service import ContainerService
+from agent.runtime.supervisor import RestartSupervisor
 from agent.telemetry.capacity import HostCapacity
 from agent.telemetry.containers import ContainerUsageReader
 from agent.telemetry.push import TelemetryPusher
@@ -74,6 +75,8 @@ class Agent:
             failpoints,
             admission=self.reservations,
         )
+        # Restarts exited containers by their policy, leaving alone those a migration holds.
+        self.restarts = RestartSupervisor(cd.events, self.containers, self.migrations.migrating, config.restart)
         # The peer port's session kinds: migrations today.
         self.peers.router.add(
             MIGRATION_SESSIONS, migration_sessions.handler(self.migrations.handle_session), MigrationSessions.check_id
@@ -115,6 +118,7 @@ class Agent:
         agent = cls(config, cd, RegistryClient(config), criu_configs)
         try:
             await agent.migrations.recover()  # finish or roll back what a previous run left in flight
+            agent.restarts.start()  # after recovery: a source it resumed runs, a copy it removed is gone
             await agent.peers.serve()
             await agent.reservations.open()
             await agent.telemetry.start()
@@ -124,6 +128,7 @@ class Agent:
         return agent
 
     async def close(self) -> None:
+        await self.restarts.close()  # first: no restart may start while the rest shuts down
         await self.telemetry.close()
         await self.reservations.close()
         await self.peers.close()

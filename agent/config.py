@@ -134,6 +134,21 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class RestartConfig:
+    """How the agent restarts exited containers as their restart policy says (docker's backoff)."""
+
+    initial_delay: float = 0.1
+    """Seconds before the first restart after an exit."""
+    max_delay: float = 10.0
+    """The delay doubles with each quick failure, up to this many seconds."""
+    reset_after: float = 10.0
+    """A run that lasted this many seconds starts the delay over at initial_delay."""
+    resync_interval: float = 30.0
+    """Seconds between re-reads of every container, for exits whose events were lost (containerd
+    restarted, or the exit came while the agent was subscribing again)."""
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     name: str
     """The peer agent's host identity (its certificate name)."""
@@ -252,6 +267,7 @@ class AgentConfig:
     pull: PullConfig = field(default_factory=PullConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    restart: RestartConfig = field(default_factory=RestartConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     peers: tuple[PeerConfig, ...] = ()
@@ -290,10 +306,16 @@ def _validate(config: AgentConfig) -> None:
         "api.peer_max_pending_per_address": config.api.peer_max_pending_per_address,
         "api.peer_max_sessions": config.api.peer_max_sessions,
         "api.peer_max_sessions_per_peer": config.api.peer_max_sessions_per_peer,
+        "restart.initial_delay": config.restart.initial_delay,
+        "restart.max_delay": config.restart.max_delay,
+        "restart.reset_after": config.restart.reset_after,
+        "restart.resync_interval": config.restart.resync_interval,
     }
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be greater than 0, got {value}")
+    if config.restart.initial_delay > config.restart.max_delay:
+        raise ConfigError("restart.initial_delay must not exceed restart.max_delay")
     if config.pull.chunk_size > 8 << 20:
         raise ConfigError("pull.chunk_size must be at most 8 MiB (containerd's message limit is 16 MiB)")
     if not 0 < config.pull.max_manifest_bytes <= 8 << 20:

@@ -23,9 +23,26 @@ LABEL_SERVICE_PUBLISH = LABEL_PREFIX + "service-publish"
 # failure window (pages only on the source) it cannot accept; it then migrates by pre-copy only.
 LABEL_POSTCOPY = "ferryman.postcopy"
 """"on-start" (publish when started) or "manual" (a standby copy, published by POST /v1/network/publish)."""
+LABEL_EXIT_STATUS = LABEL_PREFIX + "exit-status"
+"""The exit status of a task that stop() deleted."""
+LABEL_FINISHED_AT = LABEL_PREFIX + "finished-at"
 LABEL_RESTART_POLICY = LABEL_PREFIX + "restart-policy"
 """The restart policy in docker's spelling (`on-failure:3`); absent means `no`. It travels with the
 container's other labels, so a migrated container keeps it."""
+LABEL_RESTART_COUNT = LABEL_PREFIX + "restart-count"
+"""Restarts the agent made since an operator last started the container."""
+LABEL_STARTED_AT = LABEL_PREFIX + "started-at"
+"""When the current run started (ISO-8601 UTC), by an operator or by the agent: it names the run, and
+gives the run's length when it exits."""
+LABEL_OPERATOR_STOP = LABEL_PREFIX + "operator-stop"
+"""When an operator stopped the container through the API; set before the signal, cleared by a start.
+No restart policy undoes such a stop."""
+LABEL_LAST_EXIT_STATUS = LABEL_PREFIX + "last-exit-status"
+"""The exit the agent last restarted the container after ("" when its task was lost, e.g. at a reboot)."""
+LABEL_LAST_EXIT_AT = LABEL_PREFIX + "last-exit-at"
+LABEL_MIGRATED_TO = LABEL_PREFIX + "migrated-to"
+"""Set on a migration source's copy just before it is removed after the commit: the workload runs on
+that host now, and a copy left behind here is never restarted."""
 
 
 @dataclass
@@ -205,6 +222,8 @@ class ContainerSummary:
     created_at: str
     """ISO-8601 UTC, from containerd."""
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    restart_count: int = 0
+    """Restarts the agent made since an operator last started it."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

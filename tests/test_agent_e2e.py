@@ -91,12 +91,17 @@ async def daemon(containerd: PrivateContainerd, registry: DockerRegistry, workdi
             containerd.ctr("containers", "rm", line, namespace=namespace, check=False)
 
 
+async def pushed_image(registry: DockerRegistry) -> str:
+    """The busybox test image under a new name in the registry; its reference."""
+    name = f"test/e2e-{secrets.token_hex(3)}"
+    await build_test_image().build().push(registry.host, name, "v1")
+    return f"{registry.host}/{name}:v1"
+
+
 async def test_pull_run_ps_logs_stop_rm_through_ferryctl(
     daemon: Daemon, containerd: PrivateContainerd, registry: DockerRegistry
 ) -> None:
-    name = f"test/e2e-{secrets.token_hex(3)}"
-    await build_test_image().build().push(registry.host, name, "v1")
-    ref = f"{registry.host}/{name}:v1"
+    ref = await pushed_image(registry)
 
     pulled = json.loads((await daemon.ctl("--json", "pull", ref)).stdout)
     assert pulled["name"] == ref and pulled["layers_fetched"] == 4
@@ -127,9 +132,7 @@ async def test_pull_run_ps_logs_stop_rm_through_ferryctl(
 
 
 async def test_api_errors_progress_and_metrics(daemon: Daemon, registry: DockerRegistry) -> None:
-    name = f"test/e2e-{secrets.token_hex(3)}"
-    await build_test_image().build().push(registry.host, name, "v1")
-    ref = f"{registry.host}/{name}:v1"
+    ref = await pushed_image(registry)
     async with daemon.session() as http:
         async with http.post("http://agent/v1/images/pull?stream=1", json={"ref": ref}) as resp:
             assert resp.status == 200
@@ -143,7 +146,7 @@ async def test_api_errors_progress_and_metrics(daemon: Daemon, registry: DockerR
         async with http.post("http://agent/v1/containers", json={"id": "x", "image": 5}) as resp:
             assert resp.status == 400
             assert (await resp.json())["error"]["code"] == "invalid_request"
-        async with http.post("http://agent/v1/images/pull", json={"ref": f"{registry.host}/{name}:missing"}) as resp:
+        async with http.post("http://agent/v1/images/pull", json={"ref": ref.removesuffix(":v1") + ":missing"}) as resp:
             assert resp.status == 404
             assert (await resp.json())["error"]["code"] == "manifest_not_found"
         async with http.get("http://agent/healthz") as resp:
@@ -159,12 +162,35 @@ async def test_api_errors_progress_and_metrics(daemon: Daemon, registry: DockerR
 async def test_sigterm_leaves_containers_running(
     daemon: Daemon, containerd: PrivateContainerd, registry: DockerRegistry
 ) -> None:
-    name = f"test/e2e-{secrets.token_hex(3)}"
-    await build_test_image().build().push(registry.host, name, "v1")
-    ref = f"{registry.host}/{name}:v1"
+    ref = await pushed_image(registry)
     await daemon.ctl("pull", ref)
     await daemon.ctl("run", "--name", "survivor", ref, "/bin/sleep", "300")
     daemon.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(daemon.proc.wait(), 30) == 0
     assert "RUNNING" in containerd.ctr("tasks", "ls", namespace=daemon.namespace).stdout
     assert '"msg"' in daemon.log.read_text()  # structured JSON logs
+
+
+async def test_restart_policy_through_ferryctl(
+    daemon: Daemon, containerd: PrivateContainerd, registry: DockerRegistry
+) -> None:
+    ref = await pushed_image(registry)
+    await daemon.ctl("pull", ref)
+
+    bad = await daemon.ctl("run", "--name", "bad", "--restart", "on-failure:0", ref, check=False)
+    assert bad.returncode == 2 and "body.restart_policy.max_retries" in bad.stderr, bad
+    assert "bad" not in containerd.ctr("containers", "ls", "-q", namespace=daemon.namespace).stdout
+
+    await daemon.ctl("run", "--name", "flaky", "--restart", "on-failure:2", ref, "/bin/sh", "-c", "exit 1")
+    for _ in range(300):
+        info = json.loads((await daemon.ctl("inspect", "flaky")).stdout)
+        if info["state"] == "stopped" and info["restart"]["count"] == 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # longer than a third restart's backoff (0.4 s)
+    info = json.loads((await daemon.ctl("inspect", "flaky")).stdout)
+    assert (info["state"], info["exit_status"]) == ("stopped", 1)
+    assert info["restart"]["policy"] == {"name": "on-failure", "max_retries": 2}
+    assert (info["restart"]["count"], info["restart"]["last_exit_status"]) == (2, 1)
+    [listed] = json.loads((await daemon.ctl("--json", "ps", "-a")).stdout)["containers"]
+    assert (listed["restart_policy"]["name"], listed["restart_count"]) == ("on-failure", 2)

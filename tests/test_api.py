@@ -230,7 +230,7 @@ async def test_create_full_body_and_list(client: TestClient[Any, Any], agent: Fa
     listed = await resp.json()
     assert [c["id"] for c in listed["containers"]] == ["web-1"]
     assert set(listed["containers"][0]) == {
-        "id", "image", "state", "pid", "exit_status", "labels", "created_at", "restart_policy"
+        "id", "image", "state", "pid", "exit_status", "labels", "created_at", "restart_policy", "restart_count"
     }
 
 

@@ -83,6 +83,11 @@ class ServiceContainers(FakeContainers):
         self.items[container_id] = dataclasses.replace(old, state=ContainerState.RUNNING, pid=7)
         return self.items[container_id]
 
+    async def inspect(self, container_id: str) -> dict[str, Any]:
+        summary = self._get(container_id)
+        restart = {"policy": summary.restart_policy.to_json(), "count": summary.restart_count}
+        return {**summary.to_json(), "restart": restart}
+
 
 class FakeNetwork:
     """The service-network adapter's interface (agent.api.network.ServiceNetworkLike), in memory."""
@@ -251,7 +256,7 @@ async def test_run_and_create_send_every_field(server: ApiServer, agent: Agent) 
     assert req.args == ("sh", "-c", "x")
     assert req.restart_policy == RestartPolicy()  # no --restart: the API's default, `no`
 
-    # docker's --restart spelling becomes the API's restart_policy.
+    # docker's --restart spelling becomes the API's restart_policy; inspect shows it.
     for spelling, policy in (("on-failure:3", RestartPolicy(RestartName.ON_FAILURE, 3)),
                              ("on-failure", RestartPolicy(RestartName.ON_FAILURE)),
                              ("unless-stopped", RestartPolicy(RestartName.UNLESS_STOPPED)),
@@ -260,9 +265,9 @@ async def test_run_and_create_send_every_field(server: ApiServer, agent: Agent) 
         r = await run(server, "run", "--name", name, "--restart", spelling, "app:1")
         assert (r.code, r.err) == (0, ""), r
         assert agent.containers.requests[-1].restart_policy == policy
-        r = await run(server, "--json", "ps", "-a")
-        [shown] = [c["restart_policy"] for c in r.json()["containers"] if c["id"] == name]
-        assert shown == policy.to_json() == {"name": policy.name.value, "max_retries": policy.max_retries}
+        r = await run(server, "inspect", name)
+        assert r.json()["restart"]["policy"] == policy.to_json() == {"name": policy.name.value,
+                                                                     "max_retries": policy.max_retries}
 
     # A standby copy: created, not started, not published; published later by address.
     r = await run(server, "create", "--json", "--name", "standby", "--service-ip", "10.77.0.11",

@@ -69,6 +69,29 @@ async def test_there_and_back_with_state_intact(mesh: Mesh) -> None:
     assert "hog" not in h1.ctr("containers", "ls", "-q").stdout
 
 
+async def test_a_migrated_container_is_not_restarted_on_the_source_and_keeps_its_policy(mesh: Mesh) -> None:
+    """The source's task exits when the migration commits (it is killed and removed): under `always`
+    the agent must not start it there again. The target's copy restarts under the same policy."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    await run_memhog(h1, mesh, "hog", resident_mib=8, rewrite_mbps=1, restart_policy={"name": "always"})
+    record = await migrate(h1, "hog", "h2", mode="precopy")
+    assert record["state"] == "COMMIT", record
+    await asyncio.sleep(1.5)  # longer than the first restarts' backoff (0.1 + 0.2 + 0.4 s)
+    assert "hog" not in task_states(h1)
+    assert "hog" not in h1.ctr("containers", "ls", "-q").stdout
+    assert "restarted exited container" not in h1.agent_log.read_text()
+    moved = await api(h2, "GET", "/v1/containers/hog")
+    assert moved["restart"]["policy"] == {"name": "always", "max_retries": None} and moved["state"] == "running"
+
+    await h2.actr("tasks", "kill", "-s", "KILL", "hog")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while (info := await api(h2, "GET", "/v1/containers/hog"))["restart"]["count"] < 1 or info["state"] != "running":
+        assert loop.time() < deadline, info
+        await asyncio.sleep(0.1)
+    assert info["restart"]["last_exit_status"] == 137 and task_states(h2) == {"hog": "RUNNING"}
+
+
 async def test_precopy_rounds_through_criu_dumps(mesh: Mesh) -> None:
     """`live_precopy = false` (or ptrace rules that refuse /proc/PID/mem): rounds are CRIU dumps that
     leave the tasks running, and the page-level delta still sends only what changed."""

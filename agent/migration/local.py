@@ -8,7 +8,7 @@ import signal
 
 from agent.containerd import Containerd, TaskStatus
 from agent.errors import ContainerdError, ContainerdNotFound
-from agent.model import LABEL_PREFIX
+from agent.model import LABEL_MIGRATED_TO, LABEL_PREFIX
 from core.errors import FerrymanError
 
 LABEL_MIGRATION = LABEL_PREFIX + "migration"
@@ -24,11 +24,18 @@ async def resume_if_paused(cd: Containerd, container_id: str) -> None:
         await cd.tasks.resume(container_id)
 
 
-async def remove_container(cd: Containerd, container_id: str, only_migration: str | None = None) -> bool:
+async def remove_container(
+    cd: Containerd, container_id: str, only_migration: str | None = None, moved_to: str | None = None
+) -> bool:
     """Kill (frozen or not), delete task, container and snapshot; tolerate any of them missing.
 
     With `only_migration`, a container that a different migration (or a user) made is left alone.
+    With `moved_to` (a committed source), the container is labelled first: if a step below fails and
+    leaves it behind, the restart supervisor still knows its workload runs on that host now.
     """
+    if moved_to is not None:
+        with contextlib.suppress(ContainerdError):
+            await cd.containers.update_labels(container_id, {LABEL_MIGRATED_TO: moved_to})
     if only_migration is not None:
         try:
             record = await cd.containers.get(container_id)

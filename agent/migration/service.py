@@ -175,6 +175,11 @@ class MigrationService:
     def list(self) -> list[MigrationRecord]:
         return sorted(self._records.values(), key=lambda r: r.started_at)
 
+    def migrating(self, container_id: str) -> bool:
+        """Whether a migration that has not ended holds this container here, as source or target: the
+        exits of its task are then the migration's doing, not the workload's (agent/runtime/restarts.py)."""
+        return any(r.container == container_id and not r.done for r in self._records.values())
+
     async def watch(self, migration_id: str) -> AsyncIterator[MigrationRecord]:
         record = self.get(migration_id)
         queue: asyncio.Queue[MigrationRecord] = asyncio.Queue()
@@ -468,7 +473,7 @@ class MigrationService:
     async def _complete_source(self, record: MigrationRecord) -> None:
         if record.state != State.SWITCH:
             return
-        await remove_container(self._cd, record.container)
+        await remove_container(self._cd, record.container, moved_to=record.peer)
         record = record.advance(Event.SWITCHED)
         await self.journal.write(record)
         self._publish(record)

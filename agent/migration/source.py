@@ -634,7 +634,7 @@ class SourceMigration:
 
     async def _remove_local_copy(self) -> None:
         """Kill the frozen tasks, delete task, container and snapshot."""
-        await remove_container(self.ctx.cd, self.record.container)
+        await remove_container(self.ctx.cd, self.record.container, moved_to=self.record.peer)
 
     async def _hold_address(self) -> None:
         """From just before the freeze until the decision, the service address's traffic is kept here,

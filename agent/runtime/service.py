@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import signal
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,18 @@ from agent.containerd import Containerd, ContainerRecord, ProcessInfo, TaskStatu
 from agent.errors import ContainerdNotFound
 from agent.images.local import read_image
 from agent.model import (
+    LABEL_EXIT_STATUS,
+    LABEL_FINISHED_AT,
     LABEL_IMAGE,
     LABEL_LOG_PATH,
     LABEL_MANAGED,
+    LABEL_OPERATOR_STOP,
     LABEL_PREFIX,
+    LABEL_RESTART_COUNT,
     LABEL_RESTART_POLICY,
     LABEL_SERVICE_IP,
     LABEL_SERVICE_PUBLISH,
+    LABEL_STARTED_AT,
     ContainerState,
     ContainerSummary,
     CreateRequest,
@@ -37,7 +43,7 @@ from agent.model import (
 from agent.network import HELD, NetworkError, ServiceNetwork, parse_service_ip
 from agent.oci import Platform
 from agent.reservations import Admission, container_need
-from agent.runtime.restarts import policy_of
+from agent.runtime.restarts import ExitView, exit_view, policy_of, restart_count, restart_json, restart_labels
 from agent.runtime.rootfs import read_snapshot_files
 from agent.runtime.spec import build_spec
 from core.errors import Conflict, ContainerNotFound, InvalidRequest
@@ -45,8 +51,6 @@ from core.ids import CONTAINER_ID_RE
 
 log = logging.getLogger(__name__)
 
-LABEL_EXIT_STATUS = LABEL_PREFIX + "exit-status"
-LABEL_FINISHED_AT = LABEL_PREFIX + "finished-at"
 PUBLISH_ON_START = "on-start"
 PUBLISH_MANUAL = "manual"
 _STATES = {
@@ -79,6 +83,15 @@ class ContainerService:
         """Refuses containers that would use capacity reserved by the coordinator (agent/reservations.py)."""
         # Containers with a service address get their own network namespace through this adapter.
         self.network = network if network is not None else ServiceNetwork(namespace=cd.namespace)
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        """One lock per container for start, stop, delete and the supervisor's restarts: a restart
+        decided before an operator's stop must not run after it."""
+
+    def _lock(self, container_id: str) -> asyncio.Lock:
+        lock = self._locks.get(container_id)
+        if lock is None:
+            lock = self._locks[container_id] = asyncio.Lock()
+        return lock
 
     def log_path(self, container_id: str) -> Path:
         return Path(self._runtime.log_dir, self._cd.namespace, f"{container_id}.log")
@@ -154,6 +167,24 @@ class ContainerService:
         return _summary(record, None)
 
     async def start(self, container_id: str) -> ContainerSummary:
+        """An operator's start: it ends an operator's stop, and the restart count starts over."""
+        async with self._lock(container_id):
+            return await self._start(container_id, {LABEL_OPERATOR_STOP: "", LABEL_RESTART_COUNT: ""})
+
+    async def restart_exited(self, seen: ExitView) -> ContainerSummary | None:
+        """The restart supervisor's start of a container whose run `seen` ended; None (nothing done)
+        when the container changed since: deleted, stopped by an operator, or started again."""
+        async with self._lock(seen.container_id):
+            try:
+                record = await self._get(seen.container_id)
+            except ContainerNotFound:
+                return None
+            now = exit_view(seen.container_id, record.labels, await self._task(seen.container_id))
+            if now is None or now.run != seen.run or now.operator_stopped:
+                return None
+            return await self._start(seen.container_id, restart_labels(seen, dt.datetime.now(dt.UTC)))
+
+    async def _start(self, container_id: str, labels: dict[str, str]) -> ContainerSummary:
         record = await self._get(container_id)
         task = await self._task(container_id)
         if task is not None:
@@ -168,6 +199,11 @@ class ContainerService:
         log_file = self.log_path(container_id)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         mounts = await self._cd.snapshots.mounts(record.snapshot_key)
+        # A new run, named before its task exists: an exit the supervisor sees is then of this run.
+        now = dt.datetime.now(dt.UTC).isoformat()
+        record = await self._cd.containers.update_labels(
+            container_id, {LABEL_EXIT_STATUS: "", LABEL_FINISHED_AT: "", **labels, LABEL_STARTED_AT: now}
+        )
         uri = f"file://{log_file}"
         await self._cd.tasks.create(container_id, mounts, stdout=uri, stderr=uri, runc_root=self._containerd.runc_root)
         try:
@@ -176,10 +212,6 @@ class ContainerService:
             with contextlib.suppress(ContainerdNotFound):
                 await self._cd.tasks.delete(container_id)
             raise
-        if LABEL_EXIT_STATUS in record.labels:
-            record = await self._cd.containers.update_labels(
-                container_id, {LABEL_EXIT_STATUS: "", LABEL_FINISHED_AT: ""}
-            )
         if service_ip and record.labels.get(LABEL_SERVICE_PUBLISH, PUBLISH_ON_START) == PUBLISH_ON_START:
             # After the task started: traffic is pulled here only once something can answer it.
             await self.network.publish(service_ip, host_veth)
@@ -187,11 +219,20 @@ class ContainerService:
         return _summary(record, await self._task(container_id))
 
     async def stop(self, container_id: str, timeout: float | None = None) -> ContainerSummary:  # noqa: ASYNC109
-        """SIGTERM, then SIGKILL after `timeout`; the exit status is kept as a container label."""
+        """SIGTERM, then SIGKILL after `timeout`; the exit status is kept as a container label.
+
+        An operator's stop: no restart policy brings the container back (see agent/runtime/restarts.py)."""
+        async with self._lock(container_id):
+            return await self._stop(container_id, timeout)
+
+    async def _stop(self, container_id: str, timeout: float | None = None) -> ContainerSummary:  # noqa: ASYNC109
         await self._get(container_id)
+        # Before the signal: the supervisor then sees an exit that an operator asked for.
+        now = dt.datetime.now(dt.UTC).isoformat()
+        record = await self._cd.containers.update_labels(container_id, {LABEL_OPERATOR_STOP: now})
         task = await self._task(container_id)
         if task is None:
-            return _summary(await self._get(container_id), None)
+            return _summary(record, None)
         grace = self._runtime.stop_timeout if timeout is None else timeout
         if task.status != TaskStatus.STOPPED:
             waiter = asyncio.create_task(self._cd.tasks.wait(container_id), name=f"wait-{container_id}")
@@ -215,12 +256,16 @@ class ContainerService:
         return _summary(record, None)
 
     async def delete(self, container_id: str, force: bool = False) -> None:
+        async with self._lock(container_id):
+            await self._delete(container_id, force)
+
+    async def _delete(self, container_id: str, force: bool) -> None:
         record = await self._get(container_id)
         task = await self._task(container_id)
         if task is not None and task.status != TaskStatus.STOPPED:
             if not force:
                 raise Conflict(f"container {container_id} is running; stop it first or use force")
-            await self.stop(container_id, timeout=0)
+            await self._stop(container_id, timeout=0)
         elif task is not None:
             await self._cd.tasks.delete(container_id)
         service_ip = record.labels.get(LABEL_SERVICE_IP)
@@ -239,6 +284,21 @@ class ContainerService:
             self.criu_configs.remove(container_id)
         log.info("deleted container", extra={"container": container_id})
 
+    async def exit_view(self, container_id: str) -> ExitView | None:
+        """The container's ended run (agent/runtime/restarts.py), None if it has none or is gone."""
+        try:
+            record = await self._cd.containers.get(container_id)
+        except ContainerdNotFound:
+            return None
+        return exit_view(container_id, record.labels, await self._task(container_id))
+
+    async def exit_views(self) -> dict[str, ExitView | None]:
+        """Every managed container, with its ended run if it has one: what the supervisor re-reads
+        for the exits whose events it missed."""
+        records = await self._cd.containers.list([f'labels."{LABEL_MANAGED}"==true'])
+        tasks = {t.container_id: t for t in await self._cd.tasks.list()}
+        return {r.id: exit_view(r.id, r.labels, tasks.get(r.id)) for r in records}
+
     async def list(self) -> list[ContainerSummary]:
         records = await self._cd.containers.list([f'labels."{LABEL_MANAGED}"==true'])
         tasks = {t.container_id: t for t in await self._cd.tasks.list()}
@@ -253,6 +313,7 @@ class ContainerService:
         out["snapshot_key"] = record.snapshot_key
         out["runtime"] = record.runtime
         out["log_path"] = str(self.log_path(container_id))
+        out["restart"] = restart_json(record.labels)
         service_ip = record.labels.get(LABEL_SERVICE_IP)
         if service_ip:
             info = self.network.info(container_id)
@@ -335,4 +396,5 @@ def _summary(record: ContainerRecord, task: ProcessInfo | None) -> ContainerSumm
         labels=record.labels,
         created_at=created,
         restart_policy=policy_of(record.labels),
+        restart_count=restart_count(record.labels),
     )

@@ -33,18 +33,24 @@ def agent_config(
 
 
 @contextlib.asynccontextmanager
-async def running_agent(config: AgentConfig) -> AsyncIterator[Agent]:
-    """An Agent that, on exit, removes every container and image it made in its namespace."""
+async def running_agent(config: AgentConfig, *, keep: bool = False) -> AsyncIterator[Agent]:
+    """An Agent that, on exit, removes every container and image it made in its namespace; with
+    `keep`, it leaves them (and its containers' tasks running), as a stopped daemon does."""
     agent = await Agent.open(config)
     try:
         yield agent
     finally:
         try:
-            for c in await agent.containers.list():
-                with contextlib.suppress(FerrymanError):
-                    await agent.containers.delete(c.id, force=True)
-            for image in await agent.images.list():
-                with contextlib.suppress(FerrymanError):
-                    await agent.images.remove(image.name)
+            if not keep:
+                await _remove_everything(agent)
         finally:
             await agent.close()
+
+
+async def _remove_everything(agent: Agent) -> None:
+    for c in await agent.containers.list():
+        with contextlib.suppress(FerrymanError):
+            await agent.containers.delete(c.id, force=True)
+    for image in await agent.images.list():
+        with contextlib.suppress(FerrymanError):
+            await agent.images.remove(image.name)

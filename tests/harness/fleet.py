@@ -143,6 +143,7 @@ async def run_memhog(
     labels: dict[str, str] | None = None,
     processes: int = 1,
     fork_every_ms: int = 0,
+    restart_policy: dict[str, Any] | None = None,
 ) -> str:
     """memhog on `host`; with a service address it also serves HTTP there (see memhog_image)."""
     repo = f"test/memhog-{secrets.token_hex(3)}"
@@ -158,6 +159,8 @@ async def run_memhog(
         body["service_ip"] = service_ip
     if labels:
         body["labels"] = labels
+    if restart_policy:
+        body["restart_policy"] = restart_policy
     await api(host, "POST", "/v1/containers?start=1", body, expect=201)
     return ref
 
