@@ -81,7 +81,12 @@ async def migrate(client: AgentClient, args: argparse.Namespace, err: Console) -
     if final is None:
         where = f"; it goes on in the agent: ferryctl migrations show {last['id']}" if last else ""
         raise ApiError("stream_ended", f"the agent closed the stream before the migration ended{where}")
-    if args.json:
+    return finish(final, args.json)
+
+
+def finish(final: dict[str, Any], as_json: bool) -> Exit:
+    """Print a finished migration's record (the details, or the JSON); its exit code."""
+    if as_json:
         render.print_json(final)
     else:
         for text in render.migration_details(final):
@@ -144,9 +149,4 @@ async def watch(client: AgentClient, args: argparse.Namespace, err: Console) -> 
             break
     if final is None:
         raise ApiError("stream_ended", f"the agent closed the stream before migration {args.id} ended")
-    if args.json:
-        render.print_json(final)
-    else:
-        for text in render.migration_details(final):
-            render.say(text)
-    return outcome(final)
+    return finish(final, args.json)
