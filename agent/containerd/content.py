@@ -43,6 +43,13 @@ class ContentStore:
         except ContainerdNotFound:
             return None
 
+    async def infos(self) -> list[ContentInfo]:
+        """Every committed blob of the content store (sizes and labels; the cache measures with it)."""
+        found: list[ContentInfo] = []
+        async for resp in self._ctx.stream(self._stub.List, pb.ListContentRequest(), "list content"):
+            found += [_info(info) for info in resp.info]
+        return found
+
     async def update_labels(self, digest: str, labels: Mapping[str, str]) -> ContentInfo:
         """Set (not replace) the given labels; an empty value removes a label."""
         req = pb.UpdateRequest(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from google.protobuf import field_mask_pb2
 
 from agent.containerd.connection import CallContext
@@ -38,7 +40,8 @@ class ImageStore:
         return [_record(i) for i in resp.images]
 
     async def put(self, record: ImageRecord) -> ImageRecord:
-        """Create the image, or point an existing name at the new target."""
+        """Create the image, or point an existing name at the new target. The record's labels are set,
+        and labels it does not name are kept (an operator's pin survives a re-pull)."""
         image = pb.Image(
             name=record.name,
             labels=dict(record.labels),
@@ -50,13 +53,22 @@ class ImageStore:
             )
             return _record(resp.image)
         except ContainerdAlreadyExists:
-            mask = field_mask_pb2.FieldMask(paths=["target", "labels"])
+            mask = field_mask_pb2.FieldMask(paths=["target", *(f"labels.{k}" for k in record.labels)])
             upd = await self._ctx.unary(
                 self._stub.Update,
                 pb.UpdateImageRequest(image=image, update_mask=mask),
                 f"update image {record.name}",
             )
             return _record(upd.image)
+
+    async def update_labels(self, name: str, labels: Mapping[str, str]) -> ImageRecord:
+        """Set the given labels of an image, keeping the others; an empty value removes a label."""
+        image = pb.Image(name=name, labels=dict(labels))
+        mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])
+        resp = await self._ctx.unary(
+            self._stub.Update, pb.UpdateImageRequest(image=image, update_mask=mask), f"update image {name}"
+        )
+        return _record(resp.image)
 
     async def delete(self, name: str, sync: bool = False) -> None:
         await self._ctx.unary(self._stub.Delete, pb.DeleteImageRequest(name=name, sync=sync), f"delete image {name}")

@@ -38,6 +38,15 @@ class LeaseManager:
         resp = await self._ctx.unary(self._stub.List, pb.ListRequest(), "list leases")
         return [lease.id for lease in resp.leases]
 
+    async def resources(self, lease_id: str) -> tuple[tuple[str, str], ...]:
+        """What a lease holds, as (type, id): ("content", digest), ("snapshots/overlayfs", key), ..."""
+        with suppress(ContainerdNotFound):
+            resp = await self._ctx.unary(
+                self._stub.ListResources, pb.ListResourcesRequest(id=lease_id), f"resources of lease {lease_id}"
+            )
+            return tuple((r.type, r.id) for r in resp.resources)
+        return ()
+
     async def add_snapshot(self, lease_id: str, snapshotter: str, key: str) -> None:
         """Protect an existing snapshot from GC for the life of the lease."""
         req = pb.AddResourceRequest(id=lease_id, resource=pb.Resource(id=key, type=f"snapshots/{snapshotter}"))
