@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.cache.stats import CacheCounters
 from agent.migration.record import MigrationRecord
 from agent.migration.states import State
 from agent.stream.options import StreamTotals
@@ -117,6 +118,8 @@ class AgentMetrics:
         """The peer port's stream totals (PeerEndpoint adds every session's frames here)."""
         self.registry.register(_StreamCollector(self.streams))
         self._add_telemetry_metrics()
+        self.cache = CacheCounters(self.registry)
+        """The layer cache's hits, fetches and evictions (agent/cache)."""
 
     def _add_telemetry_metrics(self) -> None:
         """Host telemetry (agent/telemetry): the latest sample as gauges, and the pusher's counters."""

@@ -43,6 +43,8 @@ class PullContext:
     diff_ids: list[str]
     progress: PullProgress
     downloads: asyncio.Semaphore
+    origin: str = "registry"
+    """Where `source` fetches from, for the cache's counters: "registry", "peer" or "archive"."""
     layers_fetched: int = 0
 
 
@@ -78,18 +80,27 @@ class Puller:
         return await self.install(str(ref), image, RegistryBlobs(self._registry, ref), progress)
 
     async def install(
-        self, name: str, image: ResolvedImage, source: BlobSource, progress: PullProgress
+        self, name: str, image: ResolvedImage, source: BlobSource, progress: PullProgress, origin: str = "registry"
     ) -> ImageSummary:
         """Store a resolved image's blobs from `source`, unpack its layers and record it as `name`.
 
         The pull's second half, shared with archive imports and migrations (whose blobs come from
-        the source agent): whatever the source, nothing is recorded unless every blob verified."""
-        config_bytes = await self._config_downloads.run(image.config.digest, lambda _: source.fetch_bytes(image.config))
+        the source agent): whatever the source, nothing is recorded unless every blob verified.
+        `origin` names the source in the cache's counters."""
+        fetched_config = False
+
+        def fetch_config(_: None) -> Awaitable[bytes]:
+            nonlocal fetched_config
+            fetched_config = True
+            return source.fetch_bytes(image.config)
+
+        config_bytes = await self._config_downloads.run(image.config.digest, fetch_config)
+        self._served(origin, image.config, image.config.size if fetched_config else 0)
         diff_ids = _diff_ids(config_bytes, image.config, len(image.layers), self._platform, name)
         progress.layers = [LayerProgress(digest=d.digest, size=d.size) for d in image.layers]
         progress.status = "fetching"
         pull = PullContext(
-            name, image, source, diff_ids, progress, asyncio.Semaphore(self._config.max_concurrent_layers)
+            name, image, source, diff_ids, progress, asyncio.Semaphore(self._config.max_concurrent_layers), origin
         )
 
         async with self._cd.leases.held("pull", self._config.lease_expiry) as lease_id:
@@ -171,10 +182,18 @@ class Puller:
                 raise
             if not ours:
                 fetched = 0  # another pull's download: the bytes are counted there
+            self._served(pull.origin, desc, fetched)
             layer.status = "done" if fetched else "exists"
             pull.layers_fetched += 1 if fetched else 0
             if fetched:
                 self._metrics.layer_duration.labels(phase="fetch").observe(time.monotonic() - started)
+
+    def _served(self, origin: str, desc: Descriptor, fetched: int) -> None:
+        """The cache's count of one blob this pull needed: `fetched` bytes from `origin`, or (0) a hit."""
+        if fetched:
+            self._metrics.cache.blob(origin, fetched)
+        else:
+            self._metrics.cache.blob("local", desc.size)
 
     async def _download(self, source: BlobSource, desc: Descriptor, on_bytes: Callable[[int], None]) -> int:
         """One blob into the content store, under a lease of its own (see the module docstring)."""
