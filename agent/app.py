@@ -7,6 +7,7 @@ import logging
 import socket
 from types import TracebackType
 
+from agent.cache.service import CacheService
 from agent.checkpoint.criuconf import CriuConfigs
 from agent.checkpoint.features import KDAT_CACHE, network_lock_method, prime_kdat_cache
 from agent.config import AgentConfig
@@ -60,6 +61,16 @@ class Agent:
             criu_configs=criu_configs or CriuConfigs(config.state_dir),
             admission=self.reservations,
         )
+        self.cache = CacheService(
+            cd,
+            config.cache,
+            config.capacity.disk_path,
+            self.metrics.cache,
+            self.images.platform,
+            self.images.pulling,
+            self.images.pull,
+        )
+        self.images.uses = self.containers.uses = self.cache
         self.host_name = config.host_name or socket.gethostname()
         failpoints = Failpoints.from_env()  # fault tests only: empty unless FERRYMAN_FAILPOINTS is set
         self.peers = PeerEndpoint(config, self.host_name, failpoints, totals=self.metrics.streams)
@@ -122,6 +133,7 @@ class Agent:
             await agent.peers.serve()
             await agent.reservations.open()
             await agent.telemetry.start()
+            await agent.cache.start()
         except BaseException:
             await agent.close()
             raise
@@ -129,6 +141,7 @@ class Agent:
 
     async def close(self) -> None:
         await self.restarts.close()  # first: no restart may start while the rest shuts down
+        await self.cache.close()
         await self.telemetry.close()
         await self.reservations.close()
         await self.peers.close()

@@ -91,6 +91,21 @@ class PullConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """The layer cache: containerd's content store, bounded by bytes (docs/cache.md)."""
+
+    max_bytes: int = 0
+    """The bound on the content store's bytes; 0: max_fraction of the filesystem holding
+    capacity.disk_path (containerd's root)."""
+    max_fraction: float = 0.2
+    """With max_bytes = 0, the bound as a fraction of that filesystem's size, in (0, 1]."""
+    low_watermark: float = 0.9
+    """Over the bound, evict until the store holds this fraction of it, in (0, 1]."""
+    interval: float = 300.0
+    """Seconds between checks of the bound besides the one after each pull or import."""
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     listen: str = "unix:///run/ferryman/agent.sock"
     """unix:///path or tcp://host:port."""
@@ -265,6 +280,7 @@ class AgentConfig:
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
     registries: tuple[RegistryConfig, ...] = ()
     pull: PullConfig = field(default_factory=PullConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     restart: RestartConfig = field(default_factory=RestartConfig)
@@ -342,12 +358,23 @@ def _validate(config: AgentConfig) -> None:
     if config.migration.mode not in MIGRATION_MODES:
         raise ConfigError(f"migration.mode must be one of {', '.join(MIGRATION_MODES)}, got {config.migration.mode!r}")
     _validate_telemetry(config)
+    _validate_cache(config.cache)
     if config.log_level.upper() not in _LOG_LEVELS:
         raise ConfigError(f"unknown log level {config.log_level!r} (use one of {', '.join(_LOG_LEVELS)})")
     hosts = [r.host for r in config.registries]
     duplicated = sorted({h for h in hosts if hosts.count(h) > 1})
     if duplicated:
         raise ConfigError(f"registries: host listed more than once: {', '.join(duplicated)}")
+
+
+def _validate_cache(cache: CacheConfig) -> None:
+    if cache.max_bytes < 0:
+        raise ConfigError(f"cache.max_bytes must not be negative (0 means max_fraction), got {cache.max_bytes}")
+    for name, value in {"cache.max_fraction": cache.max_fraction, "cache.low_watermark": cache.low_watermark}.items():
+        if not 0 < value <= 1:
+            raise ConfigError(f"{name} must be in (0, 1], got {value}")
+    if cache.interval <= 0:
+        raise ConfigError(f"cache.interval must be greater than 0, got {cache.interval}")
 
 
 def _validate_telemetry(config: AgentConfig) -> None:

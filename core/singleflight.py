@@ -40,6 +40,10 @@ class SingleFlight(Generic[K, S, V]):
     def __len__(self) -> int:
         return len(self._flights)
 
+    def in_flight(self) -> list[K]:
+        """The keys whose work is in progress."""
+        return list(self._flights)
+
     async def run(
         self, key: K, work: Callable[[S], Awaitable[V]], joined: Callable[[S], None] | None = None
     ) -> V:

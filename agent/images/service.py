@@ -13,8 +13,9 @@ import logging
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
+from agent.cache.policy import Origin
 from agent.config import PullConfig
 from agent.containerd import Containerd
 from agent.errors import (
@@ -42,6 +43,12 @@ log = logging.getLogger(__name__)
 SPOOL_CHUNK = 1 << 20
 
 
+class ImageUses(Protocol):
+    """Told of every use of an image (the layer cache, agent/cache: last use, origin, the bound)."""
+
+    async def used(self, name: str, origin: Origin | None = None) -> None: ...
+
+
 class ImageService:
     def __init__(
         self,
@@ -60,6 +67,16 @@ class ImageService:
             "pull", lambda image: PullProgress(ref=str(image))
         )
         self.platform = Platform.parse(config.platform) if config.platform else Platform.host()
+        self.uses: ImageUses | None = None
+        """The layer cache, set by the agent once it exists (it pulls through this service)."""
+
+    def pulling(self) -> list[str]:
+        """The references being pulled now (the cache must not evict them)."""
+        return [str(ref) for ref in self._pulls.in_flight()]
+
+    async def _used(self, name: str, origin: Origin | None) -> None:
+        if self.uses is not None:
+            await self.uses.used(name, origin)
 
     async def pull(self, ref: str, progress: PullProgress | None = None) -> ImageSummary:
         image = Reference.parse(ref)
@@ -71,9 +88,11 @@ class ImageService:
             )
         mine = progress or PullProgress(ref=ref)
         try:
-            return await self._pulls.run(image, lambda shared: self._puller.pull(image, shared), joined=mine.follow)
+            summary = await self._pulls.run(image, lambda shared: self._puller.pull(image, shared), joined=mine.follow)
         finally:
             mine.refresh()
+        await self._used(summary.name, Origin.REGISTRY)
+        return summary
 
     async def import_archive(self, body: AsyncIterator[bytes], name: str | None = None) -> list[ImageSummary]:
         """Store the images of an archive (OCI layout or docker save) streamed in `body`, under their
@@ -96,7 +115,8 @@ class ImageService:
                     limit = self._config.max_manifest_bytes
                     image = await resolve_target(target, archive.blobs, self.platform, limit, what)
                     for each in names:
-                        done.append(await self._puller.install(each, image, archive.blobs, PullProgress(ref=each)))
+                        progress = PullProgress(ref=each)
+                        done.append(await self._puller.install(each, image, archive.blobs, progress, "archive"))
             except BaseException as exc:
                 for summary in done:
                     await self._cd.images.delete(summary.name, sync=True)
@@ -104,6 +124,8 @@ class ImageService:
                     raise InvalidArchive(f"{exc}") from exc
                 raise
         log.info("imported archive", extra={"format": archive.format, "images": [s.name for s in done]})
+        for summary in done:
+            await self._used(summary.name, Origin.ARCHIVE)
         return done
 
     async def export(self, name: str) -> tuple[int, AsyncIterator[bytes]]:
@@ -125,13 +147,15 @@ class ImageService:
         with contextlib.suppress(ImageNotFound, ContainerdNotFound):
             image = await read_image(self._cd, name, self.platform)
             if image.record.digest == target.digest and await self._cd.snapshots.exists(image.chain_id):
+                await self._used(name, None)
                 return "local"
         limit = self._config.max_manifest_bytes
         source = LocalFirst(self._cd, peer, limit)
         progress = PullProgress(ref=name)
         try:
             resolved = await resolve_target(target, source, self.platform, limit, f"image {name} of the source")
-            summary = await self._puller.install(name, resolved, source, progress)
+            summary = await self._puller.install(name, resolved, source, progress, "peer")
+            await self._used(name, Origin.PEER)
             return "peer" if summary.bytes_fetched else "local"
         except (FerrymanError, OSError, TimeoutError) as exc:
             if isinstance(exc, UnsafeLayer) or not self._config.allows_registry(Reference.parse(name).host):

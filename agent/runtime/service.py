@@ -22,6 +22,7 @@ from agent.config import ContainerdConfig, RuntimeConfig
 from agent.containerd import Containerd, ContainerRecord, ProcessInfo, TaskStatus
 from agent.errors import ContainerdNotFound
 from agent.images.local import read_image
+from agent.images.service import ImageUses
 from agent.model import (
     LABEL_EXIT_STATUS,
     LABEL_FINISHED_AT,
@@ -83,6 +84,8 @@ class ContainerService:
         """Refuses containers that would use capacity reserved by the coordinator (agent/reservations.py)."""
         # Containers with a service address get their own network namespace through this adapter.
         self.network = network if network is not None else ServiceNetwork(namespace=cd.namespace)
+        self.uses: ImageUses | None = None
+        """The layer cache, told that a container used its image (set by the agent)."""
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         """One lock per container for start, stop, delete and the supervisor's restarts: a restart
         decided before an operator's stop must not run after it."""
@@ -164,6 +167,8 @@ class ContainerService:
                 await self._undo_create(req.id)
                 raise
         log.info("created container", extra={"container": req.id, "image": image.record.name})
+        if self.uses is not None:
+            await self.uses.used(image.record.name)
         return _summary(record, None)
 
     async def start(self, container_id: str) -> ContainerSummary:
