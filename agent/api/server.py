@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from agent.api import cache as c
 from agent.api import handlers as h
 from agent.api import migrations as m
 from agent.api import network as n
@@ -66,6 +67,10 @@ def build_app(agent: AgentLike) -> web.Application:
     reservations: r.ReservationsLike | None = getattr(agent, "reservations", None)
     if reservations is not None:
         app[r.RESERVATIONS] = reservations
+    # The layer cache (agent/cache); without it: 503.
+    cache: c.CacheLike | None = getattr(agent, "cache", None)
+    if cache is not None:
+        app[c.CACHE] = cache
     app[h.OPENAPI] = OPENAPI_PATH.read_bytes()
     app[h.SHUTDOWN] = asyncio.Event()
 
@@ -92,6 +97,7 @@ def build_app(agent: AgentLike) -> web.Application:
     app.router.add_get("/v1/migrations/{id}/events", m.migration_events)
     n.add_routes(app)
     r.add_routes(app)
+    c.add_routes(app)
     app.router.add_get("/healthz", h.healthz)
     # The migrations module's /metrics refreshes its gauge, then serves the usual scrape.
     app.router.add_get("/metrics", m.metrics)

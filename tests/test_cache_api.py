@@ -1,0 +1,134 @@
+"""The layer cache's HTTP API (agent/api/cache.py) over an in-memory cache with the real one's errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from agent.api import build_app
+from agent.cache.service import ImageInUse
+from agent.errors import ImageNotFound
+from tests.test_api import FakeAgent
+
+
+class FakeCache:
+    """What CacheService answers, for a few images in memory."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, dict[str, Any]] = {}
+        self.in_use: set[str] = set()
+
+    def add(self, name: str, size: int = 100) -> None:
+        self.images[name] = {
+            "name": name,
+            "size": size,
+            "unique_bytes": size,
+            "uses": 1,
+            "last_use": None,
+            "origin": "registry",
+            "pinned": False,
+            "protected": None,
+        }
+
+    async def status(self) -> dict[str, Any]:
+        used = sum(i["size"] for i in self.images.values())
+        return {
+            "capacity_bytes": 1000,
+            "low_watermark_bytes": 900,
+            "used_bytes": used,
+            "blobs": len(self.images),
+            "entries": len(self.images),
+            "leased_bytes": 0,
+            "pinned_bytes": sum(i["size"] for i in self.images.values() if i["pinned"]),
+            "served": {s: {"requests": 0, "bytes": 0} for s in ("local", "peer", "registry", "archive")},
+            "hit_rate": {"requests": None, "bytes": None},
+            "evictions": 0,
+            "evicted_bytes": 0,
+            "images": list(self.images.values()),
+        }
+
+    def _get(self, ref: str) -> dict[str, Any]:
+        if ref not in self.images:
+            raise ImageNotFound(f"image {ref} is not pulled on this host")
+        return self.images[ref]
+
+    async def pin(self, ref: str, pinned: bool = True) -> dict[str, Any]:
+        self._get(ref)["pinned"] = pinned
+        return {"name": ref, "pinned": pinned}
+
+    async def evict(self, ref: str) -> dict[str, Any]:
+        image = self._get(ref)
+        if image["pinned"] or ref in self.in_use:
+            raise ImageInUse(f"image {ref} cannot be evicted: {'pinned' if image['pinned'] else 'in use'}")
+        del self.images[ref]
+        return {"name": ref, "evicted": True, "freed_bytes": image["size"]}
+
+    async def prefetch(self, ref: str, pin: bool = False) -> dict[str, Any]:
+        self.add(ref)
+        self.images[ref]["pinned"] = pin
+        return {
+            "name": ref,
+            "digest": "sha256:" + "e" * 64,
+            "media_type": "m",
+            "size": 100,
+            "bytes_fetched": 100,
+            "layers_fetched": 1,
+            "pinned": pin,
+        }
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> FakeAgent:
+    fake = FakeAgent(tmp_path)
+    fake.cache = FakeCache()  # type: ignore[attr-defined]
+    return fake
+
+
+@pytest.fixture
+async def client(agent: FakeAgent) -> AsyncIterator[TestClient[Any, Any]]:
+    async with TestClient(TestServer(build_app(agent))) as c:
+        yield c
+
+
+async def test_status_pin_evict_prefetch(client: TestClient[Any, Any], agent: FakeAgent) -> None:
+    cache: FakeCache = agent.cache  # type: ignore[attr-defined]
+    cache.add("reg.local/app:1")
+    resp = await client.get("/v1/cache/status")
+    assert resp.status == 200 and (await resp.json())["entries"] == 1
+    resp = await client.post("/v1/cache/pin", json={"ref": "reg.local/app:1"})
+    assert (resp.status, await resp.json()) == (200, {"name": "reg.local/app:1", "pinned": True})
+    resp = await client.post("/v1/cache/evict", json={"ref": "reg.local/app:1"})
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "image_in_use"
+    resp = await client.post("/v1/cache/unpin", json={"ref": "reg.local/app:1"})
+    assert (await resp.json())["pinned"] is False
+    resp = await client.post("/v1/cache/evict", json={"ref": "reg.local/app:1"})
+    assert (resp.status, (await resp.json())["freed_bytes"]) == (200, 100)
+    resp = await client.post("/v1/cache/evict", json={"ref": "reg.local/app:1"})
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "image_not_found"
+    resp = await client.post("/v1/cache/prefetch", json={"ref": "reg.local/app:2", "pin": True})
+    assert resp.status == 200 and (await resp.json())["pinned"] is True
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/cache/pin", {}, "body: missing"),
+        ("/v1/cache/pin", {"ref": "a", "pin": True}, "unknown fields ['pin']"),
+        ("/v1/cache/evict", {"ref": 3}, "body.ref"),
+        ("/v1/cache/prefetch", {"ref": "a", "pin": "yes"}, "body.pin: expected a boolean"),
+    ],
+)
+async def test_bad_bodies_are_400(client: TestClient[Any, Any], path: str, body: Any, message: str) -> None:
+    resp = await client.post(path, json=body)
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["code"] == "invalid_request" and message in error["message"], error
+
+
+async def test_without_a_cache_the_routes_answer_503(tmp_path: Path) -> None:
+    async with TestClient(TestServer(build_app(FakeAgent(tmp_path)))) as c:  # type: ignore[arg-type]
+        resp = await c.get("/v1/cache/status")
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "cache_unavailable"
