@@ -132,3 +132,27 @@ async def test_without_a_cache_the_routes_answer_503(tmp_path: Path) -> None:
     async with TestClient(TestServer(build_app(FakeAgent(tmp_path)))) as c:  # type: ignore[arg-type]
         resp = await c.get("/v1/cache/status")
         assert resp.status == 503 and (await resp.json())["error"]["code"] == "cache_unavailable"
+
+
+async def test_ferryctl_cache_plain_output_and_refusal(short_dir: Path) -> None:
+    """`ferryctl cache` as an operator reads it, and `evict` of an image in use: exit 1, the API's code."""
+    from agent.api import serve
+    from tests.test_ctl_scripting import run
+
+    fake = FakeAgent(short_dir)
+    cache = FakeCache()
+    fake.cache = cache  # type: ignore[attr-defined]
+    cache.add("reg.local/app:1", size=3 << 20)
+    cache.in_use.add("reg.local/app:1")
+    server = await serve(build_app(fake), f"unix://{short_dir}/agent.sock")  # type: ignore[arg-type]
+    try:
+        r = await run(server, "cache")
+        assert r.code == 0, r
+        assert r.out.startswith("used 3.0 MiB of 1000 B (evicts down to 900 B), 1 images, pinned 0 B\n"), r.out
+        assert "hit rate - of blobs, - of bytes; served: nothing yet" in r.out and "reg.local/app:1" in r.out
+        r = await run(server, "cache", "evict", "reg.local/app:1")
+        assert (r.code, r.err) == (1, "error: image_in_use: image reg.local/app:1 cannot be evicted: in use\n")
+        r = await run(server, "cache", "prefetch", "reg.local/app:2", "--pin")
+        assert r.out == "prefetched reg.local/app:2 (100 B fetched), pinned\n"
+    finally:
+        await server.close()

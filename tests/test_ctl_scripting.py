@@ -45,6 +45,7 @@ from agent.network import NetnsInfo
 from agent.reservations import Amount, Reservations
 from agent.telemetry.containers import ContainerReading
 from tests.test_api_migrations import FakeMigrations
+from tests.test_cache_api import FakeCache
 from tests.test_ctl import FakeContainers, FakeImages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +123,7 @@ class Agent:
         self.migrations = FakeMigrations()
         self.migrations.metrics = self.metrics
         self.reservations = Reservations("h1", log_dir, self._capacity, self._usage)
+        self.cache = FakeCache()
 
     async def _capacity(self) -> Amount:
         return Amount(4000, 4 << 30, 100 << 30)
@@ -384,6 +386,11 @@ async def test_every_command_prints_its_documented_json(
         ("`certs issue`", ["certs", "issue", "h1", "--ca-dir", str(ca), "--out", str(out)]),
         ("`certs show`", ["certs", "show", str(out / "ca.pem")]),
         ("`completion`", ["completion", "bash"]),
+        ("`cache prefetch`", ["cache", "prefetch", "app:4", "--pin"]),
+        ("`cache pin`", ["cache", "pin", "app:4"]),
+        ("`cache status`", ["cache", "status"]),
+        ("`cache unpin`", ["cache", "unpin", "app:4"]),
+        ("`cache evict`", ["cache", "evict", "app:4"]),
     ]
     agent_commands = {c for c in documented if "(coordinator)" not in c}
     assert {c for c, _ in commands} == agent_commands, "every documented command is run here"

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from agent.api.handlers import parse_create
 from agent.api.network import parse_target
-from agent.ctl import certs, completion, fleet, migrate, render, reservations
+from agent.ctl import cache, certs, completion, fleet, migrate, render, reservations
 from agent.ctl import images as image_archives
 from agent.ctl.args import container_id, cpus, memory_size, service_ip
 from agent.ctl.client import DEFAULT_AGENT, ENV_AGENT, AgentClient, ApiError
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
 
     image_archives.add_parser(sub)
+    cache.add_parser(sub)
 
     _container_options(sub.add_parser("run", help="create and start a container"))
     _container_options(sub.add_parser("create", help="create a container without starting it"))
@@ -317,6 +318,8 @@ async def dispatch(args: argparse.Namespace, out: Console, err: Console) -> int:
                     render.print_table(out, render.images_table(images))
             case "image":
                 return await image_archives.run(client, args)
+            case "cache":
+                return await cache.run(client, args, out)
             case "rmi":
                 await client.remove_image(args.name)
                 if args.json:
