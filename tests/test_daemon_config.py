@@ -185,6 +185,11 @@ def test_wrong_types_rejected(tmp_path: Path, text: str, needle: str) -> None:
         {"pull": {"chunk_size": 0}},
         {"pull": {"retries": -1}},
         {"containerd": {"connect_timeout": -5.0}},
+        {"cache": {"max_bytes": -1}},
+        {"cache": {"max_fraction": 0}},
+        {"cache": {"max_fraction": 1.5}},
+        {"cache": {"low_watermark": 0}},
+        {"cache": {"interval": 0}},
     ],
 )
 def test_nonsense_numbers_rejected(data: dict[str, Any]) -> None:
