@@ -54,7 +54,7 @@ T = TypeVar("T")
 DEADLINE = 5.0
 """Seconds any one request may take, from sending it to the end of the answer."""
 EXAMPLES = int(os.environ.get("FERRYMAN_FUZZ_EXAMPLES", "150"))
-UNAVAILABLE = {"migrations_unavailable", "network_unavailable", "reservations_unavailable"}
+UNAVAILABLE = {"migrations_unavailable", "network_unavailable", "reservations_unavailable", "cache_unavailable"}
 
 FUZZ = settings(
     max_examples=EXAMPLES,

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from agent.api.handlers import _json
+from agent.api.handlers import _json, optional_service
 from core.errors import FerrymanError, InvalidRequest
 from core.http.validate import check_keys, json_type, read_object, str_field
 
@@ -30,10 +30,7 @@ class CacheUnavailable(FerrymanError):
 
 
 def _cache(request: web.Request) -> CacheLike:
-    cache = request.app.get(CACHE)
-    if cache is None:
-        raise CacheUnavailable("this agent keeps no layer cache")
-    return cache
+    return optional_service(request, CACHE, CacheUnavailable, "this agent keeps no layer cache")
 
 
 def parse_ref(body: dict[str, Any], optional: frozenset[str] = frozenset()) -> str:

@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -163,6 +163,17 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
         publish_service=publish_service,
         restart_policy=parse_restart_policy(body.get("restart_policy"), "body.restart_policy"),
     )
+
+
+T = TypeVar("T")
+
+
+def optional_service(request: web.Request, key: web.AppKey[T], unavailable: type[FerrymanError], message: str) -> T:
+    """The service under `key`, or `unavailable(message)` (a 503) for an agent built without it."""
+    service = request.app.get(key)
+    if service is None:
+        raise unavailable(message)
+    return service
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

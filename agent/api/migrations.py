@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from agent.api.handlers import METRICS, NDJSON, SHUTDOWN, _json, _line, wants_stream
+from agent.api.handlers import METRICS, NDJSON, SHUTDOWN, _json, _line, optional_service, wants_stream
 from agent.api.handlers import metrics as _base_metrics
 from agent.migration.record import MigrationOptions, MigrationRecord
 from core.errors import FerrymanError, InvalidRequest
@@ -44,10 +44,7 @@ class MigrationsUnavailable(FerrymanError):
 
 
 def _service(request: web.Request) -> MigrationServiceLike:
-    service = request.app.get(MIGRATIONS)
-    if service is None:
-        raise MigrationsUnavailable("this agent has no migration service")
-    return service
+    return optional_service(request, MIGRATIONS, MigrationsUnavailable, "this agent has no migration service")
 
 
 def _migration_id(request: web.Request) -> str:

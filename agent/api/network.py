@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from agent.api.handlers import CONTAINERS, _json
+from agent.api.handlers import CONTAINERS, _json, optional_service
 from agent.model import LABEL_SERVICE_IP, ContainerSummary
 from agent.network import NetnsInfo, parse_service_ip
 from core.errors import ContainerNotFound, FerrymanError, InvalidRequest
@@ -35,10 +35,7 @@ class NetworkUnavailable(FerrymanError):
 
 
 def _network(request: web.Request) -> ServiceNetworkLike:
-    network = request.app.get(NETWORK)
-    if network is None:
-        raise NetworkUnavailable("this agent has no service network")
-    return network
+    return optional_service(request, NETWORK, NetworkUnavailable, "this agent has no service network")
 
 
 def parse_target(body: dict[str, Any]) -> tuple[str | None, str | None]:

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from google.protobuf import json_format
 
-from agent.api.handlers import _json
+from agent.api.handlers import _json, optional_service
 from agent.reservations import Amount, Held, ReservationNotFound
 from core.errors import FerrymanError, InvalidRequest
 from core.http.validate import check_message, read_object
@@ -31,10 +31,7 @@ class ReservationsUnavailable(FerrymanError):
 
 
 def _reservations(request: web.Request) -> ReservationsLike:
-    reservations = request.app.get(RESERVATIONS)
-    if reservations is None:
-        raise ReservationsUnavailable("this agent keeps no reservations")
-    return reservations
+    return optional_service(request, RESERVATIONS, ReservationsUnavailable, "this agent keeps no reservations")
 
 
 def parse_reservation(body: dict[str, Any]) -> pb.Reservation:
