@@ -177,3 +177,33 @@ async def test_eviction_under_a_small_bound_spares_what_is_in_use(
         result = await agent.cache.evict(ref_d)
         assert result["freed_bytes"] == stored(a, b, d) - stored(a, b)
         await assert_clean(agent, ctrd, [ref_a, ref_b], [c, d])
+
+
+async def test_pins_and_uses_survive_a_restart_and_prefetch_pins(
+    ctrd: PrivateContainerd, registry: DockerRegistry, workdir: Path
+) -> None:
+    x, y = sleeper(21), sleeper(22)
+    ref_x, ref_y = await push(registry, x), await push(registry, y)
+    config = dataclasses.replace(
+        agent_config(ctrd, [registry.registry_config()], workdir), cache=CacheConfig(max_bytes=1 << 40)
+    )
+    first = await Agent.open(config)
+    try:
+        done = await first.cache.prefetch(ref_x, pin=True)
+        assert (done["name"], done["pinned"], done["bytes_fetched"]) == (ref_x, True, sum(la.size for la in x.layers))
+        await first.images.pull(ref_y)
+        await first.images.pull(ref_y)
+    finally:
+        await first.close()  # no clean-up: the images stay in containerd, as after a crash or upgrade
+    async with running_agent(config) as agent:
+        images = {i["name"]: i for i in (await agent.cache.status())["images"]}
+        assert (images[ref_x]["pinned"], images[ref_x]["protected"]) == (True, "pinned")
+        assert (images[ref_y]["pinned"], images[ref_y]["uses"], images[ref_y]["protected"]) == (False, 2, None)
+        with pytest.raises(ImageInUse, match="pinned"):
+            await agent.cache.evict(ref_x)
+        # A re-pull keeps the pin (the record's labels are updated, not replaced).
+        await agent.images.pull(ref_x)
+        images = {i["name"]: i for i in (await agent.cache.status())["images"]}
+        assert images[ref_x]["pinned"] is True and images[ref_x]["uses"] == 2
+        assert (await agent.cache.evict(ref_y))["freed_bytes"] == stored(x, y) - stored(x)
+        await assert_clean(agent, ctrd, [ref_x], [y])
