@@ -67,7 +67,7 @@ class Agent:
             config.capacity.disk_path,
             self.metrics.cache,
             self.images.platform,
-            self.images.pulling,
+            self._busy_images,
             self.images.pull,
         )
         self.images.uses = self.containers.uses = self.cache
@@ -98,6 +98,14 @@ class Agent:
             config.telemetry.period,
             self._pusher(host),
         )
+
+    def _busy_images(self) -> dict[str, str]:
+        """Images the cache must keep though no container uses them yet: pulls and migrations in progress."""
+        busy = dict.fromkeys(self.images.pulling(), "being pulled")
+        for record in self.migrations.list():
+            if not record.done and record.image:
+                busy[record.image] = f"migration {record.id} in progress"
+        return busy
 
     def _pusher(self, host: str) -> TelemetryPusher | None:
         """None without a coordinator: telemetry then only feeds the metrics."""

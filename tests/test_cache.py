@@ -205,5 +205,11 @@ async def test_pins_and_uses_survive_a_restart_and_prefetch_pins(
         await agent.images.pull(ref_x)
         images = {i["name"]: i for i in (await agent.cache.status())["images"]}
         assert images[ref_x]["pinned"] is True and images[ref_x]["uses"] == 2
+        # A migration in progress holds its image before any container does.
+        migrating = {ref_y: "migration m-1 in progress"}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(agent.cache, "_busy", lambda: migrating)
+            with pytest.raises(ImageInUse, match="migration m-1 in progress"):
+                await agent.cache.evict(ref_y)
         assert (await agent.cache.evict(ref_y))["freed_bytes"] == stored(x, y) - stored(x)
         await assert_clean(agent, ctrd, [ref_x], [y])

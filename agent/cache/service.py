@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ class CacheService:
         disk_path: str,
         counters: CacheCounters,
         platform: Platform,
-        pulling: Callable[[], Iterable[str]],
+        busy: Callable[[], Mapping[str, str]],
         pull: Callable[[str], Awaitable[ImageSummary]],
     ) -> None:
         self._cd = cd
@@ -68,8 +68,9 @@ class CacheService:
         self._disk_path = disk_path
         self._counters = counters
         self._platform = platform
-        self._pulling = pulling
-        """Names of the pulls in progress (ImageService.pulling)."""
+        self._busy = busy
+        """Images at work that no container or lease may show yet, and why: pulls and migrations in
+        progress (a migrated image is recorded before its container is created)."""
         self._pull = pull
         self._clock: float | None = None
         """GDSF's clock (policy.py); recovered from the images' labels at the first look."""
@@ -236,7 +237,7 @@ class CacheService:
         users: dict[str, str] = {}
         for container in await cd.containers.list():
             users.setdefault(container.image, container.id)
-        pulling = {_name(ref) for ref in self._pulling()}
+        busy = {_name(ref): why for ref, why in self._busy().items()}
         records = {r.name: r for r in await cd.images.list()}
         entries = []
         for name, record in records.items():
@@ -252,26 +253,29 @@ class CacheService:
                     clock=_float(record.labels.get(CLOCK)),
                     last_use=_time(record.labels.get(LAST_USE), record),
                     origin=_origin(record.labels.get(ORIGIN)),
-                    protected=_protected(record, users.get(name), name in pulling, name == just_used),
+                    protected=_protected(record, users.get(name), busy.get(name, ""), name == just_used),
                 )
             )
         return Measure(sizes, frozenset(held), entries, records)
 
 
-def _protected(record: ImageRecord, container: str | None, pulling: bool, just_used: bool) -> str:
+def _protected(record: ImageRecord, container: str | None, busy: str, just_used: bool) -> str:
     if record.labels.get(PINNED) == "true":
         return "pinned"
     if container is not None:
         return f"in use by container {container}"
-    if pulling:
-        return "being pulled"
+    if busy:
+        return busy
     if just_used:
         return "just used"
     return ""
 
 
 def _name(ref: str) -> str:
-    return str(Reference.parse(ref))
+    try:
+        return str(Reference.parse(ref))
+    except InvalidRequest:
+        return ref  # not a reference this agent pulls: compared as it is
 
 
 def _int(text: str | None) -> int:
