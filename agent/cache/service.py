@@ -107,6 +107,9 @@ class CacheService:
         image whose use asked for this check: it is kept (it was fetched to be used)."""
         async with self._lock:
             bound = await self.bound()
+            if sum(c.size for c in await self._cd.content.infos()) <= bound.high:
+                # Under the bound (the usual case): no need to read every image's manifest.
+                return Plan((), 0, 0, self._clock or 0.0)
             measure = await self._measure(just_used)
             chosen = plan(measure.entries, measure.sizes, measure.held, bound, self._clock_of(measure))
             used = sum(measure.sizes.values())
