@@ -113,6 +113,8 @@ async def test_hits_and_fetches_are_counted_exactly(
         # Prometheus says the same, and the status's hit rates are those of the counters.
         assert (scraped(agent, "requests", "registry"), scraped(agent, "bytes", "registry")) == registry_total
         assert (scraped(agent, "requests", "local"), scraped(agent, "bytes", "local")) == local_total
+        # The gauges follow every check of the bound, before anyone asks for the status.
+        assert agent.metrics.registry.get_sample_value("ferryman_cache_used_bytes") == stored(x, y)
         status = await agent.cache.status()
         assert status["hit_rate"]["requests"] == pytest.approx(3 / 9)
         assert status["hit_rate"]["bytes"] == pytest.approx(local_total[1] / (local_total[1] + registry_total[1]))
@@ -150,6 +152,7 @@ async def test_eviction_under_a_small_bound_spares_what_is_in_use(
         assert status["used_bytes"] == stored(a, b, d) <= bound
         assert agent.metrics.registry.get_sample_value("ferryman_cache_evictions_total") == 1
         assert agent.metrics.registry.get_sample_value("ferryman_cache_evicted_bytes_total") == freed
+        assert agent.metrics.registry.get_sample_value("ferryman_cache_capacity_bytes") == bound
         # What is in use cannot be evicted by hand either; a pin keeps d through any bound.
         with pytest.raises(ImageInUse, match="in use by container web"):
             await agent.cache.evict(ref_a)

@@ -107,7 +107,10 @@ class CacheService:
         image whose use asked for this check: it is kept (it was fetched to be used)."""
         async with self._lock:
             bound = await self.bound()
-            if sum(c.size for c in await self._cd.content.infos()) <= bound.high:
+            used = sum(c.size for c in await self._cd.content.infos())
+            self._counters.capacity.set(bound.high)
+            self._counters.used.set(used)
+            if used <= bound.high:
                 # Under the bound (the usual case): no need to read every image's manifest.
                 return Plan((), 0, 0, self._clock or 0.0)
             measure = await self._measure(just_used)
@@ -115,6 +118,7 @@ class CacheService:
             used = sum(measure.sizes.values())
             for name in chosen.evict:
                 used = await self._delete(name, used)
+            self._counters.used.set(used)
             self._clock = chosen.clock
             if chosen.evict:
                 log.info(
