@@ -100,8 +100,10 @@ class Agent:
         )
 
     def _busy_images(self) -> dict[str, str]:
-        """Images the cache must keep though no container uses them yet: pulls and migrations in progress."""
-        busy = dict.fromkeys(self.images.pulling(), "being pulled")
+        """Images the cache must keep though no container holds them yet: pulls, imports, container
+        creations and migrations in progress."""
+        busy = dict.fromkeys(self.images.pulling(), "being pulled or imported")
+        busy.update(dict.fromkeys(self.containers.creating(), "a container is being created from it"))
         for record in self.migrations.list():
             if not record.done and record.image:
                 busy[record.image] = f"migration {record.id} in progress"

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Protocol
@@ -67,12 +68,14 @@ class ImageService:
             "pull", lambda image: PullProgress(ref=str(image))
         )
         self.platform = Platform.parse(config.platform) if config.platform else Platform.host()
+        self._importing: Counter[str] = Counter()
+        """Names of the images archive imports in progress are storing."""
         self.uses: ImageUses | None = None
         """The layer cache, set by the agent once it exists (it pulls through this service)."""
 
     def pulling(self) -> list[str]:
-        """The references being pulled now (the cache must not evict them)."""
-        return [str(ref) for ref in self._pulls.in_flight()]
+        """The images being pulled or imported now (the cache must not evict them)."""
+        return [*(str(ref) for ref in self._pulls.in_flight()), *self._importing]
 
     async def _used(self, name: str, origin: Origin | None) -> None:
         if self.uses is not None:
@@ -108,24 +111,37 @@ class ImageService:
             await _spool(body, spool)
             archive = await asyncio.to_thread(read_archive, spool, self._config.max_manifest_bytes)
             plans = _import_names(archive, name)
-            done: list[ImageSummary] = []
+            importing = [each for _, names in plans for each in names]
+            # Until every image of the archive is stored and counted, the cache keeps them all.
+            self._importing.update(importing)
             try:
-                for target, names in plans:
-                    what = f"image {names[0]} in the archive"
-                    limit = self._config.max_manifest_bytes
-                    image = await resolve_target(target, archive.blobs, self.platform, limit, what)
-                    for each in names:
-                        progress = PullProgress(ref=each)
-                        done.append(await self._puller.install(each, image, archive.blobs, progress, "archive"))
-            except BaseException as exc:
+                done = await self._install_archive(archive, plans)
+                log.info("imported archive", extra={"format": archive.format, "images": [s.name for s in done]})
                 for summary in done:
-                    await self._cd.images.delete(summary.name, sync=True)
-                if isinstance(exc, DigestMismatch | RegistryError | ContainerdConflict):
-                    raise InvalidArchive(f"{exc}") from exc
-                raise
-        log.info("imported archive", extra={"format": archive.format, "images": [s.name for s in done]})
-        for summary in done:
-            await self._used(summary.name, Origin.ARCHIVE)
+                    await self._used(summary.name, Origin.ARCHIVE)
+            finally:
+                self._importing.subtract(importing)
+                self._importing = +self._importing  # drop the names at 0
+        return done
+
+    async def _install_archive(
+        self, archive: Archive, plans: list[tuple[Descriptor, tuple[str, ...]]]
+    ) -> list[ImageSummary]:
+        done: list[ImageSummary] = []
+        try:
+            for target, names in plans:
+                what = f"image {names[0]} in the archive"
+                limit = self._config.max_manifest_bytes
+                image = await resolve_target(target, archive.blobs, self.platform, limit, what)
+                for each in names:
+                    progress = PullProgress(ref=each)
+                    done.append(await self._puller.install(each, image, archive.blobs, progress, "archive"))
+        except BaseException as exc:
+            for summary in done:
+                await self._cd.images.delete(summary.name, sync=True)
+            if isinstance(exc, DigestMismatch | RegistryError | ContainerdConflict):
+                raise InvalidArchive(f"{exc}") from exc
+            raise
         return done
 
     async def export(self, name: str) -> tuple[int, AsyncIterator[bytes]]:

@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import weakref
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ class ContainerService:
         """Refuses containers that would use capacity reserved by the coordinator (agent/reservations.py)."""
         # Containers with a service address get their own network namespace through this adapter.
         self.network = network if network is not None else ServiceNetwork(namespace=cd.namespace)
+        self._creating: Counter[str] = Counter()
         self.uses: ImageUses | None = None
         """The layer cache, told that a container used its image (set by the agent)."""
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -100,6 +102,21 @@ class ContainerService:
         return Path(self._runtime.log_dir, self._cd.namespace, f"{container_id}.log")
 
     async def create(self, req: CreateRequest) -> ContainerSummary:
+        self._creating[req.image] += 1
+        try:
+            summary = await self._create(req)
+        finally:
+            self._creating[req.image] -= 1
+            self._creating = +self._creating  # drop the names at 0
+        if self.uses is not None:
+            await self.uses.used(summary.image)
+        return summary
+
+    def creating(self) -> list[str]:
+        """Images of containers being created: read, but not yet held by a container record."""
+        return list(self._creating)
+
+    async def _create(self, req: CreateRequest) -> ContainerSummary:
         if not CONTAINER_ID_RE.fullmatch(req.id):
             raise InvalidRequest(f"container id {req.id!r} must match {CONTAINER_ID_RE.pattern}")
         if any(k.startswith(LABEL_PREFIX) for k in req.labels):
@@ -167,8 +184,6 @@ class ContainerService:
                 await self._undo_create(req.id)
                 raise
         log.info("created container", extra={"container": req.id, "image": image.record.name})
-        if self.uses is not None:
-            await self.uses.used(image.record.name)
         return _summary(record, None)
 
     async def start(self, container_id: str) -> ContainerSummary:
