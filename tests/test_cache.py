@@ -18,7 +18,10 @@ from prometheus_client import generate_latest
 from agent.app import Agent
 from agent.cache.service import ImageInUse
 from agent.config import CacheConfig
-from agent.model import CreateRequest
+from agent.images.sources import RegistryBlobs
+from agent.model import CreateRequest, PullProgress
+from agent.oci import Reference
+from agent.registry.client import RegistryClient
 from tests.harness.agent import agent_config, running_agent
 from tests.harness.containerd import PrivateContainerd
 from tests.harness.images import Image, ImageBuilder, busybox_layer, random_layer
@@ -216,3 +219,31 @@ async def test_pins_and_uses_survive_a_restart_and_prefetch_pins(
                 await agent.cache.evict(ref_y)
         assert (await agent.cache.evict(ref_y))["freed_bytes"] == stored(x, y) - stored(x)
         await assert_clean(agent, ctrd, [ref_x], [y])
+
+
+class SaysPeer(RegistryBlobs):
+    """A registry source that says one layer came from a peer: what the peer-to-peer source does."""
+
+    def __init__(self, registry: RegistryClient, ref: Reference, peer_digest: str) -> None:
+        super().__init__(registry, ref)
+        self.peer_digest = peer_digest
+
+    def served_from(self, digest: str) -> str | None:
+        return "peer" if digest == self.peer_digest else None
+
+
+async def test_a_source_that_fetches_from_several_places_is_counted_per_blob(
+    ctrd: PrivateContainerd, registry: DockerRegistry, workdir: Path
+) -> None:
+    x = sleeper(31)
+    ref = await push(registry, x)
+    async with cache_agent(ctrd, registry, workdir, max_bytes=1 << 40) as agent:
+        reference = Reference.parse(ref)
+        image = await agent.registry.resolve(reference, agent.images.platform)
+        source = SaysPeer(agent.registry, reference, x.layers[1].digest)
+        await agent.images._puller.install(ref, image, source, PullProgress(ref=ref))
+        assert counters(agent) == {
+            "registry": (2, len(x.config) + x.layers[0].size),
+            "peer": (1, x.layers[1].size),
+        }
+        await assert_clean(agent, ctrd, [ref], [])

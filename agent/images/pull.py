@@ -23,7 +23,7 @@ from agent.containerd import Containerd, ImageRecord
 from agent.errors import InvalidManifest, PlatformNotFound
 from agent.images import labels as L
 from agent.images.ingest import ensure_labels, ingest_blob, put_blob
-from agent.images.sources import BlobSource, RegistryBlobs
+from agent.images.sources import BlobSource, RegistryBlobs, ServedFrom
 from agent.images.unpack import unpack_layer
 from agent.manifests import decode_json, parse_image_config
 from agent.metrics import AgentMetrics
@@ -95,7 +95,8 @@ class Puller:
             return source.fetch_bytes(image.config)
 
         config_bytes = await self._config_downloads.run(image.config.digest, fetch_config)
-        self._served(origin, image.config, image.config.size if fetched_config else 0)
+        config_origin = _served_from(source, image.config, origin)
+        self._served(config_origin, image.config, image.config.size if fetched_config else 0)
         diff_ids = _diff_ids(config_bytes, image.config, len(image.layers), self._platform, name)
         progress.layers = [LayerProgress(digest=d.digest, size=d.size) for d in image.layers]
         progress.status = "fetching"
@@ -182,7 +183,7 @@ class Puller:
                 raise
             if not ours:
                 fetched = 0  # another pull's download: the bytes are counted there
-            self._served(pull.origin, desc, fetched)
+            self._served(_served_from(pull.source, desc, pull.origin), desc, fetched)
             layer.status = "done" if fetched else "exists"
             pull.layers_fetched += 1 if fetched else 0
             if fetched:
@@ -222,6 +223,12 @@ class Puller:
             pull.progress.layers[index].status = "unpacked"
             parent = chain
         return parent
+
+
+def _served_from(source: BlobSource, desc: Descriptor, origin: str) -> str:
+    """Where `source` fetched `desc` from, as far as it says (ServedFrom), else the pull's origin."""
+    said = source.served_from(desc.digest) if isinstance(source, ServedFrom) else None
+    return said or origin
 
 
 def _no_state(_: str) -> None:

@@ -9,7 +9,7 @@ commit, `read_verified` for the small documents read into memory).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from agent.containerd import Containerd
 from agent.errors import ContentTooLarge, DigestMismatch, InvalidManifest
@@ -33,6 +33,15 @@ class BlobSource(Protocol):
     async def fetch_bytes(self, desc: Descriptor) -> bytes:
         """A whole small blob (manifest, index, config), verified against its descriptor."""
         ...
+
+
+@runtime_checkable
+class ServedFrom(Protocol):
+    """A source that fetches each blob from one of several places (peers, then the registry) says
+    which one served `digest`: "peer", "registry"; None when it does not know. The cache counts
+    each blob under that name (agent/cache/stats.py); other sources count under the pull's origin."""
+
+    def served_from(self, digest: str) -> str | None: ...
 
 
 class RegistryBlobs:
