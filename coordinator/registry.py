@@ -36,6 +36,9 @@ class HostRegistry:
         self._store = store
         self._config = config
         self._clock = clock
+        self._since = clock()
+        """When this coordinator began listening: silence before that (its own downtime, a restart)
+        says nothing about the hosts, which could not reach it."""
         self._metrics = metrics
         self._observer = observer
 
@@ -98,7 +101,7 @@ class HostRegistry:
     # ----- liveness
 
     def _health_for(self, host: Host, now: float) -> HostHealth:
-        silent = now - host.last_heartbeat
+        silent = now - max(host.last_heartbeat, self._since)
         if silent >= self._config.heartbeat.down_after:
             return HostHealth.DOWN
         if silent >= self._config.heartbeat.suspect_after:

@@ -307,6 +307,37 @@ async def test_hosts_go_suspect_then_down_and_come_back(workdir: Path, pki: Coor
         assert await proc.stop() == 0, proc.logs()
 
 
+async def test_a_restarted_coordinator_does_not_count_its_own_downtime_as_silence(
+    workdir: Path, pki: CoordinatorPki
+) -> None:
+    # Down longer than suspect_after: the hosts could not report meanwhile, and a drain resumed
+    # after the restart must find them eligible (it abandoned its migrations before: no host).
+    proc = CoordinatorProcess(
+        workdir, pki, overrides={"heartbeat": {"suspect_after": 3.0, "down_after": 60.0, "check_period": 0.1}}
+    )
+    await proc.start()
+    try:
+        await _register(proc, pki, "h1")
+        assert await proc.stop() == 0, proc.logs()
+        await asyncio.sleep(3.5)
+        await proc.start()
+        async with proc.client(pki.operator("alice")) as ops:
+            _, host = await ops.get("/v1/hosts/h1")
+            assert host["state"] == "ready", host
+            for _ in range(int(2.0 / POLL)):  # still within suspect_after of the restart
+                await asyncio.sleep(POLL)
+                _, host = await ops.get("/v1/hosts/h1")
+                assert host["state"] == "ready", host
+            for _ in range(int(10 / POLL)):  # and silence after it counts as before
+                _, host = await ops.get("/v1/hosts/h1")
+                if host["state"] == "suspect":
+                    break
+                await asyncio.sleep(POLL)
+            assert host["state"] == "suspect", host
+    finally:
+        assert await proc.stop() == 0, proc.logs()
+
+
 async def test_racing_placements_never_overbook_a_host(coordinator: CoordinatorProcess, pki: CoordinatorPki) -> None:
     # Three hosts with room for exactly 4 placements of 1 GiB each (memory is the binding limit).
     for name in ("h1", "h2", "h3"):
