@@ -12,7 +12,9 @@ from agent.checkpoint.criuconf import CriuConfigs
 from agent.checkpoint.features import KDAT_CACHE, network_lock_method, prime_kdat_cache
 from agent.config import AgentConfig
 from agent.containerd import Containerd
+from agent.images.peersource import PeerSharing
 from agent.images.service import ImageService
+from agent.images.shared import SharedBlobs
 from agent.metrics import AgentMetrics
 from agent.migration.failpoints import Failpoints
 from agent.migration.service import MigrationService
@@ -24,6 +26,8 @@ from agent.registry.client import RegistryClient
 from agent.reservations import Amount, Reservations
 from agent.runtime.service import ContainerService
 from agent.runtime.supervisor import RestartSupervisor
+from agent.sharing.client import Peer, PeerBlobClient
+from agent.sharing.server import BlobServer
 from agent.telemetry.capacity import HostCapacity
 from agent.telemetry.containers import ContainerUsageReader
 from agent.telemetry.push import TelemetryPusher
@@ -44,9 +48,26 @@ class Agent:
         self.metrics.migration_downtime_target.set(config.migration.downtime_target_ms / 1000)
         self.containerd = cd
         self.registry = registry
-        self.images = ImageService(cd, registry, config.pull, self.metrics)
-        # Capacity, container usage and reservations come first: the container service admits against them.
         host = config.host_name or socket.gethostname()
+        failpoints = Failpoints.from_env()  # fault tests only: empty unless FERRYMAN_FAILPOINTS is set
+        # Blob sharing: this host's blobs to its peers, and pulls from theirs before the registry.
+        self.blob_client = PeerBlobClient(config.sharing, config.tls)
+        self.blob_server = BlobServer(
+            SharedBlobs(cd, config.containerd.content_root, config.sharing.partial_wait),
+            config.sharing,
+            config.tls,
+            failpoints,
+            self.metrics.peer_bytes.labels("out").inc,
+        )
+        sharing = PeerSharing(
+            self.blob_client,
+            lambda: [Peer(p.name, p.blobs) for p in config.peers if p.blobs],
+            config.sharing,
+            host,
+            config.pull.max_manifest_bytes,
+        )
+        self.images = ImageService(cd, registry, config.pull, self.metrics, sharing=sharing)
+        # Capacity, container usage and reservations come first: the container service admits against them.
         self.capacity = HostCapacity(config.capacity, config.state_dir)
         self.container_usage = ContainerUsageReader(
             lambda: self.containers.list(), config.runtime.cgroup_parent, cd.namespace
@@ -72,7 +93,6 @@ class Agent:
         )
         self.images.uses = self.containers.uses = self.cache
         self.host_name = config.host_name or socket.gethostname()
-        failpoints = Failpoints.from_env()  # fault tests only: empty unless FERRYMAN_FAILPOINTS is set
         self.peers = PeerEndpoint(config, self.host_name, failpoints, totals=self.metrics.streams)
         migration_sessions = MigrationSessions(self.peers, config)
         self.migrations = MigrationService(
@@ -141,6 +161,7 @@ class Agent:
             await agent.migrations.recover()  # finish or roll back what a previous run left in flight
             agent.restarts.start()  # after recovery: a source it resumed runs, a copy it removed is gone
             await agent.peers.serve()
+            await agent.blob_server.start()
             await agent.reservations.open()
             await agent.telemetry.start()
             await agent.cache.start()
@@ -155,6 +176,8 @@ class Agent:
         await self.telemetry.close()
         await self.reservations.close()
         await self.peers.close()
+        await self.blob_server.close()
+        await self.blob_client.close()
         await self.migrations.close()
         await self.containers.network.close()
         await self.registry.close()

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from core.config import MIGRATION_MODES, build_table
 from core.errors import ConfigError
+from core.security.tls import parse_peer_listen
 
 CONFIG_VERSION = 1
 
@@ -32,6 +33,9 @@ class ContainerdConfig:
     """runc's state dir for our tasks; empty means the shim default (/run/containerd/runc)."""
     connect_timeout: float = 10.0
     """Seconds to wait for the socket at start."""
+    content_root: str = "/var/lib/containerd/io.containerd.content.v1.content"
+    """containerd's content store directory: blobs still being pulled are served to peers from its
+    ingests (containerd's API reads committed blobs only)."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,43 @@ class PeerConfig:
     """The peer agent's host identity (its certificate name)."""
     address: str
     """host:port of its peer_listen."""
+    blobs: str = ""
+    """host:port of its [sharing] listen (blobs over mTLS); empty: never asked for blobs."""
+
+
+@dataclass(frozen=True)
+class SharingConfig:
+    """Blobs served to, and fetched from, fleet peers (agent/sharing, agent/images/peersource.py)."""
+
+    listen: str = ""
+    """host:port serving this host's blobs over mutual TLS to agent certificates of the fleet CA;
+    empty: serve none (this host still fetches from peers)."""
+    max_uploads: int = 16
+    """Range requests served at once, to all peers (more wait)."""
+    max_uploads_per_peer: int = 4
+    """Of those, to one peer host."""
+    upload_rate: int = 0
+    """Bytes per second served to all peers together; 0: unlimited. Keeps a workload's or a
+    migration stream's share of the NIC."""
+    range_size: int = 8 << 20
+    """Bytes per range when one blob is striped across several peers."""
+    max_peers_per_blob: int = 4
+    """Peers one blob is fetched from at once."""
+    ranges_per_peer: int = 2
+    """Ranges in flight from one peer at once (a window: at most max_peers_per_blob * ranges_per_peer
+    ranges are buffered in memory)."""
+    stall_timeout: float = 5.0
+    """Seconds without a byte before a peer's range is abandoned, and the peer with it for that blob."""
+    probe_timeout: float = 1.0
+    """Seconds a peer may take to say whether it holds a blob."""
+    partial_wait: float = 10.0
+    """Seconds the server waits for the next bytes of a blob it is itself still pulling."""
+    rendezvous_delay: float = 0.3
+    """Seconds per rank a host waits for a peer to start a blob nobody holds yet, before it fetches
+    the blob from the registry itself (striping.rendezvous_rank: hosts pulling one image at once
+    then download each blob from the registry once); 0: never wait."""
+    min_peer_size: int = 1 << 20
+    """Blobs smaller than this come straight from the registry (a probe costs more than they do)."""
 
 
 @dataclass(frozen=True)
@@ -288,6 +329,7 @@ class AgentConfig:
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     peers: tuple[PeerConfig, ...] = ()
     """Known peer agents (a coordinator can supply addresses instead)."""
+    sharing: SharingConfig = field(default_factory=SharingConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -326,12 +368,23 @@ def _validate(config: AgentConfig) -> None:
         "restart.max_delay": config.restart.max_delay,
         "restart.reset_after": config.restart.reset_after,
         "restart.resync_interval": config.restart.resync_interval,
+        "sharing.max_uploads": config.sharing.max_uploads,
+        "sharing.max_uploads_per_peer": config.sharing.max_uploads_per_peer,
+        "sharing.range_size": config.sharing.range_size,
+        "sharing.max_peers_per_blob": config.sharing.max_peers_per_blob,
+        "sharing.ranges_per_peer": config.sharing.ranges_per_peer,
+        "sharing.stall_timeout": config.sharing.stall_timeout,
+        "sharing.probe_timeout": config.sharing.probe_timeout,
+        "sharing.partial_wait": config.sharing.partial_wait,
     }
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be greater than 0, got {value}")
     if config.restart.initial_delay > config.restart.max_delay:
         raise ConfigError("restart.initial_delay must not exceed restart.max_delay")
+    if config.sharing.upload_rate < 0 or config.sharing.min_peer_size < 0:
+        raise ConfigError("sharing.upload_rate and sharing.min_peer_size must be 0 or more")
+    parse_peer_listen(config.sharing.listen)  # ConfigError unless empty or host:port
     if config.pull.chunk_size > 8 << 20:
         raise ConfigError("pull.chunk_size must be at most 8 MiB (containerd's message limit is 16 MiB)")
     if not 0 < config.pull.max_manifest_bytes <= 8 << 20:

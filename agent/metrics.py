@@ -37,6 +37,18 @@ class AgentMetrics:
         self.pull_bytes = Counter(
             "ferryman_pull_bytes", "Layer bytes downloaded from registries", registry=self.registry
         )
+        self.peer_bytes = Counter(
+            "ferryman_peer_bytes",
+            "Blob bytes fetched from (in) or served to (out) fleet peers",
+            ["direction"],
+            registry=self.registry,
+        )
+        self.peers_dropped = Counter(
+            "ferryman_peers_dropped",
+            "Peers dropped from a blob download, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self.pulls = Counter("ferryman_pulls", "Image pulls by result", ["result"], registry=self.registry)
         self.pull_duration = Histogram(
             "ferryman_pull_duration_seconds",
@@ -158,7 +170,9 @@ class AgentMetrics:
             "ferryman_host_events", "Host events seen (drain_notice, maintenance, oom_kill, ...)", ["kind"], registry=r
         )
         self.reserved = Gauge(
-            "ferryman_reserved", "Capacity held by reservations (cpu_millis, memory_bytes, disk_bytes)", ["resource"],
+            "ferryman_reserved",
+            "Capacity held by reservations (cpu_millis, memory_bytes, disk_bytes)",
+            ["resource"],
             registry=r,
         )
         self.telemetry_buffered = Gauge(
@@ -168,7 +182,9 @@ class AgentMetrics:
             "ferryman_telemetry_dropped_samples", "Samples lost to the telemetry buffer's bounds", registry=r
         )
         self.telemetry_pushes = Counter(
-            "ferryman_telemetry_pushes", "Telemetry flushes to the coordinator by result (ok, failed)", ["result"],
+            "ferryman_telemetry_pushes",
+            "Telemetry flushes to the coordinator by result (ok, failed)",
+            ["result"],
             registry=r,
         )
         self.telemetry_coordinator_up = Gauge(

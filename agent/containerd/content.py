@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from types import TracebackType
 
 import grpc.aio
@@ -195,3 +197,25 @@ class ContentWriter:
         resp = await self._exchange(req)
         if resp.digest and resp.digest != self.expected:
             raise DigestMismatch(f"committed {resp.digest}, expected {self.expected}")
+
+
+def ingest_data_file(content_root: str | os.PathLike[str], ref: str) -> Path | None:
+    """The file containerd's local content store appends an ingest's bytes to, or None.
+
+    containerd's API reads committed blobs only; a blob still being pulled is read from here (the
+    blob sharing serves it to peers while it downloads). The local store names each ingest's
+    directory after the digest of the metadata store's key for it (`namespace/sequence/ref`), so the
+    directory is found by the `ref` file it keeps beside `data`."""
+    ingest = Path(content_root) / "ingest"
+    try:
+        entries = list(os.scandir(ingest))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            stored = (Path(entry.path) / "ref").read_text()
+        except OSError:
+            continue
+        if stored == ref or stored.endswith("/" + ref):
+            return Path(entry.path) / "data"
+    return None

@@ -27,9 +27,14 @@ DEFAULT_LOCK_TIMEOUT = 60.0
 
 
 def ingest_ref(desc: Descriptor) -> str:
+    return ingest_ref_of(desc.digest)
+
+
+def ingest_ref_of(digest: str) -> str:
     # Deterministic, so an interrupted pull of the same blob resumes the same ingest. The price: two
-    # writers of one blob meet on one ref, which containerd locks (see open_ingest).
-    return f"ferryman-{desc.digest}"
+    # writers of one blob meet on one ref, which containerd locks (see open_ingest). Peers are served
+    # a blob still being pulled from the ingest of this ref (agent/images/shared.py).
+    return f"ferryman-{digest}"
 
 
 def locked_ingest_delay(attempt: int, waited: float, timeout: float) -> float | None:

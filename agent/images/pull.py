@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 from agent.config import PullConfig
 from agent.containerd import Containerd, ImageRecord
-from agent.errors import InvalidManifest, PlatformNotFound
+from agent.errors import DigestMismatch, InvalidManifest, PlatformNotFound, RegistryUnavailable
 from agent.images import labels as L
 from agent.images.ingest import ensure_labels, ingest_blob, put_blob
+from agent.images.peersource import PeersFirst, PeerSharing
 from agent.images.sources import BlobSource, RegistryBlobs, ServedFrom
 from agent.images.unpack import unpack_layer
 from agent.manifests import decode_json, parse_image_config
@@ -49,8 +50,16 @@ class PullContext:
 
 
 class Puller:
-    def __init__(self, cd: Containerd, registry: RegistryClient, config: PullConfig, metrics: AgentMetrics) -> None:
+    def __init__(
+        self,
+        cd: Containerd,
+        registry: RegistryClient,
+        config: PullConfig,
+        metrics: AgentMetrics,
+        sharing: PeerSharing | None = None,
+    ) -> None:
         self._cd = cd
+        self._sharing = sharing
         self._registry = registry
         self._config = config
         self._metrics = metrics
@@ -76,8 +85,22 @@ class Puller:
             self._metrics.pull_duration.labels(result=result).observe(time.monotonic() - started)
 
     async def _pull(self, ref: Reference, progress: PullProgress) -> ImageSummary:
-        image = await self._registry.resolve(ref, self._platform)
-        return await self.install(str(ref), image, RegistryBlobs(self._registry, ref), progress)
+        source: BlobSource = RegistryBlobs(self._registry, ref)
+        if self._sharing is not None:  # local (ingest_blob looks first) -> peers -> registry
+            source = self._sharing.before(source, self._peer_dropped, self._metrics.peer_bytes.labels("in").inc)
+        try:
+            image = await self._registry.resolve(ref, self._platform)
+        except RegistryUnavailable:
+            # The registry is down: a peer that holds the image can still say what it is.
+            found = await source.resolve(str(ref), self._platform) if isinstance(source, PeersFirst) else None
+            if found is None:
+                raise
+            log.warning("registry unreachable; image resolved through peers", extra={"image": str(ref)})
+            image = found
+        return await self.install(str(ref), image, source, progress)
+
+    def _peer_dropped(self, peer: str, digest: str, reason: str) -> None:
+        self._metrics.peers_dropped.labels(reason=reason).inc()
 
     async def install(
         self, name: str, image: ResolvedImage, source: BlobSource, progress: PullProgress, origin: str = "registry"
@@ -199,15 +222,16 @@ class Puller:
     async def _download(self, source: BlobSource, desc: Descriptor, on_bytes: Callable[[int], None]) -> int:
         """One blob into the content store, under a lease of its own (see the module docstring)."""
         async with self._cd.leases.held("download", self._config.lease_expiry) as lease_id:
-            return await ingest_blob(
-                self._cd.leased(lease_id),
-                source,
-                desc,
-                self._config.chunk_size,
-                self._config.retries,
-                on_bytes,
-                self._config.ingest_lock_timeout,
-            )
+            cd = self._cd.leased(lease_id)
+            args = (self._config.chunk_size, self._config.retries, on_bytes, self._config.ingest_lock_timeout)
+            try:
+                return await ingest_blob(cd, source, desc, *args)
+            except DigestMismatch:
+                # Peers sent some of it: once more from the registry, which also tells who lied.
+                if not (isinstance(source, PeersFirst) and source.distrust(desc.digest)):
+                    raise
+                log.warning("blob from peers failed its digest check; from the registry", extra={"digest": desc.digest})
+                return await ingest_blob(cd, source, desc, *args)
 
     async def _unpack_in_order(self, cd: Containerd, pull: PullContext, fetches: list[asyncio.Task[None]]) -> str:
         chains = chain_ids([parse_digest(d) for d in pull.diff_ids])

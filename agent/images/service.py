@@ -31,6 +31,7 @@ from agent.errors import (
 from agent.images.archive import Archive, read_archive
 from agent.images.export import plan_export, write_export
 from agent.images.local import read_image
+from agent.images.peersource import PeerSharing
 from agent.images.pull import Puller
 from agent.images.sources import BlobSource, LocalFirst, resolve_target
 from agent.metrics import AgentMetrics
@@ -58,12 +59,13 @@ class ImageService:
         config: PullConfig,
         metrics: AgentMetrics,
         spool_dir: Path | None = None,
+        sharing: PeerSharing | None = None,
     ) -> None:
         self._cd = cd
         self._config = config
         self._spool_dir = spool_dir or Path(tempfile.gettempdir())
         """Where an imported archive is spooled (an unnamed file: nothing is left there after a crash)."""
-        self._puller = Puller(cd, registry, config, metrics)
+        self._puller = Puller(cd, registry, config, metrics, sharing)
         self._pulls: SingleFlight[Reference, PullProgress, ImageSummary] = SingleFlight(
             "pull", lambda image: PullProgress(ref=str(image))
         )

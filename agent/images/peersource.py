@@ -1,0 +1,264 @@
+"""The peers as a blob source, the registry behind them: local -> peers -> registry.
+
+For each blob (of at least `[sharing] min_peer_size`) the source asks every candidate peer what it
+holds (a HEAD each, at once); a peer still pulling the blob itself counts, and serves what it has as
+it arrives. When nobody holds it, hosts that pull the same image at once wait for each other in
+rendezvous order (striping.rendezvous_rank), so one of them goes to the registry and the others
+read from it. The blob is then cut into ranges spread over the holders (striping.choose_peer) and
+yielded in order; a peer that fails or stalls is dropped for this pull and its ranges go to the
+others; whatever the peers did not send comes from the registry, which is always last, so a pull
+never fails because of peers.
+
+Bytes from peers are checked where every blob is: containerd refuses the commit unless the whole
+blob hashes to its digest. The pull then calls `fetch_blob` again (pull.py): this time the blob comes
+from the registry alone, hashed range by range, and the peers whose ranges differ (striping.culprits)
+are reported and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent.config import SharingConfig
+from agent.images.sources import BlobSource, read_verified, resolve_target
+from agent.oci import Descriptor, Digest, Platform
+from agent.registry.client import ResolvedImage
+from agent.sharing.client import Peer
+from agent.sharing.errors import PeerBlobError
+from agent.sharing.server import BlobState, ImageTarget
+from agent.sharing.striping import ByteRange, Served, choose_peer, culprits, plan_ranges, rendezvous_rank
+
+log = logging.getLogger(__name__)
+
+
+class PeerBlobs(Protocol):
+    """agent.sharing.client.PeerBlobClient, or a fake."""
+
+    async def probe(self, peer: Peer, digest: str) -> BlobState | None: ...
+
+    async def fetch(self, peer: Peer, digest: str, rng: ByteRange) -> bytes: ...
+
+    async def image(self, peer: Peer, name: str) -> ImageTarget | None: ...
+
+
+Report = Callable[[str, str, str], None]
+"""(peer, digest, reason) of a peer dropped from a download: "failed", "stalled" or "bad_bytes"."""
+
+
+class PeersFirst:
+    """A BlobSource for one pull: the candidate peers that hold a blob, then `registry`."""
+
+    def __init__(
+        self,
+        client: PeerBlobs,
+        candidates: Sequence[Peer],
+        registry: BlobSource,
+        config: SharingConfig,
+        host: str,
+        report: Report = lambda peer, digest, reason: None,
+        on_peer_bytes: Callable[[int], None] = lambda n: None,
+        max_document: int = 4 << 20,
+    ) -> None:
+        self._client = client
+        self._candidates = list(candidates)
+        self._registry = registry
+        self._config = config
+        self._host = host
+        self._report = report
+        self._on_peer_bytes = on_peer_bytes
+        self.dropped: set[str] = set()
+        """Peers dropped for this pull (failed, stalled or sent bad bytes)."""
+        self._served: dict[str, list[Served]] = {}
+        self._distrusted: dict[str, list[Served]] = {}
+        self.peer_bytes = 0
+        self._max_document = max_document
+        self._registry_down = False
+        """Set when the image was resolved through peers: then even small blobs come from them."""
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self._registry.labels
+
+    async def fetch_bytes(self, desc: Descriptor) -> bytes:
+        if not self._registry_down:
+            return await self._registry.fetch_bytes(desc)
+        return await read_verified(self, desc, self._max_document, "blob from peers")
+
+    async def resolve(self, name: str, platform: Platform) -> ResolvedImage | None:
+        """Image `name` through the peers, for when its registry cannot be reached: the target its
+        name points at on most of the peers that have it, then its documents, verified by digest as a
+        registry's are. None when no peer has the image."""
+        peers = self._live()
+        answers = await asyncio.gather(*(self._client.image(p, name) for p in peers))
+        targets = collections.Counter(t for t in answers if t is not None)
+        if not targets:
+            return None
+        target, _ = targets.most_common(1)[0]
+        self._registry_down = True
+        desc = Descriptor(target.media_type, Digest(target.digest), target.size)
+        return await resolve_target(desc, self, platform, self._max_document, f"{name} from peers")
+
+    def distrust(self, digest: str) -> bool:
+        """The whole blob `digest` failed its digest check: True when peers sent some of it (the next
+        fetch_blob then takes it from the registry and finds out which)."""
+        served = self._served.pop(digest, [])
+        if not served:
+            return False
+        self._distrusted[digest] = served
+        return True
+
+    async def fetch_blob(self, desc: Descriptor, offset: int = 0) -> AsyncIterator[bytes]:
+        if desc.digest in self._distrusted:
+            async for chunk in self._check_against_registry(desc, offset):
+                yield chunk
+            return
+        position = offset
+        holders = await self._holders(desc) if self._wants_peers(desc) else []
+        if holders:
+            async for chunk in self._striped(desc, offset, holders):
+                position += len(chunk)
+                yield chunk
+        if position < desc.size:
+            async for chunk in self._registry.fetch_blob(desc, position):
+                yield chunk
+
+    def _wants_peers(self, desc: Descriptor) -> bool:
+        return bool(self._candidates) and (self._registry_down or desc.size >= self._config.min_peer_size)
+
+    def _live(self) -> list[Peer]:
+        return [p for p in self._candidates if p.name not in self.dropped]
+
+    async def _probe(self, desc: Descriptor) -> list[Peer]:
+        peers = self._live()
+        states = await asyncio.gather(*(self._client.probe(p, desc.digest) for p in peers))
+        return [p for p, s in zip(peers, states, strict=True) if s is not None and s.size == desc.size]
+
+    async def _holders(self, desc: Descriptor) -> list[Peer]:
+        holders = await self._probe(desc)
+        if holders or self._config.rendezvous_delay <= 0:
+            return holders
+        rank = rendezvous_rank(self._host, [p.name for p in self._live()], desc.digest)
+        for _ in range(rank):
+            await asyncio.sleep(self._config.rendezvous_delay)
+            holders = await self._probe(desc)
+            if holders:
+                break
+        return holders
+
+    async def _striped(self, desc: Descriptor, offset: int, holders: list[Peer]) -> AsyncIterator[bytes]:
+        """Bytes [offset, size) from `holders` in order, until the blob is done or no holder is left."""
+        holders = holders[: self._config.max_peers_per_blob]
+        by_name = {p.name: p for p in holders}
+        order = plan_ranges(offset, desc.size, self._config.range_size)
+        queue = collections.deque(order)
+        tasks: dict[ByteRange, asyncio.Task[bytes]] = {}
+        in_flight: collections.Counter[str] = collections.Counter()
+        throughput: dict[str, float] = {}
+        served = self._served.setdefault(desc.digest, [])
+
+        def live() -> list[str]:
+            return [name for name in by_name if name not in self.dropped]
+
+        async def fetch(peer: Peer, rng: ByteRange) -> bytes:
+            started = time.monotonic()
+            try:
+                data = await self._client.fetch(peer, desc.digest, rng)
+            except PeerBlobError as exc:
+                if peer.name not in self.dropped:
+                    self.dropped.add(peer.name)
+                    reason = "stalled" if exc.code == "peer_blob_stalled" else "failed"
+                    log.warning("peer dropped", extra={"peer": peer.name, "digest": desc.digest, "error": str(exc)})
+                    self._report(peer.name, desc.digest, reason)
+                raise
+            finally:
+                in_flight[peer.name] -= 1
+            throughput[peer.name] = rng.size / max(time.monotonic() - started, 1e-6)
+            digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+            served.append(Served(peer.name, rng, digest))
+            return data
+
+        def fill() -> None:
+            while queue:
+                name = choose_peer(live(), in_flight, throughput, self._config.ranges_per_peer)
+                if name is None:
+                    return
+                rng = queue.popleft()
+                in_flight[name] += 1
+                tasks[rng] = asyncio.create_task(fetch(by_name[name], rng), name=f"peer-range-{rng.start}")
+
+        try:
+            for rng in order:
+                while True:
+                    fill()
+                    task = tasks.get(rng)
+                    if task is None:
+                        if not live():
+                            return  # the registry takes over from here
+                        await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+                        continue
+                    try:
+                        data = await task
+                    except PeerBlobError:
+                        del tasks[rng]
+                        queue.appendleft(rng)
+                        continue
+                    del tasks[rng]
+                    break
+                self.peer_bytes += len(data)
+                self._on_peer_bytes(len(data))
+                yield data
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    async def _check_against_registry(self, desc: Descriptor, offset: int) -> AsyncIterator[bytes]:
+        """The blob from the registry, hashed at the ranges the peers served; then who lied."""
+        served = self._distrusted[desc.digest]
+        hashers = {s.range: hashlib.sha256() for s in served}
+        position = offset
+        async for chunk in self._registry.fetch_blob(desc, offset):
+            end = position + len(chunk)
+            for rng, hasher in hashers.items():
+                lo, hi = max(rng.start, position), min(rng.end, end)
+                if lo < hi:
+                    hasher.update(chunk[lo - position : hi - position])
+            position = end
+            yield chunk
+        # Only ranges the registry sent whole count (a resumed download skips some).
+        truth = {rng: h.hexdigest() for rng, h in hashers.items() if offset <= rng.start and rng.end <= position}
+        del self._distrusted[desc.digest]
+        for peer in sorted(culprits(served, truth)):
+            log.warning("peer sent bad bytes: dropped", extra={"peer": peer, "digest": desc.digest})
+            self.dropped.add(peer)
+            self._report(peer, desc.digest, "bad_bytes")
+
+
+@dataclass(frozen=True)
+class PeerSharing:
+    """What a pull needs to fetch from peers: the client, who to ask, and the limits."""
+
+    client: PeerBlobs
+    candidates: Callable[[], Sequence[Peer]]
+    """The peers to ask (from `[[peers]]` today), read at each pull."""
+    config: SharingConfig
+    host: str
+    """This host's name (its rank in a rendezvous)."""
+    max_document: int = 4 << 20
+    """[pull] max_manifest_bytes."""
+
+    def before(self, registry: BlobSource, report: Report, on_peer_bytes: Callable[[int], None]) -> BlobSource:
+        """`registry` behind the peers, or alone when there are none to ask."""
+        candidates = list(self.candidates())
+        if not candidates:
+            return registry
+        return PeersFirst(
+            self.client, candidates, registry, self.config, self.host, report, on_peer_bytes, self.max_document
+        )
