@@ -23,6 +23,7 @@ from tests.harness.netns import acall_in_netns
 from tests.harness.workloads import MemhogStatus, bundle_rootfs, memhog_image
 
 PEER_PORT = 7443
+BLOB_PORT = 7445
 HTTP_PORT = 8080
 
 
@@ -42,13 +43,25 @@ def fleet_config(mesh: Mesh, host: MeshHost, idle_timeout: float) -> str:
     capacity = "".join(f"{k} = {json.dumps(v)}\n" for k, v in capacity_keys.items())
     capacity = f"\n[capacity]\n{capacity}" if capacity else ""
     peers = "".join(
-        f'\n[[peers]]\nname = "{h.name}"\naddress = "{h.address}:{PEER_PORT}"\n' for h in mesh.hosts if h is not host
+        f'\n[[peers]]\nname = "{h.name}"\naddress = "{h.address}:{PEER_PORT}"\n'
+        + (f'blobs = "{h.address}:{BLOB_PORT}"\n' if "sharing" in h.settings else "")
+        for h in mesh.hosts
+        if h is not host
     )
     return (
         f'\n[tls]\nca_file = "{pki / "ca.pem"}"\ncert_file = "{pki / "host.pem"}"\n'
         f'key_file = "{pki / "host-key.pem"}"\n'
-        f"\n[migration]\n{migration_toml}" + peers + capacity
+        f"\n[migration]\n{migration_toml}" + peers + capacity + sharing_config(host)
     )
+
+
+def sharing_config(host: MeshHost) -> str:
+    """A [sharing] table when `host.settings["sharing"]` is set (its keys override): the host serves
+    its blobs on <address>:BLOB_PORT, and its peers list that address (fleet_config's [[peers]])."""
+    if "sharing" not in host.settings:
+        return ""
+    keys = {"listen": f"{host.address}:{BLOB_PORT}", **host.settings["sharing"]}
+    return "\n[sharing]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
 
 
 def issue_fleet_certs(mesh_dir: Path, hosts: list[tuple[str, str]]) -> None:

@@ -160,6 +160,7 @@ class MeshHost(Node):
             f"socket = {_toml_str(ctrd.socket)}\n"
             f"namespace = {_toml_str(AGENT_NAMESPACE)}\n"
             f"runc_root = {_toml_str(str(ctrd.runc_root))}\n"
+            f"content_root = {_toml_str(str(ctrd.root / 'io.containerd.content.v1.content'))}\n"
             f"\n[api]\n{api}"
             "\n[pull]\n"
             "read_timeout = 10.0\n"

@@ -1,0 +1,166 @@
+"""Blob sharing on a 4-host fleet with a real registry: pulls take blobs from peers before the
+registry, and nothing peers do wrong fails a pull.
+
+Every host serves its blobs on <address>:7445 over mutual TLS ([sharing]) and lists the others in
+`[[peers]]`. Faulty peers are real agents with a failpoint (`sharing.serve=corrupt|stall`) or
+killed. Each test ends with the pulled image running under `ctr` and no lease, ingest or stray
+snapshot left on the host that pulled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.fleet import api, fleet, migrate, run_memhog, task_states
+from tests.harness.images import ImageBuilder, busybox_layer, random_layer
+from tests.harness.mesh import Mesh, MeshHost
+
+pytestmark = pytest.mark.timeout(600)
+
+SHARING = {"stall_timeout": 2.0, "range_size": 4 << 20, "rendezvous_delay": 0.3}
+
+
+@pytest.fixture
+async def mesh(base_dir: Path) -> AsyncIterator[Mesh]:
+    async def sharing(mesh: Mesh) -> None:
+        for host in mesh.hosts:
+            host.settings["sharing"] = dict(SHARING)
+
+    async with fleet(base_dir, hosts=4, before_agents=sharing) as m:
+        yield m
+
+
+async def push_image(mesh: Mesh, layer_mib: int = 24) -> tuple[str, int]:
+    """busybox and one incompressible layer (uncompressed, so its blob is `layer_mib` MiB): (ref, layer bytes)."""
+    repo = f"test/shared-{secrets.token_hex(3)}"
+    big = random_layer(layer_mib << 20, seed=secrets.randbelow(1 << 30), compression="none")
+    image = ImageBuilder([busybox_layer(), big], cmd=("/bin/sh", "-c", "true")).build()
+    await image.push(mesh.push_host, repo, "v1")
+    return mesh.image_ref(repo, "v1"), sum(layer.size for layer in image.layers)
+
+
+async def pull(host: MeshHost, ref: str) -> dict[str, Any]:
+    result: dict[str, Any] = await api(host, "POST", "/v1/images/pull", {"ref": ref})
+    return result
+
+
+def log_events(host: MeshHost, message: str) -> list[dict[str, Any]]:
+    events = []
+    for line in host.agent_log.read_text(errors="replace").splitlines():
+        if f'"{message}"' in line:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+    return events
+
+
+async def peer_bytes_in(host: MeshHost) -> float:
+    async with host.session() as http, http.get("/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('ferryman_peer_bytes_total{direction="in"}')
+    )
+
+
+async def assert_runs_and_clean(host: MeshHost, ref: str) -> None:
+    """`ctr run` runs the image; no lease, ingest or active snapshot is left."""
+    cid = f"check-{secrets.token_hex(3)}"
+    res = await host.actr("run", "--rm", *host.containerd.run_flags(cid), ref, cid, "/bin/sh", "-c", "exit 0")
+    assert res.returncode == 0, res.stderr
+    leases = (await host.actr("leases", "ls", "-q")).stdout.split()
+    assert leases == [], leases
+    active = (await host.actr("content", "active")).stdout.splitlines()
+    assert active[1:] == [], active
+    snapshots = (await host.actr("snapshots", "ls")).stdout.splitlines()
+    assert not [s for s in snapshots[1:] if "Active" in s], snapshots
+
+
+async def test_a_pull_takes_the_blobs_from_a_peer_with_the_registry_stopped(mesh: Mesh) -> None:
+    h1, h2 = mesh["h1"], mesh["h2"]
+    ref, size = await push_image(mesh)
+    await pull(h1, ref)
+    await mesh.registry.stop()
+    summary = await pull(h2, ref)
+    assert summary["name"] == ref
+    assert await peer_bytes_in(h2) >= size - (2 << 20)  # all but the small blobs, at least
+    await assert_runs_and_clean(h2, ref)
+
+
+async def test_a_peer_killed_mid_transfer_leaves_the_pull_to_the_others(mesh: Mesh) -> None:
+    h1, h2, h3 = mesh["h1"], mesh["h2"], mesh["h3"]
+    ref, _ = await push_image(mesh, layer_mib=64)
+    await asyncio.gather(pull(h1, ref), pull(h3, ref))
+    # Slow h1's uploads down so that the kill lands mid-transfer.
+    h1.settings["sharing"] = {**SHARING, "upload_rate": 8 << 20}
+    await h1.restart_agent()
+    pulling = asyncio.create_task(pull(h2, ref))
+    await asyncio.sleep(1.0)
+    await h1.kill_agent()
+    summary = await asyncio.wait_for(pulling, 120)
+    assert summary["name"] == ref
+    dropped = [e for e in log_events(h2, "peer dropped") if e.get("peer") == "h1"]
+    assert dropped, "h2 never dropped the killed peer"
+    await assert_runs_and_clean(h2, ref)
+
+
+async def test_a_peer_serving_corrupted_bytes_is_caught_and_dropped(mesh: Mesh) -> None:
+    h1, h2 = mesh["h1"], mesh["h2"]
+    ref, _ = await push_image(mesh)
+    await pull(h1, ref)
+    h1.agent_env["FERRYMAN_FAILPOINTS"] = "sharing.serve=corrupt"
+    await h1.restart_agent()
+    summary = await pull(h2, ref)
+    assert summary["name"] == ref
+    bad = log_events(h2, "peer sent bad bytes: dropped")
+    assert [e["peer"] for e in bad] == ["h1"], bad
+    await assert_runs_and_clean(h2, ref)
+
+
+async def test_a_stalled_peer_is_abandoned_within_the_stall_timeout(mesh: Mesh) -> None:
+    h1, h2 = mesh["h1"], mesh["h2"]
+    ref, _ = await push_image(mesh)
+    await pull(h1, ref)
+    h1.agent_env["FERRYMAN_FAILPOINTS"] = "sharing.serve=stall"
+    await h1.restart_agent()
+    started = time.monotonic()
+    summary = await pull(h2, ref)
+    elapsed = time.monotonic() - started
+    assert summary["name"] == ref
+    assert [e["peer"] for e in log_events(h2, "peer dropped")] == ["h1"]
+    assert elapsed < SHARING["stall_timeout"] + 20, elapsed
+    await assert_runs_and_clean(h2, ref)
+
+
+async def test_four_hosts_pulling_at_once_share_the_download(mesh: Mesh) -> None:
+    ref, size = await push_image(mesh, layer_mib=64)
+    summaries = await asyncio.gather(*(pull(h, ref) for h in mesh.hosts))
+    assert all(s["name"] == ref for s in summaries)
+    from_peers = [await peer_bytes_in(h) for h in mesh.hosts]
+    # Most of the layer bytes came from peers: each host but (about) one read from another.
+    assert sum(from_peers) >= 2 * size, from_peers
+    for host in mesh.hosts:
+        await assert_runs_and_clean(host, ref)
+
+
+async def test_a_migration_target_without_the_layers_gets_them_from_the_source(mesh: Mesh) -> None:
+    h1, h2 = mesh["h1"], mesh["h2"]
+    await run_memhog(h1, mesh, "hog")
+    record = await migrate(h1, "hog", "h2", mode="precopy")
+    assert record["state"] == "COMMIT", record
+    assert task_states(h2) == {"hog": "RUNNING"}
+    [ready] = log_events(h2, "image ready")
+    assert ready["from"] == "peer", ready
+    assert (await h2.actr("leases", "ls", "-q")).stdout.split() == []
+    active = (await h2.actr("content", "active")).stdout.splitlines()
+    assert active[1:] == [], active
