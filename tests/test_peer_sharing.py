@@ -142,13 +142,37 @@ async def test_a_stalled_peer_is_abandoned_within_the_stall_timeout(mesh: Mesh) 
     await assert_runs_and_clean(h2, ref)
 
 
+async def registry_sent(mesh: Mesh) -> int:
+    res = await mesh.aexec_in(mesh.fabric, ["tc", "-s", "-j", "qdisc", "show", "dev", mesh.bridge], check=True)
+    return int(json.loads(res.stdout)[0]["bytes"])
+
+
 async def test_four_hosts_pulling_at_once_share_the_download(mesh: Mesh) -> None:
     ref, size = await push_image(mesh, layer_mib=64)
+    # The registry behind 200 Mbit/s (what it sends passes the bridge's qdisc; host-to-host does not).
+    tbf = [
+        "tc",
+        "qdisc",
+        "add",
+        "dev",
+        mesh.bridge,
+        "root",
+        "tbf",
+        "rate",
+        "200mbit",
+        "burst",
+        "64kb",
+        "latency",
+        "50ms",
+    ]
+    await mesh.aexec_in(mesh.fabric, tbf, check=True)
     summaries = await asyncio.gather(*(pull(h, ref) for h in mesh.hosts))
     assert all(s["name"] == ref for s in summaries)
     from_peers = [await peer_bytes_in(h) for h in mesh.hosts]
-    # Most of the layer bytes came from peers: each host but (about) one read from another.
-    assert sum(from_peers) >= 2 * size, from_peers
+    # The registry sent the image about once; the other three hosts read it from peers.
+    sent = await registry_sent(mesh)
+    assert sent < 1.5 * size, (sent, size, from_peers)
+    assert sum(from_peers) >= 2.5 * (64 << 20), from_peers
     for host in mesh.hosts:
         await assert_runs_and_clean(host, ref)
 

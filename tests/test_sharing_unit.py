@@ -21,7 +21,16 @@ from agent.oci import Descriptor, Digest
 from agent.sharing.client import Peer, PeerBlobClient
 from agent.sharing.errors import BlobNotHeld, PeerBlobError, PeerStalled
 from agent.sharing.server import BlobServer, BlobState, ImageTarget
-from agent.sharing.striping import ByteRange, Served, choose_peer, culprits, plan_ranges, rendezvous_rank
+from agent.sharing.striping import (
+    ByteRange,
+    Served,
+    Step,
+    choose_peer,
+    culprits,
+    next_step,
+    plan_ranges,
+    rendezvous_rank,
+)
 from agent.sharing.throttle import Bucket
 from core.security.pki import HostCertPaths, init_ca, issue_client, issue_host
 from tests.harness.registry import free_port
@@ -306,3 +315,17 @@ async def test_bad_bytes_are_traced_to_their_peer_through_the_registry() -> None
     registry.sent = 0
     assert await _all(source, desc) == data  # "a" alone from now on
     assert registry.sent == 0
+
+
+def test_peers_with_bytes_are_read_at_once() -> None:
+    assert next_step("h1", "d", {"h2": 0, "h3": 10}, 0) == (Step.PEERS, ["h3"])
+
+
+@given(st.lists(st.sampled_from(["h1", "h2", "h3", "h4"]), min_size=1, max_size=4, unique=True), st.text())
+def test_hosts_starting_a_blob_together_elect_one_registry_fetcher(wanting: list[str], digest: str) -> None:
+    # Every host that wants the blob sees the others with 0 bytes: after the first round exactly one
+    # of them goes to the registry, and nobody waits for ever.
+    steps = {h: next_step(h, digest, {o: 0 for o in wanting if o != h}, 1)[0] for h in wanting}
+    assert list(steps.values()).count(Step.REGISTRY) == 1
+    assert all(next_step(h, digest, {o: 0 for o in wanting if o != h}, 0)[0] is Step.WAIT for h in wanting)
+    assert all(next_step(h, digest, {o: 0 for o in wanting if o != h}, 5)[0] is Step.REGISTRY for h in wanting)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -33,7 +34,7 @@ from agent.registry.client import ResolvedImage
 from agent.sharing.client import Peer
 from agent.sharing.errors import PeerBlobError
 from agent.sharing.server import BlobState, ImageTarget
-from agent.sharing.striping import ByteRange, Served, choose_peer, culprits, plan_ranges, rendezvous_rank
+from agent.sharing.striping import ByteRange, Served, Step, choose_peer, culprits, next_step, plan_ranges
 
 log = logging.getLogger(__name__)
 
@@ -135,22 +136,28 @@ class PeersFirst:
     def _live(self) -> list[Peer]:
         return [p for p in self._candidates if p.name not in self.dropped]
 
-    async def _probe(self, desc: Descriptor) -> list[Peer]:
+    async def _probe(self, desc: Descriptor) -> dict[str, int]:
+        """Peer -> bytes of `desc` it can serve now, for the live peers that hold or are pulling it."""
         peers = self._live()
         states = await asyncio.gather(*(self._client.probe(p, desc.digest) for p in peers))
-        return [p for p, s in zip(peers, states, strict=True) if s is not None and s.size == desc.size]
+        return {
+            p.name: s.available for p, s in zip(peers, states, strict=True) if s is not None and s.size == desc.size
+        }
 
     async def _holders(self, desc: Descriptor) -> list[Peer]:
-        holders = await self._probe(desc)
-        if holders or self._config.rendezvous_delay <= 0:
-            return holders
-        rank = rendezvous_rank(self._host, [p.name for p in self._live()], desc.digest)
-        for _ in range(rank):
+        """The peers to read `desc` from; none: the registry (striping.next_step decides)."""
+        by_name = {p.name: p for p in self._candidates}
+        for waited in itertools.count():
+            held = await self._probe(desc)
+            if self._config.rendezvous_delay <= 0:
+                return [by_name[name] for name, available in held.items() if available > 0]
+            step, sources = next_step(self._host, desc.digest, held, waited)
+            if step is Step.PEERS:
+                return [by_name[name] for name in sources]
+            if step is Step.REGISTRY:
+                return []
             await asyncio.sleep(self._config.rendezvous_delay)
-            holders = await self._probe(desc)
-            if holders:
-                break
-        return holders
+        raise AssertionError("unreachable")
 
     async def _striped(self, desc: Descriptor, offset: int, holders: list[Peer]) -> AsyncIterator[bytes]:
         """Bytes [offset, size) from `holders` in order, until the blob is done or no holder is left."""

@@ -81,8 +81,8 @@ class SharedBlobs:
 async def _read_file(path: os.PathLike[str], start: int, end: int) -> AsyncIterator[bytes]:
     try:
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
-    except FileNotFoundError as exc:
-        raise BlobNotHeld(f"the ingest at {path} is gone") from exc
+    except FileNotFoundError:
+        return  # committed (moved into the store) or aborted since the look: the caller looks again
     try:
         position = start
         while position < end:

@@ -9,6 +9,7 @@ ranges says which peers sent bad bytes (`culprits`).
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -79,3 +80,31 @@ def rendezvous_rank(host: str, others: Sequence[str], digest: str) -> int:
 
     mine = weight(host)
     return sum(1 for other in others if other != host and weight(other) > mine)
+
+
+class Step(enum.Enum):
+    """What a host does next about a blob it lacks, after asking its peers."""
+
+    PEERS = "peers"  # read it from the peers that have bytes of it
+    REGISTRY = "registry"  # fetch it from the registry (and so become the others' source)
+    WAIT = "wait"  # wait rendezvous_delay, then ask again
+
+
+def next_step(host: str, digest: str, held: Mapping[str, int], waited: int) -> tuple[Step, list[str]]:
+    """Where to get `digest` from, given what each peer that answered holds of it (`held`: peer ->
+    bytes available now; 0 for a peer that has started the blob but has nothing yet) after `waited`
+    rounds of waiting.
+
+    Peers with bytes win. Otherwise the hosts that want the blob (those that started it, and this
+    one) elect, by rendezvous rank, the one that goes to the registry; the others wait for it to show
+    bytes. The first round always waits, so hosts starting at the same moment see each other before
+    they elect; a host waits at most one round per host that wants the blob, then goes itself."""
+    sources = [peer for peer, available in held.items() if available > 0]
+    if sources:
+        return Step.PEERS, sources
+    if waited == 0:
+        return Step.WAIT, []
+    wanting = list(held)
+    if rendezvous_rank(host, wanting, digest) == 0 or waited > len(wanting):
+        return Step.REGISTRY, []
+    return Step.WAIT, []
