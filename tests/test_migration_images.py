@@ -16,7 +16,6 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -42,18 +41,6 @@ async def ferryctl(host: MeshHost, *args: str, within: float = 120) -> subproces
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), within)
     return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
-
-
-def log_events(host: MeshHost, message: str) -> list[dict[str, Any]]:
-    """The agent's log records with this message (the agent logs JSON lines)."""
-    events = []
-    for line in host.agent_log.read_text(errors="replace").splitlines():
-        if f'"{message}"' in line:
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
-    return events
 
 
 @contextlib.asynccontextmanager
@@ -109,10 +96,10 @@ async def _migrate_imported_image(mesh: Mesh, workdir: Path, registry: str, conn
     assert await verify_memory(h2, "hog") == "ok"
 
     # The target got the image from the source, verified, under the same name and digest.
-    [ready] = log_events(h2, "image ready")
+    [ready] = h2.log_events("image ready")
     assert ready["from"] == "peer" and ready["blobs"] == 1 + 1 + len(image.layers), ready  # manifest, config, layers
     assert ready["bytes"] == len(image.manifest) + len(image.config) + sum(la.size for la in image.layers)
-    [sent] = log_events(h1, "image blobs sent")
+    [sent] = h1.log_events("image blobs sent")
     assert sent["bytes"] == ready["bytes"], sent
     images = {i["name"]: i for i in (await api(h2, "GET", "/v1/images"))["images"]}
     assert images[ref]["digest"] == image.digest
@@ -122,7 +109,7 @@ async def _migrate_imported_image(mesh: Mesh, workdir: Path, registry: str, conn
     # Back to the source, which still holds the image: nothing is fetched at all.
     res = await ferryctl(h2, "--json", "migrate", "hog", "--to", "h1", "--mode", "precopy", within=180)
     assert res.returncode == 0 and json.loads(res.stdout)["state"] == "COMMIT", (res.stdout, res.stderr)
-    [local] = log_events(h1, "image ready")
+    [local] = h1.log_events("image ready")
     assert local["from"] == "local" and local["blobs"] == 0, local
     assert await verify_memory(h1, "hog") == "ok"
     assert connections == []

@@ -10,7 +10,6 @@ snapshot left on the host that pulled.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -50,17 +49,6 @@ async def push_image(mesh: Mesh, layer_mib: int = 24) -> tuple[str, int]:
 async def pull(host: MeshHost, ref: str) -> dict[str, Any]:
     result: dict[str, Any] = await api(host, "POST", "/v1/images/pull", {"ref": ref})
     return result
-
-
-def log_events(host: MeshHost, message: str) -> list[dict[str, Any]]:
-    events = []
-    for line in host.agent_log.read_text(errors="replace").splitlines():
-        if f'"{message}"' in line:
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
-    return events
 
 
 async def peer_bytes_in(host: MeshHost) -> float:
@@ -109,42 +97,31 @@ async def test_a_peer_killed_mid_transfer_leaves_the_pull_to_the_others(mesh: Me
     await h1.kill_agent()
     summary = await asyncio.wait_for(pulling, 120)
     assert summary["name"] == ref
-    dropped = [e for e in log_events(h2, "peer dropped") if e.get("peer") == "h1"]
+    dropped = [e for e in h2.log_events("peer dropped") if e.get("peer") == "h1"]
     assert dropped, "h2 never dropped the killed peer"
     await assert_runs_and_clean(h2, ref)
 
 
-async def test_a_peer_serving_corrupted_bytes_is_caught_and_dropped(mesh: Mesh) -> None:
+@pytest.mark.parametrize(
+    ("fault", "event"),
+    [
+        ("corrupt", "peer sent bad bytes: dropped"),  # caught at commit, traced through the registry's copy
+        ("stall", "peer dropped"),  # abandoned after stall_timeout
+    ],
+)
+async def test_a_peer_serving_bad_bytes_or_stalling_is_dropped(mesh: Mesh, fault: str, event: str) -> None:
     h1, h2 = mesh["h1"], mesh["h2"]
     ref, _ = await push_image(mesh)
     await pull(h1, ref)
-    h1.agent_env["FERRYMAN_FAILPOINTS"] = "sharing.serve=corrupt"
-    await h1.restart_agent()
-    summary = await pull(h2, ref)
-    assert summary["name"] == ref
-    bad = log_events(h2, "peer sent bad bytes: dropped")
-    assert [e["peer"] for e in bad] == ["h1"], bad
-    await assert_runs_and_clean(h2, ref)
-
-
-async def test_a_stalled_peer_is_abandoned_within_the_stall_timeout(mesh: Mesh) -> None:
-    h1, h2 = mesh["h1"], mesh["h2"]
-    ref, _ = await push_image(mesh)
-    await pull(h1, ref)
-    h1.agent_env["FERRYMAN_FAILPOINTS"] = "sharing.serve=stall"
+    h1.agent_env["FERRYMAN_FAILPOINTS"] = f"sharing.serve={fault}"
     await h1.restart_agent()
     started = time.monotonic()
     summary = await pull(h2, ref)
     elapsed = time.monotonic() - started
     assert summary["name"] == ref
-    assert [e["peer"] for e in log_events(h2, "peer dropped")] == ["h1"]
+    assert [e["peer"] for e in h2.log_events(event)] == ["h1"]
     assert elapsed < SHARING["stall_timeout"] + 20, elapsed
     await assert_runs_and_clean(h2, ref)
-
-
-async def registry_sent(mesh: Mesh) -> int:
-    res = await mesh.aexec_in(mesh.fabric, ["tc", "-s", "-j", "qdisc", "show", "dev", mesh.bridge], check=True)
-    return int(json.loads(res.stdout)[0]["bytes"])
 
 
 async def test_four_hosts_pulling_at_once_share_the_download(mesh: Mesh) -> None:
@@ -170,7 +147,7 @@ async def test_four_hosts_pulling_at_once_share_the_download(mesh: Mesh) -> None
     assert all(s["name"] == ref for s in summaries)
     from_peers = [await peer_bytes_in(h) for h in mesh.hosts]
     # The registry sent the image about once; the other three hosts read it from peers.
-    sent = await registry_sent(mesh)
+    sent = await mesh.registry_sent()
     assert sent < 1.5 * size, (sent, size, from_peers)
     assert sum(from_peers) >= 2.5 * (64 << 20), from_peers
     for host in mesh.hosts:
@@ -183,7 +160,7 @@ async def test_a_migration_target_without_the_layers_gets_them_from_the_source(m
     record = await migrate(h1, "hog", "h2", mode="precopy")
     assert record["state"] == "COMMIT", record
     assert task_states(h2) == {"hog": "RUNNING"}
-    [ready] = log_events(h2, "image ready")
+    [ready] = h2.log_events("image ready")
     assert ready["from"] == "peer", ready
     assert (await h2.actr("leases", "ls", "-q")).stdout.split() == []
     active = (await h2.actr("content", "active")).stdout.splitlines()

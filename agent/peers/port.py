@@ -87,7 +87,7 @@ def refuse_identity(role: Role | None, host: str, known_peers: set[str]) -> str 
 
 class FailpointActions(Protocol):
     """Fault tests' failpoints (agent.migration.failpoints.Failpoints): this port reads
-    `stream.corrupt_frame` at every dial."""
+    `stream.corrupt_frame` at every dial, the blob server (agent.sharing) `sharing.serve`."""
 
     def action(self, name: str) -> str | None: ...
 
@@ -95,6 +95,9 @@ class FailpointActions(Protocol):
 class _NoFailpoints:
     def action(self, name: str) -> str | None:
         return None
+
+
+NO_FAILPOINTS: FailpointActions = _NoFailpoints()
 
 
 class PeerEndpoint:
@@ -109,7 +112,7 @@ class PeerEndpoint:
     ) -> None:
         self.config = config
         self.host_name = host_name
-        self.failpoints = failpoints or _NoFailpoints()
+        self.failpoints = failpoints or NO_FAILPOINTS
         self.totals = totals if totals is not None else StreamTotals()
         """What every session's stream sent and received, in both directions (the agent's stream metrics)."""
         self.router = SessionRouter()

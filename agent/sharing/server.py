@@ -24,6 +24,7 @@ from aiohttp.typedefs import Handler
 
 from agent.config import SharingConfig
 from agent.oci import parse_digest
+from agent.peers.port import NO_FAILPOINTS, FailpointActions
 from agent.sharing.errors import BlobNotHeld
 from agent.sharing.throttle import RateLimit
 from core.errors import FerrymanError, InvalidRequest
@@ -97,20 +98,11 @@ async def agents_only(request: web.Request, handler: Handler) -> web.StreamRespo
     return await handler(request)
 
 
-class FailpointActions(Protocol):
-    """Fault tests' failpoints (agent.migration.failpoints.Failpoints): `sharing.serve=corrupt` flips
-    a byte of every chunk served, `sharing.serve=stall` stops after the first chunk of each range."""
-
-    def action(self, name: str) -> str | None: ...
-
-
-class _NoFailpoints:
-    def action(self, name: str) -> str | None:
-        return None
-
-
 class BlobServer:
-    """The HTTPS listener on `[sharing] listen`, with its upload limits."""
+    """The HTTPS listener on `[sharing] listen`, with its upload limits.
+
+    Fault tests' failpoints: `sharing.serve=corrupt` flips a byte of every chunk served,
+    `sharing.serve=stall` stops after the first chunk of each range."""
 
     def __init__(
         self,
@@ -122,7 +114,7 @@ class BlobServer:
     ) -> None:
         self.config = config
         self._on_sent = on_sent
-        self._failpoints = failpoints or _NoFailpoints()
+        self._failpoints = failpoints or NO_FAILPOINTS
         self._tls = tls
         self._store = store
         self._total = asyncio.Semaphore(config.max_uploads)

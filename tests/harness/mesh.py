@@ -195,6 +195,17 @@ class MeshHost(Node):
     def agent_running(self) -> bool:
         return self.agent_proc is not None and self.agent_proc.poll() is None
 
+    def log_events(self, message: str) -> list[dict[str, Any]]:
+        """The agent's log records with this message (the agent logs JSON lines)."""
+        events = []
+        for line in self.agent_log.read_text(errors="replace").splitlines():
+            if f'"{message}"' in line:
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    continue
+        return events
+
     def agent_log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.agent_log.read_text(errors="replace").splitlines()[-lines:])
@@ -693,6 +704,18 @@ class Mesh:
             if isinstance(target, str) and nsh.netns_path(target).exists():
                 return target
             raise
+
+    async def shape_registry(self, rate: str) -> None:
+        """Limit what the registry sends to `rate` (tc syntax, e.g. "100mbit"): a tbf on the bridge in
+        the fabric namespace, which only the fabric's own traffic (the registry's) passes; frames
+        between hosts go bridge port to port, unshaped."""
+        tbf = ["tc", "qdisc", "replace", "dev", self.bridge, "root", "tbf", "rate", rate, "burst", "64kb"]
+        await self.aexec_in(self.fabric, [*tbf, "latency", "50ms"], check=True)
+
+    async def registry_sent(self) -> int:
+        """Bytes the registry has sent through `shape_registry`'s qdisc."""
+        res = await self.aexec_in(self.fabric, ["tc", "-s", "-j", "qdisc", "show", "dev", self.bridge], check=True)
+        return int(json.loads(res.stdout)[0]["bytes"])
 
     async def ping(self, src: Node | str, dst: Node | str, *, within: int = 1) -> bool:
         """One ICMP echo from `src` to `dst` (a node, node name or an address), answered within `within` s."""
