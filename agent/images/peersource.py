@@ -169,6 +169,10 @@ class PeersFirst:
         in_flight: collections.Counter[str] = collections.Counter()
         throughput: dict[str, float] = {}
         served = self._served.setdefault(desc.digest, [])
+        # Ranges fetched or fetching, not yet yielded: the memory bound, twice what is in flight so
+        # the peers keep sending while containerd takes the range before.
+        window = 2 * len(holders) * self._config.ranges_per_peer
+        closing = False
 
         def live() -> list[str]:
             return [name for name in by_name if name not in self.dropped]
@@ -191,14 +195,17 @@ class PeersFirst:
             served.append(Served(peer.name, rng, digest))
             return data
 
-        def fill() -> None:
-            while queue:
+        def fill(_: object = None) -> None:
+            """Start ranges while a peer has room and the window allows; also as each range ends."""
+            while queue and not closing and len(tasks) < window:
                 name = choose_peer(live(), in_flight, throughput, self._config.ranges_per_peer)
                 if name is None:
                     return
                 rng = queue.popleft()
                 in_flight[name] += 1
-                tasks[rng] = asyncio.create_task(fetch(by_name[name], rng), name=f"peer-range-{rng.start}")
+                task = asyncio.create_task(fetch(by_name[name], rng), name=f"peer-range-{rng.start}")
+                tasks[rng] = task
+                task.add_done_callback(fill)
 
         try:
             for rng in order:
@@ -222,6 +229,7 @@ class PeersFirst:
                 self._on_peer_bytes(len(data))
                 yield data
         finally:
+            closing = True
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)

@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator
 
 from agent.containerd import Containerd
-from agent.containerd.content import ingest_data_file
+from agent.containerd.content import blob_file, ingest_data_file
 from agent.errors import ContainerdNotFound
 from agent.images.ingest import ingest_ref_of
 from agent.sharing.errors import BlobNotHeld, PeerStalled
@@ -55,7 +55,7 @@ class SharedBlobs:
         progress_at = loop.time()
         while position < end:
             if await self._cd.content.exists(digest) is not None:
-                async for chunk in self._cd.content.read(digest, position, end - position):
+                async for chunk in self._committed(digest, position, end):
                     yield chunk
                 return
             status = await self._cd.content.status(ingest_ref_of(digest))
@@ -76,6 +76,16 @@ class SharedBlobs:
             if loop.time() - progress_at > self._partial_wait:
                 raise PeerStalled(f"the pull of {digest} here has not grown for {self._partial_wait:g} s")
             await asyncio.sleep(POLL)
+
+    async def _committed(self, digest: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """A committed blob's bytes: from its file in the content store, else through containerd."""
+        position = start
+        async for chunk in _read_file(blob_file(self._content_root, digest), start, end):
+            position += len(chunk)
+            yield chunk
+        if position < end:
+            async for chunk in self._cd.content.read(digest, position, end - position):
+                yield chunk
 
 
 async def _read_file(path: os.PathLike[str], start: int, end: int) -> AsyncIterator[bytes]:
