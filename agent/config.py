@@ -34,8 +34,8 @@ class ContainerdConfig:
     connect_timeout: float = 10.0
     """Seconds to wait for the socket at start."""
     content_root: str = "/var/lib/containerd/io.containerd.content.v1.content"
-    """containerd's content store directory: blobs still being pulled are served to peers from its
-    ingests (containerd's API reads committed blobs only)."""
+    """containerd's content store directory: blobs are served to peers from its files (faster than
+    the Read RPC), blobs still being pulled from its ingests (the API reads committed blobs only)."""
 
 
 @dataclass(frozen=True)
@@ -196,8 +196,8 @@ class SharingConfig:
     max_peers_per_blob: int = 4
     """Peers one blob is fetched from at once."""
     ranges_per_peer: int = 2
-    """Ranges in flight from one peer at once (a window: at most max_peers_per_blob * ranges_per_peer
-    ranges are buffered in memory)."""
+    """Ranges in flight from one peer at once (at most 2 * max_peers_per_blob * ranges_per_peer ranges
+    are held in memory)."""
     stall_timeout: float = 5.0
     """Seconds without a byte before a peer's range is abandoned, and the peer with it for that blob."""
     probe_timeout: float = 1.0
