@@ -51,14 +51,15 @@ async def pull(host: MeshHost, ref: str) -> dict[str, Any]:
     return result
 
 
-async def peer_bytes_in(host: MeshHost) -> float:
+async def metric(host: MeshHost, sample: str) -> float:
+    """The sum of the agent's metric samples whose line starts with `sample` (name and labels)."""
     async with host.session() as http, http.get("/metrics") as resp:
         text = await resp.text()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith('ferryman_peer_bytes_total{direction="in"}')
-    )
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample))
+
+
+async def peer_bytes_in(host: MeshHost) -> float:
+    return await metric(host, 'ferryman_peer_bytes_total{direction="in"}')
 
 
 async def assert_runs_and_clean(host: MeshHost, ref: str) -> None:
@@ -82,6 +83,8 @@ async def test_a_pull_takes_the_blobs_from_a_peer_with_the_registry_stopped(mesh
     summary = await pull(h2, ref)
     assert summary["name"] == ref
     assert await peer_bytes_in(h2) >= size - (2 << 20)  # all but the small blobs, at least
+    # The cache's counters name the peers as where the layers came from.
+    assert await metric(h2, 'ferryman_cache_bytes_total{source="peer"}') >= size - (2 << 20)
     await assert_runs_and_clean(h2, ref)
 
 

@@ -284,6 +284,7 @@ async def test_one_blob_is_striped_across_the_holders() -> None:
     desc = Descriptor("application/octet-stream", Digest(sha(data)), len(data))
     assert await _all(source, desc) == data
     assert registry.sent == 0 and peers.fetched.get("a") and peers.fetched.get("b") and "c" not in peers.fetched
+    assert source.served_from(desc.digest) == "peer" and source.served_from(sha(b"other")) is None
     assert await _all(source, desc, 10_000) == data[10_000:]
 
 
@@ -301,6 +302,7 @@ async def test_without_good_peers_the_registry_sends_the_rest() -> None:
     desc = Descriptor("application/octet-stream", Digest(sha(data)), len(data))
     assert await _all(source, desc) == data
     assert registry.sent == len(data) and reports == ["a:failed"]
+    assert source.served_from(desc.digest) == "registry"
 
 
 async def test_bad_bytes_are_traced_to_their_peer_through_the_registry() -> None:

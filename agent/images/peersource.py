@@ -79,6 +79,8 @@ class PeersFirst:
         self._served: dict[str, list[Served]] = {}
         self._distrusted: dict[str, list[Served]] = {}
         self.peer_bytes = 0
+        self._bytes_from: dict[str, collections.Counter[str]] = {}
+        """digest -> bytes of it from "peer" and from "registry" (served_from)."""
         self._max_document = max_document
         self._registry_down = False
         """Set when the image was resolved through peers: then even small blobs come from them."""
@@ -106,6 +108,12 @@ class PeersFirst:
         desc = Descriptor(target.media_type, Digest(target.digest), target.size)
         return await resolve_target(desc, self, platform, self._max_document, f"{name} from peers")
 
+    def served_from(self, digest: str) -> str | None:
+        """Where most of `digest` came from, "peer" or "registry" (agent.images.sources.ServedFrom:
+        the cache counts the blob there); None for a blob this source did not fetch."""
+        counts = self._bytes_from.get(digest)
+        return counts.most_common(1)[0][0] if counts else None
+
     def distrust(self, digest: str) -> bool:
         """The whole blob `digest` failed its digest check: True when peers sent some of it (the next
         fetch_blob then takes it from the registry and finds out which)."""
@@ -116,8 +124,10 @@ class PeersFirst:
         return True
 
     async def fetch_blob(self, desc: Descriptor, offset: int = 0) -> AsyncIterator[bytes]:
+        counts = self._bytes_from.setdefault(desc.digest, collections.Counter())
         if desc.digest in self._distrusted:
             async for chunk in self._check_against_registry(desc, offset):
+                counts["registry"] += len(chunk)
                 yield chunk
             return
         position = offset
@@ -125,9 +135,11 @@ class PeersFirst:
         if holders:
             async for chunk in self._striped(desc, offset, holders):
                 position += len(chunk)
+                counts["peer"] += len(chunk)
                 yield chunk
         if position < desc.size:
             async for chunk in self._registry.fetch_blob(desc, position):
+                counts["registry"] += len(chunk)
                 yield chunk
 
     def _wants_peers(self, desc: Descriptor) -> bool:
