@@ -38,7 +38,6 @@ import json
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -51,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.migrate import remove, stop_and_copy, warm_up_memory
 from tests.harness import netns as nsh
-from tests.harness.containerd import pick_base_dir
+from tests.harness.containerd import scratch_dir
 from tests.harness.fleet import api, fleet, memhog_status, migrate, verify_memory
 from tests.harness.mesh import Mesh, MeshHost
 from tests.harness.workloads import memhog_image
@@ -370,11 +369,10 @@ async def main() -> None:
     started = time.monotonic()
     warm_up_memory(args.warm_up_gib)
     print(f"warmed up {args.warm_up_gib} GiB of memory in {time.monotonic() - started:.1f} s", flush=True)
-    base = Path(tempfile.mkdtemp(prefix="ferryman-bench-", dir=pick_base_dir()))
     outcomes: list[Outcome] = []
     baselines: list[float] = []
     failed: list[str] = []
-    async with fleet(base, hosts=2, idle_timeout=60.0, with_client=True) as mesh:
+    async with scratch_dir() as base, fleet(base, hosts=2, idle_timeout=60.0, with_client=True) as mesh:
         h1, h2 = mesh["h1"], mesh["h2"]
         repo = f"bench/memserve-{args.size_mib}-{int(args.rate)}"
         await memhog_image(args.size_mib, args.rate, port=PORT).build().push(mesh.push_host, repo, "v1")

@@ -26,7 +26,6 @@ import asyncio
 import json
 import secrets
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.containerd import Containerd, ImageRecord
-from tests.harness.containerd import pick_base_dir
+from tests.harness.containerd import scratch_dir
 from tests.harness.fleet import api, fleet, memhog_gaps, memhog_status, migrate, verify_memory
 from tests.harness.mesh import Mesh, MeshHost
 from tests.harness.workloads import memhog_image
@@ -253,9 +252,8 @@ async def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     rates = [float(r) for r in args.rates.split(",")]
     modes = args.modes.split(",")
-    base = Path(tempfile.mkdtemp(prefix="ferryman-bench-", dir=pick_base_dir()))
     results: dict[tuple[int, float], dict[str, dict[str, Any]]] = {}
-    async with fleet(base, hosts=2, idle_timeout=60.0) as mesh:
+    async with scratch_dir() as base, fleet(base, hosts=2, idle_timeout=60.0) as mesh:
         h1, h2 = mesh["h1"], mesh["h2"]
         cell = 0
         for size in sizes:

@@ -21,14 +21,13 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness.containerd import pick_base_dir
+from tests.harness.containerd import scratch_dir
 from tests.harness.fleet import api, fleet
 from tests.harness.images import ImageBuilder, random_layer
 from tests.harness.mesh import Mesh, MeshHost
@@ -76,13 +75,12 @@ async def main() -> None:
     image = ImageBuilder(layers).build()
     size = sum(layer.size for layer in image.layers)
     digests = [layer.digest for layer in image.layers]
-    base = Path(tempfile.mkdtemp(prefix="ferryman-bench-", dir=pick_base_dir()))
 
     async def all_sharing(mesh: Mesh) -> None:
         for host in mesh.hosts:
             host.settings["sharing"] = dict(SHARING)
 
-    async with fleet(base, hosts=4, idle_timeout=60.0, before_agents=all_sharing) as mesh:
+    async with scratch_dir() as base, fleet(base, hosts=4, idle_timeout=60.0, before_agents=all_sharing) as mesh:
         await image.push(mesh.push_host, "bench/p2p", "v1")
         ref = mesh.image_ref("bench/p2p", "v1")
         await mesh.shape_registry(args.rate)

@@ -20,7 +20,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 CONTAINERD = "/usr/bin/containerd"
@@ -125,6 +125,18 @@ def pick_base_dir(candidates: Iterable[str] = ("/var/tmp", "/tmp", "/dev/shm")) 
             return path
         tried.append(candidate)
     raise RuntimeError(f"no directory among {tried} supports overlay upper dirs")
+
+
+@contextlib.asynccontextmanager
+async def scratch_dir(prefix: str = "ferryman-bench-") -> AsyncIterator[Path]:
+    """A new directory where a mesh can live (pick_base_dir), removed with whatever is mounted in it
+    once the block ends: `async with scratch_dir() as base, fleet(base, ...) as mesh:`."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=pick_base_dir()))
+    try:
+        yield base
+    finally:
+        unmount_under(base)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def cgroup_controller_dirs(cgroup_path: str) -> list[Path]:
