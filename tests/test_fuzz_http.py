@@ -366,6 +366,11 @@ def _agent_templates(image: str, registry_host: str) -> dict[str, dict[str, Any]
         },
         "/v1/network/publish": {"service_ip": "10.99.0.5"},
         "/v1/network/unpublish": {"container": "fz-1"},
+        "/v1/cache/pin": {"ref": image},
+        "/v1/cache/unpin": {"ref": image},
+        # Not the image the other routes run: an accepted eviction could not be undone.
+        "/v1/cache/evict": {"ref": f"{registry_host}/fuzz/missing:v1"},
+        "/v1/cache/prefetch": {"ref": f"{registry_host}/fuzz/missing:v1", "pin": False},
     }
 
 
@@ -391,6 +396,10 @@ def _keep_pulls_local(body: bytes, registry_host: str) -> bytes:
         "/v1/reservations",
         "/v1/network/publish",
         "/v1/network/unpublish",
+        "/v1/cache/pin",
+        "/v1/cache/unpin",
+        "/v1/cache/evict",
+        "/v1/cache/prefetch",
     ],
 )
 async def test_agent_post_bodies(agent_under_test: AgentUnderTest, route: str) -> None:
@@ -405,7 +414,7 @@ async def test_agent_post_bodies(agent_under_test: AgentUnderTest, route: str) -
         nonlocal baseline
         if route == "/v1/reservations":
             body = body.replace(b"4000000000.0", str(time.time() + 60).encode())
-        if route == "/v1/images/pull":
+        if route in ("/v1/images/pull", "/v1/cache/prefetch", "/v1/cache/evict"):
             body = _keep_pulls_local(body, aut.registry_host)
         path = route + (query if route == "/v1/containers" else "")
         answer = client.send("POST", path, body)
