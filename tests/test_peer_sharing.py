@@ -92,9 +92,11 @@ async def test_a_peer_killed_mid_transfer_leaves_the_pull_to_the_others(mesh: Me
     h1, h2, h3 = mesh["h1"], mesh["h2"], mesh["h3"]
     ref, _ = await push_image(mesh, layer_mib=64)
     await asyncio.gather(pull(h1, ref), pull(h3, ref))
-    # Slow h1's uploads down so that the kill lands mid-transfer.
-    h1.settings["sharing"] = {**SHARING, "upload_rate": 8 << 20}
-    await h1.restart_agent()
+    # Slow both holders' uploads (64 MiB at 2 x 8 MiB/s: about 4 s) so that the kill lands
+    # mid-transfer: with h3 unthrottled, a quiet machine had the blob from h3 alone within 1 s.
+    for holder in (h1, h3):
+        holder.settings["sharing"] = {**SHARING, "upload_rate": 8 << 20}
+        await holder.restart_agent()
     pulling = asyncio.create_task(pull(h2, ref))
     await asyncio.sleep(1.0)
     await h1.kill_agent()
