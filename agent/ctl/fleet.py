@@ -16,7 +16,6 @@ import asyncio
 import os
 import ssl
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -335,12 +334,6 @@ def _percent(p: float | None) -> str:
     return "-" if p is None else f"{100 * p:.1f}%"
 
 
-def _ts(ts: float | None, short: bool = False) -> str:
-    if not ts:
-        return "-"
-    return time.strftime("%H:%M:%S" if short else "%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
 def _used_of(used: int, total: int, size: bool) -> str:
     if size:
         return f"{render.human_size(used)} / {render.human_size(total)}"
@@ -378,7 +371,7 @@ def _print_predictions(out: Console, data: dict[str, Any]) -> None:
     for p in data.get("predictions", []):
         prob = float(p["probability"])
         cell = _percent(prob) if prob < threshold else f"[red]{_percent(prob)}[/]"
-        table.add_row(escape(str(p["host"])), cell, escape(str(p["model_version"])), _ts(p.get("ts")))
+        table.add_row(escape(str(p["host"])), cell, escape(str(p["model_version"])), render.clock_time(p.get("ts")))
     render.print_table(out, table)
 
 
@@ -395,7 +388,7 @@ def migrations_table(migrations: list[dict[str, Any]]) -> Table:
             f"[{style}]{state}[/]" if style else escape(state),
             str(m.get("attempt", 0)),
             escape(str(m.get("reason", ""))),
-            _ts(m.get("updated_at"), short=True),
+            render.clock_time(m.get("updated_at"), short=True),
         )
     return table
 
@@ -404,7 +397,7 @@ def decisions_table(decisions: list[dict[str, Any]]) -> Table:
     table = render.new_table("AT", "HOST", "KIND", "P(DRAIN)", "MODEL", "DETAIL")
     for d in sorted(decisions, key=lambda d: float(d.get("ts", 0))):
         table.add_row(
-            _ts(d.get("ts")),
+            render.clock_time(d.get("ts")),
             escape(str(d.get("host", ""))),
             escape(str(d.get("kind", ""))),
             _percent(d.get("probability")),
@@ -440,5 +433,5 @@ def migration_details(m: dict[str, Any], history: bool = False) -> list[str]:
     if m.get("error"):
         lines.append(f"  error: {m['error']}")
     if history:
-        lines += [f"  {_ts(e['ts'])} {e['state']} {e['detail']}".rstrip() for e in m.get("history", [])]
+        lines += [f"  {render.clock_time(e['ts'])} {e['state']} {e['detail']}".rstrip() for e in m.get("history", [])]
     return lines

@@ -32,6 +32,7 @@ EXIT_OK = Exit.OK
 EXIT_ERROR = Exit.ERROR
 EXIT_USAGE = Exit.USAGE
 
+
 class UsageError(Exception):
     """A bad argument value that argparse's types did not catch."""
 

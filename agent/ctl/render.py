@@ -204,6 +204,13 @@ class PullView:
 # ---------------------------------------------------------------- migrations
 
 
+def clock_time(ts: float | None, short: bool = False) -> str:
+    """A unix time as local date and time (`short`: the time only); "-" for none."""
+    if not ts:
+        return "-"
+    return time.strftime("%H:%M:%S" if short else "%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
 def human_ms(ms: float | int | None) -> str:
     """'182.4 ms', '4.21 s', '2m05s'; '-' for nothing measured."""
     if not ms:

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from agent.api.reservations import parse_reservation
 from agent.ctl import render
@@ -121,7 +122,7 @@ async def run(client: Requester, args: argparse.Namespace, out: Console, *, coor
             if args.json:
                 render.print_json(held)
             else:
-                render.say(f"{held['id']} on {held['host']} until {_clock(held.get('expires_at'))}")
+                render.say(f"{held['id']} on {held['host']} until {render.clock_time(held.get('expires_at'))}")
         case "release":
             await client.request("DELETE", f"/v1/reservations/{quote(args.id, safe='')}")
             if args.json:
@@ -137,11 +138,7 @@ async def run(client: Requester, args: argparse.Namespace, out: Console, *, coor
     return 0
 
 
-def _clock(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
-
-
-def reservations_table(reservations: list[dict[str, Any]]) -> Any:
+def reservations_table(reservations: list[dict[str, Any]]) -> Table:
     table = render.new_table("ID", "HOST", "CPU", "MEMORY", "DISK", "EXPIRES", "PURPOSE")
     for r in sorted(reservations, key=lambda r: float(r.get("expires_at") or 0)):
         cap = r.get("capacity") or {}
@@ -151,7 +148,7 @@ def reservations_table(reservations: list[dict[str, Any]]) -> Any:
             f"{float(cap.get('cpu_millis', 0)) / 1000:g}",
             render.human_size(cap.get("memory_bytes")),
             render.human_size(cap.get("disk_bytes")),
-            _clock(r.get("expires_at")),
+            render.clock_time(r.get("expires_at")),
             escape(str(r.get("purpose", ""))),
         )
     return table
