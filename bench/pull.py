@@ -11,11 +11,9 @@ import argparse
 import asyncio
 import json
 import secrets
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness.containerd import PrivateContainerd, pick_base_dir, unmount_under
+from tests.harness.containerd import PrivateContainerd, scratch_dir
 from tests.harness.images import ImageBuilder, busybox_layer, random_layer
 from tests.harness.registry import DockerRegistry
 
@@ -81,38 +79,36 @@ async def main() -> None:
     parser.add_argument("--layer-mib", type=int, default=25)
     args = parser.parse_args()
 
-    base = Path(tempfile.mkdtemp(prefix="ferryman-bench-", dir=pick_base_dir()))
-    registry = DockerRegistry(base / "registry")
-    await registry.start()
-    try:
-        layers = [busybox_layer()] + [
-            random_layer(args.layer_mib << 20, seed=i, file_size=4 << 20) for i in range(args.layers)
-        ]
-        image = ImageBuilder(layers).build()
-        await image.push(registry.host, "bench/pull", "v1")
-        ref = f"{registry.host}/bench/pull:v1"
-        total = sum(layer.size for layer in image.layers)
-        print(f"image {ref}: {len(layers)} layers, {total / 1e6:.1f} MB compressed")
-        # Warm the registry's page cache so round 1 is not special.
-        await ctr_pull(base, ref)
-        ratios = []
-        for n in range(args.rounds):
-            if n % 2 == 0:
-                agent_s = await agent_pull(base, registry, ref)
-                ctr_s = await ctr_pull(base, ref)
-            else:
-                ctr_s = await ctr_pull(base, ref)
-                agent_s = await agent_pull(base, registry, ref)
-            ratios.append(agent_s / ctr_s)
-            print(
-                f"round {n + 1}: agent {agent_s:.2f} s ({total / agent_s / 1e6:.0f} MB/s), "
-                f"ctr {ctr_s:.2f} s ({total / ctr_s / 1e6:.0f} MB/s), ratio {ratios[-1]:.2f}"
-            )
-        print(f"bench pull: {statistics.median(ratios):.2f} agent/ctr (target <= 1.0)")
-    finally:
-        await registry.stop()
-        unmount_under(base)
-        shutil.rmtree(base, ignore_errors=True)
+    async with scratch_dir() as base:
+        registry = DockerRegistry(base / "registry")
+        await registry.start()
+        try:
+            layers = [busybox_layer()] + [
+                random_layer(args.layer_mib << 20, seed=i, file_size=4 << 20) for i in range(args.layers)
+            ]
+            image = ImageBuilder(layers).build()
+            await image.push(registry.host, "bench/pull", "v1")
+            ref = f"{registry.host}/bench/pull:v1"
+            total = sum(layer.size for layer in image.layers)
+            print(f"image {ref}: {len(layers)} layers, {total / 1e6:.1f} MB compressed")
+            # Warm the registry's page cache so round 1 is not special.
+            await ctr_pull(base, ref)
+            ratios = []
+            for n in range(args.rounds):
+                if n % 2 == 0:
+                    agent_s = await agent_pull(base, registry, ref)
+                    ctr_s = await ctr_pull(base, ref)
+                else:
+                    ctr_s = await ctr_pull(base, ref)
+                    agent_s = await agent_pull(base, registry, ref)
+                ratios.append(agent_s / ctr_s)
+                print(
+                    f"round {n + 1}: agent {agent_s:.2f} s ({total / agent_s / 1e6:.0f} MB/s), "
+                    f"ctr {ctr_s:.2f} s ({total / ctr_s / 1e6:.0f} MB/s), ratio {ratios[-1]:.2f}"
+                )
+            print(f"bench pull: {statistics.median(ratios):.2f} agent/ctr (target <= 1.0)")
+        finally:
+            await registry.stop()
 
 
 if __name__ == "__main__":
