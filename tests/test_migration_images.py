@@ -98,6 +98,8 @@ async def _migrate_imported_image(mesh: Mesh, workdir: Path, registry: str, conn
     # The target got the image from the source, verified, under the same name and digest.
     [ready] = h2.log_events("image ready")
     assert ready["from"] == "peer" and ready["blobs"] == 1 + 1 + len(image.layers), ready  # manifest, config, layers
+    # ... and the source's record says so, with the time the image took.
+    assert record["stats"]["image_from"] == "peer" and record["stats"]["image_ms"] == ready["ms"], record["stats"]
     assert ready["bytes"] == len(image.manifest) + len(image.config) + sum(la.size for la in image.layers)
     [sent] = h1.log_events("image blobs sent")
     assert sent["bytes"] == ready["bytes"], sent
@@ -111,6 +113,7 @@ async def _migrate_imported_image(mesh: Mesh, workdir: Path, registry: str, conn
     assert res.returncode == 0 and json.loads(res.stdout)["state"] == "COMMIT", (res.stdout, res.stderr)
     [local] = h1.log_events("image ready")
     assert local["from"] == "local" and local["blobs"] == 0, local
+    assert json.loads(res.stdout)["stats"]["image_from"] == "local"
     assert await verify_memory(h1, "hog") == "ok"
     assert connections == []
     # The counter does see a host that asks that registry.

@@ -316,6 +316,8 @@ def migration_details(record: dict[str, Any], *, history: bool = False) -> list[
     rows.append(
         ("criu", f"freeze+dump {human_ms(stats.get('freeze_dump_ms'))}, restore {human_ms(stats.get('restore_ms'))}")
     )
+    if stats.get("image_from"):
+        rows.append(("image", f"{stats['image_from']}, ready after {human_ms(stats.get('image_ms'))}"))
     rows.append(("stop reason", str(stats.get("stop_reason") or "-")))
     if options.get("mode"):
         rows.append(("mode", str(options["mode"])))

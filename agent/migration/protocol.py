@@ -226,9 +226,13 @@ class Restore(Message, tag="restore"):
 
 @dataclass(frozen=True)
 class Restored(Message, tag="restored"):
-    """Target -> source: the task is restored (paused, or pausing in post-copy); CRIU took `restore_ms`."""
+    """Target -> source: the task is restored (paused, or pausing in post-copy); CRIU took `restore_ms`.
+    The image was ready after `image_ms` (fetched while the pages came), from `image_from`: "local",
+    "peer" (the source) or "registry"."""
 
     restore_ms: float
+    image_ms: float = optional(0.0)
+    image_from: str = optional("")
 
 
 @dataclass(frozen=True)

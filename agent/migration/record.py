@@ -54,6 +54,10 @@ class MigrationStats:
     """CRIU's freeze + final dump on the source."""
     restore_ms: float = 0.0
     """CRIU's restore on the target."""
+    image_ms: float = 0.0
+    """The target's fetch of the image layers it lacked (alongside the page transfer)."""
+    image_from: str = ""
+    """Where most of them came from: "local" (nothing fetched), "peer" (the source agent) or "registry"."""
     stop_reason: str = ""
     round_source: str = ""
     """How pre-copy rounds read memory: proc-mem (/proc/PID/mem, running), criu-pre-dump (soft-dirty)

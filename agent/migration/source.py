@@ -383,6 +383,8 @@ class SourceMigration:
             link,
             **self._downtime(downtime_ms),
             restore_ms=reply.restore_ms,
+            image_ms=reply.image_ms,
+            image_from=reply.image_from,
             held_packets=await self._forward_held(),
             total_ms=round((time.monotonic() - self._started) * 1000, 1),
         )
@@ -452,6 +454,8 @@ class SourceMigration:
                     link,
                     **self._downtime((resumed_at - frozen_at) * 1000),
                     restore_ms=reply.restore_ms,
+                    image_ms=reply.image_ms,
+                    image_from=reply.image_from,
                     held_packets=await self._forward_held(),
                 )
                 await traffic

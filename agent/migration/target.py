@@ -169,7 +169,10 @@ class TargetMigration:
                 await self._advance(Event.IMAGES_SENT)
                 await pull
                 restore_ms = await self._restore(rw_digest)
-                await link.send(Restored(restore_ms=round(restore_ms, 1)))
+                stats = self.record.stats
+                await link.send(
+                    Restored(restore_ms=round(restore_ms, 1), image_ms=stats.image_ms, image_from=stats.image_from)
+                )
             if self.lazy:
                 await self._await_resume(link)
                 await link.send(Resumed())
@@ -221,10 +224,13 @@ class TargetMigration:
             except (FerrymanError, OSError, TimeoutError) as exc:  # a source from before `blobs` sessions
                 log.warning("the source names no image digest, pulling", extra={"image": image, "error": str(exc)})
                 await self.ctx.images.pull(image)
-                return
-            origin = await self.ctx.images.ensure(image, target, peer)
+                origin = "registry"
+            else:
+                origin = await self.ctx.images.ensure(image, target, peer)
         finally:
             await peer.close()
+        image_ms = round((time.monotonic() - started) * 1000, 1)
+        await self._save(self.record.with_stats(image_ms=image_ms, image_from=origin))
         log.info(
             "image ready",
             extra={
@@ -233,7 +239,7 @@ class TargetMigration:
                 "from": origin,
                 "blobs": peer.blobs,
                 "bytes": peer.bytes,
-                "ms": round((time.monotonic() - started) * 1000, 1),
+                "ms": image_ms,
             },
         )
 
