@@ -12,6 +12,7 @@ from agent.checkpoint.criuconf import CriuConfigs
 from agent.checkpoint.features import KDAT_CACHE, network_lock_method, prime_kdat_cache
 from agent.config import AgentConfig
 from agent.containerd import Containerd
+from agent.images.directory import PeerDirectory, StaticPeers, TrackedPeers
 from agent.images.peersource import PeerSharing
 from agent.images.service import ImageService
 from agent.images.shared import SharedBlobs
@@ -34,6 +35,7 @@ from agent.telemetry.push import TelemetryPusher
 from agent.telemetry.registration import Registrar
 from agent.telemetry.sampler import Sampler
 from agent.telemetry.service import TelemetryService
+from agent.telemetry.tracker import TrackerClient
 from core.security.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -59,9 +61,19 @@ class Agent:
             failpoints,
             self.metrics.peer_bytes.labels("out").inc,
         )
+        def static_peers() -> list[Peer]:
+            return [Peer(p.name, p.blobs) for p in config.peers if p.blobs]
+
+        self.tracker: TrackerClient | None = None
+        directory: PeerDirectory = StaticPeers(static_peers)
+        if config.coordinator.url:  # the coordinator's layer tracker names holders; [[peers]] still count
+            self.tracker = TrackerClient(
+                host, config.coordinator, client_context(config.tls), config.sharing.probe_timeout
+            )
+            directory = TrackedPeers(self.tracker, static_peers, self.metrics)
         sharing = PeerSharing(
             self.blob_client,
-            lambda: [Peer(p.name, p.blobs) for p in config.peers if p.blobs],
+            directory,
             config.sharing,
             host,
             config.pull.max_manifest_bytes,
@@ -118,6 +130,7 @@ class Agent:
             config.telemetry.period,
             self._pusher(host),
         )
+        self.cache.layers_changed = self.telemetry.layers_changed
 
     def _busy_images(self) -> dict[str, str]:
         """Images the cache must keep though no container holds them yet: pulls, imports, container
@@ -178,6 +191,8 @@ class Agent:
         await self.peers.close()
         await self.blob_server.close()
         await self.blob_client.close()
+        if self.tracker is not None:
+            await self.tracker.close()
         await self.migrations.close()
         await self.containers.network.close()
         await self.registry.close()

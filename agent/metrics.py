@@ -43,6 +43,13 @@ class AgentMetrics:
             ["direction"],
             registry=self.registry,
         )
+        self.tracker_calls = Counter(
+            "ferryman_tracker_calls",
+            "Calls to the coordinator's layer tracker (holders, announce) by result (ok, failed: the static "
+            "[[peers]] served instead)",
+            ["call", "result"],
+            registry=self.registry,
+        )
         self.peers_dropped = Counter(
             "ferryman_peers_dropped",
             "Peers dropped from a blob download, by reason",

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from coordinator.agents import AgentClient, AgentClientLike
 from coordinator.auth import TokenHashes
 from coordinator.config import CoordinatorConfig
+from coordinator.layers import LayerService
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
 from coordinator.placement import Placer
@@ -47,7 +48,10 @@ class Coordinator:
         registry = model if isinstance(model, ModelRegistry) else ModelRegistry()
         pinned = None if isinstance(model, ModelRegistry) else model
         self.predictions = PredictionService(store, config, clock, self.metrics, registry, pinned)
-        self.hosts = HostRegistry(store, config, clock, self.metrics, observer=self.predictions.observe)
+        self.layers = LayerService(store, config.tracker.fetching_ttl, clock, self.metrics)
+        self.hosts = HostRegistry(
+            store, config, clock, self.metrics, observer=self.predictions.observe, on_register=self.layers.registered
+        )
         self.reservations = ReservationService(store, agents, config, clock, self.metrics)
         self.placer = Placer(store, self.reservations, config.placement, self.predictions.threshold, clock)
         self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
@@ -78,6 +82,7 @@ class Coordinator:
             client = agents if agents is not None else AgentClient.from_config(config)
             coordinator = cls(config, store, client, tokens, models, clock)
             replayed = await coordinator.predictions.rebuild()
+            await coordinator.layers.seed()
         except BaseException:
             await store.close()
             raise

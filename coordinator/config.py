@@ -117,6 +117,13 @@ class MigrationLimits:
 
 
 @dataclass(frozen=True)
+class TrackerConfig:
+    fetching_ttl: float = 600.0
+    """Seconds a host's "fetching this blob" announcement names it to peers, unless a registration
+    confirms it holds the blob (a host that crashed mid-pull stops being named after that)."""
+
+
+@dataclass(frozen=True)
 class AgentClientConfig:
     request_timeout: float = 30.0
     """Seconds for one call to an agent's ops API."""
@@ -139,6 +146,7 @@ class CoordinatorConfig:
     reservations: ReservationConfig = field(default_factory=ReservationConfig)
     migrations: MigrationLimits = field(default_factory=MigrationLimits)
     agents: AgentClientConfig = field(default_factory=AgentClientConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -169,6 +177,7 @@ def _validate(config: CoordinatorConfig) -> None:
         "migrations.poll_period": config.migrations.poll_period,
         "migrations.timeout": config.migrations.timeout,
         "agents.request_timeout": config.agents.request_timeout,
+        "tracker.fetching_ttl": config.tracker.fetching_ttl,
     }
     for name, value in positive.items():
         if value <= 0:

@@ -42,6 +42,23 @@ class CoordinatorMetrics:
         self.drain_probability = Gauge(
             "ferryman_coordinator_drain_probability", "Latest P(drain) per host", ["host"], registry=self.registry
         )
+        self.tracker_lookups = Counter(
+            "ferryman_coordinator_tracker_lookups",
+            "Holder lookups answered, by whether any holder was named (hit) or none (miss), per digest",
+            ["result"],
+            registry=self.registry,
+        )
+        self.tracker_announcements = Counter(
+            "ferryman_coordinator_tracker_announcements",
+            "Blob announcements from agents, by kind",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.tracker_digests = Gauge(
+            "ferryman_coordinator_tracker_digests",
+            "Distinct blobs the tracker names a holder for",
+            registry=self.registry,
+        )
         self.drain_threshold = Gauge(
             "ferryman_coordinator_drain_threshold",
             "P(drain) at or above which the policy drains a host (above 1 without a model)",

@@ -118,6 +118,8 @@ class Host:
     labels: dict[str, str] = field(default_factory=dict)
     agent_version: str = ""
     layer_digests: tuple[str, ...] = ()
+    blob_address: str = ""
+    """host:port of the agent's blob server (the tracker names it to peers); empty: serves none."""
     criu_features: dict[str, str] = field(default_factory=dict)
     telemetry_period: float = 0.0
     health: HostHealth = HostHealth.READY

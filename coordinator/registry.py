@@ -32,8 +32,10 @@ class HostRegistry:
         clock: Clock,
         metrics: CoordinatorMetrics,
         observer: SampleObserver | None = None,
+        on_register: Callable[[Host], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_register = on_register
         self._config = config
         self._clock = clock
         self._since = clock()
@@ -46,6 +48,8 @@ class HostRegistry:
         host = registration_to_host(reg, self._clock())
         known = await self._store.get_host(host.name)
         stored = await self._store.register_host(host)
+        if self._on_register is not None:
+            self._on_register(stored)
         log.info(
             "host registered" if known is None else "host re-registered",
             extra={"host": host.name, "capacity": host.capacity.to_dict(), "api_url": host.api_url or None},

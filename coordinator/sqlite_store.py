@@ -121,6 +121,9 @@ _SCHEMA: tuple[str, ...] = (
         model_version TEXT NOT NULL
     );
     """,
+    """
+    ALTER TABLE hosts ADD COLUMN blob_address TEXT NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(_SCHEMA)
 PREDICTIONS_KEPT_PER_HOST = 1000
@@ -144,6 +147,7 @@ def _host_from_row(row: sqlite3.Row) -> Host:
         labels=json.loads(row["labels"]),
         agent_version=row["agent_version"],
         layer_digests=tuple(json.loads(row["layer_digests"])),
+        blob_address=row["blob_address"],
         criu_features=json.loads(row["criu_features"]),
         telemetry_period=row["telemetry_period"],
         health=HostHealth(row["health"]),
@@ -286,14 +290,15 @@ class SqliteStore:
             with self._write() as db:
                 db.execute(
                     """INSERT INTO hosts (name, capacity, peer_address, api_url, labels, agent_version, layer_digests,
-                           criu_features, telemetry_period, health, admin, registered_at, last_heartbeat)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                           criu_features, telemetry_period, health, admin, registered_at, last_heartbeat,
+                           blob_address)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                        ON CONFLICT(name) DO UPDATE SET capacity=excluded.capacity,
                            peer_address=excluded.peer_address, api_url=excluded.api_url, labels=excluded.labels,
                            agent_version=excluded.agent_version, layer_digests=excluded.layer_digests,
                            criu_features=excluded.criu_features, telemetry_period=excluded.telemetry_period,
                            health=excluded.health, registered_at=excluded.registered_at,
-                           last_heartbeat=excluded.last_heartbeat""",
+                           last_heartbeat=excluded.last_heartbeat, blob_address=excluded.blob_address""",
                     (
                         host.name,
                         _dumps(host.capacity.to_dict()),
@@ -308,6 +313,7 @@ class SqliteStore:
                         host.admin.value,
                         host.registered_at,
                         host.last_heartbeat,
+                        host.blob_address,
                     ),
                 )
                 row = db.execute("SELECT * FROM hosts WHERE name = ?", (host.name,)).fetchone()

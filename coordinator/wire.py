@@ -8,6 +8,8 @@ refused here, before anything is stored: one bad sample refuses the whole batch.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -24,6 +26,9 @@ from proto.ferryman.v1 import fleet_pb2
 M = TypeVar("M", bound=Message)
 
 MAX_BODY_BYTES = 8 << 20
+MAX_DIGESTS = 20_000
+"""Digests in one registration, announcement or holders request."""
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _PRESSURE_FIELDS = ("cpu_some", "memory_some", "memory_full", "io_some", "io_full")
 _NONNEGATIVE = (
     "cpu_util",
@@ -61,8 +66,11 @@ def parse_message(raw: bytes, message: type[M]) -> M:
     return out
 
 
-def to_json(message: Message) -> dict[str, Any]:
-    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+def to_json(message: Message, *, defaults: bool = False) -> dict[str, Any]:
+    """`defaults`: print fields at their default value too ("complete": false), for readers of the JSON."""
+    result: dict[str, Any] = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=defaults
+    )
     return result
 
 
@@ -103,7 +111,8 @@ def registration_to_host(reg: fleet_pb2.Registration, now: float) -> Host:
         api_url=reg.api_url.rstrip("/"),
         labels=dict(reg.labels),
         agent_version=reg.agent_version,
-        layer_digests=tuple(dict.fromkeys(reg.layer_digests)),
+        layer_digests=tuple(dict.fromkeys(check_digests(reg.layer_digests, "Registration.layer_digests"))),
+        blob_address=check_address(reg.blob_address, "Registration.blob_address"),
         criu_features=dict(reg.criu_features),
         telemetry_period=reg.telemetry_period_s,
         registered_at=now,
@@ -183,3 +192,23 @@ def _check_sample(sample: fleet_pb2.TelemetrySample, where: str, now: float, max
         _finite(container.cpu_millis, f"{where}.containers[{j}].cpu_millis")
     for j, event in enumerate(sample.events):
         _check_ts(event.ts, f"{where}.events[{j}].ts", now, max_future_skew)
+
+
+def check_digests(digests: Sequence[str], where: str) -> Sequence[str]:
+    """sha256 digests only (the one algorithm containerd and our registries use), at most MAX_DIGESTS."""
+    if len(digests) > MAX_DIGESTS:
+        raise InvalidRequest(f"{where}: {len(digests)} digests, at most {MAX_DIGESTS} allowed")
+    for digest in digests:
+        if not _DIGEST_RE.fullmatch(digest):
+            raise InvalidRequest(f"{where}: not a sha256 digest: {digest[:80]!r}")
+    return digests
+
+
+def check_address(address: str, where: str) -> str:
+    """host:port (a name, an IPv4 address or a bracketed IPv6 one), or empty."""
+    if not address:
+        return ""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidRequest(f"{where} {address[:80]!r}: expected host:port")
+    return address

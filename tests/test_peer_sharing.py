@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.fleet import api, fleet, migrate, run_memhog, task_states
+from tests.harness.fleet import api, coordinated_fleet, fleet, migrate, run_memhog, task_states
 from tests.harness.images import ImageBuilder, busybox_layer, random_layer
 from tests.harness.mesh import Mesh, MeshHost
 
@@ -170,3 +170,42 @@ async def test_a_migration_target_without_the_layers_gets_them_from_the_source(m
     assert (await h2.actr("leases", "ls", "-q")).stdout.split() == []
     active = (await h2.actr("content", "active")).stdout.splitlines()
     assert active[1:] == [], active
+
+
+async def test_without_static_peers_the_coordinators_tracker_finds_them(base_dir: Path) -> None:
+    """No agent lists a peer's blob address: the coordinator's tracker names who holds (or is
+    fetching) each blob. A pull finds the holder with the registry stopped, two hosts pulling at once
+    find each other, and with the coordinator stopped pulls still work (from the registry)."""
+    async with coordinated_fleet(base_dir, hosts=3, sharing=SHARING) as f:
+        mesh = f.mesh
+        h1, h2, h3 = mesh["h1"], mesh["h2"], mesh["h3"]
+        assert "blobs" not in (h2.dir / "agent.toml").read_text()
+        ref, size = await push_image(mesh)
+        await pull(h1, ref)
+        await mesh.registry.stop()
+        summary = await pull(h2, ref)
+        assert summary["name"] == ref
+        assert await peer_bytes_in(h2) >= size - (2 << 20)
+        holders = await f.call("POST", "/v1/layers/holders", {"digests": []})
+        assert sorted(h["host"] for h in holders["holders"]) == ["h1", "h2", "h3"], holders
+        assert await metric(h2, 'ferryman_tracker_calls_total{call="holders",result="ok"}') >= 1
+        await assert_runs_and_clean(h2, ref)
+
+        # Two hosts starting one new image at once: the registry sends it about once.
+        await mesh.registry.start()
+        ref2, size2 = await push_image(mesh, layer_mib=48)
+        await mesh.shape_registry("400mbit")  # counts what the registry sends (hosts talk past it)
+        before = await mesh.registry_sent()
+        await asyncio.gather(pull(h1, ref2), pull(h3, ref2))
+        sent = await mesh.registry_sent() - before
+        assert sent < 1.5 * size2, (sent, size2)
+        for host in (h1, h3):
+            await assert_runs_and_clean(host, ref2)
+
+        # Without the coordinator the pull goes on: the tracker's failures fall back to [[peers]]
+        # (none with blobs here), then the registry.
+        await f.coordinator.stop()
+        ref3, _ = await push_image(mesh, layer_mib=4)
+        assert (await pull(h2, ref3))["name"] == ref3
+        assert await metric(h2, 'ferryman_tracker_calls_total{call="holders",result="failed"}') >= 1
+        await assert_runs_and_clean(h2, ref3)

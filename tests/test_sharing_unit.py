@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import SharingConfig
+from agent.images.directory import StaticPeers
 from agent.images.peersource import PeersFirst
 from agent.oci import Descriptor, Digest
 from agent.sharing.client import Peer, PeerBlobClient
@@ -270,7 +271,9 @@ def _source(behaviour: dict[str, str], data: bytes) -> tuple[PeersFirst, FakePee
     reports: list[str] = []
     config = SharingConfig(range_size=4096, min_peer_size=0, rendezvous_delay=0)
     candidates = [Peer(name, "127.0.0.1:1") for name in behaviour]
-    source = PeersFirst(peers, candidates, registry, config, "me", lambda p, d, r: reports.append(f"{p}:{r}"))
+    source = PeersFirst(
+        peers, StaticPeers(lambda: candidates), registry, config, "me", lambda p, d, r: reports.append(f"{p}:{r}")
+    )
     return source, peers, registry, reports
 
 

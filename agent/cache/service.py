@@ -67,6 +67,9 @@ class CacheService:
         self._config = config
         self._disk_path = disk_path
         self._counters = counters
+        self.layers_changed: Callable[[], None] = lambda: None
+        """Told when the layers held here change (a fetch, an eviction): the agent registers again
+        with the coordinator sooner, so its layer tracker names this host for what it now holds."""
         self._platform = platform
         self._busy = busy
         """Images at work that no container or lease may show yet, and why: pulls and migrations in
@@ -131,6 +134,7 @@ class CacheService:
         """Delete one image with a synchronous GC; counts the bytes that left the store."""
         with contextlib.suppress(ContainerdNotFound):
             await self._cd.images.delete(name, sync=True)
+        self.layers_changed()
         now = sum(c.size for c in await self._cd.content.infos())
         self._counters.evicted(max(0, used - now))
         return now
@@ -153,6 +157,7 @@ class CacheService:
         }
         if origin is not None:
             labels[ORIGIN] = origin.value
+            self.layers_changed()
         with contextlib.suppress(ContainerdNotFound):
             await self._cd.images.update_labels(name, labels)
         try:

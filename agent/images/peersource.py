@@ -1,7 +1,8 @@
 """The peers as a blob source, the registry behind them: local -> peers -> registry.
 
-For each blob (of at least `[sharing] min_peer_size`) the source asks every candidate peer what it
-holds (a HEAD each, at once); a peer still pulling the blob itself counts, and serves what it has as
+For each blob (of at least `[sharing] min_peer_size`) the source asks the candidates the directory
+names (the coordinator's layer tracker, else `[[peers]]`: directory.py) what they hold (a HEAD each,
+at once); a peer still pulling the blob itself counts, and serves what it has as
 it arrives. When nobody holds it, hosts that pull the same image at once wait for each other in
 rendezvous order (striping.rendezvous_rank), so one of them goes to the registry and the others
 read from it. The blob is then cut into ranges spread over the holders (striping.choose_peer) and
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent.config import SharingConfig
+from agent.images.directory import PeerDirectory
 from agent.images.sources import BlobSource, read_verified, resolve_target
 from agent.oci import Descriptor, Digest, Platform
 from agent.registry.client import ResolvedImage
@@ -54,12 +56,13 @@ Report = Callable[[str, str, str], None]
 
 
 class PeersFirst:
-    """A BlobSource for one pull: the candidate peers that hold a blob, then `registry`."""
+    """A BlobSource for one pull: the peers that hold a blob (`directory` names the candidates),
+    then `registry`."""
 
     def __init__(
         self,
         client: PeerBlobs,
-        candidates: Sequence[Peer],
+        directory: PeerDirectory,
         registry: BlobSource,
         config: SharingConfig,
         host: str,
@@ -68,7 +71,7 @@ class PeersFirst:
         max_document: int = 4 << 20,
     ) -> None:
         self._client = client
-        self._candidates = list(candidates)
+        self._directory = directory
         self._registry = registry
         self._config = config
         self._host = host
@@ -84,6 +87,8 @@ class PeersFirst:
         self._max_document = max_document
         self._registry_down = False
         """Set when the image was resolved through peers: then even small blobs come from them."""
+        self._image_peers: list[Peer] = []
+        """The peers that named the image's target when it was resolved through them."""
 
     @property
     def labels(self) -> Mapping[str, str]:
@@ -98,13 +103,15 @@ class PeersFirst:
         """Image `name` through the peers, for when its registry cannot be reached: the target its
         name points at on most of the peers that have it, then its documents, verified by digest as a
         registry's are. None when no peer has the image."""
-        peers = self._live()
+        peers = self._live(await self._directory.peers(None))
         answers = await asyncio.gather(*(self._client.image(p, name) for p in peers))
         targets = collections.Counter(t for t in answers if t is not None)
         if not targets:
             return None
         target, _ = targets.most_common(1)[0]
         self._registry_down = True
+        # They hold every blob of it, which a tracker may not know of (it tracks layers, not documents).
+        self._image_peers = [p for p, t in zip(peers, answers, strict=True) if t == target]
         desc = Descriptor(target.media_type, Digest(target.digest), target.size)
         return await resolve_target(desc, self, platform, self._max_document, f"{name} from peers")
 
@@ -143,14 +150,17 @@ class PeersFirst:
                 yield chunk
 
     def _wants_peers(self, desc: Descriptor) -> bool:
-        return bool(self._candidates) and (self._registry_down or desc.size >= self._config.min_peer_size)
+        return self._registry_down or desc.size >= self._config.min_peer_size
 
-    def _live(self) -> list[Peer]:
-        return [p for p in self._candidates if p.name not in self.dropped]
+    def _live(self, peers: Sequence[Peer]) -> list[Peer]:
+        return [p for p in peers if p.name not in self.dropped and p.name != self._host]
 
-    async def _probe(self, desc: Descriptor) -> dict[str, int]:
-        """Peer -> bytes of `desc` it can serve now, for the live peers that hold or are pulling it."""
-        peers = self._live()
+    async def _probe(self, desc: Descriptor, by_name: dict[str, Peer]) -> dict[str, int]:
+        """Peer -> bytes of `desc` it can serve now, for the live candidates that hold or are pulling
+        it (asked of the directory each round: hosts that start the blob meanwhile join)."""
+        named = await self._directory.peers(desc.digest)
+        peers = self._live([*named, *(p for p in self._image_peers if p not in named)])
+        by_name.update((p.name, p) for p in peers)
         states = await asyncio.gather(*(self._client.probe(p, desc.digest) for p in peers))
         return {
             p.name: s.available for p, s in zip(peers, states, strict=True) if s is not None and s.size == desc.size
@@ -158,9 +168,11 @@ class PeersFirst:
 
     async def _holders(self, desc: Descriptor) -> list[Peer]:
         """The peers to read `desc` from; none: the registry (striping.next_step decides)."""
-        by_name = {p.name: p for p in self._candidates}
+        by_name: dict[str, Peer] = {}
+        # Before the first look: hosts pulling the same image now learn of this one at theirs.
+        await self._directory.fetching(desc.digest)
         for waited in itertools.count():
-            held = await self._probe(desc)
+            held = await self._probe(desc, by_name)
             if self._config.rendezvous_delay <= 0:
                 return [by_name[name] for name, available in held.items() if available > 0]
             step, sources = next_step(self._host, desc.digest, held, waited)
@@ -273,8 +285,8 @@ class PeerSharing:
     """What a pull needs to fetch from peers: the client, who to ask, and the limits."""
 
     client: PeerBlobs
-    candidates: Callable[[], Sequence[Peer]]
-    """The peers to ask (from `[[peers]]` today), read at each pull."""
+    directory: PeerDirectory
+    """Who to ask: the coordinator's tracker and `[[peers]]` (agent/images/directory.py)."""
     config: SharingConfig
     host: str
     """This host's name (its rank in a rendezvous)."""
@@ -283,9 +295,8 @@ class PeerSharing:
 
     def before(self, registry: BlobSource, report: Report, on_peer_bytes: Callable[[int], None]) -> BlobSource:
         """`registry` behind the peers, or alone when there are none to ask."""
-        candidates = list(self.candidates())
-        if not candidates:
+        if self.directory.empty:
             return registry
         return PeersFirst(
-            self.client, candidates, registry, self.config, self.host, report, on_peer_bytes, self.max_document
+            self.client, self.directory, registry, self.config, self.host, report, on_peer_bytes, self.max_document
         )

@@ -46,6 +46,7 @@ class Registrar:
         return pb.Registration(
             host=self._host,
             peer_address=api.peer_listen,
+            blob_address=self._config.sharing.listen,
             api_url=f"https://{api.tls_listen}" if api.tls_listen else "",
             capacity=await asyncio.to_thread(self._capacity.current),
             labels=self._config.coordinator.labels,

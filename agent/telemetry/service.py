@@ -40,6 +40,11 @@ class TelemetryService:
         if self.pusher is not None:
             await self.pusher.close()
 
+    def layers_changed(self) -> None:
+        """Register again with the next push: the registration lists the layers this host holds."""
+        if self.pusher is not None:
+            self.pusher.registered = False
+
     async def tick(self) -> pb.TelemetrySample:
         """Take one sample and pass it on (the loop's body; tests call it directly too)."""
         sample = await self.sampler.sample()

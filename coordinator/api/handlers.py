@@ -12,7 +12,7 @@ from coordinator.auth import Principal, authenticate, require_agent, require_ops
 from coordinator.model import Capacity
 from coordinator.orchestrator import AUTO
 from coordinator.placement import Need
-from coordinator.wire import MAX_BODY_BYTES, parse_message
+from coordinator.wire import MAX_BODY_BYTES, parse_message, to_json
 from core.config import MIGRATION_MODES
 from core.errors import InvalidRequest
 from core.http.validate import (
@@ -26,7 +26,7 @@ from core.http.validate import (
     str_field,
 )
 from core.ids import check_container_id
-from core.security.pki import validate_name
+from core.security.pki import Role, validate_name
 from proto.ferryman.v1 import fleet_pb2
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
@@ -95,6 +95,28 @@ async def telemetry(request: web.Request) -> web.Response:
         coordinator.metrics.telemetry_rejected.inc()
         raise
     return _json({"accepted": ack.accepted, "reregister": ack.reregister})
+
+
+# ----- the layer tracker (agents; ops may look)
+
+
+async def announce_layers(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    require_agent(principal, principal.name if principal else "")
+    msg = parse_message(await _raw(request), fleet_pb2.LayerAnnouncement)
+    require_agent(principal, msg.host)
+    request.app[COORDINATOR].layers.announce(msg)
+    return _json({})
+
+
+async def layer_holders(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    if principal is None or principal.role is not Role.OPS:
+        require_agent(principal, principal.name if principal else "")
+    msg = parse_message(await _raw(request), fleet_pb2.LayerHoldersRequest)
+    asking = principal.name if principal is not None and principal.role is not Role.OPS else ""
+    holders = await request.app[COORDINATOR].layers.holders(list(msg.digests), asking)
+    return _json(to_json(holders, defaults=True))
 
 
 # ----- ops: hosts

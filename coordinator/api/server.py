@@ -34,6 +34,8 @@ def build_app(coordinator: Coordinator) -> web.Application:
     r = app.router
     r.add_post("/v1/register", h.register)
     r.add_post("/v1/telemetry", h.telemetry)
+    r.add_post("/v1/layers/announce", h.announce_layers)
+    r.add_post("/v1/layers/holders", h.layer_holders)
     r.add_get("/v1/hosts", h.list_hosts)
     r.add_get("/v1/hosts/{host}", h.get_host)
     r.add_post("/v1/hosts/{host}/drain", h.drain_host)

@@ -44,7 +44,11 @@ def fleet_config(mesh: Mesh, host: MeshHost, idle_timeout: float) -> str:
     capacity = f"\n[capacity]\n{capacity}" if capacity else ""
     peers = "".join(
         f'\n[[peers]]\nname = "{h.name}"\naddress = "{h.address}:{PEER_PORT}"\n'
-        + (f'blobs = "{h.address}:{BLOB_PORT}"\n' if "sharing" in h.settings else "")
+        + (
+            f'blobs = "{h.address}:{BLOB_PORT}"\n'
+            if "sharing" in h.settings and host.settings.get("blob_peers", True)
+            else ""
+        )
         for h in mesh.hosts
         if h is not host
     )
@@ -406,6 +410,7 @@ async def coordinated_fleet(
     *,
     coordinator: Mapping[str, Mapping[str, Any] | Any] | None = None,
     telemetry_period: float = 0.5,
+    sharing: Mapping[str, Any] | None = None,
     idle_timeout: float = 10.0,
     **mesh_kw: Any,
 ) -> AsyncIterator[CoordinatedFleet]:
@@ -413,12 +418,18 @@ async def coordinated_fleet(
 
     The coordinator gets short heartbeat, tick and poll periods (override any key with `coordinator`);
     agents get a [coordinator] table, fast telemetry and an ops listener. Waits until every host has
-    registered and pushed telemetry. `mesh_kw` go to the Mesh (e.g. with_client).
+    registered and pushed telemetry. `sharing`: every agent serves its blobs with these [sharing]
+    keys and lists no peer's blob address: peers are found through the coordinator's layer tracker.
+    `mesh_kw` go to the Mesh (e.g. with_client).
     """
     token = new_token()
     holder: dict[str, CoordinatedFleet] = {}
 
     async def start_coordinator(mesh: Mesh) -> None:
+        if sharing is not None:
+            for host in mesh.hosts:
+                host.settings["sharing"] = dict(sharing)
+                host.settings["blob_peers"] = False
         pki = MeshCoordinatorPki(mesh)
         workdir = mesh.dir / "coordinator"
         workdir.mkdir()

@@ -1,0 +1,73 @@
+"""The coordinator's layer tracker, asked over mutual TLS: who holds a blob, and what this host fetches.
+
+Both calls are best effort and bounded by `[sharing] probe_timeout`: a pull never waits on a slow
+or absent coordinator for longer than that, and falls back to the static `[[peers]]`
+(agent/images/directory.py). Holders are hints: a pull asks each peer itself before reading from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+import aiohttp
+from google.protobuf import json_format
+
+from agent.config import CoordinatorConfig
+from agent.telemetry.push import to_json
+from proto.ferryman.v1 import fleet_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class TrackerUnavailable(Exception):
+    """The coordinator did not answer a tracker call (the reason is the message)."""
+
+
+class TrackerClient:
+    def __init__(self, host: str, coordinator: CoordinatorConfig, ssl_context: ssl.SSLContext, timeout: float) -> None:
+        self.host = host
+        self._url = coordinator.url.rstrip("/")
+        self._server_name = coordinator.server_name or urlsplit(coordinator.url).hostname or ""
+        self._ssl = ssl_context
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl), timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def holders(self, digests: Sequence[str]) -> list[pb.LayerHolder]:
+        """Holders of `digests`, complete ones first (no digests: every host serving blobs)."""
+        body = await self._post("/v1/layers/holders", pb.LayerHoldersRequest(digests=list(digests)))
+        answer = pb.LayerHolders()
+        try:
+            json_format.Parse(body, answer, ignore_unknown_fields=True)
+        except json_format.ParseError as exc:
+            raise TrackerUnavailable(f"unreadable holders answer: {exc}") from exc
+        return list(answer.holders)
+
+    async def announce(self, fetching: Sequence[str] = (), dropped: Sequence[str] = ()) -> None:
+        await self._post(
+            "/v1/layers/announce", pb.LayerAnnouncement(host=self.host, fetching=list(fetching), dropped=list(dropped))
+        )
+
+    async def _post(self, path: str, message: pb.LayerHoldersRequest | pb.LayerAnnouncement) -> str:
+        try:
+            async with self._http().post(
+                self._url + path, json=to_json(message), server_hostname=self._server_name
+            ) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise TrackerUnavailable(f"POST {path}: HTTP {resp.status}: {text[:200]}")
+                return text
+        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
+            raise TrackerUnavailable(f"POST {path}: {type(exc).__name__}: {exc}") from exc
