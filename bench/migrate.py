@@ -15,8 +15,13 @@ The result line (the last one):
   migrate:  ferryman's downtime with mode=auto / stop-and-copy's, 1024 MiB at 50 MB/s
   postcopy: the best explicit mode's downtime at 1024 MiB idle
 Within each size and rate the baseline runs first in one cell and last in the next (the VM's
-first-touch cost falls on both sides alike). No result line is printed when any run's memory
-check failed: the script exits 1 naming the runs.
+first-touch cost falls on both sides alike).
+First, the target's image (--image-mib, 0 skips it): a memhog image (64 MiB resident) with one incompressible
+layer of that size added, the registry behind --registry-rate (tc tbf, as in bench/p2p.py). Each
+round, alternating the order, h2 forgets the image and then either pulls it from the registry (what
+a target without the source's help would do) or receives a pre-copy migration from h1, whose
+record says how long the target's image took and where from (image_ms, image_from).
+No result line is printed when any run's memory check failed: the script exits 1 naming the runs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import asyncio
 import json
 import secrets
+import statistics
 import sys
 import time
 from datetime import datetime
@@ -36,10 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.containerd import Containerd, ImageRecord
 from tests.harness.containerd import scratch_dir
 from tests.harness.fleet import api, fleet, memhog_gaps, memhog_status, migrate, verify_memory
+from tests.harness.images import random_layer
 from tests.harness.mesh import Mesh, MeshHost
 from tests.harness.workloads import memhog_image
 
 NS = "ferryman"
+REGISTRY_ONLY = {"min_peer_size": 1 << 40}
 
 
 async def start_workload(mesh: Mesh, host: MeshHost, name: str, ref: str) -> int:
@@ -112,6 +120,52 @@ async def stop_and_copy(mesh: Mesh, name: str) -> dict[str, Any]:
         "wire_mb": wire / 1e6,
         "verified": verified,
     }
+
+
+async def image_fetch(mesh: Mesh, layer_mib: int, rounds: int, rate: str) -> None:
+    """The target's image: from the registry vs from the source during a migration (module doc)."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    builder = memhog_image(64, 0)
+    builder.add_layer(random_layer(layer_mib << 20, seed=7, file_size=4 << 20, compression="none"))
+    image = builder.build()
+    await image.push(mesh.push_host, "bench/memhog-layers", "v1")
+    ref = mesh.image_ref("bench/memhog-layers", "v1")
+    digests = [layer.digest for layer in image.layers]
+    size = sum(layer.size for layer in image.layers)
+    await mesh.shape_registry(rate)
+    await api(h1, "POST", "/v1/images/pull", {"ref": ref})
+    registry_s: list[float] = []
+    source_s: list[float] = []
+    origins: set[str] = set()
+    for n in range(rounds):
+        for side in ("registry", "source") if n % 2 == 0 else ("source", "registry"):
+            await h2.forget_image(ref, digests)
+            # The baseline pulls from the registry alone: h2 asks no peer ([sharing] min_peer_size).
+            await h2.configure("sharing", REGISTRY_ONLY if side == "registry" else {})
+            if side == "registry":
+                started = time.perf_counter()
+                await api(h2, "POST", "/v1/images/pull", {"ref": ref})
+                registry_s.append(time.perf_counter() - started)
+            else:
+                name = f"img-{n}"
+                await start_workload(mesh, h1, name, ref)
+                record = await migrate(h1, name, "h2", mode="precopy")
+                if record.get("state") != "COMMIT":
+                    raise RuntimeError(f"migration failed: {record.get('error')}")
+                source_s.append(record["stats"]["image_ms"] / 1000)
+                origins.add(record["stats"]["image_from"])
+                await remove(h2, name)
+            print(f"image round {n + 1} {side:8s}: {(registry_s if side == 'registry' else source_s)[-1]:.2f} s")
+    await h2.forget_image(ref, digests)
+    await h2.configure("sharing", {})
+    await mesh.shape_registry("10gbit")  # the migrations below are not about the registry
+    reg, src = statistics.median(registry_s), statistics.median(source_s)
+    print(
+        f"target image fetch ({len(digests)} layers, {size / 1e6:.0f} MB, registry at {rate}): from the registry "
+        f"{reg:.2f} s, from the source during a migration {src:.2f} s (from: {', '.join(sorted(origins))}), "
+        f"{src / reg:.3f} of the registry time (medians of {rounds})",
+        flush=True,
+    )
 
 
 async def live(mesh: Mesh, name: str, mode: str, records: Path | None) -> dict[str, Any]:
@@ -245,6 +299,9 @@ async def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip stop-and-copy (no result line)")
     parser.add_argument("--records", type=Path, help="append each migration's full record (JSON lines) here")
     parser.add_argument("--logs", type=Path, help="copy both agents' logs into this directory at the end")
+    parser.add_argument("--image-mib", type=int, default=200, help="the target's image section (0: skip)")
+    parser.add_argument("--image-rounds", type=int, default=3)
+    parser.add_argument("--registry-rate", default="100mbit")
     args = parser.parse_args()
     started = time.monotonic()
     warm_up_memory(args.warm_up_gib)
@@ -253,8 +310,14 @@ async def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     modes = args.modes.split(",")
     results: dict[tuple[int, float], dict[str, dict[str, Any]]] = {}
-    async with scratch_dir() as base, fleet(base, hosts=2, idle_timeout=60.0) as mesh:
+    async def sharing(mesh: Mesh) -> None:  # each serves its blobs to the other (docs/sharing.md)
+        for host in mesh.hosts:
+            host.settings["sharing"] = {}
+
+    async with scratch_dir() as base, fleet(base, hosts=2, idle_timeout=60.0, before_agents=sharing) as mesh:
         h1, h2 = mesh["h1"], mesh["h2"]
+        if args.image_mib:
+            await image_fetch(mesh, args.image_mib, args.image_rounds, args.registry_rate)
         cell = 0
         for size in sizes:
             for rate in rates:

@@ -38,21 +38,6 @@ SHARES = (0.5, 0.2, 0.15, 0.1, 0.05)
 """Each layer's part of the image: one half, then the rest."""
 
 
-async def set_mode(host: MeshHost, sharing: dict[str, Any]) -> None:
-    if host.settings.get("sharing") != sharing:
-        host.settings["sharing"] = sharing
-        await host.restart_agent()
-
-
-async def forget(host: MeshHost, ref: str, digests: list[str]) -> None:
-    """The image and its blobs gone from the host: the next pull is cold."""
-    await host.actr("images", "rm", "--sync", ref)
-    held = set((await host.actr("content", "ls", "-q")).stdout.split())
-    left = [d for d in digests if d in held]
-    if left:
-        await host.actr("content", "rm", *left)
-
-
 async def timed_pull(host: MeshHost, ref: str) -> float:
     started = time.perf_counter()
     await api(host, "POST", "/v1/images/pull", {"ref": ref}, expect=200)
@@ -92,8 +77,8 @@ async def main() -> None:
         for n in range(args.rounds):
             order = ("peers", "registry") if n % 2 == 0 else ("registry", "peers")
             for mode in order:
-                await set_mode(h2, SHARING if mode == "peers" else REGISTRY_ONLY)
-                await forget(h2, ref, digests)
+                await h2.configure("sharing", SHARING if mode == "peers" else REGISTRY_ONLY)
+                await h2.forget_image(ref, digests)
                 elapsed = await timed_pull(h2, ref)
                 (peer_times if mode == "peers" else registry_times).append(elapsed)
             print(
@@ -105,11 +90,11 @@ async def main() -> None:
         ratio = statistics.median(p / r for p, r in zip(peer_times, registry_times, strict=True))
         print(f"bench p2p: {ratio:.3f} ratio (target <= 0.2)")
 
-        await set_mode(h2, SHARING)
+        await h2.configure("sharing", SHARING)
         egress_ratios, p95s = [], []
         for n in range(args.fanout_rounds):
             for host in mesh.hosts:
-                await forget(host, ref, digests)
+                await host.forget_image(ref, digests)
             before = await mesh.registry_sent()
             times = await asyncio.gather(*(timed_pull(host, ref) for host in mesh.hosts))
             egress = await mesh.registry_sent() - before

@@ -84,10 +84,16 @@ class Puller:
             self._metrics.pulls.labels(result=result).inc()
             self._metrics.pull_duration.labels(result=result).observe(time.monotonic() - started)
 
+    def behind_peers(self, source: BlobSource) -> BlobSource:
+        """`source` behind the fleet peers that hold a blob (agent/images/peersource.py), or alone
+        without blob sharing."""
+        if self._sharing is None:
+            return source
+        return self._sharing.before(source, self._peer_dropped, self._metrics.peer_bytes.labels("in").inc)
+
     async def _pull(self, ref: Reference, progress: PullProgress) -> ImageSummary:
-        source: BlobSource = RegistryBlobs(self._registry, ref)
-        if self._sharing is not None:  # local (ingest_blob looks first) -> peers -> registry
-            source = self._sharing.before(source, self._peer_dropped, self._metrics.peer_bytes.labels("in").inc)
+        # local (ingest_blob looks first) -> peers -> registry
+        source = self.behind_peers(RegistryBlobs(self._registry, ref))
         try:
             image = await self._registry.resolve(ref, self._platform)
         except RegistryUnavailable:

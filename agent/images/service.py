@@ -168,7 +168,9 @@ class ImageService:
                 await self._used(name, None)
                 return "local"
         limit = self._config.max_manifest_bytes
-        source = LocalFirst(self._cd, peer, limit)
+        # Large blobs striped from the fleet peers that hold them (the source among them, when it
+        # serves blobs), the rest from the source over the migration's own session.
+        source = LocalFirst(self._cd, self._puller.behind_peers(peer), limit)
         progress = PullProgress(ref=name)
         try:
             resolved = await resolve_target(target, source, self.platform, limit, f"image {name} of the source")

@@ -302,6 +302,12 @@ class MeshHost(Node):
         await self.stop_agent()
         await self.start_agent(within)
 
+    async def configure(self, key: str, value: Any) -> None:
+        """`settings[key] = value` (e.g. the [sharing] table), restarting the agent if that changed it."""
+        if self.settings.get(key) != value:
+            self.settings[key] = value
+            await self.restart_agent()
+
     # ----- clients -------------------------------------------------------------------------------
 
     def session(self, **kw: Any) -> aiohttp.ClientSession:
@@ -316,6 +322,14 @@ class MeshHost(Node):
 
     async def actr(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return await self.containerd.actr(*args, **kw)
+
+    async def forget_image(self, ref: str, digests: Sequence[str]) -> None:
+        """Image `ref` and blobs `digests` gone from this host's containerd: the next pull is cold."""
+        await self.actr("images", "rm", "--sync", ref)
+        held = set((await self.actr("content", "ls", "-q")).stdout.split())
+        left = [d for d in digests if d in held]
+        if left:
+            await self.actr("content", "rm", *left)
 
 
 async def _concurrently(*coros: Coroutine[Any, Any, Any]) -> None:
