@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from coordinator.agents import AgentClient, AgentClientLike
 from coordinator.auth import TokenHashes
 from coordinator.config import CoordinatorConfig
+from coordinator.costs import CostBook
 from coordinator.layers import LayerService
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
@@ -49,11 +51,25 @@ class Coordinator:
         pinned = None if isinstance(model, ModelRegistry) else model
         self.predictions = PredictionService(store, config, clock, self.metrics, registry, pinned)
         self.layers = LayerService(store, config.tracker.fetching_ttl, clock, self.metrics)
+        self.costs = CostBook()
+
+        def observe(host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
+            self.predictions.observe(host, samples)
+            self.costs.observe(host, samples)
+
         self.hosts = HostRegistry(
-            store, config, clock, self.metrics, observer=self.predictions.observe, on_register=self.layers.registered
+            store, config, clock, self.metrics, observer=observe, on_register=self.layers.registered
         )
         self.reservations = ReservationService(store, agents, config, clock, self.metrics)
-        self.placer = Placer(store, self.reservations, config.placement, self.predictions.threshold, clock)
+        self.placer = Placer(
+            store,
+            self.reservations,
+            config.placement,
+            self.predictions.threshold,
+            clock,
+            holders=lambda digest: [h.host for h in self.layers.tracker.holders(digest, clock())],
+            costs=self.costs.of,
+        )
         self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
         self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)
         self.retrainer = Retrainer(store, self.predictions, config, clock)

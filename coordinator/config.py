@@ -92,6 +92,14 @@ class PlacementConfig:
     drain_risk: float = 2.0
     pull_bytes: float = 0.5
     pressure: float = 0.5
+    registry_bytes_per_second: float = 50.0 * (1 << 20)
+    """New containers (predicted time to running): a host's registry rate until it has measured one."""
+    peer_bytes_per_second: float = 200.0 * (1 << 20)
+    """... its rate from fleet peers, until measured."""
+    apply_seconds_per_byte: float = 1.0 / (100 * (1 << 20))
+    """... the seconds containerd takes to apply a layer byte there, until measured."""
+    start_seconds: float = 0.3
+    """... the time to create and start a container once its layers are in place."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,9 @@ def _validate(config: CoordinatorConfig) -> None:
         "migrations.timeout": config.migrations.timeout,
         "agents.request_timeout": config.agents.request_timeout,
         "tracker.fetching_ttl": config.tracker.fetching_ttl,
+        "placement.registry_bytes_per_second": config.placement.registry_bytes_per_second,
+        "placement.peer_bytes_per_second": config.placement.peer_bytes_per_second,
+        "placement.apply_seconds_per_byte": config.placement.apply_seconds_per_byte,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -196,7 +207,7 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError("model.retrain_holdout must be shorter than telemetry.max_age (nothing left to train on)")
     if not 0.0 <= config.model.hysteresis < 1.0:
         raise ConfigError(f"model.hysteresis must be in [0, 1), got {config.model.hysteresis}")
-    for name in ("free_capacity", "drain_risk", "pull_bytes", "pressure"):
+    for name in ("free_capacity", "drain_risk", "pull_bytes", "pressure", "start_seconds"):
         if getattr(config.placement, name) < 0:
             raise ConfigError(f"placement.{name} must not be negative")
     if not config.database:

@@ -14,9 +14,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from coordinator.config import PlacementConfig
-from coordinator.model import Capacity, Host, HostAdmin, HostHealth, InsufficientCapacity, NoTarget, Reservation
+from coordinator.costs import Breakdown, Rates, time_to_running
+from coordinator.model import (
+    Capacity,
+    Decision,
+    Host,
+    HostAdmin,
+    HostHealth,
+    InsufficientCapacity,
+    NoTarget,
+    Reservation,
+)
 from coordinator.reservations import ReservationService
 from coordinator.store import Store
 
@@ -116,6 +127,76 @@ def rank(
     return sorted(scored, key=lambda s: (-s.score, s.host))
 
 
+@dataclass(frozen=True)
+class Placement:
+    """A new container's host, chosen by predicted time to running, and its reservation."""
+
+    reservation: Reservation
+    chosen: Breakdown
+    candidates: tuple[Breakdown, ...]
+    """Every eligible host's prediction, best first."""
+    excluded: Mapping[str, str]
+    """Host -> why it could not be chosen."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host": self.chosen.host,
+            "reservation": self.reservation.to_dict(),
+            "predicted": self.chosen.to_dict(),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "excluded": dict(self.excluded),
+        }
+
+
+def describe(placement: Placement, purpose: str) -> str:
+    """The decision record's detail: the prediction and its parts, and the runner-up."""
+    c = placement.chosen
+    mb = 1_000_000
+    text = (
+        f"{purpose or 'new container'}: predicted {c.seconds:.2f} s to running = fetch {c.fetch_seconds:.2f} s "
+        f"({c.bytes_from_peers / mb:.1f} MB from peers, {c.bytes_from_registry / mb:.1f} MB from the registry, "
+        f"{c.bytes_held / mb:.1f} MB held) + apply {c.apply_seconds:.2f} s + start {c.start_seconds:.2f} s"
+        f"{'' if c.measured else ' (assumed rates)'}"
+    )
+    others = [b for b in placement.candidates if b.host != c.host]
+    if others:
+        text += f"; next {others[0].host} {others[0].seconds:.2f} s"
+    return text
+
+
+def by_time(
+    candidates: Sequence[Candidate],
+    need: Need,
+    weights: PlacementConfig,
+    threshold: float,
+    holders: Callable[[str], Collection[str]],
+    costs: Callable[[str], Mapping[str, float] | None],
+    exclude: Collection[str] = (),
+) -> tuple[list[Breakdown], dict[str, str]]:
+    """Eligible candidates by predicted time to running, fastest first (then by the target score,
+    then by name), and why each other candidate is out."""
+    excluded: dict[str, str] = {}
+    ranked: list[tuple[float, float, str, Breakdown]] = []
+    peer_holders = {digest: holders(digest) for digest in need.layers}
+    for c in candidates:
+        why = exclusion(c, need, threshold, exclude)
+        if why is not None:
+            excluded[c.host.name] = why
+            continue
+        predicted = time_to_running(
+            c.host.name,
+            set(c.host.layer_digests),
+            need.layers,
+            peer_holders,
+            Rates.of(costs(c.host.name), weights),
+            c.host.pressure.get("cpu_some", 0.0) / 100.0,
+            weights.start_seconds,
+        )
+        ranked.append((predicted.seconds, -score(c, need, weights).score, c.host.name, predicted))
+    ranked.sort(key=lambda r: r[:3])
+    return [r[3] for r in ranked], excluded
+
+
 class Placer:
     """Picks a target and reserves capacity on it; a lost race moves on to the next best host."""
 
@@ -126,12 +207,44 @@ class Placer:
         weights: PlacementConfig,
         threshold: Callable[[], float],
         clock: Callable[[], float],
+        holders: Callable[[str], Collection[str]] = lambda digest: (),
+        costs: Callable[[str], Mapping[str, float] | None] = lambda host: None,
     ) -> None:
+        """`holders(digest)`: hosts that hold or fetch a blob (the layer tracker); `costs(host)`:
+        the host's measured layer costs (coordinator/costs.py)."""
         self._store = store
         self._reservations = reservations
         self._weights = weights
         self._threshold = threshold
         self._clock = clock
+        self._holders = holders
+        self._costs = costs
+
+    async def place_start(
+        self, need: Need, purpose: str, *, exclude: Collection[str] = (), ttl: float | None = None
+    ) -> Placement:
+        """Reserve `need` for a new container on the host with the least predicted time to running
+        (coordinator/costs.py); NoTarget when no host can hold it."""
+        ranked, excluded = by_time(
+            await self.candidates(), need, self._weights, self._threshold(), self._holders, self._costs, exclude
+        )
+        for choice in ranked:
+            try:
+                reservation = await self._reservations.reserve(choice.host, need.capacity, purpose, ttl)
+            except InsufficientCapacity:
+                excluded[choice.host] = "lost to a concurrent placement"
+                continue
+            log.info(
+                "placed a new container",
+                extra={"host": choice.host, "predicted_s": round(choice.seconds, 3), "purpose": purpose},
+            )
+            placement = Placement(reservation, choice, tuple(ranked), excluded)
+            await self._store.record_decision(
+                Decision(ts=self._clock(), host=choice.host, kind="place", detail=describe(placement, purpose))
+            )
+            return placement
+        reasons = "; ".join(f"{h}: {why}" for h, why in sorted(excluded.items())) or "no hosts registered"
+        raise NoTarget(f"no host can run {need.capacity.to_dict()} ({reasons})")
 
     async def candidates(self) -> list[Candidate]:
         now = self._clock()

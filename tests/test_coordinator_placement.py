@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from coordinator.config import CoordinatorConfig, PlacementConfig
+from coordinator.costs import Rates, time_to_running
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import (
     Capacity,
@@ -22,7 +23,7 @@ from coordinator.model import (
     Prediction,
     Reservation,
 )
-from coordinator.placement import Candidate, Need, Placer, exclusion, pull_fraction, rank
+from coordinator.placement import Candidate, Need, Placer, by_time, exclusion, pull_fraction, rank
 from coordinator.reservations import ReservationService
 from coordinator.sqlite_store import SqliteStore
 from coordinator.store import TelemetryUpdate
@@ -158,3 +159,57 @@ async def test_a_named_target_must_be_eligible(store: SqliteStore) -> None:
         await placer.place(NEED, "x", only="h9")
     reservation = await placer.place(NEED, "x", only="h1")
     assert reservation.host == "h1" and reservation.expires_at == 1000.0 + CoordinatorConfig().reservations.ttl
+
+
+# ----- new containers: the least predicted time to running
+
+MB = 1_000_000
+BASE, MID, TOP = ("sha256:" + c * 64 for c in "abc")
+LAYERS = {BASE: 200 * MB, MID: 50 * MB, TOP: 10 * MB}
+SLOW = {"registry_bytes_per_second": 10 * MB, "peer_bytes_per_second": 100 * MB, "apply_seconds_per_byte": 1e-8}
+
+
+def test_time_to_running_counts_each_missing_layer_at_its_cheapest_source() -> None:
+    rates = Rates.of(SLOW, WEIGHTS)
+    held_base = time_to_running("h1", {BASE}, LAYERS, {MID: ["h2"]}, rates, 0.0, 0.3)
+    # MID from the peer h2 (0.5 s), TOP from the registry (1 s), 60 MB applied (0.6 s), start.
+    assert held_base.bytes_held == 200 * MB and held_base.bytes_from_peers == 50 * MB
+    assert held_base.bytes_from_registry == 10 * MB and held_base.measured
+    assert held_base.seconds == pytest.approx(0.5 + 1.0 + 0.6 + 0.3)
+    # The host itself is no peer of its own; CPU pressure slows applying.
+    cold = time_to_running("h2", set(), LAYERS, {BASE: ["h2"]}, rates, 0.5, 0.3)
+    assert cold.bytes_from_registry == 260 * MB and cold.apply_seconds == pytest.approx(2.6 * 1.5)
+    assert not time_to_running("h3", set(), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0, 0.3).measured
+
+
+def test_a_new_container_goes_where_it_runs_soonest_not_where_its_image_is_biggest() -> None:
+    need = Need(Capacity(500, GiB, 0), LAYERS)
+    # h1 holds the big base layer but is slow and loaded; h2 holds nothing, a peer (h1) has the base
+    # and its links are fast; h3 is down.
+    candidates = [
+        _cand("h1", layer_digests=(BASE,), pressure={"cpu_some": 90.0}),
+        _cand("h2"),
+        _cand("h3", health=HostHealth.DOWN, layer_digests=(BASE, MID, TOP)),
+    ]
+    fast = {"registry_bytes_per_second": 100 * MB, "peer_bytes_per_second": 1000 * MB, "apply_seconds_per_byte": 1e-9}
+    costs = {"h1": {**SLOW, "apply_seconds_per_byte": 5e-8}, "h2": fast}
+    ranked, excluded = by_time(candidates, need, WEIGHTS, 0.5, lambda d: ["h1"] if d == BASE else [], costs.get)
+    assert [b.host for b in ranked] == ["h2", "h1"] and excluded == {"h3": "down"}
+    assert ranked[0].bytes_from_peers == 200 * MB and ranked[0].seconds < ranked[1].seconds
+
+
+async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: SqliteStore) -> None:
+    for name, layers in (("h1", (BASE, MID)), ("h2", ())):
+        await store.register_host(Host(name=name, capacity=Capacity(4000, 4 * GiB, 0), layer_digests=layers))
+    config = CoordinatorConfig()
+    reservations = ReservationService(store, _NoAgents(), config, lambda: 1000.0, CoordinatorMetrics())
+    placer = Placer(store, reservations, config.placement, lambda: 0.5, lambda: 1000.0, costs={"h1": SLOW}.get)
+    placement = await placer.place_start(Need(Capacity(500, GiB, 0), LAYERS), "task 1")
+    assert placement.chosen.host == "h1" and placement.reservation.host == "h1"
+    assert [b.host for b in placement.candidates] == ["h1", "h2"]
+    [decision] = await store.list_decisions()
+    assert decision.kind == "place" and decision.host == "h1"
+    assert "predicted" in decision.detail and "next h2" in decision.detail
+    with pytest.raises(NoTarget, match="insufficient capacity"):
+        await placer.place_start(Need(Capacity(500, 64 * GiB, 0), LAYERS), "too big")
+    assert len(await store.list_reservations(1000.0)) == 1

@@ -8,6 +8,7 @@ tests/test_peer_sharing.py.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from agent.sharing.client import Peer
 from agent.telemetry.tracker import TrackerUnavailable
 from coordinator.tracker import Holding, LayerTracker
 from proto.ferryman.v1 import fleet_pb2 as pb
-from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, registration
+from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, registration, sample
 
 A = "sha256:" + "a" * 64
 B = "sha256:" + "b" * 64
@@ -238,3 +239,59 @@ async def test_the_directory_asks_the_tracker_and_falls_back_to_the_static_peers
     await directory.fetching(C)  # never raises: a pull goes on without the tracker
     failed = metrics.tracker_calls.labels(call="holders", result="failed")._value.get()
     assert failed == 1
+
+
+# ----- placing a new container by predicted time to running (coordinator/costs.py)
+
+
+async def test_a_new_container_is_placed_where_its_layers_arrive_soonest(
+    coordinator: CoordinatorProcess, pki: CoordinatorPki
+) -> None:
+    mb = 1_000_000
+    # h1 holds A (200 MB) and serves it; h2 holds nothing but measured fast links; h3 holds all but
+    # reported hard CPU pressure and a slow apply.
+    hosts = {"h1": [A], "h2": [], "h3": [A, B, C]}
+    costs = {
+        "h1": {"registry_bytes_per_second": 10 * mb, "peer_bytes_per_second": 50 * mb},
+        "h2": {
+            "registry_bytes_per_second": 100 * mb,
+            "peer_bytes_per_second": 1000 * mb,
+            "apply_seconds_per_byte": 1e-9,
+        },
+        "h3": {"registry_bytes_per_second": 1 * mb, "apply_seconds_per_byte": 1e-6},
+    }
+    now = time.time()
+    for name, digests in hosts.items():
+        async with coordinator.client(pki.agent(name)) as agent:
+            status, _ = await agent.post(
+                "/v1/register", registration(name, layer_digests=digests, blob_address=f"10.0.0.{name[1]}:7445")
+            )
+            assert status == 200
+            pushed = sample(now, layer_costs=costs[name], pressure={"cpu_some": 5.0})
+            status, body = await agent.post("/v1/telemetry", {"host": name, "samples": [pushed]})
+            assert status == 200 and body["accepted"] == 1, body
+    need = {"capacity": {"cpu_millis": 500, "memory_bytes": 1 << 30}, "layers": {A: 200 * mb, B: 20 * mb, C: 5 * mb}}
+    async with coordinator.client(pki.operator("alice")) as ops:
+        status, body = await ops.post("/v1/placements", need)
+        assert status == 201, body
+        # h3 needs no bytes at all: 0.3 s. h2 gets all 225 MB from peers at 1000 MB/s and applies
+        # them fast: 0.76 s. h1 gets 25 MB from the peer h3 at 50 MB/s and applies them at the
+        # default rate: 1.05 s.
+        assert [c["host"] for c in body["candidates"]] == ["h3", "h2", "h1"], body["candidates"]
+        assert body["host"] == "h3" and body["reservation"]["host"] == "h3"
+        h2 = body["candidates"][1]
+        assert h2["bytes_from_peers"] == 225 * mb and h2["bytes_from_registry"] == 0 and h2["measured"]
+        assert h2["seconds"] == pytest.approx(0.225 + 0.225 * 1.05 + 0.3, abs=0.01)
+        status, decisions = await ops.get("/v1/decisions")
+        assert [d["kind"] for d in decisions["decisions"]][:1] == ["place"], decisions
+        # Bad input: nothing reserved.
+        for bad, code, fragment in (
+            ({**need, "layers": {"sha256:nope": 1}}, 400, "not a sha256 digest"),
+            ({"capacity": need["capacity"]}, 400, "layers"),
+            ({**need, "capacity": {"cpu_millis": -1, "memory_bytes": 1}}, 400, "cpu_millis"),
+            ({**need, "capacity": {"cpu_millis": 500, "memory_bytes": 1 << 50}}, 409, "h1: insufficient capacity"),
+        ):
+            status, body = await ops.post("/v1/placements", bad)
+            assert status == code and fragment in body["error"]["message"], (bad, body)
+        _, reservations = await ops.get("/v1/reservations")
+        assert len(reservations["reservations"]) == 1

@@ -12,7 +12,7 @@ from coordinator.auth import Principal, authenticate, require_agent, require_ops
 from coordinator.model import Capacity
 from coordinator.orchestrator import AUTO
 from coordinator.placement import Need
-from coordinator.wire import MAX_BODY_BYTES, parse_message, to_json
+from coordinator.wire import MAX_BODY_BYTES, check_digests, parse_message, to_json
 from core.config import MIGRATION_MODES
 from core.errors import InvalidRequest
 from core.http.validate import (
@@ -319,6 +319,7 @@ def _layers(body: dict[str, Any]) -> dict[str, int]:
         isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= limit for v in raw.values()
     ):
         raise InvalidRequest(f"body.layers: expected an object of layer digest -> size in bytes (0..{limit})")
+    check_digests(list(raw), "body.layers")
     return dict(raw)
 
 
@@ -335,6 +336,18 @@ async def place_reservation(request: web.Request) -> web.Response:
     placer = request.app[COORDINATOR].placer
     reservation = await placer.place(need, purpose, only=None if host == AUTO else host, ttl=ttl)
     return _json(reservation.to_dict(), status=201)
+
+
+async def place_start(request: web.Request) -> web.Response:
+    """A new container's host: the least predicted time to running (coordinator/costs.py), reserved."""
+    _ops(request)
+    body = await read_object(request)
+    check_keys(body, {"capacity", "layers", "ttl", "purpose"}, {"capacity", "layers"}, "body")
+    ttl = positive_field(body, "ttl", "body", integer=False)
+    purpose = str_field(body, "purpose", "body", optional=True) or "new container"
+    need = Need(capacity=_capacity(body), layers=_layers(body))
+    placement = await request.app[COORDINATOR].placer.place_start(need, purpose, ttl=ttl)
+    return _json(placement.to_dict(), status=201)
 
 
 async def release_reservation(request: web.Request) -> web.Response:

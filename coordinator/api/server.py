@@ -52,6 +52,7 @@ def build_app(coordinator: Coordinator) -> web.Application:
     r.add_get("/v1/reservations", h.list_reservations)
     r.add_post("/v1/reservations", h.place_reservation)
     r.add_delete("/v1/reservations/{id}", h.release_reservation)
+    r.add_post("/v1/placements", h.place_start)
     r.add_get("/v1/openapi.yaml", h.openapi)
     r.add_get("/healthz", h.healthz)
     r.add_get("/metrics", h.metrics)

@@ -1,0 +1,121 @@
+"""Predicted time to running for a new container on a host: what cost-aware placement minimises.
+
+    seconds = sum over the layers the host lacks of
+                  size / rate of the cheapest source that holds the layer
+                      (a fleet peer, by the layer tracker, at the host's measured peer rate;
+                       else the registry, at its measured registry rate)
+              + (sum of their sizes) * apply seconds per byte * (1 + CPU pressure)
+              + start_seconds
+
+Rates and the apply cost are the host's own measurements (its telemetry's `layer_costs`), or the
+`[placement]` defaults until it has any. Layers the host holds cost nothing: their snapshots are
+there (a layer is held once it is unpacked into an image). Fetches are counted one after another,
+which is what one host's link and CPU allow in practice; applying waits on CPU, hence the pressure.
+
+Pure: the inputs are plain values, `Breakdown` is the record kept with the decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from coordinator.config import PlacementConfig
+
+
+@dataclass(frozen=True)
+class Rates:
+    registry_bytes_per_second: float
+    peer_bytes_per_second: float
+    apply_seconds_per_byte: float
+    measured: bool = False
+
+    @classmethod
+    def of(cls, costs: Mapping[str, float] | None, defaults: PlacementConfig) -> Rates:
+        """The host's measurements (LayerCosts fields) where it has them, the defaults elsewhere."""
+        costs = costs or {}
+        registry = float(costs.get("registry_bytes_per_second") or 0.0)
+        peer = float(costs.get("peer_bytes_per_second") or 0.0)
+        return cls(
+            registry or defaults.registry_bytes_per_second,
+            peer or defaults.peer_bytes_per_second,
+            float(costs.get("apply_seconds_per_byte") or 0.0) or defaults.apply_seconds_per_byte,
+            measured=bool(registry or peer),
+        )
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    host: str
+    seconds: float
+    fetch_seconds: float
+    apply_seconds: float
+    start_seconds: float
+    bytes_from_peers: int
+    bytes_from_registry: int
+    bytes_held: int
+    measured: bool
+    """Whether the host's own rates were used (else the [placement] defaults)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("seconds", "fetch_seconds", "apply_seconds", "start_seconds"):
+            out[key] = round(out[key], 3)
+        return out
+
+
+def time_to_running(
+    host: str,
+    held: Collection[str],
+    layers: Mapping[str, int],
+    peer_holders: Mapping[str, Collection[str]],
+    rates: Rates,
+    cpu_pressure: float,
+    start_seconds: float,
+) -> Breakdown:
+    """`layers`: digest -> size of what the container needs; `held`: digests the host holds;
+    `peer_holders`: digest -> hosts that hold or are fetching it (the tracker's answer);
+    `cpu_pressure`: 0..1 (PSI cpu "some" avg10 / 100)."""
+    from_peers = from_registry = kept = 0
+    fetch = 0.0
+    for digest, size in layers.items():
+        if digest in held:
+            kept += size
+        elif any(h != host for h in peer_holders.get(digest, ())):
+            from_peers += size
+            fetch += size / rates.peer_bytes_per_second
+        else:
+            from_registry += size
+            fetch += size / rates.registry_bytes_per_second
+    apply = (from_peers + from_registry) * rates.apply_seconds_per_byte * (1.0 + max(0.0, min(1.0, cpu_pressure)))
+    return Breakdown(
+        host=host,
+        seconds=fetch + apply + start_seconds,
+        fetch_seconds=fetch,
+        apply_seconds=apply,
+        start_seconds=start_seconds,
+        bytes_from_peers=from_peers,
+        bytes_from_registry=from_registry,
+        bytes_held=kept,
+        measured=rates.measured,
+    )
+
+
+class CostBook:
+    """The newest `layer_costs` each host reported, kept as pushes arrive (a registry observer).
+    In memory: a restarted coordinator assumes the defaults for a host until its next push."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, dict[str, float]] = {}
+
+    def observe(self, host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
+        """Samples as stored (protobuf JSON), oldest first."""
+        for _, sample in reversed(samples):
+            costs = sample.get("layer_costs")
+            if isinstance(costs, Mapping) and costs:
+                self._latest[host] = {k: float(v) for k, v in costs.items() if isinstance(v, int | float)}
+                return
+
+    def of(self, host: str) -> dict[str, float] | None:
+        return self._latest.get(host)
