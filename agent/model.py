@@ -209,6 +209,8 @@ class CreateRequest:
     publish_service: bool = True
     """Publish service_ip when the container starts; False for a standby copy (a move's target)."""
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    reservation: str | None = None
+    """A reservation on this host (placed by the coordinator) the container's resources are charged to."""
 
 
 @dataclass(frozen=True)

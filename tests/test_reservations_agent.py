@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from agent.api import build_app, serve
+from agent.api.handlers import parse_create
 from agent.app import Agent
 from agent.config import CapacityConfig, TelemetryConfig
 from agent.ctl.main import main as ferryctl
 from agent.model import ContainerState, CreateRequest, Resources
-from agent.reservations import Amount, CapacityReserved
+from agent.reservations import Amount, CapacityReserved, ReservationNotFound
+from core.errors import InvalidRequest
 from proto.ferryman.v1 import fleet_pb2 as pb
 from tests.harness.agent import agent_config, running_agent
 from tests.harness.containerd import PrivateContainerd
@@ -94,9 +96,7 @@ async def test_run_refused_on_a_reserved_host(
     free = await agent.reservations.free()
     assert free.memory_bytes == 60 * MiB and free.cpu_millis == 500
     with pytest.raises(CapacityReserved):
-        await agent.containers.create(
-            CreateRequest(id="c2", image=image_ref, resources=Resources(memory=100 * MiB))
-        )
+        await agent.containers.create(CreateRequest(id="c2", image=image_ref, resources=Resources(memory=100 * MiB)))
     # The migration's PREPARE takes its need out of the reservation instead.
     await agent.reservations.admit(Amount(cpu_millis=1000, memory_bytes=512 * MiB), "mig-1")
 
@@ -133,3 +133,26 @@ async def test_oom_kill_and_drain_notice_become_events(agent: Agent, image_ref: 
         await asyncio.sleep(0.1)
     assert "OOM_KILL" in kinds and kinds.count("DRAIN_NOTICE") == 1
     assert agent.metrics.host_events.labels(kind="oom_kill")._value.get() >= 1
+
+
+async def test_a_container_placed_by_the_coordinator_is_charged_to_its_reservation(
+    agent: Agent, image_ref: str
+) -> None:
+    """POST /v1/containers with `reservation`: the room the coordinator reserved for this container is
+    used for it, where any other container is refused; an unknown reservation creates nothing."""
+    reservation = pb.Reservation(
+        id="place-1", capacity=pb.Capacity(cpu_millis=1000, memory_bytes=900 * MiB), expires_at=time.time() + 120
+    )
+    await agent.reservations.reserve(reservation)
+    big = Resources(cpus=1.0, memory=512 * MiB)
+    with pytest.raises(CapacityReserved):
+        await agent.containers.create(CreateRequest(id="other", image=image_ref, resources=big))
+    with pytest.raises(ReservationNotFound):
+        await agent.containers.create(CreateRequest(id="lost", image=image_ref, resources=big, reservation="nope"))
+    assert [c.id for c in await agent.containers.list()] == []
+    await agent.containers.create(CreateRequest(id="placed", image=image_ref, resources=big, reservation="place-1"))
+    assert [c.id for c in await agent.containers.list()] == ["placed"]
+    [held] = agent.reservations.held()
+    assert held.claimed.memory_bytes == 512 * MiB
+    with pytest.raises(InvalidRequest, match="reservation id"):
+        parse_create({"id": "x", "image": image_ref, "reservation": "../etc"})

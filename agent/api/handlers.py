@@ -30,6 +30,7 @@ from agent.model import (
     parse_restart_policy,
 )
 from agent.network.addresses import parse_service_ip
+from agent.reservations import check_reservation_id
 from core.errors import ContainerNotFound, FerrymanError, InvalidRequest
 from core.http.errors import error_body
 from core.http.validate import (
@@ -107,7 +108,7 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
     """A CreateRequest from a request body; types and unknown fields are checked strictly."""
     fields = {
         "id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service",
-        "restart_policy",
+        "restart_policy", "reservation",
     }
     check_keys(body, fields, {"id", "image"}, "body")
     cid = str_field(body, "id", "body")
@@ -162,7 +163,15 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
         service_ip=service_ip,
         publish_service=publish_service,
         restart_policy=parse_restart_policy(body.get("restart_policy"), "body.restart_policy"),
+        reservation=_reservation_field(body),
     )
+
+
+def _reservation_field(body: dict[str, Any]) -> str | None:
+    reservation = str_field(body, "reservation", "body", optional=True)
+    if reservation is not None:
+        check_reservation_id(reservation)
+    return reservation
 
 
 T = TypeVar("T")

@@ -122,7 +122,7 @@ class ContainerService:
         if any(k.startswith(LABEL_PREFIX) for k in req.labels):
             raise InvalidRequest(f"labels starting with {LABEL_PREFIX} are reserved")
         if self._admission is not None:  # before anything is made: a refusal leaves nothing behind
-            await self._admission.admit(container_need(req.resources.cpus, req.resources.memory))
+            await self._admission.admit(container_need(req.resources.cpus, req.resources.memory), req.reservation)
         image = await read_image(self._cd, req.image, self._platform)
         passwd = group = None
         # Names, and numeric uids without a gid, resolve through the image's own passwd and group.
