@@ -7,6 +7,7 @@ host identity, not the URL's address), so a re-pointed api_url cannot impersonat
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any, Protocol
 
@@ -15,7 +16,7 @@ import aiohttp
 from coordinator.config import CoordinatorConfig
 from coordinator.model import Host, InsufficientCapacity, Reservation
 from coordinator.wire import capacity_to, to_json
-from core.errors import Conflict, FerrymanError, NotFound
+from core.errors import Conflict, FerrymanError, InvalidRequest, NotFound
 from core.security.pki import HostCertPaths
 from core.security.tls import client_context
 from proto.ferryman.v1 import fleet_pb2
@@ -38,15 +39,17 @@ class AgentClientLike(Protocol):
     ) -> dict[str, Any]: ...
     async def get_migration(self, source: Host, migration_id: str) -> dict[str, Any]: ...
     async def list_containers(self, host: Host) -> list[dict[str, Any]]: ...
+    async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]: ...
     async def close(self) -> None: ...
 
 
 class AgentClient:
     def __init__(self, ctx: ssl.SSLContext, timeout: float) -> None:
         self._ctx = ctx
+        self._timeout = timeout
+        # Each call has its own deadline (_call): a container create may legitimately take minutes.
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=timeout),
-            connector=aiohttp.TCPConnector(limit_per_host=8),
+            timeout=aiohttp.ClientTimeout(total=None), connector=aiohttp.TCPConnector(limit_per_host=8)
         )
 
     @classmethod
@@ -62,13 +65,17 @@ class AgentClient:
         await self._session.close()
 
     async def _call(
-        self, host: Host, method: str, path: str, body: dict[str, Any] | None = None
+        self, host: Host, method: str, path: str, body: dict[str, Any] | None = None, within: float | None = None
     ) -> tuple[int, dict[str, Any]]:
+        """One call, within `within` seconds or the client's request timeout."""
         if not host.api_url:
             raise AgentCallError(f"host {host.name!r} registered no api_url; the coordinator cannot reach it")
         url = host.api_url + path
         try:
-            async with self._session.request(method, url, json=body, ssl=self._ctx, server_hostname=host.name) as resp:
+            async with (
+                asyncio.timeout(within if within is not None else self._timeout),
+                self._session.request(method, url, json=body, ssl=self._ctx, server_hostname=host.name) as resp,
+            ):
                 data: Any = await resp.json(content_type=None) if resp.status != 204 else {}
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -82,6 +89,8 @@ class AgentClient:
         raw = data.get("error")
         err: dict[str, Any] = raw if isinstance(raw, dict) else {}
         message = f"agent {host.name}: {what}: {err.get('message', f'HTTP {status}')}"
+        if status == 400:
+            return InvalidRequest(message)
         if status == 404:
             return NotFound(message)
         if status == 409:
@@ -136,3 +145,10 @@ class AgentClient:
         if not isinstance(containers, list):
             raise AgentCallError(f"agent {host.name}: containers is not a list")
         return containers
+
+    async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]:
+        """Create and start a container on `host` (its image pulled or assembled there first)."""
+        status, data = await self._call(host, "POST", "/v1/containers?start=1", spec, within)
+        if status != 201:
+            raise self._error(host, status, data, f"create container {spec.get('id')}")
+        return data

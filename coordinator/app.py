@@ -24,6 +24,7 @@ from coordinator.registry import HostRegistry
 from coordinator.reservations import ReservationService
 from coordinator.retraining import Retrainer
 from coordinator.sqlite_store import SqliteStore
+from coordinator.starts import ContainerStarts
 from coordinator.store import Store
 from core.security.tls import check_files
 
@@ -70,6 +71,7 @@ class Coordinator:
             holders=lambda digest: [h.host for h in self.layers.tracker.holders(digest, clock())],
             costs=self.costs.of,
         )
+        self.starts = ContainerStarts(store, self.placer, self.reservations, agents, config.agents.create_timeout)
         self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
         self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)
         self.retrainer = Retrainer(store, self.predictions, config, clock)

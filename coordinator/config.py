@@ -135,6 +135,9 @@ class TrackerConfig:
 class AgentClientConfig:
     request_timeout: float = 30.0
     """Seconds for one call to an agent's ops API."""
+    create_timeout: float = 600.0
+    """Seconds for an agent to create and start a container the coordinator placed (it may pull or
+    assemble its image first)."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,7 @@ def _validate(config: CoordinatorConfig) -> None:
         "migrations.poll_period": config.migrations.poll_period,
         "migrations.timeout": config.migrations.timeout,
         "agents.request_timeout": config.agents.request_timeout,
+        "agents.create_timeout": config.agents.create_timeout,
         "tracker.fetching_ttl": config.tracker.fetching_ttl,
         "placement.registry_bytes_per_second": config.placement.registry_bytes_per_second,
         "placement.peer_bytes_per_second": config.placement.peer_bytes_per_second,

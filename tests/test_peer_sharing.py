@@ -39,11 +39,17 @@ async def mesh(base_dir: Path) -> AsyncIterator[Mesh]:
 
 async def push_image(mesh: Mesh, layer_mib: int = 24) -> tuple[str, int]:
     """busybox and one incompressible layer (uncompressed, so its blob is `layer_mib` MiB): (ref, layer bytes)."""
+    ref, layers = await push_image_layers(mesh, layer_mib)
+    return ref, sum(layers.values())
+
+
+async def push_image_layers(mesh: Mesh, layer_mib: int = 24) -> tuple[str, dict[str, int]]:
+    """push_image's image: (ref, its layers' digest -> size)."""
     repo = f"test/shared-{secrets.token_hex(3)}"
     big = random_layer(layer_mib << 20, seed=secrets.randbelow(1 << 30), compression="none")
     image = ImageBuilder([busybox_layer(), big], cmd=("/bin/sh", "-c", "true")).build()
     await image.push(mesh.push_host, repo, "v1")
-    return mesh.image_ref(repo, "v1"), sum(layer.size for layer in image.layers)
+    return mesh.image_ref(repo, "v1"), {layer.digest: layer.size for layer in image.layers}
 
 
 async def pull(host: MeshHost, ref: str) -> dict[str, Any]:
@@ -179,7 +185,8 @@ async def test_without_static_peers_the_coordinators_tracker_finds_them(base_dir
         mesh = f.mesh
         h1, h2, h3 = mesh["h1"], mesh["h2"], mesh["h3"]
         assert "blobs" not in (h2.dir / "agent.toml").read_text()
-        ref, size = await push_image(mesh)
+        ref, layers = await push_image_layers(mesh)
+        size = sum(layers.values())
         await pull(h1, ref)
         await mesh.registry.stop()
         summary = await pull(h2, ref)
@@ -200,6 +207,30 @@ async def test_without_static_peers_the_coordinators_tracker_finds_them(base_dir
         assert sent < 1.5 * size2, (sent, size2)
         for host in (h1, h3):
             await assert_runs_and_clean(host, ref2)
+
+        # A new container through the coordinator goes where its layers are (h1 and h2 hold the
+        # image; h3 would have to fetch it), charged to the reservation made for it.
+        started = await f.call(
+            "POST",
+            "/v1/containers",
+            {"container": {"id": "placed", "image": ref, "args": ["sleep", "300"]}, "layers": layers},
+            expect=201,
+        )
+        placed = started["placement"]["host"]
+        assert placed in ("h1", "h2") and started["placement"]["predicted"]["bytes_held"] == sum(layers.values())
+        assert started["placement"]["candidates"][-1]["host"] == "h3", started["placement"]
+        listed = {c["id"]: c["state"] for c in (await api(mesh[placed], "GET", "/v1/containers"))["containers"]}
+        assert listed.get("placed") == "running", listed
+        bad = await f.call(
+            "POST",
+            "/v1/containers",
+            {"container": {"id": "bad", "image": "no/such:image"}, "layers": layers},
+            expect=None,
+        )
+        assert "error" in bad, bad
+        reservations = (await f.call("GET", "/v1/reservations"))["reservations"]
+        assert [r["host"] for r in reservations] == [placed], reservations  # the failed one's is released
+        await api(mesh[placed], "DELETE", "/v1/containers/placed?force=1", expect=None)
 
         # Without the coordinator the pull goes on: the tracker's failures fall back to [[peers]]
         # (none with blobs here), then the registry.

@@ -350,6 +350,54 @@ async def place_start(request: web.Request) -> web.Response:
     return _json(placement.to_dict(), status=201)
 
 
+async def start_container(request: web.Request) -> web.Response:
+    """Place a new container by predicted time to running and start it there (coordinator/starts.py)."""
+    _ops(request)
+    body = await read_object(request)
+    check_keys(body, {"container", "capacity", "layers", "ttl"}, {"container"}, "body")
+    spec = body["container"]
+    if not isinstance(spec, dict):
+        raise InvalidRequest(f"body.container: expected the agent's container spec (an object), got {json_type(spec)}")
+    cid = str_field(spec, "id", "body.container")
+    assert cid is not None
+    check_container_id(cid)
+    if "reservation" in spec:
+        raise InvalidRequest("body.container.reservation: the coordinator makes the reservation")
+    layers = _layers(body) if "layers" in body else _composition_layers(spec)
+    capacity = _capacity(body) if "capacity" in body else _spec_capacity(spec)
+    ttl = positive_field(body, "ttl", "body", integer=False)
+    started = await request.app[COORDINATOR].starts.start(spec, Need(capacity, layers, str(spec.get("image", ""))), ttl)
+    return _json(started, status=201)
+
+
+def _composition_layers(spec: dict[str, Any]) -> dict[str, int]:
+    """digest -> size from a composition's nodes (the agent validates the composition itself)."""
+    composition = spec.get("composition")
+    if not isinstance(composition, dict):
+        return {}
+    nodes = composition.get("nodes")
+    if not isinstance(nodes, list):
+        raise InvalidRequest("body.container.composition.nodes: expected an array")
+    layers = {}
+    for i, node in enumerate(nodes):
+        digest, size = (node.get("digest"), node.get("size")) if isinstance(node, dict) else (None, None)
+        if not isinstance(digest, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidRequest(f"body.container.composition.nodes[{i}]: needs a digest and a size")
+        layers[digest] = size
+    check_digests(list(layers), "body.container.composition.nodes")
+    return layers
+
+
+def _spec_capacity(spec: dict[str, Any]) -> Capacity:
+    """What the container's limits ask for; a small default where it sets none."""
+    raw = spec.get("resources")
+    resources: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    cpus, memory = resources.get("cpus"), resources.get("memory")
+    cpu_millis = int(cpus * 1000) if isinstance(cpus, int | float) and not isinstance(cpus, bool) and cpus > 0 else 100
+    memory_bytes = memory if isinstance(memory, int) and not isinstance(memory, bool) and memory > 0 else 64 << 20
+    return Capacity(cpu_millis, memory_bytes, 0)
+
+
 async def release_reservation(request: web.Request) -> web.Response:
     _ops(request)
     released = await request.app[COORDINATOR].reservations.release(request.match_info["id"])

@@ -53,6 +53,7 @@ def build_app(coordinator: Coordinator) -> web.Application:
     r.add_post("/v1/reservations", h.place_reservation)
     r.add_delete("/v1/reservations/{id}", h.release_reservation)
     r.add_post("/v1/placements", h.place_start)
+    r.add_post("/v1/containers", h.start_container)
     r.add_get("/v1/openapi.yaml", h.openapi)
     r.add_get("/healthz", h.healthz)
     r.add_get("/metrics", h.metrics)
