@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
+from coordinator.catalog.model import Catalog, CatalogChanged, CatalogEntry, CatalogEntryExists
 from coordinator.model import (
     Capacity,
     ContainerUsage,
@@ -123,6 +124,21 @@ _SCHEMA: tuple[str, ...] = (
     """,
     """
     ALTER TABLE hosts ADD COLUMN blob_address TEXT NOT NULL DEFAULT '';
+    """,
+    # 3: the catalog (coordinator/catalog/): entries in registration order and one revision counter.
+    """
+    CREATE TABLE catalog (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        entry TEXT NOT NULL,
+        UNIQUE (name, version)
+    );
+    CREATE TABLE catalog_revision (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        revision INTEGER NOT NULL
+    );
+    INSERT INTO catalog_revision (id, revision) VALUES (0, 0);
     """,
 )
 SCHEMA_VERSION = len(_SCHEMA)
@@ -634,5 +650,57 @@ class SqliteStore:
             else:
                 rows = self._db.execute("SELECT * FROM drains WHERE host = ? ORDER BY started_at", (host,))
             return [Drain(**dict(r)) for r in rows]
+
+        return await self._run(op)
+
+    # ----- catalog
+
+    @staticmethod
+    def _catalog_revision(db: sqlite3.Connection) -> int:
+        return int(db.execute("SELECT revision FROM catalog_revision WHERE id = 0").fetchone()[0])
+
+    def _bump_catalog(self, db: sqlite3.Connection, revision: int) -> int:
+        current = self._catalog_revision(db)
+        if current != revision:
+            raise CatalogChanged(f"the catalog moved from revision {revision} to {current}")
+        db.execute("UPDATE catalog_revision SET revision = ? WHERE id = 0", (revision + 1,))
+        return revision + 1
+
+    async def catalog(self) -> Catalog:
+        def op() -> Catalog:
+            db = self._db
+            db.execute("BEGIN")  # one snapshot for the entries and their revision
+            try:
+                revision = self._catalog_revision(db)
+                rows = db.execute("SELECT entry FROM catalog ORDER BY seq").fetchall()
+            finally:
+                db.execute("COMMIT")
+            return Catalog(tuple(CatalogEntry.from_dict(json.loads(r["entry"])) for r in rows), revision)
+
+        return await self._run(op)
+
+    async def add_catalog_entry(self, entry: CatalogEntry, revision: int) -> int:
+        def op() -> int:
+            with self._write() as db:
+                new = self._bump_catalog(db, revision)
+                try:
+                    db.execute(
+                        "INSERT INTO catalog (name, version, entry) VALUES (?, ?, ?)",
+                        (entry.name, entry.version, _dumps(entry.to_dict())),
+                    )
+                except sqlite3.IntegrityError as exc:
+                    raise CatalogEntryExists(f"{entry.id} is already in the catalog") from exc
+            return new
+
+        return await self._run(op)
+
+    async def remove_catalog_entries(self, ids: Sequence[str], revision: int) -> int:
+        def op() -> int:
+            with self._write() as db:
+                new = self._bump_catalog(db, revision)
+                for entry_id in ids:
+                    name, _, version = entry_id.partition("@")
+                    db.execute("DELETE FROM catalog WHERE name = ? AND version = ?", (name, version))
+            return new
 
         return await self._run(op)

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from coordinator.catalog.model import Catalog, CatalogEntry
 from coordinator.model import (
     Capacity,
     ContainerUsage,
@@ -39,7 +40,29 @@ class TelemetryUpdate:
     dropped: int = 0
 
 
-class Store(Protocol):
+class CatalogStore(Protocol):
+    """The catalog's entries (coordinator/catalog/). Writes are conditional on the revision the
+    caller read: what was checked against one snapshot still holds when the write lands, however
+    many coordinators write (a backend on a distributed store compares a revision key in a
+    transaction the same way). A write that finds the catalog moved raises CatalogChanged."""
+
+    async def catalog(self) -> Catalog:
+        """Every entry, oldest registration first, and the revision they are at."""
+        ...
+
+    async def add_catalog_entry(self, entry: CatalogEntry, revision: int) -> int:
+        """Insert `entry` if the catalog is still at `revision`; the new revision.
+
+        CatalogChanged if the revision moved; CatalogEntryExists if `entry.id` is taken."""
+        ...
+
+    async def remove_catalog_entries(self, ids: Sequence[str], revision: int) -> int:
+        """Delete the entries `ids` (name@version) if the catalog is still at `revision`; the new
+        revision. CatalogChanged if the revision moved."""
+        ...
+
+
+class Store(CatalogStore, Protocol):
     async def close(self) -> None: ...
 
     # ----- hosts

@@ -1,4 +1,4 @@
-"""The deployment planner: pure functions, driven with data.
+"""The deployment planner and the catalog's cycle finder: pure functions, driven with data.
 
 Examples pin the documented behaviour (levels, teardown, volumes, the wiring environment);
 hypothesis checks the order properties on random catalogs.
@@ -6,6 +6,8 @@ hypothesis checks the order properties on random catalogs.
 
 from __future__ import annotations
 
+import graphlib
+import itertools
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from coordinator.catalog.model import (
     TransferProtocol,
     UnknownReference,
 )
+from coordinator.catalog.validation import find_cycle
 from coordinator.deployments.plan import PlanConflict, env_name, host_port, plan, preview, wiring
 
 CHECK = HealthCheck(HealthCheckKind.TCP, port=1)
@@ -231,3 +234,20 @@ def test_every_dependency_starts_in_an_earlier_level(case: tuple[Catalog, str]) 
         assert env[name]["FERRYMAN_DEPS"] == ",".join(component.requires)
         for dep in component.requires:
             assert env[name][f"FERRYMAN_DEP_{env_name(dep)}_HOST"] == env[dep]["FERRYMAN_SERVICE_HOST"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from("abcdefg"), st.sets(st.sampled_from("abcdefg"), max_size=3), max_size=7))
+def test_find_cycle_names_a_real_cycle_exactly_when_there_is_one(graph: dict[str, set[str]]) -> None:
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+        cyclic = False
+    except graphlib.CycleError:
+        cyclic = True
+    cycle = find_cycle(graph, start="a")
+    assert (cycle is not None) == cyclic
+    if cycle is not None:
+        assert cycle[0] == cycle[-1] and len(set(cycle[:-1])) == len(cycle) - 1
+        assert all(b in graph.get(a, ()) for a, b in itertools.pairwise(cycle))  # along "requires" edges
+        if "a" in cycle:
+            assert cycle[0] == "a"
