@@ -11,6 +11,7 @@ from typing import Any
 
 from coordinator.agents import AgentClient, AgentClientLike
 from coordinator.auth import TokenHashes
+from coordinator.catalog.service import CatalogService
 from coordinator.config import CoordinatorConfig
 from coordinator.costs import CostBook
 from coordinator.layers import LayerService
@@ -75,6 +76,7 @@ class Coordinator:
         self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
         self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)
         self.retrainer = Retrainer(store, self.predictions, config, clock)
+        self.catalog = CatalogService(store, clock)
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
 

@@ -1,4 +1,5 @@
-"""The catalog: registration checks on a real SQLite store.
+"""The catalog: registration checks on a real SQLite store, the API through a real coordinator
+process, and `ferryctl catalog` through its real entry point.
 
 Every refused registration is checked to have stored nothing (the catalog's revision and entries
 are unchanged), and every error to name what is wrong.
@@ -17,6 +18,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from agent.ctl.main import main
 from coordinator.catalog.model import (
     Catalog,
     CatalogChanged,
@@ -33,6 +35,8 @@ from coordinator.catalog.validation import schema_text
 from coordinator.deployments.plan import PlanConflict
 from coordinator.sqlite_store import _SCHEMA, SCHEMA_VERSION, SqliteStore
 from core.ids import CATALOG_NAME_RE, CATALOG_VERSION_RE
+from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, new_token
+from tests.test_ctl_scripting import _documented_json_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 HTTP_CHECK = {"kind": "http", "port": 8080, "path": "/healthz", "interval": 1, "timeout": 0.5, "retries": 3}
@@ -381,3 +385,185 @@ def test_the_schema_says_what_the_code_checks() -> None:
     assert schema["$defs"]["name"]["pattern"] == f"^{CATALOG_NAME_RE.pattern}$"
     assert schema["$defs"]["version"]["pattern"] == f"^{CATALOG_VERSION_RE.pattern}$"
     assert schema["$defs"]["reference"]["pattern"] == f"^{CATALOG_NAME_RE.pattern}(@{CATALOG_VERSION_RE.pattern})?$"
+
+
+# ------------------------------------------------------------------ the API, through a real coordinator
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> CoordinatorPki:
+    return CoordinatorPki(tmp_path_factory.mktemp("catalog-pki"))
+
+
+@pytest.fixture(scope="module")
+def token() -> str:
+    return new_token()
+
+
+@pytest.fixture
+async def coordinator(workdir: Path, pki: CoordinatorPki, token: str) -> AsyncIterator[CoordinatorProcess]:
+    proc = CoordinatorProcess(workdir, pki, tokens=(token,))
+    await proc.start()
+    try:
+        yield proc
+    finally:
+        assert await proc.stop() == 0, proc.logs()
+
+
+async def test_catalog_api(coordinator: CoordinatorProcess, pki: CoordinatorPki) -> None:
+    async with coordinator.client(pki.operator("alice")) as ops:
+        status, body = await ops.post("/v1/catalog", QUEUE)
+        assert status == 201, body
+        assert body["id"] == "queue@1.0.0" and body["registered_by"] == "alice"
+        status, again = await ops.post("/v1/catalog", QUEUE)
+        assert status == 200 and again == body
+        for doc in (DETECT, RENDER):
+            status, body = await ops.post("/v1/catalog", doc)
+            assert status == 201, body
+
+        # Refusals: JSON errors with their codes; the catalog is as it was.
+        _, before = await ops.get("/v1/catalog")
+        for doc, status_code, code, fragment in [
+            (_with(DETECT, _M, ...), 400, "manifest_invalid", "Dependency Manifest"),
+            (_with(DETECT, f"{_HC}.timeout", 9), 400, "manifest_invalid", "longer than the interval"),
+            (entry("x", requires=("nothing",)), 400, "catalog_unknown_reference", "no catalog entry named 'nothing'"),
+            (entry("queue", "2", requires=("render",)), 400, "catalog_cycle", "queue -> render -> detect -> queue"),
+            ({**QUEUE, "image": "elsewhere/queue:1"}, 409, "catalog_entry_exists", "queue@1.0.0"),
+        ]:
+            status, body = await ops.post("/v1/catalog", doc)
+            assert (status, body["error"]["code"]) == (status_code, code), body
+            assert fragment in body["error"]["message"], body
+        status, body = await ops.post("/v1/catalog", raw=b'{"name": "a", "name": "b"}')
+        assert status == 400 and "duplicate key" in body["error"]["message"]
+        _, after = await ops.get("/v1/catalog")
+        assert after == before and after["revision"] == 3
+
+        status, view = await ops.get("/v1/catalog/detect")
+        assert status == 200 and [v["id"] for v in view["versions"]] == ["detect@1.0.0"]
+        assert view["required_by"] == [{"id": "render@1.0.0", "requires": "detect@1.0.0"}]
+        status, view = await ops.get("/v1/catalog/queue/versions/1.0.0")
+        assert status == 200 and {u["id"] for u in view["required_by"]} == {"detect@1.0.0", "render@1.0.0"}
+        status, body = await ops.get("/v1/catalog/queue/versions/7")
+        assert status == 404 and body["error"]["code"] == "catalog_entry_not_found"
+        status, body = await ops.get("/v1/catalog/Bad_Name")
+        assert status == 400 and "invalid catalog entry name" in body["error"]["message"]
+
+        status, layout = await ops.get("/v1/catalog/render/plan")
+        assert status == 200, layout
+        assert layout["levels"] == [["queue"], ["detect"], ["render"]]
+        assert layout["teardown"] == [["render"], ["detect"], ["queue"]]
+        assert layout["colocated"] == [["detect", "render"]]
+        assert layout["environment"]["render"]["FERRYMAN_DEP_QUEUE_URL"] == "tcp://<queue>:5672/rendered"
+        status, body = await ops.get("/v1/catalog/nothing/plan")
+        assert status == 404, body
+
+        status, body = await ops.request("DELETE", "/v1/catalog/queue")
+        assert status == 409 and body["error"]["code"] == "catalog_entry_in_use"
+        assert "detect@1.0.0 (requires queue), render@1.0.0 (requires queue)" in body["error"]["message"]
+        status, body = await ops.request("DELETE", "/v1/catalog/render/versions/1.0.0")
+        assert (status, body) == (200, {"removed": ["render@1.0.0"]})
+
+    # Ops only; the schema, like this API's OpenAPI document, is for anyone.
+    async with coordinator.client(pki.agent("h1")) as agent:
+        status, body = await agent.post("/v1/catalog", entry("x"))
+        assert status == 403 and body["error"]["code"] == "forbidden"
+        status, _ = await agent.get("/v1/catalog")
+        assert status == 403
+    async with coordinator.client(None) as anonymous:
+        status, body = await anonymous.get("/v1/catalog")
+        assert status == 401
+        status, body = await anonymous.get("/v1/schemas/catalog-entry.json")
+        assert status == 200
+        served = json.loads(body["text"])
+    assert served == json.loads(schema_text())
+    jsonschema.validate(RENDER, served)
+
+    # The catalog outlives the process.
+    assert await coordinator.stop() == 0
+    await coordinator.start()
+    async with coordinator.client(pki.operator("alice")) as ops:
+        _, listed = await ops.get("/v1/catalog")
+    assert [e["id"] for e in listed["entries"]] == ["queue@1.0.0", "detect@1.0.0"]
+
+
+# ------------------------------------------------------------------ ferryctl catalog
+
+
+async def ctl(proc: CoordinatorProcess, pki: CoordinatorPki, *argv: str, token: str | None = None) -> int:
+    who = (
+        ["--token", token]
+        if token
+        else ["--cert", str(pki.operator().cert_file), "--key", str(pki.operator().key_file)]
+    )
+    base = ["--coordinator", proc.url, "--ca", str(pki.server.ca_file), *who]
+    return await asyncio.to_thread(main, [*base, *argv])
+
+
+async def test_ferryctl_catalog(
+    coordinator: CoordinatorProcess,
+    pki: CoordinatorPki,
+    token: str,
+    workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    files = {}
+    for doc in (QUEUE, DETECT, RENDER):
+        files[doc["name"]] = workdir / f"{doc['name']}.json"
+        files[doc["name"]].write_text(json.dumps(doc))
+    for name in ("queue", "detect", "render"):
+        assert await ctl(coordinator, pki, "catalog", "register", str(files[name])) == 0
+        assert f"registered {name}@1.0.0 (registry.test:5000/pipeline/{name}:1.0.0)" in capsys.readouterr().out
+
+    assert await ctl(coordinator, pki, "catalog", token=token) == 0  # `list` is the default
+    table = capsys.readouterr().out
+    for fragment in ("NAME", "REQUIRES", "HEALTH CHECK", "detect@1.0.0 (shared_volume)", "grpc :50051", "exec"):
+        assert fragment in table, table
+
+    assert await ctl(coordinator, pki, "catalog", "show", "queue") == 0
+    out = capsys.readouterr().out
+    assert "queue@1.0.0: registry.test:5000/pipeline/queue:1.0.0" in out
+    assert "health check tcp :5672 every 1.0 s" in out
+    assert "required by detect@1.0.0 (queue), render@1.0.0 (queue)" in out
+
+    assert await ctl(coordinator, pki, "catalog", "plan", "render") == 0
+    out = capsys.readouterr().out
+    assert "level 0: queue@1.0.0" in out and "level 2: render@1.0.0" in out
+    assert "volume detect-1 at /shared/frames: detect, render" in out
+    assert "FERRYMAN_DEP_DETECT_VOLUME=/shared/frames" in out
+
+    # Refusals: the coordinator's words, exit 1; a bad NAME or a file that is not JSON: exit 2.
+    assert await ctl(coordinator, pki, "catalog", "remove", "queue") == 1
+    err = capsys.readouterr().err
+    assert "error: catalog_entry_in_use: queue is required by detect@1.0.0 (requires queue)" in err
+    bad = workdir / "bad.json"
+    bad.write_text(json.dumps(_with(DETECT, _M, ...)))
+    assert await ctl(coordinator, pki, "catalog", "register", str(bad)) == 1
+    assert "error: manifest_invalid: invalid catalog entry: manifest: missing" in capsys.readouterr().err
+    bad.write_text("{not json")
+    assert await ctl(coordinator, pki, "catalog", "register", str(bad)) == 2
+    assert "not a JSON document" in capsys.readouterr().err
+    assert await ctl(coordinator, pki, "catalog", "register", str(workdir / "absent.json")) == 1
+    assert "error: io_error: cannot read" in capsys.readouterr().err
+    assert await ctl(coordinator, pki, "catalog", "show", "Queue@1") == 2
+    assert "invalid catalog entry name 'Queue'" in capsys.readouterr().err
+
+    # --json carries the keys docs/ferryctl.md promises.
+    documented = _documented_json_keys()
+    for name, argv in (
+        ("`catalog` (coordinator)", ["catalog", "list"]),
+        ("`catalog show` (coordinator)", ["catalog", "show", "render"]),
+        ("`catalog plan` (coordinator)", ["catalog", "plan", "render"]),
+        ("`catalog remove` (coordinator)", ["catalog", "remove", "render@1.0.0"]),
+        ("`catalog register` (coordinator)", ["catalog", "register", str(files["render"])]),
+    ):
+        assert await ctl(coordinator, pki, "--json", *argv) == 0, name
+        data = json.loads(capsys.readouterr().out)
+        assert [k for k in documented[name] if k not in data] == [], (name, data)
+    assert await ctl(coordinator, pki, "catalog", "schema") == 0
+    assert json.loads(capsys.readouterr().out)["$id"] == "urn:ferryman:catalog-entry:v1"
+
+    # Without a coordinator there is no catalog.
+    monkeypatch.delenv("FERRYMAN_COORDINATOR", raising=False)
+    assert await asyncio.to_thread(main, ["catalog", "list"]) == 2
+    assert "catalog talks to the coordinator" in capsys.readouterr().err

@@ -456,6 +456,7 @@ async def test_agent_container_paths_and_queries(agent_under_test: AgentUnderTes
 API_WORDS = [
     "v1", "containers", "images", "migrations", "reservations", "network", "events", "logs", "start",
     "hosts", "h1", "model", "rollback", "predictions", "decisions", "register", "telemetry", "healthz",
+    "catalog", "versions", "plan", "schemas", "catalog-entry.json",
 ]  # fmt: skip
 
 
@@ -539,6 +540,8 @@ def _coordinator_state(ops: Client, route: str) -> dict[str, Any]:
         return {"reservations": ops.json("/v1/reservations")["reservations"]}
     if route == "/v1/model":
         return {"model": ops.json("/v1/model")}
+    if route == "/v1/catalog":
+        return {"catalog": ops.json("/v1/catalog")}
     raise AssertionError(route)
 
 
@@ -559,6 +562,20 @@ def _coordinator_templates() -> dict[str, tuple[str, dict[str, Any]]]:
             },
         ),
         "/v1/model": ("ops", {"path": "/nonexistent/model.onnx"}),
+        "/v1/catalog": (
+            "ops",
+            {
+                "name": "fuzz",
+                "version": "1.0.0",
+                "image": "registry.local/app:1",
+                "description": "a leaf entry",
+                "manifest": {
+                    "required_images": [],
+                    "data_transfer_protocols": {},
+                    "dependency_health_check": {"kind": "http", "port": 8080, "path": "/healthz", "interval": 1},
+                },
+            },
+        ),
     }
 
 
@@ -586,10 +603,16 @@ async def test_coordinator_post_bodies(coordinator_under_test: CoordinatorUnderT
             created = json.loads(answer.body)
             assert ops.send("DELETE", f"/v1/reservations/{segment(created['id'])}").status == 204
             after = _coordinator_state(ops, route)
+        elif route == "/v1/catalog":
+            # Accepted: remove it again, so the next example registers into the same catalog.
+            created = json.loads(answer.body)
+            path = f"/v1/catalog/{segment(created['name'])}/versions/{segment(created['version'])}"
+            assert ops.send("DELETE", path).status == 200
+            after = _coordinator_state(ops, route)
         baseline = after
 
     await in_thread(run, client, ops)
-    if route in ("/v1/register", "/v1/telemetry", "/v1/reservations"):
+    if route in ("/v1/register", "/v1/telemetry", "/v1/reservations", "/v1/catalog"):
         assert STATUSES[200] > 0, "no generated request got through: the fuzz never reached the service"
 
 

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from agent.api.handlers import parse_create
 from agent.api.network import parse_target
-from agent.ctl import cache, certs, completion, fleet, migrate, render, reservations
+from agent.ctl import cache, catalog, certs, completion, fleet, migrate, render, reservations
 from agent.ctl import images as image_archives
 from agent.ctl.args import container_id, cpus, memory_size, service_ip
 from agent.ctl.client import DEFAULT_AGENT, ENV_AGENT, AgentClient, ApiError
@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_parsers(sub)
     reservations.add_parser(sub)
     fleet.add_parsers(sub)
+    catalog.add_parser(sub)
     certs.add_parser(sub)
     completion.add_parser(sub)
     for child in _subparsers(parser):
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, "usage", str(exc), Exit.USAGE)
     except ApiError as exc:
         return _fail(args, exc.code, exc.message, for_error(exc.code))
-    except (UsageError, reservations.ReservationUsageError) as exc:
+    except (UsageError, reservations.ReservationUsageError, catalog.CatalogUsageError) as exc:
         return _fail(args, "usage", str(exc), Exit.USAGE)
     except KeyboardInterrupt:
         return Exit.INTERRUPTED

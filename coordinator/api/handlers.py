@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.app import Coordinator
 from coordinator.auth import Principal, authenticate, require_agent, require_ops
+from coordinator.deployments.plan import preview
 from coordinator.model import Capacity
 from coordinator.orchestrator import AUTO
 from coordinator.placement import Need
@@ -25,7 +27,7 @@ from core.http.validate import (
     read_object,
     str_field,
 )
-from core.ids import check_container_id
+from core.ids import check_catalog_name, check_catalog_version, check_container_id
 from core.security.pki import Role, validate_name
 from proto.ferryman.v1 import fleet_pb2
 
@@ -404,6 +406,67 @@ async def release_reservation(request: web.Request) -> web.Response:
     if released is None:
         raise web.HTTPNotFound(text=f"no reservation {request.match_info['id']!r}")
     return web.Response(status=204)
+
+
+# ----- ops: the catalog (coordinator/catalog/, docs/deployments.md)
+
+
+def _entry_name(request: web.Request) -> str:
+    return check_catalog_name(request.match_info["name"])
+
+
+def _entry_version(request: web.Request) -> str:
+    return check_catalog_version(request.match_info["version"])
+
+
+async def list_catalog(request: web.Request) -> web.Response:
+    _ops(request)
+    catalog = await request.app[COORDINATOR].catalog.catalog()
+    return _json({"revision": catalog.revision, "entries": [e.to_dict() for e in catalog.entries]})
+
+
+async def register_catalog_entry(request: web.Request) -> web.Response:
+    principal = _ops(request)
+    registered = await request.app[COORDINATOR].catalog.register(await read_object(request), principal.name)
+    entry = registered.entry
+    resp = _json(entry.to_dict(), status=201 if registered.created else 200)
+    resp.headers["Location"] = f"/v1/catalog/{entry.name}/versions/{quote(entry.version, safe='')}"
+    return resp
+
+
+async def show_catalog_name(request: web.Request) -> web.Response:
+    _ops(request)
+    return _json((await request.app[COORDINATOR].catalog.show(_entry_name(request))).to_dict())
+
+
+async def show_catalog_entry(request: web.Request) -> web.Response:
+    _ops(request)
+    view = await request.app[COORDINATOR].catalog.show(_entry_name(request), _entry_version(request))
+    return _json(view.to_dict())
+
+
+async def remove_catalog_name(request: web.Request) -> web.Response:
+    _ops(request)
+    removed = await request.app[COORDINATOR].catalog.remove(_entry_name(request))
+    return _json({"removed": [e.id for e in removed]})
+
+
+async def remove_catalog_entry(request: web.Request) -> web.Response:
+    _ops(request)
+    removed = await request.app[COORDINATOR].catalog.remove(_entry_name(request), _entry_version(request))
+    return _json({"removed": [e.id for e in removed]})
+
+
+async def plan_catalog_entry(request: web.Request) -> web.Response:
+    _ops(request)
+    raw = request.query.get("version")
+    version = check_catalog_version(raw) if raw else None
+    layout = await request.app[COORDINATOR].catalog.plan(_entry_name(request), version)
+    return _json(preview(layout))
+
+
+async def catalog_schema(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[COORDINATOR].catalog.schema, content_type="application/schema+json")
 
 
 # ----- plumbing
