@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from agent.ctl.catalog import plan_details
 from agent.ctl.main import main
 from coordinator.catalog.model import (
     Catalog,
@@ -32,7 +34,7 @@ from coordinator.catalog.model import (
 )
 from coordinator.catalog.service import CatalogService
 from coordinator.catalog.validation import schema_text
-from coordinator.deployments.plan import PlanConflict
+from coordinator.deployments.plan import PlanConflict, preview, wiring
 from coordinator.sqlite_store import _SCHEMA, SCHEMA_VERSION, SqliteStore
 from core.ids import CATALOG_NAME_RE, CATALOG_VERSION_RE
 from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, new_token
@@ -567,3 +569,36 @@ async def test_ferryctl_catalog(
     monkeypatch.delenv("FERRYMAN_COORDINATOR", raising=False)
     assert await asyncio.to_thread(main, ["catalog", "list"]) == 2
     assert "catalog talks to the coordinator" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ docs/deployments.md
+
+
+def _doc_examples() -> list[dict[str, Any]]:
+    text = (ROOT / "docs" / "deployments.md").read_text()
+    return [json.loads(block) for block in re.findall(r"```json\n(.*?)```", text, re.DOTALL) if '"manifest"' in block]
+
+
+async def test_the_documented_examples_register_and_plan(service: CatalogService) -> None:
+    examples = _doc_examples()
+    assert len(examples) >= 3
+    for doc in examples:
+        assert (await service.register(doc, "docs")).created, doc["name"]
+    layout = await service.plan(examples[-1]["name"])
+    text = (ROOT / "docs" / "deployments.md").read_text()
+    # The plan as `ferryctl catalog plan` prints it, and render's environment, as documented.
+    printed = plan_details(json.loads(json.dumps(preview(layout))))
+    shown = re.search(r"catalog plan transcode` prints:\n\n```\n(.*?)```", text, re.DOTALL)
+    assert shown is not None
+    documented = [line for line in shown[1].splitlines() if line.strip() != "..."]
+    assert printed[: len(documented)] == documented
+    block = re.search(r"`render` starts with:\n\n```\n(.*?)```", text, re.DOTALL)
+    assert block is not None
+    addresses = {
+        "frames-queue": "10.77.0.10",
+        "detect": "10.77.0.11",
+        "render": "10.77.0.12",
+        "transcode": "10.77.0.13",
+    }
+    env = wiring(layout, addresses, "pipeline-1")["render"]
+    assert block[1].splitlines() == [f"{k}={v}" for k, v in env.items()]
