@@ -15,6 +15,7 @@ from agent.containerd.types import (
     SnapshotInfo,
     SnapshotKind,
     TaskExit,
+    TaskStart,
     TaskStatus,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "SnapshotInfo",
     "SnapshotKind",
     "TaskExit",
+    "TaskStart",
     "TaskStatus",
 ]

@@ -6,12 +6,13 @@ import datetime as dt
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from agent.containerd.connection import CallContext
-from agent.containerd.types import Event, TaskExit
+from agent.containerd.types import Event, TaskExit, TaskStart
 from proto.containerd.api.events import task_pb2
 from proto.containerd.api.services.events.v1 import events_pb2 as pb
 from proto.containerd.api.services.events.v1.events_pb2_grpc import EventsStub
 
 TASK_EXIT_TOPIC = "/tasks/exit"
+TASK_START_TOPIC = "/tasks/start"
 
 
 class EventStream:
@@ -34,5 +35,22 @@ class EventStream:
             msg = task_pb2.TaskExit.FromString(event.payload)
             if msg.id and msg.id != msg.container_id:
                 continue  # an exec'd process
+            exited = msg.exited_at.ToDatetime(tzinfo=dt.UTC) if msg.HasField("exited_at") else None
+            yield TaskExit(container_id=msg.container_id, exit_status=msg.exit_status, exited_at=exited)
+
+    async def task_lifecycle(self) -> AsyncGenerator[TaskStart | TaskExit, None]:
+        """Starts and exits of containers' main processes in this namespace, in order; like
+        `task_exits`, events missed between subscriptions are lost."""
+        wanted = [
+            f'topic=="{topic}",namespace=="{self._ctx.namespace}"' for topic in (TASK_START_TOPIC, TASK_EXIT_TOPIC)
+        ]
+        async for event in self.subscribe(wanted):
+            if event.topic == TASK_START_TOPIC:
+                start = task_pb2.TaskStart.FromString(event.payload)
+                yield TaskStart(container_id=start.container_id, pid=start.pid)
+                continue
+            msg = task_pb2.TaskExit.FromString(event.payload)
+            if msg.id and msg.id != msg.container_id:
+                continue  # an exec'd process (a health check's among them)
             exited = msg.exited_at.ToDatetime(tzinfo=dt.UTC) if msg.HasField("exited_at") else None
             yield TaskExit(container_id=msg.container_id, exit_status=msg.exit_status, exited_at=exited)

@@ -17,6 +17,7 @@ from proto.containerd.runtime.v2.runc.options import oci_pb2
 
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
+PROCESS_SPEC_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 
 
 def _process(msg: task_pb2.Process) -> ProcessInfo:
@@ -88,6 +89,39 @@ class TaskService:
             self._stub.Delete, pb.DeleteTaskRequest(container_id=container_id), f"delete task {container_id}"
         )
         return resp.exit_status
+
+    # ----- processes exec'd into a running task (health checks' exec probes) ---------------------
+
+    async def exec(
+        self, container_id: str, exec_id: str, process_spec: bytes, stdout: str = "", stderr: str = ""
+    ) -> None:
+        """Create (not start) process `exec_id` in the task, from an OCI process spec (JSON); its
+        output goes to `stdout`/`stderr` (file:// URIs, like a task's)."""
+        req = pb.ExecProcessRequest(
+            container_id=container_id,
+            exec_id=exec_id,
+            stdout=stdout,
+            stderr=stderr,
+            spec=any_pb2.Any(type_url=PROCESS_SPEC_TYPE, value=process_spec),
+        )
+        await self._ctx.unary(self._stub.Exec, req, f"exec {exec_id} in {container_id}")
+
+    async def start_process(self, container_id: str, exec_id: str) -> int:
+        req = pb.StartRequest(container_id=container_id, exec_id=exec_id)
+        return (await self._ctx.unary(self._stub.Start, req, f"start {exec_id} in {container_id}")).pid
+
+    async def wait_process(self, container_id: str, exec_id: str) -> int:
+        """Block until the exec'd process exits; returns its exit status."""
+        req = pb.WaitRequest(container_id=container_id, exec_id=exec_id)
+        return (await self._ctx.unary(self._stub.Wait, req, f"wait {exec_id} in {container_id}")).exit_status
+
+    async def kill_process(self, container_id: str, exec_id: str, signal: int) -> None:
+        req = pb.KillRequest(container_id=container_id, exec_id=exec_id, signal=signal)
+        await self._ctx.unary(self._stub.Kill, req, f"kill {exec_id} in {container_id}")
+
+    async def delete_process(self, container_id: str, exec_id: str) -> int:
+        req = pb.DeleteProcessRequest(container_id=container_id, exec_id=exec_id)
+        return (await self._ctx.unary(self._stub.DeleteProcess, req, f"delete {exec_id} in {container_id}")).exit_status
 
     async def pause(self, container_id: str) -> None:
         await self._ctx.unary(

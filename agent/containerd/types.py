@@ -103,3 +103,11 @@ class TaskExit:
     container_id: str
     exit_status: int
     exited_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TaskStart:
+    """A container's task started (containerd's /tasks/start; a restored task starts too)."""
+
+    container_id: str
+    pid: int
