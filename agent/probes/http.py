@@ -1,0 +1,34 @@
+"""HTTP GET from inside a container's network namespace (aiohttp over a tunnel, agent/probes/netns.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+
+from agent.probes.errors import ProbeFailed
+from agent.probes.netns import tunnel
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    status: int
+    reason: str
+    body: bytes
+    """The start of the body, at most the `max_body` asked for."""
+
+
+async def http_get(netns: str, host: str, port: int, path: str, max_body: int) -> HttpAnswer:
+    """GET http://host:port/path as seen from `netns`, redirects not followed; ProbeFailed when no
+    answer comes (refused, reset, not HTTP). The caller bounds the time."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    async with tunnel(netns, host, port) as socket_path:
+        connector = aiohttp.UnixConnector(path=socket_path, force_close=True)
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
+                session.get(f"http://{authority}{path}", allow_redirects=False) as resp,
+            ):
+                return HttpAnswer(resp.status, resp.reason or "", await resp.content.read(max_body))
+        except aiohttp.ClientError as exc:
+            raise ProbeFailed(f"GET http://{authority}{path}: {exc}") from exc
