@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from pathlib import Path
 from types import TracebackType
 
 from agent.cache.service import CacheService
@@ -12,6 +13,8 @@ from agent.checkpoint.criuconf import CriuConfigs
 from agent.checkpoint.features import KDAT_CACHE, network_lock_method, prime_kdat_cache
 from agent.config import AgentConfig
 from agent.containerd import Containerd
+from agent.health.metrics import HealthMetrics
+from agent.health.monitor import HealthMonitor
 from agent.images.directory import PeerDirectory, StaticPeers, TrackedPeers
 from agent.images.peersource import PeerSharing
 from agent.images.service import ImageService
@@ -120,6 +123,11 @@ class Agent:
         )
         # Restarts exited containers by their policy, leaving alone those a migration holds.
         self.restarts = RestartSupervisor(cd.events, self.containers, self.migrations.migrating, config.restart)
+        # Runs containers' health checks while they run, skipping those a migration holds.
+        self.health = HealthMonitor(
+            cd, Path(config.state_dir, "health"), HealthMetrics(self.metrics.registry), self.migrations.migrating
+        )
+        self.containers.health = self.health
         # The peer port's session kinds: migrations today.
         self.peers.router.add(
             MIGRATION_SESSIONS, migration_sessions.handler(self.migrations.handle_session), MigrationSessions.check_id
@@ -173,6 +181,7 @@ class Agent:
         try:
             await agent.migrations.recover()  # finish or roll back what a previous run left in flight
             agent.restarts.start()  # after recovery: a source it resumed runs, a copy it removed is gone
+            agent.health.start()
             await agent.peers.serve()
             await agent.blob_server.start()
             await agent.reservations.open()
@@ -185,6 +194,7 @@ class Agent:
 
     async def close(self) -> None:
         await self.restarts.close()  # first: no restart may start while the rest shuts down
+        await self.health.close()
         await self.cache.close()
         await self.telemetry.close()
         await self.reservations.close()

@@ -9,6 +9,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agent.health.spec import HealthCheck
 from core.errors import InvalidRequest
 from core.http.validate import check_keys, json_type, positive_field
 
@@ -211,6 +212,8 @@ class CreateRequest:
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     reservation: str | None = None
     """A reservation on this host (placed by the coordinator) the container's resources are charged to."""
+    health: HealthCheck | None = None
+    """The health check the agent runs while the container runs (agent/health)."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent.health.spec import parse_health
 from agent.metrics import AgentMetrics
 from agent.model import (
     ContainerState,
@@ -108,7 +109,7 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
     """A CreateRequest from a request body; types and unknown fields are checked strictly."""
     fields = {
         "id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service",
-        "restart_policy", "reservation",
+        "restart_policy", "reservation", "health",
     }
     check_keys(body, fields, {"id", "image"}, "body")
     cid = str_field(body, "id", "body")
@@ -164,6 +165,7 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
         publish_service=publish_service,
         restart_policy=parse_restart_policy(body.get("restart_policy"), "body.restart_policy"),
         reservation=_reservation_field(body),
+        health=parse_health(body.get("health"), "body.health"),
     )
 
 

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from agent.api import cache as c
 from agent.api import handlers as h
+from agent.api import health as hc
 from agent.api import migrations as m
 from agent.api import network as n
 from agent.api import reservations as r
@@ -71,6 +72,10 @@ def build_app(agent: AgentLike) -> web.Application:
     cache: c.CacheLike | None = getattr(agent, "cache", None)
     if cache is not None:
         app[c.CACHE] = cache
+    # Containers' health checks (agent/health); without them: 503.
+    health: hc.HealthLike | None = getattr(agent, "health", None)
+    if health is not None:
+        app[hc.HEALTH] = health
     app[h.OPENAPI] = OPENAPI_PATH.read_bytes()
     app[h.SHUTDOWN] = asyncio.Event()
 
@@ -98,6 +103,7 @@ def build_app(agent: AgentLike) -> web.Application:
     n.add_routes(app)
     r.add_routes(app)
     c.add_routes(app)
+    hc.add_routes(app)
     app.router.add_get("/healthz", h.healthz)
     # The migrations module's /metrics refreshes its gauge, then serves the usual scrape.
     app.router.add_get("/metrics", m.metrics)

@@ -15,13 +15,14 @@ import signal
 import weakref
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.checkpoint.criuconf import ANNOTATION as CRIU_ANNOTATION
 from agent.checkpoint.criuconf import CriuConfigs
 from agent.config import ContainerdConfig, RuntimeConfig
 from agent.containerd import Containerd, ContainerRecord, ProcessInfo, TaskStatus
 from agent.errors import ContainerdNotFound
+from agent.health.spec import LABEL_HEALTH
 from agent.images.local import read_image
 from agent.images.service import ImageUses
 from agent.model import (
@@ -64,6 +65,12 @@ _STATES = {
 }
 
 
+class HealthReports(Protocol):
+    """The health monitor's view of a container (agent.health.monitor.HealthMonitor.report)."""
+
+    def report(self, container_id: str, labels: dict[str, str]) -> dict[str, Any] | None: ...
+
+
 class ContainerService:
     def __init__(
         self,
@@ -88,6 +95,8 @@ class ContainerService:
         self._creating: Counter[str] = Counter()
         self.uses: ImageUses | None = None
         """The layer cache, told that a container used its image (set by the agent)."""
+        self.health: HealthReports | None = None
+        """The health monitor, whose report inspect shows (set by the agent)."""
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         """One lock per container for start, stop, delete and the supervisor's restarts: a restart
         decided before an operator's stop must not run after it."""
@@ -156,6 +165,8 @@ class ContainerService:
             labels[LABEL_SERVICE_PUBLISH] = PUBLISH_ON_START if req.publish_service else PUBLISH_MANUAL
         if req.restart_policy.name != RestartName.NO:
             labels[LABEL_RESTART_POLICY] = req.restart_policy.spelling
+        if req.health is not None:
+            labels[LABEL_HEALTH] = req.health.label()
         async with self._cd.leases.held("create", 300) as lease_id:
             cd = self._cd.leased(lease_id)
             if await cd.snapshots.exists(req.id):
@@ -334,6 +345,7 @@ class ContainerService:
         out["runtime"] = record.runtime
         out["log_path"] = str(self.log_path(container_id))
         out["restart"] = restart_json(record.labels)
+        out["health"] = self.health.report(container_id, record.labels) if self.health is not None else None
         service_ip = record.labels.get(LABEL_SERVICE_IP)
         if service_ip:
             info = self.network.info(container_id)
