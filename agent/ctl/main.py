@@ -20,7 +20,7 @@ from rich.console import Console
 
 from agent.api.handlers import parse_create
 from agent.api.network import parse_target
-from agent.ctl import cache, catalog, certs, completion, fleet, migrate, render, reservations
+from agent.ctl import cache, catalog, certs, completion, fleet, healthcheck, migrate, render, reservations
 from agent.ctl import images as image_archives
 from agent.ctl.args import container_id, cpus, memory_size, service_ip
 from agent.ctl.client import DEFAULT_AGENT, ENV_AGENT, AgentClient, ApiError
@@ -97,6 +97,7 @@ def _container_options(p: argparse.ArgumentParser) -> None:
         metavar="POLICY",
         help="restart policy (restart_policy): no (default), on-failure[:N], always or unless-stopped",
     )
+    healthcheck.add_options(p)
     p.add_argument("image")
     # REMAINDER: everything after the image belongs to the container, flags included.
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -239,6 +240,12 @@ def container_spec(args: argparse.Namespace) -> dict[str, Any]:
         spec["publish_service"] = args.publish_service
     if args.restart is not None:
         spec["restart_policy"] = args.restart
+    try:
+        health = healthcheck.health_spec(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if health is not None:
+        spec["health"] = health
     try:
         parse_create(spec)  # the API's validation, so a bad request fails here with the API's words
     except InvalidRequest as exc:
