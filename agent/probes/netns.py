@@ -68,13 +68,6 @@ async def tunnel(netns: str, host: str, port: int) -> AsyncIterator[str]:
     writers: list[asyncio.StreamWriter] = []
 
     async def splice(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        writers.append(client_w)
-        if spliced:  # a second connection (a client's retry): the namespace socket is taken
-            client_w.close()
-            return
-        current = asyncio.current_task()
-        assert current is not None
-        spliced.append(current)
         inner_r, inner_w = await asyncio.open_connection(sock=sock)
         writers.append(inner_w)
         try:
@@ -83,8 +76,17 @@ async def tunnel(netns: str, host: str, port: int) -> AsyncIterator[str]:
             inner_w.close()
             client_w.close()
 
+    def accept(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        # A plain callback, not a coroutine: the splice is a task of ours, which this block cancels
+        # at its end (cancelling the server's own handler task makes Python 3.11's asyncio log it).
+        writers.append(client_w)
+        if spliced:  # a second connection (a client's retry): the namespace socket is taken
+            client_w.close()
+            return
+        spliced.append(asyncio.create_task(splice(client_r, client_w), name=f"probe-tunnel:{host}:{port}"))
+
     try:
-        server = await asyncio.start_unix_server(splice, path)
+        server = await asyncio.start_unix_server(accept, path)
         try:
             yield path
         finally:
