@@ -21,6 +21,7 @@ INT64_MAX = 2**63 - 1
 
 class HealthLike(Protocol):
     async def wait(self, container_id: str, after: int | None, timeout: float) -> dict[str, Any]: ...  # noqa: ASYNC109
+    def release_waiters(self) -> None: ...
 
 
 HEALTH = web.AppKey("health", HealthLike)
@@ -40,5 +41,12 @@ async def container_health(request: web.Request) -> web.Response:
     return _json(await monitor.wait(cid, after, wait if wait is not None else 0.0))
 
 
+async def _release_waiters(app: web.Application) -> None:
+    """At shutdown, long polls answer at once rather than hold the server up."""
+    if HEALTH in app:
+        app[HEALTH].release_waiters()
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/containers/{id}/health", container_health)
+    app.on_shutdown.append(_release_waiters)

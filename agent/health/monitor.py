@@ -151,6 +151,8 @@ class HealthMonitor:
         self._seq = itertools.count(time.time_ns() // 1_000_000)
         self._tasks = TaskSet()
         self._resync = asyncio.Event()
+        self._released = False
+        """Set when the API shuts down: callers of `wait` answer at once, so shutdown is not held up."""
 
     def start(self) -> None:
         self._tasks.spawn(self._follow(), "health-events")
@@ -158,7 +160,14 @@ class HealthMonitor:
 
     async def close(self) -> None:
         """Stop every probe loop (a probe under way is cancelled, an exec probe's process reaped)."""
+        self.release_waiters()
         await self._tasks.close()
+
+    def release_waiters(self) -> None:
+        """Answer every caller of `wait` now, with the health as it is, and later ones at once."""
+        self._released = True
+        for watch in self._watches.values():
+            watch.changed.set()
 
     # ----- what callers read ---------------------------------------------------------------------
 
@@ -177,7 +186,7 @@ class HealthMonitor:
         if after is not None and watch.seq <= after:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(timeout, MAX_WAIT)):
-                    while watch.seq <= after:
+                    while watch.seq <= after and not self._released:
                         await watch.changed.wait()
                         watch = self._watches.get(container_id, watch)
         return self._json(container_id, watch)
