@@ -263,3 +263,37 @@ async def test_health_endpoint_errors(agent: Agent, http: TestClient[Any, Any], 
     assert (await (await http.get("/v1/containers/h-plain")).json())["health"] is None
     resp = await http.get("/v1/containers/h-plain/health?after=1&wait=1000")
     assert resp.status == 400 and "wait: must be at most 300" in (await resp.json())["error"]["message"]
+
+
+async def test_a_container_a_migration_holds_is_not_probed(
+    agent: Agent, http: TestClient[Any, Any], containerd: PrivateContainerd, image_ref: str
+) -> None:
+    check = {"exec": {"command": ["test", "-f", "/tmp/ok"]}, "interval": 0.1, "retries": 1}
+    cid = await run(agent, image_ref, "touch /tmp/ok; exec sleep 300", check)
+    healthy = await until(http, cid, "healthy")
+    held = {cid}
+    agent.health._migrating = held.__contains__  # what MigrationService.migrating says during a move
+    await asyncio.sleep(0.3)  # a probe under way when the hold began ends
+    await ctr_exec(containerd, agent, cid, "rm", "/tmp/ok")  # every probe would fail now
+    counter = ("ferryman_health_probes_total", {"kind": "exec", "result": "skipped"})
+    skipped = agent.metrics.registry.get_sample_value(*counter)
+    await asyncio.sleep(0.5)
+    state = await health(http, cid)
+    assert (state["status"], state["seq"], state["failing_streak"]) == ("healthy", healthy["seq"], 0), state
+    more = agent.metrics.registry.get_sample_value(*counter)
+    assert skipped is not None and more is not None and more > skipped
+    held.clear()  # the hold ends: the probes count again
+    assert (await until(http, cid, "unhealthy"))["last"]["exit_code"] == 1
+
+
+async def test_shutdown_answers_waiting_callers(agent: Agent, image_ref: str) -> None:
+    cid = await run(agent, image_ref, HTTPD, {"tcp": {"port": 8080}, "interval": 0.1})
+    app = build_app(agent)  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as http:
+        healthy = await until(http, cid, "healthy")
+        waiter = asyncio.create_task(health(http, cid, after=healthy["seq"], wait=60))
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
+        await app.shutdown()  # what the server's close runs first
+        state = await asyncio.wait_for(waiter, 5)
+        assert (state["status"], state["seq"]) == ("healthy", healthy["seq"])
