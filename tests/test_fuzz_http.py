@@ -348,6 +348,7 @@ def _agent_templates(image: str, registry_host: str) -> dict[str, dict[str, Any]
             "labels": {"fuzz": "yes"},
             "resources": {"cpus": 0.5, "memory": 64 << 20},
             "workdir": "/",
+            "health": {"http": {"port": 80, "path": "/", "status": [200, 399]}, "interval": 1, "retries": 2},
         },
         "/v1/migrations": {
             "container": "fz-none",
@@ -437,6 +438,7 @@ async def test_agent_container_paths_and_queries(agent_under_test: AgentUnderTes
         ("DELETE", "", ["force"]),
         ("GET", "", []),
         ("GET", "/logs", ["tail", "follow"]),
+        ("GET", "/health", ["after", "wait"]),
     ]
 
     @FUZZ
