@@ -14,7 +14,6 @@ import datetime as dt
 import json
 import secrets
 import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,13 +60,11 @@ class Prober:
         loop = asyncio.get_running_loop()
         at = dt.datetime.now(dt.UTC)
         began = loop.time()
-        run: Callable[[], Awaitable[tuple[bool, str, int | None]]]
-        if check.kind is Kind.EXEC:
-            run = lambda: self._exec(container_id, process, check)  # noqa: E731
-        else:
-            run = lambda: self._network(netns_of(pid), check)  # noqa: E731
         try:
-            passed, output, exit_code = await run()
+            if check.kind is Kind.EXEC:
+                passed, output, exit_code = await self._exec(container_id, process, check)
+            else:
+                passed, output, exit_code = await self._network(netns_of(pid), check)
         except ProbeFailed as exc:
             passed, output, exit_code = False, exc.message, None
         except TimeoutError:
