@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import secrets
 import signal
 from pathlib import Path
@@ -92,12 +93,12 @@ class Prober:
         self, container_id: str, process: dict[str, Any], check: HealthCheck
     ) -> tuple[bool, str, int | None]:
         exec_id = f"health-{secrets.token_hex(6)}"
-        out = self._output_dir / f"{container_id}.{exec_id}.out"
-        uri = f"file://{out}"
         await asyncio.to_thread(self._output_dir.mkdir, parents=True, exist_ok=True)
+        capture = OutputFifo(self._output_dir / f"{container_id}.{exec_id}")  # two syscalls: on the loop
         created = False
         try:
-            await self._tasks.exec(container_id, exec_id, exec_process(process, check.command), uri, uri)
+            spec = exec_process(process, check.command)
+            await self._tasks.exec(container_id, exec_id, spec, str(capture.path), str(capture.path))
             created = True
             await self._tasks.start_process(container_id, exec_id)
             async with asyncio.timeout(check.timeout):
@@ -105,14 +106,13 @@ class Prober:
             # The shim copies the output until the process's pipes close; delete waits for that.
             await self._tasks.delete_process(container_id, exec_id)
             created = False
-            output = await asyncio.to_thread(_read_output, out)
-            return code == 0, output, code
+            return code == 0, capture.output(), code
         finally:
             if created:  # it failed to start, timed out, or the probe was cancelled: reap it, within bounds
                 with contextlib.suppress(FerrymanError, TimeoutError):
                     async with asyncio.timeout(EXEC_GRACE):
                         await self._reap(container_id, exec_id)
-            await asyncio.to_thread(out.unlink, missing_ok=True)
+            capture.close()
 
     async def _reap(self, container_id: str, exec_id: str) -> None:
         try:
@@ -124,9 +124,42 @@ class Prober:
             await self._tasks.delete_process(container_id, exec_id)
 
 
-def _read_output(path: Path) -> str:
-    try:
-        with path.open("rb") as fh:
-            return fh.read(MAX_OUTPUT).decode(errors="replace").strip()
-    except FileNotFoundError:
-        return ""
+class OutputFifo:
+    """An exec'd process's stdout and stderr, through one FIFO the shim writes into, read as it comes.
+
+    Not a file:// URI as a task's log is: with one, containerd's shim (1.6) closes the file when
+    stdout ends, and stderr written after that is lost (its copy shares the descriptor); a probe of
+    `cat /missing` then said nothing, 4 times in 60. The FIFO is held open for reading and writing,
+    so it never reads as ended before the shim opens it; its bytes are read as they arrive (a
+    chatty command does not block on a full pipe) and the first MAX_OUTPUT are kept."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.mkfifo(path, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._kept = bytearray()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._read)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                return
+            self._kept += data[: max(0, MAX_OUTPUT - len(self._kept))]
+
+    def output(self) -> str:
+        """What the process wrote, once the shim is done with it (after the process is deleted)."""
+        self._read()
+        return self._kept.decode(errors="replace").strip()
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        self.path.unlink(missing_ok=True)
