@@ -24,6 +24,7 @@ import datetime as dt
 import itertools
 import json
 import logging
+import shutil
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -142,6 +143,7 @@ class HealthMonitor:
         resync_interval: float = RESYNC_INTERVAL,
     ) -> None:
         self._cd = cd
+        self._output_dir = output_dir
         self._prober = Prober(cd.tasks, output_dir)
         self._metrics = metrics
         self._migrating = migrating
@@ -155,6 +157,8 @@ class HealthMonitor:
         """Set when the API shuts down: callers of `wait` answer at once, so shutdown is not held up."""
 
     def start(self) -> None:
+        # Exec probes' FIFOs live only while their probe runs: what is here was left by a killed agent.
+        shutil.rmtree(self._output_dir, ignore_errors=True)
         self._tasks.spawn(self._follow(), "health-events")
         self._tasks.spawn(self._resync_loop(), "health-resync")
 
