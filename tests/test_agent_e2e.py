@@ -194,3 +194,28 @@ async def test_restart_policy_through_ferryctl(
     assert (info["restart"]["count"], info["restart"]["last_exit_status"]) == (2, 1)
     [listed] = json.loads((await daemon.ctl("--json", "ps", "-a")).stdout)["containers"]
     assert (listed["restart_policy"]["name"], listed["restart_count"]) == ("on-failure", 2)
+
+
+async def test_health_check_through_ferryctl(
+    daemon: Daemon, containerd: PrivateContainerd, registry: DockerRegistry
+) -> None:
+    ref = await pushed_image(registry)
+    await daemon.ctl("pull", ref)
+
+    bad = await daemon.ctl("run", "--name", "bad", "--health-tcp", "0", ref, check=False)
+    assert bad.returncode == 2 and "body.health.tcp.port: expected a positive integer" in bad.stderr, bad
+    assert "bad" not in containerd.ctr("containers", "ls", "-q", namespace=daemon.namespace).stdout
+
+    await daemon.ctl(
+        "run", "--name", "checked", "--health-cmd", "test -f /tmp/ok", "--health-interval", "100ms",
+        ref, "/bin/sh", "-c", "touch /tmp/ok; exec sleep 300",
+    )  # fmt: skip
+    for _ in range(200):
+        info = json.loads((await daemon.ctl("inspect", "checked")).stdout)
+        if info["health"]["status"] == "healthy":
+            break
+        await asyncio.sleep(0.05)
+    assert info["health"]["status"] == "healthy", info["health"]
+    assert info["health"]["check"]["exec"] == {"command": ["/bin/sh", "-c", "test -f /tmp/ok"]}
+    async with daemon.session() as http, http.get("http://agent/metrics") as resp:
+        assert 'ferryman_health_containers{status="healthy"} 1.0' in await resp.text()
