@@ -97,6 +97,11 @@ def _container_options(p: argparse.ArgumentParser) -> None:
         metavar="POLICY",
         help="restart policy (restart_policy): no (default), on-failure[:N], always or unless-stopped",
     )
+    p.add_argument(
+        "--reservation",
+        metavar="ID",
+        help="charge the container's resources to this reservation held on the host (a coordinator placement)",
+    )
     healthcheck.add_options(p)
     p.add_argument("image")
     # REMAINDER: everything after the image belongs to the container, flags included.
@@ -240,6 +245,8 @@ def container_spec(args: argparse.Namespace) -> dict[str, Any]:
         spec["publish_service"] = args.publish_service
     if args.restart is not None:
         spec["restart_policy"] = args.restart
+    if args.reservation is not None:
+        spec["reservation"] = args.reservation
     try:
         health = healthcheck.health_spec(args)
     except ValueError as exc:
