@@ -43,6 +43,18 @@ def to_json(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
+async def post_message(session: aiohttp.ClientSession, url: str, server_name: str, path: str, message: Message) -> str:
+    """POST `message` as JSON to the coordinator at `url`; the body of a 200, else PushFailed."""
+    try:
+        async with session.post(url + path, json=to_json(message), server_hostname=server_name) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise PushFailed(f"POST {path}: HTTP {resp.status}: {text[:200]}")
+            return text
+    except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
+        raise PushFailed(f"POST {path}: {type(exc).__name__}: {exc}") from exc
+
+
 class TelemetryPusher:
     def __init__(
         self,
@@ -190,16 +202,7 @@ class TelemetryPusher:
         """POST a message as JSON; the response body, or PushFailed for anything but 200."""
         if self._session is None:
             raise PushFailed("the pusher is not started")
-        try:
-            async with self._session.post(
-                self._url + path, json=to_json(message), server_hostname=self._server_name
-            ) as resp:
-                text = await resp.text()
-                if resp.status != 200:
-                    raise PushFailed(f"POST {path}: HTTP {resp.status}: {text[:200]}")
-                return text
-        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
-            raise PushFailed(f"POST {path}: {type(exc).__name__}: {exc}") from exc
+        return await post_message(self._session, self._url, self._server_name, path, message)
 
     def _count(self, result: str) -> None:
         if self._metrics is not None:

@@ -16,7 +16,7 @@ import aiohttp
 from google.protobuf import json_format
 
 from agent.config import CoordinatorConfig
-from agent.telemetry.push import to_json
+from agent.telemetry.push import PushFailed, post_message
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,6 @@ class TrackerClient:
 
     async def _post(self, path: str, message: pb.LayerHoldersRequest | pb.LayerAnnouncement) -> str:
         try:
-            async with self._http().post(
-                self._url + path, json=to_json(message), server_hostname=self._server_name
-            ) as resp:
-                text = await resp.text()
-                if resp.status != 200:
-                    raise TrackerUnavailable(f"POST {path}: HTTP {resp.status}: {text[:200]}")
-                return text
-        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
-            raise TrackerUnavailable(f"POST {path}: {type(exc).__name__}: {exc}") from exc
+            return await post_message(self._http(), self._url, self._server_name, path, message)
+        except PushFailed as exc:
+            raise TrackerUnavailable(str(exc)) from exc
