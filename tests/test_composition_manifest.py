@@ -1,0 +1,193 @@
+"""Composition manifests without I/O: the format, its validation, the order rule and the fetch order."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.composition import priority
+from agent.composition.manifest import InvalidComposition, load_text, parse, schema, stack_order
+
+D = [f"sha256:{i:064x}" for i in range(1, 40)]
+
+
+def node(i: int, node_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    return {"id": node_id or f"n{i}", "ref": "localhost:5000/test/base:1", "digest": D[i], "size": 100 * i, **kw}
+
+
+def manifest(nodes: list[dict[str, Any]], edges: list[tuple[str, str]] = (), **kw: Any) -> dict[str, Any]:  # type: ignore[assignment]
+    return {
+        "version": 1,
+        "name": "web",
+        "nodes": nodes,
+        "edges": [{"node": a, "depends_on": b} for a, b in edges],
+        **kw,
+    }
+
+
+def problems(doc: Any) -> tuple[str, ...]:
+    with pytest.raises(InvalidComposition) as info:
+        parse(doc)
+    return info.value.problems
+
+
+def test_the_shipped_schema_is_a_valid_json_schema() -> None:
+    jsonschema.Draft202012Validator.check_schema(schema())
+
+
+def test_the_stack_puts_dependencies_below_and_breaks_ties_by_id() -> None:
+    # app needs lib and py; lib and py need base; tools needs nothing: ties by the smallest id.
+    doc = manifest(
+        [node(1, "app"), node(2, "py"), node(3, "lib"), node(4, "base"), node(5, "tools")],
+        [("app", "lib"), ("app", "py"), ("lib", "base"), ("py", "base")],
+    )
+    comp = parse(doc)
+    assert [n.id for n in comp.stack()] == ["base", "lib", "py", "app", "tools"]
+    # The order of the lists does not matter: same graph, same stack.
+    doc["nodes"].reverse()
+    doc["edges"].reverse()
+    assert [n.id for n in parse(doc).stack()] == ["base", "lib", "py", "app", "tools"]
+    assert comp.dependents_of()["base"] == {"lib", "py", "app"}
+
+
+def test_yaml_and_json_give_the_same_composition() -> None:
+    doc = manifest([node(1, "base"), node(2, "app")], [("app", "base")], preference=["app"], workload="w1")
+    as_yaml = (
+        "version: 1\nname: web\nworkload: w1\npreference: [app]\n"
+        "nodes:\n"
+        f"  - {{id: base, ref: localhost:5000/test/base:1, digest: '{D[1]}', size: 100}}\n"
+        f"  - {{id: app, ref: localhost:5000/test/base:1, digest: '{D[2]}', size: 200}}\n"
+        "edges:\n  - {node: app, depends_on: base}\n"
+    )
+    assert parse(load_text(as_yaml)) == parse(load_text(json.dumps(doc)))
+    assert parse(load_text(as_yaml, "application/yaml")).preference == ("app",)
+
+
+def test_a_cycle_is_named() -> None:
+    doc = manifest([node(1, "a"), node(2, "b"), node(3, "c")], [("a", "b"), ("b", "c"), ("c", "a")])
+    (problem,) = problems(doc)
+    assert "cycle" in problem
+    cycle = problem.split(": ")[-1].split(" -> ")
+    assert cycle[0] == cycle[-1] and set(cycle) == {"a", "b", "c"}
+    # A node depending on itself is a cycle of one.
+    assert "a -> a" in problems(manifest([node(1, "a")], [("a", "a")]))[0]
+
+
+def test_duplicates_and_dangling_names_are_each_reported() -> None:
+    doc = manifest(
+        [node(1, "a"), node(2, "a"), node(1, "c")],
+        [("a", "zz"), ("c", "a"), ("c", "a")],
+        preference=["nope"],
+    )
+    found = problems(doc)
+    assert any("nodes[1].id: duplicate node 'a'" in p for p in found)
+    assert any(f"nodes[2].digest: layer {D[1]} is already node 'a'" in p for p in found)
+    assert any("edges[0].depends_on: no node 'zz'" in p for p in found)
+    assert any("edges[2]: duplicate edge" in p for p in found)
+    assert any("preference[0]" in p for p in found)
+
+
+def test_shape_errors_name_the_field() -> None:
+    bad = manifest([{**node(1), "size": -1}, {**node(2), "digest": "md5:abc"}])
+    bad["version"] = 2
+    bad["surprise"] = True
+    found = problems(bad)
+    assert any(p.startswith("manifest.nodes[0].size") for p in found)
+    assert any(p.startswith("manifest.nodes[1].digest") for p in found)
+    assert any(p.startswith("manifest.version") for p in found)
+    assert any("surprise" in p for p in found)
+
+
+def test_unordered_layers_writing_one_path_are_refused_until_an_edge_orders_them() -> None:
+    nodes = [node(1, "base"), node(2, "py", paths=["/usr/lib/python3"]), node(3, "tools", paths=["/usr/lib"])]
+    (problem,) = problems(manifest(nodes, [("py", "base"), ("tools", "base")]))
+    assert "'py' and 'tools'" in problem and "/usr/lib" in problem
+    # An edge decides which goes on top: accepted.
+    assert parse(manifest(nodes, [("py", "base"), ("tools", "base"), ("py", "tools")]))
+    # Paths that do not overlap (a sibling with a common prefix of letters) are fine unordered.
+    nodes[2]["paths"] = ["/usr/lib64"]
+    assert parse(manifest(nodes, [("py", "base"), ("tools", "base")]))
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('{"version": 1, "version": 1}', "duplicate"),
+        ('{"version": NaN}', "NaN"),
+        ("a: &x [1]\nb: *x\n", "aliases"),
+        ("when: 2024-01-01\n", "JSON cannot"),
+        ("[" * 40 + "]" * 40, "deeper"),
+        ("{ not json", "not valid JSON"),
+    ],
+)
+def test_text_that_is_no_manifest(text: str, fragment: str) -> None:
+    with pytest.raises(InvalidComposition) as info:
+        load_text(text)
+    assert fragment in info.value.message
+
+
+# ---------------------------------------------------------------- the fetch order
+
+
+def chain(sizes: list[int], rate: float = 10.0, apply_rate: float = 100.0) -> list[priority.Layer]:
+    """A chain of layers bottom first, all missing: fetch at `rate`, apply at `apply_rate` bytes/s."""
+    digests = D[: len(sizes)]
+    return [
+        priority.Layer(
+            digest=d,
+            position=i,
+            fetch_seconds=size / rate,
+            apply_seconds=size / apply_rate,
+            dependents=frozenset(digests[i + 1 :]),
+        )
+        for i, (d, size) in enumerate(zip(digests, sizes, strict=True))
+    ]
+
+
+def test_layers_many_depend_on_go_first_and_preferences_before_them() -> None:
+    stack = chain([10, 10, 10])
+    assert priority.fetch_order(stack) == D[:3]
+    assert priority.fetch_order(stack, [D[2]]) == [D[2], D[0], D[1]]
+
+
+def test_a_large_slow_layer_starts_early_when_fetches_run_in_parallel() -> None:
+    stack = chain([10, 10, 200])  # a big top layer: its fetch alone is longer than the rest together
+    order = priority.fetch_order(stack)
+    assert order[0] == D[2]
+    by_stack = priority.simulate(stack, D[:3], granularity=2)
+    chosen = priority.simulate(stack, order, granularity=2)
+    assert chosen.runnable < by_stack.runnable
+
+
+def test_history_breaks_ties() -> None:
+    a, b = (priority.Layer(D[i], i, 1.0, 0.0, uses=u) for i, u in ((0, 0), (1, 5)))
+    assert priority.fetch_order([a, b]) == [D[1], D[0]]
+
+
+def test_the_order_changes_the_time_to_the_first_and_the_runnable_snapshot() -> None:
+    """The model the order is chosen by: one fetch at a time, a large base. Bottom first, the base is
+    applied while the rest arrives; the reverse (the preference list can force it) waits for all."""
+    stack = chain([300, 100, 50], rate=100.0, apply_rate=200.0)
+    chosen = priority.simulate(stack, priority.fetch_order(stack), granularity=1)
+    reverse = priority.simulate(stack, list(reversed(D[:3])), granularity=1)
+    assert chosen.first_snapshot == pytest.approx(3.0 + 1.5)
+    assert reverse.first_snapshot == pytest.approx(4.5 + 1.5)
+    assert chosen.runnable < reverse.runnable
+
+
+@given(st.lists(st.integers(1, 1000), min_size=1, max_size=8), st.integers(1, 4))
+def test_never_worse_than_the_reverse_order_on_a_chain(sizes: list[int], granularity: int) -> None:
+    stack = chain(sizes)
+    chosen = priority.simulate(stack, priority.fetch_order(stack), granularity)
+    reverse = priority.simulate(stack, list(reversed(D[: len(sizes)])), granularity)
+    assert chosen.runnable <= reverse.runnable + 1e-9
+
+
+def test_stack_order_is_deterministic_on_a_wide_graph() -> None:
+    deps = {f"n{i:02d}": set() for i in range(20)}
+    assert stack_order(deps) == sorted(deps)
