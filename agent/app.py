@@ -11,6 +11,7 @@ from types import TracebackType
 from agent.cache.service import CacheService
 from agent.checkpoint.criuconf import CriuConfigs
 from agent.checkpoint.features import KDAT_CACHE, network_lock_method, prime_kdat_cache
+from agent.composition.service import CompositionService
 from agent.config import AgentConfig
 from agent.containerd import Containerd
 from agent.health.metrics import HealthMetrics
@@ -107,6 +108,17 @@ class Agent:
             self.images.pull,
         )
         self.images.uses = self.containers.uses = self.cache
+        # Composition manifests assembled into images through the pull's blob path (docs/composition.md).
+        self.assembly = CompositionService(
+            cd,
+            registry,
+            self.images.puller,
+            config.pull,
+            self.images.platform,
+            Path(config.state_dir),
+            lambda: any(p.blobs for p in config.peers),
+        )
+        self.assembly.uses = self.cache
         self.host_name = config.host_name or socket.gethostname()
         self.peers = PeerEndpoint(config, self.host_name, failpoints, totals=self.metrics.streams)
         migration_sessions = MigrationSessions(self.peers, config)
@@ -145,6 +157,7 @@ class Agent:
         creations and migrations in progress."""
         busy = dict.fromkeys(self.images.pulling(), "being pulled or imported")
         busy.update(dict.fromkeys(self.containers.creating(), "a container is being created from it"))
+        busy.update(dict.fromkeys(self.assembly.assembling(), "being assembled from its composition"))
         for record in self.migrations.list():
             if not record.done and record.image:
                 busy[record.image] = f"migration {record.id} in progress"

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent.api.compositions import with_composition
 from agent.health.spec import parse_health
 from agent.metrics import AgentMetrics
 from agent.model import (
@@ -311,7 +312,7 @@ async def remove_image(request: web.Request) -> web.Response:
 
 async def create_container(request: web.Request) -> web.Response:
     start = query_flag(request, "start")
-    req = parse_create(await read_object(request))
+    req = parse_create(await with_composition(request, await read_object(request)))
     containers = request.app[CONTAINERS]
     summary = await containers.create(req)
     if start:

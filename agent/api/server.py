@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from agent.api import cache as c
+from agent.api import compositions as comp
 from agent.api import handlers as h
 from agent.api import health as hc
 from agent.api import migrations as m
@@ -76,6 +77,10 @@ def build_app(agent: AgentLike) -> web.Application:
     health: hc.HealthLike | None = getattr(agent, "health", None)
     if health is not None:
         app[hc.HEALTH] = health
+    # Composition manifests (agent/composition); without them: 503.
+    assembly: comp.AssemblyLike | None = getattr(agent, "assembly", None)
+    if assembly is not None:
+        app[comp.ASSEMBLY] = assembly
     app[h.OPENAPI] = OPENAPI_PATH.read_bytes()
     app[h.SHUTDOWN] = asyncio.Event()
 
@@ -104,6 +109,7 @@ def build_app(agent: AgentLike) -> web.Application:
     r.add_routes(app)
     c.add_routes(app)
     hc.add_routes(app)
+    comp.add_routes(app)
     app.router.add_get("/healthz", h.healthz)
     # The migrations module's /metrics refreshes its gauge, then serves the usual scrape.
     app.router.add_get("/metrics", m.metrics)

@@ -91,9 +91,27 @@ class Puller:
             return source
         return self._sharing.before(source, self._peer_dropped, self._metrics.peer_bytes.labels("in").inc)
 
+    def source(self, ref: Reference) -> BlobSource:
+        """Where a pull of `ref` reads blobs: local (ingest_blob looks first) -> peers -> registry."""
+        return self.behind_peers(RegistryBlobs(self._registry, ref))
+
+    async def fetch_blob(self, source: BlobSource, desc: Descriptor, on_bytes: Callable[[int], None]) -> int:
+        """One blob into the content store through this host's shared downloads (one per digest, under
+        a lease of its own): the layer fetches of compositions and warm requests. Returns the bytes
+        this call downloaded; 0 when the blob was present or another caller's download brought it.
+        The caller protects the blob with a lease of its own before calling."""
+        ours = False
+
+        def download(_: None) -> Awaitable[int]:
+            nonlocal ours
+            ours = True
+            return self._download(source, desc, on_bytes)
+
+        fetched = await self._layer_downloads.run(desc.digest, download)
+        return fetched if ours else 0
+
     async def _pull(self, ref: Reference, progress: PullProgress) -> ImageSummary:
-        # local (ingest_blob looks first) -> peers -> registry
-        source = self.behind_peers(RegistryBlobs(self._registry, ref))
+        source = self.source(ref)  # local (ingest_blob looks first) -> peers -> registry
         try:
             image = await self._registry.resolve(ref, self._platform)
         except RegistryUnavailable:

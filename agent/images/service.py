@@ -66,6 +66,8 @@ class ImageService:
         self._spool_dir = spool_dir or Path(tempfile.gettempdir())
         """Where an imported archive is spooled (an unnamed file: nothing is left there after a crash)."""
         self._puller = Puller(cd, registry, config, metrics, sharing)
+        self.puller = self._puller
+        """The blob path, shared with composition assembly (agent/composition)."""
         self._pulls: SingleFlight[Reference, PullProgress, ImageSummary] = SingleFlight(
             "pull", lambda image: PullProgress(ref=str(image))
         )

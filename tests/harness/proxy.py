@@ -32,6 +32,8 @@ class FaultyProxy:
     """Blob digest -> byte count after which the connection drops (once per digest)."""
     blob_delay: float = 0.0
     """Seconds to hold every blob GET before forwarding it: keeps concurrent pulls overlapping."""
+    rate: float = 0.0
+    """Bytes per second of each blob GET's body (0: as fast as the registry): a slow registry link."""
     requests: list[ProxyLog] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
@@ -88,5 +90,7 @@ class FaultyProxy:
                     return resp
                 await resp.write(chunk)
                 sent += len(chunk)
+                if digest and self.rate:
+                    await asyncio.sleep(len(chunk) / self.rate)
             await resp.write_eof()
             return resp

@@ -1,0 +1,116 @@
+"""Measured costs and the access history: what the fetch order and (later) placement weigh.
+
+`CostMeter` keeps, per source a layer came from ("registry/HOST", "peer"), the bytes and the seconds
+of every fetch, and for assembly the bytes applied and the seconds containerd's apply took (the
+apply decompresses and writes the layer, CPU-bound on an idle host: the assembly cost per byte).
+`GET /v1/assembly/costs` serves them; they are the agent's measured side of placement's cost model.
+
+`LayerHistory` counts the assemblies that used each layer, kept in `state_dir` (crash-safe writes),
+bounded to the `MAX_HISTORY` layers used last.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+DEFAULT_RATES = {"registry": 50 * MIB, "peer": 200 * MIB}
+"""Bytes per second assumed for a source not measured yet (the cache's REFETCH estimates)."""
+DEFAULT_APPLY_SECONDS_PER_BYTE = 1 / (100 * MIB)
+FETCH_LATENCY = 0.05
+"""Seconds a fetch costs beyond its bytes (a request, a round trip), in the estimates."""
+MAX_HISTORY = 10_000
+
+
+@dataclass
+class Totals:
+    count: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        self.count += 1
+        self.bytes += nbytes
+        self.seconds += seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "bytes": self.bytes, "seconds": round(self.seconds, 6)}
+
+
+class CostMeter:
+    def __init__(self) -> None:
+        self.fetches: dict[str, Totals] = {}
+        self.assembly = Totals()
+
+    def fetched(self, source: str, nbytes: int, seconds: float) -> None:
+        if nbytes > 0:
+            self.fetches.setdefault(source, Totals()).add(nbytes, seconds)
+
+    def applied(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 0:
+            self.assembly.add(nbytes, seconds)
+
+    def rate(self, source: str) -> float:
+        """Bytes per second from `source`: measured, else the default for its kind."""
+        t = self.fetches.get(source)
+        if t is not None and t.seconds > 0 and t.bytes >= MIB:
+            return t.bytes / t.seconds
+        return DEFAULT_RATES.get(source.split("/", 1)[0], DEFAULT_RATES["registry"])
+
+    def fetch_seconds(self, size: int, sources: list[str]) -> float:
+        """Seconds to fetch `size` bytes from the fastest of `sources`."""
+        return FETCH_LATENCY + size / max(self.rate(s) for s in sources)
+
+    def apply_seconds_per_byte(self) -> float:
+        a = self.assembly
+        if a.seconds > 0 and a.bytes >= MIB:
+            return a.seconds / a.bytes
+        return DEFAULT_APPLY_SECONDS_PER_BYTE
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sources": {
+                name: {**t.to_json(), "bytes_per_second": round(self.rate(name), 1)}
+                for name, t in sorted(self.fetches.items())
+            },
+            "assembly": {**self.assembly.to_json(), "seconds_per_byte": self.apply_seconds_per_byte()},
+        }
+
+
+class LayerHistory:
+    """Per layer digest: assemblies that used it and when last (UTC ISO-8601)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._uses: dict[str, dict[str, Any]] = {}
+        try:
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, dict):
+                self._uses = {k: v for k, v in loaded.items() if isinstance(v, dict)}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("layer history unreadable, starting empty", extra={"path": str(path), "error": str(exc)})
+
+    def uses(self, digest: str) -> int:
+        value = self._uses.get(digest, {}).get("uses", 0)
+        return value if isinstance(value, int) else 0
+
+    def record(self, digests: list[str]) -> None:
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        for digest in digests:
+            self._uses[digest] = {"uses": self.uses(digest) + 1, "last": now}
+        if len(self._uses) > MAX_HISTORY:
+            keep = sorted(self._uses.items(), key=lambda kv: str(kv[1].get("last", "")))[-MAX_HISTORY:]
+            self._uses = dict(keep)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self._path, json.dumps(self._uses, sort_keys=True).encode())

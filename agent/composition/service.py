@@ -1,0 +1,479 @@
+"""The assembly service: a composition manifest in, an ordinary containerd image out.
+
+    parse (manifest.py, pure) -> resolve each node against this host, then its registry (sizes,
+    media types, diff IDs: nothing stored) -> the layers missing here, in priority order
+    (priority.py, pure) -> fetched through the pull's path (local -> peers -> registry), at most
+    `prefetch_granularity` at once -> applied bottom up onto snapshots named by chain ID, starting
+    above the highest one that already exists -> config, manifest and image record, last.
+
+All of it runs under one containerd lease, as a pull does: a failure leaves no image, and the lease
+(deleted with a synchronous GC on failure, or expiring if the agent dies) lets containerd reclaim
+whatever was made. A manifest that fails validation or resolution stops before the lease exists:
+nothing is fetched or created for it. Concurrent assemblies of one composition are one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.cache.policy import Origin
+from agent.composition import priority
+from agent.composition.costs import CostMeter, LayerHistory
+from agent.composition.image import ComposedImage, compose
+from agent.composition.manifest import Composition, InvalidComposition, Node, parse
+from agent.config import PullConfig
+from agent.containerd import Containerd, ImageRecord
+from agent.errors import ContainerdNotFound, ImageNotFound, InvalidManifest, ManifestNotFound
+from agent.images import labels as L
+from agent.images.ingest import ensure_labels, put_blob
+from agent.images.local import read_image
+from agent.images.sources import BlobSource, ServedFrom
+from agent.images.unpack import unpack_layer
+from agent.manifests import ImageManifest, decode_json, parse_document, parse_image_config
+from agent.oci import Descriptor, Digest, Platform, Reference, chain_ids
+from agent.registry.client import RegistryClient
+from core.errors import InvalidRequest, NotFound
+from core.singleflight import SingleFlight
+
+log = logging.getLogger(__name__)
+
+WARM_TTL = 600.0
+"""Seconds a warmed layer is kept by its lease when the request names no ttl."""
+MAX_WARM_TTL = 7 * 24 * 3600.0
+
+
+class Fetcher(Protocol):
+    """The pull's blob path (agent.images.pull.Puller)."""
+
+    def source(self, ref: Reference) -> BlobSource: ...
+
+    async def fetch_blob(self, source: BlobSource, desc: Descriptor, on_bytes: Callable[[int], None]) -> int: ...
+
+
+class Uses(Protocol):
+    async def used(self, name: str, origin: Origin | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class RefLayers:
+    """What an image reference says about its layers: descriptor and diff ID by digest, its config."""
+
+    layers: dict[str, tuple[Descriptor, str]]
+    config: dict[str, Any]
+    where: str
+    """"local" or "registry"."""
+
+
+@dataclass(frozen=True)
+class StackLayer:
+    node: Node
+    desc: Descriptor
+    diff_id: str
+    chain_id: str
+    present: bool
+    """The blob is in this host's content store."""
+    assembled: bool
+    """The snapshot of its chain ID exists."""
+    dependents: frozenset[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.node.id,
+            "ref": self.node.ref,
+            "digest": self.desc.digest,
+            "media_type": self.desc.media_type,
+            "size": self.desc.size,
+            "diff_id": self.diff_id,
+            "chain_id": self.chain_id,
+            "present": self.present,
+            "assembled": self.assembled,
+            "dependents": len(self.dependents),
+        }
+
+
+@dataclass(frozen=True)
+class Resolved:
+    composition: Composition
+    stack: tuple[StackLayer, ...]
+    image: ComposedImage
+    fetch_order: tuple[str, ...]
+    granularity: int
+
+    @property
+    def missing(self) -> list[StackLayer]:
+        return [la for la in self.stack if not la.present]
+
+    def to_json(self) -> dict[str, Any]:
+        ids = {la.node.id: la.desc.digest for la in self.stack}
+        return {
+            "version": 1,
+            "name": self.composition.name,
+            "workload": self.composition.workload or None,
+            "image": self.image.name,
+            "digest": self.image.manifest.digest,
+            "prefetch_granularity": self.granularity,
+            "stack": [la.to_json() for la in self.stack],
+            "missing": [la.desc.digest for la in self.missing],
+            "missing_bytes": sum(la.desc.size for la in self.missing),
+            "preference": [{"id": i, "digest": ids[i]} for i in self.composition.preference],
+            "fetch_order": list(self.fetch_order),
+        }
+
+
+@dataclass
+class Timeline:
+    started: float = field(default_factory=time.monotonic)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def mark(self, event: str, digest: str) -> float:
+        at = time.monotonic() - self.started
+        self.events.append({"at": round(at, 6), "event": event, "digest": digest})
+        return at
+
+
+class CompositionService:
+    def __init__(
+        self,
+        cd: Containerd,
+        registry: RegistryClient,
+        fetcher: Fetcher,
+        config: PullConfig,
+        platform: Platform,
+        state_dir: Path,
+        has_peers: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._cd = cd
+        self._registry = registry
+        self._fetcher = fetcher
+        self._config = config
+        self._platform = platform
+        self._has_peers = has_peers
+        self.costs = CostMeter()
+        self.history = LayerHistory(state_dir / "composition" / "history.json")
+        self.uses: Uses | None = None
+        """The layer cache (set by the agent): each assembled image counts as a use."""
+        self._flights: SingleFlight[str, None, dict[str, Any]] = SingleFlight("assemble", lambda _: None)
+
+    def costs_json(self) -> dict[str, Any]:
+        """The measured fetch rates per source and assembly cost per byte (GET /v1/assembly/costs)."""
+        return self.costs.to_json()
+
+    def assembling(self) -> list[str]:
+        """Images being assembled now (the cache must not evict them)."""
+        return list(self._flights.in_flight())
+
+    # ------------------------------------------------------------------ resolve
+
+    async def resolve(self, document: Any) -> Resolved:
+        """Validate `document` and resolve it against this host and its registries; InvalidComposition
+        names every problem. Reads manifests and configs, stores nothing."""
+        comp = parse(document)
+        refs: dict[str, RefLayers] = {}
+        problems: list[str] = []
+        for i, node in enumerate(comp.nodes):
+            where = f"manifest.nodes[{i}] ({node.id})"
+            try:
+                parsed = Reference.parse(node.ref)
+            except InvalidRequest as exc:
+                problems.append(f"{where}.ref: {exc.message}")
+                continue
+            if not self._config.allows_registry(parsed.host):
+                problems.append(f"{where}.ref: registry {parsed.host} is not allowed on this host")
+                continue
+            if node.ref not in refs:
+                try:
+                    refs[node.ref] = await self._ref_layers(parsed, [n.digest for n in comp.nodes if n.ref == node.ref])
+                except (ManifestNotFound, ImageNotFound) as exc:
+                    problems.append(f"{where}.ref: {node.ref} is not in its registry: {exc.message}")
+                    continue
+                except InvalidManifest as exc:
+                    problems.append(f"{where}.ref: {exc.message}")
+                    continue
+            info = refs[node.ref]
+            found = info.layers.get(node.digest)
+            if found is None:
+                problems.append(f"{where}.digest: unknown digest {node.digest}: it is not a layer of {node.ref}")
+                continue
+            desc, _ = found
+            if desc.size != node.size:
+                problems.append(
+                    f"{where}.size: layer {node.digest} is {desc.size} bytes in {info.where} {node.ref},"
+                    f" the manifest says {node.size}"
+                )
+            if node.media_type and desc.media_type != node.media_type:
+                problems.append(
+                    f"{where}.media_type: layer {node.digest} is {desc.media_type} in {node.ref}, the manifest says"
+                    f" {node.media_type}"
+                )
+        if problems:
+            raise InvalidComposition(problems)
+        return await self._plan(comp, refs)
+
+    async def _ref_layers(self, ref: Reference, wanted: list[str]) -> RefLayers:
+        """The image `ref`'s layers: from the local image of that name when it has all `wanted`, else
+        from the registry (manifest and config only)."""
+        with contextlib.suppress(ImageNotFound, ContainerdNotFound, InvalidRequest, KeyError, ValueError):
+            local = await read_image(self._cd, str(ref), self._platform)
+            if set(wanted) <= set(local.layers):
+                raw = await self._cd.content.read_all(local.manifest_digest)
+                where = f"local manifest of {ref}"
+                doc = parse_document(decode_json(raw, where), local.manifest_media_type, where)
+                if isinstance(doc, ImageManifest):
+                    return _ref_layers(doc, local.config, "local")
+        image = await self._registry.resolve(ref, self._platform)
+        where = f"image config of {ref}"
+        raw_config = await self._registry.fetch_bytes(ref, image.config)
+        config = decode_json(raw_config, where)
+        if not isinstance(config, dict):
+            raise InvalidManifest(f"{where} is not an object")
+        doc = ImageManifest(image.manifest.media_type, image.config, tuple(image.layers))
+        return _ref_layers(doc, config, "registry")
+
+    async def _plan(self, comp: Composition, refs: dict[str, RefLayers]) -> Resolved:
+        nodes = comp.stack()
+        descs = [refs[n.ref].layers[n.digest][0] for n in nodes]
+        diff_ids = [refs[n.ref].layers[n.digest][1] for n in nodes]
+        chains = chain_ids([Digest(d) for d in diff_ids])
+        above = comp.dependents_of()
+        digest_of = {n.id: n.digest for n in nodes}
+        stack: list[StackLayer] = []
+        for node, desc, diff_id, chain in zip(nodes, descs, diff_ids, chains, strict=True):
+            present = await self._cd.content.exists(desc.digest) is not None
+            stack.append(
+                StackLayer(
+                    node=node,
+                    desc=desc,
+                    diff_id=diff_id,
+                    chain_id=chain,
+                    present=present,
+                    assembled=await self._cd.snapshots.exists(chain),
+                    dependents=frozenset(digest_of[i] for i in above[node.id]),
+                )
+            )
+        top = refs[nodes[-1].ref].config.get("config") or {}
+        image = compose(comp.name, comp.workload, descs, diff_ids, self._platform, top, comp.config)
+        granularity = comp.prefetch_granularity or self._config.max_concurrent_layers
+        order = priority.fetch_order(self._priority_layers(stack), [digest_of[i] for i in comp.preference])
+        return Resolved(comp, tuple(stack), image, tuple(order), granularity)
+
+    def _priority_layers(self, stack: list[StackLayer]) -> list[priority.Layer]:
+        per_byte = self.costs.apply_seconds_per_byte()
+        out = []
+        # A layer's apply is saved when a snapshot at or above it exists already.
+        top_done = max((i for i, la in enumerate(stack) if la.assembled), default=-1)
+        for i, la in enumerate(stack):
+            sources = [f"registry/{Reference.parse(la.node.ref).host}", *(["peer"] if self._has_peers() else [])]
+            declared = la.node.costs
+            fetch = declared.network_seconds if declared.network_seconds is not None else None
+            if fetch is None:
+                fetch = self.costs.fetch_seconds(la.desc.size, sources)
+            apply = declared.cpu_seconds if declared.cpu_seconds is not None else la.desc.size * per_byte
+            out.append(
+                priority.Layer(
+                    digest=la.desc.digest,
+                    position=i,
+                    fetch_seconds=0.0 if la.present else fetch,
+                    apply_seconds=0.0 if i <= top_done else apply,
+                    dependents=la.dependents,
+                    uses=self.history.uses(la.desc.digest),
+                    missing=not la.present,
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ assemble
+
+    async def assemble(self, document: Any) -> dict[str, Any]:
+        """Assemble a composition here and record it as an image; returns the plan and what it took."""
+        resolved = await self.resolve(document)
+        result = await self._flights.run(resolved.image.name, lambda _: self._assemble(resolved))
+        if self.uses is not None:
+            await self.uses.used(resolved.image.name, Origin.REGISTRY)
+        return result
+
+    async def _assemble(self, resolved: Resolved) -> dict[str, Any]:
+        timeline = Timeline()
+        stack = resolved.stack
+        fetched_bytes = 0
+        async with self._cd.leases.held("composition", self._config.lease_expiry) as lease_id:
+            cd = self._cd.leased(lease_id)
+            for la in stack:  # from now on, whoever commits these blobs, this lease holds them
+                await cd.leases.add_content(lease_id, la.desc.digest)
+            base = -1  # the highest snapshot of the stack that exists: only what is above it is applied
+            for i, la in enumerate(stack):
+                if await cd.snapshots.exists(la.chain_id):
+                    base = i
+            done: dict[str, asyncio.Event] = {la.desc.digest: asyncio.Event() for la in stack}
+            queue = list(resolved.fetch_order)
+            for la in stack:
+                if not la.present:
+                    continue
+                if await cd.content.exists(la.desc.digest) is None:
+                    queue.insert(0, la.desc.digest)  # collected since it was resolved: fetched after all
+                else:
+                    done[la.desc.digest].set()
+
+            async def worker() -> None:
+                nonlocal fetched_bytes
+                while queue:
+                    digest = queue.pop(0)
+                    la = next(x for x in stack if x.desc.digest == digest)
+                    source = self._fetcher.source(Reference.parse(la.node.ref))
+                    started = time.monotonic()
+                    got = await self._fetcher.fetch_blob(source, la.desc, lambda n: None)
+                    seconds = time.monotonic() - started
+                    fetched_bytes += got
+                    self.costs.fetched(_source_name(source, digest, source_host(la)), got, seconds)
+                    timeline.mark("fetched", digest)
+                    done[digest].set()
+
+            workers = [
+                asyncio.create_task(worker(), name=f"composition-fetch-{i}")
+                for i in range(min(resolved.granularity, len(queue)))
+            ]
+            try:
+                first = runnable = 0.0
+                parent = stack[base].chain_id if base >= 0 else ""
+                applied: list[str] = []
+                for la in stack[base + 1 :]:
+                    await _wait_either(done[la.desc.digest], workers)
+                    started = time.monotonic()
+                    if await unpack_layer(cd, la.desc, la.diff_id, la.chain_id, parent):
+                        self.costs.applied(la.desc.size, time.monotonic() - started)
+                        applied.append(la.desc.digest)
+                    at = timeline.mark("applied", la.desc.digest)
+                    first = first or at
+                    runnable = at
+                    parent = la.chain_id
+                await asyncio.gather(*workers)  # the blobs below `base` that were missing
+            finally:
+                for task in workers:
+                    task.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+            for la in stack:
+                await ensure_labels(cd, la.desc.digest, {L.UNCOMPRESSED: la.diff_id})
+            await self._record(cd, resolved, stack[-1].chain_id)
+        self.history.record([la.desc.digest for la in stack])
+        log.info(
+            "assembled composition",
+            extra={"image": resolved.image.name, "applied": len(applied), "reused": base + 1, "bytes": fetched_bytes},
+        )
+        return {
+            **resolved.to_json(),
+            "fetched": [e["digest"] for e in timeline.events if e["event"] == "fetched"],
+            "bytes_fetched": fetched_bytes,
+            "reused_snapshots": base + 1,
+            "applied": applied,
+            "first_snapshot_seconds": round(first, 6),
+            "runnable_seconds": round(runnable, 6),
+            "timeline": timeline.events,
+        }
+
+    async def _record(self, cd: Containerd, resolved: Resolved, top_chain: str) -> None:
+        image = resolved.image
+        snapshotter = cd.snapshotter_name
+        manifest_labels = {
+            L.GC_CONFIG: image.config.digest,
+            **{L.gc_layer(i): la.desc.digest for i, la in enumerate(resolved.stack)},
+        }
+        lock = self._config.ingest_lock_timeout
+        await put_blob(cd, image.config, image.config_bytes, {L.gc_snapshot(snapshotter): top_chain}, lock)
+        await put_blob(cd, image.manifest, image.manifest_bytes, manifest_labels, lock)
+        comp = resolved.composition
+        await cd.images.put(
+            ImageRecord(
+                name=image.name,
+                media_type=image.manifest.media_type,
+                digest=image.manifest.digest,
+                size=image.manifest.size,
+                labels={
+                    "io.ferryman.composition.name": comp.name,
+                    **({"io.ferryman.composition.workload": comp.workload} if comp.workload else {}),
+                },
+            )
+        )
+
+    # ------------------------------------------------------------------ warm
+
+    async def warm_layer(self, digest: str, ref: str, ttl: float | None = None) -> dict[str, Any]:
+        """Fetch one layer of image `ref` ahead of use and keep it `ttl` seconds under a lease (then
+        it stays only if an image references it by then)."""
+        ttl = WARM_TTL if ttl is None else ttl
+        if not 0 < ttl <= MAX_WARM_TTL:
+            raise InvalidRequest(f"ttl must be in (0, {MAX_WARM_TTL:g}] seconds, got {ttl:g}")
+        parsed = Reference.parse(ref)
+        if not self._config.allows_registry(parsed.host):
+            raise InvalidRequest(f"registry {parsed.host} is not allowed on this host")
+        info = await self._ref_layers(parsed, [digest])
+        found = info.layers.get(digest)
+        if found is None:
+            raise LayerNotFound(f"layer {digest} is not a layer of {ref}")
+        desc = found[0]
+        lease_id = await self._cd.leases.create("warm", ttl)
+        try:
+            await self._cd.leases.add_content(lease_id, digest)
+            source = self._fetcher.source(parsed)
+            started = time.monotonic()
+            got = await self._fetcher.fetch_blob(source, desc, lambda n: None)
+            self.costs.fetched(_source_name(source, digest, parsed.host), got, time.monotonic() - started)
+        except BaseException:
+            await self._cd.leases.delete(lease_id, sync=True)
+            raise
+        return {
+            "digest": digest,
+            "ref": ref,
+            "size": desc.size,
+            "bytes_fetched": got,
+            "lease": lease_id,
+            "ttl_seconds": ttl,
+        }
+
+
+class LayerNotFound(NotFound):
+    code = "layer_not_found"
+
+
+def _ref_layers(doc: ImageManifest, config: dict[str, Any], where: str) -> RefLayers:
+    what = f"the {where} image config"
+    diff_ids = parse_image_config(config, what).diff_ids
+    if len(diff_ids) != len(doc.layers):
+        raise InvalidManifest(f"{what} lists {len(diff_ids)} diff IDs for {len(doc.layers)} layers")
+    return RefLayers({d.digest: (d, diff) for d, diff in zip(doc.layers, diff_ids, strict=True)}, config, where)
+
+
+def source_host(la: StackLayer) -> str:
+    return Reference.parse(la.node.ref).host
+
+
+def _source_name(source: BlobSource, digest: str, host: str) -> str:
+    """ "peer" or "registry/HOST": where the source says the blob came from."""
+    said = source.served_from(digest) if isinstance(source, ServedFrom) else None
+    return "peer" if said == "peer" else f"registry/{host}"
+
+
+async def _wait_either(event: asyncio.Event, workers: list[asyncio.Task[None]]) -> None:
+    """Until `event` is set; a worker's failure is raised instead of waiting for ever."""
+    waiter = asyncio.create_task(event.wait(), name="composition-layer-wait")
+    try:
+        while not event.is_set():
+            for w in workers:
+                if w.done() and not w.cancelled() and (exc := w.exception()) is not None:
+                    raise exc
+            pending = [w for w in workers if not w.done()]
+            if not pending:
+                await asyncio.wait([waiter], timeout=0)
+                if not event.is_set():
+                    raise RuntimeError("every fetch ended but a layer is still missing")
+                return
+            await asyncio.wait([waiter, *pending], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
