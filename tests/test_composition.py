@@ -20,9 +20,10 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from agent.api import build_app
+from agent.api import build_app, serve
 from agent.app import Agent
 from agent.config import PullConfig, RegistryConfig
+from agent.ctl.main import main as ferryctl
 from tests.harness.agent import agent_config, running_agent
 from tests.harness.containerd import PrivateContainerd
 from tests.harness.images import Image, ImageBuilder, Layer, busybox_layer, random_layer
@@ -319,3 +320,34 @@ async def test_a_warmed_layer_is_not_fetched_again(
         result = await agent.assembly.assemble(composition(im))
         assert data.digest not in result["fetched"]
         assert result["missing"] == [la["digest"] for la in result["stack"] if la["digest"] != data.digest]
+
+
+async def test_ferryctl_runs_a_composition_file(
+    ctrd: PrivateContainerd, registry: DockerRegistry, workdir: Path, short_dir: Path
+) -> None:
+    im = await push_images(registry.host)
+    path = workdir / "web.yaml"
+    path.write_text(yaml.safe_dump(composition(im)))
+    config = agent_config(ctrd, [registry.registry_config()], workdir)
+    async with running_agent(config) as agent:
+        server = await serve(build_app(agent), f"unix://{short_dir}/agent.sock")
+        try:
+            sock = f"unix://{short_dir}/agent.sock"
+            code = await asyncio.to_thread(
+                ferryctl, ["--agent", sock, "run", "--name", "ctl", "--composition", str(path)]
+            )
+            assert code == 0
+            (summary,) = [c for c in await agent.containers.list() if c.id == "ctl"]
+            assert summary.image.startswith("composition.ferryman.local/web-app:")
+            warm = ["--agent", sock, "--json", "cache", "prefetch", "--layer", im.tools.layers[1].digest]
+            code = await asyncio.to_thread(ferryctl, [*warm, "--from", im.refs["tools"]])
+            assert code == 0
+            # A manifest with a cycle never reaches the agent: exit 2, the problem named.
+            bad = composition(im)
+            bad["edges"].append({"node": "busybox", "depends_on": "app"})
+            path.write_text(yaml.safe_dump(bad))
+            code = await asyncio.to_thread(ferryctl, ["--agent", sock, "run", "--composition", str(path)])
+            assert code == 2
+            assert [c.id for c in await agent.containers.list()] == ["ctl"]
+        finally:
+            await server.close()

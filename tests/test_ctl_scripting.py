@@ -112,6 +112,22 @@ class FakeNetwork:
         return dict(self.published)
 
 
+class FakeAssembly:
+    """What CompositionService answers to a warm request (the real one: tests/test_composition.py)."""
+
+    async def resolve(self, document: Any) -> Any:
+        raise NotImplementedError
+
+    async def assemble(self, document: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def warm_layer(self, digest: str, ref: str, ttl: float | None = None) -> dict[str, Any]:
+        return {"digest": digest, "ref": ref, "size": 10, "bytes_fetched": 10, "lease": "l1", "ttl_seconds": ttl or 600}
+
+    def costs_json(self) -> dict[str, Any]:
+        return {}
+
+
 class Agent:
     def __init__(self, log_dir: Path) -> None:
         from agent.metrics import AgentMetrics
@@ -124,6 +140,7 @@ class Agent:
         self.migrations.metrics = self.metrics
         self.reservations = Reservations("h1", log_dir, self._capacity, self._usage)
         self.cache = FakeCache()
+        self.assembly = FakeAssembly()
 
     async def _capacity(self) -> Amount:
         return Amount(4000, 4 << 30, 100 << 30)
@@ -388,6 +405,7 @@ async def test_every_command_prints_its_documented_json(
         ("`certs show`", ["certs", "show", str(out / "ca.pem")]),
         ("`completion`", ["completion", "bash"]),
         ("`cache prefetch`", ["cache", "prefetch", "app:4", "--pin"]),
+        ("`cache prefetch --layer`", ["cache", "prefetch", "--layer", "sha256:" + "d" * 64, "--from", "app:4"]),
         ("`cache pin`", ["cache", "pin", "app:4"]),
         ("`cache status`", ["cache", "status"]),
         ("`cache unpin`", ["cache", "unpin", "app:4"]),

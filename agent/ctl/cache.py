@@ -1,7 +1,8 @@
 """ferryctl's `cache`: the agent's layer cache (docs/cache.md).
 
 `cache [status]` shows the bound, the bytes used, the hit rates and the images in the content store;
-`cache pin|unpin|evict REF` and `cache prefetch REF [--pin]` act on one image.
+`cache pin|unpin|evict REF` and `cache prefetch REF [--pin]` act on one image; `cache prefetch --layer
+DIGEST --from REF` warms one layer (composition manifests, docs/composition.md).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from agent.ctl import render
+
+
+class CacheUsageError(Exception):
+    """A cache command given options that do not go together."""
 
 
 class Requester(Protocol):
@@ -31,9 +36,12 @@ def add_parser(sub: Any) -> None:
         ("evict", "evict an image now (refused while it is in use or pinned)"),
     ):
         actions.add_parser(name, help=text).add_argument("ref")
-    q = actions.add_parser("prefetch", help="pull an image without running it")
-    q.add_argument("ref")
+    q = actions.add_parser("prefetch", help="pull an image, or warm one layer of it, without running it")
+    q.add_argument("ref", nargs="?", help="the image to pull (not with --layer)")
     q.add_argument("--pin", action="store_true", help="pin it once pulled")
+    q.add_argument("--layer", metavar="DIGEST", help="fetch only this layer (POST /v1/prefetch/layers/DIGEST)")
+    q.add_argument("--from", dest="layer_ref", metavar="REF", help="with --layer: the image holding the layer")
+    q.add_argument("--ttl", type=float, metavar="SECONDS", help="with --layer: how long a lease keeps it (600)")
 
 
 async def run(client: Requester, args: argparse.Namespace, out: Console) -> int:
@@ -47,7 +55,16 @@ async def run(client: Requester, args: argparse.Namespace, out: Console) -> int:
                 render.say(line)
             render.print_table(out, cache_table(status.get("images", [])))
         return 0
+    if command == "prefetch" and args.layer:
+        if not args.layer_ref or args.ref or args.pin:
+            raise CacheUsageError("--layer DIGEST needs --from REF, and takes no image and no --pin")
+        body: dict[str, Any] = {"ref": args.layer_ref, **({"ttl": args.ttl} if args.ttl is not None else {})}
+        done = await client.request("POST", f"/v1/prefetch/layers/{args.layer}", body=body)
+        text = f"warmed {done['digest']} ({render.human_size(done.get('bytes_fetched'))} fetched)"
+        return _print(args, done, text)
     if command == "prefetch":
+        if args.ref is None or args.layer_ref or args.ttl is not None:
+            raise CacheUsageError("prefetch takes an image REF, or --layer DIGEST --from REF")
         done = await client.request("POST", "/v1/cache/prefetch", body={"ref": args.ref, "pin": args.pin})
         text = f"prefetched {done['name']} ({render.human_size(done.get('bytes_fetched'))} fetched)"
         return _print(args, done, text + (", pinned" if done.get("pinned") else ""))

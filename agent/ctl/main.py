@@ -14,12 +14,14 @@ import os
 import re
 import secrets
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 from rich.console import Console
 
 from agent.api.handlers import parse_create
 from agent.api.network import parse_target
+from agent.composition import manifest
 from agent.ctl import cache, catalog, certs, completion, fleet, healthcheck, migrate, render, reservations
 from agent.ctl import images as image_archives
 from agent.ctl.args import container_id, cpus, memory_size, service_ip
@@ -103,7 +105,12 @@ def _container_options(p: argparse.ArgumentParser) -> None:
         help="charge the container's resources to this reservation held on the host (a coordinator placement)",
     )
     healthcheck.add_options(p)
-    p.add_argument("image")
+    p.add_argument(
+        "--composition",
+        metavar="FILE",
+        help="a composition manifest (JSON or YAML) to assemble and run instead of an image (docs/composition.md)",
+    )
+    p.add_argument("image", nargs="?", help="the image (omitted with --composition: the arguments follow)")
     # REMAINDER: everything after the image belongs to the container, flags included.
     p.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -223,9 +230,16 @@ async def _pull(client: AgentClient, args: argparse.Namespace, err: Console) -> 
 
 def container_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The POST /v1/containers body for `run`/`create`, checked by the agent's own validator."""
-    spec: dict[str, Any] = {"id": args.name or _generated_id(args.image), "image": args.image}
-    if args.args:
-        spec["args"] = list(args.args)
+    composition = _composition(args)
+    if composition is None and args.image is None:
+        raise UsageError("give an image, or a composition manifest with --composition FILE")
+    image = args.image if composition is None else None
+    command = list(args.args) if composition is None or args.image is None else [args.image, *args.args]
+    name = args.image if composition is None else str(composition.get("name", "composition"))
+    spec: dict[str, Any] = {"id": args.name or _generated_id(name)}
+    spec.update({"image": image} if composition is None else {"composition": composition})
+    if command:
+        spec["args"] = command
     env = parse_pairs(args.env, "--env")
     labels = parse_pairs(args.label, "--label")
     if env:
@@ -253,11 +267,34 @@ def container_spec(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(str(exc)) from exc
     if health is not None:
         spec["health"] = health
+    checked = {k: v for k, v in spec.items() if k != "composition"}
+    checked.setdefault("image", COMPOSED_PLACEHOLDER)  # the agent names the composition's image
     try:
-        parse_create(spec)  # the API's validation, so a bad request fails here with the API's words
+        parse_create(checked)  # the API's validation, so a bad request fails here with the API's words
     except InvalidRequest as exc:
         raise UsageError(exc.message) from exc
     return spec
+
+
+COMPOSED_PLACEHOLDER = "composition.ferryman.local/placeholder:latest"
+
+
+def _composition(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The manifest of --composition FILE, checked here as the agent will (its shape and graph)."""
+    if not getattr(args, "composition", None):
+        return None
+    try:
+        text = Path(args.composition).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--composition {args.composition}: {exc.strerror or exc}") from exc
+    try:
+        document = manifest.load_text(text, "yaml" if args.composition.endswith((".yaml", ".yml")) else "")
+        manifest.parse(document)
+    except InvalidRequest as exc:
+        raise UsageError(f"--composition {args.composition}: {exc.message}") from exc
+    if not isinstance(document, dict):
+        raise UsageError(f"--composition {args.composition}: not a manifest object")
+    return document
 
 
 async def _create(client: AgentClient, args: argparse.Namespace) -> int:
@@ -458,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, "usage", str(exc), Exit.USAGE)
     except ApiError as exc:
         return _fail(args, exc.code, exc.message, for_error(exc.code))
-    except (UsageError, reservations.ReservationUsageError, catalog.CatalogUsageError) as exc:
+    except (UsageError, reservations.ReservationUsageError, catalog.CatalogUsageError, cache.CacheUsageError) as exc:
         return _fail(args, "usage", str(exc), Exit.USAGE)
     except KeyboardInterrupt:
         return Exit.INTERRUPTED
