@@ -117,6 +117,7 @@ class Agent:
             self.images.platform,
             Path(config.state_dir),
             lambda: any(p.blobs for p in config.peers),
+            config.containerd.socket,
         )
         self.assembly.uses = self.cache
         self.host_name = config.host_name or socket.gethostname()

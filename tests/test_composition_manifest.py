@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -11,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.composition import priority
+from agent.composition.costs import ContainerdCpu, CostMeter, LayerHistory, process_cpu_seconds, socket_peer_pid
 from agent.composition.manifest import InvalidComposition, load_text, parse, schema, stack_order
 
 D = [f"sha256:{i:064x}" for i in range(1, 40)]
@@ -191,3 +196,40 @@ def test_never_worse_than_the_reverse_order_on_a_chain(sizes: list[int], granula
 def test_stack_order_is_deterministic_on_a_wide_graph() -> None:
     deps = {f"n{i:02d}": set() for i in range(20)}
     assert stack_order(deps) == sorted(deps)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def test_containerds_cpu_is_read_through_its_socket(tmp_path: Path) -> None:
+    """The peer of a unix socket is found by SO_PEERCRED, and its CPU time read from /proc: here
+    the listener is this process, so its CPU time grows with work done."""
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen()
+        assert socket_peer_pid(str(path)) == os.getpid()
+        cpu = ContainerdCpu(f"unix://{path}")
+        before = cpu.seconds()
+        assert before is not None
+        deadline = time.process_time() + 0.05
+        while time.process_time() < deadline:
+            pass
+        after = cpu.seconds()
+        assert after is not None and after >= before + 0.04
+    assert ContainerdCpu(str(tmp_path / "none.sock")).seconds() is None
+    assert process_cpu_seconds(0) is None
+
+
+def test_measured_rates_replace_the_defaults_once_a_mib_has_moved(tmp_path: Path) -> None:
+    meter = CostMeter()
+    assert meter.rate("registry/r:5000") == 50 * 2**20
+    meter.fetched("registry/r:5000", 2**20, 0.5)
+    assert meter.rate("registry/r:5000") == 2 * 2**20
+    meter.applied(2**20, 0.25, cpu_seconds=0.125)
+    assert meter.apply_seconds_per_byte() == 0.25 / 2**20
+    assert meter.to_json()["assembly"]["cpu_seconds_per_byte"] == 0.125 / 2**20
+    history = LayerHistory(tmp_path / "h.json")
+    history.record([D[1], D[2]])
+    history.record([D[1]])
+    assert LayerHistory(tmp_path / "h.json").uses(D[1]) == 2

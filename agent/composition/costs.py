@@ -5,6 +5,11 @@ of every fetch, and for assembly the bytes applied and the seconds containerd's 
 apply decompresses and writes the layer, CPU-bound on an idle host: the assembly cost per byte).
 `GET /v1/assembly/costs` serves them; they are the agent's measured side of placement's cost model.
 
+The CPU is containerd's (it applies the layers): `ContainerdCpu` finds containerd's process from
+its socket (SO_PEERCRED) and reads its user and system time from /proc around each apply, so the
+assembly cost is counted in CPU seconds per byte as well as in wall seconds per byte; where the
+process cannot be seen (another PID namespace), only the wall time is.
+
 `LayerHistory` counts the assemblies that used each layer, kept in `state_dir` (crash-safe writes),
 bounded to the `MAX_HISTORY` layers used last.
 """
@@ -14,6 +19,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,14 +58,18 @@ class CostMeter:
     def __init__(self) -> None:
         self.fetches: dict[str, Totals] = {}
         self.assembly = Totals()
+        self.assembly_cpu = Totals()
+        """The applies whose CPU time was measured: bytes, and containerd's CPU seconds."""
 
     def fetched(self, source: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0:
             self.fetches.setdefault(source, Totals()).add(nbytes, seconds)
 
-    def applied(self, nbytes: int, seconds: float) -> None:
+    def applied(self, nbytes: int, seconds: float, cpu_seconds: float | None = None) -> None:
         if nbytes > 0:
             self.assembly.add(nbytes, seconds)
+            if cpu_seconds is not None:
+                self.assembly_cpu.add(nbytes, cpu_seconds)
 
     def rate(self, source: str) -> float:
         """Bytes per second from `source`: measured, else the default for its kind."""
@@ -82,8 +94,66 @@ class CostMeter:
                 name: {**t.to_json(), "bytes_per_second": round(self.rate(name), 1)}
                 for name, t in sorted(self.fetches.items())
             },
-            "assembly": {**self.assembly.to_json(), "seconds_per_byte": self.apply_seconds_per_byte()},
+            "assembly": {
+                **self.assembly.to_json(),
+                "seconds_per_byte": self.apply_seconds_per_byte(),
+                "cpu_seconds": round(self.assembly_cpu.seconds, 6),
+                "cpu_seconds_per_byte": (
+                    self.assembly_cpu.seconds / self.assembly_cpu.bytes if self.assembly_cpu.bytes else None
+                ),
+            },
         }
+
+
+class ContainerdCpu:
+    """containerd's CPU seconds so far (user + system), or None where its process cannot be read."""
+
+    def __init__(self, socket_path: str) -> None:
+        self._socket_path = socket_path.removeprefix("unix://")
+        self._pid: int | None = None
+
+    def seconds(self) -> float | None:
+        """Blocking (a connect and a /proc read): call it off the loop."""
+        if not self._socket_path:
+            return None
+        for _ in range(2):  # once more after containerd restarted under another pid
+            if self._pid is None:
+                self._pid = socket_peer_pid(self._socket_path)
+                if self._pid is None:
+                    return None
+            found = process_cpu_seconds(self._pid)
+            if found is not None:
+                return found
+            self._pid = None
+        return None
+
+
+def socket_peer_pid(path: str) -> int | None:
+    """The pid of the process listening on unix socket `path` (SO_PEERCRED), None if unknown."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            sock.connect(path)
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, _, _ = struct.unpack("3i", creds)
+    return pid if pid > 0 else None
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of `pid` from /proc/PID/stat, in seconds; None if it cannot be read (a pid of
+    another PID namespace reads as 0 or nothing)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    try:
+        ticks = int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), after pid and comm
+    except (IndexError, ValueError):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class LayerHistory:

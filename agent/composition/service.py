@@ -25,12 +25,12 @@ from typing import Any, Protocol
 
 from agent.cache.policy import Origin
 from agent.composition import priority
-from agent.composition.costs import CostMeter, LayerHistory
+from agent.composition.costs import ContainerdCpu, CostMeter, LayerHistory
 from agent.composition.image import ComposedImage, compose
 from agent.composition.manifest import Composition, InvalidComposition, Node, parse
 from agent.config import PullConfig
 from agent.containerd import Containerd, ImageRecord
-from agent.errors import ContainerdNotFound, ImageNotFound, InvalidManifest, ManifestNotFound
+from agent.errors import ContainerdNotFound, ImageNotFound, InvalidManifest, ManifestNotFound, PlatformNotFound
 from agent.images import labels as L
 from agent.images.ingest import ensure_labels, put_blob
 from agent.images.local import read_image
@@ -148,6 +148,7 @@ class CompositionService:
         platform: Platform,
         state_dir: Path,
         has_peers: Callable[[], bool] = lambda: False,
+        containerd_socket: str = "",
     ) -> None:
         self._cd = cd
         self._registry = registry
@@ -156,6 +157,7 @@ class CompositionService:
         self._platform = platform
         self._has_peers = has_peers
         self.costs = CostMeter()
+        self._cpu = ContainerdCpu(containerd_socket)
         self.history = LayerHistory(state_dir / "composition" / "history.json")
         self.uses: Uses | None = None
         """The layer cache (set by the agent): each assembled image counts as a use."""
@@ -176,6 +178,8 @@ class CompositionService:
         names every problem. Reads manifests and configs, stores nothing."""
         comp = parse(document)
         refs: dict[str, RefLayers] = {}
+        failed: set[str] = set()
+        """Refs already reported: their other nodes are not looked up (or reported) again."""
         problems: list[str] = []
         for i, node in enumerate(comp.nodes):
             where = f"manifest.nodes[{i}] ({node.id})"
@@ -187,14 +191,18 @@ class CompositionService:
             if not self._config.allows_registry(parsed.host):
                 problems.append(f"{where}.ref: registry {parsed.host} is not allowed on this host")
                 continue
+            if node.ref in failed:
+                continue
             if node.ref not in refs:
                 try:
                     refs[node.ref] = await self._ref_layers(parsed, [n.digest for n in comp.nodes if n.ref == node.ref])
                 except (ManifestNotFound, ImageNotFound) as exc:
                     problems.append(f"{where}.ref: {node.ref} is not in its registry: {exc.message}")
+                    failed.add(node.ref)
                     continue
-                except InvalidManifest as exc:
+                except (InvalidManifest, PlatformNotFound) as exc:
                     problems.append(f"{where}.ref: {exc.message}")
+                    failed.add(node.ref)
                     continue
             info = refs[node.ref]
             found = info.layers.get(node.digest)
@@ -257,7 +265,8 @@ class CompositionService:
                     dependents=frozenset(digest_of[i] for i in above[node.id]),
                 )
             )
-        top = refs[nodes[-1].ref].config.get("config") or {}
+        top = refs[nodes[-1].ref].config.get("config")
+        top = top if isinstance(top, dict) else {}
         image = compose(comp.name, comp.workload, descs, diff_ids, self._platform, top, comp.config)
         granularity = comp.prefetch_granularity or self._config.max_concurrent_layers
         order = priority.fetch_order(self._priority_layers(stack), [digest_of[i] for i in comp.preference])
@@ -304,8 +313,9 @@ class CompositionService:
         fetched_bytes = 0
         async with self._cd.leases.held("composition", self._config.lease_expiry) as lease_id:
             cd = self._cd.leased(lease_id)
-            for la in stack:  # from now on, whoever commits these blobs, this lease holds them
+            for la in stack:  # from now on this lease holds these blobs and snapshots, whoever made them
                 await cd.leases.add_content(lease_id, la.desc.digest)
+                await cd.leases.add_snapshot(lease_id, cd.snapshotter_name, la.chain_id)
             base = -1  # the highest snapshot of the stack that exists: only what is above it is applied
             for i, la in enumerate(stack):
                 if await cd.snapshots.exists(la.chain_id):
@@ -345,8 +355,11 @@ class CompositionService:
                 for la in stack[base + 1 :]:
                     await _wait_either(done[la.desc.digest], workers)
                     started = time.monotonic()
+                    cpu_before = await asyncio.to_thread(self._cpu.seconds)
                     if await unpack_layer(cd, la.desc, la.diff_id, la.chain_id, parent):
-                        self.costs.applied(la.desc.size, time.monotonic() - started)
+                        cpu_after = await asyncio.to_thread(self._cpu.seconds)
+                        cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+                        self.costs.applied(la.desc.size, time.monotonic() - started, cpu)
                         applied.append(la.desc.digest)
                     at = timeline.mark("applied", la.desc.digest)
                     first = first or at
