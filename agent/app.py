@@ -116,7 +116,7 @@ class Agent:
             config.pull,
             self.images.platform,
             Path(config.state_dir),
-            lambda: any(p.blobs for p in config.peers),
+            lambda: not directory.empty,
             config.containerd.socket,
         )
         self.assembly.uses = self.cache
