@@ -33,7 +33,8 @@ class FaultyProxy:
     blob_delay: float = 0.0
     """Seconds to hold every blob GET before forwarding it: keeps concurrent pulls overlapping."""
     rate: float = 0.0
-    """Bytes per second of each blob GET's body (0: as fast as the registry): a slow registry link."""
+    """Bytes per second of the link every blob GET's body shares (0: as fast as the registry)."""
+    _link_free_at: float = 0.0
     requests: list[ProxyLog] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
@@ -55,6 +56,13 @@ class FaultyProxy:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+
+    async def _on_link(self, nbytes: int) -> None:
+        """Wait until `nbytes` more have crossed the shared link: each chunk takes its turn."""
+        loop = asyncio.get_running_loop()
+        start = max(loop.time(), self._link_free_at)
+        self._link_free_at = start + nbytes / self.rate
+        await asyncio.sleep(self._link_free_at - loop.time())
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
@@ -91,6 +99,6 @@ class FaultyProxy:
                 await resp.write(chunk)
                 sent += len(chunk)
                 if digest and self.rate:
-                    await asyncio.sleep(len(chunk) / self.rate)
+                    await self._on_link(len(chunk))
             await resp.write_eof()
             return resp
