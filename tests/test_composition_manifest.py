@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import socket
@@ -148,7 +150,7 @@ def chain(sizes: list[int], rate: float = 10.0, apply_rate: float = 100.0) -> li
             position=i,
             fetch_seconds=size / rate,
             apply_seconds=size / apply_rate,
-            dependents=frozenset(digests[i + 1 :]),
+            dependents=len(sizes) - 1 - i,
         )
         for i, (d, size) in enumerate(zip(digests, sizes, strict=True))
     ]
@@ -162,8 +164,9 @@ def test_layers_many_depend_on_go_first_and_preferences_before_them() -> None:
 
 def test_a_large_slow_layer_starts_early_when_fetches_run_in_parallel() -> None:
     stack = chain([10, 10, 200])  # a big top layer: its fetch alone is longer than the rest together
-    order = priority.fetch_order(stack)
+    order = priority.fetch_order(stack, granularity=2)
     assert order[0] == D[2]
+    assert priority.fetch_order(stack, granularity=1) == D[:3]  # one at a time: bottom first
     by_stack = priority.simulate(stack, D[:3], granularity=2)
     chosen = priority.simulate(stack, order, granularity=2)
     assert chosen.runnable < by_stack.runnable
@@ -185,12 +188,20 @@ def test_the_order_changes_the_time_to_the_first_and_the_runnable_snapshot() -> 
     assert chosen.runnable < reverse.runnable
 
 
-@given(st.lists(st.integers(1, 1000), min_size=1, max_size=8), st.integers(1, 4))
-def test_never_worse_than_the_reverse_order_on_a_chain(sizes: list[int], granularity: int) -> None:
-    stack = chain(sizes)
-    chosen = priority.simulate(stack, priority.fetch_order(stack), granularity)
-    reverse = priority.simulate(stack, list(reversed(D[: len(sizes)])), granularity)
-    assert chosen.runnable <= reverse.runnable + 1e-9
+@given(
+    st.lists(st.integers(1, 1000), min_size=1, max_size=6),
+    st.lists(st.booleans(), min_size=6, max_size=6),
+    st.sampled_from([10.0, 100.0, 1000.0]),
+)
+def test_one_fetch_at_a_time_the_order_is_optimal(sizes: list[int], present: list[bool], apply_rate: float) -> None:
+    """Jackson's rule: with one fetch at a time no order of the missing layers is runnable sooner."""
+    stack = [
+        dataclasses.replace(la, missing=not here, fetch_seconds=0.0 if here else la.fetch_seconds)
+        for la, here in zip(chain(sizes, apply_rate=apply_rate), present, strict=False)
+    ]
+    missing = [la.digest for la in stack if la.missing]
+    best = min(priority.simulate(stack, list(p), 1).runnable for p in itertools.permutations(missing))
+    assert priority.simulate(stack, priority.fetch_order(stack), 1).runnable <= best + 1e-9
 
 
 def test_stack_order_is_deterministic_on_a_wide_graph() -> None:

@@ -2,26 +2,32 @@
 
 A composition is runnable when its top snapshot is committed. Snapshots are applied bottom up, one
 at a time, and a layer can be applied only once it is fetched and everything below it is applied.
-So a layer holds up not only its own apply but the apply of every layer that depends on it. The
-order is critical-path list scheduling (HLFET, "highest level first"): each missing layer's level is
-the longest the composition must still wait once the layer's fetch starts,
+So a missing layer holds up its own apply and the apply of every layer above it in the stack: its
+dependents in the DAG, which the order rule always puts above it, and whatever the tie-break put
+there too. Call the sum of those applies the layer's tail. In this model the composition is
+runnable at
 
-    level = fetch_seconds + apply_seconds + sum(apply_seconds of every node that depends on it)
+    max over layers i of (the end of i's fetch + tail(i))
 
-and layers are fetched highest level first. `fetch_seconds` is the declared network cost, else the
-layer's size at the measured rate of its cheapest source (peers, the registry); `apply_seconds` is
-the declared CPU cost, else the size at the host's measured assembly seconds per byte. So a large
-layer, and a layer many others depend on, go early; a small top layer goes last.
+With one fetch at a time, that is single-machine scheduling with delivery times, and fetching the
+largest tail first (Jackson's rule) is optimal: for a stack, bottom first. With `granularity`
+fetches at once the same rule is a good list schedule but a long fetch started late can end last;
+so there the level is `fetch_seconds + tail` (critical-path list scheduling, HLFET), which starts a
+large, slow layer early and overlaps it with the others.
 
-Before the levels come the manifest's layer preference list (in its order): the operator's word,
-or what the prefetch design learned of the workload. After them, ties go to the layer used by more
-earlier assemblies on this host (the access history), then to the lower one in the stack, then to
-the digest. `prefetch_granularity` bounds how many fetches run at once; the driver (service.py)
-starts them in this order.
+`fetch_seconds` is the node's declared network cost, else its size at the measured rate of its
+fastest source (peers, the registry); `apply_seconds` is the declared CPU cost, else its size at the
+host's measured assembly seconds per byte. Size, cost and the number of layers waiting on a layer
+all enter through these two.
 
-`simulate` runs the same model forward (parallel fetches of known durations, applies in stack
-order) to give the time to the first snapshot and to the runnable one: the tests compare orders with
-it, and the real assembly measures both.
+Before the levels comes the manifest's layer preference list (in its order): the operator's word,
+or what the prefetch design learned of the workload. After them, ties go to the layer with more
+dependents in the DAG, then to the one used by more earlier assemblies on this host (the access
+history), then to the lower one in the stack, then to the digest.
+
+`simulate` runs the model forward (`granularity` parallel fetches of known durations, applies in
+stack order) to give the time to the first applied snapshot and to the runnable one: the tests
+compare orders with it, and the real assembly measures both.
 """
 
 from __future__ import annotations
@@ -41,27 +47,45 @@ class Layer:
     """0 when the layer is present on this host."""
     apply_seconds: float
     """0 when its snapshot already exists."""
-    dependents: frozenset[str] = frozenset()
-    """Digests of the layers that depend on it, directly or not."""
+    dependents: int = 0
+    """Nodes that depend on it in the DAG, directly or not."""
     uses: int = 0
     """Earlier assemblies on this host that used it (the access history)."""
     missing: bool = True
 
 
-def levels(stack: Sequence[Layer]) -> dict[str, float]:
-    apply = {layer.digest: layer.apply_seconds for layer in stack}
-    return {
-        layer.digest: layer.fetch_seconds + layer.apply_seconds + sum(apply.get(d, 0.0) for d in layer.dependents)
-        for layer in stack
-    }
+def tails(stack: Sequence[Layer]) -> dict[str, float]:
+    """Per layer: its apply and the applies of every layer above it in the stack."""
+    out: dict[str, float] = {}
+    total = 0.0
+    for layer in sorted(stack, key=lambda la: la.position, reverse=True):
+        total += layer.apply_seconds
+        out[layer.digest] = total
+    return out
 
 
-def fetch_order(stack: Sequence[Layer], preference: Sequence[str] = ()) -> list[str]:
+def levels(stack: Sequence[Layer], granularity: int = 1) -> dict[str, float]:
+    tail = tails(stack)
+    if granularity <= 1:
+        return tail
+    return {la.digest: la.fetch_seconds + tail[la.digest] for la in stack}
+
+
+def fetch_order(stack: Sequence[Layer], preference: Sequence[str] = (), granularity: int = 1) -> list[str]:
     """The missing layers' digests in the order to start their fetches."""
-    level = levels(stack)
+    level = levels(stack, granularity)
     rank = {digest: i for i, digest in enumerate(preference)}
     missing = [layer for layer in stack if layer.missing]
-    missing.sort(key=lambda la: (rank.get(la.digest, len(rank)), -level[la.digest], -la.uses, la.position, la.digest))
+    missing.sort(
+        key=lambda la: (
+            rank.get(la.digest, len(rank)),
+            -level[la.digest],
+            -la.dependents,
+            -la.uses,
+            la.position,
+            la.digest,
+        )
+    )
     return [layer.digest for layer in missing]
 
 

@@ -269,7 +269,8 @@ class CompositionService:
         top = top if isinstance(top, dict) else {}
         image = compose(comp.name, comp.workload, descs, diff_ids, self._platform, top, comp.config)
         granularity = comp.prefetch_granularity or self._config.max_concurrent_layers
-        order = priority.fetch_order(self._priority_layers(stack), [digest_of[i] for i in comp.preference])
+        preference = [digest_of[i] for i in comp.preference]
+        order = priority.fetch_order(self._priority_layers(stack), preference, granularity)
         return Resolved(comp, tuple(stack), image, tuple(order), granularity)
 
     def _priority_layers(self, stack: list[StackLayer]) -> list[priority.Layer]:
@@ -290,7 +291,7 @@ class CompositionService:
                     position=i,
                     fetch_seconds=0.0 if la.present else fetch,
                     apply_seconds=0.0 if i <= top_done else apply,
-                    dependents=la.dependents,
+                    dependents=len(la.dependents),
                     uses=self.history.uses(la.desc.digest),
                     missing=not la.present,
                 )
