@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -244,3 +245,25 @@ def test_measured_rates_replace_the_defaults_once_a_mib_has_moved(tmp_path: Path
     history.record([D[1], D[2]])
     history.record([D[1]])
     assert LayerHistory(tmp_path / "h.json").uses(D[1]) == 2
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=300)))
+def test_any_text_is_a_manifest_or_a_refusal(text: str | bytes) -> None:
+    """No input makes the parser raise anything but InvalidComposition (a 400)."""
+    with contextlib.suppress(InvalidComposition):
+        parse(load_text(text))
+
+
+@given(JSON, st.sampled_from(["nodes", "edges", "preference", "config", "name", "version"]))
+def test_any_value_in_any_field_is_a_manifest_or_a_refusal(value: Any, key: str) -> None:
+    doc = manifest([node(1, "a"), node(2, "b", paths=["/x"])], [("b", "a")], preference=["a"])
+    doc[key] = value
+    with contextlib.suppress(InvalidComposition):
+        parse(load_text(json.dumps(doc)))
