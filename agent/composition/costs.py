@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,8 @@ class LayerHistory:
 
     def __init__(self, path: Path) -> None:
         self._path = path
+        self._lock = threading.Lock()
+        """record() runs in worker threads (it fsyncs); two assemblies may end at once."""
         self._uses: dict[str, dict[str, Any]] = {}
         try:
             loaded = json.loads(path.read_text())
@@ -176,6 +179,10 @@ class LayerHistory:
         return value if isinstance(value, int) else 0
 
     def record(self, digests: list[str]) -> None:
+        with self._lock:
+            self._record(digests)
+
+    def _record(self, digests: list[str]) -> None:
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         for digest in digests:
             self._uses[digest] = {"uses": self.uses(digest) + 1, "last": now}

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from agent.cache.policy import Origin
 from agent.composition import priority
 from agent.composition.costs import ContainerdCpu, CostMeter, LayerHistory
-from agent.composition.image import ComposedImage, compose
+from agent.composition.image import ANNOTATION_NAME, ANNOTATION_WORKLOAD, ComposedImage, compose
 from agent.composition.manifest import Composition, InvalidComposition, Node, parse
 from agent.config import PullConfig
 from agent.containerd import Containerd, ImageRecord
@@ -374,7 +374,7 @@ class CompositionService:
             for la in stack:
                 await ensure_labels(cd, la.desc.digest, {L.UNCOMPRESSED: la.diff_id})
             await self._record(cd, resolved, stack[-1].chain_id)
-        self.history.record([la.desc.digest for la in stack])
+        await asyncio.to_thread(self.history.record, [la.desc.digest for la in stack])  # fsyncs: off the loop
         log.info(
             "assembled composition",
             extra={"image": resolved.image.name, "applied": len(applied), "reused": base + 1, "bytes": fetched_bytes},
@@ -407,10 +407,7 @@ class CompositionService:
                 media_type=image.manifest.media_type,
                 digest=image.manifest.digest,
                 size=image.manifest.size,
-                labels={
-                    "io.ferryman.composition.name": comp.name,
-                    **({"io.ferryman.composition.workload": comp.workload} if comp.workload else {}),
-                },
+                labels={ANNOTATION_NAME: comp.name, **({ANNOTATION_WORKLOAD: comp.workload} if comp.workload else {})},
             )
         )
 
