@@ -353,3 +353,24 @@ async def test_ferryctl_runs_a_composition_file(
             assert [c.id for c in await agent.containers.list()] == ["ctl"]
         finally:
             await server.close()
+
+
+async def test_concurrent_assemblies_fetch_each_layer_once(
+    ctrd: PrivateContainerd, registry: DockerRegistry, workdir: Path
+) -> None:
+    """The same composition twice at once is one assembly; two sharing layers share their downloads
+    and their snapshots (whoever commits a chain ID first, the other uses it)."""
+    im = await push_images(registry.host)
+    config = agent_config(ctrd, [registry.registry_config()], workdir)
+    async with running_agent(config) as agent:
+        doc = composition(im)
+        first, again, other = await asyncio.gather(
+            agent.assembly.assemble(doc), agent.assembly.assemble(doc), agent.assembly.assemble(composition(im, "app2"))
+        )
+        assert first == again
+        layers = {*(la["digest"] for la in first["stack"]), *(la["digest"] for la in other["stack"])}
+        sizes = {la.digest: la.size for image in (im.base, im.tools, im.app, im.app2) for la in image.layers}
+        assert first["bytes_fetched"] + other["bytes_fetched"] == sum(sizes[d] for d in layers)
+        for image in (first["image"], other["image"]):
+            assert "composed" in ctr_run(ctrd, agent, image, "/bin/sh", "-c", CHECK)
+        assert await agent.containerd.leases.list() == []
