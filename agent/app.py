@@ -146,7 +146,12 @@ class Agent:
             MIGRATION_SESSIONS, migration_sessions.handler(self.migrations.handle_session), MigrationSessions.check_id
         )
         self.telemetry = TelemetryService(
-            Sampler(config.telemetry, self.container_usage.read, lambda: self.reservations.reserved().to_pb()),
+            Sampler(
+                config.telemetry,
+                self.container_usage.read,
+                lambda: self.reservations.reserved().to_pb(),
+                layer_costs=self.assembly.costs.measured,
+            ),
             self.metrics,
             config.telemetry.period,
             self._pusher(host),

@@ -89,6 +89,24 @@ class CostMeter:
             return a.seconds / a.bytes
         return DEFAULT_APPLY_SECONDS_PER_BYTE
 
+    def measured(self) -> dict[str, float]:
+        """What was measured, for the coordinator's placement (telemetry's LayerCosts): bytes per
+        second from registries (all together) and from peers, and apply seconds per byte; a figure
+        is left out until at least a MiB was measured for it."""
+        registry = Totals()
+        for name, t in self.fetches.items():
+            if name.startswith("registry/"):
+                registry.bytes += t.bytes
+                registry.seconds += t.seconds
+        out: dict[str, float] = {}
+        peer = self.fetches.get("peer", Totals())
+        for key, t in (("registry_bytes_per_second", registry), ("peer_bytes_per_second", peer)):
+            if t.seconds > 0 and t.bytes >= MIB:
+                out[key] = t.bytes / t.seconds
+        if self.assembly.seconds > 0 and self.assembly.bytes >= MIB:
+            out["apply_seconds_per_byte"] = self.assembly.seconds / self.assembly.bytes
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {
             "sources": {

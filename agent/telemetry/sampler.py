@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from agent.config import TelemetryConfig
 from agent.telemetry import procfs
@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 ContainerSource = Callable[[], Awaitable[list[ContainerReading]]]
 ReservedSource = Callable[[], pb.Capacity]
+LayerCostsSource = Callable[[], Mapping[str, float]]
+"""LayerCosts fields measured so far (agent/composition/costs.py CostMeter.measured)."""
 
 
 class Sampler:
@@ -31,10 +33,12 @@ class Sampler:
         containers: ContainerSource | None = None,
         reserved: ReservedSource | None = None,
         paths: HostPaths | None = None,
+        layer_costs: LayerCostsSource | None = None,
     ) -> None:
         self._paths = paths or HostPaths()
         self._containers = containers
         self._reserved = reserved
+        self._layer_costs = layer_costs
         self._notices = [
             NoticeFile(config.drain_notice_file, pb.DRAIN_NOTICE),
             NoticeFile(config.maintenance_file, pb.MAINTENANCE),
@@ -78,6 +82,8 @@ class Sampler:
                 )
         if self._reserved is not None:
             sample.reserved.CopyFrom(self._reserved())
+        if self._layer_costs is not None and (costs := self._layer_costs()):
+            sample.layer_costs.CopyFrom(pb.LayerCosts(**costs))
         return sample
 
     def _read_blocking(self, ts: float) -> tuple[HostReading, list[pb.HostEvent]]:
