@@ -72,7 +72,9 @@ class Coordinator:
             holders=lambda digest: [h.host for h in self.layers.tracker.holders(digest, clock())],
             costs=self.costs.of,
         )
-        self.starts = ContainerStarts(store, self.placer, self.reservations, agents, config.agents.create_timeout)
+        self.starts = ContainerStarts(
+            store, self.placer, self.reservations, agents, config.agents.create_timeout, self.costs
+        )
         self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
         self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)
         self.retrainer = Retrainer(store, self.predictions, config, clock)

@@ -5,10 +5,12 @@
                       (a fleet peer, by the layer tracker, at the host's measured peer rate;
                        else the registry, at its measured registry rate)
               + (sum of their sizes) * apply seconds per byte * (1 + CPU pressure)
-              + start_seconds
+              + start seconds
 
 Rates and the apply cost are the host's own measurements (its telemetry's `layer_costs`), or the
-`[placement]` defaults until it has any. Layers the host holds cost nothing: their snapshots are
+`[placement]` defaults until it has any. The start is learned from the containers started there
+through the coordinator (what fetch and apply did not explain, a moving average), else
+`[placement] start_seconds`. Layers the host holds cost nothing: their snapshots are
 there (a layer is held once it is unpacked into an image). Fetches are counted one after another,
 which is what one host's link and CPU allow in practice; applying waits on CPU, hence the pressure.
 
@@ -29,6 +31,7 @@ class Rates:
     registry_bytes_per_second: float
     peer_bytes_per_second: float
     apply_seconds_per_byte: float
+    start_seconds: float
     measured: bool = False
 
     @classmethod
@@ -41,6 +44,7 @@ class Rates:
             registry or defaults.registry_bytes_per_second,
             peer or defaults.peer_bytes_per_second,
             float(costs.get("apply_seconds_per_byte") or 0.0) or defaults.apply_seconds_per_byte,
+            float(costs["start_seconds"]) if "start_seconds" in costs else defaults.start_seconds,
             measured=bool(registry or peer),
         )
 
@@ -72,7 +76,6 @@ def time_to_running(
     peer_holders: Mapping[str, Collection[str]],
     rates: Rates,
     cpu_pressure: float,
-    start_seconds: float,
 ) -> Breakdown:
     """`layers`: digest -> size of what the container needs; `held`: digests the host holds;
     `peer_holders`: digest -> hosts that hold or are fetching it (the tracker's answer);
@@ -91,15 +94,19 @@ def time_to_running(
     apply = (from_peers + from_registry) * rates.apply_seconds_per_byte * (1.0 + max(0.0, min(1.0, cpu_pressure)))
     return Breakdown(
         host=host,
-        seconds=fetch + apply + start_seconds,
+        seconds=fetch + apply + rates.start_seconds,
         fetch_seconds=fetch,
         apply_seconds=apply,
-        start_seconds=start_seconds,
+        start_seconds=rates.start_seconds,
         bytes_from_peers=from_peers,
         bytes_from_registry=from_registry,
         bytes_held=kept,
         measured=rates.measured,
     )
+
+
+START_WEIGHT = 0.3
+"""Weight of the newest start in a host's start-overhead average."""
 
 
 class CostBook:
@@ -108,6 +115,17 @@ class CostBook:
 
     def __init__(self) -> None:
         self._latest: dict[str, dict[str, float]] = {}
+        self._start: dict[str, float] = {}
+
+    def started(self, host: str, measured_seconds: float, predicted: Breakdown) -> None:
+        """A container placed on `host` ran after `measured_seconds`: what the fetch and apply
+        predictions do not explain is the host's start overhead (create, assemble, start, the
+        calls), kept as a moving average that the next predictions for the host use."""
+        residual = max(0.0, measured_seconds - predicted.fetch_seconds - predicted.apply_seconds)
+        costs = self._latest.setdefault(host, {})
+        before = self._start.get(host)
+        self._start[host] = residual if before is None else before + START_WEIGHT * (residual - before)
+        costs["start_seconds"] = self._start[host]
 
     def observe(self, host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
         """Samples as stored (protobuf JSON), oldest first."""
@@ -115,6 +133,8 @@ class CostBook:
             costs = sample.get("layer_costs")
             if isinstance(costs, Mapping) and costs:
                 self._latest[host] = {k: float(v) for k, v in costs.items() if isinstance(v, int | float)}
+                if host in self._start:
+                    self._latest[host]["start_seconds"] = self._start[host]
                 return
 
     def of(self, host: str) -> dict[str, float] | None:

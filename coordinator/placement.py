@@ -190,7 +190,6 @@ def by_time(
             peer_holders,
             Rates.of(costs(c.host.name), weights),
             c.host.pressure.get("cpu_some", 0.0) / 100.0,
-            weights.start_seconds,
         )
         ranked.append((predicted.seconds, -score(c, need, weights).score, c.host.name, predicted))
     ranked.sort(key=lambda r: r[:3])

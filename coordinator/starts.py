@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from coordinator.agents import AgentClientLike
+from coordinator.costs import CostBook
 from coordinator.model import HostNotFound
 from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
@@ -30,12 +31,14 @@ class ContainerStarts:
         reservations: ReservationService,
         agents: AgentClientLike,
         create_timeout: float,
+        costs: CostBook | None = None,
     ) -> None:
         self._store = store
         self._placer = placer
         self._reservations = reservations
         self._agents = agents
         self._create_timeout = create_timeout
+        self._costs = costs
 
     async def start(self, spec: Mapping[str, Any], need: Need, ttl: float | None = None) -> dict[str, Any]:
         """Place, reserve, create and start; the placement (with its prediction) and the container.
@@ -54,6 +57,8 @@ class ContainerStarts:
             await self._reservations.release(reservation.id)
             raise
         seconds = time.monotonic() - started
+        if self._costs is not None:  # the next prediction for this host learns from this one
+            self._costs.started(reservation.host, seconds, placement.chosen)
         log.info(
             "container started",
             extra={

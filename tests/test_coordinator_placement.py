@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from coordinator.config import CoordinatorConfig, PlacementConfig
-from coordinator.costs import Rates, time_to_running
+from coordinator.costs import CostBook, Rates, time_to_running
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import (
     Capacity,
@@ -171,15 +171,15 @@ SLOW = {"registry_bytes_per_second": 10 * MB, "peer_bytes_per_second": 100 * MB,
 
 def test_time_to_running_counts_each_missing_layer_at_its_cheapest_source() -> None:
     rates = Rates.of(SLOW, WEIGHTS)
-    held_base = time_to_running("h1", {BASE}, LAYERS, {MID: ["h2"]}, rates, 0.0, 0.3)
+    held_base = time_to_running("h1", {BASE}, LAYERS, {MID: ["h2"]}, rates, 0.0)
     # MID from the peer h2 (0.5 s), TOP from the registry (1 s), 60 MB applied (0.6 s), start.
     assert held_base.bytes_held == 200 * MB and held_base.bytes_from_peers == 50 * MB
     assert held_base.bytes_from_registry == 10 * MB and held_base.measured
     assert held_base.seconds == pytest.approx(0.5 + 1.0 + 0.6 + 0.3)
     # The host itself is no peer of its own; CPU pressure slows applying.
-    cold = time_to_running("h2", set(), LAYERS, {BASE: ["h2"]}, rates, 0.5, 0.3)
+    cold = time_to_running("h2", set(), LAYERS, {BASE: ["h2"]}, rates, 0.5)
     assert cold.bytes_from_registry == 260 * MB and cold.apply_seconds == pytest.approx(2.6 * 1.5)
-    assert not time_to_running("h3", set(), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0, 0.3).measured
+    assert not time_to_running("h3", set(), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0).measured
 
 
 def test_a_new_container_goes_where_it_runs_soonest_not_where_its_image_is_biggest() -> None:
@@ -207,6 +207,12 @@ async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: S
     placement = await placer.place_start(Need(Capacity(500, GiB, 0), LAYERS), "task 1")
     assert placement.chosen.host == "h1" and placement.reservation.host == "h1"
     assert [b.host for b in placement.candidates] == ["h1", "h2"]
+    # A start that took 2.5 s where fetch + apply explained 1.1 s: the host's start overhead learns.
+    book = CostBook()
+    book.started("h1", 2.5, placement.chosen)
+    assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(2.5 - 1.1, abs=0.01)
+    book.observe("h1", [(1.0, {"layer_costs": SLOW})])  # a new sample keeps what was learned
+    assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(1.4, abs=0.01)
     [decision] = await store.list_decisions()
     assert decision.kind == "place" and decision.host == "h1"
     assert "predicted" in decision.detail and "next h2" in decision.detail
