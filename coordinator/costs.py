@@ -19,6 +19,7 @@ Pure: the inputs are plain values, `Breakdown` is the record kept with the decis
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -105,6 +106,7 @@ def time_to_running(
     )
 
 
+FIGURES = ("registry_bytes_per_second", "peer_bytes_per_second", "apply_seconds_per_byte", "start_seconds")
 START_WEIGHT = 0.3
 """Weight of the newest start in a host's start-overhead average."""
 
@@ -118,10 +120,13 @@ class CostBook:
         self._start: dict[str, float] = {}
 
     def started(self, host: str, measured_seconds: float, predicted: Breakdown) -> None:
-        """A container placed on `host` ran after `measured_seconds`: what the fetch and apply
-        predictions do not explain is the host's start overhead (create, assemble, start, the
-        calls), kept as a moving average that the next predictions for the host use."""
-        residual = max(0.0, measured_seconds - predicted.fetch_seconds - predicted.apply_seconds)
+        """A container placed on `host` ran after `measured_seconds`. When it needed no layer (all
+        held), that is the host's start overhead (create, the image record, start, the calls), kept
+        as a moving average that the next predictions for the host use. Starts that fetched are
+        left out: there a wrong rate would be taken for a slow start."""
+        if predicted.bytes_from_peers or predicted.bytes_from_registry:
+            return
+        residual = measured_seconds
         costs = self._latest.setdefault(host, {})
         before = self._start.get(host)
         self._start[host] = residual if before is None else before + START_WEIGHT * (residual - before)
@@ -138,4 +143,14 @@ class CostBook:
                 return
 
     def of(self, host: str) -> dict[str, float] | None:
-        return self._latest.get(host)
+        """The host's own figures; for a figure it has not measured yet, the median of the hosts
+        that have (the fleet's hosts mostly share their registries and network)."""
+        own = self._latest.get(host, {})
+        merged: dict[str, float] = {}
+        for key in FIGURES:
+            values = [costs[key] for costs in self._latest.values() if key in costs]
+            if key in own:
+                merged[key] = own[key]
+            elif values:
+                merged[key] = statistics.median(values)
+        return merged or None

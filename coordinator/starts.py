@@ -1,9 +1,11 @@
 """New containers started through the coordinator: placed by predicted time to running, then created
 on the chosen host's agent, charged to the reservation made for them.
 
-The reservation is not released when the container runs: it lapses after its TTL. Until then the
-host's room is counted twice (the reservation and the container's use in telemetry), which errs on
-the side of never double-booking while the first samples of the new container arrive.
+The reservation is released once the container runs, whether or not the create worked: from then
+on the container's own limits hold its room on the agent (its admission counts them), and the agent,
+not the coordinator's last sample, refuses a later placement that no longer fits (409: the placer
+moves on to the next host). Keeping reservations until their TTL would fill a host that runs many
+short tasks with rooms nobody uses.
 """
 
 from __future__ import annotations
@@ -53,9 +55,8 @@ class ContainerStarts:
             container = await self._agents.create_container(
                 host, {**spec, "reservation": reservation.id}, self._create_timeout
             )
-        except BaseException:
+        finally:
             await self._reservations.release(reservation.id)
-            raise
         seconds = time.monotonic() - started
         if self._costs is not None:  # the next prediction for this host learns from this one
             self._costs.started(reservation.host, seconds, placement.chosen)

@@ -207,12 +207,19 @@ async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: S
     placement = await placer.place_start(Need(Capacity(500, GiB, 0), LAYERS), "task 1")
     assert placement.chosen.host == "h1" and placement.reservation.host == "h1"
     assert [b.host for b in placement.candidates] == ["h1", "h2"]
-    # A start that took 2.5 s where fetch + apply explained 1.1 s: the host's start overhead learns.
+    # A start that fetched teaches nothing about the start overhead (a wrong rate would pass for a
+    # slow start); one that needed no layer is the overhead, averaged.
     book = CostBook()
     book.started("h1", 2.5, placement.chosen)
-    assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(2.5 - 1.1, abs=0.01)
+    assert book.of("h1") is None
+    warm = time_to_running("h1", set(LAYERS), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0)
+    book.started("h1", 0.8, warm)
+    book.started("h1", 1.8, warm)
+    assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(0.8 + 0.3 * 1.0)
     book.observe("h1", [(1.0, {"layer_costs": SLOW})])  # a new sample keeps what was learned
-    assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(1.4, abs=0.01)
+    assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(1.1)
+    # A host that measured nothing yet takes the fleet's median.
+    assert Rates.of(book.of("h9"), WEIGHTS).registry_bytes_per_second == SLOW["registry_bytes_per_second"]
     [decision] = await store.list_decisions()
     assert decision.kind == "place" and decision.host == "h1"
     assert "predicted" in decision.detail and "next h2" in decision.detail
