@@ -1,8 +1,11 @@
-"""The storage interface the coordinator's logic uses, and nothing else.
+"""The storage interface the coordinator's logic uses, and nothing else: one small Protocol per concern.
 
-The default backend is SQLite (coordinator/sqlite_store.py). An HA backend on a distributed store
-implements the same protocol; the one hard requirement is that `reserve` is atomic (check free
-capacity and insert in one transaction), because that is what keeps placements from double-booking.
+`Store` is their union. The default backend is SQLite (coordinator/sqlite_store.py), which implements
+every concern. The etcd backend (coordinator/etcd/) implements the concerns a fleet of coordinator
+replicas must share; telemetry time series never go to etcd (see docs/coordinator.md, "Running on
+etcd"). The one hard requirement on any backend is that `ReservationStore.reserve` is atomic (check
+free capacity and insert in one transaction), because that is what keeps placements from
+double-booking. tests/test_store_conformance.py runs the same cases against every backend.
 """
 
 from __future__ import annotations
@@ -62,10 +65,9 @@ class CatalogStore(Protocol):
         ...
 
 
-class Store(CatalogStore, Protocol):
-    async def close(self) -> None: ...
+class HostStore(Protocol):
+    """Registered hosts: identity, capacity, addresses, liveness and admin state."""
 
-    # ----- hosts
     async def register_host(self, host: Host) -> Host:
         """Insert or update identity, capacity and addresses; keeps the admin state; health ready."""
         ...
@@ -75,7 +77,10 @@ class Store(CatalogStore, Protocol):
     async def set_health(self, name: str, health: HostHealth) -> None: ...
     async def set_admin(self, name: str, admin: HostAdmin) -> None: ...
 
-    # ----- telemetry
+
+class TelemetryStore(Protocol):
+    """Pushed samples (a bounded history per host) and the host summary each push refreshes."""
+
     async def record_telemetry(self, update: TelemetryUpdate, keep: int, max_age: float) -> int:
         """Store the samples (bounded to `keep` per host and `max_age` seconds) and mark a heartbeat.
 
@@ -86,7 +91,10 @@ class Store(CatalogStore, Protocol):
     async def telemetry(self, host: str, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]: ...
     async def telemetry_all(self, since: float = 0.0) -> dict[str, list[tuple[float, dict[str, Any]]]]: ...
 
-    # ----- reservations
+
+class ReservationStore(Protocol):
+    """Capacity held on hosts with a deadline; `reserve` is the double-booking guarantee."""
+
     async def reserve(self, reservation: Reservation, now: float) -> Reservation:
         """Atomically: if the host's free capacity holds it, insert it; else InsufficientCapacity."""
         ...
@@ -101,15 +109,41 @@ class Store(CatalogStore, Protocol):
 
     async def free_capacity(self, host: str, now: float) -> Capacity: ...
 
-    # ----- migrations
+
+class MigrationStore(Protocol):
+    """The coordinator's migrations and their state history."""
+
     async def put_migration(self, migration: Migration) -> None: ...
     async def get_migration(self, migration_id: str) -> Migration | None: ...
     async def list_migrations(self, *, active_only: bool = False) -> list[Migration]: ...
 
-    # ----- predictions, decisions, drains
+
+class DecisionStore(Protocol):
+    """Predictions (P(drain) per host) and the decisions taken on them, with their evidence."""
+
     async def record_predictions(self, predictions: Sequence[Prediction]) -> None: ...
     async def latest_predictions(self) -> dict[str, Prediction]: ...
     async def record_decision(self, decision: Decision) -> Decision: ...
     async def list_decisions(self, host: str | None = None, limit: int = 100) -> list[Decision]: ...
+
+
+class DrainStore(Protocol):
+    """Drains, started by the policy or by ops, until done or cancelled."""
+
     async def put_drain(self, drain: Drain) -> None: ...
     async def list_drains(self, host: str | None = None) -> list[Drain]: ...
+
+
+class Store(
+    HostStore,
+    TelemetryStore,
+    ReservationStore,
+    MigrationStore,
+    DecisionStore,
+    DrainStore,
+    CatalogStore,
+    Protocol,
+):
+    """Every concern, on one backend (what the coordinator's services are wired with)."""
+
+    async def close(self) -> None: ...
