@@ -1,0 +1,257 @@
+"""The etcd adapter: reads, ranges and guarded transactions over aetcd, in our own types.
+
+This is the only module that imports aetcd (and gRPC, for TLS credentials); an import-linter
+contract keeps it so. What leaves it: `Entry`, `Snapshot` and `EtcdUnavailable`.
+
+Endpoints: one channel at a time, to one member. When a call fails because that member cannot be
+reached or cannot answer in time (it is down, or cut off from the quorum), the adapter moves to the
+next endpoint and retries the call there, once per endpoint. That is safe for every call here: reads
+are idempotent, and the store only writes with transactions guarded by revisions, so a retried write
+whose first try did commit finds its guard false and re-reads.
+
+Errors: EtcdUnavailable (503) when no endpoint answers; any other etcd error is EtcdError (500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aetcd
+import aetcd.rpc
+import aetcd.utils
+import aetcd.watcher
+import grpc
+
+from core.errors import ConfigError, FerrymanError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EtcdError(FerrymanError):
+    code = "store_error"
+    http_status = 500
+
+
+class EtcdUnavailable(EtcdError):
+    """No endpoint answered (down, or no quorum): nothing was decided."""
+
+    code = "store_unavailable"
+    http_status = 503
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    create_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The entries of a range, and the store revision they were read at."""
+
+    entries: tuple[Entry, ...]
+    revision: int
+
+
+# ----- transaction guards (all must hold for the writes to apply)
+
+
+@dataclass(frozen=True, slots=True)
+class Unchanged:
+    """No key in [key, range_end) (just `key` when range_end is empty) was written after `revision`;
+    a key deleted since is not seen (deletions only ever free room here)."""
+
+    key: bytes
+    revision: int
+    range_end: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Absent:
+    """`key` does not exist."""
+
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ModRevision:
+    """`key` exists and was last written at `revision` (a fencing token: the leader's key)."""
+
+    key: bytes
+    revision: int
+
+
+Guard = Unchanged | Absent | ModRevision
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: bytes
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: bytes
+
+
+Op = Put | Delete
+
+
+@dataclass(frozen=True)
+class EtcdTls:
+    ca_file: str
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = ""
+    """The name the members' certificates carry when the endpoints are addresses."""
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end that covers every key starting with `prefix`."""
+    return bytes(aetcd.utils.prefix_range_end(prefix))
+
+
+class _Client(aetcd.Client):
+    """aetcd's client with a TLS channel when configured (aetcd 1.x opens insecure channels only)."""
+
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None, timeout: float, options: Any) -> None:
+        host, _, port = target.rpartition(":")
+        super().__init__(host=host, port=int(port), timeout=timeout, options=options)  # type: ignore[arg-type]
+        self._target = target
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._credentials is None:
+            await super().connect()
+            return
+        if self._connected.is_set():
+            return
+        # The same steps as aetcd.Client.connect, on a secure channel.
+        self.channel = grpc.aio.secure_channel(self._target, self._credentials, options=list(self._options.items()))
+        self.kvstub = aetcd.rpc.KVStub(self.channel)
+        self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+        self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+        self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(
+            aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
+
+
+def _credentials(tls: EtcdTls | None) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+    if tls is None:
+        return None, []
+    try:
+        ca = Path(tls.ca_file).read_bytes()
+        cert = Path(tls.cert_file).read_bytes() if tls.cert_file else None
+        key = Path(tls.key_file).read_bytes() if tls.key_file else None
+    except OSError as exc:
+        raise ConfigError(f"store: cannot read an etcd TLS file: {exc}") from exc
+    if (cert is None) != (key is None):
+        raise ConfigError("store: etcd_cert_file and etcd_key_file go together")
+    options: list[tuple[str, Any]] = []
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert), options
+
+
+class EtcdKV:
+    """A connection to an etcd cluster through one of `endpoints` ("host:port") at a time."""
+
+    def __init__(self, endpoints: Sequence[str], *, tls: EtcdTls | None = None, timeout: float = 5.0) -> None:
+        if not endpoints:
+            raise ConfigError("store: etcd_endpoints must name at least one member")
+        for endpoint in endpoints:
+            host, sep, port = endpoint.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ConfigError(f"store: etcd endpoint {endpoint!r} is not host:port")
+        self.endpoints = tuple(endpoints)
+        self._credentials, self._options = _credentials(tls)
+        self._timeout = timeout
+        self._current = 0
+        self._client: _Client | None = None
+        self._switch = asyncio.Lock()
+
+    def _connect(self) -> _Client:
+        if self._client is None:
+            self._client = _Client(self.endpoints[self._current], self._credentials, self._timeout, dict(self._options))
+        return self._client
+
+    async def _next_endpoint(self, failed: _Client) -> None:
+        async with self._switch:
+            if self._client is not failed:  # another call has already moved on
+                return
+            self._client = None
+            self._current = (self._current + 1) % len(self.endpoints)
+        try:
+            await failed.close()
+        except Exception:  # the channel is being dropped because it failed
+            log.debug("closing a failed etcd channel", exc_info=True)
+
+    async def _call(self, what: str, fn: Callable[[_Client], Awaitable[T]]) -> T:
+        last: Exception | None = None
+        for _ in range(len(self.endpoints)):
+            client = self._connect()
+            try:
+                return await fn(client)
+            except (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError) as exc:
+                last = exc
+                log.warning(
+                    "etcd endpoint failed; trying the next",
+                    extra={"endpoint": self.endpoints[self._current], "call": what, "error": str(exc)},
+                )
+                await self._next_endpoint(client)
+            except aetcd.ClientError as exc:
+                raise EtcdError(f"etcd {what}: {exc}") from exc
+        raise EtcdUnavailable(f"etcd {what}: no endpoint of {list(self.endpoints)} answered: {last}") from last
+
+    async def get(self, key: bytes) -> Entry | None:
+        async def op(c: _Client) -> Entry | None:
+            kv = await c.get(key)
+            return None if kv is None else Entry(kv.key, kv.value, kv.mod_revision, kv.create_revision)
+
+        return await self._call("get", op)
+
+    async def range(self, prefix: bytes) -> Snapshot:
+        """Every key under `prefix`, in key order, with the revision of the read."""
+
+        async def op(c: _Client) -> Snapshot:
+            got = await c.get_prefix(prefix)
+            entries = tuple(Entry(kv.key, kv.value, kv.mod_revision, kv.create_revision) for kv in got)
+            return Snapshot(entries, got.header.revision)
+
+        return await self._call("range", op)
+
+    async def txn(self, guards: Sequence[Guard], ops: Sequence[Op]) -> bool:
+        """Apply `ops` in one transaction if every guard holds; whether they were applied."""
+
+        async def op(c: _Client) -> bool:
+            t = c.transactions
+            compare: list[Any] = []
+            for g in guards:
+                if isinstance(g, Unchanged):
+                    compare.append(t.mod(g.key, g.range_end or None) < g.revision + 1)
+                elif isinstance(g, Absent):
+                    compare.append(t.version(g.key) == 0)
+                else:
+                    compare.append(t.mod(g.key) == g.revision)
+            success = [t.put(o.key, o.value, o.lease or None) if isinstance(o, Put) else t.delete(o.key) for o in ops]
+            ok, _ = await c.transaction(compare=compare, success=success, failure=[])
+            return bool(ok)
+
+        return await self._call("transaction", op)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()

@@ -1,0 +1,419 @@
+"""`Store` on etcd: what every coordinator replica must see the same, in etcd keys under one prefix.
+
+Keys (values are JSON; PREFIX is `[store] etcd_prefix`, "/ferryman/" by default):
+
+    PREFIX hosts/NAME                  a Host, with its last telemetry summary (used, pressure, ...)
+    PREFIX reservations/HOST/ID        a Reservation (grouped by host: one range per host)
+    PREFIX reservation-ids/ID          HOST (finds a reservation from its id alone)
+    PREFIX migrations/ID               a Migration (its history inside)
+    PREFIX drains/ID                   a Drain
+    PREFIX predictions/HOST            the host's latest Prediction (only the latest is ever read)
+    PREFIX decisions/TS-RANDOM         a Decision; its id is the key's create revision
+
+Every write is a transaction guarded by the revisions the writer read (read, decide, write if
+nothing changed, else read again), so replicas never overwrite each other's updates. `reserve` is the
+double-booking guarantee: it reads the host and its reservation range, checks the free capacity, and
+inserts only if neither the host nor any reservation on it changed since; a replica that loses the
+race reads again and decides again (InsufficientCapacity once the host is full).
+
+Telemetry time series do not go to etcd: a push only refreshes the host's summary key (the
+heartbeat and the capacity in use, which `reserve` needs). The samples are kept in this replica's
+memory, bounded per host by count and age exactly as the SQLite store bounds them; a replica that
+starts has none until agents push again (docs/coordinator.md, "Running on etcd").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import secrets
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from coordinator.etcd.kv import Absent, Delete, EtcdError, EtcdKV, Guard, ModRevision, Put, Unchanged, prefix_end
+from coordinator.model import (
+    Capacity,
+    ContainerUsage,
+    Decision,
+    Drain,
+    Host,
+    HostAdmin,
+    HostHealth,
+    HostNotFound,
+    InsufficientCapacity,
+    Migration,
+    MigrationState,
+    Prediction,
+    Reservation,
+)
+from coordinator.store import TelemetryUpdate
+from core.errors import InvalidRequest
+
+MAX_ATTEMPTS = 200
+"""Read-decide-write rounds one update may lose to concurrent writers before it gives up."""
+DECISIONS_KEPT = 10_000
+"""Decisions kept in etcd (the oldest beyond this are deleted; SQLite keeps them all)."""
+_TRIM_EVERY = 256
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _host_to_json(host: Host) -> bytes:
+    out = asdict(host)
+    out["health"] = host.health.value
+    out["admin"] = host.admin.value
+    out["layer_digests"] = list(host.layer_digests)
+    out["containers"] = [asdict(c) for c in host.containers]
+    return _dumps(out)
+
+
+def _host_from_json(raw: bytes) -> Host:
+    d = json.loads(raw)
+    return Host(
+        name=d["name"],
+        capacity=Capacity.from_dict(d["capacity"]),
+        peer_address=d["peer_address"],
+        api_url=d["api_url"],
+        labels=d["labels"],
+        agent_version=d["agent_version"],
+        layer_digests=tuple(d["layer_digests"]),
+        blob_address=d["blob_address"],
+        criu_features=d["criu_features"],
+        telemetry_period=d["telemetry_period"],
+        health=HostHealth(d["health"]),
+        admin=HostAdmin(d["admin"]),
+        registered_at=d["registered_at"],
+        last_heartbeat=d["last_heartbeat"],
+        used=Capacity.from_dict(d["used"]),
+        containers=tuple(ContainerUsage(**c) for c in d["containers"]),
+        pressure=d["pressure"],
+    )
+
+
+def _reservation_from_json(raw: bytes) -> Reservation:
+    d = json.loads(raw)
+    d["capacity"] = Capacity.from_dict(d["capacity"])
+    return Reservation(**d)
+
+
+def _migration_to_json(migration: Migration) -> bytes:
+    record = migration.to_dict()
+    record.pop("done")
+    record["history"] = [list(h) for h in migration.history]
+    return _dumps(record)
+
+
+def _migration_from_json(raw: bytes) -> Migration:
+    d = json.loads(raw)
+    d["state"] = MigrationState(d["state"])
+    d["tried_targets"] = tuple(d.get("tried_targets", ()))
+    d["history"] = tuple(tuple(h) for h in d.get("history", ()))
+    return Migration(**d)
+
+
+def free_capacity(host: Host, reservations: Sequence[Reservation], now: float) -> Capacity:
+    """capacity - what the containers use (last sample) - the host's active reservations."""
+    held = Capacity()
+    for r in reservations:
+        if r.host == host.name and r.expires_at > now:
+            held = held + r.capacity
+    return host.capacity - host.used - held
+
+
+class _Series:
+    """One replica's telemetry samples per host, bounded by count and age (never in etcd)."""
+
+    def __init__(self) -> None:
+        self._by_host: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+
+    def add(self, update: TelemetryUpdate, keep: int, max_age: float) -> None:
+        series = self._by_host.get(update.host, []) + [(ts, dict(s)) for ts, s in update.samples]
+        series.sort(key=lambda item: item[0])  # stable: equal stamps keep their arrival order
+        cutoff = update.received_at - max_age
+        self._by_host[update.host] = [item for item in series if item[0] >= cutoff][-keep:] if keep > 0 else []
+
+    def since(self, host: str, since: float) -> list[tuple[float, dict[str, Any]]]:
+        return [item for item in self._by_host.get(host, ()) if item[0] >= since]
+
+    def all_since(self, since: float) -> dict[str, list[tuple[float, dict[str, Any]]]]:
+        out = {host: self.since(host, since) for host in sorted(self._by_host)}
+        return {host: samples for host, samples in out.items() if samples}
+
+
+class EtcdStore:
+    """`Store` on an etcd cluster. Open with `EtcdStore(EtcdKV(endpoints), prefix)`; no I/O until used."""
+
+    def __init__(self, kv: EtcdKV, prefix: str = "/ferryman/") -> None:
+        if not prefix.startswith("/") or not prefix.endswith("/"):
+            raise InvalidRequest(f"an etcd key prefix starts and ends with '/', got {prefix!r}")
+        self._kv = kv
+        self._prefix = prefix.encode()
+        self._series = _Series()
+        self._decisions_recorded = 0
+
+    # ----- keys
+
+    def _key(self, *parts: str) -> bytes:
+        for part in parts[1:]:
+            if not part or "/" in part:
+                raise InvalidRequest(f"{part!r} cannot be a name in the store (empty, or contains '/')")
+        return self._prefix + "/".join(parts).encode()
+
+    def _host_key(self, name: str) -> bytes:
+        return self._key("hosts", name)
+
+    def _host_reservations(self, host: str) -> bytes:
+        return self._key("reservations", host) + b"/"
+
+    async def _retry_pause(self, attempt: int) -> None:
+        if attempt >= MAX_ATTEMPTS - 1:
+            raise EtcdError(f"gave up after {MAX_ATTEMPTS} conflicting concurrent updates")
+        await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
+
+    async def close(self) -> None:
+        await self._kv.close()
+
+    # ----- hosts
+
+    async def _update_host(self, name: str, change: dict[str, Any]) -> Host:
+        key = self._host_key(name)
+        for attempt in range(MAX_ATTEMPTS):
+            entry = await self._kv.get(key)
+            if entry is None:
+                raise HostNotFound(f"no host {name!r} is registered")
+            host = dataclasses.replace(_host_from_json(entry.value), **change)
+            if await self._kv.txn([ModRevision(key, entry.mod_revision)], [Put(key, _host_to_json(host))]):
+                return host
+            await self._retry_pause(attempt)
+        raise AssertionError("unreachable")
+
+    async def register_host(self, host: Host) -> Host:
+        key = self._host_key(host.name)
+        for attempt in range(MAX_ATTEMPTS):
+            entry = await self._kv.get(key)
+            guard: Guard
+            if entry is None:
+                new = dataclasses.replace(host, health=HostHealth.READY)
+                guard = Absent(key)
+            else:
+                old = _host_from_json(entry.value)  # keeps the admin state and the last telemetry summary
+                new = dataclasses.replace(
+                    host,
+                    health=HostHealth.READY,
+                    admin=old.admin,
+                    used=old.used,
+                    containers=old.containers,
+                    pressure=old.pressure,
+                )
+                guard = ModRevision(key, entry.mod_revision)
+            if await self._kv.txn([guard], [Put(key, _host_to_json(new))]):
+                return new
+            await self._retry_pause(attempt)
+        raise AssertionError("unreachable")
+
+    async def get_host(self, name: str) -> Host | None:
+        entry = await self._kv.get(self._host_key(name))
+        return None if entry is None else _host_from_json(entry.value)
+
+    async def list_hosts(self) -> list[Host]:
+        snap = await self._kv.range(self._key("hosts") + b"/")
+        return sorted((_host_from_json(e.value) for e in snap.entries), key=lambda h: h.name)
+
+    async def set_health(self, name: str, health: HostHealth) -> None:
+        await self._update_host(name, {"health": health})
+
+    async def set_admin(self, name: str, admin: HostAdmin) -> None:
+        await self._update_host(name, {"admin": admin})
+
+    # ----- telemetry: the summary in etcd, the samples in this replica's memory
+
+    async def record_telemetry(self, update: TelemetryUpdate, keep: int, max_age: float) -> int:
+        await self._update_host(
+            update.host,
+            {
+                "last_heartbeat": update.received_at,
+                "health": HostHealth.READY,
+                "used": update.used,
+                "containers": tuple(update.containers),
+                "pressure": dict(update.pressure),
+            },
+        )
+        self._series.add(update, keep, max_age)
+        return len(update.samples)
+
+    async def telemetry(self, host: str, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]:
+        return self._series.since(host, since)
+
+    async def telemetry_all(self, since: float = 0.0) -> dict[str, list[tuple[float, dict[str, Any]]]]:
+        return self._series.all_since(since)
+
+    # ----- reservations
+
+    async def _host_state(self, host: str) -> tuple[Host, int, list[Reservation], int]:
+        """The host, its key's revision, its reservations and the revision of that range read."""
+        entry = await self._kv.get(self._host_key(host))
+        if entry is None:
+            raise HostNotFound(f"no host {host!r} is registered")
+        snap = await self._kv.range(self._host_reservations(host))
+        held = [_reservation_from_json(e.value) for e in snap.entries]
+        return _host_from_json(entry.value), entry.mod_revision, held, snap.revision
+
+    async def reserve(self, reservation: Reservation, now: float) -> Reservation:
+        key = self._host_reservations(reservation.host) + reservation.id.encode()
+        id_key = self._key("reservation-ids", reservation.id)
+        for attempt in range(MAX_ATTEMPTS):
+            host, host_revision, held, read_at = await self._host_state(reservation.host)
+            if any(r.id == reservation.id for r in held):
+                return reservation  # a retried call whose first try committed
+            free = free_capacity(host, held, now)
+            if not free.fits(reservation.capacity):
+                raise InsufficientCapacity(
+                    f"host {reservation.host!r} cannot hold {reservation.capacity.to_dict()}: free {free.to_dict()}"
+                )
+            in_range = self._host_reservations(reservation.host)
+            guards: list[Guard] = [
+                ModRevision(self._host_key(reservation.host), host_revision),
+                Unchanged(in_range, read_at, prefix_end(in_range)),
+                Absent(id_key),
+            ]
+            ops = [Put(key, _dumps(reservation.to_dict())), Put(id_key, reservation.host.encode())]
+            if await self._kv.txn(guards, ops):
+                return reservation
+            await self._retry_pause(attempt)
+        raise AssertionError("unreachable")
+
+    async def free_capacity(self, host: str, now: float) -> Capacity:
+        found, _, held, _ = await self._host_state(host)
+        return free_capacity(found, held, now)
+
+    async def _reservation_entry(self, reservation_id: str) -> tuple[bytes, bytes, Reservation, int] | None:
+        id_key = self._key("reservation-ids", reservation_id)
+        index = await self._kv.get(id_key)
+        if index is None:
+            return None
+        key = self._host_reservations(index.value.decode()) + reservation_id.encode()
+        entry = await self._kv.get(key)
+        if entry is None:
+            return None
+        return id_key, key, _reservation_from_json(entry.value), entry.mod_revision
+
+    async def mark_held(self, reservation_id: str) -> None:
+        for attempt in range(MAX_ATTEMPTS):
+            found = await self._reservation_entry(reservation_id)
+            if found is None:
+                return
+            _, key, reservation, revision = found
+            held = dataclasses.replace(reservation, held_by_agent=True)
+            if await self._kv.txn([ModRevision(key, revision)], [Put(key, _dumps(held.to_dict()))]):
+                return
+            await self._retry_pause(attempt)
+
+    async def get_reservation(self, reservation_id: str) -> Reservation | None:
+        found = await self._reservation_entry(reservation_id)
+        return None if found is None else found[2]
+
+    async def release(self, reservation_id: str) -> Reservation | None:
+        for attempt in range(MAX_ATTEMPTS):
+            found = await self._reservation_entry(reservation_id)
+            if found is None:
+                return None
+            id_key, key, reservation, revision = found
+            if await self._kv.txn([ModRevision(key, revision)], [Delete(key), Delete(id_key)]):
+                return reservation
+            await self._retry_pause(attempt)
+        raise AssertionError("unreachable")
+
+    async def _all_reservations(self) -> list[Reservation]:
+        snap = await self._kv.range(self._key("reservations") + b"/")
+        return [_reservation_from_json(e.value) for e in snap.entries]
+
+    async def expired_reservations(self, now: float) -> list[Reservation]:
+        return sorted((r for r in await self._all_reservations() if r.expires_at <= now), key=lambda r: r.expires_at)
+
+    async def list_reservations(self, now: float | None = None) -> list[Reservation]:
+        found = [r for r in await self._all_reservations() if now is None or r.expires_at > now]
+        return sorted(found, key=lambda r: (r.created_at, r.id))
+
+    # ----- migrations
+
+    async def put_migration(self, migration: Migration) -> None:
+        await self._kv.txn([], [Put(self._key("migrations", migration.id), _migration_to_json(migration))])
+
+    async def get_migration(self, migration_id: str) -> Migration | None:
+        entry = await self._kv.get(self._key("migrations", migration_id))
+        return None if entry is None else _migration_from_json(entry.value)
+
+    async def list_migrations(self, *, active_only: bool = False) -> list[Migration]:
+        snap = await self._kv.range(self._key("migrations") + b"/")
+        found = [_migration_from_json(e.value) for e in snap.entries]
+        return sorted((m for m in found if not (active_only and m.done)), key=lambda m: (m.created_at, m.id))
+
+    # ----- predictions, decisions, drains
+
+    async def record_predictions(self, predictions: Sequence[Prediction]) -> None:
+        latest: dict[str, Prediction] = {}
+        for p in predictions:
+            if p.host not in latest or p.ts >= latest[p.host].ts:
+                latest[p.host] = p
+        if latest:
+            ops = [Put(self._key("predictions", host), _dumps(p.to_dict())) for host, p in latest.items()]
+            await self._kv.txn([], ops)
+
+    async def latest_predictions(self) -> dict[str, Prediction]:
+        snap = await self._kv.range(self._key("predictions") + b"/")
+        found = (Prediction(**json.loads(e.value)) for e in snap.entries)
+        return {p.host: p for p in found}
+
+    async def record_decision(self, decision: Decision) -> Decision:
+        key = self._key("decisions", f"{decision.ts:020.6f}-{secrets.token_hex(4)}")
+        record = asdict(decision)
+        record.pop("id")
+        await self._kv.txn([Absent(key)], [Put(key, _dumps(record))])
+        entry = await self._kv.get(key)
+        self._decisions_recorded += 1
+        if self._decisions_recorded % _TRIM_EVERY == 0:
+            await self._trim_decisions()
+        return dataclasses.replace(decision, id=entry.create_revision if entry is not None else 0)
+
+    async def _decision_entries(self) -> list[tuple[int, bytes, dict[str, Any]]]:
+        snap = await self._kv.range(self._key("decisions") + b"/")
+        return sorted(((e.create_revision, e.key, json.loads(e.value)) for e in snap.entries), reverse=True)
+
+    async def _trim_decisions(self) -> None:
+        old = (await self._decision_entries())[DECISIONS_KEPT:]
+        for start in range(0, len(old), 100):  # etcd caps the operations in one transaction (128)
+            await self._kv.txn([], [Delete(key) for _, key, _ in old[start : start + 100]])
+
+    async def list_decisions(self, host: str | None = None, limit: int = 100) -> list[Decision]:
+        out: list[Decision] = []
+        for revision, _, record in await self._decision_entries():
+            if host is None or record["host"] == host:
+                out.append(Decision(**record, id=revision))
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def put_drain(self, drain: Drain) -> None:
+        key = self._key("drains", drain.id)
+        for attempt in range(MAX_ATTEMPTS):
+            entry = await self._kv.get(key)
+            guard: Guard
+            if entry is None:
+                new, guard = drain, Absent(key)
+            else:  # like SQLite's upsert: only the state and the finish time change
+                old = Drain(**json.loads(entry.value))
+                new = dataclasses.replace(old, state=drain.state, finished_at=drain.finished_at)
+                guard = ModRevision(key, entry.mod_revision)
+            if await self._kv.txn([guard], [Put(key, _dumps(new.to_dict()))]):
+                return
+            await self._retry_pause(attempt)
+
+    async def list_drains(self, host: str | None = None) -> list[Drain]:
+        snap = await self._kv.range(self._key("drains") + b"/")
+        found = [Drain(**json.loads(e.value)) for e in snap.entries]
+        return sorted((d for d in found if host is None or d.host == host), key=lambda d: d.started_at)

@@ -1,0 +1,98 @@
+"""The etcd store against three real members: a member lost, the quorum lost and given back.
+
+The conformance cases (tests/test_store_conformance.py) run against one member; these are what only
+a three-member cluster shows: the adapter moves to another endpoint when its member dies, a store
+without a quorum refuses (EtcdUnavailable, 503) instead of deciding, and it carries on when the quorum
+is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.etcd.kv import EtcdKV, EtcdUnavailable
+from coordinator.etcd.store import EtcdStore
+from coordinator.model import Capacity, Host, HostAdmin, InsufficientCapacity, Reservation
+from core.errors import ConfigError, InvalidRequest
+from tests.conftest import require
+from tests.harness.etcd import EtcdCluster
+
+GiB = 1 << 30
+
+
+@pytest.fixture
+async def cluster(workdir: Path) -> AsyncIterator[EtcdCluster]:
+    require("etcd")
+    async with EtcdCluster(workdir / "etcd", size=3) as c:
+        yield c
+
+
+def _rsv(rid: str, memory: int = GiB) -> Reservation:
+    return Reservation(rid, "h1", Capacity(0, memory, 0), 2000.0, "test", 1000.0)
+
+
+async def test_losing_one_member_of_three_interrupts_nothing(cluster: EtcdCluster) -> None:
+    store = EtcdStore(EtcdKV(cluster.endpoints, timeout=2.0))
+    try:
+        await store.register_host(Host("h1", Capacity(1000, 4 * GiB, 0)))
+        await store.reserve(_rsv("r1"), 1000.0)
+        # The member the store talks to (the first endpoint) dies without a word.
+        await cluster.members[0].kill()
+        started = time.monotonic()
+        await store.reserve(_rsv("r2"), 1000.0)
+        await store.set_admin("h1", HostAdmin.DRAINING)
+        took = time.monotonic() - started
+        assert [r.id for r in await store.list_reservations(1000.0)] == ["r1", "r2"]
+        assert took < 5.0, f"the first writes after losing a member took {took:.2f}s"
+        # It comes back from its data dir and catches up.
+        await cluster.members[0].start(wait_healthy=True)
+        host = await store.get_host("h1")
+        assert host is not None and host.admin is HostAdmin.DRAINING
+    finally:
+        await store.close()
+
+
+async def test_without_quorum_the_store_refuses_and_resumes_when_it_returns(cluster: EtcdCluster) -> None:
+    store = EtcdStore(EtcdKV(cluster.endpoints, timeout=1.0))
+    try:
+        await store.register_host(Host("h1", Capacity(1000, 2 * GiB, 0)))
+        await store.reserve(_rsv("r1"), 1000.0)
+        await cluster.members[1].kill()
+        await cluster.members[2].kill()
+        started = time.monotonic()
+        with pytest.raises(EtcdUnavailable):
+            await store.reserve(_rsv("r2"), 1000.0)
+        assert time.monotonic() - started < 10.0
+        await asyncio.gather(*(m.start(wait_healthy=False) for m in cluster.members[1:]))
+        await cluster.wait_healthy()
+        # Nothing was half-written while the quorum was gone: exactly one more GiB fits.
+        await store.reserve(_rsv("r3"), 1000.0)
+        with pytest.raises(InsufficientCapacity):
+            await store.reserve(_rsv("r4"), 1000.0)
+        assert [r.id for r in await store.list_reservations(1000.0)] == ["r1", "r3"]
+    finally:
+        await store.close()
+
+
+def test_bad_settings_are_refused_before_any_connection() -> None:
+    with pytest.raises(ConfigError, match="at least one member"):
+        EtcdKV([])
+    with pytest.raises(ConfigError, match="not host:port"):
+        EtcdKV(["127.0.0.1"])
+    with pytest.raises(InvalidRequest, match="starts and ends with '/'"):
+        EtcdStore(EtcdKV(["127.0.0.1:2379"]), "ferryman")
+
+
+async def test_names_that_would_escape_their_key_are_refused(cluster: EtcdCluster) -> None:
+    store = EtcdStore(EtcdKV(cluster.endpoints))
+    try:
+        with pytest.raises(InvalidRequest, match="contains '/'"):
+            await store.register_host(Host("a/b", Capacity(1, 1, 0)))
+        assert await store.list_hosts() == []
+    finally:
+        await store.close()
