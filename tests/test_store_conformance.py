@@ -1,0 +1,314 @@
+"""One suite, every backend: the coordinator's store concerns on SQLite and on a real etcd.
+
+Each case takes a `store` (one client) or `clients` (three independent clients of one backend: three
+SQLite connections to one file, or three etcd connections under one key prefix, as three coordinator
+replicas would hold). Telemetry samples are per replica on etcd (memory), so the telemetry cases use
+one client. The etcd members are real (tests/harness/etcd.py), one per module, each test under its own
+key prefix; the HA cases (tests/test_etcd_store.py) start three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from coordinator.etcd.kv import EtcdKV
+from coordinator.etcd.store import EtcdStore
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.model import (
+    Capacity,
+    ContainerUsage,
+    Decision,
+    Drain,
+    Host,
+    HostAdmin,
+    HostHealth,
+    HostNotFound,
+    InsufficientCapacity,
+    Migration,
+    MigrationState,
+    NoTarget,
+    Prediction,
+    Reservation,
+)
+from coordinator.placement import Need, Placer
+from coordinator.reservations import ReservationService
+from coordinator.sqlite_store import SqliteStore
+from coordinator.store import Store, TelemetryUpdate
+from tests.conftest import require
+from tests.harness.etcd import EtcdCluster
+
+GiB = 1 << 30
+BACKENDS = ["sqlite", "etcd"]
+
+
+@pytest.fixture(scope="module")
+async def etcd(base_dir: Path) -> AsyncIterator[EtcdCluster]:
+    require("etcd")
+    async with EtcdCluster(base_dir / f"etcd-{secrets.token_hex(3)}", size=1) as cluster:
+        yield cluster
+
+
+async def _open(backend: str, where: Path, cluster: EtcdCluster, n: int) -> list[Store]:
+    if backend == "sqlite":
+        return [await SqliteStore.open(where / "c.db") for _ in range(n)]
+    prefix = f"/t-{secrets.token_hex(6)}/"
+    return [EtcdStore(EtcdKV(cluster.endpoints), prefix) for _ in range(n)]
+
+
+@pytest.fixture(params=BACKENDS)
+async def clients(request: pytest.FixtureRequest, workdir: Path, etcd: EtcdCluster) -> AsyncIterator[list[Store]]:
+    opened = await _open(request.param, workdir, etcd, 3)
+    try:
+        yield opened
+    finally:
+        for s in opened:
+            await s.close()
+
+
+@pytest.fixture
+def store(clients: list[Store]) -> Store:
+    return clients[0]
+
+
+def _host(name: str, memory: int = 4 * GiB, **kw: Any) -> Host:
+    return Host(name=name, capacity=Capacity(4000, memory, 100 * GiB), **kw)
+
+
+def _rsv(rid: str, host: str, memory: int, expires_at: float = 2000.0, created_at: float = 1000.0) -> Reservation:
+    return Reservation(rid, host, Capacity(100, memory, 0), expires_at, "test", created_at)
+
+
+def _push(host: str, at: float, samples: list[float], used: int = 0) -> TelemetryUpdate:
+    return TelemetryUpdate(
+        host,
+        [(ts, {"ts": ts}) for ts in samples],
+        at,
+        Capacity(10, used, 0),
+        (ContainerUsage("c1", "img", used),),
+        {"memory": 1.5},
+    )
+
+
+# ----- hosts
+
+
+async def test_register_keeps_admin_state_and_marks_ready(store: Store) -> None:
+    first = await store.register_host(_host("h2", api_url="https://h2", labels={"a": "b"}))
+    assert first.health is HostHealth.READY and first.api_url == "https://h2"
+    await store.register_host(_host("h1"))
+    await store.set_admin("h2", HostAdmin.DRAINING)
+    await store.set_health("h2", HostHealth.DOWN)
+    again = await store.register_host(_host("h2", memory=8 * GiB, api_url="https://h2b", registered_at=5.0))
+    assert (again.admin, again.health, again.capacity.memory_bytes) == (HostAdmin.DRAINING, HostHealth.READY, 8 * GiB)
+    got = await store.get_host("h2")
+    assert got is not None
+    assert (got.api_url, got.labels, got.registered_at, got.admin) == ("https://h2b", {}, 5.0, HostAdmin.DRAINING)
+    assert [h.name for h in await store.list_hosts()] == ["h1", "h2"]
+    assert await store.get_host("h9") is None
+    with pytest.raises(HostNotFound):
+        await store.set_health("h9", HostHealth.DOWN)
+    with pytest.raises(HostNotFound):
+        await store.set_admin("h9", HostAdmin.DRAINED)
+
+
+async def test_every_client_sees_the_same_hosts(clients: list[Store]) -> None:
+    await clients[0].register_host(_host("h1"))
+    await clients[1].set_admin("h1", HostAdmin.DRAINED)
+    got = await clients[2].get_host("h1")
+    assert got is not None and got.admin is HostAdmin.DRAINED
+
+
+# ----- telemetry (one client: samples are per replica on etcd)
+
+
+async def test_telemetry_refreshes_the_summary_and_is_bounded(store: Store) -> None:
+    with pytest.raises(HostNotFound):
+        await store.record_telemetry(_push("h9", 100.0, [99.0]), keep=10, max_age=60)
+    await store.register_host(_host("h1"))
+    await store.set_health("h1", HostHealth.SUSPECT)
+    assert await store.record_telemetry(_push("h1", 100.0, [30.0, 95.0, 96.0], used=GiB), keep=10, max_age=60) == 3
+    host = await store.get_host("h1")
+    assert host is not None
+    assert (host.health, host.last_heartbeat, host.used.memory_bytes) == (HostHealth.READY, 100.0, GiB)
+    assert host.containers == (ContainerUsage("c1", "img", GiB),) and host.pressure == {"memory": 1.5}
+    # 30.0 is older than max_age at 100.0; then only the newest `keep` stay.
+    assert [ts for ts, _ in await store.telemetry("h1")] == [95.0, 96.0]
+    await store.record_telemetry(_push("h1", 101.0, [97.0, 98.0, 99.0]), keep=3, max_age=60)
+    assert [ts for ts, _ in await store.telemetry("h1")] == [97.0, 98.0, 99.0]
+    assert [s for _, s in await store.telemetry("h1", since=98.0)] == [{"ts": 98.0}, {"ts": 99.0}]
+    await store.register_host(_host("h2"))
+    await store.record_telemetry(_push("h2", 101.0, [100.0]), keep=3, max_age=60)
+    everything = await store.telemetry_all(since=99.0)
+    assert {h: [ts for ts, _ in s] for h, s in everything.items()} == {"h1": [99.0], "h2": [100.0]}
+
+
+# ----- reservations
+
+
+async def test_reserve_counts_usage_and_active_reservations(store: Store) -> None:
+    with pytest.raises(HostNotFound):
+        await store.reserve(_rsv("r0", "h9", GiB), 1000.0)
+    await store.register_host(_host("h1", memory=4 * GiB))
+    await store.record_telemetry(_push("h1", 1000.0, [], used=GiB), keep=10, max_age=60)
+    await store.reserve(_rsv("r1", "h1", GiB), 1000.0)
+    await store.reserve(_rsv("r-old", "h1", GiB, expires_at=999.0), 900.0)  # expired at 1000
+    assert (await store.free_capacity("h1", 1000.0)).memory_bytes == 2 * GiB
+    await store.reserve(_rsv("r2", "h1", 2 * GiB), 1000.0)
+    with pytest.raises(InsufficientCapacity):
+        await store.reserve(_rsv("r3", "h1", 1), 1000.0)
+    assert await store.get_reservation("r3") is None
+    assert [r.id for r in await store.list_reservations(1000.0)] == ["r1", "r2"]
+    assert {r.id for r in await store.list_reservations()} == {"r1", "r2", "r-old"}
+    assert [r.id for r in await store.expired_reservations(1000.0)] == ["r-old"]
+
+
+async def test_mark_held_and_release(clients: list[Store]) -> None:
+    a, b, _ = clients
+    await a.register_host(_host("h1", memory=2 * GiB))
+    await a.reserve(_rsv("r1", "h1", 2 * GiB), 1000.0)
+    await b.mark_held("r1")
+    got = await a.get_reservation("r1")
+    assert got is not None and got.held_by_agent
+    await b.mark_held("nope")  # nothing to mark: no error
+    released = await b.release("r1")
+    assert released is not None and released.id == "r1" and released.held_by_agent
+    assert await a.release("r1") is None
+    assert await a.get_reservation("r1") is None
+    assert (await a.free_capacity("h1", 1000.0)).memory_bytes == 2 * GiB
+    await a.reserve(_rsv("r2", "h1", 2 * GiB), 1000.0)  # the room is free again
+
+
+class _NoAgents:
+    """Hosts here register no api_url, so the reservation service never calls an agent."""
+
+    async def hold_reservation(self, host: Host, reservation: Reservation) -> bool:
+        raise AssertionError("no agent call expected")
+
+    async def release_reservation(self, host: Host, reservation_id: str) -> None:
+        raise AssertionError("no agent call expected")
+
+    async def start_migration(self, *args: Any) -> dict[str, Any]:
+        raise AssertionError("no agent call expected")
+
+    async def get_migration(self, *args: Any) -> dict[str, Any]:
+        raise AssertionError("no agent call expected")
+
+    async def list_containers(self, host: Host) -> list[dict[str, Any]]:
+        raise AssertionError("no agent call expected")
+
+    async def close(self) -> None:
+        pass
+
+
+def _placer(store: Store, now: float = 1000.0) -> Placer:
+    config = CoordinatorConfig()
+    reservations = ReservationService(store, _NoAgents(), config, lambda: now, CoordinatorMetrics())
+    return Placer(store, reservations, config.placement, lambda: 0.5, lambda: now)
+
+
+async def test_two_hundred_concurrent_placements_from_three_clients_never_overbook(clients: list[Store]) -> None:
+    """Three replicas place at once on hosts of different sizes (the best host changes as they fill)."""
+    first = clients[0]
+    for name, memory in (("h1", 8 * GiB), ("h2", 5 * GiB), ("h3", 3 * GiB), ("h4", 16 * GiB)):
+        await first.register_host(_host(name, memory=memory))
+    await first.record_telemetry(_push("h4", 1000.0, [], used=10 * GiB), keep=10, max_age=100)
+    await first.record_predictions([Prediction("h1", 999.0, 0.9, "v")])  # h1 is about to be drained
+    placers = [_placer(s) for s in clients]
+
+    async def place(i: int) -> str | None:
+        size = (GiB // 2) if i % 3 else GiB
+        try:
+            return (await placers[i % 3].place(Need(Capacity(10, size, 0)), f"p{i}")).host
+        except NoTarget:
+            return None
+
+    placed = await asyncio.gather(*(place(i) for i in range(200)))
+    assert "h1" not in placed
+    held: dict[str, int] = defaultdict(int)
+    for r in await first.list_reservations(1000.0):
+        held[r.host] += r.capacity.memory_bytes
+    for host in await first.list_hosts():
+        assert held[host.name] + host.used.memory_bytes <= host.capacity.memory_bytes, host.name
+    # Everything that could fit did: what is left on each eligible host is below the smallest need.
+    for name in ("h2", "h3", "h4"):
+        assert (await first.free_capacity(name, 1000.0)).memory_bytes < GiB // 2
+    assert sum(p is not None for p in placed) == len(await first.list_reservations(1000.0))
+
+
+async def test_two_hundred_concurrent_reservations_on_one_host_hold_exactly_what_fits(clients: list[Store]) -> None:
+    await clients[0].register_host(_host("h1", memory=12 * GiB))
+
+    async def reserve(i: int) -> bool:
+        try:
+            await clients[i % 3].reserve(_rsv(f"r{i}", "h1", GiB), 1000.0)
+        except InsufficientCapacity:
+            return False
+        return True
+
+    results = await asyncio.gather(*(reserve(i) for i in range(200)))
+    assert sum(results) == 12
+    assert len(await clients[1].list_reservations(1000.0)) == 12
+    assert (await clients[2].free_capacity("h1", 1000.0)).memory_bytes == 0
+
+
+# ----- migrations, predictions, decisions, drains
+
+
+async def test_migrations_round_trip(clients: list[Store]) -> None:
+    a, b, _ = clients
+    m = Migration("m1", "web", "h1", target="h2", created_at=1.0, updated_at=1.0, history=(("pending", 1.0, ""),))
+    await a.put_migration(m)
+    await a.put_migration(Migration("m0", "db", "h1", created_at=0.5, state=MigrationState.COMMITTED))
+    done = Migration(
+        "m1",
+        "web",
+        "h1",
+        target="h3",
+        state=MigrationState.RUNNING,
+        attempt=2,
+        tried_targets=("h2",),
+        created_at=1.0,
+        updated_at=2.0,
+        history=(("pending", 1.0, ""), ("running", 2.0, "to h3")),
+    )
+    await b.put_migration(done)
+    assert await a.get_migration("m1") == done
+    assert await a.get_migration("m9") is None
+    assert [m.id for m in await b.list_migrations()] == ["m0", "m1"]
+    assert [m.id for m in await b.list_migrations(active_only=True)] == ["m1"]
+
+
+async def test_latest_predictions_and_decisions(clients: list[Store]) -> None:
+    a, b, _ = clients
+    await a.record_predictions([Prediction("h1", 10.0, 0.1, "v1"), Prediction("h2", 10.0, 0.2, "v1")])
+    await b.record_predictions([Prediction("h1", 20.0, 0.7, "v2")])
+    assert await a.latest_predictions() == {
+        "h1": Prediction("h1", 20.0, 0.7, "v2"),
+        "h2": Prediction("h2", 10.0, 0.2, "v1"),
+    }
+    d1 = await a.record_decision(Decision(1.0, "h1", "drain", 0.7, "v2", "over threshold"))
+    d2 = await b.record_decision(Decision(2.0, "h2", "migrate"))
+    d3 = await a.record_decision(Decision(3.0, "h1", "undrain"))
+    assert 0 < d1.id < d2.id < d3.id
+    assert [d.kind for d in await b.list_decisions()] == ["undrain", "migrate", "drain"]
+    assert await b.list_decisions("h1", limit=1) == [d3]
+    assert (await a.list_decisions("h1"))[1] == d1
+
+
+async def test_drains_update_only_their_outcome(clients: list[Store]) -> None:
+    a, b, _ = clients
+    await a.put_drain(Drain("d1", "h1", "policy", 10.0, probability=0.8, model_version="v"))
+    await a.put_drain(Drain("d0", "h2", "ops", 5.0))
+    await b.put_drain(Drain("d1", "other", "other", 99.0, state="done", finished_at=20.0))
+    assert await a.list_drains("h1") == [
+        Drain("d1", "h1", "policy", 10.0, state="done", finished_at=20.0, probability=0.8, model_version="v")
+    ]
+    assert [d.id for d in await b.list_drains()] == ["d0", "d1"]
