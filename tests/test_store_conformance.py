@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from coordinator.catalog.model import CatalogChanged, CatalogEntry, CatalogEntryExists
 from coordinator.config import CoordinatorConfig
 from coordinator.etcd.kv import EtcdKV
 from coordinator.etcd.store import EtcdStore
@@ -312,3 +313,57 @@ async def test_drains_update_only_their_outcome(clients: list[Store]) -> None:
         Drain("d1", "h1", "policy", 10.0, state="done", finished_at=20.0, probability=0.8, model_version="v")
     ]
     assert [d.id for d in await b.list_drains()] == ["d0", "d1"]
+
+
+# ----- catalog
+
+
+def _entry(name: str, version: str = "1.0.0") -> CatalogEntry:
+    return CatalogEntry.from_dict(
+        {
+            "name": name,
+            "version": version,
+            "image": f"registry.test:5000/{name}:{version}",
+            "manifest": {
+                "required_images": [],
+                "data_transfer_protocols": {},
+                "dependency_health_check": {"kind": "tcp", "port": 80},
+            },
+        }
+    )
+
+
+async def test_catalog_writes_land_only_at_the_revision_read(clients: list[Store]) -> None:
+    a, b, _ = clients
+    empty = await a.catalog()
+    assert empty.entries == () and empty.revision == 0
+    assert await a.add_catalog_entry(_entry("queue"), 0) == 1
+    assert await b.add_catalog_entry(_entry("detect"), 1) == 2
+    assert await a.add_catalog_entry(_entry("queue", "2.0.0"), 2) == 3
+    with pytest.raises(CatalogChanged):
+        await b.add_catalog_entry(_entry("render"), 2)  # read before the last write
+    with pytest.raises(CatalogEntryExists):
+        await b.add_catalog_entry(_entry("queue"), 3)
+    catalog = await b.catalog()
+    assert catalog.revision == 3
+    assert [e.id for e in catalog.entries] == ["queue@1.0.0", "detect@1.0.0", "queue@2.0.0"]
+    assert catalog.get("queue", "2.0.0") == _entry("queue", "2.0.0")
+    assert await a.remove_catalog_entries(["queue@1.0.0", "detect@1.0.0"], 3) == 4
+    with pytest.raises(CatalogChanged):
+        await b.remove_catalog_entries(["queue@2.0.0"], 3)
+    after = await b.catalog()
+    assert [e.id for e in after.entries] == ["queue@2.0.0"] and after.revision == 4
+
+
+async def test_concurrent_catalog_writers_at_one_revision_only_one_lands(clients: list[Store]) -> None:
+    revision = (await clients[0].catalog()).revision
+
+    async def add(i: int) -> bool:
+        try:
+            await clients[i % 3].add_catalog_entry(_entry(f"e{i}"), revision)
+        except CatalogChanged:
+            return False
+        return True
+
+    assert sum(await asyncio.gather(*(add(i) for i in range(30)))) == 1
+    assert len((await clients[1].catalog()).entries) == 1

@@ -9,6 +9,8 @@ Keys (values are JSON; PREFIX is `[store] etcd_prefix`, "/ferryman/" by default)
     PREFIX drains/ID                   a Drain
     PREFIX predictions/HOST            the host's latest Prediction (only the latest is ever read)
     PREFIX decisions/TS-RANDOM         a Decision; its id is the key's create revision
+    PREFIX catalog/revision            the catalog's revision (0 when absent), +1 on every write
+    PREFIX catalog/entries/NAME@VER    a CatalogEntry; registration order is the create revision
 
 Every write is a transaction guarded by the revisions the writer read (read, decide, write if
 nothing changed, else read again), so replicas never overwrite each other's updates. `reserve` is the
@@ -33,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from coordinator.catalog.model import Catalog, CatalogChanged, CatalogEntry, CatalogEntryExists
 from coordinator.etcd.kv import Absent, Delete, EtcdError, EtcdKV, Guard, ModRevision, Put, Unchanged, prefix_end
 from coordinator.model import (
     Capacity,
@@ -54,6 +57,8 @@ from core.errors import InvalidRequest
 
 MAX_ATTEMPTS = 200
 """Read-decide-write rounds one update may lose to concurrent writers before it gives up."""
+MAX_TXN_OPS = 127
+"""etcd refuses a transaction of more than 128 operations (--max-txn-ops)."""
 DECISIONS_KEPT = 10_000
 """Decisions kept in etcd (the oldest beyond this are deleted; SQLite keeps them all)."""
 _TRIM_EVERY = 256
@@ -417,3 +422,55 @@ class EtcdStore:
         snap = await self._kv.range(self._key("drains") + b"/")
         found = [Drain(**json.loads(e.value)) for e in snap.entries]
         return sorted((d for d in found if host is None or d.host == host), key=lambda d: d.started_at)
+
+    # ----- catalog: writes land only at the catalog revision the caller read
+
+    def _catalog_revision_key(self) -> bytes:
+        return self._key("catalog", "revision")
+
+    def _catalog_entry_key(self, entry_id: str) -> bytes:
+        return self._key("catalog", "entries", entry_id)
+
+    async def catalog(self) -> Catalog:
+        snap = await self._kv.range(self._key("catalog") + b"/")  # one read: entries and revision agree
+        revision = 0
+        entries: list[tuple[int, CatalogEntry]] = []
+        for e in snap.entries:
+            if e.key == self._catalog_revision_key():
+                revision = int(json.loads(e.value))
+            else:
+                entries.append((e.create_revision, CatalogEntry.from_dict(json.loads(e.value))))
+        return Catalog(tuple(entry for _, entry in sorted(entries, key=lambda item: item[0])), revision)
+
+    async def _catalog_guard(self, revision: int) -> Guard:
+        """The guard that the catalog is still at `revision`; CatalogChanged if it already moved."""
+        key = self._catalog_revision_key()
+        entry = await self._kv.get(key)
+        current = 0 if entry is None else int(json.loads(entry.value))
+        if current != revision:
+            raise CatalogChanged(f"the catalog moved from revision {revision} to {current}")
+        return Absent(key) if entry is None else ModRevision(key, entry.mod_revision)
+
+    async def add_catalog_entry(self, entry: CatalogEntry, revision: int) -> int:
+        key = self._catalog_entry_key(entry.id)
+        for attempt in range(MAX_ATTEMPTS):
+            guard = await self._catalog_guard(revision)
+            if await self._kv.get(key) is not None:
+                raise CatalogEntryExists(f"{entry.id} is already in the catalog")
+            ops = [Put(self._catalog_revision_key(), _dumps(revision + 1)), Put(key, _dumps(entry.to_dict()))]
+            if await self._kv.txn([guard, Absent(key)], ops):
+                return revision + 1
+            await self._retry_pause(attempt)  # the next round names what moved
+        raise AssertionError("unreachable")
+
+    async def remove_catalog_entries(self, ids: Sequence[str], revision: int) -> int:
+        if len(ids) >= MAX_TXN_OPS:
+            raise InvalidRequest(f"at most {MAX_TXN_OPS - 1} catalog entries can be removed at once")
+        for attempt in range(MAX_ATTEMPTS):
+            guard = await self._catalog_guard(revision)
+            ops: list[Put | Delete] = [Put(self._catalog_revision_key(), _dumps(revision + 1))]
+            ops += [Delete(self._catalog_entry_key(entry_id)) for entry_id in ids]
+            if await self._kv.txn([guard], ops):
+                return revision + 1
+            await self._retry_pause(attempt)
+        raise AssertionError("unreachable")
