@@ -14,6 +14,8 @@ from coordinator.auth import TokenHashes
 from coordinator.catalog.service import CatalogService
 from coordinator.config import CoordinatorConfig
 from coordinator.costs import CostBook
+from coordinator.etcd.kv import EtcdKV, EtcdTls
+from coordinator.etcd.store import EtcdStore
 from coordinator.layers import LayerService
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
@@ -30,6 +32,15 @@ from coordinator.store import Store
 from core.security.tls import check_files
 
 log = logging.getLogger(__name__)
+
+
+async def open_store(config: CoordinatorConfig) -> Store:
+    """The backend `[store] backend` names: the SQLite file, or a client of the etcd cluster."""
+    if config.store.backend == "etcd":
+        s = config.store
+        tls = EtcdTls(s.etcd_ca_file, s.etcd_cert_file, s.etcd_key_file, s.etcd_server_name) if s.etcd_ca_file else None
+        return EtcdStore(EtcdKV(s.etcd_endpoints, tls=tls, timeout=s.etcd_timeout), s.etcd_prefix)
+    return await SqliteStore.open(config.database)
 
 
 class Coordinator:
@@ -99,7 +110,7 @@ class Coordinator:
             models = ModelRegistry()
             if config.model.path:
                 await asyncio.to_thread(activate_at_start, models, config.model.path)
-        store = await SqliteStore.open(config.database)
+        store = await open_store(config)
         try:
             client = agents if agents is not None else AgentClient.from_config(config)
             coordinator = cls(config, store, client, tokens, models, clock)

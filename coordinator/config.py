@@ -131,6 +131,31 @@ class TrackerConfig:
     confirms it holds the blob (a host that crashed mid-pull stops being named after that)."""
 
 
+STORE_BACKENDS = ("sqlite", "etcd")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the coordinator keeps its state (docs/coordinator.md, "Running on etcd")."""
+
+    backend: str = "sqlite"
+    """"sqlite": the `database` file, for one coordinator. "etcd": the cluster at `etcd_endpoints`,
+    shared by several coordinator replicas (telemetry samples stay in each replica's memory)."""
+    etcd_endpoints: tuple[str, ...] = ()
+    """host:port of the etcd members' client URLs; the coordinator moves on when one is unreachable."""
+    etcd_prefix: str = "/ferryman/"
+    """Every key the coordinator writes starts with this (several fleets can share one cluster)."""
+    etcd_timeout: float = 5.0
+    """Seconds for one etcd call before the next endpoint is tried."""
+    etcd_ca_file: str = ""
+    """The CA of the members' client certificates; empty: plain gRPC (loopback tests only)."""
+    etcd_cert_file: str = ""
+    """The coordinator's client certificate for etcd (with etcd_key_file); empty: none."""
+    etcd_key_file: str = ""
+    etcd_server_name: str = ""
+    """The name in the members' certificates when the endpoints are addresses; empty: the endpoint's host."""
+
+
 @dataclass(frozen=True)
 class AgentClientConfig:
     request_timeout: float = 30.0
@@ -158,6 +183,7 @@ class CoordinatorConfig:
     migrations: MigrationLimits = field(default_factory=MigrationLimits)
     agents: AgentClientConfig = field(default_factory=AgentClientConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -216,6 +242,7 @@ def _validate(config: CoordinatorConfig) -> None:
             raise ConfigError(f"placement.{name} must not be negative")
     if not config.database:
         raise ConfigError("database must name a file")
+    _validate_store(config.store)
     try:
         parse_level(config.log_level)
     except ValueError as exc:
@@ -224,6 +251,25 @@ def _validate(config: CoordinatorConfig) -> None:
         config.listen_address  # noqa: B018 (parsing is the check)
     except ConfigError as exc:
         raise ConfigError(exc.message.replace("api.peer_listen", "listen")) from exc
+
+
+def _validate_store(store: StoreConfig) -> None:
+    if store.backend not in STORE_BACKENDS:
+        raise ConfigError(f"store.backend must be one of {list(STORE_BACKENDS)}, got {store.backend!r}")
+    if store.etcd_timeout <= 0:
+        raise ConfigError(f"store.etcd_timeout must be greater than 0, got {store.etcd_timeout}")
+    if not store.etcd_prefix.startswith("/") or not store.etcd_prefix.endswith("/"):
+        raise ConfigError(f"store.etcd_prefix must start and end with '/', got {store.etcd_prefix!r}")
+    if bool(store.etcd_cert_file) != bool(store.etcd_key_file):
+        raise ConfigError("store.etcd_cert_file and store.etcd_key_file go together")
+    if (store.etcd_cert_file or store.etcd_server_name) and not store.etcd_ca_file:
+        raise ConfigError("store.etcd_cert_file and store.etcd_server_name need store.etcd_ca_file (TLS)")
+    for endpoint in store.etcd_endpoints:
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"store.etcd_endpoints: {endpoint!r} is not host:port")
+    if store.backend == "etcd" and not store.etcd_endpoints:
+        raise ConfigError("store.backend = \"etcd\" needs store.etcd_endpoints")
 
 
 def parse_config(data: dict[str, Any]) -> CoordinatorConfig:

@@ -45,6 +45,14 @@ def test_the_example_lists_every_default() -> None:
         ({"log_level": "LOUD"}, "unknown log level"),
         ({"version": 2}, "config version 2 is not supported"),
         ({"tls": "yes"}, "expected a table"),
+        ({"store": {"backend": "zookeeper"}}, "store.backend must be one of ['sqlite', 'etcd']"),
+        ({"store": {"backend": "etcd"}}, 'store.backend = "etcd" needs store.etcd_endpoints'),
+        ({"store": {"etcd_endpoints": ["10.0.0.1"]}}, "'10.0.0.1' is not host:port"),
+        ({"store": {"etcd_endpoints": "10.0.0.1:2379"}}, "store.etcd_endpoints: expected an array of strings"),
+        ({"store": {"etcd_prefix": "ferryman"}}, "store.etcd_prefix must start and end with '/'"),
+        ({"store": {"etcd_timeout": 0}}, "store.etcd_timeout must be greater than 0"),
+        ({"store": {"etcd_cert_file": "c.pem"}}, "etcd_cert_file and store.etcd_key_file go together"),
+        ({"store": {"etcd_cert_file": "c.pem", "etcd_key_file": "k.pem"}}, "need store.etcd_ca_file"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(data: dict[str, object], message: str) -> None:

@@ -1,0 +1,67 @@
+"""Three coordinator daemons on one real etcd: they share the fleet and never double-book it."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require
+from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, registration
+from tests.harness.etcd import EtcdCluster
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> CoordinatorPki:
+    return CoordinatorPki(tmp_path_factory.mktemp("coordinator-pki"))
+
+
+@pytest.fixture
+async def replicas(workdir: Path, pki: CoordinatorPki) -> AsyncIterator[list[CoordinatorProcess]]:
+    require("etcd")
+    async with EtcdCluster(workdir / "etcd", size=1) as cluster:
+        store = {"backend": "etcd", "etcd_endpoints": cluster.endpoints, "etcd_prefix": f"/{secrets.token_hex(4)}/"}
+        procs = []
+        for i in range(3):
+            (workdir / f"c{i}").mkdir()
+            procs.append(CoordinatorProcess(workdir / f"c{i}", pki, overrides={"store": store}))
+        try:
+            await asyncio.gather(*(p.start() for p in procs))
+            yield procs
+        finally:
+            codes = await asyncio.gather(*(p.stop() for p in procs))
+            assert codes == [0, 0, 0], "\n".join(p.logs() for p in procs)
+
+
+async def test_three_replicas_placing_at_once_never_overbook(
+    replicas: list[CoordinatorProcess], pki: CoordinatorPki
+) -> None:
+    # Each host registers with a different replica; every replica sees all three.
+    for i, name in enumerate(("h1", "h2", "h3")):
+        async with replicas[i].client(pki.agent(name)) as agent:
+            status, body = await agent.post("/v1/register", registration(name, cpu_millis=64000, memory_bytes=4 << 30))
+            assert status == 200, body
+    request = {"capacity": {"cpu_millis": 100, "memory_bytes": 1 << 30}, "host": "auto", "purpose": "race"}
+    async with (
+        replicas[0].client(pki.operator("alice")) as a,
+        replicas[1].client(pki.operator("alice")) as b,
+        replicas[2].client(pki.operator("alice")) as c,
+    ):
+        ops = [a, b, c]
+        results = await asyncio.gather(*(ops[i % 3].post("/v1/reservations", request) for i in range(200)))
+        statuses: dict[int, int] = defaultdict(int)
+        for status, _ in results:
+            statuses[status] += 1
+        assert dict(statuses) == {201: 12, 409: 188}
+        by_replica = [sum(1 for i, (s, _) in enumerate(results) if s == 201 and i % 3 == r) for r in range(3)]
+        for client in ops:
+            _, listed = await client.get("/v1/reservations")
+            per_host: dict[str, int] = defaultdict(int)
+            for reservation in listed["reservations"]:
+                per_host[reservation["host"]] += reservation["capacity"]["memory_bytes"]
+            assert per_host == {"h1": 4 << 30, "h2": 4 << 30, "h3": 4 << 30}
+    print(f"reservations held per replica: {by_replica}")
