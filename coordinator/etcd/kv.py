@@ -251,6 +251,37 @@ class EtcdKV:
 
         return await self._call("transaction", op)
 
+    # ----- leases (leadership)
+
+    async def grant(self, ttl: int) -> int:
+        """A new lease of `ttl` seconds; its id."""
+
+        async def op(c: _Client) -> int:
+            return int((await c.lease(ttl)).id)
+
+        return await self._call("lease grant", op)
+
+    async def keepalive(self, lease: int) -> int:
+        """Refresh `lease`: the seconds it now has left, 0 if it has expired or was revoked."""
+
+        async def op(c: _Client) -> int:
+            reply = await c.refresh_lease(lease)
+            return 0 if reply is None else max(0, int(reply.TTL))
+
+        return await self._call("lease keep-alive", op)
+
+    async def revoke(self, lease: int) -> None:
+        """End `lease` now: etcd deletes every key attached to it."""
+
+        async def op(c: _Client) -> None:
+            try:
+                await c.revoke_lease(lease)
+            except aetcd.ClientError as exc:
+                if "requested lease not found" not in str(exc):
+                    raise
+
+        await self._call("lease revoke", op)
+
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:

@@ -37,6 +37,7 @@ from typing import Any
 
 from coordinator.catalog.model import Catalog, CatalogChanged, CatalogEntry, CatalogEntryExists
 from coordinator.etcd.kv import Absent, Delete, EtcdError, EtcdKV, Guard, ModRevision, Put, Unchanged, prefix_end
+from coordinator.leadership import NotLeader
 from coordinator.model import (
     Capacity,
     ContainerUsage,
@@ -160,6 +161,32 @@ class EtcdStore:
         self._prefix = prefix.encode()
         self._series = _Series()
         self._decisions_recorded = 0
+        self._fence: ModRevision | None = None
+
+    # ----- fencing (coordinator/leadership.py)
+
+    @property
+    def leader_key(self) -> bytes:
+        """The key the leading replica's lease holds (coordinator/etcd/election.py)."""
+        return self._prefix + b"leader"
+
+    def fence(self, revision: int | None) -> None:
+        """Make every later write conditional on the leader key still being at `revision` (the term
+        this replica won); None: unconditional again (a single coordinator, or tests)."""
+        self._fence = None if revision is None else ModRevision(self.leader_key, revision)
+
+    async def _txn(self, guards: Sequence[Guard], ops: Sequence[Put | Delete]) -> bool:
+        """`kv.txn` with the fence added; NotLeader when it is the fence that failed."""
+        fence = self._fence
+        if fence is None:
+            return await self._kv.txn(guards, ops)
+        if await self._kv.txn([*guards, fence], ops):
+            return True
+        leader = await self._kv.get(self.leader_key)
+        if leader is None or leader.mod_revision != fence.revision:
+            holder = "" if leader is None else leader.value.decode(errors="replace")
+            raise NotLeader(f"this replica no longer leads (term {fence.revision} ended)", holder)
+        return False
 
     # ----- keys
 
@@ -192,7 +219,7 @@ class EtcdStore:
             if entry is None:
                 raise HostNotFound(f"no host {name!r} is registered")
             host = dataclasses.replace(_host_from_json(entry.value), **change)
-            if await self._kv.txn([ModRevision(key, entry.mod_revision)], [Put(key, _host_to_json(host))]):
+            if await self._txn([ModRevision(key, entry.mod_revision)], [Put(key, _host_to_json(host))]):
                 return host
             await self._retry_pause(attempt)
         raise AssertionError("unreachable")
@@ -216,7 +243,7 @@ class EtcdStore:
                     pressure=old.pressure,
                 )
                 guard = ModRevision(key, entry.mod_revision)
-            if await self._kv.txn([guard], [Put(key, _host_to_json(new))]):
+            if await self._txn([guard], [Put(key, _host_to_json(new))]):
                 return new
             await self._retry_pause(attempt)
         raise AssertionError("unreachable")
@@ -287,7 +314,7 @@ class EtcdStore:
                 Absent(id_key),
             ]
             ops = [Put(key, _dumps(reservation.to_dict())), Put(id_key, reservation.host.encode())]
-            if await self._kv.txn(guards, ops):
+            if await self._txn(guards, ops):
                 return reservation
             await self._retry_pause(attempt)
         raise AssertionError("unreachable")
@@ -314,7 +341,7 @@ class EtcdStore:
                 return
             _, key, reservation, revision = found
             held = dataclasses.replace(reservation, held_by_agent=True)
-            if await self._kv.txn([ModRevision(key, revision)], [Put(key, _dumps(held.to_dict()))]):
+            if await self._txn([ModRevision(key, revision)], [Put(key, _dumps(held.to_dict()))]):
                 return
             await self._retry_pause(attempt)
 
@@ -328,7 +355,7 @@ class EtcdStore:
             if found is None:
                 return None
             id_key, key, reservation, revision = found
-            if await self._kv.txn([ModRevision(key, revision)], [Delete(key), Delete(id_key)]):
+            if await self._txn([ModRevision(key, revision)], [Delete(key), Delete(id_key)]):
                 return reservation
             await self._retry_pause(attempt)
         raise AssertionError("unreachable")
@@ -347,7 +374,7 @@ class EtcdStore:
     # ----- migrations
 
     async def put_migration(self, migration: Migration) -> None:
-        await self._kv.txn([], [Put(self._key("migrations", migration.id), _migration_to_json(migration))])
+        await self._txn([], [Put(self._key("migrations", migration.id), _migration_to_json(migration))])
 
     async def get_migration(self, migration_id: str) -> Migration | None:
         entry = await self._kv.get(self._key("migrations", migration_id))
@@ -367,7 +394,7 @@ class EtcdStore:
                 latest[p.host] = p
         if latest:
             ops = [Put(self._key("predictions", host), _dumps(p.to_dict())) for host, p in latest.items()]
-            await self._kv.txn([], ops)
+            await self._txn([], ops)
 
     async def latest_predictions(self) -> dict[str, Prediction]:
         snap = await self._kv.range(self._key("predictions") + b"/")
@@ -378,7 +405,7 @@ class EtcdStore:
         key = self._key("decisions", f"{decision.ts:020.6f}-{secrets.token_hex(4)}")
         record = asdict(decision)
         record.pop("id")
-        await self._kv.txn([Absent(key)], [Put(key, _dumps(record))])
+        await self._txn([Absent(key)], [Put(key, _dumps(record))])
         entry = await self._kv.get(key)
         self._decisions_recorded += 1
         if self._decisions_recorded % _TRIM_EVERY == 0:
@@ -392,7 +419,7 @@ class EtcdStore:
     async def _trim_decisions(self) -> None:
         old = (await self._decision_entries())[DECISIONS_KEPT:]
         for start in range(0, len(old), 100):  # etcd caps the operations in one transaction (128)
-            await self._kv.txn([], [Delete(key) for _, key, _ in old[start : start + 100]])
+            await self._txn([], [Delete(key) for _, key, _ in old[start : start + 100]])
 
     async def list_decisions(self, host: str | None = None, limit: int = 100) -> list[Decision]:
         out: list[Decision] = []
@@ -414,7 +441,7 @@ class EtcdStore:
                 old = Drain(**json.loads(entry.value))
                 new = dataclasses.replace(old, state=drain.state, finished_at=drain.finished_at)
                 guard = ModRevision(key, entry.mod_revision)
-            if await self._kv.txn([guard], [Put(key, _dumps(new.to_dict()))]):
+            if await self._txn([guard], [Put(key, _dumps(new.to_dict()))]):
                 return
             await self._retry_pause(attempt)
 
@@ -458,7 +485,7 @@ class EtcdStore:
             if await self._kv.get(key) is not None:
                 raise CatalogEntryExists(f"{entry.id} is already in the catalog")
             ops = [Put(self._catalog_revision_key(), _dumps(revision + 1)), Put(key, _dumps(entry.to_dict()))]
-            if await self._kv.txn([guard, Absent(key)], ops):
+            if await self._txn([guard, Absent(key)], ops):
                 return revision + 1
             await self._retry_pause(attempt)  # the next round names what moved
         raise AssertionError("unreachable")
@@ -470,7 +497,7 @@ class EtcdStore:
             guard = await self._catalog_guard(revision)
             ops: list[Put | Delete] = [Put(self._catalog_revision_key(), _dumps(revision + 1))]
             ops += [Delete(self._catalog_entry_key(entry_id)) for entry_id in ids]
-            if await self._kv.txn([guard], ops):
+            if await self._txn([guard], ops):
                 return revision + 1
             await self._retry_pause(attempt)
         raise AssertionError("unreachable")
