@@ -162,6 +162,9 @@ class EtcdStore:
         self._series = _Series()
         self._decisions_recorded = 0
         self._fence: ModRevision | None = None
+        self._reserving: dict[str, asyncio.Lock] = {}
+        """One reserve per host at a time from this client: its own calls queue instead of racing
+        each other's transactions (another replica's still race, and the guards settle it)."""
 
     # ----- fencing (coordinator/leadership.py)
 
@@ -298,6 +301,10 @@ class EtcdStore:
     async def reserve(self, reservation: Reservation, now: float) -> Reservation:
         key = self._host_reservations(reservation.host) + reservation.id.encode()
         id_key = self._key("reservation-ids", reservation.id)
+        async with self._reserving.setdefault(reservation.host, asyncio.Lock()):
+            return await self._reserve(reservation, now, key, id_key)
+
+    async def _reserve(self, reservation: Reservation, now: float, key: bytes, id_key: bytes) -> Reservation:
         for attempt in range(MAX_ATTEMPTS):
             host, host_revision, held, read_at = await self._host_state(reservation.host)
             if any(r.id == reservation.id for r in held):
