@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.etcd.kv import EtcdKV, EtcdUnavailable
+from coordinator.etcd.kv import EtcdError, EtcdKV, EtcdTls, EtcdUnavailable
 from coordinator.etcd.store import EtcdStore
 from coordinator.model import Capacity, Host, HostAdmin, InsufficientCapacity, Reservation
 from core.errors import ConfigError, InvalidRequest
+from core.security.pki import init_ca, issue_client, issue_host
 from tests.conftest import require
-from tests.harness.etcd import EtcdCluster
+from tests.harness.etcd import EtcdCluster, EtcdTlsFiles
 
 GiB = 1 << 30
 
@@ -96,3 +97,33 @@ async def test_names_that_would_escape_their_key_are_refused(cluster: EtcdCluste
         assert await store.list_hosts() == []
     finally:
         await store.close()
+
+
+async def test_over_mutual_tls(workdir: Path) -> None:
+    """Members that require client certificates: the store connects with the [store] TLS files, and
+    a client without a certificate, or trusting another CA, gets nothing."""
+    require("etcd")
+    ca = init_ca(workdir / "ca").directory
+    member = issue_host(ca, "etcd-member", workdir / "member", ["127.0.0.1"])
+    coordinator = issue_client(ca, "coordinator", workdir / "client")
+    files = EtcdTlsFiles(member.ca_file, member.cert_file, member.key_file, coordinator.cert_file, coordinator.key_file)
+    other_ca = init_ca(workdir / "other-ca").directory
+    async with EtcdCluster(workdir / "etcd", size=1, tls=files) as cluster:
+        tls = EtcdTls(str(member.ca_file), str(coordinator.cert_file), str(coordinator.key_file))
+        store = EtcdStore(EtcdKV(cluster.endpoints, tls=tls, timeout=2.0))
+        try:
+            await store.register_host(Host("h1", Capacity(1000, GiB, 0)))
+            await store.reserve(_rsv("r1"), 1000.0)
+            assert [r.id for r in await store.list_reservations(1000.0)] == ["r1"]
+        finally:
+            await store.close()
+        for bad in (
+            EtcdTls(str(member.ca_file)),  # no client certificate
+            EtcdTls(str(other_ca / "ca.pem"), str(coordinator.cert_file), str(coordinator.key_file)),
+        ):
+            stranger = EtcdStore(EtcdKV(cluster.endpoints, tls=bad, timeout=2.0))
+            try:
+                with pytest.raises(EtcdError):
+                    await stranger.list_hosts()
+            finally:
+                await stranger.close()

@@ -17,6 +17,8 @@ import contextlib
 import json
 import secrets
 import signal
+import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -27,6 +29,23 @@ from tests.harness.registry import free_port, require_binary
 
 ETCD = "etcd"
 HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class EtcdTlsFiles:
+    """Client TLS for every member (peers stay plain on loopback): the members' certificate (SAN
+    127.0.0.1) and, with client-cert-auth on, the client certificate the harness itself uses."""
+
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        ctx.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return ctx
 
 
 class EtcdMember:
@@ -47,7 +66,7 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.cluster.tls else 'http'}://{self.endpoint}"
 
     @property
     def peer_url(self) -> str:
@@ -74,14 +93,27 @@ class EtcdMember:
             f"--election-timeout={c.election_ms}",
             "--logger=zap",
             "--log-outputs=stderr",
+            *self._tls_flags(),
+        ]
+
+    def _tls_flags(self) -> list[str]:
+        tls = self.cluster.tls
+        if tls is None:
+            return []
+        return [
+            f"--cert-file={tls.server_cert}",
+            f"--key-file={tls.server_key}",
+            f"--trusted-ca-file={tls.ca_file}",
+            "--client-cert-auth",
         ]
 
     async def healthy(self) -> bool:
         """The member answers /health with true: it is up and sees a leader with a quorum."""
+        tls = self.cluster.tls
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
-                session.get(f"{self.client_url}/health") as resp,
+                session.get(f"{self.client_url}/health", ssl=tls.client_context() if tls else False) as resp,
             ):
                 body = await resp.text()
         except (aiohttp.ClientError, TimeoutError):
@@ -128,10 +160,19 @@ class EtcdMember:
 class EtcdCluster:
     """`size` members (1 or 3) under `base`; an async context manager that stops them all."""
 
-    def __init__(self, base: Path, size: int = 1, *, heartbeat_ms: int = 50, election_ms: int = 500) -> None:
+    def __init__(
+        self,
+        base: Path,
+        size: int = 1,
+        *,
+        heartbeat_ms: int = 50,
+        election_ms: int = 500,
+        tls: EtcdTlsFiles | None = None,
+    ) -> None:
         if size not in (1, 3):
             raise ValueError(f"an etcd test cluster has 1 or 3 members, not {size}")
         self.base = base
+        self.tls = tls
         self.token = f"ferryman-test-{secrets.token_hex(4)}"
         self.heartbeat_ms = heartbeat_ms
         self.election_ms = election_ms
