@@ -14,9 +14,11 @@ from coordinator.auth import TokenHashes
 from coordinator.catalog.service import CatalogService
 from coordinator.config import CoordinatorConfig
 from coordinator.costs import CostBook
+from coordinator.etcd.election import Election
 from coordinator.etcd.kv import EtcdKV, EtcdTls
 from coordinator.etcd.store import EtcdStore
 from coordinator.layers import LayerService
+from coordinator.leadership import Role, Term
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
 from coordinator.placement import Placer
@@ -92,6 +94,15 @@ class Coordinator:
         self.catalog = CatalogService(store, clock)
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        self.election: Election | None = None
+        """Set on the etcd backend: only the elected replica runs the leader's loops."""
+        if isinstance(store, EtcdStore):
+            host, port = config.listen_address
+            url = config.store.advertise_url or f"https://{f'[{host}]' if ':' in host else host}:{port}"
+            self.election = Election(store.kv, store, url, ttl=config.store.leader_ttl, on_change=self._role_changed)
+        self._leading = asyncio.Event()  # set while the leader's loops should run
+        self._leader_loops: list[asyncio.Task[None]] = []
+        self._role_tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(
@@ -123,28 +134,69 @@ class Coordinator:
         return coordinator
 
     async def start(self) -> None:
-        """Start the background loops and resume migrations left unfinished by a previous run."""
+        """Start the background loops. With one store of its own (SQLite) this coordinator leads at
+        once; on etcd it campaigns, and leads (resumes migrations, runs the ticks, liveness checks,
+        sweeps and retraining) only while elected."""
+        if self.election is None:
+            await self._start_leading()
+        else:
+            self._loops.append(asyncio.create_task(self.election.run(self._stop), name="election"))
+
+    def acting(self) -> bool:
+        """This replica may decide and write as the leader now."""
+        return self.election is None or self.election.acting()
+
+    @property
+    def role(self) -> str:
+        return "single" if self.election is None else self.election.role.value
+
+    def _role_changed(self, role: Role, term: Term | None) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._start_leading() if role is Role.LEADER else self._stop_leading(), name=f"become-{role.value}"
+        )
+        self._role_tasks.add(task)
+        task.add_done_callback(self._role_tasks.discard)
+
+    async def _start_leading(self) -> None:
+        await self._stop_leading()  # a previous term's loops, if any, end first
+        self._leading.set()
         resumed = await self.migrations.resume()
         if resumed:
             log.info("resumed migrations", extra={"count": resumed})
-        self._loops = [
-            asyncio.create_task(self.hosts.run_liveness(self._stop), name="liveness"),
-            asyncio.create_task(self.reservations.run_sweeper(self._stop), name="reservation-sweeper"),
+        self._leader_loops = [
+            asyncio.create_task(self._while_leading(self.hosts.run_liveness), name="liveness"),
+            asyncio.create_task(self._while_leading(self.reservations.run_sweeper), name="reservation-sweeper"),
             asyncio.create_task(self._every(self.config.model.tick_period, self.policy.tick), name="policy"),
         ]
         if self.config.model.retrain_interval:
-            self._loops.append(
+            self._leader_loops.append(
                 asyncio.create_task(
                     self._every(self.config.model.retrain_interval, self.retrainer.run_once, first_after=True),
                     name="retrain",
                 )
             )
 
+    async def _stop_leading(self) -> None:
+        """Stop the leader's loops and stop following migrations (the next leader resumes them)."""
+        self._leading.clear()
+        loops, self._leader_loops = self._leader_loops, []
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        await self.migrations.close()
+
+    async def _while_leading(self, loop: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        """Run a loop that takes a stop event until the coordinator stops (the loop is cancelled when
+        this replica stops leading)."""
+        await loop(self._stop)
+
     async def _every(self, period: float, step: Callable[[], Awaitable[object]], *, first_after: bool = False) -> None:
         if first_after:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), period)
         while not self._stop.is_set():
+            if not self.acting():  # past the leader's deadline: nothing more until re-elected
+                return
             try:
                 await step()
             except Exception:
@@ -156,7 +208,8 @@ class Coordinator:
         self._stop.set()
         try:
             await asyncio.gather(*self._loops, return_exceptions=True)
-            await self.migrations.close()
+            await asyncio.gather(*self._role_tasks, return_exceptions=True)
+            await self._stop_leading()
             await self.agents.close()
         finally:
             await self.store.close()

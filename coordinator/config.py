@@ -154,6 +154,11 @@ class StoreConfig:
     etcd_key_file: str = ""
     etcd_server_name: str = ""
     """The name in the members' certificates when the endpoints are addresses; empty: the endpoint's host."""
+    leader_ttl: int = 5
+    """Seconds of the leading replica's etcd lease: a replica that dies is replaced within about
+    this plus a third of it; one cut off from etcd stops acting after 80 % of it."""
+    advertise_url: str = ""
+    """This replica's API URL as other replicas name it when it leads; empty: https://<listen>."""
 
 
 @dataclass(frozen=True)
@@ -268,8 +273,12 @@ def _validate_store(store: StoreConfig) -> None:
         host, sep, port = endpoint.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"store.etcd_endpoints: {endpoint!r} is not host:port")
+    if store.leader_ttl < 2:
+        raise ConfigError(f"store.leader_ttl must be at least 2 seconds, got {store.leader_ttl}")
+    if store.advertise_url and not store.advertise_url.startswith("https://"):
+        raise ConfigError(f"store.advertise_url must be an https:// URL, got {store.advertise_url!r}")
     if store.backend == "etcd" and not store.etcd_endpoints:
-        raise ConfigError("store.backend = \"etcd\" needs store.etcd_endpoints")
+        raise ConfigError('store.backend = "etcd" needs store.etcd_endpoints')
 
 
 def parse_config(data: dict[str, Any]) -> CoordinatorConfig:

@@ -53,6 +53,8 @@ def test_the_example_lists_every_default() -> None:
         ({"store": {"etcd_timeout": 0}}, "store.etcd_timeout must be greater than 0"),
         ({"store": {"etcd_cert_file": "c.pem"}}, "etcd_cert_file and store.etcd_key_file go together"),
         ({"store": {"etcd_cert_file": "c.pem", "etcd_key_file": "k.pem"}}, "need store.etcd_ca_file"),
+        ({"store": {"leader_ttl": 1}}, "store.leader_ttl must be at least 2 seconds"),
+        ({"store": {"advertise_url": "10.0.0.5:7543"}}, "store.advertise_url must be an https:// URL"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(data: dict[str, object], message: str) -> None:

@@ -65,3 +65,56 @@ async def test_three_replicas_placing_at_once_never_overbook(
                 per_host[reservation["host"]] += reservation["capacity"]["memory_bytes"]
             assert per_host == {"h1": 4 << 30, "h2": 4 << 30, "h3": 4 << 30}
     print(f"reservations held per replica: {by_replica}")
+
+
+async def _health(proc: CoordinatorProcess, pki: CoordinatorPki) -> dict[str, object]:
+    async with proc.client(pki.operator("alice")) as ops:
+        status, body = await ops.get("/healthz")
+    assert status == 200, body
+    return body
+
+
+async def test_one_replica_leads_and_a_killed_leader_is_replaced(workdir: Path, pki: CoordinatorPki) -> None:
+    require("etcd")
+    ttl = 2
+    async with EtcdCluster(workdir / "etcd", size=3) as cluster:
+        store = {"backend": "etcd", "etcd_endpoints": cluster.endpoints, "leader_ttl": ttl}
+        procs = []
+        for i in range(3):
+            (workdir / f"c{i}").mkdir()
+            procs.append(CoordinatorProcess(workdir / f"c{i}", pki, overrides={"store": store}))
+        try:
+            await asyncio.gather(*(p.start() for p in procs))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:
+                health = [await _health(p, pki) for p in procs]
+                leaders = [p for p, h in zip(procs, health, strict=True) if h["acting"]]
+                if len(leaders) == 1 and all(h["leader"] == leaders[0].url for h in health):
+                    break
+                assert loop.time() < deadline, health
+                await asyncio.sleep(0.1)
+            leader = leaders[0]
+            assert [h["role"] for h in health].count("leader") == 1
+            # The leader's process dies without a word; its lease expires and another replica takes over.
+            assert leader.proc is not None
+            leader.proc.kill()
+            await leader.proc.wait()
+            killed = loop.time()
+            rest = [p for p in procs if p is not leader]
+            while True:
+                health = [await _health(p, pki) for p in rest]
+                if sum(bool(h["acting"]) for h in health) == 1:
+                    break
+                assert loop.time() - killed < ttl + ttl / 3 + 3, health
+                await asyncio.sleep(0.05)
+            took = loop.time() - killed
+            print(f"leader killed -> another replica leads in {took:.2f} s (lease {ttl} s)")
+            new_leader = rest[[bool(h["acting"]) for h in health].index(True)]
+            other = rest[1] if new_leader is rest[0] else rest[0]
+            while (await _health(other, pki))["leader"] != new_leader.url:  # its next campaign round
+                assert loop.time() - killed < ttl + ttl / 3 + 5
+                await asyncio.sleep(0.05)
+        finally:
+            for p in procs:
+                await p.stop()

@@ -473,7 +473,10 @@ async def catalog_schema(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    coordinator = request.app[COORDINATOR]
+    election = coordinator.election
+    leader = "" if election is None else election.leader
+    return _json({"status": "ok", "role": coordinator.role, "acting": coordinator.acting(), "leader": leader})
 
 
 async def metrics(request: web.Request) -> web.Response:

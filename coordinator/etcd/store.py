@@ -166,6 +166,10 @@ class EtcdStore:
         """One reserve per host at a time from this client: its own calls queue instead of racing
         each other's transactions (another replica's still race, and the guards settle it)."""
 
+    @property
+    def kv(self) -> EtcdKV:
+        return self._kv
+
     # ----- fencing (coordinator/leadership.py)
 
     @property
