@@ -96,6 +96,17 @@ async def test_one_replica_leads_and_a_killed_leader_is_replaced(workdir: Path, 
                 await asyncio.sleep(0.1)
             leader = leaders[0]
             assert [h["role"] for h in health].count("leader") == 1
+            # Followers serve reads and refuse what starts the leader's work, naming the leader.
+            follower = next(p for p in procs if p is not leader)
+            async with follower.client(pki.operator("alice")) as ops:
+                status, body = await ops.post("/v1/hosts/h9/drain")
+                assert status == 503 and body["error"]["code"] == "not_leader", body
+                assert leader.url in body["error"]["message"]
+                status, _ = await ops.get("/v1/hosts")
+                assert status == 200
+            async with leader.client(pki.operator("alice")) as ops:
+                status, body = await ops.post("/v1/hosts/h9/drain")
+                assert status == 404 and body["error"]["code"] == "host_not_found", body
             # The leader's process dies without a word; its lease expires and another replica takes over.
             assert leader.proc is not None
             leader.proc.kill()

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from coordinator.app import Coordinator
 from coordinator.auth import Principal, authenticate, require_agent, require_ops
 from coordinator.deployments.plan import preview
+from coordinator.leadership import NotLeader
 from coordinator.model import Capacity
 from coordinator.orchestrator import AUTO
 from coordinator.placement import Need
@@ -44,6 +45,34 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     coordinator = request.app[COORDINATOR]
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     request[PRINCIPAL] = authenticate(request.headers.get("Authorization"), ssl_object, coordinator.tokens)
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+LEADER_ONLY = frozenset(
+    {
+        ("POST", "/v1/hosts/{host}/drain"),
+        ("POST", "/v1/hosts/{host}/uncordon"),
+        ("POST", "/v1/migrations"),
+        ("POST", "/v1/model"),
+        ("POST", "/v1/model/rollback"),
+        ("POST", "/v1/model/retrain"),
+    }
+)
+"""Requests that start the leader's work. Placements, reservations and catalog writes are atomic in
+the store and are served by any replica."""
+
+
+@web.middleware
+async def leader_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """On etcd, a replica that does not lead refuses LEADER_ONLY requests: 503 not_leader, naming
+    the leader's URL, so that drains and migrations are followed by one replica only."""
+    coordinator = request.app[COORDINATOR]
+    resource = request.match_info.route.resource
+    if resource is not None and (request.method, resource.canonical) in LEADER_ONLY and not coordinator.acting():
+        leader = coordinator.election.leader if coordinator.election is not None else ""
+        where = f"the leader at {leader}" if leader else "the leader (none is elected yet)"
+        raise NotLeader(f"this coordinator replica does not lead: send the request to {where}", leader)
     response: web.StreamResponse = await handler(request)
     return response
 

@@ -28,7 +28,9 @@ SHUTDOWN_TIMEOUT = 10.0
 
 
 def build_app(coordinator: Coordinator) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, h.auth_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[error_middleware, h.auth_middleware, h.leader_middleware], client_max_size=MAX_BODY_BYTES
+    )
     app[h.COORDINATOR] = coordinator
     app[h.OPENAPI] = OPENAPI_PATH.read_bytes()
     r = app.router
