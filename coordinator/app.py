@@ -100,9 +100,9 @@ class Coordinator:
             host, port = config.listen_address
             url = config.store.advertise_url or f"https://{f'[{host}]' if ':' in host else host}:{port}"
             self.election = Election(store.kv, store, url, ttl=config.store.leader_ttl, on_change=self._role_changed)
-        self._leading = asyncio.Event()  # set while the leader's loops should run
         self._leader_loops: list[asyncio.Task[None]] = []
         self._role_tasks: set[asyncio.Task[None]] = set()
+        self._role_lock = asyncio.Lock()
 
     @classmethod
     async def open(
@@ -151,15 +151,19 @@ class Coordinator:
         return "single" if self.election is None else self.election.role.value
 
     def _role_changed(self, role: Role, term: Term | None) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._start_leading() if role is Role.LEADER else self._stop_leading(), name=f"become-{role.value}"
-        )
+        task = asyncio.get_running_loop().create_task(self._become(role), name=f"become-{role.value}")
         self._role_tasks.add(task)
         task.add_done_callback(self._role_tasks.discard)
 
+    async def _become(self, role: Role) -> None:
+        async with self._role_lock:  # one change at a time, in the order they happened
+            if role is Role.LEADER:
+                await self._start_leading()
+            else:
+                await self._stop_leading()
+
     async def _start_leading(self) -> None:
         await self._stop_leading()  # a previous term's loops, if any, end first
-        self._leading.set()
         resumed = await self.migrations.resume()
         if resumed:
             log.info("resumed migrations", extra={"count": resumed})
@@ -178,12 +182,15 @@ class Coordinator:
 
     async def _stop_leading(self) -> None:
         """Stop the leader's loops and stop following migrations (the next leader resumes them)."""
-        self._leading.clear()
         loops, self._leader_loops = self._leader_loops, []
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         await self.migrations.close()
+        if self.election is not None and self.election.role is Role.FOLLOWER and isinstance(self.store, EtcdStore):
+            # The ended term's fence kept what was still running from writing; with all of it
+            # stopped, this replica writes as a follower again (agents' pushes, reservations).
+            self.store.fence(None)
 
     async def _while_leading(self, loop: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         """Run a loop that takes a stop event until the coordinator stops (the loop is cancelled when
