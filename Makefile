@@ -32,10 +32,14 @@ check-host:
 	scripts/setup-host --venv $(VENV) --check
 
 # The static checks run first (seconds); any finding fails the target before the suite starts.
+# tests/etcd runs as a pytest process of its own (why: tests/conftest.py, ETCD_RUN).
 # pytest's exit code fails the recipe as it is, including 5 (no tests collected).
 test: setup
 	$(MAKE) --no-print-directory static-only
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+ifeq ($(PYTEST_ARGS),)
+	FERRYMAN_ETCD_TESTS=1 $(VENV)/bin/pytest -q tests/etcd
+endif
 
 static: setup static-only
 

@@ -7,16 +7,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.agents import AgentClient, AgentClientLike
 from coordinator.auth import TokenHashes
 from coordinator.catalog.service import CatalogService
 from coordinator.config import CoordinatorConfig
 from coordinator.costs import CostBook
-from coordinator.etcd.election import Election
-from coordinator.etcd.kv import EtcdKV, EtcdTls
-from coordinator.etcd.store import EtcdStore
 from coordinator.layers import LayerService
 from coordinator.leadership import Role, Term
 from coordinator.metrics import CoordinatorMetrics
@@ -33,12 +30,22 @@ from coordinator.starts import ContainerStarts
 from coordinator.store import Store
 from core.security.tls import check_files
 
+if TYPE_CHECKING:
+    from coordinator.etcd.election import Election
+
 log = logging.getLogger(__name__)
 
 
 async def open_store(config: CoordinatorConfig) -> Store:
-    """The backend `[store] backend` names: the SQLite file, or a client of the etcd cluster."""
+    """The backend `[store] backend` names: the SQLite file, or a client of the etcd cluster.
+
+    The etcd modules are imported only for the etcd backend: their client's generated protobuf
+    files must not load into a process that has no use for them (a name like "rpc.proto" is taken
+    by more than one package, and the default descriptor pool holds one of each)."""
     if config.store.backend == "etcd":
+        from coordinator.etcd.kv import EtcdKV, EtcdTls
+        from coordinator.etcd.store import EtcdStore
+
         s = config.store
         tls = EtcdTls(s.etcd_ca_file, s.etcd_cert_file, s.etcd_key_file, s.etcd_server_name) if s.etcd_ca_file else None
         return EtcdStore(EtcdKV(s.etcd_endpoints, tls=tls, timeout=s.etcd_timeout), s.etcd_prefix)
@@ -96,7 +103,11 @@ class Coordinator:
         self._loops: list[asyncio.Task[None]] = []
         self.election: Election | None = None
         """Set on the etcd backend: only the elected replica runs the leader's loops."""
-        if isinstance(store, EtcdStore):
+        if config.store.backend == "etcd":
+            from coordinator.etcd.election import Election
+            from coordinator.etcd.store import EtcdStore
+
+            assert isinstance(store, EtcdStore)
             host, port = config.listen_address
             url = config.store.advertise_url or f"https://{f'[{host}]' if ':' in host else host}:{port}"
             self.election = Election(store.kv, store, url, ttl=config.store.leader_ttl, on_change=self._role_changed)
@@ -187,10 +198,10 @@ class Coordinator:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         await self.migrations.close()
-        if self.election is not None and self.election.role is Role.FOLLOWER and isinstance(self.store, EtcdStore):
+        if self.election is not None and self.election.role is Role.FOLLOWER:
             # The ended term's fence kept what was still running from writing; with all of it
             # stopped, this replica writes as a follower again (agents' pushes, reservations).
-            self.store.fence(None)
+            self.election.store.fence(None)
 
     async def _while_leading(self, loop: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         """Run a loop that takes a stop event until the coordinator stops (the loop is cancelled when

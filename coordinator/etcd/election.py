@@ -41,7 +41,8 @@ class Election:
         if ttl < 2:
             raise ValueError("a leader lease lives at least 2 seconds")
         self._kv = kv
-        self._store = store
+        self.store = store
+        """The store whose writes this election fences."""
         self.replica = replica
         self.ttl = ttl
         self._on_change = on_change
@@ -63,7 +64,7 @@ class Election:
         if self.role is Role.LEADER and before is not Role.LEADER:
             self.term = term
             self.leader = self.replica
-            self._store.fence(term.revision if term else None)
+            self.store.fence(term.revision if term else None)
         elif self.role is Role.FOLLOWER and before is Role.LEADER:
             # The fence stays at the ended term: writes fail with NotLeader until the next win.
             self.term = None
@@ -83,7 +84,7 @@ class Election:
         return sent
 
     async def _campaign(self) -> None:
-        key = self._store.leader_key
+        key = self.store.leader_key
         await self._lease_alive()
         await self._kv.txn([Absent(key)], [Put(key, self.replica.encode(), self._lease)])
         entry = await self._kv.get(key)
@@ -96,7 +97,7 @@ class Election:
     async def _renew(self) -> None:
         sent = self._clock()
         left = await self._kv.keepalive(self._lease)
-        entry = await self._kv.get(self._store.leader_key)
+        entry = await self._kv.get(self.store.leader_key)
         if left <= 0:
             self._lease = 0
             self.leader = "" if entry is None else entry.value.decode(errors="replace")

@@ -88,7 +88,7 @@ async def test_one_leader_among_three_and_a_clean_handover(cluster: EtcdCluster)
             s.set()
         await asyncio.gather(*tasks)
         for r in replicas:
-            await r._store.close()
+            await r.store.close()
 
 
 _CRASHING_LEADER = """
@@ -134,7 +134,7 @@ async def test_a_killed_leader_is_replaced_within_its_lease(cluster: EtcdCluster
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        await follower._store.close()
+        await follower.store.close()
 
 
 async def test_a_replaced_leader_cannot_write(cluster: EtcdCluster) -> None:
@@ -142,22 +142,22 @@ async def test_a_replaced_leader_cannot_write(cluster: EtcdCluster) -> None:
     try:
         await a.step()
         assert a.acting()
-        await a._store.register_host(Host("h1", Capacity(1, 1, 0)))  # fenced by a's term, and a leads
+        await a.store.register_host(Host("h1", Capacity(1, 1, 0)))  # fenced by a's term, and a leads
         # a's lease ends behind its back (a long pause, a partition): b wins before a notices.
         assert a.term is not None
         await a._kv.revoke(a.term.lease)
         await b.step()
         assert b.acting()
         with pytest.raises(NotLeader) as err:
-            await a._store.set_admin("h1", HostAdmin.DRAINING)
+            await a.store.set_admin("h1", HostAdmin.DRAINING)
         assert err.value.leader == "https://b:7543"
-        host = await b._store.get_host("h1")
+        host = await b.store.get_host("h1")
         assert host is not None and host.admin is HostAdmin.ACTIVE
         await a.step()  # and a notices at its next round
         assert a.role is Role.FOLLOWER and a.leader == "https://b:7543"
     finally:
-        await a._store.close()
-        await b._store.close()
+        await a.store.close()
+        await b.store.close()
 
 
 async def test_a_leader_cut_off_from_etcd_stops_acting_by_its_deadline(cluster: EtcdCluster) -> None:
@@ -177,4 +177,4 @@ async def test_a_leader_cut_off_from_etcd_stops_acting_by_its_deadline(cluster: 
         assert a.role is Role.FOLLOWER
         assert took <= TTL * (1 - MARGIN) + 1.5  # the deadline, plus one failing round's timeout
     finally:
-        await a._store.close()
+        await a.store.close()
