@@ -10,6 +10,7 @@ snapshot left on the host that pulled.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -231,6 +232,12 @@ async def test_without_static_peers_the_coordinators_tracker_finds_them(base_dir
         reservations = (await f.call("GET", "/v1/reservations"))["reservations"]
         assert reservations == [], reservations  # released once each create returned, worked or not
         await api(mesh[placed], "DELETE", "/v1/containers/placed?force=1", expect=None)
+        # The same through ferryctl: `run --to auto`.
+        res = await f.ferryctl("--json", "run", "--to", "auto", "--name", "cli-placed", ref, "sleep", "300")
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        answer = json.loads(res.stdout)
+        assert answer["container"]["id"] == "cli-placed" and answer["placement"]["host"] in ("h1", "h2"), answer
+        await api(mesh[answer["placement"]["host"]], "DELETE", "/v1/containers/cli-placed?force=1", expect=None)
 
         # Without the coordinator the pull goes on: the tracker's failures fall back to [[peers]]
         # (none with blobs here), then the registry.

@@ -236,6 +236,27 @@ async def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+async def start_placed(args: argparse.Namespace, spec: dict[str, Any]) -> int:
+    """`run --to auto`: the coordinator places the container where it runs soonest and starts it."""
+    ep = endpoint(args)
+    if ep is None:
+        raise FleetUsageError(
+            f"--to auto needs a coordinator to place the container (--coordinator URL or ${ENV_COORDINATOR})"
+        )
+    async with CoordinatorClient(ep) as client:
+        started = await client.request("POST", "/v1/containers", body={"container": spec})
+    predicted = started["placement"]["predicted"]
+    _show(
+        args,
+        started,
+        lambda: render.say(
+            f"{started['container']['id']} on {started['placement']['host']}: running after {started['seconds']:.2f} s"
+            f" (predicted {predicted['seconds']:.2f} s)"
+        ),
+    )
+    return 0
+
+
 def _show(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
     if args.json:
         render.print_json(data)

@@ -137,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     image_archives.add_parser(sub)
     cache.add_parser(sub)
 
-    _container_options(sub.add_parser("run", help="create and start a container"))
+    run = sub.add_parser("run", help="create and start a container")
+    run.add_argument(
+        "--to",
+        choices=["auto"],
+        help="auto: the coordinator places it on the host where it runs soonest and starts it there",
+    )
+    _container_options(run)
     _container_options(sub.add_parser("create", help="create a container without starting it"))
 
     p = sub.add_parser("start", help="start a created or stopped container")
@@ -488,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, "usage", str(exc), Exit.USAGE)
     out, err = _consoles(args)
     try:
+        if args.command == "run" and args.to == "auto":
+            return asyncio.run(fleet.start_placed(args, container_spec(args)))
         if fleet.handles(args):  # coordinator commands, and migrations when a coordinator is configured
             return asyncio.run(fleet.run(args, out, err))
         return asyncio.run(dispatch(args, out, err))
