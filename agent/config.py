@@ -280,6 +280,30 @@ class CoordinatorConfig:
 
 
 @dataclass(frozen=True)
+class NoticesConfig:
+    """Where drain notices come from besides the notice files (agent/telemetry/notices.py).
+
+    Each metadata URL is off when empty: a bare-metal host has no metadata service. A notice that
+    states a time (spot `instance-action`, Azure `NotBefore`, systemd `USEC=`) makes the coordinator
+    drain the host before that time whatever its model says."""
+
+    aws_metadata_url: str = ""
+    """The EC2 instance metadata service, e.g. "http://169.254.169.254" (IMDSv2, IMDSv1 fallback)."""
+    azure_scheduled_events_url: str = ""
+    """e.g. "http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01"."""
+    gce_metadata_url: str = ""
+    """e.g. "http://metadata.google.internal/computeMetadata/v1" (maintenance-event, preempted)."""
+    request_timeout: float = 1.0
+    """Seconds per metadata request; a silent endpoint must not delay the sample much."""
+    systemd_shutdown_file: str = "/run/systemd/shutdown/scheduled"
+    """Written by `shutdown -r +N` (USEC=, MODE=); empty: not read."""
+    smartctl: str = "smartctl"
+    """smartctl (smartmontools >= 7, for --json); empty or not installed: no SMART health."""
+    smart_interval: float = 600.0
+    """Seconds between SMART readings of the disks."""
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     period: float = 5.0
     """Seconds between samples."""
@@ -294,7 +318,9 @@ class TelemetryConfig:
     maintenance_file: str = "/run/ferryman/maintenance"
     """A planned-maintenance announcement; appearing or changing -> a MAINTENANCE event."""
     preemption_file: str = "/run/ferryman/preemption"
-    """Written by a cloud metadata watcher on a spot-style pre-emption signal -> a PREEMPTION event."""
+    """Written by a cloud metadata watcher on a spot-style pre-emption signal -> a PREEMPTION event.
+    Any notice file may state its time with a line `deadline=<unix seconds or ISO 8601>`."""
+    notices: NoticesConfig = field(default_factory=NoticesConfig)
 
 
 @dataclass(frozen=True)
@@ -439,6 +465,8 @@ def _validate_telemetry(config: AgentConfig) -> None:
         "telemetry.buffer_max_age": tel.buffer_max_age,
         "telemetry.batch_max": tel.batch_max,
         "coordinator.request_timeout": coord.request_timeout,
+        "telemetry.notices.request_timeout": tel.notices.request_timeout,
+        "telemetry.notices.smart_interval": tel.notices.smart_interval,
     }.items():
         if value <= 0:
             raise ConfigError(f"{name} must be greater than 0, got {value}")
@@ -449,6 +477,10 @@ def _validate_telemetry(config: AgentConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{name} must not be negative (0 means detect), got {value}")
+    for name in ("aws_metadata_url", "azure_scheduled_events_url", "gce_metadata_url"):
+        url = getattr(tel.notices, name)
+        if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise ConfigError(f"telemetry.notices.{name} {url!r}: expected http(s)://host[:port][/path]")
     if coord.url:
         parts = urlsplit(coord.url)
         try:

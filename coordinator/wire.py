@@ -192,6 +192,7 @@ def _check_sample(sample: fleet_pb2.TelemetrySample, where: str, now: float, max
         _finite(container.cpu_millis, f"{where}.containers[{j}].cpu_millis")
     for j, event in enumerate(sample.events):
         _check_ts(event.ts, f"{where}.events[{j}].ts", now, max_future_skew)
+        _finite(event.deadline, f"{where}.events[{j}].deadline")  # unix seconds, 0 = none stated
     for name in ("registry_bytes_per_second", "peer_bytes_per_second", "apply_seconds_per_byte"):
         _finite(getattr(sample.layer_costs, name), f"{where}.layer_costs.{name}")
 

@@ -6,9 +6,13 @@ event however many samples see the file.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from agent.telemetry.notices import NoticeParseError, parse_notice_file_deadline
 from proto.ferryman.v1 import fleet_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 MAX_DETAIL = 4096
 """Bytes of a notice file carried in an event; a provider's notice is short, a runaway file is not."""
@@ -17,7 +21,8 @@ MAX_DETAIL = 4096
 class NoticeFile:
     """A file someone writes to tell this host something (drain, maintenance, pre-emption).
 
-    Appearing, or changing content, is one event whose detail is the content. A file present when the
+    Appearing, or changing content, is one event whose detail is the content; a line
+    `deadline=<unix seconds or ISO 8601>` in it is the time the host goes away. A file present when the
     agent starts counts as appearing: a restarted agent still reports a pending notice. Removing the
     file produces nothing, and a later file is new again.
     """
@@ -43,7 +48,12 @@ class NoticeFile:
             return None
         self._last = content
         detail = content[:MAX_DETAIL].decode(errors="replace").strip()
-        return pb.HostEvent(kind=self.kind, ts=now, detail=detail)
+        try:
+            deadline = parse_notice_file_deadline(detail)
+        except NoticeParseError as exc:
+            log.warning("notice file states an unreadable deadline", extra={"path": str(self.path), "error": str(exc)})
+            deadline = 0.0
+        return pb.HostEvent(kind=self.kind, ts=now, detail=detail, deadline=deadline, source="notice-file")
 
 
 class CounterDelta:

@@ -13,6 +13,17 @@ from agent.telemetry import procfs
 from agent.telemetry.containers import ContainerReading
 from agent.telemetry.events import CounterDelta, EdacErrors, NoticeFile
 from agent.telemetry.host import HostPaths, HostReading, online_cpus, read_host, whole_disks
+from agent.telemetry.notices import (
+    AwsNotices,
+    AzureNotices,
+    CloudNotices,
+    Dedup,
+    GceNotices,
+    MetadataClient,
+    NoticeSource,
+    SmartHealth,
+    SystemdShutdown,
+)
 from core.errors import FerrymanError
 from proto.ferryman.v1 import fleet_pb2 as pb
 
@@ -47,12 +58,18 @@ class Sampler:
         self._oom = CounterDelta(pb.OOM_KILL, "processes killed by the OOM killer")
         self._edac = EdacErrors()
         self._disks = whole_disks(self._paths.sys_block)
+        self._cloud = cloud_notices(config)
+        nc = config.notices
+        self._systemd = SystemdShutdown(nc.systemd_shutdown_file) if nc.systemd_shutdown_file else None
+        self._systemd_seen = Dedup()
+        self._smart = SmartHealth(nc.smartctl, self._disks, nc.smart_interval)
         self._cpus = online_cpus()
         self._previous: tuple[HostReading, float] | None = None
 
     async def sample(self) -> pb.TelemetrySample:
         ts = time.time()
         reading, notices = await asyncio.to_thread(self._read_blocking, ts)
+        notices.extend(await self._cloud.poll(ts))
         now = time.monotonic()
         sample = pb.TelemetrySample(ts=ts, cpus=self._cpus)
         _levels(sample, reading)
@@ -89,7 +106,27 @@ class Sampler:
     def _read_blocking(self, ts: float) -> tuple[HostReading, list[pb.HostEvent]]:
         reading = read_host(self._paths, self._disks)
         notices = [event for notice in self._notices if (event := notice.poll(ts)) is not None]
+        if self._systemd is not None:
+            notices.extend(n.event(ts) for n in self._systemd_seen.new(self._systemd.read_blocking()))
+        notices.extend(self._smart.read_blocking(ts))
         return reading, notices
+
+    async def close(self) -> None:
+        await self._cloud.close()
+
+
+def cloud_notices(config: TelemetryConfig) -> CloudNotices:
+    """The metadata sources configured in [telemetry.notices] (none on a bare-metal host)."""
+    nc = config.notices
+    client = MetadataClient(nc.request_timeout)
+    sources: list[NoticeSource] = []
+    if nc.aws_metadata_url:
+        sources.append(AwsNotices(client, nc.aws_metadata_url))
+    if nc.azure_scheduled_events_url:
+        sources.append(AzureNotices(client, nc.azure_scheduled_events_url))
+    if nc.gce_metadata_url:
+        sources.append(GceNotices(client, nc.gce_metadata_url))
+    return CloudNotices(sources, client)
 
 
 def _levels(sample: pb.TelemetrySample, reading: HostReading) -> None:

@@ -37,6 +37,7 @@ class TelemetryService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self.sampler.close()
         if self.pusher is not None:
             await self.pusher.close()
 
