@@ -72,6 +72,15 @@ class ModelConfig:
     """P(drain) above which a host drains; 0 means the model's own threshold."""
     hysteresis: float = 0.1
     """A draining host returns to service only below threshold - hysteresis."""
+    confirm_ticks: int = 2
+    """Ticks in a row at or above the threshold before the model alone drains a host (a notice with a
+    stated time drains at once)."""
+    false_alarm_budget: int = 2
+    """Model-only drains of one host that were cancelled (the host returned to service, by the policy's
+    hysteresis or an operator's uncordon, before it was empty) allowed per `false_alarm_window`; once
+    spent, the model alone no longer drains that host (notices still do)."""
+    false_alarm_window: float = 7 * 86400.0
+    """Seconds over which `false_alarm_budget` counts."""
     tick_period: float = 15.0
     """Seconds between scoring rounds."""
     retrain_interval: float = 0.0
@@ -242,6 +251,10 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError("model.retrain_holdout must be shorter than telemetry.max_age (nothing left to train on)")
     if not 0.0 <= config.model.hysteresis < 1.0:
         raise ConfigError(f"model.hysteresis must be in [0, 1), got {config.model.hysteresis}")
+    if config.model.confirm_ticks < 1:
+        raise ConfigError(f"model.confirm_ticks must be at least 1, got {config.model.confirm_ticks}")
+    if config.model.false_alarm_budget < 0 or config.model.false_alarm_window <= 0:
+        raise ConfigError("model.false_alarm_budget must not be negative and model.false_alarm_window must be > 0")
     for name in ("free_capacity", "drain_risk", "pull_bytes", "pressure", "start_seconds"):
         if getattr(config.placement, name) < 0:
             raise ConfigError(f"placement.{name} must not be negative")

@@ -1,12 +1,18 @@
 """The drain policy: risk above threshold -> `draining` -> planned migrations -> `drained`.
 
-Each tick scores the fleet (coordinator/predictions.py), drains hosts whose P(drain) reaches the
-threshold and returns policy-drained hosts to service once it falls below threshold - hysteresis
-(so a host hovering at the threshold does not flap). Draining hosts get a migration planned for
-each container, highest `ferryman.priority` label first, then largest memory; the orchestrator
-runs them under the per-host and per-fleet limits and retries failures on other targets. A host
-with no containers left and no migration running is `drained`. Every decision is recorded with
-the probability and model version behind it.
+Each tick scores the fleet (coordinator/predictions.py). A notice with a stated time drains its host
+at once (reason `notice`, the decision names it). The model alone drains a host only after
+`confirm_ticks` ticks in a row at or above the threshold, and only while the host's false-alarm
+budget lasts: a model drain that ended with the host back in service is a false alarm, and after
+`false_alarm_budget` of them within `false_alarm_window` the model alone no longer drains that host
+(recorded once as a `suppressed` decision). Policy-drained hosts return to service once the risk
+falls below threshold - hysteresis (so a host hovering at the threshold does not flap). Every drain
+decision carries its explanation: the notice, or the model's top contributing features.
+
+Draining hosts get a migration planned for each container, highest `ferryman.priority` label first,
+then largest memory; the orchestrator runs them under the per-host and per-fleet limits and retries
+failures on other targets. A host with no containers left and no migration running is `drained`.
+Every decision is recorded with the probability and model version behind it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 from collections.abc import Callable
 
 from coordinator.config import CoordinatorConfig
-from coordinator.model import ContainerUsage, Drain, Host, HostAdmin, HostHealth, MigrationState
+from coordinator.model import ContainerUsage, Decision, Drain, Host, HostAdmin, HostHealth, MigrationState
 from coordinator.orchestrator import AUTO, Orchestrator
 from coordinator.predictions import PredictionService
 from coordinator.registry import HostRegistry
@@ -27,7 +33,13 @@ log = logging.getLogger(__name__)
 
 PRIORITY_LABEL = "ferryman.priority"
 PREDICTED = "predicted"
+NOTICE = "notice"
 WAIT_POLL = 0.5
+
+
+def model_may_drain(streak: int, confirm_ticks: int, false_alarms: int, budget: int) -> bool:
+    """Whether the model alone may drain a host: risk held for `confirm_ticks`, budget not spent."""
+    return streak >= confirm_ticks and false_alarms < budget
 
 
 def migration_order(containers: tuple[ContainerUsage, ...]) -> list[ContainerUsage]:
@@ -59,6 +71,10 @@ class DrainPolicy:
         self._config = config
         self._clock = clock
         self._lock = asyncio.Lock()
+        self._streaks: dict[str, int] = {}
+        """Ticks in a row each host's P(drain) has been at or above the threshold."""
+        self._suppressed: set[str] = set()
+        """Hosts whose false-alarm budget is spent (recorded once per episode)."""
 
     async def tick(self) -> None:
         async with self._lock:
@@ -72,16 +88,43 @@ class DrainPolicy:
         if not predictions:
             return
         threshold = self._predictions.threshold()
+        cfg = self._config.model
         hosts = {h.name: h for h in await self._store.list_hosts()}
         for p in predictions:
             host = hosts.get(p.host)
             if host is None:
                 continue
-            if host.admin is HostAdmin.ACTIVE and p.probability >= threshold:
-                await self._hosts.drain(host.name, PREDICTED, probability=p.probability, model_version=p.model_version)
+            explanation = self._predictions.explanations.get(p.host)
+            notice = explanation.notice if explanation is not None else None
+            streak = self._streaks[p.host] = self._streaks.get(p.host, 0) + 1 if p.probability >= threshold else 0
+            why = explanation.describe() if explanation is not None else ""
+            if host.admin is HostAdmin.ACTIVE and notice is not None:
+                await self._hosts.drain(
+                    host.name, NOTICE, probability=p.probability, model_version=p.model_version, detail=why
+                )
+            elif host.admin is HostAdmin.ACTIVE and p.probability >= threshold:
+                false_alarms = await self._false_alarms(host.name)
+                if model_may_drain(streak, cfg.confirm_ticks, false_alarms, cfg.false_alarm_budget):
+                    self._suppressed.discard(host.name)
+                    await self._hosts.drain(
+                        host.name, PREDICTED, probability=p.probability, model_version=p.model_version, detail=why
+                    )
+                elif false_alarms >= cfg.false_alarm_budget and host.name not in self._suppressed:
+                    self._suppressed.add(host.name)
+                    await self._store.record_decision(
+                        Decision(
+                            ts=self._clock(),
+                            host=host.name,
+                            kind="suppressed",
+                            probability=p.probability,
+                            model_version=p.model_version,
+                            detail=f"false-alarm budget spent ({false_alarms} in {cfg.false_alarm_window:g}s): {why}",
+                        )
+                    )
             elif (
                 host.admin is HostAdmin.DRAINING
-                and p.probability < threshold - self._config.model.hysteresis
+                and notice is None
+                and p.probability < threshold - cfg.hysteresis
                 and (await self._running_drain(host.name)).reason == PREDICTED
             ):
                 await self._hosts.uncordon(
@@ -90,6 +133,15 @@ class DrainPolicy:
                     probability=p.probability,
                     model_version=p.model_version,
                 )
+
+    async def _false_alarms(self, host: str) -> int:
+        """Model drains of `host` within the window that were cancelled (the host came back unharmed)."""
+        since = self._clock() - self._config.model.false_alarm_window
+        return sum(
+            1
+            for d in await self._store.list_drains(host)
+            if d.reason == PREDICTED and d.state == "cancelled" and d.started_at >= since
+        )
 
     async def _running_drain(self, host: str) -> Drain:
         running = [d for d in await self._store.list_drains(host) if d.state == "running"]

@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from coordinator.config import CoordinatorConfig
 from coordinator.features import HostHistory, TelemetryPoint
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import Prediction
-from coordinator.predictor import DrainPredictor, ModelLoadError, ModelRegistry, RegistryError
+from coordinator.notices import NOTICE_PROBABILITY, Notice, active_notice, notices_in_sample, prune
+from coordinator.predictor import Contribution, DrainPredictor, ModelLoadError, ModelRegistry, RegistryError
 from coordinator.store import Store
 from core.errors import ConfigError, Conflict, FerrymanError
 
@@ -45,6 +47,44 @@ class RiskModel(Protocol):
     @property
     def threshold(self) -> float: ...
     def score(self, histories: Mapping[str, HostHistory], now: float) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a host has the probability it has: the notice that makes it a fact, or the features that
+    pushed the model's output most (see `DrainPredictor.explain`)."""
+
+    host: str
+    ts: float
+    probability: float
+    model_probability: float
+    model_version: str
+    notice: Notice | None = None
+    contributions: tuple[Contribution, ...] = ()
+    notices: tuple[Notice, ...] = field(default=())
+    """Every notice with a stated time the host reported that has not expired."""
+
+    def describe(self) -> str:
+        if self.notice is not None:
+            return self.notice.describe()
+        if not self.contributions:
+            return f"model {self.model_version}: P={self.model_probability:.3f}"
+        top = ", ".join(f"{c.feature}={c.value:.3g} ({c.delta:+.3f})" for c in self.contributions)
+        return f"model {self.model_version}: P={self.model_probability:.3f}; top features {top}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "ts": self.ts,
+            "probability": self.probability,
+            "model_probability": self.model_probability,
+            "model_version": self.model_version,
+            "source": "notice" if self.notice is not None else "model",
+            "notice": self.notice.to_dict() if self.notice is not None else None,
+            "contributions": [c.to_dict() for c in self.contributions],
+            "notices": [n.to_dict() for n in self.notices],
+            "explanation": self.describe(),
+        }
 
 
 def _num(value: Any) -> float | None:
@@ -119,6 +159,10 @@ class PredictionService:
         self._pinned = pinned
         """A model fixed from outside (tests); it is never swapped."""
         self._histories: dict[str, HostHistory] = {}
+        self._notices: dict[str, list[Notice]] = {}
+        """Notices with a stated time, per host (facts: see coordinator/notices.py)."""
+        self.explanations: dict[str, Explanation] = {}
+        """The latest tick's explanation per host (`ferryctl predictions --explain HOST`)."""
         self._scoring = False
         self._pending: list[tuple[str, list[TelemetryPoint]]] = []
         """Points that arrived while a scoring thread reads the histories; applied after it."""
@@ -142,12 +186,16 @@ class PredictionService:
             host: HostHistory.from_points([sample_to_point(ts, s) for ts, s in samples])
             for host, samples in stored.items()
         }
+        self._notices = {}
+        for host, samples in stored.items():
+            self._note(host, samples)
         return sum(len(s) for s in stored.values())
 
     async def _catch_up(self, host: str, now: float) -> None:
         """A host whose samples reached the store by another way (another coordinator on a shared store)."""
         samples = await self._store.telemetry(host, since=now - self._config.telemetry.max_age)
         if samples and host not in self._histories:
+            self._note(host, samples)
             self._extend(host, [sample_to_point(ts, s) for ts, s in samples])
 
     def observe(self, host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
@@ -155,10 +203,20 @@ class PredictionService:
         if not samples:
             return
         points = [sample_to_point(ts, s) for ts, s in samples]
+        self._note(host, samples)
         if self._scoring:
             self._pending.append((host, points))
         else:
             self._extend(host, points)
+
+    def _note(self, host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
+        found = [n for ts, s in samples for n in notices_in_sample(ts, s)]
+        if found:
+            known = self._notices.setdefault(host, [])
+            known.extend(n for n in found if n not in known)
+
+    def notices(self, host: str) -> list[Notice]:
+        return list(self._notices.get(host, ()))
 
     def _extend(self, host: str, points: list[TelemetryPoint]) -> None:
         history = self._histories.get(host)
@@ -214,8 +272,29 @@ class PredictionService:
             pending, self._pending = self._pending, []
             for host, points in pending:
                 self._extend(host, points)
-        predictions = [Prediction(host, now, float(p), model.version) for host, p in sorted(scores.items())]
+        predictions: list[Prediction] = []
+        explanations: dict[str, Explanation] = {}
+        horizon = float(getattr(model, "horizon", 1800.0))
+        for host, raw in sorted(scores.items()):
+            kept = prune(self._notices.get(host, ()), now)
+            if host in self._notices:
+                self._notices[host] = kept
+            notice = active_notice(kept, now, horizon)
+            p = float(raw)
+            final = max(p, NOTICE_PROBABILITY) if notice is not None else p
+            predictions.append(Prediction(host, now, final, model.version))
+            explanations[host] = Explanation(host, now, final, p, model.version, notice, (), tuple(kept))
+        threshold = self.threshold()
+        alarming = {h: histories[h] for h, e in explanations.items() if e.notice is None and e.probability >= threshold}
+        explain = getattr(model, "explain", None)
+        if alarming and explain is not None:
+            for host, top in (await asyncio.to_thread(explain, alarming, now)).items():
+                e = explanations[host]
+                explanations[host] = Explanation(
+                    host, now, e.probability, e.model_probability, e.model_version, None, tuple(top), e.notices
+                )
+        self.explanations = explanations
         await self._store.record_predictions(predictions)
-        for p in predictions:
-            self._metrics.drain_probability.labels(host=p.host).set(p.probability)
+        for prediction in predictions:
+            self._metrics.drain_probability.labels(host=prediction.host).set(prediction.probability)
         return predictions

@@ -51,6 +51,20 @@ REQUIRED_METADATA = ("model_version", "features_version", "n_features", "horizon
 PROB_OUTPUT = "probabilities"
 
 
+@dataclass(frozen=True)
+class Contribution:
+    """How much one feature raised P(drain): the probability with the host's value minus with the
+    training fleet's median value for that feature (occlusion), all other features as they are."""
+
+    feature: str
+    value: float
+    reference: float
+    delta: float
+
+    def to_dict(self) -> dict[str, float | str]:
+        return {"feature": self.feature, "value": self.value, "reference": self.reference, "delta": self.delta}
+
+
 class ModelLoadError(Exception):
     """The model file cannot be used: unreadable, not ONNX, or made for other features."""
 
@@ -80,6 +94,8 @@ class DrainPredictor:
 
     def __init__(self, path: str | os.PathLike[str], *, intra_op_threads: int = 1) -> None:
         self.info, self._session, self._input = _load(Path(path), intra_op_threads)
+        self._calibration = _calibration(self.info.metadata, Path(path))
+        self._reference = _reference(self.info.metadata, Path(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, intra_op_threads: int = 1) -> DrainPredictor:
@@ -103,7 +119,30 @@ class DrainPredictor:
         if X.shape[0] == 0:
             return np.empty(0, np.float32)
         out = self._session.run([PROB_OUTPUT], {self._input: np.ascontiguousarray(X, np.float32)})[0]
-        return np.asarray(out[:, 1], np.float32)
+        raw = np.asarray(out[:, 1], np.float32)
+        if self._calibration is None:
+            return raw
+        xs, ys = self._calibration
+        return np.interp(raw, xs, ys).astype(np.float32)
+
+    def explain(self, histories: Mapping[str, HistoryLike], now: float, top: int = 3) -> dict[str, list[Contribution]]:
+        """The `top` features that raise each host's P(drain) most (occlusion against the reference)."""
+        if not histories:
+            return {}
+        X = extract_batch(histories, now)
+        out = {}
+        for host, row in zip(histories, X, strict=True):
+            trial = np.repeat(row[None, :], N_FEATURES + 1, axis=0)
+            trial[np.arange(1, N_FEATURES + 1), np.arange(N_FEATURES)] = self._reference
+            p = self.predict(trial)
+            delta = p[0] - p[1:]
+            order = np.argsort(-delta, kind="stable")[:top]
+            out[host] = [
+                Contribution(FEATURE_NAMES[j], float(row[j]), float(self._reference[j]), float(delta[j]))
+                for j in order
+                if delta[j] > 0
+            ]
+        return out
 
     def score(self, histories: Mapping[str, HistoryLike], now: float) -> dict[str, float]:
         """P(drain within horizon) per host, all hosts in one batch."""
@@ -174,6 +213,36 @@ def _load(path: Path, threads: int) -> tuple[ModelInfo, ort.InferenceSession, st
         metadata=meta,
     )
     return info, session, inputs[0].name
+
+
+def _calibration(meta: Mapping[str, str], path: Path) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+    """The `calibration` table (raw P -> calibrated P, "x:y,x:y,...", x increasing), or None."""
+    text = meta.get("calibration", "")
+    if not text:
+        return None
+    try:
+        pairs = np.array([[float(v) for v in item.split(":")] for item in text.split(",")], np.float64)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: bad calibration metadata: {exc}") from exc
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or np.any(np.diff(pairs[:, 0]) < 0):
+        raise ModelLoadError(f"{path}: calibration must be x:y pairs with x increasing")
+    if not np.all((pairs >= 0) & (pairs <= 1)):
+        raise ModelLoadError(f"{path}: calibration values outside 0..1")
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _reference(meta: Mapping[str, str], path: Path) -> npt.NDArray[np.float32]:
+    """Per-feature reference values for explanations (`feature_reference`); NaN (missing) without."""
+    text = meta.get("feature_reference", "")
+    if not text:
+        return np.full(N_FEATURES, np.nan, np.float32)
+    try:
+        ref = np.array([float(v) for v in text.split(",")], np.float32)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: bad feature_reference metadata: {exc}") from exc
+    if ref.size != N_FEATURES:
+        raise ModelLoadError(f"{path}: feature_reference has {ref.size} values, not {N_FEATURES}")
+    return ref
 
 
 def _first_line(exc: BaseException) -> str:

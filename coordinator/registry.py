@@ -141,9 +141,10 @@ class HostRegistry:
     # ----- admin state
 
     async def drain(
-        self, name: str, reason: str, *, probability: float | None = None, model_version: str = ""
+        self, name: str, reason: str, *, probability: float | None = None, model_version: str = "", detail: str = ""
     ) -> Drain:
-        """Mark a host draining (nothing new is placed there) and record the decision."""
+        """Mark a host draining (nothing new is placed there) and record the decision (`detail`: why,
+        e.g. the notice or the model's top features, appended to the reason)."""
         host = await self.get(name)
         now = self._clock()
         running = [d for d in await self._store.list_drains(name) if d.state == "running"]
@@ -161,7 +162,12 @@ class HostRegistry:
         await self._store.put_drain(drain)
         await self._store.record_decision(
             Decision(
-                ts=now, host=name, kind="drain", probability=probability, model_version=model_version, detail=reason
+                ts=now,
+                host=name,
+                kind="drain",
+                probability=probability,
+                model_version=model_version,
+                detail=f"{reason}: {detail}" if detail else reason,
             )
         )
         log.info("host draining", extra={"host": name, "reason": reason, "probability": probability})

@@ -96,9 +96,10 @@ class FixedRisk:
         return {host: self.p.get(host, 0.01) for host in histories}
 
 
-def _config(**limits: Any) -> CoordinatorConfig:
+def _config(confirm_ticks: int = 1, **limits: Any) -> CoordinatorConfig:
     return CoordinatorConfig(
-        migrations=MigrationLimits(poll_period=0.01, **limits), model=ModelConfig(hysteresis=0.1, tick_period=0.05)
+        migrations=MigrationLimits(poll_period=0.01, **limits),
+        model=ModelConfig(hysteresis=0.1, tick_period=0.05, confirm_ticks=confirm_ticks),
     )
 
 
@@ -322,7 +323,8 @@ async def test_policy_drains_on_risk_with_hysteresis_and_records_why(store: Sqli
         # h2 runs nothing: drained in the same tick. h1's containers are planned, vip first.
         assert hosts["h1"].admin is HostAdmin.DRAINING and hosts["h2"].admin is HostAdmin.DRAINED
         decision = next(d for d in await store.list_decisions("h1") if d.kind == "drain")
-        assert decision.probability == 0.8 and decision.model_version == "fixed-1" and decision.detail == "predicted"
+        assert decision.probability == 0.8 and decision.model_version == "fixed-1"
+        assert decision.detail == "predicted: model fixed-1: P=0.800"  # FixedRisk cannot explain itself
         model.p = {"h1": 0.45, "h2": 0.45}  # inside the hysteresis band: no flapping
         await coordinator.policy.tick()
         assert (await store.get_host("h2")).admin is HostAdmin.DRAINED  # type: ignore[union-attr]
@@ -397,3 +399,78 @@ def test_stored_samples_become_model_points() -> None:
     assert point.hw_errors == 2 and point.drain_notice == 1 and point.oom_kills == 0
     empty = sample_to_point(11.0, {"ts": 11.0})
     assert empty.cpu_util is None and empty.load1 is None and empty.mem_available_frac is None
+
+
+async def _report_notice(store: SqliteStore, host: str, deadline: float, source: str = "aws-spot") -> None:
+    now = time.time()
+    event = {"kind": "PREEMPTION", "ts": now, "deadline": deadline, "source": source, "detail": "terminate"}
+    sample = {"ts": now, "cpu_util": 0.5, "cpus": 4, "memory_total_bytes": str(8 * GiB), "events": [event]}
+    await store.record_telemetry(TelemetryUpdate(host, [(now, sample)], now, Capacity(), (), {}), 100, 3600)
+
+
+async def test_a_notice_with_a_stated_time_drains_whatever_the_model_says(store: SqliteStore) -> None:
+    model = FixedRisk()
+    await _fleet(store)
+    coordinator = await _coordinator(store, ScriptedAgents(), model, confirm_ticks=3)
+    try:
+        for host in ("h2", "h3", "h4"):
+            await _report(store, host, [])
+        await _report_notice(store, "h3", time.time() + 120)
+        await _report_notice(store, "h4", time.time() + 7200)  # beyond the horizon: not yet
+        model.p = {"h3": 0.01}
+        await coordinator.policy.tick()
+        assert (await store.get_host("h3")).admin is HostAdmin.DRAINED  # type: ignore[union-attr]
+        assert (await store.get_host("h4")).admin is HostAdmin.ACTIVE  # type: ignore[union-attr]
+        (decision,) = [d for d in await store.list_decisions("h3") if d.kind == "drain"]
+        assert decision.probability == 1.0
+        assert decision.detail.startswith("notice: notice aws-spot (deadline ") and "terminate" in decision.detail
+        explanation = coordinator.predictions.explanations["h3"]
+        assert explanation.model_probability == 0.01 and explanation.notice is not None
+        assert explanation.to_dict()["source"] == "notice"
+        # the model falling does not return a notice drain to service
+        await coordinator.policy.tick()
+        assert (await store.get_host("h3")).admin is HostAdmin.DRAINED  # type: ignore[union-attr]
+    finally:
+        await coordinator.close()
+
+
+async def test_model_alarms_need_confirmation_and_respect_the_false_alarm_budget(store: SqliteStore) -> None:
+    model = FixedRisk()
+    agents = ScriptedAgents()
+    agents.gate.clear()  # h2's migration stays in flight: the drain is still running when it is cancelled
+    await _fleet(store)
+    config = CoordinatorConfig(
+        migrations=MigrationLimits(poll_period=0.01),
+        model=ModelConfig(hysteresis=0.1, tick_period=0.05, confirm_ticks=2, false_alarm_budget=1),
+    )
+    coordinator = Coordinator(config, store, agents, TokenHashes(), model, time.time)
+    try:
+        await _report(store, "h2", [_usage("web", GiB)])
+        for host in ("h3", "h4"):
+            await _report(store, host, [])
+        model.p = {"h2": 0.9}
+        await coordinator.policy.tick()
+        assert (await store.get_host("h2")).admin is HostAdmin.ACTIVE  # type: ignore[union-attr]
+        model.p = {"h2": 0.2}  # one tick above: a blip, the streak restarts
+        await coordinator.policy.tick()
+        model.p = {"h2": 0.9}
+        await coordinator.policy.tick()
+        assert (await store.get_host("h2")).admin is HostAdmin.ACTIVE  # type: ignore[union-attr]
+        await coordinator.policy.tick()
+        assert (await store.get_host("h2")).admin is HostAdmin.DRAINING  # type: ignore[union-attr]
+        # the host is returned to service before its drain finished: a false alarm, the budget (1) is spent
+        await coordinator.hosts.uncordon("h2", "false alarm")
+        agents.gate.set()
+        await coordinator.policy.tick()
+        await coordinator.policy.tick()
+        assert (await store.get_host("h2")).admin is HostAdmin.ACTIVE  # type: ignore[union-attr]
+        suppressed = [d for d in await store.list_decisions("h2") if d.kind == "suppressed"]
+        assert len(suppressed) == 1 and suppressed[0].detail.startswith("false-alarm budget spent (1 in ")
+        # a notice still drains it
+        await _report_notice(store, "h2", time.time() + 60, source="systemd-shutdown")
+        coordinator.predictions._histories.pop("h2")  # re-read from the store, as after a restart
+        await coordinator.policy.tick()
+        assert (await store.get_host("h2")).admin is not HostAdmin.ACTIVE  # type: ignore[union-attr]
+        assert next(d for d in await store.list_decisions("h2") if d.kind == "drain").detail.startswith("notice:")
+    finally:
+        await coordinator.close()

@@ -87,7 +87,8 @@ def add_parsers(sub: Any) -> None:
     )
     p = sub.add_parser("uncordon", help="return a drained or draining host to service")
     p.add_argument("host")
-    sub.add_parser("predictions", help="the latest drain probability of every host, with the model version")
+    p = sub.add_parser("predictions", help="the latest drain probability of every host, with the model version")
+    p.add_argument("--explain", metavar="HOST", help="why HOST has its probability: the notice or the top features")
     p = sub.add_parser("decisions", help="what the coordinator decided (drains, migrations, retries) and why")
     p.add_argument("--host", help="only this host's")
     p = sub.add_parser("model", help="the drain model: show it, activate a file, roll back, retrain")
@@ -213,6 +214,9 @@ async def run(args: argparse.Namespace, out: Console, err: Console) -> int:
             case "uncordon":
                 host = await client.request("POST", f"/v1/hosts/{quote(args.host, safe='')}/uncordon")
                 _show(args, host, lambda: render.say(f"{host['name']} {host['state']}"))
+            case "predictions" if args.explain:
+                data = await client.request("GET", f"/v1/predictions/{quote(args.explain, safe='')}")
+                _show(args, data, lambda: _print_explanation(out, data))
             case "predictions":
                 data = await client.request("GET", "/v1/predictions")
                 _show(args, data, lambda: _print_predictions(out, data))
@@ -396,6 +400,35 @@ def _print_predictions(out: Console, data: dict[str, Any]) -> None:
         cell = _percent(prob) if prob < threshold else f"[red]{_percent(prob)}[/]"
         table.add_row(escape(str(p["host"])), cell, escape(str(p["model_version"])), render.clock_time(p.get("ts")))
     render.print_table(out, table)
+
+
+def _print_explanation(out: Console, data: dict[str, Any]) -> None:
+    if data.get("explanation") is None:
+        render.say(f"{data['host']}: not scored yet")
+    else:
+        render.say(
+            f"{data['host']}: P(drain) {_percent(data.get('probability'))} "
+            f"(model {_percent(data.get('model_probability'))}, threshold {_percent(data.get('threshold'))}) "
+            f"from the {data.get('source')}"
+        )
+        render.say(escape(str(data["explanation"])))
+    if data.get("contributions"):
+        table = render.new_table("FEATURE", "VALUE", "REFERENCE", "RAISES P BY")
+        for c in data["contributions"]:
+            table.add_row(escape(str(c["feature"])), f"{c['value']:.4g}", f"{c['reference']:.4g}", f"{c['delta']:+.3f}")
+        render.print_table(out, table)
+    if data.get("notices"):
+        table = render.new_table("NOTICE", "DEADLINE", "SEEN", "DETAIL")
+        for n in data["notices"]:
+            table.add_row(
+                escape(str(n["source"] or n["kind"])),
+                render.clock_time(n.get("deadline")),
+                render.clock_time(n.get("seen_at")),
+                escape(str(n["detail"])),
+            )
+        render.print_table(out, table)
+    for d in data.get("decisions", [])[:5]:
+        render.say(f"  {render.clock_time(d.get('ts'))} {d['kind']}: {escape(str(d.get('detail', '')))}")
 
 
 def migrations_table(migrations: list[dict[str, Any]]) -> Table:

@@ -277,6 +277,22 @@ async def list_predictions(request: web.Request) -> web.Response:
     )
 
 
+async def explain_prediction(request: web.Request) -> web.Response:
+    """Why a host has its P(drain): the notice that makes it a fact, or the model's top features."""
+    _ops(request)
+    coordinator = request.app[COORDINATOR]
+    host = await coordinator.hosts.get(_host_name(request))  # 404 for an unknown host
+    explanation = coordinator.predictions.explanations.get(host.name)
+    decisions = [d.to_dict() for d in await coordinator.store.list_decisions(host.name, limit=10)]
+    body: dict[str, Any] = (
+        explanation.to_dict() if explanation is not None else {"host": host.name, "explanation": None}
+    )
+    body["notices"] = [n.to_dict() for n in coordinator.predictions.notices(host.name)]
+    body["threshold"] = coordinator.predictions.threshold() if coordinator.predictions.model else None
+    body["decisions"] = decisions
+    return _json(body)
+
+
 def _model_view(coordinator: Coordinator) -> dict[str, Any]:
     predictions = coordinator.predictions
     return {

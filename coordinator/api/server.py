@@ -46,6 +46,7 @@ def build_app(coordinator: Coordinator) -> web.Application:
     r.add_get("/v1/migrations", h.list_migrations)
     r.add_get("/v1/migrations/{id}", h.get_migration)
     r.add_get("/v1/predictions", h.list_predictions)
+    r.add_get("/v1/predictions/{host}", h.explain_prediction)
     r.add_get("/v1/decisions", h.list_decisions)
     r.add_get("/v1/model", h.get_model)
     r.add_post("/v1/model", h.activate_model)
