@@ -87,6 +87,9 @@ class ModelConfig:
     """Seconds between retraining rounds on recorded telemetry and drains; 0 never retrains."""
     retrain_holdout: float = 3600.0
     """The most recent seconds of telemetry kept out of training to compare candidate and active model."""
+    retrain_unseen_every: int = 5
+    """One host in this many (by a hash of its name) is kept out of retraining altogether: a candidate
+    must also beat the active model on those hosts it never saw; 0 or 1 keeps none out."""
     retrain_timeout: float = 1800.0
     """Upper bound for one training run (a niced child process)."""
     retrain_dir: str = ""
@@ -251,6 +254,8 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError("model.retrain_holdout must be shorter than telemetry.max_age (nothing left to train on)")
     if not 0.0 <= config.model.hysteresis < 1.0:
         raise ConfigError(f"model.hysteresis must be in [0, 1), got {config.model.hysteresis}")
+    if config.model.retrain_unseen_every < 0:
+        raise ConfigError(f"model.retrain_unseen_every must not be negative, got {config.model.retrain_unseen_every}")
     if config.model.confirm_ticks < 1:
         raise ConfigError(f"model.confirm_ticks must be at least 1, got {config.model.confirm_ticks}")
     if config.model.false_alarm_budget < 0 or config.model.false_alarm_window <= 0:

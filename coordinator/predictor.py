@@ -366,8 +366,12 @@ class ModelRegistry:
         log.warning("drain model rolled back", extra={"model_version": active.version})
         return active
 
-    def consider(self, candidate_path: str | os.PathLike[str], holdout: Holdout) -> Decision:
-        """Activate the candidate only if it beats the active model on `holdout`."""
+    def consider(
+        self, candidate_path: str | os.PathLike[str], holdout: Holdout, unseen: Holdout | None = None
+    ) -> Decision:
+        """Activate the candidate only if it beats the active model on `holdout` (a later window) and,
+        when given, on `unseen`: hosts the candidate was never trained on (a fleet it did not see).
+        An `unseen` set without drains cannot be compared on and is left out of the decision."""
         try:
             candidate = DrainPredictor(candidate_path, intra_op_threads=self._threads)
         except ModelLoadError as exc:
@@ -381,13 +385,26 @@ class ModelRegistry:
             return Decision(False, "holdout has no drains: nothing to compare on", None, None)
         cand = evaluate(candidate, holdout)
         cur = evaluate(current, holdout) if current is not None else None
+        unseen_note = ""
         if cur is not None:
             if not cand.pr_auc > cur.pr_auc + self._min_gain:
                 return Decision(False, f"PR-AUC {cand.pr_auc:.4f} does not beat {cur.pr_auc:.4f}", cand, cur)
             if cand.brier > cur.brier * (1 + self._max_brier_loss):
                 return Decision(False, f"Brier {cand.brier:.5f} worse than {cur.brier:.5f}", cand, cur)
+            if unseen is not None and unseen.y.size and unseen.y.sum():
+                cand_u, cur_u = evaluate(candidate, unseen), evaluate(current, unseen)  # type: ignore[arg-type]
+                if not cand_u.pr_auc > cur_u.pr_auc + self._min_gain:
+                    return Decision(
+                        False,
+                        f"on hosts it never saw, PR-AUC {cand_u.pr_auc:.4f} does not beat {cur_u.pr_auc:.4f}",
+                        cand,
+                        cur,
+                    )
+                unseen_note = f"; on hosts it never saw {cand_u.pr_auc:.4f} > {cur_u.pr_auc:.4f}"
+            elif unseen is not None:
+                unseen_note = "; no drains on the hosts it never saw to compare on"
         self._install(candidate)
-        reason = "no active model" if cur is None else f"PR-AUC {cand.pr_auc:.4f} > {cur.pr_auc:.4f}"
+        reason = "no active model" if cur is None else f"PR-AUC {cand.pr_auc:.4f} > {cur.pr_auc:.4f}{unseen_note}"
         return Decision(True, reason, cand, cur)
 
     def score(self, histories: Mapping[str, HistoryLike], now: float) -> dict[str, float]:

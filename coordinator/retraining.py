@@ -1,10 +1,13 @@
 """Periodic retraining on what the coordinator recorded: stored telemetry plus the drains it saw.
 
 Every `model.retrain_interval` seconds (0: never, the default) the recorded telemetry becomes one
-`HostTrace` per host, labelled with the times its drains finished. The last `retrain_holdout`
-seconds are held out: the candidate is trained on what came before (`predictor.retrain`, a niced
-child process) and becomes active only if `ModelRegistry.consider` finds it better than the active
-model on the held-out window; the replaced model stays available for rollback. Every round is a
+`HostTrace` per host, labelled with the times its drains finished. Two things are held out, so a
+candidate must hold on data it never saw, as the shipped model was judged on a generator family it
+never saw: the last `retrain_holdout` seconds of every host, and one host in `retrain_unseen_every`
+altogether (`unseen_hosts`: a stable choice by name). The candidate is trained on the rest
+(`predictor.retrain`, a niced child process) and becomes active only if `ModelRegistry.consider`
+finds it better than the active model on the held-out window and on the unseen hosts; the replaced
+model stays available for rollback. Every round is a
 recorded decision with the outcome and the active model's version.
 """
 
@@ -12,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,14 @@ log = logging.getLogger(__name__)
 
 FLEET = "*"
 """The host column of fleet-wide decisions."""
+
+
+def unseen_hosts(hosts: Sequence[str], every: int) -> set[str]:
+    """One host in `every`, chosen by a hash of its name (stable across rounds); none for every < 2
+    or a fleet too small to spare one."""
+    if every < 2 or len(hosts) < every:
+        return set()
+    return {h for h in hosts if zlib.crc32(h.encode()) % every == 0}
 
 
 @dataclass(frozen=True)
@@ -86,11 +98,16 @@ class Retrainer:
         now = self._clock()
         cut = now - self._config.retrain_holdout
         everything = await self.traces()
-        training = [t for t in (await self.traces(until=cut)) if t.ts.size]
+        unseen = unseen_hosts([t.host for t in everything], self._config.retrain_unseen_every)
+        training = [t for t in (await self.traces(until=cut)) if t.ts.size and t.host not in unseen]
         if not training:
             return RetrainOutcome(False, "no recorded telemetry before the held-out window")
         horizon = self._predictions.registry.active.horizon if self._predictions.registry.active else 1800.0
         holdout = Holdout.from_traces(everything, cut, now, horizon, stride=60.0)
+        starts = [float(t.ts.min()) for t in everything if t.ts.size]
+        unseen_set = Holdout.from_traces(
+            [t for t in everything if t.host in unseen], min(starts, default=now), now, horizon, stride=60.0
+        )
         self._dir.mkdir(parents=True, exist_ok=True)
         version = f"drain-retrained-{int(now)}"
         candidate = self._dir / f"{version}.onnx"
@@ -105,5 +122,7 @@ class Retrainer:
             )
         except RetrainError as exc:
             return RetrainOutcome(False, f"retraining failed: {exc}")
-        decision = await asyncio.to_thread(self._predictions.registry.consider, candidate, holdout)
+        decision = await asyncio.to_thread(
+            self._predictions.registry.consider, candidate, holdout, unseen_set if unseen else None
+        )
         return RetrainOutcome(decision.activated, decision.reason, str(candidate))

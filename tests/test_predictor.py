@@ -154,6 +154,21 @@ def test_candidate_gating_both_ways(models: dict[str, Path], holdout: Holdout) -
     assert not same.activated
 
 
+def test_a_candidate_must_also_win_on_hosts_it_never_saw(models: dict[str, Path], holdout: Holdout) -> None:
+    registry = ModelRegistry()
+    registry.activate(models["bad"])
+    # labels turned around: the good model ranks the wrong hosts first there, the useless one does not
+    contrary = Holdout(holdout.X, (1 - holdout.y).astype(np.int8), holdout.horizon)
+    refused = registry.consider(models["good"], holdout, contrary)
+    assert not refused.activated and refused.reason.startswith("on hosts it never saw, PR-AUC")
+    quiet = Holdout(holdout.X[:0], holdout.y[:0], holdout.horizon)
+    taken = registry.consider(models["good"], holdout, quiet)
+    assert taken.activated and taken.reason.endswith("no drains on the hosts it never saw to compare on")
+    registry.rollback()
+    both = registry.consider(models["good"], holdout, holdout)
+    assert both.activated and "on hosts it never saw" in both.reason
+
+
 def test_candidate_that_does_not_load_or_has_nothing_to_compare_on(
     models: dict[str, Path], holdout: Holdout, tmp_path: Path
 ) -> None:
