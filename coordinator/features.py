@@ -6,6 +6,18 @@ jitter: a host sampled every 5 s and one sampled every 60 s produce the same kin
 features are then computed for a whole batch of hosts at once from the binned windows with a few
 matrix products, which is what keeps 10 000 hosts per tick cheap.
 
+The features are chosen to hold on fleets the model was not trained on (`drain-features/2`):
+- each reading is compared with the host's own baseline (the bins 30 min to 2 h old): the shift of
+  the last 5 and 30 minutes and the largest one-minute excursion in the last 30, in units of the
+  baseline's spread, and the 30-minute trend in the same units. Whether a precursor ramps linearly,
+  steps or creeps up, and whatever the host's size, these say "moved well away from normal";
+- throughputs are never used as absolute levels (they scale with the host's size), bounded readings
+  (utilisation, PSI, memory fraction, load per CPU) are;
+- announcements count as "seen" (0/1) and "seconds since", never as counts: a source that repeats
+  its notice every minute and one that says it once mean the same;
+- hardware errors as log rates and their acceleration, samples gone missing as the rise of the gap
+  fraction over the host's own baseline (a host sampled every 2 minutes is not failing).
+
 Two ways to feed a host:
 - any `Sequence[TelemetryPoint]` (binned on the fly: O(points) Python work per host);
 - a `HostHistory`, which keeps the bins incrementally as points arrive (O(1) per point) and is the
@@ -16,13 +28,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-FEATURES_VERSION = "drain-features/1"
+FEATURES_VERSION = "drain-features/2"
 """Bump whenever a feature's definition, order or binning changes: models record it and the
 predictor refuses a model trained on another version."""
 
@@ -50,11 +62,13 @@ _LOG_FIELDS = ("disk_bps", "net_bps")
 _LOG_COLS = [FIELDS.index(f) for f in _LOG_FIELDS]
 _C = len(FIELDS)
 _E = len(EVENTS)
-# Rows of a binned window: per-field sums, per-field counts, event sums, samples, newest sample offset.
+# Rows of a binned window: per-field sums, counts and sums of squares, event sums, samples, newest
+# sample offset.
 _SUM = slice(0, _C)
 _CNT = slice(_C, 2 * _C)
-_EVT = slice(2 * _C, 2 * _C + _E)
-_SAMPLES = 2 * _C + _E
+_SQ = slice(2 * _C, 3 * _C)
+_EVT = slice(3 * _C, 3 * _C + _E)
+_SAMPLES = 3 * _C + _E
 _LAST = _SAMPLES + 1
 N_ROWS = _LAST + 1
 
@@ -94,27 +108,68 @@ class TelemetryPoint:
 
 # --- feature layout -------------------------------------------------------------------------------
 
-_LEVELS = (("5m", 5), ("30m", 30), ("2h", 120))
-_SLOPES = (("30m", 30), ("2h", 120))
-# "delta": the last 5 minutes minus the 5 minutes ending this long ago (a lag feature).
-_DELTAS = (("30m", 30), ("2h", 120))
-_COUNTS = (("5m", 5), ("30m", 30), ("2h", 120))
+_BOUNDED = (
+    "cpu_util",
+    "load1",
+    "mem_available_frac",
+    "psi_cpu_some",
+    "psi_mem_some",
+    "psi_mem_full",
+    "psi_io_some",
+    "psi_io_full",
+)
+"""Readings whose level means the same on any host: they also get absolute levels."""
+_FLOOR = {
+    "cpu_util": 0.02,
+    "load1": 0.05,
+    "mem_available_frac": 0.02,
+    "psi_cpu_some": 0.5,
+    "psi_mem_some": 0.5,
+    "psi_mem_full": 0.5,
+    "psi_io_some": 0.5,
+    "psi_io_full": 0.5,
+    "disk_bps": 0.1,
+    "net_bps": 0.1,
+}
+"""The least spread a baseline is taken to have (reading units; log1p for throughputs), so a flat
+host's tiny wobble is not a large shift."""
+_FLOORS = np.array([_FLOOR[f] for f in FIELDS], np.float64)
+_BOUNDED_COLS = np.array([FIELDS.index(f) for f in _BOUNDED])
+ANNOUNCEMENTS = ("drain_notice", "maintenance", "preemption_signal")
+_ANN_COLS = [EVENTS.index(e) for e in ANNOUNCEMENTS]
+_HW = EVENTS.index("hw_errors")
+_OOM = EVENTS.index("oom_kills")
+_RECENT, _LONG = 30, N_BINS
+_BASE = (30, N_BINS)
+"""Ages (bins) of the baseline: 30 min to 2 h ago."""
 _SINCE_NONE = N_BINS * BIN_S
 """Value of a "seconds since" feature when nothing was seen in the whole window (>= 2 h)."""
 
 
+def _display(f: str) -> str:
+    return f"log_{f}" if f in _LOG_FIELDS else f
+
+
 def _feature_names() -> tuple[str, ...]:
     names: list[str] = []
-    for f in (f"log_{f}" if f in _LOG_FIELDS else f for f in FIELDS):
-        names += [f"{f}_mean_{label}" for label, _ in _LEVELS]
-        names += [f"{f}_delta_{label}" for label, _ in _DELTAS]
-        names += [f"{f}_slope_{label}" for label, _ in _SLOPES]
-        names.append(f"{f}_missing_frac_30m")
-    for e in EVENTS:
-        names += [f"{e}_count_{label}" for label, _ in _COUNTS]
-        names.append(f"{e}_seconds_since")
-    names += [f"gap_frac_{label}" for label, _ in _COUNTS]
-    names.append("seconds_since_sample")
+    for f in _BOUNDED:
+        names += [f"{f}_mean_5m", f"{f}_mean_30m", f"{f}_mean_2h"]
+    for f in FIELDS:
+        d = _display(f)
+        names += [f"{d}_shift_5m", f"{d}_shift_30m", f"{d}_peak_30m", f"{d}_trend_30m", f"{d}_missing_frac_30m"]
+    for e in ANNOUNCEMENTS:
+        names += [f"{e}_seen_30m", f"{e}_seen_2h", f"{e}_seconds_since"]
+    names += ["announcement_seen_5m", "announcement_seen_30m", "announcement_seen_2h", "announcement_seconds_since"]
+    names += [
+        "hw_errors_seen_30m",
+        "hw_errors_log_rate_30m",
+        "hw_errors_log_rate_2h",
+        "hw_errors_acceleration",
+        "hw_errors_active_frac_30m",
+        "hw_errors_seconds_since",
+    ]
+    names += ["oom_kills_seen_30m", "oom_kills_seconds_since"]
+    names += ["gap_frac_2h", "gap_rise_5m", "gap_rise_30m"]
     return tuple(names)
 
 
@@ -125,7 +180,7 @@ N_FEATURES = len(FEATURE_NAMES)
 def _window_matrix() -> tuple[Float32Array, dict[str, int]]:
     """Columns that reduce a window (bin 0 = newest) to sums over sub-windows, and x-moments for slopes.
 
-    x is seconds relative to each slope window's centre (newer = larger), which keeps the normal
+    x is seconds relative to the slope window's centre (newer = larger), which keeps the normal
     equations well conditioned in float32.
     """
     cols: list[Float32Array] = []
@@ -136,15 +191,13 @@ def _window_matrix() -> tuple[Float32Array, dict[str, int]]:
         index[name] = len(cols)
         cols.append(col.astype(np.float32))
 
-    for _, bins in _COUNTS:
+    for bins in (5, 30, N_BINS):
         add(f"w{bins}", (age < bins).astype(np.float64))
-    for _, lag in _DELTAS:
-        add(f"lag{lag}", ((age >= lag - 5) & (age < lag)).astype(np.float64))
-    for _, bins in _SLOPES:
-        inside = age < bins
-        x = np.where(inside, -(age + 0.5) * BIN_S + bins * BIN_S / 2, 0.0)
-        add(f"x{bins}", x)
-        add(f"xx{bins}", x * x)
+    add("base", ((age >= _BASE[0]) & (age < _BASE[1])).astype(np.float64))
+    inside = age < _RECENT
+    x = np.where(inside, -(age + 0.5) * BIN_S + _RECENT * BIN_S / 2, 0.0)
+    add(f"x{_RECENT}", x)
+    add(f"xx{_RECENT}", x * x)
     return np.stack(cols, axis=1), index
 
 
@@ -201,8 +254,10 @@ def _accumulate(
     values[:, _LOG_COLS] = np.log1p(np.maximum(values[:, _LOG_COLS], 0.0))
     finite = np.isfinite(values)
     # transposed views: np.add.at indexes the first axis
-    np.add.at(target[_SUM].T, slots, np.where(finite, values, 0.0).astype(np.float32))
+    clean = np.where(finite, values, 0.0).astype(np.float32)
+    np.add.at(target[_SUM].T, slots, clean)
     np.add.at(target[_CNT].T, slots, finite.astype(np.float32))
+    np.add.at(target[_SQ].T, slots, clean * clean)
     ev = np.where(np.isfinite(events) & (events > 0), events, 0.0).astype(np.float32)
     np.add.at(target[_EVT].T, slots, ev)
     np.add.at(target[_SAMPLES], slots, np.float32(1.0))
@@ -331,9 +386,6 @@ def features_from_windows(
     weights = _WINDOWS[age]
     if n == 0:
         return np.empty((0, N_FEATURES), np.float32)
-    now_arr = np.broadcast_to(np.asarray(now, np.float64), (n,))
-    # seconds from the start of now's bin to now
-    into_bin = now_arr - np.floor(now_arr / BIN_S) * BIN_S
 
     red = (windows.reshape(n * N_ROWS, N_BINS) @ weights).reshape(n, N_ROWS, -1).astype(np.float64)
     sums, cnts = red[:, _SUM, :], red[:, _CNT, :]
@@ -344,46 +396,78 @@ def features_from_windows(
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(cnts[:, :, k] > 0, sums[:, :, k] / cnts[:, :, k], np.nan)
 
-    def slope(bins: int) -> Float64Array:
-        w, x, xx = _COL[f"w{bins}"], _COL[f"x{bins}"], _COL[f"xx{bins}"]
-        sw, swx, swxx = cnts[:, :, w], cnts[:, :, x], cnts[:, :, xx]
-        sy, sxy = sums[:, :, w], sums[:, :, x]
-        den = sw * swxx - swx * swx
-        with np.errstate(invalid="ignore", divide="ignore"):
-            # at least two distinct bins with data: den > 0 (relative tolerance for float32 sums)
-            return np.where(den > 1e-6 * np.maximum(sw * swxx, 1.0), (sw * sxy - swx * sy) / den, np.nan)
-
-    per_field: list[Float64Array] = []
-    lv = {label: level(f"w{bins}") for label, bins in _LEVELS}
-    for label, _ in _LEVELS:
-        per_field.append(lv[label])
-    for _, lag in _DELTAS:
-        per_field.append(lv["5m"] - level(f"lag{lag}"))
-    for _, bins in _SLOPES:
-        per_field.append(slope(bins))
-    w30 = _COL["w30"]
+    # the baseline: mean and spread of the readings 30 min to 2 h old
+    nb = cnts[:, :, _COL["base"]]
     with np.errstate(invalid="ignore", divide="ignore"):
-        missing = np.where(samples[:, w30, None] > 0, 1.0 - cnts[:, :, w30] / samples[:, w30, None], 1.0)
-    per_field.append(missing)
-    field_block = np.stack(per_field, axis=2).reshape(n, -1)  # [n, C * k], grouped by field
+        base_mean = np.where(nb >= 2, sums[:, :, _COL["base"]] / nb, np.nan)
+        base_var = np.where(nb >= 2, red[:, _SQ, _COL["base"]] / nb - base_mean**2, np.nan)
+    scale = np.sqrt(np.maximum(base_var, 0.0)) + _FLOORS  # [n, C]
+    # the highest one-minute mean of the last 30 minutes
+    recent_cols = np.flatnonzero(age < _RECENT)
+    r_sum, r_cnt = windows[:, _SUM, :][:, :, recent_cols], windows[:, _CNT, :][:, :, recent_cols]
+    r_has = r_cnt > 0
+    r_mean = np.divide(r_sum, r_cnt, out=np.full_like(r_sum, -np.inf), where=r_has)
+    peak = r_mean.max(axis=2).astype(np.float64)
+    peak[~np.isfinite(peak)] = np.nan
 
-    ev = red[:, _EVT, :]
-    # bin resolution on purpose: the same number whether samples come every 5 s or every minute
+    m5, m30, m2h = level("w5"), level("w30"), level(f"w{N_BINS}")
+
+    # least-squares slope over the last 30 minutes, per second
+    w, x, xx = _COL[f"w{_RECENT}"], _COL[f"x{_RECENT}"], _COL[f"xx{_RECENT}"]
+    sw, swx, swxx = cnts[:, :, w], cnts[:, :, x], cnts[:, :, xx]
+    sy, sxy = sums[:, :, w], sums[:, :, x]
+    den = sw * swxx - swx * swx
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = np.where(den > 1e-6 * np.maximum(sw * swxx, 1.0), (sw * sxy - swx * sy) / den, np.nan)
+        missing = np.where(samples[:, w, None] > 0, 1.0 - cnts[:, :, w] / samples[:, w, None], 1.0)
+
+    blocks: list[Float64Array] = []
+    blocks.append(np.stack([m5, m30, m2h], axis=2)[:, _BOUNDED_COLS, :].reshape(n, -1))
+    per_field = np.stack(
+        [
+            (m5 - base_mean) / scale,
+            (m30 - base_mean) / scale,
+            (peak - base_mean) / scale,
+            slope * (_RECENT * BIN_S) / scale,
+            missing,
+        ],
+        axis=2,
+    )
+    blocks.append(per_field.reshape(n, -1))
+
+    # events: "seen" and "seconds since", never counts for announcements
+    ev = red[:, _EVT, :]  # [n, E, cols]
     first = np.where(windows[:, _EVT, :] > 0, age, N_BINS).min(axis=2)  # [n, E] newest age with events
     since = np.where(first < N_BINS, first * BIN_S, _SINCE_NONE)
-    event_block = np.concatenate(
-        [np.stack([ev[:, :, _COL[f"w{bins}"]] for _, bins in _COUNTS], axis=2), since[:, :, None]], axis=2
-    ).reshape(n, -1)
+    ann = []
+    for k in _ANN_COLS:
+        ann += [ev[:, k, _COL["w30"]] > 0, ev[:, k, _COL[f"w{N_BINS}"]] > 0, since[:, k]]
+    any_ann = ev[:, _ANN_COLS, :].sum(axis=1)
+    ann += [any_ann[:, _COL["w5"]] > 0, any_ann[:, _COL["w30"]] > 0, any_ann[:, _COL[f"w{N_BINS}"]] > 0]
+    ann.append(since[:, _ANN_COLS].min(axis=1))
+    blocks.append(np.stack(ann, axis=1).astype(np.float64))
 
-    occupied = windows[:, _SAMPLES, :] > 0  # [n, N]
-    gaps = [1.0 - (occupied.astype(np.float32) @ weights[:, _COL[f"w{bins}"]]) / bins for _, bins in _COUNTS]
-    newest_col = np.argmin(np.where(occupied, age, N_BINS), axis=1)
-    newest = age[newest_col]
-    last_offset = windows[np.arange(n), _LAST, newest_col].astype(np.float64)
-    stale = np.where(occupied.any(axis=1), newest * BIN_S + into_bin - last_offset, _SINCE_NONE)
-    host_block = np.stack([*gaps, np.maximum(stale, 0.0)], axis=1)
+    hw30, hw2h, hw_base = ev[:, _HW, _COL["w30"]], ev[:, _HW, _COL[f"w{N_BINS}"]], ev[:, _HW, _COL["base"]]
+    rate30 = np.log1p(hw30 * (3600.0 / (_RECENT * BIN_S)))  # per hour
+    rate2h = np.log1p(hw2h * (3600.0 / (N_BINS * BIN_S)))
+    rate_base = np.log1p(hw_base * (3600.0 / ((_BASE[1] - _BASE[0]) * BIN_S)))
+    hw_bins = (windows[:, _EVT.start + _HW, :] > 0).astype(np.float32) @ weights[:, _COL["w30"]]
+    blocks.append(
+        np.stack([hw30 > 0, rate30, rate2h, rate30 - rate_base, hw_bins / _RECENT, since[:, _HW]], axis=1).astype(
+            np.float64
+        )
+    )
+    blocks.append(np.stack([ev[:, _OOM, _COL["w30"]] > 0, since[:, _OOM]], axis=1).astype(np.float64))
 
-    return np.concatenate([field_block, event_block, host_block], axis=1).astype(np.float32)
+    occupied = (windows[:, _SAMPLES, :] > 0).astype(np.float32)  # [n, N]
+    occ = occupied @ weights
+    gap5 = 1.0 - occ[:, _COL["w5"]] / 5
+    gap30 = 1.0 - occ[:, _COL["w30"]] / _RECENT
+    gap2h = 1.0 - occ[:, _COL[f"w{N_BINS}"]] / N_BINS
+    gap_base = 1.0 - occ[:, _COL["base"]] / (_BASE[1] - _BASE[0])
+    blocks.append(np.stack([gap2h, gap5 - gap_base, gap30 - gap_base], axis=1).astype(np.float64))
+
+    return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
 # --- public entry points --------------------------------------------------------------------------
@@ -433,12 +517,21 @@ class HostTrace:
     values: Float32Array
     events: Float32Array
     drains: Float64Array
+    notices: Float64Array = field(default_factory=lambda: np.empty((0, 2), np.float64))
+    """[k, 2]: (seen at, stated deadline) of each notice with a stated time (coordinator/notices.py)."""
 
     @classmethod
-    def from_points(cls, host: str, points: Sequence[TelemetryPoint], drains: Iterable[float] = ()) -> HostTrace:
+    def from_points(
+        cls,
+        host: str,
+        points: Sequence[TelemetryPoint],
+        drains: Iterable[float] = (),
+        notices: Iterable[tuple[float, float]] = (),
+    ) -> HostTrace:
         ts, values, events = points_to_columns(points)
         order = np.argsort(ts, kind="stable")
-        return cls(host, ts[order], values[order], events[order], np.sort(np.asarray(list(drains), np.float64)))
+        stated = np.asarray(list(notices), np.float64).reshape(-1, 2)
+        return cls(host, ts[order], values[order], events[order], np.sort(np.asarray(list(drains), np.float64)), stated)
 
 
 def trace_features(trace: HostTrace, times: Float64Array, chunk: int = 4096) -> Float32Array:
@@ -496,6 +589,7 @@ def save_traces(path: str | Path, traces: Sequence[HostTrace]) -> None:
         arrays[f"values_{i}"] = t.values
         arrays[f"events_{i}"] = t.events
         arrays[f"drains_{i}"] = t.drains
+        arrays[f"notices_{i}"] = t.notices
     np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
 
 
@@ -504,6 +598,13 @@ def load_traces(path: str | Path) -> list[HostTrace]:
         if str(z["features_version"]) != FEATURES_VERSION:
             raise ValueError(f"{path}: traces for {z['features_version']}, this code is {FEATURES_VERSION}")
         return [
-            HostTrace(str(h), z[f"ts_{i}"], z[f"values_{i}"], z[f"events_{i}"], z[f"drains_{i}"])
+            HostTrace(
+                str(h),
+                z[f"ts_{i}"],
+                z[f"values_{i}"],
+                z[f"events_{i}"],
+                z[f"drains_{i}"],
+                z[f"notices_{i}"] if f"notices_{i}" in z else np.empty((0, 2), np.float64),
+            )
             for i, h in enumerate(z["hosts"])
         ]

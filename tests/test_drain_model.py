@@ -13,8 +13,19 @@ import pytest
 
 from coordinator.features import FEATURES_VERSION, N_FEATURES, TelemetryPoint, extract
 from coordinator.predictor import DrainPredictor
-from models.drain.generate import PREEMPTION_BUCKETS, FleetSpec, generate_fleet, generate_host
-from models.drain.train import TrainConfig, check_onnx, concat, fit, metadata, ort_probabilities, to_onnx, training_rows
+from models.drain.generate import FAMILIES, PREEMPTION_BUCKETS, FleetSpec, generate_fleet, generate_host
+from models.drain.train import (
+    TrainConfig,
+    alert_starts,
+    check_onnx,
+    concat,
+    fit,
+    fit_calibration,
+    metadata,
+    ort_probabilities,
+    to_onnx,
+    training_rows,
+)
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "drain" / "drain.onnx"
 TINY = TrainConfig(max_iter=25, threads=1, train_stride_s=600.0)
@@ -46,6 +57,40 @@ def test_generator_uses_the_public_preemption_buckets_and_labels_drains() -> Non
             assert after.size == 0
 
 
+def test_every_family_is_seeded_and_differs_where_it_says() -> None:
+    by_family = {}
+    for name in FAMILIES:
+        spec = replace(SMALL_FLEET, family=name, n_hosts=6)
+        a, b = generate_host(spec, 2), generate_host(spec, 2)
+        np.testing.assert_array_equal(a.trace.values, b.trace.values)
+        hosts = list(generate_fleet(spec))
+        assert all(len(h.precursor) == h.trace.drains.size == len(h.drain_kinds) for h in hosts)
+        by_family[name] = hosts
+    # sampling periods differ: chatty samples every 15-30 s, subtle every 1-2 minutes
+    period = {n: float(np.median(np.diff(hs[0].trace.ts))) for n, hs in by_family.items()}
+    assert period["chatty"] < 31 and period["subtle"] > 59
+    # only some families state the drain time (facts), and those notices precede their drains
+    stated = [h.trace.notices for h in by_family["cloud"] if h.trace.notices.size]
+    assert stated and all(np.all(n[:, 0] < n[:, 1]) for n in stated)
+    assert all(h.trace.notices.size == 0 for h in by_family["classic"])
+
+
+def test_calibration_is_monotone_and_alerts_have_hysteresis() -> None:
+    rng = np.random.default_rng(2)
+    raw = rng.random(5000).astype(np.float32)
+    y = (rng.random(5000) < raw**3).astype(np.int8)
+    cal = fit_calibration(raw, y, np.ones(5000))
+    out = cal(np.sort(raw))
+    assert np.all(np.diff(out) >= 0) and out.min() >= 0 and out.max() <= 1
+    assert abs(float(cal(raw).mean()) - float(y.mean())) < 0.01  # calibrated on average
+    assert cal.table().count(":") == cal.x.size
+    p = np.array([0.1, 0.6, 0.55, 0.45, 0.2, 0.7, 0.1, 0.9], np.float32)
+    first = np.zeros(8, bool)
+    first[[0, 6]] = True  # two hosts
+    # on at 0.6, held at 0.55 and 0.45 (>= 0.5 - 0.1), off at 0.2, on again at 0.7; a new host at 6
+    assert np.flatnonzero(alert_starts(p, first, 0.5, 0.1)).tolist() == [1, 5, 7]
+
+
 @pytest.fixture(scope="module")
 def tiny_model() -> tuple[object, np.ndarray]:
     hosts = list(generate_fleet(SMALL_FLEET))
@@ -68,40 +113,53 @@ def test_onnxruntime_matches_sklearn(tiny_model: tuple[object, np.ndarray]) -> N
     assert meta["features_version"] == FEATURES_VERSION and meta["n_features"] == str(N_FEATURES)
 
 
-def _host(now: float, precursor: bool) -> list[TelemetryPoint]:
+def _host(now: float, precursor: bool, repeats: int = 1, size: float = 1.0) -> list[TelemetryPoint]:
     """Two hours every 5 s of a steady host; with `precursor`, the last 25 minutes look like a
-    maintenance drain on its way: notice, drain notice, cordon load and evacuation traffic."""
+    maintenance drain on its way: notices (`repeats` times), cordon load and evacuation traffic."""
+    rng = np.random.default_rng(4)
+    announce = {1440 - 300 + k * (240 // max(repeats, 1)) for k in range(repeats)} if precursor else set()
     points = []
     for i in range(1440):
         ts = now - 7200 + i * 5
         ramp = max(0.0, (ts - (now - 1500)) / 1500) if precursor else 0.0
+        noise = float(rng.normal(0, 0.02))
         points.append(
             TelemetryPoint(
                 ts=ts,
-                cpu_util=0.35 + 0.25 * ramp,
-                load1=0.4 + 0.3 * ramp,
-                mem_available_frac=0.55,
+                cpu_util=0.35 + 0.25 * ramp + noise,
+                load1=0.4 + 0.3 * ramp + noise,
+                mem_available_frac=0.55 + noise / 4,
                 psi_cpu_some=0.5,
                 psi_mem_some=0.2,
                 psi_mem_full=0.05,
-                psi_io_some=2.0 + 3 * ramp,
+                psi_io_some=2.0 + 3 * ramp + noise,
                 psi_io_full=0.8,
-                disk_bps=3e7 * (1 + 3 * ramp),
-                net_bps=1e7 * (1 + 3 * ramp),
-                maintenance=int(precursor and i == 1440 - 300),  # 25 min ago
+                disk_bps=size * 3e7 * (1 + 3 * ramp) * (1 + noise),
+                net_bps=size * 1e7 * (1 + 3 * ramp) * (1 + noise),
+                maintenance=int(i in announce),
                 drain_notice=int(precursor and i == 1440 - 120),  # 10 min ago
             )
         )
     return points
 
 
-def test_shipped_model_flags_a_drain_precursor() -> None:
+def test_shipped_model_flags_a_drain_precursor_however_announced_and_whatever_the_size() -> None:
     model = DrainPredictor(SHIPPED)
     assert model.info.features_version == FEATURES_VERSION and model.horizon == 1800.0
     now = 1_760_000_000.0
-    scores = model.score({"draining": _host(now, True), "quiet": _host(now, False)}, now)
-    assert scores["draining"] > model.threshold > scores["quiet"]
-    assert scores["draining"] > 10 * scores["quiet"]
+    hosts = {
+        "draining": _host(now, True),
+        "draining-chatty": _host(now, True, repeats=12),  # the same drain announced every 20 s
+        "draining-big": _host(now, True, size=300.0),
+        "quiet": _host(now, False),
+        "quiet-big": _host(now, False, size=300.0),
+    }
+    scores = model.score(hosts, now)
+    for name in ("draining", "draining-chatty", "draining-big"):
+        assert scores[name] > model.threshold > scores["quiet"], (name, scores)
+        assert scores[name] > 10 * max(scores["quiet"], scores["quiet-big"]), (name, scores)
+    explained = model.explain({"draining-chatty": hosts["draining-chatty"]}, now)["draining-chatty"]
+    assert explained and all(c.delta > 0 for c in explained)
 
 
 def test_shipped_card_matches_the_model() -> None:
@@ -111,6 +169,10 @@ def test_shipped_card_matches_the_model() -> None:
     assert card["threshold"] == pytest.approx(model.threshold, abs=1e-6)
     assert card["features_version"] == FEATURES_VERSION
     assert card["onnx"]["max_abs_diff_vs_sklearn"] < 1e-4
-    for key in ("pr_auc", "roc_auc", "brier", "precision", "recall"):
-        assert 0.0 <= card["test"][key] <= 1.0
+    assert model.info.metadata["calibration"] == card["calibration"]["table"]
+    assert set(card["held_out_family"]) == set(FAMILIES) == set(card["in_distribution"])
+    for figures in (*card["held_out_family"].values(), *card["in_distribution"].values()):
+        for key in ("pr_auc", "roc_auc", "brier", "precision", "recall", "flagged_share"):
+            assert 0.0 <= figures[key] <= 1.0, key
+        assert figures["false_alerts_per_100_host_days"] >= 0 and figures["reliability"]
     assert extract(_host(1e9, False), 1e9).shape == (card["n_features"],)

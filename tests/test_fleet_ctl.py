@@ -22,6 +22,8 @@ from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, new_to
 from tests.test_ctl_scripting import _documented_json_keys
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "drain" / "drain.onnx"
+SHIPPED = json.loads(MODEL.with_name("card.json").read_text())
+"""The shipped model's version and threshold, as the coordinator reports them."""
 MiB = 1 << 20
 
 
@@ -111,7 +113,7 @@ async def test_hosts_drain_uncordon_and_predictions(
     assert await ctl(coordinator, pki, "--json", "hosts", token=token) == 0
     hosts = {h["name"]: h for h in json.loads(capsys.readouterr().out)["hosts"]}
     assert hosts["h1"]["containers"][0]["id"] == "web" and hosts["h1"]["drain_probability"] < 0.5
-    assert hosts["h2"]["model_version"] == "drain-1"
+    assert hosts["h2"]["model_version"] == SHIPPED["model_version"]
 
     # h2 runs nothing: drained at once. h1's container cannot move (no agent answers): it stays draining.
     assert await ctl(coordinator, pki, "drain", "h2", "--wait", "5") == 0
@@ -128,16 +130,29 @@ async def test_hosts_drain_uncordon_and_predictions(
 
     assert await ctl(coordinator, pki, "predictions") == 0
     out = capsys.readouterr().out
-    assert "model drain-1, threshold 54.9%" in out and "h1" in out and "h2" in out
+    assert f"model {SHIPPED['model_version']}, threshold {100 * SHIPPED['threshold']:.1f}%" in out
+    assert "h1" in out and "h2" in out
+
+    assert await ctl(coordinator, pki, "predictions", "--explain", "h1") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("h1: P(drain) ") and "from the model" in out, out
+    assert await ctl(coordinator, pki, "predictions", "--explain", "nope") != 0
+    assert "host_not_found" in capsys.readouterr().err
 
     # --json of the coordinator commands carries the keys docs/ferryctl.md promises.
     documented = _documented_json_keys()
-    for name, argv in (("`drain` (coordinator)", ["drain", "h2"]), ("`uncordon` (coordinator)", ["uncordon", "h2"]),
-                       ("`predictions` (coordinator)", ["predictions"]), ("`hosts` (coordinator)", ["hosts"]),
-                       ("`migrations` (coordinator)", ["migrations"]),
-                       ("`decisions` (coordinator)", ["decisions"]), ("`model` (coordinator)", ["model"]),
-                       ("`reservations create` (coordinator)", ["reservations", "create", "-m", "1M", "--host", "h2"]),
-                       ("`reservations` (coordinator)", ["reservations"])):
+    for name, argv in (
+        ("`drain` (coordinator)", ["drain", "h2"]),
+        ("`uncordon` (coordinator)", ["uncordon", "h2"]),
+        ("`predictions` (coordinator)", ["predictions"]),
+        ("`predictions --explain HOST` (coordinator)", ["predictions", "--explain", "h1"]),
+        ("`hosts` (coordinator)", ["hosts"]),
+        ("`migrations` (coordinator)", ["migrations"]),
+        ("`decisions` (coordinator)", ["decisions"]),
+        ("`model` (coordinator)", ["model"]),
+        ("`reservations create` (coordinator)", ["reservations", "create", "-m", "1M", "--host", "h2"]),
+        ("`reservations` (coordinator)", ["reservations"]),
+    ):
         assert await ctl(coordinator, pki, *argv, "--json") == 0, name
         data = json.loads(capsys.readouterr().out)
         assert [k for k in documented[name] if k not in data] == [], (name, data)
@@ -219,7 +234,7 @@ async def test_histories_survive_a_restart_and_a_bad_model_keeps_the_active_one(
             _, h1 = await ops.get("/v1/hosts/h1")
         assert h1["state"] in ("draining", "drained")  # no containers: the next tick may finish it
         drain = next(d for d in h1["decisions"] if d["kind"] == "drain")
-        assert drain["detail"] == "predicted" and drain["model_version"] == "drain-1"
+        assert drain["detail"].startswith("predicted: model ") and drain["model_version"] == SHIPPED["model_version"]
         assert drain["probability"] >= first["threshold"]
     finally:
         assert await proc.stop() == 0, proc.logs()
@@ -245,21 +260,25 @@ async def test_histories_survive_a_restart_and_a_bad_model_keeps_the_active_one(
             assert status == 422 and body["error"]["code"] == "model_load_failed", body
             assert "broken.onnx" in body["error"]["message"]
             status, model = await ops.get("/v1/model")
-            assert model == {"active": "drain-1", "previous": None, "threshold": pytest.approx(0.5486, abs=1e-3)}
+            assert model == {
+                "active": SHIPPED["model_version"],
+                "previous": None,
+                "threshold": pytest.approx(SHIPPED["threshold"], abs=1e-3),
+            }
             before = time.time()
             for _ in range(50):
                 _, body = await ops.get("/v1/predictions")
                 if all(p["ts"] > before for p in body["predictions"]):
                     break
                 await asyncio.sleep(0.1)
-            assert {p["model_version"] for p in body["predictions"]} == {"drain-1"}
+            assert {p["model_version"] for p in body["predictions"]} == {SHIPPED["model_version"]}
 
             # A good file activates; the replaced model is kept for rollback.
             copy = workdir / "copy.onnx"
             shutil.copy(MODEL, copy)
             status, model = await ops.post("/v1/model", {"path": str(copy)})
-            assert status == 200 and model["active"] == model["previous"] == "drain-1", model
+            assert status == 200 and model["active"] == model["previous"] == SHIPPED["model_version"], model
             status, model = await ops.post("/v1/model/rollback")
-            assert status == 200 and model["previous"] == "drain-1", model
+            assert status == 200 and model["previous"] == SHIPPED["model_version"], model
     finally:
         assert await proc.stop() == 0, proc.logs()

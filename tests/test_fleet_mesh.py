@@ -72,7 +72,7 @@ async def test_predicted_drain_moves_the_workloads_before_the_deadline(fleet3: C
 
     quiet = await f.wait_for("every host scored", scored)
     threshold = quiet["threshold"]
-    assert quiet["model_version"] == "drain-1" and 0 < threshold < 1
+    assert quiet["model_version"] == "drain-2" and 0 < threshold < 1
     assert all(p["probability"] < threshold for p in quiet["predictions"]), quiet  # a quiet fleet stays put
 
     # The provider's notice lands on h1: the agent's sampler reports it, the model's precursor.
@@ -84,7 +84,7 @@ async def test_predicted_drain_moves_the_workloads_before_the_deadline(fleet3: C
     assert time.monotonic() < deadline
 
     drain = next(d for d in (await f.host("h1"))["decisions"] if d["kind"] == "drain")
-    assert drain["detail"] == "predicted" and drain["model_version"] == "drain-1"
+    assert drain["detail"].startswith("predicted: model ") and drain["model_version"] == "drain-2"
     assert drain["probability"] >= threshold
     migrations = (await f.call("GET", "/v1/migrations"))["migrations"]
     assert sorted(m["container"] for m in migrations) == ["vip", "web"]
@@ -154,12 +154,12 @@ async def test_ops_drain_and_migration_through_ferryctl(fleet3: CoordinatedFleet
     assert released.returncode == 0, released.stdout + released.stderr
     assert (await f.call("GET", "/v1/reservations"))["reservations"] == []
     model = await f.ferryctl("model")
-    assert model.returncode == 0 and "active drain-1" in model.stdout, model.stdout
+    assert model.returncode == 0 and "active drain-2" in model.stdout, model.stdout
 
     back = await f.ferryctl("uncordon", "h1")
     assert back.returncode == 0 and "h1 ready" in back.stdout, back.stdout + back.stderr
     predictions = await f.ferryctl("predictions")
-    assert predictions.returncode == 0 and "model drain-1" in predictions.stdout, predictions.stdout
+    assert predictions.returncode == 0 and "model drain-2" in predictions.stdout, predictions.stdout
 
 
 async def test_a_coordinator_restart_in_the_middle_of_a_drain(base_dir: Path) -> None:

@@ -110,9 +110,9 @@ async def test_nothing_recorded_means_nothing_trained(coordinator: Coordinator) 
     outcome = await coordinator.retrainer.run_once()
     assert not outcome.activated and outcome.candidate == ""
     assert outcome.reason == "no recorded telemetry before the held-out window"
-    assert coordinator.predictions.model is not None and coordinator.predictions.model.version == "drain-1"
+    assert coordinator.predictions.model is not None and coordinator.predictions.model.version == "drain-2"
     (decision,) = await coordinator.store.list_decisions(FLEET)
-    assert decision.kind == "retrain" and decision.model_version == "drain-1"
+    assert decision.kind == "retrain" and decision.model_version == "drain-2"
     assert decision.detail == "kept: no recorded telemetry before the held-out window"
 
 
@@ -153,11 +153,11 @@ async def test_a_round_trains_on_recorded_drains_and_gates_the_candidate(coordin
     if outcome.activated:
         assert outcome.reason.startswith("PR-AUC") and " > " in outcome.reason
         assert registry.active is not None and registry.active.version == candidate.version
-        assert registry.previous is not None and registry.previous.version == "drain-1"
-        assert registry.rollback().version == "drain-1"  # the shipped model is one step away
+        assert registry.previous is not None and registry.previous.version == "drain-2"
+        assert registry.rollback().version == "drain-2"  # the shipped model is one step away
     else:
         assert "does not beat" in outcome.reason or "Brier" in outcome.reason, outcome.reason
-        assert registry.active is not None and registry.active.version == "drain-1" and registry.previous is None
+        assert registry.active is not None and registry.active.version == "drain-2" and registry.previous is None
     (decision,) = await coordinator.store.list_decisions(FLEET)
     assert decision.kind == "retrain"
     assert decision.detail == ("activated: " if outcome.activated else "kept: ") + outcome.reason

@@ -252,7 +252,7 @@ async def test_up_runs_every_documented_command(base_dir: Path) -> None:
             ("auto", "committed"),
         ], history
         predictions = await fleet.ok("predictions")
-        assert "model drain-1" in predictions and "h2" in predictions, predictions
+        assert "model drain-2" in predictions and "h2" in predictions, predictions
         assert await _client_get(fleet) == "served"
 
         fleet.traces.record()
@@ -330,7 +330,7 @@ async def test_readme_quick_start_works_as_written(workdir: Path) -> None:
     assert text.count("\nserved\n") == 2, text[-6000:]
     # Four migrations through the coordinator (three modes and auto), one agent to agent.
     assert text.count(": committed\n") == 4 and "COMMIT" in text, text[-6000:]
-    assert "h2 drained" in text and "model drain-1" in text and f"{prefix}: down" in text, text[-6000:]
+    assert "h2 drained" in text and "model drain-2" in text and f"{prefix}: down" in text, text[-6000:]
     left = await _gone(Traces(prefix, pick_base_dir() / prefix, root_links=root_links))
     assert left == [], left
 

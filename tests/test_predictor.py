@@ -84,6 +84,9 @@ def _bad_files(good: Path, tmp: Path) -> dict[str, Path]:
         "no_metadata": _with_metadata(good, tmp / "nometa.onnx", threshold=None),
         "bad_threshold": _with_metadata(good, tmp / "thr.onnx", threshold="1.5"),
         "bad_horizon": _with_metadata(good, tmp / "hz.onnx", horizon_s="soon"),
+        "bad_calibration": _with_metadata(good, tmp / "cal.onnx", calibration="0:0,0.5:0.9,0.4:1"),
+        "calibration_range": _with_metadata(good, tmp / "cal2.onnx", calibration="0:0,1:1.5"),
+        "bad_reference": _with_metadata(good, tmp / "ref.onnx", feature_reference="1,2,3"),
     }
 
 
@@ -106,6 +109,26 @@ def test_every_broken_model_is_a_model_load_error_and_the_registry_keeps_its_mod
         assert registry.previous is None, name
     with pytest.raises(ModelLoadError, match="drain-features/0"):
         DrainPredictor(tmp_path / "v0.onnx")
+
+
+def test_the_calibration_table_maps_the_raw_output(models: dict[str, Path], tmp_path: Path, holdout: Holdout) -> None:
+    raw = DrainPredictor(models["good"])
+    table = "0:0,0.2:0.01,0.6:0.3,1:1"
+    calibrated = DrainPredictor(_with_metadata(models["good"], tmp_path / "c.onnx", calibration=table))
+    X = holdout.X[:500]
+    expected = np.interp(raw.predict(X), [0, 0.2, 0.6, 1], [0, 0.01, 0.3, 1])
+    np.testing.assert_allclose(calibrated.predict(X), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_explain_names_the_features_that_raise_the_probability(models: dict[str, Path], holdout: Holdout) -> None:
+    model = DrainPredictor(models["good"])
+    hosts = list(generate_fleet(replace(HOLDOUT_FLEET, n_hosts=4)))
+    now = float(hosts[0].trace.drains[0]) - 300 if hosts[0].trace.drains.size else float(hosts[0].trace.ts[-1])
+    history = HostHistory()
+    history.add_columns(hosts[0].trace.ts, hosts[0].trace.values, hosts[0].trace.events)
+    (top,) = model.explain({"h": history}, now, top=3).values()
+    assert len(top) <= 3 and all(c.delta > 0 for c in top)
+    assert [c.delta for c in top] == sorted((c.delta for c in top), reverse=True)
 
 
 def test_activate_and_rollback(models: dict[str, Path]) -> None:
