@@ -75,17 +75,18 @@ async def test_predicted_drain_moves_the_workloads_before_the_deadline(fleet3: C
     assert quiet["model_version"] == "drain-2" and 0 < threshold < 1
     assert all(p["probability"] < threshold for p in quiet["predictions"]), quiet  # a quiet fleet stays put
 
-    # The provider's notice lands on h1: the agent's sampler reports it, the model's precursor.
+    # The provider's notice lands on h1 and states its time: the agent's sampler reports it with that
+    # deadline, and the coordinator drains h1 on the fact, whatever the model says.
     deadline = time.monotonic() + 50.0
-    f.notice_file(a).write_text("terminate at +50s\n")
+    f.notice_file(a).write_text(f"terminate\ndeadline={time.time() + 50:.0f}\n")
     await f.wait_for(
         "h1 drained", lambda: _state_is(f, "h1", "drained"), within=deadline - time.monotonic(), period=0.5
     )
     assert time.monotonic() < deadline
 
     drain = next(d for d in (await f.host("h1"))["decisions"] if d["kind"] == "drain")
-    assert drain["detail"].startswith("predicted: model ") and drain["model_version"] == "drain-2"
-    assert drain["probability"] >= threshold
+    assert drain["detail"].startswith("notice: notice notice-file (deadline ") and "terminate" in drain["detail"]
+    assert drain["probability"] == 1.0 and drain["model_version"] == "drain-2"
     migrations = (await f.call("GET", "/v1/migrations"))["migrations"]
     assert sorted(m["container"] for m in migrations) == ["vip", "web"]
     assert migrations[0]["container"] == "vip"  # priority label first
