@@ -337,3 +337,13 @@ async def test_samples_carry_the_measured_layer_costs() -> None:
     assert costs.registry_bytes_per_second == pytest.approx((8 << 20) / 2.0)
     assert costs.peer_bytes_per_second == 0.0
     assert costs.apply_seconds_per_byte == pytest.approx(0.08 / (8 << 20))
+
+
+def test_concurrent_fetches_share_their_link_in_the_measured_rate() -> None:
+    """Two 4 MiB fetches from one registry over the same 2 s (each took 2 s): 4 MiB/s, not 2."""
+    meter = CostMeter()
+    meter.fetched("registry/r:5000", 4 << 20, 2.0, ended=12.0)
+    meter.fetched("registry/r:5000", 4 << 20, 2.0, ended=12.0)
+    assert meter.measured()["registry_bytes_per_second"] == pytest.approx((8 << 20) / 2.0)
+    meter.fetched("registry/r:5000", 2 << 20, 1.0, ended=20.0)  # later, alone
+    assert meter.measured()["registry_bytes_per_second"] == pytest.approx((10 << 20) / 3.0)

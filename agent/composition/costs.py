@@ -45,11 +45,23 @@ class Totals:
     count: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    busy: float = 0.0
+    """Seconds in which at least one fetch ran: concurrent fetches share a link, so a source's rate
+    is its bytes over this, not over the sum of their durations."""
+    busy_until: float = 0.0
 
-    def add(self, nbytes: int, seconds: float) -> None:
+    def add(self, nbytes: int, seconds: float, ended: float | None = None) -> None:
         self.count += 1
         self.bytes += nbytes
         self.seconds += seconds
+        if ended is None:
+            self.busy += seconds
+            return
+        # The union of the fetches' intervals, as they end (one that ended earlier but started
+        # later than another still in flight is counted from where the union had reached).
+        started = ended - seconds
+        self.busy += max(0.0, ended - max(started, self.busy_until))
+        self.busy_until = max(self.busy_until, ended)
 
     def to_json(self) -> dict[str, Any]:
         return {"count": self.count, "bytes": self.bytes, "seconds": round(self.seconds, 6)}
@@ -62,9 +74,11 @@ class CostMeter:
         self.assembly_cpu = Totals()
         """The applies whose CPU time was measured: bytes, and containerd's CPU seconds."""
 
-    def fetched(self, source: str, nbytes: int, seconds: float) -> None:
+    def fetched(self, source: str, nbytes: int, seconds: float, ended: float | None = None) -> None:
+        """A fetch of `nbytes` from `source` that took `seconds` and ended at `ended` (monotonic
+        clock; None: it ran alone)."""
         if nbytes > 0:
-            self.fetches.setdefault(source, Totals()).add(nbytes, seconds)
+            self.fetches.setdefault(source, Totals()).add(nbytes, seconds, ended)
 
     def applied(self, nbytes: int, seconds: float, cpu_seconds: float | None = None) -> None:
         if nbytes > 0:
@@ -92,17 +106,18 @@ class CostMeter:
     def measured(self) -> dict[str, float]:
         """What was measured, for the coordinator's placement (telemetry's LayerCosts): bytes per
         second from registries (all together) and from peers, and apply seconds per byte; a figure
-        is left out until at least a MiB was measured for it."""
+        is left out until at least a MiB was measured for it. Rates are over the time fetches from
+        the source were running (several at once share one link)."""
         registry = Totals()
         for name, t in self.fetches.items():
             if name.startswith("registry/"):
                 registry.bytes += t.bytes
-                registry.seconds += t.seconds
+                registry.busy += t.busy
         out: dict[str, float] = {}
         peer = self.fetches.get("peer", Totals())
         for key, t in (("registry_bytes_per_second", registry), ("peer_bytes_per_second", peer)):
-            if t.seconds > 0 and t.bytes >= MIB:
-                out[key] = t.bytes / t.seconds
+            if t.busy > 0 and t.bytes >= MIB:
+                out[key] = t.bytes / t.busy
         if self.assembly.seconds > 0 and self.assembly.bytes >= MIB:
             out["apply_seconds_per_byte"] = self.assembly.seconds / self.assembly.bytes
         return out

@@ -341,7 +341,7 @@ class CompositionService:
                     got = await self._fetcher.fetch_blob(source, la.desc, lambda n: None)
                     seconds = time.monotonic() - started
                     fetched_bytes += got
-                    self.costs.fetched(_source_name(source, digest, source_host(la)), got, seconds)
+                    self.costs.fetched(_source_name(source, digest, source_host(la)), got, seconds, started + seconds)
                     timeline.mark("fetched", digest)
                     done[digest].set()
 
