@@ -89,11 +89,17 @@ class Coordinator:
             config.placement,
             self.predictions.threshold,
             clock,
-            holders=lambda digest: [h.host for h in self.layers.tracker.holders(digest, clock())],
+            holders=lambda digest: {h.host: h.complete for h in self.layers.tracker.holders(digest, clock())},
             costs=self.costs.of,
         )
         self.starts = ContainerStarts(
-            store, self.placer, self.reservations, agents, config.agents.create_timeout, self.costs
+            store,
+            self.placer,
+            self.reservations,
+            agents,
+            config.agents.create_timeout,
+            self.costs,
+            on_started=lambda host, digests: self.layers.tracker.announced(host, clock(), holding=digests),
         )
         self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
         self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)

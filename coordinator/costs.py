@@ -1,12 +1,14 @@
 """Predicted time to running for a new container on a host: what cost-aware placement minimises.
 
-    seconds = sum over the layers the host lacks of
+    fetch   = sum over the layers the host lacks of
                   size / rate of the cheapest source that holds the layer
                       (a fleet peer, by the layer tracker, at the host's measured peer rate;
                        else the registry, at its measured registry rate)
-              + (sum of their sizes) * apply seconds per byte * (1 + CPU pressure)
-              + start seconds
+    apply   = (sum of their sizes) * apply seconds per byte * (1 + CPU pressure)
+    seconds = max(fetch, apply) + start seconds
 
+Fetching and applying overlap (a layer is applied while the next ones arrive), so the longer of
+the two bounds the time, not their sum.
 Rates and the apply cost are the host's own measurements (its telemetry's `layer_costs`), or the
 `[placement]` defaults until it has any. The start is learned from the containers started there
 through the coordinator (what fetch and apply did not explain, a moving average), else
@@ -95,7 +97,7 @@ def time_to_running(
     apply = (from_peers + from_registry) * rates.apply_seconds_per_byte * (1.0 + max(0.0, min(1.0, cpu_pressure)))
     return Breakdown(
         host=host,
-        seconds=fetch + apply + rates.start_seconds,
+        seconds=max(fetch, apply) + rates.start_seconds,
         fetch_seconds=fetch,
         apply_seconds=apply,
         start_seconds=rates.start_seconds,

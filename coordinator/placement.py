@@ -169,7 +169,7 @@ def by_time(
     need: Need,
     weights: PlacementConfig,
     threshold: float,
-    holders: Callable[[str], Collection[str]],
+    holders: Callable[[str], Mapping[str, bool]],
     costs: Callable[[str], Mapping[str, float] | None],
     exclude: Collection[str] = (),
 ) -> tuple[list[Breakdown], dict[str, str]]:
@@ -177,7 +177,8 @@ def by_time(
     then by name), and why each other candidate is out."""
     excluded: dict[str, str] = {}
     ranked: list[tuple[float, float, str, Breakdown]] = []
-    peer_holders = {digest: holders(digest) for digest in need.layers}
+    named = {digest: holders(digest) for digest in need.layers}
+    peer_holders = {digest: list(hosts) for digest, hosts in named.items()}
     for c in candidates:
         why = exclusion(c, need, threshold, exclude)
         if why is not None:
@@ -185,7 +186,8 @@ def by_time(
             continue
         predicted = time_to_running(
             c.host.name,
-            set(c.host.layer_digests),
+            # Its registration, and what the tracker has learned since (a start or pull just done).
+            set(c.host.layer_digests) | {d for d, hosts in named.items() if hosts.get(c.host.name)},
             need.layers,
             peer_holders,
             Rates.of(costs(c.host.name), weights),
@@ -206,10 +208,11 @@ class Placer:
         weights: PlacementConfig,
         threshold: Callable[[], float],
         clock: Callable[[], float],
-        holders: Callable[[str], Collection[str]] = lambda digest: (),
+        holders: Callable[[str], Mapping[str, bool]] = lambda digest: {},
         costs: Callable[[str], Mapping[str, float] | None] = lambda host: None,
     ) -> None:
-        """`holders(digest)`: hosts that hold or fetch a blob (the layer tracker); `costs(host)`:
+        """`holders(digest)`: host -> complete, for the hosts that hold or fetch a blob (the layer
+        tracker); `costs(host)`:
         the host's measured layer costs (coordinator/costs.py)."""
         self._store = store
         self._reservations = reservations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from coordinator.agents import AgentClientLike
@@ -34,13 +34,17 @@ class ContainerStarts:
         agents: AgentClientLike,
         create_timeout: float,
         costs: CostBook | None = None,
+        on_started: Callable[[str, list[str]], None] = lambda host, digests: None,
     ) -> None:
+        """`on_started(host, digests)`: a container runs on `host` with these layers (the tracker
+        learns it before the host's next registration says so)."""
         self._store = store
         self._placer = placer
         self._reservations = reservations
         self._agents = agents
         self._create_timeout = create_timeout
         self._costs = costs
+        self._on_started = on_started
 
     async def start(self, spec: Mapping[str, Any], need: Need, ttl: float | None = None) -> dict[str, Any]:
         """Place, reserve, create and start; the placement (with its prediction) and the container.
@@ -60,6 +64,7 @@ class ContainerStarts:
         seconds = time.monotonic() - started
         if self._costs is not None:  # the next prediction for this host learns from this one
             self._costs.started(reservation.host, seconds, placement.chosen)
+        self._on_started(reservation.host, list(need.layers))
         log.info(
             "container started",
             extra={
