@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from coordinator.catalog.model import Catalog, CatalogChanged, CatalogEntry, CatalogEntryExists
+from coordinator.deployments.states import DeploymentRecord
 from coordinator.model import (
     Capacity,
     ContainerUsage,
@@ -139,6 +140,15 @@ _SCHEMA: tuple[str, ...] = (
         revision INTEGER NOT NULL
     );
     INSERT INTO catalog_revision (id, revision) VALUES (0, 0);
+    """,
+    # 4: deployments (coordinator/deployments/): one record each, as JSON.
+    """
+    CREATE TABLE deployments (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        state TEXT NOT NULL,
+        record TEXT NOT NULL
+    );
     """,
 )
 SCHEMA_VERSION = len(_SCHEMA)
@@ -702,5 +712,31 @@ class SqliteStore:
                     name, _, version = entry_id.partition("@")
                     db.execute("DELETE FROM catalog WHERE name = ? AND version = ?", (name, version))
             return new
+
+        return await self._run(op)
+
+    # ----- deployments (coordinator/deployments/store.py)
+
+    async def put_deployment(self, record: DeploymentRecord) -> None:
+        def op() -> None:
+            with self._write() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO deployments (id, created_at, state, record) VALUES (?, ?, ?, ?)",
+                    (record.id, record.created_at, record.state.value, _dumps(record.for_storage())),
+                )
+
+        await self._run(op)
+
+    async def get_deployment(self, deployment_id: str) -> DeploymentRecord | None:
+        def op() -> DeploymentRecord | None:
+            row = self._db.execute("SELECT record FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
+            return DeploymentRecord.from_storage(json.loads(row["record"])) if row else None
+
+        return await self._run(op)
+
+    async def list_deployments(self) -> list[DeploymentRecord]:
+        def op() -> list[DeploymentRecord]:
+            rows = self._db.execute("SELECT record FROM deployments ORDER BY created_at, id").fetchall()
+            return [DeploymentRecord.from_storage(json.loads(r["record"])) for r in rows]
 
         return await self._run(op)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from coordinator.catalog.model import Catalog, CatalogEntry
+from coordinator.deployments.store import DeploymentStore
 from coordinator.model import (
     Capacity,
     ContainerUsage,
@@ -142,6 +143,7 @@ class Store(
     DecisionStore,
     DrainStore,
     CatalogStore,
+    DeploymentStore,
     Protocol,
 ):
     """Every concern, on one backend (what the coordinator's services are wired with)."""

@@ -11,6 +11,7 @@ Keys (values are JSON; PREFIX is `[store] etcd_prefix`, "/ferryman/" by default)
     PREFIX decisions/TS-RANDOM         a Decision; its id is the key's create revision
     PREFIX catalog/revision            the catalog's revision (0 when absent), +1 on every write
     PREFIX catalog/entries/NAME@VER    a CatalogEntry; registration order is the create revision
+    PREFIX deployments/ID              a deployment's record (coordinator/deployments/states.py)
 
 Every write is a transaction guarded by the revisions the writer read (read, decide, write if
 nothing changed, else read again), so replicas never overwrite each other's updates. `reserve` is the
@@ -36,6 +37,7 @@ from dataclasses import asdict
 from typing import Any
 
 from coordinator.catalog.model import Catalog, CatalogChanged, CatalogEntry, CatalogEntryExists
+from coordinator.deployments.states import DeploymentRecord
 from coordinator.etcd.kv import Absent, Delete, EtcdError, EtcdKV, Guard, ModRevision, Put, Unchanged, prefix_end
 from coordinator.leadership import NotLeader
 from coordinator.model import (
@@ -460,6 +462,21 @@ class EtcdStore:
         snap = await self._kv.range(self._key("drains") + b"/")
         found = [Drain(**json.loads(e.value)) for e in snap.entries]
         return sorted((d for d in found if host is None or d.host == host), key=lambda d: d.started_at)
+
+    # ----- deployments: one record per key, written whole by the one task driving the deployment
+
+    async def put_deployment(self, record: DeploymentRecord) -> None:
+        body = json.dumps(record.for_storage(), separators=(",", ":")).encode()
+        await self._txn([], [Put(self._key("deployments", record.id), body)])
+
+    async def get_deployment(self, deployment_id: str) -> DeploymentRecord | None:
+        entry = await self._kv.get(self._key("deployments", deployment_id))
+        return None if entry is None else DeploymentRecord.from_storage(json.loads(entry.value))
+
+    async def list_deployments(self) -> list[DeploymentRecord]:
+        snap = await self._kv.range(self._key("deployments") + b"/")
+        found = [DeploymentRecord.from_storage(json.loads(e.value)) for e in snap.entries]
+        return sorted(found, key=lambda r: (r.created_at, r.id))
 
     # ----- catalog: writes land only at the catalog revision the caller read
 

@@ -1,0 +1,228 @@
+"""The deployment state machine and the deployment record, as data. No I/O.
+
+A deployment is one object on the coordinator: its components (one per catalog entry of the plan),
+where each runs, and one state. The transitions are a table, as in agent/migration/states.py and
+h11's `_state.py`: an event that the table does not allow raises IllegalTransition and leaves the
+record as it was, so a driver bug cannot, say, mark a deployment HEALTHY that is rolling back.
+
+    PLANNED --start--> STARTING(level 0) --level_healthy--> STARTING(level n) --all_healthy--> HEALTHY
+    PLANNED, STARTING --failed--> ROLLING_BACK --rolled_back--> FAILED
+    HEALTHY, FAILED --undeploy--> STOPPING --stopped--> REMOVED
+
+Everything a deployment started is removed on the way to FAILED (all or nothing) and to REMOVED.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from core.errors import Conflict
+
+
+class State(enum.StrEnum):
+    PLANNED = "PLANNED"  # resolved, placed and addressed; nothing started yet
+    STARTING = "STARTING"  # starting level `level`: its components created, waited on until healthy
+    HEALTHY = "HEALTHY"  # every component runs and passed its health check
+    ROLLING_BACK = "ROLLING_BACK"  # a component failed: removing everything already started
+    FAILED = "FAILED"  # rolled back: nothing of it is left; the record names the component and why
+    STOPPING = "STOPPING"  # undeploying: components removed in the reverse of the start order
+    REMOVED = "REMOVED"  # undeployed: nothing of it is left
+
+
+class Event(enum.StrEnum):
+    START = "start"
+    LEVEL_HEALTHY = "level_healthy"
+    ALL_HEALTHY = "all_healthy"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    UNDEPLOY = "undeploy"
+    STOPPED = "stopped"
+
+
+TERMINAL = frozenset({State.FAILED, State.REMOVED})
+"""Nothing of the deployment runs; FAILED may still be undeployed to forget it (a no-op teardown)."""
+HOLDS_ADDRESSES = frozenset({State.PLANNED, State.STARTING, State.HEALTHY, State.ROLLING_BACK, State.STOPPING})
+"""States in which the deployment's service addresses are taken."""
+
+_TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.PLANNED, Event.START): State.STARTING,
+    (State.STARTING, Event.LEVEL_HEALTHY): State.STARTING,
+    (State.STARTING, Event.ALL_HEALTHY): State.HEALTHY,
+    (State.PLANNED, Event.FAILED): State.ROLLING_BACK,
+    (State.STARTING, Event.FAILED): State.ROLLING_BACK,
+    (State.ROLLING_BACK, Event.ROLLED_BACK): State.FAILED,
+    (State.HEALTHY, Event.UNDEPLOY): State.STOPPING,
+    (State.FAILED, Event.UNDEPLOY): State.STOPPING,
+    (State.STOPPING, Event.STOPPED): State.REMOVED,
+}
+
+
+class IllegalTransition(Conflict):
+    code = "illegal_transition"
+
+
+class DeploymentBusy(Conflict):
+    """The deployment cannot be undeployed in its current state (it is starting or rolling back)."""
+
+    code = "deployment_busy"
+
+
+def next_state(state: State, event: Event) -> State:
+    try:
+        return _TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(f"event {event.value} is not allowed in state {state.value}") from None
+
+
+def can_undeploy(state: State) -> bool:
+    return (state, Event.UNDEPLOY) in _TRANSITIONS
+
+
+class ComponentState(enum.StrEnum):
+    PLACED = "placed"  # capacity reserved on its host; not created yet
+    CREATING = "creating"  # the agent was asked to create and start it
+    STARTING = "starting"  # running, its health check not passed yet
+    HEALTHY = "healthy"
+    FAILED = "failed"  # the component that failed the deployment (error says why)
+    REMOVED = "removed"  # its container, reservation and volumes are gone
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    name: str
+    entry: str
+    """The catalog entry id, name@version."""
+    image: str
+    level: int
+    address: str
+    """Its service address."""
+    host: str = ""
+    reservation: str = ""
+    container: str = ""
+    state: ComponentState = ComponentState.PLACED
+    error: str = ""
+    volumes: tuple[str, ...] = ()
+    """Names of the shared volumes it mounts."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "entry": self.entry,
+            "image": self.image,
+            "level": self.level,
+            "address": self.address,
+            "host": self.host,
+            "reservation": self.reservation,
+            "container": self.container,
+            "state": self.state.value,
+            "error": self.error,
+            "volumes": list(self.volumes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ComponentRecord:
+        return cls(
+            name=data["name"],
+            entry=data["entry"],
+            image=data["image"],
+            level=int(data["level"]),
+            address=data["address"],
+            host=data.get("host", ""),
+            reservation=data.get("reservation", ""),
+            container=data.get("container", ""),
+            state=ComponentState(data.get("state", ComponentState.PLACED.value)),
+            error=data.get("error", ""),
+            volumes=tuple(data.get("volumes", ())),
+        )
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    id: str
+    root: str
+    """The catalog entry deployed, name@version."""
+    state: State
+    components: tuple[ComponentRecord, ...]
+    """In start order (level, then name)."""
+    level: int = 0
+    """STARTING: the level being started."""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    requested_by: str = ""
+    failed_component: str = ""
+    error: str = ""
+    history: tuple[tuple[str, float], ...] = field(default=())
+    """(state, time) of every state entered, oldest first."""
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(c.address for c in self.components)
+
+    def component(self, name: str) -> ComponentRecord:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def advance(self, event: Event, now: float, **changes: Any) -> DeploymentRecord:
+        """The record after `event` at `now` (IllegalTransition, record unchanged, if not allowed)."""
+        state = next_state(self.state, event)
+        return dataclasses.replace(
+            self, state=state, updated_at=now, history=(*self.history, (state.value, now)), **changes
+        )
+
+    def with_component(self, component: ComponentRecord, now: float) -> DeploymentRecord:
+        parts = tuple(component if c.name == component.name else c for c in self.components)
+        return dataclasses.replace(self, components=parts, updated_at=now)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "root": self.root,
+            "state": self.state.value,
+            "level": self.level,
+            "components": [c.to_dict() for c in self.components],
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "created": iso(self.created_at),
+            "requested_by": self.requested_by,
+            "failed_component": self.failed_component,
+            "error": self.error,
+            "history": [{"state": s, "at": iso(t), "ts": t} for s, t in self.history],
+        }
+
+    def for_storage(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    @classmethod
+    def from_storage(cls, data: Mapping[str, Any]) -> DeploymentRecord:
+        return cls(
+            id=data["id"],
+            root=data["root"],
+            state=State(data["state"]),
+            level=int(data.get("level", 0)),
+            components=tuple(ComponentRecord.from_dict(c) for c in data["components"]),
+            created_at=float(data.get("created_at", 0.0)),
+            updated_at=float(data.get("updated_at", 0.0)),
+            requested_by=data.get("requested_by", ""),
+            failed_component=data.get("failed_component", ""),
+            error=data.get("error", ""),
+            history=tuple((h["state"], float(h["ts"])) for h in data.get("history", ())),
+        )
+
+
+def started_in_reverse(components: Sequence[ComponentRecord]) -> list[list[ComponentRecord]]:
+    """The components that hold anything (a reservation or a container), grouped by level, highest
+    level first: the order of a teardown, each group removed in parallel."""
+    holding = [c for c in components if c.state is not ComponentState.REMOVED and (c.reservation or c.container)]
+    levels = sorted({c.level for c in holding}, reverse=True)
+    return [[c for c in holding if c.level == level] for level in levels]
