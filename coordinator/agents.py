@@ -1,8 +1,9 @@
 """A thin client for agents' ops APIs (https, mutual TLS with the coordinator's ops certificate).
 
-Only the calls the coordinator makes: hold/release a reservation, start and poll a migration, list
-containers. Each agent's certificate must name the host we meant to reach (server_hostname is the
-host identity, not the URL's address), so a re-pointed api_url cannot impersonate another host.
+Only the calls the coordinator makes: hold/release a reservation, start and poll a migration, list,
+pull images, create and delete containers, wait for a container's health. Each agent's certificate must name the
+host we meant to reach (server_hostname is the host identity, not the URL's address), so a
+re-pointed api_url cannot impersonate another host.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ class AgentClientLike(Protocol):
     async def get_migration(self, source: Host, migration_id: str) -> dict[str, Any]: ...
     async def list_containers(self, host: Host) -> list[dict[str, Any]]: ...
     async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]: ...
+    async def pull_image(self, host: Host, ref: str, within: float) -> dict[str, Any]: ...
+    async def delete_container(self, host: Host, container_id: str) -> None: ...
+    async def container_health(
+        self, host: Host, container_id: str, after: int, wait: float, within: float
+    ) -> dict[str, Any]: ...
     async def close(self) -> None: ...
 
 
@@ -151,4 +157,27 @@ class AgentClient:
         status, data = await self._call(host, "POST", "/v1/containers?start=1", spec, within)
         if status != 201:
             raise self._error(host, status, data, f"create container {spec.get('id')}")
+        return data
+
+    async def pull_image(self, host: Host, ref: str, within: float) -> dict[str, Any]:
+        """Pull `ref` into `host`'s containerd (a no-op when it holds it); the image's summary."""
+        status, data = await self._call(host, "POST", "/v1/images/pull", {"ref": ref}, within)
+        if status != 200:
+            raise self._error(host, status, data, f"pull {ref}")
+        return data
+
+    async def delete_container(self, host: Host, container_id: str) -> None:
+        """Stop and delete a container on `host`; one that is not there is fine."""
+        status, data = await self._call(host, "DELETE", f"/v1/containers/{container_id}?force=1")
+        if status not in (200, 204, 404):
+            raise self._error(host, status, data, f"delete container {container_id}")
+
+    async def container_health(
+        self, host: Host, container_id: str, after: int, wait: float, within: float
+    ) -> dict[str, Any]:
+        """The container's health once its `seq` is past `after`, or after `wait` seconds (long poll)."""
+        path = f"/v1/containers/{container_id}/health?after={after}&wait={wait:.3f}"
+        status, data = await self._call(host, "GET", path, within=within)
+        if status != 200:
+            raise self._error(host, status, data, f"health of {container_id}")
         return data

@@ -10,10 +10,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from coordinator.agents import AgentClient, AgentClientLike
+from coordinator.alerts import Alerter
 from coordinator.auth import TokenHashes
 from coordinator.catalog.service import CatalogService
 from coordinator.config import CoordinatorConfig
 from coordinator.costs import CostBook
+from coordinator.deployments.service import DeploymentService
 from coordinator.layers import LayerService
 from coordinator.leadership import Role, Term
 from coordinator.metrics import CoordinatorMetrics
@@ -105,6 +107,20 @@ class Coordinator:
         self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)
         self.retrainer = Retrainer(store, self.predictions, config, clock)
         self.catalog = CatalogService(store, clock)
+        self.alerter = Alerter(config.alerts, self.metrics)
+        self.deployments = DeploymentService(
+            store,
+            store,
+            self.catalog,
+            self.placer,
+            self.reservations,
+            agents,
+            self.alerter,
+            config.deployments,
+            config.agents.create_timeout,
+            clock,
+            self.metrics,
+        )
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self.election: Election | None = None
@@ -234,6 +250,8 @@ class Coordinator:
             await asyncio.gather(*self._loops, return_exceptions=True)
             await asyncio.gather(*self._role_tasks, return_exceptions=True)
             await self._stop_leading()
+            await self.deployments.close()
+            await self.alerter.close()
             await self.agents.close()
         finally:
             await self.store.close()

@@ -6,10 +6,12 @@ default, unknown keys are errors, values that parse but make no sense are reject
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from core.config import build_table
 from core.errors import ConfigError
@@ -183,6 +185,25 @@ class AgentClientConfig:
 
 
 @dataclass(frozen=True)
+class DeploymentsConfig:
+    address_pool: str = ""
+    """Service addresses for deployments' components: a CIDR block on the hosts' segment; empty: none."""
+    health_timeout: float = 120.0
+    """Seconds a component may take from its create to healthy before the deployment fails."""
+    cpu_millis: int = 100
+    """What each component reserves on its host."""
+    memory_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    webhook_url: str = ""
+    """An Alertmanager-compatible webhook (http or https) told about failed deployments; empty: none."""
+    timeout: float = 5.0
+    """Seconds for one webhook POST."""
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     version: int = CONFIG_VERSION
     listen: str = "127.0.0.1:7543"
@@ -201,6 +222,8 @@ class CoordinatorConfig:
     agents: AgentClientConfig = field(default_factory=AgentClientConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    deployments: DeploymentsConfig = field(default_factory=DeploymentsConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -233,6 +256,10 @@ def _validate(config: CoordinatorConfig) -> None:
         "agents.request_timeout": config.agents.request_timeout,
         "agents.create_timeout": config.agents.create_timeout,
         "tracker.fetching_ttl": config.tracker.fetching_ttl,
+        "deployments.health_timeout": config.deployments.health_timeout,
+        "deployments.cpu_millis": config.deployments.cpu_millis,
+        "deployments.memory_bytes": config.deployments.memory_bytes,
+        "alerts.timeout": config.alerts.timeout,
         "placement.registry_bytes_per_second": config.placement.registry_bytes_per_second,
         "placement.peer_bytes_per_second": config.placement.peer_bytes_per_second,
         "placement.apply_seconds_per_byte": config.placement.apply_seconds_per_byte,
@@ -263,6 +290,13 @@ def _validate(config: CoordinatorConfig) -> None:
     for name in ("free_capacity", "drain_risk", "pull_bytes", "pressure", "start_seconds"):
         if getattr(config.placement, name) < 0:
             raise ConfigError(f"placement.{name} must not be negative")
+    if config.deployments.address_pool:
+        try:
+            ipaddress.ip_network(config.deployments.address_pool, strict=True)
+        except ValueError as exc:
+            raise ConfigError(f"deployments.address_pool: {exc}") from exc
+    if config.alerts.webhook_url and urlsplit(config.alerts.webhook_url).scheme not in ("http", "https"):
+        raise ConfigError(f"alerts.webhook_url: expected an http(s) URL, got {config.alerts.webhook_url!r}")
     if not config.database:
         raise ConfigError("database must name a file")
     _validate_store(config.store)

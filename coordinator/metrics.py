@@ -65,6 +65,22 @@ class CoordinatorMetrics:
             registry=self.registry,
         )
 
+        self.deployments = Gauge(
+            "ferryman_coordinator_deployments", "Deployments by state", ["state"], registry=self.registry
+        )
+        self.deployment_failures = Counter(
+            "ferryman_coordinator_deployment_failures",
+            "Deployments that failed and were rolled back, by the kind of failure",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.alert_webhooks = Counter(
+            "ferryman_coordinator_alert_webhooks",
+            "Alert webhook deliveries by result (sent, failed)",
+            ["result"],
+            registry=self.registry,
+        )
+
     def set_hosts(self, hosts: Iterable[Host]) -> None:
         counts = dict.fromkeys([h.value for h in HostHealth] + [HostAdmin.DRAINING.value, HostAdmin.DRAINED.value], 0)
         for host in hosts:

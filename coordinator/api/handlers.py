@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -28,7 +29,7 @@ from core.http.validate import (
     read_object,
     str_field,
 )
-from core.ids import check_catalog_name, check_catalog_version, check_container_id
+from core.ids import check_catalog_name, check_catalog_version, check_container_id, parse_catalog_ref
 from core.security.pki import Role, validate_name
 from proto.ferryman.v1 import fleet_pb2
 
@@ -512,6 +513,60 @@ async def plan_catalog_entry(request: web.Request) -> web.Response:
 
 async def catalog_schema(request: web.Request) -> web.Response:
     return web.Response(body=request.app[COORDINATOR].catalog.schema, content_type="application/schema+json")
+
+
+# ----- ops: deployments (coordinator/deployments/, docs/deployments.md)
+
+DEPLOYMENT_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")
+
+
+def _deployment_id(request: web.Request) -> str:
+    raw = request.match_info["id"]
+    if not DEPLOYMENT_ID_RE.fullmatch(raw):
+        raise InvalidRequest(f"invalid deployment id {raw!r}")
+    return raw
+
+
+async def _deployment_answer(request: web.Request, deployment_id: str, accepted: bool) -> web.Response:
+    """The record; with ?wait=S once the running deploy or undeploy ended (200), or 202 if not yet."""
+    service = request.app[COORDINATOR].deployments
+    wait = _wait_seconds(request)
+    if wait is not None:
+        record = await service.wait(deployment_id, wait)
+        accepted = record.state.value not in ("HEALTHY", "FAILED", "REMOVED")
+    else:
+        record = await service.get(deployment_id)
+    resp = _json(record.to_dict(), status=202 if accepted else 200)
+    resp.headers["Location"] = f"/v1/deployments/{record.id}"
+    return resp
+
+
+async def create_deployment(request: web.Request) -> web.Response:
+    principal = _ops(request)
+    body = await read_object(request)
+    check_keys(body, {"image"}, {"image"}, "body")
+    ref = str_field(body, "image", "body")
+    assert ref is not None
+    name, version = parse_catalog_ref(ref)
+    record = await request.app[COORDINATOR].deployments.deploy(name, version, principal.name)
+    return await _deployment_answer(request, record.id, accepted=True)
+
+
+async def list_deployments(request: web.Request) -> web.Response:
+    _ops(request)
+    records = await request.app[COORDINATOR].deployments.all()
+    return _json({"deployments": [r.to_dict() for r in records]})
+
+
+async def get_deployment(request: web.Request) -> web.Response:
+    _ops(request)
+    return await _deployment_answer(request, _deployment_id(request), accepted=False)
+
+
+async def delete_deployment(request: web.Request) -> web.Response:
+    _ops(request)
+    record = await request.app[COORDINATOR].deployments.undeploy(_deployment_id(request))
+    return await _deployment_answer(request, record.id, accepted=True)
 
 
 # ----- plumbing

@@ -1,0 +1,470 @@
+"""Deployments, driven: resolve, place, start level by level health-gated, all or nothing.
+
+`deploy` resolves the plan from the catalog (coordinator/deployments/plan.py), takes a service
+address per component from `[deployments] address_pool`, reserves capacity for every component
+through the placement before anything starts (components that share a volume on one host), and
+stores the record PLANNED; that much happens in the request, so bad input is refused with nothing
+created. Then a task of its own starts the levels in order: each component of a level is created on
+its agent in parallel, with its wiring environment, its service address and its health check (the
+catalog's, translated to the agent's), and is waited on through the agent's health long poll
+(`GET /v1/containers/{id}/health?after=SEQ&wait=S`, woken by the transition itself). The next
+level starts when the whole level is healthy.
+
+Any failure (no host, a create the agent refuses, e.g. a missing image; a check that reports
+unhealthy or does not pass within `health_timeout`) fails the deployment: every component that
+holds anything is removed in the reverse start order (containers, reservations, volumes), the
+addresses return to the pool, the record names the component and why, and an alert goes out
+(coordinator/alerts.py). Undeploy removes a HEALTHY deployment the same way.
+
+The state transitions are the table in coordinator/deployments/states.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from coordinator.alerts import Alert, Alerter
+from coordinator.catalog.model import HealthCheck, HealthCheckKind, Reference, UnknownReference
+from coordinator.catalog.service import CatalogService
+from coordinator.config import DeploymentsConfig
+from coordinator.deployments.addresses import allocate
+from coordinator.deployments.plan import DeploymentPlan, SharedVolume, wiring
+from coordinator.deployments.states import (
+    HOLDS_ADDRESSES,
+    ComponentRecord,
+    ComponentState,
+    DeploymentBusy,
+    DeploymentRecord,
+    Event,
+    State,
+    can_undeploy,
+    started_in_reverse,
+)
+from coordinator.deployments.store import DeploymentStore
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.model import Capacity, Host, HostNotFound
+from coordinator.placement import Need, Placer
+from coordinator.reservations import ReservationService
+from coordinator.store import Store
+from core.errors import FerrymanError, NotFound
+
+log = logging.getLogger(__name__)
+
+LABEL_DEPLOYMENT = "ferryman.deployment"
+LABEL_COMPONENT = "ferryman.component"
+HEALTH_POLL = 30.0
+"""Seconds one health long poll may wait on the agent (the deadline still applies)."""
+
+
+class DeploymentNotFound(NotFound):
+    code = "deployment_not_found"
+
+
+class ComponentFailed(Exception):
+    """A component could not be placed, created or made healthy; `reason` is a metric label."""
+
+    def __init__(self, component: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.component = component
+        self.reason = reason
+        self.message = message
+
+
+class DeploymentAgents(Protocol):
+    """What deployments need from agents (coordinator/agents.py `AgentClient`)."""
+
+    async def pull_image(self, host: Host, ref: str, within: float) -> dict[str, Any]: ...
+    async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]: ...
+    async def delete_container(self, host: Host, container_id: str) -> None: ...
+    async def container_health(
+        self, host: Host, container_id: str, after: int, wait: float, within: float
+    ) -> dict[str, Any]: ...
+
+
+def agent_health(check: HealthCheck, address: str) -> dict[str, Any]:
+    """The catalog's dependency_health_check as the agent's `health` object (docs/health.md): network
+    probes go to the component's service address, from inside its network namespace."""
+    probe: dict[str, Any]
+    match check.kind:
+        case HealthCheckKind.EXEC:
+            probe = {"command": list(check.command)}
+        case HealthCheckKind.HTTP:
+            probe = {"port": check.port, "host": address, "path": check.path or "/"}
+        case HealthCheckKind.GRPC:
+            probe = {"port": check.port, "host": address, "service": check.service}
+        case HealthCheckKind.TCP:
+            probe = {"port": check.port, "host": address}
+    return {
+        check.kind.value: probe,
+        "interval": check.interval,
+        "timeout": check.timeout,
+        "retries": check.retries,
+        "start_period": check.start_period,
+    }
+
+
+def container_id(deployment: str, component: str) -> str:
+    """`<deployment>-<component>`, shortened with a digest when longer than a container id may be."""
+    cid = f"{deployment}-{component}"
+    if len(cid) <= 64:
+        return cid
+    digest = hashlib.sha256(component.encode()).hexdigest()[:8]
+    return f"{deployment}-{component[: 64 - len(deployment) - 10]}-{digest}"
+
+
+class DeploymentService:
+    def __init__(
+        self,
+        store: Store,
+        deployments: DeploymentStore,
+        catalog: CatalogService,
+        placer: Placer,
+        reservations: ReservationService,
+        agents: DeploymentAgents,
+        alerter: Alerter,
+        config: DeploymentsConfig,
+        create_timeout: float,
+        clock: Callable[[], float],
+        metrics: CoordinatorMetrics,
+    ) -> None:
+        self._store = store
+        self._records = deployments
+        self._catalog = catalog
+        self._placer = placer
+        self._reservations = reservations
+        self._agents = agents
+        self._alerter = alerter
+        self._config = config
+        self._create_timeout = create_timeout
+        self._clock = clock
+        self._metrics = metrics
+        self._admit = asyncio.Lock()
+        """Held while addresses are chosen and the record is first stored: two deploys never take one."""
+        self._tasks: dict[str, asyncio.Task[DeploymentRecord]] = {}
+
+    # ----- reading
+
+    async def get(self, deployment_id: str) -> DeploymentRecord:
+        record = await self._records.get_deployment(deployment_id)
+        if record is None:
+            raise DeploymentNotFound(f"no deployment {deployment_id!r}")
+        return record
+
+    async def all(self) -> list[DeploymentRecord]:
+        records = await self._records.list_deployments()
+        for state in State:
+            self._metrics.deployments.labels(state=state.value).set(sum(r.state is state for r in records))
+        return records
+
+    async def wait(self, deployment_id: str, seconds: float) -> DeploymentRecord:
+        """The record once its running deploy or undeploy ends, or after `seconds`, whichever first."""
+        task = self._tasks.get(deployment_id)
+        if task is not None:
+            await asyncio.wait({task}, timeout=seconds)
+        return await self.get(deployment_id)
+
+    # ----- deploy
+
+    async def deploy(self, name: str, version: str | None, by: str) -> DeploymentRecord:
+        """Resolve, address and place; store PLANNED and start the levels in a task of their own.
+
+        Refused with nothing created: an unknown root (404) or dependency (400), a plan conflict (409),
+        no addresses left (409); a component that cannot be placed fails the deployment (FAILED)."""
+        catalog = await self._catalog.catalog()
+        try:
+            root = catalog.resolve(Reference(name, version))
+        except UnknownReference as exc:
+            raise DeploymentNotFound(exc.message) from None
+        layout = await self._catalog.plan(name, root.version)
+        order = [n for level in layout.levels for n in level]
+        deployment_id = f"{root.name}-{secrets.token_hex(4)}"
+        volume_names = {n: tuple(v.name for v in layout.volumes if n in v.members) for n in order}
+        async with self._admit:
+            taken = {
+                a for r in await self._records.list_deployments() if r.state in HOLDS_ADDRESSES for a in r.addresses
+            }
+            addresses = allocate(self._config.address_pool, taken, len(order))
+            now = self._clock()
+            record = DeploymentRecord(
+                id=deployment_id,
+                root=root.id,
+                state=State.PLANNED,
+                components=tuple(
+                    ComponentRecord(
+                        name=n,
+                        entry=layout.components[n].entry.id,
+                        image=layout.components[n].entry.image,
+                        level=layout.components[n].level,
+                        address=address,
+                        container=container_id(deployment_id, n),
+                        volumes=volume_names[n],
+                    )
+                    for n, address in zip(order, addresses, strict=True)
+                ),
+                created_at=now,
+                updated_at=now,
+                requested_by=by,
+                history=((State.PLANNED.value, now),),
+            )
+            await self._records.put_deployment(record)
+        log.info("deployment planned", extra={"deployment": deployment_id, "root": root.id, "components": order})
+        task = asyncio.create_task(self._run(record, layout), name=f"deployment-{deployment_id}")
+        self._tasks[deployment_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(deployment_id, None))
+        return record
+
+    async def _run(self, record: DeploymentRecord, layout: DeploymentPlan) -> DeploymentRecord:
+        started = self._clock()
+        try:
+            record = await self._place(record, layout)
+            record = await self._put(record.advance(Event.START, self._clock(), level=0))
+            env = wiring(layout, {c.name: c.address for c in record.components}, record.id)
+            for level, names in enumerate(layout.levels):
+                if level:
+                    record = await self._put(record.advance(Event.LEVEL_HEALTHY, self._clock(), level=level))
+                results = await asyncio.gather(
+                    *(self._start_component(record, layout, n, env[n]) for n in names), return_exceptions=True
+                )
+                for result in results:
+                    if isinstance(result, ComponentRecord):
+                        record = record.with_component(result, self._clock())
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
+                await self._put(record)
+            record = await self._put(record.advance(Event.ALL_HEALTHY, self._clock()))
+            log.info(
+                "deployment healthy",
+                extra={"deployment": record.id, "seconds": round(self._clock() - started, 3)},
+            )
+            return record
+        except ComponentFailed as exc:
+            return await self._fail(record, exc)
+        except asyncio.CancelledError:
+            # The coordinator is stopping: leave nothing half-started behind it.
+            await asyncio.shield(self._fail(record, ComponentFailed("", "cancelled", "the coordinator stopped")))
+            raise
+        except Exception as exc:  # a bug or an unexpected agent answer: still all or nothing
+            log.exception("deployment failed unexpectedly", extra={"deployment": record.id})
+            return await self._fail(record, ComponentFailed("", "internal", f"{type(exc).__name__}: {exc}"))
+
+    async def _put(self, record: DeploymentRecord) -> DeploymentRecord:
+        await self._records.put_deployment(record)
+        return record
+
+    def _need(self, component: ComponentRecord) -> Need:
+        capacity = Capacity(self._config.cpu_millis, self._config.memory_bytes, 0)
+        return Need(capacity=capacity, image=component.image)
+
+    async def _place(self, record: DeploymentRecord, layout: DeploymentPlan) -> DeploymentRecord:
+        """Reserve every component's capacity, in start order; co-located components on the host of
+        the first of their group placed. Each reservation is stored as it is made, so a rollback
+        finds it; ComponentFailed when one cannot be placed."""
+        group_of = {name: group for group in layout.colocated for name in group}
+        host_of: dict[str, str] = {}
+        for component in record.components:
+            purpose = f"deployment {record.id} component {component.name}"
+            group = group_of.get(component.name, ())
+            pinned = next((host_of[n] for n in group if n in host_of), None)
+            try:
+                if pinned is None:
+                    placement = await self._placer.place_start(self._need(component), purpose)
+                    reservation = placement.reservation
+                else:
+                    reservation = await self._reservations.reserve(pinned, self._need(component).capacity, purpose)
+            except FerrymanError as exc:
+                raise ComponentFailed(
+                    component.name, "placement", f"cannot place {component.name}: {exc.message}"
+                ) from exc
+            host_of[component.name] = reservation.host
+            placed = _replace(component, host=reservation.host, reservation=reservation.id)
+            record = await self._put(record.with_component(placed, self._clock()))
+        return record
+
+    async def _host(self, name: str) -> Host:
+        host = await self._store.get_host(name)
+        if host is None:
+            raise HostNotFound(f"host {name} left the fleet")
+        return host
+
+    async def _start_component(
+        self, record: DeploymentRecord, layout: DeploymentPlan, name: str, env: dict[str, str]
+    ) -> ComponentRecord:
+        """Create `name` on its host and wait until it is healthy: the component as it ended, or
+        ComponentFailed."""
+        component = record.component(name)
+        check = layout.components[name].entry.manifest.dependency_health_check
+        spec: dict[str, Any] = {
+            "id": component.container,
+            "image": component.image,
+            "env": env,
+            "service_ip": component.address,
+            "health": agent_health(check, component.address),
+            "labels": {LABEL_DEPLOYMENT: record.id, LABEL_COMPONENT: name},
+            "reservation": component.reservation,
+        }
+        volumes = [v for v in layout.volumes if name in v.members]
+        if volumes:
+            spec["volumes"] = [_volume_spec(record.id, v) for v in volumes]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.health_timeout
+        try:
+            host = await self._host(component.host)
+        except FerrymanError as exc:
+            raise ComponentFailed(name, "placement", f"{name}: {exc.message}") from exc
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._agents.pull_image(host, component.image, self._create_timeout)
+        except TimeoutError:
+            raise ComponentFailed(
+                name,
+                "pull",
+                f"{component.image} was not pulled on {component.host} within {self._config.health_timeout:g} s",
+            ) from None
+        except FerrymanError as exc:
+            raise ComponentFailed(
+                name, "pull", f"{name}: {component.image} could not be pulled on {component.host}: {exc.message}"
+            ) from exc
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._agents.create_container(host, spec, self._create_timeout)
+        except TimeoutError:
+            raise ComponentFailed(
+                name, "create", f"{name} was not created on {component.host} within {self._config.health_timeout:g} s"
+            ) from None
+        except FerrymanError as exc:
+            raise ComponentFailed(name, "create", f"{name} could not start on {component.host}: {exc.message}") from exc
+        seq = 0
+        last: dict[str, Any] = {}
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError
+                last = await self._agents.container_health(
+                    host, component.container, seq, min(HEALTH_POLL, max(left, 0.1)), left + 5.0
+                )
+                seq = int(last.get("seq", seq))
+                status = last.get("status")
+                if status == "healthy":
+                    return _replace(component, state=ComponentState.HEALTHY)
+                if status in ("unhealthy", "stopped"):
+                    raise ComponentFailed(
+                        name, "unhealthy", f"{name} on {component.host} became {status}: {_last_output(last)}"
+                    )
+        except TimeoutError:
+            raise ComponentFailed(
+                name,
+                "health_timeout",
+                f"{name} on {component.host} was not healthy within {self._config.health_timeout:g} s "
+                f"(status {last.get('status', 'unknown')}: {_last_output(last)})",
+            ) from None
+        except FerrymanError as exc:
+            raise ComponentFailed(name, "health", f"{name} on {component.host}: {exc.message}") from exc
+
+    async def _fail(self, record: DeploymentRecord, failure: ComponentFailed) -> DeploymentRecord:
+        stored = await self._records.get_deployment(record.id)
+        record = stored if stored is not None else record
+        if failure.component:
+            failed = _replace(record.component(failure.component), state=ComponentState.FAILED, error=failure.message)
+            record = record.with_component(failed, self._clock())
+        record = await self._put(
+            record.advance(Event.FAILED, self._clock(), failed_component=failure.component, error=failure.message)
+        )
+        log.error(
+            "deployment failed; rolling back",
+            extra={"deployment": record.id, "component": failure.component, "error": failure.message},
+        )
+        record = await self._teardown(record)
+        record = await self._put(record.advance(Event.ROLLED_BACK, self._clock()))
+        self._metrics.deployment_failures.labels(reason=failure.reason).inc()
+        await self._alerter.fire(
+            Alert(
+                name="FerrymanDeploymentFailed",
+                labels={
+                    "deployment": record.id,
+                    "image": record.root,
+                    "component": failure.component or "-",
+                    "reason": failure.reason,
+                },
+                summary=f"deployment {record.id} of {record.root} failed and was rolled back",
+                description=failure.message,
+                starts_at=self._clock(),
+            )
+        )
+        return record
+
+    async def _teardown(self, record: DeploymentRecord) -> DeploymentRecord:
+        """Remove every component that holds anything, highest level first, each level in parallel."""
+        for group in started_in_reverse(record.components):
+            done = await asyncio.gather(*(self._remove(record.id, c) for c in group))
+            for component in done:
+                record = record.with_component(component, self._clock())
+            await self._put(record)
+        return record
+
+    async def _remove(self, deployment: str, component: ComponentRecord) -> ComponentRecord:
+        """Delete the container (absent is fine) and release the reservation; errors are logged and
+        kept in the component's record, never raised (the rest of the teardown goes on)."""
+        problems = []
+        if component.host:
+            try:
+                host = await self._host(component.host)
+                await self._agents.delete_container(host, component.container)
+            except FerrymanError as exc:
+                problems.append(f"delete {component.container}: {exc.message}")
+        if component.reservation:
+            with contextlib.suppress(FerrymanError):
+                await self._reservations.release(component.reservation)
+        if problems:
+            log.error("component not fully removed", extra={"deployment": deployment, "problems": problems})
+        error = "; ".join(problems) or component.error
+        state = ComponentState.FAILED if component.state is ComponentState.FAILED else ComponentState.REMOVED
+        return _replace(component, state=state if not problems else component.state, error=error)
+
+    # ----- undeploy
+
+    async def undeploy(self, deployment_id: str) -> DeploymentRecord:
+        """STOPPING in a task of its own; DeploymentBusy while it is starting or rolling back."""
+        record = await self.get(deployment_id)
+        if not can_undeploy(record.state):
+            raise DeploymentBusy(
+                f"deployment {deployment_id} is {record.state.value}; undeploy it once it is HEALTHY or FAILED"
+            )
+        record = await self._put(record.advance(Event.UNDEPLOY, self._clock()))
+        task = asyncio.create_task(self._stop(record), name=f"undeploy-{deployment_id}")
+        self._tasks[deployment_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(deployment_id, None))
+        return record
+
+    async def _stop(self, record: DeploymentRecord) -> DeploymentRecord:
+        record = await asyncio.shield(self._teardown(record))
+        record = await self._put(record.advance(Event.STOPPED, self._clock()))
+        log.info("deployment removed", extra={"deployment": record.id})
+        return record
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _volume_spec(deployment: str, volume: SharedVolume) -> dict[str, str]:
+    return {"name": f"{deployment}-{volume.name}", "path": volume.path}
+
+
+def _last_output(health: dict[str, Any]) -> str:
+    last = health.get("last") or {}
+    return str(last.get("output") or last.get("error") or "no probe result yet")
+
+
+def _replace(component: ComponentRecord, **changes: Any) -> ComponentRecord:
+    return dataclasses.replace(component, **changes)
