@@ -27,6 +27,9 @@ class Exit(IntEnum):
     """No answer: the agent or coordinator could not be reached, or the stream ended early."""
     NOT_DRAINED = 7
     """`drain --wait`: the host was not drained within the wait."""
+    NOT_DEPLOYED = 8
+    """`deploy`, `undeploy`: the deployment failed and was rolled back (nothing of it runs), or did
+    not reach HEALTHY (REMOVED) within the wait; `deployment status` of a FAILED one."""
     INTERRUPTED = 130
     """Ctrl-C (SIGINT); a migration goes on in the agent."""
 

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from agent.ctl import catalog, render, reservations
+from agent.ctl import catalog, deployments, render, reservations
 from agent.ctl.client import ApiError, _error_from
 from agent.ctl.exits import Exit
 
@@ -40,7 +40,9 @@ ENV_SERVER_NAME = "FERRYMAN_COORDINATOR_NAME"
 CONNECT_TIMEOUT = 10.0
 POLL_PERIOD = 0.5
 DEFAULT_DRAIN_WAIT = 600.0
-COORDINATOR_ONLY = frozenset({"hosts", "drain", "uncordon", "predictions", "decisions", "model", "catalog"})
+COORDINATOR_ONLY = frozenset(
+    {"hosts", "drain", "uncordon", "predictions", "decisions", "model", "catalog", *deployments.COMMANDS}
+)
 """Commands that exist only with a coordinator; BOTH_WORLDS go to the agent without one."""
 BOTH_WORLDS = frozenset({"migrate", "migrations", "reservations"})
 _STATE_STYLE = {"ready": "green", "draining": "yellow", "drained": "dim", "suspect": "yellow", "down": "red"}
@@ -235,6 +237,8 @@ async def run(args: argparse.Namespace, out: Console, err: Console) -> int:
                 _show(args, data, lambda: _say_all(model_details(data)))
             case "catalog":
                 return await catalog.run(client, args, out)
+            case "deploy" | "deployments" | "undeploy" | "deployment":
+                return await deployments.run(client, args, out)
             case _:  # pragma: no cover - handles() decides what reaches here
                 raise FleetUsageError(f"{args.command} does not go through the coordinator")
     return 0

@@ -22,7 +22,18 @@ from rich.console import Console
 from agent.api.handlers import parse_create
 from agent.api.network import parse_target
 from agent.composition import manifest
-from agent.ctl import cache, catalog, certs, completion, fleet, healthcheck, migrate, render, reservations
+from agent.ctl import (
+    cache,
+    catalog,
+    certs,
+    completion,
+    deployments,
+    fleet,
+    healthcheck,
+    migrate,
+    render,
+    reservations,
+)
 from agent.ctl import images as image_archives
 from agent.ctl.args import container_id, cpus, memory_size, service_ip
 from agent.ctl.client import DEFAULT_AGENT, ENV_AGENT, AgentClient, ApiError
@@ -182,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     reservations.add_parser(sub)
     fleet.add_parsers(sub)
     catalog.add_parser(sub)
+    deployments.add_parsers(sub)
     certs.add_parser(sub)
     completion.add_parser(sub)
     for child in _subparsers(parser):
