@@ -409,6 +409,7 @@ async def coordinated_fleet(
     hosts: int = 3,
     *,
     coordinator: Mapping[str, Mapping[str, Any] | Any] | None = None,
+    coordinator_for: Callable[[Mesh], Mapping[str, Mapping[str, Any]]] | None = None,
     telemetry_period: float = 0.5,
     sharing: Mapping[str, Any] | None = None,
     idle_timeout: float = 10.0,
@@ -417,7 +418,9 @@ async def coordinated_fleet(
     """A fleet of `hosts` agents and a coordinator in the fabric netns, everything over mTLS.
 
     The coordinator gets short heartbeat, tick and poll periods (override any key with `coordinator`);
-    agents get a [coordinator] table, fast telemetry and an ops listener. Waits until every host has
+    `coordinator_for(mesh)` adds tables that depend on the mesh (its subnet, its fabric namespace),
+    called once the mesh exists, before the coordinator starts. Agents get a [coordinator] table,
+    fast telemetry and an ops listener. Waits until every host has
     registered and pushed telemetry. `sharing`: every agent serves its blobs with these [sharing]
     keys and lists no peer's blob address: peers are found through the coordinator's layer tracker.
     `mesh_kw` go to the Mesh (e.g. with_client).
@@ -440,7 +443,10 @@ async def coordinated_fleet(
             "reservations": {"sweep_period": 1.0},
             "agents": {"request_timeout": 10.0},
         }
-        for key, value in (coordinator or {}).items():
+        more = dict(coordinator or {})
+        for key, value in (coordinator_for(mesh) if coordinator_for else {}).items():
+            more[key] = {**more.get(key, {}), **value}
+        for key, value in more.items():
             overrides[key] = {**overrides.get(key, {}), **value} if isinstance(value, Mapping) else value
         proc = CoordinatorProcess(
             workdir,

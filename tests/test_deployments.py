@@ -1,0 +1,203 @@
+"""Deployments on a real 3-host coordinated fleet: a pipeline deployed, used, undeployed; failures.
+
+The pipeline is three busybox programs that really pass data over HTTP, each reading its
+dependency's address from the wiring environment: detect serves a frame, render fetches it from
+detect and serves it rendered, transcode fetches that from render. Each is healthy (an HTTP check on
+its service address) only once it has what it serves, and a client outside reads the result from
+transcode's service address. Failures (an image that is not in the registry, a health check that
+never passes) must leave nothing behind on any host or in the coordinator, and raise one alert each
+at a real aiohttp webhook receiver in the fabric namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.ctl.exits import Exit
+from tests.harness.alerts import AlertReceiver
+from tests.harness.fleet import CoordinatedFleet, api, coordinated_fleet
+from tests.harness.images import DEFAULT_PATH, ImageBuilder, busybox_layer
+from tests.harness.mesh import Mesh
+
+PORT = 8080
+SERVE = f"echo ok > /www/healthz && exec httpd -f -p {PORT} -h /www"
+DETECT = f'mkdir -p /www && echo "detected:$FERRYMAN_DEPLOYMENT:$FERRYMAN_SERVICE_HOST" > /www/frame && {SERVE}'
+
+
+def fetch_then_serve(dependency: str, stage: str) -> str:
+    """Fetch the dependency's frame over HTTP (its URL from the wiring), prefix it, serve it."""
+    url = f'"${{FERRYMAN_DEP_{dependency}_URL}}frame"'
+    return (
+        f"mkdir -p /www && until wget -q -O /www/in {url}; do sleep 0.1; done && "
+        f'sed "s/^/{stage}:/" /www/in > /www/frame && {SERVE}'
+    )
+
+
+def entry(name: str, image: str, requires: Mapping[str, str] = {}, check: Mapping[str, Any] | None = None) -> Any:
+    return {
+        "name": name,
+        "version": "1.0.0",
+        "image": image,
+        "manifest": {
+            "required_images": list(requires),
+            "data_transfer_protocols": {dep: {"protocol": proto, "port": PORT} for dep, proto in requires.items()},
+            "dependency_health_check": check
+            or {"kind": "http", "port": PORT, "path": "/healthz", "interval": 0.2, "timeout": 0.2, "retries": 3},
+        },
+    }
+
+
+async def push(mesh: Mesh, name: str, script: str) -> str:
+    repo = f"test/{name}-{secrets.token_hex(3)}"
+    image = ImageBuilder([busybox_layer()], cmd=("/bin/sh", "-c", script), env=[f"PATH={DEFAULT_PATH}"])
+    await image.push(mesh.push_host, repo, "v1")
+    return mesh.image_ref(repo, "v1")
+
+
+@pytest.fixture
+async def alerts() -> AsyncIterator[dict[str, AlertReceiver]]:
+    holder: dict[str, AlertReceiver] = {}
+    yield holder
+    if "receiver" in holder:
+        await holder["receiver"].close()
+
+
+@pytest.fixture
+async def fleet3(base_dir: Path, alerts: dict[str, AlertReceiver]) -> AsyncIterator[CoordinatedFleet]:
+    def tables(mesh: Mesh) -> dict[str, dict[str, Any]]:
+        alerts["receiver"] = AlertReceiver(mesh.fabric.netns, mesh.gateway)
+        pool = f"{mesh.subnet.network_address + 192}/28"
+        return {
+            "deployments": {"address_pool": pool, "health_timeout": 30.0},
+            "alerts": {"webhook_url": alerts["receiver"].url},
+        }
+
+    async with coordinated_fleet(base_dir, 3, coordinator_for=tables, with_client=True) as f:
+        await alerts["receiver"].start()
+        yield f
+
+
+async def deployed_containers(f: CoordinatedFleet) -> dict[str, list[str]]:
+    """host -> the deployments' containers there (labelled by the coordinator), as the agents list them."""
+    out = {}
+    for host in f.mesh.hosts:
+        listed = (await api(host, "GET", "/v1/containers"))["containers"]
+        out[host.name] = sorted(c["id"] for c in listed if "ferryman.deployment" in (c.get("labels") or {}))
+    return out
+
+
+async def assert_nothing_left(f: CoordinatedFleet, record: dict[str, Any]) -> None:
+    assert await deployed_containers(f) == {h.name: [] for h in f.mesh.hosts}
+    reservations = (await f.call("GET", "/v1/reservations"))["reservations"]
+    assert [r for r in reservations if record["id"] in r["purpose"]] == []
+    assert f.mesh.client is not None
+    for component in record["components"]:
+        assert not await f.mesh.can_connect(f.mesh.client, component["address"], PORT), component
+        for host in f.mesh.hosts:  # the service address is unpublished everywhere
+            routes = await f.mesh.aexec_in(host, ["ip", "-4", "route", "show", component["address"]], check=True)
+            assert routes.stdout.strip() == "", (host.name, routes.stdout)
+
+
+async def ferryctl_json(f: CoordinatedFleet, *args: str, code: int = Exit.OK) -> Any:
+    res = await f.ferryctl("--json", *args)
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr, f.coordinator.logs()[-3000:])
+    return json.loads(res.stdout)
+
+
+async def test_a_pipeline_deploys_health_gated_across_hosts_serves_and_undeploys(fleet3: CoordinatedFleet) -> None:
+    f, mesh = fleet3, fleet3.mesh
+    detect = await push(mesh, "detect", DETECT)
+    render = await push(mesh, "render", fetch_then_serve("DETECT", "rendered"))
+    transcode = await push(mesh, "transcode", fetch_then_serve("RENDER", "transcoded"))
+    for document in (
+        entry("detect", detect),
+        entry("render", render, {"detect": "http"}),
+        entry("transcode", transcode, {"render": "http"}),
+    ):
+        await f.call("POST", "/v1/catalog", document, expect=201)
+
+    record = await ferryctl_json(f, "deploy", "transcode", "--wait", "120")
+    assert record["state"] == "HEALTHY", record
+    parts = {c["name"]: c for c in record["components"]}
+    assert [(c["name"], c["level"], c["state"]) for c in record["components"]] == [
+        ("detect", 0, "healthy"),
+        ("render", 1, "healthy"),
+        ("transcode", 2, "healthy"),
+    ]
+    assert [s["state"] for s in record["history"]] == ["PLANNED", "STARTING", "STARTING", "STARTING", "HEALTHY"]
+    # Each level started only once the one before was healthy, and the data went through all three.
+    assert mesh.client is not None
+    got = await mesh.aexec_in(
+        mesh.client, ["busybox", "wget", "-qO-", f"http://{parts['transcode']['address']}:{PORT}/frame"], check=True
+    )
+    assert got.stdout.strip() == f"transcoded:rendered:detected:{record['id']}:{parts['detect']['address']}"
+    running = await deployed_containers(f)
+    assert sorted(sum(running.values(), [])) == sorted(c["container"] for c in record["components"])
+    for c in record["components"]:
+        assert c["container"] in running[c["host"]]
+
+    listed = await ferryctl_json(f, "deployments")
+    assert [(d["id"], d["state"]) for d in listed["deployments"]] == [(record["id"], "HEALTHY")]
+    status = await f.ferryctl("deployment", "status", record["id"])
+    assert status.returncode == 0 and f"deployment {record['id']} of transcode@1.0.0: HEALTHY" in status.stdout
+
+    removed = await ferryctl_json(f, "undeploy", record["id"], "--wait", "60")
+    assert removed["state"] == "REMOVED", removed
+    assert {c["state"] for c in removed["components"]} == {"removed"}
+    await assert_nothing_left(f, record)
+    # Its addresses went back to the pool: the next deployment takes them again.
+    again = await ferryctl_json(f, "deploy", "detect", "--wait", "60")
+    assert again["state"] == "HEALTHY" and again["components"][0]["address"] == parts["detect"]["address"]
+    await ferryctl_json(f, "undeploy", again["id"])
+
+
+async def test_failures_leave_nothing_behind_and_raise_one_alert_each(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver]
+) -> None:
+    f, mesh = fleet3, fleet3.mesh
+    receiver = alerts["receiver"]
+    detect = await push(mesh, "detect", DETECT)
+    sick = await push(mesh, "sick", "exec sleep 3600")  # runs, but never answers its check
+    missing = mesh.image_ref(f"test/absent-{secrets.token_hex(3)}", "v1")
+    for document in (
+        entry("detect", detect),
+        entry("broken", missing, {"detect": "http"}),
+        entry("sick", sick, {"detect": "http"}),
+    ):
+        await f.call("POST", "/v1/catalog", document, expect=201)
+
+    cases = [("broken", "pull", "could not be pulled"), ("sick", "unhealthy", "became unhealthy")]
+    for n, (name, reason, why) in enumerate(cases, start=1):
+        record = await ferryctl_json(f, "deploy", name, "--wait", "120", code=Exit.NOT_DEPLOYED)
+        assert record["state"] == "FAILED", record
+        assert record["failed_component"] == name and why in record["error"], record
+        assert [s["state"] for s in record["history"]][-2:] == ["ROLLING_BACK", "FAILED"]
+        # detect had started and was healthy: the rollback removed it too.
+        assert record["components"][0]["name"] == "detect" and record["components"][0]["state"] == "removed"
+        await assert_nothing_left(f, record)
+        bodies = await receiver.wait_for(n)
+        assert len(bodies) == n  # one alert per failure
+        [alert] = bodies[-1]["alerts"]
+        assert bodies[-1]["version"] == "4" and bodies[-1]["status"] == "firing"
+        assert alert["labels"] == {
+            "alertname": "FerrymanDeploymentFailed",
+            "severity": "critical",
+            "deployment": record["id"],
+            "image": f"{name}@1.0.0",
+            "component": name,
+            "reason": reason,
+        }
+        assert why in alert["annotations"]["description"]
+        status = await f.ferryctl("deployment", "status", record["id"])
+        assert status.returncode == Exit.NOT_DEPLOYED and f"failed: {name}: " in status.stdout
+
+    metrics = await f.call("GET", "/metrics")
+    assert 'ferryman_coordinator_deployment_failures_total{reason="pull"} 1.0' in metrics
+    assert 'ferryman_coordinator_deployment_failures_total{reason="unhealthy"} 1.0' in metrics
+    assert 'ferryman_coordinator_alert_webhooks_total{result="sent"} 2.0' in metrics
