@@ -31,6 +31,7 @@ from agent.registry.client import RegistryClient
 from agent.reservations import Amount, Reservations
 from agent.runtime.service import ContainerService
 from agent.runtime.supervisor import RestartSupervisor
+from agent.runtime.volumes import VolumeDirs
 from agent.sharing.client import Peer, PeerBlobClient
 from agent.sharing.server import BlobServer
 from agent.telemetry.capacity import HostCapacity
@@ -97,6 +98,7 @@ class Agent:
             network=ServiceNetwork(config.network, cd.namespace),
             criu_configs=criu_configs or CriuConfigs(config.state_dir),
             admission=self.reservations,
+            volumes=VolumeDirs(Path(config.state_dir, "volumes")),
         )
         self.cache = CacheService(
             cd,

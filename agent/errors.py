@@ -5,6 +5,7 @@ Adapters raise these `from` the library error they wrap, so the original stays i
 FerrymanError (core.errors)
 ├── NotFound (core.errors)
 │   ├── ImageNotFound
+│   ├── VolumeNotFound          no shared volume of that name on this host
 │   └── ManifestNotFound        the registry has no such tag or digest
 ├── ContainerdError             a containerd call failed; `grpc_code` names the status
 │   ├── ContainerdNotFound      (also a NotFound)
@@ -30,6 +31,10 @@ from core.errors import AlreadyExists, Conflict, FerrymanError, NotFound
 
 class ImageNotFound(NotFound):
     code = "image_not_found"
+
+
+class VolumeNotFound(NotFound):
+    code = "volume_not_found"
 
 
 class ManifestNotFound(NotFound):

@@ -42,6 +42,8 @@ LABEL_LAST_EXIT_STATUS = LABEL_PREFIX + "last-exit-status"
 """The exit the agent last restarted the container after ("" when its task was lost, e.g. at a reboot)."""
 LABEL_LAST_EXIT_AT = LABEL_PREFIX + "last-exit-at"
 LABEL_MIGRATED_TO = LABEL_PREFIX + "migrated-to"
+LABEL_VOLUMES = LABEL_PREFIX + "volumes"
+"""The names of the shared volumes the container mounts, comma-separated (agent/runtime/volumes.py)."""
 """Set on a migration source's copy just before it is removed after the commit: the workload runs on
 that host now, and a copy left behind here is never restarted."""
 
@@ -194,6 +196,17 @@ def parse_restart_policy(value: Any, where: str) -> RestartPolicy:
 
 
 @dataclass(frozen=True)
+class Volume:
+    """A shared volume: a directory the agent keeps under its state dir, mounted at `path`."""
+
+    name: str
+    path: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "path": self.path}
+
+
+@dataclass(frozen=True)
 class CreateRequest:
     id: str
     image: str
@@ -214,6 +227,8 @@ class CreateRequest:
     """A reservation on this host (placed by the coordinator) the container's resources are charged to."""
     health: HealthCheck | None = None
     """The health check the agent runs while the container runs (agent/health)."""
+    volumes: tuple[Volume, ...] = ()
+    """Shared volumes (directories of this host) bind-mounted into the container (agent/runtime/volumes.py)."""
 
 
 @dataclass(frozen=True)

@@ -696,7 +696,7 @@ def test_openapi_request_schemas_match_validation() -> None:
     create = doc["components"]["schemas"]["CreateContainerRequest"]
     assert set(create["properties"]) == {
         "id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service",
-        "restart_policy", "reservation", "health",
+        "restart_policy", "reservation", "health", "volumes",
     }
     assert create["additionalProperties"] is False
     assert set(doc["components"]["schemas"]["Resources"]["properties"]) == {"cpus", "memory"}

@@ -254,7 +254,7 @@ def test_run_has_an_option_for_every_field_of_the_create_request() -> None:
     # Positionals and the options docs/ferryctl.md maps by another name; the rest are --kebab-case.
     renamed = {"id": "--name", "image": "image", "args": "args", "labels": "--label", "env": "--env",
                "resources.cpus": "--cpus", "resources.memory": "--memory", "restart_policy": "--restart",
-               "health": "--health-cmd"}
+               "health": "--health-cmd", "volumes": "--volume"}
     for command in ("run", "create"):
         sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]  # type: ignore[union-attr]
         names = {s for a in sub._actions for s in (a.option_strings or [a.dest])}

@@ -33,6 +33,7 @@ from agent.model import (
 )
 from agent.network.addresses import parse_service_ip
 from agent.reservations import check_reservation_id
+from agent.runtime.volumes import parse_volumes
 from core.errors import ContainerNotFound, FerrymanError, InvalidRequest
 from core.http.errors import error_body
 from core.http.validate import (
@@ -86,6 +87,7 @@ class ContainerServiceLike(Protocol):
     # The `timeout` parameter mirrors ContainerService.stop (the grace period, not a call deadline).
     async def stop(self, container_id: str, timeout: float | None = None) -> ContainerSummary: ...  # noqa: ASYNC109
     async def delete(self, container_id: str, force: bool = False) -> None: ...
+    async def remove_volume(self, name: str) -> None: ...
     async def list(self) -> list[ContainerSummary]: ...
     async def inspect(self, container_id: str) -> dict[str, Any]: ...
     def log_path(self, container_id: str) -> Path: ...
@@ -110,7 +112,7 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
     """A CreateRequest from a request body; types and unknown fields are checked strictly."""
     fields = {
         "id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service",
-        "restart_policy", "reservation", "health",
+        "restart_policy", "reservation", "health", "volumes",
     }
     check_keys(body, fields, {"id", "image"}, "body")
     cid = str_field(body, "id", "body")
@@ -167,6 +169,7 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
         restart_policy=parse_restart_policy(body.get("restart_policy"), "body.restart_policy"),
         reservation=_reservation_field(body),
         health=parse_health(body.get("health"), "body.health"),
+        volumes=parse_volumes(body.get("volumes"), "body.volumes"),
     )
 
 
@@ -336,6 +339,11 @@ async def stop_container(request: web.Request) -> web.Response:
 async def delete_container(request: web.Request) -> web.Response:
     cid = _container_id(request)
     await request.app[CONTAINERS].delete(cid, force=query_flag(request, "force"))
+    return web.Response(status=204)
+
+
+async def delete_volume(request: web.Request) -> web.Response:
+    await request.app[CONTAINERS].remove_volume(check_container_id(request.match_info["name"]))
     return web.Response(status=204)
 
 

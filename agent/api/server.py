@@ -98,6 +98,7 @@ def build_app(agent: AgentLike) -> web.Application:
     app.router.add_get("/v1/containers", h.list_containers)
     app.router.add_get("/v1/containers/{id}", h.inspect_container)
     app.router.add_delete("/v1/containers/{id}", h.delete_container)
+    app.router.add_delete("/v1/volumes/{name}", h.delete_volume)
     app.router.add_post("/v1/containers/{id}/start", h.start_container)
     app.router.add_post("/v1/containers/{id}/stop", h.stop_container)
     app.router.add_get("/v1/containers/{id}/logs", h.container_logs)

@@ -115,6 +115,12 @@ def _container_options(p: argparse.ArgumentParser) -> None:
         metavar="ID",
         help="charge the container's resources to this reservation held on the host (a coordinator placement)",
     )
+    p.add_argument(
+        "--volume",
+        action="append",
+        metavar="NAME:PATH",
+        help="mount the host's shared volume NAME at PATH, made on first use (volumes; repeatable)",
+    )
     healthcheck.add_options(p)
     p.add_argument(
         "--composition",
@@ -279,6 +285,11 @@ def container_spec(args: argparse.Namespace) -> dict[str, Any]:
         spec["restart_policy"] = args.restart
     if args.reservation is not None:
         spec["reservation"] = args.reservation
+    if args.volume:
+        pairs = [v.partition(":") for v in args.volume]
+        if any(not sep for _, sep, _ in pairs):
+            raise UsageError("--volume: expected NAME:PATH")
+        spec["volumes"] = [{"name": name, "path": path} for name, _, path in pairs]
     try:
         health = healthcheck.health_spec(args)
     except ValueError as exc:

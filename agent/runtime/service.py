@@ -21,7 +21,7 @@ from agent.checkpoint.criuconf import ANNOTATION as CRIU_ANNOTATION
 from agent.checkpoint.criuconf import CriuConfigs
 from agent.config import ContainerdConfig, RuntimeConfig
 from agent.containerd import Containerd, ContainerRecord, ProcessInfo, TaskStatus
-from agent.errors import ContainerdNotFound
+from agent.errors import ContainerdNotFound, VolumeNotFound
 from agent.health.spec import LABEL_HEALTH
 from agent.images.local import read_image
 from agent.images.service import ImageUses
@@ -38,6 +38,7 @@ from agent.model import (
     LABEL_SERVICE_IP,
     LABEL_SERVICE_PUBLISH,
     LABEL_STARTED_AT,
+    LABEL_VOLUMES,
     ContainerState,
     ContainerSummary,
     CreateRequest,
@@ -49,6 +50,8 @@ from agent.reservations import Admission, container_need
 from agent.runtime.restarts import ExitView, exit_view, policy_of, restart_count, restart_json, restart_labels
 from agent.runtime.rootfs import read_snapshot_files
 from agent.runtime.spec import build_spec
+from agent.runtime.volumes import VolumeDirs
+from agent.runtime.volumes import mounts as volume_bind_mounts
 from core.errors import Conflict, ContainerNotFound, InvalidRequest
 from core.ids import CONTAINER_ID_RE
 
@@ -81,6 +84,7 @@ class ContainerService:
         network: ServiceNetwork | None = None,
         criu_configs: CriuConfigs | None = None,
         admission: Admission | None = None,
+        volumes: VolumeDirs | None = None,
     ) -> None:
         self._cd = cd
         self._containerd = containerd
@@ -89,6 +93,8 @@ class ContainerService:
         self.criu_configs = criu_configs
         """The CRIU option files this service writes (None: checkpoints use runc's defaults)."""
         self._admission = admission
+        self.volumes = volumes
+        """Where shared volumes live (None: requests with volumes are refused)."""
         """Refuses containers that would use capacity reserved by the coordinator (agent/reservations.py)."""
         # Containers with a service address get their own network namespace through this adapter.
         self.network = network if network is not None else ServiceNetwork(namespace=cd.namespace)
@@ -142,6 +148,13 @@ class ContainerService:
         service_ip = parse_service_ip(req.service_ip) if req.service_ip is not None else None
         if service_ip is not None:
             await self._check_service_ip_free(service_ip)
+        volume_mounts: list[dict[str, Any]] = []
+        if req.volumes:
+            if self.volumes is None:
+                raise InvalidRequest("body.volumes: this agent keeps no shared volumes")
+            dirs = self.volumes
+            sources = await asyncio.to_thread(lambda: [dirs.ensure(v.name) for v in req.volumes])
+            volume_mounts = volume_bind_mounts(req.volumes, sources)
         spec = build_spec(
             image.config,
             req,
@@ -150,6 +163,7 @@ class ContainerService:
             group=group,
             # The path is derived from the id alone, so the namespace is made only once the record exists.
             netns_path=self.network.info(req.id).path if service_ip is not None else None,
+            volume_mounts=volume_mounts,
         )
         if self.criu_configs is not None:  # so that checkpoints of it get ferryman's CRIU options
             criu_config = await asyncio.to_thread(self.criu_configs.write, req.id)
@@ -167,6 +181,8 @@ class ContainerService:
             labels[LABEL_RESTART_POLICY] = req.restart_policy.spelling
         if req.health is not None:
             labels[LABEL_HEALTH] = req.health.label()
+        if req.volumes:
+            labels[LABEL_VOLUMES] = ",".join(v.name for v in req.volumes)
         async with self._cd.leases.held("create", 300) as lease_id:
             cd = self._cd.leased(lease_id)
             if await cd.snapshots.exists(req.id):
@@ -285,6 +301,15 @@ class ContainerService:
         )
         log.info("stopped container", extra={"container": container_id, "exit_status": exit_status})
         return _summary(record, None)
+
+    async def remove_volume(self, name: str) -> None:
+        """Delete a shared volume: VolumeNotFound without it, Conflict while a container mounts it."""
+        if self.volumes is None or not await asyncio.to_thread(self.volumes.exists, name):
+            raise VolumeNotFound(f"no volume {name!r}")
+        users = [c.id for c in await self.list() if name in c.labels.get(LABEL_VOLUMES, "").split(",")]
+        if users:
+            raise Conflict(f"volume {name} is mounted by {', '.join(sorted(users))}; delete those first")
+        await asyncio.to_thread(self.volumes.remove, name)
 
     async def delete(self, container_id: str, force: bool = False) -> None:
         async with self._lock(container_id):

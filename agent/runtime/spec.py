@@ -107,12 +107,14 @@ def build_spec(
     passwd: str | None = None,
     group: str | None = None,
     netns_path: str | None = None,
+    volume_mounts: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The runtime spec for `request` on an image whose config JSON is `image_config`.
 
     `cgroups_path` defaults to `/ferryman/<id>` (cgroupfs driver; `slice:prefix:name` for systemd).
     `passwd`/`group` are the image's /etc/passwd and /etc/group, needed only for user names.
     `netns_path` joins an existing network namespace (a service address's) instead of a new empty one.
+    `volume_mounts` are bind mounts of shared volumes (agent/runtime/volumes.py `mounts`).
     Raises InvalidRequest for anything runc would reject later with a less useful message.
     """
     config = _image_section(image_config)
@@ -137,7 +139,7 @@ def build_spec(
         "process": process,
         "root": {"path": "rootfs"},
         "hostname": request.id,
-        "mounts": copy.deepcopy(list(DEFAULT_MOUNTS)),
+        "mounts": copy.deepcopy(list(DEFAULT_MOUNTS)) + [dict(m) for m in volume_mounts],
         "linux": {
             "resources": resources(request.resources.cpus, request.resources.memory),
             "cgroupsPath": _cgroups_path(cgroups_path, request.id),
