@@ -1,9 +1,9 @@
 """A thin client for agents' ops APIs (https, mutual TLS with the coordinator's ops certificate).
 
 Only the calls the coordinator makes: hold/release a reservation, start and poll a migration, list,
-pull images, create and delete containers, wait for a container's health. Each agent's certificate must name the
-host we meant to reach (server_hostname is the host identity, not the URL's address), so a
-re-pointed api_url cannot impersonate another host.
+pull images, create and delete containers and shared volumes, wait for a container's health. Each
+agent's certificate must name the host we meant to reach (server_hostname is the host identity, not
+the URL's address), so a re-pointed api_url cannot impersonate another host.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class AgentClientLike(Protocol):
     async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]: ...
     async def pull_image(self, host: Host, ref: str, within: float) -> dict[str, Any]: ...
     async def delete_container(self, host: Host, container_id: str) -> None: ...
+    async def delete_volume(self, host: Host, name: str) -> None: ...
     async def container_health(
         self, host: Host, container_id: str, after: int, wait: float, within: float
     ) -> dict[str, Any]: ...
@@ -171,6 +172,12 @@ class AgentClient:
         status, data = await self._call(host, "DELETE", f"/v1/containers/{container_id}?force=1")
         if status not in (200, 204, 404):
             raise self._error(host, status, data, f"delete container {container_id}")
+
+    async def delete_volume(self, host: Host, name: str) -> None:
+        """Delete a shared volume on `host`; one that is not there is fine."""
+        status, data = await self._call(host, "DELETE", f"/v1/volumes/{name}")
+        if status not in (200, 204, 404):
+            raise self._error(host, status, data, f"delete volume {name}")
 
     async def container_health(
         self, host: Host, container_id: str, after: int, wait: float, within: float

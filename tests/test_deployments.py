@@ -1,8 +1,9 @@
 """Deployments on a real 3-host coordinated fleet: a pipeline deployed, used, undeployed; failures.
 
-The pipeline is three busybox programs that really pass data over HTTP, each reading its
-dependency's address from the wiring environment: detect serves a frame, render fetches it from
-detect and serves it rendered, transcode fetches that from render. Each is healthy (an HTTP check on
+The pipeline is three busybox programs that really pass data over the declared protocols, each
+reading where its dependency is from the wiring environment: detect writes a frame into a shared
+volume, render (on the same host, by the plan) reads it from there and serves it rendered over
+HTTP, transcode fetches that from render's service address. Each is healthy (an HTTP check on
 its service address) only once it has what it serves, and a client outside reads the result from
 transcode's service address. Failures (an image that is not in the registry, a health check that
 never passes) must leave nothing behind on any host or in the coordinator, and raise one alert each
@@ -28,6 +29,15 @@ from tests.harness.mesh import Mesh
 PORT = 8080
 SERVE = f"echo ok > /www/healthz && exec httpd -f -p {PORT} -h /www"
 DETECT = f'mkdir -p /www && echo "detected:$FERRYMAN_DEPLOYMENT:$FERRYMAN_SERVICE_HOST" > /www/frame && {SERVE}'
+FRAMES = "/shared/frames"
+DETECT_TO_VOLUME = (
+    f'mkdir -p /www && echo "detected:$FERRYMAN_DEPLOYMENT:$FERRYMAN_SERVICE_HOST" > {FRAMES}/next && '
+    f"mv {FRAMES}/next {FRAMES}/frame && {SERVE}"
+)
+RENDER_FROM_VOLUME = (
+    'mkdir -p /www && until [ -s "$FERRYMAN_DEP_DETECT_VOLUME/frame" ]; do sleep 0.1; done && '
+    f'sed "s/^/rendered:/" "$FERRYMAN_DEP_DETECT_VOLUME/frame" > /www/frame && {SERVE}'
+)
 
 
 def fetch_then_serve(dependency: str, stage: str) -> str:
@@ -40,15 +50,28 @@ def fetch_then_serve(dependency: str, stage: str) -> str:
 
 
 def entry(name: str, image: str, requires: Mapping[str, str] = {}, check: Mapping[str, Any] | None = None) -> Any:
+    """A catalog entry; `requires` maps each dependency to its protocol (http, or shared_volume at FRAMES)."""
+    transfers = {
+        dep: {"protocol": proto, "path": FRAMES} if proto == "shared_volume" else {"protocol": proto, "port": PORT}
+        for dep, proto in requires.items()
+    }
     return {
         "name": name,
         "version": "1.0.0",
         "image": image,
         "manifest": {
             "required_images": list(requires),
-            "data_transfer_protocols": {dep: {"protocol": proto, "port": PORT} for dep, proto in requires.items()},
+            "data_transfer_protocols": transfers,
             "dependency_health_check": check
-            or {"kind": "http", "port": PORT, "path": "/healthz", "interval": 0.2, "timeout": 0.2, "retries": 3},
+            or {
+                "kind": "http",
+                "port": PORT,
+                "path": "/healthz",
+                "interval": 0.2,
+                "timeout": 0.2,
+                "retries": 3,
+                "start_period": 10,  # fetching from a dependency may take a moment: not a failure
+            },
         },
     }
 
@@ -106,18 +129,19 @@ async def assert_nothing_left(f: CoordinatedFleet, record: dict[str, Any]) -> No
 
 async def ferryctl_json(f: CoordinatedFleet, *args: str, code: int = Exit.OK) -> Any:
     res = await f.ferryctl("--json", *args)
-    assert res.returncode == code, (res.returncode, res.stdout, res.stderr, f.coordinator.logs()[-3000:])
+    why = json.loads(res.stdout).get("error") if res.stdout.startswith("{") else res.stderr
+    assert res.returncode == code, (res.returncode, why, res.stdout, res.stderr, f.coordinator.logs()[-3000:])
     return json.loads(res.stdout)
 
 
 async def test_a_pipeline_deploys_health_gated_across_hosts_serves_and_undeploys(fleet3: CoordinatedFleet) -> None:
     f, mesh = fleet3, fleet3.mesh
-    detect = await push(mesh, "detect", DETECT)
-    render = await push(mesh, "render", fetch_then_serve("DETECT", "rendered"))
+    detect = await push(mesh, "detect", DETECT_TO_VOLUME)
+    render = await push(mesh, "render", RENDER_FROM_VOLUME)
     transcode = await push(mesh, "transcode", fetch_then_serve("RENDER", "transcoded"))
     for document in (
         entry("detect", detect),
-        entry("render", render, {"detect": "http"}),
+        entry("render", render, {"detect": "shared_volume"}),
         entry("transcode", transcode, {"render": "http"}),
     ):
         await f.call("POST", "/v1/catalog", document, expect=201)
@@ -138,9 +162,14 @@ async def test_a_pipeline_deploys_health_gated_across_hosts_serves_and_undeploys
     )
     assert got.stdout.strip() == f"transcoded:rendered:detected:{record['id']}:{parts['detect']['address']}"
     running = await deployed_containers(f)
-    assert sorted(sum(running.values(), [])) == sorted(c["container"] for c in record["components"])
+    assert sorted(c for cs in running.values() for c in cs) == sorted(c["container"] for c in record["components"])
     for c in record["components"]:
         assert c["container"] in running[c["host"]]
+    # detect hands its frames to render through a volume on their one host, made by the agent there.
+    assert parts["detect"]["host"] == parts["render"]["host"]
+    assert parts["detect"]["volumes"] == parts["render"]["volumes"] == ["detect-1"]
+    volume = mesh[parts["detect"]["host"]].agent_state_dir / "volumes" / f"{record['id']}-detect-1"
+    assert (volume / "frame").read_text().startswith(f"detected:{record['id']}:")
 
     listed = await ferryctl_json(f, "deployments")
     assert [(d["id"], d["state"]) for d in listed["deployments"]] == [(record["id"], "HEALTHY")]
@@ -151,10 +180,13 @@ async def test_a_pipeline_deploys_health_gated_across_hosts_serves_and_undeploys
     assert removed["state"] == "REMOVED", removed
     assert {c["state"] for c in removed["components"]} == {"removed"}
     await assert_nothing_left(f, record)
+    assert not volume.exists()
     # Its addresses went back to the pool: the next deployment takes them again.
-    again = await ferryctl_json(f, "deploy", "detect", "--wait", "60")
-    assert again["state"] == "HEALTHY" and again["components"][0]["address"] == parts["detect"]["address"]
+    again = await ferryctl_json(f, "deploy", "transcode", "--wait", "120")
+    assert again["state"] == "HEALTHY"
+    assert {c["name"]: c["address"] for c in again["components"]} == {n: c["address"] for n, c in parts.items()}
     await ferryctl_json(f, "undeploy", again["id"])
+    await assert_nothing_left(f, again)
 
 
 async def test_failures_leave_nothing_behind_and_raise_one_alert_each(
@@ -164,11 +196,12 @@ async def test_failures_leave_nothing_behind_and_raise_one_alert_each(
     receiver = alerts["receiver"]
     detect = await push(mesh, "detect", DETECT)
     sick = await push(mesh, "sick", "exec sleep 3600")  # runs, but never answers its check
+    never = {"kind": "http", "port": PORT, "path": "/healthz", "interval": 0.2, "timeout": 0.2, "retries": 3}
     missing = mesh.image_ref(f"test/absent-{secrets.token_hex(3)}", "v1")
     for document in (
         entry("detect", detect),
         entry("broken", missing, {"detect": "http"}),
-        entry("sick", sick, {"detect": "http"}),
+        entry("sick", sick, {"detect": "http"}, never),
     ):
         await f.call("POST", "/v1/catalog", document, expect=201)
 

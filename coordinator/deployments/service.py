@@ -83,6 +83,7 @@ class DeploymentAgents(Protocol):
     async def pull_image(self, host: Host, ref: str, within: float) -> dict[str, Any]: ...
     async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]: ...
     async def delete_container(self, host: Host, container_id: str) -> None: ...
+    async def delete_volume(self, host: Host, name: str) -> None: ...
     async def container_health(
         self, host: Host, container_id: str, after: int, wait: float, within: float
     ) -> dict[str, Any]: ...
@@ -402,12 +403,23 @@ class DeploymentService:
         return record
 
     async def _teardown(self, record: DeploymentRecord) -> DeploymentRecord:
-        """Remove every component that holds anything, highest level first, each level in parallel."""
+        """Remove every component that holds anything, highest level first, each level in parallel;
+        then the shared volumes, once no container of the deployment mounts them."""
+        volumes = {(c.host, v) for c in record.components if c.host for v in c.volumes}
         for group in started_in_reverse(record.components):
             done = await asyncio.gather(*(self._remove(record.id, c) for c in group))
             for component in done:
                 record = record.with_component(component, self._clock())
             await self._put(record)
+        for host_name, volume in sorted(volumes):
+            name = volume_name(record.id, volume)
+            try:
+                await self._agents.delete_volume(await self._host(host_name), name)
+            except FerrymanError as exc:
+                log.error(
+                    "volume not removed",
+                    extra={"deployment": record.id, "host": host_name, "volume": name, "error": exc.message},
+                )
         return record
 
     async def _remove(self, deployment: str, component: ComponentRecord) -> ComponentRecord:
@@ -457,8 +469,13 @@ class DeploymentService:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def volume_name(deployment: str, volume: str) -> str:
+    """The agent's name of a deployment's shared volume: `<deployment>-<volume>`, at most 64 characters."""
+    return container_id(deployment, volume)
+
+
 def _volume_spec(deployment: str, volume: SharedVolume) -> dict[str, str]:
-    return {"name": f"{deployment}-{volume.name}", "path": volume.path}
+    return {"name": volume_name(deployment, volume.name), "path": volume.path}
 
 
 def _last_output(health: dict[str, Any]) -> str:
