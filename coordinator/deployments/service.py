@@ -4,13 +4,14 @@
 address per component from `[deployments] address_pool`, reserves capacity for every component
 through the placement before anything starts (components that share a volume on one host), and
 stores the record PLANNED; that much happens in the request, so bad input is refused with nothing
-created. Then a task of its own starts the levels in order: each component of a level is created on
-its agent in parallel, with its wiring environment, its service address and its health check (the
-catalog's, translated to the agent's), and is waited on through the agent's health long poll
-(`GET /v1/containers/{id}/health?after=SEQ&wait=S`, woken by the transition itself). The next
-level starts when the whole level is healthy.
+created. Then a task of its own pulls every component's image on its host at once (so a later
+level finds its image in place) and starts the levels in order: each component of a level is
+created on its agent in parallel, with its wiring environment, its service address and its health
+check (the catalog's, translated to the agent's), and is waited on through the agent's health long
+poll (`GET /v1/containers/{id}/health?after=SEQ&wait=S`, woken by the transition itself). The
+next level starts when the whole level is healthy.
 
-Any failure (no host, a create the agent refuses, e.g. a missing image; a check that reports
+Any failure (no host, an image that cannot be pulled, a create the agent refuses, a check that reports
 unhealthy or does not pass within `health_timeout`) fails the deployment: every component that
 holds anything is removed in the reverse start order (containers, reservations, volumes), the
 addresses return to the pool, the record names the component and why, and an alert goes out
@@ -223,15 +224,19 @@ class DeploymentService:
 
     async def _run(self, record: DeploymentRecord, layout: DeploymentPlan) -> DeploymentRecord:
         started = self._clock()
+        pulls: dict[str, asyncio.Task[None]] = {}
         try:
             record = await self._place(record, layout)
             record = await self._put(record.advance(Event.START, self._clock(), level=0))
+            # Every image is pulled at once, so later levels find theirs in place when they start.
+            pulls = {c.name: asyncio.create_task(self._pull(c), name=f"pull-{c.container}") for c in record.components}
             env = wiring(layout, {c.name: c.address for c in record.components}, record.id)
             for level, names in enumerate(layout.levels):
                 if level:
                     record = await self._put(record.advance(Event.LEVEL_HEALTHY, self._clock(), level=level))
                 results = await asyncio.gather(
-                    *(self._start_component(record, layout, n, env[n]) for n in names), return_exceptions=True
+                    *(self._start_component(record, layout, n, env[n], pulls[n]) for n in names),
+                    return_exceptions=True,
                 )
                 for result in results:
                     if isinstance(result, ComponentRecord):
@@ -255,6 +260,10 @@ class DeploymentService:
         except Exception as exc:  # a bug or an unexpected agent answer: still all or nothing
             log.exception("deployment failed unexpectedly", extra={"deployment": record.id})
             return await self._fail(record, ComponentFailed("", "internal", f"{type(exc).__name__}: {exc}"))
+        finally:
+            for task in pulls.values():
+                task.cancel()
+            await asyncio.gather(*pulls.values(), return_exceptions=True)
 
     async def _put(self, record: DeploymentRecord) -> DeploymentRecord:
         await self._records.put_deployment(record)
@@ -295,8 +304,16 @@ class DeploymentService:
             raise HostNotFound(f"host {name} left the fleet")
         return host
 
+    async def _pull(self, component: ComponentRecord) -> None:
+        await self._agents.pull_image(await self._host(component.host), component.image, self._create_timeout)
+
     async def _start_component(
-        self, record: DeploymentRecord, layout: DeploymentPlan, name: str, env: dict[str, str]
+        self,
+        record: DeploymentRecord,
+        layout: DeploymentPlan,
+        name: str,
+        env: dict[str, str],
+        pull: asyncio.Task[None],
     ) -> ComponentRecord:
         """Create `name` on its host and wait until it is healthy: the component as it ended, or
         ComponentFailed."""
@@ -322,7 +339,7 @@ class DeploymentService:
             raise ComponentFailed(name, "placement", f"{name}: {exc.message}") from exc
         try:
             async with asyncio.timeout_at(deadline):
-                await self._agents.pull_image(host, component.image, self._create_timeout)
+                await asyncio.shield(pull)  # the task ends with the deployment, not with this wait
         except TimeoutError:
             raise ComponentFailed(
                 name,
