@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +33,8 @@ class AlertReceiver:
         self._sock = call_in_netns(netns, _listen, host)
         self.url = f"http://{host}:{self._sock.getsockname()[1]}/alerts"
         self.bodies: list[dict[str, Any]] = []
+        self.arrived: list[float] = []
+        """time.time() when each body had arrived, in order."""
         self._arrived = asyncio.Condition()
         self._runner: web.AppRunner | None = None
 
@@ -39,6 +42,7 @@ class AlertReceiver:
         body = await request.json()
         async with self._arrived:
             self.bodies.append(body)
+            self.arrived.append(time.time())
             self._arrived.notify_all()
         return web.json_response({})
 
