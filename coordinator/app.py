@@ -168,8 +168,8 @@ class Coordinator:
 
     async def start(self) -> None:
         """Start the background loops. With one store of its own (SQLite) this coordinator leads at
-        once; on etcd it campaigns, and leads (resumes migrations, runs the ticks, liveness checks,
-        sweeps and retraining) only while elected."""
+        once; on etcd it campaigns, and leads (resumes migrations, takes over deployments left in flight,
+        runs the ticks, liveness checks, sweeps and retraining) only while elected."""
         if self.election is None:
             await self._start_leading()
         else:
@@ -200,6 +200,9 @@ class Coordinator:
         resumed = await self.migrations.resume()
         if resumed:
             log.info("resumed migrations", extra={"count": resumed})
+        taken = await self.deployments.recover()
+        if taken:
+            log.info("took over deployments", extra={"count": taken})
         self._leader_loops = [
             asyncio.create_task(self._while_leading(self.hosts.run_liveness), name="liveness"),
             asyncio.create_task(self._while_leading(self.reservations.run_sweeper), name="reservation-sweeper"),

@@ -14,9 +14,11 @@ from coordinator.deployments.states import (
     DeploymentRecord,
     Event,
     IllegalTransition,
+    Recovery,
     State,
     can_undeploy,
     next_state,
+    recovery,
     started_in_reverse,
 )
 
@@ -126,3 +128,15 @@ def test_the_alert_is_an_alertmanager_v4_payload() -> None:
     }
     assert one["startsAt"] == "1970-01-01T00:00:00Z" and one["endsAt"] == "0001-01-01T00:00:00Z"
     assert one["annotations"]["description"] == "render: boom"
+
+
+def test_a_restarted_coordinator_rolls_back_what_was_starting_and_finishes_what_was_ending() -> None:
+    assert {s: recovery(s) for s in State} == {
+        State.PLANNED: Recovery.ROLL_BACK,
+        State.STARTING: Recovery.ROLL_BACK,
+        State.ROLLING_BACK: Recovery.FINISH_ROLLBACK,
+        State.STOPPING: Recovery.FINISH_STOP,
+        State.HEALTHY: Recovery.NOTHING,
+        State.FAILED: Recovery.NOTHING,
+        State.REMOVED: Recovery.NOTHING,
+    }

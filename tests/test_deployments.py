@@ -234,3 +234,37 @@ async def test_failures_leave_nothing_behind_and_raise_one_alert_each(
     assert 'ferryman_coordinator_deployment_failures_total{reason="pull"} 1.0' in metrics
     assert 'ferryman_coordinator_deployment_failures_total{reason="unhealthy"} 1.0' in metrics
     assert 'ferryman_coordinator_alert_webhooks_total{result="sent"} 2.0' in metrics
+
+
+async def test_a_coordinator_killed_mid_deployment_rolls_it_back_when_it_starts_again(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver]
+) -> None:
+    f, mesh = fleet3, fleet3.mesh
+    detect = await push(mesh, "detect", DETECT)
+    slow = await push(mesh, "slow", "exec sleep 3600")  # never healthy, and its start period is long
+    waiting = {"kind": "tcp", "port": PORT, "interval": 0.5, "timeout": 0.5, "retries": 3, "start_period": 600}
+    for document in (entry("detect", detect), entry("slow", slow, {"detect": "http"}, waiting)):
+        await f.call("POST", "/v1/catalog", document, expect=201)
+    record = await ferryctl_json(f, "deploy", "slow", "--no-wait")
+
+    async def slow_created() -> bool:
+        now = await f.call("GET", f"/v1/deployments/{record['id']}")
+        running = [c for cs in (await deployed_containers(f)).values() for c in cs]
+        return bool(now["level"] == 1 and len(running) == 2)
+
+    await f.wait_for("slow created at level 1", slow_created, within=60)
+    assert f.coordinator.proc is not None
+    f.coordinator.proc.kill()  # a crash: no rollback on the way out
+    await f.coordinator.stop()
+    assert len([c for cs in (await deployed_containers(f)).values() for c in cs]) == 2  # left running
+    await f.coordinator.start()
+
+    async def failed() -> dict[str, Any] | None:
+        now = await f.call("GET", f"/v1/deployments/{record['id']}")
+        return dict(now) if now["state"] == "FAILED" else None
+
+    after = await f.wait_for("rolled back after the restart", failed, within=60)
+    assert "coordinator restarted" in after["error"] and after["failed_component"] == "", after
+    await assert_nothing_left(f, after)
+    [body] = await alerts["receiver"].wait_for(1)
+    assert body["alerts"][0]["labels"]["reason"] == "coordinator_restart"

@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from coordinator.alerts import Alert, Alerter
@@ -44,8 +44,10 @@ from coordinator.deployments.states import (
     DeploymentBusy,
     DeploymentRecord,
     Event,
+    Recovery,
     State,
     can_undeploy,
+    recovery,
     started_in_reverse,
 )
 from coordinator.deployments.store import DeploymentStore
@@ -217,9 +219,7 @@ class DeploymentService:
             )
             await self._records.put_deployment(record)
         log.info("deployment planned", extra={"deployment": deployment_id, "root": root.id, "components": order})
-        task = asyncio.create_task(self._run(record, layout), name=f"deployment-{deployment_id}")
-        self._tasks[deployment_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(deployment_id, None))
+        self._track(deployment_id, asyncio.create_task(self._run(record, layout), name=f"deployment-{deployment_id}"))
         return record
 
     async def _run(self, record: DeploymentRecord, layout: DeploymentPlan) -> DeploymentRecord:
@@ -400,6 +400,10 @@ class DeploymentService:
             "deployment failed; rolling back",
             extra={"deployment": record.id, "component": failure.component, "error": failure.message},
         )
+        return await self._roll_back(record, failure)
+
+    async def _roll_back(self, record: DeploymentRecord, failure: ComponentFailed) -> DeploymentRecord:
+        """ROLLING_BACK -> FAILED: remove what the deployment holds, count it, fire the alert."""
         record = await self._teardown(record)
         record = await self._put(record.advance(Event.ROLLED_BACK, self._clock()))
         self._metrics.deployment_failures.labels(reason=failure.reason).inc()
@@ -458,6 +462,33 @@ class DeploymentService:
         state = ComponentState.FAILED if component.state is ComponentState.FAILED else ComponentState.REMOVED
         return _replace(component, state=state if not problems else component.state, error=error)
 
+    # ----- after a restart
+
+    async def recover(self) -> int:
+        """Take over the deployments a previous process left in flight (states.recovery): those that
+        were starting are rolled back, rollbacks and undeploys finished. The count taken over."""
+        taken = 0
+        for record in await self._records.list_deployments():
+            action = recovery(record.state)
+            if action is Recovery.NOTHING or record.id in self._tasks:  # nothing in flight, or ours
+                continue
+            if action is Recovery.ROLL_BACK:
+                reason = ComponentFailed("", "coordinator_restart", "the coordinator restarted during the deployment")
+                work: Coroutine[Any, Any, DeploymentRecord] = self._fail(record, reason)
+            elif action is Recovery.FINISH_ROLLBACK:
+                reason = ComponentFailed(record.failed_component, "coordinator_restart", record.error)
+                work = self._roll_back(record, reason)
+            else:
+                work = self._stop(record)
+            log.warning("taking over a deployment", extra={"deployment": record.id, "state": record.state.value})
+            self._track(record.id, asyncio.create_task(work, name=f"recover-{record.id}"))
+            taken += 1
+        return taken
+
+    def _track(self, deployment_id: str, task: asyncio.Task[DeploymentRecord]) -> None:
+        self._tasks[deployment_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(deployment_id, None))
+
     # ----- undeploy
 
     async def undeploy(self, deployment_id: str) -> DeploymentRecord:
@@ -468,9 +499,7 @@ class DeploymentService:
                 f"deployment {deployment_id} is {record.state.value}; undeploy it once it is HEALTHY or FAILED"
             )
         record = await self._put(record.advance(Event.UNDEPLOY, self._clock()))
-        task = asyncio.create_task(self._stop(record), name=f"undeploy-{deployment_id}")
-        self._tasks[deployment_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(deployment_id, None))
+        self._track(deployment_id, asyncio.create_task(self._stop(record), name=f"undeploy-{deployment_id}"))
         return record
 
     async def _stop(self, record: DeploymentRecord) -> DeploymentRecord:

@@ -10,6 +10,9 @@ record as it was, so a driver bug cannot, say, mark a deployment HEALTHY that is
     HEALTHY, FAILED --undeploy--> STOPPING --stopped--> REMOVED
 
 Everything a deployment started is removed on the way to FAILED (all or nothing) and to REMOVED.
+A coordinator that restarts finds deployments where the previous process left them; `recovery`
+(a table too) says what it does with each: one that was starting is rolled back, since nobody
+followed its levels meanwhile; a rollback or an undeploy is finished.
 """
 
 from __future__ import annotations
@@ -81,6 +84,31 @@ def next_state(state: State, event: Event) -> State:
 
 def can_undeploy(state: State) -> bool:
     return (state, Event.UNDEPLOY) in _TRANSITIONS
+
+
+class Recovery(enum.StrEnum):
+    """What a coordinator does at start with a deployment a previous process left in a state."""
+
+    ROLL_BACK = "roll_back"  # it was starting: its levels cannot be followed again, so all or nothing
+    FINISH_ROLLBACK = "finish_rollback"  # it was rolling back: remove what is left, then FAILED and the alert
+    FINISH_STOP = "finish_stop"  # it was undeploying: remove what is left, then REMOVED
+    NOTHING = "nothing"  # HEALTHY, FAILED, REMOVED: nothing was in flight
+
+
+_RECOVERY: dict[State, Recovery] = {
+    State.PLANNED: Recovery.ROLL_BACK,
+    State.STARTING: Recovery.ROLL_BACK,
+    State.ROLLING_BACK: Recovery.FINISH_ROLLBACK,
+    State.STOPPING: Recovery.FINISH_STOP,
+    State.HEALTHY: Recovery.NOTHING,
+    State.FAILED: Recovery.NOTHING,
+    State.REMOVED: Recovery.NOTHING,
+}
+
+
+def recovery(state: State) -> Recovery:
+    """What a restarted coordinator does with a deployment stored in `state`."""
+    return _RECOVERY[state]
 
 
 class ComponentState(enum.StrEnum):
