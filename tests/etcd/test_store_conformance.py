@@ -20,6 +20,9 @@ import pytest
 
 from coordinator.catalog.model import CatalogChanged, CatalogEntry, CatalogEntryExists
 from coordinator.config import CoordinatorConfig
+from coordinator.deployments.states import ComponentRecord, DeploymentRecord
+from coordinator.deployments.states import Event as DeploymentEvent
+from coordinator.deployments.states import State as DeploymentState
 from coordinator.etcd.kv import EtcdKV
 from coordinator.etcd.store import EtcdStore
 from coordinator.metrics import CoordinatorMetrics
@@ -367,3 +370,17 @@ async def test_concurrent_catalog_writers_at_one_revision_only_one_lands(clients
 
     assert sum(await asyncio.gather(*(add(i) for i in range(30)))) == 1
     assert len((await clients[1].catalog()).entries) == 1
+
+
+async def test_deployments_round_trip(clients: list[Store]) -> None:
+    a, b, _ = clients
+    parts = (ComponentRecord("detect", "detect@1", "r/detect:1", 0, "10.9.0.2", host="h1", reservation="rsv-1"),)
+    first = DeploymentRecord("detect-1", "detect@1", DeploymentState.PLANNED, parts, created_at=2.0, updated_at=2.0)
+    older = DeploymentRecord("old-1", "old@1", DeploymentState.FAILED, (), created_at=1.0, updated_at=1.0)
+    await a.put_deployment(first)
+    await a.put_deployment(older)
+    healthy = first.advance(DeploymentEvent.START, 3.0).advance(DeploymentEvent.ALL_HEALTHY, 4.0)
+    await b.put_deployment(healthy)  # written whole: the last put is the record
+    assert await a.get_deployment("detect-1") == healthy
+    assert await b.get_deployment("nope") is None
+    assert [r.id for r in await a.list_deployments()] == ["old-1", "detect-1"]  # oldest first
