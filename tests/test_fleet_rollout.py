@@ -5,7 +5,8 @@ connection plugin and installs the fleet PKI, the coordinator (on h1) and the ag
 from the controller's checkout, the ferryman-criu package and a wheelhouse. The tests then check
 what a user would: the services run under systemd with the units' readiness, restart and logging
 behaviour, the agents registered with the coordinator over mutual TLS, and a second run of the
-playbook changes nothing.
+playbook changes nothing. Last, `ansible/upgrade.yml` moves every agent to a new commit, one host
+at a time, each drained through the coordinator and returned to service.
 
 The first run takes most of the module's time (three venvs installed on a 2-core machine); the
 module is marked `fleet` (and `slow`): `pytest -m fleet` runs it alone.
@@ -14,6 +15,7 @@ module is marked `fleet` (and `slow`): `pytest -m fleet` runs it alone.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -179,3 +181,35 @@ def test_second_run_changes_nothing(deployed: Deployed) -> None:
     print(f"second run: {second.seconds:.0f} s, changed {second.changed()}")
     assert second.returncode == 0, second.output[-6000:]
     assert second.changed() == dict.fromkeys(AGENTS, 0), second.output[-6000:]
+
+
+def test_rolling_upgrade_to_a_new_commit(deployed: Deployed, tmp_path: Path) -> None:
+    """upgrade.yml moves every agent to a new commit, one host at a time, each drained through the
+    coordinator first and returned to service after; a second run changes nothing.
+
+    Runs last: it leaves the fleet at a commit that is not the checkout's HEAD."""
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True, timeout=120)
+    git = ["git", "-C", str(repo), "-c", "user.name=rollout", "-c", "user.email=rollout@localhost"]
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "the next release"], check=True, timeout=30)
+    new = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+    inventory = deployed.workdir / "hosts.yml"
+    run = run_playbook(inventory, "upgrade.yml", ferryman_local_repo=str(repo), ferryman_version="HEAD")
+    print(f"rolling upgrade: {run.seconds:.0f} s, changed {run.changed()}")
+    assert run.returncode == 0, run.output[-6000:]
+    for host in deployed.fleet.hosts:
+        assert host.sh("cat /opt/ferryman/src/.ferryman-commit").strip() == new
+        assert host.sh("systemctl is-active ferryman-agent").strip() == "active"
+    # serial: 1 — each host is drained and returned to service before the next one is drained.
+    events = [
+        (task, host)
+        for task, host in re.findall(r"TASK \[(Drain|Return)[^\]]*\].*?\nchanged: \[(h\d)", run.output, re.S)
+    ]
+    assert events == [(step, h) for h in AGENTS for step in ("Drain", "Return")], events
+    hosts = json.loads(deployed.ferryctl("--json", "hosts").stdout)["hosts"]
+    assert {h["name"]: (h["state"], h["admin"]) for h in hosts} == dict.fromkeys(AGENTS, ("ready", "active"))
+
+    again = run_playbook(inventory, "upgrade.yml", ferryman_local_repo=str(repo), ferryman_version="HEAD")
+    assert again.returncode == 0, again.output[-6000:]
+    assert again.changed() == dict.fromkeys(AGENTS, 0), again.output[-6000:]
