@@ -21,6 +21,7 @@ Pure: the inputs are plain values, `Breakdown` is the record kept with the decis
 
 from __future__ import annotations
 
+import collections
 import statistics
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -109,8 +110,9 @@ def time_to_running(
 
 
 FIGURES = ("registry_bytes_per_second", "peer_bytes_per_second", "apply_seconds_per_byte", "start_seconds")
-START_WEIGHT = 0.3
-"""Weight of the newest start in a host's start-overhead average."""
+START_WINDOW = 5
+"""A host's start overhead is the median of its last this many warm starts (one slow start, say
+on a view of its layers that was out of date, does not set it)."""
 
 
 class CostBook:
@@ -120,18 +122,19 @@ class CostBook:
     def __init__(self) -> None:
         self._latest: dict[str, dict[str, float]] = {}
         self._start: dict[str, float] = {}
+        self._starts: dict[str, collections.deque[float]] = {}
 
     def started(self, host: str, measured_seconds: float, predicted: Breakdown) -> None:
         """A container placed on `host` ran after `measured_seconds`. When it needed no layer (all
-        held), that is the host's start overhead (create, the image record, start, the calls), kept
-        as a moving average that the next predictions for the host use. Starts that fetched are
+        held), that is the host's start overhead (create, the image record, start, the calls): the
+        median of its recent warm starts is what the next predictions for the host use. Starts that fetched are
         left out: there a wrong rate would be taken for a slow start."""
         if predicted.bytes_from_peers or predicted.bytes_from_registry:
             return
-        residual = measured_seconds
         costs = self._latest.setdefault(host, {})
-        before = self._start.get(host)
-        self._start[host] = residual if before is None else before + START_WEIGHT * (residual - before)
+        recent = self._starts.setdefault(host, collections.deque(maxlen=START_WINDOW))
+        recent.append(measured_seconds)
+        self._start[host] = statistics.median(recent)
         costs["start_seconds"] = self._start[host]
 
     def observe(self, host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
