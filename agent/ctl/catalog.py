@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -96,37 +95,25 @@ async def run(client: Requester, args: argparse.Namespace, out: Console) -> int:
     match args.catalog_command:
         case "register":
             entry = await client.request("POST", "/v1/catalog", body=await read_document(args.file))
-            _show(args, entry, lambda: render.say(f"registered {entry['id']} ({entry['image']})"))
+            render.show(args, entry, lambda: render.say(f"registered {entry['id']} ({entry['image']})"))
         case "show":
             view = await client.request("GET", _entry_path(*_ref(args.ref)))
-            _show(args, view, lambda: _say_all(entry_details(view)))
+            render.show(args, view, lambda: render.say_all(entry_details(view)))
         case "remove":
             done = await client.request("DELETE", _entry_path(*_ref(args.ref)))
-            _show(args, done, lambda: _say_all([f"removed {r}" for r in done["removed"]]))
+            render.show(args, done, lambda: render.say_all([f"removed {r}" for r in done["removed"]]))
         case "plan":
             name, version = _ref(args.ref)
             params = {"version": version} if version else None
             layout = await client.request("GET", f"/v1/catalog/{quote(name, safe='')}/plan", params=params)
-            _show(args, layout, lambda: _say_all(plan_details(layout)))
+            render.show(args, layout, lambda: render.say_all(plan_details(layout)))
         case "schema":
             schema = await client.request("GET", "/v1/schemas/catalog-entry.json")
             render.print_json(schema)
         case _:
             data = await client.request("GET", "/v1/catalog")
-            _show(args, data, lambda: render.print_table(out, catalog_table(data["entries"])))
+            render.show(args, data, lambda: render.print_table(out, catalog_table(data["entries"])))
     return Exit.OK
-
-
-def _show(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
-    if args.json:
-        render.print_json(data)
-    else:
-        human()
-
-
-def _say_all(lines: list[str]) -> None:
-    for line in lines:
-        render.say(line)
 
 
 def _check(check: dict[str, Any]) -> str:

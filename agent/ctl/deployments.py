@@ -8,7 +8,6 @@ deployment failed (it was rolled back: nothing of it runs) or did not get there 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -78,19 +77,19 @@ async def run(client: Requester, args: argparse.Namespace, out: Console) -> int:
     match args.command:
         case "deploy":
             record = await client.request("POST", "/v1/deployments", params=_params(args), body={"image": args.image})
-            _show(args, record, lambda: _say_all(details(record)))
+            render.show(args, record, lambda: render.say_all(details(record)))
             return _outcome(record, args.no_wait, "HEALTHY")
         case "undeploy":
             record = await client.request("DELETE", _path(args.id), params=_params(args))
-            _show(args, record, lambda: _say_all(details(record)))
+            render.show(args, record, lambda: render.say_all(details(record)))
             return _outcome(record, args.no_wait, "REMOVED")
         case "deployment":
             record = await client.request("GET", _path(args.id))
-            _show(args, record, lambda: _say_all(details(record)))
+            render.show(args, record, lambda: render.say_all(details(record)))
             return Exit.NOT_DEPLOYED if record["state"] == "FAILED" else Exit.OK
         case _:
             data = await client.request("GET", "/v1/deployments")
-            _show(args, data, lambda: render.print_table(out, deployments_table(data["deployments"])))
+            render.show(args, data, lambda: render.print_table(out, deployments_table(data["deployments"])))
     return Exit.OK
 
 
@@ -98,18 +97,6 @@ def _outcome(record: dict[str, Any], no_wait: bool, wanted: str) -> int:
     if no_wait:
         return Exit.OK
     return Exit.OK if record.get("state") == wanted else Exit.NOT_DEPLOYED
-
-
-def _show(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
-    if args.json:
-        render.print_json(data)
-    else:
-        human()
-
-
-def _say_all(lines: list[str]) -> None:
-    for line in lines:
-        render.say(line)
 
 
 def deployments_table(records: list[dict[str, Any]]) -> Table:

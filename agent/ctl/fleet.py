@@ -16,7 +16,6 @@ import asyncio
 import os
 import ssl
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -210,18 +209,18 @@ async def run(args: argparse.Namespace, out: Console, err: Console) -> int:
         match args.command:
             case "hosts":
                 data = await client.request("GET", "/v1/hosts")
-                _show(args, data, lambda: render.print_table(out, hosts_table(data["hosts"])))
+                render.show(args, data, lambda: render.print_table(out, hosts_table(data["hosts"])))
             case "drain":
                 return await _drain(client, args)
             case "uncordon":
                 host = await client.request("POST", f"/v1/hosts/{quote(args.host, safe='')}/uncordon")
-                _show(args, host, lambda: render.say(f"{host['name']} {host['state']}"))
+                render.show(args, host, lambda: render.say(f"{host['name']} {host['state']}"))
             case "predictions" if args.explain:
                 data = await client.request("GET", f"/v1/predictions/{quote(args.explain, safe='')}")
-                _show(args, data, lambda: _print_explanation(out, data))
+                render.show(args, data, lambda: _print_explanation(out, data))
             case "predictions":
                 data = await client.request("GET", "/v1/predictions")
-                _show(args, data, lambda: _print_predictions(out, data))
+                render.show(args, data, lambda: _print_predictions(out, data))
             case "migrate":
                 return await _migrate(client, args, err)
             case "migrations":
@@ -231,10 +230,10 @@ async def run(args: argparse.Namespace, out: Console, err: Console) -> int:
             case "decisions":
                 params = {"host": args.host} if args.host else None
                 data = await client.request("GET", "/v1/decisions", params=params)
-                _show(args, data, lambda: render.print_table(out, decisions_table(data["decisions"])))
+                render.show(args, data, lambda: render.print_table(out, decisions_table(data["decisions"])))
             case "model":
                 data = await _model(client, args)
-                _show(args, data, lambda: _say_all(model_details(data)))
+                render.show(args, data, lambda: render.say_all(model_details(data)))
             case "catalog":
                 return await catalog.run(client, args, out)
             case "deploy" | "deployments" | "undeploy" | "deployment":
@@ -254,7 +253,7 @@ async def start_placed(args: argparse.Namespace, spec: dict[str, Any]) -> int:
     async with CoordinatorClient(ep) as client:
         started = await client.request("POST", "/v1/containers", body={"container": spec})
     predicted = started["placement"]["predicted"]
-    _show(
+    render.show(
         args,
         started,
         lambda: render.say(
@@ -265,23 +264,11 @@ async def start_placed(args: argparse.Namespace, spec: dict[str, Any]) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
-    if args.json:
-        render.print_json(data)
-    else:
-        human()
-
-
-def _say_all(lines: list[str]) -> None:
-    for line in lines:
-        render.say(line)
-
-
 async def _drain(client: CoordinatorClient, args: argparse.Namespace) -> int:
     params = {"wait": f"{args.wait:g}"} if args.wait is not None else None
     data = await client.request("POST", f"/v1/hosts/{quote(args.host, safe='')}/drain", params=params)
     host = data["host"]
-    _show(args, data, lambda: render.say(f"{host['name']} {host['state']} ({data['drain']['id']})"))
+    render.show(args, data, lambda: render.say(f"{host['name']} {host['state']} ({data['drain']['id']})"))
     if args.wait is not None and host["state"] != "drained":
         sys.stderr.write(f"error: not_drained: {host['name']} is still {host['state']} after {args.wait:g} s\n")
         return Exit.NOT_DRAINED
@@ -326,7 +313,7 @@ async def _follow(client: CoordinatorClient, migration: dict[str, Any], args: ar
             highlight=False,
         )
         raise
-    _show(args, migration, lambda: _say_all(migration_details(migration)))
+    render.show(args, migration, lambda: render.say_all(migration_details(migration)))
     if migration["state"] != "committed":
         sys.stderr.write(f"error: {migration['state']}: {migration.get('error') or 'the migration did not commit'}\n")
         return Exit.NOT_MIGRATED
@@ -339,10 +326,10 @@ async def _migrations(client: CoordinatorClient, args: argparse.Namespace, out: 
         return await _follow(client, record, args, err)
     if args.migrations_command == "show":
         record = await client.request("GET", f"/v1/migrations/{quote(args.id, safe='')}")
-        _show(args, record, lambda: _say_all(migration_details(record, history=True)))
+        render.show(args, record, lambda: render.say_all(migration_details(record, history=True)))
         return Exit.OK
     data = await client.request("GET", "/v1/migrations")
-    _show(args, data, lambda: render.print_table(out, migrations_table(data["migrations"])))
+    render.show(args, data, lambda: render.print_table(out, migrations_table(data["migrations"])))
     return Exit.OK
 
 

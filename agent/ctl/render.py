@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -387,3 +389,16 @@ class MigrationView:
         self._state = str(record.get("state", ""))
         self._stats = self.describe(record)
         self._live.refresh()
+
+
+def show(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
+    """`data` as JSON with --json, else what `human` prints."""
+    if args.json:
+        print_json(data)
+    else:
+        human()
+
+
+def say_all(lines: list[str]) -> None:
+    for line in lines:
+        say(line)
