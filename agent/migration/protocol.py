@@ -226,13 +226,13 @@ class Restore(Message, tag="restore"):
 
 @dataclass(frozen=True)
 class Restored(Message, tag="restored"):
-    """Target -> source: the task is restored (paused, or pausing in post-copy); CRIU took `restore_ms`.
-    The image was ready after `image_ms` (fetched while the pages came), from `image_from`: "local",
-    "peer" (the source) or "registry"."""
+    """Target -> source: restored (paused, or pausing in post-copy) in `restore_ms`; image from `image_from`."""
 
     restore_ms: float
     image_ms: float = optional(0.0)
+    """The image was ready after this long (fetched while the pages came)."""
     image_from: str = optional("")
+    """Where the image came from: "local", "peer" (the source) or "registry"."""
 
 
 @dataclass(frozen=True)
