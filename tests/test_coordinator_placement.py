@@ -21,12 +21,12 @@ from coordinator.model import (
     HostHealth,
     NoTarget,
     Prediction,
-    Reservation,
 )
 from coordinator.placement import Candidate, Need, Placer, by_time, exclusion, pull_fraction, rank
 from coordinator.reservations import ReservationService
 from coordinator.sqlite_store import SqliteStore
 from coordinator.store import TelemetryUpdate
+from tests.harness.coordinator import NoAgents
 
 GiB = 1 << 30
 WEIGHTS = PlacementConfig()
@@ -83,28 +83,6 @@ def test_scoring_prefers_room_low_risk_held_layers_and_low_pressure() -> None:
     assert rank([stalled], NEED, no_pressure, 0.9)[0].score == rank([calm], NEED, no_pressure, 0.9)[0].score
 
 
-class _NoAgents:
-    """Hosts here register no api_url, so the reservation service never calls an agent."""
-
-    async def hold_reservation(self, host: Host, reservation: Reservation) -> bool:
-        raise AssertionError("no agent call expected")
-
-    async def release_reservation(self, host: Host, reservation_id: str) -> None:
-        raise AssertionError("no agent call expected")
-
-    async def start_migration(self, *args: Any) -> dict[str, Any]:
-        raise AssertionError("no agent call expected")
-
-    async def get_migration(self, *args: Any) -> dict[str, Any]:
-        raise AssertionError("no agent call expected")
-
-    async def list_containers(self, host: Host) -> list[dict[str, Any]]:
-        raise AssertionError("no agent call expected")
-
-    async def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 async def store(workdir: Path) -> AsyncIterator[SqliteStore]:
     s = await SqliteStore.open(workdir / "c.db")
@@ -116,7 +94,7 @@ async def store(workdir: Path) -> AsyncIterator[SqliteStore]:
 
 def _placer(store: SqliteStore, threshold: float = 0.5, now: float = 1000.0) -> Placer:
     config = CoordinatorConfig()
-    reservations = ReservationService(store, _NoAgents(), config, lambda: now, CoordinatorMetrics())
+    reservations = ReservationService(store, NoAgents(), config, lambda: now, CoordinatorMetrics())
     return Placer(store, reservations, config.placement, lambda: threshold, lambda: now)
 
 
@@ -202,7 +180,7 @@ async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: S
     for name, layers in (("h1", (BASE, MID)), ("h2", ())):
         await store.register_host(Host(name=name, capacity=Capacity(4000, 4 * GiB, 0), layer_digests=layers))
     config = CoordinatorConfig()
-    reservations = ReservationService(store, _NoAgents(), config, lambda: 1000.0, CoordinatorMetrics())
+    reservations = ReservationService(store, NoAgents(), config, lambda: 1000.0, CoordinatorMetrics())
     placer = Placer(store, reservations, config.placement, lambda: 0.5, lambda: 1000.0, costs={"h1": SLOW}.get)
     placement = await placer.place_start(Need(Capacity(500, GiB, 0), LAYERS), "task 1")
     assert placement.chosen.host == "h1" and placement.reservation.host == "h1"

@@ -47,6 +47,7 @@ from coordinator.reservations import ReservationService
 from coordinator.sqlite_store import SqliteStore
 from coordinator.store import Store, TelemetryUpdate
 from tests.conftest import require
+from tests.harness.coordinator import NoAgents
 from tests.harness.etcd import EtcdCluster
 
 GiB = 1 << 30
@@ -190,31 +191,9 @@ async def test_mark_held_and_release(clients: list[Store]) -> None:
     await a.reserve(_rsv("r2", "h1", 2 * GiB), 1000.0)  # the room is free again
 
 
-class _NoAgents:
-    """Hosts here register no api_url, so the reservation service never calls an agent."""
-
-    async def hold_reservation(self, host: Host, reservation: Reservation) -> bool:
-        raise AssertionError("no agent call expected")
-
-    async def release_reservation(self, host: Host, reservation_id: str) -> None:
-        raise AssertionError("no agent call expected")
-
-    async def start_migration(self, *args: Any) -> dict[str, Any]:
-        raise AssertionError("no agent call expected")
-
-    async def get_migration(self, *args: Any) -> dict[str, Any]:
-        raise AssertionError("no agent call expected")
-
-    async def list_containers(self, host: Host) -> list[dict[str, Any]]:
-        raise AssertionError("no agent call expected")
-
-    async def close(self) -> None:
-        pass
-
-
 def _placer(store: Store, now: float = 1000.0) -> Placer:
     config = CoordinatorConfig()
-    reservations = ReservationService(store, _NoAgents(), config, lambda: now, CoordinatorMetrics())
+    reservations = ReservationService(store, NoAgents(), config, lambda: now, CoordinatorMetrics())
     return Placer(store, reservations, config.placement, lambda: 0.5, lambda: now)
 
 

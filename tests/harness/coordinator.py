@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from coordinator.auth import hash_token
+from coordinator.model import Host, Reservation
 from core.security.pki import HostCertPaths, init_ca, issue_client, issue_host
 from core.security.tls import client_context
 from tests.harness.daemons import log_tail, start_daemon, terminate
@@ -250,3 +251,28 @@ def sample(ts: float, **fields: Any) -> dict[str, Any]:
     }
     base.update(fields)
     return base
+
+
+class NoAgents:
+    """The coordinator's agent client for stores whose hosts register no api_url: any call fails."""
+
+    async def hold_reservation(self, host: Host, reservation: Reservation) -> bool:
+        raise AssertionError("no agent call expected")
+
+    async def release_reservation(self, host: Host, reservation_id: str) -> None:
+        raise AssertionError("no agent call expected")
+
+    async def start_migration(self, *args: Any) -> dict[str, Any]:
+        raise AssertionError("no agent call expected")
+
+    async def get_migration(self, *args: Any) -> dict[str, Any]:
+        raise AssertionError("no agent call expected")
+
+    async def list_containers(self, host: Host) -> list[dict[str, Any]]:
+        raise AssertionError("no agent call expected")
+
+    async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]:
+        raise AssertionError("no agent call expected")
+
+    async def close(self) -> None:
+        pass
