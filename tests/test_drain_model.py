@@ -19,6 +19,7 @@ from models.drain.train import (
     alert_starts,
     check_onnx,
     concat,
+    false_alert_count,
     fit,
     fit_calibration,
     metadata,
@@ -89,6 +90,19 @@ def test_calibration_is_monotone_and_alerts_have_hysteresis() -> None:
     first[[0, 6]] = True  # two hosts
     # on at 0.6, held at 0.55 and 0.45 (>= 0.5 - 0.1), off at 0.2, on again at 0.7; a new host at 6
     assert np.flatnonzero(alert_starts(p, first, 0.5, 0.1)).tolist() == [1, 5, 7]
+
+
+def test_an_alert_is_false_only_if_no_drain_follows_while_it_lasts() -> None:
+    # Labels: 1 where a drain falls within the horizon. Alert 1 (rows 1-3) begins more than a horizon
+    # before its drain but lasts into the labelled rows: true. Alert 2 (row 5) ends with no drain: false.
+    # Alert 3 (row 7, a new host) is labelled at once: true.
+    p = np.array([0.1, 0.6, 0.55, 0.9, 0.2, 0.7, 0.1, 0.9], np.float32)
+    y = np.array([0, 0, 0, 1, 0, 0, 0, 1], np.int8)
+    first = np.zeros(8, bool)
+    first[[0, 6]] = True
+    assert false_alert_count(p, first, y, 0.5, 0.1) == 1
+    assert false_alert_count(p, first, np.zeros(8, np.int8), 0.5, 0.1) == 3
+    assert false_alert_count(p, first, y, 0.95, 0.1) == 0
 
 
 @pytest.fixture(scope="module")

@@ -606,25 +606,51 @@ def score_fleet(
     )
 
 
-def alert_starts(
+def alert_state(
     p: npt.NDArray[np.float32], first: npt.NDArray[np.bool_], threshold: float, hysteresis: float
 ) -> npt.NDArray[np.bool_]:
-    """Rows where an alert begins: P reaches the threshold while the host is not alerted; an alert
-    lasts until P falls below threshold - hysteresis (each host starts not alerted)."""
+    """Rows where a host is alerted: from P reaching the threshold until it falls below
+    threshold - hysteresis (each host starts not alerted)."""
     ev = np.where(p >= threshold, 1, np.where(p < threshold - hysteresis, 0, -1))
     ev = np.where(first & (ev < 0), 0, ev)
     idx = np.where(ev >= 0, np.arange(p.size), 0)
-    state = ev[np.maximum.accumulate(idx)] == 1 if p.size else np.zeros(0, bool)
+    return ev[np.maximum.accumulate(idx)] == 1 if p.size else np.zeros(0, bool)
+
+
+def alert_starts(
+    p: npt.NDArray[np.float32], first: npt.NDArray[np.bool_], threshold: float, hysteresis: float
+) -> npt.NDArray[np.bool_]:
+    """Rows where an alert begins (see `alert_state`)."""
+    state = alert_state(p, first, threshold, hysteresis)
     prev = np.concatenate([[False], state[:-1]]) & ~first
     return state & ~prev
 
 
+def false_alert_count(
+    p: npt.NDArray[np.float32],
+    first: npt.NDArray[np.bool_],
+    y: npt.NDArray[np.int8],
+    threshold: float,
+    hysteresis: float,
+) -> int:
+    """Alerts no drain followed: none while the alert lasted nor within the horizon after its last
+    row (no row of the alert labelled 1). An alert that begins a little more than one horizon before
+    its drain and lasts until it is a true alert, however early."""
+    state = alert_state(p, first, threshold, hysteresis)
+    starts = state & ~(np.concatenate([[False], state[:-1]]) & ~first)
+    if not starts.any():
+        return 0
+    episode = np.cumsum(starts)[state] - 1
+    drained = np.bincount(episode, weights=y[state].astype(np.float64), minlength=int(starts.sum()))
+    return int(np.sum(drained == 0))
+
+
 def alert_outcomes(scored: Scored, threshold: float, cfg: TrainConfig) -> dict[str, Any]:
     """What the policy would have done at `threshold`: alerts (with hysteresis), false ones (no drain
-    within the horizon), drains flagged at least `flag_ahead_s` before (those with a precursor or a
-    notice, and all)."""
+    while alerted or within the horizon after), drains flagged at least `flag_ahead_s` before (those
+    with a precursor or a notice, and all)."""
     starts = alert_starts(scored.p, scored.first, threshold, cfg.hysteresis)
-    false_alerts = int(np.sum(starts & (scored.y == 0)))
+    false_alerts = false_alert_count(scored.p, scored.first, scored.y, threshold, cfg.hysteresis)
     hit = scored.drain_max_p >= threshold
     flagged = int(np.sum(hit & scored.drain_precursor))
     with_precursor = int(scored.drain_precursor.sum())
