@@ -291,8 +291,11 @@ class NoticesConfig:
     """The EC2 instance metadata service, e.g. "http://169.254.169.254" (IMDSv2, IMDSv1 fallback)."""
     azure_scheduled_events_url: str = ""
     """e.g. "http://169.254.169.254/metadata/scheduledevents?api-version=2020-07-01"."""
+    azure_vm_name: str = ""
+    """This VM's name in the events' `Resources`; empty: asked of IMDS (`compute/name`)."""
     gce_metadata_url: str = ""
-    """e.g. "http://metadata.google.internal/computeMetadata/v1" (maintenance-event, preempted)."""
+    """e.g. "http://metadata.google.internal/computeMetadata/v1" (maintenance-event, preempted,
+    upcoming-maintenance)."""
     request_timeout: float = 1.0
     """Seconds per metadata request; a silent endpoint must not delay the sample much."""
     systemd_shutdown_file: str = "/run/systemd/shutdown/scheduled"

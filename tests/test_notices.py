@@ -26,6 +26,7 @@ from agent.telemetry.notices import (
     parse_aws_instance_action,
     parse_azure_scheduled_events,
     parse_gce_maintenance_event,
+    parse_gce_upcoming_maintenance,
     parse_notice_file_deadline,
     parse_smartctl,
     parse_systemd_scheduled,
@@ -73,6 +74,10 @@ def test_azure_scheduled_events() -> None:
     assert "Reboot Scheduled" in reboot.detail
     assert freeze.kind == pb.MAINTENANCE and freeze.deadline == 0.0  # a pause of seconds: no drain
     assert preempt.kind == pb.PREEMPTION and preempt.deadline == 1000.0  # already under way
+    # The document lists every VM's events in the set: another VM's reboot is not this one's.
+    mine = parse_azure_scheduled_events(json.dumps(body), now=1000.0, vm_name="WestNO_1")
+    assert [n.detail.split()[1] for n in mine] == ["Freeze", "Preempt"]  # no Resources: everyone's
+    assert len(parse_azure_scheduled_events(json.dumps(body), now=1000.0, vm_name="WestNO_0")) == 3
 
 
 def test_gce_and_systemd_and_notice_files() -> None:
@@ -83,6 +88,20 @@ def test_gce_and_systemd_and_notice_files() -> None:
     assert terminate is not None and terminate.deadline == 65.0
     with pytest.raises(NoticeParseError, match="unknown value"):
         parse_gce_maintenance_event("SOMETHING_NEW", 5.0)
+    window = {
+        "can_reschedule": False,
+        "maintenance_status": "PENDING",
+        "type": "SCHEDULED",
+        "window_start_time": "2030-01-01T02:00:00Z",
+        "window_end_time": "2030-01-01T06:00:00Z",
+    }
+    stops = parse_gce_upcoming_maintenance(json.dumps(window), terminate=True)
+    assert stops is not None and stops.kind == pb.DRAIN_NOTICE and stops.deadline == 1893463200.0
+    moves = parse_gce_upcoming_maintenance(json.dumps(window), terminate=False)
+    assert moves is not None and moves.kind == pb.MAINTENANCE and moves.deadline == 0.0
+    assert parse_gce_upcoming_maintenance("", terminate=True) is None
+    with pytest.raises(NoticeParseError, match="window_start_time"):
+        parse_gce_upcoming_maintenance('{"type": "SCHEDULED"}', terminate=True)
     # what `shutdown -r +5` leaves in /run/systemd/shutdown/scheduled
     n = parse_systemd_scheduled("USEC=1764950400000000\nWARN_WALL=1\nMODE=reboot\n")
     assert n.deadline == 1764950400.0 and n.source == "systemd-shutdown" and "reboot" in n.detail
@@ -127,6 +146,9 @@ class FakeMetadata:
         self.rebalance: dict[str, str] | None = None
         self.azure: dict[str, Any] = {"DocumentIncarnation": 0, "Events": []}
         self.gce = "NONE"
+        self.gce_upcoming: dict[str, Any] | None = None
+        self.gce_on_host_maintenance = "TERMINATE"
+        self.azure_name_asked = 0
         self.tokens = 0
 
     def app(self) -> web.Application:
@@ -137,7 +159,24 @@ class FakeMetadata:
         app.router.add_get("/metadata/scheduledevents", self.scheduled_events)
         app.router.add_get("/computeMetadata/v1/instance/maintenance-event", self.maintenance_event)
         app.router.add_get("/computeMetadata/v1/instance/preempted", self.preempted)
+        app.router.add_get("/computeMetadata/v1/instance/upcoming-maintenance", self.upcoming_maintenance)
+        app.router.add_get("/computeMetadata/v1/instance/scheduling/on-host-maintenance", self.on_host_maintenance)
+        app.router.add_get("/metadata/instance/compute/name", self.azure_vm_name)
         return app
+
+    async def upcoming_maintenance(self, request: web.Request) -> web.Response:
+        if request.headers.get("Metadata-Flavor") != "Google":
+            return web.Response(status=403)
+        return web.json_response(self.gce_upcoming) if self.gce_upcoming else web.Response(status=404)
+
+    async def on_host_maintenance(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.gce_on_host_maintenance)
+
+    async def azure_vm_name(self, request: web.Request) -> web.Response:
+        if request.headers.get("Metadata") != "true" or request.query.get("format") != "text":
+            return web.Response(status=400)
+        self.azure_name_asked += 1
+        return web.Response(text="vm0")
 
     async def token(self, request: web.Request) -> web.Response:
         assert request.headers["X-aws-ec2-metadata-token-ttl-seconds"]
@@ -220,10 +259,22 @@ async def test_sampler_reads_cloud_notices_once_each(metadata: tuple[FakeMetadat
                     "Description": "Host server is undergoing maintenance.",
                     "EventSource": "Platform",
                     "Resources": ["vm0"],
-                }
+                },
+                {
+                    "EventId": "E2",
+                    "EventStatus": "Scheduled",
+                    "EventType": "Reboot",
+                    "NotBefore": format_datetime(datetime.fromtimestamp(soon, UTC), usegmt=True),
+                    "Resources": ["vm1"],  # a neighbour's: not this host's notice
+                },
             ],
         }
         fake.gce = "TERMINATE_ON_HOST_MAINTENANCE"
+        fake.gce_upcoming = {
+            "type": "SCHEDULED",
+            "maintenance_status": "PENDING",
+            "window_start_time": _iso(soon + 86400),
+        }
         (tmp_path / "scheduled").write_text(f"USEC={(soon + 900) * 1_000_000}\nWARN_WALL=1\nMODE=poweroff\n")
         (tmp_path / "drain").write_text(f"provider drain\ndeadline={soon + 1200}\n")
         second = await sampler.sample()
@@ -233,9 +284,13 @@ async def test_sampler_reads_cloud_notices_once_each(metadata: tuple[FakeMetadat
             "aws-rebalance",
             "azure-scheduled-events",
             "gce-maintenance-event",
+            "gce-upcoming-maintenance",
             "systemd-shutdown",
             "notice-file",
         }
+        assert len(second.events) == len(by_source)  # the neighbour's Azure event is left out
+        assert fake.azure_name_asked == 1
+        assert by_source["gce-upcoming-maintenance"].deadline == soon + 86400  # TERMINATE: the window's start
         assert by_source["aws-spot"].deadline == soon and by_source["aws-spot"].kind == pb.PREEMPTION
         assert by_source["aws-rebalance"].deadline == 0.0  # a recommendation states no time
         assert by_source["azure-scheduled-events"].deadline == soon + 300

@@ -347,3 +347,17 @@ def test_concurrent_fetches_share_their_link_in_the_measured_rate() -> None:
     assert meter.measured()["registry_bytes_per_second"] == pytest.approx((8 << 20) / 2.0)
     meter.fetched("registry/r:5000", 2 << 20, 1.0, ended=20.0)  # later, alone
     assert meter.measured()["registry_bytes_per_second"] == pytest.approx((10 << 20) / 3.0)
+
+
+def test_machine_checks_from_proc_interrupts() -> None:
+    text = (
+        "           CPU0       CPU1\n"
+        "  0:         22          0   IO-APIC    2-edge      timer\n"
+        "MCE:          3          1   Machine check exceptions\n"
+        "MCP:        412        412   Machine check polls\n"
+    )
+    assert procfs.parse_interrupt_total(text, "MCE") == 4
+    assert procfs.parse_interrupt_total(text, "MCP") == 824
+    assert procfs.parse_interrupt_total("  0:  1  IO-APIC timer\n", "MCE") is None  # not x86
+    on_this_host = read_host(HostPaths(), [])
+    assert on_this_host.machine_checks == procfs.parse_interrupt_total((PROC / "interrupts").read_text(), "MCE")

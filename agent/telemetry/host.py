@@ -1,7 +1,7 @@
 """Reading this host's counters from /proc and /sys (blocking: call from a thread).
 
 Each reading is a raw snapshot of cumulative counters; the sampler turns two of them into rates.
-A source the kernel does not offer (no PSI, no EDAC) reads as None instead of failing the sample.
+A source the kernel does not offer (no PSI, no EDAC, no MCE row) reads as None instead of failing the sample.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ class HostReading:
     oom_kills: int | None
     edac: tuple[int, int] | None
     """(corrected, uncorrected) error counts summed over memory controllers; None without EDAC."""
+    machine_checks: int | None = None
+    """Machine check exceptions (the MCE row of /proc/interrupts, x86); None where there is none."""
 
 
 def whole_disks(sys_block: Path) -> list[str]:
@@ -106,6 +108,9 @@ def read_host(paths: HostPaths, disks: list[str]) -> HostReading:
         net=_parsed("/proc/net/dev", _read(proc / "net" / "dev"), procfs.parse_net_dev),
         oom_kills=_parsed("/proc/vmstat", vmstat, lambda text: procfs.parse_vmstat(text, "oom_kill")),
         edac=read_edac(paths.edac),
+        machine_checks=_parsed(
+            "/proc/interrupts", _read(proc / "interrupts"), lambda text: procfs.parse_interrupt_total(text, "MCE")
+        ),
     )
 
 

@@ -13,10 +13,13 @@ Sources (each off when its URL or path is empty; see `[telemetry.notices]` in do
   -> `{"noticeTime": "2020-10-27T08:22:00Z"}`, 404 when none.
 - Azure Scheduled Events (`/metadata/scheduledevents?api-version=2020-07-01`, header `Metadata: true`):
   `{"DocumentIncarnation": n, "Events": [{"EventId", "EventType", "EventStatus", "NotBefore",
-  "Resources", "Description", "EventSource", "DurationInSeconds"}]}`.
+  "Resources", "Description", "EventSource", "DurationInSeconds"}]}`; only events whose `Resources`
+  name this VM (`azure_vm_name`, else IMDS `compute/name`) count.
 - GCE (`computeMetadata/v1/instance/maintenance-event`, header `Metadata-Flavor: Google`): `NONE`,
   `MIGRATE_ON_HOST_MAINTENANCE` or `TERMINATE_ON_HOST_MAINTENANCE` (60 s before, documented);
-  `instance/preempted` `TRUE` after a pre-emption notice (30 s).
+  `instance/preempted` `TRUE` after a pre-emption notice (30 s); `instance/upcoming-maintenance`
+  (a JSON window, days ahead: a deadline at its start when `scheduling/on-host-maintenance` is
+  TERMINATE, else an event without one).
 - systemd: `/run/systemd/shutdown/scheduled`, key=value lines written by `shutdown -r +N`
   (`USEC=` microseconds since the epoch, `MODE=reboot|poweroff|halt|kexec`).
 - SMART health from `smartctl --json` (`smart_status.passed`, NVMe media errors, ATA error log).
@@ -34,6 +37,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -119,9 +123,13 @@ def parse_aws_rebalance(text: str) -> Notice:
     )
 
 
-def parse_azure_scheduled_events(text: str, now: float) -> list[Notice]:
-    """Every scheduled or started event; those that take the VM away carry NotBefore (or now once
-    started or when NotBefore is empty, which Azure sends for events already under way)."""
+def parse_azure_scheduled_events(text: str, now: float, vm_name: str = "") -> list[Notice]:
+    """Every scheduled or started event of this VM; those that take the VM away carry NotBefore (or
+    now once started or when NotBefore is empty, which Azure sends for events already under way).
+
+    The document lists the events of every VM in the availability set or scale set, each naming the
+    VMs it affects in `Resources`: an event that names others but not `vm_name` is left out. With
+    `vm_name` unknown (""), every event counts: a needless drain costs less than a missed one."""
     data = _object(text, "scheduledevents")
     events = data.get("Events", [])
     if not isinstance(events, list):
@@ -133,6 +141,9 @@ def parse_azure_scheduled_events(text: str, now: float) -> list[Notice]:
         etype, status = str(ev.get("EventType", "")), str(ev.get("EventStatus", ""))
         if status not in ("Scheduled", "Started"):
             continue  # Completed/Canceled: nothing left to act on
+        resources = ev.get("Resources") or []
+        if vm_name and isinstance(resources, list) and resources and vm_name not in resources:
+            continue  # another VM's event
         not_before = ev.get("NotBefore") or ""
         if etype in AZURE_DRAIN_TYPES:
             if status == "Started" or not not_before:
@@ -169,6 +180,26 @@ def parse_gce_maintenance_event(text: str, now: float) -> Notice | None:
     if value == "MIGRATE_ON_HOST_MAINTENANCE":  # live migration: the VM stays, the model may care
         return Notice(pb.MAINTENANCE, "gce-maintenance-event", f"gce:{value}", f"GCE {value}")
     raise NoticeParseError(f"maintenance-event: unknown value {value!r}")
+
+
+def parse_gce_upcoming_maintenance(text: str, terminate: bool) -> Notice | None:
+    """`instance/upcoming-maintenance` (404 or empty when none): `{"type": "SCHEDULED"|"UNSCHEDULED",
+    "maintenance_status": "PENDING"|"ONGOING", "window_start_time": RFC 3339, "window_end_time", ...}`.
+
+    A VM whose `scheduling/on-host-maintenance` is TERMINATE goes away at the window's start: a notice
+    with that deadline. One that live-migrates stays up: an event the model sees, with no deadline."""
+    if not text.strip():
+        return None
+    data = _object(text, "upcoming-maintenance")
+    start = data.get("window_start_time")
+    if not start:
+        raise NoticeParseError("upcoming-maintenance: no window_start_time")
+    status = str(data.get("maintenance_status", ""))
+    detail = f"GCE {data.get('type', 'maintenance')} {status} window from {start}".strip()
+    key = f"gce:upcoming:{start}"
+    if terminate:
+        return Notice(pb.DRAIN_NOTICE, "gce-upcoming-maintenance", key, detail, _iso_time(start, "window_start_time"))
+    return Notice(pb.MAINTENANCE, "gce-upcoming-maintenance", key, detail)
 
 
 def parse_gce_preempted(text: str, now: float) -> Notice | None:
@@ -341,16 +372,29 @@ class AwsNotices:
 
 class AzureNotices:
     name = "azure"
+    NAME_PATH = "/metadata/instance/compute/name?api-version=2021-02-01&format=text"
+    """IMDS's instance endpoint on the same host as the scheduled events: this VM's name."""
 
-    def __init__(self, client: MetadataClient, url: str) -> None:
+    def __init__(self, client: MetadataClient, url: str, vm_name: str = "") -> None:
         self._client = client
         self._url = url
+        self._vm_name = vm_name
+        parts = urlsplit(url)
+        self._name_url = f"{parts.scheme}://{parts.netloc}{self.NAME_PATH}"
+
+    async def _name(self) -> str:
+        """The configured name, else the one IMDS gives (asked until it answers)."""
+        if not self._vm_name:
+            body = await self._client.get(self._name_url, {"Metadata": "true"})
+            self._vm_name = body.strip() if body else ""
+        return self._vm_name
 
     async def read(self, now: float) -> list[Notice]:
         body = await self._client.get(self._url, {"Metadata": "true"})
         if body is None:
             return []
-        return _parsed("azure-scheduled-events", parse_azure_scheduled_events, body, now) or []
+        name = await self._name()
+        return _parsed("azure-scheduled-events", parse_azure_scheduled_events, body, now, name) or []
 
 
 class GceNotices:
@@ -381,6 +425,13 @@ class GceNotices:
                 for n in self._stable(_parsed(f"gce-{path}", parse, body, now)):
                     out.append(n)
                     seen.add(n.key)
+        upcoming = await self._client.get(f"{self._base}/instance/upcoming-maintenance", self.HEADERS)
+        if upcoming is not None:
+            policy = await self._client.get(f"{self._base}/instance/scheduling/on-host-maintenance", self.HEADERS)
+            terminate = (policy or "").strip().upper() == "TERMINATE"
+            if n := _parsed("gce-upcoming-maintenance", parse_gce_upcoming_maintenance, upcoming, terminate):
+                out.append(n)
+                seen.add(n.key)
         self._deadlines = {k: v for k, v in self._deadlines.items() if k in seen}
         return out
 

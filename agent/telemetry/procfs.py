@@ -167,6 +167,22 @@ def parse_vmstat(text: str, key: str) -> int | None:
     return None
 
 
+def parse_interrupt_total(text: str, name: str) -> int | None:
+    """The count of one /proc/interrupts row summed over CPUs (e.g. `MCE`, machine check
+    exceptions on x86); None when this kernel has no such row."""
+    for line in text.splitlines():
+        label, _, rest = line.strip().partition(":")
+        if label != name:
+            continue
+        total = 0
+        for field in rest.split():
+            if not field.isdigit():
+                break  # the description after the per-CPU counts
+            total += int(field)
+        return total
+    return None
+
+
 def rate(before: int, after: int, seconds: float) -> float | None:
     """Per-second rate of a cumulative counter; None when no time passed or the counter went back
     (a device or interface vanished between readings)."""

@@ -57,6 +57,7 @@ class Sampler:
         ]
         self._oom = CounterDelta(pb.OOM_KILL, "processes killed by the OOM killer")
         self._edac = EdacErrors()
+        self._machine_checks = CounterDelta(pb.HW_ERROR, "machine check exceptions")
         self._disks = whole_disks(self._paths.sys_block)
         self._cloud = cloud_notices(config)
         nc = config.notices
@@ -81,6 +82,8 @@ class Sampler:
         if (oom := self._oom.update(reading.oom_kills, ts)) is not None:
             events.append(oom)
         events.extend(self._edac.update(reading.edac, ts))
+        if (mce := self._machine_checks.update(reading.machine_checks, ts)) is not None:
+            events.append(mce)
         sample.events.extend(events)
         for event in events:
             log.info("host event", extra={"kind": pb.HostEventKind.Name(event.kind), "detail": event.detail})
@@ -123,7 +126,7 @@ def cloud_notices(config: TelemetryConfig) -> CloudNotices:
     if nc.aws_metadata_url:
         sources.append(AwsNotices(client, nc.aws_metadata_url))
     if nc.azure_scheduled_events_url:
-        sources.append(AzureNotices(client, nc.azure_scheduled_events_url))
+        sources.append(AzureNotices(client, nc.azure_scheduled_events_url, nc.azure_vm_name))
     if nc.gce_metadata_url:
         sources.append(GceNotices(client, nc.gce_metadata_url))
     return CloudNotices(sources, client)
