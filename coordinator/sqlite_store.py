@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from coordinator.catalog.model import Catalog, CatalogChanged, CatalogEntry, CatalogEntryExists
+from coordinator.chains.states import ChainRecord
 from coordinator.deployments.states import DeploymentRecord
 from coordinator.model import (
     Capacity,
@@ -144,6 +145,15 @@ _SCHEMA: tuple[str, ...] = (
     # 4: deployments (coordinator/deployments/): one record each, as JSON.
     """
     CREATE TABLE deployments (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        state TEXT NOT NULL,
+        record TEXT NOT NULL
+    );
+    """,
+    # 5: chains (coordinator/chains/): one record each, as JSON, rewritten on every transition.
+    """
+    CREATE TABLE chains (
         id TEXT PRIMARY KEY,
         created_at REAL NOT NULL,
         state TEXT NOT NULL,
@@ -738,5 +748,31 @@ class SqliteStore:
         def op() -> list[DeploymentRecord]:
             rows = self._db.execute("SELECT record FROM deployments ORDER BY created_at, id").fetchall()
             return [DeploymentRecord.from_storage(json.loads(r["record"])) for r in rows]
+
+        return await self._run(op)
+
+    # ----- chains (coordinator/chains/store.py)
+
+    async def put_chain(self, record: ChainRecord) -> None:
+        def op() -> None:
+            with self._write() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO chains (id, created_at, state, record) VALUES (?, ?, ?, ?)",
+                    (record.id, record.created_at, record.state.value, _dumps(record.for_storage())),
+                )
+
+        await self._run(op)
+
+    async def get_chain(self, chain_id: str) -> ChainRecord | None:
+        def op() -> ChainRecord | None:
+            row = self._db.execute("SELECT record FROM chains WHERE id = ?", (chain_id,)).fetchone()
+            return ChainRecord.from_storage(json.loads(row["record"])) if row else None
+
+        return await self._run(op)
+
+    async def list_chains(self) -> list[ChainRecord]:
+        def op() -> list[ChainRecord]:
+            rows = self._db.execute("SELECT record FROM chains ORDER BY created_at, id").fetchall()
+            return [ChainRecord.from_storage(json.loads(r["record"])) for r in rows]
 
         return await self._run(op)

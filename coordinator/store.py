@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from coordinator.catalog.model import Catalog, CatalogEntry
+from coordinator.chains.store import ChainStore
 from coordinator.deployments.store import DeploymentStore
 from coordinator.model import (
     Capacity,
@@ -144,6 +145,7 @@ class Store(
     DrainStore,
     CatalogStore,
     DeploymentStore,
+    ChainStore,
     Protocol,
 ):
     """Every concern, on one backend (what the coordinator's services are wired with)."""

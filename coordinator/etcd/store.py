@@ -12,6 +12,7 @@ Keys (values are JSON; PREFIX is `[store] etcd_prefix`, "/ferryman/" by default)
     PREFIX catalog/revision            the catalog's revision (0 when absent), +1 on every write
     PREFIX catalog/entries/NAME@VER    a CatalogEntry; registration order is the create revision
     PREFIX deployments/ID              a deployment's record (coordinator/deployments/states.py)
+    PREFIX chains/ID                   a chain's record (coordinator/chains/states.py)
 
 Every write is a transaction guarded by the revisions the writer read (read, decide, write if
 nothing changed, else read again), so replicas never overwrite each other's updates. `reserve` is the
@@ -37,6 +38,7 @@ from dataclasses import asdict
 from typing import Any
 
 from coordinator.catalog.model import Catalog, CatalogChanged, CatalogEntry, CatalogEntryExists
+from coordinator.chains.states import ChainRecord
 from coordinator.deployments.states import DeploymentRecord
 from coordinator.etcd.kv import Absent, Delete, EtcdError, EtcdKV, Guard, ModRevision, Put, Unchanged, prefix_end
 from coordinator.leadership import NotLeader
@@ -476,6 +478,21 @@ class EtcdStore:
     async def list_deployments(self) -> list[DeploymentRecord]:
         snap = await self._kv.range(self._key("deployments") + b"/")
         found = [DeploymentRecord.from_storage(json.loads(e.value)) for e in snap.entries]
+        return sorted(found, key=lambda r: (r.created_at, r.id))
+
+    # ----- chains: one record per key, written whole by the one task driving the chain
+
+    async def put_chain(self, record: ChainRecord) -> None:
+        body = json.dumps(record.for_storage(), separators=(",", ":")).encode()
+        await self._txn([], [Put(self._key("chains", record.id), body)])
+
+    async def get_chain(self, chain_id: str) -> ChainRecord | None:
+        entry = await self._kv.get(self._key("chains", chain_id))
+        return None if entry is None else ChainRecord.from_storage(json.loads(entry.value))
+
+    async def list_chains(self) -> list[ChainRecord]:
+        snap = await self._kv.range(self._key("chains") + b"/")
+        found = [ChainRecord.from_storage(json.loads(e.value)) for e in snap.entries]
         return sorted(found, key=lambda r: (r.created_at, r.id))
 
     # ----- catalog: writes land only at the catalog revision the caller read
