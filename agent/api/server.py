@@ -20,6 +20,7 @@ from agent.api import health as hc
 from agent.api import migrations as m
 from agent.api import network as n
 from agent.api import reservations as r
+from agent.api import stagestate as st
 from agent.api.tls import ops_only_middleware, parse_tls_listen
 from agent.metrics import AgentMetrics
 from core.errors import ConfigError
@@ -110,6 +111,7 @@ def build_app(agent: AgentLike) -> web.Application:
     r.add_routes(app)
     c.add_routes(app)
     hc.add_routes(app)
+    st.add_routes(app)
     comp.add_routes(app)
     app.router.add_get("/healthz", h.healthz)
     # The migrations module's /metrics refreshes its gauge, then serves the usual scrape.

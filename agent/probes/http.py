@@ -32,3 +32,31 @@ async def http_get(netns: str, host: str, port: int, path: str, max_body: int) -
                 return HttpAnswer(resp.status, resp.reason or "", await resp.content.read(max_body))
         except aiohttp.ClientError as exc:
             raise ProbeFailed(f"GET http://{authority}{path}: {exc}") from exc
+
+
+async def http_exchange(
+    netns: str, host: str, port: int, method: str, path: str, body: bytes, content_type: str, max_body: int
+) -> HttpAnswer:
+    """One request with a body to http://host:port/path as seen from `netns` (a stage's state
+    contract, docs/chains.md); ProbeFailed when no answer comes or the answer is longer than
+    `max_body`. The caller bounds the time."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    async with tunnel(netns, host, port) as socket_path:
+        connector = aiohttp.UnixConnector(path=socket_path, force_close=True)
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
+                session.request(
+                    method,
+                    f"http://{authority}{path}",
+                    data=body,
+                    headers={"Content-Type": content_type},
+                    allow_redirects=False,
+                ) as resp,
+            ):
+                data = await resp.content.read(max_body + 1)
+                if len(data) > max_body:
+                    raise ProbeFailed(f"{method} http://{authority}{path}: answer longer than {max_body} bytes")
+                return HttpAnswer(resp.status, resp.reason or "", data)
+        except aiohttp.ClientError as exc:
+            raise ProbeFailed(f"{method} http://{authority}{path}: {exc}") from exc

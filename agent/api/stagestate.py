@@ -1,0 +1,87 @@
+"""Thin HTTP handlers relaying a chain stage's HTTP state contract into its network namespace.
+
+The coordinator's chain manager hands a stage's state to the next stage (docs/chains.md): it asks
+the agent of each stage's host, which reaches the stage at its service address and the contract's
+port from inside the container's network namespace (agent/probes), as health probes do. So the
+next stage can take its state while the chain's address is still published for the stage before
+it, and the coordinator needs no route into the service network. The body is relayed as it is
+(MessagePack or protobuf; the agent does not read it):
+
+    POST /v1/containers/{id}/state/export?port=P   -> POST /state/export (the state, in the answer)
+    PUT  /v1/containers/{id}/state?port=P          -> PUT /state (the body: the state)
+    POST /v1/containers/{id}/state/resume?port=P   -> POST /state/resume
+
+The stage's own answer comes back with its status and body; 502 `stage_unreachable` when it does
+not answer at all.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from agent.api.handlers import CONTAINERS, _container_id
+from agent.model import LABEL_SERVICE_IP
+from agent.probes import ProbeFailed, http_exchange, netns_of
+from core.errors import Conflict, ContainerNotFound, FerrymanError, InvalidRequest
+from core.http.validate import check_keys, query_number
+
+MAX_STATE_BYTES = 1 << 30
+"""The largest state relayed either way (1 GiB); a stage with more hands it over through a volume."""
+CHUNK = 1 << 20
+TYPES = ("application/msgpack", "application/x-protobuf")
+
+
+class StageUnreachable(FerrymanError):
+    code = "stage_unreachable"
+    http_status = 502
+
+
+async def _target(request: web.Request) -> tuple[str, str, int]:
+    """(netns, service address, port) of the running container the request names."""
+    cid = _container_id(request)
+    check_keys(dict(request.query), {"port"}, {"port"}, "query")
+    port = query_number(request, "port", integer=True, maximum=65535)
+    if not port:
+        raise InvalidRequest("query parameter port: expected 1-65535")
+    for summary in await request.app[CONTAINERS].list():
+        if summary.id == cid:
+            address = summary.labels.get(LABEL_SERVICE_IP)
+            if not address:
+                raise Conflict(f"container {cid} has no service address: it cannot be a chain's stage")
+            if not summary.pid:
+                raise Conflict(f"container {cid} is not running")
+            return netns_of(summary.pid), address, int(port)
+    raise ContainerNotFound(f"no container {cid!r}")
+
+
+async def _relay(request: web.Request, method: str, path: str, body: bytes, content_type: str) -> web.Response:
+    netns, address, port = await _target(request)
+    try:
+        answer = await http_exchange(netns, address, port, method, path, body, content_type, MAX_STATE_BYTES)
+    except ProbeFailed as exc:
+        raise StageUnreachable(f"stage {request.match_info['id']}: {exc.message}") from exc
+    return web.Response(status=answer.status, body=answer.body, content_type=content_type)
+
+
+async def export_state(request: web.Request) -> web.Response:
+    return await _relay(request, "POST", "/state/export", b"", TYPES[0])
+
+
+async def resume_stage(request: web.Request) -> web.Response:
+    return await _relay(request, "POST", "/state/resume", b"", TYPES[0])
+
+
+async def import_state(request: web.Request) -> web.Response:
+    content_type = request.content_type if request.content_type in TYPES else TYPES[0]
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(CHUNK):
+        body += chunk
+        if len(body) > MAX_STATE_BYTES:
+            raise InvalidRequest(f"the state is larger than {MAX_STATE_BYTES} bytes")
+    return await _relay(request, "PUT", "/state", bytes(body), content_type)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/containers/{id}/state/export", export_state)
+    app.router.add_put("/v1/containers/{id}/state", import_state)
+    app.router.add_post("/v1/containers/{id}/state/resume", resume_stage)
