@@ -1,7 +1,8 @@
 """A thin client for agents' ops APIs (https, mutual TLS with the coordinator's ops certificate).
 
 Only the calls the coordinator makes: hold/release a reservation, start and poll a migration, list,
-pull images, create and delete containers and shared volumes, wait for a container's health. Each
+pull images, create and delete containers and shared volumes, wait for a container's health,
+publish and unpublish a service address, and a chain stage's state contract. Each
 agent's certificate must name the host we meant to reach (server_hostname is the host identity, not
 the URL's address), so a re-pointed api_url cannot impersonate another host.
 """
@@ -9,6 +10,7 @@ the URL's address), so a re-pointed api_url cannot impersonate another host.
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from typing import Any, Protocol
 
@@ -47,6 +49,11 @@ class AgentClientLike(Protocol):
     async def container_health(
         self, host: Host, container_id: str, after: int, wait: float, within: float
     ) -> dict[str, Any]: ...
+    async def publish(self, host: Host, container_id: str) -> None: ...
+    async def unpublish(self, host: Host, service_ip: str) -> bool: ...
+    async def stage_state(
+        self, host: Host, container_id: str, action: str, port: int, body: bytes, within: float
+    ) -> tuple[int, bytes]: ...
     async def close(self) -> None: ...
 
 
@@ -188,3 +195,54 @@ class AgentClient:
         if status != 200:
             raise self._error(host, status, data, f"health of {container_id}")
         return data
+
+    async def publish(self, host: Host, container_id: str) -> None:
+        """Publish the container's service address from `host` (route and gratuitous ARP)."""
+        status, data = await self._call(host, "POST", "/v1/network/publish", {"container": container_id})
+        if status != 200:
+            raise self._error(host, status, data, f"publish the address of {container_id}")
+
+    async def unpublish(self, host: Host, service_ip: str) -> bool:
+        """Stop publishing `service_ip` from `host`; whether it was published there."""
+        status, data = await self._call(host, "POST", "/v1/network/unpublish", {"service_ip": service_ip})
+        if status != 200:
+            raise self._error(host, status, data, f"unpublish {service_ip}")
+        return bool(data.get("was_published"))
+
+    async def stage_state(
+        self, host: Host, container_id: str, action: str, port: int, body: bytes, within: float
+    ) -> tuple[int, bytes]:
+        """A chain stage's state contract through its agent (agent/api/stagestate.py): `action` is
+        export, import or resume; the stage's status and body (an agent's own refusal raises)."""
+        method, path = {
+            "export": ("POST", "/state/export"),
+            "import": ("PUT", "/state"),
+            "resume": ("POST", "/state/resume"),
+        }[action]
+        if not host.api_url:
+            raise AgentCallError(f"host {host.name!r} registered no api_url; the coordinator cannot reach it")
+        url = f"{host.api_url}/v1/containers/{container_id}{path}?port={port}"
+        try:
+            async with (
+                asyncio.timeout(within),
+                self._session.request(
+                    method,
+                    url,
+                    data=body if action == "import" else None,
+                    headers={"Content-Type": "application/msgpack"},
+                    ssl=self._ctx,
+                    server_hostname=host.name,
+                ) as resp,
+            ):
+                answer = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AgentCallError(f"{method} {url} (agent {host.name}): {exc or type(exc).__name__}") from exc
+        if resp.content_type == "application/json" and status >= 400:
+            # The agent's own error (no such container, the stage did not answer): not the stage's.
+            try:
+                data = json.loads(answer)
+            except ValueError:
+                data = {}
+            raise self._error(host, status, data if isinstance(data, dict) else {}, f"{action} state of {container_id}")
+        return status, answer

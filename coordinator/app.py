@@ -13,9 +13,10 @@ from coordinator.agents import AgentClient, AgentClientLike
 from coordinator.alerts import Alerter
 from coordinator.auth import TokenHashes
 from coordinator.catalog.service import CatalogService
+from coordinator.chains.service import ChainService
 from coordinator.config import CoordinatorConfig
 from coordinator.costs import CostBook
-from coordinator.deployments.service import DeploymentService
+from coordinator.deployments.service import DeploymentService, held_addresses
 from coordinator.layers import LayerService
 from coordinator.leadership import Role, Term
 from coordinator.metrics import CoordinatorMetrics
@@ -108,6 +109,22 @@ class Coordinator:
         self.retrainer = Retrainer(store, self.predictions, config, clock)
         self.catalog = CatalogService(store, clock)
         self.alerter = Alerter(config.alerts, self.metrics)
+        addressing = asyncio.Lock()  # deployments and chains take service addresses from one pool
+        self.chains = ChainService(
+            store,
+            store,
+            self.catalog,
+            self.placer,
+            self.reservations,
+            agents,
+            self.alerter,
+            config.deployments,
+            config.agents.create_timeout,
+            clock,
+            self.metrics,
+            addresses_taken=lambda: held_addresses(store),
+            admit=addressing,
+        )
         self.deployments = DeploymentService(
             store,
             store,
@@ -120,6 +137,8 @@ class Coordinator:
             config.agents.create_timeout,
             clock,
             self.metrics,
+            addresses_taken=self.chains.addresses,
+            admit=addressing,
         )
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -203,6 +222,9 @@ class Coordinator:
         taken = await self.deployments.recover()
         if taken:
             log.info("took over deployments", extra={"count": taken})
+        chains = await self.chains.recover()
+        if chains:
+            log.info("resumed chains", extra={"count": chains})
         self._leader_loops = [
             asyncio.create_task(self._while_leading(self.hosts.run_liveness), name="liveness"),
             asyncio.create_task(self._while_leading(self.reservations.run_sweeper), name="reservation-sweeper"),
@@ -223,6 +245,7 @@ class Coordinator:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         await self.migrations.close()
+        await self.chains.close()
         if self.election is not None and self.election.role is Role.FOLLOWER:
             # The ended term's fence kept what was still running from writing; with all of it
             # stopped, this replica writes as a follower again (agents' pushes, reservations).

@@ -74,6 +74,18 @@ class CoordinatorMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.chain_handovers = Counter(
+            "ferryman_coordinator_chain_handovers",
+            "Chain handovers that ended, by outcome (done, rolled_back)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.chain_handover_failures = Counter(
+            "ferryman_coordinator_chain_handover_failures",
+            "Chain handovers rolled back, by the phase that failed",
+            ["phase"],
+            registry=self.registry,
+        )
         self.alert_webhooks = Counter(
             "ferryman_coordinator_alert_webhooks",
             "Alert webhook deliveries by result (sent, failed)",

@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any, Protocol
 
 from coordinator.alerts import Alert, Alerter
@@ -137,7 +137,11 @@ class DeploymentService:
         create_timeout: float,
         clock: Callable[[], float],
         metrics: CoordinatorMetrics,
+        addresses_taken: Callable[[], Awaitable[Collection[str]]] | None = None,
+        admit: asyncio.Lock | None = None,
     ) -> None:
+        """`addresses_taken`: service addresses held outside deployments (chains'); `admit`: the lock
+        held while addresses are chosen and first stored, shared with whatever else takes them."""
         self._store = store
         self._records = deployments
         self._catalog = catalog
@@ -149,8 +153,9 @@ class DeploymentService:
         self._create_timeout = create_timeout
         self._clock = clock
         self._metrics = metrics
-        self._admit = asyncio.Lock()
+        self._admit = admit or asyncio.Lock()
         """Held while addresses are chosen and the record is first stored: two deploys never take one."""
+        self._addresses_taken = addresses_taken
         self._tasks: dict[str, asyncio.Task[DeploymentRecord]] = {}
 
     # ----- reading
@@ -194,6 +199,8 @@ class DeploymentService:
             taken = {
                 a for r in await self._records.list_deployments() if r.state in HOLDS_ADDRESSES for a in r.addresses
             }
+            if self._addresses_taken is not None:
+                taken |= set(await self._addresses_taken())
             addresses = allocate(self._config.address_pool, taken, len(order))
             now = self._clock()
             record = DeploymentRecord(
@@ -531,3 +538,8 @@ def _last_output(health: dict[str, Any]) -> str:
 
 def _replace(component: ComponentRecord, **changes: Any) -> ComponentRecord:
     return dataclasses.replace(component, **changes)
+
+
+async def held_addresses(records: DeploymentStore) -> set[str]:
+    """The service addresses deployments hold now."""
+    return {a for r in await records.list_deployments() if r.state in HOLDS_ADDRESSES for a in r.addresses}
