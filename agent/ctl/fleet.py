@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from agent.ctl import catalog, deployments, render, reservations
+from agent.ctl import catalog, chains, deployments, render, reservations
 from agent.ctl.client import ApiError, _error_from
 from agent.ctl.exits import Exit
 
@@ -40,7 +40,9 @@ CONNECT_TIMEOUT = 10.0
 POLL_PERIOD = 0.5
 DEFAULT_DRAIN_WAIT = 600.0
 COORDINATOR_ONLY = frozenset(
-    {"hosts", "drain", "uncordon", "predictions", "decisions", "model", "catalog", *deployments.COMMANDS}
+    {"hosts", "drain", "uncordon", "predictions", "decisions", "model", "catalog"}
+    | deployments.COMMANDS
+    | chains.COMMANDS
 )
 """Commands that exist only with a coordinator; BOTH_WORLDS go to the agent without one."""
 BOTH_WORLDS = frozenset({"migrate", "migrations", "reservations"})
@@ -238,6 +240,8 @@ async def run(args: argparse.Namespace, out: Console, err: Console) -> int:
                 return await catalog.run(client, args, out)
             case "deploy" | "deployments" | "undeploy" | "deployment":
                 return await deployments.run(client, args, out)
+            case "chain" | "chains":
+                return await chains.run(client, args, out)
             case _:  # pragma: no cover - handles() decides what reaches here
                 raise FleetUsageError(f"{args.command} does not go through the coordinator")
     return 0

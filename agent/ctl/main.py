@@ -26,6 +26,7 @@ from agent.ctl import (
     cache,
     catalog,
     certs,
+    chains,
     completion,
     deployments,
     fleet,
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_parsers(sub)
     catalog.add_parser(sub)
     deployments.add_parsers(sub)
+    chains.add_parsers(sub)
     certs.add_parser(sub)
     completion.add_parser(sub)
     for child in _subparsers(parser):

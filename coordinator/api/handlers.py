@@ -11,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.app import Coordinator
 from coordinator.auth import Principal, authenticate, require_agent, require_ops
+from coordinator.chains.states import TERMINAL as CHAIN_TERMINAL
+from coordinator.chains.states import State as ChainState
 from coordinator.deployments.plan import preview
 from coordinator.leadership import NotLeader
 from coordinator.model import Capacity
@@ -567,6 +569,67 @@ async def delete_deployment(request: web.Request) -> web.Response:
     _ops(request)
     record = await request.app[COORDINATOR].deployments.undeploy(_deployment_id(request))
     return await _deployment_answer(request, record.id, accepted=True)
+
+
+# ----- ops: chains (coordinator/chains/, docs/chains.md)
+
+CHAIN_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")
+
+
+def _chain_id(request: web.Request) -> str:
+    raw = request.match_info["id"]
+    if not CHAIN_ID_RE.fullmatch(raw):
+        raise InvalidRequest(f"invalid chain id {raw!r}")
+    return raw
+
+
+async def _chain_answer(
+    request: web.Request, chain_id: str, until: frozenset[ChainState], past: int = 0
+) -> web.Response:
+    """The record; with ?wait=S once it is in one of `until` (past `past` history entries) or
+    ended (200), or 202 if not yet."""
+    service = request.app[COORDINATOR].chains
+    wait = _wait_seconds(request)
+    record = await service.get(chain_id) if wait is None else await service.wait(chain_id, wait, until, past)
+    done = record.state in CHAIN_TERMINAL or (record.state in until and len(record.history) > past)
+    resp = _json(record.to_dict(), status=200 if done and wait is not None else 202)
+    resp.headers["Location"] = f"/v1/chains/{record.id}"
+    return resp
+
+
+async def chain_schema(request: web.Request) -> web.Response:
+    schema = request.app[COORDINATOR].chains.validator.schema_bytes
+    return web.Response(body=schema, content_type="application/schema+json")
+
+
+async def run_chain(request: web.Request) -> web.Response:
+    principal = _ops(request)
+    record = await request.app[COORDINATOR].chains.run(await read_object(request), principal.name)
+    return await _chain_answer(request, record.id, frozenset({ChainState.RUNNING}))
+
+
+async def list_chains(request: web.Request) -> web.Response:
+    _ops(request)
+    records = await request.app[COORDINATOR].chains.all()
+    return _json({"chains": [r.to_dict() for r in records]})
+
+
+async def get_chain(request: web.Request) -> web.Response:
+    _ops(request)
+    record = await request.app[COORDINATOR].chains.get(_chain_id(request))
+    return _json(record.to_dict())
+
+
+async def advance_chain(request: web.Request) -> web.Response:
+    _ops(request)
+    record = await request.app[COORDINATOR].chains.advance(_chain_id(request))
+    return await _chain_answer(request, record.id, frozenset({ChainState.RUNNING}), past=len(record.history))
+
+
+async def abort_chain(request: web.Request) -> web.Response:
+    _ops(request)
+    record = await request.app[COORDINATOR].chains.abort(_chain_id(request))
+    return await _chain_answer(request, record.id, frozenset())
 
 
 # ----- plumbing
