@@ -1,0 +1,277 @@
+/* stage: one stage of a test chain, speaking the chains' HTTP state contract (docs/chains.md).
+ *
+ *   stage NAME PORT SEED_BYTES FAULT
+ *
+ * Its state is a counter and a buffer. The first stage of a chain starts with SEED_BYTES of buffer
+ * (byte i = i % 251) and the trail NAME; later stages get theirs from the stage before through the
+ * contract, and transform it as they load it: every byte of the buffer + 1 (mod 256), NAME appended
+ * to the trail. So a test can tell exactly which stages a state went through, and that nothing of it
+ * was lost or applied twice.
+ *
+ * HTTP/1.1 on PORT, one request per connection (Connection: close), one connection at a time:
+ *   GET  /healthz        200 ok (503 with FAULT health)
+ *   POST /work           counter + 1; 200 "NAME COUNTER"; 503 while handing over (not counted)
+ *   GET  /state          200, the state as MessagePack {counter, buffer, trail}; no side effect
+ *   POST /state/export   the same, and the stage is handing over from then on (500 with FAULT export)
+ *   PUT  /state          load a state exported by another stage (500 with FAULT import)
+ *   POST /state/resume   handing over no more: serve /work again (a rolled-back handover)
+ * FAULT is "none", "health", "export" or "import".
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#define MAX_HEADER 8192
+#define MAX_BODY (1024L * 1024 * 1024)
+
+static const char *name;
+static const char *fault;
+static uint64_t counter;
+static unsigned char *buffer;
+static size_t buffer_len;
+static char trail[4096];
+static int handing_over;
+
+static void on_term(int sig) { (void)sig; _exit(0); }
+
+static int write_all(int fd, const void *data, size_t len) {
+    const char *p = data;
+    while (len) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static void respond(int fd, int status, const char *reason, const char *type, const void *body, size_t len) {
+    char head[256];
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
+                     status, reason, type, len);
+    if (write_all(fd, head, (size_t)n) == 0 && len) write_all(fd, body, len);
+}
+
+static void text(int fd, int status, const char *reason, const char *msg) {
+    respond(fd, status, reason, "text/plain", msg, strlen(msg));
+}
+
+static void put_be(unsigned char *p, uint64_t v, int bytes) {
+    for (int i = bytes - 1; i >= 0; i--, v >>= 8) p[i] = (unsigned char)(v & 0xff);
+}
+
+/* {"counter": uint64, "buffer": bin32, "trail": str32} */
+static unsigned char *encode(size_t *out_len) {
+    size_t tlen = strlen(trail);
+    size_t len = 1 + 8 + 9 + 7 + 5 + buffer_len + 6 + 5 + tlen;
+    unsigned char *out = malloc(len), *p = out;
+    if (!out) return NULL;
+    *p++ = 0x83;
+    *p++ = 0xa7; memcpy(p, "counter", 7); p += 7;
+    *p++ = 0xcf; put_be(p, counter, 8); p += 8;
+    *p++ = 0xa6; memcpy(p, "buffer", 6); p += 6;
+    *p++ = 0xc6; put_be(p, buffer_len, 4); p += 4;
+    memcpy(p, buffer, buffer_len); p += buffer_len;
+    *p++ = 0xa5; memcpy(p, "trail", 5); p += 5;
+    *p++ = 0xdb; put_be(p, tlen, 4); p += 4;
+    memcpy(p, trail, tlen); p += tlen;
+    *out_len = (size_t)(p - out);
+    return out;
+}
+
+struct reader { const unsigned char *p, *end; };
+
+static int get_be(struct reader *r, int bytes, uint64_t *v) {
+    if (r->end - r->p < bytes) return -1;
+    *v = 0;
+    for (int i = 0; i < bytes; i++) *v = (*v << 8) | *r->p++;
+    return 0;
+}
+
+/* A str or bin: its bytes and length. */
+static int get_bytes(struct reader *r, const unsigned char **data, uint64_t *len) {
+    if (r->p >= r->end) return -1;
+    unsigned char t = *r->p++;
+    if ((t & 0xe0) == 0xa0) *len = t & 0x1f;
+    else if (t == 0xd9 || t == 0xc4) { if (get_be(r, 1, len)) return -1; }
+    else if (t == 0xda || t == 0xc5) { if (get_be(r, 2, len)) return -1; }
+    else if (t == 0xdb || t == 0xc6) { if (get_be(r, 4, len)) return -1; }
+    else return -1;
+    if ((uint64_t)(r->end - r->p) < *len) return -1;
+    *data = r->p;
+    r->p += *len;
+    return 0;
+}
+
+static int get_uint(struct reader *r, uint64_t *v) {
+    if (r->p >= r->end) return -1;
+    unsigned char t = *r->p++;
+    if (t <= 0x7f) { *v = t; return 0; }
+    if (t == 0xcc) return get_be(r, 1, v);
+    if (t == 0xcd) return get_be(r, 2, v);
+    if (t == 0xce) return get_be(r, 4, v);
+    if (t == 0xcf) return get_be(r, 8, v);
+    return -1;
+}
+
+/* Load a state (or leave everything as it was and say what is wrong). */
+static const char *load(const unsigned char *body, size_t len) {
+    struct reader r = {body, body + len};
+    uint64_t fields, count = 0, blen = 0, tlen = 0;
+    const unsigned char *bdata = NULL, *tdata = NULL;
+    int have = 0;
+    if (r.p >= r.end) return "empty body";
+    unsigned char t = *r.p++;
+    if ((t & 0xf0) == 0x80) fields = t & 0x0f;
+    else if (t == 0xde) { if (get_be(&r, 2, &fields)) return "truncated"; }
+    else if (t == 0xdf) { if (get_be(&r, 4, &fields)) return "truncated"; }
+    else return "not a MessagePack map";
+    for (uint64_t i = 0; i < fields; i++) {
+        const unsigned char *key;
+        uint64_t klen;
+        if (get_bytes(&r, &key, &klen)) return "a key is not a string";
+        if (klen == 7 && !memcmp(key, "counter", 7)) {
+            if (get_uint(&r, &count)) return "counter: not an unsigned integer";
+            have |= 1;
+        } else if (klen == 6 && !memcmp(key, "buffer", 6)) {
+            if (get_bytes(&r, &bdata, &blen)) return "buffer: not bytes";
+            have |= 2;
+        } else if (klen == 5 && !memcmp(key, "trail", 5)) {
+            if (get_bytes(&r, &tdata, &tlen)) return "trail: not a string";
+            have |= 4;
+        } else {
+            return "unknown field";
+        }
+    }
+    if (have != 7) return "counter, buffer and trail are required";
+    if (tlen + strlen(name) + 2 > sizeof trail) return "trail too long";
+    unsigned char *copy = malloc(blen ? blen : 1);
+    if (!copy) return "out of memory";
+    for (uint64_t i = 0; i < blen; i++) copy[i] = (unsigned char)(bdata[i] + 1);
+    free(buffer);
+    buffer = copy;
+    buffer_len = blen;
+    memcpy(trail, tdata, tlen);
+    trail[tlen] = 0;
+    strcat(trail, ",");
+    strcat(trail, name);
+    counter = count;
+    return NULL;
+}
+
+static void serve_state(int fd) {
+    size_t len;
+    unsigned char *body = encode(&len);
+    if (!body) { text(fd, 500, "Internal Server Error", "out of memory"); return; }
+    respond(fd, 200, "OK", "application/msgpack", body, len);
+    free(body);
+}
+
+static void handle(int fd, const char *method, const char *path, const unsigned char *body, size_t len) {
+    if (!strcmp(path, "/healthz")) {
+        if (!strcmp(fault, "health")) text(fd, 503, "Service Unavailable", "sick");
+        else text(fd, 200, "OK", "ok");
+    } else if (!strcmp(path, "/work") && !strcmp(method, "POST")) {
+        if (handing_over) { text(fd, 503, "Service Unavailable", "handing over"); return; }
+        char msg[128];
+        counter++;
+        snprintf(msg, sizeof msg, "%s %llu", name, (unsigned long long)counter);
+        text(fd, 200, "OK", msg);
+    } else if (!strcmp(path, "/state") && !strcmp(method, "GET")) {
+        serve_state(fd);
+    } else if (!strcmp(path, "/state/export") && !strcmp(method, "POST")) {
+        if (!strcmp(fault, "export")) { text(fd, 500, "Internal Server Error", "export refused (fault)"); return; }
+        handing_over = 1;
+        serve_state(fd);
+    } else if (!strcmp(path, "/state") && !strcmp(method, "PUT")) {
+        if (!strcmp(fault, "import")) { text(fd, 500, "Internal Server Error", "import refused (fault)"); return; }
+        const char *why = load(body, len);
+        if (why) text(fd, 400, "Bad Request", why);
+        else respond(fd, 204, "No Content", "text/plain", NULL, 0);
+    } else if (!strcmp(path, "/state/resume") && !strcmp(method, "POST")) {
+        handing_over = 0;
+        respond(fd, 204, "No Content", "text/plain", NULL, 0);
+    } else {
+        text(fd, 404, "Not Found", "no such endpoint");
+    }
+}
+
+static void connection(int fd) {
+    char head[MAX_HEADER + 1];
+    size_t got = 0;
+    char *end = NULL;
+    while (!end) {
+        if (got == MAX_HEADER) return;
+        ssize_t n = read(fd, head + got, MAX_HEADER - got);
+        if (n <= 0) return;
+        got += (size_t)n;
+        head[got] = 0;
+        end = strstr(head, "\r\n\r\n");
+    }
+    char method[16], path[256];
+    if (sscanf(head, "%15s %255s", method, path) != 2) return;
+    long length = 0;
+    for (char *line = strstr(head, "\r\n"); line && line < end; line = strstr(line + 2, "\r\n")) {
+        if (!strncasecmp(line + 2, "Content-Length:", 15)) length = strtol(line + 17, NULL, 10);
+    }
+    if (length < 0 || length > MAX_BODY) { text(fd, 413, "Payload Too Large", "body too large"); return; }
+    size_t have = got - (size_t)(end + 4 - head);
+    unsigned char *body = malloc((size_t)length + 1);
+    if (!body) return;
+    memcpy(body, end + 4, have < (size_t)length ? have : (size_t)length);
+    while (have < (size_t)length) {
+        ssize_t n = read(fd, body + have, (size_t)length - have);
+        if (n <= 0) { free(body); return; }
+        have += (size_t)n;
+    }
+    handle(fd, method, path, body, (size_t)length);
+    free(body);
+}
+
+int main(int argc, char **argv) {
+    if (argc != 5) {
+        fprintf(stderr, "usage: stage NAME PORT SEED_BYTES FAULT\n");
+        return 2;
+    }
+    name = argv[1];
+    int port = atoi(argv[2]);
+    buffer_len = (size_t)strtoull(argv[3], NULL, 10);
+    fault = argv[4];
+    buffer = malloc(buffer_len ? buffer_len : 1);
+    for (size_t i = 0; i < buffer_len; i++) buffer[i] = (unsigned char)(i % 251);
+    snprintf(trail, sizeof trail, "%s", name);
+    signal(SIGTERM, on_term);
+    signal(SIGINT, on_term);
+    signal(SIGPIPE, SIG_IGN);
+
+    int srv = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(srv, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    if (bind(srv, (struct sockaddr *)&addr, sizeof addr) || listen(srv, 64)) {
+        perror("stage: listen");
+        return 1;
+    }
+    fprintf(stderr, "stage %s: listening on %d, fault %s\n", name, port, fault);
+    for (;;) {
+        int fd = accept(srv, NULL, NULL);
+        if (fd < 0) continue;
+        struct timeval tv = {.tv_sec = 5};  /* a client that stops sending does not hold the stage */
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        connection(fd);
+        close(fd);
+    }
+}
