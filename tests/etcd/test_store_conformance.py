@@ -19,6 +19,9 @@ from typing import Any
 import pytest
 
 from coordinator.catalog.model import CatalogChanged, CatalogEntry, CatalogEntryExists
+from coordinator.chains.states import ChainRecord
+from coordinator.chains.states import Event as ChainEvent
+from coordinator.chains.states import State as ChainState
 from coordinator.config import CoordinatorConfig
 from coordinator.deployments.states import ComponentRecord, DeploymentRecord
 from coordinator.deployments.states import Event as DeploymentEvent
@@ -363,3 +366,17 @@ async def test_deployments_round_trip(clients: list[Store]) -> None:
     assert await a.get_deployment("detect-1") == healthy
     assert await b.get_deployment("nope") is None
     assert [r.id for r in await a.list_deployments()] == ["old-1", "detect-1"]  # oldest first
+
+
+async def test_chains_round_trip(clients: list[Store]) -> None:
+    a, b, _ = clients
+    manifest = {"version": 1, "name": "counter", "stages": []}
+    first = ChainRecord("counter-1", "counter", manifest, ChainState.PENDING, "10.9.0.3", created_at=2.0)
+    older = ChainRecord("old-1", "old", manifest, ChainState.ABORTED, "10.9.0.4", created_at=1.0)
+    await a.put_chain(first)
+    await a.put_chain(older)
+    started = first.advance(ChainEvent.START, 3.0, serving="ingest")
+    await b.put_chain(started)  # written whole on every transition: the last put is the record
+    assert await a.get_chain("counter-1") == started
+    assert await b.get_chain("nope") is None
+    assert [r.id for r in await a.list_chains()] == ["old-1", "counter-1"]  # oldest first
