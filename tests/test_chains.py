@@ -33,6 +33,9 @@ from tests.harness.workloads import static_binary
 
 PORT = 8080
 SEED_BYTES = 4096
+NEVER_HEALTHY = {"kind": "http", "port": PORT, "path": "/healthz", "interval": 0.2, "timeout": 0.2, "start_period": 600}
+"""A check that fails, but within a start period that outlasts any handover: it stays in HEALTH."""
+SHORT_DEADLINE = {"protocol": "http_state", "port": PORT, "drain": 0.5, "deadline": 20}
 
 
 def stage(name: str, image: str, consumes: str = "", fault: str = "none", **extra: Any) -> dict[str, Any]:
@@ -178,9 +181,9 @@ async def test_a_counter_is_handed_over_across_hosts_and_failed_handovers_roll_b
         "stages": [
             stage("ingest", image),
             stage("transform", image, "ingest", fault="import", fallback="transform-safe"),
-            stage("publish", image, "transform", fault="health"),
+            stage("publish", image, "transform", fault="health", health=NEVER_HEALTHY),
         ],
-        "fallbacks": [stage("transform-safe", image, "ingest")],
+        "fallbacks": [stage("transform-safe", image, "ingest", handover=SHORT_DEADLINE)],
     }
     path = base_dir / "chain.json"
     path.write_text(json.dumps(manifest))
@@ -239,8 +242,16 @@ async def test_a_counter_is_handed_over_across_hosts_and_failed_handovers_roll_b
             for h in mesh.hosts
         }
 
-        # The coordinator is not in the data path: killed, the stage keeps serving; started again, it
-        # resumes the chain where it was.
+        # transform-safe -> publish, whose check never passes: the coordinator is killed while the
+        # handover waits in HEALTH. The stage serves on (the coordinator is not in the data path);
+        # the coordinator started again rolls the handover back (an exported state would have been
+        # in the killed process's memory), and transform-safe keeps serving its counter.
+        await ferryctl_json(f, "chain", "advance", record["id"], "--no-wait")
+
+        async def in_health() -> bool:
+            return bool((await f.call("GET", f"/v1/chains/{record['id']}"))["state"] == "HEALTH")
+
+        await f.wait_for("the handover to publish waiting in HEALTH", in_health, within=60)
         assert f.coordinator.proc is not None
         f.coordinator.proc.kill()
         await f.coordinator.stop()
@@ -248,15 +259,29 @@ async def test_a_counter_is_handed_over_across_hosts_and_failed_handovers_roll_b
         await asyncio.sleep(1.0)
         assert len(client.served()) > before
         await f.coordinator.start()
-        resumed = await f.call("GET", f"/v1/chains/{record['id']}")
-        assert resumed["state"] == "RUNNING" and resumed["serving"] == "transform-safe"
 
-        # transform-safe -> publish: publish never becomes healthy; rolled back, transform-safe serves on.
+        async def rolled_back() -> dict[str, Any] | None:
+            now = await f.call("GET", f"/v1/chains/{record['id']}")
+            last = now["handovers"][-1]
+            return dict(now) if now["state"] == "RUNNING" and last["outcome"] == "rolled_back" else None
+
+        resumed = await f.wait_for("rolled back after the restart", rolled_back, within=60)
+        last = resumed["handovers"][-1]
+        assert (last["target"], last["failed_phase"]) == ("publish", "HEALTH"), last
+        assert "the coordinator restarted during the handover" in last["error"]
+        assert resumed["serving"] == "transform-safe" and resumed["failed"] == ["publish"]
+        assert await chain_containers(f) == {
+            h.name: [runs["transform-safe"]["container"]] if h.name == runs["transform-safe"]["host"] else []
+            for h in mesh.hosts
+        }
+
+        # Driven on by the new coordinator: advance tries publish again, which is not healthy within
+        # transform-safe's handover deadline (20 s): rolled back, transform-safe serves on.
         rolled = await ferryctl_json(f, "chain", "advance", record["id"], "--wait", "120", code=Exit.NOT_DEPLOYED)
         assert rolled["state"] == "RUNNING" and rolled["serving"] == "transform-safe", rolled
         last = rolled["handovers"][-1]
         assert (last["target"], last["outcome"], last["failed_phase"]) == ("publish", "rolled_back", "HEALTH")
-        assert rolled["failed"] == ["publish"]
+        assert rolled["failed"] == ["publish"] and len(rolled["handovers"]) == 4
         count = client.served()[-1][1]
         await asyncio.sleep(0.5)
         assert client.served()[-1] > ("transform-safe", count)
@@ -267,16 +292,17 @@ async def test_a_counter_is_handed_over_across_hosts_and_failed_handovers_roll_b
     assert_exactly_once(client)
     assert {name for name, _ in client.served()} == {"ingest", "transform-safe"}
 
-    # Two alerts, one per rolled-back handover, with the phase that failed.
-    bodies = await receiver.wait_for(2)
+    # One alert per rolled-back handover, with the phase that failed.
+    bodies = await receiver.wait_for(3)
     labels = [b["alerts"][0]["labels"] for b in bodies]
     assert [(a["alertname"], a["target"], a["phase"]) for a in labels] == [
         ("FerrymanChainHandoverFailed", "transform", "IMPORT"),
         ("FerrymanChainHandoverFailed", "publish", "HEALTH"),
+        ("FerrymanChainHandoverFailed", "publish", "HEALTH"),
     ]
     metrics = await f.call("GET", "/metrics")  # counted since the coordinator's restart
-    assert 'ferryman_coordinator_chain_handover_failures_total{phase="HEALTH"} 1.0' in metrics
-    assert 'ferryman_coordinator_chain_handovers_total{outcome="rolled_back"} 1.0' in metrics
+    assert 'ferryman_coordinator_chain_handover_failures_total{phase="HEALTH"} 2.0' in metrics
+    assert 'ferryman_coordinator_chain_handovers_total{outcome="rolled_back"} 2.0' in metrics
 
     aborted = await ferryctl_json(f, "chain", "abort", record["id"], "--wait", "60")
     assert aborted["state"] == "ABORTED", aborted
@@ -286,3 +312,7 @@ async def test_a_counter_is_handed_over_across_hosts_and_failed_handovers_roll_b
     assert not await mesh.can_connect(mesh.client, address, PORT)
     listed = await ferryctl_json(f, "chains")
     assert [(c["id"], c["state"]) for c in listed["chains"]] == [(record["id"], "ABORTED")]
+    busy = await ferryctl_json(f, "chain", "advance", record["id"], code=Exit.ERROR)
+    assert busy["error"]["code"] == "chain_busy", busy
+    missing = await ferryctl_json(f, "chain", "status", "counter-00000000", code=Exit.ERROR)
+    assert missing["error"]["code"] == "chain_not_found", missing
