@@ -43,6 +43,9 @@ LABEL_LAST_EXIT_STATUS = LABEL_PREFIX + "last-exit-status"
 LABEL_LAST_EXIT_AT = LABEL_PREFIX + "last-exit-at"
 LABEL_MIGRATED_TO = LABEL_PREFIX + "migrated-to"
 LABEL_VOLUMES = LABEL_PREFIX + "volumes"
+LABEL_SIGNATURE = LABEL_PREFIX + "signature"
+"""The workload signature's id (core/workloads.py): which kind of workload this is, for the layer
+predictor's start history."""
 """The names of the shared volumes the container mounts, comma-separated (agent/runtime/volumes.py)."""
 """Set on a migration source's copy just before it is removed after the commit: the workload runs on
 that host now, and a copy left behind here is never restarted."""
@@ -229,6 +232,9 @@ class CreateRequest:
     """The health check the agent runs while the container runs (agent/health)."""
     volumes: tuple[Volume, ...] = ()
     """Shared volumes (directories of this host) bind-mounted into the container (agent/runtime/volumes.py)."""
+    signature: str = ""
+    """The workload signature's id of the request as sent (before a composition became an image);
+    empty: taken from the image, args and labels."""
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from agent.model import (
 )
 from core.errors import AlreadyExists, ConfigError, Conflict, ContainerNotFound
 from core.logs import JsonFormatter
+from core.workloads import of_start
 from tests.harness import rawhttp
 
 # ------------------------------------------------------------------ fakes (API-shape tests only)
@@ -224,6 +225,8 @@ async def test_create_full_body_and_list(client: TestClient[Any, Any], agent: Fa
     assert req.resources.cpus == 0.5 and req.resources.memory == 67108864
     assert (req.workdir, req.user, req.labels) == ("/srv", "1000:1000", {"team": "infra"})
     assert req.restart_policy == RestartPolicy(RestartName.ON_FAILURE, 3)
+    # the workload signature of the request as sent (core/workloads.py), for the start history
+    assert req.signature == of_start(f"image:{image}", ["sh", "-c", "echo hi"], {"team": "infra"}).id
 
     resp = await client.get("/v1/containers")
     assert resp.status == 200

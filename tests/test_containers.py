@@ -11,8 +11,9 @@ import pytest
 
 from agent.app import Agent
 from agent.errors import ImageNotFound
-from agent.model import LABEL_MANAGED, ContainerState, CreateRequest, Resources
+from agent.model import LABEL_MANAGED, LABEL_SIGNATURE, ContainerState, CreateRequest, Resources
 from core.errors import Conflict, ContainerNotFound, InvalidRequest
+from core.workloads import of_start
 from tests.harness.agent import agent_config, running_agent
 from tests.harness.containerd import PrivateContainerd
 from tests.harness.images import ImageBuilder, build_test_image, busybox_layer, etc_layer
@@ -81,6 +82,8 @@ async def test_run_captures_output_and_shows_in_ctr(
     assert c in listed and image_ref in listed
     [summary] = [s for s in await agent.containers.list() if s.id == c]
     assert summary.labels["team"] == "sre" and summary.labels[LABEL_MANAGED] == "true"
+    # the workload signature (core/workloads.py), from the image, command and labels when not given
+    assert summary.labels[LABEL_SIGNATURE] == of_start(f"image:{image_ref}", req.args or (), {"team": "sre"}).id
     inspected = await agent.containers.inspect(c)
     assert inspected["spec"]["process"]["args"] == ["/bin/sh", "-c", script]
 

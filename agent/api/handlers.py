@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -48,6 +49,7 @@ from core.http.validate import (
     str_map_field,
 )
 from core.ids import check_container_id
+from core.workloads import of_container_spec
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +317,10 @@ async def remove_image(request: web.Request) -> web.Response:
 
 async def create_container(request: web.Request) -> web.Response:
     start = query_flag(request, "start")
-    req = parse_create(await with_composition(request, await read_object(request)))
+    body = await read_object(request)
+    # the signature of what was asked for: a composition's name and class, not the image made of it
+    signature = of_container_spec(body).id
+    req = dataclasses.replace(parse_create(await with_composition(request, body)), signature=signature)
     containers = request.app[CONTAINERS]
     summary = await containers.create(req)
     if start:

@@ -37,6 +37,7 @@ from agent.model import (
     LABEL_RESTART_POLICY,
     LABEL_SERVICE_IP,
     LABEL_SERVICE_PUBLISH,
+    LABEL_SIGNATURE,
     LABEL_STARTED_AT,
     LABEL_VOLUMES,
     ContainerState,
@@ -54,6 +55,7 @@ from agent.runtime.volumes import VolumeDirs
 from agent.runtime.volumes import mounts as volume_bind_mounts
 from core.errors import Conflict, ContainerNotFound, InvalidRequest
 from core.ids import CONTAINER_ID_RE
+from core.workloads import of_start
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +175,7 @@ class ContainerService:
             LABEL_MANAGED: "true",
             LABEL_IMAGE: image.record.name,
             LABEL_LOG_PATH: str(self.log_path(req.id)),
+            LABEL_SIGNATURE: req.signature or of_start(f"image:{req.image}", req.args or (), req.labels).id,
         }
         if service_ip is not None:
             labels[LABEL_SERVICE_IP] = service_ip
