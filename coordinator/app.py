@@ -103,6 +103,8 @@ class Coordinator:
             config.agents.create_timeout,
             self.costs,
             on_started=lambda host, digests: self.layers.tracker.announced(host, clock(), holding=digests),
+            history=(config.warm.history_per_host, config.warm.history_max_age),
+            clock=clock,
         )
         self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
         self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)

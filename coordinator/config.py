@@ -145,6 +145,18 @@ class TrackerConfig:
     confirms it holds the blob (a host that crashed mid-pull stops being named after that)."""
 
 
+@dataclass(frozen=True)
+class WarmConfig:
+    """Predictive layer warming (prefetch): the start history it learns from and its model."""
+
+    model: str = ""
+    """The layer predictor (.onnx, models/prefetch/); empty: no predictions."""
+    history_per_host: int = 2000
+    """Task starts kept per host (signature, time, layers, hits and misses)."""
+    history_max_age: float = 14 * 86400.0
+    """Seconds of start history kept per host."""
+
+
 STORE_BACKENDS = ("sqlite", "etcd")
 
 
@@ -221,6 +233,7 @@ class CoordinatorConfig:
     migrations: MigrationLimits = field(default_factory=MigrationLimits)
     agents: AgentClientConfig = field(default_factory=AgentClientConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    warm: WarmConfig = field(default_factory=WarmConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     deployments: DeploymentsConfig = field(default_factory=DeploymentsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
@@ -256,6 +269,8 @@ def _validate(config: CoordinatorConfig) -> None:
         "agents.request_timeout": config.agents.request_timeout,
         "agents.create_timeout": config.agents.create_timeout,
         "tracker.fetching_ttl": config.tracker.fetching_ttl,
+        "warm.history_per_host": config.warm.history_per_host,
+        "warm.history_max_age": config.warm.history_max_age,
         "deployments.health_timeout": config.deployments.health_timeout,
         "deployments.cpu_millis": config.deployments.cpu_millis,
         "deployments.memory_bytes": config.deployments.memory_bytes,

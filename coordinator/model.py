@@ -242,3 +242,30 @@ class Drain:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class StartRecord:
+    """One task start, as the layer predictor learns from it (coordinator/warm_features.py)."""
+
+    host: str
+    ts: float
+    signature: str
+    """The workload signature's id (core/workloads.py)."""
+    layers: tuple[str, ...]
+    """Every layer the start needed, bottom first."""
+    hits: tuple[str, ...] = ()
+    """Layers that were on the host already."""
+    warm_hits: tuple[str, ...] = ()
+    """Of the hits, the layers there because they were warmed for it (prefetched, unused until now)."""
+    workload_class: str = ""
+    source: str = ""
+    """`image:<ref>` or `composition:<name>`."""
+
+    @property
+    def misses(self) -> tuple[str, ...]:
+        held = set(self.hits)
+        return tuple(d for d in self.layers if d not in held)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "misses": list(self.misses)}

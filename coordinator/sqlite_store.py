@@ -35,6 +35,7 @@ from coordinator.model import (
     MigrationState,
     Prediction,
     Reservation,
+    StartRecord,
 )
 from coordinator.store import TelemetryUpdate
 from core.errors import ConfigError, FerrymanError
@@ -160,6 +161,17 @@ _SCHEMA: tuple[str, ...] = (
         record TEXT NOT NULL
     );
     """,
+    # 6: task starts (the layer predictor's history, coordinator/warm_features.py).
+    """
+    CREATE TABLE starts (
+        host TEXT NOT NULL,
+        ts REAL NOT NULL,
+        signature TEXT NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX starts_host_ts ON starts(host, ts);
+    CREATE INDEX starts_ts ON starts(ts);
+    """,
 )
 SCHEMA_VERSION = len(_SCHEMA)
 PREDICTIONS_KEPT_PER_HOST = 1000
@@ -194,6 +206,13 @@ def _host_from_row(row: sqlite3.Row) -> Host:
         containers=tuple(ContainerUsage(**c) for c in json.loads(row["containers"])),
         pressure=json.loads(row["pressure"]),
     )
+
+
+def _start_from_json(text: str) -> StartRecord:
+    data = json.loads(text)
+    for key in ("layers", "hits", "warm_hits"):
+        data[key] = tuple(data.get(key, ()))
+    return StartRecord(**data)
 
 
 def _reservation_from_row(row: sqlite3.Row) -> Reservation:
@@ -639,6 +658,36 @@ class SqliteStore:
                     "SELECT * FROM decisions WHERE host = ? ORDER BY id DESC LIMIT ?", (host, limit)
                 )
             return [Decision(**dict(r)) for r in rows]
+
+        return await self._run(op)
+
+    # ----- start history
+
+    async def record_start(self, start: StartRecord, keep: int, max_age: float) -> None:
+        def op() -> None:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO starts (host, ts, signature, record) VALUES (?, ?, ?, ?)",
+                    (start.host, start.ts, start.signature, _dumps(asdict(start))),
+                )
+                db.execute("DELETE FROM starts WHERE host = ? AND ts < ?", (start.host, start.ts - max_age))
+                db.execute(
+                    """DELETE FROM starts WHERE host = ? AND rowid NOT IN (
+                           SELECT rowid FROM starts WHERE host = ? ORDER BY ts DESC, rowid DESC LIMIT ?)""",
+                    (start.host, start.host, max(keep, 0)),
+                )
+
+        await self._run(op)
+
+    async def starts(self, host: str | None = None, since: float = 0.0) -> list[StartRecord]:
+        def op() -> list[StartRecord]:
+            if host is None:
+                rows = self._db.execute("SELECT record FROM starts WHERE ts >= ? ORDER BY ts, rowid", (since,))
+            else:
+                rows = self._db.execute(
+                    "SELECT record FROM starts WHERE host = ? AND ts >= ? ORDER BY ts, rowid", (host, since)
+                )
+            return [_start_from_json(r["record"]) for r in rows]
 
         return await self._run(op)
 

@@ -17,10 +17,11 @@ from typing import Any
 
 from coordinator.agents import AgentClientLike
 from coordinator.costs import CostBook
-from coordinator.model import HostNotFound
+from coordinator.model import HostNotFound, StartRecord
 from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
 from coordinator.store import Store
+from core.workloads import of_container_spec
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,12 @@ class ContainerStarts:
         create_timeout: float,
         costs: CostBook | None = None,
         on_started: Callable[[str, list[str]], None] = lambda host, digests: None,
+        history: tuple[int, float] = (2000, 14 * 86400.0),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`on_started(host, digests)`: a container runs on `host` with these layers (the tracker
-        learns it before the host's next registration says so)."""
+        learns it before the host's next registration says so). `history`: the starts kept per
+        host and their maximum age in seconds (the layer predictor's history)."""
         self._store = store
         self._placer = placer
         self._reservations = reservations
@@ -45,6 +49,8 @@ class ContainerStarts:
         self._create_timeout = create_timeout
         self._costs = costs
         self._on_started = on_started
+        self._history = history
+        self._clock = clock
 
     async def start(self, spec: Mapping[str, Any], need: Need, ttl: float | None = None) -> dict[str, Any]:
         """Place, reserve, create and start; the placement (with its prediction) and the container.
@@ -56,6 +62,7 @@ class ContainerStarts:
             host = await self._store.get_host(reservation.host)
             if host is None:
                 raise HostNotFound(f"host {reservation.host} left the fleet")
+            held = set(host.layer_digests)
             container = await self._agents.create_container(
                 host, {**spec, "reservation": reservation.id}, self._create_timeout
             )
@@ -65,6 +72,19 @@ class ContainerStarts:
         if self._costs is not None:  # the next prediction for this host learns from this one
             self._costs.started(reservation.host, seconds, placement.chosen)
         self._on_started(reservation.host, list(need.layers))
+        signature = of_container_spec(spec)
+        await self._store.record_start(
+            StartRecord(
+                host=reservation.host,
+                ts=self._clock(),
+                signature=signature.id,
+                layers=tuple(need.layers),
+                hits=tuple(d for d in need.layers if d in held),
+                workload_class=signature.workload_class,
+                source=signature.source,
+            ),
+            *self._history,
+        )
         log.info(
             "container started",
             extra={

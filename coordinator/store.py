@@ -28,6 +28,7 @@ from coordinator.model import (
     Migration,
     Prediction,
     Reservation,
+    StartRecord,
 )
 
 
@@ -136,6 +137,20 @@ class DrainStore(Protocol):
     async def list_drains(self, host: str | None = None) -> list[Drain]: ...
 
 
+class StartHistoryStore(Protocol):
+    """Task starts per host: signature, time, the layers needed and which were there (the layer
+    predictor's history). Bounded per host by count and age, like telemetry."""
+
+    async def record_start(self, start: StartRecord, keep: int, max_age: float) -> None:
+        """Keep `start`, dropping the host's starts beyond the newest `keep` or older than
+        `max_age` seconds before it."""
+        ...
+
+    async def starts(self, host: str | None = None, since: float = 0.0) -> list[StartRecord]:
+        """Starts at or after `since` (one host's, or every host's), oldest first."""
+        ...
+
+
 class Store(
     HostStore,
     TelemetryStore,
@@ -143,6 +158,7 @@ class Store(
     MigrationStore,
     DecisionStore,
     DrainStore,
+    StartHistoryStore,
     CatalogStore,
     DeploymentStore,
     ChainStore,

@@ -23,7 +23,8 @@ race reads again and decides again (InsufficientCapacity once the host is full).
 Telemetry time series do not go to etcd: a push only refreshes the host's summary key (the
 heartbeat and the capacity in use, which `reserve` needs). The samples are kept in this replica's
 memory, bounded per host by count and age exactly as the SQLite store bounds them; a replica that
-starts has none until agents push again (docs/coordinator.md, "Running on etcd").
+starts has none until agents push again (docs/coordinator.md, "Running on etcd"). The start history
+(the layer predictor's) is kept the same way, in this replica's memory.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from coordinator.model import (
     MigrationState,
     Prediction,
     Reservation,
+    StartRecord,
 )
 from coordinator.store import TelemetryUpdate
 from core.errors import InvalidRequest
@@ -155,6 +157,24 @@ class _Series:
         return {host: samples for host, samples in out.items() if samples}
 
 
+class _Starts:
+    """One replica's start history per host, bounded by count and age (never in etcd)."""
+
+    def __init__(self) -> None:
+        self._by_host: dict[str, list[StartRecord]] = {}
+
+    def add(self, start: StartRecord, keep: int, max_age: float) -> None:
+        kept = [*self._by_host.get(start.host, []), start]
+        kept.sort(key=lambda s: s.ts)  # stable: equal stamps keep their arrival order
+        cutoff = start.ts - max_age
+        self._by_host[start.host] = [s for s in kept if s.ts >= cutoff][-keep:] if keep > 0 else []
+
+    def since(self, host: str | None, since: float) -> list[StartRecord]:
+        hosts = [host] if host is not None else sorted(self._by_host)
+        out = [s for h in hosts for s in self._by_host.get(h, ()) if s.ts >= since]
+        return sorted(out, key=lambda s: s.ts)
+
+
 class EtcdStore:
     """`Store` on an etcd cluster. Open with `EtcdStore(EtcdKV(endpoints), prefix)`; no I/O until used."""
 
@@ -164,6 +184,7 @@ class EtcdStore:
         self._kv = kv
         self._prefix = prefix.encode()
         self._series = _Series()
+        self._starts = _Starts()
         self._decisions_recorded = 0
         self._fence: ModRevision | None = None
         self._reserving: dict[str, asyncio.Lock] = {}
@@ -294,6 +315,14 @@ class EtcdStore:
 
     async def telemetry_all(self, since: float = 0.0) -> dict[str, list[tuple[float, dict[str, Any]]]]:
         return self._series.all_since(since)
+
+    # ----- start history: this replica's memory, like the telemetry samples
+
+    async def record_start(self, start: StartRecord, keep: int, max_age: float) -> None:
+        self._starts.add(start, keep, max_age)
+
+    async def starts(self, host: str | None = None, since: float = 0.0) -> list[StartRecord]:
+        return self._starts.since(host, since)
 
     # ----- reservations
 

@@ -44,6 +44,7 @@ from coordinator.model import (
     NoTarget,
     Prediction,
     Reservation,
+    StartRecord,
 )
 from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
@@ -156,6 +157,30 @@ async def test_telemetry_refreshes_the_summary_and_is_bounded(store: Store) -> N
     await store.record_telemetry(_push("h2", 101.0, [100.0]), keep=3, max_age=60)
     everything = await store.telemetry_all(since=99.0)
     assert {h: [ts for ts, _ in s] for h, s in everything.items()} == {"h1": [99.0], "h2": [100.0]}
+
+
+# ----- start history (one client: per replica on etcd, like telemetry samples)
+
+
+async def test_start_history_keeps_hits_and_misses_and_is_bounded(store: Store) -> None:
+    first = StartRecord("h1", 10.0, "sig-00000000000000aa", ("sha256:a", "sha256:b"), hits=("sha256:a",))
+    await store.record_start(first, keep=3, max_age=100)
+    got = await store.starts("h1")
+    assert got == [first] and got[0].misses == ("sha256:b",)
+    for ts in (50.0, 60.0, 120.0):
+        await store.record_start(StartRecord("h1", ts, "sig-00000000000000bb", ("sha256:c",)), keep=3, max_age=100)
+    # 10.0 is older than max_age at 120.0
+    assert [s.ts for s in await store.starts("h1")] == [50.0, 60.0, 120.0]
+    await store.record_start(StartRecord("h1", 130.0, "sig-00000000000000bb", ("sha256:c",)), keep=3, max_age=100)
+    assert [s.ts for s in await store.starts("h1")] == [60.0, 120.0, 130.0]
+    await store.record_start(
+        StartRecord("h2", 125.0, "sig-00000000000000cc", ("sha256:d",), ("sha256:d",), ("sha256:d",), "batch"),
+        keep=3,
+        max_age=100,
+    )
+    everything = await store.starts(since=120.0)
+    assert [(s.host, s.ts) for s in everything] == [("h1", 120.0), ("h2", 125.0), ("h1", 130.0)]
+    assert everything[1].warm_hits == ("sha256:d",) and everything[1].workload_class == "batch"
 
 
 # ----- reservations

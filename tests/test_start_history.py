@@ -1,0 +1,113 @@
+"""The start history the layer predictor learns from: every start placed through the coordinator is
+recorded with its workload signature, the layers it needed and which the host held already, and
+survives a restart of the coordinator (SQLite)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.model import Capacity, Host, StartRecord
+from coordinator.placement import Need, Placer
+from coordinator.reservations import ReservationService
+from coordinator.sqlite_store import SqliteStore
+from coordinator.starts import ContainerStarts
+from coordinator.warm_features import FleetStarts, HostStarts, Start
+from core.errors import InvalidRequest
+from core.workloads import WorkloadSignature, check_signature_id, of_start
+from tests.harness.coordinator import NoAgents
+
+GiB = 1 << 30
+MB = 1_000_000
+BASE, MID, TOP = ("sha256:" + c * 64 for c in "abc")
+LAYERS = {BASE: 200 * MB, MID: 50 * MB, TOP: 10 * MB}
+
+
+class CreatingAgents(NoAgents):
+    """The agent client's create, answered as an agent would (the rest still refuses)."""
+
+    def __init__(self) -> None:
+        self.created: list[tuple[str, dict[str, Any]]] = []
+
+    async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]:
+        self.created.append((host.name, spec))
+        return {"id": spec["id"], "image": spec.get("image", ""), "state": "running"}
+
+
+@pytest.fixture
+async def store(workdir: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(workdir / "c.db")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_a_placed_start_is_recorded_with_its_signature_hits_and_misses(store: SqliteStore, workdir: Path) -> None:
+    await store.register_host(Host(name="h1", capacity=Capacity(4000, 4 * GiB, 0), layer_digests=(BASE, MID)))
+    config = CoordinatorConfig()
+    agents = CreatingAgents()
+    reservations = ReservationService(store, agents, config, lambda: 1000.0, CoordinatorMetrics())
+    placer = Placer(store, reservations, config.placement, lambda: 0.5, lambda: 1000.0)
+    starts = ContainerStarts(store, placer, reservations, agents, 5.0, clock=lambda: 1234.5, history=(10, 3600.0))
+    spec = {"id": "c1", "image": "registry.test/app:1", "args": ["serve"], "labels": {"ferryman.io/class": "service"}}
+    await starts.start(spec, Need(Capacity(500, GiB, 0), LAYERS))
+    [record] = await store.starts("h1")
+    signature = of_start("image:registry.test/app:1", ["serve"], {"ferryman.io/class": "service"})
+    assert record == StartRecord(
+        host="h1",
+        ts=1234.5,
+        signature=signature.id,
+        layers=(BASE, MID, TOP),
+        hits=(BASE, MID),
+        workload_class="service",
+        source="image:registry.test/app:1",
+    )
+    assert record.misses == (TOP,) and record.to_dict()["misses"] == [TOP]
+    await store.close()
+    reopened = await SqliteStore.open(workdir / "c.db")
+    try:
+        assert await reopened.starts() == [record]
+        assert await reopened.starts(since=1300.0) == []
+    finally:
+        await reopened.close()
+
+
+def test_a_signature_from_the_wire_is_checked() -> None:
+    sig = of_start("composition:web", [], {"team": "a"}, "service")
+    assert WorkloadSignature.from_storage({**sig.for_storage(), "id": sig.id}) == sig
+    for bad, message in (
+        ({"source": "web"}, "signature.source"),
+        ({"source": "image:a", "command": "run"}, "signature.command"),
+        ({"source": "image:a", "labels": {"a": 1}}, "signature.labels"),
+        ({"source": "image:a", "extra": 1}, "unknown fields"),
+        ({**sig.for_storage(), "id": "sig-0000000000000000"}, "does not match"),
+    ):
+        with pytest.raises(InvalidRequest, match=message):
+            WorkloadSignature.from_storage(bad)
+    assert check_signature_id(sig.id) == sig.id
+    with pytest.raises(InvalidRequest, match="invalid signature id"):
+        check_signature_id("sig-XYZ")
+
+
+def test_the_history_state_learns_chains_crons_and_the_fleet() -> None:
+    fleet, host = FleetStarts(), HostStarts()
+    a, b = ("sha256:" + "1" * 64,), ("sha256:" + "2" * 64, "sha256:" + "3" * 64)
+    for i in range(10):  # a -> b, every hour
+        host.add(Start(i * 3600.0, "sig-000000000000000a", a), fleet)
+        host.add(Start(i * 3600.0 + 60, "sig-000000000000000b", b), fleet)
+    now = 9 * 3600.0 + 3000
+    X = host.features(now, [*a, *b, "sha256:" + "9" * 64], fleet)
+    rows = dict(zip(("a", "b1", "b2", "unknown"), X, strict=True))
+    assert list(X[:, 7]) == [1.0, 0.0, 0.0, 0.0]  # on this host, after b comes a
+    assert list(X[:, 8]) == [1.0, 0.0, 0.0, 0.0]  # and in the fleet (this host is all of it)
+    assert rows["a"][6] == pytest.approx(3000 / 3600.0, rel=1e-3)  # an hourly cron, due in 10 minutes
+    assert rows["a"][0] == pytest.approx(0.4) and rows["b1"][0] == pytest.approx(0.6)  # of the last 5 starts
+    assert rows["unknown"][0] == 0.0 and np.isnan(rows["unknown"][6])
+    assert host.candidates(now, fleet) == [*a, *b]
