@@ -1,0 +1,160 @@
+"""Deciding what to warm (layer prefetch): how aggressive to be, and which layers, as pure functions.
+
+The coordinator's prefetch loop (not here: it drives these) scores each host's candidate layers with
+the layer predictor (coordinator/warm_predictor.py), asks `plan` which of them to warm, and asks
+the host's agent to fetch them under a TTL lease (`POST /v1/prefetch/layers/{digest}`; peers first,
+like any pull). Every round it measures what the last window of warms achieved and `adapt`s:
+
+- wasted bytes (warms no start used before the lease ended) above the target: raise the threshold,
+  fewer layers per round, half the bandwidth share;
+- waste well under the target while starts still miss layers: lower the threshold, one more layer,
+  a larger share (up to the limit);
+- otherwise, or with too little evidence (fewer than `min_evidence` warms): keep.
+
+Warms never compete with work that runs now: `warm_budget` gives them a share of what the host's
+link has left after its running pulls, migrations and workloads, and nothing when it is busy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class Aggressiveness:
+    threshold: float = 0.7
+    """P(needed within the horizon) at or above which a layer is warmed."""
+    max_layers: int = 8
+    """Layers warmed per host per round at most."""
+    bandwidth_share: float = 0.25
+    """Share of the link's idle bandwidth the warms may use."""
+
+
+@dataclass(frozen=True)
+class WarmLimits:
+    target_waste: float = 0.25
+    """Wasted bytes over warmed bytes the loop aims to stay under."""
+    min_threshold: float = 0.3
+    max_threshold: float = 0.95
+    threshold_step: float = 0.05
+    min_layers: int = 1
+    max_layers: int = 16
+    max_bandwidth_share: float = 0.5
+    min_bandwidth_share: float = 0.05
+    min_evidence: int = 5
+    """Warms whose fate (used or wasted) is known, needed before the loop changes anything."""
+
+
+@dataclass(frozen=True)
+class WarmOutcome:
+    """What the warms and starts of the last window did (per host or fleet-wide)."""
+
+    warmed_bytes: int = 0
+    wasted_bytes: int = 0
+    settled_warms: int = 0
+    """Warms used by a start or expired unused."""
+    starts: int = 0
+    local_starts: int = 0
+    """Starts that found every layer local."""
+
+    @property
+    def waste(self) -> float:
+        return self.wasted_bytes / self.warmed_bytes if self.warmed_bytes else 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.local_starts / self.starts if self.starts else 1.0
+
+
+class Move(Enum):
+    BACK_OFF = "back_off"
+    """Too much waste: warm less."""
+    PUSH = "push"
+    """Little waste and starts still miss: warm more."""
+    KEEP = "keep"
+
+
+def choose_move(outcome: WarmOutcome, limits: WarmLimits) -> Move:
+    """The rule of the module docstring; `PUSH` also when nothing was warmed yet but starts miss
+    (no evidence of waste either: the threshold may be too high to ever warm)."""
+    if outcome.settled_warms >= limits.min_evidence and outcome.waste > limits.target_waste:
+        return Move.BACK_OFF
+    misses = outcome.starts > outcome.local_starts
+    if misses and outcome.settled_warms == 0 and outcome.warmed_bytes == 0:
+        return Move.PUSH
+    if misses and outcome.settled_warms >= limits.min_evidence and outcome.waste < limits.target_waste / 2:
+        return Move.PUSH
+    return Move.KEEP
+
+
+def adapt(current: Aggressiveness, outcome: WarmOutcome, limits: WarmLimits) -> Aggressiveness:
+    move = choose_move(outcome, limits)
+    if move is Move.BACK_OFF:
+        return Aggressiveness(
+            threshold=min(limits.max_threshold, current.threshold + limits.threshold_step),
+            max_layers=max(limits.min_layers, current.max_layers - 1),
+            bandwidth_share=max(limits.min_bandwidth_share, current.bandwidth_share / 2),
+        )
+    if move is Move.PUSH:
+        return Aggressiveness(
+            threshold=max(limits.min_threshold, current.threshold - limits.threshold_step),
+            max_layers=min(limits.max_layers, current.max_layers + 1),
+            bandwidth_share=min(limits.max_bandwidth_share, current.bandwidth_share * 1.5),
+        )
+    return replace(current)
+
+
+def warm_budget(link_bytes_per_s: float, busy_bytes_per_s: float, period_s: float, share: float) -> int:
+    """Bytes the warms of one round may move: `share` of what the link has idle over `period_s`;
+    nothing while running work uses 90 % of it or more (warms wait for a quieter round)."""
+    if link_bytes_per_s <= 0 or busy_bytes_per_s >= 0.9 * link_bytes_per_s:
+        return 0
+    return int((link_bytes_per_s - busy_bytes_per_s) * period_s * share)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    digest: str
+    probability: float
+    size: int
+    """Bytes; 0 when unknown (such a layer is not warmed: its cost cannot be judged)."""
+
+
+def plan(
+    candidates: Sequence[Candidate],
+    held: Collection[str],
+    in_flight: Collection[str],
+    aggressiveness: Aggressiveness,
+    budget_bytes: int,
+) -> list[Candidate]:
+    """The layers to warm now: the most probable first, at or above the threshold, not held or
+    already being fetched, of known size, within the layer count and the byte budget (a layer
+    that does not fit is skipped, a smaller one after it may)."""
+    chosen: list[Candidate] = []
+    spent = 0
+    for c in sorted(candidates, key=lambda c: (-c.probability, c.digest)):
+        if len(chosen) >= aggressiveness.max_layers or c.probability < aggressiveness.threshold:
+            break
+        if c.digest in held or c.digest in in_flight or c.size <= 0 or spent + c.size > budget_bytes:
+            continue
+        chosen.append(c)
+        spent += c.size
+    return chosen
+
+
+def outcome_of(
+    starts: Sequence[tuple[Collection[str], Collection[str]]],
+    warms: Mapping[str, tuple[int, bool | None]],
+) -> WarmOutcome:
+    """A window's outcome from its starts ((layers, layers that were local) each) and its warms
+    (digest -> (size, used: True, expired unused: False, pending: None))."""
+    settled = [(size, used) for size, used in warms.values() if used is not None]
+    return WarmOutcome(
+        warmed_bytes=sum(size for size, _ in settled),
+        wasted_bytes=sum(size for size, used in settled if not used),
+        settled_warms=len(settled),
+        starts=len(starts),
+        local_starts=sum(1 for layers, local in starts if set(layers) <= set(local)),
+    )
