@@ -17,7 +17,7 @@ link has left after its running pulls, migrations and workloads, and nothing whe
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -49,19 +49,30 @@ class WarmLimits:
 
 @dataclass(frozen=True)
 class WarmOutcome:
-    """What the warms and starts of the last window did (per host or fleet-wide)."""
+    """What the warms and starts of the last window did (per host or fleet-wide).
+
+    Waste is the bytes of warms that expired unused in the window over the bytes warmed in it: a
+    warm settles a lease after it was made when unused, but soon when used, so the share of waste
+    among the warms that settled in a window would read low and push ever harder; over windows
+    longer than the lease this ratio is the share of warmed bytes wasted."""
 
     warmed_bytes: int = 0
+    """Bytes warmed in the window."""
     wasted_bytes: int = 0
+    """Bytes of warms whose lease ended unused in the window."""
     settled_warms: int = 0
-    """Warms used by a start or expired unused."""
+    """Warms used by a start or expired unused in the window (the evidence)."""
     starts: int = 0
     local_starts: int = 0
     """Starts that found every layer local."""
+    warms: int = 0
+    """Warms started in the window (settled or not)."""
 
     @property
     def waste(self) -> float:
-        return self.wasted_bytes / self.warmed_bytes if self.warmed_bytes else 0.0
+        if self.warmed_bytes:
+            return self.wasted_bytes / self.warmed_bytes
+        return 1.0 if self.wasted_bytes else 0.0
 
     @property
     def hit_rate(self) -> float:
@@ -77,12 +88,12 @@ class Move(Enum):
 
 
 def choose_move(outcome: WarmOutcome, limits: WarmLimits) -> Move:
-    """The rule of the module docstring; `PUSH` also when nothing was warmed yet but starts miss
-    (no evidence of waste either: the threshold may be too high to ever warm)."""
+    """The rule of the module docstring; `PUSH` also when nothing at all was warmed in the window
+    but starts miss (no evidence of waste either: the threshold may be too high to ever warm)."""
     if outcome.settled_warms >= limits.min_evidence and outcome.waste > limits.target_waste:
         return Move.BACK_OFF
     misses = outcome.starts > outcome.local_starts
-    if misses and outcome.settled_warms == 0 and outcome.warmed_bytes == 0:
+    if misses and outcome.warms == 0 and outcome.settled_warms == 0:
         return Move.PUSH
     if misses and outcome.settled_warms >= limits.min_evidence and outcome.waste < limits.target_waste / 2:
         return Move.PUSH
@@ -146,15 +157,16 @@ def plan(
 
 def outcome_of(
     starts: Sequence[tuple[Collection[str], Collection[str]]],
-    warms: Mapping[str, tuple[int, bool | None]],
+    warmed: Sequence[int],
+    settled: Sequence[tuple[int, bool]],
 ) -> WarmOutcome:
-    """A window's outcome from its starts ((layers, layers that were local) each) and its warms
-    (digest -> (size, used: True, expired unused: False, pending: None))."""
-    settled = [(size, used) for size, used in warms.values() if used is not None]
+    """A window's outcome from its starts ((layers, layers that were local) each), the sizes of the
+    warms made in it, and the warms that settled in it ((size, used) each)."""
     return WarmOutcome(
-        warmed_bytes=sum(size for size, _ in settled),
+        warmed_bytes=sum(warmed),
         wasted_bytes=sum(size for size, used in settled if not used),
         settled_warms=len(settled),
         starts=len(starts),
         local_starts=sum(1 for layers, local in starts if set(layers) <= set(local)),
+        warms=len(warmed),
     )

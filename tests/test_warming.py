@@ -29,11 +29,13 @@ def test_the_moves_follow_waste_and_misses() -> None:
     perfect = WarmOutcome(warmed_bytes=100, wasted_bytes=5, settled_warms=10, starts=10, local_starts=10)
     few = WarmOutcome(warmed_bytes=100, wasted_bytes=90, settled_warms=2, starts=10, local_starts=5)
     nothing_yet = WarmOutcome(starts=10, local_starts=4)
+    pending = WarmOutcome(starts=10, local_starts=4, warms=3)  # warms made, none settled: wait
     assert choose_move(wasteful, LIMITS) is Move.BACK_OFF
     assert choose_move(frugal, LIMITS) is Move.PUSH
     assert choose_move(perfect, LIMITS) is Move.KEEP  # nothing to gain
     assert choose_move(few, LIMITS) is Move.KEEP  # too little evidence either way
     assert choose_move(nothing_yet, LIMITS) is Move.PUSH
+    assert choose_move(pending, LIMITS) is Move.KEEP
     start = Aggressiveness(0.7, 8, 0.25)
     backed = adapt(start, wasteful, LIMITS)
     assert backed.threshold == pytest.approx(0.75) and backed.max_layers == 7 and backed.bandwidth_share == 0.125
@@ -83,10 +85,11 @@ def test_the_plan_takes_the_most_probable_that_fit() -> None:
     assert [c.digest for c in plan(candidates, set(), set(), one, 1 << 40)] == ["sha256:a"]
 
 
-def test_an_outcome_counts_settled_warms_and_local_starts() -> None:
-    outcome = outcome_of(
-        [(["a", "b"], ["a", "b"]), (["a", "c"], ["a"])],
-        {"b": (10, True), "x": (30, False), "y": (50, None)},
+def test_an_outcome_counts_warms_made_waste_settled_and_local_starts() -> None:
+    outcome = outcome_of([(["a", "b"], ["a", "b"]), (["a", "c"], ["a"])], [10, 30, 40], [(10, True), (30, False)])
+    assert outcome == WarmOutcome(
+        warmed_bytes=80, wasted_bytes=30, settled_warms=2, starts=2, local_starts=1, warms=3
     )
-    assert outcome == WarmOutcome(warmed_bytes=40, wasted_bytes=30, settled_warms=2, starts=2, local_starts=1)
-    assert outcome.waste == 0.75 and outcome.hit_rate == 0.5
+    assert outcome.waste == 30 / 80 and outcome.hit_rate == 0.5
+    # waste from warms of an earlier window, none made in this one: all of it is waste
+    assert outcome_of([], [], [(10, False)]).waste == 1.0
