@@ -1,0 +1,376 @@
+"""Judging a layer-scoring policy on a trace: ranking figures and a cache simulation.
+
+`walk` replays a trace through the serving features (coordinator/warm_features.py) in time order:
+after every start and every `tick_s` per host it takes a *decision*: the candidate layers, their
+feature rows, and which of them the host's starts of the next `horizon_s` needed. Every policy is
+scored on the same decisions:
+
+- `model`: the trained classifier's P(needed within the horizon);
+- `popular`: the layers' share of the fleet's starts over the last hours (most-popular layers);
+- `chain`: a first-order Markov chain over signatures: P(the next start needs the layer | the
+  host's last signature), from the host's own transitions, else the fleet's;
+- `none`: no prefetching.
+
+`simulate` then runs one cache per host, bounded below the host's working set: a start finds its
+layers local or pulls them (least recently used evicted); at a decision the policy warms the
+candidates it scores at or above its threshold, best first, at most `max_layers` and
+`budget_bytes`, each under a lease of `lease_s`: a warmed layer no start used before its lease ends
+is evicted when the lease ends (wasted bytes); within its lease it is evicted like a layer used when
+it was warmed (least recently used first).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from coordinator.warm_features import FEATURE_NAMES, N_FEATURES, FleetStarts, HostStarts, Start
+from coordinator.warming import Aggressiveness, WarmLimits, WarmOutcome, adapt
+from models.prefetch.generate import DAY, Trace
+
+POPULAR_COL = FEATURE_NAMES.index("fleet_share_6h")
+CHAIN_HOST_COL = FEATURE_NAMES.index("chain_host")
+CHAIN_FLEET_COL = FEATURE_NAMES.index("chain_fleet")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    horizon_s: float = 900.0
+    """A layer is needed if a start on the host within this long needs it."""
+    tick_s: float = 300.0
+    """Besides after every start, a decision every this many seconds per host."""
+    lease_s: float = 900.0
+    max_layers: int = 8
+    """Layers warmed per decision at most (also the budget of precision/recall at budget)."""
+    budget_bytes: int = 512 << 20
+    """Bytes warmed per decision at most."""
+    cache_share: float = 0.6
+    """A host's cache holds this share of its median daily working set (distinct layer bytes)."""
+    warmup_s: float = 6 * 3600.0
+    """Starts in the first hours of a trace are not counted (every cache starts empty)."""
+    max_waste: float = 0.25
+    """Operating threshold: the one with the best hit rate whose wasted share stays within this."""
+    thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    adapt_every: int = 12
+    """Adaptive policies: decisions per host between two adaptations (about an hour)."""
+
+
+@dataclass
+class Decision:
+    host: str
+    ts: float
+    candidates: list[str]
+    X: npt.NDArray[np.float32]
+    label: npt.NDArray[np.int8]
+    needed: frozenset[str]
+
+
+@dataclass
+class Walk:
+    trace: Trace
+    decisions: list[Decision]
+    events: dict[str, list[tuple[float, int, int]]] = field(default_factory=dict)
+    """Per host, in time order: (ts, 0, start index) for a start, (ts, 1, decision index) for a decision."""
+    starts: list[tuple[str, Start]] = field(default_factory=list)
+
+    def rows(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int8]]:
+        if not self.decisions:
+            return np.empty((0, N_FEATURES), np.float32), np.empty(0, np.int8)
+        return np.concatenate([d.X for d in self.decisions]), np.concatenate([d.label for d in self.decisions])
+
+
+def walk(trace: Trace, cfg: EvalConfig, tick_s: float | None = None) -> Walk:
+    tick = tick_s or cfg.tick_s
+    by_host = trace.by_host()
+    times = {h: [s.ts for s in starts] for h, starts in by_host.items()}
+    queue: list[tuple[float, int, str, int]] = []
+    for i, (host, start) in enumerate(trace.starts):
+        queue.append((start.ts, 0, host, i))
+        queue.append((start.ts, 1, host, -1))
+    for host in trace.hosts:
+        queue.extend((t, 1, host, -1) for t in np.arange(tick, trace.spec.end, tick).tolist())
+    queue.sort(key=lambda e: (e[0], e[1], e[2]))
+    fleet = FleetStarts()
+    states = {h: HostStarts() for h in trace.hosts}
+    out = Walk(trace, [], {h: [] for h in trace.hosts}, trace.starts)
+    for ts, kind, host, i in queue:
+        if kind == 0:
+            states[host].add(trace.starts[i][1], fleet)
+            out.events[host].append((ts, 0, i))
+            continue
+        if ts + cfg.horizon_s > trace.spec.end:
+            continue  # its labels would look past the trace
+        state = states[host]
+        candidates = state.candidates(ts, fleet)
+        if not candidates:
+            continue
+        lo = bisect.bisect_right(times[host], ts)
+        hi = bisect.bisect_right(times[host], ts + cfg.horizon_s)
+        needed = frozenset(d for s in by_host[host][lo:hi] for d in s.layers)
+        label = np.array([d in needed for d in candidates], np.int8)
+        out.events[host].append((ts, 1, len(out.decisions)))
+        out.decisions.append(Decision(host, ts, candidates, state.features(ts, candidates, fleet), label, needed))
+    return out
+
+
+# --- policies ---------------------------------------------------------------------------------------
+
+Scorer = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+
+
+def popular_scores(X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return np.nan_to_num(X[:, POPULAR_COL]).astype(np.float32)
+
+
+def chain_scores(X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    host, fleet = X[:, CHAIN_HOST_COL], X[:, CHAIN_FLEET_COL]
+    return np.nan_to_num(np.where(np.isnan(host), fleet, host)).astype(np.float32)
+
+
+BASELINES: dict[str, Scorer] = {"popular": popular_scores, "chain": chain_scores}
+
+
+def score_walk(w: Walk, scorer: Scorer) -> list[npt.NDArray[np.float32]]:
+    """Scores per decision, from one batch over every row."""
+    X, _ = w.rows()
+    p = scorer(X) if X.shape[0] else np.empty(0, np.float32)
+    out, at = [], 0
+    for d in w.decisions:
+        out.append(p[at : at + len(d.candidates)])
+        at += len(d.candidates)
+    return out
+
+
+def ranking(w: Walk, scores: Sequence[npt.NDArray[np.float32]], k: int) -> dict[str, float]:
+    """Precision and recall of the top `k` per decision (micro-averaged over decisions that needed
+    anything; a needed layer no candidate named counts against recall), and PR-AUC over the rows."""
+    from sklearn.metrics import average_precision_score
+
+    tp = picked = needed = 0
+    for d, s in zip(w.decisions, scores, strict=True):
+        if not d.needed:
+            continue
+        top = np.argsort(-s, kind="stable")[:k]
+        tp += int(d.label[top].sum())
+        picked += top.size
+        needed += len(d.needed)
+    _, y = w.rows()
+    p = np.concatenate(list(scores)) if scores else np.empty(0)
+    return {
+        f"precision_at_{k}": tp / max(picked, 1),
+        f"recall_at_{k}": tp / max(needed, 1),
+        "pr_auc": float(average_precision_score(y, p)) if 0 < y.sum() < y.size else float("nan"),
+    }
+
+
+# --- cache simulation -------------------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    starts: int = 0
+    all_local: int = 0
+    warmed_bytes: int = 0
+    wasted_bytes: int = 0
+    warm_hits: int = 0
+    """Warmed layers a start then used."""
+    pulled_bytes: int = 0
+    hits: list[tuple[float, bool]] = field(default_factory=list)
+    """(ts, every layer local) per counted start, in time order per host."""
+
+    @property
+    def hit_rate(self) -> float:
+        return self.all_local / max(self.starts, 1)
+
+    @property
+    def waste(self) -> float:
+        return self.wasted_bytes / self.warmed_bytes if self.warmed_bytes else 0.0
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "hit_rate": self.hit_rate,
+            "waste": self.waste,
+            "starts": self.starts,
+            "warmed_gb": self.warmed_bytes / 1e9,
+            "wasted_gb": self.wasted_bytes / 1e9,
+            "pulled_gb": self.pulled_bytes / 1e9,
+            "warm_hits": self.warm_hits,
+        }
+
+
+def capacities(trace: Trace, cfg: EvalConfig) -> dict[str, int]:
+    """Per host: `cache_share` of its median daily working set."""
+    daily: dict[str, dict[int, set[str]]] = {h: {} for h in trace.hosts}
+    for host, s in trace.starts:
+        daily[host].setdefault(int(s.ts // DAY), set()).update(s.layers)
+    out = {}
+    for host, days in daily.items():
+        sets = [sum(trace.sizes[d] for d in layers) for layers in days.values()] or [0]
+        out[host] = int(cfg.cache_share * float(np.median(sets)))
+    return out
+
+
+class _Cache:
+    def __init__(self, capacity: int, sizes: dict[str, int]) -> None:
+        self.capacity = capacity
+        self.sizes = sizes
+        self.entries: dict[str, list[float]] = {}
+        """digest -> [last used, lease end (0: used, not a pending warm)]"""
+        self.used = 0
+        self.window = [0, 0, 0, 0, 0, 0]
+        """Since the last adaptation: warmed bytes, wasted bytes, settled warms, starts, local starts,
+        warms made (WarmOutcome's fields)."""
+
+    def outcome(self) -> WarmOutcome:
+        return WarmOutcome(*self.window)
+
+    def expire(self, now: float, result: SimResult) -> None:
+        for d in [d for d, e in self.entries.items() if 0 < e[1] <= now]:
+            self._drop(d, result)
+
+    def _drop(self, d: str, result: SimResult) -> None:
+        if self.entries.pop(d)[1] > 0:
+            result.wasted_bytes += self.sizes[d]
+            self.window[1] += self.sizes[d]
+            self.window[2] += 1
+        self.used -= self.sizes[d]
+
+    def evict(self, protect: set[str], result: SimResult) -> None:
+        if self.used <= self.capacity:
+            return
+        # Least recently used first, a warm counting as used when it was warmed. Unused warms whose
+        # lease ended are gone already (expire): they never hold room a start could use.
+        order = sorted((d for d in self.entries if d not in protect), key=lambda d: self.entries[d][0])
+        for d in order:
+            if self.used <= self.capacity:
+                break
+            self._drop(d, result)
+
+    def start(self, now: float, layers: Sequence[str], result: SimResult, count: bool) -> None:
+        local = all(d in self.entries for d in layers)
+        for d in layers:
+            e = self.entries.get(d)
+            if e is None:
+                self.entries[d] = [now, 0.0]
+                self.used += self.sizes[d]
+                result.pulled_bytes += self.sizes[d] if count else 0
+            else:
+                if e[1] > 0:
+                    result.warm_hits += 1
+                    self.window[2] += 1
+                e[0], e[1] = now, 0.0
+        self.evict(set(layers), result)
+        self.window[3] += 1
+        self.window[4] += local
+        if count:
+            result.starts += 1
+            result.all_local += local
+            result.hits.append((now, local))
+
+    def warm(self, now: float, ranked: Sequence[str], cfg: EvalConfig, result: SimResult, max_layers: int) -> None:
+        taken: set[str] = set()
+        budget = min(cfg.budget_bytes, self.capacity // 2)
+        spent = 0
+        for d in ranked:
+            if len(taken) >= max_layers:
+                break
+            if d in self.entries:
+                continue
+            size = self.sizes[d]
+            if spent + size > budget:
+                continue
+            self.entries[d] = [now, now + cfg.lease_s]
+            self.used += size
+            spent += size
+            taken.add(d)
+            self.window[0] += size
+            self.window[5] += 1
+            result.warmed_bytes += size
+        self.evict(taken, result)
+
+
+def simulate(
+    w: Walk,
+    scores: Sequence[npt.NDArray[np.float32]] | None,
+    threshold: float,
+    cfg: EvalConfig,
+    adaptive: WarmLimits | None = None,
+) -> SimResult:
+    """One cache per host (capacities()); `scores` None: no prefetching. With `adaptive`, each host
+    starts at `threshold` and every `cfg.adapt_every` decisions adapts its threshold and layer count
+    to what its last window of warms and starts did, as the coordinator's prefetch loop does
+    (coordinator/warming.py `adapt`)."""
+    caps = capacities(w.trace, cfg)
+    result = SimResult()
+    begin = cfg.warmup_s
+    for host, events in w.events.items():
+        cache = _Cache(caps[host], w.trace.sizes)
+        agg = Aggressiveness(threshold=threshold, max_layers=cfg.max_layers)
+        decisions = 0
+        for ts, kind, i in events:
+            cache.expire(ts, result)
+            if kind == 0:
+                cache.start(ts, w.starts[i][1].layers, result, ts >= begin)
+            elif scores is not None:
+                decisions += 1
+                if adaptive is not None and decisions % cfg.adapt_every == 0:
+                    agg = adapt(agg, cache.outcome(), adaptive)
+                    cache.window = [0, 0, 0, 0, 0, 0]
+                d, s = w.decisions[i], scores[i]
+                order = np.argsort(-s, kind="stable")
+                ranked = [d.candidates[j] for j in order if s[j] >= agg.threshold]
+                cache.warm(ts, ranked, cfg, result, agg.max_layers)
+        # warms still pending at the end were not used either
+        for digest, entry in cache.entries.items():
+            if entry[1] > 0:
+                result.wasted_bytes += w.trace.sizes[digest]
+    result.hits.sort()
+    return result
+
+
+def merged(results: Sequence[SimResult]) -> SimResult:
+    out = SimResult()
+    for r in results:
+        out.starts += r.starts
+        out.all_local += r.all_local
+        out.warmed_bytes += r.warmed_bytes
+        out.wasted_bytes += r.wasted_bytes
+        out.warm_hits += r.warm_hits
+        out.pulled_bytes += r.pulled_bytes
+    return out
+
+
+def operating_threshold(
+    walks: Sequence[tuple[Walk, Sequence[npt.NDArray[np.float32]]]], cfg: EvalConfig
+) -> tuple[float, dict[str, float]]:
+    """The threshold with the best hit rate whose waste stays within `max_waste` (else the least
+    wasteful), over `walks` (each with its scores) together; with the simulation's summary at it."""
+    tried = [(t, merged([simulate(w, s, t, cfg) for w, s in walks])) for t in cfg.thresholds]
+    ok = [(t, r) for t, r in tried if r.waste <= cfg.max_waste]
+    t, r = max(ok, key=lambda tr: (tr[1].hit_rate, -tr[0])) if ok else min(tried, key=lambda tr: tr[1].waste)
+    return t, r.summary()
+
+
+def recovery(result: SimResult, shift_ts: float, window: int = 50, before: int = 500) -> dict[str, float]:
+    """After the mix shift: how many fleet starts until a window of `window` starts is back to 90 %
+    of the hit rate of the `before` starts before the shift (-1: never)."""
+    hits = result.hits
+    pre = [h for t, h in hits if t < shift_ts][-before:]
+    post = [h for t, h in hits if t >= shift_ts]
+    rate = float(np.mean(pre)) if pre else float("nan")
+    first = -1
+    for i in range(max(0, len(post) - window + 1)):
+        if np.mean(post[i : i + window]) >= 0.9 * rate:
+            first = i
+            break
+    first_window = float(np.mean(post[:window])) if post else float("nan")
+    return {
+        "hit_rate_before": rate,
+        "hit_rate_first_window_after": first_window,
+        "starts_to_recover": first,
+        "window": window,
+    }
