@@ -31,6 +31,8 @@ from coordinator.retraining import Retrainer
 from coordinator.sqlite_store import SqliteStore
 from coordinator.starts import ContainerStarts
 from coordinator.store import Store
+from coordinator.warm import WarmService
+from coordinator.warm_predictor import LayerPredictor
 from core.security.tls import check_files
 
 if TYPE_CHECKING:
@@ -64,8 +66,10 @@ class Coordinator:
         tokens: TokenHashes,
         model: RiskModel | ModelRegistry | None,
         clock: Callable[[], float],
+        warm_model: LayerPredictor | None = None,
     ) -> None:
-        """`model`: the registry of loaded models, or a fixed model (tests), or None (no predictions)."""
+        """`model`: the registry of loaded models, or a fixed model (tests), or None (no predictions).
+        `warm_model`: the layer predictor (None: the start history is kept, nothing predicted)."""
         self.config = config
         self.store = store
         self.agents = agents
@@ -77,6 +81,7 @@ class Coordinator:
         self.predictions = PredictionService(store, config, clock, self.metrics, registry, pinned)
         self.layers = LayerService(store, config.tracker.fetching_ttl, clock, self.metrics)
         self.costs = CostBook()
+        self.warm = WarmService(store, warm_model, clock, self.metrics)
 
         def observe(host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
             self.predictions.observe(host, samples)
@@ -105,6 +110,7 @@ class Coordinator:
             on_started=lambda host, digests: self.layers.tracker.announced(host, clock(), holding=digests),
             history=(config.warm.history_per_host, config.warm.history_max_age),
             clock=clock,
+            on_recorded=self.warm.started,
         )
         self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
         self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)
@@ -175,12 +181,14 @@ class Coordinator:
             models = ModelRegistry()
             if config.model.path:
                 await asyncio.to_thread(activate_at_start, models, config.model.path)
+        warm_model = await asyncio.to_thread(WarmService.load_model, config.warm.model)
         store = await open_store(config)
         try:
             client = agents if agents is not None else AgentClient.from_config(config)
-            coordinator = cls(config, store, client, tokens, models, clock)
+            coordinator = cls(config, store, client, tokens, models, clock, warm_model)
             replayed = await coordinator.predictions.rebuild()
             await coordinator.layers.seed()
+            await coordinator.warm.seed()
         except BaseException:
             await store.close()
             raise

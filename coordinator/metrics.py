@@ -59,6 +59,30 @@ class CoordinatorMetrics:
             "Distinct blobs the tracker names a holder for",
             registry=self.registry,
         )
+        self.starts = Counter(
+            "ferryman_coordinator_starts",
+            "Starts placed through the coordinator, by whether the host held every layer (local), "
+            "some (partial) or none (cold)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.start_layers = Counter(
+            "ferryman_coordinator_start_layers",
+            "Layers those starts needed, by whether the host held them (hit; warm_hit: held because they were "
+            "warmed) or had to fetch them (miss)",
+            ["kind"],
+            registry=self.registry,
+        )
+        for result in ("local", "partial", "cold"):
+            self.starts.labels(result=result)
+        for kind in ("hit", "warm_hit", "miss"):
+            self.start_layers.labels(kind=kind)
+        self.warm_model = Gauge(
+            "ferryman_coordinator_warm_model_info",
+            "The layer predictor served (1 for its version; no series without one)",
+            ["version"],
+            registry=self.registry,
+        )
         self.drain_threshold = Gauge(
             "ferryman_coordinator_drain_threshold",
             "P(drain) at or above which the policy drains a host (above 1 without a model)",

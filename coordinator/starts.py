@@ -38,6 +38,7 @@ class ContainerStarts:
         on_started: Callable[[str, list[str]], None] = lambda host, digests: None,
         history: tuple[int, float] = (2000, 14 * 86400.0),
         clock: Callable[[], float] = time.time,
+        on_recorded: Callable[[StartRecord], None] = lambda record: None,
     ) -> None:
         """`on_started(host, digests)`: a container runs on `host` with these layers (the tracker
         learns it before the host's next registration says so). `history`: the starts kept per
@@ -51,6 +52,7 @@ class ContainerStarts:
         self._on_started = on_started
         self._history = history
         self._clock = clock
+        self._on_recorded = on_recorded
 
     async def start(self, spec: Mapping[str, Any], need: Need, ttl: float | None = None) -> dict[str, Any]:
         """Place, reserve, create and start; the placement (with its prediction) and the container.
@@ -73,18 +75,17 @@ class ContainerStarts:
             self._costs.started(reservation.host, seconds, placement.chosen)
         self._on_started(reservation.host, list(need.layers))
         signature = of_container_spec(spec)
-        await self._store.record_start(
-            StartRecord(
-                host=reservation.host,
-                ts=self._clock(),
-                signature=signature.id,
-                layers=tuple(need.layers),
-                hits=tuple(d for d in need.layers if d in held),
-                workload_class=signature.workload_class,
-                source=signature.source,
-            ),
-            *self._history,
+        record = StartRecord(
+            host=reservation.host,
+            ts=self._clock(),
+            signature=signature.id,
+            layers=tuple(need.layers),
+            hits=tuple(d for d in need.layers if d in held),
+            workload_class=signature.workload_class,
+            source=signature.source,
         )
+        await self._store.record_start(record, *self._history)
+        self._on_recorded(record)  # the layer predictor's state learns it at once
         log.info(
             "container started",
             extra={

@@ -18,11 +18,14 @@ from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
 from coordinator.sqlite_store import SqliteStore
 from coordinator.starts import ContainerStarts
+from coordinator.warm import WarmService
 from coordinator.warm_features import FleetStarts, HostStarts, Start
-from core.errors import InvalidRequest
+from coordinator.warm_predictor import LayerPredictor
+from core.errors import ConfigError, InvalidRequest
 from core.workloads import WorkloadSignature, check_signature_id, of_start
 from tests.harness.coordinator import NoAgents
 
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "prefetch" / "prefetch.onnx"
 GiB = 1 << 30
 MB = 1_000_000
 BASE, MID, TOP = ("sha256:" + c * 64 for c in "abc")
@@ -55,7 +58,11 @@ async def test_a_placed_start_is_recorded_with_its_signature_hits_and_misses(sto
     agents = CreatingAgents()
     reservations = ReservationService(store, agents, config, lambda: 1000.0, CoordinatorMetrics())
     placer = Placer(store, reservations, config.placement, lambda: 0.5, lambda: 1000.0)
-    starts = ContainerStarts(store, placer, reservations, agents, 5.0, clock=lambda: 1234.5, history=(10, 3600.0))
+    metrics = CoordinatorMetrics()
+    warm = WarmService(store, LayerPredictor.load(SHIPPED), lambda: 1300.0, metrics)
+    starts = ContainerStarts(
+        store, placer, reservations, agents, 5.0, clock=lambda: 1234.5, history=(10, 3600.0), on_recorded=warm.started
+    )
     spec = {"id": "c1", "image": "registry.test/app:1", "args": ["serve"], "labels": {"ferryman.io/class": "service"}}
     await starts.start(spec, Need(Capacity(500, GiB, 0), LAYERS))
     [record] = await store.starts("h1")
@@ -70,13 +77,29 @@ async def test_a_placed_start_is_recorded_with_its_signature_hits_and_misses(sto
         source="image:registry.test/app:1",
     )
     assert record.misses == (TOP,) and record.to_dict()["misses"] == [TOP]
+    # the served predictor learned the start at once: the host's layers are its candidates
+    predicted = await warm.predict("h1")
+    assert {p.digest for p in predicted} == set(LAYERS) and warm.model_version.startswith("warm-")
+    assert await warm.predict("h9") == []
+    sample = metrics.registry.get_sample_value
+    assert sample("ferryman_coordinator_starts_total", {"result": "partial"}) == 1
+    assert sample("ferryman_coordinator_start_layers_total", {"kind": "hit"}) == 2
+    assert sample("ferryman_coordinator_start_layers_total", {"kind": "miss"}) == 1
+    assert sample("ferryman_coordinator_warm_model_info", {"version": warm.model_version}) == 1
     await store.close()
     reopened = await SqliteStore.open(workdir / "c.db")
     try:
         assert await reopened.starts() == [record]
         assert await reopened.starts(since=1300.0) == []
+        # a restarted coordinator rebuilds the same state from the store
+        again = WarmService(reopened, LayerPredictor.load(SHIPPED), lambda: 1300.0)
+        assert await again.seed() == 1
+        assert await again.predict("h1") == predicted
     finally:
         await reopened.close()
+    assert WarmService.load_model("") is None
+    with pytest.raises(ConfigError, match=r"cannot load the layer predictor .*absent\.onnx"):
+        WarmService.load_model(str(workdir / "absent.onnx"))  # configured but unusable: no start
 
 
 def test_a_signature_from_the_wire_is_checked() -> None:
