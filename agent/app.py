@@ -122,6 +122,8 @@ class Agent:
             config.containerd.socket,
         )
         self.assembly.uses = self.cache
+        self.assembly.on_warmed = self.metrics.cache.warmed
+        self.assembly.on_local = self.metrics.cache.found_local
         self.host_name = config.host_name or socket.gethostname()
         self.peers = PeerEndpoint(config, self.host_name, failpoints, totals=self.metrics.streams)
         migration_sessions = MigrationSessions(self.peers, config)

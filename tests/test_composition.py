@@ -311,7 +311,9 @@ async def test_a_warmed_layer_is_not_fetched_again(
         assert resp.status == 404 and (await resp.json())["error"]["code"] == "layer_not_found"
         await assert_nothing_made(agent, ctrd)
 
-        resp = await client.post(f"/v1/prefetch/layers/{data.digest}", json={"ref": im.refs["base"], "ttl": 60})
+        resp = await client.post(
+            f"/v1/prefetch/layers/{data.digest}", json={"ref": im.refs["base"], "ttl": 60, "model": "warm-1"}
+        )
         assert resp.status == 200, await resp.text()
         warmed = await resp.json()
         assert warmed["bytes_fetched"] == data.size
@@ -319,9 +321,21 @@ async def test_a_warmed_layer_is_not_fetched_again(
         (lease,) = await agent.containerd.leases.list()
         assert ("content", data.digest) in await agent.containerd.leases.resources(lease)
 
+        status = await (await client.get("/v1/cache/status")).json()
+        assert status["warms"] == {
+            "warmed": 1, "warmed_bytes": data.size, "hits": 0, "hit_bytes": 0, "wasted": 0, "wasted_bytes": 0,
+            "pending": 1, "waste": None, "model_version": "warm-1",
+        }
+
         result = await agent.assembly.assemble(composition(im))
         assert data.digest not in result["fetched"]
         assert result["missing"] == [la["digest"] for la in result["stack"] if la["digest"] != data.digest]
+        # the assembly found the warmed layer local before its lease ended: a prefetch hit
+        status = await (await client.get("/v1/cache/status")).json()
+        assert (status["warms"]["hits"], status["warms"]["hit_bytes"], status["warms"]["pending"]) == (1, data.size, 0)
+        metric = agent.metrics.cache.registry.get_sample_value
+        assert metric("ferryman_cache_warms_total", {"outcome": "hit"}) == 1
+        assert metric("ferryman_cache_warm_model_info", {"version": "warm-1"}) == 1
 
 
 async def test_ferryctl_runs_a_composition_file(

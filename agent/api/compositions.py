@@ -19,7 +19,7 @@ from core.http.validate import check_keys, json_type, read_body, read_object, st
 class AssemblyLike(Protocol):
     async def resolve(self, document: Any) -> Any: ...
     async def assemble(self, document: Any) -> dict[str, Any]: ...
-    async def warm_layer(self, digest: str, ref: str, ttl: float | None = None) -> dict[str, Any]: ...
+    async def warm_layer(self, digest: str, ref: str, ttl: float | None = None, model: str = "") -> dict[str, Any]: ...
     def costs_json(self) -> dict[str, Any]: ...
 
 
@@ -62,13 +62,16 @@ async def manifest_schema(request: web.Request) -> web.Response:
 async def warm_layer(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"])
     body = await read_object(request)
-    check_keys(body, {"ref", "ttl"}, {"ref"}, "body")
+    check_keys(body, {"ref", "ttl", "model"}, {"ref"}, "body")
     ref = str_field(body, "ref", "body")
     assert ref is not None
     ttl = body.get("ttl")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
         raise InvalidRequest(f"body.ttl: expected a number of seconds, got {json_type(ttl)}")
-    return _json(await _assembly(request).warm_layer(digest, ref, ttl))
+    model = str_field(body, "model", "body", optional=True) or ""
+    if len(model) > 128:
+        raise InvalidRequest("body.model: at most 128 characters")
+    return _json(await _assembly(request).warm_layer(digest, ref, ttl, model))
 
 
 async def costs(request: web.Request) -> web.Response:

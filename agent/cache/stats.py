@@ -4,10 +4,17 @@ A blob a pull needs (an image config or a layer) is one request: a local hit whe
 already has it (or another pull is fetching it at that moment: it is fetched once), otherwise a
 fetch from where it came, "peer" or "registry" (an archive import counts as "archive"). Manifests
 and indexes are resolved on every pull and are not counted.
+
+Warms (layers fetched ahead of use under a TTL lease, `POST /v1/prefetch/layers/{digest}`) are
+counted apart: a warm is a *hit* when a pull then finds the layer local before its lease ends, and
+*wasted* when the lease ends first (containerd collects the blob unless an image holds it by then).
+The warm request may name the model version that chose it; the last one named is shown.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +31,16 @@ class Tally:
 
 
 @dataclass
+class WarmTally:
+    warmed: Tally = field(default_factory=Tally)
+    hits: Tally = field(default_factory=Tally)
+    wasted: Tally = field(default_factory=Tally)
+    pending: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """digest -> (size, when its lease ends): warms no pull used yet."""
+    model_version: str = ""
+
+
+@dataclass
 class CacheCounters:
     """Counted since the agent started (Prometheus keeps the history)."""
 
@@ -31,6 +48,8 @@ class CacheCounters:
     served: dict[str, Tally] = field(default_factory=lambda: {s: Tally() for s in SOURCES})
     evictions: int = 0
     evicted_bytes: int = 0
+    warms: WarmTally = field(default_factory=WarmTally)
+    clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -52,8 +71,24 @@ class CacheCounters:
         self.used = Gauge("ferryman_cache_used_bytes", "Bytes in containerd's content store", registry=r)
         self.pinned = Gauge("ferryman_cache_pinned_bytes", "Bytes of pinned images", registry=r)
         self.entries = Gauge("ferryman_cache_entries", "Images in the cache", registry=r)
+        self._warms = Counter(
+            "ferryman_cache_warms",
+            "Layers warmed ahead of use, by outcome (warmed: fetched; hit: a pull found it before its lease "
+            "ended; wasted: the lease ended first)",
+            ["outcome"],
+            registry=r,
+        )
+        self._warm_bytes = Counter(
+            "ferryman_cache_warm_bytes", "Bytes of those layers, by outcome", ["outcome"], registry=r
+        )
+        for outcome in ("warmed", "hit", "wasted"):
+            self._warms.labels(outcome=outcome)
+            self._warm_bytes.labels(outcome=outcome)
+        self._warm_model = Gauge(
+            "ferryman_cache_warm_model_info", "The model version the last warm request named", ["version"], registry=r
+        )
 
-    def blob(self, source: str, size: int) -> None:
+    def blob(self, source: str, size: int, digest: str = "") -> None:
         """One blob a pull needed, `size` bytes, served from `source` ("local" for a hit). The one
         call every blob source reports through, whichever pipeline fetched it."""
         if source not in self.served:
@@ -63,6 +98,38 @@ class CacheCounters:
         tally.bytes += size
         self._requests.labels(source=source).inc()
         self._bytes.labels(source=source).inc(size)
+        if digest and source == "local":
+            self.found_local(digest)
+
+    def found_local(self, digest: str) -> None:
+        """A pull or an assembly found `digest` local: a warm of it still under its lease is a hit."""
+        self.expire_warms()
+        warm = self.warms.pending.pop(digest, None)
+        if warm is not None:
+            self._warm_outcome("hit", self.warms.hits, warm[0])
+
+    def warmed(self, digest: str, size: int, ttl: float, model_version: str = "") -> None:
+        """A layer fetched ahead of use, held `ttl` seconds by its lease."""
+        self.expire_warms()
+        self.warms.pending[digest] = (size, self.clock() + ttl)
+        self._warm_outcome("warmed", self.warms.warmed, size)
+        if model_version and model_version != self.warms.model_version:
+            if self.warms.model_version:
+                self._warm_model.remove(self.warms.model_version)
+            self.warms.model_version = model_version
+            self._warm_model.labels(version=model_version).set(1)
+
+    def expire_warms(self) -> None:
+        now = self.clock()
+        for digest in [d for d, (_, until) in self.warms.pending.items() if until <= now]:
+            size, _ = self.warms.pending.pop(digest)
+            self._warm_outcome("wasted", self.warms.wasted, size)
+
+    def _warm_outcome(self, outcome: str, tally: Tally, size: int) -> None:
+        tally.requests += 1
+        tally.bytes += size
+        self._warms.labels(outcome=outcome).inc()
+        self._warm_bytes.labels(outcome=outcome).inc(size)
 
     def evicted(self, freed: int) -> None:
         self.evictions += 1
@@ -82,4 +149,21 @@ class CacheCounters:
             },
             "evictions": self.evictions,
             "evicted_bytes": self.evicted_bytes,
+            "warms": self._warms_json(),
+        }
+
+    def _warms_json(self) -> dict[str, Any]:
+        self.expire_warms()
+        w = self.warms
+        settled = w.hits.bytes + w.wasted.bytes
+        return {
+            "warmed": w.warmed.requests,
+            "warmed_bytes": w.warmed.bytes,
+            "hits": w.hits.requests,
+            "hit_bytes": w.hits.bytes,
+            "wasted": w.wasted.requests,
+            "wasted_bytes": w.wasted.bytes,
+            "pending": len(w.pending),
+            "waste": w.wasted.bytes / settled if settled else None,
+            "model_version": w.model_version,
         }

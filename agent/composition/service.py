@@ -161,6 +161,10 @@ class CompositionService:
         self.history = LayerHistory(state_dir / "composition" / "history.json")
         self.uses: Uses | None = None
         """The layer cache (set by the agent): each assembled image counts as a use."""
+        self.on_warmed: Callable[[str, int, float, str], None] = lambda digest, size, ttl, model: None
+        """Told of each warm (digest, size, lease seconds, model version): the cache counts its fate."""
+        self.on_local: Callable[[str], None] = lambda digest: None
+        """Told of each layer an assembly found local (a warm of it is then a hit)."""
         self._flights: SingleFlight[str, None, dict[str, Any]] = SingleFlight("assemble", lambda _: None)
 
     def costs_json(self) -> dict[str, Any]:
@@ -330,6 +334,7 @@ class CompositionService:
                     queue.insert(0, la.desc.digest)  # collected since it was resolved: fetched after all
                 else:
                     done[la.desc.digest].set()
+                    self.on_local(la.desc.digest)
 
             async def worker() -> None:
                 nonlocal fetched_bytes
@@ -413,9 +418,10 @@ class CompositionService:
 
     # ------------------------------------------------------------------ warm
 
-    async def warm_layer(self, digest: str, ref: str, ttl: float | None = None) -> dict[str, Any]:
+    async def warm_layer(self, digest: str, ref: str, ttl: float | None = None, model: str = "") -> dict[str, Any]:
         """Fetch one layer of image `ref` ahead of use and keep it `ttl` seconds under a lease (then
-        it stays only if an image references it by then)."""
+        it stays only if an image references it by then). `model`: the version of the model that
+        chose it, if one did (shown in the cache status)."""
         ttl = WARM_TTL if ttl is None else ttl
         if not 0 < ttl <= MAX_WARM_TTL:
             raise InvalidRequest(f"ttl must be in (0, {MAX_WARM_TTL:g}] seconds, got {ttl:g}")
@@ -437,6 +443,7 @@ class CompositionService:
         except BaseException:
             await self._cd.leases.delete(lease_id, sync=True)
             raise
+        self.on_warmed(digest, desc.size, ttl, model)
         return {
             "digest": digest,
             "ref": ref,

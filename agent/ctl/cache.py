@@ -100,6 +100,19 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         f"hit rate {_rate(rates.get('requests'))} of blobs, {_rate(rates.get('bytes'))} of bytes;"
         f" served: {by_source or 'nothing yet'}",
         f"evictions {status['evictions']} ({hs(status['evicted_bytes'])})",
+        *_warm_lines(status.get("warms")),
+    ]
+
+
+def _warm_lines(warms: dict[str, Any] | None) -> list[str]:
+    if not warms or not warms.get("warmed"):
+        return []
+    hs = render.human_size
+    model = f" (model {warms['model_version']})" if warms.get("model_version") else ""
+    return [
+        f"prefetch: {warms['warmed']} layers warmed ({hs(warms['warmed_bytes'])}){model}, "
+        f"{warms['hits']} hits ({hs(warms['hit_bytes'])}), wasted {hs(warms['wasted_bytes'])} "
+        f"({_rate(warms.get('waste'))} of settled), {warms['pending']} pending"
     ]
 
 

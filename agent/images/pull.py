@@ -241,7 +241,7 @@ class Puller:
         if fetched:
             self._metrics.cache.blob(origin, fetched)
         else:
-            self._metrics.cache.blob("local", desc.size)
+            self._metrics.cache.blob("local", desc.size, desc.digest)
 
     async def _download(self, source: BlobSource, desc: Descriptor, on_bytes: Callable[[int], None]) -> int:
         """One blob into the content store, under a lease of its own (see the module docstring)."""
