@@ -44,6 +44,9 @@ class AgentClientLike(Protocol):
     async def list_containers(self, host: Host) -> list[dict[str, Any]]: ...
     async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]: ...
     async def pull_image(self, host: Host, ref: str, within: float) -> dict[str, Any]: ...
+    async def warm_layer(
+        self, host: Host, digest: str, ref: str, ttl: float, model: str, within: float
+    ) -> dict[str, Any]: ...
     async def delete_container(self, host: Host, container_id: str) -> None: ...
     async def delete_volume(self, host: Host, name: str) -> None: ...
     async def container_health(
@@ -165,6 +168,16 @@ class AgentClient:
         status, data = await self._call(host, "POST", "/v1/containers?start=1", spec, within)
         if status != 201:
             raise self._error(host, status, data, f"create container {spec.get('id')}")
+        return data
+
+    async def warm_layer(
+        self, host: Host, digest: str, ref: str, ttl: float, model: str, within: float
+    ) -> dict[str, Any]:
+        """Fetch one layer of `ref` on `host` ahead of use (peers first), held `ttl` seconds by a lease."""
+        body = {"ref": ref, "ttl": ttl, "model": model}
+        status, data = await self._call(host, "POST", f"/v1/prefetch/layers/{digest}", body, within)
+        if status != 200:
+            raise self._error(host, status, data, f"warm {digest}")
         return data
 
     async def pull_image(self, host: Host, ref: str, within: float) -> dict[str, Any]:

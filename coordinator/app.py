@@ -33,6 +33,7 @@ from coordinator.starts import ContainerStarts
 from coordinator.store import Store
 from coordinator.warm import WarmService
 from coordinator.warm_predictor import LayerPredictor
+from coordinator.warming import WarmLimits
 from core.security.tls import check_files
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class Coordinator:
             history=(config.warm.history_per_host, config.warm.history_max_age),
             clock=clock,
             on_recorded=self.warm.started,
+            warming=self.warm.warming,
         )
         self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
         self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)
@@ -240,6 +242,10 @@ class Coordinator:
             asyncio.create_task(self._while_leading(self.reservations.run_sweeper), name="reservation-sweeper"),
             asyncio.create_task(self._every(self.config.model.tick_period, self.policy.tick), name="policy"),
         ]
+        if self.config.warm.period and self.warm.predictor is not None:
+            self._leader_loops.append(
+                asyncio.create_task(self._every(self.config.warm.period, self.warm_round), name="warm")
+            )
         if self.config.model.retrain_interval:
             self._leader_loops.append(
                 asyncio.create_task(
@@ -247,6 +253,14 @@ class Coordinator:
                     name="retrain",
                 )
             )
+
+    async def warm_round(self) -> dict[str, list[str]]:
+        """One round of warming; hosts with a migration in flight (either end) get nothing."""
+        busy: set[str] = set()
+        for m in await self.store.list_migrations(active_only=True):
+            busy.update(h for h in (m.source, m.target) if h)
+        limits = WarmLimits(max_layers=16)
+        return await self.warm.round(self.agents, self.config.warm, limits, busy)
 
     async def _stop_leading(self) -> None:
         """Stop the leader's loops and stop following migrations (the next leader resumes them)."""

@@ -155,6 +155,12 @@ class WarmConfig:
     """Task starts kept per host (signature, time, layers, hits and misses)."""
     history_max_age: float = 14 * 86400.0
     """Seconds of start history kept per host."""
+    period: float = 0.0
+    """Seconds between warming rounds (each host's predicted layers warmed on its agent); 0: never."""
+    link_bytes_per_second: float = 12.5e6
+    """A host's link to its layer sources; warms get a share of what running work leaves of it."""
+    request_timeout: float = 120.0
+    """Upper bound for one warm request to an agent."""
 
 
 STORE_BACKENDS = ("sqlite", "etcd")
@@ -271,6 +277,8 @@ def _validate(config: CoordinatorConfig) -> None:
         "tracker.fetching_ttl": config.tracker.fetching_ttl,
         "warm.history_per_host": config.warm.history_per_host,
         "warm.history_max_age": config.warm.history_max_age,
+        "warm.link_bytes_per_second": config.warm.link_bytes_per_second,
+        "warm.request_timeout": config.warm.request_timeout,
         "deployments.health_timeout": config.deployments.health_timeout,
         "deployments.cpu_millis": config.deployments.cpu_millis,
         "deployments.memory_bytes": config.deployments.memory_bytes,
@@ -290,6 +298,8 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError("migrations.max_per_host must not exceed migrations.max_per_fleet")
     if not 0.0 <= config.model.threshold < 1.0:
         raise ConfigError(f"model.threshold must be in [0, 1), got {config.model.threshold}")
+    if config.warm.period < 0:
+        raise ConfigError(f"warm.period must not be negative, got {config.warm.period}")
     if config.model.retrain_interval < 0:
         raise ConfigError(f"model.retrain_interval must not be negative, got {config.model.retrain_interval}")
     if config.model.retrain_interval and config.model.retrain_holdout >= config.telemetry.max_age:

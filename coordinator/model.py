@@ -261,6 +261,8 @@ class StartRecord:
     workload_class: str = ""
     source: str = ""
     """`image:<ref>` or `composition:<name>`."""
+    sizes: tuple[int, ...] = ()
+    """Bytes of each layer, in `layers` order (empty when not known)."""
 
     @property
     def misses(self) -> tuple[str, ...]:

@@ -210,7 +210,7 @@ def _host_from_row(row: sqlite3.Row) -> Host:
 
 def _start_from_json(text: str) -> StartRecord:
     data = json.loads(text)
-    for key in ("layers", "hits", "warm_hits"):
+    for key in ("layers", "hits", "warm_hits", "sizes"):
         data[key] = tuple(data.get(key, ()))
     return StartRecord(**data)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from coordinator.agents import AgentClientLike
@@ -39,6 +39,7 @@ class ContainerStarts:
         history: tuple[int, float] = (2000, 14 * 86400.0),
         clock: Callable[[], float] = time.time,
         on_recorded: Callable[[StartRecord], None] = lambda record: None,
+        warming: Callable[[str, float], Collection[str]] = lambda host, now: (),
     ) -> None:
         """`on_started(host, digests)`: a container runs on `host` with these layers (the tracker
         learns it before the host's next registration says so). `history`: the starts kept per
@@ -53,6 +54,7 @@ class ContainerStarts:
         self._history = history
         self._clock = clock
         self._on_recorded = on_recorded
+        self._warming = warming
 
     async def start(self, spec: Mapping[str, Any], need: Need, ttl: float | None = None) -> dict[str, Any]:
         """Place, reserve, create and start; the placement (with its prediction) and the container.
@@ -65,6 +67,7 @@ class ContainerStarts:
             if host is None:
                 raise HostNotFound(f"host {reservation.host} left the fleet")
             held = set(host.layer_digests)
+            warmed = set(self._warming(reservation.host, self._clock()))
             container = await self._agents.create_container(
                 host, {**spec, "reservation": reservation.id}, self._create_timeout
             )
@@ -81,8 +84,10 @@ class ContainerStarts:
             signature=signature.id,
             layers=tuple(need.layers),
             hits=tuple(d for d in need.layers if d in held),
+            warm_hits=tuple(d for d in need.layers if d in held and d in warmed),
             workload_class=signature.workload_class,
             source=signature.source,
+            sizes=tuple(need.layers.values()),
         )
         await self._store.record_start(record, *self._history)
         self._on_recorded(record)  # the layer predictor's state learns it at once

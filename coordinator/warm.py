@@ -3,23 +3,53 @@
 `seed()` replays the stored start history at start-up (as `predictions.rebuild` does for telemetry);
 `started(record)` adds each new start (ContainerStarts calls it after recording it); `predict(host)`
 scores the host's candidate layers with the loaded model in a worker thread (onnxruntime through
-`LayerPredictor`). Without a model (`[warm] model` empty) the history is still kept and `predict`
-answers nothing; a configured model that cannot be served stops the start (ConfigError), as the
-drain model does.
+`LayerPredictor`). `round()` (every `[warm] period` seconds on the leader) warms them: per ready host,
+`warming.plan` under that host's `Aggressiveness`, which `warming.adapt` moves by the waste and
+misses of the host's last window; each chosen layer is fetched by the host's agent (peers first)
+under a lease as long as the model's (`AgentClientLike.warm_layer`). A host migrating anything
+gets no warms that round (`warm_budget`: the link is busy). Only layers of images started before
+are warmed (the coordinator knows their image reference and size from the start history).
+
+Without a model (`[warm] model` empty) the history is still kept and `predict` answers nothing; a
+configured model that cannot be served stops the start (ConfigError), as the drain model does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from coordinator.agents import AgentClientLike
+from coordinator.config import WarmConfig
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.model import StartRecord
+from coordinator.model import HostHealth, StartRecord
 from coordinator.predictor import ModelLoadError
 from coordinator.store import Store
 from coordinator.warm_features import FleetStarts, HostStarts, Start
 from coordinator.warm_predictor import LayerPredictor, ScoredLayer
-from core.errors import ConfigError
+from coordinator.warming import Aggressiveness, Candidate, WarmLimits, WarmOutcome, adapt, plan, warm_budget
+from core.errors import ConfigError, FerrymanError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _HostWarms:
+    """One host's warms in flight and its window of outcomes since the last adaptation."""
+
+    aggressiveness: Aggressiveness
+    pending: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """digest -> (size, lease end) of warms no start used yet."""
+    window: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0, 0])
+    """WarmOutcome's fields: warmed bytes, wasted bytes, settled, starts, local starts, warms."""
+
+    def expire(self, now: float) -> None:
+        for digest in [d for d, (_, until) in self.pending.items() if until <= now]:
+            size, _ = self.pending.pop(digest)
+            self.window[1] += size
+            self.window[2] += 1
 
 
 class WarmService:
@@ -34,6 +64,9 @@ class WarmService:
         self.predictor = predictor
         self._clock = clock
         self._metrics = metrics
+        self.layer_refs: dict[str, tuple[str, int]] = {}
+        """digest -> (an image reference holding it, its size), from started images."""
+        self.warms: dict[str, _HostWarms] = {}
         if metrics is not None and predictor is not None:
             metrics.warm_model.labels(version=predictor.version).set(1)
         self.fleet = FleetStarts()
@@ -72,7 +105,25 @@ class WarmService:
         self._metrics.start_layers.labels(kind="warm_hit").inc(len(record.warm_hits))
         self._metrics.start_layers.labels(kind="miss").inc(misses)
 
+    def warming(self, host: str, now: float) -> set[str]:
+        """Layers warmed on `host` for a start that have not been used and whose lease holds."""
+        warms = self.warms.get(host)
+        return {d for d, (_, until) in warms.pending.items() if until > now} if warms else set()
+
     def _add(self, record: StartRecord) -> None:
+        if record.source.startswith("image:") and len(record.sizes) == len(record.layers):
+            ref = record.source.removeprefix("image:")
+            for digest, size in zip(record.layers, record.sizes, strict=True):
+                self.layer_refs[digest] = (ref, size)
+        warms = self.warms.get(record.host)
+        if warms is not None:
+            warms.expire(record.ts)
+            for digest in record.layers:
+                if digest in warms.pending and digest in record.hits:
+                    warms.pending.pop(digest)
+                    warms.window[2] += 1
+            warms.window[3] += 1
+            warms.window[4] += not record.misses
         history = self.hosts.setdefault(record.host, HostStarts())
         start = Start(record.ts, record.signature, record.layers)
         if history.recent and start.ts < history.recent[-1][0].ts:
@@ -88,3 +139,48 @@ class WarmService:
         return await asyncio.to_thread(
             self.predictor.host_layers, history, self.fleet, self._clock() if now is None else now
         )
+
+    async def round(
+        self, agents: AgentClientLike, config: WarmConfig, limits: WarmLimits, busy_hosts: set[str]
+    ) -> dict[str, list[str]]:
+        """One warming round over the ready hosts; the layers asked of each. A failed warm is logged
+        and counted as wasted (its bytes may have moved): nothing else depends on it."""
+        if self.predictor is None:
+            return {}
+        now = self._clock()
+        lease = self.predictor.info.lease
+        out: dict[str, list[str]] = {}
+        for host in await self._store.list_hosts():
+            if host.health is not HostHealth.READY or not host.api_url or host.name not in self.hosts:
+                continue
+            warms = self.warms.setdefault(
+                host.name,
+                _HostWarms(Aggressiveness(threshold=self.predictor.info.threshold, max_layers=limits.max_layers)),
+            )
+            warms.expire(now)
+            warms.aggressiveness = adapt(warms.aggressiveness, WarmOutcome(*warms.window), limits)
+            warms.window = [0, 0, 0, 0, 0, 0]
+            busy = config.link_bytes_per_second if host.name in busy_hosts else 0.0
+            budget = warm_budget(
+                config.link_bytes_per_second, busy, config.period, warms.aggressiveness.bandwidth_share
+            )
+            if budget <= 0:
+                continue
+            scored = await self.predict(host.name, now)
+            candidates = [
+                Candidate(s.digest, s.probability, self.layer_refs[s.digest][1])
+                for s in scored
+                if s.digest in self.layer_refs
+            ]
+            chosen = plan(candidates, set(host.layer_digests), set(warms.pending), warms.aggressiveness, budget)
+            for c in chosen:
+                ref = self.layer_refs[c.digest][0]
+                warms.pending[c.digest] = (c.size, now + lease)
+                warms.window[0] += c.size
+                warms.window[5] += 1
+                try:
+                    await agents.warm_layer(host, c.digest, ref, lease, self.model_version, config.request_timeout)
+                except (FerrymanError, OSError) as exc:
+                    log.warning("warm failed", extra={"host": host.name, "digest": c.digest, "error": str(exc)})
+            out[host.name] = [c.digest for c in chosen]
+        return out

@@ -4,6 +4,7 @@ survives a restart of the coordinator (SQLite)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.model import Capacity, Host, StartRecord
+from coordinator.model import Capacity, Host, Reservation, StartRecord
 from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
 from coordinator.sqlite_store import SqliteStore
@@ -21,6 +22,7 @@ from coordinator.starts import ContainerStarts
 from coordinator.warm import WarmService
 from coordinator.warm_features import FleetStarts, HostStarts, Start
 from coordinator.warm_predictor import LayerPredictor
+from coordinator.warming import WarmLimits
 from core.errors import ConfigError, InvalidRequest
 from core.workloads import WorkloadSignature, check_signature_id, of_start
 from tests.harness.coordinator import NoAgents
@@ -75,6 +77,7 @@ async def test_a_placed_start_is_recorded_with_its_signature_hits_and_misses(sto
         hits=(BASE, MID),
         workload_class="service",
         source="image:registry.test/app:1",
+        sizes=(200 * MB, 50 * MB, 10 * MB),
     )
     assert record.misses == (TOP,) and record.to_dict()["misses"] == [TOP]
     # the served predictor learned the start at once: the host's layers are its candidates
@@ -134,3 +137,63 @@ def test_the_history_state_learns_chains_crons_and_the_fleet() -> None:
     assert rows["a"][0] == pytest.approx(0.4) and rows["b1"][0] == pytest.approx(0.6)  # of the last 5 starts
     assert rows["unknown"][0] == 0.0 and np.isnan(rows["unknown"][6])
     assert host.candidates(now, fleet) == [*a, *b]
+
+
+class WarmingAgents(CreatingAgents):
+    def __init__(self) -> None:
+        super().__init__()
+        self.warmed: list[tuple[str, str, str, float, str]] = []
+
+    async def hold_reservation(self, host: Host, reservation: Reservation) -> bool:
+        return True
+
+    async def release_reservation(self, host: Host, reservation_id: str) -> None:
+        pass
+
+    async def warm_layer(
+        self, host: Host, digest: str, ref: str, ttl: float, model: str, within: float
+    ) -> dict[str, Any]:
+        self.warmed.append((host.name, digest, ref, ttl, model))
+        return {"digest": digest, "ref": ref}
+
+
+async def test_a_warming_round_asks_the_agent_for_the_predicted_layers(store: SqliteStore) -> None:
+    now = [10_000.0]
+    config = CoordinatorConfig()
+    await store.register_host(
+        Host(name="h1", capacity=Capacity(4000, 64 * GiB, 0), layer_digests=(BASE,), api_url="https://h1")
+    )
+    agents = WarmingAgents()
+    reservations = ReservationService(store, agents, config, lambda: now[0], CoordinatorMetrics())
+    placer = Placer(store, reservations, config.placement, lambda: 0.5, lambda: now[0])
+    warm = WarmService(store, LayerPredictor.load(SHIPPED), lambda: now[0])
+    starts = ContainerStarts(
+        store, placer, reservations, agents, 5.0, clock=lambda: now[0], on_recorded=warm.started, warming=warm.warming
+    )
+    spec = {"image": "registry.test/app:1", "args": ["batch"]}
+    for i in range(12):  # the same batch job every five minutes
+        await starts.start({**spec, "id": f"c{i}"}, Need(Capacity(100, GiB, 0), LAYERS))
+        now[0] += 300.0
+    warm_config = dataclasses.replace(config.warm, period=60.0)
+    limits = WarmLimits()
+    # the host holds only BASE (its registration says so): the other two are warmed, under the model's lease
+    asked = await warm.round(agents, warm_config, limits, busy_hosts=set())
+    assert sorted(asked["h1"]) == sorted([MID, TOP]), asked
+    lease = warm.predictor.info.lease if warm.predictor else 0
+    assert {(d, ref, ttl) for _, d, ref, ttl, _ in agents.warmed} == {
+        (MID, "registry.test/app:1", lease),
+        (TOP, "registry.test/app:1", lease),
+    }
+    assert all(model == warm.model_version for *_, model in agents.warmed)
+    assert warm.warming("h1", now[0]) == {MID, TOP}
+    # asked once: not again while the warms are in flight; and a migrating host gets none
+    assert (await warm.round(agents, warm_config, limits, busy_hosts=set())).get("h1") == []
+    assert await warm.round(agents, warm_config, limits, busy_hosts={"h1"}) == {}
+    # the next start finds them: hits, and warm hits
+    await store.register_host(
+        Host(name="h1", capacity=Capacity(4000, 64 * GiB, 0), layer_digests=(BASE, MID, TOP), api_url="https://h1")
+    )
+    await starts.start({**spec, "id": "c-next"}, Need(Capacity(100, GiB, 0), LAYERS))
+    last = (await store.starts("h1"))[-1]
+    assert set(last.warm_hits) == {MID, TOP} and last.misses == ()
+    assert warm.warming("h1", now[0]) == set()

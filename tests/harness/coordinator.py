@@ -274,5 +274,10 @@ class NoAgents:
     async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]:
         raise AssertionError("no agent call expected")
 
+    async def warm_layer(
+        self, host: Host, digest: str, ref: str, ttl: float, model: str, within: float
+    ) -> dict[str, Any]:
+        raise AssertionError("no agent call expected")
+
     async def close(self) -> None:
         pass
