@@ -152,11 +152,35 @@ class DrainPredictor:
         return {host: float(v) for host, v in zip(histories, p, strict=True)}
 
 
-def _load(path: Path, threads: int) -> tuple[ModelInfo, ort.InferenceSession, str]:
+@dataclass(frozen=True)
+class OpenedModel:
+    """A binary classifier's ONNX export, read and checked (`open_probability_model`)."""
+
+    session: ort.InferenceSession
+    input_name: str
+    metadata: dict[str, str]
+    sha256: str
+
+
+def open_probability_model(
+    path: Path,
+    *,
+    threads: int,
+    what: str,
+    required: Sequence[str],
+    features_version: str,
+    feature_names: Sequence[str],
+    max_bytes: int = MAX_MODEL_BYTES,
+) -> OpenedModel:
+    """Read and open `path`, refusing (ModelLoadError) a file too big or not ONNX, metadata without a
+    `required` field, features of another version, count or names, anything but one float input
+    [N, features] and a `probabilities` output [N, 2], and a model that does not answer a probe batch
+    (a row of zeros, a row of missing values) with probabilities. Shared by the drain model and the
+    layer predictor; each checks its own metadata values after."""
     try:
         size = path.stat().st_size
-        if size > MAX_MODEL_BYTES:
-            raise ModelLoadError(f"{path}: {size} bytes, more than a drain model's {MAX_MODEL_BYTES}")
+        if size > max_bytes:
+            raise ModelLoadError(f"{path}: {size} bytes, more than a {what}'s {max_bytes}")
         data = path.read_bytes()
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read: {exc}") from exc
@@ -169,32 +193,25 @@ def _load(path: Path, threads: int) -> tuple[ModelInfo, ort.InferenceSession, st
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise ModelLoadError(f"{path}: not a loadable ONNX model: {_first_line(exc)}") from exc
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    missing = [k for k in required if k not in meta]
     if missing:
         raise ModelLoadError(f"{path}: metadata lacks {', '.join(missing)}")
-    if meta["features_version"] != FEATURES_VERSION:
+    if meta["features_version"] != features_version:
         raise ModelLoadError(
-            f"{path}: trained on features {meta['features_version']!r}, this coordinator computes {FEATURES_VERSION!r}"
+            f"{path}: trained on features {meta['features_version']!r}, this coordinator computes {features_version!r}"
         )
-    if meta["n_features"] != str(N_FEATURES) or meta.get("feature_names", ",".join(FEATURE_NAMES)) != ",".join(
-        FEATURE_NAMES
-    ):
-        raise ModelLoadError(f"{path}: model expects {meta['n_features']} features, we compute {N_FEATURES}")
-    try:
-        horizon, threshold = float(meta["horizon_s"]), float(meta["threshold"])
-    except ValueError as exc:
-        raise ModelLoadError(f"{path}: bad horizon_s/threshold metadata: {exc}") from exc
-    if not (math.isfinite(horizon) and horizon > 0 and 0.0 <= threshold <= 1.0):
-        raise ModelLoadError(f"{path}: horizon_s {horizon} or threshold {threshold} out of range")
+    n = len(feature_names)
+    if meta["n_features"] != str(n) or meta.get("feature_names", ",".join(feature_names)) != ",".join(feature_names):
+        raise ModelLoadError(f"{path}: model expects {meta['n_features']} other features than the {n} we compute")
     inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].type != "tensor(float)" or list(inputs[0].shape[1:]) != [N_FEATURES]:
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)" or list(inputs[0].shape[1:]) != [n]:
         got = [(i.name, i.type, i.shape) for i in inputs]
-        raise ModelLoadError(f"{path}: expected one float input [N, {N_FEATURES}], got {got}")
+        raise ModelLoadError(f"{path}: expected one float input [N, {n}], got {got}")
     outputs = {o.name: o for o in session.get_outputs()}
     if PROB_OUTPUT not in outputs or list(outputs[PROB_OUTPUT].shape[1:]) != [2]:
         raise ModelLoadError(f"{path}: no {PROB_OUTPUT!r} output of shape [N, 2]")
     # a model that loads but cannot run (or returns nonsense) is as unusable as one that does not load
-    probe = np.zeros((2, N_FEATURES), np.float32)
+    probe = np.zeros((2, n), np.float32)
     probe[1] = np.nan
     try:
         p = session.run([PROB_OUTPUT], {inputs[0].name: probe})[0]
@@ -202,9 +219,28 @@ def _load(path: Path, threads: int) -> tuple[ModelInfo, ort.InferenceSession, st
         raise ModelLoadError(f"{path}: fails on a probe batch: {_first_line(exc)}") from exc
     if p.shape != (2, 2) or not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1:
         raise ModelLoadError(f"{path}: probe batch gave {p!r}, not probabilities")
+    return OpenedModel(session, inputs[0].name, meta, hashlib.sha256(data).hexdigest())
+
+
+def _load(path: Path, threads: int) -> tuple[ModelInfo, ort.InferenceSession, str]:
+    opened = open_probability_model(
+        path,
+        threads=threads,
+        what="drain model",
+        required=REQUIRED_METADATA,
+        features_version=FEATURES_VERSION,
+        feature_names=FEATURE_NAMES,
+    )
+    meta = opened.metadata
+    try:
+        horizon, threshold = float(meta["horizon_s"]), float(meta["threshold"])
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: bad horizon_s/threshold metadata: {exc}") from exc
+    if not (math.isfinite(horizon) and horizon > 0 and 0.0 <= threshold <= 1.0):
+        raise ModelLoadError(f"{path}: horizon_s {horizon} or threshold {threshold} out of range")
     info = ModelInfo(
         path=str(path),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=opened.sha256,
         version=meta["model_version"],
         features_version=meta["features_version"],
         horizon=horizon,
@@ -212,7 +248,7 @@ def _load(path: Path, threads: int) -> tuple[ModelInfo, ort.InferenceSession, st
         data_version=meta.get("data_version", ""),
         metadata=meta,
     )
-    return info, session, inputs[0].name
+    return info, opened.session, opened.input_name
 
 
 def _calibration(meta: Mapping[str, str], path: Path) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
