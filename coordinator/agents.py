@@ -32,6 +32,10 @@ class AgentCallError(FerrymanError):
     http_status = 502
 
 
+class AgentUnreachable(AgentCallError):
+    """The agent did not answer at all: the connection was refused or cut, or no answer came in time."""
+
+
 class AgentClientLike(Protocol):
     """What the coordinator's services need from agents (a fake implements it in unit tests)."""
 
@@ -95,7 +99,9 @@ class AgentClient:
             ):
                 data: Any = await resp.json(content_type=None) if resp.status != 204 else {}
                 status = resp.status
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise AgentUnreachable(f"{method} {url} (agent {host.name}): {exc or type(exc).__name__}") from exc
+        except (aiohttp.ClientError, ValueError) as exc:
             raise AgentCallError(f"{method} {url} (agent {host.name}): {exc or type(exc).__name__}") from exc
         if not isinstance(data, dict):
             raise AgentCallError(f"{method} {url}: expected a JSON object, got {type(data).__name__}")

@@ -211,6 +211,10 @@ class DeploymentsConfig:
     cpu_millis: int = 100
     """What each component reserves on its host."""
     memory_bytes: int = 64 << 20
+    restart_policy: str = "on-failure"
+    """The agent's restart policy for every component: `on-failure` or `always` (docker's names)."""
+    crash_loop_exits: int = 3
+    """Exits of one component while it starts that fail the deployment as a crash loop."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,7 @@ def _validate(config: CoordinatorConfig) -> None:
         "deployments.health_timeout": config.deployments.health_timeout,
         "deployments.cpu_millis": config.deployments.cpu_millis,
         "deployments.memory_bytes": config.deployments.memory_bytes,
+        "deployments.crash_loop_exits": config.deployments.crash_loop_exits,
         "alerts.timeout": config.alerts.timeout,
         "placement.registry_bytes_per_second": config.placement.registry_bytes_per_second,
         "placement.peer_bytes_per_second": config.placement.peer_bytes_per_second,
@@ -320,6 +325,10 @@ def _validate(config: CoordinatorConfig) -> None:
             ipaddress.ip_network(config.deployments.address_pool, strict=True)
         except ValueError as exc:
             raise ConfigError(f"deployments.address_pool: {exc}") from exc
+    if config.deployments.restart_policy not in ("on-failure", "always"):
+        raise ConfigError(
+            f"deployments.restart_policy: expected on-failure or always, got {config.deployments.restart_policy!r}"
+        )
     if config.alerts.webhook_url and urlsplit(config.alerts.webhook_url).scheme not in ("http", "https"):
         raise ConfigError(f"alerts.webhook_url: expected an http(s) URL, got {config.alerts.webhook_url!r}")
     if not config.database:

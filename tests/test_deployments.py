@@ -6,8 +6,10 @@ volume, render (on the same host, by the plan) reads it from there and serves it
 HTTP, transcode fetches that from render's service address. Each is healthy (an HTTP check on
 its service address) only once it has what it serves, and a client outside reads the result from
 transcode's service address. Failures (an image that is not in the registry, a health check that
-never passes) must leave nothing behind on any host or in the coordinator, and raise one alert each
-at a real aiohttp webhook receiver in the fabric namespace.
+never passes, a crash loop, a host lost mid-deploy, a shared volume that cannot be mounted) must
+leave nothing behind on any host or in the coordinator (containers, snapshots, reservations,
+service addresses, volumes), and raise one alert each at a real aiohttp webhook receiver in the
+fabric namespace.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import pytest
 from agent.ctl.exits import Exit
 from tests.harness.alerts import AlertReceiver
 from tests.harness.fleet import CoordinatedFleet, api, coordinated_fleet
-from tests.harness.images import DEFAULT_PATH, ImageBuilder, busybox_layer
-from tests.harness.mesh import Mesh
+from tests.harness.images import DEFAULT_PATH, File, ImageBuilder, Layer, busybox_layer
+from tests.harness.mesh import Mesh, MeshHost
 
 PORT = 8080
 SERVE = f"echo ok > /www/healthz && exec httpd -f -p {PORT} -h /www"
@@ -76,9 +78,9 @@ def entry(name: str, image: str, requires: Mapping[str, str] = {}, check: Mappin
     }
 
 
-async def push(mesh: Mesh, name: str, script: str) -> str:
+async def push(mesh: Mesh, name: str, script: str, *layers: Layer) -> str:
     repo = f"test/{name}-{secrets.token_hex(3)}"
-    image = ImageBuilder([busybox_layer()], cmd=("/bin/sh", "-c", script), env=[f"PATH={DEFAULT_PATH}"])
+    image = ImageBuilder([busybox_layer(), *layers], cmd=("/bin/sh", "-c", script), env=[f"PATH={DEFAULT_PATH}"])
     await image.push(mesh.push_host, repo, "v1")
     return mesh.image_ref(repo, "v1")
 
@@ -106,17 +108,26 @@ async def fleet3(base_dir: Path, alerts: dict[str, AlertReceiver]) -> AsyncItera
         yield f
 
 
-async def deployed_containers(f: CoordinatedFleet) -> dict[str, list[str]]:
+async def deployed_containers(f: CoordinatedFleet, hosts: list[MeshHost] | None = None) -> dict[str, list[str]]:
     """host -> the deployments' containers there (labelled by the coordinator), as the agents list them."""
     out = {}
-    for host in f.mesh.hosts:
+    for host in f.mesh.hosts if hosts is None else hosts:
         listed = (await api(host, "GET", "/v1/containers"))["containers"]
         out[host.name] = sorted(c["id"] for c in listed if "ferryman.deployment" in (c.get("labels") or {}))
     return out
 
 
+async def leftovers(host: MeshHost, deployment: str) -> list[str]:
+    """What of the deployment is on the host below the agent: containerd snapshots, volume directories."""
+    snapshots = [line.split()[0] for line in (await host.actr("snapshots", "ls")).stdout.splitlines()[1:]]
+    volumes = host.agent_state_dir / "volumes"
+    dirs = [p.name for p in volumes.iterdir()] if volumes.is_dir() else []
+    return [f"snapshot {s}" for s in snapshots if deployment in s] + [f"volume {d}" for d in dirs if deployment in d]
+
+
 async def assert_nothing_left(f: CoordinatedFleet, record: dict[str, Any]) -> None:
     assert await deployed_containers(f) == {h.name: [] for h in f.mesh.hosts}
+    assert {h.name: await leftovers(h, record["id"]) for h in f.mesh.hosts} == {h.name: [] for h in f.mesh.hosts}
     reservations = (await f.call("GET", "/v1/reservations"))["reservations"]
     assert [r for r in reservations if record["id"] in r["purpose"]] == []
     assert f.mesh.client is not None
@@ -268,3 +279,106 @@ async def test_a_coordinator_killed_mid_deployment_rolls_it_back_when_it_starts_
     await assert_nothing_left(f, after)
     [body] = await alerts["receiver"].wait_for(1)
     assert body["alerts"][0]["labels"]["reason"] == "coordinator_restart"
+
+
+async def assert_one_alert(
+    receiver: AlertReceiver, record: dict[str, Any], component: str, reason: str, why: str
+) -> None:
+    [body] = await receiver.wait_for(1)
+    [alert] = body["alerts"]
+    assert alert["labels"] == {
+        "alertname": "FerrymanDeploymentFailed",
+        "severity": "critical",
+        "deployment": record["id"],
+        "image": record["root"],
+        "component": component,
+        "reason": reason,
+    }
+    assert why in alert["annotations"]["description"], alert
+
+
+async def test_a_crash_loop_fails_the_deployment_and_leaves_nothing(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver]
+) -> None:
+    f, mesh = fleet3, fleet3.mesh
+    detect = await push(mesh, "detect", DETECT)
+    crashing = await push(mesh, "crashing", "echo starting; exit 3")  # the agent restarts it, it exits again
+    for document in (entry("detect", detect), entry("crashing", crashing, {"detect": "http"})):
+        await f.call("POST", "/v1/catalog", document, expect=201)
+
+    record = await ferryctl_json(f, "deploy", "crashing", "--wait", "120", code=Exit.NOT_DEPLOYED)
+    assert record["state"] == "FAILED", record
+    assert record["failed_component"] == "crashing", record
+    assert "exited 3 times while it started (restart policy on-failure)" in record["error"], record
+    assert [c["state"] for c in record["components"]] == ["removed", "failed"]
+    await assert_nothing_left(f, record)
+    await assert_one_alert(alerts["receiver"], record, "crashing", "crash_loop", "exited 3 times")
+    # Its host's agent did restart it (the exits were real runs, not one exit seen three times).
+    host = mesh[record["components"][1]["host"]]
+    assert len(host.log_events("restarted exited container")) >= 2, host.agent_log_tail()
+
+
+async def test_a_host_lost_mid_deploy_is_rolled_back_and_swept_when_it_returns(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver]
+) -> None:
+    f, mesh = fleet3, fleet3.mesh
+    detect = await push(mesh, "detect", DETECT)
+    slow = await push(mesh, "slow", "exec sleep 3600")  # never healthy, and its start period is long
+    waiting = {"kind": "tcp", "port": PORT, "interval": 0.5, "timeout": 0.5, "retries": 3, "start_period": 600}
+    for document in (entry("detect", detect), entry("slow", slow, {"detect": "http"}, waiting)):
+        await f.call("POST", "/v1/catalog", document, expect=201)
+    record = await ferryctl_json(f, "deploy", "slow", "--no-wait")
+
+    async def slow_created() -> dict[str, Any] | None:
+        now = await f.call("GET", f"/v1/deployments/{record['id']}")
+        running = [c for cs in (await deployed_containers(f)).values() for c in cs]
+        return dict(now) if now["level"] == 1 and len(running) == 2 else None
+
+    started = await f.wait_for("slow created at level 1", slow_created, within=60)
+    lost = mesh[started["components"][1]["host"]]
+    await lost.kill_agent()  # the host is gone for the coordinator; its containerd still runs `slow`
+
+    async def failed() -> dict[str, Any] | None:
+        now = await f.call("GET", f"/v1/deployments/{record['id']}")
+        return dict(now) if now["state"] == "FAILED" else None
+
+    after = await f.wait_for("rolled back without the lost host", failed, within=60)
+    assert after["failed_component"] == "slow", after
+    assert f"slow: host {lost.name} was lost while it started" in after["error"], after
+    remaining = [h for h in mesh.hosts if h is not lost]
+    assert await deployed_containers(f, remaining) == {h.name: [] for h in remaining}
+    assert {h.name: await leftovers(h, record["id"]) for h in remaining} == {h.name: [] for h in remaining}
+    reservations = (await f.call("GET", "/v1/reservations"))["reservations"]
+    assert [r for r in reservations if record["id"] in r["purpose"]] == []  # released here; the agent's expires
+    parts = {c["name"]: c for c in after["components"]}
+    assert parts["slow"]["left_behind"] is True and parts["slow"]["state"] == "failed", parts
+    await assert_one_alert(alerts["receiver"], after, "slow", "host_lost", "was lost while it started")
+
+    await lost.start_agent()  # back: the coordinator removes what it could not before
+
+    async def swept() -> dict[str, Any] | None:
+        now = await f.call("GET", f"/v1/deployments/{record['id']}")
+        return dict(now) if not any(c["left_behind"] for c in now["components"]) else None
+
+    final = await f.wait_for("leftovers removed once the host answers", swept, within=90)
+    await assert_nothing_left(f, final)
+    assert len(await alerts["receiver"].wait_for(1)) == 1  # still the one alert
+
+
+async def test_a_shared_volume_that_cannot_be_mounted_fails_and_leaves_nothing(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver]
+) -> None:
+    f, mesh = fleet3, fleet3.mesh
+    provider = await push(mesh, "detect", DETECT_TO_VOLUME)
+    # A file where the volume is to be mounted: the provider made the volume, the dependent cannot mount it.
+    occupied = Layer([File(FRAMES.lstrip("/"), b"not a directory\n")])
+    user = await push(mesh, "render", RENDER_FROM_VOLUME, occupied)
+    for document in (entry("detect", provider), entry("render", user, {"detect": "shared_volume"})):
+        await f.call("POST", "/v1/catalog", document, expect=201)
+
+    record = await ferryctl_json(f, "deploy", "render", "--wait", "120", code=Exit.NOT_DEPLOYED)
+    assert record["state"] == "FAILED", record
+    assert record["failed_component"] == "render" and "could not start" in record["error"], record
+    assert [(c["name"], c["state"]) for c in record["components"]] == [("detect", "removed"), ("render", "failed")]
+    await assert_nothing_left(f, record)
+    await assert_one_alert(alerts["receiver"], record, "render", "create", "could not start")

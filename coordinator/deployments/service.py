@@ -31,6 +31,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any, Protocol
 
+from coordinator.agents import AgentUnreachable
 from coordinator.alerts import Alert, Alerter
 from coordinator.catalog.model import HealthCheck, HealthCheckKind, Reference, UnknownReference
 from coordinator.catalog.service import CatalogService
@@ -64,6 +65,8 @@ LABEL_DEPLOYMENT = "ferryman.deployment"
 LABEL_COMPONENT = "ferryman.component"
 HEALTH_POLL = 30.0
 """Seconds one health long poll may wait on the agent (the deadline still applies)."""
+LEFTOVER_RETRY = (1.0, 30.0)
+"""Seconds between attempts to remove what a teardown left on an unreachable host: first, at most."""
 
 
 class DeploymentNotFound(NotFound):
@@ -87,6 +90,7 @@ class DeploymentAgents(Protocol):
     async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]: ...
     async def delete_container(self, host: Host, container_id: str) -> None: ...
     async def delete_volume(self, host: Host, name: str) -> None: ...
+    async def release_reservation(self, host: Host, reservation_id: str) -> None: ...
     async def container_health(
         self, host: Host, container_id: str, after: int, wait: float, within: float
     ) -> dict[str, Any]: ...
@@ -157,6 +161,8 @@ class DeploymentService:
         """Held while addresses are chosen and the record is first stored: two deploys never take one."""
         self._addresses_taken = addresses_taken
         self._tasks: dict[str, asyncio.Task[DeploymentRecord]] = {}
+        self._sweeps: dict[str, asyncio.Task[None]] = {}
+        """Per deployment: the retries removing what its teardown left on unreachable hosts."""
 
     # ----- reading
 
@@ -334,6 +340,7 @@ class DeploymentService:
             "health": agent_health(check, component.address),
             "labels": {LABEL_DEPLOYMENT: record.id, LABEL_COMPONENT: name},
             "reservation": component.reservation,
+            "restart_policy": {"name": self._config.restart_policy},
         }
         volumes = [v for v in layout.volumes if name in v.members]
         if volumes:
@@ -364,10 +371,15 @@ class DeploymentService:
             raise ComponentFailed(
                 name, "create", f"{name} was not created on {component.host} within {self._config.health_timeout:g} s"
             ) from None
+        except AgentUnreachable as exc:
+            raise _host_lost(name, component.host, exc) from exc
         except FerrymanError as exc:
             raise ComponentFailed(name, "create", f"{name} could not start on {component.host}: {exc.message}") from exc
         seq = 0
         last: dict[str, Any] = {}
+        exits = 0
+        stopped = False
+        runs: set[str] = set()  # the `since` of every run seen starting
         try:
             while True:
                 left = deadline - loop.time()
@@ -380,9 +392,27 @@ class DeploymentService:
                 status = last.get("status")
                 if status == "healthy":
                     return _replace(component, state=ComponentState.HEALTHY)
-                if status in ("unhealthy", "stopped"):
+                if status == "unhealthy":
                     raise ComponentFailed(
                         name, "unhealthy", f"{name} on {component.host} became {status}: {_last_output(last)}"
+                    )
+                # The agent restarts an exited component by its policy; a run ending is an exit
+                # whether the poll saw it `stopped` or only the next run `starting` (a new `since`).
+                if status == "stopped":
+                    exits += not stopped  # an unchanged answer (the poll's wait ran out) is the same exit
+                    stopped = True
+                elif status == "starting":
+                    since = str(last.get("since", ""))
+                    if since not in runs:
+                        exits += bool(runs) and not stopped
+                        runs.add(since)
+                    stopped = False
+                if exits >= self._config.crash_loop_exits:
+                    raise ComponentFailed(
+                        name,
+                        "crash_loop",
+                        f"{name} on {component.host} exited {exits} times while it started "
+                        f"(restart policy {self._config.restart_policy}): {_last_output(last)}",
                     )
         except TimeoutError:
             raise ComponentFailed(
@@ -391,6 +421,8 @@ class DeploymentService:
                 f"{name} on {component.host} was not healthy within {self._config.health_timeout:g} s "
                 f"(status {last.get('status', 'unknown')}: {_last_output(last)})",
             ) from None
+        except AgentUnreachable as exc:
+            raise _host_lost(name, component.host, exc) from exc
         except FerrymanError as exc:
             raise ComponentFailed(name, "health", f"{name} on {component.host}: {exc.message}") from exc
 
@@ -432,42 +464,85 @@ class DeploymentService:
 
     async def _teardown(self, record: DeploymentRecord) -> DeploymentRecord:
         """Remove every component that holds anything, highest level first, each level in parallel;
-        then the shared volumes, once no container of the deployment mounts them."""
-        volumes = {(c.host, v) for c in record.components if c.host for v in c.volumes}
+        then the shared volumes, once no container of the deployment mounts them. What a host that
+        does not answer keeps is marked `left_behind` and removed when it answers again (`_sweep`)."""
         for group in started_in_reverse(record.components):
             done = await asyncio.gather(*(self._remove(record.id, c) for c in group))
             for component in done:
                 record = record.with_component(component, self._clock())
             await self._put(record)
+        await self._remove_volumes(record, {c.host for c in record.components if c.host})
+        if any(c.left_behind for c in record.components):
+            self._schedule_sweep(record.id)
+        return record
+
+    async def _remove_volumes(self, record: DeploymentRecord, hosts: set[str]) -> bool:
+        """Delete the deployment's volumes on `hosts` where none of its containers is left; True when
+        every one of them is gone."""
+        kept = {c.host for c in record.components if c.left_behind}
+        volumes = {(c.host, v) for c in record.components if c.host in hosts - kept for v in c.volumes}
+        gone = not (kept & hosts)
         for host_name, volume in sorted(volumes):
             name = volume_name(record.id, volume)
             try:
                 await self._agents.delete_volume(await self._host(host_name), name)
             except FerrymanError as exc:
+                gone = False
                 log.error(
                     "volume not removed",
                     extra={"deployment": record.id, "host": host_name, "volume": name, "error": exc.message},
                 )
-        return record
+        return gone
+
+    def _schedule_sweep(self, deployment_id: str) -> None:
+        if deployment_id in self._sweeps:
+            return
+        task = asyncio.create_task(self._sweep(deployment_id), name=f"leftovers-{deployment_id}")
+        self._sweeps[deployment_id] = task
+        task.add_done_callback(lambda _: self._sweeps.pop(deployment_id, None))
+
+    async def _sweep(self, deployment_id: str) -> None:
+        """Retry, backing off, removing the containers (and then volumes) a teardown could not
+        remove because their host did not answer, until none is left."""
+        delay, most = LEFTOVER_RETRY
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, most)
+            record = await self._records.get_deployment(deployment_id)
+            if record is None:
+                return
+            left = [c for c in record.components if c.left_behind]
+            if not left:
+                return
+            for component in await asyncio.gather(*(self._remove(record.id, c) for c in left)):
+                record = record.with_component(component, self._clock())
+            await self._remove_volumes(record, {c.host for c in left})
+            await self._put(record)
+            if not any(c.left_behind for c in record.components):
+                log.info("leftovers removed", extra={"deployment": deployment_id})
+                return
 
     async def _remove(self, deployment: str, component: ComponentRecord) -> ComponentRecord:
         """Delete the container (absent is fine) and release the reservation; errors are logged and
         kept in the component's record, never raised (the rest of the teardown goes on)."""
         problems = []
+        unreachable = False
         if component.host:
             try:
                 host = await self._host(component.host)
                 await self._agents.delete_container(host, component.container)
             except FerrymanError as exc:
+                unreachable = isinstance(exc, AgentUnreachable)
                 problems.append(f"delete {component.container}: {exc.message}")
         if component.reservation:
+            # The coordinator's hold goes now; an unreachable agent expires its own at the same deadline.
             with contextlib.suppress(FerrymanError):
                 await self._reservations.release(component.reservation)
         if problems:
             log.error("component not fully removed", extra={"deployment": deployment, "problems": problems})
-        error = "; ".join(problems) or component.error
+            return _replace(component, error=component.error or "; ".join(problems), left_behind=unreachable)
         state = ComponentState.FAILED if component.state is ComponentState.FAILED else ComponentState.REMOVED
-        return _replace(component, state=state if not problems else component.state, error=error)
+        return _replace(component, state=state, left_behind=False)
 
     # ----- after a restart
 
@@ -476,6 +551,8 @@ class DeploymentService:
         were starting are rolled back, rollbacks and undeploys finished. The count taken over."""
         taken = 0
         for record in await self._records.list_deployments():
+            if any(c.left_behind for c in record.components):
+                self._schedule_sweep(record.id)
             action = recovery(record.state)
             if action is Recovery.NOTHING or record.id in self._tasks:  # nothing in flight, or ours
                 continue
@@ -516,7 +593,7 @@ class DeploymentService:
         return record
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._sweeps.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -529,6 +606,10 @@ def volume_name(deployment: str, volume: str) -> str:
 
 def _volume_spec(deployment: str, volume: SharedVolume) -> dict[str, str]:
     return {"name": volume_name(deployment, volume.name), "path": volume.path}
+
+
+def _host_lost(name: str, host: str, exc: AgentUnreachable) -> ComponentFailed:
+    return ComponentFailed(name, "host_lost", f"{name}: host {host} was lost while it started: {exc.message}")
 
 
 def _last_output(health: dict[str, Any]) -> str:

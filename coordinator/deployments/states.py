@@ -140,6 +140,8 @@ class ComponentRecord:
     error: str = ""
     volumes: tuple[str, ...] = ()
     """Names of the shared volumes it mounts."""
+    left_behind: bool = False
+    """A teardown could not remove its container (its host did not answer); retried until it can."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -154,6 +156,7 @@ class ComponentRecord:
             "state": self.state.value,
             "error": self.error,
             "volumes": list(self.volumes),
+            "left_behind": self.left_behind,
         }
 
     @classmethod
@@ -170,6 +173,7 @@ class ComponentRecord:
             state=ComponentState(data.get("state", ComponentState.PLACED.value)),
             error=data.get("error", ""),
             volumes=tuple(data.get("volumes", ())),
+            left_behind=bool(data.get("left_behind", False)),
         )
 
 
