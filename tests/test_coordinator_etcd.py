@@ -104,9 +104,19 @@ async def test_one_replica_leads_and_a_killed_leader_is_replaced(workdir: Path, 
                 assert leader.url in body["error"]["message"]
                 status, _ = await ops.get("/v1/hosts")
                 assert status == 200
+                # A deployment is driven by the leader (and taken over by the next one): not here.
+                status, body = await ops.post("/v1/deployments", {"image": "pipeline"})
+                assert status == 503 and body["error"]["code"] == "not_leader", body
+                assert leader.url in body["error"]["message"]
+                status, body = await ops.request("DELETE", "/v1/deployments/pipeline-1a2b3c4d")
+                assert status == 503 and body["error"]["code"] == "not_leader", body
+                status, _ = await ops.get("/v1/deployments")
+                assert status == 200
             async with leader.client(pki.operator("alice")) as ops:
                 status, body = await ops.post("/v1/hosts/h9/drain")
                 assert status == 404 and body["error"]["code"] == "host_not_found", body
+                status, body = await ops.post("/v1/deployments", {"image": "pipeline"})
+                assert status == 404 and body["error"]["code"] == "deployment_not_found", body
             # The leader's process dies without a word; its lease expires and another replica takes over.
             assert leader.proc is not None
             leader.proc.kill()

@@ -60,10 +60,13 @@ LEADER_ONLY = frozenset(
         ("POST", "/v1/model"),
         ("POST", "/v1/model/rollback"),
         ("POST", "/v1/model/retrain"),
+        ("POST", "/v1/deployments"),
+        ("DELETE", "/v1/deployments/{id}"),
     }
 )
-"""Requests that start the leader's work. Placements, reservations and catalog writes are atomic in
-the store and are served by any replica."""
+"""Requests that start the leader's work (a deployment is driven, and taken over after a crash, by
+the leader only). Placements, reservations and catalog writes are atomic in the store and are
+served by any replica."""
 
 
 @web.middleware
