@@ -181,6 +181,11 @@ async def test_a_pipeline_deploys_health_gated_across_hosts_serves_and_undeploys
     assert parts["detect"]["volumes"] == parts["render"]["volumes"] == ["detect-1"]
     volume = mesh[parts["detect"]["host"]].agent_state_dir / "volumes" / f"{record['id']}-detect-1"
     assert (volume / "frame").read_text().startswith(f"detected:{record['id']}:")
+    # A container with a volume is not migrated: refused before anything moves.
+    other = next(h.name for h in mesh.hosts if h.name != parts["detect"]["host"])
+    body = {"container": parts["detect"]["container"], "target": other}
+    refused = await api(mesh[parts["detect"]["host"]], "POST", "/v1/migrations", body, expect=400)
+    assert "has a volume is not supported" in refused["error"]["message"], refused
 
     listed = await ferryctl_json(f, "deployments")
     assert [(d["id"], d["state"]) for d in listed["deployments"]] == [(record["id"], "HEALTHY")]

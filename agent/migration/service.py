@@ -51,7 +51,7 @@ from agent.migration.record import MigrationId, MigrationOptions, MigrationRecor
 from agent.migration.source import SourceContext, SourceMigration, resident_bytes
 from agent.migration.states import Decision, Event, RecoveryAction, State, answer_for, recovery_action
 from agent.migration.target import DecisionPending, TargetContext, TargetMigration, known_prepare
-from agent.model import LABEL_POSTCOPY, LABEL_SERVICE_IP
+from agent.model import LABEL_POSTCOPY, LABEL_SERVICE_IP, LABEL_VOLUMES
 from agent.reservations import ReservationBook
 from agent.runtime.service import ContainerService
 from agent.runtime.specpolicy import check_restorable_spec
@@ -203,6 +203,12 @@ class MigrationService:
             raise InvalidRequest(f"{container_id} already runs on {target}")
         peer_address = self._peer_address(target)
         summary = await self._containers.inspect(container_id)  # ContainerNotFound for unknown or unmanaged ids
+        if volumes := (summary.get("labels") or {}).get(LABEL_VOLUMES, ""):
+            # A shared volume is a directory of this host that other containers here mount too.
+            raise InvalidRequest(
+                f"container {container_id} mounts shared volumes ({volumes}); migrating a container that "
+                "has a volume is not supported: stop it, or undeploy and deploy it again"
+            )
         busy = [r for r in self._records.values() if r.container == container_id and not r.done]
         if busy:
             raise InvalidRequest(f"container {container_id} is already migrating ({busy[0].id})")
