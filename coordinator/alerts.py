@@ -1,11 +1,11 @@
 """Alerts the coordinator raises itself: an Alertmanager-compatible webhook, beside the metrics.
 
-A failed deployment is an event an operator must hear about even without a Prometheus rule, so
-the coordinator POSTs the Alertmanager webhook payload (version 4, the format Alertmanager sends
-to its webhook receivers) to `[alerts] webhook_url`: any receiver written for Alertmanager, or
-Alertmanager's own `/api/v2/alerts`-fed tooling behind a relay, takes it as it is. One POST per
-alert, never retried (the metric `ferryman_coordinator_deployment_failures_total` keeps the count
-either way); a receiver that fails is logged and counted.
+A failed deployment, or a component of a running one that degrades, is an event an operator must
+hear about even without a Prometheus rule, so the coordinator POSTs the Alertmanager webhook
+payload (version 4, the format Alertmanager sends to its webhook receivers) to `[alerts]
+webhook_url`: any receiver written for Alertmanager, or Alertmanager's own `/api/v2/alerts`-fed
+tooling behind a relay, takes it as it is. One POST per alert, never retried (the metrics keep the
+count either way); a receiver that fails is logged and counted.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class Alert:
     description: str
     starts_at: float
     severity: str = "critical"
+    ends_at: float | None = None
+    """When it stopped firing: the webhook says `resolved` (None: firing)."""
 
     def all_labels(self) -> dict[str, str]:
         return {"alertname": self.name, "severity": self.severity, **self.labels}
@@ -48,15 +50,16 @@ def _rfc3339(ts: float) -> str:
 
 
 def payload(alert: Alert, external_url: str = "") -> dict[str, Any]:
-    """The Alertmanager webhook body (version 4) carrying `alert`, firing."""
+    """The Alertmanager webhook body (version 4) carrying `alert`, firing or resolved."""
     labels = alert.all_labels()
+    status = "firing" if alert.ends_at is None else "resolved"
     annotations = {"summary": alert.summary, "description": alert.description}
     fingerprint = hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
     return {
         "version": "4",
         "groupKey": f"{{}}:{{alertname={json.dumps(alert.name)}}}",
         "truncatedAlerts": 0,
-        "status": "firing",
+        "status": status,
         "receiver": RECEIVER,
         "groupLabels": {"alertname": alert.name},
         "commonLabels": labels,
@@ -64,11 +67,11 @@ def payload(alert: Alert, external_url: str = "") -> dict[str, Any]:
         "externalURL": external_url,
         "alerts": [
             {
-                "status": "firing",
+                "status": status,
                 "labels": labels,
                 "annotations": annotations,
                 "startsAt": _rfc3339(alert.starts_at),
-                "endsAt": NEVER,
+                "endsAt": NEVER if alert.ends_at is None else _rfc3339(alert.ends_at),
                 "generatorURL": external_url,
                 "fingerprint": fingerprint,
             }

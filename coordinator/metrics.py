@@ -98,6 +98,12 @@ class CoordinatorMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.deployment_component_changes = Counter(
+            "ferryman_coordinator_deployment_component_changes",
+            "Components of running deployments that went degraded, or healthy again (to)",
+            ["to"],
+            registry=self.registry,
+        )
         self.chain_handovers = Counter(
             "ferryman_coordinator_chain_handovers",
             "Chain handovers that ended, by outcome (done, rolled_back)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from coordinator.alerts import Alert, payload
@@ -17,6 +19,8 @@ from coordinator.deployments.states import (
     Recovery,
     State,
     can_undeploy,
+    component_health,
+    dependents,
     next_state,
     recovery,
     started_in_reverse,
@@ -137,6 +141,52 @@ def test_a_restarted_coordinator_rolls_back_what_was_starting_and_finishes_what_
         State.ROLLING_BACK: Recovery.FINISH_ROLLBACK,
         State.STOPPING: Recovery.FINISH_STOP,
         State.HEALTHY: Recovery.NOTHING,
+        State.DEGRADED: Recovery.NOTHING,
         State.FAILED: Recovery.NOTHING,
         State.REMOVED: Recovery.NOTHING,
     }
+
+
+def _running() -> DeploymentRecord:
+    """detect <- render <- transcode, every component healthy, the deployment HEALTHY."""
+    r = _record(State.HEALTHY)
+    requires = {"detect": (), "render": ("detect",), "transcode": ("render",)}
+    parts = tuple(dataclasses.replace(c, state=ComponentState.HEALTHY, requires=requires[c.name]) for c in r.components)
+    return dataclasses.replace(r, components=parts)
+
+
+def test_a_component_that_degrades_tells_its_dependents_and_recovers() -> None:
+    r = _running()
+    assert dependents(r, "detect") == ["render"] and dependents(r, "transcode") == []
+    assert component_health(r, "detect", True, "", 2.0) is r  # nothing new
+    r = component_health(r, "detect", False, "detect on h1 became stopped", 2.0)
+    assert r.state is State.DEGRADED and [s for s, _ in r.history] == ["DEGRADED"]
+    parts = {c.name: c for c in r.components}
+    assert parts["detect"].state is ComponentState.DEGRADED and parts["detect"].degraded_since == 2.0
+    assert parts["detect"].error == "detect on h1 became stopped"
+    assert [(c.name, c.waiting_on) for c in r.components] == [
+        ("detect", ()),
+        ("render", ("detect",)),
+        ("transcode", ()),
+    ]
+    # A second component degrading keeps the deployment DEGRADED; it is HEALTHY once both are back.
+    r = component_health(r, "render", False, "render on h2 became unhealthy", 3.0)
+    assert r.state is State.DEGRADED and len(r.history) == 1
+    assert component_health(r, "render", False, "render on h2 became starting", 3.5) is r
+    r = component_health(r, "detect", True, "", 4.0)
+    assert r.state is State.DEGRADED and r.component("render").waiting_on == ()
+    assert r.component("transcode").waiting_on == ("render",)
+    r = component_health(r, "render", True, "", 5.0)
+    assert r.state is State.HEALTHY and all(c.waiting_on == () and c.error == "" for c in r.components)
+    assert [s for s, _ in r.history] == ["DEGRADED", "HEALTHY"]
+    assert DeploymentRecord.from_storage(r.for_storage()) == r
+    # Undeploying a degraded deployment is allowed: its teardown is the same.
+    assert can_undeploy(State.DEGRADED)
+
+
+def test_a_resolved_alert_ends() -> None:
+    alert = Alert("FerrymanDeploymentComponentDegraded", {"component": "detect"}, "back", "ok", 10.0, ends_at=12.5)
+    body = payload(alert)
+    assert body["status"] == "resolved" and body["alerts"][0]["status"] == "resolved"
+    assert body["alerts"][0]["startsAt"] == "1970-01-01T00:00:10Z"
+    assert body["alerts"][0]["endsAt"] == "1970-01-01T00:00:12.500000Z"

@@ -29,6 +29,7 @@ from tests.harness.images import DEFAULT_PATH, File, ImageBuilder, Layer, busybo
 from tests.harness.mesh import Mesh, MeshHost
 
 PORT = 8080
+HEALTHZ = "/www/healthz"
 SERVE = f"echo ok > /www/healthz && exec httpd -f -p {PORT} -h /www"
 DETECT = f'mkdir -p /www && echo "detected:$FERRYMAN_DEPLOYMENT:$FERRYMAN_SERVICE_HOST" > /www/frame && {SERVE}'
 FRAMES = "/shared/frames"
@@ -387,3 +388,75 @@ async def test_a_shared_volume_that_cannot_be_mounted_fails_and_leaves_nothing(
     assert [(c["name"], c["state"]) for c in record["components"]] == [("detect", "removed"), ("render", "failed")]
     await assert_nothing_left(f, record)
     await assert_one_alert(alerts["receiver"], record, "render", "create", "could not start")
+
+
+async def test_a_dependency_that_fails_later_is_restarted_and_its_dependents_are_told(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver]
+) -> None:
+    f, mesh = fleet3, fleet3.mesh
+    receiver = alerts["receiver"]
+    detect = await push(mesh, "detect", DETECT)
+    transcode = await push(mesh, "transcode", fetch_then_serve("DETECT", "transcoded"))
+    for document in (entry("detect", detect), entry("transcode", transcode, {"detect": "http"})):
+        await f.call("POST", "/v1/catalog", document, expect=201)
+    record = await ferryctl_json(f, "deploy", "transcode", "--wait", "120")
+    assert record["state"] == "HEALTHY", record
+    dep = record["components"][0]
+    host = mesh[dep["host"]]
+
+    async def now() -> dict[str, Any]:
+        return dict(await f.call("GET", f"/v1/deployments/{record['id']}"))
+
+    async def in_state(state: str) -> dict[str, Any] | None:
+        got = await now()
+        return got if got["state"] == state else None
+
+    # Its check fails (the process runs on): the deployment is DEGRADED, its dependent is told.
+    await host.actr("tasks", "exec", "--exec-id", f"rm{secrets.token_hex(3)}", dep["container"], "rm", HEALTHZ)
+    degraded = await f.wait_for("DEGRADED", lambda: in_state("DEGRADED"), within=30)
+    parts = {c["name"]: c for c in degraded["components"]}
+    assert parts["detect"]["state"] == "degraded" and "became unhealthy" in parts["detect"]["error"], parts
+    assert parts["transcode"]["state"] == "healthy" and parts["transcode"]["waiting_on"] == ["detect"], parts
+    status = await f.ferryctl("deployment", "status", record["id"])
+    assert status.returncode == 0 and f"{record['id']} of transcode@1.0.0: DEGRADED" in status.stdout, status
+    assert "transcode (transcode@1.0.0) healthy" in status.stdout and "waiting on detect" in status.stdout
+    [fired] = await receiver.wait_for(1)
+    assert fired["status"] == "firing" and fired["alerts"][0]["labels"] == {
+        "alertname": "FerrymanDeploymentComponentDegraded",
+        "severity": "warning",
+        "deployment": record["id"],
+        "image": "transcode@1.0.0",
+        "component": "detect",
+        "dependents": "transcode",
+    }
+    await host.actr("tasks", "exec", "--exec-id", f"ok{secrets.token_hex(3)}", dep["container"], "touch", HEALTHZ)
+    healthy = await f.wait_for("HEALTHY again", lambda: in_state("HEALTHY"), within=30)
+    assert [c["waiting_on"] for c in healthy["components"]] == [[], []]
+    resolved = (await receiver.wait_for(2))[1]
+    assert resolved["status"] == "resolved" and resolved["alerts"][0]["endsAt"] != "0001-01-01T00:00:00Z"
+    assert resolved["alerts"][0]["startsAt"] == fired["alerts"][0]["startsAt"]
+
+    # Its process dies: its agent restarts it by the policy (on-failure), and the same is told.
+    await host.actr("tasks", "kill", "-s", "SIGKILL", dep["container"])
+    bodies = await receiver.wait_for(4)
+    assert [b["status"] for b in bodies[2:]] == ["firing", "resolved"]
+    assert bodies[2]["alerts"][0]["labels"]["component"] == "detect"
+    back = await f.wait_for("HEALTHY after the restart", lambda: in_state("HEALTHY"), within=30)
+    assert [s["state"] for s in back["history"]][-4:] == ["DEGRADED", "HEALTHY", "DEGRADED", "HEALTHY"]
+
+    async def restarted() -> bool:  # the agent logs it once the restart call returns
+        return len(host.log_events("restarted exited container")) == 1
+
+    await f.wait_for("the agent's restart logged", restarted, within=10)
+    assert mesh.client is not None
+    got = await mesh.aexec_in(
+        mesh.client, ["busybox", "wget", "-qO-", f"http://{dep['address']}:{PORT}/frame"], check=True
+    )
+    assert got.stdout.startswith("detected:")  # at the same service address
+    # Undeploying does not count the teardown's exits as a component degrading.
+    removed = await ferryctl_json(f, "undeploy", record["id"], "--wait", "60")
+    assert removed["state"] == "REMOVED", removed
+    await assert_nothing_left(f, removed)
+    assert len(await receiver.wait_for(4)) == 4
+    metrics = await f.call("GET", "/metrics")
+    assert 'ferryman_coordinator_deployment_component_changes_total{to="degraded"} 2.0' in metrics

@@ -126,6 +126,10 @@ def details(record: dict[str, Any]) -> list[str]:
         where = f"on {c['host']}" if c.get("host") else "not placed"
         line = f"  level {c.get('level')}: {c.get('name')} ({c.get('entry')}) {c.get('state')} {where}"
         line += f" at {c.get('address')}"
+        if c.get("waiting_on"):
+            line += f", waiting on {', '.join(c['waiting_on'])}"
+        if c.get("left_behind"):
+            line += ", left behind (removal retried until its host answers)"
         if c.get("error") and c.get("name") != record.get("failed_component"):
             line += f": {c['error']}"
         lines.append(line)

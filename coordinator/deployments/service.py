@@ -40,6 +40,7 @@ from coordinator.deployments.addresses import allocate
 from coordinator.deployments.plan import DeploymentPlan, SharedVolume, wiring
 from coordinator.deployments.states import (
     HOLDS_ADDRESSES,
+    WATCHED,
     ComponentRecord,
     ComponentState,
     DeploymentBusy,
@@ -48,6 +49,8 @@ from coordinator.deployments.states import (
     Recovery,
     State,
     can_undeploy,
+    component_health,
+    dependents,
     recovery,
     started_in_reverse,
 )
@@ -163,6 +166,10 @@ class DeploymentService:
         self._tasks: dict[str, asyncio.Task[DeploymentRecord]] = {}
         self._sweeps: dict[str, asyncio.Task[None]] = {}
         """Per deployment: the retries removing what its teardown left on unreachable hosts."""
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        """Per HEALTHY or DEGRADED deployment: the task following its components' health."""
+        self._health_seen = asyncio.Lock()
+        """Held while a component's health is written into its record (read, change, put)."""
 
     # ----- reading
 
@@ -222,6 +229,7 @@ class DeploymentService:
                         address=address,
                         container=container_id(deployment_id, n),
                         volumes=volume_names[n],
+                        requires=layout.components[n].requires,
                     )
                     for n, address in zip(order, addresses, strict=True)
                 ),
@@ -263,6 +271,7 @@ class DeploymentService:
                 "deployment healthy",
                 extra={"deployment": record.id, "seconds": round(self._clock() - started, 3)},
             )
+            self._watch(record)
             return record
         except ComponentFailed as exc:
             return await self._fail(record, exc)
@@ -553,6 +562,8 @@ class DeploymentService:
         for record in await self._records.list_deployments():
             if any(c.left_behind for c in record.components):
                 self._schedule_sweep(record.id)
+            if record.state in WATCHED:
+                self._watch(record)
             action = recovery(record.state)
             if action is Recovery.NOTHING or record.id in self._tasks:  # nothing in flight, or ours
                 continue
@@ -582,6 +593,7 @@ class DeploymentService:
             raise DeploymentBusy(
                 f"deployment {deployment_id} is {record.state.value}; undeploy it once it is HEALTHY or FAILED"
             )
+        await self._unwatch(deployment_id)  # the teardown's exits are not a component degrading
         record = await self._put(record.advance(Event.UNDEPLOY, self._clock()))
         self._track(deployment_id, asyncio.create_task(self._stop(record), name=f"undeploy-{deployment_id}"))
         return record
@@ -592,8 +604,92 @@ class DeploymentService:
         log.info("deployment removed", extra={"deployment": record.id})
         return record
 
+    # ----- while it runs
+
+    def _watch(self, record: DeploymentRecord) -> None:
+        if record.id not in self._watches:
+            task = asyncio.create_task(self._follow_all(record), name=f"watch-{record.id}")
+            self._watches[record.id] = task
+            task.add_done_callback(lambda _: self._watches.pop(record.id, None))
+
+    async def _unwatch(self, deployment_id: str) -> None:
+        task = self._watches.pop(deployment_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _follow_all(self, record: DeploymentRecord) -> None:
+        await asyncio.gather(*(self._follow(record.id, c.name) for c in record.components))
+
+    async def _follow(self, deployment_id: str, name: str) -> None:
+        """Long-poll one component's health on its agent for as long as the deployment is HEALTHY or
+        DEGRADED, and write each change into the record (`_seen`). A host that does not answer, or
+        a container that is not where the record says, degrades the component until it answers."""
+        seq = 0
+        delay, most = LEFTOVER_RETRY
+        while True:
+            record = await self._records.get_deployment(deployment_id)
+            if record is None or record.state not in WATCHED:
+                return
+            component = record.component(name)
+            try:
+                host = await self._host(component.host)
+                health = await self._agents.container_health(
+                    host, component.container, seq, HEALTH_POLL, HEALTH_POLL + 5.0
+                )
+            except FerrymanError as exc:
+                await self._seen(deployment_id, name, False, f"{name} on {component.host}: {exc.message}")
+                seq = 0
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, most)
+                continue
+            delay = LEFTOVER_RETRY[0]
+            if int(health.get("seq", seq)) == seq:
+                continue  # the wait ran out with nothing new
+            seq = int(health.get("seq", seq))
+            status = health.get("status")
+            why = f"{name} on {component.host} became {status}: {_last_output(health)}"
+            await self._seen(deployment_id, name, status == "healthy", why)
+
+    async def _seen(self, deployment_id: str, name: str, healthy: bool, why: str) -> None:
+        async with self._health_seen:
+            record = await self._records.get_deployment(deployment_id)
+            if record is None or record.state not in WATCHED:
+                return
+            before = record.component(name)
+            after = component_health(record, name, healthy, why, self._clock())
+            if after is record:
+                return
+            await self._put(after)
+        told = dependents(after, name)
+        labels = {"deployment": record.id, "image": record.root, "component": name, "dependents": ",".join(told)}
+        if healthy:
+            log.info("component healthy again", extra={"deployment": record.id, "component": name})
+            self._metrics.deployment_component_changes.labels(to="healthy").inc()
+            alert = Alert(
+                name="FerrymanDeploymentComponentDegraded",
+                labels=labels,
+                summary=f"{name} of deployment {record.id} is healthy again",
+                description=f"{name} is healthy again; {', '.join(told) or 'no component'} no longer waits on it",
+                starts_at=before.degraded_since,
+                severity="warning",
+                ends_at=self._clock(),
+            )
+        else:
+            log.warning("component degraded", extra={"deployment": record.id, "component": name, "error": why})
+            self._metrics.deployment_component_changes.labels(to="degraded").inc()
+            alert = Alert(
+                name="FerrymanDeploymentComponentDegraded",
+                labels=labels,
+                summary=f"{name} of deployment {record.id} is degraded",
+                description=f"{why}; its dependents ({', '.join(told) or 'none'}) wait on it",
+                starts_at=after.component(name).degraded_since,
+                severity="warning",
+            )
+        await self._alerter.fire(alert)
+
     async def close(self) -> None:
-        tasks = [*self._tasks.values(), *self._sweeps.values()]
+        tasks = [*self._tasks.values(), *self._sweeps.values(), *self._watches.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

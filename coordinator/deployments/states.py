@@ -7,7 +7,13 @@ record as it was, so a driver bug cannot, say, mark a deployment HEALTHY that is
 
     PLANNED --start--> STARTING(level 0) --level_healthy--> STARTING(level n) --all_healthy--> HEALTHY
     PLANNED, STARTING --failed--> ROLLING_BACK --rolled_back--> FAILED
-    HEALTHY, FAILED --undeploy--> STOPPING --stopped--> REMOVED
+    HEALTHY --component_degraded--> DEGRADED --recovered--> HEALTHY
+    HEALTHY, DEGRADED, FAILED --undeploy--> STOPPING --stopped--> REMOVED
+
+Once HEALTHY, a component whose check fails or whose process exits is its agent's to restart (by
+its restart policy); the deployment does not roll back. `component_health` records it: the
+component goes `degraded`, each component that requires it lists it in `waiting_on` (its
+dependents are told), and the deployment is DEGRADED until every component is healthy again.
 
 Everything a deployment started is removed on the way to FAILED (all or nothing) and to REMOVED.
 A coordinator that restarts finds deployments where the previous process left them; `recovery`
@@ -35,6 +41,7 @@ class State(enum.StrEnum):
     FAILED = "FAILED"  # rolled back: nothing of it is left; the record names the component and why
     STOPPING = "STOPPING"  # undeploying: components removed in the reverse of the start order
     REMOVED = "REMOVED"  # undeployed: nothing of it is left
+    DEGRADED = "DEGRADED"  # was HEALTHY; a component is not healthy now (its agent restarts it)
 
 
 class Event(enum.StrEnum):
@@ -45,12 +52,18 @@ class Event(enum.StrEnum):
     ROLLED_BACK = "rolled_back"
     UNDEPLOY = "undeploy"
     STOPPED = "stopped"
+    COMPONENT_DEGRADED = "component_degraded"
+    RECOVERED = "recovered"
 
 
 TERMINAL = frozenset({State.FAILED, State.REMOVED})
 """Nothing of the deployment runs; FAILED may still be undeployed to forget it (a no-op teardown)."""
-HOLDS_ADDRESSES = frozenset({State.PLANNED, State.STARTING, State.HEALTHY, State.ROLLING_BACK, State.STOPPING})
+HOLDS_ADDRESSES = frozenset(
+    {State.PLANNED, State.STARTING, State.HEALTHY, State.DEGRADED, State.ROLLING_BACK, State.STOPPING}
+)
 """States in which the deployment's service addresses are taken."""
+WATCHED = frozenset({State.HEALTHY, State.DEGRADED})
+"""States in which the coordinator follows every component's health."""
 
 _TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.PLANNED, Event.START): State.STARTING,
@@ -60,6 +73,9 @@ _TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.STARTING, Event.FAILED): State.ROLLING_BACK,
     (State.ROLLING_BACK, Event.ROLLED_BACK): State.FAILED,
     (State.HEALTHY, Event.UNDEPLOY): State.STOPPING,
+    (State.HEALTHY, Event.COMPONENT_DEGRADED): State.DEGRADED,
+    (State.DEGRADED, Event.RECOVERED): State.HEALTHY,
+    (State.DEGRADED, Event.UNDEPLOY): State.STOPPING,
     (State.FAILED, Event.UNDEPLOY): State.STOPPING,
     (State.STOPPING, Event.STOPPED): State.REMOVED,
 }
@@ -101,6 +117,7 @@ _RECOVERY: dict[State, Recovery] = {
     State.ROLLING_BACK: Recovery.FINISH_ROLLBACK,
     State.STOPPING: Recovery.FINISH_STOP,
     State.HEALTHY: Recovery.NOTHING,
+    State.DEGRADED: Recovery.NOTHING,
     State.FAILED: Recovery.NOTHING,
     State.REMOVED: Recovery.NOTHING,
 }
@@ -116,6 +133,7 @@ class ComponentState(enum.StrEnum):
     CREATING = "creating"  # the agent was asked to create and start it
     STARTING = "starting"  # running, its health check not passed yet
     HEALTHY = "healthy"
+    DEGRADED = "degraded"  # was healthy; its check fails or its process exited since (restarted by policy)
     FAILED = "failed"  # the component that failed the deployment (error says why)
     REMOVED = "removed"  # its container, reservation and volumes are gone
 
@@ -142,6 +160,12 @@ class ComponentRecord:
     """Names of the shared volumes it mounts."""
     left_behind: bool = False
     """A teardown could not remove its container (its host did not answer); retried until it can."""
+    requires: tuple[str, ...] = ()
+    """The components it depends on, in manifest order."""
+    waiting_on: tuple[str, ...] = ()
+    """Those of `requires` that are degraded now: how a dependent is told."""
+    degraded_since: float = 0.0
+    """When it went degraded (0: it is not)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +181,9 @@ class ComponentRecord:
             "error": self.error,
             "volumes": list(self.volumes),
             "left_behind": self.left_behind,
+            "requires": list(self.requires),
+            "waiting_on": list(self.waiting_on),
+            "degraded_since": self.degraded_since,
         }
 
     @classmethod
@@ -174,6 +201,9 @@ class ComponentRecord:
             error=data.get("error", ""),
             volumes=tuple(data.get("volumes", ())),
             left_behind=bool(data.get("left_behind", False)),
+            requires=tuple(data.get("requires", ())),
+            waiting_on=tuple(data.get("waiting_on", ())),
+            degraded_since=float(data.get("degraded_since", 0.0)),
         )
 
 
@@ -258,3 +288,30 @@ def started_in_reverse(components: Sequence[ComponentRecord]) -> list[list[Compo
     holding = [c for c in components if c.state is not ComponentState.REMOVED and (c.reservation or c.container)]
     levels = sorted({c.level for c in holding}, reverse=True)
     return [[c for c in holding if c.level == level] for level in levels]
+
+
+def component_health(record: DeploymentRecord, name: str, healthy: bool, error: str, now: float) -> DeploymentRecord:
+    """The HEALTHY or DEGRADED record after component `name` was seen healthy or not (`error` says
+    why not): the component's state, every dependent's `waiting_on`, and the deployment's state,
+    DEGRADED while any component is. The same record when nothing changed."""
+    component = record.component(name)
+    if component.state is (ComponentState.HEALTHY if healthy else ComponentState.DEGRADED):
+        return record
+    if healthy:
+        changed = dataclasses.replace(component, state=ComponentState.HEALTHY, error="", degraded_since=0.0)
+    else:
+        changed = dataclasses.replace(component, state=ComponentState.DEGRADED, error=error, degraded_since=now)
+    parts = [changed if c.name == name else c for c in record.components]
+    degraded = {c.name for c in parts if c.state is ComponentState.DEGRADED}
+    parts = [dataclasses.replace(c, waiting_on=tuple(d for d in c.requires if d in degraded)) for c in parts]
+    out = dataclasses.replace(record, components=tuple(parts), updated_at=now)
+    if degraded and record.state is State.HEALTHY:
+        return out.advance(Event.COMPONENT_DEGRADED, now)
+    if not degraded and record.state is State.DEGRADED:
+        return out.advance(Event.RECOVERED, now)
+    return out
+
+
+def dependents(record: DeploymentRecord, name: str) -> list[str]:
+    """The components that require `name`, in start order."""
+    return [c.name for c in record.components if name in c.requires]
