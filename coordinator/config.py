@@ -209,7 +209,7 @@ class DeploymentsConfig:
     health_timeout: float = 120.0
     """Seconds a component may take from its create to healthy before the deployment fails."""
     cpu_millis: int = 100
-    """What each component reserves on its host."""
+    """What each component reserves on its host until it is healthy, and its container's limits."""
     memory_bytes: int = 64 << 20
     restart_policy: str = "on-failure"
     """The agent's restart policy for every component: `on-failure` or `always` (docker's names)."""

@@ -175,6 +175,17 @@ async def test_a_pipeline_deploys_health_gated_across_hosts_serves_and_undeploys
     assert got.stdout.strip() == f"transcoded:rendered:detected:{record['id']}:{parts['detect']['address']}"
     running = await deployed_containers(f)
     assert sorted(c for cs in running.values() for c in cs) == sorted(c["container"] for c in record["components"])
+    # Each component runs within the limits it reserved, and its placement reservation is gone (here
+    # and on its agent): the container holds the capacity now, not a reservation waiting for its TTL.
+    reservations = (await f.call("GET", "/v1/reservations"))["reservations"]
+    assert [r for r in reservations if record["id"] in r["purpose"]] == []
+    assert [c["reservation"] for c in record["components"]] == ["", "", ""]
+    for c in record["components"]:
+        host = mesh[c["host"]]
+        limits = (await api(host, "GET", f"/v1/containers/{c['container']}"))["spec"]["linux"]["resources"]
+        assert limits["memory"]["limit"] == 64 << 20 and limits["cpu"]["quota"] == 10_000, limits
+        held = (await api(host, "GET", "/v1/reservations"))["reservations"]
+        assert [r for r in held if record["id"] in str(r.get("purpose"))] == [], held
     for c in record["components"]:
         assert c["container"] in running[c["host"]]
     # detect hands its frames to render through a volume on their one host, made by the agent there.

@@ -350,6 +350,8 @@ class DeploymentService:
             "labels": {LABEL_DEPLOYMENT: record.id, LABEL_COMPONENT: name},
             "reservation": component.reservation,
             "restart_policy": {"name": self._config.restart_policy},
+            # Limits as reserved: once it runs, the container itself holds the capacity on its host.
+            "resources": {"cpus": self._config.cpu_millis / 1000, "memory": self._config.memory_bytes},
         }
         volumes = [v for v in layout.volumes if name in v.members]
         if volumes:
@@ -400,7 +402,7 @@ class DeploymentService:
                 seq = int(last.get("seq", seq))
                 status = last.get("status")
                 if status == "healthy":
-                    return _replace(component, state=ComponentState.HEALTHY)
+                    return await self._settle(_replace(component, state=ComponentState.HEALTHY))
                 if status == "unhealthy":
                     raise ComponentFailed(
                         name, "unhealthy", f"{name} on {component.host} became {status}: {_last_output(last)}"
@@ -434,6 +436,14 @@ class DeploymentService:
             raise _host_lost(name, component.host, exc) from exc
         except FerrymanError as exc:
             raise ComponentFailed(name, "health", f"{name} on {component.host}: {exc.message}") from exc
+
+    async def _settle(self, component: ComponentRecord) -> ComponentRecord:
+        """The component runs within its limits, which its agent counts against the host from now
+        on: its placement reservation is released rather than held until the teardown or its TTL."""
+        if component.reservation:
+            with contextlib.suppress(FerrymanError):  # the agent expires its copy at the same deadline
+                await self._reservations.release(component.reservation)
+        return _replace(component, reservation="")
 
     async def _fail(self, record: DeploymentRecord, failure: ComponentFailed) -> DeploymentRecord:
         stored = await self._records.get_deployment(record.id)
