@@ -46,7 +46,10 @@ class AgentClientLike(Protocol):
     ) -> dict[str, Any]: ...
     async def get_migration(self, source: Host, migration_id: str) -> dict[str, Any]: ...
     async def list_containers(self, host: Host) -> list[dict[str, Any]]: ...
-    async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]: ...
+    async def create_container(
+        self, host: Host, spec: dict[str, Any], within: float, start: bool = True
+    ) -> dict[str, Any]: ...
+    async def start_container(self, host: Host, container_id: str, within: float) -> dict[str, Any]: ...
     async def pull_image(self, host: Host, ref: str, within: float) -> dict[str, Any]: ...
     async def warm_layer(
         self, host: Host, digest: str, ref: str, ttl: float, model: str, within: float
@@ -169,11 +172,22 @@ class AgentClient:
             raise AgentCallError(f"agent {host.name}: containers is not a list")
         return containers
 
-    async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]:
-        """Create and start a container on `host` (its image pulled or assembled there first)."""
-        status, data = await self._call(host, "POST", "/v1/containers?start=1", spec, within)
+    async def create_container(
+        self, host: Host, spec: dict[str, Any], within: float, start: bool = True
+    ) -> dict[str, Any]:
+        """Create a container on `host` (its image pulled or assembled there first), and start it
+        unless `start` is False."""
+        path = "/v1/containers?start=1" if start else "/v1/containers"
+        status, data = await self._call(host, "POST", path, spec, within)
         if status != 201:
             raise self._error(host, status, data, f"create container {spec.get('id')}")
+        return data
+
+    async def start_container(self, host: Host, container_id: str, within: float) -> dict[str, Any]:
+        """Start a created container on `host`."""
+        status, data = await self._call(host, "POST", f"/v1/containers/{container_id}/start", None, within)
+        if status != 200:
+            raise self._error(host, status, data, f"start container {container_id}")
         return data
 
     async def warm_layer(

@@ -90,7 +90,10 @@ class DeploymentAgents(Protocol):
     """What deployments need from agents (coordinator/agents.py `AgentClient`)."""
 
     async def pull_image(self, host: Host, ref: str, within: float) -> dict[str, Any]: ...
-    async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]: ...
+    async def create_container(
+        self, host: Host, spec: dict[str, Any], within: float, start: bool = True
+    ) -> dict[str, Any]: ...
+    async def start_container(self, host: Host, container_id: str, within: float) -> dict[str, Any]: ...
     async def delete_container(self, host: Host, container_id: str) -> None: ...
     async def delete_volume(self, host: Host, name: str) -> None: ...
     async def release_reservation(self, host: Host, reservation_id: str) -> None: ...
@@ -245,18 +248,26 @@ class DeploymentService:
 
     async def _run(self, record: DeploymentRecord, layout: DeploymentPlan) -> DeploymentRecord:
         started = self._clock()
-        pulls: dict[str, asyncio.Task[None]] = {}
+        prepared: dict[str, asyncio.Task[None]] = {}
+        issued: set[str] = set()
         try:
             record = await self._place(record, layout)
             record = await self._put(record.advance(Event.START, self._clock(), level=0))
-            # Every image is pulled at once, so later levels find theirs in place when they start.
-            pulls = {c.name: asyncio.create_task(self._pull(c), name=f"pull-{c.container}") for c in record.components}
+            # Every component is pulled and created at once (its wiring is known from the plan), so a
+            # later level finds its containers ready to start.
             env = wiring(layout, {c.name: c.address for c in record.components}, record.id)
+            prepared = {
+                c.name: asyncio.create_task(
+                    self._prepare(c, self._spec(record, layout, c.name, env[c.name]), issued),
+                    name=f"prepare-{c.container}",
+                )
+                for c in record.components
+            }
             for level, names in enumerate(layout.levels):
                 if level:
                     record = await self._put(record.advance(Event.LEVEL_HEALTHY, self._clock(), level=level))
                 results = await asyncio.gather(
-                    *(self._start_component(record, layout, n, env[n], pulls[n]) for n in names),
+                    *(self._start_component(record, n, prepared[n]) for n in names),
                     return_exceptions=True,
                 )
                 for result in results:
@@ -274,18 +285,18 @@ class DeploymentService:
             self._watch(record)
             return record
         except ComponentFailed as exc:
+            await self._stop_preparing(prepared, issued)
             return await self._fail(record, exc)
         except asyncio.CancelledError:
             # The coordinator is stopping: leave nothing half-started behind it.
-            await asyncio.shield(self._fail(record, ComponentFailed("", "cancelled", "the coordinator stopped")))
+            failure = ComponentFailed("", "cancelled", "the coordinator stopped")
+            await asyncio.shield(self._stop_preparing(prepared, issued))
+            await asyncio.shield(self._fail(record, failure))
             raise
         except Exception as exc:  # a bug or an unexpected agent answer: still all or nothing
             log.exception("deployment failed unexpectedly", extra={"deployment": record.id})
+            await self._stop_preparing(prepared, issued)
             return await self._fail(record, ComponentFailed("", "internal", f"{type(exc).__name__}: {exc}"))
-        finally:
-            for task in pulls.values():
-                task.cancel()
-            await asyncio.gather(*pulls.values(), return_exceptions=True)
 
     async def _put(self, record: DeploymentRecord) -> DeploymentRecord:
         await self._records.put_deployment(record)
@@ -326,19 +337,8 @@ class DeploymentService:
             raise HostNotFound(f"host {name} left the fleet")
         return host
 
-    async def _pull(self, component: ComponentRecord) -> None:
-        await self._agents.pull_image(await self._host(component.host), component.image, self._create_timeout)
-
-    async def _start_component(
-        self,
-        record: DeploymentRecord,
-        layout: DeploymentPlan,
-        name: str,
-        env: dict[str, str],
-        pull: asyncio.Task[None],
-    ) -> ComponentRecord:
-        """Create `name` on its host and wait until it is healthy: the component as it ended, or
-        ComponentFailed."""
+    def _spec(self, record: DeploymentRecord, layout: DeploymentPlan, name: str, env: dict[str, str]) -> dict[str, Any]:
+        """The agent's create request for component `name`."""
         component = record.component(name)
         check = layout.components[name].entry.manifest.dependency_health_check
         spec: dict[str, Any] = {
@@ -356,31 +356,71 @@ class DeploymentService:
         volumes = [v for v in layout.volumes if name in v.members]
         if volumes:
             spec["volumes"] = [_volume_spec(record.id, v) for v in volumes]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._config.health_timeout
+        return spec
+
+    async def _prepare(self, component: ComponentRecord, spec: dict[str, Any], issued: set[str]) -> None:
+        """Pull the component's image on its host and create its container there, not started:
+        every component is prepared at once when the deployment starts, so a level's start is only
+        its containers' starts. `issued` gets the name once the create request is on its way (the
+        rollback waits for those rather than cancel them, so no container appears after it)."""
+        name, where = component.name, component.host
         try:
-            host = await self._host(component.host)
+            host = await self._host(where)
         except FerrymanError as exc:
             raise ComponentFailed(name, "placement", f"{name}: {exc.message}") from exc
         try:
+            async with asyncio.timeout(self._config.health_timeout):
+                await self._agents.pull_image(host, component.image, self._create_timeout)
+        except TimeoutError:
+            raise ComponentFailed(
+                name, "pull", f"{component.image} was not pulled on {where} within {self._config.health_timeout:g} s"
+            ) from None
+        except AgentUnreachable as exc:
+            raise _host_lost(name, where, exc) from exc
+        except FerrymanError as exc:
+            raise ComponentFailed(
+                name, "pull", f"{name}: {component.image} could not be pulled on {where}: {exc.message}"
+            ) from exc
+        issued.add(name)
+        try:
+            await self._agents.create_container(host, spec, self._create_timeout, start=False)
+        except AgentUnreachable as exc:
+            raise _host_lost(name, where, exc) from exc
+        except FerrymanError as exc:
+            raise ComponentFailed(name, "create", f"{name} could not be created on {where}: {exc.message}") from exc
+
+    @staticmethod
+    async def _stop_preparing(prepared: dict[str, asyncio.Task[None]], issued: set[str]) -> None:
+        """Cancel the preparations still pulling; wait for the creates already asked for."""
+        for name, task in prepared.items():
+            if name not in issued:
+                task.cancel()
+        await asyncio.gather(*prepared.values(), return_exceptions=True)
+
+    async def _start_component(
+        self, record: DeploymentRecord, name: str, prepared: asyncio.Task[None]
+    ) -> ComponentRecord:
+        """Start `name` once it is prepared and wait until it is healthy: the component as it ended,
+        or ComponentFailed."""
+        component = record.component(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.health_timeout
+        try:
             async with asyncio.timeout_at(deadline):
-                await asyncio.shield(pull)  # the task ends with the deployment, not with this wait
+                await asyncio.shield(prepared)  # the task ends with the deployment, not with this wait
         except TimeoutError:
             raise ComponentFailed(
                 name,
-                "pull",
-                f"{component.image} was not pulled on {component.host} within {self._config.health_timeout:g} s",
+                "create",
+                f"{name} was not pulled and created on {component.host} within {self._config.health_timeout:g} s",
             ) from None
-        except FerrymanError as exc:
-            raise ComponentFailed(
-                name, "pull", f"{name}: {component.image} could not be pulled on {component.host}: {exc.message}"
-            ) from exc
         try:
+            host = await self._host(component.host)
             async with asyncio.timeout_at(deadline):
-                await self._agents.create_container(host, spec, self._create_timeout)
+                await self._agents.start_container(host, component.container, self._create_timeout)
         except TimeoutError:
             raise ComponentFailed(
-                name, "create", f"{name} was not created on {component.host} within {self._config.health_timeout:g} s"
+                name, "create", f"{name} was not started on {component.host} within {self._config.health_timeout:g} s"
             ) from None
         except AgentUnreachable as exc:
             raise _host_lost(name, component.host, exc) from exc

@@ -271,7 +271,12 @@ class NoAgents:
     async def list_containers(self, host: Host) -> list[dict[str, Any]]:
         raise AssertionError("no agent call expected")
 
-    async def create_container(self, host: Host, spec: dict[str, Any], within: float) -> dict[str, Any]:
+    async def create_container(
+        self, host: Host, spec: dict[str, Any], within: float, start: bool = True
+    ) -> dict[str, Any]:
+        raise AssertionError("no agent call expected")
+
+    async def start_container(self, host: Host, container_id: str, within: float) -> dict[str, Any]:
         raise AssertionError("no agent call expected")
 
     async def warm_layer(
