@@ -95,6 +95,20 @@ def test_addresses_come_from_the_pool_skipping_those_taken() -> None:
         allocate("10.9.0.0/30", {"10.9.0.1"}, 2)
     with pytest.raises(AddressesExhausted, match="no \\[deployments\\] address_pool"):
         allocate("", set(), 1)
+    # Released addresses come last, the longest released first: a peer's ARP entry for a just
+    # released one may still point at its old host.
+    released = {"10.9.0.1": 20.0, "10.9.0.2": 10.0, "10.9.0.4": 30.0}
+    assert allocate("10.9.0.0/29", set(), 3, released) == ["10.9.0.3", "10.9.0.5", "10.9.0.6"]
+    assert allocate("10.9.0.0/29", {"10.9.0.6"}, 5, released) == [
+        "10.9.0.3",
+        "10.9.0.5",
+        "10.9.0.2",
+        "10.9.0.1",
+        "10.9.0.4",
+    ]
+    with pytest.raises(AddressesExhausted, match="has 5 free"):
+        allocate("10.9.0.0/29", {"10.9.0.6"}, 6, released)
+    assert allocate("fd00:77::/64", set(), 2, {"fd00:77::1": 1.0}) == ["fd00:77::2", "fd00:77::3"]
 
 
 def test_the_catalog_check_becomes_the_agents_on_the_service_address() -> None:

@@ -212,12 +212,16 @@ class DeploymentService:
         deployment_id = f"{root.name}-{secrets.token_hex(4)}"
         volume_names = {n: tuple(v.name for v in layout.volumes if n in v.members) for n in order}
         async with self._admit:
-            taken = {
-                a for r in await self._records.list_deployments() if r.state in HOLDS_ADDRESSES for a in r.addresses
-            }
+            records = await self._records.list_deployments()
+            taken = {a for r in records if r.state in HOLDS_ADDRESSES for a in r.addresses}
             if self._addresses_taken is not None:
                 taken |= set(await self._addresses_taken())
-            addresses = allocate(self._config.address_pool, taken, len(order))
+            released: dict[str, float] = {}
+            for r in records:
+                if r.state not in HOLDS_ADDRESSES:
+                    for a in r.addresses:
+                        released[a] = max(released.get(a, 0.0), r.updated_at)
+            addresses = allocate(self._config.address_pool, taken, len(order), released)
             now = self._clock()
             record = DeploymentRecord(
                 id=deployment_id,
