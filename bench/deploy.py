@@ -50,16 +50,28 @@ def at(record: dict[str, Any], state: str) -> float:
     return float(next(h["ts"] for h in record["history"] if h["state"] == state))
 
 
+def levels(record: dict[str, Any]) -> list[float]:
+    """Seconds each level took: from its STARTING (level 0: from PLANNED, so placement is in it) to
+    the next level's STARTING, the last one to HEALTHY."""
+    marks = [float(h["ts"]) for h in record["history"] if h["state"] in ("PLANNED", "STARTING", "HEALTHY")]
+    return [b - a for a, b in zip([marks[0], *marks[2:-1]], marks[2:], strict=True)]
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=30, help="cold deployments, and as many failures")
+    parser.add_argument("--cpu-millis", type=int, default=100, help="[deployments] cpu_millis: each component's limit")
     args = parser.parse_args()
     holder: dict[str, AlertReceiver] = {}
 
     def tables(mesh: Mesh) -> dict[str, dict[str, Any]]:
         holder["receiver"] = AlertReceiver(mesh.fabric.netns, mesh.gateway)
         return {
-            "deployments": {"address_pool": f"{mesh.subnet.network_address + 192}/28", "health_timeout": 30.0},
+            "deployments": {
+                "address_pool": f"{mesh.subnet.network_address + 192}/28",
+                "health_timeout": 30.0,
+                "cpu_millis": args.cpu_millis,
+            },
             "alerts": {"webhook_url": holder["receiver"].url},
         }
 
@@ -94,10 +106,12 @@ async def main() -> None:
                 await f.call("DELETE", f"/v1/deployments/{d['id']}?wait=60", expect=200)
 
             healthy: list[float] = []
+            per_level: list[list[float]] = []
             for n in range(args.rounds):
                 record = await f.call("POST", "/v1/deployments?wait=120", {"image": "transcode"}, expect=200)
                 assert record["state"] == "HEALTHY", record
                 healthy.append(at(record, "HEALTHY") - at(record, "PLANNED"))
+                per_level.append(levels(record))
                 await f.call("DELETE", f"/v1/deployments/{record['id']}?wait=60", expect=200)
                 print(f"deploy {n + 1}: all healthy in {healthy[-1]:.2f} s")
 
@@ -121,6 +135,8 @@ async def main() -> None:
         f"(target <= {TARGET_TEARDOWN}), alert p95 {p95(alert_s):.2f} s after the failure (as the receiver "
         "noted each POST's arrival)"
     )
+    split = ", ".join(f"level {n} {statistics.median(ls):.2f} s" for n, ls in enumerate(zip(*per_level, strict=True)))
+    print(f"per level (p50; level 0 includes placement, pulls and creates): {split}")
     print(f"bench deploy: {p95(healthy):.2f} s (target <= {TARGET_HEALTHY})")
 
 
