@@ -263,13 +263,15 @@ class Coordinator:
         return await self.warm.round(self.agents, self.config.warm, limits, busy)
 
     async def _stop_leading(self) -> None:
-        """Stop the leader's loops and stop following migrations (the next leader resumes them)."""
+        """Stop the leader's loops and stop following migrations and running deployments (the next
+        leader resumes them)."""
         loops, self._leader_loops = self._leader_loops, []
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         await self.migrations.close()
         await self.chains.close()
+        await self.deployments.stop_following()
         if self.election is not None and self.election.role is Role.FOLLOWER:
             # The ended term's fence kept what was still running from writing; with all of it
             # stopped, this replica writes as a follower again (agents' pushes, reservations).

@@ -562,7 +562,7 @@ class DeploymentService:
             return
         task = asyncio.create_task(self._sweep(deployment_id), name=f"leftovers-{deployment_id}")
         self._sweeps[deployment_id] = task
-        task.add_done_callback(lambda _: self._sweeps.pop(deployment_id, None))
+        task.add_done_callback(lambda t: _forget(self._sweeps, deployment_id, t))
 
     async def _sweep(self, deployment_id: str) -> None:
         """Retry, backing off, removing the containers (and then volumes) a teardown could not
@@ -664,7 +664,7 @@ class DeploymentService:
         if record.id not in self._watches:
             task = asyncio.create_task(self._follow_all(record), name=f"watch-{record.id}")
             self._watches[record.id] = task
-            task.add_done_callback(lambda _: self._watches.pop(record.id, None))
+            task.add_done_callback(lambda t: _forget(self._watches, record.id, t))
 
     async def _unwatch(self, deployment_id: str) -> None:
         task = self._watches.pop(deployment_id, None)
@@ -742,6 +742,14 @@ class DeploymentService:
             )
         await self._alerter.fire(alert)
 
+    async def stop_following(self) -> None:
+        """Stop watching running deployments and sweeping leftovers: this replica no longer leads
+        (the next leader's `recover` takes both up). Deploys and undeploys under way finish."""
+        tasks = [*self._sweeps.values(), *self._watches.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def close(self) -> None:
         tasks = [*self._tasks.values(), *self._sweeps.values(), *self._watches.values()]
         for task in tasks:
@@ -756,6 +764,12 @@ def volume_name(deployment: str, volume: str) -> str:
 
 def _volume_spec(deployment: str, volume: SharedVolume) -> dict[str, str]:
     return {"name": volume_name(deployment, volume.name), "path": volume.path}
+
+
+def _forget(tasks: dict[str, asyncio.Task[None]], key: str, task: asyncio.Task[None]) -> None:
+    """Drop a finished task from `tasks`, unless another one has taken its place meanwhile."""
+    if tasks.get(key) is task:
+        del tasks[key]
 
 
 def _host_lost(name: str, host: str, exc: AgentUnreachable) -> ComponentFailed:
