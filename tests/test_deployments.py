@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -329,10 +330,13 @@ async def test_a_crash_loop_fails_the_deployment_and_leaves_nothing(
     record = await ferryctl_json(f, "deploy", "crashing", "--wait", "120", code=Exit.NOT_DEPLOYED)
     assert record["state"] == "FAILED", record
     assert record["failed_component"] == "crashing", record
-    assert "exited 3 times while it started (restart policy on-failure)" in record["error"], record
+    # At least crash_loop_exits (3): runs that end within milliseconds are counted from the agent's
+    # restart count, which may be one ahead by the time it is read.
+    exits = re.search(r"exited (\d+) times while it started \(restart policy on-failure\)", record["error"])
+    assert exits is not None and int(exits.group(1)) >= 3, record
     assert [c["state"] for c in record["components"]] == ["removed", "failed"]
     await assert_nothing_left(f, record)
-    await assert_one_alert(alerts["receiver"], record, "crashing", "crash_loop", "exited 3 times")
+    await assert_one_alert(alerts["receiver"], record, "crashing", "crash_loop", "times while it started")
     # Its host's agent did restart it (the exits were real runs, not one exit seen three times).
     host = mesh[record["components"][1]["host"]]
     assert len(host.log_events("restarted exited container")) >= 2, host.agent_log_tail()

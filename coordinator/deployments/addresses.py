@@ -27,9 +27,7 @@ def parse_pool(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | Non
         raise ConfigError(f"deployments.address_pool: {exc}") from exc
 
 
-def allocate(
-    pool: str, taken: Collection[str], count: int, released: Mapping[str, float] | None = None
-) -> list[str]:
+def allocate(pool: str, taken: Collection[str], count: int, released: Mapping[str, float] | None = None) -> list[str]:
     """`count` addresses of `pool` not in `taken`: those never released first, lowest first, then
     those `released` (address -> when) longest ago; AddressesExhausted if there are fewer.
 

@@ -68,6 +68,8 @@ LABEL_DEPLOYMENT = "ferryman.deployment"
 LABEL_COMPONENT = "ferryman.component"
 HEALTH_POLL = 30.0
 """Seconds one health long poll may wait on the agent (the deadline still applies)."""
+STOPPED_POLL = 1.0
+"""Seconds it may wait while a starting component is stopped: its restarts are read between polls."""
 LEFTOVER_RETRY = (1.0, 30.0)
 """Seconds between attempts to remove what a teardown left on an unreachable host: first, at most."""
 
@@ -90,6 +92,7 @@ class DeploymentAgents(Protocol):
     """What deployments need from agents (coordinator/agents.py `AgentClient`)."""
 
     async def pull_image(self, host: Host, ref: str, within: float) -> dict[str, Any]: ...
+    async def list_containers(self, host: Host) -> list[dict[str, Any]]: ...
     async def create_container(
         self, host: Host, spec: dict[str, Any], within: float, start: bool = True
     ) -> dict[str, Any]: ...
@@ -440,9 +443,9 @@ class DeploymentService:
                 left = deadline - loop.time()
                 if left <= 0:
                     raise TimeoutError
-                last = await self._agents.container_health(
-                    host, component.container, seq, min(HEALTH_POLL, max(left, 0.1)), left + 5.0
-                )
+                # While it is stopped the restarts are read every second (see below).
+                wait = min(STOPPED_POLL if stopped else HEALTH_POLL, max(left, 0.1))
+                last = await self._agents.container_health(host, component.container, seq, wait, left + 5.0)
                 seq = int(last.get("seq", seq))
                 status = last.get("status")
                 if status == "healthy":
@@ -456,6 +459,9 @@ class DeploymentService:
                 if status == "stopped":
                     exits += not stopped  # an unchanged answer (the poll's wait ran out) is the same exit
                     stopped = True
+                    # Runs that end within milliseconds can end before the health monitor sees them
+                    # start: the agent's restart count says how many ended all the same.
+                    exits = max(exits, await self._restart_count(host, component.container) + 1)
                 elif status == "starting":
                     since = str(last.get("since", ""))
                     if since not in runs:
@@ -480,6 +486,10 @@ class DeploymentService:
             raise _host_lost(name, component.host, exc) from exc
         except FerrymanError as exc:
             raise ComponentFailed(name, "health", f"{name} on {component.host}: {exc.message}") from exc
+
+    async def _restart_count(self, host: Host, container: str) -> int:
+        listed = await self._agents.list_containers(host)
+        return next((int(c.get("restart_count") or 0) for c in listed if c.get("id") == container), 0)
 
     async def _settle(self, component: ComponentRecord) -> ComponentRecord:
         """The component runs within its limits, which its agent counts against the host from now
