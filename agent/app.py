@@ -71,7 +71,7 @@ class Agent:
 
         self.tracker: TrackerClient | None = None
         directory: PeerDirectory = StaticPeers(static_peers)
-        if config.coordinator.url:  # the coordinator's layer tracker names holders; [[peers]] still count
+        if config.coordinator.endpoints:  # the coordinator's layer tracker names holders; [[peers]] still count
             self.tracker = TrackerClient(
                 host, config.coordinator, client_context(config.tls), config.sharing.probe_timeout
             )
@@ -176,7 +176,7 @@ class Agent:
     def _pusher(self, host: str) -> TelemetryPusher | None:
         """None without a coordinator: telemetry then only feeds the metrics."""
         config = self.config
-        if not config.coordinator.url:
+        if not config.coordinator.endpoints:
             return None
         registrar = Registrar(config, host, self.capacity, self.images.layer_digests)
         return TelemetryPusher(

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from core.config import MIGRATION_MODES, build_table
 from core.errors import ConfigError
+from core.replicas import parse_urls
 from core.security.tls import parse_peer_listen
 
 CONFIG_VERSION = 1
@@ -270,13 +271,22 @@ class CoordinatorConfig:
     """Where telemetry goes. Without a url the agent samples and exports metrics but pushes nothing."""
 
     url: str = ""
-    """https://host:port of the coordinator; empty: no coordinator."""
+    """https://host:port of the coordinator; empty: no coordinator (or `urls`)."""
+    urls: tuple[str, ...] = ()
+    """Every replica of a coordinator on etcd, https://host:port each (instead of `url`): the agent
+    talks to one and moves to the next when it cannot reach it, or to the leader a replica names."""
     server_name: str = ""
-    """The name the coordinator's certificate must carry; empty means the url's host."""
+    """The name the coordinator's certificate must carry; empty means each url's host."""
+
     request_timeout: float = 10.0
     """Seconds for one register or push request."""
     labels: dict[str, str] = field(default_factory=dict)
     """Sent with the registration (e.g. zone, rack); placement may use them."""
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The coordinator replicas' URLs (`urls`, or the one `url`); empty: no coordinator."""
+        return self.urls if self.urls else ((self.url,) if self.url else ())
 
 
 @dataclass(frozen=True)
@@ -484,14 +494,13 @@ def _validate_telemetry(config: AgentConfig) -> None:
         url = getattr(tel.notices, name)
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
             raise ConfigError(f"telemetry.notices.{name} {url!r}: expected http(s)://host[:port][/path]")
-    if coord.url:
-        parts = urlsplit(coord.url)
+    if coord.url and coord.urls:
+        raise ConfigError("coordinator.url and coordinator.urls exclude each other: list every replica in urls")
+    if coord.endpoints:
         try:
-            port = parts.port
+            parse_urls(coord.endpoints, "coordinator.urls" if coord.urls else "coordinator.url")
         except ValueError as exc:
-            raise ConfigError(f"coordinator.url {coord.url!r}: {exc}") from exc
-        if parts.scheme != "https" or not parts.hostname or port is None or parts.path not in ("", "/"):
-            raise ConfigError(f"coordinator.url {coord.url!r}: expected https://host:port")
+            raise ConfigError(str(exc)) from None
     listen = config.api.tls_listen
     if listen:
         host, sep, port_text = listen.rpartition(":")

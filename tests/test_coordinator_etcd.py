@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, registration
+from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, free_port, registration
 from tests.harness.etcd import EtcdCluster
+from tests.harness.fleet import FERRYCTL
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,22 @@ async def test_three_replicas_placing_at_once_never_overbook(
     print(f"reservations held per replica: {by_replica}")
 
 
+def _ctl_auth(pki: CoordinatorPki) -> list[str]:
+    ops = pki.operator("alice")
+    return ["--ca", str(pki.server.ca_file), "--cert", str(ops.cert_file), "--key", str(ops.key_file)]
+
+
+async def _ferryctl(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """ferryctl as a process (the exit code and stderr), as an operator would run it."""
+    proc = await asyncio.create_subprocess_exec(
+        str(FERRYCTL), *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
 async def _health(proc: CoordinatorProcess, pki: CoordinatorPki) -> dict[str, object]:
     async with proc.client(pki.operator("alice")) as ops:
         status, body = await ops.get("/healthz")
@@ -101,7 +119,7 @@ async def test_one_replica_leads_and_a_killed_leader_is_replaced(workdir: Path, 
             async with follower.client(pki.operator("alice")) as ops:
                 status, body = await ops.post("/v1/hosts/h9/drain")
                 assert status == 503 and body["error"]["code"] == "not_leader", body
-                assert leader.url in body["error"]["message"]
+                assert leader.url in body["error"]["message"] and body["error"]["leader"] == leader.url
                 status, _ = await ops.get("/v1/hosts")
                 assert status == 200
                 # A deployment is driven by the leader (and taken over by the next one): not here.
@@ -117,6 +135,13 @@ async def test_one_replica_leads_and_a_killed_leader_is_replaced(workdir: Path, 
                 assert status == 404 and body["error"]["code"] == "host_not_found", body
                 status, body = await ops.post("/v1/deployments", {"image": "pipeline"})
                 assert status == 404 and body["error"]["code"] == "deployment_not_found", body
+            # ferryctl given a dead URL and a follower reaches the leader (a follower would refuse the
+            # drain with not_leader; only the leader looks the host up).
+            dead = f"https://127.0.0.1:{free_port()}"
+            as_ops = _ctl_auth(pki)
+            code, err = await _ferryctl(["--coordinator", dead, "--coordinator", follower.url, *as_ops, "drain", "h9"])
+            assert code == 1 and "host_not_found" in err, err
+            assert (await _ferryctl(["--coordinator", follower.url, *as_ops, "hosts"]))[0] == 0  # reads: any replica
             # The leader's process dies without a word; its lease expires and another replica takes over.
             assert leader.proc is not None
             leader.proc.kill()
@@ -136,6 +161,10 @@ async def test_one_replica_leads_and_a_killed_leader_is_replaced(workdir: Path, 
             while (await _health(other, pki))["leader"] != new_leader.url:  # its next campaign round
                 assert loop.time() - killed < ttl + ttl / 3 + 5
                 await asyncio.sleep(0.05)
+            # Every replica in $FERRYMAN_COORDINATOR, the dead one first: the drain reaches the new leader.
+            urls = ",".join(p.url for p in procs)
+            code, err = await _ferryctl([*as_ops, "drain", "h9"], env={"FERRYMAN_COORDINATOR": urls})
+            assert code == 1 and "host_not_found" in err, err
         finally:
             for p in procs:
                 await p.stop()

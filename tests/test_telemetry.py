@@ -308,11 +308,21 @@ def test_telemetry_config_keys() -> None:
         }
     )
     assert config.coordinator.labels == {"zone": "a", "rack": "r7"}
+    assert config.coordinator.endpoints == ("https://coord.example:7543",)
+    replicas = parse_config({"coordinator": {"urls": ["https://c1:7543", "https://c2:7543"]}}).coordinator
+    assert replicas.endpoints == ("https://c1:7543", "https://c2:7543")
+    assert parse_config({}).coordinator.endpoints == ()
     assert config.telemetry.period == 2.0 and config.capacity.memory_bytes == 1 << 30
     bad = {
         "coordinator.url": {"coordinator": {"url": "http://coord:7543"}},
         "expected https://host:port": {"coordinator": {"url": "https://coord"}},
         "table of strings": {"coordinator": {"labels": {"zone": 1}}},
+        "coordinator.url and coordinator.urls exclude each other": {
+            "coordinator": {"url": "https://a:1", "urls": ["https://b:1"]}
+        },
+        "coordinator.urls 'https://b'": {"coordinator": {"urls": ["https://a:1", "https://b"]}},
+        "listed twice": {"coordinator": {"urls": ["https://a:1", "https://a:1/"]}},
+        "expected an array of strings": {"coordinator": {"urls": "https://a:1"}},
         "telemetry.period must be greater than 0": {"telemetry": {"period": 0}},
         "capacity.cpu_millis must not be negative": {"capacity": {"cpu_millis": -1}},
         "api.tls_listen": {"api": {"tls_listen": "7444"}},

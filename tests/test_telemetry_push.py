@@ -60,12 +60,20 @@ class Coordinator:
     status: int = 200
     known: set[str] = field(default_factory=set)
     runner: web.AppRunner | None = None
+    follows: str | None = None
+    """A replica that does not lead: every request gets 503 not_leader naming this URL."""
 
     def _peer(self, request: web.Request) -> str:
         assert request.transport is not None
         return peer_identity(request.transport.get_extra_info("ssl_object"))
 
+    def _not_leader(self) -> web.Response:
+        error = {"code": "not_leader", "message": "this replica does not lead", "leader": self.follows}
+        return web.json_response({"error": error}, status=503)
+
     async def register(self, request: web.Request) -> web.Response:
+        if self.follows is not None:
+            return self._not_leader()
         reg = json_format.Parse(await request.text(), pb.Registration())  # unknown fields: an error
         assert reg.host == self._peer(request)
         self.registrations.append(reg)
@@ -73,6 +81,8 @@ class Coordinator:
         return web.json_response({})
 
     async def telemetry(self, request: web.Request) -> web.Response:
+        if self.follows is not None:
+            return self._not_leader()
         if self.status != 200:
             return web.Response(status=self.status, text="broken")
         batch = json_format.Parse(await request.text(), pb.TelemetryBatch())
@@ -227,3 +237,41 @@ async def test_stale_samples_age_out(fleet: Fleet) -> None:
     pusher.offer(pb.TelemetrySample(ts=now - 10))
     assert pusher.buffered == 1 and pusher.dropped == 1
     assert metrics.telemetry_buffered._value.get() == 1
+
+
+async def test_the_pusher_follows_the_leader_across_replicas(fleet: Fleet, tmp_path: Path) -> None:
+    """urls: a replica that is down, a follower naming the leader, the leader. Pushes reach the
+    leader; while no replica can take them they stay buffered, and go out once the leader is back."""
+    dead = free_port()  # nothing listens there
+    leader = Coordinator(fleet.coordinator, free_port())
+    follower = Coordinator(fleet.coordinator, free_port(), follows=f"https://127.0.0.1:{leader.port}")
+    urls = tuple(f"https://127.0.0.1:{p}" for p in (dead, follower.port, leader.port))
+    config = CoordinatorConfig(urls=urls, server_name="coord", request_timeout=5.0)
+    metrics = AgentMetrics()
+    pusher = TelemetryPusher("h1", config, TelemetryConfig(), client_context(fleet.agent), registration, metrics)
+    await leader.start()
+    await follower.start()
+    await pusher.start()
+    try:
+        pusher.offer(pb.TelemetrySample(ts=time.time()))
+        await until(lambda: len(leader.samples()) == 1, "the sample at the leader")
+        assert [r.host for r in leader.registrations] == ["h1"]
+        assert follower.registrations == [] and follower.batches == []
+        # It stays with the leader: the next push goes straight there.
+        pusher.offer(pb.TelemetrySample(ts=time.time()))
+        await until(lambda: len(leader.samples()) == 2, "the second sample")
+        # The leader goes away; the follower still names it: nothing is lost, the buffer holds it.
+        await leader.stop()
+        failed = pushes(metrics, "failed")
+        pusher.offer(pb.TelemetrySample(ts=time.time()))
+        await until(lambda: pushes(metrics, "failed") > failed, "a failed flush")
+        assert pusher.buffered == 1
+        await leader.start()  # back (it forgot the host: the agent registers again)
+        pusher.offer(pb.TelemetrySample(ts=time.time()))
+        await until(lambda: len(leader.samples()) == 4 and pusher.buffered == 0, "both samples at the leader")
+        assert [r.host for r in leader.registrations] == ["h1", "h1"]
+        assert follower.registrations == [] and follower.batches == []
+    finally:
+        await pusher.close()
+        await follower.stop()
+        await leader.stop()

@@ -1,9 +1,11 @@
 """ferryctl's coordinator commands: `hosts`, `drain`, `uncordon`, `predictions`, `decisions`,
 `model`, and `migrate` / `migrations` / `reservations` when a coordinator is configured.
 
-The coordinator is `--coordinator URL` or $FERRYMAN_COORDINATOR (https only). Ops authenticate with
-an ops client certificate (`--cert/--key`, $FERRYMAN_CERT/$FERRYMAN_KEY; `ferryctl certs issue NAME
---role ops`) or a bearer token (`--token`, $FERRYMAN_TOKEN); the coordinator's certificate is
+The coordinator is `--coordinator URL` or $FERRYMAN_COORDINATOR (https only); a coordinator with
+several replicas (on etcd) is `--coordinator` once per replica, or their URLs separated by commas in
+the variable: ferryctl talks to the first that answers and follows a follower's answer to the leader.
+Ops authenticate with an ops client certificate (`--cert/--key`, $FERRYMAN_CERT/$FERRYMAN_KEY;
+`ferryctl certs issue NAME --role ops`) or a bearer token (`--token`, $FERRYMAN_TOKEN); the coordinator's certificate is
 verified against the fleet CA (`--ca`, $FERRYMAN_CA) for the URL's host or `--server-name`.
 Without a coordinator, `migrate`, `migrations` and `reservations` talk to the agent
 (agent/ctl/migrate.py, agent/ctl/reservations.py).
@@ -19,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aiohttp
 from rich.console import Console
@@ -29,6 +31,7 @@ from rich.table import Table
 from agent.ctl import catalog, chains, deployments, render, reservations
 from agent.ctl.client import ApiError, _error_from
 from agent.ctl.exits import Exit
+from core.replicas import Replicas, not_leader, parse_urls
 
 ENV_COORDINATOR = "FERRYMAN_COORDINATOR"
 ENV_CERT = "FERRYMAN_CERT"
@@ -55,7 +58,12 @@ class FleetUsageError(Exception):
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("coordinator")
-    g.add_argument("--coordinator", metavar="URL", help=f"https://host:port of the coordinator (${ENV_COORDINATOR})")
+    g.add_argument(
+        "--coordinator",
+        metavar="URL",
+        action="append",
+        help=f"https://host:port of the coordinator; once per replica (${ENV_COORDINATOR}, comma-separated)",
+    )
     g.add_argument("--cert", metavar="PEM", help=f"ops client certificate (${ENV_CERT})")
     g.add_argument("--key", metavar="PEM", help=f"its private key (${ENV_KEY})")
     g.add_argument("--ca", metavar="PEM", help=f"the fleet CA certificate (${ENV_CA})")
@@ -105,7 +113,8 @@ def add_parsers(sub: Any) -> None:
 
 @dataclass(frozen=True)
 class Endpoint:
-    url: str
+    urls: tuple[str, ...]
+    """The coordinator's replicas (one URL for a single coordinator)."""
     cert: str | None
     key: str | None
     ca: str | None
@@ -119,11 +128,13 @@ def endpoint(args: argparse.Namespace) -> Endpoint | None:
     def pick(value: str | None, env: str) -> str | None:
         return value if value else (os.environ.get(env) or None)
 
-    url = pick(args.coordinator, ENV_COORDINATOR)
-    if url is None:
+    urls: list[str] = list(args.coordinator or ())
+    if not urls:
+        urls = [u.strip() for u in os.environ.get(ENV_COORDINATOR, "").split(",") if u.strip()]
+    if not urls:
         return None
     return Endpoint(
-        url=url.rstrip("/"),
+        urls=tuple(urls),
         cert=pick(args.cert, ENV_CERT),
         key=pick(args.key, ENV_KEY),
         ca=pick(args.ca, ENV_CA),
@@ -162,10 +173,10 @@ class CoordinatorClient:
     """The coordinator's ops API over HTTPS (a client certificate and/or a bearer token)."""
 
     def __init__(self, ep: Endpoint) -> None:
-        parts = urlsplit(ep.url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise FleetUsageError(f"coordinator URL {ep.url!r}: expected https://host:port")
-        self.url = ep.url
+        try:
+            self._replicas = Replicas(parse_urls(ep.urls, "coordinator URL"))
+        except ValueError as exc:
+            raise FleetUsageError(str(exc)) from None
         self._ssl = _ssl_context(ep)
         self._server_name = ep.server_name
         headers = {"Authorization": f"Bearer {ep.token}"} if ep.token else {}
@@ -173,6 +184,11 @@ class CoordinatorClient:
         self._session = aiohttp.ClientSession(
             headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
         )
+
+    @property
+    def url(self) -> str:
+        """The replica in use."""
+        return self._replicas.current
 
     async def __aenter__(self) -> CoordinatorClient:
         return self
@@ -183,18 +199,37 @@ class CoordinatorClient:
         await self._session.close()
 
     async def request(self, method: str, path: str, *, params: dict[str, str] | None = None, body: Any = None) -> Any:
+        """One request to the coordinator. A replica that cannot be connected to is skipped for the
+        next; one that answers not_leader is left for the leader it names (core/replicas.py)."""
         kwargs: dict[str, Any] = {"ssl": self._ssl, "params": params, "json": body}
         if self._server_name:
             kwargs["server_hostname"] = self._server_name
-        try:
-            async with self._session.request(method, self.url + path, **kwargs) as resp:
-                if resp.status >= 400:
-                    raise await _error_from(resp)
-                if resp.status == 204:
-                    return None
-                return await resp.json(content_type=None)
-        except aiohttp.ClientError as exc:
-            raise ApiError("coordinator_unreachable", f"cannot talk to the coordinator at {self.url}: {exc}") from exc
+        failure: ApiError | None = None
+        unreachable = 0
+        for _ in range(self._replicas.budget()):
+            url = self._replicas.current
+            try:
+                async with self._session.request(method, url + path, **kwargs) as resp:
+                    if resp.status >= 400:
+                        failure = await _error_from(resp)
+                        leader = not_leader(await resp.text(errors="replace")) if resp.status == 503 else None
+                        if leader is None:
+                            raise failure
+                        self._replicas.redirected(leader)
+                        continue
+                    if resp.status == 204:
+                        return None
+                    return await resp.json(content_type=None)
+            except aiohttp.ClientConnectorError as exc:  # nothing was sent: the next replica may answer
+                failure = ApiError("coordinator_unreachable", f"cannot talk to the coordinator at {url}: {exc}")
+                self._replicas.unreachable()
+                unreachable += 1
+                if unreachable >= len(self._replicas.urls):
+                    raise failure from exc
+            except aiohttp.ClientError as exc:
+                raise ApiError("coordinator_unreachable", f"cannot talk to the coordinator at {url}: {exc}") from exc
+        assert failure is not None
+        raise failure
 
 
 # ----- commands

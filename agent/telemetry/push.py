@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 
 from agent.config import CoordinatorConfig, TelemetryConfig
 from agent.metrics import AgentMetrics
+from core.replicas import Replicas, not_leader
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 REGISTRATION_REFRESH = 60.0
@@ -43,16 +44,55 @@ def to_json(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-async def post_message(session: aiohttp.ClientSession, url: str, server_name: str, path: str, message: Message) -> str:
-    """POST `message` as JSON to the coordinator at `url`; the body of a 200, else PushFailed."""
-    try:
-        async with session.post(url + path, json=to_json(message), server_hostname=server_name) as resp:
-            text = await resp.text()
-            if resp.status != 200:
-                raise PushFailed(f"POST {path}: HTTP {resp.status}: {text[:200]}")
-            return text
-    except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
-        raise PushFailed(f"POST {path}: {type(exc).__name__}: {exc}") from exc
+class CoordinatorLink:
+    """POSTs to the coordinator's replicas, following the leader (the rules: core/replicas.py).
+
+    A replica that cannot be connected to is skipped for the next one at once (nothing was sent); one
+    that fails otherwise (a timeout, a reset) fails the request, and the next request starts at the
+    next replica: a request that may have reached a replica is not sent twice."""
+
+    def __init__(self, coordinator: CoordinatorConfig) -> None:
+        self._replicas = Replicas(coordinator.endpoints)
+        self._server_name = coordinator.server_name
+
+    @property
+    def url(self) -> str:
+        """The replica in use."""
+        return self._replicas.current
+
+    def _server_hostname(self, url: str) -> str:
+        return self._server_name or urlsplit(url).hostname or ""
+
+    async def post(self, session: aiohttp.ClientSession, path: str, message: Message) -> str:
+        """POST `message` as JSON; the body of a 200, else PushFailed (with the last replica's answer)."""
+        failure = PushFailed(f"POST {path}: no coordinator replica answered")
+        unreachable = 0
+        for _ in range(self._replicas.budget()):
+            url = self._replicas.current
+            try:
+                async with session.post(
+                    url + path, json=to_json(message), server_hostname=self._server_hostname(url)
+                ) as resp:
+                    text = await resp.text()
+            except aiohttp.ClientConnectorError as exc:
+                failure = PushFailed(f"POST {url}{path}: {type(exc).__name__}: {exc}")
+                self._replicas.unreachable()
+                unreachable += 1
+                if unreachable >= len(self._replicas.urls):
+                    raise failure from exc
+                continue
+            except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
+                self._replicas.unreachable()
+                raise PushFailed(f"POST {url}{path}: {type(exc).__name__}: {exc}") from exc
+            if resp.status == 200:
+                return text
+            failure = PushFailed(f"POST {url}{path}: HTTP {resp.status}: {text[:200]}")
+            leader = not_leader(text) if resp.status == 503 else None
+            if leader is None:
+                raise failure
+            moved = self._replicas.redirected(leader)
+            log.info("coordinator replica does not lead; following", extra={"replica": url, "next": moved})
+        raise failure
 
 
 class TelemetryPusher:
@@ -66,8 +106,7 @@ class TelemetryPusher:
         metrics: AgentMetrics | None = None,
     ) -> None:
         self.host = host
-        self._url = coordinator.url.rstrip("/")
-        self._server_name = coordinator.server_name or urlsplit(coordinator.url).hostname or ""
+        self._link = CoordinatorLink(coordinator)
         self._timeout = aiohttp.ClientTimeout(total=coordinator.request_timeout)
         self._config = telemetry
         self._ssl = ssl_context
@@ -163,14 +202,14 @@ class TelemetryPusher:
     def _set_reachable(self, reachable: bool) -> None:
         self._reachable = reachable
         if self._metrics is not None:
-            self._metrics.telemetry_coordinator_up.labels(coordinator=self._url).set(int(reachable))
+            self._metrics.telemetry_coordinator_up.labels(coordinator=self._link.url).set(int(reachable))
 
     async def _register(self) -> None:
         registration = await self._registration()
         await self._post("/v1/register", registration)
         self.registered = True
         self._registered_at = time.monotonic()
-        log.info("registered with the coordinator", extra={"coordinator": self._url})
+        log.info("registered with the coordinator", extra={"coordinator": self._link.url})
 
     async def _push_batch(self) -> bool:
         """Send the oldest batch; True when it left the buffer."""
@@ -202,7 +241,7 @@ class TelemetryPusher:
         """POST a message as JSON; the response body, or PushFailed for anything but 200."""
         if self._session is None:
             raise PushFailed("the pusher is not started")
-        return await post_message(self._session, self._url, self._server_name, path, message)
+        return await self._link.post(self._session, path, message)
 
     def _count(self, result: str) -> None:
         if self._metrics is not None:

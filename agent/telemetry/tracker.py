@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Sequence
-from urllib.parse import urlsplit
 
 import aiohttp
 from google.protobuf import json_format
 
 from agent.config import CoordinatorConfig
-from agent.telemetry.push import PushFailed, post_message
+from agent.telemetry.push import CoordinatorLink, PushFailed
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -29,8 +28,7 @@ class TrackerUnavailable(Exception):
 class TrackerClient:
     def __init__(self, host: str, coordinator: CoordinatorConfig, ssl_context: ssl.SSLContext, timeout: float) -> None:
         self.host = host
-        self._url = coordinator.url.rstrip("/")
-        self._server_name = coordinator.server_name or urlsplit(coordinator.url).hostname or ""
+        self._link = CoordinatorLink(coordinator)
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -62,6 +60,6 @@ class TrackerClient:
 
     async def _post(self, path: str, message: pb.LayerHoldersRequest | pb.LayerAnnouncement) -> str:
         try:
-            return await post_message(self._http(), self._url, self._server_name, path, message)
+            return await self._link.post(self._http(), path, message)
         except PushFailed as exc:
             raise TrackerUnavailable(str(exc)) from exc

@@ -21,6 +21,7 @@ from coordinator.placement import Need
 from coordinator.wire import MAX_BODY_BYTES, check_digests, parse_message, to_json
 from core.config import MIGRATION_MODES
 from core.errors import InvalidRequest
+from core.http.errors import error_body
 from core.http.validate import (
     CAPACITY_MAX,
     capacity_fields,
@@ -78,9 +79,20 @@ async def leader_middleware(request: web.Request, handler: Any) -> web.StreamRes
     if resource is not None and (request.method, resource.canonical) in LEADER_ONLY and not coordinator.acting():
         leader = coordinator.election.leader if coordinator.election is not None else ""
         where = f"the leader at {leader}" if leader else "the leader (none is elected yet)"
-        raise NotLeader(f"this coordinator replica does not lead: send the request to {where}", leader)
-    response: web.StreamResponse = await handler(request)
+        return _not_leader(NotLeader(f"this coordinator replica does not lead: send the request to {where}", leader))
+    try:
+        response: web.StreamResponse = await handler(request)
+    except NotLeader as exc:  # a fenced write found another replica leading
+        return _not_leader(exc)
     return response
+
+
+def _not_leader(exc: NotLeader) -> web.Response:
+    """503 not_leader with the leader's URL as `error.leader` ("" when none is known): clients follow it
+    (core/replicas.py)."""
+    body = error_body(exc.code, exc.message)
+    body["error"]["leader"] = exc.leader
+    return web.json_response(body, status=exc.http_status)
 
 
 def _principal(request: web.Request) -> Principal | None:
