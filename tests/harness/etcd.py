@@ -1,7 +1,10 @@
 """Real etcd members for tests: a cluster of one or three on loopback, each with its own data dir.
 
 Every member listens for clients and peers on 127.0.0.1 ports picked free at start; nothing leaves
-the machine. A member can be stopped (SIGTERM), killed (SIGKILL) and started again from its data
+the machine. With `netns=` and `host=` the members run inside that network namespace instead, on
+that address (a mesh's fabric, where coordinators in the mesh reach them).
+
+A member can be stopped (SIGTERM), killed (SIGKILL) and started again from its data
 dir, which is how the HA tests take a member (or the quorum) away and give it back.
 
     async with EtcdCluster(tmp / "etcd", size=3) as cluster:
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import secrets
 import signal
@@ -25,6 +29,7 @@ from types import TracebackType
 import aiohttp
 
 from tests.harness.daemons import log_tail, start_daemon, terminate
+from tests.harness.netns import acall_in_netns, nsenter_argv
 from tests.harness.registry import free_port, require_binary
 
 ETCD = "etcd"
@@ -54,7 +59,7 @@ class EtcdMember:
     def __init__(self, cluster: EtcdCluster, index: int) -> None:
         self.cluster = cluster
         self.name = f"m{index}"
-        self.client_port = free_port(HOST)
+        self.client_port = free_port(HOST)  # inside a netns of its own every port is free anyway
         self.peer_port = free_port(HOST)
         self.data_dir = cluster.base / self.name
         self.log_path = cluster.base / f"{self.name}.log"
@@ -62,7 +67,7 @@ class EtcdMember:
 
     @property
     def endpoint(self) -> str:
-        return f"{HOST}:{self.client_port}"
+        return f"{self.cluster.host}:{self.client_port}"
 
     @property
     def client_url(self) -> str:
@@ -70,7 +75,7 @@ class EtcdMember:
 
     @property
     def peer_url(self) -> str:
-        return f"http://{HOST}:{self.peer_port}"
+        return f"http://{self.cluster.host}:{self.peer_port}"
 
     @property
     def running(self) -> bool:
@@ -79,6 +84,7 @@ class EtcdMember:
     def argv(self) -> list[str]:
         c = self.cluster
         return [
+            *nsenter_argv(self.cluster.netns),
             require_binary(ETCD),
             f"--name={self.name}",
             f"--data-dir={self.data_dir}",
@@ -110,6 +116,8 @@ class EtcdMember:
     async def healthy(self) -> bool:
         """The member answers /health with true: it is up and sees a leader with a quorum."""
         tls = self.cluster.tls
+        if self.cluster.netns is not None:
+            return await acall_in_netns(self.cluster.netns, self._healthy_blocking)
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
@@ -118,6 +126,25 @@ class EtcdMember:
                 body = await resp.text()
         except (aiohttp.ClientError, TimeoutError):
             return False
+        with contextlib.suppress(ValueError):
+            return bool(json.loads(body).get("health") == "true")
+        return False
+
+    def _healthy_blocking(self) -> bool:
+        tls = self.cluster.tls
+        conn: http.client.HTTPConnection
+        if tls is not None:
+            ctx = tls.client_context()
+            conn = http.client.HTTPSConnection(self.cluster.host, self.client_port, timeout=2, context=ctx)
+        else:
+            conn = http.client.HTTPConnection(self.cluster.host, self.client_port, timeout=2)
+        try:
+            conn.request("GET", "/health")
+            body = conn.getresponse().read()
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
         with contextlib.suppress(ValueError):
             return bool(json.loads(body).get("health") == "true")
         return False
@@ -168,11 +195,15 @@ class EtcdCluster:
         heartbeat_ms: int = 50,
         election_ms: int = 500,
         tls: EtcdTlsFiles | None = None,
+        netns: str | None = None,
+        host: str = HOST,
     ) -> None:
         if size not in (1, 3):
             raise ValueError(f"an etcd test cluster has 1 or 3 members, not {size}")
         self.base = base
         self.tls = tls
+        self.netns = netns
+        self.host = host
         self.token = f"ferryman-test-{secrets.token_hex(4)}"
         self.heartbeat_ms = heartbeat_ms
         self.election_ms = election_ms
