@@ -34,6 +34,7 @@ from coordinator.store import Store
 from coordinator.warm import WarmService
 from coordinator.warm_predictor import LayerPredictor
 from coordinator.warming import WarmLimits
+from core.errors import FerrymanError
 from core.security.tls import check_files
 
 if TYPE_CHECKING:
@@ -228,6 +229,12 @@ class Coordinator:
 
     async def _start_leading(self) -> None:
         await self._stop_leading()  # a previous term's loops, if any, end first
+        try:
+            if await self.predictions.sync():  # the model the previous leader activated, if another
+                model = self.predictions.model
+                log.info("drain model loaded from the store", extra={"model_version": model and model.version})
+        except FerrymanError as exc:  # scoring goes on with the model loaded here
+            log.error("cannot read the active drain model from the store", extra={"error": exc.message})
         resumed = await self.migrations.resume()
         if resumed:
             log.info("resumed migrations", extra={"count": resumed})

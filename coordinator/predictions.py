@@ -5,14 +5,20 @@ store at start, appended on each accepted telemetry push. A tick scores all host
 the event loop and stores the results with the model version. Model files are loaded, swapped and
 rolled back by `coordinator.predictor.ModelRegistry` (a file that fails to load changes nothing).
 Without a model nothing is predicted and only ops drain hosts.
+
+A model activated at run time (activate, rollback, a retrained candidate that won) is written to the
+store, bytes and all (`ModelStore`); a replica that becomes the leader loads what the store names
+(`sync`), so it scores with the same model its predecessor had activated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from coordinator.config import CoordinatorConfig
@@ -21,8 +27,9 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import Prediction
 from coordinator.notices import NOTICE_PROBABILITY, Notice, active_notice, notices_in_sample, prune
 from coordinator.predictor import Contribution, DrainPredictor, ModelLoadError, ModelRegistry, RegistryError
-from coordinator.store import Store
+from coordinator.store import ModelSlots, Store, StoredModel
 from core.errors import ConfigError, Conflict, FerrymanError
+from core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +140,16 @@ def sample_to_point(ts: float, sample: Mapping[str, Any]) -> TelemetryPoint:
     )
 
 
+def models_dir(config: CoordinatorConfig) -> Path:
+    """Where this replica writes model files: retrained candidates, and models loaded from the store."""
+    return Path(config.model.retrain_dir or Path(config.database).parent / "models")
+
+
+def _stored(model: DrainPredictor) -> StoredModel:
+    data = Path(model.info.path).read_bytes()
+    return StoredModel(hashlib.sha256(data).hexdigest(), data)
+
+
 def activate_at_start(registry: ModelRegistry, path: str) -> DrainPredictor:
     """The configured model, activated; ConfigError (with the loader's reason) when it cannot be used."""
     try:
@@ -227,23 +244,83 @@ class PredictionService:
     # ----- models
 
     async def activate(self, path: str) -> RiskModel:
-        """Load `path` and make it the active model; on any load error the current model stays."""
+        """Load `path` and make it the active model, in the store first; on any load error (or a
+        store that refuses it) the current model stays."""
         if self._pinned is not None:
             raise Conflict("the drain model is pinned by the process that started the coordinator")
         try:
-            model = await asyncio.to_thread(self.registry.activate, path)
+            model = await asyncio.to_thread(DrainPredictor, path, intra_op_threads=1)
         except ModelLoadError as exc:
             log.error("drain model not activated", extra={"model_path": path, "error": str(exc)})
             raise ModelLoadFailed(str(exc)) from exc
+        previous = self.registry.active
+        await self._persist(model, previous)
+        self.registry.install(model, previous)
         return model
 
-    def rollback(self) -> RiskModel:
+    async def rollback(self) -> RiskModel:
         if self._pinned is not None:
             raise NoPreviousModel("the drain model is pinned: nothing to roll back to")
+        active, previous = self.registry.active, self.registry.previous
+        if previous is None:
+            raise NoPreviousModel("no previous drain model to roll back to")
+        await self._persist(previous, active)
         try:
             return self.registry.rollback()
         except RegistryError as exc:
             raise NoPreviousModel(str(exc)) from exc
+
+    async def persist(self) -> None:
+        """Write the registry's active and previous models to the store (after a retraining won)."""
+        if self._pinned is None and self.registry.active is not None:
+            await self._persist(self.registry.active, self.registry.previous)
+
+    async def _persist(self, active: DrainPredictor, previous: DrainPredictor | None) -> None:
+        def read() -> ModelSlots:
+            before = None
+            if previous is not None:
+                try:
+                    before = _stored(previous)
+                except OSError:  # its file is gone: there is nothing to roll back to elsewhere
+                    before = None
+            try:
+                return ModelSlots(_stored(active), before)
+            except OSError as exc:
+                raise ModelLoadFailed(f"{active.info.path}: cannot read: {exc}") from exc
+
+        await self._store.set_model_slots(await asyncio.to_thread(read))
+
+    async def sync(self) -> bool:
+        """Load the models the store names if they are not the ones loaded here; whether it changed
+        anything. A model that does not load here leaves the current one (and is logged)."""
+        if self._pinned is not None:
+            return False
+        slots = await self._store.model_slots()
+        if slots is None:
+            return False
+        active, previous = self.registry.active, self.registry.previous
+
+        def same(loaded: DrainPredictor | None, stored: StoredModel | None) -> bool:
+            return (loaded.info.sha256 if loaded else None) == (stored.sha256 if stored else None)
+
+        if same(active, slots.active) and same(previous, slots.previous):
+            return False
+        directory = models_dir(self._config) / "stored"
+
+        def load(stored: StoredModel) -> DrainPredictor:
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / f"{stored.sha256}.onnx"
+            atomic_write(path, stored.data, mode=0o600)
+            return DrainPredictor(path, intra_op_threads=1)
+
+        try:
+            new_active = await asyncio.to_thread(load, slots.active)
+            new_previous = await asyncio.to_thread(load, slots.previous) if slots.previous else None
+        except (ModelLoadError, OSError) as exc:
+            log.error("the stored drain model does not load here; keeping the current one", extra={"error": str(exc)})
+            return False
+        self.registry.install(new_active, new_previous)
+        return True
 
     def threshold(self) -> float:
         model = self.model

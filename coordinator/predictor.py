@@ -392,6 +392,12 @@ class ModelRegistry:
             extra={"model_version": model.version, "model_path": model.info.path, "sha256": model.info.sha256},
         )
 
+    def install(self, active: DrainPredictor, previous: DrainPredictor | None) -> None:
+        """Make `active` the active model and `previous` the one before it (both loaded already)."""
+        with self._lock:
+            self._previous, self._active = previous, active
+        log.info("drain model installed", extra={"model_version": active.version, "sha256": active.info.sha256})
+
     def rollback(self) -> DrainPredictor:
         """Make the previous model active again (the current one becomes the previous)."""
         with self._lock:

@@ -19,12 +19,11 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
 from coordinator.features import HostTrace
 from coordinator.model import Decision
-from coordinator.predictions import PredictionService, sample_to_point
+from coordinator.predictions import PredictionService, models_dir, sample_to_point
 from coordinator.predictor import Holdout, RetrainError, retrain
 from coordinator.store import Store
 
@@ -58,7 +57,7 @@ class Retrainer:
         self._predictions = predictions
         self._config = config.model
         self._clock = clock
-        self._dir = Path(self._config.retrain_dir or Path(config.database).parent / "models")
+        self._dir = models_dir(config)
         self._lock = asyncio.Lock()
 
     async def traces(self, until: float = float("inf")) -> list[HostTrace]:
@@ -125,4 +124,6 @@ class Retrainer:
         decision = await asyncio.to_thread(
             self._predictions.registry.consider, candidate, holdout, unseen_set if unseen else None
         )
+        if decision.activated:
+            await self._predictions.persist()  # every replica that leads after this one scores with it
         return RetrainOutcome(decision.activated, decision.reason, str(candidate))

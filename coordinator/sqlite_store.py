@@ -37,7 +37,7 @@ from coordinator.model import (
     Reservation,
     StartRecord,
 )
-from coordinator.store import TelemetryUpdate
+from coordinator.store import ModelSlots, StoredModel, TelemetryUpdate
 from core.errors import ConfigError, FerrymanError
 
 T = TypeVar("T")
@@ -171,6 +171,14 @@ _SCHEMA: tuple[str, ...] = (
     );
     CREATE INDEX starts_host_ts ON starts(host, ts);
     CREATE INDEX starts_ts ON starts(ts);
+    """,
+    # 7: the drain models activated at run time (ModelStore): slot "active" and "previous".
+    """
+    CREATE TABLE models (
+        slot TEXT PRIMARY KEY CHECK (slot IN ('active', 'previous')),
+        sha256 TEXT NOT NULL,
+        data BLOB NOT NULL
+    );
     """,
 )
 SCHEMA_VERSION = len(_SCHEMA)
@@ -825,3 +833,26 @@ class SqliteStore:
             return [ChainRecord.from_storage(json.loads(r["record"])) for r in rows]
 
         return await self._run(op)
+
+    # ----- drain models activated at run time (coordinator/store.py ModelStore)
+
+    async def model_slots(self) -> ModelSlots | None:
+        def op() -> ModelSlots | None:
+            found = self._db.execute("SELECT slot, sha256, data FROM models").fetchall()
+            rows = {r["slot"]: StoredModel(r["sha256"], bytes(r["data"])) for r in found}
+            active = rows.get("active")
+            return None if active is None else ModelSlots(active, rows.get("previous"))
+
+        return await self._run(op)
+
+    async def set_model_slots(self, slots: ModelSlots) -> None:
+        def op() -> None:
+            with self._write() as db:
+                db.execute("DELETE FROM models")
+                for slot, model in (("active", slots.active), ("previous", slots.previous)):
+                    if model is not None:
+                        db.execute(
+                            "INSERT INTO models (slot, sha256, data) VALUES (?, ?, ?)", (slot, model.sha256, model.data)
+                        )
+
+        await self._run(op)

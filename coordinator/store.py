@@ -130,6 +130,33 @@ class DecisionStore(Protocol):
     async def list_decisions(self, host: str | None = None, limit: int = 100) -> list[Decision]: ...
 
 
+@dataclass(frozen=True)
+class StoredModel:
+    """A drain model file as the store keeps it: every replica loads the same bytes."""
+
+    sha256: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ModelSlots:
+    """The drain models activated at run time (`ferryctl model activate|rollback`, retraining)."""
+
+    active: StoredModel
+    previous: StoredModel | None = None
+
+
+class ModelStore(Protocol):
+    """Which drain model is active, kept where every replica reads it: a replica that becomes the
+    leader scores with the model the previous leader had activated."""
+
+    async def model_slots(self) -> ModelSlots | None:
+        """The active model and the one before it; None until a model is activated at run time."""
+        ...
+
+    async def set_model_slots(self, slots: ModelSlots) -> None: ...
+
+
 class DrainStore(Protocol):
     """Drains, started by the policy or by ops, until done or cancelled."""
 
@@ -162,6 +189,7 @@ class Store(
     CatalogStore,
     DeploymentStore,
     ChainStore,
+    ModelStore,
     Protocol,
 ):
     """Every concern, on one backend (what the coordinator's services are wired with)."""

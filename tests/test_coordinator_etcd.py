@@ -168,3 +168,49 @@ async def test_one_replica_leads_and_a_killed_leader_is_replaced(workdir: Path, 
         finally:
             for p in procs:
                 await p.stop()
+
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "drain" / "drain.onnx"
+
+
+async def test_a_model_activated_at_run_time_is_the_next_leaders(workdir: Path, pki: CoordinatorPki) -> None:
+    """Two replicas configured without a model: one activated on the leader (POST /v1/model) is what
+    the replica that takes over after the leader dies scores with."""
+    require("etcd")
+    ttl = 2
+    async with EtcdCluster(workdir / "etcd", size=1) as cluster:
+        store = {"backend": "etcd", "etcd_endpoints": cluster.endpoints, "leader_ttl": ttl}
+        procs = []
+        for i in range(2):
+            (workdir / f"c{i}").mkdir()
+            procs.append(CoordinatorProcess(workdir / f"c{i}", pki, overrides={"store": store}))
+        first, second = procs
+        try:
+            await first.start()  # alone: it leads
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not (await _health(first, pki))["acting"]:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.1)
+            await second.start()
+            async with first.client(pki.operator("alice")) as ops:
+                assert (await ops.get("/v1/model"))[1]["active"] is None
+                status, body = await ops.post("/v1/model", {"path": str(MODEL)})
+                assert status == 200 and body["active"] == "drain-2", body
+            async with second.client(pki.operator("alice")) as ops:
+                assert (await ops.get("/v1/model"))[1]["active"] is None  # a follower scores nothing
+            assert first.proc is not None
+            first.proc.kill()
+            await first.proc.wait()
+            first.proc = None
+            deadline = loop.time() + ttl + 10
+            while not (await _health(second, pki))["acting"]:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.1)
+            async with second.client(pki.operator("alice")) as ops:
+                status, model = await ops.get("/v1/model")
+                assert status == 200 and model["active"] == "drain-2" and model["previous"] is None, model
+            assert "drain model loaded from the store" in second.log_path.read_text()
+        finally:
+            for p in procs:
+                await p.stop()

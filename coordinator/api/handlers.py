@@ -339,7 +339,7 @@ async def activate_model(request: web.Request) -> web.Response:
 async def rollback_model(request: web.Request) -> web.Response:
     _ops(request)
     coordinator = request.app[COORDINATOR]
-    coordinator.predictions.rollback()
+    await coordinator.predictions.rollback()
     return _json(_model_view(coordinator))
 
 

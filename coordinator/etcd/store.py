@@ -13,6 +13,8 @@ Keys (values are JSON; PREFIX is `[store] etcd_prefix`, "/ferryman/" by default)
     PREFIX catalog/entries/NAME@VER    a CatalogEntry; registration order is the create revision
     PREFIX deployments/ID              a deployment's record (coordinator/deployments/states.py)
     PREFIX chains/ID                   a chain's record (coordinator/chains/states.py)
+    PREFIX models/slots                {"active": SHA256, "previous": SHA256 | null} (ModelStore)
+    PREFIX models/blobs/SHA256         a drain model file's bytes (at most MAX_MODEL_BYTES)
 
 Every write is a transaction guarded by the revisions the writer read (read, decide, write if
 nothing changed, else read again), so replicas never overwrite each other's updates. `reserve` is the
@@ -59,7 +61,7 @@ from coordinator.model import (
     Reservation,
     StartRecord,
 )
-from coordinator.store import TelemetryUpdate
+from coordinator.store import ModelSlots, StoredModel, TelemetryUpdate
 from core.errors import InvalidRequest
 
 MAX_ATTEMPTS = 200
@@ -69,6 +71,8 @@ MAX_TXN_OPS = 127
 DECISIONS_KEPT = 10_000
 """Decisions kept in etcd (the oldest beyond this are deleted; SQLite keeps them all)."""
 _TRIM_EVERY = 256
+MAX_MODEL_BYTES = 1 << 20
+"""A drain model kept in etcd: one value, below etcd's default request limit (1.5 MiB)."""
 
 
 def _dumps(value: Any) -> bytes:
@@ -575,3 +579,43 @@ class EtcdStore:
                 return revision + 1
             await self._retry_pause(attempt)
         raise AssertionError("unreachable")
+
+    # ----- drain models activated at run time: the bytes under their digest, the slots naming them
+
+    async def model_slots(self) -> ModelSlots | None:
+        entry = await self._kv.get(self._key("models", "slots"))
+        if entry is None:
+            return None
+        names = json.loads(entry.value)
+
+        async def blob(sha: str | None) -> StoredModel | None:
+            if not sha:
+                return None
+            found = await self._kv.get(self._key("models", "blobs", sha))
+            if found is None:
+                raise EtcdError(f"the stored drain model {sha} is missing from etcd")
+            return StoredModel(sha, found.value)
+
+        active = await blob(names["active"])
+        assert active is not None
+        return ModelSlots(active, await blob(names.get("previous")))
+
+    async def set_model_slots(self, slots: ModelSlots) -> None:
+        models = [m for m in (slots.active, slots.previous) if m is not None]
+        for model in models:  # all checked before anything is written
+            if len(model.data) > MAX_MODEL_BYTES:
+                raise InvalidRequest(
+                    f"the drain model {model.sha256} has {len(model.data)} bytes: more than the "
+                    f"{MAX_MODEL_BYTES} a model kept in etcd may have"
+                )
+        for model in models:
+            key = self._key("models", "blobs", model.sha256)
+            await self._txn([Absent(key)], [Put(key, model.data)])  # False: already there
+        previous = slots.previous.sha256 if slots.previous else None
+        names = _dumps({"active": slots.active.sha256, "previous": previous})
+        await self._txn([], [Put(self._key("models", "slots"), names)])
+        blobs = self._key("models", "blobs") + b"/"
+        keep = {blobs + m.sha256.encode() for m in models}
+        stale = [Delete(e.key) for e in (await self._kv.range(blobs)).entries if e.key not in keep]
+        if stale:
+            await self._txn([], stale)

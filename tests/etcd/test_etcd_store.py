@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from coordinator.etcd.kv import EtcdError, EtcdKV, EtcdTls, EtcdUnavailable
-from coordinator.etcd.store import EtcdStore
+from coordinator.etcd.store import MAX_MODEL_BYTES, EtcdStore
 from coordinator.model import Capacity, Host, HostAdmin, InsufficientCapacity, Reservation
+from coordinator.store import ModelSlots, StoredModel
 from core.errors import ConfigError, InvalidRequest
 from core.security.pki import init_ca, issue_client, issue_host
 from tests.conftest import require
@@ -127,3 +128,22 @@ async def test_over_mutual_tls(workdir: Path) -> None:
                     await stranger.list_hosts()
             finally:
                 await stranger.close()
+
+
+async def test_a_model_too_large_for_etcd_is_refused_whole(workdir: Path) -> None:
+    require("etcd")
+    async with EtcdCluster(workdir / "etcd", size=1) as cluster:
+        store = EtcdStore(EtcdKV(cluster.endpoints), "/m/")
+        try:
+            small = StoredModel("a" * 64, b"small")
+            await store.set_model_slots(ModelSlots(small))
+            huge = StoredModel("b" * 64, b"x" * (MAX_MODEL_BYTES + 1))
+            with pytest.raises(InvalidRequest, match="more than the"):
+                await store.set_model_slots(ModelSlots(huge, small))
+            assert await store.model_slots() == ModelSlots(small)
+            # Only the blobs the slots name are kept.
+            await store.set_model_slots(ModelSlots(StoredModel("c" * 64, b"c")))
+            blobs = await store.kv.range(b"/m/models/blobs/")
+            assert [e.key for e in blobs.entries] == [b"/m/models/blobs/" + b"c" * 64]
+        finally:
+            await store.close()

@@ -49,7 +49,7 @@ from coordinator.model import (
 from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
 from coordinator.sqlite_store import SqliteStore
-from coordinator.store import Store, TelemetryUpdate
+from coordinator.store import ModelSlots, Store, StoredModel, TelemetryUpdate
 from tests.conftest import require
 from tests.harness.coordinator import NoAgents
 from tests.harness.etcd import EtcdCluster
@@ -405,3 +405,17 @@ async def test_chains_round_trip(clients: list[Store]) -> None:
     assert await a.get_chain("counter-1") == started
     assert await b.get_chain("nope") is None
     assert [r.id for r in await a.list_chains()] == ["old-1", "counter-1"]  # oldest first
+
+
+async def test_model_slots_are_shared_and_replaced_whole(clients: list[Store]) -> None:
+    a, b, _ = clients
+    assert await a.model_slots() is None
+    one, two = StoredModel("1" * 64, b"model one"), StoredModel("2" * 64, bytes(range(256)) * 1000)
+    await a.set_model_slots(ModelSlots(one))
+    assert await b.model_slots() == ModelSlots(one, None)
+    await b.set_model_slots(ModelSlots(two, one))  # activated after one: one is the previous
+    assert await a.model_slots() == ModelSlots(two, one)
+    await a.set_model_slots(ModelSlots(one, two))  # rolled back
+    assert await b.model_slots() == ModelSlots(one, two)
+    await a.set_model_slots(ModelSlots(two))
+    assert await b.model_slots() == ModelSlots(two, None)
