@@ -312,6 +312,11 @@ async def test_latest_predictions_and_decisions(clients: list[Store]) -> None:
     assert [d.kind for d in await b.list_decisions()] == ["undrain", "migrate", "drain"]
     assert await b.list_decisions("h1", limit=1) == [d3]
     assert (await a.list_decisions("h1"))[1] == d1
+    # A tick's worth for a fleet larger than one etcd transaction may hold (128 operations).
+    fleet = [Prediction(f"x{i:04}", 30.0, i / 1000, "v3") for i in range(300)]
+    await a.record_predictions(fleet)
+    latest = await b.latest_predictions()
+    assert [latest[p.host] for p in fleet] == fleet
 
 
 async def test_drains_update_only_their_outcome(clients: list[Store]) -> None:
