@@ -12,6 +12,7 @@ excluded outright, never just scored low.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,12 +250,21 @@ class Placer:
         raise NoTarget(f"no host can run {need.capacity.to_dict()} ({reasons})")
 
     async def candidates(self) -> list[Candidate]:
+        """Every host with its free capacity (capacity - used - active reservations) and P(drain).
+
+        Three reads whatever the fleet's size (not one per host: on etcd each is a round trip). The
+        hosts and the reservations are not one snapshot; that only affects the ranking, as `reserve`
+        checks the chosen host's free capacity again, atomically."""
         now = self._clock()
         predictions = await self._store.latest_predictions()
+        hosts = await self._store.list_hosts()
+        held: dict[str, Capacity] = defaultdict(Capacity)
+        for r in await self._store.list_reservations(now):
+            held[r.host] = held[r.host] + r.capacity
         out = []
-        for host in await self._store.list_hosts():
+        for host in hosts:
             prediction = predictions.get(host.name)
-            free = await self._store.free_capacity(host.name, now)
+            free = host.capacity - host.used - held[host.name]
             out.append(Candidate(host, free, prediction.probability if prediction else None))
         return out
 
