@@ -247,7 +247,7 @@ class Coordinator:
         self._leader_loops = [
             asyncio.create_task(self._while_leading(self.hosts.run_liveness), name="liveness"),
             asyncio.create_task(self._while_leading(self.reservations.run_sweeper), name="reservation-sweeper"),
-            asyncio.create_task(self._every(self.config.model.tick_period, self.policy.tick), name="policy"),
+            asyncio.create_task(self._every(self.config.model.tick_period, self._tick), name="policy"),
         ]
         if self.config.warm.period and self.warm.predictor is not None:
             self._leader_loops.append(
@@ -284,6 +284,10 @@ class Coordinator:
             # stopped, this replica writes as a follower again (agents' pushes, reservations).
             self.election.store.fence(None)
 
+    async def _tick(self) -> None:
+        with self.metrics.tick_seconds.time():
+            await self.policy.tick()
+
     async def _while_leading(self, loop: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         """Run a loop that takes a stop event until the coordinator stops (the loop is cancelled when
         this replica stops leading)."""
@@ -294,12 +298,14 @@ class Coordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), period)
         while not self._stop.is_set():
-            if not self.acting():  # past the leader's deadline: nothing more until re-elected
-                return
-            try:
-                await step()
-            except Exception:
-                log.exception("periodic step failed", extra={"step": getattr(step, "__qualname__", str(step))})
+            # Past the leader's deadline: skip this round. Not return: a renewal that lands late
+            # keeps the lead without a change of role, and nothing would start the loop again (a
+            # lost lead cancels it).
+            if self.acting():
+                try:
+                    await step()
+                except Exception:
+                    log.exception("periodic step failed", extra={"step": getattr(step, "__qualname__", str(step))})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), period)
 

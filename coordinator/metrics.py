@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from coordinator.model import Host, HostAdmin, HostHealth, Migration, MigrationState
 
@@ -13,6 +13,12 @@ class CoordinatorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.hosts = Gauge("ferryman_coordinator_hosts", "Hosts by state", ["state"], registry=self.registry)
+        self.tick_seconds = Histogram(
+            "ferryman_coordinator_tick_seconds",
+            "One policy tick on the leader: score every host, apply the decisions, progress the drains",
+            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
         self.telemetry_samples = Counter(
             "ferryman_coordinator_telemetry_samples", "Telemetry samples accepted", registry=self.registry
         )
