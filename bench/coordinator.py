@@ -1,0 +1,431 @@
+"""The coordinator on etcd: failover, concurrent placements and telemetry ingest, on this machine.
+
+Three etcd members and three coordinator daemons on loopback (tests/harness/etcd.py,
+tests/harness/coordinator.py), the shipped drain model, everything over mTLS; `leader_ttl` 2 s for
+the failover and the placements, the default 5 s for the ingest (a fresh set of replicas).
+
+  failover:   the leader is SIGKILLed; a client keeps asking every live replica to drain the next
+              registered host (a leader-only write that commits a decision to etcd) and times the
+              first accepted one. Baseline in the same run: the leader stopped cleanly (SIGTERM: it
+              revokes its lease), measured the same way.
+  placements: three clients, one per replica, each with 16 requests in flight, reserve 256 MiB
+              "auto" on 30 new hosts with room for 40 each until a request is refused (placement
+              also fills the failover hosts' room); then every replica lists the reservations:
+              exactly the grants, and no host over its capacity.
+              Baseline: one client through one replica, on 30 other hosts.
+  ingest:     N simulated agents (one process, one mTLS connection each, their own certificates)
+              register and push one sample every `--period` s (phases spread) to the leader, for
+              `--seconds`; the leader's policy tick (score every host with the model, apply,
+              progress drains) every `--tick` s. Reported: pushes per second against N/period, push
+              latency, the tick's p99 (ferryman_coordinator_tick_seconds, diffed over the window)
+              and the CPU seconds each process spent (where the time goes).
+
+Result lines:
+  bench failover: <median seconds from the kill to the next committed decision> s (target <= 5)
+  bench placements: <placements per second, 3 replicas at once> /s (target >= 200)
+  bench ingest: <largest N that kept up with the tick p99 under 1 s> agents (target >= 10000)
+
+Run as root from the repo: .venv/bin/python bench/coordinator.py [--rounds 3] [--agents 1000,2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.security.pki import issue_host
+from core.security.tls import client_context
+from tests.harness.containerd import scratch_dir
+from tests.harness.coordinator import COORDINATOR_NAME, CoordinatorPki, CoordinatorProcess, registration, sample
+from tests.harness.etcd import EtcdCluster
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "drain" / "drain.onnx"
+GIB = 1 << 30
+LEADER_TTL = 2
+SLOT = 256 << 20
+SLOTS_PER_HOST = 40
+PLACEMENT_HOSTS = 30
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+class Bench:
+    def __init__(self, base: Path, cluster: EtcdCluster, args: argparse.Namespace, leader_ttl: int, name: str) -> None:
+        self.base = base
+        self.cluster = cluster
+        self.args = args
+        self.pki = CoordinatorPki(base / f"{name}-pki")
+        self.ops_ctx = self.pki.client_ssl(self.pki.operator("bench"))
+        self.leader_ttl = leader_ttl
+        store = {
+            "backend": "etcd",
+            "etcd_endpoints": cluster.endpoints,
+            "etcd_prefix": f"/{name}/",
+            "leader_ttl": leader_ttl,
+        }
+        overrides = {
+            "store": store,
+            "log_level": "INFO",
+            "model": {"path": str(MODEL), "tick_period": args.tick},
+            # Hosts that registered and then went quiet (the failover and placement hosts) stay ready.
+            "heartbeat": {"suspect_after": 3600.0, "down_after": 7200.0},
+            "telemetry": {"max_samples_per_host": 64},
+        }
+        self.replicas = []
+        for i in range(3):
+            (base / f"{name}-c{i}").mkdir()
+            self.replicas.append(CoordinatorProcess(base / f"{name}-c{i}", self.pki, overrides=overrides))
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        self._host_seq = 0
+        self._granted = 0
+        self.refused = 0
+        """Placements answered 503 (not_leader, store_unavailable) and retried."""
+        """Reservations granted by earlier placement runs (they stay held)."""
+
+    async def close(self) -> None:
+        await self.session.close()
+        for r in self.replicas:
+            await r.stop()
+
+    async def call(self, replica: CoordinatorProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async with self.session.request(
+            method, replica.url + path, json=body, ssl=self.ops_ctx, server_hostname=COORDINATOR_NAME
+        ) as resp:
+            text = await resp.text()
+            return resp.status, (json.loads(text) if text and resp.content_type == "application/json" else text)
+
+    async def health(self, replica: CoordinatorProcess) -> dict[str, Any] | None:
+        try:
+            status, body = await self.call(replica, "GET", "/healthz")
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
+        return body if status == 200 else None
+
+    async def leader(self, within: float = 20.0) -> CoordinatorProcess:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            live = [r for r in self.replicas if r.proc is not None]
+            health = [await self.health(r) for r in live]
+            acting = [r for r, h in zip(live, health, strict=True) if h and h["acting"]]
+            if len(acting) == 1:
+                return acting[0]
+            await asyncio.sleep(0.05)
+        raise RuntimeError("no single leader")
+
+    async def register(self, replica: CoordinatorProcess, names: list[str], memory: int = 4 * GIB) -> None:
+        async def one(name: str) -> None:
+            ctx = client_context(self.pki.agent(name))
+            body = registration(name, cpu_millis=1_000_000, memory_bytes=memory)
+            async with self.session.post(
+                replica.url + "/v1/register", json=body, ssl=ctx, server_hostname=COORDINATOR_NAME
+            ) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"register {name}: {resp.status} {await resp.text()}")
+
+        for i in range(0, len(names), 50):
+            await asyncio.gather(*(one(n) for n in names[i : i + 50]))
+
+    # ----- failover
+
+    async def next_decision(self) -> float:
+        """Seconds until some live replica accepts the drain of the next registered host."""
+        started = time.monotonic()
+        while True:
+            name = f"f{self._host_seq}"
+            for replica in [r for r in self.replicas if r.proc is not None]:
+                try:
+                    status, body = await self.call(replica, "POST", f"/v1/hosts/{name}/drain")
+                except (aiohttp.ClientError, OSError, TimeoutError):
+                    continue
+                if status == 202:
+                    self._host_seq += 1
+                    return time.monotonic() - started
+                if status not in (503,):
+                    raise RuntimeError(f"drain {name} on {replica.url}: {status} {body}")
+            await asyncio.sleep(0.02)
+
+    async def failover(self) -> tuple[list[float], list[float]]:
+        leader = await self.leader()
+        await self.register(leader, [f"f{i}" for i in range(4 * self.args.rounds + 4)])
+        await self.next_decision()  # the path works before anything is killed
+        killed, clean = [], []
+        for round_ in range(self.args.rounds):
+            for how in ("kill", "term"):
+                leader = await self.leader()
+                assert leader.proc is not None
+                if how == "kill":
+                    leader.proc.kill()
+                    took = await self.next_decision()
+                    await leader.proc.wait()
+                    leader.proc = None
+                    killed.append(took)
+                else:
+                    stopping = asyncio.create_task(leader.stop())
+                    await asyncio.sleep(0)
+                    took = await self.next_decision()
+                    await stopping
+                    clean.append(took)
+                print(f"  round {round_ + 1} {how}: next committed decision after {took:.2f} s (load {load()})")
+                await leader.start()  # back as a follower for the next round
+        return killed, clean
+
+    # ----- placements
+
+    async def place_until_full(self, clients: list[CoordinatorProcess], hosts: list[str]) -> tuple[int, float]:
+        leader = await self.leader()
+        await self.register(leader, hosts, memory=SLOTS_PER_HOST * SLOT)
+        request = {"capacity": {"cpu_millis": 10, "memory_bytes": SLOT}, "host": "auto", "purpose": "bench"}
+        held = 0
+        started = time.monotonic()
+        full = asyncio.Event()
+
+        async def worker(replica: CoordinatorProcess) -> None:
+            nonlocal held
+            while not full.is_set():
+                status, body = await self.call(replica, "POST", "/v1/reservations", request)
+                if status == 201:
+                    held += 1
+                elif status == 409:
+                    full.set()
+                elif status == 503:  # a leader that lost its term while writing: nothing was held
+                    self.refused += 1
+                    await asyncio.sleep(0.05)
+                else:
+                    raise RuntimeError(f"reserve on {replica.url}: {status} {body}")
+
+        await asyncio.gather(*(worker(r) for r in clients for _ in range(16)))
+        elapsed = time.monotonic() - started
+        # No double-booking: every replica lists every grant, and no host holds more than its room
+        # (placement may also use hosts registered earlier in the run: all of them are checked).
+        status, fleet = await self.call(leader, "GET", "/v1/hosts")
+        assert status == 200, fleet
+        room = {h["name"]: h["capacity"]["memory_bytes"] for h in fleet["hosts"]}
+        for replica in self.replicas:
+            status, listed = await self.call(replica, "GET", "/v1/reservations")
+            assert status == 200, listed
+            counts: dict[str, int] = defaultdict(int)
+            for r in listed["reservations"]:
+                counts[r["host"]] += r["capacity"]["memory_bytes"]
+            over = {h: b for h, b in counts.items() if b > room[h]}
+            total = len(listed["reservations"])
+            if over or total != self._granted + held:
+                raise AssertionError(f"on {replica.url}: over {over}, {total} listed, {self._granted + held} granted")
+        self._granted += held
+        return held, elapsed
+
+    # ----- ingest
+
+    async def ingest(self, n: int) -> dict[str, Any]:
+        leader = await self.leader()
+        names = [f"a{n}-{i}" for i in range(n)]
+        t0 = time.monotonic()
+        ca = self.pki.ca_dir
+        certs = [issue_host(ca, name, self.base / "agents" / name, ["127.0.0.1"]) for name in names]
+        issued = time.monotonic() - t0
+        contexts = [client_context(c) for c in certs]
+        sessions = [
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1, ssl=ctx), timeout=aiohttp.ClientTimeout(total=30)
+            )
+            for ctx in contexts
+        ]
+        latencies: list[float] = []
+        failures: defaultdict[str, int] = defaultdict(int)
+        registration_failures: defaultdict[str, int] = defaultdict(int)
+        period, seconds = self.args.period, self.args.seconds
+        stop_at = 0.0
+
+        async def post(session: aiohttp.ClientSession, path: str, body: Any) -> bool:
+            sent = time.monotonic()
+            try:
+                async with session.post(leader.url + path, json=body, server_hostname=COORDINATOR_NAME) as resp:
+                    await resp.read()
+                    ok = resp.status == 200
+                    if not ok:
+                        failures[f"http {resp.status}"] += 1
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                failures[type(exc).__name__] += 1
+                return False
+            if ok and path == "/v1/telemetry":
+                latencies.append(time.monotonic() - sent)
+            return ok
+
+        async def agent(i: int, session: aiohttp.ClientSession) -> None:
+            await asyncio.sleep(random.uniform(0, period))  # spread the registrations (and handshakes)
+            name = names[i]
+            while not await post(session, "/v1/register", registration(name)):  # as an agent: again later
+                registration_failures[name] += 1
+                await asyncio.sleep(1.0)
+            next_at = time.monotonic() + random.uniform(0, period)
+            while True:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                if stop_at and time.monotonic() >= stop_at:
+                    return
+                await post(session, "/v1/telemetry", {"host": name, "samples": [sample(time.time())]})
+                next_at += period
+
+        pids = {
+            f"coordinator :{r.port}{' (leader)' if r is leader else ''}": r.proc.pid for r in self.replicas if r.proc
+        }
+        pids.update({f"etcd {m.name}": m.proc.pid for m in self.cluster.members if m.proc})
+        tasks = [asyncio.create_task(agent(i, s)) for i, s in enumerate(sessions)]
+        try:
+            await asyncio.sleep(2 * period)  # everyone registered and pushing
+            latencies.clear()
+            failures.clear()
+            before_ticks = await self.tick_histogram(leader)
+            before_cpu = self.cpu(pids)
+            window_start = time.monotonic()
+            await asyncio.sleep(seconds)
+            window = time.monotonic() - window_start
+            pushes = len(latencies)
+            after_cpu = self.cpu(pids)
+            after_ticks = await self.tick_histogram(leader)
+            still = await self.leader()
+            stop_at = time.monotonic()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for s in sessions:
+                await s.close()
+        ticks = {b: after_ticks[b] - before_ticks.get(b, 0) for b in after_ticks}
+        count = ticks.get("+Inf", 0)
+        ordered = sorted(ticks.items(), key=lambda kv: float(kv[0]))
+        p99 = next((float(b) for b, c in ordered if count and c >= 0.99 * count), float("inf"))
+        return {
+            "agents": n,
+            "certs_s": issued,
+            "pushes_per_s": pushes / window,
+            "expected_per_s": n / period,
+            "latency_p50": statistics.median(latencies) if latencies else float("nan"),
+            "latency_p99": statistics.quantiles(latencies, n=100)[98] if len(latencies) >= 100 else float("nan"),
+            "failures": dict(failures),
+            "ticks": count,
+            "tick_p99_le": p99,
+            "cpu": {k: (after_cpu[k] - before_cpu[k]) / window for k in after_cpu},
+            "load": load(),
+            "registration_retries": sum(registration_failures.values()),
+            "leader_kept": still is leader,
+        }
+
+    @staticmethod
+    def cpu(pids: dict[str, int]) -> dict[str, float]:
+        return {k: cpu_seconds(p) for k, p in pids.items()} | {"bench (simulated agents)": time.process_time()}
+
+    async def tick_histogram(self, replica: CoordinatorProcess) -> dict[str, float]:
+        """ferryman_coordinator_tick_seconds buckets (le -> cumulative count) from the replica's /metrics."""
+        status, text = await self.call(replica, "GET", "/metrics")
+        assert status == 200
+        out: dict[str, float] = {}
+        for line in str(text).splitlines():
+            if line.startswith("ferryman_coordinator_tick_seconds_bucket{"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                out[le] = float(line.rsplit(" ", 1)[1])
+        return out
+
+
+async def start(bench: Bench) -> None:
+    await bench.replicas[0].start()  # the first leads; the others join as followers
+    await bench.leader()
+    await asyncio.gather(*(r.start() for r in bench.replicas[1:]))
+    print(f"3 coordinators on the 3 etcd members, leader_ttl {bench.leader_ttl} s; load {load()}")
+
+
+async def run(args: argparse.Namespace) -> int:
+    results: list[str] = []
+    async with scratch_dir("ferryman-bench-coordinator-") as base, EtcdCluster(base / "etcd", size=3) as cluster:
+        # Failover and placements with leader_ttl 2 s; the ingest with the default 5 s, as a loaded
+        # leader's renewals run late (see docs/benchmarks.md).
+        for ttl, name, parts in ((LEADER_TTL, "fast", ("failover", "placements")), (5, "ingest", ("ingest",))):
+            if not set(parts) & set(args.parts):
+                continue
+            bench = Bench(base, cluster, args, ttl, name)
+            try:
+                await start(bench)
+                if "failover" in args.parts and "failover" in parts:
+                    killed, clean = await bench.failover()
+                    results.append(f"bench failover: {statistics.median(killed):.2f} s (target <= 5)")
+                    print(
+                        f"failover: SIGKILL -> next committed decision {', '.join(f'{t:.2f}' for t in killed)} s; "
+                        f"clean stop (baseline) {', '.join(f'{t:.2f}' for t in clean)} s"
+                    )
+                if "placements" in args.parts and "placements" in parts:
+                    await placements(bench, results)
+                if "ingest" in args.parts and "ingest" in parts:
+                    await ingest(bench, args, results)
+            finally:
+                await bench.close()
+    print("\n".join(results))
+    return 0
+
+
+async def placements(bench: Bench, results: list[str]) -> None:
+    one_held, one_s = await bench.place_until_full([await bench.leader()], [f"q{i}" for i in range(PLACEMENT_HOSTS)])
+    print(f"placements, 1 replica (baseline): {one_held} held in {one_s:.2f} s = {one_held / one_s:.0f}/s")
+    three_held, three_s = await bench.place_until_full(bench.replicas, [f"p{i}" for i in range(PLACEMENT_HOSTS)])
+    print(
+        f"placements, 3 replicas at once: {three_held} held in {three_s:.2f} s = {three_held / three_s:.0f}/s; "
+        f"every replica lists every grant, no host over its room; {bench.refused} requests answered 503 "
+        f"and retried (load {load()})"
+    )
+
+    results.append(f"bench placements: {three_held / three_s:.0f} /s (target >= 200)")
+
+
+async def ingest(bench: Bench, args: argparse.Namespace, results: list[str]) -> None:
+    largest = 0
+    for n in args.agents:
+        r = await bench.ingest(n)
+        kept_up = r["pushes_per_s"] >= 0.95 * r["expected_per_s"] and not r["failures"]
+        ok = kept_up and r["tick_p99_le"] <= 1.0
+        print(
+            f"ingest {n} agents: {r['pushes_per_s']:.0f} pushes/s of {r['expected_per_s']:.0f} expected, "
+            f"latency p50 {1000 * r['latency_p50']:.0f} ms p99 {1000 * r['latency_p99']:.0f} ms, "
+            f"failures {r['failures'] or 0}; {r['ticks']:.0f} ticks, p99 <= {r['tick_p99_le']} s; "
+            f"certificates issued in {r['certs_s']:.1f} s; {r['registration_retries']} registrations retried; "
+            f"{'same leader' if r['leader_kept'] else 'THE LEADER CHANGED'}; load {r['load']}"
+        )
+        print("  CPU (cores busy): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cpu"].items())))
+        if not ok:
+            break
+        largest = n
+    results.append(f"bench ingest: {largest} agents (target >= 10000)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="leader kills (and clean stops)")
+    p.add_argument("--agents", default="1000,2000,4000", help="simulated agent counts, tried in order")
+    p.add_argument("--period", type=float, default=5.0, help="each agent's telemetry period (s)")
+    p.add_argument("--seconds", type=float, default=30.0, help="the measured window per agent count")
+    p.add_argument("--parts", default="failover,placements,ingest", help="which measurements, comma-separated")
+    p.add_argument("--tick", type=float, default=5.0, help="the leader's policy tick period (s)")
+    args = p.parse_args()
+    args.agents = [int(a) for a in args.agents.split(",")]
+    args.parts = args.parts.split(",")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
