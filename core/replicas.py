@@ -8,6 +8,10 @@ keeps it as long as it answers. Two answers move it:
   the URL it was configured with);
 - a replica that cannot be reached (`unreachable`): the client tries the next URL in its list.
 
+A follower also names the leader on the requests it serves (the `Ferryman-Leader` header, LEADER_HEADER):
+a client whose requests any replica may serve (an agent's telemetry) moves there for the next ones,
+so that the leader, the replica that scores, receives its samples.
+
 One request moves at most `budget()` times, so a fleet with no leader at all (or none reachable)
 ends in an error instead of a loop; the caller reports the last answer.
 """
@@ -17,6 +21,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from urllib.parse import urlsplit
+
+LEADER_HEADER = "Ferryman-Leader"
+"""On a follower's answers: the leader's URL, as the follower last saw it."""
 
 
 def parse_urls(urls: Sequence[str], what: str) -> tuple[str, ...]:

@@ -2,7 +2,7 @@
 drain and the next leader finishes it from the store, migrating each container exactly once.
 
 The etcd member and the three replicas run in the mesh's fabric namespace, where the agents reach
-them; the replicas share one etcd prefix.
+them; the replicas share one etcd prefix. The agents list every replica and follow the leader.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tests.harness.fleet import (
 from tests.harness.mesh import Mesh, MeshHost
 
 LEADER_TTL = 2
+MODEL = Path(__file__).resolve().parent.parent / "models" / "drain" / "drain.onnx"
 REPLICAS = 3
 
 
@@ -139,11 +140,11 @@ async def _source_records(host: MeshHost) -> list[dict[str, Any]]:
 async def test_the_leader_killed_in_the_middle_of_a_drain(base_dir: Path) -> None:
     overrides: dict[str, Any] = {
         "heartbeat": {"suspect_after": 3.0, "down_after": 6.0, "check_period": 0.5},
-        "model": {"tick_period": 1.0},
         # One migration out of a host at a time: the kill lands with one running and others pending.
         "migrations": {"poll_period": 0.3, "timeout": 120.0, "max_per_host": 1},
         "reservations": {"sweep_period": 1.0},
         "agents": {"request_timeout": 10.0},
+        "model": {"path": str(MODEL), "tick_period": 1.0},
     }
     async with replicated_fleet(base_dir, overrides) as f:
         h1 = f.mesh["h1"]
@@ -200,3 +201,11 @@ async def test_the_leader_killed_in_the_middle_of_a_drain(base_dir: Path) -> Non
         assert (await f.call("GET", "/v1/reservations"))["reservations"] == []
         for host in f.mesh.hosts:
             assert (await api(host, "GET", "/v1/reservations"))["reservations"] == [], host.name
+
+        # The agents moved their pushes to the new leader (a follower names it on what it serves):
+        # it scores every host.
+        async def scored() -> bool:
+            data = await f.call("GET", "/v1/predictions")
+            return {p["host"] for p in data["predictions"]} == {"h1", "h2", "h3"}
+
+        await f.wait_for("the new leader scores every host", scored)

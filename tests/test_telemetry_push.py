@@ -62,6 +62,8 @@ class Coordinator:
     runner: web.AppRunner | None = None
     follows: str | None = None
     """A replica that does not lead: every request gets 503 not_leader naming this URL."""
+    hints: str | None = None
+    """A follower that serves every request and names this URL as the leader (Ferryman-Leader)."""
 
     def _peer(self, request: web.Request) -> str:
         assert request.transport is not None
@@ -78,7 +80,7 @@ class Coordinator:
         assert reg.host == self._peer(request)
         self.registrations.append(reg)
         self.known.add(reg.host)
-        return web.json_response({})
+        return web.json_response({}, headers={"Ferryman-Leader": self.hints} if self.hints else None)
 
     async def telemetry(self, request: web.Request) -> web.Response:
         if self.follows is not None:
@@ -271,6 +273,28 @@ async def test_the_pusher_follows_the_leader_across_replicas(fleet: Fleet, tmp_p
         await until(lambda: len(leader.samples()) == 4 and pusher.buffered == 0, "both samples at the leader")
         assert [r.host for r in leader.registrations] == ["h1", "h1"]
         assert follower.registrations == [] and follower.batches == []
+    finally:
+        await pusher.close()
+        await follower.stop()
+        await leader.stop()
+
+
+async def test_a_follower_that_serves_a_push_sends_the_next_ones_to_the_leader(fleet: Fleet) -> None:
+    """Only the leader scores: a follower takes the registration and names the leader, and the
+    samples go to the leader (which asks for a registration of its own)."""
+    leader = Coordinator(fleet.coordinator, free_port())
+    follower = Coordinator(fleet.coordinator, free_port(), hints=f"https://127.0.0.1:{leader.port}")
+    urls = (f"https://127.0.0.1:{follower.port}", f"https://127.0.0.1:{leader.port}")
+    config = CoordinatorConfig(urls=urls, server_name="coord", request_timeout=5.0)
+    pusher = TelemetryPusher("h1", config, TelemetryConfig(), client_context(fleet.agent), registration)
+    await leader.start()
+    await follower.start()
+    await pusher.start()
+    try:
+        pusher.offer(pb.TelemetrySample(ts=time.time()))
+        await until(lambda: len(leader.samples()) == 1 and pusher.buffered == 0, "the sample at the leader")
+        assert [r.host for r in follower.registrations] == ["h1"] and follower.batches == []
+        assert [r.host for r in leader.registrations] == ["h1"]
     finally:
         await pusher.close()
         await follower.stop()

@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from agent.config import CoordinatorConfig, TelemetryConfig
 from agent.metrics import AgentMetrics
-from core.replicas import Replicas, not_leader
+from core.replicas import LEADER_HEADER, Replicas, not_leader
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 REGISTRATION_REFRESH = 60.0
@@ -46,6 +46,9 @@ def to_json(message: Message) -> dict[str, Any]:
 
 class CoordinatorLink:
     """POSTs to the coordinator's replicas, following the leader (the rules: core/replicas.py).
+
+    A follower that serves a request but names the leader (LEADER_HEADER) sends the next ones there:
+    only the leader scores hosts, from the samples pushed to it.
 
     A replica that cannot be connected to is skipped for the next one at once (nothing was sent); one
     that fails otherwise (a timeout, a reset) fails the request, and the next request starts at the
@@ -74,6 +77,7 @@ class CoordinatorLink:
                     url + path, json=to_json(message), server_hostname=self._server_hostname(url)
                 ) as resp:
                     text = await resp.text()
+                    hint = resp.headers.get(LEADER_HEADER, "")
             except aiohttp.ClientConnectorError as exc:
                 failure = PushFailed(f"POST {url}{path}: {type(exc).__name__}: {exc}")
                 self._replicas.unreachable()
@@ -85,6 +89,8 @@ class CoordinatorLink:
                 self._replicas.unreachable()
                 raise PushFailed(f"POST {url}{path}: {type(exc).__name__}: {exc}") from exc
             if resp.status == 200:
+                if hint and hint.rstrip("/") != url:  # a follower served it: the next ones go to the leader
+                    self._replicas.redirected(hint)
                 return text
             failure = PushFailed(f"POST {url}{path}: HTTP {resp.status}: {text[:200]}")
             leader = not_leader(text) if resp.status == 503 else None

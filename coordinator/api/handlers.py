@@ -33,6 +33,7 @@ from core.http.validate import (
     str_field,
 )
 from core.ids import check_catalog_name, check_catalog_version, check_container_id, parse_catalog_ref
+from core.replicas import LEADER_HEADER
 from core.security.pki import Role, validate_name
 from proto.ferryman.v1 import fleet_pb2
 
@@ -84,6 +85,9 @@ async def leader_middleware(request: web.Request, handler: Any) -> web.StreamRes
         response: web.StreamResponse = await handler(request)
     except NotLeader as exc:  # a fenced write found another replica leading
         return _not_leader(exc)
+    election = coordinator.election
+    if election is not None and election.leader and not coordinator.acting() and not response.prepared:
+        response.headers[LEADER_HEADER] = election.leader  # served here, but the leader is there
     return response
 
 
