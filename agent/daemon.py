@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(level)
     keep_freed_memory()
+    # systemd's watchdog aborts a hung agent with SIGABRT: every thread's stack then goes to the journal.
+    faulthandler.enable()
     return run_to_exit_code("agent", run(config))
 
 

@@ -1,8 +1,9 @@
 """Daemon lifecycle shared by ferryman-agent and ferryman-coordinator.
 
 Signals only set a flag; shutdown then runs in order (stop serving, close services). systemd hears
-READY and STOPPING through sd_notify. `run_to_exit_code` maps failures to the exit codes both
-daemons document: 0 clean, 1 failure, 2 configuration error.
+READY and STOPPING through sd_notify, and a unit with `WatchdogSec=` hears WATCHDOG=1 from the event
+loop while it turns (a hung loop falls silent and systemd restarts the daemon). `run_to_exit_code`
+maps failures to the exit codes both daemons document: 0 clean, 1 failure, 2 configuration error.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from core import sdnotify
 from core.errors import ConfigError, FerrymanError
+from core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,24 @@ async def serve_until(stop: asyncio.Event, what: str, **ready: object) -> None:
     """Tell systemd and the log that `what` is ready, wait for `stop`, then say it is stopping."""
     sdnotify.notify("READY=1")
     log.info(f"{what} ready", extra=ready)
-    await stop.wait()
+    tasks = TaskSet()
+    interval = sdnotify.watchdog_interval(os.environ, os.getpid())
+    if interval is not None:
+        tasks.spawn(ping_watchdog(interval), name="watchdog")
+    try:
+        await stop.wait()
+    finally:
+        await tasks.close()
     log.info("shutting down")
     sdnotify.notify("STOPPING=1")
+
+
+async def ping_watchdog(interval: float) -> None:
+    """WATCHDOG=1 every `interval` s, from the event loop itself: if the loop stops turning (a
+    blocking call, a deadlock, SIGSTOP), the pings stop and systemd acts on WatchdogSec=."""
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 def run_to_exit_code(what: str, main: Coroutine[Any, Any, int]) -> int:

@@ -236,6 +236,22 @@ def test_sdnotify_without_manager(short_dir: Path, monkeypatch: pytest.MonkeyPat
     assert sdnotify.notify("READY=1") is False
 
 
+@pytest.mark.parametrize(
+    ("environ", "interval"),
+    [
+        ({"WATCHDOG_USEC": "30000000"}, 15.0),  # half the limit
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "4242"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),  # inherited from another process
+        ({}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({"WATCHDOG_USEC": "-5"}, None),
+    ],
+)
+def test_watchdog_interval(environ: dict[str, str], interval: float | None) -> None:
+    assert sdnotify.watchdog_interval(environ, 4242) == interval
+
+
 # ------------------------------------------------------------------ run(): ready, serve, graceful stop
 
 
@@ -284,6 +300,39 @@ async def test_run_ready_serve_stop(short_dir: Path, monkeypatch: pytest.MonkeyP
         assert await asyncio.wait_for(task, 10) == 0
     assert fake.closed
     assert not api_path.exists()
+
+
+async def test_run_pings_the_watchdog_from_the_loop(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With WatchdogSec= (WATCHDOG_USEC) the daemon sends WATCHDOG=1 after READY=1, every half
+    period, while its loop turns; none once it is stopping."""
+    notify_path = short_dir / "notify.sock"
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify_sock:
+        notify_sock.bind(str(notify_path))
+        notify_sock.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+        monkeypatch.setenv("WATCHDOG_USEC", "200000")
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+        stop = asyncio.Event()
+        config = AgentConfig(api=ApiConfig(listen=f"unix://{short_dir / 'agent.sock'}"))
+
+        async def open_agent(config: AgentConfig) -> FakeAgent:
+            return FakeAgent()
+
+        task = asyncio.create_task(daemon.run(config, open_agent=open_agent, stop=stop))
+        assert await asyncio.wait_for(loop.sock_recv(notify_sock, 4096), 10) == b"READY=1"
+        t0 = loop.time()
+        for _ in range(4):
+            assert await asyncio.wait_for(loop.sock_recv(notify_sock, 4096), 10) == b"WATCHDOG=1"
+        assert loop.time() - t0 >= 0.25  # paced at 0.1 s, not a burst
+        stop.set()
+        received = [await asyncio.wait_for(loop.sock_recv(notify_sock, 4096), 10)]
+        while received[-1] != b"STOPPING=1":
+            received.append(await asyncio.wait_for(loop.sock_recv(notify_sock, 4096), 10))
+        assert await asyncio.wait_for(task, 10) == 0
+        await asyncio.sleep(0.3)
+        with pytest.raises(BlockingIOError):
+            notify_sock.recv(4096)  # no ping after STOPPING=1
 
 
 _SIGTERM_SCRIPT = """
