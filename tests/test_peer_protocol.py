@@ -15,19 +15,23 @@ import json
 import random
 from array import array
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.checkpoint.pageserver import HEADER, PS_IOV_GET
+from agent.config import AgentConfig
 from agent.migration.link import FileIn, Incoming, Link, PagesIn
 from agent.migration.protocol import (
+    ACCEPTED_PROTOCOLS,
     ALLOWED,
     ANYTIME,
     BLOB_SESSION,
     MESSAGES,
+    MIGRATION_PROTOCOL,
     OPENERS,
     Blobs,
     BlobsDone,
@@ -42,6 +46,7 @@ from agent.migration.protocol import (
     Pagemap,
     PeerFailed,
     PeerReportedFailure,
+    PeerVersionMismatch,
     Postcopy,
     Prepare,
     Prepared,
@@ -64,10 +69,12 @@ from agent.migration.protocol import (
     RwLayer,
     Stopcopy,
     check_allowed,
+    check_protocol,
     decode,
     decode_as,
     encode,
 )
+from agent.migration.service import MigrationService
 from agent.migration.states import State
 from agent.oci import MEDIA_OCI_MANIFEST
 from agent.peers import PeerSession, SessionRouter, UnknownSessionKind
@@ -558,3 +565,50 @@ def test_each_field_replaced_by_any_value_decodes_or_is_a_protocol_error(example
         ident = getattr(value, "id", value)
         if isinstance(ident, str):
             assert "/" not in ident and ident != ".."
+
+
+# ----- versions: a migration between agents of two releases ---------------------------------------
+
+
+def test_the_protocol_version_leaves_the_wire_of_version_1_unchanged() -> None:
+    """Version 1 is the wire agents sent before `prepare` carried a version: both read each other."""
+    prepare = decode_as(Prepare, PREPARE_WIRE)
+    assert prepare.protocol == 1
+    assert "protocol" not in encode(prepare)
+    newer = dataclasses.replace(prepare, protocol=MIGRATION_PROTOCOL + 1)
+    assert encode(newer)["protocol"] == MIGRATION_PROTOCOL + 1
+    assert decode(encode(newer)) == newer
+
+
+def test_a_target_accepts_its_own_version_and_the_one_before() -> None:
+    assert MIGRATION_PROTOCOL in ACCEPTED_PROTOCOLS
+    assert {MIGRATION_PROTOCOL - 1, MIGRATION_PROTOCOL} >= ACCEPTED_PROTOCOLS
+    for version in ACCEPTED_PROTOCOLS:
+        check_protocol(version)
+    for version in (MIGRATION_PROTOCOL + 1, MIGRATION_PROTOCOL - 2, 0):
+        if version in ACCEPTED_PROTOCOLS:
+            continue
+        with pytest.raises(PeerVersionMismatch, match=f"the source speaks migration protocol {version}; this agent"):
+            check_protocol(version)
+
+
+async def test_a_newer_source_is_refused_before_anything_moves(tmp_path: Path) -> None:
+    """The target answers `failed` with both versions, and records, reserves and builds nothing."""
+    config = AgentConfig(state_dir=str(tmp_path))
+    service = MigrationService(
+        config,
+        cd=cast(Any, None),  # never reached: the version is checked first
+        images=cast(Any, SimpleNamespace(platform=None)),
+        containers=cast(Any, SimpleNamespace(criu_configs=None)),
+        metrics=cast(Any, None),
+        transport=cast(Any, None),
+        host_name="h2",
+    )
+    sent: list[dict[str, Any]] = []
+    newer = with_(PREPARE_WIRE, protocol=MIGRATION_PROTOCOL + 1)
+    link = Link(FakeChannel([Control(newer)], sent), idle_timeout=1)
+    await service.handle_session(link, "h1", PREPARE_WIRE["migration"])
+    assert [m["type"] for m in sent] == ["failed"]
+    assert f"the source speaks migration protocol {MIGRATION_PROTOCOL + 1}" in sent[0]["error"]
+    assert service.journal.all() == []
+    await service.close()

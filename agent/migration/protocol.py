@@ -52,6 +52,35 @@ class ProtocolError(PeerFailed):
         self.got = got
 
 
+MIGRATION_PROTOCOL = 1
+"""This agent's migration protocol version, sent in `prepare` (left out at 1, the wire of agents from
+before versions). Bump it for any change an older peer would misread: a new required field, a new
+message in a state's ALLOWED row, a changed meaning."""
+ACCEPTED_PROTOCOLS = frozenset({MIGRATION_PROTOCOL - 1, MIGRATION_PROTOCOL}) - {0}
+"""The versions a target accepts a migration from: its own and the one before, so during a rolling
+upgrade the not-yet-upgraded hosts can always drain onto upgraded ones (docs/migration.md, "Versions")."""
+
+
+class PeerVersionMismatch(PeerFailed):
+    """The source speaks a migration protocol this target does not accept: refused before anything moves."""
+
+    code = "peer_version"
+
+    def __init__(self, version: int) -> None:
+        accepted = ", ".join(str(v) for v in sorted(ACCEPTED_PROTOCOLS))
+        super().__init__(
+            f"the source speaks migration protocol {version}; this agent speaks {MIGRATION_PROTOCOL} and accepts "
+            f"{accepted}: migrate from the older agent to the newer one, or upgrade this host first"
+        )
+        self.version = version
+
+
+def check_protocol(version: int) -> None:
+    """PeerVersionMismatch unless a target of this version accepts a `prepare` of `version`."""
+    if version not in ACCEPTED_PROTOCOLS:
+        raise PeerVersionMismatch(version)
+
+
 # ----- field types with a check --------------------------------------------------------------------
 
 
@@ -173,6 +202,8 @@ class Prepare(Message, tag="prepare"):
     container: Container
     estimated_bytes: Count
     options: PrepareOptions
+    protocol: int = optional(1)
+    """The source's MIGRATION_PROTOCOL; the target checks it (check_protocol) before anything else."""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from agent.migration.protocol import (
     ProtocolError,
     Query,
     Resolve,
+    check_protocol,
 )
 from agent.migration.protocol import Decision as DecisionReply
 from agent.migration.record import MigrationId, MigrationOptions, MigrationRecord
@@ -345,6 +346,8 @@ class MigrationService:
             self._schedule_release()
 
     async def _accept_migration(self, link: Link, peer_host: str, prepare: Prepare) -> None:
+        # Another version first: the source hears why (link.fail) before anything is reserved or sent.
+        check_protocol(prepare.protocol)
         # The peer is authenticated, not trusted: it may not choose the mounts, capabilities or
         # namespaces of what this host creates. Refused here, before anything is recorded or built.
         check_restorable_spec(prepare.container.spec)

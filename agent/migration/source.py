@@ -44,6 +44,7 @@ from agent.migration.local import describe_failure, remove_container, resume_if_
 from agent.migration.pagepush import PushCounts, lazy_regions, push
 from agent.migration.pageserve import SourcePages
 from agent.migration.protocol import (
+    MIGRATION_PROTOCOL,
     Commit,
     Committed,
     Container,
@@ -208,6 +209,7 @@ class SourceMigration:
                     mode=self.record.options.mode,
                     reservation=self.record.options.reservation,
                 ),
+                protocol=MIGRATION_PROTOCOL,
             )
         )
         await link.expect(Prepared)
