@@ -1,16 +1,18 @@
 """Test hosts that run systemd as PID 1: what the Ansible roles and the units are checked against.
 
 systemd is not PID 1 on this machine and `systemd-nspawn --boot` does not work here, but systemd
-boots in its own PID, mount, UTS and IPC namespaces chrooted into a Debian root, with a network
+boots in its own PID, mount, UTS and IPC namespaces rooted in a Debian root (pivot_root), with a network
 namespace for its address (/work/shared/RECIPES.md). Each `SystemdHost` is one such boot:
 
     root      scripts/build-fleet-root: a debootstrap root cached under /var/cache/ferryman, keyed by
               its inputs, never written: each host mounts an overlay over it (upper dir in its dir)
+              and pivots into it; /var/lib/containerd is a bind of its dir's disk/ (overlayfs
+              snapshots cannot nest in an overlay)
     network   netns <prefix>-hN with eth0 = 10.A.B.(10+N) on the bridge <prefix>-br in <prefix>-fab
               (10.A.B.1), the layout of tests/harness/mesh.py; nothing is added to the root netns
     cgroups   a child cgroup of this process's own in every hierarchy, so each host's systemd has a
               tree of its own (systemd takes the cgroup it starts in as its root)
-    PID 1     `unshare --fork --pid --mount --uts --ipc` -> mounts -> `chroot ROOT systemd --system`
+    PID 1     `unshare --fork --pid --mount --uts --ipc` -> mounts -> pivot_root ROOT -> `systemd --system`
 
 Everything but the overlay's upper dir lives in the host's private mount namespace and dies with it.
 `stop()` SIGKILLs the host's systemd (as PID 1 it ignores SIGTERM); the kernel then kills every
@@ -51,9 +53,12 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty", "net/tun", "fuse"
 # The boot script, run as the new PID namespace's first process (it becomes systemd by exec).
 BOOT_SCRIPT = r"""
 set -eu
-lower=$1 upper=$2 work=$3 root=$4 hostname=$5 cgroups=$6
+lower=$1 upper=$2 work=$3 root=$4 hostname=$5 cgroups=$6 disk=$7
 for cg in $cgroups; do echo $$ >"$cg/cgroup.procs"; done
 mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work" "$root"
+# containerd's overlayfs snapshots cannot have an upper dir on an overlay: its data goes on the disk.
+mkdir -p "$root/var/lib/containerd"
+mount --bind "$disk" "$root/var/lib/containerd"
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
 mount --rbind /sys/fs/cgroup "$root/sys/fs/cgroup"
@@ -73,7 +78,13 @@ mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/dev/shm"
 mkdir -p "$root/dev/mqueue"; mount -t mqueue mqueue "$root/dev/mqueue"
 hostname "$hostname"
 echo "$hostname" >"$root/etc/hostname"
-exec chroot "$root" /lib/systemd/systemd --system --log-target=console --show-status=false
+# pivot_root, not chroot: the overlay becomes the root of the host's mount namespace, as on a real
+# host (CRIU refuses to dump from a namespace whose root is not its tasks' root).
+cd "$root"
+pivot_root . .
+umount -l .
+cd /
+exec /lib/systemd/systemd --system --log-target=console --show-status=false
 """.replace("DEVICES", " ".join(DEVICES))
 
 
@@ -180,7 +191,7 @@ class SystemdHost:
 
     def boot(self) -> None:
         """Start systemd; `wait_booted` waits until it has finished starting its units."""
-        for sub in ("root", "upper", "work"):
+        for sub in ("root", "upper", "work", "disk"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         for cg in self.cgroups:
             cg.mkdir(exist_ok=True)
@@ -192,7 +203,7 @@ class SystemdHost:
             "unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "--propagation", "private",
             "/bin/sh", "-c", BOOT_SCRIPT, "boot",
             str(self.fleet.lower), str(self.dir / "upper"), str(self.dir / "work"), str(self.root),
-            self.hostname, " ".join(str(cg) for cg in self.cgroups),
+            self.hostname, " ".join(str(cg) for cg in self.cgroups), str(self.dir / "disk"),
         ]  # fmt: skip
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "container": "ferryman", "LANG": "C.UTF-8"}
         with self._console.open("ab") as console:
