@@ -1,10 +1,10 @@
 """The client of bench/clients.py, run in the mesh's client namespace (stdlib only: it starts fast).
 
-  python bench/_client.py IP PORT SHORT_PER_S TIMEOUT_S
+  python bench/_client.py IP PORT SHORT_PER_S TIMEOUT_S [PERIOD_MS]
 
 Until its stdin closes it keeps
-  - one persistent TCP connection in lock-step: a request every millisecond, each reply read and
-    checked before the next request (the time of every good reply is recorded);
+  - one persistent TCP connection in lock-step: a request every PERIOD_MS (1) milliseconds, each
+    reply read and checked before the next request (the time of every good reply is recorded);
   - a load of short connections, SHORT_PER_S a second: connect, one request, read the reply, close.
 Requests are "<seq> <nonce>\\n"; a good reply is "<seq> <mix(seq, nonce) in hex> ok\\n" (memhog's
 protocol, tests/workloads/memhog.c). Anything else is a failure: connect errors, resets, a closed
@@ -63,7 +63,9 @@ def error_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def persistent(address: tuple[str, int], timeout: float, stop: threading.Event, out: dict[str, Any]) -> None:
+def persistent(
+    address: tuple[str, int], timeout: float, period: float, stop: threading.Event, out: dict[str, Any]
+) -> None:
     replies: list[float] = []
     errors: list[tuple[float, str]] = []
     out["replies"], out["errors"] = replies, errors
@@ -89,7 +91,7 @@ def persistent(address: tuple[str, int], timeout: float, stop: threading.Event, 
             if sock is not None:
                 sock.close()
                 sock = None
-        next_at += 0.001
+        next_at += period
         delay = next_at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
@@ -131,6 +133,7 @@ async def short_load(address: tuple[str, int], per_s: float, limit: float, stop:
 
 async def main() -> None:
     ip, port, per_s, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    period = float(sys.argv[5]) / 1000 if len(sys.argv) > 5 else 0.001
     address = (ip, port)
     faulthandler.register(signal.SIGUSR1)  # where it is, should the bench find it stuck
     # A freeze leaves many short connections open at once.
@@ -140,7 +143,7 @@ async def main() -> None:
     started = time.time()
     stop_thread, stop_load = threading.Event(), asyncio.Event()
     out: dict[str, Any] = {"started": started}
-    thread = threading.Thread(target=persistent, args=(address, timeout, stop_thread, out), daemon=True)
+    thread = threading.Thread(target=persistent, args=(address, timeout, period, stop_thread, out), daemon=True)
     thread.start()
     load = asyncio.create_task(short_load(address, per_s, timeout, stop_load))
     await loop.run_in_executor(None, sys.stdin.buffer.read)  # until the bench closes our stdin

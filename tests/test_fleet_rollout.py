@@ -5,8 +5,11 @@ connection plugin and installs the fleet PKI, the coordinator (on h1) and the ag
 from the controller's checkout, the ferryman-criu package and a wheelhouse. The tests then check
 what a user would: the services run under systemd with the units' readiness, restart and logging
 behaviour, the agents registered with the coordinator over mutual TLS, and a second run of the
-playbook changes nothing. Last, `ansible/upgrade.yml` moves every agent to a new commit, one host
-at a time, each drained through the coordinator and returned to service.
+playbook changes nothing. Last, `ansible/upgrade.yml` moves the coordinator and every agent to a
+new commit, one host at a time, each drained through the coordinator and returned to service, while
+a stateful workload per host serves a client that keeps calling it: the workloads live-migrate out
+of the way, no request fails and their memory is intact; the rollout time and the longest gap a
+client saw are printed.
 
 The first run takes most of the module's time (three venvs installed on a 2-core machine); the
 module is marked `fleet` (and `slow`): `pytest -m fleet` runs it alone.
@@ -14,16 +17,25 @@ module is marked `fleet` (and `slow`): `pytest -m fleet` runs it alone.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import re
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.harness.systemd_host import REPO, PlaybookRun, SystemdFleet, run_playbook, write_inventory
+from tests.harness import netns as nsh
+from tests.harness.images import oci_archive
+from tests.harness.systemd_host import REPO, PlaybookRun, SystemdFleet, SystemdHost, run_playbook, write_inventory
+from tests.harness.workloads import MemhogStatus, memhog_image
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -164,6 +176,36 @@ def test_agent_unit_under_systemd(deployed: Deployed) -> None:
     assert host.unit_property(unit, "ActiveState") == "active"
 
 
+def test_a_hung_agent_is_restarted_by_the_watchdog(deployed: Deployed) -> None:
+    """The agent pings systemd's watchdog from its event loop: a live agent outlasts WatchdogSec=,
+    a stopped one (SIGSTOP: its loop no longer turns) is aborted, killed and started again."""
+    host = deployed.fleet["h3"]
+    unit = "ferryman-agent.service"
+    assert host.unit_property(unit, "WatchdogUSec") == "30s"
+    limit = 30.0
+    # Alive past the limit with the same process: its pings arrive.
+    pid = host.unit_property(unit, "MainPID")
+    restarts = int(host.unit_property(unit, "NRestarts"))
+    started = int(host.unit_property(unit, "ExecMainStartTimestampMonotonic")) / 1e6
+    time.sleep(max(0.0, started + limit + 2 - time.monotonic()))
+    assert (host.unit_property(unit, "MainPID"), int(host.unit_property(unit, "NRestarts"))) == (pid, restarts)
+
+    host.sh(f"kill -STOP {pid}")
+    stopped = time.monotonic()
+    deadline = stopped + limit + 60
+    while time.monotonic() < deadline:
+        new_pid = host.unit_property(unit, "MainPID")
+        if new_pid not in ("0", pid) and host.unit_property(unit, "ActiveState") == "active":
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"not restarted:\n{host.sh('systemctl status ferryman-agent --no-pager', check=False)}")
+    print(f"hung agent restarted after {time.monotonic() - stopped:.0f} s")
+    assert time.monotonic() - stopped > limit - 1  # by the watchdog, not by anything sooner
+    assert int(host.unit_property(unit, "NRestarts")) == restarts + 1
+    assert "watchdog timeout" in host.journal(unit).lower()
+
+
 def test_coordinator_unit_under_systemd(deployed: Deployed) -> None:
     host = deployed.fleet[COORDINATOR]
     unit = "ferryman-coordinator.service"
@@ -183,11 +225,131 @@ def test_second_run_changes_nothing(deployed: Deployed) -> None:
     assert second.changed() == dict.fromkeys(AGENTS, 0), second.output[-6000:]
 
 
+# ----- workloads that must not notice the rolling upgrade -------------------------------------------
+
+WORKLOAD_IMAGE = "ferryman.test/memhog:rollout"
+WORKLOAD_PORT = 9000
+CLIENT = REPO / "bench" / "_client.py"
+CLIENT_PERIOD_MS = 10
+"""The persistent connection's pace: 100 requests a second per workload (the machine has 2 cores)."""
+CLIENT_SHORT_PER_S = 2
+CLIENT_TIMEOUT = 15.0
+"""A request unanswered this long is a failure (a freeze is a pause, far shorter)."""
+BUNDLES = "/run/containerd/io.containerd.runtime.v2.task/ferryman"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    ip: str
+    home: str
+    """Where it started."""
+
+
+def start_workloads(deployed: Deployed) -> list[Workload]:
+    """memhog (16 MiB whose every page is checkable, a TCP server reading a page per request) on each
+    host, with a service address on the bridge; the last one labelled ferryman.postcopy=never."""
+    archive = oci_archive(memhog_image(resident_mib=16, rewrite_mbps=0.5, port=WORKLOAD_PORT).build(), WORKLOAD_IMAGE)
+    workloads = []
+    for i, host in enumerate(deployed.fleet.hosts, 1):
+        imported = subprocess.run(
+            [*host.nsenter_argv(), "/usr/local/bin/ferryctl", "image", "import", "-"],
+            input=archive, capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert imported.returncode == 0, imported.stderr.decode(errors="replace")
+        workload = Workload(f"w{i}", str(deployed.fleet.subnet.network_address + 100 + i), host.name)
+        never = "--label ferryman.postcopy=never" if i == len(deployed.fleet.hosts) else ""
+        run = f"/usr/local/bin/ferryctl run --name {workload.name} --service-ip {workload.ip} {never}"
+        host.sh(f"{run} {WORKLOAD_IMAGE}")
+        workloads.append(workload)
+    for workload in workloads:
+        deadline = time.monotonic() + 60
+        while not nsh.call_in_netns(deployed.fleet.fabric_netns, _answers, workload.ip):
+            assert time.monotonic() < deadline, f"{workload.name} does not serve {workload.ip}:{WORKLOAD_PORT}"
+            time.sleep(0.2)
+    return workloads
+
+
+def _answers(ip: str) -> bool:
+    try:
+        with socket.create_connection((ip, WORKLOAD_PORT), timeout=1) as sock:
+            sock.sendall(b"1 1\n")
+            return sock.recv(64).endswith(b" ok\n")
+    except OSError:
+        return False
+
+
+class Client:
+    """bench/_client.py from the bridge's side (the fabric netns): one persistent connection in
+    lock-step and a trickle of short connections; `stop()` returns what it saw."""
+
+    def __init__(self, fleet: SystemdFleet, workload: Workload) -> None:
+        self.workload = workload
+        argv = [
+            *nsh.nsenter_argv(fleet.fabric_netns), sys.executable, str(CLIENT), workload.ip, str(WORKLOAD_PORT),
+            str(CLIENT_SHORT_PER_S), str(CLIENT_TIMEOUT), str(CLIENT_PERIOD_MS),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def stop(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()  # the client's stop signal
+        out, err = self.proc.communicate(timeout=CLIENT_TIMEOUT + 30)
+        assert self.proc.returncode == 0, err.decode(errors="replace")[-3000:]
+        return dict(json.loads(out))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def failures(seen: dict[str, Any]) -> list[tuple[float, str]]:
+    """Every failed request: the persistent connection's and the short connections'."""
+    short = [(started, kind) for started, _, kind in seen["short"] if kind != "ok"]
+    return [(t, kind) for t, kind in seen["errors"]] + short
+
+
+def longest_gap(seen: dict[str, Any]) -> float:
+    """The longest time between two good replies on the persistent connection (seconds)."""
+    stamps = [seen["started"], *seen["replies"], seen["stopped"]]
+    return max(b - a for a, b in itertools.pairwise(stamps))
+
+
+def where_runs(fleet: SystemdFleet, name: str) -> list[SystemdHost]:
+    found = []
+    for host in fleet.hosts:
+        listed = json.loads(host.sh("/usr/local/bin/ferryctl --json ps"))["containers"]
+        found += [host for c in listed if c["id"] == name and c.get("state") == "running"]
+    return found
+
+
+def memhog_state(host: SystemdHost, name: str, *, verify: bool = False) -> MemhogStatus:
+    """memhog's status line (in its rootfs on `host`); with `verify`, after it checked every page."""
+    status = f"{BUNDLES}/{name}/rootfs/tmp/status"
+    if verify:
+        host.sh(f"echo 1 > {status}.verify")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = host.sh(f"cat {status} 2>/dev/null || true")
+        with contextlib.suppress(KeyError, ValueError):
+            state = MemhogStatus.parse(text)
+            if not verify or (state.verified != "none" and not host.sh(f"ls {status}.verify 2>/dev/null || true")):
+                return state
+        time.sleep(0.2)
+    raise AssertionError(f"no memhog status for {name} on {host.name}")
+
+
 def test_rolling_upgrade_to_a_new_commit(deployed: Deployed, tmp_path: Path) -> None:
-    """upgrade.yml moves every agent to a new commit, one host at a time, each drained through the
-    coordinator first and returned to service after; a second run changes nothing.
+    """upgrade.yml moves the coordinator, then every agent, to a new commit, one host at a time, each
+    drained through the coordinator first and returned to service after; a second run changes
+    nothing. A workload on each host keeps serving its client throughout: it live-migrates away from
+    each host before that host's agent restarts, no request fails, and its memory is intact after.
 
     Runs last: it leaves the fleet at a commit that is not the checkout's HEAD."""
+    workloads = start_workloads(deployed)
+    before = {w.name: memhog_state(deployed.fleet[w.home], w.name) for w in workloads}
+    clients = [Client(deployed.fleet, w) for w in workloads]
     repo = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True, timeout=120)
     git = ["git", "-C", str(repo), "-c", "user.name=rollout", "-c", "user.email=rollout@localhost"]
@@ -195,9 +357,33 @@ def test_rolling_upgrade_to_a_new_commit(deployed: Deployed, tmp_path: Path) -> 
     new = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 
     inventory = deployed.workdir / "hosts.yml"
-    run = run_playbook(inventory, "upgrade.yml", ferryman_local_repo=str(repo), ferryman_version="HEAD")
-    print(f"rolling upgrade: {run.seconds:.0f} s, changed {run.changed()}")
+    try:
+        time.sleep(2)  # the clients' steady state before anything moves
+        run = run_playbook(inventory, "upgrade.yml", ferryman_local_repo=str(repo), ferryman_version="HEAD")
+        time.sleep(2)
+        seen = {c.workload.name: c.stop() for c in clients}
+    finally:
+        for client in clients:
+            client.kill()
+    gaps = {name: longest_gap(s) for name, s in seen.items()}
+    print(
+        f"rolling upgrade: {run.seconds:.0f} s, changed {run.changed()}; longest client gap "
+        f"{max(gaps.values()) * 1000:.0f} ms ("
+        + ", ".join(f"{name} {gap * 1000:.0f} ms, {len(seen[name]['replies'])} replies" for name, gap in gaps.items())
+        + ")"
+    )
     assert run.returncode == 0, run.output[-6000:]
+    # Before anything moved, each host named its containers that migrate by pre-copy only.
+    assert re.search(r"ok: \[h3\] => \{\s*\"msg\": \"pre-copy only: \['w3'\]\"", run.output), run.output[:6000]
+    # Every workload answered every request, the whole time, and still holds every page it wrote.
+    assert {name: failures(s) for name, s in seen.items()} == {w.name: [] for w in workloads}
+    for workload in workloads:
+        hosts = where_runs(deployed.fleet, workload.name)
+        assert len(hosts) == 1, (workload.name, hosts)
+        after = memhog_state(hosts[0], workload.name, verify=True)
+        assert after.verified == "ok", (workload.name, after)
+        assert after.bad_pages == 0 and after.served > before[workload.name].served, (workload.name, after)
+        assert after.beats > before[workload.name].beats, (workload.name, after)  # the same process, counting on
     for host in deployed.fleet.hosts:
         assert host.sh("cat /opt/ferryman/src/.ferryman-commit").strip() == new
         assert host.sh("systemctl is-active ferryman-agent").strip() == "active"
