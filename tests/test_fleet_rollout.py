@@ -201,7 +201,9 @@ def test_a_hung_agent_is_restarted_by_the_watchdog(deployed: Deployed) -> None:
     else:
         raise AssertionError(f"not restarted:\n{host.sh('systemctl status ferryman-agent --no-pager', check=False)}")
     print(f"hung agent restarted after {time.monotonic() - stopped:.0f} s")
-    assert time.monotonic() - stopped > limit - 1  # by the watchdog, not by anything sooner
+    # By the watchdog: 30 s after the last ping, which came at most 15 s before the SIGSTOP (systemd
+    # sends SIGCONT after SIGABRT, so the abort itself is quick).
+    assert time.monotonic() - stopped > limit / 2 - 1
     assert int(host.unit_property(unit, "NRestarts")) == restarts + 1
     assert "watchdog timeout" in host.journal(unit).lower()
 

@@ -150,6 +150,12 @@ class SystemdHost:
         """systemd's PID in this machine's PID namespace, once booted."""
         self._launcher: subprocess.Popen[bytes] | None = None
         self._console: Path = self.dir / "console.log"
+        self.container_cgroup_parent = f"/ferryman-{self.hostname}"
+        """The agent's [runtime] cgroup_parent here. The hosts share this machine's cgroup
+        hierarchies (no cgroup namespace): with the default (/ferryman) the same container on two
+        hosts, a migration's source and target, would share one cgroup, and a pre-copy restore
+        found the source's frozen freezer cgroup. This name is the host's own cgroup where this
+        process sits at a hierarchy's root; elsewhere `kill` removes it."""
 
     def __repr__(self) -> str:
         return f"<SystemdHost {self.name} {self.address} pid={self.pid}>"
@@ -265,9 +271,12 @@ class SystemdHost:
                     raise RuntimeError(f"{self.name}: processes left in {cg}")
                 time.sleep(0.05)
             _remove_cgroup_tree(cg)
+        for hierarchy in CGROUP_MOUNT.iterdir():  # the containers' cgroups (container_cgroup_parent)
+            _remove_cgroup_tree(hierarchy / self.container_cgroup_parent.lstrip("/"))
 
     def leftover_cgroups(self) -> list[Path]:
-        return [cg for cg in self.cgroups if cg.exists()]
+        parents = [h / self.container_cgroup_parent.lstrip("/") for h in CGROUP_MOUNT.iterdir()]
+        return [cg for cg in [*self.cgroups, *parents] if cg.exists()]
 
 
 def _pick_prefix() -> str:
@@ -411,7 +420,12 @@ def write_inventory(
     """An inventory (JSON is YAML) naming the groups the roles read, every host reached with the
     nsenter connection plugin at its PID 1 and addressed by its bridge address."""
     hostvars = {
-        h.name: {"ansible_nsenter_pid": h.pid, "ferryman_address": h.address, "ferryman_host_name": h.name}
+        h.name: {
+            "ansible_nsenter_pid": h.pid,
+            "ferryman_address": h.address,
+            "ferryman_host_name": h.name,
+            "ferryman_agent_config_host": {"runtime": {"cgroup_parent": h.container_cgroup_parent}},
+        }
         for h in fleet.hosts
     }
     inventory = {
