@@ -297,8 +297,7 @@ class Client:
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def stop(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()  # the client's stop signal
+        # communicate() closes the client's stdin, its stop signal, and reads what it saw.
         out, err = self.proc.communicate(timeout=CLIENT_TIMEOUT + 30)
         assert self.proc.returncode == 0, err.decode(errors="replace")[-3000:]
         return dict(json.loads(out))
