@@ -205,10 +205,10 @@ def test_a_hung_agent_is_restarted_by_the_watchdog(deployed: Deployed) -> None:
     # sends SIGCONT after SIGABRT, so the abort itself is quick).
     assert time.monotonic() - stopped > limit / 2 - 1
     assert int(host.unit_property(unit, "NRestarts")) == restarts + 1
-    # Aborted (SIGABRT is the watchdog's signal), with every thread's stack from faulthandler. systemd's
-    # own "Watchdog timeout" line goes to the test host's console, not to its journal.
+    # Aborted (SIGABRT is the watchdog's signal): faulthandler's line, then its best-effort stacks.
+    # systemd's own "Watchdog timeout" line goes to the test host's console, not to its journal.
     journal = host.journal(unit)
-    assert "Fatal Python error: Aborted" in journal and "lifecycle.py" in journal, journal[-3000:]
+    assert "Fatal Python error: Aborted" in journal, journal[-3000:]
 
 
 def test_coordinator_unit_under_systemd(deployed: Deployed) -> None:
