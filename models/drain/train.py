@@ -12,13 +12,12 @@ the candidate model and its card.json; the coordinator then decides whether to a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import itertools
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,9 @@ from coordinator.features import (
     seconds_to_next_drain,
     trace_features,
 )
+from models.onnx_export import INPUT_NAME, PROB_OUTPUT, check_onnx, classifier_to_onnx, ort_probabilities
 
 HERE = Path(__file__).resolve().parent
-INPUT_NAME = "features"
-PROB_OUTPUT = "probabilities"
-LABEL_OUTPUT = "label"
-MAX_ORT_DIFF = 1e-4
 
 
 @dataclass(frozen=True)
@@ -166,65 +162,12 @@ def fit(data: Dataset, cfg: TrainConfig) -> Any:
     return model
 
 
-@contextlib.contextmanager
-def _hgb_converter_fix() -> Iterator[None]:
-    """skl2onnx writes leaves' missing-value flag as a Python bool, which current protobuf rejects in
-    an int list ("Expected an int, got a boolean"). Coerce it to int while converting; the ORT-vs-
-    sklearn check after export guards against this changing anything else."""
-    from skl2onnx.common import tree_ensemble
-
-    original = tree_ensemble.add_node
-
-    @functools.wraps(original)
-    def add_node(*args: Any, nodes_missing_value_tracks_true: Any = 0, **kwargs: Any) -> Any:
-        return original(*args, nodes_missing_value_tracks_true=int(nodes_missing_value_tracks_true), **kwargs)
-
-    tree_ensemble.add_node = add_node
-    try:
-        yield
-    finally:
-        tree_ensemble.add_node = original
-
-
 def to_onnx(model: Any, metadata: dict[str, str]) -> bytes:
     """The model as ONNX: input `features` float32 [N, N_FEATURES]; outputs `label` int64 [N] and
     `probabilities` float32 [N, 2], column 1 = P(drain within horizon)."""
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-
-    with _hgb_converter_fix():
-        onx = convert_sklearn(
-            model,
-            initial_types=[(INPUT_NAME, FloatTensorType([None, N_FEATURES]))],
-            options={id(model): {"zipmap": False}},
-        )
-    names = [o.name for o in onx.graph.output]
-    if names != [LABEL_OUTPUT, PROB_OUTPUT]:
-        raise RuntimeError(f"unexpected ONNX outputs {names}")
-    onx.graph.name = "ferryman_drain"  # skl2onnx picks a random one: same inputs, same bytes
-    onx.doc_string = "ferryman drain predictor: P(host drained within horizon_s)"
-    for key, value in metadata.items():
-        prop = onx.metadata_props.add()
-        prop.key, prop.value = key, value
-    return bytes(onx.SerializeToString())
-
-
-def ort_probabilities(onnx_bytes: bytes, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    out = session.run([PROB_OUTPUT], {INPUT_NAME: X})[0]
-    return np.asarray(out[:, 1], np.float32)
-
-
-def check_onnx(model: Any, onnx_bytes: bytes, X: npt.NDArray[np.float32]) -> float:
-    """Max |P_onnxruntime - P_sklearn| over X; RuntimeError above MAX_ORT_DIFF."""
-    diff = float(np.max(np.abs(ort_probabilities(onnx_bytes, X) - model.predict_proba(X)[:, 1]), initial=0.0))
-    if diff > MAX_ORT_DIFF:
-        raise RuntimeError(f"onnxruntime differs from scikit-learn by {diff:.3g} (> {MAX_ORT_DIFF})")
-    return diff
+    return classifier_to_onnx(
+        model, N_FEATURES, "ferryman_drain", "ferryman drain predictor: P(host drained within horizon_s)", metadata
+    )
 
 
 def metadata(cfg: TrainConfig, threshold: float, data_version: str) -> dict[str, str]:

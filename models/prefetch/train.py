@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from coordinator.warm_features import FEATURE_NAMES, FEATURES_VERSION, N_FEATURES, FleetStarts, HostStarts
 from coordinator.warming import WarmLimits
-from models.drain.train import _hgb_converter_fix, check_onnx, ort_probabilities
+from models.onnx_export import INPUT_NAME, PROB_OUTPUT, check_onnx, classifier_to_onnx, ort_probabilities
 from models.prefetch.evaluate import (
     BASELINES,
     EvalConfig,
@@ -46,9 +46,6 @@ from models.prefetch.evaluate import (
 from models.prefetch.generate import GENERATOR_VERSION, REGIMES, TraceSpec, generate
 
 HERE = Path(__file__).resolve().parent
-INPUT_NAME = "features"
-PROB_OUTPUT = "probabilities"
-LABEL_OUTPUT = "label"
 POLICIES = ("model", "model_adaptive", "chain", "popular", "none")
 """`model_adaptive`: the model, its threshold and layer count adapted per host to measured waste
 (coordinator/warming.py), starting at the card's threshold."""
@@ -131,24 +128,9 @@ def metadata(cfg: TrainConfig, threshold: float, data_version: str) -> dict[str,
 def to_onnx(model: Any, meta: dict[str, str]) -> bytes:
     """The model as ONNX: input `features` float32 [N, N_FEATURES] (FEATURE_NAMES order); outputs
     `label` int64 [N] and `probabilities` float32 [N, 2], column 1 = P(needed within horizon)."""
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-
-    with _hgb_converter_fix():
-        onx = convert_sklearn(
-            model,
-            initial_types=[(INPUT_NAME, FloatTensorType([None, N_FEATURES]))],
-            options={id(model): {"zipmap": False}},
-        )
-    names = [o.name for o in onx.graph.output]
-    if names != [LABEL_OUTPUT, PROB_OUTPUT]:
-        raise RuntimeError(f"unexpected ONNX outputs {names}")
-    onx.graph.name = "ferryman_warm"  # skl2onnx picks a random one: same model, same bytes
-    onx.doc_string = "ferryman layer predictor: P(host needs the layer within horizon_s)"
-    for key, value in meta.items():
-        prop = onx.metadata_props.add()
-        prop.key, prop.value = key, value
-    return bytes(onx.SerializeToString())
+    return classifier_to_onnx(
+        model, N_FEATURES, "ferryman_warm", "ferryman layer predictor: P(host needs the layer within horizon_s)", meta
+    )
 
 
 def judge(w: Walk, scorers: dict[str, Scorer], thresholds: dict[str, float], cfg: EvalConfig) -> dict[str, Any]:

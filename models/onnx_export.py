@@ -1,0 +1,82 @@
+"""Exporting a scikit-learn binary classifier to ONNX, the way the coordinator serves it.
+
+Both shipped models (models/drain, models/prefetch) are gradient-boosted trees converted by
+skl2onnx: one float input `features` [N, n], outputs `label` int64 [N] and `probabilities` float32
+[N, 2] (column 1 the positive class), the training metadata as metadata_props, and a fixed graph
+name so the same model gives the same bytes. `check_onnx` is run after every export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+INPUT_NAME = "features"
+PROB_OUTPUT = "probabilities"
+LABEL_OUTPUT = "label"
+MAX_ORT_DIFF = 1e-4
+
+
+@contextlib.contextmanager
+def hgb_converter_fix() -> Iterator[None]:
+    """skl2onnx writes leaves' missing-value flag as a Python bool, which current protobuf rejects in
+    an int list ("Expected an int, got a boolean"). Coerce it to int while converting; the ORT-vs-
+    sklearn check after export guards against this changing anything else."""
+    from skl2onnx.common import tree_ensemble
+
+    original = tree_ensemble.add_node
+
+    @functools.wraps(original)
+    def add_node(*args: Any, nodes_missing_value_tracks_true: Any = 0, **kwargs: Any) -> Any:
+        return original(*args, nodes_missing_value_tracks_true=int(nodes_missing_value_tracks_true), **kwargs)
+
+    tree_ensemble.add_node = add_node
+    try:
+        yield
+    finally:
+        tree_ensemble.add_node = original
+
+
+def classifier_to_onnx(model: Any, n_features: int, graph_name: str, doc: str, metadata: Mapping[str, str]) -> bytes:
+    """`model` as ONNX bytes (see the module's docstring)."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    with hgb_converter_fix():
+        onx = convert_sklearn(
+            model,
+            initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))],
+            options={id(model): {"zipmap": False}},
+        )
+    names = [o.name for o in onx.graph.output]
+    if names != [LABEL_OUTPUT, PROB_OUTPUT]:
+        raise RuntimeError(f"unexpected ONNX outputs {names}")
+    onx.graph.name = graph_name  # skl2onnx picks a random one: same model, same bytes
+    onx.doc_string = doc
+    for key, value in metadata.items():
+        prop = onx.metadata_props.add()
+        prop.key, prop.value = key, value
+    return bytes(onx.SerializeToString())
+
+
+def ort_probabilities(onnx_bytes: bytes, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    out = session.run([PROB_OUTPUT], {INPUT_NAME: X})[0]
+    return np.asarray(out[:, 1], np.float32)
+
+
+def check_onnx(model: Any, onnx_bytes: bytes, X: npt.NDArray[np.float32]) -> float:
+    """Max |P_onnxruntime - P_sklearn| over X; RuntimeError above MAX_ORT_DIFF."""
+    diff = float(np.max(np.abs(ort_probabilities(onnx_bytes, X) - model.predict_proba(X)[:, 1]), initial=0.0))
+    if diff > MAX_ORT_DIFF:
+        raise RuntimeError(f"onnxruntime differs from scikit-learn by {diff:.3g} (> {MAX_ORT_DIFF})")
+    return diff
