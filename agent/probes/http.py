@@ -20,18 +20,8 @@ class HttpAnswer:
 
 async def http_get(netns: str, host: str, port: int, path: str, max_body: int) -> HttpAnswer:
     """GET http://host:port/path as seen from `netns`, redirects not followed; ProbeFailed when no
-    answer comes (refused, reset, not HTTP). The caller bounds the time."""
-    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    async with tunnel(netns, host, port) as socket_path:
-        connector = aiohttp.UnixConnector(path=socket_path, force_close=True)
-        try:
-            async with (
-                aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
-                session.get(f"http://{authority}{path}", allow_redirects=False) as resp,
-            ):
-                return HttpAnswer(resp.status, resp.reason or "", await resp.content.read(max_body))
-        except aiohttp.ClientError as exc:
-            raise ProbeFailed(f"GET http://{authority}{path}: {exc}") from exc
+    answer comes (refused, reset, not HTTP). The body is cut at `max_body`. The caller bounds the time."""
+    return await _request(netns, host, port, "GET", path, None, {}, max_body, longer_fails=False)
 
 
 async def http_exchange(
@@ -40,23 +30,34 @@ async def http_exchange(
     """One request with a body to http://host:port/path as seen from `netns` (a stage's state
     contract, docs/chains.md); ProbeFailed when no answer comes or the answer is longer than
     `max_body`. The caller bounds the time."""
+    headers = {"Content-Type": content_type}
+    return await _request(netns, host, port, method, path, body, headers, max_body, longer_fails=True)
+
+
+async def _request(
+    netns: str,
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    max_body: int,
+    *,
+    longer_fails: bool,
+) -> HttpAnswer:
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    url = f"http://{authority}{path}"
     async with tunnel(netns, host, port) as socket_path:
         connector = aiohttp.UnixConnector(path=socket_path, force_close=True)
         try:
             async with (
                 aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
-                session.request(
-                    method,
-                    f"http://{authority}{path}",
-                    data=body,
-                    headers={"Content-Type": content_type},
-                    allow_redirects=False,
-                ) as resp,
+                session.request(method, url, data=body, headers=headers, allow_redirects=False) as resp,
             ):
-                data = await resp.content.read(max_body + 1)
+                data = await resp.content.read(max_body + 1 if longer_fails else max_body)
                 if len(data) > max_body:
-                    raise ProbeFailed(f"{method} http://{authority}{path}: answer longer than {max_body} bytes")
+                    raise ProbeFailed(f"{method} {url}: answer longer than {max_body} bytes")
                 return HttpAnswer(resp.status, resp.reason or "", data)
         except aiohttp.ClientError as exc:
-            raise ProbeFailed(f"{method} http://{authority}{path}: {exc}") from exc
+            raise ProbeFailed(f"{method} {url}: {exc}") from exc
