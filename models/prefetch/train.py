@@ -44,6 +44,7 @@ from models.prefetch.evaluate import (
     walk,
 )
 from models.prefetch.generate import GENERATOR_VERSION, REGIMES, TraceSpec, generate
+from models.trees import fit_boosted_trees
 
 HERE = Path(__file__).resolve().parent
 POLICIES = ("model", "model_adaptive", "chain", "popular", "none")
@@ -89,23 +90,19 @@ def specs(cfg: TrainConfig) -> dict[str, TraceSpec]:
 
 
 def fit(X: npt.NDArray[np.float32], y: npt.NDArray[np.int8], cfg: TrainConfig) -> Any:
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from threadpoolctl import threadpool_limits
-
     if y.min(initial=1) == y.max(initial=0):
         raise ValueError("training rows hold only one class: need layers both needed and not")
-    model = HistGradientBoostingClassifier(
+    return fit_boosted_trees(
+        X,
+        y,
         max_iter=cfg.max_iter,
         learning_rate=cfg.learning_rate,
         max_leaf_nodes=cfg.max_leaf_nodes,
         min_samples_leaf=cfg.min_samples_leaf,
         l2_regularization=cfg.l2_regularization,
-        early_stopping=False,
-        random_state=cfg.seed,
+        seed=cfg.seed,
+        threads=cfg.threads,
     )
-    with threadpool_limits(cfg.threads):
-        model.fit(X, y)
-    return model
 
 
 def metadata(cfg: TrainConfig, threshold: float, data_version: str) -> dict[str, str]:

@@ -1,0 +1,39 @@
+"""The gradient-boosted trees both shipped classifiers are (models/drain, models/prefetch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+def fit_boosted_trees(
+    X: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int8],
+    *,
+    max_iter: int,
+    learning_rate: float,
+    max_leaf_nodes: int,
+    min_samples_leaf: int,
+    l2_regularization: float,
+    seed: int,
+    threads: int,
+) -> Any:
+    """A seeded HistGradientBoostingClassifier fitted on X, y with `threads` threads, no early
+    stopping (the same rows give the same model, and the same ONNX bytes)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from threadpoolctl import threadpool_limits
+
+    model = HistGradientBoostingClassifier(
+        max_iter=max_iter,
+        learning_rate=learning_rate,
+        max_leaf_nodes=max_leaf_nodes,
+        min_samples_leaf=min_samples_leaf,
+        l2_regularization=l2_regularization,
+        early_stopping=False,
+        random_state=seed,
+    )
+    with threadpool_limits(threads):
+        model.fit(X, y)
+    return model
