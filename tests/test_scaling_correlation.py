@@ -1,0 +1,91 @@
+"""The correlation engine (coordinator/scaling/correlation.py) on the scaling generator's traces: it
+finds the true lags on seeds and a regime the model never saw, and finds nothing between independent
+components."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from coordinator.scaling.correlation import CorrelationConfig, NotEnoughData, explain, lead, pair_links
+from coordinator.scaling.series import METRICS, ComponentSeries
+from models.scaling.generate import HELD_OUT_REGIME, REGIMES, TraceSpec, generate, with_lags
+
+CPU_ONLY = CorrelationConfig(downstream_metrics=("cpu",))
+
+
+@pytest.mark.parametrize(
+    ("regime", "seed", "lags"),
+    [
+        (HELD_OUT_REGIME, 9101, None),
+        (HELD_OUT_REGIME, 9102, (7, 41)),
+        ("bursty", 9103, (33, 3)),
+    ],
+)
+def test_finds_the_true_lags_within_a_second(regime: str, seed: int, lags: tuple[int, int] | None) -> None:
+    spec = TraceSpec(REGIMES[regime] if lags is None else with_lags(REGIMES[regime], lags), seed, duration_s=3600)
+    trace = generate(spec)
+    for up, down, true_lag in trace.edges:
+        link = lead(pair_links(up, trace.components[up], down, trace.components[down], CPU_ONLY))
+        assert link is not None, (up, down)
+        assert abs(link.lag_s - true_lag) <= 1, (up, down, link)
+        assert link.granger_p < 1e-6 and abs(link.correlation) > 3 * link.threshold
+
+
+def test_explain_lists_every_metric_that_leads_with_its_confidence() -> None:
+    trace = generate(TraceSpec(REGIMES[HELD_OUT_REGIME], 9104, duration_s=1200))
+    links = explain([("A", "B")], trace.components)[("A", "B")]
+    found = {(lk.upstream_metric, lk.downstream_metric): lk for lk in links}
+    # A's traffic leads B's traffic, CPU and memory by the true lag, and each link says how sure
+    for pair in [("rate", "rate"), ("rate", "cpu"), ("cpu", "cpu")]:
+        assert found[pair].lag_s == trace.edges[0][2]
+        assert 0 <= found[pair].granger_p < 0.01 / len(METRICS) ** 2
+        assert found[pair].to_dict()["significant"] is True
+    assert all(lk.significant for lk in links)
+    assert [abs(lk.correlation) for lk in links] == sorted((abs(lk.correlation) for lk in links), reverse=True)
+
+
+def test_independent_components_show_no_link() -> None:
+    # alpha bounds the chance of any link between two independent components at 0.01 per pair; over
+    # 12 pairs of unrelated stages (other regimes, other seeds) we allow 1
+    config = CorrelationConfig(alpha=0.01)
+    linked = []
+    for i in range(12):
+        a = generate(TraceSpec(REGIMES["bursty"], 5000 + i, duration_s=1800))
+        b = generate(TraceSpec(REGIMES[HELD_OUT_REGIME], 6000 + i, duration_s=1800))
+        links = [lk for lk in pair_links("A", a.components["A"], "B", b.components["B"], config) if lk.significant]
+        if links:
+            linked.append(links)
+    assert len(linked) <= 1, linked
+
+
+def test_white_noise_and_constants_give_nothing() -> None:
+    rng = np.random.default_rng(3)
+    n = 1200
+
+    def noise() -> ComponentSeries:
+        return ComponentSeries(*(rng.normal(size=n) for _ in METRICS))
+
+    assert not [lk for lk in pair_links("x", noise(), "y", noise()) if lk.significant]
+    flat = ComponentSeries(*(np.ones(n) for _ in METRICS))
+    links = pair_links("x", noise(), "y", flat)
+    assert not any(lk.significant for lk in links) and lead(links) is None
+
+
+def test_bad_input_is_refused_clearly() -> None:
+    trace = generate(TraceSpec(REGIMES["diurnal"], 1, duration_s=900))
+    a, b = trace.components["A"], trace.components["B"]
+    with pytest.raises(NotEnoughData, match="not the same window"):
+        pair_links("A", a, "B", b.window(0, 800))
+    with pytest.raises(NotEnoughData, match="at least 300"):
+        pair_links("A", a.window(0, 200), "B", b.window(0, 200))
+    with pytest.raises(NotEnoughData, match="no metrics for C"):
+        explain([("A", "C")], {"A": a})
+    with pytest.raises(ValueError, match="unknown metrics"):
+        CorrelationConfig(downstream_metrics=("gpu",))
+    with pytest.raises(ValueError, match="alpha"):
+        replace(CorrelationConfig(), alpha=0.0)
+    with pytest.raises(ValueError, match="different lengths"):
+        ComponentSeries(np.ones(3), np.ones(3), np.ones(3), np.ones(3), np.ones(2))
