@@ -1,0 +1,182 @@
+"""Predictive scaling decisions: pure functions from inputs and the last state to a recorded decision.
+
+`decide(inputs, state, config)` returns the decision and the next state; nothing here starts or stops
+a replica (the runtime does, docs/scaling.md). The rule:
+
+1. **How many replicas.** The model predicts the component's CPU need at now + horizon; its error is
+   taken as normal with the relative spread the model card measured. Keeping one more replica for
+   the horizon costs `replica_cost` per second; not having it costs `violation_cost` per second of SLO
+   violation whenever the need exceeds the replicas' capacity. The cheapest count is the smallest k
+   with P(need > k x capacity) <= replica_cost / violation_cost (the newsvendor quantile), so
+   `desired` = ceil(the need's q-quantile / capacity) with q = 1 - replica_cost / violation_cost, or
+   the need measured now if that is higher, within [min_replicas, max_replicas].
+2. **Ahead of the need, by the cold start.** The horizon is chosen at least as long as the
+   component's measured cold start, so a replica started now for the predicted need is ready when
+   the need arrives. When the capacity is short *now* (the need measured now exceeds what the ready
+   replicas serve) a cold start is too late: warm standbys are used first, cold starts for the rest.
+   Otherwise cold starts are used (they are ready in time) and the standbys are kept for surprises.
+3. **Hysteresis.** Scaling in waits until `desired` has stayed below the provisioned count for
+   `scale_in_hold_s` seconds, then goes to the highest `desired` of that window (a dip inside the hold does not
+   remove a replica a burst a moment later needs again). Scaling out is immediate.
+
+Every decision carries its inputs, the quantile and the reason, for `history` and `explain`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field, replace
+from statistics import NormalDist
+
+
+class Action(enum.StrEnum):
+    HOLD = "hold"
+    SCALE_OUT = "scale-out"
+    SCALE_IN = "scale-in"
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    min_replicas: int = 1
+    max_replicas: int = 20
+    replica_capacity: float = 0.75
+    """Cores of need one replica serves within the SLO."""
+    replica_cost: float = 1.0
+    """Cost of one replica for one second."""
+    violation_cost: float = 20.0
+    """Cost of one second of SLO violation (same unit as replica_cost)."""
+    scale_in_hold_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"need 0 <= min_replicas ({self.min_replicas}) <= max_replicas ({self.max_replicas})")
+        if not self.replica_capacity > 0:
+            raise ValueError(f"replica_capacity must be > 0, not {self.replica_capacity}")
+        if not 0 < self.replica_cost < self.violation_cost:
+            raise ValueError(
+                f"need 0 < replica_cost ({self.replica_cost}) < violation_cost ({self.violation_cost}): "
+                "otherwise no replica is ever worth adding"
+            )
+        if self.scale_in_hold_s < 0:
+            raise ValueError(f"scale_in_hold_s must be >= 0, not {self.scale_in_hold_s}")
+
+    @property
+    def quantile(self) -> float:
+        """The need's quantile to provision for (step 1 of the module's rule)."""
+        return 1.0 - self.replica_cost / self.violation_cost
+
+
+@dataclass(frozen=True)
+class ScalingInputs:
+    """What a decision is made from (all recorded with it)."""
+
+    now: float
+    component: str
+    ready: int
+    """Replicas serving."""
+    starting: int
+    """Replicas started and not ready yet."""
+    standbys: int
+    """Warm standbys that can be brought in."""
+    need_now: float
+    """CPU need measured now, cores."""
+    predicted_need: float
+    """The model's CPU need at now + horizon, cores."""
+    horizon_s: float
+    prediction_error: float
+    """Relative spread of the model's error (its card's)."""
+    cold_start_s: float
+    """Measured time from start to ready."""
+    warm_start_s: float
+    """Measured time for a warm standby to serve."""
+
+    def __post_init__(self) -> None:
+        if min(self.ready, self.starting, self.standbys) < 0:
+            raise ValueError("replica counts must be >= 0")
+        values = (self.need_now, self.predicted_need, self.horizon_s, self.prediction_error)
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"needs, horizon and error must be finite and >= 0: {values}")
+        if not (0 <= self.warm_start_s <= self.cold_start_s):
+            raise ValueError(f"need 0 <= warm start ({self.warm_start_s}) <= cold start ({self.cold_start_s})")
+
+
+@dataclass(frozen=True)
+class ScalingState:
+    recent: tuple[tuple[float, int], ...] = ()
+    """(time, desired) of the decisions within the scale-in hold."""
+    below_since: float | None = None
+    """Since when every desired count was below the provisioned one (None: it is not)."""
+
+
+@dataclass(frozen=True)
+class ScalingDecision:
+    action: Action
+    target: int
+    """Replicas provisioned after the decision (ready + starting)."""
+    desired: int
+    """This decision's replica count before the hysteresis."""
+    cold_starts: int
+    warm_starts: int
+    stops: int
+    need_quantile: float
+    """The need (cores) provisioned for: the larger of the quantile at the horizon and now."""
+    reason: str
+    inputs: ScalingInputs
+    config: ScalingConfig = field(repr=False)
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "action": str(self.action)}
+
+
+def desired_replicas(inputs: ScalingInputs, config: ScalingConfig) -> tuple[int, float]:
+    """Step 1: the replica count and the need it covers."""
+    z = NormalDist().inv_cdf(config.quantile)
+    at_horizon = inputs.predicted_need * max(0.0, 1.0 + z * inputs.prediction_error)
+    need = max(inputs.need_now, at_horizon)
+    count = math.ceil(need / config.replica_capacity - 1e-9)
+    return min(config.max_replicas, max(config.min_replicas, count)), need
+
+
+def decide(inputs: ScalingInputs, state: ScalingState, config: ScalingConfig) -> tuple[ScalingDecision, ScalingState]:
+    desired, need = desired_replicas(inputs, config)
+    now = inputs.now
+    recent = (*((t, d) for t, d in state.recent if t > now - config.scale_in_hold_s), (now, desired))
+    next_state = replace(state, recent=recent, below_since=None)
+    provisioned = inputs.ready + inputs.starting
+    base = ScalingDecision(Action.HOLD, provisioned, desired, 0, 0, 0, need, "", inputs, config)
+    if desired > provisioned:
+        add = desired - provisioned
+        short_now = inputs.need_now > inputs.ready * config.replica_capacity
+        if short_now and inputs.cold_start_s > 0:
+            warm = min(add, inputs.standbys)
+            why = f"short of capacity now ({inputs.need_now:.2f} cores > {inputs.ready} ready): warm standbys first"
+        else:
+            warm = 0
+            why = (
+                f"need {need:.2f} cores at +{inputs.horizon_s:g} s (q{config.quantile:.3f}); a cold start "
+                f"({inputs.cold_start_s:g} s) is ready in time"
+            )
+        if inputs.horizon_s < inputs.cold_start_s and not short_now:
+            why += f" (horizon {inputs.horizon_s:g} s is shorter than the cold start: it may be late)"
+        out = replace(
+            base, action=Action.SCALE_OUT, target=desired, cold_starts=add - warm, warm_starts=warm, reason=why
+        )
+    elif desired < provisioned:
+        below_since = now if state.below_since is None else state.below_since
+        next_state = replace(next_state, below_since=below_since)
+        target = max(d for _, d in recent)
+        if now - below_since >= config.scale_in_hold_s and target < provisioned:
+            out = replace(
+                base,
+                action=Action.SCALE_IN,
+                target=target,
+                stops=provisioned - target,
+                reason=f"every desired count of the last {config.scale_in_hold_s:g} s <= {target}",
+            )
+            next_state = replace(next_state, below_since=None)  # the next step in waits a full hold again
+        else:
+            out = replace(base, reason=f"below for less than {config.scale_in_hold_s:g} s (hysteresis)")
+    else:
+        out = replace(base, reason="provisioned as desired")
+    return out, next_state

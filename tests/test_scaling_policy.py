@@ -1,0 +1,177 @@
+"""Scaling decisions (coordinator/scaling/policy.py, coordinator/scaling/hpa.py): pure functions, no I/O."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator.scaling.hpa import HpaConfig, HpaState, hpa_step
+from coordinator.scaling.policy import (
+    Action,
+    ScalingConfig,
+    ScalingInputs,
+    ScalingState,
+    decide,
+    desired_replicas,
+)
+
+CONFIG = ScalingConfig(min_replicas=1, max_replicas=10, replica_capacity=1.0, scale_in_hold_s=60.0)
+
+
+def inputs(
+    now: float = 0.0,
+    ready: int = 2,
+    starting: int = 0,
+    standbys: int = 1,
+    need_now: float = 1.0,
+    predicted: float = 1.0,
+    error: float = 0.0,
+) -> ScalingInputs:
+    return ScalingInputs(
+        now=now,
+        component="b",
+        ready=ready,
+        starting=starting,
+        standbys=standbys,
+        need_now=need_now,
+        predicted_need=predicted,
+        horizon_s=15.0,
+        prediction_error=error,
+        cold_start_s=12.0,
+        warm_start_s=2.0,
+    )
+
+
+def test_scales_out_ahead_of_the_predicted_need_with_cold_starts() -> None:
+    decision, _ = decide(inputs(need_now=1.0, predicted=4.5), ScalingState(), CONFIG)
+    assert decision.action is Action.SCALE_OUT
+    assert (decision.target, decision.cold_starts, decision.warm_starts) == (5, 3, 0)  # in time: standby kept
+    assert decision.inputs.predicted_need == 4.5 and "ready in time" in decision.reason
+    record = decision.to_dict()
+    assert record["action"] == "scale-out" and record["inputs"]["need_now"] == 1.0  # type: ignore[index]
+
+
+def test_short_of_capacity_now_uses_the_warm_standbys_first() -> None:
+    decision, _ = decide(inputs(ready=2, standbys=1, need_now=3.5, predicted=3.5), ScalingState(), CONFIG)
+    assert (decision.target, decision.warm_starts, decision.cold_starts) == (4, 1, 1)
+    decision, _ = decide(inputs(ready=2, standbys=0, need_now=3.5, predicted=3.5), ScalingState(), CONFIG)
+    assert (decision.warm_starts, decision.cold_starts) == (0, 2)
+
+
+def test_the_replica_cost_against_the_violation_cost_sets_the_margin() -> None:
+    # need ~ N(4, 0.1 x 4): cheap replicas buy a high quantile, dear ones a low one
+    cheap = ScalingConfig(max_replicas=20, replica_capacity=1.0, replica_cost=1.0, violation_cost=1000.0)
+    dear = ScalingConfig(max_replicas=20, replica_capacity=1.0, replica_cost=1.0, violation_cost=2.0)
+    assert desired_replicas(inputs(need_now=0.0, predicted=4.0, error=0.1), cheap)[0] == 6  # q 0.999: 4 x 1.31
+    assert desired_replicas(inputs(need_now=0.0, predicted=4.0, error=0.1), dear)[0] == 4  # q 0.5: the mean
+    with pytest.raises(ValueError, match="ever worth"):
+        ScalingConfig(replica_cost=5.0, violation_cost=5.0)
+    with pytest.raises(ValueError, match="min_replicas"):
+        ScalingConfig(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="warm start"):
+        ScalingInputs(0.0, "b", 1, 0, 0, 1.0, 1.0, 15.0, 0.1, cold_start_s=2.0, warm_start_s=5.0)
+    with pytest.raises(ValueError, match="finite"):
+        inputs(predicted=math.nan)
+
+
+def test_scaling_in_waits_for_the_hold_and_keeps_the_highest_recent_need() -> None:
+    state = ScalingState()
+    provisioned = 6
+    seen = []
+    for t in range(0, 200, 5):
+        predicted = 3.0 if t != 30 else 4.2  # a dip with one spike inside it
+        decision, state = decide(
+            inputs(now=float(t), ready=provisioned, need_now=1.0, predicted=predicted), state, CONFIG
+        )
+        seen.append((t, decision.action, decision.target))
+        provisioned = decision.target
+    scale_ins = [(t, target) for t, action, target in seen if action is Action.SCALE_IN]
+    assert scale_ins[0] == (60, 5)  # 60 s below 6; the spike at 30 s (5 replicas) is within the hold
+    assert scale_ins[1] == (125, 3)  # a full hold after the first step in, and no spike within it
+    assert len(scale_ins) == 2
+
+
+def test_the_reactive_baseline_computes_like_the_hpa() -> None:
+    cfg = HpaConfig(target_utilization=0.5, replica_cores=1.0, max_replicas=30)
+    d, state = hpa_step(HpaState(), 0.0, 4, 4, 2.6, cfg)  # 0.65 / 0.5 = 1.3: ceil(4 x 1.3) = 6
+    assert d is not None and d.desired == 6
+    assert hpa_step(state, 10.0, 6, 4, 6.0, cfg)[0] is None  # between syncs nothing happens
+    d, state = hpa_step(state, 15.0, 6, 6, 3.15, cfg)  # 1.05: within the 10 % tolerance
+    assert d is not None and d.desired == 6 and d.reason == "within tolerance"
+    d, _ = hpa_step(HpaState(), 0.0, 2, 2, 20.0, cfg)  # ratio 20: at most max(+100 %, +4) per sync
+    assert d is not None and d.desired == 6
+    d, _ = hpa_step(HpaState(), 0.0, 4, 2, 2.0, cfg)  # unready replicas count as idle when scaling up
+    assert d is not None and d.desired == 4  # 2 / (4 x 1) = 0.5: at the target
+
+
+def test_the_hpa_scales_down_only_after_the_stabilisation_window() -> None:
+    cfg = HpaConfig(target_utilization=0.5, replica_cores=1.0)
+    state = HpaState()
+    current = 8
+    d, state = hpa_step(state, 0.0, current, current, 4.0, cfg)  # at the target: recommendation 8
+    for t in range(15, 300, 15):
+        d, state = hpa_step(state, float(t), current, current, 1.0, cfg)  # recommendation 2
+        assert d is not None and d.desired == 8, t
+    d, state = hpa_step(state, 300.0, current, current, 1.0, cfg)
+    assert d is not None and d.desired == 2
+
+
+needs = st.floats(min_value=0.0, max_value=30.0, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(needs, needs), min_size=1, max_size=60),
+    st.integers(0, 3),
+    st.sampled_from([0.0, 20.0, 60.0]),
+    st.floats(min_value=0.0, max_value=0.5),
+)
+def test_decisions_stay_in_bounds_and_never_flap(
+    steps: list[tuple[float, float]], standbys: int, hold: float, error: float
+) -> None:
+    cfg = ScalingConfig(min_replicas=2, max_replicas=12, replica_capacity=1.0, scale_in_hold_s=hold)
+    state = ScalingState()
+    provisioned = 2
+    history: list[tuple[float, int]] = []
+    last_out = -math.inf
+    for i, (now_need, predicted) in enumerate(steps):
+        t = 5.0 * i
+        x = inputs(now=t, ready=provisioned, standbys=standbys, need_now=now_need, predicted=predicted, error=error)
+        decision, state = decide(x, state, cfg)
+        history.append((t, decision.desired))
+        assert cfg.min_replicas <= decision.target <= cfg.max_replicas
+        assert cfg.min_replicas <= decision.desired <= cfg.max_replicas
+        if decision.action is Action.SCALE_OUT:
+            assert decision.target > provisioned
+            assert decision.cold_starts + decision.warm_starts == decision.target - provisioned
+            assert decision.warm_starts <= standbys
+            last_out = t
+        elif decision.action is Action.SCALE_IN:
+            assert decision.target < provisioned and decision.stops == provisioned - decision.target
+            # never within a hold of wanting more, never below what the hold window wanted
+            assert t - last_out >= hold
+            assert all(d <= decision.target for s, d in history if s > t - hold or s == t)
+        else:
+            assert decision.target == provisioned
+        provisioned = decision.target
+
+
+@given(needs, needs, st.floats(min_value=0.0, max_value=0.5))
+def test_more_predicted_need_never_means_fewer_replicas(a: float, b: float, error: float) -> None:
+    low, high = sorted((a, b))
+    cfg = ScalingConfig(max_replicas=100)
+    assert desired_replicas(inputs(predicted=low, error=error), cfg) <= desired_replicas(
+        inputs(predicted=high, error=error), cfg
+    )
+
+
+@given(st.lists(st.tuples(st.integers(1, 15), needs), min_size=1, max_size=40))
+def test_the_hpa_stays_in_bounds(steps: list[tuple[int, float]]) -> None:
+    cfg = HpaConfig(min_replicas=1, max_replicas=15)
+    state = HpaState()
+    for i, (current, used) in enumerate(steps):
+        d, state = hpa_step(state, 15.0 * i, current, current, used, cfg)
+        assert d is not None and cfg.min_replicas <= d.desired <= cfg.max_replicas
