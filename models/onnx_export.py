@@ -80,3 +80,44 @@ def check_onnx(model: Any, onnx_bytes: bytes, X: npt.NDArray[np.float32]) -> flo
     if diff > MAX_ORT_DIFF:
         raise RuntimeError(f"onnxruntime differs from scikit-learn by {diff:.3g} (> {MAX_ORT_DIFF})")
     return diff
+
+
+REGRESSION_OUTPUT = "variable"
+"""skl2onnx's name for a regressor's output: float32 [N, 1]."""
+
+
+def regressor_to_onnx(model: Any, n_features: int, graph_name: str, doc: str, metadata: Mapping[str, str]) -> bytes:
+    """A scikit-learn regressor as ONNX bytes: input `features` [N, n], output `variable` [N, 1],
+    the metadata as metadata_props, a fixed graph name (same model, same bytes)."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    with hgb_converter_fix():
+        onx = convert_sklearn(model, initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))])
+    names = [o.name for o in onx.graph.output]
+    if names != [REGRESSION_OUTPUT]:
+        raise RuntimeError(f"unexpected ONNX outputs {names}")
+    onx.graph.name = graph_name
+    onx.doc_string = doc
+    for key, value in metadata.items():
+        prop = onx.metadata_props.add()
+        prop.key, prop.value = key, value
+    return bytes(onx.SerializeToString())
+
+
+def ort_regression(onnx_bytes: bytes, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run([REGRESSION_OUTPUT], {INPUT_NAME: X})[0][:, 0], np.float32)
+
+
+def check_regressor_onnx(model: Any, onnx_bytes: bytes, X: npt.NDArray[np.float32], tolerance: float) -> float:
+    """Max |onnxruntime - scikit-learn| over X; RuntimeError above `tolerance` (float32 trees sum in
+    another order than scikit-learn's float64, so the tolerance is the caller's, in its units)."""
+    diff = float(np.max(np.abs(ort_regression(onnx_bytes, X) - model.predict(X)), initial=0.0))
+    if diff > tolerance:
+        raise RuntimeError(f"onnxruntime differs from scikit-learn by {diff:.3g} (> {tolerance})")
+    return diff

@@ -1,4 +1,5 @@
-"""The gradient-boosted trees both shipped classifiers are (models/drain, models/prefetch)."""
+"""The gradient-boosted trees the shipped models are: the classifiers (models/drain, models/prefetch)
+and the scaling regressor (models/scaling)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,36 @@ def fit_boosted_trees(
     from threadpoolctl import threadpool_limits
 
     model = HistGradientBoostingClassifier(
+        max_iter=max_iter,
+        learning_rate=learning_rate,
+        max_leaf_nodes=max_leaf_nodes,
+        min_samples_leaf=min_samples_leaf,
+        l2_regularization=l2_regularization,
+        early_stopping=False,
+        random_state=seed,
+    )
+    with threadpool_limits(threads):
+        model.fit(X, y)
+    return model
+
+
+def fit_boosted_regressor(
+    X: npt.NDArray[np.float32],
+    y: npt.NDArray[np.float64],
+    *,
+    max_iter: int,
+    learning_rate: float,
+    max_leaf_nodes: int,
+    min_samples_leaf: int,
+    l2_regularization: float,
+    seed: int,
+    threads: int,
+) -> Any:
+    """A seeded HistGradientBoostingRegressor (squared error) fitted like `fit_boosted_trees`."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from threadpoolctl import threadpool_limits
+
+    model = HistGradientBoostingRegressor(
         max_iter=max_iter,
         learning_rate=learning_rate,
         max_leaf_nodes=max_leaf_nodes,
