@@ -24,6 +24,9 @@ class ServiceNetworkLike(Protocol):
     async def unpublish(self, service_ip: str) -> bool: ...
     async def uplink(self) -> str: ...
     async def routes(self) -> dict[str, str]: ...
+    async def balance(self, service_ip: str, backends: list[str]) -> tuple[str, ...]: ...
+    async def unbalance(self, service_ip: str) -> bool: ...
+    async def balanced(self, service_ip: str) -> dict[str, object] | None: ...
 
 
 NETWORK = web.AppKey("network", ServiceNetworkLike)
@@ -107,7 +110,49 @@ async def list_services(request: web.Request) -> web.Response:
     return _json({"uplink": uplink, "services": services, "routes": routes})
 
 
+# ----- replicas behind one address: the balancer on the host that owns it (docs/deployments.md)
+
+
+def _balanced_ip(request: web.Request) -> str:
+    return parse_service_ip(request.match_info["service_ip"])
+
+
+async def put_balancer(request: web.Request) -> web.Response:
+    """Spread new connections to the address over `backends` (the list replaces the last one)."""
+    ip = _balanced_ip(request)
+    body = await read_object(request)
+    check_keys(body, {"backends"}, {"backends"}, "body")
+    backends = body["backends"]
+    if not isinstance(backends, list) or not all(isinstance(b, str) for b in backends):
+        raise InvalidRequest("backends: expected a list of IPv4 addresses")
+    members = await _network(request).balance(ip, backends)
+    return _json({"service_ip": ip, "backends": list(members)})
+
+
+async def get_balancer(request: web.Request) -> web.Response:
+    """The backends and, from conntrack, the connections each still holds."""
+    ip = _balanced_ip(request)
+    found = await _network(request).balanced(ip)
+    if found is None:
+        raise BalancerNotFound(f"service address {ip} is not balanced on this host")
+    return _json({"service_ip": ip, **found})
+
+
+async def delete_balancer(request: web.Request) -> web.Response:
+    ip = _balanced_ip(request)
+    removed = await _network(request).unbalance(ip)
+    return _json({"service_ip": ip, "was_balanced": removed})
+
+
+class BalancerNotFound(FerrymanError):
+    code = "balancer_not_found"
+    http_status = 404
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_put("/v1/network/balancers/{service_ip}", put_balancer)
+    app.router.add_get("/v1/network/balancers/{service_ip}", get_balancer)
+    app.router.add_delete("/v1/network/balancers/{service_ip}", delete_balancer)
     app.router.add_get("/v1/network", list_services)
     app.router.add_post("/v1/network/publish", publish)
     app.router.add_post("/v1/network/unpublish", unpublish)

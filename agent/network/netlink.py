@@ -359,3 +359,11 @@ def _route_interfaces() -> dict[str, str]:
                 oif = route.get_attr("RTA_OIF")
                 out[str(route.get_attr("RTA_DST"))] = names.get(int(oif), "") if oif is not None else ""
     return out
+
+
+def no_redirects(uplink: str) -> None:
+    """Stop ICMP redirects out of the uplink: a host balancing a service address forwards a client's
+    packets back out of the interface they came in on (to a replica on another host), and a redirect
+    would teach the client to bypass the balancer."""
+    _write_sysctl("ipv4/conf/all/send_redirects", "0")
+    _write_sysctl(f"ipv4/conf/{uplink}/send_redirects", "0")

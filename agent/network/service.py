@@ -40,6 +40,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from agent.config import NetworkConfig
 from agent.network import arp, netlink
 from agent.network.addresses import hold_ifname, host_veth_name, netns_name, parse_service_ip
+from agent.network.balancer import BalancerError, KernelBalancer, NftablesBalancer, check_backends
 from agent.network.capture import HeldTraffic, send_packets
 from core.errors import FerrymanError
 
@@ -75,8 +76,11 @@ class NetnsInfo:
 class ServiceNetwork:
     """Async adapter over the blocking netlink steps; safe to call concurrently."""
 
-    def __init__(self, config: NetworkConfig | None = None, namespace: str = "default"):
+    def __init__(
+        self, config: NetworkConfig | None = None, namespace: str = "default", balancer: KernelBalancer | None = None
+    ):
         self._config = config or NetworkConfig()
+        self._balancer: KernelBalancer = balancer or NftablesBalancer()
         self._namespace = namespace
         self._scope: str | None = None
         self._locks: dict[str, asyncio.Lock] = {}
@@ -274,6 +278,45 @@ class ServiceNetwork:
     async def routes(self) -> dict[str, str]:
         """{service IP: host veth} for everything published on this host."""
         return await self._run("list service routes", netlink.published_routes)
+
+    # ----- replicas behind one address (agent/network/balancer.py)
+
+    async def _balance_step(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except (OSError, NetlinkError, BalancerError) as exc:
+            raise NetworkError(f"{what}: {exc}") from exc
+
+    async def balance(self, service_ip: str, backends: list[str]) -> tuple[str, ...]:
+        """Spread new connections to service_ip over `backends` (replaces the previous list; the
+        established connections stay where they are)."""
+        ip = parse_service_ip(service_ip)
+        members = check_backends(ip, backends)
+        uplink = await self.uplink()
+        async with self._lock(f"ip:{ip}"):
+            await self._balance_step(f"no redirects on {uplink}", lambda: netlink.no_redirects(uplink))
+            await self._balance_step(f"balance {ip}", lambda: self._balancer.apply(ip, members, uplink))
+        log.info("service address balanced", extra={"service_ip": ip, "backends": list(members)})
+        return members
+
+    async def unbalance(self, service_ip: str) -> bool:
+        """Stop balancing service_ip (new connections go to the address itself again). False when
+        it was not balanced here."""
+        ip = parse_service_ip(service_ip)
+        async with self._lock(f"ip:{ip}"):
+            removed = await self._balance_step(f"unbalance {ip}", lambda: self._balancer.remove(ip))
+        log.info("service address no longer balanced", extra={"service_ip": ip, "was_balanced": removed})
+        return removed
+
+    async def balanced(self, service_ip: str) -> dict[str, object] | None:
+        """{"backends": [...], "connections": {backend: open connections}}, or None when
+        service_ip is not balanced here."""
+        ip = parse_service_ip(service_ip)
+        backends = await self._balance_step(f"read the balancer of {ip}", lambda: self._balancer.backends(ip))
+        if backends is None:
+            return None
+        connections = await self._balance_step(f"count connections to {ip}", lambda: self._balancer.connections(ip))
+        return {"backends": list(backends), "connections": connections}
 
     async def close(self) -> None:
         for ip in list(self._announcers):
