@@ -61,6 +61,9 @@ class AgentClientLike(Protocol):
     ) -> dict[str, Any]: ...
     async def publish(self, host: Host, container_id: str) -> None: ...
     async def unpublish(self, host: Host, service_ip: str) -> bool: ...
+    async def balance(self, host: Host, service_ip: str, backends: list[str]) -> None: ...
+    async def unbalance(self, host: Host, service_ip: str) -> None: ...
+    async def balanced_connections(self, host: Host, service_ip: str) -> dict[str, int]: ...
     async def stage_state(
         self, host: Host, container_id: str, action: str, port: int, body: bytes, within: float
     ) -> tuple[int, bytes]: ...
@@ -234,6 +237,27 @@ class AgentClient:
         status, data = await self._call(host, "POST", "/v1/network/publish", {"container": container_id})
         if status != 200:
             raise self._error(host, status, data, f"publish the address of {container_id}")
+
+    async def balance(self, host: Host, service_ip: str, backends: list[str]) -> None:
+        """Spread new connections to `service_ip` on `host` (its owner) over `backends`."""
+        path = f"/v1/network/balancers/{service_ip}"
+        status, data = await self._call(host, "PUT", path, {"backends": backends})
+        if status != 200:
+            raise self._error(host, status, data, f"balance {service_ip}")
+
+    async def unbalance(self, host: Host, service_ip: str) -> None:
+        """Stop balancing `service_ip` on `host`; one that is not balanced there is fine."""
+        status, data = await self._call(host, "DELETE", f"/v1/network/balancers/{service_ip}")
+        if status != 200:
+            raise self._error(host, status, data, f"unbalance {service_ip}")
+
+    async def balanced_connections(self, host: Host, service_ip: str) -> dict[str, int]:
+        """{backend: open connections} of the balancer of `service_ip` on `host` (conntrack)."""
+        status, data = await self._call(host, "GET", f"/v1/network/balancers/{service_ip}")
+        if status != 200:
+            raise self._error(host, status, data, f"read the balancer of {service_ip}")
+        raw = data.get("connections")
+        return {str(k): int(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
     async def unpublish(self, host: Host, service_ip: str) -> bool:
         """Stop publishing `service_ip` from `host`; whether it was published there."""

@@ -16,6 +16,7 @@ from coordinator.catalog.service import CatalogService
 from coordinator.chains.service import ChainService
 from coordinator.config import CoordinatorConfig
 from coordinator.costs import CostBook
+from coordinator.deployments.replicas import ReplicaService
 from coordinator.deployments.service import DeploymentService, held_addresses
 from coordinator.layers import LayerService
 from coordinator.leadership import Role, Term
@@ -150,6 +151,16 @@ class Coordinator:
             self.metrics,
             addresses_taken=self.chains.addresses,
             admit=addressing,
+        )
+        self.replicas = ReplicaService(
+            store,
+            self.deployments,
+            self.placer,
+            self.reservations,
+            agents,
+            config.deployments,
+            config.agents.create_timeout,
+            clock,
         )
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -315,6 +326,7 @@ class Coordinator:
             await asyncio.gather(*self._loops, return_exceptions=True)
             await asyncio.gather(*self._role_tasks, return_exceptions=True)
             await self._stop_leading()
+            await self.replicas.close()
             await self.deployments.close()
             await self.alerter.close()
             await self.agents.close()

@@ -215,6 +215,10 @@ class DeploymentsConfig:
     """The agent's restart policy for every component: `on-failure` or `always` (docker's names)."""
     crash_loop_exits: int = 3
     """Exits of one component while it starts that fail the deployment as a crash loop."""
+    drain_timeout: float = 60.0
+    """Seconds a replica scaled in may keep its open connections before it is stopped anyway."""
+    max_replicas: int = 16
+    """The most replicas one component may be scaled to."""
 
 
 @dataclass(frozen=True)
@@ -287,6 +291,8 @@ def _validate(config: CoordinatorConfig) -> None:
         "deployments.cpu_millis": config.deployments.cpu_millis,
         "deployments.memory_bytes": config.deployments.memory_bytes,
         "deployments.crash_loop_exits": config.deployments.crash_loop_exits,
+        "deployments.drain_timeout": config.deployments.drain_timeout,
+        "deployments.max_replicas": config.deployments.max_replicas,
         "alerts.timeout": config.alerts.timeout,
         "placement.registry_bytes_per_second": config.placement.registry_bytes_per_second,
         "placement.peer_bytes_per_second": config.placement.peer_bytes_per_second,

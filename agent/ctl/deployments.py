@@ -1,4 +1,5 @@
-"""ferryctl's deployments: `deploy IMAGE`, `deployments`, `undeploy ID`, `deployment status ID`.
+"""ferryctl's deployments: `deploy IMAGE`, `deployments`, `undeploy ID`, `deployment status ID`,
+`scale ID COMPONENT N`.
 
 All through the coordinator (docs/deployments.md, "Deploying"). `deploy` and `undeploy` wait for
 the outcome (`--wait SECONDS`, default 600; `--no-wait` returns at once) and exit 8 when the
@@ -19,7 +20,7 @@ from agent.ctl import render
 from agent.ctl.exits import Exit
 
 DEFAULT_WAIT = 600.0
-COMMANDS = frozenset({"deploy", "deployments", "undeploy", "deployment"})
+COMMANDS = frozenset({"deploy", "deployments", "undeploy", "deployment", "scale"})
 
 
 class Requester(Protocol):
@@ -58,6 +59,12 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("undeploy", help="remove a deployment: its components in the reverse start order")
     p.add_argument("id")
     _wait_options(p, "removed")
+    p = sub.add_parser("scale", help="run N replicas of a deployment's component behind its service address")
+    p.add_argument("id", metavar="DEPLOYMENT")
+    p.add_argument("component", metavar="COMPONENT")
+    p.add_argument("replicas", type=int, metavar="N")
+    p.add_argument("--drain-timeout", type=_seconds, metavar="SECONDS", help="how long a replica scaled in may drain")
+    _wait_options(p, "scaled")
     p = sub.add_parser("deployment", help="one deployment: `deployment status ID`")
     actions = p.add_subparsers(dest="deployment_command", metavar="SUBCOMMAND")
     q = actions.add_parser("status", help="a deployment's state, components, hosts and addresses")
@@ -83,6 +90,14 @@ async def run(client: Requester, args: argparse.Namespace, out: Console) -> int:
             record = await client.request("DELETE", _path(args.id), params=_params(args))
             render.show(args, record, lambda: render.say_all(details(record)))
             return _outcome(record, args.no_wait, "REMOVED")
+        case "scale":
+            body: dict[str, Any] = {"replicas": args.replicas}
+            if args.drain_timeout is not None:
+                body["drain_timeout"] = args.drain_timeout
+            path = f"{_path(args.id)}/components/{quote(args.component, safe='')}/scale"
+            record = await client.request("POST", path, params=_params(args), body=body)
+            render.show(args, record, lambda: render.say_all(details(record)))
+            return Exit.OK
         case "deployment":
             record = await client.request("GET", _path(args.id))
             render.show(args, record, lambda: render.say_all(details(record)))
@@ -126,6 +141,9 @@ def details(record: dict[str, Any]) -> list[str]:
         where = f"on {c['host']}" if c.get("host") else "not placed"
         line = f"  level {c.get('level')}: {c.get('name')} ({c.get('entry')}) {c.get('state')} {where}"
         line += f" at {c.get('address')}"
+        if c.get("replicas"):
+            serving = [r for r in c["replicas"] if r.get("state") == "serving"]
+            line += f", {1 + len(serving)} replicas serving"
         if c.get("waiting_on"):
             line += f", waiting on {', '.join(c['waiting_on'])}"
         if c.get("left_behind"):
@@ -133,4 +151,7 @@ def details(record: dict[str, Any]) -> list[str]:
         if c.get("error") and c.get("name") != record.get("failed_component"):
             line += f": {c['error']}"
         lines.append(line)
+        for r in c.get("replicas") or []:
+            where = r.get("host") or "-"
+            lines.append(f"    replica {r.get('index')}: {r.get('state')} on {where} at {r.get('address')}")
     return lines

@@ -273,7 +273,7 @@ async def run(args: argparse.Namespace, out: Console, err: Console) -> int:
                 render.show(args, data, lambda: render.say_all(model_details(data)))
             case "catalog":
                 return await catalog.run(client, args, out)
-            case "deploy" | "deployments" | "undeploy" | "deployment":
+            case "deploy" | "deployments" | "undeploy" | "deployment" | "scale":
                 return await deployments.run(client, args, out)
             case "chain" | "chains":
                 return await chains.run(client, args, out)

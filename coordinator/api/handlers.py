@@ -64,6 +64,7 @@ LEADER_ONLY = frozenset(
         ("POST", "/v1/model/retrain"),
         ("POST", "/v1/deployments"),
         ("DELETE", "/v1/deployments/{id}"),
+        ("POST", "/v1/deployments/{id}/components/{name}/scale"),
     }
 )
 """Requests that start the leader's work (a deployment is driven, and taken over after a crash, by
@@ -588,6 +589,31 @@ async def delete_deployment(request: web.Request) -> web.Response:
     _ops(request)
     record = await request.app[COORDINATOR].deployments.undeploy(_deployment_id(request))
     return await _deployment_answer(request, record.id, accepted=True)
+
+
+async def scale_component(request: web.Request) -> web.Response:
+    """Scale a component to `replicas` copies behind its service address (202; `?wait=S`: 200 once
+    done, the record either way)."""
+    _ops(request)
+    deployment_id = _deployment_id(request)
+    body = await read_object(request)
+    check_keys(body, {"replicas", "drain_timeout"}, {"replicas"}, "body")
+    replicas = body["replicas"]
+    if not isinstance(replicas, int) or isinstance(replicas, bool):
+        raise InvalidRequest("replicas: expected an integer")
+    drain = body.get("drain_timeout")
+    if drain is not None and (not isinstance(drain, int | float) or isinstance(drain, bool)):
+        raise InvalidRequest("drain_timeout: expected a number of seconds")
+    service = request.app[COORDINATOR].replicas
+    record = await service.scale(deployment_id, request.match_info["name"], replicas, drain)
+    wait = _wait_seconds(request)
+    accepted = True
+    if wait is not None:
+        record = await service.wait(deployment_id, wait)
+        accepted = service.scaling(deployment_id)
+    resp = _json(record.to_dict(), status=202 if accepted else 200)
+    resp.headers["Location"] = f"/v1/deployments/{record.id}"
+    return resp
 
 
 # ----- ops: chains (coordinator/chains/, docs/chains.md)

@@ -103,6 +103,9 @@ class DeploymentAgents(Protocol):
     async def container_health(
         self, host: Host, container_id: str, after: int, wait: float, within: float
     ) -> dict[str, Any]: ...
+    async def balance(self, host: Host, service_ip: str, backends: list[str]) -> None: ...
+    async def unbalance(self, host: Host, service_ip: str) -> None: ...
+    async def balanced_connections(self, host: Host, service_ip: str) -> dict[str, int]: ...
 
 
 def agent_health(check: HealthCheck, address: str) -> dict[str, Any]:
@@ -215,16 +218,7 @@ class DeploymentService:
         deployment_id = f"{root.name}-{secrets.token_hex(4)}"
         volume_names = {n: tuple(v.name for v in layout.volumes if n in v.members) for n in order}
         async with self._admit:
-            records = await self._records.list_deployments()
-            taken = {a for r in records if r.state in HOLDS_ADDRESSES for a in r.addresses}
-            if self._addresses_taken is not None:
-                taken |= set(await self._addresses_taken())
-            released: dict[str, float] = {}
-            for r in records:
-                if r.state not in HOLDS_ADDRESSES:
-                    for a in r.addresses:
-                        released[a] = max(released.get(a, 0.0), r.updated_at)
-            addresses = allocate(self._config.address_pool, taken, len(order), released)
+            addresses = await self._free_addresses(len(order))
             now = self._clock()
             record = DeploymentRecord(
                 id=deployment_id,
@@ -252,6 +246,48 @@ class DeploymentService:
         log.info("deployment planned", extra={"deployment": deployment_id, "root": root.id, "components": order})
         self._track(deployment_id, asyncio.create_task(self._run(record, layout), name=f"deployment-{deployment_id}"))
         return record
+
+    async def _free_addresses(self, count: int) -> list[str]:
+        """`count` addresses of the pool nobody holds (call under `_admit`)."""
+        records = await self._records.list_deployments()
+        taken = {a for r in records if r.state in HOLDS_ADDRESSES for a in r.addresses}
+        if self._addresses_taken is not None:
+            taken |= set(await self._addresses_taken())
+        released: dict[str, float] = {}
+        for r in records:
+            if r.state not in HOLDS_ADDRESSES:
+                for a in r.addresses:
+                    released[a] = max(released.get(a, 0.0), r.updated_at)
+        return allocate(self._config.address_pool, taken, count, released)
+
+    # ----- for the replicas (coordinator/deployments/replicas.py)
+
+    async def take_addresses(
+        self, count: int, keep: Callable[[list[str]], Awaitable[DeploymentRecord]]
+    ) -> DeploymentRecord:
+        """Choose `count` free addresses and store them (`keep` puts them into a record) while no
+        deploy or chain can take them meanwhile."""
+        async with self._admit:
+            return await keep(await self._free_addresses(count))
+
+    async def update(
+        self, deployment_id: str, change: Callable[[DeploymentRecord], DeploymentRecord]
+    ) -> DeploymentRecord:
+        """Read, change and store a record, serialised with the health follower's writes."""
+        async with self._health_seen:
+            record = await self.get(deployment_id)
+            changed = change(record)
+            if changed is not record:
+                await self._put(changed)
+            return changed
+
+    async def spec_for(self, record: DeploymentRecord, name: str) -> dict[str, Any]:
+        """The agent's create request of component `name` as deployed (its wiring from the plan of
+        the deployed root entry and the addresses the record holds)."""
+        root, _, version = record.root.partition("@")
+        layout = await self._catalog.plan(root, version)
+        env = wiring(layout, {c.name: c.address for c in record.components}, record.id)
+        return self._spec(record, layout, name, env[name])
 
     async def _run(self, record: DeploymentRecord, layout: DeploymentPlan) -> DeploymentRecord:
         started = self._clock()
@@ -600,6 +636,17 @@ class DeploymentService:
         kept in the component's record, never raised (the rest of the teardown goes on)."""
         problems = []
         unreachable = False
+        for replica in component.replicas:
+            try:
+                await self._agents.delete_container(await self._host(replica.host), replica.container)
+            except FerrymanError as exc:  # logged; the replica's host sweeps nothing (docs/deployments.md)
+                problems.append(f"delete replica {replica.container}: {exc.message}")
+            if replica.reservation:
+                with contextlib.suppress(FerrymanError):
+                    await self._reservations.release(replica.reservation)
+        if component.replicas and component.host:
+            with contextlib.suppress(FerrymanError):
+                await self._agents.unbalance(await self._host(component.host), component.address)
         if component.host:
             try:
                 host = await self._host(component.host)
@@ -615,7 +662,7 @@ class DeploymentService:
             log.error("component not fully removed", extra={"deployment": deployment, "problems": problems})
             return _replace(component, error=component.error or "; ".join(problems), left_behind=unreachable)
         state = ComponentState.FAILED if component.state is ComponentState.FAILED else ComponentState.REMOVED
-        return _replace(component, state=state, left_behind=False)
+        return _replace(component, state=state, left_behind=False, replicas=())
 
     # ----- after a restart
 

@@ -138,6 +138,47 @@ class ComponentState(enum.StrEnum):
     REMOVED = "removed"  # its container, reservation and volumes are gone
 
 
+class ReplicaState(enum.StrEnum):
+    STARTING = "starting"  # placed, created and started; not in the balancer until it is healthy
+    SERVING = "serving"  # in the balancer: new connections reach it
+    DRAINING = "draining"  # out of the balancer: its open connections end before it is stopped
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """One more copy of a component, behind the component's service address (the component's own
+    container is replica 0 and is not listed)."""
+
+    index: int
+    address: str
+    """Its own address (from the pool): the balancer's backend, and where its health is probed."""
+    host: str
+    container: str
+    reservation: str = ""
+    state: ReplicaState = ReplicaState.STARTING
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "address": self.address,
+            "host": self.host,
+            "container": self.container,
+            "reservation": self.reservation,
+            "state": self.state.value,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReplicaRecord:
+        return cls(
+            index=int(data["index"]),
+            address=data["address"],
+            host=data["host"],
+            container=data["container"],
+            reservation=data.get("reservation", ""),
+            state=ReplicaState(data.get("state", ReplicaState.STARTING.value)),
+        )
+
+
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
@@ -166,6 +207,13 @@ class ComponentRecord:
     """Those of `requires` that are degraded now: how a dependent is told."""
     degraded_since: float = 0.0
     """When it went degraded (0: it is not)."""
+    replicas: tuple[ReplicaRecord, ...] = ()
+    """Its copies beyond the first (coordinator/deployments/replicas.py), by index."""
+
+    @property
+    def replica_count(self) -> int:
+        """How many copies serve or are about to: itself and every replica not draining."""
+        return 1 + sum(r.state is not ReplicaState.DRAINING for r in self.replicas)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -184,6 +232,7 @@ class ComponentRecord:
             "requires": list(self.requires),
             "waiting_on": list(self.waiting_on),
             "degraded_since": self.degraded_since,
+            "replicas": [r.to_dict() for r in self.replicas],
         }
 
     @classmethod
@@ -204,6 +253,7 @@ class ComponentRecord:
             requires=tuple(data.get("requires", ())),
             waiting_on=tuple(data.get("waiting_on", ())),
             degraded_since=float(data.get("degraded_since", 0.0)),
+            replicas=tuple(ReplicaRecord.from_dict(r) for r in data.get("replicas", ())),
         )
 
 
@@ -227,7 +277,7 @@ class DeploymentRecord:
 
     @property
     def addresses(self) -> tuple[str, ...]:
-        return tuple(c.address for c in self.components)
+        return tuple(a for c in self.components for a in (c.address, *(r.address for r in c.replicas)))
 
     def component(self, name: str) -> ComponentRecord:
         for c in self.components:

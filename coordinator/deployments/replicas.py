@@ -1,0 +1,355 @@
+"""Scaling a deployment's component out and in: replicas behind its one service address.
+
+The component's own container is replica 0: it keeps the service address, published on its host
+(the *owner*), where the agent balances new connections to the address over every serving
+replica's own address (agent/network/balancer.py: nftables DNAT with `numgen inc mod N`, conntrack
+keeping established connections where they are).
+
+Out: each new replica takes an address from `[deployments] address_pool`, is placed through the
+placement with reserved capacity (like a component), created with the component's spec (its
+wiring, its health check probing the replica's own address) and started; once healthy its
+reservation is released and it joins the owner's balancer.
+
+In: the highest-numbered replicas leave the balancer first (no new connections), then the owner's
+conntrack is read until none of their connections is open, or `drain_timeout` passes; only then
+are their containers deleted and their addresses given back.
+
+`plan_scale` is the decision (pure); `ReplicaService` drives it, one scale at a time per deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.config import DeploymentsConfig
+from coordinator.deployments.service import LABEL_COMPONENT, DeploymentAgents, DeploymentService
+from coordinator.deployments.states import (
+    WATCHED,
+    ComponentRecord,
+    DeploymentRecord,
+    ReplicaRecord,
+    ReplicaState,
+)
+from coordinator.model import Capacity, Host, HostNotFound, NoTarget
+from coordinator.placement import Need, Placer
+from coordinator.reservations import ReservationService
+from coordinator.store import Store
+from core.errors import Conflict, FerrymanError, InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+LABEL_REPLICA = "ferryman.replica"
+DRAIN_POLL = 0.5
+"""Seconds between two reads of a draining replica's open connections on the owner."""
+
+
+class ScaleBusy(Conflict):
+    """The deployment is not running, or another scale of it is under way."""
+
+    code = "deployment_busy"
+
+
+class ComponentNotFound(NotFound):
+    code = "component_not_found"
+
+
+class ScaleFailed(FerrymanError):
+    code = "scale_failed"
+    http_status = 500
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    add: tuple[int, ...]
+    """Indexes of the replicas to start."""
+    remove: tuple[int, ...]
+    """Indexes of the replicas to drain and stop, highest first."""
+
+
+def plan_scale(component: ComponentRecord, target: int, most: int) -> ScalePlan:
+    """Which replicas to start or stop to run `target` copies of `component` (itself included)."""
+    if not 1 <= target <= most:
+        raise InvalidRequest(f"replicas: expected 1 to {most}, got {target}")
+    live = sorted((r.index for r in component.replicas if r.state is not ReplicaState.DRAINING), reverse=True)
+    have = 1 + len(live)
+    if target >= have:
+        used = {r.index for r in component.replicas}
+        free = (i for i in range(1, most + len(used) + 1) if i not in used)
+        return ScalePlan(add=tuple(next(free) for _ in range(target - have)), remove=())
+    return ScalePlan(add=(), remove=tuple(live[: have - target]))
+
+
+def replica_container(component: ComponentRecord, index: int) -> str:
+    return f"{component.container[:58]}-r{index}"
+
+
+class ReplicaService:
+    def __init__(
+        self,
+        store: Store,
+        deployments: DeploymentService,
+        placer: Placer,
+        reservations: ReservationService,
+        agents: DeploymentAgents,
+        config: DeploymentsConfig,
+        create_timeout: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._store = store
+        self._deployments = deployments
+        self._placer = placer
+        self._reservations = reservations
+        self._agents = agents
+        self._config = config
+        self._create_timeout = create_timeout
+        self._clock = clock
+        self._tasks: dict[str, asyncio.Task[DeploymentRecord]] = {}
+        """Per deployment: the scale under way."""
+
+    async def scale(
+        self, deployment_id: str, name: str, replicas: int, drain_timeout: float | None = None
+    ) -> DeploymentRecord:
+        """Start scaling `name` to `replicas` copies in a task of its own; the record as it is now.
+        ScaleBusy while the deployment is not HEALTHY/DEGRADED or is being scaled already."""
+        record = await self._deployments.get(deployment_id)
+        try:
+            component = record.component(name)
+        except KeyError:
+            raise ComponentNotFound(f"deployment {deployment_id} has no component {name!r}") from None
+        if record.state not in WATCHED:
+            raise ScaleBusy(f"deployment {deployment_id} is {record.state.value}; scale it once it is HEALTHY")
+        if deployment_id in self._tasks:
+            raise ScaleBusy(f"deployment {deployment_id} is being scaled; wait for it to finish")
+        if drain_timeout is not None and drain_timeout <= 0:
+            raise InvalidRequest("drain_timeout: expected a number of seconds greater than 0")
+        if component.volumes and replicas > 1:
+            raise InvalidRequest(f"{name} mounts a shared volume, which lives on one host: it cannot have replicas")
+        plan = plan_scale(component, replicas, self._config.max_replicas)
+        drain = drain_timeout if drain_timeout is not None else self._config.drain_timeout
+        task = asyncio.create_task(self._run(deployment_id, name, plan, drain), name=f"scale-{deployment_id}-{name}")
+        self._tasks[deployment_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(deployment_id, None))
+        return record
+
+    def scaling(self, deployment_id: str) -> bool:
+        """Whether a scale of the deployment is under way."""
+        return deployment_id in self._tasks
+
+    async def wait(self, deployment_id: str, seconds: float) -> DeploymentRecord:
+        task = self._tasks.get(deployment_id)
+        if task is not None:
+            await asyncio.wait({task}, timeout=seconds)
+        return await self._deployments.get(deployment_id)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ----- driving
+
+    async def _run(self, deployment_id: str, name: str, plan: ScalePlan, drain: float) -> DeploymentRecord:
+        try:
+            if plan.add:
+                await self._scale_out(deployment_id, name, plan.add)
+            if plan.remove:
+                await self._scale_in(deployment_id, name, plan.remove, drain)
+        except FerrymanError as exc:
+            log.error("scale failed", extra={"deployment": deployment_id, "component": name, "error": exc.message})
+        except Exception:
+            log.exception("scale failed unexpectedly", extra={"deployment": deployment_id, "component": name})
+        return await self._deployments.get(deployment_id)
+
+    async def _host(self, name: str) -> Host:
+        host = await self._store.get_host(name)
+        if host is None:
+            raise HostNotFound(f"host {name} left the fleet")
+        return host
+
+    async def _scale_out(self, deployment_id: str, name: str, indexes: tuple[int, ...]) -> None:
+        async def keep(addresses: list[str]) -> DeploymentRecord:
+            def add(record: DeploymentRecord) -> DeploymentRecord:
+                component = record.component(name)
+                new = tuple(
+                    ReplicaRecord(index=i, address=a, host="", container=replica_container(component, i))
+                    for i, a in zip(indexes, addresses, strict=True)
+                )
+                grown = dataclasses.replace(component, replicas=(*component.replicas, *new))
+                return record.with_component(grown, self._clock())
+
+            return await self._deployments.update(deployment_id, add)
+
+        record = await self._deployments.take_addresses(len(indexes), keep)
+        try:
+            spec = await self._deployments.spec_for(record, name)
+        except BaseException:
+            await asyncio.shield(self._drop(deployment_id, name, indexes))
+            raise
+        # Placed one after the other, each away from the hosts that run a copy already when another
+        # can take it: a host lost takes one replica, not all of them.
+        placed: list[BaseException | None] = []
+        for i in indexes:
+            try:
+                await self._place_replica(deployment_id, name, i)
+                placed.append(None)
+            except FerrymanError as exc:
+                placed.append(exc)
+        results = await asyncio.gather(
+            *(
+                self._start_replica(deployment_id, name, i, spec) if not isinstance(p, BaseException) else _raise(p)
+                for i, p in zip(indexes, placed, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        failed = [i for i, r in zip(indexes, results, strict=True) if isinstance(r, BaseException)]
+        for i, r in zip(indexes, results, strict=True):
+            if isinstance(r, BaseException):
+                log.error(
+                    "replica did not start",
+                    extra={
+                        "deployment": deployment_id,
+                        "component": name,
+                        "replica": i,
+                        "error": getattr(r, "message", str(r)),
+                    },
+                )
+        if failed:
+            await self._drop(deployment_id, name, tuple(failed))
+        record = await self._set_state(deployment_id, name, set(indexes) - set(failed), ReplicaState.SERVING)
+        await self._rebalance(record.component(name))
+        if failed:
+            raise ScaleFailed(f"{len(failed)} of {len(indexes)} replicas of {name} did not start; see the log")
+
+    async def _place_replica(self, deployment_id: str, name: str, index: int) -> None:
+        """Reserve its capacity through the placement, on a host without a copy if one can take it."""
+        record = await self._deployments.get(deployment_id)
+        component = record.component(name)
+        replica = next(r for r in component.replicas if r.index == index)
+        need = Need(capacity=Capacity(self._config.cpu_millis, self._config.memory_bytes, 0), image=component.image)
+        purpose = f"deployment {deployment_id} component {name} replica {index}"
+        running = {component.host, *(r.host for r in component.replicas if r.host)}
+        try:
+            placement = await self._placer.place_start(need, purpose, exclude=running)
+        except NoTarget:
+            placement = await self._placer.place_start(need, purpose)
+        reservation = placement.reservation
+        await self._put_replica(
+            deployment_id, name, dataclasses.replace(replica, host=reservation.host, reservation=reservation.id)
+        )
+
+    async def _start_replica(self, deployment_id: str, name: str, index: int, base: dict[str, Any]) -> None:
+        """Create, start and wait healthy; its reservation is released once it is."""
+        record = await self._deployments.get(deployment_id)
+        component = record.component(name)
+        replica = next(r for r in component.replicas if r.index == index)
+        reservation_id = replica.reservation
+        host = await self._host(replica.host)
+        spec = dict(base)
+        spec.update(
+            id=replica.container,
+            service_ip=replica.address,
+            reservation=reservation_id,
+            labels={**base.get("labels", {}), LABEL_COMPONENT: name, LABEL_REPLICA: str(index)},
+        )
+        health = dict(spec.get("health") or {})
+        for kind in ("http", "tcp", "grpc"):
+            if kind in health:
+                health[kind] = {**health[kind], "host": replica.address}
+        spec["health"] = health
+        await self._agents.pull_image(host, component.image, self._create_timeout)
+        await self._agents.create_container(host, spec, self._create_timeout, start=True)
+        async with asyncio.timeout(self._config.health_timeout):
+            seq = 0
+            while True:
+                health_now = await self._agents.container_health(host, replica.container, seq, 10.0, 15.0)
+                seq = int(health_now.get("seq", seq))
+                if health_now.get("status") == "healthy":
+                    break
+                if health_now.get("status") == "unhealthy":
+                    raise ScaleFailed(f"replica {replica.container} on {replica.host} became unhealthy")
+        await self._reservations.release(reservation_id)
+        await self._put_replica(deployment_id, name, dataclasses.replace(replica, reservation=""))
+
+    async def _scale_in(self, deployment_id: str, name: str, indexes: tuple[int, ...], drain: float) -> None:
+        record = await self._set_state(deployment_id, name, set(indexes), ReplicaState.DRAINING)
+        component = record.component(name)
+        await self._rebalance(component)  # no new connection reaches them from now on
+        owner = await self._host(component.host)
+        leaving = {r.address for r in component.replicas if r.index in indexes}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain
+        open_now: dict[str, int] = {}
+        while loop.time() < deadline:
+            counts = await self._agents.balanced_connections(owner, component.address)
+            open_now = {a: counts.get(a, 0) for a in leaving if counts.get(a, 0)}
+            if not open_now:
+                break
+            await asyncio.sleep(DRAIN_POLL)
+        if open_now:
+            log.warning(
+                "drain deadline passed; stopping replicas with connections open",
+                extra={"deployment": deployment_id, "component": name, "open": open_now},
+            )
+        else:
+            log.info("replicas drained", extra={"deployment": deployment_id, "component": name, "replicas": indexes})
+        await self._drop(deployment_id, name, indexes)
+        if len(component.replicas) == len(indexes):
+            await self._agents.unbalance(owner, component.address)  # itself alone: nothing to spread
+
+    async def _drop(self, deployment_id: str, name: str, indexes: tuple[int, ...]) -> None:
+        """Delete the replicas' containers and reservations, then forget them (their addresses free)."""
+        record = await self._deployments.get(deployment_id)
+        for replica in record.component(name).replicas:
+            if replica.index not in indexes:
+                continue
+            if replica.host:
+                try:
+                    await self._agents.delete_container(await self._host(replica.host), replica.container)
+                except FerrymanError as exc:
+                    log.error("replica not deleted", extra={"container": replica.container, "error": exc.message})
+            if replica.reservation:
+                with contextlib.suppress(FerrymanError):  # the agent expires its copy at the same deadline
+                    await self._reservations.release(replica.reservation)
+
+        def forget(record: DeploymentRecord) -> DeploymentRecord:
+            component = record.component(name)
+            kept = tuple(r for r in component.replicas if r.index not in indexes)
+            return record.with_component(dataclasses.replace(component, replicas=kept), self._clock())
+
+        await self._deployments.update(deployment_id, forget)
+
+    async def _rebalance(self, component: ComponentRecord) -> None:
+        by_index = sorted(component.replicas, key=lambda r: r.index)
+        serving = [r.address for r in by_index if r.state is ReplicaState.SERVING]
+        if not component.replicas:
+            return
+        await self._agents.balance(await self._host(component.host), component.address, [component.address, *serving])
+
+    async def _put_replica(self, deployment_id: str, name: str, replica: ReplicaRecord) -> None:
+        def put(record: DeploymentRecord) -> DeploymentRecord:
+            component = record.component(name)
+            parts = tuple(replica if r.index == replica.index else r for r in component.replicas)
+            return record.with_component(dataclasses.replace(component, replicas=parts), self._clock())
+
+        await self._deployments.update(deployment_id, put)
+
+    async def _set_state(
+        self, deployment_id: str, name: str, indexes: set[int], state: ReplicaState
+    ) -> DeploymentRecord:
+        def put(record: DeploymentRecord) -> DeploymentRecord:
+            component = record.component(name)
+            parts = tuple(dataclasses.replace(r, state=state) if r.index in indexes else r for r in component.replicas)
+            return record.with_component(dataclasses.replace(component, replicas=parts), self._clock())
+
+        return await self._deployments.update(deployment_id, put)
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
