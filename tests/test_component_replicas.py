@@ -183,16 +183,21 @@ async def test_replicas_share_one_address_and_scale_without_dropping_connections
         "name": "echo",
         "version": "1.0.0",
         "image": mesh.image_ref(repo, "v1"),
-        "manifest": {"required_images": [], "data_transfer_protocols": {}, "dependency_health_check": check},
+        "manifest": {
+            "required_images": [],
+            "data_transfer_protocols": {},
+            "dependency_health_check": check,
+            "replicas": 3,
+        },
     }
     await f.call("POST", "/v1/catalog", document, expect=201)
+    # The manifest asks for 3: two more containers, each at its own address, healthy, behind the one
+    # address, before the deploy's wait answers.
     record = await f.call("POST", "/v1/deployments?wait=120", {"image": "echo"})
     assert record["state"] == "HEALTHY", record
     deployment, service = record["id"], record["components"][0]["address"]
     owner = mesh[record["components"][0]["host"]]
-
-    # Out to 3: two more containers, each at its own address, healthy, behind the one address.
-    component = await scale(f, deployment, 3, "--wait", "120")
+    component = record["components"][0]
     replicas = serving(component)
     assert sorted(replicas) == [1, 2], component
     ids = {record["components"][0]["container"], *(r["container"] for r in replicas.values())}

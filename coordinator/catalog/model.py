@@ -185,13 +185,18 @@ class Manifest:
     data_transfer_protocols: Mapping[str, Transfer]
     """Keyed by required image name, in the document's order."""
     dependency_health_check: HealthCheck
+    replicas: int = 1
+    """Copies behind the service address once deployed (docs/deployments.md, "Replicas")."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "required_images": [str(r) for r in self.required_images],
             "data_transfer_protocols": {k: t.to_dict() for k, t in self.data_transfer_protocols.items()},
             "dependency_health_check": self.dependency_health_check.to_dict(),
         }
+        if self.replicas != 1:  # an entry registered before replicas existed reads back the same
+            out["replicas"] = self.replicas
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
@@ -199,6 +204,7 @@ class Manifest:
             required_images=tuple(Reference.parse(r) for r in data["required_images"]),
             data_transfer_protocols={k: Transfer.from_dict(v) for k, v in data["data_transfer_protocols"].items()},
             dependency_health_check=HealthCheck.from_dict(data["dependency_health_check"]),
+            replicas=int(data.get("replicas", 1)),
         )
 
 

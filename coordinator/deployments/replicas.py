@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator.config import DeploymentsConfig
+from coordinator.deployments.plan import DeploymentPlan
 from coordinator.deployments.service import LABEL_COMPONENT, DeploymentAgents, DeploymentService
 from coordinator.deployments.states import (
     WATCHED,
@@ -111,6 +112,23 @@ class ReplicaService:
         self._clock = clock
         self._tasks: dict[str, asyncio.Task[DeploymentRecord]] = {}
         """Per deployment: the scale under way."""
+        deployments.on_healthy = self.as_deployed
+
+    async def as_deployed(self, record: DeploymentRecord, layout: DeploymentPlan) -> None:
+        """Start the replicas the manifests ask for (`replicas` > 1), once the deployment is HEALTHY:
+        each component's scale out in turn (a component with a shared volume keeps one copy)."""
+        for component in record.components:
+            wanted = min(layout.components[component.name].entry.manifest.replicas, self._config.max_replicas)
+            if wanted <= 1:
+                continue
+            if component.volumes:
+                log.warning(
+                    "a component with a shared volume runs one copy",
+                    extra={"deployment": record.id, "component": component.name, "replicas": wanted},
+                )
+                continue
+            plan = plan_scale(component, wanted, self._config.max_replicas)
+            await self._run(record.id, component.name, plan, self._config.drain_timeout)
 
     async def scale(
         self, deployment_id: str, name: str, replicas: int, drain_timeout: float | None = None

@@ -179,6 +179,9 @@ class DeploymentService:
         """Per HEALTHY or DEGRADED deployment: the task following its components' health."""
         self._health_seen = asyncio.Lock()
         """Held while a component's health is written into its record (read, change, put)."""
+        self.on_healthy: Callable[[DeploymentRecord, DeploymentPlan], Awaitable[None]] | None = None
+        """Called once a deploy is HEALTHY, within its task (the replicas' service starts the
+        replicas the manifests ask for: coordinator/deployments/replicas.py)."""
 
     # ----- reading
 
@@ -326,7 +329,6 @@ class DeploymentService:
                 extra={"deployment": record.id, "seconds": round(self._clock() - started, 3)},
             )
             self._watch(record)
-            return record
         except ComponentFailed as exc:
             await self._stop_preparing(prepared, issued)
             return await self._fail(record, exc)
@@ -340,6 +342,15 @@ class DeploymentService:
             log.exception("deployment failed unexpectedly", extra={"deployment": record.id})
             await self._stop_preparing(prepared, issued)
             return await self._fail(record, ComponentFailed("", "internal", f"{type(exc).__name__}: {exc}"))
+        if self.on_healthy is not None:
+            # More replicas, as the manifests ask: the deployment is HEALTHY already, so whatever
+            # happens to them is theirs (logged), not a rollback.
+            try:
+                await self.on_healthy(record, layout)
+            except Exception:
+                log.exception("replicas after the deploy failed", extra={"deployment": record.id})
+            record = await self.get(record.id)
+        return record
 
     async def _put(self, record: DeploymentRecord) -> DeploymentRecord:
         await self._records.put_deployment(record)
