@@ -64,6 +64,7 @@ class AgentClientLike(Protocol):
     async def balance(self, host: Host, service_ip: str, backends: list[str]) -> None: ...
     async def unbalance(self, host: Host, service_ip: str) -> None: ...
     async def balanced_connections(self, host: Host, service_ip: str) -> dict[str, int]: ...
+    async def balancer(self, host: Host, service_ip: str) -> tuple[int, dict[str, int]]: ...
     async def stage_state(
         self, host: Host, container_id: str, action: str, port: int, body: bytes, within: float
     ) -> tuple[int, bytes]: ...
@@ -253,11 +254,16 @@ class AgentClient:
 
     async def balanced_connections(self, host: Host, service_ip: str) -> dict[str, int]:
         """{backend: open connections} of the balancer of `service_ip` on `host` (conntrack)."""
+        return (await self.balancer(host, service_ip))[1]
+
+    async def balancer(self, host: Host, service_ip: str) -> tuple[int, dict[str, int]]:
+        """(connections spread so far, {backend: open connections}) of `service_ip`'s balancer."""
         status, data = await self._call(host, "GET", f"/v1/network/balancers/{service_ip}")
         if status != 200:
             raise self._error(host, status, data, f"read the balancer of {service_ip}")
         raw = data.get("connections")
-        return {str(k): int(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        open_now = {str(k): int(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        return int(data.get("balanced") or 0), open_now
 
     async def unpublish(self, host: Host, service_ip: str) -> bool:
         """Stop publishing `service_ip` from `host`; whether it was published there."""

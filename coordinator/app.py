@@ -16,6 +16,7 @@ from coordinator.catalog.service import CatalogService
 from coordinator.chains.service import ChainService
 from coordinator.config import CoordinatorConfig
 from coordinator.costs import CostBook
+from coordinator.deployments.behaviour import TRAFFIC_PERIOD, ComponentSeries
 from coordinator.deployments.replicas import ReplicaService
 from coordinator.deployments.service import DeploymentService, held_addresses
 from coordinator.layers import LayerService
@@ -86,9 +87,12 @@ class Coordinator:
         self.costs = CostBook()
         self.warm = WarmService(store, warm_model, clock, self.metrics)
 
+        self.behaviour = ComponentSeries()
+
         def observe(host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
             self.predictions.observe(host, samples)
             self.costs.observe(host, samples)
+            self.behaviour.observe(host, samples)
 
         self.hosts = HostRegistry(
             store, config, clock, self.metrics, observer=observe, on_register=self.layers.registered
@@ -161,6 +165,7 @@ class Coordinator:
             config.deployments,
             config.agents.create_timeout,
             clock,
+            self.behaviour,
         )
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -259,6 +264,7 @@ class Coordinator:
             asyncio.create_task(self._while_leading(self.hosts.run_liveness), name="liveness"),
             asyncio.create_task(self._while_leading(self.reservations.run_sweeper), name="reservation-sweeper"),
             asyncio.create_task(self._every(self.config.model.tick_period, self._tick), name="policy"),
+            asyncio.create_task(self._every(TRAFFIC_PERIOD, self.replicas.sample_traffic), name="traffic"),
         ]
         if self.config.warm.period and self.warm.predictor is not None:
             self._leader_loops.append(

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from agent.network.balancer import check_backends, parse_backends, table_name, table_script
+from agent.network.balancer import check_backends, parse_backends, parse_balanced, table_name, table_script
+from coordinator.deployments.behaviour import ComponentSeries
 from coordinator.deployments.replicas import ScalePlan, plan_scale
 from coordinator.deployments.states import ComponentRecord, ReplicaRecord, ReplicaState
 from core.errors import InvalidRequest
@@ -106,6 +107,8 @@ def test_the_table_spreads_new_connections_only_and_masquerades_what_leaves_for_
         ]
     }
     assert parse_backends(listed, "10.0.0.5") == ("10.0.0.5", "10.0.0.7")
+    counted = {"rule": {"table": "fmlb_10_0_0_5", "chain": "output", "expr": [{"counter": {"packets": 4}}]}}
+    assert parse_balanced({"nftables": [*listed["nftables"], counted, counted]}, "10.0.0.5") == 8
     assert parse_backends(listed, "10.0.0.9") is None
 
 
@@ -125,6 +128,32 @@ def test_scaling_plans_new_indexes_out_and_the_highest_in() -> None:
     for bad in (0, 17):
         with pytest.raises(InvalidRequest):
             plan_scale(c, bad, 16)
+
+
+def test_behaviour_sums_a_components_containers_and_rates_its_balanced_connections() -> None:
+    series = ComponentSeries(max_points=2)
+    mine = {"ferryman.deployment": "d1", "ferryman.component": "echo"}
+    sample = {
+        "containers": [
+            {"id": "d1-echo", "cpu_millis": 10.0, "memory_bytes": "1000", "labels": mine},
+            {"id": "d1-echo-r1", "cpu_millis": 5.5, "memory_bytes": "500", "labels": {**mine, "ferryman.replica": "1"}},
+            {"id": "other", "cpu_millis": 99.0, "memory_bytes": "1", "labels": {}},
+        ]
+    }
+    series.observe("h1", [(1.0, sample), (2.0, sample), (3.0, sample)])
+    usage = series.of("d1", "echo")["usage"]
+    assert [(u["ts"], u["cpu_millis"], u["memory_bytes"], u["containers"]) for u in usage] == [
+        (2.0, 15.5, 1500, 2),
+        (3.0, 15.5, 1500, 2),
+    ]  # bounded: the oldest point went
+    series.observe_traffic("d1", "echo", 10.0, 100, {})
+    series.observe_traffic("d1", "echo", 15.0, 150, {"10.0.0.6": 2})
+    series.observe_traffic("d1", "echo", 20.0, 3, {})  # the table was rewritten: no rate across it
+    assert [(t["new_connections_per_second"], t["open_connections"]) for t in series.of("d1", "echo")["traffic"]] == [
+        (10.0, {"10.0.0.6": 2})
+    ]
+    series.forget("d1")
+    assert series.of("d1", "echo") == {"usage": [], "traffic": []}
 
 
 # ----- on the mesh
@@ -209,6 +238,20 @@ async def test_replicas_share_one_address_and_scale_without_dropping_connections
     # Many short connections reach every replica, evenly (round robin in the kernel).
     seen = await spread(mesh, service, 60)
     assert set(seen) == ids and all(n == 20 for n in seen.values()), (seen, hosts)
+
+    # The coordinator keeps the component's behaviour: cgroup usage of its three containers from the
+    # agents' telemetry, and the balancer's connection rate from the owner.
+    deadline = time.monotonic() + 60
+    while True:
+        behaviour = await f.call("GET", f"/v1/deployments/{deployment}/components/echo/behaviour")
+        latest = {u["host"]: u["containers"] for u in behaviour["usage"]}
+        rates = [t["new_connections_per_second"] for t in behaviour["traffic"]]
+        if sum(latest.values()) == 3 and any(r > 0 for r in rates):
+            break
+        assert time.monotonic() < deadline, behaviour
+        await spread(mesh, service, 9)  # traffic between two reads of the counters (every 5 s)
+        await asyncio.sleep(1.0)
+    assert set(latest) == hosts and all(u["memory_bytes"] > 0 for u in behaviour["usage"][-3:]), behaviour
 
     # A long-lived connection on replica 2 sees no error while replica 3 comes and goes.
     holder = await in_client(mesh, LONG_CLIENT, service, replicas[2]["container"])

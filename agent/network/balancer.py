@@ -75,8 +75,8 @@ def table_script(service_ip: str, backends: Sequence[str], uplink: str) -> str:
         len(members), ", ".join(f"{i} : {b}" for i, b in enumerate(members))
     )
     rules = (
-        f"ip daddr {ip} tcp flags & (fin | syn | rst | ack) == syn dnat to {spread}",
-        f"ip daddr {ip} meta l4proto udp ct state new dnat to {spread}",
+        f"ip daddr {ip} tcp flags & (fin | syn | rst | ack) == syn counter dnat to {spread}",
+        f"ip daddr {ip} meta l4proto udp ct state new counter dnat to {spread}",
     )
     body = "\n".join(f"        {r}" for r in rules)
     return (
@@ -117,13 +117,28 @@ def parse_backends(ruleset: dict[str, Any], service_ip: str) -> tuple[str, ...] 
     return None
 
 
+def parse_balanced(ruleset: dict[str, Any], service_ip: str) -> int:
+    """How many connections `service_ip`'s table has spread since it was made: its rules' counters."""
+    table = table_name(service_ip)
+    total = 0
+    for item in ruleset.get("nftables", []):
+        rule = item.get("rule")
+        if not rule or rule.get("table") != table:
+            continue
+        for expr in rule.get("expr", []):
+            counter = expr.get("counter")
+            if isinstance(counter, dict):
+                total += int(counter.get("packets", 0))
+    return total
+
+
 class KernelBalancer(Protocol):
     """What the service network needs of the kernel; every method blocks (run it in a thread) and
     raises BalancerError."""
 
     def apply(self, service_ip: str, backends: Sequence[str], uplink: str) -> None: ...
     def remove(self, service_ip: str) -> bool: ...
-    def backends(self, service_ip: str) -> tuple[str, ...] | None: ...
+    def read(self, service_ip: str) -> tuple[tuple[str, ...], int] | None: ...
     def connections(self, service_ip: str) -> dict[str, int]: ...
 
 
@@ -148,18 +163,20 @@ class NftablesBalancer:
         self._run(table_script(service_ip, backends, uplink))
 
     def remove(self, service_ip: str) -> bool:
-        if self.backends(service_ip) is None:
+        if self.read(service_ip) is None:
             return False
         self._run(f"delete table ip {table_name(service_ip)}")
         return True
 
-    def backends(self, service_ip: str) -> tuple[str, ...] | None:
+    def read(self, service_ip: str) -> tuple[tuple[str, ...], int] | None:
+        """(backends, connections spread so far), or None when the address is not balanced here."""
         import json
 
         rc, out, _ = self._nft().cmd(f"list table ip {table_name(service_ip)}")
         if rc != 0:
             return None  # no such table
-        return parse_backends(json.loads(out), service_ip) or ()
+        ruleset = json.loads(out)
+        return parse_backends(ruleset, service_ip) or (), parse_balanced(ruleset, service_ip)
 
     def connections(self, service_ip: str) -> dict[str, int]:
         """{backend: connections to service_ip it holds that are still open}, from conntrack."""

@@ -309,14 +309,15 @@ class ServiceNetwork:
         return removed
 
     async def balanced(self, service_ip: str) -> dict[str, object] | None:
-        """{"backends": [...], "connections": {backend: open connections}}, or None when
-        service_ip is not balanced here."""
+        """{"backends": [...], "balanced": connections spread since the table was made,
+        "connections": {backend: open connections}}, or None when service_ip is not balanced here."""
         ip = parse_service_ip(service_ip)
-        backends = await self._balance_step(f"read the balancer of {ip}", lambda: self._balancer.backends(ip))
-        if backends is None:
+        found = await self._balance_step(f"read the balancer of {ip}", lambda: self._balancer.read(ip))
+        if found is None:
             return None
+        backends, balanced = found
         connections = await self._balance_step(f"count connections to {ip}", lambda: self._balancer.connections(ip))
-        return {"backends": list(backends), "connections": connections}
+        return {"backends": list(backends), "balanced": balanced, "connections": connections}
 
     async def close(self) -> None:
         for ip in list(self._announcers):

@@ -616,6 +616,14 @@ async def scale_component(request: web.Request) -> web.Response:
     return resp
 
 
+async def component_behaviour(request: web.Request) -> web.Response:
+    """A component's time series: cgroup usage per host and sample, balanced traffic (docs/deployments.md)."""
+    _ops(request)
+    coordinator = request.app[COORDINATOR]
+    record = await coordinator.deployments.get(_deployment_id(request))
+    return _json(coordinator.replicas.behaviour(record, request.match_info["name"]))
+
+
 # ----- ops: chains (coordinator/chains/, docs/chains.md)
 
 CHAIN_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator.config import DeploymentsConfig
+from coordinator.deployments.behaviour import ComponentSeries
 from coordinator.deployments.plan import DeploymentPlan
 from coordinator.deployments.service import LABEL_COMPONENT, DeploymentAgents, DeploymentService
 from coordinator.deployments.states import (
@@ -101,8 +102,11 @@ class ReplicaService:
         config: DeploymentsConfig,
         create_timeout: float,
         clock: Callable[[], float],
+        series: ComponentSeries | None = None,
     ) -> None:
         self._store = store
+        self.series = series or ComponentSeries()
+        """Per component: usage from telemetry (fed by the app) and traffic from the balancers."""
         self._deployments = deployments
         self._placer = placer
         self._reservations = reservations
@@ -154,6 +158,29 @@ class ReplicaService:
         self._tasks[deployment_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(deployment_id, None))
         return record
+
+    async def sample_traffic(self) -> None:
+        """Read every balanced component's counters on its owner into the series (the leader, every
+        behaviour.TRAFFIC_PERIOD seconds); an owner that does not answer is skipped this round."""
+        for record in await self._deployments.all():
+            if record.state not in WATCHED:
+                continue
+            for component in record.components:
+                if not component.replicas:
+                    continue
+                try:
+                    balanced, open_now = await self._agents.balancer(
+                        await self._host(component.host), component.address
+                    )
+                except FerrymanError:
+                    continue
+                self.series.observe_traffic(record.id, component.name, self._clock(), balanced, open_now)
+
+    def behaviour(self, record: DeploymentRecord, name: str) -> dict[str, Any]:
+        """The component's series (ComponentNotFound for a name the deployment does not have)."""
+        if name not in {c.name for c in record.components}:
+            raise ComponentNotFound(f"deployment {record.id} has no component {name!r}")
+        return {"deployment": record.id, "component": name, **self.series.of(record.id, name)}
 
     def scaling(self, deployment_id: str) -> bool:
         """Whether a scale of the deployment is under way."""
