@@ -257,6 +257,7 @@ class Coordinator:
         taken = await self.deployments.recover()
         if taken:
             log.info("took over deployments", extra={"count": taken})
+        self.replicas.follow_all(await self.deployments.all())
         chains = await self.chains.recover()
         if chains:
             log.info("resumed chains", extra={"count": chains})
@@ -296,6 +297,7 @@ class Coordinator:
         await self.migrations.close()
         await self.chains.close()
         await self.deployments.stop_following()
+        await self.replicas.stop_following()
         if self.election is not None and self.election.role is Role.FOLLOWER:
             # The ended term's fence kept what was still running from writing; with all of it
             # stopped, this replica writes as a follower again (agents' pushes, reservations).

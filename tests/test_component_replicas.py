@@ -197,6 +197,16 @@ async def scale(f: CoordinatedFleet, deployment: str, n: int, *extra: str) -> di
     return json.loads(res.stdout)["components"][0]
 
 
+async def wait_replicas(f: CoordinatedFleet, deployment: str, states: dict[int, str], within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        component = (await f.call("GET", f"/v1/deployments/{deployment}"))["components"][0]
+        if {r["index"]: r["state"] for r in component["replicas"]} == states:
+            return
+        assert time.monotonic() < deadline, component
+        await asyncio.sleep(0.2)
+
+
 def serving(component: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return {r["index"]: r for r in component["replicas"] if r["state"] == "serving"}
 
@@ -228,6 +238,20 @@ async def test_replicas_share_one_address_and_scale_without_dropping_connections
     owner = mesh[record["components"][0]["host"]]
     component = record["components"][0]
     replicas = serving(component)
+    # Bad requests are refused with nothing changed.
+    path = f"/v1/deployments/{deployment}/components/echo/scale"
+    for body, status in (
+        ({"replicas": 0}, 400),
+        ({"replicas": 17}, 400),  # above [deployments] max_replicas
+        ({"replicas": "2"}, 400),
+        ({"replicas": 2, "drain_timeout": -1}, 400),
+        ({"replicas": 2, "surplus": 1}, 400),
+    ):
+        refused = await f.call("POST", path, body, expect=status)
+        assert refused["error"]["code"] == "invalid_request", refused
+    missing = await f.call("POST", f"/v1/deployments/{deployment}/components/nope/scale", {"replicas": 2}, expect=404)
+    assert missing["error"]["code"] == "component_not_found", missing
+    assert (await f.call("GET", f"/v1/deployments/{deployment}"))["components"][0]["replicas"] == component["replicas"]
     assert sorted(replicas) == [1, 2], component
     ids = {record["components"][0]["container"], *(r["container"] for r in replicas.values())}
     hosts = {record["components"][0]["host"], *(r["host"] for r in replicas.values())}
@@ -252,6 +276,16 @@ async def test_replicas_share_one_address_and_scale_without_dropping_connections
         await spread(mesh, service, 9)  # traffic between two reads of the counters (every 5 s)
         await asyncio.sleep(1.0)
     assert set(latest) == hosts and all(u["memory_bytes"] > 0 for u in behaviour["usage"][-3:]), behaviour
+
+    # A replica that stops leaves the balancer (new connections never meet a closed port) and comes
+    # back once its check passes again.
+    r1_host = mesh[replicas[1]["host"]]
+    await api(r1_host, "POST", f"/v1/containers/{replicas[1]['container']}/stop")
+    await wait_replicas(f, deployment, {1: "degraded", 2: "serving"})
+    assert set(await spread(mesh, service, 30)) == ids - {replicas[1]["container"]}
+    await api(r1_host, "POST", f"/v1/containers/{replicas[1]['container']}/start")
+    await wait_replicas(f, deployment, {1: "serving", 2: "serving"})
+    assert set(await spread(mesh, service, 30)) == ids
 
     # A long-lived connection on replica 2 sees no error while replica 3 comes and goes.
     holder = await in_client(mesh, LONG_CLIENT, service, replicas[2]["container"])

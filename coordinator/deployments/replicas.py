@@ -116,11 +116,22 @@ class ReplicaService:
         self._clock = clock
         self._tasks: dict[str, asyncio.Task[DeploymentRecord]] = {}
         """Per deployment: the scale under way."""
+        self._followers: dict[str, asyncio.Task[None]] = {}
+        """Per replica container: the task following its health while it serves."""
+        self._deploying: set[str] = set()
+        """Deployments whose manifests' replicas are being started (within their deploy)."""
         deployments.on_healthy = self.as_deployed
 
     async def as_deployed(self, record: DeploymentRecord, layout: DeploymentPlan) -> None:
         """Start the replicas the manifests ask for (`replicas` > 1), once the deployment is HEALTHY:
         each component's scale out in turn (a component with a shared volume keeps one copy)."""
+        self._deploying.add(record.id)
+        try:
+            await self._as_deployed(record, layout)
+        finally:
+            self._deploying.discard(record.id)
+
+    async def _as_deployed(self, record: DeploymentRecord, layout: DeploymentPlan) -> None:
         for component in record.components:
             wanted = min(layout.components[component.name].entry.manifest.replicas, self._config.max_replicas)
             if wanted <= 1:
@@ -146,7 +157,7 @@ class ReplicaService:
             raise ComponentNotFound(f"deployment {deployment_id} has no component {name!r}") from None
         if record.state not in WATCHED:
             raise ScaleBusy(f"deployment {deployment_id} is {record.state.value}; scale it once it is HEALTHY")
-        if deployment_id in self._tasks:
+        if deployment_id in self._tasks or deployment_id in self._deploying:
             raise ScaleBusy(f"deployment {deployment_id} is being scaled; wait for it to finish")
         if drain_timeout is not None and drain_timeout <= 0:
             raise InvalidRequest("drain_timeout: expected a number of seconds greater than 0")
@@ -184,7 +195,7 @@ class ReplicaService:
 
     def scaling(self, deployment_id: str) -> bool:
         """Whether a scale of the deployment is under way."""
-        return deployment_id in self._tasks
+        return deployment_id in self._tasks or deployment_id in self._deploying
 
     async def wait(self, deployment_id: str, seconds: float) -> DeploymentRecord:
         task = self._tasks.get(deployment_id)
@@ -193,6 +204,7 @@ class ReplicaService:
         return await self._deployments.get(deployment_id)
 
     async def close(self) -> None:
+        await self.stop_following()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -269,6 +281,9 @@ class ReplicaService:
             await self._drop(deployment_id, name, tuple(failed))
         record = await self._set_state(deployment_id, name, set(indexes) - set(failed), ReplicaState.SERVING)
         await self._rebalance(record.component(name))
+        for replica in record.component(name).replicas:
+            if replica.index in indexes and replica.index not in failed:
+                self._follow(deployment_id, name, replica.index, replica.container)
         if failed:
             raise ScaleFailed(f"{len(failed)} of {len(indexes)} replicas of {name} did not start; see the log")
 
@@ -348,6 +363,74 @@ class ReplicaService:
         if len(component.replicas) == len(indexes):
             await self._agents.unbalance(owner, component.address)  # itself alone: nothing to spread
 
+    # ----- while they run
+
+    def follow_all(self, records: list[DeploymentRecord]) -> None:
+        """Follow the health of every replica that serves or is degraded (a leader that starts)."""
+        for record in records:
+            if record.state not in WATCHED:
+                continue
+            for component in record.components:
+                for r in component.replicas:
+                    if r.state in (ReplicaState.SERVING, ReplicaState.DEGRADED):
+                        self._follow(record.id, component.name, r.index, r.container)
+
+    async def stop_following(self) -> None:
+        tasks = list(self._followers.values())
+        self._followers.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _follow(self, deployment_id: str, name: str, index: int, container: str) -> None:
+        if container in self._followers:
+            return
+        task = asyncio.create_task(self._follow_replica(deployment_id, name, index), name=f"follow-{container}")
+        self._followers[container] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._followers.get(container) is done:
+                del self._followers[container]
+
+        task.add_done_callback(forget)
+
+    async def _follow_replica(self, deployment_id: str, name: str, index: int) -> None:
+        """Long-poll the replica's health on its agent while it serves: one that stops passing its
+        check (or stops, or whose host does not answer) leaves the balancer, `degraded`, and comes
+        back when its check passes again (its agent restarts it by the restart policy)."""
+        seq = 0
+        while True:
+            try:
+                record = await self._deployments.get(deployment_id)
+                replica = next(r for r in record.component(name).replicas if r.index == index)
+            except (FerrymanError, KeyError, StopIteration):
+                return
+            if record.state not in WATCHED or replica.state not in (ReplicaState.SERVING, ReplicaState.DEGRADED):
+                return
+            try:
+                host = await self._host(replica.host)
+                health = await self._agents.container_health(host, replica.container, seq, 30.0, 35.0)
+            except FerrymanError:
+                healthy, seq = False, 0
+                await asyncio.sleep(1.0)
+            else:
+                if int(health.get("seq", seq)) == seq:
+                    continue  # the wait ran out with nothing new
+                seq = int(health.get("seq", seq))
+                healthy = health.get("status") == "healthy"
+            wanted = ReplicaState.SERVING if healthy else ReplicaState.DEGRADED
+            if wanted is replica.state:
+                continue
+            record = await self._set_state(deployment_id, name, {index}, wanted, only_from=replica.state)
+            log.warning(
+                "replica back in the balancer" if healthy else "replica out of the balancer",
+                extra={"deployment": deployment_id, "component": name, "replica": index},
+            )
+            try:
+                await self._rebalance(record.component(name))
+            except FerrymanError as exc:
+                log.error("rebalance failed", extra={"deployment": deployment_id, "error": exc.message})
+
     async def _drop(self, deployment_id: str, name: str, indexes: tuple[int, ...]) -> None:
         """Delete the replicas' containers and reservations, then forget them (their addresses free)."""
         record = await self._deployments.get(deployment_id)
@@ -386,11 +469,22 @@ class ReplicaService:
         await self._deployments.update(deployment_id, put)
 
     async def _set_state(
-        self, deployment_id: str, name: str, indexes: set[int], state: ReplicaState
+        self,
+        deployment_id: str,
+        name: str,
+        indexes: set[int],
+        state: ReplicaState,
+        only_from: ReplicaState | None = None,
     ) -> DeploymentRecord:
+        """Set the replicas' state; with `only_from`, only those still in that state (a replica
+        being drained is not put back by its health follower)."""
+
         def put(record: DeploymentRecord) -> DeploymentRecord:
             component = record.component(name)
-            parts = tuple(dataclasses.replace(r, state=state) if r.index in indexes else r for r in component.replicas)
+            parts = tuple(
+                dataclasses.replace(r, state=state) if r.index in indexes and r.state is (only_from or r.state) else r
+                for r in component.replicas
+            )
             return record.with_component(dataclasses.replace(component, replicas=parts), self._clock())
 
         return await self._deployments.update(deployment_id, put)

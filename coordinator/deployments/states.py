@@ -141,6 +141,7 @@ class ComponentState(enum.StrEnum):
 class ReplicaState(enum.StrEnum):
     STARTING = "starting"  # placed, created and started; not in the balancer until it is healthy
     SERVING = "serving"  # in the balancer: new connections reach it
+    DEGRADED = "degraded"  # was serving; its check fails or it stopped: out of the balancer until it passes
     DRAINING = "draining"  # out of the balancer: its open connections end before it is stopped
 
 
