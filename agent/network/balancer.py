@@ -147,7 +147,10 @@ class NftablesBalancer:
     namespace."""
 
     def _nft(self) -> Any:
-        import nftables  # Debian's python3-nftables, linked into the venv by scripts/setup-host
+        try:
+            import nftables  # Debian's python3-nftables, linked into the venv by scripts/setup-host
+        except ImportError as exc:
+            raise BalancerError(f"libnftables' binding is missing ({exc}): run scripts/setup-host") from exc
 
         nft = nftables.Nftables()
         nft.set_json_output(True)
