@@ -309,6 +309,8 @@ async def test_replicas_share_one_address_and_scale_without_dropping_connections
     listed = (await api(r2_host, "GET", "/v1/containers"))["containers"]
     assert replicas[2]["container"] in {c["id"] for c in listed}
     assert replicas[2]["container"] not in await spread(mesh, service, 20)  # no new connection reaches it
+    busy = await f.call("DELETE", f"/v1/deployments/{deployment}", expect=409)  # not while it scales
+    assert busy["error"]["code"] == "deployment_busy", busy
     counts = (await api(owner, "GET", f"/v1/network/balancers/{service}"))["connections"]
     assert counts.get(replicas[2]["address"]) == 1, counts
     holder.stdin.close()

@@ -32,6 +32,7 @@ from coordinator.deployments.behaviour import ComponentSeries
 from coordinator.deployments.plan import DeploymentPlan
 from coordinator.deployments.service import LABEL_COMPONENT, DeploymentAgents, DeploymentService
 from coordinator.deployments.states import (
+    TERMINAL,
     WATCHED,
     ComponentRecord,
     DeploymentRecord,
@@ -47,6 +48,7 @@ from core.errors import Conflict, FerrymanError, InvalidRequest, NotFound
 log = logging.getLogger(__name__)
 
 LABEL_REPLICA = "ferryman.replica"
+MAX_DRAIN = 3600.0
 DRAIN_POLL = 0.5
 """Seconds between two reads of a draining replica's open connections on the owner."""
 
@@ -121,6 +123,7 @@ class ReplicaService:
         self._deploying: set[str] = set()
         """Deployments whose manifests' replicas are being started (within their deploy)."""
         deployments.on_healthy = self.as_deployed
+        deployments.scaling = self.scaling
 
     async def as_deployed(self, record: DeploymentRecord, layout: DeploymentPlan) -> None:
         """Start the replicas the manifests ask for (`replicas` > 1), once the deployment is HEALTHY:
@@ -159,8 +162,8 @@ class ReplicaService:
             raise ScaleBusy(f"deployment {deployment_id} is {record.state.value}; scale it once it is HEALTHY")
         if deployment_id in self._tasks or deployment_id in self._deploying:
             raise ScaleBusy(f"deployment {deployment_id} is being scaled; wait for it to finish")
-        if drain_timeout is not None and drain_timeout <= 0:
-            raise InvalidRequest("drain_timeout: expected a number of seconds greater than 0")
+        if drain_timeout is not None and not 0 < drain_timeout <= MAX_DRAIN:
+            raise InvalidRequest(f"drain_timeout: expected seconds within (0, {MAX_DRAIN:g}]")
         if component.volumes and replicas > 1:
             raise InvalidRequest(f"{name} mounts a shared volume, which lives on one host: it cannot have replicas")
         plan = plan_scale(component, replicas, self._config.max_replicas)
@@ -175,6 +178,8 @@ class ReplicaService:
         behaviour.TRAFFIC_PERIOD seconds); an owner that does not answer is skipped this round."""
         for record in await self._deployments.all():
             if record.state not in WATCHED:
+                if record.state in TERMINAL:
+                    self.series.forget(record.id)
                 continue
             for component in record.components:
                 if not component.replicas:

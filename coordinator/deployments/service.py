@@ -180,6 +180,8 @@ class DeploymentService:
         """Per HEALTHY or DEGRADED deployment: the task following its components' health."""
         self._health_seen = asyncio.Lock()
         """Held while a component's health is written into its record (read, change, put)."""
+        self.scaling: Callable[[str], bool] = lambda _: False
+        """Whether a deployment is being scaled (coordinator/deployments/replicas.py): not undeployed then."""
         self.on_healthy: Callable[[DeploymentRecord, DeploymentPlan], Awaitable[None]] | None = None
         """Called once a deploy is HEALTHY, within its task (the replicas' service starts the
         replicas the manifests ask for: coordinator/deployments/replicas.py)."""
@@ -716,6 +718,8 @@ class DeploymentService:
             raise DeploymentBusy(
                 f"deployment {deployment_id} is {record.state.value}; undeploy it once it is HEALTHY or FAILED"
             )
+        if self.scaling(deployment_id):
+            raise DeploymentBusy(f"deployment {deployment_id} is being scaled; undeploy it once that is done")
         await self._unwatch(deployment_id)  # the teardown's exits are not a component degrading
         record = await self._put(record.advance(Event.UNDEPLOY, self._clock()))
         self._track(deployment_id, asyncio.create_task(self._stop(record), name=f"undeploy-{deployment_id}"))
