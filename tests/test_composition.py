@@ -249,6 +249,65 @@ async def test_invalid_manifests_are_refused_precisely_and_leave_nothing(
         assert [c.id for c in await agent.containers.list()] == []
 
 
+async def test_layers_that_declare_no_paths_are_checked_by_their_files(
+    ctrd: PrivateContainerd, registry: DockerRegistry, workdir: Path
+) -> None:
+    """app and app2 both write /srv/app/f00000 (other bytes) and declare no paths: refused, from the
+    local blobs when they are here (nothing created), else after the fetch, before either is applied
+    (nothing left). data and tools declare none either, but their files do not meet: assembled."""
+    im = await push_images(registry.host)
+    clash = {
+        "version": 1,
+        "name": "clash",
+        "nodes": [
+            layer_node("busybox", im.refs["base"], im.base.layers[0]),
+            layer_node("app", im.refs["app"], im.app.layers[1]),
+            layer_node("app2", im.refs["app2"], im.app2.layers[1]),
+        ],
+        "edges": [{"node": "app", "depends_on": "busybox"}, {"node": "app2", "depends_on": "busybox"}],
+    }
+    message = "nodes 'app' and 'app2' both write /srv/app/f00000 (read from their layers' files)"
+    config = agent_config(ctrd, [registry.registry_config()], workdir)
+    async with running_agent(config) as agent, api(agent) as client:
+        # Not here yet: parse says the check waits for the fetch, and the assembly refuses after it.
+        resp = await client.post("/v1/manifests/parse", json=clash)
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["paths_checked_after_fetch"] == ["app", "app2"]
+        for path, body in (("/v1/compositions", clash), ("/v1/containers", {"id": "clash", "composition": clash})):
+            resp = await client.post(path, json=body)
+            error = (await resp.json())["error"]
+            assert resp.status == 400 and error["code"] == "invalid_composition", (path, error)
+            assert message in error["message"], error["message"]
+            await assert_nothing_made(agent, ctrd)
+
+        # Both layers here (their images pulled): refused by parse itself, nothing new made.
+        for key in ("app", "app2"):
+            resp = await client.post("/v1/images/pull", json={"ref": im.refs[key]})
+            assert resp.status == 200, await resp.text()
+        cd = agent.containerd
+        before = (await cd.content.infos(), await cd.snapshots.list(), await cd.images.list())
+        for path in ("/v1/manifests/parse", "/v1/compositions"):
+            resp = await client.post(path, json=clash)
+            error = (await resp.json())["error"]
+            assert resp.status == 400 and message in error["message"], (path, error)
+        assert (await cd.content.infos(), await cd.snapshots.list(), await cd.images.list()) == before
+        assert await cd.leases.list() == []
+
+        # An edge decides: assembled, app2 on top.
+        ordered = {**clash, "edges": [*clash["edges"], {"node": "app2", "depends_on": "app"}]}
+        resp = await client.post("/v1/compositions", json=ordered)
+        assert resp.status == 201, await resp.text()
+        assert [la["id"] for la in (await resp.json())["stack"]] == ["busybox", "app", "app2"]
+
+        # Layers without declared paths whose files do not meet: fine.
+        disjoint = composition(im)
+        for node in disjoint["nodes"]:
+            node.pop("paths", None)
+        resp = await client.post("/v1/compositions", json=disjoint)
+        assert resp.status == 201, await resp.text()
+        assert (await resp.json())["paths_checked_after_fetch"] == ["data", "tools"]
+
+
 async def test_the_fetch_order_changes_the_time_to_the_first_snapshot(
     ctrd: PrivateContainerd, registry: DockerRegistry, workdir: Path
 ) -> None:
@@ -323,8 +382,15 @@ async def test_a_warmed_layer_is_not_fetched_again(
 
         status = await (await client.get("/v1/cache/status")).json()
         assert status["warms"] == {
-            "warmed": 1, "warmed_bytes": data.size, "hits": 0, "hit_bytes": 0, "wasted": 0, "wasted_bytes": 0,
-            "pending": 1, "waste": None, "model_version": "warm-1",
+            "warmed": 1,
+            "warmed_bytes": data.size,
+            "hits": 0,
+            "hit_bytes": 0,
+            "wasted": 0,
+            "wasted_bytes": 0,
+            "pending": 1,
+            "waste": None,
+            "model_version": "warm-1",
         }
 
         result = await agent.assembly.assemble(composition(im))

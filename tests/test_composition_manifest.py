@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import itertools
 import json
 import os
 import socket
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.composition import priority
+from agent.composition import paths, priority
 from agent.composition.costs import ContainerdCpu, CostMeter, LayerHistory, process_cpu_seconds, socket_peer_pid
-from agent.composition.manifest import InvalidComposition, load_text, parse, schema, stack_order
+from agent.composition.manifest import InvalidComposition, load_text, parse, schema, stack_order, unordered_undeclared
 
 D = [f"sha256:{i:064x}" for i in range(1, 40)]
 
@@ -120,6 +122,82 @@ def test_unordered_layers_writing_one_path_are_refused_until_an_edge_orders_them
     # Paths that do not overlap (a sibling with a common prefix of letters) are fine unordered.
     nodes[2]["paths"] = ["/usr/lib64"]
     assert parse(manifest(nodes, [("py", "base"), ("tools", "base")]))
+
+
+def layer_tar(*entries: tuple[str, str, bytes | str], compress: bool = True) -> io.BufferedReader:
+    """A layer blob from (kind, name, data or link target) entries; kind: dir, file, symlink, whiteout."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz" if compress else "w") as tar:
+        for kind, name, data in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "dir":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            elif kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, str(data)
+                tar.addfile(info)
+            else:
+                body = data if isinstance(data, bytes) else data.encode()
+                info.size, info.mode = len(body), 0o644
+                info.mtime = len(body)  # times differ between layers; they are not compared
+                tar.addfile(info, io.BytesIO(body))
+    raw.seek(0)
+    return io.BufferedReader(raw)  # type: ignore[arg-type]
+
+
+def test_layer_files_conflict_only_where_the_order_would_change_the_result() -> None:
+    base = paths.read_layer(layer_tar(("dir", "etc", ""), ("file", "etc/passwd", b"root"), ("dir", "./srv", "")))
+    # The same directory and the same bytes in another layer (uncompressed, other mtimes): no conflict.
+    same = paths.read_layer(
+        layer_tar(("dir", "./etc/", ""), ("file", "./etc/passwd", b"root"), ("file", "opt/x", b"1"), compress=False)
+    )
+    assert paths.conflict(base, same) is None
+    other = paths.read_layer(layer_tar(("dir", "etc", ""), ("file", "etc/passwd", b"admin")))
+    assert paths.conflict(base, other) == "/etc/passwd"
+    assert paths.conflict(other, base) == "/etc/passwd"
+    # A file in one where the other has a directory holding files.
+    file_over_dir = paths.read_layer(layer_tar(("file", "srv", b"x")))
+    assert paths.conflict(base, file_over_dir) == "/srv"
+    inside = paths.read_layer(layer_tar(("symlink", "opt", "/usr/opt")))
+    assert paths.conflict(same, inside) == "/opt/x"
+    # A whiteout deletes what the other writes; an opaque directory hides what the other put in it.
+    whiteout = paths.read_layer(layer_tar(("file", "etc/.wh.passwd", b"")))
+    assert paths.conflict(base, whiteout) == "/etc/passwd"
+    opaque = paths.read_layer(layer_tar(("dir", "etc", ""), ("file", "etc/.wh..wh..opq", b"")))
+    assert paths.conflict(opaque, base) == "/etc/passwd"
+    # Against declared paths: anything at or below them, a non-directory above them.
+    assert paths.conflict_with_declared(base, ["/etc"]) == "/etc"
+    assert paths.conflict_with_declared(base, ["/srv/app"]) is None
+    assert paths.conflict_with_declared(file_over_dir, ["/srv/app"]) == "/srv"
+    assert paths.conflict_with_declared(whiteout, ["/etc/passwd"]) == "/etc/passwd"
+
+
+def test_a_zstd_layer_cannot_be_listed() -> None:
+    blob = io.BufferedReader(io.BytesIO(paths.ZSTD_MAGIC + b"rest"))  # type: ignore[arg-type]
+    with pytest.raises(paths.UnreadableLayer, match="zstd"):
+        paths.read_layer(blob)
+
+
+def test_only_unordered_pairs_with_undeclared_paths_are_read() -> None:
+    doc = {
+        "version": 1,
+        "name": "pairs",
+        "nodes": [
+            {
+                "id": i,
+                "ref": "r.local/x:1",
+                "digest": f"sha256:{c * 64}",
+                "size": 1,
+                **({"paths": [f"/{i}"]} if i in "cd" else {}),
+            }
+            for i, c in zip("abcde", "12345", strict=True)
+        ],
+        "edges": [{"node": "b", "depends_on": "a"}, {"node": "c", "depends_on": "a"}, {"node": "d", "depends_on": "a"}],
+    }
+    comp = parse(doc)
+    pairs = [(x.id, y.id) for x, y in unordered_undeclared(comp.nodes, comp.dependencies())]
+    # c and d declare paths (compared by parse); a is below b, c, d; e is ordered against nothing.
+    assert pairs == [("a", "e"), ("b", "c"), ("b", "d"), ("b", "e"), ("c", "e"), ("d", "e")]
 
 
 @pytest.mark.parametrize(

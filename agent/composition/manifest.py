@@ -321,3 +321,16 @@ def path_conflicts(nodes: Sequence[Node], deps: Mapping[str, set[str]]) -> list[
                     f" (e.g. {{node: {b.id}, depends_on: {a.id}}}) to say which goes on top"
                 )
     return problems
+
+
+def unordered_undeclared(nodes: Sequence[Node], deps: Mapping[str, set[str]]) -> list[tuple[Node, Node]]:
+    """Pairs of nodes no edge orders where one or both declare no `paths`: their layers' own file
+    lists decide whether they conflict (paths.py), read where the blobs are."""
+    below = _reachable(deps)
+    ordered = sorted(nodes, key=lambda n: n.id)
+    return [
+        (a, b)
+        for i, a in enumerate(ordered)
+        for b in ordered[i + 1 :]
+        if (not a.paths or not b.paths) and a.id not in below[b.id] and b.id not in below[a.id]
+    ]

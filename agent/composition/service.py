@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent.cache.policy import Origin
-from agent.composition import priority
+from agent.composition import paths, priority
 from agent.composition.costs import ContainerdCpu, CostMeter, LayerHistory
 from agent.composition.image import ANNOTATION_NAME, ANNOTATION_WORKLOAD, ComposedImage, compose
-from agent.composition.manifest import Composition, InvalidComposition, Node, parse
+from agent.composition.manifest import Composition, InvalidComposition, Node, parse, unordered_undeclared
 from agent.config import PullConfig
 from agent.containerd import Containerd, ImageRecord
 from agent.errors import ContainerdNotFound, ImageNotFound, InvalidManifest, ManifestNotFound, PlatformNotFound
@@ -44,6 +46,8 @@ from core.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
+FILE_LISTS_KEPT = 64
+"""Layer file lists kept in memory (by digest) for the conflicting-paths check."""
 WARM_TTL = 600.0
 """Seconds a warmed layer is kept by its lease when the request names no ttl."""
 MAX_WARM_TTL = 7 * 24 * 3600.0
@@ -105,6 +109,9 @@ class Resolved:
     image: ComposedImage
     fetch_order: tuple[str, ...]
     granularity: int
+    unchecked: tuple[tuple[Node, Node], ...] = ()
+    """Unordered node pairs whose paths are checked once their missing blobs are fetched (before
+    either is applied): one or both declare no `paths` and their layer is not on this host yet."""
 
     @property
     def missing(self) -> list[StackLayer]:
@@ -124,6 +131,7 @@ class Resolved:
             "missing_bytes": sum(la.desc.size for la in self.missing),
             "preference": [{"id": i, "digest": ids[i]} for i in self.composition.preference],
             "fetch_order": list(self.fetch_order),
+            "paths_checked_after_fetch": sorted({n.id for pair in self.unchecked for n in pair}),
         }
 
 
@@ -166,6 +174,8 @@ class CompositionService:
         self.on_local: Callable[[str], None] = lambda digest: None
         """Told of each layer an assembly found local (a warm of it is then a hit)."""
         self._flights: SingleFlight[str, None, dict[str, Any]] = SingleFlight("assemble", lambda _: None)
+        self._files: dict[str, paths.LayerFiles] = {}
+        """Layer file lists by digest (the newest FILE_LISTS_KEPT), for the conflicting-paths check."""
 
     def costs_json(self) -> dict[str, Any]:
         """The measured fetch rates per source and assembly cost per byte (GET /v1/assembly/costs)."""
@@ -226,7 +236,64 @@ class CompositionService:
                 )
         if problems:
             raise InvalidComposition(problems)
-        return await self._plan(comp, refs)
+        resolved = await self._plan(comp, refs)
+        # Layers no edge orders and that declare no paths: their file lists, where the blobs are here.
+        pairs = unordered_undeclared(comp.nodes, comp.dependencies())
+        present = {la.node.id for la in resolved.stack if la.present}
+        readable = [(a, b) for a, b in pairs if all(n.paths or n.id in present for n in (a, b))]
+        problems = await self._path_conflicts(readable)
+        if problems:
+            raise InvalidComposition(problems)
+        unchecked = tuple(p for p in pairs if p not in readable)
+        return dataclasses.replace(resolved, unchecked=unchecked) if unchecked else resolved
+
+    async def _path_conflicts(self, pairs: list[tuple[Node, Node]]) -> list[str]:
+        """The conflicting-paths problems of unordered `pairs` (their blobs must be in the content store)."""
+        problems: list[str] = []
+        files: dict[str, paths.LayerFiles | None] = {}
+        for node in {n.id: n for pair in pairs for n in pair if not n.paths}.values():
+            try:
+                files[node.id] = await self._layer_files(node.digest)
+            except paths.UnreadableLayer as exc:
+                files[node.id] = None
+                problems.append(
+                    f"node {node.id!r}: the files of layer {node.digest} cannot be listed ({exc}), and no edge"
+                    f" orders it against {', '.join(repr(o.id) for p in pairs for o in p if node in p and o != node)}:"
+                    " declare its paths or add edges"
+                )
+        for a, b in pairs:
+            fa, fb = files.get(a.id), files.get(b.id)
+            if (not a.paths and fa is None) or (not b.paths and fb is None):
+                continue
+            if fa is not None and fb is not None:
+                clash = paths.conflict(fa, fb)
+            elif fa is not None:
+                clash = paths.conflict_with_declared(fa, b.paths)
+            else:
+                assert fb is not None
+                clash = paths.conflict_with_declared(fb, a.paths)
+            if clash is not None:
+                problems.append(
+                    f"nodes {a.id!r} and {b.id!r} both write {clash} (read from their layers' files) and no edge"
+                    f" orders them: add an edge (e.g. {{node: {b.id}, depends_on: {a.id}}}) to say which goes on top"
+                )
+        return problems
+
+    async def _layer_files(self, digest: str) -> paths.LayerFiles:
+        """The file list of the layer blob `digest`, read from the content store (decompressed in a
+        thread, as it streams)."""
+        if digest in self._files:
+            return self._files[digest]
+        chunks = self._cd.content.read(digest)
+        reader = io.BufferedReader(_ChunkReader(chunks, asyncio.get_running_loop()), _READ_BUFFER)
+        try:
+            files = await asyncio.to_thread(paths.read_layer, reader)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+        self._files[digest] = files
+        while len(self._files) > FILE_LISTS_KEPT:
+            del self._files[next(iter(self._files))]
+        return files
 
     async def _ref_layers(self, ref: Reference, wanted: list[str]) -> RefLayers:
         """The image `ref`'s layers: from the local image of that name when it has all `wanted`, else
@@ -354,11 +421,28 @@ class CompositionService:
                 asyncio.create_task(worker(), name=f"composition-fetch-{i}")
                 for i in range(min(resolved.granularity, len(queue)))
             ]
+            # The unordered layers whose paths could not be checked before: nothing at or above the
+            # lowest of them is applied until their blobs are here and their files agree.
+            positions = {la.node.id: i for i, la in enumerate(stack)}
+            gate = min((positions[n.id] for pair in resolved.unchecked for n in pair), default=len(stack))
             try:
                 first = runnable = 0.0
                 parent = stack[base].chain_id if base >= 0 else ""
                 applied: list[str] = []
-                for la in stack[base + 1 :]:
+                checked = not resolved.unchecked
+
+                async def check_paths() -> None:
+                    for pair in resolved.unchecked:
+                        for n in pair:
+                            await _wait_either(done[n.digest], workers)
+                    problems = await self._path_conflicts(list(resolved.unchecked))
+                    if problems:
+                        raise InvalidComposition(problems)
+
+                for i, la in enumerate(stack[base + 1 :], start=base + 1):
+                    if i >= gate and not checked:
+                        await check_paths()
+                        checked = True
                     await _wait_either(done[la.desc.digest], workers)
                     started = time.monotonic()
                     cpu_before = await asyncio.to_thread(self._cpu.seconds)
@@ -371,6 +455,8 @@ class CompositionService:
                     first = first or at
                     runnable = at
                     parent = la.chain_id
+                if not checked:  # every unordered layer was below an existing snapshot
+                    await check_paths()
                 await asyncio.gather(*workers)  # the blobs below `base` that were missing
             finally:
                 for task in workers:
@@ -452,6 +538,32 @@ class CompositionService:
             "lease": lease_id,
             "ttl_seconds": ttl,
         }
+
+
+_READ_BUFFER = 1 << 20
+
+
+class _ChunkReader(io.RawIOBase):
+    """A blocking file over an async stream of chunks, for a thread to read while the loop streams."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self._chunks = chunks
+        self._loop = loop
+        self._left = b""
+
+    def readable(self) -> bool:
+        return True
+
+    async def _next(self) -> bytes:
+        return await anext(self._chunks, b"")
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._left:
+            self._left = asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
 
 
 class LayerNotFound(NotFound):
