@@ -106,6 +106,7 @@ class Coordinator:
             clock,
             holders=lambda digest: {h.host: h.complete for h in self.layers.tracker.holders(digest, clock())},
             costs=self.costs.of,
+            held=self.layers.tracker.held_by,
         )
         self.starts = ContainerStarts(
             store,

@@ -114,6 +114,10 @@ class PlacementConfig:
     """... the seconds containerd takes to apply a layer byte there, until measured."""
     start_seconds: float = 0.3
     """... the time to create and start a container once its layers are in place."""
+    affinity_slack: float = 0.1
+    """New containers: hosts predicted within this fraction of the fastest count as equally fast, and
+    among them the one holding the fewest layers the container does not use is chosen (it keeps
+    hosts that hold other images' layers free for those images' containers). 0: the fastest only."""
 
 
 @dataclass(frozen=True)
@@ -323,7 +327,7 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError(f"model.confirm_ticks must be at least 1, got {config.model.confirm_ticks}")
     if config.model.false_alarm_budget < 0 or config.model.false_alarm_window <= 0:
         raise ConfigError("model.false_alarm_budget must not be negative and model.false_alarm_window must be > 0")
-    for name in ("free_capacity", "drain_risk", "pull_bytes", "pressure", "start_seconds"):
+    for name in ("free_capacity", "drain_risk", "pull_bytes", "pressure", "start_seconds", "affinity_slack"):
         if getattr(config.placement, name) < 0:
             raise ConfigError(f"placement.{name} must not be negative")
     if config.deployments.address_pool:

@@ -173,9 +173,14 @@ def by_time(
     holders: Callable[[str], Mapping[str, bool]],
     costs: Callable[[str], Mapping[str, float] | None],
     exclude: Collection[str] = (),
+    held: Callable[[str], Collection[str]] = lambda host: (),
 ) -> tuple[list[Breakdown], dict[str, str]]:
     """Eligible candidates by predicted time to running, fastest first (then by the target score,
-    then by name), and why each other candidate is out."""
+    then by name), and why each other candidate is out. Hosts within `weights.affinity_slack` of the
+    fastest come first among themselves by the fewest held layers (`held(host)`, the tracker's) the
+    container does not use: a cold image's layers come from the registry at about the same cost on
+    any host, and putting them beside another image's keeps taking the slots that image's next
+    containers would have started in without a fetch."""
     excluded: dict[str, str] = {}
     ranked: list[tuple[float, float, str, Breakdown]] = []
     named = {digest: holders(digest) for digest in need.layers}
@@ -196,6 +201,11 @@ def by_time(
         )
         ranked.append((predicted.seconds, -score(c, need, weights).score, c.host.name, predicted))
     ranked.sort(key=lambda r: r[:3])
+    if ranked and weights.affinity_slack > 0:
+        bound = ranked[0][0] * (1.0 + weights.affinity_slack)
+        near = [r for r in ranked if r[0] <= bound]
+        near.sort(key=lambda r: len(set(held(r[2]) or ()) - need.layers.keys()))  # stable: then by time
+        ranked = near + ranked[len(near) :]
     return [r[3] for r in ranked], excluded
 
 
@@ -211,6 +221,7 @@ class Placer:
         clock: Callable[[], float],
         holders: Callable[[str], Mapping[str, bool]] = lambda digest: {},
         costs: Callable[[str], Mapping[str, float] | None] = lambda host: None,
+        held: Callable[[str], Collection[str]] = lambda host: (),
     ) -> None:
         """`holders(digest)`: host -> complete, for the hosts that hold or fetch a blob (the layer
         tracker); `costs(host)`:
@@ -222,6 +233,7 @@ class Placer:
         self._clock = clock
         self._holders = holders
         self._costs = costs
+        self._held = held
 
     async def place_start(
         self, need: Need, purpose: str, *, exclude: Collection[str] = (), ttl: float | None = None
@@ -229,7 +241,14 @@ class Placer:
         """Reserve `need` for a new container on the host with the least predicted time to running
         (coordinator/costs.py); NoTarget when no host can hold it."""
         ranked, excluded = by_time(
-            await self.candidates(), need, self._weights, self._threshold(), self._holders, self._costs, exclude
+            await self.candidates(),
+            need,
+            self._weights,
+            self._threshold(),
+            self._holders,
+            self._costs,
+            exclude,
+            self._held,
         )
         for choice in ranked:
             try:

@@ -86,6 +86,10 @@ class LayerTracker:
             self._discard(self._fetching, digest, host)
         return out
 
+    def held_by(self, host: str) -> frozenset[str]:
+        """What `host` holds, as registered or announced since."""
+        return frozenset(self._by_host.get(host, ()))
+
     def digests(self) -> int:
         """Distinct blobs the tracker names a holder for (a gauge)."""
         return len(self._held.keys() | self._fetching.keys())

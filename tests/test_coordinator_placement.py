@@ -176,6 +176,30 @@ def test_a_new_container_goes_where_it_runs_soonest_not_where_its_image_is_bigge
     assert ranked[0].bytes_from_peers == 200 * MB and ranked[0].seconds < ranked[1].seconds
 
 
+def test_a_cold_image_goes_beside_no_other_image_when_that_costs_little() -> None:
+    """Nobody holds BASE: every host fetches it from the registry. h1 is a little faster (it holds
+    a small layer of another image) but holds that other image; h2 holds nothing else: h2, as long as
+    it is within the slack of the fastest."""
+    other = "sha256:" + "9" * 64
+    need = Need(Capacity(500, GiB, 0), {BASE: 200 * MB, TOP: 10 * MB})
+    candidates = [_cand("h1", layer_digests=(TOP, other)), _cand("h2")]
+    costs = {"h1": SLOW, "h2": SLOW}
+    holders = {TOP: {"h1": True}}
+    held = {"h1": {TOP, other}, "h2": set()}
+
+    def ranked(weights: PlacementConfig) -> list[str]:
+        out, _ = by_time(candidates, need, weights, 0.5, lambda d: holders.get(d, {}), costs.get, (), held.get)
+        return [b.host for b in out]
+
+    assert ranked(WEIGHTS) == ["h2", "h1"]
+    assert ranked(PlacementConfig(affinity_slack=0.0)) == ["h1", "h2"]  # the fastest only
+    # Past the slack the time decides: h2 would fetch far more.
+    need = Need(Capacity(500, GiB, 0), {BASE: 200 * MB, TOP: 10 * MB, MID: 50 * MB})
+    holders[BASE] = {"h1": True}
+    held["h1"] |= {BASE}
+    candidates[0] = _cand("h1", layer_digests=(TOP, other, BASE))
+    assert ranked(WEIGHTS) == ["h1", "h2"]
+
 async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: SqliteStore) -> None:
     for name, layers in (("h1", (BASE, MID)), ("h2", ())):
         await store.register_host(Host(name=name, capacity=Capacity(4000, 4 * GiB, 0), layer_digests=layers))
