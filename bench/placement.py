@@ -135,11 +135,21 @@ async def remove(host: MeshHost, cid: str) -> None:
     await api(host, "DELETE", f"/v1/containers/{cid}?force=1", expect=None)
 
 
-async def run_ferryman(f: CoordinatedFleet, order: list[int], comps: list[dict[str, Any]]) -> list[tuple[float, float]]:
+async def finish(running: list[tuple[MeshHost, str]], n: int, lifetime: int) -> None:
+    """With a lifetime, task n - lifetime has run its course: removed (untimed) before task n starts."""
+    if lifetime and n >= lifetime:
+        host, cid = running[n - lifetime]
+        await remove(host, cid)
+
+
+async def run_ferryman(
+    f: CoordinatedFleet, order: list[int], comps: list[dict[str, Any]], lifetime: int = 0
+) -> list[tuple[float, float]]:
     """(measured, predicted) seconds to running per task."""
     out = []
     running: list[tuple[MeshHost, str]] = []
     for n, k in enumerate(order):
+        await finish(running, n, lifetime)
         cid = f"fm{n}"
         started = time.perf_counter()
         spec = {"id": cid, "composition": comps[k], "resources": {"memory": TASK_MEMORY}}
@@ -152,36 +162,42 @@ async def run_ferryman(f: CoordinatedFleet, order: list[int], comps: list[dict[s
             f"(fetch {predicted['fetch_seconds']:.2f}, apply {predicted['apply_seconds']:.2f}, "
             f"peers {predicted['bytes_from_peers'] / 1e6:.0f} MB, "
             f"registry {predicted['bytes_from_registry'] / 1e6:.0f} MB, start {predicted['start_seconds']:.2f}, "
-            f"measured rates: {predicted['measured']})",
+            f"measured rates: {predicted['measured']}; coordinator: place {answer['place_seconds']:.2f}, "
+            f"create {answer['create_seconds']:.2f}, release {answer['release_seconds']:.2f})",
             flush=True,
         )
         running.append((f.mesh[answer["placement"]["host"]], cid))
-    for host, cid in running:
+    for host, cid in running[max(0, len(running) - lifetime) if lifetime else 0 :]:
         await remove(host, cid)
     return out
 
 
-async def run_baseline(mesh: Mesh, order: list[int], comps: list[dict[str, Any]]) -> list[float]:
+async def run_baseline(
+    mesh: Mesh, order: list[int], comps: list[dict[str, Any]], lifetime: int = 0, side: str = "baseline"
+) -> list[float]:
     out = []
     hosts = [h.name for h in mesh.hosts]
     placed: dict[str, str] = {}  # composition name -> the image name its assembly recorded
-    running: list[tuple[str, str]] = []
+    running: list[tuple[MeshHost, str]] = []
     for n, k in enumerate(order):
+        await finish(running, n, lifetime)
+        live = running[max(0, n - lifetime + 1) :] if lifetime else running
         cid = f"bl{n}"
         held = await images_by_host(mesh)
         name = placed.get(comps[k]["name"], "")
         # NodeResourcesFit first (the agent admits 12 tasks' limits in its 2 GiB, as it does for
         # the coordinator's placements), then ImageLocality.
-        fits = [h for h in hosts if sum(1 for t, _ in running if t == h) < TASKS_PER_HOST]
+        fits = [h for h in hosts if sum(1 for t, _ in live if t.name == h) < TASKS_PER_HOST]
         target = image_locality(name, held, fits, n)
         spec = {"id": cid, "composition": comps[k], "resources": {"memory": TASK_MEMORY}}
         started = time.perf_counter()
         summary = await api(mesh[target], "POST", "/v1/containers?start=1", spec, expect=201)
         out.append(time.perf_counter() - started)
+        print(f"  {side} task {n} comp {k} -> {target}: {out[-1]:.2f} s", flush=True)
         placed[comps[k]["name"]] = summary["image"]
-        running.append((target, cid))
-    for host, cid in running:
-        await remove(mesh[host], cid)
+        running.append((mesh[target], cid))
+    for host, cid in running[max(0, len(running) - lifetime) if lifetime else 0 :]:
+        await remove(host, cid)
     return out
 
 
@@ -190,6 +206,13 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--tasks", type=int, default=40)
     parser.add_argument("--rate", default="100mbit")
+    parser.add_argument(
+        "--lifetime",
+        type=int,
+        default=0,
+        help="each task finishes (is removed, untimed) when this many later tasks have started; 0 (the"
+        " default): every task runs until the run ends, so the 12-per-host capacity forces spreading",
+    )
     args = parser.parse_args()
 
     built = layers()
@@ -209,7 +232,8 @@ async def main() -> None:
         await mesh.shape_registry(args.rate)
         print(
             f"{len(built)} layers, {sum(la.size for la in built.values()) / 1e6:.0f} MB; {COMPOSITIONS} compositions; "
-            f"{args.tasks} tasks: {order}; registry at {args.rate}",
+            f"{args.tasks} tasks: {order}; registry at {args.rate}; "
+            + (f"each task runs while the next {args.lifetime} start" if args.lifetime else "every task keeps running"),
             flush=True,
         )
         # The registry's page cache warm before anything is timed (the first run would pay for it).
@@ -224,14 +248,14 @@ async def main() -> None:
                     host.settings["sharing"] = REGISTRY_ONLY if side == "baseline" else SHARING
                     await host.restart_agent()
                 if side == "ferryman":
-                    pairs = await run_ferryman(f, order, comps)
+                    pairs = await run_ferryman(f, order, comps, args.lifetime)
                     fm_times += [m for m, _ in pairs]
                     errors += [abs(p - m) / m for m, p in pairs]
                     mean = statistics.mean(m for m, _ in pairs)
                     mape = 100 * statistics.mean(abs(p - m) / m for m, p in pairs)
                     print(f"round {r + 1} ferryman: mean {mean:.2f} s to running, MAPE {mape:.0f} %", flush=True)
                 else:
-                    times = await run_baseline(mesh, order, comps)
+                    times = await run_baseline(mesh, order, comps, args.lifetime, side)
                     (bl_times if side == "baseline" else peer_times).extend(times)
                     print(f"round {r + 1} {side}: mean {statistics.mean(times):.2f} s to running", flush=True)
     print(
