@@ -4,6 +4,7 @@
                   size / rate of the cheapest source that holds the layer
                       (a fleet peer, by the layer tracker, at the host's measured peer rate;
                        else the registry, at its measured registry rate)
+                  + the host's fetch latency per layer
     apply   = (sum of their sizes) * apply seconds per byte * (1 + CPU pressure)
     seconds = max(fetch, apply) + start seconds
 
@@ -12,7 +13,10 @@ the two bounds the time, not their sum.
 Rates and the apply cost are the host's own measurements (its telemetry's `layer_costs`), or the
 `[placement]` defaults until it has any. The start is learned from the containers started there
 through the coordinator (what fetch and apply did not explain, a moving average), else
-`[placement] start_seconds`. Layers the host holds cost nothing: their snapshots are
+`[placement] start_seconds`. The fetch latency per layer is learned from its starts that fetched:
+what they took beyond their bytes' time and the start, per layer fetched (the registry's manifest
+and config round trips of an image not held yet, the tracker's answer, each request's latency),
+the median of the last few; 0 until learned. Layers the host holds cost nothing: their snapshots are
 there (a layer is held once it is unpacked into an image). Fetches are counted one after another,
 which is what one host's link and CPU allow in practice; applying waits on CPU, hence the pressure.
 
@@ -37,6 +41,7 @@ class Rates:
     apply_seconds_per_byte: float
     start_seconds: float
     measured: bool = False
+    fetch_latency_seconds: float = 0.0
 
     @classmethod
     def of(cls, costs: Mapping[str, float] | None, defaults: PlacementConfig) -> Rates:
@@ -50,6 +55,7 @@ class Rates:
             float(costs.get("apply_seconds_per_byte") or 0.0) or defaults.apply_seconds_per_byte,
             float(costs["start_seconds"]) if "start_seconds" in costs else defaults.start_seconds,
             measured=bool(registry or peer),
+            fetch_latency_seconds=float(costs.get("fetch_latency_seconds") or 0.0),
         )
 
 
@@ -65,10 +71,13 @@ class Breakdown:
     bytes_held: int
     measured: bool
     """Whether the host's own rates were used (else the [placement] defaults)."""
+    layers_fetched: int = 0
+    latency_seconds: float = 0.0
+    """Of fetch_seconds: the host's fetch latency per layer, times layers_fetched."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("seconds", "fetch_seconds", "apply_seconds", "start_seconds"):
+        for key in ("seconds", "fetch_seconds", "apply_seconds", "start_seconds", "latency_seconds"):
             out[key] = round(out[key], 3)
         return out
 
@@ -95,6 +104,9 @@ def time_to_running(
         else:
             from_registry += size
             fetch += size / rates.registry_bytes_per_second
+    fetched = sum(1 for digest in layers if digest not in held)
+    latency = fetched * rates.fetch_latency_seconds
+    fetch += latency
     apply = (from_peers + from_registry) * rates.apply_seconds_per_byte * (1.0 + max(0.0, min(1.0, cpu_pressure)))
     return Breakdown(
         host=host,
@@ -106,10 +118,18 @@ def time_to_running(
         bytes_from_registry=from_registry,
         bytes_held=kept,
         measured=rates.measured,
+        layers_fetched=fetched,
+        latency_seconds=latency,
     )
 
 
-FIGURES = ("registry_bytes_per_second", "peer_bytes_per_second", "apply_seconds_per_byte", "start_seconds")
+FIGURES = (
+    "registry_bytes_per_second",
+    "peer_bytes_per_second",
+    "apply_seconds_per_byte",
+    "start_seconds",
+    "fetch_latency_seconds",
+)
 START_WINDOW = 5
 """A host's start overhead is the median of its last this many warm starts (one slow start, say
 on a view of its layers that was out of date, does not set it)."""
@@ -121,21 +141,28 @@ class CostBook:
 
     def __init__(self) -> None:
         self._latest: dict[str, dict[str, float]] = {}
-        self._start: dict[str, float] = {}
-        self._starts: dict[str, collections.deque[float]] = {}
+        self._learned: dict[str, dict[str, float]] = {}
+        """host -> start_seconds and fetch_latency_seconds, learned from its starts."""
+        self._recent: dict[tuple[str, str], collections.deque[float]] = {}
 
     def started(self, host: str, measured_seconds: float, predicted: Breakdown) -> None:
         """A container placed on `host` ran after `measured_seconds`. When it needed no layer (all
         held), that is the host's start overhead (create, the image record, start, the calls): the
-        median of its recent warm starts is what the next predictions for the host use. Starts that fetched are
-        left out: there a wrong rate would be taken for a slow start."""
-        if predicted.bytes_from_peers or predicted.bytes_from_registry:
-            return
-        costs = self._latest.setdefault(host, {})
-        recent = self._starts.setdefault(host, collections.deque(maxlen=START_WINDOW))
-        recent.append(measured_seconds)
-        self._start[host] = statistics.median(recent)
-        costs["start_seconds"] = self._start[host]
+        median of its recent warm starts is what the next predictions for the host use. When it
+        fetched layers, what it took beyond the prediction's bytes and start, per layer fetched, is
+        the host's fetch latency (the median of its recent cold starts; never below 0)."""
+        if predicted.layers_fetched:
+            beyond = measured_seconds - (predicted.seconds - predicted.latency_seconds)
+            self._learn(host, "fetch_latency_seconds", max(0.0, beyond / predicted.layers_fetched))
+        elif not (predicted.bytes_from_peers or predicted.bytes_from_registry):
+            self._learn(host, "start_seconds", measured_seconds)
+
+    def _learn(self, host: str, figure: str, value: float) -> None:
+        recent = self._recent.setdefault((host, figure), collections.deque(maxlen=START_WINDOW))
+        recent.append(value)
+        learned = self._learned.setdefault(host, {})
+        learned[figure] = statistics.median(recent)
+        self._latest.setdefault(host, {})[figure] = learned[figure]
 
     def observe(self, host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
         """Samples as stored (protobuf JSON), oldest first."""
@@ -143,8 +170,7 @@ class CostBook:
             costs = sample.get("layer_costs")
             if isinstance(costs, Mapping) and costs:
                 self._latest[host] = {k: float(v) for k, v in costs.items() if isinstance(v, int | float)}
-                if host in self._start:
-                    self._latest[host]["start_seconds"] = self._start[host]
+                self._latest[host].update(self._learned.get(host, {}))
                 return
 
     def of(self, host: str) -> dict[str, float] | None:

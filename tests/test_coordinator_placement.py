@@ -200,6 +200,7 @@ def test_a_cold_image_goes_beside_no_other_image_when_that_costs_little() -> Non
     candidates[0] = _cand("h1", layer_digests=(TOP, other, BASE))
     assert ranked(WEIGHTS) == ["h1", "h2"]
 
+
 async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: SqliteStore) -> None:
     for name, layers in (("h1", (BASE, MID)), ("h2", ())):
         await store.register_host(Host(name=name, capacity=Capacity(4000, 4 * GiB, 0), layer_digests=layers))
@@ -210,16 +211,23 @@ async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: S
     assert placement.chosen.host == "h1" and placement.reservation.host == "h1"
     assert [b.host for b in placement.candidates] == ["h1", "h2"]
     # A start that fetched teaches nothing about the start overhead (a wrong rate would pass for a
-    # slow start); one that needed no layer is the overhead, averaged.
+    # slow start) but the fetch latency: what it took beyond the bytes and the start, per layer
+    # (1 layer, 10 MB at 10 MB/s, start 0.3 s: 1.2 s more); one that needed no layer is the overhead.
     book = CostBook()
+    assert placement.chosen.layers_fetched == 1 and placement.chosen.seconds == pytest.approx(1.3)
     book.started("h1", 2.5, placement.chosen)
-    assert book.of("h1") is None
+    assert book.of("h1") == {"fetch_latency_seconds": pytest.approx(1.2)}
+    relearned = time_to_running(
+        "h1", {BASE, MID}, LAYERS, {}, Rates.of({**SLOW, **(book.of("h1") or {})}, WEIGHTS), 0.0
+    )
+    assert relearned.seconds == pytest.approx(2.5) and relearned.latency_seconds == pytest.approx(1.2)
     warm = time_to_running("h1", set(LAYERS), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0)
     for seconds in (0.8, 4.6, 0.7):  # one outlier (a stale view of the host's layers) does not set it
         book.started("h1", seconds, warm)
     assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(0.8)
     book.observe("h1", [(1.0, {"layer_costs": SLOW})])  # a new sample keeps what was learned
     assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(0.8)
+    assert Rates.of(book.of("h1"), WEIGHTS).fetch_latency_seconds == pytest.approx(1.2)
     # A host that measured nothing yet takes the fleet's median.
     assert Rates.of(book.of("h9"), WEIGHTS).registry_bytes_per_second == SLOW["registry_bytes_per_second"]
     [decision] = await store.list_decisions()
