@@ -152,6 +152,8 @@ class CostBook:
         fetched layers, what it took beyond the prediction's bytes and start, per layer fetched, is
         the host's fetch latency (the median of its recent cold starts; never below 0)."""
         if predicted.layers_fetched:
+            if not predicted.measured:
+                return  # predicted at the default rates: their error would pass for latency
             beyond = measured_seconds - (predicted.seconds - predicted.latency_seconds)
             self._learn(host, "fetch_latency_seconds", max(0.0, beyond / predicted.layers_fetched))
         elif not (predicted.bytes_from_peers or predicted.bytes_from_registry):

@@ -214,6 +214,8 @@ async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: S
     # slow start) but the fetch latency: what it took beyond the bytes and the start, per layer
     # (1 layer, 10 MB at 10 MB/s, start 0.3 s: 1.2 s more); one that needed no layer is the overhead.
     book = CostBook()
+    book.started("h2", 9.0, time_to_running("h2", set(), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0))
+    assert book.of("h2") is None, "a start predicted at the default rates teaches no latency"
     assert placement.chosen.layers_fetched == 1 and placement.chosen.seconds == pytest.approx(1.3)
     book.started("h1", 2.5, placement.chosen)
     assert book.of("h1") == {"fetch_latency_seconds": pytest.approx(1.2)}
