@@ -30,7 +30,15 @@ Result lines:
   bench placement: <ferryman mean time to running / baseline's> ratio (target <= 0.5)
   bench placement-error: <mean absolute percentage error of predicted vs measured> % (target <= 25)
 
+Per ferryman task the bench prints the host, the measured and predicted seconds, the prediction's
+parts and the coordinator's own timings (place and reserve, the agent's create, the release); per
+baseline task the host and the seconds.
+
+`--lifetime N`: each task finishes once N later tasks have started (removed, untimed, on both
+sides), as batch tasks do; at most N run at once, so capacity no longer forces the bases apart.
+
 Run as root from the repo: .venv/bin/python bench/placement.py [--rounds 1] [--tasks 40] [--rate 100mbit]
+    [--lifetime N]
 """
 
 from __future__ import annotations

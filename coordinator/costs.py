@@ -4,7 +4,7 @@
                   size / rate of the cheapest source that holds the layer
                       (a fleet peer, by the layer tracker, at the host's measured peer rate;
                        else the registry, at its measured registry rate)
-                  + the host's fetch latency per layer
+                  + the host's fetch overhead, once, when it lacks any layer
     apply   = (sum of their sizes) * apply seconds per byte * (1 + CPU pressure)
     seconds = max(fetch, apply) + start seconds
 
@@ -12,10 +12,11 @@ Fetching and applying overlap (a layer is applied while the next ones arrive), s
 the two bounds the time, not their sum.
 Rates and the apply cost are the host's own measurements (its telemetry's `layer_costs`), or the
 `[placement]` defaults until it has any. The start is learned from the containers started there
-through the coordinator (what fetch and apply did not explain, a moving average), else
-`[placement] start_seconds`. The fetch latency per layer is learned from its starts that fetched:
-what they took beyond their bytes' time and the start, per layer fetched (the registry's manifest
-and config round trips of an image not held yet, the tracker's answer, each request's latency),
+through the coordinator (its warm starts, the median of the last few), else
+`[placement] start_seconds`. The fetch overhead is learned from its starts that fetched, at measured
+rates: what they took beyond their bytes' time and the start (the registry's manifest and config
+round trips of an image not held yet, the tracker's answers, the requests' latency); once per start,
+not per layer, since the layers of a start are fetched several at once,
 the median of the last few; 0 until learned. Layers the host holds cost nothing: their snapshots are
 there (a layer is held once it is unpacked into an image). Fetches are counted one after another,
 which is what one host's link and CPU allow in practice; applying waits on CPU, hence the pressure.
@@ -73,7 +74,7 @@ class Breakdown:
     """Whether the host's own rates were used (else the [placement] defaults)."""
     layers_fetched: int = 0
     latency_seconds: float = 0.0
-    """Of fetch_seconds: the host's fetch latency per layer, times layers_fetched."""
+    """Of fetch_seconds: the host's fetch overhead (when layers_fetched)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -105,7 +106,7 @@ def time_to_running(
             from_registry += size
             fetch += size / rates.registry_bytes_per_second
     fetched = sum(1 for digest in layers if digest not in held)
-    latency = fetched * rates.fetch_latency_seconds
+    latency = rates.fetch_latency_seconds if fetched else 0.0
     fetch += latency
     apply = (from_peers + from_registry) * rates.apply_seconds_per_byte * (1.0 + max(0.0, min(1.0, cpu_pressure)))
     return Breakdown(
@@ -149,13 +150,13 @@ class CostBook:
         """A container placed on `host` ran after `measured_seconds`. When it needed no layer (all
         held), that is the host's start overhead (create, the image record, start, the calls): the
         median of its recent warm starts is what the next predictions for the host use. When it
-        fetched layers, what it took beyond the prediction's bytes and start, per layer fetched, is
-        the host's fetch latency (the median of its recent cold starts; never below 0)."""
+        fetched layers at the host's measured rates, what it took beyond the prediction's bytes and
+        start is the host's fetch overhead (the median of its recent cold starts; never below 0)."""
         if predicted.layers_fetched:
             if not predicted.measured:
                 return  # predicted at the default rates: their error would pass for latency
             beyond = measured_seconds - (predicted.seconds - predicted.latency_seconds)
-            self._learn(host, "fetch_latency_seconds", max(0.0, beyond / predicted.layers_fetched))
+            self._learn(host, "fetch_latency_seconds", max(0.0, beyond))
         elif not (predicted.bytes_from_peers or predicted.bytes_from_registry):
             self._learn(host, "start_seconds", measured_seconds)
 

@@ -211,8 +211,8 @@ async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: S
     assert placement.chosen.host == "h1" and placement.reservation.host == "h1"
     assert [b.host for b in placement.candidates] == ["h1", "h2"]
     # A start that fetched teaches nothing about the start overhead (a wrong rate would pass for a
-    # slow start) but the fetch latency: what it took beyond the bytes and the start, per layer
-    # (1 layer, 10 MB at 10 MB/s, start 0.3 s: 1.2 s more); one that needed no layer is the overhead.
+    # slow start) but the fetch overhead: what it took beyond the bytes and the start (10 MB at
+    # 10 MB/s, start 0.3 s: 1.2 s more), once per start; one that needed no layer is the overhead.
     book = CostBook()
     book.started("h2", 9.0, time_to_running("h2", set(), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0))
     assert book.of("h2") is None, "a start predicted at the default rates teaches no latency"
