@@ -256,15 +256,24 @@ class ContainerService:
         )
         uri = f"file://{log_file}"
         await self._cd.tasks.create(container_id, mounts, stdout=uri, stderr=uri, runc_root=self._containerd.runc_root)
+        published_now = False
         try:
+            if service_ip and record.labels.get(LABEL_SERVICE_PUBLISH, PUBLISH_ON_START) == PUBLISH_ON_START:
+                # Before the task starts: its first packets leave from the address at once, and a
+                # reply arriving before the route into the veth is forwarded back out of the uplink
+                # (lost, or looping between hosts whose entries for a reused address point at each
+                # other): the process would wait for TCP's 1 s SYN retransmission. Until it listens,
+                # its kernel answers clients with a reset, so they retry at once.
+                published_now = await self.network.published(service_ip) != host_veth
+                await self.network.publish(service_ip, host_veth)
             await self._cd.tasks.start(container_id)
         except BaseException:
+            if published_now:
+                with contextlib.suppress(NetworkError):
+                    await self.network.unpublish(service_ip)
             with contextlib.suppress(ContainerdNotFound):
                 await self._cd.tasks.delete(container_id)
             raise
-        if service_ip and record.labels.get(LABEL_SERVICE_PUBLISH, PUBLISH_ON_START) == PUBLISH_ON_START:
-            # After the task started: traffic is pulled here only once something can answer it.
-            await self.network.publish(service_ip, host_veth)
         log.info("started container", extra={"container": container_id})
         return _summary(record, await self._task(container_id))
 
