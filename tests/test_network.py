@@ -397,6 +397,63 @@ async def test_restart_keeps_serving(env: Env) -> None:
     await _wait_for_body(client.netns, env.service_ip, "h2")
 
 
+# Fetches the server's page as it starts (retrying only after an error), says so, then idles.
+FETCH_AT_START = (
+    "/bin/sh",
+    "-c",
+    'until wget -q -O /tmp/page "http://$SERVER:8080/"; do sleep 0.1; done; echo "fetched $(cat /tmp/page)"; '
+    "exec sleep 3600",
+)
+
+
+def _tcp_retransmissions(netns: str) -> int:
+    """RetransSegs of the namespace's TCP (SYN retransmissions count too)."""
+    tcp = [line.split() for line in nsh.run(["cat", "/proc/net/snmp"], netns=netns, check=True).stdout.splitlines()]
+    names, values = (row for row in tcp if row[0] == "Tcp:")
+    return int(values[names.index("RetransSegs")])
+
+
+async def test_first_connection_from_a_reused_address_is_answered_at_once(env: Env) -> None:
+    """A container that connects out as it starts gets the reply to its first SYN, also from an
+    address a peer still has a neighbour entry for (a deployment reusing a pool address): the address
+    is published before the task starts. Published after, the reply reached the host before the route
+    into the veth and was forwarded back out of the uplink; the client waited for TCP's 1 s SYN
+    retransmission."""
+    mesh, h1, h2 = env.mesh, env.mesh["h1"], env.mesh["h2"]
+    server_ip, client_ip = str(mesh.subnet.network_address + 110), str(mesh.subnet.network_address + 111)
+    name = f"test/fetch-{secrets.token_hex(3)}"
+    await ImageBuilder([busybox_layer()], cmd=FETCH_AT_START).build().push(mesh.push_host, name, "v1")
+    image = mesh.image_ref(name, "v1")
+    status, body = await _api(h2, "POST", "/v1/images/pull", {"ref": image})
+    assert status == 200, body
+    made: list[tuple[MeshHost, str]] = []
+    try:
+        await _run(h1, "server", server_ip, env.image)
+        made.append((h1, "server"))
+        for run in ("fresh", "reused"):
+            cid = f"fetch-{run}"
+            if run == "reused":  # the premise: h1 answers the new client straight at h2, no ARP first
+                assert _neigh_mac(h1.netns, client_ip) == _mac(h2.netns), nsh.ip("neigh", netns=h1.netns).stdout
+            request = {"id": cid, "image": image, "service_ip": client_ip, "env": {"SERVER": server_ip}}
+            status, out = await _api(h2, "POST", "/v1/containers?start=1", request)
+            assert status == 201, out
+            made.append((h2, cid))
+            log = h2.container_log_dir / AGENT_NAMESPACE / f"{cid}.log"
+            assert await _until(lambda: log.exists() and "fetched h1" in log.read_text(), within=10.0), (
+                log.read_text() if log.exists() else "no log"
+            )
+            status, inspected = await _api(h2, "GET", f"/v1/containers/{cid}")
+            assert status == 200, inspected
+            assert _tcp_retransmissions(inspected["network"]["netns"]) == 0, f"{run}: the first SYN went unanswered"
+            status, out = await _api(h2, "DELETE", f"/v1/containers/{cid}?force=1")
+            assert status == 204, out
+            made.remove((h2, cid))
+    finally:
+        for host, cid in made:
+            with contextlib.suppress(Exception):
+                await _api(host, "DELETE", f"/v1/containers/{cid}?force=1")
+
+
 async def test_bad_requests(env: Env) -> None:
     h1 = env.mesh["h1"]
     for body in ({}, {"service_ip": env.service_ip, "container": "svc"}, {"service_ip": "nope"}, {"bogus": 1}):
