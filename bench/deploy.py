@@ -113,7 +113,8 @@ async def main() -> None:
                 healthy.append(at(record, "HEALTHY") - at(record, "PLANNED"))
                 per_level.append(levels(record))
                 await f.call("DELETE", f"/v1/deployments/{record['id']}?wait=60", expect=200)
-                print(f"deploy {n + 1}: all healthy in {healthy[-1]:.2f} s")
+                split = " / ".join(f"{s:.2f}" for s in per_level[-1])
+                print(f"deploy {n + 1}: all healthy in {healthy[-1]:.2f} s (levels {split} s)")
 
             teardown: list[float] = []
             alert_s: list[float] = []
