@@ -439,7 +439,7 @@ async def test_first_connection_from_a_reused_address_is_answered_at_once(env: E
             assert status == 201, out
             made.append((h2, cid))
             log = h2.container_log_dir / AGENT_NAMESPACE / f"{cid}.log"
-            assert await _until(lambda: log.exists() and "fetched h1" in log.read_text(), within=10.0), (
+            assert await _until(lambda log=log: log.exists() and "fetched h1" in log.read_text(), within=10.0), (
                 log.read_text() if log.exists() else "no log"
             )
             status, inspected = await _api(h2, "GET", f"/v1/containers/{cid}")

@@ -256,7 +256,7 @@ class ContainerService:
         )
         uri = f"file://{log_file}"
         await self._cd.tasks.create(container_id, mounts, stdout=uri, stderr=uri, runc_root=self._containerd.runc_root)
-        published_now = False
+        published_here: str | None = None  # the address this start published, undone if it fails
         try:
             if service_ip and record.labels.get(LABEL_SERVICE_PUBLISH, PUBLISH_ON_START) == PUBLISH_ON_START:
                 # Before the task starts: its first packets leave from the address at once, and a
@@ -264,13 +264,14 @@ class ContainerService:
                 # (lost, or looping between hosts whose entries for a reused address point at each
                 # other): the process would wait for TCP's 1 s SYN retransmission. Until it listens,
                 # its kernel answers clients with a reset, so they retry at once.
-                published_now = await self.network.published(service_ip) != host_veth
+                if await self.network.published(service_ip) is None:
+                    published_here = service_ip
                 await self.network.publish(service_ip, host_veth)
             await self._cd.tasks.start(container_id)
         except BaseException:
-            if published_now:
+            if published_here is not None:
                 with contextlib.suppress(NetworkError):
-                    await self.network.unpublish(service_ip)
+                    await self.network.unpublish(published_here)
             with contextlib.suppress(ContainerdNotFound):
                 await self._cd.tasks.delete(container_id)
             raise
