@@ -35,7 +35,7 @@ from coordinator.starts import ContainerStarts
 from coordinator.store import Store
 from coordinator.warm import WarmService
 from coordinator.warm_predictor import LayerPredictor
-from coordinator.warming import WarmLimits
+from coordinator.waste_control import ControlLimits
 from core.errors import FerrymanError
 from core.security.tls import check_files
 
@@ -285,7 +285,7 @@ class Coordinator:
         busy: set[str] = set()
         for m in await self.store.list_migrations(active_only=True):
             busy.update(h for h in (m.source, m.target) if h)
-        limits = WarmLimits(max_layers=16)
+        limits = ControlLimits(max_waste=self.config.warm.max_waste, setpoint=0.8 * self.config.warm.max_waste)
         return await self.warm.round(self.agents, self.config.warm, limits, busy)
 
     async def _stop_leading(self) -> None:

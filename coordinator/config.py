@@ -165,6 +165,8 @@ class WarmConfig:
     """A host's link to its layer sources; warms get a share of what running work leaves of it."""
     request_timeout: float = 120.0
     """Upper bound for one warm request to an agent."""
+    max_waste: float = 0.25
+    """Wasted bytes over warmed bytes the warming rounds hold under (coordinator/waste_control.py)."""
 
 
 STORE_BACKENDS = ("sqlite", "etcd")
@@ -315,6 +317,8 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError(f"model.threshold must be in [0, 1), got {config.model.threshold}")
     if config.warm.period < 0:
         raise ConfigError(f"warm.period must not be negative, got {config.warm.period}")
+    if not 0.0 < config.warm.max_waste < 1.0:
+        raise ConfigError(f"warm.max_waste must be in (0, 1), got {config.warm.max_waste}")
     if config.model.retrain_interval < 0:
         raise ConfigError(f"model.retrain_interval must not be negative, got {config.model.retrain_interval}")
     if config.model.retrain_interval and config.model.retrain_holdout >= config.telemetry.max_age:

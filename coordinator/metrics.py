@@ -89,6 +89,22 @@ class CoordinatorMetrics:
             ["version"],
             registry=self.registry,
         )
+        self.warm_bytes = Counter(
+            "ferryman_coordinator_warm_bytes",
+            "Bytes of layers warmed ahead of use (warmed), then used by a start (used) or whose lease ended "
+            "unused (wasted)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("warmed", "used", "wasted"):
+            self.warm_bytes.labels(outcome=outcome)
+        self.warm_control = Gauge(
+            "ferryman_coordinator_warm_control",
+            "The waste controller's state after the last warming round: the probability threshold, layers "
+            "per host and round, share of the idle link, and the waste it measured",
+            ["value"],
+            registry=self.registry,
+        )
         self.drain_threshold = Gauge(
             "ferryman_coordinator_drain_threshold",
             "P(drain) at or above which the policy drains a host (above 1 without a model)",

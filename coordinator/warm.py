@@ -3,9 +3,10 @@
 `seed()` replays the stored start history at start-up (as `predictions.rebuild` does for telemetry);
 `started(record)` adds each new start (ContainerStarts calls it after recording it); `predict(host)`
 scores the host's candidate layers with the loaded model in a worker thread (onnxruntime through
-`LayerPredictor`). `round()` (every `[warm] period` seconds on the leader) warms them: per ready host,
-`warming.plan` under that host's `Aggressiveness`, which `warming.adapt` moves by the waste and
-misses of the host's last window; each chosen layer is fetched by the host's agent (peers first)
+`LayerPredictor`). `round()` (every `[warm] period` seconds on the leader) warms them: first the
+waste controller (`waste_control.control`) moves the fleet's `Aggressiveness` by what every host's
+warms and starts did since the round before (wasted and used warm bytes, local starts); then per
+ready host `warming.plan` under it; each chosen layer is fetched by the host's agent (peers first)
 under a lease as long as the model's (`AgentClientLike.warm_layer`). A host migrating anything
 gets no warms that round (`warm_budget`: the link is busy). Only layers of images started before
 are warmed (the coordinator knows their image reference and size from the start history).
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from coordinator.agents import AgentClientLike
 from coordinator.config import WarmConfig
@@ -29,7 +30,8 @@ from coordinator.predictor import ModelLoadError
 from coordinator.store import Store
 from coordinator.warm_features import FleetStarts, HostStarts, Start
 from coordinator.warm_predictor import LayerPredictor, ScoredLayer
-from coordinator.warming import Aggressiveness, Candidate, WarmLimits, WarmOutcome, adapt, plan, warm_budget
+from coordinator.warming import Candidate, WarmOutcome, plan, warm_budget
+from coordinator.waste_control import ControlLimits, ControlState, control, initial
 from core.errors import ConfigError, FerrymanError
 
 log = logging.getLogger(__name__)
@@ -37,13 +39,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _HostWarms:
-    """One host's warms in flight and its window of outcomes since the last adaptation."""
+    """One host's warms in flight and what its warms and starts did since the last round."""
 
-    aggressiveness: Aggressiveness
     pending: dict[str, tuple[int, float]] = field(default_factory=dict)
     """digest -> (size, lease end) of warms no start used yet."""
-    window: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0, 0])
-    """WarmOutcome's fields: warmed bytes, wasted bytes, settled, starts, local starts, warms."""
+    window: list[int] = field(default_factory=lambda: [0] * len(fields(WarmOutcome)))
+    """WarmOutcome's fields: warmed bytes, wasted bytes, settled, starts, local starts, warms, used bytes."""
 
     def expire(self, now: float) -> None:
         for digest in [d for d, (_, until) in self.pending.items() if until <= now]:
@@ -67,6 +68,8 @@ class WarmService:
         self.layer_refs: dict[str, tuple[str, int]] = {}
         """digest -> (an image reference holding it, its size), from started images."""
         self.warms: dict[str, _HostWarms] = {}
+        self.control: ControlState | None = None
+        """The fleet's aggressiveness and the controller's memory (None before the first round)."""
         if metrics is not None and predictor is not None:
             metrics.warm_model.labels(version=predictor.version).set(1)
         self.fleet = FleetStarts()
@@ -120,8 +123,9 @@ class WarmService:
             warms.expire(record.ts)
             for digest in record.layers:
                 if digest in warms.pending and digest in record.hits:
-                    warms.pending.pop(digest)
+                    size, _ = warms.pending.pop(digest)
                     warms.window[2] += 1
+                    warms.window[6] += size
             warms.window[3] += 1
             warms.window[4] += not record.misses
         history = self.hosts.setdefault(record.host, HostStarts())
@@ -141,7 +145,7 @@ class WarmService:
         )
 
     async def round(
-        self, agents: AgentClientLike, config: WarmConfig, limits: WarmLimits, busy_hosts: set[str]
+        self, agents: AgentClientLike, config: WarmConfig, limits: ControlLimits, busy_hosts: set[str]
     ) -> dict[str, list[str]]:
         """One warming round over the ready hosts; the layers asked of each. A failed warm is logged
         and counted as wasted (its bytes may have moved): nothing else depends on it."""
@@ -149,20 +153,15 @@ class WarmService:
             return {}
         now = self._clock()
         lease = self.predictor.info.lease
+        state = self._steer(now, limits)
         out: dict[str, list[str]] = {}
         for host in await self._store.list_hosts():
             if host.health is not HostHealth.READY or not host.api_url or host.name not in self.hosts:
                 continue
-            warms = self.warms.setdefault(
-                host.name,
-                _HostWarms(Aggressiveness(threshold=self.predictor.info.threshold, max_layers=limits.max_layers)),
-            )
-            warms.expire(now)
-            warms.aggressiveness = adapt(warms.aggressiveness, WarmOutcome(*warms.window), limits)
-            warms.window = [0, 0, 0, 0, 0, 0]
+            warms = self.warms.setdefault(host.name, _HostWarms())
             busy = config.link_bytes_per_second if host.name in busy_hosts else 0.0
             budget = warm_budget(
-                config.link_bytes_per_second, busy, config.period, warms.aggressiveness.bandwidth_share
+                config.link_bytes_per_second, busy, config.period, state.aggressiveness.bandwidth_share
             )
             if budget <= 0:
                 continue
@@ -172,7 +171,7 @@ class WarmService:
                 for s in scored
                 if s.digest in self.layer_refs
             ]
-            chosen = plan(candidates, set(host.layer_digests), set(warms.pending), warms.aggressiveness, budget)
+            chosen = plan(candidates, set(host.layer_digests), set(warms.pending), state.aggressiveness, budget)
             for c in chosen:
                 ref = self.layer_refs[c.digest][0]
                 warms.pending[c.digest] = (c.size, now + lease)
@@ -184,3 +183,28 @@ class WarmService:
                     log.warning("warm failed", extra={"host": host.name, "digest": c.digest, "error": str(exc)})
             out[host.name] = [c.digest for c in chosen]
         return out
+
+    def _steer(self, now: float, limits: ControlLimits) -> ControlState:
+        """The fleet's outcome since the last round (every host's window, then emptied) through the
+        controller; the new state, also in the metrics."""
+        window = [0] * len(fields(WarmOutcome))
+        for warms in self.warms.values():
+            warms.expire(now)
+            window = [a + b for a, b in zip(window, warms.window, strict=True)]
+            warms.window = [0] * len(window)
+        outcome = WarmOutcome(*window)
+        if self.control is None:
+            threshold = self.predictor.info.threshold if self.predictor is not None else limits.max_threshold
+            self.control = initial(threshold, limits)
+        self.control = control(self.control, outcome, limits)
+        if self._metrics is not None:
+            m = self._metrics
+            m.warm_bytes.labels(outcome="warmed").inc(outcome.warmed_bytes)
+            m.warm_bytes.labels(outcome="used").inc(outcome.used_bytes)
+            m.warm_bytes.labels(outcome="wasted").inc(outcome.wasted_bytes)
+            agg = self.control.aggressiveness
+            m.warm_control.labels(value="threshold").set(agg.threshold)
+            m.warm_control.labels(value="max_layers").set(agg.max_layers)
+            m.warm_control.labels(value="bandwidth_share").set(agg.bandwidth_share)
+            m.warm_control.labels(value="waste").set(self.control.waste)
+        return self.control

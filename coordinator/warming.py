@@ -1,15 +1,11 @@
-"""Deciding what to warm (layer prefetch): how aggressive to be, and which layers, as pure functions.
+"""Deciding what to warm (layer prefetch): which layers, within what budget, as pure functions.
 
 The coordinator's prefetch loop (not here: it drives these) scores each host's candidate layers with
-the layer predictor (coordinator/warm_predictor.py), asks `plan` which of them to warm, and asks
-the host's agent to fetch them under a TTL lease (`POST /v1/prefetch/layers/{digest}`; peers first,
-like any pull). Every round it measures what the last window of warms achieved and `adapt`s:
-
-- wasted bytes (warms no start used before the lease ended) above the target: raise the threshold,
-  fewer layers per round, half the bandwidth share;
-- waste well under the target while starts still miss layers: lower the threshold, one more layer,
-  a larger share (up to the limit);
-- otherwise, or with too little evidence (fewer than `min_evidence` warms): keep.
+the layer predictor (coordinator/warm_predictor.py), asks `plan` which of them to warm under the
+current `Aggressiveness`, and asks the host's agent to fetch them under a TTL lease
+(`POST /v1/prefetch/layers/{digest}`; peers first, like any pull). Every round it measures what the
+warms and starts since the round before did (`WarmOutcome`) and the waste controller
+(coordinator/waste_control.py) moves the aggressiveness.
 
 Warms never compete with work that runs now: `warm_budget` gives them a share of what the host's
 link has left after its running pulls, migrations and workloads, and nothing when it is busy.
@@ -18,8 +14,7 @@ link has left after its running pulls, migrations and workloads, and nothing whe
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
-from enum import Enum
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -33,28 +28,12 @@ class Aggressiveness:
 
 
 @dataclass(frozen=True)
-class WarmLimits:
-    target_waste: float = 0.25
-    """Wasted bytes over warmed bytes the loop aims to stay under."""
-    min_threshold: float = 0.3
-    max_threshold: float = 0.95
-    threshold_step: float = 0.05
-    min_layers: int = 1
-    max_layers: int = 16
-    max_bandwidth_share: float = 0.5
-    min_bandwidth_share: float = 0.05
-    min_evidence: int = 5
-    """Warms whose fate (used or wasted) is known, needed before the loop changes anything."""
-
-
-@dataclass(frozen=True)
 class WarmOutcome:
     """What the warms and starts of the last window did (per host or fleet-wide).
 
-    Waste is the bytes of warms that expired unused in the window over the bytes warmed in it: a
-    warm settles a lease after it was made when unused, but soon when used, so the share of waste
-    among the warms that settled in a window would read low and push ever harder; over windows
-    longer than the lease this ratio is the share of warmed bytes wasted."""
+    `waste` is the bytes of warms that expired unused in the window over the bytes warmed in it, the
+    figure the card and the bench report over a whole run; the controller steers on wasted over
+    settled bytes over its memory instead (coordinator/waste_control.py says why)."""
 
     warmed_bytes: int = 0
     """Bytes warmed in the window."""
@@ -67,6 +46,8 @@ class WarmOutcome:
     """Starts that found every layer local."""
     warms: int = 0
     """Warms started in the window (settled or not)."""
+    used_bytes: int = 0
+    """Bytes of warms a start used in the window (with `wasted_bytes`: the settled bytes)."""
 
     @property
     def waste(self) -> float:
@@ -77,44 +58,6 @@ class WarmOutcome:
     @property
     def hit_rate(self) -> float:
         return self.local_starts / self.starts if self.starts else 1.0
-
-
-class Move(Enum):
-    BACK_OFF = "back_off"
-    """Too much waste: warm less."""
-    PUSH = "push"
-    """Little waste and starts still miss: warm more."""
-    KEEP = "keep"
-
-
-def choose_move(outcome: WarmOutcome, limits: WarmLimits) -> Move:
-    """The rule of the module docstring; `PUSH` also when nothing at all was warmed in the window
-    but starts miss (no evidence of waste either: the threshold may be too high to ever warm)."""
-    if outcome.settled_warms >= limits.min_evidence and outcome.waste > limits.target_waste:
-        return Move.BACK_OFF
-    misses = outcome.starts > outcome.local_starts
-    if misses and outcome.warms == 0 and outcome.settled_warms == 0:
-        return Move.PUSH
-    if misses and outcome.settled_warms >= limits.min_evidence and outcome.waste < limits.target_waste / 2:
-        return Move.PUSH
-    return Move.KEEP
-
-
-def adapt(current: Aggressiveness, outcome: WarmOutcome, limits: WarmLimits) -> Aggressiveness:
-    move = choose_move(outcome, limits)
-    if move is Move.BACK_OFF:
-        return Aggressiveness(
-            threshold=min(limits.max_threshold, current.threshold + limits.threshold_step),
-            max_layers=max(limits.min_layers, current.max_layers - 1),
-            bandwidth_share=max(limits.min_bandwidth_share, current.bandwidth_share / 2),
-        )
-    if move is Move.PUSH:
-        return Aggressiveness(
-            threshold=max(limits.min_threshold, current.threshold - limits.threshold_step),
-            max_layers=min(limits.max_layers, current.max_layers + 1),
-            bandwidth_share=min(limits.max_bandwidth_share, current.bandwidth_share * 1.5),
-        )
-    return replace(current)
 
 
 def warm_budget(link_bytes_per_s: float, busy_bytes_per_s: float, period_s: float, share: float) -> int:
@@ -169,4 +112,5 @@ def outcome_of(
         starts=len(starts),
         local_starts=sum(1 for layers, local in starts if set(layers) <= set(local)),
         warms=len(warmed),
+        used_bytes=sum(size for size, used in settled if used),
     )

@@ -22,7 +22,7 @@ from coordinator.starts import ContainerStarts
 from coordinator.warm import WarmService
 from coordinator.warm_features import FleetStarts, HostStarts, Start
 from coordinator.warm_predictor import LayerPredictor
-from coordinator.warming import WarmLimits
+from coordinator.waste_control import ControlLimits
 from core.errors import ConfigError, InvalidRequest
 from core.workloads import WorkloadSignature, check_signature_id, of_start
 from tests.harness.coordinator import NoAgents
@@ -175,7 +175,7 @@ async def test_a_warming_round_asks_the_agent_for_the_predicted_layers(store: Sq
         await starts.start({**spec, "id": f"c{i}"}, Need(Capacity(100, GiB, 0), LAYERS))
         now[0] += 300.0
     warm_config = dataclasses.replace(config.warm, period=60.0)
-    limits = WarmLimits()
+    limits = ControlLimits()
     # the host holds only BASE (its registration says so): the other two are warmed, under the model's lease
     asked = await warm.round(agents, warm_config, limits, busy_hosts=set())
     assert sorted(asked["h1"]) == sorted([MID, TOP]), asked

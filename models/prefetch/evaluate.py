@@ -15,13 +15,15 @@ scored on the same decisions:
 layers local or pulls them (least recently used evicted); at a decision the policy warms the
 candidates it scores at or above its threshold, best first, at most `max_layers` and
 `budget_bytes`, each under a lease of `lease_s`: a warmed layer no start used before its lease ends
-is evicted when the lease ends (wasted bytes); within its lease it is evicted like a layer used when
-it was warmed (least recently used first).
+is evicted when the lease ends (wasted bytes). Within its lease it is never evicted, as the agent's
+containerd lease holds it (docs/cache.md "Never evicted"): starts evict the other layers, and warms
+under lease never hold more than `max_pending_share` of the cache.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.warm_features import FEATURE_NAMES, N_FEATURES, FleetStarts, HostStarts, Start
-from coordinator.warming import Aggressiveness, WarmLimits, WarmOutcome, adapt
+from coordinator.warming import Aggressiveness, WarmOutcome, warm_budget
+from coordinator.waste_control import ControlLimits, control, initial
 from models.prefetch.generate import DAY, Trace
 
 POPULAR_COL = FEATURE_NAMES.index("fleet_share_6h")
@@ -43,7 +46,12 @@ class EvalConfig:
     """A layer is needed if a start on the host within this long needs it."""
     tick_s: float = 300.0
     """Besides after every start, a decision every this many seconds per host."""
-    lease_s: float = 900.0
+    lease_s: float = 3600.0
+    """A warm no start used within this long is wasted (and evicted). Longer than the horizon: a layer
+    likely needed within the horizon is often needed a little later, and a lease as short as the
+    horizon throws it away just before (held out, lease 900 s: waste 0.36 at the operating point)."""
+    max_pending_share: float = 0.5
+    """Warms under lease hold at most this share of a host's cache (the rest stays for starts)."""
     max_layers: int = 8
     """Layers warmed per decision at most (also the budget of precision/recall at budget)."""
     budget_bytes: int = 512 << 20
@@ -55,8 +63,11 @@ class EvalConfig:
     max_waste: float = 0.25
     """Operating threshold: the one with the best hit rate whose wasted share stays within this."""
     thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    adapt_every: int = 12
-    """Adaptive policies: decisions per host between two adaptations (about an hour)."""
+    control_s: float = 300.0
+    """Controlled policies: seconds between two rounds of the waste controller (the warm period)."""
+    link_bytes_per_s: float = 12.5e6
+    """A host's link to its layer sources (100 Mbit/s): a decision warms at most its bandwidth share
+    of what the link moves in `tick_s`."""
 
 
 @dataclass
@@ -180,7 +191,9 @@ class SimResult:
     """Warmed layers a start then used."""
     pulled_bytes: int = 0
     hits: list[tuple[float, bool]] = field(default_factory=list)
-    """(ts, every layer local) per counted start, in time order per host."""
+    """(ts, every layer local) per counted start, in time order."""
+    rounds: list[tuple[float, float, float]] = field(default_factory=list)
+    """Controlled policies: (ts, threshold after the round, waste the controller measured)."""
 
     @property
     def hit_rate(self) -> float:
@@ -221,9 +234,9 @@ class _Cache:
         self.entries: dict[str, list[float]] = {}
         """digest -> [last used, lease end (0: used, not a pending warm)]"""
         self.used = 0
-        self.window = [0, 0, 0, 0, 0, 0]
-        """Since the last adaptation: warmed bytes, wasted bytes, settled warms, starts, local starts,
-        warms made (WarmOutcome's fields)."""
+        self.window = [0, 0, 0, 0, 0, 0, 0]
+        """Since the last round of the controller: warmed bytes, wasted bytes, settled warms, starts, local starts,
+        warms made, used warm bytes (WarmOutcome's fields)."""
 
     def outcome(self) -> WarmOutcome:
         return WarmOutcome(*self.window)
@@ -242,9 +255,11 @@ class _Cache:
     def evict(self, protect: set[str], result: SimResult) -> None:
         if self.used <= self.capacity:
             return
-        # Least recently used first, a warm counting as used when it was warmed. Unused warms whose
-        # lease ended are gone already (expire): they never hold room a start could use.
-        order = sorted((d for d in self.entries if d not in protect), key=lambda d: self.entries[d][0])
+        # Least recently used first. Warms under lease are held (the agent's lease protects them);
+        # unused warms whose lease ended are gone already (expire).
+        order = sorted(
+            (d for d, e in self.entries.items() if d not in protect and e[1] == 0), key=lambda d: self.entries[d][0]
+        )
         for d in order:
             if self.used <= self.capacity:
                 break
@@ -262,6 +277,7 @@ class _Cache:
                 if e[1] > 0:
                     result.warm_hits += 1
                     self.window[2] += 1
+                    self.window[6] += self.sizes[d]
                 e[0], e[1] = now, 0.0
         self.evict(set(layers), result)
         self.window[3] += 1
@@ -271,12 +287,14 @@ class _Cache:
             result.all_local += local
             result.hits.append((now, local))
 
-    def warm(self, now: float, ranked: Sequence[str], cfg: EvalConfig, result: SimResult, max_layers: int) -> None:
+    def warm(self, now: float, ranked: Sequence[str], cfg: EvalConfig, result: SimResult, agg: Aggressiveness) -> None:
         taken: set[str] = set()
-        budget = min(cfg.budget_bytes, self.capacity // 2)
+        pending = sum(self.sizes[d] for d, e in self.entries.items() if e[1] > 0)
+        link = warm_budget(cfg.link_bytes_per_s, 0.0, cfg.tick_s, agg.bandwidth_share)
+        budget = min(cfg.budget_bytes, link, int(self.capacity * cfg.max_pending_share) - pending)
         spent = 0
         for d in ranked:
-            if len(taken) >= max_layers:
+            if len(taken) >= agg.max_layers:
                 break
             if d in self.entries:
                 continue
@@ -298,32 +316,42 @@ def simulate(
     scores: Sequence[npt.NDArray[np.float32]] | None,
     threshold: float,
     cfg: EvalConfig,
-    adaptive: WarmLimits | None = None,
+    controlled: ControlLimits | None = None,
 ) -> SimResult:
-    """One cache per host (capacities()); `scores` None: no prefetching. With `adaptive`, each host
-    starts at `threshold` and every `cfg.adapt_every` decisions adapts its threshold and layer count
-    to what its last window of warms and starts did, as the coordinator's prefetch loop does
-    (coordinator/warming.py `adapt`)."""
+    """One cache per host (capacities()); `scores` None: no prefetching. With `controlled`, the
+    fleet's aggressiveness starts at `threshold` and every `cfg.control_s` seconds of the trace
+    moves by what the warms and starts of every host did since (coordinator/waste_control.py
+    `control`), as the coordinator's warming rounds do; otherwise it stays at `threshold`,
+    `cfg.max_layers` and the default bandwidth share."""
     caps = capacities(w.trace, cfg)
     result = SimResult()
     begin = cfg.warmup_s
-    for host, events in w.events.items():
-        cache = _Cache(caps[host], w.trace.sizes)
-        agg = Aggressiveness(threshold=threshold, max_layers=cfg.max_layers)
-        decisions = 0
-        for ts, kind, i in events:
-            cache.expire(ts, result)
-            if kind == 0:
-                cache.start(ts, w.starts[i][1].layers, result, ts >= begin)
-            elif scores is not None:
-                decisions += 1
-                if adaptive is not None and decisions % cfg.adapt_every == 0:
-                    agg = adapt(agg, cache.outcome(), adaptive)
-                    cache.window = [0, 0, 0, 0, 0, 0]
-                d, s = w.decisions[i], scores[i]
-                order = np.argsort(-s, kind="stable")
-                ranked = [d.candidates[j] for j in order if s[j] >= agg.threshold]
-                cache.warm(ts, ranked, cfg, result, agg.max_layers)
+    caches = {host: _Cache(caps[host], w.trace.sizes) for host in w.events}
+    state = initial(threshold, controlled) if controlled is not None else None
+    agg = state.aggressiveness if state is not None else Aggressiveness(threshold=threshold, max_layers=cfg.max_layers)
+    next_round = cfg.control_s
+    events = heapq.merge(*([(ts, kind, i, host) for ts, kind, i in ev] for host, ev in w.events.items()))
+    for ts, kind, i, host in events:
+        while state is not None and controlled is not None and ts >= next_round:
+            window = [0, 0, 0, 0, 0, 0, 0]
+            for c in caches.values():
+                c.expire(next_round, result)
+                window = [a + b for a, b in zip(window, c.window, strict=True)]
+                c.window = [0, 0, 0, 0, 0, 0, 0]
+            state = control(state, WarmOutcome(*window), controlled)
+            agg = state.aggressiveness
+            result.rounds.append((next_round, agg.threshold, state.waste))
+            next_round += cfg.control_s
+        cache = caches[host]
+        cache.expire(ts, result)
+        if kind == 0:
+            cache.start(ts, w.starts[i][1].layers, result, ts >= begin)
+        elif scores is not None:
+            d, s = w.decisions[i], scores[i]
+            order = np.argsort(-s, kind="stable")
+            ranked = [d.candidates[j] for j in order if s[j] >= agg.threshold]
+            cache.warm(ts, ranked, cfg, result, agg)
+    for cache in caches.values():
         # warms still pending at the end were not used either
         for digest, entry in cache.entries.items():
             if entry[1] > 0:

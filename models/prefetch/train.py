@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.warm_features import FEATURE_NAMES, FEATURES_VERSION, N_FEATURES, FleetStarts, HostStarts
-from coordinator.warming import WarmLimits
+from coordinator.waste_control import ControlLimits
 from models.onnx_export import INPUT_NAME, PROB_OUTPUT, check_onnx, classifier_to_onnx, ort_probabilities
 from models.prefetch.evaluate import (
     BASELINES,
@@ -48,8 +48,8 @@ from models.trees import fit_boosted_trees
 
 HERE = Path(__file__).resolve().parent
 POLICIES = ("model", "model_adaptive", "chain", "popular", "none")
-"""`model_adaptive`: the model, its threshold and layer count adapted per host to measured waste
-(coordinator/warming.py), starting at the card's threshold."""
+"""`model_adaptive`: the model, its threshold, layer count and bandwidth share steered fleet-wide by
+the waste controller (coordinator/waste_control.py) every warm period, starting at the card's threshold."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def judge(w: Walk, scorers: dict[str, Scorer], thresholds: dict[str, float], cfg
         adaptive = name == "model_adaptive"
         scorer = scorers["model" if adaptive else name]
         scores = score_walk(w, scorer)
-        limits = WarmLimits(target_waste=cfg.max_waste, max_layers=cfg.max_layers) if adaptive else None
+        limits = ControlLimits(max_waste=cfg.max_waste) if adaptive else None
         sim = simulate(w, scores, thresholds["model" if adaptive else name], cfg, limits)
         out[name] = {
             **ranking(w, scores, cfg.max_layers),
@@ -149,6 +149,10 @@ def judge(w: Walk, scorers: dict[str, Scorer], thresholds: dict[str, float], cfg
             "threshold": thresholds["model" if adaptive else name],
             "recovery": recovery(sim, w.trace.shift_ts),
         }
+        if sim.rounds:
+            steered = [t for _, t, _ in sim.rounds]
+            q = np.quantile(steered, [0.1, 0.5, 0.9]).tolist()
+            out[name]["steered_threshold"] = dict(zip(("p10", "p50", "p90"), q, strict=True))
     return out
 
 
@@ -317,13 +321,14 @@ def write_card_md(card: dict[str, Any], path: Path) -> None:
             if ho["model"]["waste"] > card["config"]["eval"]["max_waste"]
             else ""
         )
-        + f" Adapted per host to measured waste (`model_adaptive`, coordinator/warming.py) the warms reach "
-        f"{ho['model_adaptive']['hit_rate']:.3f} on the held-out regime at waste {ho['model_adaptive']['waste']:.2f} "
-        f"({ind['model_adaptive']['hit_rate']:.3f} at {ind['model_adaptive']['waste']:.2f} in distribution)"
+        + f" Steered fleet-wide by the waste controller (`model_adaptive`, coordinator/waste_control.py) the "
+        f"warms reach {ho['model_adaptive']['hit_rate']:.3f} on the held-out regime at waste "
+        f"{ho['model_adaptive']['waste']:.2f} ({ind['model_adaptive']['hit_rate']:.3f} at "
+        f"{ind['model_adaptive']['waste']:.2f} in distribution)"
         + (
             ": the controller as tuned does not hold the waste target."
             if ho["model_adaptive"]["waste"] > card["config"]["eval"]["max_waste"]
-            else "."
+            else f", within the {card['config']['eval']['max_waste']:g} target."
         ),
         "",
     ]
@@ -356,7 +361,11 @@ def write_card_md(card: dict[str, Any], path: Path) -> None:
         f"and the same cache simulation (`models/prefetch/evaluate.py`): per host a cache of {ev['cache_share']:g}",
         "of its median daily working set; at a decision the policy warms the layers it scores at or above its",
         f"threshold, best first, at most {k} layers and {ev['budget_bytes'] >> 20} MiB, under a {ev['lease_s']:g} s",
-        "lease (a warm no start used before its lease ended is wasted). A cold start counts as local when every",
+        "lease (a warm no start used before its lease ended is wasted). Within its lease a warm is never evicted",
+        f"(the agent's lease holds it), and warms under lease hold at most {ev['max_pending_share']:g} of the cache.",
+        "`model_adaptive` starts at the model's threshold and lets the waste controller move its threshold,",
+        f"layer count and bandwidth share every {ev['control_s']:g} s from what every host's warms and starts did.",
+        "A cold start counts as local when every",
         f"layer it needs is in the cache. The first {ev['warmup_s'] / 3600:g} h of each trace are not counted.",
         f"Precision and recall at budget are those of the top {k} scored candidates per decision against the",
         "layers the host's starts needed within the horizon.",
