@@ -1,0 +1,392 @@
+"""Predictive prefetch on a 3-host mesh: a held-out trace of task starts replayed with warms on and off.
+
+The trace: `models/prefetch/generate.py`'s held-out regime (`eval`) from a seed neither training
+nor the model card used, 3 hosts; the starts of a window around its mix shift are replayed, the
+history before the window only fed to the predictor (the coordinator would have recorded it). Each
+trace layer becomes an incompressible layer of its size / `--scale` (a fixed seed per layer), each
+signature an image (busybox + its layers, in the trace's order); a start is `POST /v1/containers
+?start=1` of that image on its host's agent (`/bin/true`) after `POST /v1/images/pull` of it, timed
+from the pull's request to the start's answer, then removed. The registry sits behind 100 Mbit/s
+(tc tbf on the mesh bridge; peers unshaped, and peer sharing on, as in bench/p2p.py); each agent's
+layer cache is bounded ([cache] max_bytes) to
+`--cache-share` of the median working set of the three hosts over the window.
+
+Two passes in the same run, same trace, alternating order with `--rounds`, every host emptied of
+the trace's images and blobs before each:
+  off: no prefetch.
+  on:  the coordinator's warming loop run in this process on trace time: after every start and
+       every 300 trace-seconds per host, the shipped layer predictor (models/prefetch/prefetch.onnx,
+       through `LayerPredictor`, as coordinator/warm.py serves it) scores the host's candidates from
+       its start history, `warming.plan` picks them under the waste controller's aggressiveness
+       (coordinator/waste_control.py, a round every 300 trace-seconds) and the host's agent fetches
+       each (`POST /v1/prefetch/layers/{digest}`, peers first) under a lease of the model's 1 h of
+       trace time (`--ttl-scale` of it in wall seconds on the agent).
+
+A start is all-local when its host held every layer before it (`ctr content ls`). A warm is used
+when a start on its host needs it within its lease (trace time), else wasted; the byte budget per
+decision is the sim's (models/prefetch/evaluate.py) scaled like the layers. Before a pass each host
+pulls the images of its starts of the `--prime-h` trace hours before the window (untimed, no
+task), and the first `--warmup` starts are not counted.
+
+Result lines:
+  bench prefetch: <share of cold starts with every layer local, prefetch on> ratio (target >= 0.6)
+  in the text: the same share without prefetch, wasted / warmed bytes (target <= 0.25), mean start
+  latency on / off (target <= 0.5), starts after the shift until 50 are back to 90 % of the hit
+  rate before it (target <= 50), and the predictor's time per host decision (model alone, target <= 1 ms).
+
+Run as root from the repo: .venv/bin/python bench/prefetch.py [--rounds 1] [--before-h 3] [--after-h 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from coordinator.warm_features import FleetStarts, HostStarts
+from coordinator.warm_predictor import LayerPredictor
+from coordinator.warming import Candidate, WarmOutcome, plan, warm_budget
+from coordinator.waste_control import ControlLimits, ControlState, control, initial
+from models.prefetch.evaluate import EvalConfig, SimResult, recovery
+from models.prefetch.generate import REGIMES, Trace, TraceSpec, generate
+from tests.harness.containerd import scratch_dir
+from tests.harness.fleet import api, fleet
+from tests.harness.images import ImageBuilder, Layer, busybox_layer, random_layer
+from tests.harness.mesh import Mesh, MeshHost
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "prefetch" / "prefetch.onnx"
+SHARING: dict[str, Any] = {"stall_timeout": 10.0}
+EVAL = EvalConfig()
+LINK = 12.5e6
+"""100 Mbit/s, as the registry's shaping."""
+
+
+@dataclass
+class Replay:
+    """One host's view of the window: its starts (trace time) and decision times."""
+
+    trace: Trace
+    begin: float
+    end: float
+    events: list[tuple[float, int, str, int]] = field(default_factory=list)
+    """(ts, 0 start / 1 decision, host, start index or -1), in time order."""
+
+    @classmethod
+    def of(cls, trace: Trace, begin: float, end: float, tick: float) -> Replay:
+        r = cls(trace, begin, end)
+        for i, (host, s) in enumerate(trace.starts):
+            if begin <= s.ts < end:
+                r.events += [(s.ts, 0, host, i), (s.ts, 1, host, -1)]
+        for host in trace.hosts:
+            r.events += [(t, 1, host, -1) for t in np.arange(begin, end, tick).tolist()]
+        r.events.sort(key=lambda e: (e[0], e[1], e[2]))
+        return r
+
+
+def layer_for(digest: str, size: int, scale: int) -> Layer:
+    seed = int(hashlib.sha256(digest.encode()).hexdigest()[:8], 16)
+    return random_layer(max(64 << 10, size // scale), seed=seed, file_size=1 << 20, compression="none")
+
+
+def working_set(trace: Trace, hosts: list[str], begin: float, end: float, sizes: dict[str, int]) -> int:
+    held: dict[str, set[str]] = {h: set() for h in hosts}
+    for host, s in trace.starts:
+        if begin <= s.ts < end:
+            held[host].update(s.layers)
+    return int(statistics.median(sum(sizes[d] for d in ds) for ds in held.values()))
+
+
+async def held_digests(host: MeshHost) -> set[str]:
+    return set((await host.actr("content", "ls", "-q")).stdout.split())
+
+
+async def forget_all(mesh: Mesh, digests: list[str]) -> None:
+    for host in mesh.hosts:
+        for name in (await host.actr("images", "ls", "-q")).stdout.split():
+            if "bench/sig-" in name:
+                await host.actr("images", "rm", "--sync", name)
+        left = [d for d in digests if d in await held_digests(host)]
+        if left:
+            await host.actr("content", "rm", *left)
+
+
+@dataclass
+class PassResult:
+    sim: SimResult = field(default_factory=SimResult)
+    latencies: list[float] = field(default_factory=list)
+    warmed: int = 0
+    wasted: int = 0
+    used: int = 0
+    warm_requests: int = 0
+    failed_warms: int = 0
+    predict_ms: list[float] = field(default_factory=list)
+    model_ms: list[float] = field(default_factory=list)
+    thresholds: list[float] = field(default_factory=list)
+
+
+async def prime(mesh: Mesh, replay: Replay, refs: dict[str, str], hours: float) -> None:
+    """Each host's caches as its last `hours` of starts before the window left them: their images
+    pulled in time order (no task, untimed), the same for both passes."""
+    names = dict(zip(replay.trace.hosts, sorted(h.name for h in mesh.hosts), strict=True))
+    by_name = {h.name: h for h in mesh.hosts}
+    for host, s in replay.trace.starts:
+        if replay.begin - 3600 * hours <= s.ts < replay.begin:
+            await api(by_name[names[host]], "POST", "/v1/images/pull", {"ref": refs[s.signature]})
+
+
+async def run_pass(
+    mesh: Mesh,
+    replay: Replay,
+    prefetch: bool,
+    refs: dict[str, str],
+    layer_ref: dict[str, str],
+    built: dict[str, Layer],
+    predictor: LayerPredictor,
+    args: argparse.Namespace,
+) -> PassResult:
+    trace, out = replay.trace, PassResult()
+    fleet_starts = FleetStarts()
+    hosts = {h: HostStarts() for h in trace.hosts}
+    for host, s in trace.starts:  # the history before the window: recorded, never run here
+        if s.ts >= replay.begin:
+            break
+        hosts[host].add(s, fleet_starts)
+    limits = ControlLimits()
+    state: ControlState = initial(predictor.info.threshold, limits)
+    window = [0] * 7
+    pending: dict[str, dict[str, tuple[int, float]]] = {h: {} for h in trace.hosts}
+    next_round = replay.begin + EVAL.control_s
+    lease = predictor.info.lease
+    counted = 0
+    by_name = {h.name: h for h in mesh.hosts}
+    names = dict(zip(trace.hosts, sorted(by_name), strict=True))
+
+    def expire(now: float) -> None:
+        for digests in pending.values():
+            for d in [d for d, (_, until) in digests.items() if until <= now]:
+                size, _ = digests.pop(d)
+                out.wasted += size
+                window[1] += size
+                window[2] += 1
+
+    for n, (ts, kind, host, i) in enumerate(replay.events):
+        expire(ts)
+        while prefetch and ts >= next_round:
+            state = control(state, WarmOutcome(*window), limits)
+            window = [0] * 7
+            out.thresholds.append(state.aggressiveness.threshold)
+            next_round += EVAL.control_s
+        agent = by_name[names[host]]
+        if kind == 0:
+            start = trace.starts[i][1]
+            have = await held_digests(agent)
+            local = all(built[d].digest in have for d in start.layers)
+            t0 = time.perf_counter()
+            cid = f"p{int(prefetch)}-{n}"
+            # what a start does on a host: the image's missing layers fetched (peers first), then the task
+            await api(agent, "POST", "/v1/images/pull", {"ref": refs[start.signature]})
+            await api(
+                agent,
+                "POST",
+                "/v1/containers?start=1",
+                {"id": cid, "image": refs[start.signature], "args": ["/bin/true"]},
+                expect=201,
+            )
+            elapsed = time.perf_counter() - t0
+            await api(agent, "DELETE", f"/v1/containers/{cid}?force=1", expect=None)
+            for d in start.layers:
+                if d in pending[host]:
+                    size, _ = pending[host].pop(d)
+                    out.used += size
+                    window[2] += 1
+                    window[6] += size
+            window[3] += 1
+            window[4] += local
+            hosts[host].add(start, fleet_starts)
+            counted += 1
+            if counted > args.warmup:
+                out.sim.starts += 1
+                out.sim.all_local += local
+                out.sim.hits.append((ts, local))
+                out.latencies.append(elapsed)
+            continue
+        if not prefetch:
+            continue
+        t0 = time.perf_counter()
+        scored = predictor.host_layers(hosts[host], fleet_starts, ts)
+        out.predict_ms.append(1e3 * (time.perf_counter() - t0))
+        agg = state.aggressiveness
+        budget = min(EVAL.budget_bytes, warm_budget(LINK, 0.0, EVAL.tick_s, agg.bandwidth_share)) // args.scale
+        candidates = [Candidate(s.digest, s.probability, built[s.digest].size) for s in scored if s.digest in built]
+        have = await held_digests(agent)
+        held = {d for d in built if built[d].digest in have}
+        for c in plan(candidates, held, set(pending[host]), agg, budget):
+            body = {"ref": layer_ref[c.digest], "ttl": max(10.0, lease * args.ttl_scale), "model": predictor.version}
+            out.warm_requests += 1
+            try:
+                await api(agent, "POST", f"/v1/prefetch/layers/{built[c.digest].digest}", body, expect=200)
+            except AssertionError as exc:
+                out.failed_warms += 1
+                print(f"  warm failed: {exc}", flush=True)
+            pending[host][c.digest] = (c.size, ts + lease)
+            out.warmed += c.size
+            window[0] += c.size
+            window[5] += 1
+    for digests in pending.values():  # still pending at the end: not used either
+        out.wasted += sum(size for size, _ in digests.values())
+    return out
+
+
+def model_ms(predictor: LayerPredictor, trace: Trace, samples: int = 200) -> list[float]:
+    """The model alone per host decision: one run over a host's candidates' feature rows."""
+    fleet_starts, state = FleetStarts(), HostStarts()
+    host = trace.hosts[0]
+    out = []
+    starts = [s for h, s in trace.starts if h == host]
+    step = max(1, len(starts) // samples)
+    for k, s in enumerate(starts):
+        state.add(s, fleet_starts)
+        if k % step == 0 and k > 20:
+            X = state.features(s.ts + 1.0, state.candidates(s.ts + 1.0, fleet_starts), fleet_starts)
+            t0 = time.perf_counter()
+            predictor.predict(X)
+            out.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=20261231, help="the trace's seed (not the card's)")
+    parser.add_argument("--before-h", type=float, default=3.0, help="trace hours replayed before the shift")
+    parser.add_argument("--after-h", type=float, default=3.0, help="trace hours replayed after the shift")
+    parser.add_argument("--scale", type=int, default=16, help="layer bytes = trace bytes / scale")
+    parser.add_argument("--cache-share", type=float, default=0.6)
+    parser.add_argument("--ttl-scale", type=float, default=0.01, help="agent lease seconds per trace second")
+    parser.add_argument("--prime-h", type=float, default=2.0, help="trace hours of starts pulled before a pass")
+    parser.add_argument("--warmup", type=int, default=5, help="starts of a pass not counted")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rate", default="100mbit")
+    args = parser.parse_args()
+
+    predictor = LayerPredictor.load(MODEL)
+    trace = generate(TraceSpec(REGIMES["eval"], args.seed, n_hosts=3, days=2.0))
+    begin, end = trace.shift_ts - 3600 * args.before_h, trace.shift_ts + 3600 * args.after_h
+    replay = Replay.of(trace, begin, end, EVAL.tick_s)
+    window_starts = [s for _, s in trace.starts if begin <= s.ts < end]
+    used = {d for s in window_starts for d in s.layers}
+    # candidates may name layers used before the window: build those too (they can be warmed)
+    used |= {d for _, s in trace.starts if s.ts < end for d in s.layers}
+    built = {d: layer_for(d, trace.sizes[d], args.scale) for d in sorted(used)}
+    sizes = {d: built[d].size for d in built}
+    bound = int(args.cache_share * working_set(trace, trace.hosts, begin, end, sizes))
+    sigs = sorted({s.signature: s.layers for _, s in trace.starts if s.ts < end}.items())
+    print(
+        f"{trace.spec.data_version()}: {len(window_starts)} starts in {args.before_h + args.after_h:g} trace hours "
+        f"around the shift, {len(sigs)} signatures, {len(built)} layers, {sum(sizes.values()) / 1e6:.0f} MB "
+        f"(trace bytes / {args.scale}); cache bound {bound / 1e6:.1f} MB per host; registry at {args.rate}",
+        flush=True,
+    )
+
+    async def all_sharing(mesh: Mesh) -> None:
+        for host in mesh.hosts:
+            host.settings["sharing"] = dict(SHARING)
+
+    def cache_table(_: MeshHost) -> str:
+        return f"\n[cache]\nmax_bytes = {bound}\nlow_watermark = 1.0\ninterval = 5.0\n"
+
+    results: dict[str, list[PassResult]] = {"on": [], "off": []}
+    busybox = busybox_layer()
+    async with (
+        scratch_dir() as base,
+        fleet(base, hosts=3, idle_timeout=60.0, before_agents=all_sharing, extra_config=cache_table) as mesh,
+    ):
+        refs: dict[str, str] = {}
+        layer_ref: dict[str, str] = {}
+        t0 = time.perf_counter()
+        for k, (sig, layers) in enumerate(sigs):
+            await (
+                ImageBuilder([busybox, *(built[d] for d in layers)])
+                .build()
+                .push(mesh.push_host, f"bench/sig-{k}", "v1")
+            )
+            refs[sig] = mesh.image_ref(f"bench/sig-{k}", "v1")
+            for d in layers:
+                layer_ref.setdefault(d, refs[sig])
+        print(f"pushed {len(sigs)} images in {time.perf_counter() - t0:.0f} s", flush=True)
+        await mesh.shape_registry(args.rate)
+        digests = [layer.digest for layer in built.values()]
+        for r in range(args.rounds):
+            for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                await forget_all(mesh, digests)
+                await prime(mesh, replay, refs, args.prime_h)
+                t0 = time.perf_counter()
+                res = await run_pass(mesh, replay, side == "on", refs, layer_ref, built, predictor, args)
+                results[side].append(res)
+                print(
+                    f"round {r + 1} {side}: {res.sim.all_local}/{res.sim.starts} all local, mean start "
+                    f"{statistics.mean(res.latencies):.2f} s, warmed {res.warmed / 1e6:.1f} MB "
+                    f"({res.warm_requests} requests, {res.failed_warms} failed), used {res.used / 1e6:.1f} MB, "
+                    f"wasted {res.wasted / 1e6:.1f} MB; {time.perf_counter() - t0:.0f} s",
+                    flush=True,
+                )
+
+    def share(side: str) -> float:
+        return sum(r.sim.all_local for r in results[side]) / max(1, sum(r.sim.starts for r in results[side]))
+
+    on, off = results["on"], results["off"]
+    warmed = sum(r.warmed for r in on)
+    waste = sum(r.wasted for r in on) / warmed if warmed else 0.0
+    latency = statistics.mean(x for r in on for x in r.latencies) / statistics.mean(x for r in off for x in r.latencies)
+    rec_on = [recovery(r.sim, trace.shift_ts) for r in on]
+    rec_off = [recovery(r.sim, trace.shift_ts) for r in off]
+    predict = [x for r in on for x in r.predict_ms]
+    alone = model_ms(predictor, trace)
+    thresholds = [t for r in on for t in r.thresholds]
+    print(
+        json.dumps(
+            {
+                "share_on": share("on"),
+                "share_off": share("off"),
+                "waste": waste,
+                "latency_ratio": latency,
+                "recovery_on": rec_on,
+                "recovery_off": rec_off,
+                "threshold_p10_p50_p90": np.quantile(thresholds, [0.1, 0.5, 0.9]).round(3).tolist()
+                if thresholds
+                else [],
+                "decision_ms_median": statistics.median(predict) if predict else None,
+                "model_ms_median": statistics.median(alone),
+                "model_ms_p99": float(np.percentile(alone, 99)),
+            }
+        )
+    )
+    print(f"without prefetch: {share('off'):.3f} of cold starts with every layer local (same run)")
+    print(f"prefetch waste: {waste:.3f} wasted / warmed bytes (target <= 0.25)")
+    print(f"mean start latency with / without prefetch: {latency:.3f} (target <= 0.5)")
+    print(
+        "recovery after the mix shift: "
+        + ", ".join(f"{x['starts_to_recover']} starts (before {x['hit_rate_before']:.2f})" for x in rec_on)
+        + f" with prefetch, {', '.join(str(x['starts_to_recover']) for x in rec_off)} without (target <= 50)"
+    )
+    print(
+        f"predictor per host decision: model {statistics.median(alone):.3f} ms median "
+        f"({float(np.percentile(alone, 99)):.3f} ms p99, target <= 1 ms); with features "
+        f"{statistics.median(predict) if predict else float('nan'):.3f} ms median"
+    )
+    print(f"bench prefetch: {share('on'):.3f} ratio (target >= 0.6)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
