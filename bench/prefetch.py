@@ -23,8 +23,10 @@ the trace's images and blobs before each:
        trace time (`--ttl-scale` of it in wall seconds on the agent).
 
 A start is all-local when its host held every layer before it (`ctr content ls`). A warm is used
-when a start on its host needs it within its lease (trace time), else wasted; the byte budget per
-decision is the sim's (models/prefetch/evaluate.py) scaled like the layers. Before a pass each host
+when a start on its host needs it within its lease (trace time), else wasted (the trace's starts
+of one lease after the window settle the last warms, without running); the byte budget per
+decision is the sim's (models/prefetch/evaluate.py) scaled like the layers, and warms under lease
+hold at most half the cache bound, as there. Before a pass each host
 pulls the images of its starts of the `--prime-h` trace hours before the window (untimed, no
 task), and the first `--warmup` starts are not counted.
 
@@ -81,14 +83,18 @@ class Replay:
     begin: float
     end: float
     events: list[tuple[float, int, str, int]] = field(default_factory=list)
-    """(ts, 0 start / 1 decision, host, start index or -1), in time order."""
+    """(ts, 0 start / 1 decision / 2 settling start, host, start index or -1), in time order."""
 
     @classmethod
-    def of(cls, trace: Trace, begin: float, end: float, tick: float) -> Replay:
+    def of(cls, trace: Trace, begin: float, end: float, tick: float, settle: float) -> Replay:
+        """Starts and decisions in [begin, end), then the starts of `settle` more seconds, which only
+        settle the warms still under lease (used or not); they are not run."""
         r = cls(trace, begin, end)
         for i, (host, s) in enumerate(trace.starts):
             if begin <= s.ts < end:
                 r.events += [(s.ts, 0, host, i), (s.ts, 1, host, -1)]
+            elif end <= s.ts < end + settle:
+                r.events.append((s.ts, 2, host, i))
         for host in trace.hosts:
             r.events += [(t, 1, host, -1) for t in np.arange(begin, end, tick).tolist()]
         r.events.sort(key=lambda e: (e[0], e[1], e[2]))
@@ -154,6 +160,7 @@ async def run_pass(
     layer_ref: dict[str, str],
     built: dict[str, Layer],
     predictor: LayerPredictor,
+    bound: int,
     args: argparse.Namespace,
 ) -> PassResult:
     trace, out = replay.trace, PassResult()
@@ -189,6 +196,11 @@ async def run_pass(
             out.thresholds.append(state.aggressiveness.threshold)
             next_round += EVAL.control_s
         agent = by_name[names[host]]
+        if kind == 2:
+            for d in trace.starts[i][1].layers:
+                if d in pending[host]:
+                    out.used += pending[host].pop(d)[0]
+            continue
         if kind == 0:
             start = trace.starts[i][1]
             have = await held_digests(agent)
@@ -229,6 +241,8 @@ async def run_pass(
         out.predict_ms.append(1e3 * (time.perf_counter() - t0))
         agg = state.aggressiveness
         budget = min(EVAL.budget_bytes, warm_budget(LINK, 0.0, EVAL.tick_s, agg.bandwidth_share)) // args.scale
+        # as in the cache simulation: warms under lease hold at most half the cache
+        budget = min(budget, int(EVAL.max_pending_share * bound) - sum(size for size, _ in pending[host].values()))
         candidates = [Candidate(s.digest, s.probability, built[s.digest].size) for s in scored if s.digest in built]
         have = await held_digests(agent)
         held = {d for d in built if built[d].digest in have}
@@ -283,7 +297,7 @@ async def main() -> None:
     predictor = LayerPredictor.load(MODEL)
     trace = generate(TraceSpec(REGIMES["eval"], args.seed, n_hosts=3, days=2.0))
     begin, end = trace.shift_ts - 3600 * args.before_h, trace.shift_ts + 3600 * args.after_h
-    replay = Replay.of(trace, begin, end, EVAL.tick_s)
+    replay = Replay.of(trace, begin, end, EVAL.tick_s, predictor.info.lease)
     window_starts = [s for _, s in trace.starts if begin <= s.ts < end]
     used = {d for s in window_starts for d in s.layers}
     # candidates may name layers used before the window: build those too (they can be warmed)
@@ -326,13 +340,13 @@ async def main() -> None:
                 layer_ref.setdefault(d, refs[sig])
         print(f"pushed {len(sigs)} images in {time.perf_counter() - t0:.0f} s", flush=True)
         await mesh.shape_registry(args.rate)
-        digests = [layer.digest for layer in built.values()]
+        digests = [str(layer.digest) for layer in built.values()]
         for r in range(args.rounds):
             for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
                 await forget_all(mesh, digests)
                 await prime(mesh, replay, refs, args.prime_h)
                 t0 = time.perf_counter()
-                res = await run_pass(mesh, replay, side == "on", refs, layer_ref, built, predictor, args)
+                res = await run_pass(mesh, replay, side == "on", refs, layer_ref, built, predictor, bound, args)
                 results[side].append(res)
                 print(
                     f"round {r + 1} {side}: {res.sim.all_local}/{res.sim.starts} all local, mean start "
