@@ -41,7 +41,7 @@ from agent.telemetry.registration import Registrar
 from agent.telemetry.sampler import Sampler
 from agent.telemetry.service import TelemetryService
 from agent.telemetry.tracker import TrackerClient
-from core.security.tls import client_context
+from core.security.reload import TlsContexts
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,19 @@ class Agent:
         self.metrics.migration_downtime_target.set(config.migration.downtime_target_ms / 1000)
         self.containerd = cd
         self.registry = registry
+        self.tls_contexts = TlsContexts()
+        """Every TLS context of this agent, reloaded in place on SIGHUP (agent.daemon)."""
         host = config.host_name or socket.gethostname()
         failpoints = Failpoints.from_env()  # fault tests only: empty unless FERRYMAN_FAILPOINTS is set
         # Blob sharing: this host's blobs to its peers, and pulls from theirs before the registry.
-        self.blob_client = PeerBlobClient(config.sharing, config.tls)
+        self.blob_client = PeerBlobClient(config.sharing, config.tls, self.tls_contexts)
         self.blob_server = BlobServer(
             SharedBlobs(cd, config.containerd.content_root, config.sharing.partial_wait),
             config.sharing,
             config.tls,
             failpoints,
             self.metrics.peer_bytes.labels("out").inc,
+            self.tls_contexts,
         )
         def static_peers() -> list[Peer]:
             return [Peer(p.name, p.blobs) for p in config.peers if p.blobs]
@@ -73,7 +76,7 @@ class Agent:
         directory: PeerDirectory = StaticPeers(static_peers)
         if config.coordinator.endpoints:  # the coordinator's layer tracker names holders; [[peers]] still count
             self.tracker = TrackerClient(
-                host, config.coordinator, client_context(config.tls), config.sharing.probe_timeout
+                host, config.coordinator, self.tls_contexts.client(config.tls), config.sharing.probe_timeout
             )
             directory = TrackedPeers(self.tracker, static_peers, self.metrics)
         sharing = PeerSharing(
@@ -125,7 +128,9 @@ class Agent:
         self.assembly.on_warmed = self.metrics.cache.warmed
         self.assembly.on_local = self.metrics.cache.found_local
         self.host_name = config.host_name or socket.gethostname()
-        self.peers = PeerEndpoint(config, self.host_name, failpoints, totals=self.metrics.streams)
+        self.peers = PeerEndpoint(
+            config, self.host_name, failpoints, totals=self.metrics.streams, contexts=self.tls_contexts
+        )
         migration_sessions = MigrationSessions(self.peers, config)
         self.migrations = MigrationService(
             config,
@@ -179,9 +184,8 @@ class Agent:
         if not config.coordinator.endpoints:
             return None
         registrar = Registrar(config, host, self.capacity, self.images.layer_digests)
-        return TelemetryPusher(
-            host, config.coordinator, config.telemetry, client_context(config.tls), registrar.registration, self.metrics
-        )
+        ctx = self.tls_contexts.client(config.tls)
+        return TelemetryPusher(host, config.coordinator, config.telemetry, ctx, registrar.registration, self.metrics)
 
     async def _capacity_now(self) -> Amount:
         return Amount.of(await asyncio.to_thread(self.capacity.current))

@@ -1,5 +1,7 @@
 """`ferryman-agent`: load the config, open the agent, serve the API until SIGTERM/SIGINT.
 
+SIGHUP (`systemctl reload ferryman-agent`) reloads the CA, certificate and key in place.
+
 Exit codes: 0 after a clean shutdown, 2 for configuration errors, 1 for anything else that stops
 the agent from starting or running.
 """
@@ -20,15 +22,16 @@ from agent.config import AgentConfig, load_config
 from agent.malloc import keep_freed_memory
 from agent.migration.failpoints import Failpoints
 from core.errors import ConfigError
-from core.lifecycle import EXIT_CONFIG, EXIT_OK, run_to_exit_code, serve_until, stop_on_signals
+from core.lifecycle import EXIT_CONFIG, EXIT_OK, reload_on_hangup, run_to_exit_code, serve_until, stop_on_signals
 from core.logs import parse_level, setup_logging
+from core.security.reload import TlsContexts
 
 log = logging.getLogger("agent.daemon")
 
 DEFAULT_CONFIG = "/etc/ferryman/agent.toml"
 
 AgentFactory = Callable[[AgentConfig], Awaitable[Any]]
-"""Opens an agent (an object with images, containers, metrics and `async close()`)."""
+"""Opens an agent (an object with images, containers, metrics, `tls_contexts` and `async close()`)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,9 +78,11 @@ async def run(
     with stop_on_signals(stop):
         agent = await (open_agent or _open_real_agent)(config)
         try:
-            server = await serve(build_app(agent), config.api.listen, config.api.tls_listen, config.tls)
+            contexts: TlsContexts = agent.tls_contexts
+            server = await serve(build_app(agent), config.api.listen, config.api.tls_listen, config.tls, contexts)
             try:
-                await serve_until(stop, "agent", listen=server.url, host_name=config.host_name or None)
+                with reload_on_hangup(contexts.reload_logged):
+                    await serve_until(stop, "agent", listen=server.url, host_name=config.host_name or None)
             finally:
                 await server.close()  # stop accepting, end streams, finish in-flight requests
         finally:

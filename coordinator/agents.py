@@ -20,8 +20,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.model import Host, InsufficientCapacity, Reservation
 from coordinator.wire import capacity_to, to_json
 from core.errors import Conflict, FerrymanError, InvalidRequest, NotFound
-from core.security.pki import HostCertPaths
-from core.security.tls import client_context
+from core.security.pki import HostCertPaths, Role
+from core.security.reload import TlsContexts
 from proto.ferryman.v1 import fleet_pb2
 
 
@@ -81,13 +81,15 @@ class AgentClient:
         )
 
     @classmethod
-    def from_config(cls, config: CoordinatorConfig) -> AgentClient:
+    def from_config(cls, config: CoordinatorConfig, contexts: TlsContexts | None = None) -> AgentClient:
+        """Calls agents with the coordinator's ops certificate; reloaded with `contexts` when given."""
         paths = HostCertPaths(
             ca_file=config.tls.ca_file,  # type: ignore[arg-type]  # str paths are fine for ssl
             cert_file=config.ops_tls.cert_file,  # type: ignore[arg-type]
             key_file=config.ops_tls.key_file,  # type: ignore[arg-type]
         )
-        return cls(client_context(paths), config.agents.request_timeout)
+        ctx = (contexts if contexts is not None else TlsContexts()).client(paths, Role.OPS)
+        return cls(ctx, config.agents.request_timeout)
 
     async def close(self) -> None:
         await self._session.close()

@@ -37,6 +37,7 @@ from coordinator.warm import WarmService
 from coordinator.warm_predictor import LayerPredictor
 from coordinator.waste_control import ControlLimits
 from core.errors import FerrymanError
+from core.security.reload import TlsContexts
 from core.security.tls import check_files
 
 if TYPE_CHECKING:
@@ -71,10 +72,13 @@ class Coordinator:
         model: RiskModel | ModelRegistry | None,
         clock: Callable[[], float],
         warm_model: LayerPredictor | None = None,
+        tls_contexts: TlsContexts | None = None,
     ) -> None:
         """`model`: the registry of loaded models, or a fixed model (tests), or None (no predictions).
         `warm_model`: the layer predictor (None: the start history is kept, nothing predicted)."""
         self.config = config
+        self.tls_contexts = tls_contexts if tls_contexts is not None else TlsContexts()
+        """Every TLS context of this coordinator, reloaded in place on SIGHUP (coordinator.daemon)."""
         self.store = store
         self.agents = agents
         self.tokens = tokens
@@ -204,8 +208,9 @@ class Coordinator:
         warm_model = await asyncio.to_thread(WarmService.load_model, config.warm.model)
         store = await open_store(config)
         try:
-            client = agents if agents is not None else AgentClient.from_config(config)
-            coordinator = cls(config, store, client, tokens, models, clock, warm_model)
+            contexts = TlsContexts()
+            client = agents if agents is not None else AgentClient.from_config(config, contexts)
+            coordinator = cls(config, store, client, tokens, models, clock, warm_model, tls_contexts=contexts)
             replayed = await coordinator.predictions.rebuild()
             await coordinator.layers.seed()
             await coordinator.warm.seed()

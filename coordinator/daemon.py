@@ -1,5 +1,7 @@
 """`ferryman-coordinator`: load the config, open the coordinator, serve the API until SIGTERM/SIGINT.
 
+SIGHUP (`systemctl reload ferryman-coordinator`) reloads the CA, certificates and keys in place.
+
 Exit codes: 0 after a clean shutdown, 2 for configuration errors (config, TLS files, tokens, model,
 database), 1 for anything else that stops the coordinator from starting or running.
 """
@@ -15,7 +17,7 @@ from coordinator.api import serve
 from coordinator.app import Coordinator
 from coordinator.config import CoordinatorConfig, load_config
 from core.errors import ConfigError
-from core.lifecycle import EXIT_CONFIG, EXIT_OK, run_to_exit_code, serve_until, stop_on_signals
+from core.lifecycle import EXIT_CONFIG, EXIT_OK, reload_on_hangup, run_to_exit_code, serve_until, stop_on_signals
 from core.logs import setup_logging
 
 log = logging.getLogger("coordinator.daemon")
@@ -39,9 +41,10 @@ async def run(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> i
             server = await serve(coordinator)
             try:
                 await coordinator.start()
-                await serve_until(
-                    stop, "coordinator", url=server.url, database=config.database, model=config.model.path or None
-                )
+                with reload_on_hangup(coordinator.tls_contexts.reload_logged):
+                    await serve_until(
+                        stop, "coordinator", url=server.url, database=config.database, model=config.model.path or None
+                    )
             finally:
                 await server.close()
         finally:

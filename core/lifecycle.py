@@ -1,7 +1,8 @@
 """Daemon lifecycle shared by ferryman-agent and ferryman-coordinator.
 
-Signals only set a flag; shutdown then runs in order (stop serving, close services). systemd hears
-READY and STOPPING through sd_notify, and a unit with `WatchdogSec=` hears WATCHDOG=1 from the event
+SIGTERM and SIGINT only set a flag; shutdown then runs in order (stop serving, close services).
+SIGHUP reloads, on the event loop, what can change in place (the TLS files). systemd hears READY
+and STOPPING through sd_notify, and a unit with `WatchdogSec=` hears WATCHDOG=1 from the event
 loop while it turns (a hung loop falls silent and systemd restarts the daemon). `run_to_exit_code`
 maps failures to the exit codes both daemons document: 0 clean, 1 failure, 2 configuration error.
 """
@@ -13,7 +14,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from core import sdnotify
@@ -39,6 +40,17 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+
+
+@contextlib.contextmanager
+def reload_on_hangup(reload: Callable[[], object]) -> Iterator[None]:
+    """SIGHUP (`systemctl reload`) calls `reload` on the event loop, between other work."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def serve_until(stop: asyncio.Event, what: str, **ready: object) -> None:

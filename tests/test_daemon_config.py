@@ -27,6 +27,7 @@ from agent.metrics import AgentMetrics
 from agent.migration.failpoints import Failpoints, FailpointsRefused
 from core import sdnotify
 from core.errors import ConfigError
+from core.security.reload import TlsContexts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -262,6 +263,7 @@ class FakeAgent:
         self.metrics = AgentMetrics()
         self.images = self
         self.containers = self
+        self.tls_contexts = TlsContexts()
         self.closed = False
 
     async def list(self) -> list[Any]:
@@ -339,11 +341,13 @@ _SIGTERM_SCRIPT = """
 import sys
 from agent import daemon
 from agent.metrics import AgentMetrics
+from core.security.reload import TlsContexts
 
 class FakeAgent:
     def __init__(self):
         self.metrics = AgentMetrics()
         self.images = self.containers = self
+        self.tls_contexts = TlsContexts()
     async def list(self):
         return []
     async def close(self):

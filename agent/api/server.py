@@ -28,7 +28,9 @@ from core.http.access_log import JsonAccessLogger
 from core.http.errors import error_middleware
 from core.http.runner import ApiRunner
 from core.http.validate import MAX_BODY_BYTES
-from core.security.tls import TlsFiles, server_context
+from core.security.pki import Role
+from core.security.reload import TlsContexts
+from core.security.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -206,16 +208,24 @@ class ApiServer:
             await asyncio.to_thread(Path(self.address.path).unlink, missing_ok=True)
 
 
-async def serve(app: web.Application, listen: str, tls_listen: str = "", tls: TlsFiles | None = None) -> ApiServer:
+async def serve(
+    app: web.Application,
+    listen: str,
+    tls_listen: str = "",
+    tls: TlsFiles | None = None,
+    contexts: TlsContexts | None = None,
+) -> ApiServer:
     """Start serving `app` on `listen` (unix:///path or tcp://host:port), and on `tls_listen`
-    (host:port, optional) over mutual TLS with the fleet CA, where only ops certificates get in."""
+    (host:port, optional) over mutual TLS with the fleet CA, where only ops certificates get in.
+    The TLS context comes from `contexts` (so SIGHUP reloads it) when given."""
     address = parse_listen(listen)
     tls_address = parse_tls_listen(tls_listen)
     ssl_context = None
     if tls_address is not None:
         if tls is None:
             raise ConfigError("api.tls_listen is set but no TLS files were given")
-        ssl_context = server_context(tls)  # TlsConfigError (a ConfigError) before anything listens
+        contexts = contexts if contexts is not None else TlsContexts()
+        ssl_context = contexts.server(tls, Role.AGENT)  # TlsConfigError (a ConfigError) before anything listens
     runner = ApiRunner(
         app,
         handle_signals=False,  # the daemon owns signal handling

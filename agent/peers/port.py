@@ -43,7 +43,8 @@ from agent.stream import Channel, StreamOptions, StreamTotals, TlsSocket, connec
 from agent.stream.links import read_exact
 from core.errors import FerrymanError
 from core.security.pki import Role
-from core.security.tls import client_context, parse_peer_listen, peer_identity, peer_role, server_context
+from core.security.reload import TlsContexts
+from core.security.tls import parse_peer_listen, peer_identity, peer_role
 from core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,11 @@ class PeerEndpoint:
         host_name: str,
         failpoints: FailpointActions | None = None,
         totals: StreamTotals | None = None,
+        contexts: TlsContexts | None = None,
     ) -> None:
         self.config = config
         self.host_name = host_name
+        self._contexts = contexts if contexts is not None else TlsContexts()
         self.failpoints = failpoints or NO_FAILPOINTS
         self.totals = totals if totals is not None else StreamTotals()
         """What every session's stream sent and received, in both directions (the agent's stream metrics)."""
@@ -141,7 +144,7 @@ class PeerEndpoint:
             raise PeerFailed(f"no address for peer {host}")
         addr, port = parse_peer_listen(address) or ("", 0)
         if self._client_ctx is None:
-            self._client_ctx = client_context(self.config.tls)
+            self._client_ctx = self._contexts.client(self.config.tls)
         tls = await connect_tls(addr, port, self._client_ctx, server_hostname=host, handshake_timeout=10)
         try:
             if peer_identity(tls.getpeercert()) != host:  # type: ignore[arg-type]
@@ -168,7 +171,7 @@ class PeerEndpoint:
         listen = parse_peer_listen(self.config.api.peer_listen)
         if listen is None:
             return
-        self._server_ctx = server_context(self.config.tls)
+        self._server_ctx = self._contexts.server(self.config.tls)
         sock = socket.create_server(listen, reuse_port=False, backlog=64)
         sock.setblocking(False)
         self._listener = sock

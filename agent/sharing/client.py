@@ -19,7 +19,8 @@ from agent.config import SharingConfig
 from agent.sharing.errors import PeerBlobError, PeerStalled
 from agent.sharing.server import AVAILABLE, SIZE, BlobState, ImageTarget
 from agent.sharing.striping import ByteRange
-from core.security.tls import TlsFiles, client_context
+from core.security.reload import TlsContexts
+from core.security.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,15 @@ class Peer:
 class PeerBlobClient:
     """One connection pool to every peer's blob server."""
 
-    def __init__(self, config: SharingConfig, tls: TlsFiles) -> None:
+    def __init__(self, config: SharingConfig, tls: TlsFiles, contexts: TlsContexts | None = None) -> None:
         self._config = config
         self._tls = tls
+        self._contexts = contexts if contexts is not None else TlsContexts()
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=client_context(self._tls), limit=0)
+            connector = aiohttp.TCPConnector(ssl=self._contexts.client(self._tls), limit=0)
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         return self._session
 

@@ -29,7 +29,8 @@ from agent.sharing.errors import BlobNotHeld
 from agent.sharing.throttle import RateLimit
 from core.errors import FerrymanError, InvalidRequest
 from core.security.pki import Role
-from core.security.tls import PeerIdentityError, TlsFiles, parse_peer_listen, peer_identity, peer_role, server_context
+from core.security.reload import TlsContexts
+from core.security.tls import PeerIdentityError, TlsFiles, parse_peer_listen, peer_identity, peer_role
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,10 @@ class BlobServer:
         tls: TlsFiles,
         failpoints: FailpointActions | None = None,
         on_sent: Callable[[int], None] = lambda n: None,
+        contexts: TlsContexts | None = None,
     ) -> None:
         self.config = config
+        self._contexts = contexts if contexts is not None else TlsContexts()
         self._on_sent = on_sent
         self._failpoints = failpoints or NO_FAILPOINTS
         self._tls = tls
@@ -140,7 +143,7 @@ class BlobServer:
             return
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, listen[0], listen[1], ssl_context=server_context(self._tls), backlog=64)
+        site = web.TCPSite(self._runner, listen[0], listen[1], ssl_context=self._contexts.server(self._tls), backlog=64)
         await site.start()
         addresses = self._runner.addresses
         self.port = int(addresses[0][1]) if addresses else listen[1]

@@ -19,7 +19,6 @@ from coordinator.wire import MAX_BODY_BYTES
 from core.http.access_log import JsonAccessLogger
 from core.http.errors import error_middleware
 from core.http.runner import ApiRunner
-from core.security.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def build_app(coordinator: Coordinator) -> web.Application:
 
 
 def tls_context(coordinator: Coordinator) -> ssl.SSLContext:
-    ctx = server_context(coordinator.config.tls)
+    ctx = coordinator.tls_contexts.server(coordinator.config.tls)
     ctx.verify_mode = ssl.CERT_OPTIONAL  # a presented certificate is still fully verified
     return ctx
 

@@ -196,17 +196,31 @@ def parse_peer_listen(text: str) -> tuple[str, int] | None:
     return host, int(port_text)
 
 
-def check_files(paths: TlsFiles, host: str | None = None) -> x509.Certificate:
+def check_files(paths: TlsFiles, host: str | None = None, role: Role = Role.AGENT) -> x509.Certificate:
     """Fail fast at start-up when our own TLS files cannot work, instead of at every handshake.
 
-    Checks that the certificate was issued by the configured CA, is valid now, is an agent
-    certificate and, when `host` is given, names that host. Returns the certificate.
+    Checks that the certificate was issued by the configured CA, is valid now, has `role` (an
+    agent certificate by default) and, when `host` is given, names that host. Returns the certificate.
     """
     try:
         cas = load_certificates(paths.ca_file)
         cert = load_certificate(paths.cert_file)
     except PkiError as exc:
         raise TlsConfigError(exc.message) from exc
+    check_certificate(cas, cert, host=host, role=role, cert_name=str(paths.cert_file), ca_name=str(paths.ca_file))
+    return cert
+
+
+def check_certificate(
+    cas: list[x509.Certificate],
+    cert: x509.Certificate,
+    *,
+    host: str | None = None,
+    role: Role = Role.AGENT,
+    cert_name: str = "the certificate",
+    ca_name: str = "the CA file",
+) -> None:
+    """`check_files` on parsed certificates: TlsConfigError naming `cert_name` when it cannot serve."""
     # ca_file may be a bundle (old + new CA during a CA rotation): any one of them may be the issuer.
     for ca in cas:
         try:
@@ -216,18 +230,17 @@ def check_files(paths: TlsFiles, host: str | None = None) -> x509.Certificate:
             # ValueError: issuer name mismatch; InvalidSignature: same name, different key.
             continue
     else:
-        raise TlsConfigError(f"{paths.cert_file} was not issued by the CA in {paths.ca_file}")
+        raise TlsConfigError(f"{cert_name} was not issued by the CA in {ca_name}")
     now = dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise TlsConfigError(
-            f"{paths.cert_file} is valid from {cert.not_valid_before_utc} to {cert.not_valid_after_utc}, "
+            f"{cert_name} is valid from {cert.not_valid_before_utc} to {cert.not_valid_after_utc}, "
             f"not now ({now:%Y-%m-%d %H:%M:%S}Z)"
         )
     units = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
-    if units != [Role.AGENT.value]:
-        raise TlsConfigError(f"{paths.cert_file} is not an agent certificate (OU {units})")
+    if units != [role.value]:
+        raise TlsConfigError(f"{cert_name} is not an {role.value} certificate (OU {units})")
     if host is not None:
         names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         if names != [host]:
-            raise TlsConfigError(f"{paths.cert_file} names {names}, but this host is {host!r}")
-    return cert
+            raise TlsConfigError(f"{cert_name} names {names}, but this host is {host!r}")

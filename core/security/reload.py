@@ -1,0 +1,159 @@
+"""Reloading a daemon's certificates without a restart (SIGHUP, `systemctl reload`).
+
+Every SSL context a daemon makes from its TLS files comes from one `TlsContexts`, which remembers
+the files each context was made from. `reload()` reads those files again and loads them into the
+same `ssl.SSLContext` objects (`load_verify_locations`, `load_cert_chain`), so listeners and
+connection pools keep their context and new handshakes present the new certificate; connections
+already open carry on with the session they negotiated.
+
+Files are read once, checked, and only then loaded: the certificate must come from a CA in the CA
+file, be valid now, carry the context's role, and its key must match it (a scratch context loads
+them first). Anything wrong leaves every context as it was. The checked bytes are loaded from
+anonymous memory files (memfd), never re-read from the paths, so a file replaced between the check
+and the load cannot slip in unchecked, and no key is copied to disk.
+
+A CA bundle's new CAs are trusted from the reload on; a CA *removed* from the file stays trusted
+until the daemon restarts, because OpenSSL's certificate store can only grow (docs/security.md,
+"Rotation").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from core.security.pki import Role
+from core.security.tls import TlsConfigError, TlsFiles, check_certificate, client_context, server_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The files a context was made from and the role its certificate must have."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    role: Role
+
+
+@dataclass(frozen=True)
+class _Checked:
+    ca: bytes
+    chain: bytes
+    key: bytes
+    cert: x509.Certificate
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can open that holds `data`, in anonymous memory (closed on exit)."""
+    fd = os.memfd_create("ferryman-tls", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise TlsConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _check(source: _Source) -> _Checked:
+    """Read and check one set of files; TlsConfigError naming the file that is wrong."""
+    ca = _read(source.ca_file, "CA file")
+    chain = _read(source.cert_file, "certificate")
+    key = _read(source.key_file, "key")
+    try:
+        cas = x509.load_pem_x509_certificates(ca)
+    except ValueError as exc:
+        raise TlsConfigError(f"{source.ca_file} holds no readable PEM certificate: {exc}") from exc
+    try:
+        cert = x509.load_pem_x509_certificates(chain)[0]
+    except ValueError as exc:
+        raise TlsConfigError(f"{source.cert_file} holds no readable PEM certificate: {exc}") from exc
+    check_certificate(cas, cert, role=source.role, cert_name=source.cert_file, ca_name=source.ca_file)
+    scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        scratch.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+    except ssl.SSLError as exc:
+        raise TlsConfigError(f"OpenSSL cannot load the CA file {source.ca_file}: {exc}") from exc
+    try:
+        with _memory_file(chain) as chain_path, _memory_file(key) as key_path:
+            scratch.load_cert_chain(certfile=chain_path, keyfile=key_path)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(f"{source.key_file} does not fit {source.cert_file}: {exc}") from exc
+    return _Checked(ca, chain, key, cert)
+
+
+class TlsContexts:
+    """Makes a daemon's SSL contexts and reloads all of them in place from their files."""
+
+    def __init__(self) -> None:
+        self._made: list[tuple[ssl.SSLContext, _Source]] = []
+
+    def _track(self, ctx: ssl.SSLContext, files: TlsFiles, role: Role) -> ssl.SSLContext:
+        source = _Source(os.fspath(files.ca_file), os.fspath(files.cert_file), os.fspath(files.key_file), role)
+        self._made.append((ctx, source))
+        return ctx
+
+    def server(self, files: TlsFiles, role: Role = Role.AGENT) -> ssl.SSLContext:
+        """`server_context(files)`, reloaded by `reload()`."""
+        return self._track(server_context(files), files, role)
+
+    def client(self, files: TlsFiles, role: Role = Role.AGENT) -> ssl.SSLContext:
+        """`client_context(files)`, reloaded by `reload()`."""
+        return self._track(client_context(files), files, role)
+
+    def reload(self) -> dict[str, x509.Certificate]:
+        """Load every context's files again; returns the certificates now served, by file.
+
+        All files are checked before any context changes: TlsConfigError leaves them all as they were.
+        """
+        checked: dict[_Source, _Checked] = {}
+        for _, source in self._made:
+            if source not in checked:
+                checked[source] = _check(source)
+        for ctx, source in self._made:
+            files = checked[source]
+            # Trust first: a peer with a certificate from a newly added CA is accepted from now on.
+            ctx.load_verify_locations(cadata=files.ca.decode("ascii", errors="replace"))
+            with _memory_file(files.chain) as chain_path, _memory_file(files.key) as key_path:
+                ctx.load_cert_chain(certfile=chain_path, keyfile=key_path)
+        return {source.cert_file: files.cert for source, files in checked.items()}
+
+    def reload_logged(self) -> bool:
+        """`reload()` for a signal handler: says in the log what it loaded, or why it kept the old files."""
+        if not self._made:
+            log.info("tls reload: no TLS contexts to reload")
+            return True
+        try:
+            loaded = self.reload()
+        except TlsConfigError as exc:
+            log.error(f"tls reload refused, keeping the current certificates: {exc.message}", extra={"code": exc.code})
+            return False
+        for path, cert in loaded.items():
+            log.info(
+                "tls certificates reloaded",
+                extra={
+                    "cert_file": path,
+                    "serial": f"{cert.serial_number:x}",
+                    "not_after": cert.not_valid_after_utc.isoformat(),
+                    "contexts": sum(1 for _, s in self._made if s.cert_file == path),
+                },
+            )
+        return True
