@@ -403,3 +403,24 @@ async def test_agent_daemon_reloads_its_ops_listener_on_sighup(pki: Pki, short_d
     assert [r["serial"] for r in reloaded] == [f"{new_serial:x}"]
     refused = [r["msg"] for r in records if r["msg"].startswith("tls reload refused")]
     assert len(refused) == 1 and str(pki.served.key_file) in refused[0], refused
+
+
+async def test_renewed_contexts_are_replaced_not_changed(pki: Pki) -> None:
+    """The peer port's contexts (handshakes in worker threads): a reload makes a new one, and the
+    one a running handshake holds is left as it was; a refused reload keeps the current one."""
+    contexts = TlsContexts()
+    renewed = contexts.renewed(pki.served, lambda: TlsContexts().server(pki.served))
+    first = renewed.get()
+    assert renewed.get() is first
+    async with EchoServer(first) as old_server:
+        new_serial = reissue(pki)
+        contexts.reload()
+        second = renewed.get()
+        assert second is not first
+        async with EchoServer(second) as new_server, connected(client_context(pki.client), new_server.port) as conn:
+            assert conn.server_serial == new_serial
+        async with connected(client_context(pki.client), old_server.port) as conn:
+            assert conn.server_serial != new_serial  # the old context was not touched
+    pki.served.key_file.write_text("garbage\n")
+    assert not contexts.reload_logged()
+    assert renewed.get() is second

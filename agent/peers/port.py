@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -44,7 +43,7 @@ from agent.stream.links import read_exact
 from core.errors import FerrymanError
 from core.security.pki import Role
 from core.security.reload import TlsContexts
-from core.security.tls import parse_peer_listen, peer_identity, peer_role
+from core.security.tls import client_context, parse_peer_listen, peer_identity, peer_role, server_context
 from core.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,6 @@ class PeerEndpoint:
     ) -> None:
         self.config = config
         self.host_name = host_name
-        self._contexts = contexts if contexts is not None else TlsContexts()
         self.failpoints = failpoints or NO_FAILPOINTS
         self.totals = totals if totals is not None else StreamTotals()
         """What every session's stream sent and received, in both directions (the agent's stream metrics)."""
@@ -123,8 +121,10 @@ class PeerEndpoint:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._sessions = TaskSet()
-        self._server_ctx: ssl.SSLContext | None = None
-        self._client_ctx: ssl.SSLContext | None = None
+        # Handshakes run in worker threads: a reload gives them new contexts instead of changing these.
+        contexts = contexts if contexts is not None else TlsContexts()
+        self._server_ctx = contexts.renewed(config.tls, lambda: server_context(config.tls))
+        self._client_ctx = contexts.renewed(config.tls, lambda: client_context(config.tls))
         api = config.api
         self.limits = PortLimits(
             max_pending=api.peer_max_pending,
@@ -143,9 +143,7 @@ class PeerEndpoint:
         if address is None:
             raise PeerFailed(f"no address for peer {host}")
         addr, port = parse_peer_listen(address) or ("", 0)
-        if self._client_ctx is None:
-            self._client_ctx = self._contexts.client(self.config.tls)
-        tls = await connect_tls(addr, port, self._client_ctx, server_hostname=host, handshake_timeout=10)
+        tls = await connect_tls(addr, port, self._client_ctx.get(), server_hostname=host, handshake_timeout=10)
         try:
             if peer_identity(tls.getpeercert()) != host:  # type: ignore[arg-type]
                 raise PeerFailed(f"{address} is not {host}")
@@ -171,7 +169,7 @@ class PeerEndpoint:
         listen = parse_peer_listen(self.config.api.peer_listen)
         if listen is None:
             return
-        self._server_ctx = self._contexts.server(self.config.tls)
+        self._server_ctx.get()  # TlsConfigError before anything listens
         sock = socket.create_server(listen, reuse_port=False, backlog=64)
         sock.setblocking(False)
         self._listener = sock
@@ -227,10 +225,10 @@ class PeerEndpoint:
 
     async def _admit(self, conn: socket.socket) -> tuple[TlsSocket, str, str, str]:
         """TLS, identity and preamble of an inbound connection, under one deadline."""
-        assert self._server_ctx is not None
         timeout = self.config.api.peer_handshake_timeout
         deadline = time.monotonic() + timeout
-        tls = await self._blocking(TlsSocket.handshake, conn, self._server_ctx, server_side=True, timeout=timeout)
+        ctx = self._server_ctx.get()
+        tls = await self._blocking(TlsSocket.handshake, conn, ctx, server_side=True, timeout=timeout)
         try:
             cert = tls.getpeercert()
             peer = peer_identity(cert)  # type: ignore[arg-type]

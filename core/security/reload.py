@@ -12,6 +12,10 @@ them first). Anything wrong leaves every context as it was. The checked bytes ar
 anonymous memory files (memfd), never re-read from the paths, so a file replaced between the check
 and the load cannot slip in unchecked, and no key is copied to disk.
 
+Contexts whose connections are wrapped in worker threads (the peer port's blocking handshakes) are
+not changed under those threads: OpenSSL does not allow changing a context while another thread
+makes a connection from it. For them `renewed()` hands out a new context after each reload.
+
 A CA bundle's new CAs are trusted from the reload on; a CA *removed* from the file stays trusted
 until the daemon restarts, because OpenSSL's certificate store can only grow (docs/security.md,
 "Rotation").
@@ -23,7 +27,7 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -50,6 +54,10 @@ class _Checked:
     chain: bytes
     key: bytes
     cert: x509.Certificate
+
+
+def _source(files: TlsFiles, role: Role) -> _Source:
+    return _Source(os.fspath(files.ca_file), os.fspath(files.cert_file), os.fspath(files.key_file), role)
 
 
 @contextlib.contextmanager
@@ -105,10 +113,12 @@ class TlsContexts:
 
     def __init__(self) -> None:
         self._made: list[tuple[ssl.SSLContext, _Source]] = []
+        self._renewed: list[_Source] = []
+        self.generation = 0
+        """How many reloads succeeded: `Renewed` contexts are made again when it changes."""
 
     def _track(self, ctx: ssl.SSLContext, files: TlsFiles, role: Role) -> ssl.SSLContext:
-        source = _Source(os.fspath(files.ca_file), os.fspath(files.cert_file), os.fspath(files.key_file), role)
-        self._made.append((ctx, source))
+        self._made.append((ctx, _source(files, role)))
         return ctx
 
     def server(self, files: TlsFiles, role: Role = Role.AGENT) -> ssl.SSLContext:
@@ -125,7 +135,7 @@ class TlsContexts:
         All files are checked before any context changes: TlsConfigError leaves them all as they were.
         """
         checked: dict[_Source, _Checked] = {}
-        for _, source in self._made:
+        for source in [s for _, s in self._made] + self._renewed:
             if source not in checked:
                 checked[source] = _check(source)
         for ctx, source in self._made:
@@ -134,11 +144,18 @@ class TlsContexts:
             ctx.load_verify_locations(cadata=files.ca.decode("ascii", errors="replace"))
             with _memory_file(files.chain) as chain_path, _memory_file(files.key) as key_path:
                 ctx.load_cert_chain(certfile=chain_path, keyfile=key_path)
+        self.generation += 1
         return {source.cert_file: files.cert for source, files in checked.items()}
+
+    def renewed(self, files: TlsFiles, make: Callable[[], ssl.SSLContext], role: Role = Role.AGENT) -> Renewed:
+        """A context made by `make` from `files` (e.g. `client_context(files)`), made again after each
+        reload; a reload checks `files` first like those of every other context."""
+        self._renewed.append(_source(files, role))
+        return Renewed(self, make)
 
     def reload_logged(self) -> bool:
         """`reload()` for a signal handler: says in the log what it loaded, or why it kept the old files."""
-        if not self._made:
+        if not self._made and not self._renewed:
             log.info("tls reload: no TLS contexts to reload")
             return True
         try:
@@ -153,7 +170,33 @@ class TlsContexts:
                     "cert_file": path,
                     "serial": f"{cert.serial_number:x}",
                     "not_after": cert.not_valid_after_utc.isoformat(),
-                    "contexts": sum(1 for _, s in self._made if s.cert_file == path),
+                    "contexts": sum(1 for s in [s for _, s in self._made] + self._renewed if s.cert_file == path),
                 },
             )
         return True
+
+
+class Renewed:
+    """A context for connections wrapped in worker threads: replaced after a reload, never changed.
+
+    `get()` (on the event loop) returns the current one; a handshake already running in a thread
+    keeps the context it started with.
+    """
+
+    def __init__(self, contexts: TlsContexts, make: Callable[[], ssl.SSLContext]) -> None:
+        self._contexts = contexts
+        self._make = make
+        self._ctx: ssl.SSLContext | None = None
+        self._generation = -1
+
+    def get(self) -> ssl.SSLContext:
+        if self._ctx is None:
+            self._ctx, self._generation = self._make(), self._contexts.generation
+        elif self._generation != self._contexts.generation:
+            self._generation = self._contexts.generation
+            try:
+                self._ctx = self._make()
+            except TlsConfigError as exc:
+                # The files changed again after the reload checked them: keep what works.
+                log.error(f"tls renewal failed, keeping the current certificates: {exc.message}")
+        return self._ctx
