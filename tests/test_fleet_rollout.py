@@ -5,7 +5,10 @@ connection plugin and installs the fleet PKI, the coordinator (on h1) and the ag
 from the controller's checkout, the ferryman-criu package and a wheelhouse. The tests then check
 what a user would: the services run under systemd with the units' readiness, restart and logging
 behaviour, the agents registered with the coordinator over mutual TLS, and a second run of the
-playbook changes nothing. Last, `ansible/upgrade.yml` moves the coordinator and every agent to a
+playbook changes nothing. Then `site.yml -e ferryman_pki_rotate=true` gives every host a new
+certificate while the workloads serve their clients: the services reload it in place (same
+processes), no request fails, and a drain afterwards migrates over the new certificates. Last,
+`ansible/upgrade.yml` moves the coordinator and every agent to a
 new commit, one host at a time, each drained through the coordinator and returned to service, while
 a stateful workload per host serves a client that keeps calling it: the workloads live-migrate out
 of the way, no request fails and their memory is intact; the rollout time and the longest gap a
@@ -31,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
+from core.security import HostCertPaths, client_context
 from tests.harness import netns as nsh
 from tests.harness.images import oci_archive
 from tests.harness.systemd_host import REPO, PlaybookRun, SystemdFleet, SystemdHost, run_playbook, write_inventory
@@ -344,15 +349,125 @@ def memhog_state(host: SystemdHost, name: str, *, verify: bool = False) -> Memho
     raise AssertionError(f"no memhog status for {name} on {host.name}")
 
 
-def test_rolling_upgrade_to_a_new_commit(deployed: Deployed, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def workloads(deployed: Deployed) -> list[Workload]:
+    """The workloads, started once for the tests that need them (they stay until the fleet goes)."""
+    return start_workloads(deployed)
+
+
+PEER_PORT, OPS_PORT, COORDINATOR_PORT = 7443, 7444, 7543
+
+
+def served_serials(deployed: Deployed) -> dict[tuple[str, int], int]:
+    """The serial of the certificate each TLS listener presents, from the bridge's side: every agent's
+    peer and ops ports and the coordinator's API (the alice certificate gets through the handshake)."""
+    ops = deployed.pki / "ops" / OPERATOR
+    ctx = client_context(HostCertPaths(ops / "ca.pem", ops / "client.pem", ops / "client-key.pem"))
+
+    def serial(address: str, port: int, name: str) -> int:
+        with (
+            socket.create_connection((address, port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname=name) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return x509.load_der_x509_certificate(der).serial_number
+
+    listeners = [(h.name, port) for h in deployed.fleet.hosts for port in (PEER_PORT, OPS_PORT)]
+    listeners.append((COORDINATOR, COORDINATOR_PORT))
+    fleet = deployed.fleet
+    return {(n, p): nsh.call_in_netns(fleet.fabric_netns, serial, fleet[n].address, p, n) for n, p in listeners}
+
+
+def issued_serials(deployed: Deployed) -> dict[str, int]:
+    """The serial of each host's certificate as the controller last issued it."""
+    return {
+        name: x509.load_pem_x509_certificate((deployed.pki / "hosts" / name / "host.pem").read_bytes()).serial_number
+        for name in AGENTS
+    }
+
+
+def longest_gap_between(seen: dict[str, Any], start: float, end: float) -> float:
+    """The longest time without a good reply on the persistent connection within [start, end]."""
+    stamps = [start, *(t for t in seen["replies"] if start < t < end), end]
+    return max(b - a for a, b in itertools.pairwise(stamps))
+
+
+def test_certificate_rotation_under_load(deployed: Deployed, workloads: list[Workload]) -> None:
+    """`site.yml -e ferryman_pki_rotate=true` while every workload serves its client: each host gets
+    a new certificate and its services reload it (SIGHUP, the same processes), no request fails, and
+    a migration afterwards (a drain of h2, then uncordon) runs over the new certificates."""
+    fleet = deployed.fleet
+    services = [(h, "ferryman-agent.service") for h in fleet.hosts]
+    services.append((fleet[COORDINATOR], "ferryman-coordinator.service"))
+
+    def pids() -> dict[tuple[str, str], tuple[str, str]]:
+        return {(h.name, u): (h.unit_property(u, "MainPID"), h.unit_property(u, "NRestarts")) for h, u in services}
+
+    before_pids = pids()
+    before = served_serials(deployed)
+    assert {before[(n, p)] for n in AGENTS for p in (PEER_PORT, OPS_PORT)} == set(issued_serials(deployed).values())
+    clients = [Client(fleet, w) for w in workloads]
+    inventory = deployed.workdir / "hosts.yml"
+    try:
+        time.sleep(2)  # the clients' steady state first
+        t0 = time.time()
+        rotation = run_playbook(inventory, ferryman_pki_rotate="true")
+        t_played = time.time()
+        assert rotation.returncode == 0, rotation.output[-6000:]
+        # systemctl reload returns once SIGHUP is sent; the daemons load the files right after.
+        issued = issued_serials(deployed)
+        expected = {(n, p): issued[n] for n, p in before}
+        deadline = time.monotonic() + 30
+        while (after := served_serials(deployed)) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        t_served = time.time()
+        time.sleep(2)
+        t_drain = time.time()
+        drained = deployed.ferryctl("drain", "h2", "--wait", "300")
+        uncordoned = deployed.ferryctl("uncordon", "h2")
+        t_moved = time.time()
+        time.sleep(2)
+        seen = {c.workload.name: c.stop() for c in clients}
+    finally:
+        for client in clients:
+            client.kill()
+    rotation_gap = max(longest_gap_between(s, t0, t_served) for s in seen.values())
+    drain_gap = max(longest_gap_between(s, t_drain, t_moved) for s in seen.values())
+    print(
+        f"certificate rotation: playbook {rotation.seconds:.0f} s, changed {rotation.changed()}; all listeners "
+        f"serving new certificates {t_served - t0:.0f} s after it started ({t_served - t_played:.1f} s after it "
+        f"ended); longest client gap {rotation_gap * 1000:.0f} ms during the rotation; drain of h2 after it "
+        f"{t_moved - t_drain:.0f} s, longest client gap {drain_gap * 1000:.0f} ms"
+    )
+    # Every listener serves the host's new certificate, and every one of them is new.
+    assert after == expected, (after, expected)
+    assert all(after[key] != before[key] for key in before), (before, after)
+    # Reloaded, not restarted: the same processes, no restart counted.
+    assert pids() == before_pids
+    for host, unit in services:
+        assert "tls certificates reloaded" in host.journal(unit), (host.name, unit)
+    # No client request failed, during the rotation or the drain that followed.
+    assert {name: failures(s) for name, s in seen.items()} == {w.name: [] for w in workloads}
+    # The drain migrated h2's workload to another host over the new certificates.
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    assert uncordoned.returncode == 0, uncordoned.stdout + uncordoned.stderr
+    w2 = next(w for w in workloads if w.home == "h2")
+    moved_to = where_runs(fleet, w2.name)
+    assert len(moved_to) == 1 and moved_to[0].name != "h2", (w2.name, moved_to)
+    hosts = json.loads(deployed.ferryctl("--json", "hosts").stdout)["hosts"]
+    assert {h["name"]: (h["state"], h["admin"]) for h in hosts} == dict.fromkeys(AGENTS, ("ready", "active"))
+
+
+def test_rolling_upgrade_to_a_new_commit(deployed: Deployed, workloads: list[Workload], tmp_path: Path) -> None:
     """upgrade.yml moves the coordinator, then every agent, to a new commit, one host at a time, each
     drained through the coordinator first and returned to service after; a second run changes
     nothing. A workload on each host keeps serving its client throughout: it live-migrates away from
     each host before that host's agent restarts, no request fails, and its memory is intact after.
 
     Runs last: it leaves the fleet at a commit that is not the checkout's HEAD."""
-    workloads = start_workloads(deployed)
-    before = {w.name: memhog_state(deployed.fleet[w.home], w.name) for w in workloads}
+    # Where each runs now (a test before may have migrated some).
+    before = {w.name: memhog_state(where_runs(deployed.fleet, w.name)[0], w.name) for w in workloads}
     clients = [Client(deployed.fleet, w) for w in workloads]
     repo = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True, timeout=120)
