@@ -18,12 +18,14 @@ from coordinator.deployments.states import (
     IllegalTransition,
     Recovery,
     State,
+    Whereabouts,
     can_undeploy,
     component_health,
     dependents,
     next_state,
     recovery,
     started_in_reverse,
+    whereabouts,
 )
 
 
@@ -204,3 +206,18 @@ def test_a_resolved_alert_ends() -> None:
     assert body["status"] == "resolved" and body["alerts"][0]["status"] == "resolved"
     assert body["alerts"][0]["startsAt"] == "1970-01-01T00:00:10Z"
     assert body["alerts"][0]["endsAt"] == "1970-01-01T00:00:12.500000Z"
+
+
+def test_a_container_gone_from_its_recorded_host_is_followed_where_it_went() -> None:
+    # A migration under way: wait, whatever the telemetry says meanwhile.
+    assert whereabouts("h1", ["h1", "h2"], True, None) == (Whereabouts.MOVING, "h1")
+    # The target's telemetry reports it (an operator's migration on the agents), or the coordinator's
+    # committed migration names the target before that telemetry arrives.
+    assert whereabouts("h1", ["h2"], False, None) == (Whereabouts.MOVED, "h2")
+    assert whereabouts("h1", [], False, "h3") == (Whereabouts.MOVED, "h3")
+    # Telemetry wins over an older committed migration; two hosts reporting it decide nothing.
+    assert whereabouts("h1", ["h2"], False, "h3") == (Whereabouts.MOVED, "h2")
+    assert whereabouts("h1", ["h2", "h3"], False, None) == (Whereabouts.LOST, "")
+    # Nowhere else, and no migration moved it: lost (the component degrades).
+    assert whereabouts("h1", ["h1"], False, None) == (Whereabouts.LOST, "")
+    assert whereabouts("h1", [], False, "h1") == (Whereabouts.LOST, "")

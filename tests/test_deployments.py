@@ -200,6 +200,36 @@ async def test_a_pipeline_deploys_health_gated_across_hosts_serves_and_undeploys
     body = {"container": parts["detect"]["container"], "target": other}
     refused = await api(mesh[parts["detect"]["host"]], "POST", "/v1/migrations", body, expect=400)
     assert "has a volume is not supported" in refused["error"]["message"], refused
+    # A component without one migrates like any container, and the record follows it to its new
+    # host: the deployment stays HEALTHY throughout, and its undeploy removes the container there.
+    moving = parts["transcode"]
+    target = next(h.name for h in mesh.hosts if h.name != moving["host"])
+
+    async def reported() -> bool:
+        host = await f.call("GET", f"/v1/hosts/{moving['host']}")
+        return any(c["id"] == moving["container"] for c in host.get("containers", []))
+
+    await f.wait_for("transcode in its host's telemetry", reported, within=30)
+    body = {"container": moving["container"], "to": target}
+    started = await f.call("POST", "/v1/migrations", body, expect=202)
+
+    async def finished() -> dict[str, Any] | None:
+        m = await f.call("GET", f"/v1/migrations/{started['id']}")
+        return m if m["done"] else None
+
+    async def followed() -> dict[str, Any] | None:
+        now = await f.call("GET", f"/v1/deployments/{record['id']}")
+        assert now["state"] == "HEALTHY", now
+        return now if {c["name"]: c for c in now["components"]}["transcode"]["host"] == target else None
+
+    outcome = await f.wait_for("the migration", finished, within=120)
+    assert outcome["state"] == "committed", outcome
+    after = await f.wait_for("the record following transcode", followed, within=60)
+    assert [c["state"] for c in after["components"]] == ["healthy", "healthy", "healthy"], after
+    where = await deployed_containers(f)
+    assert moving["container"] in where[target] and moving["container"] not in where[moving["host"]], where
+    got = await mesh.aexec_in(mesh.client, ["busybox", "wget", "-qO-", f"http://{moving['address']}:{PORT}/frame"])
+    assert got.stdout.strip().startswith("transcoded:rendered:"), got
 
     listed = await ferryctl_json(f, "deployments")
     assert [(d["id"], d["state"]) for d in listed["deployments"]] == [(record["id"], "HEALTHY")]

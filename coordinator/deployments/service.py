@@ -48,15 +48,17 @@ from coordinator.deployments.states import (
     Event,
     Recovery,
     State,
+    Whereabouts,
     can_undeploy,
     component_health,
     dependents,
     recovery,
     started_in_reverse,
+    whereabouts,
 )
 from coordinator.deployments.store import DeploymentStore
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.model import Capacity, Host, HostNotFound
+from coordinator.model import Capacity, Host, HostNotFound, MigrationState
 from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
 from coordinator.store import Store
@@ -72,6 +74,8 @@ STOPPED_POLL = 1.0
 """Seconds it may wait while a starting component is stopped: its restarts are read between polls."""
 LEFTOVER_RETRY = (1.0, 30.0)
 """Seconds between attempts to remove what a teardown left on an unreachable host: first, at most."""
+MOVING_POLL = 0.5
+"""Seconds between looks at a component whose container is being migrated."""
 
 
 class DeploymentNotFound(NotFound):
@@ -765,6 +769,9 @@ class DeploymentService:
                     host, component.container, seq, HEALTH_POLL, HEALTH_POLL + 5.0
                 )
             except FerrymanError as exc:
+                if isinstance(exc, NotFound) and await self._followed(deployment_id, component):
+                    seq = 0
+                    continue
                 await self._seen(deployment_id, name, False, f"{name} on {component.host}: {exc.message}")
                 seq = 0
                 await asyncio.sleep(delay)
@@ -775,8 +782,50 @@ class DeploymentService:
                 continue  # the wait ran out with nothing new
             seq = int(health.get("seq", seq))
             status = health.get("status")
+            if status != "healthy" and await self._migrating(component.container):
+                # The source freezes and then ends its copy: not a failure, the target's copy is followed.
+                continue
             why = f"{name} on {component.host} became {status}: {_last_output(health)}"
             await self._seen(deployment_id, name, status == "healthy", why)
+
+    async def _migrating(self, container: str) -> bool:
+        return any(m.container == container for m in await self._store.list_migrations(active_only=True))
+
+    async def _followed(self, deployment_id: str, component: ComponentRecord) -> bool:
+        """True once the component's container, gone from its recorded host, was found where a
+        migration put it (the record now names that host), or after a pause while one is under way;
+        False when it is nowhere known (the caller degrades the component)."""
+        container = component.container
+        migrations = await self._store.list_migrations()
+        committed = [
+            m
+            for m in migrations
+            if m.container == container and m.source == component.host and m.state is MigrationState.COMMITTED
+        ]
+        where, host = whereabouts(
+            component.host,
+            [h.name for h in await self._store.list_hosts() if any(c.id == container for c in h.containers)],
+            any(m.container == container and not m.done for m in migrations),
+            max(committed, key=lambda m: m.updated_at).target if committed else None,
+        )
+        if where is Whereabouts.MOVING:
+            await asyncio.sleep(MOVING_POLL)
+            return True
+        if where is Whereabouts.LOST:
+            return False
+        async with self._health_seen:
+            record = await self._records.get_deployment(deployment_id)
+            if record is None or record.state not in WATCHED:
+                return True  # the loop sees it and stops
+            now = record.component(component.name)
+            if now.host != component.host:
+                return True  # moved already, by another look
+            await self._put(record.with_component(_replace(now, host=host), self._clock()))
+        log.info(
+            "component followed to its new host",
+            extra={"deployment": deployment_id, "component": component.name, "from": component.host, "host": host},
+        )
+        return True
 
     async def _seen(self, deployment_id: str, name: str, healthy: bool, why: str) -> None:
         async with self._health_seen:

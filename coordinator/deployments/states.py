@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -366,3 +366,31 @@ def component_health(record: DeploymentRecord, name: str, healthy: bool, error: 
 def dependents(record: DeploymentRecord, name: str) -> list[str]:
     """The components that require `name`, in start order."""
     return [c.name for c in record.components if name in c.requires]
+
+
+class Whereabouts(enum.StrEnum):
+    """Where a component's container is, when the host in its record says it has none."""
+
+    MOVED = "moved"
+    """It runs on another host now (a migration or a drain moved it): follow it there."""
+    MOVING = "moving"
+    """A migration of it is under way: wait, it lands on its target or stays where it was."""
+    LOST = "lost"
+    """Nowhere known: the component is degraded, as any that stops answering."""
+
+
+def whereabouts(
+    recorded: str, reporting: Collection[str], migrating: bool, committed_to: str | None
+) -> tuple[Whereabouts, str]:
+    """(what, host) for a container its recorded host does not have: the hosts whose telemetry
+    reports it, whether a migration of it is active, and the target of the last committed migration
+    of it out of the recorded host. A migration the coordinator ran is known at once; one an
+    operator ran on the agents directly shows in the target's next telemetry."""
+    if migrating:
+        return Whereabouts.MOVING, recorded
+    elsewhere = sorted(set(reporting) - {recorded})
+    if len(elsewhere) == 1:
+        return Whereabouts.MOVED, elsewhere[0]
+    if committed_to and committed_to != recorded:
+        return Whereabouts.MOVED, committed_to
+    return Whereabouts.LOST, ""
