@@ -316,3 +316,84 @@ async def test_a_counter_is_handed_over_across_hosts_and_failed_handovers_roll_b
     assert busy["error"]["code"] == "chain_busy", busy
     missing = await ferryctl_json(f, "chain", "status", "counter-00000000", code=Exit.ERROR)
     assert missing["error"]["code"] == "chain_not_found", missing
+
+
+async def test_handovers_failing_at_export_transfer_and_switch_roll_back_with_the_state_intact(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver], base_dir: Path
+) -> None:
+    """Three chains side by side, each with a handover that fails in one phase: the serving stage
+    refuses to export (EXPORT); the next stage consumes a field the state has not (TRANSFER); the
+    next stage dies between taking the state and getting the address, after the address left the
+    serving stage's host (SWITCH). Each rolls back: the serving stage serves on with its state as it
+    was, its client sees every counter once, and one alert names the phase."""
+    f, mesh = fleet3, fleet3.mesh
+    receiver = alerts["receiver"]
+    assert mesh.client is not None
+    image = await push_stage_image(mesh)
+    cases = {
+        "EXPORT": [stage("ingest", image, fault="export"), stage("transform", image, "ingest")],
+        "TRANSFER": [stage("ingest", image), stage("transform", image, "ingest")],
+        "SWITCH": [stage("ingest", image), stage("transform", image, "ingest", fault="switch")],
+    }
+    cases["TRANSFER"][1]["consumes"]["state"].append("ledger")  # a field no stage exports
+    records: dict[str, dict[str, Any]] = {}
+    for phase, stages in cases.items():
+        path = base_dir / f"chain-{phase.lower()}.json"
+        path.write_text(json.dumps({"version": 1, "name": f"fail-{phase.lower()}", "port": PORT, "stages": stages}))
+        records[phase] = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
+        assert records[phase]["state"] == "RUNNING", records[phase]
+    clients = {phase: Client(mesh.client.netns, r["address"]) for phase, r in records.items()}
+    for client in clients.values():
+        client.start()
+    try:
+        for client in clients.values():
+            await client.served_by("ingest")
+        await asyncio.sleep(0.5)
+        before = {phase: await stage_state(f, r["address"]) for phase, r in records.items()}
+
+        async def advance(phase: str) -> dict[str, Any]:
+            args = ("chain", "advance", records[phase]["id"], "--wait", "120")
+            return dict(await ferryctl_json(f, *args, code=Exit.NOT_DEPLOYED))
+
+        rolled = dict(zip(cases, await asyncio.gather(*(advance(p) for p in cases)), strict=True))
+        for phase, record in rolled.items():
+            assert record["state"] == "RUNNING" and record["serving"] == "ingest", record
+            assert record["failed"] == ["transform"], record
+            [handover] = record["handovers"]
+            assert (handover["target"], handover["outcome"], handover["failed_phase"]) == (
+                "transform", "rolled_back", phase,
+            ), handover  # fmt: skip
+            runs = {r["stage"]: r for r in record["runs"]}
+            assert runs["ingest"]["state"] == "serving" and runs["transform"]["state"] == "failed", runs
+        assert "refused the export: HTTP 500: export refused (fault)" in rolled["EXPORT"]["handovers"][0]["error"]
+        assert "ledger" in rolled["TRANSFER"]["handovers"][0]["error"]
+        assert "is stopped: its address is not published" in rolled["SWITCH"]["handovers"][0]["error"]
+
+        # Each chain's first stage serves on, its state the one it had, its counter going on.
+        for phase, record in records.items():
+            count = clients[phase].served()[-1][1]
+            await asyncio.sleep(0.3)
+            assert clients[phase].served()[-1] > ("ingest", count), phase
+            last = clients[phase].served()[-1][1]
+            state = await stage_state(f, record["address"])
+            assert (state["trail"], state["buffer"]) == (before[phase]["trail"], before[phase]["buffer"]), phase
+            assert state["counter"] >= last > before[phase]["counter"], phase
+        containers = await chain_containers(f)
+        serving = sorted(next(r["container"] for r in rec["runs"] if r["stage"] == "ingest") for rec in rolled.values())
+        assert sorted(c for listed in containers.values() for c in listed) == serving, containers
+    finally:
+        for client in clients.values():
+            await client.stop()
+    for phase, client in clients.items():
+        assert_exactly_once(client)
+        assert {name for name, _ in client.served()} == {"ingest"}, phase
+
+    # One alert per rolled-back handover, naming its chain and phase.
+    bodies = await receiver.wait_for(3)
+    labels = sorted((b["alerts"][0]["labels"]["chain"], b["alerts"][0]["labels"]["phase"]) for b in bodies)
+    assert labels == sorted((r["id"], phase) for phase, r in records.items()), labels
+    await asyncio.sleep(1.0)
+    assert len(receiver.bodies) == 3, receiver.bodies
+    metrics = await f.call("GET", "/metrics")
+    for phase in cases:
+        assert f'ferryman_coordinator_chain_handover_failures_total{{phase="{phase}"}} 1.0' in metrics

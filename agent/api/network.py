@@ -11,9 +11,9 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from agent.api.handlers import CONTAINERS, _json, optional_service
-from agent.model import LABEL_SERVICE_IP, ContainerSummary
+from agent.model import LABEL_SERVICE_IP, ContainerState, ContainerSummary
 from agent.network import NetnsInfo, parse_service_ip
-from core.errors import ContainerNotFound, FerrymanError, InvalidRequest
+from core.errors import Conflict, ContainerNotFound, FerrymanError, InvalidRequest
 from core.http.validate import check_keys, read_object, str_field
 from core.ids import check_container_id
 
@@ -69,6 +69,10 @@ async def publish(request: web.Request) -> web.Response:
     service_ip, container = parse_target(await read_object(request))
     network = _network(request)
     summary = await _find(request, service_ip, container)
+    if summary.state in (ContainerState.CREATED, ContainerState.STOPPED):
+        # Routed to a namespace nobody answers in, the address would be a black hole: the caller
+        # (a chain's switch, a move) must keep it where it is served.
+        raise Conflict(f"container {summary.id} is {summary.state.value}: its address is not published")
     ip = summary.labels[LABEL_SERVICE_IP]
     info = network.info(summary.id)
     await network.publish(ip, info.host_veth)

@@ -13,9 +13,11 @@
  *   POST /work           counter + 1; 200 "NAME COUNTER"; 503 while handing over (not counted)
  *   GET  /state          200, the state as MessagePack {counter, buffer, trail}; no side effect
  *   POST /state/export   the same, and the stage is handing over from then on (500 with FAULT export)
- *   PUT  /state          load a state exported by another stage (500 with FAULT import)
+ *   PUT  /state          load a state exported by another stage (500 with FAULT import; with
+ *                        FAULT switch it loads it, answers, and exits: a stage that dies between
+ *                        taking the state and getting the address)
  *   POST /state/resume   handing over no more: serve /work again (a rolled-back handover)
- * FAULT is "none", "health", "export" or "import".
+ * FAULT is "none", "health", "export", "import" or "switch".
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -198,8 +200,9 @@ static void handle(int fd, const char *method, const char *path, const unsigned 
     } else if (!strcmp(path, "/state") && !strcmp(method, "PUT")) {
         if (!strcmp(fault, "import")) { text(fd, 500, "Internal Server Error", "import refused (fault)"); return; }
         const char *why = load(body, len);
-        if (why) text(fd, 400, "Bad Request", why);
-        else respond(fd, 204, "No Content", "text/plain", NULL, 0);
+        if (why) { text(fd, 400, "Bad Request", why); return; }
+        respond(fd, 204, "No Content", "text/plain", NULL, 0);
+        if (!strcmp(fault, "switch")) { close(fd); _exit(3); }
     } else if (!strcmp(path, "/state/resume") && !strcmp(method, "POST")) {
         handing_over = 0;
         respond(fd, 204, "No Content", "text/plain", NULL, 0);
