@@ -101,11 +101,21 @@ def test_a_cycle_is_named_and_handovers_not_driven_yet_are_refused_clearly() -> 
     bad["stages"][0]["consumes"] = {"from": "publish"}
     assert "stages: consumes edges close a cycle: ingest -> publish -> transform -> ingest" in problems(bad)
     bad = copy.deepcopy(GOOD)
-    bad["stages"][2]["handover"] = {"protocol": "shared_volume", "path": "/shared/state"}
+    bad["stages"][2]["handover"] = {"protocol": "criu"}
     assert problems(bad) == [
-        "stages[2].handover.protocol: 'shared_volume' is part of the format but this coordinator does not drive "
-        "it yet (it drives: http_state)"
+        "stages[2].handover.protocol: 'criu' is part of the format but this coordinator does not drive "
+        "it yet (it drives: http_state, shared_volume)"
     ]
+    bad = copy.deepcopy(GOOD)
+    bad["stages"][0]["handover"] = {"protocol": "shared_volume", "port": 8080, "path": "/shared/state"}
+    bad["stages"][1]["handover"] = {"protocol": "shared_volume", "port": 8080, "path": "/other"}
+    assert problems(bad) == [
+        "stages[1].handover.path: '/other', but stages[0] mounts the chain's volume at '/shared/state'; a chain "
+        "has one volume, at one path"
+    ]
+    del bad["stages"][1]["handover"]["port"]
+    bad["stages"][1]["handover"]["path"] = "/shared/state"
+    assert problems(bad) == ["stages[1].handover: 'port' is a required property"]
 
 
 def test_a_stage_given_by_image_needs_a_health_check() -> None:

@@ -138,19 +138,24 @@ def assert_exactly_once(client: Client) -> None:
     assert counters == list(range(1, len(counters) + 1)), [c for c in client.answers if c[1] != 200][:20]
 
 
-async def stage_state(f: CoordinatedFleet, address: str) -> dict[str, Any]:
-    """The serving stage's state, as its `GET /state` gives it (no side effect), from the client."""
+async def stage_get(f: CoordinatedFleet, address: str, path: str) -> bytes:
+    """The serving stage's answer to `GET path` (no side effect), from the client."""
     assert f.mesh.client is not None
 
     def get() -> bytes:
         conn = http.client.HTTPConnection(address, PORT, timeout=5.0)
         try:
-            conn.request("GET", "/state")
+            conn.request("GET", path)
             return conn.getresponse().read()
         finally:
             conn.close()
 
-    return dict(msgpack.unpackb(await acall_in_netns(f.mesh.client.netns, get)))
+    return await acall_in_netns(f.mesh.client.netns, get)
+
+
+async def stage_state(f: CoordinatedFleet, address: str) -> dict[str, Any]:
+    """The serving stage's state, as its `GET /state` gives it."""
+    return dict(msgpack.unpackb(await stage_get(f, address, "/state")))
 
 
 async def chain_containers(f: CoordinatedFleet) -> dict[str, list[str]]:
@@ -397,3 +402,89 @@ async def test_handovers_failing_at_export_transfer_and_switch_roll_back_with_th
     metrics = await f.call("GET", "/metrics")
     for phase in cases:
         assert f'ferryman_coordinator_chain_handover_failures_total{{phase="{phase}"}} 1.0' in metrics
+
+
+VOLUME = "/handover"
+BIG_SEED = 1 << 20
+
+
+async def test_a_counter_is_handed_over_on_one_host_through_the_chains_volume(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver], base_dir: Path
+) -> None:
+    """`shared_volume`: the next stage runs on the serving stage's host and maps the buffer the
+    serving stage keeps in the chain's volume, so the exported state is a few bytes whatever the
+    buffer's size; the address moves by flipping the host's route from one veth to the other. A
+    handover that fails there (the next stage refuses the import) flips it back: the serving stage
+    keeps its state; its fallback then takes over on the same host."""
+    f, mesh = fleet3, fleet3.mesh
+    receiver = alerts["receiver"]
+    assert mesh.client is not None
+    image = await push_stage_image(mesh)
+    over_volume = {"protocol": "shared_volume", "port": PORT, "path": VOLUME, "drain": 0.5, "deadline": 60}
+
+    def on_volume(name: str, consumes: str = "", fault: str = "none", **extra: Any) -> dict[str, Any]:
+        out = stage(name, image, consumes, fault, handover=over_volume, **extra)
+        out["args"] = ["/bin/stage", name, str(PORT), str(0 if consumes else BIG_SEED), fault, VOLUME]
+        return out
+
+    manifest = {
+        "version": 1,
+        "name": "local",
+        "port": PORT,
+        "stages": [on_volume("ingest"), on_volume("transform", "ingest", fault="import", fallback="transform-safe")],
+        "fallbacks": [on_volume("transform-safe", "ingest")],
+    }
+    path = base_dir / "local.json"
+    path.write_text(json.dumps(manifest))
+    record = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
+    assert record["state"] == "RUNNING", record
+    address, ingest_host = record["address"], record["runs"][0]["host"]
+    client = Client(mesh.client.netns, address)
+    client.start()
+    try:
+        await client.served_by("ingest")
+        await asyncio.sleep(0.5)
+        # (The fallback starts as soon as the rollback ends: the answer may come from either.)
+        res = await f.ferryctl("--json", "chain", "advance", record["id"], "--wait", "120")
+        first = json.loads(res.stdout)["handovers"][0]
+        assert (first["target"], first["outcome"], first["failed_phase"]) == ("transform", "rolled_back", "IMPORT")
+        assert first["state_bytes"] < 256, first  # the buffer's name, not its MiB
+
+        async def fallen_back() -> dict[str, Any] | None:
+            now = await f.call("GET", f"/v1/chains/{record['id']}")
+            return dict(now) if now["state"] == "RUNNING" and now["serving"] == "transform-safe" else None
+
+        now = await f.wait_for("handed over to the fallback", fallen_back, within=120)
+        await client.served_by("transform-safe")
+        runs = {r["stage"]: r for r in now["runs"]}
+        assert {r["host"] for r in runs.values()} == {ingest_host}, runs  # every stage on one host
+        assert runs["transform"]["state"] == "failed" and runs["ingest"]["state"] == "removed"
+        done = now["handovers"][1]
+        assert (done["target"], done["outcome"]) == ("transform-safe", "done") and done["state_bytes"] < 256
+        state = await stage_state(f, address)
+        assert state["trail"] == "ingest,transform-safe"
+        assert state["buffer"] == {"file": "transform-safe.buffer", "bytes": BIG_SEED}
+        assert await chain_containers(f) == {
+            h.name: [runs["transform-safe"]["container"]] if h.name == ingest_host else [] for h in mesh.hosts
+        }
+        # The buffer itself, as the serving stage has it: ingest's seed, + 1 by transform-safe.
+        expected = bytes((i % 251 + 1) % 256 for i in range(BIG_SEED))
+        assert await stage_get(f, address, "/buffer") == expected
+        host = next(h for h in mesh.hosts if h.name == ingest_host)
+    finally:
+        await client.stop()
+    assert_exactly_once(client)
+    assert {name for name, _ in client.served()} == {"ingest", "transform-safe"}
+    bodies = await receiver.wait_for(1)
+    assert [(b["alerts"][0]["labels"]["target"], b["alerts"][0]["labels"]["phase"]) for b in bodies] == [
+        ("transform", "IMPORT")
+    ]
+
+    # The volume is the chain's: it goes with it.
+    volume = f"/v1/volumes/{record['id']}"
+    refused = await api(host, "DELETE", volume, expect=409)
+    assert "mount" in json.dumps(refused), refused
+    aborted = await ferryctl_json(f, "chain", "abort", record["id"], "--wait", "60")
+    assert aborted["state"] == "ABORTED", aborted
+    missing = await api(host, "DELETE", volume, expect=404)
+    assert missing["error"]["code"] == "volume_not_found", missing

@@ -58,9 +58,14 @@ async def _service_containers(request: web.Request) -> list[ContainerSummary]:
 
 
 async def _find(request: web.Request, service_ip: str | None, container: str | None) -> ContainerSummary:
-    for summary in await _service_containers(request):
-        if summary.id == container or summary.labels[LABEL_SERVICE_IP] == service_ip:
-            return summary
+    found = [
+        s for s in await _service_containers(request) if s.id == container or s.labels[LABEL_SERVICE_IP] == service_ip
+    ]
+    if len(found) > 1:  # a standby copy shares the address here: which one is for the caller to say
+        names = ", ".join(sorted(s.id for s in found))
+        raise Conflict(f"service address {service_ip} is used by containers {names} here: name the container")
+    if found:
+        return found[0]
     what = f"container {container}" if container is not None else f"service address {service_ip}"
     raise ContainerNotFound(f"no container with a service address matches {what} on this host")
 

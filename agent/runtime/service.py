@@ -148,7 +148,7 @@ class ContainerService:
             files = await read_snapshot_files(self._cd, image.chain_id, ["/etc/passwd", "/etc/group"])
             passwd, group = files["/etc/passwd"], files["/etc/group"]
         service_ip = parse_service_ip(req.service_ip) if req.service_ip is not None else None
-        if service_ip is not None:
+        if service_ip is not None and req.publish_service:
             await self._check_service_ip_free(service_ip)
         volume_mounts: list[dict[str, Any]] = []
         if req.volumes:
@@ -396,7 +396,11 @@ class ContainerService:
         return out
 
     async def _check_service_ip_free(self, service_ip: str) -> None:
-        """One container per service address on a host (the /32 route can point at one veth only)."""
+        """One published container per service address on a host: the /32 route points at one veth.
+
+        A container created unpublished (`publish_service: false`) may share the address of one
+        here: a standby copy, e.g. a chain's next stage on the same host (docs/chains.md). Each has
+        the address in its own namespace; publishing one of them replaces the route, in one step."""
         for record in await self._cd.containers.list([f'labels."{LABEL_MANAGED}"==true']):
             if record.labels.get(LABEL_SERVICE_IP) == service_ip:
                 raise Conflict(f"service address {service_ip} is already used by container {record.id}")

@@ -28,7 +28,7 @@ from core.errors import InvalidRequest
 SCHEMA_FILE = "manifest.schema.json"
 FORMAT_VERSION = 1
 MAX_PROBLEMS = 20
-DRIVEN_PROTOCOLS = frozenset({"http_state"})
+DRIVEN_PROTOCOLS = frozenset({"http_state", "shared_volume"})
 """The handover protocols this coordinator drives; the others are part of the format already."""
 
 
@@ -50,7 +50,7 @@ class Handover:
     protocol: str
     """http_state, shared_volume or criu."""
     port: int = 0
-    """http_state: the port of the stage's state contract."""
+    """http_state, shared_volume: the port of the stage's state contract."""
     encoding: str = "msgpack"
     path: str = ""
     drain: float = 1.0
@@ -63,7 +63,7 @@ class Handover:
         if self.protocol == "http_state":
             out.update(port=self.port, encoding=self.encoding)
         if self.protocol == "shared_volume":
-            out.update(path=self.path, encoding=self.encoding)
+            out.update(port=self.port, path=self.path, encoding=self.encoding)
         return out
 
     @classmethod
@@ -259,6 +259,7 @@ def graph_problems(manifest: ChainManifest) -> list[str]:
     main = [s.name for s in manifest.stages]
     fallback_names = {s.name for s in manifest.fallbacks}
     graph: dict[str, set[str]] = {}
+    volume_at: tuple[str, str] | None = None  # the first shared_volume stage's (path, where)
     for group, stages in (("stages", manifest.stages), ("fallbacks", manifest.fallbacks)):
         for i, s in enumerate(stages):
             at = f"{group}[{i}]"
@@ -278,6 +279,14 @@ def graph_problems(manifest: ChainManifest) -> list[str]:
                     f"{at}.handover.protocol: {s.handover.protocol!r} is part of the format but this coordinator "
                     f"does not drive it yet (it drives: {', '.join(sorted(DRIVEN_PROTOCOLS))})"
                 )
+            if s.handover.protocol == "shared_volume":
+                first_path, first_at = volume_at or (s.handover.path, at)
+                volume_at = (first_path, first_at)
+                if s.handover.path != first_path:
+                    problems.append(
+                        f"{at}.handover.path: {s.handover.path!r}, but {first_at} mounts the chain's volume at "
+                        f"{first_path!r}; a chain has one volume, at one path"
+                    )
             if s.health is not None and s.health.timeout > s.health.interval:
                 problems.append(
                     f"{at}.health.timeout: {s.health.timeout:g} s is longer than its interval ({s.health.interval:g} s)"

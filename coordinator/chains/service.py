@@ -88,6 +88,7 @@ class ChainAgents(Protocol):
     ) -> dict[str, Any]: ...
     async def publish(self, host: Host, container_id: str) -> None: ...
     async def unpublish(self, host: Host, service_ip: str) -> bool: ...
+    async def delete_volume(self, host: Host, name: str) -> None: ...
     async def stage_state(
         self, host: Host, container_id: str, action: str, port: int, body: bytes, within: float
     ) -> tuple[int, bytes]: ...
@@ -480,8 +481,9 @@ class ChainService:
         async def work(record: ChainRecord, deadline: float) -> tuple[ChainRecord, dict[str, Any]]:
             manifest = record.chain_manifest()
             serving = _serving_run(record)
-            # One host holds one container per service address: the next stage runs on another.
-            record, run = await self._place(record, manifest.stage(record.target), exclude=(serving.host,))
+            record, run = await self._place(
+                record, manifest.stage(record.target), exclude=await self._not_next_to(record, serving)
+            )
             host = await self._host_or_fail(run)
             stage = manifest.stage(record.target)
             try:
@@ -493,6 +495,14 @@ class ChainService:
             return await self._put(record.with_run(run, self._clock())), {}
 
         return await self._phase(record, work, Event.CREATED)
+
+    async def _not_next_to(self, record: ChainRecord, serving: StageRun) -> tuple[str, ...]:
+        """The hosts the next stage may not run on. Over a shared volume it runs on the serving
+        stage's host, next to it (the volume is a directory there); otherwise on any other host, so
+        the address moves by publish/unpublish and a host failure takes one stage, not both."""
+        if record.chain_manifest().stage(record.serving).handover.protocol == "shared_volume":
+            return tuple(h.name for h in await self._store.list_hosts() if h.name != serving.host)
+        return (serving.host,)
 
     def _spec(self, record: ChainRecord, run: StageRun, stage: Stage, publish: bool) -> dict[str, Any]:
         """The agent's create request: the chain's address (published at start only for the first
@@ -515,6 +525,9 @@ class ChainService:
         }
         if stage.args:
             spec["args"] = list(stage.args)
+        path = _volume_path(record.chain_manifest(), stage.name)
+        if path:
+            spec["volumes"] = [{"name": volume_name(record.id), "path": path}]
         return spec
 
     async def _health(self, record: ChainRecord) -> ChainRecord:
@@ -589,7 +602,10 @@ class ChainService:
         async def work(record: ChainRecord, deadline: float) -> tuple[ChainRecord, dict[str, Any]]:
             serving, target = _serving_run(record), _target_run(record)
             try:
-                await self._agents.unpublish(await self._host_or_fail(serving), record.address)
+                if serving.host != target.host:
+                    await self._agents.unpublish(await self._host_or_fail(serving), record.address)
+                # On one host, publishing the target replaces the route to the serving stage's veth
+                # (one `route replace`: no moment without a route, and nothing to announce).
                 await self._agents.publish(await self._host_or_fail(target), target.container)
             except FerrymanError as exc:
                 raise StepFailed(f"moving {record.address} to {target.host}: {exc.message}") from exc
@@ -677,6 +693,7 @@ class ChainService:
         """COMPLETING, ABORTING, FAILING: remove every run; then the end state (and a FAILED's alert)."""
         failing = record.state is State.FAILING
         record = await self._remove_runs(record)
+        await self._remove_volume(record)
         record = await self._put(record.advance(Event.STOPPED, self._clock(), serving="", target="", retiring=""))
         log.info("chain ended", extra={"chain": record.id, "state": record.state.value})
         if failing:
@@ -690,6 +707,17 @@ class ChainService:
                 )
             )
         return record
+
+    async def _remove_volume(self, record: ChainRecord) -> None:
+        """Delete the chain's shared volume on every host a stage mounting it ran on; problems are
+        logged (the agent keeps the directory until someone deletes it)."""
+        manifest = record.chain_manifest()
+        hosts = {r.host for r in record.runs if r.host and _volume_path(manifest, r.stage)}
+        for name in sorted(hosts):
+            try:
+                await self._agents.delete_volume(await self._host(name), volume_name(record.id))
+            except FerrymanError as exc:
+                log.error("chain volume not removed", extra={"chain": record.id, "host": name, "error": exc.message})
 
     async def _remove_runs(self, record: ChainRecord, mark_failed: str = "") -> ChainRecord:
         for run in record.runs:
@@ -742,6 +770,24 @@ class ChainService:
         if problems:
             raise ChainManifestInvalid(problems)
         return dataclasses.replace(manifest, stages=stages, fallbacks=fallbacks)
+
+
+def volume_name(chain_id: str) -> str:
+    """The agent's name for a chain's shared volume (one per chain)."""
+    return chain_id
+
+
+def _volume_path(manifest: ChainManifest, stage_name: str) -> str:
+    """Where the stage mounts the chain's volume: its own handover's path over `shared_volume`, or the
+    path of the stage it consumes from over `shared_volume`; "" when it mounts none."""
+    stage = manifest.stage(stage_name)
+    if stage.handover.protocol == "shared_volume":
+        return stage.handover.path
+    if stage.consumes_from:
+        source = manifest.stage(stage.consumes_from)
+        if source.handover.protocol == "shared_volume":
+            return source.handover.path
+    return ""
 
 
 def _serving_run(record: ChainRecord) -> StageRun:

@@ -1,6 +1,13 @@
 /* stage: one stage of a test chain, speaking the chains' HTTP state contract (docs/chains.md).
  *
- *   stage NAME PORT SEED_BYTES FAULT
+ *   stage NAME PORT SEED_BYTES FAULT [VOLUME]
+ *
+ * With VOLUME (a chain's shared volume, the `shared_volume` handover) the buffer lives in the file
+ * VOLUME/NAME.buffer, mapped shared, all along; the exported state names that file instead of
+ * carrying the bytes ({"file": "NAME.buffer", "bytes": N} as the buffer), and the next stage on the
+ * same host maps it (private, read-only) to load it: not one byte of the buffer is copied between
+ * the two. It writes its transformed buffer to its own file, so the file of the stage before stays
+ * as it was, for a rollback.
  *
  * Its state is a counter and a buffer. The first stage of a chain starts with SEED_BYTES of buffer
  * (byte i = i % 251) and the trail NAME; later stages get theirs from the stage before through the
@@ -12,6 +19,7 @@
  *   GET  /healthz        200 ok (503 with FAULT health)
  *   POST /work           counter + 1; 200 "NAME COUNTER"; 503 while handing over (not counted)
  *   GET  /state          200, the state as MessagePack {counter, buffer, trail}; no side effect
+ *   GET  /buffer         200, the buffer's bytes; no side effect
  *   POST /state/export   the same, and the stage is handing over from then on (500 with FAULT export)
  *   PUT  /state          load a state exported by another stage (500 with FAULT import; with
  *                        FAULT switch it loads it, answers, and exits: a stage that dies between
@@ -27,7 +35,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -41,6 +52,29 @@ static unsigned char *buffer;
 static size_t buffer_len;
 static char trail[4096];
 static int handing_over;
+static const char *volume;   /* NULL: the buffer is in memory and exported by value */
+static size_t mapped_len;    /* > 0: buffer is a shared mapping of VOLUME/NAME.buffer */
+
+/* A buffer of len bytes: in memory, or (with a volume) a fresh shared mapping of our own file. */
+static unsigned char *new_buffer(size_t len) {
+    if (!volume) return malloc(len ? len : 1);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s.buffer", volume, name);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    if (fd < 0) return NULL;
+    if (ftruncate(fd, (off_t)(len ? len : 1))) { close(fd); return NULL; }
+    void *p = mmap(NULL, len ? len : 1, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void set_buffer(unsigned char *next, size_t len) {
+    if (mapped_len) munmap(buffer, mapped_len);
+    else free(buffer);
+    buffer = next;
+    buffer_len = len;
+    mapped_len = volume ? (len ? len : 1) : 0;
+}
 
 static void on_term(int sig) { (void)sig; _exit(0); }
 
@@ -74,18 +108,29 @@ static void put_be(unsigned char *p, uint64_t v, int bytes) {
     for (int i = bytes - 1; i >= 0; i--, v >>= 8) p[i] = (unsigned char)(v & 0xff);
 }
 
-/* {"counter": uint64, "buffer": bin32, "trail": str32} */
+/* {"counter": uint64, "buffer": bin32, "trail": str32}; with a volume the buffer is
+ * {"file": str8, "bytes": uint64}, the file in the volume that holds it. */
 static unsigned char *encode(size_t *out_len) {
     size_t tlen = strlen(trail);
-    size_t len = 1 + 8 + 9 + 7 + 5 + buffer_len + 6 + 5 + tlen;
+    size_t len = 1 + 8 + 9 + 7 + 5 + (volume ? 1 + 5 + 2 + 255 + 6 + 9 : buffer_len) + 6 + 5 + tlen;
     unsigned char *out = malloc(len), *p = out;
     if (!out) return NULL;
     *p++ = 0x83;
     *p++ = 0xa7; memcpy(p, "counter", 7); p += 7;
     *p++ = 0xcf; put_be(p, counter, 8); p += 8;
     *p++ = 0xa6; memcpy(p, "buffer", 6); p += 6;
-    *p++ = 0xc6; put_be(p, buffer_len, 4); p += 4;
-    memcpy(p, buffer, buffer_len); p += buffer_len;
+    if (volume) {
+        char file[256];
+        int flen = snprintf(file, sizeof file, "%s.buffer", name);
+        *p++ = 0x82;
+        *p++ = 0xa4; memcpy(p, "file", 4); p += 4;
+        *p++ = 0xd9; *p++ = (unsigned char)flen; memcpy(p, file, (size_t)flen); p += flen;
+        *p++ = 0xa5; memcpy(p, "bytes", 5); p += 5;
+        *p++ = 0xcf; put_be(p, buffer_len, 8); p += 8;
+    } else {
+        *p++ = 0xc6; put_be(p, buffer_len, 4); p += 4;
+        memcpy(p, buffer, buffer_len); p += buffer_len;
+    }
     *p++ = 0xa5; memcpy(p, "trail", 5); p += 5;
     *p++ = 0xdb; put_be(p, tlen, 4); p += 4;
     memcpy(p, trail, tlen); p += tlen;
@@ -134,6 +179,7 @@ static const char *load(const unsigned char *body, size_t len) {
     uint64_t fields, count = 0, blen = 0, tlen = 0;
     const unsigned char *bdata = NULL, *tdata = NULL;
     int have = 0;
+    char file[256] = "";
     if (r.p >= r.end) return "empty body";
     unsigned char t = *r.p++;
     if ((t & 0xf0) == 0x80) fields = t & 0x0f;
@@ -147,6 +193,18 @@ static const char *load(const unsigned char *body, size_t len) {
         if (klen == 7 && !memcmp(key, "counter", 7)) {
             if (get_uint(&r, &count)) return "counter: not an unsigned integer";
             have |= 1;
+        } else if (klen == 6 && !memcmp(key, "buffer", 6) && r.p < r.end && *r.p == 0x82) {
+            /* {"file": NAME, "bytes": N}: a file in the volume (the keys in this order) */
+            const unsigned char *k, *f;
+            uint64_t kl, fl;
+            r.p++;
+            if (get_bytes(&r, &k, &kl) || kl != 4 || memcmp(k, "file", 4)) return "buffer: expected file";
+            if (get_bytes(&r, &f, &fl) || fl == 0 || fl > 255 || memchr(f, '/', fl)) return "buffer.file: bad name";
+            if (get_bytes(&r, &k, &kl) || kl != 5 || memcmp(k, "bytes", 5)) return "buffer: expected bytes";
+            if (get_uint(&r, &blen)) return "buffer.bytes: not an unsigned integer";
+            memcpy(file, f, fl);
+            file[fl] = 0;
+            have |= 2;
         } else if (klen == 6 && !memcmp(key, "buffer", 6)) {
             if (get_bytes(&r, &bdata, &blen)) return "buffer: not bytes";
             have |= 2;
@@ -159,12 +217,27 @@ static const char *load(const unsigned char *body, size_t len) {
     }
     if (have != 7) return "counter, buffer and trail are required";
     if (tlen + strlen(name) + 2 > sizeof trail) return "trail too long";
-    unsigned char *copy = malloc(blen ? blen : 1);
-    if (!copy) return "out of memory";
+    void *source = NULL;  /* the stage before's file, mapped */
+    if (file[0]) {
+        if (!volume) return "buffer: a file in a volume, but this stage has no volume";
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", volume, file);
+        int fd = open(path, O_RDONLY);
+        struct stat st;
+        if (fd < 0) return "buffer.file: cannot open it in the volume";
+        if (fstat(fd, &st) || (uint64_t)st.st_size < blen) { close(fd); return "buffer.file: shorter than bytes"; }
+        if (blen) {
+            source = mmap(NULL, blen, PROT_READ, MAP_PRIVATE, fd, 0);
+            if (source == MAP_FAILED) { close(fd); return "buffer.file: cannot map it"; }
+        }
+        close(fd);
+        bdata = source;
+    }
+    unsigned char *copy = new_buffer(blen);
+    if (!copy) { if (source) munmap(source, blen); return "out of memory"; }
     for (uint64_t i = 0; i < blen; i++) copy[i] = (unsigned char)(bdata[i] + 1);
-    free(buffer);
-    buffer = copy;
-    buffer_len = blen;
+    if (source) munmap(source, blen);
+    set_buffer(copy, blen);
     memcpy(trail, tdata, tlen);
     trail[tlen] = 0;
     strcat(trail, ",");
@@ -191,6 +264,8 @@ static void handle(int fd, const char *method, const char *path, const unsigned 
         counter++;
         snprintf(msg, sizeof msg, "%s %llu", name, (unsigned long long)counter);
         text(fd, 200, "OK", msg);
+    } else if (!strcmp(path, "/buffer") && !strcmp(method, "GET")) {
+        respond(fd, 200, "OK", "application/octet-stream", buffer, buffer_len);
     } else if (!strcmp(path, "/state") && !strcmp(method, "GET")) {
         serve_state(fd);
     } else if (!strcmp(path, "/state/export") && !strcmp(method, "POST")) {
@@ -244,15 +319,18 @@ static void connection(int fd) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: stage NAME PORT SEED_BYTES FAULT\n");
+    if (argc != 5 && argc != 6) {
+        fprintf(stderr, "usage: stage NAME PORT SEED_BYTES FAULT [VOLUME]\n");
         return 2;
     }
     name = argv[1];
     int port = atoi(argv[2]);
-    buffer_len = (size_t)strtoull(argv[3], NULL, 10);
+    size_t seed = (size_t)strtoull(argv[3], NULL, 10);
     fault = argv[4];
-    buffer = malloc(buffer_len ? buffer_len : 1);
+    volume = argc == 6 ? argv[5] : NULL;
+    unsigned char *first = new_buffer(seed);
+    if (!first) { perror("stage: buffer"); return 1; }
+    set_buffer(first, seed);
     for (size_t i = 0; i < buffer_len; i++) buffer[i] = (unsigned char)(i % 251);
     snprintf(trail, sizeof trail, "%s", name);
     signal(SIGTERM, on_term);
