@@ -147,7 +147,11 @@ class Agent:
         self.restarts = RestartSupervisor(cd.events, self.containers, self.migrations.migrating, config.restart)
         # Runs containers' health checks while they run, skipping those a migration holds.
         self.health = HealthMonitor(
-            cd, Path(config.state_dir, "health"), HealthMetrics(self.metrics.registry), self.migrations.migrating
+            cd,
+            Path(config.state_dir, "health"),
+            HealthMetrics(self.metrics.registry),
+            # Held by a migration or frozen as a standby: not probed (it could not answer).
+            lambda cid: self.migrations.migrating(cid) or self.containers.frozen(cid),
         )
         self.containers.health = self.health
         # The peer port's session kinds: migrations today.

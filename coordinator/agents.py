@@ -56,6 +56,8 @@ class AgentClientLike(Protocol):
     ) -> dict[str, Any]: ...
     async def delete_container(self, host: Host, container_id: str) -> None: ...
     async def delete_volume(self, host: Host, name: str) -> None: ...
+    async def freeze_container(self, host: Host, container_id: str) -> None: ...
+    async def thaw_container(self, host: Host, container_id: str) -> None: ...
     async def container_health(
         self, host: Host, container_id: str, after: int, wait: float, within: float
     ) -> dict[str, Any]: ...
@@ -266,6 +268,18 @@ class AgentClient:
         raw = data.get("connections")
         open_now = {str(k): int(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
         return int(data.get("balanced") or 0), open_now
+
+    async def freeze_container(self, host: Host, container_id: str) -> None:
+        """Freeze a running container on `host` (a warm standby: no CPU, memory kept)."""
+        status, data = await self._call(host, "POST", f"/v1/containers/{container_id}/freeze")
+        if status != 200:
+            raise self._error(host, status, data, f"freeze {container_id}")
+
+    async def thaw_container(self, host: Host, container_id: str) -> None:
+        """Thaw a frozen container on `host`: it runs on from where it was."""
+        status, data = await self._call(host, "POST", f"/v1/containers/{container_id}/thaw")
+        if status != 200:
+            raise self._error(host, status, data, f"thaw {container_id}")
 
     async def unpublish(self, host: Host, service_ip: str) -> bool:
         """Stop publishing `service_ip` from `host`; whether it was published there."""

@@ -113,8 +113,15 @@ def test_a_cycle_is_named_and_handovers_not_driven_yet_are_refused_clearly() -> 
         "stages[1].handover.path: '/other', but stages[0] mounts the chain's volume at '/shared/state'; a chain "
         "has one volume, at one path"
     ]
-    del bad["stages"][1]["handover"]["port"]
-    bad["stages"][1]["handover"]["path"] = "/shared/state"
+    bad = copy.deepcopy(GOOD)
+    bad["stages"][1]["standby"] = "warm"
+    assert problems(bad) == ["stages[1].standby: 'warm' is not one of ['none', 'frozen']"]
+    bad["stages"][1]["standby"] = "frozen"
+    bad["stages"][0]["standby"] = "frozen"
+    assert problems(bad) == ["stages[0].standby: ingest is the first stage; nothing runs before it to keep one"]
+    bad = copy.deepcopy(GOOD)
+    bad["stages"][0]["handover"] = {"protocol": "shared_volume", "port": 8080, "path": "/shared/state"}
+    bad["stages"][1]["handover"] = {"protocol": "shared_volume", "path": "/shared/state"}
     assert problems(bad) == ["stages[1].handover: 'port' is a required property"]
 
 

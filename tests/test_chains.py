@@ -488,3 +488,57 @@ async def test_a_counter_is_handed_over_on_one_host_through_the_chains_volume(
     assert aborted["state"] == "ABORTED", aborted
     missing = await api(host, "DELETE", volume, expect=404)
     assert missing["error"]["code"] == "volume_not_found", missing
+
+
+async def test_a_frozen_standby_is_thawed_at_its_handover(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver], base_dir: Path
+) -> None:
+    """`standby: frozen`: while ingest serves, transform is made on another host, healthy, and frozen
+    (the agent's task paused, no probe of it counted); the handover thaws it instead of starting it."""
+    f, mesh = fleet3, fleet3.mesh
+    assert mesh.client is not None
+    image = await push_stage_image(mesh)
+    manifest = {
+        "version": 1,
+        "name": "standby",
+        "port": PORT,
+        "stages": [stage("ingest", image), stage("transform", image, "ingest", standby="frozen")],
+    }
+    path = base_dir / "standby.json"
+    path.write_text(json.dumps(manifest))
+    record = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
+    assert record["state"] == "RUNNING", record
+
+    async def frozen() -> dict[str, Any] | None:
+        now = await f.call("GET", f"/v1/chains/{record['id']}")
+        runs = {r["stage"]: r for r in now["runs"]}
+        return dict(runs["transform"]) if runs.get("transform", {}).get("state") == "frozen" else None
+
+    standby = await f.wait_for("transform's standby frozen", frozen, within=60)
+    host = next(h for h in mesh.hosts if h.name == standby["host"])
+    assert standby["host"] != record["runs"][0]["host"]
+    listed = {c["id"]: c for c in (await api(host, "GET", "/v1/containers"))["containers"]}
+    assert listed[standby["container"]]["state"] == "paused", listed[standby["container"]]
+    health = await api(host, "GET", f"/v1/containers/{standby['container']}/health")
+    assert health["status"] == "healthy", health  # frozen: not probed, so not failing
+    client = Client(mesh.client.netns, record["address"])
+    client.start()
+    try:
+        await client.served_by("ingest")
+        done = await ferryctl_json(f, "chain", "advance", record["id"], "--wait", "120")
+        assert done["state"] == "RUNNING" and done["serving"] == "transform", done
+        [handover] = done["handovers"]
+        assert handover["outcome"] == "done" and handover["from_standby"] is True, handover
+        runs = {r["stage"]: r for r in done["runs"]}
+        assert runs["transform"]["container"] == standby["container"]  # the standby, not a new one
+        assert len(done["runs"]) == 2
+        await client.served_by("transform")
+    finally:
+        await client.stop()
+    assert_exactly_once(client)
+    state = await stage_state(f, record["address"])
+    assert state["trail"] == "ingest,transform"
+    listed = {c["id"]: c for c in (await api(host, "GET", "/v1/containers"))["containers"]}
+    assert listed[standby["container"]]["state"] == "running"
+    aborted = await ferryctl_json(f, "chain", "abort", record["id"], "--wait", "60")
+    assert aborted["state"] == "ABORTED", aborted

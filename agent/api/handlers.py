@@ -89,6 +89,8 @@ class ContainerServiceLike(Protocol):
     # The `timeout` parameter mirrors ContainerService.stop (the grace period, not a call deadline).
     async def stop(self, container_id: str, timeout: float | None = None) -> ContainerSummary: ...  # noqa: ASYNC109
     async def delete(self, container_id: str, force: bool = False) -> None: ...
+    async def freeze(self, container_id: str) -> ContainerSummary: ...
+    async def thaw(self, container_id: str) -> ContainerSummary: ...
     async def remove_volume(self, name: str) -> None: ...
     async def list(self) -> list[ContainerSummary]: ...
     async def inspect(self, container_id: str) -> dict[str, Any]: ...
@@ -339,6 +341,14 @@ async def stop_container(request: web.Request) -> web.Response:
     timeout = query_number(request, "timeout", integer=False, maximum=MAX_STOP_TIMEOUT)
     summary = await request.app[CONTAINERS].stop(cid, timeout)
     return _json(summary.to_json())
+
+
+async def freeze_container(request: web.Request) -> web.Response:
+    return _json((await request.app[CONTAINERS].freeze(_container_id(request))).to_json())
+
+
+async def thaw_container(request: web.Request) -> web.Response:
+    return _json((await request.app[CONTAINERS].thaw(_container_id(request))).to_json())
 
 
 async def delete_container(request: web.Request) -> web.Response:

@@ -104,6 +104,8 @@ def build_app(agent: AgentLike) -> web.Application:
     app.router.add_delete("/v1/volumes/{name}", h.delete_volume)
     app.router.add_post("/v1/containers/{id}/start", h.start_container)
     app.router.add_post("/v1/containers/{id}/stop", h.stop_container)
+    app.router.add_post("/v1/containers/{id}/freeze", h.freeze_container)
+    app.router.add_post("/v1/containers/{id}/thaw", h.thaw_container)
     app.router.add_get("/v1/containers/{id}/logs", h.container_logs)
     app.router.add_post("/v1/migrations", m.start_migration)
     app.router.add_get("/v1/migrations", m.list_migrations)

@@ -12,8 +12,9 @@ callers waiting in `wait` at once: a deployment learns of a transition when it h
 poll. `seq` starts from the clock's milliseconds when the monitor starts, so it keeps growing across
 agent restarts.
 
-A container that a migration holds is not probed (its task is frozen or its workload moving): the
-probe is skipped, which counts neither way.
+A container that a migration holds is not probed (its task is frozen or its workload moving), nor
+one frozen as a warm standby (`POST /v1/containers/{id}/freeze`): the probe is skipped, which
+counts neither way.
 """
 
 from __future__ import annotations

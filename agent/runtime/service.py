@@ -101,6 +101,8 @@ class ContainerService:
         # Containers with a service address get their own network namespace through this adapter.
         self.network = network if network is not None else ServiceNetwork(namespace=cd.namespace)
         self._creating: Counter[str] = Counter()
+        self._frozen: set[str] = set()
+        """Containers this agent froze (`freeze`) and has not thawed since."""
         self.uses: ImageUses | None = None
         """The layer cache, told that a container used its image (set by the agent)."""
         self.health: HealthReports | None = None
@@ -315,6 +317,42 @@ class ContainerService:
         log.info("stopped container", extra={"container": container_id, "exit_status": exit_status})
         return _summary(record, None)
 
+    async def freeze(self, container_id: str) -> ContainerSummary:
+        """Freeze a running container's processes (the cgroup freezer, through containerd's pause):
+        they keep their memory and sockets and get no CPU until `thaw`. A warm standby: thawing it
+        is an activation without a start (docs/chains.md, "Warm standby")."""
+        async with self._lock(container_id):
+            record = await self._get(container_id)
+            task = await self._task(container_id)
+            if task is None or task.status != TaskStatus.RUNNING:
+                state = "created" if task is None else _STATES.get(task.status, ContainerState.UNKNOWN).value
+                raise Conflict(f"container {container_id} is {state}; only a running container can be frozen")
+            self._frozen.add(container_id)  # before the pause: no probe of it counts from now on
+            try:
+                await self._cd.tasks.pause(container_id)
+            except BaseException:
+                self._frozen.discard(container_id)
+                raise
+            log.info("froze container", extra={"container": container_id})
+            return _summary(record, await self._task(container_id))
+
+    def frozen(self, container_id: str) -> bool:
+        """Whether this agent froze the container (and has not thawed it): its health is not probed."""
+        return container_id in self._frozen
+
+    async def thaw(self, container_id: str) -> ContainerSummary:
+        """Let a frozen container run again, where it stopped."""
+        async with self._lock(container_id):
+            record = await self._get(container_id)
+            task = await self._task(container_id)
+            if task is None or task.status != TaskStatus.PAUSED:
+                state = "created" if task is None else _STATES.get(task.status, ContainerState.UNKNOWN).value
+                raise Conflict(f"container {container_id} is {state}; only a frozen container can be thawed")
+            await self._cd.tasks.resume(container_id)
+            self._frozen.discard(container_id)
+            log.info("thawed container", extra={"container": container_id})
+            return _summary(record, await self._task(container_id))
+
     async def remove_volume(self, name: str) -> None:
         """Delete a shared volume: VolumeNotFound without it, Conflict while a container mounts it."""
         if self.volumes is None or not await asyncio.to_thread(self.volumes.exists, name):
@@ -330,6 +368,7 @@ class ContainerService:
 
     async def _delete(self, container_id: str, force: bool) -> None:
         record = await self._get(container_id)
+        self._frozen.discard(container_id)
         task = await self._task(container_id)
         if task is not None and task.status != TaskStatus.STOPPED:
             if not force:

@@ -98,6 +98,8 @@ class Stage:
     run_for: float = 0.0
     """0: until `chain advance`."""
     fallback: str = ""
+    standby: str = "none"
+    """frozen: created ahead, while the stage before it serves, and frozen until its handover."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
@@ -122,6 +124,8 @@ class Stage:
             out["run_for"] = self.run_for
         if self.fallback:
             out["fallback"] = self.fallback
+        if self.standby != "none":
+            out["standby"] = self.standby
         return out
 
     @classmethod
@@ -145,6 +149,7 @@ class Stage:
             health=HealthCheck.from_dict(data["health"]) if data.get("health") else None,
             run_for=float(data.get("run_for", 0.0)),
             fallback=data.get("fallback", ""),
+            standby=data.get("standby", "none"),
         )
 
 
@@ -304,6 +309,8 @@ def graph_problems(manifest: ChainManifest) -> list[str]:
         if i == 0:
             if s.consumes_from:
                 problems.append(f"stages[0].consumes: {s.name} is the first stage; it consumes nothing")
+            if s.standby != "none":
+                problems.append(f"stages[0].standby: {s.name} is the first stage; nothing runs before it to keep one")
         elif not s.consumes_from:
             problems.append(f"stages[{i}].consumes: {s.name} runs after {main[i - 1]}; say what it consumes from it")
         elif s.consumes_from != main[i - 1] and s.consumes_from in where:

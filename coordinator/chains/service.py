@@ -89,6 +89,8 @@ class ChainAgents(Protocol):
     async def publish(self, host: Host, container_id: str) -> None: ...
     async def unpublish(self, host: Host, service_ip: str) -> bool: ...
     async def delete_volume(self, host: Host, name: str) -> None: ...
+    async def freeze_container(self, host: Host, container_id: str) -> None: ...
+    async def thaw_container(self, host: Host, container_id: str) -> None: ...
     async def stage_state(
         self, host: Host, container_id: str, action: str, port: int, body: bytes, within: float
     ) -> tuple[int, bytes]: ...
@@ -416,6 +418,7 @@ class ChainService:
         manifest = record.chain_manifest()
         stage = manifest.stage(record.serving)
         wakeup = self._advance.setdefault(record.id, asyncio.Event())
+        record = await self._keep_standby(record)
         timeout: float | None = None
         if record.failed:
             # A handover failed: a fallback left to try is tried at once; with none, `advance` retries.
@@ -442,6 +445,32 @@ class ChainService:
                 HandoverRecord(source=record.serving, target=target, phases_ms={}), now
             )
         )
+
+    async def _keep_standby(self, record: ChainRecord) -> ChainRecord:
+        """The next stage's warm standby, if it asks for one (`standby: frozen`) and has none yet:
+        placed where its handover would place it, created unpublished, made healthy, then frozen
+        (no CPU; its memory and its reservation kept), so the handover thaws it instead of
+        starting it. One that cannot be made is removed and logged; the handover then starts the
+        stage as it would without a standby."""
+        manifest = record.chain_manifest()
+        following = successor(manifest, record.serving, ()) if not record.failed else None
+        if following is None or manifest.stage(following).standby != "frozen" or record.run_of(following):
+            return record
+        stage = manifest.stage(following)
+        try:
+            serving = _serving_run(record)
+            record, run = await self._place(record, stage, exclude=await self._not_next_to(record, serving))
+            record, run = await self._create(record, run, stage, publish=False, deadline=self._health_deadline())
+            await self._agents.freeze_container(await self._host_or_fail(run), run.container)
+        except (StepFailed, FerrymanError) as exc:
+            log.warning("no standby kept", extra={"chain": record.id, "stage": stage.name, "error": str(exc)})
+            current = await self.get(record.id)
+            left = current.run_of(stage.name)
+            if left is not None:
+                current = await self._put(current.with_run(await self._remove(record.id, left), self._clock()))
+            return current
+        log.info("standby frozen", extra={"chain": record.id, "stage": stage.name, "host": run.host})
+        return await self._put(record.with_run(dataclasses.replace(run, state=RunState.FROZEN), self._clock()))
 
     # ----- steps: the handover
 
@@ -486,6 +515,15 @@ class ChainService:
             )
             host = await self._host_or_fail(run)
             stage = manifest.stage(record.target)
+            if run.state is RunState.FROZEN:  # its warm standby: activated by a thaw, healthy already
+                try:
+                    await self._agents.thaw_container(host, run.container)
+                except FerrymanError as exc:
+                    raise StepFailed(f"thawing the standby of {stage.name} on {run.host}: {exc.message}") from exc
+                run = dataclasses.replace(run, state=RunState.HEALTHY)
+                return await self._put(record.with_run(run, self._clock())), {"from_standby": True}
+            if run.state is not RunState.PLACED:  # made already (a standby that was not frozen)
+                return record, {}
             try:
                 await self._agents.pull_image(host, stage.image, self._create_timeout)
                 await self._agents.create_container(host, self._spec(record, run, stage, False), self._create_timeout)
@@ -730,6 +768,10 @@ class ChainService:
         """Delete the container (its address unpublished with it) and release the reservation;
         problems are logged and kept in the run, never raised."""
         problems = []
+        if run.host and run.state is RunState.FROZEN:
+            # A frozen task takes no SIGTERM: thawed first, it stops as any other does.
+            with contextlib.suppress(FerrymanError):
+                await self._agents.thaw_container(await self._host(run.host), run.container)
         if run.host and run.state is not RunState.PLACED:
             try:
                 await self._agents.delete_container(await self._host(run.host), run.container)

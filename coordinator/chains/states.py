@@ -179,6 +179,7 @@ class RunState(enum.StrEnum):
     PLACED = "placed"  # capacity reserved on its host
     CREATED = "created"  # the agent created and started it (the address not published by it)
     HEALTHY = "healthy"  # its health check passed
+    FROZEN = "frozen"  # a warm standby: healthy, then frozen until its handover thaws it
     SERVING = "serving"  # it has the chain's state and address
     FAILED = "failed"  # it failed to start, to be healthy, or to take the state; removed since
     REMOVED = "removed"  # its container and reservation are gone
@@ -235,6 +236,8 @@ class HandoverRecord:
     state_sha256: str = ""
     phases_ms: Mapping[str, float] = field(default_factory=dict)
     """Milliseconds each phase took, by phase name."""
+    from_standby: bool = False
+    """The target was its frozen warm standby, thawed in PREPARING (not started)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -246,6 +249,7 @@ class HandoverRecord:
             "state_bytes": self.state_bytes,
             "state_sha256": self.state_sha256,
             "phases_ms": dict(self.phases_ms),
+            "from_standby": self.from_standby,
         }
 
     @classmethod
@@ -259,6 +263,7 @@ class HandoverRecord:
             state_bytes=int(data.get("state_bytes", 0)),
             state_sha256=data.get("state_sha256", ""),
             phases_ms={k: float(v) for k, v in (data.get("phases_ms") or {}).items()},
+            from_standby=bool(data.get("from_standby", False)),
         )
 
 
