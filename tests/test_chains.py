@@ -406,6 +406,7 @@ async def test_handovers_failing_at_export_transfer_and_switch_roll_back_with_th
 
 VOLUME = "/handover"
 BIG_SEED = 1 << 20
+BIG_STATE = 16 << 20
 
 
 async def test_a_counter_is_handed_over_on_one_host_through_the_chains_volume(
@@ -494,15 +495,18 @@ async def test_a_frozen_standby_is_thawed_at_its_handover(
     fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver], base_dir: Path
 ) -> None:
     """`standby: frozen`: while ingest serves, transform is made on another host, healthy, and frozen
-    (the agent's task paused, no probe of it counted); the handover thaws it instead of starting it."""
+    (the agent's task paused, no probe of it counted); the handover thaws it instead of starting it.
+    The state is 16 MiB: it arrives in many reads through each agent's relay, and whole."""
     f, mesh = fleet3, fleet3.mesh
     assert mesh.client is not None
     image = await push_stage_image(mesh)
+    ingest = stage("ingest", image)
+    ingest["args"][3] = str(BIG_STATE)
     manifest = {
         "version": 1,
         "name": "standby",
         "port": PORT,
-        "stages": [stage("ingest", image), stage("transform", image, "ingest", standby="frozen")],
+        "stages": [ingest, stage("transform", image, "ingest", standby="frozen")],
     }
     path = base_dir / "standby.json"
     path.write_text(json.dumps(manifest))
@@ -538,6 +542,8 @@ async def test_a_frozen_standby_is_thawed_at_its_handover(
     assert_exactly_once(client)
     state = await stage_state(f, record["address"])
     assert state["trail"] == "ingest,transform"
+    assert state["buffer"] == bytes((i % 251 + 1) % 256 for i in range(BIG_STATE))
+    assert handover["state_bytes"] > BIG_STATE
     listed = {c["id"]: c for c in (await api(host, "GET", "/v1/containers"))["containers"]}
     assert listed[standby["container"]]["state"] == "running"
     aborted = await ferryctl_json(f, "chain", "abort", record["id"], "--wait", "60")

@@ -55,9 +55,16 @@ async def _request(
                 aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
                 session.request(method, url, data=body, headers=headers, allow_redirects=False) as resp,
             ):
-                data = await resp.content.read(max_body + 1 if longer_fails else max_body)
+                # read(n) gives what has arrived, up to n: a large answer (a stage's state) takes many.
+                limit = max_body + 1 if longer_fails else max_body
+                data = bytearray()
+                while len(data) < limit:
+                    chunk = await resp.content.read(limit - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
                 if len(data) > max_body:
                     raise ProbeFailed(f"{method} {url}: answer longer than {max_body} bytes")
-                return HttpAnswer(resp.status, resp.reason or "", data)
+                return HttpAnswer(resp.status, resp.reason or "", bytes(data))
         except aiohttp.ClientError as exc:
             raise ProbeFailed(f"{method} {url}: {exc}") from exc
