@@ -15,7 +15,8 @@
  * to the trail. So a test can tell exactly which stages a state went through, and that nothing of it
  * was lost or applied twice.
  *
- * HTTP/1.1 on PORT, one request per connection (Connection: close), one connection at a time:
+ * HTTP/1.1 on PORT, one request per connection (Connection: close) unless the request asks for
+ * Connection: keep-alive; a thread per connection, one request handled at a time:
  *   GET  /healthz        200 ok (503 with FAULT health)
  *   POST /work           counter + 1; 200 "NAME COUNTER"; 503 while handing over (not counted)
  *   GET  /state          200, the state as MessagePack {counter, buffer, trail}; no side effect
@@ -36,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -52,12 +54,16 @@ static unsigned char *buffer;
 static size_t buffer_len;
 static char trail[4096];
 static int handing_over;
+static pthread_mutex_t state_lock = PTHREAD_MUTEX_INITIALIZER;  /* one request handled at a time */
+static __thread int keep_alive;  /* the request being answered asked for Connection: keep-alive */
 static const char *volume;   /* NULL: the buffer is in memory and exported by value */
-static size_t mapped_len;    /* > 0: buffer is a shared mapping of VOLUME/NAME.buffer */
+static size_t mapped_len;    /* > 0: buffer is a mapping of VOLUME/<buffer_file> */
+static char buffer_file[256];  /* with a volume: the file in it that holds the buffer */
 
 /* A buffer of len bytes: in memory, or (with a volume) a fresh shared mapping of our own file. */
 static unsigned char *new_buffer(size_t len) {
     if (!volume) return malloc(len ? len : 1);
+    snprintf(buffer_file, sizeof buffer_file, "%s.buffer", name);
     char path[4096];
     snprintf(path, sizeof path, "%s/%s.buffer", volume, name);
     int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
@@ -95,8 +101,8 @@ static int write_all(int fd, const void *data, size_t len) {
 static void respond(int fd, int status, const char *reason, const char *type, const void *body, size_t len) {
     char head[256];
     int n = snprintf(head, sizeof head,
-                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
-                     status, reason, type, len);
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: %s\r\n\r\n",
+                     status, reason, type, len, keep_alive ? "keep-alive" : "close");
     if (write_all(fd, head, (size_t)n) == 0 && len) write_all(fd, body, len);
 }
 
@@ -120,11 +126,10 @@ static unsigned char *encode(size_t *out_len) {
     *p++ = 0xcf; put_be(p, counter, 8); p += 8;
     *p++ = 0xa6; memcpy(p, "buffer", 6); p += 6;
     if (volume) {
-        char file[256];
-        int flen = snprintf(file, sizeof file, "%s.buffer", name);
+        size_t flen = strlen(buffer_file);
         *p++ = 0x82;
         *p++ = 0xa4; memcpy(p, "file", 4); p += 4;
-        *p++ = 0xd9; *p++ = (unsigned char)flen; memcpy(p, file, (size_t)flen); p += flen;
+        *p++ = 0xd9; *p++ = (unsigned char)flen; memcpy(p, buffer_file, flen); p += flen;
         *p++ = 0xa5; memcpy(p, "bytes", 5); p += 5;
         *p++ = 0xcf; put_be(p, buffer_len, 8); p += 8;
     } else {
@@ -240,6 +245,22 @@ static const char *load(const unsigned char *body, size_t len) {
     set_buffer(copy, blen);
     memcpy(trail, tdata, tlen);
     trail[tlen] = 0;
+    if (volume) {
+        /* The files of the stages before the one handing over are nobody's any more (it loaded
+         * from them, and a rollback from here returns to it): removed, so the volume holds two. */
+        char *last = strrchr(trail, ',');
+        for (char *p = trail; last && p < last;) {
+            char *comma = strchr(p, ',');
+            char path[256];
+            snprintf(path, sizeof path, "%.*s.buffer", (int)(comma - p), p);
+            if (strcmp(path, file) && strcmp(path, buffer_file)) {  /* not a file still in use */
+                char full[4096];
+                snprintf(full, sizeof full, "%s/%s", volume, path);
+                unlink(full);
+            }
+            p = comma + 1;
+        }
+    }
     strcat(trail, ",");
     strcat(trail, name);
     counter = count;
@@ -286,36 +307,57 @@ static void handle(int fd, const char *method, const char *path, const unsigned 
     }
 }
 
-static void connection(int fd) {
-    char head[MAX_HEADER + 1];
-    size_t got = 0;
-    char *end = NULL;
+/* One request from fd (head holds `*got` bytes read ahead); 1 to read another on this connection. */
+static int one_request(int fd, char *head, size_t *got) {
+    char *end = strstr(head, "\r\n\r\n");
     while (!end) {
-        if (got == MAX_HEADER) return;
-        ssize_t n = read(fd, head + got, MAX_HEADER - got);
-        if (n <= 0) return;
-        got += (size_t)n;
-        head[got] = 0;
+        if (*got == MAX_HEADER) return 0;
+        ssize_t n = read(fd, head + *got, MAX_HEADER - *got);
+        if (n <= 0) return 0;
+        *got += (size_t)n;
+        head[*got] = 0;
         end = strstr(head, "\r\n\r\n");
     }
     char method[16], path[256];
-    if (sscanf(head, "%15s %255s", method, path) != 2) return;
+    if (sscanf(head, "%15s %255s", method, path) != 2) return 0;
     long length = 0;
+    keep_alive = 0;
     for (char *line = strstr(head, "\r\n"); line && line < end; line = strstr(line + 2, "\r\n")) {
         if (!strncasecmp(line + 2, "Content-Length:", 15)) length = strtol(line + 17, NULL, 10);
+        if (!strncasecmp(line + 2, "Connection: keep-alive", 22)) keep_alive = 1;
     }
-    if (length < 0 || length > MAX_BODY) { text(fd, 413, "Payload Too Large", "body too large"); return; }
-    size_t have = got - (size_t)(end + 4 - head);
+    if (length < 0 || length > MAX_BODY) { text(fd, 413, "Payload Too Large", "body too large"); return 0; }
+    size_t header_len = (size_t)(end + 4 - head);
+    size_t have = *got - header_len;
+    size_t extra = have > (size_t)length ? have - (size_t)length : 0;  /* the next request, read ahead */
     unsigned char *body = malloc((size_t)length + 1);
-    if (!body) return;
+    if (!body) return 0;
     memcpy(body, end + 4, have < (size_t)length ? have : (size_t)length);
     while (have < (size_t)length) {
         ssize_t n = read(fd, body + have, (size_t)length - have);
-        if (n <= 0) { free(body); return; }
+        if (n <= 0) { free(body); return 0; }
         have += (size_t)n;
     }
+    pthread_mutex_lock(&state_lock);
     handle(fd, method, path, body, (size_t)length);
+    pthread_mutex_unlock(&state_lock);
     free(body);
+    memmove(head, head + header_len + (size_t)length, extra);
+    *got = extra;
+    head[*got] = 0;
+    return keep_alive;
+}
+
+/* A connection: one request (Connection: close), or requests until the client closes it when it
+ * asks for keep-alive. Each connection has a thread; requests are handled one at a time. */
+static void *connection(void *arg) {
+    int fd = (int)(intptr_t)arg;
+    char head[MAX_HEADER + 1];
+    size_t got = 0;
+    head[0] = 0;
+    while (one_request(fd, head, &got)) {}
+    close(fd);
+    return NULL;
 }
 
 int main(int argc, char **argv) {
@@ -352,7 +394,8 @@ int main(int argc, char **argv) {
         struct timeval tv = {.tv_sec = 5};  /* a client that stops sending does not hold the stage */
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-        connection(fd);
-        close(fd);
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, connection, (void *)(intptr_t)fd)) { close(fd); continue; }
+        pthread_detach(thread);
     }
 }
