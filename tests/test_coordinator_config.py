@@ -90,10 +90,11 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     (root / "usr/lib/systemd").mkdir(parents=True)
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     shutil.copy(UNIT, root / "etc/systemd/system/")
-    binary = root / "opt/ferryman/venv/bin/ferryman-coordinator"
-    binary.parent.mkdir(parents=True)
-    binary.write_text("#!/bin/sh\nexit 0\n")
-    binary.chmod(0o755)
+    # The unit's programs, as stubs: its ExecStart and ExecReload's kill.
+    for binary in (root / "opt/ferryman/venv/bin/ferryman-coordinator", root / "bin/kill"):
+        binary.parent.mkdir(parents=True)
+        binary.write_text("#!/bin/sh\nexit 0\n")
+        binary.chmod(0o755)
     res = subprocess.run(
         [analyze, "verify", f"--root={root}", "/etc/systemd/system/ferryman-coordinator.service"],
         capture_output=True,
