@@ -224,6 +224,7 @@ class Coordinator:
         """Start the background loops. With one store of its own (SQLite) this coordinator leads at
         once; on etcd it campaigns, and leads (resumes migrations, takes over deployments left in flight,
         runs the ticks, liveness checks, sweeps and retraining) only while elected."""
+        self._loops.append(asyncio.create_task(self.hosts.run_flusher(self._stop), name="telemetry-flusher"))
         if self.election is None:
             await self._start_leading()
         else:

@@ -64,6 +64,10 @@ class TelemetryConfig:
     """A sample stamped further than this in the future is refused (a broken clock)."""
     max_batch: int = 1000
     """Samples accepted in one push."""
+    flush_period: float = 1.0
+    """Seconds between writes of the telemetry summaries held back to a shared store (etcd: one
+    transaction for up to 126 hosts' summaries instead of one per push). How stale the other
+    replicas' view of a host's heartbeat and usage may be; below heartbeat.suspect_after / 2."""
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,7 @@ def _validate(config: CoordinatorConfig) -> None:
         "telemetry.max_age": config.telemetry.max_age,
         "telemetry.max_future_skew": config.telemetry.max_future_skew,
         "telemetry.max_batch": config.telemetry.max_batch,
+        "telemetry.flush_period": config.telemetry.flush_period,
         "model.tick_period": config.model.tick_period,
         "model.retrain_holdout": config.model.retrain_holdout,
         "model.retrain_timeout": config.model.retrain_timeout,
@@ -307,6 +312,8 @@ def _validate(config: CoordinatorConfig) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be greater than 0, got {value}")
+    if config.telemetry.flush_period > config.heartbeat.suspect_after / 2:
+        raise ConfigError("telemetry.flush_period must be at most heartbeat.suspect_after / 2")
     if config.heartbeat.down_after <= config.heartbeat.suspect_after:
         raise ConfigError("heartbeat.down_after must be greater than heartbeat.suspect_after")
     if config.reservations.ttl > config.reservations.max_ttl:

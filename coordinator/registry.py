@@ -43,6 +43,9 @@ class HostRegistry:
         says nothing about the hosts, which could not reach it."""
         self._metrics = metrics
         self._observer = observer
+        self._health_seen: dict[str, HostHealth] = {}
+        """Each host's health at the last liveness check: a push brings a host back without a
+        read of it, and the next check tells ("host is back")."""
 
     async def register(self, reg: fleet_pb2.Registration) -> Host:
         host = registration_to_host(reg, self._clock())
@@ -57,7 +60,10 @@ class HostRegistry:
         return stored
 
     async def push(self, batch: fleet_pb2.TelemetryBatch) -> fleet_pb2.TelemetryAck:
-        """Validate and store a batch; an unknown host is asked to register (nothing is stored)."""
+        """Validate and store a batch; an unknown host is asked to register (nothing is stored).
+
+        Any replica takes a push; on etcd the summary reaches the others with the next flush
+        (`run_flusher`)."""
         now = self._clock()
         checked = check_batch(
             batch,
@@ -65,18 +71,15 @@ class HostRegistry:
             max_future_skew=self._config.telemetry.max_future_skew,
             max_batch=self._config.telemetry.max_batch,
         )
-        host = await self._store.get_host(checked.host)
-        if host is None:
-            return fleet_pb2.TelemetryAck(accepted=0, reregister=True)
         update = TelemetryUpdate(
             host=checked.host,
             samples=checked.samples,
             received_at=now,
-            # An empty batch is a heartbeat only: keep the last known usage.
-            used=checked.used if checked.samples else host.used,
-            containers=checked.containers if checked.samples else host.containers,
-            pressure=checked.pressure if checked.samples else host.pressure,
+            used=checked.used,
+            containers=checked.containers,
+            pressure=checked.pressure,
             dropped=checked.dropped,
+            heartbeat_only=not checked.samples,  # keep the last known usage
         )
         try:
             accepted = await self._store.record_telemetry(
@@ -86,8 +89,6 @@ class HostRegistry:
             return fleet_pb2.TelemetryAck(accepted=0, reregister=True)
         if self._observer is not None:
             self._observer(checked.host, checked.samples)
-        if host.health is not HostHealth.READY:
-            log.info("host is back", extra={"host": host.name, "was": host.health.value})
         self._metrics.telemetry_samples.inc(accepted)
         if checked.dropped:
             self._metrics.telemetry_dropped.inc(checked.dropped)
@@ -117,10 +118,15 @@ class HostRegistry:
         now = self._clock()
         changes: list[tuple[str, HostHealth, HostHealth]] = []
         for host in await self._store.list_hosts():
+            was = self._health_seen.get(host.name)
+            if was is not None and was is not HostHealth.READY and host.health is HostHealth.READY:
+                log.info("host is back", extra={"host": host.name, "was": was.value})
+            self._health_seen[host.name] = host.health
             health = self._health_for(host, now)
             # Only ever downwards here: coming back to ready is a telemetry push's job.
             if health is not host.health and _rank(health) > _rank(host.health):
                 await self._store.set_health(host.name, health)
+                self._health_seen[host.name] = health
                 changes.append((host.name, host.health, health))
                 log.warning(
                     "host missed heartbeats",
@@ -137,6 +143,19 @@ class HostRegistry:
                 log.exception("liveness check failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._config.heartbeat.check_period)
+
+    async def run_flusher(self, stop: asyncio.Event) -> None:
+        """Write the telemetry summaries held back to the store every `telemetry.flush_period` (every
+        replica, leading or not: the pushes it takes must reach the leader)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._config.telemetry.flush_period)
+            try:
+                await self._store.flush_telemetry()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("flushing telemetry summaries failed (kept for the next flush)")
 
     # ----- admin state
 

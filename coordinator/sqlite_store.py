@@ -413,18 +413,24 @@ class SqliteStore:
     async def record_telemetry(self, update: TelemetryUpdate, keep: int, max_age: float) -> int:
         def op() -> int:
             with self._write() as db:
-                cur = db.execute(
-                    """UPDATE hosts SET last_heartbeat = ?, health = ?, used = ?, containers = ?, pressure = ?
-                       WHERE name = ?""",
-                    (
-                        update.received_at,
-                        HostHealth.READY.value,
-                        _dumps(update.used.to_dict()),
-                        _dumps([asdict(c) for c in update.containers]),
-                        _dumps(dict(update.pressure)),
-                        update.host,
-                    ),
-                )
+                if update.heartbeat_only:
+                    cur = db.execute(
+                        "UPDATE hosts SET last_heartbeat = ?, health = ? WHERE name = ?",
+                        (update.received_at, HostHealth.READY.value, update.host),
+                    )
+                else:
+                    cur = db.execute(
+                        """UPDATE hosts SET last_heartbeat = ?, health = ?, used = ?, containers = ?, pressure = ?
+                           WHERE name = ?""",
+                        (
+                            update.received_at,
+                            HostHealth.READY.value,
+                            _dumps(update.used.to_dict()),
+                            _dumps([asdict(c) for c in update.containers]),
+                            _dumps(dict(update.pressure)),
+                            update.host,
+                        ),
+                    )
                 if cur.rowcount == 0:
                     raise HostNotFound(f"no host {update.host!r} is registered")
                 db.executemany(
@@ -443,6 +449,9 @@ class SqliteStore:
             return len(update.samples)
 
         return await self._run(op)
+
+    async def flush_telemetry(self) -> None:
+        """Nothing is held back: every push is written at once."""
 
     async def telemetry(self, host: str, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]:
         def op() -> list[tuple[float, dict[str, Any]]]:

@@ -44,6 +44,8 @@ class TelemetryUpdate:
     containers: tuple[ContainerUsage, ...]
     pressure: Mapping[str, float]
     dropped: int = 0
+    heartbeat_only: bool = False
+    """A push without samples: refresh the heartbeat, keep the last summary (used, containers, PSI)."""
 
 
 class CatalogStore(Protocol):
@@ -82,13 +84,20 @@ class HostStore(Protocol):
 
 
 class TelemetryStore(Protocol):
-    """Pushed samples (a bounded history per host) and the host summary each push refreshes."""
+    """Pushed samples (a bounded history per host) and the host summary each push refreshes.
+
+    A backend may hold the summaries back and write them in bulk (etcd): its own reads of a host
+    see them at once, other clients after the next `flush_telemetry`."""
 
     async def record_telemetry(self, update: TelemetryUpdate, keep: int, max_age: float) -> int:
         """Store the samples (bounded to `keep` per host and `max_age` seconds) and mark a heartbeat.
 
         Returns the number of samples stored. Raises HostNotFound for an unregistered host.
         """
+        ...
+
+    async def flush_telemetry(self) -> None:
+        """Write the summaries held back since the last flush, so that other clients see them."""
         ...
 
     async def telemetry(self, host: str, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]: ...

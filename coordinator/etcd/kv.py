@@ -234,8 +234,13 @@ class EtcdKV:
 
     async def txn(self, guards: Sequence[Guard], ops: Sequence[Op]) -> bool:
         """Apply `ops` in one transaction if every guard holds; whether they were applied."""
+        return await self.txn_revision(guards, ops) is not None
 
-        async def op(c: _Client) -> bool:
+    async def txn_revision(self, guards: Sequence[Guard], ops: Sequence[Op]) -> int | None:
+        """`txn`, answering the store revision the transaction wrote at (every key it put now has
+        that mod revision; 0 when it had no put), or None when a guard failed and nothing was applied."""
+
+        async def op(c: _Client) -> int | None:
             t = c.transactions
             compare: list[Any] = []
             for g in guards:
@@ -246,8 +251,11 @@ class EtcdKV:
                 else:
                     compare.append(t.mod(g.key) == g.revision)
             success = [t.put(o.key, o.value, o.lease or None) if isinstance(o, Put) else t.delete(o.key) for o in ops]
-            ok, _ = await c.transaction(compare=compare, success=success, failure=[])
-            return bool(ok)
+            ok, responses = await c.transaction(compare=compare, success=success, failure=[])
+            if not ok:
+                return None
+            puts = [r.response_put for r in responses if r.WhichOneof("response") == "response_put"]
+            return int(puts[0].header.revision) if puts else 0
 
         return await self._call("transaction", op)
 

@@ -22,11 +22,15 @@ double-booking guarantee: it reads the host and its reservation range, checks th
 inserts only if neither the host nor any reservation on it changed since; a replica that loses the
 race reads again and decides again (InsufficientCapacity once the host is full).
 
-Telemetry time series do not go to etcd: a push only refreshes the host's summary key (the
-heartbeat and the capacity in use, which `reserve` needs). The samples are kept in this replica's
-memory, bounded per host by count and age exactly as the SQLite store bounds them; a replica that
-starts has none until agents push again (docs/coordinator.md, "Running on etcd"). The start history
-(the layer predictor's) is kept the same way, in this replica's memory.
+Telemetry time series do not go to etcd, and neither does each push: a push refreshes the host's
+summary (the heartbeat and the capacity in use, which `reserve` needs) in this replica's memory,
+and `flush_telemetry` (every `[telemetry] flush_period`, and before this replica reads a host)
+writes every summary held back in as few transactions as etcd allows, each guarded by the host
+keys' revisions as this replica last read or wrote them (a host changed meanwhile by another
+replica, e.g. the leader marking it suspect, is read again and its summary reapplied). The samples
+are kept in this replica's memory, bounded per host by count and age exactly as the SQLite store
+bounds them; a replica that starts has none until agents push again (docs/coordinator.md, "Running
+on etcd"). The start history (the layer predictor's) is kept the same way, in this replica's memory.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import random
 import secrets
 from collections.abc import Sequence
@@ -43,7 +48,18 @@ from typing import Any
 from coordinator.catalog.model import Catalog, CatalogChanged, CatalogEntry, CatalogEntryExists
 from coordinator.chains.states import ChainRecord
 from coordinator.deployments.states import DeploymentRecord
-from coordinator.etcd.kv import Absent, Delete, EtcdError, EtcdKV, Guard, ModRevision, Put, Unchanged, prefix_end
+from coordinator.etcd.kv import (
+    Absent,
+    Delete,
+    Entry,
+    EtcdError,
+    EtcdKV,
+    Guard,
+    ModRevision,
+    Put,
+    Unchanged,
+    prefix_end,
+)
 from coordinator.leadership import NotLeader
 from coordinator.model import (
     Capacity,
@@ -63,6 +79,8 @@ from coordinator.model import (
 )
 from coordinator.store import ModelSlots, StoredModel, TelemetryUpdate
 from core.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 200
 """Read-decide-write rounds one update may lose to concurrent writers before it gives up."""
@@ -179,6 +197,29 @@ class _Starts:
         return sorted(out, key=lambda s: s.ts)
 
 
+def _merge_pending(older: TelemetryUpdate | None, newer: TelemetryUpdate) -> TelemetryUpdate:
+    """One host's summaries held back, as one: the newest heartbeat, the newest usage pushed."""
+    if older is None or not newer.heartbeat_only or older.heartbeat_only:
+        return newer
+    return dataclasses.replace(older, received_at=max(older.received_at, newer.received_at), samples=())
+
+
+def _with_summary(host: Host, update: TelemetryUpdate) -> Host:
+    """`host` as etcd has it, refreshed by a summary held back (never moved back in time)."""
+    if update.received_at < host.last_heartbeat:
+        return dataclasses.replace(host, health=HostHealth.READY)  # another replica wrote a newer one
+    if update.heartbeat_only:
+        return dataclasses.replace(host, last_heartbeat=update.received_at, health=HostHealth.READY)
+    return dataclasses.replace(
+        host,
+        last_heartbeat=update.received_at,
+        health=HostHealth.READY,
+        used=update.used,
+        containers=tuple(update.containers),
+        pressure=dict(update.pressure),
+    )
+
+
 class EtcdStore:
     """`Store` on an etcd cluster. Open with `EtcdStore(EtcdKV(endpoints), prefix)`; no I/O until used."""
 
@@ -191,6 +232,12 @@ class EtcdStore:
         self._starts = _Starts()
         self._decisions_recorded = 0
         self._fence: ModRevision | None = None
+        self._pending: dict[str, TelemetryUpdate] = {}
+        """Each host's telemetry summary pushed here and not yet in etcd (flush_telemetry)."""
+        self._known: dict[str, tuple[Host, int]] = {}
+        """Hosts as this client last read or wrote them, with their keys' mod revisions: a push
+        needs no read to learn that its host is registered, a flush none to guard its writes."""
+        self._flushing = asyncio.Lock()
         self._reserving: dict[str, asyncio.Lock] = {}
         """One reserve per host at a time from this client: its own calls queue instead of racing
         each other's transactions (another replica's still race, and the guards settle it)."""
@@ -244,24 +291,32 @@ class EtcdStore:
         await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
 
     async def close(self) -> None:
-        await self._kv.close()
+        try:
+            await self.flush_telemetry()  # what this replica was told last, for the others
+        except EtcdError as exc:
+            log.warning("telemetry summaries not flushed at close", extra={"error": exc.message})
+        finally:
+            await self._kv.close()
 
     # ----- hosts
 
     async def _update_host(self, name: str, change: dict[str, Any]) -> Host:
         key = self._host_key(name)
+        await self._flush_host(name)
         for attempt in range(MAX_ATTEMPTS):
             entry = await self._kv.get(key)
             if entry is None:
                 raise HostNotFound(f"no host {name!r} is registered")
             host = dataclasses.replace(_host_from_json(entry.value), **change)
             if await self._txn([ModRevision(key, entry.mod_revision)], [Put(key, _host_to_json(host))]):
+                self._known.pop(name, None)  # the revision it got is not known here: read it next time
                 return host
             await self._retry_pause(attempt)
         raise AssertionError("unreachable")
 
     async def register_host(self, host: Host) -> Host:
         key = self._host_key(host.name)
+        await self._flush_host(host.name)
         for attempt in range(MAX_ATTEMPTS):
             entry = await self._kv.get(key)
             guard: Guard
@@ -280,17 +335,25 @@ class EtcdStore:
                 )
                 guard = ModRevision(key, entry.mod_revision)
             if await self._txn([guard], [Put(key, _host_to_json(new))]):
+                self._known.pop(host.name, None)
                 return new
             await self._retry_pause(attempt)
         raise AssertionError("unreachable")
 
     async def get_host(self, name: str) -> Host | None:
+        await self._flush_host(name)
         entry = await self._kv.get(self._host_key(name))
-        return None if entry is None else _host_from_json(entry.value)
+        return None if entry is None else self._remember(entry)
 
     async def list_hosts(self) -> list[Host]:
+        await self.flush_telemetry()
         snap = await self._kv.range(self._key("hosts") + b"/")
-        return sorted((_host_from_json(e.value) for e in snap.entries), key=lambda h: h.name)
+        return sorted((self._remember(e) for e in snap.entries), key=lambda h: h.name)
+
+    def _remember(self, entry: Entry) -> Host:
+        host = _host_from_json(entry.value)
+        self._known[host.name] = (host, entry.mod_revision)
+        return host
 
     async def set_health(self, name: str, health: HostHealth) -> None:
         await self._update_host(name, {"health": health})
@@ -301,18 +364,71 @@ class EtcdStore:
     # ----- telemetry: the summary in etcd, the samples in this replica's memory
 
     async def record_telemetry(self, update: TelemetryUpdate, keep: int, max_age: float) -> int:
-        await self._update_host(
-            update.host,
-            {
-                "last_heartbeat": update.received_at,
-                "health": HostHealth.READY,
-                "used": update.used,
-                "containers": tuple(update.containers),
-                "pressure": dict(update.pressure),
-            },
-        )
+        if update.host not in self._known:  # once per host and replica, not once per push
+            entry = await self._kv.get(self._host_key(update.host))
+            if entry is None:
+                raise HostNotFound(f"no host {update.host!r} is registered")
+            self._remember(entry)
+        self._pending[update.host] = _merge_pending(self._pending.get(update.host), update)
         self._series.add(update, keep, max_age)
         return len(update.samples)
+
+    async def flush_telemetry(self) -> None:
+        async with self._flushing:
+            pending, self._pending = self._pending, {}
+            names = sorted(pending)
+            # etcd caps a transaction's guards and its operations alike (one of each per host).
+            for start in range(0, len(names), MAX_TXN_OPS - 1):
+                chunk = {name: pending.pop(name) for name in names[start : start + MAX_TXN_OPS - 1]}
+                try:
+                    await self._flush_chunk(chunk)
+                except BaseException:
+                    for name, update in {**chunk, **pending}.items():
+                        self._hold_back_again(name, update)
+                    raise
+
+    async def _flush_host(self, name: str) -> None:
+        """Flush `name`'s summary (if one is held back) before reading or writing its key."""
+        if name in self._pending:
+            async with self._flushing:
+                update = self._pending.pop(name, None)
+                if update is not None:
+                    try:
+                        await self._flush_chunk({name: update})
+                    except BaseException:
+                        self._hold_back_again(name, update)
+                        raise
+
+    def _hold_back_again(self, name: str, update: TelemetryUpdate) -> None:
+        """Keep a summary that could not be written (etcd unreachable, say) for the next flush, under
+        what was pushed since."""
+        newer = self._pending.get(name)
+        self._pending[name] = update if newer is None else _merge_pending(update, newer)
+
+    async def _flush_chunk(self, chunk: dict[str, TelemetryUpdate]) -> None:
+        """One transaction putting every host of `chunk`, guarded by the revisions known here; the hosts
+        not known (or changed by another client since) are read again first. Not fenced: a summary is
+        the agent's word, whichever replica writes it."""
+        for attempt in range(MAX_ATTEMPTS):
+            unknown = [name for name in chunk if name not in self._known]
+            entries = await asyncio.gather(*(self._kv.get(self._host_key(name)) for name in unknown))
+            for name, entry in zip(unknown, entries, strict=True):
+                if entry is None:
+                    del chunk[name]  # no longer registered: nothing to refresh
+                else:
+                    self._remember(entry)
+            if not chunk:
+                return
+            fresh = {name: _with_summary(self._known[name][0], update) for name, update in chunk.items()}
+            guards: list[Guard] = [ModRevision(self._host_key(name), self._known[name][1]) for name in chunk]
+            ops = [Put(self._host_key(name), _host_to_json(host)) for name, host in fresh.items()]
+            revision = await self._kv.txn_revision(guards, ops)
+            if revision is not None:
+                self._known.update((name, (host, revision)) for name, host in fresh.items())
+                return
+            for name in chunk:  # which guard failed is not said: read them all again
+                self._known.pop(name, None)
+            await self._retry_pause(attempt)
 
     async def telemetry(self, host: str, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]:
         return self._series.since(host, since)
@@ -332,6 +448,7 @@ class EtcdStore:
 
     async def _host_state(self, host: str) -> tuple[Host, int, list[Reservation], int]:
         """The host, its key's revision, its reservations and the revision of that range read."""
+        await self._flush_host(host)
         entry = await self._kv.get(self._host_key(host))
         if entry is None:
             raise HostNotFound(f"no host {host!r} is registered")

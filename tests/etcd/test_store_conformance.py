@@ -10,6 +10,7 @@ key prefix; the HA cases (tests/test_etcd_store.py) start three.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -157,6 +158,114 @@ async def test_telemetry_refreshes_the_summary_and_is_bounded(store: Store) -> N
     await store.record_telemetry(_push("h2", 101.0, [100.0]), keep=3, max_age=60)
     everything = await store.telemetry_all(since=99.0)
     assert {h: [ts for ts, _ in s] for h, s in everything.items()} == {"h1": [99.0], "h2": [100.0]}
+
+
+# ----- telemetry summaries: held back per client on etcd, visible to the others after a flush
+
+
+async def test_a_flushed_summary_reaches_every_client(clients: list[Store]) -> None:
+    a, b, _ = clients
+    await a.register_host(_host("h1"))
+    await a.record_telemetry(_push("h1", 100.0, [99.0], used=GiB), keep=10, max_age=60)
+    own = await a.get_host("h1")  # the client that took the push sees it at once
+    assert own is not None and (own.last_heartbeat, own.used.memory_bytes) == (100.0, GiB)
+    await a.record_telemetry(_push("h1", 105.0, [104.0], used=2 * GiB), keep=10, max_age=60)
+    await a.flush_telemetry()
+    seen = await b.get_host("h1")
+    assert seen is not None and (seen.last_heartbeat, seen.used.memory_bytes) == (105.0, 2 * GiB)
+    assert (await b.free_capacity("h1", 105.0)).memory_bytes == 2 * GiB
+    await a.flush_telemetry()  # nothing held back: nothing written, no error
+
+
+async def test_a_heartbeat_only_push_keeps_the_last_summary(clients: list[Store]) -> None:
+    a, b, _ = clients
+    await a.register_host(_host("h1"))
+    await a.record_telemetry(_push("h1", 100.0, [99.0], used=GiB), keep=10, max_age=60)
+    beat = TelemetryUpdate("h1", [], 110.0, Capacity(), (), {}, heartbeat_only=True)
+    assert await a.record_telemetry(beat, keep=10, max_age=60) == 0  # held back with the push before it
+    await a.flush_telemetry()
+    await a.record_telemetry(dataclasses.replace(beat, received_at=120.0), keep=10, max_age=60)  # alone
+    await a.flush_telemetry()
+    seen = await b.get_host("h1")
+    assert seen is not None
+    assert (seen.last_heartbeat, seen.used.memory_bytes, seen.pressure) == (120.0, GiB, {"memory": 1.5})
+    assert seen.containers == (ContainerUsage("c1", "img", GiB),)
+
+
+async def test_a_flush_keeps_what_other_clients_changed_meanwhile(clients: list[Store]) -> None:
+    """The leader marks a host suspect and drains it while a follower holds its pushes back: the
+    follower's flush refreshes the heartbeat and usage, and the host is ready, still draining."""
+    follower, leader, reader = clients
+    await follower.register_host(_host("h1"))
+    await follower.record_telemetry(_push("h1", 100.0, [99.0]), keep=10, max_age=60)
+    await follower.flush_telemetry()
+    await leader.set_health("h1", HostHealth.SUSPECT)
+    await leader.set_admin("h1", HostAdmin.DRAINING)
+    await follower.record_telemetry(_push("h1", 130.0, [129.0], used=GiB), keep=10, max_age=60)
+    await follower.flush_telemetry()
+    host = await reader.get_host("h1")
+    assert host is not None
+    assert (host.health, host.admin, host.last_heartbeat, host.used.memory_bytes) == (
+        HostHealth.READY,
+        HostAdmin.DRAINING,
+        130.0,
+        GiB,
+    )
+
+
+async def test_a_flush_of_many_hosts_and_pushes_from_two_clients(clients: list[Store]) -> None:
+    """More hosts than one etcd transaction may put, pushed to two clients at once: every host ends
+    with its newest heartbeat."""
+    a, b, reader = clients
+    names = [f"h{i:03d}" for i in range(300)]
+    await asyncio.gather(*(a.register_host(_host(name)) for name in names))
+    for round_ in range(3):
+        for i, name in enumerate(names):
+            taker = (a, b)[(i + round_) % 2]  # agents moving between replicas
+            await taker.record_telemetry(_push(name, 100.0 + round_, [], used=round_ * GiB), keep=10, max_age=60)
+        await asyncio.gather(a.flush_telemetry(), b.flush_telemetry())
+    hosts = await reader.list_hosts()
+    assert [h.name for h in hosts] == names
+    assert {(h.last_heartbeat, h.used.memory_bytes, h.health) for h in hosts} == {(102.0, 2 * GiB, HostHealth.READY)}
+
+
+async def test_etcd_a_summary_held_back_longer_does_not_move_the_heartbeat_back(etcd: EtcdCluster) -> None:
+    """Two replicas hold back pushes of one host (it moved between them): the older summary, flushed
+    last, leaves the newer one in place."""
+    prefix = f"/t-{secrets.token_hex(6)}/"
+    slow, fast = EtcdStore(EtcdKV(etcd.endpoints), prefix), EtcdStore(EtcdKV(etcd.endpoints), prefix)
+    try:
+        await slow.register_host(_host("h1"))
+        await slow.record_telemetry(_push("h1", 135.0, [134.0], used=2 * GiB), keep=10, max_age=60)
+        await fast.record_telemetry(_push("h1", 140.0, [139.0], used=3 * GiB), keep=10, max_age=60)
+        await fast.flush_telemetry()
+        await slow.flush_telemetry()
+        host = await fast.get_host("h1")
+        assert host is not None and (host.last_heartbeat, host.used.memory_bytes) == (140.0, 3 * GiB)
+    finally:
+        await slow.close()
+        await fast.close()
+
+
+async def test_etcd_writes_held_back_summaries_in_few_transactions(etcd: EtcdCluster) -> None:
+    """The point of holding summaries back: 300 hosts pushing 3 times cost 3 transactions of at most
+    126 hosts each, not 900 (etcd's revision counts transactions)."""
+    store = EtcdStore(EtcdKV(etcd.endpoints), f"/t-{secrets.token_hex(6)}/")
+    try:
+        names = [f"h{i:03d}" for i in range(300)]
+        for name in names:
+            await store.register_host(_host(name))
+        await store.list_hosts()  # every host known: a push needs no read
+        before = (await store.kv.range(b"/nothing/")).revision
+        for at in (100.0, 101.0, 102.0):
+            for name in names:
+                await store.record_telemetry(_push(name, at, [at]), keep=10, max_age=60)
+        assert (await store.kv.range(b"/nothing/")).revision == before  # held back: nothing written yet
+        await store.flush_telemetry()
+        assert (await store.kv.range(b"/nothing/")).revision == before + 3  # ceil(300 / 126)
+        assert {h.last_heartbeat for h in await store.list_hosts()} == {102.0}
+    finally:
+        await store.close()
 
 
 # ----- start history (one client: per replica on etcd, like telemetry samples)
