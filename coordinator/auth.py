@@ -79,10 +79,12 @@ def authenticate(authorization: str | None, ssl_object: ssl.SSLObject | None, to
         if label is None:
             raise Unauthorized("the bearer token is not valid")
         return Principal(name=label, role=Role.OPS, via="token")
-    if ssl_object is None or not ssl_object.getpeercert():
+    # Decoded once per request: getpeercert() parses the certificate again on every call.
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
         return None
     try:
-        return Principal(name=peer_identity(ssl_object), role=peer_role(ssl_object), via="certificate")
+        return Principal(name=peer_identity(cert), role=peer_role(cert), via="certificate")
     except FerrymanError as exc:
         raise Forbidden(exc.message) from exc
 
