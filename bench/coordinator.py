@@ -14,7 +14,8 @@ the failover and the placements, the default 5 s for the ingest (a fresh set of 
               exactly the grants, and no host over its capacity.
               Baseline: one client through one replica, on 30 other hosts.
   ingest:     N simulated agents (one process, one mTLS connection each, their own certificates)
-              register and push one sample every `--period` s (phases spread) to the leader, for
+              register and push one sample every `--period` s (phases spread) to the leader (or,
+              with `--push-to all`, agent i to replica i % 3), for
               `--seconds`; the leader's policy tick (score every host with the model, apply,
               progress drains) every `--tick` s. Reported: pushes per second against N/period, push
               latency, the tick's p99 (ferryman_coordinator_tick_seconds, diffed over the window)
@@ -255,10 +256,14 @@ class Bench:
         period, seconds = self.args.period, self.args.seconds
         stop_at = 0.0
 
+        live = [r for r in self.replicas if r.proc is not None]
+        targets = {s: (live[i % len(live)] if self.args.push_to == "all" else leader) for i, s in enumerate(sessions)}
+
         async def post(session: aiohttp.ClientSession, path: str, body: Any) -> bool:
             sent = time.monotonic()
             try:
-                async with session.post(leader.url + path, json=body, server_hostname=COORDINATOR_NAME) as resp:
+                url = targets[session].url + path
+                async with session.post(url, json=body, server_hostname=COORDINATOR_NAME) as resp:
                     await resp.read()
                     ok = resp.status == 200
                     if not ok:
@@ -421,6 +426,13 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=30.0, help="the measured window per agent count")
     p.add_argument("--parts", default="failover,placements,ingest", help="which measurements, comma-separated")
     p.add_argument("--tick", type=float, default=5.0, help="the leader's policy tick period (s)")
+    p.add_argument(
+        "--push-to",
+        choices=("leader", "all"),
+        default="leader",
+        help="ingest: every agent pushes to the leader, or agent i to replica i %% 3 (the summaries reach "
+        "the leader through etcd; only the leader's own agents are scored)",
+    )
     args = p.parse_args()
     args.agents = [int(a) for a in args.agents.split(",")]
     args.parts = args.parts.split(",")
