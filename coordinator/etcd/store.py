@@ -97,12 +97,20 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
 
+def _fields(record: Any) -> dict[str, Any]:
+    """A dataclass's fields one level deep: what `asdict` gives for a flat one, without its deep
+    copies (a host key is written for every host at every flush)."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+
+
 def _host_to_json(host: Host) -> bytes:
-    out = asdict(host)
+    out = _fields(host)
+    out["capacity"] = _fields(host.capacity)
+    out["used"] = _fields(host.used)
     out["health"] = host.health.value
     out["admin"] = host.admin.value
     out["layer_digests"] = list(host.layer_digests)
-    out["containers"] = [asdict(c) for c in host.containers]
+    out["containers"] = [_fields(c) for c in host.containers]
     return _dumps(out)
 
 
