@@ -130,6 +130,8 @@ class _Watch:
     loop: asyncio.Task[None] | None = None
     ended: str = ""
     """The key of the run last seen ending: a stale read that still shows it running starts nothing."""
+    changed_by: int = -1
+    """The number of the read that last started or ended a run here: a read begun before it is stale."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set (and replaced) at each change of status: what `wait` waits on."""
 
@@ -152,6 +154,8 @@ class HealthMonitor:
         self._resync_interval = resync_interval
         self._watches: dict[str, _Watch] = {}
         self._seq = itertools.count(time.time_ns() // 1_000_000)
+        self._reads = itertools.count()
+        """Numbers the reads of containerd in the order they begin (see `_observe`)."""
         self._tasks = TaskSet()
         self._resync = asyncio.Event()
         self._released = False
@@ -239,6 +243,7 @@ class HealthMonitor:
                 async with asyncio.timeout(self._resync_interval):
                     await self._resync.wait()
             self._resync.clear()
+            read = next(self._reads)
             try:
                 records = await self._cd.containers.list([f'labels."{LABEL_MANAGED}"==true'])
                 tasks = {t.container_id: t for t in await self._cd.tasks.list()}
@@ -250,10 +255,11 @@ class HealthMonitor:
                 self._forget(gone)
             for cid, run in runs.items():
                 if run is not None:
-                    self._observe(cid, run)
+                    self._observe(cid, run, read)
             self._count()
 
     async def _read_one(self, container_id: str) -> None:
+        read = next(self._reads)
         try:
             record = await self._cd.containers.get(container_id)
         except ContainerdNotFound:
@@ -273,19 +279,25 @@ class HealthMonitor:
         if run is None:
             self._forget(container_id)
         else:
-            self._observe(container_id, run)
+            self._observe(container_id, run, read)
         self._count()
 
-    def _observe(self, cid: str, run: Run) -> None:
-        """Start probing a new run, or stop when the run ended; nothing when nothing changed."""
+    def _observe(self, cid: str, run: Run, read: int) -> None:
+        """Start probing a new run, or stop when the run ended; nothing when nothing changed.
+
+        Reads overlap (the periodic one lists every container while a task event reads one): a
+        read begun before the one that last changed this container saw an older state, such as the
+        task still created when the event's read already saw it running, and is ignored here."""
         watch = self._watches.get(cid)
         if watch is None:
             watch = self._watches[cid] = _Watch(run.check, _stopped(), next(self._seq))
+        if read < watch.changed_by:
+            return
         if run.running:
             if (watch.run is not None and watch.run.key == run.key) or watch.ended == run.key:
                 return
             self._stop_loop(watch)
-            watch.check, watch.run = run.check, run
+            watch.check, watch.run, watch.changed_by = run.check, run, read
             self._apply(cid, watch, Event.RUN_STARTED, None)
             watch.loop = self._tasks.spawn(self._probe_loop(cid, watch, run), f"health-{cid}")
             log.info("health checks started", extra={"container": cid, "check": run.check.target})
@@ -293,7 +305,7 @@ class HealthMonitor:
             self._stop_loop(watch)
             if watch.run is not None:
                 watch.ended = watch.run.key
-            watch.run = None
+            watch.run, watch.changed_by = None, read
             self._apply(cid, watch, Event.RUN_ENDED, None)
             log.info("health checks stopped", extra={"container": cid})
 
