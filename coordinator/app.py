@@ -30,6 +30,8 @@ from coordinator.predictor import ModelRegistry
 from coordinator.registry import HostRegistry
 from coordinator.reservations import ReservationService
 from coordinator.retraining import Retrainer
+from coordinator.scaling.correlation import CorrelationConfig
+from coordinator.scaling.service import ScalingService
 from coordinator.sqlite_store import SqliteStore
 from coordinator.starts import ContainerStarts
 from coordinator.store import Store
@@ -171,6 +173,9 @@ class Coordinator:
             config.agents.create_timeout,
             clock,
             self.behaviour,
+        )
+        self.scaling = ScalingService(
+            self.deployments, self.behaviour, CorrelationConfig(max_lag_s=config.scaling.max_lag)
         )
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []

@@ -232,6 +232,27 @@ class DeploymentsConfig:
 
 
 @dataclass(frozen=True)
+class PredictiveScalingConfig:
+    """Predictive scaling of deployments' components (docs/scaling.md)."""
+
+    enabled: bool = False
+    """Whether the leader scales components itself; `explain` answers either way."""
+    period: float = 15.0
+    """Seconds between two scaling decisions per component."""
+    model: str = ""
+    """The scaling model (.onnx, models/scaling/); `enabled` needs it."""
+    replica_cost: float = 1.0
+    """Cost of one replica for one second."""
+    violation_cost: float = 20.0
+    """Cost of one second of SLO violation, in the unit of replica_cost (must exceed it)."""
+    min_replicas: int = 1
+    max_replicas: int = 8
+    """Bounds of a component's replica count (max at most deployments.max_replicas)."""
+    max_lag: int = 60
+    """Longest lead, in seconds, the correlation engine looks for."""
+
+
+@dataclass(frozen=True)
 class AlertsConfig:
     webhook_url: str = ""
     """An Alertmanager-compatible webhook (http or https) told about failed deployments; empty: none."""
@@ -261,6 +282,7 @@ class CoordinatorConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     deployments: DeploymentsConfig = field(default_factory=DeploymentsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    scaling: PredictiveScalingConfig = field(default_factory=PredictiveScalingConfig)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -305,6 +327,10 @@ def _validate(config: CoordinatorConfig) -> None:
         "deployments.drain_timeout": config.deployments.drain_timeout,
         "deployments.max_replicas": config.deployments.max_replicas,
         "alerts.timeout": config.alerts.timeout,
+        "scaling.period": config.scaling.period,
+        "scaling.replica_cost": config.scaling.replica_cost,
+        "scaling.max_replicas": config.scaling.max_replicas,
+        "scaling.max_lag": config.scaling.max_lag,
         "placement.registry_bytes_per_second": config.placement.registry_bytes_per_second,
         "placement.peer_bytes_per_second": config.placement.peer_bytes_per_second,
         "placement.apply_seconds_per_byte": config.placement.apply_seconds_per_byte,
@@ -352,6 +378,7 @@ def _validate(config: CoordinatorConfig) -> None:
         )
     if config.alerts.webhook_url and urlsplit(config.alerts.webhook_url).scheme not in ("http", "https"):
         raise ConfigError(f"alerts.webhook_url: expected an http(s) URL, got {config.alerts.webhook_url!r}")
+    _validate_scaling(config.scaling, config.deployments.max_replicas)
     if not config.database:
         raise ConfigError("database must name a file")
     _validate_store(config.store)
@@ -363,6 +390,25 @@ def _validate(config: CoordinatorConfig) -> None:
         config.listen_address  # noqa: B018 (parsing is the check)
     except ConfigError as exc:
         raise ConfigError(exc.message.replace("api.peer_listen", "listen")) from exc
+
+
+def _validate_scaling(scaling: PredictiveScalingConfig, most: int) -> None:
+    if scaling.violation_cost <= scaling.replica_cost:
+        raise ConfigError(
+            f"scaling.violation_cost ({scaling.violation_cost}) must exceed scaling.replica_cost "
+            f"({scaling.replica_cost}): otherwise no replica is ever worth adding"
+        )
+    if not 1 <= scaling.min_replicas <= scaling.max_replicas:
+        raise ConfigError(
+            f"scaling.min_replicas must be in [1, scaling.max_replicas = {scaling.max_replicas}], "
+            f"got {scaling.min_replicas}"
+        )
+    if scaling.max_replicas > most:
+        raise ConfigError(
+            f"scaling.max_replicas ({scaling.max_replicas}) must not exceed deployments.max_replicas ({most})"
+        )
+    if scaling.enabled and not scaling.model:
+        raise ConfigError("scaling.enabled needs scaling.model (the .onnx file models/scaling/ trains)")
 
 
 def _validate_store(store: StoreConfig) -> None:

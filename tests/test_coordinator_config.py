@@ -55,6 +55,12 @@ def test_the_example_lists_every_default() -> None:
         ({"store": {"etcd_cert_file": "c.pem", "etcd_key_file": "k.pem"}}, "need store.etcd_ca_file"),
         ({"store": {"leader_ttl": 1}}, "store.leader_ttl must be at least 2 seconds"),
         ({"store": {"advertise_url": "10.0.0.5:7543"}}, "store.advertise_url must be an https:// URL"),
+        ({"scaling": {"period": 0}}, "scaling.period must be greater than 0"),
+        ({"scaling": {"replica_cost": 30.0}}, "scaling.violation_cost (20.0) must exceed scaling.replica_cost"),
+        ({"scaling": {"min_replicas": 9}}, "scaling.min_replicas must be in [1, scaling.max_replicas = 8], got 9"),
+        ({"scaling": {"max_replicas": 17}}, "scaling.max_replicas (17) must not exceed deployments.max_replicas"),
+        ({"scaling": {"enabled": True}}, "scaling.enabled needs scaling.model"),
+        ({"scaling": {"enabled": "yes"}}, "expected <class 'bool'>, got str"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(data: dict[str, object], message: str) -> None:

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from agent.ctl import catalog, chains, deployments, render, reservations
+from agent.ctl import catalog, chains, deployments, render, reservations, scaling
 from agent.ctl.client import ApiError, _error_from
 from agent.ctl.exits import Exit
 from core.replicas import Replicas, not_leader, parse_urls
@@ -46,6 +46,7 @@ COORDINATOR_ONLY = frozenset(
     {"hosts", "drain", "uncordon", "predictions", "decisions", "model", "catalog"}
     | deployments.COMMANDS
     | chains.COMMANDS
+    | scaling.COMMANDS
 )
 """Commands that exist only with a coordinator; BOTH_WORLDS go to the agent without one."""
 BOTH_WORLDS = frozenset({"migrate", "migrations", "reservations"})
@@ -277,6 +278,8 @@ async def run(args: argparse.Namespace, out: Console, err: Console) -> int:
                 return await deployments.run(client, args, out)
             case "chain" | "chains":
                 return await chains.run(client, args, out)
+            case "scaling":
+                return await scaling.run(client, args, out)
             case _:  # pragma: no cover - handles() decides what reaches here
                 raise FleetUsageError(f"{args.command} does not go through the coordinator")
     return 0

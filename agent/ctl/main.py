@@ -34,6 +34,7 @@ from agent.ctl import (
     migrate,
     render,
     reservations,
+    scaling,
 )
 from agent.ctl import images as image_archives
 from agent.ctl.args import container_id, cpus, memory_size, service_ip
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     catalog.add_parser(sub)
     deployments.add_parsers(sub)
     chains.add_parsers(sub)
+    scaling.add_parsers(sub)
     certs.add_parser(sub)
     completion.add_parser(sub)
     for child in _subparsers(parser):

@@ -624,6 +624,15 @@ async def component_behaviour(request: web.Request) -> web.Response:
     return _json(coordinator.replicas.behaviour(record, request.match_info["name"]))
 
 
+# ----- ops: scaling (coordinator/scaling/, docs/scaling.md)
+
+
+async def explain_scaling(request: web.Request) -> web.Response:
+    """Per upstream/downstream pair of a deployment: the leading metrics, their lags and confidence."""
+    _ops(request)
+    return _json(await request.app[COORDINATOR].scaling.explain(_deployment_id(request)))
+
+
 # ----- ops: chains (coordinator/chains/, docs/chains.md)
 
 CHAIN_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")
