@@ -26,11 +26,14 @@ from coordinator.orchestrator import Orchestrator
 from coordinator.placement import Placer
 from coordinator.policy import DrainPolicy
 from coordinator.predictions import PredictionService, RiskModel, activate_at_start
-from coordinator.predictor import ModelRegistry
+from coordinator.predictor import ModelLoadError, ModelRegistry
 from coordinator.registry import HostRegistry
 from coordinator.reservations import ReservationService
 from coordinator.retraining import Retrainer
+from coordinator.scaling.autoscaler import Autoscaler
 from coordinator.scaling.correlation import CorrelationConfig
+from coordinator.scaling.model import ScalingModel
+from coordinator.scaling.policy import ScalingConfig
 from coordinator.scaling.service import ScalingService
 from coordinator.sqlite_store import SqliteStore
 from coordinator.starts import ContainerStarts
@@ -38,7 +41,7 @@ from coordinator.store import Store
 from coordinator.warm import WarmService
 from coordinator.warm_predictor import LayerPredictor
 from coordinator.waste_control import ControlLimits
-from core.errors import FerrymanError
+from core.errors import ConfigError, FerrymanError
 from core.security.reload import TlsContexts
 from core.security.tls import check_files
 
@@ -174,8 +177,9 @@ class Coordinator:
             clock,
             self.behaviour,
         )
+        correlation = CorrelationConfig(max_lag_s=config.scaling.max_lag)
         self.scaling = ScalingService(
-            self.deployments, self.behaviour, CorrelationConfig(max_lag_s=config.scaling.max_lag)
+            self.deployments, self.behaviour, correlation, self._autoscaler(config, correlation, clock)
         )
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -192,6 +196,28 @@ class Coordinator:
         self._leader_loops: list[asyncio.Task[None]] = []
         self._role_tasks: set[asyncio.Task[None]] = set()
         self._role_lock = asyncio.Lock()
+
+    def _autoscaler(
+        self, config: CoordinatorConfig, correlation: CorrelationConfig, clock: Callable[[], float]
+    ) -> Autoscaler | None:
+        """The leader's scaling decisions when `[scaling] enabled` (ConfigError for a bad model)."""
+        s = config.scaling
+        if not s.enabled:
+            return None
+        try:
+            model = ScalingModel.load(s.model)
+        except ModelLoadError as exc:
+            raise ConfigError(f"scaling.model {s.model}: {exc}") from exc
+        policy = ScalingConfig(
+            min_replicas=s.min_replicas,
+            max_replicas=s.max_replicas,
+            replica_capacity=config.deployments.cpu_millis / 1000.0,  # what each replica's limits allow
+            replica_cost=s.replica_cost,
+            violation_cost=s.violation_cost,
+        )
+        return Autoscaler(
+            self.deployments, self.behaviour, self.replicas, model, policy, correlation, s.cold_start, clock
+        )
 
     @classmethod
     async def open(
@@ -282,6 +308,12 @@ class Coordinator:
         if self.config.warm.period and self.warm.predictor is not None:
             self._leader_loops.append(
                 asyncio.create_task(self._every(self.config.warm.period, self.warm_round), name="warm")
+            )
+        if self.scaling.autoscaler is not None:
+            self._leader_loops.append(
+                asyncio.create_task(
+                    self._every(self.config.scaling.period, self.scaling.autoscaler.round), name="scaling"
+                )
             )
         if self.config.model.retrain_interval:
             self._leader_loops.append(

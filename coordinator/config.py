@@ -250,6 +250,8 @@ class PredictiveScalingConfig:
     """Bounds of a component's replica count (max at most deployments.max_replicas)."""
     max_lag: int = 60
     """Longest lead, in seconds, the correlation engine looks for."""
+    cold_start: float = 30.0
+    """Seconds from a replica's start to serving, as the decisions assume it."""
 
 
 @dataclass(frozen=True)
@@ -331,6 +333,7 @@ def _validate(config: CoordinatorConfig) -> None:
         "scaling.replica_cost": config.scaling.replica_cost,
         "scaling.max_replicas": config.scaling.max_replicas,
         "scaling.max_lag": config.scaling.max_lag,
+        "scaling.cold_start": config.scaling.cold_start,
         "placement.registry_bytes_per_second": config.placement.registry_bytes_per_second,
         "placement.peer_bytes_per_second": config.placement.peer_bytes_per_second,
         "placement.apply_seconds_per_byte": config.placement.apply_seconds_per_byte,

@@ -56,6 +56,7 @@ def test_the_example_lists_every_default() -> None:
         ({"store": {"leader_ttl": 1}}, "store.leader_ttl must be at least 2 seconds"),
         ({"store": {"advertise_url": "10.0.0.5:7543"}}, "store.advertise_url must be an https:// URL"),
         ({"scaling": {"period": 0}}, "scaling.period must be greater than 0"),
+        ({"scaling": {"cold_start": -1.0}}, "scaling.cold_start must be greater than 0"),
         ({"scaling": {"replica_cost": 30.0}}, "scaling.violation_cost (20.0) must exceed scaling.replica_cost"),
         ({"scaling": {"min_replicas": 9}}, "scaling.min_replicas must be in [1, scaling.max_replicas = 8], got 9"),
         ({"scaling": {"max_replicas": 17}}, "scaling.max_replicas (17) must not exceed deployments.max_replicas"),

@@ -10,6 +10,7 @@ and no mesh are needed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -250,3 +251,124 @@ async def test_ferryctl_scaling_explain(
     assert await scaling.run(_ClientRequester(client), json_args, console) == 0
     data = json.loads(capsys.readouterr().out)
     assert [p["lead"]["lag_s"] for p in data["pairs"]] == [LAGS[1], LAGS[0]]
+
+
+# ----- the leader's decisions (coordinator/scaling/autoscaler.py)
+
+MODEL = Path(__file__).resolve().parent.parent / "models/scaling/scaling.onnx"
+
+
+class _Replicas:
+    """The replica service's scale entry point; records what it was asked."""
+
+    def __init__(self, busy: bool = False) -> None:
+        self.asked: list[tuple[str, str, int]] = []
+        self.busy = busy
+
+    async def scale(self, deployment_id: str, name: str, replicas: int, drain_timeout: float | None = None) -> Any:
+        self.asked.append((deployment_id, name, replicas))
+        return None
+
+    def scaling(self, deployment_id: str) -> bool:
+        return self.busy
+
+
+class _All(_Records):
+    async def all(self) -> list[DeploymentRecord]:
+        return list(self.records.values())
+
+
+def _autoscaler(kept: Any, replicas: _Replicas, records: _All, now: float) -> Any:
+    from coordinator.scaling.autoscaler import Autoscaler
+    from coordinator.scaling.model import ScalingModel
+    from coordinator.scaling.policy import ScalingConfig
+
+    policy = ScalingConfig(min_replicas=1, max_replicas=8, replica_capacity=0.1, replica_cost=1.0, violation_cost=20.0)
+    return Autoscaler(records, kept, replicas, ScalingModel.load(MODEL), policy, CorrelationConfig(), 30.0, lambda: now)
+
+
+async def test_a_round_decides_per_downstream_component_records_its_inputs_and_applies_it() -> None:
+    trace = _trace(900)
+    kept = _behaviour("d1", trace)
+    replicas = _Replicas()
+    records = _All(_record("d1"), dataclasses.replace(_record("d2"), state=State.STARTING))
+    autoscaler = _autoscaler(kept, replicas, records, T0 + 900)
+    entries = await autoscaler.round()
+    # d2 is not HEALTHY: not decided on; d1's two downstream components are.
+    assert [(e["deployment"], e["component"], e["upstream"]) for e in entries] == [("d1", "C", "B"), ("d1", "B", "A")]
+    true = {(u, d): lag for u, d, lag in trace.edges}
+    for e in entries:
+        inputs = e["inputs"]
+        assert e["lag_s"] == true[(e["upstream"], e["component"])], e
+        assert inputs["ready"] == 1 and inputs["starting"] == 0 and inputs["horizon_s"] == 15, e
+        cpu = trace.components[e["component"]].cpu
+        # the last whole second: h1's 60 % at 898, h2's 40 % between its samples at 897.5 and 898.5
+        assert inputs["need_now"] == pytest.approx(0.8 * cpu[898] + 0.2 * cpu[897]), e
+        assert 0 < inputs["predicted_need"] < 3 * max(cpu), e
+        # the generator's stages use more than one replica's 0.1 cores: scale out, applied
+        assert e["action"] == "scale-out" and e["target"] > 1 and e["applied"] == f"scaling to {e['target']}", e
+    assert replicas.asked == [("d1", e["component"], e["target"]) for e in entries]
+    assert autoscaler.history("d1") == entries and autoscaler.history("d2") == []
+    assert set(autoscaler.status("d1")) == {"B", "C"}
+
+    # While the deployment is being scaled, a decision is recorded, not applied.
+    busy = _Replicas(busy=True)
+    later = _autoscaler(kept, busy, records, T0 + 900)
+    entries = await later.round()
+    assert busy.asked == [] and all(e["applied"] == "no: a scale of the deployment is under way" for e in entries)
+
+
+async def test_a_round_without_enough_history_records_why_and_scales_nothing() -> None:
+    kept = _behaviour("d1", _trace(200))
+    replicas = _Replicas()
+    autoscaler = _autoscaler(kept, replicas, _All(_record("d1")), T0 + 200)
+    entries = await autoscaler.round()
+    assert [(e["component"], e["action"], e["reason"]) for e in entries] == [
+        ("C", "skip", "not enough history: 199 s of 300 needed"),
+        ("B", "skip", "not enough history: 199 s of 300 needed"),
+    ]
+    assert replicas.asked == []
+
+
+async def test_status_and_history_over_the_api_and_ferryctl(
+    coordinator: Coordinator, client: TestClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.ctl import scaling
+    from agent.ctl.main import build_parser
+
+    await coordinator.store.put_deployment(_record("d1"))
+    status, body = await _get(client, "/v1/scaling/d1")
+    assert (status, body) == (200, {"deployment": "d1", "enabled": False, "components": {}}), body
+    status, body = await _get(client, "/v1/scaling/d1/history")
+    assert (status, body) == (200, {"deployment": "d1", "enabled": False, "decisions": []}), body
+    status, body = await _get(client, "/v1/scaling/nope/history")
+    assert status == 404, body
+    args = build_parser().parse_args(["scaling", "status", "d1"])
+    assert await scaling.run(_ClientRequester(client), args, Console(width=200)) == 0
+    assert "predictive scaling is off" in capsys.readouterr().out
+
+    # Enabled: the leader's decisions, through the same routes and ferryctl.
+    replicas = _Replicas()
+    coordinator.scaling.autoscaler = _autoscaler(_behaviour("d1", _trace(900)), replicas, _All(_record("d1")), T0 + 900)
+    await coordinator.scaling.autoscaler.round()
+    status, body = await _get(client, "/v1/scaling/d1/history")
+    assert status == 200 and [d["component"] for d in body["decisions"]] == ["C", "B"], body
+    assert all(d["action"] == "scale-out" and "inputs" in d for d in body["decisions"]), body
+    args = build_parser().parse_args(["scaling", "history", "d1"])
+    assert await scaling.run(_ClientRequester(client), args, Console(width=250)) == 0
+    shown = capsys.readouterr().out
+    assert "scale-out" in shown and "PREDICTED" in shown and f"{LAGS[0]} s" in shown, shown
+    args = build_parser().parse_args(["--json", "scaling", "status", "d1"])
+    assert await scaling.run(_ClientRequester(client), args, Console()) == 0
+    assert set(json.loads(capsys.readouterr().out)["components"]) == {"B", "C"}
+
+
+def test_an_enabled_coordinator_needs_a_model_that_loads(workdir: Path) -> None:
+    from coordinator.config import PredictiveScalingConfig
+    from core.errors import ConfigError
+
+    bad = workdir / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    config = CoordinatorConfig(scaling=PredictiveScalingConfig(enabled=True, model=str(bad)))
+    with pytest.raises(ConfigError, match=r"scaling\.model"):
+        Coordinator(config, None, _NoAgents(), TokenHashes(), None, time.time)  # type: ignore[arg-type]

@@ -1,8 +1,9 @@
-"""ferryctl's predictive scaling: `scaling explain DEPLOYMENT`.
+"""ferryctl's predictive scaling: `scaling explain|status|history DEPLOYMENT`.
 
-Through the coordinator (docs/scaling.md, "Explain"): for each upstream/downstream pair of the
-deployment, the upstream metrics that lead the downstream ones, by how many seconds, and how sure;
-or how much more history the pair needs.
+Through the coordinator (docs/scaling.md): `explain`, for each upstream/downstream pair of the
+deployment, the upstream metrics that lead the downstream ones, by how many seconds, and how sure
+(or how much more history the pair needs); `status`, each downstream component's last decision;
+`history`, every decision kept, with its inputs.
 """
 
 from __future__ import annotations
@@ -32,11 +33,25 @@ def add_parsers(sub: Any) -> None:
     actions = p.add_subparsers(dest="scaling_command", metavar="SUBCOMMAND", required=True)
     q = actions.add_parser("explain", help="which upstream metrics lead which downstream ones, by what lag")
     q.add_argument("id", metavar="DEPLOYMENT")
+    q = actions.add_parser("status", help="each downstream component's last scaling decision")
+    q.add_argument("id", metavar="DEPLOYMENT")
+    q = actions.add_parser("history", help="the scaling decisions kept for a deployment, with their inputs")
+    q.add_argument("id", metavar="DEPLOYMENT")
 
 
 async def run(client: Requester, args: argparse.Namespace, out: Console) -> int:
     """One scaling command against the coordinator; the exit code."""
-    data = await client.request("GET", f"/v1/scaling/{quote(args.id, safe='')}/explain")
+    path = f"/v1/scaling/{quote(args.id, safe='')}"
+    if args.scaling_command == "status":
+        data = await client.request("GET", path)
+        decisions = list((data.get("components") or {}).values())
+        render.show(args, data, lambda: _decisions(out, data, decisions))
+        return Exit.OK
+    if args.scaling_command == "history":
+        data = await client.request("GET", f"{path}/history")
+        render.show(args, data, lambda: _decisions(out, data, data.get("decisions") or []))
+        return Exit.OK
+    data = await client.request("GET", f"{path}/explain")
 
     def human() -> None:
         render.say_all(explain_lines(data))
@@ -83,4 +98,34 @@ def links_table(pairs: list[dict[str, Any]]) -> Table:
                 f"{link['correlation']:.2f}",
                 f"{link['granger_p']:.2g}",
             )
+    return table
+
+
+def _decisions(out: Console, data: dict[str, Any], decisions: list[dict[str, Any]]) -> None:
+    if not data.get("enabled"):
+        render.say(f"deployment {data.get('deployment')}: predictive scaling is off ([scaling] enabled = false)")
+        return
+    if not decisions:
+        render.say(f"deployment {data.get('deployment')}: no scaling decision yet")
+        return
+    render.print_table(out, decisions_table(decisions))
+
+
+def decisions_table(decisions: list[dict[str, Any]]) -> Table:
+    table = render.new_table("TIME", "COMPONENT", "ACTION", "TARGET", "NEED NOW", "PREDICTED", "LAG", "REASON")
+    for d in decisions:
+        inputs = d.get("inputs") or {}
+        reason = str(d.get("reason") or "")
+        if d.get("applied"):
+            reason += f"; {d['applied']}"
+        table.add_row(
+            render.clock_time(d.get("ts"), short=True),
+            escape(str(d.get("component", ""))),
+            escape(str(d.get("action", ""))),
+            str(d.get("target", "-")),
+            f"{inputs['need_now']:.2f}" if "need_now" in inputs else "-",
+            f"{inputs['predicted_need']:.2f}" if "predicted_need" in inputs else "-",
+            f"{d['lag_s']} s" if "lag_s" in d else "-",
+            escape(reason),
+        )
     return table

@@ -633,6 +633,18 @@ async def explain_scaling(request: web.Request) -> web.Response:
     return _json(await request.app[COORDINATOR].scaling.explain(_deployment_id(request)))
 
 
+async def scaling_status(request: web.Request) -> web.Response:
+    """Per downstream component, the last predictive scaling decision of this coordinator."""
+    _ops(request)
+    return _json(await request.app[COORDINATOR].scaling.status(_deployment_id(request)))
+
+
+async def scaling_history(request: web.Request) -> web.Response:
+    """The predictive scaling decisions kept for a deployment, each with its inputs, oldest first."""
+    _ops(request)
+    return _json(await request.app[COORDINATOR].scaling.history(_deployment_id(request)))
+
+
 # ----- ops: chains (coordinator/chains/, docs/chains.md)
 
 CHAIN_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")

@@ -70,6 +70,8 @@ def build_app(coordinator: Coordinator) -> web.Application:
     r.add_delete("/v1/deployments/{id}", h.delete_deployment)
     r.add_post("/v1/deployments/{id}/components/{name}/scale", h.scale_component)
     r.add_get("/v1/deployments/{id}/components/{name}/behaviour", h.component_behaviour)
+    r.add_get("/v1/scaling/{id}", h.scaling_status)
+    r.add_get("/v1/scaling/{id}/history", h.scaling_history)
     r.add_get("/v1/scaling/{id}/explain", h.explain_scaling)
     r.add_get("/v1/chains/schema", h.chain_schema)
     r.add_post("/v1/chains", h.run_chain)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from coordinator.deployments.states import DeploymentRecord
 from coordinator.scaling.correlation import CorrelationConfig, NotEnoughData, lead, pair_links
 from coordinator.scaling.resample import Span, per_second, shared_span
+
+if TYPE_CHECKING:
+    from coordinator.scaling.autoscaler import Autoscaler
 
 
 class Deployments(Protocol):
@@ -76,10 +79,30 @@ def _window(window: Span) -> dict[str, float]:
 
 
 class ScalingService:
-    def __init__(self, deployments: Deployments, behaviour: Behaviour, correlation: CorrelationConfig) -> None:
+    def __init__(
+        self,
+        deployments: Deployments,
+        behaviour: Behaviour,
+        correlation: CorrelationConfig,
+        autoscaler: Autoscaler | None = None,
+    ) -> None:
+        """`autoscaler`: the leader's decisions ([scaling] enabled), None when it is off."""
         self._deployments = deployments
         self._behaviour = behaviour
         self._correlation = correlation
+        self.autoscaler = autoscaler
+
+    async def status(self, deployment_id: str) -> dict[str, Any]:
+        """Per downstream component, the last decision of this coordinator (none while disabled)."""
+        record = await self._deployments.get(deployment_id)
+        last = self.autoscaler.status(record.id) if self.autoscaler is not None else {}
+        return {"deployment": record.id, "enabled": self.autoscaler is not None, "components": last}
+
+    async def history(self, deployment_id: str) -> dict[str, Any]:
+        """Every decision kept for the deployment, oldest first."""
+        record = await self._deployments.get(deployment_id)
+        kept = self.autoscaler.history(record.id) if self.autoscaler is not None else []
+        return {"deployment": record.id, "enabled": self.autoscaler is not None, "decisions": kept}
 
     async def explain(self, deployment_id: str) -> dict[str, Any]:
         """Every edge's leading metrics, lags and confidence (DeploymentNotFound for an unknown id)."""

@@ -1,0 +1,187 @@
+"""The leader's predictive scaling round: per downstream component, a `decide` from the model's
+prediction, recorded with its inputs, applied through the deployment's replica scale.
+
+Each round (every `[scaling] period` seconds, when `enabled`), for every HEALTHY or DEGRADED
+deployment and every component that another requires (a downstream), the first of its upstreams the
+correlation engine finds leading its CPU gives the lag; the model predicts the component's CPU need
+at its horizon from the two series (coordinator/scaling/resample.py); `policy.decide` turns need,
+prediction and replica counts into a decision, which is kept (the last `HISTORY` per deployment, in
+memory: a new leader starts empty) and, if it changes the count and no scale of the deployment is
+under way, handed to the replica service. A component without enough history, without a leading
+upstream, or whose deployment is being scaled is recorded as skipped, with why.
+
+The model and the engine are CPU work: they run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from coordinator.deployments.states import WATCHED, DeploymentRecord, ReplicaState
+from coordinator.scaling.correlation import CorrelationConfig
+from coordinator.scaling.model import ScalingModel
+from coordinator.scaling.policy import Action, ScalingConfig, ScalingInputs, ScalingState, decide
+from coordinator.scaling.resample import per_second, shared_span
+from coordinator.scaling.service import Behaviour, edges, explain_pair
+from core.errors import FerrymanError
+
+log = logging.getLogger(__name__)
+
+HISTORY = 200
+"""Decisions kept per deployment."""
+
+
+class DeploymentList(Protocol):
+    async def all(self) -> list[DeploymentRecord]: ...
+
+
+class Replicas(Protocol):
+    async def scale(
+        self, deployment_id: str, name: str, replicas: int, drain_timeout: float | None = None
+    ) -> DeploymentRecord: ...
+
+    def scaling(self, deployment_id: str) -> bool: ...
+
+
+def replica_counts(record: DeploymentRecord, name: str) -> tuple[int, int]:
+    """(serving, starting) copies of a component, its own container counting as one serving."""
+    component = record.component(name)
+    serving = 1 + sum(r.state is ReplicaState.SERVING for r in component.replicas)
+    starting = sum(r.state is ReplicaState.STARTING for r in component.replicas)
+    return serving, starting
+
+
+def _infer(
+    model: ScalingModel,
+    up: dict[str, Any],
+    down: dict[str, Any],
+    upstream: str,
+    downstream: str,
+    config: CorrelationConfig,
+) -> dict[str, Any]:
+    """The lead and the prediction for one edge (CPU work): {"skip": why} or lag, need now, predicted."""
+    answer = explain_pair(upstream, up, downstream, down, config)
+    if answer["status"] != "ok":
+        return {"skip": answer["message"]}
+    if answer["lead"] is None:
+        return {"skip": f"no metric of {upstream} leads {downstream}'s cpu"}
+    window = shared_span(up, down)
+    assert window is not None  # explain_pair answered ok
+    up_s, down_s = per_second(up, window), per_second(down, window)
+    lag = int(answer["lead"]["lag_s"])
+    last = np.array([len(down_s) - 1], np.int64)
+    predicted = float(model.predict_need(up_s, down_s, lag, last)[0])
+    return {"lag_s": lag, "need_now": float(down_s.cpu[-1]), "predicted_need": max(0.0, predicted)}
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        deployments: DeploymentList,
+        behaviour: Behaviour,
+        replicas: Replicas,
+        model: ScalingModel,
+        policy: ScalingConfig,
+        correlation: CorrelationConfig,
+        cold_start_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._deployments = deployments
+        self._behaviour = behaviour
+        self._replicas = replicas
+        self._model = model
+        self._policy = policy
+        self._correlation = correlation
+        self._cold_start_s = cold_start_s
+        self._clock = clock
+        self._states: dict[tuple[str, str], ScalingState] = {}
+        self._history: dict[str, collections.deque[dict[str, Any]]] = {}
+
+    def history(self, deployment_id: str) -> list[dict[str, Any]]:
+        """Its decisions, oldest first."""
+        return list(self._history.get(deployment_id, ()))
+
+    def status(self, deployment_id: str) -> dict[str, dict[str, Any]]:
+        """Per component, its last decision."""
+        last: dict[str, dict[str, Any]] = {}
+        for entry in self._history.get(deployment_id, ()):
+            last[entry["component"]] = entry
+        return last
+
+    async def round(self) -> list[dict[str, Any]]:
+        """One decision per downstream component of every watched deployment; the entries recorded."""
+        out = []
+        live = set()
+        for record in await self._deployments.all():
+            if record.state not in WATCHED:
+                continue
+            live.add(record.id)
+            downstreams: dict[str, list[str]] = {}
+            for up, down in edges(record):
+                downstreams.setdefault(down, []).append(up)
+            for down, ups in downstreams.items():
+                out.append(await self._component(record, down, ups))
+        for gone in [d for d in self._history if d not in live]:
+            del self._history[gone]
+        for key in [k for k in self._states if k[0] not in live]:
+            del self._states[key]
+        return out
+
+    async def _component(self, record: DeploymentRecord, down: str, ups: list[str]) -> dict[str, Any]:
+        now = self._clock()
+        entry: dict[str, Any] = {"ts": now, "deployment": record.id, "component": down}
+        down_series = self._behaviour.of(record.id, down)
+        inferred: dict[str, Any] = {"skip": "no upstream"}
+        for up in ups:
+            inferred = await asyncio.to_thread(
+                _infer, self._model, self._behaviour.of(record.id, up), down_series, up, down, self._correlation
+            )
+            if "skip" not in inferred:
+                entry["upstream"] = up
+                break
+        if "skip" in inferred:
+            return self._record({**entry, "action": "skip", "reason": inferred["skip"]})
+        serving, starting = replica_counts(record, down)
+        inputs = ScalingInputs(
+            now=now,
+            component=down,
+            ready=serving,
+            starting=starting,
+            standbys=0,
+            need_now=inferred["need_now"],
+            predicted_need=inferred["predicted_need"],
+            horizon_s=float(self._model.info.horizon_s),
+            prediction_error=self._model.info.prediction_error,
+            cold_start_s=self._cold_start_s,
+            warm_start_s=self._cold_start_s,
+        )
+        decision, self._states[(record.id, down)] = decide(
+            inputs, self._states.get((record.id, down), ScalingState()), self._policy
+        )
+        entry.update(decision.to_dict())
+        entry.pop("config", None)
+        entry["lag_s"] = inferred["lag_s"]
+        if decision.action is not Action.HOLD and decision.target != serving + starting:
+            if self._replicas.scaling(record.id):
+                entry["applied"] = "no: a scale of the deployment is under way"
+            else:
+                try:
+                    await self._replicas.scale(record.id, down, decision.target)
+                    entry["applied"] = f"scaling to {decision.target}"
+                except FerrymanError as exc:
+                    entry["applied"] = f"no: {exc.message}"
+                    log.warning("scaling decision not applied", extra={"deployment": record.id, "error": exc.message})
+        return self._record(entry)
+
+    def _record(self, entry: dict[str, Any]) -> dict[str, Any]:
+        kept = self._history.get(entry["deployment"])
+        if kept is None:
+            kept = self._history[entry["deployment"]] = collections.deque(maxlen=HISTORY)
+        kept.append(entry)
+        return entry
