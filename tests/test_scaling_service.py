@@ -10,6 +10,7 @@ and no mesh are needed.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -372,3 +373,51 @@ def test_an_enabled_coordinator_needs_a_model_that_loads(workdir: Path) -> None:
     config = CoordinatorConfig(scaling=PredictiveScalingConfig(enabled=True, model=str(bad)))
     with pytest.raises(ConfigError, match=r"scaling\.model"):
         Coordinator(config, None, _NoAgents(), TokenHashes(), None, time.time)  # type: ignore[arg-type]
+
+
+async def test_the_leader_runs_rounds_when_enabled(workdir: Path) -> None:
+    from coordinator.config import PredictiveScalingConfig
+
+    store = await SqliteStore.open(workdir / "c.db")
+    config = CoordinatorConfig(scaling=PredictiveScalingConfig(enabled=True, model=str(MODEL), period=0.05))
+    c = Coordinator(config, store, _NoAgents(), TokenHashes(), None, time.time)
+    try:
+        await store.put_deployment(_record("d1"))
+        await c.start()  # one SQLite store: it leads at once
+        deadline = time.monotonic() + 10
+        while len((await c.scaling.history("d1"))["decisions"]) < 4:  # two rounds of two components
+            assert time.monotonic() < deadline, await c.scaling.history("d1")
+            await asyncio.sleep(0.05)
+        status = await c.scaling.status("d1")
+        assert status["enabled"] and {d["action"] for d in status["components"].values()} == {"skip"}, status
+        assert status["components"]["B"]["reason"] == "not enough history: 0 s of 300 needed", status
+    finally:
+        await c.close()
+
+
+# ----- the daemon, as a real process
+
+
+async def test_the_daemon_starts_with_scaling_enabled_and_refuses_a_bad_model(workdir: Path) -> None:
+    from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, new_token
+
+    pki = CoordinatorPki(workdir / "pki")
+    token = new_token()
+    broken = workdir / "broken.onnx"
+    broken.write_bytes(b"\x08\x07 not an onnx model")
+    bad = CoordinatorProcess(workdir, pki, overrides={"scaling": {"enabled": True, "model": str(broken)}})
+    with pytest.raises(RuntimeError, match=r"exited with 2[\s\S]*scaling\.model .*broken\.onnx"):
+        await bad.start()
+    proc = CoordinatorProcess(
+        workdir, pki, tokens=(token,), overrides={"scaling": {"enabled": True, "model": str(MODEL), "period": 0.2}}
+    )
+    await proc.start()
+    try:
+        async with proc.client(token=token) as ops:
+            status, body = await ops.get("/v1/scaling/nope")
+            assert (status, body["error"]["code"]) == (404, "deployment_not_found"), body
+            status, body = await ops.get("/v1/scaling/nope/explain")
+            assert status == 404, body
+    finally:
+        code = await proc.stop()
+        assert code == 0, proc.logs()
