@@ -14,7 +14,6 @@ over signatures) are judged on the same decisions and the same cache simulation 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import statistics
@@ -44,6 +43,7 @@ from models.prefetch.evaluate import (
     walk,
 )
 from models.prefetch.generate import GENERATOR_VERSION, REGIMES, TraceSpec, generate
+from models.training_cli import training_parser, write_model
 from models.trees import fit_boosted_trees
 
 HERE = Path(__file__).resolve().parent
@@ -396,19 +396,14 @@ def write_card_md(card: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--max-iter", type=int, default=TrainConfig.max_iter, help="boosting rounds")
-    p.add_argument("--model-version", default=TrainConfig.model_version)
-    p.add_argument("--out", type=Path, default=HERE / "prefetch.onnx")
+    p = training_parser(
+        __doc__, TrainConfig.seed, TrainConfig.max_iter, TrainConfig.model_version, HERE / "prefetch.onnx"
+    )
     args = p.parse_args(argv)
     cfg = replace(TrainConfig(), seed=args.seed, max_iter=args.max_iter, model_version=args.model_version)
     log = functools.partial(print, file=sys.stderr, flush=True)
     result = train(cfg, log)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(result.onnx)
-    args.out.with_name("card.json").write_text(json.dumps(result.card, indent=2, default=float) + "\n")
-    write_card_md(result.card, args.out.with_name("card.md"))
+    write_model(args.out, result.onnx, result.card, write_card_md)
     log(
         json.dumps(
             {"held_out": {p: result.card["held_out"][p]["hit_rate"] for p in POLICIES}, **result.card["inference"]}

@@ -19,7 +19,6 @@ the held-out traces through the predictive policy and the HPA-like baseline.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
@@ -49,6 +48,7 @@ from coordinator.scaling.series import METRICS, ComponentSeries
 from models.onnx_export import check_regressor_onnx, regressor_to_onnx
 from models.scaling.evaluate import SimConfig, SimResult, ratio, simulate
 from models.scaling.generate import HELD_OUT_REGIME, REGIMES, TRAIN_REGIMES, Trace, TraceSpec, generate
+from models.training_cli import training_parser, write_model
 from models.trees import fit_boosted_regressor
 
 HERE = Path(__file__).resolve().parent
@@ -408,19 +408,14 @@ def write_card_md(card: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--max-iter", type=int, default=TrainConfig.max_iter, help="boosting rounds")
-    p.add_argument("--model-version", default=TrainConfig.model_version)
-    p.add_argument("--out", type=Path, default=HERE / "scaling.onnx")
+    p = training_parser(
+        __doc__, TrainConfig.seed, TrainConfig.max_iter, TrainConfig.model_version, HERE / "scaling.onnx"
+    )
     args = p.parse_args(argv)
     cfg = replace(TrainConfig(), seed=args.seed, max_iter=args.max_iter, model_version=args.model_version)
     log = functools.partial(print, file=sys.stderr, flush=True)
     result = train(cfg, log)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(result.onnx)
-    args.out.with_name("card.json").write_text(json.dumps(result.card, indent=2, default=float) + "\n")
-    write_card_md(result.card, args.out.with_name("card.md"))
+    write_model(args.out, result.onnx, result.card, write_card_md)
     sim = result.card["simulation"]["held_out"]
     log(json.dumps({"violation_ratio": sim["violation_ratio"], "replica_ratio": sim["replica_ratio"]}))
     return 0
