@@ -162,7 +162,7 @@ class OpenedModel:
     sha256: str
 
 
-def open_probability_model(
+def open_onnx_model(
     path: Path,
     *,
     threads: int,
@@ -173,10 +173,8 @@ def open_probability_model(
     max_bytes: int = MAX_MODEL_BYTES,
 ) -> OpenedModel:
     """Read and open `path`, refusing (ModelLoadError) a file too big or not ONNX, metadata without a
-    `required` field, features of another version, count or names, anything but one float input
-    [N, features] and a `probabilities` output [N, 2], and a model that does not answer a probe batch
-    (a row of zeros, a row of missing values) with probabilities. Shared by the drain model and the
-    layer predictor; each checks its own metadata values after."""
+    `required` field, features of another version, count or names, and anything but one float input
+    [N, features]. Its outputs are the caller's to check."""
     try:
         size = path.stat().st_size
         if size > max_bytes:
@@ -191,7 +189,7 @@ def open_probability_model(
     try:
         session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-        raise ModelLoadError(f"{path}: not a loadable ONNX model: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: not a loadable ONNX model: {first_line(exc)}") from exc
     meta = dict(session.get_modelmeta().custom_metadata_map)
     missing = [k for k in required if k not in meta]
     if missing:
@@ -207,19 +205,45 @@ def open_probability_model(
     if len(inputs) != 1 or inputs[0].type != "tensor(float)" or list(inputs[0].shape[1:]) != [n]:
         got = [(i.name, i.type, i.shape) for i in inputs]
         raise ModelLoadError(f"{path}: expected one float input [N, {n}], got {got}")
+    return OpenedModel(session, inputs[0].name, meta, hashlib.sha256(data).hexdigest())
+
+
+def open_probability_model(
+    path: Path,
+    *,
+    threads: int,
+    what: str,
+    required: Sequence[str],
+    features_version: str,
+    feature_names: Sequence[str],
+    max_bytes: int = MAX_MODEL_BYTES,
+) -> OpenedModel:
+    """`open_onnx_model`, then refusing a model without a `probabilities` output [N, 2] or that does
+    not answer a probe batch (a row of zeros, a row of missing values) with probabilities. Shared by
+    the drain model and the layer predictor; each checks its own metadata values after."""
+    opened = open_onnx_model(
+        path,
+        threads=threads,
+        what=what,
+        required=required,
+        features_version=features_version,
+        feature_names=feature_names,
+        max_bytes=max_bytes,
+    )
+    session = opened.session
     outputs = {o.name: o for o in session.get_outputs()}
     if PROB_OUTPUT not in outputs or list(outputs[PROB_OUTPUT].shape[1:]) != [2]:
         raise ModelLoadError(f"{path}: no {PROB_OUTPUT!r} output of shape [N, 2]")
     # a model that loads but cannot run (or returns nonsense) is as unusable as one that does not load
-    probe = np.zeros((2, n), np.float32)
+    probe = np.zeros((2, len(feature_names)), np.float32)
     probe[1] = np.nan
     try:
-        p = session.run([PROB_OUTPUT], {inputs[0].name: probe})[0]
+        p = session.run([PROB_OUTPUT], {opened.input_name: probe})[0]
     except Exception as exc:
-        raise ModelLoadError(f"{path}: fails on a probe batch: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: fails on a probe batch: {first_line(exc)}") from exc
     if p.shape != (2, 2) or not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1:
         raise ModelLoadError(f"{path}: probe batch gave {p!r}, not probabilities")
-    return OpenedModel(session, inputs[0].name, meta, hashlib.sha256(data).hexdigest())
+    return opened
 
 
 def _load(path: Path, threads: int) -> tuple[ModelInfo, ort.InferenceSession, str]:
@@ -281,7 +305,7 @@ def _reference(meta: Mapping[str, str], path: Path) -> npt.NDArray[np.float32]:
     return ref
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
 

@@ -6,7 +6,6 @@ models/scaling/. Synchronous CPU work: the coordinator calls it through `asyncio
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from coordinator.predictor import MAX_MODEL_BYTES, ModelLoadError
+from coordinator.predictor import ModelLoadError, first_line, open_onnx_model
 from coordinator.scaling.features import FEATURE_NAMES, FEATURES_VERSION, feature_matrix, need_from_output
 from coordinator.scaling.series import ComponentSeries
 
@@ -66,68 +65,42 @@ class ScalingModel:
         return need_from_output(self.output(X), X, scale)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def _load(path: Path, threads: int) -> tuple[ScalingModelInfo, ort.InferenceSession, str]:
     """Refuse (ModelLoadError) a file too big or not ONNX, metadata lacking a field, features of
     another version, count or names, anything but one float input [N, features] and a `variable`
     output [N, 1], and a model that answers a probe batch with anything but finite numbers."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_MODEL_BYTES:
-            raise ModelLoadError(f"{path}: {size} bytes, more than a scaling model's {MAX_MODEL_BYTES}")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read: {exc}") from exc
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-        raise ModelLoadError(f"{path}: not a loadable ONNX model: {_first_line(exc)}") from exc
-    meta = dict(session.get_modelmeta().custom_metadata_map)
-    missing = [k for k in REQUIRED_METADATA if k not in meta]
-    if missing:
-        raise ModelLoadError(f"{path}: metadata lacks {', '.join(missing)}")
-    if meta["features_version"] != FEATURES_VERSION:
-        raise ModelLoadError(
-            f"{path}: trained on features {meta['features_version']!r}, this coordinator computes {FEATURES_VERSION!r}"
-        )
-    n = len(FEATURE_NAMES)
-    if meta["n_features"] != str(n) or meta["feature_names"] != ",".join(FEATURE_NAMES):
-        raise ModelLoadError(f"{path}: model expects {meta['n_features']} other features than the {n} we compute")
+    opened = open_onnx_model(
+        path,
+        threads=threads,
+        what="scaling model",
+        required=REQUIRED_METADATA,
+        features_version=FEATURES_VERSION,
+        feature_names=FEATURE_NAMES,
+    )
+    session, meta, n = opened.session, opened.metadata, len(FEATURE_NAMES)
     try:
         horizon, error = int(meta["horizon_s"]), float(meta["prediction_error"])
     except ValueError as exc:
         raise ModelLoadError(f"{path}: bad horizon_s/prediction_error metadata: {exc}") from exc
     if not (horizon > 0 and math.isfinite(error) and error >= 0):
         raise ModelLoadError(f"{path}: horizon_s {horizon} or prediction_error {error} out of range")
-    inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].type != "tensor(float)" or list(inputs[0].shape[1:]) != [n]:
-        got = [(i.name, i.type, i.shape) for i in inputs]
-        raise ModelLoadError(f"{path}: expected one float input [N, {n}], got {got}")
     outputs = {o.name: o for o in session.get_outputs()}
     if OUTPUT not in outputs or list(outputs[OUTPUT].shape[1:]) != [1]:
         raise ModelLoadError(f"{path}: no {OUTPUT!r} output of shape [N, 1]")
     probe = np.ones((2, n), np.float32)
     probe[1] = 0.0
     try:
-        out = session.run([OUTPUT], {inputs[0].name: probe})[0]
+        out = session.run([OUTPUT], {opened.input_name: probe})[0]
     except Exception as exc:
-        raise ModelLoadError(f"{path}: fails on a probe batch: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: fails on a probe batch: {first_line(exc)}") from exc
     if out.shape != (2, 1) or not np.all(np.isfinite(out)):
         raise ModelLoadError(f"{path}: probe batch gave {out!r}")
     info = ScalingModelInfo(
         path=str(path),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=opened.sha256,
         version=meta["model_version"],
         horizon_s=horizon,
         prediction_error=error,
         data_version=meta.get("data_version", ""),
     )
-    return info, session, inputs[0].name
+    return info, session, opened.input_name
