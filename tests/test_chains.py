@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import pytest
@@ -172,6 +172,21 @@ async def ferryctl_json(f: CoordinatedFleet, *args: str, code: int = Exit.OK) ->
     return json.loads(res.stdout)
 
 
+async def until_serving(f: CoordinatedFleet, chain: str, stage: str, within: float = 120) -> dict[str, Any]:
+    """The chain's record once it is RUNNING with `stage` serving; on a timeout, the last record seen."""
+    last: dict[str, Any] = {}
+
+    async def serving() -> dict[str, Any] | None:
+        now = await f.call("GET", f"/v1/chains/{chain}")
+        last.update(now)
+        return dict(now) if now["state"] == "RUNNING" and now["serving"] == stage else None
+
+    try:
+        return cast(dict[str, Any], await f.wait_for(f"{stage} serving", serving, within=within))
+    except AssertionError as exc:
+        raise AssertionError(f"{stage} not serving within {within:g} s; the chain: {json.dumps(last)[:4000]}") from exc
+
+
 async def test_a_counter_is_handed_over_across_hosts_and_failed_handovers_roll_back_intact(
     fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver], base_dir: Path
 ) -> None:
@@ -223,11 +238,7 @@ async def test_a_counter_is_handed_over_across_hosts_and_failed_handovers_roll_b
         )  # fmt: skip
         assert "refused the import: HTTP 500: import refused (fault)" in first["error"]
 
-        async def fallen_back() -> dict[str, Any] | None:
-            now = await f.call("GET", f"/v1/chains/{record['id']}")
-            return dict(now) if now["state"] == "RUNNING" and now["serving"] == "transform-safe" else None
-
-        now = await f.wait_for("handed over to the fallback", fallen_back, within=120)
+        now = await until_serving(f, record["id"], "transform-safe")
         await client.served_by("transform-safe")
         done = now["handovers"][1]
         assert (done["source"], done["target"], done["outcome"]) == ("ingest", "transform-safe", "done")
@@ -451,11 +462,7 @@ async def test_a_counter_is_handed_over_on_one_host_through_the_chains_volume(
         assert (first["target"], first["outcome"], first["failed_phase"]) == ("transform", "rolled_back", "IMPORT")
         assert first["state_bytes"] < 256, first  # the buffer's name, not its MiB
 
-        async def fallen_back() -> dict[str, Any] | None:
-            now = await f.call("GET", f"/v1/chains/{record['id']}")
-            return dict(now) if now["state"] == "RUNNING" and now["serving"] == "transform-safe" else None
-
-        now = await f.wait_for("handed over to the fallback", fallen_back, within=120)
+        now = await until_serving(f, record["id"], "transform-safe")
         await client.served_by("transform-safe")
         runs = {r["stage"]: r for r in now["runs"]}
         assert {r["host"] for r in runs.values()} == {ingest_host}, runs  # every stage on one host
