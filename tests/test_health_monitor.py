@@ -113,3 +113,20 @@ async def test_a_read_begun_before_the_task_started_does_not_end_its_run(tmp_pat
         assert ended["status"] == "stopped", ended
     finally:
         await monitor.close()
+
+
+async def test_a_caller_asking_before_the_start_event_is_read_hears_the_run(tmp_path: Path) -> None:
+    # The task already runs, but its start event has not been read (nothing is sent on the stream):
+    # the first question is answered from a read of its own, not with "stopped".
+    cd = FakeContainerd()
+    cd.task = ProcessInfo("web", 4242, TaskStatus.RUNNING, 0)
+    cd.hold_list.clear()  # the periodic read does not answer either
+    monitor = HealthMonitor(Scripted(cd), tmp_path / "out", HealthMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+    monitor.start()
+    await asyncio.sleep(0.05)  # its loops under way (the periodic read held)
+    try:
+        first = await monitor.wait("web", 0, 1.0)
+        assert first["status"] == "starting", first
+        await asyncio.sleep(0.05)  # the probe loop it started gets going before the close
+    finally:
+        await monitor.close()

@@ -213,7 +213,10 @@ class HealthMonitor:
             if check is None:
                 raise NoHealthCheck(f"container {container_id} has no health check")
             watch = self._watches[container_id] = _Watch(check, _stopped(), next(self._seq))
-            self._resync.set()  # a container created since the last read: see whether it runs
+            # A container created since the last read: see whether it runs before answering, or a
+            # caller asking right after its start (before the start event is read) hears "stopped".
+            await self._read_one(container_id)
+            watch = self._watches.get(container_id, watch)
         return watch
 
     def _json(self, container_id: str, watch: _Watch) -> dict[str, Any]:
