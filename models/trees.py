@@ -24,20 +24,19 @@ def fit_boosted_trees(
     """A seeded HistGradientBoostingClassifier fitted on X, y with `threads` threads, no early
     stopping (the same rows give the same model, and the same ONNX bytes)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
-    from threadpoolctl import threadpool_limits
 
-    model = HistGradientBoostingClassifier(
+    return _fit(
+        HistGradientBoostingClassifier,
+        X,
+        y,
+        threads,
         max_iter=max_iter,
         learning_rate=learning_rate,
         max_leaf_nodes=max_leaf_nodes,
         min_samples_leaf=min_samples_leaf,
         l2_regularization=l2_regularization,
-        early_stopping=False,
         random_state=seed,
     )
-    with threadpool_limits(threads):
-        model.fit(X, y)
-    return model
 
 
 def fit_boosted_regressor(
@@ -54,17 +53,25 @@ def fit_boosted_regressor(
 ) -> Any:
     """A seeded HistGradientBoostingRegressor (squared error) fitted like `fit_boosted_trees`."""
     from sklearn.ensemble import HistGradientBoostingRegressor
-    from threadpoolctl import threadpool_limits
 
-    model = HistGradientBoostingRegressor(
+    return _fit(
+        HistGradientBoostingRegressor,
+        X,
+        y,
+        threads,
         max_iter=max_iter,
         learning_rate=learning_rate,
         max_leaf_nodes=max_leaf_nodes,
         min_samples_leaf=min_samples_leaf,
         l2_regularization=l2_regularization,
-        early_stopping=False,
         random_state=seed,
     )
+
+
+def _fit(estimator: Any, X: npt.NDArray[np.float32], y: npt.NDArray[Any], threads: int, **params: Any) -> Any:
+    from threadpoolctl import threadpool_limits
+
+    model = estimator(early_stopping=False, **params)
     with threadpool_limits(threads):
         model.fit(X, y)
     return model
