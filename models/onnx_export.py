@@ -53,8 +53,13 @@ def classifier_to_onnx(model: Any, n_features: int, graph_name: str, doc: str, m
             initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))],
             options={id(model): {"zipmap": False}},
         )
+    return _finish(onx, [LABEL_OUTPUT, PROB_OUTPUT], graph_name, doc, metadata)
+
+
+def _finish(onx: Any, outputs: list[str], graph_name: str, doc: str, metadata: Mapping[str, str]) -> bytes:
+    """Check the converted graph's outputs, fix its name, add the doc and metadata: the bytes."""
     names = [o.name for o in onx.graph.output]
-    if names != [LABEL_OUTPUT, PROB_OUTPUT]:
+    if names != outputs:
         raise RuntimeError(f"unexpected ONNX outputs {names}")
     onx.graph.name = graph_name  # skl2onnx picks a random one: same model, same bytes
     onx.doc_string = doc
@@ -64,13 +69,16 @@ def classifier_to_onnx(model: Any, n_features: int, graph_name: str, doc: str, m
     return bytes(onx.SerializeToString())
 
 
-def ort_probabilities(onnx_bytes: bytes, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def _session(onnx_bytes: bytes) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    out = session.run([PROB_OUTPUT], {INPUT_NAME: X})[0]
+    return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_probabilities(onnx_bytes: bytes, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    out = _session(onnx_bytes).run([PROB_OUTPUT], {INPUT_NAME: X})[0]
     return np.asarray(out[:, 1], np.float32)
 
 
@@ -94,24 +102,11 @@ def regressor_to_onnx(model: Any, n_features: int, graph_name: str, doc: str, me
 
     with hgb_converter_fix():
         onx = convert_sklearn(model, initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))])
-    names = [o.name for o in onx.graph.output]
-    if names != [REGRESSION_OUTPUT]:
-        raise RuntimeError(f"unexpected ONNX outputs {names}")
-    onx.graph.name = graph_name
-    onx.doc_string = doc
-    for key, value in metadata.items():
-        prop = onx.metadata_props.add()
-        prop.key, prop.value = key, value
-    return bytes(onx.SerializeToString())
+    return _finish(onx, [REGRESSION_OUTPUT], graph_name, doc, metadata)
 
 
 def ort_regression(onnx_bytes: bytes, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    return np.asarray(session.run([REGRESSION_OUTPUT], {INPUT_NAME: X})[0][:, 0], np.float32)
+    return np.asarray(_session(onnx_bytes).run([REGRESSION_OUTPUT], {INPUT_NAME: X})[0][:, 0], np.float32)
 
 
 def check_regressor_onnx(model: Any, onnx_bytes: bytes, X: npt.NDArray[np.float32], tolerance: float) -> float:
