@@ -34,9 +34,10 @@ check-host:
 # The static checks run first (seconds); any finding fails the target before the suite starts.
 # tests/etcd runs as a pytest process of its own (why: tests/conftest.py, ETCD_RUN).
 # pytest's exit code fails the recipe as it is, including 5 (no tests collected).
+# --durations lists the slowest tests at the end: CI's time budget is watched from that list.
 test: setup
 	$(MAKE) --no-print-directory static-only
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q --durations=40 $(PYTEST_ARGS)
 ifeq ($(PYTEST_ARGS),)
 	FERRYMAN_ETCD_TESTS=1 $(VENV)/bin/pytest -q tests/etcd
 endif
