@@ -102,6 +102,7 @@ class Agent:
             criu_configs=criu_configs or CriuConfigs(config.state_dir),
             admission=self.reservations,
             volumes=VolumeDirs(Path(config.state_dir, "volumes")),
+            checkpoints=Path(config.state_dir, "standby"),
         )
         self.cache = CacheService(
             cd,

@@ -42,6 +42,8 @@ LABEL_LAST_EXIT_STATUS = LABEL_PREFIX + "last-exit-status"
 """The exit the agent last restarted the container after ("" when its task was lost, e.g. at a reboot)."""
 LABEL_LAST_EXIT_AT = LABEL_PREFIX + "last-exit-at"
 LABEL_MIGRATED_TO = LABEL_PREFIX + "migrated-to"
+LABEL_CHECKPOINT = LABEL_PREFIX + "checkpoint"
+"""A checkpointed standby's CRIU image directory on this host (`POST /v1/containers/{id}/checkpoint`)."""
 LABEL_VOLUMES = LABEL_PREFIX + "volumes"
 LABEL_SIGNATURE = LABEL_PREFIX + "signature"
 """The workload signature's id (core/workloads.py): which kind of workload this is, for the layer

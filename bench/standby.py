@@ -9,6 +9,14 @@ tests/workloads/stage.c holding `--state-mib` of buffer, at a service address.
   client's first answer. The client's request is already sent while the stage is frozen (the
   kernel takes the connection into the listen backlog; nobody reads it until the thaw), as a
   client of a standby being activated would.
+  The agent writes the container's freezer cgroup itself (agent/runtime/freezer.py), so a thaw
+  is one write, not a runc process.
+- **kernel floor**: the same, but the bench writes the freezer file itself (no agent request): what
+  the kernel, the stage and the client take; the rest of a frozen activation is the request.
+- **checkpointed**: the stage checkpointed to the host's disk (`POST /v1/containers/{id}/checkpoint`:
+  CRIU dumps it, its processes end, its rootfs and network namespace stay), then restored (`POST
+  /v1/containers/{id}/restore`); measured from the restore request to the client's first answer,
+  the client retrying every 2 ms (nothing listens until the restore).
 - **cold** (the baseline, same run): from the create request (image already pulled; then the
   start request, which publishes the address) to the client's first answer, the client retrying
   every 2 ms.
@@ -29,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.runtime import freezer
 from tests.harness.containerd import scratch_dir
 from tests.harness.fleet import api
 from tests.harness.images import Dir, File, ImageBuilder, Layer, busybox_layer
@@ -126,29 +135,59 @@ async def main() -> None:
             await api(host, "POST", "/v1/containers", spec("standby", image, address, state_bytes), expect=201)
             await api(host, "POST", "/v1/containers/standby/start")
             await acall_in_netns(client, until_answer, address, 30.0)
+            pid = (await api(host, "GET", "/v1/containers/standby"))["pid"]
+            cgroup = freezer.locate(pid)
             frozen: list[float] = []
-            thaw_call: list[float] = []  # the agent's thaw request alone (HTTP, containerd, runc)
+            thaw_call: list[float] = []  # the agent's thaw request alone
+            floor: list[float] = []
+            # One keep-alive session for the thaws, as the coordinator's agent client keeps one.
+            async with host.session() as agent:
+                for _ in range(args.rounds):
+                    for direct in (False, True):
+                        await api(host, "POST", "/v1/containers/standby/freeze")
+                        waiting = asyncio.create_task(acall_in_netns(client, first_answer, address, 30.0, 0.002))
+                        await asyncio.sleep(args.frozen_for)
+                        assert not waiting.done(), "the frozen standby answered"
+                        began = time.monotonic()
+                        if direct:
+                            await freezer.thaw(cgroup)
+                            floor.append((await waiting - began) * 1000)
+                            await api(host, "POST", "/v1/containers/standby/thaw")  # the agent's bookkeeping
+                            continue
+                        async with agent.post("/v1/containers/standby/thaw") as resp:
+                            assert resp.status == 200, await resp.text()
+                        thawed = time.monotonic()
+                        answered = await waiting
+                        frozen.append((answered - began) * 1000)
+                        thaw_call.append((thawed - began) * 1000)
+            checkpointed: list[float] = []
+            dump: list[float] = []
             for _ in range(args.rounds):
-                await api(host, "POST", "/v1/containers/standby/freeze")
-                waiting = asyncio.create_task(acall_in_netns(client, first_answer, address, 30.0, 0.002))
-                await asyncio.sleep(args.frozen_for)
-                assert not waiting.done(), "the frozen standby answered"
                 began = time.monotonic()
-                await api(host, "POST", "/v1/containers/standby/thaw")
-                thawed = time.monotonic()
-                answered = await waiting
-                frozen.append((answered - began) * 1000)
-                thaw_call.append((thawed - began) * 1000)
+                await api(host, "POST", "/v1/containers/standby/checkpoint")
+                dump.append((time.monotonic() - began) * 1000)
+                await asyncio.sleep(args.frozen_for)
+                began = time.monotonic()
+                waiting = asyncio.create_task(acall_in_netns(client, until_answer, address, 30.0))
+                await api(host, "POST", "/v1/containers/standby/restore")
+                checkpointed.append((await waiting - began) * 1000)
             await api(host, "DELETE", "/v1/containers/standby?force=1", expect=204)
         finally:
             await mesh.stop()
-    for name, values in (("cold start", cold), ("frozen standby (thaw)", frozen)):
+    series = (
+        ("cold start", cold),
+        ("frozen standby (thaw)", frozen),
+        ("kernel floor", floor),
+        ("checkpointed standby (restore)", checkpointed),
+    )
+    for name, values in series:
         print(
             f"{name}: p50 {statistics.median(values):.1f} ms, p99 {p99(values):.1f} ms, "
             f"max {max(values):.1f} ms ({len(values)} activations, {args.state_mib} MiB of state)"
         )
     call = f"p50 {statistics.median(thaw_call):.1f} ms, p99 {p99(thaw_call):.1f} ms"
-    print(f"of which the thaw request to the agent: {call}")
+    print(f"the thaw request to the agent, to its answer: {call}")
+    print(f"the checkpoint request (CRIU dump, not on the activation's path): p50 {statistics.median(dump):.1f} ms")
     print(f"bench standby: {p99(frozen):.1f} ms (target <= {TARGET_FROZEN_P99_MS:g})")
 
 

@@ -106,6 +106,8 @@ def build_app(agent: AgentLike) -> web.Application:
     app.router.add_post("/v1/containers/{id}/stop", h.stop_container)
     app.router.add_post("/v1/containers/{id}/freeze", h.freeze_container)
     app.router.add_post("/v1/containers/{id}/thaw", h.thaw_container)
+    app.router.add_post("/v1/containers/{id}/checkpoint", h.checkpoint_container)
+    app.router.add_post("/v1/containers/{id}/restore", h.restore_container)
     app.router.add_get("/v1/containers/{id}/logs", h.container_logs)
     app.router.add_post("/v1/migrations", m.start_migration)
     app.router.add_get("/v1/migrations", m.list_migrations)

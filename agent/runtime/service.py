@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
+import shutil
 import signal
 import weakref
 from collections import Counter
@@ -26,6 +28,7 @@ from agent.health.spec import LABEL_HEALTH
 from agent.images.local import read_image
 from agent.images.service import ImageUses
 from agent.model import (
+    LABEL_CHECKPOINT,
     LABEL_EXIT_STATUS,
     LABEL_FINISHED_AT,
     LABEL_IMAGE,
@@ -48,6 +51,8 @@ from agent.model import (
 from agent.network import HELD, NetworkError, ServiceNetwork, parse_service_ip
 from agent.oci import Platform
 from agent.reservations import Admission, container_need
+from agent.runtime import freezer
+from agent.runtime.freezer import FreezerCgroup, FreezerError
 from agent.runtime.restarts import ExitView, exit_view, policy_of, restart_count, restart_json, restart_labels
 from agent.runtime.rootfs import read_snapshot_files
 from agent.runtime.spec import build_spec
@@ -87,6 +92,7 @@ class ContainerService:
         criu_configs: CriuConfigs | None = None,
         admission: Admission | None = None,
         volumes: VolumeDirs | None = None,
+        checkpoints: Path | None = None,
     ) -> None:
         self._cd = cd
         self._containerd = containerd
@@ -101,8 +107,10 @@ class ContainerService:
         # Containers with a service address get their own network namespace through this adapter.
         self.network = network if network is not None else ServiceNetwork(namespace=cd.namespace)
         self._creating: Counter[str] = Counter()
-        self._frozen: set[str] = set()
-        """Containers this agent froze (`freeze`) and has not thawed since."""
+        self.checkpoints = checkpoints
+        """Where checkpointed standbys keep their CRIU images (None: checkpoints are refused)."""
+        self._frozen: dict[str, FreezerCgroup] = {}
+        """Containers this agent froze (`freeze`) and has not thawed since, with their freezer cgroup."""
         self.uses: ImageUses | None = None
         """The layer cache, told that a container used its image (set by the agent)."""
         self.health: HealthReports | None = None
@@ -297,6 +305,13 @@ class ContainerService:
             return _summary(record, None)
         grace = self._runtime.stop_timeout if timeout is None else timeout
         if task.status != TaskStatus.STOPPED:
+            # A frozen task takes no signal: thawed first, it stops as any other does.
+            frozen = self._frozen.pop(container_id, None)
+            if frozen is None:
+                await self._thaw_found(task)
+            else:
+                with contextlib.suppress(FreezerError):
+                    await freezer.thaw(frozen)
             waiter = asyncio.create_task(self._cd.tasks.wait(container_id), name=f"wait-{container_id}")
             try:
                 if grace > 0:
@@ -318,40 +333,137 @@ class ContainerService:
         return _summary(record, None)
 
     async def freeze(self, container_id: str) -> ContainerSummary:
-        """Freeze a running container's processes (the cgroup freezer, through containerd's pause):
-        they keep their memory and sockets and get no CPU until `thaw`. A warm standby: thawing it
-        is an activation without a start (docs/chains.md, "Warm standby")."""
+        """Freeze a running container's processes (its cgroup freezer, written directly:
+        agent/runtime/freezer.py): they keep their memory and sockets and get no CPU until `thaw`.
+        A warm standby: thawing it is an activation without a start (docs/chains.md, "Warm
+        standby"). containerd's task stays running; this agent reports the container `paused`."""
         async with self._lock(container_id):
             record = await self._get(container_id)
             task = await self._task(container_id)
-            if task is None or task.status != TaskStatus.RUNNING:
+            if task is None or task.status != TaskStatus.RUNNING or container_id in self._frozen:
                 state = "created" if task is None else _STATES.get(task.status, ContainerState.UNKNOWN).value
+                state = "paused" if container_id in self._frozen else state
                 raise Conflict(f"container {container_id} is {state}; only a running container can be frozen")
-            self._frozen.add(container_id)  # before the pause: no probe of it counts from now on
             try:
-                await self._cd.tasks.pause(container_id)
+                cgroup = await asyncio.to_thread(freezer.locate, task.pid)
+            except FreezerError as exc:
+                raise Conflict(f"container {container_id} cannot be frozen: {exc}") from exc
+            self._frozen[container_id] = cgroup  # before the freeze: no probe of it counts from now on
+            try:
+                await freezer.freeze(cgroup)
             except BaseException:
-                self._frozen.discard(container_id)
+                self._frozen.pop(container_id, None)
                 raise
             log.info("froze container", extra={"container": container_id})
-            return _summary(record, await self._task(container_id))
+            return self._overlay(_summary(record, task))
 
     def frozen(self, container_id: str) -> bool:
         """Whether this agent froze the container (and has not thawed it): its health is not probed."""
         return container_id in self._frozen
 
     async def thaw(self, container_id: str) -> ContainerSummary:
-        """Let a frozen container run again, where it stopped."""
+        """Let a frozen container run again, where it stopped. The freezer is written first, before
+        anything is asked of containerd: the container runs as soon as it can."""
         async with self._lock(container_id):
+            cgroup = self._frozen.get(container_id)
+            if cgroup is not None:
+                await freezer.thaw(cgroup)
+                del self._frozen[container_id]
+                log.info("thawed container", extra={"container": container_id})
+                return _summary(await self._get(container_id), await self._task(container_id))
             record = await self._get(container_id)
             task = await self._task(container_id)
-            if task is None or task.status != TaskStatus.PAUSED:
+            if task is not None and task.status == TaskStatus.PAUSED:  # paused through containerd
+                await self._cd.tasks.resume(container_id)
+            elif task is None or task.status != TaskStatus.RUNNING or not await self._thaw_found(task):
                 state = "created" if task is None else _STATES.get(task.status, ContainerState.UNKNOWN).value
                 raise Conflict(f"container {container_id} is {state}; only a frozen container can be thawed")
-            await self._cd.tasks.resume(container_id)
-            self._frozen.discard(container_id)
             log.info("thawed container", extra={"container": container_id})
             return _summary(record, await self._task(container_id))
+
+    async def checkpoint(self, container_id: str) -> ContainerSummary:
+        """Checkpoint a running container to this host's disk and end its task: a checkpointed warm
+        standby (docs/chains.md). Its CRIU images stay under `checkpoints`, its record, rootfs and
+        network namespace stay as they are, so `restore` brings the processes back where they were,
+        listening sockets and memory included. No restart policy restarts it (an operator's stop)."""
+        async with self._lock(container_id):
+            if self.checkpoints is None:
+                raise Conflict("this agent keeps no checkpoints (no state directory)")
+            await self._get(container_id)
+            task = await self._task(container_id)
+            if task is None or task.status != TaskStatus.RUNNING or container_id in self._frozen:
+                raise Conflict(f"container {container_id} is not running; only a running container can be checkpointed")
+            images = self.checkpoints / container_id
+            await asyncio.to_thread(shutil.rmtree, images, True)
+            await asyncio.to_thread(images.mkdir, parents=True)
+            now = dt.datetime.now(dt.UTC).isoformat()
+            # Before the dump ends the task: the supervisor sees an exit an operator asked for.
+            await self._cd.containers.update_labels(container_id, {LABEL_OPERATOR_STOP: now})
+            try:
+                await self._cd.tasks.checkpoint(container_id, str(images), leave_running=False)
+            except BaseException:
+                await self._cd.containers.update_labels(container_id, {LABEL_OPERATOR_STOP: ""})
+                await asyncio.to_thread(shutil.rmtree, images, True)
+                raise
+            with contextlib.suppress(ContainerdNotFound):
+                await self._cd.tasks.delete(container_id)
+            record = await self._cd.containers.update_labels(container_id, {LABEL_CHECKPOINT: str(images)})
+            log.info("checkpointed container", extra={"container": container_id, "images": str(images)})
+            return _summary(record, None)
+
+    async def restore(self, container_id: str) -> ContainerSummary:
+        """Run a checkpointed container again from its images (CRIU restore through containerd);
+        the images are deleted once it runs. Its address stays as it was (unpublished, for a standby)."""
+        async with self._lock(container_id):
+            record = await self._get(container_id)
+            images = record.labels.get(LABEL_CHECKPOINT, "")
+            if not images or not await asyncio.to_thread(Path(images).is_dir):
+                raise Conflict(f"container {container_id} has no checkpoint to restore")
+            task = await self._task(container_id)
+            if task is not None:
+                if task.status != TaskStatus.STOPPED:
+                    raise Conflict(f"container {container_id} is running already")
+                await self._cd.tasks.delete(container_id)
+            service_ip = record.labels.get(LABEL_SERVICE_IP)
+            if service_ip:
+                await self._prepare_network(record, service_ip)
+            mounts = await self._cd.snapshots.mounts(record.snapshot_key)
+            uri = f"file://{self.log_path(container_id)}"
+            now = dt.datetime.now(dt.UTC).isoformat()
+            run_labels = {LABEL_OPERATOR_STOP: "", LABEL_EXIT_STATUS: "", LABEL_FINISHED_AT: "", LABEL_STARTED_AT: now}
+            record = await self._cd.containers.update_labels(container_id, run_labels)
+            await self._cd.tasks.create(
+                container_id, mounts, stdout=uri, stderr=uri, runc_root=self._containerd.runc_root, restore_from=images
+            )
+            try:
+                await self._cd.tasks.start(container_id)  # containerd restores at Start
+            except BaseException:
+                with contextlib.suppress(ContainerdNotFound):
+                    await self._cd.tasks.delete(container_id)
+                raise
+            record = await self._cd.containers.update_labels(container_id, {LABEL_CHECKPOINT: ""})
+            await asyncio.to_thread(shutil.rmtree, images, True)
+            log.info("restored container", extra={"container": container_id})
+            return _summary(record, await self._task(container_id))
+
+    async def _thaw_found(self, task: ProcessInfo) -> bool:
+        """Thaw the task's freezer cgroup if it is frozen (by an agent before a restart of it):
+        whether it was. A frozen task takes no signal, so a stop thaws it first."""
+        try:
+            cgroup = await asyncio.to_thread(freezer.locate, task.pid)
+            if not await asyncio.to_thread(freezer.is_frozen, cgroup):
+                return False
+            await freezer.thaw(cgroup)
+        except FreezerError as exc:
+            log.warning("freezer unreadable", extra={"container": task.container_id, "error": str(exc)})
+            return False
+        return True
+
+    def _overlay(self, summary: ContainerSummary) -> ContainerSummary:
+        """A container this agent froze shows as `paused` (containerd's task says running)."""
+        if summary.id in self._frozen and summary.state is ContainerState.RUNNING:
+            return dataclasses.replace(summary, state=ContainerState.PAUSED)
+        return summary
 
     async def remove_volume(self, name: str) -> None:
         """Delete a shared volume: VolumeNotFound without it, Conflict while a container mounts it."""
@@ -368,7 +480,6 @@ class ContainerService:
 
     async def _delete(self, container_id: str, force: bool) -> None:
         record = await self._get(container_id)
-        self._frozen.discard(container_id)
         task = await self._task(container_id)
         if task is not None and task.status != TaskStatus.STOPPED:
             if not force:
@@ -390,6 +501,9 @@ class ContainerService:
             self.log_path(container_id).unlink()
         if self.criu_configs is not None:
             self.criu_configs.remove(container_id)
+        self._frozen.pop(container_id, None)
+        if self.checkpoints is not None:
+            await asyncio.to_thread(shutil.rmtree, self.checkpoints / container_id, True)
         log.info("deleted container", extra={"container": container_id})
 
     async def exit_view(self, container_id: str) -> ExitView | None:
@@ -410,12 +524,12 @@ class ContainerService:
     async def list(self) -> list[ContainerSummary]:
         records = await self._cd.containers.list([f'labels."{LABEL_MANAGED}"==true'])
         tasks = {t.container_id: t for t in await self._cd.tasks.list()}
-        return [_summary(r, tasks.get(r.id)) for r in sorted(records, key=lambda r: r.id)]
+        return [self._overlay(_summary(r, tasks.get(r.id))) for r in sorted(records, key=lambda r: r.id)]
 
     async def inspect(self, container_id: str) -> dict[str, Any]:
         record = await self._get(container_id)
         task = await self._task(container_id)
-        out = _summary(record, task).to_json()
+        out = self._overlay(_summary(record, task)).to_json()
         out["spec"] = json.loads(record.spec)
         out["snapshotter"] = record.snapshotter
         out["snapshot_key"] = record.snapshot_key
