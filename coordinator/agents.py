@@ -58,6 +58,8 @@ class AgentClientLike(Protocol):
     async def delete_volume(self, host: Host, name: str) -> None: ...
     async def freeze_container(self, host: Host, container_id: str) -> None: ...
     async def thaw_container(self, host: Host, container_id: str) -> None: ...
+    async def checkpoint_container(self, host: Host, container_id: str, within: float) -> None: ...
+    async def restore_container(self, host: Host, container_id: str, within: float) -> None: ...
     async def container_health(
         self, host: Host, container_id: str, after: int, wait: float, within: float
     ) -> dict[str, Any]: ...
@@ -280,6 +282,18 @@ class AgentClient:
         status, data = await self._call(host, "POST", f"/v1/containers/{container_id}/thaw")
         if status != 200:
             raise self._error(host, status, data, f"thaw {container_id}")
+
+    async def checkpoint_container(self, host: Host, container_id: str, within: float) -> None:
+        """Checkpoint a running container to `host`'s disk and end its task (a checkpointed standby)."""
+        status, data = await self._call(host, "POST", f"/v1/containers/{container_id}/checkpoint", within=within)
+        if status != 200:
+            raise self._error(host, status, data, f"checkpoint {container_id}")
+
+    async def restore_container(self, host: Host, container_id: str, within: float) -> None:
+        """Run a checkpointed container on `host` again from its checkpoint."""
+        status, data = await self._call(host, "POST", f"/v1/containers/{container_id}/restore", within=within)
+        if status != 200:
+            raise self._error(host, status, data, f"restore {container_id}")
 
     async def unpublish(self, host: Host, service_ip: str) -> bool:
         """Stop publishing `service_ip` from `host`; whether it was published there."""

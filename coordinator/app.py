@@ -13,6 +13,7 @@ from coordinator.agents import AgentClient, AgentClientLike
 from coordinator.alerts import Alerter
 from coordinator.auth import TokenHashes
 from coordinator.catalog.service import CatalogService
+from coordinator.chains.prediction import UsageModel
 from coordinator.chains.service import ChainService
 from coordinator.config import CoordinatorConfig
 from coordinator.costs import CostBook
@@ -65,6 +66,16 @@ async def open_store(config: CoordinatorConfig) -> Store:
         tls = EtcdTls(s.etcd_ca_file, s.etcd_cert_file, s.etcd_key_file, s.etcd_server_name) if s.etcd_ca_file else None
         return EtcdStore(EtcdKV(s.etcd_endpoints, tls=tls, timeout=s.etcd_timeout), s.etcd_prefix)
     return await SqliteStore.open(config.database)
+
+
+def _usage_model(path: str) -> UsageModel | None:
+    """The chain usage model named by `[chains] usage_model` (ConfigError for a bad one), or None."""
+    if not path:
+        return None
+    try:
+        return UsageModel(path)
+    except ModelLoadError as exc:
+        raise ConfigError(f"chains.usage_model {path}: {exc}") from exc
 
 
 class Coordinator:
@@ -150,6 +161,8 @@ class Coordinator:
             self.metrics,
             addresses_taken=lambda: held_addresses(store),
             admit=addressing,
+            usage_model=_usage_model(config.chains.usage_model),
+            predict_period=config.chains.predict_period,
         )
         self.deployments = DeploymentService(
             store,

@@ -263,6 +263,16 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class ChainsConfig:
+    """Chains' predicted pre-allocation (docs/chains.md, "Predicted pre-allocation")."""
+
+    usage_model: str = ""
+    """The chain usage model (.onnx, models/chains/); empty: the manifests' `predicted` only."""
+    predict_period: float = 5.0
+    """Seconds between two predictions of the next stage's usage while a stage serves."""
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     version: int = CONFIG_VERSION
     listen: str = "127.0.0.1:7543"
@@ -285,6 +295,7 @@ class CoordinatorConfig:
     deployments: DeploymentsConfig = field(default_factory=DeploymentsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     scaling: PredictiveScalingConfig = field(default_factory=PredictiveScalingConfig)
+    chains: ChainsConfig = field(default_factory=ChainsConfig)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -330,6 +341,7 @@ def _validate(config: CoordinatorConfig) -> None:
         "deployments.max_replicas": config.deployments.max_replicas,
         "alerts.timeout": config.alerts.timeout,
         "scaling.period": config.scaling.period,
+        "chains.predict_period": config.chains.predict_period,
         "scaling.replica_cost": config.scaling.replica_cost,
         "scaling.max_replicas": config.scaling.max_replicas,
         "scaling.max_lag": config.scaling.max_lag,

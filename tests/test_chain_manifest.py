@@ -115,7 +115,7 @@ def test_a_cycle_is_named_and_handovers_not_driven_yet_are_refused_clearly() -> 
     ]
     bad = copy.deepcopy(GOOD)
     bad["stages"][1]["standby"] = "warm"
-    assert problems(bad) == ["stages[1].standby: 'warm' is not one of ['none', 'frozen']"]
+    assert problems(bad) == ["stages[1].standby: 'warm' is not one of ['none', 'frozen', 'checkpointed']"]
     bad["stages"][1]["standby"] = "frozen"
     bad["stages"][0]["standby"] = "frozen"
     assert problems(bad) == ["stages[0].standby: ingest is the first stage; nothing runs before it to keep one"]

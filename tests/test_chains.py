@@ -35,6 +35,7 @@ PORT = 8080
 SEED_BYTES = 4096
 NEVER_HEALTHY = {"kind": "http", "port": PORT, "path": "/healthz", "interval": 0.2, "timeout": 0.2, "start_period": 600}
 """A check that fails, but within a start period that outlasts any handover: it stays in HEALTH."""
+USAGE_MODEL = Path(__file__).resolve().parent.parent / "models" / "chains" / "usage.onnx"
 SHORT_DEADLINE = {"protocol": "http_state", "port": PORT, "drain": 0.5, "deadline": 20}
 
 
@@ -70,6 +71,7 @@ async def fleet3(base_dir: Path, alerts: dict[str, AlertReceiver]) -> AsyncItera
         return {
             "deployments": {"address_pool": pool, "health_timeout": 30.0},
             "alerts": {"webhook_url": alerts["receiver"].url},
+            "chains": {"usage_model": str(USAGE_MODEL), "predict_period": 0.5},
         }
 
     async with coordinated_fleet(base_dir, 3, coordinator_for=tables, with_client=True) as f:
@@ -247,10 +249,10 @@ async def test_a_counter_is_handed_over_across_hosts_and_failed_handovers_roll_b
         assert runs["ingest"]["state"] == "removed" and runs["transform"]["state"] == "failed"
         assert runs["transform-safe"]["state"] == "serving"
         assert runs["transform-safe"]["host"] != runs["ingest"]["host"]  # across hosts
+        served = client.served()  # before the state: the client goes on calling meanwhile
         state = await stage_state(f, address)
         assert state["trail"] == "ingest,transform-safe"
         assert state["buffer"] == bytes((i % 251 + 1) % 256 for i in range(SEED_BYTES))
-        served = client.served()
         assert state["counter"] >= served[-1][1]
         assert [name for name, _ in served if name not in ("ingest", "transform-safe")] == []
         assert await chain_containers(f) == {
@@ -553,5 +555,135 @@ async def test_a_frozen_standby_is_thawed_at_its_handover(
     assert handover["state_bytes"] > BIG_STATE
     listed = {c["id"]: c for c in (await api(host, "GET", "/v1/containers"))["containers"]}
     assert listed[standby["container"]]["state"] == "running"
+    aborted = await ferryctl_json(f, "chain", "abort", record["id"], "--wait", "60")
+    assert aborted["state"] == "ABORTED", aborted
+
+
+async def test_the_next_stage_is_preallocated_from_its_predicted_usage(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver], base_dir: Path
+) -> None:
+    """While ingest serves, transform's usage is predicted (its manifest's `predicted`: the chain
+    has no history yet) and reserved on the host its handover will place it on; the handover
+    places it there, on that reservation, released once the handover is done. Each serving stage's
+    peak is measured from its host's telemetry, so the chain's next run predicts from this one's
+    history (the model)."""
+    f, mesh = fleet3, fleet3.mesh
+    assert mesh.client is not None
+    image = await push_stage_image(mesh)
+    predicted = {"cpu_millis": 150, "memory_bytes": 48 << 20}
+    manifest = {
+        "version": 1,
+        "name": "predicted",
+        "port": PORT,
+        "stages": [stage("ingest", image), stage("transform", image, "ingest", predicted=predicted)],
+    }
+    path = base_dir / "predicted.json"
+    path.write_text(json.dumps(manifest))
+    record = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
+    assert record["state"] == "RUNNING", record
+
+    async def preallocated() -> dict[str, Any] | None:
+        now = await f.call("GET", f"/v1/chains/{record['id']}")
+        return dict(now) if now["preallocation"] else None
+
+    now = await f.wait_for("transform's capacity pre-allocated", preallocated, within=30)
+    pre = now["preallocation"]
+    assert now["prediction"]["basis"] == "manifest" and now["prediction"]["stage"] == "transform", now["prediction"]
+    assert (pre["stage"], pre["cpu_millis"], pre["memory_bytes"]) == ("transform", 150, 48 << 20), pre
+    assert pre["host"] != record["runs"][0]["host"]
+    reservations = {r["id"]: r for r in (await f.call("GET", "/v1/reservations"))["reservations"]}
+    assert reservations[pre["reservation"]]["host"] == pre["host"], reservations
+    assert reservations[pre["reservation"]]["capacity"]["cpu_millis"] == 150
+    status = await f.ferryctl("chain", "status", record["id"])
+    assert "pre-allocated" in status.stdout and pre["host"] in status.stdout, status.stdout
+    client = Client(mesh.client.netns, record["address"])
+    client.start()
+    try:
+        await client.served_by("ingest")
+        await asyncio.sleep(2.0)  # a few telemetry samples of ingest serving
+        done = await ferryctl_json(f, "chain", "advance", record["id"], "--wait", "120")
+        assert done["state"] == "RUNNING" and done["serving"] == "transform", done
+        [handover] = done["handovers"]
+        assert handover["outcome"] == "done" and handover["preallocated"] is True, handover
+        runs = {r["stage"]: r for r in done["runs"]}
+        assert runs["transform"]["host"] == pre["host"] and runs["transform"]["reservation"] == ""
+        assert runs["ingest"]["peak_memory_bytes"] > 0, runs["ingest"]
+        assert done["preallocation"] == {}, done["preallocation"]  # the last stage serves: nothing follows
+        await client.served_by("transform")
+        await asyncio.sleep(2.0)
+    finally:
+        await client.stop()
+    assert_exactly_once(client)
+    reservations = {r["id"]: r for r in (await f.call("GET", "/v1/reservations"))["reservations"]}
+    assert pre["reservation"] not in reservations, reservations
+    completed = await ferryctl_json(f, "chain", "advance", record["id"], "--wait", "60")
+    assert completed["state"] == "COMPLETED", completed
+    assert all(r["peak_memory_bytes"] > 0 for r in completed["runs"]), completed["runs"]
+
+    again = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
+    assert again["state"] == "RUNNING", again
+
+    async def from_history() -> dict[str, Any] | None:
+        now = await f.call("GET", f"/v1/chains/{again['id']}")
+        return dict(now["prediction"]) if now["prediction"].get("basis") == "model" and now["preallocation"] else None
+
+    prediction = await f.wait_for("transform predicted from the first run", from_history, within=30)
+    assert prediction["stage"] == "transform" and prediction["memory_bytes"] > 0, prediction
+    aborted = await ferryctl_json(f, "chain", "abort", again["id"], "--wait", "60")
+    assert aborted["state"] == "ABORTED", aborted
+    reservations = (await f.call("GET", "/v1/reservations"))["reservations"]
+    assert [r for r in reservations if again["id"] in r["purpose"]] == [], reservations
+
+
+async def test_a_checkpointed_standby_is_restored_at_its_handover(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver], base_dir: Path
+) -> None:
+    """`standby: checkpointed`: while ingest serves, transform is made on another host, healthy,
+    then checkpointed to that host's disk (its processes ended, its images kept there); the
+    handover restores it instead of starting it, and the state handed over is whole."""
+    f, mesh = fleet3, fleet3.mesh
+    assert mesh.client is not None
+    image = await push_stage_image(mesh)
+    manifest = {
+        "version": 1,
+        "name": "checkpointed",
+        "port": PORT,
+        "stages": [stage("ingest", image), stage("transform", image, "ingest", standby="checkpointed")],
+    }
+    path = base_dir / "checkpointed.json"
+    path.write_text(json.dumps(manifest))
+    record = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
+    assert record["state"] == "RUNNING", record
+
+    async def checkpointed() -> dict[str, Any] | None:
+        now = await f.call("GET", f"/v1/chains/{record['id']}")
+        runs = {r["stage"]: r for r in now["runs"]}
+        return dict(runs["transform"]) if runs.get("transform", {}).get("state") == "checkpointed" else None
+
+    standby = await f.wait_for("transform's standby checkpointed", checkpointed, within=90)
+    host = next(h for h in mesh.hosts if h.name == standby["host"])
+    assert standby["host"] != record["runs"][0]["host"]
+    inspected = await api(host, "GET", f"/v1/containers/{standby['container']}")
+    assert inspected["pid"] is None, inspected  # no process: only its images on the host's disk
+    images = Path(inspected["labels"]["io.ferryman.checkpoint"])
+    assert any(images.glob("pages-*.img")), sorted(p.name for p in images.iterdir())
+    client = Client(mesh.client.netns, record["address"])
+    client.start()
+    try:
+        await client.served_by("ingest")
+        done = await ferryctl_json(f, "chain", "advance", record["id"], "--wait", "120")
+        assert done["state"] == "RUNNING" and done["serving"] == "transform", done
+        [handover] = done["handovers"]
+        assert handover["outcome"] == "done" and handover["from_standby"] is True, handover
+        runs = {r["stage"]: r for r in done["runs"]}
+        assert runs["transform"]["container"] == standby["container"]  # the standby, restored
+        await client.served_by("transform")
+    finally:
+        await client.stop()
+    assert_exactly_once(client)
+    state = await stage_state(f, record["address"])
+    assert state["trail"] == "ingest,transform"
+    assert state["buffer"] == bytes((i % 251 + 1) % 256 for i in range(SEED_BYTES))
+    assert not images.exists()  # deleted once restored
     aborted = await ferryctl_json(f, "chain", "abort", record["id"], "--wait", "60")
     assert aborted["state"] == "ABORTED", aborted

@@ -128,6 +128,7 @@ def details(record: dict[str, Any]) -> list[str]:
         lines.append(f"  serving: {record['serving']}")
     if record.get("error"):
         lines.append(f"  error: {record['error']}")
+    lines.extend(_prediction_lines(record))
     for run in record.get("runs") or []:
         where = f"on {run['host']}" if run.get("host") else "not placed"
         line = f"  stage {run.get('stage')}: {run.get('container')} {run.get('state')} {where}"
@@ -140,4 +141,22 @@ def details(record: dict[str, Any]) -> list[str]:
         if h.get("failed_phase"):
             line += f", failed in {h['failed_phase']}: {h.get('error')}"
         lines.append(line)
+    return lines
+
+
+def _prediction_lines(record: dict[str, Any]) -> list[str]:
+    """The next stage's predicted usage and the capacity pre-allocated for it (docs/chains.md)."""
+    lines = []
+    p = record.get("prediction") or {}
+    if p:
+        lines.append(
+            f"  predicted: {p.get('stage')} {p.get('cpu_millis')} millicores, "
+            f"{render.human_size(p.get('memory_bytes'))} (from {p.get('basis')})"
+        )
+    held = record.get("preallocation") or {}
+    if held:
+        lines.append(
+            f"  pre-allocated: {held.get('stage')} on {held.get('host')}: {held.get('cpu_millis')} millicores, "
+            f"{render.human_size(held.get('memory_bytes'))} (reservation {held.get('reservation')})"
+        )
     return lines

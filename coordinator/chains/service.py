@@ -34,8 +34,10 @@ from typing import Any, Protocol
 from coordinator.alerts import Alert, Alerter
 from coordinator.catalog.model import HealthCheck, Reference, UnknownReference
 from coordinator.catalog.service import CatalogService
+from coordinator.chains import prediction
 from coordinator.chains.contract import StateUnfit, check_state
 from coordinator.chains.manifest import ChainManifest, ChainManifestInvalid, ManifestValidator, Stage
+from coordinator.chains.prediction import Prediction, UsageModel
 from coordinator.chains.states import (
     HANDOVER_PHASES,
     HOLDS_ADDRESS,
@@ -91,6 +93,8 @@ class ChainAgents(Protocol):
     async def delete_volume(self, host: Host, name: str) -> None: ...
     async def freeze_container(self, host: Host, container_id: str) -> None: ...
     async def thaw_container(self, host: Host, container_id: str) -> None: ...
+    async def checkpoint_container(self, host: Host, container_id: str, within: float) -> None: ...
+    async def restore_container(self, host: Host, container_id: str, within: float) -> None: ...
     async def stage_state(
         self, host: Host, container_id: str, action: str, port: int, body: bytes, within: float
     ) -> tuple[int, bytes]: ...
@@ -112,9 +116,14 @@ class ChainService:
         metrics: CoordinatorMetrics,
         addresses_taken: Callable[[], Awaitable[Collection[str]]],
         admit: asyncio.Lock,
+        usage_model: UsageModel | None = None,
+        predict_period: float = 5.0,
     ) -> None:
         """`addresses_taken`: the service addresses deployments hold; `admit`: held (with the
-        deployments) while an address is chosen and first stored, so no two take one."""
+        deployments) while an address is chosen and first stored, so no two take one;
+        `usage_model`: predicts the next stage's usage from the chain's history (None: the
+        manifest's `predicted`); `predict_period`: seconds between two predictions while a stage
+        serves."""
         self._store = store
         self._records = chains
         self._catalog = catalog
@@ -128,6 +137,8 @@ class ChainService:
         self._metrics = metrics
         self._addresses_taken = addresses_taken
         self._admit = admit
+        self._usage_model = usage_model
+        self._predict_period = predict_period
         self.validator = ManifestValidator()
         self._tasks: dict[str, asyncio.Task[ChainRecord]] = {}
         self._advance: dict[str, asyncio.Event] = {}
@@ -345,6 +356,13 @@ class ChainService:
             return record, run
         attempt = sum(r.stage == stage.name for r in record.runs) + 1
         cid = container_id(record.id, f"{stage.name}-{attempt}")
+        held = record.preallocation
+        if held and held.get("stage") == stage.name and str(held.get("host")) not in exclude:
+            # The capacity pre-allocated for it while the stage before it served: its reservation now.
+            host, reservation = str(held["host"]), str(held["reservation"])
+            run = StageRun(stage=stage.name, container=cid, host=host, reservation=reservation)
+            record = dataclasses.replace(record.with_run(run, self._clock()), preallocation={})
+            return await self._put(record), run
         capacity = Capacity(
             stage.cpu_millis or self._config.cpu_millis, stage.memory_bytes or self._config.memory_bytes, 0
         )
@@ -426,10 +444,19 @@ class ChainService:
         elif stage.run_for:
             timeout = max(0.0, record.serving_since + stage.run_for - self._clock())
         asked = False
-        if wakeup.is_set() or timeout != 0.0:
+        loop = asyncio.get_running_loop()
+        until = None if timeout is None else loop.time() + timeout
+        record = await self._preallocate(record)
+        while not wakeup.is_set():
+            left = None if until is None else until - loop.time()
+            if left is not None and left <= 0:
+                break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout)
-                asked = True
+                tick = self._predict_period if left is None else min(left, self._predict_period)
+                await asyncio.wait_for(wakeup.wait(), tick)
+            if not wakeup.is_set():
+                record = await self._preallocate(record)
+        asked = wakeup.is_set()
         wakeup.clear()
         failed = record.failed if not asked else ()  # asked: try the stages that failed again
         target = successor(manifest, record.serving, failed)
@@ -454,14 +481,18 @@ class ChainService:
         stage as it would without a standby."""
         manifest = record.chain_manifest()
         following = successor(manifest, record.serving, ()) if not record.failed else None
-        if following is None or manifest.stage(following).standby != "frozen" or record.run_of(following):
+        if following is None or manifest.stage(following).standby == "none" or record.run_of(following):
             return record
         stage = manifest.stage(following)
         try:
             serving = _serving_run(record)
             record, run = await self._place(record, stage, exclude=await self._not_next_to(record, serving))
             record, run = await self._create(record, run, stage, publish=False, deadline=self._health_deadline())
-            await self._agents.freeze_container(await self._host_or_fail(run), run.container)
+            host = await self._host_or_fail(run)
+            if stage.standby == "checkpointed":
+                await self._agents.checkpoint_container(host, run.container, self._create_timeout)
+            else:
+                await self._agents.freeze_container(host, run.container)
         except (StepFailed, FerrymanError) as exc:
             log.warning("no standby kept", extra={"chain": record.id, "stage": stage.name, "error": str(exc)})
             current = await self.get(record.id)
@@ -469,8 +500,103 @@ class ChainService:
             if left is not None:
                 current = await self._put(current.with_run(await self._remove(record.id, left), self._clock()))
             return current
-        log.info("standby frozen", extra={"chain": record.id, "stage": stage.name, "host": run.host})
-        return await self._put(record.with_run(dataclasses.replace(run, state=RunState.FROZEN), self._clock()))
+        kept = RunState.CHECKPOINTED if stage.standby == "checkpointed" else RunState.FROZEN
+        log.info("standby kept", extra={"chain": record.id, "stage": stage.name, "host": run.host, "as": kept.value})
+        return await self._put(record.with_run(dataclasses.replace(run, state=kept), self._clock()))
+
+    async def _measure(self, record: ChainRecord) -> ChainRecord:
+        """The serving stage's peak usage so far, from its host's last telemetry sample (stored
+        when it rose by more than the replan tolerance, or the first time)."""
+        run = next((r for r in record.runs if r.stage == record.serving and r.state is RunState.SERVING), None)
+        if run is None or not run.host:
+            return record
+        host = await self._store.get_host(run.host)
+        usage = next((c for c in host.containers if c.id == run.container), None) if host is not None else None
+        if usage is None:
+            return record
+        cpu, memory = max(run.peak_cpu_millis, usage.cpu_millis), max(run.peak_memory_bytes, usage.memory_bytes)
+        rose = [
+            (new, old) for new, old in ((cpu, run.peak_cpu_millis), (memory, run.peak_memory_bytes)) if new > old
+        ]
+        if not any(old <= 0 or (new - old) / old > prediction.REPLAN_TOLERANCE for new, old in rose):
+            return record
+        run = dataclasses.replace(run, peak_cpu_millis=round(cpu, 1), peak_memory_bytes=int(memory))
+        return await self._put(record.with_run(run, self._clock()))
+
+    async def _predict(self, record: ChainRecord, stage: Stage) -> Prediction:
+        """The next stage's usage in this run (coordinator/chains/prediction.py)."""
+        rows: dict[str, tuple[list[float], float]] = {}
+        outputs: dict[str, float] = {}
+        if self._usage_model is not None:
+            earlier = prediction.earlier_runs(await self._records.list_chains(), record)
+            rows = prediction.model_rows(record, prediction.history(earlier), stage.name)
+            kinds = list(rows)
+            values = await asyncio.to_thread(self._usage_model.predict, [rows[k][0] for k in kinds])
+            outputs = dict(zip(kinds, values, strict=True))
+        default = (self._config.cpu_millis, self._config.memory_bytes)
+        return prediction.decide(stage, rows, outputs, default)
+
+    async def _preallocate(self, record: ChainRecord) -> ChainRecord:
+        """While a stage serves: measure it, predict the next stage's usage, and hold that capacity
+        on the host the next stage will run on (a reservation, `preallocation`), made again when the
+        prediction moves by more than the tolerance or the reservation nears its end. The handover
+        places the next stage there, on that reservation. A next stage that has a run already (its
+        standby) holds its own reservation; nothing is pre-allocated for it."""
+        try:
+            record = await self._measure(record)
+            following = successor(record.chain_manifest(), record.serving, record.failed)
+            if following is None:
+                return await self._drop_preallocation(record)
+            stage = record.chain_manifest().stage(following)
+            predicted = await self._predict(record, stage)
+            now = self._clock()
+            shown = predicted.to_dict(now)
+            if _without_time(record.prediction) != _without_time(shown):
+                record = await self._put(dataclasses.replace(record, prediction=shown, updated_at=now))
+            if record.run_of(following) is not None:
+                return await self._drop_preallocation(record)
+            held = record.preallocation
+            renew = bool(held) and now >= (float(held.get("at", 0)) + float(held.get("expires_at", 0))) / 2
+            if not renew and not prediction.replan(held, predicted):
+                return record
+            capacity = Capacity(predicted.cpu_millis, predicted.memory_bytes, 0)
+            purpose = f"chain {record.id} stage {stage.name} predicted"
+            reservation = None
+            if held and held.get("stage") == stage.name:  # the same host again, if it still fits
+                with contextlib.suppress(FerrymanError):
+                    reservation = await self._reservations.reserve(str(held["host"]), capacity, purpose)
+            if reservation is None:
+                placement = await self._placer.place_start(
+                    Need(capacity=capacity, image=stage.image),
+                    purpose,
+                    exclude=await self._not_next_to(record, _serving_run(record)),
+                )
+                reservation = placement.reservation
+            record = await self._drop_preallocation(record)
+            allocation = {
+                "stage": stage.name,
+                "host": reservation.host,
+                "reservation": reservation.id,
+                "cpu_millis": predicted.cpu_millis,
+                "memory_bytes": predicted.memory_bytes,
+                "at": now,
+                "expires_at": reservation.expires_at,
+            }
+            log.info("capacity pre-allocated", extra={"chain": record.id, **allocation})
+            return await self._put(dataclasses.replace(record, preallocation=allocation, updated_at=self._clock()))
+        except (StepFailed, FerrymanError) as exc:
+            # No pre-allocation is no failure: the handover places the stage as it would without one.
+            log.warning("no capacity pre-allocated", extra={"chain": record.id, "error": str(exc)})
+            return await self.get(record.id)
+
+    async def _drop_preallocation(self, record: ChainRecord) -> ChainRecord:
+        """Release the pre-allocated reservation, if one is held."""
+        held = record.preallocation
+        if not held:
+            return record
+        with contextlib.suppress(FerrymanError):
+            await self._reservations.release(str(held["reservation"]))
+        return await self._put(dataclasses.replace(record, preallocation={}, updated_at=self._clock()))
 
     # ----- steps: the handover
 
@@ -510,9 +636,12 @@ class ChainService:
         async def work(record: ChainRecord, deadline: float) -> tuple[ChainRecord, dict[str, Any]]:
             manifest = record.chain_manifest()
             serving = _serving_run(record)
+            pre = record.preallocation
+            held = pre.get("reservation") if pre.get("stage") == record.target else None
             record, run = await self._place(
                 record, manifest.stage(record.target), exclude=await self._not_next_to(record, serving)
             )
+            preallocated = {"preallocated": True} if held and run.reservation == held else {}
             host = await self._host_or_fail(run)
             stage = manifest.stage(record.target)
             if run.state is RunState.FROZEN:  # its warm standby: activated by a thaw, healthy already
@@ -521,16 +650,23 @@ class ChainService:
                 except FerrymanError as exc:
                     raise StepFailed(f"thawing the standby of {stage.name} on {run.host}: {exc.message}") from exc
                 run = dataclasses.replace(run, state=RunState.HEALTHY)
-                return await self._put(record.with_run(run, self._clock())), {"from_standby": True}
+                return await self._put(record.with_run(run, self._clock())), {"from_standby": True, **preallocated}
+            if run.state is RunState.CHECKPOINTED:  # its checkpointed standby: restored, then checked
+                try:
+                    await self._agents.restore_container(host, run.container, self._create_timeout)
+                except FerrymanError as exc:
+                    raise StepFailed(f"restoring the standby of {stage.name} on {run.host}: {exc.message}") from exc
+                run = dataclasses.replace(run, state=RunState.CREATED)
+                return await self._put(record.with_run(run, self._clock())), {"from_standby": True, **preallocated}
             if run.state is not RunState.PLACED:  # made already (a standby that was not frozen)
-                return record, {}
+                return record, preallocated
             try:
                 await self._agents.pull_image(host, stage.image, self._create_timeout)
                 await self._agents.create_container(host, self._spec(record, run, stage, False), self._create_timeout)
             except FerrymanError as exc:
                 raise StepFailed(f"{stage.name} could not start on {run.host}: {exc.message}") from exc
             run = dataclasses.replace(run, state=RunState.CREATED)
-            return await self._put(record.with_run(run, self._clock())), {}
+            return await self._put(record.with_run(run, self._clock())), preallocated
 
         return await self._phase(record, work, Event.CREATED)
 
@@ -663,6 +799,12 @@ class ChainService:
         run = record.run_of(record.retiring)
         if run is not None and run.state is not RunState.SERVING:
             record = record.with_run(await self._remove(record.id, run), self._clock())
+        serving = record.run_of(record.serving)
+        if record.handovers[-1].preallocated and serving is not None and serving.reservation:
+            # The pre-allocation did its job: the stage runs, and its host's telemetry counts its use.
+            with contextlib.suppress(FerrymanError):
+                await self._reservations.release(serving.reservation)
+            record = record.with_run(dataclasses.replace(serving, reservation=""), self._clock())
         now = self._clock()
         handover = dataclasses.replace(record.handovers[-1], outcome="done")
         self._metrics.chain_handovers.labels(outcome="done").inc()
@@ -730,6 +872,7 @@ class ChainService:
     async def _teardown(self, record: ChainRecord) -> ChainRecord:
         """COMPLETING, ABORTING, FAILING: remove every run; then the end state (and a FAILED's alert)."""
         failing = record.state is State.FAILING
+        record = await self._drop_preallocation(record)
         record = await self._remove_runs(record)
         await self._remove_volume(record)
         record = await self._put(record.advance(Event.STOPPED, self._clock(), serving="", target="", retiring=""))
@@ -849,3 +992,7 @@ def _target_run(record: ChainRecord) -> StageRun:
 def _last_output(health: dict[str, Any]) -> str:
     last = health.get("last") or {}
     return str(last.get("output") or last.get("error") or "no probe result yet")
+
+
+def _without_time(prediction: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in prediction.items() if k != "at"}

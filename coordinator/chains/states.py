@@ -180,6 +180,7 @@ class RunState(enum.StrEnum):
     CREATED = "created"  # the agent created and started it (the address not published by it)
     HEALTHY = "healthy"  # its health check passed
     FROZEN = "frozen"  # a warm standby: healthy, then frozen until its handover thaws it
+    CHECKPOINTED = "checkpointed"  # a warm standby: healthy, then checkpointed to disk until restored
     SERVING = "serving"  # it has the chain's state and address
     FAILED = "failed"  # it failed to start, to be healthy, or to take the state; removed since
     REMOVED = "removed"  # its container and reservation are gone
@@ -199,6 +200,10 @@ class StageRun:
     reservation: str = ""
     state: RunState = RunState.PLACED
     error: str = ""
+    peak_cpu_millis: float = 0.0
+    peak_memory_bytes: int = 0
+    """The most it was measured to use while it served (its host's telemetry): the chain's history
+    that the next runs' usage is predicted from."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -208,6 +213,8 @@ class StageRun:
             "reservation": self.reservation,
             "state": self.state.value,
             "error": self.error,
+            "peak_cpu_millis": self.peak_cpu_millis,
+            "peak_memory_bytes": self.peak_memory_bytes,
         }
 
     @classmethod
@@ -219,6 +226,8 @@ class StageRun:
             reservation=data.get("reservation", ""),
             state=RunState(data.get("state", RunState.PLACED.value)),
             error=data.get("error", ""),
+            peak_cpu_millis=float(data.get("peak_cpu_millis", 0.0)),
+            peak_memory_bytes=int(data.get("peak_memory_bytes", 0)),
         )
 
 
@@ -238,6 +247,9 @@ class HandoverRecord:
     """Milliseconds each phase took, by phase name."""
     from_standby: bool = False
     """The target was its frozen warm standby, thawed in PREPARING (not started)."""
+    preallocated: bool = False
+    """The target took the capacity pre-allocated for it (`ChainRecord.preallocation`): its
+    reservation, released once the handover is done."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -250,6 +262,7 @@ class HandoverRecord:
             "state_sha256": self.state_sha256,
             "phases_ms": dict(self.phases_ms),
             "from_standby": self.from_standby,
+            "preallocated": self.preallocated,
         }
 
     @classmethod
@@ -264,6 +277,7 @@ class HandoverRecord:
             state_sha256=data.get("state_sha256", ""),
             phases_ms={k: float(v) for k, v in (data.get("phases_ms") or {}).items()},
             from_standby=bool(data.get("from_standby", False)),
+            preallocated=bool(data.get("preallocated", False)),
         )
 
 
@@ -291,6 +305,12 @@ class ChainRecord:
     requested_by: str = ""
     error: str = ""
     history: tuple[tuple[str, float], ...] = ()
+    prediction: Mapping[str, Any] = field(default_factory=dict)
+    """The next stage's predicted usage while a stage serves (coordinator/chains/prediction.py):
+    `stage`, `cpu_millis`, `memory_bytes`, `basis` (`model`, `manifest` or `resources`), `at`."""
+    preallocation: Mapping[str, Any] = field(default_factory=dict)
+    """The capacity reserved for the next stage ahead of its handover, from the prediction:
+    `stage`, `host`, `reservation`, `cpu_millis`, `memory_bytes`, `at`; empty when none is held."""
 
     def chain_manifest(self) -> ChainManifest:
         return ChainManifest.from_dict(self.manifest)
@@ -344,6 +364,8 @@ class ChainRecord:
             "error": self.error,
             "history": [{"state": s, "at": iso(t), "ts": t} for s, t in self.history],
             "manifest": dict(self.manifest),
+            "prediction": dict(self.prediction),
+            "preallocation": dict(self.preallocation),
         }
 
     def for_storage(self) -> dict[str, Any]:
@@ -369,4 +391,6 @@ class ChainRecord:
             requested_by=data.get("requested_by", ""),
             error=data.get("error", ""),
             history=tuple((h["state"], float(h["ts"])) for h in data.get("history", ())),
+            prediction=dict(data.get("prediction") or {}),
+            preallocation=dict(data.get("preallocation") or {}),
         )
