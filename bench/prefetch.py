@@ -48,7 +48,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ from coordinator.warm_features import FleetStarts, HostStarts
 from coordinator.warm_predictor import LayerPredictor
 from coordinator.warming import Candidate, WarmOutcome, plan, warm_budget
 from coordinator.waste_control import ControlLimits, ControlState, control, initial
-from models.prefetch.evaluate import EvalConfig, SimResult, recovery
+from models.prefetch.evaluate import Cache, EvalConfig, SimResult, recovery
 from models.prefetch.generate import REGIMES, Trace, TraceSpec, generate
 from tests.harness.containerd import scratch_dir
 from tests.harness.fleet import api, fleet
@@ -140,6 +140,10 @@ class PassResult:
     predict_ms: list[float] = field(default_factory=list)
     model_ms: list[float] = field(default_factory=list)
     thresholds: list[float] = field(default_factory=list)
+    shadow: SimResult = field(default_factory=SimResult)
+    """The cache simulation (models/prefetch/evaluate.py) fed the same starts and the same warms."""
+    records: list[dict[str, Any]] = field(default_factory=list)
+    """Per start and per warm, what happened (--record writes them as JSON lines)."""
 
 
 async def prime(mesh: Mesh, replay: Replay, refs: dict[str, str], hours: float) -> None:
@@ -179,6 +183,14 @@ async def run_pass(
     counted = 0
     by_name = {h.name: h for h in mesh.hosts}
     names = dict(zip(trace.hosts, sorted(by_name), strict=True))
+    sizes = {d: layer.size for d, layer in built.items()}
+    shadow = {h: Cache(bound, sizes) for h in trace.hosts}
+    for host, s in trace.starts:  # primed as prime() primes the hosts
+        if replay.begin - 3600 * args.prime_h <= s.ts < replay.begin:
+            shadow[host].start(s.ts, s.layers, SimResult(), False)
+    warmed_at: dict[str, dict[str, tuple[float, float]]] = {h: {} for h in trace.hosts}
+    """host -> digest -> (trace ts, wall time) of its last warm in this pass."""
+    agent_ttl = max(10.0, lease * args.ttl_scale)
 
     def expire(now: float) -> None:
         for digests in pending.values():
@@ -190,6 +202,8 @@ async def run_pass(
 
     for n, (ts, kind, host, i) in enumerate(replay.events):
         expire(ts)
+        for cache in shadow.values():
+            cache.expire(ts, out.shadow)
         while prefetch and ts >= next_round:
             state = control(state, WarmOutcome(*window), limits)
             window = [0] * 7
@@ -205,6 +219,26 @@ async def run_pass(
             start = trace.starts[i][1]
             have = await held_digests(agent)
             local = all(built[d].digest in have for d in start.layers)
+            layers = []
+            for d in start.layers:
+                at = warmed_at[host].get(d)
+                present = built[d].digest in have
+                layers.append(
+                    {
+                        "digest": d,
+                        "bytes": built[d].size,
+                        "local": present,
+                        "sim_local": d in shadow[host].entries,
+                        "warmed_at": at[0] if at else None,
+                        "pending": d in pending[host],
+                        # a warm whose layer is gone before its start: the agent's lease ended (wall
+                        # time) or the bound evicted it after the start that used it
+                        "lost": None
+                        if at is None or present
+                        else ("agent lease ended" if time.perf_counter() - at[1] > agent_ttl else "evicted"),
+                    }
+                )
+            shadow[host].start(ts, start.layers, out.shadow, counted + 1 > args.warmup)
             t0 = time.perf_counter()
             cid = f"p{int(prefetch)}-{n}"
             # what a start does on a host: the image's missing layers fetched (peers first), then the task
@@ -228,6 +262,19 @@ async def run_pass(
             window[4] += local
             hosts[host].add(start, fleet_starts)
             counted += 1
+            out.records.append(
+                {
+                    "kind": "start",
+                    "ts": ts,
+                    "host": host,
+                    "signature": start.signature,
+                    "local": local,
+                    "sim_local": all(x["sim_local"] for x in layers),
+                    "counted": counted > args.warmup,
+                    "seconds": elapsed,
+                    "layers": layers,
+                }
+            )
             if counted > args.warmup:
                 out.sim.starts += 1
                 out.sim.all_local += local
@@ -255,12 +302,46 @@ async def run_pass(
                 out.failed_warms += 1
                 print(f"  warm failed: {exc}", flush=True)
             pending[host][c.digest] = (c.size, ts + lease)
+            warmed_at[host][c.digest] = (ts, time.perf_counter())
+            shadow[host].warm(ts, [c.digest], EVAL, out.shadow, replace(agg, max_layers=1))
+            out.records.append(
+                {
+                    "kind": "warm",
+                    "ts": ts,
+                    "host": host,
+                    "digest": c.digest,
+                    "bytes": c.size,
+                    "probability": c.probability,
+                    "threshold": agg.threshold,
+                }
+            )
             out.warmed += c.size
             window[0] += c.size
             window[5] += 1
     for digests in pending.values():  # still pending at the end: not used either
         out.wasted += sum(size for size, _ in digests.values())
     return out
+
+
+def breakdown(res: PassResult) -> dict[str, int]:
+    """The counted starts by what they found, and each layer a start missed by why."""
+    out: dict[str, int] = {}
+
+    def count(key: str) -> None:
+        out[key] = out.get(key, 0) + 1
+
+    for r in res.records:
+        if r["kind"] != "start" or not r["counted"]:
+            continue
+        count(f"starts local={r['local']} sim_local={r['sim_local']}")
+        for la in r["layers"]:
+            if la["local"]:
+                count("layers local, warmed and pending" if la["pending"] else "layers local")
+            elif la["lost"]:
+                count(f"layers missed: warmed, then {la['lost']}")
+            else:
+                count("layers missed, not warmed" + (" (in the sim's cache)" if la["sim_local"] else ""))
+    return dict(sorted(out.items()))
 
 
 def model_ms(predictor: LayerPredictor, trace: Trace, samples: int = 200) -> list[float]:
@@ -292,6 +373,7 @@ async def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="starts of a pass not counted")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--rate", default="100mbit")
+    parser.add_argument("--record", type=Path, help="write every start and warm of every pass here (JSON lines)")
     args = parser.parse_args()
 
     predictor = LayerPredictor.load(MODEL)
@@ -348,11 +430,20 @@ async def main() -> None:
                 t0 = time.perf_counter()
                 res = await run_pass(mesh, replay, side == "on", refs, layer_ref, built, predictor, bound, args)
                 results[side].append(res)
+                if args.record:
+                    with args.record.open("a") as f:
+                        for rec in res.records:
+                            f.write(json.dumps({"round": r + 1, "side": side, **rec}) + "\n")
                 print(
                     f"round {r + 1} {side}: {res.sim.all_local}/{res.sim.starts} all local, mean start "
                     f"{statistics.mean(res.latencies):.2f} s, warmed {res.warmed / 1e6:.1f} MB "
                     f"({res.warm_requests} requests, {res.failed_warms} failed), used {res.used / 1e6:.1f} MB, "
                     f"wasted {res.wasted / 1e6:.1f} MB; {time.perf_counter() - t0:.0f} s",
+                    flush=True,
+                )
+                print(
+                    f"  the cache simulation on the same starts and warms: {res.shadow.all_local}/"
+                    f"{res.shadow.starts} all local; {json.dumps(breakdown(res))}",
                     flush=True,
                 )
 

@@ -227,7 +227,7 @@ def capacities(trace: Trace, cfg: EvalConfig) -> dict[str, int]:
     return out
 
 
-class _Cache:
+class Cache:
     def __init__(self, capacity: int, sizes: dict[str, int]) -> None:
         self.capacity = capacity
         self.sizes = sizes
@@ -326,7 +326,7 @@ def simulate(
     caps = capacities(w.trace, cfg)
     result = SimResult()
     begin = cfg.warmup_s
-    caches = {host: _Cache(caps[host], w.trace.sizes) for host in w.events}
+    caches = {host: Cache(caps[host], w.trace.sizes) for host in w.events}
     state = initial(threshold, controlled) if controlled is not None else None
     agg = state.aggressiveness if state is not None else Aggressiveness(threshold=threshold, max_layers=cfg.max_layers)
     next_round = cfg.control_s
