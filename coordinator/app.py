@@ -41,6 +41,7 @@ from coordinator.starts import ContainerStarts
 from coordinator.store import Store
 from coordinator.warm import WarmService
 from coordinator.warm_predictor import LayerPredictor
+from coordinator.warm_retraining import WarmRetrainer, active_model
 from coordinator.waste_control import ControlLimits
 from core.errors import ConfigError, FerrymanError
 from core.security.reload import TlsContexts
@@ -106,6 +107,7 @@ class Coordinator:
         self.layers = LayerService(store, config.tracker.fetching_ttl, clock, self.metrics)
         self.costs = CostBook()
         self.warm = WarmService(store, warm_model, clock, self.metrics)
+        self.warm_retrainer = WarmRetrainer(store, self.warm, config, clock)
 
         self.behaviour = ComponentSeries()
 
@@ -249,7 +251,7 @@ class Coordinator:
             models = ModelRegistry()
             if config.model.path:
                 await asyncio.to_thread(activate_at_start, models, config.model.path)
-        warm_model = await asyncio.to_thread(WarmService.load_model, config.warm.model)
+        warm_model = await asyncio.to_thread(WarmService.load_model, active_model(config))
         store = await open_store(config)
         try:
             contexts = TlsContexts()
@@ -321,6 +323,13 @@ class Coordinator:
         if self.config.warm.period and self.warm.predictor is not None:
             self._leader_loops.append(
                 asyncio.create_task(self._every(self.config.warm.period, self.warm_round), name="warm")
+            )
+        if self.config.warm.retrain_interval and self.warm.predictor is not None:
+            self._leader_loops.append(
+                asyncio.create_task(
+                    self._every(self.config.warm.retrain_interval, self.warm_retrainer.run_once, first_after=True),
+                    name="warm-retrain",
+                )
             )
         if self.scaling.autoscaler is not None:
             self._leader_loops.append(

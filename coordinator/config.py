@@ -171,6 +171,14 @@ class WarmConfig:
     """Upper bound for one warm request to an agent."""
     max_waste: float = 0.25
     """Wasted bytes over warmed bytes the warming rounds hold under (coordinator/waste_control.py)."""
+    retrain_interval: float = 0.0
+    """Seconds between retraining rounds of the layer predictor on the recorded starts; 0: never."""
+    retrain_holdout: float = 6 * 3600.0
+    """The most recent seconds of starts kept out of training to judge the candidate against the active model."""
+    retrain_min_starts: int = 200
+    """Recorded starts a round needs before it trains anything."""
+    retrain_timeout: float = 1800.0
+    """Upper bound for one training run (a niced child process)."""
 
 
 STORE_BACKENDS = ("sqlite", "etcd")
@@ -333,6 +341,8 @@ def _validate(config: CoordinatorConfig) -> None:
         "warm.history_max_age": config.warm.history_max_age,
         "warm.link_bytes_per_second": config.warm.link_bytes_per_second,
         "warm.request_timeout": config.warm.request_timeout,
+        "warm.retrain_holdout": config.warm.retrain_holdout,
+        "warm.retrain_timeout": config.warm.retrain_timeout,
         "deployments.health_timeout": config.deployments.health_timeout,
         "deployments.cpu_millis": config.deployments.cpu_millis,
         "deployments.memory_bytes": config.deployments.memory_bytes,
@@ -367,6 +377,8 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError(f"warm.period must not be negative, got {config.warm.period}")
     if not 0.0 < config.warm.max_waste < 1.0:
         raise ConfigError(f"warm.max_waste must be in (0, 1), got {config.warm.max_waste}")
+    if config.warm.retrain_interval < 0:
+        raise ConfigError(f"warm.retrain_interval must not be negative, got {config.warm.retrain_interval}")
     if config.model.retrain_interval < 0:
         raise ConfigError(f"model.retrain_interval must not be negative, got {config.model.retrain_interval}")
     if config.model.retrain_interval and config.model.retrain_holdout >= config.telemetry.max_age:

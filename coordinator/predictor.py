@@ -504,16 +504,10 @@ def retrain(
     Blocks; call it with asyncio.to_thread. Returns `out_path`; RetrainError on any failure.
     """
     out = Path(out_path)
-    if not _trainable(python, module):
-        raise RetrainError(f"retraining needs the train extra (pip install 'ferryman[train]'): {python} lacks {module}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory(prefix="ferryman-retrain-") as tmp:
         data = Path(tmp) / "traces.npz"
         save_traces(data, traces)
-        cmd = [
-            python,
-            "-m",
-            module,
+        args = [
             "--recorded",
             str(data),
             "--out",
@@ -528,26 +522,39 @@ def retrain(
             model_version,
             *extra_args,
         ]
-        try:
-            proc = subprocess.run(
-                cmd,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                preexec_fn=lambda: os.nice(nice),  # only os.nice between fork and exec: no locks taken
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise RetrainError(f"retraining took longer than {timeout:g}s") from exc
-        except OSError as exc:
-            raise RetrainError(f"cannot start retraining: {exc}") from exc
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RetrainError(f"retraining failed (exit {proc.returncode}): {tail}")
+        run_training(module, args, timeout=timeout, nice=nice, python=python)
     if not out.is_file():
         raise RetrainError(f"retraining wrote no model at {out}")
     return out
+
+
+def run_training(
+    module: str, args: Sequence[str], *, timeout: float, nice: int = 10, python: str = sys.executable
+) -> None:
+    """Run `python -m module args` as a niced child with one BLAS thread, at most `timeout` seconds.
+
+    Blocks; call it with asyncio.to_thread. RetrainError when the train extra is missing, the run
+    takes too long or fails (with the tail of its stderr)."""
+    if not _trainable(python, module):
+        raise RetrainError(f"retraining needs the train extra (pip install 'ferryman[train]'): {python} lacks {module}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(
+            [python, "-m", module, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            preexec_fn=lambda: os.nice(nice),  # only os.nice between fork and exec: no locks taken
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RetrainError(f"retraining took longer than {timeout:g}s") from exc
+    except OSError as exc:
+        raise RetrainError(f"cannot start retraining: {exc}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RetrainError(f"retraining failed (exit {proc.returncode}): {tail}")
 
 
 def _trainable(python: str, module: str) -> bool:

@@ -89,6 +89,16 @@ class WarmService:
     def model_version(self) -> str:
         return self.predictor.version if self.predictor is not None else ""
 
+    def use_model(self, predictor: LayerPredictor) -> None:
+        """Serve `predictor` from now on (a retrained model the retraining round chose). One assignment:
+        a prediction in progress finishes with the model it began with, the next one takes this; the
+        controller's state stays, as its memory is of warms and starts, not of the model."""
+        old, self.predictor = self.predictor, predictor
+        if self._metrics is not None:
+            if old is not None:
+                self._metrics.warm_model.labels(version=old.version).set(0)
+            self._metrics.warm_model.labels(version=predictor.version).set(1)
+
     async def seed(self) -> int:
         """The history from the store, oldest first; returns the starts replayed."""
         records = await self._store.starts()
