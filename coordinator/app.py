@@ -126,7 +126,7 @@ class Coordinator:
             config.placement,
             self.predictions.threshold,
             clock,
-            holders=lambda digest: {h.host: h.complete for h in self.layers.tracker.holders(digest, clock())},
+            holders=self._holders,
             costs=self.costs.of,
             held=self.layers.tracker.held_by,
         )
@@ -344,6 +344,14 @@ class Coordinator:
                     name="retrain",
                 )
             )
+
+    def _holders(self, digest: str) -> dict[str, bool]:
+        """Hosts that hold or fetch `digest` (the layer tracker), and those it was warmed on since
+        their last registration."""
+        now = self.clock()
+        out = {h: True for h in self.warm.warmed_on(digest, now)}
+        out.update({h.host: h.complete for h in self.layers.tracker.holders(digest, now)})
+        return out
 
     async def warm_round(self) -> dict[str, list[str]]:
         """One round of warming; hosts with a migration in flight (either end) get nothing."""

@@ -43,12 +43,15 @@ class _HostWarms:
 
     pending: dict[str, tuple[int, float]] = field(default_factory=dict)
     """digest -> (size, lease end) of warms no start used yet."""
+    landed: dict[str, float] = field(default_factory=dict)
+    """digest -> lease end of the pending warms the agent answered (the layer is there)."""
     window: list[int] = field(default_factory=lambda: [0] * len(fields(WarmOutcome)))
     """WarmOutcome's fields: warmed bytes, wasted bytes, settled, starts, local starts, warms, used bytes."""
 
     def expire(self, now: float) -> None:
         for digest in [d for d, (_, until) in self.pending.items() if until <= now]:
             size, _ = self.pending.pop(digest)
+            self.landed.pop(digest, None)
             self.window[1] += size
             self.window[2] += 1
 
@@ -118,6 +121,12 @@ class WarmService:
         self._metrics.start_layers.labels(kind="warm_hit").inc(len(record.warm_hits))
         self._metrics.start_layers.labels(kind="miss").inc(misses)
 
+    def warmed_on(self, digest: str, now: float) -> list[str]:
+        """Hosts where a warm of `digest` landed, unused so far and under its lease: placement counts
+        them as holding it before their next registration says so (a start then goes where the
+        layer was warmed rather than fetching it again elsewhere)."""
+        return sorted(h for h, w in self.warms.items() if w.landed.get(digest, 0.0) > now)
+
     def warming(self, host: str, now: float) -> set[str]:
         """Layers warmed on `host` for a start that have not been used and whose lease holds."""
         warms = self.warms.get(host)
@@ -134,6 +143,7 @@ class WarmService:
             for digest in record.layers:
                 if digest in warms.pending and digest in record.hits:
                     size, _ = warms.pending.pop(digest)
+                    warms.landed.pop(digest, None)
                     warms.window[2] += 1
                     warms.window[6] += size
             warms.window[3] += 1
@@ -189,6 +199,7 @@ class WarmService:
                 warms.window[5] += 1
                 try:
                     await agents.warm_layer(host, c.digest, ref, lease, self.model_version, config.request_timeout)
+                    warms.landed[c.digest] = now + lease
                 except (FerrymanError, OSError) as exc:
                     log.warning("warm failed", extra={"host": host.name, "digest": c.digest, "error": str(exc)})
             out[host.name] = [c.digest for c in chosen]

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from coordinator.app import Coordinator
+from coordinator.auth import TokenHashes
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import Capacity, Host, Reservation, StartRecord
@@ -197,3 +199,45 @@ async def test_a_warming_round_asks_the_agent_for_the_predicted_layers(store: Sq
     last = (await store.starts("h1"))[-1]
     assert set(last.warm_hits) == {MID, TOP} and last.misses == ()
     assert warm.warming("h1", now[0]) == set()
+
+
+async def test_a_start_goes_where_its_layers_were_warmed(workdir: Path) -> None:
+    """Placement counts a landed warm as the layer held there before the host's next registration
+    says so: the start goes to the host that was warmed, not to one that would fetch the layers again."""
+    now = [10_000.0]
+    config = CoordinatorConfig(database=str(workdir / "c.db"))
+    store = await SqliteStore.open(config.database)
+    agents = WarmingAgents()
+    c = Coordinator(config, store, agents, TokenHashes(), None, lambda: now[0], LayerPredictor.load(SHIPPED))
+    try:
+        for name in ("h1", "h2"):  # the same but for the name: h1 wins a tie
+            await store.register_host(
+                Host(name=name, capacity=Capacity(4000, 64 * GiB, 0), layer_digests=(BASE,), api_url=f"https://{name}")
+            )
+        need = Need(Capacity(100, GiB, 0), LAYERS)
+        before = await c.placer.place_start(need, "before any warm")
+        assert before.chosen.host == "h1"
+        await c.reservations.release(before.reservation.id)
+        for _ in range(12):  # h2 ran the same batch job every five minutes
+            c.warm.started(
+                StartRecord(
+                    host="h2",
+                    ts=now[0],
+                    signature="sig-batch",
+                    layers=tuple(LAYERS),
+                    sizes=tuple(LAYERS.values()),
+                    hits=tuple(LAYERS),
+                    source="image:registry.test/app:1",
+                )
+            )
+            now[0] += 300.0
+        asked = await c.warm.round(agents, dataclasses.replace(config.warm, period=60.0), ControlLimits(), set())
+        assert sorted(asked["h2"]) == sorted([MID, TOP]) and not asked.get("h1"), asked
+        assert c.warm.warmed_on(MID, now[0]) == ["h2"] and c.warm.warmed_on(BASE, now[0]) == []
+        after = await c.placer.place_start(need, "after the warm")
+        assert after.chosen.host == "h2", after.candidates
+        # once the lease ends unused, the warm no longer counts
+        now[0] += 2 * (c.warm.predictor.info.lease if c.warm.predictor else 0)
+        assert c.warm.warmed_on(MID, now[0]) == []
+    finally:
+        await c.close()
