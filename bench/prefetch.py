@@ -20,7 +20,11 @@ the trace's images and blobs before each:
        its start history, `warming.plan` picks them under the waste controller's aggressiveness
        (coordinator/waste_control.py, a round every 300 trace-seconds) and the host's agent fetches
        each (`POST /v1/prefetch/layers/{digest}`, peers first) under a lease of the model's 1 h of
-       trace time (`--ttl-scale` of it in wall seconds on the agent).
+       trace time (`--ttl-scale` of it in wall seconds on the agent). With `--retrain-every` (1 trace
+       hour), the coordinator's retraining rounds (coordinator/warm_retraining.py) run on the starts
+       recorded before each round from the window's start on, holding out `--retrain-holdout-h`, and
+       a candidate that beats the served model replaces it from that trace time on (computed before
+       the passes: their inputs are the trace's).
 
 A start is all-local when its host held every layer before it (`ctr content ls`). A warm is used
 when a start on its host needs it within its lease (trace time), else wasted (the trace's starts
@@ -36,6 +40,9 @@ Result lines:
   latency on / off (target <= 0.5), starts after the shift until 50 are back to 90 % of the hit
   rate before it (target <= 50), and the predictor's time per host decision (model alone, target <= 1 ms).
 
+Each pass also runs the cache simulation (models/prefetch/evaluate.py) on the same starts and warms
+and prints where each missed layer went; `--record FILE` writes every start and warm as JSON lines.
+
 Run as root from the repo: .venv/bin/python bench/prefetch.py [--rounds 1] [--before-h 3] [--after-h 3]
 """
 
@@ -45,9 +52,12 @@ import argparse
 import asyncio
 import hashlib
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,8 +66,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from coordinator.model import StartRecord
+from coordinator.predictor import run_training
 from coordinator.warm_features import FleetStarts, HostStarts
 from coordinator.warm_predictor import LayerPredictor
+from coordinator.warm_retraining import recorded, verdict
 from coordinator.warming import Candidate, WarmOutcome, plan, warm_budget
 from coordinator.waste_control import ControlLimits, ControlState, control, initial
 from models.prefetch.evaluate import Cache, EvalConfig, SimResult, recovery
@@ -140,6 +153,8 @@ class PassResult:
     predict_ms: list[float] = field(default_factory=list)
     model_ms: list[float] = field(default_factory=list)
     thresholds: list[float] = field(default_factory=list)
+    evicted_before_create: int = 0
+    """Starts whose image the agent's cache evicted between the pull and the create (pulled again)."""
     shadow: SimResult = field(default_factory=SimResult)
     """The cache simulation (models/prefetch/evaluate.py) fed the same starts and the same warms."""
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -166,6 +181,7 @@ async def run_pass(
     predictor: LayerPredictor,
     bound: int,
     args: argparse.Namespace,
+    swaps: Sequence[tuple[float, LayerPredictor]] = (),
 ) -> PassResult:
     trace, out = replay.trace, PassResult()
     fleet_starts = FleetStarts()
@@ -200,7 +216,10 @@ async def run_pass(
                 window[1] += size
                 window[2] += 1
 
+    later = list(swaps)
     for n, (ts, kind, host, i) in enumerate(replay.events):
+        while prefetch and later and ts >= later[0][0]:
+            predictor = later.pop(0)[1]  # what the retraining round swapped in at that trace time
         expire(ts)
         for cache in shadow.values():
             cache.expire(ts, out.shadow)
@@ -242,14 +261,23 @@ async def run_pass(
             t0 = time.perf_counter()
             cid = f"p{int(prefetch)}-{n}"
             # what a start does on a host: the image's missing layers fetched (peers first), then the task
-            await api(agent, "POST", "/v1/images/pull", {"ref": refs[start.signature]})
-            await api(
-                agent,
-                "POST",
-                "/v1/containers?start=1",
-                {"id": cid, "image": refs[start.signature], "args": ["/bin/true"]},
-                expect=201,
-            )
+            for attempt in range(3):
+                await api(agent, "POST", "/v1/images/pull", {"ref": refs[start.signature]})
+                try:
+                    await api(
+                        agent,
+                        "POST",
+                        "/v1/containers?start=1",
+                        {"id": cid, "image": refs[start.signature], "args": ["/bin/true"]},
+                        expect=201,
+                    )
+                    break
+                except AssertionError as exc:
+                    # the agent's periodic bound check can evict the image between its pull and the
+                    # create (nothing protects it then): pulled again, and counted
+                    if "image_not_found" not in str(exc) or attempt == 2:
+                        raise
+                    out.evicted_before_create += 1
             elapsed = time.perf_counter() - t0
             await api(agent, "DELETE", f"/v1/containers/{cid}?force=1", expect=None)
             for d in start.layers:
@@ -344,6 +372,50 @@ def breakdown(res: PassResult) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def retrained(
+    trace: Trace, begin: float, end: float, first: Path, args: argparse.Namespace, workdir: Path
+) -> list[tuple[float, LayerPredictor]]:
+    """The coordinator's retraining rounds (coordinator/warm_retraining.py) every `--retrain-every`
+    trace hours from the window's start: the starts recorded before each round, the same child
+    (models/prefetch/retrain.py) and the same verdict against the model served then. Their inputs
+    are the trace's, not the live pass's, so they run before the passes (a round takes 20-60 s of
+    wall time, longer than the agents' leases in wall seconds). (trace time, model) per swap."""
+    out: list[tuple[float, LayerPredictor]] = []
+    served = first
+    for k, t in enumerate(np.arange(begin, end, 3600 * args.retrain_every).tolist()):
+        starts = [
+            StartRecord(
+                host=h, ts=s.ts, signature=s.signature, layers=s.layers, sizes=tuple(trace.sizes[d] for d in s.layers)
+            )
+            for h, s in trace.starts
+            if s.ts < t
+        ]
+        data, judged, candidate = (
+            workdir / f"starts-{k}.json",
+            workdir / f"verdict-{k}.json",
+            workdir / f"warm-{k}.onnx",
+        )
+        data.write_text(json.dumps(recorded(starts)))
+        run_training(
+            "models.prefetch.retrain",
+            [
+                *("--recorded", str(data), "--current", str(served), "--out", str(candidate), "--verdict", str(judged)),
+                *("--holdout", f"{3600 * args.retrain_holdout_h:g}", "--model-version", f"warm-bench-{k}"),
+            ],
+            timeout=1800.0,
+        )
+        figures = json.loads(judged.read_text())
+        ok, why = verdict(figures["candidate"], figures["active"], EVAL.max_waste)
+        print(
+            f"retraining at {(t - trace.shift_ts) / 3600:+.1f} h from the shift: {'swap' if ok else 'keep'}; {why}",
+            flush=True,
+        )
+        if ok:
+            served = candidate
+            out.append((t, LayerPredictor.load(candidate)))
+    return out
+
+
 def model_ms(predictor: LayerPredictor, trace: Trace, samples: int = 200) -> list[float]:
     """The model alone per host decision: one run over a host's candidates' feature rows."""
     fleet_starts, state = FleetStarts(), HostStarts()
@@ -373,6 +445,10 @@ async def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="starts of a pass not counted")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--rate", default="100mbit")
+    parser.add_argument(
+        "--retrain-every", type=float, default=1.0, help="trace hours between retraining rounds (0: none)"
+    )
+    parser.add_argument("--retrain-holdout-h", type=float, default=1.5, help="trace hours a round holds out")
     parser.add_argument("--record", type=Path, help="write every start and warm of every pass here (JSON lines)")
     args = parser.parse_args()
 
@@ -403,6 +479,13 @@ async def main() -> None:
         return f"\n[cache]\nmax_bytes = {bound}\nlow_watermark = 1.0\ninterval = 5.0\n"
 
     results: dict[str, list[PassResult]] = {"on": [], "off": []}
+    models = Path(tempfile.mkdtemp(prefix="ferryman-bench-prefetch-"))
+    t0 = time.perf_counter()
+    try:
+        swaps = retrained(trace, begin, end, MODEL, args, models) if args.retrain_every > 0 else []
+    finally:
+        shutil.rmtree(models, ignore_errors=True)  # the swapped models are loaded already
+    print(f"retraining rounds: {len(swaps)} swaps in {time.perf_counter() - t0:.0f} s", flush=True)
     busybox = busybox_layer()
     async with (
         scratch_dir() as base,
@@ -428,7 +511,7 @@ async def main() -> None:
                 await forget_all(mesh, digests)
                 await prime(mesh, replay, refs, args.prime_h)
                 t0 = time.perf_counter()
-                res = await run_pass(mesh, replay, side == "on", refs, layer_ref, built, predictor, bound, args)
+                res = await run_pass(mesh, replay, side == "on", refs, layer_ref, built, predictor, bound, args, swaps)
                 results[side].append(res)
                 if args.record:
                     with args.record.open("a") as f:
@@ -438,7 +521,8 @@ async def main() -> None:
                     f"round {r + 1} {side}: {res.sim.all_local}/{res.sim.starts} all local, mean start "
                     f"{statistics.mean(res.latencies):.2f} s, warmed {res.warmed / 1e6:.1f} MB "
                     f"({res.warm_requests} requests, {res.failed_warms} failed), used {res.used / 1e6:.1f} MB, "
-                    f"wasted {res.wasted / 1e6:.1f} MB; {time.perf_counter() - t0:.0f} s",
+                    f"wasted {res.wasted / 1e6:.1f} MB; {res.evicted_before_create} images evicted between "
+                    f"pull and create; {time.perf_counter() - t0:.0f} s",
                     flush=True,
                 )
                 print(
