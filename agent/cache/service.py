@@ -91,7 +91,8 @@ class CacheService:
         while True:
             await asyncio.sleep(self._config.interval)
             try:
-                await self.enforce()
+                # an image pulled for a container that is not created yet has no container to keep it
+                await self.enforce(recent=self._config.interval)
             except FerrymanError as exc:
                 log.warning("cache: cannot enforce the bound", extra={"code": exc.code, "error": exc.message})
 
@@ -105,9 +106,11 @@ class CacheService:
             high = max(1, int(st.f_blocks * st.f_frsize * self._config.max_fraction))
         return Bound(high=high, low=max(1, int(high * self._config.low_watermark)))
 
-    async def enforce(self, just_used: str = "") -> Plan:
+    async def enforce(self, just_used: str = "", recent: float = 0.0) -> Plan:
         """Evict what policy.plan chooses, so the store is back under the bound. `just_used` is the
-        image whose use asked for this check: it is kept (it was fetched to be used)."""
+        image whose use asked for this check: it is kept (it was fetched to be used). Images used
+        within the last `recent` seconds are kept too (the periodic check: a client pulls, then
+        creates its container from the image)."""
         async with self._lock:
             bound = await self.bound()
             used = sum(c.size for c in await self._cd.content.infos())
@@ -116,7 +119,7 @@ class CacheService:
             if used <= bound.high:
                 # Under the bound (the usual case): no need to read every image's manifest.
                 return Plan((), 0, 0, self._clock or 0.0)
-            measure = await self._measure(just_used)
+            measure = await self._measure(just_used, recent)
             chosen = plan(measure.entries, measure.sizes, measure.held, bound, self._clock_of(measure))
             used = sum(measure.sizes.values())
             for name in chosen.evict:
@@ -240,8 +243,9 @@ class CacheService:
     def _clock_of(self, measure: Measure) -> float:
         return self._clock if self._clock is not None else recover_clock(measure.entries)
 
-    async def _measure(self, just_used: str = "") -> Measure:
+    async def _measure(self, just_used: str = "", recent: float = 0.0) -> Measure:
         cd = self._cd
+        since = dt.datetime.now(dt.UTC).timestamp() - recent if recent > 0 else float("inf")
         sizes = {c.digest: c.size for c in await cd.content.infos()}
         held: set[str] = set()
         for lease in await cd.leases.list():
@@ -253,6 +257,7 @@ class CacheService:
         records = {r.name: r for r in await cd.images.list()}
         entries = []
         for name, record in records.items():
+            last_use = _time(record.labels.get(LAST_USE), record)
             blobs = {record.digest}
             with contextlib.suppress(ImageNotFound, ContainerdNotFound, InvalidRequest):
                 image = await read_image(cd, name, self._platform)
@@ -263,9 +268,11 @@ class CacheService:
                     blobs=frozenset(blobs),
                     uses=max(1, _int(record.labels.get(USES))),
                     clock=_float(record.labels.get(CLOCK)),
-                    last_use=_time(record.labels.get(LAST_USE), record),
+                    last_use=last_use,
                     origin=_origin(record.labels.get(ORIGIN)),
-                    protected=_protected(record, users.get(name), busy.get(name, ""), name == just_used),
+                    protected=_protected(
+                        record, users.get(name), busy.get(name, ""), name == just_used or last_use >= since
+                    ),
                 )
             )
         return Measure(sizes, frozenset(held), entries, records)
