@@ -273,8 +273,8 @@ async def run_pass(
                     )
                     break
                 except AssertionError as exc:
-                    # the agent's periodic bound check can evict the image between its pull and the
-                    # create (nothing protects it then): pulled again, and counted
+                    # an eviction between the pull and the create (the agent's periodic check keeps
+                    # recently used images since it happened once under load): pulled again, counted
                     if "image_not_found" not in str(exc) or attempt == 2:
                         raise
                     out.evicted_before_create += 1
