@@ -37,8 +37,12 @@ baseline task the host and the seconds.
 `--lifetime N`: each task finishes once N later tasks have started (removed, untimed, on both
 sides), as batch tasks do; at most N run at once, so capacity no longer forces the bases apart.
 
+Per task (both sides) it prints where the agent's time went: resolving the composition, each fetch
+(source, size, seconds), the applies, the create and the start; `--record FILE` writes all of it,
+with the predictions and every candidate's, as JSON.
+
 Run as root from the repo: .venv/bin/python bench/placement.py [--rounds 1] [--tasks 40] [--rate 100mbit]
-    [--lifetime N]
+    [--lifetime N] [--record FILE]
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import random
 import statistics
 import sys
@@ -150,8 +155,33 @@ async def finish(running: list[tuple[MeshHost, str]], n: int, lifetime: int) -> 
         await remove(host, cid)
 
 
+def spent(assembly: dict[str, Any]) -> str:
+    """Where a start's time went on its agent: resolving the composition (the registry's manifests
+    and configs), each fetch (source, MB, seconds), the applies, the container's create and start."""
+    if not assembly:
+        return "(no assembly timings)"
+    events = assembly.get("timeline", [])
+    fetches = [e for e in events if e["event"] == "fetched"]
+    applies = [e for e in events if e["event"] == "applied"]
+    last_fetch = max((e["at"] for e in fetches), default=0.0)
+    fetched = ", ".join(
+        f"{e['source'].split('/')[0]} {e['bytes'] / 1e6:.0f} MB {e['seconds']:.2f} s" for e in fetches if e.get("bytes")
+    )
+    return (
+        f"resolve {assembly.get('resolve_seconds', 0):.2f}, fetches [{fetched}] done at {last_fetch:.2f}, "
+        f"applies {sum(e.get('seconds', 0) for e in applies):.2f} "
+        f"(runnable at {assembly.get('runnable_seconds', 0):.2f}), "
+        f"assembly {assembly.get('seconds', 0):.2f}, create {assembly.get('create_seconds', 0):.2f}, "
+        f"start {assembly.get('start_seconds', 0):.2f}"
+    )
+
+
 async def run_ferryman(
-    f: CoordinatedFleet, order: list[int], comps: list[dict[str, Any]], lifetime: int = 0
+    f: CoordinatedFleet,
+    order: list[int],
+    comps: list[dict[str, Any]],
+    lifetime: int = 0,
+    record: list[dict[str, Any]] | None = None,
 ) -> list[tuple[float, float]]:
     """(measured, predicted) seconds to running per task."""
     out = []
@@ -165,15 +195,32 @@ async def run_ferryman(
         measured = time.perf_counter() - started
         predicted = answer["placement"]["predicted"]
         out.append((measured, float(predicted["seconds"])))
+        assembly = answer["container"].get("assembly", {})
         print(
             f"  task {n} comp {k} -> {predicted['host']}: {measured:.2f} s, predicted {predicted['seconds']:.2f} s "
-            f"(fetch {predicted['fetch_seconds']:.2f}, apply {predicted['apply_seconds']:.2f}, "
+            f"(fetch {predicted['fetch_seconds']:.2f} incl. overhead {predicted.get('latency_seconds', 0):.2f}, "
+            f"apply {predicted['apply_seconds']:.2f}, "
             f"peers {predicted['bytes_from_peers'] / 1e6:.0f} MB, "
             f"registry {predicted['bytes_from_registry'] / 1e6:.0f} MB, start {predicted['start_seconds']:.2f}, "
             f"measured rates: {predicted['measured']}; coordinator: place {answer['place_seconds']:.2f}, "
             f"create {answer['create_seconds']:.2f}, release {answer['release_seconds']:.2f})",
             flush=True,
         )
+        print(f"    measured: {spent(assembly)}", flush=True)
+        if record is not None:
+            record.append(
+                {
+                    "side": "ferryman",
+                    "task": n,
+                    "comp": k,
+                    "host": predicted["host"],
+                    "measured": measured,
+                    "predicted": predicted,
+                    "candidates": answer["placement"]["candidates"],
+                    "coordinator": {key: answer[key] for key in ("place_seconds", "create_seconds", "release_seconds")},
+                    "assembly": assembly,
+                }
+            )
         running.append((f.mesh[answer["placement"]["host"]], cid))
     for host, cid in running[max(0, len(running) - lifetime) if lifetime else 0 :]:
         await remove(host, cid)
@@ -181,7 +228,12 @@ async def run_ferryman(
 
 
 async def run_baseline(
-    mesh: Mesh, order: list[int], comps: list[dict[str, Any]], lifetime: int = 0, side: str = "baseline"
+    mesh: Mesh,
+    order: list[int],
+    comps: list[dict[str, Any]],
+    lifetime: int = 0,
+    side: str = "baseline",
+    record: list[dict[str, Any]] | None = None,
 ) -> list[float]:
     out = []
     hosts = [h.name for h in mesh.hosts]
@@ -201,7 +253,20 @@ async def run_baseline(
         started = time.perf_counter()
         summary = await api(mesh[target], "POST", "/v1/containers?start=1", spec, expect=201)
         out.append(time.perf_counter() - started)
-        print(f"  {side} task {n} comp {k} -> {target}: {out[-1]:.2f} s", flush=True)
+        print(
+            f"  {side} task {n} comp {k} -> {target}: {out[-1]:.2f} s; {spent(summary.get('assembly', {}))}", flush=True
+        )
+        if record is not None:
+            record.append(
+                {
+                    "side": side,
+                    "task": n,
+                    "comp": k,
+                    "host": target,
+                    "measured": out[-1],
+                    "assembly": summary.get("assembly"),
+                }
+            )
         placed[comps[k]["name"]] = summary["image"]
         running.append((mesh[target], cid))
     for host, cid in running[max(0, len(running) - lifetime) if lifetime else 0 :]:
@@ -221,7 +286,9 @@ async def main() -> None:
         help="each task finishes (is removed, untimed) when this many later tasks have started; 0 (the"
         " default): every task runs until the run ends, so the 12-per-host capacity forces spreading",
     )
+    parser.add_argument("--record", type=Path, help="write every task's timings here (JSON), for analysis")
     args = parser.parse_args()
+    record: list[dict[str, Any]] | None = [] if args.record else None
 
     built = layers()
     order = workload(args.tasks)
@@ -256,16 +323,18 @@ async def main() -> None:
                     host.settings["sharing"] = REGISTRY_ONLY if side == "baseline" else SHARING
                     await host.restart_agent()
                 if side == "ferryman":
-                    pairs = await run_ferryman(f, order, comps, args.lifetime)
+                    pairs = await run_ferryman(f, order, comps, args.lifetime, record)
                     fm_times += [m for m, _ in pairs]
                     errors += [abs(p - m) / m for m, p in pairs]
                     mean = statistics.mean(m for m, _ in pairs)
                     mape = 100 * statistics.mean(abs(p - m) / m for m, p in pairs)
                     print(f"round {r + 1} ferryman: mean {mean:.2f} s to running, MAPE {mape:.0f} %", flush=True)
                 else:
-                    times = await run_baseline(mesh, order, comps, args.lifetime, side)
+                    times = await run_baseline(mesh, order, comps, args.lifetime, side, record)
                     (bl_times if side == "baseline" else peer_times).extend(times)
                     print(f"round {r + 1} {side}: mean {statistics.mean(times):.2f} s to running", flush=True)
+    if args.record and record is not None:
+        args.record.write_text(json.dumps(record, indent=1))
     print(
         f"placement alone (the baseline's rule with ferryman's peer sharing): ferryman / baseline-peers = "
         f"{statistics.mean(fm_times) / statistics.mean(peer_times):.3f}"

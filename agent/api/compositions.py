@@ -78,18 +78,21 @@ async def costs(request: web.Request) -> web.Response:
     return _json(_assembly(request).costs_json())
 
 
-async def with_composition(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+async def with_composition(request: web.Request, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A `POST /v1/containers` body naming a `composition` (a manifest object) instead of an `image`:
-    the composition is assembled here, and the body names its image."""
+    the composition is assembled here, and the body names its image. Also the assembly's timings
+    (None without a composition)."""
     if "composition" not in body:
-        return body
+        return body, None
     if "image" in body:
         raise InvalidRequest("body: give either image or composition, not both")
     document = body["composition"]
     if not isinstance(document, dict):
         raise InvalidRequest(f"body.composition: expected a manifest object, got {json_type(document)}")
     assembled = await _assembly(request).assemble(document)
-    return {**{k: v for k, v in body.items() if k != "composition"}, "image": assembled["image"]}
+    kept = ("seconds", "resolve_seconds", "runnable_seconds", "timeline")
+    timings: dict[str, Any] = {k: assembled[k] for k in kept if k in assembled}
+    return {**{k: v for k, v in body.items() if k != "composition"}, "image": assembled["image"]}, timings
 
 
 def add_routes(app: web.Application) -> None:

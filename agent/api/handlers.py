@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -117,8 +118,20 @@ def parse_pull(body: dict[str, Any]) -> str:
 def parse_create(body: dict[str, Any]) -> CreateRequest:
     """A CreateRequest from a request body; types and unknown fields are checked strictly."""
     fields = {
-        "id", "image", "args", "env", "workdir", "user", "labels", "resources", "service_ip", "publish_service",
-        "restart_policy", "reservation", "health", "volumes",
+        "id",
+        "image",
+        "args",
+        "env",
+        "workdir",
+        "user",
+        "labels",
+        "resources",
+        "service_ip",
+        "publish_service",
+        "restart_policy",
+        "reservation",
+        "health",
+        "volumes",
     }
     check_keys(body, fields, {"id", "image"}, "body")
     cid = str_field(body, "id", "body")
@@ -147,9 +160,7 @@ def parse_create(body: dict[str, Any]) -> CreateRequest:
             raise InvalidRequest(f"body.resources: expected an object, got {json_type(raw_res)}")
         check_keys(raw_res, {"cpus", "memory"}, set(), "body.resources")
         cpus = positive_field(raw_res, "cpus", "body.resources", integer=False, maximum=MAX_CPUS)
-        memory = positive_field(
-            raw_res, "memory", "body.resources", integer=True, maximum=CAPACITY_MAX["memory_bytes"]
-        )
+        memory = positive_field(raw_res, "memory", "body.resources", integer=True, maximum=CAPACITY_MAX["memory_bytes"])
         resources = Resources(cpus=float(cpus) if cpus is not None else None, memory=memory)
 
     service_ip = str_field(body, "service_ip", "body", optional=True)
@@ -324,13 +335,23 @@ async def create_container(request: web.Request) -> web.Response:
     body = await read_object(request)
     # the signature of what was asked for: a composition's name and class, not the image made of it
     signature = of_container_spec(body).id
-    req = dataclasses.replace(parse_create(await with_composition(request, body)), signature=signature)
+    plain, assembly = await with_composition(request, body)
+    req = dataclasses.replace(parse_create(plain), signature=signature)
     containers = request.app[CONTAINERS]
+    created = time.monotonic()
     summary = await containers.create(req)
+    started = time.monotonic()
     if start:
         # A failed start leaves the container created (like `docker run`), so it can be inspected.
         summary = await containers.start(req.id)
-    return _json(summary.to_json(), status=201)
+    out = summary.to_json()
+    if assembly is not None:  # where a composition's time to running went
+        out["assembly"] = {
+            **assembly,
+            "create_seconds": round(started - created, 6),
+            "start_seconds": round(time.monotonic() - started, 6),
+        }
+    return _json(out, status=201)
 
 
 async def start_container(request: web.Request) -> web.Response:

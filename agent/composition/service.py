@@ -140,9 +140,10 @@ class Timeline:
     started: float = field(default_factory=time.monotonic)
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    def mark(self, event: str, digest: str) -> float:
+    def mark(self, event: str, digest: str, **detail: Any) -> float:
+        """`detail`: what the event took (seconds, bytes, source), shown with it."""
         at = time.monotonic() - self.started
-        self.events.append({"at": round(at, 6), "event": event, "digest": digest})
+        self.events.append({"at": round(at, 6), "event": event, "digest": digest, **detail})
         return at
 
 
@@ -373,11 +374,18 @@ class CompositionService:
 
     async def assemble(self, document: Any) -> dict[str, Any]:
         """Assemble a composition here and record it as an image; returns the plan and what it took."""
+        started = time.monotonic()
         resolved = await self.resolve(document)
+        resolved_at = time.monotonic()
         result = await self._flights.run(resolved.image.name, lambda _: self._assemble(resolved))
         if self.uses is not None:
             await self.uses.used(resolved.image.name, Origin.REGISTRY)
-        return result
+        # Where the time went (placement compares them with its prediction's parts).
+        return {
+            **result,
+            "resolve_seconds": round(resolved_at - started, 6),
+            "seconds": round(time.monotonic() - started, 6),
+        }
 
     async def _assemble(self, resolved: Resolved) -> dict[str, Any]:
         timeline = Timeline()
@@ -413,8 +421,9 @@ class CompositionService:
                     got = await self._fetcher.fetch_blob(source, la.desc, lambda n: None)
                     seconds = time.monotonic() - started
                     fetched_bytes += got
-                    self.costs.fetched(_source_name(source, digest, source_host(la)), got, seconds, started + seconds)
-                    timeline.mark("fetched", digest)
+                    name = _source_name(source, digest, source_host(la))
+                    self.costs.fetched(name, got, seconds, started + seconds)
+                    timeline.mark("fetched", digest, seconds=round(seconds, 6), bytes=got, source=name)
                     done[digest].set()
 
             workers = [
@@ -451,7 +460,7 @@ class CompositionService:
                         cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
                         self.costs.applied(la.desc.size, time.monotonic() - started, cpu)
                         applied.append(la.desc.digest)
-                    at = timeline.mark("applied", la.desc.digest)
+                    at = timeline.mark("applied", la.desc.digest, seconds=round(time.monotonic() - started, 6))
                     first = first or at
                     runnable = at
                     parent = la.chain_id
