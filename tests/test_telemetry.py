@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.composition.costs import CostMeter
+from agent.composition.costs import RECENT_HALF_LIFE, CostMeter
 from agent.config import CapacityConfig, TelemetryConfig, parse_config
 from agent.metrics import AgentMetrics
 from agent.telemetry import procfs
@@ -355,8 +355,26 @@ def test_concurrent_fetches_share_their_link_in_the_measured_rate() -> None:
     meter.fetched("registry/r:5000", 4 << 20, 2.0, ended=12.0)
     meter.fetched("registry/r:5000", 4 << 20, 2.0, ended=12.0)
     assert meter.measured()["registry_bytes_per_second"] == pytest.approx((8 << 20) / 2.0)
-    meter.fetched("registry/r:5000", 2 << 20, 1.0, ended=20.0)  # later, alone
-    assert meter.measured()["registry_bytes_per_second"] == pytest.approx((10 << 20) / 3.0)
+    meter.fetched("registry/r:5000", 2 << 20, 1.0, ended=20.0)  # later, alone: the first two aged 8 s
+    keep = 0.5 ** (8.0 / RECENT_HALF_LIFE)
+    assert meter.measured()["registry_bytes_per_second"] == pytest.approx(
+        ((8 << 20) * keep + (2 << 20)) / (2 * keep + 1)
+    )
+
+
+def test_measured_rates_follow_the_recent_load() -> None:
+    """Fetches and applies measured minutes ago under another load hardly count once new ones arrive:
+    the rates placement predicts with are today's, not the run's average."""
+    meter = CostMeter()
+    meter.fetched("peer", 64 << 20, 1.0, ended=100.0)  # 64 MiB/s on an idle machine
+    meter.fetched("peer", 8 << 20, 1.0, ended=700.0)  # 10 minutes later, busy: 8 MiB/s
+    assert meter.measured()["peer_bytes_per_second"] == pytest.approx(8 << 20, rel=0.01)
+    meter.fetched("registry/a:5000", 10 << 20, 1.0, ended=100.0)
+    meter.fetched("registry/b:5000", 1 << 20, 1.0, ended=700.0)  # each registry aged to the newest
+    assert meter.measured()["registry_bytes_per_second"] == pytest.approx(1 << 20, rel=0.01)
+    # Fetches close together count alike.
+    meter.fetched("peer", 8 << 20, 2.0, ended=703.0)
+    assert meter.measured()["peer_bytes_per_second"] == pytest.approx((16 << 20) / 3.0, rel=0.05)
 
 
 def test_machine_checks_from_proc_interrupts() -> None:

@@ -23,6 +23,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ DEFAULT_APPLY_SECONDS_PER_BYTE = 1 / (100 * MIB)
 FETCH_LATENCY = 0.05
 """Seconds a fetch costs beyond its bytes (a request, a round trip), in the estimates."""
 MAX_HISTORY = 10_000
+RECENT_HALF_LIFE = 60.0
+"""Seconds after which a measurement counts half as much as a new one in the reported rates: the
+machine's load changes over minutes, and a rate measured under another load mispredicts."""
 
 
 @dataclass
@@ -49,22 +53,44 @@ class Totals:
     """Seconds in which at least one fetch ran: concurrent fetches share a link, so a source's rate
     is its bytes over this, not over the sum of their durations."""
     busy_until: float = 0.0
+    recent_bytes: float = 0.0
+    recent_busy: float = 0.0
+    """`bytes` and `busy` with each measurement weighted by its age when the newest arrived (halved
+    every RECENT_HALF_LIFE seconds): the rates placement uses follow the host's current load."""
+    recent_at: float | None = None
 
     def add(self, nbytes: int, seconds: float, ended: float | None = None) -> None:
         self.count += 1
         self.bytes += nbytes
         self.seconds += seconds
         if ended is None:
-            self.busy += seconds
-            return
-        # The union of the fetches' intervals, as they end (one that ended earlier but started
-        # later than another still in flight is counted from where the union had reached).
-        started = ended - seconds
-        self.busy += max(0.0, ended - max(started, self.busy_until))
-        self.busy_until = max(self.busy_until, ended)
+            busy = seconds
+        else:
+            # The union of the fetches' intervals, as they end (one that ended earlier but started
+            # later than another still in flight is counted from where the union had reached).
+            started = ended - seconds
+            busy = max(0.0, ended - max(started, self.busy_until))
+            self.busy_until = max(self.busy_until, ended)
+        self.busy += busy
+        now = time.monotonic() if ended is None else ended
+        keep = recent_weight(now - self.recent_at) if self.recent_at is not None else 0.0
+        self.recent_bytes = self.recent_bytes * keep + nbytes
+        self.recent_busy = self.recent_busy * keep + busy
+        self.recent_at = now if self.recent_at is None else max(self.recent_at, now)
+
+    def recent_rate(self) -> float | None:
+        """Bytes per busy second, recent measurements weighing most; None under a MiB of evidence."""
+        if self.recent_busy > 0 and self.bytes >= MIB:
+            return self.recent_bytes / self.recent_busy
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {"count": self.count, "bytes": self.bytes, "seconds": round(self.seconds, 6)}
+
+
+def recent_weight(age: float) -> float:
+    """What a measurement `age` seconds older than the newest still counts for (1 at age 0)."""
+    return 0.5 ** (max(0.0, age) / RECENT_HALF_LIFE)
 
 
 class CostMeter:
@@ -107,19 +133,24 @@ class CostMeter:
         """What was measured, for the coordinator's placement (telemetry's LayerCosts): bytes per
         second from registries (all together) and from peers, and apply seconds per byte; a figure
         is left out until at least a MiB was measured for it. Rates are over the time fetches from
-        the source were running (several at once share one link)."""
+        the source were running (several at once share one link), the recent ones weighing most
+        (RECENT_HALF_LIFE)."""
         registry = Totals()
+        newest = max((t.recent_at for t in self.fetches.values() if t.recent_at is not None), default=0.0)
         for name, t in self.fetches.items():
-            if name.startswith("registry/"):
+            if name.startswith("registry/") and t.recent_at is not None:
+                # Each registry's recent figures, aged to the newest measurement of any of them.
+                keep = recent_weight(newest - t.recent_at)
                 registry.bytes += t.bytes
-                registry.busy += t.busy
+                registry.recent_bytes += t.recent_bytes * keep
+                registry.recent_busy += t.recent_busy * keep
         out: dict[str, float] = {}
         peer = self.fetches.get("peer", Totals())
         for key, t in (("registry_bytes_per_second", registry), ("peer_bytes_per_second", peer)):
-            if t.busy > 0 and t.bytes >= MIB:
-                out[key] = t.bytes / t.busy
-        if self.assembly.seconds > 0 and self.assembly.bytes >= MIB:
-            out["apply_seconds_per_byte"] = self.assembly.seconds / self.assembly.bytes
+            if (rate := t.recent_rate()) is not None:
+                out[key] = rate
+        if (applying := self.assembly.recent_rate()) is not None:
+            out["apply_seconds_per_byte"] = 1.0 / applying
         return out
 
     def to_json(self) -> dict[str, Any]:
