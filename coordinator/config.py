@@ -122,6 +122,9 @@ class PlacementConfig:
     """New containers: hosts predicted within this fraction of the fastest count as equally fast, and
     among them the one holding the fewest layers the container does not use is chosen (it keeps
     hosts that hold other images' layers free for those images' containers). 0: the fastest only."""
+    spill_slack: float = 0.25
+    """New containers, when the fastest host has layers to fetch too: hosts that fetch at most this
+    fraction of the container's bytes more than it count as near it as well (see affinity_slack)."""
 
 
 @dataclass(frozen=True)
@@ -391,7 +394,15 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError(f"model.confirm_ticks must be at least 1, got {config.model.confirm_ticks}")
     if config.model.false_alarm_budget < 0 or config.model.false_alarm_window <= 0:
         raise ConfigError("model.false_alarm_budget must not be negative and model.false_alarm_window must be > 0")
-    for name in ("free_capacity", "drain_risk", "pull_bytes", "pressure", "start_seconds", "affinity_slack"):
+    for name in (
+        "free_capacity",
+        "drain_risk",
+        "pull_bytes",
+        "pressure",
+        "start_seconds",
+        "affinity_slack",
+        "spill_slack",
+    ):
         if getattr(config.placement, name) < 0:
             raise ConfigError(f"placement.{name} must not be negative")
     if config.deployments.address_pool:

@@ -176,11 +176,22 @@ def by_time(
     held: Callable[[str], Collection[str]] = lambda host: (),
 ) -> tuple[list[Breakdown], dict[str, str]]:
     """Eligible candidates by predicted time to running, fastest first (then by the target score,
-    then by name), and why each other candidate is out. Hosts within `weights.affinity_slack` of the
-    fastest come first among themselves by the fewest held layers (`held(host)`, the tracker's) the
-    container does not use: a cold image's layers come from the registry at about the same cost on
-    any host, and putting them beside another image's keeps taking the slots that image's next
-    containers would have started in without a fetch."""
+    then by name), the near ones reordered by `prefer_unshared`, and why each other candidate is out."""
+    timed, excluded = fastest_first(candidates, need, weights, threshold, holders, costs, exclude)
+    return prefer_unshared(timed, need, weights, held), excluded
+
+
+def fastest_first(
+    candidates: Sequence[Candidate],
+    need: Need,
+    weights: PlacementConfig,
+    threshold: float,
+    holders: Callable[[str], Mapping[str, bool]],
+    costs: Callable[[str], Mapping[str, float] | None],
+    exclude: Collection[str] = (),
+) -> tuple[list[Breakdown], dict[str, str]]:
+    """Eligible candidates by predicted time to running (then by the target score, then by name),
+    and why each other candidate is out."""
     excluded: dict[str, str] = {}
     ranked: list[tuple[float, float, str, Breakdown]] = []
     named = {digest: holders(digest) for digest in need.layers}
@@ -201,12 +212,41 @@ def by_time(
         )
         ranked.append((predicted.seconds, -score(c, need, weights).score, c.host.name, predicted))
     ranked.sort(key=lambda r: r[:3])
-    if ranked and weights.affinity_slack > 0:
-        bound = ranked[0][0] * (1.0 + weights.affinity_slack)
-        near = [r for r in ranked if r[0] <= bound]
-        near.sort(key=lambda r: len(set(held(r[2]) or ()) - need.layers.keys()))  # stable: then by time
-        ranked = near + ranked[len(near) :]
     return [r[3] for r in ranked], excluded
+
+
+def prefer_unshared(
+    timed: Sequence[Breakdown],
+    need: Need,
+    weights: PlacementConfig,
+    held: Callable[[str], Collection[str]],
+) -> list[Breakdown]:
+    """`timed` (fastest first) with the hosts near the fastest first, among themselves by the fewest
+    held layers (`held(host)`, the tracker's) the container does not use (stable: then by time).
+
+    Near: predicted within `affinity_slack` of the fastest; or, when the fastest has layers to fetch
+    too, fetching at most `spill_slack` of the container's bytes more than it. A layer that has to
+    be fetched costs about the same on any host (the hosts' measured rates differ by more noise than
+    link), and putting it beside another image's layers takes the slots that image's next containers
+    would have started in without a fetch: once that host is full, they copy their image to another
+    host. That holds for a cold image (every host fetches it from the registry) and for one whose
+    hosts are full (every other host copies it from a peer)."""
+    if not timed or weights.affinity_slack <= 0:
+        return list(timed)
+    best = timed[0]
+    total = sum(need.layers.values())
+
+    def fetched(b: Breakdown) -> int:
+        return b.bytes_from_peers + b.bytes_from_registry
+
+    def near(b: Breakdown) -> bool:
+        if b.seconds <= best.seconds * (1.0 + weights.affinity_slack):
+            return True
+        return fetched(best) > 0 and fetched(b) - fetched(best) <= weights.spill_slack * total
+
+    close = [b for b in timed if near(b)]
+    close.sort(key=lambda b: len(set(held(b.host) or ()) - need.layers.keys()))
+    return close + [b for b in timed if not near(b)]
 
 
 class Placer:
@@ -240,21 +280,19 @@ class Placer:
     ) -> Placement:
         """Reserve `need` for a new container on the host with the least predicted time to running
         (coordinator/costs.py); NoTarget when no host can hold it."""
-        ranked, excluded = by_time(
-            await self.candidates(),
-            need,
-            self._weights,
-            self._threshold(),
-            self._holders,
-            self._costs,
-            exclude,
-            self._held,
+        timed, excluded = fastest_first(
+            await self.candidates(), need, self._weights, self._threshold(), self._holders, self._costs, exclude
         )
-        for choice in ranked:
+        ranked = prefer_unshared(timed, need, self._weights, self._held)
+        left = list(ranked)
+        while left:
+            choice = left[0]
             try:
                 reservation = await self._reservations.reserve(choice.host, need.capacity, purpose, ttl)
             except InsufficientCapacity:
                 excluded[choice.host] = "lost to a concurrent placement"
+                # The rest again: which hosts are near depends on the fastest one left.
+                left = prefer_unshared([b for b in timed if b.host not in excluded], need, self._weights, self._held)
                 continue
             log.info(
                 "placed a new container",

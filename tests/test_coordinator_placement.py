@@ -19,8 +19,10 @@ from coordinator.model import (
     Host,
     HostAdmin,
     HostHealth,
+    InsufficientCapacity,
     NoTarget,
     Prediction,
+    Reservation,
 )
 from coordinator.placement import Candidate, Need, Placer, by_time, exclusion, pull_fraction, rank
 from coordinator.reservations import ReservationService
@@ -194,11 +196,74 @@ def test_a_cold_image_goes_beside_no_other_image_when_that_costs_little() -> Non
     assert ranked(WEIGHTS) == ["h2", "h1"]
     assert ranked(PlacementConfig(affinity_slack=0.0)) == ["h1", "h2"]  # the fastest only
     # Past the slack the time decides: h2 would fetch far more.
-    need = Need(Capacity(500, GiB, 0), {BASE: 200 * MB, TOP: 10 * MB, MID: 50 * MB})
     holders[BASE] = {"h1": True}
     held["h1"] |= {BASE}
     candidates[0] = _cand("h1", layer_digests=(TOP, other, BASE))
     assert ranked(WEIGHTS) == ["h1", "h2"]
+
+
+def test_a_spilled_container_goes_to_a_host_holding_no_other_image() -> None:
+    """BASE's own host (h3) is full: h1 (holding another image's OTHER and the shared MID) and h4
+    (holding nothing) both copy BASE from h3. h1 fetches a little less and measured faster peer
+    fetches; h4 goes first, so h1's slots stay for OTHER's containers."""
+    other = "sha256:" + "9" * 64
+    need = Need(Capacity(500, GiB, 0), {MID: 8 * MB, BASE: 64 * MB, TOP: 2 * MB})
+    candidates = [_cand("h1", layer_digests=(MID, other)), _cand("h4")]
+    costs = {"h1": {**SLOW, "peer_bytes_per_second": 30 * MB}, "h4": {**SLOW, "peer_bytes_per_second": 14 * MB}}
+    holders = {BASE: {"h3": True}, MID: {"h1": True, "h3": True}, TOP: {"h3": True}}
+    held = {"h1": {MID, other}, "h4": set()}
+
+    def ranked(weights: PlacementConfig) -> list[str]:
+        out, _ = by_time(candidates, need, weights, 0.5, lambda d: holders.get(d, {}), costs.get, (), held.get)
+        return [b.host for b in out]
+
+    assert ranked(WEIGHTS) == ["h4", "h1"]
+    assert ranked(PlacementConfig(spill_slack=0.0)) == ["h1", "h4"]  # by time alone
+    # Where the fastest host holds the image, no copy is worth avoiding: it goes there.
+    held["h1"] |= {BASE, TOP}
+    candidates[0] = _cand("h1", layer_digests=(MID, other, BASE, TOP))
+    assert ranked(WEIGHTS) == ["h1", "h4"]
+
+
+class _FilledMeanwhile(ReservationService):
+    """Refuses `full` as the store would once that host filled after the placer's reads."""
+
+    def __init__(self, *args: Any, full: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.full = full
+
+    async def reserve(self, host: str, capacity: Capacity, purpose: str, ttl: float | None = None) -> Reservation:
+        if host == self.full:
+            raise InsufficientCapacity(f"{host} filled meanwhile")
+        return await super().reserve(host, capacity, purpose, ttl)
+
+
+async def test_a_refused_host_reorders_the_rest_around_the_next_fastest(store: SqliteStore) -> None:
+    """h3 holds the image but filled since the placer read it: the container spills. Among the rest,
+    the fastest is h1 (another image's host, measured fast peers); h4, empty, copies a little more:
+    near it, and holding nothing else, it is reserved."""
+    other = "sha256:" + "9" * 64
+    layers = {MID: 8 * MB, BASE: 64 * MB, TOP: 2 * MB}
+    held = {"h1": (MID, other), "h3": (MID, BASE, TOP), "h4": ()}
+    for name, digests in held.items():
+        await store.register_host(Host(name=name, capacity=Capacity(4000, 4 * GiB, 0), layer_digests=digests))
+    config = CoordinatorConfig()
+    reservations = _FilledMeanwhile(store, NoAgents(), config, lambda: 1000.0, CoordinatorMetrics(), full="h3")
+    costs = {"h1": {**SLOW, "peer_bytes_per_second": 30 * MB}, "h4": {**SLOW, "peer_bytes_per_second": 14 * MB}}
+    holders = {d: {h: True for h, ds in held.items() if d in ds} for d in layers}
+    placer = Placer(
+        store,
+        reservations,
+        config.placement,
+        lambda: 0.5,
+        lambda: 1000.0,
+        holders=lambda d: holders.get(d, {}),
+        costs=costs.get,
+        held=lambda h: held[h],
+    )
+    placement = await placer.place_start(Need(Capacity(500, GiB, 0), layers), "spill")
+    assert [b.host for b in placement.candidates] == ["h3", "h1", "h4"]
+    assert placement.chosen.host == "h4" and placement.excluded == {"h3": "lost to a concurrent placement"}
 
 
 async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: SqliteStore) -> None:
