@@ -1,25 +1,31 @@
 """Predicted time to running for a new container on a host: what cost-aware placement minimises.
 
-    fetch   = sum over the layers the host lacks of
-                  size / rate of the cheapest source that holds the layer
-                      (a fleet peer, by the layer tracker, at the host's measured peer rate;
-                       else the registry, at its measured registry rate)
-                  + the host's fetch overhead, once, when it lacks any layer
-    apply   = (sum of their sizes) * apply seconds per byte * (1 + CPU pressure)
-    seconds = max(fetch, apply) + start seconds
+The container's layers are taken in the order given, lowest first (a composition's stack):
 
-Fetching and applying overlap (a layer is applied while the next ones arrive), so the longer of
-the two bounds the time, not their sum.
-Rates and the apply cost are the host's own measurements (its telemetry's `layer_costs`), or the
-`[placement]` defaults until it has any. The start is learned from the containers started there
-through the coordinator (its warm starts, the median of the last few), else
-`[placement] start_seconds`. The fetch overhead is learned from its starts that fetched, at measured
-rates: what they took beyond their bytes' time and the start (the registry's manifest and config
-round trips of an image not held yet, the tracker's answers, the requests' latency); once per start,
-not per layer, since the layers of a start are fetched several at once,
-the median of the last few; 0 until learned. Layers the host holds cost nothing: their snapshots are
-there (a layer is held once it is unpacked into an image). Fetches are counted one after another,
-which is what one host's link and CPU allow in practice; applying waits on CPU, hence the pressure.
+    arrival(layer) = the host's fetch overhead
+                     + the time its link needs for it while the other missing layers from the
+                       same kind of source share that link (processor sharing: every layer smaller
+                       than it arrives first, the larger ones have sent as many bytes as it by then):
+                           sum over those layers L of min(size(L), size(layer)) / the source's rate
+                     (a fleet peer when the layer tracker names one, at the host's measured peer
+                      rate; else the registry, at its measured registry rate; peers and the registry
+                      are different links, fetched at once)
+    applied(layer) = max(arrival(layer), applied(the layer below)) + size * apply seconds per byte
+                     * (1 + CPU pressure)
+    seconds        = applied(the top layer) + start seconds
+
+Layers are applied bottom up, each once it has arrived and the one below it is applied (the agent
+applies the lower layers while the upper ones download, but a layer cannot be applied before its
+bytes are here: a big base arriving last is applied after everything has arrived). Layers below the
+lowest missing one cost nothing (their snapshots are there); a layer the host holds above a missing
+one is applied again (its snapshot sits on another parent) but not fetched.
+Rates and the apply cost are the host's own measurements (its telemetry's `layer_costs`, which
+weigh recent fetches and applies most), or the `[placement]` defaults until it has any. The start
+is learned from the containers started there through the coordinator (its warm starts, the median
+of the last few), else `[placement] start_seconds`. The fetch overhead is learned from its starts
+that fetched, at measured rates: what they took beyond the predicted pipeline (the registry's
+manifest and config round trips of an image not held yet, the tracker's answers, the requests'
+latency); once per start, not per layer, the median of the last few; 0 until learned.
 
 Pure: the inputs are plain values, `Breakdown` is the record kept with the decision.
 """
@@ -65,7 +71,9 @@ class Breakdown:
     host: str
     seconds: float
     fetch_seconds: float
+    """When the last missing layer has arrived (the fetch overhead included)."""
     apply_seconds: float
+    """Applying, in all: the layers from the lowest missing one up."""
     start_seconds: float
     bytes_from_peers: int
     bytes_from_registry: int
@@ -75,10 +83,19 @@ class Breakdown:
     layers_fetched: int = 0
     latency_seconds: float = 0.0
     """Of fetch_seconds: the host's fetch overhead (when layers_fetched)."""
+    assembled_seconds: float = 0.0
+    """When the top layer is applied: fetches and applies as they overlap (seconds less the start)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("seconds", "fetch_seconds", "apply_seconds", "start_seconds", "latency_seconds"):
+        for key in (
+            "seconds",
+            "fetch_seconds",
+            "apply_seconds",
+            "start_seconds",
+            "latency_seconds",
+            "assembled_seconds",
+        ):
             out[key] = round(out[key], 3)
         return out
 
@@ -91,36 +108,46 @@ def time_to_running(
     rates: Rates,
     cpu_pressure: float,
 ) -> Breakdown:
-    """`layers`: digest -> size of what the container needs; `held`: digests the host holds;
-    `peer_holders`: digest -> hosts that hold or are fetching it (the tracker's answer);
+    """`layers`: digest -> size of what the container needs, lowest first; `held`: digests the host
+    holds; `peer_holders`: digest -> hosts that hold or are fetching it (the tracker's answer);
     `cpu_pressure`: 0..1 (PSI cpu "some" avg10 / 100)."""
     from_peers = from_registry = kept = 0
-    fetch = 0.0
+    sources: dict[str, str] = {}  # missing digest -> "peer" or "registry"
     for digest, size in layers.items():
         if digest in held:
             kept += size
         elif any(h != host for h in peer_holders.get(digest, ())):
             from_peers += size
-            fetch += size / rates.peer_bytes_per_second
+            sources[digest] = "peer"
         else:
             from_registry += size
-            fetch += size / rates.registry_bytes_per_second
-    fetched = sum(1 for digest in layers if digest not in held)
-    latency = rates.fetch_latency_seconds if fetched else 0.0
-    fetch += latency
-    apply = (from_peers + from_registry) * rates.apply_seconds_per_byte * (1.0 + max(0.0, min(1.0, cpu_pressure)))
+            sources[digest] = "registry"
+    latency = rates.fetch_latency_seconds if sources else 0.0
+    rate = {"peer": rates.peer_bytes_per_second, "registry": rates.registry_bytes_per_second}
+    arrivals: dict[str, float] = {}
+    for digest, source in sources.items():
+        sharing = sum(min(layers[digest], layers[other]) for other, kind in sources.items() if kind == source)
+        arrivals[digest] = latency + sharing / rate[source]
+    per_byte = rates.apply_seconds_per_byte * (1.0 + max(0.0, min(1.0, cpu_pressure)))
+    order = list(layers)
+    lowest = next((i for i, digest in enumerate(order) if digest in sources), len(order))
+    applied = work = 0.0
+    for digest in order[lowest:]:
+        work += layers[digest] * per_byte
+        applied = max(applied, arrivals.get(digest, 0.0)) + layers[digest] * per_byte
     return Breakdown(
         host=host,
-        seconds=max(fetch, apply) + rates.start_seconds,
-        fetch_seconds=fetch,
-        apply_seconds=apply,
+        seconds=applied + rates.start_seconds,
+        fetch_seconds=max(arrivals.values(), default=0.0),
+        apply_seconds=work,
         start_seconds=rates.start_seconds,
         bytes_from_peers=from_peers,
         bytes_from_registry=from_registry,
         bytes_held=kept,
         measured=rates.measured,
-        layers_fetched=fetched,
+        layers_fetched=len(sources),
         latency_seconds=latency,
+        assembled_seconds=applied,
     )
 
 
