@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import collections
 import statistics
-from collections.abc import Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -161,24 +162,29 @@ FIGURES = (
 START_WINDOW = 5
 """A host's start overhead is the median of its last this many warm starts (one slow start, say
 on a view of its layers that was out of date, does not set it)."""
+LEARNED_MAX_AGE = 300.0
+"""Seconds a start teaches for: an overhead learned under an earlier load (a busy machine's warm
+start took 0.8 s, the same start minutes later 0.3 s) is forgotten rather than applied to now."""
 
 
 class CostBook:
-    """The newest `layer_costs` each host reported, kept as pushes arrive (a registry observer).
-    In memory: a restarted coordinator assumes the defaults for a host until its next push."""
+    """The newest `layer_costs` each host reported, kept as pushes arrive (a registry observer), and
+    the figures learned from the starts placed there. In memory: a restarted coordinator assumes the
+    defaults for a host until its next push and starts."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._latest: dict[str, dict[str, float]] = {}
-        self._learned: dict[str, dict[str, float]] = {}
-        """host -> start_seconds and fetch_latency_seconds, learned from its starts."""
-        self._recent: dict[tuple[str, str], collections.deque[float]] = {}
+        self._recent: dict[tuple[str, str], collections.deque[tuple[float, float]]] = {}
+        """(host, start_seconds or fetch_latency_seconds) -> (when, value) of its last starts."""
 
     def started(self, host: str, measured_seconds: float, predicted: Breakdown) -> None:
         """A container placed on `host` ran after `measured_seconds`. When it needed no layer (all
         held), that is the host's start overhead (create, the image record, start, the calls): the
         median of its recent warm starts is what the next predictions for the host use. When it
-        fetched layers at the host's measured rates, what it took beyond the prediction's bytes and
-        start is the host's fetch overhead (the median of its recent cold starts; never below 0)."""
+        fetched layers at the host's measured rates, what it took beyond the prediction's pipeline
+        and start is the host's fetch overhead (the median of its recent cold starts; never below
+        0). Starts older than LEARNED_MAX_AGE count no more."""
         if predicted.layers_fetched:
             if not predicted.measured:
                 return  # predicted at the default rates: their error would pass for latency
@@ -189,10 +195,16 @@ class CostBook:
 
     def _learn(self, host: str, figure: str, value: float) -> None:
         recent = self._recent.setdefault((host, figure), collections.deque(maxlen=START_WINDOW))
-        recent.append(value)
-        learned = self._learned.setdefault(host, {})
-        learned[figure] = statistics.median(recent)
-        self._latest.setdefault(host, {})[figure] = learned[figure]
+        recent.append((self._clock(), value))
+
+    def _learned(self, host: str) -> dict[str, float]:
+        now = self._clock()
+        out = {}
+        for (name, figure), recent in self._recent.items():
+            fresh = [value for at, value in recent if now - at <= LEARNED_MAX_AGE]
+            if name == host and fresh:
+                out[figure] = statistics.median(fresh)
+        return out
 
     def observe(self, host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
         """Samples as stored (protobuf JSON), oldest first."""
@@ -200,16 +212,17 @@ class CostBook:
             costs = sample.get("layer_costs")
             if isinstance(costs, Mapping) and costs:
                 self._latest[host] = {k: float(v) for k, v in costs.items() if isinstance(v, int | float)}
-                self._latest[host].update(self._learned.get(host, {}))
                 return
 
     def of(self, host: str) -> dict[str, float] | None:
-        """The host's own figures; for a figure it has not measured yet, the median of the hosts
-        that have (the fleet's hosts mostly share their registries and network)."""
-        own = self._latest.get(host, {})
+        """The host's own figures; for a figure it has not measured (or learned lately), the median
+        of the hosts that have (the fleet's hosts mostly share their registries and network)."""
+        hosts = {*self._latest, *(name for name, _ in self._recent)}
+        known = {name: {**self._latest.get(name, {}), **self._learned(name)} for name in hosts}
+        own = known.get(host, {})
         merged: dict[str, float] = {}
         for key in FIGURES:
-            values = [costs[key] for costs in self._latest.values() if key in costs]
+            values = [costs[key] for costs in known.values() if key in costs]
             if key in own:
                 merged[key] = own[key]
             elif values:

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.config import CoordinatorConfig, PlacementConfig
-from coordinator.costs import CostBook, Rates, time_to_running
+from coordinator.costs import LEARNED_MAX_AGE, CostBook, Rates, time_to_running
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import (
     Capacity,
@@ -332,6 +332,25 @@ async def test_a_refused_host_reorders_the_rest_around_the_next_fastest(store: S
     placement = await placer.place_start(Need(Capacity(500, GiB, 0), layers), "spill")
     assert [b.host for b in placement.candidates] == ["h3", "h1", "h4"]
     assert placement.chosen.host == "h4" and placement.excluded == {"h3": "lost to a concurrent placement"}
+
+
+def test_learned_overheads_are_forgotten_once_old() -> None:
+    """Warm starts taught h1 a 0.8 s overhead on a busy machine; minutes later the load is gone:
+    the old starts count no more (the default until it starts again), and the first new warm start
+    sets it alone, not outvoted by four stale ones."""
+    now = [0.0]
+    book = CostBook(clock=lambda: now[0])
+    warm = time_to_running("h1", set(LAYERS), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0)
+    for seconds in (0.8, 0.9, 0.7, 0.8):
+        book.started("h1", seconds, warm)
+        book.started("h2", seconds, warm)
+    assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(0.8)
+    now[0] = LEARNED_MAX_AGE + 1.0
+    assert book.of("h1") is None and Rates.of(book.of("h1"), WEIGHTS).start_seconds == WEIGHTS.start_seconds
+    book.started("h1", 0.3, warm)
+    assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(0.3)
+    # A host with nothing fresh of its own takes the fleet's fresh figures, not its own old ones.
+    assert Rates.of(book.of("h2"), WEIGHTS).start_seconds == pytest.approx(0.3)
 
 
 async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: SqliteStore) -> None:
