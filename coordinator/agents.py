@@ -45,6 +45,7 @@ class AgentClientLike(Protocol):
         self, source: Host, container: str, target: str, reservation_id: str, options: dict[str, Any]
     ) -> dict[str, Any]: ...
     async def get_migration(self, source: Host, migration_id: str) -> dict[str, Any]: ...
+    async def list_migrations(self, source: Host) -> list[dict[str, Any]]: ...
     async def list_containers(self, host: Host) -> list[dict[str, Any]]: ...
     async def create_container(
         self, host: Host, spec: dict[str, Any], within: float, start: bool = True
@@ -172,6 +173,13 @@ class AgentClient:
         if status != 200:
             raise self._error(source, status, data, f"migration {migration_id}")
         return data
+
+    async def list_migrations(self, source: Host) -> list[dict[str, Any]]:
+        """The agent's migration records (both roles), with the options each was started with."""
+        status, data = await self._call(source, "GET", "/v1/migrations")
+        if status != 200:
+            raise self._error(source, status, data, "list migrations")
+        return list(data.get("migrations", []))
 
     async def list_containers(self, host: Host) -> list[dict[str, Any]]:
         status, data = await self._call(host, "GET", "/v1/containers")

@@ -7,6 +7,16 @@ and "auto" placements skip targets already receiving `max_per_host`.
 The live migration itself is the agents' (agent/migration/): the source agent drives it and keeps
 the workload running exactly once. The coordinator only chooses, reserves, starts and watches, and
 records every step in the store, so a restarted coordinator picks running migrations up again.
+
+Intent before action: an attempt's target and reservation are recorded (PENDING, with the
+reservation id and no agent migration id yet) before the source agent is asked, with the same
+fenced write as everything else, so a leader that stops between the agent's answer and the record
+naming its migration leaves a trace. The next leader reconciles each such intent against the
+source agent's own records (`GET /v1/migrations`, matched by the reservation id the agent was
+given): it follows the agent's migration if there is one, and frees the reservation and starts the
+attempt afresh if there is none. Reservations made for a migration that no record names (the leader
+stopped between reserving and recording) are freed at the same time. So every container moves at
+most once and no reservation outlives a change of leader.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import dataclasses
 import logging
 import secrets
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from coordinator.agents import AgentClientLike
@@ -80,6 +90,10 @@ class Orchestrator:
         """Held while placing (so the counts stay exact); notified when a target slot frees up."""
         self._tasks = TaskSet()
         self._changed = asyncio.Condition()
+        self.fault: Callable[[str, Migration], Awaitable[None]] | None = None
+        """A test's fault-injection point, awaited at "reserved" (a target reserved, nothing
+        recorded), "recorded" (the intent recorded, the agent not asked) and "accepted" (the agent
+        started it, its id not recorded): the windows a leader can stop in. None in production."""
 
     # ----- requests
 
@@ -157,12 +171,26 @@ class Orchestrator:
     # ----- lifecycle
 
     async def resume(self) -> int:
-        """After a restart: pick every unfinished migration up again (running ones are re-polled)."""
-        resumed = 0
-        for migration in await self._store.list_migrations(active_only=True):
+        """After a restart or a change of leader: free the reservations no migration record names,
+        then pick every unfinished migration up again (running ones are re-polled, recorded intents
+        reconciled with the source agent)."""
+        started = self._clock()
+        active = await self._store.list_migrations(active_only=True)
+        named = {m.reservation_id for m in active if m.reservation_id}
+        for reservation in await self._store.list_reservations():
+            if (
+                reservation.purpose.startswith("migration:")
+                and reservation.id not in named
+                and reservation.created_at < started  # not one a migration accepted since has just made
+            ):
+                log.warning(
+                    "freeing a reservation no migration names",
+                    extra={"reservation": reservation.id, "purpose": reservation.purpose, "host": reservation.host},
+                )
+                await self._reservations.release(reservation.id, agent_too=True)
+        for migration in active:
             self._spawn(migration.id, migration.requested_to, migration.mode or None)
-            resumed += 1
-        return resumed
+        return len(active)
 
     async def close(self) -> None:
         await self._tasks.close()
@@ -197,6 +225,9 @@ class Orchestrator:
     async def _attempts(self, migration: Migration, to: str, mode: str | None) -> None:
         max_attempts = 1 if to != AUTO else self._limits.max_attempts
         while not migration.done:
+            if _intent_only(migration):
+                migration = await self._reconcile(migration)
+                continue
             if migration.state is MigrationState.RUNNING and migration.agent_migration_id:
                 # Resumed after a coordinator restart: follow it, it still counts against its target.
                 async with self._slots:
@@ -228,6 +259,8 @@ class Orchestrator:
         )
         attempt = migration.attempt + 1
         reservation = await self._place(migration, source.name, need, to)
+        if self.fault is not None and not isinstance(reservation, NoTarget):
+            await self.fault("reserved", migration)
         if isinstance(reservation, NoTarget):
             error = reservation.message
             migration = await self._save(migration, MigrationState.FAILED, error, attempt=attempt, error=error)
@@ -270,31 +303,87 @@ class Orchestrator:
     ) -> Migration:
         target = reservation.host
         options: dict[str, Any] = {"mode": mode} if mode else {}
-        try:
-            record = await self._agents.start_migration(source, migration.container, target, reservation.id, options)
-        except FerrymanError as exc:
-            await self._reservations.release(reservation.id)
-            return await self._save(
-                migration,
-                MigrationState.FAILED,
-                f"start on {source.name} failed",
-                attempt=attempt,
-                target=target,
-                tried_targets=(*migration.tried_targets, target),
-                error=exc.message,
-            )
+        # The intent, before the agent hears of it (see the module's docstring).
         migration = await self._save(
             migration,
-            MigrationState.RUNNING,
-            f"to {target}",
+            MigrationState.PENDING,
+            f"starting: to {target} with reservation {reservation.id}",
             attempt=attempt,
             target=target,
             tried_targets=(*migration.tried_targets, target),
             reservation_id=reservation.id,
-            agent_migration_id=str(record.get("id", "")),
-            error="",
+            agent_migration_id="",
+        )
+        if self.fault is not None:
+            await self.fault("recorded", migration)
+        try:
+            record = await self._agents.start_migration(source, migration.container, target, reservation.id, options)
+        except FerrymanError as exc:
+            await self._reservations.release(reservation.id)
+            detail = f"start on {source.name} failed"
+            return await self._save(migration, MigrationState.FAILED, detail, error=exc.message)
+        if self.fault is not None:
+            await self.fault("accepted", migration)
+        migration = await self._save(
+            migration, MigrationState.RUNNING, f"to {target}", agent_migration_id=str(record.get("id", "")), error=""
         )
         return await self._follow(migration)
+
+    async def _reconcile(self, migration: Migration) -> Migration:
+        """An intent recorded by a leader that stopped before recording the agent's answer: follow the
+        migration the source agent has for this reservation, or free the reservation and make the
+        attempt again. Until the source agent answers, nothing else is tried (it may hold one)."""
+        try:
+            async with asyncio.timeout(self._limits.timeout):
+                while True:
+                    source = await self._store.get_host(migration.source)
+                    if source is None:
+                        await self._reservations.release(migration.reservation_id, agent_too=True)
+                        return await self._save(migration, MigrationState.ABANDONED, "source host unregistered")
+                    try:
+                        records = await self._agents.list_migrations(source)
+                        break
+                    except FerrymanError as exc:
+                        log.warning(
+                            "cannot reconcile a migration yet", extra={"migration": migration.id, "error": exc.message}
+                        )
+                    await asyncio.sleep(self._limits.poll_period)
+        except TimeoutError:
+            error = (
+                f"{migration.source} did not say within {self._limits.timeout:g} s whether it started "
+                f"{migration.container}; not retried, see its record"
+            )
+            migration = await self._save(migration, MigrationState.ABANDONED, error, error=error)
+            await self._decide(migration, "give_up", error)
+            return migration
+        found = started_for(records, migration)
+        if found is not None:
+            migration = await self._save(
+                migration,
+                MigrationState.RUNNING,
+                f"to {migration.target}: the agent's {found} (recorded after a change of leader)",
+                agent_migration_id=found,
+                error="",
+            )
+            async with self._slots:
+                self._incoming[migration.target] += 1
+            try:
+                return await self._follow(migration)
+            finally:
+                async with self._slots:
+                    self._incoming[migration.target] -= 1
+                    self._slots.notify_all()
+        # Never started: undo the attempt, as if the leader had stopped before it.
+        await self._reservations.release(migration.reservation_id, agent_too=True)
+        return await self._save(
+            migration,
+            MigrationState.PENDING,
+            f"not started on {migration.source}; reservation {migration.reservation_id} freed",
+            attempt=migration.attempt - 1,
+            tried_targets=migration.tried_targets[:-1],
+            target="",
+            reservation_id="",
+        )
 
     async def _follow(self, migration: Migration) -> Migration:
         """Poll the source agent until its record is terminal (or the attempt times out).
@@ -347,3 +436,23 @@ class Orchestrator:
         await self._store.record_decision(
             Decision(ts=self._clock(), host=migration.source, kind=kind, detail=f"{migration.id}: {detail}")
         )
+
+
+def _intent_only(migration: Migration) -> bool:
+    """An attempt recorded as about to start whose agent migration id never was."""
+    pending = migration.state is MigrationState.PENDING
+    return pending and bool(migration.reservation_id) and not migration.agent_migration_id
+
+
+def started_for(records: list[dict[str, Any]], migration: Migration) -> str | None:
+    """The id of the source agent's migration started for `migration`'s current attempt, if any: the
+    one given its reservation (unique per attempt)."""
+    for record in records:
+        options = record.get("options") or {}
+        if (
+            record.get("role", "source") == "source"
+            and record.get("container") == migration.container
+            and options.get("reservation") == migration.reservation_id
+        ):
+            return str(record.get("id", "")) or None
+    return None

@@ -43,6 +43,7 @@ class ScriptedAgents:
         self.into: dict[str, int] = {}
         self.max_into: dict[str, int] = {}
         self._records: dict[str, dict[str, Any]] = {}
+        self._started_with: dict[str, tuple[str, str]] = {}  # agent id -> (container, reservation)
         self.gate = asyncio.Event()
         self.gate.set()
 
@@ -58,6 +59,7 @@ class ScriptedAgents:
     ) -> dict[str, Any]:
         assert reservation_id in self.held and self.held[reservation_id] == target
         self.started.append((container, source.name, target))
+        self._started_with[f"agent-{len(self.started)}"] = (container, reservation_id)
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         self.into[target] = self.into.get(target, 0) + 1
@@ -79,6 +81,12 @@ class ScriptedAgents:
 
     async def list_containers(self, host: Host) -> list[dict[str, Any]]:
         return []
+
+    async def list_migrations(self, source: Host) -> list[dict[str, Any]]:
+        return [
+            {"role": "source", "container": c, "options": {"reservation": r}, **self._records[i]}
+            for i, (c, r) in self._started_with.items()
+        ]
 
     async def close(self) -> None:
         pass
@@ -161,9 +169,11 @@ async def test_a_rolled_back_migration_is_retried_on_another_target(store: Sqlit
         done = await coordinator.migrations.wait(migration.id, WAIT)
         assert done.state is MigrationState.COMMITTED, done
         assert done.attempt == 2 and done.tried_targets[0] == first and done.target != first
-        assert [h[0] for h in done.history] == ["pending", "running", "failed", "running", "committed"]
-        assert "restore failed" in done.history[2][2]
-        assert _transitions(coordinator) == {"pending": 1, "running": 2, "failed": 1, "committed": 1}
+        # The request, then each attempt's intent (recorded before the agent is asked) and its course.
+        states = ["pending", "pending", "running", "failed", "pending", "running", "committed"]
+        assert [h[0] for h in done.history] == states
+        assert "restore failed" in done.history[3][2]
+        assert _transitions(coordinator) == {"pending": 3, "running": 2, "failed": 1, "committed": 1}
         no_model = coordinator.metrics.registry.get_sample_value("ferryman_coordinator_drain_threshold")
         assert no_model is not None and no_model > 1  # without a model: above any probability, never an alert
         # Our reservations are gone; the agent was asked to drop the rolled-back one only (it drops
@@ -188,7 +198,7 @@ async def test_a_named_target_is_tried_once_and_bounds_hold(store: SqliteStore) 
         auto_done = await coordinator.migrations.wait(auto.id, WAIT)
         assert named_done.state is MigrationState.ABANDONED and named_done.tried_targets == ("h3",)
         assert auto_done.state is MigrationState.ABANDONED and len(auto_done.tried_targets) == 2
-        assert _transitions(coordinator) == {"pending": 2, "running": 3, "failed": 3, "abandoned": 2}
+        assert _transitions(coordinator) == {"pending": 5, "running": 3, "failed": 3, "abandoned": 2}
         assert len(set(auto_done.tried_targets)) == 2
         assert "give_up" in [d.kind for d in await store.list_decisions("h1")]
         assert await store.list_reservations() == []

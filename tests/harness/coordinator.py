@@ -268,6 +268,9 @@ class NoAgents:
     async def get_migration(self, *args: Any) -> dict[str, Any]:
         raise AssertionError("no agent call expected")
 
+    async def list_migrations(self, *args: Any) -> list[dict[str, Any]]:
+        raise AssertionError("no agent call expected")
+
     async def list_containers(self, host: Host) -> list[dict[str, Any]]:
         raise AssertionError("no agent call expected")
 
