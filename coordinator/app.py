@@ -208,6 +208,9 @@ class Coordinator:
             host, port = config.listen_address
             url = config.store.advertise_url or f"https://{f'[{host}]' if ':' in host else host}:{port}"
             self.election = Election(store.kv, store, url, ttl=config.store.leader_ttl, on_change=self._role_changed)
+            # Agents may push to any replica: each shares its part of the drain-risk histories.
+            store.share_histories(url, self.predictions.share)
+            self.predictions.read_shares_from(store)
         self._leader_loops: list[asyncio.Task[None]] = []
         self._role_tasks: set[asyncio.Task[None]] = set()
         self._role_lock = asyncio.Lock()

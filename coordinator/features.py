@@ -352,6 +352,50 @@ class HostHistory:
         rings, ages = _stack_histories([self], now)
         return rings[0][:, np.argsort(ages)]
 
+    def recent_bins(self, count: int) -> dict[int, Float32Array]:
+        """The newest `count` bins that hold samples, by bin id (each [N_ROWS], a copy): what another
+        replica needs to add this history's latest samples to its own (`set_bins`, `merged`)."""
+        if self._head == np.iinfo(np.int64).min:
+            return {}
+        out: dict[int, Float32Array] = {}
+        for bin_id in range(self._head - count + 1, self._head + 1):
+            slot = bin_id % N_BINS
+            if self._bin_ids[slot] == bin_id and self._ring[_SAMPLES, slot] > 0:
+                out[bin_id] = self._ring[:, slot].copy()
+        return out
+
+    def set_bins(self, bins: Mapping[int, Float32Array]) -> None:
+        """Replace whole bins (by bin id) with what another replica holds for them; bins older than
+        the window (relative to the newest known) are ignored."""
+        for bin_id in sorted(bins):
+            if bin_id <= self._head - N_BINS:
+                continue
+            self._head = max(self._head, bin_id)
+            slot = bin_id % N_BINS
+            self._ring[:, slot] = bins[bin_id]
+            self._bin_ids[slot] = bin_id
+
+    @classmethod
+    def merged(cls, parts: Sequence[HostHistory]) -> HostHistory:
+        """One history holding every part's samples (each replica's share of one host): the bins'
+        sums and counts add up, the newest-sample offsets take the latest."""
+        out = cls()
+        if not parts:
+            return out
+        out._head = max(p._head for p in parts)
+        for part in parts:
+            live = part._bin_ids > out._head - N_BINS
+            newer = live & (part._bin_ids > out._bin_ids)
+            if newer.any():  # a slot still holding an older bin (or none) starts from this part's
+                out._ring[:, newer] = part._ring[:, newer]
+                out._bin_ids[newer] = part._bin_ids[newer]
+            same = live & ~newer & (part._bin_ids == out._bin_ids)
+            if same.any():
+                last = np.maximum(out._ring[_LAST, same], part._ring[_LAST, same])
+                out._ring[:, same] += part._ring[:, same]
+                out._ring[_LAST, same] = last
+        return out
+
 
 def _stack_histories(histories: Sequence[HostHistory], now: float) -> tuple[Float32Array, npt.NDArray[np.int64]]:
     """The rings [n, N_ROWS, N_BINS] as stored, bins outside the window zeroed, and each column's age.

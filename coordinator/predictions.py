@@ -23,11 +23,12 @@ from typing import Any, Protocol
 
 from coordinator.config import CoordinatorConfig
 from coordinator.features import HostHistory, TelemetryPoint
+from coordinator.history_share import SHARED_BINS, HostShare
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import Prediction
 from coordinator.notices import NOTICE_PROBABILITY, Notice, active_notice, notices_in_sample, prune
 from coordinator.predictor import Contribution, DrainPredictor, ModelLoadError, ModelRegistry, RegistryError
-from coordinator.store import ModelSlots, Store, StoredModel
+from coordinator.store import HistoryExchange, ModelSlots, Store, StoredModel
 from core.errors import ConfigError, Conflict, FerrymanError
 from core.files import atomic_write
 
@@ -180,6 +181,11 @@ class PredictionService:
         """Notices with a stated time, per host (facts: see coordinator/notices.py)."""
         self.explanations: dict[str, Explanation] = {}
         """The latest tick's explanation per host (`ferryctl predictions --explain HOST`)."""
+        self._exchange: HistoryExchange | None = None
+        self._remote: dict[str, dict[str, HostHistory]] = {}
+        """Other replicas' parts of each host's history (host -> replica -> bins they shared)."""
+        self._shares_applied: dict[str, int] = {}
+        """The version of each host's shares last set into `_remote`."""
         self._scoring = False
         self._pending: list[tuple[str, list[TelemetryPoint]]] = []
         """Points that arrived while a scoring thread reads the histories; applied after it."""
@@ -231,6 +237,56 @@ class PredictionService:
         if found:
             known = self._notices.setdefault(host, [])
             known.extend(n for n in found if n not in known)
+
+    # ----- several replicas: each shares its part of the histories, the leader merges them
+
+    def read_shares_from(self, exchange: HistoryExchange) -> None:
+        """Score with the other replicas' shares too (read at every tick)."""
+        self._exchange = exchange
+
+    def share(self, host: str) -> dict[str, Any] | None:
+        """This replica's share of `host`'s recent pushes (its newest bins and notices), JSON."""
+        history = self._histories.get(host)
+        if history is None:
+            return None
+        bins = history.recent_bins(SHARED_BINS)
+        if not bins:
+            return None
+        return HostShare(bins, tuple(self._notices.get(host, ()))).to_json()
+
+    def _take_shares(self, hosts: set[str]) -> None:
+        if self._exchange is None:
+            return
+        for host, (version, shares) in self._exchange.peer_shares().items():
+            if host not in hosts or self._shares_applied.get(host) == version:
+                continue
+            self._shares_applied[host] = version
+            parts = self._remote.setdefault(host, {})
+            for replica, raw in shares.items():
+                try:
+                    share = HostShare.from_json(raw)
+                except (KeyError, TypeError, ValueError) as exc:
+                    extra = {"host": host, "replica": replica, "error": str(exc)}
+                    log.warning("a history share does not decode", extra=extra)
+                    continue
+                parts.setdefault(replica, HostHistory()).set_bins(share.bins)
+                if share.notices:
+                    known = self._notices.setdefault(host, [])
+                    known.extend(n for n in share.notices if n not in known)
+        for gone in self._remote.keys() - hosts:
+            del self._remote[gone]
+            self._shares_applied.pop(gone, None)
+
+    def _scored_histories(self, hosts: set[str]) -> dict[str, HostHistory]:
+        """Each host's history as this replica holds it merged with the other replicas' parts."""
+        out: dict[str, HostHistory] = {}
+        for name in sorted(hosts & (self._histories.keys() | self._remote.keys())):
+            parts = [*self._remote.get(name, {}).values()]
+            own = self._histories.get(name)
+            if own is not None:
+                parts.insert(0, own)
+            out[name] = parts[0] if len(parts) == 1 else HostHistory.merged(parts)
+        return out
 
     def notices(self, host: str) -> list[Notice]:
         return list(self._notices.get(host, ()))
@@ -338,7 +394,8 @@ class PredictionService:
         hosts = {h.name for h in await self._store.list_hosts()}
         for name in sorted(hosts - self._histories.keys()):
             await self._catch_up(name, now)
-        histories = {name: h for name, h in sorted(self._histories.items()) if name in hosts}
+        self._take_shares(hosts)
+        histories = self._scored_histories(hosts)
         if not histories:
             return []
         self._scoring = True

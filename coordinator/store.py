@@ -48,6 +48,15 @@ class TelemetryUpdate:
     """A push without samples: refresh the heartbeat, keep the last summary (used, containers, PSI)."""
 
 
+class HistoryExchange(Protocol):
+    """Where the leader finds the other replicas' summaries of the pushes they took
+    (coordinator/history_share.py); only the etcd store has other replicas."""
+
+    def peer_shares(self) -> Mapping[str, tuple[int, Mapping[str, Mapping[str, Any]]]]:
+        """host -> (a version that changes with every new share, replica -> share JSON)."""
+        ...
+
+
 class CatalogStore(Protocol):
     """The catalog's entries (coordinator/catalog/). Writes are conditional on the revision the
     caller read: what was checked against one snapshot still holds when the write lands, however

@@ -41,7 +41,7 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -60,6 +60,7 @@ from coordinator.etcd.kv import (
     Unchanged,
     prefix_end,
 )
+from coordinator.history_share import current_shares
 from coordinator.leadership import NotLeader
 from coordinator.model import (
     Capacity,
@@ -103,7 +104,8 @@ def _fields(record: Any) -> dict[str, Any]:
     return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
 
 
-def _host_to_json(host: Host) -> bytes:
+def _host_to_json(host: Host, shares: Mapping[str, Any] | None = None) -> bytes:
+    """A host key's value; `shares` are the replicas' summaries of its recent pushes (history_share)."""
     out = _fields(host)
     out["capacity"] = _fields(host.capacity)
     out["used"] = _fields(host.used)
@@ -111,11 +113,23 @@ def _host_to_json(host: Host) -> bytes:
     out["admin"] = host.admin.value
     out["layer_digests"] = list(host.layer_digests)
     out["containers"] = [_fields(c) for c in host.containers]
+    if shares:
+        out["shared"] = shares
     return _dumps(out)
 
 
 def _host_from_json(raw: bytes) -> Host:
-    d = json.loads(raw)
+    return _host_from_dict(json.loads(raw))
+
+
+def _shares_of(raw: bytes | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    shared = json.loads(raw).get("shared")
+    return shared if isinstance(shared, dict) else {}
+
+
+def _host_from_dict(d: dict[str, Any]) -> Host:
     return Host(
         name=d["name"],
         capacity=Capacity.from_dict(d["capacity"]),
@@ -245,6 +259,12 @@ class EtcdStore:
         self._known: dict[str, tuple[Host, int]] = {}
         """Hosts as this client last read or wrote them, with their keys' mod revisions: a push
         needs no read to learn that its host is registered, a flush none to guard its writes."""
+        self._replica = ""
+        """This replica's name in the history shares of host keys (its advertise URL)."""
+        self._share_source: Callable[[str], Mapping[str, Any] | None] | None = None
+        self._shares: dict[str, tuple[int, dict[str, Any]]] = {}
+        """Each host key's history shares (replica -> share JSON) as last read or written here,
+        with the key's mod revision."""
         self._flushing = asyncio.Lock()
         self._reserving: dict[str, asyncio.Lock] = {}
         """One reserve per host at a time from this client: its own calls queue instead of racing
@@ -306,6 +326,26 @@ class EtcdStore:
         finally:
             await self._kv.close()
 
+    # ----- history shares (coordinator/history_share.py): followers' pushes reach the leader's scoring
+
+    def share_histories(self, replica: str, source: Callable[[str], Mapping[str, Any] | None]) -> None:
+        """Write `source(host)` (this replica's share of the host's recent pushes, JSON) into the host
+        key, under `replica` (its advertise URL), with every flush of its summary."""
+        if not replica:
+            raise ValueError("a history share needs the replica's name")
+        self._replica = replica
+        self._share_source = source
+
+    def peer_shares(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """The other replicas' shares per host, as of the host keys last read here (`list_hosts`
+        reads them all), with each key's mod revision: a share is new when its revision is."""
+        out: dict[str, tuple[int, dict[str, Any]]] = {}
+        for host, (revision, shares) in self._shares.items():
+            others = {r: share for r, share in shares.items() if r != self._replica}
+            if others:
+                out[host] = (revision, others)
+        return out
+
     # ----- hosts
 
     async def _update_host(self, name: str, change: dict[str, Any]) -> Host:
@@ -316,7 +356,8 @@ class EtcdStore:
             if entry is None:
                 raise HostNotFound(f"no host {name!r} is registered")
             host = dataclasses.replace(_host_from_json(entry.value), **change)
-            if await self._txn([ModRevision(key, entry.mod_revision)], [Put(key, _host_to_json(host))]):
+            value = _host_to_json(host, _shares_of(entry.value))
+            if await self._txn([ModRevision(key, entry.mod_revision)], [Put(key, value)]):
                 self._known.pop(name, None)  # the revision it got is not known here: read it next time
                 return host
             await self._retry_pause(attempt)
@@ -342,7 +383,8 @@ class EtcdStore:
                     pressure=old.pressure,
                 )
                 guard = ModRevision(key, entry.mod_revision)
-            if await self._txn([guard], [Put(key, _host_to_json(new))]):
+            value = _host_to_json(new, _shares_of(entry.value if entry is not None else None))
+            if await self._txn([guard], [Put(key, value)]):
                 self._known.pop(host.name, None)
                 return new
             await self._retry_pause(attempt)
@@ -359,8 +401,14 @@ class EtcdStore:
         return sorted((self._remember(e) for e in snap.entries), key=lambda h: h.name)
 
     def _remember(self, entry: Entry) -> Host:
-        host = _host_from_json(entry.value)
+        d = json.loads(entry.value)
+        host = _host_from_dict(d)
         self._known[host.name] = (host, entry.mod_revision)
+        shared = d.get("shared")
+        if isinstance(shared, dict) and shared:
+            self._shares[host.name] = (entry.mod_revision, shared)
+        else:
+            self._shares.pop(host.name, None)
         return host
 
     async def set_health(self, name: str, health: HostHealth) -> None:
@@ -428,15 +476,30 @@ class EtcdStore:
             if not chunk:
                 return
             fresh = {name: _with_summary(self._known[name][0], update) for name, update in chunk.items()}
+            shares = {name: self._shares_to_write(name, update.received_at) for name, update in chunk.items()}
             guards: list[Guard] = [ModRevision(self._host_key(name), self._known[name][1]) for name in chunk]
-            ops = [Put(self._host_key(name), _host_to_json(host)) for name, host in fresh.items()]
+            ops = [Put(self._host_key(name), _host_to_json(host, shares[name])) for name, host in fresh.items()]
             revision = await self._kv.txn_revision(guards, ops)
             if revision is not None:
                 self._known.update((name, (host, revision)) for name, host in fresh.items())
+                for name, written in shares.items():
+                    if written:
+                        self._shares[name] = (revision, written)
+                    else:
+                        self._shares.pop(name, None)
                 return
             for name in chunk:  # which guard failed is not said: read them all again
                 self._known.pop(name, None)
             await self._retry_pause(attempt)
+
+    def _shares_to_write(self, name: str, now: float) -> dict[str, Any]:
+        """The host key's shares with this replica's own refreshed, those gone stale dropped."""
+        shares = dict(self._shares.get(name, (0, {}))[1])
+        if self._share_source is not None:
+            own = self._share_source(name)
+            if own is not None:
+                shares[self._replica] = own
+        return current_shares(shares, now)
 
     async def telemetry(self, host: str, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]:
         return self._series.since(host, since)
