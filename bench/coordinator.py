@@ -15,7 +15,8 @@ the failover and the placements, the default 5 s for the ingest (a fresh set of 
               Baseline: one client through one replica, on 30 other hosts.
   ingest:     N simulated agents (one process, one mTLS connection each, their own certificates)
               register and push one sample every `--period` s (phases spread) to the leader (or,
-              with `--push-to all`, agent i to replica i % 3), for
+              with `--push-to all`, agent i to replica i % 3: the followers' samples reach the
+              leader's scoring through their history shares in etcd), for
               `--seconds`; the leader's policy tick (score every host with the model, apply,
               progress drains) every `--tick` s. Reported: pushes per second against N/period, push
               latency, the tick's p99 (ferryman_coordinator_tick_seconds, diffed over the window)
@@ -301,6 +302,7 @@ class Bench:
             before_ticks = await self.tick_histogram(leader)
             before_cpu = self.cpu(pids)
             window_start = time.monotonic()
+            window_wall = time.time()
             await asyncio.sleep(seconds)
             window = time.monotonic() - window_start
             pushes = len(latencies)
@@ -308,6 +310,12 @@ class Bench:
             after_ticks = await self.tick_histogram(leader)
             still = await self.leader()
             stop_at = time.monotonic()
+            # Which of this round's hosts the leader scored in the window: with --push-to all, two
+            # thirds of them reach its scoring only through the followers' shares.
+            status, predicted = await self.call(still, "GET", "/v1/predictions")
+            assert status == 200, predicted
+            ours = set(names)
+            scored = sum(1 for p in predicted["predictions"] if p["host"] in ours and p["ts"] >= window_wall)
         finally:
             for t in tasks:
                 t.cancel()
@@ -332,6 +340,7 @@ class Bench:
             "load": load(),
             "registration_retries": sum(registration_failures.values()),
             "leader_kept": still is leader,
+            "scored": scored,
         }
 
     @staticmethod
@@ -403,13 +412,14 @@ async def ingest(bench: Bench, args: argparse.Namespace, results: list[str]) -> 
     for n in args.agents:
         r = await bench.ingest(n)
         kept_up = r["pushes_per_s"] >= 0.95 * r["expected_per_s"] and not r["failures"]
-        ok = kept_up and r["tick_p99_le"] <= 1.0
+        ok = kept_up and r["tick_p99_le"] <= 1.0 and r["scored"] == n
         print(
             f"ingest {n} agents: {r['pushes_per_s']:.0f} pushes/s of {r['expected_per_s']:.0f} expected, "
             f"latency p50 {1000 * r['latency_p50']:.0f} ms p99 {1000 * r['latency_p99']:.0f} ms, "
             f"failures {r['failures'] or 0}; {r['ticks']:.0f} ticks, p99 <= {r['tick_p99_le']} s; "
             f"certificates issued in {r['certs_s']:.1f} s; {r['registration_retries']} registrations retried; "
-            f"{'same leader' if r['leader_kept'] else 'THE LEADER CHANGED'}; load {r['load']}"
+            f"{'same leader' if r['leader_kept'] else 'THE LEADER CHANGED'}; "
+            f"{r['scored']} of {n} hosts scored by the leader in the window; load {r['load']}"
         )
         print("  CPU (cores busy): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cpu"].items())))
         if not ok:
@@ -430,8 +440,8 @@ def main() -> int:
         "--push-to",
         choices=("leader", "all"),
         default="leader",
-        help="ingest: every agent pushes to the leader, or agent i to replica i %% 3 (the summaries reach "
-        "the leader through etcd; only the leader's own agents are scored)",
+        help="ingest: every agent pushes to the leader, or agent i to replica i %% 3 (the summaries and "
+        "the drain-risk history shares reach the leader through etcd)",
     )
     args = p.parse_args()
     args.agents = [int(a) for a in args.agents.split(",")]

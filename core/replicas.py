@@ -8,9 +8,11 @@ keeps it as long as it answers. Two answers move it:
   the URL it was configured with);
 - a replica that cannot be reached (`unreachable`): the client tries the next URL in its list.
 
-A follower also names the leader on the requests it serves (the `Ferryman-Leader` header, LEADER_HEADER):
-a client whose requests any replica may serve (an agent's telemetry) moves there for the next ones,
-so that the leader, the replica that scores, receives its samples.
+A follower also names the leader on the requests it serves (the `Ferryman-Leader` header, LEADER_HEADER),
+and a client moves there for the next ones; except on an agent's registration and telemetry, which
+any replica serves in full (its drain-risk samples reach the leader through the store): agents
+start at a replica chosen by their host name (`spread`) and stay there, so a fleet's pushes spread
+over the replicas.
 
 One request moves at most `budget()` times, so a fleet with no leader at all (or none reachable)
 ends in an error instead of a loop; the caller reports the last answer.
@@ -19,6 +21,7 @@ ends in an error instead of a loop; the caller reports the last answer.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -49,11 +52,11 @@ def parse_urls(urls: Sequence[str], what: str) -> tuple[str, ...]:
 class Replicas:
     """The known replica URLs, in the configured order, and the one in use."""
 
-    def __init__(self, urls: Sequence[str]) -> None:
+    def __init__(self, urls: Sequence[str], start: int = 0) -> None:
         if not urls:
             raise ValueError("no coordinator URL")
         self.urls = tuple(u.rstrip("/") for u in urls)
-        self.current = self.urls[0]
+        self.current = self.urls[start % len(self.urls)]
 
     def budget(self) -> int:
         """Moves one request may make: every listed replica once, plus one redirect to a leader."""
@@ -75,6 +78,12 @@ class Replicas:
             i = -1
         self.current = self.urls[(i + 1) % len(self.urls)]
         return self.current
+
+
+def spread(key: str, count: int) -> int:
+    """Which of `count` replicas a client named `key` starts at: the same on every run and every host
+    of the fleet, and even over a fleet's names (CRC-32)."""
+    return zlib.crc32(key.encode()) % count if count else 0
 
 
 def not_leader(body: str) -> str | None:

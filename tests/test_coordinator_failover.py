@@ -2,7 +2,7 @@
 drain and the next leader finishes it from the store, migrating each container exactly once.
 
 The etcd member and the three replicas run in the mesh's fabric namespace, where the agents reach
-them; the replicas share one etcd prefix. The agents list every replica and follow the leader.
+them; the replicas share one etcd prefix. The agents list every replica and push to one of them.
 """
 
 from __future__ import annotations
@@ -202,8 +202,8 @@ async def test_the_leader_killed_in_the_middle_of_a_drain(base_dir: Path) -> Non
         for host in f.mesh.hosts:
             assert (await api(host, "GET", "/v1/reservations"))["reservations"] == [], host.name
 
-        # The agents moved their pushes to the new leader (a follower names it on what it serves):
-        # it scores every host.
+        # Whichever replica the agents push to (the dead leader's agents moved to the next one), the
+        # new leader scores every host: the followers share their part of the histories.
         async def scored() -> bool:
             data = await f.call("GET", "/v1/predictions")
             return {p["host"] for p in data["predictions"]} == {"h1", "h2", "h3"}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from core.replicas import Replicas, not_leader, parse_urls
+from core.replicas import Replicas, not_leader, parse_urls, spread
 
 
 def test_a_client_moves_on_when_a_replica_is_unreachable_and_follows_a_named_leader() -> None:
@@ -24,6 +24,14 @@ def test_a_client_moves_on_when_a_replica_is_unreachable_and_follows_a_named_lea
     assert r.unreachable() == "https://a:1"
     with pytest.raises(ValueError):
         Replicas([])
+
+
+def test_agents_spread_over_the_replicas_by_name() -> None:
+    starts = [spread(f"host-{i}", 3) for i in range(3000)]
+    assert starts == [spread(f"host-{i}", 3) for i in range(3000)]  # the same every time
+    assert all(900 < starts.count(r) < 1100 for r in range(3)), [starts.count(r) for r in range(3)]
+    assert Replicas(["https://a:1", "https://b:1"], start=3).current == "https://b:1"
+    assert spread("h1", 1) == 0
 
 
 def test_urls_are_checked() -> None:

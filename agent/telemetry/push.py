@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from agent.config import CoordinatorConfig, TelemetryConfig
 from agent.metrics import AgentMetrics
-from core.replicas import LEADER_HEADER, Replicas, not_leader
+from core.replicas import LEADER_HEADER, Replicas, not_leader, spread
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 REGISTRATION_REFRESH = 60.0
@@ -47,15 +47,17 @@ def to_json(message: Message) -> dict[str, Any]:
 class CoordinatorLink:
     """POSTs to the coordinator's replicas, following the leader (the rules: core/replicas.py).
 
-    A follower that serves a request but names the leader (LEADER_HEADER) sends the next ones there:
-    only the leader scores hosts, from the samples pushed to it.
+    A follower that serves a request but names the leader (LEADER_HEADER) sends the next ones there.
+    Followers serve an agent's registration and telemetry without naming the leader: `spread_by`
+    (the host name) picks the replica an agent starts at, so the fleet's pushes spread.
 
     A replica that cannot be connected to is skipped for the next one at once (nothing was sent); one
     that fails otherwise (a timeout, a reset) fails the request, and the next request starts at the
     next replica: a request that may have reached a replica is not sent twice."""
 
-    def __init__(self, coordinator: CoordinatorConfig) -> None:
-        self._replicas = Replicas(coordinator.endpoints)
+    def __init__(self, coordinator: CoordinatorConfig, spread_by: str = "") -> None:
+        urls = coordinator.endpoints
+        self._replicas = Replicas(urls, spread(spread_by, len(urls)) if spread_by else 0)
         self._server_name = coordinator.server_name
 
     @property
@@ -112,7 +114,7 @@ class TelemetryPusher:
         metrics: AgentMetrics | None = None,
     ) -> None:
         self.host = host
-        self._link = CoordinatorLink(coordinator)
+        self._link = CoordinatorLink(coordinator, spread_by=host)
         self._timeout = aiohttp.ClientTimeout(total=coordinator.request_timeout)
         self._config = telemetry
         self._ssl = ssl_context

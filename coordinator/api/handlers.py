@@ -70,6 +70,9 @@ LEADER_ONLY = frozenset(
 """Requests that start the leader's work (a deployment is driven, and taken over after a crash, by
 the leader only). Placements, reservations and catalog writes are atomic in the store and are
 served by any replica."""
+ANY_REPLICA = frozenset({("POST", "/v1/register"), ("POST", "/v1/telemetry")})
+"""Served by any replica in full, the leader not named: agents stay on the replica they push to
+(their drain-risk samples reach the leader through the store: coordinator/history_share.py)."""
 
 
 @web.middleware
@@ -87,8 +90,10 @@ async def leader_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except NotLeader as exc:  # a fenced write found another replica leading
         return _not_leader(exc)
     election = coordinator.election
-    if election is not None and election.leader and not coordinator.acting() and not response.prepared:
-        response.headers[LEADER_HEADER] = election.leader  # served here, but the leader is there
+    served_in_full = resource is not None and (request.method, resource.canonical) in ANY_REPLICA
+    leader = election.leader if election is not None and not coordinator.acting() else ""
+    if leader and not served_in_full and not response.prepared:
+        response.headers[LEADER_HEADER] = leader  # served here, but the leader is there
     return response
 
 
