@@ -2,8 +2,10 @@
 
 One coordinator daemon on loopback (SQLite, or etcd with one real member: tests/harness/etcd.py),
 the shipped drain model, `log_level` INFO as in production. `--agents` simulated agents (one mTLS
-connection each, their own certificates) register, then push one sample each at `--rate` pushes
-per second in all for `--seconds`. Measured twice, in two fresh daemons:
+connection each, their own certificates) register, push `--history` samples each (5 s apart, the
+last two hours: the steady state of a host's kept samples, `telemetry.max_samples_per_host`, whose
+upkeep a push pays for), then push one sample each at `--rate` pushes per second in all for
+`--seconds`. Measured twice, in two fresh daemons:
 
   plain:    the daemon's CPU seconds (/proc, every thread) over the window, less what it spent idle
             (registered agents, no pushes) over as long just before (the baseline in the same run),
@@ -99,7 +101,7 @@ async def run_one(
         "log_level": "INFO",
         "model": {"path": str(MODEL), "tick_period": 5.0},
         "heartbeat": {"suspect_after": 3600.0, "down_after": 7200.0},
-        "telemetry": {"max_samples_per_host": 64},
+        "telemetry": {"max_samples_per_host": max(1, args.history)},
     }
     workdir = base / "coordinator"
     workdir.mkdir()
@@ -138,6 +140,13 @@ async def run_one(
         assert coordinator.proc is not None
         pid = coordinator.proc.pid
         await asyncio.gather(*(post(s, "/v1/register", registration(n)) for s, n in zip(sessions, names, strict=True)))
+        now = time.time()
+        past = [now - 5.0 * (args.history - k) for k in range(args.history)]
+        for start in range(0, len(past), 500):  # under telemetry.max_batch
+            chunk = [sample(ts) for ts in past[start : start + 500]]
+            await asyncio.gather(
+                *(post(s, "/v1/telemetry", {"host": n, "samples": chunk}) for s, n in zip(sessions, names, strict=True))
+            )
         warm = time.monotonic() + 3.0  # connections open, histories begun
         await asyncio.gather(*(agent(i, warm) for i in range(args.agents)))
         # Baseline: the same daemon with no pushes (its ticks, lease renewals, flushes, liveness).
@@ -252,6 +261,12 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=200.0, help="pushes per second, all agents together")
     p.add_argument("--seconds", type=float, default=20.0, help="the measured window")
     p.add_argument("--top", type=int, default=25, help="functions listed per sort order")
+    p.add_argument(
+        "--history",
+        type=int,
+        default=1440,
+        help="samples each host has before the window (and keeps: the default's 2 h)",
+    )
     p.add_argument("--keep-profiles", type=Path, help="copy each profile (BACKEND.prof) into this directory")
     args = p.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]

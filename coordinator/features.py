@@ -329,7 +329,48 @@ class HostHistory:
         self.extend((point,))
 
     def extend(self, points: Iterable[TelemetryPoint]) -> None:
-        self.add_columns(*points_to_columns(list(points)))
+        points = list(points)
+        if len(points) == 1:
+            self._add_point(points[0])
+        else:
+            self.add_columns(*points_to_columns(points))
+
+    def _add_point(self, p: TelemetryPoint) -> None:
+        """`add_columns` for one point (a push's usual load) in plain Python, one vector add: the
+        array path's dozens of small numpy calls cost about ten times as much for one row. The
+        same float32 values, bit for bit."""
+        if not math.isfinite(p.ts):
+            return
+        bin_id = math.floor(p.ts / BIN_S)
+        self._head = max(self._head, bin_id)
+        if bin_id <= self._head - N_BINS:
+            return
+        slot = bin_id % N_BINS
+        if self._bin_ids[slot] != bin_id:
+            self._ring[:, slot] = 0.0
+            self._bin_ids[slot] = bin_id
+        sums: list[float] = []
+        counts: list[float] = []
+        squares: list[float] = []
+        for name in FIELDS:
+            value = getattr(p, name)
+            if value is None or not math.isfinite(value):
+                sums.append(0.0)
+                counts.append(0.0)
+                squares.append(0.0)
+                continue
+            v = float(np.float32(value))
+            if name in _LOG_FIELDS:  # as the array path: float32 in, float32 out
+                v = float(np.log1p(np.float32(max(v, 0.0))))
+            sums.append(v)
+            counts.append(1.0)
+            squares.append(v * v)
+        events = [float(e) if math.isfinite(e) and e > 0 else 0.0 for e in (getattr(p, k) for k in EVENTS)]
+        column = self._ring[:, slot]
+        column[:_LAST] += np.array([*sums, *counts, *squares, *events, 1.0], np.float32)
+        offset = np.float32(p.ts - bin_id * BIN_S)
+        if offset > column[_LAST]:
+            column[_LAST] = offset
 
     def add_columns(self, ts: Float64Array, values: Float32Array, events: Float32Array) -> None:
         ok = np.isfinite(ts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.features import BIN_S, HostHistory, TelemetryPoint, extract_batch
+from coordinator.features import BIN_S, HostHistory, TelemetryPoint, extract_batch, points_to_columns
 from coordinator.history_share import SHARED_BINS, HostShare, current_shares
 from coordinator.notices import Notice
 
@@ -21,6 +21,16 @@ def _points(n: int, seed: int = 1, start: float = NOW - 3600) -> list[TelemetryP
         events = [int(rng.integers(0, 2)) for _ in range(5)]
         out.append(TelemetryPoint(start + 5 * i + rng.random(), *readings, *throughputs, *events))
     return out
+
+
+def test_one_point_at_a_time_is_the_array_path_bit_for_bit() -> None:
+    points = _points(1500)
+    points += [_points(1, seed=9, start=NOW - 7000)[0], TelemetryPoint(float("nan"), *[None] * 10)]
+    one, arrays = HostHistory(), HostHistory()
+    for p in points:
+        one.extend([p])
+        arrays.add_columns(*points_to_columns([p]))
+    assert np.array_equal(one.window(NOW), arrays.window(NOW))
 
 
 def test_shared_recent_bins_merge_to_the_history_of_every_sample() -> None:
