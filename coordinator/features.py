@@ -405,16 +405,16 @@ class HostHistory:
                 out[bin_id] = self._ring[:, slot].copy()
         return out
 
-    def set_bins(self, bins: Mapping[int, Float32Array]) -> None:
-        """Replace whole bins (by bin id) with what another replica holds for them; bins older than
-        the window (relative to the newest known) are ignored."""
-        for bin_id in sorted(bins):
-            if bin_id <= self._head - N_BINS:
-                continue
-            self._head = max(self._head, bin_id)
-            slot = bin_id % N_BINS
-            self._ring[:, slot] = bins[bin_id]
-            self._bin_ids[slot] = bin_id
+    def set_bins(self, ids: Sequence[int], rows: Float32Array) -> None:
+        """Replace whole bins (`ids`, distinct) with what another replica holds for them (`rows`
+        [len(ids), N_ROWS]); bins older than the window (relative to the newest known) are ignored."""
+        # A plain loop: a share has a few bins, and fancy indexing costs more than it saves here.
+        self._head = max(self._head, *ids) if len(ids) else self._head
+        for i, bin_id in enumerate(ids):
+            if bin_id > self._head - N_BINS:
+                slot = bin_id % N_BINS
+                self._ring[:, slot] = rows[i]
+                self._bin_ids[slot] = bin_id
 
     @classmethod
     def merged(cls, parts: Sequence[HostHistory]) -> HostHistory:

@@ -16,7 +16,7 @@ as it reads the host keys at least once every `SHARED_BINS - 1` minutes (it does
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,25 +39,36 @@ class HostShare:
     """Bin id (unix seconds // BIN_S) -> that bin's rows [N_ROWS] as this replica holds them."""
     notices: tuple[Notice, ...] = ()
 
-    def newest_bin(self) -> int:
-        return max(self.bins, default=-1)
-
     def to_json(self) -> dict[str, Any]:
+        """{"ids": [bin ids], "rows": base64 of float32 [len(ids), N_ROWS], "notices": [...]}: one
+        blob per host, as the leader decodes thousands of them per tick."""
+        ids = sorted(self.bins)
+        rows = np.stack([np.asarray(self.bins[b], "<f4") for b in ids]) if ids else np.empty((0, N_ROWS), "<f4")
         return {
-            "bins": {str(b): base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() for b, v in self.bins.items()},
+            "ids": ids,
+            "rows": base64.b64encode(rows.tobytes()).decode(),
             "notices": [n.to_dict() for n in self.notices],
         }
+
+    @staticmethod
+    def rows_from_json(raw: Mapping[str, Any]) -> tuple[list[int], Float32Array]:
+        """The bin ids and their rows [len(ids), N_ROWS] of a share's JSON; ValueError (or KeyError,
+        TypeError) if it is not one."""
+        ids = [int(b) for b in raw["ids"]]
+        rows = np.frombuffer(base64.b64decode(raw["rows"], validate=True), "<f4")
+        if rows.size != len(ids) * N_ROWS:
+            raise ValueError(f"a share of {len(ids)} bins has {rows.size} values, not {len(ids) * N_ROWS}")
+        return ids, rows.reshape(len(ids), N_ROWS).astype(np.float32)
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> HostShare:
         """A share as written by `to_json`; ValueError (or KeyError, TypeError) if it is not one."""
-        bins: dict[int, Float32Array] = {}
-        for key, value in raw["bins"].items():
-            row = np.frombuffer(base64.b64decode(value, validate=True), "<f4").astype(np.float32)
-            if row.shape != (N_ROWS,):
-                raise ValueError(f"a shared bin has {row.size} values, not {N_ROWS}")
-            bins[int(key)] = row
-        return cls(bins, tuple(Notice(**n) for n in raw.get("notices", ())))
+        ids, rows = cls.rows_from_json(raw)
+        return cls(dict(zip(ids, rows, strict=True)), notices_from_json(raw))
+
+
+def notices_from_json(raw: Mapping[str, Any]) -> tuple[Notice, ...]:
+    return tuple(Notice(**n) for n in raw.get("notices", ()))
 
 
 def current_shares(shares: Mapping[str, Mapping[str, Any]], now: float) -> dict[str, Mapping[str, Any]]:
@@ -69,13 +80,9 @@ def current_shares(shares: Mapping[str, Mapping[str, Any]], now: float) -> dict[
     kept: dict[str, Mapping[str, Any]] = {}
     for replica, share in shares.items():
         try:
-            newest = max((int(b) for b in share["bins"]), default=-1)
+            newest = max((int(b) for b in share["ids"]), default=-1)
         except (KeyError, TypeError, ValueError):
             continue  # not a share this code understands: do not carry it on
         if newest >= oldest:
             kept[replica] = share
     return kept
-
-
-def notices_of(shares: Sequence[HostShare]) -> list[Notice]:
-    return [n for share in shares for n in share.notices]

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from coordinator.config import CoordinatorConfig
 from coordinator.features import HostHistory, TelemetryPoint
-from coordinator.history_share import SHARED_BINS, HostShare
+from coordinator.history_share import SHARED_BINS, HostShare, notices_from_json
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import Prediction
 from coordinator.notices import NOTICE_PROBABILITY, Notice, active_notice, notices_in_sample, prune
@@ -264,15 +264,19 @@ class PredictionService:
             parts = self._remote.setdefault(host, {})
             for replica, raw in shares.items():
                 try:
-                    share = HostShare.from_json(raw)
+                    ids, rows = HostShare.rows_from_json(raw)
+                    notices = notices_from_json(raw)
                 except (KeyError, TypeError, ValueError) as exc:
                     extra = {"host": host, "replica": replica, "error": str(exc)}
                     log.warning("a history share does not decode", extra=extra)
                     continue
-                parts.setdefault(replica, HostHistory()).set_bins(share.bins)
-                if share.notices:
+                part = parts.get(replica)
+                if part is None:
+                    part = parts[replica] = HostHistory()
+                part.set_bins(ids, rows)
+                if notices:
                     known = self._notices.setdefault(host, [])
-                    known.extend(n for n in share.notices if n not in known)
+                    known.extend(n for n in notices if n not in known)
         for gone in self._remote.keys() - hosts:
             del self._remote[gone]
             self._shares_applied.pop(gone, None)

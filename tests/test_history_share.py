@@ -41,9 +41,9 @@ def test_shared_recent_bins_merge_to_the_history_of_every_sample() -> None:
     follower, leaders_copy = HostHistory(), HostHistory()
     for p in points[1::2]:
         follower.extend([p])
-        share = HostShare.from_json(HostShare(follower.recent_bins(SHARED_BINS)).to_json())
-        assert len(share.bins) <= SHARED_BINS
-        leaders_copy.set_bins(share.bins)
+        ids, rows = HostShare.rows_from_json(HostShare(follower.recent_bins(SHARED_BINS)).to_json())
+        assert len(ids) <= SHARED_BINS
+        leaders_copy.set_bins(ids, rows)
     merged = HostHistory.merged([own, leaders_copy])
     expected, got = extract_batch({"whole": whole, "merged": merged}, NOW)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -62,4 +62,4 @@ def test_a_share_round_trips_and_stale_shares_drop_out() -> None:
     old = HostShare({int(NOW // BIN_S) - SHARED_BINS: share.bins[max(share.bins)]}).to_json()
     assert current_shares({"a": fresh, "b": old, "c": {"junk": 1}}, NOW) == {"a": fresh}
     with pytest.raises(ValueError):
-        HostShare.from_json({"bins": {"1": "AAAA"}})
+        HostShare.from_json({"ids": [1], "rows": "AAAA"})
