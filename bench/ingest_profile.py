@@ -142,11 +142,15 @@ async def run_one(
         await asyncio.gather(*(post(s, "/v1/register", registration(n)) for s, n in zip(sessions, names, strict=True)))
         now = time.time()
         past = [now - 5.0 * (args.history - k) for k in range(args.history)]
-        for start in range(0, len(past), 500):  # under telemetry.max_batch
-            chunk = [sample(ts) for ts in past[start : start + 500]]
-            await asyncio.gather(
-                *(post(s, "/v1/telemetry", {"host": n, "samples": chunk}) for s, n in zip(sessions, names, strict=True))
-            )
+        filling = asyncio.Semaphore(4)  # a few large batches at a time: each is a long parse
+
+        async def prefill(session: aiohttp.ClientSession, name: str) -> None:
+            for start in range(0, len(past), 500):  # under telemetry.max_batch
+                chunk = [sample(ts) for ts in past[start : start + 500]]
+                async with filling:
+                    assert await post(session, "/v1/telemetry", {"host": name, "samples": chunk}), "prefill refused"
+
+        await asyncio.gather(*(prefill(s, n) for s, n in zip(sessions, names, strict=True)))
         warm = time.monotonic() + 3.0  # connections open, histories begun
         await asyncio.gather(*(agent(i, warm) for i in range(args.agents)))
         # Baseline: the same daemon with no pushes (its ticks, lease renewals, flushes, liveness).
