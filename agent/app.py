@@ -157,7 +157,10 @@ class Agent:
         self.containers.health = self.health
         # The peer port's session kinds: migrations today.
         self.peers.router.add(
-            MIGRATION_SESSIONS, migration_sessions.handler(self.migrations.handle_session), MigrationSessions.check_id
+            MIGRATION_SESSIONS,
+            migration_sessions.handler(self.migrations.handle_session),
+            MigrationSessions.check_id,
+            speaks=MigrationSessions.speaks,
         )
         self.telemetry = TelemetryService(
             Sampler(

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.checkpoint.features import CriuFeatures
 from agent.checkpoint.pageserver import HEADER, PS_IOV_GET
 from agent.config import AgentConfig
 from agent.migration.link import FileIn, Incoming, Link, PagesIn
@@ -40,9 +41,11 @@ from agent.migration.protocol import (
     Commit,
     Committed,
     Container,
+    CriuTooOld,
     Decision,
     Failed,
     Message,
+    NoCommonProtocol,
     Pagemap,
     PeerFailed,
     PeerReportedFailure,
@@ -69,10 +72,12 @@ from agent.migration.protocol import (
     RwLayer,
     Stopcopy,
     check_allowed,
+    check_criu,
     check_protocol,
     decode,
     decode_as,
     encode,
+    negotiate,
 )
 from agent.migration.service import MigrationService
 from agent.migration.states import State
@@ -99,24 +104,29 @@ PREPARE_WIRE: dict[str, Any] = {
     "options": {"downtime_target_ms": 300, "mode": "hybrid", "reservation": ""},
 }
 
-# One example of every message, with the wire dict the string literals produced for it before.
+EXAMPLE_PREPARE = Prepare(
+    migration="mig-0123456789ab",
+    container=Container(
+        id="web-1",
+        image="registry.local/web:1",
+        labels={"ferryman.managed": "true"},
+        spec={"ociVersion": "1.0.2", "process": {"args": ["sh"]}},
+        runtime="io.containerd.runc.v2",
+    ),
+    estimated_bytes=1 << 30,
+    options=PrepareOptions(downtime_target_ms=300, mode="hybrid", reservation=""),
+)
+
+# One example of every message, with the wire dict the string literals produced for it before (and,
+# for `prepare` and `prepared`, the fields of protocol 2).
 EXAMPLES: list[tuple[Message, dict[str, Any]]] = [
+    (EXAMPLE_PREPARE, PREPARE_WIRE),
     (
-        Prepare(
-            migration="mig-0123456789ab",
-            container=Container(
-                id="web-1",
-                image="registry.local/web:1",
-                labels={"ferryman.managed": "true"},
-                spec={"ociVersion": "1.0.2", "process": {"args": ["sh"]}},
-                runtime="io.containerd.runc.v2",
-            ),
-            estimated_bytes=1 << 30,
-            options=PrepareOptions(downtime_target_ms=300, mode="hybrid", reservation=""),
-        ),
-        PREPARE_WIRE,
+        dataclasses.replace(EXAMPLE_PREPARE, protocol=2, criu="4.2.1"),
+        {**PREPARE_WIRE, "protocol": 2, "criu": "4.2.1"},
     ),
     (Prepared(), {"type": "prepared"}),
+    (Prepared(protocol=2, criu="4.2.1"), {"type": "prepared", "protocol": 2, "criu": "4.2.1"}),
     (Pagemap(name="pagemap-1.img", number=0), {"type": "pagemap", "name": "pagemap-1.img", "number": 0}),
     (Round(number=2, pages=100, zero=3), {"type": "round", "number": 2, "pages": 100, "zero": 3}),
     (Stopcopy(), {"type": "stopcopy"}),
@@ -214,7 +224,7 @@ def container(**changes: Any) -> dict[str, Any]:
         # missing and unknown fields
         (without(PREPARE_WIRE, "migration"), "'prepare' with the field 'migration'", "without it"),
         (with_(PREPARE_WIRE, extra=1), "'prepare' with the fields 'migration'", "the field 'extra'"),
-        ({"type": "prepared", "lazy": True}, "'prepared' with the fields none", "the field 'lazy'"),
+        ({"type": "ready", "lazy": True}, "'ready' with the fields none", "the field 'lazy'"),
         (container(privileged=True), "'prepare' field 'container' with the fields 'id'", "the field 'privileged'"),
         ({"type": "round", "number": 1, "pages": 2}, "'round' with the field 'zero'", "without it"),
         # wrong types
@@ -386,6 +396,7 @@ class FakeChannel:
         self.sent = sent
         self.bytes_raw = 0
         self.bytes_wire = 0
+        self.peer_speaks: tuple[int, ...] = ()
 
     async def send_control(self, obj: dict[str, Any]) -> None:
         self.sent.append(obj)
@@ -610,5 +621,54 @@ async def test_a_newer_source_is_refused_before_anything_moves(tmp_path: Path) -
     await service.handle_session(link, "h1", PREPARE_WIRE["migration"])
     assert [m["type"] for m in sent] == ["failed"]
     assert f"the source speaks migration protocol {MIGRATION_PROTOCOL + 1}" in sent[0]["error"]
+    assert service.journal.all() == []
+    await service.close()
+
+
+def test_the_source_speaks_the_highest_protocol_both_announce() -> None:
+    """The target's HELLO lists what it speaks; an agent from before announcements speaks 1 only."""
+    assert MIGRATION_PROTOCOL == 2
+    assert set(ACCEPTED_PROTOCOLS) == {1, 2}
+    assert negotiate("h2", ()) == 1
+    assert negotiate("h2", (1,)) == 1
+    assert negotiate("h2", (1, 2)) == 2
+    assert negotiate("h2", (2, 3)) == 2
+    with pytest.raises(NoCommonProtocol, match=r"h2 speaks migration protocol 3, 4; this agent speaks 1, 2") as err:
+        negotiate("h2", (3, 4))
+    assert err.value.code == "peer_version"
+
+
+def test_a_target_refuses_images_of_a_newer_criu() -> None:
+    check_criu("4.2.1", "4.2.1")
+    check_criu("4.2", "4.2.1")
+    check_criu("3.19", "4.2.1")
+    with pytest.raises(CriuTooOld, match=r"CRIU 4.10, newer than this host's CRIU 4.2.1") as err:
+        check_criu("4.10", "4.2.1")
+    assert err.value.code == "criu_version"
+    # Not a version: refused by the codec, like any malformed field.
+    with pytest.raises(ProtocolError, match="a CRIU version"):
+        decode({**PREPARE_WIRE, "protocol": 2, "criu": "4.2.1; rm -rf /"})
+
+
+async def test_a_source_with_a_newer_criu_is_refused_before_anything_moves(tmp_path: Path) -> None:
+    """Protocol 2: the target compares CRIU versions first, answers `failed` naming both, and records,
+    reserves and builds nothing."""
+    config = AgentConfig(state_dir=str(tmp_path))
+    service = MigrationService(
+        config,
+        cd=cast(Any, None),  # never reached: the versions are checked first
+        images=cast(Any, SimpleNamespace(platform=None)),
+        containers=cast(Any, SimpleNamespace(criu_configs=None)),
+        metrics=cast(Any, None),
+        transport=cast(Any, None),
+        host_name="h2",
+    )
+    service._features = CriuFeatures(version="4.2.1", mem_dirty_track=True, uffd=True)
+    sent: list[dict[str, Any]] = []
+    newer = with_(PREPARE_WIRE, protocol=2, criu="5.0")
+    link = Link(FakeChannel([Control(newer)], sent), idle_timeout=1)
+    await service.handle_session(link, "h1", PREPARE_WIRE["migration"])
+    assert [m["type"] for m in sent] == ["failed"]
+    assert "the source dumps with CRIU 5.0, newer than this host's CRIU 4.2.1" in sent[0]["error"]
     assert service.journal.all() == []
     await service.close()

@@ -1162,6 +1162,22 @@ def test_hello_rejects_garbage() -> None:
         Hello.decode(newer.encode())
 
 
+def test_hello_announces_the_carried_protocols_and_reads_hellos_without_them() -> None:
+    """`speaks` (the versions of the protocol inside the stream) is left out when empty, which is the
+    HELLO of agents from before it; older agents read only the keys they know, so they ignore it."""
+    key = os.urandom(32)
+    speaking = Hello("m", "h", True, key, 4 * MIB, speaks=(1, 2))
+    assert json.loads(speaking.encode())["speaks"] == [1, 2]
+    assert Hello.decode(speaking.encode()) == speaking
+    silent = Hello("m", "h", True, key, 4 * MIB)
+    assert "speaks" not in json.loads(silent.encode())
+    assert Hello.decode(silent.encode()).speaks == ()
+    for bad in ("2", [0], [1, "2"], [True], list(range(1, 100))):
+        wire = {**json.loads(silent.encode()), "speaks": bad}
+        with pytest.raises(StreamHandshakeError, match="bad speaks"):
+            Hello.decode(json.dumps(wire).encode())
+
+
 async def test_received_files_keep_no_setuid_or_group_write(tmp_path: Path) -> None:
     sink = FileSink(tmp_path)
     data = b"#!/bin/sh\n"

@@ -71,6 +71,8 @@ class Channel(Protocol):
     @property
     def bytes_raw(self) -> int: ...
     @property
+    def peer_speaks(self) -> tuple[int, ...]: ...
+    @property
     def bytes_wire(self) -> int: ...
 
     async def send_control(self, obj: dict[str, Any]) -> None: ...
@@ -93,6 +95,11 @@ class Link:
     def follow(self, role: Role, state: Callable[[], State]) -> None:
         """From now on every control message must be one `role` may receive in `state()` (protocol.ALLOWED)."""
         self._follows = (role, state)
+
+    @property
+    def peer_speaks(self) -> tuple[int, ...]:
+        """The migration protocol versions the peer announced in its HELLO (none from agents of before)."""
+        return self.channel.peer_speaks
 
     @property
     def bytes_raw(self) -> int:

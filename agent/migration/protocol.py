@@ -52,17 +52,20 @@ class ProtocolError(PeerFailed):
         self.got = got
 
 
-MIGRATION_PROTOCOL = 1
-"""This agent's migration protocol version, sent in `prepare` (left out at 1, the wire of agents from
-before versions). Bump it for any change an older peer would misread: a new required field, a new
-message in a state's ALLOWED row, a changed meaning."""
+MIGRATION_PROTOCOL = 2
+"""This agent's migration protocol version. Bump it for any change an older peer would misread: a new
+field (decoding is strict), a new message in a state's ALLOWED row, a changed meaning.
+
+1: the wire of agents from before versions (`protocol` left out of `prepare`).
+2: `prepare` and `prepared` carry each side's CRIU version (`criu`), and the target refuses images
+   from a newer CRIU than its own before anything moves (check_criu); `prepared` says the protocol."""
 ACCEPTED_PROTOCOLS = frozenset({MIGRATION_PROTOCOL - 1, MIGRATION_PROTOCOL}) - {0}
-"""The versions a target accepts a migration from: its own and the one before, so during a rolling
-upgrade the not-yet-upgraded hosts can always drain onto upgraded ones (docs/migration.md, "Versions")."""
+"""The versions this agent speaks, as source or target: its own and the one before, so during a rolling
+upgrade old and new agents migrate to each other both ways (docs/migration.md, "Versions")."""
 
 
 class PeerVersionMismatch(PeerFailed):
-    """The source speaks a migration protocol this target does not accept: refused before anything moves."""
+    """The peer speaks no migration protocol this agent speaks: refused before anything moves."""
 
     code = "peer_version"
 
@@ -75,10 +78,58 @@ class PeerVersionMismatch(PeerFailed):
         self.version = version
 
 
+class NoCommonProtocol(PeerVersionMismatch):
+    """The target announced migration protocols of which the source speaks none."""
+
+    def __init__(self, peer: str, speaks: tuple[int, ...]) -> None:
+        PeerFailed.__init__(
+            self,
+            f"{peer} speaks migration protocol {', '.join(map(str, speaks))}; this agent speaks "
+            f"{', '.join(str(v) for v in sorted(ACCEPTED_PROTOCOLS))}: upgrade the older of the two first",
+        )
+        self.version = max(speaks)
+
+
 def check_protocol(version: int) -> None:
     """PeerVersionMismatch unless a target of this version accepts a `prepare` of `version`."""
     if version not in ACCEPTED_PROTOCOLS:
         raise PeerVersionMismatch(version)
+
+
+def negotiate(peer: str, peer_speaks: tuple[int, ...]) -> int:
+    """The migration protocol a source speaks with a target that announced `peer_speaks` in its HELLO:
+    the highest both speak. An agent from before announcements speaks 1 only. NoCommonProtocol, before
+    anything is sent, when there is none."""
+    common = set(peer_speaks or (1,)) & ACCEPTED_PROTOCOLS
+    if not common:
+        raise NoCommonProtocol(peer, peer_speaks)
+    return max(common)
+
+
+class CriuTooOld(PeerFailed):
+    """The source's CRIU is newer than the target's: its images may not restore here."""
+
+    code = "criu_version"
+
+    def __init__(self, source: str, own: str) -> None:
+        super().__init__(
+            f"the source dumps with CRIU {source}, newer than this host's CRIU {own}, which may not restore "
+            "its images: upgrade CRIU here first (the ferryman-criu package)"
+        )
+
+
+def criu_version(text: str) -> tuple[int, ...]:
+    """'4.2.1' -> (4, 2, 1); ValueError for anything else."""
+    if not _CRIU_RE.fullmatch(text):
+        raise ValueError(text)
+    return tuple(int(part) for part in text.split("."))
+
+
+def check_criu(source: str, own: str) -> None:
+    """CriuTooOld unless this host's CRIU (`own`) is at least the source's: a CRIU restores images of
+    its own version and older ones."""
+    if criu_version(source) > criu_version(own):
+        raise CriuTooOld(source, own)
 
 
 # ----- field types with a check --------------------------------------------------------------------
@@ -94,6 +145,7 @@ class Check:
 
 _PAGEMAP_RE = re.compile(r"pagemap-[A-Za-z0-9_-]{1,64}\.img")
 _HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
+_CRIU_RE = re.compile(r"[0-9]{1,4}(?:\.[0-9]{1,4}){0,3}")
 
 
 def _check_pagemap(name: str) -> None:
@@ -125,6 +177,7 @@ PagemapName = Annotated[str, Check("a pagemap image name (pagemap-<id>.img)", _c
 DigestField = Annotated[str, Check("a sha256 digest", parse_digest)]
 PageHeader = Annotated[bytes, Check(f"a {HEADER.size}-byte page-server header", _check_header)]
 Count = Annotated[int, Check("a count >= 0", _check_count)]
+CriuVersion = Annotated[str, Check("a CRIU version (like 4.2.1)", criu_version)]
 ModeField = Annotated[str, Check("one of 'precopy', 'lazy', 'hybrid'", _one_of("precopy", "lazy", "hybrid"))]
 DecisionField = Annotated[
     str, Check("one of 'commit', 'rollback', 'pending'", _one_of("commit", "rollback", "pending"))
@@ -203,12 +256,19 @@ class Prepare(Message, tag="prepare"):
     estimated_bytes: Count
     options: PrepareOptions
     protocol: int = optional(1)
-    """The source's MIGRATION_PROTOCOL; the target checks it (check_protocol) before anything else."""
+    """The protocol the source chose (negotiate); the target checks it (check_protocol) before anything else."""
+    criu: CriuVersion = optional("")  # noqa: RUF009 (a str: immutable)
+    """Protocol 2: the source's CRIU version; the target refuses a newer one than its own (check_criu)."""
 
 
 @dataclass(frozen=True)
 class Prepared(Message, tag="prepared"):
     """Target -> source: room checked, reservation held, image pull started; send pre-copy rounds."""
+
+    protocol: int = optional(1)
+    """The protocol of the `prepare` it answers (2 and later; left out at 1)."""
+    criu: CriuVersion = optional("")  # noqa: RUF009 (a str: immutable)
+    """Protocol 2: the target's CRIU version."""
 
 
 @dataclass(frozen=True)

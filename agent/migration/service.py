@@ -45,6 +45,7 @@ from agent.migration.protocol import (
     ProtocolError,
     Query,
     Resolve,
+    check_criu,
     check_protocol,
 )
 from agent.migration.protocol import Decision as DecisionReply
@@ -289,6 +290,7 @@ class MigrationService:
             criu_configs=self._criu_configs,
             postcopy_link=self._postcopy_link,
             soft_dirty=soft_dirty,
+            criu_version=self._features.version if self._features is not None else "",
             config=self.config,
             cd=self._cd,
             journal=self.journal,
@@ -312,6 +314,7 @@ class MigrationService:
             network=self._containers.network,
             connect=self._transport.connect,
             admission=self._admission,
+            criu_version=self._features.version if self._features is not None else "",
         )
 
     # ----- sessions from peers --------------------------------------------------------------------
@@ -348,6 +351,20 @@ class MigrationService:
     async def _accept_migration(self, link: Link, peer_host: str, prepare: Prepare) -> None:
         # Another version first: the source hears why (link.fail) before anything is reserved or sent.
         check_protocol(prepare.protocol)
+        if prepare.protocol >= 2:  # our CRIU version, told in `prepared`; a newer one's images may not restore here
+            await self._soft_dirty()
+            assert self._features is not None
+            if prepare.criu:
+                check_criu(prepare.criu, self._features.version)
+        log.info(
+            "migration protocol agreed",
+            extra={
+                "migration": prepare.migration,
+                "peer": peer_host,
+                "protocol": prepare.protocol,
+                "peer_criu": prepare.criu,
+            },
+        )
         # The peer is authenticated, not trusted: it may not choose the mounts, capabilities or
         # namespaces of what this host creates. Refused here, before anything is recorded or built.
         check_restorable_spec(prepare.container.spec)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from agent.config import AgentConfig
 from agent.migration.link import Link
+from agent.migration.protocol import ACCEPTED_PROTOCOLS
 from agent.peers import PeerSession, SessionHandler, StreamChannel
 from agent.stream import Channel
 from core.files import confined
@@ -28,6 +29,9 @@ class PeerPort(Protocol):
 
 class MigrationSessions:
     """Migration links over the peer port: dialled, and made of the inbound `migration` sessions."""
+
+    speaks = tuple(sorted(ACCEPTED_PROTOCOLS))
+    """The migration protocol versions this agent announces in every migration session's HELLO."""
 
     def __init__(self, port: PeerPort, config: AgentConfig) -> None:
         self._port = port

@@ -44,13 +44,13 @@ from agent.migration.local import describe_failure, remove_container, resume_if_
 from agent.migration.pagepush import PushCounts, lazy_regions, push
 from agent.migration.pageserve import SourcePages
 from agent.migration.protocol import (
-    MIGRATION_PROTOCOL,
     Commit,
     Committed,
     Container,
     Prepare,
     Prepared,
     PrepareOptions,
+    ProtocolError,
     Ready,
     Restore,
     Restored,
@@ -58,6 +58,7 @@ from agent.migration.protocol import (
     Resumed,
     RwLayer,
     Stopcopy,
+    negotiate,
 )
 from agent.migration.protocol import Round as RoundDone
 from agent.migration.pushflow import PushWindow
@@ -92,6 +93,8 @@ class SourceContext:
     whether it still holds its pre-copy store."""
     soft_dirty: bool = False
     """CRIU can pre-dump here (mem_dirty_track): rounds dump only written pages, via runc."""
+    criu_version: str = ""
+    """This host's CRIU version, for targets of protocol 2 (they refuse images of a newer CRIU)."""
 
 
 class PostcopyLost(FerrymanError):
@@ -193,6 +196,8 @@ class SourceMigration:
         self._image_chain = image.chain_id
         self._snapshot_key = container.snapshot_key
         self._service_ip = container.labels.get(LABEL_SERVICE_IP)
+        # The highest version both speak, from the target's HELLO: an older target hears the wire it knows.
+        protocol = negotiate(self.record.peer, link.peer_speaks)
         await link.send(
             Prepare(
                 migration=self.record.id,
@@ -209,10 +214,23 @@ class SourceMigration:
                     mode=self.record.options.mode,
                     reservation=self.record.options.reservation,
                 ),
-                protocol=MIGRATION_PROTOCOL,
+                protocol=protocol,
+                criu=self.ctx.criu_version if protocol >= 2 else "",
             )
         )
-        await link.expect(Prepared)
+        prepared = await link.expect(Prepared)
+        if prepared.protocol != protocol:
+            raise ProtocolError(f"'prepared' of migration protocol {protocol}", f"protocol {prepared.protocol}")
+        log.info(
+            "migration protocol agreed",
+            extra={
+                "migration": self.record.id,
+                "peer": self.record.peer,
+                "protocol": protocol,
+                "peer_speaks": list(link.peer_speaks),
+                "peer_criu": prepared.criu,
+            },
+        )
         await self.ctx.failpoints.hit("source.prepared")
         await self._advance(Event.PREPARED)
 

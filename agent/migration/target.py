@@ -106,6 +106,8 @@ class TargetContext:
     """A new session to the source (host, migration id): post-copy reconnects after a cut link."""
     admission: ReservationBook | None = None
     """Reservations on this host: a migration may not eat capacity reserved for someone else."""
+    criu_version: str = ""
+    """This host's CRIU version, told to sources of protocol 2 in `prepared`."""
 
 
 class TargetMigration:
@@ -138,6 +140,13 @@ class TargetMigration:
         self._build: asyncio.Task[None] | None = None
         """Container record and rootfs, built as soon as the rw layer arrives (overlaps the source's dump)."""
 
+    def _prepared(self) -> Prepared:
+        """The answer to `prepare`, in the protocol the source chose (protocol 2 adds our CRIU version)."""
+        protocol = self.prepare_msg.protocol
+        if protocol < 2:
+            return Prepared()
+        return Prepared(protocol=protocol, criu=self.ctx.criu_version)
+
     async def _save(self, record: MigrationRecord) -> None:
         self.record = record
         await self.ctx.journal.write(record)
@@ -163,7 +172,7 @@ class TargetMigration:
                 if self.service_ip:  # the same address, in a namespace of this host, unpublished until commit
                     self._netns = await self.ctx.network.prepare(self.container.id, self.service_ip)
                 pull = self._pull = asyncio.create_task(self._fetch_image(), name="migration-image")
-                await link.send(Prepared())
+                await link.send(self._prepared())
                 await self._advance(Event.PREPARED)
                 rw_digest = await self._receive(link)
                 await self._advance(Event.IMAGES_SENT)

@@ -149,17 +149,28 @@ class PeerEndpoint:
                 raise PeerFailed(f"{address} is not {host}")
             await asyncio.to_thread(tls.sendall, encode_preamble(kind, session_id))
             corrupt = self.failpoints.action("stream.corrupt_frame")  # e.g. "stream.corrupt_frame=40"
-            return await self._establish(tls, session_id, host, initiator=True, corrupt_frame=int(corrupt or 0))
+            return await self._establish(
+                tls, session_id, host, initiator=True, speaks=self.router.speaks(kind), corrupt_frame=int(corrupt or 0)
+            )
         except BaseException:
             tls.abort()
             tls.close()
             raise
 
     async def _establish(
-        self, tls: TlsSocket, session_id: str, peer: str, *, initiator: bool, corrupt_frame: int = 0
+        self,
+        tls: TlsSocket,
+        session_id: str,
+        peer: str,
+        *,
+        initiator: bool,
+        speaks: tuple[int, ...],
+        corrupt_frame: int = 0,
     ) -> Channel:
         """A session's stream over an authenticated connection; its traffic counts in `totals`."""
-        options = StreamOptions(leave_tls=not self.config.migration.stream_tls_records, corrupt_frame=corrupt_frame)
+        options = StreamOptions(
+            leave_tls=not self.config.migration.stream_tls_records, speaks=speaks, corrupt_frame=corrupt_frame
+        )
         name = self.host_name
         return await establish(
             tls, session_id, name, initiator=initiator, expected_peer=peer, options=options, totals=self.totals
@@ -205,7 +216,7 @@ class PeerEndpoint:
             refused = self.limits.refuse_session(sum(self._open.values()), self._open[peer])
             if refused is not None:
                 raise PeerFailed(refused)
-            stream = await self._establish(tls, session_id, peer, initiator=False)
+            stream = await self._establish(tls, session_id, peer, initiator=False, speaks=self.router.speaks(kind))
         except (FerrymanError, OSError, ValueError, KeyError) as exc:
             log.warning("peer session refused", extra={"address": address, "error": str(exc)})
             if tls is not None:

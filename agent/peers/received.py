@@ -54,6 +54,11 @@ class StreamChannel:
         self._file: tuple[str, int, Path] | None = None  # (name, fd, temp path)
 
     @property
+    def peer_speaks(self) -> tuple[int, ...]:
+        """The versions of the session kind's protocol the peer announced (none: an agent from before)."""
+        return self._ch.peer_speaks
+
+    @property
     def bytes_raw(self) -> int:
         return self._ch.sent.payload_bytes + self._ch.received.payload_bytes
 

@@ -75,6 +75,7 @@ def parse_preamble(body: bytes) -> tuple[str, str]:
 class _Route:
     handler: SessionHandler
     check_id: Callable[[str], object]
+    speaks: tuple[int, ...]
 
 
 class SessionRouter:
@@ -87,11 +88,20 @@ class SessionRouter:
     def kinds(self) -> list[str]:
         return sorted(self._routes)
 
-    def add(self, kind: str, handler: SessionHandler, check_id: Callable[[str], object]) -> None:
-        """Serve sessions of `kind` with `handler`; `check_id` raises on an id it refuses."""
+    def add(
+        self, kind: str, handler: SessionHandler, check_id: Callable[[str], object], speaks: tuple[int, ...] = ()
+    ) -> None:
+        """Serve sessions of `kind` with `handler`; `check_id` raises on an id it refuses. `speaks`: the
+        versions of the kind's protocol this agent speaks, announced in the HELLO of its sessions both
+        ways (the peer's are the stream's `peer_speaks`)."""
         if kind in self._routes:
             raise ValueError(f"session kind {kind!r} already has a handler")
-        self._routes[kind] = _Route(handler, check_id)
+        self._routes[kind] = _Route(handler, check_id, speaks)
+
+    def speaks(self, kind: str) -> tuple[int, ...]:
+        """The versions of `kind`'s protocol this agent announces (none for a kind not served here)."""
+        route = self._routes.get(kind)
+        return route.speaks if route is not None else ()
 
     def route(self, kind: str, session_id: str) -> SessionHandler:
         """The handler for a session of `kind` with `session_id`: UnknownSessionKind for a kind nobody

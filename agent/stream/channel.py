@@ -61,6 +61,8 @@ class Channel(Sender, Receiver):
         """True when frames travel straight on TCP (masked headers), False when inside TLS or plain TCP."""
         self.local_host = local_host
         self.peer_host = peer.host
+        self.peer_speaks = peer.speaks
+        """The versions of the carried protocol the peer speaks (its HELLO's; empty from older agents)."""
         self.initiator = initiator
         self.options = opts
         self._link = link

@@ -48,7 +48,9 @@ async def establish(
     tag = migration_tag(migration_id)
     kx = KeyExchange()
     offer_direct = opts.leave_tls and link.can_leave_tls
-    payload = Hello(migration_id, local_host, initiator, kx.public, opts.max_frame, direct=offer_direct).encode()
+    payload = Hello(
+        migration_id, local_host, initiator, kx.public, opts.max_frame, direct=offer_direct, speaks=opts.speaks
+    ).encode()
     own = Header(PROTOCOL_VERSION, Kind.HELLO, 0, tag, 0, len(payload)).pack() + payload
     try:
         async with asyncio.timeout(opts.handshake_timeout):

@@ -36,6 +36,9 @@ class StreamOptions:
     if the peer agrees. The frames' AEAD already encrypts and authenticates every payload (and the
     headers get masked); TLS on top would encrypt everything twice, which costs ~30 % of the
     throughput on a 2-core host. False keeps TLS records for the whole connection."""
+    speaks: tuple[int, ...] = ()
+    """The versions of the protocol the stream carries that this side speaks, announced in HELLO (the
+    peer's are in `Channel.peer.speaks`): how two releases agree on one before the first message."""
     corrupt_frame: int = 0
     """Fault injection for tests only: flip a bit in the ciphertext of this outgoing frame (0: never)."""
 

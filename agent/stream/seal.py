@@ -93,19 +93,23 @@ class Hello:
     version: int = PROTOCOL_VERSION
     direct: bool = False
     """This side can and wants to leave TLS records after the HELLOs (see handshake.establish)."""
+    speaks: tuple[int, ...] = ()
+    """The versions of the protocol inside the stream (a session kind's) that this side speaks; opaque
+    to the stream. Left out when empty; agents from before it send none, and ignore it."""
 
     def encode(self) -> bytes:
-        return encode_json(
-            {
-                "v": self.version,
-                "migration": self.migration_id,
-                "host": self.host,
-                "role": "initiator" if self.initiator else "responder",
-                "x25519": base64.b64encode(self.public_key).decode(),
-                "max_frame": self.max_frame,
-                "direct": self.direct,
-            }
-        )
+        hello: dict[str, object] = {
+            "v": self.version,
+            "migration": self.migration_id,
+            "host": self.host,
+            "role": "initiator" if self.initiator else "responder",
+            "x25519": base64.b64encode(self.public_key).decode(),
+            "max_frame": self.max_frame,
+            "direct": self.direct,
+        }
+        if self.speaks:
+            hello["speaks"] = list(self.speaks)
+        return encode_json(hello)
 
     @classmethod
     def decode(cls, payload: bytes) -> Hello:
@@ -134,7 +138,10 @@ class Hello:
         direct = obj.get("direct", False)  # absent from older agents: they keep TLS records
         if not isinstance(direct, bool):
             raise StreamHandshakeError(f"HELLO has bad direct {direct!r}")
-        return cls(migration, host, role == "initiator", public, max_frame, version, direct)
+        speaks = obj.get("speaks", [])  # absent from older agents: they speak their kind's first version
+        if not isinstance(speaks, list) or len(speaks) > 64 or not all(type(v) is int and v > 0 for v in speaks):
+            raise StreamHandshakeError(f"HELLO has bad speaks {speaks!r}")
+        return cls(migration, host, role == "initiator", public, max_frame, version, direct, tuple(speaks))
 
 
 @dataclass(frozen=True)
