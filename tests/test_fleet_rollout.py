@@ -47,6 +47,21 @@ pytestmark = [pytest.mark.fleet, pytest.mark.slow, pytest.mark.timeout(1500)]
 AGENTS = ("h1", "h2", "h3")
 COORDINATOR = "h1"
 OPERATOR = "alice"
+PROTOCOL_FILE = "agent/migration/protocol.py"
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def previous_release() -> str:
+    """The commit before the one that set this checkout's MIGRATION_PROTOCOL: the fleet starts there and
+    the rolling upgrade crosses that protocol change (old and new agents migrate to each other)."""
+    version = re.search(r"^MIGRATION_PROTOCOL = (\d+)$", (REPO / PROTOCOL_FILE).read_text(), re.M)
+    assert version is not None, f"no MIGRATION_PROTOCOL in {PROTOCOL_FILE}"
+    changes = _git("log", "--format=%H", "-S", version.group(0), "--", PROTOCOL_FILE).split()
+    assert changes, f"no commit set {version.group(0)}"
+    return _git("rev-parse", "--verify", f"{changes[-1]}^")
 
 
 def _script(name: str) -> Path:
@@ -56,11 +71,13 @@ def _script(name: str) -> Path:
 
 
 class Deployed:
-    def __init__(self, fleet: SystemdFleet, workdir: Path, first: PlaybookRun) -> None:
+    def __init__(self, fleet: SystemdFleet, workdir: Path, first: PlaybookRun, release: str) -> None:
         self.fleet = fleet
         self.workdir = workdir
         self.first = first
         self.pki = workdir / "pki"
+        self.release = release
+        """The commit site.yml deployed: the previous release (previous_release)."""
 
     def ferryctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """The controller's ferryctl as operator `alice`, from the bridge's side (the fabric netns)."""
@@ -79,6 +96,7 @@ class Deployed:
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
     criu_deb = _script("build-criu-deb")
     wheelhouse = _script("build-wheelhouse")
+    release = previous_release()
     workdir = tmp_path_factory.mktemp("rollout")
     fleet = SystemdFleet(Path("/var/tmp"), len(AGENTS))
     fleet.start()
@@ -94,6 +112,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
                 "ferryman_pki_dir": str(workdir / "pki"),
                 "ferryman_pki_ferryctl": str(REPO / ".venv" / "bin" / "ferryctl"),
                 "ferryman_pki_operators": [OPERATOR],
+                "ferryman_version": release,
                 # Fast registration and telemetry: the test waits for them.
                 "ferryman_agent_config": {"version": 1, "telemetry": {"period": 1.0}},
             },
@@ -101,7 +120,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
         first = run_playbook(inventory)
         print(f"first run: {first.seconds:.0f} s, changed {first.changed()}")
         assert first.returncode == 0, first.output[-6000:]
-        yield Deployed(fleet, workdir, first)
+        yield Deployed(fleet, workdir, first, release)
     finally:
         fleet.stop()
         leftovers = [cg for h in fleet.hosts for cg in h.leftover_cgroups()]
@@ -459,26 +478,68 @@ def test_certificate_rotation_under_load(deployed: Deployed, workloads: list[Wor
     assert {h["name"]: (h["state"], h["admin"]) for h in hosts} == dict.fromkeys(AGENTS, ("ready", "active"))
 
 
-def test_rolling_upgrade_to_a_new_commit(deployed: Deployed, workloads: list[Workload], tmp_path: Path) -> None:
-    """upgrade.yml moves the coordinator, then every agent, to a new commit, one host at a time, each
+def agreed_protocols(host: SystemdHost) -> list[dict[str, Any]]:
+    """The agent's "migration protocol agreed" log lines (as a source and as a target), oldest first."""
+    lines = []
+    for line in host.journal("ferryman-agent.service").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("msg") == "migration protocol agreed":
+                lines.append(entry)
+    return lines
+
+
+def migrate(deployed: Deployed, name: str, target: str) -> tuple[str, float]:
+    """`ferryctl migrate` on the host that runs `name` (its agent's own ferryctl); (source, seconds)."""
+    (source,) = where_runs(deployed.fleet, name)
+    t0 = time.monotonic()
+    res = source.exec(["/usr/local/bin/ferryctl", "migrate", name, "--to", target], timeout=300)
+    assert res.returncode == 0, (name, source.name, target, res.stdout + res.stderr)
+    assert [h.name for h in where_runs(deployed.fleet, name)] == [target], name
+    return source.name, time.monotonic() - t0
+
+
+def test_rolling_upgrade_across_a_protocol_change(
+    deployed: Deployed, workloads: list[Workload], tmp_path: Path
+) -> None:
+    """upgrade.yml moves the coordinator, then every agent, from the previous release (the commit
+    before this checkout's MIGRATION_PROTOCOL) to this checkout's HEAD, one host at a time, each
     drained through the coordinator first and returned to service after; a second run changes
-    nothing. A workload on each host keeps serving its client throughout: it live-migrates away from
-    each host before that host's agent restarts, no request fails, and its memory is intact after.
+    nothing. It runs in two parts so that old and new agents meet: first the coordinator and h1
+    (`--limit h1`), then a workload migrates from an old agent to the new one and back, then the
+    rest. A workload on each host keeps serving its client throughout: no request fails, and its
+    memory is intact after. Migrations between releases speak protocol 1 (the older agent's),
+    migrations between upgraded agents protocol 2, which checks CRIU versions.
 
-    Runs last: it leaves the fleet at a commit that is not the checkout's HEAD."""
+    Runs last: it leaves the fleet at the checkout's HEAD, not the release the fixture deployed."""
+    fleet = deployed.fleet
+    new = _git("rev-parse", "HEAD")
+    assert new != deployed.release
+    for host in fleet.hosts:
+        assert host.sh("cat /opt/ferryman/src/.ferryman-commit").strip() == deployed.release
     # Where each runs now (a test before may have migrated some).
-    before = {w.name: memhog_state(where_runs(deployed.fleet, w.name)[0], w.name) for w in workloads}
-    clients = [Client(deployed.fleet, w) for w in workloads]
-    repo = tmp_path / "repo"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True, timeout=120)
-    git = ["git", "-C", str(repo), "-c", "user.name=rollout", "-c", "user.email=rollout@localhost"]
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "the next release"], check=True, timeout=30)
-    new = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-
+    before = {w.name: memhog_state(where_runs(fleet, w.name)[0], w.name) for w in workloads}
+    clients = [Client(fleet, w) for w in workloads]
     inventory = deployed.workdir / "hosts.yml"
+    cross: list[tuple[str, str, float]] = []
     try:
         time.sleep(2)  # the clients' steady state before anything moves
-        run = run_playbook(inventory, "upgrade.yml", ferryman_local_repo=str(repo), ferryman_version="HEAD")
+        first = run_playbook(inventory, "upgrade.yml", limit=COORDINATOR, ferryman_version=new)
+        assert first.returncode == 0, first.output[-6000:]
+        # h1 runs the new release, h2 and h3 the old one: a workload moves old -> new -> old.
+        mover = next(w for w in workloads if w.name != "w3")  # w3 is pre-copy only; any mode will do
+        (old_home,) = where_runs(fleet, mover.name)
+        assert old_home.name != COORDINATOR, "h1 was drained"
+        source, seconds = migrate(deployed, mover.name, COORDINATOR)
+        cross.append((source, COORDINATOR, seconds))
+        source, seconds = migrate(deployed, mover.name, old_home.name)
+        cross.append((source, old_home.name, seconds))
+        rest = run_playbook(inventory, "upgrade.yml", ferryman_version=new)
+        assert rest.returncode == 0, rest.output[-6000:]
+        # Both upgraded now: a migration between them speaks protocol 2.
+        newest = next(h.name for h in fleet.hosts if h.name not in (COORDINATOR, where_runs(fleet, mover.name)[0].name))
+        source, seconds = migrate(deployed, mover.name, newest)
+        cross.append((source, newest, seconds))
         time.sleep(2)
         seen = {c.workload.name: c.stop() for c in clients}
     finally:
@@ -486,35 +547,45 @@ def test_rolling_upgrade_to_a_new_commit(deployed: Deployed, workloads: list[Wor
             client.kill()
     gaps = {name: longest_gap(s) for name, s in seen.items()}
     print(
-        f"rolling upgrade: {run.seconds:.0f} s, changed {run.changed()}; longest client gap "
-        f"{max(gaps.values()) * 1000:.0f} ms ("
+        f"rolling upgrade {deployed.release[:12]} -> {new[:12]}: {first.seconds + rest.seconds:.0f} s "
+        f"(coordinator and h1 {first.seconds:.0f} s, h2 and h3 {rest.seconds:.0f} s), changed "
+        f"{first.changed()} then {rest.changed()}; migrations by hand "
+        + ", ".join(f"{a}->{b} {t:.1f} s" for a, b, t in cross)
+        + f"; longest client gap {max(gaps.values()) * 1000:.0f} ms ("
         + ", ".join(f"{name} {gap * 1000:.0f} ms, {len(seen[name]['replies'])} replies" for name, gap in gaps.items())
         + ")"
     )
-    assert run.returncode == 0, run.output[-6000:]
     # Before anything moved, each host named its containers that migrate by pre-copy only.
-    assert re.search(r"ok: \[h3\] => \{\s*\"msg\": \"pre-copy only: \['w3'\]\"", run.output), run.output[:6000]
+    assert re.search(r"ok: \[h3\] => \{\s*\"msg\": \"pre-copy only: \['w3'\]\"", rest.output), rest.output[:6000]
     # Every workload answered every request, the whole time, and still holds every page it wrote.
     assert {name: failures(s) for name, s in seen.items()} == {w.name: [] for w in workloads}
     for workload in workloads:
-        hosts = where_runs(deployed.fleet, workload.name)
+        hosts = where_runs(fleet, workload.name)
         assert len(hosts) == 1, (workload.name, hosts)
         after = memhog_state(hosts[0], workload.name, verify=True)
         assert after.verified == "ok", (workload.name, after)
         assert after.bad_pages == 0 and after.served > before[workload.name].served, (workload.name, after)
         assert after.beats > before[workload.name].beats, (workload.name, after)  # the same process, counting on
-    for host in deployed.fleet.hosts:
+    for host in fleet.hosts:
         assert host.sh("cat /opt/ferryman/src/.ferryman-commit").strip() == new
         assert host.sh("systemctl is-active ferryman-agent").strip() == "active"
+    # The versions the agents agreed on: the new agent on h1 spoke protocol 1 with the old agents (as
+    # a target, then as a source), and protocol 2 once both sides were new, with CRIU versions.
+    agreed = {h.name: agreed_protocols(h) for h in fleet.hosts}
+    h1 = [(e["peer"], e["protocol"]) for e in agreed[COORDINATOR]]
+    assert h1[:2] == [(old_home.name, 1), (old_home.name, 1)], agreed[COORDINATOR]
+    last = agreed[newest][-1]
+    assert (last["peer"], last["protocol"]) == (cross[-1][0], 2) and re.fullmatch(r"[\d.]+", last["peer_criu"]), last
     # serial: 1 — each host is drained and returned to service before the next one is drained.
     events = [
         (task, host)
+        for run in (first, rest)
         for task, host in re.findall(r"TASK \[(Drain|Return)[^\]]*\].*?\nchanged: \[(h\d)", run.output, re.S)
     ]
     assert events == [(step, h) for h in AGENTS for step in ("Drain", "Return")], events
     hosts = json.loads(deployed.ferryctl("--json", "hosts").stdout)["hosts"]
     assert {h["name"]: (h["state"], h["admin"]) for h in hosts} == dict.fromkeys(AGENTS, ("ready", "active"))
 
-    again = run_playbook(inventory, "upgrade.yml", ferryman_local_repo=str(repo), ferryman_version="HEAD")
+    again = run_playbook(inventory, "upgrade.yml", ferryman_version=new)
     assert again.returncode == 0, again.output[-6000:]
     assert again.changed() == dict.fromkeys(AGENTS, 0), again.output[-6000:]

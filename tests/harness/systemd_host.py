@@ -456,9 +456,14 @@ class PlaybookRun:
         return {host: r["changed"] for host, r in self.recap.items()}
 
 
-def run_playbook(inventory: Path, playbook: str = "site.yml", *, timeout: float = 900, **extra: str) -> PlaybookRun:
-    """`ansible-playbook` from the venv, in ansible/ (its ansible.cfg), against `inventory`."""
+def run_playbook(
+    inventory: Path, playbook: str = "site.yml", *, timeout: float = 900, limit: str = "", **extra: str
+) -> PlaybookRun:
+    """`ansible-playbook` from the venv, in ansible/ (its ansible.cfg), against `inventory` (its hosts
+    matching `limit`, if given)."""
     argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), playbook]
+    if limit:
+        argv += ["--limit", limit]
     for key, value in extra.items():
         argv += ["-e", f"{key}={value}"]
     env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
