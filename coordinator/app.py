@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from coordinator.agents import AgentClient, AgentClientLike
 from coordinator.alerts import Alerter
@@ -77,6 +77,13 @@ def _usage_model(path: str) -> UsageModel | None:
         return UsageModel(path)
     except ModelLoadError as exc:
         raise ConfigError(f"chains.usage_model {path}: {exc}") from exc
+
+
+@runtime_checkable
+class ReloadsTls(Protocol):
+    """A store whose client has TLS files of its own (etcd's), read again on SIGHUP."""
+
+    def reload_tls(self) -> bool: ...
 
 
 class Coordinator:
@@ -404,6 +411,14 @@ class Coordinator:
                     log.exception("periodic step failed", extra={"step": getattr(step, "__qualname__", str(step))})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), period)
+
+    def reload_tls(self) -> bool:
+        """SIGHUP (`systemctl reload`): every TLS context's files, and the store client's (etcd), read
+        again without a restart; each refusal is logged and keeps that part's current files."""
+        reloaded = self.tls_contexts.reload_logged()
+        if isinstance(self.store, ReloadsTls):
+            reloaded = self.store.reload_tls() and reloaded
+        return reloaded
 
     async def close(self) -> None:
         self._stop.set()

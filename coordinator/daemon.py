@@ -1,6 +1,7 @@
 """`ferryman-coordinator`: load the config, open the coordinator, serve the API until SIGTERM/SIGINT.
 
-SIGHUP (`systemctl reload ferryman-coordinator`) reloads the CA, certificates and keys in place.
+SIGHUP (`systemctl reload ferryman-coordinator`) reloads the CA, certificates and keys in place, and the
+etcd client's TLS files (`[store] etcd_*_file`).
 
 Exit codes: 0 after a clean shutdown, 2 for configuration errors (config, TLS files, tokens, model,
 database), 1 for anything else that stops the coordinator from starting or running.
@@ -41,7 +42,7 @@ async def run(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> i
             server = await serve(coordinator)
             try:
                 await coordinator.start()
-                with reload_on_hangup(coordinator.tls_contexts.reload_logged):
+                with reload_on_hangup(coordinator.reload_tls):
                     await serve_until(
                         stop, "coordinator", url=server.url, database=config.database, model=config.model.path or None
                     )

@@ -10,12 +10,17 @@ are idempotent, and the store only writes with transactions guarded by revisions
 whose first try did commit finds its guard false and re-reads.
 
 Errors: EtcdUnavailable (503) when no endpoint answers; any other etcd error is EtcdError (500).
+
+TLS: the CA, certificate and key files are read and checked when the client is made, and again by
+`reload_tls()` (the coordinator's SIGHUP): later calls connect with the new files, calls under way
+finish on the old channel, which closes after `timeout`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +164,17 @@ def _credentials(tls: EtcdTls | None) -> tuple[grpc.ChannelCredentials | None, l
         raise ConfigError(f"store: cannot read an etcd TLS file: {exc}") from exc
     if (cert is None) != (key is None):
         raise ConfigError("store: etcd_cert_file and etcd_key_file go together")
+    # Checked now, not at the first handshake: a reload with files that do not load keeps the old ones.
+    scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        scratch.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"store: {tls.ca_file} holds no CA certificate OpenSSL can load: {exc}") from exc
+    if cert is not None:
+        try:
+            scratch.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"store: {tls.key_file} does not fit {tls.cert_file}: {exc}") from exc
     options: list[tuple[str, Any]] = []
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
@@ -176,7 +192,10 @@ class EtcdKV:
             if not sep or not host or not port.isdigit():
                 raise ConfigError(f"store: etcd endpoint {endpoint!r} is not host:port")
         self.endpoints = tuple(endpoints)
+        self._tls = tls
         self._credentials, self._options = _credentials(tls)
+        self._retiring: set[asyncio.Task[None]] = set()
+        """Channels replaced by a TLS reload, closed once the calls under way on them are done."""
         self._timeout = timeout
         self._current = 0
         self._client: _Client | None = None
@@ -290,7 +309,32 @@ class EtcdKV:
 
         await self._call("lease revoke", op)
 
+    def reload_tls(self) -> bool:
+        """Read and check the TLS files again; calls from now on connect with them. False without TLS;
+        ConfigError, with the current files still in use, when they do not load."""
+        if self._tls is None:
+            return False
+        self._credentials, self._options = _credentials(self._tls)
+        old, self._client = self._client, None
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(self._retire(old), name="etcd-retire-channel")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return True
+
+    async def _retire(self, client: _Client) -> None:
+        try:
+            await asyncio.sleep(self._timeout)  # no call waits longer than this
+        finally:
+            try:
+                await client.close()
+            except Exception:  # the channel is being dropped anyway
+                log.debug("closing a retired etcd channel", exc_info=True)
+
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         client, self._client = self._client, None
         if client is not None:
             await client.close()

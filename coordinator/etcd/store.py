@@ -81,7 +81,7 @@ from coordinator.model import (
     StartRecord,
 )
 from coordinator.store import ModelSlots, StoredModel, TelemetryUpdate
-from core.errors import InvalidRequest
+from core.errors import ConfigError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,16 @@ class EtcdStore:
         if attempt >= MAX_ATTEMPTS - 1:
             raise EtcdError(f"gave up after {MAX_ATTEMPTS} conflicting concurrent updates")
         await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 20)))
+
+    def reload_tls(self) -> bool:
+        """SIGHUP: the etcd client's TLS files, read again (kv.reload_tls); False if they were refused."""
+        try:
+            if self._kv.reload_tls():
+                log.info("etcd tls files reloaded", extra={"endpoints": list(self._kv.endpoints)})
+        except ConfigError as exc:
+            log.error(f"etcd tls reload refused, keeping the current files: {exc.message}", extra={"code": exc.code})
+            return False
+        return True
 
     async def close(self) -> None:
         try:

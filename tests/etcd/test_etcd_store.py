@@ -9,6 +9,7 @@ is back.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -128,6 +129,64 @@ async def test_over_mutual_tls(workdir: Path) -> None:
                     await stranger.list_hosts()
             finally:
                 await stranger.close()
+
+
+async def test_the_client_tls_files_reload_without_a_restart(workdir: Path) -> None:
+    """The etcd members move to a new CA (their certificate and the client certificates they trust):
+    the store's client fails until its files are replaced and `reload_tls()` (the coordinator's
+    SIGHUP) reads them, then works again, the same client object; files that do not load are refused
+    and the current ones stay in use."""
+    require("etcd")
+    old_ca = init_ca(workdir / "old-ca").directory
+    new_ca = init_ca(workdir / "new-ca").directory
+    old_member = issue_host(old_ca, "etcd-member", workdir / "old-member", ["127.0.0.1"])
+    new_member = issue_host(new_ca, "etcd-member", workdir / "new-member", ["127.0.0.1"])
+    old_client = issue_client(old_ca, "coordinator", workdir / "old-client")
+    new_client = issue_client(new_ca, "coordinator", workdir / "new-client")
+    live = workdir / "live"  # the files the store is configured with, replaced in place
+    live.mkdir()
+    ca_file, cert_file, key_file = live / "ca.pem", live / "client.pem", live / "client-key.pem"
+
+    def install(ca: Path, cert: Path, key: Path) -> None:
+        for src, dst in ((ca, ca_file), (cert, cert_file), (key, key_file)):
+            shutil.copyfile(src, dst)
+
+    install(old_member.ca_file, old_client.cert_file, old_client.key_file)
+    old_files = EtcdTlsFiles(
+        old_member.ca_file, old_member.cert_file, old_member.key_file, old_client.cert_file, old_client.key_file
+    )
+    new_files = EtcdTlsFiles(
+        new_member.ca_file, new_member.cert_file, new_member.key_file, new_client.cert_file, new_client.key_file
+    )
+    async with EtcdCluster(workdir / "etcd", size=1, tls=old_files) as cluster:
+        kv = EtcdKV(cluster.endpoints, tls=EtcdTls(str(ca_file), str(cert_file), str(key_file)), timeout=2.0)
+        store = EtcdStore(kv)
+        try:
+            await store.register_host(Host("h1", Capacity(1000, GiB, 0)))
+            # The member restarts on the new CA: the client's old files no longer get through.
+            member = cluster.members[0]
+            await member.stop()
+            cluster.tls = new_files
+            await member.start(wait_healthy=True)
+            with pytest.raises(EtcdError):
+                await store.list_hosts()
+            # New files that do not load (a key of another certificate): refused, nothing changes.
+            install(new_member.ca_file, new_client.cert_file, old_client.key_file)
+            assert not store.reload_tls()
+            with pytest.raises(ConfigError, match="does not fit"):
+                kv.reload_tls()
+            # The right files, then the reload: the same store answers again.
+            install(new_member.ca_file, new_client.cert_file, new_client.key_file)
+            with pytest.raises(EtcdError):  # files alone change nothing until the reload
+                await store.list_hosts()
+            assert store.reload_tls()
+            assert [h.name for h in await store.list_hosts()] == ["h1"]
+            await store.reserve(_rsv("r1"), 1000.0)
+            assert [r.id for r in await store.list_reservations(1000.0)] == ["r1"]
+        finally:
+            await store.close()
+    # Without TLS there is nothing to reload.
+    assert not EtcdKV(["127.0.0.1:2379"]).reload_tls()
 
 
 async def test_a_model_too_large_for_etcd_is_refused_whole(workdir: Path) -> None:
