@@ -380,17 +380,22 @@ PEER_PORT, OPS_PORT, COORDINATOR_PORT = 7443, 7444, 7543
 def served_serials(deployed: Deployed) -> dict[tuple[str, int], int]:
     """The serial of the certificate each TLS listener presents, from the bridge's side: every agent's
     peer and ops ports and the coordinator's API (the alice certificate gets through the handshake)."""
+    return {key: cert.serial_number for key, cert in served_certificates(deployed).items()}
+
+
+def served_certificates(deployed: Deployed) -> dict[tuple[str, int], x509.Certificate]:
+    """The certificate each TLS listener presents (see served_serials)."""
     ops = deployed.pki / "ops" / OPERATOR
     ctx = client_context(HostCertPaths(ops / "ca.pem", ops / "client.pem", ops / "client-key.pem"))
 
-    def serial(address: str, port: int, name: str) -> int:
+    def serial(address: str, port: int, name: str) -> x509.Certificate:
         with (
             socket.create_connection((address, port), timeout=10) as raw,
             ctx.wrap_socket(raw, server_hostname=name) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
             assert der is not None
-            return x509.load_der_x509_certificate(der).serial_number
+            return x509.load_der_x509_certificate(der)
 
     listeners = [(h.name, port) for h in deployed.fleet.hosts for port in (PEER_PORT, OPS_PORT)]
     listeners.append((COORDINATOR, COORDINATOR_PORT))
@@ -511,7 +516,7 @@ def test_rolling_upgrade_across_a_protocol_change(
     memory is intact after. Migrations between releases speak protocol 1 (the older agent's),
     migrations between upgraded agents protocol 2, which checks CRIU versions.
 
-    Runs last: it leaves the fleet at the checkout's HEAD, not the release the fixture deployed."""
+    Leaves the fleet at the checkout's HEAD, not the release the fixture deployed."""
     fleet = deployed.fleet
     new = _git("rev-parse", "HEAD")
     assert new != deployed.release
@@ -589,3 +594,84 @@ def test_rolling_upgrade_across_a_protocol_change(
     again = run_playbook(inventory, "upgrade.yml", ferryman_version=new)
     assert again.returncode == 0, again.output[-6000:]
     assert again.changed() == dict.fromkeys(AGENTS, 0), again.output[-6000:]
+
+
+def trusted_cas(host: SystemdHost) -> list[x509.Certificate]:
+    """The CA certificates in the host's /etc/ferryman/pki/ca.pem."""
+    return x509.load_pem_x509_certificates(host.sh("cat /etc/ferryman/pki/ca.pem").encode())
+
+
+def test_ca_rotation_under_load(deployed: Deployed, workloads: list[Workload]) -> None:
+    """`pki.yml -e ferryman_pki_ca_rotation=start|reissue|finish` moves the fleet to a new CA while
+    every workload serves its client: first every host trusts both CAs, then every certificate is
+    issued again from the new one, then the old one is dropped. The services reload each time (the
+    same processes), no request fails, and a drain after it migrates over the new CA's certificates."""
+    fleet = deployed.fleet
+    inventory = deployed.workdir / "hosts.yml"
+    services = [(h, "ferryman-agent.service") for h in fleet.hosts]
+    services.append((fleet[COORDINATOR], "ferryman-coordinator.service"))
+
+    def pids() -> dict[tuple[str, str], tuple[str, str]]:
+        return {(h.name, u): (h.unit_property(u, "MainPID"), h.unit_property(u, "NRestarts")) for h, u in services}
+
+    def ca_file(name: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((deployed.pki / name / "ca.pem").read_bytes())
+
+    old_ca = ca_file("ca")
+    before_pids = pids()
+    clients = [Client(fleet, w) for w in workloads]
+    runs: dict[str, PlaybookRun] = {}
+    try:
+        time.sleep(2)  # the clients' steady state first
+        t0 = time.time()
+        runs["start"] = run_playbook(inventory, "pki.yml", ferryman_pki_ca_rotation="start")
+        assert runs["start"].returncode == 0, runs["start"].output[-6000:]
+        new_ca = ca_file("ca-next")
+        assert new_ca.subject != old_ca.subject
+        for host in fleet.hosts:
+            assert trusted_cas(host) == [old_ca, new_ca], host.name
+        runs["reissue"] = run_playbook(inventory, "pki.yml", ferryman_pki_ca_rotation="reissue")
+        assert runs["reissue"].returncode == 0, runs["reissue"].output[-6000:]
+        # systemctl reload returns once SIGHUP is sent; the daemons load the files right after.
+        deadline = time.monotonic() + 30
+        while {c.issuer for c in served_certificates(deployed).values()} != {new_ca.subject}:
+            assert time.monotonic() < deadline, {k: c.issuer for k, c in served_certificates(deployed).items()}
+            time.sleep(0.2)
+        runs["finish"] = run_playbook(inventory, "pki.yml", ferryman_pki_ca_rotation="finish")
+        assert runs["finish"].returncode == 0, runs["finish"].output[-6000:]
+        t_rotated = time.time()
+        assert ca_file("ca") == new_ca and not (deployed.pki / "ca-next").exists()
+        assert [ca_file(d.name) for d in deployed.pki.glob("ca-retired-*")] == [old_ca]
+        for host in fleet.hosts:
+            assert trusted_cas(host) == [new_ca], host.name
+        again = run_playbook(inventory, "pki.yml")
+        assert again.returncode == 0, again.output[-6000:]
+        time.sleep(2)
+        t_drain = time.time()
+        drained = deployed.ferryctl("drain", "h2", "--wait", "300")
+        uncordoned = deployed.ferryctl("uncordon", "h2")
+        t_moved = time.time()
+        time.sleep(2)
+        seen = {c.workload.name: c.stop() for c in clients}
+    finally:
+        for client in clients:
+            client.kill()
+    rotation_gap = max(longest_gap_between(s, t0, t_rotated) for s in seen.values())
+    drain_gap = max(longest_gap_between(s, t_drain, t_moved) for s in seen.values())
+    print(
+        "CA rotation: "
+        + ", ".join(f"{step} {run.seconds:.0f} s (changed {run.changed()})" for step, run in runs.items())
+        + f"; longest client gap {rotation_gap * 1000:.0f} ms during it; drain of h2 after it "
+        f"{t_moved - t_drain:.0f} s, longest client gap {drain_gap * 1000:.0f} ms"
+    )
+    assert again.changed() == dict.fromkeys(AGENTS, 0), again.output[-6000:]
+    # Reloaded, not restarted: the same processes, no restart counted.
+    assert pids() == before_pids
+    # No client request failed, during the rotation or the drain that followed.
+    assert {name: failures(s) for name, s in seen.items()} == {w.name: [] for w in workloads}
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    assert uncordoned.returncode == 0, uncordoned.stdout + uncordoned.stderr
+    w2 = [w.name for w in workloads if where_runs(fleet, w.name)[0].name == "h2"]
+    assert w2 == [], w2
+    hosts = json.loads(deployed.ferryctl("--json", "hosts").stdout)["hosts"]
+    assert {h["name"]: (h["state"], h["admin"]) for h in hosts} == dict.fromkeys(AGENTS, ("ready", "active"))
