@@ -71,7 +71,14 @@ class AgentClientLike(Protocol):
     async def balanced_connections(self, host: Host, service_ip: str) -> dict[str, int]: ...
     async def balancer(self, host: Host, service_ip: str) -> tuple[int, dict[str, int]]: ...
     async def stage_state(
-        self, host: Host, container_id: str, action: str, port: int, body: bytes, within: float
+        self,
+        host: Host,
+        container_id: str,
+        action: str,
+        port: int,
+        body: bytes,
+        within: float,
+        since: int | None = None,
     ) -> tuple[int, bytes]: ...
     async def close(self) -> None: ...
 
@@ -311,25 +318,37 @@ class AgentClient:
         return bool(data.get("was_published"))
 
     async def stage_state(
-        self, host: Host, container_id: str, action: str, port: int, body: bytes, within: float
+        self,
+        host: Host,
+        container_id: str,
+        action: str,
+        port: int,
+        body: bytes,
+        within: float,
+        since: int | None = None,
     ) -> tuple[int, bytes]:
         """A chain stage's state contract through its agent (agent/api/stagestate.py): `action` is
-        export, import or resume; the stage's status and body (an agent's own refusal raises)."""
+        export (with `since`: the delta since that snapshot), import, resume, snapshot or delta
+        (a live handover's); the stage's status and body (an agent's own refusal raises)."""
         method, path = {
             "export": ("POST", "/state/export"),
             "import": ("PUT", "/state"),
             "resume": ("POST", "/state/resume"),
+            "snapshot": ("POST", "/state/snapshot"),
+            "delta": ("PATCH", "/state"),
         }[action]
         if not host.api_url:
             raise AgentCallError(f"host {host.name!r} registered no api_url; the coordinator cannot reach it")
         url = f"{host.api_url}/v1/containers/{container_id}{path}?port={port}"
+        if since is not None:
+            url += f"&since={since}"
         try:
             async with (
                 asyncio.timeout(within),
                 self._session.request(
                     method,
                     url,
-                    data=body if action == "import" else None,
+                    data=body if action in ("import", "delta") else None,
                     headers={"Content-Type": "application/msgpack"},
                     ssl=self._ctx,
                     server_hostname=host.name,

@@ -172,6 +172,7 @@ class Coordinator:
             admit=addressing,
             usage_model=_usage_model(config.chains.usage_model),
             predict_period=config.chains.predict_period,
+            migrations=self.migrations,
         )
         self.deployments = DeploymentService(
             store,

@@ -51,7 +51,9 @@ def test_a_good_manifest_parses_with_its_defaults_filled_in() -> None:
     manifest = ManifestValidator().parse(GOOD)
     assert [s.name for s in manifest.stages] == ["ingest", "transform", "publish"]
     handover = manifest.to_dict()["stages"][1]["handover"]
-    assert handover == {"protocol": "http_state", "port": 8080, "encoding": "msgpack", "drain": 1.0, "deadline": 60.0}
+    assert handover == {
+        "protocol": "http_state", "port": 8080, "encoding": "msgpack", "drain": 1.0, "deadline": 60.0, "live": False
+    }
     assert ManifestValidator().parse(manifest.to_dict()) == manifest  # what is stored parses again the same
 
 
@@ -67,7 +69,7 @@ def test_schema_problems_are_named_with_their_paths() -> None:
     bad = copy.deepcopy(GOOD)
     bad["name"] = "Counter"
     del bad["stages"][0]["image"]
-    bad["stages"][1]["handover"] = {"protocol": "criu", "port": 1}
+    bad["stages"][1]["handover"] = {"protocol": "criu", "become": True, "port": 1}
     bad["stages"][2]["handover"] = {"protocol": "http_state"}
     bad["stages"][2]["colour"] = "blue"
     found = problems(bad)
@@ -96,16 +98,31 @@ def test_graph_problems_name_the_stage_and_what_is_wrong() -> None:
     assert "fallbacks[0]: no stage names 'transform-safe' as its fallback" in found
 
 
-def test_a_cycle_is_named_and_handovers_not_driven_yet_are_refused_clearly() -> None:
+def test_a_cycle_is_named_and_criu_handovers_are_checked_clearly() -> None:
     bad = copy.deepcopy(GOOD)
     bad["stages"][0]["consumes"] = {"from": "publish"}
     assert "stages: consumes edges close a cycle: ingest -> publish -> transform -> ingest" in problems(bad)
     bad = copy.deepcopy(GOOD)
     bad["stages"][2]["handover"] = {"protocol": "criu"}
+    assert problems(bad) == ["stages[2].handover: 'port' is a required property"]  # without become: the contract
+    bad["stages"][2]["handover"] = {"protocol": "criu", "port": 8080, "path": "/x"}
+    assert problems(bad) == ["stages[2].handover.path: not allowed with protocol 'criu'"]
+    bad["stages"][2]["handover"] = {"protocol": "criu", "become": True}
+    assert problems(bad) == ["stages[2].handover.become: publish is the last stage; there is no stage to become"]
+    bad = copy.deepcopy(GOOD)
+    bad["stages"][1]["handover"] = {"protocol": "criu", "become": True}
+    bad["stages"][2]["standby"] = "frozen"
     assert problems(bad) == [
-        "stages[2].handover.protocol: 'criu' is part of the format but this coordinator does not drive "
-        "it yet (it drives: http_state, shared_volume)"
+        "stages[2].image: publish is transform's process moved (its handover is criu with become), so its image "
+        "is transform's",
+        "stages[2].standby: publish is transform's process moved; it has no standby",
     ]
+    good = copy.deepcopy(GOOD)
+    good["stages"][1]["handover"] = {"protocol": "criu", "become": True}
+    good["stages"][2]["image"] = good["stages"][1]["image"]
+    assert ManifestValidator().parse(good).stages[1].handover.to_dict() == {
+        "protocol": "criu", "become": True, "drain": 1.0, "deadline": 60.0
+    }  # fmt: skip
     bad = copy.deepcopy(GOOD)
     bad["stages"][0]["handover"] = {"protocol": "shared_volume", "port": 8080, "path": "/shared/state"}
     bad["stages"][1]["handover"] = {"protocol": "shared_volume", "port": 8080, "path": "/other"}

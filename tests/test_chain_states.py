@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.chains.contract import StateUnfit, check_state
+from coordinator.chains.contract import StateUnfit, check_delta, check_state, snapshot_version
 from coordinator.chains.manifest import ChainManifest
 from coordinator.chains.states import (
     HANDOVER_PHASES,
@@ -158,3 +158,28 @@ def test_transfer_checks_the_state_is_a_map_with_what_the_next_stage_consumes() 
         check_state(msgpack.packb([1, 2]), ())
     with pytest.raises(StateUnfit, match="not MessagePack"):
         check_state(b"\xc1", ())
+
+
+def test_a_criu_handover_moves_the_process_then_hands_over_or_becomes_the_next_stage() -> None:
+    running = _record().advance(Event.START, 2.0, serving="a").advance(Event.HEALTHY, 3.0)
+    r = running.advance(Event.ADVANCE, 4.0, target="b")
+    for event in (Event.CREATED, Event.MOVE, Event.MIGRATED, Event.EXPORTED):
+        r = r.advance(event, r.updated_at + 1)
+    assert [s for s, _ in r.history][-5:] == ["PREPARING", "HEALTH", "MIGRATE", "EXPORT", "TRANSFER"]
+    r = running.advance(Event.ADVANCE, 4.0, target="b").advance(Event.MOVE, 5.0)
+    assert r.state is State.MIGRATE and recovery(State.MIGRATE) is Recovery.DRIVE
+    assert r.advance(Event.BECAME, 6.0, serving="b").state is State.RUNNING
+    assert r.advance(Event.FAILED, 6.0).state is State.ROLLING_BACK
+
+
+def test_a_live_handovers_snapshot_and_delta_are_checked() -> None:
+    assert snapshot_version(check_state(msgpack.packb({"version": 7, "counter": 1}), ["counter"])) == 7
+    with pytest.raises(StateUnfit, match="no version"):
+        snapshot_version(check_state(msgpack.packb({"counter": 1}), ["counter"]))
+    assert check_delta(msgpack.packb({"since": 7, "version": 9, "counter": 3}), 7) == 9
+    with pytest.raises(StateUnfit, match="since version 6, not the snapshot's 7"):
+        check_delta(msgpack.packb({"since": 6, "version": 9}), 7)
+    with pytest.raises(StateUnfit, match="older than"):
+        check_delta(msgpack.packb({"since": 7, "version": 5}), 7)
+    with pytest.raises(StateUnfit, match="not a map"):
+        check_delta(msgpack.packb([1]), 7)

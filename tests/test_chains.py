@@ -27,7 +27,7 @@ from agent.ctl.exits import Exit
 from tests.harness.alerts import AlertReceiver
 from tests.harness.fleet import CoordinatedFleet, api, coordinated_fleet
 from tests.harness.images import Dir, File, ImageBuilder, Layer, busybox_layer
-from tests.harness.mesh import Mesh
+from tests.harness.mesh import Mesh, MeshHost
 from tests.harness.netns import acall_in_netns
 from tests.harness.workloads import static_binary
 
@@ -90,9 +90,10 @@ async def push_stage_image(mesh: Mesh) -> str:
 class Client:
     """POST /work to the chain's address every 10 ms, fresh connection each, from the client netns."""
 
-    def __init__(self, netns: str, address: str) -> None:
+    def __init__(self, netns: str, address: str, timeout: float = 1.0) -> None:
         self.netns = netns
         self.address = address
+        self.timeout = timeout
         self.answers: list[tuple[float, int, str]] = []
         self._stop = threading.Event()
         self._task: asyncio.Task[None] | None = None
@@ -107,7 +108,7 @@ class Client:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            conn = http.client.HTTPConnection(self.address, PORT, timeout=1.0)
+            conn = http.client.HTTPConnection(self.address, PORT, timeout=self.timeout)
             try:
                 conn.request("POST", "/work", body=b"")
                 resp = conn.getresponse()
@@ -687,3 +688,197 @@ async def test_a_checkpointed_standby_is_restored_at_its_handover(
     assert not images.exists()  # deleted once restored
     aborted = await ferryctl_json(f, "chain", "abort", record["id"], "--wait", "60")
     assert aborted["state"] == "ABORTED", aborted
+
+
+async def test_a_live_handover_serves_on_until_the_switch_and_a_failed_delta_rolls_back(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver], base_dir: Path
+) -> None:
+    """`live`: the serving stage answers its client through EXPORT, TRANSFER and IMPORT (a snapshot
+    with its version is carried over); at SWITCH it exports only the delta since (its counter) and
+    the next stage applies it, so requests made during the handover are neither lost nor counted
+    twice. A second chain whose next stage refuses the delta rolls back at SWITCH: the serving stage
+    serves on with its state and its counter going on."""
+    f, mesh = fleet3, fleet3.mesh
+    receiver = alerts["receiver"]
+    assert mesh.client is not None
+    image = await push_stage_image(mesh)
+    live = {"protocol": "http_state", "port": PORT, "drain": 0.5, "deadline": 60, "live": True}
+    cases = {
+        "done": [stage("ingest", image, handover=live), stage("transform", image, "ingest")],
+        "rolled_back": [stage("ingest", image, handover=live), stage("transform", image, "ingest", fault="delta")],
+    }
+    records: dict[str, dict[str, Any]] = {}
+    for case, stages in cases.items():
+        path = base_dir / f"live-{case}.json"
+        path.write_text(
+            json.dumps({"version": 1, "name": f"live-{case.replace('_', '-')}", "port": PORT, "stages": stages})
+        )
+        records[case] = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
+        assert records[case]["state"] == "RUNNING", records[case]
+    clients = {case: Client(mesh.client.netns, r["address"]) for case, r in records.items()}
+    for client in clients.values():
+        client.start()
+    try:
+        for client in clients.values():
+            await client.served_by("ingest")
+        before = await stage_state(f, records["rolled_back"]["address"])
+
+        async def advance(case: str) -> dict[str, Any]:
+            code = Exit.OK if case == "done" else Exit.NOT_DEPLOYED
+            return dict(await ferryctl_json(f, "chain", "advance", records[case]["id"], "--wait", "120", code=code))
+
+        ended = dict(zip(cases, await asyncio.gather(*(advance(c) for c in cases)), strict=True))
+        done = await until_serving(f, records["done"]["id"], "transform")
+        [handover] = done["handovers"]
+        assert handover["outcome"] == "done" and handover["snapshot_version"] > 0, handover
+        assert 0 < handover["frozen_ms"] <= handover["phases_ms"]["SWITCH"], handover
+        await clients["done"].served_by("transform")
+        # ingest answered while its state was carried: after the snapshot, before the switch.
+        ingest_last = max(n for s, n in clients["done"].served() if s == "ingest")
+        assert ingest_last > handover["snapshot_version"], (ingest_last, handover)
+        state = await stage_state(f, records["done"]["address"])
+        assert state["trail"] == "ingest,transform"
+        assert state["buffer"] == bytes((i % 251 + 1) % 256 for i in range(SEED_BYTES))
+
+        rolled = ended["rolled_back"]
+        assert rolled["state"] == "RUNNING" and rolled["serving"] == "ingest", rolled
+        [failed] = rolled["handovers"]
+        assert (failed["outcome"], failed["failed_phase"]) == ("rolled_back", "SWITCH"), failed
+        assert "delta refused (fault)" in failed["error"], failed
+        count = clients["rolled_back"].served()[-1][1]
+        await asyncio.sleep(0.3)
+        assert clients["rolled_back"].served()[-1] > ("ingest", count)
+        after = await stage_state(f, records["rolled_back"]["address"])
+        assert (after["trail"], after["buffer"]) == (before["trail"], before["buffer"])
+    finally:
+        for client in clients.values():
+            await client.stop()
+    for client in clients.values():
+        assert_exactly_once(client)
+    assert {name for name, _ in clients["rolled_back"].served()} == {"ingest"}
+    bodies = await receiver.wait_for(1)
+    assert [(b["alerts"][0]["labels"]["chain"], b["alerts"][0]["labels"]["phase"]) for b in bodies] == [
+        (records["rolled_back"]["id"], "SWITCH")
+    ]
+
+
+async def restart_with_failpoints(host: MeshHost, failpoints: str | None) -> None:
+    await host.stop_agent()
+    host.agent_env = {"FERRYMAN_FAILPOINTS": failpoints} if failpoints else {}
+    await host.start_agent()
+
+
+async def test_a_stage_moves_its_live_process_by_criu_and_a_failed_move_rolls_back(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver], base_dir: Path
+) -> None:
+    """`criu`: a 3-stage chain whose first stage's process moves to another host and *is* the
+    second stage (`become`), whose second stage's process moves next to the third and hands its
+    state over there by the contract, on one host. First, the move fails (the other hosts' agents
+    cannot restore it: a failpoint corrupts the images): the handover rolls back at MIGRATE and the
+    first stage serves on where it was, its counter going on. The client calls the chain's address
+    throughout, and every counter is given once."""
+    f, mesh = fleet3, fleet3.mesh
+    receiver = alerts["receiver"]
+    assert mesh.client is not None
+    image = await push_stage_image(mesh)
+    args = ["/bin/stage", "ingest", str(PORT), str(SEED_BYTES), "none"]
+    manifest = {
+        "version": 1,
+        "name": "moving",
+        "port": PORT,
+        "stages": [
+            stage("ingest", image, args=args, handover={"protocol": "criu", "become": True, "deadline": 120}),
+            stage(
+                "ingest-moved",
+                image,
+                "ingest",
+                args=args,
+                consumes={"from": "ingest", "state": []},
+                handover={"protocol": "criu", "port": PORT, "drain": 0.5, "deadline": 120},
+            ),
+            stage("transform", image, "ingest-moved"),
+        ],
+    }
+    path = base_dir / "moving.json"
+    path.write_text(json.dumps(manifest))
+    record = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
+    assert record["state"] == "RUNNING", record
+    chain, address = record["id"], record["address"]
+    [first] = record["runs"]
+    others = [h for h in mesh.hosts if h.name != first["host"]]
+    for host in others:
+        await restart_with_failpoints(host, "target.corrupt_images=corrupt")
+
+    async def ready(name: str) -> bool:
+        return bool((await f.host(name))["state"] == "ready")
+
+    for host in others:
+        await f.wait_for(f"{host.name} ready", lambda n=host.name: ready(n), within=60)  # type: ignore[misc]
+    # A migration freezes the process for a moment: the client waits it out rather than give up on
+    # a request the moved process then answers.
+    client = Client(mesh.client.netns, address, timeout=30.0)
+    client.start()
+    try:
+        await client.served_by("ingest")
+        before = await stage_state(f, address)
+        rolled = await ferryctl_json(f, "chain", "advance", chain, "--wait", "300", code=Exit.NOT_DEPLOYED)
+        assert rolled["state"] == "RUNNING" and rolled["serving"] == "ingest", rolled
+        [failed] = rolled["handovers"]
+        assert (failed["target"], failed["outcome"], failed["failed_phase"]) == (
+            "ingest-moved",
+            "rolled_back",
+            "MIGRATE",
+        )
+        assert failed["migration"], failed
+        [run] = [r for r in rolled["runs"] if r["state"] == "serving"]
+        assert (run["container"], run["host"]) == (first["container"], first["host"]), rolled["runs"]
+        count = client.served()[-1][1]
+        await asyncio.sleep(0.5)
+        assert client.served()[-1] > ("ingest", count)
+        after = await stage_state(f, address)
+        assert (after["trail"], after["buffer"]) == (before["trail"], before["buffer"])
+        assert after["counter"] > before["counter"]
+
+        for host in others:
+            await restart_with_failpoints(host, None)
+        for host in others:
+            await f.wait_for(f"{host.name} ready", lambda n=host.name: ready(n), within=60)  # type: ignore[misc]
+
+        # `become`: the same process, moved; the chain's next stage is it.
+        moved = await ferryctl_json(f, "chain", "advance", chain, "--wait", "300")
+        moved = await until_serving(f, chain, "ingest-moved", within=300)
+        handover = moved["handovers"][-1]
+        assert (handover["target"], handover["outcome"]) == ("ingest-moved", "done"), handover
+        assert handover["moved_from"] == first["host"], handover
+        [run] = [r for r in moved["runs"] if r["state"] == "serving"]
+        assert run["stage"] == "ingest-moved" and run["container"] == first["container"], moved["runs"]
+        assert run["host"] != first["host"], run
+        count = client.served()[-1][1]
+        await asyncio.sleep(0.5)
+        assert client.served()[-1] > ("ingest", count)  # the process answers on, with its counter
+        state = await stage_state(f, address)
+        assert (state["trail"], state["buffer"]) == (before["trail"], before["buffer"])
+
+        # criu with the contract: the process moves next to the next stage, then hands over on one host.
+        await ferryctl_json(f, "chain", "advance", chain, "--wait", "300")
+        done = await until_serving(f, chain, "transform", within=300)
+        handover = done["handovers"][-1]
+        assert (handover["target"], handover["outcome"]) == ("transform", "done"), handover
+        assert handover["moved_from"] == run["host"], handover
+        assert "MIGRATE" in handover["phases_ms"] and "EXPORT" in handover["phases_ms"], handover
+        runs = {r["stage"]: r for r in done["runs"] if r["state"] in ("serving", "removed")}
+        assert runs["transform"]["state"] == "serving" and runs["transform"]["host"] != run["host"], runs
+        await client.served_by("transform")
+        state = await stage_state(f, address)
+        assert state["trail"] == "ingest,transform"
+        assert state["buffer"] == bytes((i % 251 + 1) % 256 for i in range(SEED_BYTES))
+        containers = await chain_containers(f)
+        assert sorted(c for listed in containers.values() for c in listed) == [runs["transform"]["container"]]
+    finally:
+        await client.stop()
+    assert_exactly_once(client)
+    assert {name for name, _ in client.served()} == {"ingest", "transform"}
+    bodies = await receiver.wait_for(1)
+    assert [(b["alerts"][0]["labels"]["chain"], b["alerts"][0]["labels"]["phase"]) for b in bodies] == [
+        (chain, "MIGRATE")
+    ]

@@ -7,9 +7,13 @@ next stage can take its state while the chain's address is still published for t
 it, and the coordinator needs no route into the service network. The body is relayed as it is
 (MessagePack or protobuf; the agent does not read it):
 
-    POST /v1/containers/{id}/state/export?port=P   -> POST /state/export (the state, in the answer)
-    PUT  /v1/containers/{id}/state?port=P          -> PUT /state (the body: the state)
-    POST /v1/containers/{id}/state/resume?port=P   -> POST /state/resume
+    POST  /v1/containers/{id}/state/export?port=P[&since=V] -> POST /state/export[?since=V] (the
+                                                               state, or its delta since V)
+    PUT   /v1/containers/{id}/state?port=P          -> PUT /state (the body: the state)
+    POST  /v1/containers/{id}/state/resume?port=P   -> POST /state/resume
+    POST  /v1/containers/{id}/state/snapshot?port=P -> POST /state/snapshot (a live handover: the
+                                                       state, the stage serving on)
+    PATCH /v1/containers/{id}/state?port=P          -> PATCH /state (the body: a delta)
 
 The stage's own answer comes back with its status and body; 502 `stage_unreachable` when it does
 not answer at all.
@@ -36,10 +40,10 @@ class StageUnreachable(FerrymanError):
     http_status = 502
 
 
-async def _target(request: web.Request) -> tuple[str, str, int]:
+async def _target(request: web.Request, allowed: frozenset[str] = frozenset({"port"})) -> tuple[str, str, int]:
     """(netns, service address, port) of the running container the request names."""
     cid = _container_id(request)
-    check_keys(dict(request.query), {"port"}, {"port"}, "query")
+    check_keys(dict(request.query), set(allowed), {"port"}, "query")
     port = query_number(request, "port", integer=True, maximum=65535)
     if not port:
         raise InvalidRequest("query parameter port: expected 1-65535")
@@ -54,8 +58,15 @@ async def _target(request: web.Request) -> tuple[str, str, int]:
     raise ContainerNotFound(f"no container {cid!r}")
 
 
-async def _relay(request: web.Request, method: str, path: str, body: bytes, content_type: str) -> web.Response:
-    netns, address, port = await _target(request)
+async def _relay(
+    request: web.Request,
+    method: str,
+    path: str,
+    body: bytes,
+    content_type: str,
+    allowed: frozenset[str] = frozenset({"port"}),
+) -> web.Response:
+    netns, address, port = await _target(request, allowed)
     try:
         answer = await http_exchange(netns, address, port, method, path, body, content_type, MAX_STATE_BYTES)
     except ProbeFailed as exc:
@@ -64,24 +75,45 @@ async def _relay(request: web.Request, method: str, path: str, body: bytes, cont
 
 
 async def export_state(request: web.Request) -> web.Response:
-    return await _relay(request, "POST", "/state/export", b"", TYPES[0])
+    if "since" not in request.query:
+        return await _relay(request, "POST", "/state/export", b"", TYPES[0])
+    since = query_number(request, "since", integer=True)
+    if since is None:
+        raise InvalidRequest("query parameter since: expected the version of a snapshot")
+    return await _relay(request, "POST", f"/state/export?since={since}", b"", TYPES[0], frozenset({"port", "since"}))
+
+
+async def snapshot_state(request: web.Request) -> web.Response:
+    return await _relay(request, "POST", "/state/snapshot", b"", TYPES[0])
 
 
 async def resume_stage(request: web.Request) -> web.Response:
     return await _relay(request, "POST", "/state/resume", b"", TYPES[0])
 
 
-async def import_state(request: web.Request) -> web.Response:
+async def _body(request: web.Request) -> tuple[bytes, str]:
     content_type = request.content_type if request.content_type in TYPES else TYPES[0]
     body = bytearray()
     async for chunk in request.content.iter_chunked(CHUNK):
         body += chunk
         if len(body) > MAX_STATE_BYTES:
             raise InvalidRequest(f"the state is larger than {MAX_STATE_BYTES} bytes")
-    return await _relay(request, "PUT", "/state", bytes(body), content_type)
+    return bytes(body), content_type
+
+
+async def import_state(request: web.Request) -> web.Response:
+    body, content_type = await _body(request)
+    return await _relay(request, "PUT", "/state", body, content_type)
+
+
+async def apply_delta(request: web.Request) -> web.Response:
+    body, content_type = await _body(request)
+    return await _relay(request, "PATCH", "/state", body, content_type)
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/containers/{id}/state/export", export_state)
     app.router.add_put("/v1/containers/{id}/state", import_state)
     app.router.add_post("/v1/containers/{id}/state/resume", resume_stage)
+    app.router.add_post("/v1/containers/{id}/state/snapshot", snapshot_state)
+    app.router.add_patch("/v1/containers/{id}/state", apply_delta)

@@ -28,7 +28,7 @@ from core.errors import InvalidRequest
 SCHEMA_FILE = "manifest.schema.json"
 FORMAT_VERSION = 1
 MAX_PROBLEMS = 20
-DRIVEN_PROTOCOLS = frozenset({"http_state", "shared_volume"})
+DRIVEN_PROTOCOLS = frozenset({"http_state", "shared_volume", "criu"})
 """The handover protocols this coordinator drives; the others are part of the format already."""
 
 
@@ -57,14 +57,29 @@ class Handover:
     """Seconds the old stage keeps finishing in-flight requests after the address moved."""
     deadline: float = 60.0
     """Seconds the whole handover may take before it rolls back."""
+    live: bool = False
+    """http_state, shared_volume: the stage serves on while a snapshot of its state is carried; only
+    the delta since it is exported at the switch."""
+    become: bool = False
+    """criu: the next stage is this stage's process, moved; otherwise, once moved, it hands its state
+    over by the contract on `port`."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"protocol": self.protocol, "drain": self.drain, "deadline": self.deadline}
         if self.protocol == "http_state":
-            out.update(port=self.port, encoding=self.encoding)
+            out.update(port=self.port, encoding=self.encoding, live=self.live)
         if self.protocol == "shared_volume":
-            out.update(port=self.port, path=self.path, encoding=self.encoding)
+            out.update(port=self.port, path=self.path, encoding=self.encoding, live=self.live)
+        if self.protocol == "criu":
+            out.update(become=self.become)
+            if not self.become:
+                out.update(port=self.port, encoding=self.encoding, live=self.live)
         return out
+
+    @property
+    def contract(self) -> bool:
+        """The stage speaks the HTTP state contract at its handover (all but criu's `become`)."""
+        return not (self.protocol == "criu" and self.become)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Handover:
@@ -75,6 +90,8 @@ class Handover:
             path=data.get("path", ""),
             drain=float(data.get("drain", 1.0)),
             deadline=float(data.get("deadline", 60.0)),
+            live=bool(data.get("live", False)),
+            become=bool(data.get("become", False)),
         )
 
 
@@ -237,7 +254,10 @@ def _describe(error: jsonschema.ValidationError, document: Any) -> str:
             owner = owner[part]
         if isinstance(owner, dict):
             key = "protocol" if "protocol" in owner else "kind"
-            fields = [k for k, v in owner.items() if v == error.instance and k != key]
+            # (by type too: True == 1, and `become: true` is not the `port: 1` refused beside it)
+            fields = [
+                k for k, v in owner.items() if v == error.instance and type(v) is type(error.instance) and k != key
+            ]
             return f"{_path([*parts, '/'.join(fields) or '?'])}: not allowed with {key} {owner.get(key)!r}"
     if error.validator == "oneOf" and isinstance(error.instance, dict):
         return f"{_path(parts)}: give exactly one of image and entry"
@@ -248,6 +268,38 @@ def _describe(error: jsonschema.ValidationError, document: Any) -> str:
 
 def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+def _becoming_problems(manifest: ChainManifest) -> list[str]:
+    """criu with `become`: the next stage is the moved process, so it must be what that process
+    runs (image, args, env), with nothing of its own to start (no standby, no fallback)."""
+    problems = []
+    for j, fb in enumerate(manifest.fallbacks):
+        if fb.handover.become:
+            problems.append(f"fallbacks[{j}].handover.become: a fallback hands over by criu only with the contract")
+    for i, s in enumerate(manifest.stages):
+        if not s.handover.become:
+            continue
+        if i + 1 == len(manifest.stages):
+            problems.append(f"stages[{i}].handover.become: {s.name} is the last stage; there is no stage to become")
+            continue
+        nxt = manifest.stages[i + 1]
+        for what, mine, theirs in (
+            ("image", s.image, nxt.image),
+            ("entry", s.entry, nxt.entry),
+            ("args", s.args, nxt.args),
+            ("env", s.env, nxt.env),
+        ):
+            if mine != theirs:
+                problems.append(
+                    f"stages[{i + 1}].{what}: {nxt.name} is {s.name}'s process moved (its handover is criu with "
+                    f"become), so its {what} is {s.name}'s"
+                )
+        if nxt.standby != "none":
+            problems.append(f"stages[{i + 1}].standby: {nxt.name} is {s.name}'s process moved; it has no standby")
+        if nxt.fallback:
+            problems.append(f"stages[{i + 1}].fallback: {nxt.name} is {s.name}'s process moved; it has no fallback")
+    return problems
 
 
 def graph_problems(manifest: ChainManifest) -> list[str]:
@@ -318,6 +370,7 @@ def graph_problems(manifest: ChainManifest) -> list[str]:
                 f"stages[{i}].consumes.from: {s.name} runs after {main[i - 1]}, so it consumes from "
                 f"{main[i - 1]!r}, not {s.consumes_from!r}"
             )
+    problems += _becoming_problems(manifest)
     for j, fb in enumerate(manifest.fallbacks):
         users = [s for s in manifest.stages if s.fallback == fb.name]
         if not users:

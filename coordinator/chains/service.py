@@ -35,7 +35,7 @@ from coordinator.alerts import Alert, Alerter
 from coordinator.catalog.model import HealthCheck, Reference, UnknownReference
 from coordinator.catalog.service import CatalogService
 from coordinator.chains import prediction
-from coordinator.chains.contract import StateUnfit, check_state
+from coordinator.chains.contract import StateUnfit, check_delta, check_state, snapshot_version
 from coordinator.chains.manifest import ChainManifest, ChainManifestInvalid, ManifestValidator, Stage
 from coordinator.chains.prediction import Prediction, UsageModel
 from coordinator.chains.states import (
@@ -59,11 +59,11 @@ from coordinator.config import DeploymentsConfig
 from coordinator.deployments.addresses import allocate
 from coordinator.deployments.service import HEALTH_POLL, agent_health, container_id
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.model import Capacity, Host, HostNotFound
+from coordinator.model import Capacity, Host, HostNotFound, Migration, MigrationState
 from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
 from coordinator.store import Store
-from core.errors import FerrymanError, NotFound
+from core.errors import Conflict, ContainerNotFound, FerrymanError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,32 @@ class ChainAgents(Protocol):
     async def checkpoint_container(self, host: Host, container_id: str, within: float) -> None: ...
     async def restore_container(self, host: Host, container_id: str, within: float) -> None: ...
     async def stage_state(
-        self, host: Host, container_id: str, action: str, port: int, body: bytes, within: float
+        self,
+        host: Host,
+        container_id: str,
+        action: str,
+        port: int,
+        body: bytes,
+        within: float,
+        since: int | None = None,
     ) -> tuple[int, bytes]: ...
+
+
+class ChainMigrations(Protocol):
+    """What the chain manager needs of the coordinator's migrations (coordinator/orchestrator.py)
+    for a `criu` handover: the serving stage's process moved as any container is."""
+
+    async def request(
+        self, container: str, to: str = ..., *, mode: str | None = ..., requested_by: str = ..., reason: str = ...
+    ) -> Migration: ...
+    async def get(self, migration_id: str) -> Migration: ...
+    async def all(self) -> list[Migration]: ...
+    async def wait(self, migration_id: str, within: float) -> Migration: ...
+
+
+MIGRATION_WAIT = 3600.0
+"""Seconds a rollback waits for a criu handover's migration to end (the orchestrator bounds it by
+its own `[migrations] timeout`): the chain must know on which host its stage runs."""
 
 
 class ChainService:
@@ -118,12 +142,15 @@ class ChainService:
         admit: asyncio.Lock,
         usage_model: UsageModel | None = None,
         predict_period: float = 5.0,
+        migrations: ChainMigrations | None = None,
     ) -> None:
         """`addresses_taken`: the service addresses deployments hold; `admit`: held (with the
         deployments) while an address is chosen and first stored, so no two take one;
         `usage_model`: predicts the next stage's usage from the chain's history (None: the
         manifest's `predicted`); `predict_period`: seconds between two predictions while a stage
-        serves."""
+        serves; `migrations`: the coordinator's, for `criu` handovers (without it they fail,
+        rolling back)."""
+        self._migrations = migrations
         self._store = store
         self._records = chains
         self._catalog = catalog
@@ -153,6 +180,7 @@ class ChainService:
             State.EXPORT: self._export,
             State.TRANSFER: self._transfer,
             State.IMPORT: self._import,
+            State.MIGRATE: self._migrate,
             State.SWITCH: self._switch,
             State.RETIRING: self._retire,
             State.ROLLING_BACK: self._roll_back,
@@ -642,6 +670,8 @@ class ChainService:
                 record, manifest.stage(record.target), exclude=await self._not_next_to(record, serving)
             )
             preallocated = {"preallocated": True} if held and run.reservation == held else {}
+            if manifest.stage(record.serving).handover.become:
+                return record, preallocated  # criu, `become`: the capacity is for the serving stage's process, moved
             host = await self._host_or_fail(run)
             stage = manifest.stage(record.target)
             if run.state is RunState.FROZEN:  # its warm standby: activated by a thaw, healthy already
@@ -668,7 +698,8 @@ class ChainService:
             run = dataclasses.replace(run, state=RunState.CREATED)
             return await self._put(record.with_run(run, self._clock())), preallocated
 
-        return await self._phase(record, work, Event.CREATED)
+        become = record.chain_manifest().stage(record.serving).handover.become
+        return await self._phase(record, work, Event.MOVE if become else Event.CREATED)
 
     async def _not_next_to(self, record: ChainRecord, serving: StageRun) -> tuple[str, ...]:
         """The hosts the next stage may not run on. Over a shared volume it runs on the serving
@@ -711,13 +742,86 @@ class ChainService:
             record, _ = await self._create(record, run, stage, publish=False, deadline=deadline)
             return record, {}
 
-        return await self._phase(record, work, Event.HEALTHY)
+        # criu: the next stage healthy, the serving stage's process moves next to it (MIGRATE).
+        criu = record.chain_manifest().stage(record.serving).handover.protocol == "criu"
+        return await self._phase(record, work, Event.MOVE if criu else Event.HEALTHY)
+
+    async def _migrate(self, record: ChainRecord) -> ChainRecord:
+        """criu: the serving stage's process moved to the next stage's host by a coordinator
+        migration (its address moves with it, as a migration moves it). Then the state contract
+        hands over on that host, or, with `become`, the moved process is the next stage."""
+        become = record.chain_manifest().stage(record.serving).handover.become
+
+        async def work(record: ChainRecord, deadline: float) -> tuple[ChainRecord, dict[str, Any]]:
+            serving, placed = _serving_run(record), _target_run(record)
+            migration = await self._migration_of(record, serving, placed.host, deadline)
+            handover = record.handovers[-1]
+            if handover.migration != migration.id:  # journaled before it is waited on: a restart follows it
+                handover = dataclasses.replace(handover, migration=migration.id, moved_from=serving.host)
+                record = await self._put(record.with_handover(handover, self._clock()))
+            assert self._migrations is not None
+            migration = await self._migrations.wait(
+                migration.id, max(0.1, deadline - asyncio.get_running_loop().time())
+            )
+            if not migration.done:
+                raise TimeoutError
+            if migration.state is not MigrationState.COMMITTED:
+                raise StepFailed(f"moving {serving.container} to {placed.host}: {migration.error or migration.state}")
+            if serving.reservation:  # its old host runs it no more
+                with contextlib.suppress(FerrymanError):
+                    await self._reservations.release(serving.reservation)
+            now = self._clock()
+            if not become:
+                moved = dataclasses.replace(serving, host=migration.target, reservation="")
+                return await self._put(record.with_run(moved, now)), {}
+            # The moved process is the next stage: its run takes the next stage's name and reservation.
+            became = dataclasses.replace(
+                serving, stage=record.target, host=migration.target, reservation=placed.reservation
+            )
+            runs = tuple(r for r in record.runs if r.container not in (serving.container, placed.container))
+            self._metrics.chain_handovers.labels(outcome="done").inc()
+            log.info("chain handed over by moving its process", extra={"chain": record.id, "to": record.target})
+            record = dataclasses.replace(
+                record, runs=(*runs, became), serving=record.target, target="", failed=(), serving_since=now
+            )
+            return record, {"outcome": "done"}
+
+        return await self._phase(record, work, Event.BECAME if become else Event.MIGRATED)
+
+    async def _migration_of(self, record: ChainRecord, serving: StageRun, to: str, deadline: float) -> Migration:
+        """The migration moving the serving stage's process: the one in the journal, or a new one
+        (or the one already running for its container, if a restart lost its id)."""
+        if self._migrations is None:
+            raise StepFailed("this coordinator has no migrations to move a stage with (criu)")
+        known = record.handovers[-1].migration
+        if known:
+            return await self._migrations.get(known)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return await self._migrations.request(
+                    serving.container, to, requested_by=f"chain:{record.id}", reason="chain handover"
+                )
+            except ContainerNotFound:
+                # Created moments ago: its host's telemetry has not reported it yet.
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+            except Conflict:
+                running = [m for m in await self._migrations.all() if m.container == serving.container and not m.done]
+                if not running:
+                    raise
+                return running[-1]
+            except FerrymanError as exc:
+                raise StepFailed(f"moving {serving.container} to {to}: {exc.message}") from exc
 
     async def _export(self, record: ChainRecord) -> ChainRecord:
         async def work(record: ChainRecord, deadline: float) -> tuple[ChainRecord, dict[str, Any]]:
             serving = _serving_run(record)
             stage = record.chain_manifest().stage(record.serving)
-            state = await self._exchange(record, serving, "export", stage.handover.port, b"", deadline, (200,))
+            # Live: a snapshot, the stage serving on; the rest of the handover runs beside it.
+            action = "snapshot" if stage.handover.live else "export"
+            state = await self._exchange(record, serving, action, stage.handover.port, b"", deadline, (200,))
             self._exported[record.id] = state
             digest = await asyncio.to_thread(lambda: hashlib.sha256(state).hexdigest())
             return record, {"state_bytes": len(state), "state_sha256": digest}
@@ -729,9 +833,12 @@ class ChainService:
             state = self._exported.get(record.id)
             if state is None:
                 raise StepFailed("the exported state is gone (the coordinator restarted since EXPORT)")
-            consumes = record.chain_manifest().stage(record.target).consumes_state
+            manifest = record.chain_manifest()
+            consumes = manifest.stage(record.target).consumes_state
             try:
-                await asyncio.to_thread(check_state, state, consumes)
+                decoded = await asyncio.to_thread(check_state, state, consumes)
+                if manifest.stage(record.serving).handover.live:
+                    return record, {"snapshot_version": snapshot_version(decoded)}
             except StateUnfit as exc:
                 raise StepFailed(exc.message) from exc
             return record, {}
@@ -760,11 +867,14 @@ class ChainService:
         body: bytes,
         deadline: float,
         ok: Collection[int],
+        since: int | None = None,
     ) -> bytes:
         host = await self._host_or_fail(run)
         within = max(0.1, deadline - asyncio.get_running_loop().time())
         try:
-            status, answer = await self._agents.stage_state(host, run.container, action, port, body, within)
+            status, answer = await self._agents.stage_state(
+                host, run.container, action, port, body, within, since=since
+            )
         except FerrymanError as exc:
             raise StepFailed(f"{action} {run.stage} on {run.host}: {exc.message}") from exc
         if status not in ok:
@@ -775,6 +885,10 @@ class ChainService:
     async def _switch(self, record: ChainRecord) -> ChainRecord:
         async def work(record: ChainRecord, deadline: float) -> tuple[ChainRecord, dict[str, Any]]:
             serving, target = _serving_run(record), _target_run(record)
+            changes: dict[str, Any] = {}
+            froze = self._clock()
+            if record.chain_manifest().stage(record.serving).handover.live:
+                await self._apply_delta(record, serving, target, deadline)
             try:
                 if serving.host != target.host:
                     await self._agents.unpublish(await self._host_or_fail(serving), record.address)
@@ -786,10 +900,30 @@ class ChainService:
             now = self._clock()
             record = record.with_run(dataclasses.replace(target, state=RunState.SERVING), now)
             record = record.with_run(dataclasses.replace(serving, state=RunState.HEALTHY), now)
+            if record.chain_manifest().stage(record.serving).handover.live:
+                changes["frozen_ms"] = round((now - froze) * 1000, 3)
             # Stored with SWITCHED, in one write: the journal never has the address moved but not the roles.
-            return dataclasses.replace(record, retiring=record.serving, serving=record.target, target=""), {}
+            return dataclasses.replace(record, retiring=record.serving, serving=record.target, target=""), changes
 
         return await self._phase(record, work, Event.SWITCHED)
+
+    async def _apply_delta(self, record: ChainRecord, serving: StageRun, target: StageRun, deadline: float) -> None:
+        """A live handover's last step before the address moves: the serving stage exports what
+        changed since the snapshot (and refuses changes from then on), the next stage applies it.
+        Both can run twice (a SWITCH driven again after a restart): the export since the journaled
+        version is the same while the stage refuses changes, and a stage ignores a delta it has."""
+        since = record.handovers[-1].snapshot_version
+        if since < 0:
+            raise StepFailed("the snapshot's version is not in the journal (taken before a restart?)")
+        manifest = record.chain_manifest()
+        port = manifest.stage(record.serving).handover.port
+        delta = await self._exchange(record, serving, "export", port, b"", deadline, (200,), since=since)
+        try:
+            check_delta(delta, since)
+        except StateUnfit as exc:
+            raise StepFailed(exc.message) from exc
+        target_port = manifest.stage(record.target).handover.port
+        await self._exchange(record, target, "delta", target_port, delta, deadline, (200, 204))
 
     async def _retire(self, record: ChainRecord) -> ChainRecord:
         """Let the old stage finish in-flight requests for `drain` seconds, then remove it."""
@@ -824,6 +958,7 @@ class ChainService:
     async def _roll_back(self, record: ChainRecord) -> ChainRecord:
         """The target removed, the serving stage resumed and its address published (again)."""
         self._exported.pop(record.id, None)
+        record = await self._moved_anyway(record)
         target = record.run_of(record.target) if record.target else None
         if target is not None and target.state is not RunState.SERVING:
             record = await self._put(record.with_run(await self._remove(record.id, target, failed=True), self._clock()))
@@ -832,11 +967,12 @@ class ChainService:
         problems = []
         try:
             host = await self._host(serving.host)
-            status, answer = await self._agents.stage_state(
-                host, serving.container, "resume", stage.handover.port, b"", self._create_timeout
-            )
-            if status not in (200, 204):
-                problems.append(f"resume: HTTP {status}: {answer[:200].decode(errors='replace')}")
+            if stage.handover.contract:
+                status, answer = await self._agents.stage_state(
+                    host, serving.container, "resume", stage.handover.port, b"", self._create_timeout
+                )
+                if status not in (200, 204):
+                    problems.append(f"resume: HTTP {status}: {answer[:200].decode(errors='replace')}")
             await self._agents.publish(host, serving.container)
         except FerrymanError as exc:
             problems.append(exc.message)
@@ -866,6 +1002,26 @@ class ChainService:
                 Event.ROLLED_BACK, now, failed=(*record.failed, record.target), target=""
             )
         )
+
+    async def _moved_anyway(self, record: ChainRecord) -> ChainRecord:
+        """A criu handover rolling back: its migration ended first (it runs on in the orchestrator
+        when the chain gave up on it), and if it committed the serving stage runs where it moved to."""
+        handover = record.handovers[-1] if record.handovers else None
+        if handover is None or not handover.migration or self._migrations is None:
+            return record
+        try:
+            migration = await self._migrations.wait(handover.migration, MIGRATION_WAIT)
+        except FerrymanError as exc:
+            log.error("criu handover's migration unknown", extra={"chain": record.id, "error": exc.message})
+            return record
+        serving = record.run_of(record.serving)
+        if migration.state is not MigrationState.COMMITTED or serving is None or serving.host == migration.target:
+            return record
+        if serving.reservation:
+            with contextlib.suppress(FerrymanError):
+                await self._reservations.release(serving.reservation)
+        moved = dataclasses.replace(serving, host=migration.target, reservation="")
+        return await self._put(record.with_run(moved, self._clock()))
 
     # ----- steps: the end
 

@@ -8,7 +8,9 @@ an event the table does not allow raises IllegalTransition and leaves the record
     STARTING --failed--> FAILING --stopped--> FAILED
     RUNNING --advance--> PREPARING --created--> HEALTH --healthy--> EXPORT --exported--> TRANSFER
         --transferred--> IMPORT --imported--> SWITCH --switched--> RETIRING --retired--> RUNNING (the next stage)
-    PREPARING, HEALTH, EXPORT, TRANSFER, IMPORT, SWITCH --failed--> ROLLING_BACK
+    criu: HEALTH --move--> MIGRATE --migrated--> EXPORT ... (the process moved next to the next stage)
+          PREPARING --move--> MIGRATE --became--> RUNNING (`become`: the moved process is the next stage)
+    PREPARING, HEALTH, MIGRATE, EXPORT, TRANSFER, IMPORT, SWITCH --failed--> ROLLING_BACK
         --rolled_back--> RUNNING (the same stage)
     RUNNING --complete--> COMPLETING --stopped--> COMPLETED
     any state but the teardowns and the ends --abort--> ABORTING --stopped--> ABORTED
@@ -43,6 +45,7 @@ class State(enum.StrEnum):
     EXPORT = "EXPORT"  # `serving`'s state taken out; it takes no requests that change it from now on
     TRANSFER = "TRANSFER"  # the state carried to `target`'s host, checked to be a MessagePack map
     IMPORT = "IMPORT"  # the state loaded into `target`
+    MIGRATE = "MIGRATE"  # criu: `serving`'s live process moved by a migration to `target`'s host
     SWITCH = "SWITCH"  # the address moves: unpublished on `serving`'s host, published on `target`'s
     RETIRING = "RETIRING"  # the old stage drains in-flight requests (bounded), then is removed
     ROLLING_BACK = "ROLLING_BACK"  # a handover phase failed: `target` removed, `serving` resumed and republished
@@ -65,6 +68,9 @@ class Event(enum.StrEnum):
     TRANSFERRED = "transferred"
     IMPORTED = "imported"
     SWITCHED = "switched"
+    MOVE = "move"  # criu: the serving stage's process is to move (to the next stage's host)
+    MIGRATED = "migrated"  # criu: it moved; its state is handed over by the contract next
+    BECAME = "became"  # criu, `become`: it moved, and it is the next stage
     RETIRED = "retired"
     ROLLED_BACK = "rolled_back"
     COMPLETE = "complete"
@@ -72,7 +78,15 @@ class Event(enum.StrEnum):
     STOPPED = "stopped"
 
 
-HANDOVER_PHASES = (State.PREPARING, State.HEALTH, State.EXPORT, State.TRANSFER, State.IMPORT, State.SWITCH)
+HANDOVER_PHASES = (
+    State.PREPARING,
+    State.HEALTH,
+    State.MIGRATE,
+    State.EXPORT,
+    State.TRANSFER,
+    State.IMPORT,
+    State.SWITCH,
+)
 """The phases a failure rolls back from (RETIRING is past the point of no return: the next stage serves)."""
 TERMINAL = frozenset({State.COMPLETED, State.ABORTED, State.FAILED})
 TEARDOWNS = frozenset({State.COMPLETING, State.ABORTING, State.FAILING})
@@ -91,6 +105,12 @@ _TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.TRANSFER, Event.TRANSFERRED): State.IMPORT,
     (State.IMPORT, Event.IMPORTED): State.SWITCH,
     (State.SWITCH, Event.SWITCHED): State.RETIRING,
+    # criu: the process moves after the next stage is healthy (then the contract hands over, on one
+    # host), or, when the next stage *is* the moved process (`become`), right after its placement.
+    (State.HEALTH, Event.MOVE): State.MIGRATE,
+    (State.PREPARING, Event.MOVE): State.MIGRATE,
+    (State.MIGRATE, Event.MIGRATED): State.EXPORT,
+    (State.MIGRATE, Event.BECAME): State.RUNNING,
     (State.RETIRING, Event.RETIRED): State.RUNNING,
     **{(phase, Event.FAILED): State.ROLLING_BACK for phase in HANDOVER_PHASES},
     (State.ROLLING_BACK, Event.ROLLED_BACK): State.RUNNING,
@@ -140,6 +160,8 @@ _RECOVERY: dict[State, Recovery] = {
     **{s: Recovery.ROLL_BACK for s in (State.PREPARING, State.HEALTH, State.EXPORT, State.TRANSFER, State.IMPORT)},
     # SWITCH is driven again, not rolled back: the state is in the next stage, and moving the address
     # (unpublish there, publish here) can be done twice; RETIRING only removes the old stage.
+    # MIGRATE is driven again too: the migration is the orchestrator's, journaled and resumed by it;
+    # the chain follows it by the id in its handover record (or finds it by container).
     **{s: Recovery.NOTHING for s in TERMINAL},
 }
 
@@ -250,6 +272,15 @@ class HandoverRecord:
     preallocated: bool = False
     """The target took the capacity pre-allocated for it (`ChainRecord.preallocation`): its
     reservation, released once the handover is done."""
+    snapshot_version: int = -1
+    """A live handover: the version of the snapshot EXPORT took (the delta at SWITCH is since it)."""
+    frozen_ms: float = 0.0
+    """A live handover: milliseconds from the final export (the source refusing changes) to the
+    address moved, the part of SWITCH a client waits through."""
+    migration: str = ""
+    """criu: the coordinator migration that moves the serving stage's process."""
+    moved_from: str = ""
+    """criu: the host the serving stage's process ran on before its migration committed."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -263,6 +294,10 @@ class HandoverRecord:
             "phases_ms": dict(self.phases_ms),
             "from_standby": self.from_standby,
             "preallocated": self.preallocated,
+            "snapshot_version": self.snapshot_version,
+            "frozen_ms": self.frozen_ms,
+            "migration": self.migration,
+            "moved_from": self.moved_from,
         }
 
     @classmethod
@@ -278,6 +313,10 @@ class HandoverRecord:
             phases_ms={k: float(v) for k, v in (data.get("phases_ms") or {}).items()},
             from_standby=bool(data.get("from_standby", False)),
             preallocated=bool(data.get("preallocated", False)),
+            snapshot_version=int(data.get("snapshot_version", -1)),
+            frozen_ms=float(data.get("frozen_ms", 0.0)),
+            migration=data.get("migration", ""),
+            moved_from=data.get("moved_from", ""),
         )
 
 

@@ -26,7 +26,16 @@
  *                        FAULT switch it loads it, answers, and exits: a stage that dies between
  *                        taking the state and getting the address)
  *   POST /state/resume   handing over no more: serve /work again (a rolled-back handover)
- * FAULT is "none", "health", "export", "import" or "switch".
+ * A live handover (docs/chains.md, "A live handover") adds, with VERSION the number of changes
+ * the stage has applied (each counted /work; a loaded state's version carried over):
+ *   POST /state/snapshot           the state with "version", the stage serving on
+ *   POST /state/export?since=V     the delta since version V: {"since": V, "version": VERSION,
+ *                                  "counter": COUNTER} (only /work changes the state, and only the
+ *                                  counter); handing over from then on (500 with FAULT export)
+ *   PATCH /state                   apply such a delta: 409 unless it is since the version this
+ *                                  stage has; 204 without a change if it has that version already
+ *                                  (a delta applied twice); 500 with FAULT delta
+ * FAULT is "none", "health", "export", "import", "delta" or "switch".
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -50,6 +59,7 @@
 static const char *name;
 static const char *fault;
 static uint64_t counter;
+static uint64_t version;  /* changes applied: the live handover's delta is taken since one */
 static unsigned char *buffer;
 static size_t buffer_len;
 static char trail[4096];
@@ -116,12 +126,16 @@ static void put_be(unsigned char *p, uint64_t v, int bytes) {
 
 /* {"counter": uint64, "buffer": bin32, "trail": str32}; with a volume the buffer is
  * {"file": str8, "bytes": uint64}, the file in the volume that holds it. */
-static unsigned char *encode(size_t *out_len) {
+static unsigned char *encode(size_t *out_len, int with_version) {
     size_t tlen = strlen(trail);
-    size_t len = 1 + 8 + 9 + 7 + 5 + (volume ? 1 + 5 + 2 + 255 + 6 + 9 : buffer_len) + 6 + 5 + tlen;
+    size_t len = 1 + 8 + 9 + 7 + 5 + (volume ? 1 + 5 + 2 + 255 + 6 + 9 : buffer_len) + 6 + 5 + tlen + 8 + 9;
     unsigned char *out = malloc(len), *p = out;
     if (!out) return NULL;
-    *p++ = 0x83;
+    *p++ = with_version ? 0x84 : 0x83;
+    if (with_version) {
+        *p++ = 0xa7; memcpy(p, "version", 7); p += 7;
+        *p++ = 0xcf; put_be(p, version, 8); p += 8;
+    }
     *p++ = 0xa7; memcpy(p, "counter", 7); p += 7;
     *p++ = 0xcf; put_be(p, counter, 8); p += 8;
     *p++ = 0xa6; memcpy(p, "buffer", 6); p += 6;
@@ -181,7 +195,7 @@ static int get_uint(struct reader *r, uint64_t *v) {
 /* Load a state (or leave everything as it was and say what is wrong). */
 static const char *load(const unsigned char *body, size_t len) {
     struct reader r = {body, body + len};
-    uint64_t fields, count = 0, blen = 0, tlen = 0;
+    uint64_t fields, count = 0, blen = 0, tlen = 0, loaded_version = 0;
     const unsigned char *bdata = NULL, *tdata = NULL;
     int have = 0;
     char file[256] = "";
@@ -216,6 +230,8 @@ static const char *load(const unsigned char *body, size_t len) {
         } else if (klen == 5 && !memcmp(key, "trail", 5)) {
             if (get_bytes(&r, &tdata, &tlen)) return "trail: not a string";
             have |= 4;
+        } else if (klen == 7 && !memcmp(key, "version", 7)) {
+            if (get_uint(&r, &loaded_version)) return "version: not an unsigned integer";
         } else {
             return "unknown field";
         }
@@ -264,12 +280,52 @@ static const char *load(const unsigned char *body, size_t len) {
     strcat(trail, ",");
     strcat(trail, name);
     counter = count;
+    version = loaded_version;
     return NULL;
 }
 
-static void serve_state(int fd) {
+/* Apply a live handover's delta {"since": V, "version": W, "counter": C}: NULL when applied (or
+ * had already: *status 204), else why, with *status the answer's. */
+static const char *apply_delta(const unsigned char *body, size_t len, int *status) {
+    struct reader r = {body, body + len};
+    uint64_t since = 0, next = 0, count = 0;
+    int have = 0;
+    *status = 400;
+    if (r.p >= r.end || (*r.p & 0xf0) != 0x80) return "not a MessagePack map";
+    uint64_t fields = *r.p++ & 0x0f;
+    for (uint64_t i = 0; i < fields; i++) {
+        const unsigned char *key;
+        uint64_t klen;
+        if (get_bytes(&r, &key, &klen)) return "a key is not a string";
+        if (klen == 5 && !memcmp(key, "since", 5)) { if (get_uint(&r, &since)) return "since: not an unsigned integer"; have |= 1; }
+        else if (klen == 7 && !memcmp(key, "version", 7)) { if (get_uint(&r, &next)) return "version: not an unsigned integer"; have |= 2; }
+        else if (klen == 7 && !memcmp(key, "counter", 7)) { if (get_uint(&r, &count)) return "counter: not an unsigned integer"; have |= 4; }
+        else return "unknown field";
+    }
+    if (have != 7) return "since, version and counter are required";
+    *status = 204;
+    if (next <= version) return NULL;  /* had it already */
+    if (since != version) { *status = 409; return "the delta is not since the version this stage has"; }
+    counter = count;
+    version = next;
+    return NULL;
+}
+
+static void serve_delta(int fd, uint64_t since) {
+    unsigned char body[64], *p = body;
+    *p++ = 0x83;
+    *p++ = 0xa5; memcpy(p, "since", 5); p += 5;
+    *p++ = 0xcf; put_be(p, since, 8); p += 8;
+    *p++ = 0xa7; memcpy(p, "version", 7); p += 7;
+    *p++ = 0xcf; put_be(p, version, 8); p += 8;
+    *p++ = 0xa7; memcpy(p, "counter", 7); p += 7;
+    *p++ = 0xcf; put_be(p, counter, 8); p += 8;
+    respond(fd, 200, "OK", "application/msgpack", body, (size_t)(p - body));
+}
+
+static void serve_state(int fd, int with_version) {
     size_t len;
-    unsigned char *body = encode(&len);
+    unsigned char *body = encode(&len, with_version);
     if (!body) { text(fd, 500, "Internal Server Error", "out of memory"); return; }
     respond(fd, 200, "OK", "application/msgpack", body, len);
     free(body);
@@ -283,16 +339,29 @@ static void handle(int fd, const char *method, const char *path, const unsigned 
         if (handing_over) { text(fd, 503, "Service Unavailable", "handing over"); return; }
         char msg[128];
         counter++;
+        version++;
         snprintf(msg, sizeof msg, "%s %llu", name, (unsigned long long)counter);
         text(fd, 200, "OK", msg);
     } else if (!strcmp(path, "/buffer") && !strcmp(method, "GET")) {
         respond(fd, 200, "OK", "application/octet-stream", buffer, buffer_len);
     } else if (!strcmp(path, "/state") && !strcmp(method, "GET")) {
-        serve_state(fd);
+        serve_state(fd, 0);
+    } else if (!strcmp(path, "/state/snapshot") && !strcmp(method, "POST")) {
+        serve_state(fd, 1);
     } else if (!strcmp(path, "/state/export") && !strcmp(method, "POST")) {
         if (!strcmp(fault, "export")) { text(fd, 500, "Internal Server Error", "export refused (fault)"); return; }
         handing_over = 1;
-        serve_state(fd);
+        serve_state(fd, 0);
+    } else if (!strncmp(path, "/state/export?since=", 20) && !strcmp(method, "POST")) {
+        if (!strcmp(fault, "export")) { text(fd, 500, "Internal Server Error", "export refused (fault)"); return; }
+        handing_over = 1;
+        serve_delta(fd, strtoull(path + 20, NULL, 10));
+    } else if (!strcmp(path, "/state") && !strcmp(method, "PATCH")) {
+        if (!strcmp(fault, "delta")) { text(fd, 500, "Internal Server Error", "delta refused (fault)"); return; }
+        int status;
+        const char *why = apply_delta(body, len, &status);
+        if (why) text(fd, status, status == 409 ? "Conflict" : "Bad Request", why);
+        else respond(fd, 204, "No Content", "text/plain", NULL, 0);
     } else if (!strcmp(path, "/state") && !strcmp(method, "PUT")) {
         if (!strcmp(fault, "import")) { text(fd, 500, "Internal Server Error", "import refused (fault)"); return; }
         const char *why = load(body, len);
