@@ -80,6 +80,9 @@ class AgentClientLike(Protocol):
         within: float,
         since: int | None = None,
     ) -> tuple[int, bytes]: ...
+    async def stage_takeover(
+        self, host: Host, container_id: str, port: int, source: str, source_port: int, since: int, within: float
+    ) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -316,6 +319,21 @@ class AgentClient:
         if status != 200:
             raise self._error(host, status, data, f"unpublish {service_ip}")
         return bool(data.get("was_published"))
+
+    async def stage_takeover(
+        self, host: Host, container_id: str, port: int, source: str, source_port: int, since: int, within: float
+    ) -> int:
+        """A live handover's last step on one host, in one request (agent/api/stagestate.py): the
+        delta since `since` from `source`, applied to `container_id`, whose address is then
+        published; the delta's size. A stage's refusal raises Conflict naming it."""
+        path = (
+            f"/v1/containers/{container_id}/state/takeover?port={port}&from={source}"
+            f"&from_port={source_port}&since={since}"
+        )
+        status, data = await self._call(host, "POST", path, None, within)
+        if status != 200:
+            raise self._error(host, status, data, f"take over from {source}")
+        return int(data.get("delta_bytes", 0))
 
     async def stage_state(
         self,

@@ -17,17 +17,28 @@ it, and the coordinator needs no route into the service network. The body is rel
 
 The stage's own answer comes back with its status and body; 502 `stage_unreachable` when it does
 not answer at all.
+
+A live handover's last step on one host is one request (the chain's switch, when the serving stage
+and the next run here), so that the serving stage refuses changes for as short a time as can be:
+
+    POST /v1/containers/{id}/state/takeover?port=P&from=S&from_port=Q&since=V
+        S's POST /state/export?since=V, that delta to {id}'s PATCH /state, then {id}'s address
+        published (the route flipped from S's veth to {id}'s). 200 {"delta_bytes": N} when all three
+        were done; 409 `stage_refused` naming the step a stage refused (nothing published); 502
+        `stage_unreachable`.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from agent.api.handlers import CONTAINERS, _container_id
-from agent.model import LABEL_SERVICE_IP
+from agent.api.handlers import CONTAINERS, _container_id, _json
+from agent.api.network import _network
+from agent.model import LABEL_SERVICE_IP, ContainerSummary
 from agent.probes import ProbeFailed, http_exchange, netns_of
 from core.errors import Conflict, ContainerNotFound, FerrymanError, InvalidRequest
 from core.http.validate import check_keys, query_number
+from core.ids import check_container_id
 
 MAX_STATE_BYTES = 1 << 30
 """The largest state relayed either way (1 GiB); a stage with more hands it over through a volume."""
@@ -40,22 +51,37 @@ class StageUnreachable(FerrymanError):
     http_status = 502
 
 
-async def _target(request: web.Request, allowed: frozenset[str] = frozenset({"port"})) -> tuple[str, str, int]:
-    """(netns, service address, port) of the running container the request names."""
-    cid = _container_id(request)
-    check_keys(dict(request.query), set(allowed), {"port"}, "query")
-    port = query_number(request, "port", integer=True, maximum=65535)
+class StageRefused(Conflict):
+    code = "stage_refused"
+
+
+def _port(request: web.Request, name: str) -> int:
+    port = query_number(request, name, integer=True, maximum=65535)
     if not port:
-        raise InvalidRequest("query parameter port: expected 1-65535")
-    for summary in await request.app[CONTAINERS].list():
+        raise InvalidRequest(f"query parameter {name}: expected 1-65535")
+    return int(port)
+
+
+def _stage(summaries: list[ContainerSummary], cid: str) -> tuple[str, str]:
+    """(netns, service address) of the running container `cid`."""
+    for summary in summaries:
         if summary.id == cid:
             address = summary.labels.get(LABEL_SERVICE_IP)
             if not address:
                 raise Conflict(f"container {cid} has no service address: it cannot be a chain's stage")
             if not summary.pid:
                 raise Conflict(f"container {cid} is not running")
-            return netns_of(summary.pid), address, int(port)
+            return netns_of(summary.pid), address
     raise ContainerNotFound(f"no container {cid!r}")
+
+
+async def _target(request: web.Request, allowed: frozenset[str] = frozenset({"port"})) -> tuple[str, str, int]:
+    """(netns, service address, port) of the running container the request names."""
+    cid = _container_id(request)
+    check_keys(dict(request.query), set(allowed), {"port"}, "query")
+    port = _port(request, "port")
+    netns, address = _stage(await request.app[CONTAINERS].list(), cid)
+    return netns, address, port
 
 
 async def _relay(
@@ -111,9 +137,49 @@ async def apply_delta(request: web.Request) -> web.Response:
     return await _relay(request, "PATCH", "/state", body, content_type)
 
 
+async def _exchange(netns: str, address: str, port: int, method: str, path: str, body: bytes, who: str) -> bytes:
+    """One request of the contract to a stage; its body if it answered 200 or 204, else StageRefused."""
+    try:
+        answer = await http_exchange(netns, address, port, method, path, body, TYPES[0], MAX_STATE_BYTES)
+    except ProbeFailed as exc:
+        raise StageUnreachable(f"stage {who}: {exc.message}") from exc
+    if answer.status not in (200, 204):
+        text = answer.body[:200].decode(errors="replace").strip()
+        raise StageRefused(f"stage {who} refused {method} {path}: HTTP {answer.status}: {text}")
+    return answer.body
+
+
+async def take_over(request: web.Request) -> web.Response:
+    """A live handover's last step on this host, in one request (the module's docstring)."""
+    target = _container_id(request)
+    check_keys(
+        dict(request.query), {"port", "from", "from_port", "since"}, {"port", "from", "from_port", "since"}, "query"
+    )
+    source = request.query["from"]
+    check_container_id(source)
+    port, source_port = _port(request, "port"), _port(request, "from_port")
+    since = query_number(request, "since", integer=True)
+    if since is None:
+        raise InvalidRequest("query parameter since: expected the version of a snapshot")
+    network = _network(request)
+    summaries = await request.app[CONTAINERS].list()
+    source_netns, source_address = _stage(summaries, source)
+    target_netns, target_address = _stage(summaries, target)
+    if source_address != target_address:
+        raise Conflict(f"containers {source} and {target} do not share a service address")
+    delta = await _exchange(
+        source_netns, source_address, source_port, "POST", f"/state/export?since={since}", b"", source
+    )
+    await _exchange(target_netns, target_address, port, "PATCH", "/state", delta, target)
+    # The route flips from the source's veth to the target's in one `route replace`.
+    await network.publish(target_address, network.info(target).host_veth)
+    return _json({"delta_bytes": len(delta), "container": target, "service_ip": target_address})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/containers/{id}/state/export", export_state)
     app.router.add_put("/v1/containers/{id}/state", import_state)
     app.router.add_post("/v1/containers/{id}/state/resume", resume_stage)
     app.router.add_post("/v1/containers/{id}/state/snapshot", snapshot_state)
     app.router.add_patch("/v1/containers/{id}/state", apply_delta)
+    app.router.add_post("/v1/containers/{id}/state/takeover", take_over)

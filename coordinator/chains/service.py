@@ -105,6 +105,9 @@ class ChainAgents(Protocol):
         within: float,
         since: int | None = None,
     ) -> tuple[int, bytes]: ...
+    async def stage_takeover(
+        self, host: Host, container_id: str, port: int, source: str, source_port: int, since: int, within: float
+    ) -> int: ...
 
 
 class ChainMigrations(Protocol):
@@ -887,16 +890,14 @@ class ChainService:
             serving, target = _serving_run(record), _target_run(record)
             changes: dict[str, Any] = {}
             froze = self._clock()
-            if record.chain_manifest().stage(record.serving).handover.live:
-                await self._apply_delta(record, serving, target, deadline)
-            try:
-                if serving.host != target.host:
-                    await self._agents.unpublish(await self._host_or_fail(serving), record.address)
-                # On one host, publishing the target replaces the route to the serving stage's veth
-                # (one `route replace`: no moment without a route, and nothing to announce).
-                await self._agents.publish(await self._host_or_fail(target), target.container)
-            except FerrymanError as exc:
-                raise StepFailed(f"moving {record.address} to {target.host}: {exc.message}") from exc
+            live = record.chain_manifest().stage(record.serving).handover.live
+            if live and serving.host == target.host:
+                # One request to the host's agent: delta out, delta in, route flipped.
+                await self._take_over(record, serving, target, deadline)
+            else:
+                if live:
+                    await self._apply_delta(record, serving, target, deadline)
+                await self._move_address(record, serving, target)
             now = self._clock()
             record = record.with_run(dataclasses.replace(target, state=RunState.SERVING), now)
             record = record.with_run(dataclasses.replace(serving, state=RunState.HEALTHY), now)
@@ -924,6 +925,39 @@ class ChainService:
             raise StepFailed(exc.message) from exc
         target_port = manifest.stage(record.target).handover.port
         await self._exchange(record, target, "delta", target_port, delta, deadline, (200, 204))
+
+    async def _move_address(self, record: ChainRecord, serving: StageRun, target: StageRun) -> None:
+        try:
+            if serving.host != target.host:
+                await self._agents.unpublish(await self._host_or_fail(serving), record.address)
+            # On one host, publishing the target replaces the route to the serving stage's veth
+            # (one `route replace`: no moment without a route, and nothing to announce).
+            await self._agents.publish(await self._host_or_fail(target), target.container)
+        except FerrymanError as exc:
+            raise StepFailed(f"moving {record.address} to {target.host}: {exc.message}") from exc
+
+    async def _take_over(self, record: ChainRecord, serving: StageRun, target: StageRun, deadline: float) -> None:
+        """`_apply_delta` and the address moved, on one host, by one request to its agent: the
+        serving stage refuses changes for the least time. The next stage checks the delta itself
+        (it refuses one not taken since the version it has); both steps can run twice, as there."""
+        since = record.handovers[-1].snapshot_version
+        if since < 0:
+            raise StepFailed("the snapshot's version is not in the journal (taken before a restart?)")
+        manifest = record.chain_manifest()
+        host = await self._host_or_fail(target)
+        within = max(0.1, deadline - asyncio.get_running_loop().time())
+        try:
+            await self._agents.stage_takeover(
+                host,
+                target.container,
+                manifest.stage(record.target).handover.port,
+                serving.container,
+                manifest.stage(record.serving).handover.port,
+                since,
+                within,
+            )
+        except FerrymanError as exc:
+            raise StepFailed(f"taking over from {serving.stage} on {target.host}: {exc.message}") from exc
 
     async def _retire(self, record: ChainRecord) -> ChainRecord:
         """Let the old stage finish in-flight requests for `drain` seconds, then remove it."""
