@@ -788,14 +788,16 @@ async def test_a_stage_moves_its_live_process_by_criu_and_a_failed_move_rolls_ba
         "port": PORT,
         "stages": [
             stage("ingest", image, args=args, handover={"protocol": "criu", "become": True, "deadline": 120}),
-            stage(
-                "ingest-moved",
-                image,
-                "ingest",
-                args=args,
-                consumes={"from": "ingest", "state": []},
-                handover={"protocol": "criu", "port": PORT, "drain": 0.5, "deadline": 120},
-            ),
+            {
+                **stage(
+                    "ingest-moved",
+                    image,
+                    "ingest",
+                    args=args,
+                    handover={"protocol": "criu", "port": PORT, "drain": 0.5, "deadline": 120},
+                ),
+                "consumes": {"from": "ingest", "state": []},  # nothing: it is ingest's process
+            },
             stage("transform", image, "ingest-moved"),
         ],
     }
