@@ -18,6 +18,12 @@ unpublished on S's host and published on T's), RETIRING (S drains for `drain` se
 removed). A failure in any phase up to SWITCH, or the handover's deadline, rolls back: T is
 removed, S resumed (`POST /state/resume`) and its address published again; the state never left S
 for good, so nothing is lost or applied twice. An alert goes out as for deployments.
+
+A live handover (`handover.live`) takes a snapshot in EXPORT with the serving stage serving on,
+and at SWITCH only the delta since it (one agent request when both stages share a host). A `criu`
+handover moves the serving stage's process with a coordinator migration (MIGRATE): after HEALTH,
+next to the next stage, which then takes the state by the contract on one host; or, with
+`become`, right after PREPARING, the moved process being the next stage.
 """
 
 from __future__ import annotations

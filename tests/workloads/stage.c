@@ -21,7 +21,8 @@
  *   POST /work           counter + 1; 200 "NAME COUNTER"; 503 while handing over (not counted)
  *   GET  /state          200, the state as MessagePack {counter, buffer, trail}; no side effect
  *   GET  /buffer         200, the buffer's bytes; no side effect
- *   POST /state/export   the same, and the stage is handing over from then on (500 with FAULT export)
+ *   POST /state/export   the same, and the stage is handing over from then on (500 with FAULT export);
+ *                        it answers once the answers it gave before have been acknowledged
  *   PUT  /state          load a state exported by another stage (500 with FAULT import; with
  *                        FAULT switch it loads it, answers, and exits: a stage that dies between
  *                        taking the state and getting the address)
@@ -47,6 +48,8 @@
 #include <string.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -93,6 +96,40 @@ static void set_buffer(unsigned char *next, size_t len) {
 }
 
 static void on_term(int sig) { (void)sig; _exit(0); }
+
+/* Open client connections, so that an export can wait until every answer given before it has been
+ * acknowledged (see settle_answers). */
+#define MAX_CONNS 1024
+static int conns[MAX_CONNS];
+static int nconns;
+static pthread_mutex_t conns_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void track(int fd, int add) {
+    pthread_mutex_lock(&conns_lock);
+    if (add && nconns < MAX_CONNS) conns[nconns++] = fd;
+    for (int i = 0; !add && i < nconns; i++)
+        if (conns[i] == fd) { conns[i] = conns[--nconns]; break; }
+    pthread_mutex_unlock(&conns_lock);
+}
+
+/* Before handing over: wait (at most 200 ms) until every answer already written to a client has
+ * been acknowledged by it. Moving the address next makes the client's next packet meet a stage
+ * that has no such connection, which resets it, and a reset drops what the client has received
+ * but not read: an answer to a request this stage counted would be lost. Requests wait on
+ * state_lock meanwhile, so no new answer is written. */
+static void settle_answers(int self) {
+    for (int round = 0; round < 400; round++) {
+        int pending = 0;
+        pthread_mutex_lock(&conns_lock);
+        for (int i = 0; i < nconns && !pending; i++) {
+            int queued = 0;
+            if (conns[i] != self && ioctl(conns[i], SIOCOUTQ, &queued) == 0 && queued > 0) pending = 1;
+        }
+        pthread_mutex_unlock(&conns_lock);
+        if (!pending) return;
+        usleep(500);
+    }
+}
 
 static int write_all(int fd, const void *data, size_t len) {
     const char *p = data;
@@ -351,10 +388,12 @@ static void handle(int fd, const char *method, const char *path, const unsigned 
     } else if (!strcmp(path, "/state/export") && !strcmp(method, "POST")) {
         if (!strcmp(fault, "export")) { text(fd, 500, "Internal Server Error", "export refused (fault)"); return; }
         handing_over = 1;
+        settle_answers(fd);
         serve_state(fd, 0);
     } else if (!strncmp(path, "/state/export?since=", 20) && !strcmp(method, "POST")) {
         if (!strcmp(fault, "export")) { text(fd, 500, "Internal Server Error", "export refused (fault)"); return; }
         handing_over = 1;
+        settle_answers(fd);
         serve_delta(fd, strtoull(path + 20, NULL, 10));
     } else if (!strcmp(path, "/state") && !strcmp(method, "PATCH")) {
         if (!strcmp(fault, "delta")) { text(fd, 500, "Internal Server Error", "delta refused (fault)"); return; }
@@ -424,7 +463,9 @@ static void *connection(void *arg) {
     char head[MAX_HEADER + 1];
     size_t got = 0;
     head[0] = 0;
+    track(fd, 1);
     while (one_request(fd, head, &got)) {}
+    track(fd, 0);
     close(fd);
     return NULL;
 }
