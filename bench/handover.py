@@ -192,14 +192,14 @@ async def one_chain(
 
 
 async def run(
-    f: CoordinatedFleet, image: str, protocol: str, handovers: int, state_bytes: int, live: bool
+    f: CoordinatedFleet, image: str, protocol: str, handovers: int, state_bytes: int, live: bool, per_chain: int
 ) -> dict[str, Any]:
     gaps: list[float] = []
     records: list[dict[str, Any]] = []
     requests = connections = 0
     n = 0
     while len(gaps) < handovers:
-        count = min(MAX_HANDOVERS_PER_CHAIN, handovers - len(gaps))
+        count = min(per_chain, MAX_HANDOVERS_PER_CHAIN, handovers - len(gaps))
         chain_gaps, chain_records, client = await one_chain(f, image, protocol, count, state_bytes, n, live)
         gaps += chain_gaps
         records += chain_records
@@ -227,6 +227,7 @@ async def main() -> None:
     parser.add_argument("--handovers", type=int, default=50)
     parser.add_argument("--baseline-handovers", type=int, default=10)
     parser.add_argument("--state-mib", type=int, default=64)
+    parser.add_argument("--per-chain", type=int, default=MAX_HANDOVERS_PER_CHAIN, help="handovers per chain")
     args = parser.parse_args()
     state_bytes = args.state_mib << 20
 
@@ -239,9 +240,10 @@ async def main() -> None:
         coordinated_fleet(base, 3, coordinator_for=tables, with_client=True) as f,
     ):
         image = await push_stage_image(f.mesh)
-        result = await run(f, image, "shared_volume", args.handovers, state_bytes, live=True)
-        frozen = await run(f, image, "shared_volume", args.baseline_handovers, state_bytes, live=False)
-        across = await run(f, image, "http_state", args.baseline_handovers, state_bytes, live=True)
+        n, per = args.baseline_handovers, args.per_chain
+        result = await run(f, image, "shared_volume", args.handovers, state_bytes, live=True, per_chain=per)
+        frozen = await run(f, image, "shared_volume", n, state_bytes, live=False, per_chain=per)
+        across = await run(f, image, "http_state", n, state_bytes, live=True, per_chain=per)
     print(f"shared_volume, not live (baseline): gap p99 {p99(frozen['gaps']):.1f} ms")
     print(f"http_state, live, across hosts (baseline): gap p99 {p99(across['gaps']):.1f} ms")
     print(f"bench handover: {p99(result['gaps']):.1f} ms (target <= {TARGET_MS:g})")
