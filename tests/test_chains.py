@@ -213,11 +213,12 @@ async def test_a_counter_is_handed_over_across_hosts_and_failed_handovers_roll_b
     schema = await f.call("GET", "/v1/chains/schema")
     assert "urn:ferryman:chain-manifest:v1" in json.dumps(schema)
     # A manifest that is wrong is refused, every problem named, and nothing of it created.
-    bad = {"version": 1, "name": "bad", "stages": [{"name": "a", "image": image, "handover": {"protocol": "criu"}}]}
+    criu = {"protocol": "criu", "become": True}
+    bad = {"version": 1, "name": "bad", "stages": [{"name": "a", "image": image, "handover": criu}]}
     (base_dir / "bad.json").write_text(json.dumps(bad))
     res = await f.ferryctl("chain", "run", str(base_dir / "bad.json"))
     assert res.returncode == Exit.ERROR, (res.returncode, res.stdout, res.stderr)
-    assert "stages[0].handover.protocol: 'criu' is part of the format" in res.stderr, res.stderr
+    assert "stages[0].handover.become: a is the last stage; there is no stage to become" in res.stderr, res.stderr
     assert "stages[0].health: required" in res.stderr
     assert (await f.call("GET", "/v1/chains"))["chains"] == []
 
