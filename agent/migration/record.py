@@ -104,6 +104,9 @@ class MigrationRecord:
     """(state, time) for every state entered."""
     peer_address: str = ""
     image: str = ""
+    group: tuple[tuple[str, str], ...] = ()
+    """(container, migration id) of every member of the volume group migrating together (group.py);
+    empty for a container that moves alone."""
 
     @property
     def done(self) -> bool:
@@ -127,6 +130,7 @@ class MigrationRecord:
         out = dataclasses.asdict(self)
         out["state"] = self.state.value
         out["history"] = [list(h) for h in self.history]
+        out["group"] = [list(g) for g in self.group]
         out["stats"]["dirty_pages"] = list(self.stats.dirty_pages)
         out["stats"]["compression_ratio"] = round(self.stats.compression_ratio, 3)
         out["done"] = self.done
@@ -151,4 +155,5 @@ class MigrationRecord:
             history=tuple(tuple(h) for h in data.get("history") or ()),  # type: ignore[misc]
             peer_address=data.get("peer_address", ""),
             image=data.get("image", ""),
+            group=tuple(tuple(g) for g in data.get("group") or ()),  # type: ignore[misc]
         )

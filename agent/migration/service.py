@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +33,7 @@ from agent.malloc import release_freed_memory
 from agent.metrics import AgentMetrics
 from agent.migration.blobs import image_blobs, serve_blobs
 from agent.migration.failpoints import Failpoints
+from agent.migration.group import MigrationGroup, split_volumes, volume_group
 from agent.migration.journal import Journal
 from agent.migration.link import Link
 from agent.migration.local import remove_container, resume_if_paused
@@ -205,12 +207,8 @@ class MigrationService:
             raise InvalidRequest(f"{container_id} already runs on {target}")
         peer_address = self._peer_address(target)
         summary = await self._containers.inspect(container_id)  # ContainerNotFound for unknown or unmanaged ids
-        if volumes := (summary.get("labels") or {}).get(LABEL_VOLUMES, ""):
-            # A shared volume is a directory of this host that other containers here mount too.
-            raise InvalidRequest(
-                f"container {container_id} mounts shared volumes ({volumes}); migrating a container that "
-                "has a volume is not supported: stop it, or undeploy and deploy it again"
-            )
+        if (summary.get("labels") or {}).get(LABEL_VOLUMES, ""):
+            return await self._migrate_group(container_id, target, peer_address, options)
         busy = [r for r in self._records.values() if r.container == container_id and not r.done]
         if busy:
             raise InvalidRequest(f"container {container_id} is already migrating ({busy[0].id})")
@@ -231,6 +229,73 @@ class MigrationService:
         migration = SourceMigration(context, record, lambda: self._transport.connect(target, record.id))
         self._spawn(self._run_source(migration), f"migration-{record.id}")
         return record
+
+    async def _migrate_group(
+        self, container_id: str, target: str, peer_address: str, options: MigrationOptions
+    ) -> MigrationRecord:
+        """A container that shares a volume moves with its whole volume group and the volumes
+        (group.py): one pre-copy migration per member, in step; returns the asked-for member's record,
+        whose `group` names every member's migration."""
+        dirs = self._containers.volumes
+        if dirs is None:
+            raise InvalidRequest(f"container {container_id} mounts shared volumes, and this agent keeps none")
+        volumes_of = {c.id: split_volumes(c.labels.get(LABEL_VOLUMES, "")) for c in await self._containers.list()}
+        members, volumes = volume_group(container_id, volumes_of)
+        busy = [r for r in self._records.values() if r.container in members and not r.done]
+        if busy:
+            raise InvalidRequest(
+                f"container {busy[0].container} of {container_id}'s volume group ({', '.join(members)}) "
+                f"is already migrating ({busy[0].id})"
+            )
+        if options.mode in ("lazy", "hybrid"):
+            raise InvalidRequest(
+                f"container {container_id} moves with its volume group ({', '.join(members)}), which migrates "
+                f"in precopy mode only: its members decide together, mode {options.mode} decides alone"
+            )
+        soft_dirty = await self._soft_dirty()
+        options = dataclasses.replace(options, mode="precopy")
+        ids = {m: MigrationId(f"mig-{secrets.token_hex(6)}") for m in members}
+        group_ids = tuple((m, str(ids[m])) for m in members)
+        group = MigrationGroup(members, container_id, {v: dirs.path(v) for v in volumes})
+        records = [
+            MigrationRecord(
+                id=ids[m],
+                role="source",
+                container=m,
+                peer=target,
+                # The coordinator's reservation covers the group; it is charged with the first member.
+                options=options if m == container_id else dataclasses.replace(options, reservation=""),
+                peer_address=peer_address,
+                group=group_ids,
+            )
+            for m in members
+        ]
+        for record in records:
+            await self.journal.write(record)
+            self._publish(record)
+        context = dataclasses.replace(self._source_context(soft_dirty), group=group)
+        migrations = [
+            SourceMigration(context, r, functools.partial(self._transport.connect, target, r.id)) for r in records
+        ]
+        log.info("volume group migrating", extra={"members": members, "volumes": sorted(volumes), "target": target})
+        self._spawn(self._run_group(migrations, group), f"migration-group-{records[0].id}")
+        return records[0]
+
+    async def _run_group(self, migrations: Sequence[SourceMigration], group: MigrationGroup) -> None:
+        """Every member's migration at once; once all committed, this host's copies of the volumes go."""
+        await asyncio.gather(*(self._run_source(m) for m in migrations), return_exceptions=True)
+        states = {m.record.container: self._records[m.record.id].state for m in migrations}
+        if all(state == State.COMMIT for state in states.values()):
+            dirs = self._containers.volumes
+            assert dirs is not None, "checked before the group started"
+            for name in sorted(group.volumes):
+                await asyncio.to_thread(dirs.remove, name)
+            log.info("volume group moved", extra={"volumes": sorted(group.volumes), "members": group.members})
+        else:
+            log.warning(
+                "volume group rolled back",
+                extra={"states": {c: s.value for c, s in states.items()}, "error": group.error},
+            )
 
     async def _run_source(self, migration: SourceMigration) -> None:
         try:
@@ -315,6 +380,7 @@ class MigrationService:
             connect=self._transport.connect,
             admission=self._admission,
             criu_version=self._features.version if self._features is not None else "",
+            volumes=self._containers.volumes,
         )
 
     # ----- sessions from peers --------------------------------------------------------------------
@@ -367,7 +433,7 @@ class MigrationService:
         )
         # The peer is authenticated, not trusted: it may not choose the mounts, capabilities or
         # namespaces of what this host creates. Refused here, before anything is recorded or built.
-        check_restorable_spec(prepare.container.spec)
+        check_restorable_spec(prepare.container.spec, split_volumes(prepare.container.labels.get(LABEL_VOLUMES, "")))
         record = MigrationRecord(
             id=MigrationId(prepare.migration),
             role="target",

@@ -38,6 +38,7 @@ from agent.containerd import Containerd, TaskStatus
 from agent.images.local import read_image
 from agent.migration.convergence import Overheads, Round, Verdict, decide
 from agent.migration.failpoints import Failpoints
+from agent.migration.group import MigrationGroup, pack_volume, volume_file
 from agent.migration.journal import Journal
 from agent.migration.link import Link, PeerReportedFailure
 from agent.migration.local import describe_failure, remove_container, resume_if_paused
@@ -95,6 +96,8 @@ class SourceContext:
     """CRIU can pre-dump here (mem_dirty_track): rounds dump only written pages, via runc."""
     criu_version: str = ""
     """This host's CRIU version, for targets of protocol 2 (they refuse images of a newer CRIU)."""
+    group: MigrationGroup | None = None
+    """The volume group this container migrates with (group.py); None when it moves alone."""
 
 
 class PostcopyLost(FerrymanError):
@@ -165,6 +168,8 @@ class SourceMigration:
                 link = await self._lazy_stopcopy(link)
         except BaseException as exc:
             if can_roll_back(self.record.state):
+                if self.ctx.group is not None:
+                    self.ctx.group.break_group(cid, describe_failure(exc))
                 await self._rollback(link, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
@@ -369,6 +374,7 @@ class SourceMigration:
             self.ctx.cd, self._snapshot_key, self._image_chain, self.ctx.config.pull.lease_expiry
         )
         await self._send_rw_layer(link, digest, data)
+        await self._group_volumes(link)
         await link.send(Restore(rw_digest=digest))
         log.info(
             "stop-copy sent",
@@ -388,6 +394,10 @@ class SourceMigration:
         )
         reply = await link.expect(Restored)
         await self.ctx.failpoints.hit("source.restored")
+        if (group := self.ctx.group) is not None:
+            if cid == group.carrier:
+                group.placed()
+            await group.all_restored()  # one member's decision waits for every member's restore
         # The decision: from here on the target's copy is the workload.
         await self._advance(Event.RESTORED)
         await self.ctx.failpoints.hit("source.decided")
@@ -410,6 +420,22 @@ class SourceMigration:
         )
         await self._remove_local_copy()  # before COMMIT is published: a watcher sees the final picture
         await self._advance(Event.SWITCHED)
+
+    async def _group_volumes(self, link: Link) -> None:
+        """In a volume group, once every member is frozen, the carrier sends the volumes in its stream
+        (its target unpacks them before its restore); the others restore only after that."""
+        group = self.ctx.group
+        if group is None:
+            return
+        await group.all_frozen()
+        if self.record.container != group.carrier:
+            await group.volumes_placed()
+            return
+        await self.ctx.failpoints.hit("source.volumes")
+        for name, directory in sorted(group.volumes.items()):
+            tar_path = self.work / volume_file(name)
+            await asyncio.to_thread(pack_volume, directory, tar_path)
+            await link.send_file(tar_path, volume_file(name))
 
     # ----- post-copy (lazy and hybrid modes) ------------------------------------------------------
 

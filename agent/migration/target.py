@@ -44,6 +44,7 @@ from agent.images.local import read_image
 from agent.images.service import ImageService
 from agent.migration.blobs import PeerBlobs
 from agent.migration.failpoints import Failpoints
+from agent.migration.group import split_volumes, unpack_volume, volume_of_file
 from agent.migration.journal import Journal
 from agent.migration.link import IMAGE_BUNDLE, FileIn, Link, PagesIn, PeerReportedFailure, describe, unpack_files
 from agent.migration.local import LABEL_MIGRATION, describe_failure, remove_container, resume_if_paused
@@ -71,17 +72,24 @@ from agent.migration.record import MigrationRecord
 from agent.migration.relay import TargetRelay
 from agent.migration.rootfs import RW_LAYER_FILE, import_rw_layer
 from agent.migration.states import Event, State
-from agent.model import LABEL_LOG_PATH, LABEL_PREFIX, LABEL_SERVICE_IP
+from agent.model import LABEL_LOG_PATH, LABEL_PREFIX, LABEL_SERVICE_IP, LABEL_VOLUMES
 from agent.network import NetnsInfo, ServiceNetwork
 from agent.oci import Platform
 from agent.reservations import ReservationBook, container_need
 from agent.runtime.spec import set_network_namespace
-from core.errors import AlreadyExists, FerrymanError
+from agent.runtime.specpolicy import volume_mount_name
+from agent.runtime.volumes import VolumeDirs
+from core.errors import AlreadyExists, FerrymanError, InvalidRequest
 from core.files import confined
 
 log = logging.getLogger(__name__)
 
 LABEL_MIGRATED_FROM = LABEL_PREFIX + "migrated-from"
+
+
+def incoming_marker(dirs: VolumeDirs, name: str) -> Path:
+    """Present while a volume that came with a group migration is not committed here yet."""
+    return dirs.root / f".incoming-{name}"
 
 
 class InsufficientSpace(FerrymanError):
@@ -108,6 +116,8 @@ class TargetContext:
     """Reservations on this host: a migration may not eat capacity reserved for someone else."""
     criu_version: str = ""
     """This host's CRIU version, told to sources of protocol 2 in `prepared`."""
+    volumes: VolumeDirs | None = None
+    """This host's shared volumes: a volume group's members mount them here (group.py)."""
 
 
 class TargetMigration:
@@ -175,6 +185,7 @@ class TargetMigration:
                 await link.send(self._prepared())
                 await self._advance(Event.PREPARED)
                 rw_digest = await self._receive(link)
+                await self._place_volumes()
                 await self._advance(Event.IMAGES_SENT)
                 await pull
                 restore_ms = await self._restore(rw_digest)
@@ -346,7 +357,65 @@ class TargetMigration:
         spec["annotations"] = annotations
         if self._netns is not None:
             set_network_namespace(spec, self._netns.path)  # CRIU restores into this host's namespace
+        if self.volume_names:
+            # The source's paths mean nothing here: each volume bind-mounts this host's directory of it.
+            spec["mounts"] = [self._mount_here(m) for m in spec.get("mounts") or []]
         return json.dumps(spec).encode()
+
+    @property
+    def volume_names(self) -> set[str]:
+        return split_volumes(self.container.labels.get(LABEL_VOLUMES, ""))
+
+    def _mount_here(self, mount: dict[str, Any]) -> dict[str, Any]:
+        name = volume_mount_name(mount)
+        if name is None or name not in self.volume_names:
+            return mount
+        return {**mount, "source": str(self._volume_dirs().path(name))}
+
+    def _volume_dirs(self) -> VolumeDirs:
+        if self.ctx.volumes is None:
+            raise InvalidRequest(f"container {self.container.id} mounts shared volumes; this agent keeps none")
+        return self.ctx.volumes
+
+    async def _place_volumes(self) -> None:
+        """Unpack the volumes the carrier of a volume group sent (group.py) into this host's volume
+        directories, before any member restores. A marker says the volume came with this migration:
+        a rollback removes it with the last member that mounts it (`_drop_received_volumes`)."""
+        for tar_path in sorted(self.images_dir.iterdir()):
+            name = volume_of_file(tar_path.name)
+            if name is None:
+                continue
+            if name not in self.volume_names:
+                raise ProtocolError(f"a volume {self.container.id} mounts", f"volume {name!r}")
+            dirs = self._volume_dirs()
+            directory = dirs.path(name)
+            if directory.exists() and any(directory.iterdir()):
+                raise AlreadyExists(f"volume {name} already exists on this host with other contents")
+            await asyncio.to_thread(incoming_marker(dirs, name).write_text, self.record.id)
+            await asyncio.to_thread(unpack_volume, tar_path, directory)
+            tar_path.unlink()
+            log.info("volume received", extra={"migration": self.record.id, "volume": name})
+
+    async def _drop_received_volumes(self) -> None:
+        """After a rollback: the volumes a group migration brought here go, once no container mounts them."""
+        if not self.volume_names or self.ctx.volumes is None:
+            return
+        dirs = self.ctx.volumes
+        mounted = {
+            v for c in await self.ctx.cd.containers.list() for v in split_volumes(c.labels.get(LABEL_VOLUMES, ""))
+        }
+        for name in sorted(self.volume_names - mounted):
+            marker = incoming_marker(dirs, name)
+            if marker.exists():
+                await asyncio.to_thread(dirs.remove, name)
+                marker.unlink(missing_ok=True)
+                log.info("received volume removed", extra={"migration": self.record.id, "volume": name})
+
+    def _keep_received_volumes(self) -> None:
+        """Committed: the volumes are this host's now."""
+        if self.ctx.volumes is not None:
+            for name in self.volume_names:
+                incoming_marker(self.ctx.volumes, name).unlink(missing_ok=True)
 
     async def _restore(self, rw_digest: str) -> float:
         cid = self.container.id
@@ -667,6 +736,7 @@ class TargetMigration:
             await self.ctx.network.publish(self.service_ip, info.host_veth)
 
     async def _own_workload(self) -> None:
+        self._keep_received_volumes()
         await self._advance(Event.SWITCHED)
         await self._drop_lease()
 
@@ -687,6 +757,7 @@ class TargetMigration:
         if self.service_ip and removed:
             await self.ctx.network.destroy(self.container.id)
         await self._drop_lease()
+        await self._drop_received_volumes()
         shutil.rmtree(self.work, ignore_errors=True)
         if self.record.state == State.POSTCOPY:
             await self._advance(Event.POSTCOPY_ABORTED, error=reason)

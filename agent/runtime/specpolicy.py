@@ -3,15 +3,17 @@
 The spec travels from the source agent, which is authenticated but not trusted: a compromised host
 must not be able to choose the mounts, capabilities or namespaces of a container another host
 creates. So the target accepts only a spec of the shape `spec.build_spec` makes: the default mounts
-and nothing else, capabilities within the default set, no new privileges, every namespace new (the
-network one is replaced by the target's own), the default masked and read-only paths kept, the
-devices cgroup denying all, and no hooks, sysctls, devices or other keys the agent never writes.
+and the bind mounts of the shared volumes its labels name (their sources are replaced by the
+target's own volume directories, agent/migration/target.py) and nothing else, capabilities within
+the default set, no new privileges, every namespace new (the network one is replaced by the
+target's own), the default masked and read-only paths kept, the devices cgroup denying all, and no
+hooks, sysctls, devices or other keys the agent never writes.
 Anything else is refused with `SpecRefused`, naming the field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from agent.runtime.spec import (
@@ -40,8 +42,9 @@ class SpecRefused(InvalidRequest):
     code = "spec_refused"
 
 
-def check_restorable_spec(spec: object) -> None:
-    """Raise SpecRefused unless `spec` is one the agent could have created (see the module doc)."""
+def check_restorable_spec(spec: object, volumes: Collection[str] = ()) -> None:
+    """Raise SpecRefused unless `spec` is one the agent could have created (see the module doc);
+    `volumes`: the shared volumes the container mounts (its volumes label)."""
     top = _mapping(spec, "spec")
     _only(top, _TOP_KEYS, "spec")
     _check_process(_mapping(top.get("process"), "process"))
@@ -49,7 +52,7 @@ def check_restorable_spec(spec: object) -> None:
     _only(root, _ROOT_KEYS, "root")
     if root.get("path") != "rootfs":
         raise SpecRefused(f"root.path must be 'rootfs' (the container's snapshot), got {root.get('path')!r}")
-    _check_mounts(top.get("mounts"))
+    _check_mounts(top.get("mounts"), volumes)
     _check_linux(_mapping(top.get("linux"), "linux"))
     annotations = top.get("annotations", {})
     if not isinstance(annotations, Mapping) or not all(
@@ -75,11 +78,24 @@ def _check_process(process: Mapping[str, Any]) -> None:
             raise SpecRefused(f"process.capabilities.{name} adds {', '.join(added)}: beyond the default set")
 
 
-def _check_mounts(mounts: object) -> None:
+def volume_mount_name(mount: object) -> str | None:
+    """The shared volume a mount binds (the last part of its source, as `volumes.mounts` makes it),
+    or None for any other mount."""
+    if not isinstance(mount, Mapping) or set(mount) != {"destination", "type", "source", "options"}:
+        return None
+    if mount["type"] != "bind" or mount["options"] != ["rbind", "rw"]:
+        return None
+    destination, source = mount["destination"], mount["source"]
+    if not isinstance(destination, str) or not destination.startswith("/") or not isinstance(source, str):
+        return None
+    return source.rstrip("/").rpartition("/")[2] or None
+
+
+def _check_mounts(mounts: object, volumes: Collection[str]) -> None:
     if not isinstance(mounts, Sequence) or isinstance(mounts, str):
         raise SpecRefused("mounts must be a list")
     for index, mount in enumerate(mounts):
-        if mount not in DEFAULT_MOUNTS:
+        if mount not in DEFAULT_MOUNTS and volume_mount_name(mount) not in volumes:
             where = mount.get("destination") if isinstance(mount, Mapping) else mount
             raise SpecRefused(f"mounts[{index}] ({where!r}) is not one the agent creates")
 
