@@ -26,11 +26,12 @@ import dataclasses
 import logging
 import secrets
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from coordinator.agents import AgentClientLike
 from coordinator.config import CoordinatorConfig
+from coordinator.groups import follower_tag, group_outcome, lead_of, volume_group
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import (
     Capacity,
@@ -108,6 +109,7 @@ class Orchestrator:
     ) -> Migration:
         """Accept a migration of `container` to `to` ("auto" or a host); it runs in the background."""
         source = await self._source_of(container)
+        members = volume_group(container, source.containers)
         if to != AUTO:
             if await self._store.get_host(to) is None:
                 raise HostNotFound(f"no host {to!r} is registered")
@@ -116,6 +118,11 @@ class Orchestrator:
         for active in await self._store.list_migrations(active_only=True):
             if active.container == container:
                 raise Conflict(f"container {container!r} is already being migrated ({active.id})")
+            if active.container in members:
+                raise Conflict(
+                    f"container {container!r} moves with its volume group ({', '.join(members)}), and "
+                    f"{active.container!r} of it is already being migrated ({active.id})"
+                )
         now = self._clock()
         migration = Migration(
             id=f"mig-{secrets.token_hex(6)}",
@@ -132,8 +139,27 @@ class Orchestrator:
         )
         await self._store.put_migration(migration)
         self._metrics.migration_transitions.labels(state=MigrationState.PENDING.value).inc()
+        for member in members[1:]:
+            # Kept in step by the lead's driver (_save); the source agent moves the whole group.
+            await self._store.put_migration(
+                dataclasses.replace(
+                    migration,
+                    id=f"mig-{secrets.token_hex(6)}",
+                    container=member,
+                    requested_by=follower_tag(migration.id),
+                    history=(
+                        (MigrationState.PENDING.value, now, f"moves with {container}'s volume group ({migration.id})"),
+                    ),
+                )
+            )
+        group = f" with its volume group ({', '.join(members[1:])})" if len(members) > 1 else ""
         await self._store.record_decision(
-            Decision(ts=now, host=source.name, kind="migrate", detail=f"{migration.id}: {container} to {to} ({reason})")
+            Decision(
+                ts=now,
+                host=source.name,
+                kind="migrate",
+                detail=f"{migration.id}: {container}{group} to {to} ({reason})",
+            )
         )
         self._spawn(migration.id, to, mode)
         return migration
@@ -188,9 +214,10 @@ class Orchestrator:
                     extra={"reservation": reservation.id, "purpose": reservation.purpose, "host": reservation.host},
                 )
                 await self._reservations.release(reservation.id, agent_too=True)
-        for migration in active:
+        leads = [m for m in active if lead_of(m) is None]  # a group's followers: their lead's driver keeps them
+        for migration in leads:
             self._spawn(migration.id, migration.requested_to, migration.mode or None)
-        return len(active)
+        return len(leads)
 
     async def close(self) -> None:
         await self._tasks.close()
@@ -200,17 +227,44 @@ class Orchestrator:
 
     # ----- one migration
 
-    async def _save(self, migration: Migration, state: MigrationState, detail: str = "", **changes: Any) -> Migration:
+    async def _save(
+        self,
+        migration: Migration,
+        state: MigrationState,
+        detail: str = "",
+        agent_ids: Mapping[str, str] | None = None,
+        **changes: Any,
+    ) -> Migration:
+        """Record the new state; a group's lead brings its followers along (`agent_ids`: each member's
+        migration on the source agent, once it started)."""
         now = self._clock()
         migration = dataclasses.replace(
             migration, state=state, updated_at=now, history=(*migration.history, (state.value, now, detail)), **changes
         )
         await self._store.put_migration(migration)
+        for follower in await self._followers(migration.id):
+            await self._store.put_migration(
+                dataclasses.replace(
+                    follower,
+                    state=state,
+                    updated_at=now,
+                    history=(*follower.history, (state.value, now, detail)),
+                    target=migration.target,
+                    attempt=migration.attempt,
+                    tried_targets=migration.tried_targets,
+                    error=migration.error,
+                    agent_migration_id=(agent_ids or {}).get(follower.container, follower.agent_migration_id),
+                )
+            )
         self._metrics.migration_transitions.labels(state=state.value).inc()
         self._metrics.set_migrations(await self._store.list_migrations())
         async with self._changed:
             self._changed.notify_all()
         return migration
+
+    async def _followers(self, lead_id: str) -> list[Migration]:
+        tag = follower_tag(lead_id)
+        return [m for m in await self._store.list_migrations() if m.requested_by == tag]
 
     async def _run(self, migration_id: str, to: str, mode: str | None) -> None:
         try:
@@ -251,9 +305,12 @@ class Orchestrator:
         if source is None:
             return await self._save(migration, MigrationState.ABANDONED, "source host unregistered")
         usage = next((c for c in source.containers if c.id == migration.container), None)
+        # A volume group lands on one target: it must hold all of it.
+        members = {migration.container, *(f.container for f in await self._followers(migration.id))}
+        group = [c for c in source.containers if c.id in members]
         need = Need(
             capacity=Capacity(
-                cpu_millis=int(usage.cpu_millis) if usage else 0, memory_bytes=usage.memory_bytes if usage else 0
+                cpu_millis=int(sum(c.cpu_millis for c in group)), memory_bytes=sum(c.memory_bytes for c in group)
             ),
             image=usage.image if usage else "",
         )
@@ -325,7 +382,12 @@ class Orchestrator:
         if self.fault is not None:
             await self.fault("accepted", migration)
         migration = await self._save(
-            migration, MigrationState.RUNNING, f"to {target}", agent_migration_id=str(record.get("id", "")), error=""
+            migration,
+            MigrationState.RUNNING,
+            f"to {target}",
+            agent_ids={str(c): str(i) for c, i in record.get("group") or ()},
+            agent_migration_id=str(record.get("id", "")),
+            error="",
         )
         return await self._follow(migration)
 
@@ -414,15 +476,18 @@ class Orchestrator:
         return migration
 
     async def _poll(self, migration: Migration) -> tuple[MigrationState, str]:
+        ids = [migration.agent_migration_id, *(f.agent_migration_id for f in await self._followers(migration.id))]
         while True:
             source = await self._store.get_host(migration.source)
             if source is not None:
                 try:
-                    record = await self._agents.get_migration(source, migration.agent_migration_id)
+                    records = [await self._agents.get_migration(source, i) for i in ids if i]
                 except FerrymanError as exc:
                     log.warning("migration poll failed", extra={"migration": migration.id, "error": exc.message})
                 else:
-                    state = str(record.get("state", ""))
+                    # A volume group ends when every member has: committed together, or rolled back.
+                    state = group_outcome([str(r.get("state", "")) for r in records]) or ""
+                    record = next((r for r in records if r.get("error") and r.get("state") != "COMMIT"), records[0])
                     outcome = _AGENT_DONE.get(state)
                     if outcome is MigrationState.COMMITTED:
                         return outcome, ""

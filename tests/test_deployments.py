@@ -195,11 +195,12 @@ async def test_a_pipeline_deploys_health_gated_across_hosts_serves_and_undeploys
     assert parts["detect"]["volumes"] == parts["render"]["volumes"] == ["detect-1"]
     volume = mesh[parts["detect"]["host"]].agent_state_dir / "volumes" / f"{record['id']}-detect-1"
     assert (volume / "frame").read_text().startswith(f"detected:{record['id']}:")
-    # A container with a volume is not migrated: refused before anything moves.
+    # A container with a volume moves only with its volume group, in pre-copy mode: a post-copy mode is
+    # refused before anything moves (the group's moves: tests/test_volume_groups.py).
     other = next(h.name for h in mesh.hosts if h.name != parts["detect"]["host"])
-    body = {"container": parts["detect"]["container"], "target": other}
+    body = {"container": parts["detect"]["container"], "target": other, "mode": "lazy"}
     refused = await api(mesh[parts["detect"]["host"]], "POST", "/v1/migrations", body, expect=400)
-    assert "has a volume is not supported" in refused["error"]["message"], refused
+    assert "volume group" in refused["error"]["message"], refused
     # A component without one migrates like any container, and the record follows it to its new
     # host: the deployment stays HEALTHY throughout, and its undeploy removes the container there.
     moving = parts["transcode"]
