@@ -1,7 +1,7 @@
 """Volume groups as the coordinator sees them: the containers of one host that share a volume
 (agent/runtime/volumes.py) migrate together, with the volume (agent/migration/group.py). Pure.
 
-The coordinator learns who mounts what from the `ferryman.volumes` label its hosts' telemetry
+The coordinator learns who mounts what from the `io.ferryman.volumes` label its hosts' telemetry
 reports. A migration of any member is one migration of the group: its record (the lead) drives it,
 and every other member gets a record of its own (a follower, `requested_by` "group:<lead id>") that
 the lead's driver keeps in step, so each container's history, and the deployments that follow
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from coordinator.model import ContainerUsage, Migration
 
-LABEL_VOLUMES = "ferryman.volumes"
+LABEL_VOLUMES = "io.ferryman.volumes"
 """The agent's label: the shared volumes a container mounts, comma-separated (agent/model.py)."""
 FOLLOWER_PREFIX = "group:"
 

@@ -32,7 +32,7 @@ def test_a_group_is_every_container_sharing_a_volume_transitively() -> None:
     assert volume_group("c", mounts_of) == (["c", "a", "b"], {"v1", "v2"})
     assert volume_group("d", mounts_of) == (["d"], {"v3"})
     assert volume_group("e", mounts_of) == (["e"], set())
-    running = [ContainerUsage(id=c, labels={"ferryman.volumes": ",".join(sorted(v))}) for c, v in mounts_of.items()]
+    running = [ContainerUsage(id=c, labels={"io.ferryman.volumes": ",".join(sorted(v))}) for c, v in mounts_of.items()]
     assert coordinator_group("a", running) == ["a", "b", "c"]
     assert coordinator_group("e", running) == ["e"]
     assert coordinator_group("gone", running) == ["gone"]

@@ -75,6 +75,17 @@ async def read_in_container(host: MeshHost, container: str, path: str) -> str:
     return res.stdout
 
 
+async def what_happened(f: CoordinatedFleet) -> str:
+    """The migrations and what the agents logged of them: for a failure's message."""
+    migrations = (await f.call("GET", "/v1/migrations"))["migrations"]
+    lines = [f"{m['id']} {m['container']} {m['state']} -> {m['target']}: {m['error']}" for m in migrations]
+    for host in f.mesh.hosts:
+        logged = host.agent_log.read_text(errors="replace").splitlines() if host.agent_log.exists() else []
+        lines += [f"{host.name}: {line[:400]}" for line in logged if "migrat" in line or "volume" in line][-40:]
+    told = [line[:600] for line in f.coordinator.logs().splitlines() if "component" in line or "migration" in line]
+    return "\n".join(lines + told[-40:])
+
+
 async def test_a_drain_moves_components_sharing_a_volume_together_with_the_volume(
     fleet3: CoordinatedFleet,  # noqa: F811 - the fixture imported above
 ) -> None:
@@ -90,12 +101,16 @@ async def test_a_drain_moves_components_sharing_a_volume_together_with_the_volum
 
     async def drained() -> dict[str, Any] | None:
         now = await f.call("GET", f"/v1/deployments/{record['id']}")
-        assert now["state"] == "HEALTHY", now  # throughout: the group's freeze is not a failure
+        # Throughout: the group's freeze is not a failure.
+        assert now["state"] == "HEALTHY", (now["components"], await what_happened(f))
         host = await f.call("GET", f"/v1/hosts/{source.name}")
         here = {c["name"]: c["host"] for c in now["components"]}
         return now if host["state"] == "drained" and source.name not in here.values() else None
 
-    after = await f.wait_for("the drain and the records following it", drained, within=180)
+    try:
+        after = await f.wait_for("the drain and the records following it", drained, within=180)
+    except AssertionError as exc:
+        raise AssertionError(await what_happened(f)) from exc
     moved = {c["name"]: c for c in after["components"]}
     target = mesh[moved["detect"]["host"]]
     assert moved["render"]["host"] == target.name != source.name, moved
@@ -176,7 +191,10 @@ async def test_a_member_that_fails_rolls_the_whole_group_back_leaving_nothing_on
         m = await f.call("GET", f"/v1/migrations/{started['id']}")
         return m if m["done"] else None
 
-    outcome = await f.wait_for("the group's migration", finished, within=120)
+    try:
+        outcome = await f.wait_for("the group's migration", finished, within=120)
+    except AssertionError as exc:
+        raise AssertionError(await what_happened(f)) from exc
     assert outcome["state"] == "abandoned" and "failpoint" in outcome["error"], outcome
     migrations = (await f.call("GET", "/v1/migrations"))["migrations"]
     detect_moves = [m for m in migrations if m["container"] == parts["detect"]["container"]]

@@ -391,6 +391,7 @@ class TargetMigration:
             directory = dirs.path(name)
             if directory.exists() and any(directory.iterdir()):
                 raise AlreadyExists(f"volume {name} already exists on this host with other contents")
+            await asyncio.to_thread(dirs.root.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread(incoming_marker(dirs, name).write_text, self.record.id)
             await asyncio.to_thread(unpack_volume, tar_path, directory)
             tar_path.unlink()
