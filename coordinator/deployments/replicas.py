@@ -30,7 +30,7 @@ from typing import Any
 from coordinator.config import DeploymentsConfig
 from coordinator.deployments.behaviour import ComponentSeries
 from coordinator.deployments.plan import DeploymentPlan
-from coordinator.deployments.service import LABEL_COMPONENT, DeploymentAgents, DeploymentService
+from coordinator.deployments.service import LABEL_COMPONENT, MOVING_POLL, DeploymentAgents, DeploymentService
 from coordinator.deployments.states import (
     TERMINAL,
     WATCHED,
@@ -38,6 +38,7 @@ from coordinator.deployments.states import (
     DeploymentRecord,
     ReplicaRecord,
     ReplicaState,
+    Whereabouts,
 )
 from coordinator.model import Capacity, Host, HostNotFound, NoTarget
 from coordinator.placement import Need, Placer
@@ -404,6 +405,7 @@ class ReplicaService:
         check (or stops, or whose host does not answer) leaves the balancer, `degraded`, and comes
         back when its check passes again (its agent restarts it by the restart policy)."""
         seq = 0
+        moved = False  # followed to another host: `starting` there until its first probe is no failure
         while True:
             try:
                 record = await self._deployments.get(deployment_id)
@@ -415,7 +417,10 @@ class ReplicaService:
             try:
                 host = await self._host(replica.host)
                 health = await self._agents.container_health(host, replica.container, seq, 30.0, 35.0)
-            except FerrymanError:
+            except FerrymanError as exc:
+                if isinstance(exc, NotFound) and await self._followed(deployment_id, name, replica):
+                    seq, moved = 0, True
+                    continue
                 healthy, seq = False, 0
                 await asyncio.sleep(1.0)
             else:
@@ -423,6 +428,11 @@ class ReplicaService:
                     continue  # the wait ran out with nothing new
                 seq = int(health.get("seq", seq))
                 healthy = health.get("status") == "healthy"
+                if not healthy and await self._deployments.migrating(replica.container):
+                    continue  # its source freezes and ends its copy: the target's is followed next
+                if health.get("status") == "starting" and moved:
+                    continue
+                moved = False
             wanted = ReplicaState.SERVING if healthy else ReplicaState.DEGRADED
             if wanted is replica.state:
                 continue
@@ -435,6 +445,32 @@ class ReplicaService:
                 await self._rebalance(record.component(name))
             except FerrymanError as exc:
                 log.error("rebalance failed", extra={"deployment": deployment_id, "error": exc.message})
+
+    async def _followed(self, deployment_id: str, name: str, replica: ReplicaRecord) -> bool:
+        """A replica gone from its recorded host: after a pause while a migration moves it, or once
+        the record names the host a migration put it on (its own address went with it, so the
+        balancer's backend is unchanged), True; False when it is nowhere known."""
+        where, host = await self._deployments.locate(replica.container, replica.host)
+        if where is Whereabouts.MOVING:
+            await asyncio.sleep(MOVING_POLL)
+            return True
+        if where is Whereabouts.LOST:
+            return False
+
+        def moved(record: DeploymentRecord) -> DeploymentRecord:
+            component = record.component(name)
+            parts = tuple(
+                dataclasses.replace(r, host=host) if r.index == replica.index and r.host == replica.host else r
+                for r in component.replicas
+            )
+            return record.with_component(dataclasses.replace(component, replicas=parts), self._clock())
+
+        await self._deployments.update(deployment_id, moved)
+        log.info(
+            "replica followed to its new host",
+            extra={"deployment": deployment_id, "component": name, "replica": replica.index, "host": host},
+        )
+        return True
 
     async def _drop(self, deployment_id: str, name: str, indexes: tuple[int, ...]) -> None:
         """Delete the replicas' containers and reservations, then forget them (their addresses free)."""

@@ -47,6 +47,7 @@ from coordinator.deployments.states import (
     DeploymentRecord,
     Event,
     Recovery,
+    ReplicaState,
     State,
     Whereabouts,
     can_undeploy,
@@ -758,6 +759,9 @@ class DeploymentService:
         a container that is not where the record says, degrades the component until it answers."""
         seq = 0
         delay, most = LEFTOVER_RETRY
+        # Followed to another host: its copy there reads `starting` until its first probe, which is no
+        # failure (a volume group's members wait restored, unprobed, for each other).
+        moved = False
         while True:
             record = await self._records.get_deployment(deployment_id)
             if record is None or record.state not in WATCHED:
@@ -770,7 +774,7 @@ class DeploymentService:
                 )
             except FerrymanError as exc:
                 if isinstance(exc, NotFound) and await self._followed(deployment_id, component):
-                    seq = 0
+                    seq, moved = 0, True
                     continue
                 await self._seen(deployment_id, name, False, f"{name} on {component.host}: {exc.message}")
                 seq = 0
@@ -785,29 +789,40 @@ class DeploymentService:
             if status != "healthy" and await self._migrating(component.container):
                 # The source freezes and then ends its copy: not a failure, the target's copy is followed.
                 continue
+            if status == "starting" and moved:
+                continue
+            moved = False
             why = f"{name} on {component.host} became {status}: {_last_output(health)}"
             await self._seen(deployment_id, name, status == "healthy", why)
 
     async def _migrating(self, container: str) -> bool:
+        return await self.migrating(container)
+
+    async def migrating(self, container: str) -> bool:
+        """Whether a coordinator migration of `container` (alone or with its volume group) is under way."""
         return any(m.container == container for m in await self._store.list_migrations(active_only=True))
+
+    async def locate(self, container: str, recorded: str) -> tuple[Whereabouts, str]:
+        """Where a container its recorded host does not have is (`whereabouts`): moving, moved (to
+        the host returned), or lost. Components and replicas alike."""
+        migrations = await self._store.list_migrations()
+        committed = [
+            m
+            for m in migrations
+            if m.container == container and m.source == recorded and m.state is MigrationState.COMMITTED
+        ]
+        return whereabouts(
+            recorded,
+            [h.name for h in await self._store.list_hosts() if any(c.id == container for c in h.containers)],
+            any(m.container == container and not m.done for m in migrations),
+            max(committed, key=lambda m: m.updated_at).target if committed else None,
+        )
 
     async def _followed(self, deployment_id: str, component: ComponentRecord) -> bool:
         """True once the component's container, gone from its recorded host, was found where a
         migration put it (the record now names that host), or after a pause while one is under way;
         False when it is nowhere known (the caller degrades the component)."""
-        container = component.container
-        migrations = await self._store.list_migrations()
-        committed = [
-            m
-            for m in migrations
-            if m.container == container and m.source == component.host and m.state is MigrationState.COMMITTED
-        ]
-        where, host = whereabouts(
-            component.host,
-            [h.name for h in await self._store.list_hosts() if any(c.id == container for c in h.containers)],
-            any(m.container == container and not m.done for m in migrations),
-            max(committed, key=lambda m: m.updated_at).target if committed else None,
-        )
+        where, host = await self.locate(component.container, component.host)
         if where is Whereabouts.MOVING:
             await asyncio.sleep(MOVING_POLL)
             return True
@@ -820,12 +835,41 @@ class DeploymentService:
             now = record.component(component.name)
             if now.host != component.host:
                 return True  # moved already, by another look
-            await self._put(record.with_component(_replace(now, host=host), self._clock()))
+            moved = _replace(now, host=host)
+            await self._put(record.with_component(moved, self._clock()))
         log.info(
             "component followed to its new host",
             extra={"deployment": deployment_id, "component": component.name, "from": component.host, "host": host},
         )
+        if moved.replicas:
+            await self._move_balancer(deployment_id, moved, component.host)
         return True
+
+    async def _move_balancer(self, deployment_id: str, component: ComponentRecord, old_host: str) -> None:
+        """The component's container owns its replicas' balancer, on the host that publishes the
+        address: after a migration the new host balances (the same backends) and the old one stops."""
+        serving = [
+            r.address for r in sorted(component.replicas, key=lambda r: r.index) if r.state is ReplicaState.SERVING
+        ]
+        try:
+            await self._agents.balance(
+                await self._host(component.host), component.address, [component.address, *serving]
+            )
+        except FerrymanError as exc:
+            log.error(
+                "balancer not moved", extra={"deployment": deployment_id, "host": component.host, "error": exc.message}
+            )
+            return
+        try:
+            await self._agents.unbalance(await self._host(old_host), component.address)
+        except FerrymanError as exc:  # its table balances an address routed elsewhere now: harmless, logged
+            log.warning(
+                "old balancer not removed", extra={"deployment": deployment_id, "host": old_host, "error": exc.message}
+            )
+        log.info(
+            "balancer followed its owner",
+            extra={"deployment": deployment_id, "component": component.name, "from": old_host, "host": component.host},
+        )
 
     async def _seen(self, deployment_id: str, name: str, healthy: bool, why: str) -> None:
         async with self._health_seen:
