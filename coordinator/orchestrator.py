@@ -242,6 +242,8 @@ class Orchestrator:
             migration, state=state, updated_at=now, history=(*migration.history, (state.value, now, detail)), **changes
         )
         await self._store.put_migration(migration)
+        # Counted with the write, before any other await: a waiter that reads it done sees it counted.
+        self._metrics.migration_transitions.labels(state=state.value).inc()
         for follower in await self._followers(migration.id):
             await self._store.put_migration(
                 dataclasses.replace(
@@ -256,7 +258,6 @@ class Orchestrator:
                     agent_migration_id=(agent_ids or {}).get(follower.container, follower.agent_migration_id),
                 )
             )
-        self._metrics.migration_transitions.labels(state=state.value).inc()
         self._metrics.set_migrations(await self._store.list_migrations())
         async with self._changed:
             self._changed.notify_all()
