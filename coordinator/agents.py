@@ -83,6 +83,7 @@ class AgentClientLike(Protocol):
     async def stage_takeover(
         self, host: Host, container_id: str, port: int, source: str, source_port: int, since: int, within: float
     ) -> int: ...
+    async def component_metrics(self, host: Host, container_id: str, port: int) -> str: ...
     async def close(self) -> None: ...
 
 
@@ -288,6 +289,31 @@ class AgentClient:
         raw = data.get("connections")
         open_now = {str(k): int(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
         return int(data.get("balanced") or 0), open_now
+
+    async def component_metrics(self, host: Host, container_id: str, port: int) -> str:
+        """A copy's metrics page (Prometheus text) through its agent (agent/api/componentmetrics.py);
+        AgentCallError when the copy does not answer 200."""
+        if not host.api_url:
+            raise AgentCallError(f"host {host.name!r} registered no api_url; the coordinator cannot reach it")
+        url = f"{host.api_url}/v1/containers/{container_id}/metrics?port={port}"
+        try:
+            async with (
+                asyncio.timeout(self._timeout),
+                self._session.get(url, ssl=self._ctx, server_hostname=host.name) as resp,
+            ):
+                text = await resp.text()
+                status = resp.status
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise AgentUnreachable(f"GET {url} (agent {host.name}): {exc or type(exc).__name__}") from exc
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise AgentCallError(f"GET {url} (agent {host.name}): {exc or type(exc).__name__}") from exc
+        if status != 200:
+            try:
+                data = json.loads(text) if resp.content_type == "application/json" else {}
+            except ValueError:
+                data = {}
+            raise self._error(host, status, data if isinstance(data, dict) else {}, f"metrics of {container_id}")
+        return text
 
     async def freeze_container(self, host: Host, container_id: str) -> None:
         """Freeze a running container on `host` (a warm standby: no CPU, memory kept)."""

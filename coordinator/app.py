@@ -330,6 +330,7 @@ class Coordinator:
             asyncio.create_task(self._while_leading(self.reservations.run_sweeper), name="reservation-sweeper"),
             asyncio.create_task(self._every(self.config.model.tick_period, self._tick), name="policy"),
             asyncio.create_task(self._every(TRAFFIC_PERIOD, self.replicas.sample_traffic), name="traffic"),
+            asyncio.create_task(self._every(TRAFFIC_PERIOD, self.replicas.sample_requests), name="requests"),
         ]
         if self.config.warm.period and self.warm.predictor is not None:
             self._leader_loops.append(

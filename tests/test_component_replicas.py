@@ -153,7 +153,7 @@ def test_behaviour_sums_a_components_containers_and_rates_its_balanced_connectio
         (10.0, {"10.0.0.6": 2})
     ]
     series.forget("d1")
-    assert series.of("d1", "echo") == {"usage": [], "traffic": []}
+    assert series.of("d1", "echo") == {"usage": [], "traffic": [], "requests": []}
 
 
 # ----- on the mesh

@@ -262,9 +262,10 @@ MODEL = Path(__file__).resolve().parent.parent / "models/scaling/scaling.onnx"
 class _Replicas:
     """The replica service's scale entry point; records what it was asked."""
 
-    def __init__(self, busy: bool = False) -> None:
+    def __init__(self, busy: bool = False, cold_starts: dict[str, float] | None = None) -> None:
         self.asked: list[tuple[str, str, int]] = []
         self.busy = busy
+        self.cold_starts = cold_starts or {}
 
     async def scale(self, deployment_id: str, name: str, replicas: int, drain_timeout: float | None = None) -> Any:
         self.asked.append((deployment_id, name, replicas))
@@ -272,6 +273,9 @@ class _Replicas:
 
     def scaling(self, deployment_id: str) -> bool:
         return self.busy
+
+    def cold_start(self, deployment_id: str, name: str) -> float | None:
+        return self.cold_starts.get(name)
 
 
 class _All(_Records):
@@ -302,6 +306,7 @@ async def test_a_round_decides_per_downstream_component_records_its_inputs_and_a
         inputs = e["inputs"]
         assert e["lag_s"] == true[(e["upstream"], e["component"])], e
         assert inputs["ready"] == 1 and inputs["starting"] == 0 and inputs["horizon_s"] == 15, e
+        assert inputs["cold_start_s"] == 30.0 and e["cold_start"] == "configured", e  # none measured yet
         cpu = trace.components[e["component"]].cpu
         # the last whole second: h1's 60 % at 898, h2's 40 % between its samples at 897.5 and 898.5
         assert inputs["need_now"] == pytest.approx(0.8 * cpu[898] + 0.2 * cpu[897]), e
@@ -317,6 +322,14 @@ async def test_a_round_decides_per_downstream_component_records_its_inputs_and_a
     later = _autoscaler(kept, busy, records, T0 + 900)
     entries = await later.round()
     assert busy.asked == [] and all(e["applied"] == "no: a scale of the deployment is under way" for e in entries)
+
+
+async def test_a_round_takes_the_components_measured_cold_start_over_the_configured_one() -> None:
+    kept = _behaviour("d1", _trace(900))
+    replicas = _Replicas(cold_starts={"C": 4.5})
+    entries = {e["component"]: e for e in await _autoscaler(kept, replicas, _All(_record("d1")), T0 + 900).round()}
+    assert (entries["C"]["inputs"]["cold_start_s"], entries["C"]["cold_start"]) == (4.5, "measured")
+    assert (entries["B"]["inputs"]["cold_start_s"], entries["B"]["cold_start"]) == (30.0, "configured")
 
 
 async def test_a_round_without_enough_history_records_why_and_scales_nothing() -> None:

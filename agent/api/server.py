@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from agent.api import cache as c
+from agent.api import componentmetrics as cm
 from agent.api import compositions as comp
 from agent.api import handlers as h
 from agent.api import health as hc
@@ -119,6 +120,7 @@ def build_app(agent: AgentLike) -> web.Application:
     hc.add_routes(app)
     st.add_routes(app)
     comp.add_routes(app)
+    cm.add_routes(app)
     app.router.add_get("/healthz", h.healthz)
     # The migrations module's /metrics refreshes its gauge, then serves the usual scrape.
     app.router.add_get("/metrics", m.metrics)

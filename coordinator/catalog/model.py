@@ -187,6 +187,8 @@ class Manifest:
     dependency_health_check: HealthCheck
     replicas: int = 1
     """Copies behind the service address once deployed (docs/deployments.md, "Replicas")."""
+    metrics_port: int = 0
+    """Port of its request metrics endpoint (`GET /metrics`, docs/scaling.md); 0: it has none."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -196,6 +198,8 @@ class Manifest:
         }
         if self.replicas != 1:  # an entry registered before replicas existed reads back the same
             out["replicas"] = self.replicas
+        if self.metrics_port:
+            out["metrics_port"] = self.metrics_port
         return out
 
     @classmethod
@@ -205,6 +209,7 @@ class Manifest:
             data_transfer_protocols={k: Transfer.from_dict(v) for k, v in data["data_transfer_protocols"].items()},
             dependency_health_check=HealthCheck.from_dict(data["dependency_health_check"]),
             replicas=int(data.get("replicas", 1)),
+            metrics_port=int(data.get("metrics_port", 0)),
         )
 
 

@@ -10,8 +10,11 @@ Two sources, both already flowing:
   it balanced (an nftables counter on the DNAT rules: TCP SYNs and new UDP flows) as a rate, and the
   connections each replica holds open (conntrack).
 
-Request latency and errors are not visible to either (the kernel sees connections, not requests):
-they need the component's own metrics endpoint, which is not read yet.
+- **requests**, from the component's own metrics endpoint when its manifest declares `metrics_port`
+  (coordinator/deployments/requestmetrics.py), read by the leader every `TRAFFIC_PERIOD` seconds
+  through each copy's agent and summed over the copies: requests answered per second, their mean
+  latency and failed requests per second between two reads. The kernel sees connections, not
+  requests, so latency and errors exist only for components that serve the endpoint.
 
 Each series keeps its last `MAX_POINTS` points per component (about an hour at a 5 s period); a
 coordinator that restarts, or a new leader, starts them empty. Pure bookkeeping: no I/O.
@@ -20,13 +23,18 @@ coordinator that restarts, or a new leader, starts them empty. Pure bookkeeping:
 from __future__ import annotations
 
 import collections
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from coordinator.deployments.requestmetrics import RequestCounts
+
 LABEL_DEPLOYMENT = "ferryman.deployment"
 LABEL_COMPONENT = "ferryman.component"
 MAX_POINTS = 720
+START_TIMES = 5
+"""Cold starts kept per component: their median is its cold start."""
 TRAFFIC_PERIOD = 5.0
 """Seconds between two reads of the balancers' counters by the leader."""
 
@@ -47,6 +55,34 @@ class TrafficPoint:
     new_connections_per_second: float
     open_connections: Mapping[str, int]
     """Backend address -> connections to the service address it holds open."""
+
+
+@dataclass(frozen=True)
+class RequestPoint:
+    ts: float
+    requests_per_second: float
+    latency_ms: float
+    """Mean time to answer a request between the two reads (0 with no request answered)."""
+    errors_per_second: float
+
+
+def request_point(ts: float, now: RequestCounts, last: tuple[float, RequestCounts] | None) -> RequestPoint | None:
+    """The rates between two reads of a component's summed counters; None for the first read, or
+    when a counter went down (a copy restarted or left: its counters are gone from the sum)."""
+    if last is None or ts <= last[0]:
+        return None
+    before = last[1]
+    deltas = (
+        now.requests - before.requests,
+        now.errors - before.errors,
+        now.duration_sum_s - before.duration_sum_s,
+        now.duration_count - before.duration_count,
+    )
+    if min(deltas) < 0:
+        return None
+    elapsed = ts - last[0]
+    latency = 1000.0 * deltas[2] / deltas[3] if deltas[3] > 0 else 0.0
+    return RequestPoint(ts, deltas[0] / elapsed, latency, deltas[1] / elapsed)
 
 
 def _number(value: Any) -> float:
@@ -77,13 +113,15 @@ def usage_points(host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) 
 
 
 class ComponentSeries:
-    """Per (deployment, component): the last MAX_POINTS usage and traffic points."""
+    """Per (deployment, component): the last MAX_POINTS usage, traffic and request points."""
 
     def __init__(self, max_points: int = MAX_POINTS) -> None:
         self._max = max_points
         self._usage: dict[tuple[str, str], collections.deque[UsagePoint]] = {}
         self._traffic: dict[tuple[str, str], collections.deque[TrafficPoint]] = {}
         self._last_count: dict[tuple[str, str], tuple[float, int]] = {}
+        self._requests: dict[tuple[str, str], collections.deque[RequestPoint]] = {}
+        self._last_requests: dict[tuple[str, str], tuple[float, RequestCounts]] = {}
 
     def observe(self, host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
         """Agent telemetry as stored (protobuf JSON samples, oldest first)."""
@@ -103,8 +141,23 @@ class ComponentSeries:
         rate = (balanced - last[1]) / (ts - last[0])
         self._series(self._traffic, key).append(TrafficPoint(ts, rate, dict(open_connections)))
 
+    def observe_requests(self, deployment: str, component: str, ts: float, counts: RequestCounts) -> None:
+        """`counts`: the component's copies' counters read at `ts`, summed."""
+        key = (deployment, component)
+        point = request_point(ts, counts, self._last_requests.get(key))
+        self._last_requests[key] = (ts, counts)
+        if point is not None:
+            self._series(self._requests, key).append(point)
+
     def forget(self, deployment: str) -> None:
-        for store in (self._usage, self._traffic, self._last_count):
+        stores: tuple[dict[tuple[str, str], Any], ...] = (
+            self._usage,
+            self._traffic,
+            self._last_count,
+            self._requests,
+            self._last_requests,
+        )
+        for store in stores:
             for key in [k for k in store if k[0] == deployment]:
                 del store[key]
 
@@ -115,6 +168,7 @@ class ComponentSeries:
             "traffic": [
                 {**asdict(p), "open_connections": dict(p.open_connections)} for p in self._traffic.get(key, ())
             ],
+            "requests": [asdict(p) for p in self._requests.get(key, ())],
         }
 
     def _series(self, store: dict[tuple[str, str], collections.deque[Any]], key: tuple[str, str]) -> Any:
@@ -122,3 +176,27 @@ class ComponentSeries:
         if found is None:
             found = store[key] = collections.deque(maxlen=self._max)
         return found
+
+
+class StartTimes:
+    """Per (deployment, component): how long its last `START_TIMES` replicas took from the scale
+    request to healthy (placement, image pull, create, start, first passing health check)."""
+
+    def __init__(self, keep: int = START_TIMES) -> None:
+        self._keep = keep
+        self._seconds: dict[tuple[str, str], collections.deque[float]] = {}
+
+    def observe(self, deployment: str, component: str, seconds: float) -> None:
+        kept = self._seconds.get((deployment, component))
+        if kept is None:
+            kept = self._seconds[(deployment, component)] = collections.deque(maxlen=self._keep)
+        kept.append(max(0.0, seconds))
+
+    def cold_start(self, deployment: str, component: str) -> float | None:
+        """The median of the kept starts (one slow pull does not set it); None before the first."""
+        kept = self._seconds.get((deployment, component))
+        return statistics.median(kept) if kept else None
+
+    def forget(self, deployment: str) -> None:
+        for key in [k for k in self._seconds if k[0] == deployment]:
+            del self._seconds[key]

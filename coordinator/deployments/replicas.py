@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator.config import DeploymentsConfig
-from coordinator.deployments.behaviour import ComponentSeries
+from coordinator.deployments.behaviour import ComponentSeries, StartTimes
 from coordinator.deployments.plan import DeploymentPlan
+from coordinator.deployments.requestmetrics import parse_counts
 from coordinator.deployments.service import LABEL_COMPONENT, MOVING_POLL, DeploymentAgents, DeploymentService
 from coordinator.deployments.states import (
     TERMINAL,
@@ -121,6 +122,8 @@ class ReplicaService:
         """Per deployment: the scale under way."""
         self._followers: dict[str, asyncio.Task[None]] = {}
         """Per replica container: the task following its health while it serves."""
+        self.starts = StartTimes()
+        """Per component: its measured cold starts (scale requested to replica healthy)."""
         self._deploying: set[str] = set()
         """Deployments whose manifests' replicas are being started (within their deploy)."""
         deployments.on_healthy = self.as_deployed
@@ -147,7 +150,7 @@ class ReplicaService:
                 )
                 continue
             plan = plan_scale(component, wanted, self._config.max_replicas)
-            await self._run(record.id, component.name, plan, self._config.drain_timeout)
+            await self._run(record.id, component.name, plan, self._config.drain_timeout, self._clock())
 
     async def scale(
         self, deployment_id: str, name: str, replicas: int, drain_timeout: float | None = None
@@ -169,7 +172,10 @@ class ReplicaService:
             raise InvalidRequest(f"{name} mounts a shared volume, which lives on one host: it cannot have replicas")
         plan = plan_scale(component, replicas, self._config.max_replicas)
         drain = drain_timeout if drain_timeout is not None else self._config.drain_timeout
-        task = asyncio.create_task(self._run(deployment_id, name, plan, drain), name=f"scale-{deployment_id}-{name}")
+        requested = self._clock()
+        task = asyncio.create_task(
+            self._run(deployment_id, name, plan, drain, requested), name=f"scale-{deployment_id}-{name}"
+        )
         self._tasks[deployment_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(deployment_id, None))
         return record
@@ -181,6 +187,7 @@ class ReplicaService:
             if record.state not in WATCHED:
                 if record.state in TERMINAL:
                     self.series.forget(record.id)
+                    self.starts.forget(record.id)
                 continue
             for component in record.components:
                 if not component.replicas:
@@ -193,11 +200,51 @@ class ReplicaService:
                     continue
                 self.series.observe_traffic(record.id, component.name, self._clock(), balanced, open_now)
 
+    async def sample_requests(self) -> None:
+        """Read the metrics endpoint of every copy of each component that has one (its manifest's
+        `metrics_port`) and keep the copies' counters, summed, in the series (the leader, every
+        behaviour.TRAFFIC_PERIOD seconds). A component one of whose copies does not answer, or
+        answers something unreadable, is skipped this round: a partial sum would read as a drop."""
+        for record in await self._deployments.all():
+            if record.state not in WATCHED:
+                continue
+            for component in record.components:
+                if not component.metrics_port or not component.host:
+                    continue
+                copies = [(component.host, component.container)] + [
+                    (r.host, r.container) for r in component.replicas if r.state is ReplicaState.SERVING and r.host
+                ]
+                try:
+                    hosts = [await self._host(h) for h, _ in copies]
+                    texts = await asyncio.gather(
+                        *(
+                            self._agents.component_metrics(host, c, component.metrics_port)
+                            for host, (_, c) in zip(hosts, copies, strict=True)
+                        )
+                    )
+                    counts = [parse_counts(t) for t in texts]
+                except FerrymanError as exc:
+                    log.debug("metrics not read", extra={"deployment": record.id, "error": exc.message})
+                    continue
+                total = counts[0]
+                for more in counts[1:]:
+                    total = total + more
+                self.series.observe_requests(record.id, component.name, self._clock(), total)
+
     def behaviour(self, record: DeploymentRecord, name: str) -> dict[str, Any]:
         """The component's series (ComponentNotFound for a name the deployment does not have)."""
         if name not in {c.name for c in record.components}:
             raise ComponentNotFound(f"deployment {record.id} has no component {name!r}")
-        return {"deployment": record.id, "component": name, **self.series.of(record.id, name)}
+        return {
+            "deployment": record.id,
+            "component": name,
+            "cold_start_s": self.starts.cold_start(record.id, name),
+            **self.series.of(record.id, name),
+        }
+
+    def cold_start(self, deployment_id: str, name: str) -> float | None:
+        """The component's measured cold start (median of its last starts); None before one."""
+        return self.starts.cold_start(deployment_id, name)
 
     def scaling(self, deployment_id: str) -> bool:
         """Whether a scale of the deployment is under way."""
@@ -218,10 +265,12 @@ class ReplicaService:
 
     # ----- driving
 
-    async def _run(self, deployment_id: str, name: str, plan: ScalePlan, drain: float) -> DeploymentRecord:
+    async def _run(
+        self, deployment_id: str, name: str, plan: ScalePlan, drain: float, requested: float
+    ) -> DeploymentRecord:
         try:
             if plan.add:
-                await self._scale_out(deployment_id, name, plan.add)
+                await self._scale_out(deployment_id, name, plan.add, requested)
             if plan.remove:
                 await self._scale_in(deployment_id, name, plan.remove, drain)
         except FerrymanError as exc:
@@ -236,7 +285,7 @@ class ReplicaService:
             raise HostNotFound(f"host {name} left the fleet")
         return host
 
-    async def _scale_out(self, deployment_id: str, name: str, indexes: tuple[int, ...]) -> None:
+    async def _scale_out(self, deployment_id: str, name: str, indexes: tuple[int, ...], requested: float) -> None:
         async def keep(addresses: list[str]) -> DeploymentRecord:
             def add(record: DeploymentRecord) -> DeploymentRecord:
                 component = record.component(name)
@@ -266,7 +315,9 @@ class ReplicaService:
                 placed.append(exc)
         results = await asyncio.gather(
             *(
-                self._start_replica(deployment_id, name, i, spec) if not isinstance(p, BaseException) else _raise(p)
+                self._start_replica(deployment_id, name, i, spec, requested)
+                if not isinstance(p, BaseException)
+                else _raise(p)
                 for i, p in zip(indexes, placed, strict=True)
             ),
             return_exceptions=True,
@@ -310,8 +361,11 @@ class ReplicaService:
             deployment_id, name, dataclasses.replace(replica, host=reservation.host, reservation=reservation.id)
         )
 
-    async def _start_replica(self, deployment_id: str, name: str, index: int, base: dict[str, Any]) -> None:
-        """Create, start and wait healthy; its reservation is released once it is."""
+    async def _start_replica(
+        self, deployment_id: str, name: str, index: int, base: dict[str, Any], requested: float
+    ) -> None:
+        """Create, start and wait healthy; its reservation is released once it is, and the time since
+        the scale was `requested` kept as one of the component's cold starts."""
         record = await self._deployments.get(deployment_id)
         component = record.component(name)
         replica = next(r for r in component.replicas if r.index == index)
@@ -340,6 +394,7 @@ class ReplicaService:
                     break
                 if health_now.get("status") == "unhealthy":
                     raise ScaleFailed(f"replica {replica.container} on {replica.host} became unhealthy")
+        self.starts.observe(deployment_id, name, self._clock() - requested)
         await self._reservations.release(reservation_id)
         await self._put_replica(deployment_id, name, dataclasses.replace(replica, reservation=""))
 

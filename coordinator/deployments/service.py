@@ -112,6 +112,7 @@ class DeploymentAgents(Protocol):
     async def unbalance(self, host: Host, service_ip: str) -> None: ...
     async def balanced_connections(self, host: Host, service_ip: str) -> dict[str, int]: ...
     async def balancer(self, host: Host, service_ip: str) -> tuple[int, dict[str, int]]: ...
+    async def component_metrics(self, host: Host, container_id: str, port: int) -> str: ...
 
 
 def agent_health(check: HealthCheck, address: str) -> dict[str, Any]:
@@ -245,6 +246,7 @@ class DeploymentService:
                         container=container_id(deployment_id, n),
                         volumes=volume_names[n],
                         requires=layout.components[n].requires,
+                        metrics_port=layout.components[n].entry.manifest.metrics_port,
                     )
                     for n, address in zip(order, addresses, strict=True)
                 ),

@@ -210,6 +210,8 @@ class ComponentRecord:
     """When it went degraded (0: it is not)."""
     replicas: tuple[ReplicaRecord, ...] = ()
     """Its copies beyond the first (coordinator/deployments/replicas.py), by index."""
+    metrics_port: int = 0
+    """Port of its request metrics endpoint on each copy's address (its manifest's; 0: none)."""
 
     @property
     def replica_count(self) -> int:
@@ -234,6 +236,7 @@ class ComponentRecord:
             "waiting_on": list(self.waiting_on),
             "degraded_since": self.degraded_since,
             "replicas": [r.to_dict() for r in self.replicas],
+            "metrics_port": self.metrics_port,
         }
 
     @classmethod
@@ -255,6 +258,7 @@ class ComponentRecord:
             waiting_on=tuple(data.get("waiting_on", ())),
             degraded_since=float(data.get("degraded_since", 0.0)),
             replicas=tuple(ReplicaRecord.from_dict(r) for r in data.get("replicas", ())),
+            metrics_port=int(data.get("metrics_port", 0)),
         )
 
 

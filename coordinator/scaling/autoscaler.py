@@ -48,6 +48,10 @@ class Replicas(Protocol):
 
     def scaling(self, deployment_id: str) -> bool: ...
 
+    def cold_start(self, deployment_id: str, name: str) -> float | None:
+        """The component's measured cold start (scale request to replica healthy); None before one."""
+        ...
+
 
 def replica_counts(record: DeploymentRecord, name: str) -> tuple[int, int]:
     """(serving, starting) copies of a component, its own container counting as one serving."""
@@ -148,6 +152,8 @@ class Autoscaler:
         if "skip" in inferred:
             return self._record({**entry, "action": "skip", "reason": inferred["skip"]})
         serving, starting = replica_counts(record, down)
+        measured = self._replicas.cold_start(record.id, down)
+        cold_start = measured if measured is not None else self._cold_start_s
         inputs = ScalingInputs(
             now=now,
             component=down,
@@ -158,8 +164,8 @@ class Autoscaler:
             predicted_need=inferred["predicted_need"],
             horizon_s=float(self._model.info.horizon_s),
             prediction_error=self._model.info.prediction_error,
-            cold_start_s=self._cold_start_s,
-            warm_start_s=self._cold_start_s,
+            cold_start_s=cold_start,
+            warm_start_s=cold_start,
         )
         decision, self._states[(record.id, down)] = decide(
             inputs, self._states.get((record.id, down), ScalingState()), self._policy
@@ -167,6 +173,7 @@ class Autoscaler:
         entry.update(decision.to_dict())
         entry.pop("config", None)
         entry["lag_s"] = inferred["lag_s"]
+        entry["cold_start"] = "measured" if measured is not None else "configured"
         if decision.action is not Action.HOLD and decision.target != serving + starting:
             if self._replicas.scaling(record.id):
                 entry["applied"] = "no: a scale of the deployment is under way"

@@ -1,17 +1,19 @@
 """The coordinator's behaviour points (coordinator/deployments/behaviour.py) as per-second series.
 
 The coordinator keeps, per component, cgroup usage points per host (every telemetry sample, a few
-seconds apart, hosts not in step) and the balancer's connection rate (every 5 s, replicated
-components only). The correlation engine reads one value per second on a window two components
-share. So:
+seconds apart, hosts not in step), the balancer's connection rate (every 5 s, replicated
+components only) and, for a component with a metrics endpoint, its request rate, latency and errors
+(every 5 s). The correlation engine reads one value per second on a window two components share. So:
 
 - each host's usage is interpolated linearly onto whole seconds within the span that host reported
   (0 outside it: the component did not run there) and the hosts are summed: `cpu` in cores,
   `memory` in MB;
-- `rate` is the balancer's new connections per second, held from one read to the next (0 for a
-  component that has no balancer, or before its first read);
-- `latency` and `errors` are 0: the kernel sees connections, not requests, and the components'
-  metrics endpoints are not read yet. The engine finds no link for a constant series.
+- `rate` is the requests answered per second from the component's metrics endpoint when it has
+  one, else the balancer's new connections per second; held from one read to the next (0 for a
+  component with neither, or before its first read);
+- `latency` (mean ms) and `errors` (per second) come from the metrics endpoint, held likewise; 0 for
+  a component without one (the kernel sees connections, not requests). The engine finds no link for
+  a constant series.
 
 A component's span is from its first to its last usage point; two components share the seconds
 both spans cover. Pure: numpy only.
@@ -70,10 +72,10 @@ def _per_host(usage: Sequence[Mapping[str, Any]], grid: np.ndarray, field: str, 
     return total
 
 
-def _held(traffic: Sequence[Mapping[str, Any]], grid: np.ndarray) -> np.ndarray:
-    if not traffic:
+def _held(points_in: Sequence[Mapping[str, Any]], field: str, grid: np.ndarray) -> np.ndarray:
+    if not points_in:
         return np.zeros(len(grid), np.float64)
-    points = sorted((float(p["ts"]), float(p["new_connections_per_second"])) for p in traffic)
+    points = sorted((float(p["ts"]), float(p[field])) for p in points_in)
     ts = np.array([t for t, _ in points])
     values = np.array([v for _, v in points])
     at = np.searchsorted(ts, grid, side="right") - 1  # the last read at or before each second
@@ -84,11 +86,15 @@ def per_second(behaviour: Mapping[str, Any], window: Span) -> ComponentSeries:
     """One component's behaviour on the whole seconds of `window` (window.seconds values each)."""
     grid = window.start + np.arange(window.seconds, dtype=np.float64)
     usage = behaviour.get("usage") or ()
-    zeros = np.zeros(len(grid), np.float64)
+    requests = behaviour.get("requests") or ()
+    if requests:
+        rate = _held(requests, "requests_per_second", grid)
+    else:
+        rate = _held(behaviour.get("traffic") or (), "new_connections_per_second", grid)
     return ComponentSeries(
-        rate=_held(behaviour.get("traffic") or (), grid),
-        latency=zeros,
-        errors=zeros.copy(),
+        rate=rate,
+        latency=_held(requests, "latency_ms", grid),
+        errors=_held(requests, "errors_per_second", grid),
         cpu=_per_host(usage, grid, "cpu_millis", 1e-3),
         memory=_per_host(usage, grid, "memory_bytes", 1.0 / (1 << 20)),
     )

@@ -104,3 +104,10 @@ class MemhogStatus:
 def bundle_rootfs(containerd_state: Path, namespace: str, container_id: str) -> Path:
     """The task's mounted rootfs on the host (containerd's runc v2 shim bundle layout)."""
     return containerd_state / "io.containerd.runtime.v2.task" / namespace / container_id / "rootfs"
+
+
+def loadstage_image(port: int = 8080, work_us: int = 2000) -> ImageBuilder:
+    """/bin/loadstage: HTTP on `port`, each POST /work burns `work_us` of CPU, GET /metrics counts
+    them (tests/workloads/loadstage.c): a stage of the scaling bench."""
+    layer = Layer([Dir("bin"), File("bin/loadstage", static_binary("loadstage"), 0o755)], comment="loadstage")
+    return ImageBuilder([busybox_layer(), layer], cmd=("/bin/loadstage", str(port), str(work_us)))
