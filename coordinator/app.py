@@ -240,6 +240,8 @@ class Coordinator:
             replica_capacity=config.deployments.cpu_millis / 1000.0,  # what each replica's limits allow
             replica_cost=s.replica_cost,
             violation_cost=s.violation_cost,
+            max_standbys=s.standbys,
+            standby_cost=s.standby_cost,
         )
         return Autoscaler(
             self.deployments, self.behaviour, self.replicas, model, policy, correlation, s.cold_start, clock

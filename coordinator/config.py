@@ -262,7 +262,11 @@ class PredictiveScalingConfig:
     max_lag: int = 60
     """Longest lead, in seconds, the correlation engine looks for."""
     cold_start: float = 30.0
-    """Seconds from a replica's start to serving, as the decisions assume it."""
+    """Seconds from a replica's start to serving, as the decisions assume it until one is measured."""
+    standbys: int = 1
+    """Warm standbys (created, started, frozen replicas) kept at most per component; 0: none."""
+    standby_cost: float = 0.2
+    """Cost of a standby for one second, as a fraction of replica_cost (memory, no CPU), in (0, 1]."""
 
 
 @dataclass(frozen=True)
@@ -445,6 +449,10 @@ def _validate_scaling(scaling: PredictiveScalingConfig, most: int) -> None:
         raise ConfigError(
             f"scaling.max_replicas ({scaling.max_replicas}) must not exceed deployments.max_replicas ({most})"
         )
+    if scaling.standbys < 0 or scaling.standbys > scaling.max_replicas:
+        raise ConfigError(f"scaling.standbys must be in [0, scaling.max_replicas], got {scaling.standbys}")
+    if not 0 < scaling.standby_cost <= 1:
+        raise ConfigError(f"scaling.standby_cost must be in (0, 1], got {scaling.standby_cost}")
     if scaling.enabled and not scaling.model:
         raise ConfigError("scaling.enabled needs scaling.model (the .onnx file models/scaling/ trains)")
 

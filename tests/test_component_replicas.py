@@ -130,6 +130,27 @@ def test_scaling_plans_new_indexes_out_and_the_highest_in() -> None:
             plan_scale(c, bad, 16)
 
 
+def test_scaling_out_thaws_standbys_first_and_keeps_the_standbys_asked_for() -> None:
+    c = ComponentRecord(name="echo", entry="echo@1", image="i", level=0, address="10.0.0.5", container="d-echo")
+    r = (
+        ReplicaRecord(1, "10.0.0.6", "h1", "d-echo-r1", state=ReplicaState.SERVING),
+        ReplicaRecord(2, "10.0.0.7", "h2", "d-echo-r2", state=ReplicaState.STANDBY),
+        ReplicaRecord(4, "10.0.0.8", "h2", "d-echo-r4", state=ReplicaState.STANDBY),
+    )
+    c = ComponentRecord(**{**c.__dict__, "replicas": r})
+    assert c.replica_count == 2  # standbys do not serve
+    assert plan_scale(c, 2, 16) == ScalePlan(add=(), remove=())  # standbys as they are
+    assert plan_scale(c, 3, 16) == ScalePlan(add=(), remove=(), thaw=(2,))
+    assert plan_scale(c, 5, 16) == ScalePlan(add=(3,), remove=(), thaw=(2, 4))
+    assert plan_scale(c, 3, 16, standbys=2) == ScalePlan(add=(), remove=(), thaw=(2,), standby_add=(3,))
+    assert plan_scale(c, 1, 16, standbys=0) == ScalePlan(add=(), remove=(1,), standby_remove=(4, 2))
+    assert plan_scale(c, 2, 16, standbys=1) == ScalePlan(add=(), remove=(), standby_remove=(4,))
+    with pytest.raises(InvalidRequest, match="standbys"):
+        plan_scale(c, 15, 16, standbys=2)
+    with pytest.raises(InvalidRequest, match="standbys"):
+        plan_scale(c, 2, 16, standbys=-1)
+
+
 def test_behaviour_sums_a_components_containers_and_rates_its_balanced_connections() -> None:
     series = ComponentSeries(max_points=2)
     mine = {"ferryman.deployment": "d1", "ferryman.component": "echo"}

@@ -4,12 +4,14 @@ A component that declares `metrics_port` serves Prometheus text at /metrics (the
 stage, tests/workloads/loadstage.c). Its agent relays the page from inside the container's network
 namespace (`GET /v1/containers/{id}/metrics?port=P`); the leader reads every copy every 5 s and
 keeps the request rate, mean latency and errors in the component's behaviour series. Scaling the
-component out measures its cold start (scale request to healthy).
+component out measures its cold start (scale request to healthy). A warm standby is started and
+frozen beside the replicas (out of the balancer), and a scale out thaws it instead of starting one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -134,3 +136,31 @@ async def test_request_rate_latency_and_errors_and_the_cold_start_are_kept(fleet
             break
         assert time.monotonic() < deadline, behaviour
         await asyncio.sleep(1.0)
+
+    # A warm standby: started, healthy, frozen, out of the balancer; the next scale out thaws it.
+    res = await f.ferryctl("--json", "scale", deployment, "stage", "2", "--standbys", "1", "--wait", "120", within=180)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    replicas = {r["index"]: r for r in json.loads(res.stdout)["components"][0]["replicas"]}
+    assert {i: r["state"] for i, r in replicas.items()} == {1: "serving", 2: "standby"}, replicas
+    standby = replicas[2]
+    inspect = await api(mesh[standby["host"]], "GET", f"/v1/containers/{standby['container']}")
+    assert inspect["state"] == "paused", inspect
+    balancer = await api(host, "GET", f"/v1/network/balancers/{service}")
+    assert standby["address"] not in balancer["backends"], balancer
+    began = time.monotonic()
+    res = await f.ferryctl("--json", "scale", deployment, "stage", "3", "--wait", "60", within=90)
+    thawed_in = time.monotonic() - began
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    replicas = {r["index"]: r for r in json.loads(res.stdout)["components"][0]["replicas"]}
+    assert {i: r["state"] for i, r in replicas.items()} == {1: "serving", 2: "serving"}, replicas  # no new one
+    assert replicas[2]["container"] == standby["container"]
+    inspect = await api(mesh[standby["host"]], "GET", f"/v1/containers/{standby['container']}")
+    assert inspect["state"] == "running", inspect
+    balancer = await api(host, "GET", f"/v1/network/balancers/{service}")
+    assert standby["address"] in balancer["backends"], balancer
+    await requests(mesh, service, 9)  # every copy answers
+    cold = (await f.call("GET", f"/v1/deployments/{deployment}/components/stage/behaviour"))["cold_start_s"]
+    print(f"cold start {cold:.2f} s (median), thawed standby serving after {thawed_in:.2f} s (ferryctl round trip)")
+    # Cutting the standbys stops them.
+    res = await f.ferryctl("--json", "scale", deployment, "stage", "1", "--standbys", "0", "--wait", "120", within=180)
+    assert res.returncode == 0 and json.loads(res.stdout)["components"][0]["replicas"] == [], res.stdout

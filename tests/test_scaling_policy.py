@@ -29,6 +29,7 @@ def inputs(
     need_now: float = 1.0,
     predicted: float = 1.0,
     error: float = 0.0,
+    cold_start: float = 12.0,
 ) -> ScalingInputs:
     return ScalingInputs(
         now=now,
@@ -40,7 +41,7 @@ def inputs(
         predicted_need=predicted,
         horizon_s=15.0,
         prediction_error=error,
-        cold_start_s=12.0,
+        cold_start_s=cold_start,
         warm_start_s=2.0,
     )
 
@@ -59,6 +60,41 @@ def test_short_of_capacity_now_uses_the_warm_standbys_first() -> None:
     assert (decision.target, decision.warm_starts, decision.cold_starts) == (4, 1, 1)
     decision, _ = decide(inputs(ready=2, standbys=0, need_now=3.5, predicted=3.5), ScalingState(), CONFIG)
     assert (decision.warm_starts, decision.cold_starts) == (0, 2)
+
+
+def test_a_cold_start_longer_than_the_horizon_uses_the_warm_standbys_first() -> None:
+    # capacity is enough now, but a 40 s cold start cannot be ready for the need at +15 s
+    decision, _ = decide(
+        inputs(ready=2, standbys=1, need_now=1.0, predicted=3.5, cold_start=40.0), ScalingState(), CONFIG
+    )
+    assert (decision.target, decision.warm_starts, decision.cold_starts) == (4, 1, 1)
+    assert "would be late" in decision.reason and "late by 25 s" in decision.reason
+    decision, _ = decide(
+        inputs(ready=2, standbys=3, need_now=1.0, predicted=3.5, cold_start=40.0), ScalingState(), CONFIG
+    )
+    assert (decision.warm_starts, decision.cold_starts) == (2, 0) and "late by" not in decision.reason
+
+
+def test_a_standby_is_kept_when_the_predicted_need_is_close_to_the_next_replica() -> None:
+    cfg = ScalingConfig(max_replicas=10, replica_capacity=1.0, max_standbys=2, standby_cost=0.2)
+    # need ~ N(3.8, 0.38): 4 replicas (q0.95 = 4.43 -> 5), and P(need > 5) = 0.1 % < 1 %: no standby
+    far, _ = decide(inputs(ready=5, standbys=0, need_now=0.0, predicted=3.8, error=0.1), ScalingState(), cfg)
+    assert (far.target, far.standbys) == (5, 0)
+    # need ~ N(4.2, 0.84) with a wider error: 6 replicas (q0.95 = 5.58); P(need > 6) = 1.6 % > 1 %: one
+    close, _ = decide(inputs(ready=6, standbys=0, need_now=0.0, predicted=4.2, error=0.2), ScalingState(), cfg)
+    assert (close.target, close.standbys) == (6, 1)
+    # a low need: none; never past max_replicas with the target; none with max_standbys 0
+    low, _ = decide(inputs(ready=1, standbys=1, need_now=0.1, predicted=0.1, error=0.2), ScalingState(), cfg)
+    assert low.standbys == 0
+    top, _ = decide(inputs(ready=10, need_now=9.9, predicted=9.9, error=0.2), ScalingState(), cfg)
+    assert (top.target, top.standbys) == (10, 0)
+    off, _ = decide(inputs(ready=6, need_now=0.0, predicted=4.2, error=0.2), ScalingState(), CONFIG)
+    assert off.standbys == 0
+    assert close.to_dict()["standbys"] == 1
+    with pytest.raises(ValueError, match="standby_cost"):
+        ScalingConfig(standby_cost=0.0)
+    with pytest.raises(ValueError, match="max_standbys"):
+        ScalingConfig(max_standbys=-1)
 
 
 def test_the_replica_cost_against_the_violation_cost_sets_the_margin() -> None:
@@ -132,7 +168,7 @@ needs = st.floats(min_value=0.0, max_value=30.0, allow_nan=False)
 def test_decisions_stay_in_bounds_and_never_flap(
     steps: list[tuple[float, float]], standbys: int, hold: float, error: float
 ) -> None:
-    cfg = ScalingConfig(min_replicas=2, max_replicas=12, replica_capacity=1.0, scale_in_hold_s=hold)
+    cfg = ScalingConfig(min_replicas=2, max_replicas=12, replica_capacity=1.0, scale_in_hold_s=hold, max_standbys=2)
     state = ScalingState()
     provisioned = 2
     history: list[tuple[float, int]] = []
@@ -144,6 +180,7 @@ def test_decisions_stay_in_bounds_and_never_flap(
         history.append((t, decision.desired))
         assert cfg.min_replicas <= decision.target <= cfg.max_replicas
         assert cfg.min_replicas <= decision.desired <= cfg.max_replicas
+        assert 0 <= decision.standbys <= min(cfg.max_standbys, cfg.max_replicas - decision.target)
         if decision.action is Action.SCALE_OUT:
             assert decision.target > provisioned
             assert decision.cold_starts + decision.warm_starts == decision.target - provisioned

@@ -266,9 +266,18 @@ class _Replicas:
         self.asked: list[tuple[str, str, int]] = []
         self.busy = busy
         self.cold_starts = cold_starts or {}
+        self.standbys: list[int | None] = []
 
-    async def scale(self, deployment_id: str, name: str, replicas: int, drain_timeout: float | None = None) -> Any:
+    async def scale(
+        self,
+        deployment_id: str,
+        name: str,
+        replicas: int,
+        drain_timeout: float | None = None,
+        standbys: int | None = None,
+    ) -> Any:
         self.asked.append((deployment_id, name, replicas))
+        self.standbys.append(standbys)
         return None
 
     def scaling(self, deployment_id: str) -> bool:
@@ -312,8 +321,10 @@ async def test_a_round_decides_per_downstream_component_records_its_inputs_and_a
         assert inputs["need_now"] == pytest.approx(0.8 * cpu[898] + 0.2 * cpu[897]), e
         assert 0 < inputs["predicted_need"] < 3 * max(cpu), e
         # the generator's stages use more than one replica's 0.1 cores: scale out, applied
-        assert e["action"] == "scale-out" and e["target"] > 1 and e["applied"] == f"scaling to {e['target']}", e
+        applied = f"scaling to {e['target']}, {e['standbys']} standby"
+        assert e["action"] == "scale-out" and e["target"] > 1 and e["applied"] == applied, e
     assert replicas.asked == [("d1", e["component"], e["target"]) for e in entries]
+    assert replicas.standbys == [e["standbys"] for e in entries]  # the policy's (max_standbys 0 here)
     assert autoscaler.history("d1") == entries and autoscaler.history("d2") == []
     assert set(autoscaler.status("d1")) == {"B", "C"}
 

@@ -64,6 +64,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("component", metavar="COMPONENT")
     p.add_argument("replicas", type=int, metavar="N")
     p.add_argument("--drain-timeout", type=_seconds, metavar="SECONDS", help="how long a replica scaled in may drain")
+    p.add_argument("--standbys", type=int, metavar="N", help="warm standbys (started, frozen) to keep beside them")
     _wait_options(p, "scaled")
     p = sub.add_parser("deployment", help="one deployment: `deployment status ID`")
     actions = p.add_subparsers(dest="deployment_command", metavar="SUBCOMMAND")
@@ -94,6 +95,8 @@ async def run(client: Requester, args: argparse.Namespace, out: Console) -> int:
             body: dict[str, Any] = {"replicas": args.replicas}
             if args.drain_timeout is not None:
                 body["drain_timeout"] = args.drain_timeout
+            if args.standbys is not None:
+                body["standbys"] = args.standbys
             path = f"{_path(args.id)}/components/{quote(args.component, safe='')}/scale"
             record = await client.request("POST", path, params=_params(args), body=body)
             render.show(args, record, lambda: render.say_all(details(record)))

@@ -602,15 +602,18 @@ async def scale_component(request: web.Request) -> web.Response:
     _ops(request)
     deployment_id = _deployment_id(request)
     body = await read_object(request)
-    check_keys(body, {"replicas", "drain_timeout"}, {"replicas"}, "body")
+    check_keys(body, {"replicas", "drain_timeout", "standbys"}, {"replicas"}, "body")
     replicas = body["replicas"]
     if not isinstance(replicas, int) or isinstance(replicas, bool):
         raise InvalidRequest("replicas: expected an integer")
     drain = body.get("drain_timeout")
     if drain is not None and (not isinstance(drain, int | float) or isinstance(drain, bool)):
         raise InvalidRequest("drain_timeout: expected a number of seconds")
+    standbys = body.get("standbys")
+    if standbys is not None and (not isinstance(standbys, int) or isinstance(standbys, bool)):
+        raise InvalidRequest("standbys: expected an integer")
     service = request.app[COORDINATOR].replicas
-    record = await service.scale(deployment_id, request.match_info["name"], replicas, drain)
+    record = await service.scale(deployment_id, request.match_info["name"], replicas, drain, standbys)
     wait = _wait_seconds(request)
     accepted = True
     if wait is not None:

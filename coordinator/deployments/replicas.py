@@ -76,19 +76,46 @@ class ScalePlan:
     """Indexes of the replicas to start."""
     remove: tuple[int, ...]
     """Indexes of the replicas to drain and stop, highest first."""
+    thaw: tuple[int, ...] = ()
+    """Indexes of the warm standbys to thaw into the balancer (before any cold start)."""
+    standby_add: tuple[int, ...] = ()
+    """Indexes of new standbys to start and freeze."""
+    standby_remove: tuple[int, ...] = ()
+    """Indexes of standbys to stop."""
 
 
-def plan_scale(component: ComponentRecord, target: int, most: int) -> ScalePlan:
-    """Which replicas to start or stop to run `target` copies of `component` (itself included)."""
+def plan_scale(component: ComponentRecord, target: int, most: int, standbys: int | None = None) -> ScalePlan:
+    """Which replicas to start, thaw or stop to run `target` copies of `component` (itself included),
+    and with `standbys`, which standbys to start or stop to keep that many. A scale out thaws
+    standbys first; the standbys left are then topped up or cut to `standbys`."""
     if not 1 <= target <= most:
         raise InvalidRequest(f"replicas: expected 1 to {most}, got {target}")
-    live = sorted((r.index for r in component.replicas if r.state is not ReplicaState.DRAINING), reverse=True)
+    if standbys is not None and not 0 <= standbys <= most - target:
+        raise InvalidRequest(f"standbys: expected 0 to {most - target} beside {target} replicas, got {standbys}")
+    live = sorted(
+        (r.index for r in component.replicas if r.state not in (ReplicaState.DRAINING, ReplicaState.STANDBY)),
+        reverse=True,
+    )
+    frozen = sorted(r.index for r in component.replicas if r.state is ReplicaState.STANDBY)
     have = 1 + len(live)
+    used = {r.index for r in component.replicas}
+    free = (i for i in range(1, most + len(used) + 1) if i not in used)
+    add: tuple[int, ...] = ()
+    thaw: tuple[int, ...] = ()
+    remove: tuple[int, ...] = ()
     if target >= have:
-        used = {r.index for r in component.replicas}
-        free = (i for i in range(1, most + len(used) + 1) if i not in used)
-        return ScalePlan(add=tuple(next(free) for _ in range(target - have)), remove=())
-    return ScalePlan(add=(), remove=tuple(live[: have - target]))
+        thaw = tuple(frozen[: target - have])
+        add = tuple(next(free) for _ in range(target - have - len(thaw)))
+    else:
+        remove = tuple(live[: have - target])
+    left = frozen[len(thaw) :]
+    standby_add: tuple[int, ...] = ()
+    standby_remove: tuple[int, ...] = ()
+    if standbys is not None and standbys > len(left):
+        standby_add = tuple(next(free) for _ in range(standbys - len(left)))
+    elif standbys is not None:
+        standby_remove = tuple(sorted(left, reverse=True)[: len(left) - standbys])
+    return ScalePlan(add, remove, thaw, standby_add, standby_remove)
 
 
 def replica_container(component: ComponentRecord, index: int) -> str:
@@ -153,10 +180,16 @@ class ReplicaService:
             await self._run(record.id, component.name, plan, self._config.drain_timeout, self._clock())
 
     async def scale(
-        self, deployment_id: str, name: str, replicas: int, drain_timeout: float | None = None
+        self,
+        deployment_id: str,
+        name: str,
+        replicas: int,
+        drain_timeout: float | None = None,
+        standbys: int | None = None,
     ) -> DeploymentRecord:
-        """Start scaling `name` to `replicas` copies in a task of its own; the record as it is now.
-        ScaleBusy while the deployment is not HEALTHY/DEGRADED or is being scaled already."""
+        """Start scaling `name` to `replicas` copies in a task of its own (thawing its warm standbys
+        first), and with `standbys`, keeping that many warm standbys beside them; the record as it
+        is now. ScaleBusy while the deployment is not HEALTHY/DEGRADED or is being scaled already."""
         record = await self._deployments.get(deployment_id)
         try:
             component = record.component(name)
@@ -168,9 +201,9 @@ class ReplicaService:
             raise ScaleBusy(f"deployment {deployment_id} is being scaled; wait for it to finish")
         if drain_timeout is not None and not 0 < drain_timeout <= MAX_DRAIN:
             raise InvalidRequest(f"drain_timeout: expected seconds within (0, {MAX_DRAIN:g}]")
-        if component.volumes and replicas > 1:
+        if component.volumes and (replicas > 1 or standbys):
             raise InvalidRequest(f"{name} mounts a shared volume, which lives on one host: it cannot have replicas")
-        plan = plan_scale(component, replicas, self._config.max_replicas)
+        plan = plan_scale(component, replicas, self._config.max_replicas, standbys)
         drain = drain_timeout if drain_timeout is not None else self._config.drain_timeout
         requested = self._clock()
         task = asyncio.create_task(
@@ -269,10 +302,16 @@ class ReplicaService:
         self, deployment_id: str, name: str, plan: ScalePlan, drain: float, requested: float
     ) -> DeploymentRecord:
         try:
+            if plan.thaw:
+                await self._thaw(deployment_id, name, plan.thaw)
             if plan.add:
                 await self._scale_out(deployment_id, name, plan.add, requested)
             if plan.remove:
                 await self._scale_in(deployment_id, name, plan.remove, drain)
+            if plan.standby_remove:
+                await self._drop(deployment_id, name, plan.standby_remove)
+            if plan.standby_add:
+                await self._scale_out(deployment_id, name, plan.standby_add, requested, standby=True)
         except FerrymanError as exc:
             log.error("scale failed", extra={"deployment": deployment_id, "component": name, "error": exc.message})
         except Exception:
@@ -285,7 +324,12 @@ class ReplicaService:
             raise HostNotFound(f"host {name} left the fleet")
         return host
 
-    async def _scale_out(self, deployment_id: str, name: str, indexes: tuple[int, ...], requested: float) -> None:
+    async def _scale_out(
+        self, deployment_id: str, name: str, indexes: tuple[int, ...], requested: float, standby: bool = False
+    ) -> None:
+        """Start replicas (each measured as a cold start); with `standby`, freeze each once healthy
+        and keep it out of the balancer."""
+
         async def keep(addresses: list[str]) -> DeploymentRecord:
             def add(record: DeploymentRecord) -> DeploymentRecord:
                 component = record.component(name)
@@ -334,8 +378,14 @@ class ReplicaService:
                         "error": getattr(r, "message", str(r)),
                     },
                 )
+        if standby:
+            await self._freeze(deployment_id, name, tuple(i for i in indexes if i not in failed), failed)
         if failed:
             await self._drop(deployment_id, name, tuple(failed))
+        if standby:
+            if failed:
+                raise ScaleFailed(f"{len(failed)} of {len(indexes)} standbys of {name} did not start; see the log")
+            return
         record = await self._set_state(deployment_id, name, set(indexes) - set(failed), ReplicaState.SERVING)
         await self._rebalance(record.component(name))
         for replica in record.component(name).replicas:
@@ -343,6 +393,46 @@ class ReplicaService:
                 self._follow(deployment_id, name, replica.index, replica.container)
         if failed:
             raise ScaleFailed(f"{len(failed)} of {len(indexes)} replicas of {name} did not start; see the log")
+
+    async def _freeze(self, deployment_id: str, name: str, indexes: tuple[int, ...], failed: list[int]) -> None:
+        """Freeze started replicas into warm standbys; those that do not freeze join `failed`."""
+        record = await self._deployments.get(deployment_id)
+        frozen = set()
+        for replica in record.component(name).replicas:
+            if replica.index not in indexes:
+                continue
+            try:
+                await self._agents.freeze_container(await self._host(replica.host), replica.container)
+                frozen.add(replica.index)
+            except FerrymanError as exc:
+                log.error("standby not frozen", extra={"container": replica.container, "error": exc.message})
+                failed.append(replica.index)
+        await self._set_state(deployment_id, name, frozen, ReplicaState.STANDBY)
+
+    async def _thaw(self, deployment_id: str, name: str, indexes: tuple[int, ...]) -> None:
+        """Thaw warm standbys into the balancer: serving within a thaw, no start. One that does not
+        thaw is dropped (the next scale starts a replica instead)."""
+        record = await self._deployments.get(deployment_id)
+        thawed, failed = set(), []
+        for replica in record.component(name).replicas:
+            if replica.index not in indexes:
+                continue
+            try:
+                await self._agents.thaw_container(await self._host(replica.host), replica.container)
+                thawed.add(replica.index)
+            except FerrymanError as exc:
+                log.error("standby not thawed", extra={"container": replica.container, "error": exc.message})
+                failed.append(replica.index)
+        record = await self._set_state(
+            deployment_id, name, thawed, ReplicaState.SERVING, only_from=ReplicaState.STANDBY
+        )
+        await self._rebalance(record.component(name))
+        for replica in record.component(name).replicas:
+            if replica.index in thawed:
+                self._follow(deployment_id, name, replica.index, replica.container)
+        if failed:
+            await self._drop(deployment_id, name, tuple(failed))
+            raise ScaleFailed(f"{len(failed)} standbys of {name} did not thaw; see the log")
 
     async def _place_replica(self, deployment_id: str, name: str, index: int) -> None:
         """Reserve its capacity through the placement, on a host without a copy if one can take it."""
@@ -535,6 +625,9 @@ class ReplicaService:
                 continue
             if replica.host:
                 try:
+                    if replica.state is ReplicaState.STANDBY:  # a frozen task is thawed to be stopped
+                        with contextlib.suppress(FerrymanError):
+                            await self._agents.thaw_container(await self._host(replica.host), replica.container)
                     await self._agents.delete_container(await self._host(replica.host), replica.container)
                 except FerrymanError as exc:
                     log.error("replica not deleted", extra={"container": replica.container, "error": exc.message})

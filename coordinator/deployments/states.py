@@ -143,6 +143,7 @@ class ReplicaState(enum.StrEnum):
     SERVING = "serving"  # in the balancer: new connections reach it
     DEGRADED = "degraded"  # was serving; its check fails or it stopped: out of the balancer until it passes
     DRAINING = "draining"  # out of the balancer: its open connections end before it is stopped
+    STANDBY = "standby"  # started, healthy, then frozen (a warm standby): out of the balancer; a scale out thaws it
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,9 @@ class ComponentRecord:
 
     @property
     def replica_count(self) -> int:
-        """How many copies serve or are about to: itself and every replica not draining."""
-        return 1 + sum(r.state is not ReplicaState.DRAINING for r in self.replicas)
+        """How many copies serve or are about to: itself and every replica neither draining nor a
+        standby."""
+        return 1 + sum(r.state not in (ReplicaState.DRAINING, ReplicaState.STANDBY) for r in self.replicas)
 
     def to_dict(self) -> dict[str, Any]:
         return {

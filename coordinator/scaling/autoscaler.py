@@ -43,7 +43,12 @@ class DeploymentList(Protocol):
 
 class Replicas(Protocol):
     async def scale(
-        self, deployment_id: str, name: str, replicas: int, drain_timeout: float | None = None
+        self,
+        deployment_id: str,
+        name: str,
+        replicas: int,
+        drain_timeout: float | None = None,
+        standbys: int | None = None,
     ) -> DeploymentRecord: ...
 
     def scaling(self, deployment_id: str) -> bool: ...
@@ -53,12 +58,13 @@ class Replicas(Protocol):
         ...
 
 
-def replica_counts(record: DeploymentRecord, name: str) -> tuple[int, int]:
-    """(serving, starting) copies of a component, its own container counting as one serving."""
+def replica_counts(record: DeploymentRecord, name: str) -> tuple[int, int, int]:
+    """(serving, starting, standby) copies of a component, its own container counting as one serving."""
     component = record.component(name)
     serving = 1 + sum(r.state is ReplicaState.SERVING for r in component.replicas)
     starting = sum(r.state is ReplicaState.STARTING for r in component.replicas)
-    return serving, starting
+    standby = sum(r.state is ReplicaState.STANDBY for r in component.replicas)
+    return serving, starting, standby
 
 
 def _infer(
@@ -151,7 +157,7 @@ class Autoscaler:
                 break
         if "skip" in inferred:
             return self._record({**entry, "action": "skip", "reason": inferred["skip"]})
-        serving, starting = replica_counts(record, down)
+        serving, starting, standby = replica_counts(record, down)
         measured = self._replicas.cold_start(record.id, down)
         cold_start = measured if measured is not None else self._cold_start_s
         inputs = ScalingInputs(
@@ -159,7 +165,7 @@ class Autoscaler:
             component=down,
             ready=serving,
             starting=starting,
-            standbys=0,
+            standbys=standby,
             need_now=inferred["need_now"],
             predicted_need=inferred["predicted_need"],
             horizon_s=float(self._model.info.horizon_s),
@@ -174,13 +180,17 @@ class Autoscaler:
         entry.pop("config", None)
         entry["lag_s"] = inferred["lag_s"]
         entry["cold_start"] = "measured" if measured is not None else "configured"
-        if decision.action is not Action.HOLD and decision.target != serving + starting:
+        count_changes = decision.action is not Action.HOLD and decision.target != serving + starting
+        # Standbys follow the decision's count; warm starts use some of the ones there are.
+        standbys_change = decision.standbys != standby - decision.warm_starts
+        if count_changes or standbys_change:
+            target = decision.target if count_changes else serving + starting
             if self._replicas.scaling(record.id):
                 entry["applied"] = "no: a scale of the deployment is under way"
             else:
                 try:
-                    await self._replicas.scale(record.id, down, decision.target)
-                    entry["applied"] = f"scaling to {decision.target}"
+                    await self._replicas.scale(record.id, down, target, standbys=decision.standbys)
+                    entry["applied"] = f"scaling to {target}, {decision.standbys} standby"
                 except FerrymanError as exc:
                     entry["applied"] = f"no: {exc.message}"
                     log.warning("scaling decision not applied", extra={"deployment": record.id, "error": exc.message})

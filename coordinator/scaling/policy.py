@@ -10,14 +10,21 @@ a replica (the runtime does, docs/scaling.md). The rule:
    with P(need > k x capacity) <= replica_cost / violation_cost (the newsvendor quantile), so
    `desired` = ceil(the need's q-quantile / capacity) with q = 1 - replica_cost / violation_cost, or
    the need measured now if that is higher, within [min_replicas, max_replicas].
-2. **Ahead of the need, by the cold start.** The horizon is chosen at least as long as the
-   component's measured cold start, so a replica started now for the predicted need is ready when
-   the need arrives. When the capacity is short *now* (the need measured now exceeds what the ready
-   replicas serve) a cold start is too late: warm standbys are used first, cold starts for the rest.
-   Otherwise cold starts are used (they are ready in time) and the standbys are kept for surprises.
+2. **Ahead of the need, by the cold start.** The lead time is the component's measured cold start
+   (scale request to healthy). When it fits in the horizon, a replica started now for the predicted
+   need is ready when the need arrives: cold starts are used and the standbys kept for surprises.
+   When the capacity is short *now* (the need measured now exceeds what the ready replicas serve),
+   or the cold start is longer than the horizon (a cold start would be late for the need predicted),
+   warm standbys are used first, cold starts for the rest.
 3. **Hysteresis.** Scaling in waits until `desired` has stayed below the provisioned count for
    `scale_in_hold_s` seconds, then goes to the highest `desired` of that window (a dip inside the hold does not
    remove a replica a burst a moment later needs again). Scaling out is immediate.
+4. **Warm standbys kept.** A standby is a replica created, started and frozen: it costs memory, not
+   CPU (`standby_cost`, a fraction of a replica's cost), and serves within `warm_start_s` of a thaw.
+   The k-th standby is worth keeping while the chance that the need exceeds the target and k - 1
+   more replicas is above standby_cost x replica_cost / violation_cost; so when the predicted need
+   is close to the target's capacity (within the model's error), one is kept, and none when it is
+   far below. At most `max_standbys`, and never past `max_replicas` with the target.
 
 Every decision carries its inputs, the quantile and the reason, for `history` and `explain`.
 """
@@ -47,6 +54,10 @@ class ScalingConfig:
     violation_cost: float = 20.0
     """Cost of one second of SLO violation (same unit as replica_cost)."""
     scale_in_hold_s: float = 60.0
+    max_standbys: int = 0
+    """Warm standbys (frozen replicas) kept at most per component (0: none)."""
+    standby_cost: float = 0.2
+    """Cost of a standby for one second, as a fraction of a replica's (its memory, no CPU)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas:
@@ -58,6 +69,10 @@ class ScalingConfig:
                 f"need 0 < replica_cost ({self.replica_cost}) < violation_cost ({self.violation_cost}): "
                 "otherwise no replica is ever worth adding"
             )
+        if self.max_standbys < 0:
+            raise ValueError(f"max_standbys must be >= 0, not {self.max_standbys}")
+        if not 0 < self.standby_cost <= 1:
+            raise ValueError(f"standby_cost must be within (0, 1], not {self.standby_cost}")
         if self.scale_in_hold_s < 0:
             raise ValueError(f"scale_in_hold_s must be >= 0, not {self.scale_in_hold_s}")
 
@@ -119,6 +134,8 @@ class ScalingDecision:
     cold_starts: int
     warm_starts: int
     stops: int
+    standbys: int
+    """Warm standbys to keep after the decision (rule 4)."""
     need_quantile: float
     """The need (cores) provisioned for: the larger of the quantile at the horizon and now."""
     reason: str
@@ -138,27 +155,58 @@ def desired_replicas(inputs: ScalingInputs, config: ScalingConfig) -> tuple[int,
     return min(config.max_replicas, max(config.min_replicas, count)), need
 
 
+def standbys_wanted(inputs: ScalingInputs, target: int, config: ScalingConfig) -> int:
+    """Rule 4: the warm standbys worth keeping beside `target` replicas."""
+    room = min(config.max_standbys, config.max_replicas - target)
+    if room <= 0:
+        return 0
+    worth = config.standby_cost * config.replica_cost / config.violation_cost
+    mean = max(inputs.need_now, inputs.predicted_need)
+    spread = inputs.predicted_need * inputs.prediction_error
+    kept = 0
+    while kept < room:
+        capacity = (target + kept) * config.replica_capacity
+        # P(need > capacity); without a spread, whether the need is above it
+        above = 1.0 - NormalDist(mean, spread).cdf(capacity) if spread > 0 else float(mean > capacity)
+        if above <= worth:
+            break
+        kept += 1
+    return kept
+
+
 def decide(inputs: ScalingInputs, state: ScalingState, config: ScalingConfig) -> tuple[ScalingDecision, ScalingState]:
+    out, next_state = _decide(inputs, state, config)
+    return replace(out, standbys=standbys_wanted(inputs, out.target, config)), next_state
+
+
+def _decide(inputs: ScalingInputs, state: ScalingState, config: ScalingConfig) -> tuple[ScalingDecision, ScalingState]:
     desired, need = desired_replicas(inputs, config)
     now = inputs.now
     recent = (*((t, d) for t, d in state.recent if t > now - config.scale_in_hold_s), (now, desired))
     next_state = replace(state, recent=recent, below_since=None)
     provisioned = inputs.ready + inputs.starting
-    base = ScalingDecision(Action.HOLD, provisioned, desired, 0, 0, 0, need, "", inputs, config)
+    base = ScalingDecision(Action.HOLD, provisioned, desired, 0, 0, 0, 0, need, "", inputs, config)
     if desired > provisioned:
         add = desired - provisioned
         short_now = inputs.need_now > inputs.ready * config.replica_capacity
+        late = inputs.cold_start_s > inputs.horizon_s
         if short_now and inputs.cold_start_s > 0:
             warm = min(add, inputs.standbys)
             why = f"short of capacity now ({inputs.need_now:.2f} cores > {inputs.ready} ready): warm standbys first"
+        elif late:
+            warm = min(add, inputs.standbys)
+            why = (
+                f"need {need:.2f} cores at +{inputs.horizon_s:g} s; a cold start ({inputs.cold_start_s:g} s) "
+                "would be late: warm standbys first"
+            )
         else:
             warm = 0
             why = (
                 f"need {need:.2f} cores at +{inputs.horizon_s:g} s (q{config.quantile:.3f}); a cold start "
                 f"({inputs.cold_start_s:g} s) is ready in time"
             )
-        if inputs.horizon_s < inputs.cold_start_s and not short_now:
-            why += f" (horizon {inputs.horizon_s:g} s is shorter than the cold start: it may be late)"
+        if late and add > warm and not short_now:
+            why += f" (the cold starts may be late by {inputs.cold_start_s - inputs.horizon_s:g} s)"
         out = replace(
             base, action=Action.SCALE_OUT, target=desired, cold_starts=add - warm, warm_starts=warm, reason=why
         )
