@@ -237,14 +237,23 @@ class Coordinator:
         policy = ScalingConfig(
             min_replicas=s.min_replicas,
             max_replicas=s.max_replicas,
-            replica_capacity=config.deployments.cpu_millis / 1000.0,  # what each replica's limits allow
+            # what one replica serves within the SLO: its CPU limit at the target utilization
+            replica_capacity=config.deployments.cpu_millis / 1000.0 * s.utilization,
             replica_cost=s.replica_cost,
             violation_cost=s.violation_cost,
             max_standbys=s.standbys,
             standby_cost=s.standby_cost,
         )
         return Autoscaler(
-            self.deployments, self.behaviour, self.replicas, model, policy, correlation, s.cold_start, clock
+            self.deployments,
+            self.behaviour,
+            self.replicas,
+            model,
+            policy,
+            correlation,
+            s.cold_start,
+            clock,
+            utilization=s.utilization,
         )
 
     @classmethod

@@ -263,6 +263,9 @@ class PredictiveScalingConfig:
     """Longest lead, in seconds, the correlation engine looks for."""
     cold_start: float = 30.0
     """Seconds from a replica's start to serving, as the decisions assume it until one is measured."""
+    utilization: float = 0.7
+    """Share of a replica's CPU limit (deployments.cpu_millis) it uses within the SLO: what one
+    replica serves, in (0, 1] (the HPA's usual 70 % target)."""
     standbys: int = 1
     """Warm standbys (created, started, frozen replicas) kept at most per component; 0: none."""
     standby_cost: float = 0.2
@@ -451,6 +454,8 @@ def _validate_scaling(scaling: PredictiveScalingConfig, most: int) -> None:
         )
     if scaling.standbys < 0 or scaling.standbys > scaling.max_replicas:
         raise ConfigError(f"scaling.standbys must be in [0, scaling.max_replicas], got {scaling.standbys}")
+    if not 0 < scaling.utilization <= 1:
+        raise ConfigError(f"scaling.utilization must be in (0, 1], got {scaling.utilization}")
     if not 0 < scaling.standby_cost <= 1:
         raise ConfigError(f"scaling.standby_cost must be in (0, 1], got {scaling.standby_cost}")
     if scaling.enabled and not scaling.model:

@@ -35,6 +35,7 @@ from coordinator.scaling.resample import per_second, shared_span
 from coordinator.scaling.series import ComponentSeries
 from coordinator.scaling.service import ScalingService, edges, explain_pair
 from coordinator.sqlite_store import SqliteStore
+from core.errors import InvalidRequest
 from models.scaling.generate import HELD_OUT_REGIME, REGIMES, TraceSpec, generate, with_lags
 
 T0 = 1_800_000_000.0
@@ -178,6 +179,10 @@ class _NoAgents:
 async def client(coordinator: Coordinator) -> AsyncIterator[TestClient]:
     async with TestClient(TestServer(build_app(coordinator))) as c:
         yield c
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}
 
 
 async def _get(client: TestClient, path: str, token: str | None = TOKEN) -> tuple[int, Any]:
@@ -343,6 +348,34 @@ async def test_a_round_takes_the_components_measured_cold_start_over_the_configu
     assert (entries["B"]["inputs"]["cold_start_s"], entries["B"]["cold_start"]) == (30.0, "configured")
 
 
+async def test_the_reactive_policy_computes_like_the_hpa_on_the_same_deployment() -> None:
+    from coordinator.scaling.hpa import HpaConfig, HpaState, hpa_step
+
+    trace = _trace(900)
+    kept = _behaviour("d1", trace)
+    replicas = _Replicas()
+    clock = [T0 + 900]
+    autoscaler = _autoscaler(kept, replicas, _All(_record("d1")), 0.0)
+    autoscaler._clock = lambda: clock[0]
+    with pytest.raises(InvalidRequest, match="policy"):
+        autoscaler.set_policy("d1", "psychic")
+    autoscaler.set_policy("d1", "reactive")
+    entries = await autoscaler.round()
+    assert [(e["component"], e["policy"]) for e in entries] == [("C", "reactive"), ("B", "reactive")]
+    for e in entries:
+        # the mean CPU of the last 15 s the series cover (0.1-core replicas, 70 % target), computed by hpa_step
+        cpu = e["inputs"]["cpu_used"]
+        want, _ = hpa_step(HpaState(), clock[0], 1, 1, cpu, HpaConfig(replica_cores=0.1, max_replicas=8))
+        assert want is not None and e["target"] == want.desired > 1 and e["action"] == "scale-out", e
+        assert e["applied"] == f"scaling to {e['target']}, 0 standby", e  # the HPA keeps no standby
+    assert replicas.standbys == [0, 0]
+    clock[0] += 5  # within the HPA's 15 s sync: no pass
+    assert await autoscaler.round() == []
+    autoscaler.set_policy("d1", "off")
+    clock[0] += 30
+    assert await autoscaler.round() == [] and len(replicas.asked) == 2
+
+
 async def test_a_round_without_enough_history_records_why_and_scales_nothing() -> None:
     kept = _behaviour("d1", _trace(200))
     replicas = _Replicas()
@@ -363,7 +396,9 @@ async def test_status_and_history_over_the_api_and_ferryctl(
 
     await coordinator.store.put_deployment(_record("d1"))
     status, body = await _get(client, "/v1/scaling/d1")
-    assert (status, body) == (200, {"deployment": "d1", "enabled": False, "components": {}}), body
+    assert (status, body) == (200, {"deployment": "d1", "enabled": False, "policy": "off", "components": {}}), body
+    resp = await client.put("/v1/scaling/d1/policy", json={"policy": "reactive"}, headers=_auth())
+    assert resp.status == 409, await resp.text()  # scaling is off
     status, body = await _get(client, "/v1/scaling/d1/history")
     assert (status, body) == (200, {"deployment": "d1", "enabled": False, "decisions": []}), body
     status, body = await _get(client, "/v1/scaling/nope/history")
@@ -375,6 +410,18 @@ async def test_status_and_history_over_the_api_and_ferryctl(
     # Enabled: the leader's decisions, through the same routes and ferryctl.
     replicas = _Replicas()
     coordinator.scaling.autoscaler = _autoscaler(_behaviour("d1", _trace(900)), replicas, _All(_record("d1")), T0 + 900)
+    for body, code in (({"policy": "psychic"}, 400), ({"policy": 1}, 400), ({"policy": "off", "x": 1}, 400)):
+        resp = await client.put("/v1/scaling/d1/policy", json=body, headers=_auth())
+        assert resp.status == code, await resp.text()
+    resp = await client.put("/v1/scaling/nope/policy", json={"policy": "off"}, headers=_auth())
+    assert resp.status == 404, await resp.text()
+    args = build_parser().parse_args(["scaling", "policy", "d1", "off"])
+    assert await scaling.run(_ClientRequester(client), args, Console(width=200)) == 0
+    assert "d1: off scaling" in capsys.readouterr().out
+    assert await coordinator.scaling.autoscaler.round() == []
+    args = build_parser().parse_args(["--json", "scaling", "policy", "d1", "predictive"])
+    assert await scaling.run(_ClientRequester(client), args, Console(width=200)) == 0
+    assert json.loads(capsys.readouterr().out)["policy"] == "predictive"
     await coordinator.scaling.autoscaler.round()
     status, body = await _get(client, "/v1/scaling/d1/history")
     assert status == 200 and [d["component"] for d in body["decisions"]] == ["C", "B"], body

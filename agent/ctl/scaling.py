@@ -37,6 +37,9 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("id", metavar="DEPLOYMENT")
     q = actions.add_parser("history", help="the scaling decisions kept for a deployment, with their inputs")
     q.add_argument("id", metavar="DEPLOYMENT")
+    q = actions.add_parser("policy", help="follow the predictive, reactive (HPA-like) or no policy for a deployment")
+    q.add_argument("id", metavar="DEPLOYMENT")
+    q.add_argument("policy", choices=("predictive", "reactive", "off"))
 
 
 async def run(client: Requester, args: argparse.Namespace, out: Console) -> int:
@@ -46,6 +49,12 @@ async def run(client: Requester, args: argparse.Namespace, out: Console) -> int:
         data = await client.request("GET", path)
         decisions = list((data.get("components") or {}).values())
         render.show(args, data, lambda: _decisions(out, data, decisions))
+        return Exit.OK
+    if args.scaling_command == "policy":
+        data = await client.request("PUT", f"{path}/policy", body={"policy": args.policy})
+        render.show(
+            args, data, lambda: render.say(f"deployment {data.get('deployment')}: {data.get('policy')} scaling")
+        )
         return Exit.OK
     if args.scaling_command == "history":
         data = await client.request("GET", f"{path}/history")
@@ -106,7 +115,7 @@ def _decisions(out: Console, data: dict[str, Any], decisions: list[dict[str, Any
         render.say(f"deployment {data.get('deployment')}: predictive scaling is off ([scaling] enabled = false)")
         return
     if not decisions:
-        render.say(f"deployment {data.get('deployment')}: no scaling decision yet")
+        render.say(f"deployment {data.get('deployment')}: no scaling decision yet ({data.get('policy', 'predictive')})")
         return
     render.print_table(out, decisions_table(decisions))
 

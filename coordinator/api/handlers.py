@@ -647,6 +647,16 @@ async def scaling_status(request: web.Request) -> web.Response:
     return _json(await request.app[COORDINATOR].scaling.status(_deployment_id(request)))
 
 
+async def set_scaling_policy(request: web.Request) -> web.Response:
+    """Which policy the leader follows for a deployment: predictive, reactive (HPA-like) or off."""
+    _ops(request)
+    body = await read_object(request)
+    check_keys(body, {"policy"}, {"policy"}, "body")
+    if not isinstance(body["policy"], str):
+        raise InvalidRequest("policy: expected a string")
+    return _json(await request.app[COORDINATOR].scaling.set_policy(_deployment_id(request), body["policy"]))
+
+
 async def scaling_history(request: web.Request) -> web.Response:
     """The predictive scaling decisions kept for a deployment, each with its inputs, oldest first."""
     _ops(request)

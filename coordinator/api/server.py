@@ -72,6 +72,7 @@ def build_app(coordinator: Coordinator) -> web.Application:
     r.add_get("/v1/deployments/{id}/components/{name}/behaviour", h.component_behaviour)
     r.add_get("/v1/scaling/{id}", h.scaling_status)
     r.add_get("/v1/scaling/{id}/history", h.scaling_history)
+    r.add_put("/v1/scaling/{id}/policy", h.set_scaling_policy)
     r.add_get("/v1/scaling/{id}/explain", h.explain_scaling)
     r.add_get("/v1/chains/schema", h.chain_schema)
     r.add_post("/v1/chains", h.run_chain)

@@ -10,6 +10,13 @@ memory: a new leader starts empty) and, if it changes the count and no scale of 
 under way, handed to the replica service. A component without enough history, without a leading
 upstream, or whose deployment is being scaled is recorded as skipped, with why.
 
+Each deployment follows one policy, `predictive` by default; `reactive` (set through
+`PUT /v1/scaling/{id}/policy`, kept in memory by the leader) makes the same round compute each
+downstream component's count the way the Kubernetes HPA does (coordinator/scaling/hpa.py: a pass every
+15 s on the component's mean CPU over the last 15 s, 70 % of each replica's CPU limit as the target,
+no standbys), applied through the same replica scale: the baseline the benchmark measures against
+on the same deployment. `off` records nothing and scales nothing.
+
 The model and the engine are CPU work: they run in a thread.
 """
 
@@ -25,16 +32,20 @@ import numpy as np
 
 from coordinator.deployments.states import WATCHED, DeploymentRecord, ReplicaState
 from coordinator.scaling.correlation import CorrelationConfig
+from coordinator.scaling.hpa import HpaConfig, HpaState, hpa_step
 from coordinator.scaling.model import ScalingModel
 from coordinator.scaling.policy import Action, ScalingConfig, ScalingInputs, ScalingState, decide
-from coordinator.scaling.resample import per_second, shared_span
+from coordinator.scaling.resample import per_second, shared_span, span
 from coordinator.scaling.service import Behaviour, edges, explain_pair
-from core.errors import FerrymanError
+from core.errors import FerrymanError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
 HISTORY = 200
 """Decisions kept per deployment."""
+POLICIES = ("predictive", "reactive", "off")
+REACTIVE_WINDOW_S = 15
+"""Seconds of CPU the reactive pass averages (the metrics the HPA reads are such a window)."""
 
 
 class DeploymentList(Protocol):
@@ -101,7 +112,10 @@ class Autoscaler:
         correlation: CorrelationConfig,
         cold_start_s: float,
         clock: Callable[[], float],
+        utilization: float = 1.0,
     ) -> None:
+        """`utilization`: the share of a replica's CPU limit its `policy.replica_capacity` is (the
+        reactive pass targets 70 % of the limit itself, as the HPA does)."""
         self._deployments = deployments
         self._behaviour = behaviour
         self._replicas = replicas
@@ -110,8 +124,23 @@ class Autoscaler:
         self._correlation = correlation
         self._cold_start_s = cold_start_s
         self._clock = clock
+        self._utilization = utilization
         self._states: dict[tuple[str, str], ScalingState] = {}
+        self._hpa: dict[tuple[str, str], HpaState] = {}
+        self._policies: dict[str, str] = {}
         self._history: dict[str, collections.deque[dict[str, Any]]] = {}
+
+    def policy(self, deployment_id: str) -> str:
+        return self._policies.get(deployment_id, POLICIES[0])
+
+    def set_policy(self, deployment_id: str, policy: str) -> None:
+        """Follow `policy` for the deployment from the next round on (InvalidRequest for another name)."""
+        if policy not in POLICIES:
+            raise InvalidRequest(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
+        self._policies[deployment_id] = policy
+        for key in [k for k in (*self._states, *self._hpa) if k[0] == deployment_id]:
+            self._states.pop(key, None)
+            self._hpa.pop(key, None)
 
     def history(self, deployment_id: str) -> list[dict[str, Any]]:
         """Its decisions, oldest first."""
@@ -135,17 +164,70 @@ class Autoscaler:
             downstreams: dict[str, list[str]] = {}
             for up, down in edges(record):
                 downstreams.setdefault(down, []).append(up)
+            policy = self.policy(record.id)
             for down, ups in downstreams.items():
-                out.append(await self._component(record, down, ups))
+                if policy == "predictive":
+                    out.append(await self._component(record, down, ups))
+                elif policy == "reactive" and (entry := await self._reactive(record, down)) is not None:
+                    out.append(entry)
         for gone in [d for d in self._history if d not in live]:
             del self._history[gone]
         for key in [k for k in self._states if k[0] not in live]:
             del self._states[key]
+        for key in [k for k in self._hpa if k[0] not in live]:
+            del self._hpa[key]
         return out
+
+    async def _reactive(self, record: DeploymentRecord, down: str) -> dict[str, Any] | None:
+        """The HPA's pass for one component (None between its 15 s syncs)."""
+        now = self._clock()
+        behaviour = self._behaviour.of(record.id, down)
+        whole = span(behaviour)
+        cpu = 0.0
+        if whole is not None and whole.seconds > 0:
+            cpu_s = per_second(behaviour, whole).cpu
+            cpu = float(np.mean(cpu_s[-REACTIVE_WINDOW_S:]))
+        serving, starting, standby = replica_counts(record, down)
+        config = HpaConfig(
+            replica_cores=self._policy.replica_capacity / self._utilization,
+            min_replicas=max(1, self._policy.min_replicas),
+            max_replicas=self._policy.max_replicas,
+        )
+        key = (record.id, down)
+        decision, self._hpa[key] = hpa_step(
+            self._hpa.get(key, HpaState()), now, serving + starting, serving, cpu, config
+        )
+        if decision is None:
+            return None
+        entry: dict[str, Any] = {
+            "ts": now,
+            "deployment": record.id,
+            "component": down,
+            "policy": "reactive",
+            "action": "hold"
+            if decision.desired == decision.current
+            else ("scale-out" if decision.desired > decision.current else "scale-in"),
+            "target": decision.desired,
+            "reason": decision.reason,
+            "inputs": {"ready": serving, "starting": starting, "cpu_used": cpu, "utilization": decision.utilization},
+        }
+        if decision.desired != serving + starting or standby:
+            entry["applied"] = await self._apply(record.id, down, decision.desired, 0)
+        return self._record(entry)
+
+    async def _apply(self, deployment_id: str, down: str, target: int, standbys: int) -> str:
+        if self._replicas.scaling(deployment_id):
+            return "no: a scale of the deployment is under way"
+        try:
+            await self._replicas.scale(deployment_id, down, target, standbys=standbys)
+        except FerrymanError as exc:
+            log.warning("scaling decision not applied", extra={"deployment": deployment_id, "error": exc.message})
+            return f"no: {exc.message}"
+        return f"scaling to {target}, {standbys} standby"
 
     async def _component(self, record: DeploymentRecord, down: str, ups: list[str]) -> dict[str, Any]:
         now = self._clock()
-        entry: dict[str, Any] = {"ts": now, "deployment": record.id, "component": down}
+        entry: dict[str, Any] = {"ts": now, "deployment": record.id, "component": down, "policy": "predictive"}
         down_series = self._behaviour.of(record.id, down)
         inferred: dict[str, Any] = {"skip": "no upstream"}
         for up in ups:
@@ -185,15 +267,7 @@ class Autoscaler:
         standbys_change = decision.standbys != standby - decision.warm_starts
         if count_changes or standbys_change:
             target = decision.target if count_changes else serving + starting
-            if self._replicas.scaling(record.id):
-                entry["applied"] = "no: a scale of the deployment is under way"
-            else:
-                try:
-                    await self._replicas.scale(record.id, down, target, standbys=decision.standbys)
-                    entry["applied"] = f"scaling to {target}, {decision.standbys} standby"
-                except FerrymanError as exc:
-                    entry["applied"] = f"no: {exc.message}"
-                    log.warning("scaling decision not applied", extra={"deployment": record.id, "error": exc.message})
+            entry["applied"] = await self._apply(record.id, down, target, decision.standbys)
         return self._record(entry)
 
     def _record(self, entry: dict[str, Any]) -> dict[str, Any]:

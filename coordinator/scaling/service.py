@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from coordinator.deployments.states import DeploymentRecord
 from coordinator.scaling.correlation import CorrelationConfig, NotEnoughData, lead, pair_links
 from coordinator.scaling.resample import Span, per_second, shared_span
+from core.errors import Conflict
 
 if TYPE_CHECKING:
     from coordinator.scaling.autoscaler import Autoscaler
@@ -96,7 +97,16 @@ class ScalingService:
         """Per downstream component, the last decision of this coordinator (none while disabled)."""
         record = await self._deployments.get(deployment_id)
         last = self.autoscaler.status(record.id) if self.autoscaler is not None else {}
-        return {"deployment": record.id, "enabled": self.autoscaler is not None, "components": last}
+        policy = self.autoscaler.policy(record.id) if self.autoscaler is not None else "off"
+        return {"deployment": record.id, "enabled": self.autoscaler is not None, "policy": policy, "components": last}
+
+    async def set_policy(self, deployment_id: str, policy: str) -> dict[str, Any]:
+        """Follow `policy` (predictive, reactive, off) for the deployment; Conflict while scaling is off."""
+        record = await self._deployments.get(deployment_id)
+        if self.autoscaler is None:
+            raise Conflict("scaling is off on this coordinator ([scaling] enabled = false)")
+        self.autoscaler.set_policy(record.id, policy)
+        return await self.status(record.id)
 
     async def history(self, deployment_id: str) -> dict[str, Any]:
         """Every decision kept for the deployment, oldest first."""
