@@ -106,8 +106,8 @@ def bundle_rootfs(containerd_state: Path, namespace: str, container_id: str) -> 
     return containerd_state / "io.containerd.runtime.v2.task" / namespace / container_id / "rootfs"
 
 
-def loadstage_image(port: int = 8080, work_us: int = 2000) -> ImageBuilder:
-    """/bin/loadstage: HTTP on `port`, each POST /work burns `work_us` of CPU, GET /metrics counts
-    them (tests/workloads/loadstage.c): a stage of the scaling bench."""
+def loadstage_image(port: int = 8080, work_us: int = 2000, start_ms: int = 0) -> ImageBuilder:
+    """/bin/loadstage: HTTP on `port` after `start_ms`, each POST /work burns `work_us` of CPU,
+    GET /metrics counts them (tests/workloads/loadstage.c): a stage of the scaling bench."""
     layer = Layer([Dir("bin"), File("bin/loadstage", static_binary("loadstage"), 0o755)], comment="loadstage")
-    return ImageBuilder([busybox_layer(), layer], cmd=("/bin/loadstage", str(port), str(work_us)))
+    return ImageBuilder([busybox_layer(), layer], cmd=("/bin/loadstage", str(port), str(work_us), str(start_ms)))

@@ -1,7 +1,9 @@
 /* loadstage: a stage of the scaling bench's pipeline, with a request metrics endpoint.
  *
- *   loadstage PORT WORK_US
+ *   loadstage PORT WORK_US [START_MS]
  *
+ * It listens START_MS milliseconds after it starts (0 by default): a stage with an initialisation,
+ * so a replica's cold start is that long plus the platform's.
  * HTTP/1.1 on PORT, one request per connection (Connection: close: each request is a new
  * connection, so the kernel's balancer spreads requests, not long connections), a thread each:
  *   GET  /healthz   200 ok
@@ -103,11 +105,12 @@ static void *serve(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: loadstage PORT WORK_US\n");
+    if (argc != 3 && argc != 4) {
+        fprintf(stderr, "usage: loadstage PORT WORK_US [START_MS]\n");
         return 2;
     }
     work_us = atol(argv[2]);
+    if (argc == 4) usleep(atol(argv[3]) * 1000L);
     signal(SIGPIPE, SIG_IGN);
     int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);

@@ -1,0 +1,430 @@
+"""Predictive scaling against an HPA-like baseline, on one 3-stage pipeline on a 3-host mesh.
+
+The pipeline is A -> B -> C (A requires B, B requires C): three `loadstage` images
+(tests/workloads/loadstage.c), each serving HTTP with a metrics endpoint (`metrics_port`, so the
+coordinator keeps request rate, latency and errors per component); a request burns `work_us` of CPU
+(A 1 ms, B and C `--work-us`, 2 ms) under the component's CPU limit (`[deployments] cpu_millis`, 50
+millicores by default), so a replica short of CPU answers late while the 2 cores are not the limit.
+B and C listen `--start-ms` after they start (an initialisation): their cold start.
+
+The load is a replayed trace of models/scaling's generator, regime `bursty`, seed `--seed` (held
+out: no training, validation or evaluation trace of the shipped model used it). The generator gives
+each stage's requests per second, B's following A's by 15 s and C's following B's by 25 s (the true
+lags); each count is thinned by `--rate-scale`. A client in its own namespace sends every request on
+a new connection (so the kernel's balancer spreads them over the replicas) at even spacing within
+its second, to each stage's service address. The window replayed is `--warmup` seconds (the history
+the correlation engine needs, 300 s at least) and then the measured `--duration` seconds: the
+window of the hour-long trace whose A rate has the highest peak over its median (a rule on the
+trace alone, chosen before any run, so that bursts fall inside it).
+
+Run twice on the same deployment, in one invocation: first the coordinator's predictive scaling
+(`[scaling]` enabled, a decision every `--period` s, warm standbys on), then, after B and C are put
+back to their initial counts, the reactive policy (`PUT /v1/scaling/{id}/policy reactive`: the HPA's
+computation, 15 s sync, 70 % CPU target, 10 % tolerance, 300 s scale-down stabilisation) replaying
+the same requests. Only the downstream components B and C are scaled (A has no upstream); A keeps
+its manifest's replicas.
+
+Measured over the measured window, for B and C: SLO-violation seconds (a second of a stage is in
+violation when the p99 latency of the requests sent to it in that second exceeds `--slo-ms`, or one of
+them failed or timed out, 5 s); replica-seconds (serving and starting copies each second, plus each
+warm standby at `standby_cost` of a replica, the configured cost: it holds memory, no CPU); p99
+latency of all their requests; and, after the predictive run, the lags the correlation engine found
+(`GET /v1/scaling/{id}/explain`) against the true ones.
+
+Result line: `bench scaling: <SLO-violation seconds predictive / reactive> ratio (target <= 0.2)`;
+the replica-seconds ratio (target <= 1.1) and the rest in the text.
+
+Run as root from the repo: .venv/bin/python bench/scaling.py [--duration 480] [--warmup 330]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.scaling.generate import REGIMES, TraceSpec, generate
+from tests.harness import netns as nsh
+from tests.harness.containerd import scratch_dir
+from tests.harness.fleet import CoordinatedFleet, coordinated_fleet
+from tests.harness.mesh import Mesh
+from tests.harness.workloads import loadstage_image
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = REPO / "models/scaling/scaling.onnx"
+PORT = 8080
+STAGES = ("A", "B", "C")
+"""The generator's stages; the catalog's names are their lower case."""
+DOWNSTREAM = ("b", "c")
+TARGET_SLO = 0.2
+TARGET_REPLICAS = 1.1
+TRACE_S = 3600
+TIMEOUT_S = 5.0
+
+DRIVER = r"""
+import asyncio, json, sys, time
+
+schedule = json.load(open(sys.argv[1]))
+addresses, counts, start = schedule["addresses"], schedule["counts"], schedule["start"]
+stages = list(addresses)
+lat = {s: [[] for _ in counts] for s in stages}
+failed = {s: [0] * len(counts) for s in stages}
+REQUEST = b"POST /work HTTP/1.1\r\nHost: stage\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+async def one(stage, second, at):
+    await asyncio.sleep(max(0.0, at - time.time()))
+    began = time.monotonic()
+    ok = False
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(addresses[stage], PORT)
+            writer.write(REQUEST)
+            line = await reader.readline()
+            ok = line.startswith(b"HTTP/1.1 200")
+            await reader.read()
+            writer.close()
+    except (OSError, TimeoutError):
+        ok = False
+    took = (time.monotonic() - began) * 1000.0
+    lat[stage][second].append(round(took, 1))
+    if not ok:
+        failed[stage][second] += 1
+
+async def main():
+    tasks = []
+    for second, row in enumerate(counts):
+        at0 = start + second
+        await asyncio.sleep(max(0.0, at0 - 0.5 - time.time()))
+        for stage, n in zip(stages, row):
+            for k in range(n):
+                tasks.append(asyncio.create_task(one(stage, second, at0 + (k + 0.5) / n)))
+        if second % 30 == 0:
+            tasks = [t for t in tasks if not t.done()]
+            print(json.dumps({"second": second, "pending": len(tasks)}), flush=True)
+    await asyncio.gather(*tasks)
+    print(json.dumps({"done": True, "latency_ms": lat, "failed": failed}), flush=True)
+
+asyncio.run(main())
+""".replace("TIMEOUT_S", str(TIMEOUT_S)).replace("PORT)", f"{PORT})")
+
+
+def pick_window(offered_a: np.ndarray, warmup: int, duration: int) -> int:
+    """The start of the measured window (after `warmup` s of history): the highest peak over median
+    of A's 10 s mean rate, the peak within the middle 60 % of the window (a burst that starts
+    before the window, or ends after it, measures neither policy). On the trace alone."""
+    smooth = np.convolve(offered_a, np.ones(10) / 10, mode="same")
+    best, best_score = warmup, -1.0
+    for start in range(warmup, len(smooth) - duration, 30):
+        part = smooth[start : start + duration]
+        if not 0.2 * duration <= int(np.argmax(part)) <= 0.8 * duration:
+            continue
+        score = float(part.max() / np.median(part))
+        if score > best_score:
+            best, best_score = start, score
+    return best
+
+
+def schedule(args: argparse.Namespace) -> tuple[list[list[int]], list[tuple[str, str, int]], int]:
+    trace = generate(TraceSpec(REGIMES["bursty"], args.seed, duration_s=TRACE_S))
+    start = pick_window(trace.offered, args.warmup, args.duration)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for t in range(start - args.warmup, start + args.duration):
+        arrived = [int(trace.components[s].rate[t]) for s in STAGES]
+        rows.append([int(rng.binomial(c, args.rate_scale)) for c in arrived])
+    return rows, trace.edges, start
+
+
+def entry(name: str, ref: str, requires: list[str], replicas: int) -> dict[str, Any]:
+    check = {"kind": "http", "port": PORT, "path": "/healthz", "interval": 0.5, "timeout": 0.5, "retries": 3}
+    return {
+        "name": name,
+        "version": "1.0.0",
+        "image": ref,
+        "manifest": {
+            "required_images": requires,
+            "data_transfer_protocols": {r: {"protocol": "http", "port": PORT} for r in requires},
+            "dependency_health_check": {**check, "start_period": 30.0},
+            "replicas": replicas,
+            "metrics_port": PORT,
+        },
+    }
+
+
+def counts(component: dict[str, Any]) -> tuple[int, int]:
+    """(serving or starting copies, standbys) of a component."""
+    live = 1 + sum(r["state"] in ("serving", "starting") for r in component["replicas"])
+    return live, sum(r["state"] == "standby" for r in component["replicas"])
+
+
+async def put_back(f: CoordinatedFleet, deployment: str, initial: dict[str, int]) -> None:
+    """B and C to their initial counts, no standby (retried while another scale runs)."""
+    deadline = time.monotonic() + 300
+    while True:
+        record = await f.call("GET", f"/v1/deployments/{deployment}")
+        now = {c["name"]: (counts(c), len(c["replicas"])) for c in record["components"]}
+        off = [n for n in DOWNSTREAM if not (now[n][0] == (initial[n], 0) and now[n][1] == initial[n] - 1)]
+        if not off:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"B and C did not go back to {initial}: {now}")
+        for name in off:
+            body = {"replicas": initial[name], "standbys": 0, "drain_timeout": 10}
+            await f.call("POST", f"/v1/deployments/{deployment}/components/{name}/scale", body, expect=None)
+        await asyncio.sleep(2.0)
+
+
+async def run(
+    f: CoordinatedFleet,
+    deployment: str,
+    addresses: dict[str, str],
+    rows: list[list[int]],
+    args: argparse.Namespace,
+    label: str,
+    work: Path,
+) -> dict[str, Any]:
+    """Replay the schedule once; per-second latencies and failures, and replica counts per second."""
+    mesh = f.mesh
+    assert mesh.client is not None
+    begin = time.time() + 5.0
+    plan = work / f"schedule-{label}.json"
+    plan.write_text(json.dumps({"addresses": addresses, "counts": rows, "start": begin}))
+    proc = await asyncio.create_subprocess_exec(
+        "nsenter",
+        f"--net={nsh.netns_path(mesh.client.netns)}",
+        sys.executable,
+        "-c",
+        DRIVER,
+        str(plan),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        limit=1 << 26,
+    )
+    assert proc.stdout is not None
+    replicas: dict[str, list[tuple[float, int, int]]] = {n: [] for n in DOWNSTREAM}
+
+    async def sample() -> None:
+        while True:
+            record = await f.call("GET", f"/v1/deployments/{deployment}")
+            ts = time.time()
+            for c in record["components"]:
+                if c["name"] in replicas:
+                    live, standby = counts(c)
+                    replicas[c["name"]].append((ts, live, standby))
+            await asyncio.sleep(1.0)
+
+    sampler = asyncio.create_task(sample())
+    result: dict[str, Any] = {}
+    try:
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                break
+            data = json.loads(line)
+            if data.get("done"):
+                result = data
+            elif data["second"] % 120 == 0:
+                status = await f.call("GET", f"/v1/deployments/{deployment}")
+                now = {c["name"]: counts(c) for c in status["components"] if c["name"] in DOWNSTREAM}
+                print(f"  {label}: second {data['second']}/{len(rows)}, B/C (copies, standbys) {now}", flush=True)
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    await proc.wait()
+    if not result:
+        err = await proc.stderr.read() if proc.stderr else b""
+        raise RuntimeError(f"the load driver failed: {err.decode()[-2000:]}")
+    result["replicas"] = replicas
+    result["begin"] = begin
+    return result
+
+
+def measure(result: dict[str, Any], args: argparse.Namespace, standby_cost: float) -> dict[str, Any]:
+    """SLO-violation seconds, replica-seconds and p99 of B and C over the measured window."""
+    first = args.warmup
+    violations = 0
+    every: list[float] = []
+    per_stage = {}
+    for stage in (s.upper() for s in DOWNSTREAM):
+        seconds = 0
+        for t in range(first, first + args.duration):
+            lat = result["latency_ms"][stage][t]
+            bad = result["failed"][stage][t] > 0 or (bool(lat) and float(np.percentile(lat, 99)) > args.slo_ms)
+            seconds += bad
+            every.extend(lat)
+        per_stage[stage] = seconds
+        violations += seconds
+    lo = result["begin"] + first
+    hi = lo + args.duration
+    replica_s = 0.0
+    standby_s = 0.0
+    for stage in DOWNSTREAM:
+        points = [(ts, live, sb) for ts, live, sb in result["replicas"][stage] if lo <= ts < hi]
+        # each sample holds until the next (about 1 s)
+        for (ts, live, sb), nxt in zip(points, [*points[1:], (hi, 0, 0)], strict=True):
+            dt = nxt[0] - ts
+            replica_s += live * dt
+            standby_s += sb * dt
+    return {
+        "violation_s": violations,
+        "per_stage": per_stage,
+        "replica_s": replica_s + standby_cost * standby_s,
+        "replica_s_full": replica_s + standby_s,
+        "standby_s": standby_s,
+        "p99_ms": float(np.percentile(every, 99)) if every else math.nan,
+        "requests": len(every),
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=480, help="measured seconds of the trace")
+    parser.add_argument("--warmup", type=int, default=330, help="seconds replayed before (history for the engine)")
+    parser.add_argument("--seed", type=int, default=20261605, help="the generator's seed (held out)")
+    parser.add_argument("--rate-scale", type=float, default=0.35, help="share of the trace's requests sent")
+    parser.add_argument("--work-us", type=int, default=2000, help="CPU per request at B and C (microseconds)")
+    parser.add_argument("--cpu-millis", type=int, default=50, help="[deployments] cpu_millis: each copy's limit")
+    parser.add_argument("--start-ms", type=int, default=8000, help="B's and C's initialisation before they listen")
+    parser.add_argument("--slo-ms", type=float, default=250.0, help="p99 latency per second within the SLO")
+    parser.add_argument("--period", type=float, default=5.0, help="[scaling] period of the predictive policy")
+    args = parser.parse_args()
+    rows, edges, window = schedule(args)
+    true_lags = {(u, d): lag for u, d, lag in edges}
+    standby_cost = 0.2
+    # Initial copies: enough for the trace's median load at 70 % of the limit (no stage saturated
+    # while the engine gathers history); the same for both runs.
+    per_request_s = {"A": 0.001, "B": args.work_us / 1e6, "C": args.work_us / 1e6}
+    capacity = args.cpu_millis / 1000.0 * 0.7
+    median = {s: float(np.median([r[i] for r in rows])) for i, s in enumerate(STAGES)}
+    initial = {s.lower(): max(1, math.ceil(median[s] * per_request_s[s] / capacity)) for s in STAGES}
+    initial["a"] = max(initial["a"], 2)
+    print(
+        f"trace: bursty, seed {args.seed}, window {window - args.warmup}..{window + args.duration} s of {TRACE_S} "
+        f"(warm-up {args.warmup} s, measured {args.duration} s), x{args.rate_scale} of its requests; "
+        f"median req/s {median}, peak {[max(r[i] for r in rows) for i in range(3)]}; initial copies {initial}",
+        flush=True,
+    )
+
+    def tables(mesh: Mesh) -> dict[str, dict[str, Any]]:
+        return {
+            "deployments": {
+                "address_pool": f"{mesh.subnet.network_address + 160}/27",
+                "health_timeout": 60.0,
+                "cpu_millis": args.cpu_millis,
+                "drain_timeout": 10.0,
+            },
+            "scaling": {
+                "enabled": True,
+                "model": str(MODEL),
+                "period": args.period,
+                "min_replicas": 1,
+                "max_replicas": 8,
+                "max_lag": 40,
+                "cold_start": args.start_ms / 1000.0 + 2.0,
+                "standbys": 1,
+                "standby_cost": standby_cost,
+                "utilization": 0.7,
+            },
+        }
+
+    async with (
+        scratch_dir() as base,
+        coordinated_fleet(base, 3, coordinator_for=tables, with_client=True, telemetry_period=2.0) as f,
+    ):
+        mesh = f.mesh
+        refs = {}
+        for name in ("a", "b", "c"):
+            work_us = 1000 if name == "a" else args.work_us
+            start_ms = 0 if name == "a" else args.start_ms
+            repo = f"bench/stage-{name}"
+            await loadstage_image(PORT, work_us, start_ms).push(mesh.push_host, repo, "v1")
+            refs[name] = mesh.image_ref(repo, "v1")
+        for name, requires in (("c", []), ("b", ["c"]), ("a", ["b"])):
+            await f.call("POST", "/v1/catalog", entry(name, refs[name], requires, initial[name]), expect=201)
+        record = await f.call("POST", "/v1/deployments", {"image": "a"}, expect=None)
+        deadline = time.monotonic() + 300
+        while record["state"] not in ("HEALTHY", "FAILED") and time.monotonic() < deadline:
+            await asyncio.sleep(2.0)
+            record = await f.call("GET", f"/v1/deployments/{record['id']}")
+        if record["state"] != "HEALTHY":
+            raise RuntimeError(f"the pipeline did not deploy: {record}")
+        deployment = record["id"]
+        while True:  # the manifests' replicas start once the deployment is HEALTHY
+            record = await f.call("GET", f"/v1/deployments/{deployment}")
+            copies = {c["name"]: 1 + sum(r["state"] == "serving" for r in c["replicas"]) for c in record["components"]}
+            if copies == initial:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the manifests' replicas did not start: {copies} of {initial}")
+            await asyncio.sleep(2.0)
+        addresses = {c["name"]: c["address"] for c in record["components"]}
+        addresses = {s: addresses[s.lower()] for s in STAGES}
+        print(f"deployed {deployment}: {addresses}", flush=True)
+
+        started = time.time()
+        predictive = await run(f, deployment, addresses, rows, args, "predictive", base)
+        explain = await f.call("GET", f"/v1/scaling/{deployment}/explain")
+        history = await f.call("GET", f"/v1/scaling/{deployment}/history")
+        behaviour = {
+            n: await f.call("GET", f"/v1/deployments/{deployment}/components/{n}/behaviour") for n in DOWNSTREAM
+        }
+        await f.call("PUT", f"/v1/scaling/{deployment}/policy", {"policy": "off"})
+        await put_back(f, deployment, initial)
+        await f.call("PUT", f"/v1/scaling/{deployment}/policy", {"policy": "reactive"})
+        reactive = await run(f, deployment, addresses, rows, args, "reactive", base)
+        reactive_history = await f.call("GET", f"/v1/scaling/{deployment}/history")
+        elapsed = time.time() - started
+
+    p = measure(predictive, args, standby_cost)
+    r = measure(reactive, args, standby_cost)
+    found = {}
+    for pair in explain["pairs"]:
+        lead = pair.get("lead")
+        up, down = pair["upstream"].upper(), pair["downstream"].upper()
+        found[(up, down)] = (lead or {}).get("lag_s"), (lead or {}).get("upstream_metric")
+    decisions = [d for d in history["decisions"] if d.get("policy") == "predictive"]
+    acted = [d for d in decisions if d.get("action") in ("scale-out", "scale-in")]
+    warm = sum(int(d.get("warm_starts") or 0) for d in acted)
+    reactive_acted = [
+        d for d in reactive_history["decisions"] if d.get("policy") == "reactive" and d["action"] != "hold"
+    ]
+    print(f"runs took {elapsed:.0f} s in all")
+    for name, m in (("predictive", p), ("reactive", r)):
+        print(
+            f"{name}: SLO-violation seconds {m['violation_s']} (b {m['per_stage']['B']}, c {m['per_stage']['C']}) "
+            f"of {2 * args.duration}; replica-seconds {m['replica_s']:.0f} (standbys {m['standby_s']:.0f} s at "
+            f"{standby_cost}; {m['replica_s_full']:.0f} counting them whole); p99 {m['p99_ms']:.0f} ms over "
+            f"{m['requests']} requests to B and C"
+        )
+    print(
+        f"predictive decisions: {len(decisions)}, {len(acted)} scaled ({warm} warm starts); reactive passes that "
+        f"scaled: {len(reactive_acted)}; measured cold starts: "
+        + ", ".join(f"{n} {behaviour[n]['cold_start_s'] or 0:.1f} s" for n in DOWNSTREAM)
+    )
+    print(
+        "lags, discovered (metric) vs true: "
+        + ", ".join(
+            f"{u}->{d} {found.get((u, d), (None, None))[0]} s ({found.get((u, d), (None, None))[1]}) vs {lag} s"
+            for (u, d), lag in true_lags.items()
+        )
+    )
+    ratio = p["violation_s"] / r["violation_s"] if r["violation_s"] else (0.0 if p["violation_s"] == 0 else math.inf)
+    replica_ratio = p["replica_s"] / r["replica_s"] if r["replica_s"] else math.inf
+    print(
+        f"replica-seconds predictive / reactive: {replica_ratio:.3f} (target <= {TARGET_REPLICAS}); "
+        f"p99 latency predictive {p['p99_ms']:.0f} ms, reactive {r['p99_ms']:.0f} ms"
+    )
+    print(f"bench scaling: {ratio:.3f} ratio (target <= {TARGET_SLO})")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
