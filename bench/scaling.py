@@ -3,7 +3,7 @@
 The pipeline is A -> B -> C (A requires B, B requires C): three `loadstage` images
 (tests/workloads/loadstage.c), each serving HTTP with a metrics endpoint (`metrics_port`, so the
 coordinator keeps request rate, latency and errors per component); a request burns `work_us` of CPU
-(A 1 ms, B and C `--work-us`, 2 ms) under the component's CPU limit (`[deployments] cpu_millis`, 50
+(A 1 ms, B and C `--work-us`, 2 ms) under the component's CPU limit (`[deployments] cpu_millis`, 100
 millicores by default), so a replica short of CPU answers late while the 2 cores are not the limit.
 B and C listen `--start-ms` after they start (an initialisation): their cold start.
 
@@ -34,7 +34,7 @@ latency of all their requests; and, after the predictive run, the lags the corre
 Result line: `bench scaling: <SLO-violation seconds predictive / reactive> ratio (target <= 0.2)`;
 the replica-seconds ratio (target <= 1.1) and the rest in the text.
 
-Run as root from the repo: .venv/bin/python bench/scaling.py [--duration 480] [--warmup 330]
+Run as root from the repo: .venv/bin/python bench/scaling.py [--duration 420] [--warmup 320]
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def schedule(args: argparse.Namespace) -> tuple[list[list[int]], list[tuple[str,
 
 
 def entry(name: str, ref: str, requires: list[str], replicas: int) -> dict[str, Any]:
-    check = {"kind": "http", "port": PORT, "path": "/healthz", "interval": 0.5, "timeout": 0.5, "retries": 3}
+    check = {"kind": "http", "port": PORT, "path": "/healthz", "interval": 1.0, "timeout": 1.0, "retries": 5}
     return {
         "name": name,
         "version": "1.0.0",
@@ -287,12 +287,12 @@ def measure(result: dict[str, Any], args: argparse.Namespace, standby_cost: floa
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=480, help="measured seconds of the trace")
-    parser.add_argument("--warmup", type=int, default=330, help="seconds replayed before (history for the engine)")
+    parser.add_argument("--duration", type=int, default=420, help="measured seconds of the trace")
+    parser.add_argument("--warmup", type=int, default=320, help="seconds replayed before (history for the engine)")
     parser.add_argument("--seed", type=int, default=20261605, help="the generator's seed (held out)")
     parser.add_argument("--rate-scale", type=float, default=0.35, help="share of the trace's requests sent")
     parser.add_argument("--work-us", type=int, default=2000, help="CPU per request at B and C (microseconds)")
-    parser.add_argument("--cpu-millis", type=int, default=50, help="[deployments] cpu_millis: each copy's limit")
+    parser.add_argument("--cpu-millis", type=int, default=100, help="[deployments] cpu_millis: each copy's limit")
     parser.add_argument("--start-ms", type=int, default=8000, help="B's and C's initialisation before they listen")
     parser.add_argument("--slo-ms", type=float, default=250.0, help="p99 latency per second within the SLO")
     parser.add_argument("--period", type=float, default=5.0, help="[scaling] period of the predictive policy")
@@ -300,10 +300,11 @@ async def main() -> None:
     rows, edges, window = schedule(args)
     true_lags = {(u, d): lag for u, d, lag in edges}
     standby_cost = 0.2
-    # Initial copies: enough for the trace's median load at 70 % of the limit (no stage saturated
-    # while the engine gathers history); the same for both runs.
-    per_request_s = {"A": 0.001, "B": args.work_us / 1e6, "C": args.work_us / 1e6}
-    capacity = args.cpu_millis / 1000.0 * 0.7
+    # Initial copies: enough for the trace's median load at half the limit, counting a request's
+    # connection and thread as much CPU again as its work (a saturated stage's CPU stops following
+    # its upstream, and the engine would find no lead); the same for both runs.
+    per_request_s = {"A": 0.002, "B": 2 * args.work_us / 1e6, "C": 2 * args.work_us / 1e6}
+    capacity = args.cpu_millis / 1000.0 * 0.5
     median = {s: float(np.median([r[i] for r in rows])) for i, s in enumerate(STAGES)}
     initial = {s.lower(): max(1, math.ceil(median[s] * per_request_s[s] / capacity)) for s in STAGES}
     initial["a"] = max(initial["a"], 2)

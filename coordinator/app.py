@@ -254,6 +254,7 @@ class Coordinator:
             s.cold_start,
             clock,
             utilization=s.utilization,
+            store=self.store,
         )
 
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -179,6 +179,15 @@ _SCHEMA: tuple[str, ...] = (
         sha256 TEXT NOT NULL,
         data BLOB NOT NULL
     );
+    """,
+    # scaling decisions with their inputs (ScalingStore), the last few hundred per deployment.
+    """
+    CREATE TABLE scaling_decisions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        deployment TEXT NOT NULL,
+        record TEXT NOT NULL
+    );
+    CREATE INDEX scaling_decisions_deployment ON scaling_decisions(deployment, id);
     """,
 )
 SCHEMA_VERSION = len(_SCHEMA)
@@ -677,6 +686,38 @@ class SqliteStore:
             return [Decision(**dict(r)) for r in rows]
 
         return await self._run(op)
+
+    # ----- scaling decisions
+
+    async def record_scaling_decision(self, deployment: str, entry: Mapping[str, Any], keep: int) -> None:
+        record = json.dumps(entry, separators=(",", ":"))
+
+        def op() -> None:
+            with self._write() as db:
+                db.execute("INSERT INTO scaling_decisions (deployment, record) VALUES (?, ?)", (deployment, record))
+                db.execute(
+                    """DELETE FROM scaling_decisions WHERE deployment = ? AND id <= (
+                           SELECT id FROM scaling_decisions WHERE deployment = ? ORDER BY id DESC LIMIT 1 OFFSET ?)""",
+                    (deployment, deployment, keep),
+                )
+
+        await self._run(op)
+
+    async def scaling_decisions(self, deployment: str) -> list[dict[str, Any]]:
+        def op() -> list[dict[str, Any]]:
+            rows = self._db.execute(
+                "SELECT record FROM scaling_decisions WHERE deployment = ? ORDER BY id", (deployment,)
+            )
+            return [json.loads(r["record"]) for r in rows]
+
+        return await self._run(op)
+
+    async def forget_scaling_decisions(self, deployment: str) -> None:
+        def op() -> None:
+            with self._write() as db:
+                db.execute("DELETE FROM scaling_decisions WHERE deployment = ?", (deployment,))
+
+        await self._run(op)
 
     # ----- start history
 

@@ -196,6 +196,21 @@ class StartHistoryStore(Protocol):
         ...
 
 
+class ScalingStore(Protocol):
+    """Predictive scaling's decisions with their inputs (coordinator/scaling/autoscaler.py), kept in
+    the store so that a new leader shows and continues the history."""
+
+    async def record_scaling_decision(self, deployment: str, entry: Mapping[str, Any], keep: int) -> None:
+        """Append one decision (a JSON object) and keep the deployment's last `keep`."""
+        ...
+
+    async def scaling_decisions(self, deployment: str) -> list[dict[str, Any]]:
+        """The deployment's decisions, oldest first."""
+        ...
+
+    async def forget_scaling_decisions(self, deployment: str) -> None: ...
+
+
 class Store(
     HostStore,
     TelemetryStore,
@@ -208,6 +223,7 @@ class Store(
     DeploymentStore,
     ChainStore,
     ModelStore,
+    ScalingStore,
     Protocol,
 ):
     """Every concern, on one backend (what the coordinator's services are wired with)."""

@@ -330,14 +330,55 @@ async def test_a_round_decides_per_downstream_component_records_its_inputs_and_a
         assert e["action"] == "scale-out" and e["target"] > 1 and e["applied"] == applied, e
     assert replicas.asked == [("d1", e["component"], e["target"]) for e in entries]
     assert replicas.standbys == [e["standbys"] for e in entries]  # the policy's (max_standbys 0 here)
-    assert autoscaler.history("d1") == entries and autoscaler.history("d2") == []
-    assert set(autoscaler.status("d1")) == {"B", "C"}
+    assert await autoscaler.history("d1") == entries and await autoscaler.history("d2") == []
+    assert set(await autoscaler.status("d1")) == {"B", "C"}
 
     # While the deployment is being scaled, a decision is recorded, not applied.
     busy = _Replicas(busy=True)
     later = _autoscaler(kept, busy, records, T0 + 900)
     entries = await later.round()
     assert busy.asked == [] and all(e["applied"] == "no: a scale of the deployment is under way" for e in entries)
+
+
+async def test_decisions_kept_in_the_store_are_seen_by_the_next_leader(workdir: Path) -> None:
+    from coordinator.scaling.autoscaler import Autoscaler
+
+    kept = _behaviour("d1", _trace(900))
+    records = _All(_record("d1"))
+    store = await SqliteStore.open(workdir / "c.db")
+    try:
+        first = _autoscaler(kept, _Replicas(), records, T0 + 900)
+        first._store = store
+        entries = await first.round()
+        assert [e["component"] for e in entries] == ["C", "B"]
+        # another leader (a new Autoscaler on the same store) shows them and adds to them
+        second: Autoscaler = _autoscaler(kept, _Replicas(), records, T0 + 905)
+        second._store = store
+        assert json.loads(json.dumps(entries)) == await second.history("d1")
+        await second.round()
+        assert [e["component"] for e in await second.history("d1")] == ["C", "B", "C", "B"]
+        assert (await second.status("d1"))["B"]["ts"] == T0 + 905
+        # a deployment that ends takes its decisions with it
+        records.records["d1"] = dataclasses.replace(records.records["d1"], state=State.REMOVED)
+        await second.round()
+        assert await store.scaling_decisions("d1") == []
+    finally:
+        await store.close()
+
+
+async def test_without_a_leading_upstream_the_need_now_is_the_forecast() -> None:
+    # Two independent traces: A's behaviour leads nothing of B's.
+    kept = _behaviour("d1", _trace(900))
+    other = _behaviour("d1", _trace(900, seed=4242))
+    for name in ("A",):
+        kept._usage[("d1", name)] = other._usage[("d1", name)]
+        kept._traffic[("d1", name)] = other._traffic[("d1", name)]
+    replicas = _Replicas()
+    entries = {e["component"]: e for e in await _autoscaler(kept, replicas, _All(_record("d1")), T0 + 900).round()}
+    b = entries["B"]
+    assert b["reason"].startswith("no metric of A leads B's cpu: the need now taken as the forecast"), b
+    assert b["inputs"]["predicted_need"] == b["inputs"]["need_now"] > 0.1 and "lag_s" not in b, b
+    assert b["action"] == "scale-out" and ("d1", "B", b["target"]) in replicas.asked, b  # overloaded now: out
 
 
 async def test_a_round_takes_the_components_measured_cold_start_over_the_configured_one() -> None:

@@ -92,6 +92,9 @@ MAX_TXN_OPS = 127
 DECISIONS_KEPT = 10_000
 """Decisions kept in etcd (the oldest beyond this are deleted; SQLite keeps them all)."""
 _TRIM_EVERY = 256
+SCALING_TRIM_EVERY = 20
+"""A deployment's scaling decisions beyond `keep` are deleted every this many writes (so a few more
+than `keep` may be read back between two trims)."""
 MAX_MODEL_BYTES = 1 << 20
 """A drain model kept in etcd: one value, below etcd's default request limit (1.5 MiB)."""
 
@@ -267,6 +270,7 @@ class EtcdStore:
         self._series = _Series()
         self._starts = _Starts()
         self._decisions_recorded = 0
+        self._scaling_recorded: dict[str, int] = {}
         self._fence: ModRevision | None = None
         self._pending: dict[str, TelemetryUpdate] = {}
         """Each host's telemetry summary pushed here and not yet in etcd (flush_telemetry)."""
@@ -691,6 +695,26 @@ class EtcdStore:
                 if len(out) >= limit:
                     break
         return out
+
+    async def record_scaling_decision(self, deployment: str, entry: Mapping[str, Any], keep: int) -> None:
+        prefix = self._key("scaling", deployment) + b"/"
+        key = prefix + secrets.token_hex(8).encode()  # read back in create_revision order
+        await self._txn([Absent(key)], [Put(key, _dumps(dict(entry)))])
+        count = self._scaling_recorded.get(deployment, 0) + 1
+        self._scaling_recorded[deployment] = count
+        if count % SCALING_TRIM_EVERY == 0:
+            old = sorted((e.create_revision, e.key) for e in (await self._kv.range(prefix)).entries)[:-keep]
+            for start in range(0, len(old), 100):  # etcd caps the operations in one transaction (128)
+                await self._txn([], [Delete(key) for _, key in old[start : start + 100]])
+
+    async def scaling_decisions(self, deployment: str) -> list[dict[str, Any]]:
+        snap = await self._kv.range(self._key("scaling", deployment) + b"/")
+        return [json.loads(v) for _, v in sorted((e.create_revision, e.value) for e in snap.entries)]
+
+    async def forget_scaling_decisions(self, deployment: str) -> None:
+        old = [e.key for e in (await self._kv.range(self._key("scaling", deployment) + b"/")).entries]
+        for start in range(0, len(old), 100):
+            await self._txn([], [Delete(key) for key in old[start : start + 100]])
 
     async def put_drain(self, drain: Drain) -> None:
         key = self._key("drains", drain.id)

@@ -6,9 +6,10 @@ deployment and every component that another requires (a downstream), the first o
 correlation engine finds leading its CPU gives the lag; the model predicts the component's CPU need
 at its horizon from the two series (coordinator/scaling/resample.py); `policy.decide` turns need,
 prediction and replica counts into a decision, which is kept (the last `HISTORY` per deployment, in
-memory: a new leader starts empty) and, if it changes the count and no scale of the deployment is
-under way, handed to the replica service. A component without enough history, without a leading
-upstream, or whose deployment is being scaled is recorded as skipped, with why.
+the coordinator's store: a new leader shows them and adds to them) and, if it changes the count and
+no scale of the deployment is under way, handed to the replica service. A component without enough
+history is recorded as skipped, with why; one without a leading upstream is decided on the naive
+forecast (its need now), said in the reason.
 
 Each deployment follows one policy, `predictive` by default; `reactive` (set through
 `PUT /v1/scaling/{id}/policy`, kept in memory by the leader) makes the same round compute each
@@ -30,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from coordinator.deployments.states import WATCHED, DeploymentRecord, ReplicaState
+from coordinator.deployments.states import TERMINAL, WATCHED, DeploymentRecord, ReplicaState
 from coordinator.scaling.correlation import CorrelationConfig
 from coordinator.scaling.hpa import HpaConfig, HpaState, hpa_step
 from coordinator.scaling.model import ScalingModel
@@ -50,6 +51,14 @@ REACTIVE_WINDOW_S = 15
 
 class DeploymentList(Protocol):
     async def all(self) -> list[DeploymentRecord]: ...
+
+
+class ScalingStore(Protocol):
+    """The coordinator store's part for decisions (coordinator/store.py ScalingStore)."""
+
+    async def record_scaling_decision(self, deployment: str, entry: dict[str, Any], keep: int) -> None: ...
+    async def scaling_decisions(self, deployment: str) -> list[dict[str, Any]]: ...
+    async def forget_scaling_decisions(self, deployment: str) -> None: ...
 
 
 class Replicas(Protocol):
@@ -90,10 +99,13 @@ def _infer(
     answer = explain_pair(upstream, up, downstream, down, config)
     if answer["status"] != "ok":
         return {"skip": answer["message"]}
-    if answer["lead"] is None:
-        return {"skip": f"no metric of {upstream} leads {downstream}'s cpu"}
     window = shared_span(up, down)
     assert window is not None  # explain_pair answered ok
+    if answer["lead"] is None:
+        # Nothing upstream tells the future: the naive forecast (the need stays as it is now), so a
+        # component overloaded now still gets replicas.
+        now = float(per_second(down, window).cpu[-1])
+        return {"naive": f"no metric of {upstream} leads {downstream}'s cpu", "need_now": now, "predicted_need": now}
     up_s, down_s = per_second(up, window), per_second(down, window)
     lag = int(answer["lead"]["lag_s"])
     last = np.array([len(down_s) - 1], np.int64)
@@ -113,9 +125,11 @@ class Autoscaler:
         cold_start_s: float,
         clock: Callable[[], float],
         utilization: float = 1.0,
+        store: ScalingStore | None = None,
     ) -> None:
         """`utilization`: the share of a replica's CPU limit its `policy.replica_capacity` is (the
-        reactive pass targets 70 % of the limit itself, as the HPA does)."""
+        reactive pass targets 70 % of the limit itself, as the HPA does). `store`: where decisions
+        are kept (the coordinator's, so a new leader shows them); None: in memory."""
         self._deployments = deployments
         self._behaviour = behaviour
         self._replicas = replicas
@@ -125,6 +139,8 @@ class Autoscaler:
         self._cold_start_s = cold_start_s
         self._clock = clock
         self._utilization = utilization
+        self._store = store
+        self._recorded: set[str] = set()
         self._states: dict[tuple[str, str], ScalingState] = {}
         self._hpa: dict[tuple[str, str], HpaState] = {}
         self._policies: dict[str, str] = {}
@@ -142,14 +158,16 @@ class Autoscaler:
             self._states.pop(key, None)
             self._hpa.pop(key, None)
 
-    def history(self, deployment_id: str) -> list[dict[str, Any]]:
+    async def history(self, deployment_id: str) -> list[dict[str, Any]]:
         """Its decisions, oldest first."""
+        if self._store is not None:
+            return await self._store.scaling_decisions(deployment_id)
         return list(self._history.get(deployment_id, ()))
 
-    def status(self, deployment_id: str) -> dict[str, dict[str, Any]]:
+    async def status(self, deployment_id: str) -> dict[str, dict[str, Any]]:
         """Per component, its last decision."""
         last: dict[str, dict[str, Any]] = {}
-        for entry in self._history.get(deployment_id, ()):
+        for entry in await self.history(deployment_id):
             last[entry["component"]] = entry
         return last
 
@@ -158,6 +176,9 @@ class Autoscaler:
         out = []
         live = set()
         for record in await self._deployments.all():
+            if record.state in TERMINAL and record.id in self._recorded and self._store is not None:
+                await self._store.forget_scaling_decisions(record.id)
+                self._recorded.discard(record.id)
             if record.state not in WATCHED:
                 continue
             live.add(record.id)
@@ -213,7 +234,7 @@ class Autoscaler:
         }
         if decision.desired != serving + starting or standby:
             entry["applied"] = await self._apply(record.id, down, decision.desired, 0)
-        return self._record(entry)
+        return await self._record(entry)
 
     async def _apply(self, deployment_id: str, down: str, target: int, standbys: int) -> str:
         if self._replicas.scaling(deployment_id):
@@ -230,15 +251,21 @@ class Autoscaler:
         entry: dict[str, Any] = {"ts": now, "deployment": record.id, "component": down, "policy": "predictive"}
         down_series = self._behaviour.of(record.id, down)
         inferred: dict[str, Any] = {"skip": "no upstream"}
+        naive: dict[str, Any] | None = None
         for up in ups:
             inferred = await asyncio.to_thread(
                 _infer, self._model, self._behaviour.of(record.id, up), down_series, up, down, self._correlation
             )
+            if "naive" in inferred:
+                naive = naive or inferred
+                continue
             if "skip" not in inferred:
                 entry["upstream"] = up
                 break
+        if "skip" in inferred or "naive" in inferred:
+            inferred = naive or inferred
         if "skip" in inferred:
-            return self._record({**entry, "action": "skip", "reason": inferred["skip"]})
+            return await self._record({**entry, "action": "skip", "reason": inferred["skip"]})
         serving, starting, standby = replica_counts(record, down)
         measured = self._replicas.cold_start(record.id, down)
         cold_start = measured if measured is not None else self._cold_start_s
@@ -260,7 +287,10 @@ class Autoscaler:
         )
         entry.update(decision.to_dict())
         entry.pop("config", None)
-        entry["lag_s"] = inferred["lag_s"]
+        if "naive" in inferred:
+            entry["reason"] = f"{inferred['naive']}: the need now taken as the forecast; {entry['reason']}"
+        else:
+            entry["lag_s"] = inferred["lag_s"]
         entry["cold_start"] = "measured" if measured is not None else "configured"
         count_changes = decision.action is not Action.HOLD and decision.target != serving + starting
         # Standbys follow the decision's count; warm starts use some of the ones there are.
@@ -268,9 +298,13 @@ class Autoscaler:
         if count_changes or standbys_change:
             target = decision.target if count_changes else serving + starting
             entry["applied"] = await self._apply(record.id, down, target, decision.standbys)
-        return self._record(entry)
+        return await self._record(entry)
 
-    def _record(self, entry: dict[str, Any]) -> dict[str, Any]:
+    async def _record(self, entry: dict[str, Any]) -> dict[str, Any]:
+        if self._store is not None:
+            await self._store.record_scaling_decision(entry["deployment"], entry, HISTORY)
+            self._recorded.add(entry["deployment"])
+            return entry
         kept = self._history.get(entry["deployment"])
         if kept is None:
             kept = self._history[entry["deployment"]] = collections.deque(maxlen=HISTORY)

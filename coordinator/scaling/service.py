@@ -96,7 +96,7 @@ class ScalingService:
     async def status(self, deployment_id: str) -> dict[str, Any]:
         """Per downstream component, the last decision of this coordinator (none while disabled)."""
         record = await self._deployments.get(deployment_id)
-        last = self.autoscaler.status(record.id) if self.autoscaler is not None else {}
+        last = await self.autoscaler.status(record.id) if self.autoscaler is not None else {}
         policy = self.autoscaler.policy(record.id) if self.autoscaler is not None else "off"
         return {"deployment": record.id, "enabled": self.autoscaler is not None, "policy": policy, "components": last}
 
@@ -111,7 +111,7 @@ class ScalingService:
     async def history(self, deployment_id: str) -> dict[str, Any]:
         """Every decision kept for the deployment, oldest first."""
         record = await self._deployments.get(deployment_id)
-        kept = self.autoscaler.history(record.id) if self.autoscaler is not None else []
+        kept = await self.autoscaler.history(record.id) if self.autoscaler is not None else []
         return {"deployment": record.id, "enabled": self.autoscaler is not None, "decisions": kept}
 
     async def explain(self, deployment_id: str) -> dict[str, Any]:

@@ -533,3 +533,22 @@ async def test_model_slots_are_shared_and_replaced_whole(clients: list[Store]) -
     assert await b.model_slots() == ModelSlots(one, two)
     await a.set_model_slots(ModelSlots(two))
     assert await b.model_slots() == ModelSlots(two, None)
+
+
+# ----- scaling decisions
+
+
+async def test_scaling_decisions_are_shared_bounded_and_forgotten(clients: list[Store]) -> None:
+    a, b, _ = clients
+    assert await b.scaling_decisions("d1") == []
+    for i in range(45):  # two leaders in turn, as after a failover
+        writer = a if i < 30 else b
+        await writer.record_scaling_decision("d1", {"ts": float(i), "component": "c", "inputs": {"need": i}}, 25)
+    await a.record_scaling_decision("d2", {"ts": 0.0, "component": "x"}, 25)
+    kept = await b.scaling_decisions("d1")
+    # the last 25 at least, oldest first (etcd trims every 20 writes, so up to 19 more may remain)
+    assert [d["ts"] for d in kept][-25:] == [float(i) for i in range(20, 45)] and len(kept) < 45, kept
+    assert kept[-1] == {"ts": 44.0, "component": "c", "inputs": {"need": 44}}
+    assert [d["ts"] for d in kept] == sorted(d["ts"] for d in kept)
+    await b.forget_scaling_decisions("d1")
+    assert await a.scaling_decisions("d1") == [] and len(await a.scaling_decisions("d2")) == 1
