@@ -93,8 +93,8 @@ DECISIONS_KEPT = 10_000
 """Decisions kept in etcd (the oldest beyond this are deleted; SQLite keeps them all)."""
 _TRIM_EVERY = 256
 SCALING_TRIM_EVERY = 20
-"""A deployment's scaling decisions beyond `keep` are deleted every this many writes (so a few more
-than `keep` may be read back between two trims)."""
+"""A deployment's scaling decisions beyond `keep` are deleted every this many writes of one client
+(so up to that many more per client may be read back between two trims)."""
 MAX_MODEL_BYTES = 1 << 20
 """A drain model kept in etcd: one value, below etcd's default request limit (1.5 MiB)."""
 
