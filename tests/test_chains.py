@@ -175,6 +175,27 @@ async def ferryctl_json(f: CoordinatedFleet, *args: str, code: int = Exit.OK) ->
     return json.loads(res.stdout)
 
 
+async def run_chain(f: CoordinatedFleet, base_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """`ferryctl chain run` of the manifest (written as <name>.json); its record, once RUNNING."""
+    path = base_dir / f"{manifest['name']}.json"
+    path.write_text(json.dumps(manifest))
+    record: dict[str, Any] = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
+    assert record["state"] == "RUNNING", record
+    return record
+
+
+async def until_run_state(f: CoordinatedFleet, chain: str, stage: str, state: str, within: float) -> dict[str, Any]:
+    """The stage's run in the chain's record once it is in `state` (a standby: frozen, checkpointed)."""
+
+    async def in_state() -> dict[str, Any] | None:
+        now = await f.call("GET", f"/v1/chains/{chain}")
+        runs = {r["stage"]: r for r in now["runs"]}
+        return dict(runs[stage]) if runs.get(stage, {}).get("state") == state else None
+
+    found: dict[str, Any] = await f.wait_for(f"{stage}'s standby {state}", in_state, within=within)
+    return found
+
+
 async def until_serving(f: CoordinatedFleet, chain: str, stage: str, within: float = 120) -> dict[str, Any]:
     """The chain's record once it is RUNNING with `stage` serving; on a timeout, the last record seen."""
     last: dict[str, Any] = {}
@@ -450,10 +471,7 @@ async def test_a_counter_is_handed_over_on_one_host_through_the_chains_volume(
         "stages": [on_volume("ingest"), on_volume("transform", "ingest", fault="import", fallback="transform-safe")],
         "fallbacks": [on_volume("transform-safe", "ingest")],
     }
-    path = base_dir / "local.json"
-    path.write_text(json.dumps(manifest))
-    record = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
-    assert record["state"] == "RUNNING", record
+    record = await run_chain(f, base_dir, manifest)
     address, ingest_host = record["address"], record["runs"][0]["host"]
     client = Client(mesh.client.netns, address)
     client.start()
@@ -519,17 +537,8 @@ async def test_a_frozen_standby_is_thawed_at_its_handover(
         "port": PORT,
         "stages": [ingest, stage("transform", image, "ingest", standby="frozen")],
     }
-    path = base_dir / "standby.json"
-    path.write_text(json.dumps(manifest))
-    record = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
-    assert record["state"] == "RUNNING", record
-
-    async def frozen() -> dict[str, Any] | None:
-        now = await f.call("GET", f"/v1/chains/{record['id']}")
-        runs = {r["stage"]: r for r in now["runs"]}
-        return dict(runs["transform"]) if runs.get("transform", {}).get("state") == "frozen" else None
-
-    standby = await f.wait_for("transform's standby frozen", frozen, within=60)
+    record = await run_chain(f, base_dir, manifest)
+    standby = await until_run_state(f, record["id"], "transform", "frozen", within=60)
     host = next(h for h in mesh.hosts if h.name == standby["host"])
     assert standby["host"] != record["runs"][0]["host"]
     listed = {c["id"]: c for c in (await api(host, "GET", "/v1/containers"))["containers"]}
@@ -579,10 +588,7 @@ async def test_the_next_stage_is_preallocated_from_its_predicted_usage(
         "port": PORT,
         "stages": [stage("ingest", image), stage("transform", image, "ingest", predicted=predicted)],
     }
-    path = base_dir / "predicted.json"
-    path.write_text(json.dumps(manifest))
-    record = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
-    assert record["state"] == "RUNNING", record
+    record = await run_chain(f, base_dir, manifest)
 
     async def preallocated() -> dict[str, Any] | None:
         now = await f.call("GET", f"/v1/chains/{record['id']}")
@@ -622,8 +628,7 @@ async def test_the_next_stage_is_preallocated_from_its_predicted_usage(
     assert completed["state"] == "COMPLETED", completed
     assert all(r["peak_memory_bytes"] > 0 for r in completed["runs"]), completed["runs"]
 
-    again = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
-    assert again["state"] == "RUNNING", again
+    again = await run_chain(f, base_dir, manifest)
 
     async def from_history() -> dict[str, Any] | None:
         now = await f.call("GET", f"/v1/chains/{again['id']}")
@@ -652,17 +657,8 @@ async def test_a_checkpointed_standby_is_restored_at_its_handover(
         "port": PORT,
         "stages": [stage("ingest", image), stage("transform", image, "ingest", standby="checkpointed")],
     }
-    path = base_dir / "checkpointed.json"
-    path.write_text(json.dumps(manifest))
-    record = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
-    assert record["state"] == "RUNNING", record
-
-    async def checkpointed() -> dict[str, Any] | None:
-        now = await f.call("GET", f"/v1/chains/{record['id']}")
-        runs = {r["stage"]: r for r in now["runs"]}
-        return dict(runs["transform"]) if runs.get("transform", {}).get("state") == "checkpointed" else None
-
-    standby = await f.wait_for("transform's standby checkpointed", checkpointed, within=90)
+    record = await run_chain(f, base_dir, manifest)
+    standby = await until_run_state(f, record["id"], "transform", "checkpointed", within=90)
     host = next(h for h in mesh.hosts if h.name == standby["host"])
     assert standby["host"] != record["runs"][0]["host"]
     inspected = await api(host, "GET", f"/v1/containers/{standby['container']}")
@@ -802,10 +798,7 @@ async def test_a_stage_moves_its_live_process_by_criu_and_a_failed_move_rolls_ba
             stage("transform", image, "ingest-moved"),
         ],
     }
-    path = base_dir / "moving.json"
-    path.write_text(json.dumps(manifest))
-    record = await ferryctl_json(f, "chain", "run", str(path), "--wait", "120")
-    assert record["state"] == "RUNNING", record
+    record = await run_chain(f, base_dir, manifest)
     chain, address = record["id"], record["address"]
     [first] = record["runs"]
     others = [h for h in mesh.hosts if h.name != first["host"]]
