@@ -24,7 +24,9 @@ import contextlib
 import itertools
 import json
 import re
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -403,6 +405,31 @@ def served_certificates(deployed: Deployed) -> dict[tuple[str, int], x509.Certif
     return {(n, p): nsh.call_in_netns(fleet.fabric_netns, serial, fleet[n].address, p, n) for n, p in listeners}
 
 
+def refusals_of(deployed: Deployed, cert_file: Path, key_file: Path) -> dict[tuple[str, int], str]:
+    """How each TLS listener answers a client presenting `cert_file`: the TLS alert it sends, or
+    "accepted". With TLS 1.3 the client's handshake ends before the server checks its certificate,
+    so the answer is what the first read brings."""
+    ops = deployed.pki / "ops" / OPERATOR
+    ctx = client_context(HostCertPaths(ops / "ca.pem", cert_file, key_file))
+
+    def answer(address: str, port: int, name: str) -> str:
+        with socket.create_connection((address, port), timeout=10) as raw:
+            try:
+                with ctx.wrap_socket(raw, server_hostname=name) as tls:
+                    tls.settimeout(1.0)  # a refusal comes at once; a server that accepted waits for a request
+                    tls.recv(1)
+            except ssl.SSLError as exc:
+                return str(exc.reason)
+            except (TimeoutError, ConnectionError):
+                pass
+            return "accepted"
+
+    listeners = [(h.name, port) for h in deployed.fleet.hosts for port in (PEER_PORT, OPS_PORT)]
+    listeners.append((COORDINATOR, COORDINATOR_PORT))
+    fleet = deployed.fleet
+    return {(n, p): nsh.call_in_netns(fleet.fabric_netns, answer, fleet[n].address, p, n) for n, p in listeners}
+
+
 def issued_serials(deployed: Deployed) -> dict[str, int]:
     """The serial of each host's certificate as the controller last issued it."""
     return {
@@ -618,7 +645,14 @@ def test_ca_rotation_under_load(deployed: Deployed, workloads: list[Workload]) -
         return x509.load_pem_x509_certificate((deployed.pki / name / "ca.pem").read_bytes())
 
     old_ca = ca_file("ca")
+    # The operator's certificate from the old CA, kept to knock on every listener after `finish`.
+    old_ops = deployed.workdir / "ops-old-ca"
+    old_ops.mkdir(exist_ok=True)
+    for name in ("client.pem", "client-key.pem"):
+        shutil.copyfile(deployed.pki / "ops" / OPERATOR / name, old_ops / name)
     before_pids = pids()
+    old_ops_answers = refusals_of(deployed, old_ops / "client.pem", old_ops / "client-key.pem")
+    assert set(old_ops_answers.values()) == {"accepted"}, old_ops_answers
     clients = [Client(fleet, w) for w in workloads]
     runs: dict[str, PlaybookRun] = {}
     try:
@@ -644,6 +678,14 @@ def test_ca_rotation_under_load(deployed: Deployed, workloads: list[Workload]) -
         assert [ca_file(d.name) for d in deployed.pki.glob("ca-retired-*")] == [old_ca]
         for host in fleet.hosts:
             assert trusted_cas(host) == [new_ca], host.name
+        # The old CA is refused by every listener from the reload on: the same processes, no restart.
+        deadline = time.monotonic() + 30
+        while set((answers := refusals_of(deployed, old_ops / "client.pem", old_ops / "client-key.pem")).values()) != {
+            "TLSV1_ALERT_UNKNOWN_CA"
+        }:
+            assert time.monotonic() < deadline, answers
+            time.sleep(0.2)
+        assert pids() == before_pids
         again = run_playbook(inventory, "pki.yml")
         assert again.returncode == 0, again.output[-6000:]
         time.sleep(2)

@@ -24,7 +24,7 @@ import pytest
 from cryptography import x509
 
 from core.lifecycle import reload_on_hangup
-from core.security import HostCertPaths, client_context, init_ca, issue_client, issue_host
+from core.security import HostCertPaths, client_context, init_ca, issue_client, issue_host, server_context
 from core.security.reload import TlsContexts
 from core.security.tls import TlsConfigError
 
@@ -424,3 +424,105 @@ async def test_renewed_contexts_are_replaced_not_changed(pki: Pki) -> None:
     pki.served.key_file.write_text("garbage\n")
     assert not contexts.reload_logged()
     assert renewed.get() is second
+
+
+@dataclass(frozen=True)
+class TwoCas:
+    """Hosts on CA1 (the pki fixture's) and on CA2, all trusting the bundle CA1 + CA2 at first."""
+
+    ca1: Path
+    ca2: Path
+    files: dict[str, HostCertPaths]  # by "<name>-ca<n>": trusting the bundle, each its own CA file
+
+    def drop_ca1(self, name: str) -> None:
+        self.files[name].ca_file.write_bytes(self.ca2.read_bytes())
+
+
+def _two_cas(pki: Pki) -> TwoCas:
+    ca2 = init_ca(pki.root / "ca2")
+    bundle = pki.ca_dir.joinpath("ca.pem").read_bytes() + ca2.cert_file.read_bytes()
+    files: dict[str, HostCertPaths] = {}
+    for n, ca_dir in ((1, pki.ca_dir), (2, ca2.directory)):
+        for host in ("node1", "node2"):
+            key = f"{host}-ca{n}"
+            issued = issue_host(ca_dir, host, pki.root / key, ["127.0.0.1"])
+            files[key] = HostCertPaths(pki.root / key / "bundle.pem", issued.cert_file, issued.key_file)
+            files[key].ca_file.write_bytes(bundle)
+    return TwoCas(pki.ca_dir / "ca.pem", ca2.cert_file, files)
+
+
+REFUSED = (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError, ValueError)
+
+
+async def test_a_reloaded_server_refuses_clients_of_a_removed_ca(pki: Pki) -> None:
+    """CA rotation's finish: the CA file no longer holds CA1, and a reload (no restart) makes the
+    listener refuse client certificates from CA1, with and without SNI; CA2's still get in."""
+    cas = _two_cas(pki)
+    contexts = TlsContexts()
+    async with EchoServer(contexts.server(cas.files["node1-ca2"])) as server:
+        for client, name in [("node2-ca1", "node1"), ("node2-ca2", "node1"), ("node2-ca1", "127.0.0.1")]:
+            async with connected(client_context(cas.files[client]), server.port, name) as conn:
+                assert conn.client_serial_seen == serial_of(cas.files[client].cert_file)
+        open_before = await connect(client_context(cas.files["node2-ca1"]), server.port)
+        try:
+            cas.drop_ca1("node1-ca2")
+            contexts.reload()
+            # "127.0.0.1": Python sends no SNI for an IP address; the refusal does not depend on it.
+            for name in ("node1", "127.0.0.1"):
+                with pytest.raises(REFUSED):
+                    await connect(client_context(cas.files["node2-ca1"]), server.port, name)
+                async with connected(client_context(cas.files["node2-ca2"]), server.port, name) as conn:
+                    assert conn.client_serial_seen == serial_of(cas.files["node2-ca2"].cert_file)
+            # A connection made before the reload carries on.
+            assert await open_before.echo("still") == "still"
+        finally:
+            await open_before.close()
+
+
+async def test_a_reloaded_client_refuses_servers_of_a_removed_ca(pki: Pki) -> None:
+    cas = _two_cas(pki)
+    contexts = TlsContexts()
+    client = contexts.client(cas.files["node2-ca2"])
+    async with (
+        EchoServer(TlsContexts().server(cas.files["node1-ca1"])) as old_server,
+        EchoServer(TlsContexts().server(cas.files["node1-ca2"])) as new_server,
+    ):
+        for server in (old_server, new_server):
+            async with connected(client, server.port) as conn:
+                assert await conn.echo("before") == "before"
+        cas.drop_ca1("node2-ca2")
+        contexts.reload()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await connect(client, old_server.port)
+        async with connected(client, new_server.port) as conn:
+            assert conn.server_serial == serial_of(cas.files["node1-ca2"].cert_file)
+
+
+async def test_a_refused_reload_keeps_trusting_the_old_ca(pki: Pki) -> None:
+    cas = _two_cas(pki)
+    contexts = TlsContexts()
+    async with EchoServer(contexts.server(cas.files["node1-ca2"])) as server:
+        cas.files["node1-ca2"].ca_file.write_bytes(cas.ca1.read_bytes())  # no longer holds the cert's CA
+        with pytest.raises(TlsConfigError, match="was not issued by the CA"):
+            contexts.reload()
+        async with connected(client_context(cas.files["node2-ca1"]), server.port) as conn:
+            assert await conn.echo("kept") == "kept"
+
+
+async def test_renewed_peer_contexts_refuse_a_removed_ca(pki: Pki) -> None:
+    """The peer port's contexts (`renewed`, made again from the files) drop CA1 as well."""
+    cas = _two_cas(pki)
+    contexts = TlsContexts()
+    files = cas.files["node1-ca2"]
+    server = contexts.renewed(files, lambda: server_context(files))
+    client = contexts.renewed(files, lambda: client_context(files))
+    cas.drop_ca1("node1-ca2")
+    contexts.reload()
+    async with EchoServer(server.get()) as listener:
+        with pytest.raises(REFUSED):
+            await connect(client_context(cas.files["node2-ca1"]), listener.port)
+        async with connected(client_context(cas.files["node2-ca2"]), listener.port) as conn:
+            assert await conn.echo("in") == "in"
+    async with EchoServer(TlsContexts().server(cas.files["node2-ca1"])) as old_server:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await connect(client.get(), old_server.port, "node2")

@@ -1,10 +1,16 @@
 """Reloading a daemon's certificates without a restart (SIGHUP, `systemctl reload`).
 
 Every SSL context a daemon makes from its TLS files comes from one `TlsContexts`, which remembers
-the files each context was made from. `reload()` reads those files again and loads them into the
-same `ssl.SSLContext` objects (`load_verify_locations`, `load_cert_chain`), so listeners and
-connection pools keep their context and new handshakes present the new certificate; connections
-already open carry on with the session they negotiated.
+the files each context was made from. Listeners and connection pools keep the context object they
+were given (a `ReloadingContext`); `reload()` reads the files again and makes a fresh context from
+them for each, and from then on every new connection the object wraps (`wrap_bio`, what asyncio's
+TLS transport and so aiohttp call; `wrap_socket`) is made from that fresh context. New handshakes
+therefore present the new certificate and verify the peer against the new CA file only: a CA
+removed from the file is refused from the reload on, in servers and in clients alike (OpenSSL's
+certificate store of one context can only grow, hence a new context rather than loading into the
+old one). Connections already open carry on with the session they negotiated; an idle keep-alive
+connection in an aiohttp pool is reused until the pool closes it (`keepalive_timeout`, 15 s by
+default).
 
 Files are read once, checked, and only then loaded: the certificate must come from a CA in the CA
 file, be valid now, carry the context's role, and its key must match it (a scratch context loads
@@ -12,13 +18,9 @@ them first). Anything wrong leaves every context as it was. The checked bytes ar
 anonymous memory files (memfd), never re-read from the paths, so a file replaced between the check
 and the load cannot slip in unchecked, and no key is copied to disk.
 
-Contexts whose connections are wrapped in worker threads (the peer port's blocking handshakes) are
-not changed under those threads: OpenSSL does not allow changing a context while another thread
-makes a connection from it. For them `renewed()` hands out a new context after each reload.
-
-A CA bundle's new CAs are trusted from the reload on; a CA *removed* from the file stays trusted
-until the daemon restarts, because OpenSSL's certificate store can only grow (docs/security.md,
-"Rotation").
+No context is ever changed once made, so a handshake running in a worker thread is never raced.
+The peer port, which hands its contexts to such threads itself, uses `renewed()`: a new context
+after each reload, from the paths.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 
@@ -46,6 +50,15 @@ class _Source:
     cert_file: str
     key_file: str
     role: Role
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """TlsFiles naming the memory files a fresh context loads."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
 
 
 @dataclass(frozen=True)
@@ -108,42 +121,87 @@ def _check(source: _Source) -> _Checked:
     return _Checked(ca, chain, key, cert)
 
 
+class ReloadingContext(ssl.SSLContext):
+    """A context whose new connections are made from the context of the latest reload.
+
+    Until the first reload that is itself; `wrap_bio`/`wrap_socket` then hand the connection to
+    the fresh context (the connection's `context` is that one), so its certificate and CA store
+    are the ones verification uses.
+    """
+
+    _current: ssl.SSLContext | None = None
+
+    def wrap_bio(  # type: ignore[override]
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        current = self._current
+        if current is None:
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        return current.wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        current = self._current
+        if current is None:
+            return super().wrap_socket(sock, *args, **kwargs)
+        return current.wrap_socket(sock, *args, **kwargs)
+
+    def switch_to(self, fresh: ssl.SSLContext) -> None:
+        """New connections from now on are made from `fresh`."""
+        self._current = fresh
+
+
+_Make = Callable[..., ssl.SSLContext]  # server_context or client_context
+
+
 class TlsContexts:
-    """Makes a daemon's SSL contexts and reloads all of them in place from their files."""
+    """Makes a daemon's SSL contexts and moves all of them to their files' current contents on reload."""
 
     def __init__(self) -> None:
-        self._made: list[tuple[ssl.SSLContext, _Source]] = []
+        self._made: list[tuple[ReloadingContext, _Make, _Source]] = []
         self._renewed: list[_Source] = []
         self.generation = 0
         """How many reloads succeeded: `Renewed` contexts are made again when it changes."""
 
-    def _track(self, ctx: ssl.SSLContext, files: TlsFiles, role: Role) -> ssl.SSLContext:
-        self._made.append((ctx, _source(files, role)))
+    def _track(self, make: _Make, files: TlsFiles, role: Role) -> ssl.SSLContext:
+        ctx = make(files, ReloadingContext)
+        assert isinstance(ctx, ReloadingContext)
+        self._made.append((ctx, make, _source(files, role)))
         return ctx
 
     def server(self, files: TlsFiles, role: Role = Role.AGENT) -> ssl.SSLContext:
         """`server_context(files)`, reloaded by `reload()`."""
-        return self._track(server_context(files), files, role)
+        return self._track(server_context, files, role)
 
     def client(self, files: TlsFiles, role: Role = Role.AGENT) -> ssl.SSLContext:
         """`client_context(files)`, reloaded by `reload()`."""
-        return self._track(client_context(files), files, role)
+        return self._track(client_context, files, role)
 
     def reload(self) -> dict[str, x509.Certificate]:
-        """Load every context's files again; returns the certificates now served, by file.
+        """Make every context again from its files; returns the certificates now served, by file.
 
-        All files are checked before any context changes: TlsConfigError leaves them all as they were.
+        All files are checked and every fresh context made before any is used: TlsConfigError
+        leaves them all as they were.
         """
         checked: dict[_Source, _Checked] = {}
-        for source in [s for _, s in self._made] + self._renewed:
+        for source in [s for _, _, s in self._made] + self._renewed:
             if source not in checked:
                 checked[source] = _check(source)
-        for ctx, source in self._made:
+        fresh: list[tuple[ReloadingContext, ssl.SSLContext]] = []
+        for ctx, make, source in self._made:
             files = checked[source]
-            # Trust first: a peer with a certificate from a newly added CA is accepted from now on.
-            ctx.load_verify_locations(cadata=files.ca.decode("ascii", errors="replace"))
-            with _memory_file(files.chain) as chain_path, _memory_file(files.key) as key_path:
-                ctx.load_cert_chain(certfile=chain_path, keyfile=key_path)
+            with (
+                _memory_file(files.ca) as ca_path,
+                _memory_file(files.chain) as chain_path,
+                _memory_file(files.key) as key_path,
+            ):
+                fresh.append((ctx, make(_Paths(ca_path, chain_path, key_path))))
+        for ctx, new in fresh:
+            ctx.switch_to(new)
         self.generation += 1
         return {source.cert_file: files.cert for source, files in checked.items()}
 
@@ -170,7 +228,7 @@ class TlsContexts:
                     "cert_file": path,
                     "serial": f"{cert.serial_number:x}",
                     "not_after": cert.not_valid_after_utc.isoformat(),
-                    "contexts": sum(1 for s in [s for _, s in self._made] + self._renewed if s.cert_file == path),
+                    "contexts": sum(1 for s in [s for _, _, s in self._made] + self._renewed if s.cert_file == path),
                 },
             )
         return True

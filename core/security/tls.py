@@ -60,8 +60,8 @@ class PeerIdentityError(FerrymanError):
     http_status = 403
 
 
-def _base_context(protocol: int, files: TlsFiles) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(protocol)
+def _base_context(protocol: int, files: TlsFiles, cls: type[ssl.SSLContext]) -> ssl.SSLContext:
+    ctx = cls(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # No maximum: OpenSSL picks the highest both sides speak, i.e. TLS 1.3 between agents.
     ctx.set_ciphers(_TLS12_CIPHERS)
@@ -82,22 +82,22 @@ def _base_context(protocol: int, files: TlsFiles) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(paths: TlsFiles) -> ssl.SSLContext:
+def server_context(paths: TlsFiles, cls: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
     """A server context that demands a client certificate signed by the fleet CA.
 
     OpenSSL checks the client certificate's purpose (clientAuth), dates and chain during the
     handshake; a failing client never reaches the application.
     """
-    return _base_context(ssl.PROTOCOL_TLS_SERVER, paths)
+    return _base_context(ssl.PROTOCOL_TLS_SERVER, paths, cls)
 
 
-def client_context(paths: TlsFiles) -> ssl.SSLContext:
+def client_context(paths: TlsFiles, cls: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
     """A client context presenting our certificate and verifying the server against the fleet CA.
 
     Hostname checking is on: connect with `server_hostname=<peer's HostId>` (see `open_peer`), so
     a valid certificate for a *different* host is refused too.
     """
-    ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT, paths)
+    ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT, paths, cls)
     ctx.check_hostname = True  # PROTOCOL_TLS_CLIENT's default; stated because it is the point
     return ctx
 
