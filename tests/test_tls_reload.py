@@ -526,3 +526,16 @@ async def test_renewed_peer_contexts_refuse_a_removed_ca(pki: Pki) -> None:
     async with EchoServer(TlsContexts().server(cas.files["node2-ca1"])) as old_server:
         with pytest.raises(ssl.SSLCertVerificationError):
             await connect(client.get(), old_server.port, "node2")
+
+
+async def test_a_reload_keeps_what_the_caller_set_on_the_context(pki: Pki) -> None:
+    """The coordinator's listener takes connections without a client certificate (CERT_OPTIONAL,
+    set after the context is made): the contexts a reload makes keep that."""
+    contexts = TlsContexts()
+    ctx = contexts.server(pki.served)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    reissue(pki)
+    contexts.reload()
+    conn = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+    assert conn.context is not ctx  # made from the reload's context
+    assert conn.context.verify_mode == ssl.CERT_OPTIONAL

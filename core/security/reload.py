@@ -199,7 +199,12 @@ class TlsContexts:
                 _memory_file(files.chain) as chain_path,
                 _memory_file(files.key) as key_path,
             ):
-                fresh.append((ctx, make(_Paths(ca_path, chain_path, key_path))))
+                new = make(_Paths(ca_path, chain_path, key_path))
+            # Settings a caller changed after making the context (the coordinator's listener takes
+            # connections without a certificate) hold for the fresh one too.
+            new.check_hostname = ctx.check_hostname
+            new.verify_mode = ctx.verify_mode
+            fresh.append((ctx, new))
         for ctx, new in fresh:
             ctx.switch_to(new)
         self.generation += 1
