@@ -184,6 +184,18 @@ async def run_chain(f: CoordinatedFleet, base_dir: Path, manifest: dict[str, Any
     return record
 
 
+async def advance_onto_standby(f: CoordinatedFleet, chain: str, standby: dict[str, Any]) -> dict[str, Any]:
+    """`ferryctl chain advance` onto transform's standby: the record once transform serves from the
+    standby's own container (thawed or restored), not a new one."""
+    done: dict[str, Any] = await ferryctl_json(f, "chain", "advance", chain, "--wait", "120")
+    assert done["state"] == "RUNNING" and done["serving"] == "transform", done
+    [handover] = done["handovers"]
+    assert handover["outcome"] == "done" and handover["from_standby"] is True, handover
+    runs = {r["stage"]: r for r in done["runs"]}
+    assert runs["transform"]["container"] == standby["container"]
+    return done
+
+
 async def until_run_state(f: CoordinatedFleet, chain: str, stage: str, state: str, within: float) -> dict[str, Any]:
     """The stage's run in the chain's record once it is in `state` (a standby: frozen, checkpointed)."""
 
@@ -549,12 +561,8 @@ async def test_a_frozen_standby_is_thawed_at_its_handover(
     client.start()
     try:
         await client.served_by("ingest")
-        done = await ferryctl_json(f, "chain", "advance", record["id"], "--wait", "120")
-        assert done["state"] == "RUNNING" and done["serving"] == "transform", done
+        done = await advance_onto_standby(f, record["id"], standby)
         [handover] = done["handovers"]
-        assert handover["outcome"] == "done" and handover["from_standby"] is True, handover
-        runs = {r["stage"]: r for r in done["runs"]}
-        assert runs["transform"]["container"] == standby["container"]  # the standby, not a new one
         assert len(done["runs"]) == 2
         await client.served_by("transform")
     finally:
@@ -669,12 +677,7 @@ async def test_a_checkpointed_standby_is_restored_at_its_handover(
     client.start()
     try:
         await client.served_by("ingest")
-        done = await ferryctl_json(f, "chain", "advance", record["id"], "--wait", "120")
-        assert done["state"] == "RUNNING" and done["serving"] == "transform", done
-        [handover] = done["handovers"]
-        assert handover["outcome"] == "done" and handover["from_standby"] is True, handover
-        runs = {r["stage"]: r for r in done["runs"]}
-        assert runs["transform"]["container"] == standby["container"]  # the standby, restored
+        await advance_onto_standby(f, record["id"], standby)
         await client.served_by("transform")
     finally:
         await client.stop()
