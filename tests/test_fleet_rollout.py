@@ -447,16 +447,34 @@ def longest_gap_between(seen: dict[str, Any], start: float, end: float) -> float
     return max(b - a for a, b in itertools.pairwise(stamps))
 
 
+def fleet_services(fleet: SystemdFleet) -> list[tuple[SystemdHost, str]]:
+    """Every agent's unit and the coordinator's, with their hosts."""
+    services = [(h, "ferryman-agent.service") for h in fleet.hosts]
+    services.append((fleet[COORDINATOR], "ferryman-coordinator.service"))
+    return services
+
+
+def service_pids(services: list[tuple[SystemdHost, str]]) -> dict[tuple[str, str], tuple[str, str]]:
+    """Each unit's MainPID and NRestarts: unchanged means reloaded, not restarted."""
+    return {(h.name, u): (h.unit_property(u, "MainPID"), h.unit_property(u, "NRestarts")) for h, u in services}
+
+
+def drain_and_return(
+    deployed: Deployed, host: str
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """`ferryctl drain HOST --wait 300`, then `uncordon HOST`: both results."""
+    return deployed.ferryctl("drain", host, "--wait", "300"), deployed.ferryctl("uncordon", host)
+
+
 def test_certificate_rotation_under_load(deployed: Deployed, workloads: list[Workload]) -> None:
     """`site.yml -e ferryman_pki_rotate=true` while every workload serves its client: each host gets
     a new certificate and its services reload it (SIGHUP, the same processes), no request fails, and
     a migration afterwards (a drain of h2, then uncordon) runs over the new certificates."""
     fleet = deployed.fleet
-    services = [(h, "ferryman-agent.service") for h in fleet.hosts]
-    services.append((fleet[COORDINATOR], "ferryman-coordinator.service"))
+    services = fleet_services(fleet)
 
     def pids() -> dict[tuple[str, str], tuple[str, str]]:
-        return {(h.name, u): (h.unit_property(u, "MainPID"), h.unit_property(u, "NRestarts")) for h, u in services}
+        return service_pids(services)
 
     before_pids = pids()
     before = served_serials(deployed)
@@ -478,8 +496,7 @@ def test_certificate_rotation_under_load(deployed: Deployed, workloads: list[Wor
         t_served = time.time()
         time.sleep(2)
         t_drain = time.time()
-        drained = deployed.ferryctl("drain", "h2", "--wait", "300")
-        uncordoned = deployed.ferryctl("uncordon", "h2")
+        drained, uncordoned = drain_and_return(deployed, "h2")
         t_moved = time.time()
         time.sleep(2)
         seen = {c.workload.name: c.stop() for c in clients}
@@ -644,11 +661,10 @@ def test_ca_rotation_under_load(deployed: Deployed, workloads: list[Workload]) -
     if {h.sh("cat /opt/ferryman/src/.ferryman-commit").strip() for h in fleet.hosts} != {head}:
         upgraded = run_playbook(inventory, "upgrade.yml", ferryman_version=head)
         assert upgraded.returncode == 0, upgraded.output[-6000:]
-    services = [(h, "ferryman-agent.service") for h in fleet.hosts]
-    services.append((fleet[COORDINATOR], "ferryman-coordinator.service"))
+    services = fleet_services(fleet)
 
     def pids() -> dict[tuple[str, str], tuple[str, str]]:
-        return {(h.name, u): (h.unit_property(u, "MainPID"), h.unit_property(u, "NRestarts")) for h, u in services}
+        return service_pids(services)
 
     def ca_file(name: str) -> x509.Certificate:
         return x509.load_pem_x509_certificate((deployed.pki / name / "ca.pem").read_bytes())
@@ -703,8 +719,7 @@ def test_ca_rotation_under_load(deployed: Deployed, workloads: list[Workload]) -
         assert again.returncode == 0, again.output[-6000:]
         time.sleep(2)
         t_drain = time.time()
-        drained = deployed.ferryctl("drain", "h2", "--wait", "300")
-        uncordoned = deployed.ferryctl("uncordon", "h2")
+        drained, uncordoned = drain_and_return(deployed, "h2")
         t_moved = time.time()
         time.sleep(2)
         seen = {c.workload.name: c.stop() for c in clients}
