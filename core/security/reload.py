@@ -32,11 +32,12 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from core.security.pki import Role
+from core.security.pki import HostCertPaths, Role
 from core.security.tls import TlsConfigError, TlsFiles, check_certificate, client_context, server_context
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,6 @@ class _Source:
     cert_file: str
     key_file: str
     role: Role
-
-
-@dataclass(frozen=True)
-class _Paths:
-    """TlsFiles naming the memory files a fresh context loads."""
-
-    ca_file: str
-    cert_file: str
-    key_file: str
 
 
 @dataclass(frozen=True)
@@ -199,7 +191,7 @@ class TlsContexts:
                 _memory_file(files.chain) as chain_path,
                 _memory_file(files.key) as key_path,
             ):
-                new = make(_Paths(ca_path, chain_path, key_path))
+                new = make(HostCertPaths(Path(ca_path), Path(chain_path), Path(key_path)))
             # Settings a caller changed after making the context (the coordinator's listener takes
             # connections without a certificate) hold for the fresh one too.
             new.check_hostname = ctx.check_hostname
