@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -77,6 +78,9 @@ class Traces:
     cgroups: list[str] = field(default_factory=list)
     root_links: set[str] = field(default_factory=set)
     """The root namespace's fm* links before the fleet started (other meshes' are not ours)."""
+    seen_alive: float = 0.0
+    """When the mesh's namespaces were last seen (CLOCK_BOOTTIME). Once they are gone the kernel
+    reuses their inodes, so a process found by inode counts only if it started before this."""
 
     def record(self, container_netns: Sequence[str] = ()) -> None:
         names = [n for n in nsh.list_netns() if n.startswith(f"{self.prefix}-")]
@@ -84,16 +88,20 @@ class Traces:
         self.pids |= set(nsh.pids_in_netns(self.netns_inodes)) | set(_pids_using_dir(str(self.dir)))
         state = json.loads((STATE_DIR / f"{self.prefix}.json").read_text())
         self.cgroups = [c["cgroup_parent"] for c in state["containerds"]]
+        self.seen_alive = time.clock_gettime(time.CLOCK_BOOTTIME)
 
     def left(self) -> list[str]:
         found = [f"netns {n}" for n in nsh.list_netns() if n.startswith(f"{self.prefix}-")]
+        if found:
+            self.seen_alive = time.clock_gettime(time.CLOCK_BOOTTIME)
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             if str(self.dir) in line or any(f"net:[{i}]" in line for i in self.netns_inodes):
                 found.append(f"mount {line}")
         new_links = {n for n in nsh.link_names() if n.startswith("fm")} - self.root_links
         found += [f"link {n}" for n in sorted(new_links)]
         live = {p for p in self.pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)}
-        live |= set(nsh.pids_in_netns(self.netns_inodes)) | set(_pids_using_dir(str(self.dir)))
+        live |= {p for p in nsh.pids_in_netns(self.netns_inodes) if (nsh.pid_started_at(p) or 0.0) <= self.seen_alive}
+        live |= set(_pids_using_dir(str(self.dir)))
         found += [f"process {p}: {' '.join(_cmdline(p))}" for p in sorted(live) if not _is_zombie(p)]
         found += [f"cgroup {c}" for c in self.cgroups if cgroup_pids(c)]
         for path in (self.dir, Path(f"/dev/shm/ferryman-{self.prefix}"), STATE_DIR / f"{self.prefix}.json"):

@@ -152,6 +152,16 @@ def pid_netns_inode(pid: int) -> int | None:
         return None
 
 
+def pid_started_at(pid: int) -> float | None:
+    """When `pid` started, in seconds since boot (CLOCK_BOOTTIME); None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 (starttime, in clock ticks); the fields after the command name start at field 3.
+    return int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+
+
 def pids_in_netns(inodes: Iterable[int]) -> list[int]:
     """Every process (thread group) whose network namespace is one of `inodes`."""
     wanted = set(inodes)
