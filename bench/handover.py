@@ -211,6 +211,12 @@ async def run(
     frozen = (
         f"; frozen (delta + switch) p50 {statistics.median(r['frozen_ms'] for r in records):.1f} ms" if live else ""
     )
+    steps = [r["switch_steps_ms"] for r in records if r.get("switch_steps_ms")]
+    if steps:  # the agent's takeover, step by step (a live handover on one host)
+        frozen += "; takeover steps p50/p99 (ms): " + ", ".join(
+            f"{name} {statistics.median(s[name] for s in steps):.1f}/{p99([s[name] for s in steps]):.1f}"
+            for name in steps[0]
+        )
     print(
         f"{protocol}{' live' if live else ''}: {handovers} handovers, gap p50 {statistics.median(gaps):.1f} ms, "
         f"p99 {p99(gaps):.1f} ms, max {max(gaps):.1f} ms; exported state {state:.0f} bytes; {requests} requests "

@@ -82,7 +82,7 @@ class AgentClientLike(Protocol):
     ) -> tuple[int, bytes]: ...
     async def stage_takeover(
         self, host: Host, container_id: str, port: int, source: str, source_port: int, since: int, within: float
-    ) -> int: ...
+    ) -> dict[str, float]: ...
     async def component_metrics(self, host: Host, container_id: str, port: int) -> str: ...
     async def close(self) -> None: ...
 
@@ -348,10 +348,11 @@ class AgentClient:
 
     async def stage_takeover(
         self, host: Host, container_id: str, port: int, source: str, source_port: int, since: int, within: float
-    ) -> int:
+    ) -> dict[str, float]:
         """A live handover's last step on one host, in one request (agent/api/stagestate.py): the
         delta since `since` from `source`, applied to `container_id`, whose address is then
-        published; the delta's size. A stage's refusal raises Conflict naming it."""
+        published; the milliseconds each of the agent's steps took. A stage's refusal raises
+        Conflict naming it."""
         path = (
             f"/v1/containers/{container_id}/state/takeover?port={port}&from={source}"
             f"&from_port={source_port}&since={since}"
@@ -359,7 +360,7 @@ class AgentClient:
         status, data = await self._call(host, "POST", path, None, within)
         if status != 200:
             raise self._error(host, status, data, f"take over from {source}")
-        return int(data.get("delta_bytes", 0))
+        return {str(k): float(v) for k, v in (data.get("steps_ms") or {}).items()}
 
     async def stage_state(
         self,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -42,6 +42,7 @@ from agent.network import arp, netlink
 from agent.network.addresses import hold_ifname, host_veth_name, netns_name, parse_service_ip
 from agent.network.balancer import BalancerError, KernelBalancer, NftablesBalancer, check_backends
 from agent.network.capture import HeldTraffic, send_packets
+from agent.network.routeswitch import RouteSwitch
 from core.errors import FerrymanError
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,29 @@ class ServiceNetwork:
             self._announcers[ip] = asyncio.create_task(self._announce_again(ip, uplink), name=f"garp {ip}")
         await self._send(ip, kept)
         log.info("service address published", extra={"service_ip": ip, "veth": host_veth, "uplink": uplink})
+
+    @contextlib.asynccontextmanager
+    async def route_switch(self, service_ip: str, host_veth: str) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """`flip`, which routes service_ip to `host_veth` in one netlink request from the event loop
+        (agent/network/routeswitch.py), the veth set up and the socket opened now. A handover on
+        one host flips at its switch, then calls `publish` for the rest (proxy ARP, announcement)."""
+        ip = parse_service_ip(service_ip)
+        async with self._lock(f"ip:{ip}"):
+            try:
+                switch = await RouteSwitch.open(ip, host_veth)
+            except (OSError, NetlinkError) as exc:
+                raise NetworkError(f"prepare the route of {ip} to {host_veth}: {exc}") from exc
+
+            async def flip() -> None:
+                try:
+                    await switch.flip()
+                except (OSError, NetlinkError) as exc:
+                    raise NetworkError(f"route {ip} to {host_veth}: {exc}") from exc
+
+            try:
+                yield flip
+            finally:
+                switch.close()
 
     async def hold(self, service_ip: str, host_veth: str) -> bool:
         """Until `release`, `publish` or `unpublish` (see netlink.hold), what is sent to service_ip is

@@ -113,7 +113,7 @@ class ChainAgents(Protocol):
     ) -> tuple[int, bytes]: ...
     async def stage_takeover(
         self, host: Host, container_id: str, port: int, source: str, source_port: int, since: int, within: float
-    ) -> int: ...
+    ) -> dict[str, float]: ...
 
 
 class ChainMigrations(Protocol):
@@ -899,7 +899,7 @@ class ChainService:
             live = record.chain_manifest().stage(record.serving).handover.live
             if live and serving.host == target.host:
                 # One request to the host's agent: delta out, delta in, route flipped.
-                await self._take_over(record, serving, target, deadline)
+                changes["switch_steps_ms"] = await self._take_over(record, serving, target, deadline)
             else:
                 if live:
                     await self._apply_delta(record, serving, target, deadline)
@@ -942,10 +942,13 @@ class ChainService:
         except FerrymanError as exc:
             raise StepFailed(f"moving {record.address} to {target.host}: {exc.message}") from exc
 
-    async def _take_over(self, record: ChainRecord, serving: StageRun, target: StageRun, deadline: float) -> None:
+    async def _take_over(
+        self, record: ChainRecord, serving: StageRun, target: StageRun, deadline: float
+    ) -> dict[str, float]:
         """`_apply_delta` and the address moved, on one host, by one request to its agent: the
         serving stage refuses changes for the least time. The next stage checks the delta itself
-        (it refuses one not taken since the version it has); both steps can run twice, as there."""
+        (it refuses one not taken since the version it has); both steps can run twice, as there.
+        What each of the agent's steps took (ms)."""
         since = record.handovers[-1].snapshot_version
         if since < 0:
             raise StepFailed("the snapshot's version is not in the journal (taken before a restart?)")
@@ -953,7 +956,7 @@ class ChainService:
         host = await self._host_or_fail(target)
         within = max(0.1, deadline - asyncio.get_running_loop().time())
         try:
-            await self._agents.stage_takeover(
+            return await self._agents.stage_takeover(
                 host,
                 target.container,
                 manifest.stage(record.target).handover.port,

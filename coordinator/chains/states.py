@@ -277,6 +277,9 @@ class HandoverRecord:
     frozen_ms: float = 0.0
     """A live handover: milliseconds from the final export (the source refusing changes) to the
     address moved, the part of SWITCH a client waits through."""
+    switch_steps_ms: Mapping[str, float] = field(default_factory=dict)
+    """A live handover on one host: what each step of the agent's takeover took (its look-up, the
+    connections made ahead, the export, the patch, the route flip, the publish after it)."""
     migration: str = ""
     """criu: the coordinator migration that moves the serving stage's process."""
     moved_from: str = ""
@@ -296,6 +299,7 @@ class HandoverRecord:
             "preallocated": self.preallocated,
             "snapshot_version": self.snapshot_version,
             "frozen_ms": self.frozen_ms,
+            "switch_steps_ms": dict(self.switch_steps_ms),
             "migration": self.migration,
             "moved_from": self.moved_from,
         }
@@ -315,6 +319,7 @@ class HandoverRecord:
             preallocated=bool(data.get("preallocated", False)),
             snapshot_version=int(data.get("snapshot_version", -1)),
             frozen_ms=float(data.get("frozen_ms", 0.0)),
+            switch_steps_ms={k: float(v) for k, v in (data.get("switch_steps_ms") or {}).items()},
             migration=data.get("migration", ""),
             moved_from=data.get("moved_from", ""),
         )
