@@ -3,6 +3,7 @@ them (coordinator/chains/prediction.py), the generator and the shipped model (mo
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,18 @@ import pytest
 from coordinator.chains.manifest import Handover, Stage
 from coordinator.chains.prediction import Prediction, UsageModel, decide, history, replan
 from coordinator.chains.states import ChainRecord, HandoverRecord, RunState, StageRun, State
-from coordinator.chains.usage import FACTOR_BOUNDS, ChainRun, StageUsage, feature_row, rows_for, usage_from_output
+from coordinator.chains.usage import (
+    FACTOR_BOUNDS,
+    FEATURE_NAMES,
+    ChainRun,
+    StageUsage,
+    feature_row,
+    rows_for,
+    usage_from_output,
+)
 from coordinator.predictor import ModelLoadError
 from models.chains.generate import REGIMES, chain_history
-from models.chains.train import HELD_OUT_REGIME, history_rows
+from models.chains.train import HELD_OUT_REGIME, history_rows, without_rates
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "chains" / "usage.onnx"
 MIB = 1 << 20
@@ -26,13 +35,22 @@ def run(usage: dict[str, tuple[float, float]], volumes: dict[str, float] | None 
 def test_a_row_is_relative_to_the_targets_last_run() -> None:
     row, scale = feature_row("cpu_millis", [100, 200, 400], 50, 100, 10, 30)  # type: ignore[misc]
     assert scale == 400
-    kind, runs, mean3, trend, _spread, growth, s_over_t, volume = row
+    kind, runs, mean3, trend, _spread, growth, s_over_t, volume, rate = row
     assert (kind, runs) == (0.0, 3.0)
     assert mean3 == pytest.approx(700 / 3 / 400)
     assert trend == pytest.approx(0.5)
     assert growth == pytest.approx(2.0)  # the serving stage uses twice what it did last run
     assert s_over_t == pytest.approx(50 / 400)
     assert volume == pytest.approx(3.0)
+    assert math.isnan(rate)  # no request rate measured
+
+
+def test_the_request_rate_is_the_serving_stages_now_over_its_last_run() -> None:
+    past = [ChainRun({"a": StageUsage(100, 10), "b": StageUsage(300, 30)}, {}, {"a": 50.0})]
+    rows = rows_for(past, "a", "b", StageUsage(100, 10), None, 125.0)
+    assert rows["cpu_millis"][0][FEATURE_NAMES.index("rate_growth")] == pytest.approx(2.5)
+    unmeasured = rows_for(past, "a", "b", StageUsage(100, 10), None, None)
+    assert math.isnan(unmeasured["memory_bytes"][0][FEATURE_NAMES.index("rate_growth")])
 
 
 def test_no_row_without_a_past_run_of_the_target() -> None:
@@ -60,7 +78,7 @@ def stage(**kw: object) -> Stage:
 
 
 def test_decide_prefers_the_model_then_the_manifest_then_the_resources() -> None:
-    rows = {"cpu_millis": ([0.0] * 8, 200.0)}
+    rows = {"cpu_millis": ([0.0] * len(FEATURE_NAMES), 200.0)}
     p = decide(stage(predicted_memory_bytes=64 * MIB), rows, {"cpu_millis": 1.5}, (100, 32 * MIB))
     assert p == Prediction("t", 300, 64 * MIB, "model")
     p = decide(stage(predicted_cpu_millis=250, cpu_millis=500), {}, {}, (100, 32 * MIB))
@@ -99,6 +117,23 @@ def test_the_generator_is_seeded() -> None:
     regime = REGIMES["steady"]
     assert chain_history(regime, 7, 0) == chain_history(regime, 7, 0)
     assert chain_history(regime, 7, 0) != chain_history(regime, 8, 0)
+    first = chain_history(regime, 7, 0)[0]
+    assert set(first.request_rate) == set(first.usage)  # every stage's rate measured
+
+
+def test_the_shipped_model_uses_the_request_rate() -> None:
+    """With the rates the held-out error is lower than without them (the feature missing), and
+    both beat "same as last run"."""
+    model = UsageModel(MODEL)
+    chains = [chain_history(REGIMES[HELD_OUT_REGIME], 99, i) for i in range(8)]
+    errors = []
+    for rows in (history_rows(chains, 2), history_rows(without_rates(chains), 2)):
+        factors = model.predict(rows.X.tolist())
+        pairs = zip(factors, rows.last, rows.actual, strict=True)
+        errors.append(sum(abs(usage_from_output(f, last) - a) / a for f, last, a in pairs))
+    last_err = sum(abs(last - a) / a for last, a in zip(rows.last, rows.actual, strict=True))
+    with_rates, blind = errors
+    assert with_rates < blind < 0.7 * last_err, (with_rates, blind, last_err)
 
 
 def test_the_shipped_model_beats_same_as_last_run_on_held_out_chains() -> None:

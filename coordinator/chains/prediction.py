@@ -4,9 +4,11 @@ The chain's own history is its earlier runs: the chains of the same name, each s
 peak (`StageRun.peak_*`) and the state bytes handed into it (`HandoverRecord.state_bytes`). From it
 and what the serving stage uses now, the chain usage model (models/chains/, served here through
 onnxruntime) predicts the next stage's CPU and memory in this run (coordinator/chains/usage.py says
-the features). Without a model, or for a stage no earlier run had, the manifest's `predicted` is the
-prediction, else its `resources` (`basis` says which). The chain manager reserves the prediction on
-the host the next stage will run on and re-reserves when it moves by more than `REPLAN_TOLERANCE`.
+the features). The coordinator does not measure a stage's request rate: its rows have
+`rate_growth` missing (NaN), which the model was trained to take. Without a model, or for a stage
+no earlier run had, the manifest's `predicted` is the prediction, else its `resources` (`basis`
+says which). The chain manager reserves the prediction on the host the next stage will run on and
+re-reserves when it moves by more than `REPLAN_TOLERANCE`.
 
 The model's session is synchronous CPU work: the manager calls `UsageModel.predict` through
 `asyncio.to_thread`.
@@ -14,6 +16,7 @@ The model's session is synchronous CPU work: the manager calls `UsageModel.predi
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -79,7 +82,9 @@ class UsageModel:
         outputs = [o.name for o in self._session.get_outputs()]
         if outputs != [OUTPUT]:
             raise ModelLoadError(f"{path}: outputs {outputs}, not [{OUTPUT!r}]")
-        probe = self.predict([[0.0, 3.0, 1.0, 0.0, 0.1, 1.0, 1.0, 1.0]])
+        probe = self.predict(
+            [[0.0, 3.0, 1.0, 0.0, 0.1, 1.0, 1.0, 1.0, 1.0], [0.0, 3.0, 1.0, 0.0, 0.1, 1.0, 1.0, 1.0, math.nan]]
+        )
         if not np.all(np.isfinite(probe)):
             raise ModelLoadError(f"{path}: answers a probe with {probe}")
 

@@ -1,17 +1,21 @@
 """The features of a chain's usage prediction: a stage's CPU and memory in this run of the chain,
-from the chain's own history (version `chain-usage-features/1`). Pure: training
+from the chain's own history (version `chain-usage-features/2`). Pure: training
 (models/chains/train.py) and the chain manager (coordinator/chains/prediction.py) compute the same
 rows with this module.
 
 A chain runs again and again (one run: the chain's stages, one after another); each run of a stage
-has a measured peak CPU (millicores) and memory (bytes), and the state handed into it has a size
-(the data volume). While stage S serves, the usage of the next stage T in this run is predicted
-from:
+has a measured peak CPU (millicores) and memory (bytes), the state handed into it has a size (the
+data volume), and the stage served requests at a rate (requests/s, where it was measured). While
+stage S serves, the usage of the next stage T in this run is predicted from:
 
 - T's own past runs (the "same as last run" baseline is T's last one alone);
 - how S compares now with S in the last run (`s_growth`): the request rate and the data volume of
   this run show in S first, before T exists;
-- how the data volume handed into S compares with the last run's (`volume_growth`).
+- how the data volume handed into S compares with the last run's (`volume_growth`);
+- how the request rate S serves at compares with its rate in the last run (`rate_growth`): the
+  rate drives the next stage's usage directly, where S's usage mixes it with S's idle share and
+  its data. Missing (NaN) when either rate was not measured; the model was trained with rows
+  missing it, and predicts from the rest then.
 
 Every feature is a ratio to T's last run (`scale`), so one model serves stages of any size; the
 model's output is T's usage in this run over its last run: usage = output x scale
@@ -24,7 +28,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-FEATURES_VERSION = "chain-usage-features/1"
+FEATURES_VERSION = "chain-usage-features/2"
 FEATURE_NAMES = (
     "kind",
     "runs",
@@ -34,6 +38,7 @@ FEATURE_NAMES = (
     "s_growth",
     "s_over_t",
     "volume_growth",
+    "rate_growth",
 )
 N_FEATURES = len(FEATURE_NAMES)
 KINDS = ("cpu_millis", "memory_bytes")
@@ -58,10 +63,12 @@ class StageUsage:
 
 @dataclass(frozen=True)
 class ChainRun:
-    """One run of the chain: each stage's measured peak, and the state bytes handed into it."""
+    """One run of the chain: each stage's measured peak, the state bytes handed into it, and the
+    request rate it served at (requests/s; a stage not measured is not in it)."""
 
     usage: Mapping[str, StageUsage]
     volume_bytes: Mapping[str, float] = field(default_factory=dict)
+    request_rate: Mapping[str, float] = field(default_factory=dict)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -71,11 +78,13 @@ def _ratio(a: float, b: float) -> float:
 def feature_row(
     kind: str, target_past: Sequence[float], source_past: float | None, source_now: float | None,
     volume_past: float | None, volume_now: float | None,
+    rate_past: float | None = None, rate_now: float | None = None,
 ) -> tuple[list[float], float] | None:
     """One row and its scale (T's last run), or None without a past run of T to scale by.
 
     `target_past`: T's usage of this kind in earlier runs, oldest first; `source_past`, `source_now`:
-    S's in the last run and in this one; `volume_*`: the state bytes handed into S then and now."""
+    S's in the last run and in this one; `volume_*`: the state bytes handed into S then and now;
+    `rate_*`: the request rate S served at then and now (None: not measured)."""
     past = [v for v in target_past if v > 0][-MAX_RUNS:]
     if not past:
         return None
@@ -88,6 +97,7 @@ def feature_row(
     growth = _ratio(source_now, source_past) if source_now and source_past else 1.0
     s_over_t = _ratio(source_past, scale) if source_past else 1.0
     volume = _ratio(volume_now, volume_past) if volume_now and volume_past else 1.0
+    rate = _ratio(rate_now, rate_past) if rate_now and rate_past else math.nan
     row = [
         float(KINDS.index(kind)),
         float(len(past)),
@@ -97,16 +107,22 @@ def feature_row(
         growth,
         s_over_t,
         volume,
+        rate,
     ]
     return row, scale
 
 
 def rows_for(
-    history: Sequence[ChainRun], source: str, target: str, source_now: StageUsage | None, volume_now: float | None
+    history: Sequence[ChainRun],
+    source: str,
+    target: str,
+    source_now: StageUsage | None,
+    volume_now: float | None,
+    rate_now: float | None = None,
 ) -> dict[str, tuple[list[float], float]]:
     """The rows (by kind) for predicting `target` in the run going on, `source` serving now with
-    `source_now` measured so far and `volume_now` state bytes handed into it; kinds without a past
-    run of `target` are left out."""
+    `source_now` measured so far, `volume_now` state bytes handed into it and `rate_now` requests/s
+    (None: not measured); kinds without a past run of `target` are left out."""
     runs = list(history)[-MAX_RUNS:]
     last_with_source = next((r for r in reversed(runs) if source in r.usage), None)
     out: dict[str, tuple[list[float], float]] = {}
@@ -118,6 +134,8 @@ def rows_for(
             source_now.of(kind) if source_now else None,
             last_with_source.volume_bytes.get(source) if last_with_source else None,
             volume_now,
+            last_with_source.request_rate.get(source) if last_with_source else None,
+            rate_now,
         )
         if made is not None:
             out[kind] = made

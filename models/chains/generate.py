@@ -1,4 +1,4 @@
-"""Synthetic histories of chains, for the chain usage model (version `chain-gen/1`).
+"""Synthetic histories of chains, for the chain usage model (version `chain-gen/2`).
 
 A chain runs again and again; in each run its stages serve one after another. Per run r of a chain
 (README.md says it at length):
@@ -11,6 +11,9 @@ A chain runs again and again; in each run its stages serve one after another. Pe
 3. **Each stage's measured peak**: CPU (millicores) = idle + per-request cost x R_r x (1 + volume
    weight x its volume over the chain's typical volume), and memory (bytes) = a floor + bytes per
    input byte x its volume + bytes per request x R_r, each with a few percent of noise.
+4. **Each stage's measured request rate**: R_r, as the stage counted it (a few percent of noise,
+   `rate_measure_noise`), drawn from a stream of its own so that the usage and volume histories
+   are those of `chain-gen/1` exactly.
 
 So a stage's usage changes between runs as the rate and the volume change; it shows first in the
 stage serving before it, which is what the model can use and the "same as last run" baseline cannot.
@@ -31,7 +34,7 @@ import numpy as np
 
 from coordinator.chains.usage import ChainRun, StageUsage
 
-GENERATOR_VERSION = "chain-gen/1"
+GENERATOR_VERSION = "chain-gen/2"
 MIB = 1 << 20
 
 
@@ -56,6 +59,7 @@ class Regime:
     volume_mib: tuple[float, float] = (4.0, 512.0)
     """The first stage's typical input volume, drawn log-uniformly per chain."""
     usage_noise: float = 0.04
+    rate_measure_noise: float = 0.03
 
 
 REGIMES = {
@@ -74,6 +78,7 @@ def chain_history(regime: Regime, seed: int, index: int) -> list[ChainRun]:
     """Every run of chain `index` of the regime, oldest first."""
     key = zlib.crc32(regime.name.encode())
     rng = np.random.default_rng(np.random.SeedSequence([seed, key, index]))
+    measure = np.random.default_rng(np.random.SeedSequence([seed, key, index, 1]))  # the measured rates
     n_stages = int(rng.integers(regime.stages[0], regime.stages[1] + 1))
     names = [f"s{i}" for i in range(n_stages)]
     base = _loguniform(rng, regime.base_rate)
@@ -98,14 +103,16 @@ def chain_history(regime: Regime, seed: int, index: int) -> list[ChainRun]:
         volume = volume0 * (rate / base) ** regime.volume_exp * float(np.exp(rng.normal(0, regime.volume_noise)))
         usage: dict[str, StageUsage] = {}
         volumes: dict[str, float] = {}
+        rates: dict[str, float] = {}
         for i, name in enumerate(names):
             volumes[name] = volume
+            rates[name] = round(rate * float(np.exp(measure.normal(0, regime.rate_measure_noise))), 2)
             noise = np.exp(rng.normal(0, regime.usage_noise, 2))
             cpu = (idle[i] + per_request[i] * rate * (1 + volume_weight[i] * volume / volume0)) * noise[0]
             memory = (floor[i] + per_byte[i] * volume + per_request_bytes[i] * rate) * noise[1]
             usage[name] = StageUsage(round(float(cpu), 1), float(round(memory)))
             volume *= hand_on[i]
-        runs.append(ChainRun(usage, volumes))
+        runs.append(ChainRun(usage, volumes, rates))
     return runs
 
 
@@ -127,7 +134,11 @@ def main() -> None:
         "seed": args.seed,
         "chains": [
             [
-                {"usage": {k: asdict(v) for k, v in run.usage.items()}, "volume_bytes": dict(run.volume_bytes)}
+                {
+                    "usage": {k: asdict(v) for k, v in run.usage.items()},
+                    "volume_bytes": dict(run.volume_bytes),
+                    "request_rate": dict(run.request_rate),
+                }
                 for run in h
             ]
             for h in histories(regime, args.seed, args.chains)

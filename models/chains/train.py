@@ -9,6 +9,11 @@ Histories (generate.py), all seeded from `--seed` S:
 - in distribution: the same regimes, seed S+100, never trained on;
 - held out: the `shifty` regime (more and larger changes between runs), seed S+200.
 
+The request rate each stage served at is in every generated history; a coordinator that does not
+measure it passes the rate feature as missing, so a seeded share of the training chains
+(`rate_missing_share`) has its rates removed, and the card judges the held-out regime both with
+the rates and without them.
+
 A row is one (chain, run r >= 2, stage T after the first, resource), predicted as the chain manager
 predicts it while the stage S before T serves run r: from runs 0..r-1 and S's usage in run r
 (coordinator/chains/usage.py). Baselines: `last run` (T's usage in run r-1, what the coordinator
@@ -51,7 +56,7 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 20261206
-    model_version: str = "chain-usage-1"
+    model_version: str = "chain-usage-2"
     train_chains: int = 150
     eval_chains: int = 60
     max_iter: int = 150
@@ -62,6 +67,8 @@ class TrainConfig:
     threads: int = 1
     min_runs: int = 2
     """Rows start at the run with this many runs of history before it."""
+    rate_missing_share: float = 0.3
+    """Training chains whose request rates are removed (the model learns to predict without them)."""
 
 
 @dataclass
@@ -87,7 +94,14 @@ def history_rows(chains: Sequence[Sequence[ChainRun]], min_runs: int) -> Rows:
             now = runs[r]
             names = list(now.usage)
             for source, target in itertools.pairwise(names):
-                rows = rows_for(runs[:r], source, target, now.usage[source], now.volume_bytes.get(source))
+                rows = rows_for(
+                    runs[:r],
+                    source,
+                    target,
+                    now.usage[source],
+                    now.volume_bytes.get(source),
+                    now.request_rate.get(source),
+                )
                 for kind, (row, scale) in rows.items():
                     past = [p.usage[target].of(kind) for p in runs[max(0, r - 3) : r]]
                     value = now.usage[target].of(kind)
@@ -128,10 +142,19 @@ def judge(onnx: bytes, rows: Rows) -> dict[str, Any]:
     factor = np.clip(ort_regression(onnx, rows.X).astype(np.float64), low, high)
     predictors = {"model": factor * rows.last, "last run": rows.last, "mean of 3": rows.mean3}
     errors = {name: _errors(p, rows) for name, p in predictors.items()}
-    ratios = {
-        kind: errors["model"][kind]["relative_mae"] / errors["last run"][kind]["relative_mae"] for kind in KINDS
-    }
+    ratios = {kind: errors["model"][kind]["relative_mae"] / errors["last run"][kind]["relative_mae"] for kind in KINDS}
     return {"errors": errors, "model_over_last_run": ratios}
+
+
+def without_rates(chains: Sequence[Sequence[ChainRun]]) -> list[list[ChainRun]]:
+    """The histories as a coordinator that does not measure request rates has them."""
+    return [[replace(run, request_rate={}) for run in runs] for runs in chains]
+
+
+def some_without_rates(chains: Sequence[Sequence[ChainRun]], share: float, seed: int) -> list[list[ChainRun]]:
+    """The histories, a seeded `share` of them without their request rates."""
+    drop = np.random.default_rng(np.random.SeedSequence([seed, 2])).random(len(chains)) < share
+    return [without_rates([runs])[0] if d else list(runs) for runs, d in zip(chains, drop, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,7 @@ class Result:
 
 def train(cfg: TrainConfig, log: Log) -> Result:
     training = [h for name in TRAIN_REGIMES for h in histories(REGIMES[name], cfg.seed, cfg.train_chains)]
+    training = some_without_rates(training, cfg.rate_missing_share, cfg.seed)
     in_dist = [h for name in TRAIN_REGIMES for h in histories(REGIMES[name], cfg.seed + 100, cfg.eval_chains)]
     held_out = histories(REGIMES[HELD_OUT_REGIME], cfg.seed + 200, cfg.eval_chains)
     train_rows = history_rows(training, cfg.min_runs)
@@ -187,6 +211,11 @@ def train(cfg: TrainConfig, log: Log) -> Result:
             "max_abs_diff_vs_sklearn": diff,
         },
         "held_out": {"regime": HELD_OUT_REGIME, "seed": cfg.seed + 200, **judge(onnx, held)},
+        "held_out_without_rates": {
+            "regime": HELD_OUT_REGIME,
+            "seed": cfg.seed + 200,
+            **judge(onnx, history_rows(without_rates(held_out), cfg.min_runs)),
+        },
         "in_distribution": {"regimes": list(TRAIN_REGIMES), "seed": cfg.seed + 100, **judge(onnx, within)},
         "config": asdict(cfg),
     }
@@ -209,6 +238,7 @@ def write_card_md(card: dict[str, Any], path: Path) -> None:
 
     held = card["held_out"]
     ratios = held["model_over_last_run"]
+    blind = card["held_out_without_rates"]["model_over_last_run"]
     text = [
         f"# Chain usage model card: {card['model_version']}",
         "",
@@ -228,12 +258,18 @@ def write_card_md(card: dict[str, Any], path: Path) -> None:
         "## Summary",
         "",
         f"On the held-out regime (`{held['regime']}`: more and larger changes between runs) the model's",
-        f"relative MAE is {ratios['cpu_millis']:.2f} of the \"same as last run\" baseline's for CPU and",
-        f"{ratios['memory_bytes']:.2f} for memory.",
+        f'relative MAE is {ratios["cpu_millis"]:.2f} of the "same as last run" baseline\'s for CPU and',
+        f"{ratios['memory_bytes']:.2f} for memory, with the request rate each stage served at; without",
+        f"the rates (a coordinator that does not measure them: the feature missing) {blind['cpu_millis']:.2f} and",
+        f"{blind['memory_bytes']:.2f}.",
         "",
         f"## Held out (`{held['regime']}`, seed {held['seed']})",
         "",
         *table(held),
+        "",
+        f"## Held out without request rates (`{held['regime']}`, seed {held['seed']}, `rate_growth` missing)",
+        "",
+        *table(card["held_out_without_rates"]),
         "",
         f"## In distribution ({', '.join(card['in_distribution']['regimes'])}, seed {card['in_distribution']['seed']})",
         "",
