@@ -762,6 +762,69 @@ async def test_a_live_handover_serves_on_until_the_switch_and_a_failed_delta_rol
     ]
 
 
+async def test_a_live_handover_on_one_host_takes_over_in_one_agent_request(
+    fleet3: CoordinatedFleet, alerts: dict[str, AlertReceiver], base_dir: Path
+) -> None:
+    """`live` over `shared_volume`: at SWITCH the host's agent takes the delta out of the serving
+    stage, into the next and flips the route in one request, its connections and route made before
+    the export (`switch_steps_ms` says each step); the client's requests are neither lost nor
+    counted twice. A second chain whose next stage refuses the delta rolls back at SWITCH: the
+    route stays with the serving stage, which serves on with its state."""
+    f, mesh = fleet3, fleet3.mesh
+    assert mesh.client is not None
+    image = await push_stage_image(mesh)
+    live = {"protocol": "shared_volume", "port": PORT, "path": VOLUME, "drain": 0.5, "deadline": 60, "live": True}
+
+    def on_volume(name: str, consumes: str = "", fault: str = "none") -> dict[str, Any]:
+        out = stage(name, image, consumes, fault, handover=live)
+        out["args"] = ["/bin/stage", name, str(PORT), str(0 if consumes else SEED_BYTES), fault, VOLUME]
+        return out
+
+    cases = {
+        "done": [on_volume("ingest"), on_volume("transform", "ingest")],
+        "rolled_back": [on_volume("ingest"), on_volume("transform", "ingest", fault="delta")],
+    }
+    records: dict[str, dict[str, Any]] = {}
+    for case, stages in cases.items():
+        manifest = {"version": 1, "name": f"local-live-{case.replace('_', '-')}", "port": PORT, "stages": stages}
+        records[case] = await run_chain(f, base_dir, manifest)
+    clients = {case: Client(mesh.client.netns, r["address"]) for case, r in records.items()}
+    for client in clients.values():
+        client.start()
+    try:
+        for client in clients.values():
+            await client.served_by("ingest")
+        before = await stage_state(f, records["rolled_back"]["address"])
+        done = await ferryctl_json(f, "chain", "advance", records["done"]["id"], "--wait", "120")
+        [handover] = done["handovers"]
+        assert handover["outcome"] == "done", handover
+        steps = handover["switch_steps_ms"]
+        assert set(steps) == {"look_up", "connect", "export", "patch", "flip", "publish"}, handover
+        assert steps["export"] + steps["patch"] + steps["flip"] <= handover["frozen_ms"], handover
+        await clients["done"].served_by("transform")
+        runs = {r["stage"]: r for r in done["runs"]}
+        assert runs["ingest"]["host"] == runs["transform"]["host"], runs
+
+        rolled = await ferryctl_json(
+            f, "chain", "advance", records["rolled_back"]["id"], "--wait", "120", code=Exit.NOT_DEPLOYED
+        )
+        assert rolled["state"] == "RUNNING" and rolled["serving"] == "ingest", rolled
+        [failed] = rolled["handovers"]
+        assert (failed["outcome"], failed["failed_phase"]) == ("rolled_back", "SWITCH"), failed
+        assert "delta refused (fault)" in failed["error"], failed
+        count = clients["rolled_back"].served()[-1][1]
+        await asyncio.sleep(0.3)
+        assert clients["rolled_back"].served()[-1] > ("ingest", count)  # the route stayed with ingest
+        after = await stage_state(f, records["rolled_back"]["address"])
+        assert (after["trail"], after["buffer"]) == (before["trail"], before["buffer"])
+    finally:
+        for client in clients.values():
+            await client.stop()
+    for client in clients.values():
+        assert_exactly_once(client)
+    assert {name for name, _ in clients["rolled_back"].served()} == {"ingest"}
+
+
 async def restart_with_failpoints(host: MeshHost, failpoints: str | None) -> None:
     await host.stop_agent()
     host.agent_env = {"FERRYMAN_FAILPOINTS": failpoints} if failpoints else {}
