@@ -39,6 +39,7 @@ from aiohttp import web
 from agent.api.handlers import CONTAINERS, _container_id, _json
 from agent.api.network import _network
 from agent.model import LABEL_SERVICE_IP, ContainerSummary
+from agent.network import NetworkError
 from agent.probes import Exchange, HttpAnswer, ProbeFailed, http_exchange, netns_of, opened_exchange
 from core.errors import Conflict, ContainerNotFound, FerrymanError, InvalidRequest
 from core.http.validate import check_keys, query_number
@@ -206,8 +207,13 @@ async def take_over(request: web.Request) -> web.Response:
     except ProbeFailed as exc:  # a connection made ahead was refused: nothing was exported
         raise StageUnreachable(f"stage {source} or {target}: {exc.message}") from exc
     # The route is there already (this replaces it with the same); the proxy ARP entry and the
-    # announcement are for other hosts' clients, and nothing on this host waits for them.
-    await network.publish(target_address, target_veth)
+    # announcement are for other hosts' clients, and nothing on this host waits for them. Past the
+    # flip the target serves: a failure here must not roll the handover back onto the source,
+    # which would then serve without what the target did.
+    try:
+        await network.publish(target_address, target_veth)
+    except NetworkError as exc:
+        log.warning("address moved, the rest of its publish failed", extra={"container": target, "error": str(exc)})
     steps["publish"], mark = _since(mark)
     steps_ms = {name: round(seconds * 1000, 3) for name, seconds in steps.items()}
     log.info("stage taken over", extra={"container": target, "from": source, "steps_ms": steps_ms})
