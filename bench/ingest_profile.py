@@ -5,17 +5,19 @@ the shipped drain model, `log_level` INFO as in production. `--agents` simulated
 connection each, their own certificates) register, push `--history` samples each (5 s apart, the
 last two hours: the steady state of a host's kept samples, `telemetry.max_samples_per_host`, whose
 upkeep a push pays for), then push one sample each at `--rate` pushes per second in all for
-`--seconds`. Measured twice, in two fresh daemons:
+`--seconds`. Measured in fresh daemons, once per `--encodings` (json: the pushes as JSON, the
+baseline in the same run; binary: protobuf's binary encoding, as agents push), then profiled:
 
   plain:    the daemon's CPU seconds (/proc, every thread) over the window, less what it spent idle
             (registered agents, no pushes) over as long just before (the baseline in the same run),
             / the pushes answered 200: the per-push cost, comparable across machine loads (CPU time,
             not wall time);
-  profiled: the same run under `python -m cProfile`; the top functions by cumulative and by own
-            time (the event loop's thread only: SQLite's thread and gRPC's do not show there).
+  profiled: the last encoding's run under `python -m cProfile` (unless --no-profile); the top
+            functions by cumulative and by own time (the event loop's thread only: SQLite's thread
+            and gRPC's do not show there).
 
 Result line:
-  bench ingest-cpu: <CPU ms per push above idle, plain, the last backend given> ms (target <= 0.5)
+  bench ingest-cpu: <CPU ms per push above idle, plain, the last backend and encoding given> ms (target <= 0.5)
 
 0.5 ms per push is 10 000 agents at a 5 s period (2000 pushes/s) on one core.
 
@@ -38,6 +40,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.http.validate import PROTOBUF
 from core.security.pki import issue_host
 from core.security.tls import client_context
 from tests.harness.containerd import scratch_dir
@@ -48,8 +51,10 @@ from tests.harness.coordinator import (
     STOP_TIMEOUT,
     CoordinatorPki,
     CoordinatorProcess,
+    TelemetryPushes,
     registration,
     sample,
+    telemetry_body,
 )
 from tests.harness.daemons import start_daemon
 from tests.harness.etcd import EtcdCluster
@@ -107,14 +112,19 @@ async def run_one(
     workdir.mkdir()
     coordinator = ProfiledCoordinator(workdir, pki, overrides=overrides, profile_to=profile_to)
     names = [f"h{i}" for i in range(args.agents)]
+    pushes = [TelemetryPushes(name) for name in names]
     certs = [issue_host(pki.ca_dir, name, base / "agents" / name, ["127.0.0.1"]) for name in names]
     sessions: list[aiohttp.ClientSession] = []
     answered = 0
     failed = 0
 
     async def post(session: aiohttp.ClientSession, path: str, body: Any) -> bool:
+        """POST `body`: JSON, or bytes as binary protobuf (the telemetry, as agents send it)."""
         nonlocal failed
-        async with session.post(coordinator.url + path, json=body, server_hostname=COORDINATOR_NAME) as resp:
+        kw: dict[str, Any] = (
+            {"data": body, "headers": {"Content-Type": PROTOBUF}} if isinstance(body, bytes) else {"json": body}
+        )
+        async with session.post(coordinator.url + path, server_hostname=COORDINATOR_NAME, **kw) as resp:
             await resp.read()
             if resp.status != 200:
                 failed += 1
@@ -128,7 +138,8 @@ async def run_one(
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             if time.monotonic() >= stop_at:
                 return
-            if await post(sessions[i], "/v1/telemetry", {"host": names[i], "samples": [sample(time.time())]}):
+            body = pushes[i].body(time.time()) if args.binary else {"host": names[i], "samples": [sample(time.time())]}
+            if await post(sessions[i], "/v1/telemetry", body):
                 answered += 1
             next_at += period
 
@@ -146,9 +157,9 @@ async def run_one(
 
         async def prefill(session: aiohttp.ClientSession, name: str) -> None:
             for start in range(0, len(past), 500):  # under telemetry.max_batch
-                chunk = [sample(ts) for ts in past[start : start + 500]]
+                chunk = telemetry_body(name, [sample(ts) for ts in past[start : start + 500]])
                 async with filling:
-                    assert await post(session, "/v1/telemetry", {"host": name, "samples": chunk}), "prefill refused"
+                    assert await post(session, "/v1/telemetry", chunk), "prefill refused"
 
         await asyncio.gather(*(prefill(s, n) for s, n in zip(sessions, names, strict=True)))
         warm = time.monotonic() + 3.0  # connections open, histories begun
@@ -229,8 +240,10 @@ def top(profile: Path, n: int) -> str:
 
 async def main_async(args: argparse.Namespace) -> int:
     last = float("nan")
+    runs = [(encoding, False) for encoding in args.encodings] + [(args.encodings[-1], True)] * args.profile
     for backend in args.backends:
-        for profiled in (False, True):
+        for encoding, profiled in runs:
+            args.binary = encoding == "binary"
             async with scratch_dir("ferryman-bench-ingest-profile-") as base:
                 profile = base / "coordinator.prof" if profiled else None
                 if backend == "etcd":
@@ -240,7 +253,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 else:
                     r = await run_one(base, args, {"backend": "sqlite"}, profile)
                 per_push = 1000 * (r["cpu_s"] - r["idle_cpu_s"]) / max(1, r["pushes"])
-                kind = "profiled" if profiled else "plain"
+                kind = f"{encoding}, {'profiled' if profiled else 'plain'}"
                 print(
                     f"{backend} {kind}: {r['pushes']} pushes in {r['window_s']:.1f} s "
                     f"({r['pushes'] / r['window_s']:.0f}/s, {r['failed']} failed), daemon CPU {r['cpu_s']:.2f} s, "
@@ -271,9 +284,17 @@ def main() -> int:
         default=1440,
         help="samples each host has before the window (and keeps: the default's 2 h)",
     )
+    p.add_argument(
+        "--encodings",
+        default="json,binary",
+        help="the pushes' bodies, comma-separated, each a plain run: json (the baseline), binary (protobuf, "
+        "as agents push); the last is the result",
+    )
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled run")
     p.add_argument("--keep-profiles", type=Path, help="copy each profile (BACKEND.prof) into this directory")
     args = p.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
+    args.encodings = [e for e in args.encodings.split(",") if e in ("json", "binary")] or ["binary"]
     return asyncio.run(main_async(args))
 
 

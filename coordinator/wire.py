@@ -1,6 +1,8 @@
 """The agent <-> coordinator wire contract (proto/ferryman/v1/fleet.proto) as checked domain values.
 
-Bodies are protobuf's canonical JSON; `json_format.Parse` rejects unknown fields and wrong types.
+Bodies are protobuf's canonical JSON (`json_format.Parse` rejects unknown fields and wrong types),
+or protobuf's binary encoding when sent as `application/x-protobuf` (PROTOBUF): agents push their
+telemetry that way, as its parse is compiled (upb) where the JSON one is Python, about 0.2 ms a push.
 What protobuf accepts but makes no sense (NaN, negative rates, a clock far in the future) is
 refused here, before anything is stored: one bad sample refuses the whole batch.
 """
@@ -15,11 +17,11 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from google.protobuf import json_format
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from coordinator.model import Capacity, ContainerUsage, Host
 from core.errors import FerrymanError, InvalidRequest
-from core.http.validate import check_message, parse_json
+from core.http.validate import PROTOBUF, check_message, parse_json
 from core.security.pki import validate_name
 from proto.ferryman.v1 import fleet_pb2
 
@@ -42,13 +44,18 @@ _NONNEGATIVE = (
 )
 
 
-def parse_message(raw: bytes, message: type[M]) -> M:
-    """A protobuf message from canonical JSON bytes; InvalidRequest with the parser's reason otherwise.
+def parse_message(raw: bytes, message: type[M], content_type: str = "application/json") -> M:
+    """A protobuf message from canonical JSON bytes, or from binary protobuf when `content_type` is
+    PROTOBUF; InvalidRequest with the parser's reason otherwise.
 
     The JSON goes through the API's one bounded parser (core.http.validate.parse_json: depth,
-    duplicate keys) before protobuf sees it, and every number of the result is bounded after.
+    duplicate keys) before protobuf sees it. The binary encoding has neither duplicate keys nor
+    depth beyond the schema's; fields it does not know (a newer sender's) are dropped, as protobuf
+    readers do. Either way every number of the result is bounded after.
     """
     name = message.DESCRIPTOR.name
+    if content_type == PROTOBUF:
+        return _parse_binary(raw, message)
     if not raw.strip():
         raise InvalidRequest(f"request body must be a {name} JSON object")
     try:
@@ -62,6 +69,18 @@ def parse_message(raw: bytes, message: type[M]) -> M:
         json_format.ParseDict(document, out, ignore_unknown_fields=False)
     except json_format.ParseError as exc:
         raise InvalidRequest(f"invalid {name}: {exc}") from exc
+    check_message(out, name)
+    return out
+
+
+def _parse_binary(raw: bytes, message: type[M]) -> M:
+    name = message.DESCRIPTOR.name
+    out = message()
+    try:
+        out.ParseFromString(raw)
+    except DecodeError as exc:
+        raise InvalidRequest(f"invalid {name}: not a binary {name}: {exc}") from exc
+    out.DiscardUnknownFields()
     check_message(out, name)
     return out
 

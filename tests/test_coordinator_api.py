@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.http.validate import PROTOBUF
+from proto.ferryman.v1 import fleet_pb2
 from tests.harness import rawhttp
 from tests.harness.coordinator import (
     COORDINATOR_NAME,
@@ -25,6 +27,7 @@ from tests.harness.coordinator import (
     new_token,
     registration,
     sample,
+    telemetry_body,
 )
 from tests.harness.netns import add_netns, aip, can_connect, del_netns, list_netns
 
@@ -190,6 +193,31 @@ async def test_non_finite_and_out_of_range_numbers_are_400(
         assert (await ops.get("/v1/reservations"))[1] == {"reservations": []}
         _, host = await ops.get("/v1/hosts/h1")
     assert host["telemetry_samples"] == 0
+
+
+async def test_telemetry_in_binary_protobuf_is_checked_as_json_is(
+    coordinator: CoordinatorProcess, pki: CoordinatorPki
+) -> None:
+    await _register(coordinator, pki, "h1")
+    now = time.time()
+    nan = fleet_pb2.TelemetryBatch(host="h1", samples=[fleet_pb2.TelemetrySample(ts=now, cpu_util=float("nan"))])
+    refused = [
+        (b"\xff\xff\xff\xff", "not a binary TelemetryBatch"),
+        (nan.SerializeToString(), "TelemetryBatch.samples[0].cpu_util"),  # the bounds apply after the parse
+        (telemetry_body("h2", [sample(now)]), "'h2'"),  # another host's samples
+    ]
+    async with coordinator.client(pki.agent("h1")) as h1:
+        for raw, needle in refused:
+            status, body = await h1.post("/v1/telemetry", raw=raw, content_type=PROTOBUF)
+            assert status in (400, 403), (needle, body)
+            assert needle in body["error"]["message"], (needle, body)
+        status, body = await h1.post(
+            "/v1/telemetry", raw=telemetry_body("h1", [sample(now - 5), sample(now)]), content_type=PROTOBUF
+        )
+        assert status == 200 and body == {"accepted": 2, "reregister": False}, body
+    async with coordinator.client(pki.operator("alice")) as ops:
+        _, host = await ops.get("/v1/hosts/h1")
+        assert host["telemetry_samples"] == 2  # none of the refused pushes
 
 
 async def test_telemetry_is_stored_only_for_the_callers_own_host(

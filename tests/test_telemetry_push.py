@@ -20,6 +20,7 @@ from agent.metrics import AgentMetrics
 from agent.telemetry.push import TelemetryPusher
 from agent.telemetry.sampler import Sampler
 from agent.telemetry.service import TelemetryService
+from core.http.validate import PROTOBUF
 from core.security.pki import HostCertPaths, init_ca, issue_host
 from core.security.tls import client_context, peer_identity, server_context
 from proto.ferryman.v1 import fleet_pb2 as pb
@@ -50,8 +51,9 @@ def free_port() -> int:
 
 @dataclass
 class Coordinator:
-    """A minimal coordinator: strict protobuf JSON, the client's certificate identity, and a memory
-    of registered hosts that a restart wipes (so the agent must register again)."""
+    """A minimal coordinator: strict protobuf JSON (binary protobuf for telemetry), the client's
+    certificate identity, and a memory of registered hosts that a restart wipes (so the agent must
+    register again)."""
 
     files: HostCertPaths
     port: int
@@ -87,7 +89,8 @@ class Coordinator:
             return self._not_leader()
         if self.status != 200:
             return web.Response(status=self.status, text="broken")
-        batch = json_format.Parse(await request.text(), pb.TelemetryBatch())
+        assert request.content_type == PROTOBUF  # pushes go in protobuf's binary encoding
+        batch = pb.TelemetryBatch.FromString(await request.read())
         assert batch.host == self._peer(request)
         if batch.host not in self.known:
             return web.json_response(json_format.MessageToDict(pb.TelemetryAck(accepted=0, reregister=True)))

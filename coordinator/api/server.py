@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import weakref
 from pathlib import Path
 
 from aiohttp import web
@@ -31,6 +32,7 @@ def build_app(coordinator: Coordinator) -> web.Application:
         middlewares=[error_middleware, h.auth_middleware, h.leader_middleware], client_max_size=MAX_BODY_BYTES
     )
     app[h.COORDINATOR] = coordinator
+    app[h.PEERS] = weakref.WeakKeyDictionary()
     app[h.OPENAPI] = OPENAPI_PATH.read_bytes()
     r = app.router
     r.add_post("/v1/register", h.register)

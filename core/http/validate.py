@@ -19,6 +19,8 @@ OverflowError at 2**63), and by the tighter, domain limits each field has (`CAPA
 
 from __future__ import annotations
 
+import enum
+import functools
 import json
 import math
 import re
@@ -244,25 +246,60 @@ def check_message(message: Message, where: str) -> None:
     Doubles must be finite (protobuf's JSON takes "NaN" and "Infinity"). Its JSON parser accepts
     uint64s up to 2**64-1, which SQLite and int64 cannot hold; a `Capacity` must also stay within
     CAPACITY_MAX, wherever it is nested.
+
+    Every telemetry push passes here: what to check of each field is worked out once per field
+    (`_check_of`), and a field's path is spelt out only for a message nested in it or an error.
     """
     for field, value in message.ListFields():
-        path = f"{where}.{field.name}"
-        entry = field.message_type if field.type == FieldDescriptor.TYPE_MESSAGE else None
-        if entry is not None and entry.GetOptions().map_entry:
+        check = _check_of(field)
+        if check is _Check.NONE:
+            continue
+        if check is _Check.MAP:
             # A map: check its values as if each were a field of that name (keys are strings here).
-            value_field = entry.fields_by_name["value"]
+            value_field = field.message_type.fields_by_name["value"]
             for key, item in value.items():
-                _check_value(value_field, item, f"{path}[{key!r}]")
+                _check_value(value_field, item, f"{where}.{field.name}[{key!r}]")
         elif field.is_repeated:
             for i, item in enumerate(value):
-                _check_value(field, item, f"{path}[{i}]")
+                _check_one(check, item, where, field.name, i)
         else:
-            _check_value(field, value, path)
+            _check_one(check, value, where, field.name, None)
     if message.DESCRIPTOR.name == "Capacity":
         for key, maximum in CAPACITY_MAX.items():
             value = getattr(message, key)
             if value > maximum:
                 raise InvalidRequest(f"{where}.{key}: must be at most {maximum}, got {value}")
+
+
+class _Check(enum.Enum):
+    NONE = "none"
+    FLOAT = "float"
+    INT64 = "int64"
+    MESSAGE = "message"
+    MAP = "map"
+
+
+@functools.cache
+def _check_of(field: FieldDescriptor) -> _Check:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return _Check.MAP if field.message_type.GetOptions().map_entry else _Check.MESSAGE
+    if field.type in _FLOAT_TYPES:
+        return _Check.FLOAT
+    if field.type in _INT64_TYPES:
+        return _Check.INT64
+    return _Check.NONE
+
+
+def _check_one(check: _Check, value: Any, where: str, name: str, index: int | None) -> None:
+    if check is _Check.MESSAGE:
+        check_message(value, f"{where}.{name}" if index is None else f"{where}.{name}[{index}]")
+    elif check is _Check.FLOAT:
+        if not math.isfinite(value):
+            path = f"{where}.{name}" if index is None else f"{where}.{name}[{index}]"
+            raise InvalidRequest(f"{path}: must be a finite number, got {value}")
+    elif check is _Check.INT64 and not 0 <= value <= INT64_MAX:
+        path = f"{where}.{name}" if index is None else f"{where}.{name}[{index}]"
+        raise InvalidRequest(f"{path}: must be within 0..{INT64_MAX}, got {value}")
 
 
 def _check_value(field: FieldDescriptor, value: Any, path: str) -> None:
@@ -292,6 +329,11 @@ def _short(value: Any) -> str:
         return f"an integer of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+PROTOBUF = "application/x-protobuf"
+"""The content type of a body in protobuf's binary encoding, where an API takes one (the
+coordinator's agent endpoints: coordinator/wire.py)."""
 
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from google.protobuf import json_format
 
 from coordinator.auth import hash_token
 from coordinator.model import Host, Reservation
 from core.security.pki import HostCertPaths, init_ca, issue_client, issue_host
 from core.security.tls import client_context
+from proto.ferryman.v1 import fleet_pb2
 from tests.harness.daemons import log_tail, start_daemon, terminate
 from tests.harness.netns import acall_in_netns, nsenter_argv
 
@@ -202,12 +204,18 @@ class CoordinatorClient:
         self.ctx = ctx
 
     async def request(
-        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
     ) -> tuple[int, dict[str, Any]]:
         kwargs: dict[str, Any] = {"ssl": self.ctx, "server_hostname": COORDINATOR_NAME}
         if raw is not None:
             kwargs["data"] = raw
-            kwargs["headers"] = {"Content-Type": "application/json"}
+            kwargs["headers"] = {"Content-Type": content_type}
         elif body is not None:
             kwargs["json"] = body
         async with self.session.request(method, self.url + path, **kwargs) as resp:
@@ -219,8 +227,10 @@ class CoordinatorClient:
     async def get(self, path: str) -> tuple[int, dict[str, Any]]:
         return await self.request("GET", path)
 
-    async def post(self, path: str, body: Any = None, *, raw: bytes | None = None) -> tuple[int, dict[str, Any]]:
-        return await self.request("POST", path, body, raw=raw)
+    async def post(
+        self, path: str, body: Any = None, *, raw: bytes | None = None, content_type: str = "application/json"
+    ) -> tuple[int, dict[str, Any]]:
+        return await self.request("POST", path, body, raw=raw, content_type=content_type)
 
 
 def new_token() -> str:
@@ -251,6 +261,25 @@ def sample(ts: float, **fields: Any) -> dict[str, Any]:
     }
     base.update(fields)
     return base
+
+
+class TelemetryPushes:
+    """One simulated agent's telemetry pushes as an agent sends them (binary protobuf, one sample
+    each): the message is built once, and each push only restamps it and serialises it again."""
+
+    def __init__(self, host: str, **fields: Any) -> None:
+        document = {"host": host, "samples": [sample(0.0, **fields)]}
+        self._batch = json_format.ParseDict(document, fleet_pb2.TelemetryBatch())
+
+    def body(self, ts: float) -> bytes:
+        self._batch.samples[0].ts = ts
+        return self._batch.SerializeToString()
+
+
+def telemetry_body(host: str, samples: list[dict[str, Any]]) -> bytes:
+    """A TelemetryBatch of `samples` (JSON, as `sample` makes them) in protobuf's binary encoding."""
+    batch = json_format.ParseDict({"host": host, "samples": samples}, fleet_pb2.TelemetryBatch())
+    return batch.SerializeToString()
 
 
 class NoAgents:
