@@ -48,10 +48,17 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.http.validate import PROTOBUF
 from core.security.pki import issue_host
 from core.security.tls import client_context
 from tests.harness.containerd import scratch_dir
-from tests.harness.coordinator import COORDINATOR_NAME, CoordinatorPki, CoordinatorProcess, registration, sample
+from tests.harness.coordinator import (
+    COORDINATOR_NAME,
+    CoordinatorPki,
+    CoordinatorProcess,
+    TelemetryPushes,
+    registration,
+)
 from tests.harness.etcd import EtcdCluster
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "drain" / "drain.onnx"
@@ -261,10 +268,14 @@ class Bench:
         targets = {s: (live[i % len(live)] if self.args.push_to == "all" else leader) for i, s in enumerate(sessions)}
 
         async def post(session: aiohttp.ClientSession, path: str, body: Any) -> bool:
+            """POST `body`: JSON, or bytes as binary protobuf (the telemetry, as agents send it)."""
             sent = time.monotonic()
+            kw: dict[str, Any] = (
+                {"data": body, "headers": {"Content-Type": PROTOBUF}} if isinstance(body, bytes) else {"json": body}
+            )
             try:
                 url = targets[session].url + path
-                async with session.post(url, json=body, server_hostname=COORDINATOR_NAME) as resp:
+                async with session.post(url, server_hostname=COORDINATOR_NAME, **kw) as resp:
                     await resp.read()
                     ok = resp.status == 200
                     if not ok:
@@ -282,12 +293,13 @@ class Bench:
             while not await post(session, "/v1/register", registration(name)):  # as an agent: again later
                 registration_failures[name] += 1
                 await asyncio.sleep(1.0)
+            pushes = TelemetryPushes(name)
             next_at = time.monotonic() + random.uniform(0, period)
             while True:
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                 if stop_at and time.monotonic() >= stop_at:
                     return
-                await post(session, "/v1/telemetry", {"host": name, "samples": [sample(time.time())]})
+                await post(session, "/v1/telemetry", pushes.body(time.time()))
                 next_at += period
 
         pids = {
