@@ -335,6 +335,7 @@ class Bench:
             for s in sessions:
                 await s.close()
         ticks = {b: after_ticks[b] - before_ticks.get(b, 0) for b in after_ticks}
+        tick_sum = ticks.pop("sum", 0.0)
         count = ticks.get("+Inf", 0)
         ordered = sorted(ticks.items(), key=lambda kv: float(kv[0]))
         p99 = next((float(b) for b, c in ordered if count and c >= 0.99 * count), float("inf"))
@@ -348,6 +349,7 @@ class Bench:
             "failures": dict(failures),
             "ticks": count,
             "tick_p99_le": p99,
+            "tick_mean": tick_sum / count if count else float("nan"),
             "cpu": {k: (after_cpu[k] - before_cpu[k]) / window for k in after_cpu},
             "load": load(),
             "registration_retries": sum(registration_failures.values()),
@@ -368,6 +370,8 @@ class Bench:
             if line.startswith("ferryman_coordinator_tick_seconds_bucket{"):
                 le = line.split('le="', 1)[1].split('"', 1)[0]
                 out[le] = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("ferryman_coordinator_tick_seconds_sum "):
+                out["sum"] = float(line.rsplit(" ", 1)[1])
         return out
 
 
@@ -428,7 +432,8 @@ async def ingest(bench: Bench, args: argparse.Namespace, results: list[str]) -> 
         print(
             f"ingest {n} agents: {r['pushes_per_s']:.0f} pushes/s of {r['expected_per_s']:.0f} expected, "
             f"latency p50 {1000 * r['latency_p50']:.0f} ms p99 {1000 * r['latency_p99']:.0f} ms, "
-            f"failures {r['failures'] or 0}; {r['ticks']:.0f} ticks, p99 <= {r['tick_p99_le']} s; "
+            f"failures {r['failures'] or 0}; {r['ticks']:.0f} ticks, p99 <= {r['tick_p99_le']} s, "
+            f"mean {r['tick_mean']:.2f} s; "
             f"certificates issued in {r['certs_s']:.1f} s; {r['registration_retries']} registrations retried; "
             f"{'same leader' if r['leader_kept'] else 'THE LEADER CHANGED'}; "
             f"{r['scored']} of {n} hosts scored by the leader in the window; load {r['load']}"

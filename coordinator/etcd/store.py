@@ -668,9 +668,10 @@ class EtcdStore:
                 latest[p.host] = p
         if latest:
             ops = [Put(self._key("predictions", host), _dumps(p.to_dict())) for host, p in latest.items()]
-            # One host's latest each: batches need not land together (etcd caps a transaction's ops).
-            for i in range(0, len(ops), MAX_TXN_OPS):
-                await self._txn([], ops[i : i + MAX_TXN_OPS])
+            # One host's latest each: batches need not land together (etcd caps a transaction's ops),
+            # so they go at once, and etcd commits them in a few rounds (10 000 hosts: 79 batches,
+            # one after the other a good part of the tick's second).
+            await asyncio.gather(*(self._txn([], ops[i : i + MAX_TXN_OPS]) for i in range(0, len(ops), MAX_TXN_OPS)))
 
     async def latest_predictions(self) -> dict[str, Prediction]:
         snap = await self._kv.range(self._key("predictions") + b"/")
