@@ -126,6 +126,12 @@ def prefix_end(prefix: bytes) -> bytes:
     return bytes(aetcd.utils.prefix_range_end(prefix))
 
 
+MAX_RESPONSE_BYTES = 512 << 20
+"""The largest etcd answer read. gRPC's default (4 MiB) refused a list of every host key from some
+1 500 hosts on (a host key with its telemetry summary and history share is about 3 KB): 10 000 hosts
+are some 32 MB, read whole at every tick."""
+
+
 class _Client(aetcd.Client):
     """aetcd's client with a TLS channel when configured (aetcd 1.x opens insecure channels only)."""
 
@@ -194,6 +200,7 @@ class EtcdKV:
         self.endpoints = tuple(endpoints)
         self._tls = tls
         self._credentials, self._options = _credentials(tls)
+        self._options.append(("grpc.max_receive_message_length", MAX_RESPONSE_BYTES))
         self._retiring: set[asyncio.Task[None]] = set()
         """Channels replaced by a TLS reload, closed once the calls under way on them are done."""
         self._timeout = timeout

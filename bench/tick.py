@@ -1,0 +1,105 @@
+"""The leader's tick at fleet scale: every host scored and decided, on etcd, in one process.
+
+One etcd member (tests/harness/etcd.py) and the coordinator's services in this process (no API,
+no agents: what the tick does, without the pushes around it). `--hosts` hosts are registered in
+etcd, each with two hours of 5 s samples in the leader's drain-risk history (bench/predict.py's
+calm fleet). Each run is one `DrainPolicy.tick`, the step `ferryman_coordinator_tick_seconds`
+times in the daemon: list the hosts, score every one with the shipped model (features and one
+inference call, in a thread), write the predictions, apply them, progress drains. Measured per
+run: wall time and this process's CPU time.
+
+Baseline in the same run: the model's scoring alone (`DrainPredictor.score` on the same
+histories), the floor of a tick.
+
+Result line:
+  bench tick: <p99 wall seconds of a tick at --hosts> s (target < 1)
+
+Run as root from the repo: .venv/bin/python bench/tick.py [--hosts 10000] [--runs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import json_format
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.predict import MODEL, NOW, fleet_histories
+from coordinator.app import Coordinator
+from coordinator.auth import TokenHashes
+from coordinator.config import CoordinatorConfig
+from coordinator.etcd.kv import EtcdKV
+from coordinator.etcd.store import EtcdStore
+from coordinator.predictor import DrainPredictor
+from coordinator.wire import registration_to_host
+from proto.ferryman.v1 import fleet_pb2
+from tests.harness.containerd import scratch_dir
+from tests.harness.coordinator import NoAgents, registration
+from tests.harness.etcd import EtcdCluster
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+async def run(args: argparse.Namespace) -> float:
+    histories = fleet_histories(args.hosts, seed=1)
+    model = DrainPredictor(MODEL, intra_op_threads=1)
+    async with scratch_dir("ferryman-bench-tick-") as base, EtcdCluster(base / "etcd", size=1) as cluster:
+        store = EtcdStore(EtcdKV(cluster.endpoints), "/tick/")
+        coordinator = Coordinator(CoordinatorConfig(), store, NoAgents(), TokenHashes(), model, lambda: NOW)
+        try:
+            started = time.monotonic()
+            gate = asyncio.Semaphore(64)
+
+            async def register(name: str) -> None:
+                reg = json_format.ParseDict(registration(name), fleet_pb2.Registration())
+                async with gate:
+                    await store.register_host(registration_to_host(reg, NOW))
+
+            await asyncio.gather(*(register(name) for name in histories))
+            print(f"{args.hosts} hosts registered in {time.monotonic() - started:.1f} s; load {load()}")
+            coordinator.predictions._histories.update(histories)  # as pushes would have built them
+            scoring = []
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                await asyncio.to_thread(model.score, histories, NOW)
+                scoring.append(time.perf_counter() - t0)
+            walls, cpus = [], []
+            for _ in range(args.runs):
+                c0, t0 = time.process_time(), time.perf_counter()
+                await coordinator.policy.tick()
+                walls.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
+            predicted = await store.latest_predictions()
+            assert len(predicted) == args.hosts, f"{len(predicted)} of {args.hosts} hosts predicted"
+        finally:
+            await store.close()
+    p99 = float(np.percentile(walls, 99))
+    print(
+        f"scoring alone (baseline): p50 {statistics.median(scoring):.2f} s, p99 {np.percentile(scoring, 99):.2f} s\n"
+        f"tick at {args.hosts} hosts: wall p50 {statistics.median(walls):.2f} s p99 {p99:.2f} s; "
+        f"CPU p50 {statistics.median(cpus):.2f} s; every host predicted; load {load()}"
+    )
+    return p99
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hosts", type=int, default=10_000)
+    p.add_argument("--runs", type=int, default=10)
+    args = p.parse_args()
+    p99 = asyncio.run(run(args))
+    print(f"bench tick: {p99:.2f} s (target < 1)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
