@@ -89,8 +89,9 @@ class Agent:
         self.images = ImageService(cd, registry, config.pull, self.metrics, sharing=sharing)
         # Capacity, container usage and reservations come first: the container service admits against them.
         self.capacity = HostCapacity(config.capacity, config.state_dir)
+        network = ServiceNetwork(config.network, cd.namespace)
         self.container_usage = ContainerUsageReader(
-            lambda: self.containers.list(), config.runtime.cgroup_parent, cd.namespace
+            lambda: self.containers.list(), config.runtime.cgroup_parent, cd.namespace, packets_in=network.packets_in
         )
         self.reservations = Reservations(host, config.state_dir, self._capacity_now, self.container_usage.read)
         self.containers = ContainerService(
@@ -98,7 +99,7 @@ class Agent:
             config.containerd,
             config.runtime,
             self.images.platform,
-            network=ServiceNetwork(config.network, cd.namespace),
+            network=network,
             criu_configs=criu_configs or CriuConfigs(config.state_dir),
             admission=self.reservations,
             volumes=VolumeDirs(Path(config.state_dir, "volumes")),

@@ -107,6 +107,8 @@ class ContainerUsage:
     memory_bytes: int = 0
     cpu_millis: float = 0.0
     labels: dict[str, str] = field(default_factory=dict)
+    packets_in_per_s: float | None = None
+    """Packets per second its network took in (its request rate, in packets); None: not measured."""
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,12 @@ def check_batch(batch: fleet_pb2.TelemetryBatch, now: float, *, max_future_skew:
     newest = max(batch.samples, key=lambda s: s.ts)
     containers = tuple(
         ContainerUsage(
-            id=c.id, image=c.image, memory_bytes=c.memory_bytes, cpu_millis=c.cpu_millis, labels=dict(c.labels)
+            id=c.id,
+            image=c.image,
+            memory_bytes=c.memory_bytes,
+            cpu_millis=c.cpu_millis,
+            labels=dict(c.labels),
+            packets_in_per_s=c.packets_in_per_s if c.HasField("packets_in_per_s") else None,
         )
         for c in newest.containers
     )
@@ -209,6 +214,8 @@ def _check_sample(sample: fleet_pb2.TelemetrySample, where: str, now: float, max
         if not container.id:
             raise InvalidRequest(f"{where}.containers[{j}].id: must not be empty")
         _finite(container.cpu_millis, f"{where}.containers[{j}].cpu_millis")
+        if container.HasField("packets_in_per_s"):
+            _finite(container.packets_in_per_s, f"{where}.containers[{j}].packets_in_per_s")
     for j, event in enumerate(sample.events):
         _check_ts(event.ts, f"{where}.events[{j}].ts", now, max_future_skew)
         _finite(event.deadline, f"{where}.events[{j}].deadline")  # unix seconds, 0 = none stated

@@ -94,6 +94,7 @@ async def test_registration_must_match_the_certificate(coordinator: CoordinatorP
         (b'{"host": "h1", "samples": [{"ts": 1700000000, "cpu_util": "NaN"}]}', "finite"),
         (b'{"host": "h1", "samples": [{"ts": 1700000000, "net_rx_bps": -5}]}', "negative"),
         (b'{"host": "h1", "samples": [{"ts": 1700000000, "cpus": -1}]}', "cpus"),
+        (b'{"host": "h1", "samples": [{"ts": 1700000000, "containers": [{"id": "a", "packetsInPerS": -1}]}]}', "neg"),
         (b'{"host": "h1", "samples": [{"ts": 99999999999}]}', "future"),
         (b'{"host": "h1", "samples": [{"ts": 1700000000, "pressure": {"io_some": 250}}]}', "percentage"),
         (b'{"host": "h1", "samples": [', "invalid TelemetryBatch"),
@@ -404,7 +405,10 @@ async def test_state_survives_a_restart(workdir: Path, pki: CoordinatorPki) -> N
     try:
         for name in ("h1", "h2", "h3", "h4"):
             await _register(proc, pki, name)
-        containers = [{"id": "web", "image": "busybox", "memory_bytes": 64 << 20, "cpu_millis": 10}]
+        containers = [
+            {"id": "web", "image": "busybox", "memory_bytes": 64 << 20, "cpu_millis": 10, "packets_in_per_s": 42.5},
+            {"id": "batch", "image": "busybox", "memory_bytes": 8 << 20, "cpu_millis": 5},  # no network: not measured
+        ]
         async with proc.client(pki.agent("h1")) as h1:
             status, _ = await h1.post(
                 "/v1/telemetry", {"host": "h1", "samples": [sample(time.time(), containers=containers)]}
@@ -430,6 +434,9 @@ async def test_state_survives_a_restart(workdir: Path, pki: CoordinatorPki) -> N
             assert migration["attempt"] == 2 and len(migration["tried_targets"]) == 2
             assert "h2" not in migration["tried_targets"]  # draining hosts are never targets
             _, before_hosts = await ops.get("/v1/hosts")
+            h1_before = next(h for h in before_hosts["hosts"] if h["name"] == "h1")
+            rates = {c["id"]: c["packets_in_per_s"] for c in h1_before["containers"]}
+            assert rates == {"web": 42.5, "batch": None}, h1_before["containers"]
             _, before_reservations = await ops.get("/v1/reservations")
             _, before_migrations = await ops.get("/v1/migrations")
         assert await proc.stop() == 0, proc.logs()

@@ -640,6 +640,16 @@ async def main():
     ip("addr", "add", "10.77.0.1/24", "dev", "up0")
     device = "fmh" + info.host_veth[3:]
     listener = udp_listener(Path(info.path).name)
+    # The packets the container takes in are counted on its veth (its request rate, in packets).
+    before = await net2.packets_in(["k", "nothere"])
+    assert set(before) == {"k"}, before                                  # no veth: not counted
+    for _ in range(20):
+        send_udp(b"request")
+    assert heard(listener, 2.0) == b"request"
+    while heard(listener, 0.2):
+        pass
+    after = await net2.packets_in(["k"])
+    assert after["k"] - before["k"] >= 20, (before, after)
     assert await net2.hold("10.77.0.5", info.host_veth) is True       # before a freeze: kept, silently
     assert await net2.published("10.77.0.5") == HELD
     assert "UP" in json.loads(ip("-j", "link", "show", "dev", info.host_veth))[0]["flags"]  # it still sends

@@ -19,6 +19,7 @@ from agent.config import CapacityConfig, TelemetryConfig, parse_config
 from agent.metrics import AgentMetrics
 from agent.telemetry import procfs
 from agent.telemetry.capacity import HostCapacity
+from agent.telemetry.containers import CounterMark, counter_rate
 from agent.telemetry.events import MAX_DETAIL, CounterDelta, EdacErrors, NoticeFile
 from agent.telemetry.host import HostPaths, read_edac, read_host, whole_disks
 from agent.telemetry.procfs import TelemetryParseError
@@ -150,6 +151,18 @@ def test_cgroup_files() -> None:
             procfs.parse_cpu_max(bad)
     with pytest.raises(TelemetryParseError):
         procfs.parse_cgroup_int("lots")
+
+
+def test_a_packet_counter_becomes_a_rate_over_a_window_of_a_second_or_more() -> None:
+    first = counter_rate(None, 1000, 10.0)
+    assert first == CounterMark(1000, 10.0) and first.rate is None  # one reading measures nothing
+    assert counter_rate(first, 1300, 12.0) == CounterMark(1300, 12.0, 150.0)
+    # A second reader within the window (admission) keeps telemetry's reading and its rate.
+    measured = counter_rate(first, 1300, 12.0)
+    assert counter_rate(measured, 1310, 12.5) is measured
+    assert counter_rate(measured, 1300, 14.0).rate == 0.0  # idle is measured, not missing
+    # A veth made again counts from 0: start over rather than report a negative rate.
+    assert counter_rate(measured, 20, 14.0) == CounterMark(20, 14.0)
 
 
 # ------------------------------------------------------------------ events

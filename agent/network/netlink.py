@@ -184,6 +184,20 @@ def link_mtu(ifname: str) -> int | None:
         return int(_link(ipr, index).get_attr("IFLA_MTU")) if index is not None else None
 
 
+def packets_sent(ifnames: set[str]) -> dict[str, int]:
+    """The packets each of `ifnames` has sent (IFLA_STATS64 tx_packets), from one link dump; names
+    that do not exist here are left out. Sent by a container's host veth is received by the
+    container: every packet routed into it, whatever its protocol."""
+    out: dict[str, int] = {}
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            stats = link.get_attr("IFLA_STATS64") if name in ifnames else None
+            if stats is not None:
+                out[str(name)] = int(stats["tx_packets"])
+    return out
+
+
 def default_route_interface() -> str | None:
     """The interface of the IPv4 main-table default route with the lowest metric, if any."""
     best: tuple[int, int] | None = None

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -108,6 +108,18 @@ class ServiceNetwork:
             path=str(Path(self._config.netns_dir, netns_name(self.scope, container_key))),
             host_veth=host_veth_name(self.scope, container_key),
         )
+
+    async def packets_in(self, container_keys: Sequence[str]) -> dict[str, int]:
+        """The packets each container has received through its veth pair since it was made (a
+        counter: the host end's sent packets, read in one netlink dump); containers without a
+        service address here (no veth) are left out. What the counter holds: every packet routed
+        into the container (requests' segments, the ACKs of its answers, replies to connections it
+        opened itself, ARP), not what was held for it during a move."""
+        names = {self.info(key).host_veth: key for key in container_keys}
+        if not names:
+            return {}
+        sent = await self._run("read the veths' packet counters", lambda: netlink.packets_sent(set(names)))
+        return {names[ifname]: count for ifname, count in sent.items()}
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())

@@ -4,25 +4,63 @@ Containers live in the cgroup `<cgroup_parent>/<namespace>/<id>` (agent/runtime/
 memory.current (v2) or memory.usage_in_bytes (v1); limits are memory.max / cpu.max (v2) or
 memory.limit_in_bytes / cpu.cfs_quota_us (v1). CPU use is the rate of the cgroup's usage counter
 between two readings.
+
+A container with a service address also has its request rate measured, as the packets per second
+its network takes in: the rate of its veth's counter between two readings (ServiceNetwork.packets_in;
+nothing runs in the container or on its path). Packets, not requests: a small request over a kept-
+alive connection is one or two packets (the request, the ACK of the answer), a fresh connection
+about six, an upload one per 1.4 KB or so. For a workload whose requests keep their shape from
+run to run the rate is proportional to its requests, which is what the chain usage model takes (a
+stage's rate now over its rate in the last run, docs/chains.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.model import ContainerState, ContainerSummary
 from agent.telemetry import procfs
 from agent.telemetry.procfs import TelemetryParseError
+from core.errors import FerrymanError
+
+log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MIN_RATE_WINDOW = 1.0
 """Seconds: a CPU rate over a shorter window is noise, so the previous rate is kept instead."""
 ACTIVE = (ContainerState.RUNNING, ContainerState.PAUSED)
 """States whose memory is held (a paused container keeps all of it)."""
+
+PacketsSource = Callable[[Sequence[str]], Awaitable[dict[str, int]]]
+"""The packets each of the given containers has received so far (ServiceNetwork.packets_in); a
+container without a network of its own is left out."""
+
+
+@dataclass(frozen=True)
+class CounterMark:
+    """A counter's last reading and the rate measured up to it (None: not measured yet)."""
+
+    count: int
+    at: float
+    rate: float | None = None
+
+
+def counter_rate(previous: CounterMark | None, count: int, now: float) -> CounterMark:
+    """The rate of a cumulative counter (per second) from its previous reading to `count` at `now`.
+    A window under MIN_RATE_WINDOW keeps the previous reading and its rate (a second reader, the
+    admission's, must not shorten telemetry's window into noise); a counter that went back (the
+    veth was made again) starts over, unmeasured."""
+    if previous is None or count < previous.count:
+        return CounterMark(count, now)
+    elapsed = now - previous.at
+    if elapsed < MIN_RATE_WINDOW:
+        return previous
+    return CounterMark(count, now, (count - previous.count) / elapsed)
 
 
 @dataclass(frozen=True)
@@ -35,6 +73,9 @@ class ContainerReading:
     """None: no limit."""
     cpu_millis: float
     cpu_limit_millis: float | None
+    packets_in_per_s: float | None = None
+    """The packets per second its network took in since the reading before (None: it has no
+    network of its own, or no earlier reading to measure from)."""
 
     @property
     def committed_memory(self) -> int:
@@ -104,8 +145,11 @@ class ContainerUsageReader:
         cgroup_parent: str,
         namespace: str,
         cgroup_root: Path = CGROUP_ROOT,
+        packets_in: PacketsSource | None = None,
     ) -> None:
         self._list = list_containers
+        self._packets_in = packets_in
+        self._packets: dict[str, CounterMark] = {}
         self._prefix = f"{cgroup_parent.rstrip('/')}/{namespace}"
         self._root = cgroup_root
         self._cpu: dict[str, tuple[int, float, float]] = {}  # id -> (usage ns, monotonic s, last rate)
@@ -115,6 +159,12 @@ class ContainerUsageReader:
         files = await asyncio.to_thread(
             lambda: [(c, read_cgroup(self._root, f"{self._prefix}/{c.id}")) for c in active]
         )
+        packets: dict[str, int] = {}
+        if self._packets_in is not None:
+            try:
+                packets = await self._packets_in([c.id for c in active])
+            except FerrymanError as exc:  # usage without rates beats no usage (admission reads it too)
+                log.warning("cannot read the containers' packet counters", extra={"error": str(exc)})
         now = time.monotonic()
         out: list[ContainerReading] = []
         seen: set[str] = set()
@@ -131,11 +181,22 @@ class ContainerUsageReader:
                     memory_limit=cg.memory_limit,
                     cpu_millis=self._cpu_rate(summary.id, cg.cpu_usage_ns, now),
                     cpu_limit_millis=cg.cpu_limit_millis,
+                    packets_in_per_s=self._packet_rate(summary.id, packets.get(summary.id), now),
                 )
             )
         for gone in set(self._cpu) - seen:
             del self._cpu[gone]
+        for gone in set(self._packets) - seen:
+            del self._packets[gone]
         return out
+
+    def _packet_rate(self, container_id: str, count: int | None, now: float) -> float | None:
+        if count is None:
+            self._packets.pop(container_id, None)
+            return None
+        mark = counter_rate(self._packets.get(container_id), count, now)
+        self._packets[container_id] = mark
+        return mark.rate
 
     def _cpu_rate(self, container_id: str, usage_ns: int | None, now: float) -> float:
         if usage_ns is None:

@@ -94,12 +94,13 @@ class Sampler:
                 # containerd away: the host part of the sample is still worth sending.
                 log.warning("cannot read containers for telemetry", extra={"error": str(exc)})
             else:
-                sample.containers.extend(
-                    pb.ContainerUsage(
+                for c in containers:
+                    usage = pb.ContainerUsage(
                         id=c.id, image=c.image, memory_bytes=c.memory_bytes, cpu_millis=c.cpu_millis, labels=c.labels
                     )
-                    for c in containers
-                )
+                    if c.packets_in_per_s is not None:
+                        usage.packets_in_per_s = c.packets_in_per_s
+                    sample.containers.append(usage)
         if self._reserved is not None:
             sample.reserved.CopyFrom(self._reserved())
         if self._layer_costs is not None and (costs := self._layer_costs()):
