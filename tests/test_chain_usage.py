@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from coordinator.chains.manifest import Handover, Stage
-from coordinator.chains.prediction import Prediction, UsageModel, decide, history, replan
+from coordinator.chains.prediction import (
+    Prediction,
+    UsageModel,
+    decide,
+    history,
+    model_rows,
+    replan,
+    serving_rate,
+)
 from coordinator.chains.states import ChainRecord, HandoverRecord, RunState, StageRun, State
 from coordinator.chains.usage import (
     FACTOR_BOUNDS,
@@ -78,7 +86,7 @@ def stage(**kw: object) -> Stage:
 
 
 def test_decide_prefers_the_model_then_the_manifest_then_the_resources() -> None:
-    rows = {"cpu_millis": ([0.0] * len(FEATURE_NAMES), 200.0)}
+    rows = {"cpu_millis": ([0.0] * (len(FEATURE_NAMES) - 1) + [math.nan], 200.0)}
     p = decide(stage(predicted_memory_bytes=64 * MIB), rows, {"cpu_millis": 1.5}, (100, 32 * MIB))
     assert p == Prediction("t", 300, 64 * MIB, "model")
     p = decide(stage(predicted_cpu_millis=250, cpu_millis=500), {}, {}, (100, 32 * MIB))
@@ -111,6 +119,41 @@ def test_history_reads_each_earlier_chains_peaks_and_volumes() -> None:
     runs = history([*earlier, record("n-3", 3.0, {})])
     assert [r.usage["a"].cpu_millis for r in runs] == [10, 20]  # oldest first; one that measured nothing left out
     assert runs[1].usage["b"] == StageUsage(40, 4.0) and runs[1].volume_bytes == {"b": 4096.0}
+
+
+def test_the_serving_stages_measured_rate_enters_the_model_and_the_prediction_records_it() -> None:
+    """The rate each stage served at is kept in its run (`peak_request_rate`, from telemetry); the
+    chain's next run predicts with the serving stage's rate now over its rate then."""
+
+    def served(cid: str, created: float, rates: dict[str, float], state: State = State.COMPLETED) -> ChainRecord:
+        runs = tuple(
+            StageRun(
+                stage=s,
+                container=f"{cid}-{s}",
+                state=RunState.SERVING if state is State.RUNNING and s == "a" else RunState.REMOVED,
+                peak_cpu_millis=100,
+                peak_memory_bytes=10 * MIB,
+                peak_request_rate=rate,
+            )
+            for s, rate in rates.items()
+        )
+        return ChainRecord(cid, "n", {}, state, "10.0.0.1", runs=runs, serving="a", created_at=created)
+
+    past = history([served("n-1", 1.0, {"a": 40.0, "b": 0.0})])
+    assert past[0].request_rate == {"a": 40.0}  # b was not measured: left out, not 0
+    now = served("n-2", 2.0, {"a": 100.0}, State.RUNNING)
+    assert serving_rate(now) == 100.0
+    rows = model_rows(now, past, "b")
+    growth = FEATURE_NAMES.index("rate_growth")
+    assert {k: row[growth] for k, (row, _) in rows.items()} == {"cpu_millis": 2.5, "memory_bytes": 2.5}
+    p = decide(stage(), rows, {"cpu_millis": 1.0, "memory_bytes": 1.0}, (100, 32 * MIB), serving_rate(now))
+    assert (p.request_rate, p.rate_growth) == (100.0, 2.5)
+    assert p.to_dict(5.0)["rate_growth"] == 2.5
+    assert StageRun.from_dict(now.runs[0].to_dict()).peak_request_rate == 100.0
+    assert StageRun.from_dict({"stage": "a", "container": "c"}).peak_request_rate == 0.0  # a record from before
+    unmeasured = served("n-3", 3.0, {"a": 0.0}, State.RUNNING)
+    p = decide(stage(), model_rows(unmeasured, past, "b"), {}, (100, 32 * MIB), serving_rate(unmeasured))
+    assert (p.request_rate, p.rate_growth) == (None, None)
 
 
 def test_the_generator_is_seeded() -> None:

@@ -624,6 +624,7 @@ async def test_the_next_stage_is_preallocated_from_its_predicted_usage(
         runs = {r["stage"]: r for r in done["runs"]}
         assert runs["transform"]["host"] == pre["host"] and runs["transform"]["reservation"] == ""
         assert runs["ingest"]["peak_memory_bytes"] > 0, runs["ingest"]
+        assert runs["ingest"]["peak_request_rate"] > 0, runs["ingest"]  # the client's packets, counted
         assert done["preallocation"] == {}, done["preallocation"]  # the last stage serves: nothing follows
         await client.served_by("transform")
         await asyncio.sleep(2.0)
@@ -640,10 +641,19 @@ async def test_the_next_stage_is_preallocated_from_its_predicted_usage(
 
     async def from_history() -> dict[str, Any] | None:
         now = await f.call("GET", f"/v1/chains/{again['id']}")
-        return dict(now["prediction"]) if now["prediction"].get("basis") == "model" and now["preallocation"] else None
+        made = now["prediction"].get("basis") == "model" and now["preallocation"]
+        return dict(now["prediction"]) if made and now["prediction"].get("rate_growth") is not None else None
 
-    prediction = await f.wait_for("transform predicted from the first run", from_history, within=30)
+    # With a client again, ingest's request rate now over its rate in the first run is the model's
+    # rate_growth: the feature is measured, not missing.
+    client = Client(mesh.client.netns, again["address"])
+    client.start()
+    try:
+        prediction = await f.wait_for("transform predicted from the first run", from_history, within=30)
+    finally:
+        await client.stop()
     assert prediction["stage"] == "transform" and prediction["memory_bytes"] > 0, prediction
+    assert prediction["request_rate"] > 0 and prediction["rate_growth"] > 0, prediction
     aborted = await ferryctl_json(f, "chain", "abort", again["id"], "--wait", "60")
     assert aborted["state"] == "ABORTED", aborted
     reservations = (await f.call("GET", "/v1/reservations"))["reservations"]

@@ -153,6 +153,10 @@ def _prediction_lines(record: dict[str, Any]) -> list[str]:
             f"  predicted: {p.get('stage')} {p.get('cpu_millis')} millicores, "
             f"{render.human_size(p.get('memory_bytes'))} (from {p.get('basis')})"
         )
+        if p.get("request_rate") is not None:
+            growth = p.get("rate_growth")
+            versus = f", {growth:.2f}x its last run's" if growth is not None else ""
+            lines.append(f"  serving at: {p['request_rate']:.1f} packets/s in{versus}")
     held = record.get("preallocation") or {}
     if held:
         lines.append(

@@ -4,8 +4,10 @@ The chain's own history is its earlier runs: the chains of the same name, each s
 peak (`StageRun.peak_*`) and the state bytes handed into it (`HandoverRecord.state_bytes`). From it
 and what the serving stage uses now, the chain usage model (models/chains/, served here through
 onnxruntime) predicts the next stage's CPU and memory in this run (coordinator/chains/usage.py says
-the features). The coordinator does not measure a stage's request rate: its rows have
-`rate_growth` missing (NaN), which the model was trained to take. Without a model, or for a stage
+the features). A stage's request rate is its peak packets/s in (`StageRun.peak_request_rate`, from
+its host's telemetry): `rate_growth` is the serving stage's now over its last run's, missing (NaN)
+when either was not measured (a stage without a service address), which the model was trained to
+take. Without a model, or for a stage
 no earlier run had, the manifest's `predicted` is the prediction, else its `resources` (`basis`
 says which). The chain manager reserves the prediction on the host the next stage will run on and
 re-reserves when it moves by more than `REPLAN_TOLERANCE`.
@@ -27,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from coordinator.chains.manifest import Stage
-from coordinator.chains.states import ChainRecord, RunState, State
+from coordinator.chains.states import ChainRecord, RunState, StageRun, State
 from coordinator.chains.usage import (
     FEATURE_NAMES,
     FEATURES_VERSION,
@@ -42,6 +44,7 @@ from coordinator.predictor import ModelLoadError, open_onnx_model
 
 REQUIRED_METADATA = ("model_version", "features_version", "n_features", "feature_names")
 OUTPUT = "variable"
+RATE_GROWTH = FEATURE_NAMES.index("rate_growth")
 REPLAN_TOLERANCE = 0.1
 """A pre-allocation is made again when the prediction moves more than this (relative) from it."""
 
@@ -53,6 +56,12 @@ class Prediction:
     memory_bytes: int
     basis: str
     """`model` (the chain's history), `manifest` (the stage's `predicted`) or `resources`."""
+    request_rate: float | None = None
+    """The serving stage's request rate the prediction was made with (peak packets/s in so far;
+    None: not measured)."""
+    rate_growth: float | None = None
+    """The model's `rate_growth` input: that rate over the serving stage's in its last run (None:
+    missing, or no model row)."""
 
     def to_dict(self, at: float) -> dict[str, Any]:
         return {
@@ -60,6 +69,8 @@ class Prediction:
             "cpu_millis": self.cpu_millis,
             "memory_bytes": self.memory_bytes,
             "basis": self.basis,
+            "request_rate": self.request_rate,
+            "rate_growth": self.rate_growth,
             "at": at,
         }
 
@@ -97,7 +108,8 @@ class UsageModel:
 
 def history(earlier: Sequence[ChainRecord]) -> list[ChainRun]:
     """The chain's earlier runs, oldest first (at most MAX_RUNS): each stage's peak as measured in
-    its serving run, and the state bytes handed into it. Chains that measured nothing are left out."""
+    its serving run, the state bytes handed into it and its peak request rate. Chains that measured
+    nothing are left out."""
     out: list[ChainRun] = []
     for record in sorted(earlier, key=lambda r: r.created_at)[-MAX_RUNS:]:
         usage = {
@@ -106,7 +118,8 @@ def history(earlier: Sequence[ChainRecord]) -> list[ChainRun]:
             if run.peak_cpu_millis > 0 or run.peak_memory_bytes > 0
         }
         if usage:
-            out.append(ChainRun(usage, volumes_into(record)))
+            rates = {run.stage: run.peak_request_rate for run in record.runs if run.peak_request_rate > 0}
+            out.append(ChainRun(usage, volumes_into(record), rates))
     return out
 
 
@@ -115,23 +128,45 @@ def volumes_into(record: ChainRecord) -> dict[str, float]:
     return {h.target: float(h.state_bytes) for h in record.handovers if h.outcome == "done" and h.state_bytes}
 
 
+def _serving_run(record: ChainRecord) -> StageRun | None:
+    return next((r for r in record.runs if r.stage == record.serving and r.state is RunState.SERVING), None)
+
+
 def serving_usage(record: ChainRecord) -> StageUsage | None:
-    run = next((r for r in record.runs if r.stage == record.serving and r.state is RunState.SERVING), None)
+    run = _serving_run(record)
     if run is None or (run.peak_cpu_millis <= 0 and run.peak_memory_bytes <= 0):
         return None
     return StageUsage(run.peak_cpu_millis, float(run.peak_memory_bytes))
 
 
+def serving_rate(record: ChainRecord) -> float | None:
+    """The serving stage's peak request rate so far (None: not measured)."""
+    run = _serving_run(record)
+    return run.peak_request_rate if run is not None and run.peak_request_rate > 0 else None
+
+
 def model_rows(record: ChainRecord, past: Sequence[ChainRun], target: str) -> dict[str, tuple[list[float], float]]:
     """The model's rows for `target`, by resource (none without a past run of it)."""
-    return rows_for(past, record.serving, target, serving_usage(record), volumes_into(record).get(record.serving))
+    return rows_for(
+        past,
+        record.serving,
+        target,
+        serving_usage(record),
+        volumes_into(record).get(record.serving),
+        serving_rate(record),
+    )
 
 
 def decide(
-    stage: Stage, rows: Mapping[str, tuple[list[float], float]], outputs: Mapping[str, float], default: tuple[int, int]
+    stage: Stage,
+    rows: Mapping[str, tuple[list[float], float]],
+    outputs: Mapping[str, float],
+    default: tuple[int, int],
+    request_rate: float | None = None,
 ) -> Prediction:
     """The prediction for `stage`: the model's where it had a row and an output, else the manifest's
-    `predicted`, else the stage's `resources` (or the coordinator's `default` cpu, memory)."""
+    `predicted`, else the stage's `resources` (or the coordinator's `default` cpu, memory). It
+    records the serving stage's `request_rate` and the rows' `rate_growth` it was made with."""
     fallback = {
         "cpu_millis": (stage.predicted_cpu_millis, "manifest") if stage.predicted_cpu_millis else None,
         "memory_bytes": (stage.predicted_memory_bytes, "manifest") if stage.predicted_memory_bytes else None,
@@ -149,7 +184,15 @@ def decide(
             values[kind], basis = int(resources[kind]), "resources"
         bases.add(basis)
     basis = next(b for b in ("model", "manifest", "resources") if b in bases)
-    return Prediction(stage.name, max(1, values["cpu_millis"]), max(1, values["memory_bytes"]), basis)
+    growth = next((row[RATE_GROWTH] for row, _ in rows.values() if math.isfinite(row[RATE_GROWTH])), None)
+    return Prediction(
+        stage.name,
+        max(1, values["cpu_millis"]),
+        max(1, values["memory_bytes"]),
+        basis,
+        request_rate,
+        round(growth, 4) if growth is not None else None,
+    )
 
 
 def replan(preallocation: Mapping[str, Any], prediction: Prediction) -> bool:

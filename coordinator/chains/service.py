@@ -542,8 +542,8 @@ class ChainService:
         return await self._put(record.with_run(dataclasses.replace(run, state=kept), self._clock()))
 
     async def _measure(self, record: ChainRecord) -> ChainRecord:
-        """The serving stage's peak usage so far, from its host's last telemetry sample (stored
-        when it rose by more than the replan tolerance, or the first time)."""
+        """The serving stage's peak usage and request rate so far, from its host's last telemetry
+        sample (stored when one rose by more than the replan tolerance, or the first time)."""
         run = next((r for r in record.runs if r.stage == record.serving and r.state is RunState.SERVING), None)
         if run is None or not run.host:
             return record
@@ -552,12 +552,18 @@ class ChainService:
         if usage is None:
             return record
         cpu, memory = max(run.peak_cpu_millis, usage.cpu_millis), max(run.peak_memory_bytes, usage.memory_bytes)
-        rose = [
-            (new, old) for new, old in ((cpu, run.peak_cpu_millis), (memory, run.peak_memory_bytes)) if new > old
-        ]
+        rate = max(run.peak_request_rate, usage.packets_in_per_s or 0.0)
+        measured = (
+            (cpu, run.peak_cpu_millis),
+            (memory, run.peak_memory_bytes),
+            (rate, run.peak_request_rate),
+        )
+        rose = [(new, old) for new, old in measured if new > old]
         if not any(old <= 0 or (new - old) / old > prediction.REPLAN_TOLERANCE for new, old in rose):
             return record
-        run = dataclasses.replace(run, peak_cpu_millis=round(cpu, 1), peak_memory_bytes=int(memory))
+        run = dataclasses.replace(
+            run, peak_cpu_millis=round(cpu, 1), peak_memory_bytes=int(memory), peak_request_rate=round(rate, 2)
+        )
         return await self._put(record.with_run(run, self._clock()))
 
     async def _predict(self, record: ChainRecord, stage: Stage) -> Prediction:
@@ -571,7 +577,7 @@ class ChainService:
             values = await asyncio.to_thread(self._usage_model.predict, [rows[k][0] for k in kinds])
             outputs = dict(zip(kinds, values, strict=True))
         default = (self._config.cpu_millis, self._config.memory_bytes)
-        return prediction.decide(stage, rows, outputs, default)
+        return prediction.decide(stage, rows, outputs, default, prediction.serving_rate(record))
 
     async def _preallocate(self, record: ChainRecord) -> ChainRecord:
         """While a stage serves: measure it, predict the next stage's usage, and hold that capacity

@@ -226,6 +226,9 @@ class StageRun:
     peak_memory_bytes: int = 0
     """The most it was measured to use while it served (its host's telemetry): the chain's history
     that the next runs' usage is predicted from."""
+    peak_request_rate: float = 0.0
+    """The highest request rate it was measured to serve at (its host's telemetry: packets/s into
+    its network, `packets_in_per_s`); 0: not measured. The model takes its ratio to the last run's."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -237,6 +240,7 @@ class StageRun:
             "error": self.error,
             "peak_cpu_millis": self.peak_cpu_millis,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_request_rate": self.peak_request_rate,
         }
 
     @classmethod
@@ -250,6 +254,7 @@ class StageRun:
             error=data.get("error", ""),
             peak_cpu_millis=float(data.get("peak_cpu_millis", 0.0)),
             peak_memory_bytes=int(data.get("peak_memory_bytes", 0)),
+            peak_request_rate=float(data.get("peak_request_rate", 0.0)),
         )
 
 
@@ -351,7 +356,8 @@ class ChainRecord:
     history: tuple[tuple[str, float], ...] = ()
     prediction: Mapping[str, Any] = field(default_factory=dict)
     """The next stage's predicted usage while a stage serves (coordinator/chains/prediction.py):
-    `stage`, `cpu_millis`, `memory_bytes`, `basis` (`model`, `manifest` or `resources`), `at`."""
+    `stage`, `cpu_millis`, `memory_bytes`, `basis` (`model`, `manifest` or `resources`), the
+    serving stage's `request_rate` and the model's `rate_growth` it was made with, `at`."""
     preallocation: Mapping[str, Any] = field(default_factory=dict)
     """The capacity reserved for the next stage ahead of its handover, from the prediction:
     `stage`, `host`, `reservation`, `cpu_millis`, `memory_bytes`, `at`; empty when none is held."""

@@ -147,7 +147,7 @@ def judge(onnx: bytes, rows: Rows) -> dict[str, Any]:
 
 
 def without_rates(chains: Sequence[Sequence[ChainRun]]) -> list[list[ChainRun]]:
-    """The histories as a coordinator that does not measure request rates has them."""
+    """The histories as the coordinator has them for stages whose request rate it did not measure."""
     return [[replace(run, request_rate={}) for run in runs] for runs in chains]
 
 
@@ -260,7 +260,7 @@ def write_card_md(card: dict[str, Any], path: Path) -> None:
         f"On the held-out regime (`{held['regime']}`: more and larger changes between runs) the model's",
         f'relative MAE is {ratios["cpu_millis"]:.2f} of the "same as last run" baseline\'s for CPU and',
         f"{ratios['memory_bytes']:.2f} for memory, with the request rate each stage served at; without",
-        f"the rates (a coordinator that does not measure them: the feature missing) {blind['cpu_millis']:.2f} and",
+        f"the rates (a stage whose rate was not measured: the feature missing) {blind['cpu_millis']:.2f} and",
         f"{blind['memory_bytes']:.2f}.",
         "",
         f"## Held out (`{held['regime']}`, seed {held['seed']})",
