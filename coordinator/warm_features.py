@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-FEATURES_VERSION = "warm-features/1"
+FEATURES_VERSION = "warm-features/2"
 FEATURE_NAMES: tuple[str, ...] = (
     "share_last_5",
     "share_last_20",
@@ -44,6 +44,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_since_last_start",
     "fleet_share_6h",
     "host_share_all",
+    "signature_due",
+    "signature_irregularity",
+    "follow_host",
 )
 N_FEATURES = len(FEATURE_NAMES)
 DAY = 86400.0
@@ -52,6 +55,8 @@ KEEP_STARTS = 100
 WINDOWS = (5, 20, KEEP_STARTS)
 """The share of a host's last 5, 20 and 100 starts that needed a layer."""
 FLEET_CANDIDATES = 16
+FOLLOW_S = 900.0
+"""`follow_host`: which layers the host's starts needed within this long after a start of a signature."""
 """Besides the layers a host used, the fleet's most used layers right now are candidates."""
 
 
@@ -194,6 +199,14 @@ class HostStarts:
         self.first_ts = math.inf
         self.chains: dict[str, dict[str, int]] = {}
         self.signature_layers: dict[str, tuple[str, ...]] = {}
+        self.signature_runs: dict[str, list[float]] = {}
+        """Per signature: [last start, mean gap between its starts (0: one start), mean deviation of the gaps]."""
+        self.layer_signatures: dict[str, set[str]] = {}
+        self.signature_starts: dict[str, int] = {}
+        self.follows: dict[str, dict[str, int]] = {}
+        """Per signature: per layer, how many of its starts on the host were followed within FOLLOW_S
+        by a start that needed the layer (a workflow's next step, whichever starts came between)."""
+        self.open_follows: deque[tuple[float, str, set[str]]] = deque()
 
     @property
     def last_signature(self) -> str | None:
@@ -232,9 +245,56 @@ class HostStarts:
         if previous is not None:
             nxt = self.chains.setdefault(previous, {})
             nxt[start.signature] = nxt.get(start.signature, 0) + 1
+        self._add_signature(start)
         self.recent.append((start, rows))
         if fleet is not None:
             fleet.add(start, previous)
+
+    def _add_signature(self, start: Start) -> None:
+        """Per signature: the regularity of its starts (crons) and what followed it."""
+        runs = self.signature_runs.get(start.signature)
+        if runs is None:
+            self.signature_runs[start.signature] = [start.ts, 0.0, 0.0]
+        else:
+            gap = start.ts - runs[0]
+            if runs[1] == 0:
+                runs[1] = gap
+            else:
+                runs[2] = 0.7 * runs[2] + 0.3 * abs(gap - runs[1])
+                runs[1] = 0.7 * runs[1] + 0.3 * gap
+            runs[0] = start.ts
+        for d in start.layers:
+            self.layer_signatures.setdefault(d, set()).add(start.signature)
+        while self.open_follows and start.ts - self.open_follows[0][0] > FOLLOW_S:
+            self.open_follows.popleft()
+        for _, sig, seen in self.open_follows:
+            counts = self.follows.setdefault(sig, {})
+            for d in start.layers:
+                if d not in seen:
+                    seen.add(d)
+                    counts[d] = counts.get(d, 0) + 1
+        self.open_follows.append((start.ts, start.signature, set()))
+        self.signature_starts[start.signature] = self.signature_starts.get(start.signature, 0) + 1
+
+    def _signature_features(self, now: float, digests: Sequence[str]) -> npt.NDArray[np.float64]:
+        """[n, 3]: signature_due, signature_irregularity, follow_host."""
+        out = np.full((len(digests), 3), np.nan)
+        # per signature with a gap: how far now is from its next start if it keeps its rhythm, in gaps
+        due: dict[str, tuple[float, float]] = {}
+        for sig, (last, gap, dev) in self.signature_runs.items():
+            if gap > 0:
+                due[sig] = (abs(now - last - gap) / gap, dev / gap)
+        previous = self.last_signature
+        follows = self.follows.get(previous or "", {})
+        seen = self.signature_starts.get(previous or "", 0)
+        for i, d in enumerate(digests):
+            best = min((due[s] for s in self.layer_signatures.get(d, ()) if s in due), default=None)
+            if best is not None:
+                out[i, 0] = min(best[0], 50.0)
+                out[i, 1] = min(best[1], 50.0)
+            if seen:
+                out[i, 2] = follows.get(d, 0) / seen
+        return out
 
     def candidates(self, now: float, fleet: FleetStarts | None = None) -> list[str]:
         """The layers worth scoring: those of the host's last starts, then the fleet's most used."""
@@ -285,4 +345,5 @@ class HostStarts:
         totals = np.zeros(n)
         totals[known] = self.total_uses[rows[known]]
         X[:, 16] = totals / self.starts if self.starts else np.nan
+        X[:, 17:20] = self._signature_features(now, digests)
         return X.astype(np.float32)

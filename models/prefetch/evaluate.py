@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -402,3 +402,129 @@ def recovery(result: SimResult, shift_ts: float, window: int = 50, before: int =
         "starts_to_recover": first,
         "window": window,
     }
+
+
+# --- what a window of a trace allows: the same cache, an oracle, and the history's best static set ----
+
+Ranker = Callable[[str, float], Sequence[str]]
+"""(host, trace time) -> the layers to warm there now, best first."""
+
+
+def replay_window(
+    trace: Trace,
+    begin: float,
+    end: float,
+    capacity: int,
+    sizes: dict[str, int],
+    ranker: Ranker | None,
+    cfg: EvalConfig,
+    *,
+    prime_s: float,
+    warmup: int,
+) -> SimResult:
+    """The bench's replay (bench/prefetch.py) in the cache simulation: the starts of [begin, end) on
+    one `Cache` of `capacity` per host, primed with the starts of the `prime_s` before, the first
+    `warmup` starts not counted; `ranker` (None: no prefetching) names the layers to warm after every
+    start and every `cfg.tick_s` per host, at most `cfg.max_layers` within the sim's byte budget."""
+    caches = {h: Cache(capacity, sizes) for h in trace.hosts}
+    result, primed = SimResult(), SimResult()
+    events: list[tuple[float, int, str, int]] = []
+    for i, (host, s) in enumerate(trace.starts):
+        if begin - prime_s <= s.ts < begin:
+            caches[host].start(s.ts, s.layers, primed, False)
+        elif begin <= s.ts < end:
+            events += [(s.ts, 0, host, i), (s.ts, 1, host, -1)]
+    for host in trace.hosts:
+        events += [(t, 1, host, -1) for t in np.arange(begin, end, cfg.tick_s).tolist()]
+    events.sort(key=lambda e: (e[0], e[1], e[2]))
+    agg = Aggressiveness(threshold=0.0, max_layers=cfg.max_layers)
+    counted = 0
+    for ts, kind, host, i in events:
+        for cache in caches.values():
+            cache.expire(ts, result)
+        if kind == 0:
+            counted += 1
+            caches[host].start(ts, trace.starts[i][1].layers, result, counted > warmup)
+        elif ranker is not None:
+            caches[host].warm(ts, ranker(host, ts), cfg, result, agg)
+    for cache in caches.values():
+        result.wasted_bytes += sum(sizes[d] for d, e in cache.entries.items() if e[1] > 0)
+    result.hits.sort()
+    return result
+
+
+def oracle_ranker(trace: Trace, next_starts: int, within_s: float) -> Ranker:
+    """Knows the future: the layers of the host's next `next_starts` starts within `within_s`. What
+    no predictor can beat at a cache bound; it shows whether the bound leaves room for prefetching."""
+    by_host = trace.by_host()
+    times = {h: [s.ts for s in starts] for h, starts in by_host.items()}
+
+    def rank(host: str, now: float) -> list[str]:
+        lo = bisect.bisect_right(times[host], now)
+        out: list[str] = []
+        for s in by_host[host][lo : lo + next_starts]:
+            if s.ts - now > within_s:
+                break
+            out += [d for d in s.layers if d not in out]
+        return out
+
+    return rank
+
+
+def history_static_hits(
+    trace: Trace, begin: float, end: float, capacity: int, sizes: dict[str, int], history_s: float
+) -> tuple[int, int]:
+    """(starts all local, starts) in [begin, end) for a cache that holds, per host, the signatures'
+    layers its `history_s` of starts before `begin` used most per byte (greedy, within `capacity`),
+    and never changes: how far the history alone ranks what the window needs."""
+    hits = total = 0
+    for host in trace.hosts:
+        past: dict[str, int] = {}
+        layers: dict[str, tuple[str, ...]] = {}
+        for h, s in trace.starts:
+            if h == host and begin - history_s <= s.ts < begin:
+                past[s.signature] = past.get(s.signature, 0) + 1
+                layers[s.signature] = s.layers
+        kept: set[str] = set()
+        used = 0
+        while True:
+            best: tuple[float, list[str], int] | None = None
+            for sig, n in past.items():
+                extra = [d for d in layers[sig] if d not in kept]
+                cost = sum(sizes[d] for d in extra)
+                if extra and used + cost <= capacity and (best is None or n / cost > best[0]):
+                    best = (n / cost, extra, cost)
+            if best is None:
+                break
+            kept.update(best[1])
+            used += best[2]
+        window = [s for h, s in trace.starts if h == host and begin <= s.ts < end]
+        total += len(window)
+        hits += sum(all(d in kept for d in s.layers) for s in window)
+    return hits, total
+
+
+def structure_ranker(trace: Trace, successors: dict[str, str], crons: Collection[str], lead_s: float = 600.0) -> Ranker:
+    """Knows the generative process but not its draws: after a start of a signature with a workflow
+    successor (`successors`, from the generator's catalog), the successor's layers; a cron
+    signature's layers from `lead_s` before its next run, its period read off the host's last two
+    runs. The most a predictor of the history could learn of the process; the rest of the starts
+    are independent draws from each host's mix."""
+    by_host = trace.by_host()
+    times = {h: [s.ts for s in starts] for h, starts in by_host.items()}
+
+    def rank(host: str, now: float) -> list[str]:
+        past = by_host[host][: bisect.bisect_right(times[host], now)]
+        out: list[str] = []
+        if past and past[-1].signature in successors and now - past[-1].ts < lead_s:
+            out += trace.signature_layers[successors[past[-1].signature]]
+        runs: dict[str, list[float]] = {}
+        for s in past:
+            if s.signature in crons:
+                runs.setdefault(s.signature, []).append(s.ts)
+        for sig, ts in runs.items():
+            if len(ts) >= 2 and -lead_s <= now - (2 * ts[-1] - ts[-2]) < 120.0:
+                out += [d for d in trace.signature_layers[sig] if d not in out]
+        return out
+
+    return rank

@@ -166,6 +166,18 @@ class Catalog:
     sizes: dict[str, int]
     families: int
 
+    def successors(self) -> dict[str, str]:
+        """Signature id -> its workflow successor's id, before the shift and after it."""
+        return {
+            d.id: versions[d.successor].id
+            for versions in (self.signatures, self.after_shift)
+            for d in versions
+            if d.successor >= 0
+        }
+
+    def crons(self) -> set[str]:
+        return {d.id for d in (*self.signatures, *self.after_shift) if d.workload_class == "cron"}
+
 
 @dataclass
 class Trace:
