@@ -73,8 +73,16 @@ from coordinator.warm_predictor import LayerPredictor
 from coordinator.warm_retraining import recorded, verdict
 from coordinator.warming import Candidate, WarmOutcome, plan, warm_budget
 from coordinator.waste_control import ControlLimits, ControlState, control, initial
-from models.prefetch.evaluate import Cache, EvalConfig, SimResult, recovery
-from models.prefetch.generate import REGIMES, Trace, TraceSpec, generate
+from models.prefetch.evaluate import (
+    Cache,
+    EvalConfig,
+    SimResult,
+    oracle_ranker,
+    recovery,
+    replay_window,
+    structure_ranker,
+)
+from models.prefetch.generate import REGIMES, Trace, TraceSpec, generate, make_catalog
 from tests.harness.containerd import scratch_dir
 from tests.harness.fleet import api, fleet
 from tests.harness.images import ImageBuilder, Layer, busybox_layer, random_layer
@@ -478,6 +486,22 @@ async def main() -> None:
     def cache_table(_: MeshHost) -> str:
         return f"\n[cache]\nmax_bytes = {bound}\nlow_watermark = 1.0\ninterval = 5.0\n"
 
+    # what the window allows at this bound, in the cache simulation (trace bytes): no prefetching, an
+    # oracle that warms the host's next start, and warms that know the generator's workflows and crons
+    catalog = make_catalog(trace.spec)
+    rankers = {
+        "none": None,
+        "oracle": oracle_ranker(trace, 1, predictor.info.lease),
+        "structure": structure_ranker(trace, catalog.successors(), catalog.crons()),
+    }
+    ceilings = {}
+    for name, ranker in rankers.items():
+        sim = replay_window(
+            trace, begin, end, bound * args.scale, trace.sizes, ranker, EVAL,
+            prime_s=3600 * args.prime_h, warmup=args.warmup,
+        )  # fmt: skip
+        ceilings[name] = {"hit_rate": round(sim.hit_rate, 3), "waste": round(sim.waste, 3)}
+    print(f"the window at this bound, simulated: {json.dumps(ceilings)}", flush=True)
     results: dict[str, list[PassResult]] = {"on": [], "off": []}
     models = Path(tempfile.mkdtemp(prefix="ferryman-bench-prefetch-"))
     t0 = time.perf_counter()
@@ -548,6 +572,7 @@ async def main() -> None:
             {
                 "share_on": share("on"),
                 "share_off": share("off"),
+                "simulated": ceilings,
                 "waste": waste,
                 "latency_ratio": latency,
                 "recovery_on": rec_on,
