@@ -42,6 +42,9 @@ Result lines:
 
 Each pass also runs the cache simulation (models/prefetch/evaluate.py) on the same starts and warms
 and prints where each missed layer went; `--record FILE` writes every start and warm as JSON lines.
+Before the passes the same simulation says what the window allows at the bound: no prefetching, an
+oracle warming each host's next start, and warms that know the generator's workflows and crons
+(`replay_window`, `oracle_ranker`, `structure_ranker`).
 
 Run as root from the repo: .venv/bin/python bench/prefetch.py [--rounds 1] [--before-h 3] [--after-h 3]
 """
