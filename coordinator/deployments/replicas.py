@@ -145,8 +145,9 @@ class ReplicaService:
         self._config = config
         self._create_timeout = create_timeout
         self._clock = clock
-        self._tasks: dict[str, asyncio.Task[DeploymentRecord]] = {}
-        """Per deployment: the scale under way."""
+        self._tasks: dict[tuple[str, str], asyncio.Task[DeploymentRecord]] = {}
+        """Per (deployment, component): the scale under way. Components scale independently (a
+        standby started for one never holds back another's scale out)."""
         self._followers: dict[str, asyncio.Task[None]] = {}
         """Per replica container: the task following its health while it serves."""
         self.starts = StartTimes()
@@ -189,7 +190,8 @@ class ReplicaService:
     ) -> DeploymentRecord:
         """Start scaling `name` to `replicas` copies in a task of its own (thawing its warm standbys
         first), and with `standbys`, keeping that many warm standbys beside them; the record as it
-        is now. ScaleBusy while the deployment is not HEALTHY/DEGRADED or is being scaled already."""
+        is now. ScaleBusy while the deployment is not HEALTHY/DEGRADED, while its manifests' replicas
+        start, or while the component is being scaled already (another component may be)."""
         record = await self._deployments.get(deployment_id)
         try:
             component = record.component(name)
@@ -197,8 +199,8 @@ class ReplicaService:
             raise ComponentNotFound(f"deployment {deployment_id} has no component {name!r}") from None
         if record.state not in WATCHED:
             raise ScaleBusy(f"deployment {deployment_id} is {record.state.value}; scale it once it is HEALTHY")
-        if deployment_id in self._tasks or deployment_id in self._deploying:
-            raise ScaleBusy(f"deployment {deployment_id} is being scaled; wait for it to finish")
+        if (deployment_id, name) in self._tasks or deployment_id in self._deploying:
+            raise ScaleBusy(f"{name} of deployment {deployment_id} is being scaled; wait for it to finish")
         if drain_timeout is not None and not 0 < drain_timeout <= MAX_DRAIN:
             raise InvalidRequest(f"drain_timeout: expected seconds within (0, {MAX_DRAIN:g}]")
         if component.volumes and (replicas > 1 or standbys):
@@ -209,8 +211,8 @@ class ReplicaService:
         task = asyncio.create_task(
             self._run(deployment_id, name, plan, drain, requested), name=f"scale-{deployment_id}-{name}"
         )
-        self._tasks[deployment_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(deployment_id, None))
+        self._tasks[(deployment_id, name)] = task
+        task.add_done_callback(lambda _: self._tasks.pop((deployment_id, name), None))
         return record
 
     async def sample_traffic(self) -> None:
@@ -279,14 +281,18 @@ class ReplicaService:
         """The component's measured cold start (median of its last starts); None before one."""
         return self.starts.cold_start(deployment_id, name)
 
-    def scaling(self, deployment_id: str) -> bool:
-        """Whether a scale of the deployment is under way."""
-        return deployment_id in self._tasks or deployment_id in self._deploying
+    def scaling(self, deployment_id: str, name: str | None = None) -> bool:
+        """Whether a scale of the deployment (with `name`, of that component) is under way."""
+        if deployment_id in self._deploying:
+            return True
+        if name is not None:
+            return (deployment_id, name) in self._tasks
+        return any(d == deployment_id for d, _ in self._tasks)
 
     async def wait(self, deployment_id: str, seconds: float) -> DeploymentRecord:
-        task = self._tasks.get(deployment_id)
-        if task is not None:
-            await asyncio.wait({task}, timeout=seconds)
+        tasks = {t for (d, _), t in self._tasks.items() if d == deployment_id}
+        if tasks:
+            await asyncio.wait(tasks, timeout=seconds)
         return await self._deployments.get(deployment_id)
 
     async def close(self) -> None:
