@@ -189,6 +189,15 @@ _SCHEMA: tuple[str, ...] = (
     );
     CREATE INDEX scaling_decisions_deployment ON scaling_decisions(deployment, id);
     """,
+    # per deployment, the scaling policy and the decisions' state (ScalingStore): a new leader continues them
+    """
+    CREATE TABLE scaling_state (
+        deployment TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (deployment, kind)
+    );
+    """,
 )
 SCHEMA_VERSION = len(_SCHEMA)
 PREDICTIONS_KEPT_PER_HOST = 1000
@@ -712,10 +721,46 @@ class SqliteStore:
 
         return await self._run(op)
 
+    async def put_scaling_policy(self, deployment: str, policy: str) -> None:
+        await self._put_scaling("policy", deployment, policy)
+
+    async def scaling_policy(self, deployment: str) -> str | None:
+        policy = await self._scaling("policy", deployment)
+        return policy if isinstance(policy, str) else None
+
+    async def put_scaling_state(self, deployment: str, state: Mapping[str, Any]) -> None:
+        await self._put_scaling("state", deployment, dict(state))
+
+    async def scaling_state(self, deployment: str) -> dict[str, Any] | None:
+        state = await self._scaling("state", deployment)
+        return state if isinstance(state, dict) else None
+
+    async def _put_scaling(self, kind: str, deployment: str, value: Any) -> None:
+        record = json.dumps(value, separators=(",", ":"))
+
+        def op() -> None:
+            with self._write() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO scaling_state (deployment, kind, record) VALUES (?, ?, ?)",
+                    (deployment, kind, record),
+                )
+
+        await self._run(op)
+
+    async def _scaling(self, kind: str, deployment: str) -> Any:
+        def op() -> Any:
+            row = self._db.execute(
+                "SELECT record FROM scaling_state WHERE deployment = ? AND kind = ?", (deployment, kind)
+            ).fetchone()
+            return None if row is None else json.loads(row["record"])
+
+        return await self._run(op)
+
     async def forget_scaling_decisions(self, deployment: str) -> None:
         def op() -> None:
             with self._write() as db:
                 db.execute("DELETE FROM scaling_decisions WHERE deployment = ?", (deployment,))
+                db.execute("DELETE FROM scaling_state WHERE deployment = ?", (deployment,))
 
         await self._run(op)
 

@@ -197,8 +197,9 @@ class StartHistoryStore(Protocol):
 
 
 class ScalingStore(Protocol):
-    """Predictive scaling's decisions with their inputs (coordinator/scaling/autoscaler.py), kept in
-    the store so that a new leader shows and continues the history."""
+    """Predictive scaling's decisions with their inputs, each deployment's policy and its decisions'
+    state (coordinator/scaling/autoscaler.py), kept in the store so that a new leader shows and
+    continues them."""
 
     async def record_scaling_decision(self, deployment: str, entry: Mapping[str, Any], keep: int) -> None:
         """Append one decision (a JSON object) and keep the deployment's last `keep`."""
@@ -208,7 +209,25 @@ class ScalingStore(Protocol):
         """The deployment's decisions, oldest first."""
         ...
 
-    async def forget_scaling_decisions(self, deployment: str) -> None: ...
+    async def put_scaling_policy(self, deployment: str, policy: str) -> None:
+        """The policy the leader follows for the deployment (predictive, reactive, off)."""
+        ...
+
+    async def scaling_policy(self, deployment: str) -> str | None:
+        """The deployment's policy; None when none was set."""
+        ...
+
+    async def put_scaling_state(self, deployment: str, state: Mapping[str, Any]) -> None:
+        """Replace the deployment's decisions' state (a JSON object: hold windows, recommendations)."""
+        ...
+
+    async def scaling_state(self, deployment: str) -> dict[str, Any] | None:
+        """The deployment's decisions' state as last put; None before one."""
+        ...
+
+    async def forget_scaling_decisions(self, deployment: str) -> None:
+        """Forget the deployment's decisions, its policy and its state."""
+        ...
 
 
 class Store(

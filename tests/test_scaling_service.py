@@ -285,7 +285,7 @@ class _Replicas:
         self.standbys.append(standbys)
         return None
 
-    def scaling(self, deployment_id: str) -> bool:
+    def scaling(self, deployment_id: str, name: str | None = None) -> bool:
         return self.busy
 
     def cold_start(self, deployment_id: str, name: str) -> float | None:
@@ -333,11 +333,11 @@ async def test_a_round_decides_per_downstream_component_records_its_inputs_and_a
     assert await autoscaler.history("d1") == entries and await autoscaler.history("d2") == []
     assert set(await autoscaler.status("d1")) == {"B", "C"}
 
-    # While the deployment is being scaled, a decision is recorded, not applied.
+    # While the component is being scaled, a decision is recorded, not applied.
     busy = _Replicas(busy=True)
     later = _autoscaler(kept, busy, records, T0 + 900)
     entries = await later.round()
-    assert busy.asked == [] and all(e["applied"] == "no: a scale of the deployment is under way" for e in entries)
+    assert busy.asked == [] and all(e["applied"] == f"no: a scale of {e['component']} is under way" for e in entries)
 
 
 async def test_decisions_kept_in_the_store_are_seen_by_the_next_leader(workdir: Path) -> None:
@@ -362,6 +362,55 @@ async def test_decisions_kept_in_the_store_are_seen_by_the_next_leader(workdir: 
         records.records["d1"] = dataclasses.replace(records.records["d1"], state=State.REMOVED)
         await second.round()
         assert await store.scaling_decisions("d1") == []
+    finally:
+        await store.close()
+
+
+async def test_the_policy_and_the_decisions_state_survive_a_leader_change(workdir: Path) -> None:
+    kept = _behaviour("d1", _trace(900))
+    records = _All(_record("d1"))
+    store = await SqliteStore.open(workdir / "c.db")
+    try:
+        first = _autoscaler(kept, _Replicas(), records, T0 + 900)
+        first._store = store
+        await first.set_policy("d1", "reactive")
+        assert [e["policy"] for e in await first.round()] == ["reactive", "reactive"]  # the HPA's first pass
+        state = await store.scaling_state("d1")
+        assert state is not None and state["policy"] == "reactive", state
+        assert state["components"]["B"]["hpa"]["last_sync"] == T0 + 900, state
+        # A new leader 5 s later on the same store follows the policy set and continues the HPA's
+        # 15 s sync: no pass yet (a leader starting afresh, in memory, would pass at once).
+        second = _autoscaler(kept, _Replicas(), records, T0 + 905)
+        second._store = store
+        assert await second.policy("d1") == "reactive"
+        assert await second.round() == []
+        fresh = _autoscaler(kept, _Replicas(), records, T0 + 905)
+        await fresh.set_policy("d1", "reactive")
+        assert len(await fresh.round()) == 2
+        third = _autoscaler(kept, _Replicas(), records, T0 + 916)
+        third._store = store
+        assert [e["policy"] for e in await third.round()] == ["reactive", "reactive"]
+        # Setting a policy starts its state again; the predictive hold window is kept the same way.
+        await third.set_policy("d1", "predictive")
+        assert await store.scaling_state("d1") == {}
+        third._clock = lambda: T0 + 920
+        await third.round()
+        state = await store.scaling_state("d1")
+        assert state is not None and state["policy"] == "predictive", state
+        recent = state["components"]["B"]["predictive"]["recent"]
+        assert [t for t, _ in recent] == [T0 + 920], state
+        fourth = _autoscaler(kept, _Replicas(), records, T0 + 925)
+        fourth._store = store
+        await fourth.round()
+        state = await store.scaling_state("d1")
+        assert state is not None and [t for t, _ in state["components"]["B"]["predictive"]["recent"]] == [
+            T0 + 920,
+            T0 + 925,
+        ], state
+        # an ended deployment takes its policy and state with it
+        records.records["d1"] = dataclasses.replace(records.records["d1"], state=State.REMOVED)
+        await fourth.round()
+        assert await store.scaling_state("d1") is None and await store.scaling_policy("d1") is None
     finally:
         await store.close()
 
@@ -399,8 +448,8 @@ async def test_the_reactive_policy_computes_like_the_hpa_on_the_same_deployment(
     autoscaler = _autoscaler(kept, replicas, _All(_record("d1")), 0.0)
     autoscaler._clock = lambda: clock[0]
     with pytest.raises(InvalidRequest, match="policy"):
-        autoscaler.set_policy("d1", "psychic")
-    autoscaler.set_policy("d1", "reactive")
+        await autoscaler.set_policy("d1", "psychic")
+    await autoscaler.set_policy("d1", "reactive")
     entries = await autoscaler.round()
     assert [(e["component"], e["policy"]) for e in entries] == [("C", "reactive"), ("B", "reactive")]
     for e in entries:
@@ -412,7 +461,7 @@ async def test_the_reactive_policy_computes_like_the_hpa_on_the_same_deployment(
     assert replicas.standbys == [0, 0]
     clock[0] += 5  # within the HPA's 15 s sync: no pass
     assert await autoscaler.round() == []
-    autoscaler.set_policy("d1", "off")
+    await autoscaler.set_policy("d1", "off")
     clock[0] += 30
     assert await autoscaler.round() == [] and len(replicas.asked) == 2
 

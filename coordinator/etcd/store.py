@@ -722,8 +722,25 @@ class EtcdStore:
         snap = await self._kv.range(self._key("scaling", deployment) + b"/")
         return [json.loads(v) for _, v in sorted((e.create_revision, e.value) for e in snap.entries)]
 
+    async def put_scaling_policy(self, deployment: str, policy: str) -> None:
+        await self._txn([], [Put(self._key("scaling-state", deployment, "policy"), _dumps(policy))])
+
+    async def scaling_policy(self, deployment: str) -> str | None:
+        entry = await self._kv.get(self._key("scaling-state", deployment, "policy"))
+        policy = None if entry is None else json.loads(entry.value)
+        return policy if isinstance(policy, str) else None
+
+    async def put_scaling_state(self, deployment: str, state: Mapping[str, Any]) -> None:
+        await self._txn([], [Put(self._key("scaling-state", deployment, "state"), _dumps(dict(state)))])
+
+    async def scaling_state(self, deployment: str) -> dict[str, Any] | None:
+        entry = await self._kv.get(self._key("scaling-state", deployment, "state"))
+        state = None if entry is None else json.loads(entry.value)
+        return state if isinstance(state, dict) else None
+
     async def forget_scaling_decisions(self, deployment: str) -> None:
         old = [e.key for e in (await self._kv.range(self._key("scaling", deployment) + b"/")).entries]
+        old += [e.key for e in (await self._kv.range(self._key("scaling-state", deployment) + b"/")).entries]
         for start in range(0, len(old), 100):
             await self._txn([], [Delete(key) for key in old[start : start + 100]])
 

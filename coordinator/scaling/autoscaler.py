@@ -7,16 +7,22 @@ correlation engine finds leading its CPU gives the lag; the model predicts the c
 at its horizon from the two series (coordinator/scaling/resample.py); `policy.decide` turns need,
 prediction and replica counts into a decision, which is kept (the last `HISTORY` per deployment, in
 the coordinator's store: a new leader shows them and adds to them) and, if it changes the count and
-no scale of the deployment is under way, handed to the replica service. A component without enough
+no scale of that component is under way, handed to the replica service. A component without enough
 history is recorded as skipped, with why; one without a leading upstream is decided on the naive
 forecast (its need now), said in the reason.
 
 Each deployment follows one policy, `predictive` by default; `reactive` (set through
-`PUT /v1/scaling/{id}/policy`, kept in memory by the leader) makes the same round compute each
+`PUT /v1/scaling/{id}/policy`, kept in the store) makes the same round compute each
 downstream component's count the way the Kubernetes HPA does (coordinator/scaling/hpa.py: a pass every
 15 s on the component's mean CPU over the last 15 s, 70 % of each replica's CPU limit as the target,
 no standbys), applied through the same replica scale: the baseline the benchmark measures against
 on the same deployment. `off` records nothing and scales nothing.
+
+The policy and the decisions' state (the predictive hold window, the HPA's last sync and its
+recommendations) are in the store too: each round reads a deployment's state at its start and puts
+it back at its end, so a new leader continues where the last one stopped (a scale-in held for 40 s
+of 60 is held 20 s more, not 60) and follows the policy that was set. Without a store (tests), in
+memory.
 
 The model and the engine are CPU work: they run in a thread.
 """
@@ -59,6 +65,10 @@ class ScalingStore(Protocol):
     async def record_scaling_decision(self, deployment: str, entry: dict[str, Any], keep: int) -> None: ...
     async def scaling_decisions(self, deployment: str) -> list[dict[str, Any]]: ...
     async def forget_scaling_decisions(self, deployment: str) -> None: ...
+    async def put_scaling_policy(self, deployment: str, policy: str) -> None: ...
+    async def scaling_policy(self, deployment: str) -> str | None: ...
+    async def put_scaling_state(self, deployment: str, state: dict[str, Any]) -> None: ...
+    async def scaling_state(self, deployment: str) -> dict[str, Any] | None: ...
 
 
 class Replicas(Protocol):
@@ -71,7 +81,7 @@ class Replicas(Protocol):
         standbys: int | None = None,
     ) -> DeploymentRecord: ...
 
-    def scaling(self, deployment_id: str) -> bool: ...
+    def scaling(self, deployment_id: str, name: str | None = None) -> bool: ...
 
     def cold_start(self, deployment_id: str, name: str) -> float | None:
         """The component's measured cold start (scale request to replica healthy); None before one."""
@@ -146,17 +156,55 @@ class Autoscaler:
         self._policies: dict[str, str] = {}
         self._history: dict[str, collections.deque[dict[str, Any]]] = {}
 
-    def policy(self, deployment_id: str) -> str:
+    async def policy(self, deployment_id: str) -> str:
+        if self._store is not None:
+            kept = await self._store.scaling_policy(deployment_id)
+            return kept if kept in POLICIES else POLICIES[0]
         return self._policies.get(deployment_id, POLICIES[0])
 
-    def set_policy(self, deployment_id: str, policy: str) -> None:
-        """Follow `policy` for the deployment from the next round on (InvalidRequest for another name)."""
+    async def set_policy(self, deployment_id: str, policy: str) -> None:
+        """Follow `policy` for the deployment from the next round on, its decisions' state started
+        again (InvalidRequest for another name)."""
         if policy not in POLICIES:
             raise InvalidRequest(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}")
-        self._policies[deployment_id] = policy
+        self._forget_state(deployment_id)
+        if self._store is not None:
+            await self._store.put_scaling_policy(deployment_id, policy)
+            await self._store.put_scaling_state(deployment_id, {})
+        else:
+            self._policies[deployment_id] = policy
+
+    def _forget_state(self, deployment_id: str) -> None:
         for key in [k for k in (*self._states, *self._hpa) if k[0] == deployment_id]:
             self._states.pop(key, None)
             self._hpa.pop(key, None)
+
+    async def _load_state(self, deployment_id: str, policy: str) -> None:
+        """The deployment's decisions' state as the store has it (another leader may have put it);
+        a state kept under another policy is not this one's."""
+        if self._store is None:
+            return
+        self._forget_state(deployment_id)
+        kept = await self._store.scaling_state(deployment_id) or {}
+        if kept.get("policy") != policy:
+            return
+        for name, state in kept.get("components", {}).items():
+            if "predictive" in state:
+                self._states[(deployment_id, name)] = ScalingState.from_storage(state["predictive"])
+            if "hpa" in state:
+                self._hpa[(deployment_id, name)] = HpaState.from_storage(state["hpa"])
+
+    async def _save_state(self, deployment_id: str, policy: str) -> None:
+        if self._store is None:
+            return
+        components: dict[str, dict[str, Any]] = {}
+        for (d, name), state in self._states.items():
+            if d == deployment_id:
+                components.setdefault(name, {})["predictive"] = state.for_storage()
+        for (d, name), hpa in self._hpa.items():
+            if d == deployment_id:
+                components.setdefault(name, {})["hpa"] = hpa.for_storage()
+        await self._store.put_scaling_state(deployment_id, {"policy": policy, "components": components})
 
     async def history(self, deployment_id: str) -> list[dict[str, Any]]:
         """Its decisions, oldest first."""
@@ -185,12 +233,16 @@ class Autoscaler:
             downstreams: dict[str, list[str]] = {}
             for up, down in edges(record):
                 downstreams.setdefault(down, []).append(up)
-            policy = self.policy(record.id)
+            policy = await self.policy(record.id)
+            if policy == "off":
+                continue
+            await self._load_state(record.id, policy)
             for down, ups in downstreams.items():
                 if policy == "predictive":
                     out.append(await self._component(record, down, ups))
                 elif policy == "reactive" and (entry := await self._reactive(record, down)) is not None:
                     out.append(entry)
+            await self._save_state(record.id, policy)
         for gone in [d for d in self._history if d not in live]:
             del self._history[gone]
         for key in [k for k in self._states if k[0] not in live]:
@@ -237,8 +289,8 @@ class Autoscaler:
         return await self._record(entry)
 
     async def _apply(self, deployment_id: str, down: str, target: int, standbys: int) -> str:
-        if self._replicas.scaling(deployment_id):
-            return "no: a scale of the deployment is under way"
+        if self._replicas.scaling(deployment_id, down):
+            return f"no: a scale of {down} is under way"
         try:
             await self._replicas.scale(deployment_id, down, target, standbys=standbys)
         except FerrymanError as exc:

@@ -17,7 +17,9 @@ Every `sync_period_s` (15 s, the controller manager's --horizontal-pod-autoscale
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,17 @@ class HpaState:
     last_sync: float | None = None
     recommendations: tuple[tuple[float, int], ...] = ()
     """(time, recommendation) within the scale-down stabilisation window."""
+
+    def for_storage(self) -> dict[str, object]:
+        return {"last_sync": self.last_sync, "recommendations": [[t, r] for t, r in self.recommendations]}
+
+    @classmethod
+    def from_storage(cls, kept: Mapping[str, Any]) -> HpaState:
+        last = kept.get("last_sync")
+        return cls(
+            last_sync=None if last is None else float(last),
+            recommendations=tuple((float(t), int(r)) for t, r in kept.get("recommendations", ())),
+        )
 
 
 @dataclass(frozen=True)

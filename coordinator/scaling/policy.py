@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from statistics import NormalDist
+from typing import Any
 
 
 class Action(enum.StrEnum):
@@ -122,6 +124,17 @@ class ScalingState:
     """(time, desired) of the decisions within the scale-in hold."""
     below_since: float | None = None
     """Since when every desired count was below the provisioned one (None: it is not)."""
+
+    def for_storage(self) -> dict[str, object]:
+        return {"recent": [[t, d] for t, d in self.recent], "below_since": self.below_since}
+
+    @classmethod
+    def from_storage(cls, kept: Mapping[str, Any]) -> ScalingState:
+        below = kept.get("below_since")
+        return cls(
+            recent=tuple((float(t), int(d)) for t, d in kept.get("recent", ())),
+            below_since=None if below is None else float(below),
+        )
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ class ScalingService:
         """Per downstream component, the last decision of this coordinator (none while disabled)."""
         record = await self._deployments.get(deployment_id)
         last = await self.autoscaler.status(record.id) if self.autoscaler is not None else {}
-        policy = self.autoscaler.policy(record.id) if self.autoscaler is not None else "off"
+        policy = await self.autoscaler.policy(record.id) if self.autoscaler is not None else "off"
         return {"deployment": record.id, "enabled": self.autoscaler is not None, "policy": policy, "components": last}
 
     async def set_policy(self, deployment_id: str, policy: str) -> dict[str, Any]:
@@ -105,7 +105,7 @@ class ScalingService:
         record = await self._deployments.get(deployment_id)
         if self.autoscaler is None:
             raise Conflict("scaling is off on this coordinator ([scaling] enabled = false)")
-        self.autoscaler.set_policy(record.id, policy)
+        await self.autoscaler.set_policy(record.id, policy)
         return await self.status(record.id)
 
     async def history(self, deployment_id: str) -> dict[str, Any]:

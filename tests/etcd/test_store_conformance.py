@@ -554,3 +554,22 @@ async def test_scaling_decisions_are_shared_bounded_and_forgotten(clients: list[
     assert [d["ts"] for d in kept] == sorted(d["ts"] for d in kept)
     await b.forget_scaling_decisions("d1")
     assert await a.scaling_decisions("d1") == [] and len(await a.scaling_decisions("d2")) == 1
+
+
+async def test_scaling_policy_and_state_are_shared_replaced_and_forgotten(clients: list[Store]) -> None:
+    a, b, _ = clients
+    assert await b.scaling_policy("d1") is None and await b.scaling_state("d1") is None
+    await a.put_scaling_policy("d1", "reactive")
+    state = {"policy": "reactive", "components": {"c": {"hpa": {"last_sync": 1.5, "recommendations": [[1.5, 3]]}}}}
+    await a.put_scaling_state("d1", state)
+    # another leader reads what the last one put, and replaces it
+    assert await b.scaling_policy("d1") == "reactive" and await b.scaling_state("d1") == state
+    await b.put_scaling_policy("d1", "predictive")
+    await b.put_scaling_state("d1", {"policy": "predictive", "components": {}})
+    await b.put_scaling_policy("d2", "off")
+    assert await a.scaling_policy("d1") == "predictive"
+    assert await a.scaling_state("d1") == {"policy": "predictive", "components": {}}
+    await a.record_scaling_decision("d1", {"ts": 0.0, "component": "c"}, 25)
+    await a.forget_scaling_decisions("d1")
+    assert await b.scaling_policy("d1") is None and await b.scaling_state("d1") is None
+    assert await b.scaling_decisions("d1") == [] and await b.scaling_policy("d2") == "off"
