@@ -41,8 +41,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,6 +67,7 @@ PORT = 8080
 STAGES = ("A", "B", "C")
 """The generator's stages; the catalog's names are their lower case."""
 DOWNSTREAM = ("b", "c")
+POLICIES = ("predictive", "reactive")
 TARGET_SLO = 0.2
 TARGET_REPLICAS = 1.1
 TRACE_S = 3600
@@ -117,17 +120,27 @@ asyncio.run(main())
 """.replace("TIMEOUT_S", str(TIMEOUT_S)).replace("PORT)", f"{PORT})")
 
 
+def burst_score(smooth: np.ndarray, start: int, length: int, middle: bool) -> float:
+    """Peak over median of a window of A's 10 s mean rate; with `middle`, 0 unless the peak lies in
+    the window's middle 60 % (a burst cut by either edge measures neither policy)."""
+    part = smooth[start : start + length]
+    if middle and not 0.2 * length <= int(np.argmax(part)) <= 0.8 * length:
+        return 0.0
+    return float(part.max() / np.median(part))
+
+
 def pick_window(offered_a: np.ndarray, warmup: int, duration: int) -> int:
-    """The start of the measured window (after `warmup` s of history): the highest peak over median
-    of A's 10 s mean rate, the peak within the middle 60 % of the window (a burst that starts
-    before the window, or ends after it, measures neither policy). On the trace alone."""
+    """The start of the measured window, on the trace alone: the best of the starts (every 30 s)
+    where both the warm-up before it and the measured window hold a burst, by the smaller of their
+    peak-over-median scores (the correlation engine finds a lag only over a window with variation in
+    it, so a quiet warm-up would leave the predictive policy on its naive forecast)."""
     smooth = np.convolve(offered_a, np.ones(10) / 10, mode="same")
     best, best_score = warmup, -1.0
     for start in range(warmup, len(smooth) - duration, 30):
-        part = smooth[start : start + duration]
-        if not 0.2 * duration <= int(np.argmax(part)) <= 0.8 * duration:
-            continue
-        score = float(part.max() / np.median(part))
+        score = min(
+            burst_score(smooth, start, duration, middle=True),
+            burst_score(smooth, start - warmup, warmup, middle=False),
+        )
         if score > best_score:
             best, best_score = start, score
     return best
@@ -213,11 +226,20 @@ async def run(
     )
     assert proc.stdout is not None
     replicas: dict[str, list[tuple[float, int, int]]] = {n: [] for n in DOWNSTREAM}
+    load: list[tuple[float, float]] = []
+    decisions: dict[tuple[float, str], dict[str, Any]] = {}
 
     async def sample() -> None:
+        tick = 0
         while True:
+            if tick % 20 == 0:  # the store keeps the last 200 decisions: gather them as the run goes
+                for d in (await f.call("GET", f"/v1/scaling/{deployment}/history"))["decisions"]:
+                    if d["ts"] >= begin - 5.0:
+                        decisions[(d["ts"], d["component"])] = d
+            tick += 1
             record = await f.call("GET", f"/v1/deployments/{deployment}")
             ts = time.time()
+            load.append((ts, os.getloadavg()[0]))
             for c in record["components"]:
                 if c["name"] in replicas:
                     live, standby = counts(c)
@@ -246,6 +268,11 @@ async def run(
         err = await proc.stderr.read() if proc.stderr else b""
         raise RuntimeError(f"the load driver failed: {err.decode()[-2000:]}")
     result["replicas"] = replicas
+    result["load"] = load
+    for d in (await f.call("GET", f"/v1/scaling/{deployment}/history"))["decisions"]:
+        if d["ts"] >= begin - 5.0:
+            decisions[(d["ts"], d["component"])] = d
+    result["decisions"] = [decisions[k] for k in sorted(decisions)]
     result["begin"] = begin
     return result
 
@@ -276,7 +303,9 @@ def measure(result: dict[str, Any], args: argparse.Namespace, standby_cost: floa
             dt = nxt[0] - ts
             replica_s += live * dt
             standby_s += sb * dt
+    loads = [v for ts, v in result["load"] if lo <= ts < hi]
     return {
+        "load": (min(loads), float(np.mean(loads)), max(loads)) if loads else (math.nan,) * 3,
         "violation_s": violations,
         "per_stage": per_stage,
         "replica_s": replica_s + standby_cost * standby_s,
@@ -298,6 +327,8 @@ async def main() -> None:
     parser.add_argument("--start-ms", type=int, default=8000, help="B's and C's initialisation before they listen")
     parser.add_argument("--slo-ms", type=float, default=250.0, help="p99 latency per second within the SLO")
     parser.add_argument("--period", type=float, default=5.0, help="[scaling] period of the predictive policy")
+    parser.add_argument("--pairs", type=int, default=1, help="predictive/reactive pairs, the order alternating")
+    parser.add_argument("--out", default="", help="write every run's samples and decisions here (JSON)")
     args = parser.parse_args()
     rows, edges, window = schedule(args)
     true_lags = {(u, d): lag for u, d, lag in edges}
@@ -374,59 +405,75 @@ async def main() -> None:
         print(f"deployed {deployment}: {addresses}", flush=True)
 
         started = time.time()
-        predictive = await run(f, deployment, addresses, rows, args, "predictive", base)
-        early = measure(predictive, args, standby_cost)
-        print(f"  predictive: { ({k: v for k, v in early.items()}) }", flush=True)
-        explain = await f.call("GET", f"/v1/scaling/{deployment}/explain")
-        history = await f.call("GET", f"/v1/scaling/{deployment}/history")
+        results: dict[str, list[dict[str, Any]]] = {"predictive": [], "reactive": []}
+        for k in range(args.pairs):
+            # alternate which policy goes first, so a trend in the machine's load falls on both
+            for n, policy in enumerate(POLICIES if k % 2 == 0 else POLICIES[::-1]):
+                if k or n:
+                    await f.call("PUT", f"/v1/scaling/{deployment}/policy", {"policy": "off"})
+                    await put_back(f, deployment, initial)
+                await f.call("PUT", f"/v1/scaling/{deployment}/policy", {"policy": policy})
+                result = await run(f, deployment, addresses, rows, args, f"{policy}-{k + 1}", base)
+                m = measure(result, args, standby_cost)
+                print(f"  {policy} (pair {k + 1}): {m}", flush=True)
+                if policy == "predictive":
+                    result["explain"] = await f.call("GET", f"/v1/scaling/{deployment}/explain")
+                results[policy].append(result)
         behaviour = {
             n: await f.call("GET", f"/v1/deployments/{deployment}/components/{n}/behaviour") for n in DOWNSTREAM
         }
-        await f.call("PUT", f"/v1/scaling/{deployment}/policy", {"policy": "off"})
-        await put_back(f, deployment, initial)
-        await f.call("PUT", f"/v1/scaling/{deployment}/policy", {"policy": "reactive"})
-        reactive = await run(f, deployment, addresses, rows, args, "reactive", base)
-        reactive_history = await f.call("GET", f"/v1/scaling/{deployment}/history")
         elapsed = time.time() - started
 
-    p = measure(predictive, args, standby_cost)
-    r = measure(reactive, args, standby_cost)
-    found = {}
-    for pair in explain["pairs"]:
-        lead = pair.get("lead")
-        up, down = pair["upstream"].upper(), pair["downstream"].upper()
-        found[(up, down)] = (lead or {}).get("lag_s"), (lead or {}).get("upstream_metric")
-    decisions = [d for d in history["decisions"] if d.get("policy") == "predictive"]
-    acted = [d for d in decisions if d.get("action") in ("scale-out", "scale-in")]
-    warm = sum(int(d.get("warm_starts") or 0) for d in acted)
-    reactive_acted = [
-        d for d in reactive_history["decisions"] if d.get("policy") == "reactive" and d["action"] != "hold"
-    ]
-    print(f"runs took {elapsed:.0f} s in all")
-    for name, m in (("predictive", p), ("reactive", r)):
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "initial": initial, "results": results}))
+    m = {policy: [measure(r, args, standby_cost) for r in runs] for policy, runs in results.items()}
+    total = {policy: {key: sum(x[key] for x in ms) for key in ("violation_s", "replica_s")} for policy, ms in m.items()}
+    print(f"runs took {elapsed:.0f} s in all; {args.pairs} pair(s), the order alternating")
+    for policy in POLICIES:
+        for k, x in enumerate(m[policy]):
+            print(
+                f"{policy} (pair {k + 1}): SLO-violation seconds {x['violation_s']} (b {x['per_stage']['B']}, "
+                f"c {x['per_stage']['C']}) of {2 * args.duration}; replica-seconds {x['replica_s']:.0f} (standbys "
+                f"{x['standby_s']:.0f} s at {standby_cost}; {x['replica_s_full']:.0f} counting them whole); p99 "
+                f"{x['p99_ms']:.0f} ms over {x['requests']} requests to B and C; load average "
+                f"{x['load'][0]:.1f}-{x['load'][2]:.1f} (mean {x['load'][1]:.1f})"
+            )
+    for k, result in enumerate(results["predictive"]):
+        decisions = [d for d in result["decisions"] if d.get("policy") == "predictive"]
+        acted = [d for d in decisions if d.get("action") in ("scale-out", "scale-in")]
+        warm = sum(int(d.get("warm_starts") or 0) for d in acted)
+        naive = sum("the need now taken as the forecast" in str(d.get("reason")) for d in decisions)
+        used: dict[str, collections.Counter[int]] = {n: collections.Counter() for n in DOWNSTREAM}
+        for d in decisions:
+            if d.get("lag_s") is not None:
+                used[d["component"]][int(d["lag_s"])] += 1
+        found = {}
+        for pair in result["explain"]["pairs"]:
+            lead = pair.get("lead") or {}
+            up, down = pair["upstream"].upper(), pair["downstream"].upper()
+            found[(up, down)] = (lead.get("lag_s"), lead.get("upstream_metric"))
+        lags_used = {n: dict(c.most_common(3)) for n, c in used.items()}
         print(
-            f"{name}: SLO-violation seconds {m['violation_s']} (b {m['per_stage']['B']}, c {m['per_stage']['C']}) "
-            f"of {2 * args.duration}; replica-seconds {m['replica_s']:.0f} (standbys {m['standby_s']:.0f} s at "
-            f"{standby_cost}; {m['replica_s_full']:.0f} counting them whole); p99 {m['p99_ms']:.0f} ms over "
-            f"{m['requests']} requests to B and C"
+            f"predictive (pair {k + 1}): {len(decisions)} decisions, {len(acted)} scaled ({warm} warm starts), "
+            f"{naive} on the naive forecast; lags the decisions used (lag: decisions) {lags_used}; "
+            "lags at its end, discovered (metric) vs true: "
+            + ", ".join(
+                f"{u}->{d} {found.get((u, d), (None, None))[0]} s ({found.get((u, d), (None, None))[1]}) vs {lag} s"
+                for (u, d), lag in true_lags.items()
+            )
         )
-    print(
-        f"predictive decisions: {len(decisions)}, {len(acted)} scaled ({warm} warm starts); reactive passes that "
-        f"scaled: {len(reactive_acted)}; measured cold starts: "
-        + ", ".join(f"{n} {behaviour[n]['cold_start_s'] or 0:.1f} s" for n in DOWNSTREAM)
-    )
-    print(
-        "lags, discovered (metric) vs true: "
-        + ", ".join(
-            f"{u}->{d} {found.get((u, d), (None, None))[0]} s ({found.get((u, d), (None, None))[1]}) vs {lag} s"
-            for (u, d), lag in true_lags.items()
-        )
-    )
+    for result in results["reactive"]:
+        acted = [d for d in result["decisions"] if d.get("policy") == "reactive" and d["action"] != "hold"]
+        print(f"reactive: {len(acted)} passes scaled")
+    print("measured cold starts: " + ", ".join(f"{n} {behaviour[n]['cold_start_s'] or 0:.1f} s" for n in DOWNSTREAM))
+    p, r = total["predictive"], total["reactive"]
     ratio = p["violation_s"] / r["violation_s"] if r["violation_s"] else (0.0 if p["violation_s"] == 0 else math.inf)
     replica_ratio = p["replica_s"] / r["replica_s"] if r["replica_s"] else math.inf
+    p99 = {policy: float(np.percentile([x["p99_ms"] for x in m[policy]], 50)) for policy in POLICIES}
     print(
-        f"replica-seconds predictive / reactive: {replica_ratio:.3f} (target <= {TARGET_REPLICAS}); "
-        f"p99 latency predictive {p['p99_ms']:.0f} ms, reactive {r['p99_ms']:.0f} ms"
+        f"SLO-violation seconds predictive {p['violation_s']}, reactive {r['violation_s']}; replica-seconds "
+        f"predictive / reactive: {replica_ratio:.3f} (target <= {TARGET_REPLICAS}); p99 latency predictive "
+        f"{p99['predictive']:.0f} ms, reactive {p99['reactive']:.0f} ms (median over pairs)"
     )
     print(f"bench scaling: {ratio:.3f} ratio (target <= {TARGET_SLO})")
 
