@@ -466,16 +466,24 @@ async def test_the_reactive_policy_computes_like_the_hpa_on_the_same_deployment(
     assert await autoscaler.round() == [] and len(replicas.asked) == 2
 
 
-async def test_a_round_without_enough_history_records_why_and_scales_nothing() -> None:
-    kept = _behaviour("d1", _trace(200))
+async def test_a_round_without_enough_history_decides_on_the_need_now_and_says_why() -> None:
+    trace = _trace(200)
+    kept = _behaviour("d1", trace)
     replicas = _Replicas()
     autoscaler = _autoscaler(kept, replicas, _All(_record("d1")), T0 + 200)
     entries = await autoscaler.round()
-    assert [(e["component"], e["action"], e["reason"]) for e in entries] == [
-        ("C", "skip", "not enough history: 199 s of 300 needed"),
-        ("B", "skip", "not enough history: 199 s of 300 needed"),
+    assert [e["component"] for e in entries] == ["C", "B"]
+    for e in entries:
+        assert e["reason"].startswith("not enough history: 199 s of 300 needed: the need now taken as the forecast"), e
+        assert "lag_s" not in e and e["action"] != "skip", e
+        inputs = e["inputs"]
+        assert inputs["predicted_need"] == inputs["need_now"] > 0, e
+    # a component that has reported nothing yet is skipped, with why
+    empty = _autoscaler(BehaviourSeries(max_points=10), _Replicas(), _All(_record("d1")), T0)
+    assert [(e["action"], e["reason"]) for e in await empty.round()] == [
+        ("skip", "not enough history: 0 s of 300 needed"),
+        ("skip", "not enough history: 0 s of 300 needed"),
     ]
-    assert replicas.asked == []
 
 
 async def test_status_and_history_over_the_api_and_ferryctl(

@@ -9,7 +9,8 @@ prediction and replica counts into a decision, which is kept (the last `HISTORY`
 the coordinator's store: a new leader shows them and adds to them) and, if it changes the count and
 no scale of that component is under way, handed to the replica service. A component without enough
 history is recorded as skipped, with why; one without a leading upstream is decided on the naive
-forecast (its need now), said in the reason.
+forecast (its need now), said in the reason; so is one whose pairs have too little history for
+the engine yet (a new deployment), on its own CPU series. One without any usage yet is skipped.
 
 Each deployment follows one policy, `predictive` by default; `reactive` (set through
 `PUT /v1/scaling/{id}/policy`, kept in the store) makes the same round compute each
@@ -108,7 +109,13 @@ def _infer(
     """The lead and the prediction for one edge (CPU work): {"skip": why} or lag, need now, predicted."""
     answer = explain_pair(upstream, up, downstream, down, config)
     if answer["status"] != "ok":
-        return {"skip": answer["message"]}
+        own = span(down)
+        if own is None or own.seconds < 1:
+            return {"skip": answer["message"]}
+        # Too little history for a lead (a new deployment): the naive forecast on the component's
+        # own CPU, as the reactive policy would see it, so a component overloaded now still scales.
+        now = float(per_second(down, own).cpu[-1])
+        return {"naive": answer["message"], "need_now": now, "predicted_need": now}
     window = shared_span(up, down)
     assert window is not None  # explain_pair answered ok
     if answer["lead"] is None:
@@ -155,6 +162,15 @@ class Autoscaler:
         self._hpa: dict[tuple[str, str], HpaState] = {}
         self._policies: dict[str, str] = {}
         self._history: dict[str, collections.deque[dict[str, Any]]] = {}
+
+    @property
+    def model(self) -> ScalingModel:
+        """The scaling model served now."""
+        return self._model
+
+    def use_model(self, model: ScalingModel) -> None:
+        """Serve `model` from the next decision on (a retrained one, coordinator/scaling/retraining.py)."""
+        self._model = model
 
     async def policy(self, deployment_id: str) -> str:
         if self._store is not None:
