@@ -35,6 +35,8 @@ from coordinator.scaling.autoscaler import Autoscaler
 from coordinator.scaling.correlation import CorrelationConfig
 from coordinator.scaling.model import ScalingModel
 from coordinator.scaling.policy import ScalingConfig
+from coordinator.scaling.retraining import ScalingRetrainer
+from coordinator.scaling.retraining import active_model as active_model_for_scaling
 from coordinator.scaling.service import ScalingService
 from coordinator.sqlite_store import SqliteStore
 from coordinator.starts import ContainerStarts
@@ -204,6 +206,11 @@ class Coordinator:
         self.scaling = ScalingService(
             self.deployments, self.behaviour, correlation, self._autoscaler(config, correlation, clock)
         )
+        self.scaling_retrainer = (
+            ScalingRetrainer(store, self.deployments, self.behaviour, self.scaling.autoscaler, config, clock)
+            if self.scaling.autoscaler is not None
+            else None
+        )
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self.election: Election | None = None
@@ -230,10 +237,11 @@ class Coordinator:
         s = config.scaling
         if not s.enabled:
             return None
+        path = active_model_for_scaling(config)
         try:
-            model = ScalingModel.load(s.model)
+            model = ScalingModel.load(path)
         except ModelLoadError as exc:
-            raise ConfigError(f"scaling.model {s.model}: {exc}") from exc
+            raise ConfigError(f"scaling.model {path}: {exc}") from exc
         policy = ScalingConfig(
             min_replicas=s.min_replicas,
             max_replicas=s.max_replicas,
@@ -359,6 +367,15 @@ class Coordinator:
             self._leader_loops.append(
                 asyncio.create_task(
                     self._every(self.config.scaling.period, self.scaling.autoscaler.round), name="scaling"
+                )
+            )
+        if self.scaling_retrainer is not None and self.config.scaling.retrain_interval:
+            self._leader_loops.append(
+                asyncio.create_task(
+                    self._every(
+                        self.config.scaling.retrain_interval, self.scaling_retrainer.run_once, first_after=True
+                    ),
+                    name="scaling-retrain",
                 )
             )
         if self.config.model.retrain_interval:

@@ -270,6 +270,12 @@ class PredictiveScalingConfig:
     """Warm standbys (created, started, frozen replicas) kept at most per component; 0: none."""
     standby_cost: float = 0.2
     """Cost of a standby for one second, as a fraction of replica_cost (memory, no CPU), in (0, 1]."""
+    retrain_interval: float = 0.0
+    """Seconds between two retraining rounds of the scaling model on the recorded behaviour; 0: never."""
+    retrain_holdout: float = 120.0
+    """Seconds at the end of the recorded behaviour both models are judged on (not trained on)."""
+    retrain_timeout: float = 600.0
+    """Seconds one retraining child process may take."""
 
 
 @dataclass(frozen=True)
@@ -366,6 +372,8 @@ def _validate(config: CoordinatorConfig) -> None:
         "scaling.max_replicas": config.scaling.max_replicas,
         "scaling.max_lag": config.scaling.max_lag,
         "scaling.cold_start": config.scaling.cold_start,
+        "scaling.retrain_holdout": config.scaling.retrain_holdout,
+        "scaling.retrain_timeout": config.scaling.retrain_timeout,
         "placement.registry_bytes_per_second": config.placement.registry_bytes_per_second,
         "placement.peer_bytes_per_second": config.placement.peer_bytes_per_second,
         "placement.apply_seconds_per_byte": config.placement.apply_seconds_per_byte,
@@ -387,6 +395,8 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError(f"warm.period must not be negative, got {config.warm.period}")
     if not 0.0 < config.warm.max_waste < 1.0:
         raise ConfigError(f"warm.max_waste must be in (0, 1), got {config.warm.max_waste}")
+    if config.scaling.retrain_interval < 0:
+        raise ConfigError(f"scaling.retrain_interval must not be negative, got {config.scaling.retrain_interval}")
     if config.warm.retrain_interval < 0:
         raise ConfigError(f"warm.retrain_interval must not be negative, got {config.warm.retrain_interval}")
     if config.model.retrain_interval < 0:
