@@ -573,3 +573,23 @@ async def test_scaling_policy_and_state_are_shared_replaced_and_forgotten(client
     await a.forget_scaling_decisions("d1")
     assert await b.scaling_policy("d1") is None and await b.scaling_state("d1") is None
     assert await b.scaling_decisions("d1") == [] and await b.scaling_policy("d2") == "off"
+
+
+async def test_a_new_leader_continues_the_scaling_policy_and_its_state(clients: list[Store]) -> None:
+    from tests.test_scaling_service import T0, _All, _autoscaler, _behaviour, _record, _Replicas, _trace
+
+    a, b, _ = clients
+    kept = _behaviour("d1", _trace(900))
+    records = _All(_record("d1"))
+    first = _autoscaler(kept, _Replicas(), records, T0 + 900)
+    first._store = a
+    await first.set_policy("d1", "reactive")
+    assert [e["policy"] for e in await first.round()] == ["reactive", "reactive"]  # the HPA's first pass
+    # the other replica wins the election 5 s later: same policy, and the HPA's 15 s sync goes on
+    second = _autoscaler(kept, _Replicas(), records, T0 + 905)
+    second._store = b
+    assert await second.policy("d1") == "reactive"
+    assert await second.round() == []
+    second._clock = lambda: T0 + 916
+    assert [e["policy"] for e in await second.round()] == ["reactive", "reactive"]
+    assert [e["ts"] for e in await first.history("d1")] == [T0 + 900, T0 + 900, T0 + 916, T0 + 916]
