@@ -12,17 +12,22 @@ out: no training, validation or evaluation trace of the shipped model used it). 
 each stage's requests per second, B's following A's by 15 s and C's following B's by 25 s (the true
 lags); each count is thinned by `--rate-scale`. A client in its own namespace sends every request on
 a new connection (so the kernel's balancer spreads them over the replicas) at even spacing within
-its second, to each stage's service address. The window replayed is `--warmup` seconds (the history
-the correlation engine needs, 300 s at least) and then the measured `--duration` seconds: the
-window of the hour-long trace whose A rate has the highest peak over its median (a rule on the
-trace alone, chosen before any run, so that bursts fall inside it).
+its second, to each stage's service address. The window replayed is `--warmup` seconds and then the
+measured `--duration` seconds. The warm-up is the history the correlation engine needs (300 s at
+least) and must hold a burst: the engine finds a lag only over a window with variation in it, and
+over a quiet warm-up the predictive policy would decide on its naive forecast. So the window is
+chosen on the trace alone (before any run) as the start, every 30 s, that maximises the smaller of
+two peak-over-median scores of A's 10 s mean rate: the warm-up's, and the measured part's with its
+peak in the middle 60 % (a burst cut by an edge measures neither policy).
 
-Run twice on the same deployment, in one invocation: first the coordinator's predictive scaling
-(`[scaling]` enabled, a decision every `--period` s, warm standbys on), then, after B and C are put
-back to their initial counts, the reactive policy (`PUT /v1/scaling/{id}/policy reactive`: the HPA's
-computation, 15 s sync, 70 % CPU target, 10 % tolerance, 300 s scale-down stabilisation) replaying
-the same requests. Only the downstream components B and C are scaled (A has no upstream); A keeps
-its manifest's replicas.
+Run on the same deployment, in one invocation, `--pairs` times (1 by default) each policy: the
+coordinator's predictive scaling (`[scaling]` enabled, a decision every `--period` s, warm standbys
+on) and the reactive policy (`PUT /v1/scaling/{id}/policy reactive`: the HPA's computation, 15 s
+sync, 70 % CPU target, 10 % tolerance, 300 s scale-down stabilisation), each replaying the same
+requests (warm-up included) after B and C are put back to their initial counts; the order
+alternates from pair to pair (predictive first in odd pairs), so a trend in the shared machine's
+load falls on both, and each half prints the load average it ran at. Only the downstream
+components B and C are scaled (A has no upstream); A keeps its manifest's replicas.
 
 Measured over the measured window, for B and C: SLO-violation seconds (a second of a stage is in
 violation when the p99 latency of the requests sent to it in that second exceeds `--slo-ms`, or one of
@@ -31,10 +36,15 @@ warm standby at `standby_cost` of a replica, the configured cost: it holds memor
 latency of all their requests; and, after the predictive run, the lags the correlation engine found
 (`GET /v1/scaling/{id}/explain`) against the true ones.
 
-Result line: `bench scaling: <SLO-violation seconds predictive / reactive> ratio (target <= 0.2)`;
-the replica-seconds ratio (target <= 1.1) and the rest in the text.
+Result line: `bench scaling: <SLO-violation seconds predictive / reactive> ratio (target <= 0.2)`,
+summed over the pairs; the replica-seconds ratio (target <= 1.1), the p99 both ways, the lags the
+decisions used and the ones discovered at each predictive half's end against the true ones, and
+each half's figures and load in the text.
 
-Run as root from the repo: .venv/bin/python bench/scaling.py [--duration 420] [--warmup 320]
+Run as root from the repo: .venv/bin/python bench/scaling.py [--duration 420] [--warmup 320] [--pairs 2]
+[--out run.json]. One pair at `--duration 300` takes about 25 minutes (two replays of 620 s, the
+deploy and the put-backs); `--out` keeps every second's latencies, replica counts, load samples and
+decisions for a look afterwards.
 """
 
 from __future__ import annotations
