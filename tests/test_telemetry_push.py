@@ -66,6 +66,9 @@ class Coordinator:
     """A replica that does not lead: every request gets 503 not_leader naming this URL."""
     hints: str | None = None
     """A follower that serves every request and names this URL as the leader (Ferryman-Leader)."""
+    json_only: bool = False
+    """A coordinator from before binary pushes: telemetry as JSON only, 400 for anything else."""
+    content_types: list[str] = field(default_factory=list)
 
     def _peer(self, request: web.Request) -> str:
         assert request.transport is not None
@@ -89,8 +92,15 @@ class Coordinator:
             return self._not_leader()
         if self.status != 200:
             return web.Response(status=self.status, text="broken")
-        assert request.content_type == PROTOBUF  # pushes go in protobuf's binary encoding
-        batch = pb.TelemetryBatch.FromString(await request.read())
+        self.content_types.append(request.content_type)
+        if self.json_only:
+            try:
+                batch = json_format.Parse(await request.text(), pb.TelemetryBatch())
+            except (json_format.ParseError, UnicodeDecodeError) as exc:
+                return web.json_response({"error": {"message": f"request body is not valid JSON: {exc}"}}, status=400)
+        else:
+            assert request.content_type == PROTOBUF  # pushes go in protobuf's binary encoding
+            batch = pb.TelemetryBatch.FromString(await request.read())
         assert batch.host == self._peer(request)
         if batch.host not in self.known:
             return web.json_response(json_format.MessageToDict(pb.TelemetryAck(accepted=0, reregister=True)))
@@ -230,6 +240,26 @@ async def test_wrong_coordinator_identity_and_errors_keep_the_buffer(fleet: Flee
         coordinator.status = 200
         assert await pusher.flush() is True
         assert pusher.buffered == 0 and coordinator.samples() == [sample]
+    finally:
+        await pusher.close()
+
+
+async def test_a_coordinator_that_refuses_binary_gets_json(fleet: Fleet, coordinator: Coordinator) -> None:
+    """A coordinator from before binary pushes (a rollback of the coordinator alone) answers 400 to
+    one: the same batch goes again as JSON, and the next pushes go as JSON straight away."""
+    metrics = AgentMetrics()
+    coordinator.json_only = True
+    pusher = make_pusher(fleet, coordinator.port, TelemetryConfig(buffer_max_samples=10), metrics)
+    await pusher.start()
+    try:
+        first, second = (pb.TelemetrySample(ts=time.time() + i, cpus=2) for i in range(2))
+        pusher.offer(first)
+        assert await pusher.flush() is True
+        pusher.offer(second)
+        assert await pusher.flush() is True
+        assert coordinator.samples() == [first, second] and pusher.buffered == 0
+        assert coordinator.content_types == [PROTOBUF, "application/json", "application/json"]
+        assert pushes(metrics, "failed") == 0
     finally:
         await pusher.close()
 

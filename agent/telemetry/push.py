@@ -38,7 +38,16 @@ RegistrationSource = Callable[[], Awaitable[pb.Registration]]
 
 
 class PushFailed(Exception):
-    """One request to the coordinator did not succeed (the reason is the message)."""
+    """One request to the coordinator did not succeed (the reason is the message; `status` is the
+    HTTP status of a replica's answer, None when there was none)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+BINARY_RETRY = 600.0
+"""Seconds a pusher sends JSON after a coordinator refused a binary push, before it tries again."""
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -100,7 +109,7 @@ class CoordinatorLink:
                 if hint and hint.rstrip("/") != url:  # a follower served it: the next ones go to the leader
                     self._replicas.redirected(hint)
                 return text
-            failure = PushFailed(f"POST {url}{path}: HTTP {resp.status}: {text[:200]}")
+            failure = PushFailed(f"POST {url}{path}: HTTP {resp.status}: {text[:200]}", resp.status)
             leader = not_leader(text) if resp.status == 503 else None
             if leader is None:
                 raise failure
@@ -133,6 +142,7 @@ class TelemetryPusher:
         self._registered_at = 0.0
         self._reachable = True  # to log only the transitions; the metric follows every flush
         self._wake = asyncio.Event()
+        self._json_until = 0.0  # pushes go as JSON until then (a coordinator that refused binary)
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -229,7 +239,7 @@ class TelemetryPusher:
         """Send the oldest batch; True when it left the buffer."""
         batch = [self._buffer[i] for i in range(min(self._config.batch_max, len(self._buffer)))]
         message = pb.TelemetryBatch(host=self.host, samples=batch, dropped=self.dropped)
-        body = await self._post("/v1/telemetry", message, binary=True)
+        body = await self._post_telemetry(message)
         ack = pb.TelemetryAck()
         try:
             json_format.Parse(body, ack, ignore_unknown_fields=True)
@@ -250,6 +260,29 @@ class TelemetryPusher:
             self.registered = False
             await self._register()
         return done > 0 or ack.reregister
+
+    async def _post_telemetry(self, message: pb.TelemetryBatch) -> str:
+        """POST a batch in protobuf's binary encoding, or as JSON to a coordinator that refuses it.
+
+        A coordinator from before binary pushes answers 400 to one (its JSON parser fails), e.g.
+        after a rollback of the coordinator alone: its hosts must not look silent then. Such a
+        refusal sends the same batch again as JSON, and JSON it stays for BINARY_RETRY seconds."""
+        now = time.monotonic()
+        if now < self._json_until:
+            return await self._post("/v1/telemetry", message)
+        try:
+            return await self._post("/v1/telemetry", message, binary=True)
+        except PushFailed as exc:
+            if exc.status not in (400, 415):
+                raise
+            body = await self._post("/v1/telemetry", message)
+        # JSON was taken where binary was not: an older coordinator, not a bad batch.
+        self._json_until = now + BINARY_RETRY
+        log.warning(
+            "coordinator refuses binary telemetry; pushing JSON",
+            extra={"coordinator": self._link.url, "retry_binary_in_s": BINARY_RETRY},
+        )
+        return body
 
     async def _post(self, path: str, message: Message, *, binary: bool = False) -> str:
         """POST a message; the response body, or PushFailed for anything but 200."""
