@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from core.errors import Conflict, FerrymanError, NotFound
@@ -109,6 +110,15 @@ class ContainerUsage:
     labels: dict[str, str] = field(default_factory=dict)
     packets_in_per_s: float | None = None
     """Packets per second its network took in (its request rate, in packets); None: not measured."""
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ContainerUsage:
+        """One from a stored record, ignoring keys it does not know: during a rolling upgrade a
+        newer replica writes records with fields an older one reads."""
+        return cls(**{k: v for k, v in record.items() if k in _CONTAINER_USAGE_FIELDS})
+
+
+_CONTAINER_USAGE_FIELDS = frozenset(f.name for f in fields(ContainerUsage))
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,7 @@ def _host_from_row(row: sqlite3.Row) -> Host:
         registered_at=row["registered_at"],
         last_heartbeat=row["last_heartbeat"],
         used=Capacity.from_dict(json.loads(row["used"])),
-        containers=tuple(ContainerUsage(**c) for c in json.loads(row["containers"])),
+        containers=tuple(ContainerUsage.from_record(c) for c in json.loads(row["containers"])),
         pressure=json.loads(row["pressure"]),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import sqlite3
 from pathlib import Path
 
@@ -172,5 +173,26 @@ async def test_everything_persists_across_reopen(workdir: Path) -> None:
         assert [d.id for d in await store.list_drains("h2")] == ["d1"]
         await store.put_migration(dataclasses.replace(migration, state=MigrationState.COMMITTED, updated_at=7.0))
         assert await store.list_migrations(active_only=True) == []
+    finally:
+        await store.close()
+
+
+async def test_a_container_record_from_a_newer_replica_is_read(workdir: Path) -> None:
+    """A newer coordinator (a rolling upgrade of replicas) may store container fields this one does
+    not know: they are ignored, not a failure to read the host."""
+    store = await SqliteStore.open(workdir / "c.db")
+    try:
+        await store.register_host(_host("h1"))
+        usage = (ContainerUsage(id="web", image="busybox", memory_bytes=GiB, cpu_millis=250.0),)
+        await store.record_telemetry(TelemetryUpdate("h1", [], 1.0, Capacity(250, GiB, 0), usage, {}), 10, 100)
+    finally:
+        await store.close()
+    newer = [{**dataclasses.asdict(usage[0]), "a_field_from_a_newer_release": 1}]
+    with sqlite3.connect(workdir / "c.db") as conn:
+        assert conn.execute("UPDATE hosts SET containers = ? WHERE name = 'h1'", (json.dumps(newer),)).rowcount == 1
+    store = await SqliteStore.open(workdir / "c.db")
+    try:
+        host = await store.get_host("h1")
+        assert host is not None and host.containers == usage
     finally:
         await store.close()

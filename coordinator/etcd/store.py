@@ -151,7 +151,7 @@ def _host_from_dict(d: dict[str, Any]) -> Host:
         registered_at=d["registered_at"],
         last_heartbeat=d["last_heartbeat"],
         used=Capacity.from_dict(d["used"]),
-        containers=tuple(ContainerUsage(**c) for c in d["containers"]),
+        containers=tuple(ContainerUsage.from_record(c) for c in d["containers"]),
         pressure=d["pressure"],
     )
 
