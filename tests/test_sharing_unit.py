@@ -334,3 +334,23 @@ def test_hosts_starting_a_blob_together_elect_one_registry_fetcher(wanting: list
     assert list(steps.values()).count(Step.REGISTRY) == 1
     assert all(next_step(h, digest, {o: 0 for o in wanting if o != h}, 0)[0] is Step.WAIT for h in wanting)
     assert all(next_step(h, digest, {o: 0 for o in wanting if o != h}, 5)[0] is Step.REGISTRY for h in wanting)
+
+
+async def test_a_blob_nobody_is_named_for_comes_from_the_registry_at_once() -> None:
+    # The rendezvous wait is for hosts starting the blob together: with no candidate named (the
+    # tracker knows of nobody holding or fetching it) there is nobody to wait for.
+    data = bytes(range(256)) * 200
+    blobs = {sha(data): data}
+    registry = FakeRegistry(blobs)
+    desc = Descriptor("application/octet-stream", Digest(sha(data)), len(data))
+
+    def source(candidates: list[Peer], delay: float) -> PeersFirst:
+        config = SharingConfig(range_size=4096, min_peer_size=0, rendezvous_delay=delay)
+        return PeersFirst(FakePeers(blobs, {"a": "absent"}), StaticPeers(lambda: candidates), registry, config, "me")
+
+    assert await asyncio.wait_for(_all(source([], 30.0), desc), 5.0) == data
+    # A named candidate (here one without the blob) is still waited for, one round per wanting host.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await _all(source([Peer("a", "127.0.0.1:1")], 0.2), desc) == data
+    assert loop.time() - started >= 0.2

@@ -175,6 +175,10 @@ class PeersFirst:
             held = await self._probe(desc, by_name)
             if self._config.rendezvous_delay <= 0:
                 return [by_name[name] for name, available in held.items() if available > 0]
+            if not by_name:
+                # Nobody named holds or fetches it, after this host's announcement: a host that
+                # starts it later is told of this one and waits for it, so there is no one to wait for.
+                return []
             step, sources = next_step(self._host, desc.digest, held, waited)
             if step is Step.PEERS:
                 return [by_name[name] for name in sources]
