@@ -193,6 +193,18 @@ async def test_layers_of_three_images_run_as_one_and_shared_prefixes_are_reused(
         assert second["bytes_fetched"] == im.app2.layers[1].size
         assert "composed" in ctr_run(ctrd, agent, second["image"], "/bin/sh", "-c", CHECK)
 
+        # The first composition again: its image is recorded, so nothing is fetched, applied or made.
+        resp = await client.post("/v1/compositions", json=doc)
+        assert resp.status == 201, await resp.text()
+        again = await resp.json()
+        assert (again["image"], again["reused_snapshots"], again["applied"], again["fetched"]) == (
+            parsed["image"],
+            4,
+            [],
+            [],
+        )
+        assert "composed" in ctr_run(ctrd, agent, again["image"], "/bin/sh", "-c", CHECK)
+
         # The measured costs: bytes and seconds per source, assembly seconds per byte.
         costs = await (await client.get("/v1/assembly/costs")).json()
         assert costs["sources"][f"registry/{registry.host}"]["bytes"] > 1 * MIB

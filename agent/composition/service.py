@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 FILE_LISTS_KEPT = 64
 """Layer file lists kept in memory (by digest) for the conflicting-paths check."""
+CONFIGS_KEPT = 256
+"""Image configs kept in memory (by digest), each a few KB."""
 WARM_TTL = 600.0
 """Seconds a warmed layer is kept by its lease when the request names no ttl."""
 MAX_WARM_TTL = 7 * 24 * 3600.0
@@ -177,6 +179,9 @@ class CompositionService:
         self._flights: SingleFlight[str, None, dict[str, Any]] = SingleFlight("assemble", lambda _: None)
         self._files: dict[str, paths.LayerFiles] = {}
         """Layer file lists by digest (the newest FILE_LISTS_KEPT), for the conflicting-paths check."""
+        self._configs: dict[str, bytes] = {}
+        """Image configs by digest (the newest CONFIGS_KEPT): content-addressed, so a tag's next
+        resolve reads only its manifest."""
 
     def costs_json(self) -> dict[str, Any]:
         """The measured fetch rates per source and assembly cost per byte (GET /v1/assembly/costs)."""
@@ -196,29 +201,45 @@ class CompositionService:
         failed: set[str] = set()
         """Refs already reported: their other nodes are not looked up (or reported) again."""
         problems: list[str] = []
+        parsed: dict[str, Reference | InvalidRequest] = {}
+        for node in comp.nodes:
+            try:
+                parsed[node.ref] = Reference.parse(node.ref)
+            except InvalidRequest as exc:
+                parsed[node.ref] = exc
+        allowed = {
+            ref: p for ref, p in parsed.items() if isinstance(p, Reference) and self._config.allows_registry(p.host)
+        }
+        # Each image's manifest and config at once: on a fresh host they are round trips to registries.
+        looked_up = await asyncio.gather(
+            *(self._ref_layers(p, [n.digest for n in comp.nodes if n.ref == ref]) for ref, p in allowed.items()),
+            return_exceptions=True,
+        )
+        answers = dict(zip(allowed, looked_up, strict=True))
         for i, node in enumerate(comp.nodes):
             where = f"manifest.nodes[{i}] ({node.id})"
-            try:
-                parsed = Reference.parse(node.ref)
-            except InvalidRequest as exc:
-                problems.append(f"{where}.ref: {exc.message}")
+            ref = parsed[node.ref]
+            if isinstance(ref, InvalidRequest):
+                problems.append(f"{where}.ref: {ref.message}")
                 continue
-            if not self._config.allows_registry(parsed.host):
-                problems.append(f"{where}.ref: registry {parsed.host} is not allowed on this host")
+            if node.ref not in allowed:
+                problems.append(f"{where}.ref: registry {ref.host} is not allowed on this host")
                 continue
             if node.ref in failed:
                 continue
             if node.ref not in refs:
-                try:
-                    refs[node.ref] = await self._ref_layers(parsed, [n.digest for n in comp.nodes if n.ref == node.ref])
-                except (ManifestNotFound, ImageNotFound) as exc:
-                    problems.append(f"{where}.ref: {node.ref} is not in its registry: {exc.message}")
+                answer = answers[node.ref]
+                if isinstance(answer, ManifestNotFound | ImageNotFound):
+                    problems.append(f"{where}.ref: {node.ref} is not in its registry: {answer.message}")
                     failed.add(node.ref)
                     continue
-                except (InvalidManifest, PlatformNotFound) as exc:
-                    problems.append(f"{where}.ref: {exc.message}")
+                if isinstance(answer, InvalidManifest | PlatformNotFound):
+                    problems.append(f"{where}.ref: {answer.message}")
                     failed.add(node.ref)
                     continue
+                if isinstance(answer, BaseException):
+                    raise answer
+                refs[node.ref] = answer
             info = refs[node.ref]
             found = info.layers.get(node.digest)
             if found is None:
@@ -309,7 +330,12 @@ class CompositionService:
                     return _ref_layers(doc, local.config, "local")
         image = await self._registry.resolve(ref, self._platform)
         where = f"image config of {ref}"
-        raw_config = await self._registry.fetch_bytes(ref, image.config)
+        raw_config = self._configs.get(image.config.digest)
+        if raw_config is None:
+            raw_config = await self._registry.fetch_bytes(ref, image.config)  # verified against its digest
+            self._configs[image.config.digest] = raw_config
+            while len(self._configs) > CONFIGS_KEPT:
+                del self._configs[next(iter(self._configs))]
         config = decode_json(raw_config, where)
         if not isinstance(config, dict):
             raise InvalidManifest(f"{where} is not an object")
@@ -323,20 +349,23 @@ class CompositionService:
         chains = chain_ids([Digest(d) for d in diff_ids])
         above = comp.dependents_of()
         digest_of = {n.id: n.digest for n in nodes}
-        stack: list[StackLayer] = []
-        for node, desc, diff_id, chain in zip(nodes, descs, diff_ids, chains, strict=True):
-            present = await self._cd.content.exists(desc.digest) is not None
-            stack.append(
-                StackLayer(
-                    node=node,
-                    desc=desc,
-                    diff_id=diff_id,
-                    chain_id=chain,
-                    present=present,
-                    assembled=await self._cd.snapshots.exists(chain),
-                    dependents=frozenset(digest_of[i] for i in above[node.id]),
-                )
+        # What this host holds, asked of containerd at once.
+        held = await asyncio.gather(*(self._cd.content.exists(d.digest) for d in descs))
+        snapshots = await asyncio.gather(*(self._cd.snapshots.exists(c) for c in chains))
+        stack = [
+            StackLayer(
+                node=node,
+                desc=desc,
+                diff_id=diff_id,
+                chain_id=chain,
+                present=info is not None,
+                assembled=assembled,
+                dependents=frozenset(digest_of[i] for i in above[node.id]),
             )
+            for node, desc, diff_id, chain, info, assembled in zip(
+                nodes, descs, diff_ids, chains, held, snapshots, strict=True
+            )
+        ]
         top = refs[nodes[-1].ref].config.get("config")
         top = top if isinstance(top, dict) else {}
         image = compose(comp.name, comp.workload, descs, diff_ids, self._platform, top, comp.config)
@@ -387,9 +416,35 @@ class CompositionService:
             "seconds": round(time.monotonic() - started, 6),
         }
 
+    async def _recorded(self, resolved: Resolved) -> bool:
+        """The image is here already: its record names this manifest (whose GC labels keep the config,
+        the layers and the top snapshot) and its top snapshot exists."""
+        if not resolved.stack[-1].assembled:
+            return False
+        try:
+            record = await self._cd.images.get(resolved.image.name)
+        except ContainerdNotFound:
+            return False
+        return record.digest == resolved.image.manifest.digest
+
     async def _assemble(self, resolved: Resolved) -> dict[str, Any]:
-        timeline = Timeline()
         stack = resolved.stack
+        if await self._recorded(resolved):
+            # Assembled before: nothing to fetch, apply or record (a warm start's common case).
+            for la in stack:
+                self.on_local(la.desc.digest)
+            await asyncio.to_thread(self.history.record, [la.desc.digest for la in stack])
+            return {
+                **resolved.to_json(),
+                "fetched": [],
+                "bytes_fetched": 0,
+                "reused_snapshots": len(stack),
+                "applied": [],
+                "first_snapshot_seconds": 0.0,
+                "runnable_seconds": 0.0,
+                "timeline": [],
+            }
+        timeline = Timeline()
         fetched_bytes = 0
         async with self._cd.leases.held("composition", self._config.lease_expiry) as lease_id:
             cd = self._cd.leased(lease_id)
