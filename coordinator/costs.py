@@ -12,7 +12,7 @@ The container's layers are taken in the order given, lowest first (a composition
                       are different links, fetched at once)
     applied(layer) = max(arrival(layer), applied(the layer below)) + size * apply seconds per byte
                      * (1 + CPU pressure)
-    seconds        = applied(the top layer) + start seconds
+    seconds        = applied(the top layer) + start seconds * (1 + CPU pressure)
 
 Layers are applied bottom up, each once it has arrived and the one below it is applied (the agent
 applies the lower layers while the upper ones download, but a layer cannot be applied before its
@@ -25,7 +25,16 @@ is learned from the containers started there through the coordinator (its warm s
 of the last few), else `[placement] start_seconds`. The fetch overhead is learned from its starts
 that fetched, at measured rates: what they took beyond the predicted pipeline (the registry's
 manifest and config round trips of an image not held yet, the tracker's answers, the requests'
-latency); once per start, not per layer, the median of the last few; 0 until learned.
+latency); once per start, not per layer, the median of the last few; 0 until learned; like the
+start, it is scaled by (1 + CPU pressure).
+
+The load: CPU pressure is the host's PSI cpu "some" avg10 (0..1) from its newest telemetry sample.
+Applying, starting and the requests around them share the CPU with everything else on the host, so
+they take longer as it rises; the links' byte rates do not. The apply cost, the start and the fetch
+overhead are kept as they would be at no pressure: each measurement is divided by (1 + the
+pressure when it was made: the sample that reported the apply rate, the newest sample at a start)
+and each prediction multiplied by (1 + the pressure now). A figure measured under one load is then
+applied under another at the ratio of the two (`CostBook`), not as measured.
 
 Pure: the inputs are plain values, `Breakdown` is the record kept with the decision.
 """
@@ -123,13 +132,15 @@ def time_to_running(
         else:
             from_registry += size
             sources[digest] = "registry"
-    latency = rates.fetch_latency_seconds if sources else 0.0
+    load = 1.0 + max(0.0, min(1.0, cpu_pressure))
+    latency = rates.fetch_latency_seconds * load if sources else 0.0
     rate = {"peer": rates.peer_bytes_per_second, "registry": rates.registry_bytes_per_second}
     arrivals: dict[str, float] = {}
     for digest, source in sources.items():
         sharing = sum(min(layers[digest], layers[other]) for other, kind in sources.items() if kind == source)
         arrivals[digest] = latency + sharing / rate[source]
-    per_byte = rates.apply_seconds_per_byte * (1.0 + max(0.0, min(1.0, cpu_pressure)))
+    per_byte = rates.apply_seconds_per_byte * load
+    start = rates.start_seconds * load
     order = list(layers)
     lowest = next((i for i, digest in enumerate(order) if digest in sources), len(order))
     applied = work = 0.0
@@ -138,10 +149,10 @@ def time_to_running(
         applied = max(applied, arrivals.get(digest, 0.0)) + layers[digest] * per_byte
     return Breakdown(
         host=host,
-        seconds=applied + rates.start_seconds,
+        seconds=applied + start,
         fetch_seconds=max(arrivals.values(), default=0.0),
         apply_seconds=work,
-        start_seconds=rates.start_seconds,
+        start_seconds=start,
         bytes_from_peers=from_peers,
         bytes_from_registry=from_registry,
         bytes_held=kept,
@@ -169,12 +180,15 @@ start took 0.8 s, the same start minutes later 0.3 s) is forgotten rather than a
 
 class CostBook:
     """The newest `layer_costs` each host reported, kept as pushes arrive (a registry observer), and
-    the figures learned from the starts placed there. In memory: a restarted coordinator assumes the
-    defaults for a host until its next push and starts."""
+    the figures learned from the starts placed there; the apply cost, start and fetch overhead as at
+    no CPU pressure (the module docstring). In memory: a restarted coordinator assumes the defaults
+    for a host until its next push and starts."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._latest: dict[str, dict[str, float]] = {}
+        self._pressure: dict[str, float] = {}
+        """Host -> its newest CPU pressure (0..1)."""
         self._recent: dict[tuple[str, str], collections.deque[tuple[float, float]]] = {}
         """(host, start_seconds or fetch_latency_seconds) -> (when, value) of its last starts."""
 
@@ -184,14 +198,16 @@ class CostBook:
         median of its recent warm starts is what the next predictions for the host use. When it
         fetched layers at the host's measured rates, what it took beyond the prediction's pipeline
         and start is the host's fetch overhead (the median of its recent cold starts; never below
-        0). Starts older than LEARNED_MAX_AGE count no more."""
+        0). Both are kept divided by (1 + the host's CPU pressure now). Starts older than
+        LEARNED_MAX_AGE count no more."""
+        load = 1.0 + self._pressure.get(host, 0.0)
         if predicted.layers_fetched:
             if not predicted.measured:
                 return  # predicted at the default rates: their error would pass for latency
             beyond = measured_seconds - (predicted.seconds - predicted.latency_seconds)
-            self._learn(host, "fetch_latency_seconds", max(0.0, beyond))
+            self._learn(host, "fetch_latency_seconds", max(0.0, beyond) / load)
         elif not (predicted.bytes_from_peers or predicted.bytes_from_registry):
-            self._learn(host, "start_seconds", measured_seconds)
+            self._learn(host, "start_seconds", measured_seconds / load)
 
     def _learn(self, host: str, figure: str, value: float) -> None:
         recent = self._recent.setdefault((host, figure), collections.deque(maxlen=START_WINDOW))
@@ -209,9 +225,16 @@ class CostBook:
     def observe(self, host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
         """Samples as stored (protobuf JSON), oldest first."""
         for _, sample in reversed(samples):
+            if (pressure := cpu_pressure(sample)) is not None:
+                self._pressure[host] = pressure
+                break
+        for _, sample in reversed(samples):
             costs = sample.get("layer_costs")
             if isinstance(costs, Mapping) and costs:
-                self._latest[host] = {k: float(v) for k, v in costs.items() if isinstance(v, int | float)}
+                latest = {k: float(v) for k, v in costs.items() if isinstance(v, int | float)}
+                if "apply_seconds_per_byte" in latest:  # measured under this sample's pressure
+                    latest["apply_seconds_per_byte"] /= 1.0 + (cpu_pressure(sample) or 0.0)
+                self._latest[host] = latest
                 return
 
     def of(self, host: str) -> dict[str, float] | None:
@@ -228,3 +251,10 @@ class CostBook:
             elif values:
                 merged[key] = statistics.median(values)
         return merged or None
+
+
+def cpu_pressure(sample: Mapping[str, Any]) -> float | None:
+    """A telemetry sample's PSI cpu "some" avg10 as 0..1; None when it has none."""
+    pressure = sample.get("pressure")
+    value = pressure.get("cpu_some") if isinstance(pressure, Mapping) else None
+    return max(0.0, min(1.0, float(value) / 100.0)) if isinstance(value, int | float) else None

@@ -391,3 +391,21 @@ async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: S
     with pytest.raises(NoTarget, match="insufficient capacity"):
         await placer.place_start(Need(Capacity(500, 64 * GiB, 0), LAYERS), "too big")
     assert len(await store.list_reservations(1000.0)) == 1
+
+
+def test_learned_figures_follow_the_hosts_cpu_pressure() -> None:
+    """A warm start of 0.9 s and an apply rate measured at CPU pressure 0.8 are predicted at the
+    pressure now: at 0.2, (1 + 0.2) / (1 + 0.8) of them; at 0.8 again, as measured."""
+    book = CostBook()
+    busy = {"pressure": {"cpu_some": 80.0}, "layer_costs": SLOW}
+    book.observe("h1", [(1.0, busy)])
+    warm = time_to_running("h1", set(LAYERS), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0)
+    book.started("h1", 0.9, warm)
+    again = time_to_running("h1", set(LAYERS), LAYERS, {}, Rates.of(book.of("h1"), WEIGHTS), 0.8)
+    assert again.seconds == pytest.approx(0.9)
+    book.observe("h1", [(2.0, {"pressure": {"cpu_some": 20.0}})])
+    calmer = time_to_running("h1", set(LAYERS), LAYERS, {}, Rates.of(book.of("h1"), WEIGHTS), 0.2)
+    assert calmer.seconds == pytest.approx(0.9 * 1.2 / 1.8)
+    # The apply rate the busy sample reported: 1e-8 s/B at 0.8, so 1.2 / 1.8 of it at 0.2.
+    cold = time_to_running("h1", {BASE}, LAYERS, {}, Rates.of(book.of("h1"), WEIGHTS), 0.2)
+    assert cold.apply_seconds == pytest.approx(60 * MB * 1e-8 * 1.2 / 1.8)
