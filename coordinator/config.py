@@ -116,8 +116,9 @@ class PlacementConfig:
     """... its rate from fleet peers, until measured."""
     apply_seconds_per_byte: float = 1.0 / (100 * (1 << 20))
     """... the seconds containerd takes to apply a layer byte there, until measured."""
-    start_seconds: float = 0.3
-    """... the time to create and start a container once its layers are in place."""
+    start_seconds: float = 0.15
+    """... the time to create and start a container once its layers are in place (at no CPU
+    pressure), until the host has started some."""
     affinity_slack: float = 0.1
     """New containers: hosts predicted within this fraction of the fastest count as equally fast, and
     among them the one holding the fewest layers the container does not use is chosen (it keeps

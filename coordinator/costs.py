@@ -25,7 +25,8 @@ is learned from the containers started there through the coordinator (its warm s
 of the last few), else `[placement] start_seconds`. The fetch overhead is learned from its starts
 that fetched, at measured rates: what they took beyond the predicted pipeline (the registry's
 manifest and config round trips of an image not held yet, the tracker's answers, the requests'
-latency); once per start, not per layer, the median of the last few; 0 until learned; like the
+latency; from the starts whose bytes take at most LATENCY_MAX_PIPELINE); once per start, not per
+layer, the median of the last few; 0 until learned; like the
 start, it is scaled by (1 + CPU pressure).
 
 The load: CPU pressure is the host's PSI cpu "some" avg10 (0..1) from its newest telemetry sample.
@@ -173,6 +174,10 @@ FIGURES = (
 START_WINDOW = 5
 """A host's start overhead is the median of its last this many warm starts (one slow start, say
 on a view of its layers that was out of date, does not set it)."""
+LATENCY_MAX_PIPELINE = 2.0
+"""The fetch overhead is learned from starts whose layers were predicted to arrive and be applied
+within this many seconds: in a longer one (a base image from the registry) the rates' error is
+larger than the overhead, and a small fetch after it would be charged that error."""
 LEARNED_MAX_AGE = 300.0
 """Seconds a start teaches for: an overhead learned under an earlier load (a busy machine's warm
 start took 0.8 s, the same start minutes later 0.3 s) is forgotten rather than applied to now."""
@@ -204,6 +209,8 @@ class CostBook:
         if predicted.layers_fetched:
             if not predicted.measured:
                 return  # predicted at the default rates: their error would pass for latency
+            if predicted.assembled_seconds - predicted.latency_seconds > LATENCY_MAX_PIPELINE:
+                return  # seconds of bytes and applies: their error would pass for latency
             beyond = measured_seconds - (predicted.seconds - predicted.latency_seconds)
             self._learn(host, "fetch_latency_seconds", max(0.0, beyond) / load)
         elif not (predicted.bytes_from_peers or predicted.bytes_from_registry):

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.config import CoordinatorConfig, PlacementConfig
-from coordinator.costs import LEARNED_MAX_AGE, CostBook, Rates, time_to_running
+from coordinator.costs import LATENCY_MAX_PIPELINE, LEARNED_MAX_AGE, CostBook, Rates, time_to_running
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import (
     Capacity,
@@ -159,7 +159,7 @@ def test_time_to_running_counts_each_missing_layer_at_its_cheapest_source() -> N
     assert held_base.bytes_held == 200 * MB and held_base.bytes_from_peers == 50 * MB
     assert held_base.bytes_from_registry == 10 * MB and held_base.measured
     assert held_base.fetch_seconds == pytest.approx(1.0) and held_base.apply_seconds == pytest.approx(0.6)
-    assert held_base.seconds == pytest.approx(max(0.5 + 0.5, 1.0) + 0.1 + 0.3)
+    assert held_base.seconds == pytest.approx(max(0.5 + 0.5, 1.0) + 0.1 + WEIGHTS.start_seconds)
     # The host itself is no peer of its own; CPU pressure slows applying.
     cold = time_to_running("h2", set(), LAYERS, {BASE: ["h2"]}, rates, 0.5)
     assert cold.bytes_from_registry == 260 * MB and cold.apply_seconds == pytest.approx(2.6 * 1.5)
@@ -214,14 +214,14 @@ def test_a_big_lower_layer_arriving_last_is_applied_after_it_arrives() -> None:
     cold = time_to_running("h1", set(), {BASE: 200 * MB, TOP: 10 * MB}, {}, rates, 0.0)
     assert cold.fetch_seconds == pytest.approx(0.5 + 21.0) and cold.apply_seconds == pytest.approx(2.1)
     assert cold.assembled_seconds == pytest.approx(21.5 + 2.0 + 0.1)
-    assert cold.seconds == pytest.approx(23.6 + 0.3)
+    assert cold.seconds == pytest.approx(23.6 + WEIGHTS.start_seconds)
     # Held above a missing layer: applied again (its snapshot has another parent), not fetched.
     above = time_to_running("h1", {TOP}, {BASE: 200 * MB, TOP: 10 * MB}, {}, rates, 0.0)
     assert above.bytes_held == 10 * MB and above.fetch_seconds == pytest.approx(20.5)
-    assert above.seconds == pytest.approx(20.5 + 2.1 + 0.3)
+    assert above.seconds == pytest.approx(20.5 + 2.1 + WEIGHTS.start_seconds)
     # Held at the bottom: neither fetched nor applied.
     below = time_to_running("h1", {BASE}, {BASE: 200 * MB, TOP: 10 * MB}, {}, rates, 0.0)
-    assert below.seconds == pytest.approx(0.5 + 1.0 + 0.1 + 0.3)
+    assert below.seconds == pytest.approx(0.5 + 1.0 + 0.1 + WEIGHTS.start_seconds)
 
 
 DIGESTS = ["sha256:" + c * 64 for c in "0123456789"]
@@ -364,25 +364,25 @@ async def test_place_start_reserves_on_the_fastest_host_and_records_why(store: S
     assert [b.host for b in placement.candidates] == ["h1", "h2"]
     # A start that fetched teaches nothing about the start overhead (a wrong rate would pass for a
     # slow start) but the fetch overhead: what it took beyond the predicted pipeline and the start
-    # (10 MB at 10 MB/s, applied in 0.1 s, start 0.3 s: 1.1 s more), once per start; one that
+    # (10 MB at 10 MB/s, applied in 0.1 s, start 0.15 s: 1.25 s more), once per start; one that
     # needed no layer is the overhead.
     book = CostBook()
     book.started("h2", 9.0, time_to_running("h2", set(), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0))
     assert book.of("h2") is None, "a start predicted at the default rates teaches no latency"
-    assert placement.chosen.layers_fetched == 1 and placement.chosen.seconds == pytest.approx(1.4)
+    assert placement.chosen.layers_fetched == 1 and placement.chosen.seconds == pytest.approx(1.25)
     book.started("h1", 2.5, placement.chosen)
-    assert book.of("h1") == {"fetch_latency_seconds": pytest.approx(1.1)}
+    assert book.of("h1") == {"fetch_latency_seconds": pytest.approx(1.25)}
     relearned = time_to_running(
         "h1", {BASE, MID}, LAYERS, {}, Rates.of({**SLOW, **(book.of("h1") or {})}, WEIGHTS), 0.0
     )
-    assert relearned.seconds == pytest.approx(2.5) and relearned.latency_seconds == pytest.approx(1.1)
+    assert relearned.seconds == pytest.approx(2.5) and relearned.latency_seconds == pytest.approx(1.25)
     warm = time_to_running("h1", set(LAYERS), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0)
     for seconds in (0.8, 4.6, 0.7):  # one outlier (a stale view of the host's layers) does not set it
         book.started("h1", seconds, warm)
     assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(0.8)
     book.observe("h1", [(1.0, {"layer_costs": SLOW})])  # a new sample keeps what was learned
     assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(0.8)
-    assert Rates.of(book.of("h1"), WEIGHTS).fetch_latency_seconds == pytest.approx(1.1)
+    assert Rates.of(book.of("h1"), WEIGHTS).fetch_latency_seconds == pytest.approx(1.25)
     # A host that measured nothing yet takes the fleet's median.
     assert Rates.of(book.of("h9"), WEIGHTS).registry_bytes_per_second == SLOW["registry_bytes_per_second"]
     [decision] = await store.list_decisions()
@@ -409,3 +409,17 @@ def test_learned_figures_follow_the_hosts_cpu_pressure() -> None:
     # The apply rate the busy sample reported: 1e-8 s/B at 0.8, so 1.2 / 1.8 of it at 0.2.
     cold = time_to_running("h1", {BASE}, LAYERS, {}, Rates.of(book.of("h1"), WEIGHTS), 0.2)
     assert cold.apply_seconds == pytest.approx(60 * MB * 1e-8 * 1.2 / 1.8)
+
+
+def test_a_long_fetch_teaches_no_fetch_overhead() -> None:
+    """A base image's 26 s from the registry ran 3 s over: the rates' error, not a per-start cost; a
+    10 MB fetch 0.4 s over its 1.1 s is."""
+    book = CostBook()
+    rates = Rates.of(SLOW, WEIGHTS)
+    cold = time_to_running("h1", set(), LAYERS, {}, rates, 0.0)
+    assert cold.assembled_seconds > LATENCY_MAX_PIPELINE
+    book.started("h1", cold.seconds + 3.0, cold)
+    assert book.of("h1") is None
+    small = time_to_running("h1", {BASE, MID}, LAYERS, {}, rates, 0.0)
+    book.started("h1", small.seconds + 0.4, small)
+    assert book.of("h1") == {"fetch_latency_seconds": pytest.approx(0.4)}
