@@ -172,8 +172,9 @@ FIGURES = (
     "fetch_latency_seconds",
 )
 START_WINDOW = 5
-"""A host's start overhead is the median of its last this many warm starts (one slow start, say
-on a view of its layers that was out of date, does not set it)."""
+"""A host's start overhead is the median of its last this many warm starts, the fleet's newest
+filling in while it has fewer (one slow start, say on a view of its layers that was out of date,
+does not set it)."""
 LATENCY_MAX_PIPELINE = 2.0
 """The fetch overhead is learned from starts whose layers were predicted to arrive and be applied
 within this many seconds: in a longer one (a base image from the registry) the rates' error is
@@ -221,12 +222,23 @@ class CostBook:
         recent.append((self._clock(), value))
 
     def _learned(self, host: str) -> dict[str, float]:
+        """The median of the host's fresh starts per figure; while it has fewer than START_WINDOW,
+        topped up with the fleet's newest (one start alone, say a slow one, does not set it)."""
         now = self._clock()
+        fresh: dict[tuple[str, str], list[tuple[float, float]]] = {
+            key: [(at, value) for at, value in recent if now - at <= LEARNED_MAX_AGE]
+            for key, recent in self._recent.items()
+        }
         out = {}
-        for (name, figure), recent in self._recent.items():
-            fresh = [value for at, value in recent if now - at <= LEARNED_MAX_AGE]
-            if name == host and fresh:
-                out[figure] = statistics.median(fresh)
+        for (name, figure), own in fresh.items():
+            if name != host or not own:
+                continue
+            others = sorted(
+                (entry for (other, f), entries in fresh.items() if f == figure and other != host for entry in entries),
+                reverse=True,
+            )
+            values = [value for _, value in own] + [value for _, value in others[: START_WINDOW - len(own)]]
+            out[figure] = statistics.median(values)
         return out
 
     def observe(self, host: str, samples: Sequence[tuple[float, Mapping[str, Any]]]) -> None:

@@ -423,3 +423,15 @@ def test_a_long_fetch_teaches_no_fetch_overhead() -> None:
     small = time_to_running("h1", {BASE, MID}, LAYERS, {}, rates, 0.0)
     book.started("h1", small.seconds + 0.4, small)
     assert book.of("h1") == {"fetch_latency_seconds": pytest.approx(0.4)}
+
+
+def test_a_host_with_few_starts_borrows_the_fleets_newest() -> None:
+    book = CostBook()
+    warm = time_to_running("h1", set(LAYERS), LAYERS, {}, Rates.of(None, WEIGHTS), 0.0)
+    for _ in range(4):
+        book.started("h2", 0.2, warm)
+    book.started("h1", 0.9, warm)  # one slow start of its own does not set it
+    assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(0.2)
+    for _ in range(3):
+        book.started("h1", 0.9, warm)
+    assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(0.9)
