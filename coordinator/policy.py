@@ -24,7 +24,7 @@ from collections.abc import Callable
 from coordinator.config import CoordinatorConfig
 from coordinator.model import ContainerUsage, Decision, Drain, Host, HostAdmin, HostHealth, MigrationState
 from coordinator.orchestrator import AUTO, Orchestrator
-from coordinator.predictions import PredictionService
+from coordinator.predictions import Explanation, PredictionService
 from coordinator.registry import HostRegistry
 from coordinator.store import Store
 from core.errors import FerrymanError
@@ -54,6 +54,11 @@ def migration_order(containers: tuple[ContainerUsage, ...]) -> list[ContainerUsa
     return sorted(containers, key=lambda c: (-priority(c), -c.memory_bytes, c.id))
 
 
+def _why(explanation: Explanation | None) -> str:
+    """A decision's explanation, written only for the few hosts decided on (not every host scored)."""
+    return explanation.describe() if explanation is not None else ""
+
+
 class DrainPolicy:
     def __init__(
         self,
@@ -78,18 +83,25 @@ class DrainPolicy:
 
     async def tick(self) -> None:
         async with self._lock:
-            await self._apply_predictions()
-            for host in await self._store.list_hosts():
+            # One listing serves the scoring and the decisions (10 000 hosts: some 30 MB from etcd
+            # each time); it is read again for the drains only when there are drains to progress.
+            listed = await self._store.list_hosts()
+            changed = await self._apply_predictions(listed)
+            if changed or any(h.admin is HostAdmin.DRAINING for h in listed):
+                listed = await self._store.list_hosts()
+            for host in listed:
                 if host.admin is HostAdmin.DRAINING:
                     await self._progress(host)
 
-    async def _apply_predictions(self) -> None:
-        predictions = await self._predictions.tick()
+    async def _apply_predictions(self, listed: list[Host]) -> bool:
+        """Drain or return hosts as the fleet's scores say; whether any host's admin state changed."""
+        predictions = await self._predictions.tick(listed)
         if not predictions:
-            return
+            return False
         threshold = self._predictions.threshold()
         cfg = self._config.model
-        hosts = {h.name: h for h in await self._store.list_hosts()}
+        hosts = {h.name: h for h in listed}
+        changed = False
         for p in predictions:
             host = hosts.get(p.host)
             if host is None:
@@ -97,18 +109,27 @@ class DrainPolicy:
             explanation = self._predictions.explanations.get(p.host)
             notice = explanation.notice if explanation is not None else None
             streak = self._streaks[p.host] = self._streaks.get(p.host, 0) + 1 if p.probability >= threshold else 0
-            why = explanation.describe() if explanation is not None else ""
             if host.admin is HostAdmin.ACTIVE and notice is not None:
                 await self._hosts.drain(
-                    host.name, NOTICE, probability=p.probability, model_version=p.model_version, detail=why
+                    host.name,
+                    NOTICE,
+                    probability=p.probability,
+                    model_version=p.model_version,
+                    detail=_why(explanation),
                 )
+                changed = True
             elif host.admin is HostAdmin.ACTIVE and p.probability >= threshold:
                 false_alarms = await self._false_alarms(host.name)
                 if model_may_drain(streak, cfg.confirm_ticks, false_alarms, cfg.false_alarm_budget):
                     self._suppressed.discard(host.name)
                     await self._hosts.drain(
-                        host.name, PREDICTED, probability=p.probability, model_version=p.model_version, detail=why
+                        host.name,
+                        PREDICTED,
+                        probability=p.probability,
+                        model_version=p.model_version,
+                        detail=_why(explanation),
                     )
+                    changed = True
                 elif false_alarms >= cfg.false_alarm_budget and host.name not in self._suppressed:
                     self._suppressed.add(host.name)
                     await self._store.record_decision(
@@ -118,7 +139,8 @@ class DrainPolicy:
                             kind="suppressed",
                             probability=p.probability,
                             model_version=p.model_version,
-                            detail=f"false-alarm budget spent ({false_alarms} in {cfg.false_alarm_window:g}s): {why}",
+                            detail=f"false-alarm budget spent ({false_alarms} in {cfg.false_alarm_window:g}s): "
+                            f"{_why(explanation)}",
                         )
                     )
             elif (
@@ -133,6 +155,8 @@ class DrainPolicy:
                     probability=p.probability,
                     model_version=p.model_version,
                 )
+                changed = True
+        return changed
 
     async def _false_alarms(self, host: str) -> int:
         """Model drains of `host` within the window that were cancelled (the host came back unharmed)."""

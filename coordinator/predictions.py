@@ -25,7 +25,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.features import HostHistory, TelemetryPoint
 from coordinator.history_share import SHARED_BINS, HostShare, notices_from_json
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.model import Prediction
+from coordinator.model import Host, Prediction
 from coordinator.notices import NOTICE_PROBABILITY, Notice, active_notice, notices_in_sample, prune
 from coordinator.predictor import Contribution, DrainPredictor, ModelLoadError, ModelRegistry, RegistryError
 from coordinator.store import HistoryExchange, ModelSlots, Store, StoredModel
@@ -388,14 +388,15 @@ class PredictionService:
             return NO_MODEL_THRESHOLD
         return self._config.model.threshold or model.threshold
 
-    async def tick(self) -> list[Prediction]:
-        """Score every host with history in one batch; the predictions carry the model's version."""
+    async def tick(self, listed: Sequence[Host] | None = None) -> list[Prediction]:
+        """Score every host with history in one batch; the predictions carry the model's version.
+        `listed`: the hosts as the caller has just listed them (the store is listed otherwise)."""
         model = self.model
         self._metrics.drain_threshold.set(self.threshold())
         if model is None:
             return []
         now = self._clock()
-        hosts = {h.name for h in await self._store.list_hosts()}
+        hosts = {h.name for h in (listed if listed is not None else await self._store.list_hosts())}
         for name in sorted(hosts - self._histories.keys()):
             await self._catch_up(name, now)
         self._take_shares(hosts)
@@ -433,6 +434,5 @@ class PredictionService:
                 )
         self.explanations = explanations
         await self._store.record_predictions(predictions)
-        for prediction in predictions:
-            self._metrics.drain_probability.labels(host=prediction.host).set(prediction.probability)
+        self._metrics.set_drain_probabilities({p.host: p.probability for p in predictions})
         return predictions
