@@ -99,8 +99,13 @@ MAX_MODEL_BYTES = 1 << 20
 """A drain model kept in etcd: one value, below etcd's default request limit (1.5 MiB)."""
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+"""One encoder for every value: `json.dumps` with options builds a new one per call (a tick writes a
+prediction per host)."""
+
+
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def _fields(record: Any) -> dict[str, Any]:
