@@ -21,21 +21,18 @@ against 0.33, PR-AUC 0.55 against 0.48.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from coordinator.candidate_models import Retraining, record_round
 from coordinator.config import CoordinatorConfig
-from coordinator.model import Decision, StartRecord
+from coordinator.model import StartRecord
 from coordinator.predictions import models_dir
-from coordinator.predictor import ModelLoadError, RetrainError, run_training
-from coordinator.retraining import FLEET, RetrainOutcome
+from coordinator.retraining import RetrainOutcome
 from coordinator.store import Store
 from coordinator.warm import WarmService
 from coordinator.warm_predictor import LayerPredictor
@@ -45,6 +42,7 @@ log = logging.getLogger(__name__)
 TRAIN_MODULE = "models.prefetch.retrain"
 ACTIVE_FILE = "warm-active.json"
 DECISION_KIND = "warm-retrain"
+RETRAINED_PREFIX = "warm-retrained-"
 
 
 def verdict(candidate: Mapping[str, float], active: Mapping[str, float], max_waste: float) -> tuple[bool, str]:
@@ -77,11 +75,13 @@ def active_model(config: CoordinatorConfig) -> str:
     still there, else the configured one ("" when none is configured: retraining needs a model)."""
     if not config.warm.model:
         return ""
-    try:
-        path = json.loads((models_dir(config) / ACTIVE_FILE).read_text())["path"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return config.warm.model
-    return path if isinstance(path, str) and Path(path).is_file() else config.warm.model
+    return _retraining(config, sys.executable).active_path(config.warm.model)
+
+
+def _retraining(config: CoordinatorConfig, python: str) -> Retraining:
+    return Retraining(
+        models_dir(config), RETRAINED_PREFIX, ACTIVE_FILE, TRAIN_MODULE, config.warm.retrain_timeout, python
+    )
 
 
 def recorded(starts: list[StartRecord]) -> dict[str, Any]:
@@ -107,26 +107,21 @@ class WarmRetrainer:
         self._warm = warm
         self._config = config
         self._clock = clock
-        self._dir = models_dir(config)
-        self._python = python
+        self._retraining = _retraining(config, python)
         self._lock = asyncio.Lock()
 
     async def run_once(self) -> RetrainOutcome:
         """One retraining round; never raises for a failed round (it is recorded instead)."""
         async with self._lock:
             outcome = await self._round()
-        await self._store.record_decision(
-            Decision(
-                ts=self._clock(),
-                host=FLEET,
-                kind=DECISION_KIND,
-                model_version=self._warm.model_version,
-                detail=("activated: " if outcome.activated else "kept: ") + outcome.reason,
-            )
-        )
-        log.info(
+        await record_round(
+            self._store,
+            self._clock(),
+            DECISION_KIND,
+            self._warm.model_version,
+            outcome,
+            log,
             "layer predictor retraining round",
-            extra={"activated": outcome.activated, "reason": outcome.reason, "candidate": outcome.candidate or None},
         )
         return outcome
 
@@ -138,51 +133,17 @@ class WarmRetrainer:
         starts = await self._store.starts()
         if len(starts) < cfg.retrain_min_starts:
             return RetrainOutcome(False, f"{len(starts)} recorded starts, a round needs {cfg.retrain_min_starts}")
-        now = self._clock()
-        self._dir.mkdir(parents=True, exist_ok=True)
-        version, n = f"warm-retrained-{int(now)}", 0
-        while await asyncio.to_thread((self._dir / f"{version}.onnx").exists):  # never over the served file
-            n += 1
-            version = f"warm-retrained-{int(now)}-{n}"
-        candidate = self._dir / f"{version}.onnx"
-        with tempfile.TemporaryDirectory(prefix="ferryman-warm-retrain-") as tmp:
-            data, judged = Path(tmp) / "starts.json", Path(tmp) / "verdict.json"
-            await asyncio.to_thread(data.write_text, json.dumps(recorded(starts)))
-            args = [
-                *("--recorded", str(data), "--current", active.info.path, "--out", str(candidate)),
-                *("--verdict", str(judged), "--holdout", f"{cfg.retrain_holdout:g}", "--model-version", version),
-                *("--seed", str(int(now) % (1 << 31))),
-            ]
-            try:
-                await asyncio.to_thread(
-                    run_training, TRAIN_MODULE, args, timeout=cfg.retrain_timeout, python=self._python
-                )
-                figures = json.loads(await asyncio.to_thread(judged.read_text))
-            except (RetrainError, OSError, ValueError) as exc:
-                candidate.unlink(missing_ok=True)
-                return RetrainOutcome(False, f"retraining failed: {exc}")
-        activate, reason = verdict(figures["candidate"], figures["active"], cfg.max_waste)
-        if not activate:
-            candidate.unlink(missing_ok=True)
-            return RetrainOutcome(False, reason)
-        try:
-            model = await asyncio.to_thread(LayerPredictor.load, candidate)
-        except ModelLoadError as exc:
-            candidate.unlink(missing_ok=True)
-            return RetrainOutcome(False, f"the candidate does not load: {exc}")
-        await asyncio.to_thread(self._remember, candidate, model.version)
-        self._warm.use_model(model)
-        previous = Path(active.info.path)
-        if previous.parent == self._dir and previous.name.startswith("warm-retrained-"):
-            # a retrained model this one replaced: never served again
-            await asyncio.to_thread(previous.unlink, missing_ok=True)
-        return RetrainOutcome(True, reason, str(candidate))
 
-    def _remember(self, path: Path, version: str) -> None:
-        """Name the active model for the next start: a temporary file renamed over the last one."""
-        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".warm-active-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"path": str(path), "version": version}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).replace(self._dir / ACTIVE_FILE)
+        async def swap(candidate: Path) -> str:
+            model = await asyncio.to_thread(LayerPredictor.load, candidate)
+            self._warm.use_model(model)
+            return model.version
+
+        return await self._retraining.round(
+            recorded(starts),
+            active.info.path,
+            f"{cfg.retrain_holdout:g}",
+            self._clock(),
+            lambda candidate, served: verdict(candidate, served, cfg.max_waste),
+            swap,
+        )

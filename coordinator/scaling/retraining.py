@@ -16,27 +16,24 @@ recorded decision (kind `scaling-retrain`).
 Why retrain at all: the shipped model learnt from generated traces; a deployment's own stages have
 their own CPU per request, batching and noise, which only their recorded behaviour shows.
 
-The same shape as coordinator/warm_retraining.py (the layer predictor's retraining).
+The round itself (child process, judge, swap, the active file) is coordinator/candidate_models.py,
+shared with the layer predictor's retraining (coordinator/warm_retraining.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from coordinator.candidate_models import Retraining, record_round
 from coordinator.config import CoordinatorConfig
 from coordinator.deployments.states import WATCHED
-from coordinator.model import Decision
 from coordinator.predictions import models_dir
-from coordinator.predictor import ModelLoadError, RetrainError, run_training
-from coordinator.retraining import FLEET, RetrainOutcome
+from coordinator.retraining import RetrainOutcome
 from coordinator.scaling.autoscaler import Autoscaler, DeploymentList
 from coordinator.scaling.model import ScalingModel
 from coordinator.scaling.resample import per_second, shared_span
@@ -72,11 +69,13 @@ def verdict(candidate: Mapping[str, float], active: Mapping[str, float]) -> tupl
 def active_model(config: CoordinatorConfig) -> str:
     """The scaling model to serve: the one the last retraining round activated, if its file is still
     there, else the configured one."""
-    try:
-        path = json.loads((models_dir(config) / ACTIVE_FILE).read_text())["path"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return config.scaling.model
-    return path if isinstance(path, str) and Path(path).is_file() else config.scaling.model
+    return _retraining(config, sys.executable).active_path(config.scaling.model)
+
+
+def _retraining(config: CoordinatorConfig, python: str) -> Retraining:
+    return Retraining(
+        models_dir(config), RETRAINED_PREFIX, ACTIVE_FILE, TRAIN_MODULE, config.scaling.retrain_timeout, python
+    )
 
 
 async def recorded(deployments: DeploymentList, behaviour: Behaviour, autoscaler: Autoscaler) -> dict[str, Any]:
@@ -125,80 +124,39 @@ class ScalingRetrainer:
         self._autoscaler = autoscaler
         self._config = config
         self._clock = clock
-        self._dir = models_dir(config)
-        self._python = python
+        self._retraining = _retraining(config, python)
         self._lock = asyncio.Lock()
 
     async def run_once(self) -> RetrainOutcome:
         """One retraining round; never raises for a failed round (it is recorded instead)."""
         async with self._lock:
             outcome = await self._round()
-        await self._store.record_decision(
-            Decision(
-                ts=self._clock(),
-                host=FLEET,
-                kind=DECISION_KIND,
-                model_version=self._autoscaler.model.info.version,
-                detail=("activated: " if outcome.activated else "kept: ") + outcome.reason,
-            )
-        )
-        log.info(
+        await record_round(
+            self._store,
+            self._clock(),
+            DECISION_KIND,
+            self._autoscaler.model.info.version,
+            outcome,
+            log,
             "scaling model retraining round",
-            extra={"activated": outcome.activated, "reason": outcome.reason, "candidate": outcome.candidate or None},
         )
         return outcome
 
     async def _round(self) -> RetrainOutcome:
-        cfg = self._config.scaling
         data = await recorded(self._deployments, self._behaviour, self._autoscaler)
         if not data["pairs"]:
             return RetrainOutcome(False, "no component was decided on with a leading upstream yet")
-        active = self._autoscaler.model
-        now = self._clock()
-        self._dir.mkdir(parents=True, exist_ok=True)
-        version, n = f"{RETRAINED_PREFIX}{int(now)}", 0
-        while await asyncio.to_thread((self._dir / f"{version}.onnx").exists):  # never over the served file
-            n += 1
-            version = f"{RETRAINED_PREFIX}{int(now)}-{n}"
-        candidate = self._dir / f"{version}.onnx"
-        with tempfile.TemporaryDirectory(prefix="ferryman-scaling-retrain-") as tmp:
-            pairs, judged = Path(tmp) / "pairs.json", Path(tmp) / "verdict.json"
-            await asyncio.to_thread(pairs.write_text, json.dumps(data))
-            args = [
-                *("--recorded", str(pairs), "--current", active.info.path, "--out", str(candidate)),
-                *("--verdict", str(judged), "--holdout", f"{int(cfg.retrain_holdout)}", "--model-version", version),
-                *("--seed", str(int(now) % (1 << 31))),
-            ]
-            try:
-                await asyncio.to_thread(
-                    run_training, TRAIN_MODULE, args, timeout=cfg.retrain_timeout, python=self._python
-                )
-                figures = json.loads(await asyncio.to_thread(judged.read_text))
-            except (RetrainError, OSError, ValueError) as exc:
-                candidate.unlink(missing_ok=True)
-                return RetrainOutcome(False, f"retraining failed: {exc}")
-        activate, reason = verdict(figures["candidate"], figures["active"])
-        if not activate:
-            candidate.unlink(missing_ok=True)
-            return RetrainOutcome(False, reason)
-        try:
-            model = await asyncio.to_thread(ScalingModel.load, candidate)
-        except ModelLoadError as exc:
-            candidate.unlink(missing_ok=True)
-            return RetrainOutcome(False, f"the candidate does not load: {exc}")
-        await asyncio.to_thread(self._remember, candidate, model.info.version)
-        self._autoscaler.use_model(model)
-        previous = Path(active.info.path)
-        if previous.parent == self._dir and previous.name.startswith(RETRAINED_PREFIX):
-            # a retrained model this one replaced: never served again
-            await asyncio.to_thread(previous.unlink, missing_ok=True)
-        return RetrainOutcome(True, reason, str(candidate))
 
-    def _remember(self, path: Path, version: str) -> None:
-        """Name the active model for the next start: a temporary file renamed over the last one."""
-        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".scaling-active-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"path": str(path), "version": version}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).replace(self._dir / ACTIVE_FILE)
+        async def swap(candidate: Path) -> str:
+            model = await asyncio.to_thread(ScalingModel.load, candidate)
+            self._autoscaler.use_model(model)
+            return model.info.version
+
+        return await self._retraining.round(
+            data,
+            self._autoscaler.model.info.path,
+            f"{int(self._config.scaling.retrain_holdout)}",
+            self._clock(),
+            verdict,
+            swap,
+        )
