@@ -89,3 +89,33 @@ def test_bad_input_is_refused_clearly() -> None:
         replace(CorrelationConfig(), alpha=0.0)
     with pytest.raises(ValueError, match="different lengths"):
         ComponentSeries(np.ones(3), np.ones(3), np.ones(3), np.ones(3), np.ones(2))
+
+
+def _thinned_window(
+    seed: int, seconds: int = 480, scale: float = 0.35
+) -> tuple[list[tuple[str, str, int]], dict[str, ComponentSeries]]:
+    """An 8-minute window around the biggest burst of a bursty trace (true lags 15 s and 25 s), each
+    second's requests thinned to `scale` as bench/scaling.py replays them, CPU from those requests:
+    mostly counting noise, as the coordinator sees a lightly loaded pipeline."""
+    trace = generate(TraceSpec(REGIMES["bursty"], seed, duration_s=3600))
+    smooth = np.convolve(trace.offered, np.ones(10) / 10, mode="same")
+    lo = int(np.argmax(smooth[seconds:-seconds])) + seconds // 2
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, c in trace.components.items():
+        part = c.window(lo, lo + seconds)
+        rate = rng.binomial(part.rate.astype(np.int64), scale).astype(np.float64)
+        cpu = 0.005 + 0.002 * rate * np.exp(rng.normal(0.0, 0.05, seconds))
+        out[name] = replace(part, rate=rate, cpu=cpu)
+    return trace.edges, out
+
+
+@pytest.mark.parametrize("seed", [2, 3, 5, 8])
+def test_finds_a_25_s_lead_in_a_short_noisy_window(seed: int) -> None:
+    edges, series = _thinned_window(seed)
+    assert [lag for _, _, lag in edges] == [15, 25]
+    config = CorrelationConfig(max_lag_s=40, downstream_metrics=("cpu",))
+    for up, down, true_lag in edges:
+        link = lead(pair_links(up, series[up], down, series[down], config))
+        assert link is not None, (up, down)
+        assert abs(link.lag_s - true_lag) <= 1, (up, down, link)

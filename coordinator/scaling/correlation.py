@@ -4,9 +4,13 @@ For one upstream/downstream pair of components (an edge of a deployment or chain
 metrics (upstream m_u, downstream m_d, METRICS x METRICS) is tested on the components' per-second
 series over the same window:
 
-1. **First differences, as normal scores.** Both series are differenced first: a diurnal wave or a
-   slow trend shared by two unrelated components correlates them at every lag; the changes do not
-   (and the change in upstream traffic is what reaches downstream a lag later). The differences are
+1. **Prewhitened, as normal scores.** An autoregressive model of order `ar_order` is fitted to the
+   upstream series (`statsmodels.tsa.ar_model.AutoReg`) and both series are passed through its filter
+   (Box-Jenkins prewhitening): the upstream becomes white noise, so a wave, a trend or a burst's
+   plateau shared by two components no longer correlates them at every lag, while what upstream
+   adds at time t still shows downstream at t + lag. Per-second request counts are mostly counting
+   noise; first differences would double that noise and leave a 25 s lead's correlation at the
+   threshold over an 8-minute window, prewhitening keeps it well above. The filtered series are
    then replaced by their normal scores (rank-based, van der Waerden): spiky series such as errors
    otherwise pass the tests below on a few coincident spikes of two unrelated components.
 2. **Cross-correlation** (`statsmodels.tsa.stattools.ccf`): r(k) = corr(d_{t+k}, u_t) for k in
@@ -32,6 +36,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.stats import norm, rankdata
+from statsmodels.tsa.ar_model import AutoReg
+from statsmodels.tsa.filters.filtertools import convolution_filter
 from statsmodels.tsa.stattools import acf, ccf, grangercausalitytests
 
 from coordinator.scaling.series import METRICS, Array, ComponentSeries
@@ -47,12 +53,16 @@ class CorrelationConfig:
     downstream_metrics: tuple[str, ...] = METRICS
     min_samples: int = 300
     """Fewer seconds than this (or than 5x max_lag) is too little to say anything."""
+    ar_order: int = 10
+    """Order of the upstream's autoregressive model that prewhitens both series."""
 
     def __post_init__(self) -> None:
         if self.max_lag_s < 1:
             raise ValueError(f"max_lag_s must be >= 1, not {self.max_lag_s}")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), not {self.alpha}")
+        if self.ar_order < 1:
+            raise ValueError(f"ar_order must be >= 1, not {self.ar_order}")
         unknown = set(self.upstream_metrics + self.downstream_metrics) - set(METRICS)
         if unknown:
             raise ValueError(f"unknown metrics {sorted(unknown)} (known: {', '.join(METRICS)})")
@@ -69,7 +79,7 @@ class Link:
     lag_s: int
     """The upstream change shows downstream this many seconds later."""
     correlation: float
-    """r at the lag, of the differenced series (signed; its size is the strength)."""
+    """r at the lag, of the prewhitened series (signed; its size is the strength)."""
     threshold: float
     """|r| two independent series exceed with probability alpha/M over all lags."""
     granger_p: float
@@ -84,13 +94,27 @@ class NotEnoughData(ValueError):
     """The window is too short, or the two series are not the same seconds."""
 
 
-def _changes(x: Array) -> Array:
-    """First differences as normal scores (ties share their mean rank)."""
-    d = np.diff(np.asarray(x, np.float64))
-    if np.std(d) == 0:
-        return d
-    ranks = rankdata(d)
-    return np.asarray(norm.ppf((ranks - 0.5) / len(d)), np.float64)
+def _normal_scores(x: Array) -> Array:
+    """x replaced by its normal scores (ties share their mean rank)."""
+    if np.std(x) == 0:
+        return x
+    ranks = rankdata(x)
+    return np.asarray(norm.ppf((ranks - 0.5) / len(x)), np.float64)
+
+
+def _prewhitened(u: Array, d: Array, order: int) -> tuple[Array, Array]:
+    """u and d through the filter that turns u into white noise (u's AR model), as normal scores."""
+    u = np.asarray(u, np.float64) - float(np.mean(u))
+    d = np.asarray(d, np.float64) - float(np.mean(d))
+    if np.std(u) == 0:
+        return u[order:], d[order:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # near-singular fits on almost flat series: the filter still holds
+        phi = np.asarray(AutoReg(u, lags=order, trend="n").fit().params, np.float64)
+    taps = np.concatenate([[1.0], -phi])
+    wu = np.asarray(convolution_filter(u, taps, nsides=1), np.float64)[order:]
+    wd = np.asarray(convolution_filter(d, taps, nsides=1), np.float64)[order:]
+    return _normal_scores(wu), _normal_scores(wd)
 
 
 def _bartlett_se(u: Array, d: Array, n: int, nlags: int) -> float:
@@ -121,7 +145,7 @@ def metric_link(
 ) -> Link:
     """The best lag of upstream series u against downstream series d (raw, per second), `tests`
     metric pairs sharing the error budget."""
-    du, dd = _changes(u), _changes(d)
+    du, dd = _prewhitened(u, d, config.ar_order)
     n = len(du)
     quantile = float(norm.ppf(1.0 - config.alpha / (2.0 * tests * config.max_lag_s)))
     threshold = quantile * _bartlett_se(du, dd, n, config.max_lag_s)
