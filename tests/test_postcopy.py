@@ -242,6 +242,23 @@ async def test_link_cut_at_the_decision(base_dir: Path) -> None:
         assert no_postcopy_helpers(mesh) == []
 
 
+async def test_a_resume_that_does_not_get_through(base_dir: Path) -> None:
+    """Sending `resume` fails (on a cut link it times out behind page replies): the source closes the
+    link and waits; the target asks for the decision, hears "commit" and comes back for its pages."""
+    async with fleet(base_dir, hosts=2, idle_timeout=2.0) as mesh:
+        h1, h2 = mesh["h1"], mesh["h2"]
+        await restart_with(h1, "source.resume=error")
+        await run_memhog(h1, mesh, "hog", resident_mib=32, rewrite_mbps=2)
+        record = await asyncio.wait_for(migrate(h1, "hog", "h2", mode="lazy"), 120)
+        assert record["state"] == "COMMIT", (record["error"], record["history"])
+        assert (await wait_done(h2))["state"] == "COMMIT"
+        assert task_states(h2) == {"hog": "RUNNING"} and "hog" not in task_states(h1)
+        assert await verify_memory(h2, "hog") == "ok"
+        assert "resume not delivered" in h1.agent_log.read_text()
+        assert "no decision from the source yet" in h2.agent_log.read_text()
+        assert no_postcopy_helpers(mesh) == []
+
+
 async def test_target_agent_restart_during_postcopy(mesh: Mesh) -> None:
     """The pager and the lazy-pages daemon outlive the agent; the new agent resumes from its journal."""
     h1, h2 = mesh["h1"], mesh["h2"]

@@ -491,9 +491,9 @@ class SourceMigration:
                 await self.ctx.failpoints.hit("source.decided")
                 if self._service_ip:  # traffic goes to the target; our veth stays until the copy is removed
                     await self.ctx.network.unpublish(self._service_ip)
-                await link.send(Resume())
-                pages.push_link = link
-                pusher = asyncio.create_task(self._push(link, pages, final, progress), name="postcopy-push")
+                if await self._send_resume(link):
+                    pages.push_link = link
+                    pusher = asyncio.create_task(self._push(link, pages, final, progress), name="postcopy-push")
                 await pages.expect(Resumed, traffic, self._link or link)
                 resumed_at = time.monotonic()
                 self._progress(
@@ -553,6 +553,22 @@ class SourceMigration:
         )
         await self._advance(Event.SWITCHED)
         return link
+
+    async def _send_resume(self, link: Link) -> bool:
+        """Tell the target to run its copy. On a cut link the send blocks behind page replies and times
+        out: the link is closed then, so neither side goes on over one that may have lost a message.
+        The target asks for the decision itself and comes back for its pages (`_serve_postcopy` waits)."""
+        try:
+            await self.ctx.failpoints.hit("source.resume")
+            await link.send(Resume())
+        except (TimeoutError, OSError, FerrymanError) as exc:
+            log.warning(
+                "resume not delivered, the target asks for the decision",
+                extra={"migration": self.record.id, "error": describe_failure(exc)},
+            )
+            await link.close()
+            return False
+        return True
 
     async def _push(self, link: Link, pages: SourcePages, image_dir: Path, progress: Callable[[int], None]) -> None:
         """Push every lazy page to the target (pagepush); a failure only ends the push. Fault tests
