@@ -579,8 +579,11 @@ class ReplicaService:
                     continue  # the wait ran out with nothing new
                 seq = int(health.get("seq", seq))
                 healthy = health.get("status") == "healthy"
-                if not healthy and await self._deployments.migrating(replica.container):
-                    continue  # its source freezes and ends its copy: the target's is followed next
+                if not healthy and await self._deployments.moving_from(replica.container, replica.host):
+                    # its source freezes and ends its copy: the target's is followed
+                    if await self._followed(deployment_id, name, replica):
+                        seq, moved = 0, True
+                    continue
                 if health.get("status") == "starting" and moved:
                     continue
                 moved = False

@@ -790,8 +790,10 @@ class DeploymentService:
                 continue  # the wait ran out with nothing new
             seq = int(health.get("seq", seq))
             status = health.get("status")
-            if status != "healthy" and await self._migrating(component.container):
+            if status != "healthy" and await self.moving_from(component.container, component.host):
                 # The source freezes and then ends its copy: not a failure, the target's copy is followed.
+                if await self._followed(deployment_id, component):
+                    seq, moved = 0, True
                 continue
             if status == "starting" and moved:
                 continue
@@ -799,27 +801,25 @@ class DeploymentService:
             why = f"{name} on {component.host} became {status}: {_last_output(health)}"
             await self._seen(deployment_id, name, status == "healthy", why)
 
-    async def _migrating(self, container: str) -> bool:
-        return await self.migrating(container)
-
-    async def migrating(self, container: str) -> bool:
-        """Whether a coordinator migration of `container` (alone or with its volume group) is under way."""
-        return any(m.container == container for m in await self._store.list_migrations(active_only=True))
+    async def moving_from(self, container: str, recorded: str) -> bool:
+        """Whether a migration moves `container` off `recorded` now or has moved it (the record has not
+        followed yet). The status its old copy reports then (frozen, stopped) is no failure: the
+        source's health can arrive after the coordinator has seen the migration commit."""
+        where, _ = await self.locate(container, recorded)
+        return where is not Whereabouts.LOST
 
     async def locate(self, container: str, recorded: str) -> tuple[Whereabouts, str]:
         """Where a container its recorded host does not have is (`whereabouts`): moving, moved (to
         the host returned), or lost. Components and replicas alike."""
-        migrations = await self._store.list_migrations()
-        committed = [
-            m
-            for m in migrations
-            if m.container == container and m.source == recorded and m.state is MigrationState.COMMITTED
-        ]
+        migrations = [m for m in await self._store.list_migrations() if m.container == container]
+        committed = [m for m in migrations if m.state is MigrationState.COMMITTED]
+        # Only the last move counts: one that left `recorded` and was followed back again does not.
+        last = max(committed, key=lambda m: m.updated_at) if committed else None
         return whereabouts(
             recorded,
             [h.name for h in await self._store.list_hosts() if any(c.id == container for c in h.containers)],
-            any(m.container == container and not m.done for m in migrations),
-            max(committed, key=lambda m: m.updated_at).target if committed else None,
+            any(not m.done for m in migrations),
+            last.target if last is not None and last.source == recorded else None,
         )
 
     async def _followed(self, deployment_id: str, component: ComponentRecord) -> bool:
