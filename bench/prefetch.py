@@ -20,8 +20,10 @@ the trace's images and blobs before each:
        its start history, `warming.plan` picks them under the waste controller's aggressiveness
        (coordinator/waste_control.py, a round every 300 trace-seconds) and the host's agent fetches
        each (`POST /v1/prefetch/layers/{digest}`, peers first) under a lease of the model's 1 h of
-       trace time (`--ttl-scale` of it in wall seconds on the agent). With `--retrain-every` (1 trace
-       hour), the coordinator's retraining rounds (coordinator/warm_retraining.py) run on the starts
+       trace time: the bench ends the agent's lease itself when a start uses the warm or its trace
+       hour passes (`ctr leases delete`), so the lease follows trace time however long a trace hour
+       takes on the wall. With `--retrain-every` (1 trace hour), the coordinator's retraining
+       rounds (coordinator/warm_retraining.py) run on the starts
        recorded before each round from the window's start on, holding out `--retrain-holdout-h`, and
        a candidate that beats the served model replaces it from that trace time on (computed before
        the passes: their inputs are the trace's).
@@ -97,6 +99,9 @@ SHARING: dict[str, Any] = {"stall_timeout": 10.0}
 EVAL = EvalConfig()
 LINK = 12.5e6
 """100 Mbit/s, as the registry's shaping."""
+AGENT_TTL = 3 * 3600.0
+"""The agent's lease of a warm in wall seconds: longer than any pass; the bench ends each lease on
+trace time."""
 
 
 @dataclass
@@ -162,6 +167,7 @@ class PassResult:
     warm_requests: int = 0
     failed_warms: int = 0
     predict_ms: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
     model_ms: list[float] = field(default_factory=list)
     thresholds: list[float] = field(default_factory=list)
     evicted_before_create: int = 0
@@ -205,6 +211,9 @@ async def run_pass(
     state: ControlState = initial(predictor.info.threshold, limits)
     window = [0] * 7
     pending: dict[str, dict[str, tuple[int, float]]] = {h: {} for h in trace.hosts}
+    """host -> digest -> (bytes, trace time its lease ends): warms no start used yet."""
+    leases: dict[str, dict[str, str]] = {h: {} for h in trace.hosts}
+    """host -> digest -> the agent's lease of its warm, until the bench ends it."""
     next_round = replay.begin + EVAL.control_s
     lease = predictor.info.lease
     counted = 0
@@ -217,21 +226,30 @@ async def run_pass(
             shadow[host].start(s.ts, s.layers, SimResult(), False)
     warmed_at: dict[str, dict[str, tuple[float, float]]] = {h: {} for h in trace.hosts}
     """host -> digest -> (trace ts, wall time) of its last warm in this pass."""
-    agent_ttl = max(10.0, lease * args.ttl_scale)
 
-    def expire(now: float) -> None:
-        for digests in pending.values():
-            for d in [d for d, (_, until) in digests.items() if until <= now]:
+    async def end_leases(host: str, digests: Sequence[str], collect: bool) -> None:
+        """The agent's leases of these warms ended now (trace time), as the lease of 1 trace hour
+        would end them: with `collect`, containerd collects the blobs no image holds."""
+        ids = [leases[host].pop(d) for d in digests if d in leases[host]]
+        if ids:
+            await by_name[names[host]].actr("leases", "delete", *(["--sync"] if collect else []), *ids)
+
+    async def expire(now: float) -> None:
+        for host, digests in pending.items():
+            ended = [d for d, (_, until) in digests.items() if until <= now]
+            for d in ended:
                 size, _ = digests.pop(d)
                 out.wasted += size
                 window[1] += size
                 window[2] += 1
+            await end_leases(host, ended, collect=True)
 
     later = list(swaps)
+    wall0 = time.perf_counter()
     for n, (ts, kind, host, i) in enumerate(replay.events):
         while prefetch and later and ts >= later[0][0]:
             predictor = later.pop(0)[1]  # what the retraining round swapped in at that trace time
-        expire(ts)
+        await expire(ts)
         for cache in shadow.values():
             cache.expire(ts, out.shadow)
         while prefetch and ts >= next_round:
@@ -261,11 +279,11 @@ async def run_pass(
                         "sim_local": d in shadow[host].entries,
                         "warmed_at": at[0] if at else None,
                         "pending": d in pending[host],
-                        # a warm whose layer is gone before its start: the agent's lease ended (wall
+                        # a warm whose layer is gone before its start: its lease ended unused (trace
                         # time) or the bound evicted it after the start that used it
                         "lost": None
                         if at is None or present
-                        else ("agent lease ended" if time.perf_counter() - at[1] > agent_ttl else "evicted"),
+                        else ("lease ended" if ts - at[0] >= lease else "evicted"),
                     }
                 )
             shadow[host].start(ts, start.layers, out.shadow, counted + 1 > args.warmup)
@@ -297,6 +315,8 @@ async def run_pass(
                     out.used += size
                     window[2] += 1
                     window[6] += size
+            # a used warm is an ordinary layer now (the image holds it), as in the cache simulation
+            await end_leases(host, [d for d in start.layers if d in leases[host]], collect=False)
             window[3] += 1
             window[4] += local
             hosts[host].add(start, fleet_starts)
@@ -333,10 +353,15 @@ async def run_pass(
         have = await held_digests(agent)
         held = {d for d in built if built[d].digest in have}
         for c in plan(candidates, held, set(pending[host]), agg, budget):
-            body = {"ref": layer_ref[c.digest], "ttl": max(10.0, lease * args.ttl_scale), "model": predictor.version}
+            # The bench ends each lease itself on trace time (used, or 1 trace hour unused): a lease
+            # in wall seconds scaled from trace time ended early whenever a trace hour took longer
+            # on the wall than planned (load, slower pulls). The agent's TTL only bounds a lease the
+            # bench leaves behind.
+            body = {"ref": layer_ref[c.digest], "ttl": AGENT_TTL, "model": predictor.version}
             out.warm_requests += 1
             try:
-                await api(agent, "POST", f"/v1/prefetch/layers/{built[c.digest].digest}", body, expect=200)
+                warmed = await api(agent, "POST", f"/v1/prefetch/layers/{built[c.digest].digest}", body, expect=200)
+                leases[host][c.digest] = warmed["lease"]
             except AssertionError as exc:
                 out.failed_warms += 1
                 print(f"  warm failed: {exc}", flush=True)
@@ -359,6 +384,9 @@ async def run_pass(
             window[5] += 1
     for digests in pending.values():  # still pending at the end: not used either
         out.wasted += sum(size for size, _ in digests.values())
+    for host, held_leases in leases.items():  # no lease outlives its pass
+        await end_leases(host, list(held_leases), collect=False)
+    out.wall_s = time.perf_counter() - wall0
     return out
 
 
@@ -451,7 +479,6 @@ async def main() -> None:
     parser.add_argument("--after-h", type=float, default=3.0, help="trace hours replayed after the shift")
     parser.add_argument("--scale", type=int, default=16, help="layer bytes = trace bytes / scale")
     parser.add_argument("--cache-share", type=float, default=0.6)
-    parser.add_argument("--ttl-scale", type=float, default=0.01, help="agent lease seconds per trace second")
     parser.add_argument("--prime-h", type=float, default=2.0, help="trace hours of starts pulled before a pass")
     parser.add_argument("--warmup", type=int, default=5, help="starts of a pass not counted")
     parser.add_argument("--rounds", type=int, default=1)
@@ -549,7 +576,8 @@ async def main() -> None:
                     f"{statistics.mean(res.latencies):.2f} s, warmed {res.warmed / 1e6:.1f} MB "
                     f"({res.warm_requests} requests, {res.failed_warms} failed), used {res.used / 1e6:.1f} MB, "
                     f"wasted {res.wasted / 1e6:.1f} MB; {res.evicted_before_create} images evicted between "
-                    f"pull and create; {time.perf_counter() - t0:.0f} s",
+                    f"pull and create; {time.perf_counter() - t0:.0f} s "
+                    f"({res.wall_s / (args.before_h + args.after_h):.0f} s of wall time per trace hour)",
                     flush=True,
                 )
                 print(
