@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-FEATURES_VERSION = "warm-features/2"
+FEATURES_VERSION = "warm-features/3"
 FEATURE_NAMES: tuple[str, ...] = (
     "share_last_5",
     "share_last_20",
@@ -47,6 +47,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "signature_due",
     "signature_irregularity",
     "follow_host",
+    "follow_fleet",
 )
 N_FEATURES = len(FEATURE_NAMES)
 DAY = 86400.0
@@ -55,9 +56,11 @@ KEEP_STARTS = 100
 WINDOWS = (5, 20, KEEP_STARTS)
 """The share of a host's last 5, 20 and 100 starts that needed a layer."""
 FLEET_CANDIDATES = 16
+"""Besides the layers a host used, the fleet's most used layers right now are candidates, and as many
+of the layers that followed the host's last signature across the fleet."""
 FOLLOW_S = 900.0
-"""`follow_host`: which layers the host's starts needed within this long after a start of a signature."""
-"""Besides the layers a host used, the fleet's most used layers right now are candidates."""
+"""`follow_host`, `follow_fleet`: which layers starts on the same host needed within this long after a
+start of a signature."""
 
 
 @dataclass(frozen=True)
@@ -136,11 +139,16 @@ class FleetStarts:
         self.popularity = _Decayed(6 * HOUR)
         self.signature_layers: dict[str, tuple[str, ...]] = {}
         self.chains: dict[str, dict[str, int]] = {}
+        self.follows: dict[str, dict[str, int]] = {}
+        """Per signature: per layer, how many of its starts on any host were followed on that host
+        within FOLLOW_S by a start that needed the layer (HostStarts counts them)."""
+        self.signature_starts: dict[str, int] = {}
 
     def add(self, start: Start, previous: str | None) -> None:
         rows = self.layers.ids(start.layers)
         self.popularity.add(start.ts, rows, len(self.layers.digests))
         self.signature_layers[start.signature] = start.layers
+        self.signature_starts[start.signature] = self.signature_starts.get(start.signature, 0) + 1
         if previous is not None:
             nxt = self.chains.setdefault(previous, {})
             nxt[start.signature] = nxt.get(start.signature, 0) + 1
@@ -159,6 +167,21 @@ class FleetStarts:
 
     def chain_share(self, previous: str | None, digests: Sequence[str]) -> npt.NDArray[np.float64]:
         return chain_share(self.chains.get(previous or "", {}), self.signature_layers, digests)
+
+    def follow_share(self, previous: str | None, digests: Sequence[str]) -> npt.NDArray[np.float64]:
+        """Per layer, the share of the fleet's starts of `previous` that a start needing it followed
+        within FOLLOW_S on the same host: NaN when the fleet never started `previous`. A host
+        starting a signature it never ran (a new release) learns its workflow from other hosts."""
+        seen = self.signature_starts.get(previous or "", 0)
+        if not seen:
+            return np.full(len(digests), np.nan)
+        follows = self.follows.get(previous or "", {})
+        return np.array([follows.get(d, 0) / seen for d in digests], np.float64)
+
+    def followers(self, previous: str | None, n: int = FLEET_CANDIDATES) -> list[str]:
+        """The `n` layers that most often followed `previous` across the fleet (ties: first seen first)."""
+        follows = self.follows.get(previous or "", {})
+        return [d for d, _ in sorted(follows.items(), key=lambda kv: -kv[1])[:n]]
 
 
 def chain_share(
@@ -245,12 +268,12 @@ class HostStarts:
         if previous is not None:
             nxt = self.chains.setdefault(previous, {})
             nxt[start.signature] = nxt.get(start.signature, 0) + 1
-        self._add_signature(start)
+        self._add_signature(start, fleet)
         self.recent.append((start, rows))
         if fleet is not None:
             fleet.add(start, previous)
 
-    def _add_signature(self, start: Start) -> None:
+    def _add_signature(self, start: Start, fleet: FleetStarts | None) -> None:
         """Per signature: the regularity of its starts (crons) and what followed it."""
         runs = self.signature_runs.get(start.signature)
         if runs is None:
@@ -269,10 +292,12 @@ class HostStarts:
             self.open_follows.popleft()
         for _, sig, seen in self.open_follows:
             counts = self.follows.setdefault(sig, {})
+            fleet_counts = fleet.follows.setdefault(sig, {}) if fleet is not None else {}
             for d in start.layers:
                 if d not in seen:
                     seen.add(d)
                     counts[d] = counts.get(d, 0) + 1
+                    fleet_counts[d] = fleet_counts.get(d, 0) + 1
         self.open_follows.append((start.ts, start.signature, set()))
         self.signature_starts[start.signature] = self.signature_starts.get(start.signature, 0) + 1
 
@@ -297,11 +322,13 @@ class HostStarts:
         return out
 
     def candidates(self, now: float, fleet: FleetStarts | None = None) -> list[str]:
-        """The layers worth scoring: those of the host's last starts, then the fleet's most used."""
+        """The layers worth scoring: those of the host's last starts, then the fleet's most used, then
+        those that most often followed the host's last signature across the fleet."""
         recent = np.flatnonzero(self.window_counts[-1] > 0) if self.recent else np.empty(0, np.int64)
         out = dict.fromkeys(self.layers.digests[i] for i in recent.tolist())
         if fleet is not None:
             out.update(dict.fromkeys(fleet.popular(now)))
+            out.update(dict.fromkeys(fleet.followers(self.last_signature)))
         return list(out)
 
     def features(self, now: float, digests: Sequence[str], fleet: FleetStarts | None = None) -> npt.NDArray[np.float32]:
@@ -328,6 +355,7 @@ class HostStarts:
         if fleet is not None:
             X[:, 8] = fleet.chain_share(last, digests)
             X[:, 15] = fleet.shares(now, digests)
+            X[:, 20] = fleet.follow_share(last, digests)
         hour = int((now % DAY) // HOUR)
         bins = [hour, (hour + 1) % 24]
         starts_in_bins = self.hourly_starts[bins].sum()

@@ -55,7 +55,7 @@ the waste controller (coordinator/waste_control.py) every warm period, starting 
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 20261205
-    model_version: str = "warm-2"
+    model_version: str = "warm-3"
     train_hosts: int = 12
     train_days: float = 3.0
     val_hosts: int = 8
