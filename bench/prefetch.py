@@ -22,7 +22,7 @@ the trace's images and blobs before each:
        each (`POST /v1/prefetch/layers/{digest}`, peers first) under a lease of the model's 1 h of
        trace time: the bench ends the agent's lease itself when a start uses the warm or its trace
        hour passes (`ctr leases delete`), so the lease follows trace time however long a trace hour
-       takes on the wall. With `--retrain-every` (1 trace hour), the coordinator's retraining
+       takes on the wall. With `--retrain-every` (2 trace hours), the coordinator's retraining
        rounds (coordinator/warm_retraining.py) run on the starts
        recorded before each round from the window's start on, holding out `--retrain-holdout-h`, and
        a candidate that beats the served model replaces it from that trace time on (computed before
@@ -48,7 +48,13 @@ Before the passes the same simulation says what the window allows at the bound: 
 oracle warming each host's next start, and warms that know the generator's workflows and crons
 (`replay_window`, `oracle_ranker`, `structure_ranker`).
 
-Run as root from the repo: .venv/bin/python bench/prefetch.py [--rounds 1] [--before-h 3] [--after-h 3]
+The defaults: 3 trace hours before the shift and 9 after (285 starts, 214 of them after the shift:
+enough 50-start windows to see whether the hit rate comes back), layers at 1/4 of the trace's sizes
+(an image of 25-100 MB, so a start that misses spends most of its time fetching layers, over the
+100 Mbit/s link or from a peer, against ~0.2 s of containerd's create and start with every layer
+local); 15-20 min on a busy 2-core box.
+
+Run as root from the repo: .venv/bin/python bench/prefetch.py [--rounds 1] [--before-h 3] [--after-h 9]
 """
 
 from __future__ import annotations
@@ -476,15 +482,15 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=20261231, help="the trace's seed (not the card's)")
     parser.add_argument("--before-h", type=float, default=3.0, help="trace hours replayed before the shift")
-    parser.add_argument("--after-h", type=float, default=3.0, help="trace hours replayed after the shift")
-    parser.add_argument("--scale", type=int, default=16, help="layer bytes = trace bytes / scale")
+    parser.add_argument("--after-h", type=float, default=9.0, help="trace hours replayed after the shift")
+    parser.add_argument("--scale", type=int, default=4, help="layer bytes = trace bytes / scale")
     parser.add_argument("--cache-share", type=float, default=0.6)
     parser.add_argument("--prime-h", type=float, default=2.0, help="trace hours of starts pulled before a pass")
     parser.add_argument("--warmup", type=int, default=5, help="starts of a pass not counted")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--rate", default="100mbit")
     parser.add_argument(
-        "--retrain-every", type=float, default=1.0, help="trace hours between retraining rounds (0: none)"
+        "--retrain-every", type=float, default=2.0, help="trace hours between retraining rounds (0: none)"
     )
     parser.add_argument("--retrain-holdout-h", type=float, default=1.5, help="trace hours a round holds out")
     parser.add_argument("--record", type=Path, help="write every start and warm of every pass here (JSON lines)")
