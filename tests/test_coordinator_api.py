@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
@@ -137,17 +138,32 @@ async def test_deep_or_huge_bodies_are_400_and_store_nothing(
         # A lone surrogate: json.loads makes a str protobuf cannot encode; a 500 (found by the fuzz suite).
         ("h1", "/v1/telemetry", b'{"host": "", "samples": ["\\ud800"]}', "surrogate"),
         # SQLite's INTEGER overflowed at 2**63 (OverflowError, a 500); 1 PiB is the sane maximum.
-        ("ops", "/v1/reservations", json.dumps({**place, "capacity": {"memory_bytes": 1 << 63}}).encode(),
-         "body.capacity.memory_bytes"),
-        ("ops", "/v1/reservations", json.dumps({**place, "capacity": {"disk_bytes": 10**40}}).encode(),
-         "body.capacity.disk_bytes"),
+        (
+            "ops",
+            "/v1/reservations",
+            json.dumps({**place, "capacity": {"memory_bytes": 1 << 63}}).encode(),
+            "body.capacity.memory_bytes",
+        ),
+        (
+            "ops",
+            "/v1/reservations",
+            json.dumps({**place, "capacity": {"disk_bytes": 10**40}}).encode(),
+            "body.capacity.disk_bytes",
+        ),
         ("ops", "/v1/reservations", json.dumps({**place, "layers": {"sha256:x": 1 << 64}}).encode(), "body.layers"),
         ("ops", "/v1/reservations", b'{"capacity": {"cpu_millis": ' + b"7" * 5000 + b"}}", "not valid JSON"),
-        ("h1", "/v1/register", json.dumps(registration("h1", memory_bytes=(1 << 64) - 1)).encode(),
-         "Registration.capacity.memory_bytes"),
-        ("h1", "/v1/telemetry",
-         json.dumps({"host": "h1", "samples": [sample(time.time(), memory_total_bytes=(1 << 63) + 1)]}).encode(),
-         "TelemetryBatch.samples[0].memory_total_bytes"),
+        (
+            "h1",
+            "/v1/register",
+            json.dumps(registration("h1", memory_bytes=(1 << 64) - 1)).encode(),
+            "Registration.capacity.memory_bytes",
+        ),
+        (
+            "h1",
+            "/v1/telemetry",
+            json.dumps({"host": "h1", "samples": [sample(time.time(), memory_total_bytes=(1 << 63) + 1)]}).encode(),
+            "TelemetryBatch.samples[0].memory_total_bytes",
+        ),
     ]
     for who, path, raw, needle in cases:
         identity = pki.operator("alice") if who == "ops" else pki.agent(who)
@@ -170,12 +186,18 @@ async def test_non_finite_and_out_of_range_numbers_are_400(
     now = time.time()
     cases: list[tuple[str, str, bytes, str]] = [
         # An event 1e300 s ahead (or before 1970) was stored as it came: only NaN was refused.
-        ("h1", "/v1/telemetry",
-         json.dumps({"host": "h1", "samples": [sample(now, events=[{"ts": 1e300, "kind": "OOM_KILL"}])]}).encode(),
-         "events[0].ts"),
-        ("h1", "/v1/telemetry",
-         json.dumps({"host": "h1", "samples": [sample(now, events=[{"ts": -1, "kind": "OOM_KILL"}])]}).encode(),
-         "events[0].ts"),
+        (
+            "h1",
+            "/v1/telemetry",
+            json.dumps({"host": "h1", "samples": [sample(now, events=[{"ts": 1e300, "kind": "OOM_KILL"}])]}).encode(),
+            "events[0].ts",
+        ),
+        (
+            "h1",
+            "/v1/telemetry",
+            json.dumps({"host": "h1", "samples": [sample(now, events=[{"ts": -1, "kind": "OOM_KILL"}])]}).encode(),
+            "events[0].ts",
+        ),
         ("h1", "/v1/telemetry", b'{"host": "h1", "samples": [{"ts": NaN}]}', "finite"),
         ("h1", "/v1/telemetry", b'{"host": "h1", "samples": [{"ts": 1e999}]}', "finite"),
         ("h1", "/v1/register", json.dumps(registration("h1", telemetry_period_s="Infinity")).encode(), "finite"),
@@ -219,6 +241,45 @@ async def test_telemetry_in_binary_protobuf_is_checked_as_json_is(
     async with coordinator.client(pki.operator("alice")) as ops:
         _, host = await ops.get("/v1/hosts/h1")
         assert host["telemetry_samples"] == 2  # none of the refused pushes
+
+
+async def test_a_bad_message_on_the_telemetry_stream_is_answered_and_the_session_goes_on(
+    coordinator: CoordinatorProcess, pki: CoordinatorPki
+) -> None:
+    await _register(coordinator, pki, "h1")
+    now = time.time()
+    nan = fleet_pb2.TelemetryBatch(host="h1", samples=[fleet_pb2.TelemetrySample(ts=now, cpu_util=float("nan"))])
+    refused = [
+        (b"\xff\xff\xff\xff", "invalid_request", "not a binary TelemetryBatch"),
+        (nan.SerializeToString(), "invalid_request", "TelemetryBatch.samples[0].cpu_util"),
+        (telemetry_body("h2", [sample(now)]), "forbidden", "'h2'"),
+        ("a text message", "invalid_request", "binary TelemetryBatch messages only"),
+    ]
+    async with (
+        coordinator.client(pki.agent("h1")) as h1,
+        h1.session.ws_connect(
+            coordinator.url + "/v1/telemetry/stream", ssl=h1.ctx, server_hostname=COORDINATOR_NAME
+        ) as ws,
+    ):
+        for message, code, needle in refused:
+            if isinstance(message, bytes):
+                await ws.send_bytes(message)
+            else:
+                await ws.send_str(message)
+            answer = await ws.receive(timeout=10)
+            assert answer.type is aiohttp.WSMsgType.TEXT, (needle, answer)
+            error = json.loads(answer.data)["error"]
+            assert error["code"] == code and needle in error["message"], (needle, error)
+        await ws.send_bytes(telemetry_body("h1", [sample(now - 5), sample(now)]))
+        answer = await ws.receive(timeout=10)
+        assert answer.type is aiohttp.WSMsgType.BINARY, answer
+        assert fleet_pb2.TelemetryAck.FromString(answer.data) == fleet_pb2.TelemetryAck(accepted=2)
+    async with coordinator.client(pki.operator("alice")) as ops:
+        _, host = await ops.get("/v1/hosts/h1")
+        assert host["telemetry_samples"] == 2  # none of the refused messages
+        # Only agents open a session: an operator's certificate is refused before the upgrade.
+        status, body = await ops.get("/v1/telemetry/stream")
+        assert status == 403 and body["error"]["code"] == "forbidden", body
 
 
 async def test_telemetry_is_stored_only_for_the_callers_own_host(

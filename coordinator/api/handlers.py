@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import ssl
 import weakref
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 from google.protobuf.message import Message
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -23,10 +24,11 @@ from coordinator.orchestrator import AUTO
 from coordinator.placement import Need
 from coordinator.wire import MAX_BODY_BYTES, check_digests, parse_message, to_json
 from core.config import MIGRATION_MODES
-from core.errors import InvalidRequest
+from core.errors import FerrymanError, InvalidRequest
 from core.http.errors import error_body
 from core.http.validate import (
     CAPACITY_MAX,
+    PROTOBUF,
     capacity_fields,
     check_keys,
     json_type,
@@ -48,6 +50,8 @@ DEFAULT_WAIT = 600.0
 M = TypeVar("M", bound=Message)
 
 
+SESSIONS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("telemetry_sessions")
+"""The open telemetry sessions (GET /v1/telemetry/stream), closed at shutdown."""
 PEERS: web.AppKey[weakref.WeakKeyDictionary[ssl.SSLObject, Principal | None]] = web.AppKey("peers")
 """The certificate identity of each open connection, decoded at its first request: an agent's
 kept-alive connection carries a push every few seconds, and decoding its certificate each time
@@ -88,7 +92,7 @@ LEADER_ONLY = frozenset(
 """Requests that start the leader's work (a deployment is driven, and taken over after a crash, by
 the leader only). Placements, reservations and catalog writes are atomic in the store and are
 served by any replica."""
-ANY_REPLICA = frozenset({("POST", "/v1/register"), ("POST", "/v1/telemetry")})
+ANY_REPLICA = frozenset({("POST", "/v1/register"), ("POST", "/v1/telemetry"), ("GET", "/v1/telemetry/stream")})
 """Served by any replica in full, the leader not named: agents stay on the replica they push to
 (their drain-risk samples reach the leader through the store: coordinator/history_share.py)."""
 
@@ -177,6 +181,55 @@ async def telemetry(request: web.Request) -> web.Response:
         coordinator.metrics.telemetry_rejected.inc()
         raise
     return _json({"accepted": ack.accepted, "reregister": ack.reregister})
+
+
+STREAM_HEARTBEAT = 30.0
+"""Seconds of silence after which the coordinator pings a telemetry session (a gone agent's half-open
+connection is closed after another as long without a pong)."""
+
+
+async def telemetry_stream(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/telemetry/stream`: a WebSocket session carrying the agent's pushes, one binary
+    TelemetryBatch per message, each answered in order by a binary TelemetryAck, or by a text message
+    with the error as JSON (`{"error": {"code", "message"}}`, as POST /v1/telemetry would answer it)
+    and the session kept. The same checks and the same service as the POST: only the HTTP request
+    around each push is gone, which was most of its cost (docs/benchmarks.md)."""
+    coordinator = request.app[COORDINATOR]
+    principal = _principal(request)
+    require_agent(principal, principal.name if principal else "")  # 401/403 before the upgrade
+    assert principal is not None
+    ws = web.WebSocketResponse(heartbeat=STREAM_HEARTBEAT, max_msg_size=MAX_BODY_BYTES, compress=False)
+    await ws.prepare(request)
+    request.app[SESSIONS].add(ws)
+    try:
+        async for msg in ws:  # ends at the agent's close, or the heartbeat's
+            if msg.type is WSMsgType.BINARY:
+                try:
+                    batch = parse_message(msg.data, fleet_pb2.TelemetryBatch, PROTOBUF)
+                    require_agent(principal, batch.host)
+                    ack = await coordinator.hosts.push(batch)
+                except FerrymanError as exc:
+                    coordinator.metrics.telemetry_rejected.inc()
+                    await ws.send_str(json.dumps(error_body(exc.code, exc.message)))
+                    continue
+                await ws.send_bytes(ack.SerializeToString())
+            elif msg.type is WSMsgType.TEXT:
+                coordinator.metrics.telemetry_rejected.inc()
+                error = error_body("invalid_request", "the telemetry stream takes binary TelemetryBatch messages only")
+                await ws.send_str(json.dumps(error))
+    except ConnectionResetError:  # the agent went away while answered: its next push reconnects
+        pass
+    finally:
+        request.app[SESSIONS].discard(ws)
+    return ws
+
+
+async def close_sessions(app: web.Application) -> None:
+    """On shutdown: end every telemetry session (1001, going away) so that the server need not wait
+    for them; their agents reconnect, to this replica or the next, at their next push."""
+    sessions: weakref.WeakSet[web.WebSocketResponse] = app[SESSIONS]
+    for ws in list(sessions):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"coordinator shutting down")
 
 
 # ----- the layer tracker (agents; ops may look)

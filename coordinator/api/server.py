@@ -33,10 +33,13 @@ def build_app(coordinator: Coordinator) -> web.Application:
     )
     app[h.COORDINATOR] = coordinator
     app[h.PEERS] = weakref.WeakKeyDictionary()
+    app[h.SESSIONS] = weakref.WeakSet()
+    app.on_shutdown.append(h.close_sessions)
     app[h.OPENAPI] = OPENAPI_PATH.read_bytes()
     r = app.router
     r.add_post("/v1/register", h.register)
     r.add_post("/v1/telemetry", h.telemetry)
+    r.add_get("/v1/telemetry/stream", h.telemetry_stream)
     r.add_post("/v1/layers/announce", h.announce_layers)
     r.add_post("/v1/layers/holders", h.layer_holders)
     r.add_get("/v1/hosts", h.list_hosts)
