@@ -17,8 +17,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from google.protobuf import json_format
 
+from agent.config import CoordinatorConfig, TelemetryConfig
+from agent.telemetry.push import TelemetryPusher
 from core.http.validate import PROTOBUF
+from core.security.tls import client_context
 from proto.ferryman.v1 import fleet_pb2
 from tests.harness import rawhttp
 from tests.harness.coordinator import (
@@ -241,6 +245,44 @@ async def test_telemetry_in_binary_protobuf_is_checked_as_json_is(
     async with coordinator.client(pki.operator("alice")) as ops:
         _, host = await ops.get("/v1/hosts/h1")
         assert host["telemetry_samples"] == 2  # none of the refused pushes
+
+
+async def test_an_agent_pushes_over_the_telemetry_stream(
+    coordinator: CoordinatorProcess, pki: CoordinatorPki, tmp_path: Path
+) -> None:
+    """The agent's own pusher against the real daemon: it opens the telemetry session and its pushes
+    go there, stored as a POST's are; stopping the coordinator ends the session (1001), and the
+    pusher's next push opens a new one."""
+    agent = pki.agent("h1")
+    link = CoordinatorConfig(url=coordinator.url, server_name=COORDINATOR_NAME, request_timeout=10.0)
+
+    async def reg() -> fleet_pb2.Registration:
+        return json_format.ParseDict(registration("h1"), fleet_pb2.Registration())
+
+    pusher = TelemetryPusher("h1", link, TelemetryConfig(), client_context(agent), reg)
+    await pusher.start()
+    try:
+        now = time.time()
+        for k in range(3):
+            pusher.offer(fleet_pb2.TelemetrySample(ts=now - 10 + 5 * k, cpus=4, cpu_util=0.25))
+            assert await pusher.flush() is True
+            assert pusher.streaming and pusher.buffered == 0
+        async with coordinator.client(pki.operator("alice")) as ops:
+            _, host = await ops.get("/v1/hosts/h1")
+        assert host["telemetry_samples"] == 3 and host["state"] == "ready", host
+
+        assert await coordinator.stop() == 0  # within STOP_TIMEOUT: the session does not hold it up
+        await coordinator.start()
+        pusher.offer(fleet_pb2.TelemetrySample(ts=time.time(), cpus=4))
+        # The session the old process ended sends this one by POST; the next one opens a new session.
+        assert await pusher.flush() is True and pusher.buffered == 0
+        pusher.offer(fleet_pb2.TelemetrySample(ts=time.time() + 1, cpus=4))
+        assert await pusher.flush() is True and pusher.streaming
+        async with coordinator.client(pki.operator("alice")) as ops:
+            _, host = await ops.get("/v1/hosts/h1")
+        assert host["telemetry_samples"] == 5, host  # SQLite kept the first three
+    finally:
+        await pusher.close()
 
 
 async def test_a_bad_message_on_the_telemetry_stream_is_answered_and_the_session_goes_on(

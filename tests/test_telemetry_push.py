@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -69,6 +70,8 @@ class Coordinator:
     json_only: bool = False
     """A coordinator from before binary pushes: telemetry as JSON only, 400 for anything else."""
     content_types: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    """Every request's method and path, answered or not (this stand-in has no telemetry stream: 404)."""
 
     def _peer(self, request: web.Request) -> str:
         assert request.transport is not None
@@ -109,7 +112,14 @@ class Coordinator:
 
     async def start(self) -> None:
         self.known = set()  # a restarted coordinator forgot every host
-        app = web.Application()
+
+        @web.middleware
+        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.paths.append(f"{request.method} {request.path}")
+            response: web.StreamResponse = await handler(request)
+            return response
+
+        app = web.Application(middlewares=[record])
         app.router.add_post("/v1/register", self.register)
         app.router.add_post("/v1/telemetry", self.telemetry)
         self.runner = web.AppRunner(app)
@@ -260,6 +270,28 @@ async def test_a_coordinator_that_refuses_binary_gets_json(fleet: Fleet, coordin
         assert coordinator.samples() == [first, second] and pusher.buffered == 0
         assert coordinator.content_types == [PROTOBUF, "application/json", "application/json"]
         assert pushes(metrics, "failed") == 0
+    finally:
+        await pusher.close()
+
+
+async def test_a_coordinator_without_the_stream_gets_posts(fleet: Fleet, coordinator: Coordinator) -> None:
+    """A coordinator from before the telemetry stream answers its upgrade 404: the push goes by POST,
+    and so do the next ones, without asking again (STREAM_RETRY)."""
+    pusher = make_pusher(fleet, coordinator.port, TelemetryConfig(buffer_max_samples=10), AgentMetrics())
+    await pusher.start()
+    try:
+        sent = [pb.TelemetrySample(ts=time.time() + i, cpus=2) for i in range(3)]
+        for s in sent:
+            pusher.offer(s)
+            assert await pusher.flush() is True
+        assert coordinator.samples() == sent and pusher.buffered == 0 and not pusher.streaming
+        assert coordinator.paths == [
+            "POST /v1/register",
+            "GET /v1/telemetry/stream",  # asked once, 404
+            "POST /v1/telemetry",
+            "POST /v1/telemetry",
+            "POST /v1/telemetry",
+        ]
     finally:
         await pusher.close()
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from google.protobuf import json_format
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from agent.config import CoordinatorConfig, TelemetryConfig
 from agent.metrics import AgentMetrics
@@ -48,6 +48,10 @@ class PushFailed(Exception):
 
 BINARY_RETRY = 600.0
 """Seconds a pusher sends JSON after a coordinator refused a binary push, before it tries again."""
+STREAM_PATH = "/v1/telemetry/stream"
+STREAM_RETRY = 600.0
+"""Seconds a pusher POSTs after a coordinator answered that it has no telemetry stream (404, 405:
+one from before it), before it asks again."""
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -76,7 +80,7 @@ class CoordinatorLink:
         """The replica in use."""
         return self._replicas.current
 
-    def _server_hostname(self, url: str) -> str:
+    def server_hostname(self, url: str) -> str:
         return self._server_name or urlsplit(url).hostname or ""
 
     async def post(self, session: aiohttp.ClientSession, path: str, message: Message, *, binary: bool = False) -> str:
@@ -91,7 +95,7 @@ class CoordinatorLink:
             url = self._replicas.current
             try:
                 async with session.post(
-                    url + path, data=body, headers=headers, server_hostname=self._server_hostname(url)
+                    url + path, data=body, headers=headers, server_hostname=self.server_hostname(url)
                 ) as resp:
                     text = await resp.text()
                     hint = resp.headers.get(LEADER_HEADER, "")
@@ -116,6 +120,75 @@ class CoordinatorLink:
             moved = self._replicas.redirected(leader)
             log.info("coordinator replica does not lead; following", extra={"replica": url, "next": moved})
         raise failure
+
+
+class StreamUnavailable(Exception):
+    """The replica did not take a telemetry session, or the session ended; nothing was acknowledged,
+    so the batch goes by POST instead. `offered` is False when the replica has no stream at all."""
+
+    def __init__(self, message: str, *, offered: bool = True) -> None:
+        super().__init__(message)
+        self.offered = offered
+
+
+class TelemetryStream:
+    """The telemetry session with one replica (`GET /v1/telemetry/stream`, a WebSocket over the same
+    mTLS connection as the POSTs): one binary TelemetryBatch a message, answered in order by a
+    binary TelemetryAck or a text error (docs/coordinator.md). It spares the coordinator an HTTP
+    request a push, most of a push's cost there."""
+
+    def __init__(self, url: str, ws: aiohttp.ClientWebSocketResponse, answer_within: float) -> None:
+        self.url = url
+        self._ws = ws
+        self._answer_within = answer_within
+
+    @classmethod
+    async def open(
+        cls, session: aiohttp.ClientSession, url: str, server_hostname: str, answer_within: float
+    ) -> TelemetryStream:
+        try:
+            ws = await session.ws_connect(
+                url + STREAM_PATH,
+                server_hostname=server_hostname,
+                autoping=True,
+                compress=0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=answer_within),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            offered = exc.status not in (404, 405)
+            raise StreamUnavailable(f"GET {url}{STREAM_PATH}: HTTP {exc.status}", offered=offered) from exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise StreamUnavailable(f"GET {url}{STREAM_PATH}: {type(exc).__name__}: {exc}") from exc
+        return cls(url, ws, answer_within)
+
+    async def push(self, batch: pb.TelemetryBatch) -> pb.TelemetryAck:
+        """The coordinator's ack; PushFailed when it refused the batch or did not answer in time
+        (it may have stored it: the batch stays buffered and is sent again, and the coordinator
+        takes no sample twice), StreamUnavailable when the session had ended before an answer."""
+        try:
+            await self._ws.send_bytes(batch.SerializeToString())
+            msg = await self._ws.receive(timeout=self._answer_within)
+        except TimeoutError as exc:
+            await self.close()
+            raise PushFailed(f"{self.url}{STREAM_PATH}: no answer within {self._answer_within} s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            await self.close()
+            raise StreamUnavailable(f"{self.url}{STREAM_PATH}: {type(exc).__name__}: {exc}") from exc
+        if msg.type is aiohttp.WSMsgType.BINARY:
+            ack = pb.TelemetryAck()
+            try:
+                ack.ParseFromString(msg.data)
+            except DecodeError as exc:
+                await self.close()
+                raise PushFailed(f"coordinator answered a push with an unreadable ack: {exc}") from exc
+            return ack
+        if msg.type is aiohttp.WSMsgType.TEXT:  # the push was refused; the session goes on
+            raise PushFailed(f"{self.url}{STREAM_PATH}: {msg.data[:200]}", 400)
+        await self.close()  # closed (a replica stopping, the heartbeat), or an error
+        raise StreamUnavailable(f"{self.url}{STREAM_PATH}: the session ended ({msg.type.name})")
+
+    async def close(self) -> None:
+        await self._ws.close()
 
 
 class TelemetryPusher:
@@ -143,6 +216,9 @@ class TelemetryPusher:
         self._reachable = True  # to log only the transitions; the metric follows every flush
         self._wake = asyncio.Event()
         self._json_until = 0.0  # pushes go as JSON until then (a coordinator that refused binary)
+        self._post_until = 0.0  # pushes go by POST until then (a coordinator without the stream)
+        self._stream: TelemetryStream | None = None
+        self._flushing = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -177,8 +253,9 @@ class TelemetryPusher:
     # ---- sending
 
     async def start(self) -> None:
+        # Two connections: the telemetry session holds one, registrations take the other.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self._ssl, limit=1), timeout=self._timeout
+            connector=aiohttp.TCPConnector(ssl=self._ssl, limit=2), timeout=self._timeout
         )
         self._task = asyncio.create_task(self._run(), name="telemetry-push")
 
@@ -188,6 +265,7 @@ class TelemetryPusher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._end_stream()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -199,7 +277,12 @@ class TelemetryPusher:
             await self.flush()
 
     async def flush(self) -> bool:
-        """Register if needed, then send the whole buffer; False (buffer kept) if the coordinator failed."""
+        """Register if needed, then send the whole buffer; False (buffer kept) if the coordinator failed.
+        One flush at a time: the telemetry session carries one push and its answer at a time."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
         try:
             if self.registered and time.monotonic() - self._registered_at > REGISTRATION_REFRESH:
                 self.registered = False
@@ -239,12 +322,7 @@ class TelemetryPusher:
         """Send the oldest batch; True when it left the buffer."""
         batch = [self._buffer[i] for i in range(min(self._config.batch_max, len(self._buffer)))]
         message = pb.TelemetryBatch(host=self.host, samples=batch, dropped=self.dropped)
-        body = await self._post_telemetry(message)
-        ack = pb.TelemetryAck()
-        try:
-            json_format.Parse(body, ack, ignore_unknown_fields=True)
-        except json_format.ParseError as exc:
-            raise PushFailed(f"coordinator answered a push with an unreadable ack: {exc}") from exc
+        ack = await self._send_telemetry(message)
         if ack.accepted or not ack.reregister:
             self.dropped = 0  # the coordinator has been told (a host it did not know was told nothing)
         # What it did not accept without asking for a registration it refused for good (too old, a
@@ -260,6 +338,59 @@ class TelemetryPusher:
             self.registered = False
             await self._register()
         return done > 0 or ack.reregister
+
+    @property
+    def streaming(self) -> bool:
+        """Whether pushes go over a telemetry session now."""
+        return self._stream is not None
+
+    async def _send_telemetry(self, message: pb.TelemetryBatch) -> pb.TelemetryAck:
+        """Over the replica's telemetry session when it offers one, else by POST.
+
+        A replica without the stream (404: a coordinator from before it) is asked again after
+        STREAM_RETRY; a session that cannot be opened or has ended sends the batch by POST, which
+        follows the replicas as before, and the next push opens a session where that one went."""
+        if time.monotonic() >= self._post_until:
+            try:
+                return await self._stream_push(message)
+            except StreamUnavailable as exc:
+                if not exc.offered:
+                    self._post_until = time.monotonic() + STREAM_RETRY
+                    log.info(
+                        "coordinator offers no telemetry stream; pushing by POST",
+                        extra={"coordinator": self._link.url, "retry_stream_in_s": STREAM_RETRY},
+                    )
+                else:
+                    log.info("telemetry stream unavailable; pushing by POST", extra={"error": str(exc)})
+        body = await self._post_telemetry(message)
+        ack = pb.TelemetryAck()
+        try:
+            json_format.Parse(body, ack, ignore_unknown_fields=True)
+        except json_format.ParseError as exc:
+            raise PushFailed(f"coordinator answered a push with an unreadable ack: {exc}") from exc
+        return ack
+
+    async def _stream_push(self, message: pb.TelemetryBatch) -> pb.TelemetryAck:
+        if self._session is None:
+            raise PushFailed("the pusher is not started")
+        url = self._link.url
+        if self._stream is not None and self._stream.url != url:  # the pushes moved to another replica
+            await self._end_stream()
+        if self._stream is None:
+            self._stream = await TelemetryStream.open(
+                self._session, url, self._link.server_hostname(url), self._timeout.total or 10.0
+            )
+        try:
+            return await self._stream.push(message)
+        except (StreamUnavailable, PushFailed) as exc:
+            if not isinstance(exc, PushFailed) or exc.status is None:
+                await self._end_stream()
+            raise
+
+    async def _end_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
 
     async def _post_telemetry(self, message: pb.TelemetryBatch) -> str:
         """POST a batch in protobuf's binary encoding, or as JSON to a coordinator that refuses it.
