@@ -14,7 +14,8 @@ the failover and the placements, the default 5 s for the ingest (a fresh set of 
               exactly the grants, and no host over its capacity.
               Baseline: one client through one replica, on 30 other hosts.
   ingest:     N simulated agents (one process, one mTLS connection each, their own certificates)
-              register and push one sample every `--period` s (phases spread) to the leader (or,
+              register and push one sample every `--period` s (phases spread; over a telemetry
+              session each, or with `--transport post` one POST each) to the leader (or,
               with `--push-to all`, agent i to replica i % 3: the followers' samples reach the
               leader's scoring through their history shares in etcd), for
               `--seconds`; the leader's policy tick (score every host with the model, apply,
@@ -287,6 +288,31 @@ class Bench:
                 latencies.append(time.monotonic() - sent)
             return ok
 
+        async def push_over(
+            session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse | None, body: bytes
+        ) -> aiohttp.ClientWebSocketResponse | None:
+            """One push over the agent's telemetry session (opened at its first push, again after a
+            failure), as agents push; the session to use next (None: open a new one)."""
+            sent = time.monotonic()
+            try:
+                if ws is None:
+                    ws = await session.ws_connect(
+                        targets[session].url + "/v1/telemetry/stream", server_hostname=COORDINATOR_NAME, compress=0
+                    )
+                await ws.send_bytes(body)
+                msg = await ws.receive(timeout=30)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                failures[type(exc).__name__] += 1
+                if ws is not None:
+                    await ws.close()
+                return None
+            if msg.type is not aiohttp.WSMsgType.BINARY:
+                failures[f"stream {msg.type.name}"] += 1
+                await ws.close()
+                return None
+            latencies.append(time.monotonic() - sent)
+            return ws
+
         async def agent(i: int, session: aiohttp.ClientSession) -> None:
             await asyncio.sleep(random.uniform(0, period))  # spread the registrations (and handshakes)
             name = names[i]
@@ -295,12 +321,20 @@ class Bench:
                 await asyncio.sleep(1.0)
             pushes = TelemetryPushes(name)
             next_at = time.monotonic() + random.uniform(0, period)
-            while True:
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                if stop_at and time.monotonic() >= stop_at:
-                    return
-                await post(session, "/v1/telemetry", pushes.body(time.time()))
-                next_at += period
+            ws: aiohttp.ClientWebSocketResponse | None = None
+            try:
+                while True:
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                    if stop_at and time.monotonic() >= stop_at:
+                        return
+                    if self.args.transport == "stream":
+                        ws = await push_over(session, ws, pushes.body(time.time()))
+                    else:
+                        await post(session, "/v1/telemetry", pushes.body(time.time()))
+                    next_at += period
+            finally:
+                if ws is not None:
+                    await ws.close()
 
         pids = {
             f"coordinator :{r.port}{' (leader)' if r is leader else ''}": r.proc.pid for r in self.replicas if r.proc
@@ -459,6 +493,13 @@ def main() -> int:
         default="leader",
         help="ingest: every agent pushes to the leader, or agent i to replica i %% 3 (the summaries and "
         "the drain-risk history shares reach the leader through etcd)",
+    )
+    p.add_argument(
+        "--transport",
+        choices=("stream", "post"),
+        default="stream",
+        help="ingest: pushes over each agent's telemetry session (GET /v1/telemetry/stream, as agents push "
+        "to a coordinator that offers it), or one POST /v1/telemetry each",
     )
     args = p.parse_args()
     args.agents = [int(a) for a in args.agents.split(",")]

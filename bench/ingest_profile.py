@@ -5,8 +5,10 @@ the shipped drain model, `log_level` INFO as in production. `--agents` simulated
 connection each, their own certificates) register, push `--history` samples each (5 s apart, the
 last two hours: the steady state of a host's kept samples, `telemetry.max_samples_per_host`, whose
 upkeep a push pays for), then push one sample each at `--rate` pushes per second in all for
-`--seconds`. Measured in fresh daemons, once per `--encodings` (json: the pushes as JSON, the
-baseline in the same run; binary: protobuf's binary encoding, as agents push), then profiled:
+`--seconds`. Measured in fresh daemons, once per `--encodings` (json: POSTs of JSON; binary: POSTs
+in protobuf's binary encoding, the baseline in the same run; stream: the same binary batches as
+messages of one telemetry session per agent, `GET /v1/telemetry/stream`, as agents push), then
+profiled:
 
   plain:    the daemon's CPU seconds (/proc, every thread) over the window, less what it spent idle
             (registered agents, no pushes) over as long just before (the baseline in the same run),
@@ -115,8 +117,22 @@ async def run_one(
     pushes = [TelemetryPushes(name) for name in names]
     certs = [issue_host(pki.ca_dir, name, base / "agents" / name, ["127.0.0.1"]) for name in names]
     sessions: list[aiohttp.ClientSession] = []
+    streams: dict[int, aiohttp.ClientWebSocketResponse] = {}
     answered = 0
     failed = 0
+
+    async def stream_push(i: int, body: bytes) -> bool:
+        """One push over agent i's telemetry session (opened at its first push), as agents push."""
+        nonlocal failed
+        if i not in streams:
+            streams[i] = await sessions[i].ws_connect(
+                coordinator.url + "/v1/telemetry/stream", server_hostname=COORDINATOR_NAME, compress=0
+            )
+        await streams[i].send_bytes(body)
+        msg = await streams[i].receive(timeout=30)
+        if msg.type is not aiohttp.WSMsgType.BINARY:
+            failed += 1
+        return msg.type is aiohttp.WSMsgType.BINARY
 
     async def post(session: aiohttp.ClientSession, path: str, body: Any) -> bool:
         """POST `body`: JSON, or bytes as binary protobuf (the telemetry, as agents send it)."""
@@ -138,8 +154,14 @@ async def run_one(
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             if time.monotonic() >= stop_at:
                 return
-            body = pushes[i].body(time.time()) if args.binary else {"host": names[i], "samples": [sample(time.time())]}
-            if await post(sessions[i], "/v1/telemetry", body):
+            if args.stream:
+                ok = await stream_push(i, pushes[i].body(time.time()))
+            else:
+                body = (
+                    pushes[i].body(time.time()) if args.binary else {"host": names[i], "samples": [sample(time.time())]}
+                )
+                ok = await post(sessions[i], "/v1/telemetry", body)
+            if ok:
                 answered += 1
             next_at += period
 
@@ -169,14 +191,19 @@ async def run_one(
         await asyncio.sleep(args.seconds / 2)
         idle_per_s = (cpu_seconds(pid) - before) / (time.monotonic() - started)
         answered = failed = 0
+        spy = await start_spy(pid, args) if args.spy else None
         before, started = cpu_seconds(pid), time.monotonic()
         await asyncio.gather(*(agent(i, started + args.seconds) for i in range(args.agents)))
         cpu, window = cpu_seconds(pid) - before, time.monotonic() - started
+        stacks = await spy.communicate() if spy is not None else None
     finally:
+        for ws in streams.values():
+            await ws.close()
         for s in sessions:
             await s.close()
         await coordinator.stop()
     return {
+        "stacks": stacks[0].decode() if stacks else "",
         "pushes": answered,
         "failed": failed,
         "cpu_s": cpu,
@@ -184,6 +211,52 @@ async def run_one(
         "window_s": window,
         "load": load(),
     }
+
+
+async def start_spy(pid: int, args: argparse.Namespace) -> asyncio.subprocess.Process:
+    """py-spy sampling the daemon's threads over the measured window (CPU samples: idle threads are
+    left out), its folded stacks on stdout."""
+    return await asyncio.create_subprocess_exec(
+        args.spy, "record", "--pid", str(pid), "--duration", str(int(args.seconds)), "--rate", "250",
+        "--format", "raw", "--nonblocking", "--output", "/dev/stdout",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+PUSH_STEPS = (
+    ("epoll (waiting counts too: py-spy cannot tell it idle here)", ("EpollSelector.select",)),
+    ("socket send (the kernel's loopback TCP)", ("_SelectorSocketTransport.write",)),
+    ("TLS records (ssl, sslproto)", ("ssl.py", "sslproto.py")),
+    ("protobuf parse and checks (wire.py, validate.py)", ("wire.py", "validate.py", "protobuf")),
+    ("store update (the store, etcd client)", ("sqlite_store", "/etcd/", "aetcd", "grpc", "store.py")),
+    ("drain-risk histories (predictions.py, features.py)", ("predictions.py", "features.py", "numpy")),
+    ("metrics (prometheus_client)", ("prometheus_client",)),
+    ("registry service (registry.py)", ("registry.py",)),
+    ("middleware and auth (handlers.py, auth.py, errors.py)", ("handlers.py", "auth.py", "http/errors.py")),
+    ("aiohttp: WebSocket frames", ("aiohttp/_websocket", "web_ws.py", "aiohttp/http_websocket")),
+    ("aiohttp: request parse, routing, response", ("aiohttp", "multidict", "yarl")),
+    ("asyncio and socket calls", ("asyncio/", "selectors.py")),
+)
+"""Where a sample's time goes: the step of its innermost frame that names one (py-spy's folded
+stacks: `frame;frame;... count`, a frame `function (file:line)`)."""
+
+
+def push_steps(folded: str) -> list[tuple[str, float]]:
+    counts: dict[str, int] = {}
+    for line in folded.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if line.startswith("py-spy>") or not n.isdigit():  # py-spy's own summary shares stdout
+            continue
+        frames = stack.split(";")
+        step = "other"
+        for frame in reversed(frames):
+            found = next((name for name, marks in PUSH_STEPS if any(m in frame for m in marks)), None)
+            if found is not None:
+                step = found
+                break
+        counts[step] = counts.get(step, 0) + int(n)
+    total = sum(counts.values()) or 1
+    return sorted(((k, v / total) for k, v in counts.items()), key=lambda kv: -kv[1])
 
 
 AREAS = (
@@ -243,7 +316,8 @@ async def main_async(args: argparse.Namespace) -> int:
     runs = [(encoding, False) for encoding in args.encodings] + [(args.encodings[-1], True)] * args.profile
     for backend in args.backends:
         for encoding, profiled in runs:
-            args.binary = encoding == "binary"
+            args.binary = encoding in ("binary", "stream")
+            args.stream = encoding == "stream"
             async with scratch_dir("ferryman-bench-ingest-profile-") as base:
                 profile = base / "coordinator.prof" if profiled else None
                 if backend == "etcd":
@@ -259,6 +333,15 @@ async def main_async(args: argparse.Namespace) -> int:
                     f"({r['pushes'] / r['window_s']:.0f}/s, {r['failed']} failed), daemon CPU {r['cpu_s']:.2f} s, "
                     f"{r['idle_cpu_s']:.2f} s of it the idle baseline: {per_push:.2f} ms per push; load {r['load']}"
                 )
+                if r["stacks"]:
+                    print(
+                        f"  py-spy, the window (CPU samples by step, {per_push:.2f} ms a push): "
+                        + ", ".join(f"{name} {100 * share:.0f} % ({per_push * share * 1000:.0f} us)"
+                                    for name, share in push_steps(r["stacks"]))
+                    )  # fmt: skip
+                    if args.keep_profiles:
+                        args.keep_profiles.mkdir(parents=True, exist_ok=True)
+                        (args.keep_profiles / f"{backend}-{encoding}.folded").write_text(r["stacks"])
                 if profiled:
                     assert profile is not None
                     print(top(profile, args.top))
@@ -286,15 +369,22 @@ def main() -> int:
     )
     p.add_argument(
         "--encodings",
-        default="json,binary",
-        help="the pushes' bodies, comma-separated, each a plain run: json (the baseline), binary (protobuf, "
-        "as agents push); the last is the result",
+        default="binary,stream",
+        help="the pushes, comma-separated, each a plain run: json (POST /v1/telemetry as JSON), binary (POSTs "
+        "of binary protobuf: the baseline), stream (binary protobuf over the telemetry session, as agents "
+        "push); the last is the result",
     )
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled run")
+    p.add_argument(
+        "--spy",
+        default="",
+        help="py-spy's path: sample the daemon over each plain run's window, CPU by step (the samples "
+        "cost the daemon some CPU, so compare the per-push figures of runs without it)",
+    )
     p.add_argument("--keep-profiles", type=Path, help="copy each profile (BACKEND.prof) into this directory")
     args = p.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
-    args.encodings = [e for e in args.encodings.split(",") if e in ("json", "binary")] or ["binary"]
+    args.encodings = [e for e in args.encodings.split(",") if e in ("json", "binary", "stream")] or ["stream"]
     return asyncio.run(main_async(args))
 
 
