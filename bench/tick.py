@@ -7,7 +7,8 @@ calm fleet). Each run is one `DrainPolicy.tick`, the step `ferryman_coordinator_
 times in the daemon: list the hosts, score every one with the shipped model (features and one
 inference call, in a thread), write the predictions, apply them, progress drains. Measured per
 run: wall time, this process's CPU time, the event loop thread's (the coordinator's own work,
-without the model's scoring thread) and etcd's.
+without the model's scoring thread) and etcd's, and the longest the tick held the event loop at
+once (a probe sleeping 2 ms at a time: what a push or a lease renewal waits behind the tick).
 
 Baseline in the same run: the model's scoring alone (`DrainPredictor.score` on the same
 histories), the floor of a tick.
@@ -51,6 +52,23 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+class LoopProbe:
+    """The longest the event loop was held at once while the probe ran: what a push or a lease
+    renewal on the same loop would wait behind the tick."""
+
+    PERIOD = 0.002
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.PERIOD
+            await asyncio.sleep(self.PERIOD)
+            self.longest = max(self.longest, loop.time() - due)
+
+
 async def run(args: argparse.Namespace) -> float:
     histories = fleet_histories(args.hosts, seed=1)
     model = DrainPredictor(MODEL, intra_op_threads=1)
@@ -76,11 +94,15 @@ async def run(args: argparse.Namespace) -> float:
                 scoring.append(time.perf_counter() - t0)
             member = cluster.members[0].proc
             assert member is not None
-            walls, cpus, loop_cpus, etcd_cpus = [], [], [], []
+            walls, cpus, loop_cpus, etcd_cpus, held = [], [], [], [], []
             for _ in range(args.runs):
                 c0, e0, t0 = time.process_time(), cpu_seconds(member.pid), time.perf_counter()
                 l0 = time.thread_time()
+                probe = LoopProbe()
+                probing = asyncio.create_task(probe.run(), name="loop-probe")
                 await coordinator.policy.tick()
+                probing.cancel()
+                held.append(probe.longest)
                 walls.append(time.perf_counter() - t0)
                 cpus.append(time.process_time() - c0)
                 loop_cpus.append(time.thread_time() - l0)
@@ -94,7 +116,9 @@ async def run(args: argparse.Namespace) -> float:
         f"scoring alone (baseline): p50 {statistics.median(scoring):.2f} s, p99 {np.percentile(scoring, 99):.2f} s\n"
         f"tick at {args.hosts} hosts: wall p50 {statistics.median(walls):.2f} s p99 {p99:.2f} s; "
         f"CPU p50 {statistics.median(cpus):.2f} s (event loop {statistics.median(loop_cpus):.2f} s, "
-        f"etcd {statistics.median(etcd_cpus):.2f} s); every host predicted; "
+        f"etcd {statistics.median(etcd_cpus):.2f} s); every host predicted; the loop held at once "
+        f"(a push or lease renewal waits that long) p50 {1000 * statistics.median(held):.0f} ms, "
+        f"max {1000 * max(held):.0f} ms; "
         f"load {load()}"
     )
     return p99
