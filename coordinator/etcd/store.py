@@ -89,6 +89,10 @@ MAX_ATTEMPTS = 200
 """Read-decide-write rounds one update may lose to concurrent writers before it gives up."""
 MAX_TXN_OPS = 127
 """etcd refuses a transaction of more than 128 operations (--max-txn-ops)."""
+_PARSE_BETWEEN_YIELDS = 500
+"""Host keys parsed in a listing before the event loop gets a turn (about 15 ms of work)."""
+PREDICTION_BATCHES_IN_FLIGHT = 8
+"""Prediction transactions a tick has in flight at once (each MAX_TXN_OPS hosts)."""
 DECISIONS_KEPT = 10_000
 """Decisions kept in etcd (the oldest beyond this are deleted; SQLite keeps them all)."""
 _TRIM_EVERY = 256
@@ -435,14 +439,24 @@ class EtcdStore:
     async def list_hosts(self) -> list[Host]:
         await self.flush_telemetry()
         snap = await self._kv.range(self._hosts_prefix)
-        return sorted((self._remember(e) for e in snap.entries), key=lambda h: h.name)
+        hosts: list[Host] = []
+        entries = snap.entries
+        for start in range(0, len(entries), _PARSE_BETWEEN_YIELDS):
+            if start:
+                # 10 000 host keys changed since the last listing (every flush rewrites them) take
+                # some 0.3 s to parse: the loop's other work (pushes, lease renewals) runs between.
+                await asyncio.sleep(0)
+            hosts.extend(self._remember(e) for e in entries[start : start + _PARSE_BETWEEN_YIELDS])
+        hosts.sort(key=lambda h: h.name)
+        return hosts
 
     def _remember(self, entry: Entry) -> Host:
         """The host of a key read from etcd, parsed only when its revision is not the one known here:
         a tick lists every host up to three times (10 000 keys of some 3 KB each), mostly unchanged
         in between."""
         known = self._known.get(entry.key[len(self._hosts_prefix) :].decode())
-        if known is not None and known[1] == entry.mod_revision:
+        if known is not None and known[1] >= entry.mod_revision:
+            # The same, or newer: written here while a listing was parsed (it yields between chunks).
             return known[0]
         d = json.loads(entry.value)
         host = _host_from_dict(d)
@@ -672,11 +686,20 @@ class EtcdStore:
             if p.host not in latest or p.ts >= latest[p.host].ts:
                 latest[p.host] = p
         if latest:
-            ops = [Put(self._key("predictions", host), _dumps(p.to_dict())) for host, p in latest.items()]
             # One host's latest each: batches need not land together (etcd caps a transaction's ops),
-            # so they go at once, and etcd commits them in a few rounds (10 000 hosts: 79 batches,
-            # one after the other a good part of the tick's second).
-            await asyncio.gather(*(self._txn([], ops[i : i + MAX_TXN_OPS]) for i in range(0, len(ops), MAX_TXN_OPS)))
+            # so several go at once, and etcd commits them in a few rounds (10 000 hosts: 79 batches,
+            # one after the other a good part of the tick's second). Each batch encodes its values
+            # when its turn comes: all 79 started at once encoded everything in one turn of the
+            # event loop (0.2-0.4 s at 10 000 hosts), and the pushes and lease renewals waited.
+            hosts = list(latest.items())
+            in_flight = asyncio.Semaphore(PREDICTION_BATCHES_IN_FLIGHT)
+
+            async def write(batch: Sequence[tuple[str, Prediction]]) -> None:
+                async with in_flight:
+                    ops = [Put(self._key("predictions", host), _dumps(p.to_dict())) for host, p in batch]
+                    await self._txn([], ops)
+
+            await asyncio.gather(*(write(hosts[i : i + MAX_TXN_OPS]) for i in range(0, len(hosts), MAX_TXN_OPS)))
 
     async def latest_predictions(self) -> dict[str, Prediction]:
         snap = await self._kv.range(self._key("predictions") + b"/")
