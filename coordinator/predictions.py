@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 NO_MODEL_THRESHOLD = 1.01
 """Above any probability: without a model no host is excluded or drained for risk."""
+YIELD_EVERY = 1000
+"""Hosts a tick turns into predictions before the event loop gets a turn (some 10 ms of work)."""
 
 
 class ModelLoadFailed(FerrymanError):
@@ -414,7 +416,9 @@ class PredictionService:
         predictions: list[Prediction] = []
         explanations: dict[str, Explanation] = {}
         horizon = float(getattr(model, "horizon", 1800.0))
-        for host, raw in sorted(scores.items()):
+        for n, (host, raw) in enumerate(sorted(scores.items())):
+            if n and n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # the pushes and lease renewals on this loop get a turn
             kept = prune(self._notices.get(host, ()), now)
             if host in self._notices:
                 self._notices[host] = kept
