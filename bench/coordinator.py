@@ -14,7 +14,8 @@ the failover and the placements, the default 5 s for the ingest (a fresh set of 
               exactly the grants, and no host over its capacity.
               Baseline: one client through one replica, on 30 other hosts.
   ingest:     N simulated agents (one process, one mTLS connection each, their own certificates)
-              register and push one sample every `--period` s (phases spread; over a telemetry
+              register (spread over one period, or at `--connect-rate` a second when slower) and
+              push one sample every `--period` s (phases spread; over a telemetry
               session each, or with `--transport post` one POST each) to the leader (or,
               with `--push-to all`, agent i to replica i % 3: the followers' samples reach the
               leader's scoring through their history shares in etcd), for
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -68,6 +70,10 @@ LEADER_TTL = 2
 SLOT = 256 << 20
 SLOTS_PER_HOST = 40
 PLACEMENT_HOSTS = 30
+
+
+WARM_UP_MAX = 300.0
+"""Seconds an ingest round waits for every agent to register and have a push taken."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -314,7 +320,9 @@ class Bench:
             return ws
 
         async def agent(i: int, session: aiohttp.ClientSession) -> None:
-            await asyncio.sleep(random.uniform(0, period))  # spread the registrations (and handshakes)
+            # Spread the registrations (and handshakes): over one period, or at --connect-rate a
+            # second when that is longer (a fleet coming up, not every agent within 5 s).
+            await asyncio.sleep(random.uniform(0, max(period, n / self.args.connect_rate)))
             name = names[i]
             while not await post(session, "/v1/register", registration(name)):  # as an agent: again later
                 registration_failures[name] += 1
@@ -322,6 +330,7 @@ class Bench:
             pushes = TelemetryPushes(name)
             next_at = time.monotonic() + random.uniform(0, period)
             ws: aiohttp.ClientWebSocketResponse | None = None
+            pushing = False
             try:
                 while True:
                     await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -329,8 +338,14 @@ class Bench:
                         return
                     if self.args.transport == "stream":
                         ws = await push_over(session, ws, pushes.body(time.time()))
+                        ok = ws is not None
                     else:
-                        await post(session, "/v1/telemetry", pushes.body(time.time()))
+                        ok = await post(session, "/v1/telemetry", pushes.body(time.time()))
+                    if ok and not pushing:
+                        pushing = True
+                        started.append(name)
+                        if len(started) == n:
+                            all_started.set()
                     next_at += period
             finally:
                 if ws is not None:
@@ -340,9 +355,18 @@ class Bench:
             f"coordinator :{r.port}{' (leader)' if r is leader else ''}": r.proc.pid for r in self.replicas if r.proc
         }
         pids.update({f"etcd {m.name}": m.proc.pid for m in self.cluster.members if m.proc})
+        started: list[str] = []
+        """The agents that registered and had a push taken."""
+        all_started = asyncio.Event()
         tasks = [asyncio.create_task(agent(i, s)) for i, s in enumerate(sessions)]
         try:
-            await asyncio.sleep(2 * period)  # everyone registered and pushing
+            # Everyone registered and pushing (thousands of handshakes at once take a while on a
+            # loaded machine), then one period more for the phases to settle.
+            t0 = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_started.wait(), WARM_UP_MAX)
+            warm_up = time.monotonic() - t0
+            await asyncio.sleep(period)
             latencies.clear()
             failures.clear()
             before_ticks = await self.tick_histogram(leader)
@@ -389,6 +413,8 @@ class Bench:
             "registration_retries": sum(registration_failures.values()),
             "leader_kept": still is leader,
             "scored": scored,
+            "warm_up_s": warm_up,
+            "started": len(started),
         }
 
     @staticmethod
@@ -468,7 +494,8 @@ async def ingest(bench: Bench, args: argparse.Namespace, results: list[str]) -> 
             f"latency p50 {1000 * r['latency_p50']:.0f} ms p99 {1000 * r['latency_p99']:.0f} ms, "
             f"failures {r['failures'] or 0}; {r['ticks']:.0f} ticks, p99 <= {r['tick_p99_le']} s, "
             f"mean {r['tick_mean']:.2f} s; "
-            f"certificates issued in {r['certs_s']:.1f} s; {r['registration_retries']} registrations retried; "
+            f"certificates issued in {r['certs_s']:.1f} s; {r['started']} agents pushing after "
+            f"{r['warm_up_s']:.0f} s; {r['registration_retries']} registrations retried; "
             f"{'same leader' if r['leader_kept'] else 'THE LEADER CHANGED'}; "
             f"{r['scored']} of {n} hosts scored by the leader in the window; load {r['load']}"
         )
@@ -493,6 +520,13 @@ def main() -> int:
         default="leader",
         help="ingest: every agent pushes to the leader, or agent i to replica i %% 3 (the summaries and "
         "the drain-risk history shares reach the leader through etcd)",
+    )
+    p.add_argument(
+        "--connect-rate",
+        type=float,
+        default=500.0,
+        help="ingest: agents connecting and registering per second at most (spread over one period when "
+        "that is slower)",
     )
     p.add_argument(
         "--transport",
