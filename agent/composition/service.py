@@ -448,19 +448,23 @@ class CompositionService:
         fetched_bytes = 0
         async with self._cd.leases.held("composition", self._config.lease_expiry) as lease_id:
             cd = self._cd.leased(lease_id)
-            for la in stack:  # from now on this lease holds these blobs and snapshots, whoever made them
-                await cd.leases.add_content(lease_id, la.desc.digest)
-                await cd.leases.add_snapshot(lease_id, cd.snapshotter_name, la.chain_id)
-            base = -1  # the highest snapshot of the stack that exists: only what is above it is applied
-            for i, la in enumerate(stack):
-                if await cd.snapshots.exists(la.chain_id):
-                    base = i
+            # From now on this lease holds these blobs and snapshots, whoever made them. containerd's
+            # round trips at once: each is a few ms on an idle host, many under load, and every
+            # start that assembles pays them.
+            await asyncio.gather(
+                *(cd.leases.add_content(lease_id, la.desc.digest) for la in stack),
+                *(cd.leases.add_snapshot(lease_id, cd.snapshotter_name, la.chain_id) for la in stack),
+            )
+            snapshots, held = await asyncio.gather(
+                asyncio.gather(*(cd.snapshots.exists(la.chain_id) for la in stack)),
+                asyncio.gather(*(cd.content.exists(la.desc.digest) for la in stack if la.present)),
+            )
+            # The highest snapshot of the stack that exists: only what is above it is applied.
+            base = max((i for i, there in enumerate(snapshots) if there), default=-1)
             done: dict[str, asyncio.Event] = {la.desc.digest: asyncio.Event() for la in stack}
             queue = list(resolved.fetch_order)
-            for la in stack:
-                if not la.present:
-                    continue
-                if await cd.content.exists(la.desc.digest) is None:
+            for la, info in zip([la for la in stack if la.present], held, strict=True):
+                if info is None:
                     queue.insert(0, la.desc.digest)  # collected since it was resolved: fetched after all
                 else:
                     done[la.desc.digest].set()
@@ -526,8 +530,7 @@ class CompositionService:
                 for task in workers:
                     task.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
-            for la in stack:
-                await ensure_labels(cd, la.desc.digest, {L.UNCOMPRESSED: la.diff_id})
+            await asyncio.gather(*(ensure_labels(cd, la.desc.digest, {L.UNCOMPRESSED: la.diff_id}) for la in stack))
             await self._record(cd, resolved, stack[-1].chain_id)
         await asyncio.to_thread(self.history.record, [la.desc.digest for la in stack])  # fsyncs: off the loop
         log.info(
@@ -553,8 +556,11 @@ class CompositionService:
             **{L.gc_layer(i): la.desc.digest for i, la in enumerate(resolved.stack)},
         }
         lock = self._config.ingest_lock_timeout
-        await put_blob(cd, image.config, image.config_bytes, {L.gc_snapshot(snapshotter): top_chain}, lock)
-        await put_blob(cd, image.manifest, image.manifest_bytes, manifest_labels, lock)
+        # Both under the assembly's lease, so neither is collected before the record names them.
+        await asyncio.gather(
+            put_blob(cd, image.config, image.config_bytes, {L.gc_snapshot(snapshotter): top_chain}, lock),
+            put_blob(cd, image.manifest, image.manifest_bytes, manifest_labels, lock),
+        )
         comp = resolved.composition
         await cd.images.put(
             ImageRecord(

@@ -23,7 +23,7 @@ from agent.checkpoint.criuconf import ANNOTATION as CRIU_ANNOTATION
 from agent.checkpoint.criuconf import CriuConfigs
 from agent.config import ContainerdConfig, RuntimeConfig
 from agent.containerd import Containerd, ContainerRecord, ProcessInfo, TaskStatus
-from agent.errors import ContainerdNotFound, VolumeNotFound
+from agent.errors import ContainerdAlreadyExists, ContainerdNotFound, VolumeNotFound
 from agent.health.spec import LABEL_HEALTH
 from agent.images.local import read_image
 from agent.images.service import ImageUses
@@ -198,9 +198,10 @@ class ContainerService:
             labels[LABEL_VOLUMES] = ",".join(v.name for v in req.volumes)
         async with self._cd.leases.held("create", 300) as lease_id:
             cd = self._cd.leased(lease_id)
-            if await cd.snapshots.exists(req.id):
-                raise Conflict(f"a snapshot named {req.id} already exists")
-            await cd.snapshots.prepare(req.id, image.chain_id)
+            try:  # containerd refuses a key in use: no round trip to ask first
+                await cd.snapshots.prepare(req.id, image.chain_id)
+            except ContainerdAlreadyExists as exc:
+                raise Conflict(f"a snapshot named {req.id} already exists") from exc
             try:
                 record = await cd.containers.create(
                     ContainerRecord(
@@ -245,8 +246,8 @@ class ContainerService:
             return await self._start(seen.container_id, restart_labels(seen, dt.datetime.now(dt.UTC)))
 
     async def _start(self, container_id: str, labels: dict[str, str]) -> ContainerSummary:
-        record = await self._get(container_id)
-        task = await self._task(container_id)
+        # containerd's round trips at once where they do not depend on each other (every start pays them).
+        record, task = await asyncio.gather(self._get(container_id), self._task(container_id))
         if task is not None:
             if task.status != TaskStatus.STOPPED:
                 raise Conflict(f"container {container_id} is already {_STATES.get(task.status, 'active')}")
