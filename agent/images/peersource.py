@@ -89,6 +89,8 @@ class PeersFirst:
         """Set when the image was resolved through peers: then even small blobs come from them."""
         self._image_peers: list[Peer] = []
         """The peers that named the image's target when it was resolved through them."""
+        self._transfer_started: dict[str, float] = {}
+        """digest -> when its bytes were first requested (monotonic)."""
 
     @property
     def labels(self) -> Mapping[str, str]:
@@ -121,6 +123,11 @@ class PeersFirst:
         counts = self._bytes_from.get(digest)
         return counts.most_common(1)[0][0] if counts else None
 
+    def transfer_started(self, digest: str) -> float | None:
+        """When this source began to request `digest`'s bytes, from the peers or the registry, after
+        asking the tracker and the peers (agent.images.sources.TransferStarts)."""
+        return self._transfer_started.get(digest)
+
     def distrust(self, digest: str) -> bool:
         """The whole blob `digest` failed its digest check: True when peers sent some of it (the next
         fetch_blob then takes it from the registry and finds out which)."""
@@ -139,6 +146,7 @@ class PeersFirst:
             return
         position = offset
         holders = await self._holders(desc) if self._wants_peers(desc) else []
+        self._transfer_started.setdefault(desc.digest, time.monotonic())
         if holders:
             async for chunk in self._striped(desc, offset, holders):
                 position += len(chunk)

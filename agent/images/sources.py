@@ -44,6 +44,15 @@ class ServedFrom(Protocol):
     def served_from(self, digest: str) -> str | None: ...
 
 
+@runtime_checkable
+class TransferStarts(Protocol):
+    """A source that asks others before it reads a blob (the layer tracker, the peers' HEADs) says
+    when it began to request `digest`'s bytes (monotonic clock; None: it has not). What came before is
+    a fixed cost per fetch, not a slow link: the measured rates leave it out (agent/composition/costs.py)."""
+
+    def transfer_started(self, digest: str) -> float | None: ...
+
+
 class RegistryBlobs:
     """One repository of a registry as a blob source."""
 
