@@ -43,6 +43,7 @@ Pure: the inputs are plain values, `Breakdown` is the record kept with the decis
 from __future__ import annotations
 
 import collections
+import math
 import statistics
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -171,6 +172,8 @@ FIGURES = (
     "start_seconds",
     "fetch_latency_seconds",
 )
+REPORTED = ("registry_bytes_per_second", "peer_bytes_per_second", "apply_seconds_per_byte")
+"""The layer costs a start's answer may carry (the agent's measured rates, as in its telemetry)."""
 START_WINDOW = 5
 """A host's start overhead is the median of its last this many warm starts, the fleet's newest
 filling in while it has fewer (one slow start, say on a view of its layers that was out of date,
@@ -197,6 +200,28 @@ class CostBook:
         """Host -> its newest CPU pressure (0..1)."""
         self._recent: dict[tuple[str, str], collections.deque[tuple[float, float]]] = {}
         """(host, start_seconds or fetch_latency_seconds) -> (when, value) of its last starts."""
+        self._reported_at: dict[str, float] = {}
+        """Host -> its clock when a start's answer last carried its layer costs: a telemetry sample
+        taken before then (while that start's fetches ran) no longer replaces them."""
+
+    def reported(self, host: str, costs: Mapping[str, Any], at: float) -> None:
+        """The layer costs `host` measured as of `at` (its clock), sent with a start's answer: the
+        rates with that start's fetches in, which the next placement should use at once."""
+        latest = {
+            key: float(value)
+            for key, value in costs.items()
+            if key in REPORTED
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value > 0
+        }
+        if not latest:
+            return
+        if "apply_seconds_per_byte" in latest:  # measured under the host's current pressure
+            latest["apply_seconds_per_byte"] /= 1.0 + self._pressure.get(host, 0.0)
+        self._latest[host] = latest
+        self._reported_at[host] = at
 
     def started(self, host: str, measured_seconds: float, predicted: Breakdown) -> None:
         """A container placed on `host` ran after `measured_seconds`. When it needed no layer (all
@@ -247,9 +272,11 @@ class CostBook:
             if (pressure := cpu_pressure(sample)) is not None:
                 self._pressure[host] = pressure
                 break
-        for _, sample in reversed(samples):
+        for ts, sample in reversed(samples):
             costs = sample.get("layer_costs")
             if isinstance(costs, Mapping) and costs:
+                if ts < self._reported_at.get(host, -math.inf):
+                    return  # a start's answer since then carried newer figures
                 latest = {k: float(v) for k, v in costs.items() if isinstance(v, int | float)}
                 if "apply_seconds_per_byte" in latest:  # measured under this sample's pressure
                     latest["apply_seconds_per_byte"] /= 1.0 + (cpu_pressure(sample) or 0.0)

@@ -77,6 +77,11 @@ class ContainerStarts:
             await self._reservations.release(reservation.id)
         seconds = time.monotonic() - started
         if self._costs is not None:  # the next prediction for this host learns from this one
+            assembly = container.get("assembly")
+            if isinstance(assembly, Mapping):
+                costs, at = assembly.get("layer_costs"), assembly.get("costs_at")
+                if isinstance(costs, Mapping) and isinstance(at, int | float):
+                    self._costs.reported(reservation.host, costs, float(at))
             self._costs.started(reservation.host, seconds, placement.chosen)
         self._on_started(reservation.host, list(need.layers))
         signature = of_container_spec(spec)

@@ -435,3 +435,19 @@ def test_a_host_with_few_starts_borrows_the_fleets_newest() -> None:
     for _ in range(3):
         book.started("h1", 0.9, warm)
     assert Rates.of(book.of("h1"), WEIGHTS).start_seconds == pytest.approx(0.9)
+
+
+def test_a_starts_reported_costs_outrank_older_samples() -> None:
+    """A start's answer carries the host's rates with its fetches in: the next prediction uses them,
+    and a telemetry sample taken before then (while those fetches ran) does not replace them; a
+    later sample does. Nonsense values are ignored."""
+    book = CostBook()
+    book.observe("h1", [(10.0, {"layer_costs": {"registry_bytes_per_second": 5e6}})])
+    book.reported("h1", {"registry_bytes_per_second": 12e6, "peer_bytes_per_second": float("nan")}, 20.0)
+    assert book.of("h1") == {"registry_bytes_per_second": 12e6}
+    book.observe("h1", [(19.0, {"layer_costs": {"registry_bytes_per_second": 5e6}})])
+    assert book.of("h1") == {"registry_bytes_per_second": 12e6}
+    book.observe("h1", [(21.0, {"layer_costs": {"registry_bytes_per_second": 11e6}})])
+    assert book.of("h1") == {"registry_bytes_per_second": 11e6}
+    book.reported("h1", {"registry_bytes_per_second": -1, "start_seconds": 9.0, "apply_seconds_per_byte": True}, 30.0)
+    assert book.of("h1") == {"registry_bytes_per_second": 11e6}

@@ -90,7 +90,7 @@ async def with_composition(request: web.Request, body: dict[str, Any]) -> tuple[
     if not isinstance(document, dict):
         raise InvalidRequest(f"body.composition: expected a manifest object, got {json_type(document)}")
     assembled = await _assembly(request).assemble(document)
-    kept = ("seconds", "resolve_seconds", "runnable_seconds", "timeline")
+    kept = ("seconds", "resolve_seconds", "runnable_seconds", "timeline", "layer_costs", "costs_at")
     timings: dict[str, Any] = {k: assembled[k] for k in kept if k in assembled}
     return {**{k: v for k, v in body.items() if k != "composition"}, "image": assembled["image"]}, timings
 

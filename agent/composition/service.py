@@ -414,6 +414,10 @@ class CompositionService:
             **result,
             "resolve_seconds": round(resolved_at - started, 6),
             "seconds": round(time.monotonic() - started, 6),
+            # This host's rates with this assembly's fetches in: the coordinator that placed it predicts
+            # the next start from them, not from a telemetry sample taken while the fetches ran.
+            "layer_costs": self.costs.measured(),
+            "costs_at": time.time(),
         }
 
     async def _recorded(self, resolved: Resolved) -> bool:
