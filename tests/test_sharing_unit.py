@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from agent.config import SharingConfig
 from agent.images.directory import StaticPeers
 from agent.images.peersource import PeersFirst
+from agent.images.sources import TransferStarts
 from agent.oci import Descriptor, Digest
 from agent.sharing.client import Peer, PeerBlobClient
 from agent.sharing.errors import BlobNotHeld, PeerBlobError, PeerStalled
@@ -354,3 +356,28 @@ async def test_a_blob_nobody_is_named_for_comes_from_the_registry_at_once() -> N
     started = loop.time()
     assert await _all(source([Peer("a", "127.0.0.1:1")], 0.2), desc) == data
     assert loop.time() - started >= 0.2
+
+
+async def test_the_transfer_starts_after_the_peers_were_asked() -> None:
+    # Asking the tracker and the peers is a cost per fetch, not bytes: the source says when the bytes
+    # were first requested, so the measured rates can leave the asking out.
+    data = bytes(range(256)) * 200
+    blobs = {sha(data): data}
+    desc = Descriptor("application/octet-stream", Digest(sha(data)), len(data))
+
+    class SlowDirectory(StaticPeers):
+        async def peers(self, digest: str | None) -> list[Peer]:
+            await asyncio.sleep(0.2)
+            return await super().peers(digest)
+
+    config = SharingConfig(range_size=4096, min_peer_size=0, rendezvous_delay=0)
+    candidates = [Peer("a", "127.0.0.1:1")]
+    source = PeersFirst(
+        FakePeers(blobs, {"a": "ok"}), SlowDirectory(lambda: candidates), FakeRegistry(blobs), config, "me"
+    )
+    assert source.transfer_started(desc.digest) is None
+    started = time.monotonic()
+    assert await _all(source, desc) == data
+    transfer = source.transfer_started(desc.digest)
+    assert transfer is not None and started + 0.2 <= transfer <= time.monotonic()
+    assert isinstance(source, TransferStarts)
