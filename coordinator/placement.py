@@ -11,6 +11,7 @@ excluded outright, never just scored low.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -313,10 +314,12 @@ class Placer:
         hosts and the reservations are not one snapshot; that only affects the ranking, as `reserve`
         checks the chosen host's free capacity again, atomically."""
         now = self._clock()
-        predictions = await self._store.latest_predictions()
-        hosts = await self._store.list_hosts()
+        # At once: on etcd each read is a round trip, and every placement makes them.
+        predictions, hosts, reservations = await asyncio.gather(
+            self._store.latest_predictions(), self._store.list_hosts(), self._store.list_reservations(now)
+        )
         held: dict[str, Capacity] = defaultdict(Capacity)
-        for r in await self._store.list_reservations(now):
+        for r in reservations:
             held[r.host] = held[r.host] + r.capacity
         out = []
         for host in hosts:
