@@ -10,6 +10,7 @@ short tasks with rooms nobody uses.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -73,17 +74,9 @@ class ContainerStarts:
                 host, {**spec, "reservation": reservation.id}, self._create_timeout
             )
             created = time.monotonic()
-        finally:
+        except BaseException:
             await self._reservations.release(reservation.id)
-        seconds = time.monotonic() - started
-        if self._costs is not None:  # the next prediction for this host learns from this one
-            assembly = container.get("assembly")
-            if isinstance(assembly, Mapping):
-                costs, at = assembly.get("layer_costs"), assembly.get("costs_at")
-                if isinstance(costs, Mapping) and isinstance(at, int | float):
-                    self._costs.reported(reservation.host, costs, float(at))
-            self._costs.started(reservation.host, seconds, placement.chosen)
-        self._on_started(reservation.host, list(need.layers))
+            raise
         signature = of_container_spec(spec)
         record = StartRecord(
             host=reservation.host,
@@ -96,7 +89,20 @@ class ContainerStarts:
             source=signature.source,
             sizes=tuple(need.layers.values()),
         )
-        await self._store.record_start(record, *self._history)
+        # The container runs: its limits hold its room on the agent now. The release and the start's
+        # record are independent, so they go at once (every start waits for both).
+        await asyncio.gather(
+            self._reservations.release(reservation.id), self._store.record_start(record, *self._history)
+        )
+        seconds = time.monotonic() - started
+        if self._costs is not None:  # the next prediction for this host learns from this one
+            assembly = container.get("assembly")
+            if isinstance(assembly, Mapping):
+                costs, at = assembly.get("layer_costs"), assembly.get("costs_at")
+                if isinstance(costs, Mapping) and isinstance(at, int | float):
+                    self._costs.reported(reservation.host, costs, float(at))
+            self._costs.started(reservation.host, seconds, placement.chosen)
+        self._on_started(reservation.host, list(need.layers))
         self._on_recorded(record)  # the layer predictor's state learns it at once
         log.info(
             "container started",
