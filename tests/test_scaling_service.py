@@ -31,7 +31,7 @@ from coordinator.deployments.behaviour import LABEL_COMPONENT, LABEL_DEPLOYMENT
 from coordinator.deployments.behaviour import ComponentSeries as BehaviourSeries
 from coordinator.deployments.states import ComponentRecord, DeploymentRecord, State
 from coordinator.scaling.correlation import CorrelationConfig
-from coordinator.scaling.resample import per_second, shared_span
+from coordinator.scaling.resample import Span, per_second, shared_span, span
 from coordinator.scaling.series import ComponentSeries
 from coordinator.scaling.service import ScalingService, edges, explain_pair
 from coordinator.sqlite_store import SqliteStore
@@ -105,6 +105,26 @@ def test_the_behaviour_kept_becomes_the_same_per_second_series() -> None:
     assert np.allclose(got.cpu[1:], want[1:], atol=0.2 * step + 1e-9), "cpu"
     assert got.rate[0] == 0 and np.all(got.rate[5:] >= 0) and np.any(got.rate > 0)
     assert np.all(got.latency == 0) and np.all(got.errors == 0)
+
+
+def test_the_cpu_now_counts_every_host_whose_next_sample_is_not_in_yet() -> None:
+    # Two hosts run one copy each at 0.05 cores, sampled every 5 s, 2.5 s out of step: the window's
+    # last second is past h1's last sample, whose next one is due. It still runs there.
+    labels = {LABEL_DEPLOYMENT: "d1", LABEL_COMPONENT: "B"}
+    kept = BehaviourSeries(max_points=100)
+    for host, offset in (("h1", 0.0), ("h2", 2.5)):
+        for i in range(0, 101, 5):
+            container = {"id": f"B-{host}", "cpu_millis": 50.0, "memory_bytes": "0", "labels": labels}
+            kept.observe(host, [(T0 + i + offset, {"containers": [container]})])
+    b = kept.of("d1", "B")
+    window = span(b)
+    assert window is not None and window.seconds == 102
+    cpu = per_second(b, window).cpu
+    assert cpu[-1] == pytest.approx(0.1) and np.allclose(cpu[3:], 0.1)
+    # A host that stopped reporting is held for 1.5 of its intervals, not for ever.
+    h1_only = {**b, "usage": [p for p in b["usage"] if p["host"] == "h1"]}
+    late = per_second(h1_only, Span(T0, T0 + 120)).cpu
+    assert late[107] == pytest.approx(0.05) and late[108] == 0.0
 
 
 @pytest.mark.parametrize("every", [1, 5])

@@ -6,8 +6,11 @@ components only) and, for a component with a metrics endpoint, its request rate,
 (every 5 s). The correlation engine reads one value per second on a window two components share. So:
 
 - each host's usage is interpolated linearly onto whole seconds within the span that host reported
-  (0 outside it: the component did not run there) and the hosts are summed: `cpu` in cores,
-  `memory` in MB;
+  and held at its last value for up to 1.5 of its sampling intervals after it (hosts are not in
+  step: the last seconds of a window are past some hosts' last sample, whose next one is not in yet;
+  without the hold a component's CPU "now" reads only the hosts that reported last, 0 when a new
+  copy's first sample is the latest), 0 elsewhere (the component did not run there); the hosts are
+  summed: `cpu` in cores, `memory` in MB;
 - `rate` is the requests answered per second from the component's metrics endpoint when it has
   one, else the balancer's new connections per second; held from one read to the next (0 for a
   component with neither, or before its first read);
@@ -29,6 +32,9 @@ from typing import Any
 import numpy as np
 
 from coordinator.scaling.series import ComponentSeries
+
+CARRY_INTERVALS = 1.5
+"""A host's last usage value holds this many of its sampling intervals past it (its next sample due)."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,9 @@ def _per_host(usage: Sequence[Mapping[str, Any]], grid: np.ndarray, field: str, 
         points.sort()
         ts = np.array([t for t, _ in points])
         values = np.array([v for _, v in points])
-        inside = (grid >= ts[0]) & (grid <= ts[-1])
-        total[inside] += np.interp(grid[inside], ts, values)
+        carry = CARRY_INTERVALS * float(np.median(np.diff(ts))) if len(ts) > 1 else 0.0
+        inside = (grid >= ts[0]) & (grid <= ts[-1] + carry)
+        total[inside] += np.interp(grid[inside], ts, values)  # past the last point: its value
     return total
 
 
