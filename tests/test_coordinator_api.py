@@ -222,19 +222,23 @@ async def test_non_finite_and_out_of_range_numbers_are_400(
     assert host["telemetry_samples"] == 0
 
 
+def _bad_batches(now: float) -> list[tuple[bytes, str, str]]:
+    """Binary pushes from h1 the coordinator refuses: (body, error code, what its message names)."""
+    nan = fleet_pb2.TelemetryBatch(host="h1", samples=[fleet_pb2.TelemetrySample(ts=now, cpu_util=float("nan"))])
+    return [
+        (b"\xff\xff\xff\xff", "invalid_request", "not a binary TelemetryBatch"),
+        (nan.SerializeToString(), "invalid_request", "TelemetryBatch.samples[0].cpu_util"),  # bounds after the parse
+        (telemetry_body("h2", [sample(now)]), "forbidden", "'h2'"),  # another host's samples
+    ]
+
+
 async def test_telemetry_in_binary_protobuf_is_checked_as_json_is(
     coordinator: CoordinatorProcess, pki: CoordinatorPki
 ) -> None:
     await _register(coordinator, pki, "h1")
     now = time.time()
-    nan = fleet_pb2.TelemetryBatch(host="h1", samples=[fleet_pb2.TelemetrySample(ts=now, cpu_util=float("nan"))])
-    refused = [
-        (b"\xff\xff\xff\xff", "not a binary TelemetryBatch"),
-        (nan.SerializeToString(), "TelemetryBatch.samples[0].cpu_util"),  # the bounds apply after the parse
-        (telemetry_body("h2", [sample(now)]), "'h2'"),  # another host's samples
-    ]
     async with coordinator.client(pki.agent("h1")) as h1:
-        for raw, needle in refused:
+        for raw, _, needle in _bad_batches(now):
             status, body = await h1.post("/v1/telemetry", raw=raw, content_type=PROTOBUF)
             assert status in (400, 403), (needle, body)
             assert needle in body["error"]["message"], (needle, body)
@@ -290,11 +294,8 @@ async def test_a_bad_message_on_the_telemetry_stream_is_answered_and_the_session
 ) -> None:
     await _register(coordinator, pki, "h1")
     now = time.time()
-    nan = fleet_pb2.TelemetryBatch(host="h1", samples=[fleet_pb2.TelemetrySample(ts=now, cpu_util=float("nan"))])
-    refused = [
-        (b"\xff\xff\xff\xff", "invalid_request", "not a binary TelemetryBatch"),
-        (nan.SerializeToString(), "invalid_request", "TelemetryBatch.samples[0].cpu_util"),
-        (telemetry_body("h2", [sample(now)]), "forbidden", "'h2'"),
+    refused: list[tuple[bytes | str, str, str]] = [
+        *_bad_batches(now),
         ("a text message", "invalid_request", "binary TelemetryBatch messages only"),
     ]
     async with (
