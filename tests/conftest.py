@@ -33,6 +33,7 @@ from tests.harness.containerd import (  # noqa: E402 (needs the sys.path line ab
     pick_base_dir,
     unmount_under,
 )
+from tests.harness.mesh import agent_log_digest  # noqa: E402
 from tests.harness.registry import DockerRegistry  # noqa: E402
 
 # tests/etcd imports the etcd client, whose generated protobuf files ("rpc.proto", ...) collide in
@@ -75,10 +76,14 @@ def require_root() -> None:
         pytest.fail("these tests drive containerd and runc and must run as root", pytrace=False)
 
 
+BASE_DIR = pytest.StashKey[Path]()
+
+
 @pytest.fixture(scope="session")
-def base_dir() -> Iterator[Path]:
+def base_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
     """One scratch dir for the session, on a filesystem where overlay upper dirs work."""
     base = Path(tempfile.mkdtemp(prefix="ferryman-test-", dir=pick_base_dir()))
+    request.config.stash[BASE_DIR] = base
     yield base
     unmount_under(base)
     shutil.rmtree(base, ignore_errors=True)
@@ -151,3 +156,20 @@ def short_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="fm-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A test that failed while a mesh was up (a module's shared one) gets what its agents logged
+    meanwhile in its report: the mesh's directory is gone by the end of the run."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    base = item.config.stash.get(BASE_DIR, None)
+    if report.when != "call" or not report.failed or base is None:
+        return
+    # <base>/<mesh>/<host>/agent.log, or one level down for a mesh in a test's own workdir
+    logs = sorted([*base.glob("*/*/agent.log"), *base.glob("*/*/*/agent.log")])
+    digests = [agent_log_digest(log, since=call.start) for log in logs]
+    if text := "".join(digests):
+        report.sections.append(("agent logs", text))
+

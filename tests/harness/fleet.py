@@ -124,6 +124,9 @@ async def fleet(
             await before_agents(mesh)
         await asyncio.gather(*(h.start_agent(agent_within) for h in mesh.hosts))
         yield mesh
+    except Exception:
+        mesh.report_logs()
+        raise
     finally:
         # Also the containers' network namespaces and the tmpfs work dirs: the mesh owns both.
         await mesh.stop()

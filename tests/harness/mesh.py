@@ -659,8 +659,15 @@ class Mesh:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and exc_type is not asyncio.CancelledError:
+            self.report_logs()
         await self.stop()
+
+    def report_logs(self) -> None:
+        """The agents' warnings, errors and last lines on stderr, before a failing test's mesh (and
+        its directory) goes: pytest shows them with the failure."""
+        sys.stderr.write("".join(agent_log_digest(h.agent_log) for h in self.hosts))
 
     # ----- faults and probes ---------------------------------------------------------------------
 
@@ -888,3 +895,18 @@ def _remove_network_and_dirs(mesh_prefix: str, names: list[str], directory: str 
         shutil.rmtree(directory, ignore_errors=True)
     if tmpfs_dir is not None:
         shutil.rmtree(tmpfs_dir, ignore_errors=True)
+
+
+def agent_log_digest(log: Path, since: float = 0.0, most: int = 60) -> str:
+    """An agent log's warnings and errors and its last lines, for a failing test's report; empty when
+    the file is gone or was not written since `since` (a time.time())."""
+    try:
+        if log.stat().st_mtime < since:
+            return ""
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    notable = [n for n, line in enumerate(lines) if '"level": "WARNING"' in line or '"level": "ERROR"' in line]
+    keep = sorted({*notable[-most:], *range(max(len(lines) - 15, 0), len(lines))})
+    return f"----- {log} (warnings, errors and the last lines)\n" + "".join(f"{lines[n]}\n" for n in keep)
+
