@@ -187,6 +187,14 @@ LEARNED_MAX_AGE = 300.0
 start took 0.8 s, the same start minutes later 0.3 s) is forgotten rather than applied to now."""
 
 
+def at_idle(costs: Mapping[str, float], pressure: float) -> dict[str, float]:
+    """Measured layer costs as at idle CPU: the apply cost, measured under `pressure`, scaled back."""
+    out = {key: float(value) for key, value in costs.items()}
+    if "apply_seconds_per_byte" in out:
+        out["apply_seconds_per_byte"] /= 1.0 + pressure
+    return out
+
+
 class CostBook:
     """The newest `layer_costs` each host reported, kept as pushes arrive (a registry observer), and
     the figures learned from the starts placed there; the apply cost, start and fetch overhead as at
@@ -208,7 +216,7 @@ class CostBook:
         """The layer costs `host` measured as of `at` (its clock), sent with a start's answer: the
         rates with that start's fetches in, which the next placement should use at once."""
         latest = {
-            key: float(value)
+            key: value
             for key, value in costs.items()
             if key in REPORTED
             and isinstance(value, int | float)
@@ -218,9 +226,7 @@ class CostBook:
         }
         if not latest:
             return
-        if "apply_seconds_per_byte" in latest:  # measured under the host's current pressure
-            latest["apply_seconds_per_byte"] /= 1.0 + self._pressure.get(host, 0.0)
-        self._latest[host] = latest
+        self._latest[host] = at_idle(latest, self._pressure.get(host, 0.0))  # the host's current pressure
         self._reported_at[host] = at
 
     def started(self, host: str, measured_seconds: float, predicted: Breakdown) -> None:
@@ -277,9 +283,9 @@ class CostBook:
             if isinstance(costs, Mapping) and costs:
                 if ts < self._reported_at.get(host, -math.inf):
                     return  # a start's answer since then carried newer figures
-                latest = {k: float(v) for k, v in costs.items() if isinstance(v, int | float)}
-                if "apply_seconds_per_byte" in latest:  # measured under this sample's pressure
-                    latest["apply_seconds_per_byte"] /= 1.0 + (cpu_pressure(sample) or 0.0)
+                latest = at_idle(
+                    {k: v for k, v in costs.items() if isinstance(v, int | float)}, cpu_pressure(sample) or 0.0
+                )  # measured under this sample's pressure
                 self._latest[host] = latest
                 return
 
