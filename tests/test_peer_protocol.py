@@ -349,6 +349,7 @@ def test_the_table_allows_each_step_of_a_migration() -> None:
     check_allowed("target", State.RESTORE, Resume())
     check_allowed("source", State.POSTCOPY, Resumed())
     check_allowed("target", State.POSTCOPY, Commit())
+    check_allowed("target", State.SWITCH, Commit())  # post-copy: every page came before `commit`
     check_allowed("source", State.SWITCH, Committed())
     for state in State:  # link-level messages go anywhere
         check_allowed("target", state, Failed(error="x"))

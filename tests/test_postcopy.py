@@ -259,6 +259,31 @@ async def test_a_resume_that_does_not_get_through(base_dir: Path) -> None:
         assert no_postcopy_helpers(mesh) == []
 
 
+async def test_link_cut_after_the_last_page(base_dir: Path) -> None:
+    """Every page reached the target, then the link broke before `commit` did: the target's copy is the
+    workload (the source can no longer resume its own), so it commits; the source's repeated `resolve`
+    hears `committed` once the link is back."""
+    async with fleet(base_dir, hosts=2, idle_timeout=2.0) as mesh:
+        h1, h2 = mesh["h1"], mesh["h2"]
+        spec, release = hold(mesh, "source.commit")  # `commit` goes out only once the link is cut
+        await restart_with(h1, spec)
+        await run_memhog(h1, mesh, "hog", resident_mib=32, rewrite_mbps=2)
+        task = asyncio.create_task(migrate(h1, "hog", "h2", mode="lazy"))
+        await wait_state(h1, "SWITCH")  # the source has served every page
+        await mesh.link_down(h2)
+        release.touch()
+        await asyncio.sleep(4)  # twice the idle timeout: both sides give up on the first link
+        await mesh.link_up(h2)
+        record = await asyncio.wait_for(task, 120)
+        assert record["state"] == "COMMIT", (record["error"], record["history"])
+        target = await wait_done(h2)
+        assert target["state"] == "COMMIT" and target["stats"]["pages_remote"] == 0, target
+        assert task_states(h2) == {"hog": "RUNNING"} and "hog" not in task_states(h1)
+        assert await verify_memory(h2, "hog") == "ok"
+        assert "commit not heard from the source" in h2.agent_log.read_text()  # the link did break first
+        assert no_postcopy_helpers(mesh) == []
+
+
 async def test_target_agent_restart_during_postcopy(mesh: Mesh) -> None:
     """The pager and the lazy-pages daemon outlive the agent; the new agent resumes from its journal."""
     h1, h2 = mesh["h1"], mesh["h2"]

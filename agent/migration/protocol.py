@@ -491,6 +491,7 @@ ALLOWED: dict[tuple[Role, State], frozenset[type[Message]]] = {
     # target still waits for the decision.
     ("target", State.RESTORE): frozenset({Commit, Resume, Decision}) | _POSTCOPY_TO_TARGET,
     ("target", State.POSTCOPY): frozenset({Commit}) | _POSTCOPY_TO_TARGET,
+    ("target", State.SWITCH): frozenset({Commit}),  # a lazy target has every page before `commit` comes
 }
 """(role, state) -> the messages that side may receive in that state, besides ANYTIME's. A pair not
 listed receives nothing. The receiver's state may lag the sender's by one step (its own task moves

@@ -541,6 +541,7 @@ class SourceMigration:
             },
         )
         await self._advance(Event.PAGES_COMPLETE)
+        await self.ctx.failpoints.hit("source.commit")
         await link.send(Commit())
         await link.expect(Committed)
         if self._service_ip:  # gone before the kill: the dying sockets must not reach the client

@@ -619,13 +619,29 @@ class TargetMigration:
             self.record = self.record.with_stats(
                 pages_remote=0, postcopy_ms=round((time.monotonic() - started) * 1000, 1)
             )
-            await link.expect(Commit)
         finally:
             await self._relay.close()
+        # Every page is here, so the source has answered its daemon's close: from now on it can only
+        # commit, or keep its frozen copy for an operator. Ours is the workload, whatever the link does.
         await self._advance(Event.PAGES_COMPLETE)
+        heard = await self._commit_heard(link)
         await self._advance(Event.SWITCHED)
         await self._drop_lease()
-        await link.send(Committed())
+        if heard:
+            await link.send(Committed())
+
+    async def _commit_heard(self, link: Link) -> bool:
+        """Whether the source's `commit` came over this link. If the link fails first we commit all the
+        same: the source resends its decision (`resolve`) until we confirm it."""
+        try:
+            await link.expect(Commit)
+            return True
+        except (TimeoutError, OSError, FerrymanError) as exc:
+            log.warning(
+                "commit not heard from the source; every page is here, committing",
+                extra={"migration": self.record.id, "error": describe_failure(exc)},
+            )
+            return False
 
     async def _reconnect(self, within: float) -> Link:
         loop = asyncio.get_running_loop()
