@@ -182,6 +182,9 @@ async def run_memhog(
     if restart_policy:
         body["restart_policy"] = restart_policy
     await api(host, "POST", "/v1/containers?start=1", body, expect=201)
+    # memhog writes its first status once every page is filled: from then on its resident size is the
+    # one asked for (a migration's admission and page counts depend on it; first touches are slow here).
+    await memhog_status(host, name, within=60)
     return ref
 
 
