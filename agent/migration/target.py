@@ -625,8 +625,7 @@ class TargetMigration:
         # commit, or keep its frozen copy for an operator. Ours is the workload, whatever the link does.
         await self._advance(Event.PAGES_COMPLETE)
         heard = await self._commit_heard(link)
-        await self._advance(Event.SWITCHED)
-        await self._drop_lease()
+        await self._own_workload()
         if heard:
             await link.send(Committed())
 
