@@ -6,7 +6,8 @@ scores the host's candidate layers with the loaded model in a worker thread (onn
 `LayerPredictor`). `round()` (every `[warm] period` seconds on the leader) warms them: first the
 waste controller (`waste_control.control`) moves the fleet's `Aggressiveness` by what every host's
 warms and starts did since the round before (wasted and used warm bytes, local starts); then per
-ready host `warming.plan` under it; each chosen layer is fetched by the host's agent (peers first)
+ready host `warming.plan` under it, the expected waste of each host's warms at most the bound
+(`max_waste`); each chosen layer is fetched by the host's agent (peers first)
 under a lease as long as the model's (`AgentClientLike.warm_layer`). A host migrating anything
 gets no warms that round (`warm_budget`: the link is busy). Only layers of images started before
 are warmed (the coordinator knows their image reference and size from the start history).
@@ -149,10 +150,10 @@ class WarmService:
             warms.window[3] += 1
             warms.window[4] += not record.misses
         history = self.hosts.setdefault(record.host, HostStarts())
-        start = Start(record.ts, record.signature, record.layers)
+        start = Start(record.ts, record.signature, record.layers, record.source)
         if history.recent and start.ts < history.recent[-1][0].ts:
             # a start recorded late (clocks of replicas differ): counted as happening now
-            start = Start(history.recent[-1][0].ts, start.signature, start.layers)
+            start = Start(history.recent[-1][0].ts, start.signature, start.layers, start.source)
         history.add(start, self.fleet)
 
     async def predict(self, host: str, now: float | None = None) -> list[ScoredLayer]:
@@ -191,7 +192,14 @@ class WarmService:
                 for s in scored
                 if s.digest in self.layer_refs
             ]
-            chosen = plan(candidates, set(host.layer_digests), set(warms.pending), state.aggressiveness, budget)
+            chosen = plan(
+                candidates,
+                set(host.layer_digests),
+                set(warms.pending),
+                state.aggressiveness,
+                budget,
+                max_expected_waste=limits.max_waste,
+            )
             for c in chosen:
                 ref = self.layer_refs[c.digest][0]
                 warms.pending[c.digest] = (c.size, now + lease)

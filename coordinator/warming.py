@@ -82,19 +82,30 @@ def plan(
     in_flight: Collection[str],
     aggressiveness: Aggressiveness,
     budget_bytes: int,
+    max_expected_waste: float = 1.0,
 ) -> list[Candidate]:
     """The layers to warm now: the most probable first, at or above the threshold, not held or
     already being fetched, of known size, within the layer count and the byte budget (a layer
-    that does not fit is skipped, a smaller one after it may)."""
+    that does not fit is skipped, a smaller one after it may), and while the expected wasted share
+    of the chosen bytes, sum((1 - P) * bytes) / sum(bytes), stays within `max_expected_waste`.
+
+    The expected waste is known when the warm is made; the waste controller's threshold moves on
+    wasted warms, known only a lease later. With both, a model surer than it should be (a retrained
+    one served on little data) cannot run the waste up for a lease before the controller sees it."""
     chosen: list[Candidate] = []
     spent = 0
+    expected_waste = 0.0
     for c in sorted(candidates, key=lambda c: (-c.probability, c.digest)):
-        if len(chosen) >= aggressiveness.max_layers or c.probability < aggressiveness.threshold:
+        p = c.probability
+        if len(chosen) >= aggressiveness.max_layers or p < aggressiveness.threshold:
             break
         if c.digest in held or c.digest in in_flight or c.size <= 0 or spent + c.size > budget_bytes:
             continue
+        if expected_waste + (1.0 - p) * c.size > max_expected_waste * (spent + c.size):
+            break  # the rest are no more probable
         chosen.append(c)
         spent += c.size
+        expected_waste += (1.0 - p) * c.size
     return chosen
 
 

@@ -33,6 +33,21 @@ def test_the_plan_takes_the_most_probable_that_fit() -> None:
     assert [c.digest for c in plan(candidates, set(), set(), one, 1 << 40)] == ["sha256:a"]
 
 
+def test_the_plan_keeps_the_expected_waste_of_its_warms_within_the_bound() -> None:
+    candidates = [
+        Candidate("sha256:a", 0.95, 10 * MB),
+        Candidate("sha256:b", 0.6, 10 * MB),  # (0.05 + 0.4) / 2 = 0.225 expected waste: taken
+        Candidate("sha256:c", 0.5, 10 * MB),  # (0.05 + 0.4 + 0.5) / 3 = 0.32: not, nor anything after
+        Candidate("sha256:d", 0.45, 1 * MB),
+    ]
+    agg = Aggressiveness(threshold=0.4, max_layers=8)
+    got = plan(candidates, set(), set(), agg, 1 << 40, max_expected_waste=0.25)
+    assert [c.digest for c in got] == ["sha256:a", "sha256:b"]
+    assert len(plan(candidates, set(), set(), agg, 1 << 40)) == 4  # no bound: the threshold alone
+    # a lone warm at P 0.7 expects 0.3 of its bytes wasted: over the bound, not made
+    assert plan([Candidate("sha256:b", 0.7, MB)], set(), set(), agg, 1 << 40, max_expected_waste=0.25) == []
+
+
 def test_an_outcome_counts_warms_made_waste_settled_and_local_starts() -> None:
     outcome = outcome_of([(["a", "b"], ["a", "b"]), (["a", "c"], ["a"])], [10, 30, 40], [(10, True), (30, False)])
     assert outcome == WarmOutcome(
