@@ -70,6 +70,9 @@ class Start:
     ts: float
     signature: str
     layers: tuple[str, ...]
+    source: str = ""
+    """`image:<ref>` or `composition:<name>` (empty when not known): a new image of a repository the
+    fleet ran is a release of it (`FleetStarts.releases`)."""
 
 
 class _LayerIndex:
@@ -143,8 +146,14 @@ class FleetStarts:
         """Per signature: per layer, how many of its starts on any host were followed on that host
         within FOLLOW_S by a start that needed the layer (HostStarts counts them)."""
         self.signature_starts: dict[str, int] = {}
+        self.repositories: dict[str, tuple[str, str]] = {}
+        """Image repository -> (signature, source) of its newest image the fleet started."""
+        self.releases: dict[str, str] = {}
+        """Signature -> the signature of a newer image of its repository started since (a release),
+        so the hosts that ran the old one can be warmed for the new one (coordinator/warm_predictor.py)."""
 
     def add(self, start: Start, previous: str | None) -> None:
+        self._add_release(start)
         rows = self.layers.ids(start.layers)
         self.popularity.add(start.ts, rows, len(self.layers.digests))
         self.signature_layers[start.signature] = start.layers
@@ -152,6 +161,22 @@ class FleetStarts:
         if previous is not None:
             nxt = self.chains.setdefault(previous, {})
             nxt[start.signature] = nxt.get(start.signature, 0) + 1
+
+    def _add_release(self, start: Start) -> None:
+        """A first start of a new image (another tag or digest) of a repository the fleet ran: a
+        release of the old image's signature. The same image under another command is not."""
+        repository = image_repository(start.source)
+        if not repository or start.signature in self.signature_layers:
+            return
+        old, source = self.repositories.get(repository, (None, ""))
+        if old is not None and source == start.source:
+            return
+        self.repositories[repository] = (start.signature, start.source)
+        if old is not None:
+            self.releases[old] = start.signature
+            for older, newer in self.releases.items():  # v1 -> v2 becomes v1 -> v3 at v3
+                if newer == old:
+                    self.releases[older] = start.signature
 
     def popular(self, now: float, n: int = FLEET_CANDIDATES) -> list[str]:
         """The `n` layers with the most recent uses (ties: the first seen first, so the choice is stable)."""
@@ -182,6 +207,16 @@ class FleetStarts:
         """The `n` layers that most often followed `previous` across the fleet (ties: first seen first)."""
         follows = self.follows.get(previous or "", {})
         return [d for d, _ in sorted(follows.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def image_repository(source: str) -> str:
+    """`registry/path` of an `image:registry/path:tag` or `...@digest` source; "" for anything else."""
+    if not source.startswith("image:"):
+        return ""
+    ref = source.removeprefix("image:").split("@", 1)[0]
+    slash = ref.rfind("/")
+    colon = ref.rfind(":")
+    return ref[:colon] if colon > slash else ref
 
 
 def chain_share(

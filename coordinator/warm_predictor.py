@@ -7,7 +7,9 @@ coordinator calls through `asyncio.to_thread`. The model and its card come from 
   whose metadata lacks a field, whose features version, count or names differ from
   coordinator/warm_features.py, or that does not give probabilities on a probe batch.
 - `predict(X)`: P(needed within the horizon) per feature row.
-- `host_layers(history, fleet, now)`: the candidate layers of one host with their P, highest first.
+- `host_layers(history, fleet, now)`: the candidate layers of one host with their P, highest first,
+  after the releases the fleet has seen (`released`: the layers only a newer image of a repository
+  the host ran has take the P of the layers only the old image had).
 """
 
 from __future__ import annotations
@@ -72,8 +74,37 @@ class LayerPredictor:
         if not candidates:
             return []
         p = self.predict(history.features(now, candidates, fleet))
-        scored = [ScoredLayer(d, float(v)) for d, v in zip(candidates, p, strict=True)]
-        return sorted(scored, key=lambda s: (-s.probability, s.digest))
+        scored = {d: float(v) for d, v in zip(candidates, p, strict=True)}
+        if fleet is not None:
+            scored = released(scored, history, fleet)
+        return sorted((ScoredLayer(d, v) for d, v in scored.items()), key=lambda s: (-s.probability, s.digest))
+
+
+def released(scored: Mapping[str, float], history: HostStarts, fleet: FleetStarts) -> dict[str, float]:
+    """The scores after the releases the fleet has seen: a host that ran a signature whose image was
+    released since (a newer image of its repository started somewhere) will start the new image
+    where it would have started the old. So the layers only the new image has take the score of the
+    layers only the old one had (the model knows the host's use of those), and these old layers,
+    when no other signature the host ran needs them, are dropped: nothing starts the old image again.
+    The new layers come from the peer that ran it first (warms fetch from peers first)."""
+    out = dict(scored)
+    keep: set[str] = set()
+    drop: set[str] = set()
+    for signature, layers in history.signature_layers.items():
+        newer = fleet.releases.get(signature)
+        if newer is None:
+            keep.update(layers)
+            continue
+        new_layers = fleet.signature_layers.get(newer, ())
+        old_only = set(layers) - set(new_layers)
+        p = max((scored.get(d, 0.0) for d in old_only), default=0.0)
+        for d in new_layers:
+            if d not in layers and p > out.get(d, 0.0):
+                out[d] = p
+        drop |= old_only
+    for d in drop - keep:
+        out.pop(d, None)
+    return out
 
 
 def _load(path: Path, threads: int) -> tuple[LayerPredictorInfo, ort.InferenceSession, str]:

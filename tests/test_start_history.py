@@ -22,8 +22,8 @@ from coordinator.reservations import ReservationService
 from coordinator.sqlite_store import SqliteStore
 from coordinator.starts import ContainerStarts
 from coordinator.warm import WarmService
-from coordinator.warm_features import FleetStarts, HostStarts, Start
-from coordinator.warm_predictor import LayerPredictor
+from coordinator.warm_features import FleetStarts, HostStarts, Start, image_repository
+from coordinator.warm_predictor import LayerPredictor, released
 from coordinator.waste_control import ControlLimits
 from core.errors import ConfigError, InvalidRequest
 from core.workloads import WorkloadSignature, check_signature_id, of_start
@@ -139,6 +139,24 @@ def test_the_history_state_learns_chains_crons_and_the_fleet() -> None:
     assert rows["a"][0] == pytest.approx(0.4) and rows["b1"][0] == pytest.approx(0.6)  # of the last 5 starts
     assert rows["unknown"][0] == 0.0 and np.isnan(rows["unknown"][6])
     assert host.candidates(now, fleet) == [*a, *b]
+
+
+def test_a_release_seen_in_the_fleet_carries_the_old_image_s_score_to_the_new_layers() -> None:
+    fleet, here, there = FleetStarts(), HostStarts(), HostStarts()
+    base, old_app, new_app = ("sha256:" + c * 64 for c in "abc")
+    v1, v2, other = "sig-00000000000000a1", "sig-00000000000000a2", "sig-00000000000000b1"
+    here.add(Start(0.0, v1, (base, old_app), "image:registry.test/app:v1"), fleet)
+    # the same image under another command is another signature, not a release
+    there.add(Start(60.0, other, (base, old_app), "image:registry.test/app:v1"), fleet)
+    assert fleet.releases == {}
+    scored = {base: 0.5, old_app: 0.7}
+    assert released(scored, here, fleet) == scored
+    there.add(Start(120.0, v2, (base, new_app), "image:registry.test/app:v2"), fleet)
+    assert fleet.releases == {v1: v2}  # the first signature of the old image: what the new one replaces
+    # the new layer takes the old layer's score; the old one, which only the old image needed, goes
+    assert released(scored, here, fleet) == {base: 0.5, new_app: 0.7}
+    assert image_repository("image:registry.test:5000/team/app@sha256:" + "d" * 64) == "registry.test:5000/team/app"
+    assert image_repository("composition:shop") == ""
 
 
 class WarmingAgents(CreatingAgents):

@@ -346,7 +346,7 @@ def generate(spec: TraceSpec) -> Trace:
             if ts >= spec.end:
                 continue
             d = catalog.after_shift[sig] if ts >= spec.shift_ts else catalog.signatures[sig]
-            starts.append((host, Start(round(ts, 3), d.id, d.layers)))
+            starts.append((host, Start(round(ts, 3), d.id, d.layers, d.source)))
     starts.sort(key=lambda hs: (hs[1].ts, hs[0]))
     sig_layers = {d.id: d.layers for d in (*catalog.signatures, *catalog.after_shift)}
     return Trace(spec, hosts, starts, catalog.sizes, sig_layers)
