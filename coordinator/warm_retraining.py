@@ -45,18 +45,36 @@ DECISION_KIND = "warm-retrain"
 RETRAINED_PREFIX = "warm-retrained-"
 
 
+MIN_HELD_OUT_STARTS = 50
+"""Held-out starts below which no verdict is drawn: on fewer, a tie in hit rate broken by PR-AUC is
+noise (bench/prefetch.py: a candidate trained on 21 hours of 3 hosts won 42 held-out starts that way
+and then wasted 0.44 of its warms over the next 3 hours)."""
+
+
 def verdict(candidate: Mapping[str, float], active: Mapping[str, float], max_waste: float) -> tuple[bool, str]:
     """Whether the candidate replaces the active model, from both models' figures on the held-out
     starts (`hit_rate`: the share with every layer local, `waste`, `pr_auc`), and why.
 
-    It must keep its waste within `max_waste` (or at most the active model's), and have a higher hit
-    rate, or the same hit rate and a higher PR-AUC (the ranking decides where the cache does not)."""
+    It must keep its waste within `max_waste` (or at most the active model's) and its probabilities
+    as close to what happened as the active model's (Brier score, `brier`, when both have one: the
+    warms judge their expected waste by P, so a model sure of more than it should be wastes live what
+    one held-out window hides), and have a higher hit rate, or the same hit rate and a higher PR-AUC
+    (the ranking decides where the cache does not). Nothing replaces the active model on fewer than
+    `MIN_HELD_OUT_STARTS` held-out starts."""
     c_hit, a_hit = candidate["hit_rate"], active["hit_rate"]
     c_waste, a_waste = candidate["waste"], active["waste"]
     c_auc, a_auc = _finite(candidate.get("pr_auc")), _finite(active.get("pr_auc"))
+    c_brier, a_brier = candidate.get("brier"), active.get("brier")
     figures = (
         f"hit rate {c_hit:.3f} vs {a_hit:.3f}, waste {c_waste:.3f} vs {a_waste:.3f}, PR-AUC {c_auc:.3f} vs {a_auc:.3f}"
     )
+    held_out = candidate.get("starts")
+    if held_out is not None and held_out < MIN_HELD_OUT_STARTS:
+        return False, f"too few held-out starts to judge ({held_out:g} < {MIN_HELD_OUT_STARTS}): {figures}"
+    if c_brier is not None and a_brier is not None and math.isfinite(c_brier) and math.isfinite(a_brier):
+        figures += f", Brier {c_brier:.4f} vs {a_brier:.4f}"
+        if c_brier > a_brier:
+            return False, f"the candidate's probabilities are further from what happened: {figures}"
     if c_waste > max(max_waste, a_waste):
         return False, f"the candidate wastes too much: {figures}"
     if c_hit > a_hit:

@@ -107,6 +107,17 @@ def test_the_verdict_needs_a_better_hit_rate_within_the_waste_bound() -> None:
     assert not verdict({"hit_rate": 0.6, "waste": 0.1, "pr_auc": float("nan")}, {**active, "pr_auc": 0.5}, 0.25)[0]
 
 
+def test_the_verdict_needs_enough_held_out_starts_and_probabilities_as_close() -> None:
+    active = {"hit_rate": 0.60, "waste": 0.20, "pr_auc": 0.50, "brier": 0.080, "starts": 80}
+    better = {"hit_rate": 0.65, "waste": 0.10, "pr_auc": 0.60, "brier": 0.070, "starts": 80}
+    assert verdict(better, active, 0.25)[0]
+    ok, why = verdict({**better, "starts": 42}, active, 0.25)
+    assert not ok and why.startswith("too few held-out starts")
+    ok, why = verdict({**better, "brier": 0.09}, active, 0.25)
+    assert not ok and "further from what happened" in why
+    assert verdict({**better, "brier": float("nan")}, active, 0.25)[0]  # no Brier: the rest decides
+
+
 async def test_too_little_history_trains_nothing(coordinator: Coordinator) -> None:
     outcome = await coordinator.warm_retrainer.run_once()
     assert not outcome.activated and outcome.candidate == ""

@@ -158,8 +158,10 @@ def score_walk(w: Walk, scorer: Scorer) -> list[npt.NDArray[np.float32]]:
 
 def ranking(w: Walk, scores: Sequence[npt.NDArray[np.float32]], k: int) -> dict[str, float]:
     """Precision and recall of the top `k` per decision (micro-averaged over decisions that needed
-    anything; a needed layer no candidate named counts against recall), and PR-AUC over the rows."""
-    from sklearn.metrics import average_precision_score
+    anything; a needed layer no candidate named counts against recall), PR-AUC over the rows, and
+    the Brier score over the rows (how far P is from what happened: the expected-waste rule of the
+    warms, coordinator/warming.py `plan`, trusts P as it is)."""
+    from sklearn.metrics import average_precision_score, brier_score_loss
 
     tp = picked = needed = 0
     for d, s in zip(w.decisions, scores, strict=True):
@@ -175,6 +177,7 @@ def ranking(w: Walk, scores: Sequence[npt.NDArray[np.float32]], k: int) -> dict[
         f"precision_at_{k}": tp / max(picked, 1),
         f"recall_at_{k}": tp / max(needed, 1),
         "pr_auc": float(average_precision_score(y, p)) if 0 < y.sum() < y.size else float("nan"),
+        "brier": float(brier_score_loss(y, np.clip(p, 0.0, 1.0))) if y.size else float("nan"),
     }
 
 
