@@ -167,6 +167,8 @@ async def forget_all(mesh: Mesh, digests: list[str]) -> None:
 class PassResult:
     sim: SimResult = field(default_factory=SimResult)
     latencies: list[float] = field(default_factory=list)
+    fetched: list[int] = field(default_factory=list)
+    """Per counted start, the bytes of its layers that were not local (what its latency pays for)."""
     warmed: int = 0
     wasted: int = 0
     used: int = 0
@@ -345,6 +347,7 @@ async def run_pass(
                 out.sim.all_local += local
                 out.sim.hits.append((ts, local))
                 out.latencies.append(elapsed)
+                out.fetched.append(sum(built[d].size for d in start.layers if built[d].digest not in have))
             continue
         if not prefetch:
             continue
@@ -358,7 +361,7 @@ async def run_pass(
         candidates = [Candidate(s.digest, s.probability, built[s.digest].size) for s in scored if s.digest in built]
         have = await held_digests(agent)
         held = {d for d in built if built[d].digest in have}
-        for c in plan(candidates, held, set(pending[host]), agg, budget):
+        for c in plan(candidates, held, set(pending[host]), agg, budget, max_expected_waste=limits.max_waste):
             # The bench ends each lease itself on trace time (used, or 1 trace hour unused): a lease
             # in wall seconds scaled from trace time ended early whenever a trace hour took longer
             # on the wall than planned (load, slower pulls). The agent's TTL only bounds a lease the
@@ -492,7 +495,7 @@ async def main() -> None:
     parser.add_argument(
         "--retrain-every", type=float, default=2.0, help="trace hours between retraining rounds (0: none)"
     )
-    parser.add_argument("--retrain-holdout-h", type=float, default=1.5, help="trace hours a round holds out")
+    parser.add_argument("--retrain-holdout-h", type=float, default=3.0, help="trace hours a round holds out")
     parser.add_argument("--record", type=Path, help="write every start and warm of every pass here (JSON lines)")
     args = parser.parse_args()
 
@@ -612,6 +615,8 @@ async def main() -> None:
                 "simulated": ceilings,
                 "waste": waste,
                 "latency_ratio": latency,
+                "fetched_ratio": statistics.mean(x for r in on for x in r.fetched)
+                / statistics.mean(x for r in off for x in r.fetched),
                 "recovery_on": rec_on,
                 "recovery_off": rec_off,
                 "threshold_p10_p50_p90": np.quantile(thresholds, [0.1, 0.5, 0.9]).round(3).tolist()
@@ -625,7 +630,13 @@ async def main() -> None:
     )
     print(f"without prefetch: {share('off'):.3f} of cold starts with every layer local (same run)")
     print(f"prefetch waste: {waste:.3f} wasted / warmed bytes (target <= 0.25)")
+    fetched = statistics.mean(x for r in on for x in r.fetched) / statistics.mean(x for r in off for x in r.fetched)
     print(f"mean start latency with / without prefetch: {latency:.3f} (target <= 0.5)")
+    print(
+        f"mean bytes a start fetched with / without prefetch: {fetched:.3f} "
+        f"({statistics.mean(x for r in on for x in r.fetched) / 1e6:.1f} / "
+        f"{statistics.mean(x for r in off for x in r.fetched) / 1e6:.1f} MB)"
+    )
     print(
         "recovery after the mix shift: "
         + ", ".join(f"{x['starts_to_recover']} starts (before {x['hit_rate_before']:.2f})" for x in rec_on)
