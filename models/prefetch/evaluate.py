@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.warm_features import FEATURE_NAMES, N_FEATURES, FleetStarts, HostStarts, Start
-from coordinator.warming import Aggressiveness, WarmOutcome, warm_budget
+from coordinator.warming import Aggressiveness, Candidate, WarmOutcome, plan, warm_budget
 from coordinator.waste_control import ControlLimits, control, initial
 from models.prefetch.generate import DAY, Trace
 
@@ -324,7 +324,8 @@ def simulate(
     """One cache per host (capacities()); `scores` None: no prefetching. With `controlled`, the
     fleet's aggressiveness starts at `threshold` and every `cfg.control_s` seconds of the trace
     moves by what the warms and starts of every host did since (coordinator/waste_control.py
-    `control`), as the coordinator's warming rounds do; otherwise it stays at `threshold`,
+    `control`), and a decision's warms keep their expected waste within `controlled.max_waste`
+    (coordinator/warming.py `plan`), as the coordinator's warming rounds do; otherwise it stays at `threshold`,
     `cfg.max_layers` and the default bandwidth share."""
     caps = capacities(w.trace, cfg)
     result = SimResult()
@@ -351,8 +352,14 @@ def simulate(
             cache.start(ts, w.starts[i][1].layers, result, ts >= begin)
         elif scores is not None:
             d, s = w.decisions[i], scores[i]
-            order = np.argsort(-s, kind="stable")
-            ranked = [d.candidates[j] for j in order if s[j] >= agg.threshold]
+            if controlled is not None:
+                # as the coordinator plans a round: the expected waste of the warms within the bound
+                candidates = [Candidate(c, float(p), w.trace.sizes[c]) for c, p in zip(d.candidates, s, strict=True)]
+                chosen = plan(candidates, cache.entries, (), agg, cfg.budget_bytes, controlled.max_waste)
+                ranked = [c.digest for c in chosen]
+            else:
+                order = np.argsort(-s, kind="stable")
+                ranked = [d.candidates[j] for j in order if s[j] >= agg.threshold]
             cache.warm(ts, ranked, cfg, result, agg)
     for cache in caches.values():
         # warms still pending at the end were not used either
