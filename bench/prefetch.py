@@ -17,8 +17,9 @@ the trace's images and blobs before each:
   on:  the coordinator's warming loop run in this process on trace time: after every start and
        every 300 trace-seconds per host, the shipped layer predictor (models/prefetch/prefetch.onnx,
        through `LayerPredictor`, as coordinator/warm.py serves it) scores the host's candidates from
-       its start history, `warming.plan` picks them under the waste controller's aggressiveness
-       (coordinator/waste_control.py, a round every 300 trace-seconds) and the host's agent fetches
+       its start history (with the releases the fleet has seen), `warming.plan` picks them under
+       the waste controller's aggressiveness (coordinator/waste_control.py, a round every 300
+       trace-seconds) with their expected waste within the bound, and the host's agent fetches
        each (`POST /v1/prefetch/layers/{digest}`, peers first) under a lease of the model's 1 h of
        trace time: the bench ends the agent's lease itself when a start uses the warm or its trace
        hour passes (`ctr leases delete`), so the lease follows trace time however long a trace hour
@@ -39,8 +40,9 @@ task), and the first `--warmup` starts are not counted.
 Result lines:
   bench prefetch: <share of cold starts with every layer local, prefetch on> ratio (target >= 0.6)
   in the text: the same share without prefetch, wasted / warmed bytes (target <= 0.25), mean start
-  latency on / off (target <= 0.5), starts after the shift until 50 are back to 90 % of the hit
-  rate before it (target <= 50), and the predictor's time per host decision (model alone, target <= 1 ms).
+  latency on / off (target <= 0.5), the mean bytes a start fetched on / off, starts after the shift
+  until 50 are back to 90 % of the hit rate before it (target <= 50), and the predictor's time per
+  host decision (model alone, target <= 1 ms).
 
 Each pass also runs the cache simulation (models/prefetch/evaluate.py) on the same starts and warms
 and prints where each missed layer went; `--record FILE` writes every start and warm as JSON lines.
