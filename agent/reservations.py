@@ -22,7 +22,9 @@ admission, until it is released: between the restore and the commit the workload
 which can only refuse more, never over-commit.
 
 Reservations survive an agent restart: they are persisted to `<state_dir>/reservations.json`
-(written atomically) and reloaded, minus those that expired meanwhile.
+(written atomically) and reloaded, minus those that expired meanwhile. A reservation held for one
+request (`held_for`: the coordinator's create of a container it placed carries its reservation) is
+not written: it ends with the request, and a restart ends the request too.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -160,6 +162,9 @@ class Held:
     expires_at: float
     purpose: str
     claimed: Amount = Amount()
+    durable: bool = True
+    """Written to the state file. A reservation held for one request only (`held_for`) is not: it
+    lives no longer than the request, which an agent restart ends as well."""
 
     @property
     def holding(self) -> Amount:
@@ -265,11 +270,12 @@ class Reservations:
 
     # ---- the coordinator's side
 
-    async def reserve(self, reservation: pb.Reservation) -> Held:
+    async def reserve(self, reservation: pb.Reservation, *, durable: bool = True) -> Held:
         """Hold `reservation.capacity` here until `expires_at`; InsufficientCapacity (409) when it does not fit.
 
         Reserving an id that exists replaces it (a renewal, or a changed size): the old one does
         not count against the new one, and what was admitted against it stays admitted.
+        `durable=False`: kept in memory only (see `held_for`).
         """
         self._validate(reservation)
         wanted = Amount.of(reservation.capacity)
@@ -293,9 +299,12 @@ class Reservations:
                 expires_at=reservation.expires_at,
                 purpose=reservation.purpose,
                 claimed=already,
+                durable=durable,
             )
+            replaced = self._items.get(held.id)
             self._items[held.id] = held
-            await self._persist()
+            if durable or (replaced is not None and replaced.durable):
+                await self._persist()
         log.info(
             "reserved",
             extra={"reservation": held.id, "purpose": held.purpose, "expires_at": held.expires_at, **wanted.to_json()},
@@ -308,9 +317,22 @@ class Reservations:
             held = self._items.pop(reservation_id, None)
             if held is None:
                 return False
-            await self._persist()
+            if held.durable:
+                await self._persist()
         log.info("reservation released", extra={"reservation": reservation_id})
         return True
+
+    @contextlib.asynccontextmanager
+    async def held_for(self, reservation: pb.Reservation) -> AsyncIterator[Held]:
+        """`reservation` held while the block runs, released when it ends however it ends: the
+        coordinator's create of a container it placed, one request instead of a hold, the create
+        and a release. Not written to the state file (no disk sync on the start's path): an agent
+        restart ends the request, and the coordinator drops its side when the call fails."""
+        held = await self.reserve(reservation, durable=False)
+        try:
+            yield held
+        finally:
+            await self.release(held.id)
 
     # ---- the agent's side
 
@@ -357,7 +379,8 @@ class Reservations:
                 )
             if own is not None:
                 self._items[own.id] = replace(own, claimed=own.claimed + amount)
-                await self._persist()
+                if own.durable:
+                    await self._persist()
 
     # ---- reading
 
@@ -420,7 +443,8 @@ class Reservations:
                     await self._persist()
 
     async def _persist(self) -> None:
-        data = {"version": FILE_VERSION, "reservations": [h.to_json() for h in self._items.values()]}
+        kept = [h.to_json() for h in self._items.values() if h.durable]
+        data = {"version": FILE_VERSION, "reservations": kept}
         await asyncio.to_thread(_write_json, self.path, data)
 
     def _load(self) -> dict[str, Held]:

@@ -87,6 +87,20 @@ class AgentClientLike(Protocol):
     async def close(self) -> None: ...
 
 
+def reservation_json(reservation: Reservation) -> dict[str, Any]:
+    """A reservation as an agent takes it: `POST /v1/reservations`, or a create's `reservation`
+    (held for that request only)."""
+    return to_json(
+        fleet_pb2.Reservation(
+            id=reservation.id,
+            host=reservation.host,
+            capacity=capacity_to(reservation.capacity),
+            expires_at=reservation.expires_at,
+            purpose=reservation.purpose,
+        )
+    )
+
+
 class AgentClient:
     def __init__(self, ctx: ssl.SSLContext, timeout: float) -> None:
         self._ctx = ctx
@@ -142,21 +156,14 @@ class AgentClient:
         if status == 404:
             return NotFound(message)
         if status == 409:
+            if err.get("code") == InsufficientCapacity.code:  # a reservation it cannot hold
+                return InsufficientCapacity(message)
             return Conflict(message)
         return AgentCallError(message)
 
     async def hold_reservation(self, host: Host, reservation: Reservation) -> bool:
         """Ask the target agent to hold the reservation; InsufficientCapacity on 409."""
-        body = to_json(
-            fleet_pb2.Reservation(
-                id=reservation.id,
-                host=reservation.host,
-                capacity=capacity_to(reservation.capacity),
-                expires_at=reservation.expires_at,
-                purpose=reservation.purpose,
-            )
-        )
-        status, data = await self._call(host, "POST", "/v1/reservations", body)
+        status, data = await self._call(host, "POST", "/v1/reservations", reservation_json(reservation))
         if status in (200, 201):
             return True
         if status == 409:

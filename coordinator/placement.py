@@ -139,6 +139,8 @@ class Placement:
     """Every eligible host's prediction, best first."""
     excluded: Mapping[str, str]
     """Host -> why it could not be chosen."""
+    target: Host | None = None
+    """The chosen host as the placement read it (its registration and what it holds)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -277,19 +279,29 @@ class Placer:
         self._held = held
 
     async def place_start(
-        self, need: Need, purpose: str, *, exclude: Collection[str] = (), ttl: float | None = None
+        self,
+        need: Need,
+        purpose: str,
+        *,
+        exclude: Collection[str] = (),
+        ttl: float | None = None,
+        on_agent: bool = True,
     ) -> Placement:
         """Reserve `need` for a new container on the host with the least predicted time to running
-        (coordinator/costs.py); NoTarget when no host can hold it."""
+        (coordinator/costs.py); NoTarget when no host can hold it. `on_agent=False`: the reservation
+        is in the store only (`ReservationService.reserve`)."""
+        candidates = await self.candidates()
         timed, excluded = fastest_first(
-            await self.candidates(), need, self._weights, self._threshold(), self._holders, self._costs, exclude
+            candidates, need, self._weights, self._threshold(), self._holders, self._costs, exclude
         )
         ranked = prefer_unshared(timed, need, self._weights, self._held)
         left = list(ranked)
         while left:
             choice = left[0]
             try:
-                reservation = await self._reservations.reserve(choice.host, need.capacity, purpose, ttl)
+                reservation = await self._reservations.reserve(
+                    choice.host, need.capacity, purpose, ttl, on_agent=on_agent
+                )
             except InsufficientCapacity:
                 excluded[choice.host] = "lost to a concurrent placement"
                 # The rest again: which hosts are near depends on the fastest one left.
@@ -299,7 +311,8 @@ class Placer:
                 "placed a new container",
                 extra={"host": choice.host, "predicted_s": round(choice.seconds, 3), "purpose": purpose},
             )
-            placement = Placement(reservation, choice, tuple(ranked), excluded)
+            target = next(c.host for c in candidates if c.host.name == choice.host)
+            placement = Placement(reservation, choice, tuple(ranked), excluded, target)
             await self._store.record_decision(
                 Decision(ts=self._clock(), host=choice.host, kind="place", detail=describe(placement, purpose))
             )

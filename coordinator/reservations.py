@@ -38,8 +38,14 @@ class ReservationService:
         self._clock = clock
         self._metrics = metrics
 
-    async def reserve(self, host: str, capacity: Capacity, purpose: str, ttl: float | None = None) -> Reservation:
-        """Hold `capacity` on `host` for `ttl` seconds: InsufficientCapacity if it does not fit."""
+    async def reserve(
+        self, host: str, capacity: Capacity, purpose: str, ttl: float | None = None, *, on_agent: bool = True
+    ) -> Reservation:
+        """Hold `capacity` on `host` for `ttl` seconds: InsufficientCapacity if it does not fit.
+
+        `on_agent=False`: in the store only; the caller hands the reservation to the agent with the
+        work it reserves for (a create carrying it, held there for that request), one round trip
+        instead of a hold before it and a release after."""
         ttl = self._config.reservations.ttl if ttl is None else ttl
         if not 0 < ttl <= self._config.reservations.max_ttl:
             raise InvalidRequest(f"ttl must be within (0, {self._config.reservations.max_ttl}] seconds, got {ttl}")
@@ -59,6 +65,9 @@ class ReservationService:
         except InsufficientCapacity:
             self._metrics.reservations.labels(result="refused").inc()
             raise
+        if not on_agent:
+            self._metrics.reservations.labels(result="held").inc()
+            return reservation
         target = await self._store.get_host(host)
         if target is None:  # unregistered between the insert and now: the cascade removed it
             raise HostNotFound(f"no host {host!r} is registered")

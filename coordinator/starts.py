@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from coordinator.agents import AgentClientLike
+from coordinator.agents import AgentClientLike, reservation_json
 from coordinator.costs import CostBook
-from coordinator.model import HostNotFound, StartRecord
+from coordinator.model import HostNotFound, InsufficientCapacity, StartRecord
 from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
 from coordinator.store import Store
@@ -59,24 +59,39 @@ class ContainerStarts:
 
     async def start(self, spec: Mapping[str, Any], need: Need, ttl: float | None = None) -> dict[str, Any]:
         """Place, reserve, create and start; the placement (with its prediction) and the container.
-        A failed create releases the reservation: nothing is left behind."""
+        A failed create releases the reservation: nothing is left behind.
+
+        The reservation is in the store only until the create: the create carries it, and the agent
+        holds it for that request (refusing it, 409, before anything is fetched or made, when the
+        host cannot hold it: the next host is tried) and lets it go once the container runs. One
+        round trip to the agent, not a hold, the create and a release."""
         started = time.monotonic()
-        placement = await self._placer.place_start(need, f"container {spec.get('id', '')}", ttl=ttl)
-        placed = time.monotonic()
-        reservation = placement.reservation
-        try:
-            host = await self._store.get_host(reservation.host)
-            if host is None:
-                raise HostNotFound(f"host {reservation.host} left the fleet")
-            held = set(host.layer_digests)
-            warmed = set(self._warming(reservation.host, self._clock()))
-            container = await self._agents.create_container(
-                host, {**spec, "reservation": reservation.id}, self._create_timeout
+        refused: dict[str, str] = {}
+        while True:
+            placement = await self._placer.place_start(
+                need, f"container {spec.get('id', '')}", exclude=refused.keys(), ttl=ttl, on_agent=False
             )
-            created = time.monotonic()
-        except BaseException:
-            await self._reservations.release(reservation.id)
-            raise
+            placed = time.monotonic()
+            reservation = placement.reservation
+            try:
+                host = placement.target or await self._store.get_host(reservation.host)
+                if host is None:
+                    raise HostNotFound(f"host {reservation.host} left the fleet")
+                held = set(host.layer_digests)
+                warmed = set(self._warming(reservation.host, self._clock()))
+                container = await self._agents.create_container(
+                    host, {**spec, "reservation": reservation_json(reservation)}, self._create_timeout
+                )
+                created = time.monotonic()
+            except InsufficientCapacity as exc:  # the agent could not hold it: nothing was made there
+                await self._reservations.release(reservation.id)
+                refused[reservation.host] = exc.message
+                log.info("agent refused a placed start", extra={"host": reservation.host, "error": exc.message})
+                continue
+            except BaseException:
+                await self._reservations.release(reservation.id)
+                raise
+            break
         signature = of_container_spec(spec)
         record = StartRecord(
             host=reservation.host,

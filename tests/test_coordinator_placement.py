@@ -29,6 +29,7 @@ from coordinator.model import (
 from coordinator.placement import Candidate, Need, Placer, by_time, exclusion, pull_fraction, rank
 from coordinator.reservations import ReservationService
 from coordinator.sqlite_store import SqliteStore
+from coordinator.starts import ContainerStarts
 from coordinator.store import TelemetryUpdate
 from tests.harness.coordinator import NoAgents
 
@@ -300,10 +301,12 @@ class _FilledMeanwhile(ReservationService):
         super().__init__(*args, **kwargs)
         self.full = full
 
-    async def reserve(self, host: str, capacity: Capacity, purpose: str, ttl: float | None = None) -> Reservation:
+    async def reserve(
+        self, host: str, capacity: Capacity, purpose: str, ttl: float | None = None, *, on_agent: bool = True
+    ) -> Reservation:
         if host == self.full:
             raise InsufficientCapacity(f"{host} filled meanwhile")
-        return await super().reserve(host, capacity, purpose, ttl)
+        return await super().reserve(host, capacity, purpose, ttl, on_agent=on_agent)
 
 
 async def test_a_refused_host_reorders_the_rest_around_the_next_fastest(store: SqliteStore) -> None:
@@ -332,6 +335,50 @@ async def test_a_refused_host_reorders_the_rest_around_the_next_fastest(store: S
     placement = await placer.place_start(Need(Capacity(500, GiB, 0), layers), "spill")
     assert [b.host for b in placement.candidates] == ["h3", "h1", "h4"]
     assert placement.chosen.host == "h4" and placement.excluded == {"h3": "lost to a concurrent placement"}
+
+
+class _OneRoundTrip(NoAgents):
+    """Agents that take a placed start in its create alone (a hold or a release fails the test);
+    the agents of `full` refuse the reservation the create carries, as a host filled meanwhile does."""
+
+    def __init__(self, *full: str) -> None:
+        self.full = full
+        self.creates: list[tuple[str, dict[str, Any]]] = []
+
+    async def create_container(
+        self, host: Host, spec: dict[str, Any], within: float, start: bool = True
+    ) -> dict[str, Any]:
+        self.creates.append((host.name, spec))
+        if host.name in self.full:
+            raise InsufficientCapacity(f"agent {host.name}: insufficient_capacity")
+        return {"id": spec["id"], "image": spec.get("image", ""), "state": "running"}
+
+
+async def test_a_placed_start_is_one_create_and_a_refusing_agent_passes_it_on(store: SqliteStore) -> None:
+    """The create carries the reservation (held by the agent for that request): no hold before it,
+    no release after it. h1, fastest, refuses it (filled since its last report): its reservation is
+    dropped and h2 runs the container; no reservation is left in the store."""
+    for name, digests in (("h1", (BASE, MID)), ("h2", ())):
+        await store.register_host(
+            Host(name=name, capacity=Capacity(4000, 4 * GiB, 0), layer_digests=digests, api_url=f"https://{name}")
+        )
+    config = CoordinatorConfig()
+    agents = _OneRoundTrip("h1")
+    reservations = ReservationService(store, agents, config, lambda: 1000.0, CoordinatorMetrics())
+    placer = Placer(store, reservations, config.placement, lambda: 0.5, lambda: 1000.0)
+    starts = ContainerStarts(store, placer, reservations, agents, 5.0, clock=lambda: 1000.0)
+    answer = await starts.start({"id": "c1", "image": "registry.test/app:1"}, Need(Capacity(500, GiB, 0), LAYERS))
+    assert [(host, spec["reservation"]["host"]) for host, spec in agents.creates] == [("h1", "h1"), ("h2", "h2")]
+    carried = agents.creates[1][1]["reservation"]
+    assert carried["id"] == answer["placement"]["reservation"]["id"] and carried["capacity"]["memory_bytes"] == str(GiB)
+    assert answer["placement"]["host"] == "h2" and answer["container"]["id"] == "c1"
+    assert await store.list_reservations(1000.0) == []
+    # Every host refusing: NoTarget, and still nothing held.
+    with pytest.raises(NoTarget):
+        await ContainerStarts(store, placer, reservations, _OneRoundTrip("h1", "h2"), 5.0).start(
+            {"id": "c2", "image": "registry.test/app:1"}, Need(Capacity(500, GiB, 0), LAYERS)
+        )
+    assert await store.list_reservations(1000.0) == []
 
 
 def test_learned_overheads_are_forgotten_once_old() -> None:

@@ -185,6 +185,31 @@ async def test_expiry_and_persistence(tmp_path: Path) -> None:
         await second.close()
 
 
+async def test_a_reservation_held_for_one_request_is_kept_in_memory_only(
+    host: tuple[Host, Reservations], tmp_path: Path
+) -> None:
+    """`held_for` (a placed create carrying its reservation): the room is protected while the block
+    runs and charged to it, never written to the state file, and given back however the block ends."""
+    _, r = host
+    await r.reserve(res("kept", memory=GiB))
+    async with r.held_for(res("req", cpu=1000, memory=2 * GiB)) as held:
+        assert held.id == "req" and {x.id for x in r.held()} == {"kept", "req"}
+        with pytest.raises(CapacityReserved):  # 4 GiB - 1 - 2 reserved: another 1.5 GiB is refused
+            await r.admit(pb.Capacity(memory_bytes=1536 * MiB))
+        await r.admit(pb.Capacity(memory_bytes=1536 * MiB), "req")
+        saved = json.loads((tmp_path / STATE_FILE).read_text())
+        assert [x["id"] for x in saved["reservations"]] == ["kept"]
+    assert [x.id for x in r.held()] == ["kept"]
+    with pytest.raises(InsufficientCapacity):
+        async with r.held_for(res("big", memory=4 * GiB)):
+            raise AssertionError("a reservation that does not fit runs nothing")
+    with pytest.raises(RuntimeError):
+        async with r.held_for(res("failing", memory=GiB)):
+            raise RuntimeError("the create failed")
+    assert [x.id for x in r.held()] == ["kept"]
+    assert [x["id"] for x in json.loads((tmp_path / STATE_FILE).read_text())["reservations"]] == ["kept"]
+
+
 async def test_corrupt_state_is_kept_aside(tmp_path: Path) -> None:
     (tmp_path / STATE_FILE).write_text("{not json")
     r = Host(tmp_path).reservations(tmp_path)

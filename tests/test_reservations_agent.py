@@ -9,7 +9,9 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from agent.api import build_app, serve
@@ -156,3 +158,36 @@ async def test_a_container_placed_by_the_coordinator_is_charged_to_its_reservati
     assert held.claimed.memory_bytes == 512 * MiB
     with pytest.raises(InvalidRequest, match="reservation id"):
         parse_create({"id": "x", "image": image_ref, "reservation": "../etc"})
+
+
+async def test_a_create_carrying_its_reservation_holds_it_for_that_request(
+    agent: Agent, image_ref: str, short_dir: Path
+) -> None:
+    """The coordinator's create of a container it placed carries the reservation itself: held for the
+    request (so the assembly's time cannot be taken by another run) and charged, gone once the
+    container runs; refused (409 insufficient_capacity) before anything is made when it does not
+    fit; a malformed one is a 400 that holds and makes nothing."""
+
+    def placed(cid: str, memory: int, **reservation: Any) -> dict[str, Any]:
+        held = {"id": f"rsv-{cid}", "host": "test-host", "capacity": {"memory_bytes": str(memory)}}
+        held |= {"expires_at": time.time() + 120, **reservation}
+        spec = {"id": cid, "image": image_ref, "args": ["sleep", "300"], "resources": {"memory": 256 * MiB}}
+        return {**spec, "reservation": held}
+
+    server = await serve(build_app(agent), f"unix://{short_dir}/agent.sock")
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=f"{short_dir}/agent.sock")) as s:
+            async with s.post("http://agent/v1/containers?start=1", json=placed("placed", 512 * MiB)) as resp:
+                assert resp.status == 201, await resp.text()
+            async with s.post("http://agent/v1/containers", json=placed("big", 2048 * MiB)) as resp:
+                assert resp.status == 409
+                assert (await resp.json())["error"]["code"] == "insufficient_capacity"
+            async with s.post("http://agent/v1/containers", json=placed("bad", 64 * MiB, colour="red")) as resp:
+                assert resp.status == 400
+                assert "body.reservation" in (await resp.json())["error"]["message"]
+    finally:
+        await server.close()
+    await wait_running(agent, "placed")
+    assert [c.id for c in await agent.containers.list()] == ["placed"]
+    assert agent.reservations.held() == []
+    assert not agent.reservations.path.exists() or "rsv-" not in agent.reservations.path.read_text()

@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.api.compositions import with_composition
+from agent.api.reservations import held_for_create
 from agent.health.spec import parse_health
 from agent.metrics import AgentMetrics
 from agent.model import (
@@ -332,7 +333,11 @@ async def remove_image(request: web.Request) -> web.Response:
 
 async def create_container(request: web.Request) -> web.Response:
     start = query_flag(request, "start")
-    body = await read_object(request)
+    async with held_for_create(request, await read_object(request)) as body:
+        return await _create_container(request, body, start)
+
+
+async def _create_container(request: web.Request, body: dict[str, Any], start: bool) -> web.Response:
     # the signature of what was asked for: a composition's name and class, not the image made of it
     signature = of_container_spec(body).id
     plain, assembly = await with_composition(request, body)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from aiohttp import web
 from google.protobuf import json_format
 
-from agent.api.handlers import _json, optional_service
 from agent.reservations import Amount, Held, ReservationNotFound
 from core.errors import FerrymanError, InvalidRequest
 from core.http.validate import check_message, read_object
@@ -17,6 +18,7 @@ from proto.ferryman.v1 import fleet_pb2 as pb
 class ReservationsLike(Protocol):
     async def reserve(self, reservation: pb.Reservation) -> Held: ...
     async def release(self, reservation_id: str) -> bool: ...
+    def held_for(self, reservation: pb.Reservation) -> contextlib.AbstractAsyncContextManager[Held]: ...
     def held(self) -> list[Held]: ...
     def reserved(self) -> Amount: ...
     async def free(self) -> Amount: ...
@@ -31,18 +33,40 @@ class ReservationsUnavailable(FerrymanError):
 
 
 def _reservations(request: web.Request) -> ReservationsLike:
-    return optional_service(request, RESERVATIONS, ReservationsUnavailable, "this agent keeps no reservations")
+    reservations = request.app.get(RESERVATIONS)
+    if reservations is None:
+        raise ReservationsUnavailable("this agent keeps no reservations")
+    return reservations
 
 
-def parse_reservation(body: dict[str, Any]) -> pb.Reservation:
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+def parse_reservation(body: dict[str, Any], where: str = "body") -> pb.Reservation:
     """A Reservation from its protobuf JSON; unknown fields, wrong types and unbounded numbers are InvalidRequest."""
     message = pb.Reservation()
     try:
         json_format.ParseDict(body, message)
     except json_format.ParseError as exc:
-        raise InvalidRequest(f"body: not a Reservation: {exc}") from exc
-    check_message(message, "body")
+        raise InvalidRequest(f"{where}: not a Reservation: {exc}") from exc
+    check_message(message, where)
     return message
+
+
+@contextlib.asynccontextmanager
+async def held_for_create(request: web.Request, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """A `POST /v1/containers` body whose `reservation` is a Reservation object (the coordinator's
+    create of a container it placed) rather than the id of one held before: the reservation is held
+    for this request (refused with 409 insufficient_capacity when it does not fit, before anything
+    is fetched or made), and the body, naming it by id, is what the block creates from; released
+    when the block ends. Other bodies pass through unchanged."""
+    given = body.get("reservation")
+    if not isinstance(given, dict):
+        yield body
+        return
+    async with _reservations(request).held_for(parse_reservation(given, "body.reservation")) as held:
+        yield {**body, "reservation": held.id}
 
 
 async def create_reservation(request: web.Request) -> web.Response:
