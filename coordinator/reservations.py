@@ -71,23 +71,29 @@ class ReservationService:
         target = await self._store.get_host(host)
         if target is None:  # unregistered between the insert and now: the cascade removed it
             raise HostNotFound(f"no host {host!r} is registered")
-        if target.api_url:
-            try:
-                await self._agents.hold_reservation(target, reservation)
-            except FerrymanError as exc:
-                await self._store.release(reservation.id)
-                self._metrics.reservations.labels(result="agent_refused").inc()
-                if isinstance(exc, InsufficientCapacity):
-                    raise
-                raise InsufficientCapacity(f"agent {host} could not hold the reservation: {exc.message}") from exc
-            await self._store.mark_held(reservation.id)
-            reservation = dataclasses.replace(reservation, held_by_agent=True)
+        reservation = await self.hold_on_agent(target, reservation)
         self._metrics.reservations.labels(result="held").inc()
         log.info(
             "reserved",
             extra={"reservation": reservation.id, "host": host, "capacity": capacity.to_dict(), "purpose": purpose},
         )
         return reservation
+
+    async def hold_on_agent(self, target: Host, reservation: Reservation) -> Reservation:
+        """Have `target`'s agent hold a reservation made in the store; refused: it leaves the store too
+        (InsufficientCapacity)."""
+        if not target.api_url:
+            return reservation
+        try:
+            await self._agents.hold_reservation(target, reservation)
+        except FerrymanError as exc:
+            await self._store.release(reservation.id)
+            self._metrics.reservations.labels(result="agent_refused").inc()
+            if isinstance(exc, InsufficientCapacity):
+                raise
+            raise InsufficientCapacity(f"agent {target.name} could not hold the reservation: {exc.message}") from exc
+        await self._store.mark_held(reservation.id)
+        return dataclasses.replace(reservation, held_by_agent=True)
 
     async def release(self, reservation_id: str, *, agent_too: bool = True) -> Reservation | None:
         """Forget a reservation here and (best effort) on its agent; None if it was not held."""

@@ -22,9 +22,13 @@ from coordinator.model import HostNotFound, InsufficientCapacity, StartRecord
 from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
 from coordinator.store import Store
+from core.errors import InvalidRequest
 from core.workloads import of_container_spec
 
 log = logging.getLogger(__name__)
+
+OLD_AGENT_REFUSAL = "body.reservation: expected a non-empty string"
+"""How an agent that takes a create's reservation by id only refuses one given whole (a 400)."""
 
 
 class ContainerStarts:
@@ -79,9 +83,19 @@ class ContainerStarts:
                     raise HostNotFound(f"host {reservation.host} left the fleet")
                 held = set(host.layer_digests)
                 warmed = set(self._warming(reservation.host, self._clock()))
-                container = await self._agents.create_container(
-                    host, {**spec, "reservation": reservation_json(reservation)}, self._create_timeout
-                )
+                try:
+                    container = await self._agents.create_container(
+                        host, {**spec, "reservation": reservation_json(reservation)}, self._create_timeout
+                    )
+                except InvalidRequest as exc:
+                    if OLD_AGENT_REFUSAL not in exc.message:
+                        raise
+                    # An agent from before creates carried their reservation (a rolling upgrade
+                    # updates the coordinator first): hold it there first, then create, as it knows.
+                    reservation = await self._reservations.hold_on_agent(host, reservation)
+                    container = await self._agents.create_container(
+                        host, {**spec, "reservation": reservation.id}, self._create_timeout
+                    )
                 created = time.monotonic()
             except InsufficientCapacity as exc:  # the agent could not hold it: nothing was made there
                 await self._reservations.release(reservation.id)

@@ -29,8 +29,9 @@ from coordinator.model import (
 from coordinator.placement import Candidate, Need, Placer, by_time, exclusion, pull_fraction, rank
 from coordinator.reservations import ReservationService
 from coordinator.sqlite_store import SqliteStore
-from coordinator.starts import ContainerStarts
+from coordinator.starts import OLD_AGENT_REFUSAL, ContainerStarts
 from coordinator.store import TelemetryUpdate
+from core.errors import InvalidRequest
 from tests.harness.coordinator import NoAgents
 
 GiB = 1 << 30
@@ -379,6 +380,48 @@ async def test_a_placed_start_is_one_create_and_a_refusing_agent_passes_it_on(st
             {"id": "c2", "image": "registry.test/app:1"}, Need(Capacity(500, GiB, 0), LAYERS)
         )
     assert await store.list_reservations(1000.0) == []
+
+
+class _IdOnlyAgents(NoAgents):
+    """Agents from before a create carried its reservation: they refuse one given whole, as such an
+    agent's create does, and take the id of one they hold."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.creates: list[Any] = []
+
+    async def hold_reservation(self, host: Host, reservation: Reservation) -> bool:
+        self.held.add(reservation.id)
+        return True
+
+    async def release_reservation(self, host: Host, reservation_id: str) -> None:
+        self.held.discard(reservation_id)
+
+    async def create_container(
+        self, host: Host, spec: dict[str, Any], within: float, start: bool = True
+    ) -> dict[str, Any]:
+        given = spec["reservation"]
+        self.creates.append(given)
+        if not isinstance(given, str):
+            raise InvalidRequest(f"agent {host.name}: create: {OLD_AGENT_REFUSAL}, got object")
+        assert given in self.held, "created before its reservation was held"
+        return {"id": spec["id"], "image": spec.get("image", ""), "state": "running"}
+
+
+async def test_an_agent_from_before_scoped_reservations_still_starts_placed_containers(store: SqliteStore) -> None:
+    """During a rolling upgrade (coordinator first) an older agent refuses the reservation in the
+    create: the start holds it on that agent, creates by id, and releases it on both sides after."""
+    await store.register_host(Host(name="h1", capacity=Capacity(4000, 4 * GiB, 0), api_url="https://h1"))
+    config = CoordinatorConfig()
+    agents = _IdOnlyAgents()
+    reservations = ReservationService(store, agents, config, lambda: 1000.0, CoordinatorMetrics())
+    placer = Placer(store, reservations, config.placement, lambda: 0.5, lambda: 1000.0)
+    starts = ContainerStarts(store, placer, reservations, agents, 5.0, clock=lambda: 1000.0)
+    answer = await starts.start({"id": "c1", "image": "registry.test/app:1"}, Need(Capacity(500, GiB, 0), LAYERS))
+    assert answer["container"]["id"] == "c1"
+    whole, by_id = agents.creates
+    assert isinstance(whole, dict) and by_id == whole["id"]
+    assert agents.held == set() and await store.list_reservations(1000.0) == []
 
 
 def test_learned_overheads_are_forgotten_once_old() -> None:
