@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from agent.api.handlers import _json, optional_service
+from agent.api.responses import json_answer, optional_service
 from core.errors import FerrymanError, InvalidRequest
 from core.http.validate import check_keys, json_type, read_object, str_field
 
@@ -41,19 +41,19 @@ def parse_ref(body: dict[str, Any], optional: frozenset[str] = frozenset()) -> s
 
 
 async def cache_status(request: web.Request) -> web.Response:
-    return _json(await _cache(request).status())
+    return json_answer(await _cache(request).status())
 
 
 async def pin_image(request: web.Request) -> web.Response:
-    return _json(await _cache(request).pin(parse_ref(await read_object(request))))
+    return json_answer(await _cache(request).pin(parse_ref(await read_object(request))))
 
 
 async def unpin_image(request: web.Request) -> web.Response:
-    return _json(await _cache(request).pin(parse_ref(await read_object(request)), pinned=False))
+    return json_answer(await _cache(request).pin(parse_ref(await read_object(request)), pinned=False))
 
 
 async def evict_image(request: web.Request) -> web.Response:
-    return _json(await _cache(request).evict(parse_ref(await read_object(request))))
+    return json_answer(await _cache(request).evict(parse_ref(await read_object(request))))
 
 
 async def prefetch_image(request: web.Request) -> web.Response:
@@ -62,7 +62,7 @@ async def prefetch_image(request: web.Request) -> web.Response:
     pin = body.get("pin", False)
     if not isinstance(pin, bool):
         raise InvalidRequest(f"body.pin: expected a boolean, got {json_type(pin)}")
-    return _json(await _cache(request).prefetch(ref, pin))
+    return json_answer(await _cache(request).prefetch(ref, pin))
 
 
 def add_routes(app: web.Application) -> None:

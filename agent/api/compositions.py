@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from agent.api.responses import json_answer
 from agent.composition.manifest import load_text, schema_bytes
 from agent.oci import parse_digest
 from core.errors import FerrymanError, InvalidRequest
@@ -38,21 +39,17 @@ def _assembly(request: web.Request) -> AssemblyLike:
     return assembly
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status)
-
-
 async def _manifest(request: web.Request) -> Any:
     return load_text(await read_body(request), request.headers.get("Content-Type", ""))
 
 
 async def parse_manifest(request: web.Request) -> web.Response:
     resolved = await _assembly(request).resolve(await _manifest(request))
-    return _json(resolved.to_json())
+    return json_answer(resolved.to_json())
 
 
 async def assemble(request: web.Request) -> web.Response:
-    return _json(await _assembly(request).assemble(await _manifest(request)), status=201)
+    return json_answer(await _assembly(request).assemble(await _manifest(request)), status=201)
 
 
 async def manifest_schema(request: web.Request) -> web.Response:
@@ -71,11 +68,11 @@ async def warm_layer(request: web.Request) -> web.Response:
     model = str_field(body, "model", "body", optional=True) or ""
     if len(model) > 128:
         raise InvalidRequest("body.model: at most 128 characters")
-    return _json(await _assembly(request).warm_layer(digest, ref, ttl, model))
+    return json_answer(await _assembly(request).warm_layer(digest, ref, ttl, model))
 
 
 async def costs(request: web.Request) -> web.Response:
-    return _json(_assembly(request).costs_json())
+    return json_answer(_assembly(request).costs_json())
 
 
 async def with_composition(request: web.Request, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -16,13 +16,14 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.api.compositions import with_composition
 from agent.api.reservations import held_for_create
+from agent.api.responses import json_answer
 from agent.health.spec import parse_health
 from agent.metrics import AgentMetrics
 from agent.model import (
@@ -198,21 +199,6 @@ def _reservation_field(body: dict[str, Any]) -> str | None:
     return reservation
 
 
-T = TypeVar("T")
-
-
-def optional_service(request: web.Request, key: web.AppKey[T], unavailable: type[FerrymanError], message: str) -> T:
-    """The service under `key`, or `unavailable(message)` (a 503) for an agent built without it."""
-    service = request.app.get(key)
-    if service is None:
-        raise unavailable(message)
-    return service
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status)
-
-
 def _container_id(request: web.Request) -> str:
     return check_container_id(request.match_info["id"])
 
@@ -231,7 +217,7 @@ async def pull_image(request: web.Request) -> web.StreamResponse:
     images = request.app[IMAGES]
     if not wants_stream(request):
         summary = await images.pull(ref)
-        return _json(summary.to_json())
+        return json_answer(summary.to_json())
     return await _stream_pull(request, images, ref)
 
 
@@ -240,7 +226,7 @@ async def import_image(request: web.Request) -> web.Response:
     check_keys(dict(request.query), {"name"}, set(), "query")
     name = request.query.get("name") or None
     images = await request.app[IMAGES].import_archive(request.content.iter_chunked(ARCHIVE_CHUNK), name)
-    return _json({"images": [image.to_json() for image in images]}, status=201)
+    return json_answer({"images": [image.to_json() for image in images]}, status=201)
 
 
 async def export_image(request: web.Request) -> web.StreamResponse:
@@ -317,7 +303,7 @@ async def _abandon(task: asyncio.Task[ImageSummary], ref: str) -> None:
 
 async def list_images(request: web.Request) -> web.Response:
     images = await request.app[IMAGES].list()
-    return _json({"images": [img.to_json() for img in images]})
+    return json_answer({"images": [img.to_json() for img in images]})
 
 
 async def remove_image(request: web.Request) -> web.Response:
@@ -356,35 +342,35 @@ async def _create_container(request: web.Request, body: dict[str, Any], start: b
             "create_seconds": round(started - created, 6),
             "start_seconds": round(time.monotonic() - started, 6),
         }
-    return _json(out, status=201)
+    return json_answer(out, status=201)
 
 
 async def start_container(request: web.Request) -> web.Response:
     summary = await request.app[CONTAINERS].start(_container_id(request))
-    return _json(summary.to_json())
+    return json_answer(summary.to_json())
 
 
 async def stop_container(request: web.Request) -> web.Response:
     cid = _container_id(request)
     timeout = query_number(request, "timeout", integer=False, maximum=MAX_STOP_TIMEOUT)
     summary = await request.app[CONTAINERS].stop(cid, timeout)
-    return _json(summary.to_json())
+    return json_answer(summary.to_json())
 
 
 async def freeze_container(request: web.Request) -> web.Response:
-    return _json((await request.app[CONTAINERS].freeze(_container_id(request))).to_json())
+    return json_answer((await request.app[CONTAINERS].freeze(_container_id(request))).to_json())
 
 
 async def thaw_container(request: web.Request) -> web.Response:
-    return _json((await request.app[CONTAINERS].thaw(_container_id(request))).to_json())
+    return json_answer((await request.app[CONTAINERS].thaw(_container_id(request))).to_json())
 
 
 async def checkpoint_container(request: web.Request) -> web.Response:
-    return _json((await request.app[CONTAINERS].checkpoint(_container_id(request))).to_json())
+    return json_answer((await request.app[CONTAINERS].checkpoint(_container_id(request))).to_json())
 
 
 async def restore_container(request: web.Request) -> web.Response:
-    return _json((await request.app[CONTAINERS].restore(_container_id(request))).to_json())
+    return json_answer((await request.app[CONTAINERS].restore(_container_id(request))).to_json())
 
 
 async def delete_container(request: web.Request) -> web.Response:
@@ -400,11 +386,11 @@ async def delete_volume(request: web.Request) -> web.Response:
 
 async def list_containers(request: web.Request) -> web.Response:
     found = await request.app[CONTAINERS].list()
-    return _json({"containers": [c.to_json() for c in found]})
+    return json_answer({"containers": [c.to_json() for c in found]})
 
 
 async def inspect_container(request: web.Request) -> web.Response:
-    return _json(await request.app[CONTAINERS].inspect(_container_id(request)))
+    return json_answer(await request.app[CONTAINERS].inspect(_container_id(request)))
 
 
 async def _find(containers: ContainerServiceLike, cid: str) -> ContainerSummary | None:
@@ -530,10 +516,10 @@ async def healthz(request: web.Request) -> web.Response:
         async with asyncio.timeout(HEALTH_TIMEOUT):
             await request.app[CONTAINERS].list()
     except FerrymanError as exc:
-        return _json({"status": "unavailable", **error_body(exc.code, exc.message)}, status=503)
+        return json_answer({"status": "unavailable", **error_body(exc.code, exc.message)}, status=503)
     except TimeoutError:
-        return _json({"status": "unavailable", **error_body("timeout", "containerd did not answer")}, 503)
-    return _json({"status": "ok"})
+        return json_answer({"status": "unavailable", **error_body("timeout", "containerd did not answer")}, 503)
+    return json_answer({"status": "ok"})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -10,7 +10,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from agent.api.handlers import _container_id, _json, optional_service
+from agent.api.handlers import _container_id
+from agent.api.responses import json_answer, optional_service
 from core.errors import FerrymanError
 from core.http.validate import check_keys, query_number
 
@@ -38,7 +39,7 @@ async def container_health(request: web.Request) -> web.Response:
     after = query_number(request, "after", integer=True, maximum=INT64_MAX)
     wait = query_number(request, "wait", integer=False, maximum=MAX_WAIT)
     monitor = optional_service(request, HEALTH, HealthUnavailable, "this agent runs no health checks")
-    return _json(await monitor.wait(cid, after, wait if wait is not None else 0.0))
+    return json_answer(await monitor.wait(cid, after, wait if wait is not None else 0.0))
 
 
 async def _release_waiters(app: web.Application) -> None:

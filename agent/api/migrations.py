@@ -14,8 +14,9 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from agent.api.handlers import METRICS, NDJSON, SHUTDOWN, _json, _line, optional_service, wants_stream
+from agent.api.handlers import METRICS, NDJSON, SHUTDOWN, _line, wants_stream
 from agent.api.handlers import metrics as _base_metrics
+from agent.api.responses import json_answer, optional_service
 from agent.migration.record import MigrationOptions, MigrationRecord
 from core.errors import FerrymanError, InvalidRequest
 from core.http.validate import check_keys, positive_field, read_object, str_field
@@ -86,18 +87,18 @@ async def start_migration(request: web.Request) -> web.StreamResponse:
     # must not depend on the ops client's connection (the client can find it in GET /v1/migrations).
     record = await asyncio.shield(service.migrate(container, target, options))
     if not wants_stream(request):
-        resp = _json(record.for_storage(), status=202)
+        resp = json_answer(record.for_storage(), status=202)
         resp.headers["Location"] = _location(record)
         return resp
     return await _stream(request, service.watch(record.id), status=202, location=_location(record))
 
 
 async def list_migrations(request: web.Request) -> web.Response:
-    return _json({"migrations": [r.for_storage() for r in _service(request).list()]})
+    return json_answer({"migrations": [r.for_storage() for r in _service(request).list()]})
 
 
 async def get_migration(request: web.Request) -> web.Response:
-    return _json(_service(request).get(_migration_id(request)).for_storage())
+    return json_answer(_service(request).get(_migration_id(request)).for_storage())
 
 
 async def migration_events(request: web.Request) -> web.StreamResponse:

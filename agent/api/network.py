@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from agent.api.handlers import CONTAINERS, _json, optional_service
+from agent.api.handlers import CONTAINERS
+from agent.api.responses import json_answer, optional_service
 from agent.model import LABEL_SERVICE_IP, ContainerState, ContainerSummary
 from agent.network import NetnsInfo, parse_service_ip
 from core.errors import Conflict, ContainerNotFound, FerrymanError, InvalidRequest
@@ -86,7 +87,7 @@ async def publish(request: web.Request) -> web.Response:
     ip = summary.labels[LABEL_SERVICE_IP]
     info = network.info(summary.id)
     await network.publish(ip, info.host_veth)
-    return _json({"service_ip": ip, "container": summary.id, "host_veth": info.host_veth, "published": True})
+    return json_answer({"service_ip": ip, "container": summary.id, "host_veth": info.host_veth, "published": True})
 
 
 async def unpublish(request: web.Request) -> web.Response:
@@ -96,7 +97,7 @@ async def unpublish(request: web.Request) -> web.Response:
         # By container: it must exist here. By address: works even once the container is gone.
         service_ip = (await _find(request, None, container)).labels[LABEL_SERVICE_IP]
     removed = await network.unpublish(service_ip)
-    return _json({"service_ip": service_ip, "published": False, "was_published": removed})
+    return json_answer({"service_ip": service_ip, "published": False, "was_published": removed})
 
 
 async def list_services(request: web.Request) -> web.Response:
@@ -121,7 +122,7 @@ async def list_services(request: web.Request) -> web.Response:
                 "published": routes.get(ip) == info.host_veth,
             }
         )
-    return _json({"uplink": uplink, "services": services, "routes": routes})
+    return json_answer({"uplink": uplink, "services": services, "routes": routes})
 
 
 # ----- replicas behind one address: the balancer on the host that owns it (docs/deployments.md)
@@ -140,7 +141,7 @@ async def put_balancer(request: web.Request) -> web.Response:
     if not isinstance(backends, list) or not all(isinstance(b, str) for b in backends):
         raise InvalidRequest("backends: expected a list of IPv4 addresses")
     members = await _network(request).balance(ip, backends)
-    return _json({"service_ip": ip, "backends": list(members)})
+    return json_answer({"service_ip": ip, "backends": list(members)})
 
 
 async def get_balancer(request: web.Request) -> web.Response:
@@ -149,13 +150,13 @@ async def get_balancer(request: web.Request) -> web.Response:
     found = await _network(request).balanced(ip)
     if found is None:
         raise BalancerNotFound(f"service address {ip} is not balanced on this host")
-    return _json({"service_ip": ip, **found})
+    return json_answer({"service_ip": ip, **found})
 
 
 async def delete_balancer(request: web.Request) -> web.Response:
     ip = _balanced_ip(request)
     removed = await _network(request).unbalance(ip)
-    return _json({"service_ip": ip, "was_balanced": removed})
+    return json_answer({"service_ip": ip, "was_balanced": removed})
 
 
 class BalancerNotFound(FerrymanError):

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from google.protobuf import json_format
 
+from agent.api.responses import json_answer, optional_service
 from agent.reservations import Amount, Held, ReservationNotFound
 from core.errors import FerrymanError, InvalidRequest
 from core.http.validate import check_message, read_object
@@ -33,14 +34,7 @@ class ReservationsUnavailable(FerrymanError):
 
 
 def _reservations(request: web.Request) -> ReservationsLike:
-    reservations = request.app.get(RESERVATIONS)
-    if reservations is None:
-        raise ReservationsUnavailable("this agent keeps no reservations")
-    return reservations
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status)
+    return optional_service(request, RESERVATIONS, ReservationsUnavailable, "this agent keeps no reservations")
 
 
 def parse_reservation(body: dict[str, Any], where: str = "body") -> pb.Reservation:
@@ -72,13 +66,13 @@ async def held_for_create(request: web.Request, body: dict[str, Any]) -> AsyncIt
 async def create_reservation(request: web.Request) -> web.Response:
     reservation = parse_reservation(await read_object(request))
     held = await _reservations(request).reserve(reservation)
-    return _json(held.to_json(), status=201)
+    return json_answer(held.to_json(), status=201)
 
 
 async def list_reservations(request: web.Request) -> web.Response:
     reservations = _reservations(request)
     free = await reservations.free()
-    return _json(
+    return json_answer(
         {
             "reservations": [h.to_json() for h in reservations.held()],
             "reserved": reservations.reserved().to_json(),

@@ -36,8 +36,9 @@ import time
 
 from aiohttp import web
 
-from agent.api.handlers import CONTAINERS, _container_id, _json
+from agent.api.handlers import CONTAINERS, _container_id
 from agent.api.network import _network
+from agent.api.responses import json_answer
 from agent.model import LABEL_SERVICE_IP, ContainerSummary
 from agent.network import NetworkError
 from agent.probes import Exchange, HttpAnswer, ProbeFailed, http_exchange, netns_of, opened_exchange
@@ -217,7 +218,9 @@ async def take_over(request: web.Request) -> web.Response:
     steps["publish"], mark = _since(mark)
     steps_ms = {name: round(seconds * 1000, 3) for name, seconds in steps.items()}
     log.info("stage taken over", extra={"container": target, "from": source, "steps_ms": steps_ms})
-    return _json({"delta_bytes": len(delta), "container": target, "service_ip": target_address, "steps_ms": steps_ms})
+    return json_answer(
+        {"delta_bytes": len(delta), "container": target, "service_ip": target_address, "steps_ms": steps_ms}
+    )
 
 
 def _since(mark: float) -> tuple[float, float]:
