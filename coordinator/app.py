@@ -251,6 +251,8 @@ class Coordinator:
             violation_cost=s.violation_cost,
             max_standbys=s.standbys,
             standby_cost=s.standby_cost,
+            lone_replica_risk=s.lone_replica_risk,
+            lone_replica_share=s.lone_replica_share,
         )
         return Autoscaler(
             self.deployments,
@@ -263,6 +265,7 @@ class Coordinator:
             clock,
             utilization=s.utilization,
             store=self.store,
+            period_s=s.period,
         )
 
     @classmethod

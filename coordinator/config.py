@@ -271,6 +271,11 @@ class PredictiveScalingConfig:
     """Warm standbys (created, started, frozen replicas) kept at most per component; 0: none."""
     standby_cost: float = 0.2
     """Cost of a standby for one second, as a fraction of replica_cost (memory, no CPU), in (0, 1]."""
+    lone_replica_risk: float = 0.0
+    """Share of its seconds one replica alone answers late on a busy machine, in [0, 1]; with a known
+    lead, 2 replicas are kept when this x violation_cost exceeds replica_cost (0: never)."""
+    lone_replica_share: float = 0.5
+    """Share of one replica's capacity the need must exceed for lone_replica_risk to count, >= 0."""
     retrain_interval: float = 0.0
     """Seconds between two retraining rounds of the scaling model on the recorded behaviour; 0: never."""
     retrain_holdout: float = 120.0
@@ -469,6 +474,10 @@ def _validate_scaling(scaling: PredictiveScalingConfig, most: int) -> None:
         raise ConfigError(f"scaling.utilization must be in (0, 1], got {scaling.utilization}")
     if not 0 < scaling.standby_cost <= 1:
         raise ConfigError(f"scaling.standby_cost must be in (0, 1], got {scaling.standby_cost}")
+    if not 0 <= scaling.lone_replica_risk <= 1:
+        raise ConfigError(f"scaling.lone_replica_risk must be in [0, 1], got {scaling.lone_replica_risk}")
+    if not scaling.lone_replica_share >= 0:
+        raise ConfigError(f"scaling.lone_replica_share must be >= 0, got {scaling.lone_replica_share}")
     if scaling.enabled and not scaling.model:
         raise ConfigError("scaling.enabled needs scaling.model (the .onnx file models/scaling/ trains)")
 

@@ -60,6 +60,8 @@ def test_the_example_lists_every_default() -> None:
         ({"scaling": {"replica_cost": 30.0}}, "scaling.violation_cost (20.0) must exceed scaling.replica_cost"),
         ({"scaling": {"min_replicas": 9}}, "scaling.min_replicas must be in [1, scaling.max_replicas = 8], got 9"),
         ({"scaling": {"max_replicas": 17}}, "scaling.max_replicas (17) must not exceed deployments.max_replicas"),
+        ({"scaling": {"lone_replica_risk": 1.5}}, "scaling.lone_replica_risk must be in [0, 1], got 1.5"),
+        ({"scaling": {"lone_replica_share": -0.1}}, "scaling.lone_replica_share must be >= 0, got -0.1"),
         ({"scaling": {"enabled": True}}, "scaling.enabled needs scaling.model"),
         ({"scaling": {"enabled": "yes"}}, "expected <class 'bool'>, got str"),
     ],

@@ -30,6 +30,9 @@ def inputs(
     predicted: float = 1.0,
     error: float = 0.0,
     cold_start: float = 12.0,
+    lead: float | None = None,
+    data_age: float = 0.0,
+    period: float = 0.0,
 ) -> ScalingInputs:
     return ScalingInputs(
         now=now,
@@ -43,6 +46,9 @@ def inputs(
         prediction_error=error,
         cold_start_s=cold_start,
         warm_start_s=2.0,
+        lead_s=lead,
+        data_age_s=data_age,
+        period_s=period,
     )
 
 
@@ -73,6 +79,57 @@ def test_a_cold_start_longer_than_the_horizon_uses_the_warm_standbys_first() -> 
         inputs(ready=2, standbys=3, need_now=1.0, predicted=3.5, cold_start=40.0), ScalingState(), CONFIG
     )
     assert (decision.warm_starts, decision.cold_starts) == (2, 0) and "late by" not in decision.reason
+
+
+def test_a_cold_start_late_by_the_data_age_and_the_next_round_uses_the_standby_first() -> None:
+    # 9 s of cold start fits the 15 s horizon, but the data is 3 s old and a need not seen now is
+    # seen only at the next round, 5 s on: 9 + 5 > 15 - 3, so the standby is thawed first.
+    late = inputs(ready=1, standbys=1, need_now=0.5, predicted=1.5, cold_start=9.0, lead=16.0, data_age=3.0, period=5.0)
+    decision, _ = decide(late, ScalingState(), CONFIG)
+    assert (decision.target, decision.warm_starts, decision.cold_starts) == (2, 1, 0), decision
+    assert decision.cold_late_s == pytest.approx(2.0) and "would be late" in decision.reason
+    in_time = inputs(ready=1, standbys=1, need_now=0.5, predicted=1.5, cold_start=9.0, lead=16.0, data_age=0.5)
+    decision, _ = decide(in_time, ScalingState(), CONFIG)
+    assert (decision.warm_starts, decision.cold_starts, decision.cold_late_s) == (0, 1, 0.0), decision
+
+
+def test_a_standby_is_kept_for_a_known_lead_when_cold_starts_would_be_late() -> None:
+    cfg = ScalingConfig(max_replicas=10, replica_capacity=1.0, max_standbys=2, standby_cost=0.2)
+    quiet = {"ready": 2, "standbys": 0, "need_now": 0.5, "predicted": 0.5, "cold_start": 9.0}
+    # far below the next replica: no standby is worth its cost by the need alone ...
+    decision, _ = decide(inputs(**quiet, lead=16.0, data_age=0.5), ScalingState(), cfg)  # type: ignore[arg-type]
+    assert decision.standbys == 0, decision
+    # ... but with cold starts late for what the lead shows, a burst is served in time only by a thaw
+    decision, _ = decide(inputs(**quiet, lead=16.0, data_age=3.0, period=5.0), ScalingState(), cfg)  # type: ignore[arg-type]
+    assert decision.standbys == 1, decision
+    # on the naive forecast (no lead) nothing is announced ahead: none
+    decision, _ = decide(inputs(**quiet, data_age=3.0, period=5.0), ScalingState(), cfg)  # type: ignore[arg-type]
+    assert decision.standbys == 0, decision
+
+
+def test_a_lone_replica_gets_a_second_when_its_risk_costs_more_than_the_replica() -> None:
+    cfg = ScalingConfig(max_replicas=10, replica_capacity=1.0, lone_replica_risk=0.1, lone_replica_share=0.5)
+    # need 0.6 of one replica's capacity: one is enough by the need, but late 10 % of its seconds x
+    # violation cost 20 = 2 a second against 1 for a second replica
+    busy = {"ready": 1, "standbys": 0, "need_now": 0.3, "predicted": 0.6}
+    decision, _ = decide(inputs(**busy, lead=15.0), ScalingState(), cfg)  # type: ignore[arg-type]
+    assert (decision.action, decision.target, decision.floor) == (Action.SCALE_OUT, 2, 2), decision
+    assert "floor 2" in decision.reason and "0.1" in decision.reason
+    # no lead known (the naive forecast): no floor
+    decision, _ = decide(inputs(**busy), ScalingState(), cfg)  # type: ignore[arg-type]
+    assert (decision.target, decision.floor) == (1, 0), decision
+    # the need below the share: the lone replica idles, no floor
+    decision, _ = decide(inputs(ready=1, standbys=0, need_now=0.2, predicted=0.3, lead=15.0), ScalingState(), cfg)
+    assert (decision.target, decision.floor) == (1, 0), decision
+    # a cheaper violation (risk x 5 = 0.5 < 1): not worth a replica
+    cheap = ScalingConfig(
+        max_replicas=10, replica_capacity=1.0, violation_cost=5.0, lone_replica_risk=0.1, lone_replica_share=0.5
+    )
+    decision, _ = decide(inputs(**busy, lead=15.0), ScalingState(), cheap)  # type: ignore[arg-type]
+    assert (decision.target, decision.floor) == (1, 0), decision
+    # with the default config (risk 0) never
+    decision, _ = decide(inputs(**busy, lead=15.0), ScalingState(), CONFIG)  # type: ignore[arg-type]
+    assert decision.target == 1, decision
 
 
 def test_a_standby_is_kept_when_the_predicted_need_is_close_to_the_next_replica() -> None:

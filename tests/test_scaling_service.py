@@ -317,13 +317,14 @@ class _All(_Records):
         return list(self.records.values())
 
 
-def _autoscaler(kept: Any, replicas: _Replicas, records: _All, now: float) -> Any:
+def _autoscaler(kept: Any, replicas: _Replicas, records: _All, now: float, period_s: float = 0.0) -> Any:
     from coordinator.scaling.autoscaler import Autoscaler
     from coordinator.scaling.model import ScalingModel
     from coordinator.scaling.policy import ScalingConfig
 
     policy = ScalingConfig(min_replicas=1, max_replicas=8, replica_capacity=0.1, replica_cost=1.0, violation_cost=20.0)
-    return Autoscaler(records, kept, replicas, ScalingModel.load(MODEL), policy, CorrelationConfig(), 30.0, lambda: now)
+    model = ScalingModel.load(MODEL)
+    return Autoscaler(records, kept, replicas, model, policy, CorrelationConfig(), 30.0, lambda: now, period_s=period_s)
 
 
 async def test_a_round_decides_per_downstream_component_records_its_inputs_and_applies_it() -> None:
@@ -358,6 +359,21 @@ async def test_a_round_decides_per_downstream_component_records_its_inputs_and_a
     later = _autoscaler(kept, busy, records, T0 + 900)
     entries = await later.round()
     assert busy.asked == [] and all(e["applied"] == f"no: a scale of {e['component']} is under way" for e in entries)
+
+
+async def test_a_decision_knows_its_lead_how_far_its_data_lags_and_the_next_round() -> None:
+    # What decides whether a cold start decided now (or at the next round) is late: the prediction
+    # starts at the series' last whole second (898 of 900 here), the next round is a period away.
+    trace = _trace(900)
+    autoscaler = _autoscaler(_behaviour("d1", trace), _Replicas(), _All(_record("d1")), T0 + 900, period_s=5.0)
+    entries = await autoscaler.round()
+    assert len(entries) == 2
+    for e in entries:
+        inputs = e["inputs"]
+        assert inputs["lead_s"] == e["lag_s"] and inputs["period_s"] == 5.0, e
+        assert inputs["data_age_s"] == pytest.approx(2.0), e
+        # 30 s cold start + 5 s period against 15 - 2 s seen ahead
+        assert e["cold_late_s"] == pytest.approx(22.0), e
 
 
 async def test_decisions_kept_in_the_store_are_seen_by_the_next_leader(workdir: Path) -> None:

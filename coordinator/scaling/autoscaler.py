@@ -43,7 +43,7 @@ from coordinator.scaling.correlation import CorrelationConfig
 from coordinator.scaling.hpa import HpaConfig, HpaState, hpa_step
 from coordinator.scaling.model import ScalingModel
 from coordinator.scaling.policy import Action, ScalingConfig, ScalingInputs, ScalingState, decide
-from coordinator.scaling.resample import per_second, shared_span, span
+from coordinator.scaling.resample import Span, per_second, shared_span, span
 from coordinator.scaling.service import Behaviour, edges, explain_pair
 from core.errors import FerrymanError, InvalidRequest
 
@@ -106,7 +106,8 @@ def _infer(
     downstream: str,
     config: CorrelationConfig,
 ) -> dict[str, Any]:
-    """The lead and the prediction for one edge (CPU work): {"skip": why} or lag, need now, predicted."""
+    """The lead and the prediction for one edge (CPU work): {"skip": why} or lag, need now, predicted,
+    and `last_ts`, the time of the last second they were read at."""
     answer = explain_pair(upstream, up, downstream, down, config)
     if answer["status"] != "ok":
         own = span(down)
@@ -115,19 +116,34 @@ def _infer(
         # Too little history for a lead (a new deployment): the naive forecast on the component's
         # own CPU, as the reactive policy would see it, so a component overloaded now still scales.
         now = float(per_second(down, own).cpu[-1])
-        return {"naive": answer["message"], "need_now": now, "predicted_need": now}
+        return {"naive": answer["message"], "need_now": now, "predicted_need": now, "last_ts": _last(own)}
     window = shared_span(up, down)
     assert window is not None  # explain_pair answered ok
     if answer["lead"] is None:
         # Nothing upstream tells the future: the naive forecast (the need stays as it is now), so a
         # component overloaded now still gets replicas.
         now = float(per_second(down, window).cpu[-1])
-        return {"naive": f"no metric of {upstream} leads {downstream}'s cpu", "need_now": now, "predicted_need": now}
+        return {
+            "naive": f"no metric of {upstream} leads {downstream}'s cpu",
+            "need_now": now,
+            "predicted_need": now,
+            "last_ts": _last(window),
+        }
     up_s, down_s = per_second(up, window), per_second(down, window)
     lag = int(answer["lead"]["lag_s"])
     last = np.array([len(down_s) - 1], np.int64)
     predicted = float(model.predict_need(up_s, down_s, lag, last)[0])
-    return {"lag_s": lag, "need_now": float(down_s.cpu[-1]), "predicted_need": max(0.0, predicted)}
+    return {
+        "lag_s": lag,
+        "need_now": float(down_s.cpu[-1]),
+        "predicted_need": max(0.0, predicted),
+        "last_ts": _last(window),
+    }
+
+
+def _last(window: Span) -> float:
+    """The time of a window's last whole second (per_second's last value)."""
+    return window.start + window.seconds - 1
 
 
 class Autoscaler:
@@ -143,10 +159,12 @@ class Autoscaler:
         clock: Callable[[], float],
         utilization: float = 1.0,
         store: ScalingStore | None = None,
+        period_s: float = 0.0,
     ) -> None:
         """`utilization`: the share of a replica's CPU limit its `policy.replica_capacity` is (the
         reactive pass targets 70 % of the limit itself, as the HPA does). `store`: where decisions
-        are kept (the coordinator's, so a new leader shows them); None: in memory."""
+        are kept (the coordinator's, so a new leader shows them); None: in memory. `period_s`: the
+        seconds between two rounds (a need the prediction misses now is seen that much later)."""
         self._deployments = deployments
         self._behaviour = behaviour
         self._replicas = replicas
@@ -157,6 +175,7 @@ class Autoscaler:
         self._clock = clock
         self._utilization = utilization
         self._store = store
+        self._period_s = period_s
         self._recorded: set[str] = set()
         self._states: dict[tuple[str, str], ScalingState] = {}
         self._hpa: dict[tuple[str, str], HpaState] = {}
@@ -349,6 +368,9 @@ class Autoscaler:
             prediction_error=self._model.info.prediction_error,
             cold_start_s=cold_start,
             warm_start_s=cold_start,
+            lead_s=None if "naive" in inferred else float(inferred["lag_s"]),
+            data_age_s=max(0.0, now - inferred["last_ts"]),
+            period_s=self._period_s,
         )
         decision, self._states[(record.id, down)] = decide(
             inputs, self._states.get((record.id, down), ScalingState()), self._policy

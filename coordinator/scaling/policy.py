@@ -10,12 +10,20 @@ a replica (the runtime does, docs/scaling.md). The rule:
    with P(need > k x capacity) <= replica_cost / violation_cost (the newsvendor quantile), so
    `desired` = ceil(the need's q-quantile / capacity) with q = 1 - replica_cost / violation_cost, or
    the need measured now if that is higher, within [min_replicas, max_replicas].
-2. **Ahead of the need, by the cold start.** The lead time is the component's measured cold start
-   (scale request to healthy). When it fits in the horizon, a replica started now for the predicted
-   need is ready when the need arrives: cold starts are used and the standbys kept for surprises.
-   When the capacity is short *now* (the need measured now exceeds what the ready replicas serve),
-   or the cold start is longer than the horizon (a cold start would be late for the need predicted),
-   warm standbys are used first, cold starts for the rest.
+   **A lone replica's floor.** On a busy machine one replica alone has no slack for a second of CPU
+   starvation: it answers late at a share of its seconds (`lone_replica_risk`) even within its
+   capacity, where two share the stall. For a component whose upstream lead is known (the forecast
+   is the model's, not the naive one), when the need provisioned for is above `lone_replica_share`
+   of one replica's capacity and risk x violation_cost exceeds replica_cost (the second replica
+   costs less than the violation seconds it saves), `desired` is at least 2.
+2. **Ahead of the need, by the cold start.** The prediction reaches `horizon_s` past the series'
+   last shared second, which is `data_age_s` behind now: it sees `horizon_s - data_age_s` seconds
+   ahead. A need it does not see yet is seen at the next decision, `period_s` later, so a replica
+   started then is ready `period_s` + the measured cold start (scale request to healthy) from now.
+   When that fits in what the prediction sees, cold starts are in time: they are used and the
+   standbys kept for surprises. When the capacity is short *now* (the need measured now exceeds what
+   the ready replicas serve), or a cold start would be late (cold start + period beyond what the
+   prediction sees), warm standbys are used first (a thaw serves at once), cold starts for the rest.
 3. **Hysteresis.** Scaling in waits until `desired` has stayed below the provisioned count for
    `scale_in_hold_s` seconds, then goes to the highest `desired` of that window (a dip inside the hold does not
    remove a replica a burst a moment later needs again). Scaling out is immediate.
@@ -24,7 +32,9 @@ a replica (the runtime does, docs/scaling.md). The rule:
    The k-th standby is worth keeping while the chance that the need exceeds the target and k - 1
    more replicas is above standby_cost x replica_cost / violation_cost; so when the predicted need
    is close to the target's capacity (within the model's error), one is kept, and none when it is
-   far below. At most `max_standbys`, and never past `max_replicas` with the target.
+   far below. For a component whose lead is known and whose cold starts would be late (rule 2), one
+   standby is kept in any case: a burst the upstream announces is served in time only by a thaw.
+   At most `max_standbys`, and never past `max_replicas` with the target.
 
 Every decision carries its inputs, the quantile and the reason, for `history` and `explain`.
 """
@@ -60,6 +70,10 @@ class ScalingConfig:
     """Warm standbys (frozen replicas) kept at most per component (0: none)."""
     standby_cost: float = 0.2
     """Cost of a standby for one second, as a fraction of a replica's (its memory, no CPU)."""
+    lone_replica_risk: float = 0.0
+    """Share of its seconds one replica alone is taken to answer late under load (0: no floor)."""
+    lone_replica_share: float = 0.5
+    """Share of a replica's capacity above which a lone replica's risk counts."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas:
@@ -77,6 +91,10 @@ class ScalingConfig:
             raise ValueError(f"standby_cost must be within (0, 1], not {self.standby_cost}")
         if self.scale_in_hold_s < 0:
             raise ValueError(f"scale_in_hold_s must be >= 0, not {self.scale_in_hold_s}")
+        if not 0 <= self.lone_replica_risk <= 1:
+            raise ValueError(f"lone_replica_risk must be within [0, 1], not {self.lone_replica_risk}")
+        if not self.lone_replica_share >= 0:
+            raise ValueError(f"lone_replica_share must be >= 0, not {self.lone_replica_share}")
 
     @property
     def quantile(self) -> float:
@@ -107,13 +125,27 @@ class ScalingInputs:
     """Measured time from start to ready."""
     warm_start_s: float
     """Measured time for a warm standby to serve."""
+    lead_s: float | None = None
+    """The upstream's lead the prediction used; None: the naive forecast (no lead known)."""
+    data_age_s: float = 0.0
+    """How far the series' last shared second (where the prediction starts) is behind now."""
+    period_s: float = 0.0
+    """Seconds until the next decision."""
 
     def __post_init__(self) -> None:
         if min(self.ready, self.starting, self.standbys) < 0:
             raise ValueError("replica counts must be >= 0")
-        values = (self.need_now, self.predicted_need, self.horizon_s, self.prediction_error)
+        values = (
+            self.need_now,
+            self.predicted_need,
+            self.horizon_s,
+            self.prediction_error,
+            self.data_age_s,
+            self.period_s,
+            0.0 if self.lead_s is None else self.lead_s,
+        )
         if not all(math.isfinite(v) and v >= 0 for v in values):
-            raise ValueError(f"needs, horizon and error must be finite and >= 0: {values}")
+            raise ValueError(f"needs, horizon, error, ages, period and lead must be finite and >= 0: {values}")
         if not (0 <= self.warm_start_s <= self.cold_start_s):
             raise ValueError(f"need 0 <= warm start ({self.warm_start_s}) <= cold start ({self.cold_start_s})")
 
@@ -151,6 +183,11 @@ class ScalingDecision:
     """Warm standbys to keep after the decision (rule 4)."""
     need_quantile: float
     """The need (cores) provisioned for: the larger of the quantile at the horizon and now."""
+    floor: int
+    """The lone replica's floor applied to `desired` (0: none; rule 1)."""
+    cold_late_s: float
+    """By how much a cold start decided now or at the next decision may be late for what the
+    prediction sees (0: in time; rule 2)."""
     reason: str
     inputs: ScalingInputs
     config: ScalingConfig = field(repr=False)
@@ -164,8 +201,22 @@ def desired_replicas(inputs: ScalingInputs, config: ScalingConfig) -> tuple[int,
     z = NormalDist().inv_cdf(config.quantile)
     at_horizon = inputs.predicted_need * max(0.0, 1.0 + z * inputs.prediction_error)
     need = max(inputs.need_now, at_horizon)
-    count = math.ceil(need / config.replica_capacity - 1e-9)
+    count = max(math.ceil(need / config.replica_capacity - 1e-9), lone_replica_floor(inputs, need, config))
     return min(config.max_replicas, max(config.min_replicas, count)), need
+
+
+def lone_replica_floor(inputs: ScalingInputs, need: float, config: ScalingConfig) -> int:
+    """Rule 1's floor: 2 when a lone replica's expected violation seconds cost more than a second
+    replica, for a component with a known lead and a need above the share; else 0."""
+    if inputs.lead_s is None or config.lone_replica_risk * config.violation_cost <= config.replica_cost:
+        return 0
+    return 2 if need > config.lone_replica_share * config.replica_capacity else 0
+
+
+def cold_late_s(inputs: ScalingInputs) -> float:
+    """Rule 2: how late a cold start may be for a need the prediction does not see yet."""
+    sees = max(0.0, inputs.horizon_s - inputs.data_age_s)
+    return max(0.0, inputs.cold_start_s + inputs.period_s - sees)
 
 
 def standbys_wanted(inputs: ScalingInputs, target: int, config: ScalingConfig) -> int:
@@ -173,6 +224,14 @@ def standbys_wanted(inputs: ScalingInputs, target: int, config: ScalingConfig) -
     room = min(config.max_standbys, config.max_replicas - target)
     if room <= 0:
         return 0
+    if inputs.lead_s is not None and cold_late_s(inputs) > 0:
+        # A burst the upstream announces is served in time only by a thaw.
+        return max(1, _worth_keeping(inputs, target, room, config))
+    return _worth_keeping(inputs, target, room, config)
+
+
+def _worth_keeping(inputs: ScalingInputs, target: int, room: int, config: ScalingConfig) -> int:
+    """Standbys while P(need > target + k - 1 replicas' capacity) is above their cost's share."""
     worth = config.standby_cost * config.replica_cost / config.violation_cost
     mean = max(inputs.need_now, inputs.predicted_need)
     spread = inputs.predicted_need * inputs.prediction_error
@@ -194,23 +253,26 @@ def decide(inputs: ScalingInputs, state: ScalingState, config: ScalingConfig) ->
 
 def _decide(inputs: ScalingInputs, state: ScalingState, config: ScalingConfig) -> tuple[ScalingDecision, ScalingState]:
     desired, need = desired_replicas(inputs, config)
+    floor = lone_replica_floor(inputs, need, config)
     now = inputs.now
     recent = (*((t, d) for t, d in state.recent if t > now - config.scale_in_hold_s), (now, desired))
     next_state = replace(state, recent=recent, below_since=None)
     provisioned = inputs.ready + inputs.starting
-    base = ScalingDecision(Action.HOLD, provisioned, desired, 0, 0, 0, 0, need, "", inputs, config)
+    late_by = cold_late_s(inputs)
+    base = ScalingDecision(Action.HOLD, provisioned, desired, 0, 0, 0, 0, need, floor, late_by, "", inputs, config)
     if desired > provisioned:
         add = desired - provisioned
         short_now = inputs.need_now > inputs.ready * config.replica_capacity
-        late = inputs.cold_start_s > inputs.horizon_s
+        late = late_by > 0
         if short_now and inputs.cold_start_s > 0:
             warm = min(add, inputs.standbys)
             why = f"short of capacity now ({inputs.need_now:.2f} cores > {inputs.ready} ready): warm standbys first"
         elif late:
             warm = min(add, inputs.standbys)
             why = (
-                f"need {need:.2f} cores at +{inputs.horizon_s:g} s; a cold start ({inputs.cold_start_s:g} s) "
-                "would be late: warm standbys first"
+                f"need {need:.2f} cores at +{inputs.horizon_s:g} s; a cold start ({inputs.cold_start_s:g} s, "
+                f"next decision in {inputs.period_s:g} s, data {inputs.data_age_s:.1f} s old) would be late: "
+                "warm standbys first"
             )
         else:
             warm = 0
@@ -219,7 +281,12 @@ def _decide(inputs: ScalingInputs, state: ScalingState, config: ScalingConfig) -
                 f"({inputs.cold_start_s:g} s) is ready in time"
             )
         if late and add > warm and not short_now:
-            why += f" (the cold starts may be late by {inputs.cold_start_s - inputs.horizon_s:g} s)"
+            why += f" (the cold starts may be late by {late_by:.3g} s)"
+        if floor and desired == floor and need <= (floor - 1) * config.replica_capacity:
+            why += (
+                f"; floor {floor}: a lone replica late {config.lone_replica_risk:g} of its seconds x violation "
+                f"cost {config.violation_cost:g} > replica cost {config.replica_cost:g}"
+            )
         out = replace(
             base, action=Action.SCALE_OUT, target=desired, cold_starts=add - warm, warm_starts=warm, reason=why
         )
