@@ -337,6 +337,12 @@ async def main() -> None:
     parser.add_argument("--start-ms", type=int, default=8000, help="B's and C's initialisation before they listen")
     parser.add_argument("--slo-ms", type=float, default=250.0, help="p99 latency per second within the SLO")
     parser.add_argument("--period", type=float, default=5.0, help="[scaling] period of the predictive policy")
+    parser.add_argument(
+        "--lone-replica-risk",
+        type=float,
+        default=0.1,
+        help="[scaling] lone_replica_risk: share of seconds one copy alone answers late on the shared machine",
+    )
     parser.add_argument("--pairs", type=int, default=1, help="predictive/reactive pairs, the order alternating")
     parser.add_argument("--out", default="", help="write every run's samples and decisions here (JSON)")
     args = parser.parse_args()
@@ -377,6 +383,8 @@ async def main() -> None:
                 "standbys": 1,
                 "standby_cost": standby_cost,
                 "utilization": 0.7,
+                "lone_replica_risk": args.lone_replica_risk,
+                "lone_replica_share": 0.5,
             },
         }
 
