@@ -100,9 +100,16 @@ def test_a_standby_is_kept_for_a_known_lead_when_cold_starts_would_be_late() -> 
     decision, _ = decide(inputs(**quiet, lead=16.0, data_age=0.5), ScalingState(), cfg)  # type: ignore[arg-type]
     assert decision.standbys == 0, decision
     # ... but with cold starts late for what the lead shows, a burst is served in time only by a thaw
-    decision, _ = decide(inputs(**quiet, lead=16.0, data_age=3.0, period=5.0), ScalingState(), cfg)  # type: ignore[arg-type]
-    assert decision.standbys == 1, decision
-    # on the naive forecast (no lead) nothing is announced ahead: none
+    led, state = decide(inputs(**quiet, lead=16.0, data_age=3.0, period=5.0), ScalingState(), cfg)  # type: ignore[arg-type]
+    assert led.standbys == 1 and state.lead_at == 0.0, led
+    # a round where the engine misses the lead keeps it (a cut and a restart would each be a scale
+    # of the component, holding back its next scale out) ...
+    missed, state = decide(inputs(**quiet, now=5.0, data_age=3.0, period=5.0), state, cfg)  # type: ignore[arg-type]
+    assert missed.standbys == 1 and state.lead_at == 0.0, missed
+    assert ScalingState.from_storage(state.for_storage()) == state
+    # ... until no lead was seen for the hold: the naive forecast announces nothing ahead
+    later, _ = decide(inputs(**quiet, now=61.0, data_age=3.0, period=5.0), state, cfg)  # type: ignore[arg-type]
+    assert later.standbys == 0, later
     decision, _ = decide(inputs(**quiet, data_age=3.0, period=5.0), ScalingState(), cfg)  # type: ignore[arg-type]
     assert decision.standbys == 0, decision
 

@@ -29,7 +29,7 @@ from coordinator.auth import TokenHashes, hash_token
 from coordinator.config import CoordinatorConfig
 from coordinator.deployments.behaviour import LABEL_COMPONENT, LABEL_DEPLOYMENT
 from coordinator.deployments.behaviour import ComponentSeries as BehaviourSeries
-from coordinator.deployments.states import ComponentRecord, DeploymentRecord, State
+from coordinator.deployments.states import ComponentRecord, DeploymentRecord, ReplicaRecord, ReplicaState, State
 from coordinator.scaling.correlation import CorrelationConfig
 from coordinator.scaling.resample import Span, per_second, shared_span, span
 from coordinator.scaling.series import ComponentSeries
@@ -374,6 +374,24 @@ async def test_a_decision_knows_its_lead_how_far_its_data_lags_and_the_next_roun
         assert inputs["data_age_s"] == pytest.approx(2.0), e
         # 30 s cold start + 5 s period against 15 - 2 s seen ahead
         assert e["cold_late_s"] == pytest.approx(22.0), e
+
+
+async def test_a_scale_out_thaws_the_standby_and_leaves_its_top_up_to_a_later_round() -> None:
+    # B has a warm standby; its cold start (30 s) is late for what the lead shows, so the scale out
+    # thaws it first. The decision still wants a standby beside the new count, but starting it within
+    # this scale would hold back B's next scale out for a cold start: the scale asks for none.
+    trace = _trace(900)
+    record = _record("d1")
+    standby = ReplicaRecord(1, "10.77.0.40", "h1", "d1-B-1", state=ReplicaState.STANDBY)
+    parts = tuple(dataclasses.replace(c, replicas=(standby,)) if c.name == "B" else c for c in record.components)
+    replicas = _Replicas()
+    autoscaler = _autoscaler(
+        _behaviour("d1", trace), replicas, _All(dataclasses.replace(record, components=parts)), T0 + 900, period_s=5.0
+    )
+    autoscaler._policy = dataclasses.replace(autoscaler._policy, max_standbys=1, replica_capacity=1.0)
+    b = next(e for e in await autoscaler.round() if e["component"] == "B")
+    assert b["action"] == "scale-out" and b["warm_starts"] == 1 and b["standbys"] >= 1, (b["target"], b["inputs"])
+    assert b["applied"] == f"scaling to {b['target']}, 0 standby", b
 
 
 async def test_decisions_kept_in_the_store_are_seen_by_the_next_leader(workdir: Path) -> None:

@@ -387,7 +387,12 @@ class Autoscaler:
         standbys_change = decision.standbys != standby - decision.warm_starts
         if count_changes or standbys_change:
             target = decision.target if count_changes else serving + starting
-            entry["applied"] = await self._apply(record.id, down, target, decision.standbys)
+            standbys = decision.standbys
+            if decision.action is Action.SCALE_OUT:
+                # The standbys thawed are topped up by a later round: starting one within this scale
+                # would hold back the component's next scale out for a cold start.
+                standbys = min(standbys, standby - decision.warm_starts)
+            entry["applied"] = await self._apply(record.id, down, target, standbys)
         return await self._record(entry)
 
     async def _record(self, entry: dict[str, Any]) -> dict[str, Any]:
