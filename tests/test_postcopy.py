@@ -193,6 +193,23 @@ async def wait_done(host: MeshHost, within: float = 90.0) -> dict[str, Any]:
     raise AssertionError(f"the migration on {host.name} never ended")
 
 
+async def migrate_through_a_cut(mesh: Mesh, point: str, state: str) -> dict[str, Any]:
+    """A lazy migration of a memhog from h1 to h2 whose link is cut while failpoint `point` holds the
+    source in `state`, and stays cut for twice the idle timeout (2 s): both sides give up on the first
+    link. The source's record once the migration has ended."""
+    h1, h2 = mesh["h1"], mesh["h2"]
+    spec, release = hold(mesh, point)
+    await restart_with(h1, spec)
+    await run_memhog(h1, mesh, "hog", resident_mib=32, rewrite_mbps=2)
+    task = asyncio.create_task(migrate(h1, "hog", "h2", mode="lazy"))
+    await wait_state(h1, state)
+    await mesh.link_down(h2)
+    release.touch()
+    await asyncio.sleep(4)
+    await mesh.link_up(h2)
+    return await asyncio.wait_for(task, 120)
+
+
 async def test_link_cut_during_postcopy_resumes(base_dir: Path) -> None:
     """A cut longer than the idle timeout: both sides reconnect, the pager asks again, nothing lost."""
     async with fleet(base_dir, hosts=2, idle_timeout=2.0) as mesh:
@@ -224,16 +241,7 @@ async def test_link_cut_at_the_decision(base_dir: Path) -> None:
     "commit", resumes and reconnects for its pages; the source waits for it."""
     async with fleet(base_dir, hosts=2, idle_timeout=2.0) as mesh:
         h1, h2 = mesh["h1"], mesh["h2"]
-        spec, release = hold(mesh, "source.decided")  # `resume` goes out only once the link is cut
-        await restart_with(h1, spec)
-        await run_memhog(h1, mesh, "hog", resident_mib=32, rewrite_mbps=2)
-        task = asyncio.create_task(migrate(h1, "hog", "h2", mode="lazy"))
-        await wait_state(h1, "POSTCOPY")  # decided
-        await mesh.link_down(h2)
-        release.touch()
-        await asyncio.sleep(4)
-        await mesh.link_up(h2)
-        record = await asyncio.wait_for(task, 120)
+        record = await migrate_through_a_cut(mesh, "source.decided", "POSTCOPY")  # `resume` goes out after the cut
         assert record["state"] == "COMMIT", (record["error"], record["history"])
         assert (await wait_done(h2))["state"] == "COMMIT"
         assert task_states(h2) == {"hog": "RUNNING"} and "hog" not in task_states(h1)
@@ -265,16 +273,7 @@ async def test_link_cut_after_the_last_page(base_dir: Path) -> None:
     hears `committed` once the link is back."""
     async with fleet(base_dir, hosts=2, idle_timeout=2.0) as mesh:
         h1, h2 = mesh["h1"], mesh["h2"]
-        spec, release = hold(mesh, "source.commit")  # `commit` goes out only once the link is cut
-        await restart_with(h1, spec)
-        await run_memhog(h1, mesh, "hog", resident_mib=32, rewrite_mbps=2)
-        task = asyncio.create_task(migrate(h1, "hog", "h2", mode="lazy"))
-        await wait_state(h1, "SWITCH")  # the source has served every page
-        await mesh.link_down(h2)
-        release.touch()
-        await asyncio.sleep(4)  # twice the idle timeout: both sides give up on the first link
-        await mesh.link_up(h2)
-        record = await asyncio.wait_for(task, 120)
+        record = await migrate_through_a_cut(mesh, "source.commit", "SWITCH")  # every page served, then the cut
         assert record["state"] == "COMMIT", (record["error"], record["history"])
         target = await wait_done(h2)
         assert target["state"] == "COMMIT" and target["stats"]["pages_remote"] == 0, target
