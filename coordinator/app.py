@@ -222,7 +222,10 @@ class Coordinator:
             assert isinstance(store, EtcdStore)
             host, port = config.listen_address
             url = config.store.advertise_url or f"https://{f'[{host}]' if ':' in host else host}:{port}"
-            self.election = Election(store.kv, store, url, ttl=config.store.leader_ttl, on_change=self._role_changed)
+            # A client of its own: the election runs on its own thread (run_in_thread).
+            self.election = Election(
+                store.kv.copy(), store, url, ttl=config.store.leader_ttl, on_change=self._role_changed
+            )
             # Agents may push to any replica: each shares its part of the drain-risk histories.
             store.share_histories(url, self.predictions.share)
             self.predictions.read_shares_from(store)
@@ -308,7 +311,7 @@ class Coordinator:
         if self.election is None:
             await self._start_leading()
         else:
-            self._loops.append(asyncio.create_task(self.election.run(self._stop), name="election"))
+            self._loops.append(asyncio.create_task(self.election.run_in_thread(self._stop), name="election"))
 
     def acting(self) -> bool:
         """This replica may decide and write as the leader now."""
@@ -452,6 +455,8 @@ class Coordinator:
         reloaded = self.tls_contexts.reload_logged()
         if isinstance(self.store, ReloadsTls):
             reloaded = self.store.reload_tls() and reloaded
+        if self.election is not None:
+            self.election.reload_tls()  # its own client, same files (a refusal was logged just above)
         return reloaded
 
     async def close(self) -> None:

@@ -208,6 +208,11 @@ class EtcdKV:
         self._client: _Client | None = None
         self._switch = asyncio.Lock()
 
+    def copy(self) -> EtcdKV:
+        """A client of its own to the same cluster, with the same TLS files and timeout (for another
+        thread's event loop: a gRPC channel serves the loop it was opened on)."""
+        return EtcdKV(self.endpoints, tls=self._tls, timeout=self._timeout)
+
     def _connect(self) -> _Client:
         if self._client is None:
             self._client = _Client(self.endpoints[self._current], self._credentials, self._timeout, dict(self._options))

@@ -178,3 +178,32 @@ async def test_a_leader_cut_off_from_etcd_stops_acting_by_its_deadline(cluster: 
         assert took <= TTL * (1 - MARGIN) + 1.5  # the deadline, plus one failing round's timeout
     finally:
         await a.store.close()
+
+
+async def test_a_leader_whose_loop_is_blocked_keeps_its_lease(cluster: EtcdCluster) -> None:
+    """The rounds run on a thread of their own: a main loop held longer than the lease (a burst of
+    handshakes, a long tick) neither loses the lead nor writes unfenced."""
+    kv = EtcdKV(cluster.endpoints, timeout=1.0)
+    store = EtcdStore(kv, "/e/")
+    changes: list[Role] = []
+    leader = Election(kv.copy(), store, "https://a:7543", ttl=TTL, on_change=lambda role, term: changes.append(role))
+    stop = asyncio.Event()
+    rounds = asyncio.create_task(leader.run_in_thread(stop), name="election-a")
+    try:
+        await _until(leader.acting, 5.0)
+        term = leader.term
+        assert term is not None and changes == [Role.LEADER]
+        time.sleep(1.5 * TTL)  # the main loop blocked: no keep-alive could run on it
+        entry = await kv.get(store.leader_key)
+        assert entry is not None and entry.mod_revision == term.revision, "the lease expired during the block"
+        assert leader.acting() and leader.term == term
+        await store.register_host(Host("h1", Capacity(1, 1, 0)))  # fenced by the same term, and it holds
+        assert changes == [Role.LEADER]
+    finally:
+        stop.set()
+        await rounds
+    try:
+        assert not leader.acting() and leader.role is Role.FOLLOWER and changes == [Role.LEADER, Role.FOLLOWER]
+        assert await kv.get(store.leader_key) is None  # resigned: the lease revoked on the way out
+    finally:
+        await store.close()
