@@ -83,8 +83,9 @@ class DrainPolicy:
 
     async def tick(self) -> None:
         async with self._lock:
-            # One listing serves the scoring and the decisions (10 000 hosts: some 30 MB from etcd
-            # each time); it is read again for the drains only when there are drains to progress.
+            # One listing serves the scoring and the decisions; it is read again for the drains only
+            # when there are drains to progress (on etcd a listing reads the host keys written since
+            # the last one).
             listed = await self._store.list_hosts()
             changed = await self._apply_predictions(listed)
             if changed or any(h.admin is HostAdmin.DRAINING for h in listed):

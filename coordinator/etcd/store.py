@@ -285,7 +285,11 @@ class EtcdStore:
         """Each host's telemetry summary pushed here and not yet in etcd (flush_telemetry)."""
         self._known: dict[str, tuple[Host, int]] = {}
         """Hosts as this client last read or wrote them, with their keys' mod revisions: a push
-        needs no read to learn that its host is registered, a flush none to guard its writes."""
+        needs no read to learn that its host is registered, a flush none to guard its writes, and
+        a listing reads only the keys written since the last one."""
+        self._hosts_listed_at = 0
+        """The etcd revision of the last listing of the hosts (0: none yet). A host key unchanged
+        since is as `_known` has it: a key a client drops from `_known` was written after it."""
         self._replica = ""
         """This replica's name in the history shares of host keys (its advertise URL)."""
         self._share_source: Callable[[str], Mapping[str, Any] | None] | None = None
@@ -437,17 +441,34 @@ class EtcdStore:
         return None if entry is None else self._remember(entry)
 
     async def list_hosts(self) -> list[Host]:
+        """Every host as of one etcd revision. After the first listing only the host keys written
+        since the last one are read (etcd filters them by mod revision) and merged into the hosts
+        known here; the whole range is read again when the counts disagree (a host key deleted)."""
         await self.flush_telemetry()
+        if self._hosts_listed_at:
+            changes = await self._kv.changed_since(self._hosts_prefix, self._hosts_listed_at)
+            await self._remember_all(changes.entries)
+            if len(self._known) == changes.count:
+                self._hosts_listed_at = changes.revision
+                return sorted((host for host, _ in self._known.values()), key=lambda h: h.name)
         snap = await self._kv.range(self._hosts_prefix)
+        hosts = await self._remember_all(snap.entries)
+        listed = {h.name for h in hosts}
+        for name in [name for name in self._known if name not in listed]:  # deleted from etcd
+            del self._known[name]
+            self._shares.pop(name, None)
+        self._hosts_listed_at = snap.revision
+        hosts.sort(key=lambda h: h.name)
+        return hosts
+
+    async def _remember_all(self, entries: Sequence[Entry]) -> list[Host]:
         hosts: list[Host] = []
-        entries = snap.entries
         for start in range(0, len(entries), _PARSE_BETWEEN_YIELDS):
             if start:
                 # 10 000 host keys changed since the last listing (every flush rewrites them) take
                 # some 0.3 s to parse: the loop's other work (pushes, lease renewals) runs between.
                 await asyncio.sleep(0)
             hosts.extend(self._remember(e) for e in entries[start : start + _PARSE_BETWEEN_YIELDS])
-        hosts.sort(key=lambda h: h.name)
         return hosts
 
     def _remember(self, entry: Entry) -> Host:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.etcd.kv import EtcdError, EtcdKV, EtcdTls, EtcdUnavailable
+from coordinator.etcd.kv import Changes, Delete, EtcdError, EtcdKV, EtcdTls, EtcdUnavailable
 from coordinator.etcd.store import MAX_MODEL_BYTES, EtcdStore
 from coordinator.model import Capacity, Host, HostAdmin, InsufficientCapacity, Reservation
 from coordinator.store import ModelSlots, StoredModel
@@ -206,3 +206,42 @@ async def test_a_model_too_large_for_etcd_is_refused_whole(workdir: Path) -> Non
             assert [e.key for e in blobs.entries] == [b"/m/models/blobs/" + b"c" * 64]
         finally:
             await store.close()
+
+
+async def test_listing_hosts_reads_only_what_changed_since_the_last(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader lists every host up to three times a tick: after the first listing only the keys
+    written since are read, yet the list is what etcd holds (other replicas' writes, a key deleted)."""
+    require("etcd")
+    async with EtcdCluster(workdir / "etcd", size=1) as cluster:
+        leader, other = (EtcdStore(EtcdKV(cluster.endpoints), "/l/") for _ in range(2))
+        read: list[int] = []
+        changed_since = leader.kv.changed_since
+
+        async def counting(prefix: bytes, revision: int) -> Changes:
+            changes = await changed_since(prefix, revision)
+            read.append(len(changes.entries))
+            return changes
+
+        monkeypatch.setattr(leader.kv, "changed_since", counting)
+        try:
+            for name in ("h1", "h2", "h3"):
+                await leader.register_host(Host(name, Capacity(1000, GiB, 0)))
+            assert [h.name for h in await leader.list_hosts()] == ["h1", "h2", "h3"]
+            assert [h.name for h in await leader.list_hosts()] == ["h1", "h2", "h3"] and read == [0]
+            # Another replica registers a host and drains one: those two keys are read, no others.
+            await other.register_host(Host("h0", Capacity(1000, GiB, 0)))
+            await other.set_admin("h2", HostAdmin.DRAINING)
+            hosts = await leader.list_hosts()
+            assert [(h.name, h.admin) for h in hosts] == [
+                ("h0", HostAdmin.ACTIVE), ("h1", HostAdmin.ACTIVE), ("h2", HostAdmin.DRAINING), ("h3", HostAdmin.ACTIVE)
+            ]  # fmt: skip
+            assert read == [0, 2]
+            # A host key deleted (by hand): the counts disagree and the whole range is read again.
+            await other.kv.txn([], [Delete(b"/l/hosts/h3")])
+            assert [h.name for h in await leader.list_hosts()] == ["h0", "h1", "h2"]
+            assert [h.name for h in await leader.list_hosts()] == ["h0", "h1", "h2"] and read[-1] == 0
+        finally:
+            await leader.close()
+            await other.close()
