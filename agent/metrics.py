@@ -190,7 +190,7 @@ class AgentMetrics:
         )
         self.telemetry_pushes = Counter(
             "ferryman_telemetry_pushes",
-            "Telemetry flushes to the coordinator by result (ok, failed)",
+            "Telemetry flushes to the coordinator by result (ok, failed, deferred: it asked to come back later)",
             ["result"],
             registry=r,
         )

@@ -14,7 +14,9 @@ the failover and the placements, the default 5 s for the ingest (a fresh set of 
               exactly the grants, and no host over its capacity.
               Baseline: one client through one replica, on 30 other hosts.
   ingest:     N simulated agents (one process, one mTLS connection each, their own certificates)
-              register (spread over one period, or at `--connect-rate` a second when slower) and
+              register (spread over one period, or at `--connect-rate` a second when slower; a
+              replica with `registrations.max_in_flight` under way answers 503 with Retry-After,
+              and the agent comes back after it plus the agents' random part) and
               push one sample every `--period` s (phases spread; over a telemetry
               session each, or with `--transport post` one POST each) to the leader (or,
               with `--push-to all`, agent i to replica i % 3: the followers' samples reach the
@@ -51,6 +53,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.telemetry.push import retry_delay
 from core.http.validate import PROTOBUF
 from core.security.pki import issue_host
 from core.security.tls import client_context
@@ -268,6 +271,8 @@ class Bench:
         latencies: list[float] = []
         failures: defaultdict[str, int] = defaultdict(int)
         registration_failures: defaultdict[str, int] = defaultdict(int)
+        retry_after: dict[aiohttp.ClientSession, float] = {}
+        """A replica's Retry-After on an agent's last refused request (registrations_busy)."""
         period, seconds = self.args.period, self.args.seconds
         stop_at = 0.0
 
@@ -287,6 +292,8 @@ class Bench:
                     ok = resp.status == 200
                     if not ok:
                         failures[f"http {resp.status}"] += 1
+                        if "Retry-After" in resp.headers:
+                            retry_after[session] = float(resp.headers["Retry-After"])
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 failures[type(exc).__name__] += 1
                 return False
@@ -326,7 +333,8 @@ class Bench:
             name = names[i]
             while not await post(session, "/v1/register", registration(name)):  # as an agent: again later
                 registration_failures[name] += 1
-                await asyncio.sleep(1.0)
+                pause = retry_after.pop(session, None)  # a busy replica says when, as agents honour it
+                await asyncio.sleep(retry_delay(pause) if pause is not None else 1.0)
             pushes = TelemetryPushes(name)
             next_at = time.monotonic() + random.uniform(0, period)
             ws: aiohttp.ClientWebSocketResponse | None = None

@@ -55,6 +55,17 @@ class HeartbeatConfig:
 
 
 @dataclass(frozen=True)
+class RegistrationConfig:
+    max_in_flight: int = 32
+    """Agents' registrations this replica handles at once (each a few guarded etcd round trips); one
+    more is answered 503 `registrations_busy` with `Retry-After`, and the agent comes back later. A
+    fleet starting at once registers at the pace the store takes instead of stalling it."""
+    retry_after: int = 2
+    """Seconds an agent waits at least before it tries a refused registration again (it adds up to
+    as much again at random)."""
+
+
+@dataclass(frozen=True)
 class TelemetryConfig:
     max_samples_per_host: int = 1440
     """Samples kept per host (2 h at 5 s)."""
@@ -313,6 +324,7 @@ class CoordinatorConfig:
     ops_tls: OpsTlsConfig = field(default_factory=OpsTlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    registrations: RegistrationConfig = field(default_factory=RegistrationConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -340,6 +352,8 @@ def _validate(config: CoordinatorConfig) -> None:
         "heartbeat.suspect_after": config.heartbeat.suspect_after,
         "heartbeat.down_after": config.heartbeat.down_after,
         "heartbeat.check_period": config.heartbeat.check_period,
+        "registrations.max_in_flight": config.registrations.max_in_flight,
+        "registrations.retry_after": config.registrations.retry_after,
         "telemetry.max_samples_per_host": config.telemetry.max_samples_per_host,
         "telemetry.max_age": config.telemetry.max_age,
         "telemetry.max_future_skew": config.telemetry.max_future_skew,

@@ -27,6 +27,11 @@ class CoordinatorMetrics:
             "Samples agents reported lost in their buffers",
             registry=self.registry,
         )
+        self.registrations_deferred = Counter(
+            "ferryman_coordinator_registrations_deferred",
+            "Registrations answered 503 registrations_busy (registrations.max_in_flight under way)",
+            registry=self.registry,
+        )
         self.telemetry_rejected = Counter(
             "ferryman_coordinator_telemetry_rejected", "Telemetry pushes refused as invalid", registry=self.registry
         )

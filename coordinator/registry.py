@@ -15,6 +15,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import Decision, Drain, Host, HostAdmin, HostHealth, HostNotFound
 from coordinator.store import Store, TelemetryUpdate
 from coordinator.wire import check_batch, registration_to_host
+from core.errors import Busy
 from proto.ferryman.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 SampleObserver = Callable[[str, Sequence[tuple[float, Mapping[str, Any]]]], None]
 """Told of every accepted push (host, samples oldest first), after the store kept it."""
+
+
+class RegistrationsBusy(Busy):
+    code = "registrations_busy"
 
 
 class HostRegistry:
@@ -46,8 +51,26 @@ class HostRegistry:
         self._health_seen: dict[str, HostHealth] = {}
         """Each host's health at the last liveness check: a push brings a host back without a
         read of it, and the next check tells ("host is back")."""
+        self._registering = 0
+        """Registrations under way here (at most `registrations.max_in_flight`)."""
 
     async def register(self, reg: fleet_pb2.Registration) -> Host:
+        """Store the registration; RegistrationsBusy, with nothing stored, when as many are under way
+        as `registrations.max_in_flight` allows (the agent comes back after `retry_after`)."""
+        limits = self._config.registrations
+        if self._registering >= limits.max_in_flight:
+            self._metrics.registrations_deferred.inc()
+            raise RegistrationsBusy(
+                f"{self._registering} registrations are under way here; try again in {limits.retry_after} s",
+                limits.retry_after,
+            )
+        self._registering += 1
+        try:
+            return await self._register(reg)
+        finally:
+            self._registering -= 1
+
+    async def _register(self, reg: fleet_pb2.Registration) -> Host:
         host = registration_to_host(reg, self._clock())
         known = await self._store.get_host(host.name)
         stored = await self._store.register_host(host)

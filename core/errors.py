@@ -9,7 +9,9 @@ FerrymanError
 ├── NotFound                    something asked for does not exist
 │   └── ContainerNotFound
 ├── AlreadyExists
-└── Conflict                    the object is in the wrong state for the request
+├── Conflict                    the object is in the wrong state for the request
+└── Busy                        as much of this work is under way as the server takes: try again
+                                after `retry_after` seconds (503 with Retry-After)
 
 Each program extends the tree next to the code that raises it:
   agent/errors.py               containerd, registry, digest and layer errors
@@ -62,3 +64,16 @@ class AlreadyExists(FerrymanError):
 class Conflict(FerrymanError):
     code = "conflict"
     http_status = 409
+
+
+class Busy(FerrymanError):
+    """Nothing was done: the server has as much of this work under way as it takes. The answer is
+    503 with `Retry-After: retry_after`; a client waits at least that long, plus a random part so a
+    crowd does not come back at once."""
+
+    code = "busy"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -72,6 +72,10 @@ class Coordinator:
     content_types: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     """Every request's method and path, answered or not (this stand-in has no telemetry stream: 404)."""
+    arrivals: list[float] = field(default_factory=list)
+    """When each of `paths` arrived (monotonic)."""
+    busy: int = 0
+    """Registrations still to refuse as a busy coordinator does: 503 registrations_busy, Retry-After 1."""
 
     def _peer(self, request: web.Request) -> str:
         assert request.transport is not None
@@ -84,6 +88,10 @@ class Coordinator:
     async def register(self, request: web.Request) -> web.Response:
         if self.follows is not None:
             return self._not_leader()
+        if self.busy:
+            self.busy -= 1
+            error = {"code": "registrations_busy", "message": "32 registrations are under way here"}
+            return web.json_response({"error": error}, status=503, headers={"Retry-After": "1"})
         reg = json_format.Parse(await request.text(), pb.Registration())  # unknown fields: an error
         assert reg.host == self._peer(request)
         self.registrations.append(reg)
@@ -116,6 +124,7 @@ class Coordinator:
         @web.middleware
         async def record(request: web.Request, handler: Any) -> web.StreamResponse:
             self.paths.append(f"{request.method} {request.path}")
+            self.arrivals.append(time.monotonic())
             response: web.StreamResponse = await handler(request)
             return response
 
@@ -364,3 +373,28 @@ async def test_a_follower_that_serves_a_push_sends_the_next_ones_to_the_leader(f
         await pusher.close()
         await follower.stop()
         await leader.stop()
+
+
+async def test_a_busy_coordinator_is_asked_again_after_its_retry_after(fleet: Fleet, coordinator: Coordinator) -> None:
+    """A coordinator with as many registrations under way as it takes answers 503 with Retry-After:
+    the agent sends nothing before that pause is over (samples arriving meanwhile wait in the
+    buffer), and comes back within twice the pause (its random part spreads a starting fleet)."""
+    coordinator.busy = 1
+    metrics = AgentMetrics()
+    pusher = make_pusher(fleet, coordinator.port, TelemetryConfig(buffer_max_samples=10), metrics)
+    await pusher.start()
+    try:
+        sent = [pb.TelemetrySample(ts=time.time() + i, cpus=2) for i in range(4)]
+        pusher.offer(sent[0])
+        await until(lambda: pushes(metrics, "deferred") == 1, "the refused registration")
+        for s in sent[1:]:
+            pusher.offer(s)  # each wakes the pusher, as the sampler does
+            await asyncio.sleep(0.2)
+        assert coordinator.paths == ["POST /v1/register"]
+        await until(lambda: pusher.buffered == 0, "the samples pushed after the pause")
+        assert coordinator.paths[:2] == ["POST /v1/register", "POST /v1/register"]
+        waited = coordinator.arrivals[1] - coordinator.arrivals[0]
+        assert 1.0 <= waited <= 2.5, f"asked again {waited:.2f} s after a Retry-After of 1 s"
+        assert coordinator.samples() == sent and pushes(metrics, "failed") == 0
+    finally:
+        await pusher.close()

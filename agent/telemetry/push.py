@@ -13,6 +13,7 @@ import collections
 import contextlib
 import json
 import logging
+import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -39,11 +40,28 @@ RegistrationSource = Callable[[], Awaitable[pb.Registration]]
 
 class PushFailed(Exception):
     """One request to the coordinator did not succeed (the reason is the message; `status` is the
-    HTTP status of a replica's answer, None when there was none)."""
+    HTTP status of a replica's answer, None when there was none; `retry_after` the seconds its
+    Retry-After asked for, None without one)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
+
+
+def retry_delay(retry_after: float) -> float:
+    """How long to wait after an answer with `Retry-After: retry_after`: that long at least, plus up
+    to as much again at random, so a fleet refused at once (thousands of agents starting together)
+    comes back spread out."""
+    return retry_after * random.uniform(1.0, 2.0)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (its HTTP-date form is not used by the coordinator)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 BINARY_RETRY = 600.0
@@ -99,6 +117,7 @@ class CoordinatorLink:
                 ) as resp:
                     text = await resp.text()
                     hint = resp.headers.get(LEADER_HEADER, "")
+                    retry_after = _retry_after(resp.headers.get("Retry-After"))
             except aiohttp.ClientConnectorError as exc:
                 failure = PushFailed(f"POST {url}{path}: {type(exc).__name__}: {exc}")
                 self._replicas.unreachable()
@@ -113,7 +132,7 @@ class CoordinatorLink:
                 if hint and hint.rstrip("/") != url:  # a follower served it: the next ones go to the leader
                     self._replicas.redirected(hint)
                 return text
-            failure = PushFailed(f"POST {url}{path}: HTTP {resp.status}: {text[:200]}", resp.status)
+            failure = PushFailed(f"POST {url}{path}: HTTP {resp.status}: {text[:200]}", resp.status, retry_after)
             leader = not_leader(text) if resp.status == 503 else None
             if leader is None:
                 raise failure
@@ -215,6 +234,8 @@ class TelemetryPusher:
         self._registered_at = 0.0
         self._reachable = True  # to log only the transitions; the metric follows every flush
         self._wake = asyncio.Event()
+        self._retry_at = 0.0
+        """No request to the coordinator before this (monotonic): it answered busy, with Retry-After."""
         self._json_until = 0.0  # pushes go as JSON until then (a coordinator that refused binary)
         self._post_until = 0.0  # pushes go by POST until then (a coordinator without the stream)
         self._stream: TelemetryStream | None = None
@@ -273,8 +294,10 @@ class TelemetryPusher:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
+            await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
             self._wake.clear()
-            await self.flush()
+            if not await self.flush() and self._retry_at > time.monotonic():
+                self._wake.set()  # again when the coordinator said, not at the next sample
 
     async def flush(self) -> bool:
         """Register if needed, then send the whole buffer; False (buffer kept) if the coordinator failed.
@@ -283,6 +306,8 @@ class TelemetryPusher:
             return await self._flush()
 
     async def _flush(self) -> bool:
+        if time.monotonic() < self._retry_at:
+            return False  # the coordinator asked for a pause (Retry-After): the buffer waits
         try:
             if self.registered and time.monotonic() - self._registered_at > REGISTRATION_REFRESH:
                 self.registered = False
@@ -296,6 +321,14 @@ class TelemetryPusher:
                 if not await self._push_batch():
                     break
         except PushFailed as exc:
+            if exc.retry_after is not None:
+                delay = retry_delay(exc.retry_after)
+                self._retry_at = time.monotonic() + delay
+                log.info(
+                    "coordinator busy; trying again later", extra={"error": str(exc), "retry_in_s": round(delay, 1)}
+                )
+                self._count("deferred")
+                return False
             if self._reachable:
                 log.warning("coordinator unreachable; buffering telemetry", extra={"error": str(exc)})
             self._set_reachable(False)

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
-from core.errors import FerrymanError
+from core.errors import Busy, FerrymanError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,10 @@ def error_response(code: str, message: str, status: int) -> web.Response:
 
 
 def ferryman_error_response(exc: FerrymanError) -> web.Response:
-    return error_response(exc.code, exc.message, exc.http_status)
+    resp = error_response(exc.code, exc.message, exc.http_status)
+    if isinstance(exc, Busy):
+        resp.headers["Retry-After"] = str(exc.retry_after)
+    return resp
 
 
 def http_message(exc: web.HTTPException, request: web.BaseRequest) -> str:
