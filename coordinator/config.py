@@ -56,10 +56,13 @@ class HeartbeatConfig:
 
 @dataclass(frozen=True)
 class RegistrationConfig:
-    max_in_flight: int = 32
-    """Agents' registrations this replica handles at once (each a few guarded etcd round trips); one
-    more is answered 503 `registrations_busy` with `Retry-After`, and the agent comes back later. A
-    fleet starting at once registers at the pace the store takes instead of stalling it."""
+    max_in_flight: int = 64
+    """Agents' registrations this replica handles at once (each a few guarded etcd round trips); the
+    next ones wait their turn."""
+    max_queued: int = 1000
+    """Registrations that may wait for their turn; one more is answered 503 `registrations_busy`
+    with `Retry-After`, and the agent comes back later. A fleet starting at once registers at the
+    pace the store takes, and what cannot wait is told when to come back instead of piling up."""
     retry_after: int = 2
     """Seconds an agent waits at least before it tries a refused registration again (it adds up to
     as much again at random)."""
@@ -417,6 +420,8 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError(f"warm.max_waste must be in (0, 1), got {config.warm.max_waste}")
     if config.scaling.retrain_interval < 0:
         raise ConfigError(f"scaling.retrain_interval must not be negative, got {config.scaling.retrain_interval}")
+    if config.registrations.max_queued < 0:
+        raise ConfigError(f"registrations.max_queued must not be negative, got {config.registrations.max_queued}")
     if config.warm.retrain_interval < 0:
         raise ConfigError(f"warm.retrain_interval must not be negative, got {config.warm.retrain_interval}")
     if config.model.retrain_interval < 0:

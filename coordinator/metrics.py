@@ -29,7 +29,7 @@ class CoordinatorMetrics:
         )
         self.registrations_deferred = Counter(
             "ferryman_coordinator_registrations_deferred",
-            "Registrations answered 503 registrations_busy (registrations.max_in_flight under way)",
+            "Registrations answered 503 registrations_busy (max_in_flight under way, max_queued waiting)",
             registry=self.registry,
         )
         self.telemetry_rejected = Counter(

@@ -52,21 +52,24 @@ class HostRegistry:
         """Each host's health at the last liveness check: a push brings a host back without a
         read of it, and the next check tells ("host is back")."""
         self._registering = 0
-        """Registrations under way here (at most `registrations.max_in_flight`)."""
+        """Registrations under way or waiting for their turn here."""
+        self._turns = asyncio.Semaphore(config.registrations.max_in_flight)
 
     async def register(self, reg: fleet_pb2.Registration) -> Host:
-        """Store the registration; RegistrationsBusy, with nothing stored, when as many are under way
-        as `registrations.max_in_flight` allows (the agent comes back after `retry_after`)."""
+        """Store the registration once one of `registrations.max_in_flight` turns is free;
+        RegistrationsBusy, with nothing stored, when `max_queued` more wait already (the agent
+        comes back after `retry_after`)."""
         limits = self._config.registrations
-        if self._registering >= limits.max_in_flight:
+        if self._registering >= limits.max_in_flight + limits.max_queued:
             self._metrics.registrations_deferred.inc()
             raise RegistrationsBusy(
-                f"{self._registering} registrations are under way here; try again in {limits.retry_after} s",
+                f"{self._registering} registrations are under way or waiting here; try again in {limits.retry_after} s",
                 limits.retry_after,
             )
         self._registering += 1
         try:
-            return await self._register(reg)
+            async with self._turns:
+                return await self._register(reg)
         finally:
             self._registering -= 1
 

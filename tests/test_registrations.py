@@ -50,24 +50,34 @@ def _reg(name: str) -> fleet_pb2.Registration:
     return json_format.ParseDict(registration(name), fleet_pb2.Registration())
 
 
-async def test_registrations_beyond_the_bound_are_refused_with_retry_after(store: HeldStore) -> None:
-    config = CoordinatorConfig(registrations=RegistrationConfig(max_in_flight=2, retry_after=3))
+async def test_registrations_beyond_the_bound_wait_then_are_refused_with_retry_after(store: HeldStore) -> None:
+    config = CoordinatorConfig(registrations=RegistrationConfig(max_in_flight=2, max_queued=1, retry_after=3))
     metrics = CoordinatorMetrics()
     hosts = HostRegistry(store, config, time.time, metrics)
-    under_way = [asyncio.create_task(hosts.register(_reg(f"h{i}"))) for i in range(2)]
-    await asyncio.sleep(0.1)  # both are at the store's gate
+    writes = 0
+    register_host = store.register_host
+
+    async def counted(host: Host) -> Host:
+        nonlocal writes
+        writes += 1
+        return await register_host(host)
+
+    store.register_host = counted  # type: ignore[method-assign]
+    under_way = [asyncio.create_task(hosts.register(_reg(f"h{i}"))) for i in range(3)]
+    await asyncio.sleep(0.1)  # two at the store's gate, the third waiting for its turn
+    assert writes == 2
     with pytest.raises(RegistrationsBusy) as refused:
-        await hosts.register(_reg("h2"))
+        await hosts.register(_reg("h3"))
     answer = ferryman_error_response(refused.value)
     assert answer.status == 503 and answer.headers["Retry-After"] == "3"
     assert answer.text is not None and '"code": "registrations_busy"' in answer.text
     assert metrics.registrations_deferred._value.get() == 1
-    assert await store.get_host("h2") is None  # nothing of it was kept
+    assert await store.get_host("h3") is None  # nothing of it was kept
     store.gate.set()
-    assert [h.name for h in await asyncio.gather(*under_way)] == ["h0", "h1"]
+    assert [h.name for h in await asyncio.gather(*under_way)] == ["h0", "h1", "h2"]
     # The bound is on what is under way, not a quota: once they are done, the refused one gets in.
-    assert (await hosts.register(_reg("h2"))).name == "h2"
-    assert [h.name for h in await store.list_hosts()] == ["h0", "h1", "h2"]
+    assert (await hosts.register(_reg("h3"))).name == "h3"
+    assert [h.name for h in await store.list_hosts()] == ["h0", "h1", "h2", "h3"]
 
 
 async def test_a_failing_registration_frees_its_place(store: HeldStore) -> None:
@@ -82,6 +92,6 @@ async def test_a_failing_registration_frees_its_place(store: HeldStore) -> None:
 
 
 def test_the_bound_must_be_positive() -> None:
-    for table in ({"max_in_flight": 0}, {"retry_after": 0}):
+    for table in ({"max_in_flight": 0}, {"retry_after": 0}, {"max_queued": -1}):
         with pytest.raises(ConfigError, match="registrations"):
             parse_config({"registrations": table})
