@@ -358,6 +358,10 @@ class Coordinator:
             asyncio.create_task(self._every(TRAFFIC_PERIOD, self.replicas.sample_traffic), name="traffic"),
             asyncio.create_task(self._every(TRAFFIC_PERIOD, self.replicas.sample_requests), name="requests"),
         ]
+        if self.election is not None:  # etcd: the host keys followed as they change (EtcdStore.follow_hosts)
+            self._leader_loops.append(
+                asyncio.create_task(self._while_leading(self.election.store.follow_hosts), name="hosts-watch")
+            )
         if self.config.warm.period and self.warm.predictor is not None:
             self._leader_loops.append(
                 asyncio.create_task(self._every(self.config.warm.period, self.warm_round), name="warm")

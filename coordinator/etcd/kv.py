@@ -19,9 +19,10 @@ finish on the old channel, which closes after `timeout`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -294,6 +295,26 @@ class EtcdKV:
             return Changes(entries, int(got.count), int(got.header.revision))
 
         return await self._call("range", op)
+
+    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[tuple[bool, Entry]]:
+        """Every put and delete under `prefix` from `start_revision` on, in revision order, as
+        (deleted, entry); a deleted entry has no value and the deletion's revision. Runs until the
+        caller stops iterating; EtcdError when the stream fails (the member went away, the start
+        revision was compacted): the caller reads again and watches anew."""
+        client = self._connect()
+        try:
+            watch = await client.watch_prefix(prefix, start_revision=start_revision)
+        except aetcd.ClientError as exc:
+            raise EtcdError(f"etcd watch: {exc}") from exc
+        try:
+            async for event in watch:
+                kv = event.kv
+                yield event.kind == "DELETE", Entry(kv.key, kv.value, kv.mod_revision, kv.create_revision)
+        except aetcd.ClientError as exc:
+            raise EtcdError(f"etcd watch: {exc}") from exc
+        finally:
+            with contextlib.suppress(Exception):  # the stream is being dropped either way
+                await watch.cancel()
 
     async def txn(self, guards: Sequence[Guard], ops: Sequence[Op]) -> bool:
         """Apply `ops` in one transaction if every guard holds; whether they were applied."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -460,6 +461,42 @@ class EtcdStore:
         self._hosts_listed_at = snap.revision
         hosts.sort(key=lambda h: h.name)
         return hosts
+
+    WATCH_RETRY = 1.0
+    """Seconds before a failed watch of the host keys starts again (after a full listing)."""
+
+    async def follow_hosts(self, stop: asyncio.Event) -> None:
+        """Until `stop` (or cancelled): apply each host key's change as etcd announces it, so that a
+        listing reads only what the watch has not delivered yet. The leader runs this: it lists every
+        host up to three times a tick, and with agents pushing every host key changes between two
+        ticks (each replica's flush); parsed as they come, the keys no longer pile up at the tick.
+        A listing stays exact without it: the watch only moves the revision listings read from."""
+        while not stop.is_set():
+            try:
+                if not self._hosts_listed_at:
+                    await self.list_hosts()  # the starting point: every host as of one revision
+                async for deleted, entry in self._kv.watch(self._hosts_prefix, self._hosts_listed_at + 1):
+                    self._watched(deleted, entry)
+                    if stop.is_set():
+                        return
+            except EtcdError as exc:
+                log.warning("watch of the host keys failed; listing again", extra={"error": exc.message})
+                self._hosts_listed_at = 0  # the next listing reads the whole range
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.WATCH_RETRY)
+
+    def _watched(self, deleted: bool, entry: Entry) -> None:
+        """One change from the watch. Events come in revision order, so every change before this
+        one's revision has been applied: the listings may start from there."""
+        if deleted:
+            name = entry.key[len(self._hosts_prefix) :].decode()
+            known = self._known.get(name)
+            if known is not None and known[1] < entry.mod_revision:
+                del self._known[name]
+                self._shares.pop(name, None)
+        else:
+            self._remember(entry)
+        self._hosts_listed_at = max(self._hosts_listed_at, entry.mod_revision - 1)
 
     async def _remember_all(self, entries: Sequence[Entry]) -> list[Host]:
         hosts: list[Host] = []

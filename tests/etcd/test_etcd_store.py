@@ -245,3 +245,43 @@ async def test_listing_hosts_reads_only_what_changed_since_the_last(
         finally:
             await leader.close()
             await other.close()
+
+
+async def test_a_leader_following_the_host_keys_lists_them_without_reading_them(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader watches the host keys: what other replicas write arrives between two listings, and
+    a listing reads only what the watch has not delivered yet (nothing, once it has caught up)."""
+    require("etcd")
+    async with EtcdCluster(workdir / "etcd", size=1) as cluster:
+        leader, other = (EtcdStore(EtcdKV(cluster.endpoints), "/w/") for _ in range(2))
+        read: list[int] = []
+        changed_since = leader.kv.changed_since
+
+        async def counting(prefix: bytes, revision: int) -> Changes:
+            changes = await changed_since(prefix, revision)
+            read.append(len(changes.entries))
+            return changes
+
+        monkeypatch.setattr(leader.kv, "changed_since", counting)
+        stop = asyncio.Event()
+        following = asyncio.create_task(leader.follow_hosts(stop), name="hosts-watch")
+        try:
+            for name in ("h1", "h2", "h3"):
+                await other.register_host(Host(name, Capacity(1000, GiB, 0)))
+            await other.set_admin("h2", HostAdmin.DRAINING)
+            await other.kv.txn([], [Delete(b"/w/hosts/h3")])
+            last = (await other.kv.range(b"/w/")).revision
+            deadline = time.monotonic() + 10
+            while leader._hosts_listed_at < last - 1:  # the watch has delivered everything
+                assert time.monotonic() < deadline, "the watch did not deliver the changes"
+                await asyncio.sleep(0.02)
+            hosts = await leader.list_hosts()
+            assert [(h.name, h.admin) for h in hosts] == [("h1", HostAdmin.ACTIVE), ("h2", HostAdmin.DRAINING)]
+            assert read[-1] <= 1  # at most the last change, which the watch may not have marked done
+        finally:
+            stop.set()
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+            await leader.close()
+            await other.close()
