@@ -63,6 +63,9 @@ class RegistrationConfig:
     """Registrations that may wait for their turn; one more is answered 503 `registrations_busy`
     with `Retry-After`, and the agent comes back later. A fleet starting at once registers at the
     pace the store takes, and what cannot wait is told when to come back instead of piling up."""
+    max_wait: float = 5.0
+    """Seconds a registration waits for its turn before it is answered 503 as well: an agent whose
+    request would time out meanwhile would register again, and the store do the work twice."""
     retry_after: int = 2
     """Seconds an agent waits at least before it tries a refused registration again (it adds up to
     as much again at random)."""
@@ -357,6 +360,7 @@ def _validate(config: CoordinatorConfig) -> None:
         "heartbeat.check_period": config.heartbeat.check_period,
         "registrations.max_in_flight": config.registrations.max_in_flight,
         "registrations.retry_after": config.registrations.retry_after,
+        "registrations.max_wait": config.registrations.max_wait,
         "telemetry.max_samples_per_host": config.telemetry.max_samples_per_host,
         "telemetry.max_age": config.telemetry.max_age,
         "telemetry.max_future_skew": config.telemetry.max_future_skew,

@@ -57,21 +57,29 @@ class HostRegistry:
 
     async def register(self, reg: fleet_pb2.Registration) -> Host:
         """Store the registration once one of `registrations.max_in_flight` turns is free;
-        RegistrationsBusy, with nothing stored, when `max_queued` more wait already (the agent
-        comes back after `retry_after`)."""
+        RegistrationsBusy, with nothing stored, when `max_queued` more wait already or no turn came
+        within `max_wait` (the agent comes back after `retry_after`)."""
         limits = self._config.registrations
         if self._registering >= limits.max_in_flight + limits.max_queued:
-            self._metrics.registrations_deferred.inc()
-            raise RegistrationsBusy(
-                f"{self._registering} registrations are under way or waiting here; try again in {limits.retry_after} s",
-                limits.retry_after,
-            )
+            raise self._busy(f"{self._registering} registrations are under way or waiting here")
         self._registering += 1
         try:
-            async with self._turns:
+            try:
+                async with asyncio.timeout(limits.max_wait):
+                    await self._turns.acquire()
+            except TimeoutError:
+                raise self._busy(f"no turn to register within {limits.max_wait:g} s") from None
+            try:
                 return await self._register(reg)
+            finally:
+                self._turns.release()
         finally:
             self._registering -= 1
+
+    def _busy(self, why: str) -> RegistrationsBusy:
+        self._metrics.registrations_deferred.inc()
+        retry_after = self._config.registrations.retry_after
+        return RegistrationsBusy(f"{why}; try again in {retry_after} s", retry_after)
 
     async def _register(self, reg: fleet_pb2.Registration) -> Host:
         host = registration_to_host(reg, self._clock())

@@ -91,7 +91,22 @@ async def test_a_failing_registration_frees_its_place(store: HeldStore) -> None:
     assert (await hosts.register(_reg("h1"))).name == "h1"
 
 
+async def test_a_registration_waits_for_its_turn_at_most_max_wait(store: HeldStore) -> None:
+    config = CoordinatorConfig(registrations=RegistrationConfig(max_in_flight=1, max_wait=0.3, retry_after=1))
+    hosts = HostRegistry(store, config, time.time, CoordinatorMetrics())
+    first = asyncio.create_task(hosts.register(_reg("h0")))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(RegistrationsBusy, match=r"no turn to register within 0\.3 s") as refused:
+        await hosts.register(_reg("h1"))
+    assert 0.3 <= time.monotonic() - started < 1.0 and refused.value.retry_after == 1
+    store.gate.set()
+    assert (await first).name == "h0"
+    assert await store.get_host("h1") is None
+    assert (await hosts.register(_reg("h1"))).name == "h1"  # its turn was given back
+
+
 def test_the_bound_must_be_positive() -> None:
-    for table in ({"max_in_flight": 0}, {"retry_after": 0}, {"max_queued": -1}):
+    for table in ({"max_in_flight": 0}, {"retry_after": 0}, {"max_queued": -1}, {"max_wait": 0}):
         with pytest.raises(ConfigError, match="registrations"):
             parse_config({"registrations": table})
