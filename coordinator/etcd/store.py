@@ -580,8 +580,9 @@ class EtcdStore:
         """One transaction putting every host of `chunk`, guarded by the revisions known here; the hosts
         not known (or changed by another client since) are read again first. Not fenced: a summary is
         the agent's word, whichever replica writes it."""
+        stale: set[str] = set()
         for attempt in range(MAX_ATTEMPTS):
-            unknown = [name for name in chunk if name not in self._known]
+            unknown = [name for name in chunk if name in stale or name not in self._known]
             entries = await asyncio.gather(*(self._kv.get(self._host_key(name)) for name in unknown))
             for name, entry in zip(unknown, entries, strict=True):
                 if entry is None:
@@ -603,8 +604,10 @@ class EtcdStore:
                     else:
                         self._shares.pop(name, None)
                 return
-            for name in chunk:  # which guard failed is not said: read them all again
-                self._known.pop(name, None)
+            # Which guard failed is not said: read them all again. Not by dropping them from
+            # `_known`: the leader's watch, behind by a few revisions, would put back the versions
+            # that just failed before the next round, and the rounds would fail until they ran out.
+            stale = set(chunk)
             await self._retry_pause(attempt)
 
     def _shares_to_write(self, name: str, now: float) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import pytest
 from coordinator.etcd.kv import Changes, Delete, EtcdError, EtcdKV, EtcdTls, EtcdUnavailable
 from coordinator.etcd.store import MAX_MODEL_BYTES, EtcdStore
 from coordinator.model import Capacity, Host, HostAdmin, InsufficientCapacity, Reservation
-from coordinator.store import ModelSlots, StoredModel
+from coordinator.store import ModelSlots, StoredModel, TelemetryUpdate
 from core.errors import ConfigError, InvalidRequest
 from core.security.pki import init_ca, issue_client, issue_host
 from tests.conftest import require
@@ -284,4 +284,32 @@ async def test_a_leader_following_the_host_keys_lists_them_without_reading_them(
             following.cancel()
             await asyncio.gather(following, return_exceptions=True)
             await leader.close()
+            await other.close()
+
+
+async def test_a_flush_reads_again_what_failed_its_guard(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host key changed by another replica fails the flush's guard; the next round reads it again,
+    even when the leader's watch, behind, has put back the version that failed meanwhile."""
+    require("etcd")
+    async with EtcdCluster(workdir / "etcd", size=1) as cluster:
+        here, other = (EtcdStore(EtcdKV(cluster.endpoints), "/f/") for _ in range(2))
+        try:
+            await here.register_host(Host("h1", Capacity(1000, GiB, 0)))
+            update = TelemetryUpdate("h1", [], 5000.0, Capacity(100, GiB // 2, 0), (), {})
+            await here.record_telemetry(update, 10, 3600.0)
+            failed = here._known["h1"]
+            await other.set_admin("h1", HostAdmin.DRAINING)  # the key moves on behind `here`'s back
+            retry_pause = here._retry_pause
+
+            async def lagging_watch(attempt: int) -> None:
+                here._known["h1"] = failed  # a watch behind delivers the version that failed
+                await retry_pause(attempt)
+
+            monkeypatch.setattr(here, "_retry_pause", lagging_watch)
+            await asyncio.wait_for(here.flush_telemetry(), 10)
+            host = await other.get_host("h1")
+            assert host is not None and host.admin is HostAdmin.DRAINING and host.last_heartbeat == 5000.0
+            assert host.used == Capacity(100, GiB // 2, 0)
+        finally:
+            await here.close()
             await other.close()
