@@ -181,6 +181,16 @@ class _Client(aetcd.Client):
             aetcd.exceptions._handle_exception(exc)  # aetcd's own mapping to its ClientError tree
 
 
+NO_QUORUM = ("context deadline exceeded", "request timed out", "no leader", "leader changed")
+"""What an etcd member answers, as a plain error, when it cannot get its cluster's agreement in time."""
+
+
+def without_quorum(exc: Exception) -> bool:
+    """Whether an etcd error says the member could not reach a quorum (not that the request was bad)."""
+    text = str(exc).lower()
+    return any(words in text for words in NO_QUORUM)
+
+
 def _credentials(tls: EtcdTls | None) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
     if tls is None:
         return None, []
@@ -265,6 +275,8 @@ class EtcdKV:
                 )
                 await self._next_endpoint(client)
             except aetcd.ClientError as exc:
+                if without_quorum(exc):  # not retried: a write may still be applied once the quorum is back
+                    raise EtcdUnavailable(f"etcd {what}: the cluster has no quorum: {exc}") from exc
                 raise EtcdError(f"etcd {what}: {exc}") from exc
         raise EtcdUnavailable(f"etcd {what}: no endpoint of {list(self.endpoints)} answered: {last}") from last
 

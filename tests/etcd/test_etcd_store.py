@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.etcd.kv import Changes, Delete, EtcdError, EtcdKV, EtcdTls, EtcdUnavailable
+from coordinator.etcd.kv import Changes, Delete, EtcdError, EtcdKV, EtcdTls, EtcdUnavailable, without_quorum
 from coordinator.etcd.store import MAX_MODEL_BYTES, EtcdStore
 from coordinator.model import Capacity, Host, HostAdmin, InsufficientCapacity, Reservation
 from coordinator.store import ModelSlots, StoredModel, TelemetryUpdate
@@ -313,3 +313,20 @@ async def test_a_flush_reads_again_what_failed_its_guard(workdir: Path, monkeypa
         finally:
             await here.close()
             await other.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "no_quorum"),
+    [
+        ("context deadline exceeded", True),
+        ("etcdserver: request timed out", True),
+        ("etcdserver: no leader", True),
+        ("etcdserver: leader changed", True),
+        ("etcdserver: mvcc: required revision has been compacted", False),
+        ("etcdserver: duplicate key given in txn request", False),
+    ],
+)
+def test_errors_that_mean_no_quorum_are_told_apart(error: str, no_quorum: bool) -> None:
+    """An etcd member that cannot reach its quorum answers with a plain error (not gRPC's
+    UNAVAILABLE): the store reports it as unavailable, not as a bad request."""
+    assert without_quorum(Exception(error)) is no_quorum
