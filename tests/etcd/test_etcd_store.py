@@ -208,6 +208,24 @@ async def test_a_model_too_large_for_etcd_is_refused_whole(workdir: Path) -> Non
             await store.close()
 
 
+def counted_leader(
+    cluster: EtcdCluster, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[EtcdStore, EtcdStore, list[int]]:
+    """Two stores under `prefix`, the leader's and another replica's, and how many keys each of the
+    leader's reads of changed keys returned, in order."""
+    leader, other = (EtcdStore(EtcdKV(cluster.endpoints), prefix) for _ in range(2))
+    read: list[int] = []
+    changed_since = leader.kv.changed_since
+
+    async def counting(prefix: bytes, revision: int) -> Changes:
+        changes = await changed_since(prefix, revision)
+        read.append(len(changes.entries))
+        return changes
+
+    monkeypatch.setattr(leader.kv, "changed_since", counting)
+    return leader, other, read
+
+
 async def test_listing_hosts_reads_only_what_changed_since_the_last(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -215,16 +233,7 @@ async def test_listing_hosts_reads_only_what_changed_since_the_last(
     written since are read, yet the list is what etcd holds (other replicas' writes, a key deleted)."""
     require("etcd")
     async with EtcdCluster(workdir / "etcd", size=1) as cluster:
-        leader, other = (EtcdStore(EtcdKV(cluster.endpoints), "/l/") for _ in range(2))
-        read: list[int] = []
-        changed_since = leader.kv.changed_since
-
-        async def counting(prefix: bytes, revision: int) -> Changes:
-            changes = await changed_since(prefix, revision)
-            read.append(len(changes.entries))
-            return changes
-
-        monkeypatch.setattr(leader.kv, "changed_since", counting)
+        leader, other, read = counted_leader(cluster, "/l/", monkeypatch)
         try:
             for name in ("h1", "h2", "h3"):
                 await leader.register_host(Host(name, Capacity(1000, GiB, 0)))
@@ -254,16 +263,7 @@ async def test_a_leader_following_the_host_keys_lists_them_without_reading_them(
     a listing reads only what the watch has not delivered yet (nothing, once it has caught up)."""
     require("etcd")
     async with EtcdCluster(workdir / "etcd", size=1) as cluster:
-        leader, other = (EtcdStore(EtcdKV(cluster.endpoints), "/w/") for _ in range(2))
-        read: list[int] = []
-        changed_since = leader.kv.changed_since
-
-        async def counting(prefix: bytes, revision: int) -> Changes:
-            changes = await changed_since(prefix, revision)
-            read.append(len(changes.entries))
-            return changes
-
-        monkeypatch.setattr(leader.kv, "changed_since", counting)
+        leader, other, read = counted_leader(cluster, "/w/", monkeypatch)
         stop = asyncio.Event()
         following = asyncio.create_task(leader.follow_hosts(stop), name="hosts-watch")
         try:
