@@ -139,7 +139,7 @@ class Placement:
     """Every eligible host's prediction, best first."""
     excluded: Mapping[str, str]
     """Host -> why it could not be chosen."""
-    target: Host | None = None
+    target: Host
     """The chosen host as the placement read it (its registration and what it holds)."""
 
     def to_dict(self) -> dict[str, Any]:

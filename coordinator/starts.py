@@ -18,7 +18,7 @@ from typing import Any
 
 from coordinator.agents import AgentClientLike, reservation_json
 from coordinator.costs import CostBook
-from coordinator.model import HostNotFound, InsufficientCapacity, StartRecord
+from coordinator.model import Host, InsufficientCapacity, Reservation, StartRecord
 from coordinator.placement import Need, Placer
 from coordinator.reservations import ReservationService
 from coordinator.store import Store
@@ -77,25 +77,10 @@ class ContainerStarts:
             )
             placed = time.monotonic()
             reservation = placement.reservation
+            held = set(placement.target.layer_digests)
             try:
-                host = placement.target or await self._store.get_host(reservation.host)
-                if host is None:
-                    raise HostNotFound(f"host {reservation.host} left the fleet")
-                held = set(host.layer_digests)
                 warmed = set(self._warming(reservation.host, self._clock()))
-                try:
-                    container = await self._agents.create_container(
-                        host, {**spec, "reservation": reservation_json(reservation)}, self._create_timeout
-                    )
-                except InvalidRequest as exc:
-                    if OLD_AGENT_REFUSAL not in exc.message:
-                        raise
-                    # An agent from before creates carried their reservation (a rolling upgrade
-                    # updates the coordinator first): hold it there first, then create, as it knows.
-                    reservation = await self._reservations.hold_on_agent(host, reservation)
-                    container = await self._agents.create_container(
-                        host, {**spec, "reservation": reservation.id}, self._create_timeout
-                    )
+                container = await self._create(placement.target, reservation, spec)
                 created = time.monotonic()
             except InsufficientCapacity as exc:  # the agent could not hold it: nothing was made there
                 await self._reservations.release(reservation.id)
@@ -148,3 +133,17 @@ class ContainerStarts:
             "release_seconds": round(started + seconds - created, 4),
         }
         return {"placement": placement.to_dict(), "container": container, "seconds": round(seconds, 3), **timings}
+
+    async def _create(self, host: Host, reservation: Reservation, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """The create on `host`'s agent, carrying `reservation` for the agent to hold for the request.
+        An agent from before creates carried their reservation (a rolling upgrade updates the
+        coordinator first) refuses it whole: it holds it first then, and the create names it by id."""
+        try:
+            return await self._agents.create_container(
+                host, {**spec, "reservation": reservation_json(reservation)}, self._create_timeout
+            )
+        except InvalidRequest as exc:
+            if OLD_AGENT_REFUSAL not in exc.message:
+                raise
+        held = await self._reservations.hold_on_agent(host, reservation)
+        return await self._agents.create_container(host, {**spec, "reservation": held.id}, self._create_timeout)
