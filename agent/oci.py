@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, NewType
 
 from core.errors import InvalidRequest
+from core.imagerefs import split_reference
 
 Digest = NewType("Digest", str)
 
@@ -136,15 +137,8 @@ class Reference:
     def parse(cls, text: str) -> Reference:
         if not text or any(c.isspace() for c in text):
             raise InvalidRequest(f"invalid image reference {text!r}")
-        name, digest = text, None
-        if "@" in text:
-            name, raw = text.split("@", 1)
-            digest = parse_digest(raw)
-        tag = None
-        slash = name.rfind("/")
-        colon = name.rfind(":")
-        if colon > slash:
-            name, tag = name[:colon], name[colon + 1 :]
+        name, tag, raw = split_reference(text)
+        digest = None if raw is None else parse_digest(raw)
         if "/" not in name:
             raise InvalidRequest(f"image reference needs a registry host: {text!r}")
         host, repository = name.split("/", 1)

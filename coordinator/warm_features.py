@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from core.imagerefs import split_reference
+
 FEATURES_VERSION = "warm-features/3"
 FEATURE_NAMES: tuple[str, ...] = (
     "share_last_5",
@@ -213,10 +215,7 @@ def image_repository(source: str) -> str:
     """`registry/path` of an `image:registry/path:tag` or `...@digest` source; "" for anything else."""
     if not source.startswith("image:"):
         return ""
-    ref = source.removeprefix("image:").split("@", 1)[0]
-    slash = ref.rfind("/")
-    colon = ref.rfind(":")
-    return ref[:colon] if colon > slash else ref
+    return split_reference(source.removeprefix("image:"))[0]
 
 
 def chain_share(
