@@ -120,13 +120,17 @@ class Replay:
     begin: float
     end: float
     events: list[tuple[float, int, str, int]] = field(default_factory=list)
-    """(ts, 0 start / 1 decision / 2 settling start, host, start index or -1), in time order."""
+    """(ts, 0 start / 1 decision / 2 settling start / 3 registry push, host, start or push index or
+    -1), in time order."""
 
     @classmethod
-    def of(cls, trace: Trace, begin: float, end: float, tick: float, settle: float) -> Replay:
+    def of(cls, trace: Trace, begin: float, end: float, tick: float, settle: float, pushes: bool) -> Replay:
         """Starts and decisions in [begin, end), then the starts of `settle` more seconds, which only
-        settle the warms still under lease (used or not); they are not run."""
+        settle the warms still under lease (used or not); they are not run. With `pushes`, the
+        registry's pushes of released images in the window reach the coordinator too."""
         r = cls(trace, begin, end)
+        if pushes:
+            r.events += [(p.ts, 3, "", k) for k, p in enumerate(trace.pushes) if begin <= p.ts < end]
         for i, (host, s) in enumerate(trace.starts):
             if begin <= s.ts < end:
                 r.events += [(s.ts, 0, host, i), (s.ts, 1, host, -1)]
@@ -180,6 +184,8 @@ class PassResult:
     wall_s: float = 0.0
     model_ms: list[float] = field(default_factory=list)
     thresholds: list[float] = field(default_factory=list)
+    pushes: int = 0
+    """Registry pushes the coordinator took as releases (with prefetch)."""
     evicted_before_create: int = 0
     """Starts whose image the agent's cache evicted between the pull and the create (pulled again)."""
     shadow: SimResult = field(default_factory=SimResult)
@@ -213,10 +219,20 @@ async def run_pass(
     trace, out = replay.trace, PassResult()
     fleet_starts = FleetStarts()
     hosts = {h: HostStarts() for h in trace.hosts}
+    seen_fleet: set[str] = set()
+    """Layers some start of the fleet used, and per host the layers its own starts used: a layer a
+    start misses was new to the fleet, new to its host, or the cache bound evicted it."""
+    seen_host: dict[str, set[str]] = {h: set() for h in trace.hosts}
     for host, s in trace.starts:  # the history before the window: recorded, never run here
         if s.ts >= replay.begin:
             break
         hosts[host].add(s, fleet_starts)
+        seen_fleet.update(s.layers)
+        seen_host[host].update(s.layers)
+    if args.pushes:
+        for p in trace.pushes:  # a push before the window (none at the defaults)
+            if p.ts < replay.begin:
+                fleet_starts.pushed(p.source, p.layers)
     limits = ControlLimits()
     state: ControlState = initial(predictor.info.threshold, limits)
     window = [0] * 7
@@ -230,6 +246,7 @@ async def run_pass(
     by_name = {h.name: h for h in mesh.hosts}
     names = dict(zip(trace.hosts, sorted(by_name), strict=True))
     sizes = {d: layer.size for d, layer in built.items()}
+    kinds = make_catalog(trace.spec).kinds
     shadow = {h: Cache(bound, sizes) for h in trace.hosts}
     for host, s in trace.starts:  # primed as prime() primes the hosts
         if replay.begin - 3600 * args.prime_h <= s.ts < replay.begin:
@@ -267,6 +284,11 @@ async def run_pass(
             window = [0] * 7
             out.thresholds.append(state.aggressiveness.threshold)
             next_round += EVAL.control_s
+        if kind == 3:  # the registry's notification of a push (coordinator: POST /v1/registry/events)
+            if prefetch:
+                push = trace.pushes[i]
+                out.pushes += fleet_starts.pushed(push.source, push.layers)
+            continue
         agent = by_name[names[host]]
         if kind == 2:
             for d in trace.starts[i][1].layers:
@@ -294,8 +316,12 @@ async def run_pass(
                         "lost": None
                         if at is None or present
                         else ("lease ended" if ts - at[0] >= lease else "evicted"),
+                        "kind": kinds.get(d, "?"),
+                        "seen": "host" if d in seen_host[host] else ("fleet" if d in seen_fleet else "new"),
                     }
                 )
+            seen_fleet.update(start.layers)
+            seen_host[host].update(start.layers)
             shadow[host].start(ts, start.layers, out.shadow, counted + 1 > args.warmup)
             t0 = time.perf_counter()
             cid = f"p{int(prefetch)}-{n}"
@@ -422,6 +448,34 @@ def breakdown(res: PassResult) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def missed_bytes(res: PassResult) -> dict[str, dict[str, float]]:
+    """The mean bytes (MB) a counted start fetched, by why each missing layer was missing and by the
+    layer's kind: a warm policy can only save what was not new to the fleet."""
+    out: dict[str, dict[str, float]] = {}
+    starts = 0
+    for r in res.records:
+        if r["kind"] != "start" or not r["counted"]:
+            continue
+        starts += 1
+        for la in r["layers"]:
+            if la["local"]:
+                continue
+            if la["lost"]:
+                why = f"warmed, then {la['lost']}"
+            else:
+                why = {
+                    "new": "not warmed, new to the fleet",
+                    "fleet": "not warmed, new to the host",
+                    "host": "not warmed, the host ran it before (evicted)",
+                }[la["seen"]]
+            row = out.setdefault(why, {})
+            row[la["kind"]] = row.get(la["kind"], 0.0) + la["bytes"]
+    return {
+        why: {kind: round(b / 1e6 / max(1, starts), 2) for kind, b in sorted(row.items())}
+        for why, row in sorted(out.items())
+    }
+
+
 def retrained(
     trace: Trace, begin: float, end: float, first: Path, args: argparse.Namespace, workdir: Path
 ) -> list[tuple[float, LayerPredictor]]:
@@ -498,13 +552,19 @@ async def main() -> None:
         "--retrain-every", type=float, default=2.0, help="trace hours between retraining rounds (0: none)"
     )
     parser.add_argument("--retrain-holdout-h", type=float, default=3.0, help="trace hours a round holds out")
+    parser.add_argument(
+        "--pushes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the registry's pushes of released images reach the coordinator (models/prefetch/README.md)",
+    )
     parser.add_argument("--record", type=Path, help="write every start and warm of every pass here (JSON lines)")
     args = parser.parse_args()
 
     predictor = LayerPredictor.load(MODEL)
     trace = generate(TraceSpec(REGIMES["eval"], args.seed, n_hosts=3, days=2.0))
     begin, end = trace.shift_ts - 3600 * args.before_h, trace.shift_ts + 3600 * args.after_h
-    replay = Replay.of(trace, begin, end, EVAL.tick_s, predictor.info.lease)
+    replay = Replay.of(trace, begin, end, EVAL.tick_s, predictor.info.lease, args.pushes)
     window_starts = [s for _, s in trace.starts if begin <= s.ts < end]
     used = {d for s in window_starts for d in s.layers}
     # candidates may name layers used before the window: build those too (they can be warmed)
@@ -585,7 +645,8 @@ async def main() -> None:
                 print(
                     f"round {r + 1} {side}: {res.sim.all_local}/{res.sim.starts} all local, mean start "
                     f"{statistics.mean(res.latencies):.2f} s, warmed {res.warmed / 1e6:.1f} MB "
-                    f"({res.warm_requests} requests, {res.failed_warms} failed), used {res.used / 1e6:.1f} MB, "
+                    f"({res.warm_requests} requests, {res.failed_warms} failed; {res.pushes} pushes taken as "
+                    f"releases), used {res.used / 1e6:.1f} MB, "
                     f"wasted {res.wasted / 1e6:.1f} MB; {res.evicted_before_create} images evicted between "
                     f"pull and create; {time.perf_counter() - t0:.0f} s "
                     f"({res.wall_s / (args.before_h + args.after_h):.0f} s of wall time per trace hour)",
@@ -596,6 +657,7 @@ async def main() -> None:
                     f"{res.shadow.starts} all local; {json.dumps(breakdown(res))}",
                     flush=True,
                 )
+                print(f"  MB a start fetched, by why and by layer kind: {json.dumps(missed_bytes(res))}", flush=True)
 
     def share(side: str) -> float:
         return sum(r.sim.all_local for r in results[side]) / max(1, sum(r.sim.starts for r in results[side]))

@@ -180,6 +180,23 @@ class FleetStarts:
                 if newer == old:
                     self.releases[older] = start.signature
 
+    def pushed(self, source: str, layers: tuple[str, ...]) -> bool:
+        """A registry's push of `source` (`image:<ref>`) with these layers, before any host started
+        it: a new image of a repository the fleet runs is a release of the repository's newest
+        signature now, so the hosts that ran that signature are warmed for the new layers before the
+        image's first start anywhere (`warm_predictor.released`). The pushed image stands for the
+        signature its first start will have (the push knows no command); that start keeps the
+        release. False when the push is no release (a repository the fleet never ran, or an image it
+        has seen)."""
+        repository = image_repository(source)
+        old, known = self.repositories.get(repository, (None, ""))
+        if old is None or known == source:
+            return False
+        key = f"pushed:{source}"
+        self._add_release(Start(0.0, key, layers, source))
+        self.signature_layers[key] = layers
+        return True
+
     def popular(self, now: float, n: int = FLEET_CANDIDATES) -> list[str]:
         """The `n` layers with the most recent uses (ties: the first seen first, so the choice is stable)."""
         if not self.layers.digests:

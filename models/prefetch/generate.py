@@ -165,6 +165,8 @@ class Catalog:
     after_shift: list[SignatureDef]
     sizes: dict[str, int]
     families: int
+    kinds: dict[str, str] = field(default_factory=dict)
+    """Layer digest -> its kind: base, runtime, framework or app."""
 
     def successors(self) -> dict[str, str]:
         """Signature id -> its workflow successor's id, before the shift and after it."""
@@ -179,6 +181,19 @@ class Catalog:
         return {d.id for d in (*self.signatures, *self.after_shift) if d.workload_class == "cron"}
 
 
+PUSH_LEAD_MIN = (2.0, 60.0)
+"""A release's image is pushed this many minutes (log-uniform) before its first start anywhere."""
+
+
+@dataclass(frozen=True)
+class Push:
+    """A registry's push of a released image, before its first start (CI pushes, CD deploys)."""
+
+    ts: float
+    source: str
+    layers: tuple[str, ...]
+
+
 @dataclass
 class Trace:
     spec: TraceSpec
@@ -187,6 +202,8 @@ class Trace:
     """(host, start), in time order."""
     sizes: dict[str, int]
     signature_layers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    pushes: list[Push] = field(default_factory=list)
+    """The pushes of the images released at the shift, in time order."""
 
     @property
     def shift_ts(self) -> float:
@@ -225,10 +242,12 @@ def make_catalog(spec: TraceSpec) -> Catalog:
     r = spec.regime
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, _key(r.name), 0]))
     sizes: dict[str, int] = {}
+    kinds: dict[str, str] = {}
 
     def layer(kind: str, i: object, lo: float, hi: float) -> str:
         d = _digest(GENERATOR_VERSION, r.name, spec.seed, kind, i)
         sizes[d] = _size(rng, lo, hi)
+        kinds[d] = kind
         return d
 
     bases = [layer("base", i, 40, 200) for i in range(r.n_bases)]
@@ -268,7 +287,7 @@ def make_catalog(spec: TraceSpec) -> Catalog:
     # a release at the shift: some signatures get their new version, the others keep the old one
     released = rng.random(len(signatures)) < r.shift_versions
     after = [after[i] if released[i] else signatures[i] for i in range(len(signatures))]
-    return Catalog(signatures, after, sizes, r.n_families)
+    return Catalog(signatures, after, sizes, r.n_families, kinds)
 
 
 def _with_successor(sig: SignatureDef, successor: int) -> SignatureDef:
@@ -349,7 +368,24 @@ def generate(spec: TraceSpec) -> Trace:
             starts.append((host, Start(round(ts, 3), d.id, d.layers, d.source)))
     starts.sort(key=lambda hs: (hs[1].ts, hs[0]))
     sig_layers = {d.id: d.layers for d in (*catalog.signatures, *catalog.after_shift)}
-    return Trace(spec, hosts, starts, catalog.sizes, sig_layers)
+    return Trace(spec, hosts, starts, catalog.sizes, sig_layers, pushes(spec, catalog, starts))
+
+
+def pushes(spec: TraceSpec, catalog: Catalog, starts: Sequence[tuple[str, Start]]) -> list[Push]:
+    """Each released image pushed PUSH_LEAD_MIN before its first start (its own draws: the starts
+    do not change)."""
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, _key(spec.regime.name), 3]))
+    first: dict[str, Start] = {}
+    for _, s in starts:
+        first.setdefault(s.signature, s)
+    released = [d for old, d in zip(catalog.signatures, catalog.after_shift, strict=True) if d.id != old.id]
+    lo, hi = (math.log(60.0 * m) for m in PUSH_LEAD_MIN)
+    out = [
+        Push(round(first[d.id].ts - math.exp(rng.uniform(lo, hi)), 3), d.source, d.layers)
+        for d in released
+        if d.id in first
+    ]
+    return sorted(out, key=lambda p: p.ts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
