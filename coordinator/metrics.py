@@ -106,6 +106,15 @@ class CoordinatorMetrics:
         )
         for outcome in ("warmed", "used", "wasted"):
             self.warm_bytes.labels(outcome=outcome)
+        self.registry_pushes = Counter(
+            "ferryman_coordinator_registry_pushes",
+            "Image pushes a registry notified (POST /v1/registry/events): a new image of a repository the "
+            "fleet runs (release: its hosts are warmed for it) or anything else (ignored)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("release", "ignored"):
+            self.registry_pushes.labels(outcome=outcome)
         self.warm_control = Gauge(
             "ferryman_coordinator_warm_control",
             "The waste controller's state after the last warming round: the probability threshold, layers "

@@ -9,8 +9,9 @@ warms and starts did since the round before (wasted and used warm bytes, local s
 ready host `warming.plan` under it, the expected waste of each host's warms at most the bound
 (`max_waste`); each chosen layer is fetched by the host's agent (peers first)
 under a lease as long as the model's (`AgentClientLike.warm_layer`). A host migrating anything
-gets no warms that round (`warm_budget`: the link is busy). Only layers of images started before
-are warmed (the coordinator knows their image reference and size from the start history).
+gets no warms that round (`warm_budget`: the link is busy). Only layers of images started before,
+or pushed as a release of one (`pushed`, from the registry's notifications), are warmed (the
+coordinator knows their image reference and size from the start history or the push).
 
 Without a model (`[warm] model` empty) the history is still kept and `predict` answers nothing; a
 configured model that cannot be served stops the start (ConfigError), as the drain model does.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 from coordinator.agents import AgentClientLike
@@ -28,6 +29,7 @@ from coordinator.config import WarmConfig
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import HostHealth, StartRecord
 from coordinator.predictor import ModelLoadError
+from coordinator.registry_events import PushedImage, check_envelope, pushed_images
 from coordinator.store import Store
 from coordinator.warm_features import FleetStarts, HostStarts, Start
 from coordinator.warm_predictor import LayerPredictor, ScoredLayer
@@ -121,6 +123,31 @@ class WarmService:
         self._metrics.start_layers.labels(kind="hit").inc(len(record.hits) - len(record.warm_hits))
         self._metrics.start_layers.labels(kind="warm_hit").inc(len(record.warm_hits))
         self._metrics.start_layers.labels(kind="miss").inc(misses)
+
+    def registry_events(self, document: object) -> dict[str, object]:
+        """A registry's notification envelope: checked whole first (InvalidRequest, nothing taken),
+        then its image pushes (`pushed`). What it held, and the sources taken as releases."""
+        envelope = check_envelope(document)
+        pushes = pushed_images(envelope)
+        return {"events": len(envelope["events"]), "pushes": len(pushes), "releases": self.pushed(pushes)}
+
+    def pushed(self, images: Sequence[PushedImage]) -> list[str]:
+        """A registry's pushes (coordinator/registry_events.py): a new image of a repository the
+        fleet runs is a release before its first start, so the next rounds warm its new layers on
+        the hosts that ran the old image, fetched by the pushed reference. The sources taken as
+        releases; the others (a repository the fleet never ran, an image it has seen) change nothing."""
+        out = []
+        for image in images:
+            release = self.fleet.pushed(image.source, image.layers)
+            if self._metrics is not None:
+                self._metrics.registry_pushes.labels(outcome="release" if release else "ignored").inc()
+            if not release:
+                continue
+            ref = image.source.removeprefix("image:")
+            for digest, size in zip(image.layers, image.sizes, strict=True):
+                self.layer_refs.setdefault(digest, (ref, size))
+            out.append(image.source)
+        return out
 
     def warmed_on(self, digest: str, now: float) -> list[str]:
         """Hosts where a warm of `digest` landed, unused so far and under its lease: placement counts

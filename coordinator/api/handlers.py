@@ -254,6 +254,15 @@ async def layer_holders(request: web.Request) -> web.Response:
     return _json(to_json(holders, defaults=True))
 
 
+async def registry_events(request: web.Request) -> web.Response:
+    """`POST /v1/registry/events`: a registry's notification envelope (docker-registry's
+    `notifications` endpoint, with an ops bearer token in its `headers`). A push of a new image of a
+    repository the fleet runs is taken as a release (coordinator/registry_events.py); a body that is
+    no envelope is refused whole (400) and changes nothing."""
+    _ops(request)
+    return _json(request.app[COORDINATOR].warm.registry_events(await read_object(request)))
+
+
 # ----- ops: hosts
 
 

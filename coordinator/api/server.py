@@ -42,6 +42,7 @@ def build_app(coordinator: Coordinator) -> web.Application:
     r.add_get("/v1/telemetry/stream", h.telemetry_stream)
     r.add_post("/v1/layers/announce", h.announce_layers)
     r.add_post("/v1/layers/holders", h.layer_holders)
+    r.add_post("/v1/registry/events", h.registry_events)
     r.add_get("/v1/hosts", h.list_hosts)
     r.add_get("/v1/hosts/{host}", h.get_host)
     r.add_post("/v1/hosts/{host}/drain", h.drain_host)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import secrets
 import shutil
 import socket
 import ssl
 import subprocess
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -54,6 +57,25 @@ def htpasswd_lines(users: Mapping[str, str]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Notifications:
+    """One endpoint the registry POSTs its event envelopes to (distribution's `notifications`), each
+    manifest event with its references (`includereferences`)."""
+
+    url: str
+    headers: Mapping[str, str]
+    ca_file: Path | None = None
+    """Trusted for the endpoint's TLS: the registry process's SSL_CERT_FILE (Go reads it)."""
+
+    def config_text(self) -> str:
+        headers = "".join(f"        {k}: [{json.dumps(v)}]\n" for k, v in self.headers.items())
+        return (
+            "notifications:\n  events:\n    includereferences: true\n  endpoints:\n"
+            f"    - name: ferryman\n      url: {self.url}\n      headers:\n{headers}"
+            "      timeout: 2s\n      threshold: 3\n      backoff: 200ms\n"
+        )
+
+
 class DockerRegistry:
     """One docker-registry process with its own storage, on a random loopback port."""
 
@@ -67,8 +89,10 @@ class DockerRegistry:
         htpasswd: Mapping[str, str] | None = None,
         token: TokenServer | None = None,
         netns: str | None = None,
+        notifications: Notifications | None = None,
     ) -> None:
-        """`netns`: run inside that named network namespace (plain HTTP; pass `port`, as `bind` is not ours)."""
+        """`netns`: run inside that named network namespace (plain HTTP; pass `port`, as `bind` is not ours).
+        `notifications`: where the registry posts its events."""
         if htpasswd is not None and token is not None:
             raise ValueError("docker-registry supports one auth method at a time")
         if netns is not None and (port is None or tls is not None):
@@ -80,6 +104,7 @@ class DockerRegistry:
         self.htpasswd = dict(htpasswd) if htpasswd is not None else None
         self.token = token
         self.netns = netns
+        self.notifications = notifications
         # Stable across restarts so upload state signed before a stop() stays valid.
         self._secret = secrets.token_hex(16)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -130,6 +155,8 @@ class DockerRegistry:
                 f"    issuer: {self.token.issuer}\n"
                 f"    rootcertbundle: {self.token.rootcertbundle}\n"
             )
+        if self.notifications is not None:
+            text += self.notifications.config_text()
         return text
 
     async def start(self) -> None:
@@ -148,12 +175,18 @@ class DockerRegistry:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self._env(),
             )
         try:
             await self._wait_ready()
         except BaseException:
             await self.stop()
             raise
+
+    def _env(self) -> dict[str, str] | None:
+        if self.notifications is None or self.notifications.ca_file is None:
+            return None
+        return {**os.environ, "SSL_CERT_FILE": str(self.notifications.ca_file)}
 
     def _client_ssl(self) -> ssl.SSLContext | bool:
         if self.tls is None:
