@@ -386,7 +386,11 @@ async def run_pass(
         budget = min(EVAL.budget_bytes, warm_budget(LINK, 0.0, EVAL.tick_s, agg.bandwidth_share)) // args.scale
         # as in the cache simulation: warms under lease hold at most half the cache
         budget = min(budget, int(EVAL.max_pending_share * bound) - sum(size for size, _ in pending[host].values()))
-        candidates = [Candidate(s.digest, s.probability, built[s.digest].size) for s in scored if s.digest in built]
+        candidates = [
+            Candidate(s.digest, s.probability, built[s.digest].size, s.lease_probability)
+            for s in scored
+            if s.digest in built
+        ]
         have = await held_digests(agent)
         held = {d for d in built if built[d].digest in have}
         for c in plan(candidates, held, set(pending[host]), agg, budget, max_expected_waste=limits.max_waste):
@@ -413,6 +417,7 @@ async def run_pass(
                     "digest": c.digest,
                     "bytes": c.size,
                     "probability": c.probability,
+                    "lease_probability": c.lease_probability,
                     "threshold": agg.threshold,
                 }
             )

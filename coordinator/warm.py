@@ -215,7 +215,7 @@ class WarmService:
                 continue
             scored = await self.predict(host.name, now)
             candidates = [
-                Candidate(s.digest, s.probability, self.layer_refs[s.digest][1])
+                Candidate(s.digest, s.probability, self.layer_refs[s.digest][1], s.lease_probability)
                 for s in scored
                 if s.digest in self.layer_refs
             ]

@@ -9,11 +9,19 @@ coordinator calls through `asyncio.to_thread`. The model and its card come from 
 - `predict(X)`: P(needed within the horizon) per feature row.
 - `host_layers(history, fleet, now)`: the candidate layers of one host with their P, highest first,
   after the releases the fleet has seen (`released`: the layers only a newer image of a repository
-  the host ran has take the P of the layers only the old image had).
+  the host ran has take the P of the layers only the old image had), each with its P calibrated
+  to the lease (`in_lease`) when the model carries that calibration.
+- `in_lease(p)`: P(a start on the host uses the layer before a warm's lease ends) from the model's
+  P(needed within the horizon): the isotonic map the training pipeline fitted on its validation
+  traces (models/prefetch/train.py, scikit-learn's `IsotonicRegression`), kept in the metadata
+  (`lease_calibration`: its knots) and evaluated as that model predicts, linear between knots and
+  clipped outside them. A model without it (a retrained candidate) gives the horizon's P, which is
+  no higher.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -42,12 +50,16 @@ class LayerPredictorInfo:
     lease: float
     data_version: str
     metadata: Mapping[str, str]
+    lease_calibration: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    """The isotonic map P(within the horizon) -> P(within the lease): its knots (x, y)."""
 
 
 @dataclass(frozen=True)
 class ScoredLayer:
     digest: str
     probability: float
+    lease_probability: float | None = None
+    """P(used before a warm's lease ends); None without the model's calibration."""
 
 
 class LayerPredictor:
@@ -77,7 +89,20 @@ class LayerPredictor:
         scored = {d: float(v) for d, v in zip(candidates, p, strict=True)}
         if fleet is not None:
             scored = released(scored, history, fleet)
-        return sorted((ScoredLayer(d, v) for d, v in scored.items()), key=lambda s: (-s.probability, s.digest))
+        digests = list(scored)
+        lease = self.in_lease(np.array([scored[d] for d in digests], np.float64))
+        out = [
+            ScoredLayer(d, scored[d], None if lease is None else float(q))
+            for d, q in zip(digests, lease if lease is not None else digests, strict=True)
+        ]
+        return sorted(out, key=lambda s: (-s.probability, s.digest))
+
+    def in_lease(self, p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64] | None:
+        """P(used within the lease) for each P(needed within the horizon); None without the calibration."""
+        if self.info.lease_calibration is None:
+            return None
+        x, y = self.info.lease_calibration
+        return np.interp(p, x, y)
 
 
 def released(scored: Mapping[str, float], history: HostStarts, fleet: FleetStarts) -> dict[str, float]:
@@ -133,5 +158,23 @@ def _load(path: Path, threads: int) -> tuple[LayerPredictorInfo, ort.InferenceSe
         lease=lease,
         data_version=meta.get("data_version", ""),
         metadata=meta,
+        lease_calibration=_lease_calibration(path, meta.get("lease_calibration", "")),
     )
     return info, opened.session, opened.input_name
+
+
+def _lease_calibration(path: Path, text: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The `lease_calibration` metadata, `{"x": [...], "y": [...]}`: at least 2 knots, x increasing
+    in [0, 1], y non-decreasing in [0, 1]; "" for none. ModelLoadError otherwise."""
+    if not text:
+        return None
+    try:
+        knots = json.loads(text)
+        x = tuple(float(v) for v in knots["x"])
+        y = tuple(float(v) for v in knots["y"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: bad lease_calibration metadata: {exc}") from exc
+    ok = len(x) == len(y) >= 2 and all(0.0 <= v <= 1.0 for v in (*x, *y))
+    if not ok or np.any(np.diff(x) <= 0) or np.any(np.diff(y) < 0):
+        raise ModelLoadError(f"{path}: lease_calibration needs >= 2 knots, x increasing, y non-decreasing, in [0, 1]")
+    return x, y

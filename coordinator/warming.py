@@ -74,6 +74,10 @@ class Candidate:
     probability: float
     size: int
     """Bytes; 0 when unknown (such a layer is not warmed: its cost cannot be judged)."""
+    lease_probability: float | None = None
+    """P(a start on the host uses it before a warm's lease ends), the model's P calibrated to the
+    lease (warm_predictor.py); None: unknown, `probability` stands for it (a lower bound, as the
+    lease is longer than the horizon)."""
 
 
 def plan(
@@ -87,7 +91,9 @@ def plan(
     """The layers to warm now: the most probable first, at or above the threshold, not held or
     already being fetched, of known size, within the layer count and the byte budget (a layer
     that does not fit is skipped, a smaller one after it may), and while the expected wasted share
-    of the chosen bytes, sum((1 - P) * bytes) / sum(bytes), stays within `max_expected_waste`.
+    of the chosen bytes, sum((1 - P_lease) * bytes) / sum(bytes), stays within `max_expected_waste`:
+    a warm is wasted when no start uses it before its lease ends, so P_lease is the candidate's
+    `lease_probability` (its `probability` when that is unknown).
 
     The expected waste is known when the warm is made; the waste controller's threshold moves on
     wasted warms, known only a lease later. With both, a model surer than it should be (a retrained
@@ -101,11 +107,12 @@ def plan(
             break
         if c.digest in held or c.digest in in_flight or c.size <= 0 or spent + c.size > budget_bytes:
             continue
-        if expected_waste + (1.0 - p) * c.size > max_expected_waste * (spent + c.size):
-            break  # the rest are no more probable
+        q = p if c.lease_probability is None else c.lease_probability
+        if expected_waste + (1.0 - q) * c.size > max_expected_waste * (spent + c.size):
+            break  # the rest are no more probable (the calibration to the lease is monotone)
         chosen.append(c)
         spent += c.size
-        expected_waste += (1.0 - p) * c.size
+        expected_waste += (1.0 - q) * c.size
     return chosen
 
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from coordinator.predictor import ModelLoadError
@@ -145,7 +146,8 @@ def test_the_waste_controller_holds_the_target_on_the_held_out_regime() -> None:
     cfg = EvalConfig(**{**card["config"]["eval"], "thresholds": tuple(card["config"]["eval"]["thresholds"])})
     held_out = walk(generate(TraceSpec(REGIMES["eval"], seed=424242, n_hosts=6, days=2.0)), cfg)
     scores = score_walk(held_out, predictor.predict)
-    steered = simulate(held_out, scores, card["threshold"], cfg, ControlLimits(max_waste=cfg.max_waste))
+    limits = ControlLimits(max_waste=cfg.max_waste)
+    steered = simulate(held_out, scores, card["threshold"], cfg, limits, predictor.in_lease)
     none = simulate(held_out, None, 1.0, cfg)
     assert steered.rounds and len({t for _, t, _ in steered.rounds}) > 1  # it did steer
     assert steered.waste <= cfg.max_waste, steered.summary()
@@ -163,6 +165,23 @@ def test_the_predictor_refuses_models_it_cannot_serve(tmp_path: Path) -> None:
         LayerPredictor.load(tmp_path / "absent.onnx")
 
 
+def test_the_predictor_calibrates_p_to_the_lease_and_refuses_a_bad_calibration(tmp_path: Path) -> None:
+    predictor = LayerPredictor.load(SHIPPED)
+    assert predictor.info.lease_calibration is not None
+    p = np.linspace(0.0, 1.0, 101)
+    q = predictor.in_lease(p)
+    assert q is not None and np.all(np.diff(q) >= 0) and q.min() >= 0.0 and q.max() <= 1.0
+    assert float(q[60]) > 0.6  # a layer needed within 15 min at 0.6 is likelier needed within the hour
+    model = onnx.load(SHIPPED)
+    for bad, why in (("{", "bad lease_calibration"), (json.dumps({"x": [0.5, 0.2], "y": [0.1, 0.2]}), "x increasing")):
+        for prop in model.metadata_props:
+            if prop.key == "lease_calibration":
+                prop.value = bad
+        onnx.save(model, tmp_path / "bad.onnx")
+        with pytest.raises(ModelLoadError, match=why):
+            LayerPredictor.load(tmp_path / "bad.onnx")
+
+
 def test_the_predictor_ranks_a_hosts_layers() -> None:
     predictor = LayerPredictor.load(SHIPPED)
     trace = generate(SMALL)
@@ -172,5 +191,6 @@ def test_the_predictor_ranks_a_hosts_layers() -> None:
     now = trace.starts[-1][1].ts + 60
     ranked = predictor.host_layers(hosts["host-000"], fleet, now)
     assert ranked and all(0.0 <= r.probability <= 1.0 for r in ranked)
+    assert all(r.lease_probability is not None and 0.0 <= r.lease_probability <= 1.0 for r in ranked)
     assert [r.probability for r in ranked] == sorted((r.probability for r in ranked), reverse=True)
     assert predictor.host_layers(HostStarts(), None, now) == []

@@ -56,3 +56,16 @@ def test_an_outcome_counts_warms_made_waste_settled_and_local_starts() -> None:
     assert outcome.waste == 30 / 80 and outcome.hit_rate == 0.5
     # waste from warms of an earlier window, none made in this one: all of it is waste
     assert outcome_of([], [], [(10, False)]).waste == 1.0
+
+
+def test_the_bound_takes_p_calibrated_to_the_lease_when_known() -> None:
+    """A warm is wasted only if no start uses it before its lease ends: a layer at P 0.7 within the
+    horizon but 0.95 within the lease expects 0.05 of its bytes wasted, within the bound."""
+    agg = Aggressiveness(threshold=0.4, max_layers=8)
+    horizon_only = [Candidate("sha256:a", 0.7, MB), Candidate("sha256:b", 0.5, MB)]
+    assert plan(horizon_only, set(), set(), agg, 1 << 40, max_expected_waste=0.25) == []
+    calibrated = [Candidate("sha256:a", 0.7, MB, 0.95), Candidate("sha256:b", 0.5, MB, 0.6)]
+    got = plan(calibrated, set(), set(), agg, 1 << 40, max_expected_waste=0.25)
+    assert [c.digest for c in got] == ["sha256:a", "sha256:b"]  # (0.05 + 0.4) / 2 = 0.225
+    # the threshold still reads the horizon's P
+    assert plan(calibrated, set(), set(), Aggressiveness(threshold=0.6, max_layers=8), 1 << 40, 0.25) == got[:1]

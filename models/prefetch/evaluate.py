@@ -314,19 +314,35 @@ class Cache:
         self.evict(taken, result)
 
 
+def lease_labels(w: Walk, lease_s: float) -> list[npt.NDArray[np.int8]]:
+    """Per decision, per candidate: whether a start on the host within `lease_s` after it needed the
+    layer (would a warm of it made then be used before its lease ended)."""
+    by_host = w.trace.by_host()
+    times = {h: [s.ts for s in starts] for h, starts in by_host.items()}
+    out = []
+    for d in w.decisions:
+        lo = bisect.bisect_right(times[d.host], d.ts)
+        hi = bisect.bisect_right(times[d.host], d.ts + lease_s)
+        needed = {x for s in by_host[d.host][lo:hi] for x in s.layers}
+        out.append(np.array([c in needed for c in d.candidates], np.int8))
+    return out
+
+
 def simulate(
     w: Walk,
     scores: Sequence[npt.NDArray[np.float32]] | None,
     threshold: float,
     cfg: EvalConfig,
     controlled: ControlLimits | None = None,
+    in_lease: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]] | None = None,
 ) -> SimResult:
     """One cache per host (capacities()); `scores` None: no prefetching. With `controlled`, the
     fleet's aggressiveness starts at `threshold` and every `cfg.control_s` seconds of the trace
     moves by what the warms and starts of every host did since (coordinator/waste_control.py
     `control`), and a decision's warms keep their expected waste within `controlled.max_waste`
-    (coordinator/warming.py `plan`), as the coordinator's warming rounds do; otherwise it stays at `threshold`,
-    `cfg.max_layers` and the default bandwidth share."""
+    (coordinator/warming.py `plan`; with `in_lease`, the model's calibration to the lease, the
+    expected waste of P calibrated to the lease), as the coordinator's warming rounds do; otherwise
+    it stays at `threshold`, `cfg.max_layers` and the default bandwidth share."""
     caps = capacities(w.trace, cfg)
     result = SimResult()
     begin = cfg.warmup_s
@@ -354,7 +370,11 @@ def simulate(
             d, s = w.decisions[i], scores[i]
             if controlled is not None:
                 # as the coordinator plans a round: the expected waste of the warms within the bound
-                candidates = [Candidate(c, float(p), w.trace.sizes[c]) for c, p in zip(d.candidates, s, strict=True)]
+                q = in_lease(s.astype(np.float64)) if in_lease is not None else [None] * len(s)
+                candidates = [
+                    Candidate(c, float(p), w.trace.sizes[c], None if pl is None else float(pl))
+                    for c, p, pl in zip(d.candidates, s, q, strict=True)
+                ]
                 chosen = plan(candidates, cache.entries, (), agg, cfg.budget_bytes, controlled.max_waste)
                 ranked = [c.digest for c in chosen]
             else:

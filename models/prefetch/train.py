@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from sklearn.isotonic import IsotonicRegression
+from sklearn.metrics import brier_score_loss
 
 from coordinator.warm_features import FEATURE_NAMES, FEATURES_VERSION, N_FEATURES, FleetStarts, HostStarts
 from coordinator.waste_control import ControlLimits
@@ -35,6 +37,7 @@ from models.prefetch.evaluate import (
     EvalConfig,
     Scorer,
     Walk,
+    lease_labels,
     operating_threshold,
     ranking,
     recovery,
@@ -55,7 +58,7 @@ the waste controller (coordinator/waste_control.py) every warm period, starting 
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 20261205
-    model_version: str = "warm-3"
+    model_version: str = "warm-4"
     train_hosts: int = 12
     train_days: float = 3.0
     val_hosts: int = 8
@@ -105,8 +108,47 @@ def fit(X: npt.NDArray[np.float32], y: npt.NDArray[np.int8], cfg: TrainConfig) -
     )
 
 
-def metadata(cfg: TrainConfig, threshold: float, data_version: str) -> dict[str, str]:
+LeaseMap = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def fit_lease_calibration(walks: Sequence[Walk], scorer: Scorer, lease_s: float) -> LeaseMap:
+    """The served model's P(needed within the horizon) mapped to P(a start on the host needs the
+    layer within the lease), the question a warm asks: scikit-learn's isotonic regression on the
+    decisions of `walks`; its knots, as coordinator/warm_predictor.py evaluates them (linear between
+    them, clipped outside, as `IsotonicRegression.predict`)."""
+    p = np.concatenate([s.astype(np.float64) for w in walks for s in score_walk(w, scorer)])
+    y = np.concatenate([y for w in walks for y in lease_labels(w, lease_s)])
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(p, y)
+    return tuple(float(v) for v in iso.X_thresholds_), tuple(float(v) for v in iso.y_thresholds_)
+
+
+def in_lease(knots: LeaseMap) -> Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]]:
+    xp, fp = np.array(knots[0]), np.array(knots[1])
+
+    def calibrated(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return np.asarray(np.interp(p, xp, fp), np.float64)
+
+    return calibrated
+
+
+def lease_figures(w: Walk, scorer: Scorer, knots: LeaseMap, lease_s: float) -> dict[str, float]:
+    """How well P and P calibrated to the lease say whether the layer is needed within the lease."""
+    p = np.concatenate([s.astype(np.float64) for s in score_walk(w, scorer)])
+    y = np.concatenate(lease_labels(w, lease_s))
+    q = in_lease(knots)(p)
     return {
+        "needed_within_lease": float(y.mean()),
+        "mean_p": float(p.mean()),
+        "mean_p_lease": float(q.mean()),
+        "brier_p": float(brier_score_loss(y, p)),
+        "brier_p_lease": float(brier_score_loss(y, q)),
+    }
+
+
+def metadata(cfg: TrainConfig, threshold: float, data_version: str, lease: LeaseMap | None = None) -> dict[str, str]:
+    calibration = {"lease_calibration": json.dumps({"x": lease[0], "y": lease[1]})} if lease is not None else {}
+    return {
+        **calibration,
         "model_version": cfg.model_version,
         "features_version": FEATURES_VERSION,
         "n_features": str(N_FEATURES),
@@ -130,8 +172,11 @@ def to_onnx(model: Any, meta: dict[str, str]) -> bytes:
     )
 
 
-def judge(w: Walk, scorers: dict[str, Scorer], thresholds: dict[str, float], cfg: EvalConfig) -> dict[str, Any]:
-    """Ranking and cache figures of every policy on one walk, each at its operating threshold."""
+def judge(
+    w: Walk, scorers: dict[str, Scorer], thresholds: dict[str, float], cfg: EvalConfig, lease: LeaseMap | None = None
+) -> dict[str, Any]:
+    """Ranking and cache figures of every policy on one walk, each at its operating threshold
+    (`model_adaptive` bounds its expected waste with P calibrated to the lease, as served)."""
     out: dict[str, Any] = {}
     for name in POLICIES:
         if name == "none":
@@ -142,7 +187,8 @@ def judge(w: Walk, scorers: dict[str, Scorer], thresholds: dict[str, float], cfg
         scorer = scorers["model" if adaptive else name]
         scores = score_walk(w, scorer)
         limits = ControlLimits(max_waste=cfg.max_waste) if adaptive else None
-        sim = simulate(w, scores, thresholds["model" if adaptive else name], cfg, limits)
+        calibrated = in_lease(lease) if adaptive and lease is not None else None
+        sim = simulate(w, scores, thresholds["model" if adaptive else name], cfg, limits, calibrated)
         out[name] = {
             **ranking(w, scores, cfg.max_layers),
             **sim.summary(),
@@ -231,11 +277,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
         for k, s in sp.items()
         if k.startswith(("train:", "validation:"))
     )
-    onnx_bytes = to_onnx(model, metadata(cfg, thresholds["model"], data_version))
+    lease = fit_lease_calibration(validation, served, cfg.eval.lease_s)
+    log(f"calibrated to the {cfg.eval.lease_s:g} s lease: {len(lease[0])} knots")
+    onnx_bytes = to_onnx(model, metadata(cfg, thresholds["model"], data_version, lease))
     check_X, _ = validation[0].rows()
     check_X = check_X[:: max(1, check_X.shape[0] // 20000)]
     diff = check_onnx(model, onnx_bytes, check_X)
-    results = {k: judge(walks[k], scorers, thresholds, cfg.eval) for k in ("in_distribution", "held_out")}
+    results = {k: judge(walks[k], scorers, thresholds, cfg.eval, lease) for k in ("in_distribution", "held_out")}
+    lease_fit = {k: lease_figures(walks[k], served, lease, cfg.eval.lease_s) for k in ("in_distribution", "held_out")}
+    log(f"calibration to the lease: {json.dumps(lease_fit)}")
     for k, r in results.items():
         log(f"{k}: " + json.dumps({p: {m: r[p].get(m) for m in ("hit_rate", "waste", "pr_auc")} for p in POLICIES}))
     timing = inference_time(walks["held_out"], onnx_bytes, cfg)
@@ -258,6 +308,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
             "max_abs_diff_vs_sklearn": diff,
             "rows_checked": int(check_X.shape[0]),
         },
+        "lease_calibration": {
+            "fit": "scikit-learn IsotonicRegression of P on 'needed within the lease', validation traces",
+            "knots": len(lease[0]),
+            **lease_fit,
+        },
         "rows": {"train": int(y.size), "train_positive": int(y.sum())},
         "in_distribution": results["in_distribution"],
         "held_out": results["held_out"],
@@ -273,6 +328,24 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
 def figures(card: dict[str, Any]) -> dict[str, Any]:
     """The card without what depends on the machine (times): equal for equal seeds."""
     return {k: v for k, v in card.items() if k not in ("inference", "timing_s")}
+
+
+def lease_lines(card: dict[str, Any]) -> list[str]:
+    cal = card["lease_calibration"]
+    out = [
+        f"Its {cal['knots']} knots, judged on the layers each decision scored (Brier score against needed within",
+        "the lease, lower is better):",
+        "",
+        "| trace | needed within the lease | mean P | mean P calibrated | Brier P | Brier P calibrated |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for k in ("held_out", "in_distribution"):
+        f = cal[k]
+        out.append(
+            f"| {k.replace('_', ' ')} | {f['needed_within_lease']:.3f} | {f['mean_p']:.3f} | {f['mean_p_lease']:.3f} "
+            f"| {f['brier_p']:.4f} | {f['brier_p_lease']:.4f} |"
+        )
+    return [*out, ""]
 
 
 def write_card_md(card: dict[str, Any], path: Path) -> None:
@@ -364,7 +437,11 @@ def write_card_md(card: dict[str, Any], path: Path) -> None:
         "lease (a warm no start used before its lease ended is wasted). Within its lease a warm is never evicted",
         f"(the agent's lease holds it), and warms under lease hold at most {ev['max_pending_share']:g} of the cache.",
         "`model_adaptive` starts at the model's threshold and lets the waste controller move its threshold,",
-        f"layer count and bandwidth share every {ev['control_s']:g} s from what every host's warms and starts did.",
+        f"layer count and bandwidth share every {ev['control_s']:g} s from what every host's warms and starts did,",
+        f"and keeps each decision's expected waste within {ev['max_waste']:g} with P calibrated to the lease:",
+        "the model's P(needed within the horizon) mapped by an isotonic regression (scikit-learn), fitted on",
+        "the validation traces, to P(needed within the lease), which is what decides whether a warm is used.",
+        *lease_lines(card),
         "A cold start counts as local when every",
         f"layer it needs is in the cache. The first {ev['warmup_s'] / 3600:g} h of each trace are not counted.",
         f"Precision and recall at budget are those of the top {k} scored candidates per decision against the",
