@@ -17,9 +17,11 @@ the trace's images and blobs before each:
   on:  the coordinator's warming loop run in this process on trace time: after every start and
        every 300 trace-seconds per host, the shipped layer predictor (models/prefetch/prefetch.onnx,
        through `LayerPredictor`, as coordinator/warm.py serves it) scores the host's candidates from
-       its start history (with the releases the fleet has seen), `warming.plan` picks them under
-       the waste controller's aggressiveness (coordinator/waste_control.py, a round every 300
-       trace-seconds) with their expected waste within the bound, and the host's agent fetches
+       its start history (with the releases the fleet has seen, from the registry's pushes of
+       the trace's released images on: `Trace.pushes`, `--no-pushes` for from their first start),
+       `warming.plan` picks them under the waste controller's aggressiveness
+       (coordinator/waste_control.py, a round every 300 trace-seconds) with their expected waste,
+       read with P calibrated to the lease, within the bound, and the host's agent fetches
        each (`POST /v1/prefetch/layers/{digest}`, peers first) under a lease of the model's 1 h of
        trace time: the bench ends the agent's lease itself when a start uses the warm or its trace
        hour passes (`ctr leases delete`), so the lease follows trace time however long a trace hour
@@ -45,7 +47,9 @@ Result lines:
   host decision (model alone, target <= 1 ms).
 
 Each pass also runs the cache simulation (models/prefetch/evaluate.py) on the same starts and warms
-and prints where each missed layer went; `--record FILE` writes every start and warm as JSON lines.
+and prints where each missed layer went and the MB a start fetched by why (new to the fleet, new to
+the host, evicted by the bound, warmed then lost) and by layer kind; `--record FILE` writes every
+start and warm as JSON lines.
 Before the passes the same simulation says what the window allows at the bound: no prefetching, an
 oracle warming each host's next start, and warms that know the generator's workflows and crons
 (`replay_window`, `oracle_ranker`, `structure_ranker`).
