@@ -15,8 +15,8 @@ coordinator calls through `asyncio.to_thread`. The model and its card come from 
   P(needed within the horizon): the isotonic map the training pipeline fitted on its validation
   traces (models/prefetch/train.py, scikit-learn's `IsotonicRegression`), kept in the metadata
   (`lease_calibration`: its knots) and evaluated as that model predicts, linear between knots and
-  clipped outside them. A model without it (a retrained candidate) gives the horizon's P, which is
-  no higher.
+  clipped outside them. A model without it gives no P_lease: the bound then reads the horizon's P,
+  which is no higher.
 """
 
 from __future__ import annotations

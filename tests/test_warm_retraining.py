@@ -143,6 +143,7 @@ async def test_a_round_retrains_on_recorded_starts_and_swaps_only_a_better_model
     assert served is not None and served.info.path == outcome.candidate
     assert served.version.startswith("warm-retrained-") and served.info.data_version.startswith("recorded: ")
     assert served.info.threshold == 0.4 and served.info.lease == 3600.0  # the active model's, kept
+    assert served.info.lease_calibration is not None  # its own P calibrated to the lease
     assert await coordinator.warm.predict(next(iter(coordinator.warm.hosts)))  # it scores
     # a restarted coordinator serves it again
     config = _config(workdir)

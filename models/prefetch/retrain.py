@@ -10,7 +10,9 @@ never loads in the daemon. `--recorded` is the start history as the coordinator 
 whose horizon ends before the cut, so no label looks into the held-out window), then the candidate
 and the active model are judged on the same held-out starts with the same cache simulation as the
 card (models/prefetch/evaluate.py; every host's cache primed by the history before) at the active
-model's threshold. `--verdict` gets both figures; the coordinator decides.
+model's threshold. `--verdict` gets both figures; the coordinator decides. The candidate carries
+its P calibrated to the lease (`lease_calibration`, as models/prefetch/train.py fits it) from the
+decisions whose lease ends before the cut.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from coordinator.warm_features import Start
 from models.onnx_export import ort_probabilities
 from models.prefetch.evaluate import EvalConfig, ranking, score_walk, simulate, walk
 from models.prefetch.generate import DAY, REGIMES, Trace, TraceSpec
-from models.prefetch.train import TrainConfig, fit, metadata, to_onnx
+from models.prefetch.train import TrainConfig, fit, fit_lease_calibration, metadata, to_onnx
 
 RECORDED_REGIME = replace(REGIMES["eval"], name="recorded", shift_at=1.0)
 """Only its name and "no shift" matter: a recorded trace is not generated."""
@@ -108,7 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = fit(X, y, cfg)
     hosts = len(trace.hosts)
     data_version = f"recorded: {len(trace.starts)} starts on {hosts} hosts over {trace.spec.days:.2f} days"
-    candidate = to_onnx(model, {**metadata(cfg, threshold, data_version), "lease_s": f"{lease:g}"})
+    # its P calibrated to the lease as the shipped model's is, on the decisions whose lease ends before the cut
+    provisional = to_onnx(model, metadata(cfg, threshold, data_version))
+    calibrating = replace(training, decisions=[d for d in training.decisions if d.ts + lease <= cut])
+    knots = None
+    if calibrating.decisions:
+        knots = fit_lease_calibration([calibrating], functools.partial(ort_probabilities, provisional), lease)
+        knots = knots if len(knots[0]) >= 2 else None  # one distinct P: nothing to map
+    candidate = to_onnx(model, {**metadata(cfg, threshold, data_version, knots), "lease_s": f"{lease:g}"})
     scorers = {
         "candidate": functools.partial(ort_probabilities, candidate),
         "active": functools.partial(ort_probabilities, current),
