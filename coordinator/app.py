@@ -269,6 +269,7 @@ class Coordinator:
             utilization=s.utilization,
             store=self.store,
             period_s=s.period,
+            lead_keep_s=s.lead_keep,
         )
 
     @classmethod

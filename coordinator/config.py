@@ -293,6 +293,9 @@ class PredictiveScalingConfig:
     lead, 2 replicas are kept when this x violation_cost exceeds replica_cost (0: never)."""
     lone_replica_share: float = 0.5
     """Share of one replica's capacity the need must exceed for lone_replica_risk to count, >= 0."""
+    lead_keep: float = 120.0
+    """Seconds a lead the correlation engine found on an edge is used while later rounds find none
+    on it, >= 0 (0: each round uses only what it finds)."""
     retrain_interval: float = 0.0
     """Seconds between two retraining rounds of the scaling model on the recorded behaviour; 0: never."""
     retrain_holdout: float = 120.0
@@ -501,6 +504,8 @@ def _validate_scaling(scaling: PredictiveScalingConfig, most: int) -> None:
         raise ConfigError(f"scaling.lone_replica_risk must be in [0, 1], got {scaling.lone_replica_risk}")
     if not scaling.lone_replica_share >= 0:
         raise ConfigError(f"scaling.lone_replica_share must be >= 0, got {scaling.lone_replica_share}")
+    if not scaling.lead_keep >= 0:
+        raise ConfigError(f"scaling.lead_keep must be >= 0, got {scaling.lead_keep}")
     if scaling.enabled and not scaling.model:
         raise ConfigError("scaling.enabled needs scaling.model (the .onnx file models/scaling/ trains)")
 

@@ -484,6 +484,37 @@ async def test_without_a_leading_upstream_the_need_now_is_the_forecast() -> None
     assert b["action"] == "scale-out" and ("d1", "B", b["target"]) in replicas.asked, b  # overloaded now: out
 
 
+async def test_a_lead_found_is_kept_for_a_while_when_a_later_round_finds_none() -> None:
+    from coordinator.scaling.autoscaler import Autoscaler
+    from coordinator.scaling.model import ScalingModel
+    from coordinator.scaling.policy import ScalingConfig
+
+    kept = _behaviour("d1", _trace(900))
+    now = [T0 + 900]
+    policy = ScalingConfig(min_replicas=1, max_replicas=8, replica_capacity=0.1, replica_cost=1.0, violation_cost=20.0)
+    model = ScalingModel.load(MODEL)
+    records = _All(_record("d1"))
+    scaler = Autoscaler(
+        records, kept, _Replicas(), model, policy, CorrelationConfig(), 30.0, lambda: now[0], lead_keep_s=120.0
+    )
+    first = {e["component"]: e for e in await scaler.round()}
+    assert first["B"]["lag_s"] == LAGS[0] and "lead_kept" not in first["B"], first["B"]
+    # A's behaviour is replaced by an independent trace's: the engine finds no lead into B any more.
+    other = _behaviour("d1", _trace(900, seed=4242))
+    kept._usage[("d1", "A")] = other._usage[("d1", "A")]
+    kept._traffic[("d1", "A")] = other._traffic[("d1", "A")]
+    now[0] = T0 + 960
+    b = {e["component"]: e for e in await scaler.round()}["B"]
+    assert b["lag_s"] == LAGS[0] and b["inputs"]["lead_s"] == LAGS[0], b
+    assert b["lead_kept"] == {"lag_s": LAGS[0], "found_at": T0 + 900, "age_s": 60.0}, b
+    assert b["reason"].startswith(f"no lead found this round: the {LAGS[0]} s lead found 60 s ago kept"), b
+    # Past lead_keep_s it is forgotten: the naive forecast again.
+    now[0] = T0 + 1021
+    b = {e["component"]: e for e in await scaler.round()}["B"]
+    assert "lag_s" not in b and "lead_kept" not in b and b["inputs"]["lead_s"] is None, b
+    assert b["reason"].startswith("no metric of A leads B's cpu"), b
+
+
 async def test_a_round_takes_the_components_measured_cold_start_over_the_configured_one() -> None:
     kept = _behaviour("d1", _trace(900))
     replicas = _Replicas(cold_starts={"C": 4.5})

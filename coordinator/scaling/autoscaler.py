@@ -8,7 +8,11 @@ at its horizon from the two series (coordinator/scaling/resample.py); `policy.de
 prediction and replica counts into a decision, which is kept (the last `HISTORY` per deployment, in
 the coordinator's store: a new leader shows them and adds to them) and, if it changes the count and
 no scale of that component is under way, handed to the replica service. A component without enough
-history is recorded as skipped, with why; one without a leading upstream is decided on the naive
+history is recorded as skipped, with why. A lead the engine found on an edge is kept for
+`lead_keep_s` (`[scaling] lead_keep`) while later rounds find none on it (a burst's lead is missed
+on some rounds of a short, noisy window; the lag itself changes slowly): such a decision records
+the kept lead, when it was found and its age (`lead_kept`); a lead found with another lag replaces
+it. One without a leading upstream (none found, none kept) is decided on the naive
 forecast (its need now), said in the reason; so is one whose pairs have too little history for
 the engine yet (a new deployment), on its own CPU series. One without any usage yet is skipped.
 
@@ -105,9 +109,11 @@ def _infer(
     upstream: str,
     downstream: str,
     config: CorrelationConfig,
+    kept_lag: int | None = None,
 ) -> dict[str, Any]:
     """The lead and the prediction for one edge (CPU work): {"skip": why} or lag, need now, predicted,
-    and `last_ts`, the time of the last second they were read at."""
+    and `last_ts`, the time of the last second they were read at. `kept_lag`: the lead an earlier
+    round found on this edge, still kept; used (with `"kept": True`) when the engine names none now."""
     answer = explain_pair(upstream, up, downstream, down, config)
     if answer["status"] != "ok":
         own = span(down)
@@ -119,7 +125,7 @@ def _infer(
         return {"naive": answer["message"], "need_now": now, "predicted_need": now, "last_ts": _last(own)}
     window = shared_span(up, down)
     assert window is not None  # explain_pair answered ok
-    if answer["lead"] is None:
+    if answer["lead"] is None and kept_lag is None:
         # Nothing upstream tells the future: the naive forecast (the need stays as it is now), so a
         # component overloaded now still gets replicas.
         now = float(per_second(down, window).cpu[-1])
@@ -130,11 +136,13 @@ def _infer(
             "last_ts": _last(window),
         }
     up_s, down_s = per_second(up, window), per_second(down, window)
-    lag = int(answer["lead"]["lag_s"])
+    kept = answer["lead"] is None
+    lag = int(kept_lag if kept_lag is not None and kept else answer["lead"]["lag_s"])
     last = np.array([len(down_s) - 1], np.int64)
     predicted = float(model.predict_need(up_s, down_s, lag, last)[0])
     return {
         "lag_s": lag,
+        "kept": kept,
         "need_now": float(down_s.cpu[-1]),
         "predicted_need": max(0.0, predicted),
         "last_ts": _last(window),
@@ -160,11 +168,14 @@ class Autoscaler:
         utilization: float = 1.0,
         store: ScalingStore | None = None,
         period_s: float = 0.0,
+        lead_keep_s: float = 0.0,
     ) -> None:
         """`utilization`: the share of a replica's CPU limit its `policy.replica_capacity` is (the
         reactive pass targets 70 % of the limit itself, as the HPA does). `store`: where decisions
         are kept (the coordinator's, so a new leader shows them); None: in memory. `period_s`: the
-        seconds between two rounds (a need the prediction misses now is seen that much later)."""
+        seconds between two rounds (a need the prediction misses now is seen that much later).
+        `lead_keep_s`: how long a lead the engine found on an edge is kept while later rounds find
+        none on it (0: not kept)."""
         self._deployments = deployments
         self._behaviour = behaviour
         self._replicas = replicas
@@ -181,6 +192,9 @@ class Autoscaler:
         self._hpa: dict[tuple[str, str], HpaState] = {}
         self._policies: dict[str, str] = {}
         self._history: dict[str, collections.deque[dict[str, Any]]] = {}
+        self._leads: dict[tuple[str, str, str], tuple[float, int]] = {}
+        """(deployment, upstream, downstream) -> (when, lag) of the last lead the engine found."""
+        self._lead_keep_s = lead_keep_s
 
     @property
     def model(self) -> ScalingModel:
@@ -284,6 +298,8 @@ class Autoscaler:
             del self._states[key]
         for key in [k for k in self._hpa if k[0] not in live]:
             del self._hpa[key]
+        for lead_key in [k for k in self._leads if k[0] not in live]:
+            del self._leads[lead_key]
         return out
 
     async def _reactive(self, record: DeploymentRecord, down: str) -> dict[str, Any] | None:
@@ -340,9 +356,21 @@ class Autoscaler:
         inferred: dict[str, Any] = {"skip": "no upstream"}
         naive: dict[str, Any] | None = None
         for up in ups:
+            kept = self._kept_lead(record.id, up, down, now)
             inferred = await asyncio.to_thread(
-                _infer, self._model, self._behaviour.of(record.id, up), down_series, up, down, self._correlation
+                _infer,
+                self._model,
+                self._behaviour.of(record.id, up),
+                down_series,
+                up,
+                down,
+                self._correlation,
+                None if kept is None else kept[1],
             )
+            if "lag_s" in inferred and not inferred["kept"]:
+                self._leads[(record.id, up, down)] = (now, int(inferred["lag_s"]))
+            elif "lag_s" in inferred and kept is not None:
+                entry["lead_kept"] = {"lag_s": kept[1], "found_at": kept[0], "age_s": now - kept[0]}
             if "naive" in inferred:
                 naive = naive or inferred
                 continue
@@ -381,6 +409,12 @@ class Autoscaler:
             entry["reason"] = f"{inferred['naive']}: the need now taken as the forecast; {entry['reason']}"
         else:
             entry["lag_s"] = inferred["lag_s"]
+            if "lead_kept" in entry:
+                kept = entry["lead_kept"]
+                entry["reason"] = (
+                    f"no lead found this round: the {kept['lag_s']} s lead found {kept['age_s']:.0f} s ago "
+                    f"kept (for {self._lead_keep_s:g} s); {entry['reason']}"
+                )
         entry["cold_start"] = "measured" if measured is not None else "configured"
         count_changes = decision.action is not Action.HOLD and decision.target != serving + starting
         # Standbys follow the decision's count; warm starts use some of the ones there are.
@@ -394,6 +428,16 @@ class Autoscaler:
                 standbys = min(standbys, standby - decision.warm_starts)
             entry["applied"] = await self._apply(record.id, down, target, standbys)
         return await self._record(entry)
+
+    def _kept_lead(self, deployment_id: str, up: str, down: str, now: float) -> tuple[float, int] | None:
+        """The last lead found on the edge, if within `lead_keep_s` (forgotten past it)."""
+        found = self._leads.get((deployment_id, up, down))
+        if found is None:
+            return None
+        if now - found[0] > self._lead_keep_s:
+            del self._leads[(deployment_id, up, down)]
+            return None
+        return found
 
     async def _record(self, entry: dict[str, Any]) -> dict[str, Any]:
         if self._store is not None:
