@@ -499,6 +499,12 @@ async def test_a_lead_found_is_kept_for_a_while_when_a_later_round_finds_none() 
     )
     first = {e["component"]: e for e in await scaler.round()}
     assert first["B"]["lag_s"] == LAGS[0] and "lead_kept" not in first["B"], first["B"]
+    # The round tests only the links into CPU: alpha shared by 5 metric pairs, not explain's 25, so
+    # the same lead passes a lower threshold; the decision records it.
+    shown = explain_pair("A", kept.of("d1", "A"), "B", kept.of("d1", "B"), CorrelationConfig())["lead"]
+    used = first["B"]["lead"]
+    assert used["upstream_metric"] == shown["upstream_metric"] and used["correlation"] == shown["correlation"]
+    assert used["threshold"] < shown["threshold"] and 0 <= used["granger_p"] < 0.01 / 5, used
     # A's behaviour is replaced by an independent trace's: the engine finds no lead into B any more.
     other = _behaviour("d1", _trace(900, seed=4242))
     kept._usage[("d1", "A")] = other._usage[("d1", "A")]
