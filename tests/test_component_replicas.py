@@ -145,6 +145,9 @@ def test_scaling_out_thaws_standbys_first_and_keeps_the_standbys_asked_for() -> 
     assert plan_scale(c, 3, 16, standbys=2) == ScalePlan(add=(), remove=(), thaw=(2,), standby_add=(3,))
     assert plan_scale(c, 1, 16, standbys=0) == ScalePlan(add=(), remove=(1,), standby_remove=(4, 2))
     assert plan_scale(c, 2, 16, standbys=1) == ScalePlan(add=(), remove=(), standby_remove=(4,))
+    # Standbys being started (index 5, not listed yet, and 3): not copies, not standbys, indexes taken.
+    assert plan_scale(c, 5, 16, standbys=None, starting_standbys=(3, 5)) == ScalePlan(add=(6,), remove=(), thaw=(2, 4))
+    assert plan_scale(c, 1, 16, starting_standbys=(3,)) == ScalePlan(add=(), remove=(1,))
     with pytest.raises(InvalidRequest, match="standbys"):
         plan_scale(c, 15, 16, standbys=2)
     with pytest.raises(InvalidRequest, match="standbys"):
@@ -347,6 +350,12 @@ async def test_replicas_share_one_address_and_scale_without_dropping_connections
         await asyncio.sleep(0.2)
     listed = (await api(r2_host, "GET", "/v1/containers"))["containers"]
     assert replicas[2]["container"] not in {c["id"] for c in listed}
+
+    # A standby being started does not hold back a scale out: the scale is taken at once and starts
+    # a copy beside it, at another index.
+    await f.call("POST", path, {"replicas": 2, "standbys": 1}, expect=202)
+    await f.call("POST", path, {"replicas": 3}, expect=202)
+    await wait_replicas(f, deployment, {1: "serving", 2: "standby", 3: "serving"}, within=60)
 
     # Undeploy removes the replicas and the balancer with the component.
     removed = await f.call("DELETE", f"/v1/deployments/{deployment}?wait=60")

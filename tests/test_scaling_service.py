@@ -305,7 +305,7 @@ class _Replicas:
         self.standbys.append(standbys)
         return None
 
-    def scaling(self, deployment_id: str, name: str | None = None) -> bool:
+    def scaling(self, deployment_id: str, name: str | None = None, standbys: bool = True) -> bool:
         return self.busy
 
     def cold_start(self, deployment_id: str, name: str) -> float | None:

@@ -14,7 +14,13 @@ In: the highest-numbered replicas leave the balancer first (no new connections),
 conntrack is read until none of their connections is open, or `drain_timeout` passes; only then
 are their containers deleted and their addresses given back.
 
-`plan_scale` is the decision (pure); `ReplicaService` drives it, one scale at a time per deployment.
+Standbys: a scale asked to keep warm standbys starts the missing ones (each created, started,
+healthy, then frozen, out of the balancer) after its replicas, in a task of their own: a standby
+takes a cold start, and the component's next scale out does not wait for it (it plans around the
+standbys being started: neither copies nor standbys yet, their indexes taken, and leaves the
+standbys as they are).
+
+`plan_scale` is the decision (pure); `ReplicaService` drives it, one scale at a time per component.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,21 +90,33 @@ class ScalePlan:
     """Indexes of standbys to stop."""
 
 
-def plan_scale(component: ComponentRecord, target: int, most: int, standbys: int | None = None) -> ScalePlan:
+def plan_scale(
+    component: ComponentRecord,
+    target: int,
+    most: int,
+    standbys: int | None = None,
+    starting_standbys: Collection[int] = (),
+) -> ScalePlan:
     """Which replicas to start, thaw or stop to run `target` copies of `component` (itself included),
     and with `standbys`, which standbys to start or stop to keep that many. A scale out thaws
-    standbys first; the standbys left are then topped up or cut to `standbys`."""
+    standbys first; the standbys left are then topped up or cut to `standbys`.
+    `starting_standbys`: indexes of standbys being started (listed or not yet): neither a copy nor a
+    standby to plan with, and their indexes taken."""
     if not 1 <= target <= most:
         raise InvalidRequest(f"replicas: expected 1 to {most}, got {target}")
     if standbys is not None and not 0 <= standbys <= most - target:
         raise InvalidRequest(f"standbys: expected 0 to {most - target} beside {target} replicas, got {standbys}")
     live = sorted(
-        (r.index for r in component.replicas if r.state not in (ReplicaState.DRAINING, ReplicaState.STANDBY)),
+        (
+            r.index
+            for r in component.replicas
+            if r.state not in (ReplicaState.DRAINING, ReplicaState.STANDBY) and r.index not in starting_standbys
+        ),
         reverse=True,
     )
     frozen = sorted(r.index for r in component.replicas if r.state is ReplicaState.STANDBY)
     have = 1 + len(live)
-    used = {r.index for r in component.replicas}
+    used = {r.index for r in component.replicas} | set(starting_standbys)
     free = (i for i in range(1, most + len(used) + 1) if i not in used)
     add: tuple[int, ...] = ()
     thaw: tuple[int, ...] = ()
@@ -148,6 +166,10 @@ class ReplicaService:
         self._tasks: dict[tuple[str, str], asyncio.Task[DeploymentRecord]] = {}
         """Per (deployment, component): the scale under way. Components scale independently (a
         standby started for one never holds back another's scale out)."""
+        self._standby_starts: dict[tuple[str, str], tuple[asyncio.Task[None], tuple[int, ...]]] = {}
+        """Per (deployment, component): the standbys being started (a task of their own, after the
+        scale that asked for them), and their indexes. They take a cold start; the component's next
+        scale out does not wait for them."""
         self._followers: dict[str, asyncio.Task[None]] = {}
         """Per replica container: the task following its health while it serves."""
         self.starts = StartTimes()
@@ -191,7 +213,9 @@ class ReplicaService:
         """Start scaling `name` to `replicas` copies in a task of its own (thawing its warm standbys
         first), and with `standbys`, keeping that many warm standbys beside them; the record as it
         is now. ScaleBusy while the deployment is not HEALTHY/DEGRADED, while its manifests' replicas
-        start, or while the component is being scaled already (another component may be)."""
+        start, or while the component is being scaled already (another component may be). Standbys
+        being started do not hold back a scale: their start goes on beside it, and the standbys are
+        left as they are by a scale asked for meanwhile (a later one sets them)."""
         record = await self._deployments.get(deployment_id)
         try:
             component = record.component(name)
@@ -205,9 +229,16 @@ class ReplicaService:
             raise InvalidRequest(f"drain_timeout: expected seconds within (0, {MAX_DRAIN:g}]")
         if component.volumes and (replicas > 1 or standbys):
             raise InvalidRequest(f"{name} mounts a shared volume, which lives on one host: it cannot have replicas")
-        plan = plan_scale(component, replicas, self._config.max_replicas, standbys)
+        under_way = self._standby_starts.get((deployment_id, name))
+        starting = under_way[1] if under_way is not None else ()
+        if starting:
+            standbys = None
+        plan = plan_scale(component, replicas, self._config.max_replicas, standbys, starting)
         drain = drain_timeout if drain_timeout is not None else self._config.drain_timeout
         requested = self._clock()
+        if plan.standby_add and plan == ScalePlan((), (), standby_add=plan.standby_add):
+            self._start_standbys(deployment_id, name, plan.standby_add, requested)  # nothing else to do
+            return record
         task = asyncio.create_task(
             self._run(deployment_id, name, plan, drain, requested), name=f"scale-{deployment_id}-{name}"
         )
@@ -281,23 +312,26 @@ class ReplicaService:
         """The component's measured cold start (median of its last starts); None before one."""
         return self.starts.cold_start(deployment_id, name)
 
-    def scaling(self, deployment_id: str, name: str | None = None) -> bool:
-        """Whether a scale of the deployment (with `name`, of that component) is under way."""
+    def scaling(self, deployment_id: str, name: str | None = None, standbys: bool = True) -> bool:
+        """Whether a scale of the deployment (with `name`, of that component) is under way; with
+        `standbys` False, not counting standbys being started (they do not hold back a scale)."""
         if deployment_id in self._deploying:
             return True
+        keys = set(self._tasks) | (set(self._standby_starts) if standbys else set())
         if name is not None:
-            return (deployment_id, name) in self._tasks
-        return any(d == deployment_id for d, _ in self._tasks)
+            return (deployment_id, name) in keys
+        return any(d == deployment_id for d, _ in keys)
 
     async def wait(self, deployment_id: str, seconds: float) -> DeploymentRecord:
-        tasks = {t for (d, _), t in self._tasks.items() if d == deployment_id}
+        tasks: set[asyncio.Task[Any]] = {t for (d, _), t in self._tasks.items() if d == deployment_id}
+        tasks |= {t for (d, _), (t, _) in self._standby_starts.items() if d == deployment_id}
         if tasks:
             await asyncio.wait(tasks, timeout=seconds)
         return await self._deployments.get(deployment_id)
 
     async def close(self) -> None:
         await self.stop_following()
-        tasks = list(self._tasks.values())
+        tasks: list[asyncio.Task[Any]] = [*self._tasks.values(), *(t for t, _ in self._standby_starts.values())]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -317,12 +351,31 @@ class ReplicaService:
             if plan.standby_remove:
                 await self._drop(deployment_id, name, plan.standby_remove)
             if plan.standby_add:
-                await self._scale_out(deployment_id, name, plan.standby_add, requested, standby=True)
+                self._start_standbys(deployment_id, name, plan.standby_add, requested)
         except FerrymanError as exc:
             log.error("scale failed", extra={"deployment": deployment_id, "component": name, "error": exc.message})
         except Exception:
             log.exception("scale failed unexpectedly", extra={"deployment": deployment_id, "component": name})
         return await self._deployments.get(deployment_id)
+
+    def _start_standbys(self, deployment_id: str, name: str, indexes: tuple[int, ...], requested: float) -> None:
+        """Start and freeze standbys in a task of their own: a scale of the component asked for
+        meanwhile goes on beside it (plan_scale leaves their indexes alone)."""
+
+        async def start() -> None:
+            try:
+                await self._scale_out(deployment_id, name, indexes, requested, standby=True)
+            except FerrymanError as exc:
+                log.error(
+                    "standby failed", extra={"deployment": deployment_id, "component": name, "error": exc.message}
+                )
+            except Exception:
+                log.exception("standby failed unexpectedly", extra={"deployment": deployment_id, "component": name})
+
+        key = (deployment_id, name)
+        task = asyncio.create_task(start(), name=f"standby-{deployment_id}-{name}")
+        self._standby_starts[key] = (task, indexes)
+        task.add_done_callback(lambda _: self._standby_starts.pop(key, None))
 
     async def _host(self, name: str) -> Host:
         host = await self._store.get_host(name)

@@ -92,7 +92,9 @@ class Replicas(Protocol):
         standbys: int | None = None,
     ) -> DeploymentRecord: ...
 
-    def scaling(self, deployment_id: str, name: str | None = None) -> bool: ...
+    def scaling(self, deployment_id: str, name: str | None = None, standbys: bool = True) -> bool:
+        """Whether a scale is under way; with `standbys` False, not counting standbys being started."""
+        ...
 
     def cold_start(self, deployment_id: str, name: str) -> float | None:
         """The component's measured cold start (scale request to replica healthy); None before one."""
@@ -350,7 +352,8 @@ class Autoscaler:
         return await self._record(entry)
 
     async def _apply(self, deployment_id: str, down: str, target: int, standbys: int) -> str:
-        if self._replicas.scaling(deployment_id, down):
+        # Standbys being started do not hold back a scale (the replica service starts them beside it).
+        if self._replicas.scaling(deployment_id, down, standbys=False):
             return f"no: a scale of {down} is under way"
         try:
             await self._replicas.scale(deployment_id, down, target, standbys=standbys)
@@ -434,8 +437,8 @@ class Autoscaler:
             target = decision.target if count_changes else serving + starting
             standbys = decision.standbys
             if decision.action is Action.SCALE_OUT:
-                # The standbys thawed are topped up by a later round: starting one within this scale
-                # would hold back the component's next scale out for a cold start.
+                # The standbys thawed are topped up by a later round: this scale thaws and starts
+                # copies only (the replica service starts standbys beside later scales anyway).
                 standbys = min(standbys, standby - decision.warm_starts)
             entry["applied"] = await self._apply(record.id, down, target, standbys)
         return await self._record(entry)
