@@ -4,19 +4,15 @@ For one upstream/downstream pair of components (an edge of a deployment or chain
 metrics (upstream m_u, downstream m_d, METRICS x METRICS) is tested on the components' per-second
 series over the same window:
 
-1. **Prewhitened, winsorized.** An autoregressive model of order `ar_order` is fitted to the
+1. **Prewhitened, as normal scores.** An autoregressive model of order `ar_order` is fitted to the
    upstream series (`statsmodels.tsa.ar_model.AutoReg`) and both series are passed through its filter
    (Box-Jenkins prewhitening): the upstream becomes white noise, so a wave, a trend or a burst's
    plateau shared by two components no longer correlates them at every lag, while what upstream
    adds at time t still shows downstream at t + lag. Per-second request counts are mostly counting
    noise; first differences would double that noise and leave a 25 s lead's correlation at the
    threshold over an 8-minute window, prewhitening keeps it well above. The filtered series are
-   then winsorized: their lowest and highest `winsor_share` of values are set to the nearest value
-   within (`scipy.stats.mstats.winsorize`), so spiky series such as errors do not pass the tests
-   below on a few coincident spikes of two unrelated components. Ranks (normal scores) would do that
-   too but lose the lead on the series the coordinator has: a rate read every 5 s and held between
-   reads, prewhitened, is near 0 at four seconds of five, and ranks spread those near-zero values
-   over the whole normal range, so the reads' changes, which carry the lead, drown in them.
+   then replaced by their normal scores (rank-based, van der Waerden): spiky series such as errors
+   otherwise pass the tests below on a few coincident spikes of two unrelated components.
 2. **Cross-correlation** (`statsmodels.tsa.stattools.ccf`): r(k) = corr(d_{t+k}, u_t) for k in
    1..max_lag; the candidate lag is the k with the largest |r(k)|. It counts only if |r| is above the
    threshold two independent series would pass with probability alpha/M over all lags (M metric
@@ -39,8 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import norm
-from scipy.stats.mstats import winsorize
+from scipy.stats import norm, rankdata
 from statsmodels.tsa.ar_model import AutoReg
 from statsmodels.tsa.filters.filtertools import convolution_filter
 from statsmodels.tsa.stattools import acf, ccf, grangercausalitytests
@@ -60,16 +55,12 @@ class CorrelationConfig:
     """Fewer seconds than this (or than 5x max_lag) is too little to say anything."""
     ar_order: int = 10
     """Order of the upstream's autoregressive model that prewhitens both series."""
-    winsor_share: float = 0.025
-    """Share of the prewhitened values at each end set to the nearest value within (spikes)."""
 
     def __post_init__(self) -> None:
         if self.max_lag_s < 1:
             raise ValueError(f"max_lag_s must be >= 1, not {self.max_lag_s}")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), not {self.alpha}")
-        if not 0.0 <= self.winsor_share < 0.5:
-            raise ValueError(f"winsor_share must be in [0, 0.5), not {self.winsor_share}")
         if self.ar_order < 1:
             raise ValueError(f"ar_order must be >= 1, not {self.ar_order}")
         unknown = set(self.upstream_metrics + self.downstream_metrics) - set(METRICS)
@@ -103,15 +94,16 @@ class NotEnoughData(ValueError):
     """The window is too short, or the two series are not the same seconds."""
 
 
-def _winsorized(x: Array, share: float) -> Array:
-    """x with its lowest and highest `share` of values set to the nearest value within."""
-    if share == 0 or np.std(x) == 0:
+def _normal_scores(x: Array) -> Array:
+    """x replaced by its normal scores (ties share their mean rank)."""
+    if np.std(x) == 0:
         return x
-    return np.asarray(winsorize(x, limits=(share, share)).filled(), np.float64)
+    ranks = rankdata(x)
+    return np.asarray(norm.ppf((ranks - 0.5) / len(x)), np.float64)
 
 
-def _prewhitened(u: Array, d: Array, order: int, share: float) -> tuple[Array, Array]:
-    """u and d through the filter that turns u into white noise (u's AR model), winsorized."""
+def _prewhitened(u: Array, d: Array, order: int) -> tuple[Array, Array]:
+    """u and d through the filter that turns u into white noise (u's AR model), as normal scores."""
     u = np.asarray(u, np.float64) - float(np.mean(u))
     d = np.asarray(d, np.float64) - float(np.mean(d))
     if np.std(u) == 0:
@@ -122,7 +114,7 @@ def _prewhitened(u: Array, d: Array, order: int, share: float) -> tuple[Array, A
     taps = np.concatenate([[1.0], -phi])
     wu = np.asarray(convolution_filter(u, taps, nsides=1), np.float64)[order:]
     wd = np.asarray(convolution_filter(d, taps, nsides=1), np.float64)[order:]
-    return _winsorized(wu, share), _winsorized(wd, share)
+    return _normal_scores(wu), _normal_scores(wd)
 
 
 def _bartlett_se(u: Array, d: Array, n: int, nlags: int) -> float:
@@ -153,7 +145,7 @@ def metric_link(
 ) -> Link:
     """The best lag of upstream series u against downstream series d (raw, per second), `tests`
     metric pairs sharing the error budget."""
-    du, dd = _prewhitened(u, d, config.ar_order, config.winsor_share)
+    du, dd = _prewhitened(u, d, config.ar_order)
     n = len(du)
     quantile = float(norm.ppf(1.0 - config.alpha / (2.0 * tests * config.max_lag_s)))
     threshold = quantile * _bartlett_se(du, dd, n, config.max_lag_s)
