@@ -521,6 +521,74 @@ async def test_a_lead_found_is_kept_for_a_while_when_a_later_round_finds_none() 
     assert b["reason"].startswith("no metric of A leads B's cpu"), b
 
 
+class _Seen:
+    """Behaviour points as the coordinator keeps them (Behaviour.of), given directly."""
+
+    def __init__(self, points: dict[str, dict[str, Any]]) -> None:
+        self.points = points
+
+    def of(self, deployment: str, component: str) -> dict[str, Any]:
+        return self.points[component]
+
+
+def _bench_as_seen(end: int, noise_seed: int) -> dict[str, dict[str, Any]]:
+    """bench/scaling.py's replayed trace (bursty, seed 20261605, its window from 180 s, each
+    second's requests thinned to 0.35) as the coordinator sees it for its first `end` seconds:
+    each stage's CPU sampled every 2 s on each of its hosts with 30 % noise (4 ms a request at B
+    and C, 2 at A), its request rate read every 5 s."""
+    trace = generate(TraceSpec(REGIMES["bursty"], 20261605, duration_s=3600))
+    thin = np.random.default_rng(20261605)
+    rows = np.array(
+        [[thin.binomial(int(trace.components[s].rate[t]), 0.35) for s in "ABC"] for t in range(180, 800)], float
+    )
+    rng = np.random.default_rng(noise_seed)
+    out = {}
+    for k, (name, ms, hosts) in enumerate((("A", 2, 2), ("B", 4, 3), ("C", 4, 2))):
+        rate = rows[:end, k]
+        usage = []
+        for h in range(hosts):
+            off = rng.uniform(0, 2)
+            for ts in np.arange(off + 2, end, 2.0):
+                i = int(ts)
+                cpu = rate[max(0, i - 2) : i].mean() * ms / hosts
+                cpu = cpu * np.exp(rng.normal(0, 0.3)) + rng.normal(0, 5)
+                point = {"ts": T0 + ts, "host": f"h{h}", "cpu_millis": max(cpu, 0.0)}
+                usage.append({**point, "memory_bytes": 1e8 + rng.normal(0, 1e6)})
+        off = rng.uniform(0, 5)
+        requests = [
+            {
+                "ts": T0 + ts,
+                "requests_per_second": rate[int(ts) - 5 : int(ts)].mean(),
+                "latency_ms": 5 + rng.normal(0, 1),
+                "errors_per_second": 0.0,
+            }
+            for ts in np.arange(off + 5, end, 5.0)
+        ]
+        out[name] = {"usage": usage, "requests": requests, "traffic": []}
+    return out
+
+
+@pytest.mark.parametrize(("noise_seed", "end"), [(1, 380), (2, 425), (3, 365)])
+async def test_a_round_finds_the_lead_on_the_bench_trace_as_the_coordinator_sees_it(noise_seed: int, end: int) -> None:
+    # CPU samples every 2 s with 30 % noise, the request rate every 5 s, 365-425 s of history: over
+    # all 25 metric pairs the engine names no lead into B in these windows; over the 5 into CPU,
+    # which the round asks for, it names A's CPU 14-16 s ahead (the trace's true lag is 15 s).
+    from coordinator.scaling.autoscaler import Autoscaler
+    from coordinator.scaling.model import ScalingModel
+    from coordinator.scaling.policy import ScalingConfig
+
+    seen = _Seen(_bench_as_seen(end, noise_seed))
+    config = CorrelationConfig(max_lag_s=40)
+    shown = explain_pair("A", seen.of("d1", "A"), "B", seen.of("d1", "B"), config)
+    assert shown["status"] == "ok" and shown["lead"] is None, shown["lead"]
+    policy = ScalingConfig(min_replicas=1, max_replicas=8, replica_capacity=0.07, replica_cost=1.0, violation_cost=20.0)
+    scaler = Autoscaler(
+        _All(_record("d1")), seen, _Replicas(), ScalingModel.load(MODEL), policy, config, 9.0, lambda: T0 + end
+    )
+    b = {e["component"]: e for e in await scaler.round()}["B"]
+    assert abs(b["lag_s"] - 15) <= 2 and b["lead"]["upstream_metric"] == "cpu", b
+
+
 async def test_a_round_takes_the_components_measured_cold_start_over_the_configured_one() -> None:
     kept = _behaviour("d1", _trace(900))
     replicas = _Replicas(cold_starts={"C": 4.5})
