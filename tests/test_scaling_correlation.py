@@ -74,6 +74,18 @@ def test_white_noise_and_constants_give_nothing() -> None:
     assert not any(lk.significant for lk in links) and lead(links) is None
 
 
+def test_a_metric_flat_but_for_a_step_in_its_first_seconds_leads_nothing() -> None:
+    # A replica's first memory sample a few seconds into the window: past the AR filter's first
+    # `ar_order` seconds the series is constant up to rounding, which once reached the Granger test
+    # as a constant column (InfeasibleTestError, the whole pair lost).
+    trace = generate(TraceSpec(REGIMES["bursty"], 3, duration_s=700))
+    a, b = trace.components["A"], trace.components["B"]
+    step = np.where(np.arange(len(a)) < 5, 95.0, 190.0)
+    links = pair_links("A", replace(a, memory=step), "B", replace(b, memory=step), CorrelationConfig(max_lag_s=40))
+    assert not [lk for lk in links if lk.significant and "memory" in (lk.upstream_metric, lk.downstream_metric)]
+    assert lead(links) is not None  # the other metrics still lead B's CPU
+
+
 def test_bad_input_is_refused_clearly() -> None:
     trace = generate(TraceSpec(REGIMES["diurnal"], 1, duration_s=900))
     a, b = trace.components["A"], trace.components["B"]

@@ -90,14 +90,21 @@ class Link:
         return asdict(self)
 
 
+FLAT = 1e-9
+"""A series whose range is within this share of its largest value is taken as constant."""
+
+
 class NotEnoughData(ValueError):
     """The window is too short, or the two series are not the same seconds."""
 
 
-def _normal_scores(x: Array) -> Array:
-    """x replaced by its normal scores (ties share their mean rank)."""
-    if np.std(x) == 0:
-        return x
+def _normal_scores(x: Array, scale: float) -> Array:
+    """x replaced by its normal scores (ties share their mean rank); zeros for an x flat against
+    `scale`, the size of the series it was filtered from."""
+    if np.ptp(x) <= FLAT * scale:
+        # Flat up to rounding (a constant through the AR filter): ranks would spread the rounding
+        # over the whole normal range, and the Granger test cannot use a constant column.
+        return np.zeros_like(x)
     ranks = rankdata(x)
     return np.asarray(norm.ppf((ranks - 0.5) / len(x)), np.float64)
 
@@ -114,7 +121,7 @@ def _prewhitened(u: Array, d: Array, order: int) -> tuple[Array, Array]:
     taps = np.concatenate([[1.0], -phi])
     wu = np.asarray(convolution_filter(u, taps, nsides=1), np.float64)[order:]
     wd = np.asarray(convolution_filter(d, taps, nsides=1), np.float64)[order:]
-    return _normal_scores(wu), _normal_scores(wd)
+    return _normal_scores(wu, float(np.max(np.abs(u)))), _normal_scores(wd, float(np.max(np.abs(d))))
 
 
 def _bartlett_se(u: Array, d: Array, n: int, nlags: int) -> float:
