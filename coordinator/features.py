@@ -576,12 +576,27 @@ def _window(history: HistoryLike, now: float) -> Float32Array:
     return window_from_columns(*points_to_columns(history), now)
 
 
+EXTRACT_CHUNK = 256
+"""Hosts whose rings are stacked and reduced at once: a fleet's all at once (10 000 hosts, 177 MB
+copied and reduced through memory) takes some 40 % more CPU than slices that stay in the caches."""
+
+
 def extract_batch(histories: Mapping[str, HistoryLike] | Sequence[HistoryLike], now: float) -> Float32Array:
     """Features [n_hosts, N_FEATURES] (float32) in the mapping's (or sequence's) order."""
     seq = list(histories.values()) if isinstance(histories, Mapping) else list(histories)
     if seq and all(isinstance(h, HostHistory) for h in seq):
-        rings, ages = _stack_histories(seq, now)  # type: ignore[arg-type]
-        return features_from_windows(rings, now, ages)
+        if len(seq) <= EXTRACT_CHUNK:
+            rings, ages = _stack_histories(seq, now)  # type: ignore[arg-type]
+            return features_from_windows(rings, now, ages)
+        rows = []
+        for start in range(0, len(seq), EXTRACT_CHUNK):
+            part = seq[start : start + EXTRACT_CHUNK]
+            # The last slice padded to a whole one: BLAS reduces a small matrix with other kernels,
+            # which round differently; whole slices give the very floats of the fleet in one batch.
+            padding = [HostHistory()] * (EXTRACT_CHUNK - len(part))
+            rings, ages = _stack_histories([*part, *padding], now)  # type: ignore[list-item]
+            rows.append(features_from_windows(rings, now, ages)[: len(part)])
+        return np.concatenate(rows)
     return features_from_windows(windows_for(seq, now), now)
 
 

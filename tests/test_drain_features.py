@@ -210,3 +210,21 @@ def test_drain_labels() -> None:
     labels = drain_labels(times, np.array([1900.0, 2000.0]), 1800.0)
     assert labels.tolist() == [0, 1, 1, 0, 0]  # (t, t + H]: a drain at t itself is already past
     assert drain_labels(times, np.array([]), 1800.0).tolist() == [0] * 5
+
+
+def test_a_fleet_is_extracted_in_slices_exactly_as_in_one_batch() -> None:
+    from coordinator.features import EXTRACT_CHUNK, _stack_histories, features_from_windows
+
+    rng = np.random.default_rng(3)
+    fleet = []
+    for i in range(2 * EXTRACT_CHUNK + 3):  # two whole slices and a part of one
+        level, period = rng.uniform(0.1, 0.9), (5.0, 10.0, 30.0)[i % 3]
+        points = series(period, span=rng.uniform(600.0, 7200.0), cpu=lambda t, lv=level: lv + 0.1 * math.sin(t / 300))
+        if i % 7 == 0:
+            points.append(point(NOW - 60.0, hw_errors=2))
+        fleet.append(HostHistory.from_points(points))
+    rings, ages = _stack_histories(fleet, NOW)
+    whole = features_from_windows(rings, NOW, ages)  # every host stacked at once
+    sliced = extract_batch(fleet, NOW)
+    assert sliced.shape == (len(fleet), N_FEATURES)
+    np.testing.assert_array_equal(sliced, whole)  # bit for bit, NaNs in the same places
