@@ -336,6 +336,7 @@ class Coordinator:
 
     async def _start_leading(self) -> None:
         await self._stop_leading()  # a previous term's loops, if any, end first
+        await self.predictions.lead()
         try:
             if await self.predictions.sync():  # the model the previous leader activated, if another
                 model = self.predictions.model
@@ -420,6 +421,7 @@ class Coordinator:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
+        await self.predictions.stop_writing()
         await self.migrations.close()
         await self.chains.close()
         await self.deployments.stop_following()
@@ -469,6 +471,7 @@ class Coordinator:
         try:
             await asyncio.gather(*self._loops, return_exceptions=True)
             await asyncio.gather(*self._role_tasks, return_exceptions=True)
+            await self.predictions.flush()  # the last tick's writes that follow its decisions
             await self._stop_leading()
             await self.replicas.close()
             await self.deployments.close()

@@ -106,6 +106,12 @@ class ModelConfig:
     """Seconds over which `false_alarm_budget` counts."""
     tick_period: float = 15.0
     """Seconds between scoring rounds."""
+    prediction_deadband: float = 0.05
+    """A host's stored prediction is rewritten when its P(drain) moved more than this since the value
+    stored (or it crossed the threshold, or the model changed); readers see at most this far off."""
+    prediction_refresh: float = 300.0
+    """Seconds after which a host's stored prediction is rewritten even if nothing changed (its `ts`
+    shows readers how recent the score is)."""
     retrain_interval: float = 0.0
     """Seconds between retraining rounds on recorded telemetry and drains; 0 never retrains."""
     retrain_holdout: float = 3600.0
@@ -439,6 +445,10 @@ def _validate(config: CoordinatorConfig) -> None:
         raise ConfigError(f"model.hysteresis must be in [0, 1), got {config.model.hysteresis}")
     if config.model.retrain_unseen_every < 0:
         raise ConfigError(f"model.retrain_unseen_every must not be negative, got {config.model.retrain_unseen_every}")
+    if not 0.0 <= config.model.prediction_deadband < 1.0:
+        raise ConfigError(f"model.prediction_deadband must be in [0, 1), got {config.model.prediction_deadband}")
+    if config.model.prediction_refresh < 0:
+        raise ConfigError(f"model.prediction_refresh must not be negative, got {config.model.prediction_refresh}")
     if config.model.confirm_ticks < 1:
         raise ConfigError(f"model.confirm_ticks must be at least 1, got {config.model.confirm_ticks}")
     if config.model.false_alarm_budget < 0 or config.model.false_alarm_window <= 0:

@@ -40,6 +40,37 @@ YIELD_EVERY = 1000
 """Hosts a tick turns into predictions before the event loop gets a turn (some 10 ms of work)."""
 
 
+def predictions_to_write(
+    stored: Mapping[str, Prediction],
+    scored: Sequence[Prediction],
+    threshold: float,
+    deadband: float,
+    refresh: float,
+) -> tuple[list[Prediction], list[Prediction]]:
+    """Which of a tick's predictions to store: (before the tick's decisions, after them).
+
+    Before: a host whose P(drain) crossed the threshold since the stored value (a host never stored
+    counts as below it): placement excludes hosts at or above the threshold by what is stored, so
+    that must not lag the decisions. After: a host never stored, scored by another model version, its
+    P moved more than `deadband` from the stored value, or the stored value is `refresh` seconds old.
+    Every other host's stored value stays: it is within `deadband` of the latest score."""
+    now: list[Prediction] = []
+    later: list[Prediction] = []
+    for p in scored:
+        old = stored.get(p.host)
+        was_above = old is not None and old.probability >= threshold
+        if was_above != (p.probability >= threshold):
+            now.append(p)
+        elif (
+            old is None
+            or old.model_version != p.model_version
+            or abs(p.probability - old.probability) > deadband
+            or p.ts - old.ts >= refresh
+        ):
+            later.append(p)
+    return now, later
+
+
 class ModelLoadFailed(FerrymanError):
     code = "model_load_failed"
     http_status = 422
@@ -191,6 +222,11 @@ class PredictionService:
         self._scoring = False
         self._pending: list[tuple[str, list[TelemetryPoint]]] = []
         """Points that arrived while a scoring thread reads the histories; applied after it."""
+        self._stored: dict[str, Prediction] | None = None
+        """Each host's prediction as this replica last stored it (read from the store when it starts
+        leading): the base of `predictions_to_write`."""
+        self._writing: asyncio.Task[None] | None = None
+        """The previous tick's writes that follow its decisions (at most one batch in flight)."""
         metrics.drain_threshold.set(self.threshold())  # and at every tick: the model or its config may change
 
     @property
@@ -419,9 +455,9 @@ class PredictionService:
         for n, (host, raw) in enumerate(sorted(scores.items())):
             if n and n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # the pushes and lease renewals on this loop get a turn
-            kept = prune(self._notices.get(host, ()), now)
-            if host in self._notices:
-                self._notices[host] = kept
+            kept: list[Notice] = []
+            if host in self._notices:  # most hosts never reported a notice
+                kept = self._notices[host] = prune(self._notices[host], now)
             notice = active_notice(kept, now, horizon)
             p = float(raw)
             final = max(p, NOTICE_PROBABILITY) if notice is not None else p
@@ -437,6 +473,49 @@ class PredictionService:
                     host, now, e.probability, e.model_probability, e.model_version, None, tuple(top), e.notices
                 )
         self.explanations = explanations
-        await self._store.record_predictions(predictions)
+        await self.flush()
+        if self._stored is None:
+            self._stored = await self._store.latest_predictions()
+        cfg = self._config.model
+        before, after = predictions_to_write(
+            self._stored, predictions, threshold, cfg.prediction_deadband, cfg.prediction_refresh
+        )
+        await self._write(before)
+        if after:
+            self._writing = asyncio.get_running_loop().create_task(self._write(after), name="prediction-writes")
         self._metrics.set_drain_probabilities({p.host: p.probability for p in predictions})
         return predictions
+
+    async def _write(self, predictions: Sequence[Prediction]) -> None:
+        """Store `predictions` (fenced by the leader's term, as every leader write); a write that fails
+        is tried again at the next tick (the stored base is only moved once it landed)."""
+        if not predictions:
+            return
+        try:
+            await self._store.record_predictions(predictions)
+        except FerrymanError as exc:
+            log.warning("predictions not stored", extra={"count": len(predictions), "error": exc.message})
+            return
+        stored = self._stored if self._stored is not None else {}
+        for p in predictions:
+            stored[p.host] = p
+        self._stored = stored
+
+    async def flush(self) -> None:
+        """Wait for the previous tick's writes that follow its decisions."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            await writing
+
+    async def lead(self) -> None:
+        """This replica starts leading: what is stored is read again at the next tick (another leader
+        may have written since)."""
+        await self.stop_writing()
+        self._stored = None
+
+    async def stop_writing(self) -> None:
+        """This replica stops leading: writes still in flight end (its term's fence refuses them anyway)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.cancel()
+            await asyncio.gather(writing, return_exceptions=True)

@@ -19,10 +19,10 @@ from coordinator.app import Coordinator
 from coordinator.auth import TokenHashes
 from coordinator.config import CoordinatorConfig, MigrationLimits, ModelConfig, ReservationConfig
 from coordinator.features import HostHistory
-from coordinator.model import Capacity, ContainerUsage, Host, HostAdmin, MigrationState, Reservation
+from coordinator.model import Capacity, ContainerUsage, Host, HostAdmin, MigrationState, Prediction, Reservation
 from coordinator.placement import Need
 from coordinator.policy import PRIORITY_LABEL, migration_order
-from coordinator.predictions import sample_to_point
+from coordinator.predictions import predictions_to_write, sample_to_point
 from coordinator.sqlite_store import SqliteStore
 from coordinator.store import TelemetryUpdate
 
@@ -482,5 +482,75 @@ async def test_model_alarms_need_confirmation_and_respect_the_false_alarm_budget
         await coordinator.policy.tick()
         assert (await store.get_host("h2")).admin is not HostAdmin.ACTIVE  # type: ignore[union-attr]
         assert next(d for d in await store.list_decisions("h2") if d.kind == "drain").detail.startswith("notice:")
+    finally:
+        await coordinator.close()
+
+
+def test_predictions_to_write_crossings_first_then_deadband_refresh_and_model() -> None:
+    stored = {
+        "calm": Prediction("calm", 100.0, 0.10, "v1"),
+        "moved": Prediction("moved", 100.0, 0.10, "v1"),
+        "rising": Prediction("rising", 100.0, 0.45, "v1"),
+        "falling": Prediction("falling", 100.0, 0.70, "v1"),
+        "old": Prediction("old", 0.0, 0.10, "v1"),
+        "retrained": Prediction("retrained", 100.0, 0.10, "v0"),
+    }
+    scored = [
+        Prediction("calm", 110.0, 0.14, "v1"),  # within the deadband
+        Prediction("moved", 110.0, 0.16, "v1"),
+        Prediction("rising", 110.0, 0.50, "v1"),  # at the threshold counts as above
+        Prediction("falling", 110.0, 0.49, "v1"),
+        Prediction("old", 110.0, 0.10, "v1"),
+        Prediction("retrained", 110.0, 0.10, "v1"),
+        Prediction("new", 110.0, 0.20, "v1"),
+        Prediction("new-alarm", 110.0, 0.90, "v1"),
+    ]
+    before, after = predictions_to_write(stored, scored, threshold=0.5, deadband=0.05, refresh=100.0)
+    assert [p.host for p in before] == ["rising", "falling", "new-alarm"]
+    assert [p.host for p in after] == ["moved", "old", "retrained", "new"]
+
+
+async def test_a_prediction_is_stored_when_it_matters_and_the_rest_after_the_decisions(store: SqliteStore) -> None:
+    model = FixedRisk()
+    await _fleet(store)
+    for host in ("h2", "h3", "h4"):
+        await _report(store, host, [])
+    start = time.time()
+    offset = [0.0]
+    config = CoordinatorConfig(
+        model=ModelConfig(tick_period=5.0, confirm_ticks=1, prediction_deadband=0.05, prediction_refresh=100.0)
+    )
+    coordinator = Coordinator(config, store, ScriptedAgents(), TokenHashes(), model, lambda: start + offset[0])
+
+    async def stored() -> dict[str, tuple[float, float]]:
+        return {h: (p.ts - start, p.probability) for h, p in (await store.latest_predictions()).items()}
+
+    try:
+        model.p = dict.fromkeys(("h1", "h2", "h3", "h4"), 0.01)
+        await coordinator.policy.tick()
+        await coordinator.predictions.flush()
+        assert await stored() == dict.fromkeys(("h1", "h2", "h3", "h4"), (0.0, 0.01))
+
+        offset[0] = 5.0
+        model.p = {"h1": 0.03, "h2": 0.2, "h3": 0.6, "h4": 0.01}
+        await coordinator.policy.tick()
+        # h3 crossed the threshold: stored before its drain; h2's move follows the tick.
+        assert (await stored())["h3"] == (5.0, 0.6)
+        assert (await store.get_host("h3")).admin is HostAdmin.DRAINED  # type: ignore[union-attr]
+        await coordinator.predictions.flush()
+        assert await stored() == {"h1": (0.0, 0.01), "h2": (5.0, 0.2), "h3": (5.0, 0.6), "h4": (0.0, 0.01)}
+
+        offset[0] = 100.0  # h1 and h4 were stored 100 s ago: refreshed; h2 and h3 not yet
+        await coordinator.policy.tick()
+        await coordinator.predictions.flush()
+        assert await stored() == {"h1": (100.0, 0.03), "h2": (5.0, 0.2), "h3": (5.0, 0.6), "h4": (100.0, 0.01)}
+
+        # Another leader stored h1 above the threshold meanwhile; leading again reads the store, so
+        # h1 falling back is stored at once (by the memory of its own writes it had not moved).
+        await store.record_predictions([Prediction("h1", start + 101.0, 0.9, "fixed-1")])
+        await coordinator.predictions.lead()
+        offset[0] = 102.0
+        await coordinator.policy.tick()
+        assert (await stored())["h1"] == (102.0, 0.03)
     finally:
         await coordinator.close()
