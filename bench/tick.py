@@ -5,7 +5,10 @@ no agents: what the tick does, without the pushes around it). `--hosts` hosts ar
 etcd, each with two hours of 5 s samples in the leader's drain-risk history (bench/predict.py's
 calm fleet). Each run is one `DrainPolicy.tick`, the step `ferryman_coordinator_tick_seconds`
 times in the daemon: list the hosts, score every one with the shipped model (features and one
-inference call, in a thread), write the predictions, apply them, progress drains. Measured per
+inference call, in a thread), store the predictions that crossed the threshold, apply them,
+progress drains; the other predictions that moved past the deadband (`model.prediction_deadband`)
+are stored after the tick, timed apart ("writes that followed"). Between runs `--churn` of the hosts
+move by 0.1 (the real scores, shifted: a fleet whose risk changes), the rest stay. Measured per
 run: wall time, this process's CPU time, the event loop thread's (the coordinator's own work,
 without the model's scoring thread) and etcd's, and the longest the tick held the event loop at
 once (a probe sleeping 2 ms at a time: what a push or a lease renewal waits behind the tick).
@@ -16,7 +19,7 @@ histories), the floor of a tick.
 Result line:
   bench tick: <p99 wall seconds of a tick at --hosts> s (target < 1)
 
-Run as root from the repo: .venv/bin/python bench/tick.py [--hosts 10000] [--runs 10]
+Run as root from the repo: .venv/bin/python bench/tick.py [--hosts 10000] [--runs 10] [--churn 0.05]
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import asyncio
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
@@ -40,6 +45,8 @@ from coordinator.auth import TokenHashes
 from coordinator.config import CoordinatorConfig
 from coordinator.etcd.kv import EtcdKV
 from coordinator.etcd.store import EtcdStore
+from coordinator.features import HostHistory
+from coordinator.model import Prediction
 from coordinator.predictor import DrainPredictor
 from coordinator.wire import registration_to_host
 from proto.ferryman.v1 import fleet_pb2
@@ -50,6 +57,41 @@ from tests.harness.etcd import EtcdCluster
 
 def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+class CountingStore(EtcdStore):
+    """Counts the predictions stored."""
+
+    written = 0
+
+    async def record_predictions(self, predictions: Sequence[Prediction]) -> None:
+        self.written += len(predictions)
+        await super().record_predictions(predictions)
+
+
+class ChurningModel:
+    """The shipped model's scores, with a different `churn` share of the hosts shifted by 0.1 at
+    every call (alternately up and down): hosts whose risk moves between ticks."""
+
+    def __init__(self, model: DrainPredictor, churn: float) -> None:
+        self._model = model
+        self._churn = churn
+        self._calls = 0
+        self.version, self.threshold, self.horizon = model.version, model.threshold, model.horizon
+
+    def score(self, histories: Mapping[str, HostHistory], now: float) -> dict[str, float]:
+        scores = self._model.score(histories, now)
+        hosts = sorted(scores)
+        moved = int(len(hosts) * self._churn)
+        shift = 0.1 if self._calls % 2 else 0.0
+        self._calls += 1
+        start = (self._calls * moved) % max(len(hosts), 1)
+        for host in (hosts + hosts)[start : start + moved]:
+            scores[host] = min(1.0, scores[host] + shift)
+        return scores
+
+    def explain(self, histories: Mapping[str, HostHistory], now: float) -> dict[str, list[Any]]:
+        return self._model.explain(histories, now)  # type: ignore[return-value]
 
 
 class LoopProbe:
@@ -73,8 +115,9 @@ async def run(args: argparse.Namespace) -> float:
     histories = fleet_histories(args.hosts, seed=1)
     model = DrainPredictor(MODEL, intra_op_threads=1)
     async with scratch_dir("ferryman-bench-tick-") as base, EtcdCluster(base / "etcd", size=1) as cluster:
-        store = EtcdStore(EtcdKV(cluster.endpoints), "/tick/")
-        coordinator = Coordinator(CoordinatorConfig(), store, NoAgents(), TokenHashes(), model, lambda: NOW)
+        store = CountingStore(EtcdKV(cluster.endpoints), "/tick/")
+        churning = ChurningModel(model, args.churn)
+        coordinator = Coordinator(CoordinatorConfig(), store, NoAgents(), TokenHashes(), churning, lambda: NOW)
         try:
             started = time.monotonic()
             gate = asyncio.Semaphore(64)
@@ -94,8 +137,9 @@ async def run(args: argparse.Namespace) -> float:
                 scoring.append(time.perf_counter() - t0)
             member = cluster.members[0].proc
             assert member is not None
-            walls, cpus, loop_cpus, etcd_cpus, held = [], [], [], [], []
+            walls, cpus, loop_cpus, etcd_cpus, held, follow, written = [], [], [], [], [], [], []
             for _ in range(args.runs):
+                store.written = 0
                 c0, e0, t0 = time.process_time(), cpu_seconds(member.pid), time.perf_counter()
                 l0 = time.thread_time()
                 probe = LoopProbe()
@@ -107,6 +151,10 @@ async def run(args: argparse.Namespace) -> float:
                 cpus.append(time.process_time() - c0)
                 loop_cpus.append(time.thread_time() - l0)
                 etcd_cpus.append(cpu_seconds(member.pid) - e0)
+                t1 = time.perf_counter()
+                await coordinator.predictions.flush()
+                follow.append(time.perf_counter() - t1)
+                written.append(store.written)
             predicted = await store.latest_predictions()
             assert len(predicted) == args.hosts, f"{len(predicted)} of {args.hosts} hosts predicted"
         finally:
@@ -119,6 +167,8 @@ async def run(args: argparse.Namespace) -> float:
         f"etcd {statistics.median(etcd_cpus):.2f} s); every host predicted; the loop held at once "
         f"(a push or lease renewal waits that long) p50 {1000 * statistics.median(held):.0f} ms, "
         f"max {1000 * max(held):.0f} ms; "
+        f"predictions stored per tick {written} (churn {args.churn:g}); writes that followed the tick "
+        f"p50 {statistics.median(follow):.2f} s, max {max(follow):.2f} s; "
         f"load {load()}"
     )
     return p99
@@ -128,6 +178,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hosts", type=int, default=10_000)
     p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--churn", type=float, default=0.05, help="share of the hosts whose P(drain) moves each tick")
     args = p.parse_args()
     p99 = asyncio.run(run(args))
     print(f"bench tick: {p99:.2f} s (target < 1)")
