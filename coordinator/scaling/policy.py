@@ -33,8 +33,9 @@ a replica (the runtime does, docs/scaling.md). The rule:
    more replicas is above standby_cost x replica_cost / violation_cost; so when the predicted need
    is close to the target's capacity (within the model's error), one is kept, and none when it is
    far below. For a component whose lead is known (or was within `scale_in_hold_s`: the engine may
-   miss it for a round) and whose cold starts would be late (rule 2), one standby is kept in any
-   case: a burst the upstream announces is served in time only by a thaw.
+   miss it for a round) and whose cold starts would be late (rule 2; or were, with a lead, within
+   `scale_in_hold_s`: the data's age moves them across the edge from round to round), one standby
+   is kept in any case: a burst the upstream announces is served in time only by a thaw.
    At most `max_standbys`, and never past `max_replicas` with the target.
 
 Every decision carries its inputs, the quantile and the reason, for `history` and `explain`.
@@ -159,17 +160,25 @@ class ScalingState:
     """Since when every desired count was below the provisioned one (None: it is not)."""
     lead_at: float | None = None
     """When a decision last had an upstream lead (None: never)."""
+    late_at: float | None = None
+    """When a decision with a lead last found cold starts late (None: never): rule 4's standby."""
 
     def for_storage(self) -> dict[str, object]:
-        return {"recent": [[t, d] for t, d in self.recent], "below_since": self.below_since, "lead_at": self.lead_at}
+        return {
+            "recent": [[t, d] for t, d in self.recent],
+            "below_since": self.below_since,
+            "lead_at": self.lead_at,
+            "late_at": self.late_at,
+        }
 
     @classmethod
     def from_storage(cls, kept: Mapping[str, Any]) -> ScalingState:
-        below, lead_at = kept.get("below_since"), kept.get("lead_at")
+        below, lead_at, late_at = kept.get("below_since"), kept.get("lead_at"), kept.get("late_at")
         return cls(
             recent=tuple((float(t), int(d)) for t, d in kept.get("recent", ())),
             below_since=None if below is None else float(below),
             lead_at=None if lead_at is None else float(lead_at),
+            late_at=None if late_at is None else float(late_at),
         )
 
 
@@ -223,13 +232,17 @@ def cold_late_s(inputs: ScalingInputs) -> float:
     return max(0.0, inputs.cold_start_s + inputs.period_s - sees)
 
 
-def standbys_wanted(inputs: ScalingInputs, target: int, config: ScalingConfig, led: bool = False) -> int:
+def standbys_wanted(
+    inputs: ScalingInputs, target: int, config: ScalingConfig, led: bool = False, late: bool = False
+) -> int:
     """Rule 4: the warm standbys worth keeping beside `target` replicas; `led`: a lead was known
-    within the scale-in hold (the engine may miss it for a round on noisy series)."""
+    within the scale-in hold (the engine may miss it for a round on noisy series); `late`: a decision
+    with a lead found cold starts late within the hold (the data's age moves a cold start across
+    the edge of in time from one round to the next)."""
     room = min(config.max_standbys, config.max_replicas - target)
     if room <= 0:
         return 0
-    if (led or inputs.lead_s is not None) and cold_late_s(inputs) > 0:
+    if (led or inputs.lead_s is not None) and (late or cold_late_s(inputs) > 0):
         # A burst the upstream announces is served in time only by a thaw.
         return max(1, _worth_keeping(inputs, target, room, config))
     return _worth_keeping(inputs, target, room, config)
@@ -254,12 +267,14 @@ def _worth_keeping(inputs: ScalingInputs, target: int, room: int, config: Scalin
 def decide(inputs: ScalingInputs, state: ScalingState, config: ScalingConfig) -> tuple[ScalingDecision, ScalingState]:
     out, next_state = _decide(inputs, state, config)
     # The standby kept for a lead holds like a replica: a round where the engine misses the lead on a
-    # noisy series does not cut the standby the last round started (each start or cut is a scale of
-    # the component, and a scale out waits for it).
+    # noisy series, or where fresher data puts a cold start just in time, does not cut the standby the
+    # last round started (each cut and restart is a scale of the component and a cold start's CPU).
     lead_at = inputs.now if inputs.lead_s is not None else state.lead_at
     led = lead_at is not None and inputs.now - lead_at < config.scale_in_hold_s
-    standbys = standbys_wanted(inputs, out.target, config, led)
-    return replace(out, standbys=standbys), replace(next_state, lead_at=lead_at)
+    late_at = inputs.now if inputs.lead_s is not None and cold_late_s(inputs) > 0 else state.late_at
+    late = late_at is not None and inputs.now - late_at < config.scale_in_hold_s
+    standbys = standbys_wanted(inputs, out.target, config, led, late)
+    return replace(out, standbys=standbys), replace(next_state, lead_at=lead_at, late_at=late_at)
 
 
 def _decide(inputs: ScalingInputs, state: ScalingState, config: ScalingConfig) -> tuple[ScalingDecision, ScalingState]:
