@@ -92,8 +92,7 @@ class LayerPredictor:
         digests = list(scored)
         lease = self.in_lease(np.array([scored[d] for d in digests], np.float64))
         out = [
-            ScoredLayer(d, scored[d], None if lease is None else float(q))
-            for d, q in zip(digests, lease if lease is not None else digests, strict=True)
+            ScoredLayer(d, scored[d], None if lease is None else float(lease[i])) for i, d in enumerate(digests)
         ]
         return sorted(out, key=lambda s: (-s.probability, s.digest))
 
