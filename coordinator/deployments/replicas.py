@@ -375,7 +375,12 @@ class ReplicaService:
         key = (deployment_id, name)
         task = asyncio.create_task(start(), name=f"standby-{deployment_id}-{name}")
         self._standby_starts[key] = (task, indexes)
-        task.add_done_callback(lambda _: self._standby_starts.pop(key, None))
+        task.add_done_callback(lambda done: self._standby_started(key, done))
+
+    def _standby_started(self, key: tuple[str, str], done: asyncio.Task[None]) -> None:
+        """A standby start ended: forget it, unless a later one has taken its place already."""
+        if (entry := self._standby_starts.get(key)) is not None and entry[0] is done:
+            del self._standby_starts[key]
 
     async def _host(self, name: str) -> Host:
         host = await self._store.get_host(name)
