@@ -292,6 +292,7 @@ class _Replicas:
         self.busy = busy
         self.cold_starts = cold_starts or {}
         self.standbys: list[int | None] = []
+        self.standbys_starting: dict[str, tuple[int, ...]] = {}
 
     async def scale(
         self,
@@ -310,6 +311,9 @@ class _Replicas:
 
     def cold_start(self, deployment_id: str, name: str) -> float | None:
         return self.cold_starts.get(name)
+
+    def starting_standbys(self, deployment_id: str, name: str) -> tuple[int, ...]:
+        return self.standbys_starting.get(name, ())
 
 
 class _All(_Records):
@@ -392,6 +396,27 @@ async def test_a_scale_out_thaws_the_standby_and_leaves_its_top_up_to_a_later_ro
     b = next(e for e in await autoscaler.round() if e["component"] == "B")
     assert b["action"] == "scale-out" and b["warm_starts"] == 1 and b["standbys"] >= 1, (b["target"], b["inputs"])
     assert b["applied"] == f"scaling to {b['target']}, 0 standby", b
+
+
+async def test_a_standby_being_started_is_neither_a_copy_nor_a_reason_to_scale() -> None:
+    # B's standby is being started: the record lists it as a starting replica. Taken for a copy, the
+    # decision would see 2 provisioned and, keeping a standby, ask for a scale to 2 -- which starts
+    # a real second copy (the replica service plans around the standby being started).
+    trace = _trace(900)
+    record = _record("d1")
+    standby = ReplicaRecord(1, "10.77.0.40", "h1", "d1-B-1", state=ReplicaState.STARTING)
+    parts = tuple(dataclasses.replace(c, replicas=(standby,)) if c.name == "B" else c for c in record.components)
+    replicas = _Replicas()
+    replicas.standbys_starting = {"B": (1,)}
+    autoscaler = _autoscaler(
+        _behaviour("d1", trace), replicas, _All(dataclasses.replace(record, components=parts)), T0 + 900, period_s=5.0
+    )
+    # one replica serves the need; the cold start (30 s) is late for what the lead shows: a standby
+    autoscaler._policy = dataclasses.replace(autoscaler._policy, max_standbys=1, replica_capacity=100.0)
+    b = next(e for e in await autoscaler.round() if e["component"] == "B")
+    assert (b["inputs"]["starting"], b["inputs"]["standbys_starting"], b["inputs"]["standbys"]) == (0, 1, 0), b
+    assert (b["action"], b["target"], b["standbys"]) == ("hold", 1, 1), b
+    assert "applied" not in b and [a for a in replicas.asked if a[1] == "B"] == [], (b, replicas.asked)
 
 
 async def test_decisions_kept_in_the_store_are_seen_by_the_next_leader(workdir: Path) -> None:

@@ -229,8 +229,7 @@ class ReplicaService:
             raise InvalidRequest(f"drain_timeout: expected seconds within (0, {MAX_DRAIN:g}]")
         if component.volumes and (replicas > 1 or standbys):
             raise InvalidRequest(f"{name} mounts a shared volume, which lives on one host: it cannot have replicas")
-        under_way = self._standby_starts.get((deployment_id, name))
-        starting = under_way[1] if under_way is not None else ()
+        starting = self.starting_standbys(deployment_id, name)
         if starting:
             standbys = None
         plan = plan_scale(component, replicas, self._config.max_replicas, standbys, starting)
@@ -311,6 +310,11 @@ class ReplicaService:
     def cold_start(self, deployment_id: str, name: str) -> float | None:
         """The component's measured cold start (median of its last starts); None before one."""
         return self.starts.cold_start(deployment_id, name)
+
+    def starting_standbys(self, deployment_id: str, name: str) -> tuple[int, ...]:
+        """Indexes of the component's standbys being started (listed as STARTING until frozen)."""
+        under_way = self._standby_starts.get((deployment_id, name))
+        return under_way[1] if under_way is not None else ()
 
     def scaling(self, deployment_id: str, name: str | None = None, standbys: bool = True) -> bool:
         """Whether a scale of the deployment (with `name`, of that component) is under way; with

@@ -41,7 +41,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 import numpy as np
@@ -100,14 +100,35 @@ class Replicas(Protocol):
         """The component's measured cold start (scale request to replica healthy); None before one."""
         ...
 
+    def starting_standbys(self, deployment_id: str, name: str) -> tuple[int, ...]:
+        """Indexes of the component's standbys being started (listed as starting until frozen)."""
+        ...
 
-def replica_counts(record: DeploymentRecord, name: str) -> tuple[int, int, int]:
-    """(serving, starting, standby) copies of a component, its own container counting as one serving."""
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaCounts:
+    serving: int
+    """Copies in the balancer, the component's own container counting as one."""
+    starting: int
+    """Copies started and not serving yet (standbys being started are not copies)."""
+    standbys: int
+    """Frozen standbys, ready to thaw."""
+    standbys_starting: int = 0
+    """Standbys being started: frozen once healthy, not copies while they start."""
+
+
+def replica_counts(record: DeploymentRecord, name: str, starting_standbys: Collection[int] = ()) -> ReplicaCounts:
+    """A component's copies and standbys. A standby being started is listed as a starting replica;
+    counted as a copy, the next decision would take the count as already one higher (and a scale to
+    it would start a copy it never asked for)."""
     component = record.component(name)
-    serving = 1 + sum(r.state is ReplicaState.SERVING for r in component.replicas)
-    starting = sum(r.state is ReplicaState.STARTING for r in component.replicas)
-    standby = sum(r.state is ReplicaState.STANDBY for r in component.replicas)
-    return serving, starting, standby
+    starting = [r.index for r in component.replicas if r.state is ReplicaState.STARTING]
+    return ReplicaCounts(
+        serving=1 + sum(r.state is ReplicaState.SERVING for r in component.replicas),
+        starting=sum(i not in starting_standbys for i in starting),
+        standbys=sum(r.state is ReplicaState.STANDBY for r in component.replicas),
+        standbys_starting=sum(i in starting_standbys for i in starting),
+    )
 
 
 def _infer(
@@ -323,7 +344,8 @@ class Autoscaler:
         if whole is not None and whole.seconds > 0:
             cpu_s = per_second(behaviour, whole).cpu
             cpu = float(np.mean(cpu_s[-REACTIVE_WINDOW_S:]))
-        serving, starting, standby = replica_counts(record, down)
+        counts = replica_counts(record, down, self._replicas.starting_standbys(record.id, down))
+        serving, starting, standby = counts.serving, counts.starting, counts.standbys
         config = HpaConfig(
             replica_cores=self._policy.replica_capacity / self._utilization,
             min_replicas=max(1, self._policy.min_replicas),
@@ -395,7 +417,8 @@ class Autoscaler:
             inferred = naive or inferred
         if "skip" in inferred:
             return await self._record({**entry, "action": "skip", "reason": inferred["skip"]})
-        serving, starting, standby = replica_counts(record, down)
+        counts = replica_counts(record, down, self._replicas.starting_standbys(record.id, down))
+        serving, starting, standby = counts.serving, counts.starting, counts.standbys
         measured = self._replicas.cold_start(record.id, down)
         cold_start = measured if measured is not None else self._cold_start_s
         inputs = ScalingInputs(
@@ -404,6 +427,7 @@ class Autoscaler:
             ready=serving,
             starting=starting,
             standbys=standby,
+            standbys_starting=counts.standbys_starting,
             need_now=inferred["need_now"],
             predicted_need=inferred["predicted_need"],
             horizon_s=float(self._model.info.horizon_s),
@@ -431,8 +455,9 @@ class Autoscaler:
                 )
         entry["cold_start"] = "measured" if measured is not None else "configured"
         count_changes = decision.action is not Action.HOLD and decision.target != serving + starting
-        # Standbys follow the decision's count; warm starts use some of the ones there are.
-        standbys_change = decision.standbys != standby - decision.warm_starts
+        # Standbys follow the decision's count; warm starts use some of the ones there are. Those
+        # being started count as kept (the replica service leaves them as they are until frozen).
+        standbys_change = decision.standbys != standby + counts.standbys_starting - decision.warm_starts
         if count_changes or standbys_change:
             target = decision.target if count_changes else serving + starting
             standbys = decision.standbys
