@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -33,6 +34,7 @@ def inputs(
     lead: float | None = None,
     data_age: float = 0.0,
     period: float = 0.0,
+    standbys_starting: int = 0,
 ) -> ScalingInputs:
     return ScalingInputs(
         now=now,
@@ -49,6 +51,7 @@ def inputs(
         lead_s=lead,
         data_age_s=data_age,
         period_s=period,
+        standbys_starting=standbys_starting,
     )
 
 
@@ -156,6 +159,36 @@ def test_a_lone_replica_gets_a_second_when_its_risk_costs_more_than_the_replica(
     # with the default config (risk 0) never
     decision, _ = decide(inputs(**busy, lead=15.0), ScalingState(), CONFIG)  # type: ignore[arg-type]
     assert decision.target == 1, decision
+
+
+def test_a_held_standby_waives_the_lone_replica_floor_and_stands_in_for_it() -> None:
+    cfg = ScalingConfig(
+        max_replicas=10, replica_capacity=1.0, lone_replica_risk=0.1, lone_replica_share=0.5, max_standbys=1
+    )
+    # need 0.6 of one replica, a lead known, cold starts in time: the floor is due (2 x 0.1 > 1) ...
+    busy = {"ready": 1, "need_now": 0.3, "predicted": 0.6, "lead": 15.0, "cold_start": 5.0}
+    frozen, _ = decide(inputs(**busy, standbys=1), ScalingState(), cfg)  # type: ignore[arg-type]
+    # ... but the standby held is the insurance already: one replica (and the standby, at 0.2 of
+    # one) where the floor would cost a second replica
+    assert (frozen.action, frozen.target, frozen.floor, frozen.floor_waived) == (Action.HOLD, 1, 0, 2), frozen
+    assert frozen.standbys == 1 and "floor waived" in frozen.reason, frozen
+    # one being started counts as held (frozen within its cold start)
+    starting, _ = decide(inputs(**busy, standbys=0, standbys_starting=1), ScalingState(), cfg)  # type: ignore[arg-type]
+    assert (starting.target, starting.floor_waived, starting.standbys) == (1, 2, 1), starting
+    # none held: the floor applies, and a standby is asked for to stand in for it from now on (the
+    # cold starts are in time, so nothing else would keep one)
+    none, _ = decide(inputs(**busy, standbys=0), ScalingState(), cfg)  # type: ignore[arg-type]
+    assert (none.target, none.floor, none.floor_waived, none.standbys) == (2, 2, 0, 1), none
+    # two provisioned by the floor, the standby now held: in after the hold
+    state, acted = ScalingState(), []
+    for n in range(14):
+        held, state = decide(inputs(**{**busy, "ready": 2}, standbys=1, now=5.0 * n), state, cfg)  # type: ignore[arg-type]
+        acted.append((held.action, held.target))
+    assert acted[12] == (Action.SCALE_IN, 1) and set(acted[:12]) == {(Action.HOLD, 2)}, acted
+    # without standbys allowed the floor stays
+    no_room = dataclasses.replace(cfg, max_standbys=0)
+    kept, _ = decide(inputs(**busy, standbys=0), ScalingState(), no_room)  # type: ignore[arg-type]
+    assert (kept.target, kept.floor, kept.standbys) == (2, 2, 0), kept
 
 
 def test_a_standby_is_kept_when_the_predicted_need_is_close_to_the_next_replica() -> None:

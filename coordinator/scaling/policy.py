@@ -15,7 +15,10 @@ a replica (the runtime does, docs/scaling.md). The rule:
    capacity, where two share the stall. For a component whose upstream lead is known (the forecast
    is the model's, not the naive one), when the need provisioned for is above `lone_replica_share`
    of one replica's capacity and risk x violation_cost exceeds replica_cost (the second replica
-   costs less than the violation seconds it saves), `desired` is at least 2.
+   costs less than the violation seconds it saves), `desired` is at least 2 -- unless a warm
+   standby of the component is held (frozen, or being started): the standby is that insurance
+   already, a thaw serving within a decision period, and one replica with a standby costs 1 +
+   standby_cost where two cost 2. The decision records the floor it waived (`floor_waived`).
 2. **Ahead of the need, by the cold start.** The prediction reaches `horizon_s` past the series'
    last shared second, which is `data_age_s` behind now: it sees `horizon_s - data_age_s` seconds
    ahead. A need it does not see yet is seen at the next decision, `period_s` later, so a replica
@@ -36,6 +39,8 @@ a replica (the runtime does, docs/scaling.md). The rule:
    miss it for a round) and whose cold starts would be late (rule 2; or were, with a lead, within
    `scale_in_hold_s`: the data's age moves them across the edge from round to round), one standby
    is kept in any case: a burst the upstream announces is served in time only by a thaw.
+   While rule 1's lone-replica floor is due, one standby is kept in any case too: it stands in for
+   the floor's second replica at `standby_cost` of its cost.
    At most `max_standbys`, and never past `max_replicas` with the target.
 
 Every decision carries its inputs, the quantile and the reason, for `history` and `explain`.
@@ -133,9 +138,11 @@ class ScalingInputs:
     """How far the series' last shared second (where the prediction starts) is behind now."""
     period_s: float = 0.0
     """Seconds until the next decision."""
+    standbys_starting: int = 0
+    """Warm standbys being started (frozen once healthy; not copies, not thawable yet)."""
 
     def __post_init__(self) -> None:
-        if min(self.ready, self.starting, self.standbys) < 0:
+        if min(self.ready, self.starting, self.standbys, self.standbys_starting) < 0:
             raise ValueError("replica counts must be >= 0")
         values = (
             self.need_now,
@@ -198,6 +205,8 @@ class ScalingDecision:
     """The need (cores) provisioned for: the larger of the quantile at the horizon and now."""
     floor: int
     """The lone replica's floor applied to `desired` (0: none; rule 1)."""
+    floor_waived: int
+    """The lone replica's floor that was due and not applied: a warm standby is held (0: none)."""
     cold_late_s: float
     """By how much a cold start decided now or at the next decision may be late for what the
     prediction sees (0: in time; rule 2)."""
@@ -220,7 +229,13 @@ def desired_replicas(inputs: ScalingInputs, config: ScalingConfig) -> tuple[int,
 
 def lone_replica_floor(inputs: ScalingInputs, need: float, config: ScalingConfig) -> int:
     """Rule 1's floor: 2 when a lone replica's expected violation seconds cost more than a second
-    replica, for a component with a known lead and a need above the share; else 0."""
+    replica, for a component with a known lead and a need above the share, and no warm standby
+    held; else 0."""
+    return 0 if inputs.standbys + inputs.standbys_starting else floor_due(inputs, need, config)
+
+
+def floor_due(inputs: ScalingInputs, need: float, config: ScalingConfig) -> int:
+    """Rule 1's floor before a held standby waives it: 2 or 0."""
     if inputs.lead_s is None or config.lone_replica_risk * config.violation_cost <= config.replica_cost:
         return 0
     return 2 if need > config.lone_replica_share * config.replica_capacity else 0
@@ -233,16 +248,22 @@ def cold_late_s(inputs: ScalingInputs) -> float:
 
 
 def standbys_wanted(
-    inputs: ScalingInputs, target: int, config: ScalingConfig, led: bool = False, late: bool = False
+    inputs: ScalingInputs,
+    target: int,
+    config: ScalingConfig,
+    led: bool = False,
+    late: bool = False,
+    floor: bool = False,
 ) -> int:
     """Rule 4: the warm standbys worth keeping beside `target` replicas; `led`: a lead was known
     within the scale-in hold (the engine may miss it for a round on noisy series); `late`: a decision
     with a lead found cold starts late within the hold (the data's age moves a cold start across
-    the edge of in time from one round to the next)."""
+    the edge of in time from one round to the next); `floor`: rule 1's lone-replica floor is due
+    (a standby stands in for it)."""
     room = min(config.max_standbys, config.max_replicas - target)
     if room <= 0:
         return 0
-    if (led or inputs.lead_s is not None) and (late or cold_late_s(inputs) > 0):
+    if floor or ((led or inputs.lead_s is not None) and (late or cold_late_s(inputs) > 0)):
         # A burst the upstream announces is served in time only by a thaw.
         return max(1, _worth_keeping(inputs, target, room, config))
     return _worth_keeping(inputs, target, room, config)
@@ -273,19 +294,23 @@ def decide(inputs: ScalingInputs, state: ScalingState, config: ScalingConfig) ->
     led = lead_at is not None and inputs.now - lead_at < config.scale_in_hold_s
     late_at = inputs.now if inputs.lead_s is not None and cold_late_s(inputs) > 0 else state.late_at
     late = late_at is not None and inputs.now - late_at < config.scale_in_hold_s
-    standbys = standbys_wanted(inputs, out.target, config, led, late)
+    floor = floor_due(inputs, out.need_quantile, config) > 0
+    standbys = standbys_wanted(inputs, out.target, config, led, late, floor)
     return replace(out, standbys=standbys), replace(next_state, lead_at=lead_at, late_at=late_at)
 
 
 def _decide(inputs: ScalingInputs, state: ScalingState, config: ScalingConfig) -> tuple[ScalingDecision, ScalingState]:
     desired, need = desired_replicas(inputs, config)
     floor = lone_replica_floor(inputs, need, config)
+    waived = floor_due(inputs, need, config) if not floor else 0
     now = inputs.now
     recent = (*((t, d) for t, d in state.recent if t > now - config.scale_in_hold_s), (now, desired))
     next_state = replace(state, recent=recent, below_since=None)
     provisioned = inputs.ready + inputs.starting
     late_by = cold_late_s(inputs)
-    base = ScalingDecision(Action.HOLD, provisioned, desired, 0, 0, 0, 0, need, floor, late_by, "", inputs, config)
+    base = ScalingDecision(
+        Action.HOLD, provisioned, desired, 0, 0, 0, 0, need, floor, waived, late_by, "", inputs, config
+    )
     if desired > provisioned:
         add = desired - provisioned
         short_now = inputs.need_now > inputs.ready * config.replica_capacity
@@ -333,4 +358,6 @@ def _decide(inputs: ScalingInputs, state: ScalingState, config: ScalingConfig) -
             out = replace(base, reason=f"below for less than {config.scale_in_hold_s:g} s (hysteresis)")
     else:
         out = replace(base, reason="provisioned as desired")
+    if waived > desired:
+        out = replace(out, reason=f"{out.reason}; the lone replica's floor waived: a warm standby is held")
     return out, next_state
