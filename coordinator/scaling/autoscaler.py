@@ -455,9 +455,9 @@ class Autoscaler:
                 )
         entry["cold_start"] = "measured" if measured is not None else "configured"
         count_changes = decision.action is not Action.HOLD and decision.target != serving + starting
-        # Standbys follow the decision's count; warm starts use some of the ones there are. Those
-        # being started count as kept (the replica service leaves them as they are until frozen).
-        standbys_change = decision.standbys != standby + counts.standbys_starting - decision.warm_starts
+        # Standbys follow the decision's count; warm starts use some of the ones there are. While
+        # some are being started the replica service leaves the standbys as they are: a later round.
+        standbys_change = not counts.standbys_starting and decision.standbys != standby - decision.warm_starts
         if count_changes or standbys_change:
             target = decision.target if count_changes else serving + starting
             standbys = decision.standbys
