@@ -153,7 +153,7 @@ class Coordinator:
             warming=self.warm.warming,
         )
         self.migrations = Orchestrator(store, self.placer, self.reservations, agents, config, clock, self.metrics)
-        self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock)
+        self.policy = DrainPolicy(store, self.hosts, self.predictions, self.migrations, config, clock, self.metrics)
         self.retrainer = Retrainer(store, self.predictions, config, clock)
         self.catalog = CatalogService(store, clock)
         self.alerter = Alerter(config.alerts, self.metrics)

@@ -19,6 +19,15 @@ class CoordinatorMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0),
             registry=self.registry,
         )
+        self.tick_phase_seconds = Histogram(
+            "ferryman_coordinator_tick_phase_seconds",
+            "One policy tick's phases: list (the hosts), prepare (the histories, the followers' shares), "
+            "score (the model, the explanations), store (the predictions written before the decisions), "
+            "decide (the decisions and the drains' progress)",
+            ["phase"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
         self.telemetry_samples = Counter(
             "ferryman_coordinator_telemetry_samples", "Telemetry samples accepted", registry=self.registry
         )

@@ -22,7 +22,17 @@ import logging
 from collections.abc import Callable
 
 from coordinator.config import CoordinatorConfig
-from coordinator.model import ContainerUsage, Decision, Drain, Host, HostAdmin, HostHealth, MigrationState
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.model import (
+    ContainerUsage,
+    Decision,
+    Drain,
+    Host,
+    HostAdmin,
+    HostHealth,
+    MigrationState,
+    Prediction,
+)
 from coordinator.orchestrator import AUTO, Orchestrator
 from coordinator.predictions import Explanation, PredictionService
 from coordinator.registry import HostRegistry
@@ -68,6 +78,7 @@ class DrainPolicy:
         migrations: Orchestrator,
         config: CoordinatorConfig,
         clock: Callable[[], float],
+        metrics: CoordinatorMetrics,
     ) -> None:
         self._store = store
         self._hosts = hosts
@@ -75,6 +86,7 @@ class DrainPolicy:
         self._migrations = migrations
         self._config = config
         self._clock = clock
+        self._metrics = metrics
         self._lock = asyncio.Lock()
         self._streaks: dict[str, int] = {}
         """Ticks in a row each host's P(drain) has been at or above the threshold."""
@@ -86,17 +98,20 @@ class DrainPolicy:
             # One listing serves the scoring and the decisions; it is read again for the drains only
             # when there are drains to progress (on etcd a listing reads the host keys written since
             # the last one).
-            listed = await self._store.list_hosts()
-            changed = await self._apply_predictions(listed)
-            if changed or any(h.admin is HostAdmin.DRAINING for h in listed):
+            phase = self._metrics.tick_phase_seconds
+            with phase.labels(phase="list").time():
                 listed = await self._store.list_hosts()
-            for host in listed:
-                if host.admin is HostAdmin.DRAINING:
-                    await self._progress(host)
+            predictions = await self._predictions.tick(listed)  # times its own phases
+            with phase.labels(phase="decide").time():
+                changed = await self._apply_predictions(listed, predictions)
+                if changed or any(h.admin is HostAdmin.DRAINING for h in listed):
+                    listed = await self._store.list_hosts()
+                for host in listed:
+                    if host.admin is HostAdmin.DRAINING:
+                        await self._progress(host)
 
-    async def _apply_predictions(self, listed: list[Host]) -> bool:
+    async def _apply_predictions(self, listed: list[Host], predictions: list[Prediction]) -> bool:
         """Drain or return hosts as the fleet's scores say; whether any host's admin state changed."""
-        predictions = await self._predictions.tick(listed)
         if not predictions:
             return False
         threshold = self._predictions.threshold()

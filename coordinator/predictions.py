@@ -434,13 +434,36 @@ class PredictionService:
         if model is None:
             return []
         now = self._clock()
+        phase = self._metrics.tick_phase_seconds
         hosts = {h.name for h in (listed if listed is not None else await self._store.list_hosts())}
-        for name in sorted(hosts - self._histories.keys()):
-            await self._catch_up(name, now)
-        self._take_shares(hosts)
-        histories = self._scored_histories(hosts)
+        with phase.labels(phase="prepare").time():
+            for name in sorted(hosts - self._histories.keys()):
+                await self._catch_up(name, now)
+            self._take_shares(hosts)
+            histories = self._scored_histories(hosts)
         if not histories:
             return []
+        with phase.labels(phase="score").time():
+            predictions, explanations = await self._score(model, histories, now)
+        self.explanations = explanations
+        with phase.labels(phase="store").time():
+            await self.flush()
+            if self._stored is None:
+                self._stored = await self._store.latest_predictions()
+            cfg = self._config.model
+            before, after = predictions_to_write(
+                self._stored, predictions, self.threshold(), cfg.prediction_deadband, cfg.prediction_refresh
+            )
+            await self._write(before)
+            if after:
+                self._writing = asyncio.get_running_loop().create_task(self._write(after), name="prediction-writes")
+            self._metrics.set_drain_probabilities({p.host: p.probability for p in predictions})
+        return predictions
+
+    async def _score(
+        self, model: RiskModel, histories: dict[str, HostHistory], now: float
+    ) -> tuple[list[Prediction], dict[str, Explanation]]:
+        """The fleet's predictions (a notice with a stated time raises its host's) and explanations."""
         self._scoring = True
         try:
             scores = await asyncio.to_thread(model.score, histories, now)
@@ -472,19 +495,7 @@ class PredictionService:
                 explanations[host] = Explanation(
                     host, now, e.probability, e.model_probability, e.model_version, None, tuple(top), e.notices
                 )
-        self.explanations = explanations
-        await self.flush()
-        if self._stored is None:
-            self._stored = await self._store.latest_predictions()
-        cfg = self._config.model
-        before, after = predictions_to_write(
-            self._stored, predictions, threshold, cfg.prediction_deadband, cfg.prediction_refresh
-        )
-        await self._write(before)
-        if after:
-            self._writing = asyncio.get_running_loop().create_task(self._write(after), name="prediction-writes")
-        self._metrics.set_drain_probabilities({p.host: p.probability for p in predictions})
-        return predictions
+        return predictions, explanations
 
     async def _write(self, predictions: Sequence[Prediction]) -> None:
         """Store `predictions` (fenced by the leader's term, as every leader write); a write that fails

@@ -554,3 +554,30 @@ async def test_a_prediction_is_stored_when_it_matters_and_the_rest_after_the_dec
         assert (await stored())["h1"] == (102.0, 0.03)
     finally:
         await coordinator.close()
+
+
+async def test_a_tick_times_each_of_its_phases(store: SqliteStore) -> None:
+    agents = ScriptedAgents()
+    await _fleet(store)
+    coordinator = await _coordinator(store, agents, FixedRisk())
+    phases = ("list", "prepare", "score", "store", "decide")
+
+    def observed(phase: str) -> float | None:
+        return coordinator.metrics.registry.get_sample_value(
+            "ferryman_coordinator_tick_phase_seconds_count", {"phase": phase}
+        )
+
+    try:
+        assert [observed(p) for p in phases] == [None] * 5
+        await coordinator.policy.tick()
+        await coordinator.policy.tick()
+        # Every phase once per tick: a slow tick's time can be found in one of them.
+        assert [observed(p) for p in phases] == [2.0] * 5
+        total = sum(
+            coordinator.metrics.registry.get_sample_value("ferryman_coordinator_tick_phase_seconds_sum", {"phase": p})
+            or 0.0
+            for p in phases
+        )
+        assert total > 0.0
+    finally:
+        await coordinator.close()
