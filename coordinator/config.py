@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from core.config import build_table
 from core.errors import ConfigError
+from core.event_loop import EVENT_LOOPS
 from core.logs import parse_level
 from core.security.tls import parse_peer_listen
 
@@ -335,6 +336,9 @@ class CoordinatorConfig:
     """host:port of the mTLS API ([::1]:port for IPv6)."""
     database: str = "/var/lib/ferryman/coordinator.db"
     log_level: str = "INFO"
+    event_loop: str = "asyncio"
+    """The event loop: "asyncio" (the standard library's) or "uvloop" (libuv's, PyPI uvloop: less CPU
+    per push and request; see docs/coordinator.md, "Sizing")."""
     tls: CoordinatorTlsConfig = field(default_factory=CoordinatorTlsConfig)
     ops_tls: OpsTlsConfig = field(default_factory=OpsTlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -483,6 +487,8 @@ def _validate(config: CoordinatorConfig) -> None:
         parse_level(config.log_level)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if config.event_loop not in EVENT_LOOPS:
+        raise ConfigError(f"event_loop must be one of {list(EVENT_LOOPS)}, got {config.event_loop!r}")
     try:
         config.listen_address  # noqa: B018 (parsing is the check)
     except ConfigError as exc:

@@ -18,6 +18,7 @@ from coordinator.api import serve
 from coordinator.app import Coordinator
 from coordinator.config import CoordinatorConfig, load_config
 from core.errors import ConfigError
+from core.event_loop import loop_factory
 from core.lifecycle import EXIT_CONFIG, EXIT_OK, reload_on_hangup, run_to_exit_code, serve_until, stop_on_signals
 from core.logs import setup_logging
 
@@ -43,8 +44,14 @@ async def run(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> i
             try:
                 await coordinator.start()
                 with reload_on_hangup(coordinator.reload_tls):
+                    loop = type(asyncio.get_running_loop())
                     await serve_until(
-                        stop, "coordinator", url=server.url, database=config.database, model=config.model.path or None
+                        stop,
+                        "coordinator",
+                        url=server.url,
+                        database=config.database,
+                        model=config.model.path or None,
+                        event_loop=f"{loop.__module__}.{loop.__qualname__}",
                     )
             finally:
                 await server.close()
@@ -63,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"configuration error: {exc.message}", extra={"code": exc.code, "config": args.config})
         return EXIT_CONFIG
     setup_logging(config.log_level)
-    return run_to_exit_code("coordinator", run(config))
+    try:
+        factory = loop_factory(config.event_loop)
+    except ConfigError as exc:
+        log.error(f"configuration error: {exc.message}", extra={"code": exc.code, "config": args.config})
+        return EXIT_CONFIG
+    return run_to_exit_code("coordinator", run(config), factory)
 
 
 if __name__ == "__main__":

@@ -86,10 +86,14 @@ async def ping_watchdog(interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def run_to_exit_code(what: str, main: Coroutine[Any, Any, int]) -> int:
-    """asyncio.run(main) with the exit codes and last words every ferryman daemon uses."""
+def run_to_exit_code(
+    what: str, main: Coroutine[Any, Any, int], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+) -> int:
+    """asyncio.run(main), on a loop from `loop_factory` if given (core/event_loop.py), with the exit
+    codes and last words every ferryman daemon uses."""
     try:
-        return asyncio.run(main)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(main)
     except ConfigError as exc:
         # Some settings (listen address, password files) are only checked when used.
         log.error(f"configuration error: {exc.message}", extra={"code": exc.code})

@@ -43,6 +43,7 @@ def test_the_example_lists_every_default() -> None:
         ({"migrations": {"max_per_host": 9}}, "max_per_host must not exceed"),
         ({"migrations": {"max_attempts": "3"}}, "expected <class 'int'>, got str"),
         ({"log_level": "LOUD"}, "unknown log level"),
+        ({"event_loop": "trio"}, "event_loop must be one of ['asyncio', 'uvloop'], got 'trio'"),
         ({"version": 2}, "config version 2 is not supported"),
         ({"tls": "yes"}, "expected a table"),
         ({"store": {"backend": "zookeeper"}}, "store.backend must be one of ['sqlite', 'etcd']"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, free_port, registration
+from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, free_port, registration, sample
 from tests.harness.etcd import EtcdCluster
 from tests.harness.fleet import FERRYCTL
 
@@ -219,3 +220,31 @@ async def test_a_model_activated_at_run_time_is_the_next_leaders(workdir: Path, 
         finally:
             for p in procs:
                 await p.stop()
+
+
+async def test_a_replica_on_uvloop_leads_and_takes_pushes(workdir: Path, pki: CoordinatorPki) -> None:
+    # event_loop = "uvloop": the API (mTLS), the etcd client (grpc.aio) and the election all run on it.
+    require("etcd")
+    async with EtcdCluster(workdir / "etcd", size=1) as cluster:
+        store = {"backend": "etcd", "etcd_endpoints": cluster.endpoints, "etcd_prefix": "/uv/"}
+        proc = CoordinatorProcess(workdir, pki, overrides={"store": store, "event_loop": "uvloop"})
+        await proc.start()
+        try:
+            async with proc.client(pki.agent("h1")) as agent:
+                status, body = await agent.post("/v1/register", registration("h1"))
+                assert status == 200, body
+                now = time.time()
+                status, body = await agent.post("/v1/telemetry", {"host": "h1", "samples": [sample(now)]})
+                assert status == 200 and body["accepted"] == 1, body
+            async with proc.client(pki.operator("alice")) as ops:
+                for _ in range(100):
+                    status, health = await ops.get("/healthz")
+                    if health.get("acting"):
+                        break
+                    await asyncio.sleep(0.1)
+                assert health["acting"], health
+                status, host = await ops.get("/v1/hosts/h1")
+                assert status == 200 and host["telemetry_samples"] == 1, host
+            assert "uvloop.Loop" in proc.log_path.read_text()
+        finally:
+            assert await proc.stop() == 0, proc.logs()
