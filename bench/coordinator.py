@@ -55,6 +55,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.telemetry.push import retry_delay
+from core.event_loop import EVENT_LOOPS, loop_factory
 from core.http.validate import PROTOBUF
 from core.security.pki import issue_host
 from core.security.tls import client_context
@@ -131,6 +132,7 @@ class Bench:
         }
         overrides = {
             "store": store,
+            "event_loop": args.event_loop,
             "log_level": "INFO",
             "model": {"path": str(MODEL), "tick_period": args.tick},
             # Hosts that registered and then went quiet (the failover and placement hosts) stay ready.
@@ -435,6 +437,8 @@ class Bench:
             latencies.clear()
             failures.clear()
             skipped_before = skipped
+            assert leader.proc is not None
+            print(f"  window open: {seconds:.0f} s, leader pid {leader.proc.pid}; load {load()}", flush=True)
             before_ticks = await self.tick_histogram(leader)
             before_cpu = self.cpu(pids)
             window_start = time.monotonic()
@@ -626,6 +630,12 @@ def main() -> int:
         "period when that is slower: a fleet comes up in waves, not all at once",
     )
     p.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="asyncio",
+        help="the replicas' event_loop (config), and the bench's own (the simulated agents)",
+    )
+    p.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -641,7 +651,9 @@ def main() -> int:
     args = p.parse_args()
     args.agents = [int(a) for a in args.agents.split(",")]
     args.parts = args.parts.split(",")
-    return asyncio.run(run(args))
+    # The simulated agents run on the replicas' kind of loop too (they stand for agents' machines).
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+        return runner.run(run(args))
 
 
 if __name__ == "__main__":

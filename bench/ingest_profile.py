@@ -5,7 +5,7 @@ the shipped drain model, `log_level` INFO as in production. `--agents` simulated
 connection each, their own certificates) register, push `--history` samples each (5 s apart, the
 last two hours: the steady state of a host's kept samples, `telemetry.max_samples_per_host`, whose
 upkeep a push pays for), then push one sample each at `--rate` pushes per second in all for
-`--seconds`. Measured in fresh daemons, once per `--encodings` (json: POSTs of JSON; binary: POSTs
+`--seconds`. Measured in fresh daemons, once per `--encodings` and `--event-loops` (json: POSTs of JSON; binary: POSTs
 in protobuf's binary encoding, the baseline in the same run; stream: the same binary batches as
 messages of one telemetry session per agent, `GET /v1/telemetry/stream`, as agents push), then
 profiled:
@@ -109,6 +109,7 @@ async def run_one(
         "model": {"path": str(MODEL), "tick_period": 5.0},
         "heartbeat": {"suspect_after": 3600.0, "down_after": 7200.0},
         "telemetry": {"max_samples_per_host": max(1, args.history)},
+        "event_loop": args.event_loop,
     }
     workdir = base / "coordinator"
     workdir.mkdir()
@@ -313,9 +314,11 @@ def top(profile: Path, n: int) -> str:
 
 async def main_async(args: argparse.Namespace) -> int:
     last = float("nan")
-    runs = [(encoding, False) for encoding in args.encodings] + [(args.encodings[-1], True)] * args.profile
+    runs = [(encoding, loop, False) for loop in args.event_loops for encoding in args.encodings]
+    runs += [(args.encodings[-1], args.event_loops[-1], True)] * args.profile
     for backend in args.backends:
-        for encoding, profiled in runs:
+        for encoding, event_loop, profiled in runs:
+            args.event_loop = event_loop
             args.binary = encoding in ("binary", "stream")
             args.stream = encoding == "stream"
             async with scratch_dir("ferryman-bench-ingest-profile-") as base:
@@ -327,7 +330,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 else:
                     r = await run_one(base, args, {"backend": "sqlite"}, profile)
                 per_push = 1000 * (r["cpu_s"] - r["idle_cpu_s"]) / max(1, r["pushes"])
-                kind = f"{encoding}, {'profiled' if profiled else 'plain'}"
+                kind = f"{encoding}, {event_loop}, {'profiled' if profiled else 'plain'}"
                 print(
                     f"{backend} {kind}: {r['pushes']} pushes in {r['window_s']:.1f} s "
                     f"({r['pushes'] / r['window_s']:.0f}/s, {r['failed']} failed), daemon CPU {r['cpu_s']:.2f} s, "
@@ -374,6 +377,12 @@ def main() -> int:
         "of binary protobuf: the baseline), stream (binary protobuf over the telemetry session, as agents "
         "push); the last is the result",
     )
+    p.add_argument(
+        "--event-loops",
+        default="asyncio",
+        help="the daemon's event_loop, comma-separated (asyncio, uvloop): every encoding runs on each; the "
+        "first is the baseline, the last the result",
+    )
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled run")
     p.add_argument(
         "--spy",
@@ -385,6 +394,7 @@ def main() -> int:
     args = p.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
     args.encodings = [e for e in args.encodings.split(",") if e in ("json", "binary", "stream")] or ["stream"]
+    args.event_loops = [e for e in args.event_loops.split(",") if e in ("asyncio", "uvloop")] or ["asyncio"]
     return asyncio.run(main_async(args))
 
 
