@@ -14,17 +14,18 @@ the failover and the placements, the default 5 s for the ingest (a fresh set of 
               exactly the grants, and no host over its capacity.
               Baseline: one client through one replica, on 30 other hosts.
   ingest:     N simulated agents (one process, one mTLS connection each, their own certificates)
-              register (spread over one period, or at `--connect-rate` a second when slower; a
-              replica with `registrations.max_in_flight` under way answers 503 with Retry-After,
-              and the agent comes back after it plus the agents' random part) and
-              push one sample every `--period` s (phases spread; over a telemetry
-              session each, or with `--transport post` one POST each) to the leader (or,
-              with `--push-to all`, agent i to replica i % 3: the followers' samples reach the
-              leader's scoring through their history shares in etcd), for
-              `--seconds`; the leader's policy tick (score every host with the model, apply,
-              progress drains) every `--tick` s. Reported: pushes per second against N/period, push
-              latency, the tick's p99 (ferryman_coordinator_tick_seconds, diffed over the window)
-              and the CPU seconds each process spent (where the time goes).
+              start at `--connect-rate` a second (a fleet coming up; over one period when slower),
+              register (a replica's 503 with Retry-After honoured as agents do) and push one sample
+              every `--period` s (phases spread; over a telemetry session each, or with
+              `--transport post` one POST each) to the leader (or, with `--push-to all`, agent i to
+              replica i % 3: the followers' samples reach the leader's scoring through their history
+              shares in etcd). An agent whose push ran past its period skips the missed periods and
+              keeps its phase, as agents do; a skip in the window fails the round. The window
+              (`--seconds`) opens once every agent pushes and one period's pushes are within 5 % of
+              N/period; the leader's policy tick every `--tick` s. Reported: pushes per second
+              against N/period, push latency, the tick's p99 and mean
+              (ferryman_coordinator_tick_seconds, diffed over the window), its phases
+              (ferryman_coordinator_tick_phase_seconds) and the CPU each process spent.
 
 Result lines:
   bench failover: <median seconds from the kill to the next committed decision> s (target <= 5)
