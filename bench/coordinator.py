@@ -435,12 +435,14 @@ class Bench:
                 if abs((pushed - before) / period - expected) <= STEADY * expected:
                     break
             settle = time.monotonic() - settled_at
-            latencies.clear()
-            failures.clear()
-            skipped_before = skipped
             assert leader.proc is not None
             print(f"  window open: {seconds:.0f} s, leader pid {leader.proc.pid}; load {load()}", flush=True)
             before_ticks = await self.tick_histogram(leader)
+            # The window's counts start after that read: a loaded leader takes seconds to answer it,
+            # and the pushes meanwhile are not in the window's time.
+            latencies.clear()
+            failures.clear()
+            skipped_before = skipped
             before_cpu = self.cpu(pids)
             window_start = time.monotonic()
             await asyncio.sleep(seconds)
