@@ -114,6 +114,9 @@ class ImageSummary:
     bytes_fetched: int = 0
     """Layer bytes this pull transferred (0 when every layer was already present)."""
     layers_fetched: int = 0
+    bytes_from_peers: int = 0
+    """Of `bytes_fetched`, the bytes peers served (agent/images/peersource.py); the rest came from the
+    pull's own source (the registry for a pull): what a pull's time pays for is mostly the latter."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -458,7 +458,7 @@ async def test_pull_blocking(client: TestClient[Any, Any]) -> None:
     assert resp.status == 200
     body = await resp.json()
     assert body["name"] == "registry.local/app:1"
-    assert set(body) == {"name", "digest", "media_type", "size", "bytes_fetched", "layers_fetched"}
+    assert set(body) == {"name", "digest", "media_type", "size", "bytes_fetched", "layers_fetched", "bytes_from_peers"}
 
 
 async def test_pull_blocking_error(client: TestClient[Any, Any]) -> None:

@@ -245,9 +245,12 @@ async def test_a_source_that_fetches_from_several_places_is_counted_per_blob(
         reference = Reference.parse(ref)
         image = await agent.registry.resolve(reference, agent.images.platform)
         source = SaysPeer(agent.registry, reference, x.layers[1].digest)
-        await agent.images._puller.install(ref, image, source, PullProgress(ref=ref))
+        summary = await agent.images._puller.install(ref, image, source, PullProgress(ref=ref))
         assert counters(agent) == {
             "registry": (2, len(x.config) + x.layers[0].size),
             "peer": (1, x.layers[1].size),
         }
+        # the pull's answer says the same: which of its bytes peers served
+        assert summary.bytes_from_peers == x.layers[1].size
+        assert summary.bytes_fetched == x.layers[0].size + x.layers[1].size
         await assert_clean(agent, ctrd, [ref], [])

@@ -47,6 +47,7 @@ class PullContext:
     origin: str = "registry"
     """Where `source` fetches from, for the cache's counters: "registry", "peer" or "archive"."""
     layers_fetched: int = 0
+    bytes_from_peers: int = 0
 
 
 class Puller:
@@ -182,6 +183,7 @@ class Puller:
             size=image.manifest.size + image.config.size + sum(d.size for d in image.layers),
             bytes_fetched=progress.done,
             layers_fetched=pull.layers_fetched,
+            bytes_from_peers=pull.bytes_from_peers,
         )
 
     async def _store_metadata(self, cd: Containerd, pull: PullContext, config_bytes: bytes) -> None:
@@ -230,7 +232,9 @@ class Puller:
                 raise
             if not ours:
                 fetched = 0  # another pull's download: the bytes are counted there
-            self._served(_served_from(pull.source, desc, pull.origin), desc, fetched)
+            origin = _served_from(pull.source, desc, pull.origin)
+            self._served(origin, desc, fetched)
+            pull.bytes_from_peers += fetched if origin == "peer" else 0
             layer.status = "done" if fetched else "exists"
             pull.layers_fetched += 1 if fetched else 0
             if fetched:
