@@ -69,6 +69,7 @@ class Agent:
             self.metrics.peer_bytes.labels("out").inc,
             self.tls_contexts,
         )
+
         def static_peers() -> list[Peer]:
             return [Peer(p.name, p.blobs) for p in config.peers if p.blobs]
 
@@ -114,6 +115,7 @@ class Agent:
             self._busy_images,
             self.images.pull,
         )
+        self.cache.on_peers = sharing.held_elsewhere  # what peers hold goes first (docs/cache.md)
         self.images.uses = self.containers.uses = self.cache
         # Composition manifests assembled into images through the pull's blob path (docs/composition.md).
         self.assembly = CompositionService(

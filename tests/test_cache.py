@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -187,6 +187,30 @@ async def test_eviction_under_a_small_bound_spares_what_is_in_use(
         result = await agent.cache.evict(ref_d)
         assert result["freed_bytes"] == stored(a, b, d) - stored(a, b)
         await assert_clean(agent, ctrd, [ref_a, ref_b], [c, d])
+
+
+async def test_over_the_bound_an_image_peers_hold_goes_before_the_last_copy(
+    ctrd: PrivateContainerd, registry: DockerRegistry, workdir: Path
+) -> None:
+    a, b, c = (sleeper(seed, 2 * MIB) for seed in (21, 22, 23))
+    ref_a, ref_b, ref_c = [await push(registry, image) for image in (a, b, c)]
+    asked: list[list[str]] = []
+
+    async def on_peers(blobs: Mapping[str, int]) -> frozenset[str]:
+        asked.append(list(blobs))
+        return frozenset({b.layers[1].digest})  # another host holds b's own layer, nobody a's
+
+    async with cache_agent(ctrd, registry, workdir, max_bytes=stored(a, b, c) - MIB) as agent:
+        agent.cache.on_peers = on_peers
+        for ref in (ref_a, ref_b):
+            await agent.images.pull(ref)
+        assert asked == [], "under the bound the fleet is not asked"
+        await agent.images.pull(ref_c)
+        # a is the least recently used, but the fleet's last copy of its layer: b goes
+        names = {i["name"] for i in (await agent.cache.status())["images"]}
+        assert names == {ref_a, ref_c}
+        assert b.layers[1].digest in asked[0] and c.layers[1].digest not in asked[0], "c, just used, is kept"
+        await assert_clean(agent, ctrd, [ref_a, ref_c], [b])
 
 
 async def test_pins_and_uses_survive_a_restart_and_prefetch_pins(

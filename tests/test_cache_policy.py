@@ -70,6 +70,25 @@ def test_protected_entries_and_leased_blobs_stay() -> None:
     assert (p.evict, p.freed, p.short) == (("free",), MIB, MIB)
 
 
+def test_an_image_peers_hold_goes_before_the_fleets_last_copy() -> None:
+    """Same size, uses and clock: the image whose layers another host holds comes back from a peer,
+    the other only from the registry, so the first goes; told nothing about peers, the older goes."""
+    sizes = sizes_for((0, 20 * MIB), (1, 20 * MIB), (2, 10 * MIB), (3, 10 * MIB))
+    entries = [
+        Entry("only-here", frozenset({blob(0)}), last_use=1),
+        Entry("on-a-peer", frozenset({blob(1)}), last_use=2),
+        Entry("half-on-a-peer", frozenset({blob(2), blob(3)}), last_use=3),
+    ]
+    bound = Bound(high=40 * MIB, low=40 * MIB)
+    assert plan(entries, sizes, frozenset(), bound, 0.0).evict == ("only-here",)
+    on_peers = frozenset({blob(1), blob(2)})
+    assert plan(entries, sizes, frozenset(), bound, 0.0, on_peers).evict == ("on-a-peer",)
+    # more to free: the image partly on peers goes next, the last copy stays
+    p = plan(entries, sizes, frozenset(), Bound(high=20 * MIB, low=20 * MIB), 0.0, on_peers)
+    assert p.evict == ("on-a-peer", "half-on-a-peer")
+    assert value(0.0, 1, Origin.REGISTRY, MIB, on_peers=MIB) == value(0.0, 1, Origin.PEER, MIB)
+
+
 def test_recovered_clock_is_the_latest_recorded() -> None:
     assert recover_clock([]) == 0.0
     assert recover_clock([Entry("a", frozenset(), clock=2.5), Entry("b", frozenset(), clock=1.0)]) == 2.5
@@ -105,7 +124,7 @@ def test_a_plan_keeps_every_promise(
     cache: tuple[list[Entry], dict[str, int], frozenset[str], Bound], clock: float
 ) -> None:
     entries, sizes, held, bound = cache
-    p = plan(entries, sizes, held, bound, clock)
+    p = plan(entries, sizes, held, bound, clock, on_peers=frozenset(sorted(sizes)[::2]))
     used = sum(sizes.values())
     by_name = {e.name: e for e in entries}
     evicted = [by_name[n] for n in p.evict]

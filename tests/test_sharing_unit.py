@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from agent.config import SharingConfig
 from agent.images.directory import StaticPeers
-from agent.images.peersource import PeersFirst
+from agent.images.peersource import PeersFirst, PeerSharing
 from agent.images.sources import TransferStarts
 from agent.oci import Descriptor, Digest
 from agent.sharing.client import Peer, PeerBlobClient
@@ -277,6 +277,21 @@ def _source(behaviour: dict[str, str], data: bytes) -> tuple[PeersFirst, FakePee
         peers, StaticPeers(lambda: candidates), registry, config, "me", lambda p, d, r: reports.append(f"{p}:{r}")
     )
     return source, peers, registry, reports
+
+
+async def test_held_elsewhere_names_the_blobs_a_peer_holds_whole() -> None:
+    """What the cache evicts first: blobs a peer (not this host) holds, of a size pulls take from peers."""
+    big, small, nowhere = b"x" * 5000, b"y" * 10, b"z" * 5000
+    peers = FakePeers({sha(big): big, sha(small): small}, {"a": "ok", "me": "ok"})
+    config = SharingConfig(min_peer_size=1000)
+    sharing = PeerSharing(
+        peers, StaticPeers(lambda: [Peer("a", "127.0.0.1:1"), Peer("me", "127.0.0.1:2")]), config, "me"
+    )
+    asked = {sha(big): len(big), sha(small): len(small), sha(nowhere): len(nowhere)}
+    assert await sharing.held_elsewhere(asked) == {sha(big)}
+    # this host alone holds them: nothing is elsewhere
+    alone = PeerSharing(peers, StaticPeers(lambda: [Peer("me", "127.0.0.1:2")]), config, "me")
+    assert await alone.held_elsewhere(asked) == frozenset()
 
 
 async def _all(source: PeersFirst, desc: Descriptor, offset: int = 0) -> bytes:

@@ -59,9 +59,15 @@ def refetch_cost(origin: Origin, size: int) -> float:
     return cost.fixed + size / cost.rate
 
 
-def value(clock: float, uses: int, origin: Origin, size: int) -> float:
-    """GDSF's H for an entry used `uses` times, last when the cache's clock read `clock`."""
-    return clock + max(uses, 1) * refetch_cost(origin, size) / max(size / MIB, 1 / MIB)
+def value(clock: float, uses: int, origin: Origin, size: int, on_peers: int = 0) -> float:
+    """GDSF's H for an entry used `uses` times, last when the cache's clock read `clock`. `on_peers`
+    of its `size` bytes another host holds: they come back from a peer, the rest from `origin`."""
+    on_peers = min(max(on_peers, 0), size)
+    if on_peers and on_peers == size:
+        cost = refetch_cost(Origin.PEER, size)
+    else:  # the rest from its origin, which also pays the round trips
+        cost = refetch_cost(origin, size - on_peers) + on_peers / REFETCH[Origin.PEER].rate
+    return clock + max(uses, 1) * cost / max(size / MIB, 1 / MIB)
 
 
 @dataclass(frozen=True)
@@ -119,22 +125,34 @@ def freed_by(evicted: Iterable[Entry], kept: Iterable[Entry], held: frozenset[st
     return sum(sizes.get(d, 0) for d in gone)
 
 
-def plan(entries: Iterable[Entry], sizes: Mapping[str, int], held: frozenset[str], bound: Bound, clock: float) -> Plan:
+def plan(
+    entries: Iterable[Entry],
+    sizes: Mapping[str, int],
+    held: frozenset[str],
+    bound: Bound,
+    clock: float,
+    on_peers: frozenset[str] = frozenset(),
+) -> Plan:
     """The images to evict so that the store (every blob in `sizes`) fits `bound`.
 
     Nothing happens at or under `bound.high`. Over it, unprotected entries go lowest H first (then
     oldest use, then name) until the store is at or under `bound.low`; an eviction that would free
-    nothing (everything it holds is shared with images that stay, or leased) is left out."""
+    nothing (everything it holds is shared with images that stay, or leased) is left out.
+    `on_peers`: blobs another host of the fleet holds (the layer tracker's view). An image's bytes
+    there cost a peer fetch to get back, not a registry fetch, so it goes before one of the same
+    uses and clock whose bytes only this host holds: the fleet keeps its last copy longest."""
     entries = list(entries)
     used = sum(sizes.values())
     if used <= bound.high:
         return Plan((), 0, 0, clock)
     need = used - bound.low
     image_size = sizes_of(entries, sizes)
-    candidates = sorted(
-        (e for e in entries if not e.protected),
-        key=lambda e: (value(e.clock, e.uses, e.origin, image_size[e.name]), e.last_use, e.name),
-    )
+    peer_size = {e.name: sum(sizes.get(d, 0) for d in e.blobs & on_peers) for e in entries}
+
+    def h(e: Entry) -> float:
+        return value(e.clock, e.uses, e.origin, image_size[e.name], peer_size[e.name])
+
+    candidates = sorted((e for e in entries if not e.protected), key=lambda e: (h(e), e.last_use, e.name))
     chosen: list[Entry] = []
     for e in candidates:
         chosen.append(e)
@@ -146,7 +164,7 @@ def plan(entries: Iterable[Entry], sizes: Mapping[str, int], held: frozenset[str
         if _freed(rest, entries, held, sizes) == _freed(chosen, entries, held, sizes):
             chosen = rest
     freed = _freed(chosen, entries, held, sizes)
-    last = max((value(e.clock, e.uses, e.origin, image_size[e.name]) for e in chosen), default=clock)
+    last = max((h(e) for e in chosen), default=clock)
     return Plan(tuple(e.name for e in chosen), freed, max(0, used - freed - bound.low), max(clock, last))
 
 

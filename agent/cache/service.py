@@ -75,6 +75,9 @@ class CacheService:
         """Images at work that no container or lease may show yet, and why: pulls and migrations in
         progress (a migrated image is recorded before its container is created)."""
         self._pull = pull
+        self.on_peers: Callable[[Mapping[str, int]], Awaitable[frozenset[str]]] | None = None
+        """Which of some blobs (digest -> size) a peer holds (None: nobody to ask): policy.plan
+        evicts those first."""
         self._clock: float | None = None
         """GDSF's clock (policy.py); recovered from the images' labels at the first look."""
         self._lock = asyncio.Lock()
@@ -120,7 +123,8 @@ class CacheService:
                 # Under the bound (the usual case): no need to read every image's manifest.
                 return Plan((), 0, 0, self._clock or 0.0)
             measure = await self._measure(just_used, recent)
-            chosen = plan(measure.entries, measure.sizes, measure.held, bound, self._clock_of(measure))
+            on_peers = await self._held_on_peers(measure)
+            chosen = plan(measure.entries, measure.sizes, measure.held, bound, self._clock_of(measure), on_peers)
             used = sum(measure.sizes.values())
             for name in chosen.evict:
                 used = await self._delete(name, used)
@@ -132,6 +136,14 @@ class CacheService:
                     extra={"images": list(chosen.evict), "bytes": chosen.freed, "short": chosen.short},
                 )
             return chosen
+
+    async def _held_on_peers(self, measure: Measure) -> frozenset[str]:
+        """The blobs of the evictable images that another host holds; none when nobody can say."""
+        if self.on_peers is None:
+            return frozenset()
+        evictable = set().union(*(e.blobs for e in measure.entries if not e.protected))
+        blobs = {d: size for d, size in measure.sizes.items() if d in evictable}
+        return await self.on_peers(blobs) if blobs else frozenset()
 
     async def _delete(self, name: str, used: int) -> int:
         """Delete one image with a synchronous GC; counts the bytes that left the store."""

@@ -305,6 +305,18 @@ class PeerSharing:
     max_document: int = 4 << 20
     """[pull] max_manifest_bytes."""
 
+    async def held_elsewhere(self, blobs: Mapping[str, int]) -> frozenset[str]:
+        """Which of `blobs` (digest -> size) a peer holds whole now: a HEAD to each peer the directory
+        names for each blob a pull would take from peers (`min_peer_size` and up), all at once, each
+        within `probe_timeout`. The cache evicts those first (agent/cache/policy.py)."""
+        if self.directory.empty:
+            return frozenset()
+        digests = [d for d, size in blobs.items() if size >= self.config.min_peer_size]
+        peers = [p for p in await self.directory.peers(None) if p.name != self.host]
+        pairs = [(p, d) for p in peers for d in digests]
+        states = await asyncio.gather(*(self.client.probe(p, d) for p, d in pairs))
+        return frozenset(d for (_, d), s in zip(pairs, states, strict=True) if s is not None and s.complete)
+
     def before(self, registry: BlobSource, report: Report, on_peer_bytes: Callable[[int], None]) -> BlobSource:
         """`registry` behind the peers, or alone when there are none to ask."""
         if self.directory.empty:
