@@ -179,6 +179,9 @@ class PassResult:
     latencies: list[float] = field(default_factory=list)
     fetched: list[int] = field(default_factory=list)
     """Per counted start, the bytes of its layers that were not local (what its latency pays for)."""
+    sources: list[tuple[int, int, float]] = field(default_factory=list)
+    """Per counted start, the bytes its pull fetched from peers and from the registry (the agent's
+    `bytes_from_peers`), and its seconds."""
     warmed: int = 0
     wasted: int = 0
     used: int = 0
@@ -330,8 +333,11 @@ async def run_pass(
             t0 = time.perf_counter()
             cid = f"p{int(prefetch)}-{n}"
             # what a start does on a host: the image's missing layers fetched (peers first), then the task
+            from_peers = from_registry = 0
             for attempt in range(3):
-                await api(agent, "POST", "/v1/images/pull", {"ref": refs[start.signature]})
+                pulled = await api(agent, "POST", "/v1/images/pull", {"ref": refs[start.signature]})
+                from_peers += pulled["bytes_from_peers"]
+                from_registry += pulled["bytes_fetched"] - pulled["bytes_from_peers"]
                 try:
                     await api(
                         agent,
@@ -371,6 +377,8 @@ async def run_pass(
                     "sim_local": all(x["sim_local"] for x in layers),
                     "counted": counted > args.warmup,
                     "seconds": elapsed,
+                    "from_peers": from_peers,
+                    "from_registry": from_registry,
                     "layers": layers,
                 }
             )
@@ -380,6 +388,7 @@ async def run_pass(
                 out.sim.hits.append((ts, local))
                 out.latencies.append(elapsed)
                 out.fetched.append(sum(built[d].size for d in start.layers if built[d].digest not in have))
+                out.sources.append((from_peers, from_registry, elapsed))
             continue
         if not prefetch:
             continue
@@ -482,6 +491,30 @@ def missed_bytes(res: PassResult) -> dict[str, dict[str, float]]:
     return {
         why: {kind: round(b / 1e6 / max(1, starts), 2) for kind, b in sorted(row.items())}
         for why, row in sorted(out.items())
+    }
+
+
+def by_source(res: PassResult) -> dict[str, Any]:
+    """The counted starts by where their bytes came from: all local, peers only, some from the
+    registry; per group the count, the mean MB from peers and from the registry, the median seconds;
+    and the registry and peer MB per start over all."""
+    groups: dict[str, list[tuple[int, int, float]]] = {"local": [], "peers only": [], "registry": []}
+    for peer, registry, seconds in res.sources:
+        groups["registry" if registry else "peers only" if peer else "local"].append((peer, registry, seconds))
+    n = max(1, len(res.sources))
+    return {
+        "registry_mb_per_start": round(sum(r for _, r, _ in res.sources) / 1e6 / n, 2),
+        "peer_mb_per_start": round(sum(p for p, _, _ in res.sources) / 1e6 / n, 2),
+        **{
+            name: {
+                "starts": len(rows),
+                "peer_mb": round(statistics.mean(p for p, _, _ in rows) / 1e6, 2),
+                "registry_mb": round(statistics.mean(r for _, r, _ in rows) / 1e6, 2),
+                "median_s": round(statistics.median(t for _, _, t in rows), 3),
+            }
+            for name, rows in groups.items()
+            if rows
+        },
     }
 
 
@@ -667,6 +700,7 @@ async def main() -> None:
                     flush=True,
                 )
                 print(f"  MB a start fetched, by why and by layer kind: {json.dumps(missed_bytes(res))}", flush=True)
+                print(f"  starts by where their bytes came from: {json.dumps(by_source(res))}", flush=True)
 
     def share(side: str) -> float:
         return sum(r.sim.all_local for r in results[side]) / max(1, sum(r.sim.starts for r in results[side]))
@@ -709,6 +743,12 @@ async def main() -> None:
         f"mean bytes a start fetched with / without prefetch: {fetched:.3f} "
         f"({statistics.mean(x for r in on for x in r.fetched) / 1e6:.1f} / "
         f"{statistics.mean(x for r in off for x in r.fetched) / 1e6:.1f} MB)"
+    )
+    registry_mb = {side: statistics.mean(x[1] for r in results[side] for x in r.sources) / 1e6 for side in results}
+    print(
+        f"registry MB a start fetched with / without prefetch: {registry_mb['on']:.2f} / {registry_mb['off']:.2f} "
+        f"(peers: {statistics.mean(x[0] for r in on for x in r.sources) / 1e6:.2f} / "
+        f"{statistics.mean(x[0] for r in off for x in r.sources) / 1e6:.2f})"
     )
     print(
         "recovery after the mix shift: "
