@@ -427,6 +427,29 @@ async def test_a_warmed_layer_is_not_fetched_again(
         assert metric("ferryman_cache_warm_model_info", {"version": "warm-1"}) == 1
 
 
+async def test_a_warm_waits_while_a_pull_fetches(
+    ctrd: PrivateContainerd, registry: DockerRegistry, workdir: Path
+) -> None:
+    """Warms never starve pulls (agent/images/pullgate.py): a warm reads nothing while a pull of
+    other layers is in flight, then completes; a pull of the warm's own image is not held up by it."""
+    im = await push_images(registry.host)
+    data = im.base.layers[1]
+    config = agent_config(ctrd, [registry.registry_config()], workdir)
+    async with running_agent(config) as agent, api(agent) as client:
+        with agent.images.puller.gate.pulling(["sha256:" + "0" * 64]):  # a pull of some other layer
+            waiting = asyncio.create_task(
+                client.post(f"/v1/prefetch/layers/{data.digest}", json={"ref": im.refs["base"], "ttl": 60})
+            )
+            await asyncio.sleep(1.0)
+            assert not waiting.done(), "the warm waits for the pull"
+            assert await agent.containerd.content.exists(data.digest) is None
+            # a pull that needs the warm's layer lets it go on (it would wait for the warm's download)
+            await asyncio.wait_for(agent.images.pull(im.refs["base"]), 30)
+        resp = await asyncio.wait_for(waiting, 30)
+        assert resp.status == 200, await resp.text()
+        assert agent.images.puller.gate.pulls == 0
+
+
 async def test_ferryctl_runs_a_composition_file(
     ctrd: PrivateContainerd, registry: DockerRegistry, workdir: Path, short_dir: Path
 ) -> None:

@@ -60,6 +60,10 @@ class Fetcher(Protocol):
 
     def source(self, ref: Reference) -> BlobSource: ...
 
+    def warm_source(self, ref: Reference) -> BlobSource:
+        """`source`, for a warm: it yields to the pulls in flight (agent/images/pullgate.py)."""
+        ...
+
     async def fetch_blob(self, source: BlobSource, desc: Descriptor, on_bytes: Callable[[int], None]) -> int: ...
 
 
@@ -606,7 +610,7 @@ class CompositionService:
         lease_id = await self._cd.leases.create("warm", ttl)
         try:
             await self._cd.leases.add_content(lease_id, digest)
-            source = self._fetcher.source(parsed)
+            source = self._fetcher.warm_source(parsed)
             started = time.monotonic()
             got = await self._fetcher.fetch_blob(source, desc, lambda n: None)
             transfer = _transfer_started(source, digest, started)

@@ -24,6 +24,7 @@ from agent.errors import DigestMismatch, InvalidManifest, PlatformNotFound, Regi
 from agent.images import labels as L
 from agent.images.ingest import ensure_labels, ingest_blob, put_blob
 from agent.images.peersource import PeersFirst, PeerSharing
+from agent.images.pullgate import PullGate, YieldsToPulls
 from agent.images.sources import BlobSource, RegistryBlobs, ServedFrom
 from agent.images.unpack import unpack_layer
 from agent.manifests import decode_json, parse_image_config
@@ -68,6 +69,8 @@ class Puller:
         # By digest, across every pull on this host.
         self._layer_downloads: SingleFlight[str, None, int] = SingleFlight("download", _no_state)
         self._config_downloads: SingleFlight[str, None, bytes] = SingleFlight("download config", _no_state)
+        self.gate = PullGate()
+        """The pulls fetching layers now: warms wait for them (agent/images/pullgate.py)."""
 
     async def pull(self, ref: Reference, progress: PullProgress) -> ImageSummary:
         started = time.monotonic()
@@ -95,6 +98,10 @@ class Puller:
     def source(self, ref: Reference) -> BlobSource:
         """Where a pull of `ref` reads blobs: local (ingest_blob looks first) -> peers -> registry."""
         return self.behind_peers(RegistryBlobs(self._registry, ref))
+
+    def warm_source(self, ref: Reference) -> BlobSource:
+        """Where a warm of a layer of `ref` reads it: the pull's path, yielding to every pull."""
+        return YieldsToPulls(self.source(ref), self.gate)
 
     async def fetch_blob(self, source: BlobSource, desc: Descriptor, on_bytes: Callable[[int], None]) -> int:
         """One blob into the content store through this host's shared downloads (one per digest, under
@@ -152,6 +159,22 @@ class Puller:
             name, image, source, diff_ids, progress, asyncio.Semaphore(self._config.max_concurrent_layers), origin
         )
 
+        with self.gate.pulling(d.digest for d in image.layers):
+            record = await self._store(pull, config_bytes)
+        log.info("stored image", extra={"image": record.name, "digest": record.digest, "bytes": progress.done})
+        return ImageSummary(
+            name=record.name,
+            digest=record.digest,
+            media_type=record.media_type,
+            size=image.manifest.size + image.config.size + sum(d.size for d in image.layers),
+            bytes_fetched=progress.done,
+            layers_fetched=pull.layers_fetched,
+            bytes_from_peers=pull.bytes_from_peers,
+        )
+
+    async def _store(self, pull: PullContext, config_bytes: bytes) -> ImageRecord:
+        """The pull's blobs fetched and unpacked, its record written last, all under one lease."""
+        image = pull.image
         async with self._cd.leases.held("pull", self._config.lease_expiry) as lease_id:
             cd = self._cd.leased(lease_id)
             await self._store_metadata(cd, pull, config_bytes)
@@ -167,24 +190,14 @@ class Puller:
                 await asyncio.gather(*fetches, return_exceptions=True)
             snapshotter = cd.snapshotter_name
             await ensure_labels(cd, image.config.digest, {L.gc_snapshot(snapshotter): top_chain})
-            record = await cd.images.put(
+            return await cd.images.put(
                 ImageRecord(
-                    name=name,
+                    name=pull.name,
                     media_type=image.target.media_type,
                     digest=image.target.digest,
                     size=image.target.size,
                 )
             )
-        log.info("stored image", extra={"image": record.name, "digest": record.digest, "bytes": progress.done})
-        return ImageSummary(
-            name=record.name,
-            digest=record.digest,
-            media_type=record.media_type,
-            size=image.manifest.size + image.config.size + sum(d.size for d in image.layers),
-            bytes_fetched=progress.done,
-            layers_fetched=pull.layers_fetched,
-            bytes_from_peers=pull.bytes_from_peers,
-        )
 
     async def _store_metadata(self, cd: Containerd, pull: PullContext, config_bytes: bytes) -> None:
         """Index (if any), manifest and config, with the GC labels that tie them together."""
@@ -256,7 +269,8 @@ class Puller:
                 return await ingest_blob(cd, source, desc, *args)
             except DigestMismatch:
                 # Peers sent some of it: once more from the registry, which also tells who lied.
-                if not (isinstance(source, PeersFirst) and source.distrust(desc.digest)):
+                peers = source.inner if isinstance(source, YieldsToPulls) else source
+                if not (isinstance(peers, PeersFirst) and peers.distrust(desc.digest)):
                     raise
                 log.warning("blob from peers failed its digest check; from the registry", extra={"digest": desc.digest})
                 return await ingest_blob(cd, source, desc, *args)
