@@ -406,7 +406,16 @@ async def run_pass(
         ]
         have = await held_digests(agent)
         held = {d for d in built if built[d].digest in have}
-        for c in plan(candidates, held, set(pending[host]), agg, budget, max_expected_waste=limits.max_waste):
+        # what the other hosts hold, as the coordinator knows it from their registrations: a layer
+        # none of them holds comes from the registry when a start misses it (warming.plan's lower bar)
+        elsewhere: set[str] = set()
+        for other in mesh.hosts:
+            if other is not agent:
+                elsewhere |= await held_digests(other)
+        on_peers = {d for d in built if built[d].digest in elsewhere}
+        for c in plan(
+            candidates, held, set(pending[host]), agg, budget, max_expected_waste=limits.max_waste, on_peers=on_peers
+        ):
             # The bench ends each lease itself on trace time (used, or 1 trace hour unused): a lease
             # in wall seconds scaled from trace time ended early whenever a trace hour took longer
             # on the wall than planned (load, slower pulls). The agent's TTL only bounds a lease the

@@ -7,7 +7,8 @@ scores the host's candidate layers with the loaded model in a worker thread (onn
 waste controller (`waste_control.control`) moves the fleet's `Aggressiveness` by what every host's
 warms and starts did since the round before (wasted and used warm bytes, local starts); then per
 ready host `warming.plan` under it, the expected waste of each host's warms at most the bound
-(`max_waste`); each chosen layer is fetched by the host's agent (peers first)
+(`max_waste`), a layer no other ready host holds (their registered layers) at a lower bar, as a start
+that misses it would fetch it from the registry; each chosen layer is fetched by the host's agent (peers first)
 under a lease as long as the model's (`AgentClientLike.warm_layer`). A host migrating anything
 gets no warms that round (`warm_budget`: the link is busy). Only layers of images started before,
 or pushed as a release of one (`pushed`, from the registry's notifications), are warmed (the
@@ -203,7 +204,10 @@ class WarmService:
         lease = self.predictor.info.lease
         state = self._steer(now, limits)
         out: dict[str, list[str]] = {}
-        for host in await self._store.list_hosts():
+        hosts = await self._store.list_hosts()
+        # what each host holds, as it last registered: a layer another host holds comes from a peer
+        holding = {h.name: set(h.layer_digests) for h in hosts if h.health is HostHealth.READY}
+        for host in hosts:
             if host.health is not HostHealth.READY or not host.api_url or host.name not in self.hosts:
                 continue
             warms = self.warms.setdefault(host.name, _HostWarms())
@@ -226,6 +230,7 @@ class WarmService:
                 state.aggressiveness,
                 budget,
                 max_expected_waste=limits.max_waste,
+                on_peers=set().union(*(held for name, held in holding.items() if name != host.name)),
             )
             for c in chosen:
                 ref = self.layer_refs[c.digest][0]

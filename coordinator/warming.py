@@ -80,6 +80,12 @@ class Candidate:
     lease is longer than the horizon)."""
 
 
+REGISTRY_ONLY_BAR = 0.75
+"""A layer no other host holds is warmed from `threshold` x this: a start that misses it fetches it
+over the registry's link (seconds for a large layer), one that misses a layer a peer holds gets it
+over the fleet's network (a fraction of that), so warming it saves more per byte risked."""
+
+
 def plan(
     candidates: Sequence[Candidate],
     held: Collection[str],
@@ -87,29 +93,40 @@ def plan(
     aggressiveness: Aggressiveness,
     budget_bytes: int,
     max_expected_waste: float = 1.0,
+    on_peers: Collection[str] | None = None,
 ) -> list[Candidate]:
-    """The layers to warm now: the most probable first, at or above the threshold, not held or
-    already being fetched, of known size, within the layer count and the byte budget (a layer
-    that does not fit is skipped, a smaller one after it may), and while the expected wasted share
-    of the chosen bytes, sum((1 - P_lease) * bytes) / sum(bytes), stays within `max_expected_waste`:
-    a warm is wasted when no start uses it before its lease ends, so P_lease is the candidate's
-    `lease_probability` (its `probability` when that is unknown).
+    """The layers to warm now: at or above their bar, not held or already being fetched, of known
+    size, within the layer count and the byte budget (a layer that does not fit is skipped, a
+    smaller one after it may), and while the expected wasted share of the chosen bytes,
+    sum((1 - P_lease) * bytes) / sum(bytes), stays within `max_expected_waste`: a warm is wasted
+    when no start uses it before its lease ends, so P_lease is the candidate's `lease_probability`
+    (its `probability` when that is unknown).
+
+    The bar is the threshold; with `on_peers` (the layers another host of the fleet holds) a layer
+    outside it, which only the registry can serve, has the lower bar `threshold x REGISTRY_ONLY_BAR`.
+    The candidates go by P over their bar, highest first: those the registry alone holds first
+    when P is equal. Without `on_peers` (not known) every layer has the threshold as its bar.
 
     The expected waste is known when the warm is made; the waste controller's threshold moves on
     wasted warms, known only a lease later. With both, a model surer than it should be (a retrained
     one served on little data) cannot run the waste up for a lease before the controller sees it."""
+
+    def bar(c: Candidate) -> float:
+        registry_only = on_peers is not None and c.digest not in on_peers
+        return aggressiveness.threshold * (REGISTRY_ONLY_BAR if registry_only else 1.0)
+
     chosen: list[Candidate] = []
     spent = 0
     expected_waste = 0.0
-    for c in sorted(candidates, key=lambda c: (-c.probability, c.digest)):
+    for c in sorted(candidates, key=lambda c: (-c.probability / max(bar(c), 1e-9), c.digest)):
         p = c.probability
-        if len(chosen) >= aggressiveness.max_layers or p < aggressiveness.threshold:
-            break
+        if len(chosen) >= aggressiveness.max_layers or p < bar(c):
+            break  # sorted by P over the bar: the rest are below theirs too
         if c.digest in held or c.digest in in_flight or c.size <= 0 or spent + c.size > budget_bytes:
             continue
         q = p if c.lease_probability is None else c.lease_probability
         if expected_waste + (1.0 - q) * c.size > max_expected_waste * (spent + c.size):
-            break  # the rest are no more probable (the calibration to the lease is monotone)
+            break  # the rest are no further above their bars: stop while the bound holds
         chosen.append(c)
         spent += c.size
         expected_waste += (1.0 - q) * c.size

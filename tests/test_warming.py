@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from coordinator.warming import Aggressiveness, Candidate, WarmOutcome, outcome_of, plan, warm_budget
+from coordinator.warming import (
+    REGISTRY_ONLY_BAR,
+    Aggressiveness,
+    Candidate,
+    WarmOutcome,
+    outcome_of,
+    plan,
+    warm_budget,
+)
 
 MB = 1 << 20
 
@@ -46,6 +54,27 @@ def test_the_plan_keeps_the_expected_waste_of_its_warms_within_the_bound() -> No
     assert len(plan(candidates, set(), set(), agg, 1 << 40)) == 4  # no bound: the threshold alone
     # a lone warm at P 0.7 expects 0.3 of its bytes wasted: over the bound, not made
     assert plan([Candidate("sha256:b", 0.7, MB)], set(), set(), agg, 1 << 40, max_expected_waste=0.25) == []
+
+
+def test_a_layer_only_the_registry_holds_has_a_lower_bar_and_goes_first() -> None:
+    """A start that misses a layer no peer holds fetches it over the registry's link: warming it
+    saves more, so its bar is threshold x REGISTRY_ONLY_BAR; one a peer holds keeps the threshold."""
+    candidates = [
+        Candidate("sha256:peer-high", 0.8, 10 * MB),
+        Candidate("sha256:reg-high", 0.8, 10 * MB),
+        Candidate("sha256:peer-low", 0.6, 10 * MB),
+        Candidate("sha256:reg-low", 0.6, 10 * MB),  # 0.6 >= 0.7 x 0.75
+        Candidate("sha256:reg-lowest", 0.5, 10 * MB),  # 0.5 < 0.525
+    ]
+    agg = Aggressiveness(threshold=0.7, max_layers=8)
+    peers = {"sha256:peer-high", "sha256:peer-low"}
+    got = plan(candidates, set(), set(), agg, 1 << 40, on_peers=peers)
+    assert [c.digest for c in got] == ["sha256:reg-high", "sha256:peer-high", "sha256:reg-low"]
+    assert REGISTRY_ONLY_BAR < 1 and 0.6 >= 0.7 * REGISTRY_ONLY_BAR > 0.5
+    # with room for one, the registry's goes; unknown holders: the threshold for all, by P
+    assert [c.digest for c in plan(candidates, set(), set(), agg, 10 * MB, on_peers=peers)] == ["sha256:reg-high"]
+    got = plan(candidates, set(), set(), agg, 1 << 40)
+    assert [c.digest for c in got] == ["sha256:peer-high", "sha256:reg-high"]
 
 
 def test_an_outcome_counts_warms_made_waste_settled_and_local_starts() -> None:
