@@ -46,10 +46,14 @@ Result lines:
   until 50 are back to 90 % of the hit rate before it (target <= 50), and the predictor's time per
   host decision (model alone, target <= 1 ms).
 
+`warming.plan` also gets the layers the other hosts hold (`ctr content ls`, as the coordinator knows
+them from their registrations): a layer none of them holds is warmed at a lower bar.
+
 Each pass also runs the cache simulation (models/prefetch/evaluate.py) on the same starts and warms
 and prints where each missed layer went and the MB a start fetched by why (new to the fleet, new to
-the host, evicted by the bound, warmed then lost) and by layer kind; `--record FILE` writes every
-start and warm as JSON lines.
+the host, evicted by the bound, warmed then lost) and by layer kind, and the starts by where their
+bytes came from (the pull's `bytes_from_peers`: all local, peers only, some from the registry) with
+the registry MB a start; `--record FILE` writes every start and warm as JSON lines.
 Before the passes the same simulation says what the window allows at the bound: no prefetching, an
 oracle warming each host's next start, and warms that know the generator's workflows and crons
 (`replay_window`, `oracle_ranker`, `structure_ranker`).
