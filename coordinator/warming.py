@@ -112,13 +112,12 @@ def plan(
     one served on little data) cannot run the waste up for a lease before the controller sees it."""
 
     def bar(c: Candidate) -> float:
-        registry_only = on_peers is not None and c.digest not in on_peers
-        return aggressiveness.threshold * (REGISTRY_ONLY_BAR if registry_only else 1.0)
+        return _bar(c, aggressiveness, on_peers)
 
     chosen: list[Candidate] = []
     spent = 0
     expected_waste = 0.0
-    for c in sorted(candidates, key=lambda c: (-c.probability / max(bar(c), 1e-9), c.digest)):
+    for c in _by_margin(candidates, aggressiveness, on_peers):
         p = c.probability
         if len(chosen) >= aggressiveness.max_layers or p < bar(c):
             break  # sorted by P over the bar: the rest are below theirs too
@@ -130,6 +129,49 @@ def plan(
         chosen.append(c)
         spent += c.size
         expected_waste += (1.0 - q) * c.size
+    return chosen
+
+
+def _bar(c: Candidate, aggressiveness: Aggressiveness, on_peers: Collection[str] | None) -> float:
+    registry_only = on_peers is not None and c.digest not in on_peers
+    return aggressiveness.threshold * (REGISTRY_ONLY_BAR if registry_only else 1.0)
+
+
+def _by_margin(
+    candidates: Sequence[Candidate], aggressiveness: Aggressiveness, on_peers: Collection[str] | None
+) -> list[Candidate]:
+    """By P over the bar, highest first (then digest, so the order is stable)."""
+    return sorted(candidates, key=lambda c: (-c.probability / max(_bar(c, aggressiveness, on_peers), 1e-9), c.digest))
+
+
+def keep(
+    candidates: Sequence[Candidate],
+    held: Collection[str],
+    kept: Collection[str],
+    aggressiveness: Aggressiveness,
+    room_bytes: int,
+    on_peers: Collection[str] | None = None,
+) -> list[Candidate]:
+    """The predicted layers the host holds already to keep under a warm lease, so the cache bound
+    does not evict them before the start the model expects: at or above their bar (as in `plan`),
+    held, not kept already, of known size, by P over the bar highest first, while their bytes fit
+    `room_bytes` (the cache room left to layers under warm leases; a layer that does not fit is
+    skipped, a smaller one after it may).
+
+    A keep fetches nothing, so neither the byte budget of the link nor the expected-waste bound
+    applies, nor the layer count (a count of fetches). A keep whose lease ends unused wasted cache
+    room for a lease (what the bound evicted instead), not bytes: it is counted apart from warms.
+    Plan the keeps before the warms, in the same room: a start misses a layer it held before,
+    which a keep saves at no cost, more often than one it never had."""
+    chosen: list[Candidate] = []
+    spent = 0
+    for c in _by_margin(candidates, aggressiveness, on_peers):
+        if c.probability < _bar(c, aggressiveness, on_peers):
+            break  # sorted by P over the bar: the rest are below theirs too
+        if c.digest not in held or c.digest in kept or c.size <= 0 or spent + c.size > room_bytes:
+            continue
+        chosen.append(c)
+        spent += c.size
     return chosen
 
 

@@ -7,6 +7,7 @@ from coordinator.warming import (
     Aggressiveness,
     Candidate,
     WarmOutcome,
+    keep,
     outcome_of,
     plan,
     warm_budget,
@@ -75,6 +76,32 @@ def test_a_layer_only_the_registry_holds_has_a_lower_bar_and_goes_first() -> Non
     assert [c.digest for c in plan(candidates, set(), set(), agg, 10 * MB, on_peers=peers)] == ["sha256:reg-high"]
     got = plan(candidates, set(), set(), agg, 1 << 40)
     assert [c.digest for c in got] == ["sha256:peer-high", "sha256:reg-high"]
+
+
+def test_keeps_are_the_predicted_layers_held_within_the_room_highest_first() -> None:
+    """A keep takes a lease on a layer the host holds (no fetch): only held layers at or above
+    their bar, not kept already, by P highest first while they fit the room; no layer count, no
+    byte budget of the link, no expected-waste bound (an unused keep wastes no bytes)."""
+    candidates = [
+        Candidate("sha256:a", 0.95, 30 * MB),
+        Candidate("sha256:b", 0.9, 50 * MB),
+        Candidate("sha256:c", 0.85, 10 * MB),
+        Candidate("sha256:d", 0.8, 0),  # size unknown
+        Candidate("sha256:e", 0.75, 20 * MB),
+        Candidate("sha256:f", 0.5, 1 * MB),  # under the threshold
+        Candidate("sha256:g", 0.99, 1 * MB),  # not held: a warm's, not a keep's
+    ]
+    held = {"sha256:a", "sha256:b", "sha256:c", "sha256:d", "sha256:e", "sha256:f"}
+    agg = Aggressiveness(threshold=0.7, max_layers=1)
+    got = keep(candidates, held, kept={"sha256:a"}, aggressiveness=agg, room_bytes=40 * MB)
+    assert [c.digest for c in got] == ["sha256:c", "sha256:e"]  # a kept already, b does not fit
+    got = keep(candidates, held, kept=set(), aggressiveness=agg, room_bytes=1 << 40)
+    assert [c.digest for c in got] == ["sha256:a", "sha256:b", "sha256:c", "sha256:e"]
+    assert keep(candidates, held, set(), agg, room_bytes=0) == []
+    # the registry-only bar as in the plan: f, held and predicted at 0.5, is not kept at 0.7 x 0.75
+    assert "sha256:f" not in [c.digest for c in keep(candidates, held, set(), agg, 1 << 40, on_peers=set())]
+    low = Aggressiveness(threshold=0.6)
+    assert "sha256:f" in [c.digest for c in keep(candidates, held, set(), low, 1 << 40, on_peers=set())]
 
 
 def test_an_outcome_counts_warms_made_waste_settled_and_local_starts() -> None:
