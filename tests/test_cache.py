@@ -278,3 +278,25 @@ async def test_a_source_that_fetches_from_several_places_is_counted_per_blob(
         assert summary.bytes_from_peers == x.layers[1].size
         assert summary.bytes_fetched == x.layers[0].size + x.layers[1].size
         await assert_clean(agent, ctrd, [ref], [])
+
+
+async def test_a_kept_layer_outlives_an_eviction_that_takes_an_unkept_one(
+    ctrd: PrivateContainerd, registry: DockerRegistry, workdir: Path
+) -> None:
+    """A warm of a layer already here keeps it (a lease, nothing fetched, not counted as a warm):
+    over the bound, the eviction takes the images as their value says, but the kept layer stays
+    while the unkept one of the same value goes."""
+    a, b, c = (sleeper(seed) for seed in (31, 32, 33))
+    ref_a, ref_b, ref_c = [await push(registry, image) for image in (a, b, c)]
+    async with cache_agent(ctrd, registry, workdir, max_bytes=stored(a, b) + 1000) as agent:
+        await agent.images.pull(ref_a)
+        await agent.images.pull(ref_b)
+        kept = await agent.assembly.warm_layer(a.layers[1].digest, ref_a, ttl=60)
+        assert (kept["kept"], kept["bytes_fetched"], kept["size"]) == (True, 0, a.layers[1].size)
+        assert agent.metrics.cache.to_json()["warms"]["warmed"] == 0, "a keep moved no bytes: not a warm"
+        await agent.images.pull(ref_c)  # over the bound: a and b are worth the same, a is older
+        present = {i.digest for i in await agent.containerd.content.infos()}
+        assert a.layers[1].digest in present, "the kept layer stays"
+        assert b.layers[1].digest not in present, "the unkept one goes"
+        names = {i["name"] for i in (await agent.cache.status())["images"]}
+        assert ref_b not in names and ref_c in names

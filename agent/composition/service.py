@@ -595,13 +595,34 @@ class CompositionService:
     async def warm_layer(self, digest: str, ref: str, ttl: float | None = None, model: str = "") -> dict[str, Any]:
         """Fetch one layer of image `ref` ahead of use and keep it `ttl` seconds under a lease (then
         it stays only if an image references it by then). `model`: the version of the model that
-        chose it, if one did (shown in the cache status)."""
+        chose it, if one did (shown in the cache status).
+
+        A layer already in the content store is kept instead: the lease is taken and nothing is
+        fetched (`"kept": true`), so the cache bound does not evict it while the lease lasts (the
+        eviction leaves what a lease holds). A keep is not counted as a warm: it moved no bytes."""
         ttl = WARM_TTL if ttl is None else ttl
         if not 0 < ttl <= MAX_WARM_TTL:
             raise InvalidRequest(f"ttl must be in (0, {MAX_WARM_TTL:g}] seconds, got {ttl:g}")
         parsed = Reference.parse(ref)
         if not self._config.allows_registry(parsed.host):
             raise InvalidRequest(f"registry {parsed.host} is not allowed on this host")
+        local = await self._cd.content.exists(digest)
+        if local is not None:
+            lease_id = await self._cd.leases.create("warm", ttl)
+            try:
+                await self._cd.leases.add_content(lease_id, digest)
+            except BaseException:
+                await self._cd.leases.delete(lease_id, sync=True)
+                raise
+            return {
+                "digest": digest,
+                "ref": ref,
+                "size": local.size,
+                "bytes_fetched": 0,
+                "kept": True,
+                "lease": lease_id,
+                "ttl_seconds": ttl,
+            }
         info = await self._ref_layers(parsed, [digest])
         found = info.layers.get(digest)
         if found is None:
@@ -624,6 +645,7 @@ class CompositionService:
             "ref": ref,
             "size": desc.size,
             "bytes_fetched": got,
+            "kept": False,
             "lease": lease_id,
             "ttl_seconds": ttl,
         }
