@@ -25,8 +25,12 @@ the trace's images and blobs before each:
        each (`POST /v1/prefetch/layers/{digest}`, peers first) under a lease of the model's 1 h of
        trace time: the bench ends the agent's lease itself when a start uses the warm or its trace
        hour passes (`ctr leases delete`), so the lease follows trace time however long a trace hour
-       takes on the wall. With `--retrain-every` (2 trace hours), the coordinator's retraining
-       rounds (coordinator/warm_retraining.py) run on the starts
+       takes on the wall. Before the warms, `warming.keep` picks the predicted layers the host
+       holds already, and the same endpoint keeps each (`"kept": true`: a lease, nothing fetched)
+       so the cache bound leaves it, ended like a warm's; keeps and warms under lease share the
+       half of the cache bound. A keep is used or its lease ends unused, counted apart from warms:
+       it moved no bytes, so the waste figure is of warms alone. With `--retrain-every` (2 trace
+       hours), the coordinator's retraining rounds (coordinator/warm_retraining.py) run on the starts
        recorded before each round from the window's start on, holding out `--retrain-holdout-h`, and
        a candidate that beats the served model replaces it from that trace time on (computed before
        the passes: their inputs are the trace's).
@@ -53,7 +57,8 @@ Each pass also runs the cache simulation (models/prefetch/evaluate.py) on the sa
 and prints where each missed layer went and the MB a start fetched by why (new to the fleet, new to
 the host, evicted by the bound, warmed then lost) and by layer kind, and the starts by where their
 bytes came from (the pull's `bytes_from_peers`: all local, peers only, some from the registry) with
-the registry MB a start; `--record FILE` writes every start and warm as JSON lines.
+the registry MB a start; `--record FILE` writes every start, warm and keep as JSON lines. The cache
+simulation has no keeps: its figures are of warms alone.
 Before the passes the same simulation says what the window allows at the bound: no prefetching, an
 oracle warming each host's next start, and warms that know the generator's workflows and crons
 (`replay_window`, `oracle_ranker`, `structure_ranker`).
@@ -92,7 +97,7 @@ from coordinator.predictor import run_training
 from coordinator.warm_features import FleetStarts, HostStarts
 from coordinator.warm_predictor import LayerPredictor
 from coordinator.warm_retraining import recorded, verdict
-from coordinator.warming import Candidate, WarmOutcome, plan, warm_budget
+from coordinator.warming import Candidate, WarmOutcome, keep, plan, warm_budget
 from coordinator.waste_control import ControlLimits, ControlState, control, initial
 from models.prefetch.evaluate import (
     Cache,
@@ -191,6 +196,12 @@ class PassResult:
     used: int = 0
     warm_requests: int = 0
     failed_warms: int = 0
+    kept: int = 0
+    """Keeps (a warm lease on a predicted layer the host held: nothing fetched) and their bytes."""
+    kept_bytes: int = 0
+    keeps_used: int = 0
+    """Keeps a start on the host used within their lease, and those whose lease ended unused."""
+    keeps_ended: int = 0
     predict_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     model_ms: list[float] = field(default_factory=list)
@@ -250,7 +261,9 @@ async def run_pass(
     pending: dict[str, dict[str, tuple[int, float]]] = {h: {} for h in trace.hosts}
     """host -> digest -> (bytes, trace time its lease ends): warms no start used yet."""
     leases: dict[str, dict[str, str]] = {h: {} for h in trace.hosts}
-    """host -> digest -> the agent's lease of its warm, until the bench ends it."""
+    """host -> digest -> the agent's lease of its warm or keep, until the bench ends it."""
+    kept: dict[str, dict[str, tuple[int, float]]] = {h: {} for h in trace.hosts}
+    """host -> digest -> (bytes, trace time its lease ends): keeps no start used yet."""
     next_round = replay.begin + EVAL.control_s
     lease = predictor.info.lease
     counted = 0
@@ -281,6 +294,12 @@ async def run_pass(
                 window[1] += size
                 window[2] += 1
             await end_leases(host, ended, collect=True)
+        for host, digests in kept.items():
+            ended = [d for d, (_, until) in digests.items() if until <= now]
+            for d in ended:
+                digests.pop(d)
+                out.keeps_ended += 1
+            await end_leases(host, ended, collect=True)
 
     later = list(swaps)
     wall0 = time.perf_counter()
@@ -305,6 +324,9 @@ async def run_pass(
             for d in trace.starts[i][1].layers:
                 if d in pending[host]:
                     out.used += pending[host].pop(d)[0]
+                if d in kept[host]:
+                    kept[host].pop(d)
+                    out.keeps_used += 1
             continue
         if kind == 0:
             start = trace.starts[i][1]
@@ -322,6 +344,7 @@ async def run_pass(
                         "sim_local": d in shadow[host].entries,
                         "warmed_at": at[0] if at else None,
                         "pending": d in pending[host],
+                        "kept": d in kept[host],
                         # a warm whose layer is gone before its start: its lease ended unused (trace
                         # time) or the bound evicted it after the start that used it
                         "lost": None
@@ -365,6 +388,9 @@ async def run_pass(
                     out.used += size
                     window[2] += 1
                     window[6] += size
+                if d in kept[host]:
+                    kept[host].pop(d)
+                    out.keeps_used += 1
             # a used warm is an ordinary layer now (the image holds it), as in the cache simulation
             await end_leases(host, [d for d in start.layers if d in leases[host]], collect=False)
             window[3] += 1
@@ -401,8 +427,9 @@ async def run_pass(
         out.predict_ms.append(1e3 * (time.perf_counter() - t0))
         agg = state.aggressiveness
         budget = min(EVAL.budget_bytes, warm_budget(LINK, 0.0, EVAL.tick_s, agg.bandwidth_share)) // args.scale
-        # as in the cache simulation: warms under lease hold at most half the cache
-        budget = min(budget, int(EVAL.max_pending_share * bound) - sum(size for size, _ in pending[host].values()))
+        # as in the cache simulation: warms (and here keeps) under lease hold at most half the cache
+        room = int(EVAL.max_pending_share * bound) - sum(size for size, _ in pending[host].values())
+        room -= sum(size for size, _ in kept[host].values())
         candidates = [
             Candidate(s.digest, s.probability, built[s.digest].size, s.lease_probability)
             for s in scored
@@ -417,6 +444,26 @@ async def run_pass(
             if other is not agent:
                 elsewhere |= await held_digests(other)
         on_peers = {d for d in built if built[d].digest in elsewhere}
+        # keeps first in the room: a layer the host holds kept from the bound costs no bandwidth
+        for c in keep(candidates, held, set(kept[host]) | set(pending[host]), agg, room, on_peers=on_peers):
+            body = {"ref": layer_ref[c.digest], "ttl": AGENT_TTL, "model": predictor.version}
+            try:
+                answer = await api(agent, "POST", f"/v1/prefetch/layers/{built[c.digest].digest}", body, expect=200)
+            except AssertionError as exc:
+                print(f"  keep failed: {exc}", flush=True)
+                continue
+            leases[host][c.digest] = answer["lease"]
+            if not answer["kept"]:  # collected between the listing and the request: fetched again
+                out.failed_warms += 1
+            kept[host][c.digest] = (c.size, ts + lease)
+            room -= c.size
+            out.kept += 1
+            out.kept_bytes += c.size
+            out.records.append(
+                {"kind": "keep", "ts": ts, "host": host, "digest": c.digest, "bytes": c.size,
+                 "probability": c.probability, "threshold": agg.threshold}
+            )  # fmt: skip
+        budget = min(budget, room)
         for c in plan(
             candidates, held, set(pending[host]), agg, budget, max_expected_waste=limits.max_waste, on_peers=on_peers
         ):
@@ -452,6 +499,7 @@ async def run_pass(
             window[5] += 1
     for digests in pending.values():  # still pending at the end: not used either
         out.wasted += sum(size for size, _ in digests.values())
+    out.keeps_ended += sum(len(digests) for digests in kept.values())  # not used either
     for host, held_leases in leases.items():  # no lease outlives its pass
         await end_leases(host, list(held_leases), collect=False)
     out.wall_s = time.perf_counter() - wall0
@@ -702,7 +750,9 @@ async def main() -> None:
                     f"{statistics.mean(res.latencies):.2f} s, warmed {res.warmed / 1e6:.1f} MB "
                     f"({res.warm_requests} requests, {res.failed_warms} failed; {res.pushes} pushes taken as "
                     f"releases), used {res.used / 1e6:.1f} MB, "
-                    f"wasted {res.wasted / 1e6:.1f} MB; {res.evicted_before_create} images evicted between "
+                    f"wasted {res.wasted / 1e6:.1f} MB; kept {res.kept} held layers ({res.kept_bytes / 1e6:.1f} MB: "
+                    f"{res.keeps_used} used, {res.keeps_ended} lease ended unused); "
+                    f"{res.evicted_before_create} images evicted between "
                     f"pull and create; {time.perf_counter() - t0:.0f} s "
                     f"({res.wall_s / (args.before_h + args.after_h):.0f} s of wall time per trace hour)",
                     flush=True,
@@ -735,6 +785,12 @@ async def main() -> None:
                 "simulated": ceilings,
                 "waste": waste,
                 "latency_ratio": latency,
+                "keeps": {
+                    "kept": sum(r.kept for r in on),
+                    "kept_mb": sum(r.kept_bytes for r in on) / 1e6,
+                    "used": sum(r.keeps_used for r in on),
+                    "lease_ended": sum(r.keeps_ended for r in on),
+                },
                 "fetched_ratio": statistics.mean(x for r in on for x in r.fetched)
                 / statistics.mean(x for r in off for x in r.fetched),
                 "recovery_on": rec_on,
