@@ -199,6 +199,10 @@ class WarmConfig:
     """Upper bound for one warm request to an agent."""
     max_waste: float = 0.25
     """Wasted bytes over warmed bytes the warming rounds hold under (coordinator/waste_control.py)."""
+    keep_bytes: int = 0
+    """Bytes of predicted layers a host holds already that the warming rounds keep under a lease (no
+    fetch) so its cache bound leaves them, per host; about half the hosts' `[cache] max_bytes` (a
+    lease the bound cannot evict). 0: no keeps."""
     retrain_interval: float = 0.0
     """Seconds between retraining rounds of the layer predictor on the recorded starts; 0: never."""
     retrain_holdout: float = 6 * 3600.0

@@ -109,11 +109,11 @@ class CoordinatorMetrics:
         self.warm_bytes = Counter(
             "ferryman_coordinator_warm_bytes",
             "Bytes of layers warmed ahead of use (warmed), then used by a start (used) or whose lease ended "
-            "unused (wasted)",
+            "unused (wasted); of layers a host held kept under a lease (kept), then used by a start (kept_used)",
             ["outcome"],
             registry=self.registry,
         )
-        for outcome in ("warmed", "used", "wasted"):
+        for outcome in ("warmed", "used", "wasted", "kept", "kept_used"):
             self.warm_bytes.labels(outcome=outcome)
         self.registry_pushes = Counter(
             "ferryman_coordinator_registry_pushes",

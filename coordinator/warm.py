@@ -9,7 +9,10 @@ warms and starts did since the round before (wasted and used warm bytes, local s
 ready host `warming.plan` under it, the expected waste of each host's warms at most the bound
 (`max_waste`), a layer no other ready host holds (their registered layers) at a lower bar, as a start
 that misses it would fetch it from the registry; each chosen layer is fetched by the host's agent (peers first)
-under a lease as long as the model's (`AgentClientLike.warm_layer`). A host migrating anything
+under a lease as long as the model's (`AgentClientLike.warm_layer`). Before them, with `[warm]
+keep_bytes`, `warming.keep` picks the predicted layers the host holds (its registration) and the same
+request keeps each under the lease, nothing fetched, so the host's cache bound leaves them (a layer
+evicted since the registration is fetched: a warm). A host migrating anything
 gets no warms that round (`warm_budget`: the link is busy). Only layers of images started before,
 or pushed as a release of one (`pushed`, from the registry's notifications), are warmed (the
 coordinator knows their image reference and size from the start history or the push).
@@ -34,7 +37,7 @@ from coordinator.registry_events import PushedImage, check_envelope, pushed_imag
 from coordinator.store import Store
 from coordinator.warm_features import FleetStarts, HostStarts, Start
 from coordinator.warm_predictor import LayerPredictor, ScoredLayer
-from coordinator.warming import Candidate, WarmOutcome, plan, warm_budget
+from coordinator.warming import Candidate, WarmOutcome, keep, plan, warm_budget
 from coordinator.waste_control import ControlLimits, ControlState, control, initial
 from core.errors import ConfigError, FerrymanError
 
@@ -49,6 +52,8 @@ class _HostWarms:
     """digest -> (size, lease end) of warms no start used yet."""
     landed: dict[str, float] = field(default_factory=dict)
     """digest -> lease end of the pending warms the agent answered (the layer is there)."""
+    kept: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """digest -> (size, lease end) of keeps no start used yet."""
     window: list[int] = field(default_factory=lambda: [0] * len(fields(WarmOutcome)))
     """WarmOutcome's fields: warmed bytes, wasted bytes, settled, starts, local starts, warms, used bytes."""
 
@@ -58,6 +63,8 @@ class _HostWarms:
             self.landed.pop(digest, None)
             self.window[1] += size
             self.window[2] += 1
+        for digest in [d for d, (_, until) in self.kept.items() if until <= now]:
+            del self.kept[digest]
 
 
 class WarmService:
@@ -175,6 +182,9 @@ class WarmService:
                     warms.landed.pop(digest, None)
                     warms.window[2] += 1
                     warms.window[6] += size
+                kept = warms.kept.pop(digest, None)
+                if kept is not None and digest in record.hits and self._metrics is not None:
+                    self._metrics.warm_bytes.labels(outcome="kept_used").inc(kept[0])
             warms.window[3] += 1
             warms.window[4] += not record.misses
         history = self.hosts.setdefault(record.host, HostStarts())
@@ -215,7 +225,8 @@ class WarmService:
             budget = warm_budget(
                 config.link_bytes_per_second, busy, config.period, state.aggressiveness.bandwidth_share
             )
-            if budget <= 0:
+            room = config.keep_bytes - sum(size for size, _ in warms.kept.values())
+            if budget <= 0 and room <= 0:
                 continue
             scored = await self.predict(host.name, now)
             candidates = [
@@ -223,6 +234,32 @@ class WarmService:
                 for s in scored
                 if s.digest in self.layer_refs
             ]
+            on_peers = set().union(*(held for name, held in holding.items() if name != host.name))
+            kept = keep(
+                candidates, set(host.layer_digests), set(warms.kept) | set(warms.pending), state.aggressiveness,
+                room, on_peers=on_peers,
+            )  # fmt: skip
+            for c in kept:
+                ref = self.layer_refs[c.digest][0]
+                try:
+                    answer = await agents.warm_layer(
+                        host, c.digest, ref, lease, self.model_version, config.request_timeout
+                    )
+                except (FerrymanError, OSError) as exc:
+                    log.warning("keep failed", extra={"host": host.name, "digest": c.digest, "error": str(exc)})
+                    continue
+                if answer.get("kept", True):
+                    warms.kept[c.digest] = (c.size, now + lease)
+                    if self._metrics is not None:
+                        self._metrics.warm_bytes.labels(outcome="kept").inc(c.size)
+                else:  # evicted since the host registered: the agent fetched it, a warm
+                    warms.pending[c.digest] = (c.size, now + lease)
+                    warms.landed[c.digest] = now + lease
+                    warms.window[0] += c.size
+                    warms.window[5] += 1
+            if budget <= 0:
+                out[host.name] = [c.digest for c in kept]
+                continue
             chosen = plan(
                 candidates,
                 set(host.layer_digests),
@@ -230,7 +267,7 @@ class WarmService:
                 state.aggressiveness,
                 budget,
                 max_expected_waste=limits.max_waste,
-                on_peers=set().union(*(held for name, held in holding.items() if name != host.name)),
+                on_peers=on_peers,
             )
             for c in chosen:
                 ref = self.layer_refs[c.digest][0]
@@ -242,7 +279,7 @@ class WarmService:
                     warms.landed[c.digest] = now + lease
                 except (FerrymanError, OSError) as exc:
                     log.warning("warm failed", extra={"host": host.name, "digest": c.digest, "error": str(exc)})
-            out[host.name] = [c.digest for c in chosen]
+            out[host.name] = [c.digest for c in kept + chosen]
         return out
 
     def _steer(self, now: float, limits: ControlLimits) -> ControlState:

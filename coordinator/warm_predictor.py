@@ -91,9 +91,7 @@ class LayerPredictor:
             scored = released(scored, history, fleet)
         digests = list(scored)
         lease = self.in_lease(np.array([scored[d] for d in digests], np.float64))
-        out = [
-            ScoredLayer(d, scored[d], None if lease is None else float(lease[i])) for i, d in enumerate(digests)
-        ]
+        out = [ScoredLayer(d, scored[d], None if lease is None else float(lease[i])) for i, d in enumerate(digests)]
         return sorted(out, key=lambda s: (-s.probability, s.digest))
 
     def in_lease(self, p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64] | None:

@@ -174,7 +174,7 @@ class WarmingAgents(CreatingAgents):
         self, host: Host, digest: str, ref: str, ttl: float, model: str, within: float
     ) -> dict[str, Any]:
         self.warmed.append((host.name, digest, ref, ttl, model))
-        return {"digest": digest, "ref": ref}
+        return {"digest": digest, "ref": ref, "kept": digest in host.layer_digests}
 
 
 async def test_a_warming_round_asks_the_agent_for_the_predicted_layers(store: SqliteStore) -> None:
@@ -217,6 +217,42 @@ async def test_a_warming_round_asks_the_agent_for_the_predicted_layers(store: Sq
     last = (await store.starts("h1"))[-1]
     assert set(last.warm_hits) == {MID, TOP} and last.misses == ()
     assert warm.warming("h1", now[0]) == set()
+
+
+async def test_a_warming_round_keeps_the_predicted_layers_a_host_holds(store: SqliteStore) -> None:
+    """With `[warm] keep_bytes`, the predicted layers the host holds are kept under the lease (the
+    agent takes the lease, fetches nothing) within that room, highest P first; not asked again while
+    kept, and counted apart from warms."""
+    now = [10_000.0]
+    config = CoordinatorConfig()
+    await store.register_host(
+        Host(name="h1", capacity=Capacity(4000, 64 * GiB, 0), layer_digests=(BASE, MID), api_url="https://h1")
+    )
+    agents = WarmingAgents()
+    metrics = CoordinatorMetrics()
+    reservations = ReservationService(store, agents, config, lambda: now[0], metrics)
+    placer = Placer(store, reservations, config.placement, lambda: 0.5, lambda: now[0])
+    warm = WarmService(store, LayerPredictor.load(SHIPPED), lambda: now[0], metrics)
+    starts = ContainerStarts(
+        store, placer, reservations, agents, 5.0, clock=lambda: now[0], on_recorded=warm.started, warming=warm.warming
+    )
+    spec = {"image": "registry.test/app:1", "args": ["batch"]}
+    for i in range(12):  # the same batch job every five minutes
+        await starts.start({**spec, "id": f"c{i}"}, Need(Capacity(100, GiB, 0), LAYERS))
+        now[0] += 300.0
+    limits = ControlLimits()
+    # room for MID, not BASE as well: MID kept, TOP (not held) warmed
+    asked = await warm.round(agents, dataclasses.replace(config.warm, period=60.0, keep_bytes=100 * MB), limits, set())
+    assert asked["h1"] == [MID, TOP], asked
+    assert set(warm.warms["h1"].kept) == {MID} and warm.warming("h1", now[0]) == {TOP}
+    sample = metrics.registry.get_sample_value
+    assert sample("ferryman_coordinator_warm_bytes_total", {"outcome": "kept"}) == LAYERS[MID]
+    # without keep_bytes (the default), none: held layers are neither kept nor warmed
+    again = await warm.round(agents, dataclasses.replace(config.warm, period=60.0), limits, set())
+    assert again["h1"] == []
+    await starts.start({**spec, "id": "c-next"}, Need(Capacity(100, GiB, 0), LAYERS))
+    assert warm.warms["h1"].kept == {}
+    assert sample("ferryman_coordinator_warm_bytes_total", {"outcome": "kept_used"}) == LAYERS[MID]
 
 
 async def test_a_start_goes_where_its_layers_were_warmed(workdir: Path) -> None:

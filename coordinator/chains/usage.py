@@ -76,9 +76,14 @@ def _ratio(a: float, b: float) -> float:
 
 
 def feature_row(
-    kind: str, target_past: Sequence[float], source_past: float | None, source_now: float | None,
-    volume_past: float | None, volume_now: float | None,
-    rate_past: float | None = None, rate_now: float | None = None,
+    kind: str,
+    target_past: Sequence[float],
+    source_past: float | None,
+    source_now: float | None,
+    volume_past: float | None,
+    volume_now: float | None,
+    rate_past: float | None = None,
+    rate_now: float | None = None,
 ) -> tuple[list[float], float] | None:
     """One row and its scale (T's last run), or None without a past run of T to scale by.
 
