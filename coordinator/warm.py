@@ -13,7 +13,7 @@ under a lease as long as the model's (`AgentClientLike.warm_layer`). Before them
 keep_bytes`, `warming.keep` picks the predicted layers the host holds (its registration) and the same
 request keeps each under the lease, nothing fetched, so the host's cache bound leaves them (a layer
 evicted since the registration is fetched: a warm). A host migrating anything
-gets no warms that round (`warm_budget`: the link is busy). Only layers of images started before,
+gets no warms and no keeps that round (`warm_budget`: the link is busy). Only layers of images started before,
 or pushed as a release of one (`pushed`, from the registry's notifications), are warmed (the
 coordinator knows their image reference and size from the start history or the push).
 
@@ -226,7 +226,8 @@ class WarmService:
                 config.link_bytes_per_second, busy, config.period, state.aggressiveness.bandwidth_share
             )
             room = config.keep_bytes - sum(size for size, _ in warms.kept.values())
-            if budget <= 0 and room <= 0:
+            if budget <= 0:
+                # Nor keeps: one of a layer evicted since the registration would fetch it.
                 continue
             scored = await self.predict(host.name, now)
             candidates = [
@@ -257,9 +258,6 @@ class WarmService:
                     warms.landed[c.digest] = now + lease
                     warms.window[0] += c.size
                     warms.window[5] += 1
-            if budget <= 0:
-                out[host.name] = [c.digest for c in kept]
-                continue
             chosen = plan(
                 candidates,
                 set(host.layer_digests),
