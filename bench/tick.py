@@ -8,7 +8,9 @@ times in the daemon: list the hosts, score every one with the shipped model (fea
 inference call, in a thread), store the predictions that crossed the threshold, apply them,
 progress drains; the other predictions that moved past the deadband (`model.prediction_deadband`)
 are stored after the tick, timed apart ("writes that followed"). Between runs `--churn` of the hosts
-move by 0.1 (the real scores, shifted: a fleet whose risk changes), the rest stay. Measured per
+move by 0.1 (the real scores, shifted: a fleet whose risk changes), the rest stay, and `--pushed` of
+the hosts push a summary to this replica that is still held back (not flushed) when the tick lists
+(the leader's share of 10 000 agents in one flush period: some 667 hosts). Measured per
 run: wall time, this process's CPU time, the event loop thread's (the coordinator's own work,
 without the model's scoring thread) and etcd's, and the longest the tick held the event loop at
 once (a probe sleeping 2 ms at a time: what a push or a lease renewal waits behind the tick).
@@ -19,7 +21,8 @@ histories), the floor of a tick.
 Result line:
   bench tick: <p99 wall seconds of a tick at --hosts> s (target < 1)
 
-Run as root from the repo: .venv/bin/python bench/tick.py [--hosts 10000] [--runs 10] [--churn 0.05]
+Run as root from the repo:
+  .venv/bin/python bench/tick.py [--hosts 10000] [--runs 10] [--churn 0.05] [--pushed 0.067]
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from coordinator.config import CoordinatorConfig
 from coordinator.etcd.kv import EtcdKV
 from coordinator.etcd.store import EtcdStore
 from coordinator.features import HostHistory
-from coordinator.model import Prediction
+from coordinator.model import Capacity, Host, Prediction
 from coordinator.predictor import DrainPredictor
+from coordinator.store import TelemetryUpdate
 from coordinator.wire import registration_to_host
 from proto.ferryman.v1 import fleet_pb2
 from tests.harness.containerd import scratch_dir
@@ -60,13 +64,21 @@ def load() -> str:
 
 
 class CountingStore(EtcdStore):
-    """Counts the predictions stored."""
+    """Counts the predictions stored and times the listings of the hosts."""
 
     written = 0
+    listing = 0.0
 
     async def record_predictions(self, predictions: Sequence[Prediction]) -> None:
         self.written += len(predictions)
         await super().record_predictions(predictions)
+
+    async def list_hosts(self) -> list[Host]:
+        t0 = time.perf_counter()
+        try:
+            return await super().list_hosts()
+        finally:
+            self.listing += time.perf_counter() - t0
 
 
 class ChurningModel:
@@ -111,6 +123,11 @@ class LoopProbe:
             self.longest = max(self.longest, loop.time() - due)
 
 
+def pushed(name: str, at: float) -> TelemetryUpdate:
+    """A push this replica took and holds back until its next flush."""
+    return TelemetryUpdate(name, (), at, Capacity(cpu_millis=500, memory_bytes=1 << 30), (), {"cpu": 1.0})
+
+
 async def run(args: argparse.Namespace) -> float:
     histories = fleet_histories(args.hosts, seed=1)
     model = DrainPredictor(MODEL, intra_op_threads=1)
@@ -138,8 +155,14 @@ async def run(args: argparse.Namespace) -> float:
             member = cluster.members[0].proc
             assert member is not None
             walls, cpus, loop_cpus, etcd_cpus, held, follow, written = [], [], [], [], [], [], []
-            for _ in range(args.runs):
-                store.written = 0
+            listings: list[float] = []
+            names = sorted(histories)
+            pushing = int(len(names) * args.pushed)
+            for run_index in range(args.runs):
+                start = (run_index * pushing) % max(len(names), 1)
+                for name in (names + names)[start : start + pushing]:  # held back, not flushed
+                    await store.record_telemetry(pushed(name, NOW + run_index + 1), keep=10, max_age=600.0)
+                store.written, store.listing = 0, 0.0
                 c0, e0, t0 = time.process_time(), cpu_seconds(member.pid), time.perf_counter()
                 l0 = time.thread_time()
                 probe = LoopProbe()
@@ -148,12 +171,14 @@ async def run(args: argparse.Namespace) -> float:
                 probing.cancel()
                 held.append(probe.longest)
                 walls.append(time.perf_counter() - t0)
+                listings.append(store.listing)
                 cpus.append(time.process_time() - c0)
                 loop_cpus.append(time.thread_time() - l0)
                 etcd_cpus.append(cpu_seconds(member.pid) - e0)
                 t1 = time.perf_counter()
                 await coordinator.predictions.flush()
                 follow.append(time.perf_counter() - t1)
+                await store.flush_telemetry()  # on its own schedule, as the daemon does
                 written.append(store.written)
             predicted = await store.latest_predictions()
             assert len(predicted) == args.hosts, f"{len(predicted)} of {args.hosts} hosts predicted"
@@ -163,6 +188,8 @@ async def run(args: argparse.Namespace) -> float:
     print(
         f"scoring alone (baseline): p50 {statistics.median(scoring):.2f} s, p99 {np.percentile(scoring, 99):.2f} s\n"
         f"tick at {args.hosts} hosts: wall p50 {statistics.median(walls):.2f} s p99 {p99:.2f} s; "
+        f"listing the hosts p50 {statistics.median(listings):.3f} s max {max(listings):.3f} s "
+        f"({int(args.hosts * args.pushed)} summaries held back); "
         f"CPU p50 {statistics.median(cpus):.2f} s (event loop {statistics.median(loop_cpus):.2f} s, "
         f"etcd {statistics.median(etcd_cpus):.2f} s); every host predicted; the loop held at once "
         f"(a push or lease renewal waits that long) p50 {1000 * statistics.median(held):.0f} ms, "
@@ -178,6 +205,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hosts", type=int, default=10_000)
     p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--pushed", type=float, default=0.067, help="share of the hosts with a summary held back at a tick")
     p.add_argument("--churn", type=float, default=0.05, help="share of the hosts whose P(drain) moves each tick")
     args = p.parse_args()
     p99 = asyncio.run(run(args))
