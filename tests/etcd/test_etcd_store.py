@@ -330,3 +330,57 @@ def test_errors_that_mean_no_quorum_are_told_apart(error: str, no_quorum: bool) 
     """An etcd member that cannot reach its quorum answers with a plain error (not gRPC's
     UNAVAILABLE): the store reports it as unavailable, not as a bad request."""
     assert without_quorum(Exception(error)) is no_quorum
+
+
+async def test_a_listing_shows_the_summaries_held_back_without_waiting_for_their_flush(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's tick lists every host while its flush is stuck in a transaction: the listing does
+    not wait for it, and shows the summary being written and the one pushed since (the newest per
+    host); the other replica sees them once the flush is through."""
+    require("etcd")
+    async with EtcdCluster(workdir / "etcd", size=1) as cluster:
+        here, other = (EtcdStore(EtcdKV(cluster.endpoints), "/l/") for _ in range(2))
+        entered, release = asyncio.Event(), asyncio.Event()
+        try:
+            for name in ("h1", "h2", "h3"):
+                await here.register_host(Host(name, Capacity(1000, GiB, 0)))
+            await here.list_hosts()
+            written = (await here.kv.range(b"/nothing/")).revision
+            await here.record_telemetry(TelemetryUpdate("h1", [], 5000.0, Capacity(100, GiB // 4, 0), (), {}), 10, 60.0)
+            await here.record_telemetry(TelemetryUpdate("h2", [], 5000.0, Capacity(200, GiB // 4, 0), (), {}), 10, 60.0)
+            txn_revision = here.kv.txn_revision
+
+            async def stuck(*args: object, **kwargs: object) -> int | None:
+                entered.set()
+                await release.wait()
+                return await txn_revision(*args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(here.kv, "txn_revision", stuck)
+            flushing = asyncio.create_task(here.flush_telemetry())
+            await asyncio.wait_for(entered.wait(), 10)
+            # Pushed while h1 and h2 are being written: h2's newer summary wins over the one in flight.
+            await here.record_telemetry(TelemetryUpdate("h2", [], 5005.0, Capacity(300, GiB // 2, 0), (), {}), 10, 60.0)
+            await here.record_telemetry(TelemetryUpdate("h3", [], 5005.0, Capacity(400, GiB, 0), (), {}), 10, 60.0)
+            listed = await asyncio.wait_for(here.list_hosts(), 5)
+            seen = {h.name: (h.last_heartbeat, h.used.cpu_millis) for h in listed}
+            assert seen == {"h1": (5000.0, 100), "h2": (5005.0, 300), "h3": (5005.0, 400)}
+            assert not flushing.done() and (await other.kv.range(b"/nothing/")).revision == written
+            assert {h.last_heartbeat for h in await other.list_hosts()} == {0.0}  # not flushed yet
+            release.set()
+            await asyncio.wait_for(flushing, 10)
+            assert {(h.name, h.used.cpu_millis) for h in await here.list_hosts()} == {
+                ("h1", 100),
+                ("h2", 300),
+                ("h3", 400),
+            }
+            await here.flush_telemetry()
+            assert {(h.name, h.used.cpu_millis) for h in await other.list_hosts()} == {
+                ("h1", 100),
+                ("h2", 300),
+                ("h3", 400),
+            }
+        finally:
+            release.set()
+            await here.close()
+            await other.close()
