@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from coordinator.model import Host, HostAdmin, HostHealth, Migration, MigrationState
+from coordinator.model import Host, HostAdmin, HostHealth, Migration, MigrationState, host_state
 
 
 class CoordinatorMetrics:
@@ -173,8 +174,10 @@ class CoordinatorMetrics:
 
     def set_hosts(self, hosts: Iterable[Host]) -> None:
         counts = dict.fromkeys([h.value for h in HostHealth] + [HostAdmin.DRAINING.value, HostAdmin.DRAINED.value], 0)
-        for host in hosts:
-            counts[host.state] += 1
+        # Counted by (health, admin) first: Host.state for each of 10 000 hosts every check_period
+        # cost more than the liveness check itself.
+        for (health, admin), n in collections.Counter((h.health, h.admin) for h in hosts).items():
+            counts[host_state(health, admin)] += n
         for state, n in counts.items():
             self.hosts.labels(state=state).set(n)
 

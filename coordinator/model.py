@@ -65,6 +65,13 @@ class Forbidden(FerrymanError):
     http_status = 403
 
 
+def host_state(health: HostHealth, admin: HostAdmin) -> str:
+    """A host's state in one word for people: liveness wins over the admin state when it is unwell."""
+    if health is not HostHealth.READY:
+        return health.value
+    return HostHealth.READY.value if admin is HostAdmin.ACTIVE else admin.value
+
+
 @dataclass(frozen=True, slots=True)
 class Capacity:
     cpu_millis: int = 0
@@ -146,10 +153,8 @@ class Host:
 
     @property
     def state(self) -> str:
-        """One word for people: liveness wins over the admin state when the host is unwell."""
-        if self.health is not HostHealth.READY:
-            return self.health.value
-        return HostHealth.READY.value if self.admin is HostAdmin.ACTIVE else self.admin.value
+        """One word for people (`host_state`)."""
+        return host_state(self.health, self.admin)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
