@@ -24,13 +24,10 @@ race reads again and decides again (InsufficientCapacity once the host is full).
 
 Telemetry time series do not go to etcd, and neither does each push: a push refreshes the host's
 summary (the heartbeat and the capacity in use, which `reserve` needs) in this replica's memory,
-and `flush_telemetry` (every `[telemetry] flush_period`, and before this replica reads or writes
-one host's key) writes every summary held back in as few transactions as etcd allows, each guarded by the host
+and `flush_telemetry` (every `[telemetry] flush_period`, and before this replica reads a host)
+writes every summary held back in as few transactions as etcd allows, each guarded by the host
 keys' revisions as this replica last read or wrote them (a host changed meanwhile by another
-replica, e.g. the leader marking it suspect, is read again and its summary reapplied). A listing
-of every host does not wait for a flush: it shows the host keys as this replica knows them with its
-own summaries held back (or being written) laid over, the newest summary winning, so that the
-leader's tick lists in milliseconds; other replicas see those summaries after the flush. The samples
+replica, e.g. the leader marking it suspect, is read again and its summary reapplied). The samples
 are kept in this replica's memory, bounded per host by count and age exactly as the SQLite store
 bounds them; a replica that starts has none until agents push again (docs/coordinator.md, "Running
 on etcd"). The start history (the layer predictor's) is kept the same way, in this replica's memory.
@@ -287,9 +284,6 @@ class EtcdStore:
         self._fence: ModRevision | None = None
         self._pending: dict[str, TelemetryUpdate] = {}
         """Each host's telemetry summary pushed here and not yet in etcd (flush_telemetry)."""
-        self._writing: dict[str, TelemetryUpdate] = {}
-        """The summaries a flush under way took from `_pending` and has not written yet: listings
-        still lay them over the host keys (one flush at a time: `_flushing`)."""
         self._known: dict[str, tuple[Host, int]] = {}
         """Hosts as this client last read or wrote them, with their keys' mod revisions: a push
         needs no read to learn that its host is registered, a flush none to guard its writes, and
@@ -448,17 +442,16 @@ class EtcdStore:
         return None if entry is None else self._remember(entry)
 
     async def list_hosts(self) -> list[Host]:
-        """Every host as of one etcd revision, with this replica's summaries not yet flushed laid
-        over (`_as_held`: the listing never waits for a flush). After the first listing only the
-        host keys written since the last one are read (etcd filters them by mod revision) and
-        merged into the hosts known here; the whole range is read again when the counts disagree
-        (a host key deleted)."""
+        """Every host as of one etcd revision. After the first listing only the host keys written
+        since the last one are read (etcd filters them by mod revision) and merged into the hosts
+        known here; the whole range is read again when the counts disagree (a host key deleted)."""
+        await self.flush_telemetry()
         if self._hosts_listed_at:
             changes = await self._kv.changed_since(self._hosts_prefix, self._hosts_listed_at)
             await self._remember_all(changes.entries)
             if len(self._known) == changes.count:
                 self._hosts_listed_at = changes.revision
-                return sorted((self._as_held(host) for host, _ in self._known.values()), key=lambda h: h.name)
+                return sorted((host for host, _ in self._known.values()), key=lambda h: h.name)
         snap = await self._kv.range(self._hosts_prefix)
         hosts = await self._remember_all(snap.entries)
         listed = {h.name for h in hosts}
@@ -466,15 +459,8 @@ class EtcdStore:
             del self._known[name]
             self._shares.pop(name, None)
         self._hosts_listed_at = snap.revision
-        return sorted((self._as_held(host) for host in hosts), key=lambda h: h.name)
-
-    def _as_held(self, host: Host) -> Host:
-        """`host` with the summary this replica holds for it (being written, or pushed since: the
-        newer wins), as the flush will write it; `host` itself when none is held."""
-        writing, pending = self._writing.get(host.name), self._pending.get(host.name)
-        if pending is not None:
-            return _with_summary(host, _merge_pending(writing, pending))
-        return host if writing is None else _with_summary(host, writing)
+        hosts.sort(key=lambda h: h.name)
+        return hosts
 
     WATCH_RETRY = 1.0
     """Seconds before a failed watch of the host keys starts again (after a full listing)."""
@@ -561,23 +547,16 @@ class EtcdStore:
     async def flush_telemetry(self) -> None:
         async with self._flushing:
             pending, self._pending = self._pending, {}
-            self._writing = dict(pending)
             names = sorted(pending)
-            try:
-                # etcd caps a transaction's guards and its operations alike (one of each per host).
-                for start in range(0, len(names), MAX_TXN_OPS - 1):
-                    chunk_names = names[start : start + MAX_TXN_OPS - 1]
-                    chunk = {name: pending.pop(name) for name in chunk_names}
-                    try:
-                        await self._flush_chunk(chunk)
-                    except BaseException:
-                        for name, update in {**chunk, **pending}.items():
-                            self._hold_back_again(name, update)
-                        raise
-                    for name in chunk_names:  # in `_known` now, as written
-                        del self._writing[name]
-            finally:
-                self._writing = {}
+            # etcd caps a transaction's guards and its operations alike (one of each per host).
+            for start in range(0, len(names), MAX_TXN_OPS - 1):
+                chunk = {name: pending.pop(name) for name in names[start : start + MAX_TXN_OPS - 1]}
+                try:
+                    await self._flush_chunk(chunk)
+                except BaseException:
+                    for name, update in {**chunk, **pending}.items():
+                        self._hold_back_again(name, update)
+                    raise
 
     async def _flush_host(self, name: str) -> None:
         """Flush `name`'s summary (if one is held back) before reading or writing its key."""
@@ -585,14 +564,11 @@ class EtcdStore:
             async with self._flushing:
                 update = self._pending.pop(name, None)
                 if update is not None:
-                    self._writing = {name: update}
                     try:
                         await self._flush_chunk({name: update})
                     except BaseException:
                         self._hold_back_again(name, update)
                         raise
-                    finally:
-                        self._writing = {}
 
     def _hold_back_again(self, name: str, update: TelemetryUpdate) -> None:
         """Keep a summary that could not be written (etcd unreachable, say) for the next flush, under

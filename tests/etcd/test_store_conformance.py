@@ -177,21 +177,6 @@ async def test_a_flushed_summary_reaches_every_client(clients: list[Store]) -> N
     await a.flush_telemetry()  # nothing held back: nothing written, no error
 
 
-async def test_the_client_that_took_a_push_lists_it_at_once(clients: list[Store]) -> None:
-    """The leader's tick lists the hosts with the pushes it took, flushed or not (etcd holds them
-    back; the listing lays them over the host keys without writing them)."""
-    a, _, _ = clients
-    await a.register_host(_host("h1"))
-    await a.register_host(_host("h2"))
-    await a.list_hosts()
-    await a.record_telemetry(_push("h1", 100.0, [99.0], used=GiB), keep=10, max_age=60)
-    await a.record_telemetry(_push("h1", 105.0, [104.0], used=2 * GiB), keep=10, max_age=60)
-    seen = {h.name: (h.last_heartbeat, h.used.memory_bytes, h.health) for h in await a.list_hosts()}
-    assert seen == {"h1": (105.0, 2 * GiB, HostHealth.READY), "h2": (0.0, 0, HostHealth.READY)}
-    await a.flush_telemetry()
-    assert {h.name: h.last_heartbeat for h in await a.list_hosts()} == {"h1": 105.0, "h2": 0.0}
-
-
 async def test_a_heartbeat_only_push_keeps_the_last_summary(clients: list[Store]) -> None:
     a, b, _ = clients
     await a.register_host(_host("h1"))
