@@ -23,16 +23,7 @@ from collections.abc import Callable
 
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.model import (
-    ContainerUsage,
-    Decision,
-    Drain,
-    Host,
-    HostAdmin,
-    HostHealth,
-    MigrationState,
-    Prediction,
-)
+from coordinator.model import ContainerUsage, Decision, Drain, Host, HostAdmin, HostHealth, MigrationState, Prediction
 from coordinator.orchestrator import AUTO, Orchestrator
 from coordinator.predictions import Explanation, PredictionService
 from coordinator.registry import HostRegistry
