@@ -69,25 +69,24 @@ class YieldsToPulls:
     def __init__(self, source: BlobSource, gate: PullGate) -> None:
         self.inner = source
         """The source behind the gate (a retry may need to know it is the peers')."""
-        self._source = source
         self._gate = gate
 
     @property
     def labels(self) -> Mapping[str, str]:
-        return self._source.labels
+        return self.inner.labels
 
     async def fetch_blob(self, desc: Descriptor, offset: int = 0) -> AsyncIterator[bytes]:
         await self._gate.clear(desc.digest)
-        async for chunk in self._source.fetch_blob(desc, offset):
+        async for chunk in self.inner.fetch_blob(desc, offset):
             yield chunk
             await self._gate.clear(desc.digest)
 
     async def fetch_bytes(self, desc: Descriptor) -> bytes:
         await self._gate.clear(desc.digest)
-        return await self._source.fetch_bytes(desc)
+        return await self.inner.fetch_bytes(desc)
 
     def served_from(self, digest: str) -> str | None:
-        return self._source.served_from(digest) if isinstance(self._source, ServedFrom) else None
+        return self.inner.served_from(digest) if isinstance(self.inner, ServedFrom) else None
 
     def transfer_started(self, digest: str) -> float | None:
-        return self._source.transfer_started(digest) if isinstance(self._source, TransferStarts) else None
+        return self.inner.transfer_started(digest) if isinstance(self.inner, TransferStarts) else None
