@@ -122,7 +122,15 @@ class FakeAssembly:
         raise NotImplementedError
 
     async def warm_layer(self, digest: str, ref: str, ttl: float | None = None, model: str = "") -> dict[str, Any]:
-        return {"digest": digest, "ref": ref, "size": 10, "bytes_fetched": 10, "kept": False, "lease": "l1", "ttl_seconds": ttl or 600}
+        return {
+            "digest": digest,
+            "ref": ref,
+            "size": 10,
+            "bytes_fetched": 10,
+            "kept": False,
+            "lease": "l1",
+            "ttl_seconds": ttl or 600,
+        }
 
     def costs_json(self) -> dict[str, Any]:
         return {}
