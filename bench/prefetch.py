@@ -107,6 +107,7 @@ from models.prefetch.evaluate import (
     recovery,
     replay_window,
     structure_ranker,
+    windows_after,
 )
 from models.prefetch.generate import REGIMES, Trace, TraceSpec, generate, make_catalog
 from tests.harness.containerd import scratch_dir
@@ -824,6 +825,9 @@ async def main() -> None:
         + ", ".join(f"{x['starts_to_recover']} starts (before {x['hit_rate_before']:.2f})" for x in rec_on)
         + f" with prefetch, {', '.join(str(x['starts_to_recover']) for x in rec_off)} without (target <= 50)"
     )
+    for side, passes in (("with", on), ("without", off)):
+        runs = ["/".join(f"{x:.2f}" for x in windows_after(r.sim, trace.shift_ts)) for r in passes]
+        print(f"  all local in each run of 50 starts after the shift, {side} prefetch: {', '.join(runs)}")
     print(
         f"predictor per host decision: model {statistics.median(alone):.3f} ms median "
         f"({float(np.percentile(alone, 99)):.3f} ms p99, target <= 1 ms); with features "

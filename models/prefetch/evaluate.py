@@ -197,6 +197,8 @@ class SimResult:
     """(ts, every layer local) per counted start, in time order."""
     rounds: list[tuple[float, float, float]] = field(default_factory=list)
     """Controlled policies: (ts, threshold after the round, waste the controller measured)."""
+    misses: list[tuple[float, str, tuple[str, ...]]] = field(default_factory=list)
+    """`replay_window`: (ts, host, the layers it did not hold) per counted start that missed any."""
 
     @property
     def hit_rate(self) -> float:
@@ -434,6 +436,49 @@ def recovery(result: SimResult, shift_ts: float, window: int = 50, before: int =
     }
 
 
+def windows_after(result: SimResult, shift_ts: float, window: int = 50) -> list[float]:
+    """The share of starts all local in each run of `window` counted starts after the shift (the
+    last run may be shorter)."""
+    post = [h for t, h in result.hits if t >= shift_ts]
+    return [float(np.mean(post[i : i + window])) for i in range(0, len(post), window)]
+
+
+MISS_CAUSES = ("new_to_fleet", "new_to_host", "evicted")
+
+
+def miss_causes(trace: Trace, result: SimResult, since: float, window: int = 50) -> list[dict[str, float]]:
+    """Why the starts after `since` missed, per run of `window` counted starts (`replay_window`'s
+    `misses`): per cause, the starts that missed a layer for it and the bytes. A layer is new to the
+    fleet when no start anywhere used it before, new to the host when none of the host's did, and
+    evicted when the host ran it before (the bound or an ended lease dropped it)."""
+    fleet: dict[str, float] = {}
+    host: dict[tuple[str, str], float] = {}
+    for h, s in trace.starts:
+        for d in s.layers:
+            fleet.setdefault(d, s.ts)
+            host.setdefault((h, d), s.ts)
+    times = [t for t, _ in result.hits if t >= since]
+    misses = [m for m in result.misses if m[0] >= since]
+    out = []
+    for i in range(0, len(times), window):
+        lo, hi = times[i], times[min(i + window, len(times)) - 1]
+        row: dict[str, float] = {"starts": float(min(window, len(times) - i)), "missed": 0.0}
+        row |= {f"{c}_starts": 0.0 for c in MISS_CAUSES} | {f"{c}_mb": 0.0 for c in MISS_CAUSES}
+        for ts, h, layers in misses:
+            if not lo <= ts <= hi:
+                continue
+            row["missed"] += 1
+            causes = set()
+            for d in layers:
+                cause = "new_to_fleet" if fleet[d] >= ts else "new_to_host" if host[(h, d)] >= ts else "evicted"
+                causes.add(cause)
+                row[f"{cause}_mb"] += trace.sizes[d] / 1e6
+            for cause in causes:
+                row[f"{cause}_starts"] += 1
+        out.append(row)
+    return out
+
+
 # --- what a window of a trace allows: the same cache, an oracle, and the history's best static set ----
 
 Ranker = Callable[[str, float], Sequence[str]]
@@ -474,7 +519,11 @@ def replay_window(
             cache.expire(ts, result)
         if kind == 0:
             counted += 1
-            caches[host].start(ts, trace.starts[i][1].layers, result, counted > warmup)
+            layers = trace.starts[i][1].layers
+            missing = tuple(d for d in layers if d not in caches[host].entries)
+            if counted > warmup and missing:
+                result.misses.append((ts, host, missing))
+            caches[host].start(ts, layers, result, counted > warmup)
         elif ranker is not None:
             caches[host].warm(ts, ranker(host, ts), cfg, result, agg)
     for cache in caches.values():

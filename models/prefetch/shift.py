@@ -1,0 +1,167 @@
+"""What the window around a trace's mix shift allows: recovery after the shift in the cache simulation.
+
+    .venv/bin/python -m models.prefetch.shift                       # bench/prefetch.py's window and bound
+    .venv/bin/python -m models.prefetch.shift --cache-share 0.8 --model /tmp/p/prefetch.onnx
+
+The window is bench/prefetch.py's: the `eval` regime, seed 20261231, 3 hosts, 2 days, the 3 trace
+hours before the shift and the 9 after, each host's cache primed with its 2 trace hours before and
+bounded to `--cache-share` of the median working set of the window (the bench's layers are the
+trace's / 4, its bound the same share of theirs), the first 5 starts not counted. On it
+(`evaluate.replay_window`) each policy warms after every start and every 300 s: no prefetching,
+the served layer predictor (`LayerPredictor.host_layers`, the registry's pushes of released images
+included) at fixed thresholds, an oracle warming the host's next start, and warms that know the
+generator's workflows and crons (`structure_ranker`). Per policy: the share of starts all local
+before the shift and in each run of 50 starts after it, how many starts after the shift until a
+run of 50 is back to 90 % of the share before (`evaluate.recovery`, as the bench prints it), and
+why the starts after it missed (`evaluate.miss_causes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator.warm_features import FleetStarts, HostStarts
+from coordinator.warm_predictor import LayerPredictor
+from models.prefetch.evaluate import (
+    EvalConfig,
+    Ranker,
+    miss_causes,
+    oracle_ranker,
+    recovery,
+    replay_window,
+    structure_ranker,
+    windows_after,
+)
+from models.prefetch.generate import REGIMES, Trace, TraceSpec, generate, make_catalog
+
+HERE = Path(__file__).resolve().parent
+BENCH_SCALE = 4
+"""bench/prefetch.py's layers are the trace's bytes / 4 (at least 64 KiB)."""
+
+
+@dataclass(frozen=True)
+class ShiftWindow:
+    trace: Trace
+    begin: float
+    end: float
+    capacity: int
+    """Per host, in trace bytes."""
+
+
+def bench_window(
+    seed: int = 20261231, before_h: float = 3.0, after_h: float = 9.0, cache_share: float = 0.6
+) -> ShiftWindow:
+    """bench/prefetch.py's trace, window and cache bound (its layer sizes approximated: the trace's
+    / 4, at least 64 KiB, without the tar headers of the bench's layers)."""
+    trace = generate(TraceSpec(REGIMES["eval"], seed, n_hosts=3, days=2.0))
+    begin, end = trace.shift_ts - 3600 * before_h, trace.shift_ts + 3600 * after_h
+    held: dict[str, set[str]] = {h: set() for h in trace.hosts}
+    for host, s in trace.starts:
+        if begin <= s.ts < end:
+            held[host].update(s.layers)
+    scaled = statistics.median(sum(max(64 << 10, trace.sizes[d] // BENCH_SCALE) for d in ds) for ds in held.values())
+    return ShiftWindow(trace, begin, end, int(cache_share * scaled) * BENCH_SCALE)
+
+
+def predictor_ranker(trace: Trace, predictor: LayerPredictor, threshold: float, pushes: bool = True) -> Ranker:
+    """The served predictor's layers at or above `threshold`, best first, from the fleet's starts
+    up to the moment (and the registry's pushes, `Trace.pushes`), as the coordinator records them.
+    Calls must come in time order (replay_window's)."""
+    fleet = FleetStarts()
+    hosts = {h: HostStarts() for h in trace.hosts}
+    fed = [0, 0]
+
+    def rank(host: str, now: float) -> list[str]:
+        while fed[0] < len(trace.starts) and trace.starts[fed[0]][1].ts <= now:
+            h, s = trace.starts[fed[0]]
+            hosts[h].add(s, fleet)
+            fed[0] += 1
+        while pushes and fed[1] < len(trace.pushes) and trace.pushes[fed[1]].ts <= now:
+            fleet.pushed(trace.pushes[fed[1]].source, trace.pushes[fed[1]].layers)
+            fed[1] += 1
+        return [s.digest for s in predictor.host_layers(hosts[host], fleet, now) if s.probability >= threshold]
+
+    return rank
+
+
+def policies(
+    window: ShiftWindow, predictor: LayerPredictor, thresholds: Sequence[float], lease_s: float
+) -> dict[str, Ranker | None]:
+    catalog = make_catalog(window.trace.spec)
+    out: dict[str, Ranker | None] = {"none": None}
+    for t in thresholds:
+        out[f"model at {t:g}"] = predictor_ranker(window.trace, predictor, t)
+    out["oracle"] = oracle_ranker(window.trace, 1, lease_s)
+    out["structure"] = structure_ranker(window.trace, catalog.successors(), catalog.crons())
+    return out
+
+
+def judge(window: ShiftWindow, ranker: Ranker | None, cfg: EvalConfig, run: int = 50) -> dict[str, Any]:
+    sim = replay_window(
+        window.trace, window.begin, window.end, window.capacity, window.trace.sizes, ranker, cfg,
+        prime_s=7200.0, warmup=5,
+    )  # fmt: skip
+    shift = window.trace.shift_ts
+    rec = recovery(sim, shift, window=run)
+    return {
+        "hit_rate": sim.hit_rate,
+        "waste": sim.waste,
+        "before": rec["hit_rate_before"],
+        "runs_after": windows_after(sim, shift, run),
+        "starts_to_recover": rec["starts_to_recover"],
+        "misses_after": miss_causes(window.trace, sim, shift, run),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=20261231)
+    p.add_argument("--cache-share", type=float, default=0.6)
+    p.add_argument("--model", type=Path, default=HERE / "prefetch.onnx")
+    p.add_argument("--thresholds", default="0.4,0.6", help="the model's fixed thresholds, comma-separated")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON")
+    args = p.parse_args(argv)
+    window = bench_window(args.seed, cache_share=args.cache_share)
+    predictor = LayerPredictor.load(args.model)
+    cfg = EvalConfig()
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    out = {name: judge(window, r, cfg) for name, r in policies(window, predictor, thresholds, cfg.lease_s).items()}
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(
+        f"{window.trace.spec.data_version()}; window {(window.begin - window.trace.shift_ts) / 3600:+g} h to "
+        f"{(window.end - window.trace.shift_ts) / 3600:+g} h of the shift; cache {window.capacity / 1e6:.0f} MB of "
+        f"trace bytes per host; model {predictor.version}"
+    )
+    print("| policy | all local (waste) | before the shift | runs of 50 after it | starts to 90 % |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, r in out.items():
+        runs = " / ".join(f"{x:.2f}" for x in r["runs_after"])
+        to90 = "never" if r["starts_to_recover"] < 0 else str(r["starts_to_recover"])
+        print(f"| {name} | {r['hit_rate']:.3f} ({r['waste']:.2f}) | {r['before']:.2f} | {runs} | {to90} |")
+    print("\nwhy the starts after the shift missed, per run of 50 (starts missing such a layer, MB):")
+    for name in ("none", f"model at {thresholds[0]:g}"):
+        rows = out[name]["misses_after"]
+        print(
+            f"  {name}: "
+            + "; ".join(
+                f"{int(r['missed'])}/{int(r['starts'])} missed: "
+                + ", ".join(
+                    f"{c} {int(r[f'{c}_starts'])} ({r[f'{c}_mb']:.0f} MB)"
+                    for c in ("new_to_fleet", "new_to_host", "evicted")
+                )
+                for r in rows
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
