@@ -17,8 +17,18 @@ from coordinator.warm_features import N_FEATURES, FleetStarts, HostStarts, Start
 from coordinator.warm_predictor import LayerPredictor
 from coordinator.waste_control import ControlLimits
 from core.workloads import of_container_spec, of_start
-from models.prefetch.evaluate import BASELINES, EvalConfig, ranking, score_walk, simulate, walk
+from models.prefetch.evaluate import (
+    BASELINES,
+    MISS_CAUSES,
+    EvalConfig,
+    oracle_ranker,
+    ranking,
+    score_walk,
+    simulate,
+    walk,
+)
 from models.prefetch.generate import REGIMES, TraceSpec, generate
+from models.prefetch.shift import bench_window, judge, predictor_ranker
 from models.prefetch.train import TrainConfig, figures, ort_probabilities, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,3 +204,22 @@ def test_the_predictor_ranks_a_hosts_layers() -> None:
     assert all(r.lease_probability is not None and 0.0 <= r.lease_probability <= 1.0 for r in ranked)
     assert [r.probability for r in ranked] == sorted((r.probability for r in ranked), reverse=True)
     assert predictor.host_layers(HostStarts(), None, now) == []
+
+
+def test_the_shift_window_says_what_recovery_needs() -> None:
+    """bench/prefetch.py's window in the cache simulation: the oracle is back at once, no prefetch is
+    not (the new mix needs more than the bound), and the misses after the shift have their causes."""
+    window = bench_window()
+    cfg = EvalConfig()
+    none = judge(window, None, cfg)
+    oracle = judge(window, oracle_ranker(window.trace, 1, cfg.lease_s), cfg)
+    served = judge(window, predictor_ranker(window.trace, LayerPredictor.load(SHIPPED), 0.4), cfg)
+    assert 0 <= oracle["starts_to_recover"] <= 50 and min(oracle["runs_after"]) > 0.9
+    assert none["runs_after"][0] < 0.9 * none["before"]
+    assert served["hit_rate"] > none["hit_rate"] and served["waste"] <= 0.25
+    first = none["misses_after"][0]
+    assert first["starts"] == 50 and 0 < first["missed"] <= 50
+    # a layer released at the shift is new to the fleet; one the host ran before and lost, evicted
+    assert first["new_to_fleet_starts"] > 0 and first["evicted_starts"] > 0
+    assert sum(first[f"{c}_starts"] for c in MISS_CAUSES) >= first["missed"]
+    assert len(none["runs_after"]) == len(none["misses_after"])
