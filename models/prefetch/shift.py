@@ -10,7 +10,9 @@ trace's / 4, its bound the same share of theirs), the first 5 starts not counted
 (`evaluate.replay_window`) each policy warms after every start and every 300 s: no prefetching,
 the served layer predictor (`LayerPredictor.host_layers`, the registry's pushes of released images
 included) at fixed thresholds, an oracle warming the host's next start, and warms that know the
-generator's workflows and crons (`structure_ranker`). Per policy: the share of starts all local
+generator's workflows and crons (`structure_ranker`), and warms that know only the layers of the
+host's next start it never held (`novel_ranker`: what no history holds), alone and before the
+model's. Per policy: the share of starts all local
 before the shift and in each run of 50 starts after it, how many starts after the shift until a
 run of 50 is back to 90 % of the share before (`evaluate.recovery`, as the bench prints it), and
 why the starts after it missed (`evaluate.miss_causes`).
@@ -90,6 +92,25 @@ def predictor_ranker(trace: Trace, predictor: LayerPredictor, threshold: float, 
     return rank
 
 
+def novel_ranker(trace: Trace, lease_s: float, then: Ranker | None = None) -> Ranker:
+    """Knows only what is new: the layers of the host's next start (within `lease_s`) that the host
+    never held before, then `then`'s. What a predictor of the history cannot know after a shift
+    (a release's new layers, the signatures a host's new mix brings); with it, what is left is the
+    history's to predict."""
+    oracle = oracle_ranker(trace, 1, lease_s)
+    first: dict[tuple[str, str], float] = {}
+    for h, s in trace.starts:
+        for d in s.layers:
+            first.setdefault((h, d), s.ts)
+
+    def rank(host: str, now: float) -> list[str]:
+        new = [d for d in oracle(host, now) if first[(host, d)] > now]
+        rest = then(host, now) if then is not None else []
+        return new + [d for d in rest if d not in new]
+
+    return rank
+
+
 def policies(
     window: ShiftWindow, predictor: LayerPredictor, thresholds: Sequence[float], lease_s: float
 ) -> dict[str, Ranker | None]:
@@ -98,6 +119,10 @@ def policies(
     for t in thresholds:
         out[f"model at {t:g}"] = predictor_ranker(window.trace, predictor, t)
     out["oracle"] = oracle_ranker(window.trace, 1, lease_s)
+    out["new layers known"] = novel_ranker(window.trace, lease_s)
+    out[f"new layers known, then the model at {thresholds[0]:g}"] = novel_ranker(
+        window.trace, lease_s, predictor_ranker(window.trace, predictor, thresholds[0])
+    )
     out["structure"] = structure_ranker(window.trace, catalog.successors(), catalog.crons())
     return out
 
