@@ -348,6 +348,25 @@ def lease_lines(card: dict[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+def shift_lines(held_out: dict[str, Any]) -> list[str]:
+    """What the held-out table says of recovery after the shift, and where the bench's window is judged."""
+
+    def starts(name: str) -> str:
+        n = held_out[name]["recovery"]["starts_to_recover"]
+        return "never" if n < 0 else f"after {n} starts"
+
+    model, none = held_out["model"]["recovery"], held_out["none"]["recovery"]
+    return [
+        f"After the shift the model is back to 90 % of its share before {starts('model')} (the first "
+        f"{model['window']} starts after it: {model['hit_rate_first_window_after']:.3f} against "
+        f"{model['hit_rate_before']:.3f} before), no prefetching {starts('none')} "
+        f"({none['hit_rate_first_window_after']:.3f} against {none['hit_rate_before']:.3f}). What the bench's window "
+        'allows after its shift, and why the model lags there: README.md, "Recovery after the mix shift" '
+        "(`python -m models.prefetch.shift`).",
+        "",
+    ]
+
+
 def write_card_md(card: dict[str, Any], path: Path) -> None:
     ev = card["config"]["eval"]
     k = ev["max_layers"]
@@ -458,6 +477,7 @@ def write_card_md(card: dict[str, Any], path: Path) -> None:
         "",
         *table(card["held_out"]),
         "",
+        *shift_lines(card["held_out"]),
         "## In distribution: the training regime, a fresh seed",
         "",
         f"`{card['traces']['in_distribution']}`.",
