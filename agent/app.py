@@ -130,6 +130,7 @@ class Agent:
         )
         self.assembly.uses = self.cache
         self.assembly.on_warmed = self.metrics.cache.warmed
+        self.assembly.on_kept = self.metrics.cache.kept
         self.assembly.on_local = self.metrics.cache.found_local
         self.host_name = config.host_name or socket.gethostname()
         self.peers = PeerEndpoint(

@@ -414,6 +414,9 @@ async def test_a_warmed_layer_is_not_fetched_again(
             "pending": 1,
             "waste": None,
             "model_version": "warm-1",
+            "keeps": {
+                "kept": 0, "kept_bytes": 0, "used": 0, "used_bytes": 0, "ended": 0, "ended_bytes": 0, "pending": 0
+            },
         }
 
         result = await agent.assembly.assemble(composition(im))
@@ -425,6 +428,68 @@ async def test_a_warmed_layer_is_not_fetched_again(
         metric = agent.metrics.cache.registry.get_sample_value
         assert metric("ferryman_cache_warms_total", {"outcome": "hit"}) == 1
         assert metric("ferryman_cache_warm_model_info", {"version": "warm-1"}) == 1
+
+
+async def test_a_keep_is_counted_used_by_a_pull_or_ended_apart_from_the_warms(
+    ctrd: PrivateContainerd, registry: DockerRegistry, workdir: Path, short_dir: Path
+) -> None:
+    """A warm request for a layer here already keeps it (nothing fetched): the cache status counts
+    it apart from the warms, used when a pull finds the layer before its lease ends, ended when the
+    lease ends first; `ferryctl cache status` and Prometheus show the same."""
+    from tests.test_ctl_scripting import run
+
+    im = await push_images(registry.host)
+    data, base = im.base.layers[1], im.base.layers[0]
+    config = agent_config(ctrd, [registry.registry_config()], workdir)
+    async with running_agent(config) as agent, api(agent) as client:
+        body = {"ref": im.refs["base"], "ttl": 60, "model": "warm-1"}
+        warmed = await (await client.post(f"/v1/prefetch/layers/{data.digest}", json=body)).json()
+        assert (warmed["kept"], warmed["bytes_fetched"]) == (False, data.size)
+        for model in ("warm-2", "warm-2"):  # here now: kept, then renewed (counted once)
+            body = {"ref": im.refs["base"], "ttl": 60, "model": model}
+            kept = await (await client.post(f"/v1/prefetch/layers/{data.digest}", json=body)).json()
+            assert (kept["kept"], kept["bytes_fetched"], kept["size"]) == (True, 0, data.size)
+        warms = (await (await client.get("/v1/cache/status")).json())["warms"]
+        assert (warms["warmed"], warms["pending"], warms["model_version"]) == (1, 1, "warm-2")
+        assert warms["keeps"] == {
+            "kept": 1, "kept_bytes": data.size, "used": 0, "used_bytes": 0, "ended": 0, "ended_bytes": 0, "pending": 1
+        }
+
+        await agent.images.pull(im.refs["base"])  # finds the layer local: the warm's hit, the keep's use
+        # Under a lease of half a second, a layer no pull asks for again: the keep ends unused.
+        body = {"ref": im.refs["base"], "ttl": 0.5}
+        kept = await (await client.post(f"/v1/prefetch/layers/{base.digest}", json=body)).json()
+        assert kept["kept"] is True
+        await asyncio.sleep(0.7)
+        warms = (await (await client.get("/v1/cache/status")).json())["warms"]
+        assert warms["keeps"] == {
+            "kept": 2,
+            "kept_bytes": data.size + base.size,
+            "used": 1,
+            "used_bytes": data.size,
+            "ended": 1,
+            "ended_bytes": base.size,
+            "pending": 0,
+        }
+        # the warms' own figures: one hit, no waste (an unused keep fetched nothing)
+        assert (warms["hits"], warms["wasted_bytes"], warms["waste"]) == (1, 0, 0.0)
+        metric = agent.metrics.cache.registry.get_sample_value
+        assert metric("ferryman_cache_keeps_total", {"outcome": "kept"}) == 2
+        assert metric("ferryman_cache_keeps_total", {"outcome": "used"}) == 1
+        assert metric("ferryman_cache_keep_bytes_total", {"outcome": "ended"}) == base.size
+
+        server = await serve(build_app(agent), f"unix://{short_dir}/agent.sock")
+        try:
+            r = await run(server, "cache", "status")
+            assert r.code == 0, r
+            assert "\nprefetch keeps: 2 layers here kept (" in r.out and "), 1 used (" in r.out, r.out
+            assert "1 ended unused (" in r.out and "), 0 pending\n" in r.out, r.out
+            r = await run(server, "cache", "status", "--json")
+            assert r.json()["warms"]["keeps"]["kept"] == 2
+            r = await run(server, "cache", "prefetch", "--layer", base.digest, "--from", im.refs["base"])
+            assert r.out.startswith(f"kept {base.digest} (here already, "), r.out
+        finally:
+            await server.close()
 
 
 async def test_a_warm_waits_while_a_pull_fetches(

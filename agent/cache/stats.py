@@ -9,6 +9,11 @@ Warms (layers fetched ahead of use under a TTL lease, `POST /v1/prefetch/layers/
 counted apart: a warm is a *hit* when a pull then finds the layer local before its lease ends, and
 *wasted* when the lease ends first (containerd collects the blob unless an image holds it by then).
 The warm request may name the model version that chose it; the last one named is shown.
+
+A warm of a layer already here is a *keep* (the lease is taken, nothing is fetched), counted apart
+from the warms: *used* when a pull or an assembly finds the layer local before its lease ends, *ended*
+when the lease ends first. Keeps move no bytes, so they are not in the warms' waste. A keep of a layer
+still kept renews it (its end moves later) and is not counted again.
 """
 
 from __future__ import annotations
@@ -41,6 +46,15 @@ class WarmTally:
 
 
 @dataclass
+class KeepTally:
+    kept: Tally = field(default_factory=Tally)
+    used: Tally = field(default_factory=Tally)
+    ended: Tally = field(default_factory=Tally)
+    pending: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """digest -> (size, when its lease ends): keeps no pull or assembly used yet."""
+
+
+@dataclass
 class CacheCounters:
     """Counted since the agent started (Prometheus keeps the history)."""
 
@@ -49,6 +63,7 @@ class CacheCounters:
     evictions: int = 0
     evicted_bytes: int = 0
     warms: WarmTally = field(default_factory=WarmTally)
+    keeps: KeepTally = field(default_factory=KeepTally)
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
@@ -84,6 +99,19 @@ class CacheCounters:
         for outcome in ("warmed", "hit", "wasted"):
             self._warms.labels(outcome=outcome)
             self._warm_bytes.labels(outcome=outcome)
+        self._keeps = Counter(
+            "ferryman_cache_keeps",
+            "Layers already here that a warm request kept under its lease, by outcome (kept: taken; used: "
+            "a pull or an assembly found it before its lease ended; ended: the lease ended first)",
+            ["outcome"],
+            registry=r,
+        )
+        self._keep_bytes = Counter(
+            "ferryman_cache_keep_bytes", "Bytes of those layers, by outcome", ["outcome"], registry=r
+        )
+        for outcome in ("kept", "used", "ended"):
+            self._keeps.labels(outcome=outcome)
+            self._keep_bytes.labels(outcome=outcome)
         self._warm_model = Gauge(
             "ferryman_cache_warm_model_info", "The model version the last warm request named", ["version"], registry=r
         )
@@ -102,17 +130,36 @@ class CacheCounters:
             self.found_local(digest)
 
     def found_local(self, digest: str) -> None:
-        """A pull or an assembly found `digest` local: a warm of it still under its lease is a hit."""
+        """A pull or an assembly found `digest` local: a warm of it still under its lease is a hit,
+        a keep of it is used."""
         self.expire_warms()
         warm = self.warms.pending.pop(digest, None)
         if warm is not None:
             self._warm_outcome("hit", self.warms.hits, warm[0])
+        keep = self.keeps.pending.pop(digest, None)
+        if keep is not None:
+            self._keep_outcome("used", self.keeps.used, keep[0])
 
     def warmed(self, digest: str, size: int, ttl: float, model_version: str = "") -> None:
         """A layer fetched ahead of use, held `ttl` seconds by its lease."""
         self.expire_warms()
         self.warms.pending[digest] = (size, self.clock() + ttl)
         self._warm_outcome("warmed", self.warms.warmed, size)
+        self._named_model(model_version)
+
+    def kept(self, digest: str, size: int, ttl: float, model_version: str = "") -> None:
+        """A layer already here, held `ttl` seconds by a warm request's lease (nothing fetched)."""
+        self.expire_warms()
+        until = self.clock() + ttl
+        held = self.keeps.pending.get(digest)
+        if held is None:
+            self.keeps.pending[digest] = (size, until)
+            self._keep_outcome("kept", self.keeps.kept, size)
+        else:  # kept already: renewed, not counted again
+            self.keeps.pending[digest] = (held[0], max(held[1], until))
+        self._named_model(model_version)
+
+    def _named_model(self, model_version: str) -> None:
         if model_version and model_version != self.warms.model_version:
             if self.warms.model_version:
                 self._warm_model.remove(self.warms.model_version)
@@ -124,12 +171,21 @@ class CacheCounters:
         for digest in [d for d, (_, until) in self.warms.pending.items() if until <= now]:
             size, _ = self.warms.pending.pop(digest)
             self._warm_outcome("wasted", self.warms.wasted, size)
+        for digest in [d for d, (_, until) in self.keeps.pending.items() if until <= now]:
+            size, _ = self.keeps.pending.pop(digest)
+            self._keep_outcome("ended", self.keeps.ended, size)
 
     def _warm_outcome(self, outcome: str, tally: Tally, size: int) -> None:
         tally.requests += 1
         tally.bytes += size
         self._warms.labels(outcome=outcome).inc()
         self._warm_bytes.labels(outcome=outcome).inc(size)
+
+    def _keep_outcome(self, outcome: str, tally: Tally, size: int) -> None:
+        tally.requests += 1
+        tally.bytes += size
+        self._keeps.labels(outcome=outcome).inc()
+        self._keep_bytes.labels(outcome=outcome).inc(size)
 
     def evicted(self, freed: int) -> None:
         self.evictions += 1
@@ -154,7 +210,7 @@ class CacheCounters:
 
     def _warms_json(self) -> dict[str, Any]:
         self.expire_warms()
-        w = self.warms
+        w, k = self.warms, self.keeps
         settled = w.hits.bytes + w.wasted.bytes
         return {
             "warmed": w.warmed.requests,
@@ -166,4 +222,13 @@ class CacheCounters:
             "pending": len(w.pending),
             "waste": w.wasted.bytes / settled if settled else None,
             "model_version": w.model_version,
+            "keeps": {
+                "kept": k.kept.requests,
+                "kept_bytes": k.kept.bytes,
+                "used": k.used.requests,
+                "used_bytes": k.used.bytes,
+                "ended": k.ended.requests,
+                "ended_bytes": k.ended.bytes,
+                "pending": len(k.pending),
+            },
         }

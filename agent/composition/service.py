@@ -178,6 +178,8 @@ class CompositionService:
         """The layer cache (set by the agent): each assembled image counts as a use."""
         self.on_warmed: Callable[[str, int, float, str], None] = lambda digest, size, ttl, model: None
         """Told of each warm (digest, size, lease seconds, model version): the cache counts its fate."""
+        self.on_kept: Callable[[str, int, float, str], None] = lambda digest, size, ttl, model: None
+        """Told of each keep (a warm request for a layer here already) as on_warmed is of a warm."""
         self.on_local: Callable[[str], None] = lambda digest: None
         """Told of each layer an assembly found local (a warm of it is then a hit)."""
         self._flights: SingleFlight[str, None, dict[str, Any]] = SingleFlight("assemble", lambda _: None)
@@ -599,7 +601,7 @@ class CompositionService:
 
         A layer already in the content store is kept instead: the lease is taken and nothing is
         fetched (`"kept": true`), so the cache bound does not evict it while the lease lasts (the
-        eviction leaves what a lease holds). A keep is not counted as a warm: it moved no bytes."""
+        eviction leaves what a lease holds). A keep is counted apart from the warms: it moved no bytes."""
         ttl = WARM_TTL if ttl is None else ttl
         if not 0 < ttl <= MAX_WARM_TTL:
             raise InvalidRequest(f"ttl must be in (0, {MAX_WARM_TTL:g}] seconds, got {ttl:g}")
@@ -614,6 +616,7 @@ class CompositionService:
             except BaseException:
                 await self._cd.leases.delete(lease_id, sync=True)
                 raise
+            self.on_kept(digest, local.size, ttl, model)
             return {
                 "digest": digest,
                 "ref": ref,

@@ -60,7 +60,10 @@ async def run(client: Requester, args: argparse.Namespace, out: Console) -> int:
             raise CacheUsageError("--layer DIGEST needs --from REF, and takes no image and no --pin")
         body: dict[str, Any] = {"ref": args.layer_ref, **({"ttl": args.ttl} if args.ttl is not None else {})}
         done = await client.request("POST", f"/v1/prefetch/layers/{args.layer}", body=body)
-        text = f"warmed {done['digest']} ({render.human_size(done.get('bytes_fetched'))} fetched)"
+        if done.get("kept"):
+            text = f"kept {done['digest']} (here already, {render.human_size(done.get('size'))}; nothing fetched)"
+        else:
+            text = f"warmed {done['digest']} ({render.human_size(done.get('bytes_fetched'))} fetched)"
         return _print(args, done, text)
     if command == "prefetch":
         if args.ref is None or args.layer_ref or args.ttl is not None:
@@ -105,15 +108,25 @@ def status_lines(status: dict[str, Any]) -> list[str]:
 
 
 def _warm_lines(warms: dict[str, Any] | None) -> list[str]:
-    if not warms or not warms.get("warmed"):
+    if not warms:
         return []
     hs = render.human_size
-    model = f" (model {warms['model_version']})" if warms.get("model_version") else ""
-    return [
-        f"prefetch: {warms['warmed']} layers warmed ({hs(warms['warmed_bytes'])}){model}, "
-        f"{warms['hits']} hits ({hs(warms['hit_bytes'])}), wasted {hs(warms['wasted_bytes'])} "
-        f"({_rate(warms.get('waste'))} of settled), {warms['pending']} pending"
-    ]
+    lines = []
+    if warms.get("warmed"):
+        model = f" (model {warms['model_version']})" if warms.get("model_version") else ""
+        lines.append(
+            f"prefetch: {warms['warmed']} layers warmed ({hs(warms['warmed_bytes'])}){model}, "
+            f"{warms['hits']} hits ({hs(warms['hit_bytes'])}), wasted {hs(warms['wasted_bytes'])} "
+            f"({_rate(warms.get('waste'))} of settled), {warms['pending']} pending"
+        )
+    keeps = warms.get("keeps") or {}
+    if keeps.get("kept"):
+        lines.append(
+            f"prefetch keeps: {keeps['kept']} layers here kept ({hs(keeps['kept_bytes'])}), "
+            f"{keeps['used']} used ({hs(keeps['used_bytes'])}), {keeps['ended']} ended unused "
+            f"({hs(keeps['ended_bytes'])}), {keeps['pending']} pending"
+        )
+    return lines
 
 
 def cache_table(images: list[dict[str, Any]]) -> Any:
