@@ -8,19 +8,22 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
 from agent.api import build_app
 from agent.cache.service import ImageInUse
+from agent.cache.stats import CacheCounters
 from agent.errors import ImageNotFound
 from tests.test_api import FakeAgent
 
 
 class FakeCache:
-    """What CacheService answers, for a few images in memory."""
+    """What CacheService answers, for a few images in memory; its counts are the real counters'."""
 
     def __init__(self) -> None:
         self.images: dict[str, dict[str, Any]] = {}
         self.in_use: set[str] = set()
+        self.counters = CacheCounters(CollectorRegistry())
 
     def add(self, name: str, size: int = 100) -> None:
         self.images[name] = {
@@ -44,10 +47,7 @@ class FakeCache:
             "entries": len(self.images),
             "leased_bytes": 0,
             "pinned_bytes": sum(i["size"] for i in self.images.values() if i["pinned"]),
-            "served": {s: {"requests": 0, "bytes": 0} for s in ("local", "peer", "registry", "archive")},
-            "hit_rate": {"requests": None, "bytes": None},
-            "evictions": 0,
-            "evicted_bytes": 0,
+            **self.counters.to_json(),
             "images": list(self.images.values()),
         }
 
@@ -150,6 +150,15 @@ async def test_ferryctl_cache_plain_output_and_refusal(short_dir: Path) -> None:
         assert r.code == 0, r
         assert r.out.startswith("used 3.0 MiB of 1000 B (evicts down to 900 B), 1 images, pinned 0 B\n"), r.out
         assert "hit rate - of blobs, - of bytes; served: nothing yet" in r.out and "reg.local/app:1" in r.out
+        assert "prefetch" not in r.out, "no warms, no keeps: no prefetch lines"
+        cache.counters.kept("sha256:" + "a" * 64, 2 << 20, ttl=60)
+        cache.counters.blob("local", 2 << 20, "sha256:" + "a" * 64)  # a pull found it: used
+        r = await run(server, "cache")
+        line = "prefetch keeps: 1 layers here kept (2.0 MiB), 1 used (2.0 MiB), 0 ended unused (0 B), 0 pending"
+        assert f"\n{line}\n" in r.out, r.out
+        r = await run(server, "cache", "--json")
+        keeps = r.json()["warms"]["keeps"]
+        assert (keeps["kept"], keeps["used"], keeps["used_bytes"], keeps["pending"]) == (1, 1, 2 << 20, 0)
         r = await run(server, "cache", "evict", "reg.local/app:1")
         assert (r.code, r.err) == (1, "error: image_in_use: image reg.local/app:1 cannot be evicted: in use\n")
         r = await run(server, "cache", "prefetch", "reg.local/app:2", "--pin")
