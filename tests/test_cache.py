@@ -293,7 +293,9 @@ async def test_a_kept_layer_outlives_an_eviction_that_takes_an_unkept_one(
         await agent.images.pull(ref_b)
         kept = await agent.assembly.warm_layer(a.layers[1].digest, ref_a, ttl=60)
         assert (kept["kept"], kept["bytes_fetched"], kept["size"]) == (True, 0, a.layers[1].size)
-        assert agent.metrics.cache.to_json()["warms"]["warmed"] == 0, "a keep moved no bytes: not a warm"
+        warms = agent.metrics.cache.to_json()["warms"]
+        assert warms["warmed"] == 0, "a keep moved no bytes: not a warm"
+        assert (warms["keeps"]["kept"], warms["keeps"]["kept_bytes"]) == (1, a.layers[1].size), "but a keep"
         await agent.images.pull(ref_c)  # over the bound: a and b are worth the same, a is older
         present = {i.digest for i in await agent.containerd.content.infos()}
         assert a.layers[1].digest in present, "the kept layer stays"
