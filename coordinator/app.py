@@ -229,6 +229,7 @@ class Coordinator:
             # Agents may push to any replica: each shares its part of the drain-risk histories.
             store.share_histories(url, self.predictions.share)
             self.predictions.read_shares_from(store)
+            self.policy.list_for_tick = store.followed_hosts
         self._leader_loops: list[asyncio.Task[None]] = []
         self._role_tasks: set[asyncio.Task[None]] = set()
         self._role_lock = asyncio.Lock()

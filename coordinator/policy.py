@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
@@ -78,6 +78,9 @@ class DrainPolicy:
         self._config = config
         self._clock = clock
         self._metrics = metrics
+        self.list_for_tick: Callable[[], Awaitable[list[Host]]] = store.list_hosts
+        """How a tick lists the hosts it scores and decides on (on etcd the leader's watched view:
+        `EtcdStore.followed_hosts`); the drains it progresses are listed with `list_hosts`."""
         self._lock = asyncio.Lock()
         self._streaks: dict[str, int] = {}
         """Ticks in a row each host's P(drain) has been at or above the threshold."""
@@ -86,12 +89,11 @@ class DrainPolicy:
 
     async def tick(self) -> None:
         async with self._lock:
-            # One listing serves the scoring and the decisions; it is read again for the drains only
-            # when there are drains to progress (on etcd a listing reads the host keys written since
-            # the last one).
+            # One listing serves the scoring and the decisions (on etcd the leader's watched view,
+            # no read); the store is listed for the drains only when there are drains to progress.
             phase = self._metrics.tick_phase_seconds
             with phase.labels(phase="list").time():
-                listed = await self._store.list_hosts()
+                listed = await self.list_for_tick()
             predictions = await self._predictions.tick(listed)  # times its own phases
             with phase.labels(phase="decide").time():
                 changed = await self._apply_predictions(listed, predictions)

@@ -291,6 +291,8 @@ class EtcdStore:
         self._hosts_listed_at = 0
         """The etcd revision of the last listing of the hosts (0: none yet). A host key unchanged
         since is as `_known` has it: a key a client drops from `_known` was written after it."""
+        self._following = False
+        """The watch of the host keys (follow_hosts) is applying every change to `_known`."""
         self._replica = ""
         """This replica's name in the history shares of host keys (its advertise URL)."""
         self._share_source: Callable[[str], Mapping[str, Any] | None] | None = None
@@ -475,15 +477,29 @@ class EtcdStore:
             try:
                 if not self._hosts_listed_at:
                     await self.list_hosts()  # the starting point: every host as of one revision
+                self._following = True
                 async for deleted, entry in self._kv.watch(self._hosts_prefix, self._hosts_listed_at + 1):
                     self._watched(deleted, entry)
                     if stop.is_set():
                         return
             except EtcdError as exc:
+                self._following = False
                 log.warning("watch of the host keys failed; listing again", extra={"error": exc.message})
                 self._hosts_listed_at = 0  # the next listing reads the whole range
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.WATCH_RETRY)
+            finally:
+                self._following = False
+
+    async def followed_hosts(self) -> list[Host]:
+        """Every host as the watch of the host keys has delivered them (`follow_hosts`), without a
+        read: what the leader's tick scores and decides on. This replica's pushed summaries still
+        held back are not in it (the tick needs no usage; placement lists with `list_hosts`, which
+        flushes them first), and a key this client just wrote is back once the watch delivers it.
+        Without a watch running, `list_hosts`."""
+        if not self._following:
+            return await self.list_hosts()
+        return sorted((host for host, _ in self._known.values()), key=lambda h: h.name)
 
     def _watched(self, deleted: bool, entry: Entry) -> None:
         """One change from the watch. Events come in revision order, so every change before this

@@ -287,6 +287,46 @@ async def test_a_leader_following_the_host_keys_lists_them_without_reading_them(
             await other.close()
 
 
+async def test_the_ticks_view_is_the_watched_one_and_holds_back_no_flush(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`followed_hosts` (the leader's tick): a listing while no watch runs; with the watch running,
+    the hosts as it delivered them, with no read and without flushing the summaries held back here
+    (placement's `list_hosts` still flushes them)."""
+    require("etcd")
+    async with EtcdCluster(workdir / "etcd", size=1) as cluster:
+        leader, other, read = counted_leader(cluster, "/v/", monkeypatch)
+        stop = asyncio.Event()
+        following: asyncio.Task[None] | None = None
+        try:
+            await other.register_host(Host("h1", Capacity(1000, GiB, 0)))
+            assert [h.name for h in await leader.followed_hosts()] == ["h1"]  # no watch: a listing
+            following = asyncio.create_task(leader.follow_hosts(stop), name="hosts-watch")
+            await other.register_host(Host("h2", Capacity(1000, GiB, 0)))
+            await other.set_admin("h1", HostAdmin.DRAINING)
+            deadline = time.monotonic() + 10
+            while [(h.name, h.admin) for h in await leader.followed_hosts()] != [
+                ("h1", HostAdmin.DRAINING), ("h2", HostAdmin.ACTIVE)
+            ]:  # fmt: skip
+                assert time.monotonic() < deadline, "the watch did not deliver the changes"
+                await asyncio.sleep(0.02)
+            reads = len(read)
+            update = TelemetryUpdate("h2", [], 5000.0, Capacity(100, GiB // 2, 0), (), {})
+            await leader.record_telemetry(update, 10, 3600.0)
+            assert [h.name for h in await leader.followed_hosts()] == ["h1", "h2"]
+            assert len(read) == reads, "the tick's view read etcd"
+            stored = await other.get_host("h2")
+            assert stored is not None and stored.last_heartbeat != 5000.0  # still held back here
+            assert {h.name: h.used for h in await leader.list_hosts()}["h2"] == Capacity(100, GiB // 2, 0)
+        finally:
+            stop.set()
+            if following is not None:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
+            await leader.close()
+            await other.close()
+
+
 async def test_a_flush_reads_again_what_failed_its_guard(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A host key changed by another replica fails the flush's guard; the next round reads it again,
     even when the leader's watch, behind, has put back the version that failed meanwhile."""
