@@ -86,32 +86,20 @@ class CacheCounters:
         self.used = Gauge("ferryman_cache_used_bytes", "Bytes in containerd's content store", registry=r)
         self.pinned = Gauge("ferryman_cache_pinned_bytes", "Bytes of pinned images", registry=r)
         self.entries = Gauge("ferryman_cache_entries", "Images in the cache", registry=r)
-        self._warms = Counter(
-            "ferryman_cache_warms",
+        self._warms, self._warm_bytes = _by_outcome(
+            "ferryman_cache_warm",
             "Layers warmed ahead of use, by outcome (warmed: fetched; hit: a pull found it before its lease "
             "ended; wasted: the lease ended first)",
-            ["outcome"],
-            registry=r,
+            ("warmed", "hit", "wasted"),
+            r,
         )
-        self._warm_bytes = Counter(
-            "ferryman_cache_warm_bytes", "Bytes of those layers, by outcome", ["outcome"], registry=r
-        )
-        for outcome in ("warmed", "hit", "wasted"):
-            self._warms.labels(outcome=outcome)
-            self._warm_bytes.labels(outcome=outcome)
-        self._keeps = Counter(
-            "ferryman_cache_keeps",
+        self._keeps, self._keep_bytes = _by_outcome(
+            "ferryman_cache_keep",
             "Layers already here that a warm request kept under its lease, by outcome (kept: taken; used: "
             "a pull or an assembly found it before its lease ended; ended: the lease ended first)",
-            ["outcome"],
-            registry=r,
+            ("kept", "used", "ended"),
+            r,
         )
-        self._keep_bytes = Counter(
-            "ferryman_cache_keep_bytes", "Bytes of those layers, by outcome", ["outcome"], registry=r
-        )
-        for outcome in ("kept", "used", "ended"):
-            self._keeps.labels(outcome=outcome)
-            self._keep_bytes.labels(outcome=outcome)
         self._warm_model = Gauge(
             "ferryman_cache_warm_model_info", "The model version the last warm request named", ["version"], registry=r
         )
@@ -232,3 +220,16 @@ class CacheCounters:
                 "pending": len(k.pending),
             },
         }
+
+
+def _by_outcome(
+    prefix: str, description: str, outcomes: tuple[str, ...], registry: CollectorRegistry
+) -> tuple[Counter, Counter]:
+    """A count and a byte counter (`<prefix>s_total`, `<prefix>_bytes_total`) by outcome, every
+    outcome exported from the start at 0."""
+    count = Counter(prefix + "s", description, ["outcome"], registry=registry)
+    size = Counter(prefix + "_bytes", "Bytes of those layers, by outcome", ["outcome"], registry=registry)
+    for outcome in outcomes:
+        count.labels(outcome=outcome)
+        size.labels(outcome=outcome)
+    return count, size
