@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry
 
 from agent.cache.stats import CacheCounters
 from agent.ctl.cache import status_lines
+
+
+def status_of(counters: CacheCounters) -> dict[str, Any]:
+    """A `/v1/cache/status` body of an empty cache with these counters."""
+    return {
+        "used_bytes": 0,
+        "capacity_bytes": 1,
+        "low_watermark_bytes": 0,
+        "entries": 0,
+        "pinned_bytes": 0,
+        "evictions": 0,
+        "evicted_bytes": 0,
+        **counters.to_json(),
+    }
 
 
 def test_a_warm_is_a_hit_when_found_local_in_time_and_wasted_after() -> None:
@@ -35,16 +51,7 @@ def test_a_warm_is_a_hit_when_found_local_in_time_and_wasted_after() -> None:
     assert sample("ferryman_cache_warm_bytes_total", {"outcome": "wasted"}) == 300
     assert sample("ferryman_cache_warm_model_info", {"version": "warm-2"}) == 1
     assert sample("ferryman_cache_warm_model_info", {"version": "warm-1"}) is None
-    status = {
-        "used_bytes": 0,
-        "capacity_bytes": 1,
-        "low_watermark_bytes": 0,
-        "entries": 0,
-        "pinned_bytes": 0,
-        "evictions": 0,
-        "evicted_bytes": 0,
-        **counters.to_json(),
-    }
+    status = status_of(counters)
     line = status_lines(status)[-1]
     assert line.startswith("prefetch: 3 layers warmed (410 B) (model warm-2), 1 hits (100 B), wasted 300 B"), line
     assert line.endswith("(75.0% of settled), 1 pending"), line
@@ -81,16 +88,7 @@ def test_a_keep_is_counted_apart_used_or_ended_and_not_in_the_waste() -> None:
     assert sample("ferryman_cache_keep_bytes_total", {"outcome": "used"}) == 400
     assert sample("ferryman_cache_keep_bytes_total", {"outcome": "ended"}) == 20
     assert sample("ferryman_cache_warms_total", {"outcome": "warmed"}) == 1
-    status = {
-        "used_bytes": 0,
-        "capacity_bytes": 1,
-        "low_watermark_bytes": 0,
-        "entries": 0,
-        "pinned_bytes": 0,
-        "evictions": 0,
-        "evicted_bytes": 0,
-        **counters.to_json(),
-    }
+    status = status_of(counters)
     assert status_lines(status)[-1] == (
         "prefetch keeps: 3 layers here kept (420 B), 2 used (400 B), 1 ended unused (20 B), 0 pending"
     )
@@ -99,16 +97,7 @@ def test_a_keep_is_counted_apart_used_or_ended_and_not_in_the_waste() -> None:
 def test_keeps_alone_show_their_line_and_no_prefetch_line() -> None:
     counters = CacheCounters(CollectorRegistry())
     counters.kept("sha256:a", 100, ttl=60)
-    status = {
-        "used_bytes": 0,
-        "capacity_bytes": 1,
-        "low_watermark_bytes": 0,
-        "entries": 0,
-        "pinned_bytes": 0,
-        "evictions": 0,
-        "evicted_bytes": 0,
-        **counters.to_json(),
-    }
+    status = status_of(counters)
     lines = status_lines(status)
     assert lines[-1].startswith("prefetch keeps: 1 layers here kept (100 B)"), lines
     assert not any(line.startswith("prefetch:") for line in lines), lines
