@@ -21,7 +21,7 @@ from coordinator.deployments.behaviour import TRAFFIC_PERIOD, ComponentSeries
 from coordinator.deployments.replicas import ReplicaService
 from coordinator.deployments.service import DeploymentService, held_addresses
 from coordinator.layers import LayerService
-from coordinator.leadership import Role, Term
+from coordinator.leadership import Role, Term, takes_pushes
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
 from coordinator.placement import Placer
@@ -318,6 +318,13 @@ class Coordinator:
     def acting(self) -> bool:
         """This replica may decide and write as the leader now."""
         return self.election is None or self.election.acting()
+
+    def takes_pushes(self) -> bool:
+        """This replica serves agents' telemetry now (coordinator.leadership.takes_pushes)."""
+        election = self.election
+        if election is None:
+            return True
+        return takes_pushes(self.config.telemetry.leader_takes_pushes, election.role, len(election.others_live))
 
     @property
     def role(self) -> str:

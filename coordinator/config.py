@@ -72,6 +72,9 @@ class RegistrationConfig:
     as much again at random)."""
 
 
+LEADER_TAKES_PUSHES = ("when_alone", "always")
+
+
 @dataclass(frozen=True)
 class TelemetryConfig:
     max_samples_per_host: int = 1440
@@ -86,6 +89,10 @@ class TelemetryConfig:
     """Seconds between writes of the telemetry summaries held back to a shared store (etcd: one
     transaction for up to 126 hosts' summaries instead of one per push). How stale the other
     replicas' view of a host's heartbeat and usage may be; below heartbeat.suspect_after / 2."""
+    leader_takes_pushes: str = "when_alone"
+    """On etcd, whether the leading replica serves telemetry pushes and sessions: "when_alone" (only
+    while no other replica is live: with followers it refuses them, 503 push_elsewhere, and its
+    agents push to the next URL, so its core serves the tick) or "always". SQLite: always."""
 
 
 @dataclass(frozen=True)
@@ -427,6 +434,11 @@ def _validate(config: CoordinatorConfig) -> None:
             raise ConfigError(f"{name} must be greater than 0, got {value}")
     if config.telemetry.flush_period > config.heartbeat.suspect_after / 2:
         raise ConfigError("telemetry.flush_period must be at most heartbeat.suspect_after / 2")
+    if config.telemetry.leader_takes_pushes not in LEADER_TAKES_PUSHES:
+        raise ConfigError(
+            f"telemetry.leader_takes_pushes must be one of {list(LEADER_TAKES_PUSHES)},"
+            f" got {config.telemetry.leader_takes_pushes!r}"
+        )
     if config.heartbeat.down_after <= config.heartbeat.suspect_after:
         raise ConfigError("heartbeat.down_after must be greater than heartbeat.suspect_after")
     if config.reservations.ttl > config.reservations.max_ttl:

@@ -47,6 +47,21 @@ class NotLeader(FerrymanError):
         self.leader = leader
 
 
+class PushElsewhere(FerrymanError):
+    """This replica leads and leaves the agents' telemetry to the live followers: nothing was
+    stored; the agent sends the same batch to its next coordinator URL (core/replicas.py)."""
+
+    code = "push_elsewhere"
+    http_status = 503
+
+
+def takes_pushes(setting: str, role: Role | None, others_live: int) -> bool:
+    """Whether a replica serves telemetry pushes and sessions (`[telemetry] leader_takes_pushes`):
+    a follower, a lone coordinator (`role` None: SQLite) and a leader with "always" do; a leader
+    with "when_alone" only while no other replica is live, so that its core serves the tick."""
+    return role is not Role.LEADER or setting == "always" or others_live == 0
+
+
 _TRANSITIONS: dict[tuple[Role, Event], Role] = {
     (Role.FOLLOWER, Event.WON): Role.LEADER,
     (Role.FOLLOWER, Event.OTHER_LEADS): Role.FOLLOWER,

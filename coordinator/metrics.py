@@ -42,6 +42,11 @@ class CoordinatorMetrics:
             "Registrations answered 503 registrations_busy (max_in_flight under way, max_queued waiting)",
             registry=self.registry,
         )
+        self.pushes_sent_elsewhere = Counter(
+            "ferryman_coordinator_pushes_sent_elsewhere",
+            "Telemetry pushes and sessions a leader refused (503 push_elsewhere): followers take them",
+            registry=self.registry,
+        )
         self.telemetry_rejected = Counter(
             "ferryman_coordinator_telemetry_rejected", "Telemetry pushes refused as invalid", registry=self.registry
         )

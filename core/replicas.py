@@ -12,7 +12,8 @@ A follower also names the leader on the requests it serves (the `Ferryman-Leader
 and a client moves there for the next ones; except on an agent's registration and telemetry, which
 any replica serves in full (its drain-risk samples reach the leader through the store): agents
 start at a replica chosen by their host name (`spread`) and stay there, so a fleet's pushes spread
-over the replicas.
+over the replicas. A leader may refuse telemetry with 503 `push_elsewhere` while other replicas
+are live (its core serves the tick): the agent sends the same batch to the next URL at once.
 
 One request moves at most `budget()` times, so a fleet with no leader at all (or none reachable)
 ends in an error instead of a loop; the caller reports the last answer.
@@ -84,6 +85,16 @@ def spread(key: str, count: int) -> int:
     """Which of `count` replicas a client named `key` starts at: the same on every run and every host
     of the fleet, and even over a fleet's names (CRC-32)."""
     return zlib.crc32(key.encode()) % count if count else 0
+
+
+def push_elsewhere(body: str) -> bool:
+    """From an error response's body: the replica leads and leaves telemetry to the others
+    (`push_elsewhere`): the same batch goes to the next replica at once."""
+    try:
+        error = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(error, dict) and error.get("code") == "push_elsewhere"
 
 
 def not_leader(body: str) -> str | None:

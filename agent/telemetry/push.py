@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError, Message
 from agent.config import CoordinatorConfig, TelemetryConfig
 from agent.metrics import AgentMetrics
 from core.http.validate import PROTOBUF
-from core.replicas import LEADER_HEADER, Replicas, not_leader, spread
+from core.replicas import LEADER_HEADER, Replicas, not_leader, push_elsewhere, spread
 from proto.ferryman.v1 import fleet_pb2 as pb
 
 REGISTRATION_REFRESH = 60.0
@@ -133,6 +133,10 @@ class CoordinatorLink:
                     self._replicas.redirected(hint)
                 return text
             failure = PushFailed(f"POST {url}{path}: HTTP {resp.status}: {text[:200]}", resp.status, retry_after)
+            if resp.status == 503 and push_elsewhere(text):  # the leader leaves telemetry to the others
+                moved = self._replicas.unreachable()
+                log.info("coordinator leader leaves telemetry to others; moving", extra={"replica": url, "next": moved})
+                continue
             leader = not_leader(text) if resp.status == 503 else None
             if leader is None:
                 raise failure

@@ -19,7 +19,7 @@ from coordinator.auth import Principal, authenticate, require_agent, require_ops
 from coordinator.chains.states import TERMINAL as CHAIN_TERMINAL
 from coordinator.chains.states import State as ChainState
 from coordinator.deployments.plan import preview
-from coordinator.leadership import NotLeader
+from coordinator.leadership import NotLeader, PushElsewhere
 from coordinator.model import Capacity
 from coordinator.orchestrator import AUTO
 from coordinator.placement import Need
@@ -170,10 +170,20 @@ async def register(request: web.Request) -> web.Response:
     return _json(host.to_dict())
 
 
+def _push_elsewhere(coordinator: Coordinator) -> PushElsewhere | None:
+    """The refusal of a leader that leaves pushes to its followers, or None: this replica takes them."""
+    if coordinator.takes_pushes():
+        return None
+    coordinator.metrics.pushes_sent_elsewhere.inc()
+    return PushElsewhere("this coordinator replica leads and leaves telemetry to the other replicas: push there")
+
+
 async def telemetry(request: web.Request) -> web.Response:
     coordinator = request.app[COORDINATOR]
     principal = _principal(request)
     require_agent(principal, principal.name if principal else "")
+    if refused := _push_elsewhere(coordinator):
+        raise refused
     try:
         batch = await _message(request, fleet_pb2.TelemetryBatch)
         require_agent(principal, batch.host)
@@ -199,12 +209,18 @@ async def telemetry_stream(request: web.Request) -> web.StreamResponse:
     principal = _principal(request)
     require_agent(principal, principal.name if principal else "")  # 401/403 before the upgrade
     assert principal is not None
+    if refused := _push_elsewhere(coordinator):
+        raise refused
     ws = web.WebSocketResponse(heartbeat=STREAM_HEARTBEAT, max_msg_size=MAX_BODY_BYTES, compress=False)
     await ws.prepare(request)
     request.app[SESSIONS].add(ws)
     try:
         async for msg in ws:  # ends at the agent's close, or the heartbeat's
             if msg.type is WSMsgType.BINARY:
+                if _push_elsewhere(coordinator):  # became the leader, or a follower came up
+                    # Unanswered: the agent POSTs this batch, is refused, and moves to its next URL.
+                    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"leader: push to another replica")
+                    break
                 try:
                     batch = parse_message(msg.data, fleet_pb2.TelemetryBatch, PROTOBUF)
                     require_agent(principal, batch.host)

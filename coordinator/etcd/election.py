@@ -7,6 +7,9 @@ wins is the leader for as long as its lease lives; when its process dies, etcd d
 the lease expires (at most `ttl` seconds) and the next campaign elects another replica. A leader that
 stops cleanly revokes its lease, so the next leader is elected within one campaign period.
 
+The same lease holds the replica's own key (`PREFIX replicas/URL`): every round reads which replicas
+are live (`others_live`), so a leader knows whether it may leave the agents' pushes to followers.
+
 `on_change(role, term)` is called on every change of role, before anything else happens; the
 coordinator starts or stops its leader-only work there. The store is fenced with the term's revision
 while leading, so a replica that was replaced cannot write even before it notices.
@@ -66,6 +69,10 @@ class Election:
         """The role as the rounds know it; `role` follows once the change is handed over."""
         self._term: Term | None = None
         self._lease = 0
+        self._announced = 0
+        """The lease our replica key was last put with (0: none)."""
+        self.others_live: tuple[str, ...] = ()
+        """The other replicas whose keys were present at the last round (their URLs)."""
         self._deadline = 0.0
         self._hand_over: Callable[[Callable[[], None]], object] = lambda change: change()
         """How a change of role reaches the coordinator: at once, or on its loop (run_in_thread)."""
@@ -109,6 +116,15 @@ class Election:
         self._deadline = acting_deadline(sent, left)
         return sent
 
+    async def _see_replicas(self) -> None:
+        """Put our replica key with our lease (once per lease), and note which others are live."""
+        prefix = self.store.replicas_prefix
+        if self._lease and self._announced != self._lease:
+            await self._kv.txn([], [Put(prefix + self.replica.encode(), b"", self._lease)])
+            self._announced = self._lease
+        live = (e.key[len(prefix) :].decode(errors="replace") for e in (await self._kv.range(prefix)).entries)
+        self.others_live = tuple(url for url in live if url != self.replica)
+
     async def _campaign(self) -> None:
         key = self.store.leader_key
         await self._lease_alive()
@@ -144,6 +160,7 @@ class Election:
                 await self._campaign()
             else:
                 await self._renew()
+            await self._see_replicas()
         except EtcdError as exc:
             log.warning("leader election round failed", extra={"replica": self.replica, "error": exc.message})
         if self._role is Role.LEADER and self._clock() >= self._deadline:

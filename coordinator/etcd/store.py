@@ -315,6 +315,12 @@ class EtcdStore:
         """The key the leading replica's lease holds (coordinator/etcd/election.py)."""
         return self._prefix + b"leader"
 
+    @property
+    def replicas_prefix(self) -> bytes:
+        """Where each running replica's key lives, `replicas/URL`, attached to its election lease:
+        the live replicas are the keys present (a replica killed goes with its lease)."""
+        return self._prefix + b"replicas/"
+
     def fence(self, revision: int | None) -> None:
         """Make every later write conditional on the leader key still being at `revision` (the term
         this replica won); None: unconditional again (a single coordinator, or tests)."""
