@@ -18,9 +18,12 @@ the failover and the placements, the default 5 s for the ingest (a fresh set of 
               register (a replica's 503 with Retry-After honoured as agents do) and push one sample
               every `--period` s (phases spread; over a telemetry session each, or with
               `--transport post` one POST each) to the leader (or, with `--push-to all`, agent i to
-              replica i % 3: the followers' samples reach the leader's scoring through their history
-              shares in etcd). An agent whose push ran past its period skips the missed periods and
-              keeps its phase, as agents do; a skip in the window fails the round. The window
+              replica i % 3; with `--push-to followers`, agent i to follower i % 2, as agents do
+              while the leader leaves pushes to the others: the followers' samples reach the
+              leader's scoring through their history shares in etcd). The replicas run
+              `leader_takes_pushes = "when_alone"` with `followers`, "always" otherwise. An agent
+              whose push ran past its period skips the missed periods and keeps its phase, as
+              agents do; a skip in the window fails the round. The window
               (`--seconds`) opens once every agent pushes and one period's pushes are within 5 % of
               N/period; the leader's policy tick every `--tick` s. Reported: pushes per second
               against N/period, push latency, the tick's p99 and mean
@@ -138,7 +141,10 @@ class Bench:
             "model": {"path": str(MODEL), "tick_period": args.tick},
             # Hosts that registered and then went quiet (the failover and placement hosts) stay ready.
             "heartbeat": {"suspect_after": 3600.0, "down_after": 7200.0},
-            "telemetry": {"max_samples_per_host": 64},
+            "telemetry": {
+                "max_samples_per_host": 64,
+                "leader_takes_pushes": "when_alone" if args.push_to == "followers" else "always",
+            },
         }
         self.replicas = []
         for i in range(3):
@@ -314,7 +320,8 @@ class Bench:
         stop_at = 0.0
 
         live = [r for r in self.replicas if r.proc is not None]
-        targets = {s: (live[i % len(live)] if self.args.push_to == "all" else leader) for i, s in enumerate(sessions)}
+        pool = {"all": live, "followers": [r for r in live if r is not leader], "leader": [leader]}[self.args.push_to]
+        targets = {s: pool[i % len(pool)] for i, s in enumerate(sessions)}
 
         async def post(session: aiohttp.ClientSession, path: str, body: Any) -> bool:
             """POST `body`: JSON, or bytes as binary protobuf (the telemetry, as agents send it)."""
@@ -620,10 +627,11 @@ def main() -> int:
     p.add_argument("--tick", type=float, default=5.0, help="the leader's policy tick period (s)")
     p.add_argument(
         "--push-to",
-        choices=("leader", "all"),
+        choices=("leader", "all", "followers"),
         default="leader",
-        help="ingest: every agent pushes to the leader, or agent i to replica i %% 3 (the summaries and "
-        "the drain-risk history shares reach the leader through etcd)",
+        help="ingest: every agent pushes to the leader, or agent i to replica i %% 3, or to the followers "
+        "only (the leader leaving pushes to them); the summaries and the drain-risk history shares "
+        "reach the leader through etcd",
     )
     p.add_argument(
         "--connect-rate",

@@ -377,6 +377,11 @@ class TelemetryPusher:
         return done > 0 or ack.reregister
 
     @property
+    def coordinator(self) -> str:
+        """The coordinator replica the pushes go to now."""
+        return self._link.url
+
+    @property
     def streaming(self) -> bool:
         """Whether pushes go over a telemetry session now."""
         return self._stream is not None

@@ -42,7 +42,8 @@ async def replicas(workdir: Path, pki: CoordinatorPki) -> AsyncIterator[list[Coo
         overrides = {
             "store": store,
             "model": {"path": str(MODEL), "tick_period": 0.5},
-            "telemetry": {"flush_period": 0.5},
+            # The test pushes to the leader too: both parts must add up on it.
+            "telemetry": {"flush_period": 0.5, "leader_takes_pushes": "always"},
             "heartbeat": {"suspect_after": 600.0, "down_after": 1200.0},
         }
         procs = []
