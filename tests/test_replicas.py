@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from core.replicas import Replicas, not_leader, parse_urls, spread
+from core.replicas import Replicas, not_leader, parse_urls, push_elsewhere, spread
 
 
 def test_a_client_moves_on_when_a_replica_is_unreachable_and_follows_a_named_leader() -> None:
@@ -60,3 +60,10 @@ def test_the_leader_named_in_a_not_leader_answer() -> None:
     assert not_leader(body(code="store_unavailable", message="m")) is None
     assert not_leader("<html>bad gateway</html>") is None
     assert not_leader(json.dumps({"error": "x"})) is None
+
+
+def test_a_leader_leaving_telemetry_to_the_others_is_recognised() -> None:
+    assert push_elsewhere(json.dumps({"error": {"code": "push_elsewhere", "message": "m"}}))
+    assert not push_elsewhere(json.dumps({"error": {"code": "not_leader", "message": "m", "leader": ""}}))
+    assert not push_elsewhere("<html>service unavailable</html>")
+    assert not push_elsewhere(json.dumps({"error": "push_elsewhere"}))

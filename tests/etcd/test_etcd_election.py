@@ -23,6 +23,7 @@ from coordinator.leadership import (
     acting_deadline,
     next_role,
     renew_every,
+    takes_pushes,
 )
 from coordinator.model import Capacity, Host, HostAdmin
 from tests.conftest import require
@@ -43,6 +44,14 @@ def test_the_role_table() -> None:
     # A keep-alive sent at 100 s and answered with 5 s left: act until 104 s (20 % margin).
     assert acting_deadline(100.0, 5) == pytest.approx(100.0 + 5 * (1 - MARGIN))
     assert renew_every(6) == 2.0
+
+
+def test_who_takes_telemetry_pushes() -> None:
+    assert takes_pushes("when_alone", None, 0)  # SQLite: one coordinator
+    assert takes_pushes("when_alone", Role.FOLLOWER, 2)
+    assert not takes_pushes("when_alone", Role.LEADER, 1)  # its core is the tick's
+    assert takes_pushes("when_alone", Role.LEADER, 0)  # alone: nobody else would
+    assert takes_pushes("always", Role.LEADER, 2)
 
 
 @pytest.fixture
@@ -74,6 +83,9 @@ async def test_one_leader_among_three_and_a_clean_handover(cluster: EtcdCluster)
         await _until(lambda: sum(r.acting() for r in replicas) == 1, 5.0)
         leader = next(r for r in replicas if r.acting())
         await _until(lambda: all(r.leader == leader.replica for r in replicas), 5.0)
+        # Each sees the others live (their replica keys, on their leases).
+        urls = {r.replica for r in replicas}
+        await _until(lambda: all(set(r.others_live) == urls - {r.replica} for r in replicas), 5.0)
         await asyncio.sleep(2 * TTL)  # renewals keep the same leader, and only one
         assert [r for r in replicas if r.acting()] == [leader]
         # The leader stops cleanly: it revokes its lease, the next campaign elects another.
@@ -83,6 +95,8 @@ async def test_one_leader_among_three_and_a_clean_handover(cluster: EtcdCluster)
         assert not leader.acting()
         took = await _until(lambda: sum(r.acting() for r in replicas) == 1, renew_every(TTL) + 2.0)
         print(f"clean handover: {took:.2f} s")
+        rest = [r for r in replicas if r is not leader]  # its key went with its revoked lease
+        await _until(lambda: all(leader.replica not in r.others_live for r in rest), renew_every(TTL) + 2.0)
     finally:
         for s in stops:
             s.set()
