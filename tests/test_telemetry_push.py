@@ -22,6 +22,7 @@ from agent.telemetry.push import TelemetryPusher
 from agent.telemetry.sampler import Sampler
 from agent.telemetry.service import TelemetryService
 from core.http.validate import PROTOBUF
+from core.replicas import spread
 from core.security.pki import HostCertPaths, init_ca, issue_host
 from core.security.tls import client_context, peer_identity, server_context
 from proto.ferryman.v1 import fleet_pb2 as pb
@@ -74,6 +75,8 @@ class Coordinator:
     """Every request's method and path, answered or not (this stand-in has no telemetry stream: 404)."""
     arrivals: list[float] = field(default_factory=list)
     """When each of `paths` arrived (monotonic)."""
+    sheds: bool = False
+    """A leader that leaves telemetry to its followers: every push gets 503 push_elsewhere."""
     busy: int = 0
     """Registrations still to refuse as a busy coordinator does: 503 registrations_busy, Retry-After 1."""
 
@@ -101,6 +104,9 @@ class Coordinator:
     async def telemetry(self, request: web.Request) -> web.Response:
         if self.follows is not None:
             return self._not_leader()
+        if self.sheds:
+            error = {"code": "push_elsewhere", "message": "this replica leads and leaves telemetry to the others"}
+            return web.json_response({"error": error}, status=503)
         if self.status != 200:
             return web.Response(status=self.status, text="broken")
         self.content_types.append(request.content_type)
@@ -369,6 +375,38 @@ async def test_a_follower_that_serves_a_push_sends_the_next_ones_to_the_leader(f
         await until(lambda: len(leader.samples()) == 1 and pusher.buffered == 0, "the sample at the leader")
         assert [r.host for r in follower.registrations] == ["h1"] and follower.batches == []
         assert [r.host for r in leader.registrations] == ["h1"]
+    finally:
+        await pusher.close()
+        await follower.stop()
+        await leader.stop()
+
+
+async def test_a_leader_that_leaves_telemetry_to_others_sends_the_batch_to_the_next_replica(
+    fleet: Fleet,
+) -> None:
+    """The leader registers the host but answers a push with push_elsewhere: the same batch goes to
+    the next replica at once (no failed push, nothing lost), and the pushes stay there."""
+    leader = Coordinator(fleet.coordinator, free_port(), sheds=True)
+    follower = Coordinator(fleet.coordinator, free_port())
+    urls = [f"https://127.0.0.1:{leader.port}", f"https://127.0.0.1:{follower.port}"]
+    if spread("h1", 2):  # the agent starts at the leader
+        urls.reverse()
+    config = CoordinatorConfig(urls=tuple(urls), server_name="coord", request_timeout=5.0)
+    metrics = AgentMetrics()
+    pusher = TelemetryPusher("h1", config, TelemetryConfig(), client_context(fleet.agent), registration, metrics)
+    await leader.start()
+    await follower.start()
+    await pusher.start()
+    try:
+        follower.known.add("h1")  # registered on the leader: the follower knows it from the store
+        pusher.offer(pb.TelemetrySample(ts=time.time()))
+        await until(lambda: len(follower.samples()) == 1 and pusher.buffered == 0, "the sample at the follower")
+        assert [r.host for r in leader.registrations] == ["h1"] and leader.batches == []
+        assert pusher.coordinator == f"https://127.0.0.1:{follower.port}"
+        assert pushes(metrics, "failed") == 0
+        pusher.offer(pb.TelemetrySample(ts=time.time()))
+        await until(lambda: len(follower.samples()) == 2, "the second sample at the follower")
+        assert leader.paths.count("POST /v1/telemetry") == 1
     finally:
         await pusher.close()
         await follower.stop()
