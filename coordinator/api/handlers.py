@@ -833,7 +833,15 @@ async def healthz(request: web.Request) -> web.Response:
     coordinator = request.app[COORDINATOR]
     election = coordinator.election
     leader = "" if election is None else election.leader
-    return _json({"status": "ok", "role": coordinator.role, "acting": coordinator.acting(), "leader": leader})
+    return _json(
+        {
+            "status": "ok",
+            "role": coordinator.role,
+            "acting": coordinator.acting(),
+            "leader": leader,
+            "takes_pushes": coordinator.takes_pushes(),
+        }
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -142,6 +142,10 @@ async def test_the_leader_leaves_pushes_to_a_live_follower(
                 server_hostname="coordinator",
             )
     assert refused.value.status == 503
+    for p in replicas:
+        async with p.client(pki.operator()) as ops:
+            _, health = await ops.get("/healthz")
+        assert health["takes_pushes"] is (p is not leader), health
 
     pusher = _pusher("roamer", pki, leader, followers[0])
     await pusher.start()
