@@ -89,10 +89,11 @@ class TelemetryConfig:
     """Seconds between writes of the telemetry summaries held back to a shared store (etcd: one
     transaction for up to 126 hosts' summaries instead of one per push). How stale the other
     replicas' view of a host's heartbeat and usage may be; below heartbeat.suspect_after / 2."""
-    leader_takes_pushes: str = "when_alone"
+    leader_takes_pushes: str = "always"
     """On etcd, whether the leading replica serves telemetry pushes and sessions: "when_alone" (only
     while no other replica is live: with followers it refuses them, 503 push_elsewhere, and its
-    agents push to the next URL, so its core serves the tick) or "always". SQLite: always."""
+    agents push to the next URL, so its core serves the tick; every agent must know push_elsewhere)
+    or "always" (the default). SQLite: always."""
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ async def replicas(workdir: Path, pki: CoordinatorPki) -> AsyncIterator[list[Coo
         overrides = {
             "store": store,
             "model": {"path": str(MODEL), "tick_period": 0.5},
-            "telemetry": {"flush_period": 0.5},  # leader_takes_pushes: the default, "when_alone"
+            "telemetry": {"flush_period": 0.5, "leader_takes_pushes": "when_alone"},
             "heartbeat": {"suspect_after": 600.0, "down_after": 1200.0},
         }
         procs = []
