@@ -78,9 +78,10 @@ class DrainPolicy:
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self.list_for_tick: Callable[[], Awaitable[list[Host]]] = store.list_hosts
+        self.list_for_tick: Callable[[], Awaitable[list[Host]]] | None = None
         """How a tick lists the hosts it scores and decides on (on etcd the leader's watched view:
-        `EtcdStore.followed_hosts`); the drains it progresses are listed with `list_hosts`."""
+        `EtcdStore.followed_hosts`; None: `list_hosts`); the drains it progresses are listed with
+        `list_hosts`."""
         self._lock = asyncio.Lock()
         self._streaks: dict[str, int] = {}
         """Ticks in a row each host's P(drain) has been at or above the threshold."""
@@ -93,7 +94,7 @@ class DrainPolicy:
             # no read); the store is listed for the drains only when there are drains to progress.
             phase = self._metrics.tick_phase_seconds
             with phase.labels(phase="list").time():
-                listed = await self.list_for_tick()
+                listed = await (self.list_for_tick or self._store.list_hosts)()
             predictions = await self._predictions.tick(listed)  # times its own phases
             with phase.labels(phase="decide").time():
                 changed = await self._apply_predictions(listed, predictions)
