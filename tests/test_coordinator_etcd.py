@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -13,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, free_port, registration, sample
+from tests.harness.coordinator import (
+    CoordinatorPki,
+    CoordinatorProcess,
+    etcd_replicas,
+    free_port,
+    registration,
+    sample,
+)
 from tests.harness.etcd import EtcdCluster
 from tests.harness.fleet import FERRYCTL
 
@@ -26,18 +32,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> CoordinatorPki:
 @pytest.fixture
 async def replicas(workdir: Path, pki: CoordinatorPki) -> AsyncIterator[list[CoordinatorProcess]]:
     require("etcd")
-    async with EtcdCluster(workdir / "etcd", size=1) as cluster:
-        store = {"backend": "etcd", "etcd_endpoints": cluster.endpoints, "etcd_prefix": f"/{secrets.token_hex(4)}/"}
-        procs = []
-        for i in range(3):
-            (workdir / f"c{i}").mkdir()
-            procs.append(CoordinatorProcess(workdir / f"c{i}", pki, overrides={"store": store}))
-        try:
-            await asyncio.gather(*(p.start() for p in procs))
-            yield procs
-        finally:
-            codes = await asyncio.gather(*(p.stop() for p in procs))
-            assert codes == [0, 0, 0], "\n".join(p.logs() for p in procs)
+    async with etcd_replicas(workdir, pki, members=1, one_at_a_time=False) as procs:
+        yield procs
 
 
 async def test_three_replicas_placing_at_once_never_overbook(

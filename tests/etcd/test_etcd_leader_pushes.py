@@ -11,7 +11,6 @@ move to the replica that follows.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,8 +26,14 @@ from core.replicas import spread
 from core.security.tls import client_context
 from proto.ferryman.v1 import fleet_pb2 as pb
 from tests.conftest import require
-from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, registration, sample
-from tests.harness.etcd import EtcdCluster
+from tests.harness.coordinator import (
+    CoordinatorPki,
+    CoordinatorProcess,
+    etcd_replicas,
+    registration,
+    sample,
+    single_leader,
+)
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "drain" / "drain.onnx"
 
@@ -41,47 +46,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> CoordinatorPki:
 @pytest.fixture
 async def replicas(workdir: Path, pki: CoordinatorPki) -> AsyncIterator[list[CoordinatorProcess]]:
     require("etcd")
-    async with EtcdCluster(workdir / "etcd", size=3) as cluster:
-        store = {
-            "backend": "etcd",
-            "etcd_endpoints": cluster.endpoints,
-            "etcd_prefix": f"/{secrets.token_hex(4)}/",
-            "leader_ttl": 2,
-        }
-        overrides = {
-            "store": store,
-            "model": {"path": str(MODEL), "tick_period": 0.5},
-            "telemetry": {"flush_period": 0.5, "leader_takes_pushes": "when_alone"},
-            "heartbeat": {"suspect_after": 600.0, "down_after": 1200.0},
-        }
-        procs = []
-        for i in range(3):
-            (workdir / f"c{i}").mkdir()
-            procs.append(CoordinatorProcess(workdir / f"c{i}", pki, overrides=overrides))
-        try:
-            for p in procs:  # one at a time: three imports at once are slow on a loaded 2-core host
-                await p.start()
-            yield procs
-        finally:
-            running = [p for p in procs if p.proc is not None]
-            codes = await asyncio.gather(*(p.stop() for p in running))
-            assert codes == [0] * len(running), "\n".join(p.logs() for p in procs)
-
-
-async def _leader(procs: list[CoordinatorProcess], pki: CoordinatorPki) -> CoordinatorProcess:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
-    while True:
-        acting = []
-        for p in procs:
-            async with p.client(pki.operator()) as ops:
-                _, health = await ops.get("/healthz")
-            if health.get("acting"):
-                acting.append(p)
-        if len(acting) == 1:
-            return acting[0]
-        assert loop.time() < deadline, "no single leader"
-        await asyncio.sleep(0.2)
+    overrides = {
+        "store": {"leader_ttl": 2},
+        "model": {"path": str(MODEL), "tick_period": 0.5},
+        "telemetry": {"flush_period": 0.5, "leader_takes_pushes": "when_alone"},
+        "heartbeat": {"suspect_after": 600.0, "down_after": 1200.0},
+    }
+    async with etcd_replicas(workdir, pki, overrides=overrides) as procs:
+        yield procs
 
 
 async def _push_status(proc: CoordinatorProcess, pki: CoordinatorPki, name: str) -> tuple[int, dict[str, Any]]:
@@ -130,7 +102,7 @@ async def _samples(proc: CoordinatorProcess, pki: CoordinatorPki, name: str) -> 
 async def test_the_leader_leaves_pushes_to_a_live_follower(
     replicas: list[CoordinatorProcess], pki: CoordinatorPki
 ) -> None:
-    leader = await _leader(replicas, pki)
+    leader = await single_leader(replicas, pki)
     followers = [p for p in replicas if p is not leader]
     body = await _until_refused(leader, pki, "roamer")
     assert body["error"]["code"] == "push_elsewhere", body
@@ -193,7 +165,7 @@ async def test_the_leader_leaves_pushes_to_a_live_follower(
 async def test_a_new_leader_sends_its_pushes_to_the_follower(
     replicas: list[CoordinatorProcess], pki: CoordinatorPki
 ) -> None:
-    leader = await _leader(replicas, pki)
+    leader = await single_leader(replicas, pki)
     a, b = (p for p in replicas if p is not leader)
     await _until_refused(leader, pki, "probe")
     pushers = {"on-a": _pusher("on-a", pki, a, b), "on-b": _pusher("on-b", pki, b, a)}
@@ -209,7 +181,7 @@ async def test_a_new_leader_sends_its_pushes_to_the_follower(
         assert await _samples(a, pki, "on-a") == 10 and await _samples(b, pki, "on-b") == 10
 
         assert await leader.stop() == 0  # a clean stop hands the lead over at once
-        new = await _leader([a, b], pki)
+        new = await single_leader([a, b], pki)
         follower = b if new is a else a
         await _until_refused(new, pki, "probe")
         moved = "on-a" if new is a else "on-b"

@@ -9,7 +9,6 @@ fact on the leader, and a calm host pushing to a follower is scored there too.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,8 +17,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import require
-from tests.harness.coordinator import CoordinatorPki, CoordinatorProcess, registration, sample
-from tests.harness.etcd import EtcdCluster
+from tests.harness.coordinator import (
+    CoordinatorPki,
+    CoordinatorProcess,
+    etcd_replicas,
+    registration,
+    sample,
+    single_leader,
+)
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "drain" / "drain.onnx"
 
@@ -32,47 +37,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> CoordinatorPki:
 @pytest.fixture
 async def replicas(workdir: Path, pki: CoordinatorPki) -> AsyncIterator[list[CoordinatorProcess]]:
     require("etcd")
-    async with EtcdCluster(workdir / "etcd", size=3) as cluster:
-        store = {
-            "backend": "etcd",
-            "etcd_endpoints": cluster.endpoints,
-            "etcd_prefix": f"/{secrets.token_hex(4)}/",
-            "leader_ttl": 2,
-        }
-        overrides = {
-            "store": store,
-            "model": {"path": str(MODEL), "tick_period": 0.5},
-            # The test pushes to the leader too: both parts must add up on it.
-            "telemetry": {"flush_period": 0.5, "leader_takes_pushes": "always"},
-            "heartbeat": {"suspect_after": 600.0, "down_after": 1200.0},
-        }
-        procs = []
-        for i in range(3):
-            (workdir / f"c{i}").mkdir()
-            procs.append(CoordinatorProcess(workdir / f"c{i}", pki, overrides=overrides))
-        try:
-            for p in procs:  # one at a time: three imports at once are slow on a loaded 2-core host
-                await p.start()
-            yield procs
-        finally:
-            codes = await asyncio.gather(*(p.stop() for p in procs))
-            assert codes == [0, 0, 0], "\n".join(p.logs() for p in procs)
-
-
-async def _leader(procs: list[CoordinatorProcess], pki: CoordinatorPki) -> CoordinatorProcess:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
-    while True:
-        acting = []
-        for p in procs:
-            async with p.client(pki.operator()) as ops:
-                _, health = await ops.get("/healthz")
-            if health.get("acting"):
-                acting.append(p)
-        if len(acting) == 1:
-            return acting[0]
-        assert loop.time() < deadline, "no single leader"
-        await asyncio.sleep(0.2)
+    overrides = {
+        "store": {"leader_ttl": 2},
+        "model": {"path": str(MODEL), "tick_period": 0.5},
+        # The test pushes to the leader too: both parts must add up on it.
+        "telemetry": {"flush_period": 0.5, "leader_takes_pushes": "always"},
+        "heartbeat": {"suspect_after": 600.0, "down_after": 1200.0},
+    }
+    async with etcd_replicas(workdir, pki, overrides=overrides) as procs:
+        yield procs
 
 
 async def _push(proc: CoordinatorProcess, pki: CoordinatorPki, name: str, samples: list[dict[str, Any]]) -> None:
@@ -90,7 +63,7 @@ async def _register(proc: CoordinatorProcess, pki: CoordinatorPki, name: str) ->
 async def test_pushes_to_followers_are_scored_by_the_leader(
     replicas: list[CoordinatorProcess], pki: CoordinatorPki
 ) -> None:
-    leader = await _leader(replicas, pki)
+    leader = await single_leader(replicas, pki)
     followers = [p for p in replicas if p is not leader]
     for name in ("twin-leader", "twin-followers", "calm", "noticed"):
         await _register(followers[0], pki, name)

@@ -29,6 +29,7 @@ from core.security.pki import HostCertPaths, init_ca, issue_client, issue_host
 from core.security.tls import client_context
 from proto.ferryman.v1 import fleet_pb2
 from tests.harness.daemons import log_tail, start_daemon, terminate
+from tests.harness.etcd import EtcdCluster
 from tests.harness.netns import acall_in_netns, nsenter_argv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -318,3 +319,58 @@ class NoAgents:
 
     async def close(self) -> None:
         pass
+
+
+@contextlib.asynccontextmanager
+async def etcd_replicas(
+    workdir: Path,
+    pki: CoordinatorPki,
+    *,
+    members: int = 3,
+    overrides: Mapping[str, Mapping[str, Any] | Any] | None = None,
+    one_at_a_time: bool = True,
+) -> AsyncIterator[list[CoordinatorProcess]]:
+    """Three coordinator daemons on an etcd cluster of `members`, under a fresh key prefix.
+
+    `overrides` go into each replica's config beside the store (a `store` mapping extends it).
+    Started one at a time by default: three imports at once are slow on a loaded 2-core host.
+    On exit every replica still running must stop with code 0.
+    """
+    async with EtcdCluster(workdir / "etcd", size=members) as cluster:
+        store = {"backend": "etcd", "etcd_endpoints": cluster.endpoints, "etcd_prefix": f"/{secrets.token_hex(4)}/"}
+        rest = dict(overrides or {})
+        store.update(rest.pop("store", {}))
+        procs = []
+        for i in range(3):
+            (workdir / f"c{i}").mkdir()
+            procs.append(CoordinatorProcess(workdir / f"c{i}", pki, overrides={"store": store, **rest}))
+        try:
+            if one_at_a_time:
+                for p in procs:
+                    await p.start()
+            else:
+                await asyncio.gather(*(p.start() for p in procs))
+            yield procs
+        finally:
+            running = [p for p in procs if p.proc is not None]
+            codes = await asyncio.gather(*(p.stop() for p in running))
+            assert codes == [0] * len(running), "\n".join(p.logs() for p in procs)
+
+
+async def single_leader(
+    procs: list[CoordinatorProcess], pki: CoordinatorPki, within: float = 15.0
+) -> CoordinatorProcess:
+    """The one replica whose /healthz says it acts as the leader, once exactly one does."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        acting = []
+        for p in procs:
+            async with p.client(pki.operator()) as ops:
+                _, health = await ops.get("/healthz")
+            if health.get("acting"):
+                acting.append(p)
+        if len(acting) == 1:
+            return acting[0]
+        assert loop.time() < deadline, "no single leader"
+        await asyncio.sleep(0.2)
