@@ -224,7 +224,12 @@ class Coordinator:
             url = config.store.advertise_url or f"https://{f'[{host}]' if ':' in host else host}:{port}"
             # A client of its own: the election runs on its own thread (run_in_thread).
             self.election = Election(
-                store.kv.copy(), store, url, ttl=config.store.leader_ttl, on_change=self._role_changed
+                store.kv.copy(),
+                store,
+                url,
+                ttl=config.store.leader_ttl,
+                on_change=self._role_changed,
+                reads_replicas=config.telemetry.leader_takes_pushes != "always",
             )
             # Agents may push to any replica: each shares its part of the drain-risk histories.
             store.share_histories(url, self.predictions.share)

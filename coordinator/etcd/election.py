@@ -8,7 +8,8 @@ the lease expires (at most `ttl` seconds) and the next campaign elects another r
 stops cleanly revokes its lease, so the next leader is elected within one campaign period.
 
 The same lease holds the replica's own key (`PREFIX replicas/URL`): every round reads which replicas
-are live (`others_live`), so a leader knows whether it may leave the agents' pushes to followers.
+are live (`others_live`), so a leader knows whether it may leave the agents' pushes to followers
+(`reads_replicas=False` skips the read where that is never asked: `leader_takes_pushes = "always"`).
 
 `on_change(role, term)` is called on every change of role, before anything else happens; the
 coordinator starts or stops its leader-only work there. The store is fenced with the term's revision
@@ -50,6 +51,7 @@ class Election:
         ttl: int = 5,
         on_change: Callable[[Role, Term | None], None] = lambda role, term: None,
         clock: Callable[[], float] = time.monotonic,
+        reads_replicas: bool = True,
     ) -> None:
         if ttl < 2:
             raise ValueError("a leader lease lives at least 2 seconds")
@@ -60,6 +62,9 @@ class Election:
         self.ttl = ttl
         self._on_change = on_change
         self._clock = clock
+        self._reads_replicas = reads_replicas
+        """Whether rounds read the other replicas' keys (`others_live`); this replica's own key is
+        put either way, so others can count it."""
         self.role = Role.FOLLOWER
         """The role as the coordinator acts on it (set where `on_change` is called)."""
         self.term: Term | None = None
@@ -122,6 +127,8 @@ class Election:
         if self._lease and self._announced != self._lease:
             await self._kv.txn([], [Put(prefix + self.replica.encode(), b"", self._lease)])
             self._announced = self._lease
+        if not self._reads_replicas:
+            return
         live = (e.key[len(prefix) :].decode(errors="replace") for e in (await self._kv.range(prefix)).entries)
         self.others_live = tuple(url for url in live if url != self.replica)
 

@@ -105,6 +105,23 @@ async def test_one_leader_among_three_and_a_clean_handover(cluster: EtcdCluster)
             await r.store.close()
 
 
+async def test_a_replica_that_never_reads_the_others_is_still_counted(cluster: EtcdCluster) -> None:
+    # leader_takes_pushes = "always" never asks who else is live: no read each round, but the
+    # replica's own key is put, so a "when_alone" leader still knows it is not alone.
+    reader, quiet = _replica(cluster, "r1"), _replica(cluster, "q1", reads_replicas=False)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(r.run(stop)) for r in (reader, quiet)]
+    try:
+        await _until(lambda: reader.others_live == (quiet.replica,), 5.0)
+        await asyncio.sleep(2 * renew_every(TTL))
+        assert quiet.others_live == ()
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for r in (reader, quiet):
+            await r.store.close()
+
+
 _CRASHING_LEADER = """
 import asyncio, sys
 sys.path.insert(0, sys.argv[1])
