@@ -14,6 +14,8 @@ import asyncio
 import logging
 import sys
 
+from threadpoolctl import threadpool_limits
+
 from coordinator.api import serve
 from coordinator.app import Coordinator
 from coordinator.config import CoordinatorConfig, load_config
@@ -64,6 +66,10 @@ async def run(config: CoordinatorConfig, stop: asyncio.Event | None = None) -> i
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging("INFO")
+    # The drain features reduce 256 hosts at a time: OpenBLAS's threads (one per core by default)
+    # cost 2-3x the CPU there and, on a busy host, more wall time than they save; one thread, as the
+    # model's own session (intra_op_threads=1).
+    threadpool_limits(limits=1, user_api="blas")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
