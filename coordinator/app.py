@@ -377,6 +377,13 @@ class Coordinator:
             self._leader_loops.append(
                 asyncio.create_task(self._while_leading(self.election.store.follow_hosts), name="hosts-watch")
             )
+            # The followers' history shares come with those keys, one flush period apart: decoded as
+            # they come, not all in the tick.
+            self._leader_loops.append(
+                asyncio.create_task(
+                    self._every(self.config.telemetry.flush_period, self.predictions.take_shares), name="shares"
+                )
+            )
         if self.config.warm.period and self.warm.predictor is not None:
             self._leader_loops.append(
                 asyncio.create_task(self._every(self.config.warm.period, self.warm_round), name="warm")

@@ -292,32 +292,52 @@ class PredictionService:
             return None
         return HostShare(bins, tuple(self._notices.get(host, ()))).to_json()
 
+    SHARES_BETWEEN_YIELDS = 500
+    """Hosts whose new shares are decoded between two turns of the loop (`take_shares`)."""
+
+    async def take_shares(self) -> None:
+        """Set the other replicas' new shares into their parts of the histories, between ticks (the
+        leader's `shares` loop): a tick then decodes only what arrived since, not the whole fleet's.
+        Never while a scoring thread reads the histories (the tick takes what is left)."""
+        if self._exchange is None:
+            return
+        for n, (host, (version, shares)) in enumerate(self._exchange.peer_shares().items()):
+            if n and n % self.SHARES_BETWEEN_YIELDS == 0:
+                await asyncio.sleep(0)  # the loop's other work (pushes, lease renewals) gets a turn
+            if self._scoring:
+                return
+            self._take_share(host, version, shares)
+
     def _take_shares(self, hosts: set[str]) -> None:
         if self._exchange is None:
             return
         for host, (version, shares) in self._exchange.peer_shares().items():
-            if host not in hosts or self._shares_applied.get(host) == version:
-                continue
-            self._shares_applied[host] = version
-            parts = self._remote.setdefault(host, {})
-            for replica, raw in shares.items():
-                try:
-                    ids, rows = HostShare.rows_from_json(raw)
-                    notices = notices_from_json(raw)
-                except (KeyError, TypeError, ValueError) as exc:
-                    extra = {"host": host, "replica": replica, "error": str(exc)}
-                    log.warning("a history share does not decode", extra=extra)
-                    continue
-                part = parts.get(replica)
-                if part is None:
-                    part = parts[replica] = HostHistory()
-                part.set_bins(ids, rows)
-                if notices:
-                    known = self._notices.setdefault(host, [])
-                    known.extend(n for n in notices if n not in known)
+            if host in hosts:
+                self._take_share(host, version, shares)
         for gone in self._remote.keys() - hosts:
             del self._remote[gone]
             self._shares_applied.pop(gone, None)
+
+    def _take_share(self, host: str, version: int, shares: Mapping[str, Mapping[str, Any]]) -> None:
+        if self._shares_applied.get(host) == version:
+            return
+        self._shares_applied[host] = version
+        parts = self._remote.setdefault(host, {})
+        for replica, raw in shares.items():
+            try:
+                ids, rows = HostShare.rows_from_json(raw)
+                notices = notices_from_json(raw)
+            except (KeyError, TypeError, ValueError) as exc:
+                extra = {"host": host, "replica": replica, "error": str(exc)}
+                log.warning("a history share does not decode", extra=extra)
+                continue
+            part = parts.get(replica)
+            if part is None:
+                part = parts[replica] = HostHistory()
+            part.set_bins(ids, rows)
+            if notices:
+                known = self._notices.setdefault(host, [])
+                known.extend(n for n in notices if n not in known)
 
     def _scored_histories(self, hosts: set[str]) -> dict[str, HostHistory]:
         """Each host's history as this replica holds it merged with the other replicas' parts."""

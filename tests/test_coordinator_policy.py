@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from coordinator.app import Coordinator
 from coordinator.auth import TokenHashes
 from coordinator.config import CoordinatorConfig, MigrationLimits, ModelConfig, ReservationConfig
 from coordinator.features import HostHistory
+from coordinator.history_share import SHARED_BINS, HostShare
 from coordinator.model import Capacity, ContainerUsage, Host, HostAdmin, MigrationState, Prediction, Reservation
 from coordinator.placement import Need
 from coordinator.policy import PRIORITY_LABEL, migration_order
@@ -579,5 +581,56 @@ async def test_a_tick_times_each_of_its_phases(store: SqliteStore) -> None:
             for p in phases
         )
         assert total > 0.0
+    finally:
+        await coordinator.close()
+
+
+class SeenRisk(FixedRisk):
+    """Records the histories each tick scored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, HostHistory] = {}
+
+    def score(self, histories: Mapping[str, Sequence[Any]], now: float) -> dict[str, float]:
+        self.seen = dict(histories)  # type: ignore[arg-type]
+        return super().score(histories, now)
+
+
+class FollowerShares:
+    """The other replicas' shares as an etcd store's watch would have them (HistoryExchange)."""
+
+    def __init__(self) -> None:
+        self.shares: dict[str, tuple[int, dict[str, Any]]] = {}
+
+    def peer_shares(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        return dict(self.shares)
+
+
+async def test_followers_shares_are_taken_between_ticks_not_while_scoring(store: SqliteStore) -> None:
+    model = SeenRisk()
+    await _fleet(store)
+    coordinator = await _coordinator(store, ScriptedAgents(), model)
+    exchange = FollowerShares()
+    coordinator.predictions.read_shares_from(exchange)
+    now = time.time()
+    part = HostHistory.from_points(sample_to_point(now - 5 * i, {"cpu_util": 0.3 + i / 100}) for i in range(24))
+    share = HostShare(part.recent_bins(SHARED_BINS)).to_json()
+    try:
+        # A scoring thread reads the histories: nothing is taken, and the share gone before the
+        # next tick was never scored.
+        exchange.shares = {"h2": (7, {"https://c1:7543": share})}
+        coordinator.predictions._scoring = True
+        await coordinator.predictions.take_shares()
+        coordinator.predictions._scoring = False
+        exchange.shares = {}
+        await coordinator.policy.tick()
+        assert "h2" not in model.seen
+        # Taken between ticks: the tick scores the follower's part though its key moved on since.
+        exchange.shares = {"h2": (8, {"https://c1:7543": share})}
+        await coordinator.predictions.take_shares()
+        exchange.shares = {}
+        await coordinator.policy.tick()
+        assert np.array_equal(model.seen["h2"].window(now), part.window(now))
     finally:
         await coordinator.close()
