@@ -117,15 +117,18 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), res.stderr
 
 
-def test_the_daemon_runs_numpy_on_one_blas_thread(tmp_path: Path) -> None:
-    # Whatever the environment asks for (4 here), the daemon's drain features run on one thread;
-    # set before the config is read, so even a refused config shows it.
+def test_the_daemon_runs_numpy_on_one_blas_thread_and_collects_young_objects_seldom(tmp_path: Path) -> None:
+    # Whatever the environment asks for (4 here), the daemon's drain features run on one thread, and
+    # the garbage collector runs after 50 000 allocations, not 700; both set before the config is
+    # read, so even a refused config shows them.
     script = (
         "from threadpoolctl import threadpool_info\n"
         "from coordinator import daemon\n"
         f"code = daemon.main(['--config', {str(tmp_path / 'absent.toml')!r}])\n"
-        "print(code, sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}))\n"
+        "import gc\n"
+        "blas = sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'})\n"
+        "print(code, blas, gc.get_threshold()[0])\n"
     )
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "4", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert done.stdout.strip() == "2 [1]", done.stderr
+    assert done.stdout.strip() == "2 [1] 50000", done.stderr
