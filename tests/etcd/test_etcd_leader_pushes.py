@@ -32,10 +32,9 @@ from tests.harness.coordinator import (
     etcd_replicas,
     registration,
     sample,
+    scoring_overrides,
     single_leader,
 )
-
-MODEL = Path(__file__).resolve().parents[2] / "models" / "drain" / "drain.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +45,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> CoordinatorPki:
 @pytest.fixture
 async def replicas(workdir: Path, pki: CoordinatorPki) -> AsyncIterator[list[CoordinatorProcess]]:
     require("etcd")
-    overrides = {
-        "store": {"leader_ttl": 2},
-        "model": {"path": str(MODEL), "tick_period": 0.5},
-        "telemetry": {"flush_period": 0.5, "leader_takes_pushes": "when_alone"},
-        "heartbeat": {"suspect_after": 600.0, "down_after": 1200.0},
-    }
+    overrides = scoring_overrides("when_alone")
     async with etcd_replicas(workdir, pki, overrides=overrides) as procs:
         yield procs
 

@@ -23,10 +23,9 @@ from tests.harness.coordinator import (
     etcd_replicas,
     registration,
     sample,
+    scoring_overrides,
     single_leader,
 )
-
-MODEL = Path(__file__).resolve().parents[2] / "models" / "drain" / "drain.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +36,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> CoordinatorPki:
 @pytest.fixture
 async def replicas(workdir: Path, pki: CoordinatorPki) -> AsyncIterator[list[CoordinatorProcess]]:
     require("etcd")
-    overrides = {
-        "store": {"leader_ttl": 2},
-        "model": {"path": str(MODEL), "tick_period": 0.5},
-        # The test pushes to the leader too: both parts must add up on it.
-        "telemetry": {"flush_period": 0.5, "leader_takes_pushes": "always"},
-        "heartbeat": {"suspect_after": 600.0, "down_after": 1200.0},
-    }
+    # The test pushes to the leader too: both parts must add up on it.
+    overrides = scoring_overrides("always")
     async with etcd_replicas(workdir, pki, overrides=overrides) as procs:
         yield procs
 

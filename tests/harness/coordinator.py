@@ -321,6 +321,20 @@ class NoAgents:
         pass
 
 
+DRAIN_MODEL = REPO / "models" / "drain" / "drain.onnx"
+
+
+def scoring_overrides(leader_takes_pushes: str) -> dict[str, Any]:
+    """Replicas for `etcd_replicas` that score with the shipped drain model twice a second, share
+    what agents push to them twice a second, lose a leader in 2 s, and never find a host down."""
+    return {
+        "store": {"leader_ttl": 2},
+        "model": {"path": str(DRAIN_MODEL), "tick_period": 0.5},
+        "telemetry": {"flush_period": 0.5, "leader_takes_pushes": leader_takes_pushes},
+        "heartbeat": {"suspect_after": 600.0, "down_after": 1200.0},
+    }
+
+
 @contextlib.asynccontextmanager
 async def etcd_replicas(
     workdir: Path,
