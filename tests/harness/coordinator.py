@@ -341,16 +341,20 @@ async def etcd_replicas(
     pki: CoordinatorPki,
     *,
     members: int = 3,
+    cluster: EtcdCluster | None = None,
     overrides: Mapping[str, Mapping[str, Any] | Any] | None = None,
     one_at_a_time: bool = True,
 ) -> AsyncIterator[list[CoordinatorProcess]]:
-    """Three coordinator daemons on an etcd cluster of `members`, under a fresh key prefix.
+    """Three coordinator daemons on an etcd cluster of `members` (or on `cluster`, which the caller
+    runs), under a fresh key prefix.
 
     `overrides` go into each replica's config beside the store (a `store` mapping extends it).
     Started one at a time by default: three imports at once are slow on a loaded 2-core host.
     On exit every replica still running must stop with code 0.
     """
-    async with EtcdCluster(workdir / "etcd", size=members) as cluster:
+    async with contextlib.AsyncExitStack() as stack:
+        if cluster is None:
+            cluster = await stack.enter_async_context(EtcdCluster(workdir / "etcd", size=members))
         store = {"backend": "etcd", "etcd_endpoints": cluster.endpoints, "etcd_prefix": f"/{secrets.token_hex(4)}/"}
         rest = dict(overrides or {})
         store.update(rest.pop("store", {}))
