@@ -38,6 +38,8 @@ NO_MODEL_THRESHOLD = 1.01
 """Above any probability: without a model no host is excluded or drained for risk."""
 YIELD_EVERY = 1000
 """Hosts a tick turns into predictions before the event loop gets a turn (some 10 ms of work)."""
+SHARES_BETWEEN_YIELDS = 500
+"""Hosts whose new shares the leader decodes between two turns of its loop (`take_shares`)."""
 
 
 def predictions_to_write(
@@ -292,9 +294,6 @@ class PredictionService:
             return None
         return HostShare(bins, tuple(self._notices.get(host, ()))).to_json()
 
-    SHARES_BETWEEN_YIELDS = 500
-    """Hosts whose new shares are decoded between two turns of the loop (`take_shares`)."""
-
     async def take_shares(self) -> None:
         """Set the other replicas' new shares into their parts of the histories, between ticks (the
         leader's `shares` loop): a tick then decodes only what arrived since, not the whole fleet's.
@@ -302,7 +301,7 @@ class PredictionService:
         if self._exchange is None:
             return
         for n, (host, (version, shares)) in enumerate(self._exchange.peer_shares().items()):
-            if n and n % self.SHARES_BETWEEN_YIELDS == 0:
+            if n and n % SHARES_BETWEEN_YIELDS == 0:
                 await asyncio.sleep(0)  # the loop's other work (pushes, lease renewals) gets a turn
             if self._scoring:
                 return
