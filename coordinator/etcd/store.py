@@ -328,16 +328,21 @@ class EtcdStore:
 
     async def _txn(self, guards: Sequence[Guard], ops: Sequence[Put | Delete]) -> bool:
         """`kv.txn` with the fence added; NotLeader when it is the fence that failed."""
+        return await self._txn_revision(guards, ops) is not None
+
+    async def _txn_revision(self, guards: Sequence[Guard], ops: Sequence[Put | Delete]) -> int | None:
+        """`_txn`, answering the revision it wrote at (`kv.txn_revision`), None when a guard failed."""
         fence = self._fence
         if fence is None:
-            return await self._kv.txn(guards, ops)
-        if await self._kv.txn([*guards, fence], ops):
-            return True
+            return await self._kv.txn_revision(guards, ops)
+        revision = await self._kv.txn_revision([*guards, fence], ops)
+        if revision is not None:
+            return revision
         leader = await self._kv.get(self.leader_key)
         if leader is None or leader.mod_revision != fence.revision:
             holder = "" if leader is None else leader.value.decode(errors="replace")
             raise NotLeader(f"this replica no longer leads (term {fence.revision} ended)", holder)
-        return False
+        return None
 
     # ----- keys
 
@@ -410,9 +415,12 @@ class EtcdStore:
             if entry is None:
                 raise HostNotFound(f"no host {name!r} is registered")
             host = dataclasses.replace(_host_from_json(entry.value), **change)
-            value = _host_to_json(host, _shares_of(entry.value))
-            if await self._txn([ModRevision(key, entry.mod_revision)], [Put(key, value)]):
-                self._known.pop(name, None)  # the revision it got is not known here: read it next time
+            shares = _shares_of(entry.value)
+            revision = await self._txn_revision(
+                [ModRevision(key, entry.mod_revision)], [Put(key, _host_to_json(host, shares))]
+            )
+            if revision is not None:
+                self._wrote_host(host, revision, shares)
                 return host
             await self._retry_pause(attempt)
         raise AssertionError("unreachable")
@@ -437,12 +445,26 @@ class EtcdStore:
                     pressure=old.pressure,
                 )
                 guard = ModRevision(key, entry.mod_revision)
-            value = _host_to_json(new, _shares_of(entry.value if entry is not None else None))
-            if await self._txn([guard], [Put(key, value)]):
-                self._known.pop(host.name, None)
+            shares = _shares_of(entry.value if entry is not None else None)
+            revision = await self._txn_revision([guard], [Put(key, _host_to_json(new, shares))])
+            if revision is not None:
+                self._wrote_host(new, revision, shares)
                 return new
             await self._retry_pause(attempt)
         raise AssertionError("unreachable")
+
+    def _wrote_host(self, host: Host, revision: int, shares: dict[str, Any]) -> None:
+        """Remember a host key this client just wrote at `revision`, as the watch will deliver it: the
+        leader's tick lists the hosts from `_known`, and a host it just drained must not drop out of
+        that listing until the watch catches up (it would go unscored for a tick)."""
+        known = self._known.get(host.name)
+        if known is not None and known[1] >= revision:
+            return  # the watch already delivered this write or a later one
+        self._known[host.name] = (host, revision)
+        if shares:
+            self._shares[host.name] = (revision, shares)
+        else:
+            self._shares.pop(host.name, None)
 
     async def get_host(self, name: str) -> Host | None:
         await self._flush_host(name)

@@ -292,7 +292,7 @@ async def test_the_ticks_view_is_the_watched_one_and_holds_back_no_flush(
 ) -> None:
     """`followed_hosts` (the leader's tick): a listing while no watch runs; with the watch running,
     the hosts as it delivered them, with no read and without flushing the summaries held back here
-    (placement's `list_hosts` still flushes them)."""
+    (placement's `list_hosts` still flushes them), and what the leader wrote itself."""
     require("etcd")
     async with EtcdCluster(workdir / "etcd", size=1) as cluster:
         leader, other, read = counted_leader(cluster, "/v/", monkeypatch)
@@ -318,6 +318,11 @@ async def test_the_ticks_view_is_the_watched_one_and_holds_back_no_flush(
             stored = await other.get_host("h2")
             assert stored is not None and stored.last_heartbeat != 5000.0  # still held back here
             assert {h.name: h.used for h in await leader.list_hosts()}["h2"] == Capacity(100, GiB // 2, 0)
+            # A host the leader itself changes stays in its view, changed, before the watch brings it.
+            await leader.set_admin("h2", HostAdmin.DRAINING)
+            assert [(h.name, h.admin) for h in await leader.followed_hosts()] == [
+                ("h1", HostAdmin.DRAINING), ("h2", HostAdmin.DRAINING)
+            ]  # fmt: skip
         finally:
             stop.set()
             if following is not None:
