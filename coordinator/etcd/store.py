@@ -641,12 +641,8 @@ class EtcdStore:
             ops = [Put(self._host_key(name), _host_to_json(host, shares[name])) for name, host in fresh.items()]
             revision = await self._kv.txn_revision(guards, ops)
             if revision is not None:
-                self._known.update((name, (host, revision)) for name, host in fresh.items())
-                for name, written in shares.items():
-                    if written:
-                        self._shares[name] = (revision, written)
-                    else:
-                        self._shares.pop(name, None)
+                for name, host in fresh.items():
+                    self._wrote_host(host, revision, shares[name])
                 return
             # Which guard failed is not said: read them all again. Not by dropping them from
             # `_known`: the leader's watch, behind by a few revisions, would put back the versions
