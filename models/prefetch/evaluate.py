@@ -199,6 +199,9 @@ class SimResult:
     """Controlled policies: (ts, threshold after the round, waste the controller measured)."""
     misses: list[tuple[float, str, tuple[str, ...]]] = field(default_factory=list)
     """`replay_window`: (ts, host, the layers it did not hold) per counted start that missed any."""
+    fetched: list[tuple[int, int]] = field(default_factory=list)
+    """`replay_window`: per counted start, the bytes it lacked that another host held (a peer serves
+    them) and the bytes no host held (the registry serves them)."""
 
     @property
     def hit_rate(self) -> float:
@@ -521,8 +524,11 @@ def replay_window(
             counted += 1
             layers = trace.starts[i][1].layers
             missing = tuple(d for d in layers if d not in caches[host].entries)
-            if counted > warmup and missing:
-                result.misses.append((ts, host, missing))
+            if counted > warmup:
+                if missing:
+                    result.misses.append((ts, host, missing))
+                on_peers = sum(sizes[d] for d in missing if any(d in c.entries for c in caches.values()))
+                result.fetched.append((on_peers, sum(sizes[d] for d in missing) - on_peers))
             caches[host].start(ts, layers, result, counted > warmup)
         elif ranker is not None:
             caches[host].warm(ts, ranker(host, ts), cfg, result, agg)

@@ -1,4 +1,5 @@
-"""What the window around a trace's mix shift allows: recovery after the shift in the cache simulation.
+"""What bench/prefetch.py's window allows in the cache simulation: recovery after the trace's mix
+shift and the mean start, per policy.
 
     .venv/bin/python -m models.prefetch.shift                       # bench/prefetch.py's window and bound
     .venv/bin/python -m models.prefetch.shift --cache-share 0.8 --model /tmp/p/prefetch.onnx
@@ -9,13 +10,15 @@ bounded to `--cache-share` of the median working set of the window (the bench's 
 trace's / 4, its bound the same share of theirs), the first 5 starts not counted. On it
 (`evaluate.replay_window`) each policy warms after every start and every 300 s: no prefetching,
 the served layer predictor (`LayerPredictor.host_layers`, the registry's pushes of released images
-included) at fixed thresholds, an oracle warming the host's next start, and warms that know the
-generator's workflows and crons (`structure_ranker`), and warms that know only the layers of the
-host's next start it never held (`novel_ranker`: what no history holds), alone and before the
-model's. Per policy: the share of starts all local
-before the shift and in each run of 50 starts after it, how many starts after the shift until a
-run of 50 is back to 90 % of the share before (`evaluate.recovery`, as the bench prints it), and
-why the starts after it missed (`evaluate.miss_causes`).
+included) at fixed thresholds, an oracle warming the host's next start, the same oracle blind to
+layers new to the fleet (`history_ceiling_ranker`: the most any predictor of the history could
+name), warms that know the generator's workflows and crons (`structure_ranker`), and warms that
+know only the layers of the host's next start it never held (`novel_ranker`: what no history
+holds), alone and before the model's. Per policy: the share of starts all local before the shift
+and in each run of 50 starts after it, how many starts after the shift until a run of 50 is back to
+90 % of the share before (`evaluate.recovery`, as the bench prints it), the starts that touch the
+registry and the mean start estimated from where each start's missing bytes come (`StartCost`),
+and why the starts after it missed (`evaluate.miss_causes`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,26 @@ def bench_window(
     return ShiftWindow(trace, begin, end, int(cache_share * scaled) * BENCH_SCALE)
 
 
+@dataclass(frozen=True)
+class StartCost:
+    """What a start takes on the bench's mesh by where its missing bytes come from, fitted to
+    bench/prefetch.py's figures (docs/benchmarks.md): every layer local 0.16 s (the median); a peer
+    moves a MB in 11.6 ms (starts served by peers alone: 21.6 MB in 0.41 s); the registry's
+    100 Mbit/s link one in 80 ms. An estimate for comparing policies, not a measurement."""
+
+    local_s: float = 0.16
+    peer_s_per_mb: float = 0.0116
+    registry_s_per_mb: float = 0.08
+
+    def mean_s(self, fetched: Sequence[tuple[int, int]]) -> float:
+        """The mean start over `evaluate.SimResult.fetched` (trace bytes: the bench's are / BENCH_SCALE)."""
+        mb = 1e6 * BENCH_SCALE
+        return statistics.fmean(
+            self.local_s + peer / mb * self.peer_s_per_mb + registry / mb * self.registry_s_per_mb
+            for peer, registry in fetched
+        )
+
+
 def predictor_ranker(trace: Trace, predictor: LayerPredictor, threshold: float, pushes: bool = True) -> Ranker:
     """The served predictor's layers at or above `threshold`, best first, from the fleet's starts
     up to the moment (and the registry's pushes, `Trace.pushes`), as the coordinator records them.
@@ -111,6 +134,26 @@ def novel_ranker(trace: Trace, lease_s: float, then: Ranker | None = None) -> Ra
     return rank
 
 
+def history_ceiling_ranker(trace: Trace, lease_s: float, pushes: bool = True) -> Ranker:
+    """Knows the host's next start (within `lease_s`) but not the layers no start of the fleet used
+    before (with `pushes`, nor pushed to the registry before): every layer a predictor of the starts
+    (and the registry's pushes) could name, and only the right ones. No predictor of the history does
+    better on any host's next start."""
+    oracle = oracle_ranker(trace, 1, lease_s)
+    seen: dict[str, float] = {}
+    for _, s in trace.starts:
+        for d in s.layers:
+            seen.setdefault(d, s.ts)
+    for push in trace.pushes if pushes else ():
+        for d in push.layers:
+            seen[d] = min(seen.get(d, push.ts), push.ts)
+
+    def rank(host: str, now: float) -> list[str]:
+        return [d for d in oracle(host, now) if seen[d] < now]
+
+    return rank
+
+
 def policies(
     window: ShiftWindow, predictor: LayerPredictor, thresholds: Sequence[float], lease_s: float
 ) -> dict[str, Ranker | None]:
@@ -119,6 +162,8 @@ def policies(
     for t in thresholds:
         out[f"model at {t:g}"] = predictor_ranker(window.trace, predictor, t)
     out["oracle"] = oracle_ranker(window.trace, 1, lease_s)
+    out["next start known, not layers new to the fleet"] = history_ceiling_ranker(window.trace, lease_s, pushes=False)
+    out["the same, pushed layers known"] = history_ceiling_ranker(window.trace, lease_s)
     out["new layers known"] = novel_ranker(window.trace, lease_s)
     out[f"new layers known, then the model at {thresholds[0]:g}"] = novel_ranker(
         window.trace, lease_s, predictor_ranker(window.trace, predictor, thresholds[0])
@@ -137,6 +182,8 @@ def judge(window: ShiftWindow, ranker: Ranker | None, cfg: EvalConfig, run: int 
     return {
         "hit_rate": sim.hit_rate,
         "waste": sim.waste,
+        "mean_start_s": StartCost().mean_s(sim.fetched),
+        "registry_starts": sum(registry > 0 for _, registry in sim.fetched),
         "before": rec["hit_rate_before"],
         "runs_after": windows_after(sim, shift, run),
         "starts_to_recover": rec["starts_to_recover"],
@@ -165,12 +212,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{(window.end - window.trace.shift_ts) / 3600:+g} h of the shift; cache {window.capacity / 1e6:.0f} MB of "
         f"trace bytes per host; model {predictor.version}"
     )
-    print("| policy | all local (waste) | before the shift | runs of 50 after it | starts to 90 % |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| policy | all local (waste) | before the shift | runs of 50 after it | starts to 90 % "
+        "| starts that touch the registry | mean start, estimated (x none) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in out.items():
         runs = " / ".join(f"{x:.2f}" for x in r["runs_after"])
         to90 = "never" if r["starts_to_recover"] < 0 else str(r["starts_to_recover"])
-        print(f"| {name} | {r['hit_rate']:.3f} ({r['waste']:.2f}) | {r['before']:.2f} | {runs} | {to90} |")
+        ratio = r["mean_start_s"] / out["none"]["mean_start_s"]
+        print(
+            f"| {name} | {r['hit_rate']:.3f} ({r['waste']:.2f}) | {r['before']:.2f} | {runs} | {to90} "
+            f"| {r['registry_starts']} | {r['mean_start_s']:.2f} s ({ratio:.2f}) |"
+        )
     print("\nwhy the starts after the shift missed, per run of 50 (starts missing such a layer, MB):")
     for name in ("none", f"model at {thresholds[0]:g}"):
         rows = out[name]["misses_after"]
