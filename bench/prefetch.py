@@ -24,7 +24,7 @@ the trace's images and blobs before each:
        read with P calibrated to the lease, within the bound, and the host's agent fetches
        each (`POST /v1/prefetch/layers/{digest}`, peers first) under a lease of the model's 1 h of
        trace time: the bench ends the agent's lease itself when a start uses the warm or its trace
-       hour passes (`ctr leases delete`), so the lease follows trace time however long a trace hour
+       hour passes (containerd's lease delete), so the lease follows trace time however long a trace hour
        takes on the wall. Before the warms, `warming.keep` picks the predicted layers the host
        holds already, and the same endpoint keeps each (`"kept": true`: a lease, nothing fetched)
        so the cache bound leaves it, ended like a warm's; keeps and warms under lease share the
@@ -35,7 +35,8 @@ the trace's images and blobs before each:
        a candidate that beats the served model replaces it from that trace time on (computed before
        the passes: their inputs are the trace's).
 
-A start is all-local when its host held every layer before it (`ctr content ls`). A warm is used
+A start is all-local when its host held every layer before it (containerd's content list, read
+through a gRPC client in this process, as are the lease ends: no `ctr` runs in a timed pass). A warm is used
 when a start on its host needs it within its lease (trace time), else wasted (the trace's starts
 of one lease after the window settle the last warms, without running); the byte budget per
 decision is the sim's (models/prefetch/evaluate.py) scaled like the layers, and warms under lease
@@ -50,7 +51,7 @@ Result lines:
   until 50 are back to 90 % of the hit rate before it (target <= 50), and the predictor's time per
   host decision (model alone, target <= 1 ms).
 
-`warming.plan` also gets the layers the other hosts hold (`ctr content ls`, as the coordinator knows
+`warming.plan` also gets the layers the other hosts hold (their content lists, as the coordinator knows
 them from their registrations): a layer none of them holds is warmed at a lower bar.
 
 Each pass also runs the cache simulation (models/prefetch/evaluate.py) on the same starts and warms
@@ -83,7 +84,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.containerd import Containerd
 from coordinator.model import StartRecord
 from coordinator.predictor import run_training
 from coordinator.warm_features import FleetStarts, HostStarts
@@ -169,7 +171,13 @@ def working_set(trace: Trace, hosts: list[str], begin: float, end: float, sizes:
     return int(statistics.median(sum(sizes[d] for d in ds) for ds in held.values()))
 
 
-async def held_digests(host: MeshHost) -> set[str]:
+async def held_digests(host: MeshHost | Containerd) -> set[str]:
+    """The blobs a host's containerd holds; in the timed passes through a `Containerd` client: a
+    `ctr` there (nsenter and ctr, two processes) at every decision and lease end loaded the two
+    cores in the prefetch pass alone and slowed its starts, a cost the coordinator (which knows
+    holdings from the agents' registrations) does not have."""
+    if isinstance(host, Containerd):
+        return {info.digest for info in await host.content.infos()}
     return set((await host.actr("content", "ls", "-q")).stdout.split())
 
 
@@ -237,8 +245,11 @@ async def run_pass(
     predictor: LayerPredictor,
     bound: int,
     args: argparse.Namespace,
+    stores: Mapping[str, Containerd],
     swaps: Sequence[tuple[float, LayerPredictor]] = (),
 ) -> PassResult:
+    """`stores`: a containerd client per mesh host (by name), through which the pass lists blobs and
+    ends leases."""
     trace, out = replay.trace, PassResult()
     fleet_starts = FleetStarts()
     hosts = {h: HostStarts() for h in trace.hosts}
@@ -283,8 +294,8 @@ async def run_pass(
         """The agent's leases of these warms ended now (trace time), as the lease of 1 trace hour
         would end them: with `collect`, containerd collects the blobs no image holds."""
         ids = [leases[host].pop(d) for d in digests if d in leases[host]]
-        if ids:
-            await by_name[names[host]].actr("leases", "delete", *(["--sync"] if collect else []), *ids)
+        for lease_id in ids:
+            await stores[names[host]].leases.delete(lease_id, sync=collect)
 
     async def expire(now: float) -> None:
         for host, digests in pending.items():
@@ -331,7 +342,7 @@ async def run_pass(
             continue
         if kind == 0:
             start = trace.starts[i][1]
-            have = await held_digests(agent)
+            have = await held_digests(stores[agent.name])
             local = all(built[d].digest in have for d in start.layers)
             layers = []
             for d in start.layers:
@@ -436,14 +447,14 @@ async def run_pass(
             for s in scored
             if s.digest in built
         ]
-        have = await held_digests(agent)
+        have = await held_digests(stores[agent.name])
         held = {d for d in built if built[d].digest in have}
         # what the other hosts hold, as the coordinator knows it from their registrations: a layer
         # none of them holds comes from the registry when a start misses it (warming.plan's lower bar)
         elsewhere: set[str] = set()
         for other in mesh.hosts:
             if other is not agent:
-                elsewhere |= await held_digests(other)
+                elsewhere |= await held_digests(stores[other.name])
         on_peers = {d for d in built if built[d].digest in elsewhere}
         # keeps first in the room: a layer the host holds kept from the bound costs no bandwidth
         for c in keep(candidates, held, set(kept[host]) | set(pending[host]), agg, room, on_peers=on_peers):
@@ -735,12 +746,15 @@ async def main() -> None:
         print(f"pushed {len(sigs)} images in {time.perf_counter() - t0:.0f} s", flush=True)
         await mesh.shape_registry(args.rate)
         digests = [str(layer.digest) for layer in built.values()]
+        stores = {h.name: await Containerd.connect(h.containerd.socket, h.containerd.namespace) for h in mesh.hosts}
         for r in range(args.rounds):
             for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
                 await forget_all(mesh, digests)
                 await prime(mesh, replay, refs, args.prime_h)
                 t0 = time.perf_counter()
-                res = await run_pass(mesh, replay, side == "on", refs, layer_ref, built, predictor, bound, args, swaps)
+                res = await run_pass(
+                    mesh, replay, side == "on", refs, layer_ref, built, predictor, bound, args, stores, swaps
+                )
                 results[side].append(res)
                 if args.record:
                     with args.record.open("a") as f:
@@ -765,6 +779,8 @@ async def main() -> None:
                 )
                 print(f"  MB a start fetched, by why and by layer kind: {json.dumps(missed_bytes(res))}", flush=True)
                 print(f"  starts by where their bytes came from: {json.dumps(by_source(res))}", flush=True)
+        for store in stores.values():  # before the mesh stops its containerds
+            await store.close()
 
     def share(side: str) -> float:
         return sum(r.sim.all_local for r in results[side]) / max(1, sum(r.sim.starts for r in results[side]))
