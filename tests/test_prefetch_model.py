@@ -29,7 +29,7 @@ from models.prefetch.evaluate import (
     walk,
 )
 from models.prefetch.generate import REGIMES, TraceSpec, generate, make_catalog
-from models.prefetch.shift import bench_window, history_ceiling_ranker, judge, predictor_ranker
+from models.prefetch.shift import SWEPT, bench_window, history_ceiling_ranker, judge, predictor_ranker, sweep
 from models.prefetch.train import TrainConfig, figures, ort_probabilities, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,3 +241,9 @@ def test_the_shift_window_says_what_halving_the_mean_start_needs() -> None:
     assert ceiling["mean_start_s"] <= 0.5 * none["mean_start_s"] < served["mean_start_s"] < none["mean_start_s"]
     assert 0.5 * none["mean_start_s"] < structure["mean_start_s"]
     assert ceiling["registry_starts"] < served["registry_starts"] < none["registry_starts"]
+    # the same window of another trace of the regime: the same order
+    other = sweep([2], "eval", 0.6, LayerPredictor.load(SHIPPED), 0.4, cfg)[2]
+    assert list(other) == list(SWEPT)
+    halves = {name: r["mean_start_s"] / other["none"]["mean_start_s"] for name, r in other.items()}
+    assert halves["oracle"] <= halves["the history's ceiling"] <= 0.5 < halves["structure"] < 1.0
+    assert 0.5 < halves["model"] < 1.0

@@ -3,6 +3,7 @@ shift and the mean start, per policy.
 
     .venv/bin/python -m models.prefetch.shift                       # bench/prefetch.py's window and bound
     .venv/bin/python -m models.prefetch.shift --cache-share 0.8 --model /tmp/p/prefetch.onnx
+    .venv/bin/python -m models.prefetch.shift --regime train --seed 777       # the same window of another trace
 
 The window is bench/prefetch.py's: the `eval` regime, seed 20261231, 3 hosts, 2 days, the 3 trace
 hours before the shift and the 9 after, each host's cache primed with its 2 trace hours before and
@@ -60,11 +61,16 @@ class ShiftWindow:
 
 
 def bench_window(
-    seed: int = 20261231, before_h: float = 3.0, after_h: float = 9.0, cache_share: float = 0.6
+    seed: int = 20261231,
+    before_h: float = 3.0,
+    after_h: float = 9.0,
+    cache_share: float = 0.6,
+    regime: str = "eval",
 ) -> ShiftWindow:
     """bench/prefetch.py's trace, window and cache bound (its layer sizes approximated: the trace's
-    / 4, at least 64 KiB, without the tar headers of the bench's layers)."""
-    trace = generate(TraceSpec(REGIMES["eval"], seed, n_hosts=3, days=2.0))
+    / 4, at least 64 KiB, without the tar headers of the bench's layers); another `regime` or seed
+    gives the same window of another trace."""
+    trace = generate(TraceSpec(REGIMES[regime], seed, n_hosts=3, days=2.0))
     begin, end = trace.shift_ts - 3600 * before_h, trace.shift_ts + 3600 * after_h
     held: dict[str, set[str]] = {h: set() for h in trace.hosts}
     for host, s in trace.starts:
@@ -191,15 +197,62 @@ def judge(window: ShiftWindow, ranker: Ranker | None, cfg: EvalConfig, run: int 
     }
 
 
+SWEPT = ("none", "model", "structure", "the history's ceiling", "oracle")
+
+
+def sweep(
+    seeds: Sequence[int], regime: str, cache_share: float, predictor: LayerPredictor, threshold: float, cfg: EvalConfig
+) -> dict[int, dict[str, dict[str, Any]]]:
+    """The same window of other traces (seeds), per policy of `SWEPT`: whether the bench window's
+    figures are its own or the regime's."""
+    out = {}
+    for seed in seeds:
+        window = bench_window(seed, cache_share=cache_share, regime=regime)
+        catalog = make_catalog(window.trace.spec)
+        rankers: dict[str, Ranker | None] = {
+            "none": None,
+            "model": predictor_ranker(window.trace, predictor, threshold),
+            "structure": structure_ranker(window.trace, catalog.successors(), catalog.crons()),
+            "the history's ceiling": history_ceiling_ranker(window.trace, cfg.lease_s, pushes=False),
+            "oracle": oracle_ranker(window.trace, 1, cfg.lease_s),
+        }
+        out[seed] = {name: judge(window, r, cfg) for name, r in rankers.items()}
+    return out
+
+
+def _seeds(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi) + 1)) if hi else [int(t) for t in text.split(",")]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=20261231)
+    p.add_argument("--regime", choices=sorted(REGIMES), default="eval", help="the trace's regime (the bench's: eval)")
     p.add_argument("--cache-share", type=float, default=0.6)
     p.add_argument("--model", type=Path, default=HERE / "prefetch.onnx")
     p.add_argument("--thresholds", default="0.4,0.6", help="the model's fixed thresholds, comma-separated")
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
+    p.add_argument(
+        "--seeds",
+        type=_seeds,
+        help="instead of one window, a line per seed (1-8 or 1,5,9): a few policies, the model at the first threshold",
+    )
     args = p.parse_args(argv)
-    window = bench_window(args.seed, cache_share=args.cache_share)
+    if args.seeds:
+        rows = sweep(args.seeds, args.regime, args.cache_share, LayerPredictor.load(args.model),
+                     float(args.thresholds.split(",")[0]), EvalConfig())  # fmt: skip
+        print(f"regime {args.regime}; per policy: all local, starts to 90 % after the shift, mean start x none")
+        print("| seed | " + " | ".join(SWEPT) + " |\n| --- |" + " --- |" * len(SWEPT))
+        for seed, by in rows.items():
+            cells = (
+                f"{r['hit_rate']:.2f}, {'never' if r['starts_to_recover'] < 0 else r['starts_to_recover']}, "
+                f"{r['mean_start_s'] / by['none']['mean_start_s']:.2f}x"
+                for r in by.values()
+            )
+            print(f"| {seed} | " + " | ".join(cells) + " |")
+        return 0
+    window = bench_window(args.seed, cache_share=args.cache_share, regime=args.regime)
     predictor = LayerPredictor.load(args.model)
     cfg = EvalConfig()
     thresholds = [float(t) for t in args.thresholds.split(",")]
