@@ -171,22 +171,21 @@ def working_set(trace: Trace, hosts: list[str], begin: float, end: float, sizes:
     return int(statistics.median(sum(sizes[d] for d in ds) for ds in held.values()))
 
 
-async def held_digests(host: MeshHost | Containerd) -> set[str]:
-    """The blobs a host's containerd holds; in the timed passes through a `Containerd` client: a
-    `ctr` there (nsenter and ctr, two processes) at every decision and lease end loaded the two
-    cores in the prefetch pass alone and slowed its starts, a cost the coordinator (which knows
-    holdings from the agents' registrations) does not have."""
-    if isinstance(host, Containerd):
-        return {info.digest for info in await host.content.infos()}
-    return set((await host.actr("content", "ls", "-q")).stdout.split())
+async def held_digests(store: Containerd) -> set[str]:
+    """The blobs a host's containerd holds, through a client in this process: a `ctr` (nsenter and
+    ctr, two processes) at every decision and lease end loaded the two cores in the prefetch pass
+    alone and slowed its starts, a cost the coordinator (which knows holdings from the agents'
+    registrations) does not have."""
+    return {info.digest for info in await store.content.infos()}
 
 
-async def forget_all(mesh: Mesh, digests: list[str]) -> None:
+async def forget_all(mesh: Mesh, stores: Mapping[str, Containerd], digests: list[str]) -> None:
     for host in mesh.hosts:
         for name in (await host.actr("images", "ls", "-q")).stdout.split():
             if "bench/sig-" in name:
                 await host.actr("images", "rm", "--sync", name)
-        left = [d for d in digests if d in await held_digests(host)]
+        held = await held_digests(stores[host.name])
+        left = [d for d in digests if d in held]
         if left:
             await host.actr("content", "rm", *left)
 
@@ -749,7 +748,7 @@ async def main() -> None:
         stores = {h.name: await Containerd.connect(h.containerd.socket, h.containerd.namespace) for h in mesh.hosts}
         for r in range(args.rounds):
             for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
-                await forget_all(mesh, digests)
+                await forget_all(mesh, stores, digests)
                 await prime(mesh, replay, refs, args.prime_h)
                 t0 = time.perf_counter()
                 res = await run_pass(
