@@ -206,18 +206,12 @@ def sweep(
 ) -> dict[int, dict[str, dict[str, Any]]]:
     """The same window of other traces (seeds), per policy of `SWEPT`: whether the bench window's
     figures are its own or the regime's."""
+    named = {"model": f"model at {threshold:g}"}  # the rest by their names in `policies`
     out = {}
     for seed in seeds:
         window = bench_window(seed, cache_share=cache_share, regime=regime)
-        catalog = make_catalog(window.trace.spec)
-        rankers: dict[str, Ranker | None] = {
-            "none": None,
-            "model": predictor_ranker(window.trace, predictor, threshold),
-            "structure": structure_ranker(window.trace, catalog.successors(), catalog.crons()),
-            "the history's ceiling": history_ceiling_ranker(window.trace, cfg.lease_s, pushes=False),
-            "oracle": oracle_ranker(window.trace, 1, cfg.lease_s),
-        }
-        out[seed] = {name: judge(window, r, cfg) for name, r in rankers.items()}
+        rankers = policies(window, predictor, [threshold], cfg.lease_s)
+        out[seed] = {name: judge(window, rankers[named.get(name, name)], cfg) for name in SWEPT}
     return out
 
 
